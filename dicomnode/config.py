@@ -1,0 +1,138 @@
+"""The node's configuration: ``conf/dicomnode.toml`` -> typed, validated settings."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+
+from dicomnode.tomlfile import ConfigError, load_toml
+
+# DICOM AE titles: 1-16 characters of the default repertoire, no backslash, not all spaces.
+AETitle = Annotated[
+    str, StringConstraints(min_length=1, max_length=16, pattern=r"^ *[!-\[\]-~][ -\[\]-~]*$")
+]
+Port = Annotated[int, Field(ge=1, le=65535)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class NodeSettings(_Section):
+    ae_title: AETitle = "DICOMNODE"
+    host: str = "0.0.0.0"
+    port: Port = 11112
+    max_associations: int = Field(default=16, ge=1)
+    max_pdu: int = Field(default=0, ge=0, description="0 = unlimited")
+    require_known_peers: bool = False
+
+
+class StorageSettings(_Section):
+    path: Path = Path("var/storage")
+
+
+class DatabaseSettings(_Section):
+    url: str = "sqlite:///var/dicomnode.db"
+
+    @field_validator("url")
+    @classmethod
+    def _known_backend(cls, value: str) -> str:
+        if not value.startswith(("sqlite:///", "postgresql+psycopg://")):
+            raise ValueError("url must start with sqlite:/// or postgresql+psycopg://")
+        return value
+
+
+class WebSettings(_Section):
+    host: str = "127.0.0.1"
+    port: Port = 8080
+
+
+class AssemblySettings(_Section):
+    quiet_seconds: float = Field(default=1.0, ge=0.0)
+
+
+class WorkerSettings(_Section):
+    count: int = Field(default=1, ge=0)
+    providers: list[str] = ["CPUExecutionProvider"]
+    lease_seconds: float = Field(default=300.0, gt=0)
+    poll_seconds: float = Field(default=0.2, gt=0)
+    max_attempts: int = Field(default=5, ge=1)
+
+
+class ModelsSettings(_Section):
+    folders: list[Path] = [Path("models"), Path("conf/models")]
+
+
+class Destination(_Section):
+    name: str
+    ae_title: AETitle
+    host: str
+    port: Port
+
+
+class Peer(_Section):
+    ae_title: AETitle
+    host: str = ""
+
+    @field_validator("host")
+    @classmethod
+    def _ip_or_empty(cls, value: str) -> str:
+        if value:
+            ipaddress.ip_address(value)
+        return value
+
+
+class Settings(_Section):
+    node: NodeSettings = NodeSettings()
+    storage: StorageSettings = StorageSettings()
+    database: DatabaseSettings = DatabaseSettings()
+    web: WebSettings = WebSettings()
+    assembly: AssemblySettings = AssemblySettings()
+    worker: WorkerSettings = WorkerSettings()
+    models: ModelsSettings = ModelsSettings()
+    destinations: list[Destination] = []
+    peers: list[Peer] = []
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    # The file these settings came from; relative paths resolve against its folder's parent
+    # when the file lives in conf/, else against its own folder.
+    source: Path | None = Field(default=None, exclude=True)
+
+    @property
+    def base_dir(self) -> Path:
+        if self.source is None:
+            return Path.cwd()
+        folder = self.source.resolve().parent
+        return folder.parent if folder.name == "conf" else folder
+
+    def resolve(self, path: Path) -> Path:
+        return path if path.is_absolute() else (self.base_dir / path)
+
+    @property
+    def storage_path(self) -> Path:
+        return self.resolve(self.storage.path)
+
+    @property
+    def database_url(self) -> str:
+        url = self.database.url
+        prefix = "sqlite:///"
+        if url.startswith(prefix) and not url.startswith(prefix + "/") and ":memory:" not in url:
+            return prefix + str(self.resolve(Path(url[len(prefix) :])))
+        return url
+
+    @property
+    def model_folders(self) -> list[Path]:
+        return [self.resolve(folder) for folder in self.models.folders]
+
+
+def load_settings(path: Path | str) -> Settings:
+    """Load and validate the node's TOML configuration file."""
+    settings = load_toml(path, Settings)
+    settings.source = Path(path).resolve()
+    names = [d.name for d in settings.destinations]
+    if len(set(names)) != len(names):
+        raise ConfigError(path, "destination names must be unique", key="destinations.name")
+    return settings

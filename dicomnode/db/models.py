@@ -1,0 +1,159 @@
+"""Tables: studies, series, instances, jobs, findings, results, audit log."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import JSON, DateTime, Float, ForeignKey, Index, Integer, String, Text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+UID = String(64)
+
+
+class Study(Base):
+    __tablename__ = "studies"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
+    patient_id: Mapped[str] = mapped_column(String(64), default="")
+    patient_name: Mapped[str] = mapped_column(String(324), default="")
+    accession_number: Mapped[str] = mapped_column(String(16), default="")
+    modality: Mapped[str] = mapped_column(String(16), default="")
+    study_description: Mapped[str] = mapped_column(String(64), default="")
+    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    last_instance_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    # Assembly: the study is ready when ready_at has passed and received_generation is
+    # ahead of queued_generation (each stored instance bumps received_generation).
+    ready_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    received_generation: Mapped[int] = mapped_column(Integer, default=0)
+    queued_generation: Mapped[int] = mapped_column(Integer, default=0)
+    # receiving | queued | analysing | analysed | failed
+    analysis_status: Mapped[str] = mapped_column(String(16), default="receiving")
+    analysis_error: Mapped[str] = mapped_column(Text, default="")
+    # Worklist: tier rank (0 = read first), score within the tier, reason, UPS priority.
+    tier: Mapped[str] = mapped_column(String(16), default="routine")
+    tier_rank: Mapped[int] = mapped_column(Integer, default=3)
+    score: Mapped[float] = mapped_column(Float, default=0.0)
+    reason: Mapped[str] = mapped_column(Text, default="")
+    ups_priority: Mapped[str] = mapped_column(String(8), default="MEDIUM")
+    # waiting | ready | in_progress | reported
+    reading_status: Mapped[str] = mapped_column(String(16), default="waiting")
+
+    series: Mapped[list[Series]] = relationship(back_populates="study", cascade="all")
+    findings: Mapped[list[FindingRow]] = relationship(back_populates="study", cascade="all")
+    results: Mapped[list[ResultObject]] = relationship(back_populates="study", cascade="all")
+
+    __table_args__ = (
+        Index("ix_studies_reading_order", "tier_rank", "score", "received_at"),
+        Index("ix_studies_assembly", "analysis_status", "ready_at"),
+    )
+
+
+class Series(Base):
+    __tablename__ = "series"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), index=True)
+    series_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
+    modality: Mapped[str] = mapped_column(String(16), default="")
+    body_part: Mapped[str] = mapped_column(String(64), default="")
+    view_position: Mapped[str] = mapped_column(String(16), default="")
+    series_description: Mapped[str] = mapped_column(String(64), default="")
+
+    study: Mapped[Study] = relationship(back_populates="series")
+    instances: Mapped[list[Instance]] = relationship(back_populates="series", cascade="all")
+
+
+class Instance(Base):
+    __tablename__ = "instances"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    series_id: Mapped[int] = mapped_column(ForeignKey("series.id", ondelete="CASCADE"), index=True)
+    sop_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
+    sop_class_uid: Mapped[str] = mapped_column(UID)
+    transfer_syntax_uid: Mapped[str] = mapped_column(UID)
+    instance_number: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    path: Mapped[str] = mapped_column(Text)
+    size_bytes: Mapped[int] = mapped_column(Integer)
+    calling_ae: Mapped[str] = mapped_column(String(16), default="")
+    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+    series: Mapped[Series] = relationship(back_populates="instances")
+
+
+class Job(Base):
+    """A durable unit of work with a lease: analyse a study, or export one result."""
+
+    __tablename__ = "jobs"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16))  # analyse | export
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), index=True)
+    payload: Mapped[dict] = mapped_column(JSON, default=dict)
+    # queued | leased | done | dead
+    state: Mapped[str] = mapped_column(String(8), default="queued")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    run_after: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    lease_owner: Mapped[str] = mapped_column(String(128), default="")
+    lease_expires_at: Mapped[datetime | None] = mapped_column(
+        DateTime(timezone=True), nullable=True
+    )
+    last_error: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+    __table_args__ = (Index("ix_jobs_claim", "state", "run_after"),)
+
+
+class FindingRow(Base):
+    """One label's outcome of one model on one study (the highest probability over images)."""
+
+    __tablename__ = "findings"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), index=True)
+    model_name: Mapped[str] = mapped_column(String(64))
+    model_version: Mapped[str] = mapped_column(String(32))
+    code_value: Mapped[str] = mapped_column(String(64))
+    code_scheme: Mapped[str] = mapped_column(String(16))
+    code_meaning: Mapped[str] = mapped_column(String(64))
+    probability: Mapped[float] = mapped_column(Float)
+    threshold: Mapped[float] = mapped_column(Float)
+    critical: Mapped[bool] = mapped_column(default=False)
+
+    study: Mapped[Study] = relationship(back_populates="findings")
+
+
+class ResultObject(Base):
+    """A DICOM object the node wrote (SR, SC overlay, ...), kept on disk for export."""
+
+    __tablename__ = "results"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), index=True)
+    kind: Mapped[str] = mapped_column(String(16))  # sr | overlay
+    model_name: Mapped[str] = mapped_column(String(64))
+    model_version: Mapped[str] = mapped_column(String(32))
+    sop_class_uid: Mapped[str] = mapped_column(UID)
+    sop_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
+    series_instance_uid: Mapped[str] = mapped_column(UID)
+    path: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+    study: Mapped[Study] = relationship(back_populates="results")
+
+
+class AuditEntry(Base):
+    __tablename__ = "audit_log"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    actor: Mapped[str] = mapped_column(String(64))
+    action: Mapped[str] = mapped_column(String(32))
+    study_instance_uid: Mapped[str] = mapped_column(UID, default="")
+    detail: Mapped[str] = mapped_column(Text, default="")

@@ -1,0 +1,226 @@
+"""The DICOM listener: Storage SCP and Verification SCP on pynetdicom.
+
+The handlers are thin: each C-STORE is parsed, made durable by ``spool``, indexed by
+``index``, and only then answered with 0x0000. Nothing here waits on inference.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
+from pynetdicom.sop_class import Verification
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicomnode.config import Peer, Settings
+from dicomnode.db.session import utcnow
+from dicomnode.ingest import assembly
+from dicomnode.ingest.index import index_instance, instance_facts
+from dicomnode.ingest.spool import SpoolError, free_bytes, instance_path, write_durable
+
+log = logging.getLogger("dicomnode.ingest")
+
+# Keep identifiers (patient data) out of pynetdicom's own logs.
+_config.LOG_REQUEST_IDENTIFIERS = False
+_config.LOG_RESPONSE_IDENTIFIERS = False
+
+STATUS_SUCCESS = 0x0000
+STATUS_OUT_OF_RESOURCES = 0xA700
+STATUS_CANNOT_UNDERSTAND = 0xC000
+STATUS_SOP_CLASS_MISMATCH = 0xA900
+
+# Refuse new instances when the storage file system has less than this free.
+LOW_WATERMARK_BYTES = 256 * 1024 * 1024
+
+
+@dataclass
+class _AssociationLog:
+    calling_ae: str
+    address: str
+    stored: int = 0
+    duplicates: int = 0
+    refused: int = 0
+    bytes: int = 0
+    study_uids: set[str] = field(default_factory=set)
+
+
+def peer_allowed(peers: list[Peer], calling_ae: str, address: str) -> bool:
+    """Allow-list check: empty list accepts everyone; a peer without host matches any host."""
+    if not peers:
+        return True
+    calling_ae = calling_ae.strip()
+    return any(p.ae_title == calling_ae and p.host in ("", address) for p in peers)
+
+
+class StorageSCP:
+    """Owns the pynetdicom AE and the per-association bookkeeping."""
+
+    def __init__(self, settings: Settings, sessions: sessionmaker[Session]):
+        self.settings = settings
+        self.sessions = sessions
+        self.storage = settings.storage_path
+        self._associations: dict[int, _AssociationLog] = {}
+        self._lock = threading.Lock()
+        self._server = None
+        self.ae = self._make_ae()
+
+    def _make_ae(self) -> AE:
+        node = self.settings.node
+        ae = AE(ae_title=node.ae_title)
+        for context in AllStoragePresentationContexts:
+            ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
+        ae.maximum_associations = node.max_associations
+        ae.maximum_pdu_size = node.max_pdu
+        ae.require_called_aet = False
+        return ae
+
+    # Event handlers ---------------------------------------------------------------
+
+    def _on_requested(self, event: evt.Event) -> None:
+        requestor = event.assoc.requestor
+        calling_ae = requestor.ae_title.strip()
+        address = requestor.address
+        if not peer_allowed(self.settings.peers, calling_ae, address):
+            log.warning(
+                "association rejected: calling AE %r from %s is not an allowed peer",
+                calling_ae,
+                address,
+            )
+            # Rejected permanent, service user, calling AE title not recognised.
+            event.assoc.acse.send_reject(0x01, 0x01, 0x03)
+            return
+        with self._lock:
+            self._associations[id(event.assoc)] = _AssociationLog(calling_ae, address)
+
+    def _on_ended(self, event: evt.Event, outcome: str) -> None:
+        with self._lock:
+            record = self._associations.pop(id(event.assoc), None)
+        if record is None:
+            return
+        log.info(
+            "association %s: calling_ae=%s address=%s stored=%d duplicates=%d refused=%d bytes=%d",
+            outcome,
+            record.calling_ae,
+            record.address,
+            record.stored,
+            record.duplicates,
+            record.refused,
+            record.bytes,
+        )
+        if record.study_uids:
+            try:
+                with self.sessions() as session:
+                    assembly.association_ended(
+                        session,
+                        record.study_uids,
+                        utcnow(),
+                        self.settings.assembly.quiet_seconds,
+                    )
+            except Exception:
+                # The studies still become ready from their last instance's deadline.
+                log.exception("could not restart the quiet period after %s", outcome)
+
+    def _on_store(self, event: evt.Event) -> int:
+        record = self._associations.get(id(event.assoc)) or _AssociationLog(
+            event.assoc.requestor.ae_title.strip(), event.assoc.requestor.address
+        )
+        status = self._store(event, record)
+        if status != STATUS_SUCCESS:
+            record.refused += 1
+        return status
+
+    def _store(self, event: evt.Event, record: _AssociationLog) -> int:
+        calling_ae = record.calling_ae
+        affected = str(event.request.AffectedSOPInstanceUID or "")
+        if free_bytes(self.storage) < LOW_WATERMARK_BYTES:
+            log.error(
+                "refused %s from %s: storage %s is below the free-space watermark",
+                affected,
+                calling_ae,
+                self.storage,
+            )
+            return STATUS_OUT_OF_RESOURCES
+        try:
+            dataset = event.dataset
+            dataset.file_meta = event.file_meta
+            facts = instance_facts(dataset)
+        except Exception as exc:
+            log.warning("refused %s from %s: cannot parse dataset: %s", affected, calling_ae, exc)
+            return STATUS_CANNOT_UNDERSTAND
+        if facts.sop_class_uid != str(event.request.AffectedSOPClassUID):
+            log.warning(
+                "refused %s from %s: SOP Class UID differs from the request", affected, calling_ae
+            )
+            return STATUS_SOP_CLASS_MISMATCH
+        try:
+            path = instance_path(
+                self.storage,
+                facts.study_instance_uid,
+                facts.series_instance_uid,
+                facts.sop_instance_uid,
+            )
+        except SpoolError as exc:
+            log.warning("refused %s from %s: %s", affected, calling_ae, exc)
+            return STATUS_CANNOT_UNDERSTAND
+        transfer_syntax = str(event.context.transfer_syntax)
+        if path.exists():
+            # Duplicate SOP Instance UID: keep the first copy, answer success (as PACS do).
+            record.duplicates += 1
+            log.info("duplicate %s from %s kept as first received", affected, calling_ae)
+            size = path.stat().st_size
+        else:
+            try:
+                encoded = event.encoded_dataset(include_meta=True)
+                write_durable(path, encoded)
+            except SpoolError as exc:
+                log.error("refused %s from %s: %s", affected, calling_ae, exc)
+                return STATUS_OUT_OF_RESOURCES
+            size = len(encoded)
+            record.bytes += size
+        try:
+            with self.sessions() as session:
+                added = index_instance(
+                    session,
+                    facts,
+                    path=str(path),
+                    size_bytes=size,
+                    transfer_syntax_uid=transfer_syntax,
+                    calling_ae=calling_ae,
+                    now=utcnow(),
+                    quiet_seconds=self.settings.assembly.quiet_seconds,
+                )
+        except Exception as exc:
+            # Not acknowledged: the sender retries; the file already on disk is reused.
+            log.error("refused %s from %s: database unavailable: %s", affected, calling_ae, exc)
+            return STATUS_OUT_OF_RESOURCES
+        if added:
+            record.stored += 1
+        record.study_uids.add(facts.study_instance_uid)
+        return STATUS_SUCCESS
+
+    # Lifecycle --------------------------------------------------------------------
+
+    def handlers(self) -> list[tuple]:
+        return [
+            (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_RELEASED, self._on_ended, ["released"]),
+            (evt.EVT_ABORTED, self._on_ended, ["aborted"]),
+        ]
+
+    def start(self) -> None:
+        """Listen in background threads."""
+        node = self.settings.node
+        self.storage.mkdir(parents=True, exist_ok=True)
+        self._server = self.ae.start_server(
+            (node.host, node.port), block=False, evt_handlers=self.handlers()
+        )
+        log.info("listening for DICOM as %s on %s:%d", node.ae_title, node.host, node.port)
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None

@@ -1,0 +1,105 @@
+"""Durable file storage: ``<root>/<StudyUID>/<SeriesUID>/<SOPInstanceUID>.dcm``.
+
+An instance is acknowledged only after its bytes, its file name and its folder entry are
+on stable storage: write to a temporary file, fsync, rename, fsync the folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import threading
+from pathlib import Path
+
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+
+class SpoolError(Exception):
+    """The instance could not be made durable (disk full, permissions, bad UID)."""
+
+
+def valid_uid(uid: str) -> bool:
+    """True for a syntactically valid DICOM UID (also keeps file names inside the spool)."""
+    return 0 < len(uid) <= 64 and bool(_UID.match(uid))
+
+
+def instance_path(root: Path, study_uid: str, series_uid: str, sop_instance_uid: str) -> Path:
+    """Where an instance lives; raises SpoolError for UIDs that are not valid DICOM UIDs."""
+    for name, uid in (
+        ("Study", study_uid),
+        ("Series", series_uid),
+        ("SOP Instance", sop_instance_uid),
+    ):
+        if not valid_uid(uid):
+            raise SpoolError(f"{name} UID {uid!r} is not a valid DICOM UID")
+    return root / study_uid / series_uid / f"{sop_instance_uid}.dcm"
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _make_dirs_durable(folder: Path) -> None:
+    missing = []
+    probe = folder
+    while not probe.exists():
+        missing.append(probe)
+        probe = probe.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    # New folder entries must survive a crash too: sync each new folder's parent.
+    for created in reversed(missing):
+        _fsync_dir(created.parent)
+
+
+def write_durable(path: Path, data: bytes | memoryview) -> None:
+    """Write ``data`` to ``path`` atomically and durably (tmp + fsync + rename + fsync dir)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        _make_dirs_durable(path.parent)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+        try:
+            view = memoryview(data)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise SpoolError(f"cannot store {path.name}: {exc.strerror or exc}") from exc
+
+
+def move_durable(source: Path, path: Path) -> None:
+    """Move an already written file (e.g. a streamed receive) into place durably."""
+    try:
+        _make_dirs_durable(path.parent)
+        with open(source, "rb+") as handle:
+            os.fsync(handle.fileno())
+        try:
+            os.replace(source, path)
+        except OSError:
+            # Different file system: copy, then the same fsync + rename dance.
+            write_durable(path, source.read_bytes())
+            source.unlink(missing_ok=True)
+            return
+        _fsync_dir(path.parent)
+    except OSError as exc:
+        raise SpoolError(f"cannot store {path.name}: {exc.strerror or exc}") from exc
+
+
+def free_bytes(root: Path) -> int:
+    """Free space on the file system that holds ``root``."""
+    probe = root
+    while not probe.exists():
+        probe = probe.parent
+    return shutil.disk_usage(probe).free
