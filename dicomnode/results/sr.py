@@ -1,0 +1,230 @@
+"""TID 1500 Measurement Report (Comprehensive 3D SR) holding a model's findings on chest X-rays."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import highdicom as hd
+import numpy as np
+import pydicom
+from pydicom.sr.codedict import codes
+
+from dicomnode import RESEARCH_DEMO_NOTICE, __version__
+from dicomnode.findings import Algorithm, Finding, ImageFindings
+from dicomnode.results.uids import result_instance_uid, result_series_uid, result_uid
+
+SR_SERIES_NUMBER = 9901
+EQUIPMENT_MANUFACTURER = "dicomnode"
+
+# Procedure reported (TID 1500 row 4): plain radiography of the chest, whatever the view count.
+CHEST_XRAY = hd.sr.CodedConcept("399208008", "SCT", "Plain chest X-ray")
+PRESENT = hd.sr.CodedConcept("52101004", "SCT", "Present")
+ABSENT = hd.sr.CodedConcept("2667000", "SCT", "Absent")
+PROBABILITY = hd.sr.CodedConcept("122157", "DCM", "Probability")
+PROBABILITY_UNIT = hd.sr.CodedConcept("{probability}", "UCUM", "probability")
+# TID 1500 row 12 "Qualitative Evaluations"; the research notice is a TEXT item in it.
+QUALITATIVE_EVALUATIONS = hd.sr.CodedConcept("C0034375", "UMLS", "Qualitative Evaluations")
+COMMENT = hd.sr.CodedConcept("121106", "DCM", "Comment")
+
+_LO_MAX = 64  # Series Description is LO: at most 64 characters
+
+
+def build_sr(evaluations: Sequence[ImageFindings], algorithm: Algorithm) -> pydicom.Dataset:
+    """Return a TID 1500 Comprehensive 3D SR of ``algorithm``'s findings on one study's images."""
+    if not evaluations:
+        raise ValueError("build_sr needs at least one ImageFindings; got none")
+    sources = [validate_evaluation(evaluation) for evaluation in evaluations]
+    study_uids = {str(source.StudyInstanceUID) for source in sources}
+    if len(study_uids) != 1:
+        raise ValueError(
+            f"build_sr reports on one study; the evaluations span {len(study_uids)} studies: "
+            f"{sorted(study_uids)}"
+        )
+    sop_uids = [str(source.SOPInstanceUID) for source in sources]
+    duplicates = sorted({uid for uid in sop_uids if sop_uids.count(uid) > 1})
+    if duplicates:
+        raise ValueError(f"build_sr got the same source image more than once: {duplicates}")
+
+    groups = [
+        _measurement_group(evaluation.source, finding, algorithm)
+        for evaluation in evaluations
+        for finding in evaluation.findings
+    ]
+    report = hd.sr.MeasurementReport(
+        observation_context=_observation_context(algorithm),
+        procedure_reported=CHEST_XRAY,
+        imaging_measurements=groups,
+        referenced_images=sources,
+    )
+    report[0].ContentSequence.append(_notice(algorithm))
+
+    return hd.sr.Comprehensive3DSR(
+        evidence=sources,
+        content=report[0],
+        series_instance_uid=result_series_uid(study_uids.pop(), algorithm, "sr"),
+        series_number=SR_SERIES_NUMBER,
+        sop_instance_uid=result_instance_uid(sop_uids, algorithm, "sr"),
+        instance_number=1,
+        manufacturer=EQUIPMENT_MANUFACTURER,
+        is_complete=True,
+        # Preliminary: no physician has verified it, and a re-run may replace it.
+        is_final=False,
+        is_verified=False,
+        series_description=series_description(algorithm, "SR"),
+        software_versions=f"dicomnode {__version__}",
+    )
+
+
+def validate_evaluation(evaluation: ImageFindings) -> pydicom.Dataset:
+    """Check an ImageFindings against its source image and return the source Dataset."""
+    source = evaluation.source
+    if not isinstance(source, pydicom.Dataset):
+        raise ValueError(
+            f"ImageFindings.source must be a pydicom Dataset, got {type(source).__name__}"
+        )
+    for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "Rows", "Columns"):
+        if not source.get(keyword):
+            raise ValueError(f"source image lacks {keyword}; cannot reference it in a result")
+    where = f"SOP Instance UID {source.SOPInstanceUID}"
+    if not evaluation.findings:
+        raise ValueError(f"ImageFindings for {where} has no findings")
+    seen: set[tuple[str, str]] = set()
+    for finding in evaluation.findings:
+        if not isinstance(finding, Finding):
+            raise ValueError(f"{where}: findings must be Finding, got {type(finding).__name__}")
+        _check_finding(finding, int(source.Rows), int(source.Columns), where)
+        key = (finding.concept.scheme, finding.concept.value)
+        if key in seen:
+            raise ValueError(f"{where}: finding {finding.concept} is listed more than once")
+        seen.add(key)
+    return source
+
+
+def series_description(algorithm: Algorithm, kind: str) -> str:
+    """Return a Series Description naming the model, e.g. "AI SR cxr-demo 1.0.0 (research demo)"."""
+    suffix = " (research demo)" if algorithm.research_demo else ""
+    head = f"AI {kind} "
+    model = f"{algorithm.name} {algorithm.version}"
+    room = _LO_MAX - len(head) - len(suffix)
+    if len(model) > room:
+        model = model[: room - 1] + "~"
+    return f"{head}{model}{suffix}"
+
+
+def _check_finding(finding: Finding, rows: int, columns: int, where: str) -> None:
+    concept = finding.concept
+    label = f"{where}, finding {concept.meaning!r}"
+    if not (concept.value and concept.scheme and concept.meaning):
+        raise ValueError(f"{where}: finding code needs value, scheme and meaning, got {concept}")
+    for name in ("probability", "threshold"):
+        value = getattr(finding, name)
+        if not isinstance(value, int | float) or not math.isfinite(value) or not 0 <= value <= 1:
+            raise ValueError(f"{label}: {name} must be a number in 0..1, got {value!r}")
+    if finding.peak is not None:
+        column, row = finding.peak
+        if not (0 <= column < columns and 0 <= row < rows):
+            raise ValueError(
+                f"{label}: peak (column, row) = {finding.peak} lies outside the "
+                f"{columns} x {rows} image"
+            )
+    if finding.heatmap is not None:
+        heatmap = np.asarray(finding.heatmap)
+        if heatmap.shape != (rows, columns):
+            raise ValueError(
+                f"{label}: heat map shape {heatmap.shape} differs from the image "
+                f"(rows, columns) = {(rows, columns)}; resample it to the source image first"
+            )
+        if not np.all(np.isfinite(heatmap)) or heatmap.min() < 0 or heatmap.max() > 1:
+            raise ValueError(f"{label}: heat map values must be finite and within 0..1")
+
+
+def _observation_context(algorithm: Algorithm) -> hd.sr.ObservationContext:
+    device = hd.sr.DeviceObserverIdentifyingAttributes(
+        uid=result_uid("device", algorithm.manufacturer, algorithm.name, algorithm.version),
+        name=algorithm.name,
+        manufacturer_name=algorithm.manufacturer,
+        model_name=algorithm.version,
+    )
+    return hd.sr.ObservationContext(
+        observer_device_context=hd.sr.ObserverContext(
+            observer_type=codes.DCM.Device,
+            observer_identifying_attributes=device,
+        )
+    )
+
+
+def _measurement_group(
+    source: pydicom.Dataset, finding: Finding, algorithm: Algorithm
+) -> (
+    hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
+    | hd.sr.MeasurementsAndQualitativeEvaluations
+):
+    concept = hd.sr.CodedConcept(
+        finding.concept.value, finding.concept.scheme, finding.concept.meaning
+    )
+    algorithm_id = hd.sr.AlgorithmIdentification(name=algorithm.name, version=algorithm.version)
+    tracking = hd.sr.TrackingIdentifier(
+        uid=result_uid(
+            "tracking",
+            str(source.SOPInstanceUID),
+            finding.concept.scheme,
+            finding.concept.value,
+            algorithm.manufacturer,
+            algorithm.name,
+            algorithm.version,
+        ),
+        identifier=f"{finding.concept.meaning} ({algorithm.name} {algorithm.version})",
+    )
+    evaluation = hd.sr.QualitativeEvaluation(
+        name=concept, value=PRESENT if finding.present else ABSENT
+    )
+    probability = hd.sr.Measurement(
+        name=PROBABILITY,
+        value=float(finding.probability),
+        unit=PROBABILITY_UNIT,
+        algorithm_id=algorithm_id,
+    )
+    common = {
+        "tracking_identifier": tracking,
+        "finding_type": concept,
+        "algorithm_id": algorithm_id,
+        "measurements": [probability],
+        "qualitative_evaluations": [evaluation],
+    }
+    if finding.peak is None:
+        return hd.sr.MeasurementsAndQualitativeEvaluations(
+            source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(source)],
+            **common,
+        )
+    # Finding.peak holds array indices (pixel centres); SCOORD puts the centre of the
+    # top left pixel at (0.5, 0.5).
+    column, row = finding.peak
+    region = hd.sr.ImageRegion(
+        graphic_type=hd.sr.GraphicTypeValues.POINT,
+        graphic_data=np.array([[column + 0.5, row + 0.5]], dtype=float),
+        source_image=hd.sr.SourceImageForRegion.from_source_image(source),
+    )
+    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(referenced_region=region, **common)
+
+
+def _notice(algorithm: Algorithm) -> hd.sr.ContainerContentItem:
+    model = f"{algorithm.name} {algorithm.version} ({algorithm.manufacturer})"
+    if algorithm.research_demo:
+        text = f"{RESEARCH_DEMO_NOTICE}. AI result of {model}, not verified by a physician."
+    else:
+        text = f"AI result of {model}, not verified by a physician."
+    container = hd.sr.ContainerContentItem(
+        name=QUALITATIVE_EVALUATIONS,
+        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+    )
+    container.ContentSequence = hd.sr.ContentSequence(
+        [
+            hd.sr.TextContentItem(
+                name=COMMENT,
+                value=text,
+                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+            )
+        ]
+    )
+    return container
