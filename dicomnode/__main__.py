@@ -1,0 +1,5 @@
+import sys
+
+from dicomnode.cli import main
+
+sys.exit(main())

@@ -1,0 +1,274 @@
+"""Command line: ``dicomnode serve|worker|check-config|worklist|models|synth|db``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+from dicomnode import RESEARCH_DEMO_NOTICE
+from dicomnode.config import Settings, load_settings
+from dicomnode.models.registry import ModelCard, discover_cards
+from dicomnode.tomlfile import ConfigError
+
+log = logging.getLogger("dicomnode")
+
+DEFAULT_CONFIG = Path(os.environ.get("DICOMNODE_CONFIG", "conf/dicomnode.toml"))
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return load_settings(args.config)
+
+
+def _cards(settings: Settings) -> list[ModelCard]:
+    return discover_cards(settings.model_folders)
+
+
+def _database(settings: Settings):
+    from dicomnode.db.session import make_engine, make_sessionmaker, upgrade
+
+    upgrade(settings.database_url)
+    return make_sessionmaker(make_engine(settings.database_url))
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    cards = _cards(settings)
+    for card in cards:
+        if not card.onnx_path.is_file():
+            raise ConfigError(
+                card.card_path, f"ONNX file {card.onnx_path} does not exist", key="model.onnx"
+            )
+    print(
+        f"{args.config}: OK ({len(cards)} model card(s), "
+        f"{len(settings.destinations)} destination(s), {len(settings.peers)} peer(s))"
+    )
+    return 0
+
+
+def _assembly_loop(sessions, stop: threading.Event, period: float) -> None:
+    from dicomnode.db.session import utcnow
+    from dicomnode.ingest.assembly import queue_ready_studies
+
+    while not stop.wait(period):
+        try:
+            with sessions() as session:
+                for study_id in queue_ready_studies(session, utcnow()):
+                    log.info("study_id=%d assembled; analysis queued", study_id)
+        except Exception:
+            log.exception("assembly check failed; retrying")
+
+
+def _start_workers(config: Path, count: int) -> list[subprocess.Popen]:
+    command = [
+        sys.executable,
+        "-m",
+        "dicomnode",
+        "worker",
+        "--config",
+        str(config),
+        "--parent-pid",
+        str(os.getpid()),
+    ]
+    return [subprocess.Popen(command) for _ in range(count)]
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from dicomnode.ingest.scp import StorageSCP
+    from dicomnode.logs import setup_logging
+    from dicomnode.web.app import create_app
+
+    settings = _settings(args)
+    setup_logging(settings.log_level)
+    cards = _cards(settings)
+    sessions = _database(settings)
+    log.info(
+        "%d model(s): %s (%s)",
+        len(cards),
+        ", ".join(f"{c.model.name} {c.model.version}" for c in cards),
+        RESEARCH_DEMO_NOTICE,
+    )
+    scp = StorageSCP(settings, sessions)
+    scp.start()
+    stop = threading.Event()
+    assembler = threading.Thread(
+        target=_assembly_loop, args=(sessions, stop, 0.1), name="assembly", daemon=True
+    )
+    assembler.start()
+    count = settings.worker.count if args.workers is None else args.workers
+    workers = _start_workers(Path(args.config), count)
+    log.info("worklist page on http://%s:%d/worklist", settings.web.host, settings.web.port)
+    try:
+        uvicorn.run(
+            create_app(sessions),
+            host=settings.web.host,
+            port=settings.web.port,
+            log_level="warning",
+        )
+    finally:
+        stop.set()
+        scp.stop()
+        for process in workers:
+            process.terminate()
+        for process in workers:
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        log.info("stopped")
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from dicomnode.logs import setup_logging
+    from dicomnode.worker import Worker
+
+    settings = _settings(args)
+    setup_logging(settings.log_level)
+    worker = Worker(settings, _database(settings), _cards(settings))
+    worker.warm_up()
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    log.info("worker %s ready", worker.owner)
+    worker.run_forever(stop, parent_pid=args.parent_pid)
+    return 0
+
+
+def cmd_worklist(args: argparse.Namespace) -> int:
+    from dicomnode.db.session import utcnow
+    from dicomnode.worklist.service import reading_order
+
+    settings = _settings(args)
+    with _database(settings)() as session:
+        rows = reading_order(session, limit=args.limit)
+    now = utcnow()
+    print(f"AI triage: {RESEARCH_DEMO_NOTICE}")
+    header = f"{'#':>3}  {'PRIORITY':<9} {'WAIT':>7}  {'MOD':<4} {'ACCESSION':<16} REASON"
+    print(header)
+    for number, row in enumerate(rows, 1):
+        wait = int((now - row.received_at).total_seconds() // 60)
+        print(
+            f"{number:>3}  {row.priority.upper():<9} {wait:>5}m  {row.modality:<4} "
+            f"{row.accession_number:<16} {row.reason}"
+        )
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    cards = _cards(settings)
+    if args.models_command == "list":
+        for card in cards:
+            metrics = ", ".join(f"{k}={v}" for k, v in card.metrics.items() if "auc" in k)
+            print(
+                f"{card.model.name} {card.model.version} [{card.model.task}] "
+                f"{card.onnx_path.name} {metrics}"
+                + (" (research demo, not for clinical use)" if card.model.research_demo else "")
+            )
+        return 0
+    from dicomnode.pipeline.runtime import ModelLoadError, load_session
+
+    failures = 0
+    for card in cards:
+        try:
+            session = load_session(card, settings.worker.providers)
+            print(f"OK   {card.model.name} {card.model.version} on {session.get_providers()[0]}")
+        except ModelLoadError as exc:
+            failures += 1
+            print(f"FAIL {exc}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from dicomnode.synth.cxr import write_dataset
+
+    csv = write_dataset(
+        Path(args.out),
+        n=args.n,
+        seed=args.seed,
+        pneumothorax_fraction=args.pneumothorax_fraction,
+        size=args.size,
+        progress=True,
+    )
+    print(f"wrote {args.n} chest X-ray phantoms to {args.out}; ground truth in {csv}")
+    return 0
+
+
+def cmd_db(args: argparse.Namespace) -> int:
+    from dicomnode.db.session import upgrade
+
+    settings = _settings(args)
+    upgrade(settings.database_url)
+    print("database schema is up to date")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dicomnode", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def with_config(sub: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        sub.add_argument(
+            "--config",
+            type=Path,
+            default=DEFAULT_CONFIG,
+            help=f"configuration file (default {DEFAULT_CONFIG})",
+        )
+        return sub
+
+    serve = with_config(
+        commands.add_parser("serve", help="run the DICOM listener, web and workers")
+    )
+    serve.add_argument("--workers", type=int, default=None, help="override [worker] count")
+    serve.set_defaults(func=cmd_serve)
+
+    worker = with_config(commands.add_parser("worker", help="run one job worker"))
+    worker.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
+    worker.set_defaults(func=cmd_worker)
+
+    check = commands.add_parser("check-config", help="validate the configuration and model cards")
+    check.add_argument("config", type=Path, nargs="?", default=DEFAULT_CONFIG)
+    check.set_defaults(func=cmd_check_config)
+
+    worklist = with_config(commands.add_parser("worklist", help="print the reading worklist"))
+    worklist.add_argument("--limit", type=int, default=50)
+    worklist.set_defaults(func=cmd_worklist)
+
+    models = with_config(commands.add_parser("models", help="list or verify model cards"))
+    models.add_argument("models_command", choices=["list", "verify"])
+    models.set_defaults(func=cmd_models)
+
+    synth = commands.add_parser("synth", help="write synthetic phantoms")
+    synth_kinds = synth.add_subparsers(dest="kind", required=True)
+    cxr = synth_kinds.add_parser("cxr", help="chest X-ray phantoms (DX) with ground truth CSV")
+    cxr.add_argument("--n", type=int, required=True)
+    cxr.add_argument("--out", type=Path, required=True)
+    cxr.add_argument("--seed", type=int, default=0)
+    cxr.add_argument("--pneumothorax-fraction", type=float, default=0.5)
+    cxr.add_argument("--size", type=int, default=512)
+    cxr.set_defaults(func=cmd_synth)
+
+    db = with_config(commands.add_parser("db", help="database maintenance"))
+    db.add_argument("db_command", choices=["upgrade"])
+    db.set_defaults(func=cmd_db)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

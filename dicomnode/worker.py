@@ -1,0 +1,110 @@
+"""The worker: claims jobs from the database and runs them (analysis, export).
+
+Runs as its own process (``dicomnode worker``), so inference never stalls ingest; any
+number of workers on any hosts may share one PostgreSQL database.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicomnode.config import Settings
+from dicomnode.db.models import Job, ResultObject
+from dicomnode.export.scu import send_file
+from dicomnode.jobs import claim, complete, fail
+from dicomnode.models.registry import ModelCard
+from dicomnode.pipeline.analyse import analyse_study, mark_failed
+from dicomnode.pipeline.runtime import Runtime
+
+log = logging.getLogger("dicomnode.worker")
+
+
+class Worker:
+    def __init__(self, settings: Settings, sessions: sessionmaker[Session], cards: list[ModelCard]):
+        self.settings = settings
+        self.sessions = sessions
+        self.cards = cards
+        self.runtime = Runtime(settings.worker.providers)
+        self.owner = f"{socket.gethostname()}:{os.getpid()}"
+
+    def warm_up(self) -> None:
+        """Open every model's session now, so the first study does not pay for it."""
+        for card in self.cards:
+            self.runtime.session(card)
+
+    def run_once(self) -> bool:
+        """Claim and run one due job; False when none was due."""
+        with self.sessions() as session:
+            job = claim(
+                session, self.owner, ["analyse", "export"], self.settings.worker.lease_seconds
+            )
+            if job is None:
+                return False
+            started = time.perf_counter()
+            try:
+                detail = self._run(session, job)
+            except Exception as exc:
+                session.rollback()
+                reason = f"{type(exc).__name__}: {exc}"
+                log.warning(
+                    "job %d %s study_id=%d attempt %d failed: %s",
+                    job.id,
+                    job.kind,
+                    job.study_id,
+                    job.attempts,
+                    reason,
+                )
+                job = session.get(Job, job.id)
+                fail(session, job, reason, self.settings.worker.max_attempts)
+                if job.kind == "analyse" and job.state == "dead":
+                    mark_failed(session, job.study_id, reason)
+                return True
+            complete(session, session.get(Job, job.id))
+            log.info(
+                "job %d %s study_id=%d done in %.0f ms %s",
+                job.id,
+                job.kind,
+                job.study_id,
+                (time.perf_counter() - started) * 1000,
+                detail,
+            )
+            return True
+
+    def _run(self, session: Session, job: Job) -> str:
+        if job.kind == "analyse":
+            times = analyse_study(session, self.settings, self.cards, self.runtime, job.study_id)
+            return str(times)
+        if job.kind == "export":
+            result = session.get(ResultObject, job.payload["result_id"])
+            if result is None:
+                return "result no longer exists"
+            destination = next(
+                (d for d in self.settings.destinations if d.name == job.payload["destination"]),
+                None,
+            )
+            if destination is None:
+                return f"destination {job.payload['destination']!r} no longer configured"
+            send_file(Path(result.path), destination, self.settings.node.ae_title)
+            return f"{result.kind} -> {destination.name}"
+        raise ValueError(f"unknown job kind {job.kind!r}")
+
+    def run_forever(self, stop: threading.Event, parent_pid: int | None = None) -> None:
+        """Poll for jobs until ``stop`` is set (or the parent process is gone)."""
+        while not stop.is_set():
+            if parent_pid is not None and os.getppid() != parent_pid:
+                log.warning("parent process gone; worker exits")
+                return
+            try:
+                busy = self.run_once()
+            except Exception:
+                log.exception("worker loop error; retrying")
+                busy = False
+            if not busy:
+                stop.wait(self.settings.worker.poll_seconds)
