@@ -1,0 +1,268 @@
+"""Secondary Capture overlay: the source image as read, with heat maps and findings burned in."""
+
+from __future__ import annotations
+
+import highdicom as hd
+import numpy as np
+import pydicom
+from PIL import Image, ImageDraw, ImageFont
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian
+
+from dicomnode import __version__
+from dicomnode.findings import Algorithm, Finding, ImageFindings
+from dicomnode.results.sr import EQUIPMENT_MANUFACTURER, series_description, validate_evaluation
+from dicomnode.results.uids import result_instance_uid, result_series_uid
+
+try:
+    from dicomnode.pipeline.preprocess import presentation_pixels
+except ImportError:  # pragma: no cover - until dicomnode.pipeline.preprocess lands
+    presentation_pixels = None
+
+OVERLAY_SERIES_NUMBER = 9902
+BANNER = "AI RESULT - NOT FOR DIAGNOSTIC USE"
+MAX_SIDE = 2048  # longest side of the overlay; larger sources are downsampled
+HEATMAP_FLOOR = 0.3  # heat below this is not drawn, so the anatomy stays readable
+
+# Jet-like colour map: (position, red, green, blue), interpolated into a 256-entry LUT.
+_JET = np.array(
+    [
+        (0.000, 0.0, 0.0, 0.5),
+        (0.125, 0.0, 0.0, 1.0),
+        (0.375, 0.0, 1.0, 1.0),
+        (0.625, 1.0, 1.0, 0.0),
+        (0.875, 1.0, 0.0, 0.0),
+        (1.000, 0.5, 0.0, 0.0),
+    ]
+)
+_POSITIONS = np.linspace(0.0, 1.0, 256)
+COLOUR_LUT = np.stack(
+    [np.interp(_POSITIONS, _JET[:, 0], _JET[:, channel]) for channel in (1, 2, 3)], axis=1
+)
+
+_BANNER_COLOUR = (255, 255, 0)
+_MODEL_COLOUR = (200, 200, 200)
+_POSITIVE_COLOUR = (255, 140, 0)
+_NEGATIVE_COLOUR = (255, 255, 255)
+_MARKER_COLOUR = (0, 255, 0)
+
+# Purpose of reference (CID 7202) of the source image.
+_SOURCE_FOR_PROCESSING = ("121322", "DCM", "Source image for image processing operation")
+
+# Patient and General Study attributes that SCImage.from_ref_dataset does not copy itself.
+_PATIENT_STUDY_KEYWORDS = (
+    "IssuerOfPatientID",
+    "OtherPatientIDsSequence",
+    "PatientBirthTime",
+    "PatientComments",
+    "StudyDescription",
+    "PatientAge",
+    "PatientSize",
+    "PatientWeight",
+)
+
+
+def build_overlay(evaluation: ImageFindings, algorithm: Algorithm) -> pydicom.Dataset:
+    """Return an RGB Secondary Capture of the source image with ``evaluation`` burned in."""
+    source = validate_evaluation(evaluation)
+    if int(source.get("SamplesPerPixel", 1)) != 1 or int(source.get("NumberOfFrames", 1)) != 1:
+        raise ValueError(
+            f"build_overlay needs a single-frame greyscale source; SOP Instance UID "
+            f"{source.SOPInstanceUID} has SamplesPerPixel={source.get('SamplesPerPixel')} "
+            f"and NumberOfFrames={source.get('NumberOfFrames', 1)}"
+        )
+    grey = _presentation(source)
+    scale = min(1.0, MAX_SIDE / max(grey.shape))
+    rgb = render_overlay(grey, evaluation.findings, algorithm, scale=scale)
+
+    orientation = [str(value) for value in source.get("PatientOrientation") or []]
+    overlay = hd.sc.SCImage.from_ref_dataset(
+        ref_dataset=source,
+        pixel_array=rgb,
+        photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
+        bits_allocated=8,
+        coordinate_system=hd.CoordinateSystemNames.PATIENT,
+        series_instance_uid=result_series_uid(str(source.StudyInstanceUID), algorithm, "sc"),
+        series_number=OVERLAY_SERIES_NUMBER,
+        sop_instance_uid=result_instance_uid([str(source.SOPInstanceUID)], algorithm, "sc"),
+        instance_number=int(source.get("InstanceNumber") or 1),
+        manufacturer=EQUIPMENT_MANUFACTURER,
+        # Placeholder when the source has none; replaced by an empty value below.
+        patient_orientation=tuple(orientation) if len(orientation) == 2 else ("L", "F"),
+        transfer_syntax_uid=ExplicitVRLittleEndian,
+        series_description=series_description(algorithm, "SC overlay"),
+        software_versions=f"dicomnode {__version__}",
+    )
+    if len(orientation) != 2:
+        overlay.PatientOrientation = None
+    _copy_context(source, overlay)
+    overlay.BurnedInAnnotation = "YES"
+    overlay.DerivationDescription = (
+        f"Source image rendered with its VOI, downsampled x{scale:.3g}, with a header band "
+        f"above it; heat maps, peak markers and findings of {algorithm.name} "
+        f"{algorithm.version} burned in"
+    )[:1024]
+    overlay.SourceImageSequence = [_source_reference(source)]
+    return overlay
+
+
+def render_overlay(
+    grey: np.ndarray, findings: list[Finding], algorithm: Algorithm, *, scale: float = 1.0
+) -> np.ndarray:
+    """Return RGB uint8 pixels: a header band above ``grey`` (0..1) with heat maps and markers."""
+    if grey.ndim != 2 or not np.all(np.isfinite(grey)):
+        raise ValueError(f"grey must be a finite 2-D image, got shape {grey.shape}")
+    if not 0 < scale <= 1:
+        raise ValueError(f"scale must be in (0, 1], got {scale}")
+    rows, columns = grey.shape
+    size = (max(1, round(columns * scale)), max(1, round(rows * scale)))
+    if scale < 1:
+        grey = _resize(grey, size)
+    image = np.repeat(np.clip(grey, 0.0, 1.0)[..., None], 3, axis=2)
+
+    heatmaps = [finding.heatmap for finding in findings if finding.heatmap is not None]
+    if heatmaps:
+        heat = np.max([np.asarray(heatmap, dtype=np.float32) for heatmap in heatmaps], axis=0)
+        if scale < 1:
+            heat = _resize(heat, size)
+        image = _blend_heat(image, heat)
+
+    body = Image.fromarray(np.round(image * 255).astype(np.uint8), mode="RGB")
+    long_side = max(body.size)
+    draw = ImageDraw.Draw(body)
+    for number, finding in enumerate(findings, start=1):
+        if finding.peak is not None:
+            column, row = finding.peak
+            _draw_marker(draw, (column * scale, row * scale), number, long_side)
+
+    header = _header(findings, algorithm, width=body.size[0])
+    canvas = Image.new("RGB", (body.size[0], header.size[1] + body.size[1]))
+    canvas.paste(header, (0, 0))
+    canvas.paste(body, (0, header.size[1]))
+    return np.asarray(canvas, dtype=np.uint8).copy()
+
+
+def legend_line(number: int, finding: Finding) -> str:
+    """Return the legend text of one finding, e.g. "[1] Pneumothorax: 83% (POSITIVE at 50%)"."""
+    decision = "POSITIVE" if finding.present else "negative"
+    critical = " CRITICAL" if finding.present and finding.critical else ""
+    return (
+        f"[{number}] {finding.concept.meaning}: {finding.probability:.0%} "
+        f"({decision} at threshold {finding.threshold:.0%}){critical}"
+    )
+
+
+def _presentation(source: Dataset) -> np.ndarray:
+    if presentation_pixels is not None:
+        return np.asarray(presentation_pixels(source), dtype=np.float32)
+    return _fallback_presentation_pixels(source)
+
+
+def _fallback_presentation_pixels(source: Dataset) -> np.ndarray:
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    pixels = apply_modality_lut(source.pixel_array, source).astype(np.float64)
+    if "WindowCenter" in source or "VOILUTSequence" in source:
+        pixels = apply_voi_lut(pixels, source, index=0).astype(np.float64)
+    low, high = float(pixels.min()), float(pixels.max())
+    scaled = (pixels - low) / (high - low) if high > low else np.zeros_like(pixels)
+    if source.PhotometricInterpretation == "MONOCHROME1":
+        scaled = 1.0 - scaled
+    return scaled.astype(np.float32)
+
+
+def _resize(values: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    image = Image.fromarray(np.asarray(values, dtype=np.float32), mode="F")
+    return np.asarray(image.resize(size, Image.Resampling.BOX), dtype=np.float32)
+
+
+def _blend_heat(image: np.ndarray, heat: np.ndarray) -> np.ndarray:
+    heat = np.clip(heat, 0.0, 1.0)
+    colour = COLOUR_LUT[np.round(heat * 255).astype(np.intp)]
+    # Opacity grows with the heat so that the strongest evidence stands out most.
+    alpha = np.where(heat >= HEATMAP_FLOOR, 0.3 + 0.3 * (heat - HEATMAP_FLOOR) / 0.7, 0.0)
+    alpha = alpha[..., None]
+    return (1.0 - alpha) * image + alpha * colour
+
+
+def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    return ImageFont.load_default(size=max(8, size))
+
+
+def _draw_marker(
+    draw: ImageDraw.ImageDraw, centre: tuple[float, float], number: int, long_side: int
+) -> None:
+    column, row = centre
+    radius = max(6, round(long_side / 50))
+    width = max(2, radius // 5)
+    box = (column - radius, row - radius, column + radius, row + radius)
+    # A dark ring under the bright one keeps the marker visible on bright and dark anatomy.
+    draw.ellipse(box, outline=(0, 0, 0), width=width + 2)
+    draw.ellipse(box, outline=_MARKER_COLOUR, width=width)
+    draw.line((column - radius / 3, row, column + radius / 3, row), fill=_MARKER_COLOUR, width=1)
+    draw.line((column, row - radius / 3, column, row + radius / 3), fill=_MARKER_COLOUR, width=1)
+    draw.text(
+        (column + radius + width, row - radius),
+        str(number),
+        fill=_MARKER_COLOUR,
+        font=_font(round(radius * 1.4)),
+        stroke_width=1,
+        stroke_fill=(0, 0, 0),
+    )
+
+
+def _header(findings: list[Finding], algorithm: Algorithm, *, width: int) -> Image.Image:
+    model = f"{algorithm.name} {algorithm.version} ({algorithm.manufacturer})"
+    model += " - research demo" if algorithm.research_demo else ""
+    lines = [(BANNER, _BANNER_COLOUR), (model, _MODEL_COLOUR)]
+    lines += [
+        (legend_line(number, finding), _POSITIVE_COLOUR if finding.present else _NEGATIVE_COLOUR)
+        for number, finding in enumerate(findings, start=1)
+    ]
+    margin = max(4, width // 100)
+    # Font sized to the image, then shrunk until the widest line fits across it.
+    size = max(10, round(width / 40))
+    while size > 8:
+        font = _font(size)
+        if max(font.getlength(text) for text, _ in lines) <= width - 2 * margin:
+            break
+        size -= 1
+    font = _font(size)
+    spacing = round(size * 1.3)
+    header = Image.new("RGB", (width, 2 * margin + spacing * len(lines)), (0, 0, 0))
+    draw = ImageDraw.Draw(header)
+    for index, (text, colour) in enumerate(lines):
+        draw.text((margin, margin + index * spacing), text, fill=colour, font=font)
+    return header
+
+
+def _copy_context(source: Dataset, overlay: Dataset) -> None:
+    for keyword in _PATIENT_STUDY_KEYWORDS:
+        if keyword in source and keyword not in overlay:
+            overlay[keyword] = source[keyword]
+    _copy_laterality(source, overlay)
+
+
+def _copy_laterality(source: Dataset, overlay: Dataset) -> None:
+    # General Series Laterality is Type 2C: required for paired body parts only, so a validator
+    # judges it by Body Part Examined, and without that it cannot tell whether it is needed.
+    if "BodyPartExamined" in source:
+        overlay.BodyPartExamined = source.BodyPartExamined
+    image_laterality = source.get("ImageLaterality")
+    if source.get("Laterality"):
+        overlay.Laterality = source.Laterality
+    elif image_laterality in ("L", "R"):
+        overlay.Laterality = image_laterality
+    elif "Laterality" in source or "BodyPartExamined" not in overlay:
+        # Empty means unknown, which is honest when the source does not say.
+        overlay.Laterality = None
+
+
+def _source_reference(source: Dataset) -> Dataset:
+    reference = Dataset()
+    reference.ReferencedSOPClassUID = source.SOPClassUID
+    reference.ReferencedSOPInstanceUID = source.SOPInstanceUID
+    purpose = Dataset()
+    purpose.CodeValue, purpose.CodingSchemeDesignator, purpose.CodeMeaning = _SOURCE_FOR_PROCESSING
+    reference.PurposeOfReferenceCodeSequence = [purpose]
+    return reference
