@@ -1,0 +1,236 @@
+"""Shared fixtures: databases (SQLite and PostgreSQL), dcmtk tools, a running node."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+POSTGRES_URL = os.environ.get(
+    "DICOMNODE_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+)
+# dcmtk as Debian installs it: pynetdicom's console scripts of the same names live in the
+# virtual environment and take other options, so never resolve these through PATH.
+DCMTK_DIR = Path(os.environ.get("DCMTK_BIN", "/usr/bin"))
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def dcmtk(tool: str) -> str:
+    """Absolute path of a dcmtk tool; skips the test with a reason if dcmtk is missing."""
+    path = DCMTK_DIR / tool
+    if not path.exists():
+        pytest.skip(f"dcmtk {tool} not found in {DCMTK_DIR} (apt-get install dcmtk)")
+    version = subprocess.run([str(path), "--version"], capture_output=True, text=True).stdout
+    if "dcmtk" not in version.lower():
+        pytest.skip(f"{path} is not OFFIS dcmtk")
+    return str(path)
+
+
+def _postgres_available() -> bool:
+    try:
+        import psycopg
+
+        with psycopg.connect(
+            POSTGRES_URL.replace("postgresql+psycopg", "postgresql"), connect_timeout=3
+        ):
+            return True
+    except Exception:
+        return False
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh, empty database URL: an SQLite file, or a new PostgreSQL schema."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'dicomnode.db'}"
+        return
+    if not _postgres_available():
+        if os.environ.get("CI"):
+            pytest.fail(f"PostgreSQL not reachable at {POSTGRES_URL}")
+        pytest.skip(f"PostgreSQL not reachable at {POSTGRES_URL}")
+    import psycopg
+
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    plain = POSTGRES_URL.replace("postgresql+psycopg", "postgresql")
+    with psycopg.connect(plain, autocommit=True) as connection:
+        connection.execute(f'CREATE SCHEMA "{schema}"')
+    separator = "&" if "?" in POSTGRES_URL else "?"
+    yield f"{POSTGRES_URL}{separator}options=-csearch_path%3D{schema}"
+    with psycopg.connect(plain, autocommit=True) as connection:
+        connection.execute(f'DROP SCHEMA "{schema}" CASCADE')
+
+
+@pytest.fixture
+def sessions(db_url: str):
+    """A migrated database and its sessionmaker."""
+    from dicomnode.db.session import make_engine, make_sessionmaker, upgrade
+
+    upgrade(db_url)
+    engine = make_engine(db_url)
+    yield make_sessionmaker(engine)
+    engine.dispose()
+
+
+@dataclass
+class StoreSCP:
+    """dcmtk storescp acting as a PACS destination."""
+
+    ae_title: str
+    port: int
+    folder: Path
+
+    def received(self) -> list[Path]:
+        return sorted(p for p in self.folder.rglob("*") if p.is_file())
+
+
+@pytest.fixture
+def pacs(tmp_path: Path) -> Iterator[StoreSCP]:
+    """A dcmtk storescp on a free port, writing what it receives to a folder."""
+    binary = dcmtk("storescp")
+    folder = tmp_path / "pacs"
+    folder.mkdir()
+    port = free_port()
+    process = subprocess.Popen(
+        [binary, "--aetitle", "PACS", "--output-directory", str(folder), "--accept-all", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "TCP_NODELAY": "1"},
+    )
+    _wait_port(port, process)
+    yield StoreSCP("PACS", port, folder)
+    process.terminate()
+    process.wait(timeout=10)
+
+
+def _wait_port(port: int, process: subprocess.Popen, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"process exited early with {process.returncode}")
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on port {port} after {timeout} s")
+
+
+@dataclass
+class RunningNode:
+    config: Path
+    ae_title: str
+    port: int
+    web_port: int
+    storage: Path
+    log: Path
+    process: subprocess.Popen
+
+    @property
+    def web(self) -> str:
+        return f"http://127.0.0.1:{self.web_port}"
+
+    def worklist(self) -> list[dict]:
+        return httpx.get(f"{self.web}/api/worklist", timeout=10).json()["rows"]
+
+    def storescu(self, *files: Path, calling_ae: str = "MODALITY") -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [
+                dcmtk("storescu"),
+                "-aet",
+                calling_ae,
+                "-aec",
+                self.ae_title,
+                "127.0.0.1",
+                str(self.port),
+                *map(str, files),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, "TCP_NODELAY": "1"},
+        )
+
+
+def write_config(
+    folder: Path, db_url: str, *, destinations: list[StoreSCP] = (), extra: str = ""
+) -> tuple[Path, int, int]:
+    """A node configuration on free ports, using the repository's models."""
+    port, web_port = free_port(), free_port()
+    config = folder / "dicomnode.toml"
+    lines = [
+        f'[node]\nae_title = "DICOMNODE"\nhost = "127.0.0.1"\nport = {port}\n',
+        f'[storage]\npath = "{folder / "storage"}"\n',
+        f'[database]\nurl = "{db_url}"\n',
+        f'[web]\nhost = "127.0.0.1"\nport = {web_port}\n',
+        "[assembly]\nquiet_seconds = 0.5\n",
+        "[worker]\ncount = 1\npoll_seconds = 0.1\n",
+        f'[models]\nfolders = ["{REPO / "models"}"]\n',
+    ]
+    for index, destination in enumerate(destinations):
+        lines.append(
+            f'[[destinations]]\nname = "pacs{index}"\nae_title = "{destination.ae_title}"\n'
+            f'host = "127.0.0.1"\nport = {destination.port}\n'
+        )
+    config.write_text("\n".join(lines) + extra)
+    return config, port, web_port
+
+
+def start_node(folder: Path, config: Path, port: int, web_port: int) -> RunningNode:
+    log = folder / "node.log"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "dicomnode", "serve", "--config", str(config)],
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        cwd=folder,
+    )
+    try:
+        _wait_port(port, process)
+        _wait_port(web_port, process)
+    except Exception:
+        process.kill()
+        raise RuntimeError(f"node did not start:\n{log.read_text()}") from None
+    return RunningNode(config, "DICOMNODE", port, web_port, folder / "storage", log, process)
+
+
+def stop_node(node: RunningNode) -> None:
+    node.process.terminate()
+    try:
+        node.process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        node.process.kill()
+        node.process.wait()
+
+
+@pytest.fixture
+def node(tmp_path: Path, db_url: str, pacs: StoreSCP) -> Iterator[RunningNode]:
+    """A running ``dicomnode serve`` on free ports, exporting to the ``pacs`` fixture."""
+    config, port, web_port = write_config(tmp_path, db_url, destinations=[pacs])
+    running = start_node(tmp_path, config, port, web_port)
+    yield running
+    stop_node(running)
+
+
+def wait_for(predicate, timeout: float = 60.0, interval: float = 0.2, what: str = "condition"):
+    """Poll ``predicate`` until it returns a truthy value; fail with ``what`` on timeout."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    pytest.fail(f"timed out after {timeout} s waiting for {what}")
+
