@@ -11,7 +11,12 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 from dicomnode import __version__
 from dicomnode.findings import Algorithm, Finding, ImageFindings
-from dicomnode.results.sr import EQUIPMENT_MANUFACTURER, series_description, validate_evaluation
+from dicomnode.results.sr import (
+    EQUIPMENT_MANUFACTURER,
+    copy_patient_study,
+    series_description,
+    validate_evaluation,
+)
 from dicomnode.results.uids import result_instance_uid, result_series_uid
 
 try:
@@ -49,18 +54,6 @@ _MARKER_COLOUR = (0, 255, 0)
 # Purpose of reference (CID 7202) of the source image.
 _SOURCE_FOR_PROCESSING = ("121322", "DCM", "Source image for image processing operation")
 
-# Patient and General Study attributes that SCImage.from_ref_dataset does not copy itself.
-_PATIENT_STUDY_KEYWORDS = (
-    "IssuerOfPatientID",
-    "OtherPatientIDsSequence",
-    "PatientBirthTime",
-    "PatientComments",
-    "StudyDescription",
-    "PatientAge",
-    "PatientSize",
-    "PatientWeight",
-)
-
 
 def build_overlay(evaluation: ImageFindings, algorithm: Algorithm) -> pydicom.Dataset:
     """Return an RGB Secondary Capture of the source image with ``evaluation`` burned in."""
@@ -95,7 +88,8 @@ def build_overlay(evaluation: ImageFindings, algorithm: Algorithm) -> pydicom.Da
     )
     if len(orientation) != 2:
         overlay.PatientOrientation = None
-    _copy_context(source, overlay)
+    copy_patient_study(source, overlay)
+    _copy_laterality(source, overlay)
     overlay.BurnedInAnnotation = "YES"
     overlay.DerivationDescription = (
         f"Source image rendered with its VOI, downsampled x{scale:.3g}, with a header band "
@@ -236,26 +230,23 @@ def _header(findings: list[Finding], algorithm: Algorithm, *, width: int) -> Ima
     return header
 
 
-def _copy_context(source: Dataset, overlay: Dataset) -> None:
-    for keyword in _PATIENT_STUDY_KEYWORDS:
-        if keyword in source and keyword not in overlay:
-            overlay[keyword] = source[keyword]
-    _copy_laterality(source, overlay)
-
-
 def _copy_laterality(source: Dataset, overlay: Dataset) -> None:
-    # General Series Laterality is Type 2C: required for paired body parts only, so a validator
-    # judges it by Body Part Examined, and without that it cannot tell whether it is needed.
+    # General Series Laterality is Type 2C: a value for paired body parts, absent for unpaired
+    # ones, empty only when unknown. Validators judge "paired" by Body Part Examined, so the two
+    # are set together, and Body Part Examined is left out when laterality is unknown.
+    laterality = source.get("Laterality") or None
+    image_laterality = source.get("ImageLaterality")
+    if laterality is None and image_laterality in ("L", "R"):
+        laterality = image_laterality
+    if laterality is not None:
+        overlay.Laterality = laterality
+    elif "BodyPartExamined" in source and (image_laterality == "U" or "Laterality" not in source):
+        pass  # an unpaired body part: Laterality stays absent
+    else:
+        overlay.Laterality = None
+        return
     if "BodyPartExamined" in source:
         overlay.BodyPartExamined = source.BodyPartExamined
-    image_laterality = source.get("ImageLaterality")
-    if source.get("Laterality"):
-        overlay.Laterality = source.Laterality
-    elif image_laterality in ("L", "R"):
-        overlay.Laterality = image_laterality
-    elif "Laterality" in source or "BodyPartExamined" not in overlay:
-        # Empty means unknown, which is honest when the source does not say.
-        overlay.Laterality = None
 
 
 def _source_reference(source: Dataset) -> Dataset:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Sequence
 
@@ -28,6 +29,18 @@ QUALITATIVE_EVALUATIONS = hd.sr.CodedConcept("C0034375", "UMLS", "Qualitative Ev
 COMMENT = hd.sr.CodedConcept("121106", "DCM", "Comment")
 
 _LO_MAX = 64  # Series Description is LO: at most 64 characters
+
+# Patient, Patient Study and General Study attributes that highdicom does not copy itself.
+_PATIENT_STUDY_KEYWORDS = (
+    "IssuerOfPatientID",
+    "OtherPatientIDsSequence",
+    "PatientBirthTime",
+    "PatientComments",
+    "StudyDescription",
+    "PatientAge",
+    "PatientSize",
+    "PatientWeight",
+)
 
 
 def build_sr(evaluations: Sequence[ImageFindings], algorithm: Algorithm) -> pydicom.Dataset:
@@ -59,7 +72,7 @@ def build_sr(evaluations: Sequence[ImageFindings], algorithm: Algorithm) -> pydi
     )
     report[0].ContentSequence.append(_notice(algorithm))
 
-    return hd.sr.Comprehensive3DSR(
+    sr = hd.sr.Comprehensive3DSR(
         evidence=sources,
         content=report[0],
         series_instance_uid=result_series_uid(study_uids.pop(), algorithm, "sr"),
@@ -74,6 +87,8 @@ def build_sr(evaluations: Sequence[ImageFindings], algorithm: Algorithm) -> pydi
         series_description=series_description(algorithm, "SR"),
         software_versions=f"dicomnode {__version__}",
     )
+    copy_patient_study(sources[0], sr)
+    return sr
 
 
 def validate_evaluation(evaluation: ImageFindings) -> pydicom.Dataset:
@@ -110,6 +125,13 @@ def series_description(algorithm: Algorithm, kind: str) -> str:
     if len(model) > room:
         model = model[: room - 1] + "~"
     return f"{head}{model}{suffix}"
+
+
+def copy_patient_study(source: pydicom.Dataset, result: pydicom.Dataset) -> None:
+    """Copy the optional patient and study attributes of ``source`` that ``result`` lacks."""
+    for keyword in _PATIENT_STUDY_KEYWORDS:
+        if keyword in source and keyword not in result:
+            result[keyword] = copy.deepcopy(source[keyword])
 
 
 def _check_finding(finding: Finding, rows: int, columns: int, where: str) -> None:
