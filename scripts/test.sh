@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Install what the test suite needs and run all of it.
+#  - Debian packages (dcmtk, dicom3tools) through apt-get when running as root;
+#  - a virtual environment in .venv with dicomnode and its [dev] extra;
+#  - PostgreSQL at 127.0.0.1:5432 (database "test", trust auth) is used when reachable;
+#    on CI it must be (set DICOMNODE_TEST_POSTGRES to point elsewhere).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(dcmtk dicom3tools)
+missing=()
+for package in "${APT_PACKAGES[@]}"; do
+  dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "installing Debian packages: ${missing[*]}"
+    apt-get update -q
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
+  else
+    echo "missing Debian packages: ${missing[*]} (run as root or install them)" >&2
+  fi
+fi
+
+# Start the local PostgreSQL cluster if it is installed but stopped (as on a fresh machine).
+if command -v pg_ctlcluster >/dev/null && ! pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null; then
+  pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -n1)" main start || true
+fi
+
+PYTHON=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q -e ".[dev]"
+
+.venv/bin/ruff check .
+exec .venv/bin/python -m pytest -q -ra "$@"
