@@ -64,18 +64,46 @@ def _assembly_loop(sessions, stop: threading.Event, period: float) -> None:
             log.exception("assembly check failed; retrying")
 
 
-def _start_workers(config: Path, count: int) -> list[subprocess.Popen]:
-    command = [
-        sys.executable,
-        "-m",
-        "dicomnode",
-        "worker",
-        "--config",
-        str(config),
-        "--parent-pid",
-        str(os.getpid()),
-    ]
-    return [subprocess.Popen(command) for _ in range(count)]
+class WorkerPool:
+    """Worker processes started by ``serve``; one that dies is restarted with backoff."""
+
+    def __init__(self, config: Path, count: int):
+        self.command = [
+            sys.executable,
+            "-m",
+            "dicomnode",
+            "worker",
+            "--config",
+            str(config),
+            "--parent-pid",
+            str(os.getpid()),
+        ]
+        self.processes = [subprocess.Popen(self.command) for _ in range(count)]
+        self.restarts = [0] * count
+
+    def supervise(self, stop: threading.Event) -> None:
+        while not stop.wait(1.0):
+            for index, process in enumerate(self.processes):
+                code = process.poll()
+                if code is None or stop.is_set():
+                    continue
+                self.restarts[index] += 1
+                delay = min(60.0, 2.0 ** min(self.restarts[index], 6))
+                log.error(
+                    "worker %d exited with status %s; restarting in %.0f s", index, code, delay
+                )
+                if stop.wait(delay):
+                    return
+                self.processes[index] = subprocess.Popen(self.command)
+
+    def stop(self) -> None:
+        for process in self.processes:
+            process.terminate()
+        for process in self.processes:
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -103,7 +131,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     assembler.start()
     count = settings.worker.count if args.workers is None else args.workers
-    workers = _start_workers(Path(args.config), count)
+    workers = WorkerPool(Path(args.config), count)
+    threading.Thread(target=workers.supervise, args=(stop,), name="workers", daemon=True).start()
     log.info("worklist page on http://%s:%d/worklist", settings.web.host, settings.web.port)
     try:
         uvicorn.run(
@@ -115,13 +144,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     finally:
         stop.set()
         scp.stop()
-        for process in workers:
-            process.terminate()
-        for process in workers:
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        workers.stop()
         log.info("stopped")
     return 0
 

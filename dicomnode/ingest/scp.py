@@ -81,7 +81,8 @@ class StorageSCP:
 
     def _on_requested(self, event: evt.Event) -> None:
         requestor = event.assoc.requestor
-        calling_ae = requestor.ae_title.strip()
+        # At EVT_REQUESTED only the A-ASSOCIATE-RQ primitive carries the calling AE title.
+        calling_ae = str(requestor.primitive.calling_ae_title).strip()
         address = requestor.address
         if not peer_allowed(self.settings.peers, calling_ae, address):
             log.warning(
