@@ -1,4 +1,4 @@
-"""Test helper: validate a Dataset with dciodvfy (dicom3tools) and return its error lines."""
+"""Test helpers for result objects: dciodvfy (dicom3tools) validation and source chest X-rays."""
 
 from __future__ import annotations
 
@@ -7,10 +7,14 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pydicom
 import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 DCIODVFY = shutil.which("dciodvfy") or "/usr/bin/dciodvfy"
+DX_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
 
 
 def dciodvfy_errors(dataset: pydicom.Dataset) -> list[str]:
@@ -28,3 +32,79 @@ def dciodvfy_errors(dataset: pydicom.Dataset) -> list[str]:
         )
     lines = (completed.stdout + completed.stderr).splitlines()
     return [line for line in lines if line.startswith("Error")]
+
+
+def chest_xray(seed: int = 0, *, size: int = 256, study_instance_uid: str | None = None) -> Dataset:
+    """A DX chest X-ray: the synthetic phantom when dicomnode.synth has it, else a plain one."""
+    try:
+        from dicomnode.synth.cxr import make_cxr
+    except ImportError:
+        return plain_dx(seed, rows=size, columns=size, study_instance_uid=study_instance_uid)
+    return make_cxr(seed, pneumothorax=True, size=size, study_instance_uid=study_instance_uid)[0]
+
+
+def plain_dx(
+    seed: int = 0,
+    *,
+    rows: int = 256,
+    columns: int = 256,
+    study_instance_uid: str | None = None,
+) -> Dataset:
+    """A dciodvfy-valid DX For Presentation image with a smooth pattern of any size."""
+    rng = np.random.default_rng(seed)
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = DX_FOR_PRESENTATION
+    ds.SOPClassUID = DX_FOR_PRESENTATION
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.PatientName = "Test^Patient"
+    ds.PatientID = f"P{seed:06d}"
+    ds.PatientBirthDate = "19700101"
+    ds.PatientSex = "F"
+    ds.StudyInstanceUID = study_instance_uid or generate_uid()
+    ds.StudyDate, ds.StudyTime = "20240101", "120000"
+    ds.ReferringPhysicianName = ""
+    ds.StudyID = "1"
+    ds.AccessionNumber = f"A{seed:06d}"
+    ds.SeriesInstanceUID = generate_uid()
+    ds.SeriesNumber = 1
+    ds.Modality = "DX"
+    ds.PresentationIntentType = "FOR PRESENTATION"
+    ds.Manufacturer = "test"
+    ds.InstanceNumber = 1
+    ds.PatientOrientation = ["L", "F"]
+    ds.ContentDate, ds.ContentTime = "20240101", "120000"
+    ds.ImageType = ["ORIGINAL", "PRIMARY"]
+    ds.BurnedInAnnotation = "NO"
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows, ds.Columns = rows, columns
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PixelIntensityRelationship = "LIN"
+    ds.PixelIntensityRelationshipSign = 1
+    ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = 0, 1, "US"
+    ds.LossyImageCompression = "00"
+    ds.PresentationLUTShape = "IDENTITY"
+    ds.WindowCenter, ds.WindowWidth = 2048, 4096
+    ds.ImagerPixelSpacing = [0.5, 0.5]
+    ds.DetectorType = "DIRECT"
+    ds.ImageLaterality = "U"
+    ds.BodyPartExamined = "CHEST"
+    ds.ViewPosition = "PA"
+    ds.AnatomicRegionSequence = [_code("51185008", "SCT", "Thorax")]
+    ds.ViewCodeSequence = [_code("399348003", "SCT", "postero-anterior")]
+    ds.PositionerType = "NONE"
+    ds.AcquisitionContextSequence = []
+    row, column = np.mgrid[0:rows, 0:columns]
+    pattern = 1500 + 800 * np.sin(column / 17.0) * np.cos(row / 23.0)
+    pixels = pattern + rng.normal(0, 50, (rows, columns))
+    ds.PixelData = np.clip(pixels, 0, 4095).astype(np.uint16).tobytes()
+    return ds
+
+
+def _code(value: str, scheme: str, meaning: str) -> Dataset:
+    item = Dataset()
+    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, scheme, meaning
+    return item

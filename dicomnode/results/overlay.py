@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import highdicom as hd
 import numpy as np
 import pydicom
@@ -46,6 +48,7 @@ COLOUR_LUT = np.stack(
 )
 
 _BANNER_COLOUR = (255, 255, 0)
+_BANNER_BACKGROUND = (150, 0, 0)
 _MODEL_COLOUR = (200, 200, 200)
 _POSITIVE_COLOUR = (255, 140, 0)
 _NEGATIVE_COLOUR = (255, 255, 255)
@@ -179,8 +182,20 @@ def _blend_heat(image: np.ndarray, heat: np.ndarray) -> np.ndarray:
     return (1.0 - alpha) * image + alpha * colour
 
 
-def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
-    return ImageFont.load_default(size=max(8, size))
+def _font(size: int) -> ImageFont.FreeTypeFont:
+    font = ImageFont.load_default(size=max(8, size))
+    if not isinstance(font, ImageFont.FreeTypeFont):
+        raise RuntimeError("Pillow was built without FreeType; the overlay needs scalable text")
+    return font
+
+
+def _fitting_font(lines: list[str], size: int, room: float) -> ImageFont.FreeTypeFont:
+    size = max(10, size)
+    font = _font(size)
+    while size > 8 and max(font.getlength(text) for text in lines) > room:
+        size -= 1
+        font = _font(size)
+    return font
 
 
 def _draw_marker(
@@ -208,25 +223,39 @@ def _draw_marker(
 def _header(findings: list[Finding], algorithm: Algorithm, *, width: int) -> Image.Image:
     model = f"{algorithm.name} {algorithm.version} ({algorithm.manufacturer})"
     model += " - research demo" if algorithm.research_demo else ""
-    lines = [(BANNER, _BANNER_COLOUR), (model, _MODEL_COLOUR)]
-    lines += [
+    legend = [
         (legend_line(number, finding), _POSITIVE_COLOUR if finding.present else _NEGATIVE_COLOUR)
         for number, finding in enumerate(findings, start=1)
     ]
+    # Many labels go into columns so that the header stays a small part of the image.
+    columns = 1 if len(legend) <= 5 else 2 if len(legend) <= 12 else 3
+    per_column = math.ceil(len(legend) / columns)
     margin = max(4, width // 100)
-    # Font sized to the image, then shrunk until the widest line fits across it.
-    size = max(10, round(width / 40))
-    while size > 8:
-        font = _font(size)
-        if max(font.getlength(text) for text, _ in lines) <= width - 2 * margin:
-            break
-        size -= 1
-    font = _font(size)
+    column_width = (width - 2 * margin) / columns
+    # Fonts sized to the image, then shrunk until every line fits its place.
+    banner_font = _fitting_font([BANNER], round(width / 32), width - 2 * margin)
+    font = _fitting_font([model], round(width / 40), width - 2 * margin)
+    font = _fitting_font([text for text, _ in legend], font.size, column_width - margin)
+    size = font.size
     spacing = round(size * 1.3)
-    header = Image.new("RGB", (width, 2 * margin + spacing * len(lines)), (0, 0, 0))
+    banner_height = round(banner_font.size * 1.3) + 2 * margin
+    height = banner_height + margin + spacing * (1 + per_column)
+    header = Image.new("RGB", (width, height), (0, 0, 0))
     draw = ImageDraw.Draw(header)
-    for index, (text, colour) in enumerate(lines):
-        draw.text((margin, margin + index * spacing), text, fill=colour, font=font)
+    draw.rectangle((0, 0, width - 1, banner_height - 1), fill=_BANNER_BACKGROUND)
+    draw.text(
+        (margin, margin),
+        BANNER,
+        fill=_BANNER_COLOUR,
+        font=banner_font,
+        stroke_width=1 if banner_font.size >= 16 else 0,
+        stroke_fill=_BANNER_COLOUR,
+    )
+    draw.text((margin, banner_height), model, fill=_MODEL_COLOUR, font=font)
+    for index, (text, colour) in enumerate(legend):
+        column, row = divmod(index, per_column)
+        position = (margin + column * column_width, banner_height + (1 + row) * spacing)
+        draw.text(position, text, fill=colour, font=font)
     return header
 
 

@@ -7,15 +7,17 @@ model never duplicates results; a new model version changes the UIDs and so open
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 
-from pydicom.uid import UID, generate_uid
+from pydicom.uid import generate_uid
 
 from dicomnode.findings import Algorithm
 
 # Namespace mixed into every UID so that other software hashing the same inputs with pydicom's
 # prefix cannot produce our UIDs.
 _NAMESPACE = "dicomnode/results/v1"
+_UID_PATTERN = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+")
 
 
 def result_uid(*parts: str) -> str:
@@ -59,7 +61,7 @@ def _algorithm_parts(algorithm: Algorithm) -> tuple[str, str, str]:
 
 
 def _check_uid(uid: str, what: str) -> None:
-    if not isinstance(uid, str) or not UID(uid).is_valid:
+    if not isinstance(uid, str) or len(uid) > 64 or not _UID_PATTERN.fullmatch(uid):
         raise ValueError(f"{what} {uid!r} is not a valid DICOM UID")
 
 

@@ -1,0 +1,187 @@
+"""Secondary Capture overlay: validity, identity, burned-in heat map, marker and banner."""
+
+from __future__ import annotations
+
+import numpy as np
+import pydicom
+import pytest
+from dciodvfy import chest_xray, dciodvfy_errors, plain_dx
+
+from dicomnode.findings import Algorithm, CodedConcept, Finding, ImageFindings
+from dicomnode.results.overlay import MAX_SIDE, build_overlay, legend_line
+from dicomnode.results.sr import build_sr
+
+ALGORITHM = Algorithm(name="cxr-pneumothorax-demo", version="1.0.0")
+PNEUMOTHORAX = CodedConcept("36118008", "SCT", "Pneumothorax")
+CARDIOMEGALY = CodedConcept("287272002", "SCT", "Cardiomegaly")
+PEAK = (80, 100)  # (column, row)
+
+
+def blob(rows: int, columns: int, peak: tuple[float, float], sigma: float) -> np.ndarray:
+    """A Gaussian heat map (0..1) centred on ``peak`` (column, row)."""
+    row, column = np.mgrid[0:rows, 0:columns]
+    distance = (column - peak[0]) ** 2 + (row - peak[1]) ** 2
+    return np.exp(-distance / (2 * sigma**2)).astype(np.float32)
+
+
+def findings(source: pydicom.Dataset, *, heatmap: bool = True) -> ImageFindings:
+    rows, columns = int(source.Rows), int(source.Columns)
+    return ImageFindings(
+        source=source,
+        findings=[
+            Finding(
+                PNEUMOTHORAX,
+                probability=0.83,
+                threshold=0.5,
+                critical=True,
+                peak=(float(PEAK[0]), float(PEAK[1])),
+                heatmap=blob(rows, columns, PEAK, sigma=25) if heatmap else None,
+            ),
+            Finding(CARDIOMEGALY, probability=0.12, threshold=0.4, critical=False),
+        ],
+    )
+
+
+@pytest.fixture(scope="module")
+def source() -> pydicom.Dataset:
+    return chest_xray(11, size=256)
+
+
+@pytest.fixture(scope="module")
+def overlay(source: pydicom.Dataset) -> pydicom.Dataset:
+    return build_overlay(findings(source), ALGORITHM)
+
+
+def body(overlay: pydicom.Dataset, source: pydicom.Dataset) -> np.ndarray:
+    """The image part of the overlay, below the header band."""
+    header = int(overlay.Rows) - int(source.Rows)
+    return overlay.pixel_array[header:].astype(int)
+
+
+def is_grey(pixels: np.ndarray) -> np.ndarray:
+    return (pixels[..., 0] == pixels[..., 1]) & (pixels[..., 1] == pixels[..., 2])
+
+
+def test_overlay_passes_dciodvfy(overlay: pydicom.Dataset) -> None:
+    assert dciodvfy_errors(overlay) == []
+
+
+def test_overlay_is_rgb_burned_in_and_references_source(
+    overlay: pydicom.Dataset, source: pydicom.Dataset
+) -> None:
+    assert overlay.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7"  # Secondary Capture
+    assert overlay.PhotometricInterpretation == "RGB"
+    assert overlay.SamplesPerPixel == 3
+    assert overlay.BitsAllocated == 8
+    assert overlay.BurnedInAnnotation == "YES"
+    reference = overlay.SourceImageSequence[0]
+    assert reference.ReferencedSOPInstanceUID == source.SOPInstanceUID
+    assert reference.ReferencedSOPClassUID == source.SOPClassUID
+    assert overlay.Columns == source.Columns
+    assert overlay.Rows > source.Rows  # a header band above the full image
+
+
+def test_overlay_keeps_patient_and_study_in_a_new_series(
+    overlay: pydicom.Dataset, source: pydicom.Dataset
+) -> None:
+    assert overlay.StudyInstanceUID == source.StudyInstanceUID
+    assert overlay.PatientID == source.PatientID
+    assert overlay.PatientName == source.PatientName
+    assert overlay.SeriesInstanceUID != source.SeriesInstanceUID
+    assert overlay.SeriesNumber == 9902
+    assert overlay.Manufacturer == "dicomnode"
+    assert "cxr-pneumothorax-demo 1.0.0" in overlay.SeriesDescription
+    assert "research demo" in overlay.SeriesDescription
+
+
+def test_overlay_uids_repeat_on_rerun_and_change_with_model_version(
+    overlay: pydicom.Dataset, source: pydicom.Dataset
+) -> None:
+    again = build_overlay(findings(source), ALGORITHM)
+    assert again.SeriesInstanceUID == overlay.SeriesInstanceUID
+    assert again.SOPInstanceUID == overlay.SOPInstanceUID
+    newer = build_overlay(findings(source), Algorithm(name=ALGORITHM.name, version="2.0.0"))
+    assert newer.SeriesInstanceUID != overlay.SeriesInstanceUID
+    assert newer.SOPInstanceUID != overlay.SOPInstanceUID
+    sr = build_sr([findings(source)], ALGORITHM)
+    assert sr.SeriesInstanceUID != overlay.SeriesInstanceUID
+
+
+def test_overlay_colours_heat_map_around_peak_only(
+    overlay: pydicom.Dataset, source: pydicom.Dataset
+) -> None:
+    pixels = body(overlay, source)
+    column, row = PEAK
+    # 15 px below the peak: heat 0.8, clear of the marker ring.
+    near = pixels[row + 15, column - 3 : column + 4]
+    assert not is_grey(near).any()
+    spread = np.abs(near - near.mean(axis=-1, keepdims=True)).max()
+    assert spread > 40
+    # Far from the blob the image is untouched grey.
+    assert is_grey(pixels[-40:, -40:]).all()
+
+
+def test_overlay_without_heat_map_or_peak_leaves_image_grey(source: pydicom.Dataset) -> None:
+    evaluation = findings(source, heatmap=False)
+    evaluation.findings[0].peak = None
+    pixels = body(build_overlay(evaluation, ALGORITHM), source)
+    assert is_grey(pixels).all()
+
+
+def test_overlay_marks_peak_without_heat_map(source: pydicom.Dataset) -> None:
+    pixels = body(build_overlay(findings(source, heatmap=False), ALGORITHM), source)
+    column, row = PEAK
+    around = pixels[row - 10 : row + 11, column - 10 : column + 11]
+    green = (around[..., 1] > 200) & (around[..., 0] < 80) & (around[..., 2] < 80)
+    assert green.any()
+    assert is_grey(pixels[-40:, -40:]).all()
+
+
+def test_overlay_banner_is_burned_into_header(
+    overlay: pydicom.Dataset, source: pydicom.Dataset
+) -> None:
+    header = overlay.pixel_array[: int(overlay.Rows) - int(source.Rows)].astype(int)
+    # The banner is a dark red strip with yellow text across the top rows.
+    red = (header[..., 0] == 150) & (header[..., 1] == 0) & (header[..., 2] == 0)
+    assert red[:3].all()
+    yellow = (header[..., 0] > 200) & (header[..., 1] > 200) & (header[..., 2] < 80)
+    assert yellow[: header.shape[0] // 3].sum() > 20
+    # The positive finding's legend line is drawn in orange.
+    orange = (header[..., 0] > 200) & (header[..., 1] > 90) & (header[..., 1] < 190)
+    assert orange.sum() > 20
+
+
+def test_legend_line_states_probability_and_decision() -> None:
+    positive, negative = findings(plain_dx(rows=64, columns=64), heatmap=False).findings
+    assert legend_line(1, positive) == (
+        "[1] Pneumothorax: 83% (POSITIVE at threshold 50%) CRITICAL"
+    )
+    assert legend_line(2, negative) == "[2] Cardiomegaly: 12% (negative at threshold 40%)"
+
+
+def test_overlay_downsamples_large_sources_keeping_aspect() -> None:
+    source = plain_dx(3, rows=2600, columns=2200)
+    overlay = build_overlay(findings(source), ALGORITHM)
+    assert overlay.Columns == round(2200 * MAX_SIDE / 2600)
+    body_rows = MAX_SIDE
+    assert int(overlay.Rows) > body_rows
+    header = int(overlay.Rows) - body_rows
+    assert header < body_rows // 4
+    assert dciodvfy_errors(overlay) == []
+
+
+def test_overlay_rejects_heat_map_of_wrong_shape(source: pydicom.Dataset) -> None:
+    evaluation = findings(source)
+    evaluation.findings[0].heatmap = np.zeros((10, 10), dtype=np.float32)
+    with pytest.raises(ValueError, match="heat map shape"):
+        build_overlay(evaluation, ALGORITHM)
+
+
+def test_overlay_rejects_empty_findings(source: pydicom.Dataset) -> None:
+    with pytest.raises(ValueError, match="has no findings"):
+        build_overlay(ImageFindings(source=source, findings=[]), ALGORITHM)
+
+
+def test_overlay_rejects_a_source_that_is_not_a_dataset() -> None:
+    with pytest.raises(ValueError, match="pydicom Dataset"):
+        build_overlay(ImageFindings(source="image.dcm", findings=[]), ALGORITHM)

@@ -1,0 +1,224 @@
+"""TID 1500 SR builder: validity, identity, deterministic UIDs and the content tree."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import highdicom as hd
+import pydicom
+import pytest
+from dciodvfy import chest_xray, dciodvfy_errors
+
+from dicomnode import RESEARCH_DEMO_NOTICE
+from dicomnode.findings import Algorithm, CodedConcept, Finding, ImageFindings
+from dicomnode.results.sr import build_sr
+from dicomnode.results.uids import result_instance_uid, result_series_uid, result_uid
+
+ALGORITHM = Algorithm(name="cxr-pneumothorax-demo", version="1.0.0")
+PNEUMOTHORAX = CodedConcept("36118008", "SCT", "Pneumothorax")
+CARDIOMEGALY = CodedConcept("287272002", "SCT", "Cardiomegaly")
+PEAK = (80.0, 100.0)  # (column, row)
+
+
+@pytest.fixture(scope="module")
+def source() -> pydicom.Dataset:
+    return chest_xray(7, size=256)
+
+
+def findings(source: pydicom.Dataset) -> ImageFindings:
+    return ImageFindings(
+        source=source,
+        findings=[
+            Finding(PNEUMOTHORAX, probability=0.83, threshold=0.5, critical=True, peak=PEAK),
+            Finding(CARDIOMEGALY, probability=0.12, threshold=0.4, critical=False),
+        ],
+    )
+
+
+@pytest.fixture(scope="module")
+def sr(source: pydicom.Dataset) -> pydicom.Dataset:
+    return build_sr([findings(source)], ALGORITHM)
+
+
+def walk(items: pydicom.Sequence) -> Iterator[pydicom.Dataset]:
+    for item in items:
+        yield item
+        yield from walk(item.get("ContentSequence", []))
+
+
+def concept_name(item: pydicom.Dataset) -> tuple[str, str]:
+    code = item.ConceptNameCodeSequence[0]
+    return (code.CodeValue, code.CodingSchemeDesignator)
+
+
+def groups(sr: pydicom.Dataset) -> list[pydicom.Dataset]:
+    return [
+        item
+        for item in walk(sr.ContentSequence)
+        if item.ValueType == "CONTAINER" and concept_name(item) == ("125007", "DCM")
+    ]
+
+
+def group_of(sr: pydicom.Dataset, concept: CodedConcept) -> pydicom.Dataset:
+    for group in groups(sr):
+        for item in group.ContentSequence:
+            if item.ValueType == "CODE" and concept_name(item) == ("121071", "DCM"):
+                code = item.ConceptCodeSequence[0]
+                if (code.CodeValue, code.CodingSchemeDesignator) == (concept.value, concept.scheme):
+                    return group
+    raise AssertionError(f"no measurement group for {concept}")
+
+
+def test_sr_passes_dciodvfy(sr: pydicom.Dataset) -> None:
+    assert dciodvfy_errors(sr) == []
+
+
+def test_sr_keeps_patient_and_study_in_a_new_series(
+    sr: pydicom.Dataset, source: pydicom.Dataset
+) -> None:
+    assert sr.StudyInstanceUID == source.StudyInstanceUID
+    assert sr.PatientID == source.PatientID
+    assert sr.PatientName == source.PatientName
+    assert sr.AccessionNumber == source.AccessionNumber
+    assert sr.SeriesInstanceUID != source.SeriesInstanceUID
+    assert sr.Modality == "SR"
+    assert sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
+    assert sr.SeriesNumber == 9901
+    assert sr.InstanceNumber == 1
+    assert sr.Manufacturer == "dicomnode"
+    assert sr.SeriesDescription == "AI SR cxr-pneumothorax-demo 1.0.0 (research demo)"
+
+
+def test_sr_uids_repeat_on_rerun_and_change_with_model_version(
+    sr: pydicom.Dataset, source: pydicom.Dataset
+) -> None:
+    again = build_sr([findings(source)], ALGORITHM)
+    assert again.SeriesInstanceUID == sr.SeriesInstanceUID
+    assert again.SOPInstanceUID == sr.SOPInstanceUID
+    assert again.SOPInstanceUID == result_instance_uid([source.SOPInstanceUID], ALGORITHM, "sr")
+    newer = build_sr([findings(source)], Algorithm(name=ALGORITHM.name, version="1.1.0"))
+    assert newer.SeriesInstanceUID != sr.SeriesInstanceUID
+    assert newer.SOPInstanceUID != sr.SOPInstanceUID
+
+
+def test_sr_holds_finding_probability_and_point_on_source(
+    sr: pydicom.Dataset, source: pydicom.Dataset
+) -> None:
+    group = group_of(sr, PNEUMOTHORAX)
+    items = list(walk(group.ContentSequence))
+    evaluation = next(
+        item
+        for item in items
+        if item.ValueType == "CODE" and concept_name(item) == (PNEUMOTHORAX.value, "SCT")
+    )
+    assert evaluation.ConceptCodeSequence[0].CodeValue == "52101004"  # Present
+    probability = next(item for item in items if item.ValueType == "NUM")
+    value = probability.MeasuredValueSequence[0]
+    assert float(value.NumericValue) == pytest.approx(0.83)
+    assert value.MeasurementUnitsCodeSequence[0].CodingSchemeDesignator == "UCUM"
+    point = next(item for item in items if item.ValueType == "SCOORD")
+    assert point.GraphicType == "POINT"
+    # SCOORD puts the centre of the top left pixel at (0.5, 0.5).
+    assert [float(v) for v in point.GraphicData] == [PEAK[0] + 0.5, PEAK[1] + 0.5]
+    image = point.ContentSequence[0]
+    assert image.ValueType == "IMAGE"
+    reference = image.ReferencedSOPSequence[0]
+    assert reference.ReferencedSOPInstanceUID == source.SOPInstanceUID
+    assert reference.ReferencedSOPClassUID == source.SOPClassUID
+
+
+def test_sr_finding_without_peak_references_image_without_coordinates(
+    sr: pydicom.Dataset, source: pydicom.Dataset
+) -> None:
+    items = list(walk(group_of(sr, CARDIOMEGALY).ContentSequence))
+    assert not [item for item in items if item.ValueType == "SCOORD"]
+    evaluation = next(item for item in items if concept_name(item) == (CARDIOMEGALY.value, "SCT"))
+    assert evaluation.ConceptCodeSequence[0].CodeValue == "2667000"  # Absent
+    image = next(item for item in items if item.ValueType == "IMAGE")
+    assert image.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+
+
+def test_sr_observer_is_the_model_and_notice_is_present(sr: pydicom.Dataset) -> None:
+    texts = {
+        concept_name(item): item.TextValue
+        for item in walk(sr.ContentSequence)
+        if item.ValueType == "TEXT"
+    }
+    assert texts[("121013", "DCM")] == ALGORITHM.name  # Device Observer Name
+    assert texts[("121015", "DCM")] == ALGORITHM.version  # Device Observer Model Name
+    assert texts[("121014", "DCM")] == "dicomnode"  # Device Observer Manufacturer
+    assert RESEARCH_DEMO_NOTICE in texts[("121106", "DCM")]
+
+
+def test_sr_tracking_uids_are_deterministic(sr: pydicom.Dataset, source: pydicom.Dataset) -> None:
+    again = build_sr([findings(source)], ALGORITHM)
+
+    def tracking_uids(report: pydicom.Dataset) -> list[str]:
+        return [item.UID for item in walk(report.ContentSequence) if item.ValueType == "UIDREF"]
+
+    assert tracking_uids(again) == tracking_uids(sr)
+    assert len(set(tracking_uids(sr))) == len(tracking_uids(sr))
+
+
+def test_sr_reads_back_with_highdicom(sr: pydicom.Dataset) -> None:
+    report = hd.sr.Comprehensive3DSR.from_dataset(sr)
+    planar = report.content.get_planar_roi_measurement_groups()
+    assert len(planar) == 1
+    assert planar[0].finding_type.value == PNEUMOTHORAX.value
+    assert planar[0].get_measurements()[0].value == pytest.approx(0.83)
+
+
+def test_sr_covers_several_images_of_one_study_in_any_order() -> None:
+    first = chest_xray(1, size=128)
+    second = chest_xray(2, size=128, study_instance_uid=first.StudyInstanceUID)
+    forward = build_sr([findings(first), findings(second)], ALGORITHM)
+    backward = build_sr([findings(second), findings(first)], ALGORITHM)
+    assert forward.SOPInstanceUID == backward.SOPInstanceUID
+    assert len(groups(forward)) == 4
+    assert dciodvfy_errors(forward) == []
+
+
+def test_uids_are_deterministic_and_distinct() -> None:
+    assert result_uid("a", "b") == result_uid("a", "b")
+    assert result_uid("ab", "c") != result_uid("a", "bc")
+    assert result_series_uid("1.2.3", ALGORITHM, "sr") != result_series_uid(
+        "1.2.3", ALGORITHM, "sc"
+    )
+    assert pydicom.uid.UID(result_uid("x")).is_valid
+    with pytest.raises(ValueError, match="not a valid DICOM UID"):
+        result_series_uid("not a uid", ALGORITHM, "sr")
+    with pytest.raises(ValueError, match="non-empty sequence"):
+        result_instance_uid([], ALGORITHM, "sr")
+
+
+def test_sr_rejects_empty_evaluations() -> None:
+    with pytest.raises(ValueError, match="at least one ImageFindings"):
+        build_sr([], ALGORITHM)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"findings": []}, "has no findings"),
+        ({"probability": 1.5}, "probability must be a number in 0..1"),
+        ({"threshold": float("nan")}, "threshold must be a number in 0..1"),
+        ({"peak": (256.0, 10.0)}, "lies outside"),
+    ],
+)
+def test_sr_rejects_bad_findings(source: pydicom.Dataset, change: dict, message: str) -> None:
+    evaluation = findings(source)
+    if "findings" in change:
+        evaluation.findings = change["findings"]
+    else:
+        for name, value in change.items():
+            setattr(evaluation.findings[0], name, value)
+    with pytest.raises(ValueError, match=message):
+        build_sr([evaluation], ALGORITHM)
+
+
+def test_sr_rejects_images_of_different_studies_and_repeats(source: pydicom.Dataset) -> None:
+    other = chest_xray(3, size=128)
+    with pytest.raises(ValueError, match="one study"):
+        build_sr([findings(source), findings(other)], ALGORITHM)
+    with pytest.raises(ValueError, match="more than once"):
+        build_sr([findings(source), findings(source)], ALGORITHM)
