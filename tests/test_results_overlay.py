@@ -185,3 +185,14 @@ def test_overlay_rejects_empty_findings(source: pydicom.Dataset) -> None:
 def test_overlay_rejects_a_source_that_is_not_a_dataset() -> None:
     with pytest.raises(ValueError, match="pydicom Dataset"):
         build_overlay(ImageFindings(source="image.dcm", findings=[]), ALGORITHM)
+
+
+def test_overlay_shows_monochrome1_as_it_is_read() -> None:
+    cxr = pytest.importorskip("dicomnode.synth.cxr")
+    looks = []
+    for photometric in ("MONOCHROME2", "MONOCHROME1"):
+        source = cxr.make_cxr(5, pneumothorax=False, size=128, photometric=photometric)[0]
+        evaluation = findings(source, heatmap=False)
+        evaluation.findings[0].peak = None
+        looks.append(body(build_overlay(evaluation, ALGORITHM), source))
+    assert np.abs(looks[0] - looks[1]).mean() < 1.0

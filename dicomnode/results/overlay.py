@@ -13,6 +13,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 from dicomnode import __version__
 from dicomnode.findings import Algorithm, Finding, ImageFindings
+from dicomnode.pipeline.preprocess import presentation_pixels
 from dicomnode.results.sr import (
     EQUIPMENT_MANUFACTURER,
     copy_patient_study,
@@ -20,11 +21,6 @@ from dicomnode.results.sr import (
     validate_evaluation,
 )
 from dicomnode.results.uids import result_instance_uid, result_series_uid
-
-try:
-    from dicomnode.pipeline.preprocess import presentation_pixels
-except ImportError:  # pragma: no cover - until dicomnode.pipeline.preprocess lands
-    presentation_pixels = None
 
 OVERLAY_SERIES_NUMBER = 9902
 BANNER = "AI RESULT - NOT FOR DIAGNOSTIC USE"
@@ -67,7 +63,7 @@ def build_overlay(evaluation: ImageFindings, algorithm: Algorithm) -> pydicom.Da
             f"{source.SOPInstanceUID} has SamplesPerPixel={source.get('SamplesPerPixel')} "
             f"and NumberOfFrames={source.get('NumberOfFrames', 1)}"
         )
-    grey = _presentation(source)
+    grey = np.asarray(presentation_pixels(source), dtype=np.float32)
     scale = min(1.0, MAX_SIDE / max(grey.shape))
     rgb = render_overlay(grey, evaluation.findings, algorithm, scale=scale)
 
@@ -147,25 +143,6 @@ def legend_line(number: int, finding: Finding) -> str:
         f"[{number}] {finding.concept.meaning}: {finding.probability:.0%} "
         f"({decision} at threshold {finding.threshold:.0%}){critical}"
     )
-
-
-def _presentation(source: Dataset) -> np.ndarray:
-    if presentation_pixels is not None:
-        return np.asarray(presentation_pixels(source), dtype=np.float32)
-    return _fallback_presentation_pixels(source)
-
-
-def _fallback_presentation_pixels(source: Dataset) -> np.ndarray:
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
-
-    pixels = apply_modality_lut(source.pixel_array, source).astype(np.float64)
-    if "WindowCenter" in source or "VOILUTSequence" in source:
-        pixels = apply_voi_lut(pixels, source, index=0).astype(np.float64)
-    low, high = float(pixels.min()), float(pixels.max())
-    scaled = (pixels - low) / (high - low) if high > low else np.zeros_like(pixels)
-    if source.PhotometricInterpretation == "MONOCHROME1":
-        scaled = 1.0 - scaled
-    return scaled.astype(np.float32)
 
 
 def _resize(values: np.ndarray, size: tuple[int, int]) -> np.ndarray:
