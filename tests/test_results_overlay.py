@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import pydicom
 import pytest
@@ -196,3 +198,37 @@ def test_overlay_shows_monochrome1_as_it_is_read() -> None:
         evaluation.findings[0].peak = None
         looks.append(body(build_overlay(evaluation, ALGORITHM), source))
     assert np.abs(looks[0] - looks[1]).mean() < 1.0
+
+
+def _no_orientation(ds: pydicom.Dataset) -> None:
+    ds.PatientOrientation = None
+
+
+def _no_body_part(ds: pydicom.Dataset) -> None:
+    del ds.BodyPartExamined
+
+
+def _empty_laterality_without_image_laterality(ds: pydicom.Dataset) -> None:
+    ds.Laterality = None
+    del ds.ImageLaterality
+
+
+def _left_without_body_part(ds: pydicom.Dataset) -> None:
+    del ds.BodyPartExamined
+    ds.ImageLaterality = "L"
+
+
+@pytest.mark.parametrize(
+    "vary",
+    [
+        _no_orientation,
+        _no_body_part,
+        _empty_laterality_without_image_laterality,
+        _left_without_body_part,
+    ],
+)
+def test_overlay_stays_valid_for_source_variants(vary: Callable[[pydicom.Dataset], None]) -> None:
+    source = plain_dx(rows=160, columns=128)
+    vary(source)
+    overlay = build_overlay(findings(source, heatmap=False), ALGORITHM)
+    assert dciodvfy_errors(overlay) == []

@@ -90,10 +90,11 @@ def build_overlay(evaluation: ImageFindings, algorithm: Algorithm) -> pydicom.Da
     copy_patient_study(source, overlay)
     _copy_laterality(source, overlay)
     overlay.BurnedInAnnotation = "YES"
+    resized = f", downsampled x{scale:.3g}" if scale < 1 else ""
     overlay.DerivationDescription = (
-        f"Source image rendered with its VOI, downsampled x{scale:.3g}, with a header band "
-        f"above it; heat maps, peak markers and findings of {algorithm.name} "
-        f"{algorithm.version} burned in"
+        f"Source image as displayed (modality and VOI LUT){resized}, with a header band above "
+        f"it; heat maps, peak markers and findings of {algorithm.name} {algorithm.version} "
+        "burned in"
     )[:1024]
     overlay.SourceImageSequence = [_source_reference(source)]
     return overlay
