@@ -114,7 +114,8 @@ def render_overlay(
         grey = _resize(grey, size)
     image = np.repeat(np.clip(grey, 0.0, 1.0)[..., None], 3, axis=2)
 
-    heatmaps = [finding.heatmap for finding in findings if finding.heatmap is not None]
+    # Only positive findings are localised: a heat map on a negative finding would mislead.
+    heatmaps = [f.heatmap for f in findings if f.heatmap is not None and f.present]
     if heatmaps:
         heat = np.max([np.asarray(heatmap, dtype=np.float32) for heatmap in heatmaps], axis=0)
         if scale < 1:
@@ -125,7 +126,7 @@ def render_overlay(
     long_side = max(body.size)
     draw = ImageDraw.Draw(body)
     for number, finding in enumerate(findings, start=1):
-        if finding.peak is not None:
+        if finding.peak is not None and finding.present:
             column, row = finding.peak
             _draw_marker(draw, (column * scale, row * scale), number, long_side)
 

@@ -72,12 +72,14 @@ def build_sr(evaluations: Sequence[ImageFindings], algorithm: Algorithm) -> pydi
     )
     report[0].ContentSequence.append(_notice(algorithm))
 
+    study_uid = study_uids.pop()
     sr = hd.sr.Comprehensive3DSR(
         evidence=sources,
         content=report[0],
-        series_instance_uid=result_series_uid(study_uids.pop(), algorithm, "sr"),
+        series_instance_uid=result_series_uid(study_uid, algorithm, "sr"),
         series_number=SR_SERIES_NUMBER,
-        sop_instance_uid=result_instance_uid(sop_uids, algorithm, "sr"),
+        # One report per study and model version: a re-run after late instances replaces it.
+        sop_instance_uid=result_instance_uid([study_uid], algorithm, "sr"),
         instance_number=1,
         manufacturer=EQUIPMENT_MANUFACTURER,
         is_complete=True,
