@@ -34,7 +34,8 @@ class Finding:
     probability: float
     threshold: float
     critical: bool
-    # Peak of the class-activation map in source-image pixel coordinates (column, row).
+    # Peak of the class-activation map in source-image pixel coordinates (column, row), as
+    # array indexes (the pixel's centre); SCOORD adds 0.5 since its top-left centre is 0.5.
     peak: tuple[float, float] | None = None
     # Class-activation heat map resampled to the source image (rows x columns, 0..1).
     heatmap: np.ndarray | None = field(default=None, repr=False)

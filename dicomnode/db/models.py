@@ -41,6 +41,8 @@ class Study(Base):
     score: Mapped[float] = mapped_column(Float, default=0.0)
     reason: Mapped[str] = mapped_column(Text, default="")
     ups_priority: Mapped[str] = mapped_column(String(8), default="MEDIUM")
+    # Reading order: earliest due first (see worklist.policy).
+    due_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     # waiting | ready | in_progress | reported
     reading_status: Mapped[str] = mapped_column(String(16), default="waiting")
 
@@ -49,7 +51,7 @@ class Study(Base):
     results: Mapped[list[ResultObject]] = relationship(back_populates="study", cascade="all")
 
     __table_args__ = (
-        Index("ix_studies_reading_order", "tier_rank", "score", "received_at"),
+        Index("ix_studies_reading_order", "reading_status", "due_at"),
         Index("ix_studies_assembly", "analysis_status", "ready_at"),
     )
 

@@ -11,6 +11,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from dicomnode.db.models import Instance, Series, Study
+from dicomnode.worklist.service import reprioritise
 
 
 @dataclass(frozen=True)
@@ -79,10 +80,11 @@ def _study(session: Session, facts: InstanceFacts, now: datetime) -> Study:
             received_at=now,
             last_instance_at=now,
             ready_at=now,
-            reason="awaiting AI analysis",
         )
         session.add(study)
         session.flush()
+        # On the worklist from the first instance on, in arrival order until analysed.
+        reprioritise(session, study, now)
     return study
 
 

@@ -6,7 +6,7 @@ Pure: no database, no clock. The live worklist and any simulation call this one 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 # Tier name -> rank (read lower ranks first) and DICOM UPS priority.
 TIERS: dict[str, tuple[int, str]] = {
@@ -14,6 +14,15 @@ TIERS: dict[str, tuple[int, str]] = {
     "critical": (1, "HIGH"),
     "urgent": (2, "MEDIUM"),
     "routine": (3, "LOW"),
+}
+
+
+# Tier name -> longest a study of that tier should wait before it is read.
+MAX_WAIT: dict[str, timedelta] = {
+    "stat": timedelta(minutes=15),
+    "critical": timedelta(minutes=30),
+    "urgent": timedelta(hours=4),
+    "routine": timedelta(hours=24),
 }
 
 
@@ -45,6 +54,9 @@ class Priority:
     score: float
     ups_priority: str
     reason: str
+    # Reading order key: the worklist lists studies by due_at, earliest first. It does not
+    # change as time passes, so the order needs no periodic re-computation.
+    due_at: datetime
 
 
 def _describe(finding: FindingFact) -> str:

@@ -29,6 +29,7 @@ def reprioritise(session: Session, study: Study, now: datetime) -> None:
     study.score = priority.score
     study.ups_priority = priority.ups_priority
     study.reason = priority.reason
+    study.due_at = priority.due_at
 
 
 @dataclass
@@ -61,11 +62,11 @@ class WorklistRow:
 
 
 def reading_order(session: Session, limit: int = 200, offset: int = 0) -> list[WorklistRow]:
-    """Studies in the order radiologists should read them: tier, score, arrival."""
+    """Unreported studies in the order radiologists should read them (earliest due first)."""
     studies = session.scalars(
         select(Study)
         .where(Study.reading_status != "reported")
-        .order_by(Study.tier_rank, Study.score.desc(), Study.received_at, Study.id)
+        .order_by(Study.due_at, Study.id)
         .limit(limit)
         .offset(offset)
         .options(selectinload(Study.findings), selectinload(Study.results))

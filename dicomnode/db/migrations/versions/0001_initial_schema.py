@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-11-23 09:32:46.261983
+Create Date: 2026-11-23 09:44:30.625758
 """
 
 import sqlalchemy as sa
@@ -50,6 +50,7 @@ def upgrade() -> None:
         sa.Column("score", sa.Float(), nullable=False),
         sa.Column("reason", sa.Text(), nullable=False),
         sa.Column("ups_priority", sa.String(length=8), nullable=False),
+        sa.Column("due_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("reading_status", sa.String(length=16), nullable=False),
         sa.PrimaryKeyConstraint("id"),
         sa.UniqueConstraint("study_instance_uid"),
@@ -57,7 +58,7 @@ def upgrade() -> None:
     with op.batch_alter_table("studies", schema=None) as batch_op:
         batch_op.create_index("ix_studies_assembly", ["analysis_status", "ready_at"], unique=False)
         batch_op.create_index(
-            "ix_studies_reading_order", ["tier_rank", "score", "received_at"], unique=False
+            "ix_studies_reading_order", ["reading_status", "due_at"], unique=False
         )
 
     op.create_table(
