@@ -29,8 +29,9 @@ def _stored_pixels(ds: pydicom.Dataset) -> np.ndarray:
         name = getattr(transfer_syntax, "name", "")
         raise ValueError(
             f"cannot decode the pixel data of SOP Instance {sop_instance_uid} "
-            f"(transfer syntax {transfer_syntax} {name}): {error}; install a pydicom pixel "
-            "data plugin for it or have the sender use an uncompressed transfer syntax"
+            f"(transfer syntax {transfer_syntax} {name}): {error}. The pixel data is corrupt or "
+            "its codec is missing: install the pydicom pixel data plugin for this transfer syntax "
+            "or have the sender use an uncompressed one"
         ) from error
     if ds.get("SamplesPerPixel", 1) != 1:
         raise ValueError(
@@ -71,6 +72,8 @@ def presentation_pixels(
     values = apply_modality_lut(_stored_pixels(ds), ds).astype(np.float64)
     voi_range = _voi_range(ds)
     if voi_range is not None:
+        if ds.get("VOILUTSequence") and np.array_equal(values, np.round(values)):
+            values = values.astype(np.int64)  # a LUT is indexed by integer values
         values = apply_voi_lut(values, ds, index=0, prefer_lut=True)
         low, high = voi_range
     else:
