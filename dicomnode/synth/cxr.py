@@ -346,9 +346,9 @@ def _render(
             ptx_mask = lung_ptx * lung
             collapsed = lung * (1.0 - lung_ptx)
             attenuation += 0.12 * (1.0 - collapse.scale_x * collapse.scale_y) * collapsed
-            attenuation -= rng.uniform(0.02, 0.05) * ptx_mask
+            attenuation -= rng.uniform(0.0, 0.04) * ptx_mask
             markings = (0.11 * markings_ptx + 0.012 * mottle) * fade * (1.0 - lung_ptx)
-            attenuation += rng.uniform(0.05, 0.09) * line * half
+            attenuation += rng.uniform(0.03, 0.08) * line * half
         attenuation += markings * lung
         attenuation += rng.uniform(0.04, 0.06) * _ribs(a, side, u, y) * body * half
         attenuation += 0.08 * _clavicle(a, u, y) * half
@@ -362,7 +362,7 @@ def _render(
     carina = a.heart[1] - a.heart[3] - 0.12
     trachea = _ramp(0.035 - np.abs(x + 0.01), edge) * _ramp(carina - y, 0.05)
     attenuation -= 0.05 * trachea * body
-    if rng.random() < 0.25:
+    if rng.random() < 0.4:
         attenuation += _skin_fold(rng, x, y) * body
     return attenuation, lung_mask, ptx_mask
 
@@ -580,13 +580,14 @@ def make_cxr(
     collapse = None
     side = None
     if pneumothorax:
-        extent = rng.uniform(0.0, 1.0)
+        # Skewed towards small (apical) pneumothoraces, the ones that are easy to miss.
+        extent = rng.uniform(0.0, 1.0) ** 2
         side_index = int(rng.integers(0, 2))
         side = "R" if side_index == 0 else "L"
         collapse = _Collapse(
             side=side_index,
-            scale_y=1.0 - (0.07 + 0.30 * extent) * rng.uniform(0.85, 1.15),
-            scale_x=1.0 - (0.03 + 0.38 * extent) * rng.uniform(0.8, 1.2),
+            scale_y=1.0 - (0.035 + 0.33 * extent) * rng.uniform(0.85, 1.15),
+            scale_x=1.0 - (0.015 + 0.4 * extent) * rng.uniform(0.8, 1.2),
         )
     attenuation, lung_mask, ptx_mask = _render(rng, size, collapse)
     pixels, centre, width = _to_stored(rng, attenuation)
