@@ -1,0 +1,183 @@
+"""Indexing instances and assembling studies into analysis jobs, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicomnode.db.models import Instance, Job, Series, Study
+from dicomnode.db.session import as_utc
+from dicomnode.ingest.assembly import association_ended, queue_ready_studies
+from dicomnode.ingest.index import InstanceFacts, index_instance
+from dicomnode.worklist.policy import MAX_WAIT
+
+T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
+QUIET = 2.0
+STUDY_UID = "1.2.826.0.1.3680043.8.498.10"
+FACTS = InstanceFacts(
+    study_instance_uid=STUDY_UID,
+    series_instance_uid="1.2.826.0.1.3680043.8.498.11",
+    sop_instance_uid="1.2.826.0.1.3680043.8.498.12",
+    sop_class_uid="1.2.840.10008.5.1.4.1.1.1.1",
+    patient_id="PAT-1",
+    patient_name="Doe^Jane",
+    accession_number="ACC-1",
+    modality="DX",
+    body_part="CHEST",
+    view_position="PA",
+    instance_number=1,
+)
+
+
+def seconds(n: float) -> datetime:
+    return T0 + timedelta(seconds=n)
+
+
+def index(session: Session, facts: InstanceFacts, now: datetime) -> bool:
+    return index_instance(
+        session,
+        facts,
+        path=f"/spool/{facts.sop_instance_uid}.dcm",
+        size_bytes=1234,
+        transfer_syntax_uid="1.2.840.10008.1.2.1",
+        calling_ae="MODALITY",
+        now=now,
+        quiet_seconds=QUIET,
+    )
+
+
+def count(session: Session, table: type) -> int:
+    return session.scalar(select(func.count()).select_from(table))
+
+
+def the_study(sessions: sessionmaker[Session]) -> Study:
+    with sessions() as session:
+        return session.scalars(select(Study).where(Study.study_instance_uid == STUDY_UID)).one()
+
+
+def test_index_instance_creates_rows_once(sessions: sessionmaker[Session]) -> None:
+    with sessions() as session:
+        assert index(session, FACTS, T0) is True
+    with sessions() as session:
+        study = session.scalars(select(Study)).one()
+        series = session.scalars(select(Series)).one()
+        instance = session.scalars(select(Instance)).one()
+        assert (study.study_instance_uid, study.patient_id, study.accession_number) == (
+            STUDY_UID,
+            "PAT-1",
+            "ACC-1",
+        )
+        assert study.received_generation == 1
+        assert as_utc(study.ready_at) == seconds(QUIET)
+        # On the worklist from the first instance on, routine until analysed.
+        assert (study.tier, study.reason) == ("routine", "awaiting AI analysis")
+        assert T0 <= as_utc(study.due_at) <= T0 + MAX_WAIT["routine"]
+        assert (series.study_id, series.body_part, series.view_position) == (
+            study.id,
+            "CHEST",
+            "PA",
+        )
+        assert instance.series_id == series.id
+        assert instance.sop_instance_uid == FACTS.sop_instance_uid
+        assert instance.calling_ae == "MODALITY"
+
+    with sessions() as session:
+        assert index(session, FACTS, seconds(1)) is False
+    with sessions() as session:
+        assert (count(session, Study), count(session, Series), count(session, Instance)) == (
+            1,
+            1,
+            1,
+        )
+        study = session.scalars(select(Study)).one()
+        # A duplicate is not new data: no new generation, deadline unchanged.
+        assert study.received_generation == 1
+        assert as_utc(study.ready_at) == seconds(QUIET)
+
+
+def test_second_series_joins_the_same_study(sessions: sessionmaker[Session]) -> None:
+    other = replace(
+        FACTS,
+        series_instance_uid="1.2.826.0.1.3680043.8.498.21",
+        sop_instance_uid="1.2.826.0.1.3680043.8.498.22",
+    )
+    with sessions() as session:
+        assert index(session, FACTS, T0)
+        assert index(session, other, seconds(1))
+    with sessions() as session:
+        assert (count(session, Study), count(session, Series), count(session, Instance)) == (
+            1,
+            2,
+            2,
+        )
+        assert session.scalars(select(Study)).one().received_generation == 2
+
+
+def test_study_is_queued_once_after_quiet_period(sessions: sessionmaker[Session]) -> None:
+    with sessions() as session:
+        index(session, FACTS, T0)
+        study_id = session.scalars(select(Study.id)).one()
+
+    with sessions() as session:
+        assert queue_ready_studies(session, seconds(QUIET - 0.1)) == []
+        assert count(session, Job) == 0
+        assert queue_ready_studies(session, seconds(QUIET)) == [study_id]
+        assert queue_ready_studies(session, seconds(QUIET + 10)) == []
+    with sessions() as session:
+        job = session.scalars(select(Job)).one()
+        assert (job.kind, job.study_id, job.state, job.payload) == (
+            "analyse",
+            study_id,
+            "queued",
+            {"generation": 1},
+        )
+    assert the_study(sessions).analysis_status == "queued"
+
+    # A late instance (new SOP Instance UID) re-runs the analysis after its own quiet period.
+    late = replace(FACTS, sop_instance_uid="1.2.826.0.1.3680043.8.498.13", instance_number=2)
+    with sessions() as session:
+        assert index(session, late, seconds(30))
+        assert queue_ready_studies(session, seconds(30 + QUIET - 0.1)) == []
+        assert queue_ready_studies(session, seconds(30 + QUIET)) == [study_id]
+        assert queue_ready_studies(session, seconds(60)) == []
+    with sessions() as session:
+        payloads = [job.payload for job in session.scalars(select(Job).order_by(Job.id))]
+    assert payloads == [{"generation": 1}, {"generation": 2}]
+
+    # A duplicate of a known instance does not queue the study again.
+    with sessions() as session:
+        assert index(session, late, seconds(70)) is False
+        assert queue_ready_studies(session, seconds(100)) == []
+        assert count(session, Job) == 2
+
+
+def test_analysed_study_goes_back_to_receiving_on_late_instance(
+    sessions: sessionmaker[Session],
+) -> None:
+    with sessions() as session:
+        index(session, FACTS, T0)
+        study = session.scalars(select(Study)).one()
+        study.analysis_status = "analysed"
+        session.commit()
+        late = replace(FACTS, sop_instance_uid="1.2.826.0.1.3680043.8.498.14")
+        assert index(session, late, seconds(5))
+    assert the_study(sessions).analysis_status == "receiving"
+
+
+def test_association_end_pushes_ready_at(sessions: sessionmaker[Session]) -> None:
+    with sessions() as session:
+        index(session, FACTS, T0)
+        association_ended(session, [STUDY_UID, "9.9.9"], seconds(1), quiet_seconds=5)
+    assert as_utc(the_study(sessions).ready_at) == seconds(6)
+    with sessions() as session:
+        # Not ready at the instance's own deadline any more.
+        assert queue_ready_studies(session, seconds(QUIET)) == []
+        assert queue_ready_studies(session, seconds(6)) == [the_study(sessions).id]
+        # The end of another association with no new instance does not queue again.
+        association_ended(session, [STUDY_UID], seconds(7), quiet_seconds=5)
+        assert queue_ready_studies(session, seconds(20)) == []
+        association_ended(session, [], seconds(8), quiet_seconds=5)
+    assert as_utc(the_study(sessions).ready_at) == seconds(12)

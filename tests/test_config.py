@@ -1,0 +1,171 @@
+"""The configuration file: the shipped one validates; broken ones are reported with
+file, line, key and reason by ``dicomnode check-config``; relative paths resolve against
+the installation root."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+
+from dicomnode.config import load_settings
+from dicomnode.tomlfile import ConfigError
+
+DESTINATION = (
+    '[[destinations]]\nname = "{name}"\nae_title = "{ae}"\nhost = "127.0.0.1"\nport = {port}\n'
+)
+
+
+def check_config(path: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "dicomnode", "check-config", str(path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "broken.toml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_shipped_configuration_validates() -> None:
+    result = check_config(Path("conf/dicomnode.toml"))
+    assert result.returncode == 0, result.stderr
+    assert "OK" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "key", "reason"),
+    [
+        pytest.param(
+            'log_level = "INFO"\n[node\nport = 104\n', 2, "", "not valid TOML", id="toml-syntax"
+        ),
+        pytest.param(
+            '[web]\nport = 8080\n\n[node]\nae_title = "NODE"\nport = 70000\n',
+            6,
+            "node.port",
+            "less than or equal to 65535",
+            id="port-out-of-range",
+        ),
+        pytest.param(
+            "[node]\nport = 104\ncolour = 1\n",
+            3,
+            "node.colour",
+            "Extra inputs are not permitted",
+            id="unknown-key",
+        ),
+        pytest.param(
+            '[node]\nae_title = "ABCDEFGHIJKLMNOPQ"\n',
+            2,
+            "node.ae_title",
+            "at most 16 characters",
+            id="ae-title-17-chars",
+        ),
+        pytest.param(
+            '[storage]\npath = "var"\n\n[database]\nurl = "mysql://db/dicomnode"\n',
+            5,
+            "database.url",
+            "sqlite:///",
+            id="database-scheme",
+        ),
+        pytest.param(
+            DESTINATION.format(name="pacs", ae="PACS", port=104)
+            + "\n"
+            + DESTINATION.format(name="archive", ae="ARCHIVE", port=70000),
+            11,
+            "destinations.1.port",
+            "less than or equal to 65535",
+            id="second-destination-port",
+        ),
+        pytest.param(
+            DESTINATION.format(name="pacs", ae="PACS", port=104)
+            + "\n"
+            + DESTINATION.format(name="pacs", ae="ARCHIVE", port=105),
+            8,
+            "destinations",
+            "unique",
+            id="duplicate-destination-names",
+        ),
+    ],
+)
+def test_broken_file_names_file_line_key_and_reason(
+    tmp_path: Path, text: str, line: int, key: str, reason: str
+) -> None:
+    path = write(tmp_path, text)
+    result = check_config(path)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"{path}:{line}:" in result.stderr, result.stderr
+    if key:
+        assert f"[{key}" in result.stderr, result.stderr
+    assert reason in result.stderr, result.stderr
+
+
+def test_missing_file_is_named(tmp_path: Path) -> None:
+    missing = tmp_path / "absent.toml"
+    result = check_config(missing)
+    assert result.returncode == 2
+    assert str(missing) in result.stderr
+    assert "cannot read file" in result.stderr
+
+
+def test_card_without_its_onnx_file_fails_check(tmp_path: Path) -> None:
+    cards = tmp_path / "cards"
+    cards.mkdir()
+    (cards / "lonely.toml").write_text(
+        '[model]\nname = "lonely"\nversion = "1"\ntask = "classification"\nonnx = "none.onnx"\n'
+        '[input]\nshape = [1, 8, 8]\n[[outputs]]\nname = "probability"\nkind = "probabilities"\n'
+    )
+    config = write(tmp_path, f'[models]\nfolders = ["{cards}"]\n')
+    result = check_config(config)
+    assert result.returncode == 2
+    assert "lonely.toml" in result.stderr
+    assert "none.onnx" in result.stderr
+
+
+def test_relative_paths_resolve_against_install_root(tmp_path: Path) -> None:
+    root = tmp_path / "install"
+    (root / "conf").mkdir(parents=True)
+    config = root / "conf" / "dicomnode.toml"
+    config.write_text(
+        '[storage]\npath = "var/storage"\n[database]\nurl = "sqlite:///var/dicomnode.db"\n'
+        '[models]\nfolders = ["models", "/opt/models"]\n'
+    )
+    settings = load_settings(config)
+    assert settings.storage_path == root.resolve() / "var" / "storage"
+    assert settings.database_url == f"sqlite:///{root.resolve() / 'var' / 'dicomnode.db'}"
+    assert settings.model_folders == [root.resolve() / "models", Path("/opt/models")]
+
+
+def test_outside_conf_paths_resolve_against_the_file_folder(tmp_path: Path) -> None:
+    config = tmp_path / "node.toml"
+    config.write_text('[storage]\npath = "spool"\n[database]\nurl = "sqlite:///node.db"\n')
+    settings = load_settings(config)
+    assert settings.storage_path == tmp_path.resolve() / "spool"
+    assert settings.database_url == f"sqlite:///{tmp_path.resolve() / 'node.db'}"
+
+
+def test_absolute_and_server_urls_are_kept(tmp_path: Path) -> None:
+    config = tmp_path / "node.toml"
+    config.write_text(
+        f'[storage]\npath = "{tmp_path / "abs"}"\n'
+        '[database]\nurl = "postgresql+psycopg://dicomnode@db:5432/dicomnode"\n'
+    )
+    settings = load_settings(config)
+    assert settings.storage_path == tmp_path / "abs"
+    assert settings.database_url == "postgresql+psycopg://dicomnode@db:5432/dicomnode"
+
+
+def test_load_settings_raises_config_error_with_key_and_line(tmp_path: Path) -> None:
+    path = write(tmp_path, "[worker]\ncount = 1\nmax_attempts = 0\n")
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path)
+    assert caught.value.key == "worker.max_attempts"
+    assert caught.value.line == 3
+    assert caught.value.path == path

@@ -1,0 +1,195 @@
+"""The database job queue on SQLite and PostgreSQL: leases, backoff, dead letters, and
+concurrent claims."""
+
+from __future__ import annotations
+
+import threading
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicomnode.db.models import Job, Study
+from dicomnode.db.session import as_utc
+from dicomnode.jobs import claim, complete, enqueue, fail
+
+T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
+
+
+def seconds(n: float) -> datetime:
+    return T0 + timedelta(seconds=n)
+
+
+def make_study(session: Session, uid: str = "1.2.3.4") -> int:
+    study = Study(
+        study_instance_uid=uid, received_at=T0, last_instance_at=T0, ready_at=T0, due_at=T0
+    )
+    session.add(study)
+    session.commit()
+    return study.id
+
+
+def stored(sessions: sessionmaker[Session], job_id: int) -> Job:
+    """The job as the database has it (a fresh session, nothing cached)."""
+    with sessions() as session:
+        return session.get(Job, job_id)
+
+
+def test_enqueue_then_claim_leases_to_owner(sessions: sessionmaker[Session]) -> None:
+    with sessions() as session:
+        study_id = make_study(session)
+        job = enqueue(session, "analyse", study_id, {"generation": 1}, now=T0)
+        session.commit()
+        job_id = job.id
+
+    with sessions() as session:
+        claimed = claim(session, "worker-a", ["analyse"], lease_seconds=30, now=seconds(1))
+        assert claimed is not None
+        assert claimed.id == job_id
+        assert claimed.lease_owner == "worker-a"
+        assert claimed.attempts == 1
+        assert claimed.payload == {"generation": 1}
+
+    row = stored(sessions, job_id)
+    assert row.state == "leased"
+    assert row.lease_owner == "worker-a"
+    assert row.attempts == 1
+    assert as_utc(row.lease_expires_at) == seconds(31)
+
+    with sessions() as session:
+        assert claim(session, "worker-b", ["analyse"], 30, now=seconds(2)) is None
+
+
+def test_claim_skips_other_kinds_and_future_jobs(sessions: sessionmaker[Session]) -> None:
+    with sessions() as session:
+        study_id = make_study(session)
+        later = enqueue(session, "analyse", study_id, now=seconds(60))
+        export = enqueue(session, "export", study_id, now=T0)
+        session.commit()
+        later_id, export_id = later.id, export.id
+
+    with sessions() as session:
+        assert claim(session, "w", ["analyse"], 30, now=seconds(59)) is None
+        claimed = claim(session, "w", ["analyse"], 30, now=seconds(60))
+        assert claimed is not None and claimed.id == later_id
+        claimed = claim(session, "w", ["export", "analyse"], 30, now=seconds(61))
+        assert claimed is not None and claimed.id == export_id
+
+
+def test_claim_takes_oldest_due_job_first(sessions: sessionmaker[Session]) -> None:
+    with sessions() as session:
+        study_id = make_study(session)
+        newer = enqueue(session, "analyse", study_id, now=seconds(5))
+        older = enqueue(session, "analyse", study_id, now=seconds(1))
+        session.commit()
+        order = [older.id, newer.id]
+    with sessions() as session:
+        assert [claim(session, "w", ["analyse"], 30, now=seconds(10)).id for _ in order] == order
+
+
+def test_expired_lease_is_claimed_by_another_owner(sessions: sessionmaker[Session]) -> None:
+    with sessions() as session:
+        study_id = make_study(session)
+        job = enqueue(session, "analyse", study_id, now=T0)
+        session.commit()
+        job_id = job.id
+    with sessions() as session:
+        assert claim(session, "dead-worker", ["analyse"], 10, now=T0).id == job_id
+        # Still leased at the deadline itself.
+        assert claim(session, "worker-b", ["analyse"], 10, now=seconds(10)) is None
+        taken = claim(session, "worker-b", ["analyse"], 10, now=seconds(10.5))
+        assert taken is not None and taken.id == job_id
+    row = stored(sessions, job_id)
+    assert row.lease_owner == "worker-b"
+    assert row.attempts == 2
+    assert as_utc(row.lease_expires_at) == seconds(20.5)
+
+
+def test_fail_backs_off_exponentially_then_dead_letters(sessions: sessionmaker[Session]) -> None:
+    with sessions() as session:
+        study_id = make_study(session)
+        job = enqueue(session, "export", study_id, now=T0)
+        session.commit()
+        job_id = job.id
+
+    now = T0
+    for attempt, backoff in ((1, 2), (2, 4), (3, 8)):
+        with sessions() as session:
+            job = claim(session, "w", ["export"], 30, now=now)
+            assert job is not None and job.id == job_id and job.attempts == attempt
+            fail(session, job, f"PACS refused #{attempt}", max_attempts=4, now=now)
+        row = stored(sessions, job_id)
+        assert row.state == "queued"
+        assert as_utc(row.run_after) == now + timedelta(seconds=backoff)
+        assert row.lease_expires_at is None
+        with sessions() as session:
+            early = now + timedelta(seconds=backoff - 0.5)
+            assert claim(session, "w", ["export"], 30, now=early) is None
+        now = now + timedelta(seconds=backoff)
+
+    with sessions() as session:
+        job = claim(session, "w", ["export"], 30, now=now)
+        assert job.attempts == 4
+        fail(session, job, "PACS refused #4", max_attempts=4, now=now)
+    row = stored(sessions, job_id)
+    assert row.state == "dead"
+    assert row.last_error == "PACS refused #4"
+    assert as_utc(row.finished_at) == now
+    with sessions() as session:
+        assert claim(session, "w", ["export"], 30, now=now + timedelta(days=1)) is None
+
+
+def test_complete_marks_done(sessions: sessionmaker[Session]) -> None:
+    with sessions() as session:
+        study_id = make_study(session)
+        job = enqueue(session, "analyse", study_id, now=T0)
+        session.commit()
+        job_id = job.id
+    with sessions() as session:
+        job = claim(session, "w", ["analyse"], 5, now=T0)
+        complete(session, job, now=seconds(3))
+    row = stored(sessions, job_id)
+    assert row.state == "done"
+    assert as_utc(row.finished_at) == seconds(3)
+    assert row.lease_expires_at is None
+    with sessions() as session:
+        # Done is final: not claimed again, not even after the old lease would have expired.
+        assert claim(session, "w", ["analyse"], 5, now=seconds(3600)) is None
+
+
+def test_concurrent_claims_take_each_job_exactly_once(sessions: sessionmaker[Session]) -> None:
+    with sessions() as session:
+        study_id = make_study(session)
+        for _ in range(30):
+            enqueue(session, "analyse", study_id, now=T0)
+        session.commit()
+        ids = sorted(job.id for job in session.scalars(select(Job)))
+    assert len(ids) == 30
+
+    claimed: dict[str, list[int]] = {}
+    errors: list[BaseException] = []
+    start = threading.Barrier(3)
+
+    def worker(owner: str) -> None:
+        mine = claimed.setdefault(owner, [])
+        try:
+            start.wait()
+            with sessions() as session:
+                while (job := claim(session, owner, ["analyse"], 300)) is not None:
+                    mine.append(job.id)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(f"w{n}",)) for n in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not errors, errors
+    everything = [job_id for jobs in claimed.values() for job_id in jobs]
+    assert sorted(everything) == ids, claimed
+    with sessions() as session:
+        owners = session.execute(
+            select(Job.lease_owner, func.count()).where(Job.attempts == 1).group_by(Job.lease_owner)
+        ).all()
+    assert {owner: count for owner, count in owners} == {o: len(j) for o, j in claimed.items() if j}

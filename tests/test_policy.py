@@ -1,0 +1,182 @@
+"""Reading priority policy and model selection rules (pure functions)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from pydicom import Dataset
+
+from dicomnode.models.registry import ModelCard, SelectionRules
+from dicomnode.pipeline.select import ImageFacts, image_facts, rules_match, select_models
+from dicomnode.worklist.policy import MAX_WAIT, TIERS, FindingFact, StudyFacts, prioritise
+
+NOW = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
+ANALYSED = StudyFacts(received_at=NOW - timedelta(minutes=5), analysis_status="analysed")
+
+
+def pneumothorax(probability: float, threshold: float = 0.5) -> FindingFact:
+    return FindingFact("Pneumothorax", probability, threshold, critical=True)
+
+
+def effusion(probability: float, threshold: float = 0.5) -> FindingFact:
+    return FindingFact("Pleural effusion", probability, threshold, critical=False)
+
+
+def test_present_critical_finding_is_critical_high() -> None:
+    priority = prioritise(ANALYSED, [effusion(0.2), pneumothorax(0.87)], NOW)
+    assert priority.tier == "critical"
+    assert priority.tier_rank == TIERS["critical"][0]
+    assert priority.ups_priority == "HIGH"
+    assert "Pneumothorax 87%" in priority.reason
+    assert "effusion" not in priority.reason
+    assert priority.score == pytest.approx(0.87)
+
+
+def test_critical_finding_below_threshold_is_routine() -> None:
+    priority = prioritise(ANALYSED, [pneumothorax(0.49)], NOW)
+    assert priority.tier == "routine"
+    assert priority.ups_priority == "LOW"
+    assert "Pneumothorax" not in priority.reason
+    assert "no finding" in priority.reason
+
+
+def test_probability_at_threshold_counts_as_present() -> None:
+    assert prioritise(ANALYSED, [pneumothorax(0.5)], NOW).tier == "critical"
+
+
+def test_present_non_critical_finding_is_urgent() -> None:
+    priority = prioritise(ANALYSED, [pneumothorax(0.3), effusion(0.72)], NOW)
+    assert priority.tier == "urgent"
+    assert priority.ups_priority == "MEDIUM"
+    assert "Pleural effusion 72%" in priority.reason
+    assert priority.score == pytest.approx(0.72)
+
+
+def test_stat_order_outranks_every_ai_tier() -> None:
+    stat = StudyFacts(NOW, requested_priority="stat", analysis_status="queued")
+    priority = prioritise(stat, [], NOW)
+    assert priority.tier == "stat"
+    assert priority.ups_priority == "HIGH"
+    assert "STAT" in priority.reason
+    critical = prioritise(ANALYSED, [pneumothorax(0.99)], NOW)
+    assert priority.tier_rank < critical.tier_rank
+    # A STAT study keeps its tier and names the AI findings too.
+    with_finding = prioritise(StudyFacts(NOW, requested_priority="STAT"), [pneumothorax(0.9)], NOW)
+    assert with_finding.tier == "stat"
+    assert "Pneumothorax 90%" in with_finding.reason
+
+
+@pytest.mark.parametrize(
+    ("status", "words"),
+    [
+        ("queued", "awaiting"),
+        ("receiving", "awaiting"),
+        ("analysing", "awaiting"),
+        ("failed", "failed"),
+    ],
+)
+def test_pending_or_failed_analysis_is_routine_with_reason(status: str, words: str) -> None:
+    priority = prioritise(StudyFacts(NOW, analysis_status=status), [], NOW)
+    assert priority.tier == "routine"
+    assert priority.tier_rank == max(rank for rank, _ in TIERS.values())
+    assert priority.ups_priority == "LOW"
+    assert words in priority.reason
+    assert priority.score == 0.0
+
+
+def test_score_orders_studies_within_a_tier() -> None:
+    studies = {
+        "weak": prioritise(ANALYSED, [pneumothorax(0.61)], NOW),
+        "strong": prioritise(ANALYSED, [pneumothorax(0.95)], NOW),
+        "urgent": prioritise(ANALYSED, [effusion(0.99)], NOW),
+        "routine": prioritise(ANALYSED, [], NOW),
+        "stat": prioritise(StudyFacts(NOW, requested_priority="STAT"), [], NOW),
+    }
+    order = sorted(studies, key=lambda name: (studies[name].tier_rank, -studies[name].score))
+    assert order == ["stat", "strong", "weak", "urgent", "routine"]
+
+
+def test_critical_score_ignores_stronger_non_critical_finding() -> None:
+    priority = prioritise(ANALYSED, [effusion(0.99), pneumothorax(0.6)], NOW)
+    assert priority.tier == "critical"
+    assert priority.score == pytest.approx(0.6)
+
+
+def test_due_time_is_within_the_tier_max_wait_and_fixed_over_time() -> None:
+    cases = [
+        (StudyFacts(NOW, requested_priority="STAT"), []),
+        (ANALYSED, [pneumothorax(0.9)]),
+        (ANALYSED, [effusion(0.9)]),
+        (ANALYSED, []),
+        (StudyFacts(NOW, analysis_status="failed"), []),
+    ]
+    for study, findings in cases:
+        priority = prioritise(study, findings, NOW)
+        assert study.received_at <= priority.due_at <= study.received_at + MAX_WAIT[priority.tier]
+        later = prioritise(study, findings, NOW + timedelta(hours=3))
+        assert later.due_at == priority.due_at
+
+
+def test_later_critical_study_is_due_before_earlier_routine_one() -> None:
+    routine = prioritise(
+        StudyFacts(NOW - timedelta(minutes=20), analysis_status="analysed"), [], NOW
+    )
+    critical = prioritise(StudyFacts(NOW, analysis_status="analysed"), [pneumothorax(0.8)], NOW)
+    stat = prioritise(StudyFacts(NOW + timedelta(minutes=1), requested_priority="STAT"), [], NOW)
+    assert stat.due_at < routine.due_at
+    assert critical.due_at < routine.due_at
+
+
+# Selection rules -------------------------------------------------------------------------
+
+CXR = ImageFacts(
+    modality="DX", body_part="CHEST", view="PA", sop_class_uid="1.2.840.10008.5.1.4.1.1.1.1"
+)
+
+
+def card(name: str, **rules: list[str]) -> ModelCard:
+    return ModelCard.model_validate(
+        {
+            "model": {"name": name, "version": "1", "task": "classification", "onnx": "x.onnx"},
+            "input": {"shape": [1, 8, 8]},
+            "outputs": [{"name": "probability", "kind": "probabilities"}],
+            "select": rules,
+        }
+    )
+
+
+def test_empty_rules_admit_everything() -> None:
+    assert rules_match(SelectionRules(), CXR)
+    assert rules_match(SelectionRules(), ImageFacts("", "", "", ""))
+
+
+def test_rules_are_case_insensitive() -> None:
+    rules = SelectionRules(modalities=["dx", "cr"], body_parts=["Chest"], views=["pa", "ap"])
+    assert rules_match(rules, CXR)
+    assert rules_match(rules, ImageFacts("cr", "chest", "Ap", ""))
+    ds = Dataset()
+    ds.Modality = "DX"
+    ds.BodyPartExamined = "CHEST"
+    ds.ViewPosition = "PA"
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
+    assert rules_match(rules, image_facts(ds))
+
+
+def test_non_matching_rule_rejects() -> None:
+    assert not rules_match(SelectionRules(modalities=["CT"]), CXR)
+    assert not rules_match(SelectionRules(modalities=["DX"], views=["LATERAL"]), CXR)
+    assert not rules_match(SelectionRules(body_parts=["HEAD"]), CXR)
+    assert not rules_match(SelectionRules(sop_classes=["1.2.840.10008.5.1.4.1.1.2"]), CXR)
+    assert rules_match(SelectionRules(sop_classes=[CXR.sop_class_uid]), CXR)
+
+
+def test_select_models_keeps_only_matching_cards() -> None:
+    cards = [
+        card("any"),
+        card("chest-dx", modalities=["DX"], body_parts=["CHEST"]),
+        card("head-ct", modalities=["CT"], body_parts=["HEAD"]),
+        card("lateral", views=["LL"]),
+    ]
+    assert [c.model.name for c in select_models(cards, CXR)] == ["any", "chest-dx"]
+    assert select_models([], CXR) == []

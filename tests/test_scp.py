@@ -1,0 +1,204 @@
+"""The Storage SCP in-process on a real socket, with pynetdicom as the sending modality."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from conftest import free_port, wait_for
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicomnode.config import Settings
+from dicomnode.db.models import Instance, Study
+from dicomnode.db.session import as_utc
+from dicomnode.ingest.scp import StorageSCP
+
+PREFIX = "1.2.826.0.1.3680043.8.498."
+
+
+def secondary_capture(
+    study_uid: str | None = None, series_uid: str | None = None, sop_uid: str | None = None
+) -> Dataset:
+    """A small valid Secondary Capture image (8x8, 8 bit) with file meta."""
+    sop_uid = sop_uid or generate_uid(PREFIX)
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = SecondaryCaptureImageStorage
+    ds.SOPInstanceUID = sop_uid
+    ds.StudyInstanceUID = study_uid or generate_uid(PREFIX)
+    ds.SeriesInstanceUID = series_uid or generate_uid(PREFIX)
+    ds.PatientName = "Test^Patient"
+    ds.PatientID = "PAT-SCP"
+    ds.AccessionNumber = "ACC-SCP"
+    ds.StudyDate = "20240501"
+    ds.Modality = "OT"
+    ds.ConversionType = "WSD"
+    ds.InstanceNumber = 1
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows = ds.Columns = 8
+    ds.BitsAllocated = ds.BitsStored = 8
+    ds.HighBit = 7
+    ds.PixelRepresentation = 0
+    ds.PixelData = np.arange(64, dtype=np.uint8).tobytes()
+    return ds
+
+
+class Node:
+    def __init__(self, scp: StorageSCP, sessions: sessionmaker[Session], storage: Path):
+        self.scp = scp
+        self.sessions = sessions
+        self.storage = storage
+        self.port = scp.settings.node.port
+
+    def associate(self, calling_ae: str = "MODALITY"):
+        ae = AE(ae_title=calling_ae)
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
+        ae.add_requested_context(Verification)
+        ae.add_requested_context(SecondaryCaptureImageStorage, ExplicitVRLittleEndian)
+        return ae.associate("127.0.0.1", self.port, ae_title="DICOMNODE")
+
+    def store(self, ds: Dataset, calling_ae: str = "MODALITY") -> int:
+        assoc = self.associate(calling_ae)
+        assert assoc.is_established
+        try:
+            status = assoc.send_c_store(ds)
+        finally:
+            assoc.release()
+        return status.Status
+
+    def instances(self, sop_uid: str) -> int:
+        with self.sessions() as session:
+            return session.scalar(select(func.count()).where(Instance.sop_instance_uid == sop_uid))
+
+    def ready_at(self, study_uid: str) -> datetime:
+        with self.sessions() as session:
+            return as_utc(
+                session.scalars(
+                    select(Study.ready_at).where(Study.study_instance_uid == study_uid)
+                ).one()
+            )
+
+
+def start_node(tmp_path: Path, sessions: sessionmaker[Session], **extra) -> Iterator[Node]:
+    storage = tmp_path / "node" / "storage"
+    settings = Settings.model_validate(
+        {
+            "node": {"ae_title": "DICOMNODE", "host": "127.0.0.1", "port": free_port()},
+            "storage": {"path": str(storage)},
+            "assembly": {"quiet_seconds": 60.0},
+            **extra,
+        }
+    )
+    scp = StorageSCP(settings, sessions)
+    scp.start()
+    try:
+        yield Node(scp, sessions, storage)
+    finally:
+        scp.stop()
+
+
+@pytest.fixture
+def node(tmp_path: Path, sessions: sessionmaker[Session]) -> Iterator[Node]:
+    yield from start_node(tmp_path, sessions)
+
+
+def test_echo(node: Node) -> None:
+    assoc = node.associate()
+    assert assoc.is_established
+    try:
+        assert assoc.send_c_echo().Status == 0x0000
+    finally:
+        assoc.release()
+
+
+def test_store_writes_file_and_row_once(node: Node) -> None:
+    ds = secondary_capture()
+    assert node.store(ds) == 0x0000
+
+    path = node.storage / ds.StudyInstanceUID / ds.SeriesInstanceUID / f"{ds.SOPInstanceUID}.dcm"
+    assert path.is_file()
+    received = pydicom.dcmread(path)
+    assert received == ds
+    assert received.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+    assert received.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
+    assert node.instances(ds.SOPInstanceUID) == 1
+    with node.sessions() as session:
+        row = session.scalars(select(Instance)).one()
+        assert row.path == str(path)
+        assert row.size_bytes == path.stat().st_size
+        assert row.calling_ae == "MODALITY"
+    first = path.read_bytes()
+
+    # The same instance again: success, one row, the first copy kept.
+    assert node.store(ds) == 0x0000
+    assert node.instances(ds.SOPInstanceUID) == 1
+    assert path.read_bytes() == first
+    assert [p for p in node.storage.rglob("*") if p.is_file()] == [path]
+
+
+@pytest.mark.parametrize("field", ["SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID"])
+def test_path_traversal_uid_is_refused(
+    node: Node, tmp_path: Path, field: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # pynetdicom would refuse to send a non-conformant UID; a hostile sender would not.
+    from pynetdicom import _config
+
+    monkeypatch.setattr(_config, "ENFORCE_UID_CONFORMANCE", False)
+    ds = secondary_capture()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        setattr(ds, field, "../evil")
+        if field == "SOPInstanceUID":
+            ds.file_meta.MediaStorageSOPInstanceUID = "../evil"
+        status = node.store(ds)
+    assert 0xC000 <= status <= 0xCFFF, hex(status)
+    assert not [p for p in tmp_path.rglob("*") if "evil" in p.name]
+    assert not [p for p in node.storage.rglob("*") if p.is_file()]
+    with node.sessions() as session:
+        assert session.scalar(select(func.count()).select_from(Instance)) == 0
+
+
+def test_unknown_calling_ae_is_rejected(tmp_path: Path, sessions: sessionmaker[Session]) -> None:
+    peers = {"peers": [{"ae_title": "CT01"}, {"ae_title": "DX01", "host": "192.0.2.21"}]}
+    for node in start_node(tmp_path, sessions, **peers):
+        stranger = node.associate("INTRUDER")
+        assert stranger.is_rejected
+        # A known title from an address other than its configured host is a stranger too.
+        wrong_host = node.associate("DX01")
+        assert wrong_host.is_rejected
+        known = node.associate("CT01")
+        assert known.is_established
+        known.release()
+        ds = secondary_capture()
+        assert node.store(ds, calling_ae="CT01") == 0x0000
+        assert node.instances(ds.SOPInstanceUID) == 1
+
+
+def test_release_pushes_ready_at(node: Node) -> None:
+    ds = secondary_capture()
+    assoc = node.associate()
+    assert assoc.is_established
+    assert assoc.send_c_store(ds).Status == 0x0000
+    stored_deadline = node.ready_at(ds.StudyInstanceUID)
+    assoc.release()
+    pushed = wait_for(
+        lambda: node.ready_at(ds.StudyInstanceUID) > stored_deadline,
+        timeout=10,
+        interval=0.05,
+        what="ready_at to move after the association released",
+    )
+    assert pushed
