@@ -4,7 +4,18 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import JSON, DateTime, Float, ForeignKey, Index, Integer, String, Text
+from sqlalchemy import (
+    JSON,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    false,
+    text,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
@@ -45,6 +56,16 @@ class Study(Base):
     due_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     # waiting | ready | in_progress | reported
     reading_status: Mapped[str] = mapped_column(String(16), default="waiting")
+    # Who is reading the study (in_progress) and who reported it, with when.
+    claimed_by: Mapped[str] = mapped_column(String(64), default="", server_default="")
+    claimed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    reported_by: Mapped[str] = mapped_column(String(64), default="", server_default="")
+    reported_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    # Manual priority override by a radiologist ("" = none): tier, why, who, when.
+    override_tier: Mapped[str] = mapped_column(String(16), default="", server_default="")
+    override_reason: Mapped[str] = mapped_column(Text, default="", server_default="")
+    override_by: Mapped[str] = mapped_column(String(64), default="", server_default="")
+    override_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
     series: Mapped[list[Series]] = relationship(back_populates="study", cascade="all")
     findings: Mapped[list[FindingRow]] = relationship(back_populates="study", cascade="all")
@@ -53,6 +74,15 @@ class Study(Base):
     __table_args__ = (
         Index("ix_studies_reading_order", "reading_status", "due_at"),
         Index("ix_studies_assembly", "analysis_status", "ready_at"),
+        # The open worklist in reading order: a partial index, so that 100,000 reported
+        # studies cost nothing and LIMIT stops early instead of sorting.
+        Index(
+            "ix_studies_open_due",
+            "due_at",
+            "id",
+            sqlite_where=text("reading_status != 'reported'"),
+            postgresql_where=text("reading_status != 'reported'"),
+        ),
     )
 
 
@@ -157,5 +187,35 @@ class AuditEntry(Base):
     at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
     actor: Mapped[str] = mapped_column(String(64))
     action: Mapped[str] = mapped_column(String(32))
-    study_instance_uid: Mapped[str] = mapped_column(UID, default="")
+    study_instance_uid: Mapped[str] = mapped_column(UID, default="", index=True)
     detail: Mapped[str] = mapped_column(Text, default="")
+    # Why (a manual override's reason); what is in detail.
+    reason: Mapped[str] = mapped_column(Text, default="", server_default="")
+
+
+class User(Base):
+    """A local web user: radiologist or admin, with an Argon2id password hash."""
+
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    username: Mapped[str] = mapped_column(String(64), unique=True)
+    role: Mapped[str] = mapped_column(String(16))  # radiologist | admin
+    password_hash: Mapped[str] = mapped_column(String(256))
+    disabled: Mapped[bool] = mapped_column(default=False, server_default=false())
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class ApiToken(Base):
+    """An opaque bearer or session token; only its SHA-256 is stored."""
+
+    __tablename__ = "api_tokens"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    kind: Mapped[str] = mapped_column(String(16))  # api | session
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+    user: Mapped[User] = relationship()
