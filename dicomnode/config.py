@@ -6,7 +6,14 @@ import ipaddress
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
 
 from dicomnode.tomlfile import ConfigError, load_toml
 
@@ -85,6 +92,65 @@ class Peer(_Section):
         return value
 
 
+TierName = Literal["stat", "critical", "urgent", "routine"]
+
+
+class MaxWaitMinutes(_Section):
+    """Longest wait per tier; a higher tier may not wait longer than a lower one."""
+
+    stat: float = Field(default=15.0, ge=0)
+    critical: float = Field(default=15.0, ge=0)
+    urgent: float = Field(default=120.0, ge=0)
+    routine: float = Field(default=240.0, ge=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> MaxWaitMinutes:
+        if not self.stat <= self.critical <= self.urgent <= self.routine:
+            raise ValueError("max waits must not decrease from stat to critical, urgent, routine")
+        return self
+
+
+class WorklistSettings(_Section):
+    max_wait_minutes: MaxWaitMinutes = MaxWaitMinutes()
+    stat_priorities: list[str] = ["STAT"]
+    urgent_priorities: list[str] = ["HIGH"]
+    urgent_locations: list[str] = []
+    thresholds: dict[str, Annotated[float, Field(ge=0, le=1)]] = {}
+    critical_findings: list[str] = []
+    non_critical_findings: list[str] = []
+
+
+class NotifySettings(_Section):
+    webhook_enabled: bool = False
+    webhook_url: str = ""
+    webhook_headers: dict[str, str] = {}
+    webhook_timeout_seconds: float = Field(default=10.0, gt=0)
+    hl7_enabled: bool = False
+    hl7_host: str = ""
+    hl7_port: Port = 2575
+    hl7_timeout_seconds: float = Field(default=10.0, gt=0)
+    hl7_sending_application: str = "DICOMNODE"
+    hl7_sending_facility: str = ""
+    hl7_receiving_application: str = ""
+    hl7_receiving_facility: str = ""
+    max_attempts: int = Field(default=10, ge=1)
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if value and not value.startswith(("http://", "https://")):
+            raise ValueError("webhook_url must start with http:// or https://")
+        return value
+
+    @model_validator(mode="after")
+    def _endpoints_when_enabled(self) -> NotifySettings:
+        if self.webhook_enabled and not self.webhook_url:
+            raise ValueError("webhook_enabled = true needs a webhook_url")
+        if self.hl7_enabled and not self.hl7_host:
+            raise ValueError("hl7_enabled = true needs an hl7_host")
+        return self
+
+
 class Settings(_Section):
     node: NodeSettings = NodeSettings()
     storage: StorageSettings = StorageSettings()
@@ -93,6 +159,8 @@ class Settings(_Section):
     assembly: AssemblySettings = AssemblySettings()
     worker: WorkerSettings = WorkerSettings()
     models: ModelsSettings = ModelsSettings()
+    worklist: WorklistSettings = WorklistSettings()
+    notify: NotifySettings = NotifySettings()
     destinations: list[Destination] = []
     peers: list[Peer] = []
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

@@ -1,6 +1,16 @@
-"""Reading priority: (study facts, AI findings, now) -> tier, score, UPS priority, reason.
+"""Reading priority: (study facts, AI findings, now, settings) -> tier, due time, reason.
 
-Pure: no database, no clock. The live worklist and any simulation call this one function.
+Pure: no database, no clock. The live worklist and ``dicomnode simulate`` call this one
+function, so the simulation measures the policy the radiologists get.
+
+Ordering is earliest deadline first. Each study is due at its arrival plus the max wait
+of its tier, and the worklist reads the earliest due first. A critical study therefore
+goes ahead of every routine study that arrived less than (routine - critical max wait)
+before it, and behind the older ones: a routine study that has waited that long has aged
+past any new critical study. That difference, the head start, is the most a critical
+study can gain over a routine one, which is what keeps routine waits bounded (AI triage
+otherwise pushes routine studies back without limit). The due time never changes as time
+passes, so the ordered worklist needs no periodic recomputation.
 """
 
 from __future__ import annotations
@@ -8,7 +18,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-# Tier name -> rank (read lower ranks first) and DICOM UPS priority.
+from dicomnode.config import WorklistSettings
+
+DEFAULT_SETTINGS = WorklistSettings()
+
+# Tier name -> rank (read lower ranks first when equally due) and DICOM UPS priority.
 TIERS: dict[str, tuple[int, str]] = {
     "stat": (0, "HIGH"),
     "critical": (1, "HIGH"),
@@ -17,21 +31,25 @@ TIERS: dict[str, tuple[int, str]] = {
 }
 
 
-# Tier name -> longest a study of that tier should wait before it is read.
-MAX_WAIT: dict[str, timedelta] = {
-    "stat": timedelta(minutes=15),
-    "critical": timedelta(minutes=30),
-    "urgent": timedelta(hours=4),
-    "routine": timedelta(hours=24),
-}
+def max_waits(settings: WorklistSettings = DEFAULT_SETTINGS) -> dict[str, timedelta]:
+    """Tier name -> longest a study of that tier should wait before it is read."""
+    minutes = settings.max_wait_minutes
+    return {tier: timedelta(minutes=getattr(minutes, tier)) for tier in TIERS}
+
+
+# The default max waits, for callers that do not read the configuration.
+MAX_WAIT: dict[str, timedelta] = max_waits()
 
 
 @dataclass(frozen=True)
 class StudyFacts:
     received_at: datetime
     modality: str = ""
-    # Ordering priority from the request (e.g. RequestedProcedurePriority "STAT").
+    # Ordering priority from the request (RequestedProcedurePriority / ReportingPriority).
     requested_priority: str = ""
+    # Where the patient is (e.g. "ED", "ICU"), when the request says.
+    patient_location: str = ""
+    # receiving | queued | analysing | analysed | failed
     analysis_status: str = "queued"
 
 
@@ -63,33 +81,97 @@ def _describe(finding: FindingFact) -> str:
     return f"{finding.meaning} {finding.probability:.0%}"
 
 
-def prioritise(study: StudyFacts, findings: list[FindingFact], now: datetime) -> Priority:
-    """Tier from the most severe present finding; score orders studies within a tier.
+def _upper(values: list[str]) -> set[str]:
+    return {value.strip().upper() for value in values}
 
-    Within a tier the most confident finding comes first; studies without findings keep
-    arrival order (score 0, ties broken by arrival time by the worklist query).
+
+def apply_overrides(findings: list[FindingFact], settings: WorklistSettings) -> list[FindingFact]:
+    """Findings with the site's thresholds and criticality in place of the model card's."""
+    critical = _upper(settings.critical_findings)
+    non_critical = _upper(settings.non_critical_findings)
+    thresholds = {name.strip().upper(): value for name, value in settings.thresholds.items()}
+    adjusted = []
+    for finding in findings:
+        name = finding.meaning.strip().upper()
+        is_critical = finding.critical
+        if name in critical:
+            is_critical = True
+        elif name in non_critical:
+            is_critical = False
+        adjusted.append(
+            FindingFact(
+                finding.meaning,
+                finding.probability,
+                thresholds.get(name, finding.threshold),
+                is_critical,
+            )
+        )
+    return adjusted
+
+
+def _order_tier(study: StudyFacts, settings: WorklistSettings) -> tuple[str, str] | None:
+    """Tier and reason that the request itself asks for (ordering priority, location)."""
+    requested = study.requested_priority.strip().upper()
+    location = study.patient_location.strip().upper()
+    if requested and requested in _upper(settings.stat_priorities):
+        return "stat", f"ordered {requested}"
+    if requested and requested in _upper(settings.urgent_priorities):
+        return "urgent", f"ordered {requested}"
+    if location and location in _upper(settings.urgent_locations):
+        return "urgent", f"patient in {study.patient_location.strip()}"
+    return None
+
+
+def _routine_reason(analysis_status: str) -> str:
+    if analysis_status == "analysed":
+        return "AI: no finding above threshold"
+    if analysis_status == "failed":
+        return "AI analysis failed; read in arrival order"
+    return "awaiting AI analysis"
+
+
+def prioritise(
+    study: StudyFacts,
+    findings: list[FindingFact],
+    now: datetime,
+    settings: WorklistSettings = DEFAULT_SETTINGS,
+) -> Priority:
+    """Tier from the order and the most severe present finding; due at arrival + max wait.
+
+    A pending or failed analysis only ever lacks findings, and a study without findings is
+    routine (or what its order asks for), so it is never placed below a routine study of the
+    same arrival. ``now`` is accepted for a shared signature: the result does not depend on
+    it, which is what lets the worklist keep one stored, time-invariant ordering key.
     """
-    del now  # Aging arrives with the configurable policy; ordering is by arrival meanwhile.
-    present = sorted((f for f in findings if f.present), key=lambda f: -f.probability)
+    del now
+    present = sorted(
+        (f for f in apply_overrides(findings, settings) if f.present),
+        key=lambda f: -f.probability,
+    )
     critical = [f for f in present if f.critical]
-    if study.requested_priority.upper() == "STAT":
-        tier, reason = "stat", "ordered STAT"
-        if present:
-            reason += "; AI: " + ", ".join(_describe(f) for f in present)
-    elif critical:
-        tier, reason = "critical", "AI critical: " + ", ".join(_describe(f) for f in critical)
+    ordered = _order_tier(study, settings)
+    found: tuple[str, str] | None = None
+    if critical:
+        found = "critical", "AI critical: " + ", ".join(map(_describe, critical))
     elif present:
-        tier, reason = "urgent", "AI finding: " + ", ".join(_describe(f) for f in present)
+        found = "urgent", "AI finding: " + ", ".join(map(_describe, present))
+    if ordered and (found is None or TIERS[ordered[0]][0] <= TIERS[found[0]][0]):
+        tier, reason = ordered
+        if present:
+            reason += "; AI: " + ", ".join(map(_describe, present))
+    elif found:
+        tier, reason = found
+        if ordered:
+            reason += f"; {ordered[1]}"
     else:
-        tier = "routine"
-        if study.analysis_status == "analysed":
-            reason = "AI: no finding above threshold"
-        elif study.analysis_status == "failed":
-            reason = "AI analysis failed; read in arrival order"
-        else:
-            reason = "awaiting AI analysis"
+        tier, reason = "routine", _routine_reason(study.analysis_status)
     rank, ups = TIERS[tier]
     score = max((f.probability for f in (critical or present)), default=0.0)
     return Priority(
-        tier=tier, tier_rank=rank, score=round(score, 6), ups_priority=ups, reason=reason
+        tier=tier,
+        tier_rank=rank,
+        score=round(score, 6),
+        ups_priority=ups,
+        reason=reason,
+        due_at=study.received_at + max_waits(settings)[tier],
     )
