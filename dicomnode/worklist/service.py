@@ -1,20 +1,58 @@
-"""The reading worklist in the database: re-prioritise studies, list them in reading order."""
+"""The reading worklist in the database: priorities, reading order, claim/release/complete,
+manual overrides; every change is written to the audit log in the same transaction."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from datetime import datetime
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
 
-from sqlalchemy import select
+from sqlalchemy import ColumnElement, and_, func, select, text
 from sqlalchemy.orm import Session, selectinload
 
+from dicomnode.config import WorklistSettings
 from dicomnode.db.models import Study
 from dicomnode.db.session import as_utc
-from dicomnode.worklist.policy import FindingFact, StudyFacts, prioritise
+from dicomnode.worklist import audit
+from dicomnode.worklist.policy import (
+    DEFAULT_SETTINGS,
+    TIERS,
+    FindingFact,
+    Priority,
+    StudyFacts,
+    max_waits,
+    prioritise,
+)
+
+READING_STATUSES = ("waiting", "ready", "in_progress", "reported")
+# Exactly the partial index's condition (ix_studies_open_due), as literal SQL: SQLite uses a
+# partial index only when the query repeats its WHERE term, and a bound parameter does not.
+OPEN = text("studies.reading_status != 'reported'")
 
 
-def reprioritise(session: Session, study: Study, now: datetime) -> None:
-    """Apply the policy to a study's current findings (the caller commits)."""
+class WorklistError(Exception):
+    """A worklist action that cannot be done now; the message says why and what to do."""
+
+
+class StudyNotFound(WorklistError):
+    """No study with that Study Instance UID."""
+
+
+class ClaimConflict(WorklistError):
+    """Someone else is reading the study."""
+
+
+class InvalidRequest(WorklistError):
+    """The request itself is wrong (unknown tier, missing reason)."""
+
+
+def reprioritise(
+    session: Session,
+    study: Study,
+    now: datetime,
+    settings: WorklistSettings = DEFAULT_SETTINGS,
+) -> None:
+    """Apply the policy and any manual override to a study (the caller commits)."""
     facts = StudyFacts(
         received_at=as_utc(study.received_at),
         modality=study.modality,
@@ -23,13 +61,157 @@ def reprioritise(session: Session, study: Study, now: datetime) -> None:
     findings = [
         FindingFact(f.code_meaning, f.probability, f.threshold, f.critical) for f in study.findings
     ]
-    priority = prioritise(facts, findings, now)
+    priority = prioritise(facts, findings, now, settings)
+    priority = _with_override(study, priority, max_waits(settings))
     study.tier = priority.tier
     study.tier_rank = priority.tier_rank
     study.score = priority.score
     study.ups_priority = priority.ups_priority
     study.reason = priority.reason
     study.due_at = priority.due_at
+    if study.reading_status in ("waiting", "ready"):
+        study.reading_status = _unclaimed_status(study)
+
+
+def _with_override(study: Study, priority: Priority, waits: dict[str, timedelta]) -> Priority:
+    """A radiologist's override wins over the AI until cleared; due by the tier's max wait."""
+    if not study.override_tier:
+        return priority
+    tier = study.override_tier
+    rank, ups = TIERS[tier]
+    return replace(
+        priority,
+        tier=tier,
+        tier_rank=rank,
+        ups_priority=ups,
+        reason=f"override by {study.override_by}: {study.override_reason} ({priority.reason})",
+        due_at=as_utc(study.received_at) + waits[tier],
+    )
+
+
+def _unclaimed_status(study: Study) -> str:
+    return "ready" if study.analysis_status in ("analysed", "failed") else "waiting"
+
+
+def _study(session: Session, study_instance_uid: str, *, lock: bool = False) -> Study:
+    query = select(Study).where(Study.study_instance_uid == study_instance_uid)
+    if lock:
+        # Two radiologists claiming at once: the second waits, then sees the first's claim.
+        # (SQLite has no row locks; its BEGIN IMMEDIATE serialises writers already.)
+        query = query.with_for_update()
+    study = session.scalars(
+        query.options(selectinload(Study.findings), selectinload(Study.results))
+    ).one_or_none()
+    if study is None:
+        raise StudyNotFound(f"no study with Study Instance UID {study_instance_uid}")
+    return study
+
+
+def _not_reported(study: Study) -> None:
+    if study.reading_status == "reported":
+        raise WorklistError(
+            f"study {study.study_instance_uid} was already reported by {study.reported_by}"
+        )
+
+
+def claim(session: Session, study_instance_uid: str, username: str, now: datetime) -> Study:
+    """Mark the study as being read by ``username`` (idempotent for the same reader); commits."""
+    study = _study(session, study_instance_uid, lock=True)
+    _not_reported(study)
+    if study.claimed_by == username and study.reading_status == "in_progress":
+        return study
+    if study.reading_status == "in_progress":
+        raise ClaimConflict(
+            f"study {study_instance_uid} is being read by {study.claimed_by} since "
+            f"{as_utc(study.claimed_at):%Y-%m-%d %H:%M} UTC; ask them or an admin to release it"
+        )
+    study.reading_status = "in_progress"
+    study.claimed_by = username
+    study.claimed_at = now
+    audit.record(session, username, "claim", now, study_instance_uid=study_instance_uid)
+    session.commit()
+    return study
+
+
+def release(
+    session: Session, study_instance_uid: str, username: str, now: datetime, *, force: bool = False
+) -> Study:
+    """Give a claimed study back to the list; only its reader may, or anyone with ``force``."""
+    study = _study(session, study_instance_uid, lock=True)
+    _not_reported(study)
+    if study.reading_status != "in_progress":
+        raise WorklistError(f"study {study_instance_uid} is not claimed by anyone")
+    if study.claimed_by != username and not force:
+        raise ClaimConflict(
+            f"study {study_instance_uid} is claimed by {study.claimed_by}, not by you; "
+            "only they or an admin can release it"
+        )
+    detail = f"released claim of {study.claimed_by}"
+    study.reading_status = _unclaimed_status(study)
+    study.claimed_by = ""
+    study.claimed_at = None
+    audit.record(
+        session, username, "release", now, study_instance_uid=study_instance_uid, detail=detail
+    )
+    session.commit()
+    return study
+
+
+def complete(session: Session, study_instance_uid: str, username: str, now: datetime) -> Study:
+    """Mark the study reported by ``username``; it leaves the worklist; commits."""
+    study = _study(session, study_instance_uid, lock=True)
+    _not_reported(study)
+    if study.reading_status == "in_progress" and study.claimed_by != username:
+        raise ClaimConflict(
+            f"study {study_instance_uid} is being read by {study.claimed_by}; "
+            "only they can complete it"
+        )
+    detail = "" if study.claimed_by == username else "completed without a claim"
+    study.reading_status = "reported"
+    study.claimed_by = username
+    study.claimed_at = study.claimed_at or now
+    study.reported_by = username
+    study.reported_at = now
+    audit.record(
+        session, username, "complete", now, study_instance_uid=study_instance_uid, detail=detail
+    )
+    session.commit()
+    return study
+
+
+def override(
+    session: Session,
+    study_instance_uid: str,
+    username: str,
+    tier: str | None,
+    reason: str,
+    now: datetime,
+) -> Study:
+    """Set (or with ``tier`` None clear) a manual priority tier, with the reason; commits."""
+    if tier is not None and tier not in TIERS:
+        raise InvalidRequest(f"tier {tier!r} is not one of {', '.join(TIERS)}")
+    reason = reason.strip()
+    if not reason:
+        raise InvalidRequest("a manual priority override needs a reason")
+    study = _study(session, study_instance_uid, lock=True)
+    _not_reported(study)
+    before = study.tier
+    study.override_tier = tier or ""
+    study.override_reason = reason if tier else ""
+    study.override_by = username if tier else ""
+    study.override_at = now if tier else None
+    reprioritise(session, study, now)
+    audit.record(
+        session,
+        username,
+        "override" if tier else "clear_override",
+        now,
+        study_instance_uid=study_instance_uid,
+        detail=f"tier {before} -> {study.tier}",
+        reason=reason,
+    )
+    session.commit()
+    return study
 
 
 @dataclass
@@ -44,50 +226,121 @@ class WorklistFinding:
 
 
 @dataclass
+class WorklistResult:
+    kind: str
+    sop_instance_uid: str
+    series_instance_uid: str
+    model: str
+
+
+@dataclass
 class WorklistRow:
     study_instance_uid: str
     accession_number: str
     patient_id: str
     patient_name: str
     modality: str
+    study_description: str
     priority: str
     ups_priority: str
     score: float
     reason: str
     received_at: datetime
+    due_at: datetime
     status: str
     analysis_status: str
+    claimed_by: str
+    claimed_at: datetime | None
+    reported_by: str
+    reported_at: datetime | None
+    override_tier: str
+    override_reason: str
+    override_by: str
     findings: list[WorklistFinding] = field(default_factory=list)
-    results: list[dict] = field(default_factory=list)
+    results: list[WorklistResult] = field(default_factory=list)
 
 
-def reading_order(session: Session, limit: int = 200, offset: int = 0) -> list[WorklistRow]:
-    """Unreported studies in the order radiologists should read them (earliest due first)."""
+def _where(
+    modality: Sequence[str], tier: Sequence[str], status: Sequence[str]
+) -> ColumnElement[bool]:
+    conditions: list[ColumnElement[bool]] = []
+    if status:
+        conditions.append(Study.reading_status.in_(status))
+    else:
+        conditions.append(OPEN)
+    if modality:
+        conditions.append(Study.modality.in_([m.upper() for m in modality]))
+    if tier:
+        conditions.append(Study.tier.in_(tier))
+    return and_(*conditions)
+
+
+def reading_order(
+    session: Session,
+    limit: int = 200,
+    offset: int = 0,
+    *,
+    modality: Sequence[str] = (),
+    tier: Sequence[str] = (),
+    status: Sequence[str] = (),
+) -> list[WorklistRow]:
+    """Studies in the order radiologists should read them (earliest due first).
+
+    Without ``status``, the open worklist: every study not yet reported.
+    """
     studies = session.scalars(
         select(Study)
-        .where(Study.reading_status != "reported")
+        .where(_where(modality, tier, status))
         .order_by(Study.due_at, Study.id)
         .limit(limit)
         .offset(offset)
         .options(selectinload(Study.findings), selectinload(Study.results))
     ).all()
-    return [_row(study) for study in studies]
+    return [worklist_row(study) for study in studies]
 
 
-def _row(study: Study) -> WorklistRow:
+def count(
+    session: Session,
+    *,
+    modality: Sequence[str] = (),
+    tier: Sequence[str] = (),
+    status: Sequence[str] = (),
+) -> int:
+    """How many studies ``reading_order`` with the same filters would page through."""
+    return session.scalar(
+        select(func.count()).select_from(Study).where(_where(modality, tier, status))
+    )
+
+
+def study_row(session: Session, study_instance_uid: str) -> WorklistRow:
+    """One study as a worklist row, reported or not."""
+    return worklist_row(_study(session, study_instance_uid))
+
+
+def worklist_row(study: Study) -> WorklistRow:
+    """A study with its findings and results loaded, as the worklist shows it."""
     return WorklistRow(
         study_instance_uid=study.study_instance_uid,
         accession_number=study.accession_number,
         patient_id=study.patient_id,
         patient_name=study.patient_name,
         modality=study.modality,
+        study_description=study.study_description,
         priority=study.tier,
         ups_priority=study.ups_priority,
         score=study.score,
         reason=study.reason,
         received_at=as_utc(study.received_at),
+        due_at=as_utc(study.due_at),
         status=study.reading_status,
         analysis_status=study.analysis_status,
+        claimed_by=study.claimed_by,
+        claimed_at=as_utc(study.claimed_at) if study.claimed_at else None,
+        reported_by=study.reported_by,
+        reported_at=as_utc(study.reported_at) if study.reported_at else None,
+        override_tier=study.override_tier,
+        override_reason=study.override_reason,
+        override_by=study.override_by,
         findings=[
             WorklistFinding(
                 code=f.code_value,
@@ -101,12 +354,12 @@ def _row(study: Study) -> WorklistRow:
             for f in sorted(study.findings, key=lambda f: -f.probability)
         ],
         results=[
-            {
-                "kind": r.kind,
-                "sop_instance_uid": r.sop_instance_uid,
-                "series_instance_uid": r.series_instance_uid,
-                "model": f"{r.model_name} {r.model_version}",
-            }
-            for r in study.results
+            WorklistResult(
+                kind=r.kind,
+                sop_instance_uid=r.sop_instance_uid,
+                series_instance_uid=r.series_instance_uid,
+                model=f"{r.model_name} {r.model_version}",
+            )
+            for r in sorted(study.results, key=lambda r: (r.kind != "sr", r.id))
         ],
     )
