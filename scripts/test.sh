@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Install what the test suite needs and run all of it.
-#  - Debian packages (dcmtk, dicom3tools) through apt-get when running as root;
+#  - Debian packages (dcmtk, dicom3tools, chromium for the browser tests) through apt-get when running as root;
 #  - a virtual environment in .venv with dicomnode and its [dev] extra;
 #  - PostgreSQL at 127.0.0.1:5432 (database "test", trust auth) is used when reachable;
 #    on CI it must be (set DICOMNODE_TEST_POSTGRES to point elsewhere).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(dcmtk dicom3tools)
+APT_PACKAGES=(dcmtk dicom3tools chromium)
 missing=()
 for package in "${APT_PACKAGES[@]}"; do
   dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")
