@@ -233,6 +233,46 @@ def cmd_db(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_password(args: argparse.Namespace) -> str:
+    import getpass
+
+    if args.password_stdin:
+        return sys.stdin.readline().rstrip("\r\n")
+    password = getpass.getpass(f"password for {args.name}: ")
+    if getpass.getpass("again: ") != password:
+        raise SystemExit("passwords differ; nothing changed")
+    return password
+
+
+def cmd_users(args: argparse.Namespace) -> int:
+    from datetime import timedelta
+
+    from dicomnode.db.session import utcnow
+    from dicomnode.users import UserError, add_user, issue_token, list_users
+
+    settings = _settings(args)
+    with _database(settings)() as session:
+        try:
+            if args.users_command == "add":
+                add_user(session, args.name, args.role, _read_password(args), utcnow())
+                session.commit()
+                print(f"added {args.role} {args.name}")
+            elif args.users_command == "token":
+                lifetime = timedelta(days=args.days) if args.days else None
+                token = issue_token(session, args.name, utcnow(), lifetime=lifetime)
+                session.commit()
+                # The token goes to stdout only, never to the log; it is not stored in clear.
+                print(token)
+            else:
+                for user in list_users(session):
+                    state = " (disabled)" if user.disabled else ""
+                    print(f"{user.username:<24} {user.role}{state}")
+        except UserError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dicomnode", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -281,6 +321,24 @@ def build_parser() -> argparse.ArgumentParser:
     db = with_config(commands.add_parser("db", help="database maintenance"))
     db.add_argument("db_command", choices=["upgrade"])
     db.set_defaults(func=cmd_db)
+
+    users = commands.add_parser("users", help="local web users and API tokens")
+    users_commands = users.add_subparsers(dest="users_command", required=True)
+    users_add = with_config(users_commands.add_parser("add", help="add a user"))
+    users_add.add_argument("name")
+    users_add.add_argument("--role", choices=["radiologist", "admin"], required=True)
+    users_add.add_argument(
+        "--password-stdin", action="store_true", help="read the password from standard input"
+    )
+    users_token = with_config(
+        users_commands.add_parser("token", help="print a new API bearer token for a user")
+    )
+    users_token.add_argument("name")
+    users_token.add_argument(
+        "--days", type=float, default=30, help="valid for this many days; 0 = no expiry"
+    )
+    with_config(users_commands.add_parser("list", help="list users and roles"))
+    users.set_defaults(func=cmd_users)
     return parser
 
 

@@ -1,60 +1,34 @@
-"""The radiologists' web side: worklist page, REST API (OpenAPI at /docs), health."""
+"""The radiologists' web side: worklist page, REST API (schema at /openapi.json), health."""
 
 from __future__ import annotations
 
-from datetime import datetime
 from pathlib import Path
+from urllib.parse import quote
 
-from fastapi import FastAPI, Query, Request
-from fastapi.responses import HTMLResponse
-from fastapi.templating import Jinja2Templates
-from pydantic import BaseModel
+from fastapi import FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler
+from fastapi.responses import RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
 from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode import RESEARCH_DEMO_NOTICE, __version__
-from dicomnode.db.session import utcnow
-from dicomnode.worklist.service import reading_order
+from dicomnode.web.api import api_router
+from dicomnode.web.auth import NotLoggedIn, authenticator
+from dicomnode.web.pages import page_router
+from dicomnode.worklist.audit import ViewThrottle
 
-TEMPLATES = Jinja2Templates(directory=str(Path(__file__).parent / "templates"))
-
-
-class FindingOut(BaseModel):
-    code: str
-    scheme: str
-    meaning: str
-    probability: float
-    present: bool
-    critical: bool
-    model: str
-
-
-class ResultOut(BaseModel):
-    kind: str
-    sop_instance_uid: str
-    series_instance_uid: str
-    model: str
-
-
-class WorklistRowOut(BaseModel):
-    study_instance_uid: str
-    accession_number: str
-    patient_id: str
-    modality: str
-    priority: str
-    ups_priority: str
-    score: float
-    reason: str
-    findings: list[FindingOut]
-    results: list[ResultOut]
-    received_at: datetime
-    status: str
-    analysis_status: str
-
-
-class WorklistOut(BaseModel):
-    notice: str
-    rows: list[WorklistRowOut]
+STATIC = Path(__file__).parent / "static"
+# Everything is served from this node: no CDN, no inline script, no framing.
+SECURITY_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+        "object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+}
 
 
 def create_app(sessions: sessionmaker[Session]) -> FastAPI:
@@ -62,36 +36,33 @@ def create_app(sessions: sessionmaker[Session]) -> FastAPI:
     app = FastAPI(
         title="dicomnode",
         version=__version__,
-        description=f"AI triage worklist. {RESEARCH_DEMO_NOTICE}.",
+        description=(
+            f"AI triage worklist. {RESEARCH_DEMO_NOTICE}. Authenticate with "
+            "`Authorization: Bearer <token>` (`dicomnode users token NAME` or POST /api/login)."
+        ),
+        # Swagger UI and ReDoc load their assets from a CDN; the schema itself is enough.
+        docs_url=None,
+        redoc_url=None,
     )
+    caller_of = authenticator(sessions)
+    views = ViewThrottle()
+    app.include_router(api_router(sessions, caller_of, views))
+    app.include_router(page_router(sessions, caller_of, views))
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
-    def rows(limit: int, offset: int) -> list[WorklistRowOut]:
-        with sessions() as session:
-            return [
-                WorklistRowOut.model_validate(row, from_attributes=True)
-                for row in reading_order(session, limit=limit, offset=offset)
-            ]
+    @app.exception_handler(NotLoggedIn)
+    async def not_logged_in(request: Request, error: NotLoggedIn) -> Response:
+        if request.url.path.startswith("/api/") or request.method != "GET":
+            return await http_exception_handler(request, error)
+        return RedirectResponse(f"/login?next={quote(request.url.path)}", status_code=303)
 
-    @app.get("/api/worklist", response_model=WorklistOut)
-    def api_worklist(
-        limit: int = Query(200, ge=1, le=1000), offset: int = Query(0, ge=0)
-    ) -> WorklistOut:
-        """Unreported studies in reading order (critical first, then by arrival)."""
-        return WorklistOut(notice=RESEARCH_DEMO_NOTICE, rows=rows(limit, offset))
-
-    @app.get("/worklist", response_class=HTMLResponse, include_in_schema=False)
-    def worklist_page(request: Request) -> HTMLResponse:
-        now = utcnow()
-        return TEMPLATES.TemplateResponse(
-            request,
-            "worklist.html",
-            {
-                "rows": rows(500, 0),
-                "now": now,
-                "notice": RESEARCH_DEMO_NOTICE,
-                "version": __version__,
-            },
-        )
+    @app.middleware("http")
+    async def security_headers(request: Request, call_next) -> Response:
+        response = await call_next(request)
+        response.headers.update(SECURITY_HEADERS)
+        if request.url.path.startswith("/api/"):
+            response.headers.setdefault("Cache-Control", "no-store")
+        return response
 
     @app.get("/healthz", include_in_schema=False)
     def healthz() -> dict[str, str]:

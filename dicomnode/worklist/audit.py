@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+import threading
+from datetime import datetime, timedelta
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -52,3 +53,27 @@ def entries(
         query = query.where(AuditEntry.study_instance_uid == study_instance_uid)
     query = query.order_by(AuditEntry.at.desc(), AuditEntry.id.desc()).limit(limit).offset(offset)
     return list(session.scalars(query))
+
+
+class ViewThrottle:
+    """Decides when a repeated view is worth a new audit row.
+
+    The page polls the worklist every few seconds; one "viewed the worklist" row per user and
+    interval says who saw it without writing a row per poll. Views of one study or result
+    object are always recorded.
+    """
+
+    def __init__(self, interval: timedelta = timedelta(minutes=5)) -> None:
+        self.interval = interval
+        self._last: dict[tuple[str, str], datetime] = {}
+        self._lock = threading.Lock()
+
+    def due(self, actor: str, what: str, now: datetime) -> bool:
+        """True when ``actor`` viewing ``what`` now should be recorded (and remembers it)."""
+        key = (actor, what)
+        with self._lock:
+            last = self._last.get(key)
+            if last is not None and now - last < self.interval:
+                return False
+            self._last[key] = now
+            return True

@@ -1,0 +1,134 @@
+"""Request and response bodies of the REST API (they make the OpenAPI schema)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from dicomnode.db.models import AuditEntry
+from dicomnode.db.session import as_utc
+from dicomnode.worklist.service import WorklistRow
+
+TierName = Literal["stat", "critical", "urgent", "routine"]
+ReadingStatus = Literal["waiting", "ready", "in_progress", "reported"]
+
+
+class FindingOut(BaseModel):
+    code: str
+    scheme: str
+    meaning: str
+    probability: float
+    present: bool
+    critical: bool
+    model: str
+
+
+class ResultOut(BaseModel):
+    kind: str
+    sop_instance_uid: str
+    series_instance_uid: str
+    model: str
+    url: str = Field(description="download the DICOM object")
+
+
+class WorklistRowOut(BaseModel):
+    study_instance_uid: str
+    accession_number: str
+    patient_id: str
+    patient_name: str
+    modality: str
+    study_description: str
+    priority: TierName
+    ups_priority: str = Field(description="DICOM UPS priority: HIGH, MEDIUM or LOW")
+    score: float
+    reason: str = Field(description="why: AI finding and probability, order, or override")
+    received_at: datetime
+    due_at: datetime = Field(description="read by then (arrival + the tier's max wait)")
+    status: ReadingStatus
+    analysis_status: str
+    claimed_by: str
+    claimed_at: datetime | None
+    reported_by: str
+    reported_at: datetime | None
+    override_tier: str
+    override_reason: str
+    override_by: str
+    findings: list[FindingOut]
+    results: list[ResultOut]
+    url: str = Field(description="this study's details")
+
+
+class WorklistOut(BaseModel):
+    notice: str
+    server_time: datetime
+    total: int = Field(description="studies matching the filters, over all pages")
+    limit: int
+    offset: int
+    rows: list[WorklistRowOut]
+
+
+class AuditOut(BaseModel):
+    at: datetime
+    actor: str
+    action: str
+    study_instance_uid: str
+    detail: str
+    reason: str
+
+
+class StudyOut(WorklistRowOut):
+    history: list[AuditOut] = Field(description="claims, releases, overrides, newest first")
+
+
+class OverrideIn(BaseModel):
+    tier: TierName | None = Field(description="the tier to read it in; null clears an override")
+    reason: str = Field(min_length=1, max_length=500, description="why (kept in the audit log)")
+
+
+class LoginIn(BaseModel):
+    username: str = Field(max_length=64)
+    password: str = Field(max_length=1024)
+
+
+class TokenOut(BaseModel):
+    token: str
+    token_type: Literal["bearer"] = "bearer"
+    expires_at: datetime
+    username: str
+    role: str
+
+
+class MeOut(BaseModel):
+    username: str
+    role: str
+
+
+def row_out(row: WorklistRow) -> WorklistRowOut:
+    """A worklist row with links to itself and its result objects."""
+    data = {name: getattr(row, name) for name in WorklistRowOut.model_fields if name != "url"}
+    data["findings"] = [FindingOut.model_validate(f, from_attributes=True) for f in row.findings]
+    data["results"] = [
+        ResultOut(
+            kind=r.kind,
+            sop_instance_uid=r.sop_instance_uid,
+            series_instance_uid=r.series_instance_uid,
+            model=r.model,
+            url=f"/api/results/{r.sop_instance_uid}",
+        )
+        for r in row.results
+    ]
+    return WorklistRowOut(**data, url=f"/api/studies/{row.study_instance_uid}")
+
+
+def audit_out(entry: AuditEntry) -> AuditOut:
+    """An audit row as the API shows it."""
+    return AuditOut(
+        at=as_utc(entry.at),
+        actor=entry.actor,
+        action=entry.action,
+        study_instance_uid=entry.study_instance_uid,
+        detail=entry.detail,
+        reason=entry.reason,
+    )

@@ -1,0 +1,342 @@
+// dicomnode reading worklist: renders /api/worklist, polls it for live updates, and sends
+// claim / release / complete / override with the page's CSRF token. No dependencies.
+"use strict";
+
+(function () {
+  const body = document.body;
+  const pollMs = Number(body.dataset.pollMs) || 3000;
+  const pageSize = Number(body.dataset.pageSize) || 100;
+  const me = body.dataset.user;
+  const isAdmin = body.dataset.role === "admin";
+  const csrf = document.querySelector('meta[name="csrf-token"]').content;
+
+  const rowsEl = document.getElementById("rows");
+  const countEl = document.getElementById("count");
+  const liveEl = document.getElementById("live");
+  const liveText = document.getElementById("live-text");
+  const messageEl = document.getElementById("message");
+  const pageInfo = document.getElementById("page-info");
+  const prevButton = document.getElementById("prev");
+  const nextButton = document.getElementById("next");
+  const filters = {
+    modality: document.getElementById("filter-modality"),
+    tier: document.getElementById("filter-tier"),
+    status: document.getElementById("filter-status"),
+  };
+  const dialog = document.getElementById("override-dialog");
+
+  const STATUS_TEXT = {
+    waiting: "Waiting for AI",
+    ready: "Ready",
+    in_progress: "In progress",
+    reported: "Reported",
+  };
+  const KIND_TEXT = { sr: "SR", overlay: "Overlay", seg: "SEG" };
+
+  let offset = 0;
+  let skewMs = 0; // server clock minus this browser's clock
+  let latest = null;
+  let inFlight = false;
+
+  function el(tag, className, text) {
+    const node = document.createElement(tag);
+    if (className) node.className = className;
+    if (text !== undefined && text !== null) node.textContent = String(text);
+    return node;
+  }
+
+  function duration(ms) {
+    const minutes = Math.max(0, Math.floor(ms / 60000));
+    if (minutes < 60) return minutes + " min";
+    const hours = Math.floor(minutes / 60);
+    if (hours < 48) return hours + " h " + String(minutes % 60).padStart(2, "0") + " min";
+    return Math.floor(hours / 24) + " d " + (hours % 24) + " h";
+  }
+
+  function showMessage(text) {
+    messageEl.textContent = text;
+    messageEl.hidden = !text;
+  }
+
+  function query() {
+    const params = new URLSearchParams();
+    for (const [name, select] of Object.entries(filters)) {
+      if (select.value) params.set(name, select.value);
+    }
+    params.set("limit", String(pageSize));
+    params.set("offset", String(offset));
+    return params;
+  }
+
+  function keepFiltersInUrl() {
+    const params = new URLSearchParams();
+    for (const [name, select] of Object.entries(filters)) {
+      if (select.value) params.set(name, select.value);
+    }
+    const search = params.toString();
+    history.replaceState(null, "", search ? "?" + search : location.pathname);
+  }
+
+  function tierCell(row) {
+    const td = el("td", "priority");
+    td.appendChild(el("span", "chip tier-" + row.priority, row.priority));
+    td.appendChild(el("span", "ups", "UPS " + row.ups_priority));
+    if (row.override_tier) {
+      const tag = el("span", "override-tag", "manual");
+      tag.title = "Set by " + row.override_by + ": " + row.override_reason;
+      td.appendChild(tag);
+    }
+    return td;
+  }
+
+  function reasonCell(row) {
+    const td = el("td", "reason");
+    const line = el("div");
+    if (row.findings.length) line.appendChild(el("span", "ai-tag", "AI"));
+    line.appendChild(document.createTextNode(row.reason));
+    td.appendChild(line);
+    for (const finding of row.findings) {
+      const classes = ["finding"];
+      if (finding.present) classes.push("present");
+      if (!finding.critical) classes.push("noncritical");
+      const span = el("span", classes.join(" "));
+      span.appendChild(document.createTextNode(finding.meaning + " "));
+      span.appendChild(el("span", "prob", (finding.probability * 100).toFixed(0) + "%"));
+      span.appendChild(el("span", "model", " · " + finding.model));
+      span.title = finding.scheme + " " + finding.code + (finding.present ? " (above threshold)" : " (below threshold)");
+      td.appendChild(span);
+    }
+    return td;
+  }
+
+  function waitCell(row, now) {
+    const td = el("td", "wait");
+    td.appendChild(document.createTextNode(duration(now - Date.parse(row.received_at))));
+    const due = Date.parse(row.due_at) - now;
+    if (row.status !== "reported") {
+      const dueEl = el("span", due < 0 ? "due overdue" : "due", due < 0 ? "overdue " + duration(-due) : "due in " + duration(due));
+      dueEl.title = "Read by " + new Date(Date.parse(row.due_at)).toLocaleString();
+      td.appendChild(dueEl);
+    }
+    return td;
+  }
+
+  function patientCell(row) {
+    const td = el("td", "patient");
+    td.appendChild(document.createTextNode(row.patient_name.replaceAll("^", " ").trim() || "—"));
+    td.appendChild(el("span", "patient-id", row.patient_id));
+    return td;
+  }
+
+  function statusCell(row) {
+    const td = el("td", "status");
+    td.appendChild(el("span", "status-badge " + row.status, STATUS_TEXT[row.status] || row.status));
+    if (row.status === "in_progress") td.appendChild(el("span", "by", row.claimed_by));
+    if (row.status === "reported") td.appendChild(el("span", "by", "by " + row.reported_by));
+    if (row.analysis_status === "failed") td.appendChild(el("span", "by", "AI analysis failed"));
+    return td;
+  }
+
+  function resultsCell(row) {
+    const td = el("td", "results");
+    for (const result of row.results) {
+      const link = el("a", null, KIND_TEXT[result.kind] || result.kind);
+      link.href = result.url;
+      link.title = result.model + " · download DICOM " + result.sop_instance_uid;
+      td.appendChild(link);
+    }
+    const details = el("a", "details", "Details");
+    details.href = row.url;
+    details.title = "Study details (JSON)";
+    td.appendChild(details);
+    return td;
+  }
+
+  function actionButton(label, action, row, primary) {
+    const button = el("button", primary ? "button primary" : "button", label);
+    button.type = "button";
+    button.dataset.action = action;
+    button.dataset.uid = row.study_instance_uid;
+    return button;
+  }
+
+  function actionsCell(row) {
+    const td = el("td", "actions");
+    if (row.status === "reported") return td;
+    if (row.status === "in_progress" && row.claimed_by === me) {
+      td.appendChild(actionButton("Complete", "complete", row, true));
+      td.appendChild(actionButton("Release", "release", row, false));
+    } else if (row.status === "in_progress") {
+      if (isAdmin) td.appendChild(actionButton("Release", "release", row, false));
+    } else {
+      td.appendChild(actionButton("Claim", "claim", row, true));
+    }
+    td.appendChild(actionButton("Priority…", "override", row, false));
+    return td;
+  }
+
+  function render(data) {
+    latest = data;
+    skewMs = Date.parse(data.server_time) - Date.now();
+    const now = Date.now() + skewMs;
+    const fragment = document.createDocumentFragment();
+    data.rows.forEach(function (row, index) {
+      const tr = el("tr", "tier-" + row.priority + " status-" + row.status);
+      tr.dataset.studyUid = row.study_instance_uid;
+      tr.dataset.tier = row.priority;
+      tr.appendChild(el("td", "strip"));
+      tr.appendChild(el("td", "rank", data.offset + index + 1));
+      tr.appendChild(tierCell(row));
+      tr.appendChild(reasonCell(row));
+      tr.appendChild(waitCell(row, now));
+      tr.appendChild(el("td", "modality", row.modality));
+      tr.appendChild(el("td", "accession", row.accession_number));
+      tr.appendChild(patientCell(row));
+      tr.appendChild(statusCell(row));
+      tr.appendChild(resultsCell(row));
+      tr.appendChild(actionsCell(row));
+      fragment.appendChild(tr);
+    });
+    if (!data.rows.length) {
+      const tr = el("tr", "empty");
+      const td = el("td", null, "No studies match these filters.");
+      td.colSpan = 11;
+      tr.appendChild(td);
+      fragment.appendChild(tr);
+    }
+    rowsEl.replaceChildren(fragment);
+    countEl.textContent = data.total + (data.total === 1 ? " study" : " studies");
+    const last = Math.min(data.offset + data.rows.length, data.total);
+    pageInfo.textContent = data.total ? data.offset + 1 + "–" + last + " of " + data.total : "";
+    prevButton.disabled = data.offset === 0;
+    nextButton.disabled = last >= data.total;
+    liveEl.classList.remove("stale");
+    liveText.textContent = "Live · updated " + new Date().toLocaleTimeString();
+  }
+
+  async function refresh() {
+    if (inFlight) return;
+    inFlight = true;
+    try {
+      const response = await fetch("/api/worklist?" + query().toString(), {
+        credentials: "same-origin",
+        headers: { Accept: "application/json" },
+      });
+      if (response.status === 401) {
+        location.assign("/login?next=" + encodeURIComponent(location.pathname + location.search));
+        return;
+      }
+      if (!response.ok) throw new Error("worklist request failed: HTTP " + response.status);
+      render(await response.json());
+    } catch (error) {
+      liveEl.classList.add("stale");
+      liveText.textContent = "Not updating: " + error.message;
+    } finally {
+      inFlight = false;
+    }
+  }
+
+  async function post(path, payload) {
+    const response = await fetch(path, {
+      method: "POST",
+      credentials: "same-origin",
+      headers: { "Content-Type": "application/json", "X-CSRF-Token": csrf, Accept: "application/json" },
+      body: JSON.stringify(payload || {}),
+    });
+    if (!response.ok) {
+      let detail = "HTTP " + response.status;
+      try {
+        const body = await response.json();
+        detail = typeof body.detail === "string" ? body.detail : JSON.stringify(body.detail);
+      } catch (ignored) {
+        // keep the status line
+      }
+      throw new Error(detail);
+    }
+    return response.json();
+  }
+
+  function studyPath(uid, action) {
+    return "/api/studies/" + encodeURIComponent(uid) + "/" + action;
+  }
+
+  async function act(action, uid) {
+    showMessage("");
+    try {
+      await post(studyPath(uid, action));
+    } catch (error) {
+      showMessage(error.message);
+    }
+    await refresh();
+  }
+
+  function openOverride(uid) {
+    const row = latest && latest.rows.find(function (r) { return r.study_instance_uid === uid; });
+    dialog.dataset.uid = uid;
+    document.getElementById("override-study").textContent = row
+      ? "Accession " + row.accession_number + " · now " + row.priority
+      : uid;
+    document.getElementById("override-tier").value = row && row.override_tier ? "" : "stat";
+    document.getElementById("override-reason").value = "";
+    dialog.showModal();
+  }
+
+  document.getElementById("override-form").addEventListener("submit", async function (event) {
+    event.preventDefault();
+    const reason = document.getElementById("override-reason").value.trim();
+    const tier = document.getElementById("override-tier").value || null;
+    dialog.close();
+    showMessage("");
+    try {
+      await post(studyPath(dialog.dataset.uid, "override"), { tier: tier, reason: reason });
+    } catch (error) {
+      showMessage(error.message);
+    }
+    await refresh();
+  });
+  document.getElementById("override-cancel").addEventListener("click", function () {
+    dialog.close();
+  });
+
+  rowsEl.addEventListener("click", function (event) {
+    const button = event.target.closest("button[data-action]");
+    if (!button) return;
+    if (button.dataset.action === "override") openOverride(button.dataset.uid);
+    else act(button.dataset.action, button.dataset.uid);
+  });
+
+  for (const select of Object.values(filters)) {
+    select.addEventListener("change", function () {
+      offset = 0;
+      keepFiltersInUrl();
+      refresh();
+    });
+  }
+  prevButton.addEventListener("click", function () {
+    offset = Math.max(0, offset - pageSize);
+    refresh();
+  });
+  nextButton.addEventListener("click", function () {
+    offset += pageSize;
+    refresh();
+  });
+
+  // Filters from the address bar (a bookmarked or reloaded view).
+  const fromUrl = new URLSearchParams(location.search);
+  let filtered = false;
+  for (const [name, select] of Object.entries(filters)) {
+    const value = fromUrl.get(name);
+    if (value && Array.from(select.options).some(function (o) { return o.value === value; })) {
+      select.value = value;
+      filtered = true;
+    }
+  }
+
+  const initial = JSON.parse(document.getElementById("initial-worklist").textContent);
+  if (filtered) refresh();
+  else render(initial);
+  setInterval(refresh, pollMs);
+  document.addEventListener("visibilitychange", function () {
+    if (!document.hidden) refresh();
+  });
+})();
