@@ -138,13 +138,21 @@ class RunningNode:
     storage: Path
     log: Path
     process: subprocess.Popen
+    # Bearer token of the radiologist "tester" (password TEST_PASSWORD), made by the CLI.
+    token: str = ""
 
     @property
     def web(self) -> str:
         return f"http://127.0.0.1:{self.web_port}"
 
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
     def worklist(self) -> list[dict]:
-        return httpx.get(f"{self.web}/api/worklist", timeout=10).json()["rows"]
+        response = httpx.get(f"{self.web}/api/worklist", headers=self.headers, timeout=10)
+        response.raise_for_status()
+        return response.json()["rows"]
 
     def storescu(self, *files: Path, calling_ae: str = "MODALITY") -> subprocess.CompletedProcess:
         return subprocess.run(
@@ -203,7 +211,32 @@ def start_node(folder: Path, config: Path, port: int, web_port: int) -> RunningN
     except Exception:
         process.kill()
         raise RuntimeError(f"node did not start:\n{log.read_text()}") from None
-    return RunningNode(config, "DICOMNODE", port, web_port, folder / "storage", log, process)
+    token = add_user(config, "tester", "radiologist")
+    return RunningNode(config, "DICOMNODE", port, web_port, folder / "storage", log, process, token)
+
+
+TEST_PASSWORD = "correct horse battery"
+
+
+def add_user(config: Path, name: str, role: str, password: str = TEST_PASSWORD) -> str:
+    """Add a web user through the CLI and return a new bearer token for it."""
+    command = [sys.executable, "-m", "dicomnode", "users"]
+    subprocess.run(
+        [*command, "add", name, "--role", role, "--password-stdin", "--config", str(config)],
+        input=password + "\n",
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    made = subprocess.run(
+        [*command, "token", name, "--config", str(config)],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    return made.stdout.strip()
 
 
 def stop_node(node: RunningNode) -> None:

@@ -80,7 +80,7 @@ def test_pneumothorax_study_goes_to_top_and_results_reach_pacs(
         } <= row.keys()
 
     # The HTML page lists the studies in the same order.
-    page = httpx.get(f"{node.web}/worklist", timeout=10).text
+    page = httpx.get(f"{node.web}/worklist", headers=node.headers, timeout=10).text
     assert page.index(critical_uid) < page.index(normal_uid)
     assert "not for clinical use" in page.lower()
 

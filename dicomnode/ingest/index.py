@@ -80,6 +80,7 @@ def _study(session: Session, facts: InstanceFacts, now: datetime) -> Study:
             received_at=now,
             last_instance_at=now,
             ready_at=now,
+            due_at=now,  # NOT NULL at the flush below; reprioritise sets the real one
         )
         session.add(study)
         session.flush()
