@@ -1,0 +1,306 @@
+"""REST API and log-in over a real uvicorn server, on SQLite and PostgreSQL: authentication,
+roles, CSRF, worklist filters and paging, study actions, result download, audit, schema."""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterator
+from contextlib import closing
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import httpx
+import pytest
+from web_server import PASSWORD, add_users, serve
+from worklist_seed import add_study
+
+from dicomnode.db.session import utcnow
+from dicomnode.users import issue_token
+from dicomnode.web.app import create_app
+
+
+@dataclass
+class Site:
+    url: str
+    sessions: object
+    tokens: dict[str, str]
+
+    def client(self, user: str | None = None) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {self.tokens[user]}"} if user else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=10)
+
+    def seed(self, accession: str, **kwargs) -> str:
+        with self.sessions() as session:
+            return add_study(session, accession, now=utcnow(), **kwargs)
+
+
+@pytest.fixture
+def site(sessions) -> Iterator[Site]:
+    tokens = add_users(sessions)
+    with serve(create_app(sessions)) as url:
+        yield Site(url, sessions, tokens)
+
+
+def _browser_login(site: Site, user: str = "dr_house") -> tuple[httpx.Client, str]:
+    """Log in through the form like a browser; returns the client and the page's CSRF token."""
+    client = httpx.Client(base_url=site.url, timeout=10, follow_redirects=True)
+    form = client.get("/login")
+    login_csrf = re.search(r'name="csrf_token" value="([^"]+)"', form.text).group(1)
+    response = client.post(
+        "/login", data={"username": user, "password": PASSWORD, "csrf_token": login_csrf}
+    )
+    assert response.status_code == 200 and response.url.path == "/worklist"
+    page_csrf = re.search(r'name="csrf-token" content="([^"]+)"', response.text).group(1)
+    return client, page_csrf
+
+
+PROTECTED = [
+    ("GET", "/api/worklist"),
+    ("GET", "/api/me"),
+    ("GET", "/api/studies/1.2.3"),
+    ("POST", "/api/studies/1.2.3/claim"),
+    ("POST", "/api/studies/1.2.3/release"),
+    ("POST", "/api/studies/1.2.3/complete"),
+    ("POST", "/api/studies/1.2.3/override"),
+    ("GET", "/api/results/1.2.3.4"),
+    ("GET", "/api/audit"),
+]
+
+
+def test_api_refuses_requests_without_a_valid_token(site: Site) -> None:
+    with site.client() as anonymous:
+        for method, path in PROTECTED:
+            response = anonymous.request(method, path)
+            assert response.status_code == 401, (method, path)
+            assert response.headers["www-authenticate"] == "Bearer"
+        forged = anonymous.get("/api/worklist", headers={"Authorization": "Bearer dn_forged"})
+        assert forged.status_code == 401
+        # The page sends people to the log-in form instead.
+        page = anonymous.get("/worklist", follow_redirects=False)
+        assert page.status_code == 303
+        assert page.headers["location"] == "/login?next=/worklist"
+        assert anonymous.get("/healthz").json() == {"status": "ok"}
+
+
+def test_login_gives_a_bearer_token_and_failures_are_audited(site: Site) -> None:
+    with site.client() as anonymous:
+        wrong = anonymous.post("/api/login", json={"username": "dr_house", "password": "nope"})
+        assert wrong.status_code == 401
+        nobody = anonymous.post("/api/login", json={"username": "ghost", "password": PASSWORD})
+        assert nobody.status_code == 401
+        assert nobody.json()["detail"] == wrong.json()["detail"]
+        login = anonymous.post("/api/login", json={"username": "dr_house", "password": PASSWORD})
+        assert login.status_code == 200
+        token = login.json()["token"]
+        me = anonymous.get("/api/me", headers={"Authorization": f"Bearer {token}"})
+        assert me.json() == {"username": "dr_house", "role": "radiologist"}
+        anonymous.post("/api/logout", headers={"Authorization": f"Bearer {token}"})
+        revoked = anonymous.get("/api/me", headers={"Authorization": f"Bearer {token}"})
+        assert revoked.status_code == 401
+    with site.client("boss") as admin:
+        actions = [(e["actor"], e["action"]) for e in admin.get("/api/audit").json()]
+    assert ("dr_house", "login_failed") in actions
+    assert ("ghost", "login_failed") in actions
+    assert ("dr_house", "login") in actions
+    assert ("dr_house", "logout") in actions
+
+
+def test_expired_cli_token_is_refused(site: Site) -> None:
+    with site.sessions() as session:
+        expired = issue_token(
+            session, "dr_house", utcnow() - timedelta(days=2), lifetime=timedelta(days=1)
+        )
+        session.commit()
+    response = httpx.get(
+        f"{site.url}/api/me", headers={"Authorization": f"Bearer {expired}"}, timeout=10
+    )
+    assert response.status_code == 401
+
+
+def test_only_admins_read_the_audit_log(site: Site) -> None:
+    uid = site.seed("ACC", probability=0.9)
+    with site.client("dr_house") as radiologist:
+        assert radiologist.post(f"/api/studies/{uid}/claim").status_code == 200
+        assert radiologist.get("/api/audit").status_code == 403
+    with site.client("boss") as admin:
+        entries = admin.get("/api/audit", params={"study_instance_uid": uid}).json()
+    assert [(e["actor"], e["action"]) for e in entries] == [("dr_house", "claim")]
+    assert entries[0]["at"]
+
+
+def test_cookie_session_needs_the_csrf_token_for_changes(site: Site) -> None:
+    uid = site.seed("ACC", probability=0.9)
+    browser, csrf = _browser_login(site)
+    with closing(browser):
+        assert browser.get("/api/worklist").status_code == 200
+        refused = browser.post(f"/api/studies/{uid}/claim")
+        assert refused.status_code == 403
+        assert "CSRF" in refused.json()["detail"]
+        forged = browser.post(f"/api/studies/{uid}/claim", headers={"X-CSRF-Token": "x" * 64})
+        assert forged.status_code == 403
+        claimed = browser.post(f"/api/studies/{uid}/claim", headers={"X-CSRF-Token": csrf})
+        assert claimed.status_code == 200
+        assert claimed.json()["claimed_by"] == "dr_house"
+        # A log-out form without the token does nothing; with it, the session ends.
+        browser.post("/logout", data={})
+        assert browser.get("/api/me").status_code == 200
+        browser.post("/logout", data={"csrf_token": csrf})
+        assert browser.get("/api/me").status_code == 401
+    # A bearer token is not sent by browsers on their own, so it needs no CSRF token.
+    with site.client("dr_grey") as api:
+        assert api.post(f"/api/studies/{uid}/release").status_code == 409
+
+
+def test_login_form_needs_its_csrf_cookie(site: Site) -> None:
+    with httpx.Client(base_url=site.url, timeout=10) as browser:
+        response = browser.post(
+            "/login", data={"username": "dr_house", "password": PASSWORD, "csrf_token": "x"}
+        )
+        assert response.status_code == 403
+        assert "dicomnode_session" not in browser.cookies
+        form = browser.get("/login")
+        csrf = re.search(r'name="csrf_token" value="([^"]+)"', form.text).group(1)
+        wrong = browser.post(
+            "/login", data={"username": "dr_house", "password": "wrong", "csrf_token": csrf}
+        )
+        assert wrong.status_code == 401
+        assert "Wrong user name or password" in wrong.text
+        # Only same-site paths are followed after log-in.
+        form = browser.get("/login", params={"next": "//evil.example/"})
+        assert 'name="next" value="/worklist"' in form.text
+
+
+def test_worklist_filters_paging_and_study_actions(site: Site) -> None:
+    site.seed("ROUTINE", minutes_ago=30, probability=0.1)
+    critical = site.seed("CRITICAL", minutes_ago=2, probability=0.92)
+    ct = site.seed("CT", minutes_ago=20, probability=0.1, modality="CT")
+    with site.client("dr_house") as house, site.client("dr_grey") as grey:
+        listing = house.get("/api/worklist").json()
+        assert [r["accession_number"] for r in listing["rows"]] == ["CRITICAL", "ROUTINE", "CT"]
+        assert listing["total"] == 3
+        assert "not for clinical use" in listing["notice"].lower()
+        top = listing["rows"][0]
+        assert top["priority"] == "critical"
+        assert "Pneumothorax 92%" in top["reason"]
+        assert top["url"] == f"/api/studies/{critical}"
+
+        def accessions(**params) -> list[str]:
+            response = house.get("/api/worklist", params=params)
+            assert response.status_code == 200, response.text
+            return [r["accession_number"] for r in response.json()["rows"]]
+
+        assert accessions(modality="CT") == ["CT"]
+        assert accessions(tier="critical") == ["CRITICAL"]
+        assert accessions(tier=["critical", "routine"], limit=1, offset=1) == ["ROUTINE"]
+        assert house.get("/api/worklist", params={"tier": "asap"}).status_code == 422
+
+        claimed = house.post(f"/api/studies/{critical}/claim").json()
+        assert (claimed["status"], claimed["claimed_by"]) == ("in_progress", "dr_house")
+        assert accessions(status="in_progress") == ["CRITICAL"]
+        conflict = grey.post(f"/api/studies/{critical}/claim")
+        assert conflict.status_code == 409
+        assert "being read by dr_house" in conflict.json()["detail"]
+        assert grey.post(f"/api/studies/{critical}/complete").status_code == 409
+        done = house.post(f"/api/studies/{critical}/complete").json()
+        assert (done["status"], done["reported_by"]) == ("reported", "dr_house")
+        assert accessions() == ["ROUTINE", "CT"]
+        assert accessions(status="reported") == ["CRITICAL"]
+
+        bad = grey.post(f"/api/studies/{ct}/override", json={"tier": "stat", "reason": ""})
+        assert bad.status_code == 422
+        moved = grey.post(
+            f"/api/studies/{ct}/override",
+            json={"tier": "stat", "reason": "ED called: suspected pneumothorax"},
+        )
+        assert moved.status_code == 200
+        assert moved.json()["override_by"] == "dr_grey"
+        assert accessions() == ["CT", "ROUTINE"]
+
+        detail = house.get(f"/api/studies/{ct}").json()
+        assert detail["priority"] == "stat"
+        assert [(h["actor"], h["action"], h["reason"]) for h in detail["history"]] == [
+            ("dr_grey", "override", "ED called: suspected pneumothorax")
+        ]
+        assert house.get("/api/studies/1.2.3.999").status_code == 404
+        assert house.post("/api/studies/1.2.3.999/claim").status_code == 404
+    with site.client("boss") as admin:
+        views = admin.get("/api/audit", params={"action": "view_study"}).json()
+        assert [(v["actor"], v["study_instance_uid"]) for v in views] == [("dr_house", ct)]
+        # The worklist polls are recorded once per user and interval, not per request.
+        polls = admin.get("/api/audit", params={"action": "view_worklist"}).json()
+        assert [p["actor"] for p in polls] == ["dr_house"]
+
+
+def test_admin_releases_anyones_claim(site: Site) -> None:
+    uid = site.seed("ACC", probability=0.9)
+    with site.client("dr_house") as house, site.client("boss") as admin:
+        house.post(f"/api/studies/{uid}/claim")
+        released = admin.post(f"/api/studies/{uid}/release")
+        assert released.status_code == 200
+        assert released.json()["status"] == "ready"
+
+
+def test_result_objects_download_as_dicom_and_are_audited(site: Site, tmp_path: Path) -> None:
+    result = tmp_path / "sr.dcm"
+    result.write_bytes(b"\0" * 128 + b"DICM" + b"payload")
+    uid = site.seed("ACC", probability=0.9, result_file=result)
+    with site.client("dr_house") as house:
+        row = house.get("/api/worklist").json()["rows"][0]
+        link = row["results"][0]["url"]
+        response = house.get(link)
+        assert response.status_code == 200
+        assert response.headers["content-type"] == "application/dicom"
+        assert response.content == result.read_bytes()
+        assert house.get("/api/results/1.2.3.4.5").status_code == 404
+    with site.client("boss") as admin:
+        entries = admin.get("/api/audit", params={"action": "view_result"}).json()
+    assert [(e["actor"], e["study_instance_uid"]) for e in entries] == [("dr_house", uid)]
+
+
+def test_openapi_schema_lists_the_endpoints_and_bearer_auth(site: Site) -> None:
+    schema = httpx.get(f"{site.url}/openapi.json", timeout=10).json()
+    paths = schema["paths"]
+    assert "get" in paths["/api/worklist"]
+    assert {"modality", "tier", "status", "limit", "offset"} <= {
+        p["name"] for p in paths["/api/worklist"]["get"]["parameters"]
+    }
+    assert "get" in paths["/api/studies/{study_instance_uid}"]
+    for action in ("claim", "release", "complete", "override"):
+        assert "post" in paths[f"/api/studies/{{study_instance_uid}}/{action}"]
+    assert "get" in paths["/api/audit"]
+    assert "get" in paths["/api/results/{sop_instance_uid}"]
+    assert "post" in paths["/api/login"]
+    assert "HTTPBearer" in schema["components"]["securitySchemes"]
+    assert "/worklist" not in paths
+
+
+def test_pages_send_security_headers(site: Site) -> None:
+    browser, _ = _browser_login(site)
+    with closing(browser):
+        page = browser.get("/worklist")
+    assert "default-src 'self'" in page.headers["content-security-policy"]
+    assert page.headers["x-frame-options"] == "DENY"
+    assert "Research demo, not for clinical use".upper() in page.text
+    cookie = next(c for c in browser.cookies.jar if c.name == "dicomnode_session")
+    assert cookie.has_nonstandard_attr("HttpOnly")
+
+
+def test_secrets_never_reach_the_logs(site: Site, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    with site.client() as anonymous:
+        token = anonymous.post(
+            "/api/login", json={"username": "dr_house", "password": PASSWORD}
+        ).json()["token"]
+        anonymous.get("/api/worklist", headers={"Authorization": f"Bearer {token}"})
+        anonymous.post("/api/login", json={"username": "dr_house", "password": "typo-secret"})
+    browser, csrf = _browser_login(site)
+    browser.close()
+    logged = caplog.text
+    assert "dr_house" in logged  # the log-in itself is logged, by name
+    for secret in (PASSWORD, "typo-secret", token, csrf, *site.tokens.values()):
+        assert secret not in logged
+    with site.client("boss") as admin:
+        audit_text = admin.get("/api/audit", params={"limit": 1000}).text
+    assert PASSWORD not in audit_text and "typo-secret" not in audit_text
