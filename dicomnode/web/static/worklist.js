@@ -91,9 +91,12 @@
 
   function reasonCell(row) {
     const td = el("td", "reason");
-    const line = el("div");
-    if (row.findings.length) line.appendChild(el("span", "ai-tag", "AI"));
-    line.appendChild(document.createTextNode(row.reason));
+    td.appendChild(el("div", null, row.reason));
+    if (!row.findings.length) return td;
+    const line = el("div", "findings");
+    const tag = el("span", "ai-tag", "AI");
+    tag.title = "From a research demo model, not for clinical use";
+    line.appendChild(tag);
     td.appendChild(line);
     for (const finding of row.findings) {
       const classes = ["finding"];
@@ -104,7 +107,7 @@
       span.appendChild(el("span", "prob", (finding.probability * 100).toFixed(0) + "%"));
       span.appendChild(el("span", "model", " · " + finding.model));
       span.title = finding.scheme + " " + finding.code + (finding.present ? " (above threshold)" : " (below threshold)");
-      td.appendChild(span);
+      line.appendChild(span);
     }
     return td;
   }

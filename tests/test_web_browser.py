@@ -1,0 +1,145 @@
+"""The worklist page in headless Chromium (Debian's, driven by Playwright): log-in, the
+critical study on top (checked on a screenshot's pixels), live update, filters, claim and
+complete."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from web_server import PASSWORD, add_users, serve
+from worklist_seed import add_study
+
+from dicomnode.db.session import make_engine, make_sessionmaker, upgrade, utcnow
+from dicomnode.web.app import create_app
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+ROWS = "#rows tr[data-study-uid]"
+CRITICAL_RED = (0xD3, 0x2F, 0x2F)  # --tier-critical in worklist.css
+
+pytestmark = pytest.mark.skipif(
+    not CHROMIUM.exists(), reason=f"{CHROMIUM} not found (apt-get install chromium)"
+)
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Iterator[tuple[str, object]]:
+    """The web app on the embedded default (SQLite) with two analysed studies."""
+    url = f"sqlite:///{tmp_path / 'dicomnode.db'}"
+    upgrade(url)
+    engine = make_engine(url)
+    sessions = make_sessionmaker(engine)
+    add_users(sessions)
+    with sessions() as session:
+        add_study(session, "ACC-ROUTINE", minutes_ago=40, probability=0.12, now=utcnow())
+        sr = tmp_path / "sr.dcm"
+        sr.write_bytes(b"\0" * 128 + b"DICM")
+        add_study(session, "ACC-PTX", minutes_ago=3, probability=0.93, now=utcnow(), result_file=sr)
+    with serve(create_app(sessions)) as base:
+        yield base, sessions
+    engine.dispose()
+
+
+@pytest.fixture
+def page(site):
+    playwright_api = pytest.importorskip("playwright.sync_api")
+    with playwright_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        context = browser.new_context(viewport={"width": 1440, "height": 900})
+        page = context.new_page()
+        page.set_default_timeout(15_000)
+        yield page
+        context.close()
+        browser.close()
+
+
+def _log_in(page, base: str) -> None:
+    page.goto(f"{base}/worklist")
+    assert page.url.startswith(f"{base}/login")
+    page.fill("#username", "dr_house")
+    page.fill("#password", PASSWORD)
+    page.click("button[type=submit]")
+    page.wait_for_url(f"{base}/worklist")
+    page.wait_for_selector("#rows tr[data-study-uid]")
+
+
+def _expect(locator):
+    from playwright.sync_api import expect
+
+    return expect(locator)
+
+
+def _accessions(page) -> list[str]:
+    return page.locator(f"{ROWS} td.accession").all_inner_texts()
+
+
+def test_critical_study_on_top_live_update_filters_claim_complete(
+    site, page, tmp_path: Path
+) -> None:
+    base, sessions = site
+    _log_in(page, base)
+    assert _accessions(page) == ["ACC-PTX", "ACC-ROUTINE"]
+    top = page.locator("#rows tr").first
+    assert top.get_attribute("data-tier") == "critical"
+    assert "Pneumothorax 93%" in top.locator("td.reason").inner_text()
+    assert "RESEARCH DEMO, NOT FOR CLINICAL USE" in page.inner_text("#demo-banner")
+    result_link = top.locator("td.results a", has_text="SR")
+    assert result_link.get_attribute("href").startswith("/api/results/")
+
+    # The screenshot shows the critical tier's colour on the first row.
+    png = page.screenshot(path=str(tmp_path / "worklist.png"), full_page=True)
+    box = top.locator("td.strip").bounding_box()
+    pixel = (
+        Image.open(io.BytesIO(png))
+        .convert("RGB")
+        .getpixel((int(box["x"] + box["width"] / 2), int(box["y"] + box["height"] / 2)))
+    )
+    assert all(abs(a - b) <= 6 for a, b in zip(pixel, CRITICAL_RED, strict=True)), pixel
+
+    # A study that arrives now shows up without a reload (the page polls the API).
+    with sessions() as session:
+        add_study(session, "ACC-NEW-PTX", minutes_ago=0, probability=0.81, now=utcnow())
+    page.wait_for_selector("#rows tr td.accession:text-is('ACC-NEW-PTX')")
+    assert _accessions(page) == ["ACC-PTX", "ACC-NEW-PTX", "ACC-ROUTINE"]
+
+    # Filter by tier; the filter is kept in the address bar.
+    page.select_option("#filter-tier", "routine")
+    _expect(page.locator(ROWS)).to_have_count(1)
+    assert _accessions(page) == ["ACC-ROUTINE"]
+    assert "tier=routine" in page.url
+    page.select_option("#filter-tier", "")
+    _expect(page.locator(ROWS)).to_have_count(3)
+
+    # Claim, then complete: the study leaves the worklist.
+    top = page.locator("#rows tr").first
+    top.locator("button[data-action=claim]").click()
+    page.wait_for_selector("#rows tr:first-child td.status:has-text('In progress')")
+    assert "dr_house" in page.locator("#rows tr").first.locator("td.status").inner_text()
+    page.locator("#rows tr").first.locator("button[data-action=complete]").click()
+    _expect(page.locator(ROWS)).to_have_count(2)
+    assert _accessions(page) == ["ACC-NEW-PTX", "ACC-ROUTINE"]
+    assert page.inner_text("#message") == ""
+
+
+def test_override_dialog_moves_a_study_to_the_top(site, page) -> None:
+    base, _ = site
+    _log_in(page, base)
+    routine = page.locator("#rows tr", has_text="ACC-ROUTINE")
+    routine.locator("button[data-action=override]").click()
+    page.select_option("#override-tier", "stat")
+    page.fill("#override-reason", "ED called: trauma")
+    page.click("#override-form button[type=submit]")
+    _expect(page.locator(ROWS).first).to_have_attribute("data-tier", "stat")
+    assert _accessions(page) == ["ACC-ROUTINE", "ACC-PTX"]
+    assert page.locator("#rows tr").first.locator(".override-tag").count() == 1
