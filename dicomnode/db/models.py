@@ -83,6 +83,18 @@ class Study(Base):
             sqlite_where=text("reading_status != 'reported'"),
             postgresql_where=text("reading_status != 'reported'"),
         ),
+        # Filtered worklists (tier, modality, both): each filter reads its rows in due order
+        # and counts them from the index alone, whatever the planner knows about the data.
+        *(
+            Index(
+                f"ix_studies_open_{'_'.join(columns)}",
+                *columns,
+                "due_at",
+                sqlite_where=text("reading_status != 'reported'"),
+                postgresql_where=text("reading_status != 'reported'"),
+            )
+            for columns in (("tier",), ("modality",), ("tier", "modality"))
+        ),
     )
 
 
