@@ -8,4 +8,8 @@ PYTHON=${PYTHON:-python3}
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e .
 .venv/bin/dicomnode check-config conf/dicomnode.toml
+if [ -z "$(.venv/bin/dicomnode users list --config conf/dicomnode.toml)" ]; then
+  echo "no web users yet; the worklist page needs one:" >&2
+  echo "  .venv/bin/dicomnode users add NAME --role radiologist --config conf/dicomnode.toml" >&2
+fi
 exec .venv/bin/dicomnode serve --config conf/dicomnode.toml "$@"
