@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 import re
+import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import closing
 from dataclasses import dataclass
@@ -13,6 +15,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+from conftest import add_user as add_cli_user
+from conftest import write_config
 from web_server import PASSWORD, add_users, serve
 from worklist_seed import add_study
 
@@ -304,3 +308,30 @@ def test_secrets_never_reach_the_logs(site: Site, caplog: pytest.LogCaptureFixtu
     with site.client("boss") as admin:
         audit_text = admin.get("/api/audit", params={"limit": 1000}).text
     assert PASSWORD not in audit_text and "typo-secret" not in audit_text
+
+
+def test_cli_adds_users_and_prints_tokens(db_url: str, sessions, tmp_path: Path) -> None:
+    config, _, _ = write_config(tmp_path, db_url)
+    token = add_cli_user(config, "dr_cli", "admin")
+    with serve(create_app(sessions)) as url:
+        me = httpx.get(f"{url}/api/me", headers={"Authorization": f"Bearer {token}"}, timeout=10)
+    assert me.json() == {"username": "dr_cli", "role": "admin"}
+    command = [sys.executable, "-m", "dicomnode", "users"]
+    add = [*command, "add", "dr_weak", "--role", "radiologist", "--password-stdin"]
+    weak = subprocess.run(
+        [*add, "--config", str(config)],
+        input="short\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert weak.returncode == 1
+    assert "at least 8 characters" in weak.stderr
+    listing = subprocess.run(
+        [*command, "list", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert listing.stdout.split() == ["dr_cli", "admin"]
