@@ -75,12 +75,30 @@ def claim(
     return job
 
 
-def complete(session: Session, job: Job, now: datetime | None = None) -> None:
-    """Mark a leased job done (commits)."""
+def _lease_lost(session: Session, job: Job, owner: str | None) -> bool:
+    """True when ``owner`` no longer holds the job (its lease expired and another took it)."""
+    if owner is None:
+        return False
+    current = session.execute(
+        select(Job.lease_owner, Job.state).where(Job.id == job.id).with_for_update()
+    ).one()
+    if current.lease_owner == owner and current.state == "leased":
+        return False
+    session.rollback()
+    return True
+
+
+def complete(
+    session: Session, job: Job, now: datetime | None = None, owner: str | None = None
+) -> bool:
+    """Mark a leased job done (commits); False if ``owner`` lost the lease meanwhile."""
+    if _lease_lost(session, job, owner):
+        return False
     job.state = "done"
     job.finished_at = now or utcnow()
     job.lease_expires_at = None
     session.commit()
+    return True
 
 
 def backoff_seconds(attempts: int) -> float:
@@ -89,9 +107,19 @@ def backoff_seconds(attempts: int) -> float:
 
 
 def fail(
-    session: Session, job: Job, reason: str, max_attempts: int, now: datetime | None = None
-) -> None:
-    """Record a failure: retry later with backoff, or dead-letter after ``max_attempts``."""
+    session: Session,
+    job: Job,
+    reason: str,
+    max_attempts: int,
+    now: datetime | None = None,
+    owner: str | None = None,
+) -> bool:
+    """Record a failure: retry later with backoff, or dead-letter after ``max_attempts``.
+
+    Commits; False if ``owner`` lost the lease meanwhile (the new holder decides).
+    """
+    if _lease_lost(session, job, owner):
+        return False
     now = now or utcnow()
     job.last_error = reason[:2000]
     job.lease_expires_at = None
@@ -102,3 +130,4 @@ def fail(
         job.state = "queued"
         job.run_after = now + timedelta(seconds=backoff_seconds(job.attempts))
     session.commit()
+    return True

@@ -25,25 +25,43 @@ class ConfigError(Exception):
         super().__init__(f"{where}:{what} {reason}")
 
 
-def _key_line(text: str, loc: tuple[str | int, ...]) -> int | None:
-    """Best-effort line of the TOML key a pydantic error location points at."""
-    names = [part for part in loc if isinstance(part, str)]
-    if not names:
+def _header_lines(lines: list[str], table: list[str]) -> list[int]:
+    pattern = re.compile(r"^\s*\[\[?\s*" + re.escape(".".join(table)) + r"\s*\]\]?\s*(#.*)?$")
+    return [i for i, line in enumerate(lines) if pattern.match(line)]
+
+
+def key_line(text: str, loc: tuple[str | int, ...]) -> int | None:
+    """Best-effort line of the TOML key a pydantic error location points at.
+
+    ``("destinations", 1, "port")`` is the ``port`` key under the second ``[[destinations]]``.
+    """
+    parts = list(loc)
+    while parts and isinstance(parts[-1], int):
+        parts.pop()  # an item of an inline array: point at the array's key
+    if not parts:
         return None
+    leaf = str(parts[-1])
+    table_parts = parts[:-1]
     lines = text.splitlines()
-    # Look for the table header of the parent keys first, then the leaf key after it.
-    start = 0
-    for depth in range(len(names) - 1, 0, -1):
-        header = re.compile(r"^\s*\[\[?\s*" + re.escape(".".join(names[:depth])) + r"\s*\]\]?\s*$")
-        index = next((i for i, line in enumerate(lines) if header.match(line)), None)
-        if index is not None:
-            start = index
+    start = -1
+    # The deepest table header that exists, taking the n-th one of an array of tables.
+    for depth in range(len(table_parts), 0, -1):
+        prefix = table_parts[:depth]
+        names = [str(p) for p in prefix if isinstance(p, str)]
+        occurrence = prefix[-1] if isinstance(prefix[-1], int) else 0
+        if isinstance(prefix[-1], int):
+            names = [str(p) for p in prefix[:-1] if isinstance(p, str)]
+        hits = _header_lines(lines, names) if names else []
+        if hits:
+            start = hits[min(occurrence, len(hits) - 1)]
             break
-    leaf = re.compile(r"^\s*" + re.escape(names[-1]) + r"\s*=")
-    for i in range(start, len(lines)):
-        if leaf.match(lines[i]):
+    key = re.compile(r"^\s*" + re.escape(leaf) + r"\s*=")
+    for i in range(start + 1, len(lines)):
+        if i > start + 1 and lines[i].lstrip().startswith("["):
+            break  # the next table: the key is not set in this one
+        if key.match(lines[i]):
             return i + 1
-    return start + 1 if start else None
+    return start + 1 if start >= 0 else None
 
 
 def load_toml(path: Path | str, model: type[M]) -> M:
@@ -66,4 +84,4 @@ def load_toml(path: Path | str, model: type[M]) -> M:
         first = exc.errors()[0]
         loc = tuple(first["loc"])
         key = ".".join(str(part) for part in loc)
-        raise ConfigError(path, first["msg"], key=key, line=_key_line(text, loc)) from exc
+        raise ConfigError(path, first["msg"], key=key, line=key_line(text, loc)) from exc

@@ -62,11 +62,15 @@ class Worker:
                     reason,
                 )
                 job = session.get(Job, job.id)
-                fail(session, job, reason, self.settings.worker.max_attempts)
-                if job.kind == "analyse" and job.state == "dead":
+                recorded = fail(
+                    session, job, reason, self.settings.worker.max_attempts, owner=self.owner
+                )
+                if recorded and job.kind == "analyse" and job.state == "dead":
                     mark_failed(session, job.study_id, reason)
                 return True
-            complete(session, session.get(Job, job.id))
+            if not complete(session, session.get(Job, job.id), owner=self.owner):
+                log.warning("job %d: lease expired while running; another worker owns it", job.id)
+                return True
             log.info(
                 "job %d %s study_id=%d done in %.0f ms %s",
                 job.id,

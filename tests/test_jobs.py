@@ -193,3 +193,23 @@ def test_concurrent_claims_take_each_job_exactly_once(sessions: sessionmaker[Ses
             select(Job.lease_owner, func.count()).where(Job.attempts == 1).group_by(Job.lease_owner)
         ).all()
     assert {owner: count for owner, count in owners} == {o: len(j) for o, j in claimed.items() if j}
+
+
+def test_worker_that_lost_its_lease_cannot_finish_or_fail_the_job(
+    sessions: sessionmaker[Session],
+) -> None:
+    with sessions() as session:
+        study_id = make_study(session)
+        job = enqueue(session, "analyse", study_id, now=T0)
+        session.commit()
+        job_id = job.id
+    with sessions() as slow, sessions() as fast:
+        stale = claim(slow, "slow-worker", ["analyse"], 10, now=T0)
+        assert claim(fast, "fast-worker", ["analyse"], 10, now=seconds(11)).id == job_id
+        assert not complete(slow, stale, now=seconds(12), owner="slow-worker")
+        assert not fail(slow, stale, "late failure", 5, now=seconds(12), owner="slow-worker")
+    row = stored(sessions, job_id)
+    assert (row.state, row.lease_owner, row.last_error) == ("leased", "fast-worker", "")
+    with sessions() as session:
+        assert complete(session, session.get(Job, job_id), now=seconds(13), owner="fast-worker")
+    assert stored(sessions, job_id).state == "done"

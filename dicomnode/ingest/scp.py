@@ -92,6 +92,9 @@ class StorageSCP:
             )
             # Rejected permanent, service user, calling AE title not recognised.
             event.assoc.acse.send_reject(0x01, 0x01, 0x03)
+            # As pynetdicom's own rejections do: let the DUL send the A-ASSOCIATE-RJ before
+            # the socket closes, or the peer sees an abort instead of the reason.
+            event.assoc.kill()
             return
         with self._lock:
             self._associations[id(event.assoc)] = _AssociationLog(calling_ae, address)
