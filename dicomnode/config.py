@@ -15,7 +15,7 @@ from pydantic import (
     model_validator,
 )
 
-from dicomnode.tomlfile import ConfigError, load_toml
+from dicomnode.tomlfile import ConfigError, key_line, load_toml
 
 # DICOM AE titles: 1-16 characters of the default repertoire, no backslash, not all spaces.
 AETitle = Annotated[
@@ -118,6 +118,8 @@ class WorklistSettings(_Section):
     thresholds: dict[str, Annotated[float, Field(ge=0, le=1)]] = {}
     critical_findings: list[str] = []
     non_critical_findings: list[str] = []
+    full_head_start_probability: float = Field(default=0.0, ge=0, le=1)
+    min_head_start_share: float = Field(default=0.25, ge=0, le=1)
 
 
 class NotifySettings(_Section):
@@ -201,6 +203,13 @@ def load_settings(path: Path | str) -> Settings:
     settings = load_toml(path, Settings)
     settings.source = Path(path).resolve()
     names = [d.name for d in settings.destinations]
-    if len(set(names)) != len(names):
-        raise ConfigError(path, "destination names must be unique", key="destinations.name")
+    for index, name in enumerate(names):
+        if name in names[:index]:
+            line = key_line(Path(path).read_text(encoding="utf-8"), ("destinations", index, "name"))
+            raise ConfigError(
+                path,
+                f"destination names must be unique: {name!r} is used twice",
+                key="destinations.name",
+                line=line,
+            )
     return settings

@@ -15,6 +15,7 @@ passes, so the ordered worklist needs no periodic recomputation.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -109,6 +110,26 @@ def apply_overrides(findings: list[FindingFact], settings: WorklistSettings) -> 
     return adjusted
 
 
+def _log_odds(probability: float) -> float:
+    clipped = min(max(probability, 1e-9), 1 - 1e-9)
+    return math.log(clipped / (1 - clipped))
+
+
+def head_start_share(finding: FindingFact, settings: WorklistSettings) -> float:
+    """Share of its tier's head start a present AI finding earns from its probability.
+
+    Full at ``full_head_start_probability`` and above; ``min_head_start_share`` at the
+    finding's threshold, where a model's false positives crowd; in between linear in the
+    log-odds, the scale on which evidence adds up.
+    """
+    full = settings.full_head_start_probability
+    if full <= finding.threshold or finding.probability >= full:
+        return 1.0
+    floor = settings.min_head_start_share
+    above = max(0.0, _log_odds(finding.probability) - _log_odds(finding.threshold))
+    return floor + (1.0 - floor) * above / (_log_odds(full) - _log_odds(finding.threshold))
+
+
 def _order_tier(study: StudyFacts, settings: WorklistSettings) -> tuple[str, str] | None:
     """Tier and reason that the request itself asks for (ordering priority, location)."""
     requested = study.requested_priority.strip().upper()
@@ -149,12 +170,22 @@ def prioritise(
         key=lambda f: -f.probability,
     )
     critical = [f for f in present if f.critical]
+    deciding = critical or present
     ordered = _order_tier(study, settings)
     found: tuple[str, str] | None = None
     if critical:
         found = "critical", "AI critical: " + ", ".join(map(_describe, critical))
     elif present:
         found = "urgent", "AI finding: " + ", ".join(map(_describe, present))
+    waits = max_waits(settings)
+    # Head start over a routine study of the same arrival: full for what the request asks,
+    # scaled by the AI's confidence for what the AI found; the larger one counts.
+    head_start = timedelta(0)
+    if ordered:
+        head_start = waits["routine"] - waits[ordered[0]]
+    if found:
+        share = max(head_start_share(f, settings) for f in deciding)
+        head_start = max(head_start, (waits["routine"] - waits[found[0]]) * share)
     if ordered and (found is None or TIERS[ordered[0]][0] <= TIERS[found[0]][0]):
         tier, reason = ordered
         if present:
@@ -166,12 +197,12 @@ def prioritise(
     else:
         tier, reason = "routine", _routine_reason(study.analysis_status)
     rank, ups = TIERS[tier]
-    score = max((f.probability for f in (critical or present)), default=0.0)
+    score = max((f.probability for f in deciding), default=0.0)
     return Priority(
         tier=tier,
         tier_rank=rank,
         score=round(score, 6),
         ups_priority=ups,
         reason=reason,
-        due_at=study.received_at + max_waits(settings)[tier],
+        due_at=study.received_at + waits["routine"] - head_start,
     )
