@@ -126,3 +126,35 @@ def test_write_dataset(tmp_path: Path) -> None:
             assert row["side"] in ("L", "R") and len(row["box"].split()) == 4
         else:
             assert row["side"] == "" and row["box"] == ""
+
+
+def test_synth_cxr_command_writes_files_and_ground_truth(tmp_path: Path) -> None:
+    import csv
+    import subprocess
+    import sys
+
+    out = tmp_path / "cxr"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dicomnode",
+            "synth",
+            "cxr",
+            "--n",
+            "4",
+            "--out",
+            str(out),
+            "--seed",
+            "5",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    rows = list(csv.DictReader((out / "ground_truth.csv").open()))
+    assert len(rows) == 4
+    assert sum(int(row["pneumothorax"]) for row in rows) == 2
+    for row in rows:
+        assert (out / row["file"]).is_file()
