@@ -39,6 +39,11 @@ class NodeSettings(_Section):
 
 class StorageSettings(_Section):
     path: Path = Path("var/storage")
+    retention_days: float = Field(
+        default=0,
+        ge=0,
+        description="delete reported, fully exported studies older than this; 0 = keep forever",
+    )
 
 
 class DatabaseSettings(_Section):
@@ -55,6 +60,12 @@ class DatabaseSettings(_Section):
 class WebSettings(_Section):
     host: str = "127.0.0.1"
     port: Port = 8080
+
+
+class LoggingSettings(_Section):
+    json_lines: bool = Field(
+        default=False, alias="json", description="one JSON object per line instead of plain text"
+    )
 
 
 class AssemblySettings(_Section):
@@ -166,6 +177,7 @@ class Settings(_Section):
     destinations: list[Destination] = []
     peers: list[Peer] = []
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    logging: LoggingSettings = LoggingSettings()
 
     # The file these settings came from; relative paths resolve against its folder's parent
     # when the file lives in conf/, else against its own folder.

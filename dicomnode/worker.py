@@ -20,6 +20,7 @@ from dicomnode.db.models import Job, ResultObject
 from dicomnode.export.scu import send_file
 from dicomnode.jobs import claim, complete, fail
 from dicomnode.models.registry import ModelCard
+from dicomnode.notify import send_notification
 from dicomnode.pipeline.analyse import analyse_study, mark_failed
 from dicomnode.pipeline.runtime import Runtime
 
@@ -43,7 +44,10 @@ class Worker:
         """Claim and run one due job; False when none was due."""
         with self.sessions() as session:
             job = claim(
-                session, self.owner, ["analyse", "export"], self.settings.worker.lease_seconds
+                session,
+                self.owner,
+                ["analyse", "export", "notify"],
+                self.settings.worker.lease_seconds,
             )
             if job is None:
                 return False
@@ -62,11 +66,15 @@ class Worker:
                     reason,
                 )
                 job = session.get(Job, job.id)
-                recorded = fail(
-                    session, job, reason, self.settings.worker.max_attempts, owner=self.owner
+                # Critical-result notifications keep trying longer than other jobs.
+                attempts = (
+                    self.settings.notify.max_attempts
+                    if job.kind == "notify"
+                    else self.settings.worker.max_attempts
                 )
+                recorded = fail(session, job, reason, attempts, owner=self.owner)
                 if recorded and job.kind == "analyse" and job.state == "dead":
-                    mark_failed(session, job.study_id, reason)
+                    mark_failed(session, job.study_id, reason, self.settings.worklist)
                 return True
             if not complete(session, session.get(Job, job.id), owner=self.owner):
                 log.warning("job %d: lease expired while running; another worker owns it", job.id)
@@ -97,6 +105,8 @@ class Worker:
                 return f"destination {job.payload['destination']!r} no longer configured"
             send_file(Path(result.path), destination, self.settings.node.ae_title)
             return f"{result.kind} -> {destination.name}"
+        if job.kind == "notify":
+            return send_notification(session, self.settings.notify, job)
         raise ValueError(f"unknown job kind {job.kind!r}")
 
     def run_forever(self, stop: threading.Event, parent_pid: int | None = None) -> None:

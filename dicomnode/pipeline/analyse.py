@@ -17,19 +17,21 @@ from pydicom import Dataset
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
-from dicomnode.config import Settings
+from dicomnode.config import Settings, WorklistSettings
 from dicomnode.db.models import FindingRow, Instance, ResultObject, Series, Study
 from dicomnode.db.session import utcnow
 from dicomnode.findings import ImageFindings
 from dicomnode.ingest.spool import instance_path, write_durable
 from dicomnode.jobs import enqueue
 from dicomnode.models.registry import ModelCard
+from dicomnode.notify import becomes_critical, enqueue_notifications
 from dicomnode.pipeline.postprocess import classification_findings
 from dicomnode.pipeline.preprocess import prepare_input
 from dicomnode.pipeline.runtime import Runtime
 from dicomnode.pipeline.select import image_facts, select_models
 from dicomnode.results.overlay import build_overlay
 from dicomnode.results.sr import build_sr
+from dicomnode.worklist.policy import DEFAULT_SETTINGS
 from dicomnode.worklist.service import reprioritise
 
 log = logging.getLogger("dicomnode.pipeline")
@@ -183,17 +185,25 @@ def analyse_study(
     study.analysis_error = ""
     session.flush()
     session.refresh(study, ["findings"])
-    reprioritise(session, study, utcnow())
+    tier_before = study.tier
+    reprioritise(session, study, utcnow(), settings.worklist)
+    if becomes_critical(tier_before, study.tier):
+        enqueue_notifications(session, study, settings.notify)
     session.commit()
     return times
 
 
-def mark_failed(session: Session, study_id: int, reason: str) -> None:
+def mark_failed(
+    session: Session,
+    study_id: int,
+    reason: str,
+    worklist: WorklistSettings = DEFAULT_SETTINGS,
+) -> None:
     """Record a failed analysis; the study keeps (never loses) its place in the worklist."""
     study = session.get(Study, study_id)
     if study is None:
         return
     study.analysis_status = "failed"
     study.analysis_error = reason[:2000]
-    reprioritise(session, study, utcnow())
+    reprioritise(session, study, utcnow(), worklist)
     session.commit()
