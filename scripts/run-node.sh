@@ -9,7 +9,11 @@ PYTHON=${PYTHON:-python3}
 .venv/bin/python -m pip install -q -e .
 .venv/bin/dicomnode check-config conf/dicomnode.toml
 if [ -z "$(.venv/bin/dicomnode users list --config conf/dicomnode.toml)" ]; then
-  echo "no web users yet; the worklist page needs one:" >&2
-  echo "  .venv/bin/dicomnode users add NAME --role radiologist --config conf/dicomnode.toml" >&2
+  # First start: an admin account for the worklist page, with a password shown once.
+  password=$(.venv/bin/python -c "import secrets; print(secrets.token_urlsafe(12))")
+  printf '%s\n' "$password" |
+    .venv/bin/dicomnode users add admin --role admin --password-stdin --config conf/dicomnode.toml
+  echo "worklist log-in: user 'admin', password '$password' (shown once; add radiologists with"
+  echo "  .venv/bin/dicomnode users add NAME --role radiologist --config conf/dicomnode.toml)"
 fi
 exec .venv/bin/dicomnode serve --config conf/dicomnode.toml "$@"
