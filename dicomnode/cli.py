@@ -19,6 +19,7 @@ from dicomnode.tomlfile import ConfigError
 log = logging.getLogger("dicomnode")
 
 DEFAULT_CONFIG = Path(os.environ.get("DICOMNODE_CONFIG", "conf/dicomnode.toml"))
+SCENARIOS = Path("conf/scenarios")
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -273,6 +274,37 @@ def cmd_users(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from dicomnode.simulate.engine import Unstable, simulate
+    from dicomnode.simulate.report import describe, evaluate, format_table, write_plot
+    from dicomnode.simulate.scenario import load_scenario
+
+    paths = [args.scenario] if args.scenario else sorted(SCENARIOS.glob("*.toml"))
+    if not paths:
+        print(f"no scenario given and none in {SCENARIOS}", file=sys.stderr)
+        return 2
+    results = []
+    for path in paths:
+        scenario = load_scenario(path)
+        if args.false_positive_rate is not None:
+            scenario = scenario.with_false_positive_rate(args.false_positive_rate)
+        days = args.days if args.days is not None else scenario.days
+        seed = args.seed if args.seed is not None else scenario.seed
+        try:
+            result = evaluate(scenario, simulate(scenario, days=days, seed=seed))
+        except Unstable as exc:
+            print(f"{path}: {exc}", file=sys.stderr)
+            return 2
+        print(describe(scenario, days, seed))
+        print(format_table(result))
+        print()
+        results.append(result)
+    if args.plot:
+        write_plot(results, args.plot)
+        print(f"chart written to {args.plot}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dicomnode", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -339,6 +371,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     with_config(users_commands.add_parser("list", help="list users and roles"))
     users.set_defaults(func=cmd_users)
+
+    simulate = commands.add_parser(
+        "simulate", help="reading-room simulation: FIFO against the worklist policy"
+    )
+    simulate.add_argument(
+        "--scenario", type=Path, default=None, help=f"scenario TOML (default: all in {SCENARIOS})"
+    )
+    simulate.add_argument("--days", type=int, default=None, help="days measured (default: file)")
+    simulate.add_argument("--seed", type=int, default=None, help="random seed (default: file)")
+    simulate.add_argument("--plot", type=Path, default=None, help="write a PNG bar chart here")
+    simulate.add_argument(
+        "--false-positive-rate",
+        type=float,
+        default=None,
+        help="set every finding's specificity to 1 - this (e.g. 0.1)",
+    )
+    simulate.set_defaults(func=cmd_simulate)
     return parser
 
 

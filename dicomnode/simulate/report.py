@@ -124,6 +124,25 @@ def format_table(result: ScenarioResult) -> str:
     return "\n".join(lines)
 
 
+def describe(scenario: Scenario, days: int, seed: int) -> str:
+    """Two header lines: the scenario and the settings it ran with."""
+    specificity = ", ".join(
+        f"{f.name} {f.prevalence:.1%} (sens {f.sensitivity:.0%}, spec {f.specificity:.0%})"
+        for f in scenario.findings
+    )
+    waits = scenario.policy.max_wait_minutes
+    return (
+        f"== {scenario.name}: {scenario.description}\n"
+        f"   {days} days after {scenario.warmup_days} warm-up, seed {seed}; "
+        f"{scenario.arrivals.studies_per_day:g} studies/day; {specificity}\n"
+        f"   policy max waits (min): stat {waits.stat:g}, critical {waits.critical:g}, "
+        f"urgent {waits.urgent:g}, routine {waits.routine:g}; full head start at "
+        f"p >= {scenario.policy.full_head_start_probability:g}, "
+        f"{scenario.policy.min_head_start_share:.0%} at the threshold\n"
+        "   minutes; TAT = arrival to report done; wait = arrival to start of reading"
+    )
+
+
 # Chart ------------------------------------------------------------------------------------
 
 FIFO_COLOUR = (150, 150, 150)
