@@ -52,6 +52,22 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _recover(settings: Settings, sessions) -> None:
+    """Before listening: index spool files a crash left without rows, drop temporary files."""
+    from dicomnode.ingest.recover import recover_spool
+
+    with sessions() as session:
+        found = recover_spool(session, settings.storage_path, settings.assembly.quiet_seconds)
+    if found.indexed or found.temporary_removed or found.unreadable:
+        log.warning(
+            "spool recovery: %d orphan instance(s) indexed, %d temporary file(s) removed, "
+            "%d unreadable",
+            found.indexed,
+            found.temporary_removed,
+            found.unreadable,
+        )
+
+
 def _assembly_loop(sessions, stop: threading.Event, period: float) -> None:
     from dicomnode.db.session import utcnow
     from dicomnode.ingest.assembly import queue_ready_studies
@@ -124,6 +140,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         ", ".join(f"{c.model.name} {c.model.version}" for c in cards),
         RESEARCH_DEMO_NOTICE,
     )
+    _recover(settings, sessions)
     scp = StorageSCP(settings, sessions)
     scp.start()
     stop = threading.Event()

@@ -1,0 +1,80 @@
+"""Start-up recovery of the spool after a crash.
+
+An instance is written (tmp + fsync + rename) before its database row is committed, and
+success is answered only after both. A crash between the two leaves a file the sender was
+never told about; it is indexed here so the study is complete when the sender retries (the
+retry is then a duplicate). Temporary files of interrupted writes are removed.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import pydicom
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from dicomnode.db.models import Instance
+from dicomnode.db.session import utcnow
+from dicomnode.ingest.index import index_instance, instance_facts
+
+log = logging.getLogger("dicomnode.ingest")
+
+# Results the node writes itself live under <storage>/results/ and are not received instances.
+RESULTS_FOLDER = "results"
+
+
+@dataclass
+class Recovery:
+    """What a start-up scan found and did."""
+
+    indexed: int = 0
+    temporary_removed: int = 0
+    unreadable: int = 0
+
+
+def _received_files(storage: Path):
+    for study_folder in sorted(storage.iterdir()):
+        if not study_folder.is_dir() or study_folder.name == RESULTS_FOLDER:
+            continue
+        yield from sorted(study_folder.glob("*/*"))
+
+
+def recover_spool(session: Session, storage: Path, quiet_seconds: float) -> Recovery:
+    """Index orphan spool files (on disk, no instance row) and remove stale temporary files."""
+    recovery = Recovery()
+    if not storage.is_dir():
+        return recovery
+    known = set(session.scalars(select(Instance.path)).all())
+    for path in _received_files(storage):
+        if not path.is_file():
+            continue
+        if path.name.startswith(".") and path.name.endswith(".tmp"):
+            # An interrupted write: never acknowledged, so the sender still has it.
+            path.unlink(missing_ok=True)
+            recovery.temporary_removed += 1
+            continue
+        if path.suffix != ".dcm" or str(path) in known:
+            continue
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            facts = instance_facts(ds)
+            transfer_syntax = str(ds.file_meta.TransferSyntaxUID)
+        except Exception as exc:
+            recovery.unreadable += 1
+            log.warning("recovery: cannot read spool file %s: %s", path.name, exc)
+            continue
+        if index_instance(
+            session,
+            facts,
+            path=str(path),
+            size_bytes=path.stat().st_size,
+            transfer_syntax_uid=transfer_syntax,
+            calling_ae="",
+            now=utcnow(),
+            quiet_seconds=quiet_seconds,
+        ):
+            recovery.indexed += 1
+    return recovery
