@@ -38,13 +38,13 @@ def _database(settings: Settings):
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    settings = _settings(args)
-    cards = _cards(settings)
-    for card in cards:
-        if not card.onnx_path.is_file():
-            raise ConfigError(
-                card.card_path, f"ONNX file {card.onnx_path} does not exist", key="model.onnx"
-            )
+    from dicomnode.checkconfig import check_all
+
+    settings, cards, problems = check_all(args.config)
+    for problem in problems:
+        print(f"configuration error: {problem}", file=sys.stderr)
+    if settings is None or problems:
+        return 2
     print(
         f"{args.config}: OK ({len(cards)} model card(s), "
         f"{len(settings.destinations)} destination(s), {len(settings.peers)} peer(s))"
@@ -124,14 +124,17 @@ class WorkerPool:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
+    from dicomnode import serve
 
+    # Workers inherit "ignore SIGHUP" until they install their own reload handler.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    # Before anything makes a Prometheus metric: workers inherit the folder.
+    metrics_folder = serve.metrics_dir()
     from dicomnode.ingest.scp import StorageSCP
     from dicomnode.logs import setup_logging
-    from dicomnode.web.app import create_app
 
     settings = _settings(args)
-    setup_logging(settings.log_level)
+    setup_logging(settings.log_level, settings.logging.json_lines)
     cards = _cards(settings)
     sessions = _database(settings)
     log.info(
@@ -152,17 +155,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     workers = WorkerPool(Path(args.config), count)
     threading.Thread(target=workers.supervise, args=(stop,), name="workers", daemon=True).start()
     log.info("worklist page on http://%s:%d/worklist", settings.web.host, settings.web.port)
+    node = serve.Node(Path(args.config), settings, cards, scp, workers.processes)
     try:
-        uvicorn.run(
-            create_app(sessions),
-            host=settings.web.host,
-            port=settings.web.port,
-            log_level="warning",
-        )
+        serve.run_web(node, sessions, stop)
     finally:
         stop.set()
         scp.stop()
         workers.stop()
+        serve.remove_metrics_dir(metrics_folder)
         log.info("stopped")
     return 0
 
@@ -171,12 +171,15 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from dicomnode.logs import setup_logging
     from dicomnode.worker import Worker
 
+    # A SIGHUP before the handler below is installed must not kill the worker.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     settings = _settings(args)
-    setup_logging(settings.log_level)
+    setup_logging(settings.log_level, settings.logging.json_lines)
     worker = Worker(settings, _database(settings), _cards(settings))
     worker.warm_up()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGHUP, lambda *_: worker.reload_requested.set())
     log.info("worker %s ready", worker.owner)
     worker.run_forever(stop, parent_pid=args.parent_pid)
     return 0

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicomnode import metrics
 from dicomnode.config import Settings
 from dicomnode.db.models import Job, ResultObject
 from dicomnode.export.scu import send_file
@@ -34,6 +35,29 @@ class Worker:
         self.cards = cards
         self.runtime = Runtime(settings.worker.providers)
         self.owner = f"{socket.gethostname()}:{os.getpid()}"
+        # Set by SIGHUP: re-read the configuration between jobs.
+        self.reload_requested = threading.Event()
+
+    def reload(self) -> bool:
+        """Re-read settings and cards; keep the old ones if the new ones are invalid."""
+        from dicomnode.checkconfig import load_checked
+        from dicomnode.tomlfile import ConfigError
+
+        if self.settings.source is None:
+            return False
+        try:
+            settings, cards = load_checked(self.settings.source)
+        except ConfigError as exc:
+            log.error("reload refused, the running configuration is kept: %s", exc)
+            return False
+        kept = {(c.model.name, c.model.version, c.onnx_path) for c in cards}
+        if settings.worker.providers != self.settings.worker.providers:
+            self.runtime = Runtime(settings.worker.providers)
+        else:
+            self.runtime.keep_only({(name, version) for name, version, _ in kept})
+        self.settings, self.cards = settings, cards
+        log.info("worker %s reloaded: %d model card(s)", self.owner, len(cards))
+        return True
 
     def warm_up(self) -> None:
         """Open every model's session now, so the first study does not pay for it."""
@@ -56,6 +80,8 @@ class Worker:
                 detail = self._run(session, job)
             except Exception as exc:
                 session.rollback()
+                if job.kind == "export":
+                    metrics.EXPORT_FAILURES.labels(job.payload.get("destination", "")).inc()
                 reason = f"{type(exc).__name__}: {exc}"
                 log.warning(
                     "job %d %s study_id=%d attempt %d failed: %s",
@@ -79,6 +105,7 @@ class Worker:
             if not complete(session, session.get(Job, job.id), owner=self.owner):
                 log.warning("job %d: lease expired while running; another worker owns it", job.id)
                 return True
+            metrics.JOB_SECONDS.labels(job.kind, "total").observe(time.perf_counter() - started)
             log.info(
                 "job %d %s study_id=%d done in %.0f ms %s",
                 job.id,
@@ -92,6 +119,8 @@ class Worker:
     def _run(self, session: Session, job: Job) -> str:
         if job.kind == "analyse":
             times = analyse_study(session, self.settings, self.cards, self.runtime, job.study_id)
+            for stage, seconds in times.seconds.items():
+                metrics.JOB_SECONDS.labels("analyse", stage).observe(seconds)
             return str(times)
         if job.kind == "export":
             result = session.get(ResultObject, job.payload["result_id"])
@@ -112,6 +141,9 @@ class Worker:
     def run_forever(self, stop: threading.Event, parent_pid: int | None = None) -> None:
         """Poll for jobs until ``stop`` is set (or the parent process is gone)."""
         while not stop.is_set():
+            if self.reload_requested.is_set():
+                self.reload_requested.clear()
+                self.reload()
             if parent_pid is not None and os.getppid() != parent_pid:
                 log.warning("parent process gone; worker exits")
                 return

@@ -14,6 +14,7 @@ from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicomnode import metrics
 from dicomnode.config import Peer, Settings
 from dicomnode.db.session import utcnow
 from dicomnode.ingest import assembly
@@ -91,6 +92,7 @@ class StorageSCP:
                 address,
             )
             # Rejected permanent, service user, calling AE title not recognised.
+            metrics.count_association("rejected")
             event.assoc.acse.send_reject(0x01, 0x01, 0x03)
             # As pynetdicom's own rejections do: let the DUL send the A-ASSOCIATE-RJ before
             # the socket closes, or the peer sees an abort instead of the reason.
@@ -104,6 +106,7 @@ class StorageSCP:
             record = self._associations.pop(id(event.assoc), None)
         if record is None:
             return
+        metrics.count_association(outcome)
         log.info(
             "association %s: calling_ae=%s address=%s stored=%d duplicates=%d refused=%d bytes=%d",
             outcome,
@@ -131,9 +134,11 @@ class StorageSCP:
         record = self._associations.get(id(event.assoc)) or _AssociationLog(
             event.assoc.requestor.ae_title.strip(), event.assoc.requestor.address
         )
+        stored_bytes = record.bytes
         status = self._store(event, record)
         if status != STATUS_SUCCESS:
             record.refused += 1
+        metrics.count_store(status, record.bytes - stored_bytes)
         return status
 
     def _store(self, event: evt.Event, record: _AssociationLog) -> int:

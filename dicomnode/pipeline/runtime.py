@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 import numpy as np
 import onnxruntime as ort
@@ -86,11 +87,24 @@ class Runtime:
                 self._sessions[key] = load_session(card, self.providers)
             return self._sessions[key]
 
+    def keep_only(self, models: set[tuple[str, str]]) -> None:
+        """Drop the sessions of models not in ``models`` ((name, version) pairs)."""
+        with self._lock:
+            for key in list(self._sessions):
+                if tuple(key.split(":", 1)) not in models:
+                    del self._sessions[key]
+
     def run(self, card: ModelCard, batch: np.ndarray) -> dict[str, np.ndarray]:
         """Run a (N, C, H, W) float32 batch; returns the card's outputs by name."""
+        from dicomnode.metrics import INFERENCE_SECONDS
+
         session = self.session(card)
         names = [spec.name for spec in card.outputs]
+        started = time.perf_counter()
         values = session.run(names, {card.input.name: batch.astype(np.float32, copy=False)})
+        INFERENCE_SECONDS.labels(card.model.name, session.get_providers()[0]).observe(
+            time.perf_counter() - started
+        )
         outputs = dict(zip(names, values, strict=True))
         for name, value in outputs.items():
             if not np.all(np.isfinite(value)):
