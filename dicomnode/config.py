@@ -78,6 +78,7 @@ class WorkerSettings(_Section):
     lease_seconds: float = Field(default=300.0, gt=0)
     poll_seconds: float = Field(default=0.2, gt=0)
     max_attempts: int = Field(default=5, ge=1)
+    backoff_base_seconds: float = Field(default=2.0, gt=0)
 
 
 class ModelsSettings(_Section):

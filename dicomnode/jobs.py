@@ -101,9 +101,9 @@ def complete(
     return True
 
 
-def backoff_seconds(attempts: int) -> float:
+def backoff_seconds(attempts: int, base: float = BACKOFF_BASE_SECONDS) -> float:
     """Exponential backoff after the ``attempts``-th failure: 2, 4, 8, ... capped."""
-    return min(BACKOFF_MAX_SECONDS, BACKOFF_BASE_SECONDS * 2 ** max(0, attempts - 1))
+    return min(BACKOFF_MAX_SECONDS, base * 2 ** max(0, attempts - 1))
 
 
 def fail(
@@ -113,6 +113,7 @@ def fail(
     max_attempts: int,
     now: datetime | None = None,
     owner: str | None = None,
+    backoff_base: float = BACKOFF_BASE_SECONDS,
 ) -> bool:
     """Record a failure: retry later with backoff, or dead-letter after ``max_attempts``.
 
@@ -128,6 +129,16 @@ def fail(
         job.finished_at = now
     else:
         job.state = "queued"
-        job.run_after = now + timedelta(seconds=backoff_seconds(job.attempts))
+        job.run_after = now + timedelta(seconds=backoff_seconds(job.attempts, backoff_base))
     session.commit()
     return True
+
+
+def retry(session: Session, job: Job, now: datetime | None = None) -> None:
+    """Queue a dead-lettered job again with a fresh attempt budget (the caller commits)."""
+    job.state = "queued"
+    job.attempts = 0
+    job.run_after = now or utcnow()
+    job.finished_at = None
+    job.lease_owner = ""
+    job.lease_expires_at = None

@@ -98,7 +98,14 @@ class Worker:
                     if job.kind == "notify"
                     else self.settings.worker.max_attempts
                 )
-                recorded = fail(session, job, reason, attempts, owner=self.owner)
+                recorded = fail(
+                    session,
+                    job,
+                    reason,
+                    attempts,
+                    owner=self.owner,
+                    backoff_base=self.settings.worker.backoff_base_seconds,
+                )
                 if recorded and job.kind == "analyse" and job.state == "dead":
                     mark_failed(session, job.study_id, reason, self.settings.worklist)
                 return True

@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicomnode import RESEARCH_DEMO_NOTICE, __version__
 from dicomnode.web.api import api_router
 from dicomnode.web.auth import NotLoggedIn, authenticator
+from dicomnode.web.jobs_api import jobs_router
 from dicomnode.web.pages import page_router
 from dicomnode.worklist.audit import ViewThrottle
 
@@ -48,6 +49,7 @@ def create_app(sessions: sessionmaker[Session]) -> FastAPI:
     views = ViewThrottle()
     app.include_router(api_router(sessions, caller_of, views))
     app.include_router(page_router(sessions, caller_of, views))
+    app.include_router(jobs_router(sessions, caller_of))
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     @app.exception_handler(NotLoggedIn)

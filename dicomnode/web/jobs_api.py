@@ -1,0 +1,109 @@
+"""Admin REST API over the job queue: list jobs by state (dead letters), retry a dead job.
+
+A job is dead-lettered after ``[worker] max_attempts`` failures (``last_error`` says why);
+an admin retries it once the cause is fixed (destination back, model replaced). Retrying
+is audited. Bearer requests need no CSRF token; cookie requests need the page's token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Depends, HTTPException, Query, status
+from pydantic import BaseModel, Field
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicomnode.db.models import Job, Study
+from dicomnode.db.session import utcnow
+from dicomnode.jobs import retry
+from dicomnode.web.auth import Caller, admin_only
+from dicomnode.worklist import audit
+
+JobState = Literal["queued", "leased", "done", "dead"]
+
+
+class JobOut(BaseModel):
+    id: int
+    kind: str = Field(description="analyse, export or notify")
+    state: JobState
+    study_instance_uid: str
+    destination: str = Field(description="export jobs: the destination's name")
+    attempts: int
+    last_error: str = Field(description="the reason of the last failure")
+    run_after: datetime
+    finished_at: datetime | None
+
+
+def _job_out(job: Job, study_uid: str) -> JobOut:
+    return JobOut(
+        id=job.id,
+        kind=job.kind,
+        state=job.state,
+        study_instance_uid=study_uid,
+        destination=str((job.payload or {}).get("destination", "")),
+        attempts=job.attempts,
+        last_error=job.last_error,
+        run_after=job.run_after,
+        finished_at=job.finished_at,
+    )
+
+
+def jobs_router(sessions: sessionmaker[Session], caller_of: Callable[..., Caller]) -> APIRouter:
+    """The /api/jobs routes (admin only)."""
+    router = APIRouter(prefix="/api/jobs", tags=["jobs"])
+
+    authenticated = Depends(caller_of)
+
+    def admin(caller: Caller = authenticated) -> Caller:
+        return admin_only(caller)
+
+    admin_required = Depends(admin)
+
+    @router.get("", response_model=list[JobOut])
+    def list_jobs(
+        caller: Caller = admin_required,
+        state: JobState = "dead",
+        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    ) -> list[JobOut]:
+        """Jobs in one state, newest first (default: dead letters, with their reason)."""
+        with sessions() as session:
+            rows = session.execute(
+                select(Job, Study.study_instance_uid)
+                .join(Study, Study.id == Job.study_id)
+                .where(Job.state == state)
+                .order_by(Job.id.desc())
+                .limit(limit)
+            ).all()
+            return [_job_out(job, uid) for job, uid in rows]
+
+    @router.post("/{job_id}/retry", response_model=JobOut)
+    def retry_job(job_id: int, caller: Caller = admin_required) -> JobOut:
+        """Queue a dead-lettered job again with a fresh attempt budget."""
+        now = utcnow()
+        with sessions() as session:
+            job = session.get(Job, job_id)
+            if job is None:
+                raise HTTPException(status.HTTP_404_NOT_FOUND, f"no job {job_id}")
+            if job.state != "dead":
+                raise HTTPException(
+                    status.HTTP_409_CONFLICT, f"job {job_id} is {job.state}, not dead"
+                )
+            study = session.get(Study, job.study_id)
+            retry(session, job, now)
+            if job.kind == "analyse" and study is not None:
+                study.analysis_status = "queued"
+            audit.record(
+                session,
+                caller.principal.username,
+                "retry_job",
+                now,
+                study_instance_uid=study.study_instance_uid if study else "",
+                detail=f"job {job.id} {job.kind}",
+            )
+            session.commit()
+            return _job_out(job, study.study_instance_uid if study else "")
+
+    return router

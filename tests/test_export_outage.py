@@ -1,0 +1,165 @@
+"""Export outage: results wait with persisted backoff through node restarts and arrive once;
+dead letters are listed (with the reason) and retried by an admin through the API."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import httpx
+import pydicom
+import pytest
+from conftest import (
+    RunningNode,
+    StoreSCP,
+    _wait_port,
+    dcmtk,
+    free_port,
+    start_node,
+    stop_node,
+    wait_for,
+    write_config,
+)
+from sqlalchemy import func, select
+from web_server import add_users, serve
+from worklist_seed import add_study
+
+from dicomnode.db.models import AuditEntry, Job, Study
+from dicomnode.db.session import as_utc, make_engine, make_sessionmaker, utcnow
+from dicomnode.jobs import claim, enqueue, fail
+from dicomnode.synth.cxr import make_cxr
+from dicomnode.web.app import create_app
+
+
+def _export_jobs(db: Path) -> list[Job]:
+    engine = make_engine(f"sqlite:///{db}")
+    try:
+        with make_sessionmaker(engine)() as session:
+            jobs = list(session.scalars(select(Job).where(Job.kind == "export")).all())
+            session.expunge_all()
+            return jobs
+    finally:
+        engine.dispose()
+
+
+def _restart(node: RunningNode) -> None:
+    stop_node(node)
+    node.process = subprocess.Popen(
+        [sys.executable, "-m", "dicomnode", "serve", "--config", str(node.config)],
+        stdout=node.log.open("a"),
+        stderr=subprocess.STDOUT,
+        cwd=node.config.parent,
+    )
+    _wait_port(node.port, node.process)
+    _wait_port(node.web_port, node.process)
+
+
+def test_results_wait_out_a_destination_outage_and_arrive_once(tmp_path: Path) -> None:
+    pacs = StoreSCP("PACS", free_port(), tmp_path / "pacs")
+    pacs.folder.mkdir()
+    config, port, web_port = write_config(
+        tmp_path, f"sqlite:///{tmp_path / 'dicomnode.db'}", destinations=[pacs]
+    )
+    text = config.read_text().replace(
+        "poll_seconds = 0.1\n",
+        "poll_seconds = 0.1\nmax_attempts = 50\nbackoff_base_seconds = 0.2\n",
+    )
+    config.write_text(text)
+    node = start_node(tmp_path, config, port, web_port)
+    storescp = None
+    try:
+        ds, _ = make_cxr(920_001, pneumothorax=True, size=128, accession_number="ACC-OUT")
+        source = tmp_path / "source.dcm"
+        ds.save_as(source, enforce_file_format=True)
+        assert node.storescu(source).returncode == 0
+
+        # The destination is down: export jobs fail and back off, in the database.
+        def backing_off() -> list[Job] | None:
+            jobs = _export_jobs(tmp_path / "dicomnode.db")
+            waiting = [j for j in jobs if j.state == "queued" and j.attempts >= 2]
+            return jobs if jobs and len(waiting) == len(jobs) else None
+
+        jobs = wait_for(backing_off, timeout=60, what="export jobs backing off")
+        assert len(jobs) == 2  # SR and overlay (the phantom is positive)
+        assert all("association not accepted" in j.last_error for j in jobs)
+        assert all(as_utc(j.run_after) > as_utc(j.created_at) for j in jobs)
+
+        _restart(node)
+        _restart(node)  # twice: nothing is lost or re-queued by a restart
+        storescp = subprocess.Popen(
+            [dcmtk("storescp"), "--aetitle", "PACS", "--output-directory", str(pacs.folder),
+             "--accept-all", "--unique-filenames", str(pacs.port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env={**os.environ, "TCP_NODELAY": "1"},
+        )  # fmt: skip
+        wait_for(
+            lambda: all(j.state == "done" for j in _export_jobs(tmp_path / "dicomnode.db")),
+            timeout=60,
+            what="exports done after the destination returned",
+        )
+        received = [pydicom.dcmread(p) for p in pacs.received()]
+        uids = sorted(str(r.SOPInstanceUID) for r in received)
+        assert len(uids) == 2 and len(set(uids)) == 2, uids
+        assert {str(r.StudyInstanceUID) for r in received} == {str(ds.StudyInstanceUID)}
+    finally:
+        if storescp is not None:
+            storescp.terminate()
+            storescp.wait(timeout=10)
+        stop_node(node)
+
+
+@pytest.fixture
+def dead_letter(sessions) -> Iterator[tuple[str, dict[str, str], int, str]]:
+    tokens = add_users(sessions)
+    with sessions() as session:
+        uid = add_study(session, "ACC-DEAD", now=utcnow())
+        study_id = session.scalar(select(Study.id).where(Study.study_instance_uid == uid))
+        job = enqueue(session, "export", study_id, {"result_id": 1, "destination": "pacs"})
+        session.commit()
+        for _ in range(2):
+            # Claimed past its backoff.
+            later = utcnow() + timedelta(hours=1)
+            claimed = claim(session, "test-worker", ["export"], 60, now=later)
+            fail(session, claimed, "ExportError: pacs: association not accepted", max_attempts=2)
+        job_id = job.id
+    with serve(create_app(sessions)) as url:
+        yield url, tokens, job_id, uid
+
+
+def test_dead_letters_listed_with_reason_and_retried_by_admin(sessions, dead_letter) -> None:
+    url, tokens, job_id, uid = dead_letter
+
+    def client(user: str) -> httpx.Client:
+        return httpx.Client(
+            base_url=url, headers={"Authorization": f"Bearer {tokens[user]}"}, timeout=10
+        )
+
+    assert httpx.get(f"{url}/api/jobs?state=dead", timeout=10).status_code == 401
+    with client("dr_house") as radiologist:
+        assert radiologist.get("/api/jobs?state=dead").status_code == 403
+        assert radiologist.post(f"/api/jobs/{job_id}/retry").status_code == 403
+    with client("boss") as admin:
+        dead = admin.get("/api/jobs", params={"state": "dead"}).json()
+        assert [(j["id"], j["kind"], j["destination"], j["study_instance_uid"]) for j in dead] == [
+            (job_id, "export", "pacs", uid)
+        ]
+        assert dead[0]["attempts"] == 2
+        assert "association not accepted" in dead[0]["last_error"]
+        retried = admin.post(f"/api/jobs/{job_id}/retry")
+        assert retried.status_code == 200, retried.text
+        assert retried.json()["state"] == "queued" and retried.json()["attempts"] == 0
+        assert admin.get("/api/jobs?state=dead").json() == []
+        assert admin.post(f"/api/jobs/{job_id}/retry").status_code == 409
+        assert admin.post("/api/jobs/999999/retry").status_code == 404
+    with sessions() as session:
+        audited = session.scalar(
+            select(func.count())
+            .select_from(AuditEntry)
+            .where(AuditEntry.action == "retry_job", AuditEntry.actor == "boss")
+        )
+    assert audited == 1
