@@ -111,9 +111,9 @@ class MaxWaitMinutes(_Section):
     """Longest wait per tier; a higher tier may not wait longer than a lower one."""
 
     stat: float = Field(default=15.0, ge=0)
-    critical: float = Field(default=15.0, ge=0)
-    urgent: float = Field(default=120.0, ge=0)
-    routine: float = Field(default=240.0, ge=0)
+    critical: float = Field(default=30.0, ge=0)
+    urgent: float = Field(default=240.0, ge=0)
+    routine: float = Field(default=1440.0, ge=0)
 
     @model_validator(mode="after")
     def _ordered(self) -> MaxWaitMinutes:
