@@ -8,9 +8,16 @@ of its tier, and the worklist reads the earliest due first. A critical study the
 goes ahead of every routine study that arrived less than (routine - critical max wait)
 before it, and behind the older ones: a routine study that has waited that long has aged
 past any new critical study. That difference, the head start, is the most a critical
-study can gain over a routine one, which is what keeps routine waits bounded (AI triage
-otherwise pushes routine studies back without limit). The due time never changes as time
-passes, so the ordered worklist needs no periodic recomputation.
+study can gain over a routine one, and it bounds how far triage pushes a routine study
+back: only studies flagged within one head start after it can overtake it, each by one
+reading (AI triage otherwise pushes routine studies back without limit). The due time
+never changes as time passes, so the ordered worklist needs no periodic recomputation.
+
+False positives pay the same head start as true findings, and with a model that flags
+10% of normal studies they are most of what overtakes a routine study. Optionally the AI
+tiers' head start shrinks with the finding's probability (full at
+``full_head_start_probability``, ``min_head_start_share`` of it at the threshold, where
+false positives crowd); the study keeps its tier either way.
 """
 
 from __future__ import annotations
