@@ -1,0 +1,109 @@
+"""Full configuration check: the main file, every model card, every path and ONNX file."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from dicomnode.config import Settings, load_settings
+from dicomnode.models.registry import ModelCard, load_card
+from dicomnode.tomlfile import ConfigError, key_line
+
+
+def _line(settings: Settings, loc: tuple[str | int, ...]) -> int | None:
+    if settings.source is None:
+        return None
+    return key_line(settings.source.read_text(encoding="utf-8"), loc)
+
+
+def _writable_dir(path: Path) -> str:
+    """Why ``path`` cannot be a writable folder (made on first use), or '' when it can."""
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            return f"no existing parent folder for {path}"
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"{probe} is not a folder"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"{probe} is not writable by this user"
+    return ""
+
+
+def check_paths(settings: Settings) -> list[ConfigError]:
+    """Problems with the storage folder, the SQLite file's folder and the model folders."""
+    source = settings.source or Path("<settings>")
+    problems = []
+    reason = _writable_dir(settings.storage_path)
+    if reason:
+        problems.append(
+            ConfigError(
+                source, reason, key="storage.path", line=_line(settings, ("storage", "path"))
+            )
+        )
+    url = settings.database_url
+    if url.startswith("sqlite:///") and ":memory:" not in url:
+        reason = _writable_dir(Path(url.removeprefix("sqlite:///")).parent)
+        if reason:
+            problems.append(
+                ConfigError(
+                    source, reason, key="database.url", line=_line(settings, ("database", "url"))
+                )
+            )
+    for folder in settings.model_folders:
+        if folder.exists() and not folder.is_dir():
+            problems.append(
+                ConfigError(
+                    source,
+                    f"model folder {folder} is not a folder",
+                    key="models.folders",
+                    line=_line(settings, ("models", "folders")),
+                )
+            )
+    return problems
+
+
+def check_cards(settings: Settings) -> tuple[list[ModelCard], list[ConfigError]]:
+    """Every card in the model folders (later folders replace earlier by name), and problems."""
+    by_name: dict[str, ModelCard] = {}
+    problems: list[ConfigError] = []
+    for folder in settings.model_folders:
+        if not folder.is_dir():
+            continue
+        for path in sorted(folder.glob("*.toml")):
+            try:
+                card = load_card(path)
+            except ConfigError as exc:
+                problems.append(exc)
+                continue
+            if not card.onnx_path.is_file():
+                problems.append(
+                    ConfigError(
+                        path,
+                        f"ONNX file {card.onnx_path} does not exist",
+                        key="model.onnx",
+                        line=key_line(path.read_text(encoding="utf-8"), ("model", "onnx")),
+                    )
+                )
+                continue
+            by_name[card.model.name] = card
+    return list(by_name.values()), problems
+
+
+def check_all(path: Path | str) -> tuple[Settings | None, list[ModelCard], list[ConfigError]]:
+    """Load and check everything; the settings are None when the main file itself is invalid."""
+    try:
+        settings = load_settings(path)
+    except ConfigError as exc:
+        return None, [], [exc]
+    cards, problems = check_cards(settings)
+    return settings, cards, check_paths(settings) + problems
+
+
+def load_checked(path: Path | str) -> tuple[Settings, list[ModelCard]]:
+    """Settings and cards, or the first problem raised as :class:`ConfigError`."""
+    settings, cards, problems = check_all(path)
+    if problems:
+        raise problems[0]
+    assert settings is not None
+    return settings, cards

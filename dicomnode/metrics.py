@@ -1,0 +1,121 @@
+"""Prometheus metrics: ingest counters, job and inference histograms, database gauges.
+
+``dicomnode serve`` sets ``PROMETHEUS_MULTIPROC_DIR`` before anything imports
+``prometheus_client``, so its worker processes write their samples where ``/metrics``
+(served by the main process) aggregates them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+__all__ = ["CONTENT_TYPE_LATEST", "exposition"]
+
+INSTANCES = Counter("dicomnode_instances_received", "Instances stored (C-STORE success, new)")
+BYTES = Counter("dicomnode_received_bytes", "Bytes of new instances written to storage")
+ASSOCIATIONS = Counter(
+    "dicomnode_associations", "Associations by outcome (released, aborted, rejected)", ["outcome"]
+)
+REFUSALS = Counter("dicomnode_refusals", "C-STORE and association refusals by reason", ["reason"])
+JOB_SECONDS = Histogram(
+    "dicomnode_job_duration_seconds",
+    "Job durations by kind and stage (stage 'total' is the whole job)",
+    ["kind", "stage"],
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+)
+INFERENCE_SECONDS = Histogram(
+    "dicomnode_inference_seconds",
+    "onnxruntime session.run latency by model and execution provider",
+    ["model", "provider"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+EXPORT_FAILURES = Counter(
+    "dicomnode_export_failures", "Failed export attempts by destination", ["destination"]
+)
+
+_STATUS_REASONS = {
+    0xA700: "out_of_resources",
+    0xC000: "cannot_understand",
+    0xA900: "sop_class_mismatch",
+}
+
+
+def count_store(status: int, new_bytes: int) -> None:
+    """Count one C-STORE: an instance and its bytes, or a refusal by reason."""
+    if status == 0x0000:
+        if new_bytes:
+            INSTANCES.inc()
+            BYTES.inc(new_bytes)
+        return
+    REFUSALS.labels(_STATUS_REASONS.get(status, f"status_{status:04x}")).inc()
+
+
+def count_association(outcome: str) -> None:
+    """Count an ended or rejected association."""
+    ASSOCIATIONS.labels(outcome).inc()
+    if outcome == "rejected":
+        REFUSALS.labels("unknown_peer").inc()
+
+
+class DatabaseCollector:
+    """Gauges read from the database at scrape time: job queue depth, worklist by tier."""
+
+    def __init__(self, sessions: sessionmaker[Session]):
+        self.sessions = sessions
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        from dicomnode.db.models import Job, Study
+
+        queue = GaugeMetricFamily(
+            "dicomnode_queue_depth",
+            "Jobs waiting or running by kind and state",
+            labels=["kind", "state"],
+        )
+        worklist = GaugeMetricFamily(
+            "dicomnode_worklist_size", "Studies not yet reported by tier", labels=["tier"]
+        )
+        with self.sessions() as session:
+            jobs = session.execute(
+                select(Job.kind, Job.state, func.count())
+                .where(Job.state.in_(("queued", "leased")))
+                .group_by(Job.kind, Job.state)
+            ).all()
+            tiers = dict(
+                session.execute(
+                    select(Study.tier, func.count())
+                    .where(Study.reading_status != "reported")
+                    .group_by(Study.tier)
+                ).all()
+            )
+        for kind, state, count in jobs:
+            queue.add_metric([kind, state], count)
+        for tier in ("stat", "critical", "urgent", "routine"):
+            worklist.add_metric([tier], tiers.get(tier, 0))
+        yield queue
+        yield worklist
+
+
+def exposition(sessions: sessionmaker[Session]) -> bytes:
+    """The text exposition of every metric of this node (all its processes)."""
+    database = CollectorRegistry(auto_describe=False)
+    database.register(DatabaseCollector(sessions))
+    folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if folder:
+        processes = CollectorRegistry()
+        MultiProcessCollector(processes, path=folder)
+        return generate_latest(processes) + generate_latest(database)
+    return generate_latest(REGISTRY) + generate_latest(database)

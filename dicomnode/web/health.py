@@ -1,0 +1,67 @@
+"""Readiness and Prometheus metrics endpoints (no log-in: for probes and scrapers)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse, Response
+from sqlalchemy import text
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicomnode.config import Settings
+from dicomnode.models.registry import ModelCard
+
+
+def readiness(
+    sessions: sessionmaker[Session], settings: Settings, cards: list[ModelCard]
+) -> dict[str, str]:
+    """Each check's outcome: 'ok' or the reason it failed."""
+    checks: dict[str, str] = {}
+    try:
+        with sessions() as session:
+            session.execute(text("SELECT 1"))
+        checks["database"] = "ok"
+    except Exception as exc:
+        checks["database"] = f"unavailable: {type(exc).__name__}"
+    storage = settings.storage_path
+    if not storage.is_dir():
+        checks["storage"] = "storage folder missing"
+    elif not os.access(storage, os.W_OK):
+        checks["storage"] = "storage folder not writable"
+    else:
+        checks["storage"] = "ok"
+    missing = [c.model.name for c in cards if not c.onnx_path.is_file()]
+    if not cards:
+        checks["models"] = "no model cards found"
+    elif missing:
+        checks["models"] = "ONNX file missing: " + ", ".join(missing)
+    else:
+        checks["models"] = "ok: " + ", ".join(f"{c.model.name} {c.model.version}" for c in cards)
+    return checks
+
+
+def health_router(
+    sessions: sessionmaker[Session],
+    current: Callable[[], tuple[Settings, list[ModelCard]]],
+) -> APIRouter:
+    """``/readyz`` and ``/metrics`` over the node's current settings and model cards."""
+    router = APIRouter(include_in_schema=False)
+
+    @router.get("/readyz")
+    def readyz() -> JSONResponse:
+        checks = readiness(sessions, *current())
+        ready = all(value.startswith("ok") for value in checks.values())
+        return JSONResponse(
+            {"status": "ready" if ready else "not ready", "checks": checks},
+            status_code=200 if ready else 503,
+        )
+
+    @router.get("/metrics")
+    def metrics() -> Response:
+        from dicomnode.metrics import CONTENT_TYPE_LATEST, exposition
+
+        return Response(exposition(sessions), media_type=CONTENT_TYPE_LATEST)
+
+    return router

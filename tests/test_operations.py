@@ -1,0 +1,232 @@
+"""A running node as admins see it: systemd notify, SIGHUP reload, /readyz, /metrics, logs."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import REPO, _wait_port, dcmtk, wait_for, write_config
+
+from dicomnode.synth.cxr import make_cxr
+
+PATIENT_NAME = "Zyxwvuts^Quirinella"
+PATIENT_ID = "PID-73914452"
+BIRTH_DATE = "19470312"
+
+
+def _serve(folder: Path, config: Path, port: int, web_port: int, env: dict | None = None):
+    log = folder / "node.log"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "dicomnode", "serve", "--config", str(config)],
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        cwd=folder,
+        env={**os.environ, **(env or {})},
+    )
+    try:
+        _wait_port(port, process)
+        _wait_port(web_port, process)
+    except Exception:
+        process.kill()
+        raise RuntimeError(f"node did not start:\n{log.read_text()}") from None
+    return process, log
+
+
+def _stop(process: subprocess.Popen) -> int:
+    process.terminate()
+    try:
+        return process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        return process.wait()
+
+
+def _echo(port: int, calling_ae: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [dcmtk("echoscu"), "-aet", calling_ae, "-aec", "DICOMNODE", "127.0.0.1", str(port)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+def _sqlite(folder: Path) -> str:
+    return f"sqlite:///{folder / 'dicomnode.db'}"
+
+
+# systemd ---------------------------------------------------------------------------
+
+
+def test_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze not installed (Debian package systemd)")
+    binary = Path(sys.executable).with_name("dicomnode")
+    units = []
+    for name, target in [
+        ("dicomnode.service", "dicomnode.service"),
+        ("dicomnode-worker@.service", "dicomnode-worker@1.service"),
+    ]:
+        text = (REPO / "systemd" / name).read_text()
+        # verify checks that ExecStart= exists: point it at this checkout's console script.
+        path = tmp_path / target
+        path.write_text(text.replace("/opt/dicomnode/.venv/bin/dicomnode", str(binary)))
+        units.append(path)
+        assert "Restart=on-failure" in text and "NoNewPrivileges=yes" in text
+        assert "ProtectSystem=strict" in text and "CapabilityBoundingSet=" in text
+    service = (REPO / "systemd" / "dicomnode.service").read_text()
+    assert "Type=notify" in service and re.search(r"^WatchdogSec=\d+", service, re.M)
+    result = subprocess.run(
+        [analyze, "verify", "--man=no", *map(str, units)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    problems = [line for line in result.stderr.splitlines() if str(tmp_path) in line]
+    assert result.returncode == 0 and not problems, result.stderr
+
+
+def test_ready_watchdog_reload_and_stopping_reach_notify_socket(tmp_path: Path) -> None:
+    config, port, web_port = write_config(tmp_path, _sqlite(tmp_path))
+    address = str(tmp_path / "notify.sock")
+    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    receiver.bind(address)
+    receiver.settimeout(60)
+    env = {"NOTIFY_SOCKET": address, "WATCHDOG_USEC": "1000000"}
+    process, log = _serve(tmp_path, config, port, web_port, env)
+    messages: list[str] = []
+
+    def until(state: str) -> None:
+        while not any(state in m.split("\n") for m in messages):
+            messages.append(receiver.recv(4096).decode())
+
+    try:
+        until("READY=1")
+        until("WATCHDOG=1")
+        # Ready means the listener answers.
+        assert _echo(port, "MODALITY").returncode == 0
+        process.send_signal(signal.SIGHUP)
+        until("RELOADING=1")
+        messages.clear()
+        until("READY=1")
+    finally:
+        code = _stop(process)
+    until("STOPPING=1")
+    receiver.close()
+    assert code == 0, log.read_text()
+    assert "stopped" in log.read_text()
+
+
+# Reload ---------------------------------------------------------------------------
+
+
+def test_sighup_reloads_peers_and_refuses_a_broken_file(tmp_path: Path) -> None:
+    peers = '\n[[peers]]\nae_title = "MODALITY"\n\n[[peers]]\nae_title = "OTHER"\n'
+    config, port, web_port = write_config(tmp_path, _sqlite(tmp_path), extra=peers)
+    process, log = _serve(tmp_path, config, port, web_port)
+    try:
+        assert _echo(port, "MODALITY").returncode == 0
+        assert _echo(port, "STRANGER").returncode != 0
+
+        good = config.read_text().replace('ae_title = "MODALITY"', 'ae_title = "NEWCOMER"')
+        config.write_text(good)
+        process.send_signal(signal.SIGHUP)
+        wait_for(lambda: "configuration reloaded" in log.read_text(), 30, what="reload")
+        assert _echo(port, "MODALITY").returncode != 0
+        assert _echo(port, "NEWCOMER").returncode == 0
+
+        config.write_text(good.replace("port = ", "port = not-a-number ", 1))
+        process.send_signal(signal.SIGHUP)
+        wait_for(lambda: "reload refused" in log.read_text(), 30, what="refused reload")
+        assert process.poll() is None
+        # The old (second) configuration still holds.
+        assert _echo(port, "NEWCOMER").returncode == 0
+        assert _echo(port, "MODALITY").returncode != 0
+        assert re.search(r"reload refused.*dicomnode\.toml:\d+", log.read_text())
+    finally:
+        assert _stop(process) == 0
+
+
+# Health, metrics, logs ------------------------------------------------------------------
+
+
+def _metric(text: str, name: str, **labels: str) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        if all(f'{key}="{value}"' in line for key, value in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_readyz_metrics_and_json_logs_without_patient_data(tmp_path: Path) -> None:
+    extra = '\n[logging]\njson = true\n\n[[peers]]\nae_title = "MODALITY"\n'
+    config, port, web_port = write_config(tmp_path, _sqlite(tmp_path), extra=extra)
+    process, log = _serve(tmp_path, config, port, web_port)
+    web = f"http://127.0.0.1:{web_port}"
+    try:
+        ready = httpx.get(f"{web}/readyz", timeout=10)
+        assert ready.status_code == 200, ready.text
+        assert set(ready.json()["checks"]) == {"database", "storage", "models"}
+        assert httpx.get(f"{web}/healthz", timeout=10).status_code == 200
+
+        ds, _ = make_cxr(424_242, pneumothorax=True, patient_id=PATIENT_ID)
+        ds.PatientName = PATIENT_NAME
+        ds.PatientBirthDate = BIRTH_DATE
+        path = tmp_path / "phantom.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        sent = subprocess.run(
+            [
+                dcmtk("storescu"),
+                "-aet",
+                "MODALITY",
+                "-aec",
+                "DICOMNODE",
+                "127.0.0.1",
+                str(port),
+                str(path),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert sent.returncode == 0, sent.stderr
+        assert _echo(port, "STRANGER").returncode != 0
+
+        def analysed() -> str | None:
+            text = httpx.get(f"{web}/metrics", timeout=10).text
+            done = _metric(text, "dicomnode_job_duration_seconds_count", kind="analyse")
+            return text if done and "dicomnode_inference_seconds_count" in text else None
+
+        text = wait_for(analysed, 120, what="analysis in /metrics")
+        assert _metric(text, "dicomnode_instances_received_total") == 1
+        assert _metric(text, "dicomnode_received_bytes_total") >= path.stat().st_size * 0.9
+        assert _metric(text, "dicomnode_associations_total", outcome="released") >= 1
+        assert _metric(text, "dicomnode_refusals_total", reason="unknown_peer") == 1
+        assert _metric(text, "dicomnode_inference_seconds_count", model="cxr-pneumothorax-demo")
+        assert _metric(text, "dicomnode_job_duration_seconds_count", stage="inference") >= 1
+        assert "dicomnode_worklist_size" in text and "dicomnode_queue_depth" in text
+        assert _metric(text, "dicomnode_worklist_size") == 1
+    finally:
+        assert _stop(process) == 0
+
+    lines = log.read_text().splitlines()
+    for line in lines:
+        json.loads(line)  # every line is a JSON object
+    messages = [json.loads(line)["message"] for line in lines]
+    assert any(m.startswith("association released") and "stored=1" in m for m in messages)
+    assert any(re.match(r"job \d+ analyse .* done in \d+ ms", m) for m in messages)
+    whole = log.read_text()
+    for secret in (PATIENT_NAME, "Zyxwvuts", "Quirinella", PATIENT_ID, BIRTH_DATE):
+        assert secret not in whole
