@@ -245,6 +245,23 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from dicomnode.demo import run_demo
+
+    return run_demo(args.studies, args.port, args.web_port, args.keep, args.folder)
+
+
+def cmd_config_reference(args: argparse.Namespace) -> int:
+    from dicomnode.configdoc import reference
+
+    text = reference()
+    if args.out is None:
+        sys.stdout.write(text)
+    else:
+        args.out.write_text(text, encoding="utf-8")
+    return 0
+
+
 def cmd_db(args: argparse.Namespace) -> int:
     from dicomnode.db.session import upgrade
 
@@ -369,6 +386,22 @@ def build_parser() -> argparse.ArgumentParser:
     cxr.add_argument("--pneumothorax-fraction", type=float, default=0.5)
     cxr.add_argument("--size", type=int, default=512)
     cxr.set_defaults(func=cmd_synth)
+
+    demo = commands.add_parser(
+        "demo", help="start a demo node, send synthetic studies, show the worklist live"
+    )
+    demo.add_argument("--studies", type=int, default=9, help="phantoms to send (default 9)")
+    demo.add_argument("--port", type=int, default=11112, help="DICOM port (default 11112)")
+    demo.add_argument("--web-port", type=int, default=8080, help="web port (default 8080)")
+    demo.add_argument("--folder", type=Path, default=None, help="keep files here (default: temp)")
+    demo.add_argument("--keep", action="store_true", help="keep the node running at the end")
+    demo.set_defaults(func=cmd_demo)
+
+    reference = commands.add_parser(
+        "config-reference", help="print the configuration reference (Markdown) from the schema"
+    )
+    reference.add_argument("--out", type=Path, default=None, help="write to this file")
+    reference.set_defaults(func=cmd_config_reference)
 
     db = with_config(commands.add_parser("db", help="database maintenance"))
     db.add_argument("db_command", choices=["upgrade"])
