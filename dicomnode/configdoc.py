@@ -68,14 +68,14 @@ def file_comments(path: Path = COMMENTED) -> dict[str, str]:
         example = re.match(r"^#\s*(\w+)\s*=[^#]*(?:#\s*(.*))?$", stripped)
         if example and not in_example:
             example = None
-        inline = re.match(r"^(\w+)\s*=\s*\{(.*)\}", stripped)
+        inline = re.match(r"^(\w+)\s*=\s*\{([^}]*)\}", stripped)
         if header:
             table, pending, previous = header.group(1), [], ""
             in_example = stripped.startswith("#")
         elif example:
             # A commented example table: "# key = value   # what it is".
             comments[f"{table}.{example.group(1)}"] = example.group(2) or ""
-        elif inline:
+        elif inline and inline.group(2).strip():
             # An inline table: its keys share the comment above it.
             parent = f"{table}.{inline.group(1)}" if table else inline.group(1)
             comments[parent] = " ".join(pending)
@@ -86,9 +86,11 @@ def file_comments(path: Path = COMMENTED) -> dict[str, str]:
             pending.append(stripped.lstrip("#").strip())
         elif match := re.match(r"^(\w+)\s*=", stripped):
             key = f"{table}.{match.group(1)}" if table else match.group(1)
+            trailing = re.match(r'^[^#"]*(?:"[^"]*"[^#"]*)*#\s*(.*)$', stripped)
             # A key right below another without its own comment shares that one's comment.
             previous = " ".join(pending) or previous
-            comments[key] = previous
+            own = trailing.group(1) if trailing else ""
+            comments[key] = f"{previous} {own}".strip()
             pending = []
         else:
             pending, previous = [], ""
