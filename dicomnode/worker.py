@@ -50,11 +50,12 @@ class Worker:
         except ConfigError as exc:
             log.error("reload refused, the running configuration is kept: %s", exc)
             return False
-        kept = {(c.model.name, c.model.version, c.onnx_path) for c in cards}
+        # Keep the warm sessions only of models whose card is unchanged.
+        unchanged = {(c.model.name, c.model.version) for c in cards if c in self.cards}
         if settings.worker.providers != self.settings.worker.providers:
             self.runtime = Runtime(settings.worker.providers)
         else:
-            self.runtime.keep_only({(name, version) for name, version, _ in kept})
+            self.runtime.keep_only(unchanged)
         self.settings, self.cards = settings, cards
         log.info("worker %s reloaded: %d model card(s)", self.owner, len(cards))
         return True
@@ -84,11 +85,12 @@ class Worker:
                     metrics.EXPORT_FAILURES.labels(job.payload.get("destination", "")).inc()
                 reason = f"{type(exc).__name__}: {exc}"
                 log.warning(
-                    "job %d %s study_id=%d attempt %d failed: %s",
+                    "job %d %s study_id=%d attempt %d failed after %.0f ms: %s",
                     job.id,
                     job.kind,
                     job.study_id,
                     job.attempts,
+                    (time.perf_counter() - started) * 1000,
                     reason,
                 )
                 job = session.get(Job, job.id)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
@@ -45,6 +46,7 @@ class _AssociationLog:
     refused: int = 0
     bytes: int = 0
     study_uids: set[str] = field(default_factory=set)
+    started: float = field(default_factory=time.monotonic)
 
 
 def peer_allowed(peers: list[Peer], calling_ae: str, address: str) -> bool:
@@ -108,7 +110,8 @@ class StorageSCP:
             return
         metrics.count_association(outcome)
         log.info(
-            "association %s: calling_ae=%s address=%s stored=%d duplicates=%d refused=%d bytes=%d",
+            "association %s: calling_ae=%s address=%s stored=%d duplicates=%d refused=%d "
+            "bytes=%d seconds=%.2f",
             outcome,
             record.calling_ae,
             record.address,
@@ -116,6 +119,7 @@ class StorageSCP:
             record.duplicates,
             record.refused,
             record.bytes,
+            time.monotonic() - record.started,
         )
         if record.study_uids:
             try:
