@@ -10,6 +10,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from dicomnode.config import WorklistSettings
 from dicomnode.db.models import Instance, Series, Study
 from dicomnode.worklist.service import reprioritise
 
@@ -65,7 +66,9 @@ def instance_facts(ds: Dataset) -> InstanceFacts:
     )
 
 
-def _study(session: Session, facts: InstanceFacts, now: datetime) -> Study:
+def _study(
+    session: Session, facts: InstanceFacts, now: datetime, worklist: WorklistSettings
+) -> Study:
     study = session.scalars(
         select(Study).where(Study.study_instance_uid == facts.study_instance_uid)
     ).one_or_none()
@@ -85,7 +88,7 @@ def _study(session: Session, facts: InstanceFacts, now: datetime) -> Study:
         session.add(study)
         session.flush()
         # On the worklist from the first instance on, in arrival order until analysed.
-        reprioritise(session, study, now)
+        reprioritise(session, study, now, worklist)
     return study
 
 
@@ -117,6 +120,7 @@ def index_instance(
     calling_ae: str,
     now: datetime,
     quiet_seconds: float,
+    worklist: WorklistSettings | None = None,
 ) -> bool:
     """Add the instance's rows and push the study's assembly deadline; False if it was known.
 
@@ -125,7 +129,7 @@ def index_instance(
     """
     for attempt in range(3):
         try:
-            study = _study(session, facts, now)
+            study = _study(session, facts, now, worklist or WorklistSettings())
             series = _series(session, study, facts)
             known = session.scalars(
                 select(Instance.id).where(Instance.sop_instance_uid == facts.sop_instance_uid)
