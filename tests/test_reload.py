@@ -1,0 +1,79 @@
+"""Reload in-process: the node and a worker swap settings whole, or keep the old ones."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from types import SimpleNamespace
+
+from conftest import write_config
+
+from dicomnode.config import load_settings
+from dicomnode.models.registry import discover_cards
+from dicomnode.serve import Node
+from dicomnode.systemd import Notifier, watchdog_interval
+from dicomnode.worker import Worker
+
+DESTINATION = '\n[[destinations]]\nname = "pacs"\nae_title = "PACS"\nhost = "127.0.0.1"\n'
+
+
+def _config(tmp_path: Path) -> Path:
+    config, _, _ = write_config(tmp_path, f"sqlite:///{tmp_path / 'db.sqlite'}")
+    return config
+
+
+def test_node_reload_swaps_settings_and_refuses_a_bad_file(tmp_path: Path) -> None:
+    config = _config(tmp_path)
+    settings = load_settings(config)
+    scp = SimpleNamespace(settings=settings)
+    node = Node(config, settings, discover_cards(settings.model_folders), scp)
+
+    config.write_text(config.read_text() + DESTINATION + "port = 104\n")
+    assert node.reload()
+    assert [d.name for d in scp.settings.destinations] == ["pacs"]
+    assert node.current()[0] is scp.settings
+
+    kept = scp.settings
+    config.write_text(config.read_text().replace("port = 104", "port = 0"))
+    assert not node.reload()
+    assert scp.settings is kept and node.settings is kept
+
+
+def test_worker_reload_keeps_old_settings_on_error(tmp_path: Path) -> None:
+    config = _config(tmp_path)
+    settings = load_settings(config)
+    cards = discover_cards(settings.model_folders)
+    worker = Worker(settings, None, cards)
+    worker.runtime._sessions["cxr-pneumothorax-demo:1.0.0"] = object()
+
+    config.write_text(config.read_text() + DESTINATION + "port = 104\n")
+    assert worker.reload()
+    assert [d.name for d in worker.settings.destinations] == ["pacs"]
+    # The unchanged model keeps its warm session.
+    assert "cxr-pneumothorax-demo:1.0.0" in worker.runtime._sessions
+
+    config.write_text(config.read_text().replace("[models]", "[models]\nbogus = 1"))
+    assert not worker.reload()
+    assert [d.name for d in worker.settings.destinations] == ["pacs"]
+
+
+def test_notifier_speaks_to_abstract_and_path_sockets(tmp_path: Path) -> None:
+    name = f"dicomnode-test-{os.getpid()}"
+    for address, bind in [(f"@{name}", "\0" + name), (str(tmp_path / "n.sock"),) * 2]:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as receiver:
+            receiver.bind(bind)
+            receiver.settimeout(5)
+            assert Notifier(address).notify("READY=1")
+            assert receiver.recv(100) == b"READY=1"
+    assert not Notifier("").notify("READY=1")
+
+
+def test_watchdog_interval_is_half_of_watchdog_usec(monkeypatch) -> None:
+    monkeypatch.setenv("WATCHDOG_USEC", "3000000")
+    monkeypatch.delenv("WATCHDOG_PID", raising=False)
+    assert watchdog_interval() == 1.5
+    monkeypatch.setenv("WATCHDOG_PID", "1")
+    assert watchdog_interval() is None
+    monkeypatch.delenv("WATCHDOG_USEC")
+    assert watchdog_interval() is None
