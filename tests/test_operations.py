@@ -15,6 +15,8 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import REPO, _wait_port, dcmtk, wait_for, write_config
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification
 
 from dicomnode.synth.cxr import make_cxr
 
@@ -137,6 +139,10 @@ def test_sighup_reloads_peers_and_refuses_a_broken_file(tmp_path: Path) -> None:
     try:
         assert _echo(port, "MODALITY").returncode == 0
         assert _echo(port, "STRANGER").returncode != 0
+        ae = AE(ae_title="MODALITY")
+        ae.add_requested_context(Verification)
+        open_association = ae.associate("127.0.0.1", port, ae_title="DICOMNODE")
+        assert open_association.is_established
 
         good = config.read_text().replace('ae_title = "MODALITY"', 'ae_title = "NEWCOMER"')
         config.write_text(good)
@@ -144,6 +150,9 @@ def test_sighup_reloads_peers_and_refuses_a_broken_file(tmp_path: Path) -> None:
         wait_for(lambda: "configuration reloaded" in log.read_text(), 30, what="reload")
         assert _echo(port, "MODALITY").returncode != 0
         assert _echo(port, "NEWCOMER").returncode == 0
+        # The association MODALITY opened before the reload carries on.
+        assert open_association.send_c_echo().Status == 0x0000
+        open_association.release()
 
         config.write_text(good.replace("port = ", "port = not-a-number ", 1))
         process.send_signal(signal.SIGHUP)
