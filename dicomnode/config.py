@@ -35,10 +35,14 @@ class NodeSettings(_Section):
     max_associations: int = Field(default=16, ge=1)
     max_pdu: int = Field(default=0, ge=0, description="0 = unlimited")
     require_known_peers: bool = False
+    # Larger C-STORE datasets are refused with 0xA700 (pynetdicom holds one in memory).
+    max_instance_bytes: int = Field(default=1024**3, ge=1)
 
 
 class StorageSettings(_Section):
     path: Path = Path("var/storage")
+    # Below this much free space new instances are refused with 0xA700.
+    min_free_bytes: int = Field(default=256 * 1024**2, ge=0)
     retention_days: float = Field(
         default=0,
         ge=0,

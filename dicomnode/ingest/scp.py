@@ -11,6 +11,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+import pydicom.config
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
 from pynetdicom.sop_class import Verification
 from sqlalchemy.orm import Session, sessionmaker
@@ -21,20 +22,21 @@ from dicomnode.db.session import utcnow
 from dicomnode.ingest import assembly
 from dicomnode.ingest.index import index_instance, instance_facts
 from dicomnode.ingest.spool import SpoolError, free_bytes, instance_path, write_durable
+from dicomnode.ingest.validate import InvalidDataset, check_dataset
 
 log = logging.getLogger("dicomnode.ingest")
 
 # Keep identifiers (patient data) out of pynetdicom's own logs.
 _config.LOG_REQUEST_IDENTIFIERS = False
 _config.LOG_RESPONSE_IDENTIFIERS = False
+# pydicom's value-validation warnings quote the values (patient names, IDs) into the log;
+# received bytes are stored as sent, so ingest has no use for them.
+pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
 
 STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_CANNOT_UNDERSTAND = 0xC000
 STATUS_SOP_CLASS_MISMATCH = 0xA900
-
-# Refuse new instances when the storage file system has less than this free.
-LOW_WATERMARK_BYTES = 256 * 1024 * 1024
 
 
 @dataclass
@@ -134,7 +136,16 @@ class StorageSCP:
                 # The studies still become ready from their last instance's deadline.
                 log.exception("could not restart the quiet period after %s", outcome)
 
-    def _on_store(self, event: evt.Event) -> int:
+    def handle_store(self, event: evt.Event) -> int:
+        """The C-STORE handler: a DIMSE status; never raises (pynetdicom would answer 0xC211)."""
+        try:
+            return self.store(event)
+        except Exception as exc:
+            log.error("C-STORE handler error (%s); answered cannot understand", type(exc).__name__)
+            return STATUS_CANNOT_UNDERSTAND
+
+    def store(self, event: evt.Event) -> int:
+        """Store one C-STORE request and return its DIMSE status (raises only on a bug)."""
         record = self._associations.get(id(event.assoc)) or _AssociationLog(
             event.assoc.requestor.ae_title.strip(), event.assoc.requestor.address
         )
@@ -148,7 +159,16 @@ class StorageSCP:
     def _store(self, event: evt.Event, record: _AssociationLog) -> int:
         calling_ae = record.calling_ae
         affected = str(event.request.AffectedSOPInstanceUID or "")
-        if free_bytes(self.storage) < LOW_WATERMARK_BYTES:
+        encoded_size = event.request.DataSet.getbuffer().nbytes
+        if encoded_size > self.settings.node.max_instance_bytes:
+            log.warning(
+                "refused %s from %s: %d bytes exceeds [node] max_instance_bytes",
+                affected,
+                calling_ae,
+                encoded_size,
+            )
+            return STATUS_OUT_OF_RESOURCES
+        if free_bytes(self.storage) < self.settings.storage.min_free_bytes:
             log.error(
                 "refused %s from %s: storage %s is below the free-space watermark",
                 affected,
@@ -159,9 +179,20 @@ class StorageSCP:
         try:
             dataset = event.dataset
             dataset.file_meta = event.file_meta
+            # Every element first, so instance_facts below reads decoded values only.
+            check_dataset(dataset, str(event.context.transfer_syntax))
             facts = instance_facts(dataset)
+        except (InvalidDataset, ValueError) as exc:
+            log.warning("refused %s from %s: cannot understand: %s", affected, calling_ae, exc)
+            return STATUS_CANNOT_UNDERSTAND
         except Exception as exc:
-            log.warning("refused %s from %s: cannot parse dataset: %s", affected, calling_ae, exc)
+            # pydicom's message may quote element values (patient data): type only.
+            log.warning(
+                "refused %s from %s: cannot parse dataset (%s)",
+                affected,
+                calling_ae,
+                type(exc).__name__,
+            )
             return STATUS_CANNOT_UNDERSTAND
         if facts.sop_class_uid != str(event.request.AffectedSOPClassUID):
             log.warning(
@@ -204,6 +235,7 @@ class StorageSCP:
                     calling_ae=calling_ae,
                     now=utcnow(),
                     quiet_seconds=self.settings.assembly.quiet_seconds,
+                    worklist=self.settings.worklist,
                 )
         except Exception as exc:
             # Not acknowledged: the sender retries; the file already on disk is reused.
@@ -219,7 +251,7 @@ class StorageSCP:
     def handlers(self) -> list[tuple]:
         return [
             (evt.EVT_REQUESTED, self._on_requested),
-            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_C_STORE, self.handle_store),
             (evt.EVT_RELEASED, self._on_ended, ["released"]),
             (evt.EVT_ABORTED, self._on_ended, ["aborted"]),
         ]
@@ -237,3 +269,36 @@ class StorageSCP:
         if self._server is not None:
             self._server.shutdown()
             self._server = None
+
+
+def offline_store_event(
+    encoded: bytes,
+    *,
+    sop_class_uid: str,
+    sop_instance_uid: str,
+    transfer_syntax: str,
+    calling_ae: str = "FUZZ",
+) -> evt.Event:
+    """A C-STORE event as pynetdicom builds it from received bytes, without a network.
+
+    For fuzzing and tests of ``StorageSCP.handle_store`` on arbitrary (malformed) bytes.
+    """
+    from io import BytesIO
+    from types import SimpleNamespace
+
+    from pynetdicom.dimse_primitives import C_STORE
+    from pynetdicom.presentation import PresentationContextTuple
+
+    request = C_STORE()
+    request.MessageID = 1
+    request.AffectedSOPClassUID = sop_class_uid
+    request.AffectedSOPInstanceUID = sop_instance_uid
+    request.Priority = 0
+    request.DataSet = BytesIO(encoded)
+    requestor = SimpleNamespace(ae_title=calling_ae, address="127.0.0.1")
+    context = PresentationContextTuple(1, sop_class_uid, transfer_syntax)
+    return evt.Event(
+        SimpleNamespace(requestor=requestor),
+        evt.EVT_C_STORE,
+        {"request": request, "context": context},
+    )

@@ -1,0 +1,77 @@
+"""Checks on a received dataset before it is acknowledged: parseable, consistent pixel data.
+
+pydicom decodes lazily, so a dataset with a bad element only fails when that element is
+read. ``check_dataset`` reads every element (sequences included, pixel data excepted) so a
+malformed instance is refused at the door instead of failing later in analysis.
+"""
+
+from __future__ import annotations
+
+from pydicom import Dataset
+from pydicom.dataelem import RawDataElement
+from pydicom.uid import UID
+
+UNDEFINED_LENGTH = 0xFFFFFFFF
+# Pixel Data must hold at least Rows x Columns x Samples x Frames x BitsAllocated/8 bytes.
+_PIXEL_KEYWORDS = ("Rows", "Columns", "BitsAllocated")
+
+
+class InvalidDataset(ValueError):
+    """The dataset cannot be understood; the message says which attribute and why."""
+
+
+def _read_all(ds: Dataset, depth: int = 0) -> None:
+    if depth > 16:
+        raise InvalidDataset("sequences nested more than 16 deep")
+    for tag in list(ds.keys()):
+        raw = ds.get_item(tag)
+        if isinstance(raw, RawDataElement) and raw.length != UNDEFINED_LENGTH:
+            present = len(raw.value or b"")
+            if present < raw.length:
+                # A truncated stream, or a gigantic declared length: never trust it.
+                raise InvalidDataset(f"element {tag} declares {raw.length} bytes, {present} sent")
+        if tag == 0x7FE00010:  # Pixel Data: length is checked below, value stays raw
+            continue
+        try:
+            element = ds[tag]
+        except Exception as exc:
+            # The exception text may quote the value (patient data): name the tag only.
+            raise InvalidDataset(f"element {tag} does not decode ({type(exc).__name__})") from exc
+        if element.VR == "SQ":
+            for item in element.value:
+                _read_all(item, depth + 1)
+
+
+def expected_pixel_bytes(ds: Dataset) -> int | None:
+    """Native pixel data length from the image pixel module; None if it is incomplete."""
+    if any(ds.get(keyword) in (None, "") for keyword in _PIXEL_KEYWORDS):
+        return None
+    samples = int(ds.get("SamplesPerPixel") or 1)
+    frames = int(ds.get("NumberOfFrames") or 1)
+    bits = int(ds.BitsAllocated)
+    pixels = int(ds.Rows) * int(ds.Columns) * samples * frames
+    return (pixels * bits + 7) // 8
+
+
+def check_dataset(ds: Dataset, transfer_syntax: str) -> None:
+    """Raise InvalidDataset for an element that does not decode or pixel data of the wrong size."""
+    try:
+        _read_all(ds)
+    except InvalidDataset:
+        raise
+    except Exception as exc:
+        raise InvalidDataset(f"dataset does not decode ({type(exc).__name__})") from exc
+    if "PixelData" not in ds or UID(transfer_syntax).is_compressed:
+        return
+    try:
+        expected = expected_pixel_bytes(ds)
+    except (TypeError, ValueError) as exc:
+        raise InvalidDataset(f"image pixel module does not decode: {exc}") from exc
+    if expected is None:
+        raise InvalidDataset("Pixel Data without Rows, Columns or Bits Allocated")
+    length = len(ds.get_item("PixelData").value or b"")
+    # Odd lengths are padded to even; more is tolerated (trailing padding), less is not.
+    if length < expected:
+        raise InvalidDataset(
+            f"Pixel Data has {length} bytes, Rows x Columns x Samples x Frames needs {expected}"
+        )
