@@ -50,6 +50,22 @@ class StorageSettings(_Section):
     )
 
 
+class TLSSettings(_Section):
+    """DICOM TLS for the listener (certificate, key, CA for client certificates)."""
+
+    enabled: bool = False
+    cert: Path = Path("conf/tls/node.pem")
+    key: Path = Path("conf/tls/node.key")
+    ca: Path | None = None
+    require_client_cert: bool = True
+
+    @model_validator(mode="after")
+    def _ca_for_client_certs(self) -> TLSSettings:
+        if self.enabled and self.require_client_cert and self.ca is None:
+            raise ValueError("require_client_cert = true needs ca (the CA that signs clients)")
+        return self
+
+
 class DatabaseSettings(_Section):
     url: str = "sqlite:///var/dicomnode.db"
 
@@ -181,6 +197,7 @@ class Settings(_Section):
     notify: NotifySettings = NotifySettings()
     destinations: list[Destination] = []
     peers: list[Peer] = []
+    tls: TLSSettings = TLSSettings()
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     logging: LoggingSettings = LoggingSettings()
 

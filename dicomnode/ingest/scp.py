@@ -7,6 +7,7 @@ The handlers are thin: each C-STORE is parsed, made durable by ``spool``, indexe
 from __future__ import annotations
 
 import logging
+import ssl
 import threading
 import time
 from dataclasses import dataclass, field
@@ -49,6 +50,28 @@ class _AssociationLog:
     bytes: int = 0
     study_uids: set[str] = field(default_factory=set)
     started: float = field(default_factory=time.monotonic)
+
+
+def tls_context(settings: Settings) -> ssl.SSLContext:
+    """The listener's TLS context from ``[tls]``; ValueError names the file that fails."""
+    tls = settings.tls
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    cert, key = settings.resolve(tls.cert), settings.resolve(tls.key)
+    try:
+        context.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ValueError(f"[tls] cannot load cert {cert} / key {key}: {exc}") from exc
+    if tls.ca is not None:
+        ca = settings.resolve(tls.ca)
+        try:
+            context.load_verify_locations(cafile=ca)
+        except (OSError, ssl.SSLError) as exc:
+            raise ValueError(f"[tls] cannot load ca {ca}: {exc}") from exc
+        context.verify_mode = ssl.CERT_REQUIRED if tls.require_client_cert else ssl.CERT_OPTIONAL
+    else:
+        context.verify_mode = ssl.CERT_NONE
+    return context
 
 
 def peer_allowed(peers: list[Peer], calling_ae: str, address: str) -> bool:
@@ -260,10 +283,17 @@ class StorageSCP:
         """Listen in background threads."""
         node = self.settings.node
         self.storage.mkdir(parents=True, exist_ok=True)
+        tls = tls_context(self.settings) if self.settings.tls.enabled else None
         self._server = self.ae.start_server(
-            (node.host, node.port), block=False, evt_handlers=self.handlers()
+            (node.host, node.port), block=False, evt_handlers=self.handlers(), ssl_context=tls
         )
-        log.info("listening for DICOM as %s on %s:%d", node.ae_title, node.host, node.port)
+        log.info(
+            "listening for DICOM%s as %s on %s:%d",
+            " over TLS" if tls else "",
+            node.ae_title,
+            node.host,
+            node.port,
+        )
 
     def stop(self) -> None:
         if self._server is not None:
