@@ -250,10 +250,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trials", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    totals = {"acked": 0, "lost": 0, "duplicated": 0, "unsettled": 0}
+    totals = {"acked": 0, "lost": 0, "duplicated": 0, "unsettled": 0, "errors": 0}
     for trial in range(args.trials):
         with tempfile.TemporaryDirectory(prefix="dicomnode-fault-") as folder:
-            result = run_trial(Path(folder), args.seed + trial)
+            try:
+                result = run_trial(Path(folder), args.seed + trial)
+            except Exception as exc:
+                # A node that does not come back up is a failure too: show why.
+                totals["errors"] += 1
+                print(f"trial {trial + 1:>3}: ERROR {exc}", flush=True)
+                for log in sorted(Path(folder).glob("node-*.log")):
+                    print(
+                        f"--- {log.name} (last lines)\n"
+                        + "".join(log.read_text().splitlines(True)[-15:])
+                    )
+                continue
         totals["acked"] += result.acked
         totals["lost"] += len(result.lost)
         totals["duplicated"] += len(result.duplicated)
@@ -266,9 +277,10 @@ def main(argv: list[str] | None = None) -> int:
         )
     print(
         f"{args.trials} trials: acked={totals['acked']} lost={totals['lost']} "
-        f"duplicated={totals['duplicated']} unsettled={totals['unsettled']}"
+        f"duplicated={totals['duplicated']} unsettled={totals['unsettled']} "
+        f"errors={totals['errors']}"
     )
-    ok = totals["lost"] == 0 and totals["duplicated"] == 0 and totals["unsettled"] == 0
+    ok = not any(totals[key] for key in ("lost", "duplicated", "unsettled", "errors"))
     print("PASS" if ok else "FAIL")
     return 0 if ok else 1
 
