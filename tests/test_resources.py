@@ -1,0 +1,61 @@
+"""Resource limits of the listener: free-disk watermark, database down, association count, PDU."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy.orm import Session, sessionmaker
+from test_scp import Node, secondary_capture, start_node
+
+from dicomnode.db.session import make_engine, make_sessionmaker
+
+
+@pytest.fixture
+def node(tmp_path: Path, sessions: sessionmaker[Session]) -> Iterator[Node]:
+    yield from start_node(tmp_path, sessions, node={"max_associations": 2, "max_pdu": 16384})
+
+
+def test_low_disk_answers_out_of_resources_and_recovers(node: Node) -> None:
+    storage = node.scp.settings.storage
+    storage.min_free_bytes = 1 << 62  # more than any disk has: "below the watermark"
+    ds = secondary_capture()
+    assert node.store(ds) == 0xA700
+    assert node.instances(str(ds.SOPInstanceUID)) == 0
+    assert not list(node.storage.rglob("*.dcm"))
+    storage.min_free_bytes = 0  # space returned
+    assert node.store(ds) == 0x0000
+    assert node.instances(str(ds.SOPInstanceUID)) == 1
+
+
+def test_database_down_refuses_without_ack_then_retry_succeeds(node: Node) -> None:
+    # Nothing listens on port 1: every connection is refused at once.
+    down = make_engine("postgresql+psycopg://postgres@127.0.0.1:1/test?connect_timeout=2")
+    working = node.scp.sessions
+    node.scp.sessions = make_sessionmaker(down)
+    ds = secondary_capture()
+    try:
+        assert node.store(ds) == 0xA700
+    finally:
+        node.scp.sessions = working
+        down.dispose()
+    assert node.instances(str(ds.SOPInstanceUID)) == 0
+    # The sender retries once the database is back; the spooled file is reused.
+    assert node.store(ds) == 0x0000
+    assert node.instances(str(ds.SOPInstanceUID)) == 1
+
+
+def test_association_limit_and_max_pdu(node: Node) -> None:
+    first, second = node.associate(), node.associate()
+    try:
+        assert first.is_established and second.is_established
+        # pynetdicom's acceptor advertises our receive limit to the requestor.
+        assert first.acceptor.maximum_length == 16384
+        third = node.associate()
+        assert third.is_rejected  # local limit exceeded (transient, service provider)
+    finally:
+        first.release()
+        second.release()
+    ds = secondary_capture()
+    assert node.store(ds) == 0x0000  # slots free again
