@@ -23,7 +23,7 @@ from dicomnode.jobs import claim, complete, fail
 from dicomnode.models.registry import ModelCard
 from dicomnode.notify import send_notification
 from dicomnode.pipeline.analyse import analyse_study, mark_failed
-from dicomnode.pipeline.runtime import Runtime
+from dicomnode.pipeline.runtime import ModelLoadError, Runtime
 
 log = logging.getLogger("dicomnode.worker")
 
@@ -63,7 +63,12 @@ class Worker:
     def warm_up(self) -> None:
         """Open every model's session now, so the first study does not pay for it."""
         for card in self.cards:
-            self.runtime.session(card)
+            try:
+                self.runtime.session(card)
+            except ModelLoadError as exc:
+                # Keep working: ingest and other models go on; the studies this model is
+                # selected for fail with this reason (visible on the study) until it is fixed.
+                log.error("model card %s cannot be used: %s", card.card_path, exc)
 
     def run_once(self) -> bool:
         """Claim and run one due job; False when none was due."""

@@ -22,6 +22,7 @@ from dicomnode.db.models import ResultObject, Study
 from dicomnode.db.session import utcnow
 from dicomnode.users import authenticate, issue_token, revoke_token
 from dicomnode.web.auth import SESSION_LIFETIME, Caller, admin_only
+from dicomnode.web.jobs_api import failures
 from dicomnode.web.schemas import (
     AuditOut,
     LoginIn,
@@ -145,6 +146,7 @@ def api_router(
             except WorklistError as error:
                 raise _http_error(error) from None
             history = audit.entries(session, study_instance_uid=study_instance_uid, limit=50)
+            problems = failures(session, study_instance_uid)
             audit.record(
                 session,
                 caller.principal.username,
@@ -156,6 +158,8 @@ def api_router(
         return StudyOut(
             **row_out(row).model_dump(),
             history=[audit_out(entry) for entry in history if not entry.action.startswith("view")],
+            analysis_error=problems.analysis_error,
+            export_errors=problems.export_errors,
         )
 
     def _act(action: Callable[[Session], object], study_instance_uid: str) -> WorklistRowOut:

@@ -8,6 +8,7 @@ is audited. Bearer requests need no CSRF token; cookie requests need the page's 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Literal
 
@@ -107,3 +108,25 @@ def jobs_router(sessions: sessionmaker[Session], caller_of: Callable[..., Caller
             return _job_out(job, study.study_instance_uid if study else "")
 
     return router
+
+
+@dataclass(frozen=True)
+class StudyFailures:
+    """What went wrong with a study's jobs, for its detail view."""
+
+    analysis_error: str
+    export_errors: list[str]
+
+
+def failures(session: Session, study_instance_uid: str) -> StudyFailures:
+    """The study's analysis error and its dead-lettered exports ("destination: reason")."""
+    study = session.scalars(
+        select(Study).where(Study.study_instance_uid == study_instance_uid)
+    ).one_or_none()
+    if study is None:
+        return StudyFailures("", [])
+    dead = session.scalars(
+        select(Job).where(Job.study_id == study.id, Job.kind == "export", Job.state == "dead")
+    ).all()
+    errors = [f"{(job.payload or {}).get('destination', '')}: {job.last_error}" for job in dead]
+    return StudyFailures(study.analysis_error or "", errors)

@@ -80,6 +80,10 @@ class AuditOut(BaseModel):
 
 class StudyOut(WorklistRowOut):
     history: list[AuditOut] = Field(description="claims, releases, overrides, newest first")
+    analysis_error: str = Field("", description="why the analysis failed (status failed)")
+    export_errors: list[str] = Field(
+        [], description="dead-lettered exports: destination and reason (admin can retry)"
+    )
 
 
 class OverrideIn(BaseModel):
