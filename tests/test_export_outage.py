@@ -150,10 +150,17 @@ def test_dead_letters_listed_with_reason_and_retried_by_admin(sessions, dead_let
         ]
         assert dead[0]["attempts"] == 2
         assert "association not accepted" in dead[0]["last_error"]
+        # The worklist row and the study show it, for the badge "export failed: reason".
+        rows = admin.get("/api/worklist").json()["rows"]
+        row = next(r for r in rows if r["study_instance_uid"] == uid)
+        assert row["export_error"].startswith("pacs: ExportError")
+        assert admin.get(f"/api/studies/{uid}").json()["export_errors"] == [row["export_error"]]
         retried = admin.post(f"/api/jobs/{job_id}/retry")
         assert retried.status_code == 200, retried.text
         assert retried.json()["state"] == "queued" and retried.json()["attempts"] == 0
         assert admin.get("/api/jobs?state=dead").json() == []
+        rows = admin.get("/api/worklist").json()["rows"]
+        assert next(r for r in rows if r["study_instance_uid"] == uid)["export_error"] == ""
         assert admin.post(f"/api/jobs/{job_id}/retry").status_code == 409
         assert admin.post("/api/jobs/999999/retry").status_code == 404
     with sessions() as session:

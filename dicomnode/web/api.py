@@ -22,7 +22,7 @@ from dicomnode.db.models import ResultObject, Study
 from dicomnode.db.session import utcnow
 from dicomnode.users import authenticate, issue_token, revoke_token
 from dicomnode.web.auth import SESSION_LIFETIME, Caller, admin_only
-from dicomnode.web.jobs_api import failures
+from dicomnode.web.jobs_api import export_failures, failures
 from dicomnode.web.schemas import (
     AuditOut,
     LoginIn,
@@ -124,6 +124,7 @@ def api_router(
         with sessions() as session:
             rows = service.reading_order(session, limit, offset, **filters)
             total = service.count(session, **filters)
+            dead = export_failures(session, [row.study_instance_uid for row in rows])
             if views.due(caller.principal.username, "worklist", now):
                 audit.record(session, caller.principal.username, "view_worklist", now)
                 session.commit()
@@ -133,7 +134,7 @@ def api_router(
             total=total,
             limit=limit,
             offset=offset,
-            rows=[row_out(row) for row in rows],
+            rows=[row_out(row, dead.get(row.study_instance_uid, "")) for row in rows],
         )
 
     @router.get("/studies/{study_instance_uid}", response_model=StudyOut, tags=["studies"])

@@ -130,3 +130,23 @@ def failures(session: Session, study_instance_uid: str) -> StudyFailures:
     ).all()
     errors = [f"{(job.payload or {}).get('destination', '')}: {job.last_error}" for job in dead]
     return StudyFailures(study.analysis_error or "", errors)
+
+
+def export_failures(session: Session, study_instance_uids: list[str]) -> dict[str, str]:
+    """Per study of a worklist page: its first dead-lettered export, "destination: reason"."""
+    if not study_instance_uids:
+        return {}
+    dead = session.execute(
+        select(Study.study_instance_uid, Job.payload, Job.last_error)
+        .join(Job, Job.study_id == Study.id)
+        .where(
+            Study.study_instance_uid.in_(study_instance_uids),
+            Job.kind == "export",
+            Job.state == "dead",
+        )
+        .order_by(Job.id)
+    ).all()
+    failed: dict[str, str] = {}
+    for uid, payload, reason in dead:
+        failed.setdefault(uid, f"{(payload or {}).get('destination', '')}: {reason}")
+    return failed

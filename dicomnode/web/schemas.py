@@ -58,6 +58,9 @@ class WorklistRowOut(BaseModel):
     findings: list[FindingOut]
     results: list[ResultOut]
     url: str = Field(description="this study's details")
+    export_error: str = Field(
+        "", description="a dead-lettered export: destination and reason (admin can retry)"
+    )
 
 
 class WorklistOut(BaseModel):
@@ -109,9 +112,14 @@ class MeOut(BaseModel):
     role: str
 
 
-def row_out(row: WorklistRow) -> WorklistRowOut:
+def row_out(row: WorklistRow, export_error: str = "") -> WorklistRowOut:
     """A worklist row with links to itself and its result objects."""
-    data = {name: getattr(row, name) for name in WorklistRowOut.model_fields if name != "url"}
+    data = {
+        name: getattr(row, name)
+        for name in WorklistRowOut.model_fields
+        if name not in ("url", "export_error")
+    }
+    data["export_error"] = export_error
     data["findings"] = [FindingOut.model_validate(f, from_attributes=True) for f in row.findings]
     data["results"] = [
         ResultOut(

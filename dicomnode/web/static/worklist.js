@@ -137,6 +137,7 @@
     if (row.status === "in_progress") td.appendChild(el("span", "by", row.claimed_by));
     if (row.status === "reported") td.appendChild(el("span", "by", "by " + row.reported_by));
     if (row.analysis_status === "failed") td.appendChild(el("span", "by", "AI analysis failed"));
+    if (row.export_error) td.appendChild(el("span", "by export-failed", "export failed: " + row.export_error));
     return td;
   }
 
