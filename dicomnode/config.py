@@ -59,6 +59,11 @@ class TLSSettings(_Section):
     ca: Path | None = None
     require_client_cert: bool = True
 
+    @field_validator("ca", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: object) -> object:
+        return None if value == "" else value
+
     @model_validator(mode="after")
     def _ca_for_client_certs(self) -> TLSSettings:
         if self.enabled and self.require_client_cert and self.ca is None:
