@@ -115,6 +115,8 @@ class Destination(_Section):
     ae_title: AETitle
     host: str
     port: Port
+    # Result kinds sent to this destination (sr, overlay, seg, gsps, derived, kos); empty = all.
+    outputs: list[Literal["sr", "overlay", "seg", "gsps", "derived", "kos"]] = []
 
 
 class Peer(_Section):

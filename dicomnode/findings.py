@@ -39,6 +39,10 @@ class Finding:
     peak: tuple[float, float] | None = None
     # Class-activation heat map resampled to the source image (rows x columns, 0..1).
     heatmap: np.ndarray | None = field(default=None, repr=False)
+    # Detection: (col0, row0, col1, row1) in source pixels, half-open (col1/row1 exclusive).
+    box: tuple[float, float, float, float] | None = None
+    # Landmark (e.g. tube tip): (column, row) in source pixels, array-index convention.
+    point: tuple[float, float] | None = None
 
     @property
     def present(self) -> bool:
@@ -51,3 +55,46 @@ class ImageFindings:
 
     source: object  # pydicom.Dataset; typed loosely to keep this module free of I/O imports
     findings: list[Finding]
+
+
+@dataclass
+class Segment:
+    """One segment of a segmentation: probabilities 0..1 over the source frames."""
+
+    concept: CodedConcept
+    # (frames, rows, columns), one frame per source image in ``Segmentation.sources`` order.
+    probabilities: np.ndarray = field(repr=False)
+    threshold: float = 0.5
+
+    @property
+    def mask(self) -> np.ndarray:
+        return self.probabilities >= self.threshold
+
+
+@dataclass
+class Segmentation:
+    """The segments of one model on one series (one 2-D image or the slices of a CT)."""
+
+    sources: list  # pydicom Datasets, in frame order (slice position for CT)
+    segments: list[Segment]
+
+
+@dataclass
+class DerivedImage:
+    """An image-to-image model's output for one source image (e.g. bone suppression)."""
+
+    source: object  # pydicom.Dataset
+    # Rows x columns in the source's stored-value range (same Bits Stored, photometric).
+    pixels: np.ndarray = field(repr=False)
+    # Short description of the derivation, e.g. "bone suppression".
+    derivation: str = ""
+
+
+@dataclass
+class ModelRun:
+    """Everything one model produced on one study, ready for the result writers."""
+
+    algorithm: Algorithm
+    images: list[ImageFindings] = field(default_factory=list)
+    segmentations: list[Segmentation] = field(default_factory=list)
+    derived: list[DerivedImage] = field(default_factory=list)

@@ -33,8 +33,13 @@ class ModelInfo(_Strict):
     name: str
     version: str
     task: Task
-    onnx: str = Field(description="ONNX file, relative to the card")
+    onnx: str = Field(default="", description="ONNX file, relative to the card ('' for ensembles)")
     description: str = ""
+    # False for a model that only runs as a member of an ensemble card.
+    standalone: bool = True
+    # "view": a router whose top label's fact_value replaces the image's view (ViewPosition)
+    # for the selection rules of the other models; "" for an ordinary model.
+    sets: Literal["", "view"] = ""
     manufacturer: str = "dicomnode"
     research_demo: bool = True
     disclaimer: str = "Research demo, not for clinical use."
@@ -52,11 +57,37 @@ class InputSpec(_Strict):
     resize: Literal["letterbox", "stretch"] = "letterbox"
     # Percentiles used to window images without a VOI LUT or window.
     window_percentiles: tuple[float, float] = (0.5, 99.5)
+    # Fixed window (centre, width) in modality units (e.g. CT lung window -600, 1500); when set
+    # it replaces the image's own VOI LUT / window and the percentiles.
+    window: tuple[float, float] | None = None
+    # 2.5D input: this many adjacent slices of a series (odd; the centre slice is the one
+    # analysed) stacked as the channels, in slice-position order. 1 = plain 2D.
+    slices: int = Field(default=1, ge=1)
+
+    @field_validator("slices")
+    @classmethod
+    def _odd_slices(cls, value: int) -> int:
+        if value % 2 == 0:
+            raise ValueError("slices must be odd (the analysed slice sits in the middle)")
+        return value
 
 
 class OutputSpec(_Strict):
+    """One ONNX output. Shapes per kind (N = batch, L = labels by index):
+
+    - probabilities: (N, L) in 0..1.  logits: (N, L), sigmoid applied.
+    - heatmap: (N, L, h, w) class-activation maps over the model input, any scale.
+    - mask: (N, L, h, w) per-label (segment) probabilities 0..1 over the model input.
+    - boxes: (N, K, 6) rows (x0, y0, x1, y1, score, label_index) in model-input pixels
+      (x = column, y = row, half-open); rows with score < min_score are ignored.
+    - landmarks: (N, L, 3) rows (x, y, score) in model-input pixels, one per label.
+    - image: (N, 1, H, W) an image over the model input, in the input's normalised intensity
+      space (the card's normalisation is inverted to get 0..1 presentation values).
+    """
+
     name: str
     kind: Literal["probabilities", "logits", "heatmap", "mask", "boxes", "landmarks", "image"]
+    min_score: float = Field(default=0.05, ge=0.0, le=1.0)
 
 
 class Label(_Strict):
@@ -66,6 +97,8 @@ class Label(_Strict):
     code_meaning: str
     threshold: float = Field(default=0.5, ge=0.0, le=1.0)
     critical: bool = False
+    # For a router card (model.sets = "view"): the value this label stands for, e.g. "PA".
+    fact_value: str = ""
 
     @property
     def concept(self) -> CodedConcept:
@@ -81,12 +114,43 @@ class SelectionRules(_Strict):
     sop_classes: list[str] = []
 
 
+ResultKind = Literal["sr", "overlay", "seg", "gsps", "derived", "kos"]
+
+# What each task produces unless the card's [results] produce says otherwise.
+DEFAULT_RESULTS: dict[str, tuple[str, ...]] = {
+    "classification": ("sr", "overlay", "kos"),
+    "multi-label": ("sr", "overlay", "kos"),
+    "ensemble": ("sr", "overlay", "kos"),
+    "segmentation": ("seg",),
+    "detection": ("sr", "overlay", "gsps", "kos"),
+    "landmark": ("sr", "overlay", "gsps", "kos"),
+    "image-to-image": ("derived",),
+}
+
+
+class ResultsSpec(_Strict):
+    """Which DICOM result objects the model's runs produce (empty = the task's default)."""
+
+    produce: list[ResultKind] = []
+    # SEG: FRACTIONAL (probabilities, 8-bit) instead of BINARY (thresholded) segments.
+    fractional: bool = False
+
+
+class EnsembleSpec(_Strict):
+    """An ensemble card runs no ONNX file of its own: it combines its members' outputs."""
+
+    members: list[str] = Field(min_length=2, description="model names of the member cards")
+    combine: Literal["mean"] = "mean"
+
+
 class ModelCard(_Strict):
     model: ModelInfo
     input: InputSpec
     outputs: list[OutputSpec]
     labels: list[Label] = []
     select: SelectionRules = SelectionRules()
+    results: ResultsSpec = ResultsSpec()
+    ensemble: EnsembleSpec | None = None
     metrics: dict[str, float | int | str] = {}
     training: dict[str, float | int | str] = {}
 
@@ -114,6 +178,11 @@ class ModelCard(_Strict):
     def output(self, kind: str) -> OutputSpec | None:
         return next((o for o in self.outputs if o.kind == kind), None)
 
+    @property
+    def produces(self) -> tuple[str, ...]:
+        """The result kinds this model's runs write."""
+        return tuple(self.results.produce) or DEFAULT_RESULTS[self.model.task]
+
 
 def load_card(path: Path | str) -> ModelCard:
     """Read and validate one model card."""
@@ -122,6 +191,12 @@ def load_card(path: Path | str) -> ModelCard:
     names = [label.index for label in card.labels]
     if len(set(names)) != len(names):
         raise ConfigError(path, "label indexes must be unique", key="labels")
+    if card.model.task == "ensemble" and card.ensemble is None:
+        raise ConfigError(path, "an ensemble card needs an [ensemble] members list", key="ensemble")
+    if card.model.task != "ensemble" and not card.model.onnx:
+        raise ConfigError(path, "the card names no ONNX file", key="model.onnx")
+    if card.model.sets and not all(label.fact_value for label in card.labels):
+        raise ConfigError(path, "a router card needs fact_value on every label", key="labels")
     return card
 
 
