@@ -99,6 +99,10 @@ class Label(_Strict):
     critical: bool = False
     # For a router card (model.sets = "view"): the value this label stands for, e.g. "PA".
     fact_value: str = ""
+    # Ground-truth key of this label in the synthetic data sets of ``dicomnode synth`` (used by
+    # ``dicomnode models eval``): a finding ("pneumothorax", "nodule"), "abnormal" (any
+    # finding), "view:PA", a mask ("lung"), a landmark ("tube_tip") or an image ("soft_tissue").
+    truth: str = ""
 
     @property
     def concept(self) -> CodedConcept:
