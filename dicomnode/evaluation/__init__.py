@@ -1,0 +1,1 @@
+"""Model evaluation: metrics (pure), ground-truth readers, the ``models eval`` command."""
