@@ -15,6 +15,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 DCIODVFY = shutil.which("dciodvfy") or "/usr/bin/dciodvfy"
 DX_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
+CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
 
 
 def dciodvfy_errors(dataset: pydicom.Dataset) -> list[str]:
@@ -102,6 +103,80 @@ def plain_dx(
     pixels = pattern + rng.normal(0, 50, (rows, columns))
     ds.PixelData = np.clip(pixels, 0, 4095).astype(np.uint16).tobytes()
     return ds
+
+
+def ct_series(
+    slices: int = 6,
+    *,
+    rows: int = 48,
+    columns: int = 40,
+    thickness: float = 2.5,
+    seed: int = 0,
+    study_instance_uid: str | None = None,
+) -> list[Dataset]:
+    """A dciodvfy-valid axial CT series, slices in order of table position (head first).
+
+    A body-like ellipse of soft tissue with two air-filled "lungs" and a small nodule in the
+    middle slices; stored values with a -1024 rescale intercept and a lung window.
+    """
+    rng = np.random.default_rng(seed)
+    study_uid = study_instance_uid or generate_uid()
+    series_uid, frame_of_reference = generate_uid(), generate_uid()
+    row, column = np.mgrid[0:rows, 0:columns]
+    y, x = (row - rows / 2) / (rows / 2), (column - columns / 2) / (columns / 2)
+    body = x**2 / 0.9**2 + y**2 / 0.75**2 <= 1
+    lungs = ((x + 0.42) ** 2 / 0.3**2 + y**2 / 0.5**2 <= 1) | (
+        (x - 0.42) ** 2 / 0.3**2 + y**2 / 0.5**2 <= 1
+    )
+    spacing = 350.0 / columns
+    series = []
+    for index in range(slices):
+        hounsfield = np.full((rows, columns), -1000.0)
+        hounsfield[body] = 40.0
+        hounsfield[lungs] = -850.0
+        if abs(index - (slices - 1) / 2) < 1.5:
+            nodule = (x + 0.42) ** 2 + (y + 0.1) ** 2 <= 0.1**2
+            hounsfield[nodule] = 20.0
+        hounsfield += rng.normal(0, 10, (rows, columns))
+        ds = plain_dx(seed, rows=rows, columns=columns, study_instance_uid=study_uid)
+        for keyword in (
+            "PresentationIntentType",
+            "PixelIntensityRelationship",
+            "PixelIntensityRelationshipSign",
+            "PresentationLUTShape",
+            "ImagerPixelSpacing",
+            "DetectorType",
+            "ImageLaterality",
+            "ViewPosition",
+            "AnatomicRegionSequence",
+            "ViewCodeSequence",
+            "PositionerType",
+            "AcquisitionContextSequence",
+            "PatientOrientation",
+            "LossyImageCompression",
+            "RescaleType",
+        ):
+            delattr(ds, keyword)
+        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = CT_IMAGE
+        ds.SeriesInstanceUID = series_uid
+        ds.Modality = "CT"
+        ds.PatientPosition = "HFS"
+        ds.FrameOfReferenceUID = frame_of_reference
+        ds.PositionReferenceIndicator = ""
+        ds.InstanceNumber = index + 1
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+        ds.AcquisitionNumber = 1
+        ds.KVP = 120
+        ds.SliceThickness = thickness
+        ds.PixelSpacing = [spacing, spacing]
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.ImagePositionPatient = [-175.0, -150.0, -index * thickness]
+        ds.SliceLocation = -index * thickness
+        ds.RescaleIntercept, ds.RescaleSlope = -1024, 1
+        ds.WindowCenter, ds.WindowWidth = -600, 1500
+        ds.PixelData = np.clip(hounsfield + 1024, 0, 4095).astype(np.uint16).tobytes()
+        series.append(ds)
+    return series
 
 
 def _code(value: str, scheme: str, meaning: str) -> Dataset:

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import highdicom as hd
 import pydicom
 import pytest
-from dciodvfy import chest_xray, dciodvfy_errors
+from dciodvfy import chest_xray, ct_series, dciodvfy_errors
 
 from dicomnode import RESEARCH_DEMO_NOTICE
 from dicomnode.findings import Algorithm, CodedConcept, Finding, ImageFindings
@@ -223,3 +223,97 @@ def test_sr_rejects_images_of_different_studies_and_repeats(source: pydicom.Data
         build_sr([findings(source), findings(other)], ALGORITHM)
     with pytest.raises(ValueError, match="more than once"):
         build_sr([findings(source), findings(source)], ALGORITHM)
+
+
+NODULE = CodedConcept("27925004", "SCT", "Nodule")
+TUBE_TIP = CodedConcept("RID49652", "RADLEX", "Endotracheal tube tip")  # landmark
+
+
+def localised(source: pydicom.Dataset) -> ImageFindings:
+    return ImageFindings(
+        source=source,
+        findings=[
+            Finding(NODULE, 0.91, 0.5, critical=False, box=(10.0, 20.0, 40.0, 44.0)),
+            Finding(NODULE, 0.62, 0.5, critical=False, box=(150.0, 160.0, 171.0, 190.0)),
+            Finding(TUBE_TIP, 0.88, 0.5, critical=False, point=(128.0, 60.0)),
+        ],
+    )
+
+
+def scoords(group: pydicom.Dataset) -> list[pydicom.Dataset]:
+    return [item for item in walk(group.ContentSequence) if item.ValueType == "SCOORD"]
+
+
+def test_sr_boxes_are_closed_rectangles_and_landmarks_points(source: pydicom.Dataset) -> None:
+    sr = build_sr([localised(source)], ALGORITHM)
+    assert dciodvfy_errors(sr) == []
+    found = groups(sr)
+    assert len(found) == 3  # each nodule its own group
+    rectangles = [scoords(group)[0] for group in found[:2]]
+    for rectangle, (c0, r0, c1, r1) in zip(
+        rectangles, [(10, 20, 40, 44), (150, 160, 171, 190)], strict=True
+    ):
+        assert rectangle.GraphicType == "POLYLINE"
+        # Half-open pixel boxes are pixel edges: no half-pixel shift, 5 points, closed.
+        assert [float(v) for v in rectangle.GraphicData] == [
+            c0,
+            r0,
+            c1,
+            r0,
+            c1,
+            r1,
+            c0,
+            r1,
+            c0,
+            r0,
+        ]
+        assert rectangle.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == (
+            source.SOPInstanceUID
+        )
+    point = scoords(found[2])[0]
+    assert point.GraphicType == "POINT"
+    assert [float(v) for v in point.GraphicData] == [128.5, 60.5]
+    tracking = [
+        item.UID for group in found for item in group.ContentSequence if item.ValueType == "UIDREF"
+    ]
+    assert len(set(tracking)) == 3
+    assert build_sr([localised(source)], ALGORITHM).SOPInstanceUID == sr.SOPInstanceUID
+    report = hd.sr.Comprehensive3DSR.from_dataset(sr)
+    assert len(report.content.get_planar_roi_measurement_groups()) == 3
+
+
+def test_sr_of_ct_slices_names_chest_ct() -> None:
+    slices = ct_series(4)
+    evaluation = ImageFindings(
+        source=slices[2],
+        findings=[Finding(NODULE, 0.7, 0.5, critical=False, box=(5.0, 6.0, 12.0, 14.0))],
+    )
+    sr = build_sr([evaluation], ALGORITHM)
+    assert dciodvfy_errors(sr) == []
+    procedure = next(
+        item for item in walk(sr.ContentSequence) if concept_name(item) == ("121058", "DCM")
+    )
+    assert procedure.ConceptCodeSequence[0].CodeValue == "169069000"
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"box": (10.0, 10.0, 10.0, 20.0)}, "box"),
+        ({"box": (0.0, 0.0, 257.0, 20.0)}, "outside"),
+        ({"point": (-1.0, 5.0)}, "outside"),
+    ],
+)
+def test_sr_rejects_bad_geometry(source: pydicom.Dataset, change: dict, message: str) -> None:
+    evaluation = localised(source)
+    for name, value in change.items():
+        setattr(evaluation.findings[0], name, value)
+    with pytest.raises(ValueError, match=message):
+        build_sr([evaluation], ALGORITHM)
+
+
+def test_sr_rejects_unlocalised_repeat(source: pydicom.Dataset) -> None:
+    evaluation = localised(source)
+    evaluation.findings.append(Finding(NODULE, 0.3, 0.5, critical=False))
+    with pytest.raises(ValueError, match="more than once"):
+        build_sr([evaluation], ALGORITHM)

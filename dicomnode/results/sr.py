@@ -13,6 +13,7 @@ from pydicom.sr.codedict import codes
 
 from dicomnode import RESEARCH_DEMO_NOTICE, __version__
 from dicomnode.findings import Algorithm, Finding, ImageFindings
+from dicomnode.results.geometry import box_outline, pixel_centre
 from dicomnode.results.uids import result_instance_uid, result_series_uid, result_uid
 
 SR_SERIES_NUMBER = 9901
@@ -20,6 +21,7 @@ EQUIPMENT_MANUFACTURER = "dicomnode"
 
 # Procedure reported (TID 1500 row 4): plain radiography of the chest, whatever the view count.
 CHEST_XRAY = hd.sr.CodedConcept("399208008", "SCT", "Plain chest X-ray")
+CHEST_CT = hd.sr.CodedConcept("169069000", "SCT", "Computed tomography of chest")
 PRESENT = hd.sr.CodedConcept("52101004", "SCT", "Present")
 ABSENT = hd.sr.CodedConcept("2667000", "SCT", "Absent")
 PROBABILITY = hd.sr.CodedConcept("122157", "DCM", "Probability")
@@ -60,13 +62,15 @@ def build_sr(evaluations: Sequence[ImageFindings], algorithm: Algorithm) -> pydi
         raise ValueError(f"build_sr got the same source image more than once: {duplicates}")
 
     groups = [
-        _measurement_group(evaluation.source, finding, algorithm)
+        _measurement_group(evaluation.source, finding, ordinal, algorithm)
         for evaluation in evaluations
-        for finding in evaluation.findings
+        for finding, ordinal in zip(evaluation.findings, ordinals(evaluation.findings), strict=True)
     ]
     report = hd.sr.MeasurementReport(
         observation_context=_observation_context(algorithm),
-        procedure_reported=CHEST_XRAY,
+        procedure_reported=(
+            CHEST_CT if all(source.get("Modality") == "CT" for source in sources) else CHEST_XRAY
+        ),
         imaging_measurements=groups,
         referenced_images=sources,
     )
@@ -106,15 +110,21 @@ def validate_evaluation(evaluation: ImageFindings) -> pydicom.Dataset:
     where = f"SOP Instance UID {source.SOPInstanceUID}"
     if not evaluation.findings:
         raise ValueError(f"ImageFindings for {where} has no findings")
-    seen: set[tuple[str, str]] = set()
+    seen: dict[tuple[str, str], bool] = {}
     for finding in evaluation.findings:
         if not isinstance(finding, Finding):
             raise ValueError(f"{where}: findings must be Finding, got {type(finding).__name__}")
         _check_finding(finding, int(source.Rows), int(source.Columns), where)
         key = (finding.concept.scheme, finding.concept.value)
-        if key in seen:
-            raise ValueError(f"{where}: finding {finding.concept} is listed more than once")
-        seen.add(key)
+        # A concept may repeat only as several localised findings (e.g. three nodules, each
+        # with its box); an unlocalised repeat would be two answers to one question.
+        localised = finding.box is not None or finding.point is not None
+        if key in seen and not (localised and seen[key]):
+            raise ValueError(
+                f"{where}: finding {finding.concept} is listed more than once; repeats are "
+                "allowed only when every one has a box or a point"
+            )
+        seen[key] = localised
     return source
 
 
@@ -152,6 +162,22 @@ def _check_finding(finding: Finding, rows: int, columns: int, where: str) -> Non
                 f"{label}: peak (column, row) = {finding.peak} lies outside the "
                 f"{columns} x {rows} image"
             )
+    if finding.box is not None:
+        if len(finding.box) != 4 or not all(math.isfinite(v) for v in finding.box):
+            raise ValueError(f"{label}: box must be 4 finite numbers, got {finding.box!r}")
+        column0, row0, column1, row1 = finding.box
+        if not (0 <= column0 < column1 <= columns and 0 <= row0 < row1 <= rows):
+            raise ValueError(
+                f"{label}: box (col0, row0, col1, row1) = {finding.box} is empty or lies "
+                f"outside the {columns} x {rows} image"
+            )
+    if finding.point is not None:
+        column, row = finding.point
+        if not (0 <= column < columns and 0 <= row < rows):
+            raise ValueError(
+                f"{label}: point (column, row) = {finding.point} lies outside the "
+                f"{columns} x {rows} image"
+            )
     if finding.heatmap is not None:
         heatmap = np.asarray(finding.heatmap)
         if heatmap.shape != (rows, columns):
@@ -178,8 +204,19 @@ def _observation_context(algorithm: Algorithm) -> hd.sr.ObservationContext:
     )
 
 
+def ordinals(findings: Sequence[Finding]) -> list[int]:
+    """Return, per finding, how many findings of the same concept come before it (0, 1, ...)."""
+    counts: dict[tuple[str, str], int] = {}
+    result = []
+    for finding in findings:
+        key = (finding.concept.scheme, finding.concept.value)
+        result.append(counts.get(key, 0))
+        counts[key] = result[-1] + 1
+    return result
+
+
 def _measurement_group(
-    source: pydicom.Dataset, finding: Finding, algorithm: Algorithm
+    source: pydicom.Dataset, finding: Finding, ordinal: int, algorithm: Algorithm
 ) -> (
     hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
     | hd.sr.MeasurementsAndQualitativeEvaluations
@@ -188,6 +225,10 @@ def _measurement_group(
         finding.concept.value, finding.concept.scheme, finding.concept.meaning
     )
     algorithm_id = hd.sr.AlgorithmIdentification(name=algorithm.name, version=algorithm.version)
+    # The first finding of a concept keeps the UID it had before repeats were allowed; later
+    # ones (a second nodule) add their ordinal.
+    repeat = (str(ordinal),) if ordinal else ()
+    number = f" #{ordinal + 1}" if ordinal else ""
     tracking = hd.sr.TrackingIdentifier(
         uid=result_uid(
             "tracking",
@@ -197,8 +238,9 @@ def _measurement_group(
             algorithm.manufacturer,
             algorithm.name,
             algorithm.version,
+            *repeat,
         ),
-        identifier=f"{finding.concept.meaning} ({algorithm.name} {algorithm.version})",
+        identifier=f"{finding.concept.meaning}{number} ({algorithm.name} {algorithm.version})",
     )
     evaluation = hd.sr.QualitativeEvaluation(
         name=concept, value=PRESENT if finding.present else ABSENT
@@ -216,20 +258,30 @@ def _measurement_group(
         "measurements": [probability],
         "qualitative_evaluations": [evaluation],
     }
-    if finding.peak is None:
+    region = _region(source, finding)
+    if region is None:
         return hd.sr.MeasurementsAndQualitativeEvaluations(
             source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(source)],
             **common,
         )
-    # Finding.peak holds array indices (pixel centres); SCOORD puts the centre of the
-    # top left pixel at (0.5, 0.5).
-    column, row = finding.peak
-    region = hd.sr.ImageRegion(
-        graphic_type=hd.sr.GraphicTypeValues.POINT,
-        graphic_data=np.array([[column + 0.5, row + 0.5]], dtype=float),
+    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(referenced_region=region, **common)
+
+
+def _region(source: pydicom.Dataset, finding: Finding) -> hd.sr.ImageRegion | None:
+    # One region per measurement group: the most specific localisation the model gave.
+    if finding.box is not None:
+        graphic_type, data = hd.sr.GraphicTypeValues.POLYLINE, box_outline(finding.box)
+    elif finding.point is not None:
+        graphic_type, data = hd.sr.GraphicTypeValues.POINT, pixel_centre(finding.point)
+    elif finding.peak is not None:
+        graphic_type, data = hd.sr.GraphicTypeValues.POINT, pixel_centre(finding.peak)
+    else:
+        return None
+    return hd.sr.ImageRegion(
+        graphic_type=graphic_type,
+        graphic_data=data,
         source_image=hd.sr.SourceImageForRegion.from_source_image(source),
     )
-    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(referenced_region=region, **common)
 
 
 def _notice(algorithm: Algorithm) -> hd.sr.ContainerContentItem:
