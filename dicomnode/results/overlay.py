@@ -8,15 +8,14 @@ import highdicom as hd
 import numpy as np
 import pydicom
 from PIL import Image, ImageDraw, ImageFont
-from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 
 from dicomnode import __version__
 from dicomnode.findings import Algorithm, Finding, ImageFindings
 from dicomnode.pipeline.preprocess import presentation_pixels
+from dicomnode.results.source import copy_laterality, copy_patient_study, source_reference
 from dicomnode.results.sr import (
     EQUIPMENT_MANUFACTURER,
-    copy_patient_study,
     series_description,
     validate_evaluation,
 )
@@ -49,9 +48,6 @@ _MODEL_COLOUR = (200, 200, 200)
 _POSITIVE_COLOUR = (255, 140, 0)
 _NEGATIVE_COLOUR = (255, 255, 255)
 _MARKER_COLOUR = (0, 255, 0)
-
-# Purpose of reference (CID 7202) of the source image.
-_SOURCE_FOR_PROCESSING = ("121322", "DCM", "Source image for image processing operation")
 
 
 def build_overlay(evaluation: ImageFindings, algorithm: Algorithm) -> pydicom.Dataset:
@@ -88,7 +84,7 @@ def build_overlay(evaluation: ImageFindings, algorithm: Algorithm) -> pydicom.Da
     if len(orientation) != 2:
         overlay.PatientOrientation = None
     copy_patient_study(source, overlay)
-    _copy_laterality(source, overlay)
+    copy_laterality(source, overlay)
     overlay.BurnedInAnnotation = "YES"
     resized = f", downsampled x{scale:.3g}" if scale < 1 else ""
     overlay.DerivationDescription = (
@@ -96,7 +92,7 @@ def build_overlay(evaluation: ImageFindings, algorithm: Algorithm) -> pydicom.Da
         f"it; heat maps, peak markers and findings of {algorithm.name} {algorithm.version} "
         "burned in"
     )[:1024]
-    overlay.SourceImageSequence = [_source_reference(source)]
+    overlay.SourceImageSequence = [source_reference(source)]
     return overlay
 
 
@@ -236,32 +232,3 @@ def _header(findings: list[Finding], algorithm: Algorithm, *, width: int) -> Ima
         position = (margin + column * column_width, banner_height + (1 + row) * spacing)
         draw.text(position, text, fill=colour, font=font)
     return header
-
-
-def _copy_laterality(source: Dataset, overlay: Dataset) -> None:
-    # General Series Laterality is Type 2C: a value for paired body parts, absent for unpaired
-    # ones, empty only when unknown. Validators judge "paired" by Body Part Examined, so the two
-    # are set together, and Body Part Examined is left out when laterality is unknown.
-    laterality = source.get("Laterality") or None
-    image_laterality = source.get("ImageLaterality")
-    if laterality is None and image_laterality in ("L", "R"):
-        laterality = image_laterality
-    if laterality is not None:
-        overlay.Laterality = laterality
-    elif "BodyPartExamined" in source and (image_laterality == "U" or "Laterality" not in source):
-        pass  # an unpaired body part: Laterality stays absent
-    else:
-        overlay.Laterality = None
-        return
-    if "BodyPartExamined" in source:
-        overlay.BodyPartExamined = source.BodyPartExamined
-
-
-def _source_reference(source: Dataset) -> Dataset:
-    reference = Dataset()
-    reference.ReferencedSOPClassUID = source.SOPClassUID
-    reference.ReferencedSOPInstanceUID = source.SOPInstanceUID
-    purpose = Dataset()
-    purpose.CodeValue, purpose.CodingSchemeDesignator, purpose.CodeMeaning = _SOURCE_FOR_PROCESSING
-    reference.PurposeOfReferenceCodeSequence = [purpose]
-    return reference

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Sequence
 
@@ -14,6 +13,7 @@ from pydicom.sr.codedict import codes
 from dicomnode import RESEARCH_DEMO_NOTICE, __version__
 from dicomnode.findings import Algorithm, Finding, ImageFindings
 from dicomnode.results.geometry import box_outline, pixel_centre
+from dicomnode.results.source import copy_patient_study
 from dicomnode.results.uids import result_instance_uid, result_series_uid, result_uid
 
 SR_SERIES_NUMBER = 9901
@@ -32,17 +32,7 @@ COMMENT = hd.sr.CodedConcept("121106", "DCM", "Comment")
 
 _LO_MAX = 64  # Series Description is LO: at most 64 characters
 
-# Patient, Patient Study and General Study attributes that highdicom does not copy itself.
-_PATIENT_STUDY_KEYWORDS = (
-    "IssuerOfPatientID",
-    "OtherPatientIDsSequence",
-    "PatientBirthTime",
-    "PatientComments",
-    "StudyDescription",
-    "PatientAge",
-    "PatientSize",
-    "PatientWeight",
-)
+__all__ = ["build_sr", "copy_patient_study", "series_description", "validate_evaluation"]
 
 
 def build_sr(evaluations: Sequence[ImageFindings], algorithm: Algorithm) -> pydicom.Dataset:
@@ -137,13 +127,6 @@ def series_description(algorithm: Algorithm, kind: str) -> str:
     if len(model) > room:
         model = model[: room - 1] + "~"
     return f"{head}{model}{suffix}"
-
-
-def copy_patient_study(source: pydicom.Dataset, result: pydicom.Dataset) -> None:
-    """Copy the optional patient and study attributes of ``source`` that ``result`` lacks."""
-    for keyword in _PATIENT_STUDY_KEYWORDS:
-        if keyword in source and keyword not in result:
-            result[keyword] = copy.deepcopy(source[keyword])
 
 
 def _check_finding(finding: Finding, rows: int, columns: int, where: str) -> None:

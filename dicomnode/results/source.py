@@ -1,0 +1,83 @@
+"""What every result copies from, or says about, its source images: identity and references."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+
+import pydicom
+from pydicom.dataset import Dataset
+
+# Patient, Patient Study and General Study attributes that highdicom does not copy itself.
+PATIENT_STUDY_KEYWORDS = (
+    "IssuerOfPatientID",
+    "OtherPatientIDsSequence",
+    "PatientBirthTime",
+    "PatientComments",
+    "StudyDescription",
+    "PatientAge",
+    "PatientSize",
+    "PatientWeight",
+)
+
+# Purpose of reference (CID 7202) of a source image.
+SOURCE_FOR_PROCESSING = ("121322", "DCM", "Source image for image processing operation")
+
+
+def copy_patient_study(source: pydicom.Dataset, result: pydicom.Dataset) -> None:
+    """Copy the optional patient and study attributes of ``source`` that ``result`` lacks."""
+    for keyword in PATIENT_STUDY_KEYWORDS:
+        if keyword in source and keyword not in result:
+            result[keyword] = copy.deepcopy(source[keyword])
+
+
+def copy_laterality(source: Dataset, result: Dataset) -> None:
+    """Set General Series Laterality and Body Part Examined of ``result`` from ``source``."""
+    # Laterality is Type 2C: a value for paired body parts, absent for unpaired ones, empty only
+    # when unknown. Validators judge "paired" by Body Part Examined, so the two are set
+    # together, and Body Part Examined is left out when laterality is unknown.
+    for keyword in ("Laterality", "BodyPartExamined"):
+        if keyword in result:
+            delattr(result, keyword)
+    laterality = source.get("Laterality") or None
+    image_laterality = source.get("ImageLaterality")
+    if laterality is None and image_laterality in ("L", "R"):
+        laterality = image_laterality
+    if laterality is not None:
+        result.Laterality = laterality
+    elif "BodyPartExamined" in source and (image_laterality == "U" or "Laterality" not in source):
+        pass  # an unpaired body part: Laterality stays absent
+    else:
+        result.Laterality = None
+        return
+    if "BodyPartExamined" in source:
+        result.BodyPartExamined = source.BodyPartExamined
+
+
+def source_reference(source: Dataset, purpose: tuple[str, str, str] | None = None) -> Dataset:
+    """Return a Source Image Sequence item for ``source`` with a purpose of reference."""
+    reference = Dataset()
+    reference.ReferencedSOPClassUID = source.SOPClassUID
+    reference.ReferencedSOPInstanceUID = source.SOPInstanceUID
+    code = Dataset()
+    code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = purpose or SOURCE_FOR_PROCESSING
+    reference.PurposeOfReferenceCodeSequence = [code]
+    return reference
+
+
+def check_source(source: object, what: str) -> pydicom.Dataset:
+    """Return ``source`` if it is a Dataset a result can reference, else raise ValueError."""
+    if not isinstance(source, pydicom.Dataset):
+        raise ValueError(f"{what} must be a pydicom Dataset, got {type(source).__name__}")
+    for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
+        if not source.get(keyword):
+            raise ValueError(f"{what} lacks {keyword}; cannot reference it in a result")
+    return source
+
+
+def one_study(sources: Sequence[pydicom.Dataset], what: str) -> str:
+    """Return the one Study Instance UID of ``sources``; raise if they span several."""
+    studies = sorted({str(source.StudyInstanceUID) for source in sources})
+    if len(studies) != 1:
+        raise ValueError(f"{what} must come from one study; got {len(studies)}: {studies}")
+    return studies[0]
