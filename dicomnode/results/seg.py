@@ -1,0 +1,202 @@
+"""DICOM Segmentation (highdicom SEG) of a model's segments over one image or a CT series."""
+
+from __future__ import annotations
+
+import math
+
+import highdicom as hd
+import numpy as np
+import pydicom
+from pydicom.sr.codedict import codes
+
+from dicomnode import __version__
+from dicomnode.findings import Algorithm, CodedConcept, Segmentation
+from dicomnode.results.source import check_source, copy_laterality, copy_patient_study, one_study
+from dicomnode.results.sr import EQUIPMENT_MANUFACTURER, series_description
+from dicomnode.results.uids import result_instance_uid, result_series_uid, result_uid
+
+SEG_SERIES_NUMBER = 9903
+ANATOMICAL_STRUCTURE = hd.sr.CodedConcept("91723000", "SCT", "Anatomical Structure")
+ABNORMAL_STRUCTURE = hd.sr.CodedConcept("49755003", "SCT", "Morphologically Abnormal Structure")
+ARTIFICIAL_INTELLIGENCE = codes.cid7162.ArtificialIntelligence
+
+# Normal anatomy a model may outline; every other concept is taken for a lesion. Codes of
+# CID 7140-ish chest structures in SNOMED CT and their RadLex equivalents.
+ANATOMY_CODES = frozenset(
+    {
+        ("SCT", "39607008"),  # Lung structure
+        ("SCT", "3341006"),  # Right lung
+        ("SCT", "44029006"),  # Left lung
+        ("SCT", "80891009"),  # Heart
+        ("SCT", "44567001"),  # Trachea
+        ("SCT", "955009"),  # Bronchus
+        ("SCT", "51185008"),  # Thorax
+        ("SCT", "181613000"),  # Mediastinum
+        ("SCT", "76752008"),  # Breast
+        ("SCT", "113197003"),  # Rib
+        ("SCT", "51299004"),  # Clavicle
+        ("SCT", "421060004"),  # Spine
+        ("RADLEX", "RID1301"),  # lung
+        ("RADLEX", "RID1302"),  # right lung
+        ("RADLEX", "RID1326"),  # left lung
+        ("RADLEX", "RID1385"),  # heart
+        ("RADLEX", "RID1247"),  # trachea
+        ("RADLEX", "RID1384"),  # thorax
+    }
+)
+
+
+def build_seg(
+    segmentation: Segmentation,
+    algorithm: Algorithm,
+    *,
+    fractional: bool = False,
+    category: CodedConcept | None = None,
+) -> pydicom.Dataset:
+    """Return a SEG of ``segmentation`` referencing its source image(s).
+
+    BINARY holds each segment's mask (probability >= its threshold); FRACTIONAL holds the
+    probabilities in 8 bits. Every source frame gets a frame per segment, empty or not, for
+    viewers that mishandle sparse SEG. The segmented property category is Anatomical
+    Structure for the codes in ANATOMY_CODES, else Morphologically Abnormal Structure, unless
+    ``category`` names one for all segments.
+    """
+    sources, pixels = _validated(segmentation)
+    study_uid = one_study(sources, "the SEG's source images")
+    source = sources[0]
+    family = f"{algorithm.name} {algorithm.version}"
+    algorithm_id = hd.AlgorithmIdentificationSequence(
+        name=algorithm.name, family=ARTIFICIAL_INTELLIGENCE, version=algorithm.version
+    )
+    descriptions = []
+    for number, segment in enumerate(segmentation.segments, start=1):
+        concept = hd.sr.CodedConcept(
+            segment.concept.value, segment.concept.scheme, segment.concept.meaning
+        )
+        descriptions.append(
+            hd.seg.SegmentDescription(
+                segment_number=number,
+                segment_label=segment.concept.meaning[:64],
+                segmented_property_category=_category(segment.concept, category),
+                segmented_property_type=concept,
+                algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+                algorithm_identification=algorithm_id,
+                tracking_uid=result_uid(
+                    "segment",
+                    study_uid,
+                    segment.concept.scheme,
+                    segment.concept.value,
+                    str(number),
+                    algorithm.manufacturer,
+                    algorithm.name,
+                    algorithm.version,
+                ),
+                tracking_id=f"{segment.concept.meaning} ({family})"[:64],
+            )
+        )
+    segmentation_type = (
+        hd.seg.SegmentationTypeValues.FRACTIONAL
+        if fractional
+        else hd.seg.SegmentationTypeValues.BINARY
+    )
+    seg = hd.seg.Segmentation(
+        source_images=sources,
+        pixel_array=pixels if fractional else pixels >= _thresholds(segmentation),
+        segmentation_type=segmentation_type,
+        segment_descriptions=descriptions,
+        series_instance_uid=result_series_uid(study_uid, algorithm, "seg"),
+        series_number=SEG_SERIES_NUMBER,
+        sop_instance_uid=result_instance_uid(
+            [str(ds.SOPInstanceUID) for ds in sources], algorithm, "seg"
+        ),
+        instance_number=1,
+        manufacturer=EQUIPMENT_MANUFACTURER,
+        manufacturer_model_name=algorithm.name[:64],
+        software_versions=f"dicomnode {__version__}",
+        device_serial_number=algorithm.version[:64],
+        fractional_type=hd.seg.SegmentationFractionalTypeValues.PROBABILITY,
+        max_fractional_value=255,
+        content_label="AI_SEG",
+        content_description=_content_description(algorithm),
+        series_description=series_description(algorithm, "SEG"),
+        # Sparse SEGs (no frame where a segment is empty) confuse some viewers.
+        omit_empty_frames=False,
+    )
+    copy_patient_study(source, seg)
+    copy_laterality(source, seg)
+    if "ImageOrientationPatient" not in source:
+        # Projection radiographs have no plane geometry: Patient Orientation (Type 2C) says
+        # how the image lies instead.
+        orientation = [str(value) for value in source.get("PatientOrientation") or []]
+        seg.PatientOrientation = orientation if len(orientation) == 2 else None
+    return seg
+
+
+def segment_category(concept: CodedConcept) -> hd.sr.CodedConcept:
+    """Return the segmented property category of ``concept``: anatomy or abnormal structure."""
+    if (concept.scheme.upper(), concept.value) in ANATOMY_CODES:
+        return ANATOMICAL_STRUCTURE
+    return ABNORMAL_STRUCTURE
+
+
+def _category(concept: CodedConcept, override: CodedConcept | None) -> hd.sr.CodedConcept:
+    if override is None:
+        return segment_category(concept)
+    return hd.sr.CodedConcept(override.value, override.scheme, override.meaning)
+
+
+def _content_description(algorithm: Algorithm) -> str:
+    text = f"AI segmentation by {algorithm.name} {algorithm.version}"
+    if algorithm.research_demo:
+        text += " - research demo, not for clinical use"
+    return text[:64]
+
+
+def _thresholds(segmentation: Segmentation) -> np.ndarray:
+    return np.array([segment.threshold for segment in segmentation.segments], dtype=np.float32)
+
+
+def _validated(segmentation: Segmentation) -> tuple[list[pydicom.Dataset], np.ndarray]:
+    """Check the sources and segments; return the sources and (frames, rows, cols, segments)."""
+    if not segmentation.sources:
+        raise ValueError("build_seg needs at least one source image; got none")
+    if not segmentation.segments:
+        raise ValueError("build_seg needs at least one segment; got none")
+    sources = [
+        check_source(source, f"Segmentation.sources[{index}]")
+        for index, source in enumerate(segmentation.sources)
+    ]
+    uids = [str(source.SOPInstanceUID) for source in sources]
+    if len(set(uids)) != len(uids):
+        raise ValueError("Segmentation.sources holds the same image more than once")
+    if len({str(source.SeriesInstanceUID) for source in sources}) != 1:
+        raise ValueError("Segmentation.sources must all belong to one series")
+    for source in sources:
+        if int(source.get("NumberOfFrames", 1)) != 1:
+            raise ValueError(
+                f"source {source.SOPInstanceUID} is multi-frame; build_seg takes single-frame "
+                "images (one per slice)"
+            )
+    shape = (len(sources), int(sources[0].Rows), int(sources[0].Columns))
+    stacked = []
+    for segment in segmentation.segments:
+        probabilities = np.asarray(segment.probabilities, dtype=np.float32)
+        if probabilities.ndim == 2:
+            probabilities = probabilities[None]
+        label = f"segment {segment.concept.meaning!r}"
+        if probabilities.shape != shape:
+            raise ValueError(
+                f"{label}: probabilities shape {probabilities.shape} differs from the sources' "
+                f"(frames, rows, columns) = {shape}"
+            )
+        if not np.all(np.isfinite(probabilities)) or probabilities.min() < 0:
+            raise ValueError(f"{label}: probabilities must be finite and within 0..1")
+        if probabilities.max() > 1:
+            raise ValueError(f"{label}: probabilities must be finite and within 0..1")
+        threshold = segment.threshold
+        if not isinstance(threshold, int | float) or not math.isfinite(threshold):
+            raise ValueError(f"{label}: threshold must be a number in 0..1, got {threshold!r}")
+        if not 0 < threshold <= 1:
+            raise ValueError(f"{label}: threshold must be in (0, 1], got {threshold!r}")
+        stacked.append(probabilities)
+    return sources, np.stack(stacked, axis=-1)
