@@ -1,0 +1,195 @@
+"""Grayscale Softcopy Presentation State: a model's boxes and landmarks drawn over the source."""
+
+from __future__ import annotations
+
+import highdicom as hd
+import numpy as np
+import pydicom
+
+from dicomnode import RESEARCH_DEMO_NOTICE, __version__
+from dicomnode.findings import Algorithm, Finding, ImageFindings
+from dicomnode.results.geometry import box_outline, pixel_centre
+from dicomnode.results.overlay import BANNER, legend_line
+from dicomnode.results.source import copy_laterality, copy_patient_study
+from dicomnode.results.sr import (
+    EQUIPMENT_MANUFACTURER,
+    ordinals,
+    series_description,
+    validate_evaluation,
+)
+from dicomnode.results.uids import result_instance_uid, result_series_uid, result_uid
+
+GSPS_SERIES_NUMBER = 9904
+CONTENT_LABEL = "AI_RESULT"
+FINDINGS_LAYER = "AI_FINDINGS"
+NOTICE_LAYER = "AI_NOTICE"
+# CIELab display colours (L*, a*, b*): orange-ish for findings, yellow for the notice.
+_FINDINGS_COLOUR = hd.color.CIELabColor(70.0, 40.0, 70.0)
+_NOTICE_COLOUR = hd.color.CIELabColor(95.0, -10.0, 90.0)
+_LINE_HEIGHT = 0.035  # DISPLAY units: fraction of the displayed area's height per text line
+
+
+def build_gsps(evaluation: ImageFindings, algorithm: Algorithm) -> pydicom.Dataset:
+    """Return a GSPS that draws ``evaluation``'s present boxes and landmarks on its source.
+
+    Boxes become closed POLYLINE rectangles and landmarks a POINT in a CIRCLE, each labelled
+    with the finding and its probability; a notice and a legend of every finding sit in the
+    top left corner. The source's modality LUT and VOI window are kept.
+    """
+    source = validate_evaluation(evaluation)
+    if int(source.get("SamplesPerPixel", 1)) != 1:
+        raise ValueError(
+            f"build_gsps needs a greyscale source; SOP Instance UID {source.SOPInstanceUID} "
+            f"has SamplesPerPixel={source.SamplesPerPixel}"
+        )
+    findings_layer = hd.pr.GraphicLayer(
+        layer_name=FINDINGS_LAYER,
+        order=1,
+        description=f"Findings of {algorithm.name} {algorithm.version}"[:64],
+        display_color=_FINDINGS_COLOUR,
+    )
+    notice_layer = hd.pr.GraphicLayer(
+        layer_name=NOTICE_LAYER,
+        order=2,
+        description="AI result notice and legend",
+        display_color=_NOTICE_COLOUR,
+    )
+    graphics: list[hd.pr.GraphicObject] = []
+    labels: list[hd.pr.TextObject] = []
+    rows, columns = int(source.Rows), int(source.Columns)
+    radius = max(3.0, max(rows, columns) / 80)
+    numbered = zip(evaluation.findings, ordinals(evaluation.findings), strict=True)
+    for number, (finding, ordinal) in enumerate(numbered, start=1):
+        if not finding.present or (finding.box is None and finding.point is None):
+            continue
+        tracking = _tracking(source, finding, ordinal, algorithm)
+        text = f"[{number}] {finding.concept.meaning} {finding.probability:.0%}"
+        if finding.box is not None:
+            graphics.append(
+                hd.pr.GraphicObject(
+                    graphic_type=hd.pr.GraphicTypeValues.POLYLINE,
+                    graphic_data=box_outline(finding.box),
+                    units=hd.pr.AnnotationUnitsValues.PIXEL,
+                    tracking_id=text[:64],
+                    tracking_uid=tracking,
+                )
+            )
+            anchor = (float(finding.box[0]), float(finding.box[1]))
+        else:
+            centre = pixel_centre(finding.point)
+            graphics.append(
+                hd.pr.GraphicObject(
+                    graphic_type=hd.pr.GraphicTypeValues.POINT,
+                    graphic_data=centre,
+                    units=hd.pr.AnnotationUnitsValues.PIXEL,
+                    tracking_id=text[:64],
+                    tracking_uid=tracking,
+                )
+            )
+            graphics.append(
+                hd.pr.GraphicObject(
+                    graphic_type=hd.pr.GraphicTypeValues.CIRCLE,
+                    graphic_data=_circle(centre[0], radius, columns),
+                    units=hd.pr.AnnotationUnitsValues.PIXEL,
+                )
+            )
+            anchor = (float(centre[0][0]), float(centre[0][1]))
+        labels.append(
+            hd.pr.TextObject(
+                text_value=text[:1024],
+                units=hd.pr.AnnotationUnitsValues.PIXEL,
+                anchor_point=anchor,
+                anchor_point_visible=False,
+                text_justification=hd.pr.TextJustificationValues.LEFT,
+            )
+        )
+    annotations = [
+        hd.pr.GraphicAnnotation(
+            referenced_images=[source],
+            graphic_layer=notice_layer,
+            text_objects=_legend(evaluation.findings, algorithm),
+        )
+    ]
+    if graphics:
+        annotations.insert(
+            0,
+            hd.pr.GraphicAnnotation(
+                referenced_images=[source],
+                graphic_layer=findings_layer,
+                graphic_objects=graphics,
+                text_objects=labels,
+            ),
+        )
+    presentation_lut = None
+    if source.get("PhotometricInterpretation") == "MONOCHROME1":
+        # Keep MONOCHROME1's "low values are white" look after the VOI window.
+        presentation_lut = hd.PresentationLUTTransformation(
+            presentation_lut_shape=hd.PresentationLUTShapeValues.INVERSE
+        )
+    study_uid = str(source.StudyInstanceUID)
+    description = f"AI findings of {algorithm.name} {algorithm.version}"
+    if algorithm.research_demo:
+        description += " - research demo"
+    gsps = hd.pr.GrayscaleSoftcopyPresentationState(
+        referenced_images=[source],
+        series_instance_uid=result_series_uid(study_uid, algorithm, "gsps"),
+        series_number=GSPS_SERIES_NUMBER,
+        sop_instance_uid=result_instance_uid([str(source.SOPInstanceUID)], algorithm, "gsps"),
+        instance_number=int(source.get("InstanceNumber") or 1),
+        manufacturer=EQUIPMENT_MANUFACTURER,
+        manufacturer_model_name=algorithm.name[:64],
+        software_versions=f"dicomnode {__version__}",
+        device_serial_number=algorithm.version[:64],
+        content_label=CONTENT_LABEL,
+        content_description=description[:64],
+        graphic_annotations=annotations,
+        graphic_layers=[findings_layer, notice_layer],
+        presentation_lut_transformation=presentation_lut,
+        series_description=series_description(algorithm, "GSPS"),
+    )
+    copy_patient_study(source, gsps)
+    copy_laterality(source, gsps)
+    return gsps
+
+
+def _tracking(source: pydicom.Dataset, finding: Finding, ordinal: int, algorithm: Algorithm) -> str:
+    return result_uid(
+        "gsps-graphic",
+        str(source.SOPInstanceUID),
+        finding.concept.scheme,
+        finding.concept.value,
+        str(ordinal),
+        algorithm.manufacturer,
+        algorithm.name,
+        algorithm.version,
+    )
+
+
+def _circle(centre: np.ndarray, radius: float, columns: int) -> np.ndarray:
+    # CIRCLE is (centre, a point on the circumference); keep that point inside the image.
+    column, row = float(centre[0]), float(centre[1])
+    edge = column + radius if column + radius <= columns else column - radius
+    return np.array([[column, row], [max(0.0, edge), row]], dtype=float)
+
+
+def _legend(findings: list[Finding], algorithm: Algorithm) -> list[hd.pr.TextObject]:
+    notice = f"{BANNER} - {algorithm.name} {algorithm.version}"
+    if algorithm.research_demo:
+        notice += f" - {RESEARCH_DEMO_NOTICE}"
+    lines = [notice] + [
+        legend_line(number, finding) for number, finding in enumerate(findings, start=1)
+    ]
+    return [
+        hd.pr.TextObject(
+            text_value=text[:1024],
+            units=hd.pr.AnnotationUnitsValues.DISPLAY,
+            bounding_box=(
+                0.01,
+                0.01 + index * _LINE_HEIGHT,
+                0.99,
+                0.01 + (index + 1) * _LINE_HEIGHT,
+            ),
+            text_justification=hd.pr.TextJustificationValues.LEFT,
+        )
+        for index, text in enumerate(lines[:25])
+    ]
