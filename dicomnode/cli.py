@@ -231,6 +231,10 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
+    if args.kind == "ct":
+        from dicomnode.synth.ct import synth_command
+
+        return synth_command(args)
     from dicomnode.synth.cxr import write_dataset
 
     csv = write_dataset(
@@ -386,6 +390,24 @@ def build_parser() -> argparse.ArgumentParser:
     cxr.add_argument("--pneumothorax-fraction", type=float, default=0.5)
     cxr.add_argument("--size", type=int, default=512)
     cxr.set_defaults(func=cmd_synth)
+    ct = synth_kinds.add_parser(
+        "ct", help="chest CT series (one folder of slices each) with ground_truth.jsonl + masks"
+    )
+    ct.add_argument("--n", type=int, required=True, help="number of series")
+    ct.add_argument("--out", type=Path, required=True)
+    ct.add_argument("--seed", type=int, default=0, help="seed of the first series")
+    ct.add_argument("--rows", type=int, default=256, help="rows = columns (default 256; 512)")
+    ct.add_argument("--slices", type=int, default=64, help="slices per series (default 64)")
+    ct.add_argument(
+        "--slice-thickness", type=float, default=2.5, help="mm, e.g. 1, 1.25, 2.5, 5 (default 2.5)"
+    )
+    ct.add_argument("--dose", choices=["standard", "low"], default="standard")
+    ct.add_argument("--noise-hu", type=float, default=None, help="noise sigma in HU (over --dose)")
+    ct.add_argument("--nodules", default="1..4", help="nodules per series, MIN..MAX (default 1..4)")
+    ct.add_argument(
+        "--nodule-size", default="3..30", help="nodule diameter in mm, MIN..MAX (default 3..30)"
+    )
+    ct.set_defaults(func=cmd_synth)
 
     demo = commands.add_parser(
         "demo", help="start a demo node, send synthetic studies, show the worklist live"
