@@ -1,0 +1,232 @@
+"""Derived image series: an image-to-image model's output (e.g. bone suppression) as DICOM.
+
+DX, CR and CT sources give an image of the same SOP class: a copy of the source's attributes
+with new pixels, marked DERIVED\\SECONDARY and referencing the source. Other sources give a
+greyscale Secondary Capture.
+
+Derivation Code (CID 7203, extensible) has no code for a learned image-to-image transform.
+Noise reduction maps to DCM 113087 "Smoothing"; anything else (bone suppression) gets the
+local code AI-I2I in coding scheme 99DICOMNODE ("99" marks a private scheme, PS3.16 8.2),
+declared in the Coding Scheme Identification Sequence. Callers may pass a better code.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import highdicom as hd
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian
+
+from dicomnode import RESEARCH_DEMO_NOTICE, __version__
+from dicomnode.findings import Algorithm, CodedConcept, DerivedImage
+from dicomnode.results.source import (
+    check_source,
+    copy_laterality,
+    copy_patient_study,
+    source_reference,
+)
+from dicomnode.results.sr import EQUIPMENT_MANUFACTURER, series_description
+from dicomnode.results.uids import result_instance_uid, result_series_uid
+
+DERIVED_SERIES_NUMBER = 9905
+CR_IMAGE = "1.2.840.10008.5.1.4.1.1.1"
+DX_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
+DX_FOR_PROCESSING = "1.2.840.10008.5.1.4.1.1.1.1.1"
+CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
+SAME_CLASS_SOURCES = frozenset({CR_IMAGE, DX_FOR_PRESENTATION, DX_FOR_PROCESSING, CT_IMAGE})
+
+SMOOTHING = CodedConcept("113087", "DCM", "Smoothing")
+LOCAL_SCHEME = "99DICOMNODE"
+AI_IMAGE_TO_IMAGE = CodedConcept("AI-I2I", LOCAL_SCHEME, "AI image-to-image transformation")
+# Contributing Equipment purposes (CID 7005).
+_PROCESSING_EQUIPMENT = ("109103", "DCM", "Processing Equipment")
+_ACQUISITION_EQUIPMENT = ("109101", "DCM", "Acquisition Equipment")
+# Attributes of the source that describe its own pixel data, encoding or signature and would be
+# wrong on the derived image.
+_DROPPED = (
+    "IconImageSequence",
+    "SmallestImagePixelValue",
+    "LargestImagePixelValue",
+    "DigitalSignaturesSequence",
+    "MACParametersSequence",
+    "EncryptedAttributesSequence",
+    "OriginalAttributesSequence",
+    "ReferencedImageSequence",
+    "SourceImageSequence",
+    "DerivationCodeSequence",
+    "DerivationDescription",
+    "ContributingEquipmentSequence",
+    "IrradiationEventUID",
+)
+
+
+def build_derived(
+    derived: DerivedImage,
+    algorithm: Algorithm,
+    *,
+    derivation_code: CodedConcept | None = None,
+) -> pydicom.Dataset:
+    """Return the derived image of ``derived`` in a new series of the source's study."""
+    source = check_source(derived.source, "DerivedImage.source")
+    pixels = _stored_pixels(source, derived.pixels)
+    what = derived.derivation or "image-to-image transformation"
+    code = derivation_code or (
+        SMOOTHING if "nois" in what.lower() or "smooth" in what.lower() else AI_IMAGE_TO_IMAGE
+    )
+    study_uid = str(source.StudyInstanceUID)
+    series_uid = result_series_uid(study_uid, algorithm, "derived")
+    instance_uid = result_instance_uid([str(source.SOPInstanceUID)], algorithm, "derived")
+    description = series_description(algorithm, what)
+    if str(source.SOPClassUID) in SAME_CLASS_SOURCES:
+        image = _same_class(source, pixels, series_uid, instance_uid, algorithm)
+    else:
+        image = _secondary_capture(source, pixels, series_uid, instance_uid, algorithm)
+    image.SeriesDescription = description
+    notice = f" {RESEARCH_DEMO_NOTICE}." if algorithm.research_demo else ""
+    image.DerivationDescription = (
+        f"{what} by {algorithm.name} {algorithm.version} ({algorithm.manufacturer}).{notice}"
+    )[:1024]
+    image.DerivationCodeSequence = [_code_item(code)]
+    if code.scheme == LOCAL_SCHEME:
+        scheme = Dataset()
+        scheme.CodingSchemeDesignator = LOCAL_SCHEME
+        scheme.CodingSchemeName = "dicomnode local codes"
+        scheme.CodingSchemeResponsibleOrganization = "dicomnode"
+        image.CodingSchemeIdentificationSequence = [scheme]
+    image.SourceImageSequence = [source_reference(source)]
+    image.BurnedInAnnotation = "NO"
+    return image
+
+
+def _same_class(
+    source: pydicom.Dataset,
+    pixels: np.ndarray,
+    series_uid: str,
+    instance_uid: str,
+    algorithm: Algorithm,
+) -> pydicom.Dataset:
+    image = Dataset()
+    for element in source:
+        if element.tag.group in (0x0002,) or element.tag.is_private:
+            continue
+        if element.keyword in _DROPPED or 0x6000 <= element.tag.group <= 0x60FF:
+            continue
+        if element.keyword == "PixelData":
+            continue
+        image.add(copy.deepcopy(element))
+    image.file_meta = FileMetaDataset()
+    image.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    image.file_meta.MediaStorageSOPClassUID = source.SOPClassUID
+    image.file_meta.MediaStorageSOPInstanceUID = instance_uid
+    image.SOPInstanceUID = instance_uid
+    image.SeriesInstanceUID = series_uid
+    image.SeriesNumber = DERIVED_SERIES_NUMBER
+    # Value 3 onwards (e.g. AXIAL for CT) still describe the image.
+    image.ImageType = ["DERIVED", "SECONDARY", *list(source.get("ImageType") or [])[2:]]
+    acquisition = Dataset()
+    for keyword in ("Manufacturer", "ManufacturerModelName", "DeviceSerialNumber"):
+        if keyword in source:
+            setattr(acquisition, keyword, source[keyword].value)
+    acquisition.PurposeOfReferenceCodeSequence = [_code_item(CodedConcept(*_ACQUISITION_EQUIPMENT))]
+    processing = Dataset()
+    processing.Manufacturer = EQUIPMENT_MANUFACTURER
+    processing.ManufacturerModelName = algorithm.name[:64]
+    processing.SoftwareVersions = [f"dicomnode {__version__}", algorithm.version[:64]]
+    processing.ContributionDescription = f"{algorithm.name} {algorithm.version}"[:64]
+    processing.PurposeOfReferenceCodeSequence = [_code_item(CodedConcept(*_PROCESSING_EQUIPMENT))]
+    # General Equipment names who made this instance; the modality that acquired the source
+    # stays on record as contributing equipment.
+    image.ContributingEquipmentSequence = (
+        [acquisition, processing] if source.get("Manufacturer") else [processing]
+    )
+    image.Manufacturer = EQUIPMENT_MANUFACTURER
+    image.ManufacturerModelName = algorithm.name[:64]
+    image.SoftwareVersions = f"dicomnode {__version__}"
+    if "DeviceSerialNumber" in image:
+        del image.DeviceSerialNumber
+    image.PixelData = pixels.tobytes()
+    image["PixelData"].VR = "OW" if int(source.BitsAllocated) > 8 else "OB"
+    if "LossyImageCompression" not in source:
+        image.LossyImageCompression = "00"
+    return image
+
+
+def _secondary_capture(
+    source: pydicom.Dataset,
+    pixels: np.ndarray,
+    series_uid: str,
+    instance_uid: str,
+    algorithm: Algorithm,
+) -> pydicom.Dataset:
+    photometric = str(source.get("PhotometricInterpretation", "MONOCHROME2"))
+    orientation = [str(value) for value in source.get("PatientOrientation") or []]
+    image = hd.sc.SCImage.from_ref_dataset(
+        ref_dataset=source,
+        pixel_array=pixels,
+        photometric_interpretation=photometric,
+        bits_allocated=int(source.BitsAllocated),
+        coordinate_system=hd.CoordinateSystemNames.PATIENT,
+        series_instance_uid=series_uid,
+        series_number=DERIVED_SERIES_NUMBER,
+        sop_instance_uid=instance_uid,
+        instance_number=int(source.get("InstanceNumber") or 1),
+        manufacturer=EQUIPMENT_MANUFACTURER,
+        patient_orientation=tuple(orientation) if len(orientation) == 2 else ("L", "F"),
+        transfer_syntax_uid=ExplicitVRLittleEndian,
+        software_versions=f"dicomnode {__version__}",
+    )
+    if len(orientation) != 2:
+        image.PatientOrientation = None
+    image.ImageType = ["DERIVED", "SECONDARY"]
+    image.BitsStored = int(source.BitsStored)
+    image.HighBit = int(source.BitsStored) - 1
+    for keyword in ("WindowCenter", "WindowWidth", "RescaleIntercept", "RescaleSlope"):
+        if keyword in source:
+            image[keyword] = copy.deepcopy(source[keyword])
+    if "RescaleIntercept" in image and "RescaleType" not in image:
+        image.RescaleType = "US"
+    copy_patient_study(source, image)
+    copy_laterality(source, image)
+    return image
+
+
+def _stored_pixels(source: pydicom.Dataset, values: np.ndarray) -> np.ndarray:
+    """Return ``values`` as the source's stored pixel type, checked against its range."""
+    where = f"derived image of SOP Instance UID {source.SOPInstanceUID}"
+    if int(source.get("SamplesPerPixel", 1)) != 1 or int(source.get("NumberOfFrames", 1)) != 1:
+        raise ValueError(f"{where}: the source must be a single-frame greyscale image")
+    for keyword in ("Rows", "Columns", "BitsAllocated", "BitsStored", "PixelRepresentation"):
+        if keyword not in source:
+            raise ValueError(f"{where}: the source lacks {keyword}")
+    values = np.asarray(values)
+    shape = (int(source.Rows), int(source.Columns))
+    if values.shape != shape:
+        raise ValueError(f"{where}: pixels shape {values.shape} differs from the source's {shape}")
+    if not np.all(np.isfinite(values)):
+        raise ValueError(f"{where}: pixels must be finite")
+    bits, signed = int(source.BitsStored), int(source.PixelRepresentation) == 1
+    low, high = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+    rounded = np.rint(values)
+    if rounded.min() < low or rounded.max() > high:
+        raise ValueError(
+            f"{where}: pixels span {rounded.min():g}..{rounded.max():g}, outside the source's "
+            f"stored range {low}..{high} ({bits} bits {'signed' if signed else 'unsigned'})"
+        )
+    allocated = int(source.BitsAllocated)
+    if allocated not in (8, 16):
+        raise ValueError(f"{where}: Bits Allocated {allocated} is not supported (8 or 16)")
+    dtype = np.dtype(f"{'i' if signed else 'u'}{allocated // 8}").newbyteorder("<")
+    return np.ascontiguousarray(rounded.astype(dtype))
+
+
+def _code_item(code: CodedConcept) -> Dataset:
+    item = Dataset()
+    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = (
+        code.value,
+        code.scheme,
+        code.meaning,
+    )
+    return item

@@ -1,0 +1,149 @@
+"""Derived image builder: dciodvfy, same SOP class or SC, markings, pixels, identity, UIDs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pydicom
+import pytest
+from dciodvfy import CT_IMAGE, DX_FOR_PRESENTATION, chest_xray, ct_series, dciodvfy_errors
+
+from dicomnode import RESEARCH_DEMO_NOTICE
+from dicomnode.findings import Algorithm, CodedConcept, DerivedImage
+from dicomnode.results.derived import build_derived
+
+ALGORITHM = Algorithm(name="cxr-bone-suppression-demo", version="1.0.0")
+SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+
+
+@pytest.fixture(scope="module")
+def source() -> pydicom.Dataset:
+    return chest_xray(9, size=128)
+
+
+def suppressed(source: pydicom.Dataset) -> np.ndarray:
+    """Stand-in model output: a smooth version of the image, in the stored range."""
+    pixels = source.pixel_array.astype(np.float32)
+    return (pixels + np.roll(pixels, 1, axis=0) + np.roll(pixels, 1, axis=1)) / 3
+
+
+@pytest.fixture(scope="module")
+def derived(source: pydicom.Dataset) -> pydicom.Dataset:
+    return build_derived(DerivedImage(source, suppressed(source), "bone suppression"), ALGORITHM)
+
+
+def test_derived_radiograph_passes_dciodvfy(derived: pydicom.Dataset) -> None:
+    assert dciodvfy_errors(derived) == []
+
+
+def test_derived_radiograph_keeps_sop_class_and_is_marked_derived(
+    derived: pydicom.Dataset, source: pydicom.Dataset
+) -> None:
+    assert derived.SOPClassUID == DX_FOR_PRESENTATION == source.SOPClassUID
+    assert list(derived.ImageType)[:2] == ["DERIVED", "SECONDARY"]
+    assert derived.BurnedInAnnotation == "NO"
+    assert "bone suppression" in derived.DerivationDescription
+    assert RESEARCH_DEMO_NOTICE in derived.DerivationDescription
+    code = derived.DerivationCodeSequence[0]
+    assert (code.CodeValue, code.CodingSchemeDesignator) == ("AI-I2I", "99DICOMNODE")
+    assert derived.CodingSchemeIdentificationSequence[0].CodingSchemeDesignator == "99DICOMNODE"
+    reference = derived.SourceImageSequence[0]
+    assert reference.ReferencedSOPInstanceUID == source.SOPInstanceUID
+    assert reference.ReferencedSOPClassUID == source.SOPClassUID
+    assert reference.PurposeOfReferenceCodeSequence[0].CodeValue == "121322"
+    assert derived.Manufacturer == "dicomnode"
+    purposes = [
+        item.PurposeOfReferenceCodeSequence[0].CodeValue
+        for item in derived.ContributingEquipmentSequence
+    ]
+    assert purposes == ["109101", "109103"]  # acquisition, then processing equipment
+    # Long model names are cut to fit LO (64 characters); the notice stays.
+    assert derived.SeriesDescription.startswith("AI bone suppression cxr-bone-suppression-demo")
+    assert derived.SeriesDescription.endswith("(research demo)")
+    assert len(derived.SeriesDescription) <= 64
+
+
+def test_derived_pixels_are_the_models_in_the_sources_stored_range(
+    derived: pydicom.Dataset, source: pydicom.Dataset
+) -> None:
+    assert (derived.BitsStored, derived.PixelRepresentation) == (
+        source.BitsStored,
+        source.PixelRepresentation,
+    )
+    assert derived.PhotometricInterpretation == source.PhotometricInterpretation
+    expected = np.rint(suppressed(source))
+    assert np.array_equal(derived.pixel_array.astype(float), expected)
+    assert not np.array_equal(derived.pixel_array, source.pixel_array)
+
+
+def test_derived_keeps_patient_study_and_uids_are_deterministic(
+    derived: pydicom.Dataset, source: pydicom.Dataset
+) -> None:
+    for keyword in ("PatientName", "PatientID", "PatientBirthDate", "StudyInstanceUID"):
+        assert derived[keyword].value == source[keyword].value
+    assert derived.AccessionNumber == source.AccessionNumber
+    assert derived.SeriesInstanceUID != source.SeriesInstanceUID
+    assert derived.SOPInstanceUID != source.SOPInstanceUID
+    again = build_derived(DerivedImage(source, suppressed(source), "bone suppression"), ALGORITHM)
+    assert (again.SeriesInstanceUID, again.SOPInstanceUID) == (
+        derived.SeriesInstanceUID,
+        derived.SOPInstanceUID,
+    )
+    newer = build_derived(
+        DerivedImage(source, suppressed(source), "bone suppression"),
+        Algorithm(ALGORITHM.name, "1.1.0"),
+    )
+    assert newer.SeriesInstanceUID != derived.SeriesInstanceUID
+    assert newer.SOPInstanceUID != derived.SOPInstanceUID
+
+
+def test_derived_ct_slice_keeps_class_geometry_and_axial() -> None:
+    slice_ = ct_series(3)[1]
+    denoised = build_derived(
+        DerivedImage(slice_, slice_.pixel_array.astype(float), "low-dose denoising"), ALGORITHM
+    )
+    assert dciodvfy_errors(denoised) == []
+    assert denoised.SOPClassUID == CT_IMAGE
+    assert list(denoised.ImageType) == ["DERIVED", "SECONDARY", "AXIAL"]
+    assert denoised.ImagePositionPatient == slice_.ImagePositionPatient
+    assert denoised.FrameOfReferenceUID == slice_.FrameOfReferenceUID
+    assert denoised.DerivationCodeSequence[0].CodeValue == "113087"  # Smoothing
+
+
+def test_derived_of_other_sources_is_secondary_capture() -> None:
+    source = ct_series(3)[0]
+    source.SOPClassUID = source.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.4"
+    source.Modality = "MR"
+    image = build_derived(DerivedImage(source, source.pixel_array, "denoising"), ALGORITHM)
+    assert image.SOPClassUID == SECONDARY_CAPTURE
+    assert dciodvfy_errors(image) == []
+    assert list(image.ImageType)[:2] == ["DERIVED", "SECONDARY"]
+    assert image.SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+    assert np.array_equal(image.pixel_array, source.pixel_array)
+    assert image.PatientID == source.PatientID
+
+
+def test_derived_takes_a_code_from_the_caller(source: pydicom.Dataset) -> None:
+    code = CodedConcept("113062", "DCM", "Pixel by pixel subtraction")
+    image = build_derived(
+        DerivedImage(source, suppressed(source), "bone subtraction"),
+        ALGORITHM,
+        derivation_code=code,
+    )
+    assert image.DerivationCodeSequence[0].CodeValue == "113062"
+    assert "CodingSchemeIdentificationSequence" not in image
+
+
+@pytest.mark.parametrize(
+    ("pixels", "message"),
+    [
+        (np.full((128, 128), 5000.0), "outside the source's stored range"),
+        (np.full((128, 128), -1.0), "outside the source's stored range"),
+        (np.zeros((64, 128)), "differs from the source"),
+        (np.full((128, 128), np.nan), "finite"),
+    ],
+)
+def test_derived_rejects_pixels_that_do_not_fit(
+    source: pydicom.Dataset, pixels: np.ndarray, message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        build_derived(DerivedImage(source, pixels, "bone suppression"), ALGORITHM)
