@@ -12,7 +12,9 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+import pydicom
 import pydicom.config
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
 from pynetdicom.sop_class import Verification
 from sqlalchemy.orm import Session, sessionmaker
@@ -21,8 +23,15 @@ from dicomnode import metrics
 from dicomnode.config import Peer, Settings
 from dicomnode.db.session import utcnow
 from dicomnode.ingest import assembly
+from dicomnode.ingest.incoming import (
+    IncomingFile,
+    Limits,
+    incoming_folder,
+    install,
+    write_incoming,
+)
 from dicomnode.ingest.index import index_instance, instance_facts
-from dicomnode.ingest.spool import SpoolError, free_bytes, instance_path, write_durable
+from dicomnode.ingest.spool import SpoolError, free_bytes, instance_path
 from dicomnode.ingest.validate import InvalidDataset, check_dataset
 
 log = logging.getLogger("dicomnode.ingest")
@@ -38,6 +47,8 @@ STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_CANNOT_UNDERSTAND = 0xC000
 STATUS_SOP_CLASS_MISMATCH = 0xA900
+# Element values larger than this are not read into memory when a received file is parsed.
+DEFER_BYTES = 64 * 1024
 
 
 @dataclass
@@ -105,6 +116,9 @@ class StorageSCP:
         ae.require_called_aet = False
         return ae
 
+    def _limits(self) -> Limits:
+        return Limits(self.settings.node.max_instance_bytes, self.settings.storage.min_free_bytes)
+
     # Event handlers ---------------------------------------------------------------
 
     def _on_requested(self, event: evt.Event) -> None:
@@ -129,6 +143,10 @@ class StorageSCP:
             self._associations[id(event.assoc)] = _AssociationLog(calling_ae, address)
 
     def _on_ended(self, event: evt.Event, outcome: str) -> None:
+        # A data set cut off by an abort is still in the incoming folder.
+        partial = getattr(getattr(event.assoc.dimse, "message", None), "_data_set_file", None)
+        if isinstance(partial, IncomingFile):
+            partial.discard()
         with self._lock:
             record = self._associations.pop(id(event.assoc), None)
         if record is None:
@@ -179,16 +197,47 @@ class StorageSCP:
         metrics.count_store(status, record.bytes - stored_bytes)
         return status
 
+    def _received(self, event: evt.Event) -> IncomingFile:
+        """The received data set as a file in the incoming folder (streamed or in memory)."""
+        received = getattr(event.request, "_dataset_file", None)
+        if isinstance(received, IncomingFile):
+            received.close()
+            return received
+        # Received into memory (chunked receiving off, or an offline event): spill it.
+        return write_incoming(
+            incoming_folder(self.storage),
+            self._limits(),
+            event.encoded_dataset(include_meta=True),
+        )
+
     def _store(self, event: evt.Event, record: _AssociationLog) -> int:
+        received = self._received(event)
+        try:
+            return self._store_received(event, record, received)
+        finally:
+            # Moved into the spool on success; otherwise (refused, duplicate) removed.
+            received.discard()
+
+    def _store_received(
+        self, event: evt.Event, record: _AssociationLog, received: IncomingFile
+    ) -> int:
         calling_ae = record.calling_ae
         affected = str(event.request.AffectedSOPInstanceUID or "")
-        encoded_size = event.request.DataSet.getbuffer().nbytes
-        if encoded_size > self.settings.node.max_instance_bytes:
+        if received.refusal is not None:
+            log.warning(
+                "refused %s from %s: %d bytes received, %s",
+                affected,
+                calling_ae,
+                received.size,
+                received.refusal,
+            )
+            return STATUS_OUT_OF_RESOURCES
+        if received.size > self.settings.node.max_instance_bytes:
             log.warning(
                 "refused %s from %s: %d bytes exceeds [node] max_instance_bytes",
                 affected,
                 calling_ae,
-                encoded_size,
+                received.size,
             )
             return STATUS_OUT_OF_RESOURCES
         if free_bytes(self.storage) < self.settings.storage.min_free_bytes:
@@ -199,11 +248,14 @@ class StorageSCP:
                 self.storage,
             )
             return STATUS_OUT_OF_RESOURCES
+        transfer_syntax = str(event.context.transfer_syntax)
         try:
-            dataset = event.dataset
-            dataset.file_meta = event.file_meta
+            # Large values (pixel data) stay on disk; check_dataset bounds them by the file.
+            # A deflated data set is inflated in memory: offsets are not file offsets there.
+            deflated = transfer_syntax == DeflatedExplicitVRLittleEndian
+            dataset = pydicom.dcmread(received.path, defer_size=None if deflated else DEFER_BYTES)
             # Every element first, so instance_facts below reads decoded values only.
-            check_dataset(dataset, str(event.context.transfer_syntax))
+            check_dataset(dataset, transfer_syntax, None if deflated else received.size)
             facts = instance_facts(dataset)
         except (InvalidDataset, ValueError) as exc:
             log.warning("refused %s from %s: cannot understand: %s", affected, calling_ae, exc)
@@ -232,7 +284,6 @@ class StorageSCP:
         except SpoolError as exc:
             log.warning("refused %s from %s: %s", affected, calling_ae, exc)
             return STATUS_CANNOT_UNDERSTAND
-        transfer_syntax = str(event.context.transfer_syntax)
         if path.exists():
             # Duplicate SOP Instance UID: keep the first copy, answer success (as PACS do).
             record.duplicates += 1
@@ -240,12 +291,11 @@ class StorageSCP:
             size = path.stat().st_size
         else:
             try:
-                encoded = event.encoded_dataset(include_meta=True)
-                write_durable(path, encoded)
+                received.move_to(path)
             except SpoolError as exc:
                 log.error("refused %s from %s: %s", affected, calling_ae, exc)
                 return STATUS_OUT_OF_RESOURCES
-            size = len(encoded)
+            size = received.size
             record.bytes += size
         try:
             with self.sessions() as session:
@@ -283,6 +333,7 @@ class StorageSCP:
         """Listen in background threads."""
         node = self.settings.node
         self.storage.mkdir(parents=True, exist_ok=True)
+        install(lambda: incoming_folder(self.storage), self._limits)
         tls = tls_context(self.settings) if self.settings.tls.enabled else None
         self._server = self.ae.start_server(
             (node.host, node.port), block=False, evt_handlers=self.handlers(), ssl_context=tls

@@ -20,13 +20,21 @@ class InvalidDataset(ValueError):
     """The dataset cannot be understood; the message says which attribute and why."""
 
 
-def _read_all(ds: Dataset, depth: int = 0) -> None:
+def _present_bytes(raw: RawDataElement, stream_bytes: int | None) -> int:
+    """Bytes of the value that were sent: read ones, or for a value left on disk
+    (``dcmread(defer_size=...)``) what the file holds from its offset on."""
+    if raw.value is None and raw.length and stream_bytes is not None:
+        return max(0, min(raw.length, stream_bytes - raw.value_tell))
+    return len(raw.value or b"")
+
+
+def _read_all(ds: Dataset, stream_bytes: int | None, depth: int = 0) -> None:
     if depth > 16:
         raise InvalidDataset("sequences nested more than 16 deep")
     for tag in list(ds.keys()):
-        raw = ds.get_item(tag)
+        raw = ds.get_item(tag, keep_deferred=True)
         if isinstance(raw, RawDataElement) and raw.length != UNDEFINED_LENGTH:
-            present = len(raw.value or b"")
+            present = _present_bytes(raw, stream_bytes)
             if present < raw.length:
                 # A truncated stream, or a gigantic declared length: never trust it.
                 raise InvalidDataset(f"element {tag} declares {raw.length} bytes, {present} sent")
@@ -39,7 +47,7 @@ def _read_all(ds: Dataset, depth: int = 0) -> None:
             raise InvalidDataset(f"element {tag} does not decode ({type(exc).__name__})") from exc
         if element.VR == "SQ":
             for item in element.value:
-                _read_all(item, depth + 1)
+                _read_all(item, stream_bytes, depth + 1)
 
 
 def expected_pixel_bytes(ds: Dataset) -> int | None:
@@ -53,10 +61,13 @@ def expected_pixel_bytes(ds: Dataset) -> int | None:
     return (pixels * bits + 7) // 8
 
 
-def check_dataset(ds: Dataset, transfer_syntax: str) -> None:
-    """Raise InvalidDataset for an element that does not decode or pixel data of the wrong size."""
+def check_dataset(ds: Dataset, transfer_syntax: str, stream_bytes: int | None = None) -> None:
+    """Raise InvalidDataset for an element that does not decode or pixel data of the wrong size.
+
+    ``stream_bytes`` is the size of the file ``ds`` was read from with deferred values.
+    """
     try:
-        _read_all(ds)
+        _read_all(ds, stream_bytes)
     except InvalidDataset:
         raise
     except Exception as exc:
@@ -69,7 +80,12 @@ def check_dataset(ds: Dataset, transfer_syntax: str) -> None:
         raise InvalidDataset(f"image pixel module does not decode: {exc}") from exc
     if expected is None:
         raise InvalidDataset("Pixel Data without Rows, Columns or Bits Allocated")
-    length = len(ds.get_item("PixelData").value or b"")
+    pixels = ds.get_item("PixelData", keep_deferred=True)
+    length = (
+        _present_bytes(pixels, stream_bytes)
+        if isinstance(pixels, RawDataElement)
+        else len(pixels.value or b"")
+    )
     # Odd lengths are padded to even; more is tolerated (trailing padding), less is not.
     if length < expected:
         raise InvalidDataset(

@@ -1,0 +1,149 @@
+"""Receiving a C-STORE data set straight to disk, never whole in memory.
+
+With ``STORE_RECV_CHUNKED_DATASET`` pynetdicom writes each arriving P-DATA fragment to a
+temporary file in the DICOM file format and hands the handler its path. :func:`install`
+makes that file an :class:`IncomingFile` in ``<storage>/.incoming/`` (the spool's own file
+system, so the handler moves it into place by rename instead of copying it) that enforces
+``[node] max_instance_bytes`` and the ``[storage] min_free_bytes`` watermark while the data
+arrive: past either limit it stops writing, frees what it wrote, and the handler answers
+0xA700 once the sender has finished.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pynetdicom.dimse_messages
+from pynetdicom import _config
+
+from dicomnode.ingest.spool import move_durable
+
+INCOMING_FOLDER = ".incoming"
+# Free space is looked at when a data set starts and after every this many bytes.
+_FREE_CHECK_BYTES = 16 * 1024**2
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a receive may use: the instance size cap and the free-space floor."""
+
+    max_instance_bytes: int
+    min_free_bytes: int
+
+
+class IncomingFile:
+    """A file-like object pynetdicom writes one received data set into (``write``,
+    ``file.flush``, ``close``, ``name``); it stops writing past the limits."""
+
+    def __init__(self, folder: Path, limits: Limits):
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix="rx-", suffix=".dcm", dir=folder)
+        self.name = name
+        self.file = self  # pynetdicom flushes through ``.file``
+        self.size = 0
+        self.refusal: str | None = None
+        self.moved = False
+        self._limits = limits
+        self._handle = os.fdopen(fd, "wb")
+        self._next_free_check = 0
+
+    @property
+    def path(self) -> Path:
+        return Path(self.name)
+
+    def write(self, data: bytes | memoryview) -> int:
+        """Append ``data`` (or only count it once a limit is passed); never raises."""
+        count = len(data)
+        self.size += count
+        if self.refusal is not None:
+            return count
+        if self.size > self._limits.max_instance_bytes:
+            self._refuse(f"more than [node] max_instance_bytes ({self._limits.max_instance_bytes})")
+            return count
+        if self.size >= self._next_free_check:
+            self._next_free_check = self.size + _FREE_CHECK_BYTES
+            if shutil.disk_usage(self.path.parent).free < self._limits.min_free_bytes:
+                self._refuse("storage is below the [storage] min_free_bytes watermark")
+                return count
+        try:
+            self._handle.write(data)
+        except OSError as exc:
+            self._refuse(f"cannot write: {exc.strerror or exc}")
+        return count
+
+    def flush(self) -> None:
+        if self.refusal is None:
+            with contextlib.suppress(OSError):
+                self._handle.flush()
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._handle.close()
+
+    def move_to(self, path: Path) -> None:
+        """Make the received file durable at ``path`` (fsync, rename, fsync the folder)."""
+        self.close()
+        move_durable(self.path, path)
+        self.moved = True
+        # pynetdicom unlinks ``name`` after the handler: point it where nothing will be.
+        self.name = f"{self.name}.moved"
+
+    def discard(self) -> None:
+        """Close and remove the file unless it was moved (refused, duplicate, aborted)."""
+        self.close()
+        if not self.moved:
+            self.path.unlink(missing_ok=True)
+
+    def _refuse(self, reason: str) -> None:
+        self.refusal = reason
+        # Give the space back now; the rest of the data set is only counted.
+        with contextlib.suppress(OSError):
+            self._handle.seek(0)
+            self._handle.truncate()
+
+
+def incoming_folder(storage: Path) -> Path:
+    """Where data sets are received before they are moved into the spool."""
+    return storage / INCOMING_FOLDER
+
+
+def clear_incoming(storage: Path) -> int:
+    """Remove partial receives a stopped process left behind; returns how many."""
+    folder = incoming_folder(storage)
+    if not folder.is_dir():
+        return 0
+    removed = 0
+    for path in folder.iterdir():
+        if path.is_file():
+            path.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+def install(folder: Callable[[], Path], limits: Callable[[], Limits]) -> None:
+    """Receive C-STORE data sets of this process into :class:`IncomingFile` objects.
+
+    ``folder`` and ``limits`` are read when each data set starts, so a reloaded
+    configuration applies to the next instance.
+    """
+
+    def factory(*_args, **_kwargs) -> IncomingFile:
+        return IncomingFile(folder(), limits())
+
+    _config.STORE_RECV_CHUNKED_DATASET = True
+    # pynetdicom opens the file through this module-level name (dimse_messages.py).
+    pynetdicom.dimse_messages.NamedTemporaryFile = factory  # type: ignore[assignment]
+
+
+def write_incoming(folder: Path, limits: Limits, encoded: bytes) -> IncomingFile:
+    """An :class:`IncomingFile` holding ``encoded`` (a data set that arrived in memory)."""
+    received = IncomingFile(folder, limits)
+    received.write(encoded)
+    received.close()
+    return received
