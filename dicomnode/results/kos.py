@@ -1,0 +1,73 @@
+"""Key Object Selection document flagging the images with critical AI findings (IHE AIR)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import highdicom as hd
+import pydicom
+from pydicom.sr.codedict import codes
+
+from dicomnode import RESEARCH_DEMO_NOTICE
+from dicomnode.findings import Algorithm
+from dicomnode.results.source import check_source, copy_patient_study, one_study
+from dicomnode.results.sr import EQUIPMENT_MANUFACTURER, series_description
+from dicomnode.results.uids import result_instance_uid, result_series_uid, result_uid
+
+KOS_SERIES_NUMBER = 9906
+# CID 7010 Key Object Selection Document Title: the flagged images deserve a look.
+OF_INTEREST = hd.sr.CodedConcept("113000", "DCM", "Of Interest")
+_DESCRIPTION_MAX = 1024  # the note is a TEXT content item (UT would allow more; keep it short)
+
+
+def build_kos(
+    critical: Sequence[pydicom.Dataset],
+    algorithm: Algorithm,
+    results: Sequence[pydicom.Dataset] = (),
+) -> pydicom.Dataset:
+    """Return a KOS "Of Interest" selecting ``critical`` source images and the ``results``.
+
+    One document per study and model version (its UIDs depend on nothing else), so a re-run
+    after late instances replaces it.
+    """
+    if not critical:
+        raise ValueError("build_kos needs at least one source image with a critical finding")
+    selected = [check_source(ds, f"critical[{index}]") for index, ds in enumerate(critical)] + [
+        check_source(ds, f"results[{index}]") for index, ds in enumerate(results)
+    ]
+    uids = [str(ds.SOPInstanceUID) for ds in selected]
+    if len(set(uids)) != len(uids):
+        raise ValueError("build_kos got the same instance more than once")
+    study_uid = one_study(selected, "the KOS's images and results")
+    device = hd.sr.DeviceObserverIdentifyingAttributes(
+        uid=result_uid("device", algorithm.manufacturer, algorithm.name, algorithm.version),
+        name=algorithm.name,
+        manufacturer_name=algorithm.manufacturer,
+        model_name=algorithm.version,
+    )
+    note = (
+        f"Images with critical findings of {algorithm.name} {algorithm.version} "
+        f"({algorithm.manufacturer}), not verified by a physician"
+    )
+    if algorithm.research_demo:
+        note = f"{RESEARCH_DEMO_NOTICE}. {note}"
+    content = hd.ko.KeyObjectSelection(
+        document_title=OF_INTEREST,
+        referenced_objects=selected,
+        observer_device_context=hd.sr.ObserverContext(
+            observer_type=codes.DCM.Device, observer_identifying_attributes=device
+        ),
+        description=note[:_DESCRIPTION_MAX],
+    )
+    kos = hd.ko.KeyObjectSelectionDocument(
+        evidence=selected,
+        content=content,
+        series_instance_uid=result_series_uid(study_uid, algorithm, "kos"),
+        series_number=KOS_SERIES_NUMBER,
+        sop_instance_uid=result_instance_uid([study_uid], algorithm, "kos"),
+        instance_number=1,
+        manufacturer=EQUIPMENT_MANUFACTURER,
+        series_description=series_description(algorithm, "KOS"),
+    )
+    copy_patient_study(critical[0], kos)
+    return kos
