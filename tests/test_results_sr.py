@@ -12,7 +12,7 @@ from dciodvfy import chest_xray, ct_series, dciodvfy_errors
 from dicomnode import RESEARCH_DEMO_NOTICE
 from dicomnode.findings import Algorithm, CodedConcept, Finding, ImageFindings
 from dicomnode.results.sr import build_sr
-from dicomnode.results.uids import result_instance_uid, result_series_uid, result_uid
+from dicomnode.results.uids import KINDS, result_instance_uid, result_series_uid, result_uid
 
 ALGORITHM = Algorithm(name="cxr-pneumothorax-demo", version="1.0.0")
 PNEUMOTHORAX = CodedConcept("36118008", "SCT", "Pneumothorax")
@@ -190,6 +190,10 @@ def test_uids_are_deterministic_and_distinct() -> None:
         result_series_uid("not a uid", ALGORITHM, "sr")
     with pytest.raises(ValueError, match="non-empty sequence"):
         result_instance_uid([], ALGORITHM, "sr")
+    series = {result_series_uid("1.2.3", ALGORITHM, kind) for kind in sorted(KINDS)}
+    assert len(series) == len(KINDS) == 6
+    with pytest.raises(ValueError, match="kind must be one of"):
+        result_series_uid("1.2.3", ALGORITHM, "overlay")
 
 
 def test_sr_rejects_empty_evaluations() -> None:

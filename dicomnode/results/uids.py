@@ -18,6 +18,10 @@ from dicomnode.findings import Algorithm
 # prefix cannot produce our UIDs.
 _NAMESPACE = "dicomnode/results/v1"
 _UID_PATTERN = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+")
+# Result kinds, one series each per study and model version: TID 1500 SR, Secondary Capture
+# overlay, Segmentation, Grayscale Softcopy Presentation State, derived images, Key Object
+# Selection. A typo in a kind would silently open a new series, so only these are accepted.
+KINDS = frozenset({"sr", "sc", "seg", "gsps", "derived", "kos"})
 
 
 def result_uid(*parts: str) -> str:
@@ -66,5 +70,5 @@ def _check_uid(uid: str, what: str) -> None:
 
 
 def _check_kind(kind: str) -> None:
-    if not isinstance(kind, str) or not kind:
-        raise ValueError(f"kind must name the result type, e.g. 'sr' or 'sc', got {kind!r}")
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {sorted(KINDS)}, got {kind!r}")
