@@ -232,3 +232,73 @@ def test_overlay_stays_valid_for_source_variants(vary: Callable[[pydicom.Dataset
     vary(source)
     overlay = build_overlay(findings(source, heatmap=False), ALGORITHM)
     assert dciodvfy_errors(overlay) == []
+
+
+NODULE = CodedConcept("27925004", "SCT", "Nodule")
+TUBE_TIP = CodedConcept("RID49652", "RADLEX", "Endotracheal tube tip")
+BOX = (20, 30, 60, 70)  # (col0, row0, col1, row1), half-open
+
+
+def localised(source: pydicom.Dataset) -> ImageFindings:
+    return ImageFindings(
+        source,
+        [
+            Finding(NODULE, 0.9, 0.5, critical=False, box=tuple(float(v) for v in BOX)),
+            Finding(NODULE, 0.2, 0.5, critical=False, box=(90.0, 90.0, 120.0, 120.0)),
+            Finding(TUBE_TIP, 0.8, 0.5, critical=False, point=(100.0, 20.0)),
+        ],
+    )
+
+
+def lung_mask(rows: int, columns: int) -> np.ndarray:
+    mask = np.zeros((rows, columns), dtype=bool)
+    mask[80:150, 10:70] = True
+    return mask
+
+
+def test_overlay_draws_boxes_landmarks_and_outlines() -> None:
+    source = plain_dx(4, rows=160, columns=128)
+    overlay = build_overlay(localised(source), ALGORITHM, {"Lung": lung_mask(160, 128)})
+    assert dciodvfy_errors(overlay) == []
+    pixels = body(overlay, source)
+    orange = (pixels[..., 0] > 200) & (pixels[..., 1] > 100) & (pixels[..., 1] < 180)
+    orange &= pixels[..., 2] < 60
+    col0, row0, col1, row1 = BOX
+    # The present box's edges are orange, its middle untouched grey.
+    assert orange[row0 + 10 : row1 - 10, col0].all()
+    assert orange[row1 - 1, col0 + 10 : col1 - 10].all()
+    assert is_grey(pixels[row0 + 8 : row1 - 8, col0 + 8 : col1 - 8]).all()
+    # The absent nodule's box is not drawn.
+    assert is_grey(pixels[92:118, 90:120]).all()
+    # Landmark: a green ring round (100, 20).
+    around = pixels[10:31, 90:111]
+    assert ((around[..., 1] > 200) & (around[..., 0] < 80) & (around[..., 2] < 80)).any()
+    # The lung outline is cyan on the mask's edge only.
+    cyan = (pixels[..., 0] < 40) & (pixels[..., 1] > 220) & (pixels[..., 2] > 220)
+    assert cyan[80, 20:60].all() and cyan[149, 20:60].all() and cyan[90:140, 10].all()
+    assert not cyan[90:140, 15:65].any()
+    # The legend names the outline in its colour.
+    header = overlay.pixel_array[: int(overlay.Rows) - int(source.Rows)].astype(int)
+    assert ((header[..., 0] < 40) & (header[..., 1] > 200) & (header[..., 2] > 200)).sum() > 10
+
+
+def test_overlay_scales_boxes_and_outlines_with_large_sources() -> None:
+    source = plain_dx(6, rows=2600, columns=2200)
+    mask = np.zeros((2600, 2200), dtype=bool)
+    mask[1000:2000, 200:1000] = True
+    evaluation = ImageFindings(
+        source, [Finding(NODULE, 0.9, 0.5, critical=False, box=(1300.0, 1300.0, 1800.0, 1900.0))]
+    )
+    overlay = build_overlay(evaluation, ALGORITHM, {"Lung": mask})
+    scale = MAX_SIDE / 2600
+    pixels = overlay.pixel_array[int(overlay.Rows) - MAX_SIDE :].astype(int)
+    orange = (pixels[..., 0] > 200) & (pixels[..., 1] > 100) & (pixels[..., 1] < 180)
+    assert orange[round(1600 * scale), round(1300 * scale)]
+    cyan = (pixels[..., 0] < 40) & (pixels[..., 1] > 220) & (pixels[..., 2] > 220)
+    assert cyan[round(1500 * scale), round(200 * scale)]
+    assert not cyan[round(1500 * scale), round(600 * scale)]
+
+
+def test_overlay_rejects_masks_of_wrong_shape(source: pydicom.Dataset) -> None:
+    with pytest.raises(ValueError, match="segmentation mask 'Lung' has shape"):
+        build_overlay(findings(source), ALGORITHM, {"Lung": np.ones((10, 10), dtype=bool)})

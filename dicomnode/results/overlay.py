@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import highdicom as hd
 import numpy as np
@@ -48,11 +49,24 @@ _MODEL_COLOUR = (200, 200, 200)
 _POSITIVE_COLOUR = (255, 140, 0)
 _NEGATIVE_COLOUR = (255, 255, 255)
 _MARKER_COLOUR = (0, 255, 0)
+_BOX_COLOUR = (255, 140, 0)
+# Outline colours of segmentation masks, in the order the masks are given.
+_OUTLINE_COLOURS = ((0, 255, 255), (255, 0, 255), (80, 160, 255), (255, 255, 0), (160, 255, 80))
 
 
-def build_overlay(evaluation: ImageFindings, algorithm: Algorithm) -> pydicom.Dataset:
-    """Return an RGB Secondary Capture of the source image with ``evaluation`` burned in."""
+def build_overlay(
+    evaluation: ImageFindings,
+    algorithm: Algorithm,
+    segmentation_masks: dict[str, np.ndarray] | None = None,
+) -> pydicom.Dataset:
+    """Return an RGB Secondary Capture of the source image with ``evaluation`` burned in.
+
+    Heat maps, CAM peaks, detection boxes and landmarks of present findings are drawn, and
+    ``segmentation_masks`` (name -> rows x columns boolean mask, e.g. {"Lung": mask}) as
+    outlines named in the legend.
+    """
     source = validate_evaluation(evaluation)
+    masks = _checked_masks(segmentation_masks or {}, int(source.Rows), int(source.Columns))
     if int(source.get("SamplesPerPixel", 1)) != 1 or int(source.get("NumberOfFrames", 1)) != 1:
         raise ValueError(
             f"build_overlay needs a single-frame greyscale source; SOP Instance UID "
@@ -61,7 +75,7 @@ def build_overlay(evaluation: ImageFindings, algorithm: Algorithm) -> pydicom.Da
         )
     grey = np.asarray(presentation_pixels(source), dtype=np.float32)
     scale = min(1.0, MAX_SIDE / max(grey.shape))
-    rgb = render_overlay(grey, evaluation.findings, algorithm, scale=scale)
+    rgb = render_overlay(grey, evaluation.findings, algorithm, scale=scale, masks=masks)
 
     orientation = [str(value) for value in source.get("PatientOrientation") or []]
     overlay = hd.sc.SCImage.from_ref_dataset(
@@ -89,17 +103,22 @@ def build_overlay(evaluation: ImageFindings, algorithm: Algorithm) -> pydicom.Da
     resized = f", downsampled x{scale:.3g}" if scale < 1 else ""
     overlay.DerivationDescription = (
         f"Source image as displayed (modality and VOI LUT){resized}, with a header band above "
-        f"it; heat maps, peak markers and findings of {algorithm.name} {algorithm.version} "
-        "burned in"
+        f"it; heat maps, markers, boxes, outlines and findings of {algorithm.name} "
+        f"{algorithm.version} burned in"
     )[:1024]
     overlay.SourceImageSequence = [source_reference(source)]
     return overlay
 
 
 def render_overlay(
-    grey: np.ndarray, findings: list[Finding], algorithm: Algorithm, *, scale: float = 1.0
+    grey: np.ndarray,
+    findings: list[Finding],
+    algorithm: Algorithm,
+    *,
+    scale: float = 1.0,
+    masks: dict[str, np.ndarray] | None = None,
 ) -> np.ndarray:
-    """Return RGB uint8 pixels: a header band above ``grey`` (0..1) with heat maps and markers."""
+    """Return RGB uint8 pixels: a header band above ``grey`` (0..1) with the findings drawn."""
     if grey.ndim != 2 or not np.all(np.isfinite(grey)):
         raise ValueError(f"grey must be a finite 2-D image, got shape {grey.shape}")
     if not 0 < scale <= 1:
@@ -117,16 +136,29 @@ def render_overlay(
         if scale < 1:
             heat = _resize(heat, size)
         image = _blend_heat(image, heat)
+    outlines = []
+    for (name, mask), colour in zip((masks or {}).items(), _OUTLINE_COLOURS * 4, strict=False):
+        if scale < 1:
+            mask = _resize(np.asarray(mask, dtype=np.float32), size) >= 0.5
+        image[_outline(np.asarray(mask, dtype=bool), max(1, round(max(size) / 400)))] = (
+            np.array(colour) / 255
+        )
+        outlines.append((name, colour))
 
     body = Image.fromarray(np.round(image * 255).astype(np.uint8), mode="RGB")
     long_side = max(body.size)
     draw = ImageDraw.Draw(body)
     for number, finding in enumerate(findings, start=1):
-        if finding.peak is not None and finding.present:
-            column, row = finding.peak
-            _draw_marker(draw, (column * scale, row * scale), number, long_side)
+        if not finding.present:
+            continue
+        if finding.box is not None:
+            _draw_box(draw, tuple(value * scale for value in finding.box), number, long_side)
+        for place in (finding.point, finding.peak):
+            if place is not None:
+                column, row = place
+                _draw_marker(draw, (column * scale, row * scale), number, long_side)
 
-    header = _header(findings, algorithm, width=body.size[0])
+    header = _header(findings, algorithm, width=body.size[0], outlines=outlines)
     canvas = Image.new("RGB", (body.size[0], header.size[1] + body.size[1]))
     canvas.paste(header, (0, 0))
     canvas.paste(body, (0, header.size[1]))
@@ -173,6 +205,53 @@ def _fitting_font(lines: list[str], size: int, room: float) -> ImageFont.FreeTyp
     return font
 
 
+def _checked_masks(masks: dict[str, np.ndarray], rows: int, columns: int) -> dict[str, np.ndarray]:
+    checked = {}
+    for name, mask in masks.items():
+        array = np.asarray(mask)
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"segmentation mask names must be non-empty str, got {name!r}")
+        if array.shape != (rows, columns):
+            raise ValueError(
+                f"segmentation mask {name!r} has shape {array.shape}, the image is "
+                f"(rows, columns) = {(rows, columns)}"
+            )
+        checked[name] = array.astype(bool)
+    return checked
+
+
+def _outline(mask: np.ndarray, width: int) -> np.ndarray:
+    """Return the pixels of ``mask`` within ``width`` pixels of its edge (4-neighbourhood)."""
+    inner = mask.copy()
+    for _ in range(width):
+        padded = np.pad(inner, 1, constant_values=False)
+        inner = inner & padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
+    return mask & ~inner
+
+
+def _draw_box(
+    draw: ImageDraw.ImageDraw,
+    box: tuple[float, ...],
+    number: int,
+    long_side: int,
+) -> None:
+    column0, row0, column1, row1 = box
+    width = max(2, round(long_side / 300))
+    # Half-open box: the last pixel inside is one before column1/row1.
+    outline = (column0, row0, max(column0, column1 - 1), max(row0, row1 - 1))
+    draw.rectangle(outline, outline=(0, 0, 0), width=width + 2)
+    draw.rectangle(outline, outline=_BOX_COLOUR, width=width)
+    size = max(10, round(long_side / 40))
+    draw.text(
+        (column0, max(0, row0 - size - width)),
+        str(number),
+        fill=_BOX_COLOUR,
+        font=_font(size),
+        stroke_width=1,
+        stroke_fill=(0, 0, 0),
+    )
+
+
 def _draw_marker(
     draw: ImageDraw.ImageDraw, centre: tuple[float, float], number: int, long_side: int
 ) -> None:
@@ -195,13 +274,20 @@ def _draw_marker(
     )
 
 
-def _header(findings: list[Finding], algorithm: Algorithm, *, width: int) -> Image.Image:
+def _header(
+    findings: list[Finding],
+    algorithm: Algorithm,
+    *,
+    width: int,
+    outlines: Sequence[tuple[str, tuple[int, int, int]]] = (),
+) -> Image.Image:
     model = f"{algorithm.name} {algorithm.version} ({algorithm.manufacturer})"
     model += " - research demo" if algorithm.research_demo else ""
     legend = [
         (legend_line(number, finding), _POSITIVE_COLOUR if finding.present else _NEGATIVE_COLOUR)
         for number, finding in enumerate(findings, start=1)
     ]
+    legend += [(f"Outline: {name}", colour) for name, colour in outlines]
     # Many labels go into columns so that the header stays a small part of the image.
     columns = 1 if len(legend) <= 5 else 2 if len(legend) <= 12 else 3
     per_column = math.ceil(len(legend) / columns)
