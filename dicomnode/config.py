@@ -35,8 +35,14 @@ class NodeSettings(_Section):
     max_associations: int = Field(default=16, ge=1)
     max_pdu: int = Field(default=0, ge=0, description="0 = unlimited")
     require_known_peers: bool = False
-    # Larger C-STORE datasets are refused with 0xA700 (pynetdicom holds one in memory).
+    # Larger C-STORE datasets are refused with 0xA700 (checked while the data arrive).
     max_instance_bytes: int = Field(default=1024**3, ge=1)
+    listeners: int = Field(
+        default=2,
+        ge=1,
+        le=64,
+        description="listener processes sharing the port (SO_REUSEPORT)",
+    )
 
 
 class StorageSettings(_Section):
@@ -104,6 +110,19 @@ class WorkerSettings(_Section):
     poll_seconds: float = Field(default=0.2, gt=0)
     max_attempts: int = Field(default=5, ge=1)
     backoff_base_seconds: float = Field(default=2.0, gt=0)
+    # Jobs one worker process runs at once (threads sharing its warm model sessions).
+    threads: int = Field(default=2, ge=1)
+
+
+class InferenceSettings(_Section):
+    """onnxruntime sessions: thread pools, batching across studies, IO binding."""
+
+    intra_op_threads: int = Field(default=0, ge=0, description="0 = onnxruntime's default")
+    inter_op_threads: int = Field(default=0, ge=0, description="0 = onnxruntime's default")
+    execution_mode: Literal["sequential", "parallel"] = "sequential"
+    batch_size: int = Field(default=8, ge=1)
+    max_wait_ms: float = Field(default=5.0, ge=0)
+    io_binding: Literal["auto", "on", "off"] = "auto"
 
 
 class ModelsSettings(_Section):
@@ -199,6 +218,7 @@ class Settings(_Section):
     web: WebSettings = WebSettings()
     assembly: AssemblySettings = AssemblySettings()
     worker: WorkerSettings = WorkerSettings()
+    inference: InferenceSettings = InferenceSettings()
     models: ModelsSettings = ModelsSettings()
     worklist: WorklistSettings = WorklistSettings()
     notify: NotifySettings = NotifySettings()

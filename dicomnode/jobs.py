@@ -3,15 +3,21 @@
 Workers on any host that shares the database claim jobs. PostgreSQL uses
 ``SELECT ... FOR UPDATE SKIP LOCKED``; SQLite serialises writers, so a plain select inside
 the (immediate) write transaction is enough. A job whose lease expired, because its
-worker died, is claimed again.
+worker died, is claimed again. Idle workers wait on a :class:`JobSignal` (PostgreSQL
+``LISTEN``/``NOTIFY``; on SQLite a cheap read of the newest job id) instead of polling
+the queue.
 """
 
 from __future__ import annotations
 
+import logging
+import sqlite3
+import threading
 from collections.abc import Sequence
+from contextlib import closing
 from datetime import datetime, timedelta
 
-from sqlalchemy import and_, or_, select
+from sqlalchemy import Engine, and_, or_, select, text
 from sqlalchemy.orm import Session
 
 from dicomnode.db.models import Job
@@ -19,6 +25,16 @@ from dicomnode.db.session import utcnow
 
 BACKOFF_BASE_SECONDS = 2.0
 BACKOFF_MAX_SECONDS = 600.0
+# PostgreSQL NOTIFY channel on which enqueue wakes idle workers.
+CHANNEL = "dicomnode_jobs"
+
+log = logging.getLogger("dicomnode.jobs")
+
+
+def _wake_workers(session: Session) -> None:
+    """On PostgreSQL, NOTIFY listening workers when the transaction commits."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_notify(:channel, '')"), {"channel": CHANNEL})
 
 
 def enqueue(
@@ -40,6 +56,7 @@ def enqueue(
         created_at=now,
     )
     session.add(job)
+    _wake_workers(session)
     return job
 
 
@@ -89,11 +106,20 @@ def _lease_lost(session: Session, job: Job, owner: str | None) -> bool:
 
 
 def complete(
-    session: Session, job: Job, now: datetime | None = None, owner: str | None = None
+    session: Session,
+    job: Job,
+    now: datetime | None = None,
+    owner: str | None = None,
+    seconds: dict[str, float] | None = None,
 ) -> bool:
-    """Mark a leased job done (commits); False if ``owner`` lost the lease meanwhile."""
+    """Mark a leased job done (commits); False if ``owner`` lost the lease meanwhile.
+
+    ``seconds`` (time per stage) is kept in the job's payload under ``"seconds"``.
+    """
     if _lease_lost(session, job, owner):
         return False
+    if seconds is not None:
+        job.payload = {**job.payload, "seconds": {k: round(v, 6) for k, v in seconds.items()}}
     job.state = "done"
     job.finished_at = now or utcnow()
     job.lease_expires_at = None
@@ -142,3 +168,84 @@ def retry(session: Session, job: Job, now: datetime | None = None) -> None:
     job.finished_at = None
     job.lease_owner = ""
     job.lease_expires_at = None
+    _wake_workers(session)
+
+
+class JobSignal:
+    """Wakes idle workers when a job may have been queued.
+
+    PostgreSQL: a connection that ``LISTEN``s to :data:`CHANNEL` (enqueue notifies at
+    commit). SQLite: every ``check_seconds`` the file's ``data_version`` (it changes when
+    another connection commits) and then the newest job id are read, without taking the
+    write lock. Jobs that become due later (backoff, expired leases) are found by the
+    worker's own poll.
+    """
+
+    def __init__(self, engine: Engine, check_seconds: float = 0.02):
+        self.url = engine.url
+        self.check_seconds = check_seconds
+        self.generation = 0
+        self._cond = threading.Condition()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> JobSignal:
+        target = self._listen if self.url.get_backend_name() == "postgresql" else self._watch
+        if self.url.get_backend_name() == "sqlite" and not self.url.database:
+            return self  # in-memory database: nothing to watch; the poll finds jobs
+        self._thread = threading.Thread(target=target, name="job-signal", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._bump()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def wait(self, seen: int, timeout: float) -> int:
+        """Wait until the generation moves past ``seen`` or ``timeout`` passes; returns it."""
+        with self._cond:
+            if self.generation == seen and not self._stop.is_set():
+                self._cond.wait(timeout)
+            return self.generation
+
+    def _bump(self) -> None:
+        with self._cond:
+            self.generation += 1
+            self._cond.notify_all()
+
+    def _listen(self) -> None:
+        import psycopg
+
+        conninfo = self.url.set(drivername="postgresql").render_as_string(hide_password=False)
+        while not self._stop.is_set():
+            try:
+                with psycopg.connect(conninfo, autocommit=True, connect_timeout=10) as conn:
+                    conn.execute(f"LISTEN {CHANNEL}")
+                    self._bump()  # notifications may have been missed while not listening
+                    while not self._stop.is_set():
+                        for _ in conn.notifies(timeout=0.5):
+                            self._bump()
+            except Exception as exc:  # the database restarts: listen again
+                log.warning("job notifications lost (%s); listening again", type(exc).__name__)
+                self._stop.wait(1.0)
+
+    def _watch(self) -> None:
+        newest = None
+        while not self._stop.is_set():
+            try:
+                with closing(sqlite3.connect(self.url.database, timeout=5)) as conn:
+                    version = None
+                    while not self._stop.wait(self.check_seconds):
+                        changed = conn.execute("PRAGMA data_version").fetchone()[0]
+                        if changed == version:
+                            continue
+                        version = changed
+                        latest = conn.execute("SELECT max(id) FROM jobs").fetchone()[0]
+                        if latest != newest:
+                            newest = latest
+                            self._bump()
+            except sqlite3.Error as exc:
+                log.warning("job watch failed (%s); watching again", exc)
+                self._stop.wait(1.0)

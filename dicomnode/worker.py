@@ -1,7 +1,9 @@
 """The worker: claims jobs from the database and runs them (analysis, export).
 
 Runs as its own process (``dicomnode worker``), so inference never stalls ingest; any
-number of workers on any hosts may share one PostgreSQL database.
+number of workers on any hosts may share one PostgreSQL database. Each process runs
+``[worker] threads`` jobs at once; they share the warm model sessions, whose runtime batches
+their concurrent inferences. Each thread has its own database session.
 """
 
 from __future__ import annotations
@@ -13,13 +15,15 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode import metrics
 from dicomnode.config import Settings
 from dicomnode.db.models import Job, ResultObject
+from dicomnode.db.session import as_utc, utcnow
 from dicomnode.export.scu import send_file
-from dicomnode.jobs import claim, complete, fail
+from dicomnode.jobs import JobSignal, claim, complete, fail
 from dicomnode.models.registry import ModelCard
 from dicomnode.notify import send_notification
 from dicomnode.pipeline.analyse import analyse_study, mark_failed
@@ -33,7 +37,7 @@ class Worker:
         self.settings = settings
         self.sessions = sessions
         self.cards = cards
-        self.runtime = Runtime(settings.worker.providers)
+        self.runtime = Runtime(settings.worker.providers, settings.inference)
         self.owner = f"{socket.gethostname()}:{os.getpid()}"
         # Set by SIGHUP: re-read the configuration between jobs.
         self.reload_requested = threading.Event()
@@ -52,8 +56,11 @@ class Worker:
             return False
         # Keep the warm sessions only of models whose card is unchanged.
         unchanged = {(c.model.name, c.model.version) for c in cards if c in self.cards}
-        if settings.worker.providers != self.settings.worker.providers:
-            self.runtime = Runtime(settings.worker.providers)
+        if (settings.worker.providers, settings.inference) != (
+            self.settings.worker.providers,
+            self.settings.inference,
+        ):
+            self.runtime = Runtime(settings.worker.providers, settings.inference)
         else:
             self.runtime.keep_only(unchanged)
         self.settings, self.cards = settings, cards
@@ -61,7 +68,8 @@ class Worker:
         return True
 
     def warm_up(self) -> None:
-        """Open every model's session now, so the first study does not pay for it."""
+        """Open every model's session and run it once now, so the first study does not pay
+        for loading or onnxruntime's first-run allocations."""
         for card in self.cards:
             try:
                 self.runtime.session(card)
@@ -69,6 +77,11 @@ class Worker:
                 # Keep working: ingest and other models go on; the studies this model is
                 # selected for fail with this reason (visible on the study) until it is fixed.
                 log.error("model card %s cannot be used: %s", card.card_path, exc)
+                continue
+            try:
+                self.runtime.run(card, np.zeros((1, *card.input.shape), np.float32))
+            except Exception as exc:  # a model may reject a blank image; studies will tell
+                log.warning("model %s: warm-up run failed: %s", card.model.name, exc)
 
     def run_once(self) -> bool:
         """Claim and run one due job; False when none was due."""
@@ -82,8 +95,9 @@ class Worker:
             if job is None:
                 return False
             started = time.perf_counter()
+            seconds = {"queued": max(0.0, (utcnow() - as_utc(job.run_after)).total_seconds())}
             try:
-                detail = self._run(session, job)
+                detail = self._run(session, job, seconds)
             except Exception as exc:
                 session.rollback()
                 if job.kind == "export":
@@ -116,7 +130,8 @@ class Worker:
                 if recorded and job.kind == "analyse" and job.state == "dead":
                     mark_failed(session, job.study_id, reason, self.settings.worklist)
                 return True
-            if not complete(session, session.get(Job, job.id), owner=self.owner):
+            seconds["total"] = time.perf_counter() - started
+            if not complete(session, session.get(Job, job.id), owner=self.owner, seconds=seconds):
                 log.warning("job %d: lease expired while running; another worker owns it", job.id)
                 return True
             metrics.JOB_SECONDS.labels(job.kind, "total").observe(time.perf_counter() - started)
@@ -130,11 +145,13 @@ class Worker:
             )
             return True
 
-    def _run(self, session: Session, job: Job) -> str:
+    def _run(self, session: Session, job: Job, seconds: dict[str, float]) -> str:
+        """Run the job; stage times go into ``seconds`` (kept in the job's payload)."""
         if job.kind == "analyse":
             times = analyse_study(session, self.settings, self.cards, self.runtime, job.study_id)
-            for stage, seconds in times.seconds.items():
-                metrics.JOB_SECONDS.labels("analyse", stage).observe(seconds)
+            for stage, spent in times.seconds.items():
+                metrics.JOB_SECONDS.labels("analyse", stage).observe(spent)
+            seconds.update(times.seconds)
             return str(times)
         if job.kind == "export":
             result = session.get(ResultObject, job.payload["result_id"])
@@ -146,25 +163,49 @@ class Worker:
             )
             if destination is None:
                 return f"destination {job.payload['destination']!r} no longer configured"
-            send_file(Path(result.path), destination, self.settings.node.ae_title)
-            return f"{result.kind} -> {destination.name}"
+            path, kind = Path(result.path), result.kind
+            # End the read transaction: on SQLite it holds the write lock, which ingest needs
+            # while the transfer runs.
+            session.commit()
+            send_file(path, destination, self.settings.node.ae_title)
+            return f"{kind} -> {destination.name}"
         if job.kind == "notify":
             return send_notification(session, self.settings.notify, job)
         raise ValueError(f"unknown job kind {job.kind!r}")
 
     def run_forever(self, stop: threading.Event, parent_pid: int | None = None) -> None:
-        """Poll for jobs until ``stop`` is set (or the parent process is gone)."""
+        """Run jobs in ``[worker] threads`` threads until ``stop`` is set (or the parent
+        process is gone); this thread handles reloads. Running jobs are finished first."""
+        signal = JobSignal(self.sessions.kw["bind"]).start()
+        threads = [
+            threading.Thread(target=self._job_loop, args=(stop, signal), name=f"job-{n}")
+            for n in range(self.settings.worker.threads)
+        ]
+        for thread in threads:
+            thread.start()
+        try:
+            while not stop.wait(0.2):
+                if self.reload_requested.is_set():
+                    self.reload_requested.clear()
+                    self.reload()
+                if parent_pid is not None and os.getppid() != parent_pid:
+                    log.warning("parent process gone; worker exits")
+                    break
+        finally:
+            stop.set()
+            signal.stop()
+            for thread in threads:
+                thread.join()
+
+    def _job_loop(self, stop: threading.Event, signal: JobSignal) -> None:
+        """One job thread: claim and run jobs; when none is due, wait for a new one or the
+        poll interval (jobs that become due later: backoff, expired leases)."""
         while not stop.is_set():
-            if self.reload_requested.is_set():
-                self.reload_requested.clear()
-                self.reload()
-            if parent_pid is not None and os.getppid() != parent_pid:
-                log.warning("parent process gone; worker exits")
-                return
+            seen = signal.generation
             try:
                 busy = self.run_once()
             except Exception:
                 log.exception("worker loop error; retrying")
                 busy = False
-            if not busy:
-                stop.wait(self.settings.worker.poll_seconds)
+            if not busy and not stop.is_set():
+                signal.wait(seen, self.settings.worker.poll_seconds)

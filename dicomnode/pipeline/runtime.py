@@ -1,17 +1,36 @@
-"""ONNX Runtime sessions: one warm session per model, providers with CPU fallback."""
+"""ONNX Runtime: one warm session per model, providers with CPU fallback, batching across
+studies.
+
+Concurrent callers of :meth:`Runtime.run` for the same model are coalesced into one
+``session.run`` (a micro-batch of at most ``[inference] batch_size`` images, collected for at
+most ``max_wait_ms``); each caller gets back exactly its own rows. Thread counts and the
+execution mode come from ``[inference]``; on GPU providers inputs and outputs go through
+onnxruntime's IO binding.
+"""
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnxruntime as ort
 
+from dicomnode.config import InferenceSettings
 from dicomnode.models.registry import ModelCard
 
 log = logging.getLogger("dicomnode.runtime")
+
+# Providers whose memory is not the host's: IO binding saves copies there.
+DEVICE_PROVIDERS = {"CUDAExecutionProvider": "cuda", "TensorrtExecutionProvider": "cuda"}
+EXECUTION_MODES = {
+    "sequential": ort.ExecutionMode.ORT_SEQUENTIAL,
+    "parallel": ort.ExecutionMode.ORT_PARALLEL,
+}
 
 
 class ModelLoadError(Exception):
@@ -30,16 +49,27 @@ def usable_providers(wanted: list[str]) -> list[str]:
     return chosen
 
 
-def load_session(card: ModelCard, providers: list[str]) -> ort.InferenceSession:
+def session_options(settings: InferenceSettings) -> ort.SessionOptions:
+    """Session options from ``[inference]``: thread pools and execution mode."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.intra_op_num_threads = settings.intra_op_threads
+    options.inter_op_num_threads = settings.inter_op_threads
+    options.execution_mode = EXECUTION_MODES[settings.execution_mode]
+    return options
+
+
+def load_session(
+    card: ModelCard, providers: list[str], settings: InferenceSettings | None = None
+) -> ort.InferenceSession:
     """Open the card's ONNX file and check its input against the card."""
+    settings = settings or InferenceSettings()
     path = card.onnx_path
     if not path.is_file():
         raise ModelLoadError(f"{card.model.name}: ONNX file {path} does not exist")
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
     try:
         session = ort.InferenceSession(
-            str(path), sess_options=options, providers=usable_providers(providers)
+            str(path), sess_options=session_options(settings), providers=usable_providers(providers)
         )
     except Exception as exc:  # onnxruntime raises its own exception types
         raise ModelLoadError(f"{card.model.name}: cannot load {path}: {exc}") from exc
@@ -63,29 +93,214 @@ def load_session(card: ModelCard, providers: list[str]) -> ort.InferenceSession:
             raise ModelLoadError(
                 f"{card.model.name}: {path} has no output {spec.name!r} (has {sorted(outputs)})"
             )
+    running = session.get_providers()
     log.info(
-        "model %s %s loaded, running on %s",
+        "model %s %s loaded, running on %s (configured %s; intra-op threads %s, inter-op %s, %s)",
         card.model.name,
         card.model.version,
-        session.get_providers()[0],
+        running[0],
+        ", ".join(providers),
+        settings.intra_op_threads or "auto",
+        settings.inter_op_threads or "auto",
+        settings.execution_mode,
     )
+    if providers and running[0] != providers[0]:
+        log.warning(
+            "model %s: %s is not used; it runs on %s", card.model.name, providers[0], running[0]
+        )
     return session
 
 
-class Runtime:
-    """Warm sessions keyed by model name, created on first use."""
+def batch_limit(session: ort.InferenceSession, input_name: str, configured: int) -> int:
+    """Most images per run: the configured batch size, or the model's fixed batch dimension."""
+    shape = next(i.shape for i in session.get_inputs() if i.name == input_name)
+    fixed = shape[0] if shape and isinstance(shape[0], int) and shape[0] > 0 else None
+    return min(configured, fixed) if fixed else configured
 
-    def __init__(self, providers: list[str]):
+
+@dataclass(eq=False)
+class _Request:
+    batch: np.ndarray
+    outputs: list[np.ndarray] | None = None
+    error: BaseException | None = None
+    done: bool = False
+
+    @property
+    def size(self) -> int:
+        return int(self.batch.shape[0])
+
+    def result(self) -> list[np.ndarray]:
+        if self.error is not None:
+            raise self.error
+        assert self.outputs is not None
+        return self.outputs
+
+
+@dataclass
+class BatchStats:
+    """What a batcher did: model runs, the requests and images they served."""
+
+    runs: int = 0
+    requests: int = 0
+    images: int = 0
+    largest: int = 0
+
+
+class MicroBatcher:
+    """Coalesces concurrent requests into one call of ``execute`` along the first axis.
+
+    The oldest waiting request leads: it waits up to ``max_wait`` seconds for requests of the
+    same image shape until ``max_batch`` images are queued, runs them as one batch and hands
+    each request its rows of every output. A failing run fails every request in it.
+    """
+
+    def __init__(
+        self,
+        execute: Callable[[np.ndarray], list[np.ndarray]],
+        max_batch: int,
+        max_wait: float,
+    ):
+        self.execute = execute
+        self.max_batch = max(1, max_batch)
+        self.max_wait = max_wait
+        self.stats = BatchStats()
+        self._cond = threading.Condition()
+        self._queue: list[_Request] = []
+        self._busy = False
+
+    def submit(self, batch: np.ndarray) -> list[np.ndarray]:
+        """Run ``batch`` (N, ...) possibly together with others; returns its N rows per output."""
+        request = _Request(batch)
+        with self._cond:
+            self._queue.append(request)
+            self._cond.notify_all()
+            while not request.done and (self._busy or self._queue[0] is not request):
+                self._cond.wait()
+            if request.done:
+                return request.result()
+            self._busy = True
+            group = self._collect(request)
+        self._run(group)
+        return request.result()
+
+    def _matching(self, leader: _Request) -> list[_Request]:
+        group, images = [], 0
+        for request in self._queue:
+            same = request.batch.shape[1:] == leader.batch.shape[1:]
+            if request is leader or (same and images + request.size <= self.max_batch):
+                group.append(request)
+                images += request.size
+        return group
+
+    def _collect(self, leader: _Request) -> list[_Request]:
+        """The leader's batch; waits (lock held, released while waiting) for more requests."""
+        deadline = time.monotonic() + self.max_wait
+        while True:
+            group = self._matching(leader)
+            remaining = deadline - time.monotonic()
+            if sum(r.size for r in group) >= self.max_batch or remaining <= 0:
+                break
+            self._cond.wait(remaining)
+        for request in group:
+            self._queue.remove(request)
+        return group
+
+    def _run(self, group: list[_Request]) -> None:
+        outputs: list[list[np.ndarray]] = []
+        error: BaseException | None = None
+        try:
+            joined = group[0].batch if len(group) == 1 else np.concatenate([r.batch for r in group])
+            values = self.execute(joined)
+            start = 0
+            for request in group:
+                stop = start + request.size
+                if len(group) > 1 and any(v.shape[:1] != joined.shape[:1] for v in values):
+                    raise ValueError("an output has no batch axis; the model cannot be batched")
+                outputs.append([v[start:stop] for v in values] if len(group) > 1 else values)
+                start = stop
+        except BaseException as exc:  # handed to every caller of this batch
+            error = exc
+        with self._cond:
+            self.stats.runs += 1
+            self.stats.requests += len(group)
+            images = sum(r.size for r in group)
+            self.stats.images += images
+            self.stats.largest = max(self.stats.largest, images)
+            for index, request in enumerate(group):
+                if error is not None:
+                    request.error = error if index == 0 else _copied(error)
+                else:
+                    request.outputs = outputs[index]
+                request.done = True
+            self._busy = False
+            self._cond.notify_all()
+
+
+def _copied(error: BaseException) -> BaseException:
+    """A copy of ``error`` for another thread to raise (tracebacks are per raise)."""
+    try:
+        return copy.copy(error)
+    except Exception:
+        return error
+
+
+@dataclass
+class _Model:
+    """A loaded model: its session, how it runs, and its batcher."""
+
+    card: ModelCard
+    session: ort.InferenceSession
+    provider: str
+    io_binding: bool
+    batcher: MicroBatcher = field(init=False)
+
+
+class Runtime:
+    """Warm sessions keyed by model name and version, created on first use, shared by the
+    worker's threads; :meth:`run` batches their concurrent requests."""
+
+    def __init__(self, providers: list[str], settings: InferenceSettings | None = None):
         self.providers = providers
+        self.settings = settings or InferenceSettings()
         self._sessions: dict[str, ort.InferenceSession] = {}
+        self._models: dict[str, _Model] = {}
         self._lock = threading.Lock()
 
+    @staticmethod
+    def _key(card: ModelCard) -> str:
+        return f"{card.model.name}:{card.model.version}"
+
     def session(self, card: ModelCard) -> ort.InferenceSession:
-        key = f"{card.model.name}:{card.model.version}"
+        """The model's warm session (loaded now if it is not yet)."""
+        return self._model(card).session
+
+    def _model(self, card: ModelCard) -> _Model:
+        key = self._key(card)
         with self._lock:
-            if key not in self._sessions:
-                self._sessions[key] = load_session(card, self.providers)
-            return self._sessions[key]
+            model = self._models.get(key)
+            if model is None or self._sessions.get(key) is not model.session:
+                session = self._sessions.get(key) or load_session(
+                    card, self.providers, self.settings
+                )
+                self._sessions[key] = session
+                model = self._prepare(card, session)
+                self._models[key] = model
+            return model
+
+    def _prepare(self, card: ModelCard, session: ort.InferenceSession) -> _Model:
+        provider = session.get_providers()[0]
+        wanted = self.settings.io_binding
+        binding = wanted == "on" or (wanted == "auto" and provider in DEVICE_PROVIDERS)
+        model = _Model(card, session, provider, binding)
+        limit = batch_limit(session, card.input.name, self.settings.batch_size)
+        model.batcher = MicroBatcher(
+            lambda batch: self._execute(model, batch), limit, self.settings.max_wait_ms / 1000
+        )
+        return model
+
+    def stats(self, card: ModelCard) -> BatchStats:
+        """How the model's batcher has run so far."""
+        return self._model(card).batcher.stats
 
     def keep_only(self, models: set[tuple[str, str]]) -> None:
         """Drop the sessions of models not in ``models`` ((name, version) pairs)."""
@@ -93,18 +308,35 @@ class Runtime:
             for key in list(self._sessions):
                 if tuple(key.split(":", 1)) not in models:
                     del self._sessions[key]
+                    self._models.pop(key, None)
 
-    def run(self, card: ModelCard, batch: np.ndarray) -> dict[str, np.ndarray]:
-        """Run a (N, C, H, W) float32 batch; returns the card's outputs by name."""
+    def _execute(self, model: _Model, batch: np.ndarray) -> list[np.ndarray]:
+        """One ``session.run`` (or IO-bound run) of a whole batch; outputs in card order."""
         from dicomnode.metrics import INFERENCE_SECONDS
 
-        session = self.session(card)
-        names = [spec.name for spec in card.outputs]
+        names = [spec.name for spec in model.card.outputs]
         started = time.perf_counter()
-        values = session.run(names, {card.input.name: batch.astype(np.float32, copy=False)})
-        INFERENCE_SECONDS.labels(card.model.name, session.get_providers()[0]).observe(
+        if model.io_binding:
+            binding = model.session.io_binding()
+            binding.bind_cpu_input(model.card.input.name, batch)
+            device = DEVICE_PROVIDERS.get(model.provider, "cpu")
+            for name in names:
+                binding.bind_output(name, device)
+            model.session.run_with_iobinding(binding)
+            values = binding.copy_outputs_to_cpu()
+        else:
+            values = model.session.run(names, {model.card.input.name: batch})
+        INFERENCE_SECONDS.labels(model.card.model.name, model.provider).observe(
             time.perf_counter() - started
         )
+        return values
+
+    def run(self, card: ModelCard, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """Run a (N, C, H, W) batch; returns the card's outputs by name, N rows each."""
+        model = self._model(card)
+        array = np.ascontiguousarray(batch, dtype=np.float32)
+        values = model.batcher.submit(array)
+        names = [spec.name for spec in card.outputs]
         outputs = dict(zip(names, values, strict=True))
         for name, value in outputs.items():
             if not np.all(np.isfinite(value)):

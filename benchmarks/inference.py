@@ -1,0 +1,145 @@
+"""Inference throughput: the node's batched runtime against bare onnxruntime.
+
+For every model card in ``models/`` (the demo models and any other ``*.onnx`` with a card),
+the same images go through
+
+  (a) a bare ``onnxruntime.InferenceSession.run`` in batches of each size in
+      ``--batch-sizes``; the best size is the reference, and
+  (b) the node's :class:`dicomnode.pipeline.runtime.Runtime` (batch size = that best size),
+      called by ``--callers`` threads with one image each, as concurrent analyses call it.
+
+Prints images per second of both, the ratio b/a (goal >= 0.9), how the runtime coalesced
+the calls, the execution provider that actually ran and the thread settings.
+
+    python benchmarks/inference.py [--images 256] [--callers 16] [--rounds 3]
+        [--providers CUDAExecutionProvider,CPUExecutionProvider] [--intra-op-threads 0]
+
+On a GPU machine install the ``gpu`` extra (onnxruntime-gpu) and pass
+``--providers CUDAExecutionProvider,CPUExecutionProvider`` (or TensorrtExecutionProvider
+first); the runtime then uses IO binding.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from dicomnode.config import InferenceSettings
+from dicomnode.models.registry import ModelCard, discover_cards
+from dicomnode.pipeline.runtime import Runtime, load_session
+
+REPO = Path(__file__).resolve().parent.parent
+GOAL = 0.9
+
+
+def inputs(card: ModelCard, count: int) -> np.ndarray:
+    """``count`` z-scored images of the card's input shape (same for both paths)."""
+    rng = np.random.default_rng(20260101)
+    return rng.standard_normal((count, *card.input.shape), dtype=np.float32)
+
+
+def bare_throughput(session: ort.InferenceSession, card: ModelCard, images: np.ndarray, size: int):
+    """Images per second of plain session.run over ``images`` in batches of ``size``."""
+    names = [spec.name for spec in card.outputs]
+    session.run(names, {card.input.name: images[:size]})  # warm-up for this shape
+    started = time.perf_counter()
+    for start in range(0, len(images), size):
+        session.run(names, {card.input.name: images[start : start + size]})
+    return len(images) / (time.perf_counter() - started)
+
+
+def runtime_throughput(runtime: Runtime, card: ModelCard, images: np.ndarray, callers: int):
+    """Images per second of ``callers`` threads each asking the runtime for one image."""
+    runtime.run(card, images[:1])
+    next_index = iter(range(len(images)))
+    lock = threading.Lock()
+    start = threading.Barrier(callers + 1)
+
+    def caller() -> None:
+        start.wait()
+        while True:
+            with lock:
+                index = next(next_index, None)
+            if index is None:
+                return
+            runtime.run(card, images[index : index + 1])
+
+    threads = [threading.Thread(target=caller) for _ in range(callers)]
+    for thread in threads:
+        thread.start()
+    start.wait()
+    started = time.perf_counter()
+    for thread in threads:
+        thread.join()
+    return len(images) / (time.perf_counter() - started)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", type=Path, default=REPO / "models")
+    parser.add_argument("--images", type=int, default=256)
+    parser.add_argument("--callers", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=3, help="best of this many runs")
+    parser.add_argument("--batch-sizes", default="1,2,4,8,16,32")
+    parser.add_argument("--providers", default="CPUExecutionProvider")
+    parser.add_argument("--intra-op-threads", type=int, default=0)
+    parser.add_argument("--max-wait-ms", type=float, default=5.0)
+    args = parser.parse_args(argv)
+    providers = args.providers.split(",")
+    sizes = [int(s) for s in args.batch_sizes.split(",")]
+
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU(s); "
+        f"onnxruntime {ort.__version__}; available providers {ort.get_available_providers()}"
+    )
+    cards = discover_cards([args.models])
+    if not cards:
+        print(f"no model cards in {args.models}", file=sys.stderr)
+        return 2
+    failed = False
+    for card in cards:
+        settings = InferenceSettings(
+            intra_op_threads=args.intra_op_threads, max_wait_ms=args.max_wait_ms
+        )
+        session = load_session(card, providers, settings)
+        images = inputs(card, args.images)
+        print(
+            f"\n{card.model.name} {card.model.version}: input {list(card.input.shape)}, "
+            f"{len(images)} images; running on {session.get_providers()[0]}, intra-op threads "
+            f"{args.intra_op_threads or 'auto'}"
+        )
+        bare = {
+            size: max(bare_throughput(session, card, images, size) for _ in range(args.rounds))
+            for size in sizes
+        }
+        for size, rate in bare.items():
+            print(f"  (a) bare session.run, batch {size:3d}: {rate:8.1f} images/s")
+        best_size = max(bare, key=bare.__getitem__)
+        settings = settings.model_copy(update={"batch_size": best_size})
+        runtime = Runtime(providers, settings)
+        node = max(
+            runtime_throughput(runtime, card, images, args.callers) for _ in range(args.rounds)
+        )
+        stats = runtime.stats(card)
+        ratio = node / bare[best_size]
+        print(
+            f"  (b) node Runtime, {args.callers} callers x 1 image, batch_size {best_size}, "
+            f"max_wait {args.max_wait_ms:g} ms: {node:8.1f} images/s "
+            f"(mean batch {stats.images / stats.runs:.1f}, largest {stats.largest})"
+        )
+        verdict = "PASS" if ratio >= GOAL else "FAIL"
+        print(f"  b/a = {ratio:.2f} (goal >= {GOAL}) {verdict}")
+        failed |= ratio < GOAL
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,250 @@
+"""The inference runtime batches concurrent callers of the same model into one session.run,
+with real ONNX models built here: each caller gets exactly its own rows, a failing batch fails
+every caller, NaN checks stay per caller, IO binding and thread settings take effect."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper
+
+from dicomnode.config import InferenceSettings
+from dicomnode.models.registry import ModelCard, load_card
+from dicomnode.pipeline.runtime import Runtime
+
+CARD = """\
+[model]
+name = "{name}"
+version = "1.0"
+task = "classification"
+onnx = "{name}.onnx"
+
+[input]
+name = "image"
+shape = [1, 8, 8]
+
+[[outputs]]
+name = "probability"
+kind = "probabilities"
+
+[[outputs]]
+name = "cam"
+kind = "heatmap"
+
+[[labels]]
+index = 0
+code_value = "36118008"
+code_scheme = "SCT"
+code_meaning = "Pneumothorax"
+threshold = 0.5
+critical = true
+"""
+
+
+def make_model(
+    folder: Path, name: str, *, batch: int | str = "N", guard: bool = False
+) -> ModelCard:
+    """image [N,1,8,8] -> probability = sigmoid(mean) [N,1], cam = sqrt(image) [N,1,8,8].
+
+    cam is NaN where a pixel is negative. ``guard`` adds sigmoid's input a Gather whose
+    index is the image's maximum: images with a pixel >= 3 make the run fail (index out of
+    bounds), as a real model fails on input it cannot take. ``batch`` fixes the batch axis.
+    """
+    nodes = [
+        helper.make_node("ReduceMean", ["image"], ["mean"], axes=[2, 3], keepdims=0),
+        helper.make_node("Sqrt", ["image"], ["cam"]),
+    ]
+    initializers = []
+    logits = "mean"
+    if guard:
+        initializers.append(helper.make_tensor("table", TensorProto.FLOAT, [3], [0.0, 0.0, 0.0]))
+        nodes += [
+            helper.make_node("ReduceMax", ["image"], ["peak"], axes=[2, 3], keepdims=0),
+            helper.make_node("Cast", ["peak"], ["index"], to=TensorProto.INT64),
+            helper.make_node("Gather", ["table", "index"], ["offset"]),
+            helper.make_node("Add", ["mean", "offset"], ["guarded"]),
+        ]
+        logits = "guarded"
+    nodes.append(helper.make_node("Sigmoid", [logits], ["probability"]))
+    graph = helper.make_graph(
+        nodes,
+        name,
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, [batch, 1, 8, 8])],
+        [
+            helper.make_tensor_value_info("probability", TensorProto.FLOAT, [batch, 1]),
+            helper.make_tensor_value_info("cam", TensorProto.FLOAT, [batch, 1, 8, 8]),
+        ],
+        initializer=initializers,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, str(folder / f"{name}.onnx"))
+    card = folder / f"{name}.toml"
+    card.write_text(CARD.format(name=name), encoding="utf-8")
+    return load_card(card)
+
+
+def images(seed: int, count: int, low: float = 0.0, high: float = 2.0) -> np.ndarray:
+    return np.random.default_rng(seed).uniform(low, high, (count, 1, 8, 8)).astype(np.float32)
+
+
+def alone(card: ModelCard, batch: np.ndarray) -> dict[str, np.ndarray]:
+    """What a bare onnxruntime session gives for ``batch``, one image at a time."""
+    session = ort.InferenceSession(str(card.onnx_path), providers=["CPUExecutionProvider"])
+    rows = [
+        session.run(["probability", "cam"], {"image": batch[i : i + 1]}) for i in range(len(batch))
+    ]
+    return {
+        "probability": np.concatenate([r[0] for r in rows]),
+        "cam": np.concatenate([r[1] for r in rows]),
+    }
+
+
+class CountingRuns:
+    """Counts the real session.run calls of a session (and the images in each)."""
+
+    def __init__(self, session: ort.InferenceSession):
+        self.sizes: list[int] = []
+        real = session.run
+
+        def run(names, feeds, *args, **kwargs):
+            self.sizes.append(len(feeds["image"]))
+            return real(names, feeds, *args, **kwargs)
+
+        session.run = run
+
+
+def concurrently(runtime: Runtime, card: ModelCard, batches: list[np.ndarray]) -> list:
+    """Each batch from its own thread, all released at once; outputs or the exception."""
+    results: list = [None] * len(batches)
+    start = threading.Barrier(len(batches))
+
+    def call(index: int) -> None:
+        start.wait()
+        try:
+            results[index] = runtime.run(card, batches[index])
+        except Exception as exc:
+            results[index] = exc
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(batches))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    return results
+
+
+def test_concurrent_callers_get_exactly_their_own_rows(tmp_path: Path) -> None:
+    card = make_model(tmp_path, "tiny")
+    runtime = Runtime(["CPUExecutionProvider"], InferenceSettings(batch_size=8, max_wait_ms=500))
+    counted = CountingRuns(runtime.session(card))
+    # 12 callers, 1 or 2 images each: 18 images, at most 8 per run.
+    batches = [images(seed, 1 + seed % 2) for seed in range(12)]
+
+    results = concurrently(runtime, card, batches)
+
+    for batch, outputs in zip(batches, results, strict=True):
+        assert isinstance(outputs, dict), outputs
+        expected = alone(card, batch)
+        assert outputs["probability"].shape == (len(batch), 1)
+        assert outputs["cam"].shape == (len(batch), 1, 8, 8)
+        np.testing.assert_allclose(outputs["probability"], expected["probability"], rtol=1e-5)
+        np.testing.assert_allclose(outputs["cam"], expected["cam"], rtol=1e-5)
+    # Coalesced: fewer runs than callers, none above the batch size, every image run once.
+    assert sum(counted.sizes) == 18
+    assert max(counted.sizes) <= 8
+    assert len(counted.sizes) < 12
+    assert len(counted.sizes) >= 3
+    stats = runtime.stats(card)
+    assert (stats.runs, stats.requests, stats.images) == (len(counted.sizes), 12, 18)
+
+
+def test_a_full_batch_runs_without_waiting(tmp_path: Path) -> None:
+    card = make_model(tmp_path, "tiny")
+    # A minute's wait would time the test out; a full batch must not wait at all.
+    runtime = Runtime(["CPUExecutionProvider"], InferenceSettings(batch_size=4, max_wait_ms=60_000))
+    batch = images(1, 4)
+    outputs = runtime.run(card, batch)
+    np.testing.assert_allclose(outputs["cam"], alone(card, batch)["cam"], rtol=1e-5)
+
+
+def test_a_failing_batch_fails_every_caller(tmp_path: Path) -> None:
+    card = make_model(tmp_path, "guarded", guard=True)
+    runtime = Runtime(["CPUExecutionProvider"], InferenceSettings(batch_size=2, max_wait_ms=5_000))
+    counted = CountingRuns(runtime.session(card))
+    good, bad = images(1, 1), images(2, 1, low=4.0, high=5.0)
+
+    results = concurrently(runtime, card, [good, bad])
+
+    assert counted.sizes == [2]
+    for result in results:
+        assert isinstance(result, Exception), result
+        assert "out of" in str(result) and "bounds" in str(result)
+    assert type(results[0]) is type(results[1])
+    # The runtime goes on: the good image alone runs.
+    outputs = runtime.run(card, good)
+    np.testing.assert_allclose(
+        outputs["probability"], 1 / (1 + np.exp(-good.mean(axis=(2, 3)))), rtol=1e-5
+    )
+
+
+def test_nan_check_fails_only_the_caller_whose_output_is_nan(tmp_path: Path) -> None:
+    card = make_model(tmp_path, "tiny")
+    runtime = Runtime(["CPUExecutionProvider"], InferenceSettings(batch_size=2, max_wait_ms=5_000))
+    counted = CountingRuns(runtime.session(card))
+    finite, negative = images(3, 1), images(4, 1, low=-2.0, high=-1.0)
+
+    results = concurrently(runtime, card, [finite, negative])
+
+    assert counted.sizes == [2]
+    assert isinstance(results[1], ValueError)
+    assert "'cam' contains NaN" in str(results[1])
+    np.testing.assert_allclose(results[0]["cam"], alone(card, finite)["cam"], rtol=1e-5)
+
+
+def test_model_with_fixed_batch_axis_is_never_batched(tmp_path: Path) -> None:
+    card = make_model(tmp_path, "single", batch=1)
+    runtime = Runtime(["CPUExecutionProvider"], InferenceSettings(batch_size=8, max_wait_ms=50))
+    counted = CountingRuns(runtime.session(card))
+    batches = [images(seed, 1) for seed in range(4)]
+
+    results = concurrently(runtime, card, batches)
+
+    assert counted.sizes == [1, 1, 1, 1]
+    for batch, outputs in zip(batches, results, strict=True):
+        np.testing.assert_allclose(outputs["probability"], alone(card, batch)["probability"])
+
+
+def test_io_binding_gives_the_plain_run_outputs(tmp_path: Path) -> None:
+    card = make_model(tmp_path, "tiny")
+    bound = Runtime(["CPUExecutionProvider"], InferenceSettings(io_binding="on"))
+    plain = Runtime(["CPUExecutionProvider"], InferenceSettings(io_binding="off"))
+    batch = images(5, 3)
+    # IO binding bypasses session.run: a run through it is not counted here.
+    counted = CountingRuns(bound.session(card))
+    with_binding, without = bound.run(card, batch), plain.run(card, batch)
+    assert counted.sizes == []
+    for name in ("probability", "cam"):
+        np.testing.assert_allclose(with_binding[name], without[name], rtol=1e-6)
+
+
+def test_thread_settings_and_providers_are_logged_and_applied(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    card = make_model(tmp_path, "tiny")
+    settings = InferenceSettings(intra_op_threads=1, inter_op_threads=2, execution_mode="parallel")
+    caplog.set_level(logging.INFO, logger="dicomnode.runtime")
+    session = Runtime(["CUDAExecutionProvider", "CPUExecutionProvider"], settings).session(card)
+    options = session.get_session_options()
+    assert (options.intra_op_num_threads, options.inter_op_num_threads) == (1, 2)
+    assert options.execution_mode == ort.ExecutionMode.ORT_PARALLEL
+    assert session.get_providers()[0] == "CPUExecutionProvider"
+    assert "tiny 1.0 loaded, running on CPUExecutionProvider" in caplog.text
+    assert "CUDAExecutionProvider is not used; it runs on CPUExecutionProvider" in caplog.text
