@@ -6,7 +6,6 @@ import argparse
 import logging
 import os
 import signal
-import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -52,119 +51,16 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def _recover(settings: Settings, sessions) -> None:
-    """Before listening: index spool files a crash left without rows, drop temporary files."""
-    from dicomnode.ingest.recover import recover_spool
-
-    with sessions() as session:
-        found = recover_spool(session, settings.storage_path, settings.assembly.quiet_seconds)
-    if found.indexed or found.temporary_removed or found.unreadable:
-        log.warning(
-            "spool recovery: %d orphan instance(s) indexed, %d temporary file(s) removed, "
-            "%d unreadable",
-            found.indexed,
-            found.temporary_removed,
-            found.unreadable,
-        )
-
-
-def _assembly_loop(sessions, stop: threading.Event, period: float) -> None:
-    from dicomnode.db.session import utcnow
-    from dicomnode.ingest.assembly import queue_ready_studies
-
-    while not stop.wait(period):
-        try:
-            with sessions() as session:
-                for study_id in queue_ready_studies(session, utcnow()):
-                    log.info("study_id=%d assembled; analysis queued", study_id)
-        except Exception:
-            log.exception("assembly check failed; retrying")
-
-
-class WorkerPool:
-    """Worker processes started by ``serve``; one that dies is restarted with backoff."""
-
-    def __init__(self, config: Path, count: int):
-        self.command = [
-            sys.executable,
-            "-m",
-            "dicomnode",
-            "worker",
-            "--config",
-            str(config),
-            "--parent-pid",
-            str(os.getpid()),
-        ]
-        self.processes = [subprocess.Popen(self.command) for _ in range(count)]
-        self.restarts = [0] * count
-
-    def supervise(self, stop: threading.Event) -> None:
-        while not stop.wait(1.0):
-            for index, process in enumerate(self.processes):
-                code = process.poll()
-                if code is None or stop.is_set():
-                    continue
-                self.restarts[index] += 1
-                delay = min(60.0, 2.0 ** min(self.restarts[index], 6))
-                log.error(
-                    "worker %d exited with status %s; restarting in %.0f s", index, code, delay
-                )
-                if stop.wait(delay):
-                    return
-                self.processes[index] = subprocess.Popen(self.command)
-
-    def stop(self) -> None:
-        for process in self.processes:
-            process.terminate()
-        for process in self.processes:
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
-    from dicomnode import serve
+    from dicomnode.serve import run_serve
 
-    # Workers inherit "ignore SIGHUP" until they install their own reload handler.
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    # Before anything makes a Prometheus metric: workers inherit the folder.
-    metrics_folder = serve.metrics_dir()
-    from dicomnode.ingest.scp import StorageSCP
-    from dicomnode.logs import setup_logging
+    return run_serve(Path(args.config), args.workers)
 
-    settings = _settings(args)
-    setup_logging(settings.log_level, settings.logging.json_lines)
-    cards = _cards(settings)
-    sessions = _database(settings)
-    log.info(
-        "%d model(s): %s (%s)",
-        len(cards),
-        ", ".join(f"{c.model.name} {c.model.version}" for c in cards),
-        RESEARCH_DEMO_NOTICE,
-    )
-    _recover(settings, sessions)
-    scp = StorageSCP(settings, sessions)
-    scp.start()
-    stop = threading.Event()
-    assembler = threading.Thread(
-        target=_assembly_loop, args=(sessions, stop, 0.1), name="assembly", daemon=True
-    )
-    assembler.start()
-    count = settings.worker.count if args.workers is None else args.workers
-    workers = WorkerPool(Path(args.config), count)
-    threading.Thread(target=workers.supervise, args=(stop,), name="workers", daemon=True).start()
-    log.info("worklist page on http://%s:%d/worklist", settings.web.host, settings.web.port)
-    node = serve.Node(Path(args.config), settings, cards, scp, workers.processes)
-    try:
-        serve.run_web(node, sessions, stop)
-    finally:
-        stop.set()
-        scp.stop()
-        workers.stop()
-        serve.remove_metrics_dir(metrics_folder)
-        log.info("stopped")
-    return 0
+
+def cmd_listener(args: argparse.Namespace) -> int:
+    from dicomnode.ingest.listeners import run_listener
+
+    return run_listener(Path(args.config), args.index, args.slots)
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -235,18 +131,9 @@ def cmd_synth(args: argparse.Namespace) -> int:
         from dicomnode.synth.ct import synth_command
 
         return synth_command(args)
-    from dicomnode.synth.cxr import write_dataset
+    from dicomnode.synth.cxr_cli import run
 
-    csv = write_dataset(
-        Path(args.out),
-        n=args.n,
-        seed=args.seed,
-        pneumothorax_fraction=args.pneumothorax_fraction,
-        size=args.size,
-        progress=True,
-    )
-    print(f"wrote {args.n} chest X-ray phantoms to {args.out}; ground truth in {csv}")
-    return 0
+    return run(args)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -365,6 +252,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--workers", type=int, default=None, help="override [worker] count")
     serve.set_defaults(func=cmd_serve)
 
+    listener = with_config(commands.add_parser("listener", help=argparse.SUPPRESS))
+    listener.add_argument("--index", type=int, default=0)
+    listener.add_argument("--slots", type=Path, default=None)
+    listener.set_defaults(func=cmd_listener)
+
     worker = with_config(commands.add_parser("worker", help="run one job worker"))
     worker.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
     worker.set_defaults(func=cmd_worker)
@@ -383,12 +275,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     synth = commands.add_parser("synth", help="write synthetic phantoms")
     synth_kinds = synth.add_subparsers(dest="kind", required=True)
-    cxr = synth_kinds.add_parser("cxr", help="chest X-ray phantoms (DX) with ground truth CSV")
-    cxr.add_argument("--n", type=int, required=True)
-    cxr.add_argument("--out", type=Path, required=True)
-    cxr.add_argument("--seed", type=int, default=0)
-    cxr.add_argument("--pneumothorax-fraction", type=float, default=0.5)
-    cxr.add_argument("--size", type=int, default=512)
+    cxr = synth_kinds.add_parser(
+        "cxr", help="chest X-ray phantoms (DX/CR, PA/AP/lateral) with ground truth"
+    )
+    from dicomnode.synth.cxr_cli import add_arguments as add_cxr_arguments
+
+    add_cxr_arguments(cxr)
     cxr.set_defaults(func=cmd_synth)
     ct = synth_kinds.add_parser(
         "ct", help="chest CT series (one folder of slices each) with ground_truth.jsonl + masks"

@@ -1,4 +1,5 @@
-"""The serving side of ``dicomnode serve``: web server, systemd notify, SIGHUP reload."""
+"""``dicomnode serve``: start-up, DICOM listener processes, workers, web server, systemd
+notify, SIGHUP reload, shutdown."""
 
 from __future__ import annotations
 
@@ -7,14 +8,16 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import threading
 from pathlib import Path
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicomnode.config import Settings
-from dicomnode.models.registry import ModelCard
+from dicomnode import RESEARCH_DEMO_NOTICE
+from dicomnode.config import Settings, load_settings
+from dicomnode.models.registry import ModelCard, discover_cards
 from dicomnode.systemd import Notifier, run_watchdog
 from dicomnode.tomlfile import ConfigError
 
@@ -56,16 +59,26 @@ class Node:
         cards: list[ModelCard],
         scp,
         workers: list[subprocess.Popen] | None = None,
+        listeners=None,
     ):
+        """``scp``: an in-process listener (or None); ``listeners``: a
+        :class:`~dicomnode.ingest.listeners.ListenerPool` (or None)."""
         self.config = config
         self.settings = settings
         self.cards = cards
         self.scp = scp
         self.workers = workers if workers is not None else []
+        self.listeners = listeners
         self._lock = threading.Lock()
 
     def current(self) -> tuple[Settings, list[ModelCard]]:
         return self.settings, self.cards
+
+    def listening(self) -> bool:
+        """True while every DICOM listener runs."""
+        if self.listeners is not None:
+            return self.listeners.healthy()
+        return getattr(self.scp, "_server", True) is not None
 
     def reload(self, notifier: Notifier | None = None) -> bool:
         """Re-read the configuration and model cards; keep the old ones if anything is wrong."""
@@ -88,6 +101,8 @@ class Node:
             self.settings = settings
             if self.scp is not None:
                 self.scp.settings = settings
+            if self.listeners is not None and not self.listeners.reload(settings):
+                log.error("reload: a DICOM listener did not confirm the new configuration")
             for process in self.workers:
                 if process.poll() is None:
                     process.send_signal(signal.SIGHUP)
@@ -140,7 +155,7 @@ def run_web(
     )
     threading.Thread(
         target=_announce,
-        args=(server, lambda: getattr(node.scp, "_server", True) is not None, notifier, stop),
+        args=(server, node.listening, notifier, stop),
         name="notify",
         daemon=True,
     ).start()
@@ -165,3 +180,128 @@ def remove_metrics_dir(folder: str | None) -> None:
     """Remove the folder :func:`metrics_dir` made (after the workers have stopped)."""
     if folder:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def recover(settings: Settings, sessions: sessionmaker[Session]) -> None:
+    """Before listening: index spool files a crash left without rows, drop partial files."""
+    from dicomnode.ingest.incoming import clear_incoming
+    from dicomnode.ingest.recover import recover_spool
+
+    partial = clear_incoming(settings.storage_path)
+    with sessions() as session:
+        found = recover_spool(session, settings.storage_path, settings.assembly.quiet_seconds)
+    if found.indexed or found.temporary_removed or found.unreadable or partial:
+        log.warning(
+            "spool recovery: %d orphan instance(s) indexed, %d temporary file(s) removed, "
+            "%d unreadable, %d partial receive(s) removed",
+            found.indexed,
+            found.temporary_removed + partial,
+            found.unreadable,
+            partial,
+        )
+
+
+def assembly_loop(sessions: sessionmaker[Session], stop: threading.Event, period: float) -> None:
+    """Queue an analysis for every study whose quiet period is over, every ``period`` s."""
+    from dicomnode.db.session import utcnow
+    from dicomnode.ingest.assembly import queue_ready_studies
+
+    while not stop.wait(period):
+        try:
+            with sessions() as session:
+                for study_id in queue_ready_studies(session, utcnow()):
+                    log.info("study_id=%d assembled; analysis queued", study_id)
+        except Exception:
+            log.exception("assembly check failed; retrying")
+
+
+class WorkerPool:
+    """Worker processes started by ``serve``; one that dies is restarted with backoff."""
+
+    def __init__(self, config: Path, count: int):
+        self.command = [
+            sys.executable,
+            "-m",
+            "dicomnode",
+            "worker",
+            "--config",
+            str(config),
+            "--parent-pid",
+            str(os.getpid()),
+        ]
+        self.processes = [subprocess.Popen(self.command) for _ in range(count)]
+        self.restarts = [0] * count
+
+    def supervise(self, stop: threading.Event) -> None:
+        while not stop.wait(1.0):
+            for index, process in enumerate(self.processes):
+                code = process.poll()
+                if code is None or stop.is_set():
+                    continue
+                self.restarts[index] += 1
+                delay = min(60.0, 2.0 ** min(self.restarts[index], 6))
+                log.error(
+                    "worker %d exited with status %s; restarting in %.0f s", index, code, delay
+                )
+                if stop.wait(delay):
+                    return
+                self.processes[index] = subprocess.Popen(self.command)
+
+    def stop(self) -> None:
+        for process in self.processes:
+            process.terminate()
+        for process in self.processes:
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+def run_serve(config: Path, workers: int | None = None) -> int:
+    """Run the node until SIGTERM/SIGINT: listeners, assembly, workers, web; 0 when stopped."""
+    from dicomnode.db.session import make_engine, make_sessionmaker, upgrade
+    from dicomnode.ingest.listeners import ListenerPool
+    from dicomnode.logs import setup_logging
+
+    # Children inherit "ignore SIGHUP" until they install their own reload handling.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    # Before anything makes a Prometheus metric: listeners and workers inherit the folder.
+    metrics_folder = metrics_dir()
+    settings = load_settings(config)
+    setup_logging(settings.log_level, settings.logging.json_lines)
+    cards = discover_cards(settings.model_folders)
+    upgrade(settings.database_url)
+    sessions = make_sessionmaker(make_engine(settings.database_url))
+    log.info(
+        "%d model(s): %s (%s)",
+        len(cards),
+        ", ".join(f"{c.model.name} {c.model.version}" for c in cards),
+        RESEARCH_DEMO_NOTICE,
+    )
+    recover(settings, sessions)
+    run_dir = Path(tempfile.mkdtemp(prefix="dicomnode-run-"))
+    stop = threading.Event()
+    listeners = ListenerPool(config, settings.node.listeners, run_dir)
+    pool: WorkerPool | None = None
+    try:
+        listeners.wait_ready()
+        threading.Thread(
+            target=listeners.supervise, args=(stop,), name="listeners", daemon=True
+        ).start()
+        threading.Thread(
+            target=assembly_loop, args=(sessions, stop, 0.1), name="assembly", daemon=True
+        ).start()
+        pool = WorkerPool(config, settings.worker.count if workers is None else workers)
+        threading.Thread(target=pool.supervise, args=(stop,), name="workers", daemon=True).start()
+        log.info("worklist page on http://%s:%d/worklist", settings.web.host, settings.web.port)
+        node = Node(config, settings, cards, None, pool.processes, listeners)
+        run_web(node, sessions, stop)
+    finally:
+        stop.set()
+        listeners.stop()
+        if pool is not None:
+            pool.stop()
+        remove_metrics_dir(metrics_folder)
+        shutil.rmtree(run_dir, ignore_errors=True)
+        log.info("stopped")
+    return 0

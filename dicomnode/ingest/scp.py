@@ -7,6 +7,7 @@ The handlers are thin: each C-STORE is parsed, made durable by ``spool``, indexe
 from __future__ import annotations
 
 import logging
+import socket
 import ssl
 import threading
 import time
@@ -17,6 +18,7 @@ import pydicom.config
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
 from pynetdicom.sop_class import Verification
+from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode import metrics
@@ -31,6 +33,7 @@ from dicomnode.ingest.incoming import (
     write_incoming,
 )
 from dicomnode.ingest.index import index_instance, instance_facts
+from dicomnode.ingest.slots import AssociationSlots
 from dicomnode.ingest.spool import SpoolError, free_bytes, instance_path
 from dicomnode.ingest.validate import InvalidDataset, check_dataset
 
@@ -96,11 +99,23 @@ def peer_allowed(peers: list[Peer], calling_ae: str, address: str) -> bool:
 class StorageSCP:
     """Owns the pynetdicom AE and the per-association bookkeeping."""
 
-    def __init__(self, settings: Settings, sessions: sessionmaker[Session]):
+    def __init__(
+        self,
+        settings: Settings,
+        sessions: sessionmaker[Session],
+        *,
+        slots: AssociationSlots | None = None,
+        reuse_port: bool = False,
+    ):
+        """``slots``: the node-wide association count shared with other listener processes
+        (None: this process's own limit only); ``reuse_port``: share the port with them."""
         self.settings = settings
         self.sessions = sessions
         self.storage = settings.storage_path
+        self.slots = slots
+        self.reuse_port = reuse_port
         self._associations: dict[int, _AssociationLog] = {}
+        self._counted: set[int] = set()
         self._lock = threading.Lock()
         self._server = None
         self.ae = self._make_ae()
@@ -139,8 +154,30 @@ class StorageSCP:
             # the socket closes, or the peer sees an abort instead of the reason.
             event.assoc.kill()
             return
+        if self.slots is not None:
+            if not self.slots.acquire(self.settings.node.max_associations):
+                log.warning(
+                    "association rejected: calling AE %r from %s, node serves "
+                    "[node] max_associations already",
+                    calling_ae,
+                    address,
+                )
+                metrics.REFUSALS.labels("association_limit").inc()
+                # Rejected transient, service provider (presentation), local limit exceeded.
+                event.assoc.acse.send_reject(0x02, 0x03, 0x02)
+                event.assoc.kill()
+                return
+            with self._lock:
+                self._counted.add(id(event.assoc))
         with self._lock:
             self._associations[id(event.assoc)] = _AssociationLog(calling_ae, address)
+
+    def _on_closed(self, event: evt.Event) -> None:
+        with self._lock:
+            counted = id(event.assoc) in self._counted
+            self._counted.discard(id(event.assoc))
+        if counted and self.slots is not None:
+            self.slots.release()
 
     def _on_ended(self, event: evt.Event, outcome: str) -> None:
         # A data set cut off by an abort is still in the incoming folder.
@@ -327,6 +364,7 @@ class StorageSCP:
             (evt.EVT_C_STORE, self.handle_store),
             (evt.EVT_RELEASED, self._on_ended, ["released"]),
             (evt.EVT_ABORTED, self._on_ended, ["aborted"]),
+            (evt.EVT_CONN_CLOSE, self._on_closed),
         ]
 
     def start(self) -> None:
@@ -335,9 +373,18 @@ class StorageSCP:
         self.storage.mkdir(parents=True, exist_ok=True)
         install(lambda: incoming_folder(self.storage), self._limits)
         tls = tls_context(self.settings) if self.settings.tls.enabled else None
-        self._server = self.ae.start_server(
-            (node.host, node.port), block=False, evt_handlers=self.handlers(), ssl_context=tls
+        server_class = _ReusePortServer if self.reuse_port else ThreadedAssociationServer
+        self._server = self.ae.make_server(
+            (node.host, node.port),
+            evt_handlers=self.handlers(),
+            ssl_context=tls,
+            server_class=server_class,
         )
+        # AE.start_server keeps its servers in this list and shutdown() removes them from it.
+        self.ae._servers.append(self._server)
+        threading.Thread(
+            target=self._server.serve_forever, name="dicom-acceptor", daemon=True
+        ).start()
         log.info(
             "listening for DICOM%s as %s on %s:%d",
             " over TLS" if tls else "",
@@ -350,6 +397,15 @@ class StorageSCP:
         if self._server is not None:
             self._server.shutdown()
             self._server = None
+
+
+class _ReusePortServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server on a port shared with other listener processes: the
+    kernel spreads new connections over them (SO_REUSEPORT)."""
+
+    def server_bind(self) -> None:
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
 
 
 def offline_store_event(

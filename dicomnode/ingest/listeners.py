@@ -1,0 +1,240 @@
+"""Several DICOM listener processes on one port: the supervisor side and the child side.
+
+``dicomnode serve`` starts ``[node] listeners`` processes (``dicomnode listener``), each
+running a :class:`~dicomnode.ingest.scp.StorageSCP` bound to the same port with
+SO_REUSEPORT, so the kernel spreads associations over them and they are served on all
+cores. A child talks to its supervisor over its standard streams, one line each:
+
+- child to supervisor: ``ready`` once it listens, ``reloaded`` after each reload;
+- supervisor to child: ``reload <settings as JSON>`` (what the supervisor validated);
+  end of input (the supervisor is gone) stops the child.
+
+The node-wide association limit is kept in a shared counters file
+(:mod:`dicomnode.ingest.slots`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from sqlalchemy import Engine, event
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicomnode.config import Settings, load_settings
+from dicomnode.ingest.slots import AssociationSlots, create_slots
+
+log = logging.getLogger("dicomnode.ingest")
+
+_PR_SET_PDEATHSIG = 1
+START_TIMEOUT = 60.0
+RELOAD_TIMEOUT = 10.0
+
+
+# Supervisor side ---------------------------------------------------------------------
+
+
+class _Child:
+    """One listener process and the lines it sent."""
+
+    def __init__(self, command: list[str]):
+        self.process = subprocess.Popen(
+            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1
+        )
+        self.lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=self._read, name="listener-out", daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.lines.put(line.strip())
+        self.lines.put("")  # end of output: the process is gone
+
+    def expect(self, word: str, timeout: float) -> bool:
+        """Wait for the line ``word``; False on timeout or when the process ended."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                return False
+            if line == word:
+                return True
+            if line == "":
+                return False
+
+    def send(self, line: str) -> bool:
+        try:
+            assert self.process.stdin is not None
+            self.process.stdin.write(line + "\n")
+            self.process.stdin.flush()
+            return True
+        except (OSError, ValueError):
+            return False
+
+
+class ListenerPool:
+    """The listener processes of one node; one that dies is restarted with backoff."""
+
+    def __init__(self, config: Path, count: int, run_dir: Path):
+        self.slots_path = run_dir / "associations.slots"
+        create_slots(self.slots_path, count)
+        self.command = [sys.executable, "-m", "dicomnode", "listener", "--config", str(config)]
+        self.restarts = [0] * count
+        self.children = [self._spawn(index) for index in range(count)]
+        self._lock = threading.Lock()
+
+    def _spawn(self, index: int) -> _Child:
+        return _Child([*self.command, "--index", str(index), "--slots", str(self.slots_path)])
+
+    @property
+    def pids(self) -> list[int]:
+        return [child.process.pid for child in self.children]
+
+    def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
+        """Return once every listener listens; RuntimeError if one does not."""
+        for index, child in enumerate(self.children):
+            if not child.expect("ready", timeout):
+                raise RuntimeError(
+                    f"DICOM listener {index} did not start (exit status "
+                    f"{child.process.poll()}); see its log lines above"
+                )
+
+    def healthy(self) -> bool:
+        return all(child.process.poll() is None for child in self.children)
+
+    def reload(self, settings: Settings) -> bool:
+        """Hand the new settings to every listener and wait until each has them."""
+        line = "reload " + settings.model_dump_json(by_alias=True)
+        with self._lock:
+            children = list(self.children)
+        sent = [child for child in children if child.send(line)]
+        done = [child.expect("reloaded", RELOAD_TIMEOUT) for child in sent]
+        return len(sent) == len(children) and all(done)
+
+    def supervise(self, stop: threading.Event) -> None:
+        """Restart listeners that exit until ``stop`` is set."""
+        while not stop.wait(1.0):
+            for index, child in enumerate(self.children):
+                code = child.process.poll()
+                if code is None or stop.is_set():
+                    continue
+                self.restarts[index] += 1
+                delay = min(60.0, 2.0 ** min(self.restarts[index], 6))
+                log.error(
+                    "DICOM listener %d exited with status %s; restarting in %.0f s",
+                    index,
+                    code,
+                    delay,
+                )
+                if stop.wait(delay):
+                    return
+                slots = AssociationSlots(self.slots_path, index)
+                slots.reset()
+                slots.close()
+                replacement = self._spawn(index)
+                with self._lock:
+                    self.children[index] = replacement
+                if not replacement.expect("ready", START_TIMEOUT):
+                    log.error("DICOM listener %d did not start again", index)
+
+    def stop(self) -> None:
+        """SIGTERM every listener (they finish and close), SIGKILL after 10 s."""
+        for child in self.children:
+            with contextlib.suppress(OSError):
+                child.process.terminate()
+        for child in self.children:
+            try:
+                child.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                child.process.kill()
+                child.process.wait()
+
+
+# Child side ------------------------------------------------------------------------
+
+
+def _die_with_parent() -> None:
+    """Ask the kernel to SIGKILL this process when the supervisor dies (Linux)."""
+    parent = os.getppid()
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the supervisor died before prctl took effect
+        os._exit(1)
+
+
+def relaxed_commits(engine: Engine) -> Engine:
+    """Ingest commits that return before the database's log is flushed.
+
+    An acknowledged instance's file is already durable (fsync + rename + folder fsync);
+    a row lost to a power cut is rebuilt from that file by the spool re-index at start
+    (:func:`dicomnode.ingest.recover.recover_spool`). Later synchronous commits (workers)
+    flush everything before them, so nothing a worker did can outlive the row it read.
+    """
+
+    @event.listens_for(engine, "connect")
+    def _no_log_flush(dbapi_connection, _record) -> None:
+        cursor = dbapi_connection.cursor()
+        if engine.dialect.name == "sqlite":
+            cursor.execute("PRAGMA synchronous=NORMAL")
+        else:
+            cursor.execute("SET synchronous_commit TO OFF")
+            dbapi_connection.commit()
+        cursor.close()
+
+    return engine
+
+
+def ingest_sessions(url: str) -> sessionmaker[Session]:
+    """Sessions for a listener process (schema already upgraded by the supervisor)."""
+    from dicomnode.db.session import make_engine, make_sessionmaker
+
+    return make_sessionmaker(relaxed_commits(make_engine(url)))
+
+
+def _control(scp, config: Path, stop: threading.Event) -> None:
+    for line in sys.stdin:
+        command, _, argument = line.strip().partition(" ")
+        if command == "reload":
+            settings = Settings.model_validate_json(argument)
+            settings.source = config.resolve()
+            scp.settings = settings  # one assignment: an association reads old or new
+            print("reloaded", flush=True)
+    stop.set()  # end of input: the supervisor is gone
+
+
+def run_listener(config: Path, index: int, slots: Path | None) -> int:
+    """The ``dicomnode listener`` process: serve DICOM until SIGTERM or end of input."""
+    from dicomnode.ingest.scp import StorageSCP
+    from dicomnode.logs import setup_logging
+
+    _die_with_parent()
+    # Reloads come as lines from the supervisor; a stray SIGHUP must not kill us.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    settings = load_settings(config)
+    setup_logging(settings.log_level, settings.logging.json_lines)
+    scp = StorageSCP(
+        settings,
+        ingest_sessions(settings.database_url),
+        slots=AssociationSlots(slots, index) if slots else None,
+        reuse_port=True,
+    )
+    scp.start()
+    print("ready", flush=True)
+    threading.Thread(target=_control, args=(scp, config, stop), daemon=True).start()
+    stop.wait()
+    scp.stop()
+    return 0

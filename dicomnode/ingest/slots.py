@@ -1,0 +1,73 @@
+"""The node-wide association limit shared by several listener processes.
+
+Each listener process owns one counter (a little-endian uint32) in a small file; a
+listener admits an association only if the sum of all counters is below
+``[node] max_associations``, checking and counting under an exclusive ``flock`` so two
+processes cannot both take the last slot. A lock held by a process that dies is released
+by the kernel; the supervisor zeroes a dead listener's counter before restarting it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import struct
+from pathlib import Path
+
+_COUNTER = struct.Struct("<I")
+
+
+def create_slots(path: Path, listeners: int) -> None:
+    """Write a slots file with one zero counter per listener."""
+    path.write_bytes(b"\0" * (_COUNTER.size * listeners))
+
+
+class AssociationSlots:
+    """One listener's view of the shared association counters."""
+
+    def __init__(self, path: Path, index: int):
+        self.path = path
+        self.index = index
+        self._fd = os.open(path, os.O_RDWR)
+
+    def _counters(self) -> list[int]:
+        data = os.pread(self._fd, os.fstat(self._fd).st_size, 0)
+        return [value for (value,) in _COUNTER.iter_unpack(data)]
+
+    def _write(self, value: int) -> None:
+        os.pwrite(self._fd, _COUNTER.pack(value), self.index * _COUNTER.size)
+
+    def acquire(self, limit: int) -> bool:
+        """Count one more association here unless the node already serves ``limit``."""
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        try:
+            counters = self._counters()
+            if sum(counters) >= limit:
+                return False
+            self._write(counters[self.index] + 1)
+            return True
+        finally:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def release(self) -> None:
+        """Count one association less here."""
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        try:
+            self._write(max(0, self._counters()[self.index] - 1))
+        finally:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def reset(self) -> None:
+        """Zero this listener's counter (its process is gone)."""
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        try:
+            self._write(0)
+        finally:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def total(self) -> int:
+        """Associations counted over all listeners."""
+        return sum(self._counters())
+
+    def close(self) -> None:
+        os.close(self._fd)
