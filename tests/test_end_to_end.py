@@ -14,6 +14,7 @@ from dicomnode.synth.cxr import make_cxr
 
 SR_STORAGE = "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
 SC_STORAGE = "1.2.840.10008.5.1.4.1.1.7"  # Secondary Capture
+KOS_STORAGE = "1.2.840.10008.5.1.4.1.1.88.59"  # Key Object Selection Document
 
 
 def _phantom(folder: Path, seed: int, pneumothorax: bool, accession: str) -> tuple[Path, str]:
@@ -84,19 +85,24 @@ def test_pneumothorax_study_goes_to_top_and_results_reach_pacs(
     assert page.index(critical_uid) < page.index(normal_uid)
     assert "not for clinical use" in page.lower()
 
-    # The PACS received an SR and an SC overlay per study, in the source studies.
-    def delivered() -> list[pydicom.Dataset] | None:
-        files = pacs.received()
-        return [pydicom.dcmread(f) for f in files] if len(files) >= 4 else None
-
-    objects = wait_for(delivered, timeout=60, what="SR and SC at the PACS")
-    by_study: dict[str, set[str]] = {}
-    for ds in objects:
-        by_study.setdefault(str(ds.StudyInstanceUID), set()).add(str(ds.SOPClassUID))
-    assert by_study == {
+    # The PACS received (at least) an SR and an SC overlay per study, in the source studies,
+    # and a Key Object Selection flagging the critical image (IHE AI Results).
+    wanted = {
         normal_uid: {SR_STORAGE, SC_STORAGE},
-        critical_uid: {SR_STORAGE, SC_STORAGE},
+        critical_uid: {SR_STORAGE, SC_STORAGE, KOS_STORAGE},
     }
+
+    def delivered() -> list[pydicom.Dataset] | None:
+        objects = [pydicom.dcmread(f) for f in pacs.received()]
+        by_study: dict[str, set[str]] = {}
+        for ds in objects:
+            by_study.setdefault(str(ds.StudyInstanceUID), set()).add(str(ds.SOPClassUID))
+        done = set(by_study) == set(wanted) and all(
+            wanted[uid] <= classes for uid, classes in by_study.items()
+        )
+        return objects if done else None
+
+    objects = wait_for(delivered, timeout=60, what="SR, SC and KOS at the PACS")
     source_series = {
         str(pydicom.dcmread(p, stop_before_pixels=True).SeriesInstanceUID)
         for p in (normal, critical)

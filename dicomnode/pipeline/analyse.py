@@ -11,32 +11,37 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
 import pydicom
 from pydicom import Dataset
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
-from dicomnode.config import Settings, WorklistSettings
+from dicomnode.config import Destination, Settings, WorklistSettings
 from dicomnode.db.models import FindingRow, Instance, ResultObject, Series, Study
 from dicomnode.db.session import utcnow
-from dicomnode.findings import ImageFindings
+from dicomnode.findings import ModelRun
 from dicomnode.ingest.spool import instance_path, write_durable
 from dicomnode.jobs import enqueue
 from dicomnode.models.registry import ModelCard
 from dicomnode.notify import becomes_critical, enqueue_notifications
-from dicomnode.pipeline.postprocess import classification_findings
-from dicomnode.pipeline.preprocess import prepare_input
+from dicomnode.pipeline.outputs import result_objects
 from dicomnode.pipeline.runtime import Runtime
-from dicomnode.pipeline.select import image_facts, select_models
-from dicomnode.results.overlay import build_overlay
-from dicomnode.results.sr import build_sr
+from dicomnode.pipeline.select import (
+    image_facts,
+    routed_view,
+    rules_match,
+    select_models,
+    with_view,
+)
+from dicomnode.pipeline.tasks import run_model
 from dicomnode.worklist.policy import DEFAULT_SETTINGS
 from dicomnode.worklist.service import reprioritise
 
 log = logging.getLogger("dicomnode.pipeline")
 
-CLASSIFICATION_TASKS = ("classification", "multi-label")
+# Tasks whose labels become worklist findings (probabilities); segmentation and
+# image-to-image results are objects only.
+FINDING_TASKS = ("classification", "multi-label", "ensemble", "detection", "landmark")
 
 
 @dataclass
@@ -65,24 +70,6 @@ def _load_images(session: Session, study: Study) -> list[Dataset]:
         if "PixelData" in ds:
             images.append(ds)
     return images
-
-
-def _infer_classification(
-    card: ModelCard, images: list[Dataset], runtime: Runtime, times: StageTimes
-) -> list[ImageFindings]:
-    started = time.perf_counter()
-    prepared = [prepare_input(ds, card.input) for ds in images]
-    times.add("preprocess", started)
-    started = time.perf_counter()
-    outputs = runtime.run(card, np.stack([array for array, _ in prepared]))
-    times.add("inference", started)
-    started = time.perf_counter()
-    evaluations = [
-        ImageFindings(ds, classification_findings(card, outputs, index, geometry))
-        for index, (ds, (_, geometry)) in enumerate(zip(images, prepared, strict=True))
-    ]
-    times.add("postprocess", started)
-    return evaluations
 
 
 def _store_result(
@@ -114,6 +101,70 @@ def _store_result(
     return row
 
 
+def _run_models(
+    cards: list[ModelCard], images: list[Dataset], runtime: Runtime, times: StageTimes
+) -> list[tuple[ModelCard, ModelRun]]:
+    """Routers first (their view replaces the header's for selection), then every standalone
+    model on the images its rules admit."""
+    members = {card.model.name: card for card in cards}
+    facts = {id(ds): image_facts(ds) for ds in images}
+    runs: list[tuple[ModelCard, ModelRun]] = []
+    for router in (c for c in cards if c.model.standalone and c.model.sets == "view"):
+        selected = [ds for ds in images if rules_match(router.select, facts[id(ds)])]
+        if not selected:
+            continue
+        run = run_model(router, selected, runtime, times)
+        for evaluation in run.images:
+            view = routed_view(router, evaluation.findings)
+            before = facts[id(evaluation.source)].view
+            if view is not None:
+                facts[id(evaluation.source)] = with_view(facts[id(evaluation.source)], view)
+                if before and before != view:
+                    log.info("router %s: view %s (header says %s)", router.model.name, view, before)
+        runs.append((router, run))
+    by_model: dict[str, tuple[ModelCard, list[Dataset]]] = {}
+    for ds in images:
+        for card in select_models(cards, facts[id(ds)]):
+            if card.model.standalone and not card.model.sets:
+                by_model.setdefault(card.model.name, (card, []))[1].append(ds)
+    for card, selected in by_model.values():
+        runs.append((card, run_model(card, selected, runtime, times, members)))
+    return runs
+
+
+def _record_findings(session: Session, study: Study, card: ModelCard, run: ModelRun) -> None:
+    """One worklist finding row per label: the label's highest probability on the study."""
+    session.execute(
+        delete(FindingRow).where(
+            FindingRow.study_id == study.id, FindingRow.model_name == card.model.name
+        )
+    )
+    if card.model.sets or card.model.task not in FINDING_TASKS:
+        return
+    for label in card.labels:
+        best = max(
+            (f.probability for e in run.images for f in e.findings if f.concept == label.concept),
+            default=0.0,
+        )
+        session.add(
+            FindingRow(
+                study_id=study.id,
+                model_name=card.model.name,
+                model_version=card.model.version,
+                code_value=label.code_value,
+                code_scheme=label.code_scheme,
+                code_meaning=label.code_meaning,
+                probability=best,
+                threshold=label.threshold,
+                critical=label.critical,
+            )
+        )
+
+
+def _wanted(destination: Destination, kind: str) -> bool:
+    return not destination.outputs or kind in destination.outputs
+
+
 def analyse_study(
     session: Session, settings: Settings, cards: list[ModelCard], runtime: Runtime, study_id: int
 ) -> StageTimes:
@@ -128,59 +179,24 @@ def analyse_study(
     started = time.perf_counter()
     images = _load_images(session, study)
     times.add("decode", started)
-    by_model: dict[str, tuple[ModelCard, list[Dataset]]] = {}
-    for ds in images:
-        for card in select_models(cards, image_facts(ds)):
-            by_model.setdefault(card.model.name, (card, []))[1].append(ds)
 
-    results: list[ResultObject] = []
-    for card, selected in by_model.values():
-        if card.model.task not in CLASSIFICATION_TASKS:
-            log.info("model %s: task %s not run by this node yet", card.model.name, card.model.task)
-            continue
-        evaluations = _infer_classification(card, selected, runtime, times)
-        session.execute(
-            delete(FindingRow).where(
-                FindingRow.study_id == study.id, FindingRow.model_name == card.model.name
-            )
-        )
-        for label in card.labels:
-            best = max(
-                (f for e in evaluations for f in e.findings if f.concept == label.concept),
-                key=lambda f: f.probability,
-            )
-            session.add(
-                FindingRow(
-                    study_id=study.id,
-                    model_name=card.model.name,
-                    model_version=card.model.version,
-                    code_value=label.code_value,
-                    code_scheme=label.code_scheme,
-                    code_meaning=label.code_meaning,
-                    probability=best.probability,
-                    threshold=best.threshold,
-                    critical=best.critical,
-                )
-            )
+    results: list[tuple[str, ResultObject]] = []
+    for card, run in _run_models(cards, images, runtime, times):
+        _record_findings(session, study, card, run)
         started = time.perf_counter()
-        results.append(
-            _store_result(
-                session, settings, study, card, "sr", build_sr(evaluations, card.algorithm)
-            )
-        )
-        for evaluation in evaluations:
-            overlay = build_overlay(evaluation, card.algorithm)
-            results.append(_store_result(session, settings, study, card, "overlay", overlay))
+        for kind, ds in result_objects(run, card):
+            results.append((kind, _store_result(session, settings, study, card, kind, ds)))
         times.add("results", started)
 
-    for result in results:
+    for kind, result in results:
         for destination in settings.destinations:
-            enqueue(
-                session,
-                "export",
-                study.id,
-                {"result_id": result.id, "destination": destination.name},
-            )
+            if _wanted(destination, kind):
+                enqueue(
+                    session,
+                    "export",
+                    study.id,
+                    {"result_id": result.id, "destination": destination.name},
+                )
     study.analysis_status = "analysed"
     study.analysis_error = ""
     session.flush()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from dicomnode.findings import Finding
-from dicomnode.models.registry import ModelCard
+from dicomnode.models.registry import Label, ModelCard
 from dicomnode.pipeline.preprocess import Letterbox
 
 
@@ -59,3 +59,108 @@ def classification_findings(
             )
         )
     return findings
+
+
+def _label(card: ModelCard, index: int) -> Label | None:
+    return next((label for label in card.labels if label.index == index), None)
+
+
+def detection_findings(
+    card: ModelCard, outputs: dict[str, np.ndarray], index: int, geometry: Letterbox
+) -> list[Finding]:
+    """Boxes of sample ``index`` with score >= the output's min_score, in source pixels
+    (col0, row0, col1, row1), highest score first."""
+    spec = card.output("boxes")
+    if spec is None:
+        raise ValueError(f"{card.model.name}: card declares no boxes output")
+    rows = np.asarray(outputs[spec.name][index], dtype=np.float64).reshape(-1, 6)
+    source_rows, source_cols = geometry.source_shape
+    findings = []
+    for x0, y0, x1, y1, score, label_index in rows[np.argsort(-rows[:, 4], kind="stable")]:
+        label = _label(card, int(np.rint(label_index)))
+        if score < spec.min_score or label is None:
+            continue
+        top, left = geometry.to_source(y0 - 0.5, x0 - 0.5)
+        bottom, right = geometry.to_source(y1 - 0.5, x1 - 0.5)
+        box = (
+            float(np.clip(left + 0.5, 0, source_cols)),
+            float(np.clip(top + 0.5, 0, source_rows)),
+            float(np.clip(right + 0.5, 0, source_cols)),
+            float(np.clip(bottom + 0.5, 0, source_rows)),
+        )
+        if box[2] - box[0] < 1 or box[3] - box[1] < 1:
+            continue
+        findings.append(
+            Finding(
+                concept=label.concept,
+                probability=float(score),
+                threshold=label.threshold,
+                critical=label.critical,
+                peak=((box[0] + box[2]) / 2 - 0.5, (box[1] + box[3]) / 2 - 0.5),
+                box=box,
+            )
+        )
+    return findings
+
+
+def landmark_findings(
+    card: ModelCard, outputs: dict[str, np.ndarray], index: int, geometry: Letterbox
+) -> list[Finding]:
+    """One finding per label: the landmark's (column, row) in source pixels and its score."""
+    spec = card.output("landmarks")
+    if spec is None:
+        raise ValueError(f"{card.model.name}: card declares no landmarks output")
+    points = np.asarray(outputs[spec.name][index], dtype=np.float64).reshape(-1, 3)
+    source_rows, source_cols = geometry.source_shape
+    findings = []
+    for label in card.labels:
+        if label.index >= len(points):
+            raise ValueError(
+                f"{card.model.name}: label index {label.index} outside the {len(points)} landmarks"
+            )
+        x, y, score = points[label.index]
+        row, col = geometry.to_source(y, x)
+        point = (float(np.clip(col, 0, source_cols - 1)), float(np.clip(row, 0, source_rows - 1)))
+        findings.append(
+            Finding(
+                concept=label.concept,
+                probability=float(np.clip(score, 0.0, 1.0)),
+                threshold=label.threshold,
+                critical=label.critical,
+                peak=point,
+                point=point,
+            )
+        )
+    return findings
+
+
+def mask_maps(
+    card: ModelCard, outputs: dict[str, np.ndarray], index: int, geometry: Letterbox
+) -> dict[int, np.ndarray]:
+    """Per label index, the segment's probabilities (0..1) resampled to the source grid."""
+    spec = card.output("mask")
+    if spec is None:
+        raise ValueError(f"{card.model.name}: card declares no mask output")
+    maps = np.asarray(outputs[spec.name][index], dtype=np.float32)
+    result = {}
+    for label in card.labels:
+        if label.index >= maps.shape[0]:
+            raise ValueError(
+                f"{card.model.name}: label index {label.index} outside the {maps.shape[0]} masks"
+            )
+        result[label.index] = np.clip(geometry.map_to_source(maps[label.index]), 0.0, 1.0)
+    return result
+
+
+def image_presentation(
+    card: ModelCard, outputs: dict[str, np.ndarray], index: int, geometry: Letterbox
+) -> np.ndarray:
+    """An image-to-image output as 0..1 presentation values over the source grid (the card's
+    input normalisation inverted)."""
+    spec = card.output("image")
+    if spec is None:
+        raise ValueError(f"{card.model.name}: card declares no image output")
+    image = np.asarray(outputs[spec.name][index], dtype=np.float32)[0]
+    if card.input.normalisation == "zscore":
+        image = image * np.float32(card.input.std) + np.float32(card.input.mean)
+    return np.clip(geometry.map_to_source(image), 0.0, 1.0)

@@ -59,10 +59,12 @@ def _voi_range(ds: pydicom.Dataset) -> tuple[float, float] | None:
 def presentation_pixels(
     ds: pydicom.Dataset,
     window_percentiles: tuple[float, float] = DEFAULT_WINDOW_PERCENTILES,
+    window: tuple[float, float] | None = None,
 ) -> np.ndarray:
-    """Float32 rows x columns in 0..1 as a radiologist would see it: Modality LUT (rescale), VOI
-    LUT or window (first of multiple values), else percentile window; MONOCHROME1 inverted so
-    bright = dense."""
+    """Float32 rows x columns in 0..1 as a radiologist would see it: Modality LUT (rescale), then
+    the fixed ``window`` (centre, width in modality units, e.g. a CT lung window) when given,
+    else the image's VOI LUT or window (first of multiple values), else a percentile window;
+    MONOCHROME1 inverted so bright = dense."""
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
     if photometric not in ("MONOCHROME1", "MONOCHROME2"):
         raise ValueError(
@@ -70,8 +72,11 @@ def presentation_pixels(
             "only MONOCHROME1/2 images can be preprocessed"
         )
     values = apply_modality_lut(_stored_pixels(ds), ds).astype(np.float64)
-    voi_range = _voi_range(ds)
-    if voi_range is not None:
+    voi_range = None if window is not None else _voi_range(ds)
+    if window is not None:
+        centre, width = window
+        low, high = centre - width / 2.0, centre + width / 2.0
+    elif voi_range is not None:
         if ds.get("VOILUTSequence") and np.array_equal(values, np.round(values)):
             values = values.astype(np.int64)  # a LUT is indexed by integer values
         values = apply_voi_lut(values, ds, index=0, prefer_lut=True)
@@ -162,7 +167,34 @@ def prepare_input(
     """(C,H,W) float32 model input per the card: presentation pixels, resize (letterbox keeps
     aspect, pads with 0; or stretch), normalisation ('zscore' -> (x-mean)/std, 'unit' -> as
     is), channels repeated if C>1."""
-    pixels = presentation_pixels(ds, window_percentiles or spec.window_percentiles)
+    pixels = presentation_pixels(ds, window_percentiles or spec.window_percentiles, spec.window)
+    return _fit(pixels, spec, repeat=True)
+
+
+def prepare_stack(
+    neighbours: list[pydicom.Dataset], spec: InputSpec
+) -> tuple[np.ndarray, Letterbox]:
+    """(C,H,W) 2.5D input: the presentation pixels of ``spec.slices`` adjacent slices (in slice
+    order, the analysed slice in the middle) as channels, each fitted like ``prepare_input``."""
+    if len(neighbours) != spec.slices or spec.shape[0] != spec.slices:
+        raise ValueError(
+            f"a 2.5D input of {spec.slices} slices needs {spec.slices} channels and slices, got "
+            f"{spec.shape[0]} channels and {len(neighbours)} slices"
+        )
+    fitted = [
+        _fit(presentation_pixels(ds, spec.window_percentiles, spec.window), spec, repeat=False)
+        for ds in neighbours
+    ]
+    shapes = {sample.shape for sample, _ in fitted}
+    if len(shapes) != 1:
+        raise ValueError(f"adjacent slices differ in size: {sorted(shapes)}")
+    stacked = np.concatenate([sample for sample, _ in fitted], axis=0)
+    return stacked, fitted[len(fitted) // 2][1]
+
+
+def _fit(pixels: np.ndarray, spec: InputSpec, *, repeat: bool) -> tuple[np.ndarray, Letterbox]:
+    """Resize, pad and normalise presentation pixels per the card: (C,H,W) when ``repeat``
+    (greyscale repeated over the card's channels), else (1,H,W)."""
     channels, rows, cols = spec.shape
     source_rows, source_cols = pixels.shape
     if spec.resize == "stretch":
@@ -192,5 +224,41 @@ def prepare_input(
         if spec.std <= 0:
             raise ValueError(f"input spec std must be positive for zscore, got {spec.std}")
         canvas = (canvas - np.float32(spec.mean)) / np.float32(spec.std)
-    sample = np.repeat(canvas[None, :, :], channels, axis=0)
+    sample = np.repeat(canvas[None, :, :], channels if repeat else 1, axis=0)
     return sample.astype(np.float32, copy=False), geometry
+
+
+def _first(value: object) -> float:
+    """The first of a multi-valued DICOM number (window centre/width may hold several)."""
+    if isinstance(value, (list, tuple, pydicom.multival.MultiValue)):
+        value = value[0]
+    return float(value)
+
+
+def stored_from_presentation(
+    ds: pydicom.Dataset, values: np.ndarray, spec: InputSpec
+) -> np.ndarray:
+    """Map 0..1 presentation values over the source grid (e.g. an image-to-image model's output)
+    back to the source's stored-value range: the inverse of the card's linear window on the
+    stored values (percentiles or fixed window), MONOCHROME1 re-inverted, rounded and clipped
+    to Bits Stored."""
+    stored = _stored_pixels(ds).astype(np.float64)
+    values = np.clip(np.asarray(values, dtype=np.float64), 0.0, 1.0)
+    if str(ds.get("PhotometricInterpretation", "")) == "MONOCHROME1":
+        values = 1.0 - values
+    window = spec.window
+    if window is None and "WindowCenter" in ds and "WindowWidth" in ds:
+        window = (_first(ds.WindowCenter), _first(ds.WindowWidth))
+    if window is not None and not ds.get("VOILUTSequence"):
+        slope = float(ds.get("RescaleSlope", 1) or 1)
+        intercept = float(ds.get("RescaleIntercept", 0) or 0)
+        centre, width = window
+        low = (centre - width / 2.0 - intercept) / slope
+        high = (centre + width / 2.0 - intercept) / slope
+    else:
+        low, high = (float(v) for v in np.percentile(stored, spec.window_percentiles))
+    out = low + values * (high - low)
+    bits = int(ds.get("BitsStored", 16))
+    signed = int(ds.get("PixelRepresentation", 0)) == 1
+    lowest, highest = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+    return np.clip(np.round(out), lowest, highest).astype(np.int32)

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from pydicom import Dataset
 
+from dicomnode.findings import Finding
 from dicomnode.models.registry import ModelCard, SelectionRules
 
 
@@ -44,3 +45,20 @@ def rules_match(rules: SelectionRules, facts: ImageFacts) -> bool:
 def select_models(cards: list[ModelCard], facts: ImageFacts) -> list[ModelCard]:
     """The models whose rules admit this image."""
     return [card for card in cards if rules_match(card.select, facts)]
+
+
+def routed_view(card: ModelCard, findings: list[Finding]) -> str | None:
+    """The view a router card (``model.sets = "view"``) assigns: its most probable label's
+    fact_value when that label clears its threshold, else None (keep the header's view)."""
+    if not findings:
+        return None
+    best = max(findings, key=lambda f: f.probability)
+    if not best.present:
+        return None
+    label = next((lb for lb in card.labels if lb.concept == best.concept), None)
+    return label.fact_value.upper() if label and label.fact_value else None
+
+
+def with_view(facts: ImageFacts, view: str) -> ImageFacts:
+    """The same facts with the view replaced (by a router's decision)."""
+    return replace(facts, view=view.upper())

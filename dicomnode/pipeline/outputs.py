@@ -1,0 +1,95 @@
+"""Which DICOM result objects a model run becomes (per the card's [results] produce).
+
+Pure apart from the result builders: ModelRun in, (kind, Dataset) pairs out.
+"""
+
+from __future__ import annotations
+
+from pydicom import Dataset
+
+from dicomnode.findings import Finding, ImageFindings, ModelRun
+from dicomnode.models.registry import ModelCard
+
+
+def _reported(run: ModelRun, card: ModelCard) -> list[ImageFindings]:
+    """The image evaluations an SR reports: every image for classification-type tasks; for
+    detection and landmarks the images with something found, else one absent finding per label
+    (its highest score, on the first image) so that "nothing found" is reported too."""
+    if card.model.task not in ("detection", "landmark"):
+        return run.images
+    found = [
+        ImageFindings(e.source, [f for f in e.findings if f.present])
+        for e in run.images
+        if any(f.present for f in e.findings)
+    ]
+    if found or not run.images:
+        return found
+    absent = [
+        Finding(
+            concept=label.concept,
+            probability=max(
+                (
+                    f.probability
+                    for e in run.images
+                    for f in e.findings
+                    if f.concept == label.concept
+                ),
+                default=0.0,
+            ),
+            threshold=label.threshold,
+            critical=label.critical,
+        )
+        for label in card.labels
+    ]
+    return [ImageFindings(run.images[0].source, absent)]
+
+
+def _drawn(run: ModelRun, card: ModelCard) -> list[ImageFindings]:
+    """Images that get an overlay: all for classification-type tasks (their heat maps and
+    legend), otherwise those with a present box or point."""
+    if card.model.task not in ("detection", "landmark"):
+        return run.images
+    return [
+        ImageFindings(e.source, [f for f in e.findings if f.present])
+        for e in run.images
+        if any(f.present for f in e.findings)
+    ]
+
+
+def critical_sources(run: ModelRun) -> list[Dataset]:
+    """Source images with a present critical finding (for the Key Object Selection)."""
+    return [e.source for e in run.images if any(f.present and f.critical for f in e.findings)]
+
+
+def result_objects(run: ModelRun, card: ModelCard) -> list[tuple[str, Dataset]]:
+    """The result objects of ``run`` the card asks for, KOS last (it references the others)."""
+    from dicomnode.results import derived, gsps, kos, overlay, seg, sr
+
+    produces = set(card.produces)
+    objects: list[tuple[str, Dataset]] = []
+    reported = _reported(run, card)
+    if "sr" in produces and reported and any(e.findings for e in reported):
+        objects.append(("sr", sr.build_sr(reported, run.algorithm)))
+    if "overlay" in produces:
+        for evaluation in _drawn(run, card):
+            objects.append(("overlay", overlay.build_overlay(evaluation, run.algorithm)))
+    if "gsps" in produces:
+        for evaluation in _drawn(run, card):
+            if any(f.box is not None or f.point is not None for f in evaluation.findings):
+                objects.append(("gsps", gsps.build_gsps(evaluation, run.algorithm)))
+    if "seg" in produces:
+        for segmentation in run.segmentations:
+            objects.append(
+                (
+                    "seg",
+                    seg.build_seg(segmentation, run.algorithm, fractional=card.results.fractional),
+                )
+            )
+    if "derived" in produces:
+        for image in run.derived:
+            objects.append(("derived", derived.build_derived(image, run.algorithm)))
+    critical = critical_sources(run)
+    if "kos" in produces and critical:
+        others = [ds for _, ds in objects]
+        objects.append(("kos", kos.build_kos(critical, run.algorithm, others)))
+    return objects

@@ -1,0 +1,273 @@
+"""Run one model card on a study's images: the per-task steps from DICOM to a ModelRun.
+
+Classification, multi-label and ensembles give per-image probabilities (and CAM heat maps);
+detection gives boxes (2-D, or per slice from 2.5D stacks, merged across adjacent slices);
+landmark gives points; segmentation gives per-series segments; image-to-image gives derived
+images. Inference runs through the shared Runtime in batches.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import numpy as np
+from pydicom import Dataset
+
+from dicomnode.findings import (
+    DerivedImage,
+    Finding,
+    ImageFindings,
+    ModelRun,
+    Segment,
+    Segmentation,
+)
+from dicomnode.models.registry import ModelCard
+from dicomnode.pipeline.postprocess import (
+    classification_findings,
+    detection_findings,
+    image_presentation,
+    landmark_findings,
+    mask_maps,
+    normalise_map,
+)
+from dicomnode.pipeline.preprocess import (
+    Letterbox,
+    prepare_input,
+    prepare_stack,
+    stored_from_presentation,
+)
+from dicomnode.pipeline.series import neighbours, series_in_order
+
+if TYPE_CHECKING:
+    from dicomnode.pipeline.analyse import StageTimes
+    from dicomnode.pipeline.runtime import Runtime
+
+# Largest batch handed to the runtime at once (bounds memory on large CT series).
+MAX_BATCH = 32
+
+Postprocess = Callable[[ModelCard, dict[str, np.ndarray], int, Letterbox], list[Finding]]
+
+
+def infer(
+    card: ModelCard,
+    samples: list[tuple[np.ndarray, Letterbox]],
+    runtime: Runtime,
+    times: StageTimes,
+) -> dict[str, np.ndarray]:
+    """Run prepared samples through the model in batches; outputs concatenated along N."""
+    started = time.perf_counter()
+    chunks: dict[str, list[np.ndarray]] = {}
+    for start in range(0, len(samples), MAX_BATCH):
+        batch = np.stack([array for array, _ in samples[start : start + MAX_BATCH]])
+        for name, value in runtime.run(card, batch).items():
+            chunks.setdefault(name, []).append(value)
+    times.add("inference", started)
+    return {name: np.concatenate(values) for name, values in chunks.items()}
+
+
+def _prepare_images(card: ModelCard, images: list[Dataset], times: StageTimes) -> list:
+    started = time.perf_counter()
+    if card.input.slices == 1:
+        samples = [prepare_input(ds, card.input) for ds in images]
+    else:
+        samples = []
+        for series in series_in_order(images):
+            for index in range(len(series)):
+                samples.append(
+                    prepare_stack(neighbours(series, index, card.input.slices), card.input)
+                )
+        images[:] = [ds for series in series_in_order(images) for ds in series]
+    times.add("preprocess", started)
+    return samples
+
+
+def _per_image(
+    card: ModelCard,
+    images: list[Dataset],
+    runtime: Runtime,
+    times: StageTimes,
+    postprocess: Postprocess,
+) -> list[ImageFindings]:
+    images = list(images)
+    samples = _prepare_images(card, images, times)
+    outputs = infer(card, samples, runtime, times)
+    started = time.perf_counter()
+    evaluations = [
+        ImageFindings(ds, postprocess(card, outputs, index, geometry))
+        for index, (ds, (_, geometry)) in enumerate(zip(images, samples, strict=True))
+    ]
+    times.add("postprocess", started)
+    return evaluations
+
+
+def merge_across_slices(evaluations: list[ImageFindings], max_gap: int = 1) -> list[ImageFindings]:
+    """Keep one box per lesion seen on adjacent slices of a series: a box whose centre lies
+    inside a higher-scoring box of the same concept within ``max_gap`` slices is dropped."""
+    order = sorted(
+        (
+            (finding.probability, index, position)
+            for index, evaluation in enumerate(evaluations)
+            for position, finding in enumerate(evaluation.findings)
+            if finding.box is not None
+        ),
+        reverse=True,
+    )
+    kept: list[tuple[int, Finding]] = []
+    dropped: set[tuple[int, int]] = set()
+    for _, index, position in order:
+        finding = evaluations[index].findings[position]
+        assert finding.box is not None
+        col = (finding.box[0] + finding.box[2]) / 2
+        row = (finding.box[1] + finding.box[3]) / 2
+        for other_index, other in kept:
+            box = other.box
+            assert box is not None
+            if (
+                other.concept == finding.concept
+                and 0 < abs(other_index - index) <= max_gap
+                and box[0] <= col <= box[2]
+                and box[1] <= row <= box[3]
+                and _same_series(evaluations[index], evaluations[other_index])
+            ):
+                dropped.add((index, position))
+                break
+        else:
+            kept.append((index, finding))
+    return [
+        ImageFindings(
+            evaluation.source,
+            [
+                f
+                for position, f in enumerate(evaluation.findings)
+                if (index, position) not in dropped
+            ],
+        )
+        for index, evaluation in enumerate(evaluations)
+    ]
+
+
+def _same_series(a: ImageFindings, b: ImageFindings) -> bool:
+    return a.source.get("SeriesInstanceUID") == b.source.get("SeriesInstanceUID")
+
+
+def _segmentations(
+    card: ModelCard, images: list[Dataset], runtime: Runtime, times: StageTimes
+) -> list[Segmentation]:
+    ordered = [ds for series in series_in_order(images) for ds in series]
+    samples = _prepare_images(card, ordered, times)
+    outputs = infer(card, samples, runtime, times)
+    started = time.perf_counter()
+    maps = [
+        mask_maps(card, outputs, index, geometry) for index, (_, geometry) in enumerate(samples)
+    ]
+    result = []
+    offset = 0
+    for series in series_in_order(ordered):
+        frames = maps[offset : offset + len(series)]
+        offset += len(series)
+        segments = [
+            Segment(
+                concept=label.concept,
+                probabilities=np.stack([frame[label.index] for frame in frames]),
+                threshold=label.threshold,
+            )
+            for label in card.labels
+        ]
+        result.append(Segmentation(sources=list(series), segments=segments))
+    times.add("postprocess", started)
+    return result
+
+
+def _derived(
+    card: ModelCard, images: list[Dataset], runtime: Runtime, times: StageTimes
+) -> list[DerivedImage]:
+    images = list(images)
+    samples = _prepare_images(card, images, times)
+    outputs = infer(card, samples, runtime, times)
+    started = time.perf_counter()
+    derived = [
+        DerivedImage(
+            source=ds,
+            pixels=stored_from_presentation(
+                ds, image_presentation(card, outputs, index, geometry), card.input
+            ),
+            derivation=card.model.description.split(".")[0] or card.model.name,
+        )
+        for index, (ds, (_, geometry)) in enumerate(zip(images, samples, strict=True))
+    ]
+    times.add("postprocess", started)
+    return derived
+
+
+def _ensemble(
+    card: ModelCard,
+    images: list[Dataset],
+    runtime: Runtime,
+    times: StageTimes,
+    members: dict[str, ModelCard],
+) -> list[ImageFindings]:
+    assert card.ensemble is not None
+    missing = [name for name in card.ensemble.members if name not in members]
+    if missing:
+        raise ValueError(f"{card.model.name}: ensemble members without a card: {missing}")
+    runs = [
+        _per_image(members[name], images, runtime, times, classification_findings)
+        for name in card.ensemble.members
+    ]
+    evaluations = []
+    for index, ds in enumerate(images):
+        findings = []
+        for label in card.labels:
+            member_findings = [
+                next(f for f in run[index].findings if f.concept.value == label.code_value)
+                for run in runs
+            ]
+            maps = [f.heatmap for f in member_findings if f.heatmap is not None]
+            heatmap = normalise_map(np.mean(maps, axis=0)) if len(maps) == len(runs) else None
+            peak = None
+            if heatmap is not None:
+                row, col = np.unravel_index(int(np.argmax(heatmap)), heatmap.shape)
+                peak = (float(col), float(row))
+            findings.append(
+                Finding(
+                    concept=label.concept,
+                    probability=float(np.mean([f.probability for f in member_findings])),
+                    threshold=label.threshold,
+                    critical=label.critical,
+                    peak=peak,
+                    heatmap=heatmap,
+                )
+            )
+        evaluations.append(ImageFindings(ds, findings))
+    return evaluations
+
+
+def run_model(
+    card: ModelCard,
+    images: list[Dataset],
+    runtime: Runtime,
+    times: StageTimes,
+    members: dict[str, ModelCard] | None = None,
+) -> ModelRun:
+    """Everything ``card`` finds on ``images`` (the study's images its rules selected)."""
+    run = ModelRun(card.algorithm)
+    task = card.model.task
+    if task in ("classification", "multi-label"):
+        run.images = _per_image(card, images, runtime, times, classification_findings)
+    elif task == "ensemble":
+        run.images = _ensemble(card, images, runtime, times, members or {})
+    elif task == "detection":
+        run.images = _per_image(card, images, runtime, times, detection_findings)
+        if card.input.slices > 1:
+            run.images = merge_across_slices(run.images)
+    elif task == "landmark":
+        run.images = _per_image(card, images, runtime, times, landmark_findings)
+    elif task == "segmentation":
+        run.segmentations = _segmentations(card, images, runtime, times)
+    elif task == "image-to-image":
+        run.derived = _derived(card, images, runtime, times)
+    else:  # pragma: no cover - the card schema admits no other task
+        raise ValueError(f"{card.model.name}: unknown task {task}")
+    return run
