@@ -33,7 +33,7 @@ from dicomnode.pipeline.select import (
     select_models,
     with_view,
 )
-from dicomnode.pipeline.tasks import run_model
+from dicomnode.pipeline.tasks import Presentations, run_model
 from dicomnode.worklist.policy import DEFAULT_SETTINGS
 from dicomnode.worklist.service import reprioritise
 
@@ -107,13 +107,14 @@ def _run_models(
     """Routers first (their view replaces the header's for selection), then every standalone
     model on the images its rules admit."""
     members = {card.model.name: card for card in cards}
+    presentations = Presentations()
     facts = {id(ds): image_facts(ds) for ds in images}
     runs: list[tuple[ModelCard, ModelRun]] = []
     for router in (c for c in cards if c.model.standalone and c.model.sets == "view"):
         selected = [ds for ds in images if rules_match(router.select, facts[id(ds)])]
         if not selected:
             continue
-        run = run_model(router, selected, runtime, times)
+        run = run_model(router, selected, runtime, times, members, presentations)
         for evaluation in run.images:
             view = routed_view(router, evaluation.findings)
             before = facts[id(evaluation.source)].view
@@ -128,7 +129,7 @@ def _run_models(
             if card.model.standalone and not card.model.sets:
                 by_model.setdefault(card.model.name, (card, []))[1].append(ds)
     for card, selected in by_model.values():
-        runs.append((card, run_model(card, selected, runtime, times, members)))
+        runs.append((card, run_model(card, selected, runtime, times, members, presentations)))
     return runs
 
 

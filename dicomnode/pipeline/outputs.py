@@ -73,6 +73,11 @@ def result_objects(run: ModelRun, card: ModelCard) -> list[tuple[str, Dataset]]:
     if "overlay" in produces:
         for evaluation in _drawn(run, card):
             objects.append(("overlay", overlay.build_overlay(evaluation, run.algorithm)))
+        for segmentation in run.segmentations:
+            if len(segmentation.sources) == 1:  # a radiograph: outlines on a copy of it
+                masks = {s.concept.meaning: s.mask[0] for s in segmentation.segments}
+                empty = ImageFindings(segmentation.sources[0], [])
+                objects.append(("overlay", overlay.build_overlay(empty, run.algorithm, masks)))
     if "gsps" in produces:
         for evaluation in _drawn(run, card):
             if any(f.box is not None or f.point is not None for f in evaluation.findings):

@@ -13,47 +13,54 @@ from PIL import Image
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
 from dicomnode.models.registry import InputSpec
+from dicomnode.pipeline.decode import COLOUR, GREY, describe, first_frame, grey_from_colour
 
 DEFAULT_WINDOW_PERCENTILES = (0.5, 99.5)
 
 
 def _stored_pixels(ds: pydicom.Dataset) -> np.ndarray:
-    """Decoded stored values of the first frame; ValueError naming the instance if impossible."""
-    sop_instance_uid = ds.get("SOPInstanceUID", "<no SOP Instance UID>")
-    transfer_syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "<unknown>")
-    if "PixelData" not in ds:
-        raise ValueError(f"SOP Instance {sop_instance_uid} has no Pixel Data to preprocess")
-    try:
-        pixels = ds.pixel_array
-    except Exception as error:  # pydicom raises several types for missing codecs
-        name = getattr(transfer_syntax, "name", "")
+    """Decoded stored values of the first frame of a greyscale image; DecodeError naming the
+    file, instance and transfer syntax if they cannot be decoded."""
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
+    pixels = first_frame(ds)
+    if photometric not in GREY or pixels.ndim != 2:
         raise ValueError(
-            f"cannot decode the pixel data of SOP Instance {sop_instance_uid} "
-            f"(transfer syntax {transfer_syntax} {name}): {error}. The pixel data is corrupt or "
-            "its codec is missing: install the pydicom pixel data plugin for this transfer syntax "
-            "or have the sender use an uncompressed one"
-        ) from error
-    if ds.get("SamplesPerPixel", 1) != 1:
-        raise ValueError(
-            f"SOP Instance {sop_instance_uid} has {ds.SamplesPerPixel} samples per pixel; "
-            "only greyscale (MONOCHROME1/2) images can be preprocessed"
+            f"{describe(ds)} is {photometric} with {ds.get('SamplesPerPixel', 1)} samples per "
+            "pixel; only greyscale (MONOCHROME1/2) stored values can be used here"
         )
-    if int(ds.get("NumberOfFrames", 1) or 1) > 1:
-        pixels = pixels[0]
     return pixels
 
 
-def _voi_range(ds: pydicom.Dataset) -> tuple[float, float] | None:
-    """Output range of the dataset's VOI transform, or None when it has none."""
+def _window(ds: pydicom.Dataset) -> tuple[float, float] | None:
+    """The first Window Center / Width pair when both are usable (width >= 1), else None."""
+    try:
+        centre, width = _first(ds.get("WindowCenter")), _first(ds.get("WindowWidth"))
+    except (TypeError, ValueError, IndexError):  # absent, empty or not a number
+        return None
+    if not (np.isfinite(centre) and np.isfinite(width)) or width < 1:
+        return None
+    return centre, width
+
+
+def _apply_voi(ds: pydicom.Dataset, values: np.ndarray) -> tuple[np.ndarray, float, float] | None:
+    """The dataset's own VOI transform (first VOI LUT, else first usable window, pydicom's
+    implementation) and its output range; None when it has none."""
     if ds.get("VOILUTSequence"):
-        lut = ds.VOILUTSequence[0]
-        data = np.asarray(lut.LUTData, dtype=np.float64)
-        return float(data.min()), float(data.max())
-    if "WindowCenter" in ds and "WindowWidth" in ds:
-        # Far outside any window: pydicom maps them to the ends of its output range.
-        probe = apply_voi_lut(np.array([-1e15, 1e15]), ds, index=0)
-        return float(probe[0]), float(probe[1])
-    return None
+        descriptor = ds.VOILUTSequence[0].LUTDescriptor
+        entries, first_mapped = int(descriptor[0]) or 2**16, int(descriptor[1])
+        table = apply_voi_lut(np.arange(first_mapped, first_mapped + entries), ds, index=0)
+        # A LUT is indexed by integers (pydicom truncates floats): round rescaled values.
+        out = apply_voi_lut(np.rint(values).astype(np.int64), ds, index=0, prefer_lut=True)
+        return out.astype(np.float64), float(table.min()), float(table.max())
+    window = _window(ds)
+    if window is None:
+        return None
+    windowed = ds.copy()
+    windowed.WindowCenter, windowed.WindowWidth = window
+    # Far outside any window: pydicom maps them to the ends of its output range.
+    probe = apply_voi_lut(np.array([-1e15, 1e15]), windowed, index=0, prefer_lut=False)
+    out = apply_voi_lut(values, windowed, index=0, prefer_lut=False)
+    return out, float(probe.min()), float(probe.max())
 
 
 def presentation_pixels(
@@ -64,23 +71,31 @@ def presentation_pixels(
     """Float32 rows x columns in 0..1 as a radiologist would see it: Modality LUT (rescale), then
     the fixed ``window`` (centre, width in modality units, e.g. a CT lung window) when given,
     else the image's VOI LUT or window (first of multiple values), else a percentile window;
-    MONOCHROME1 inverted so bright = dense."""
+    MONOCHROME1 inverted so bright = dense. Colour images (RGB / YBR secondary captures,
+    palette) become their luma with a percentile window. DecodeError when undecodable."""
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
-    if photometric not in ("MONOCHROME1", "MONOCHROME2"):
+    if photometric not in GREY + COLOUR:
         raise ValueError(
-            f"SOP Instance {ds.get('SOPInstanceUID', '?')} is {photometric}; "
-            "only MONOCHROME1/2 images can be preprocessed"
+            f"{describe(ds)} is {photometric}; only MONOCHROME1/2, RGB, YBR and PALETTE COLOR "
+            "images can be preprocessed"
         )
-    values = apply_modality_lut(_stored_pixels(ds), ds).astype(np.float64)
-    voi_range = None if window is not None else _voi_range(ds)
+    frame = first_frame(ds)
+    if photometric in COLOUR:
+        if window is not None:
+            raise ValueError(
+                f"{describe(ds)} is a {photometric} colour image: the model's fixed window "
+                f"{tuple(window)} is in modality units (e.g. HU), which a colour image lacks"
+            )
+        values = grey_from_colour(ds, frame)
+        voi = None
+    else:
+        values = np.asarray(apply_modality_lut(frame, ds), dtype=np.float64)
+        voi = None if window is not None else _apply_voi(ds, values)
     if window is not None:
         centre, width = window
         low, high = centre - width / 2.0, centre + width / 2.0
-    elif voi_range is not None:
-        if ds.get("VOILUTSequence") and np.array_equal(values, np.round(values)):
-            values = values.astype(np.int64)  # a LUT is indexed by integer values
-        values = apply_voi_lut(values, ds, index=0, prefer_lut=True)
-        low, high = voi_range
+    elif voi is not None:
+        values, low, high = voi
     else:
         low, high = (float(v) for v in np.percentile(values, window_percentiles))
     span = high - low
@@ -163,28 +178,37 @@ def prepare_input(
     ds: pydicom.Dataset,
     spec: InputSpec,
     window_percentiles: tuple[float, float] | None = None,
+    *,
+    pixels: np.ndarray | None = None,
 ) -> tuple[np.ndarray, Letterbox]:
     """(C,H,W) float32 model input per the card: presentation pixels, resize (letterbox keeps
     aspect, pads with 0; or stretch), normalisation ('zscore' -> (x-mean)/std, 'unit' -> as
-    is), channels repeated if C>1."""
-    pixels = presentation_pixels(ds, window_percentiles or spec.window_percentiles, spec.window)
+    is), channels repeated if C>1. ``pixels``: the presentation pixels of ``ds`` for this spec
+    when the caller already has them (several models on one image)."""
+    if pixels is None:
+        pixels = presentation_pixels(ds, window_percentiles or spec.window_percentiles, spec.window)
     return _fit(pixels, spec, repeat=True)
 
 
 def prepare_stack(
-    neighbours: list[pydicom.Dataset], spec: InputSpec
+    neighbours: list[pydicom.Dataset],
+    spec: InputSpec,
+    *,
+    pixels: list[np.ndarray] | None = None,
 ) -> tuple[np.ndarray, Letterbox]:
     """(C,H,W) 2.5D input: the presentation pixels of ``spec.slices`` adjacent slices (in slice
-    order, the analysed slice in the middle) as channels, each fitted like ``prepare_input``."""
+    order, the analysed slice in the middle) as channels, each fitted like ``prepare_input``.
+    ``pixels``: their presentation pixels when the caller already has them."""
     if len(neighbours) != spec.slices or spec.shape[0] != spec.slices:
         raise ValueError(
             f"a 2.5D input of {spec.slices} slices needs {spec.slices} channels and slices, got "
             f"{spec.shape[0]} channels and {len(neighbours)} slices"
         )
-    fitted = [
-        _fit(presentation_pixels(ds, spec.window_percentiles, spec.window), spec, repeat=False)
-        for ds in neighbours
-    ]
+    if pixels is None:
+        pixels = [
+            presentation_pixels(ds, spec.window_percentiles, spec.window) for ds in neighbours
+        ]
+    fitted = [_fit(presented, spec, repeat=False) for presented in pixels]
     shapes = {sample.shape for sample, _ in fitted}
     if len(shapes) != 1:
         raise ValueError(f"adjacent slices differ in size: {sorted(shapes)}")

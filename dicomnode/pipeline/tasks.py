@@ -23,7 +23,7 @@ from dicomnode.findings import (
     Segment,
     Segmentation,
 )
-from dicomnode.models.registry import ModelCard
+from dicomnode.models.registry import InputSpec, ModelCard
 from dicomnode.pipeline.postprocess import (
     classification_findings,
     detection_findings,
@@ -36,6 +36,7 @@ from dicomnode.pipeline.preprocess import (
     Letterbox,
     prepare_input,
     prepare_stack,
+    presentation_pixels,
     stored_from_presentation,
 )
 from dicomnode.pipeline.series import neighbours, series_in_order
@@ -46,6 +47,31 @@ if TYPE_CHECKING:
 
 # Largest batch handed to the runtime at once (bounds memory on large CT series).
 MAX_BATCH = 32
+
+# Presentation pixels kept for the other models of a study, up to this many bytes.
+PRESENTATION_CACHE_BYTES = 512 * 1024 * 1024
+
+
+class Presentations:
+    """Presentation pixels (decoded, LUTs and window applied, 0..1) per image and window,
+    computed once for all the models that analyse a study's images."""
+
+    def __init__(self, max_bytes: int = PRESENTATION_CACHE_BYTES):
+        self.max_bytes = max_bytes
+        self._cache: dict[tuple, np.ndarray] = {}
+        self._bytes = 0
+
+    def get(self, ds: Dataset, spec: InputSpec) -> np.ndarray:
+        window = tuple(spec.window) if spec.window is not None else None
+        key = (id(ds), tuple(spec.window_percentiles), window)
+        pixels = self._cache.get(key)
+        if pixels is None:
+            pixels = presentation_pixels(ds, spec.window_percentiles, spec.window)
+            if self._bytes + pixels.nbytes <= self.max_bytes:
+                self._cache[key] = pixels
+                self._bytes += pixels.nbytes
+        return pixels
+
 
 Postprocess = Callable[[ModelCard, dict[str, np.ndarray], int, Letterbox], list[Finding]]
 
@@ -67,17 +93,20 @@ def infer(
     return {name: np.concatenate(values) for name, values in chunks.items()}
 
 
-def _prepare_images(card: ModelCard, images: list[Dataset], times: StageTimes) -> list:
+def _prepare_images(
+    card: ModelCard, images: list[Dataset], times: StageTimes, presentations: Presentations
+) -> list:
     started = time.perf_counter()
-    if card.input.slices == 1:
-        samples = [prepare_input(ds, card.input) for ds in images]
+    spec = card.input
+    if spec.slices == 1:
+        samples = [prepare_input(ds, spec, pixels=presentations.get(ds, spec)) for ds in images]
     else:
         samples = []
         for series in series_in_order(images):
             for index in range(len(series)):
-                samples.append(
-                    prepare_stack(neighbours(series, index, card.input.slices), card.input)
-                )
+                stack = neighbours(series, index, spec.slices)
+                pixels = [presentations.get(ds, spec) for ds in stack]
+                samples.append(prepare_stack(stack, spec, pixels=pixels))
         images[:] = [ds for series in series_in_order(images) for ds in series]
     times.add("preprocess", started)
     return samples
@@ -89,9 +118,10 @@ def _per_image(
     runtime: Runtime,
     times: StageTimes,
     postprocess: Postprocess,
+    presentations: Presentations,
 ) -> list[ImageFindings]:
     images = list(images)
-    samples = _prepare_images(card, images, times)
+    samples = _prepare_images(card, images, times, presentations)
     outputs = infer(card, samples, runtime, times)
     started = time.perf_counter()
     evaluations = [
@@ -153,10 +183,14 @@ def _same_series(a: ImageFindings, b: ImageFindings) -> bool:
 
 
 def _segmentations(
-    card: ModelCard, images: list[Dataset], runtime: Runtime, times: StageTimes
+    card: ModelCard,
+    images: list[Dataset],
+    runtime: Runtime,
+    times: StageTimes,
+    presentations: Presentations,
 ) -> list[Segmentation]:
     ordered = [ds for series in series_in_order(images) for ds in series]
-    samples = _prepare_images(card, ordered, times)
+    samples = _prepare_images(card, ordered, times, presentations)
     outputs = infer(card, samples, runtime, times)
     started = time.perf_counter()
     maps = [
@@ -181,10 +215,14 @@ def _segmentations(
 
 
 def _derived(
-    card: ModelCard, images: list[Dataset], runtime: Runtime, times: StageTimes
+    card: ModelCard,
+    images: list[Dataset],
+    runtime: Runtime,
+    times: StageTimes,
+    presentations: Presentations,
 ) -> list[DerivedImage]:
     images = list(images)
-    samples = _prepare_images(card, images, times)
+    samples = _prepare_images(card, images, times, presentations)
     outputs = infer(card, samples, runtime, times)
     started = time.perf_counter()
     derived = [
@@ -207,13 +245,14 @@ def _ensemble(
     runtime: Runtime,
     times: StageTimes,
     members: dict[str, ModelCard],
+    presentations: Presentations,
 ) -> list[ImageFindings]:
     assert card.ensemble is not None
     missing = [name for name in card.ensemble.members if name not in members]
     if missing:
         raise ValueError(f"{card.model.name}: ensemble members without a card: {missing}")
     runs = [
-        _per_image(members[name], images, runtime, times, classification_findings)
+        _per_image(members[name], images, runtime, times, classification_findings, presentations)
         for name in card.ensemble.members
     ]
     evaluations = []
@@ -250,24 +289,28 @@ def run_model(
     runtime: Runtime,
     times: StageTimes,
     members: dict[str, ModelCard] | None = None,
+    presentations: Presentations | None = None,
 ) -> ModelRun:
-    """Everything ``card`` finds on ``images`` (the study's images its rules selected)."""
+    """Everything ``card`` finds on ``images`` (the study's images its rules selected).
+    ``members``: cards by model name (ensembles); ``presentations``: shared by the models of a
+    study so that each image is windowed once per window setting."""
     run = ModelRun(card.algorithm)
     task = card.model.task
+    shared = presentations if presentations is not None else Presentations()
     if task in ("classification", "multi-label"):
-        run.images = _per_image(card, images, runtime, times, classification_findings)
+        run.images = _per_image(card, images, runtime, times, classification_findings, shared)
     elif task == "ensemble":
-        run.images = _ensemble(card, images, runtime, times, members or {})
+        run.images = _ensemble(card, images, runtime, times, members or {}, shared)
     elif task == "detection":
-        run.images = _per_image(card, images, runtime, times, detection_findings)
+        run.images = _per_image(card, images, runtime, times, detection_findings, shared)
         if card.input.slices > 1:
             run.images = merge_across_slices(run.images)
     elif task == "landmark":
-        run.images = _per_image(card, images, runtime, times, landmark_findings)
+        run.images = _per_image(card, images, runtime, times, landmark_findings, shared)
     elif task == "segmentation":
-        run.segmentations = _segmentations(card, images, runtime, times)
+        run.segmentations = _segmentations(card, images, runtime, times, shared)
     elif task == "image-to-image":
-        run.derived = _derived(card, images, runtime, times)
+        run.derived = _derived(card, images, runtime, times, shared)
     else:  # pragma: no cover - the card schema admits no other task
         raise ValueError(f"{card.model.name}: unknown task {task}")
     return run

@@ -65,7 +65,7 @@ def build_overlay(
     ``segmentation_masks`` (name -> rows x columns boolean mask, e.g. {"Lung": mask}) as
     outlines named in the legend.
     """
-    source = validate_evaluation(evaluation)
+    source = validate_evaluation(evaluation, allow_empty=bool(segmentation_masks))
     masks = _checked_masks(segmentation_masks or {}, int(source.Rows), int(source.Columns))
     if int(source.get("SamplesPerPixel", 1)) != 1 or int(source.get("NumberOfFrames", 1)) != 1:
         raise ValueError(

@@ -87,8 +87,9 @@ def build_sr(evaluations: Sequence[ImageFindings], algorithm: Algorithm) -> pydi
     return sr
 
 
-def validate_evaluation(evaluation: ImageFindings) -> pydicom.Dataset:
-    """Check an ImageFindings against its source image and return the source Dataset."""
+def validate_evaluation(evaluation: ImageFindings, allow_empty: bool = False) -> pydicom.Dataset:
+    """Check an ImageFindings against its source image and return the source Dataset
+    (``allow_empty``: no findings is fine, e.g. an overlay of segmentation outlines only)."""
     source = evaluation.source
     if not isinstance(source, pydicom.Dataset):
         raise ValueError(
@@ -98,7 +99,7 @@ def validate_evaluation(evaluation: ImageFindings) -> pydicom.Dataset:
         if not source.get(keyword):
             raise ValueError(f"source image lacks {keyword}; cannot reference it in a result")
     where = f"SOP Instance UID {source.SOPInstanceUID}"
-    if not evaluation.findings:
+    if not evaluation.findings and not allow_empty:
         raise ValueError(f"ImageFindings for {where} has no findings")
     seen: dict[tuple[str, str], bool] = {}
     for finding in evaluation.findings:
@@ -121,6 +122,8 @@ def validate_evaluation(evaluation: ImageFindings) -> pydicom.Dataset:
 def series_description(algorithm: Algorithm, kind: str) -> str:
     """Return a Series Description naming the model, e.g. "AI SR cxr-demo 1.0.0 (research demo)"."""
     suffix = " (research demo)" if algorithm.research_demo else ""
+    if len(kind) > 24:  # e.g. a long derivation: keep room for the model's name
+        kind = kind[:23] + "~"
     head = f"AI {kind} "
     model = f"{algorithm.name} {algorithm.version}"
     room = _LO_MAX - len(head) - len(suffix)

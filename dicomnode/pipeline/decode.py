@@ -1,0 +1,144 @@
+"""Pixel data to numbers: the first frame's stored values, or an error that names the file, the
+instance and the transfer syntax (never a silently wrong image).
+
+pydicom decodes with the installed plugins (pylibjpeg with libjpeg, openjpeg and rle; Pillow);
+colour images come back as RGB (YBR converted by pydicom) and are reduced to grey here.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pydicom
+from pydicom.pixels import apply_color_lut, get_decoder, pixel_array
+from pydicom.uid import (
+    UID,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
+
+GREY = ("MONOCHROME1", "MONOCHROME2")
+COLOUR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_RCT", "YBR_ICT", "PALETTE COLOR")
+# ITU-R BT.601 luma weights: what a greyscale display of an RGB secondary capture shows.
+LUMA = np.array([0.299, 0.587, 0.114])
+
+
+class DecodeError(ValueError):
+    """Pixel data that cannot be turned into an image here (missing codec, corrupt data,
+    unknown transfer syntax); the message names the file, instance and transfer syntax."""
+
+
+def describe(ds: pydicom.Dataset) -> str:
+    """'file F, SOP Instance U' for messages (the file only when the dataset was read from one)."""
+    parts = []
+    filename = getattr(ds, "filename", None)
+    if isinstance(filename, (str, os.PathLike)) and str(filename):
+        parts.append(f"file {os.fspath(filename)}")
+    parts.append(f"SOP Instance {ds.get('SOPInstanceUID', '<no SOP Instance UID>')}")
+    return ", ".join(parts)
+
+
+def transfer_syntax(ds: pydicom.Dataset) -> UID | None:
+    """The dataset's transfer syntax: its File Meta one, else the native encoding pydicom read a
+    meta-less file with (set into ``ds.file_meta`` so that pydicom can decode); None if unknown."""
+    meta = getattr(ds, "file_meta", None)
+    uid = meta.get("TransferSyntaxUID") if meta is not None else None
+    if uid:
+        return UID(str(uid))
+    implicit, little = ds.original_encoding
+    if little is None or "PixelData" not in ds or ds["PixelData"].is_undefined_length:
+        return None  # compressed data without a transfer syntax: the codec cannot be known
+    if implicit:
+        uid = ImplicitVRLittleEndian
+    else:
+        uid = ExplicitVRLittleEndian if little else ExplicitVRBigEndian
+    if meta is None:
+        ds.file_meta = pydicom.dataset.FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = uid
+    return uid
+
+
+def _syntax_text(uid: UID) -> str:
+    name = uid.name if uid.name != uid else "unknown transfer syntax"
+    return f"transfer syntax {uid} ({name})"
+
+
+def _why(uid: UID, error: Exception) -> str:
+    """What went wrong with a transfer syntax, and what to do about it."""
+    try:
+        decoder = get_decoder(uid)
+    except NotImplementedError:
+        return (
+            "pydicom has no decoder for this transfer syntax; have the sender use an "
+            "uncompressed or JPEG / JPEG 2000 / RLE transfer syntax"
+        )
+    if not decoder.is_available:
+        missing = "; ".join(decoder.missing_dependencies) or "a decoding plugin"
+        return (
+            f"no codec for it is installed ({missing}); install one or have the sender recompress"
+        )
+    plugins = ", ".join(decoder.available_plugins) or "pydicom"
+    detail = " ".join(str(error).split())
+    return (
+        f"the installed codecs ({plugins}) could not decode it: {detail}. The pixel data is "
+        "corrupt, or uses a variant these codecs do not support (GDCM decodes some of them)"
+    )
+
+
+def number_of_frames(ds: pydicom.Dataset) -> int:
+    """Number of Frames (1 when absent); DecodeError when it is not a positive number."""
+    value = ds.get("NumberOfFrames", 1)
+    try:
+        frames = int(value or 1)
+    except (TypeError, ValueError) as error:
+        raise DecodeError(
+            f"{describe(ds)} has an invalid Number of Frames {value!r}: {error}"
+        ) from error
+    if frames < 1:
+        raise DecodeError(f"{describe(ds)} has Number of Frames {frames}")
+    return frames
+
+
+def first_frame(ds: pydicom.Dataset) -> np.ndarray:
+    """The first frame's stored values: rows x columns, or rows x columns x 3 (RGB) for colour
+    images. DecodeError naming the file, instance and transfer syntax when it cannot be had."""
+    where = describe(ds)
+    if "PixelData" not in ds:
+        raise DecodeError(f"{where} has no Pixel Data to analyse")
+    uid = transfer_syntax(ds)
+    if uid is None:
+        raise DecodeError(
+            f"cannot decode the pixel data of {where}: it has no File Meta Transfer Syntax UID "
+            "and compressed pixel data, so the codec is unknown; resend it with a file meta header"
+        )
+    frames = number_of_frames(ds)
+    try:
+        # Only the first frame is analysed: decode just that one of a multi-frame image; a
+        # single frame goes through ds.pixel_array, which result builders reuse.
+        pixels = pixel_array(ds, index=0) if frames > 1 else ds.pixel_array
+    except Exception as error:  # pydicom raises several types for missing or failing codecs
+        raise DecodeError(
+            f"cannot decode the pixel data of {where}, {_syntax_text(uid)}: {_why(uid, error)}"
+        ) from error
+    expected = (int(ds.Rows), int(ds.Columns))
+    if pixels.shape[:2] != expected:
+        raise DecodeError(
+            f"the decoded pixel data of {where}, {_syntax_text(uid)}, is {pixels.shape}, "
+            f"not the {expected[0]} x {expected[1]} of its Rows and Columns"
+        )
+    return pixels
+
+
+def grey_from_colour(ds: pydicom.Dataset, pixels: np.ndarray) -> np.ndarray:
+    """Float64 luma of a colour frame (RGB, YBR already made RGB by pydicom, or PALETTE COLOR
+    indices), in the frame's own value range."""
+    photometric = str(ds.get("PhotometricInterpretation", ""))
+    if photometric == "PALETTE COLOR":
+        pixels = apply_color_lut(pixels, ds)
+    if pixels.ndim != 3 or pixels.shape[-1] != 3:
+        raise DecodeError(
+            f"{describe(ds)} is {photometric} but decoded to shape {pixels.shape}, not RGB"
+        )
+    return pixels.astype(np.float64) @ LUMA
