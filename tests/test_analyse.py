@@ -1,0 +1,111 @@
+"""analyse_study on a real database: which result objects a study gets and where they go.
+
+What is produced follows the model card's [results] produce; where each object is sent follows
+each destination's ``outputs`` (a PACS that wants only SR gets only SR).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from dicomnode.config import Destination, Settings
+from dicomnode.db.models import FindingRow, Job, ResultObject, Study
+from dicomnode.db.session import utcnow
+from dicomnode.ingest.index import index_instance, instance_facts
+from dicomnode.ingest.spool import instance_path
+from dicomnode.models.registry import ModelCard, ResultsSpec, load_card
+from dicomnode.pipeline.analyse import analyse_study
+from dicomnode.pipeline.runtime import Runtime
+from dicomnode.synth.cxr import make_cxr
+
+REPO = Path(__file__).resolve().parent.parent
+PNEUMOTHORAX = REPO / "models" / "cxr_pneumothorax_demo.toml"
+
+
+@pytest.fixture(scope="module")
+def runtime() -> Runtime:
+    return Runtime(["CPUExecutionProvider"])
+
+
+def _settings(tmp_path: Path) -> Settings:
+    return Settings(
+        storage={"path": tmp_path / "storage"},
+        destinations=[
+            Destination(name="pacs", ae_title="PACS", host="127.0.0.1", port=104),
+            Destination(name="sr-only", ae_title="RIS", host="127.0.0.1", port=105, outputs=["sr"]),
+        ],
+    )
+
+
+def _ingest(session, settings: Settings, seed: int, pneumothorax: bool) -> int:
+    ds, _ = make_cxr(seed, pneumothorax=pneumothorax)  # 512 px, as the model was trained
+    facts = instance_facts(ds)
+    path = instance_path(
+        settings.storage_path,
+        facts.study_instance_uid,
+        facts.series_instance_uid,
+        facts.sop_instance_uid,
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    index_instance(
+        session,
+        facts,
+        path=str(path),
+        size_bytes=path.stat().st_size,
+        transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
+        calling_ae="MODALITY",
+        now=utcnow(),
+        quiet_seconds=0,
+    )
+    session.commit()
+    return session.scalar(
+        select(Study.id).where(Study.study_instance_uid == facts.study_instance_uid)
+    )
+
+
+def _exports(session, study_id: int) -> dict[str, list[str]]:
+    """Destination name -> result kinds queued for it."""
+    kinds = {r.id: r.kind for r in session.scalars(select(ResultObject))}
+    sent: dict[str, list[str]] = {}
+    for job in session.scalars(select(Job).where(Job.kind == "export", Job.study_id == study_id)):
+        sent.setdefault(job.payload["destination"], []).append(kinds[job.payload["result_id"]])
+    return {name: sorted(values) for name, values in sent.items()}
+
+
+def test_each_destination_gets_the_kinds_it_asks_for(sessions, tmp_path: Path, runtime) -> None:
+    settings = _settings(tmp_path)
+    card = load_card(PNEUMOTHORAX)
+    with sessions() as session:
+        study_id = _ingest(session, settings, 930_001, pneumothorax=True)
+        analyse_study(session, settings, [card], runtime, study_id)
+        rows = session.scalars(select(ResultObject).where(ResultObject.study_id == study_id))
+        assert sorted(r.kind for r in rows) == ["kos", "overlay", "sr"]
+        assert _exports(session, study_id) == {
+            "pacs": ["kos", "overlay", "sr"],
+            "sr-only": ["sr"],
+        }
+        (finding,) = session.scalars(select(FindingRow).where(FindingRow.study_id == study_id))
+        assert finding.critical and finding.probability >= finding.threshold
+        assert session.get(Study, study_id).tier == "critical"
+
+
+def test_card_results_produce_limits_what_is_written(sessions, tmp_path: Path, runtime) -> None:
+    settings = _settings(tmp_path)
+    card: ModelCard = load_card(PNEUMOTHORAX)
+    only_sr = card.model_copy(update={"results": ResultsSpec(produce=["sr"])})
+    only_sr.card_path = card.card_path
+    with sessions() as session:
+        critical = _ingest(session, settings, 930_003, pneumothorax=True)
+        normal = _ingest(session, settings, 930_002, pneumothorax=False)
+        for study_id in (critical, normal):
+            analyse_study(session, settings, [only_sr], runtime, study_id)
+        assert _exports(session, critical) == {"pacs": ["sr"], "sr-only": ["sr"]}
+        assert _exports(session, normal) == {"pacs": ["sr"], "sr-only": ["sr"]}
+        # A normal study has no critical image: the default produce would give it no KOS either.
+        analyse_study(session, settings, [card], runtime, normal)
+        rows = session.scalars(select(ResultObject).where(ResultObject.study_id == normal))
+        assert sorted(r.kind for r in rows) == ["overlay", "sr"]
