@@ -39,9 +39,10 @@ from dicomnode.worklist.service import reprioritise
 
 log = logging.getLogger("dicomnode.pipeline")
 
-# Tasks whose labels become worklist findings (probabilities); segmentation and
-# image-to-image results are objects only.
-FINDING_TASKS = ("classification", "multi-label", "ensemble", "detection", "landmark")
+# Tasks whose labels become worklist findings (probabilities). Segmentation and image-to-image
+# results are objects only; a landmark (e.g. where a tube's tip is) is a position to check, not
+# a finding that should move a study up the worklist, so it is reported in the SR/GSPS only.
+FINDING_TASKS = ("classification", "multi-label", "ensemble", "detection")
 
 
 @dataclass
