@@ -104,6 +104,16 @@ def cmd_worklist(args: argparse.Namespace) -> int:
 def cmd_models(args: argparse.Namespace) -> int:
     settings = _settings(args)
     cards = _cards(settings)
+    if args.models_command == "eval":
+        from dicomnode.evaluation.command import run as run_eval
+
+        if not args.model or args.data is None:
+            print("error: models eval needs MODEL and --data DIR", file=sys.stderr)
+            return 2
+        return run_eval(args.model, args.data, args.out, cards)
+    if args.model or args.data is not None or args.out is not None:
+        print("error: MODEL, --data and --out are for 'models eval'", file=sys.stderr)
+        return 2
     if args.models_command == "list":
         for card in cards:
             metrics = ", ".join(f"{k}={v}" for k, v in card.metrics.items() if "auc" in k)
@@ -269,8 +279,22 @@ def build_parser() -> argparse.ArgumentParser:
     worklist.add_argument("--limit", type=int, default=50)
     worklist.set_defaults(func=cmd_worklist)
 
-    models = with_config(commands.add_parser("models", help="list or verify model cards"))
-    models.add_argument("models_command", choices=["list", "verify"])
+    models = with_config(
+        commands.add_parser("models", help="list, verify or evaluate model cards")
+    )
+    models.add_argument("models_command", choices=["list", "verify", "eval"])
+    models.add_argument(
+        "model", nargs="?", default=None, help="eval: a card's model name or a card file"
+    )
+    models.add_argument(
+        "--data", type=Path, default=None, help="eval: a folder written by 'dicomnode synth'"
+    )
+    models.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="eval: folder for metrics.json and plots (default DATA/eval/MODEL)",
+    )
     models.set_defaults(func=cmd_models)
 
     synth = commands.add_parser("synth", help="write synthetic phantoms")

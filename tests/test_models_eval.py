@@ -1,0 +1,294 @@
+"""``dicomnode models eval``: each committed model card's held-out headline metric is reproduced
+on fresh phantoms (seeds disjoint from the card's), through the node's own run_model; the CLI
+writes metrics.json and PNG plots."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import REPO
+
+from dicomnode.evaluation import dataset, evaluate
+from dicomnode.models.registry import ModelCard, discover_cards
+from dicomnode.pipeline.runtime import Runtime
+from dicomnode.synth import ct as synth_ct
+from dicomnode.synth import truth as synth_truth
+from dicomnode.synth.cxr import FINDINGS
+
+CARDS = discover_cards([REPO / "models"])
+BY_NAME = {card.model.name: card for card in CARDS}
+# Far above every split of the training scripts (train 0.., validation 500 000.., held-out
+# 1 000 000.., localisation models 10-12 million): fresh phantoms.
+FRESH_SEED = 50_000_000
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+# Acquisition variety of the training mix (DX/CR, 8-16 bit, MONOCHROME1/2, sizes, non-square).
+MIX_PARTS = (
+    {"modality": "DX", "bits": 12, "photometric": "MONOCHROME2", "size": 512, "columns": None},
+    {"modality": "CR", "bits": 10, "photometric": "MONOCHROME1", "size": 448, "columns": 500},
+    {"modality": "DX", "bits": 16, "photometric": "mixed", "size": 384, "columns": 340},
+    {"modality": "CR", "bits": 8, "photometric": "MONOCHROME2", "size": 480, "columns": 430},
+)
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A fresh data set: how it is written and how many images/series."""
+
+    name: str
+    n: int
+
+
+PROFILES = {
+    # The pneumothorax card's phantoms: default PA DX 512 px, half with a pneumothorax.
+    "pneumothorax": Profile("pneumothorax", 60),
+    # The shared CXR mix: PA/AP/lateral, findings at about the training mix's rates.
+    "mix": Profile("mix", 4 * 30),
+    # The localisation models' mix: nodules and tubes in half of the images.
+    "localisation": Profile("localisation", 4 * 12),
+    # CT series as the CT cards' held-out series (256 rows, 48 slices, 1-4 nodules).
+    "ct": Profile("ct", 6),
+}
+
+
+def profile_of(card: ModelCard) -> str:
+    if any(m.upper() == "CT" for m in card.select.modalities):
+        return "ct"
+    if card.model.name == "cxr-pneumothorax-demo":
+        return "pneumothorax"
+    if card.model.task in ("detection", "landmark"):
+        return "localisation"
+    return "mix"
+
+
+def write_profile(name: str, out: Path) -> Path:
+    profile = PROFILES[name]
+    if name == "pneumothorax":
+        synth_truth.write_dataset(out, n=profile.n, seed=FRESH_SEED, masks=False)
+        return out
+    if name == "ct":
+        synth_ct.write_dataset(
+            out, n=profile.n, seed=FRESH_SEED, rows=256, slices=48, nodules=(1, 4)
+        )
+        return out
+    per_part = profile.n // len(MIX_PARTS)
+    if name == "mix":
+        rates = {f: 0.15 for f in FINDINGS} | {"tube": 0.2}
+        views = ("PA", "AP", "LATERAL")
+    else:
+        rates = {f: 0.12 for f in FINDINGS} | {"nodule": 0.5, "tube": 0.5}
+        views = ("PA", "AP")
+    for index, part in enumerate(MIX_PARTS):
+        synth_truth.write_dataset(
+            out / f"part{index}",
+            n=per_part,
+            seed=FRESH_SEED + 1000 * (index + 1) + (0 if name == "mix" else 100_000),
+            findings=FINDINGS,
+            prevalence=rates,
+            views=views,
+            **part,
+        )
+    return out
+
+
+@pytest.fixture(scope="module")
+def data_sets(tmp_path_factory: pytest.TempPathFactory):
+    cache: dict[str, dataset.EvalData] = {}
+
+    def get(name: str) -> dataset.EvalData:
+        if name not in cache:
+            folder = write_profile(name, tmp_path_factory.mktemp(f"eval-{name}"))
+            cache[name] = dataset.load_data(folder)
+        return cache[name]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def runtime() -> Runtime:
+    return Runtime(["CPUExecutionProvider"])
+
+
+# Headline metric per kind of evaluation: card keys (first present wins), where the value is in
+# the evaluation result, and the tolerance that fits the fresh sample's size.
+
+
+def _only_label(result: dict) -> dict:
+    return next(iter(result["labels"].values()))
+
+
+def _auc(result: dict) -> tuple[float, float]:
+    labels = [v for v in result["labels"].values() if v.get("auc") is not None]
+    if len(labels) == 1:
+        item = labels[0]
+        half = (item["auc_ci_high"] - item["auc_ci_low"]) / 2
+        return item["auc"], max(0.05, 2 * half)
+    # Mean AUC over labels: the mean half-width (the labels' errors partly average out).
+    half = float(np.mean([(v["auc_ci_high"] - v["auc_ci_low"]) / 2 for v in labels]))
+    return result["mean_auc"], max(0.05, half)
+
+
+def _accuracy(result: dict) -> tuple[float, float]:
+    p, n = result["accuracy"], result["n"]
+    return p, max(0.05, 2 * 1.96 * float(np.sqrt(max(p * (1 - p), 0.01) / n)))
+
+
+def _dice(result: dict) -> tuple[float, float]:
+    return _only_label(result)["dice_mean"], 0.05
+
+
+def _cpm(result: dict) -> tuple[float, float]:
+    return _only_label(result)["cpm"], 0.15
+
+
+def _sensitivity_at_1(result: dict) -> tuple[float, float]:
+    return _only_label(result)["sensitivity_at_1_fp"], 0.15
+
+
+def _within_10mm(result: dict) -> tuple[float, float]:
+    return _only_label(result)["within_10mm"], 0.15
+
+
+def _presence_auc(result: dict) -> tuple[float, float]:
+    item = _only_label(result)
+    half = (item["presence_auc_ci_high"] - item["presence_auc_ci_low"]) / 2
+    return item["presence_auc"], max(0.05, 2 * half)
+
+
+def _mae(result: dict) -> tuple[float, float]:
+    item = _only_label(result)
+    half = (item["mae_output_ci_high"] - item["mae_output_ci_low"]) / 2
+    return item["mae_output"], max(0.005, 0.25 * item["mae_output"], 2 * half)
+
+
+HEADLINES = {
+    "classification": (("heldout_auc", "auc", "heldout_mean_auc", "mean_auc"), _auc),
+    "router": (("accuracy", "heldout_accuracy"), _accuracy),
+    "segmentation": (("heldout_dice", "heldout_dice_mean"), _dice),
+    "detection": (
+        ("cpm", "heldout_cpm", "froc_sensitivity_at_1_fp", "heldout_sensitivity_at_1_fp_per_scan"),
+        None,
+    ),
+    "landmark": (
+        ("heldout_within_10mm", "within_10mm", "heldout_presence_auc", "presence_auc"),
+        None,
+    ),
+    "image": (("heldout_source_mae_output",), _mae),
+}
+
+
+def headline(card: ModelCard, result: dict) -> tuple[str, float, float, float]:
+    """(card key, card value, reproduced value, tolerance)."""
+    keys, reader = HEADLINES[result["evaluation"]]
+    key = next((k for k in keys if isinstance(card.metrics.get(k), int | float)), None)
+    assert key is not None, (
+        f"{card.model.name}: its card has none of the headline metrics {keys}; "
+        "add its key to HEADLINES in tests/test_models_eval.py"
+    )
+    if reader is None:
+        reader = {
+            "cpm": _cpm,
+            "heldout_cpm": _cpm,
+            "froc_sensitivity_at_1_fp": _sensitivity_at_1,
+            "heldout_sensitivity_at_1_fp_per_scan": _sensitivity_at_1,
+            "heldout_within_10mm": _within_10mm,
+            "within_10mm": _within_10mm,
+            "heldout_presence_auc": _presence_auc,
+            "presence_auc": _presence_auc,
+        }[key]
+    value, tolerance = reader(result)
+    return key, float(card.metrics[key]), value, tolerance
+
+
+def seed_ranges(card: ModelCard) -> list[tuple[int, int]]:
+    """The card's seed ranges [start, start + n) (n unknown: a million)."""
+    values = {**card.training, **card.metrics}
+    ranges = []
+    for key, start in values.items():
+        if not key.endswith("seed_start") or not isinstance(start, int):
+            continue
+        prefix = key[: -len("seed_start")]
+        n = values.get(f"{prefix}n") or values.get(f"n_{prefix.rstrip('_').split('_')[0]}")
+        ranges.append((start, start + (n if isinstance(n, int) else 1_000_000)))
+    return ranges
+
+
+@pytest.mark.parametrize("name", sorted(BY_NAME))
+def test_card_metric_is_reproduced_on_fresh_phantoms(name: str, data_sets, runtime) -> None:
+    card = BY_NAME[name]
+    profile = profile_of(card)
+    fresh = (FRESH_SEED, FRESH_SEED + 200_000)
+    for start, end in seed_ranges(card):
+        assert end <= fresh[0] or start >= fresh[1], f"{name}: seeds {start}..{end} overlap"
+    data = data_sets(profile)
+    result = evaluate.evaluate(card, data, runtime, members=BY_NAME)
+    assert result["n_cases"] >= 6
+    key, expected, value, tolerance = headline(card, result)
+    print(f"{name}: {key} card {expected:.4f} fresh {value:.4f} (tolerance {tolerance:.3f})")
+    assert abs(value - expected) <= tolerance, (
+        f"{name}: {key} on {result['n_cases']} fresh {result['case_unit']}s is {value:.4f}, "
+        f"the card says {expected:.4f} (tolerance {tolerance:.3f})"
+    )
+
+
+def test_cli_writes_metrics_and_roc_png(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    synth = subprocess.run(
+        [
+            *(sys.executable, "-m", "dicomnode", "synth", "cxr", "--n", "12"),
+            *("--seed", str(FRESH_SEED), "--out", str(data), "--no-progress", "--no-masks"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert synth.returncode == 0, synth.stderr
+    out = tmp_path / "eval"
+    config = tmp_path / "node.toml"
+    config.write_text(f'[models]\nfolders = ["{REPO / "models"}"]\n')
+    command = [sys.executable, "-m", "dicomnode", "models", "eval", "cxr-pneumothorax-demo"]
+    result = subprocess.run(
+        [*command, "--data", str(data), "--out", str(out), "--config", str(config)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "pneumothorax: AUC" in result.stdout
+    assert "Research demo, not for clinical use" in result.stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["model"] == "cxr-pneumothorax-demo"
+    assert metrics["n_cases"] == 12
+    item = metrics["labels"]["pneumothorax"]
+    assert item["positives"] == 6 and item["n"] == 12
+    assert item["auc_ci_low"] <= item["auc"] <= item["auc_ci_high"]
+    assert 0.0 <= item["sensitivity"] <= 1.0 and 0.0 <= item["specificity"] <= 1.0
+    assert item["roc"]["fpr"][0] == 0.0 and item["roc"]["tpr"][-1] == 1.0
+    png = (out / "roc.png").read_bytes()
+    assert png.startswith(PNG_MAGIC) and len(png) > 5000
+
+    # A model name that no card has, and a folder without ground truth: clear errors.
+    wrong = subprocess.run(
+        [*command[:-1], "no-such-model", "--data", str(data), "--config", str(config)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert wrong.returncode == 2 and "no model card named 'no-such-model'" in wrong.stderr
+    empty = subprocess.run(
+        [*command, "--data", str(out), "--config", str(config)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert empty.returncode == 2 and "ground_truth.jsonl" in empty.stderr
