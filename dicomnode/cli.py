@@ -123,17 +123,12 @@ def cmd_models(args: argparse.Namespace) -> int:
                 + (" (research demo, not for clinical use)" if card.model.research_demo else "")
             )
         return 0
-    from dicomnode.pipeline.runtime import ModelLoadError, load_session
+    from dicomnode.models.verify import verify_cards
 
-    failures = 0
-    for card in cards:
-        try:
-            session = load_session(card, settings.worker.providers)
-            print(f"OK   {card.model.name} {card.model.version} on {session.get_providers()[0]}")
-        except ModelLoadError as exc:
-            failures += 1
-            print(f"FAIL {exc}", file=sys.stderr)
-    return 1 if failures else 0
+    verdicts = verify_cards(cards, settings.worker.providers)
+    for verdict in verdicts:
+        print(verdict.line(), file=sys.stdout if verdict.ok else sys.stderr)
+    return 0 if all(verdict.ok for verdict in verdicts) else 1
 
 
 def cmd_synth(args: argparse.Namespace) -> int:

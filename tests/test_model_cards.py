@@ -245,3 +245,182 @@ def test_models_verify_passes_good_and_fails_corrupt_model(tmp_path: Path) -> No
     assert result.returncode == 1, result.stdout + result.stderr
     assert "FAIL tiny" in result.stderr
     assert str(corrupt / "tiny.onnx") in result.stderr
+
+
+# Verify: new card kinds -----------------------------------------------------------------
+
+
+def write_identity_model(path: Path, channels: int = 1, output: str = "mask") -> Path:
+    """image [N,C,8,8] -> Sigmoid -> ``output`` [N,C,8,8] (a per-channel 'mask')."""
+    graph = helper.make_graph(
+        [helper.make_node("Sigmoid", ["image"], [output])],
+        "identity",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", channels, 8, 8])],
+        [helper.make_tensor_value_info(output, TensorProto.FLOAT, ["N", channels, 8, 8])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, path)
+    return path
+
+
+def verdicts_of(folder: Path) -> dict[str, object]:
+    from dicomnode.models.verify import verify_cards
+
+    cards = discover_cards([folder])
+    return {v.card.model.name: v for v in verify_cards(cards, ["CPUExecutionProvider"])}
+
+
+ENSEMBLE = """\
+[model]
+name = "{name}"
+version = "1.0"
+task = "ensemble"
+
+[input]
+shape = [1, 8, 8]
+
+[[outputs]]
+name = "probability"
+kind = "probabilities"
+
+[[labels]]
+index = 0
+code_value = "{code}"
+code_scheme = "SCT"
+code_meaning = "Pneumothorax"
+
+[ensemble]
+members = {members}
+"""
+
+
+def test_verify_ensemble_members(tmp_path: Path) -> None:
+    for member in ("a", "b"):
+        write_card(tmp_path, f"{member}.toml", name=member, onnx_file="tiny.onnx")
+    write_model(tmp_path / "tiny.onnx")
+    (tmp_path / "good.toml").write_text(
+        ENSEMBLE.format(name="good", code="36118008", members='["a", "b"]')
+    )
+    (tmp_path / "missing.toml").write_text(
+        ENSEMBLE.format(name="missing", code="36118008", members='["a", "gone"]')
+    )
+    (tmp_path / "nested.toml").write_text(
+        ENSEMBLE.format(name="nested", code="36118008", members='["a", "good"]')
+    )
+    (tmp_path / "otherlabel.toml").write_text(
+        ENSEMBLE.format(name="otherlabel", code="56717001", members='["a", "b"]')
+    )
+    verdicts = verdicts_of(tmp_path)
+    assert verdicts["good"].ok, verdicts["good"].problems
+    assert verdicts["good"].line() == "OK   good 1.0 mean of a, b"
+    assert not verdicts["missing"].ok
+    assert "ensemble member 'gone' has no card" in verdicts["missing"].line()
+    assert "is itself an ensemble" in verdicts["nested"].line()
+    assert "has no label SCT 56717001" in verdicts["otherlabel"].line()
+    # A corrupt member ONNX file fails the ensemble, naming the member and the file.
+    (tmp_path / "tiny.onnx").write_bytes(b"\x08\x07not a protobuf" + os.urandom(256))
+    line = verdicts_of(tmp_path)["good"].line()
+    assert line.startswith("FAIL good 1.0: member a: ")
+    assert str(tmp_path / "tiny.onnx") in line
+
+
+MASK_OUTPUT = '[[outputs]]\nname = "mask"\nkind = "mask"\n'
+
+
+def test_verify_output_kinds_against_onnx(tmp_path: Path) -> None:
+    # A segmentation card whose ONNX gives a (N, 1, 8, 8) mask: OK.
+    seg = tmp_path / "seg"
+    write_identity_model(write_card(seg, task="segmentation").with_suffix(".onnx"))
+    card_path = seg / "tiny.toml"
+    card_path.write_text(card_path.read_text().replace(OUTPUTS, MASK_OUTPUT))
+    assert verdicts_of(seg)["tiny"].ok, verdicts_of(seg)["tiny"].problems
+
+    # The same file behind a card saying boxes: wrong rank; landmarks: wrong last axis.
+    for kind, message in (
+        ("boxes", "a boxes output has 3 dimensions"),
+        ("image", None),
+        ("heatmap", None),
+    ):
+        card_path.write_text(
+            card_path.read_text()
+            .replace('kind = "mask"', f'kind = "{kind}"')
+            .replace('kind = "boxes"', f'kind = "{kind}"')
+            .replace('kind = "image"', f'kind = "{kind}"')
+        )
+        verdict = verdicts_of(seg)["tiny"]
+        assert not verdict.ok, kind
+        assert "a segmentation card needs an output of kind mask" in verdict.line()
+        if message:
+            assert message in verdict.line()
+
+    # A classification card over a (N, 1) output with a label index 3: no room for it.
+    cls = tmp_path / "cls"
+    write_card(cls)
+    write_model(cls / "tiny.onnx")
+    text = (cls / "tiny.toml").read_text().replace("index = 0", "index = 3")
+    (cls / "tiny.toml").write_text(text)
+    assert "label indexes need 4 along axis 1" in verdicts_of(cls)["tiny"].line()
+
+    # A detection card whose ONNX boxes output has rows of 5 instead of 6 values.
+    det = tmp_path / "det"
+    det.mkdir()
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["image", "to"], ["boxes"])],
+        "det",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 1, 8, 8])],
+        [helper.make_tensor_value_info("boxes", TensorProto.FLOAT, ["N", "K", 4])],
+        [helper.make_tensor("to", TensorProto.INT64, [3], [0, 16, 4])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, det / "tiny.onnx")
+    write_card(det, task="detection")
+    (det / "tiny.toml").write_text(
+        (det / "tiny.toml")
+        .read_text()
+        .replace(OUTPUTS, '[[outputs]]\nname = "boxes"\nkind = "boxes"\n')
+    )
+    line = verdicts_of(det)["tiny"].line()
+    assert "output 'boxes' (boxes) has shape [2, 16, 4]; its last dimension must be 6" in line
+
+
+def test_verify_2_5d_slices_are_channels(tmp_path: Path) -> None:
+    # Three slices as channels, and an ONNX input of 3 channels: OK.
+    good = tmp_path / "good"
+    write_card(good, task="segmentation")
+    write_identity_model(good / "tiny.onnx", channels=3)
+    text = (good / "tiny.toml").read_text().replace(OUTPUTS, MASK_OUTPUT)
+    text = text.replace("shape = [1, 8, 8]", "shape = [3, 8, 8]\nslices = 3")
+    (good / "tiny.toml").write_text(text)
+    assert verdicts_of(good)["tiny"].ok, verdicts_of(good)["tiny"].problems
+    # slices = 3 but one channel in the card: the card is inconsistent (and the ONNX differs).
+    bad = tmp_path / "bad"
+    write_card(bad, task="segmentation")
+    write_identity_model(bad / "tiny.onnx", channels=3)
+    text = (bad / "tiny.toml").read_text().replace(OUTPUTS, MASK_OUTPUT)
+    (bad / "tiny.toml").write_text(
+        text.replace("shape = [1, 8, 8]", "shape = [1, 8, 8]\nslices = 3")
+    )
+    line = verdicts_of(bad)["tiny"].line()
+    assert "2.5D input: slices = 3 are the channels, but input.shape has 1 channel(s)" in line
+    assert "has shape [3, 8, 8], the card says [1, 8, 8]" in line
+
+
+def test_committed_model_cards_verify() -> None:
+    verdicts = verdicts_of(REPO / "models")
+    assert verdicts, "no model cards in models/"
+    failed = [v.line() for v in verdicts.values() if not v.ok]
+    assert not failed, failed
+
+
+def test_models_verify_cli_reports_ensemble(tmp_path: Path) -> None:
+    folder = tmp_path / "zoo"
+    for member in ("a", "b"):
+        write_card(folder, f"{member}.toml", name=member, onnx_file="tiny.onnx")
+    write_model(folder / "tiny.onnx")
+    (folder / "e.toml").write_text(ENSEMBLE.format(name="e", code="36118008", members='["a", "x"]'))
+    result = models_verify(tmp_path, folder)
+    assert result.returncode == 1
+    assert "OK   a 1.0 on CPUExecutionProvider" in result.stdout
+    assert "FAIL e 1.0: ensemble member 'x' has no card" in result.stderr
