@@ -61,7 +61,7 @@ REGION_GRID = 32
 # Input shapes every split is prepared at (one rendering per phantom serves all scripts).
 STANDARD_SHAPES: tuple[tuple[int, int, int], ...] = ((1, 224, 224), (1, 256, 256))
 SPLIT_SEEDS = {"train": 0, "validation": 500_000, "heldout": 1_000_000}
-CACHE_VERSION = "cxr-common-1"
+CACHE_VERSION = "cxr-common-2"
 RESEARCH_DEMO = "Research demo, not for clinical use."
 
 
@@ -79,14 +79,16 @@ class PhantomJob:
     view: str
     modality: str
     bits: int
-    size: int
+    size: int  # rows
+    columns: int
     photometric: str
 
 
 def random_job(seed: int) -> PhantomJob:
     """The shared phantom mix: views PA 40 % / AP 35 % / lateral 25 %, DX or CR, 8-16 bit,
-    MONOCHROME1 30 %, 384-512 px. A third of studies is normal; otherwise each finding is
-    present with probability 0.2 (tube 0.2 in every study, not an abnormality)."""
+    MONOCHROME1 30 %, 384-512 rows, columns 0.85-1.15 x rows. A third of studies is normal;
+    otherwise each finding is present with probability 0.2 (a tube, not an abnormality, in
+    20 % of all studies)."""
     rng = np.random.default_rng([seed, 4010])
     view = str(rng.choice(VIEWS, p=[0.40, 0.35, 0.25]))
     findings = [f for f in FINDINGS if f != "tube" and rng.random() < 0.2]
@@ -94,7 +96,10 @@ def random_job(seed: int) -> PhantomJob:
         findings = []
     if "tube" in FINDINGS and rng.random() < 0.2:
         findings.append("tube")
+    size = int(rng.choice([384, 448, 512]))
+    columns = round(size * rng.uniform(0.85, 1.15))
     if not new_synth_api():
+        columns = size
         # The original phantom API: PA views with or without a pneumothorax only.
         findings = [f for f in findings if f == "pneumothorax"]
         view = "PA"
@@ -104,7 +109,8 @@ def random_job(seed: int) -> PhantomJob:
         view=view,
         modality=str(rng.choice(["DX", "CR"])),
         bits=int(rng.choice([8, 10, 12, 14, 16], p=[0.1, 0.2, 0.4, 0.2, 0.1])),
-        size=int(rng.choice([384, 448, 512])),
+        size=size,
+        columns=columns,
         photometric="MONOCHROME1" if rng.random() < 0.3 else "MONOCHROME2",
     )
 
@@ -119,6 +125,7 @@ def render(job: PhantomJob) -> tuple[pydicom.Dataset, object]:
             modality=job.modality,
             bits=job.bits,
             size=job.size,
+            columns=job.columns,
             photometric=job.photometric,
         )
     else:
@@ -156,18 +163,20 @@ def _box_mask(shape: tuple[int, int], box: Sequence[int]) -> np.ndarray:
 def truth_regions(truth: object, shape: tuple[int, int]) -> dict[str, np.ndarray]:
     """Finding -> boolean source-pixel mask, for the findings whose truth has a region.
 
-    Reads ``masks`` (finding -> array) and ``boxes`` (finding -> (row0, col0, row1, col1) or a
-    list of them) when the truth has them, else the original pneumothorax ``box``.
+    Reads ``masks`` (name -> array) and, for findings without a mask, ``boxes`` ((finding,
+    (row0, col0, row1, col1)) pairs, half-open) when the truth has them, else the original
+    pneumothorax ``box``.
     """
     regions: dict[str, np.ndarray] = {}
     for name, mask in (getattr(truth, "masks", None) or {}).items():
         if name in FINDINGS and mask is not None and np.asarray(mask).shape == shape:
             regions[name] = np.asarray(mask) > 0.5
-    for name, boxes in (getattr(truth, "boxes", None) or {}).items():
-        if name not in FINDINGS or name in regions or boxes is None or len(boxes) == 0:
-            continue
-        boxes = [boxes] if np.isscalar(boxes[0]) else boxes
-        regions[name] = np.logical_or.reduce([_box_mask(shape, b) for b in boxes])
+    boxed: dict[str, np.ndarray] = {}
+    boxes = getattr(truth, "boxes", None) or []
+    for name, box in boxes.items() if isinstance(boxes, dict) else boxes:  # (finding, box)
+        if name in FINDINGS and name not in regions and box is not None:
+            boxed[name] = boxed.get(name, np.zeros(shape, dtype=bool)) | _box_mask(shape, box)
+    regions.update(boxed)
     if not regions and getattr(truth, "box", None) is not None:
         regions["pneumothorax"] = _box_mask(shape, truth.box)
     return regions
@@ -248,7 +257,13 @@ def cache_dir() -> Path:
 
 
 def _cache_key(jobs: list[PhantomJob]) -> str:
-    source = Path(synth_cxr.__file__).read_bytes() + Path(__file__).read_bytes()
+    # The phantom sources and this module's preparation code (not its training code, so that
+    # editing the training loop keeps the cache).
+    phantom_sources = sorted(Path(synth_cxr.__file__).parent.glob("cxr*.py"))
+    preparation = (render, truth_labels, truth_view, _box_mask, truth_regions, _region_grid)
+    source = b"".join(p.read_bytes() for p in phantom_sources) + "".join(
+        inspect.getsource(function) for function in (*preparation, prepare_job)
+    ).encode()
     payload = json.dumps(
         [CACHE_VERSION, STANDARD_SHAPES, REGION_GRID, [asdict(j) for j in jobs]], sort_keys=True
     ).encode()
@@ -261,7 +276,8 @@ def prepared_split(
     """``n`` phantoms of split ``name`` (seeds from SPLIT_SEEDS) at input ``shape``.
 
     Rendered once in ``workers`` processes for all STANDARD_SHAPES and cached (keyed by the
-    jobs, this module and the phantom source), so the scripts share one rendering.
+    jobs, the preparation code of this module and the dicomnode/synth/cxr*.py sources), so the
+    scripts share one rendering.
     """
     if shape not in STANDARD_SHAPES:
         raise ValueError(f"shape {shape} is not one of {STANDARD_SHAPES}")
@@ -619,5 +635,5 @@ def training_table(started: float, **values: object) -> dict[str, object]:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "data": "dicomnode.synth.cxr.make_cxr via cxr_common.random_job (views PA/AP/LATERAL, "
-        "DX/CR, 8-16 bit, MONOCHROME1/2, 384-512 px)",
+        "DX/CR, 8-16 bit, MONOCHROME1/2, 384-512 rows, non-square)",
     }
