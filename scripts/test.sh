@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Install what the test suite needs and run all of it.
-#  - Debian packages (dcmtk, dicom3tools, chromium for the browser tests) through apt-get when running as root;
+#  - Debian packages (dcmtk, dicom3tools, chromium for the browser tests, orthanc as a real PACS
+#    for the export test) through apt-get when running as root;
 #  - a virtual environment in .venv with dicomnode and its [dev] extra;
 #  - PostgreSQL at 127.0.0.1:5432 (database "test", trust auth) is used when reachable;
 #    on CI it must be (set DICOMNODE_TEST_POSTGRES to point elsewhere).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(dcmtk dicom3tools chromium)
+APT_PACKAGES=(dcmtk dicom3tools chromium orthanc)
 missing=()
 for package in "${APT_PACKAGES[@]}"; do
   dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")
@@ -17,6 +18,11 @@ if [ ${#missing[@]} -gt 0 ]; then
     echo "installing Debian packages: ${missing[*]}"
     apt-get update -q
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
+    # The package starts a system Orthanc where there is an init system; the tests run their
+    # own on free ports and need none.
+    if [[ " ${missing[*]} " == *" orthanc "* ]]; then
+      service orthanc stop >/dev/null 2>&1 || true
+    fi
   else
     echo "missing Debian packages: ${missing[*]} (run as root or install them)" >&2
   fi
