@@ -37,6 +37,9 @@ MIX_PARTS = (
 )
 
 
+CT_PARTS = ((2.5, "standard"), (1.25, "low"), (5.0, "standard"))
+
+
 @dataclass(frozen=True)
 class Profile:
     """A fresh data set: how it is written and how many images/series."""
@@ -73,9 +76,18 @@ def write_profile(name: str, out: Path) -> Path:
         synth_truth.write_dataset(out, n=profile.n, seed=FRESH_SEED, masks=False)
         return out
     if name == "ct":
-        synth_ct.write_dataset(
-            out, n=profile.n, seed=FRESH_SEED, rows=256, slices=48, nodules=(1, 4)
-        )
+        # The held-out mix of slice thicknesses and doses, two series each.
+        for index, (thickness, dose) in enumerate(CT_PARTS):
+            synth_ct.write_dataset(
+                out / f"part{index}",
+                n=profile.n // len(CT_PARTS),
+                seed=FRESH_SEED + 1000 * (index + 1),
+                rows=256,
+                slices=48,
+                slice_thickness=thickness,
+                dose=dose,
+                nodules=(1, 4),
+            )
         return out
     per_part = profile.n // len(MIX_PARTS)
     if name == "mix":
@@ -292,3 +304,84 @@ def test_cli_writes_metrics_and_roc_png(tmp_path: Path) -> None:
         timeout=60,
     )
     assert empty.returncode == 2 and "ground_truth.jsonl" in empty.stderr
+
+
+# Pure pieces ----------------------------------------------------------------------------
+
+
+def test_group_candidates_merges_adjacent_slices_only() -> None:
+    from dicomnode.evaluation.collect import group_candidates
+
+    # One nodule seen on slices 10-12 (2.5 mm apart), a far detection on slice 30, and one in
+    # the same place but 5 slices away: three candidates, the first at the weighted centre.
+    points = np.array(
+        [
+            [25.0, 50.0, 60.0],
+            [27.5, 51.0, 60.0],
+            [30.0, 50.0, 61.0],
+            [75.0, 50.0, 60.0],
+            [42.5, 50.0, 60.0],
+        ]
+    )
+    scores = np.array([0.9, 0.6, 0.3, 0.8, 0.5])
+    radii = np.array([4.0, 4.0, 4.0, 4.0, 4.0])
+    centres, best = group_candidates(points, scores, radii, slice_mm=2.5)
+    assert best.tolist() == [0.9, 0.8, 0.5]
+    weights = np.array([0.9, 0.6, 0.3])
+    np.testing.assert_allclose(centres[0], weights @ points[:3] / weights.sum())
+    np.testing.assert_allclose(centres[1:], points[[3, 4]])
+    assert centres.shape == (3, 3)
+
+
+def test_summaries_on_hand_computed_cases() -> None:
+    from dicomnode.evaluation import summary
+    from dicomnode.evaluation.metrics import CaseDetections
+
+    scores = summary.scores_summary(np.array([1, 1, 0, 0]), np.array([0.9, 0.4, 0.5, 0.1]), 0.45)
+    assert scores["auc"] == 0.75 and scores["sensitivity"] == 0.5 and scores["specificity"] == 0.5
+    one_class = summary.scores_summary(np.array([1, 1]), np.array([0.2, 0.9]), 0.5)
+    assert one_class["auc"] is None and one_class["sensitivity"] == 0.5
+
+    confusion = summary.confusion_summary(
+        ["PA", "AP", "AP", "LATERAL"], ["PA", "PA", "AP", "LATERAL"], ["PA", "AP", "LATERAL"]
+    )
+    assert confusion["accuracy"] == 0.75
+    assert confusion["confusion"] == [[1, 0, 0], [1, 1, 0], [0, 0, 1]]
+
+    # Two images, three lesions: hits at 0.9 and 0.7, false positives at 0.8 and 0.2.
+    cases = [
+        CaseDetections(np.array([0.9, 0.8]), np.array([0, -1]), 2),
+        CaseDetections(np.array([0.7, 0.2]), np.array([0, -1]), 1),
+    ]
+    froc = summary.froc_summary(cases, threshold=0.75, unit="image")
+    assert froc["n_lesions"] == 3
+    assert froc["sensitivity_at_0.5_fp"] == 2 / 3 and froc["sensitivity_at_0.25_fp"] == 1 / 3
+    assert froc["sensitivity_at_threshold"] == 1 / 3 and froc["fp_per_case_at_threshold"] == 0.5
+
+    landmark = summary.landmark_summary(
+        np.array([True, True, False, True]), np.array([0.9, 0.8, 0.3, 0.2]), 0.5, [2.0, 30.0, 8.0]
+    )
+    assert landmark["presence_auc"] == 2 / 3 and landmark["within_10mm"] == 2 / 3
+    assert landmark["distance_mm_median"] == 8.0
+
+    mae, psnr = summary.image_errors(np.full((4, 4), 0.5), np.full((4, 4), 0.4))
+    assert abs(mae - 0.1) < 1e-9 and abs(psnr - 20.0) < 1e-9
+
+
+def test_label_truth_keys(tmp_path: Path) -> None:
+    synth_truth.write_dataset(
+        tmp_path,
+        n=4,
+        seed=FRESH_SEED,
+        findings=("nodule", "tube"),
+        prevalence={"nodule": 0.5, "tube": 0.5},
+        masks=False,
+        size=256,
+    )
+    records = synth_truth.read_truth(tmp_path)
+    for record in records:
+        assert dataset.label_truth(record, "abnormal") == record.labels["nodule"]
+        assert dataset.label_truth(record, "tube_tip") == record.labels["tube"]
+        assert dataset.label_truth(record, "view:PA")
+    with pytest.raises(KeyError, match="'lungs'"):
+        dataset.label_truth(records[0], "lungs")
