@@ -188,7 +188,7 @@ HEADLINES = {
         None,
     ),
     "landmark": (
-        ("heldout_within_10mm", "within_10mm", "heldout_presence_auc", "presence_auc"),
+        ("tip_within_10_mm", "heldout_within_10mm", "within_10mm", "presence_auc"),
         None,
     ),
     "image": (("heldout_source_mae_output",), _mae),
@@ -209,9 +209,9 @@ def headline(card: ModelCard, result: dict) -> tuple[str, float, float, float]:
             "heldout_cpm": _cpm,
             "froc_sensitivity_at_1_fp": _sensitivity_at_1,
             "heldout_sensitivity_at_1_fp_per_scan": _sensitivity_at_1,
+            "tip_within_10_mm": _within_10mm,
             "heldout_within_10mm": _within_10mm,
             "within_10mm": _within_10mm,
-            "heldout_presence_auc": _presence_auc,
             "presence_auc": _presence_auc,
         }[key]
     value, tolerance = reader(result)
@@ -385,3 +385,131 @@ def test_label_truth_keys(tmp_path: Path) -> None:
         assert dataset.label_truth(record, "view:PA")
     with pytest.raises(KeyError, match="'lungs'"):
         dataset.label_truth(records[0], "lungs")
+
+
+# Collectors on hand-made model runs placed exactly on (or off) the truth: coordinate
+# conventions of boxes (col, row), points (col, row), CT slices and mm.
+
+
+def _card(task: str, truth: str, output: str) -> ModelCard:
+    return ModelCard.model_validate(
+        {
+            "model": {"name": "oracle", "version": "1", "task": task, "onnx": "x.onnx"},
+            "input": {"shape": [1, 8, 8]},
+            "outputs": [{"name": "out", "kind": output}],
+            "labels": [
+                {
+                    "index": 0,
+                    "code_value": "786838002",
+                    "code_scheme": "SCT",
+                    "code_meaning": "Pulmonary nodule",
+                    "threshold": 0.5,
+                    "truth": truth,
+                }
+            ],
+        }
+    )
+
+
+def _frames(data: dataset.EvalData) -> tuple[dict, list]:
+    frames, images = {}, []
+    for case in data.cases:
+        for index, ds in enumerate(dataset.read_images(case)):
+            frames[str(ds.SOPInstanceUID)] = (case, index)
+            images.append(ds)
+    return frames, images
+
+
+def test_detection_and_landmark_collectors_on_truth(tmp_path: Path) -> None:
+    from dicomnode.evaluation.collect import DetectionCollector, LandmarkCollector
+    from dicomnode.findings import Finding, ImageFindings, ModelRun
+
+    synth_truth.write_dataset(
+        tmp_path,
+        n=6,
+        seed=FRESH_SEED,
+        findings=("nodule", "tube"),
+        prevalence={"nodule": 0.5, "tube": 0.5},
+        masks=False,
+        size=320,
+        columns=288,
+    )
+    data = dataset.load_data(tmp_path)
+    frames, images = _frames(data)
+    card = _card("detection", "nodule", "boxes")
+    label = card.labels[0]
+    run = ModelRun(card.algorithm)
+    for ds, case in zip(images, data.cases, strict=True):
+        findings = []
+        for row0, col0, row1, col1 in case.cxr.boxes_of("nodule"):
+            box = (float(col0), float(row0), float(col1), float(row1))
+            findings.append(Finding(label.concept, 0.9, 0.5, False, box=box))
+        # A false positive in the image's corner.
+        findings.append(Finding(label.concept, 0.6, 0.5, False, box=(0.0, 0.0, 8.0, 8.0)))
+        run.images.append(ImageFindings(ds, findings))
+    collector = DetectionCollector(card)
+    collector.add(run, frames)
+    item = collector.result()["labels"]["nodule"]
+    assert item["n_lesions"] == sum(len(c.cxr.boxes_of("nodule")) for c in data.cases) > 0
+    assert item["sensitivity_at_0.125_fp"] == 1.0
+    assert item["fp_per_case_at_threshold"] == 1.0 and item["sensitivity_at_threshold"] == 1.0
+
+    landmarks = _card("landmark", "tube_tip", "landmarks")
+    run = ModelRun(landmarks.algorithm)
+    for ds, case in zip(images, data.cases, strict=True):
+        row, col = case.cxr.landmarks.get("tube_tip", (10.0, 20.0))
+        present = "tube_tip" in case.cxr.landmarks
+        # 6 mm to the right of the truth (ImagerPixelSpacing in mm per pixel).
+        shift = 6.0 / float(ds.ImagerPixelSpacing[1])
+        finding = Finding(
+            landmarks.labels[0].concept,
+            0.8 if present else 0.2,
+            0.5,
+            False,
+            point=(col + shift, row),
+        )
+        run.images.append(ImageFindings(ds, [finding]))
+    collector = LandmarkCollector(landmarks)
+    collector.add(run, frames)
+    item = collector.result()["labels"]["tube_tip"]
+    assert item["presence_auc"] == 1.0 and item["n_distances"] == 3
+    assert abs(item["distance_mm_median"] - 6.0) < 1e-6 and item["within_10mm"] == 1.0
+
+
+def test_ct_detection_collector_on_truth(tmp_path: Path) -> None:
+    from dicomnode.evaluation.collect import DetectionCollector
+    from dicomnode.findings import Finding, ImageFindings, ModelRun
+
+    synth_ct.write_dataset(tmp_path, n=2, seed=FRESH_SEED, rows=128, slices=24, nodules=(2, 3))
+    data = dataset.load_data(tmp_path)
+    card = _card("detection", "nodule", "boxes")
+    concept = card.labels[0].concept
+    collector = DetectionCollector(card)
+    for case in data.cases:
+        images = dataset.read_images(case)
+        frames = {str(ds.SOPInstanceUID): (case, i) for i, ds in enumerate(images)}
+        spacing = case.ct.pixel_spacing_mm
+        per_slice: dict[int, list[Finding]] = {}
+        for nodule in case.ct.nodules:
+            z, row, col = nodule.center_voxel
+            half = max(nodule.diameter_mm / 2 / spacing, 1.0)
+            box = (col + 0.5 - half, row + 0.5 - half, col + 0.5 + half, row + 0.5 + half)
+            # Seen on the nearest slice and its two neighbours: one 3-D candidate.
+            for k in (round(z) - 1, round(z), round(z) + 1):
+                if 0 <= k < len(images):
+                    per_slice.setdefault(k, []).append(Finding(concept, 0.9, 0.5, False, box=box))
+        # A false positive on slice 0, far from every nodule... unless a nodule is there.
+        per_slice.setdefault(0, []).append(
+            Finding(concept, 0.4, 0.5, False, box=(0.0, 0.0, 4.0, 4.0))
+        )
+        run = ModelRun(card.algorithm)
+        # Shuffled, as a node may list them; the collector orders by the file index.
+        for k in reversed(range(len(images))):
+            run.images.append(ImageFindings(images[k], per_slice.get(k, [])))
+        collector.add(run, frames)
+    item = collector.result()["labels"]["nodule"]
+    assert item["case_unit"] == "scan"
+    assert item["n_lesions"] == sum(len(c.ct.nodules) for c in data.cases)
+    assert item["sensitivity_at_0.125_fp"] == 1.0
+    assert item["fp_per_case_at_threshold"] == 0.0
+    assert item["sensitivity_at_8_fp"] == 1.0 and item["curve"]["fp_per_case"][-1] == 1.0
