@@ -17,6 +17,7 @@ from dicomnode.evaluation import metrics
 FROC_RATES: tuple[float, ...] = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 # Landmark distance a prediction must be within to count as found.
 LANDMARK_HIT_MM = 10.0
+PLURAL = {"image": "images", "series": "series"}
 
 
 def _finite(value: float) -> float | None:
@@ -221,7 +222,7 @@ def table_lines(result: dict) -> list[str]:
     """A short text table of an evaluation result (one line per label)."""
     lines = [
         f"{result['model']} {result['version']} [{result['task']}] on {result['n_cases']} "
-        f"{result['case_unit']}(s) of {result['data']}"
+        f"{PLURAL.get(result['case_unit'], result['case_unit'])} of {result['data']}"
     ]
     kind = result["evaluation"]
     if kind == "router":
