@@ -54,7 +54,7 @@ PROFILES = {
     # The shared CXR mix: PA/AP/lateral, findings at about the training mix's rates.
     "mix": Profile("mix", 4 * 30),
     # The localisation models' mix: nodules and tubes in half of the images.
-    "localisation": Profile("localisation", 4 * 12),
+    "localisation": Profile("localisation", 4 * 16),
     # CT series as the CT cards' held-out series (256 rows, 48 slices, 1-4 nodules).
     "ct": Profile("ct", 6),
 }
