@@ -127,25 +127,35 @@ def render_overlay(
     size = (max(1, round(columns * scale)), max(1, round(rows * scale)))
     if scale < 1:
         grey = _resize(grey, size)
-    image = np.repeat(np.clip(grey, 0.0, 1.0)[..., None], 3, axis=2)
+    grey = np.clip(grey, 0.0, 1.0)
 
     # Only positive findings are localised: a heat map on a negative finding would mislead.
     heatmaps = [f.heatmap for f in findings if f.heatmap is not None and f.present]
+    heat = None
     if heatmaps:
         heat = np.max([np.asarray(heatmap, dtype=np.float32) for heatmap in heatmaps], axis=0)
         if scale < 1:
             heat = _resize(heat, size)
-        image = _blend_heat(image, heat)
+    # Pixels are quantised once per grey value plane and only the heat-map and outline pixels
+    # are computed in colour: the same values as blending the whole RGB image in floating
+    # point (blending leaves pixels under the heat floor unchanged), in a tenth of the time.
+    precision = np.result_type(grey.dtype, COLOUR_LUT.dtype) if heat is not None else grey.dtype
+    plane = np.round(grey.astype(precision) * 255).astype(np.uint8)
+    pixels = np.repeat(plane[..., None], 3, axis=2)
+    if heat is not None:
+        shown, blended = _blend_heat_where_shown(grey, heat)
+        pixels[shown] = np.round(blended * 255).astype(np.uint8)
     outlines = []
     for (name, mask), colour in zip((masks or {}).items(), _OUTLINE_COLOURS * 4, strict=False):
         if scale < 1:
             mask = _resize(np.asarray(mask, dtype=np.float32), size) >= 0.5
-        image[_outline(np.asarray(mask, dtype=bool), max(1, round(max(size) / 400)))] = (
-            np.array(colour) / 255
-        )
+        value = (np.array(colour) / 255).astype(precision)
+        pixels[_outline(np.asarray(mask, dtype=bool), max(1, round(max(size) / 400)))] = np.round(
+            value * 255
+        ).astype(np.uint8)
         outlines.append((name, colour))
 
-    body = Image.fromarray(np.round(image * 255).astype(np.uint8), mode="RGB")
+    body = Image.fromarray(pixels, mode="RGB")
     long_side = max(body.size)
     draw = ImageDraw.Draw(body)
     for number, finding in enumerate(findings, start=1):
@@ -180,13 +190,16 @@ def _resize(values: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.asarray(image.resize(size, Image.Resampling.BOX), dtype=np.float32)
 
 
-def _blend_heat(image: np.ndarray, heat: np.ndarray) -> np.ndarray:
+def _blend_heat_where_shown(grey: np.ndarray, heat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The pixels whose heat reaches the floor and their RGB values, blended with the colour
+    map (opacity grows with the heat so that the strongest evidence stands out most); the other
+    pixels keep their grey value."""
     heat = np.clip(heat, 0.0, 1.0)
-    colour = COLOUR_LUT[np.round(heat * 255).astype(np.intp)]
-    # Opacity grows with the heat so that the strongest evidence stands out most.
-    alpha = np.where(heat >= HEATMAP_FLOOR, 0.3 + 0.3 * (heat - HEATMAP_FLOOR) / 0.7, 0.0)
-    alpha = alpha[..., None]
-    return (1.0 - alpha) * image + alpha * colour
+    shown = heat >= HEATMAP_FLOOR
+    values = heat[shown]
+    colour = COLOUR_LUT[np.round(values * 255).astype(np.intp)]
+    alpha = (0.3 + 0.3 * (values - HEATMAP_FLOOR) / 0.7)[:, None]
+    return shown, (1.0 - alpha) * grey[shown][:, None] + alpha * colour
 
 
 def _font(size: int) -> ImageFont.FreeTypeFont:
