@@ -239,14 +239,19 @@ def model_geometry_metrics(
 
 def _source_metrics(seed: int, output: np.ndarray, image: np.ndarray) -> dict[str, float]:
     """Source-pixel MAE and PSNR of one held-out phantom: the node's derived image (output
-    mapped back), the original input, and the input through the same 256-pixel resampling."""
+    mapped back), the original input, the input through the same 256-pixel resampling, and the
+    source plus the mapped-back correction."""
     ds, truth = render(phantom_job(seed))
     _, letterbox = prepare_input(ds, SPEC)
     target = presentation_pixels(soft_tissue_dataset(ds, truth.soft_tissue))
+    source = presentation_pixels(ds)
     candidates = {
         "output": np.clip(letterbox.map_to_source(output), 0, 1),
-        "input": presentation_pixels(ds),
+        "input": source,
         "resampled_input": np.clip(letterbox.map_to_source(image), 0, 1),
+        # Not what the node does today: only the correction (output - input) mapped back and
+        # added to the full-resolution source keeps the detail the resampling loses.
+        "source_plus_correction": np.clip(source + letterbox.map_to_source(output - image), 0, 1),
     }
     metrics = {}
     for name, candidate in candidates.items():
