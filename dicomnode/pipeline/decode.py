@@ -21,6 +21,16 @@ from pydicom.uid import (
 
 GREY = ("MONOCHROME1", "MONOCHROME2")
 COLOUR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_RCT", "YBR_ICT", "PALETTE COLOR")
+# Without these pydicom cannot know how to read Pixel Data (PS3.3 C.7.6.3, Type 1).
+IMAGE_PIXEL = (
+    "Rows",
+    "Columns",
+    "BitsAllocated",
+    "BitsStored",
+    "SamplesPerPixel",
+    "PhotometricInterpretation",
+    "PixelRepresentation",
+)
 # ITU-R BT.601 luma weights: what a greyscale display of an RGB secondary capture shows.
 LUMA = np.array([0.299, 0.587, 0.114])
 
@@ -107,6 +117,12 @@ def first_frame(ds: pydicom.Dataset) -> np.ndarray:
     where = describe(ds)
     if "PixelData" not in ds:
         raise DecodeError(f"{where} has no Pixel Data to analyse")
+    missing = [keyword for keyword in IMAGE_PIXEL if ds.get(keyword) in (None, "")]
+    if missing:
+        raise DecodeError(
+            f"cannot decode the pixel data of {where}: it lacks {', '.join(missing)} "
+            "(Image Pixel module), so nothing says how to read it"
+        )
     uid = transfer_syntax(ds)
     if uid is None:
         raise DecodeError(

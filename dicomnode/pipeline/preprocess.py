@@ -55,11 +55,9 @@ def _apply_voi(ds: pydicom.Dataset, values: np.ndarray) -> tuple[np.ndarray, flo
     window = _window(ds)
     if window is None:
         return None
-    windowed = ds.copy()
-    windowed.WindowCenter, windowed.WindowWidth = window
     # Far outside any window: pydicom maps them to the ends of its output range.
-    probe = apply_voi_lut(np.array([-1e15, 1e15]), windowed, index=0, prefer_lut=False)
-    out = apply_voi_lut(values, windowed, index=0, prefer_lut=False)
+    probe = apply_voi_lut(np.array([-1e15, 1e15]), ds, index=0, prefer_lut=False)
+    out = apply_voi_lut(values, ds, index=0, prefer_lut=False)
     return out, float(probe.min()), float(probe.max())
 
 
