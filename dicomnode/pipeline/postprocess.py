@@ -153,14 +153,33 @@ def mask_maps(
 
 
 def image_presentation(
-    card: ModelCard, outputs: dict[str, np.ndarray], index: int, geometry: Letterbox
+    card: ModelCard,
+    outputs: dict[str, np.ndarray],
+    index: int,
+    geometry: Letterbox,
+    *,
+    model_input: np.ndarray | None = None,
+    source: np.ndarray | None = None,
 ) -> np.ndarray:
     """An image-to-image output as 0..1 presentation values over the source grid (the card's
-    input normalisation inverted)."""
+    input normalisation inverted).
+
+    With ``model_input`` (the sample the model saw, C x H x W) and ``source`` (the source's
+    presentation pixels), only the model's correction (output minus input) is resampled and
+    added to the full-resolution source, so detail finer than the model's grid is kept instead
+    of being lost to the down- and up-sampling."""
     spec = card.output("image")
     if spec is None:
         raise ValueError(f"{card.model.name}: card declares no image output")
-    image = np.asarray(outputs[spec.name][index], dtype=np.float32)[0]
+    image = _unnormalised(card, np.asarray(outputs[spec.name][index], dtype=np.float32)[0])
+    if model_input is None or source is None:
+        return np.clip(geometry.map_to_source(image), 0.0, 1.0)
+    given = _unnormalised(card, np.asarray(model_input, dtype=np.float32)[0])
+    correction = geometry.map_to_source(image - given)
+    return np.clip(np.asarray(source, dtype=np.float32) + correction, 0.0, 1.0)
+
+
+def _unnormalised(card: ModelCard, image: np.ndarray) -> np.ndarray:
     if card.input.normalisation == "zscore":
-        image = image * np.float32(card.input.std) + np.float32(card.input.mean)
-    return np.clip(geometry.map_to_source(image), 0.0, 1.0)
+        return image * np.float32(card.input.std) + np.float32(card.input.mean)
+    return image

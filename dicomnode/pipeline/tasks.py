@@ -229,11 +229,20 @@ def _derived(
         DerivedImage(
             source=ds,
             pixels=stored_from_presentation(
-                ds, image_presentation(card, outputs, index, geometry), card.input
+                ds,
+                image_presentation(
+                    card,
+                    outputs,
+                    index,
+                    geometry,
+                    model_input=sample,
+                    source=presentations.get(ds, card.input),
+                ),
+                card.input,
             ),
             derivation=card.model.description.split(".")[0] or card.model.name,
         )
-        for index, (ds, (_, geometry)) in enumerate(zip(images, samples, strict=True))
+        for index, (ds, (sample, geometry)) in enumerate(zip(images, samples, strict=True))
     ]
     times.add("postprocess", started)
     return derived
