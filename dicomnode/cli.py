@@ -115,13 +115,15 @@ def cmd_models(args: argparse.Namespace) -> int:
         print("error: MODEL, --data and --out are for 'models eval'", file=sys.stderr)
         return 2
     if args.models_command == "list":
+        from dicomnode.models.summary import list_line, markdown_table
+
+        if args.markdown:
+            print(markdown_table(cards))
+            if any(card.model.research_demo for card in cards):
+                print("\nResearch demo models, not for clinical use.")
+            return 0
         for card in cards:
-            metrics = ", ".join(f"{k}={v}" for k, v in card.metrics.items() if "auc" in k)
-            print(
-                f"{card.model.name} {card.model.version} [{card.model.task}] "
-                f"{card.onnx_path.name} {metrics}"
-                + (" (research demo, not for clinical use)" if card.model.research_demo else "")
-            )
+            print(list_line(card))
         return 0
     from dicomnode.models.verify import verify_cards
 
@@ -289,6 +291,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         default=None,
         help="eval: folder for metrics.json and plots (default DATA/eval/MODEL)",
+    )
+    models.add_argument(
+        "--markdown", action="store_true", help="list: a Markdown table (as in the README)"
     )
     models.set_defaults(func=cmd_models)
 
