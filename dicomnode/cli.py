@@ -76,7 +76,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGHUP, lambda *_: worker.reload_requested.set())
-    log.info("worker %s ready", worker.owner)
+    log.info("worker %s ready (%s)", worker.owner, RESEARCH_DEMO_NOTICE)
     worker.run_forever(stop, parent_pid=args.parent_pid)
     return 0
 

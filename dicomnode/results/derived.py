@@ -28,7 +28,7 @@ from dicomnode.results.source import (
     copy_patient_study,
     source_reference,
 )
-from dicomnode.results.sr import EQUIPMENT_MANUFACTURER, series_description
+from dicomnode.results.sr import EQUIPMENT_MANUFACTURER, series_description, with_notice
 from dicomnode.results.uids import result_instance_uid, result_series_uid
 
 DERIVED_SERIES_NUMBER = 9905
@@ -89,6 +89,12 @@ def build_derived(
     image.DerivationDescription = (
         f"{what} by {algorithm.name} {algorithm.version} ({algorithm.manufacturer}).{notice}"
     )[:1024]
+    image.ImageComments = with_notice(
+        f"AI-derived image ({what}) of {algorithm.name} {algorithm.version}, not verified by a "
+        "physician",
+        algorithm,
+        10240,
+    )
     image.DerivationCodeSequence = [_code_item(code)]
     if code.scheme == LOCAL_SCHEME:
         scheme = Dataset()

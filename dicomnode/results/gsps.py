@@ -16,6 +16,7 @@ from dicomnode.results.sr import (
     ordinals,
     series_description,
     validate_evaluation,
+    with_notice,
 )
 from dicomnode.results.uids import result_instance_uid, result_series_uid, result_uid
 
@@ -127,9 +128,7 @@ def build_gsps(evaluation: ImageFindings, algorithm: Algorithm) -> pydicom.Datas
             presentation_lut_shape=hd.PresentationLUTShapeValues.INVERSE
         )
     study_uid = str(source.StudyInstanceUID)
-    description = f"AI findings of {algorithm.name} {algorithm.version}"
-    if algorithm.research_demo:
-        description += " - research demo"
+    description = with_notice(f"AI {algorithm.name} {algorithm.version}", algorithm)
     gsps = hd.pr.GrayscaleSoftcopyPresentationState(
         referenced_images=[source],
         series_instance_uid=result_series_uid(study_uid, algorithm, "gsps"),
@@ -141,7 +140,7 @@ def build_gsps(evaluation: ImageFindings, algorithm: Algorithm) -> pydicom.Datas
         software_versions=f"dicomnode {__version__}",
         device_serial_number=algorithm.version[:64],
         content_label=CONTENT_LABEL,
-        content_description=description[:64],
+        content_description=description,
         graphic_annotations=annotations,
         graphic_layers=[findings_layer, notice_layer],
         presentation_lut_transformation=presentation_lut,

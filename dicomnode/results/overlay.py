@@ -11,7 +11,7 @@ import pydicom
 from PIL import Image, ImageDraw, ImageFont
 from pydicom.uid import ExplicitVRLittleEndian
 
-from dicomnode import __version__
+from dicomnode import RESEARCH_DEMO_NOTICE, __version__
 from dicomnode.findings import Algorithm, Finding, ImageFindings
 from dicomnode.pipeline.preprocess import presentation_pixels
 from dicomnode.results.source import copy_laterality, copy_patient_study, source_reference
@@ -19,6 +19,7 @@ from dicomnode.results.sr import (
     EQUIPMENT_MANUFACTURER,
     series_description,
     validate_evaluation,
+    with_notice,
 )
 from dicomnode.results.uids import result_instance_uid, result_series_uid
 
@@ -101,11 +102,18 @@ def build_overlay(
     copy_laterality(source, overlay)
     overlay.BurnedInAnnotation = "YES"
     resized = f", downsampled x{scale:.3g}" if scale < 1 else ""
-    overlay.DerivationDescription = (
+    overlay.DerivationDescription = with_notice(
         f"Source image as displayed (modality and VOI LUT){resized}, with a header band above "
         f"it; heat maps, markers, boxes, outlines and findings of {algorithm.name} "
-        f"{algorithm.version} burned in"
-    )[:1024]
+        f"{algorithm.version} burned in",
+        algorithm,
+        1024,
+    )
+    overlay.ImageComments = with_notice(
+        f"{BANNER}: AI result of {algorithm.name} {algorithm.version}, not verified by a physician",
+        algorithm,
+        10240,
+    )
     overlay.SourceImageSequence = [source_reference(source)]
     return overlay
 
@@ -295,7 +303,7 @@ def _header(
     outlines: Sequence[tuple[str, tuple[int, int, int]]] = (),
 ) -> Image.Image:
     model = f"{algorithm.name} {algorithm.version} ({algorithm.manufacturer})"
-    model += " - research demo" if algorithm.research_demo else ""
+    model += f" - {RESEARCH_DEMO_NOTICE}" if algorithm.research_demo else ""
     legend = [
         (legend_line(number, finding), _POSITIVE_COLOUR if finding.present else _NEGATIVE_COLOUR)
         for number, finding in enumerate(findings, start=1)

@@ -12,7 +12,7 @@ from pydicom.sr.codedict import codes
 from dicomnode import __version__
 from dicomnode.findings import Algorithm, CodedConcept, Segmentation
 from dicomnode.results.source import check_source, copy_laterality, copy_patient_study, one_study
-from dicomnode.results.sr import EQUIPMENT_MANUFACTURER, series_description
+from dicomnode.results.sr import EQUIPMENT_MANUFACTURER, series_description, with_notice
 from dicomnode.results.uids import result_instance_uid, result_series_uid, result_uid
 
 SEG_SERIES_NUMBER = 9903
@@ -94,6 +94,10 @@ def build_seg(
                 tracking_id=f"{segment.concept.meaning} ({family})"[:64],
             )
         )
+        # Segment Description (ST): what viewers show beside the segment's label.
+        descriptions[-1].SegmentDescription = with_notice(
+            f"{segment.concept.meaning} by {family} ({algorithm.manufacturer})", algorithm, 1024
+        )
     segmentation_type = (
         hd.seg.SegmentationTypeValues.FRACTIONAL
         if fractional
@@ -146,10 +150,7 @@ def _category(concept: CodedConcept, override: CodedConcept | None) -> hd.sr.Cod
 
 
 def _content_description(algorithm: Algorithm) -> str:
-    text = f"AI segmentation by {algorithm.name} {algorithm.version}"
-    if algorithm.research_demo:
-        text += " - research demo, not for clinical use"
-    return text[:64]
+    return with_notice(f"AI {algorithm.name} {algorithm.version}", algorithm)
 
 
 def _thresholds(segmentation: Segmentation) -> np.ndarray:

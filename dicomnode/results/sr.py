@@ -32,7 +32,13 @@ COMMENT = hd.sr.CodedConcept("121106", "DCM", "Comment")
 
 _LO_MAX = 64  # Series Description is LO: at most 64 characters
 
-__all__ = ["build_sr", "copy_patient_study", "series_description", "validate_evaluation"]
+__all__ = [
+    "build_sr",
+    "copy_patient_study",
+    "series_description",
+    "validate_evaluation",
+    "with_notice",
+]
 
 
 def build_sr(evaluations: Sequence[ImageFindings], algorithm: Algorithm) -> pydicom.Dataset:
@@ -130,6 +136,18 @@ def series_description(algorithm: Algorithm, kind: str) -> str:
     if len(model) > room:
         model = model[: room - 1] + "~"
     return f"{head}{model}{suffix}"
+
+
+def with_notice(text: str, algorithm: Algorithm, limit: int = _LO_MAX) -> str:
+    """``text`` then, for a research demo, " - research demo, not for clinical use", within
+    ``limit`` characters: ``text`` is cut (ending in "~"), never the notice."""
+    if not algorithm.research_demo:
+        return text[:limit]
+    suffix = f" - {RESEARCH_DEMO_NOTICE.lower()}"
+    room = limit - len(suffix)
+    if len(text) > room:
+        text = text[: room - 1] + "~"
+    return text + suffix
 
 
 def _check_finding(finding: Finding, rows: int, columns: int, where: str) -> None:

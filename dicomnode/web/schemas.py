@@ -7,6 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from dicomnode import RESEARCH_DEMO_NOTICE
 from dicomnode.db.models import AuditEntry
 from dicomnode.db.session import as_utc
 from dicomnode.worklist.service import WorklistRow
@@ -61,6 +62,8 @@ class WorklistRowOut(BaseModel):
     export_error: str = Field(
         "", description="a dead-lettered export: destination and reason (admin can retry)"
     )
+    # On every row, so that a study fetched on its own still says where its AI findings are from.
+    notice: str = Field(RESEARCH_DEMO_NOTICE, description="the AI findings' research-demo notice")
 
 
 class WorklistOut(BaseModel):
@@ -117,7 +120,7 @@ def row_out(row: WorklistRow, export_error: str = "") -> WorklistRowOut:
     data = {
         name: getattr(row, name)
         for name in WorklistRowOut.model_fields
-        if name not in ("url", "export_error")
+        if name not in ("url", "export_error", "notice")
     }
     data["export_error"] = export_error
     data["findings"] = [FindingOut.model_validate(f, from_attributes=True) for f in row.findings]
