@@ -19,13 +19,21 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.pixels import apply_modality_lut, apply_voi_lut, get_decoder
 from pydicom.sequence import Sequence
 from pydicom.uid import JPEGLSLossless
+from sqlalchemy import select
 
+from dicomnode.config import Settings
+from dicomnode.db.models import Study
+from dicomnode.db.session import utcnow
+from dicomnode.ingest.index import index_instance, instance_facts
+from dicomnode.ingest.spool import instance_path
+from dicomnode.jobs import enqueue
 from dicomnode.models.registry import InputSpec, load_card
 from dicomnode.pipeline.analyse import StageTimes
 from dicomnode.pipeline.decode import DecodeError, first_frame
 from dicomnode.pipeline.preprocess import prepare_input, presentation_pixels
 from dicomnode.pipeline.runtime import Runtime
 from dicomnode.pipeline.tasks import run_model
+from dicomnode.worker import Worker
 
 # Only the files in the wheel: pydicom's get_testdata_file would try to download the others.
 TEST_FILES = Path(DATA_ROOT) / "test_files"
@@ -329,3 +337,46 @@ def test_demo_model_analyses_a_real_image(name: str) -> None:
     assert finding.heatmap is not None
     assert finding.heatmap.shape == (ds.Rows, ds.Columns)
     assert np.isfinite(finding.heatmap).all()
+
+
+def test_worker_marks_a_study_with_an_undecodable_image_failed_with_the_reason(
+    sessions, tmp_path: Path
+) -> None:
+    # A chest DX header on the non-conformant 12-bit JPEG: selected, then undecodable.
+    ds = _read("JPEG-lossy.dcm")
+    ds.Modality, ds.BodyPartExamined, ds.ViewPosition = "DX", "CHEST", "PA"
+    settings = Settings(storage={"path": tmp_path / "storage"}, worker={"max_attempts": 1})
+    facts = instance_facts(ds)
+    path = instance_path(
+        settings.storage_path,
+        facts.study_instance_uid,
+        facts.series_instance_uid,
+        facts.sop_instance_uid,
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    with sessions() as session:
+        index_instance(
+            session,
+            facts,
+            path=str(path),
+            size_bytes=path.stat().st_size,
+            transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
+            calling_ae="MODALITY",
+            now=utcnow(),
+            quiet_seconds=0,
+        )
+        study_id = session.scalar(
+            select(Study.id).where(Study.study_instance_uid == facts.study_instance_uid)
+        )
+        enqueue(session, "analyse", study_id, {})
+        session.commit()
+    worker = Worker(settings, sessions, [load_card(MODELS / "cxr_pneumothorax_demo.toml")])
+    while worker.run_once():
+        pass
+    with sessions() as session:
+        study = session.get(Study, study_id)
+        assert study.analysis_status == "failed"
+        assert study.analysis_error.startswith("DecodeError: cannot decode the pixel data")
+        assert str(path) in study.analysis_error
+        assert "1.2.840.10008.1.2.4.51 (JPEG Extended (Process 2 and 4))" in study.analysis_error
