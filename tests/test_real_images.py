@@ -44,7 +44,9 @@ CT_SPEC = InputSpec(shape=(1, 128, 128), normalisation="unit", window=(-600.0, 1
 
 # Files that cannot be decoded here, and the words their DecodeError must contain.
 UNDECODABLE = {
-    # A non-conformant 12-bit JPEG (libjpeg: misplaced marker; Pillow: no 12-bit): GDCM only.
+    # A non-conformant 12-bit JPEG (invalid SOS parameters): libjpeg refuses it, Pillow and
+    # pydicom's GDCM plugin (python-gdcm 3.2.6, tried) have no 12-bit JPEG; dcmtk's dcmdjpeg
+    # decodes it (with a warning) to exactly JPGExtended.dcm's pixels.
     "JPEG-lossy.dcm": ("1.2.840.10008.1.2.4.51", "JPEG Extended", "could not decode"),
     # Its codestream is cut short by a sequence delimiter inside the fragment.
     "JPEG2000-embedded-sequence-delimiter.dcm": (

@@ -93,7 +93,8 @@ def _why(uid: UID, error: Exception) -> str:
     detail = " ".join(str(error).split())
     return (
         f"the installed codecs ({plugins}) could not decode it: {detail}. The pixel data is "
-        "corrupt, or uses a variant these codecs do not support (GDCM decodes some of them)"
+        "corrupt, or uses a variant these codecs do not support (dcmtk's dcmdjpeg tolerates "
+        "some non-conformant JPEG: decompress the file with it and send it again)"
     )
 
 
