@@ -382,3 +382,26 @@ def test_worker_marks_a_study_with_an_undecodable_image_failed_with_the_reason(
         assert study.analysis_error.startswith("DecodeError: cannot decode the pixel data")
         assert str(path) in study.analysis_error
         assert "1.2.840.10008.1.2.4.51 (JPEG Extended (Process 2 and 4))" in study.analysis_error
+
+
+@pytest.mark.parametrize("photometric", ["MONOCHROME2", "MONOCHROME1"])
+def test_pixel_padding_is_black_and_left_out_of_the_percentile_window(photometric: str) -> None:
+    # CT_small (Pixel Padding Value -2000, none used) with a third of it padded, as a
+    # collimated radiograph or a CT outside its field of view is.
+    ds = _read("CT_small.dcm")
+    ds.PhotometricInterpretation = photometric
+    stored = ds.pixel_array.copy()
+    inside = stored[:, 43:].astype(np.float64)
+    stored[:, :43] = -2000
+    ds.PixelData = stored.astype("<i2").tobytes()
+    pixels = presentation_pixels(ds)
+    assert np.all(pixels[:, :43] == 0.0)
+    low, high = np.percentile(inside, (0.5, 99.5))
+    expected = np.clip((inside - low) / (high - low), 0, 1)
+    if photometric == "MONOCHROME1":
+        expected = 1.0 - expected
+    assert np.allclose(pixels[:, 43:], expected, atol=1e-6)
+    del ds.PixelPaddingValue  # undeclared: -2000 is an ordinary value and widens the window
+    assert not np.allclose(presentation_pixels(ds)[:, 43:], expected, atol=1e-2)
+    ds.PixelPaddingValue, ds.PixelPaddingRangeLimit = -2100, -1990  # a range of stored values
+    assert np.allclose(presentation_pixels(ds), pixels, atol=1e-6)

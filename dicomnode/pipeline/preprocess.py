@@ -70,7 +70,8 @@ def presentation_pixels(
     the fixed ``window`` (centre, width in modality units, e.g. a CT lung window) when given,
     else the image's VOI LUT or window (first of multiple values), else a percentile window;
     MONOCHROME1 inverted so bright = dense. Colour images (RGB / YBR secondary captures,
-    palette) become their luma with a percentile window. DecodeError when undecodable."""
+    palette) become their luma with a percentile window. Pixel Padding (stored values) is black
+    and left out of the percentile window. DecodeError when undecodable."""
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
     if photometric not in GREY + COLOUR:
         raise ValueError(
@@ -86,7 +87,9 @@ def presentation_pixels(
             )
         values = grey_from_colour(ds, frame)
         voi = None
+        padding = None
     else:
+        padding = _padding(ds, frame)
         values = np.asarray(apply_modality_lut(frame, ds), dtype=np.float64)
         voi = None if window is not None else _apply_voi(ds, values)
     if window is not None:
@@ -95,7 +98,8 @@ def presentation_pixels(
     elif voi is not None:
         values, low, high = voi
     else:
-        low, high = (float(v) for v in np.percentile(values, window_percentiles))
+        image = values if padding is None or padding.all() else values[~padding]
+        low, high = (float(v) for v in np.percentile(image, window_percentiles))
     span = high - low
     if span <= 0:
         out = np.zeros(values.shape, dtype=np.float32)
@@ -103,7 +107,23 @@ def presentation_pixels(
         out = np.clip((values - low) / span, 0.0, 1.0).astype(np.float32)
     if photometric == "MONOCHROME1":
         out = 1.0 - out
+    if padding is not None:
+        out[padding] = 0.0  # outside the image (collimator, CT field of view): black
     return out
+
+
+def _padding(ds: pydicom.Dataset, stored: np.ndarray) -> np.ndarray | None:
+    """Pixels marked as padding (Pixel Padding Value, up to Pixel Padding Range Limit, in stored
+    values), or None when the image declares none."""
+    value = ds.get("PixelPaddingValue")
+    if not isinstance(value, int) or isinstance(value, bool):
+        return None  # absent, or bytes of an undetermined VR
+    limit = ds.get("PixelPaddingRangeLimit")
+    if not isinstance(limit, int):
+        limit = value
+    low, high = min(value, limit), max(value, limit)
+    padding = (stored >= low) & (stored <= high)
+    return padding if padding.any() else None
 
 
 @dataclass(frozen=True)
