@@ -22,7 +22,7 @@ from pathlib import Path
 import pynetdicom.dimse_messages
 from pynetdicom import _config
 
-from dicomnode.ingest.spool import move_durable
+from dicomnode.ingest.spool import move_into_place
 
 INCOMING_FOLDER = ".incoming"
 # Free space is looked at when a data set starts and after every this many bytes.
@@ -86,10 +86,11 @@ class IncomingFile:
         with contextlib.suppress(OSError):
             self._handle.close()
 
-    def move_to(self, path: Path) -> None:
-        """Make the received file durable at ``path`` (fsync, rename, fsync the folder)."""
+    def move_to(self, path: Path, *, synced: bool = False) -> None:
+        """Rename the received file to ``path`` after fsync (done already when ``synced``);
+        durable once the caller has synced ``path.parent`` (spool.sync_folder)."""
         self.close()
-        move_durable(self.path, path)
+        move_into_place(self.path, path, synced=synced)
         self.moved = True
         # pynetdicom unlinks ``name`` after the handler: point it where nothing will be.
         self.name = f"{self.name}.moved"

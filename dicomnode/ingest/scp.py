@@ -11,6 +11,7 @@ import socket
 import ssl
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import pydicom
@@ -34,7 +35,13 @@ from dicomnode.ingest.incoming import (
 )
 from dicomnode.ingest.index import index_instance, instance_facts
 from dicomnode.ingest.slots import AssociationSlots
-from dicomnode.ingest.spool import SpoolError, free_bytes, instance_path
+from dicomnode.ingest.spool import (
+    SpoolError,
+    free_bytes,
+    instance_path,
+    sync_file,
+    sync_folder,
+)
 from dicomnode.ingest.validate import InvalidDataset, check_dataset
 
 log = logging.getLogger("dicomnode.ingest")
@@ -52,6 +59,8 @@ STATUS_CANNOT_UNDERSTAND = 0xC000
 STATUS_SOP_CLASS_MISMATCH = 0xA900
 # Element values larger than this are not read into memory when a received file is parsed.
 DEFER_BYTES = 64 * 1024
+# fsync runs here, overlapped with parsing and indexing (it waits on the disk, not the GIL).
+_SYNC = ThreadPoolExecutor(max_workers=16, thread_name_prefix="spool-sync")
 
 
 @dataclass
@@ -190,9 +199,10 @@ class StorageSCP:
             return
         metrics.count_association(outcome)
         log.info(
-            "association %s: calling_ae=%s address=%s stored=%d duplicates=%d refused=%d "
-            "bytes=%d seconds=%.2f",
+            "association %s: listener=%s calling_ae=%s address=%s stored=%d duplicates=%d "
+            "refused=%d bytes=%d seconds=%.2f",
             outcome,
+            self.slots.index if self.slots is not None else "-",
             record.calling_ae,
             record.address,
             record.stored,
@@ -286,6 +296,8 @@ class StorageSCP:
             )
             return STATUS_OUT_OF_RESOURCES
         transfer_syntax = str(event.context.transfer_syntax)
+        # The received bytes go to stable storage while the header is checked.
+        data_synced = _SYNC.submit(sync_file, received.path)
         try:
             # Large values (pixel data) stay on disk; check_dataset bounds them by the file.
             # A deflated data set is inflated in memory: offsets are not file offsets there.
@@ -321,6 +333,7 @@ class StorageSCP:
         except SpoolError as exc:
             log.warning("refused %s from %s: %s", affected, calling_ae, exc)
             return STATUS_CANNOT_UNDERSTAND
+        folder_synced: Future[None] | None = None
         if path.exists():
             # Duplicate SOP Instance UID: keep the first copy, answer success (as PACS do).
             record.duplicates += 1
@@ -328,10 +341,13 @@ class StorageSCP:
             size = path.stat().st_size
         else:
             try:
-                received.move_to(path)
-            except SpoolError as exc:
-                log.error("refused %s from %s: %s", affected, calling_ae, exc)
+                data_synced.result()
+                received.move_to(path, synced=True)
+            except (OSError, SpoolError) as exc:
+                log.error("refused %s from %s: cannot store: %s", affected, calling_ae, exc)
                 return STATUS_OUT_OF_RESOURCES
+            # The rename becomes durable while the rows are written; acknowledged after both.
+            folder_synced = _SYNC.submit(sync_folder, path.parent)
             size = received.size
             record.bytes += size
         try:
@@ -350,6 +366,11 @@ class StorageSCP:
         except Exception as exc:
             # Not acknowledged: the sender retries; the file already on disk is reused.
             log.error("refused %s from %s: database unavailable: %s", affected, calling_ae, exc)
+            return STATUS_OUT_OF_RESOURCES
+        finally:
+            folder_error = _folder_error(folder_synced)
+        if folder_error is not None:
+            log.error("refused %s from %s: %s", affected, calling_ae, folder_error)
             return STATUS_OUT_OF_RESOURCES
         if added:
             record.stored += 1
@@ -397,6 +418,17 @@ class StorageSCP:
         if self._server is not None:
             self._server.shutdown()
             self._server = None
+
+
+def _folder_error(folder_synced: Future[None] | None) -> SpoolError | None:
+    """Wait for a folder fsync; the error if it failed."""
+    if folder_synced is None:
+        return None
+    try:
+        folder_synced.result()
+    except SpoolError as exc:
+        return exc
+    return None
 
 
 class _ReusePortServer(ThreadedAssociationServer):

@@ -79,22 +79,47 @@ def write_durable(path: Path, data: bytes | memoryview) -> None:
         raise SpoolError(f"cannot store {path.name}: {exc.strerror or exc}") from exc
 
 
-def move_durable(source: Path, path: Path) -> None:
-    """Move an already written file (e.g. a streamed receive) into place durably."""
+def sync_file(path: Path) -> None:
+    """fsync a written file's data and size (before it is renamed into place)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sync_folder(folder: Path) -> None:
+    """fsync a folder so that a rename into it survives a crash; SpoolError if it fails."""
+    try:
+        _fsync_dir(folder)
+    except OSError as exc:
+        raise SpoolError(f"cannot sync {folder}: {exc.strerror or exc}") from exc
+
+
+def move_into_place(source: Path, path: Path, *, synced: bool = False) -> None:
+    """Rename an already written file to ``path`` after fsync (skipped when ``synced``).
+
+    Durable only once :func:`sync_folder` of ``path.parent`` has returned as well; the
+    caller may overlap that with other work (the index rows) but not acknowledge before.
+    """
     try:
         _make_dirs_durable(path.parent)
-        with open(source, "rb+") as handle:
-            os.fsync(handle.fileno())
+        if not synced:
+            sync_file(source)
         try:
             os.replace(source, path)
         except OSError:
             # Different file system: copy, then the same fsync + rename dance.
             write_durable(path, source.read_bytes())
             source.unlink(missing_ok=True)
-            return
-        _fsync_dir(path.parent)
     except OSError as exc:
         raise SpoolError(f"cannot store {path.name}: {exc.strerror or exc}") from exc
+
+
+def move_durable(source: Path, path: Path) -> None:
+    """Move an already written file (e.g. a streamed receive) into place durably."""
+    move_into_place(source, path)
+    sync_folder(path.parent)
 
 
 def free_bytes(root: Path) -> int:

@@ -1,0 +1,587 @@
+"""Ingest throughput: dicomnode against dcmtk storescp and a bare pynetdicom SCP.
+
+Two workloads (cached under ``--cache``): ``--dx`` DX radiographs of ~10 MB (2240 x 2240,
+16 bit, one study each) and ``--ct`` CT slices of ~0.5 MB (512 x 512, one study). Each is
+sent by dcmtk ``storescu`` (one association, TCP_NODELAY=1) to
+
+  (a) dcmtk ``storescp`` writing to a folder (TCP_NODELAY=1),
+  (b) ``benchmarks/reference_scp.py``: bare pynetdicom writing the received bytes,
+      no fsync, no database,
+  (c) ``dicomnode serve`` (durable spool: fsync + rename + folder fsync; study, series and
+      instance rows; ``--listeners`` listener processes; no workers),
+
+and the script prints MB/s, instances/s and the ratios c/a and c/b. Then the CT workload
+goes again in ``--senders`` concurrent storescu processes (equal shares) to each target,
+and the script prints the speed-up of many senders over one. With ``--big-mb`` (default
+1000) one multi-frame instance of that size is sent to the node in one association while
+the resident memory of all the node's processes is sampled; the peak is printed.
+Every store is checked: storescu must exit 0, every instance must be in the target's
+folder, and for (c) every instance must have its database row.
+
+    python benchmarks/ingest.py [--dx 60] [--ct 1000] [--senders 4] [--big-mb 1000]
+        [--listeners 2] [--database URL] [--profile FOLDER]
+
+``--profile FOLDER`` samples the node's processes with py-spy (``pip install py-spy``)
+in an extra single-sender CT run (not counted) and writes one collapsed-stack file per
+process there (``--idle``: waits count, so the files show where the wall time goes).
+Run it under the team's CPU lock: ``flock /tmp/dicomnode-cpu.lock python benchmarks/...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+REPO = Path(__file__).resolve().parent.parent
+STORESCU = os.environ.get("STORESCU", "/usr/bin/storescu")
+STORESCP = os.environ.get("STORESCP", "/usr/bin/storescp")
+DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
+DX_SIZE = 2240  # 2240 x 2240 x 16 bit = 10.0 MB
+CT_ROWS = 512  # 512 x 512 x 16 bit = 0.5 MB
+CT_RENDERED = 50  # slices rendered; the rest are copies with their own UIDs
+BIG_SIDE = 2048
+MULTIFRAME_WORD_SC = "1.2.840.10008.5.1.4.1.1.7.3"
+
+
+# Workloads -------------------------------------------------------------------------
+
+
+def _save_copies(template: list[Dataset], count: int, folder: Path, *, one_study: bool) -> None:
+    """``count`` files cycling over ``template`` with new UIDs (``one_study``: one study and
+    series; else one study per file)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    study_uid, series_uid = generate_uid(), generate_uid()
+    for index in range(count):
+        ds = template[index % len(template)]
+        if not one_study:
+            study_uid, series_uid = generate_uid(), generate_uid()
+        ds.StudyInstanceUID = study_uid
+        ds.SeriesInstanceUID = series_uid
+        ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.InstanceNumber = index + 1
+        if one_study and "ImagePositionPatient" in ds:
+            ds.ImagePositionPatient = [-150.0, -150.0, -float(index)]
+            ds.SliceLocation = -float(index)
+        ds.save_as(folder / f"{index:05d}.dcm", enforce_file_format=True)
+
+
+def make_dx(folder: Path, count: int) -> None:
+    from dicomnode.synth.cxr import make_cxr
+
+    ds, _ = make_cxr(8, size=DX_SIZE, bits=16)
+    _save_copies([ds], count, folder, one_study=False)
+
+
+def make_ct(folder: Path, count: int) -> None:
+    from dicomnode.synth.ct import make_ct_series
+
+    slices, _ = make_ct_series(8, rows=CT_ROWS, slices=min(count, CT_RENDERED))
+    _save_copies(slices, count, folder, one_study=True)
+
+
+def make_big(path: Path, megabytes: int) -> None:
+    """One Multi-frame Grayscale Word SC instance of about ``megabytes`` MB, written in
+    chunks (the pixel data is never whole in this process's memory either)."""
+    frame_bytes = BIG_SIDE * BIG_SIDE * 2
+    frames = max(1, megabytes * 1_000_000 // frame_bytes)
+    ds = Dataset()
+    ds.SOPClassUID = MULTIFRAME_WORD_SC
+    ds.SOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.PatientID = "BENCHBIG"
+    ds.PatientName = "Bench^Big"
+    ds.Modality = "OT"
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.NumberOfFrames = frames
+    ds.Rows = ds.Columns = BIG_SIDE
+    ds.BitsAllocated = 16
+    ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 0
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".part")
+    ds.save_as(partial, enforce_file_format=True)
+    frame = bytes(range(256)) * (frame_bytes // 256)
+    with open(partial, "ab") as handle:
+        # (7FE0,0010) OW, explicit VR little endian: tag, VR, 2 reserved, 32-bit length.
+        handle.write(struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OW", 0, frame_bytes * frames))
+        for _ in range(frames):
+            handle.write(frame)
+    partial.rename(path)
+
+
+def workload(cache: Path, name: str, count: int) -> Path:
+    """The cached folder of ``count`` ``name`` files, made on first use."""
+    folder = cache / f"{name}-{count}"
+    if (folder / "complete").exists():
+        return folder
+    shutil.rmtree(folder, ignore_errors=True)
+    print(f"generating {count} {name} instances in {folder} ...", flush=True)
+    (make_dx if name == "dx" else make_ct)(folder, count)
+    (folder / "complete").write_text("")
+    return folder
+
+
+def files_of(folder: Path) -> list[Path]:
+    return sorted(folder.glob("*.dcm"))
+
+
+# Targets ---------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_port(port: int, process: subprocess.Popen, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{process.args[0]} exited with {process.returncode}")
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on port {port}")
+
+
+class Target:
+    """Something storescu sends to; ``run`` starts it fresh and stops it afterwards."""
+
+    label = ""
+    ae_title = ""
+
+    def __init__(self, work: Path):
+        self.work = work
+        self.port = 0
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def stored(self) -> int:
+        """Instances the target has stored (and, for the node, indexed)."""
+        raise NotImplementedError
+
+    def pids(self) -> list[int]:
+        return [self.process.pid] if self.process else []
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+            self.process = None
+        shutil.rmtree(self.work, ignore_errors=True)
+
+    @contextmanager
+    def running(self) -> Iterator[Target]:
+        shutil.rmtree(self.work, ignore_errors=True)
+        self.work.mkdir(parents=True)
+        self.port = free_port()
+        self.start()
+        try:
+            yield self
+        finally:
+            self.stop()
+
+
+class DcmtkSCP(Target):
+    label = "a dcmtk storescp"
+    ae_title = "STORESCP"
+
+    def start(self) -> None:
+        out = self.work / "out"
+        out.mkdir()
+        self.process = subprocess.Popen(
+            [STORESCP, "-aet", self.ae_title, "-od", str(out), str(self.port)],
+            env=DCMTK_ENV,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_port(self.port, self.process)
+
+    def stored(self) -> int:
+        return sum(1 for path in (self.work / "out").iterdir() if path.is_file())
+
+
+class ReferenceSCP(Target):
+    label = "b pynetdicom reference"
+    ae_title = "REFERENCE"
+
+    def __init__(self, work: Path, max_pdu: int):
+        super().__init__(work)
+        self.max_pdu = max_pdu
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                str(REPO / "benchmarks" / "reference_scp.py"),
+                "--port",
+                str(self.port),
+                "--folder",
+                str(self.work / "out"),
+                "--max-pdu",
+                str(self.max_pdu),
+            ],
+            stdout=subprocess.DEVNULL,
+        )
+        wait_port(self.port, self.process)
+
+    def stored(self) -> int:
+        return sum(1 for _ in (self.work / "out").glob("*.dcm"))
+
+
+class Node(Target):
+    label = "c dicomnode"
+    ae_title = "DICOMNODE"
+
+    def __init__(self, work: Path, listeners: int, database: str | None, max_pdu: int):
+        super().__init__(work)
+        self.listeners = listeners
+        self.database = database
+        self.max_pdu = max_pdu
+
+    def _database_url(self) -> str:
+        return self.database or f"sqlite:///{self.work / 'dicomnode.db'}"
+
+    def start(self) -> None:
+        models = self.work / "no-models"
+        models.mkdir()
+        config = self.work / "dicomnode.toml"
+        # log_level is a top-level key: before the first table.
+        config.write_text(
+            'log_level = "WARNING"\n'
+            f'[node]\nae_title = "{self.ae_title}"\nhost = "127.0.0.1"\nport = {self.port}\n'
+            f"listeners = {self.listeners}\nmax_associations = 64\nmax_pdu = {self.max_pdu}\n"
+            f'[storage]\npath = "{self.work / "storage"}"\nmin_free_bytes = 0\n'
+            f'[database]\nurl = "{self._database_url()}"\n'
+            f'[web]\nhost = "127.0.0.1"\nport = {free_port()}\n'
+            "[worker]\ncount = 0\n"
+            f'[models]\nfolders = ["{models}"]\n'
+        )
+        if self.database:
+            self._clear_database()
+        self.log = (self.work / "node.log").open("w")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "dicomnode", "serve", "--config", str(config)],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            cwd=self.work,
+        )
+        wait_port(self.port, self.process)
+
+    def _clear_database(self) -> None:
+        from sqlalchemy import create_engine, text
+
+        engine = create_engine(self.database)
+        with engine.begin() as connection:
+            connection.execute(text("DROP SCHEMA public CASCADE; CREATE SCHEMA public"))
+        engine.dispose()
+
+    def stored(self) -> int:
+        from sqlalchemy import create_engine, text
+
+        engine = create_engine(self._database_url())
+        with engine.connect() as connection:
+            rows = connection.execute(text("SELECT count(*) FROM instances")).scalar_one()
+        engine.dispose()
+        files = sum(1 for _ in (self.work / "storage").rglob("*.dcm"))
+        if files != rows:
+            raise AssertionError(f"dicomnode: {files} files but {rows} instance rows")
+        return rows
+
+    def pids(self) -> list[int]:
+        return [self.process.pid, *descendants(self.process.pid)] if self.process else []
+
+    def stop(self) -> None:
+        super().stop()
+        self.log.close()
+
+
+# Measuring -------------------------------------------------------------------------
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(entry.name))
+    found, stack = [], [pid]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            found.append(child)
+            stack.append(child)
+    return found
+
+
+def rss_bytes(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as handle:
+            for line in handle:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+class PeakRSS:
+    """Samples the summed resident memory of a process tree every ``period`` seconds."""
+
+    def __init__(self, root: int, period: float = 0.05):
+        self.root = root
+        self.period = period
+        self.peak = 0
+        self.peak_by_process: dict[int, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            sizes = {pid: rss_bytes(pid) for pid in [self.root, *descendants(self.root)]}
+            self.peak = max(self.peak, sum(sizes.values()))
+            for pid, size in sizes.items():
+                self.peak_by_process[pid] = max(self.peak_by_process.get(pid, 0), size)
+            self._stop.wait(self.period)
+
+    def __enter__(self) -> PeakRSS:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+@dataclass
+class Measurement:
+    target: str
+    workload: str
+    senders: int
+    instances: int
+    megabytes: float
+    seconds: float
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.megabytes / self.seconds
+
+    @property
+    def instances_per_s(self) -> float:
+        return self.instances / self.seconds
+
+    def line(self) -> str:
+        return (
+            f"  {self.target:<24} {self.workload:<10} senders={self.senders}  "
+            f"{self.seconds:7.2f} s  {self.mb_per_s:8.1f} MB/s  "
+            f"{self.instances_per_s:8.1f} instances/s"
+        )
+
+
+def storescu(target: Target, files: list[Path]) -> subprocess.Popen:
+    return subprocess.Popen(
+        [STORESCU, "-aet", "BENCH", "-aec", target.ae_title, "127.0.0.1", str(target.port)]
+        + [str(path) for path in files],
+        env=DCMTK_ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def send(target: Target, files: list[Path], senders: int) -> float:
+    """Send ``files`` in ``senders`` concurrent storescu processes; seconds until all
+    instances are stored (and indexed). Raises if a store failed."""
+    shares = [files[index::senders] for index in range(senders)]
+    started = time.perf_counter()
+    processes = [storescu(target, share) for share in shares if share]
+    for process in processes:
+        _, errors = process.communicate()
+        if process.returncode != 0:
+            raise RuntimeError(f"storescu to {target.label} failed: {errors[-2000:]}")
+    seconds = time.perf_counter() - started
+    stored = target.stored()
+    if stored != len(files):
+        raise AssertionError(f"{target.label}: {stored} of {len(files)} instances stored")
+    return seconds
+
+
+def measure(target: Target, name: str, files: list[Path], senders: int) -> Measurement:
+    megabytes = sum(path.stat().st_size for path in files) / 1e6
+    with target.running():
+        seconds = send(target, files, senders)
+    result = Measurement(target.label, name, senders, len(files), megabytes, seconds)
+    print(result.line(), flush=True)
+    return result
+
+
+@contextmanager
+def profiling(pids: list[int], folder: Path | None) -> Iterator[None]:
+    """py-spy record of each process in ``pids`` while the block runs (if ``folder``)."""
+    if folder is None:
+        yield
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    recorders = [
+        subprocess.Popen(
+            [
+                spy,
+                "record",
+                "--pid",
+                str(pid),
+                "--threads",
+                "--idle",
+                "--rate",
+                "200",
+                "--nonblocking",
+                "--format",
+                "raw",
+                "-o",
+                str(folder / f"ingest-{pid}.txt"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for pid in pids
+    ]
+    time.sleep(1.0)  # py-spy attaches
+    try:
+        yield
+    finally:
+        for recorder in recorders:
+            recorder.send_signal(2)  # SIGINT: py-spy writes its output and exits
+        for recorder in recorders:
+            recorder.wait(timeout=60)
+
+
+def ratio(numerator: Measurement | None, denominator: Measurement | None) -> str:
+    if numerator is None or denominator is None:
+        return "n/a"
+    return f"{numerator.mb_per_s / denominator.mb_per_s:.2f}"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dx", type=int, default=60, help="DX instances of ~10 MB")
+    parser.add_argument("--ct", type=int, default=1000, help="CT slices of ~0.5 MB")
+    parser.add_argument("--senders", type=int, default=4, help="concurrent storescu (0: skip)")
+    parser.add_argument("--big-mb", type=int, default=1000, help="one instance (0: skip)")
+    parser.add_argument("--listeners", type=int, default=2, help="node listener processes")
+    parser.add_argument("--max-pdu", type=int, default=0, help="node and reference max PDU")
+    parser.add_argument("--database", default=None, help="node database URL (default SQLite)")
+    parser.add_argument("--cache", type=Path, default=Path("/tmp/dicomnode-bench-ingest"))
+    parser.add_argument("--profile", type=Path, default=None, help="py-spy output folder")
+    parser.add_argument("--skip", default="", help="targets to skip, e.g. 'a,b'")
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="dicomnode-bench-ingest-"))
+    targets: dict[str, Target] = {
+        "a": DcmtkSCP(work / "a"),
+        "b": ReferenceSCP(work / "b", args.max_pdu),
+        "c": Node(work / "c", args.listeners, args.database, args.max_pdu),
+    }
+    skip = set(filter(None, args.skip.split(",")))
+    print(
+        f"machine: {os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}, "
+        f"Python {platform.python_version()}, loopback; node listeners={args.listeners}, "
+        f"database={'SQLite' if args.database is None else args.database.split(':')[0]}",
+        flush=True,
+    )
+    workloads = []
+    if args.ct:
+        workloads.append(("ct", files_of(workload(args.cache, "ct", args.ct))))
+    if args.dx:
+        workloads.append(("dx", files_of(workload(args.cache, "dx", args.dx))))
+    results: dict[tuple[str, str, int], Measurement] = {}
+    try:
+        for name, files in workloads:
+            print(f"\n{name}: {len(files)} instances, one storescu", flush=True)
+            for key, target in targets.items():
+                if key in skip:
+                    continue
+                results[(key, name, 1)] = measure(target, name, files, 1)
+            a, b, c = (results.get((key, name, 1)) for key in "abc")
+            print(f"  ratios {name}: c/a = {ratio(c, a)}   c/b = {ratio(c, b)}", flush=True)
+        if args.senders > 1 and workloads:
+            name, files = workloads[0]
+            print(f"\n{name}: {len(files)} instances, {args.senders} concurrent storescu")
+            for key, target in targets.items():
+                if key in skip:
+                    continue
+                many = measure(target, name, files, args.senders)
+                results[(key, name, args.senders)] = many
+                print(
+                    f"  {target.label}: {args.senders} senders / 1 sender = "
+                    f"{ratio(many, results.get((key, name, 1)))}",
+                    flush=True,
+                )
+        if args.profile and workloads:
+            name, files = workloads[0]
+            node = targets["c"]
+            with node.running(), profiling(node.pids()[1:], args.profile):
+                seconds = send(node, files, 1)
+            megabytes = sum(path.stat().st_size for path in files) / 1e6
+            profiled = Measurement(node.label, name, 1, len(files), megabytes, seconds)
+            print(f"\nprofiled again (py-spy, not counted; {args.profile}):\n{profiled.line()}")
+        if args.big_mb:
+            big = args.cache / f"big-{args.big_mb}.dcm"
+            if not big.exists():
+                print(f"\ngenerating a {args.big_mb} MB multi-frame instance ...", flush=True)
+                make_big(big, args.big_mb)
+            node = targets["c"]
+            print(f"\nbig: one {big.stat().st_size / 1e6:.0f} MB instance to the node")
+            with node.running(), PeakRSS(node.process.pid) as peak:
+                seconds = send(node, [big], 1)
+            print(
+                f"  {seconds:.2f} s, {big.stat().st_size / 1e6 / seconds:.1f} MB/s; peak RSS of "
+                f"the node (all processes summed) {peak.peak / 1e6:.0f} MB; largest single "
+                f"process {max(peak.peak_by_process.values()) / 1e6:.0f} MB (goal <= 1500 MB)",
+                flush=True,
+            )
+    finally:
+        for target in targets.values():
+            target.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
