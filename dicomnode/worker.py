@@ -148,7 +148,10 @@ class Worker:
     def _run(self, session: Session, job: Job, seconds: dict[str, float]) -> str:
         """Run the job; stage times go into ``seconds`` (kept in the job's payload)."""
         if job.kind == "analyse":
-            times = analyse_study(session, self.settings, self.cards, self.runtime, job.study_id)
+            # Registered, so that the runtime's batches wait only for analyses that may come.
+            runtime = self.runtime
+            with runtime.caller():
+                times = analyse_study(session, self.settings, self.cards, runtime, job.study_id)
             for stage, spent in times.seconds.items():
                 metrics.JOB_SECONDS.labels("analyse", stage).observe(spent)
             seconds.update(times.seconds)

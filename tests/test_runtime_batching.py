@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -248,3 +249,48 @@ def test_thread_settings_and_providers_are_logged_and_applied(
     assert session.get_providers()[0] == "CPUExecutionProvider"
     assert "tiny 1.0 loaded, running on CPUExecutionProvider" in caplog.text
     assert "CUDAExecutionProvider is not used; it runs on CPUExecutionProvider" in caplog.text
+
+
+def test_a_lone_registered_caller_does_not_wait(tmp_path: Path) -> None:
+    card = make_model(tmp_path, "tiny")
+    # A minute's wait would time the test out: with every registered analysis already waiting
+    # on the runtime, nobody else can join the batch.
+    runtime = Runtime(["CPUExecutionProvider"], InferenceSettings(batch_size=8, max_wait_ms=60_000))
+    batch = images(2, 1)
+    with runtime.caller():
+        outputs = runtime.run(card, batch)
+    np.testing.assert_allclose(outputs["cam"], alone(card, batch)["cam"], rtol=1e-5)
+
+
+def test_registered_callers_wait_for_each_other_but_not_longer(tmp_path: Path) -> None:
+    card = make_model(tmp_path, "tiny")
+    other = make_model(tmp_path, "other")
+    runtime = Runtime(["CPUExecutionProvider"], InferenceSettings(batch_size=8, max_wait_ms=60_000))
+    counted = CountingRuns(runtime.session(card))
+    runtime.session(other)
+    registered = threading.Barrier(3)
+    results: list = [None] * 3
+
+    def analysis(index: int, model: ModelCard, delay: float) -> None:
+        with runtime.caller():
+            registered.wait()
+            time.sleep(delay)  # preprocessing: the others are registered but not yet waiting
+            results[index] = runtime.run(model, images(index, 1))
+
+    # Two analyses on the same model, the second 0.3 s later; a third waits on another model.
+    threads = [
+        threading.Thread(target=analysis, args=args)
+        for args in ((0, card, 0.0), (1, card, 0.3), (2, other, 0.1))
+    ]
+    started = time.monotonic()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert time.monotonic() - started < 10
+    assert all(isinstance(r, dict) for r in results), results
+    # The first caller waited for the second (one run of two images), not for max_wait.
+    assert counted.sizes == [2]
+    for index in (0, 1):
+        expected = alone(card, images(index, 1))
+        np.testing.assert_allclose(results[index]["cam"], expected["cam"], rtol=1e-5)

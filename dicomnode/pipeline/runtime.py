@@ -3,9 +3,10 @@ studies.
 
 Concurrent callers of :meth:`Runtime.run` for the same model are coalesced into one
 ``session.run`` (a micro-batch of at most ``[inference] batch_size`` images, collected for at
-most ``max_wait_ms``); each caller gets back exactly its own rows. Thread counts and the
-execution mode come from ``[inference]``; on GPU providers inputs and outputs go through
-onnxruntime's IO binding.
+most ``max_wait_ms``); each caller gets back exactly its own rows. A caller does not wait
+for others that cannot come: when every analysis registered with :meth:`Runtime.caller` is
+already waiting on a model, a batch runs at once. Thread counts and the execution mode come
+from ``[inference]``; on GPU providers inputs and outputs go through onnxruntime's IO binding.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import copy
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -150,8 +152,9 @@ class MicroBatcher:
     """Coalesces concurrent requests into one call of ``execute`` along the first axis.
 
     The oldest waiting request leads: it waits up to ``max_wait`` seconds for requests of the
-    same image shape until ``max_batch`` images are queued, runs them as one batch and hands
-    each request its rows of every output. A failing run fails every request in it.
+    same image shape until ``max_batch`` images are queued, or until ``nobody_else()`` says
+    no other request can come, runs them as one batch and hands each request its rows of
+    every output. A failing run fails every request in it.
     """
 
     def __init__(
@@ -159,10 +162,12 @@ class MicroBatcher:
         execute: Callable[[np.ndarray], list[np.ndarray]],
         max_batch: int,
         max_wait: float,
+        nobody_else: Callable[[], bool] = lambda: False,
     ):
         self.execute = execute
         self.max_batch = max(1, max_batch)
         self.max_wait = max_wait
+        self.nobody_else = nobody_else
         self.stats = BatchStats()
         self._cond = threading.Condition()
         self._queue: list[_Request] = []
@@ -200,6 +205,8 @@ class MicroBatcher:
             remaining = deadline - time.monotonic()
             if sum(r.size for r in group) >= self.max_batch or remaining <= 0:
                 break
+            if self.nobody_else():
+                break
             self._cond.wait(remaining)
         for request in group:
             self._queue.remove(request)
@@ -235,6 +242,11 @@ class MicroBatcher:
             self._busy = False
             self._cond.notify_all()
 
+    def wake(self) -> None:
+        """Let a waiting leader look again whether anybody else may still come."""
+        with self._cond:
+            self._cond.notify_all()
+
 
 def _copied(error: BaseException) -> BaseException:
     """A copy of ``error`` for another thread to raise (tracebacks are per raise)."""
@@ -265,6 +277,34 @@ class Runtime:
         self._sessions: dict[str, ort.InferenceSession] = {}
         self._models: dict[str, _Model] = {}
         self._lock = threading.Lock()
+        # Analyses in progress (registered by the worker), and how many of their threads wait
+        # in a batcher now: when all of them do, no other request can come and nobody waits.
+        self._callers = 0
+        self._waiting = 0
+        self._count_lock = threading.Lock()
+
+    @contextmanager
+    def caller(self) -> Iterator[None]:
+        """Register an analysis that may call :meth:`run` (a worker's job thread)."""
+        with self._count_lock:
+            self._callers += 1
+        try:
+            yield
+        finally:
+            with self._count_lock:
+                self._callers -= 1
+            self._wake_all()
+
+    def _nobody_else(self) -> bool:
+        # Without registered callers (benchmarks, tests) nothing is known: wait as configured.
+        return self._callers > 0 and self._waiting >= self._callers
+
+    def _wake_all(self, but: MicroBatcher | None = None) -> None:
+        with self._lock:
+            batchers = [model.batcher for model in self._models.values()]
+        for batcher in batchers:
+            if batcher is not but:
+                batcher.wake()
 
     @staticmethod
     def _key(card: ModelCard) -> str:
@@ -294,7 +334,10 @@ class Runtime:
         model = _Model(card, session, provider, binding)
         limit = batch_limit(session, card.input.name, self.settings.batch_size)
         model.batcher = MicroBatcher(
-            lambda batch: self._execute(model, batch), limit, self.settings.max_wait_ms / 1000
+            lambda batch: self._execute(model, batch),
+            limit,
+            self.settings.max_wait_ms / 1000,
+            self._nobody_else,
         )
         return model
 
@@ -335,7 +378,17 @@ class Runtime:
         """Run a (N, C, H, W) batch; returns the card's outputs by name, N rows each."""
         model = self._model(card)
         array = np.ascontiguousarray(batch, dtype=np.float32)
-        values = model.batcher.submit(array)
+        with self._count_lock:
+            self._waiting += 1
+        if self._callers > 1:
+            # Leaders of other models may stop waiting for this caller now; this model's leader
+            # is woken by the submission itself, once the request is in its queue.
+            self._wake_all(but=model.batcher)
+        try:
+            values = model.batcher.submit(array)
+        finally:
+            with self._count_lock:
+                self._waiting -= 1
         names = [spec.name for spec in card.outputs]
         outputs = dict(zip(names, values, strict=True))
         for name, value in outputs.items():
