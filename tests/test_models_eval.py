@@ -191,7 +191,8 @@ HEADLINES = {
         ("tip_within_10_mm", "heldout_within_10mm", "within_10mm", "presence_auc"),
         None,
     ),
-    "image": (("heldout_source_mae_output",), _mae),
+    # The node adds the model's correction (output - input) to the full-resolution source.
+    "image": (("heldout_source_mae_source_plus_correction", "heldout_source_mae_output"), _mae),
 }
 
 
