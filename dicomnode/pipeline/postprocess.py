@@ -179,6 +179,23 @@ def image_presentation(
     return np.clip(np.asarray(source, dtype=np.float32) + correction, 0.0, 1.0)
 
 
+def image_correction(
+    card: ModelCard,
+    outputs: dict[str, np.ndarray],
+    index: int,
+    geometry: Letterbox,
+    model_input: np.ndarray,
+) -> np.ndarray:
+    """What an image-to-image model changed (output minus the input it saw, in 0..1
+    presentation units) resampled to the source grid; 0 outside the image."""
+    spec = card.output("image")
+    if spec is None:
+        raise ValueError(f"{card.model.name}: card declares no image output")
+    image = _unnormalised(card, np.asarray(outputs[spec.name][index], dtype=np.float32)[0])
+    given = _unnormalised(card, np.asarray(model_input, dtype=np.float32)[0])
+    return geometry.map_to_source(image - given)
+
+
 def _unnormalised(card: ModelCard, image: np.ndarray) -> np.ndarray:
     if card.input.normalisation == "zscore":
         return image * np.float32(card.input.std) + np.float32(card.input.mean)

@@ -277,29 +277,36 @@ def _first(value: object) -> float:
     return float(value)
 
 
-def stored_from_presentation(
-    ds: pydicom.Dataset, values: np.ndarray, spec: InputSpec
-) -> np.ndarray:
-    """Map 0..1 presentation values over the source grid (e.g. an image-to-image model's output)
-    back to the source's stored-value range: the inverse of the card's linear window on the
-    stored values (percentiles or fixed window), MONOCHROME1 re-inverted, rounded and clipped
-    to Bits Stored."""
+def _stored_per_presentation(ds: pydicom.Dataset, stored: np.ndarray, spec: InputSpec) -> float:
+    """Stored values per 0..1 presentation unit of the window ``presentation_pixels`` used
+    (the card's fixed window, else the image's window, else its percentiles; for a VOI LUT the
+    percentile span stands in for its slope)."""
+    slope = float(ds.get("RescaleSlope", 1) or 1)
+    window = spec.window if spec.window is not None else None
+    if window is None and not ds.get("VOILUTSequence"):
+        window = _window(ds)
+    if window is not None:
+        return float(window[1]) / abs(slope)
+    padding = _padding(ds, stored)
+    image = stored if padding is None or padding.all() else stored[~padding]
+    low, high = (float(v) for v in np.percentile(image, spec.window_percentiles))
+    return high - low
+
+
+def apply_correction(ds: pydicom.Dataset, correction: np.ndarray, spec: InputSpec) -> np.ndarray:
+    """The source's stored values plus an image-to-image model's ``correction`` (presentation
+    units over the source grid, see ``postprocess.image_correction``), converted to stored
+    units through the window the model saw: values outside that window keep their full range
+    (nothing is clipped to the window), Pixel Padding is left as it is, MONOCHROME1 is handled,
+    and the result is rounded and clipped to Bits Stored."""
     stored = _stored_pixels(ds).astype(np.float64)
-    values = np.clip(np.asarray(values, dtype=np.float64), 0.0, 1.0)
+    change = np.asarray(correction, dtype=np.float64) * _stored_per_presentation(ds, stored, spec)
     if str(ds.get("PhotometricInterpretation", "")) == "MONOCHROME1":
-        values = 1.0 - values
-    window = spec.window
-    if window is None and "WindowCenter" in ds and "WindowWidth" in ds:
-        window = (_first(ds.WindowCenter), _first(ds.WindowWidth))
-    if window is not None and not ds.get("VOILUTSequence"):
-        slope = float(ds.get("RescaleSlope", 1) or 1)
-        intercept = float(ds.get("RescaleIntercept", 0) or 0)
-        centre, width = window
-        low = (centre - width / 2.0 - intercept) / slope
-        high = (centre + width / 2.0 - intercept) / slope
-    else:
-        low, high = (float(v) for v in np.percentile(stored, spec.window_percentiles))
-    out = low + values * (high - low)
+        change = -change  # presentation is inverted: brighter = lower stored values
+    padding = _padding(ds, stored)
+    if padding is not None:
+        change[padding] = 0.0
+    out = stored + change
     bits = int(ds.get("BitsStored", 16))
     signed = int(ds.get("PixelRepresentation", 0)) == 1
     lowest, highest = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)

@@ -27,17 +27,17 @@ from dicomnode.models.registry import InputSpec, ModelCard
 from dicomnode.pipeline.postprocess import (
     classification_findings,
     detection_findings,
-    image_presentation,
+    image_correction,
     landmark_findings,
     mask_maps,
     normalise_map,
 )
 from dicomnode.pipeline.preprocess import (
     Letterbox,
+    apply_correction,
     prepare_input,
     prepare_stack,
     presentation_pixels,
-    stored_from_presentation,
 )
 from dicomnode.pipeline.series import neighbours, series_in_order
 
@@ -228,17 +228,8 @@ def _derived(
     derived = [
         DerivedImage(
             source=ds,
-            pixels=stored_from_presentation(
-                ds,
-                image_presentation(
-                    card,
-                    outputs,
-                    index,
-                    geometry,
-                    model_input=sample,
-                    source=presentations.get(ds, card.input),
-                ),
-                card.input,
+            pixels=apply_correction(
+                ds, image_correction(card, outputs, index, geometry, sample), card.input
             ),
             derivation=card.model.description.split(".")[0] or card.model.name,
         )

@@ -9,7 +9,8 @@ The target is the phantom's ``soft_tissue`` image (``dicomnode.synth.cxr.CxrTrut
 exposure, noise and window without ribs, clavicles, scapulae, spine and sternum. It is written
 into a copy of the DICOM data set and passed through ``prepare_input`` exactly like the input,
 so the network learns input -> soft tissue in the card's 'unit' intensity space (the node
-inverts that space with ``stored_from_presentation`` for the derived image).
+adds its correction, output minus input, to the source in stored units with
+``apply_correction`` for the derived image).
 
 Network: space-to-depth by 4 (PixelUnshuffle), the lung script's small U-Net on the 64 x 64
 grid, depth-to-space back to the full 256 x 256 input, added to the input (the network predicts
