@@ -106,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     failed = False
     for card in cards:
+        if card.ensemble is not None:
+            print(f"\n{card.model.name}: ensemble of {card.ensemble.members}, no ONNX of its own")
+            continue
         settings = InferenceSettings(
             intra_op_threads=args.intra_op_threads, max_wait_ms=args.max_wait_ms
         )

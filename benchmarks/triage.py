@@ -71,6 +71,12 @@ DEFAULT_SETTINGS = {
     "worker": {"count": "1", "poll_seconds": "0.1"},
 }
 STAGES = ("decode", "preprocess", "inference", "postprocess", "results")
+# Payload seconds that are not stages of the job body.
+NOT_STAGES = {"queued", "total", "triaged"}
+NOT_SHOWN = {
+    "analyses", "assembly wait", "job other", "job total", "node finished", "node triaged",
+    "exports", "export", "exported after", "claim+complete",
+}  # fmt: skip
 
 
 def free_port() -> int:
@@ -351,16 +357,15 @@ def node_records(db: Path, studies: list[Study]) -> None:
                 seconds = job.payload.get("seconds", {})
                 created = as_utc(job.created_at).timestamp()
                 finished = as_utc(job.finished_at).timestamp()
+                stages = [k for k in seconds if k not in NOT_STAGES]
                 record = {
                     "analyses": len(analyses),
                     "assembly wait": created - study.sent_at,
                     "queued": seconds.get("queued", 0.0),
-                    **{stage: seconds.get(stage, 0.0) for stage in STAGES},
-                    "job other": seconds.get("total", 0.0)
-                    - sum(seconds.get(stage, 0.0) for stage in STAGES),
+                    **{stage: seconds[stage] for stage in stages},
+                    "job other": seconds.get("total", 0.0) - sum(seconds[k] for k in stages),
                     "job total": seconds.get("total", 0.0),
                     "node finished": finished - study.sent_at,
-                    "results": seconds.get("results", 0.0),
                     "exports": len(exports),
                     "export": sum(j.payload.get("seconds", {}).get("total", 0.0) for j in exports),
                 }
@@ -369,6 +374,9 @@ def node_records(db: Path, studies: list[Study]) -> None:
                 record["claim+complete"] = (
                     finished - created - record["queued"] - record["job total"]
                 )
+                if "triaged" in seconds:  # the analysis commits the priority before results
+                    record["node triaged"] = created + record["queued"] + seconds["triaged"]
+                    record["node triaged"] -= study.sent_at
                 if exports:
                     last = max(as_utc(j.finished_at).timestamp() for j in exports)
                     record["exported after"] = last - study.sent_at
@@ -392,23 +400,32 @@ def report(studies: list[Study], node: Node, settings: dict, args: argparse.Name
     latencies = [s.triaged_at - s.sent_at for s in measured]
     recorded = [s.node["node finished"] for s in measured if s.node]
     print(f"\ntime to triage over {len(measured)} of {len(studies)} studies (seconds)")
-    print(f"{'':32} {'p50':>7} {'p95':>7} {'max':>7} {'mean':>7}")
+    print(f"{'':40} {'p50':>7} {'p95':>7} {'max':>7} {'mean':>7}")
 
     def line(name: str, values: list[float]) -> None:
         if values:
             print(
-                f"{name:32} {quantile(values, 0.5):7.3f} {quantile(values, 0.95):7.3f} "
+                f"{name:40} {quantile(values, 0.5):7.3f} {quantile(values, 0.95):7.3f} "
                 f"{max(values):7.3f} {statistics.fmean(values):7.3f}"
             )
 
     line("triage (row analysed, polled)", latencies)
     line("triage (job finished, node clock)", recorded)
+    line(
+        "triage (priority committed, node)",
+        [s.node["node triaged"] for s in measured if s.node.get("node triaged")],
+    )
     line("storescu (whole association)", [s.send_seconds for s in measured])
     print("\nbreakdown per stage (node's records; 'assembly wait' = quiet period + check):")
-    keys = ["assembly wait", "queued", *STAGES, "job other", "claim+complete"]
+    seen = [k for s in measured for k in s.node if k not in STAGES]
+    extra = [k for k in dict.fromkeys(seen) if k not in NOT_STAGES and k not in NOT_SHOWN]
+    keys = ["assembly wait", "queued", *STAGES, *extra, "job other", "claim+complete"]
     for key in keys:
-        line(f"  {key}", [s.node[key] for s in measured if s.node])
-    line("  (after triage) export, job seconds", [s.node["export"] for s in measured if s.node])
+        line(f"  {key}", [s.node.get(key, 0.0) for s in measured if s.node])
+    line(
+        "  (after triage) export, job seconds (all results)",
+        [s.node["export"] for s in measured if s.node],
+    )
     line(
         "  (after triage) exported, from send",
         [s.node["exported after"] for s in measured if s.node.get("exported after")],
@@ -544,6 +561,7 @@ def profile_worker(config: Path, out: Path) -> int:
             stop.wait(0.005)
             profiler.start()
     profiler.stop()
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(profiler.output_html())
     out.with_suffix(".txt").write_text(profiler.output_text(unicode=True, show_all=False))
     return 0
