@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.db.models import Instance, Job, Series, Study
 from dicomnode.db.session import as_utc
-from dicomnode.ingest.assembly import association_ended, queue_ready_studies
+from dicomnode.ingest.assembly import association_ended, next_ready_at, queue_ready_studies
 from dicomnode.ingest.index import InstanceFacts, index_instance
 from dicomnode.worklist.policy import MAX_WAIT
 
@@ -181,3 +181,22 @@ def test_association_end_pushes_ready_at(sessions: sessionmaker[Session]) -> Non
         assert queue_ready_studies(session, seconds(20)) == []
         association_ended(session, [], seconds(8), quiet_seconds=5)
     assert as_utc(the_study(sessions).ready_at) == seconds(12)
+
+
+def test_next_ready_at_is_the_earliest_waiting_study(sessions: sessionmaker[Session]) -> None:
+    other = replace(
+        FACTS,
+        study_instance_uid="1.2.826.0.1.3680043.8.498.20",
+        series_instance_uid="1.2.826.0.1.3680043.8.498.21",
+        sop_instance_uid="1.2.826.0.1.3680043.8.498.22",
+    )
+    with sessions() as session:
+        assert next_ready_at(session) is None
+        index(session, FACTS, T0)
+        index(session, other, seconds(1))
+        assert next_ready_at(session) == seconds(QUIET)
+        assert queue_ready_studies(session, seconds(QUIET)) == [the_study(sessions).id]
+        # The queued study no longer waits; the other one does, until its own deadline.
+        assert next_ready_at(session) == seconds(1 + QUIET)
+        assert len(queue_ready_studies(session, seconds(1 + QUIET))) == 1
+        assert next_ready_at(session) is None

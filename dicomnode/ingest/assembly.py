@@ -10,10 +10,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 from datetime import datetime, timedelta
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from dicomnode.db.models import Study
+from dicomnode.db.session import as_utc
 from dicomnode.jobs import enqueue
 
 
@@ -53,3 +54,12 @@ def queue_ready_studies(session: Session, now: datetime) -> list[int]:
             queued.append(study_id)
     session.commit()
     return queued
+
+
+def next_ready_at(session: Session) -> datetime | None:
+    """When the next study waiting for its quiet period becomes ready (None: none waits), so
+    that the assembly check can run then instead of up to one polling period later."""
+    due = session.scalar(
+        select(func.min(Study.ready_at)).where(Study.received_generation > Study.queued_generation)
+    )
+    return None if due is None else as_utc(due)
