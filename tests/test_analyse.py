@@ -42,6 +42,10 @@ def _settings(tmp_path: Path) -> Settings:
 
 def _ingest(session, settings: Settings, seed: int, pneumothorax: bool) -> int:
     ds, _ = make_cxr(seed, pneumothorax=pneumothorax)  # 512 px, as the model was trained
+    return _ingest_dataset(session, settings, ds)
+
+
+def _ingest_dataset(session, settings: Settings, ds) -> int:
     facts = instance_facts(ds)
     path = instance_path(
         settings.storage_path,
@@ -109,3 +113,36 @@ def test_card_results_produce_limits_what_is_written(sessions, tmp_path: Path, r
         analyse_study(session, settings, [card], runtime, normal)
         rows = session.scalars(select(ResultObject).where(ResultObject.study_id == normal))
         assert sorted(r.kind for r in rows) == ["overlay", "sr"]
+
+
+def _undecodable(session, settings: Settings, seed: int, study_uid: str | None = None) -> int:
+    """Ingest a phantom whose JPEG Baseline pixel data is garbage."""
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEGBaseline8Bit
+
+    ds, _ = make_cxr(seed, bits=8, **({"study_instance_uid": study_uid} if study_uid else {}))
+    ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    ds.PixelData = encapsulate([b"\xff\xd8\xff\xe0 not a JPEG stream at all"])
+    ds["PixelData"].VR = "OB"
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    return _ingest_dataset(session, settings, ds)
+
+
+def test_an_undecodable_image_is_left_out_and_named(sessions, tmp_path: Path, runtime) -> None:
+    settings = _settings(tmp_path)
+    card = load_card(PNEUMOTHORAX)
+    with sessions() as session:
+        study_id = _ingest(session, settings, 930_005, pneumothorax=True)
+        uid = session.get(Study, study_id).study_instance_uid
+        assert _undecodable(session, settings, 930_006, study_uid=uid) == study_id
+        analyse_study(session, settings, [card], runtime, study_id)
+        study = session.get(Study, study_id)
+        assert study.analysis_status == "analysed" and study.tier == "critical"
+        assert "cannot decode" in study.analysis_error
+        assert "1.2.840.10008.1.2.4.50" in study.analysis_error or "JPEG" in study.analysis_error
+
+        # A study with nothing decodable fails at once (no retries: the file will not change).
+        only_bad = _undecodable(session, settings, 930_007)
+        analyse_study(session, settings, [card], runtime, only_bad)
+        study = session.get(Study, only_bad)
+        assert study.analysis_status == "failed" and "cannot decode" in study.analysis_error

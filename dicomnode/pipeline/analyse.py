@@ -24,6 +24,7 @@ from dicomnode.ingest.spool import instance_path, write_durable
 from dicomnode.jobs import enqueue
 from dicomnode.models.registry import ModelCard
 from dicomnode.notify import becomes_critical, enqueue_notifications
+from dicomnode.pipeline.decode import DecodeError, first_frame
 from dicomnode.pipeline.outputs import result_objects
 from dicomnode.pipeline.runtime import Runtime
 from dicomnode.pipeline.select import (
@@ -58,19 +59,28 @@ class StageTimes:
         return " ".join(f"{k}={v * 1000:.0f}ms" for k, v in self.seconds.items())
 
 
-def _load_images(session: Session, study: Study) -> list[Dataset]:
+def _load_images(session: Session, study: Study) -> tuple[list[Dataset], list[str]]:
+    """The study's images, decoded (pydicom keeps the pixels for every model and writer), and
+    the reasons for the images that cannot be decoded; those are left out."""
     paths = session.scalars(
         select(Instance.path)
         .join(Series)
         .where(Series.study_id == study.id)
         .order_by(Instance.series_id, Instance.instance_number, Instance.id)
     ).all()
-    images = []
+    images, undecodable = [], []
     for path in paths:
         ds = pydicom.dcmread(path)
-        if "PixelData" in ds:
-            images.append(ds)
-    return images
+        if "PixelData" not in ds:
+            continue
+        try:
+            first_frame(ds)
+        except DecodeError as error:
+            log.warning("study_id=%d: image left out: %s", study.id, error)
+            undecodable.append(str(error))
+            continue
+        images.append(ds)
+    return images, undecodable
 
 
 def _store_result(
@@ -179,8 +189,12 @@ def analyse_study(
     session.commit()
 
     started = time.perf_counter()
-    images = _load_images(session, study)
+    images, undecodable = _load_images(session, study)
     times.add("decode", started)
+    if undecodable and not images:
+        # A file that cannot be decoded stays so: fail the study now instead of retrying.
+        mark_failed(session, study.id, "; ".join(undecodable), settings.worklist)
+        return times
 
     results: list[tuple[str, ResultObject]] = []
     for card, run in _run_models(cards, images, runtime, times):
@@ -200,7 +214,8 @@ def analyse_study(
                     {"result_id": result.id, "destination": destination.name},
                 )
     study.analysis_status = "analysed"
-    study.analysis_error = ""
+    # Images left out are named (the study is analysed on the others).
+    study.analysis_error = "; ".join(undecodable)[:2000]
     session.flush()
     session.refresh(study, ["findings"])
     tier_before = study.tier
