@@ -56,7 +56,7 @@ PROFILES = {
     # The localisation models' mix: nodules and tubes in half of the images.
     "localisation": Profile("localisation", 4 * 16),
     # CT series as the CT cards' held-out series (256 rows, 48 slices, 1-4 nodules).
-    "ct": Profile("ct", 6),
+    "ct": Profile("ct", 9),
 }
 
 
