@@ -379,7 +379,7 @@ def test_worker_marks_a_study_with_an_undecodable_image_failed_with_the_reason(
     with sessions() as session:
         study = session.get(Study, study_id)
         assert study.analysis_status == "failed"
-        assert study.analysis_error.startswith("DecodeError: cannot decode the pixel data")
+        assert study.analysis_error.startswith("cannot decode the pixel data")
         assert str(path) in study.analysis_error
         assert "1.2.840.10008.1.2.4.51 (JPEG Extended (Process 2 and 4))" in study.analysis_error
 
