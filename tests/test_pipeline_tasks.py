@@ -364,3 +364,24 @@ def test_25d_stacks_neighbouring_slices_in_position_order(cards, runtime) -> Non
     assert col0 < 43 < col1 and row0 < 63 < row1
     kinds = _valid(result_objects(run, card))
     assert kinds["sr"] == 1 and kinds["gsps"] == 1 and kinds["overlay"] == 1
+
+
+def test_colour_secondary_capture_radiograph_gets_an_overlay_but_no_gsps(cards, runtime) -> None:
+    """A chest X-ray that arrives as an RGB secondary capture (scanned film, screen capture):
+    analysed on its grey presentation, drawn on, but given no presentation state."""
+    grey = _spotted_cxr(250, 200)
+    stored = grey.pixel_array.astype(np.float64)
+    rgb = np.repeat((stored / 4095 * 255).astype(np.uint8)[..., None], 3, axis=2)
+    ds = grey.copy()
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7"  # Secondary Capture Image Storage
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "RGB", 0
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
+    ds.PixelData = rgb.tobytes()
+    card = cards["t-det"]
+    run = _run(card, [ds], runtime)
+    (finding,) = run.images[0].findings
+    col0, row0, col1, row1 = finding.box
+    assert col0 < 200 < col1 and row0 < 250 < row1
+    kinds = _valid(result_objects(run, card))
+    assert kinds == {"sr": 1, "overlay": 1, "kos": 1}

@@ -80,7 +80,11 @@ def result_objects(run: ModelRun, card: ModelCard) -> list[tuple[str, Dataset]]:
                 objects.append(("overlay", overlay.build_overlay(empty, run.algorithm, masks)))
     if "gsps" in produces:
         for evaluation in _drawn(run, card):
-            if any(f.box is not None or f.point is not None for f in evaluation.findings):
+            # A presentation state applies to a greyscale image only.
+            greyscale = int(evaluation.source.get("SamplesPerPixel", 1) or 1) == 1
+            if greyscale and any(
+                f.box is not None or f.point is not None for f in evaluation.findings
+            ):
                 objects.append(("gsps", gsps.build_gsps(evaluation, run.algorithm)))
     if "seg" in produces:
         for segmentation in run.segmentations:

@@ -70,11 +70,12 @@ def build_overlay(
     """
     source = validate_evaluation(evaluation, allow_empty=bool(segmentation_masks))
     masks = _checked_masks(segmentation_masks or {}, int(source.Rows), int(source.Columns))
-    if int(source.get("SamplesPerPixel", 1)) != 1 or int(source.get("NumberOfFrames", 1)) != 1:
+    # Colour sources (e.g. a chest X-ray scanned or captured as an RGB secondary capture) are
+    # drawn on their grey presentation.
+    if int(source.get("NumberOfFrames", 1) or 1) != 1:
         raise ValueError(
-            f"build_overlay needs a single-frame greyscale source; SOP Instance UID "
-            f"{source.SOPInstanceUID} has SamplesPerPixel={source.get('SamplesPerPixel')} "
-            f"and NumberOfFrames={source.get('NumberOfFrames', 1)}"
+            f"build_overlay needs a single-frame source; SOP Instance UID "
+            f"{source.SOPInstanceUID} has NumberOfFrames={source.get('NumberOfFrames')}"
         )
     grey = _presentation(source)
     scale = min(1.0, MAX_SIDE / max(grey.shape))
