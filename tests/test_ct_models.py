@@ -19,12 +19,21 @@ from dicomnode.pipeline.tasks import run_model
 from dicomnode.synth.ct import make_ct_series
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
+NODULE_CARD = MODELS / "ct_nodule_demo.toml"
 LUNG_CARD = MODELS / "ct_lung_seg_demo.toml"
+# Far from the training (0..), validation (500 000..) and held-out (1 000 000..) seed ranges.
+FRESH_SEEDS = (7_100_001, 7_100_002, 7_100_003, 7_100_004)
+HIT_RADIUS_MIN_MM = 5.0
 
 
 @pytest.fixture(scope="module")
 def runtime() -> Runtime:
     return Runtime(["CPUExecutionProvider"], InferenceSettings(intra_op_threads=2))
+
+
+@pytest.fixture(scope="module")
+def nodule_card() -> ModelCard:
+    return load_card(NODULE_CARD)
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +56,23 @@ def _session(card: ModelCard) -> onnxruntime.InferenceSession:
 
 
 # --- cards and interfaces ----------------------------------------------------------------------
+
+
+def test_nodule_card(nodule_card: ModelCard) -> None:
+    card = nodule_card
+    assert card.model.name == "ct-nodule-demo" and card.model.task == "detection"
+    assert "not for clinical use" in card.model.description.lower()
+    assert card.input.shape == (3, 160, 160) and card.input.slices == 3
+    assert card.input.window == (-600.0, 1500.0) and card.input.normalisation == "unit"
+    assert card.select.modalities == ["CT"] and card.select.body_parts == ["CHEST"]
+    (label,) = card.labels
+    assert (label.index, label.code_value, label.code_scheme) == (0, "786838002", "SCT")
+    assert label.truth == "nodule" and 0.0 < label.threshold < 1.0
+    assert card.output("boxes") is not None and card.produces == ("sr", "overlay", "gsps", "kos")
+    for key in ("heldout_sensitivity_at_1_fp_per_scan", "heldout_sensitivity_at_4_fp_per_scan",
+                "heldout_cpm"):
+        assert 0.0 <= float(card.metrics[key]) <= 1.0
+    assert card.onnx_path.stat().st_size < 10 * 1024 * 1024
 
 
 def test_lung_card(lung_card: ModelCard) -> None:
@@ -76,10 +102,73 @@ def _run_random(card: ModelCard, output_name: str) -> np.ndarray:
     return out
 
 
+def test_nodule_onnx_agrees_with_card(nodule_card: ModelCard) -> None:
+    out = _run_random(nodule_card, nodule_card.output("boxes").name)
+    assert out.ndim == 3 and out.shape[0] == 2 and out.shape[2] == 6
+    assert np.all(out[..., 5] == 0) and np.all((out[..., 4] >= 0) & (out[..., 4] <= 1))
+    assert np.all(out[..., 2] >= out[..., 0]) and np.all(out[..., 3] >= out[..., 1])
+
+
 def test_lung_onnx_agrees_with_card(lung_card: ModelCard) -> None:
     out = _run_random(lung_card, lung_card.output("mask").name)
     assert out.shape == (2, len(lung_card.labels), 160, 160)
     assert out.min() >= 0.0 and out.max() <= 1.0
+
+
+# --- nodule detection through the node's pipeline ----------------------------------------------
+
+
+def _scan_findings(card: ModelCard, runtime: Runtime, seed: int, **options) -> tuple:
+    """Findings of the node's detection run on one fresh series (slices delivered shuffled):
+    scores, centres in patient mm, and the series' truth."""
+    datasets, truth = make_ct_series(seed, rows=256, slices=32, **options)
+    run = run_model(card, _shuffled(datasets), runtime, StageTimes())
+    scores, centres = [], []
+    for image in run.images:
+        ds = image.source
+        position = np.asarray(ds.ImagePositionPatient, dtype=np.float64)
+        spacing_row, spacing_col = (float(v) for v in ds.PixelSpacing)
+        for finding in image.findings:
+            col, row = finding.peak
+            scores.append(finding.probability)
+            centres.append(position + np.array([col * spacing_col, row * spacing_row, 0.0]))
+    return np.asarray(scores), np.asarray(centres).reshape(-1, 3), truth
+
+
+def test_nodule_detector_finds_nodules_on_fresh_series(
+    nodule_card: ModelCard, runtime: Runtime
+) -> None:
+    cases = []
+    for seed in FRESH_SEEDS:
+        scores, centres, truth = _scan_findings(
+            nodule_card, runtime, seed, nodules=(2, 4), nodule_diameter_mm=(6.0, 30.0)
+        )
+        truth_mm = np.array([n.center_mm for n in truth.nodules]).reshape(-1, 3)
+        radii = np.array([max(n.diameter_mm / 2, HIT_RADIUS_MIN_MM) for n in truth.nodules])
+        hits = evaluation.match_points(centres, truth_mm, radii)
+        cases.append(evaluation.CaseDetections(scores, hits, len(truth.nodules)))
+    curve = evaluation.froc(cases)
+    n_nodules = sum(case.n_lesions for case in cases)
+    assert n_nodules >= 8
+    sensitivity = curve.sensitivity_at(4.0)
+    print(f"fresh series: {n_nodules} nodules >= 6 mm, FROC", [
+        (p, round(curve.sensitivity_at(p), 3)) for p in (0.5, 1, 2, 4, 8)])
+    assert sensitivity >= 0.6, f"sensitivity {sensitivity:.2f} at 4 FP/scan, {n_nodules} nodules"
+
+
+def test_nodule_detector_is_quiet_on_nodule_free_series(
+    nodule_card: ModelCard, runtime: Runtime
+) -> None:
+    threshold = nodule_card.labels[0].threshold
+    positives = []
+    for seed in FRESH_SEEDS[:2]:
+        scores, _, truth = _scan_findings(nodule_card, runtime, seed, nodules=(0, 0))
+        assert not truth.nodules
+        positives.append(int((scores >= threshold).sum()))
+    print("positive findings per nodule-free scan", positives)
+    # The label threshold is the score at 1 FP/scan on validation series; a detector that
+    # fires on vessels everywhere gives dozens per scan.
+    assert sum(positives) <= 4 * len(positives), f"positives per nodule-free scan: {positives}"
 
 
 # --- lung segmentation through the node's pipeline ---------------------------------------------
@@ -99,6 +188,7 @@ def test_lung_segmentation_dice_on_fresh_series(
     assert segment.probabilities.shape == truth.lung.shape == (24, rows, rows)
     assert segment.threshold == lung_card.labels[0].threshold
     dice = evaluation.dice(segment.mask, truth.lung)
+    print(f"lung Dice {dice:.4f}")
     assert dice >= 0.85, f"lung Dice {dice:.3f} on seed {seed}"
     # Outside the body the model must not claim lung.
     assert not segment.mask[:, :2, :].any() and not segment.mask[:, -2:, :].any()
