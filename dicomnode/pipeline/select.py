@@ -18,11 +18,35 @@ class ImageFacts:
     sop_class_uid: str
 
 
+# Words in Body Part Examined or in the descriptions that mean the chest. Sites spell it many
+# ways, and many chest radiographs carry no Body Part Examined at all.
+CHEST_WORDS = ("CHEST", "THORAX", "TORAX", "THORAKS", "LUNG", "CXR", "PULM", "POUMON")
+DESCRIPTIONS = (
+    "ProtocolName",
+    "SeriesDescription",
+    "StudyDescription",
+    "PerformedProcedureStepDescription",
+)
+
+
+def body_part(ds: Dataset) -> str:
+    """Body Part Examined, with the chest's other spellings (THORAX, LUNG, CHEST_PA, ...) read
+    as CHEST; when absent, CHEST if a protocol or description names the chest."""
+    value = str(ds.get("BodyPartExamined", "") or "").strip().upper()
+    if value:
+        return "CHEST" if any(word in value for word in CHEST_WORDS) else value
+    for keyword in DESCRIPTIONS:
+        text = str(ds.get(keyword, "") or "").upper()
+        if any(word in text for word in CHEST_WORDS):
+            return "CHEST"
+    return ""
+
+
 def image_facts(ds: Dataset) -> ImageFacts:
     """The attributes that selection rules look at."""
     return ImageFacts(
         modality=str(ds.get("Modality", "")).upper(),
-        body_part=str(ds.get("BodyPartExamined", "")).upper(),
+        body_part=body_part(ds),
         view=str(ds.get("ViewPosition", "")).upper(),
         sop_class_uid=str(ds.get("SOPClassUID", "")),
     )
