@@ -15,7 +15,7 @@ import pytest
 
 from dicomnode.evaluation.metrics import CaseDetections, froc, match_points, roc_auc
 from dicomnode.models.registry import ModelCard, load_card
-from dicomnode.pipeline.postprocess import detection_findings
+from dicomnode.pipeline.postprocess import detection_findings, landmark_findings
 from dicomnode.pipeline.preprocess import Letterbox, prepare_input
 from dicomnode.synth.cxr import CxrTruth, make_cxr
 
@@ -91,7 +91,8 @@ def tip_card() -> ModelCard:
 
 def _common_card_checks(card: ModelCard) -> None:
     assert "not for clinical use" in card.model.description
-    assert card.input.shape == (1, 256, 256) and card.input.normalisation == "zscore"
+    assert card.input.shape in ((1, 256, 256), (1, 384, 384))
+    assert card.input.normalisation == "zscore"
     assert card.select.modalities == ["DX", "CR"] and card.select.body_parts == ["CHEST"]
     assert card.select.views == ["PA", "AP"]
     assert card.metrics["heldout_n"] >= 300
@@ -112,7 +113,17 @@ def test_nodule_card(nodule_card: ModelCard) -> None:
     assert 0.0 < nodule_card.metrics["cpm"] <= 1.0 and nodule_card.metrics["image_auc"] > 0.5
 
 
-@pytest.mark.parametrize(("card_path", "shape"), [(NODULE_CARD, (10, 6))])
+def test_tip_card(tip_card: ModelCard) -> None:
+    _common_card_checks(tip_card)
+    assert tip_card.model.name == "cxr-tube-tip-demo" and tip_card.model.task == "landmark"
+    assert [(o.name, o.kind) for o in tip_card.outputs] == [("landmarks", "landmarks")]
+    (label,) = tip_card.labels
+    assert label.truth == "tube_tip"
+    assert tip_card.metrics["presence_auc"] > 0.5
+    assert 0 < tip_card.metrics["tip_distance_median_mm"] <= tip_card.metrics["tip_distance_p90_mm"]
+
+
+@pytest.mark.parametrize(("card_path", "shape"), [(NODULE_CARD, (10, 6)), (TIP_CARD, (1, 3))])
 def test_onnx_interface(card_path: Path, shape: tuple[int, int]) -> None:
     card = load_card(card_path)
     session = onnxruntime.InferenceSession(str(card.onnx_path), providers=["CPUExecutionProvider"])
@@ -125,7 +136,7 @@ def test_onnx_interface(card_path: Path, shape: tuple[int, int]) -> None:
     # Coordinates lie on the model input, scores are probabilities.
     score = result[..., -2] if shape[1] == 6 else result[..., 2]
     assert np.all((score >= 0) & (score <= 1))
-    assert np.all((result[..., :2] >= -0.5) & (result[..., :2] <= 256))
+    assert np.all((result[..., :2] >= -0.5) & (result[..., :2] <= card.input.shape[-1]))
 
 
 def _nodules_in_source(truth: CxrTruth) -> tuple[np.ndarray, np.ndarray]:
@@ -167,3 +178,35 @@ def test_nodule_detector_on_fresh_phantoms(nodule_card: ModelCard, phantoms: lis
     shuffled = {"boxes": np.roll(outputs["boxes"], 1, axis=0)}
     wrong = froc(_nodule_cases(nodule_card, phantoms, shuffled, geometries))
     assert wrong.sensitivity_at(1.0) < curve.sensitivity_at(1.0) - 0.2
+
+
+def _tips(
+    card: ModelCard, phantoms: list[Phantom], outputs: dict[str, np.ndarray], geometries: list
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Whether each phantom has a tube, the tip scores, and the tip distances in mm of those
+    with a tube (the node's landmark finding against the truth, in source pixels)."""
+    present, scores, distances = [], [], []
+    for index, phantom in enumerate(phantoms):
+        (finding,) = landmark_findings(card, outputs, index, geometries[index])
+        tip = phantom.truth.landmarks.get("tube_tip")
+        present.append(tip is not None)
+        scores.append(finding.probability)
+        if tip is not None:
+            col, row = finding.point
+            row_mm, col_mm = phantom.spacing_mm
+            distances.append(float(np.hypot((col - tip[1]) * col_mm, (row - tip[0]) * row_mm)))
+    return np.array(present), np.array(scores), np.array(distances)
+
+
+def test_tube_tip_on_fresh_phantoms(tip_card: ModelCard, phantoms: list[Phantom]) -> None:
+    outputs, geometries = _run(tip_card, phantoms)
+    present, scores, distances = _tips(tip_card, phantoms, outputs, geometries)
+    assert 20 <= present.sum() < len(phantoms)
+    assert roc_auc(present, scores) >= 0.95
+    assert float(np.median(distances)) <= 5.0, np.median(distances)
+    assert float(np.mean(distances <= 10.0)) >= 0.85
+
+    # Tips found on other phantoms are far from these phantoms' tips.
+    rolled = {"landmarks": np.roll(outputs["landmarks"], 1, axis=0)}
+    _, _, wrong = _tips(tip_card, phantoms, rolled, geometries)
+    assert float(np.median(wrong)) > 2 * float(np.median(distances)) + 5.0

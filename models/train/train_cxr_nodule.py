@@ -13,7 +13,7 @@ phantoms are cached on disk and shared with ``train_cxr_tube_tip.py`` (this modu
 localisation data, backbone, crop training loop and ONNX helpers both scripts use).
 
 The network predicts a nodule-centre heatmap, a centre offset and a box size at 1/4 of the input
-resolution. It trains on random 128 x 128 crops of the 256 x 256 inputs (fully convolutional, so
+resolution. It trains on random 128 x 128 crops of the 384 x 384 inputs (fully convolutional, so
 it runs on whole inputs at inference); the ONNX graph decodes the maps itself (sigmoid, 3 x 3
 max-pool peak suppression, top-K, boxes from the size regression) into (N, K, 6) rows
 (x0, y0, x1, y1, score, label_index) in model-input pixels. Train, validation and held-out
@@ -25,6 +25,7 @@ phantoms (``dicomnode.evaluation.metrics``).
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import inspect
 import io
@@ -53,7 +54,9 @@ from dicomnode.synth import cxr
 MODEL_NAME = "cxr-nodule-demo"
 MODEL_VERSION = "1.0.0"
 STEM = "cxr_nodule_demo"
-INPUT_SHAPE = (1, 256, 256)
+# Model input of both localisation models (384 rather than 256: nodules of 5-8 mm are 3-4
+# pixels across at 256 and were mostly missed there).
+INPUT_SHAPE = (1, 384, 384)
 STRIDE = 4  # model-input pixels per output cell
 CROP = 128  # training crop side (input pixels); a multiple of 16 keeps the grids aligned
 TOP_K = 10
@@ -69,8 +72,8 @@ TUBE_PREVALENCE = 0.5
 DISTRACTOR_PREVALENCE = 0.12
 FP_RATES = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 # A detection hits a nodule when its box centre lies within the nodule's radius, but at least
-# this many input pixels (about 5 mm) so that 5 mm nodules (3 px) are not held to sub-pixel aim.
-MIN_HIT_RADIUS = 3.0
+# this many mm, so that 5 mm nodules (3-4 input px) are not held to sub-pixel aim.
+MIN_HIT_RADIUS_MM = 5.0
 CACHE_VERSION = "cxr-localisation-1"
 
 
@@ -150,7 +153,9 @@ def pixel_spacing_mm(ds: pydicom.Dataset) -> tuple[float, float]:
     return float(spacing[0]), float(spacing[1])
 
 
-def prepare_phantom(job: LocalisationJob) -> dict[str, np.ndarray]:
+def prepare_phantom(
+    job: LocalisationJob, shape: tuple[int, int, int] = INPUT_SHAPE
+) -> dict[str, np.ndarray]:
     """Worker: one phantom prepared as the node would ('unit' input), its nodule boxes and tube
     tip in input pixels, and the input pixel size in mm (rows, columns)."""
     ds, truth = cxr.make_cxr(
@@ -164,7 +169,7 @@ def prepare_phantom(job: LocalisationJob) -> dict[str, np.ndarray]:
         photometric=job.photometric,
     )
     ds = round_trip(ds)
-    sample, geometry = prepare_input(ds, InputSpec(shape=INPUT_SHAPE, normalisation="unit"))
+    sample, geometry = prepare_input(ds, InputSpec(shape=shape, normalisation="unit"))
     boxes = [box_to_input(box, geometry) for name, box in truth.boxes if name == "nodule"]
     tip = truth.landmarks.get("tube_tip")
     row_mm, col_mm = pixel_spacing_mm(ds)
@@ -203,7 +208,7 @@ def cache_dir() -> Path:
     return Path(os.environ.get("DICOMNODE_TRAIN_CACHE", default))
 
 
-def _cache_key(jobs: list[LocalisationJob]) -> str:
+def _cache_key(jobs: list[LocalisationJob], shape: tuple[int, int, int]) -> str:
     # Keyed by the phantom sources and the preparation code, not the training code.
     sources = sorted(Path(cxr.__file__).parent.glob("cxr*.py"))
     sources.append(Path(prepare_input.__code__.co_filename))
@@ -212,21 +217,27 @@ def _cache_key(jobs: list[LocalisationJob]) -> str:
         b"".join(p.read_bytes() for p in sources)
         + "".join(inspect.getsource(function) for function in preparation).encode()
     )
-    payload = json.dumps([CACHE_VERSION, INPUT_SHAPE, [asdict(j) for j in jobs]]).encode()
+    payload = json.dumps([CACHE_VERSION, shape, [asdict(j) for j in jobs]]).encode()
     return hashlib.sha256(hashlib.sha256(source).digest() + payload).hexdigest()[:20]
 
 
 def localisation_split(
-    seed_start: int, n: int, workers: int = 2, precision: type = np.float16
+    seed_start: int,
+    n: int,
+    workers: int = 2,
+    precision: type = np.float16,
+    shape: tuple[int, int, int] = INPUT_SHAPE,
 ) -> LocalisationSplit:
-    """Phantoms with seeds seed_start..seed_start+n-1, rendered in ``workers`` processes and
-    cached on disk (keyed by the jobs, the preparation code and the phantom sources)."""
+    """Phantoms with seeds seed_start..seed_start+n-1 prepared at input ``shape``, rendered in
+    ``workers`` processes and cached on disk (keyed by the jobs, the shape, the preparation
+    code and the phantom sources)."""
     jobs = [localisation_job(seed) for seed in range(seed_start, seed_start + n)]
-    path = cache_dir() / f"localisation-{seed_start}-{n}-{_cache_key(jobs)}.npz"
+    key = _cache_key(jobs, shape)
+    path = cache_dir() / f"localisation-{shape[1]}-{seed_start}-{n}-{key}.npz"
     if not path.is_file():
         started = time.monotonic()
         with multiprocessing.get_context("fork").Pool(workers) as pool:
-            results = pool.map(prepare_phantom, jobs, chunksize=8)
+            results = pool.map(functools.partial(prepare_phantom, shape=shape), jobs, chunksize=8)
         print(f"rendered {n} phantoms in {time.monotonic() - started:.0f} s", flush=True)
         path.parent.mkdir(parents=True, exist_ok=True)
         counts = [len(r["boxes"]) for r in results]
@@ -263,7 +274,8 @@ def zscore_spec(train: LocalisationSplit) -> InputSpec:
     """A z-score InputSpec with the mean/std of (up to 256) training inputs."""
     sample = train.images[:256].astype(np.float64)
     mean, std = round(float(sample.mean()), 4), round(float(sample.std()), 4)
-    return InputSpec(shape=INPUT_SHAPE, normalisation="zscore", mean=mean, std=std)
+    shape = tuple(int(v) for v in train.images.shape[1:])
+    return InputSpec(shape=shape, normalisation="zscore", mean=mean, std=std)
 
 
 # --- network -------------------------------------------------------------------------------
@@ -440,11 +452,13 @@ def crop_origin(
 
 @dataclass
 class CropBatch:
-    """Crops of one batch and, per crop, its origin (x0, y0) in the full input."""
+    """Crops of one batch and, per crop, its origin (x0, y0) in the full input and whether it
+    was mirrored left-right (after cropping)."""
 
     images: torch.Tensor
     origins: list[tuple[int, int]]
     index: np.ndarray
+    flipped: np.ndarray
 
 
 def crop_batches(
@@ -454,8 +468,10 @@ def crop_batches(
     batch: int,
     rng: np.random.Generator,
     crop: int = CROP,
+    flip: bool = False,
 ) -> list[CropBatch]:
-    """One epoch of shuffled crop batches (normalised as the card says)."""
+    """One epoch of shuffled crop batches (normalised as the card says), half of them
+    mirrored left-right when ``flip``."""
     order = rng.permutation(len(images))
     size = images.shape[-1]
     out = []
@@ -468,7 +484,9 @@ def crop_batches(
                 for i, (x, y) in zip(index, origins, strict=True)
             ]
         )
-        out.append(CropBatch(torch.from_numpy(normalised(crops, spec)), origins, index))
+        flipped = rng.random(len(index)) < 0.5 if flip else np.zeros(len(index), dtype=bool)
+        crops[flipped] = crops[flipped][..., ::-1]
+        out.append(CropBatch(torch.from_numpy(normalised(crops, spec)), origins, index, flipped))
     return out
 
 
@@ -483,6 +501,7 @@ def train_crops(
     batch: int,
     learning_rate: float = 3e-3,
     crop: int = CROP,
+    flip: bool = False,
 ) -> tuple[float, int]:
     """AdamW with a one-cycle schedule on random crops; keep the epoch with the best
     ``validate()`` score (higher is better) and return it and its epoch."""
@@ -496,7 +515,7 @@ def train_crops(
     for epoch in range(1, epochs + 1):
         net.train()
         started, total = time.monotonic(), 0.0
-        for crops in crop_batches(images, targets, spec, batch, rng, crop):
+        for crops in crop_batches(images, targets, spec, batch, rng, crop, flip):
             loss = loss_of_batch(net(crops.images), crops)
             optimiser.zero_grad()
             loss.backward()
@@ -532,12 +551,12 @@ def predict(module: nn.Module, images: np.ndarray, spec: InputSpec, batch: int =
 
 
 def detection_cases(
-    predictions: np.ndarray, truths: list[np.ndarray], min_score: float = MIN_SCORE
+    predictions: np.ndarray, split: LocalisationSplit, min_score: float = MIN_SCORE
 ) -> list[evaluation.CaseDetections]:
     """FROC cases: per image the boxes scoring >= ``min_score`` (what the node reports) and the
-    nodule each one hits (box centre within the nodule's radius, at least MIN_HIT_RADIUS)."""
+    nodule each one hits (box centre within the nodule's radius, at least MIN_HIT_RADIUS_MM)."""
     cases = []
-    for rows, truth in zip(predictions, truths, strict=True):
+    for rows, truth, mm in zip(predictions, split.boxes, split.mm_per_pixel, strict=True):
         rows = rows[rows[:, 4] >= min_score]
         if len(rows) == 0:
             cases.append(evaluation.CaseDetections(np.zeros(0), np.zeros(0, int), len(truth)))
@@ -552,11 +571,47 @@ def detection_cases(
             [(truth[:, 0] + truth[:, 2]) / 2, (truth[:, 1] + truth[:, 3]) / 2], 1
         )
         radii = np.maximum(
-            (truth[:, 2:4] - truth[:, 0:2]).max(axis=1, initial=0) / 2, MIN_HIT_RADIUS
+            (truth[:, 2:4] - truth[:, 0:2]).max(axis=1, initial=0) / 2,
+            MIN_HIT_RADIUS_MM / float(mm.min()),
         )
         hits = evaluation.match_points(centres, truth_centres, radii)
         cases.append(evaluation.CaseDetections(rows[:, 4], hits, len(truth)))
     return cases
+
+
+def found_nodules(
+    cases: list[evaluation.CaseDetections], threshold: float
+) -> tuple[list[np.ndarray], int]:
+    """Per case which nodules a detection scoring >= ``threshold`` hits, and the number of
+    false positives at that threshold."""
+    found, false_positives = [], 0
+    for case in cases:
+        keep = case.scores >= threshold
+        hit = np.zeros(case.n_lesions, dtype=bool)
+        hit[case.hits[keep & (case.hits >= 0)]] = True
+        found.append(hit)
+        false_positives += int((keep & (case.hits < 0)).sum())
+    return found, false_positives
+
+
+def sensitivity_by_diameter(
+    cases: list[evaluation.CaseDetections], split: LocalisationSplit, threshold: float
+) -> dict[str, float | int]:
+    """Sensitivity at ``threshold`` (the 1 FP/image point) for small, medium and large
+    nodules (box width in mm: < 8, 8-15, >= 15) and how many there are of each."""
+    found, _ = found_nodules(cases, threshold)
+    diameters = np.concatenate(
+        [(b[:, 2] - b[:, 0]) * mm[1] for b, mm in zip(split.boxes, split.mm_per_pixel, strict=True)]
+    )
+    hit = np.concatenate(found)
+    out: dict[str, float | int] = {}
+    for name, low, high in (("lt8", 0, 8), ("8to15", 8, 15), ("ge15", 15, np.inf)):
+        band = (diameters >= low) & (diameters < high)
+        out[f"sensitivity_at_1_fp_diameter_{name}_mm"] = (
+            float(hit[band].mean()) if band.any() else 0.0
+        )
+        out[f"heldout_nodules_diameter_{name}_mm"] = int(band.sum())
+    return out
 
 
 def froc_key(rate: float) -> str:
@@ -564,21 +619,23 @@ def froc_key(rate: float) -> str:
     return f"froc_sensitivity_at_{rate:g}_fp".replace(".", "_")
 
 
-def nodule_froc(predictions: np.ndarray, truths: list[np.ndarray]) -> evaluation.FrocCurve:
-    return evaluation.froc(detection_cases(predictions, truths))
+def nodule_froc(predictions: np.ndarray, split: LocalisationSplit) -> evaluation.FrocCurve:
+    return evaluation.froc(detection_cases(predictions, split))
 
 
 # --- export and card -----------------------------------------------------------------------
 
 
-def export_onnx(module: nn.Module, path: Path, output_name: str) -> None:
-    """ONNX opset 17 with input ``image`` [N, *INPUT_SHAPE] and one output, dynamic batch."""
+def export_onnx(
+    module: nn.Module, path: Path, output_name: str, shape: tuple[int, int, int] = INPUT_SHAPE
+) -> None:
+    """ONNX opset 17 with input ``image`` [N, *shape] and one output, dynamic batch."""
     module.eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
             module,
-            (torch.zeros(1, *INPUT_SHAPE),),
+            (torch.zeros(1, *shape),),
             str(path),
             input_names=["image"],
             output_names=[output_name],
@@ -696,13 +753,19 @@ def set_deterministic(threads: int = 2) -> None:
 
 
 def load_splits(
-    n_train: int, n_validation: int, n_heldout: int, workers: int
+    n_train: int,
+    n_validation: int,
+    n_heldout: int,
+    workers: int,
+    shape: tuple[int, int, int] = INPUT_SHAPE,
 ) -> dict[str, LocalisationSplit]:
-    """The train (float16), validation and held-out (float32) splits."""
+    """The train (float16), validation and held-out (float32) splits at input ``shape``."""
     return {
-        "train": localisation_split(TRAIN_SEED_START, n_train, workers),
-        "validation": localisation_split(VALIDATION_SEED_START, n_validation, workers, np.float32),
-        "heldout": localisation_split(HELDOUT_SEED_START, n_heldout, workers, np.float32),
+        "train": localisation_split(TRAIN_SEED_START, n_train, workers, np.float16, shape),
+        "validation": localisation_split(
+            VALIDATION_SEED_START, n_validation, workers, np.float32, shape
+        ),
+        "heldout": localisation_split(HELDOUT_SEED_START, n_heldout, workers, np.float32, shape),
     }
 
 
@@ -721,14 +784,20 @@ def main() -> None:
         default=0.25,
         help="false positives per image on validation phantoms at the card's threshold",
     )
+    parser.add_argument(
+        "--prepare-only", action="store_true", help="render and cache the phantoms, then stop"
+    )
     args = parser.parse_args()
 
     started = time.monotonic()
     set_deterministic()
     args.out.mkdir(parents=True, exist_ok=True)
-    splits = load_splits(args.n_train, args.n_validation, args.n_heldout, args.workers)
+    splits = load_splits(args.n_train, args.n_validation, args.n_heldout, args.workers, INPUT_SHAPE)
     train, validation, heldout = splits["train"], splits["validation"], splits["heldout"]
     data_seconds = time.monotonic() - started
+    if args.prepare_only:
+        print(f"phantoms cached in {cache_dir()} ({data_seconds:.0f} s)")
+        return
     spec = zscore_spec(train)
     print(f"phantoms ready ({data_seconds:.0f} s); input z-score {spec.mean} / {spec.std}")
 
@@ -740,42 +809,45 @@ def main() -> None:
             crop_boxes(train.boxes[i], x, y, CROP)
             for i, (x, y) in zip(crops.index, crops.origins, strict=True)
         ]
+        boxes = [
+            np.stack([CROP - b[:, 2], b[:, 1], CROP - b[:, 0], b[:, 3]], 1) if f else b
+            for b, f in zip(boxes, crops.flipped, strict=True)
+        ]
         return nodule_loss(raw, boxes)
 
     def validate() -> float:
-        return nodule_froc(predict(decoder, validation.images, spec), validation.boxes).cpm(
-            FP_RATES
-        )
+        return nodule_froc(predict(decoder, validation.images, spec), validation).cpm(FP_RATES)
 
     centres = [np.stack([(b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2], 1) for b in train.boxes]
     best_cpm, best_epoch = train_crops(
-        net, train.images, centres, spec, loss_of_batch, validate, args.epochs, args.batch
+        net,
+        train.images,
+        centres,
+        spec,
+        loss_of_batch,
+        validate,
+        args.epochs,
+        args.batch,
+        flip=True,
     )
     train_seconds = time.monotonic() - started - data_seconds
-    validation_curve = nodule_froc(predict(decoder, validation.images, spec), validation.boxes)
+    validation_curve = nodule_froc(predict(decoder, validation.images, spec), validation)
     # Rounded as the card stores it, so the reported operating point is the card's.
     threshold = float(f"{min(validation_curve.threshold_at(args.threshold_fp_rate), 1.0):.6g}")
 
     onnx_path = args.out / f"{STEM}.onnx"
-    export_onnx(decoder, onnx_path, "boxes")
+    export_onnx(decoder, onnx_path, "boxes", spec.shape)
     torch_boxes = predict(decoder, heldout.images, spec)
     boxes = onnx_run(onnx_path, heldout.images, spec)
     max_difference = ranked_difference(boxes, torch_boxes)
     if boxes.shape != (len(heldout.seeds), TOP_K, 6) or max_difference > 1e-3:
         raise SystemExit(f"ONNX and torch disagree on held-out phantoms by {max_difference:.2e}")
 
-    curve = nodule_froc(boxes, heldout.boxes)
+    cases = detection_cases(boxes, heldout)
+    curve = evaluation.froc(cases)
     image_scores = np.where(boxes[:, :, 4] >= MIN_SCORE, boxes[:, :, 4], 0.0).max(axis=1)
     labels = heldout.has_nodule
-    at_threshold = [case.scores >= threshold for case in detection_cases(boxes, heldout.boxes)]
-    cases = detection_cases(boxes, heldout.boxes)
-    found = sum(
-        len(set(case.hits[keep & (case.hits >= 0)].tolist()))
-        for case, keep in zip(cases, at_threshold, strict=True)
-    )
-    false_positives = sum(
-        int((keep & (case.hits < 0)).sum()) for case, keep in zip(cases, at_threshold, strict=True)
-    )
+    found, false_positives = found_nodules(cases, threshold)
     n_nodules = int(sum(len(b) for b in heldout.boxes))
     auc_low, auc_high = evaluation.auc_confidence_interval(labels, image_scores)
     metrics: dict[str, object] = {froc_key(rate): curve.sensitivity_at(rate) for rate in FP_RATES}
@@ -784,7 +856,7 @@ def main() -> None:
             "cpm": curve.cpm(FP_RATES),
             "cpm_fp_rates": " ".join(f"{rate:g}" for rate in FP_RATES),
             "hit_criterion": (
-                f"box centre within the nodule radius (at least {MIN_HIT_RADIUS:g} input px)"
+                f"box centre within the nodule radius (at least {MIN_HIT_RADIUS_MM:g} mm)"
             ),
             "froc_min_score": MIN_SCORE,
             "image_auc": evaluation.roc_auc(labels, image_scores),
@@ -800,8 +872,9 @@ def main() -> None:
                 f"lowest score at {args.threshold_fp_rate:g} false positives per image on "
                 "validation phantoms"
             ),
-            "sensitivity_at_threshold": found / n_nodules,
+            "sensitivity_at_threshold": float(np.concatenate(found).mean()),
             "fp_per_image_at_threshold": false_positives / len(cases),
+            **sensitivity_by_diameter(cases, heldout, curve.threshold_at(1.0)),
             "image_sensitivity_at_threshold": float((image_scores[labels] >= threshold).mean()),
             "image_specificity_at_threshold": float((image_scores[~labels] < threshold).mean()),
             "validation_cpm": best_cpm,
@@ -818,6 +891,7 @@ def main() -> None:
         "best_epoch": best_epoch,
         "batch": args.batch,
         "crop": CROP,
+        "augmentation": "random crops, half mirrored left-right",
         "seconds": round(time.monotonic() - started),
         "train_seconds": round(train_seconds),
         "phantom_seconds": round(data_seconds),
