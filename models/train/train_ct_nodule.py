@@ -39,6 +39,7 @@ PEAK_POOL = 5  # peak suppression window in heat-map cells (10 input px)
 TOP_K = 16
 MIN_SCORE = 0.05
 CROP = 80
+LUNG_NEGATIVES = 0.75  # share of nodule-free crops centred on a lung pixel
 HIT_RADIUS_MIN_MM = 5.0
 FROC_POINTS = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 
@@ -178,8 +179,9 @@ def training_slices(split: list[ct_common.Series]) -> tuple[list, list]:
 def make_batch(
     split: list[ct_common.Series], items: list, rng: np.random.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random CROP x CROP crops (aligned to the stride) around a nodule or anywhere, flipped
-    left-right and in slice order at random."""
+    """Random CROP x CROP crops (aligned to the stride) around a nodule, or for nodule-free
+    slices mostly around a lung pixel (else anywhere), flipped left-right and in slice order
+    at random."""
     size = ct_common.INPUT_SIZE
     images, targets = [], []
     for s_index, k, slice_t in items:
@@ -190,8 +192,15 @@ def make_batch(
             x0 = int(np.clip(cx - rng.uniform(8, CROP - 8), 0, size - CROP))
             y0 = int(np.clip(cy - rng.uniform(8, CROP - 8), 0, size - CROP))
         else:
-            x0 = int(rng.integers(0, size - CROP + 1))
-            y0 = int(rng.integers(0, size - CROP + 1))
+            lung = np.flatnonzero(split[s_index].lung_input[k] >= 128)
+            if lung.size and rng.random() < LUNG_NEGATIVES:
+                # Hard negatives: vessels and airways inside the lungs look most like nodules.
+                cy, cx = divmod(int(lung[rng.integers(lung.size)]), size)
+                x0 = int(np.clip(cx - rng.uniform(8, CROP - 8), 0, size - CROP))
+                y0 = int(np.clip(cy - rng.uniform(8, CROP - 8), 0, size - CROP))
+            else:
+                x0 = int(rng.integers(0, size - CROP + 1))
+                y0 = int(rng.integers(0, size - CROP + 1))
         x0, y0 = x0 // STRIDE * STRIDE, y0 // STRIDE * STRIDE
         image = stack[:, y0 : y0 + CROP, x0 : x0 + CROP]
         maps = maps[:, y0 // STRIDE : (y0 + CROP) // STRIDE, x0 // STRIDE : (x0 + CROP) // STRIDE]
@@ -387,7 +396,7 @@ def main() -> None:
     parser.add_argument("--n-train", type=int, default=100)
     parser.add_argument("--n-validation", type=int, default=16)
     parser.add_argument("--n-heldout", type=int, default=24)
-    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--epochs", type=int, default=14)
     parser.add_argument("--samples", type=int, default=1536, help="crops per epoch")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--workers", type=int, default=2, help="phantom generator processes")
@@ -460,6 +469,7 @@ def main() -> None:
         crop=CROP,
         batch=args.batch,
         heatmap_stride=STRIDE,
+        lung_negatives=LUNG_NEGATIVES,
         top_k=TOP_K,
     )
     code, scheme, meaning = NODULE_CODE
