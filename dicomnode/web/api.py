@@ -22,14 +22,13 @@ from dicomnode.db.models import ResultObject, Study
 from dicomnode.db.session import utcnow
 from dicomnode.users import authenticate, issue_token, revoke_token
 from dicomnode.web.auth import SESSION_LIFETIME, Caller, admin_only
-from dicomnode.web.jobs_api import export_failures, failures
+from dicomnode.web.jobs_api import export_failures
 from dicomnode.web.schemas import (
     AuditOut,
     LoginIn,
     MeOut,
     OverrideIn,
     ReadingStatus,
-    StudyOut,
     TierName,
     TokenOut,
     WorklistOut,
@@ -37,6 +36,7 @@ from dicomnode.web.schemas import (
     audit_out,
     row_out,
 )
+from dicomnode.web.study_view import StudyDetailOut, study_detail
 from dicomnode.worklist import audit, service
 from dicomnode.worklist.service import ClaimConflict, InvalidRequest, StudyNotFound, WorklistError
 
@@ -137,17 +137,21 @@ def api_router(
             rows=[row_out(row, dead.get(row.study_instance_uid, "")) for row in rows],
         )
 
-    @router.get("/studies/{study_instance_uid}", response_model=StudyOut, tags=["studies"])
-    def study(study_instance_uid: str, caller: Caller = authenticated) -> StudyOut:
-        """One study with findings, result links and its change history; audited as a view."""
+    @router.get(
+        "/studies/{study_instance_uid}",
+        response_model=StudyDetailOut,
+        responses={404: ERRORS[404]},
+        tags=["studies"],
+    )
+    def study(study_instance_uid: str, caller: Caller = authenticated) -> StudyDetailOut:
+        """One study: every model's findings (with thresholds), result objects by kind with
+        their export state per destination, and its change history; audited as a view."""
         now = utcnow()
         with sessions() as session:
             try:
-                row = service.study_row(session, study_instance_uid)
+                detail = study_detail(session, study_instance_uid)
             except WorklistError as error:
                 raise _http_error(error) from None
-            history = audit.entries(session, study_instance_uid=study_instance_uid, limit=50)
-            problems = failures(session, study_instance_uid)
             audit.record(
                 session,
                 caller.principal.username,
@@ -156,12 +160,7 @@ def api_router(
                 study_instance_uid=study_instance_uid,
             )
             session.commit()
-        return StudyOut(
-            **row_out(row).model_dump(),
-            history=[audit_out(entry) for entry in history if not entry.action.startswith("view")],
-            analysis_error=problems.analysis_error,
-            export_errors=problems.export_errors,
-        )
+        return detail
 
     def _act(action: Callable[[Session], object], study_instance_uid: str) -> WorklistRowOut:
         with sessions() as session:

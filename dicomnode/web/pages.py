@@ -1,4 +1,4 @@
-"""The radiologists' pages: log-in, log-out and the live worklist."""
+"""The radiologists' pages: log-in, log-out, the live worklist and a study's detail."""
 
 from __future__ import annotations
 
@@ -27,8 +27,10 @@ from dicomnode.web.auth import (
     session_csrf,
 )
 from dicomnode.web.schemas import WorklistOut, row_out
+from dicomnode.web.study_view import study_detail
 from dicomnode.worklist import audit, service
 from dicomnode.worklist.policy import TIERS
+from dicomnode.worklist.service import StudyNotFound
 
 log = logging.getLogger(__name__)
 
@@ -166,6 +168,43 @@ def page_router(
                 "page_size": PAGE_SIZE,
                 "poll_ms": POLL_SECONDS * 1000,
             },
+            headers={"Cache-Control": "no-store"},
+        )
+
+    @router.get("/worklist/study/{study_instance_uid}", response_class=HTMLResponse)
+    def study(
+        request: Request, study_instance_uid: str, caller: Caller = authenticated
+    ) -> Response:
+        """Every model's findings and the study's result objects with their export state."""
+        now = utcnow()
+        with sessions() as session:
+            try:
+                detail = study_detail(session, study_instance_uid)
+            except StudyNotFound as error:
+                detail, missing = None, str(error)
+            else:
+                missing = ""
+                audit.record(
+                    session,
+                    caller.principal.username,
+                    "view_study",
+                    now,
+                    study_instance_uid=study_instance_uid,
+                    detail="page",
+                )
+                session.commit()
+        return TEMPLATES.TemplateResponse(
+            request,
+            "study.html",
+            {
+                "study": detail,
+                "missing": missing,
+                "user": caller.principal,
+                "csrf_token": caller.csrf_token,
+                "notice": RESEARCH_DEMO_NOTICE,
+                "version": __version__,
+            },
+            status_code=404 if detail is None else 200,
             headers={"Cache-Control": "no-store"},
         )
 

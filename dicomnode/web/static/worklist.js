@@ -31,12 +31,14 @@
     in_progress: "In progress",
     reported: "Reported",
   };
-  const KIND_TEXT = { sr: "SR", overlay: "Overlay", seg: "SEG" };
+  const KIND_TEXT = { sr: "SR", overlay: "Overlay", seg: "SEG", gsps: "GSPS", derived: "Derived", kos: "KOS" };
+  const KIND_ORDER = ["sr", "overlay", "seg", "gsps", "derived", "kos"];
 
   let offset = 0;
   let skewMs = 0; // server clock minus this browser's clock
   let latest = null;
   let inFlight = false;
+  const expandedBelow = new Set(); // rows whose below-threshold findings are open (survives polls)
 
   function el(tag, className, text) {
     const node = document.createElement(tag);
@@ -89,6 +91,34 @@
     return td;
   }
 
+  function percent(probability) {
+    return (probability * 100).toFixed(0) + "%";
+  }
+
+  // One finding (a label, highest probability first); others: the same label from other models.
+  function findingSpan(finding, others) {
+    const classes = ["finding", finding.present ? "present" : "absent"];
+    classes.push(finding.critical ? "critical" : "noncritical");
+    const span = el("span", classes.join(" "));
+    if (finding.present && finding.critical) {
+      span.appendChild(el("span", "crit-tag", "critical"));
+      span.appendChild(document.createTextNode(" "));
+    }
+    span.appendChild(document.createTextNode(finding.meaning + " "));
+    span.appendChild(el("span", "prob", percent(finding.probability)));
+    span.appendChild(el("span", "model", " · " + finding.model));
+    let title = finding.scheme + " " + finding.code + (finding.present ? " (above threshold)" : " (below threshold)");
+    if (others && others.length) {
+      span.appendChild(el("span", "model also", " +" + others.length + (others.length === 1 ? " model" : " models")));
+      title += "; also " + others.map(function (f) { return f.model + " " + percent(f.probability); }).join(", ");
+    }
+    span.title = title;
+    return span;
+  }
+
+  // Present findings first, critical ones first, one entry per label (the models that agree on
+  // it are named in its tooltip); the rest collapsed: with a whole model zoo a study carries a
+  // dozen findings, most of them below threshold.
   function reasonCell(row) {
     const td = el("td", "reason");
     td.appendChild(el("div", null, row.reason));
@@ -97,18 +127,31 @@
     const tag = el("span", "ai-tag", "AI");
     tag.title = "From a research demo model, not for clinical use";
     line.appendChild(tag);
-    td.appendChild(line);
-    for (const finding of row.findings) {
-      const classes = ["finding"];
-      if (finding.present) classes.push("present");
-      if (!finding.critical) classes.push("noncritical");
-      const span = el("span", classes.join(" "));
-      span.appendChild(document.createTextNode(finding.meaning + " "));
-      span.appendChild(el("span", "prob", (finding.probability * 100).toFixed(0) + "%"));
-      span.appendChild(el("span", "model", " · " + finding.model));
-      span.title = finding.scheme + " " + finding.code + (finding.present ? " (above threshold)" : " (below threshold)");
-      line.appendChild(span);
+    const byProbability = function (a, b) { return b.probability - a.probability; };
+    const labels = new Map();
+    for (const finding of row.findings.filter(function (f) { return f.present; }).sort(byProbability)) {
+      const key = finding.scheme + ":" + finding.code;
+      if (!labels.has(key)) labels.set(key, []);
+      labels.get(key).push(finding);
     }
+    const present = Array.from(labels.values()).sort(function (a, b) {
+      return (b[0].critical - a[0].critical) || byProbability(a[0], b[0]);
+    });
+    const below = row.findings.filter(function (f) { return !f.present; }).sort(byProbability);
+    for (const group of present) line.appendChild(findingSpan(group[0], group.slice(1)));
+    if (below.length) {
+      const details = el("details", "below");
+      details.dataset.uid = row.study_instance_uid;
+      details.open = expandedBelow.has(row.study_instance_uid);
+      const summary = el("summary", null, "+" + below.length + " below threshold");
+      summary.title = "Findings the models scored below their thresholds (absent)";
+      details.appendChild(summary);
+      const list = el("span", "below-list");
+      for (const finding of below) list.appendChild(findingSpan(finding, []));
+      details.appendChild(list);
+      line.appendChild(details);
+    }
+    td.appendChild(line);
     return td;
   }
 
@@ -141,17 +184,43 @@
     return td;
   }
 
+  function studyPage(uid) {
+    return "/worklist/study/" + encodeURIComponent(uid);
+  }
+
+  // One link per kind: a lone object downloads, several go to the study page's list.
   function resultsCell(row) {
     const td = el("td", "results");
+    const byKind = new Map();
     for (const result of row.results) {
-      const link = el("a", null, KIND_TEXT[result.kind] || result.kind);
-      link.href = result.url;
-      link.title = result.model + " · download DICOM " + result.sop_instance_uid;
+      if (!byKind.has(result.kind)) byKind.set(result.kind, []);
+      byKind.get(result.kind).push(result);
+    }
+    const kinds = Array.from(byKind.keys()).sort(function (a, b) {
+      const rank = function (k) { const i = KIND_ORDER.indexOf(k); return i < 0 ? KIND_ORDER.length : i; };
+      return rank(a) - rank(b) || a.localeCompare(b);
+    });
+    for (const kind of kinds) {
+      const results = byKind.get(kind);
+      const label = KIND_TEXT[kind] || kind;
+      let link;
+      if (results.length === 1) {
+        link = el("a", null, label);
+        link.href = results[0].url;
+        link.title = results[0].model + " · download DICOM " + results[0].sop_instance_uid;
+      } else {
+        link = el("a", null, label + " ");
+        link.appendChild(el("span", "count-tag", "×" + results.length));
+        link.href = studyPage(row.study_instance_uid) + "#results-" + kind;
+        link.title = results.length + " " + label + " objects: " + results.map(function (r) { return r.model; }).join(", ");
+      }
+      link.dataset.kind = kind;
       td.appendChild(link);
+      td.appendChild(document.createTextNode(" ")); // lets the links wrap
     }
     const details = el("a", "details", "Details");
-    details.href = row.url;
-    details.title = "Study details (JSON)";
+    details.href = studyPage(row.study_instance_uid);
+    details.title = "All findings per model and the result objects with their export state";
     td.appendChild(details);
     return td;
   }
@@ -301,6 +370,14 @@
   document.getElementById("override-cancel").addEventListener("click", function () {
     dialog.close();
   });
+
+  // "toggle" does not bubble: listen in the capture phase for every row's details.
+  rowsEl.addEventListener("toggle", function (event) {
+    const details = event.target;
+    if (!details.matches || !details.matches("details.below")) return;
+    if (details.open) expandedBelow.add(details.dataset.uid);
+    else expandedBelow.delete(details.dataset.uid);
+  }, true);
 
   rowsEl.addEventListener("click", function (event) {
     const button = event.target.closest("button[data-action]");
