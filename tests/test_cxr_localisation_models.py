@@ -91,7 +91,7 @@ def tip_card() -> ModelCard:
 
 def _common_card_checks(card: ModelCard) -> None:
     assert "not for clinical use" in card.model.description
-    assert card.input.shape in ((1, 256, 256), (1, 384, 384))
+    assert card.input.shape == (1, 384, 384)
     assert card.input.normalisation == "zscore"
     assert card.select.modalities == ["DX", "CR"] and card.select.body_parts == ["CHEST"]
     assert card.select.views == ["PA", "AP"]
@@ -167,11 +167,11 @@ def test_nodule_detector_on_fresh_phantoms(nodule_card: ModelCard, phantoms: lis
     outputs, geometries = _run(nodule_card, phantoms)
     cases = _nodule_cases(nodule_card, phantoms, outputs, geometries)
     curve = froc(cases)
-    assert curve.sensitivity_at(1.0) >= 0.45, curve.sensitivity_at(1.0)
+    assert curve.sensitivity_at(1.0) >= 0.5, curve.sensitivity_at(1.0)
     assert curve.sensitivity_at(4.0) >= 0.6, curve.sensitivity_at(4.0)
     has_nodule = np.array([c.n_lesions > 0 for c in cases])
     image_scores = np.array([c.scores.max(initial=0.0) for c in cases])
-    assert roc_auc(has_nodule, image_scores) >= 0.75
+    assert roc_auc(has_nodule, image_scores) >= 0.8
 
     # The same detections on the wrong images find far fewer nodules: the bounds above need
     # boxes in the right places, not just many boxes.
