@@ -85,3 +85,8 @@ def test_match_points_uses_radius_and_nearest() -> None:
     truth = np.array([[10.0, 10.0], [30.0, 30.0]])
     hits = match_points(np.array([[11, 10], [29, 31], [50, 50]]), truth, np.array([3.0, 3.0]))
     assert hits.tolist() == [0, 1, -1]
+
+
+def test_match_points_with_no_lesions_or_no_detections() -> None:
+    assert match_points(np.array([[1.0, 2.0]]), np.empty((0,)), np.empty((0,))).tolist() == [-1]
+    assert match_points(np.empty((0, 2)), np.array([[1.0, 2.0]]), np.array([3.0])).tolist() == []

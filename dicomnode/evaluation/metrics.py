@@ -196,11 +196,13 @@ def froc(cases: Sequence[CaseDetections]) -> FrocCurve:
 def match_points(predicted: np.ndarray, truth: np.ndarray, radii: np.ndarray) -> np.ndarray:
     """For each predicted point (rows of coordinates, any dimension), the index of the nearest
     true lesion whose radius contains it, or -1."""
-    predicted = np.asarray(predicted, dtype=np.float64).reshape(len(predicted), -1)
-    truth = np.asarray(truth, dtype=np.float64).reshape(len(truth), -1)
-    radii = np.asarray(radii, dtype=np.float64).ravel()
-    if truth.size == 0 or predicted.size == 0:
+    predicted = np.asarray(predicted, dtype=np.float64)
+    truth = np.asarray(truth, dtype=np.float64)
+    if truth.size == 0 or predicted.size == 0:  # before reshaping: (0, -1) has no shape
         return np.full(len(predicted), -1, dtype=np.int64)
+    predicted = predicted.reshape(len(predicted), -1)
+    truth = truth.reshape(len(truth), -1)
+    radii = np.asarray(radii, dtype=np.float64).ravel()
     distances = np.linalg.norm(predicted[:, None, :] - truth[None, :, :], axis=2)
     inside = distances <= radii[None, :]
     nearest = np.where(inside, distances, np.inf).argmin(axis=1)
