@@ -503,7 +503,13 @@ def main() -> None:
                     "truth": "nodule",
                 }
             ],
-            "select": {"modalities": ["CT"], "body_parts": ["CHEST"]},
+            # CT Image Storage only: a dose report or screen capture in a CT study (SC, Modality
+            # CT) has no HU for the lung window.
+            "select": {
+                "modalities": ["CT"],
+                "body_parts": ["CHEST"],
+                "sop_classes": ["1.2.840.10008.5.1.4.1.1.2"],
+            },
             "metrics": metrics,
             "training": training,
         },
