@@ -21,7 +21,7 @@ folder, and for (c) every instance must have its database row.
     python benchmarks/ingest.py [--dx 60] [--ct 1000] [--senders 4] [--big-mb 1000]
         [--listeners 2] [--database URL] [--profile FOLDER]
 
-``--profile FOLDER`` samples the node's processes with py-spy (``pip install py-spy``)
+``--profile FOLDER`` samples the node's processes with py-spy (in the dev extra)
 in an extra single-sender CT run (not counted) and writes one collapsed-stack file per
 process there (``--idle``: waits count, so the files show where the wall time goes).
 Run it under the team's CPU lock: ``flock /tmp/dicomnode-cpu.lock python benchmarks/...``.
