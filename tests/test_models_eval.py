@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from conftest import REPO
 
-from dicomnode.evaluation import dataset, evaluate
+from dicomnode.evaluation import dataset, evaluate, plots
 from dicomnode.models.registry import ModelCard, discover_cards
 from dicomnode.pipeline.runtime import Runtime
 from dicomnode.synth import ct as synth_ct
@@ -454,6 +454,8 @@ def test_detection_and_landmark_collectors_on_truth(tmp_path: Path) -> None:
     assert item["n_lesions"] == sum(len(c.cxr.boxes_of("nodule")) for c in data.cases) > 0
     assert item["sensitivity_at_0.125_fp"] == 1.0
     assert item["fp_per_case_at_threshold"] == 1.0 and item["sensitivity_at_threshold"] == 1.0
+    written = plots.write_plots({"model": "oracle", "version": "1", **collector.result()}, tmp_path)
+    assert [p.name for p in written] == ["froc.png"]
 
     landmarks = _card("landmark", "tube_tip", "landmarks")
     run = ModelRun(landmarks.algorithm)
@@ -472,9 +474,13 @@ def test_detection_and_landmark_collectors_on_truth(tmp_path: Path) -> None:
         run.images.append(ImageFindings(ds, [finding]))
     collector = LandmarkCollector(landmarks)
     collector.add(run, frames)
-    item = collector.result()["labels"]["tube_tip"]
+    result = {"model": "oracle", "version": "1", **collector.result()}
+    item = result["labels"]["tube_tip"]
     assert item["presence_auc"] == 1.0 and item["n_distances"] == 3
     assert abs(item["distance_mm_median"] - 6.0) < 1e-6 and item["within_10mm"] == 1.0
+    written = plots.write_plots(result, tmp_path)
+    assert [p.name for p in written] == ["roc.png", "landmark_distance.png"]
+    assert all(p.read_bytes().startswith(PNG_MAGIC) for p in written)
 
 
 def test_ct_detection_collector_on_truth(tmp_path: Path) -> None:

@@ -31,12 +31,14 @@ def roc_plot(result: dict, path: Path) -> Path | None:
         return None
     figure, axes = plt.subplots(figsize=(5.5, 5.5))
     for name, item in curves.items():
+        # Landmarks name theirs presence_auc.
+        prefix = "auc" if "auc" in item else "presence_auc"
         axes.step(
             item["roc"]["fpr"],
             item["roc"]["tpr"],
             where="post",
-            label=f"{name} AUC {item['auc']:.3f} "
-            f"[{item['auc_ci_low']:.3f}, {item['auc_ci_high']:.3f}]",
+            label=f"{name} AUC {item[prefix]:.3f} "
+            f"[{item[prefix + '_ci_low']:.3f}, {item[prefix + '_ci_high']:.3f}]",
         )
     axes.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
     axes.set(xlabel="1 - specificity", ylabel="sensitivity", xlim=(0, 1), ylim=(0, 1.01))
