@@ -76,7 +76,7 @@ def check_cards(settings: Settings) -> tuple[list[ModelCard], list[ConfigError]]
             except ConfigError as exc:
                 problems.append(exc)
                 continue
-            if not card.onnx_path.is_file():
+            if card.model.onnx and not card.onnx_path.is_file():
                 problems.append(
                     ConfigError(
                         path,
@@ -87,6 +87,21 @@ def check_cards(settings: Settings) -> tuple[list[ModelCard], list[ConfigError]]
                 )
                 continue
             by_name[card.model.name] = card
+    for card in list(by_name.values()):
+        missing = [m for m in (card.ensemble.members if card.ensemble else []) if m not in by_name]
+        if missing:
+            assert card.card_path is not None
+            problems.append(
+                ConfigError(
+                    card.card_path,
+                    f"ensemble members without a loadable card: {', '.join(missing)}",
+                    key="ensemble.members",
+                    line=key_line(
+                        card.card_path.read_text(encoding="utf-8"), ("ensemble", "members")
+                    ),
+                )
+            )
+            del by_name[card.model.name]
     return list(by_name.values()), problems
 
 

@@ -93,7 +93,11 @@ def test_pneumothorax_study_goes_to_top_and_results_reach_pacs(
     }
 
     def delivered() -> list[pydicom.Dataset] | None:
-        objects = [pydicom.dcmread(f) for f in pacs.received()]
+        try:
+            objects = [pydicom.dcmread(f) for f in pacs.received()]
+        except (pydicom.errors.InvalidDicomError, EOFError, OSError):
+            return None  # storescp is still writing one: look again
+
         by_study: dict[str, set[str]] = {}
         for ds in objects:
             by_study.setdefault(str(ds.StudyInstanceUID), set()).add(str(ds.SOPClassUID))

@@ -123,7 +123,10 @@ def test_zoo_results_reach_the_pacs_for_the_right_images(zoo_node, tmp_path: Pat
         )
 
     def arrived() -> list[pydicom.Dataset] | None:
-        objects = [pydicom.dcmread(p) for p in pacs.received()]
+        try:
+            objects = [pydicom.dcmread(p) for p in pacs.received()]
+        except (pydicom.errors.InvalidDicomError, EOFError, OSError):
+            return None  # storescp is still writing one: look again
         done = expected <= {str(ds.SeriesInstanceUID) for ds in objects} and any(
             whole_ct_seg(ds) for ds in objects
         )

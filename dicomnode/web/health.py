@@ -32,7 +32,8 @@ def readiness(
         checks["storage"] = "storage folder not writable"
     else:
         checks["storage"] = "ok"
-    missing = [c.model.name for c in cards if not c.onnx_path.is_file()]
+    # An ensemble card has no ONNX file of its own (its members do).
+    missing = [c.model.name for c in cards if c.model.onnx and not c.onnx_path.is_file()]
     if not cards:
         checks["models"] = "no model cards found"
     elif missing:
