@@ -85,7 +85,9 @@ def test_each_destination_gets_the_kinds_it_asks_for(sessions, tmp_path: Path, r
     card = load_card(PNEUMOTHORAX)
     with sessions() as session:
         study_id = _ingest(session, settings, 930_001, pneumothorax=True)
-        analyse_study(session, settings, [card], runtime, study_id)
+        times = analyse_study(session, settings, [card], runtime, study_id)
+        # The priority is committed (seconds from the start) before the results are written.
+        assert times.seconds["triaged"] > 0 and times.seconds["results"] > 0
         rows = session.scalars(select(ResultObject).where(ResultObject.study_id == study_id))
         assert sorted(r.kind for r in rows) == ["kos", "overlay", "sr"]
         assert _exports(session, study_id) == {

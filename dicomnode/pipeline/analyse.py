@@ -112,35 +112,62 @@ def _store_result(
     return row
 
 
+class _Models:
+    """Which models run on which of a study's images, sharing presentations and members."""
+
+    def __init__(self, cards: list[ModelCard], images: list[Dataset]):
+        self.cards = cards
+        self.images = images
+        self.members = {card.model.name: card for card in cards}
+        self.presentations = Presentations()
+        self.facts = {id(ds): image_facts(ds) for ds in images}
+
+    def run(
+        self, card: ModelCard, images: list[Dataset], runtime: Runtime, times: StageTimes
+    ) -> ModelRun:
+        return run_model(card, images, runtime, times, self.members, self.presentations)
+
+    def route(self, runtime: Runtime, times: StageTimes) -> list[tuple[ModelCard, ModelRun]]:
+        """Run the view routers; their view replaces the header's for selection."""
+        runs = []
+        for router in (c for c in self.cards if c.model.standalone and c.model.sets == "view"):
+            selected = [ds for ds in self.images if rules_match(router.select, self.facts[id(ds)])]
+            if not selected:
+                continue
+            run = self.run(router, selected, runtime, times)
+            for evaluation in run.images:
+                view = routed_view(router, evaluation.findings)
+                before = self.facts[id(evaluation.source)].view
+                if view is not None:
+                    self.facts[id(evaluation.source)] = with_view(
+                        self.facts[id(evaluation.source)], view
+                    )
+                    if before and before != view:
+                        log.info(
+                            "router %s: view %s (header says %s)", router.model.name, view, before
+                        )
+            runs.append((router, run))
+        return runs
+
+    def selected(self) -> list[tuple[ModelCard, list[Dataset]]]:
+        """Every standalone model with the images its rules admit (after routing)."""
+        by_model: dict[str, tuple[ModelCard, list[Dataset]]] = {}
+        for ds in self.images:
+            for card in select_models(self.cards, self.facts[id(ds)]):
+                if card.model.standalone and not card.model.sets:
+                    by_model.setdefault(card.model.name, (card, []))[1].append(ds)
+        return list(by_model.values())
+
+
 def _run_models(
     cards: list[ModelCard], images: list[Dataset], runtime: Runtime, times: StageTimes
 ) -> list[tuple[ModelCard, ModelRun]]:
     """Routers first (their view replaces the header's for selection), then every standalone
     model on the images its rules admit."""
-    members = {card.model.name: card for card in cards}
-    presentations = Presentations()
-    facts = {id(ds): image_facts(ds) for ds in images}
-    runs: list[tuple[ModelCard, ModelRun]] = []
-    for router in (c for c in cards if c.model.standalone and c.model.sets == "view"):
-        selected = [ds for ds in images if rules_match(router.select, facts[id(ds)])]
-        if not selected:
-            continue
-        run = run_model(router, selected, runtime, times, members, presentations)
-        for evaluation in run.images:
-            view = routed_view(router, evaluation.findings)
-            before = facts[id(evaluation.source)].view
-            if view is not None:
-                facts[id(evaluation.source)] = with_view(facts[id(evaluation.source)], view)
-                if before and before != view:
-                    log.info("router %s: view %s (header says %s)", router.model.name, view, before)
-        runs.append((router, run))
-    by_model: dict[str, tuple[ModelCard, list[Dataset]]] = {}
-    for ds in images:
-        for card in select_models(cards, facts[id(ds)]):
-            if card.model.standalone and not card.model.sets:
-                by_model.setdefault(card.model.name, (card, []))[1].append(ds)
-    for card, selected in by_model.values():
-        runs.append((card, run_model(card, selected, runtime, times, members, presentations)))
+    models = _Models(cards, images)
+    runs = models.route(runtime, times)
+    for card, selected in models.selected():
+        runs.append((card, models.run(card, selected, runtime, times)))
     return runs
 
 
@@ -180,7 +207,9 @@ def _wanted(destination: Destination, kind: str) -> bool:
 def analyse_study(
     session: Session, settings: Settings, cards: list[ModelCard], runtime: Runtime, study_id: int
 ) -> StageTimes:
-    """Run every selected model on the study and record findings, results and priority."""
+    """Run every selected model on the study and record findings, priority and results.
+    ``times.seconds["triaged"]``: seconds from the start to the committed priority."""
+    begun = time.perf_counter()
     times = StageTimes()
     study = session.get(Study, study_id)
     if study is None:
@@ -196,23 +225,19 @@ def analyse_study(
         mark_failed(session, study.id, "; ".join(undecodable), settings.worklist)
         return times
 
-    results: list[tuple[str, ResultObject]] = []
-    for card, run in _run_models(cards, images, runtime, times):
+    # Triage first: the models whose findings set the priority, then the priority is committed
+    # (the radiologist's worklist moves now); segmentation, image-to-image and landmark models
+    # and every result object follow.
+    models = _Models(cards, images)
+    runs = models.route(runtime, times)
+    later = []
+    for card, selected in models.selected():
+        if card.model.task in FINDING_TASKS:
+            runs.append((card, models.run(card, selected, runtime, times)))
+        else:
+            later.append((card, selected))
+    for card, run in runs:
         _record_findings(session, study, card, run)
-        started = time.perf_counter()
-        for kind, ds in result_objects(run, card):
-            results.append((kind, _store_result(session, settings, study, card, kind, ds)))
-        times.add("results", started)
-
-    for kind, result in results:
-        for destination in settings.destinations:
-            if _wanted(destination, kind):
-                enqueue(
-                    session,
-                    "export",
-                    study.id,
-                    {"result_id": result.id, "destination": destination.name},
-                )
     study.analysis_status = "analysed"
     # Images left out are named (the study is analysed on the others).
     study.analysis_error = "; ".join(undecodable)[:2000]
@@ -222,6 +247,26 @@ def analyse_study(
     reprioritise(session, study, utcnow(), settings.worklist)
     if becomes_critical(tier_before, study.tier):
         enqueue_notifications(session, study, settings.notify)
+    session.commit()
+    times.seconds["triaged"] = time.perf_counter() - begun
+
+    for card, selected in later:
+        runs.append((card, models.run(card, selected, runtime, times)))
+    results: list[tuple[str, ResultObject]] = []
+    started = time.perf_counter()
+    for card, run in runs:
+        for kind, ds in result_objects(run, card):
+            results.append((kind, _store_result(session, settings, study, card, kind, ds)))
+    times.add("results", started)
+    for kind, result in results:
+        for destination in settings.destinations:
+            if _wanted(destination, kind):
+                enqueue(
+                    session,
+                    "export",
+                    study.id,
+                    {"result_id": result.id, "destination": destination.name},
+                )
     session.commit()
     return times
 
