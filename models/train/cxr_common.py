@@ -261,9 +261,10 @@ def _cache_key(jobs: list[PhantomJob]) -> str:
     # editing the training loop keeps the cache).
     phantom_sources = sorted(Path(synth_cxr.__file__).parent.glob("cxr*.py"))
     preparation = (render, truth_labels, truth_view, _box_mask, truth_regions, _region_grid)
-    source = b"".join(p.read_bytes() for p in phantom_sources) + "".join(
-        inspect.getsource(function) for function in (*preparation, prepare_job)
-    ).encode()
+    source = (
+        b"".join(p.read_bytes() for p in phantom_sources)
+        + "".join(inspect.getsource(function) for function in (*preparation, prepare_job)).encode()
+    )
     payload = json.dumps(
         [CACHE_VERSION, STANDARD_SHAPES, REGION_GRID, [asdict(j) for j in jobs]], sort_keys=True
     ).encode()
