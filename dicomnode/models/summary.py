@@ -10,6 +10,7 @@ _SINGLE = (
     ("heldout_auc", "AUC"),
     ("auc", "AUC"),
     ("heldout_macro_auc", "mean AUC"),
+    ("heldout_mean_auc", "mean AUC"),
     ("macro_auc", "mean AUC"),
     ("heldout_accuracy", "accuracy"),
     ("accuracy", "accuracy"),
@@ -21,11 +22,12 @@ _SEVERAL = (
     ("cpm", "CPM"),
     ("froc_sensitivity_at_1_fp", "sens@1FP/image"),
     ("froc_sensitivity_at_4_fp", "sens@4FP/image"),
-    ("sensitivity_at_1_fp_per_scan", "sens@1FP/scan"),
-    ("sensitivity_at_4_fp_per_scan", "sens@4FP/scan"),
+    ("heldout_cpm", "CPM"),
+    ("heldout_sensitivity_at_1_fp_per_scan", "sens@1FP/scan"),
+    ("heldout_sensitivity_at_4_fp_per_scan", "sens@4FP/scan"),
     ("presence_auc", "presence AUC"),
     ("tip_distance_median_mm", "median tip error mm"),
-    ("tip_within_10mm", "tip within 10 mm"),
+    ("tip_within_10_mm", "tip within 10 mm"),
 )
 
 
