@@ -55,7 +55,9 @@ PROFILES = {
     "mix": Profile("mix", 4 * 30),
     # The localisation models' mix: nodules and tubes in half of the images.
     "localisation": Profile("localisation", 4 * 16),
-    # CT series as the CT cards' held-out series (256 rows, 48 slices, 1-4 nodules).
+    # CT series as the CT cards' held-out series (256 rows, 48 slices, 1-4 nodules). Measured:
+    # ct-nodule CPM 0.53 on their 22 nodules vs the card's 0.46 (sampling error about 0.1;
+    # with or without the node's merge_across_slices the CPM is the same).
     "ct": Profile("ct", 9),
 }
 
