@@ -234,8 +234,21 @@ def seed_ranges(card: ModelCard) -> list[tuple[int, int]]:
     return ranges
 
 
+# The plot each kind of evaluation must write (beside metrics.json).
+PLOTS = {
+    "classification": "roc.png",
+    "router": "confusion.png",
+    "segmentation": "dice.png",
+    "detection": "froc.png",
+    "landmark": "landmark_distance.png",
+    "image": "metrics.json",
+}
+
+
 @pytest.mark.parametrize("name", sorted(BY_NAME))
-def test_card_metric_is_reproduced_on_fresh_phantoms(name: str, data_sets, runtime) -> None:
+def test_card_metric_is_reproduced_on_fresh_phantoms(
+    name: str, data_sets, runtime, tmp_path: Path
+) -> None:
     card = BY_NAME[name]
     profile = profile_of(card)
     fresh = (FRESH_SEED, FRESH_SEED + 200_000)
@@ -250,6 +263,10 @@ def test_card_metric_is_reproduced_on_fresh_phantoms(name: str, data_sets, runti
         f"{name}: {key} on {result['n_cases']} fresh {result['case_unit']}s is {value:.4f}, "
         f"the card says {expected:.4f} (tolerance {tolerance:.3f})"
     )
+    written = {path.name: path for path in evaluate.write_outputs(result, tmp_path)}
+    assert json.loads(written["metrics.json"].read_text())["model"] == name
+    plot = written[PLOTS[result["evaluation"]]]
+    assert plot.name == "metrics.json" or plot.read_bytes().startswith(PNG_MAGIC)
 
 
 def test_cli_writes_metrics_and_roc_png(tmp_path: Path) -> None:
