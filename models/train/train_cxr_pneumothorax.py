@@ -347,6 +347,7 @@ def write_card(
                 "code_meaning": meaning,
                 "threshold": threshold,
                 "critical": True,
+                "truth": "pneumothorax",
             },
         ).replace("[labels]", "[[labels]]"),
         _table(
