@@ -7,7 +7,7 @@ at a random moment (while sending, assembling or analysing), restarts it and wai
 to settle. Then:
 
 - lost: instances answered 0x0000 that are not on disk or have no database row;
-- duplicated: studies with more than one SR (analysis results repeated, not replaced);
+- duplicated: studies with more than one SR from one model (results repeated, not replaced);
 - unsettled: studies not analysed, or with analysis still pending, after recovery.
 
     python benchmarks/fault_injection.py [--trials 100] [--seed 0]
@@ -170,14 +170,15 @@ def _check(node: Node, acked: list[str]) -> TrialResult:
         with make_sessionmaker(engine)() as session:
             paths = dict(session.execute(select(Instance.sop_instance_uid, Instance.path)).all())
             lost = [uid for uid in acked if uid not in paths or not Path(paths[uid]).is_file()]
-            sr_counts = dict(
-                session.execute(
-                    select(Study.study_instance_uid, func.count(ResultObject.id))
-                    .join(ResultObject, ResultObject.study_id == Study.id, isouter=True)
-                    .where((ResultObject.kind == "sr") | (ResultObject.id.is_(None)))
-                    .group_by(Study.study_instance_uid)
-                ).all()
-            )
+            # SRs per study and model: each model writes one SR per study, replaced on re-runs.
+            sr_counts: dict[str, dict[str, int]] = {}
+            for uid, model, count in session.execute(
+                select(Study.study_instance_uid, ResultObject.model_name, func.count())
+                .join(ResultObject, ResultObject.study_id == Study.id)
+                .where(ResultObject.kind == "sr")
+                .group_by(Study.study_instance_uid, ResultObject.model_name)
+            ).all():
+                sr_counts.setdefault(uid, {})[model] = count
             pending = set(
                 session.scalars(
                     select(Study.study_instance_uid)
@@ -199,10 +200,11 @@ def _check(node: Node, acked: list[str]) -> TrialResult:
         engine.dispose()
     result = TrialResult(acked=len(acked), lost=lost)
     for uid, status, received, queued in studies:
-        if status != "analysed" or received != queued or uid in pending:
+        settled = status == "analysed" and received == queued and uid not in pending
+        if not settled or not sr_counts.get(uid):
             result.unsettled.append(uid)
-        elif sr_counts.get(uid, 0) != 1:
-            (result.duplicated if sr_counts.get(uid, 0) > 1 else result.unsettled).append(uid)
+        elif max(sr_counts[uid].values()) > 1:
+            result.duplicated.append(uid)
     return result
 
 
