@@ -180,3 +180,18 @@ def test_select_models_keeps_only_matching_cards() -> None:
     ]
     assert [c.model.name for c in select_models(cards, CXR)] == ["any", "chest-dx"]
     assert select_models([], CXR) == []
+
+
+def test_a_finding_two_models_agree_on_is_named_once() -> None:
+    findings = [
+        FindingFact("Pneumothorax", 0.84, 0.5, critical=False),
+        FindingFact("Pneumothorax", 0.91, 0.6, critical=True),
+        FindingFact("Cardiomegaly", 0.7, 0.5, critical=False),
+    ]
+    priority = prioritise(ANALYSED, findings, NOW)
+    assert priority.tier == "critical"
+    assert priority.reason.count("Pneumothorax") == 1 and "Pneumothorax 91%" in priority.reason
+    # The most probable one is not flagged critical by its model, the other is: still critical.
+    findings[0] = FindingFact("Pneumothorax", 0.97, 0.5, critical=False)
+    priority = prioritise(ANALYSED, findings, NOW)
+    assert priority.tier == "critical" and "Pneumothorax 97%" in priority.reason

@@ -23,7 +23,7 @@ false positives crowd); the study keeps its tier either way.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
 from dicomnode.config import WorklistSettings
@@ -87,6 +87,22 @@ class Priority:
 
 def _describe(finding: FindingFact) -> str:
     return f"{finding.meaning} {finding.probability:.0%}"
+
+
+def _one_per_meaning(present: list[FindingFact]) -> list[FindingFact]:
+    """The most probable of each finding several models agree on (a pneumothorax found by two
+    models is named once); critical if any of them calls it critical. Keeps the order."""
+    best: dict[str, FindingFact] = {}
+    critical: set[str] = set()
+    for finding in present:
+        key = finding.meaning.casefold()
+        best.setdefault(key, finding)
+        if finding.critical:
+            critical.add(key)
+    return [
+        replace(f, critical=True) if k in critical and not f.critical else f
+        for k, f in best.items()
+    ]
 
 
 def _upper(values: list[str]) -> set[str]:
@@ -172,9 +188,11 @@ def prioritise(
     it, which is what lets the worklist keep one stored, time-invariant ordering key.
     """
     del now
-    present = sorted(
-        (f for f in apply_overrides(findings, settings) if f.present),
-        key=lambda f: -f.probability,
+    present = _one_per_meaning(
+        sorted(
+            (f for f in apply_overrides(findings, settings) if f.present),
+            key=lambda f: -f.probability,
+        )
     )
     critical = [f for f in present if f.critical]
     deciding = critical or present
