@@ -10,6 +10,7 @@ import io
 import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pydicom
 from pydicom import Dataset
@@ -83,9 +84,8 @@ def _load_images(session: Session, study: Study) -> tuple[list[Dataset], list[st
     return images, undecodable
 
 
-def _store_result(
-    session: Session, settings: Settings, study: Study, card: ModelCard, kind: str, ds: Dataset
-) -> ResultObject:
+def _write_result(settings: Settings, ds: Dataset) -> Path:
+    """Write a result object durably under <storage>/results (no database work)."""
     path = instance_path(
         settings.storage_path / "results",
         str(ds.StudyInstanceUID),
@@ -95,11 +95,18 @@ def _store_result(
     buffer = io.BytesIO()
     ds.save_as(buffer, enforce_file_format=True)
     write_durable(path, buffer.getvalue())
+    return path
+
+
+def _store_result(
+    session: Session, study_id: int, card: ModelCard, kind: str, ds: Dataset, path: Path
+) -> ResultObject:
+    """Add (or replace: same UIDs on a re-run) the row of a written result object."""
     row = session.scalars(
         select(ResultObject).where(ResultObject.sop_instance_uid == str(ds.SOPInstanceUID))
     ).one_or_none()
     if row is None:
-        row = ResultObject(sop_instance_uid=str(ds.SOPInstanceUID), study_id=study.id)
+        row = ResultObject(sop_instance_uid=str(ds.SOPInstanceUID), study_id=study_id)
         session.add(row)
     row.kind = kind
     row.model_name = card.model.name
@@ -219,6 +226,9 @@ def analyse_study(
 
     started = time.perf_counter()
     images, undecodable = _load_images(session, study)
+    # End the read transaction before the models run: on SQLite every transaction holds the
+    # write lock, which ingest needs for its rows meanwhile.
+    session.commit()
     times.add("decode", started)
     if undecodable and not images:
         # A file that cannot be decoded stays so: fail the study now instead of retrying.
@@ -252,11 +262,18 @@ def analyse_study(
 
     for card, selected in later:
         runs.append((card, models.run(card, selected, runtime, times)))
-    results: list[tuple[str, ResultObject]] = []
+    # Result files are built and written outside any transaction; their rows and export jobs
+    # then go in one short one.
     started = time.perf_counter()
-    for card, run in runs:
-        for kind, ds in result_objects(run, card):
-            results.append((kind, _store_result(session, settings, study, card, kind, ds)))
+    written = [
+        (card, kind, ds, _write_result(settings, ds))
+        for card, run in runs
+        for kind, ds in result_objects(run, card)
+    ]
+    results = [
+        (kind, _store_result(session, study_id, card, kind, ds, path))
+        for card, kind, ds, path in written
+    ]
     times.add("results", started)
     for kind, result in results:
         for destination in settings.destinations:
