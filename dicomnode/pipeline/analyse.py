@@ -69,6 +69,9 @@ def _load_images(session: Session, study: Study) -> tuple[list[Dataset], list[st
         .where(Series.study_id == study.id)
         .order_by(Instance.series_id, Instance.instance_number, Instance.id)
     ).all()
+    # End the read transaction before decoding and the models: on SQLite every transaction
+    # holds the write lock, which ingest needs for its rows meanwhile.
+    session.commit()
     images, undecodable = [], []
     for path in paths:
         ds = pydicom.dcmread(path)
@@ -226,9 +229,6 @@ def analyse_study(
 
     started = time.perf_counter()
     images, undecodable = _load_images(session, study)
-    # End the read transaction before the models run: on SQLite every transaction holds the
-    # write lock, which ingest needs for its rows meanwhile.
-    session.commit()
     times.add("decode", started)
     if undecodable and not images:
         # A file that cannot be decoded stays so: fail the study now instead of retrying.
