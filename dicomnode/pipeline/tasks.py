@@ -112,6 +112,20 @@ def _prepare_images(
     return samples
 
 
+def _inferred(
+    card: ModelCard,
+    images: list[Dataset],
+    runtime: Runtime,
+    times: StageTimes,
+    presentations: Presentations,
+) -> tuple[list[Dataset], list, dict[str, np.ndarray]]:
+    """The images in the order the model saw them (series and slice order for 2.5D), their
+    samples (input, letterbox geometry) and the model's outputs."""
+    images = list(images)
+    samples = _prepare_images(card, images, times, presentations)
+    return images, samples, infer(card, samples, runtime, times)
+
+
 def _per_image(
     card: ModelCard,
     images: list[Dataset],
@@ -120,9 +134,7 @@ def _per_image(
     postprocess: Postprocess,
     presentations: Presentations,
 ) -> list[ImageFindings]:
-    images = list(images)
-    samples = _prepare_images(card, images, times, presentations)
-    outputs = infer(card, samples, runtime, times)
+    images, samples, outputs = _inferred(card, images, runtime, times, presentations)
     started = time.perf_counter()
     evaluations = [
         ImageFindings(ds, postprocess(card, outputs, index, geometry))
@@ -190,8 +202,7 @@ def _segmentations(
     presentations: Presentations,
 ) -> list[Segmentation]:
     ordered = [ds for series in series_in_order(images) for ds in series]
-    samples = _prepare_images(card, ordered, times, presentations)
-    outputs = infer(card, samples, runtime, times)
+    ordered, samples, outputs = _inferred(card, ordered, runtime, times, presentations)
     started = time.perf_counter()
     maps = [
         mask_maps(card, outputs, index, geometry) for index, (_, geometry) in enumerate(samples)
@@ -221,9 +232,7 @@ def _derived(
     times: StageTimes,
     presentations: Presentations,
 ) -> list[DerivedImage]:
-    images = list(images)
-    samples = _prepare_images(card, images, times, presentations)
-    outputs = infer(card, samples, runtime, times)
+    images, samples, outputs = _inferred(card, images, runtime, times, presentations)
     started = time.perf_counter()
     derived = [
         DerivedImage(
