@@ -202,15 +202,22 @@ def recover(settings: Settings, sessions: sessionmaker[Session]) -> None:
 
 
 def assembly_loop(sessions: sessionmaker[Session], stop: threading.Event, period: float) -> None:
-    """Queue an analysis for every study whose quiet period is over, every ``period`` s."""
+    """Queue an analysis for every study whose quiet period is over: every ``period`` s, or
+    sooner when a waiting study's quiet period ends before that."""
     from dicomnode.db.session import utcnow
-    from dicomnode.ingest.assembly import queue_ready_studies
+    from dicomnode.ingest.assembly import next_ready_at, queue_ready_studies
 
-    while not stop.wait(period):
+    wait = period
+    while not stop.wait(wait):
+        wait = period
         try:
             with sessions() as session:
                 for study_id in queue_ready_studies(session, utcnow()):
                     log.info("study_id=%d assembled; analysis queued", study_id)
+                due = next_ready_at(session)
+                session.commit()
+            if due is not None:
+                wait = min(period, max(0.005, (due - utcnow()).total_seconds()))
         except Exception:
             log.exception("assembly check failed; retrying")
 
