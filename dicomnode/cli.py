@@ -276,9 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     worklist.add_argument("--limit", type=int, default=50)
     worklist.set_defaults(func=cmd_worklist)
 
-    models = with_config(
-        commands.add_parser("models", help="list, verify or evaluate model cards")
-    )
+    models = with_config(commands.add_parser("models", help="list, verify or evaluate model cards"))
     models.add_argument("models_command", choices=["list", "verify", "eval"])
     models.add_argument(
         "model", nargs="?", default=None, help="eval: a card's model name or a card file"

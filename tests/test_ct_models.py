@@ -69,8 +69,11 @@ def test_nodule_card(nodule_card: ModelCard) -> None:
     assert (label.index, label.code_value, label.code_scheme) == (0, "786838002", "SCT")
     assert label.truth == "nodule" and 0.0 < label.threshold < 1.0
     assert card.output("boxes") is not None and card.produces == ("sr", "overlay", "gsps", "kos")
-    for key in ("heldout_sensitivity_at_1_fp_per_scan", "heldout_sensitivity_at_4_fp_per_scan",
-                "heldout_cpm"):
+    for key in (
+        "heldout_sensitivity_at_1_fp_per_scan",
+        "heldout_sensitivity_at_4_fp_per_scan",
+        "heldout_cpm",
+    ):
         assert 0.0 <= float(card.metrics[key]) <= 1.0
     assert card.onnx_path.stat().st_size < 10 * 1024 * 1024
 
@@ -151,8 +154,10 @@ def test_nodule_detector_finds_nodules_on_fresh_series(
     n_nodules = sum(case.n_lesions for case in cases)
     assert n_nodules >= 8
     sensitivity = curve.sensitivity_at(4.0)
-    print(f"fresh series: {n_nodules} nodules >= 6 mm, FROC", [
-        (p, round(curve.sensitivity_at(p), 3)) for p in (0.5, 1, 2, 4, 8)])
+    print(
+        f"fresh series: {n_nodules} nodules >= 6 mm, FROC",
+        [(p, round(curve.sensitivity_at(p), 3)) for p in (0.5, 1, 2, 4, 8)],
+    )
     assert sensitivity >= 0.6, f"sensitivity {sensitivity:.2f} at 4 FP/scan, {n_nodules} nodules"
 
 

@@ -166,8 +166,14 @@ def prepared_split(split: str, n: int, workers: int = 2, cache: bool = True) -> 
                 arrays[f"{key}_{i}"] = r[key]
             arrays[f"nodules_{i}"] = np.asarray(r["nodules"], np.float64).reshape(-1, 5)
             arrays[f"meta_{i}"] = np.array(
-                [r["seed"], r["rows"], r["pixel_spacing"], r["spacing"], r["thickness"],
-                 r["noise_hu"]],
+                [
+                    r["seed"],
+                    r["rows"],
+                    r["pixel_spacing"],
+                    r["spacing"],
+                    r["thickness"],
+                    r["noise_hu"],
+                ],
                 np.float64,
             )
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -99,8 +99,9 @@ class BoxDecoder(nn.Module):
         picked = torch.gather(rest, 2, index.unsqueeze(1).expand(n, 3, self.k))
         size = torch.exp(picked[:, 0])
         cx = ((index % w).to(heat.dtype) + torch.sigmoid(picked[:, 1])) * STRIDE
-        cy = (torch.div(index, w, rounding_mode="floor").to(heat.dtype)
-              + torch.sigmoid(picked[:, 2])) * STRIDE
+        cy = (
+            torch.div(index, w, rounding_mode="floor").to(heat.dtype) + torch.sigmoid(picked[:, 2])
+        ) * STRIDE
         half = size / 2
         label = torch.zeros_like(scores)
         return torch.stack([cx - half, cy - half, cx + half, cy + half, scores, label], dim=2)
@@ -157,8 +158,11 @@ def loss_fn(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     focal = (pos_loss.sum() + neg_loss.sum()) / n_pos
     size = (torch.abs(out[:, 1] - target[:, 1]) * positive).sum() / n_pos
     offset = (
-        (torch.abs(torch.sigmoid(out[:, 2]) - target[:, 2])
-         + torch.abs(torch.sigmoid(out[:, 3]) - target[:, 3])) * positive
+        (
+            torch.abs(torch.sigmoid(out[:, 2]) - target[:, 2])
+            + torch.abs(torch.sigmoid(out[:, 3]) - target[:, 3])
+        )
+        * positive
     ).sum() / n_pos
     return focal + size + offset
 
@@ -276,8 +280,15 @@ def scan_candidates(
             col = (x0 + x1) / 2 / scale - 0.5
             row = (y0 + y1) / 2 / scale - 0.5
             radius = (x1 - x0) / 2 / scale * series.pixel_spacing
-            dets.append((score, k * series.spacing, row * series.pixel_spacing,
-                         col * series.pixel_spacing, radius))
+            dets.append(
+                (
+                    score,
+                    k * series.spacing,
+                    row * series.pixel_spacing,
+                    col * series.pixel_spacing,
+                    radius,
+                )
+            )
     dets.sort(key=lambda d: -d[0])
     candidates: list[dict] = []
     for score, z, y, x, radius in dets:
@@ -294,8 +305,16 @@ def scan_candidates(
                 break
         else:
             candidates.append(
-                {"score": score, "z": z, "y": y, "x": x, "z0": z, "z1": z, "radius": radius,
-                 "weight": score}
+                {
+                    "score": score,
+                    "z": z,
+                    "y": y,
+                    "x": x,
+                    "z0": z,
+                    "z1": z,
+                    "radius": radius,
+                    "weight": score,
+                }
             )
     centres = np.array([[c["z"], c["y"], c["x"]] for c in candidates]).reshape(-1, 3)
     return centres, np.array([c["score"] for c in candidates])
@@ -310,10 +329,18 @@ def froc_of(
     for series_boxes, series in zip(boxes, split, strict=True):
         centres, scores = scan_candidates(series_boxes, series)
         truth = series.nodules
-        truth_mm = np.stack(
-            [truth[:, 0] * series.spacing, truth[:, 1] * series.pixel_spacing,
-             truth[:, 2] * series.pixel_spacing], axis=1
-        ) if len(truth) else np.zeros((0, 3))
+        truth_mm = (
+            np.stack(
+                [
+                    truth[:, 0] * series.spacing,
+                    truth[:, 1] * series.pixel_spacing,
+                    truth[:, 2] * series.pixel_spacing,
+                ],
+                axis=1,
+            )
+            if len(truth)
+            else np.zeros((0, 3))
+        )
         radii = np.maximum(truth[:, 3] / 2, HIT_RADIUS_MIN_MM) if len(truth) else np.zeros(0)
         hits = evaluation.match_points(centres, truth_mm, radii)
         counted = truth[:, 3] >= min_diameter_mm if len(truth) else np.zeros(0, bool)
@@ -330,8 +357,12 @@ def froc_summary(curve: evaluation.FrocCurve) -> str:
 
 
 def train(
-    net: NoduleNet, split: list[ct_common.Series], validation: list[ct_common.Series],
-    epochs: int, batch: int, samples: int,
+    net: NoduleNet,
+    split: list[ct_common.Series],
+    validation: list[ct_common.Series],
+    epochs: int,
+    batch: int,
+    samples: int,
 ) -> tuple[float, int]:
     """AdamW with a one-cycle schedule; keeps the epoch with the best validation CPM."""
     rng = np.random.default_rng(1)
@@ -429,8 +460,11 @@ def main() -> None:
     boxes = onnx_boxes(onnx_path, heldout)
     difference = max(boxes_difference(a, b) for a, b in zip(boxes, torch_boxes, strict=True))
     if difference > 1e-3:
-        print(f"warning: ONNX and torch boxes differ by up to {difference:.2e} (near-tied "
-              "peaks); the card's metrics are the ONNX model's", flush=True)
+        print(
+            f"warning: ONNX and torch boxes differ by up to {difference:.2e} (near-tied "
+            "peaks); the card's metrics are the ONNX model's",
+            flush=True,
+        )
     curve = froc_of(boxes, heldout)
     large = froc_of(boxes, heldout, min_diameter_mm=6.0)
     n_nodules = int(sum(len(s.nodules) for s in heldout))
