@@ -17,11 +17,7 @@ def _reported(run: ModelRun, card: ModelCard) -> list[ImageFindings]:
     (its highest score, on the first image) so that "nothing found" is reported too."""
     if card.model.task not in ("detection", "landmark"):
         return run.images
-    found = [
-        ImageFindings(e.source, [f for f in e.findings if f.present])
-        for e in run.images
-        if any(f.present for f in e.findings)
-    ]
+    found = _drawn(run, card)
     if found or not run.images:
         return found
     absent = [

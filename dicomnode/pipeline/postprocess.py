@@ -152,31 +152,21 @@ def mask_maps(
     return result
 
 
-def image_presentation(
-    card: ModelCard,
-    outputs: dict[str, np.ndarray],
-    index: int,
-    geometry: Letterbox,
-    *,
-    model_input: np.ndarray | None = None,
-    source: np.ndarray | None = None,
-) -> np.ndarray:
-    """An image-to-image output as 0..1 presentation values over the source grid (the card's
-    input normalisation inverted).
-
-    With ``model_input`` (the sample the model saw, C x H x W) and ``source`` (the source's
-    presentation pixels), only the model's correction (output minus input) is resampled and
-    added to the full-resolution source, so detail finer than the model's grid is kept instead
-    of being lost to the down- and up-sampling."""
+def _image_output(card: ModelCard, outputs: dict[str, np.ndarray], index: int) -> np.ndarray:
+    """Sample ``index`` of the card's image output in 0..1 presentation units."""
     spec = card.output("image")
     if spec is None:
         raise ValueError(f"{card.model.name}: card declares no image output")
-    image = _unnormalised(card, np.asarray(outputs[spec.name][index], dtype=np.float32)[0])
-    if model_input is None or source is None:
-        return np.clip(geometry.map_to_source(image), 0.0, 1.0)
-    given = _unnormalised(card, np.asarray(model_input, dtype=np.float32)[0])
-    correction = geometry.map_to_source(image - given)
-    return np.clip(np.asarray(source, dtype=np.float32) + correction, 0.0, 1.0)
+    return _unnormalised(card, np.asarray(outputs[spec.name][index], dtype=np.float32)[0])
+
+
+def image_presentation(
+    card: ModelCard, outputs: dict[str, np.ndarray], index: int, geometry: Letterbox
+) -> np.ndarray:
+    """An image-to-image output as 0..1 presentation values over the source grid (the card's
+    input normalisation inverted). The node writes derived images with ``image_correction``,
+    which keeps the source's detail finer than the model's grid."""
+    return np.clip(geometry.map_to_source(_image_output(card, outputs, index)), 0.0, 1.0)
 
 
 def image_correction(
@@ -188,10 +178,7 @@ def image_correction(
 ) -> np.ndarray:
     """What an image-to-image model changed (output minus the input it saw, in 0..1
     presentation units) resampled to the source grid; 0 outside the image."""
-    spec = card.output("image")
-    if spec is None:
-        raise ValueError(f"{card.model.name}: card declares no image output")
-    image = _unnormalised(card, np.asarray(outputs[spec.name][index], dtype=np.float32)[0])
+    image = _image_output(card, outputs, index)
     given = _unnormalised(card, np.asarray(model_input, dtype=np.float32)[0])
     return geometry.map_to_source(image - given)
 
