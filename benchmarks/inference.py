@@ -6,12 +6,15 @@ the same images go through
   (a) a bare ``onnxruntime.InferenceSession.run`` in batches of each size in
       ``--batch-sizes``; the best size is the reference, and
   (b) the node's :class:`dicomnode.pipeline.runtime.Runtime` (batch size = that best size),
-      called by ``--callers`` threads with one image each, as concurrent analyses call it.
+      called by ``--callers`` threads with one image each, as concurrent analyses call it
+      (default: twice the batch size, so that a batch can queue up while the previous one
+      runs; with exactly one batch of callers every batch waits for all of its callers to
+      come back first).
 
 Prints images per second of both, the ratio b/a (goal >= 0.9), how the runtime coalesced
 the calls, the execution provider that actually ran and the thread settings.
 
-    python benchmarks/inference.py [--images 256] [--callers 16] [--rounds 3]
+    python benchmarks/inference.py [--images 256] [--callers N] [--rounds 3]
         [--providers CUDAExecutionProvider,CPUExecutionProvider] [--intra-op-threads 0]
 
 On a GPU machine install the ``gpu`` extra (onnxruntime-gpu) and pass
@@ -86,7 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", type=Path, default=REPO / "models")
     parser.add_argument("--images", type=int, default=256)
-    parser.add_argument("--callers", type=int, default=16)
+    parser.add_argument(
+        "--callers", type=int, default=0, help="threads calling the runtime (0: 2 x batch size)"
+    )
     parser.add_argument("--rounds", type=int, default=3, help="best of this many runs")
     parser.add_argument("--batch-sizes", default="1,2,4,8,16,32")
     parser.add_argument("--providers", default="CPUExecutionProvider")
@@ -128,13 +133,12 @@ def main(argv: list[str] | None = None) -> int:
         best_size = max(bare, key=bare.__getitem__)
         settings = settings.model_copy(update={"batch_size": best_size})
         runtime = Runtime(providers, settings)
-        node = max(
-            runtime_throughput(runtime, card, images, args.callers) for _ in range(args.rounds)
-        )
+        callers = args.callers or 2 * best_size
+        node = max(runtime_throughput(runtime, card, images, callers) for _ in range(args.rounds))
         stats = runtime.stats(card)
         ratio = node / bare[best_size]
         print(
-            f"  (b) node Runtime, {args.callers} callers x 1 image, batch_size {best_size}, "
+            f"  (b) node Runtime, {callers} callers x 1 image, batch_size {best_size}, "
             f"max_wait {args.max_wait_ms:g} ms: {node:8.1f} images/s "
             f"(mean batch {stats.images / stats.runs:.1f}, largest {stats.largest})"
         )

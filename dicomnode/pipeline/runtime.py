@@ -12,6 +12,7 @@ from ``[inference]``; on GPU providers inputs and outputs go through onnxruntime
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import threading
 import time
@@ -39,10 +40,25 @@ class ModelLoadError(Exception):
     """The ONNX file is missing, corrupt, or does not match its card."""
 
 
+@functools.cache
+def _preload_cuda_libraries() -> None:
+    """Load CUDA and cuDNN from NVIDIA's pip packages (onnxruntime-gpu's ``cuda``/``cudnn``
+    extras), where they are installed; system-wide libraries are found without this."""
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is None:
+        return
+    try:
+        preload()
+    except Exception as exc:  # a missing package only means the system's libraries are used
+        log.info("no CUDA libraries preloaded from pip packages: %s", exc)
+
+
 def usable_providers(wanted: list[str]) -> list[str]:
     """The configured providers this onnxruntime build has, in order, always ending in CPU."""
     available = set(ort.get_available_providers())
     chosen = [p for p in wanted if p in available]
+    if any(p in DEVICE_PROVIDERS for p in chosen):
+        _preload_cuda_libraries()
     missing = [p for p in wanted if p not in available]
     if missing:
         log.warning("execution providers not available in this onnxruntime: %s", missing)
@@ -125,13 +141,14 @@ class _Request:
     batch: np.ndarray
     outputs: list[np.ndarray] | None = None
     error: BaseException | None = None
-    done: bool = False
+    done: threading.Event = field(default_factory=threading.Event)
 
     @property
     def size(self) -> int:
         return int(self.batch.shape[0])
 
     def result(self) -> list[np.ndarray]:
+        self.done.wait()
         if self.error is not None:
             raise self.error
         assert self.outputs is not None
@@ -151,11 +168,17 @@ class BatchStats:
 class MicroBatcher:
     """Coalesces concurrent requests into one call of ``execute`` along the first axis.
 
-    The oldest waiting request leads: it waits up to ``max_wait`` seconds for requests of the
-    same image shape until ``max_batch`` images are queued, or until ``nobody_else()`` says
-    no other request can come, runs them as one batch and hands each request its rows of
-    every output. A failing run fails every request in it.
+    One dispatcher thread per batcher (started on demand, gone after ``IDLE_SECONDS``
+    without requests) runs the batches; callers only queue their request and wait for its
+    own event, so a finished batch wakes exactly its callers. The oldest waiting request
+    leads: the dispatcher waits up to ``max_wait`` seconds for requests of the same image
+    shape until ``max_batch`` images are queued, or until ``nobody_else()`` says no other
+    request can come, runs them as one batch and hands each request its rows of every
+    output. A failing run fails every request in it. While a batch runs (onnxruntime
+    releases the GIL) the next one queues up.
     """
+
+    IDLE_SECONDS = 30.0
 
     def __init__(
         self,
@@ -171,22 +194,31 @@ class MicroBatcher:
         self.stats = BatchStats()
         self._cond = threading.Condition()
         self._queue: list[_Request] = []
-        self._busy = False
+        self._dispatcher: threading.Thread | None = None
 
     def submit(self, batch: np.ndarray) -> list[np.ndarray]:
         """Run ``batch`` (N, ...) possibly together with others; returns its N rows per output."""
         request = _Request(batch)
         with self._cond:
             self._queue.append(request)
-            self._cond.notify_all()
-            while not request.done and (self._busy or self._queue[0] is not request):
-                self._cond.wait()
-            if request.done:
-                return request.result()
-            self._busy = True
-            group = self._collect(request)
-        self._run(group)
+            if self._dispatcher is None:
+                self._dispatcher = threading.Thread(
+                    target=self._dispatch, name="dicomnode-batcher", daemon=True
+                )
+                self._dispatcher.start()
+            self._cond.notify()
         return request.result()
+
+    def _dispatch(self) -> None:
+        while True:
+            with self._cond:
+                if not self._queue:
+                    self._cond.wait(self.IDLE_SECONDS)
+                    if not self._queue:
+                        self._dispatcher = None
+                        return
+                group = self._collect(self._queue[0])
+            self._run(group)
 
     def _matching(self, leader: _Request) -> list[_Request]:
         group, images = [], 0
@@ -233,17 +265,15 @@ class MicroBatcher:
             images = sum(r.size for r in group)
             self.stats.images += images
             self.stats.largest = max(self.stats.largest, images)
-            for index, request in enumerate(group):
-                if error is not None:
-                    request.error = error if index == 0 else _copied(error)
-                else:
-                    request.outputs = outputs[index]
-                request.done = True
-            self._busy = False
-            self._cond.notify_all()
+        for index, request in enumerate(group):
+            if error is not None:
+                request.error = error if index == 0 else _copied(error)
+            else:
+                request.outputs = outputs[index]
+            request.done.set()
 
     def wake(self) -> None:
-        """Let a waiting leader look again whether anybody else may still come."""
+        """Let a waiting dispatcher look again whether anybody else may still come."""
         with self._cond:
             self._cond.notify_all()
 
