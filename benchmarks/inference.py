@@ -6,15 +6,17 @@ the same images go through
   (a) a bare ``onnxruntime.InferenceSession.run`` in batches of each size in
       ``--batch-sizes``; the best size is the reference, and
   (b) the node's :class:`dicomnode.pipeline.runtime.Runtime` (batch size = that best size),
-      called by ``--callers`` threads with one image each, as concurrent analyses call it
-      (default: twice the batch size, so that a batch can queue up while the previous one
-      runs; with exactly one batch of callers every batch waits for all of its callers to
-      come back first).
+      called by ``--callers`` threads with ``--images-per-call`` images each (default 1, a
+      radiograph per analysis; the pipeline sends a CT series in chunks of up to 32), as
+      concurrent analyses call it. Default callers: enough for two batches, so that a batch
+      can queue up while the previous one runs (with exactly one batch of callers every
+      batch waits for all of its callers to come back first).
 
 Prints images per second of both, the ratio b/a (goal >= 0.9), how the runtime coalesced
 the calls, the execution provider that actually ran and the thread settings.
 
-    python benchmarks/inference.py [--images 256] [--callers N] [--rounds 3]
+    python benchmarks/inference.py [--images 256] [--callers N] [--images-per-call 1]
+        [--rounds 3] [--batch-sizes 1,2,4,8,16,32]
         [--providers CUDAExecutionProvider,CPUExecutionProvider] [--intra-op-threads 0]
 
 On a GPU machine install the ``gpu`` extra (onnxruntime-gpu) and pass
@@ -25,6 +27,7 @@ first); the runtime then uses IO binding.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import platform
 import sys
@@ -59,21 +62,19 @@ def bare_throughput(session: ort.InferenceSession, card: ModelCard, images: np.n
     return len(images) / (time.perf_counter() - started)
 
 
-def runtime_throughput(runtime: Runtime, card: ModelCard, images: np.ndarray, callers: int):
-    """Images per second of ``callers`` threads each asking the runtime for one image."""
-    runtime.run(card, images[:1])
-    next_index = iter(range(len(images)))
-    lock = threading.Lock()
+def runtime_throughput(
+    runtime: Runtime, card: ModelCard, images: np.ndarray, callers: int, per_call: int
+):
+    """Images per second of ``callers`` threads each asking the runtime for ``per_call``
+    images at a time."""
+    runtime.run(card, images[:per_call])
+    next_call = itertools.count()  # next() on it is atomic: no lock of the harness's own
     start = threading.Barrier(callers + 1)
 
     def caller() -> None:
         start.wait()
-        while True:
-            with lock:
-                index = next(next_index, None)
-            if index is None:
-                return
-            runtime.run(card, images[index : index + 1])
+        while (index := next(next_call) * per_call) < len(images):
+            runtime.run(card, images[index : index + per_call])
 
     threads = [threading.Thread(target=caller) for _ in range(callers)]
     for thread in threads:
@@ -90,7 +91,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", type=Path, default=REPO / "models")
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument(
-        "--callers", type=int, default=0, help="threads calling the runtime (0: 2 x batch size)"
+        "--callers",
+        type=int,
+        default=0,
+        help="threads calling the runtime (0: enough for two batches)",
+    )
+    parser.add_argument(
+        "--images-per-call",
+        type=int,
+        default=1,
+        help="images in each call of the runtime (1: a radiograph; a CT series comes in "
+        "chunks of up to 32 slices)",
     )
     parser.add_argument("--rounds", type=int, default=3, help="best of this many runs")
     parser.add_argument("--batch-sizes", default="1,2,4,8,16,32")
@@ -133,12 +144,15 @@ def main(argv: list[str] | None = None) -> int:
         best_size = max(bare, key=bare.__getitem__)
         settings = settings.model_copy(update={"batch_size": best_size})
         runtime = Runtime(providers, settings)
-        callers = args.callers or 2 * best_size
-        node = max(runtime_throughput(runtime, card, images, callers) for _ in range(args.rounds))
+        per_call = args.images_per_call
+        callers = args.callers or max(1, -(-2 * best_size // per_call))
+        node = max(
+            runtime_throughput(runtime, card, images, callers, per_call) for _ in range(args.rounds)
+        )
         stats = runtime.stats(card)
         ratio = node / bare[best_size]
         print(
-            f"  (b) node Runtime, {callers} callers x 1 image, batch_size {best_size}, "
+            f"  (b) node Runtime, {callers} callers x {per_call} image(s), batch_size {best_size}, "
             f"max_wait {args.max_wait_ms:g} ms: {node:8.1f} images/s "
             f"(mean batch {stats.images / stats.runs:.1f}, largest {stats.largest})"
         )

@@ -16,6 +16,7 @@ import functools
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -193,7 +194,8 @@ class MicroBatcher:
         self.nobody_else = nobody_else
         self.stats = BatchStats()
         self._cond = threading.Condition()
-        self._queue: list[_Request] = []
+        self._queue: deque[_Request] = deque()
+        self._queued = 0  # images in the queue
         self._dispatcher: threading.Thread | None = None
 
     def submit(self, batch: np.ndarray) -> list[np.ndarray]:
@@ -201,12 +203,16 @@ class MicroBatcher:
         request = _Request(batch)
         with self._cond:
             self._queue.append(request)
+            self._queued += request.size
             if self._dispatcher is None:
                 self._dispatcher = threading.Thread(
                     target=self._dispatch, name="dicomnode-batcher", daemon=True
                 )
                 self._dispatcher.start()
-            self._cond.notify()
+            # The dispatcher waits for the first request, then for a full batch (or its
+            # deadline): it is woken only when either comes, not for every request.
+            if len(self._queue) == 1 or self._queued >= self.max_batch:
+                self._cond.notify()
         return request.result()
 
     def _dispatch(self) -> None:
@@ -217,31 +223,30 @@ class MicroBatcher:
                     if not self._queue:
                         self._dispatcher = None
                         return
-                group = self._collect(self._queue[0])
+                group = self._collect()
             self._run(group)
 
-    def _matching(self, leader: _Request) -> list[_Request]:
-        group, images = [], 0
-        for request in self._queue:
-            same = request.batch.shape[1:] == leader.batch.shape[1:]
-            if request is leader or (same and images + request.size <= self.max_batch):
-                group.append(request)
-                images += request.size
-        return group
-
-    def _collect(self, leader: _Request) -> list[_Request]:
-        """The leader's batch; waits (lock held, released while waiting) for more requests."""
+    def _collect(self) -> list[_Request]:
+        """The oldest request and those queued behind it of the same shape, up to
+        ``max_batch`` images; waits (lock held, released while waiting) for a full batch,
+        the oldest request's deadline, or ``nobody_else()``."""
         deadline = time.monotonic() + self.max_wait
-        while True:
-            group = self._matching(leader)
+        while self._queued < self.max_batch and not self.nobody_else():
             remaining = deadline - time.monotonic()
-            if sum(r.size for r in group) >= self.max_batch or remaining <= 0:
-                break
-            if self.nobody_else():
+            if remaining <= 0:
                 break
             self._cond.wait(remaining)
-        for request in group:
-            self._queue.remove(request)
+        leader = self._queue.popleft()
+        group, images = [leader], leader.size
+        while self._queue:
+            following = self._queue[0]
+            if following.batch.shape[1:] != leader.batch.shape[1:]:
+                break
+            if images + following.size > self.max_batch:
+                break
+            group.append(self._queue.popleft())
+            images += following.size
+        self._queued -= images
         return group
 
     def _run(self, group: list[_Request]) -> None:
@@ -346,6 +351,9 @@ class Runtime:
 
     def _model(self, card: ModelCard) -> _Model:
         key = self._key(card)
+        model = self._models.get(key)  # the common case, without taking the lock
+        if model is not None and self._sessions.get(key) is model.session:
+            return model
         with self._lock:
             model = self._models.get(key)
             if model is None or self._sessions.get(key) is not model.session:
@@ -408,17 +416,21 @@ class Runtime:
         """Run a (N, C, H, W) batch; returns the card's outputs by name, N rows each."""
         model = self._model(card)
         array = np.ascontiguousarray(batch, dtype=np.float32)
-        with self._count_lock:
-            self._waiting += 1
-        if self._callers > 1:
-            # Leaders of other models may stop waiting for this caller now; this model's leader
-            # is woken by the submission itself, once the request is in its queue.
-            self._wake_all(but=model.batcher)
+        # Only registered analyses are counted (a registered caller sees its own registration).
+        counted = self._callers > 0
+        if counted:
+            with self._count_lock:
+                self._waiting += 1
+            if self._callers > 1:
+                # Other models' dispatchers may stop waiting for this caller now; this model's
+                # is woken by the submission itself, once the request is in its queue.
+                self._wake_all(but=model.batcher)
         try:
             values = model.batcher.submit(array)
         finally:
-            with self._count_lock:
-                self._waiting -= 1
+            if counted:
+                with self._count_lock:
+                    self._waiting -= 1
         names = [spec.name for spec in card.outputs]
         outputs = dict(zip(names, values, strict=True))
         for name, value in outputs.items():
