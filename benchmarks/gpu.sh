@@ -23,6 +23,7 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 nvidia-smi -L
 python3 - <<'PY'
 import logging
+import time
 
 import numpy as np
 import onnxruntime as ort
@@ -59,6 +60,14 @@ for name in phantoms.files:
     if "probability" in on_gpu:
         print("  probabilities CUDA", np.round(on_gpu["probability"].ravel()[:16], 3).tolist())
         print("  probabilities CPU ", np.round(on_cpu["probability"].ravel()[:16], 3).tolist())
+# What a new batch size costs the CUDA provider on its first run (cuDNN's algorithm search).
+view = load_card("models/cxr_view_demo.toml")
+session = gpu.session(view)
+for size in (100, 100, 101, 101):
+    batch = np.zeros((size, *view.input.shape), np.float32)
+    started = time.perf_counter()
+    session.run(None, {view.input.name: batch})
+    print(f"cxr-view batch {size}: {1000 * (time.perf_counter() - started):.1f} ms")
 PY
 timeout 240 python3 benchmarks/inference.py --providers CUDAExecutionProvider,CPUExecutionProvider \
   --batch-sizes 1,8,32,64,128 --images 1024 --rounds 3 2>&1 | tee "$OUT/cuda.txt" || true

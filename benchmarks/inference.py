@@ -67,6 +67,7 @@ def runtime_throughput(
 ):
     """Images per second of ``callers`` threads each asking the runtime for ``per_call``
     images at a time."""
+    runtime.warm_up(card)  # as the worker does at start: every batch size it will run
     runtime.run(card, images[:per_call])
     next_call = itertools.count()  # next() on it is atomic: no lock of the harness's own
     start = threading.Barrier(callers + 1)

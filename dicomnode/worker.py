@@ -15,7 +15,6 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode import metrics
@@ -79,7 +78,7 @@ class Worker:
                 log.error("model card %s cannot be used: %s", card.card_path, exc)
                 continue
             try:
-                self.runtime.run(card, np.zeros((1, *card.input.shape), np.float32))
+                self.runtime.warm_up(card)
             except Exception as exc:  # a model may reject a blank image; studies will tell
                 log.warning("model %s: warm-up run failed: %s", card.model.name, exc)
 

@@ -17,7 +17,7 @@ from onnx import TensorProto, helper
 
 from dicomnode.config import InferenceSettings
 from dicomnode.models.registry import ModelCard, load_card
-from dicomnode.pipeline.runtime import Runtime
+from dicomnode.pipeline.runtime import Runtime, batch_buckets, pad_to_bucket
 
 CARD = """\
 [model]
@@ -294,3 +294,44 @@ def test_registered_callers_wait_for_each_other_but_not_longer(tmp_path: Path) -
     for index in (0, 1):
         expected = alone(card, images(index, 1))
         np.testing.assert_allclose(results[index]["cam"], expected["cam"], rtol=1e-5)
+
+
+def test_gpu_batch_sizes_are_powers_of_two_up_to_the_limit() -> None:
+    assert batch_buckets(1) == (1,)
+    assert batch_buckets(8) == (1, 2, 4, 8)
+    assert batch_buckets(12) == (1, 2, 4, 8, 12)
+    batch = images(6, 3)
+    padded = pad_to_bucket(batch, (1, 2, 4, 8))
+    assert padded.shape == (4, 1, 8, 8)
+    np.testing.assert_array_equal(padded[:3], batch)
+    assert not padded[3].any()
+    assert pad_to_bucket(batch, ()) is batch
+    assert pad_to_bucket(images(7, 9), (1, 2, 4, 8)).shape[0] == 9
+
+
+def test_a_padded_batch_gives_each_caller_only_its_own_rows(tmp_path: Path) -> None:
+    card = make_model(tmp_path, "tiny")
+    runtime = Runtime(["CPUExecutionProvider"], InferenceSettings(batch_size=8, max_wait_ms=0))
+    # As on a GPU provider: batches padded to powers of two.
+    runtime._model(card).buckets = batch_buckets(8)
+    counted = CountingRuns(runtime.session(card))
+    batch = images(8, 3)
+
+    outputs = runtime.run(card, batch)
+
+    assert counted.sizes == [4]
+    assert outputs["probability"].shape == (3, 1)
+    expected = alone(card, batch)
+    for name in ("probability", "cam"):
+        np.testing.assert_allclose(outputs[name], expected[name], rtol=1e-5)
+
+
+def test_warm_up_runs_every_gpu_batch_size_once(tmp_path: Path) -> None:
+    card = make_model(tmp_path, "tiny")
+    runtime = Runtime(["CPUExecutionProvider"], InferenceSettings(batch_size=8))
+    counted = CountingRuns(runtime.session(card))
+    runtime.warm_up(card)
+    assert counted.sizes == [1]
+    runtime._model(card).buckets = batch_buckets(8)
+    runtime.warm_up(card)
+    assert counted.sizes == [1, 1, 2, 4, 8]

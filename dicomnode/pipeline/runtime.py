@@ -137,6 +137,32 @@ def batch_limit(session: ort.InferenceSession, input_name: str, configured: int)
     return min(configured, fixed) if fixed else configured
 
 
+def batch_buckets(limit: int) -> tuple[int, ...]:
+    """The batch sizes a GPU model runs: the powers of two below ``limit``, and ``limit``.
+
+    A batch is padded to the next of these sizes, so that the device sees few distinct
+    input shapes: the CUDA provider picks its convolution algorithms (cuDNN's exhaustive
+    search) once per new shape, which costs more than the run itself. Each size is run once
+    when the model is warmed up.
+    """
+    sizes, size = [], 1
+    while size < limit:
+        sizes.append(size)
+        size *= 2
+    return (*sizes, limit)
+
+
+def pad_to_bucket(batch: np.ndarray, buckets: tuple[int, ...]) -> np.ndarray:
+    """``batch`` with zero images appended up to the smallest bucket that holds it (as it is
+    when it fills one exactly, is larger than all, or there are no buckets)."""
+    rows = batch.shape[0]
+    size = next((b for b in buckets if b >= rows), rows)
+    if size == rows:
+        return batch
+    padding = np.zeros((size - rows, *batch.shape[1:]), batch.dtype)
+    return np.concatenate([batch, padding])
+
+
 @dataclass(eq=False)
 class _Request:
     batch: np.ndarray
@@ -299,6 +325,7 @@ class _Model:
     session: ort.InferenceSession
     provider: str
     io_binding: bool
+    buckets: tuple[int, ...] = ()  # batch sizes it is padded to (GPU providers); () = none
     batcher: MicroBatcher = field(init=False)
 
 
@@ -369,8 +396,9 @@ class Runtime:
         provider = session.get_providers()[0]
         wanted = self.settings.io_binding
         binding = wanted == "on" or (wanted == "auto" and provider in DEVICE_PROVIDERS)
-        model = _Model(card, session, provider, binding)
         limit = batch_limit(session, card.input.name, self.settings.batch_size)
+        buckets = batch_buckets(limit) if provider in DEVICE_PROVIDERS else ()
+        model = _Model(card, session, provider, binding, buckets)
         model.batcher = MicroBatcher(
             lambda batch: self._execute(model, batch),
             limit,
@@ -397,6 +425,8 @@ class Runtime:
 
         names = [spec.name for spec in model.card.outputs]
         started = time.perf_counter()
+        rows = batch.shape[0]
+        batch = pad_to_bucket(batch, model.buckets)
         if model.io_binding:
             binding = model.session.io_binding()
             binding.bind_cpu_input(model.card.input.name, batch)
@@ -410,7 +440,16 @@ class Runtime:
         INFERENCE_SECONDS.labels(model.card.model.name, model.provider).observe(
             time.perf_counter() - started
         )
+        if batch.shape[0] != rows:
+            values = [value[:rows] for value in values]
         return values
+
+    def warm_up(self, card: ModelCard) -> None:
+        """Load the model and run a blank batch of every size it will run (one size on the
+        CPU), so that no study pays for a first run."""
+        model = self._model(card)
+        for size in model.buckets or (1,):
+            self._execute(model, np.zeros((size, *card.input.shape), np.float32))
 
     def run(self, card: ModelCard, batch: np.ndarray) -> dict[str, np.ndarray]:
         """Run a (N, C, H, W) batch; returns the card's outputs by name, N rows each."""
