@@ -17,7 +17,7 @@ from onnx import TensorProto, helper
 
 from dicomnode.config import InferenceSettings
 from dicomnode.models.registry import ModelCard, load_card
-from dicomnode.pipeline.runtime import Runtime, batch_buckets, pad_to_bucket
+from dicomnode.pipeline.runtime import Runtime, batch_buckets
 
 CARD = """\
 [model]
@@ -300,30 +300,34 @@ def test_gpu_batch_sizes_are_powers_of_two_up_to_the_limit() -> None:
     assert batch_buckets(1) == (1,)
     assert batch_buckets(8) == (1, 2, 4, 8)
     assert batch_buckets(12) == (1, 2, 4, 8, 12)
-    batch = images(6, 3)
-    padded = pad_to_bucket(batch, (1, 2, 4, 8))
-    assert padded.shape == (4, 1, 8, 8)
-    np.testing.assert_array_equal(padded[:3], batch)
-    assert not padded[3].any()
-    assert pad_to_bucket(batch, ()) is batch
-    assert pad_to_bucket(images(7, 9), (1, 2, 4, 8)).shape[0] == 9
 
 
 def test_a_padded_batch_gives_each_caller_only_its_own_rows(tmp_path: Path) -> None:
     card = make_model(tmp_path, "tiny")
-    runtime = Runtime(["CPUExecutionProvider"], InferenceSettings(batch_size=8, max_wait_ms=0))
+    runtime = Runtime(["CPUExecutionProvider"], InferenceSettings(batch_size=8, max_wait_ms=500))
     # As on a GPU provider: batches padded to powers of two.
-    runtime._model(card).buckets = batch_buckets(8)
-    counted = CountingRuns(runtime.session(card))
-    batch = images(8, 3)
+    runtime._model(card).batcher.buckets = batch_buckets(8)
+    fed: list[np.ndarray] = []
+    session = runtime.session(card)
+    real = session.run
+    session.run = lambda names, feeds: fed.append(feeds["image"].copy()) or real(names, feeds)
+    alone_batch = images(8, 3)
+    together = [images(9, 2), images(10, 1), images(11, 2)]
 
-    outputs = runtime.run(card, batch)
+    outputs = runtime.run(card, alone_batch)
+    results = concurrently(runtime, card, together)
 
-    assert counted.sizes == [4]
-    assert outputs["probability"].shape == (3, 1)
-    expected = alone(card, batch)
-    for name in ("probability", "cam"):
-        np.testing.assert_allclose(outputs[name], expected[name], rtol=1e-5)
+    # 3 images padded to 4; then 5 images in one run, padded to 8 (or fewer, smaller runs).
+    assert len(fed[0]) == 4
+    assert not fed[0][3].any()
+    assert all(len(f) in (1, 2, 4, 8) for f in fed)
+    assert sum(len(f) for f in fed[1:]) >= 5
+    for batch, result in [(alone_batch, outputs), *zip(together, results, strict=True)]:
+        assert isinstance(result, dict), result
+        assert result["probability"].shape == (len(batch), 1)
+        expected = alone(card, batch)
+        for name in ("probability", "cam"):
+            np.testing.assert_allclose(result[name], expected[name], rtol=1e-5)
 
 
 def test_warm_up_runs_every_gpu_batch_size_once(tmp_path: Path) -> None:
@@ -332,6 +336,6 @@ def test_warm_up_runs_every_gpu_batch_size_once(tmp_path: Path) -> None:
     counted = CountingRuns(runtime.session(card))
     runtime.warm_up(card)
     assert counted.sizes == [1]
-    runtime._model(card).buckets = batch_buckets(8)
+    runtime._model(card).batcher.buckets = batch_buckets(8)
     runtime.warm_up(card)
     assert counted.sizes == [1, 1, 2, 4, 8]

@@ -152,17 +152,6 @@ def batch_buckets(limit: int) -> tuple[int, ...]:
     return (*sizes, limit)
 
 
-def pad_to_bucket(batch: np.ndarray, buckets: tuple[int, ...]) -> np.ndarray:
-    """``batch`` with zero images appended up to the smallest bucket that holds it (as it is
-    when it fills one exactly, is larger than all, or there are no buckets)."""
-    rows = batch.shape[0]
-    size = next((b for b in buckets if b >= rows), rows)
-    if size == rows:
-        return batch
-    padding = np.zeros((size - rows, *batch.shape[1:]), batch.dtype)
-    return np.concatenate([batch, padding])
-
-
 @dataclass(eq=False)
 class _Request:
     batch: np.ndarray
@@ -213,12 +202,17 @@ class MicroBatcher:
         max_batch: int,
         max_wait: float,
         nobody_else: Callable[[], bool] = lambda: False,
+        buckets: tuple[int, ...] = (),
     ):
         self.execute = execute
         self.max_batch = max(1, max_batch)
         self.max_wait = max_wait
         self.nobody_else = nobody_else
+        self.buckets = buckets
         self.stats = BatchStats()
+        # Batches are joined in one buffer, reused: a fresh array of a batch's size each
+        # run costs page faults that take longer than a GPU's run of the batch.
+        self._buffer: np.ndarray | None = None
         self._cond = threading.Condition()
         self._queue: deque[_Request] = deque()
         self._queued = 0  # images in the queue
@@ -275,19 +269,38 @@ class MicroBatcher:
         self._queued -= images
         return group
 
+    def _join(self, group: list[_Request]) -> np.ndarray:
+        """The group's images as one batch, padded with blank images to the next bucket
+        size; a lone request that needs no padding runs as it came."""
+        first = group[0].batch
+        rows = sum(r.size for r in group)
+        size = next((b for b in self.buckets if b >= rows), rows)
+        if len(group) == 1 and size == rows:
+            return first
+        buffer = self._buffer
+        if buffer is None or buffer.shape[0] < size or buffer.shape[1:] != first.shape[1:]:
+            buffer = np.empty((max(size, self.max_batch), *first.shape[1:]), first.dtype)
+            self._buffer = buffer
+        np.concatenate([r.batch for r in group], out=buffer[:rows])
+        buffer[rows:size] = 0
+        return buffer[:size]
+
     def _run(self, group: list[_Request]) -> None:
         outputs: list[list[np.ndarray]] = []
         error: BaseException | None = None
         try:
-            joined = group[0].batch if len(group) == 1 else np.concatenate([r.batch for r in group])
+            joined = self._join(group)
             values = self.execute(joined)
-            start = 0
-            for request in group:
-                stop = start + request.size
-                if len(group) > 1 and any(v.shape[:1] != joined.shape[:1] for v in values):
-                    raise ValueError("an output has no batch axis; the model cannot be batched")
-                outputs.append([v[start:stop] for v in values] if len(group) > 1 else values)
-                start = stop
+            if joined is group[0].batch:
+                outputs.append(values)
+            elif any(v.shape[:1] != joined.shape[:1] for v in values):
+                raise ValueError("an output has no batch axis; the model cannot be batched")
+            else:
+                start = 0
+                for request in group:
+                    stop = start + request.size
+                    outputs.append([v[start:stop] for v in values])
+                    start = stop
         except BaseException as exc:  # handed to every caller of this batch
             error = exc
         with self._cond:
@@ -325,7 +338,6 @@ class _Model:
     session: ort.InferenceSession
     provider: str
     io_binding: bool
-    buckets: tuple[int, ...] = ()  # batch sizes it is padded to (GPU providers); () = none
     batcher: MicroBatcher = field(init=False)
 
 
@@ -398,12 +410,13 @@ class Runtime:
         binding = wanted == "on" or (wanted == "auto" and provider in DEVICE_PROVIDERS)
         limit = batch_limit(session, card.input.name, self.settings.batch_size)
         buckets = batch_buckets(limit) if provider in DEVICE_PROVIDERS else ()
-        model = _Model(card, session, provider, binding, buckets)
+        model = _Model(card, session, provider, binding)
         model.batcher = MicroBatcher(
             lambda batch: self._execute(model, batch),
             limit,
             self.settings.max_wait_ms / 1000,
             self._nobody_else,
+            buckets,
         )
         return model
 
@@ -425,8 +438,6 @@ class Runtime:
 
         names = [spec.name for spec in model.card.outputs]
         started = time.perf_counter()
-        rows = batch.shape[0]
-        batch = pad_to_bucket(batch, model.buckets)
         if model.io_binding:
             binding = model.session.io_binding()
             binding.bind_cpu_input(model.card.input.name, batch)
@@ -440,15 +451,13 @@ class Runtime:
         INFERENCE_SECONDS.labels(model.card.model.name, model.provider).observe(
             time.perf_counter() - started
         )
-        if batch.shape[0] != rows:
-            values = [value[:rows] for value in values]
         return values
 
     def warm_up(self, card: ModelCard) -> None:
         """Load the model and run a blank batch of every size it will run (one size on the
         CPU), so that no study pays for a first run."""
         model = self._model(card)
-        for size in model.buckets or (1,):
+        for size in model.batcher.buckets or (1,):
             self._execute(model, np.zeros((size, *card.input.shape), np.float32))
 
     def run(self, card: ModelCard, batch: np.ndarray) -> dict[str, np.ndarray]:
