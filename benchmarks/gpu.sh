@@ -71,7 +71,9 @@ for size in (100, 100, 101, 101):
 PY
 timeout 240 python3 benchmarks/inference.py --providers CUDAExecutionProvider,CPUExecutionProvider \
   --batch-sizes 1,8,32,64,128 --images 1024 --rounds 3 2>&1 | tee "$OUT/cuda.txt" || true
-# A CT series goes to the runtime in chunks of up to 32 slices.
-timeout 150 python3 benchmarks/inference.py --providers CUDAExecutionProvider,CPUExecutionProvider \
-  --batch-sizes 32,64,128 --images 1024 --rounds 2 --images-per-call 32 2>&1 \
-  | tee "$OUT/cuda-chunks.txt" || true
+# A CT series goes to the runtime in chunks of up to 32 slices; with and without IO binding.
+for binding in on off; do
+  timeout 150 python3 benchmarks/inference.py --providers CUDAExecutionProvider,CPUExecutionProvider \
+    --batch-sizes 32,64,128 --images 1024 --rounds 2 --images-per-call 32 --io-binding $binding \
+    2>&1 | tee "$OUT/cuda-chunks-binding-$binding.txt" || true
+done

@@ -109,6 +109,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--providers", default="CPUExecutionProvider")
     parser.add_argument("--intra-op-threads", type=int, default=0)
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
+    parser.add_argument(
+        "--io-binding",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="the node's [inference] io_binding (auto: on for GPU providers)",
+    )
     args = parser.parse_args(argv)
     providers = args.providers.split(",")
     sizes = [int(s) for s in args.batch_sizes.split(",")]
@@ -127,7 +133,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\n{card.model.name}: ensemble of {card.ensemble.members}, no ONNX of its own")
             continue
         settings = InferenceSettings(
-            intra_op_threads=args.intra_op_threads, max_wait_ms=args.max_wait_ms
+            intra_op_threads=args.intra_op_threads,
+            max_wait_ms=args.max_wait_ms,
+            io_binding=args.io_binding,
         )
         session = load_session(card, providers, settings)
         images = inputs(card, args.images)

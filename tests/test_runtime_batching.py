@@ -234,6 +234,10 @@ def test_io_binding_gives_the_plain_run_outputs(tmp_path: Path) -> None:
     assert counted.sizes == []
     for name in ("probability", "cam"):
         np.testing.assert_allclose(with_binding[name], without[name], rtol=1e-6)
+    # The bound input buffer of this shape is reused: the next batch gets its own outputs.
+    second = images(6, 3)
+    np.testing.assert_allclose(bound.run(card, second)["cam"], alone(card, second)["cam"])
+    np.testing.assert_allclose(with_binding["cam"], alone(card, batch)["cam"], rtol=1e-6)
 
 
 def test_thread_settings_and_providers_are_logged_and_applied(
