@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from pydicom import Dataset
-from sqlalchemy import select
+from sqlalchemy import bindparam, case, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -66,48 +66,79 @@ def instance_facts(ds: Dataset) -> InstanceFacts:
     )
 
 
-def _study(
+def _new_study(
     session: Session, facts: InstanceFacts, now: datetime, worklist: WorklistSettings
-) -> Study:
-    study = session.scalars(
-        select(Study).where(Study.study_instance_uid == facts.study_instance_uid)
-    ).one_or_none()
-    if study is None:
-        study = Study(
-            study_instance_uid=facts.study_instance_uid,
-            patient_id=facts.patient_id,
-            patient_name=facts.patient_name,
-            accession_number=facts.accession_number,
-            modality=facts.modality,
-            study_description=facts.study_description,
-            received_at=now,
-            last_instance_at=now,
-            ready_at=now,
-            due_at=now,  # NOT NULL at the flush below; reprioritise sets the real one
-        )
-        session.add(study)
-        session.flush()
-        # On the worklist from the first instance on, in arrival order until analysed.
-        reprioritise(session, study, now, worklist)
-    return study
+) -> int:
+    study = Study(
+        study_instance_uid=facts.study_instance_uid,
+        patient_id=facts.patient_id,
+        patient_name=facts.patient_name,
+        accession_number=facts.accession_number,
+        modality=facts.modality,
+        study_description=facts.study_description,
+        received_at=now,
+        last_instance_at=now,
+        ready_at=now,
+        due_at=now,  # NOT NULL at the flush below; reprioritise sets the real one
+    )
+    session.add(study)
+    session.flush()
+    # On the worklist from the first instance on, in arrival order until analysed.
+    reprioritise(session, study, now, worklist)
+    return study.id
 
 
-def _series(session: Session, study: Study, facts: InstanceFacts) -> Series:
-    series = session.scalars(
-        select(Series).where(Series.series_instance_uid == facts.series_instance_uid)
-    ).one_or_none()
-    if series is None:
-        series = Series(
-            study_id=study.id,
-            series_instance_uid=facts.series_instance_uid,
-            modality=facts.modality,
-            body_part=facts.body_part,
-            view_position=facts.view_position,
-            series_description=facts.series_description,
-        )
-        session.add(series)
-        session.flush()
-    return series
+def _new_series(session: Session, study_id: int, facts: InstanceFacts) -> int:
+    series = Series(
+        study_id=study_id,
+        series_instance_uid=facts.series_instance_uid,
+        modality=facts.modality,
+        body_part=facts.body_part,
+        view_position=facts.view_position,
+        series_description=facts.series_description,
+    )
+    session.add(series)
+    session.flush()
+    return series.id
+
+
+# Built once: an instance of a known series runs these three statements and the commit,
+# on the session's connection (Core, no ORM unit of work); building and caching statements
+# per call cost more than the database work.
+_STUDIES, _SERIES, _INSTANCES = Study.__table__, Series.__table__, Instance.__table__
+_KNOWN_IDS = (
+    select(_STUDIES.c.id, _SERIES.c.id)
+    .select_from(
+        _STUDIES.outerjoin(_SERIES, _SERIES.c.series_instance_uid == bindparam("series_uid"))
+    )
+    .where(_STUDIES.c.study_instance_uid == bindparam("study_uid"))
+)
+_SERIES_ID = select(_SERIES.c.id).where(_SERIES.c.series_instance_uid == bindparam("series_uid"))
+_INSTANCE_ID = select(_INSTANCES.c.id).where(_INSTANCES.c.sop_instance_uid == bindparam("sop_uid"))
+_ADD_INSTANCE = insert(_INSTANCES)
+_TOUCH_STUDY = (
+    update(_STUDIES)
+    .where(_STUDIES.c.id == bindparam("study_id"))
+    .values(
+        last_instance_at=bindparam("now"),
+        ready_at=bindparam("ready_at"),
+        received_generation=_STUDIES.c.received_generation + 1,
+        analysis_status=case(
+            (_STUDIES.c.analysis_status.in_(("analysed", "failed")), "receiving"),
+            else_=_STUDIES.c.analysis_status,
+        ),
+    )
+)
+
+
+def _known_ids(session: Session, facts: InstanceFacts) -> tuple[int | None, int | None]:
+    """The ids of the instance's study and series rows, where they exist: one query."""
+    uids = {"study_uid": facts.study_instance_uid, "series_uid": facts.series_instance_uid}
+    connection = session.connection()
+    row = connection.execute(_KNOWN_IDS, uids).first()
+    if row is not None:
+        return row[0], row[1]
+    return None, connection.execute(_SERIES_ID, uids).scalar()
 
 
 def index_instance(
@@ -125,41 +156,49 @@ def index_instance(
     """Add the instance's rows and push the study's assembly deadline; False if it was known.
 
     Commits. Safe to call again for the same instance (a retried C-STORE after a failure
-    between the file write and the commit).
+    between the file write and the commit). An instance of a known series costs one query,
+    one insert, one update and the commit (this runs before every acknowledgement).
     """
     for attempt in range(3):
         try:
-            study = _study(session, facts, now, worklist or WorklistSettings())
-            series = _series(session, study, facts)
-            known = session.scalars(
-                select(Instance.id).where(Instance.sop_instance_uid == facts.sop_instance_uid)
-            ).first()
-            if known is not None:
-                session.rollback()
-                return False
-            session.add(
-                Instance(
-                    series_id=series.id,
-                    sop_instance_uid=facts.sop_instance_uid,
-                    sop_class_uid=facts.sop_class_uid,
-                    transfer_syntax_uid=transfer_syntax_uid,
-                    instance_number=facts.instance_number,
-                    path=path,
-                    size_bytes=size_bytes,
-                    calling_ae=calling_ae,
-                    received_at=now,
-                )
+            study_id, series_id = _known_ids(session, facts)
+            if study_id is None:
+                study_id = _new_study(session, facts, now, worklist or WorklistSettings())
+            if series_id is None:
+                series_id = _new_series(session, study_id, facts)
+            connection = session.connection()
+            connection.execute(
+                _ADD_INSTANCE,
+                {
+                    "series_id": series_id,
+                    "sop_instance_uid": facts.sop_instance_uid,
+                    "sop_class_uid": facts.sop_class_uid,
+                    "transfer_syntax_uid": transfer_syntax_uid,
+                    "instance_number": facts.instance_number,
+                    "path": path,
+                    "size_bytes": size_bytes,
+                    "calling_ae": calling_ae,
+                    "received_at": now,
+                },
             )
-            study.last_instance_at = now
-            study.ready_at = now + timedelta(seconds=quiet_seconds)
-            study.received_generation += 1
-            if study.analysis_status in ("analysed", "failed"):
-                study.analysis_status = "receiving"
+            ready_at = now + timedelta(seconds=quiet_seconds)
+            connection.execute(
+                _TOUCH_STUDY, {"study_id": study_id, "now": now, "ready_at": ready_at}
+            )
             session.commit()
             return True
         except IntegrityError:
-            # Another association created the same study/series/instance concurrently.
+            # The instance is known (a retried C-STORE), or another association created the
+            # same study or series concurrently: then try again.
             session.rollback()
+            known = (
+                session.connection()
+                .execute(_INSTANCE_ID, {"sop_uid": facts.sop_instance_uid})
+                .scalar()
+            )
+            session.rollback()
+            if known is not None:
+                return False
             if attempt == 2:
                 raise
     return False
