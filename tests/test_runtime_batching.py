@@ -343,3 +343,30 @@ def test_warm_up_runs_every_gpu_batch_size_once(tmp_path: Path) -> None:
     runtime._model(card).batcher.buckets = batch_buckets(8)
     runtime.warm_up(card)
     assert counted.sizes == [1, 1, 2, 4, 8]
+
+
+def test_the_last_registered_caller_of_a_model_runs_the_batch_at_once(tmp_path: Path) -> None:
+    card = make_model(tmp_path, "tiny")
+    # A minute's wait would time the test out: the second of two registered analyses on the
+    # same model completes the batch; nobody else can come.
+    runtime = Runtime(["CPUExecutionProvider"], InferenceSettings(batch_size=8, max_wait_ms=60_000))
+    counted = CountingRuns(runtime.session(card))
+    registered = threading.Barrier(2)
+    results: list = [None] * 2
+
+    def analysis(index: int, delay: float) -> None:
+        with runtime.caller():
+            registered.wait()
+            time.sleep(delay)
+            results[index] = runtime.run(card, images(index, 1))
+
+    threads = [threading.Thread(target=analysis, args=(i, 0.2 * i)) for i in range(2)]
+    started = time.monotonic()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert time.monotonic() - started < 5
+    assert counted.sizes == [2]
+    for index in range(2):
+        np.testing.assert_allclose(results[index]["cam"], alone(card, images(index, 1))["cam"])

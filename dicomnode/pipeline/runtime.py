@@ -193,8 +193,8 @@ class MicroBatcher:
     """Coalesces concurrent requests into one call of ``execute`` along the first axis.
 
     One dispatcher thread per batcher (started on demand, gone after ``IDLE_SECONDS``
-    without requests) runs the batches; callers only queue their request and wait for its
-    own event, so a finished batch wakes exactly its callers. The oldest waiting request
+    without requests) runs the batches; callers only queue their request and wait on its
+    own lock, so a finished batch wakes exactly its callers. The oldest waiting request
     leads: the dispatcher waits up to ``max_wait`` seconds for requests of the same image
     shape until ``max_batch`` images are queued, or until ``nobody_else()`` says no other
     request can come, runs them as one batch and hands each request its rows of every
@@ -237,9 +237,10 @@ class MicroBatcher:
                     target=self._dispatch, name="dicomnode-batcher", daemon=True
                 )
                 self._dispatcher.start()
-            # The dispatcher waits for the first request, then for a full batch (or its
-            # deadline): it is woken only when either comes, not for every request.
-            if len(self._queue) == 1 or self._queued >= self.max_batch:
+            # The dispatcher waits for the first request, then for a full batch, for the
+            # last caller that can come, or for its deadline: it is woken only for these,
+            # not for every request.
+            if len(self._queue) == 1 or self._queued >= self.max_batch or self.nobody_else():
                 self._cond.notify()
         return request.result()
 
