@@ -247,11 +247,13 @@ class MicroBatcher:
     def _dispatch(self) -> None:
         while True:
             with self._cond:
-                if not self._queue:
-                    self._cond.wait(self.IDLE_SECONDS)
-                    if not self._queue:
+                idle_until = time.monotonic() + self.IDLE_SECONDS
+                while not self._queue:  # woken early by wake() too
+                    remaining = idle_until - time.monotonic()
+                    if remaining <= 0:
                         self._dispatcher = None
                         return
+                    self._cond.wait(remaining)
                 group = self._collect()
             self._run(group)
 
