@@ -370,3 +370,18 @@ def test_the_last_registered_caller_of_a_model_runs_the_batch_at_once(tmp_path: 
     assert counted.sizes == [2]
     for index in range(2):
         np.testing.assert_allclose(results[index]["cam"], alone(card, images(index, 1))["cam"])
+
+
+def test_an_idle_dispatcher_ends_and_a_new_request_starts_another(tmp_path: Path) -> None:
+    card = make_model(tmp_path, "tiny")
+    runtime = Runtime(["CPUExecutionProvider"], InferenceSettings(batch_size=2, max_wait_ms=0))
+    batcher = runtime._model(card).batcher
+    batcher.IDLE_SECONDS = 0.2
+    first, second = images(12, 1), images(13, 1)
+    np.testing.assert_allclose(runtime.run(card, first)["cam"], alone(card, first)["cam"])
+    assert batcher._dispatcher is not None
+    deadline = time.monotonic() + 10
+    while batcher._dispatcher is not None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert batcher._dispatcher is None
+    np.testing.assert_allclose(runtime.run(card, second)["cam"], alone(card, second)["cam"])
