@@ -19,7 +19,6 @@ import argparse
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -35,28 +34,11 @@ from sqlalchemy import func, select
 
 from dicomnode.db.models import Instance, Job, ResultObject, Series, Study
 from dicomnode.db.session import make_engine, make_sessionmaker
+from dicomnode.ports import free_port, wait_for_port
 from dicomnode.synth.cxr import make_cxr
 
 REPO = Path(__file__).resolve().parent.parent
 DX_STORAGE = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image Storage - For Presentation
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def wait_port(port: int, process: subprocess.Popen, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"node exited early with status {process.returncode}")
-        with socket.socket() as probe:
-            if probe.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise TimeoutError(f"nothing listening on port {port} after {timeout} s")
 
 
 @dataclass
@@ -80,8 +62,8 @@ class Node:
             cwd=self.folder,
             start_new_session=True,
         )
-        wait_port(self.port, self.process)
-        wait_port(self.web_port, self.process)
+        wait_for_port(self.port, self.process)
+        wait_for_port(self.web_port, self.process)
 
     def kill(self) -> None:
         """SIGKILL the listener and its workers at once: nothing gets to clean up."""

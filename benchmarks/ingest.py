@@ -33,7 +33,6 @@ import argparse
 import os
 import platform
 import shutil
-import socket
 import struct
 import subprocess
 import sys
@@ -47,6 +46,8 @@ from pathlib import Path
 
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from dicomnode.ports import free_port, wait_for_port
 
 REPO = Path(__file__).resolve().parent.parent
 STORESCU = os.environ.get("STORESCU", "/usr/bin/storescu")
@@ -152,24 +153,6 @@ def files_of(folder: Path) -> list[Path]:
 # Targets ---------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def wait_port(port: int, process: subprocess.Popen, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{process.args[0]} exited with {process.returncode}")
-        with socket.socket() as probe:
-            if probe.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise TimeoutError(f"nothing listening on port {port}")
-
-
 class Target:
     """Something storescu sends to; ``run`` starts it fresh and stops it afterwards."""
 
@@ -227,7 +210,7 @@ class DcmtkSCP(Target):
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        wait_port(self.port, self.process)
+        wait_for_port(self.port, self.process)
 
     def stored(self) -> int:
         return sum(1 for path in (self.work / "out").iterdir() if path.is_file())
@@ -255,7 +238,7 @@ class ReferenceSCP(Target):
             ],
             stdout=subprocess.DEVNULL,
         )
-        wait_port(self.port, self.process)
+        wait_for_port(self.port, self.process)
 
     def stored(self) -> int:
         return sum(1 for _ in (self.work / "out").glob("*.dcm"))
@@ -298,7 +281,7 @@ class Node(Target):
             stderr=subprocess.STDOUT,
             cwd=self.work,
         )
-        wait_port(self.port, self.process)
+        wait_for_port(self.port, self.process)
 
     def _clear_database(self) -> None:
         from sqlalchemy import create_engine, text

@@ -33,7 +33,6 @@ import platform
 import re
 import shutil
 import signal
-import socket
 import sqlite3
 import statistics
 import subprocess
@@ -46,6 +45,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
+
+from dicomnode.ports import free_port, wait_for_port
 
 REPO = Path(__file__).resolve().parent.parent
 STORESCU = "/usr/bin/storescu"
@@ -77,24 +78,6 @@ NOT_SHOWN = {
     "analyses", "assembly wait", "job other", "job total", "node finished", "node triaged",
     "exports", "export", "exported after", "claim+complete",
 }  # fmt: skip
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def wait_port(port: int, process: subprocess.Popen, log: Path, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"process exited ({process.returncode}):\n{log.read_text()[-3000:]}")
-        with socket.socket() as probe:
-            if probe.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise TimeoutError(f"nothing listening on port {port} after {timeout} s")
 
 
 # ---------------------------------------------------------------------------------- studies
@@ -216,7 +199,7 @@ class Node:
                 stdout=pacs_log.open("w"), stderr=subprocess.STDOUT, env=env,
             )  # fmt: skip
             self.processes.append(pacs)
-            wait_port(self.ports["pacs"], pacs, pacs_log)
+            wait_for_port(self.ports["pacs"], pacs, timeout=120, log=pacs_log)
         self.config = folder / "dicomnode.toml"
         self.config.write_text(config_text(folder, models, self.ports, settings))
         self.log = folder / "node.log"
@@ -227,8 +210,8 @@ class Node:
             serve, stdout=self.log.open("w"), stderr=subprocess.STDOUT, cwd=folder, env=env
         )
         self.processes.append(node)
-        wait_port(self.ports["dicom"], node, self.log)
-        wait_port(self.ports["web"], node, self.log)
+        wait_for_port(self.ports["dicom"], node, timeout=120, log=self.log)
+        wait_for_port(self.ports["web"], node, timeout=120, log=self.log)
         self.profiled: subprocess.Popen | None = None
         if profile:
             self.worker_log = folder / "worker.log"

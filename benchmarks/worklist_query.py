@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import random
-import socket
 import statistics
 import sys
 import tempfile
@@ -26,6 +25,7 @@ from sqlalchemy import insert
 
 from dicomnode.db.models import FindingRow, ResultObject, Study
 from dicomnode.db.session import make_engine, make_sessionmaker, upgrade, utcnow
+from dicomnode.ports import free_port
 from dicomnode.users import add_user, issue_token
 from dicomnode.worklist.policy import FindingFact, StudyFacts, prioritise
 
@@ -150,12 +150,6 @@ def _serve(url: str, port: int) -> None:
     uvicorn.run(create_app(sessions), host="127.0.0.1", port=port, log_level="warning")
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def _percentile(values: list[float], fraction: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
@@ -207,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
             session.commit()
         engine.dispose()
 
-        port = _free_port()
+        port = free_port()
         server = multiprocessing.get_context("spawn").Process(
             target=_serve, args=(url, port), daemon=True
         )

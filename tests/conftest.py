@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from dicomnode.ports import free_port, wait_for_port
+
 REPO = Path(__file__).resolve().parent.parent
 POSTGRES_URL = os.environ.get(
     "DICOMNODE_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -22,12 +23,6 @@ POSTGRES_URL = os.environ.get(
 # dcmtk as Debian installs it: pynetdicom's console scripts of the same names live in the
 # virtual environment and take other options, so never resolve these through PATH.
 DCMTK_DIR = Path(os.environ.get("DCMTK_BIN", "/usr/bin"))
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def dcmtk(tool: str) -> str:
@@ -111,22 +106,10 @@ def pacs(tmp_path: Path) -> Iterator[StoreSCP]:
         stderr=subprocess.PIPE,
         env={**os.environ, "TCP_NODELAY": "1"},
     )
-    _wait_port(port, process)
+    wait_for_port(port, process)
     yield StoreSCP("PACS", port, folder)
     process.terminate()
     process.wait(timeout=10)
-
-
-def _wait_port(port: int, process: subprocess.Popen, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"process exited early with {process.returncode}")
-        with socket.socket() as probe:
-            if probe.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise TimeoutError(f"nothing listening on port {port} after {timeout} s")
 
 
 @dataclass
@@ -197,20 +180,30 @@ def write_config(
     return config, port, web_port
 
 
-def start_node(folder: Path, config: Path, port: int, web_port: int) -> RunningNode:
+def launch_node(
+    folder: Path, config: Path, port: int, web_port: int, env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen, Path]:
+    """``dicomnode serve`` in ``folder`` (with ``env`` over this environment), logging to
+    node.log; returns the process and its log once its DICOM and web ports listen."""
     log = folder / "node.log"
     process = subprocess.Popen(
         [sys.executable, "-m", "dicomnode", "serve", "--config", str(config)],
         stdout=log.open("w"),
         stderr=subprocess.STDOUT,
         cwd=folder,
+        env={**os.environ, **(env or {})},
     )
     try:
-        _wait_port(port, process)
-        _wait_port(web_port, process)
+        wait_for_port(port, process)
+        wait_for_port(web_port, process)
     except Exception:
         process.kill()
         raise RuntimeError(f"node did not start:\n{log.read_text()}") from None
+    return process, log
+
+
+def start_node(folder: Path, config: Path, port: int, web_port: int) -> RunningNode:
+    process, log = launch_node(folder, config, port, web_port)
     token = add_user(config, "tester", "radiologist")
     return RunningNode(config, "DICOMNODE", port, web_port, folder / "storage", log, process, token)
 

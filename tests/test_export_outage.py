@@ -16,7 +16,6 @@ import pytest
 from conftest import (
     RunningNode,
     StoreSCP,
-    _wait_port,
     dcmtk,
     free_port,
     start_node,
@@ -31,6 +30,7 @@ from worklist_seed import add_study
 from dicomnode.db.models import AuditEntry, Job, Study
 from dicomnode.db.session import as_utc, make_engine, make_sessionmaker, utcnow
 from dicomnode.jobs import claim, enqueue, fail
+from dicomnode.ports import wait_for_port
 from dicomnode.synth.cxr import make_cxr
 from dicomnode.web.app import create_app
 
@@ -54,8 +54,8 @@ def _restart(node: RunningNode) -> None:
         stderr=subprocess.STDOUT,
         cwd=node.config.parent,
     )
-    _wait_port(node.port, node.process)
-    _wait_port(node.web_port, node.process)
+    wait_for_port(node.port, node.process)
+    wait_for_port(node.web_port, node.process)
 
 
 def test_results_wait_out_a_destination_outage_and_arrive_once(tmp_path: Path) -> None:

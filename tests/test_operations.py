@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import signal
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import REPO, _wait_port, dcmtk, wait_for, write_config
+from conftest import REPO, dcmtk, launch_node, wait_for, write_config
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
@@ -23,24 +22,6 @@ from dicomnode.synth.cxr import make_cxr
 PATIENT_NAME = "Zyxwvuts^Quirinella"
 PATIENT_ID = "PID-73914452"
 BIRTH_DATE = "19470312"
-
-
-def _serve(folder: Path, config: Path, port: int, web_port: int, env: dict | None = None):
-    log = folder / "node.log"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "dicomnode", "serve", "--config", str(config)],
-        stdout=log.open("w"),
-        stderr=subprocess.STDOUT,
-        cwd=folder,
-        env={**os.environ, **(env or {})},
-    )
-    try:
-        _wait_port(port, process)
-        _wait_port(web_port, process)
-    except Exception:
-        process.kill()
-        raise RuntimeError(f"node did not start:\n{log.read_text()}") from None
-    return process, log
 
 
 def _stop(process: subprocess.Popen) -> int:
@@ -105,7 +86,7 @@ def test_ready_watchdog_reload_and_stopping_reach_notify_socket(tmp_path: Path) 
     receiver.bind(address)
     receiver.settimeout(60)
     env = {"NOTIFY_SOCKET": address, "WATCHDOG_USEC": "1000000"}
-    process, log = _serve(tmp_path, config, port, web_port, env)
+    process, log = launch_node(tmp_path, config, port, web_port, env)
     messages: list[str] = []
 
     def until(state: str) -> None:
@@ -135,7 +116,7 @@ def test_ready_watchdog_reload_and_stopping_reach_notify_socket(tmp_path: Path) 
 def test_sighup_reloads_peers_and_refuses_a_broken_file(tmp_path: Path) -> None:
     peers = '\n[[peers]]\nae_title = "MODALITY"\n\n[[peers]]\nae_title = "OTHER"\n'
     config, port, web_port = write_config(tmp_path, _sqlite(tmp_path), extra=peers)
-    process, log = _serve(tmp_path, config, port, web_port)
+    process, log = launch_node(tmp_path, config, port, web_port)
     try:
         assert _echo(port, "MODALITY").returncode == 0
         assert _echo(port, "STRANGER").returncode != 0
@@ -182,7 +163,7 @@ def _metric(text: str, name: str, **labels: str) -> float:
 def test_readyz_metrics_and_json_logs_without_patient_data(tmp_path: Path) -> None:
     extra = '\n[logging]\njson = true\n\n[[peers]]\nae_title = "MODALITY"\n'
     config, port, web_port = write_config(tmp_path, _sqlite(tmp_path), extra=extra)
-    process, log = _serve(tmp_path, config, port, web_port)
+    process, log = launch_node(tmp_path, config, port, web_port)
     web = f"http://127.0.0.1:{web_port}"
     try:
         ready = httpx.get(f"{web}/readyz", timeout=10)
