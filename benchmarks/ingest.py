@@ -33,7 +33,6 @@ import argparse
 import os
 import platform
 import shutil
-import struct
 import subprocess
 import sys
 import tempfile
@@ -44,8 +43,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
 
 from dicomnode.ports import free_port, wait_for_port
 
@@ -57,7 +56,6 @@ DX_SIZE = 2240  # 2240 x 2240 x 16 bit = 10.0 MB
 CT_ROWS = 512  # 512 x 512 x 16 bit = 0.5 MB
 CT_RENDERED = 50  # slices rendered; the rest are copies with their own UIDs
 BIG_SIDE = 2048
-MULTIFRAME_WORD_SC = "1.2.840.10008.5.1.4.1.1.7.3"
 
 
 # Workloads -------------------------------------------------------------------------
@@ -100,37 +98,14 @@ def make_ct(folder: Path, count: int) -> None:
 def make_big(path: Path, megabytes: int) -> None:
     """One Multi-frame Grayscale Word SC instance of about ``megabytes`` MB, written in
     chunks (the pixel data is never whole in this process's memory either)."""
+    from dicomnode.synth.multiframe import write_multiframe_word_sc
+
     frame_bytes = BIG_SIDE * BIG_SIDE * 2
     frames = max(1, megabytes * 1_000_000 // frame_bytes)
-    ds = Dataset()
-    ds.SOPClassUID = MULTIFRAME_WORD_SC
-    ds.SOPInstanceUID = generate_uid()
-    ds.StudyInstanceUID = generate_uid()
-    ds.SeriesInstanceUID = generate_uid()
-    ds.PatientID = "BENCHBIG"
-    ds.PatientName = "Bench^Big"
-    ds.Modality = "OT"
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.NumberOfFrames = frames
-    ds.Rows = ds.Columns = BIG_SIDE
-    ds.BitsAllocated = 16
-    ds.BitsStored = 16
-    ds.HighBit = 15
-    ds.PixelRepresentation = 0
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    frame = bytes(range(256)) * (frame_bytes // 256)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".part")
-    ds.save_as(partial, enforce_file_format=True)
-    frame = bytes(range(256)) * (frame_bytes // 256)
-    with open(partial, "ab") as handle:
-        # (7FE0,0010) OW, explicit VR little endian: tag, VR, 2 reserved, 32-bit length.
-        handle.write(struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OW", 0, frame_bytes * frames))
-        for _ in range(frames):
-            handle.write(frame)
+    write_multiframe_word_sc(partial, BIG_SIDE, frames, frame, "BENCHBIG", "Bench^Big")
     partial.rename(path)
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import struct
 import subprocess
 import time
 from collections.abc import Iterator
@@ -19,8 +18,9 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from sqlalchemy import create_engine, text
 
+from dicomnode.synth.multiframe import write_multiframe_word_sc
+
 CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
-MULTIFRAME_WORD_SC = "1.2.840.10008.5.1.4.1.1.7.3"
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
 
 
@@ -70,34 +70,8 @@ def write_studies(folder: Path, studies: int, per_study: int) -> list[list[Path]
 def write_big(path: Path, megabytes: int) -> Path:
     """A Multi-frame Grayscale Word SC file of about ``megabytes`` MB, written in chunks."""
     side = 1024
-    frame_bytes = side * side * 2
-    frames = megabytes * 1024 * 1024 // frame_bytes
-    ds = Dataset()
-    ds.SOPClassUID = MULTIFRAME_WORD_SC
-    ds.SOPInstanceUID = generate_uid()
-    ds.StudyInstanceUID = generate_uid()
-    ds.SeriesInstanceUID = generate_uid()
-    ds.PatientID = "BIG"
-    ds.Modality = "OT"
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.NumberOfFrames = frames
-    ds.Rows = ds.Columns = side
-    ds.BitsAllocated = ds.BitsStored = 16
-    ds.HighBit = 15
-    ds.PixelRepresentation = 0
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = MULTIFRAME_WORD_SC
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.save_as(path, enforce_file_format=True)
-    frame = os.urandom(frame_bytes)
-    with open(path, "ab") as handle:
-        # (7FE0,0010) OW in explicit VR little endian: tag, VR, reserved, 32-bit length.
-        handle.write(struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OW", 0, frame_bytes * frames))
-        for _ in range(frames):
-            handle.write(frame)
-    return path
+    frames = megabytes * 1024 * 1024 // (side * side * 2)
+    return write_multiframe_word_sc(path, side, frames, os.urandom(side * side * 2), "BIG")
 
 
 def storescu(port: int, files: list[Path], calling_ae: str = "MODALITY") -> subprocess.Popen:
