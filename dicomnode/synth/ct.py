@@ -27,7 +27,6 @@ with a ``truth/<series>.npz`` of masks (on disk), read back with :func:`read_tru
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import math
 from dataclasses import dataclass, field
@@ -35,8 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
-from pydicom.dataset import FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import generate_uid
 
 from dicomnode.synth.ct_anatomy import (
     Anatomy,
@@ -51,9 +49,9 @@ from dicomnode.synth.ct_anatomy import (
     render,
     vessel_tree,
 )
+from dicomnode.synth.header import phantom_header
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
-MANUFACTURER = "dicomnode synth"
 RESCALE_INTERCEPT = -1024
 BITS_STORED = 12
 LUNG_WINDOW = (-600.0, 1500.0)  # centre, width
@@ -371,61 +369,29 @@ def _slice_dataset(
     ids: dict[str, str],
 ) -> pydicom.Dataset:
     """One CT Image Storage slice around its stored values (HU + 1024)."""
-    rng = np.random.default_rng([seed, 7])
-    study_date = dt.date(2024, 1, 1) + dt.timedelta(days=seed % 700)
-    birth = dt.date(1940, 1, 1) + dt.timedelta(days=int(rng.integers(0, 60 * 365)))
-    study_time = f"{8 + seed % 10:02d}{seed % 60:02d}{(seed // 60) % 60:02d}"
-    sop_instance_uid = _uid(ids["series"], "slice", str(index))
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CT_IMAGE_STORAGE
-    meta.MediaStorageSOPInstanceUID = sop_instance_uid
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = pydicom.Dataset()
-    ds.file_meta = meta
-    ds.SpecificCharacterSet = "ISO_IR 100"
-    ds.SOPClassUID = CT_IMAGE_STORAGE
-    ds.SOPInstanceUID = sop_instance_uid
-    ds.InstanceCreationDate = study_date.strftime("%Y%m%d")
-    ds.InstanceCreationTime = study_time
-    # Patient
-    ds.PatientName = f"PHANTOM^CT^{seed}"
-    ds.PatientID = ids["patient"]
-    ds.PatientBirthDate = birth.strftime("%Y%m%d")
-    ds.PatientSex = "F" if rng.random() < 0.5 else "M"
-    # General study
-    ds.StudyInstanceUID = ids["study"]
-    ds.StudyDate = ds.InstanceCreationDate
-    ds.StudyTime = study_time
-    ds.AccessionNumber = ids["accession"]
-    ds.ReferringPhysicianName = "REFERRER^SYNTHETIC"
-    ds.StudyID = f"S{seed % 100000:05d}"
-    ds.StudyDescription = "CT CHEST"
-    # General series, frame of reference, equipment, acquisition
-    ds.Modality = "CT"
-    ds.SeriesInstanceUID = ids["series"]
-    ds.SeriesNumber = 2
-    ds.SeriesDescription = f"CHEST {grid.thickness:g}mm LUNG"
-    ds.SeriesDate = ds.StudyDate
-    ds.SeriesTime = study_time
-    ds.BodyPartExamined = "CHEST"
+    ds = phantom_header(
+        seed,
+        sop_class_uid=CT_IMAGE_STORAGE,
+        sop_instance_uid=_uid(ids["series"], "slice", str(index)),
+        patient_name=f"PHANTOM^CT^{seed}",
+        patient_id=ids["patient"],
+        study_instance_uid=ids["study"],
+        accession_number=ids["accession"],
+        study_description="CT CHEST",
+        modality="CT",
+        series_instance_uid=ids["series"],
+        series_number=2,
+        series_description=f"CHEST {grid.thickness:g}mm LUNG",
+        model_name="ct phantom",
+    )
+    # Frame of reference, acquisition
     ds.PatientPosition = "HFS"
     ds.FrameOfReferenceUID = ids["frame"]
     ds.PositionReferenceIndicator = ""
-    ds.Manufacturer = MANUFACTURER
-    ds.ManufacturerModelName = "ct phantom"
-    ds.SoftwareVersions = "1"
-    ds.InstitutionName = "dicomnode"
-    ds.StationName = "SYNTH"
     ds.AcquisitionNumber = 1
     # General image and image plane
     ds.InstanceNumber = index + 1
-    ds.ContentDate = ds.StudyDate
-    ds.ContentTime = study_time
-    ds.AcquisitionDate = ds.StudyDate
-    ds.AcquisitionTime = study_time
     ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
-    ds.BurnedInAnnotation = "NO"
-    ds.LossyImageCompression = "00"
     ds.PixelSpacing = [f"{grid.pixel_spacing:.4f}", f"{grid.pixel_spacing:.4f}"]
     ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
     ds.ImagePositionPatient = [

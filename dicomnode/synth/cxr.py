@@ -31,7 +31,6 @@ from dicomnode.synth.cxr_dicom import (
     CR_IMAGE,
     DETECTOR_MM,
     DX_FOR_PRESENTATION,
-    MANUFACTURER,
     TRANSFER_SYNTAXES,
     check_encoding,
     chest_dataset,
@@ -40,6 +39,7 @@ from dicomnode.synth.cxr_dicom import (
     uid,
 )
 from dicomnode.synth.cxr_raster import box_of, smooth_field
+from dicomnode.synth.header import MANUFACTURER
 
 __all__ = [
     "CR_IMAGE",

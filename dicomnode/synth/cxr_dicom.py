@@ -6,13 +6,11 @@ Pillow, lossy); JPEG 2000 lossless (pydicom's encoder on pylibjpeg-openjpeg).
 
 from __future__ import annotations
 
-import datetime as dt
 import io
 import json
 
 import numpy as np
 import pydicom
-from pydicom.dataset import FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.sequence import Sequence
 from pydicom.uid import (
@@ -22,6 +20,8 @@ from pydicom.uid import (
     generate_uid,
 )
 
+from dicomnode.synth.header import phantom_header
+
 DX_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
 CR_IMAGE = "1.2.840.10008.5.1.4.1.1.1"
 SOP_CLASSES = {"DX": DX_FOR_PRESENTATION, "CR": CR_IMAGE}
@@ -30,7 +30,6 @@ TRANSFER_SYNTAXES = {
     "jpeg-baseline": JPEGBaseline8Bit,
     "jpeg2000": JPEG2000Lossless,
 }
-MANUFACTURER = "dicomnode synth"
 # Detector pixel pitch in mm: the shorter image side spans 43 cm.
 DETECTOR_MM = 430.0
 
@@ -99,10 +98,6 @@ def chest_dataset(
     """
     rows, columns = pixels.shape
     max_value = 2**bits - 1
-    rng = np.random.default_rng([seed, 7])
-    study_date = dt.date(2024, 1, 1) + dt.timedelta(days=seed % 700)
-    birth = dt.date(1940, 1, 1) + dt.timedelta(days=int(rng.integers(0, 60 * 365)))
-    study_time = f"{8 + seed % 10:02d}{seed % 60:02d}{(seed // 60) % 60:02d}"
     sop_instance_uid = uid(str(seed), study_instance_uid, "image")
     series_instance_uid = uid(str(seed), study_instance_uid, "series")
     frame_of_reference = uid(str(seed), study_instance_uid, "frame-of-reference")
@@ -118,59 +113,30 @@ def chest_dataset(
     sop_class = SOP_CLASSES[modality]
     view_position, view_code, view_meaning, orientation, description = _VIEWS[view]
 
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class
-    meta.MediaStorageSOPInstanceUID = sop_instance_uid
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = pydicom.Dataset()
-    ds.file_meta = meta
-    ds.SpecificCharacterSet = "ISO_IR 100"
-    ds.SOPClassUID = sop_class
-    ds.SOPInstanceUID = sop_instance_uid
-    ds.InstanceCreationDate = study_date.strftime("%Y%m%d")
-    ds.InstanceCreationTime = study_time
-    # Patient
-    ds.PatientName = f"PHANTOM^CXR^{seed}"
-    ds.PatientID = patient_id
-    ds.PatientBirthDate = birth.strftime("%Y%m%d")
-    ds.PatientSex = "F" if rng.random() < 0.5 else "M"
-    # General study
-    ds.StudyInstanceUID = study_instance_uid
-    ds.StudyDate = ds.InstanceCreationDate
-    ds.StudyTime = study_time
-    ds.AccessionNumber = accession_number
-    ds.ReferringPhysicianName = "REFERRER^SYNTHETIC"
-    ds.StudyID = f"S{seed % 100000:05d}"
-    ds.StudyDescription = f"XR CHEST {description}"
-    # General series (and DX or CR series)
-    ds.Modality = modality
-    ds.SeriesInstanceUID = series_instance_uid
-    ds.SeriesNumber = 1
-    ds.SeriesDescription = f"CHEST {description}"
-    ds.SeriesDate = ds.StudyDate
-    ds.SeriesTime = study_time
-    ds.BodyPartExamined = "CHEST"
+    ds = phantom_header(
+        seed,
+        sop_class_uid=sop_class,
+        sop_instance_uid=sop_instance_uid,
+        patient_name=f"PHANTOM^CXR^{seed}",
+        patient_id=patient_id,
+        study_instance_uid=study_instance_uid,
+        accession_number=accession_number,
+        study_description=f"XR CHEST {description}",
+        modality=modality,
+        series_instance_uid=series_instance_uid,
+        series_number=1,
+        series_description=f"CHEST {description}",
+        model_name="cxr phantom",
+    )
     if modality == "DX":
         ds.PresentationIntentType = "FOR PRESENTATION"
         # Frame of reference (DX only; the CR Image IOD has no such module).
         ds.FrameOfReferenceUID = frame_of_reference
         ds.PositionReferenceIndicator = ""
-    # Equipment
-    ds.Manufacturer = MANUFACTURER
-    ds.ManufacturerModelName = "cxr phantom"
-    ds.SoftwareVersions = "1"
-    ds.InstitutionName = "dicomnode"
-    ds.StationName = "SYNTH"
     # General image, image pixel, DX or CR image
     ds.InstanceNumber = 1
     ds.PatientOrientation = orientation
-    ds.ContentDate = ds.StudyDate
-    ds.ContentTime = study_time
-    ds.AcquisitionDate = ds.StudyDate
-    ds.AcquisitionTime = study_time
     ds.ImageType = ["ORIGINAL", "PRIMARY", ""]
-    ds.BurnedInAnnotation = "NO"
-    ds.LossyImageCompression = "00"
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = photometric
     ds.Rows = rows
