@@ -18,18 +18,12 @@ from dicomnode.evaluation.metrics import roc_auc
 from dicomnode.models.registry import ModelCard, load_card
 from dicomnode.pipeline.preprocess import prepare_input
 from dicomnode.pipeline.runtime import load_session
+from dicomnode.synth.cxr import FINDINGS as PHANTOM_FINDINGS
 from dicomnode.synth.cxr import make_cxr
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
-FINDINGS = (
-    "pneumothorax",
-    "effusion",
-    "consolidation",
-    "cardiomegaly",
-    "edema",
-    "nodule",
-    "tuberculosis",
-)
+# The phantom findings but the tube (a device, not a finding the classifiers are asked about).
+FINDINGS = tuple(f for f in PHANTOM_FINDINGS if f != "tube")
 # The findings model's labels: nodules are left to cxr-nodule-demo (nodule phantoms stay in the
 # set as abnormal studies and as negatives of every findings label).
 FINDINGS_LABELS = tuple(f for f in FINDINGS if f != "nodule")

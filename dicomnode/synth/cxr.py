@@ -38,6 +38,7 @@ from dicomnode.synth.cxr_dicom import (
     pixel_pitch,
     uid,
 )
+from dicomnode.synth.cxr_names import FINDINGS, MODALITIES, PHOTOMETRICS, VIEWS
 from dicomnode.synth.cxr_raster import box_of, smooth_field
 from dicomnode.synth.header import MANUFACTURER
 
@@ -55,19 +56,6 @@ __all__ = [
     "write_dataset",
 ]
 
-FINDINGS: tuple[str, ...] = (
-    "pneumothorax",
-    "effusion",
-    "consolidation",
-    "cardiomegaly",
-    "edema",
-    "nodule",
-    "tuberculosis",
-    "tube",
-)
-VIEWS: tuple[str, ...] = ("PA", "AP", "LATERAL")
-MODALITIES: tuple[str, ...] = ("DX", "CR")
-PHOTOMETRICS: tuple[str, ...] = ("MONOCHROME2", "MONOCHROME1")
 BITS_STORED = 12
 MAX_VALUE = 2**BITS_STORED - 1
 

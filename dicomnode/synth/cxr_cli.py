@@ -6,16 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-FINDING_NAMES = (
-    "pneumothorax",
-    "effusion",
-    "consolidation",
-    "cardiomegaly",
-    "edema",
-    "nodule",
-    "tuberculosis",
-    "tube",
-)
+from dicomnode.synth.cxr_names import FINDINGS, MODALITIES, PHOTOMETRICS, VIEWS
 
 
 def _names(text: str, allowed: tuple[str, ...], what: str) -> tuple[str, ...]:
@@ -29,13 +20,13 @@ def _names(text: str, allowed: tuple[str, ...], what: str) -> tuple[str, ...]:
 
 
 def _views(text: str) -> tuple[str, ...]:
-    return _names(text.upper(), ("PA", "AP", "LATERAL"), "--views")
+    return _names(text.upper(), VIEWS, "--views")
 
 
 def _findings(text: str) -> tuple[str, ...]:
     if text.strip().lower() in ("all", ""):
-        return FINDING_NAMES if text.strip() else ()
-    return _names(text.lower(), FINDING_NAMES, "--findings")
+        return FINDINGS if text.strip() else ()
+    return _names(text.lower(), FINDINGS, "--findings")
 
 
 def _prevalence(text: str) -> float | dict[str, float]:
@@ -50,7 +41,7 @@ def _prevalence(text: str) -> float | dict[str, float]:
         for part in text.split(","):
             name, _, value = part.partition("=")
             name = name.strip().lower()
-            if name not in FINDING_NAMES or not 0.0 <= float(value) <= 1.0:
+            if name not in FINDINGS or not 0.0 <= float(value) <= 1.0:
                 raise ValueError
             rates[name] = float(value)
         return rates
@@ -85,7 +76,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=_findings,
         default=("pneumothorax",),
         help="comma-separated findings to draw, or 'all' "
-        f"({', '.join(FINDING_NAMES)}; default pneumothorax)",
+        f"({', '.join(FINDINGS)}; default pneumothorax)",
     )
     parser.add_argument(
         "--prevalence",
@@ -98,12 +89,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--views", type=_views, default=("PA",), help="comma-separated PA,AP,LATERAL (default PA)"
     )
-    parser.add_argument("--modality", choices=["DX", "CR"], default="DX")
+    parser.add_argument("--modality", choices=list(MODALITIES), default="DX")
     parser.add_argument(
         "--bits", type=_bounded(8, 16, "--bits"), default=12, help="Bits Stored 8..16 (default 12)"
     )
     parser.add_argument(
-        "--photometric", choices=["MONOCHROME1", "MONOCHROME2", "mixed"], default="MONOCHROME2"
+        "--photometric", choices=[*sorted(PHOTOMETRICS), "mixed"], default="MONOCHROME2"
     )
     parser.add_argument(
         "--size",
