@@ -10,21 +10,12 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from web_server import PASSWORD, add_users, serve
+from web_server import CHROMIUM, add_users, chromium_page, log_in, serve
 from worklist_seed import add_study
 
 from dicomnode.db.session import make_engine, make_sessionmaker, upgrade, utcnow
 from dicomnode.web.app import create_app
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 ROWS = "#rows tr[data-study-uid]"
 CRITICAL_RED = (0xD3, 0x2F, 0x2F)  # --tier-critical in worklist.css
 
@@ -53,25 +44,8 @@ def site(tmp_path: Path) -> Iterator[tuple[str, object]]:
 
 @pytest.fixture
 def page(site):
-    playwright_api = pytest.importorskip("playwright.sync_api")
-    with playwright_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        context = browser.new_context(viewport={"width": 1440, "height": 900})
-        page = context.new_page()
-        page.set_default_timeout(15_000)
+    with chromium_page() as page:
         yield page
-        context.close()
-        browser.close()
-
-
-def _log_in(page, base: str) -> None:
-    page.goto(f"{base}/worklist")
-    assert page.url.startswith(f"{base}/login")
-    page.fill("#username", "dr_house")
-    page.fill("#password", PASSWORD)
-    page.click("button[type=submit]")
-    page.wait_for_url(f"{base}/worklist")
-    page.wait_for_selector("#rows tr[data-study-uid]")
 
 
 def _expect(locator):
@@ -88,7 +62,7 @@ def test_critical_study_on_top_live_update_filters_claim_complete(
     site, page, tmp_path: Path
 ) -> None:
     base, sessions = site
-    _log_in(page, base)
+    log_in(page, base)
     assert _accessions(page) == ["ACC-PTX", "ACC-ROUTINE"]
     top = page.locator("#rows tr").first
     assert top.get_attribute("data-tier") == "critical"
@@ -134,7 +108,7 @@ def test_critical_study_on_top_live_update_filters_claim_complete(
 
 def test_override_dialog_moves_a_study_to_the_top(site, page) -> None:
     base, _ = site
-    _log_in(page, base)
+    log_in(page, base)
     routine = page.locator("#rows tr", has_text="ACC-ROUTINE")
     routine.locator("button[data-action=override]").click()
     page.select_option("#override-tier", "stat")

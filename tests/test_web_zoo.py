@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from web_server import PASSWORD, add_users, serve
+from web_server import CHROMIUM, PASSWORD, add_users, chromium_page, log_in, serve
 from worklist_seed import ZOO_FINDINGS, ZOO_RESULTS, add_export_job, add_study, add_zoo_study
 
 from dicomnode import RESEARCH_DEMO_NOTICE
@@ -20,15 +20,6 @@ from dicomnode.db.models import AuditEntry
 from dicomnode.db.session import make_engine, make_sessionmaker, upgrade, utcnow
 from dicomnode.web.app import create_app
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 PTX_SR = ("sr", "cxr-pneumothorax-demo")
 PTX_OVERLAY = ("overlay", "cxr-pneumothorax-demo")
 LUNG_SEG = ("seg", "cxr-lung-seg-demo")
@@ -202,26 +193,15 @@ def browser_site(tmp_path: Path) -> Iterator[tuple[str, str, dict]]:
 
 @pytest.fixture
 def page(browser_site):
-    playwright_api = pytest.importorskip("playwright.sync_api")
-    with playwright_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        context = browser.new_context(viewport={"width": 1440, "height": 900})
-        page = context.new_page()
-        page.set_default_timeout(15_000)
+    with chromium_page() as page:
         yield page
-        context.close()
-        browser.close()
 
 
 def test_row_shows_present_findings_and_collapses_the_rest(browser_site, page) -> None:
     from playwright.sync_api import expect
 
     url, uid, objects = browser_site
-    page.goto(f"{url}/worklist")
-    page.fill("#username", "dr_house")
-    page.fill("#password", PASSWORD)
-    page.click("button[type=submit]")
-    page.wait_for_selector("#rows tr[data-study-uid]")
+    log_in(page, url)
 
     row = page.locator(f"#rows tr[data-study-uid='{uid}']")
     assert page.locator("#rows tr").first.get_attribute("data-study-uid") == uid

@@ -1,4 +1,5 @@
-"""Serve the FastAPI app on a real uvicorn server in a thread, and seed web users."""
+"""Serve the FastAPI app on a real uvicorn server in a thread, seed web users, and open its
+pages in headless Chromium (Debian's, driven by Playwright)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,10 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING
 
+import pytest
 import uvicorn
 from conftest import free_port
 from fastapi import FastAPI
@@ -15,7 +19,19 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicomnode.db.session import utcnow
 from dicomnode.users import add_user, issue_token
 
+if TYPE_CHECKING:
+    from playwright.sync_api import Page
+
 PASSWORD = "correct horse battery"
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 
 
 @contextmanager
@@ -50,3 +66,28 @@ def add_users(sessions: sessionmaker[Session]) -> dict[str, str]:
             tokens[name] = issue_token(session, name, utcnow())
         session.commit()
     return tokens
+
+
+@contextmanager
+def chromium_page() -> Iterator[Page]:
+    """A fresh 1440 x 900 page in headless Chromium (15 s timeouts); skips without Playwright."""
+    playwright_api = pytest.importorskip("playwright.sync_api")
+    with playwright_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        context = browser.new_context(viewport={"width": 1440, "height": 900})
+        page = context.new_page()
+        page.set_default_timeout(15_000)
+        yield page
+        context.close()
+        browser.close()
+
+
+def log_in(page: Page, base: str, username: str = "dr_house") -> None:
+    """Open the worklist, be sent to the log-in form, log in and wait for the rows."""
+    page.goto(f"{base}/worklist")
+    assert page.url.startswith(f"{base}/login")
+    page.fill("#username", username)
+    page.fill("#password", PASSWORD)
+    page.click("button[type=submit]")
+    page.wait_for_url(f"{base}/worklist")
+    page.wait_for_selector("#rows tr[data-study-uid]")
