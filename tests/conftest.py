@@ -259,3 +259,36 @@ def wait_for(predicate, timeout: float = 60.0, interval: float = 0.2, what: str 
             return value
         time.sleep(interval)
     pytest.fail(f"timed out after {timeout} s waiting for {what}")
+
+
+def spool_and_index(session, storage: Path, ds) -> tuple[int, Path]:
+    """Write ``ds`` into the spool under ``storage`` and index it as the SCP does (committed,
+    study quiet at once); returns the study's row id and the instance's file."""
+    from sqlalchemy import select
+
+    from dicomnode.db.models import Study
+    from dicomnode.db.session import utcnow
+    from dicomnode.ingest.index import index_instance, instance_facts
+    from dicomnode.ingest.spool import instance_path
+
+    facts = instance_facts(ds)
+    path = instance_path(
+        storage, facts.study_instance_uid, facts.series_instance_uid, facts.sop_instance_uid
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    index_instance(
+        session,
+        facts,
+        path=str(path),
+        size_bytes=path.stat().st_size,
+        transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
+        calling_ae="MODALITY",
+        now=utcnow(),
+        quiet_seconds=0,
+    )
+    session.commit()
+    study_id = session.scalar(
+        select(Study.id).where(Study.study_instance_uid == facts.study_instance_uid)
+    )
+    return study_id, path

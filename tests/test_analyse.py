@@ -9,13 +9,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import spool_and_index
 from sqlalchemy import select
 
 from dicomnode.config import Destination, Settings
 from dicomnode.db.models import FindingRow, Job, ResultObject, Study
-from dicomnode.db.session import utcnow
-from dicomnode.ingest.index import index_instance, instance_facts
-from dicomnode.ingest.spool import instance_path
 from dicomnode.models.registry import ModelCard, ResultsSpec, load_card
 from dicomnode.pipeline.analyse import analyse_study
 from dicomnode.pipeline.runtime import Runtime
@@ -42,33 +40,7 @@ def _settings(tmp_path: Path) -> Settings:
 
 def _ingest(session, settings: Settings, seed: int, pneumothorax: bool) -> int:
     ds, _ = make_cxr(seed, pneumothorax=pneumothorax)  # 512 px, as the model was trained
-    return _ingest_dataset(session, settings, ds)
-
-
-def _ingest_dataset(session, settings: Settings, ds) -> int:
-    facts = instance_facts(ds)
-    path = instance_path(
-        settings.storage_path,
-        facts.study_instance_uid,
-        facts.series_instance_uid,
-        facts.sop_instance_uid,
-    )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ds.save_as(path, enforce_file_format=True)
-    index_instance(
-        session,
-        facts,
-        path=str(path),
-        size_bytes=path.stat().st_size,
-        transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
-        calling_ae="MODALITY",
-        now=utcnow(),
-        quiet_seconds=0,
-    )
-    session.commit()
-    return session.scalar(
-        select(Study.id).where(Study.study_instance_uid == facts.study_instance_uid)
-    )
+    return spool_and_index(session, settings.storage_path, ds)[0]
 
 
 def _exports(session, study_id: int) -> dict[str, list[str]]:
@@ -127,7 +99,7 @@ def _undecodable(session, settings: Settings, seed: int, study_uid: str | None =
     ds.PixelData = encapsulate([b"\xff\xd8\xff\xe0 not a JPEG stream at all"])
     ds["PixelData"].VR = "OB"
     ds.PhotometricInterpretation = "MONOCHROME2"
-    return _ingest_dataset(session, settings, ds)
+    return spool_and_index(session, settings.storage_path, ds)[0]
 
 
 def test_an_undecodable_image_is_left_out_and_named(sessions, tmp_path: Path, runtime) -> None:

@@ -14,18 +14,15 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from conftest import spool_and_index
 from pydicom.data.data_manager import DATA_ROOT
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.pixels import apply_modality_lut, apply_voi_lut, get_decoder
 from pydicom.sequence import Sequence
 from pydicom.uid import JPEGLSLossless
-from sqlalchemy import select
 
 from dicomnode.config import Settings
 from dicomnode.db.models import Study
-from dicomnode.db.session import utcnow
-from dicomnode.ingest.index import index_instance, instance_facts
-from dicomnode.ingest.spool import instance_path
 from dicomnode.jobs import enqueue
 from dicomnode.models.registry import InputSpec, load_card
 from dicomnode.pipeline.analyse import StageTimes
@@ -348,29 +345,8 @@ def test_worker_marks_a_study_with_an_undecodable_image_failed_with_the_reason(
     ds = _read("JPEG-lossy.dcm")
     ds.Modality, ds.BodyPartExamined, ds.ViewPosition = "DX", "CHEST", "PA"
     settings = Settings(storage={"path": tmp_path / "storage"}, worker={"max_attempts": 1})
-    facts = instance_facts(ds)
-    path = instance_path(
-        settings.storage_path,
-        facts.study_instance_uid,
-        facts.series_instance_uid,
-        facts.sop_instance_uid,
-    )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ds.save_as(path, enforce_file_format=True)
     with sessions() as session:
-        index_instance(
-            session,
-            facts,
-            path=str(path),
-            size_bytes=path.stat().st_size,
-            transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
-            calling_ae="MODALITY",
-            now=utcnow(),
-            quiet_seconds=0,
-        )
-        study_id = session.scalar(
-            select(Study.id).where(Study.study_instance_uid == facts.study_instance_uid)
-        )
+        study_id, path = spool_and_index(session, settings.storage_path, ds)
         enqueue(session, "analyse", study_id, {})
         session.commit()
     worker = Worker(settings, sessions, [load_card(MODELS / "cxr_pneumothorax_demo.toml")])
