@@ -15,12 +15,16 @@ import numpy as np
 import onnx
 import pydicom
 import pytest
+from conftest import spool_and_index
 from dciodvfy import dciodvfy_errors
 from onnx import TensorProto, helper
+from sqlalchemy import select
 
+from dicomnode.config import Settings
+from dicomnode.db.models import FindingRow
 from dicomnode.findings import ModelRun
 from dicomnode.models.registry import ModelCard, discover_cards
-from dicomnode.pipeline.analyse import StageTimes, _run_models
+from dicomnode.pipeline.analyse import StageTimes, analyse_study
 from dicomnode.pipeline.outputs import result_objects
 from dicomnode.pipeline.runtime import Runtime
 from dicomnode.pipeline.tasks import run_model
@@ -332,17 +336,20 @@ def test_image_to_image_gives_a_derived_image_in_the_source_range(cards, runtime
     assert _valid(result_objects(run, card)) == {"derived": 1}
 
 
-def test_ensemble_averages_its_members(cards, runtime) -> None:
+def test_ensemble_averages_its_members(cards, runtime, sessions, tmp_path: Path) -> None:
     ds, _ = make_cxr(13, size=256)
     members = [_run(cards[name], [ds], runtime) for name in ("t-cls-a", "t-cls-b")]
     run = _run(cards["t-ensemble"], [ds], runtime, cards)
     expected = np.mean([m.images[0].findings[0].probability for m in members])
     assert run.images[0].findings[0].probability == pytest.approx(expected, abs=1e-6)
-    # Members are not standalone: the study runs the ensemble, not them.
-    names = [
-        card.model.name
-        for card, _ in _run_models(list(cards.values()), [ds], runtime, StageTimes())
-    ]
+    # Members are not standalone: a study analysed with every card runs the ensemble, not them.
+    settings = Settings(storage={"path": tmp_path / "storage"})
+    with sessions() as session:
+        study_id, _ = spool_and_index(session, settings.storage_path, ds)
+        analyse_study(session, settings, list(cards.values()), runtime, study_id)
+        names = set(
+            session.scalars(select(FindingRow.model_name).where(FindingRow.study_id == study_id))
+        )
     assert "t-ensemble" in names and "t-cls-a" not in names and "t-cls-b" not in names
 
 

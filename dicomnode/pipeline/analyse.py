@@ -169,18 +169,6 @@ class _Models:
         return list(by_model.values())
 
 
-def _run_models(
-    cards: list[ModelCard], images: list[Dataset], runtime: Runtime, times: StageTimes
-) -> list[tuple[ModelCard, ModelRun]]:
-    """Routers first (their view replaces the header's for selection), then every standalone
-    model on the images its rules admit."""
-    models = _Models(cards, images)
-    runs = models.route(runtime, times)
-    for card, selected in models.selected():
-        runs.append((card, models.run(card, selected, runtime, times)))
-    return runs
-
-
 def _record_findings(session: Session, study: Study, card: ModelCard, run: ModelRun) -> None:
     """One worklist finding row per label: the label's highest probability on the study."""
     session.execute(
