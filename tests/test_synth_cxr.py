@@ -185,17 +185,16 @@ def test_each_acquisition_is_valid_dicom_that_decodes(
 
     from dicomnode.synth.cxr import CR_IMAGE, FINDINGS, TRANSFER_SYNTAXES
 
-    ds, truth = make_cxr(
-        17,
-        findings=FINDINGS,
-        view=view,
-        modality=modality,
-        bits=bits,
-        photometric=photometric,
-        transfer_syntax=syntax,
-        size=160,
-        columns=128 if view == "LATERAL" else None,
-    )
+    acquisition = {
+        "findings": FINDINGS,
+        "view": view,
+        "modality": modality,
+        "bits": bits,
+        "photometric": photometric,
+        "size": 160,
+        "columns": 128 if view == "LATERAL" else None,
+    }
+    ds, truth = make_cxr(17, transfer_syntax=syntax, **acquisition)
     assert dciodvfy_errors(ds) == []
     path = tmp_path / "x.dcm"
     ds.save_as(path, enforce_file_format=True)
@@ -208,16 +207,7 @@ def test_each_acquisition_is_valid_dicom_that_decodes(
     assert pixels.shape == (truth.masks["lung"].shape) == (160, 128 if view == "LATERAL" else 160)
     assert int(pixels.max()) < 2**bits and float(pixels.std()) > 0.02 * 2**bits
     # The lossless syntaxes give back the stored values; JPEG baseline is close.
-    reference = make_cxr(
-        17,
-        findings=FINDINGS,
-        view=view,
-        modality=modality,
-        bits=bits,
-        photometric=photometric,
-        size=160,
-        columns=128 if view == "LATERAL" else None,
-    )[0].pixel_array.astype(float)
+    reference = make_cxr(17, **acquisition)[0].pixel_array.astype(float)
     error = np.abs(pixels.astype(float) - reference)
     if syntax == "jpeg-baseline":
         assert back.LossyImageCompression == "01" and error.mean() < 3
