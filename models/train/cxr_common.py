@@ -3,8 +3,8 @@
 One job each: describe a phantom (``PhantomJob``), turn seed ranges into prepared model inputs
 with their ground truth (``prepared_split``, rendered in worker processes and cached on disk),
 train a network (``train``), export it to ONNX with a dynamic batch (``export_onnx``), run it
-with onnxruntime (``onnx_outputs``), compute metrics (``auc``, ``auc_ci``, ``youden``) and write
-its card (``write_card``).
+with onnxruntime (``onnx_outputs``), compute metrics (``auc``, ``auc_ci``, ``youden``) and fill
+its card's tables (``input_table``, ``training_table``; ``shared.write_card`` writes it).
 
 Every phantom goes through a DICOM write/read round trip and
 ``dicomnode.pipeline.preprocess.prepare_input``, the code the node runs at inference, so training
@@ -23,7 +23,6 @@ import math
 import multiprocessing
 import os
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,13 +30,14 @@ from pathlib import Path
 import numpy as np
 import onnxruntime
 import pydicom
+import shared
 import torch
 from PIL import Image
 from torch import nn
 
 import dicomnode.synth.cxr as synth_cxr
 from dicomnode.evaluation import metrics as evaluation
-from dicomnode.models.registry import InputSpec, load_card
+from dicomnode.models.registry import InputSpec
 from dicomnode.pipeline.preprocess import prepare_input
 
 FINDINGS: tuple[str, ...] = getattr(
@@ -320,6 +320,25 @@ def prepared_split(
     )
 
 
+def load_splits(
+    n_train: int,
+    n_validation: int,
+    n_heldout: int,
+    shape: tuple[int, int, int],
+    workers: int = 2,
+    frontal: bool = False,
+) -> tuple[Split, Split, Split]:
+    """The train, validation and held-out splits at input ``shape`` (``prepared_split``), only
+    their PA/AP phantoms when ``frontal``."""
+    splits = tuple(
+        prepared_split(name, n, shape, workers)
+        for name, n in (("train", n_train), ("validation", n_validation), ("heldout", n_heldout))
+    )
+    if frontal:
+        splits = tuple(split.frontal() for split in splits)
+    return splits[0], splits[1], splits[2]
+
+
 def normalised(images: np.ndarray, spec: InputSpec) -> np.ndarray:
     """Float32 model inputs from cached 'unit' canvases, as ``prepare_input`` normalises."""
     images = images.astype(np.float32)
@@ -408,13 +427,6 @@ class CamExport(nn.Module):
 # --- training -----------------------------------------------------------------------------
 
 
-def set_deterministic(seed: int = 0) -> None:
-    """Seeded, deterministic torch on 2 threads."""
-    torch.manual_seed(seed)
-    torch.use_deterministic_algorithms(True)
-    torch.set_num_threads(2)
-
-
 def predict(
     net: nn.Module, images: np.ndarray, spec: InputSpec, activation: str, batch: int = 64
 ) -> np.ndarray:
@@ -453,11 +465,10 @@ def train(
     best score, its epoch and the per-epoch history.
     """
     generator = torch.Generator().manual_seed(seed)
-    optimiser = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     steps = epochs * math.ceil(len(images) / batch)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=lr, total_steps=steps)
-    best: tuple[float, float] = (-math.inf, -math.inf)
-    best_epoch, best_state, history = 0, None, []
+    optimiser, schedule = shared.adamw_one_cycle(net.parameters(), lr, steps)
+    best = shared.BestEpoch(initial=(-math.inf, -math.inf))
+    history = []
     for epoch in range(1, epochs + 1):
         net.train()
         order = torch.randperm(len(images), generator=generator).numpy()
@@ -470,10 +481,7 @@ def train(
                 x[mirrored] = x[mirrored].flip(-1)
             y = torch.from_numpy(targets[index])
             loss = loss_fn(net(x), y)
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
-            schedule.step()
+            shared.optimise(optimiser, schedule, loss)
             total += loss.item() * len(index)
         score, validation_loss = validate(net)
         history.append({"epoch": epoch, "loss": total / len(order), "score": score})
@@ -482,12 +490,29 @@ def train(
             f"loss {validation_loss:.4f} ({time.monotonic() - started:.0f} s)",
             flush=True,
         )
-        if (score, -validation_loss) > best:
-            best, best_epoch = (score, -validation_loss), epoch
-            best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
-    assert best_state is not None
-    net.load_state_dict(best_state)
-    return best[0], best_epoch, history
+        best.offer(net, epoch, (score, -validation_loss))
+    best.restore(net)
+    return best.score[0], best.epoch, history
+
+
+def bce(probabilities: np.ndarray, targets: np.ndarray) -> float:
+    """Mean binary cross-entropy of probabilities (clipped to 1e-7..1-1e-7) against 0/1
+    targets."""
+    p = np.clip(probabilities, 1e-7, 1 - 1e-7)
+    return float(-(targets * np.log(p) + (1 - targets) * np.log(1 - p)).mean())
+
+
+def auc_validation(
+    images: np.ndarray, labels: np.ndarray, spec: InputSpec
+) -> Callable[[nn.Module], tuple[float, float]]:
+    """A ``validate`` for ``train`` of a one-output sigmoid classifier: (AUC, BCE) of the
+    clipped probabilities on the validation ``images`` against ``labels``."""
+
+    def validate(model: nn.Module) -> tuple[float, float]:
+        p = np.clip(predict(model, images, spec, "sigmoid")[:, 0], 1e-7, 1 - 1e-7)
+        return auc(p, labels), bce(p, labels)
+
+    return validate
 
 
 # --- export and inference -------------------------------------------------------------------
@@ -496,22 +521,9 @@ def train(
 def export_onnx(
     module: nn.Module, path: Path, spec: InputSpec, output_names: Sequence[str]
 ) -> None:
-    """ONNX opset 17 with a dynamic batch dimension on the input and every output."""
-    module.eval()
-    dummy = torch.zeros(1, *spec.shape)
-    axes = {name: {0: "batch"} for name in (spec.name, *output_names)}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            module,
-            (dummy,),
-            str(path),
-            input_names=[spec.name],
-            output_names=list(output_names),
-            dynamic_axes=axes,
-            opset_version=17,
-            dynamo=False,
-        )
+    """ONNX opset 17 with ``spec``'s input and a dynamic batch dimension on the input and every
+    output (``shared.export_onnx``)."""
+    shared.export_onnx(module, path, spec.shape, output_names, spec.name)
 
 
 def onnx_outputs(
@@ -525,6 +537,24 @@ def onnx_outputs(
         for part, value in zip(parts, session.run(list(names), {spec.name: chunk}), strict=True):
             part.append(value)
     return [np.concatenate(part) for part in parts]
+
+
+def export_checked(
+    net: CamNet,
+    path: Path,
+    spec: InputSpec,
+    output_names: Sequence[str],
+    images: np.ndarray,
+    activation: str = "sigmoid",
+    with_cam: bool = True,
+) -> tuple[list[np.ndarray], float]:
+    """Export ``net`` as a ``CamExport`` graph, run the ONNX file over ``images`` and compare its
+    first output (the probabilities) with the torch network's. Returns the named outputs and
+    the largest absolute difference."""
+    export_onnx(CamExport(net, activation, with_cam), path, spec, output_names)
+    outputs = onnx_outputs(path, images, spec, output_names)
+    difference = float(np.abs(outputs[0] - predict(net, images, spec, activation)).max())
+    return outputs, difference
 
 
 # --- metrics ---------------------------------------------------------------------------------
@@ -568,6 +598,20 @@ def binary_metrics(
     }
 
 
+def heldout_binary_metrics(
+    scores: np.ndarray, labels: np.ndarray, threshold: float
+) -> dict[str, object]:
+    """``binary_metrics`` of held-out scores followed by the CI method, n, prevalence and the
+    held-out seed start, as the classifier cards list them."""
+    return {
+        **binary_metrics("", scores, labels, threshold),
+        "auc_ci_method": "DeLong 95%",
+        "heldout_n": len(labels),
+        "heldout_prevalence": float(labels.mean()),
+        "heldout_seed_start": SPLIT_SEEDS["heldout"],
+    }
+
+
 def cam_peak_in_region(cams: np.ndarray, regions: np.ndarray) -> np.ndarray:
     """Per image: does the CAM's peak (any resolution) fall on a True cell of the region grid?"""
     hits = []
@@ -580,26 +624,6 @@ def cam_peak_in_region(cams: np.ndarray, regions: np.ndarray) -> np.ndarray:
 
 
 # --- cards -----------------------------------------------------------------------------------
-
-
-def _toml_value(value: object) -> str:
-    if isinstance(value, (bool, np.bool_)):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return json.dumps(value)
-    if isinstance(value, (float, np.floating)):
-        value = float(f"{float(value):.6g}")
-        return repr(value) if math.isfinite(value) else json.dumps(str(value))
-    if isinstance(value, (int, np.integer)):
-        return str(int(value))
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise TypeError(f"cannot write {type(value).__name__} to a card")
-
-
-def _table(header: str, values: dict[str, object]) -> str:
-    lines = [header] + [f"{key} = {_toml_value(value)}" for key, value in values.items()]
-    return "\n".join(lines) + "\n"
 
 
 def input_table(spec: InputSpec) -> dict[str, object]:
@@ -615,26 +639,20 @@ def input_table(spec: InputSpec) -> dict[str, object]:
     return table
 
 
-def write_card(path: Path, script: str, sections: dict[str, object]) -> None:
-    """Write a card: ``sections`` maps a table name to a dict, or to a list of dicts for arrays
-    of tables (outputs, labels). The card is loaded back as the node loads it."""
-    parts = [f"# Generated by models/train/{script}; metrics come from that run.\n"]
-    for name, value in sections.items():
-        if isinstance(value, list):
-            parts += [_table(f"[[{name}]]", item) for item in value]
-        else:
-            parts.append(_table(f"[{name}]", value))
-    path.write_text("\n".join(parts))
-    load_card(path)
+def select_table(views: Sequence[str] = FRONTAL) -> dict[str, object]:
+    """The [select] table of a chest radiograph model: DX/CR, CHEST, and ``views`` (no view rule
+    when empty)."""
+    table: dict[str, object] = {"modalities": ["DX", "CR"], "body_parts": ["CHEST"]}
+    if views:
+        table["views"] = list(views)
+    return table
 
 
 def training_table(started: float, **values: object) -> dict[str, object]:
     """Common [training] entries: seconds, torch version, phantom mix."""
     return {
         **values,
-        "seconds": round(time.monotonic() - started),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
+        **shared.run_entries(started),
         "data": "dicomnode.synth.cxr.make_cxr via cxr_common.random_job (views PA/AP/LATERAL, "
         "DX/CR, 8-16 bit, MONOCHROME1/2, 384-512 rows, non-square)",
     }

@@ -26,8 +26,6 @@ same resampling).
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import multiprocessing
 import multiprocessing.pool
@@ -35,22 +33,22 @@ import time
 from pathlib import Path
 
 import numpy as np
+import shared
 import torch
-from cxr_common import export_onnx, input_table, set_deterministic, write_card
+from cxr_common import export_onnx, input_table, select_table
 from torch import nn
 from train_cxr_lung_seg import (
-    BITS,
     HELDOUT_SEED_START,
-    SIZES,
     SPEC,
     TRAIN_SEED_START,
     VALIDATION_SEED_START,
     VIEWS,
     Split,
     UNet,
-    make_split,
+    make_splits,
     onnx_latency_ms,
     onnx_output,
+    phantom_entries,
     phantom_job,
     render,
     soft_tissue_dataset,
@@ -145,10 +143,9 @@ def train(
     """AdamW with a one-cycle schedule, L1 over the image region of random crops; keeps the
     epoch with the lowest validation MAE (whole inputs)."""
     generator = torch.Generator().manual_seed(1)
-    optimiser = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=1e-4)
     steps = epochs * math.ceil(len(train_split.images) / batch)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=3e-3, total_steps=steps)
-    best_mae, best_epoch, best_state = math.inf, 0, None
+    optimiser, schedule = shared.adamw_one_cycle(net.parameters(), 3e-3, steps)
+    best = shared.BestEpoch()  # scores are -MAE: the lowest MAE is kept
     for epoch in range(1, epochs + 1):
         net.train()
         order = torch.randperm(len(train_split.images), generator=generator).numpy()
@@ -158,10 +155,7 @@ def train(
             images, targets, weights = _random_crops(train_split, index, generator)
             error = (net(images) - targets).abs() * weights
             loss = error.sum() / weights.sum().clamp(min=1.0)
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
-            schedule.step()
+            shared.optimise(optimiser, schedule, loss)
             total += loss.item() * len(index)
         outputs = predict(net, validation.images)
         mae = float(region_mae(outputs, validation.soft, validation.regions).mean())
@@ -170,12 +164,9 @@ def train(
             f"({time.monotonic() - started:.0f} s)",
             flush=True,
         )
-        if mae < best_mae:
-            best_mae, best_epoch = mae, epoch
-            best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
-    assert best_state is not None
-    net.load_state_dict(best_state)
-    return best_mae, best_epoch
+        best.offer(net, epoch, -mae)
+    best.restore(net)
+    return -best.score, best.epoch
 
 
 def _box_mean(image: np.ndarray, size: int) -> np.ndarray:
@@ -286,29 +277,15 @@ def summarise(values: dict[str, np.ndarray], prefix: str) -> dict[str, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("models"), help="folder for ONNX + card")
-    parser.add_argument("--n-train", type=int, default=1000)
-    parser.add_argument("--n-validation", type=int, default=100)
-    parser.add_argument("--n-heldout", type=int, default=300)
-    parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--workers", type=int, default=2, help="phantom generator processes")
+    parser = shared.training_parser(
+        __doc__, n_train=1000, n_validation=100, n_heldout=300, epochs=30, batch=16
+    )
     args = parser.parse_args()
 
-    started = time.monotonic()
-    set_deterministic(0)
-    args.out.mkdir(parents=True, exist_ok=True)
+    started = shared.start_run(args.out)
 
     with multiprocessing.get_context("fork").Pool(args.workers) as pool:
-        splits = {}
-        for name, seed_start, n in (
-            ("train", TRAIN_SEED_START, args.n_train),
-            ("validation", VALIDATION_SEED_START, args.n_validation),
-            ("heldout", HELDOUT_SEED_START, args.n_heldout),
-        ):
-            splits[name] = make_split(pool, seed_start, n)
-            print(f"{name}: {n} phantoms ({time.monotonic() - started:.0f} s)", flush=True)
+        splits = make_splits(pool, args.n_train, args.n_validation, args.n_heldout, started)
 
         net = BoneSuppressionNet()
         training_started = time.monotonic()
@@ -322,8 +299,7 @@ def main() -> None:
         torch_outputs = predict(net, heldout.images)
         outputs = onnx_output(onnx_path, heldout.images)
         max_difference = float(np.abs(outputs - torch_outputs).max())
-        if max_difference > 1e-4:
-            raise SystemExit(f"ONNX and torch disagree on held-out images by {max_difference:.2e}")
+        shared.require_agreement(max_difference, "ONNX and torch disagree on held-out images")
         source = source_geometry_metrics(pool, heldout, outputs)
 
     images = heldout.images.astype(np.float32)
@@ -363,13 +339,7 @@ def main() -> None:
         "loss": "L1 to the soft-tissue truth over the image part of random crops",
         "augmentation": "random crops, horizontal mirror of half of them",
         "training_seconds": round(training_seconds),
-        "seconds": round(time.monotonic() - started),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "views": ",".join(VIEWS),
-        "phantom_rows": ",".join(map(str, SIZES)),
-        "phantom_columns": "0.85-1.15 x rows",
-        "bits": ",".join(map(str, BITS)),
+        **phantom_entries(started),
         "data": "dicomnode.synth.cxr.make_cxr via train_cxr_lung_seg.phantom_job (PA/AP, DX/CR, "
         "MONOCHROME1/2, random findings), DICOM round trip, prepare_input; target "
         "CxrTruth.soft_tissue through the same prepare_input",
@@ -381,7 +351,7 @@ def main() -> None:
         "metrics are on held-out phantoms, not patients. Research demo, not for clinical use."
     )
     card_path = args.out / f"{STEM}.toml"
-    write_card(
+    shared.write_card(
         card_path,
         Path(__file__).name,
         {
@@ -394,24 +364,17 @@ def main() -> None:
             },
             "input": input_table(SPEC),
             "outputs": [{"name": "soft_tissue", "kind": "image"}],
-            "labels": [
-                {
-                    "index": 0,
-                    "code_value": SOFT_TISSUE_CODE[0],
-                    "code_scheme": SOFT_TISSUE_CODE[1],
-                    "code_meaning": SOFT_TISSUE_CODE[2],
-                    "critical": False,
-                    "truth": "soft_tissue",
-                }
-            ],
-            "select": {"modalities": ["DX", "CR"], "body_parts": ["CHEST"], "views": list(VIEWS)},
+            "labels": [shared.label_table(SOFT_TISSUE_CODE, "soft_tissue")],
+            "select": select_table(VIEWS),
             "results": {"produce": ["derived"]},
             "metrics": metrics,
             "training": training,
         },
     )
-    print(json.dumps({"metrics": metrics, "training": training}, indent=2))
-    print(f"wrote {onnx_path} ({onnx_path.stat().st_size} bytes) and {card_path}")
+    shared.print_summary(
+        {"metrics": metrics, "training": training},
+        f"{onnx_path} ({onnx_path.stat().st_size} bytes) and {card_path}",
+    )
 
 
 if __name__ == "__main__":

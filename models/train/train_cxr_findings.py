@@ -14,13 +14,11 @@ CI, sensitivity, specificity and how often the CAM peak lies inside the finding'
 
 from __future__ import annotations
 
-import argparse
-import json
-import time
 from pathlib import Path
 
 import cxr_common as common
 import numpy as np
+import shared
 import torch
 from torch import nn
 
@@ -57,23 +55,16 @@ def mean_auc(probabilities: np.ndarray, targets: np.ndarray) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("models"), help="folder for ONNX + card")
-    parser.add_argument("--n-train", type=int, default=2000, help="phantoms (all views)")
-    parser.add_argument("--n-validation", type=int, default=400)
-    parser.add_argument("--n-heldout", type=int, default=600)
-    parser.add_argument("--epochs", type=int, default=16)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--workers", type=int, default=2, help="phantom generator processes")
+    parser = shared.training_parser(
+        __doc__, n_train=2000, n_validation=400, n_heldout=600, epochs=16, batch=32,
+        n_train_help="phantoms (all views)",
+    )  # fmt: skip
     args = parser.parse_args()
 
-    started = time.monotonic()
-    common.set_deterministic()
-    args.out.mkdir(parents=True, exist_ok=True)
-    train = common.prepared_split("train", args.n_train, SHAPE, args.workers).frontal()
-    validation = common.prepared_split("validation", args.n_validation, SHAPE, args.workers)
-    validation = validation.frontal()
-    heldout = common.prepared_split("heldout", args.n_heldout, SHAPE, args.workers).frontal()
+    started = shared.start_run(args.out)
+    train, validation, heldout = common.load_splits(
+        args.n_train, args.n_validation, args.n_heldout, SHAPE, args.workers, frontal=True
+    )
     spec = common.zscore_spec(train, SHAPE)
     targets = label_matrix(train)
     validation_targets = label_matrix(validation)
@@ -91,9 +82,7 @@ def main() -> None:
 
     def validate(model: nn.Module) -> tuple[float, float]:
         probabilities = common.predict(model, validation.images, spec, "sigmoid")
-        p = np.clip(probabilities, 1e-7, 1 - 1e-7)
-        t = validation_targets
-        loss = float(-(t * np.log(p) + (1 - t) * np.log(1 - p)).mean())
+        loss = common.bce(probabilities, validation_targets)
         return mean_auc(probabilities, validation_targets), loss
 
     best_score, best_epoch, _ = common.train(
@@ -107,13 +96,10 @@ def main() -> None:
     }
 
     onnx_path = args.out / f"{STEM}.onnx"
-    common.export_onnx(common.CamExport(net, "sigmoid"), onnx_path, spec, OUTPUTS)
-    probabilities, heatmaps = common.onnx_outputs(onnx_path, heldout.images, spec, OUTPUTS)
-    difference = float(
-        np.abs(probabilities - common.predict(net, heldout.images, spec, "sigmoid")).max()
+    (probabilities, heatmaps), difference = common.export_checked(
+        net, onnx_path, spec, OUTPUTS, heldout.images
     )
-    if difference > 1e-4:
-        raise SystemExit(f"ONNX and torch disagree on held-out phantoms by {difference:.2e}")
+    shared.require_agreement(difference, "ONNX and torch disagree on held-out phantoms")
 
     heldout_targets = label_matrix(heldout)
     metrics: dict[str, object] = {
@@ -154,15 +140,7 @@ def main() -> None:
         + common.RESEARCH_DEMO
     )
     labels = [
-        {
-            "index": i,
-            "code_value": code,
-            "code_scheme": "SCT",
-            "code_meaning": meaning,
-            "threshold": thresholds[name],
-            "critical": critical,
-            "truth": name,
-        }
+        shared.label_table((code, "SCT", meaning), name, thresholds[name], critical, index=i)
         for i, (name, (code, meaning, critical)) in enumerate(LABELS.items())
     ]
     training = common.training_table(
@@ -175,7 +153,7 @@ def main() -> None:
         loss="BCE with positive weights (negatives/positives, capped at 4)",
     )
     card_path = args.out / f"{STEM}.toml"
-    common.write_card(
+    shared.write_card(
         card_path,
         Path(__file__).name,
         {
@@ -192,13 +170,15 @@ def main() -> None:
                 {"name": "heatmap", "kind": "heatmap"},
             ],
             "labels": labels,
-            "select": {"modalities": ["DX", "CR"], "body_parts": ["CHEST"], "views": ["PA", "AP"]},
+            "select": common.select_table(),
             "metrics": metrics,
             "training": training,
         },
     )
-    print(json.dumps({"metrics": metrics, "training": training}, indent=2, default=str))
-    print(f"wrote {onnx_path} ({onnx_path.stat().st_size} bytes) and {card_path}")
+    shared.print_summary(
+        {"metrics": metrics, "training": training},
+        f"{onnx_path} ({onnx_path.stat().st_size} bytes) and {card_path}",
+    )
 
 
 if __name__ == "__main__":

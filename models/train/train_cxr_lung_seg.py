@@ -18,7 +18,6 @@ rendering), the geometry helpers and the U-Net are also used by ``train_cxr_bone
 
 from __future__ import annotations
 
-import argparse
 import copy
 import hashlib
 import io
@@ -33,8 +32,9 @@ from pathlib import Path
 import numpy as np
 import onnxruntime
 import pydicom
+import shared
 import torch
-from cxr_common import cache_dir, export_onnx, input_table, set_deterministic, write_card
+from cxr_common import cache_dir, export_onnx, input_table, select_table
 from PIL import Image
 from torch import nn
 from torch.nn import functional
@@ -210,6 +210,22 @@ def make_split(pool: multiprocessing.pool.Pool, seed_start: int, n: int) -> Spli
     return Split(jobs, data["images"], data["targets"], data["soft"], data["regions"])
 
 
+def make_splits(
+    pool: multiprocessing.pool.Pool, n_train: int, n_validation: int, n_heldout: int, started: float
+) -> dict[str, Split]:
+    """The train, validation and held-out splits (``make_split``), keyed by split name; prints
+    the time since ``started`` after each."""
+    splits = {}
+    for name, seed_start, n in (
+        ("train", TRAIN_SEED_START, n_train),
+        ("validation", VALIDATION_SEED_START, n_validation),
+        ("heldout", HELDOUT_SEED_START, n_heldout),
+    ):
+        splits[name] = make_split(pool, seed_start, n)
+        print(f"{name}: {n} phantoms ({time.monotonic() - started:.0f} s)", flush=True)
+    return splits
+
+
 def _double_conv(channels_in: int, channels_out: int) -> nn.Sequential:
     return nn.Sequential(
         nn.Conv2d(channels_in, channels_out, 3, padding=1, bias=False),
@@ -301,11 +317,10 @@ def train(
     """AdamW with a one-cycle schedule on BCE + soft Dice, half of each batch mirrored; keeps the
     epoch with the best mean validation Dice."""
     generator = torch.Generator().manual_seed(1)
-    optimiser = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=1e-4)
     steps = epochs * math.ceil(len(train_split.images) / batch)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=3e-3, total_steps=steps)
+    optimiser, schedule = shared.adamw_one_cycle(net.parameters(), 3e-3, steps)
     bce = nn.BCEWithLogitsLoss()
-    best_dice, best_epoch, best_state = -1.0, 0, None
+    best = shared.BestEpoch(initial=-1.0)
     for epoch in range(1, epochs + 1):
         net.train()
         order = torch.randperm(len(train_split.images), generator=generator).numpy()
@@ -321,10 +336,7 @@ def train(
             targets[mirrored] = targets[mirrored].flip(-1)
             logits = net(images)
             loss = bce(logits, targets) + soft_dice_loss(logits, targets)
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
-            schedule.step()
+            shared.optimise(optimiser, schedule, loss)
             total += loss.item() * len(index)
         probabilities = 1 / (1 + np.exp(-predict(net, validation.images)))
         validation_dice = float(input_dice(probabilities, validation.targets).mean())
@@ -333,12 +345,9 @@ def train(
             f"validation Dice {validation_dice:.4f} ({time.monotonic() - started:.0f} s)",
             flush=True,
         )
-        if validation_dice > best_dice:
-            best_dice, best_epoch = validation_dice, epoch
-            best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
-    assert best_state is not None
-    net.load_state_dict(best_state)
-    return best_dice, best_epoch
+        best.offer(net, epoch, validation_dice)
+    best.restore(net)
+    return best.score, best.epoch
 
 
 def onnx_output(path: Path, images: np.ndarray, batch: int = 32) -> np.ndarray:
@@ -353,21 +362,10 @@ def onnx_output(path: Path, images: np.ndarray, batch: int = 32) -> np.ndarray:
 
 
 def onnx_latency_ms(path: Path, shape: tuple[int, ...], runs: int = 30) -> float:
-    """Median milliseconds of one single-image onnxruntime run on one CPU thread."""
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.inter_op_num_threads = 1
-    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    """Median milliseconds of one single-image onnxruntime run on one CPU thread (a random
+    image, 3 untimed runs first)."""
     image = np.random.default_rng(0).random((1, *shape), dtype=np.float32)
-    name = session.get_inputs()[0].name
-    for _ in range(3):
-        session.run(None, {name: image})
-    times = []
-    for _ in range(runs):
-        started = time.perf_counter()
-        session.run(None, {name: image})
-        times.append(time.perf_counter() - started)
-    return round(1000 * float(np.median(times)), 2)
+    return shared.onnx_latency_ms(path, image, runs=runs, warmups=3)
 
 
 def _heldout_source_dice(seed: int, probability: np.ndarray) -> float:
@@ -408,30 +406,28 @@ def subgroup_metrics(values: np.ndarray, split: Split, name: str) -> dict[str, f
     return metrics
 
 
+def phantom_entries(started: float) -> dict[str, object]:
+    """The [training] entries of the run and of the phantom mix (``phantom_job``) that the lung
+    and bone-suppression cards share."""
+    return {
+        **shared.run_entries(started),
+        "views": ",".join(VIEWS),
+        "phantom_rows": ",".join(map(str, SIZES)),
+        "phantom_columns": "0.85-1.15 x rows",
+        "bits": ",".join(map(str, BITS)),
+    }
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("models"), help="folder for ONNX + card")
-    parser.add_argument("--n-train", type=int, default=1000)
-    parser.add_argument("--n-validation", type=int, default=100)
-    parser.add_argument("--n-heldout", type=int, default=300)
-    parser.add_argument("--epochs", type=int, default=6)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--workers", type=int, default=2, help="phantom generator processes")
+    parser = shared.training_parser(
+        __doc__, n_train=1000, n_validation=100, n_heldout=300, epochs=6, batch=16
+    )
     args = parser.parse_args()
 
-    started = time.monotonic()
-    set_deterministic(0)
-    args.out.mkdir(parents=True, exist_ok=True)
+    started = shared.start_run(args.out)
 
     with multiprocessing.get_context("fork").Pool(args.workers) as pool:
-        splits = {}
-        for name, seed_start, n in (
-            ("train", TRAIN_SEED_START, args.n_train),
-            ("validation", VALIDATION_SEED_START, args.n_validation),
-            ("heldout", HELDOUT_SEED_START, args.n_heldout),
-        ):
-            splits[name] = make_split(pool, seed_start, n)
-            print(f"{name}: {n} phantoms ({time.monotonic() - started:.0f} s)", flush=True)
+        splits = make_splits(pool, args.n_train, args.n_validation, args.n_heldout, started)
 
         net = UNet(WIDTHS, input_stride=MASK_STRIDE)
         training_started = time.monotonic()
@@ -446,8 +442,7 @@ def main() -> None:
         torch_probabilities = predict(export, heldout.images)
         probabilities = onnx_output(onnx_path, heldout.images)
         max_difference = float(np.abs(probabilities - torch_probabilities).max())
-        if max_difference > 1e-4:
-            raise SystemExit(f"ONNX and torch disagree on held-out images by {max_difference:.2e}")
+        shared.require_agreement(max_difference, "ONNX and torch disagree on held-out images")
         source_dice = heldout_source_dice(pool, heldout, probabilities)
 
     # Baseline: the mean training mask, the same for every image.
@@ -486,25 +481,18 @@ def main() -> None:
         "loss": "BCE + soft Dice on area-fraction targets at the mask resolution",
         "augmentation": "horizontal mirror of half of each batch",
         "training_seconds": round(training_seconds),
-        "seconds": round(time.monotonic() - started),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "views": ",".join(VIEWS),
-        "phantom_rows": ",".join(map(str, SIZES)),
-        "phantom_columns": "0.85-1.15 x rows",
-        "bits": ",".join(map(str, BITS)),
+        **phantom_entries(started),
         "finding_prevalence": FINDING_PREVALENCE,
         "data": "dicomnode.synth.cxr.make_cxr, settings drawn per seed by phantom_job (PA/AP, "
         "DX/CR, MONOCHROME1/2, random_findings), DICOM round trip, prepare_input",
     }
-    code, scheme, meaning = LUNG_CODE
     description = (
         "Lung segmentation (small U-Net, mask at a quarter of the input resolution) of PA/AP "
         "chest radiographs. Trained only on synthetic chest phantoms (dicomnode.synth.cxr); "
         "metrics are on held-out phantoms, not patients. Research demo, not for clinical use."
     )
     card_path = args.out / f"{STEM}.toml"
-    write_card(
+    shared.write_card(
         card_path,
         Path(__file__).name,
         {
@@ -517,25 +505,17 @@ def main() -> None:
             },
             "input": input_table(SPEC),
             "outputs": [{"name": "mask", "kind": "mask"}],
-            "labels": [
-                {
-                    "index": 0,
-                    "code_value": code,
-                    "code_scheme": scheme,
-                    "code_meaning": meaning,
-                    "threshold": THRESHOLD,
-                    "critical": False,
-                    "truth": "lung",
-                }
-            ],
-            "select": {"modalities": ["DX", "CR"], "body_parts": ["CHEST"], "views": list(VIEWS)},
+            "labels": [shared.label_table(LUNG_CODE, "lung", THRESHOLD)],
+            "select": select_table(VIEWS),
             "results": {"produce": ["seg"], "fractional": False},
             "metrics": metrics,
             "training": training,
         },
     )
-    print(json.dumps({"metrics": metrics, "training": training}, indent=2))
-    print(f"wrote {onnx_path} ({onnx_path.stat().st_size} bytes) and {card_path}")
+    shared.print_summary(
+        {"metrics": metrics, "training": training},
+        f"{onnx_path} ({onnx_path.stat().st_size} bytes) and {card_path}",
+    )
 
 
 if __name__ == "__main__":

@@ -21,12 +21,12 @@ member's shape because the schema requires one; the pipeline runs each member on
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import cxr_common as common
 import numpy as np
+import shared
 import torch
 from torch import nn
 
@@ -108,10 +108,9 @@ def train_member(
     """Train, export and card one member; returns its card sections, validation and held-out
     probabilities."""
     name, stem, shape, normalisation, features, channels, build = member
-    train = common.prepared_split("train", args.n_train, shape, args.workers).frontal()
-    validation = common.prepared_split("validation", args.n_validation, shape, args.workers)
-    validation = validation.frontal()
-    heldout = common.prepared_split("heldout", args.n_heldout, shape, args.workers).frontal()
+    train, validation, heldout = common.load_splits(
+        args.n_train, args.n_validation, args.n_heldout, shape, args.workers, frontal=True
+    )
     if normalisation == "zscore":
         spec = common.zscore_spec(train, shape)
     else:
@@ -123,12 +122,7 @@ def train_member(
 
     net = common.CamNet(features(), channels, 1)
     validation_labels = validation.label("tuberculosis")
-
-    def validate(model: nn.Module) -> tuple[float, float]:
-        p = np.clip(common.predict(model, validation.images, spec, "sigmoid")[:, 0], 1e-7, 1 - 1e-7)
-        t = validation_labels
-        loss = float(-(t * np.log(p) + (1 - t) * np.log(1 - p)).mean())
-        return common.auc(p, t), loss
+    validate = common.auc_validation(validation.images, validation_labels, spec)
 
     member_started = time.monotonic()
     best_score, best_epoch, _ = common.train(
@@ -139,28 +133,20 @@ def train_member(
     threshold = common.youden(validation_scores, validation_labels)
 
     onnx_path = args.out / f"{stem}.onnx"
-    common.export_onnx(common.CamExport(net, "sigmoid"), onnx_path, spec, OUTPUTS)
-    probability, _ = common.onnx_outputs(onnx_path, heldout.images, spec, OUTPUTS)
-    scores = probability[:, 0]
-    difference = float(
-        np.abs(scores - common.predict(net, heldout.images, spec, "sigmoid")[:, 0]).max()
+    (probability, _), difference = common.export_checked(
+        net, onnx_path, spec, OUTPUTS, heldout.images
     )
-    if difference > 1e-4:
-        raise SystemExit(f"{name}: ONNX and torch disagree by {difference:.2e}")
+    shared.require_agreement(difference, f"{name}: ONNX and torch disagree")
+    scores = probability[:, 0]
     labels = heldout.label("tuberculosis")
     metrics: dict[str, object] = {
-        **common.binary_metrics("", scores, labels, threshold),
-        "auc_ci_method": "DeLong 95%",
-        "heldout_n": len(labels),
-        "heldout_prevalence": float(labels.mean()),
-        "heldout_seed_start": common.SPLIT_SEEDS["heldout"],
+        **common.heldout_binary_metrics(scores, labels, threshold),
         "threshold": threshold,
         "threshold_method": "Youden J on validation phantoms",
         "validation_auc": best_score,
         "validation_n": len(validation_labels),
         "onnx_torch_max_abs_difference": difference,
     }
-    code, scheme, meaning = TUBERCULOSIS
     sections: dict[str, object] = {
         "model": {
             "name": name,
@@ -179,18 +165,8 @@ def train_member(
             {"name": "probability", "kind": "probabilities"},
             {"name": "heatmap", "kind": "heatmap"},
         ],
-        "labels": [
-            {
-                "index": 0,
-                "code_value": code,
-                "code_scheme": scheme,
-                "code_meaning": meaning,
-                "threshold": threshold,
-                "critical": False,
-                "truth": "tuberculosis",
-            }
-        ],
-        "select": {"modalities": ["DX", "CR"], "body_parts": ["CHEST"], "views": ["PA", "AP"]},
+        "labels": [shared.label_table(TUBERCULOSIS, "tuberculosis", threshold)],
+        "select": common.select_table(),
         "metrics": metrics,
         "training": common.training_table(
             member_started,
@@ -202,25 +178,19 @@ def train_member(
             architecture=build,
         ),
     }
-    common.write_card(args.out / f"{stem}.toml", Path(__file__).name, sections)
+    shared.write_card(args.out / f"{stem}.toml", Path(__file__).name, sections)
     print(f"{name}: held-out AUC {metrics['auc']:.4f} ({time.monotonic() - started:.0f} s)")
     return sections, validation_scores, scores
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("models"), help="folder for ONNX + cards")
-    parser.add_argument("--n-train", type=int, default=2000, help="phantoms (all views)")
-    parser.add_argument("--n-validation", type=int, default=400)
-    parser.add_argument("--n-heldout", type=int, default=600)
-    parser.add_argument("--epochs", type=int, default=14)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--workers", type=int, default=2, help="phantom generator processes")
+    parser = shared.training_parser(
+        __doc__, n_train=2000, n_validation=400, n_heldout=600, epochs=14, batch=32,
+        out_help="folder for ONNX + cards", n_train_help="phantoms (all views)",
+    )  # fmt: skip
     args = parser.parse_args()
 
-    started = time.monotonic()
-    common.set_deterministic()
-    args.out.mkdir(parents=True, exist_ok=True)
+    started = shared.start_run(args.out)
     results = [train_member(args, member, started) for member in MEMBERS]
 
     # The same phantoms in the same order at every shape: the labels are shared.
@@ -232,11 +202,7 @@ def main() -> None:
     threshold = common.youden(validation_mean, validation.label("tuberculosis"))
     labels = heldout.label("tuberculosis")
     metrics: dict[str, object] = {
-        **common.binary_metrics("", heldout_mean, labels, threshold),
-        "auc_ci_method": "DeLong 95%",
-        "heldout_n": len(labels),
-        "heldout_prevalence": float(labels.mean()),
-        "heldout_seed_start": common.SPLIT_SEEDS["heldout"],
+        **common.heldout_binary_metrics(heldout_mean, labels, threshold),
         "threshold": threshold,
         "threshold_method": "Youden J of the mean member probability on validation phantoms",
         "validation_auc": common.auc(validation_mean, validation.label("tuberculosis")),
@@ -252,7 +218,6 @@ def main() -> None:
     metrics["ensemble_auc_minus_best_member"] = metrics["auc"] - max(member_aucs)
 
     first = results[0][0]
-    code, scheme, meaning = TUBERCULOSIS
     description = (
         "Tuberculosis-pattern ensemble for PA/AP chest radiographs: the mean probability of "
         f"{MEMBERS[0][0]} ({MEMBERS[0][6]}) and {MEMBERS[1][0]} ({MEMBERS[1][6]}). It runs no "
@@ -261,7 +226,7 @@ def main() -> None:
         f"held-out phantoms, not patients. {common.RESEARCH_DEMO}"
     )
     card_path = args.out / f"{ENSEMBLE_STEM}.toml"
-    common.write_card(
+    shared.write_card(
         card_path,
         Path(__file__).name,
         {
@@ -273,25 +238,14 @@ def main() -> None:
             },
             "input": first["input"],
             "outputs": [{"name": "probability", "kind": "probabilities"}],
-            "labels": [
-                {
-                    "index": 0,
-                    "code_value": code,
-                    "code_scheme": scheme,
-                    "code_meaning": meaning,
-                    "threshold": threshold,
-                    "critical": False,
-                    "truth": "tuberculosis",
-                }
-            ],
-            "select": {"modalities": ["DX", "CR"], "body_parts": ["CHEST"], "views": ["PA", "AP"]},
+            "labels": [shared.label_table(TUBERCULOSIS, "tuberculosis", threshold)],
+            "select": common.select_table(),
             "ensemble": {"members": [m[0] for m in MEMBERS], "combine": "mean"},
             "metrics": metrics,
             "training": common.training_table(started, members=", ".join(m[0] for m in MEMBERS)),
         },
     )
-    print(json.dumps({"metrics": metrics}, indent=2, default=str))
-    print(f"wrote {card_path}")
+    shared.print_summary({"metrics": metrics}, str(card_path))
 
 
 if __name__ == "__main__":

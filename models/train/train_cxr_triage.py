@@ -13,13 +13,10 @@ its DeLong 95 % CI, sensitivity and specificity, overall and per finding (sensit
 
 from __future__ import annotations
 
-import argparse
-import json
-import time
 from pathlib import Path
 
 import cxr_common as common
-import numpy as np
+import shared
 from torch import nn
 
 MODEL_NAME = "cxr-triage-demo"
@@ -31,35 +28,23 @@ OUTPUTS = ["probability", "heatmap"]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("models"), help="folder for ONNX + card")
-    parser.add_argument("--n-train", type=int, default=2000, help="phantoms (all views)")
-    parser.add_argument("--n-validation", type=int, default=400)
-    parser.add_argument("--n-heldout", type=int, default=600)
-    parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--workers", type=int, default=2, help="phantom generator processes")
+    parser = shared.training_parser(
+        __doc__, n_train=2000, n_validation=400, n_heldout=600, epochs=20, batch=32,
+        n_train_help="phantoms (all views)",
+    )  # fmt: skip
     args = parser.parse_args()
 
-    started = time.monotonic()
-    common.set_deterministic()
-    args.out.mkdir(parents=True, exist_ok=True)
-    train = common.prepared_split("train", args.n_train, SHAPE, args.workers).frontal()
-    validation = common.prepared_split("validation", args.n_validation, SHAPE, args.workers)
-    validation = validation.frontal()
-    heldout = common.prepared_split("heldout", args.n_heldout, SHAPE, args.workers).frontal()
+    started = shared.start_run(args.out)
+    train, validation, heldout = common.load_splits(
+        args.n_train, args.n_validation, args.n_heldout, SHAPE, args.workers, frontal=True
+    )
     spec = common.zscore_spec(train, SHAPE)
     targets = train.abnormal()[:, None]
     print(f"train {len(targets)} frontal phantoms, {int(targets.sum())} abnormal", flush=True)
 
     net = common.CamNet(common.plain_features((12, 24, 48, 64, 96)), 96, 1)
 
-    def validate(model: nn.Module) -> tuple[float, float]:
-        p = np.clip(common.predict(model, validation.images, spec, "sigmoid")[:, 0], 1e-7, 1 - 1e-7)
-        t = validation.abnormal()
-        loss = float(-(t * np.log(p) + (1 - t) * np.log(1 - p)).mean())
-        return common.auc(p, t), loss
-
+    validate = common.auc_validation(validation.images, validation.abnormal(), spec)
     best_score, best_epoch, _ = common.train(
         net, train.images, targets, spec, loss_fn=nn.BCEWithLogitsLoss(), validate=validate,
         epochs=args.epochs, batch=args.batch,
@@ -68,22 +53,15 @@ def main() -> None:
     threshold = common.youden(validation_scores, validation.abnormal())
 
     onnx_path = args.out / f"{STEM}.onnx"
-    common.export_onnx(common.CamExport(net, "sigmoid"), onnx_path, spec, OUTPUTS)
-    probability, _ = common.onnx_outputs(onnx_path, heldout.images, spec, OUTPUTS)
-    scores = probability[:, 0]
-    difference = float(
-        np.abs(scores - common.predict(net, heldout.images, spec, "sigmoid")[:, 0]).max()
+    (probability, _), difference = common.export_checked(
+        net, onnx_path, spec, OUTPUTS, heldout.images
     )
-    if difference > 1e-4:
-        raise SystemExit(f"ONNX and torch disagree on held-out phantoms by {difference:.2e}")
+    shared.require_agreement(difference, "ONNX and torch disagree on held-out phantoms")
+    scores = probability[:, 0]
 
     labels = heldout.abnormal()
     metrics: dict[str, object] = {
-        **common.binary_metrics("", scores, labels, threshold),
-        "auc_ci_method": "DeLong 95%",
-        "heldout_n": len(labels),
-        "heldout_prevalence": float(labels.mean()),
-        "heldout_seed_start": common.SPLIT_SEEDS["heldout"],
+        **common.heldout_binary_metrics(scores, labels, threshold),
         "heldout_views": "PA and AP phantoms of the held-out mix",
         "threshold": threshold,
         "threshold_method": "Youden J on validation phantoms",
@@ -108,7 +86,6 @@ def main() -> None:
         "synthetic chest phantoms (dicomnode.synth.cxr); metrics are on held-out phantoms, not "
         f"patients. {common.RESEARCH_DEMO}"
     )
-    code, scheme, meaning = ABNORMAL
     training = common.training_table(
         started,
         n_train=len(targets),
@@ -118,7 +95,7 @@ def main() -> None:
         batch=args.batch,
     )
     card_path = args.out / f"{STEM}.toml"
-    common.write_card(
+    shared.write_card(
         card_path,
         Path(__file__).name,
         {
@@ -134,24 +111,16 @@ def main() -> None:
                 {"name": "probability", "kind": "probabilities"},
                 {"name": "heatmap", "kind": "heatmap"},
             ],
-            "labels": [
-                {
-                    "index": 0,
-                    "code_value": code,
-                    "code_scheme": scheme,
-                    "code_meaning": meaning,
-                    "threshold": threshold,
-                    "critical": False,
-                    "truth": "abnormal",
-                }
-            ],
-            "select": {"modalities": ["DX", "CR"], "body_parts": ["CHEST"], "views": ["PA", "AP"]},
+            "labels": [shared.label_table(ABNORMAL, "abnormal", threshold)],
+            "select": common.select_table(),
             "metrics": metrics,
             "training": training,
         },
     )
-    print(json.dumps({"metrics": metrics, "training": training}, indent=2, default=str))
-    print(f"wrote {onnx_path} ({onnx_path.stat().st_size} bytes) and {card_path}")
+    shared.print_summary(
+        {"metrics": metrics, "training": training},
+        f"{onnx_path} ({onnx_path.stat().st_size} bytes) and {card_path}",
+    )
 
 
 if __name__ == "__main__":

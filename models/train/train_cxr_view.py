@@ -13,13 +13,11 @@ DeLong 95 % CI and the confusion counts.
 
 from __future__ import annotations
 
-import argparse
-import json
-import time
 from pathlib import Path
 
 import cxr_common as common
 import numpy as np
+import shared
 from torch import nn
 
 MODEL_NAME = "cxr-view-demo"
@@ -40,22 +38,15 @@ def view_index(split: common.Split) -> np.ndarray:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("models"), help="folder for ONNX + card")
-    parser.add_argument("--n-train", type=int, default=2000)
-    parser.add_argument("--n-validation", type=int, default=400)
-    parser.add_argument("--n-heldout", type=int, default=600)
-    parser.add_argument("--epochs", type=int, default=8)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--workers", type=int, default=2, help="phantom generator processes")
+    parser = shared.training_parser(
+        __doc__, n_train=2000, n_validation=400, n_heldout=600, epochs=8, batch=32
+    )
     args = parser.parse_args()
 
-    started = time.monotonic()
-    common.set_deterministic()
-    args.out.mkdir(parents=True, exist_ok=True)
-    train = common.prepared_split("train", args.n_train, SHAPE, args.workers)
-    validation = common.prepared_split("validation", args.n_validation, SHAPE, args.workers)
-    heldout = common.prepared_split("heldout", args.n_heldout, SHAPE, args.workers)
+    started = shared.start_run(args.out)
+    train, validation, heldout = common.load_splits(
+        args.n_train, args.n_validation, args.n_heldout, SHAPE, args.workers
+    )
     spec = common.zscore_spec(train, SHAPE)
     targets = view_index(train)
     validation_targets = view_index(validation)
@@ -78,13 +69,10 @@ def main() -> None:
     )  # fmt: skip
 
     onnx_path = args.out / f"{STEM}.onnx"
-    common.export_onnx(common.CamExport(net, "softmax", with_cam=False), onnx_path, spec, OUTPUTS)
-    (probabilities,) = common.onnx_outputs(onnx_path, heldout.images, spec, OUTPUTS)
-    difference = float(
-        np.abs(probabilities - common.predict(net, heldout.images, spec, "softmax")).max()
+    (probabilities,), difference = common.export_checked(
+        net, onnx_path, spec, OUTPUTS, heldout.images, "softmax", with_cam=False
     )
-    if difference > 1e-4:
-        raise SystemExit(f"ONNX and torch disagree on held-out phantoms by {difference:.2e}")
+    shared.require_agreement(difference, "ONNX and torch disagree on held-out phantoms")
 
     truth = view_index(heldout)
     predicted = probabilities.argmax(axis=1)
@@ -128,7 +116,7 @@ def main() -> None:
         batch=args.batch,
     )
     card_path = args.out / f"{STEM}.toml"
-    common.write_card(
+    shared.write_card(
         card_path,
         Path(__file__).name,
         {
@@ -155,14 +143,16 @@ def main() -> None:
                 }
                 for i, view in enumerate(common.VIEWS)
             ],
-            "select": {"modalities": ["DX", "CR"], "body_parts": ["CHEST"]},
+            "select": common.select_table(views=()),
             "results": {"produce": ["sr"]},
             "metrics": metrics,
             "training": training,
         },
     )
-    print(json.dumps({"metrics": metrics, "training": training}, indent=2, default=str))
-    print(f"wrote {onnx_path} ({onnx_path.stat().st_size} bytes) and {card_path}")
+    shared.print_summary(
+        {"metrics": metrics, "training": training},
+        f"{onnx_path} ({onnx_path.stat().st_size} bytes) and {card_path}",
+    )
 
 
 if __name__ == "__main__":
