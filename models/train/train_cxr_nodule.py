@@ -24,7 +24,6 @@ phantoms (``dicomnode.evaluation.metrics``).
 
 from __future__ import annotations
 
-import argparse
 import functools
 import hashlib
 import inspect
@@ -34,7 +33,6 @@ import math
 import multiprocessing
 import os
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -42,12 +40,14 @@ from pathlib import Path
 import numpy as np
 import onnxruntime
 import pydicom
+import shared
 import torch
 import torch.nn.functional as F
+from cxr_common import input_table, select_table
 from torch import nn
 
 from dicomnode.evaluation import metrics as evaluation
-from dicomnode.models.registry import InputSpec, load_card
+from dicomnode.models.registry import InputSpec
 from dicomnode.pipeline.preprocess import Letterbox, prepare_input
 from dicomnode.synth import cxr
 
@@ -506,21 +506,15 @@ def train_crops(
     """AdamW with a one-cycle schedule on random crops; keep the epoch with the best
     ``validate()`` score (higher is better) and return it and its epoch."""
     rng = np.random.default_rng(1)
-    optimiser = torch.optim.AdamW(net.parameters(), lr=learning_rate, weight_decay=1e-4)
     steps = epochs * math.ceil(len(images) / batch)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimiser, max_lr=learning_rate, total_steps=steps
-    )
-    best_score, best_epoch, best_state = -math.inf, 0, None
+    optimiser, schedule = shared.adamw_one_cycle(net.parameters(), learning_rate, steps)
+    best = shared.BestEpoch(keep_ties=True)
     for epoch in range(1, epochs + 1):
         net.train()
         started, total = time.monotonic(), 0.0
         for crops in crop_batches(images, targets, spec, batch, rng, crop, flip):
             loss = loss_of_batch(net(crops.images), crops)
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
-            schedule.step()
+            shared.optimise(optimiser, schedule, loss)
             total += loss.item() * len(crops.index)
         score = validate()
         print(
@@ -528,12 +522,9 @@ def train_crops(
             f"({time.monotonic() - started:.0f} s)",
             flush=True,
         )
-        if score >= best_score:
-            best_score, best_epoch = score, epoch
-            best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
-    assert best_state is not None
-    net.load_state_dict(best_state)
-    return best_score, best_epoch
+        best.offer(net, epoch, score)
+    best.restore(net)
+    return best.score, best.epoch
 
 
 def predict(module: nn.Module, images: np.ndarray, spec: InputSpec, batch: int = 32) -> np.ndarray:
@@ -630,19 +621,7 @@ def export_onnx(
     module: nn.Module, path: Path, output_name: str, shape: tuple[int, int, int] = INPUT_SHAPE
 ) -> None:
     """ONNX opset 17 with input ``image`` [N, *shape] and one output, dynamic batch."""
-    module.eval()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            module,
-            (torch.zeros(1, *shape),),
-            str(path),
-            input_names=["image"],
-            output_names=[output_name],
-            dynamic_axes={"image": {0: "batch"}, output_name: {0: "batch"}},
-            opset_version=17,
-            dynamo=False,
-        )
+    shared.export_onnx(module, path, shape, [output_name])
 
 
 def onnx_run(path: Path, images: np.ndarray, spec: InputSpec, batch: int = 32) -> np.ndarray:
@@ -673,38 +652,9 @@ def ranked_difference(onnx_rows: np.ndarray, torch_rows: np.ndarray, gap: float 
 
 
 def ms_per_image(path: Path, spec: InputSpec, n: int = 20) -> float:
-    """Median onnxruntime latency of one image on one CPU thread, in ms."""
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.inter_op_num_threads = 1
-    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    """Median onnxruntime latency of one (all-zero) image on one CPU thread, in ms."""
     image = np.zeros((1, *spec.shape), dtype=np.float32)
-    session.run(None, {"image": image})
-    times = []
-    for _ in range(n):
-        started = time.perf_counter()
-        session.run(None, {"image": image})
-        times.append(1000 * (time.perf_counter() - started))
-    return round(float(np.median(times)), 2)
-
-
-def toml_value(value: object) -> str:
-    """A scalar or list as TOML (floats to 6 significant digits)."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return json.dumps(value)
-    if isinstance(value, float):
-        return repr(float(f"{value:.6g}"))
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    return str(value)
-
-
-def toml_table(name: str, values: dict[str, object], array: bool = False) -> str:
-    """One TOML table (``[[name]]`` when ``array``)."""
-    header = f"[[{name}]]" if array else f"[{name}]"
-    return "\n".join([header] + [f"{k} = {toml_value(v)}" for k, v in values.items()]) + "\n"
+    return shared.onnx_latency_ms(path, image, runs=n, warmups=1, input_name="image")
 
 
 def write_card(
@@ -718,38 +668,16 @@ def write_card(
     training: dict[str, object],
 ) -> None:
     """A frontal CXR model card (DX/CR, CHEST, PA/AP) with this run's metrics; it must load."""
-    parts = [
-        f"# Generated by models/train/{script}; metrics come from that run.\n",
-        toml_table("model", model),
-        toml_table(
-            "input",
-            {
-                "name": spec.name,
-                "shape": list(spec.shape),
-                "normalisation": spec.normalisation,
-                "mean": spec.mean,
-                "std": spec.std,
-                "resize": spec.resize,
-                "window_percentiles": list(spec.window_percentiles),
-            },
-        ),
-        toml_table("outputs", output, array=True),
-        toml_table("labels", label, array=True),
-        toml_table(
-            "select",
-            {"modalities": ["DX", "CR"], "body_parts": ["CHEST"], "views": ["PA", "AP"]},
-        ),
-        toml_table("metrics", metrics),
-        toml_table("training", training),
-    ]
-    path.write_text("\n".join(parts))
-    load_card(path)  # the card must load as the node loads it
-
-
-def set_deterministic(threads: int = 2) -> None:
-    torch.manual_seed(0)
-    torch.use_deterministic_algorithms(True)
-    torch.set_num_threads(threads)
+    sections = {
+        "model": model,
+        "input": input_table(spec),
+        "outputs": [output],
+        "labels": [label],
+        "select": select_table(),
+        "metrics": metrics,
+        "training": training,
+    }
+    shared.write_card(path, script, sections, quote_nonfinite=False)
 
 
 def load_splits(
@@ -770,14 +698,9 @@ def load_splits(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("models"), help="folder for ONNX + card")
-    parser.add_argument("--n-train", type=int, default=1200)
-    parser.add_argument("--n-validation", type=int, default=200)
-    parser.add_argument("--n-heldout", type=int, default=400)
-    parser.add_argument("--epochs", type=int, default=14)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--workers", type=int, default=2, help="phantom generator processes")
+    parser = shared.training_parser(
+        __doc__, n_train=1200, n_validation=200, n_heldout=400, epochs=14, batch=16
+    )
     parser.add_argument(
         "--threshold-fp-rate",
         type=float,
@@ -789,9 +712,7 @@ def main() -> None:
     )
     args = parser.parse_args()
 
-    started = time.monotonic()
-    set_deterministic()
-    args.out.mkdir(parents=True, exist_ok=True)
+    started = shared.start_run(args.out)
     splits = load_splits(args.n_train, args.n_validation, args.n_heldout, args.workers, INPUT_SHAPE)
     train, validation, heldout = splits["train"], splits["validation"], splits["heldout"]
     data_seconds = time.monotonic() - started
@@ -902,7 +823,6 @@ def main() -> None:
             f"findings {DISTRACTOR_PREVALENCE:.0%} each as distractors"
         ),
     }
-    code, scheme, meaning = NODULE_CODE
     card_path = args.out / f"{STEM}.toml"
     write_card(
         card_path,
@@ -921,20 +841,14 @@ def main() -> None:
         },
         spec,
         {"name": "boxes", "kind": "boxes", "min_score": MIN_SCORE},
-        {
-            "index": 0,
-            "code_value": code,
-            "code_scheme": scheme,
-            "code_meaning": meaning,
-            "threshold": threshold,
-            "critical": False,
-            "truth": "nodule",
-        },
+        shared.label_table(NODULE_CODE, "nodule", threshold),
         metrics,
         training,
     )
-    print(json.dumps({"metrics": metrics, "training": training}, indent=2))
-    print(f"wrote {onnx_path} ({onnx_path.stat().st_size} bytes) and {card_path}")
+    shared.print_summary(
+        {"metrics": metrics, "training": training},
+        f"{onnx_path} ({onnx_path.stat().st_size} bytes) and {card_path}",
+    )
 
 
 if __name__ == "__main__":

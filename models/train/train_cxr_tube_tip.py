@@ -17,12 +17,10 @@ The card gets the held-out presence AUC and the tip distances in mm measured wit
 
 from __future__ import annotations
 
-import argparse
-import json
 import time
-from pathlib import Path
 
 import numpy as np
+import shared
 import torch
 import torch.nn.functional as F
 import train_cxr_nodule as localisation
@@ -120,19 +118,12 @@ def tip_metrics(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("models"), help="folder for ONNX + card")
-    parser.add_argument("--n-train", type=int, default=1200)
-    parser.add_argument("--n-validation", type=int, default=200)
-    parser.add_argument("--n-heldout", type=int, default=400)
-    parser.add_argument("--epochs", type=int, default=12)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--workers", type=int, default=2, help="phantom generator processes")
+    parser = shared.training_parser(
+        __doc__, n_train=1200, n_validation=200, n_heldout=400, epochs=12, batch=16
+    )
     args = parser.parse_args()
 
-    started = time.monotonic()
-    localisation.set_deterministic()
-    args.out.mkdir(parents=True, exist_ok=True)
+    started = shared.start_run(args.out)
     splits = localisation.load_splits(args.n_train, args.n_validation, args.n_heldout, args.workers)
     train, validation, heldout = splits["train"], splits["validation"], splits["heldout"]
     data_seconds = time.monotonic() - started
@@ -240,7 +231,6 @@ def main() -> None:
             f"{localisation.DISTRACTOR_PREVALENCE:.0%} each"
         ),
     }
-    code, scheme, meaning = TIP_CODE
     card_path = args.out / f"{STEM}.toml"
     localisation.write_card(
         card_path,
@@ -259,20 +249,14 @@ def main() -> None:
         },
         spec,
         {"name": "landmarks", "kind": "landmarks", "min_score": 0.05},
-        {
-            "index": 0,
-            "code_value": code,
-            "code_scheme": scheme,
-            "code_meaning": meaning,
-            "threshold": threshold,
-            "critical": False,
-            "truth": "tube_tip",
-        },
+        shared.label_table(TIP_CODE, "tube_tip", threshold),
         metrics,
         training,
     )
-    print(json.dumps({"metrics": metrics, "training": training}, indent=2))
-    print(f"wrote {onnx_path} ({onnx_path.stat().st_size} bytes) and {card_path}")
+    shared.print_summary(
+        {"metrics": metrics, "training": training},
+        f"{onnx_path} ({onnx_path.stat().st_size} bytes) and {card_path}",
+    )
 
 
 if __name__ == "__main__":
