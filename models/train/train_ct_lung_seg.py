@@ -12,15 +12,13 @@ Usage: python models/train/train_ct_lung_seg.py --out models
 
 from __future__ import annotations
 
-import argparse
-import json
 import time
-import warnings
 from pathlib import Path
 
 import ct_common
 import numpy as np
 import onnxruntime
+import shared
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -136,12 +134,9 @@ def series_dice(probabilities: np.ndarray, series: ct_common.Series, threshold: 
 def train(net, split, validation, epochs, batch, steps) -> tuple[float, int]:
     rng = np.random.default_rng(1)
     items = slice_items(split)
-    optimiser = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=1e-4)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimiser, max_lr=3e-3, total_steps=epochs * steps
-    )
+    optimiser, schedule = shared.adamw_one_cycle(net.parameters(), 3e-3, epochs * steps)
     export = MaskExport(net)
-    best = (-1.0, 0, None)
+    best = shared.BestEpoch(initial=-1.0)
     for epoch in range(1, epochs + 1):
         net.train()
         started, total = time.monotonic(), 0.0
@@ -149,10 +144,7 @@ def train(net, split, validation, epochs, batch, steps) -> tuple[float, int]:
             picks = [items[i] for i in rng.integers(0, len(items), batch)]
             images, targets = batch_of(split, picks, rng)
             loss = loss_fn(net(images), targets)
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
-            schedule.step()
+            shared.optimise(optimiser, schedule, loss)
             total += loss.item()
         dices = [series_dice(predict(export, s), s, THRESHOLD) for s in validation]
         mean = float(np.mean(dices))
@@ -161,52 +153,25 @@ def train(net, split, validation, epochs, batch, steps) -> tuple[float, int]:
             f"({time.monotonic() - started:.0f} s)",
             flush=True,
         )
-        if mean > best[0]:
-            best = (mean, epoch, {k: v.detach().clone() for k, v in net.state_dict().items()})
-    net.load_state_dict(best[2])
-    return best[0], best[1]
+        best.offer(net, epoch, mean)
+    best.restore(net)
+    return best.score, best.epoch
 
 
 def export_onnx(net: LungUNet, path: Path) -> None:
     """ONNX opset 17: input ``image`` [N,1,160,160]; output ``mask`` [N,1,160,160]."""
-    dummy = torch.zeros(1, 1, ct_common.INPUT_SIZE, ct_common.INPUT_SIZE)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            MaskExport(net).eval(),
-            (dummy,),
-            str(path),
-            input_names=["image"],
-            output_names=["mask"],
-            dynamic_axes={"image": {0: "batch"}, "mask": {0: "batch"}},
-            opset_version=17,
-            dynamo=False,
-        )
+    shared.export_onnx(MaskExport(net), path, ct_common.slice_spec(1).shape, ["mask"])
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("models"), help="folder for ONNX + card")
-    parser.add_argument("--n-train", type=int, default=100)
-    parser.add_argument("--n-validation", type=int, default=16)
-    parser.add_argument("--n-heldout", type=int, default=24)
-    parser.add_argument("--epochs", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=60, help="batches per epoch")
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--workers", type=int, default=2, help="phantom generator processes")
+    parser = shared.training_parser(
+        __doc__, n_train=100, n_validation=16, n_heldout=24, epochs=4, batch=16,
+        per_epoch=("--steps", 60, "batches per epoch"),
+    )  # fmt: skip
     args = parser.parse_args()
 
-    started = time.monotonic()
-    ct_common.set_deterministic(0)
-    args.out.mkdir(parents=True, exist_ok=True)
-    splits = {
-        name: ct_common.prepared_split(name, n, args.workers)
-        for name, n in (
-            ("train", args.n_train),
-            ("validation", args.n_validation),
-            ("heldout", args.n_heldout),
-        )
-    }
+    started = shared.start_run(args.out)
+    splits = ct_common.load_splits(args.n_train, args.n_validation, args.n_heldout, args.workers)
     print(f"data ready ({time.monotonic() - started:.0f} s)", flush=True)
     net = LungUNet()
     best_dice, best_epoch = train(
@@ -221,8 +186,7 @@ def main() -> None:
         probabilities = onnx_predict(session, series)
         difference = max(difference, float(np.abs(probabilities - predict(export, series)).max()))
         dices.append(series_dice(probabilities, series, THRESHOLD))
-    if difference > 1e-4:
-        raise SystemExit(f"ONNX and torch disagree on held-out series by {difference:.2e}")
+    shared.require_agreement(difference, "ONNX and torch disagree on held-out series")
     low, high = evaluation.mean_confidence_interval(dices)
     metrics: dict[str, object] = {
         "heldout_dice_mean": float(np.mean(dices)),
@@ -250,13 +214,12 @@ def main() -> None:
         steps_per_epoch=args.steps,
         batch=args.batch,
     )
-    code, scheme, meaning = LUNG_CODE
     description = (
         "Lung segmentation for chest CT, one axial slice at a time (lung window), small U-Net. "
         "Trained only on synthetic chest CT phantoms (dicomnode.synth.ct); Dice is measured on "
         f"held-out phantoms, not patients. {ct_common.RESEARCH_DEMO}"
     )
-    ct_common.write_card(
+    shared.write_card(
         args.out / f"{STEM}.toml",
         "train_ct_lung_seg.py",
         {
@@ -269,31 +232,17 @@ def main() -> None:
             },
             "input": ct_common.input_table(ct_common.slice_spec(1)),
             "outputs": [{"name": "mask", "kind": "mask"}],
-            "labels": [
-                {
-                    "index": 0,
-                    "code_value": code,
-                    "code_scheme": scheme,
-                    "code_meaning": meaning,
-                    "threshold": THRESHOLD,
-                    "critical": False,
-                    "truth": "lung",
-                }
-            ],
-            # CT Image Storage only: a dose report or screen capture in a CT study (SC, Modality
-            # CT) has no HU for the lung window.
-            "select": {
-                "modalities": ["CT"],
-                "body_parts": ["CHEST"],
-                "sop_classes": ["1.2.840.10008.5.1.4.1.1.2"],
-            },
+            "labels": [shared.label_table(LUNG_CODE, "lung", THRESHOLD)],
+            "select": ct_common.select_table(),
             "results": {"produce": ["seg"]},
             "metrics": metrics,
             "training": training,
         },
     )
-    print(json.dumps({"metrics": metrics, "training": training}, indent=2))
-    print(f"wrote {onnx_path} ({onnx_path.stat().st_size} bytes) and {STEM}.toml")
+    shared.print_summary(
+        {"metrics": metrics, "training": training},
+        f"{onnx_path} ({onnx_path.stat().st_size} bytes) and {STEM}.toml",
+    )
 
 
 if __name__ == "__main__":

@@ -14,16 +14,14 @@ Usage: python models/train/train_ct_nodule.py --out models
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import time
-import warnings
 from pathlib import Path
 
 import ct_common
 import numpy as np
 import onnxruntime
+import shared
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -368,13 +366,10 @@ def train(
     rng = np.random.default_rng(1)
     positive, negative = training_slices(split)
     print(f"training slices: {len(positive)} with nodules, {len(negative)} without", flush=True)
-    optimiser = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=1e-4)
     steps_per_epoch = samples // batch
-    schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimiser, max_lr=3e-3, total_steps=epochs * steps_per_epoch
-    )
+    optimiser, schedule = shared.adamw_one_cycle(net.parameters(), 3e-3, epochs * steps_per_epoch)
     decoder = BoxDecoder(net)
-    best = (-1.0, 0, None)
+    best = shared.BestEpoch(initial=-1.0)
     for epoch in range(1, epochs + 1):
         net.train()
         started, total = time.monotonic(), 0.0
@@ -384,10 +379,7 @@ def train(
             items += [negative[i] for i in rng.integers(0, len(negative), batch - n_pos)]
             images, targets = make_batch(split, items, rng)
             loss = loss_fn(net(images), targets)
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
-            schedule.step()
+            shared.optimise(optimiser, schedule, loss)
             total += loss.item()
         curve = froc_of(predict_boxes(decoder, validation), validation)
         cpm = curve.cpm(FROC_POINTS)
@@ -397,53 +389,25 @@ def train(
             f"({time.monotonic() - started:.0f} s)",
             flush=True,
         )
-        if cpm > best[0]:
-            best = (cpm, epoch, {k: v.detach().clone() for k, v in net.state_dict().items()})
-    net.load_state_dict(best[2])
-    return best[0], best[1]
+        best.offer(net, epoch, cpm)
+    best.restore(net)
+    return best.score, best.epoch
 
 
 def export_onnx(net: NoduleNet, path: Path) -> None:
     """ONNX opset 17: input ``image`` [N,3,160,160]; output ``boxes`` [N,K,6]."""
-    decoder = BoxDecoder(net).eval()
-    dummy = torch.zeros(1, 3, ct_common.INPUT_SIZE, ct_common.INPUT_SIZE)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            decoder,
-            (dummy,),
-            str(path),
-            input_names=["image"],
-            output_names=["boxes"],
-            dynamic_axes={"image": {0: "batch"}, "boxes": {0: "batch"}},
-            opset_version=17,
-            dynamo=False,
-        )
+    shared.export_onnx(BoxDecoder(net), path, ct_common.slice_spec(3).shape, ["boxes"])
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("models"), help="folder for ONNX + card")
-    parser.add_argument("--n-train", type=int, default=100)
-    parser.add_argument("--n-validation", type=int, default=16)
-    parser.add_argument("--n-heldout", type=int, default=24)
-    parser.add_argument("--epochs", type=int, default=14)
-    parser.add_argument("--samples", type=int, default=1536, help="crops per epoch")
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--workers", type=int, default=2, help="phantom generator processes")
+    parser = shared.training_parser(
+        __doc__, n_train=100, n_validation=16, n_heldout=24, epochs=14, batch=32,
+        per_epoch=("--samples", 1536, "crops per epoch"),
+    )  # fmt: skip
     args = parser.parse_args()
 
-    started = time.monotonic()
-    ct_common.set_deterministic(0)
-    args.out.mkdir(parents=True, exist_ok=True)
-    splits = {
-        name: ct_common.prepared_split(name, n, args.workers)
-        for name, n in (
-            ("train", args.n_train),
-            ("validation", args.n_validation),
-            ("heldout", args.n_heldout),
-        )
-    }
+    started = shared.start_run(args.out)
+    splits = ct_common.load_splits(args.n_train, args.n_validation, args.n_heldout, args.workers)
     print(f"data ready ({time.monotonic() - started:.0f} s)", flush=True)
     net = NoduleNet()
     best_cpm, best_epoch = train(
@@ -506,14 +470,13 @@ def main() -> None:
         lung_negatives=LUNG_NEGATIVES,
         top_k=TOP_K,
     )
-    code, scheme, meaning = NODULE_CODE
     description = (
         "Pulmonary nodule detector for chest CT on 2.5D input (3 adjacent slices, lung window), "
         "CenterNet-style with in-graph decoding to boxes. Trained only on synthetic chest CT "
         "phantoms (dicomnode.synth.ct); metrics are FROC on held-out phantoms, not patients. "
         f"{ct_common.RESEARCH_DEMO}"
     )
-    ct_common.write_card(
+    shared.write_card(
         args.out / f"{STEM}.toml",
         "train_ct_nodule.py",
         {
@@ -526,30 +489,16 @@ def main() -> None:
             },
             "input": ct_common.input_table(ct_common.slice_spec(3)),
             "outputs": [{"name": "boxes", "kind": "boxes", "min_score": MIN_SCORE}],
-            "labels": [
-                {
-                    "index": 0,
-                    "code_value": code,
-                    "code_scheme": scheme,
-                    "code_meaning": meaning,
-                    "threshold": threshold,
-                    "critical": False,
-                    "truth": "nodule",
-                }
-            ],
-            # CT Image Storage only: a dose report or screen capture in a CT study (SC, Modality
-            # CT) has no HU for the lung window.
-            "select": {
-                "modalities": ["CT"],
-                "body_parts": ["CHEST"],
-                "sop_classes": ["1.2.840.10008.5.1.4.1.1.2"],
-            },
+            "labels": [shared.label_table(NODULE_CODE, "nodule", threshold)],
+            "select": ct_common.select_table(),
             "metrics": metrics,
             "training": training,
         },
     )
-    print(json.dumps({"metrics": metrics, "training": training}, indent=2))
-    print(f"wrote {onnx_path} ({onnx_path.stat().st_size} bytes) and {STEM}.toml")
+    shared.print_summary(
+        {"metrics": metrics, "training": training},
+        f"{onnx_path} ({onnx_path.stat().st_size} bytes) and {STEM}.toml",
+    )
 
 
 if __name__ == "__main__":
