@@ -347,9 +347,10 @@ def normalised(images: np.ndarray, spec: InputSpec) -> np.ndarray:
     return images
 
 
-def zscore_spec(train: Split, shape: tuple[int, int, int]) -> InputSpec:
-    """A z-score InputSpec with the mean/std of (up to 256) training inputs."""
-    sample = train.images[:256].astype(np.float64)
+def zscore_spec(images: np.ndarray, shape: tuple[int, ...]) -> InputSpec:
+    """A z-score InputSpec with the mean/std of (up to 256 of) the training ``images`` ('unit'
+    canvases), rounded to 4 decimals."""
+    sample = images[:256].astype(np.float64)
     mean, std = round(float(sample.mean()), 4), round(float(sample.std()), 4)
     return InputSpec(shape=shape, normalisation="zscore", mean=mean, std=std)
 

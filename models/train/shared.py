@@ -4,7 +4,8 @@ The scripts' own choices (data, networks, losses, metrics, card text) stay in th
 ``cxr_common`` / ``ct_common``; this module holds what is the same for all of them: the common
 command-line options (``training_parser``), the start of a run (``start_run``: deterministic
 torch, the output folder), the AdamW one-cycle optimiser and its step (``adamw_one_cycle``,
-``optimise``), keeping the best epoch's weights (``BestEpoch``), ONNX export with a dynamic
+``optimise``), the DICOM write/read round trip of a phantom (``round_trip``), keeping the best
+epoch's weights (``BestEpoch``), ONNX export with a dynamic
 batch (``export_onnx``), the ONNX/torch agreement check (``require_agreement``), the
 single-thread latency (``onnx_latency_ms``) and card writing (``write_card``, ``label_table``,
 ``run_entries``, ``print_summary``).
@@ -13,6 +14,7 @@ single-thread latency (``onnx_latency_ms``) and card writing (``write_card``, ``
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
 import time
@@ -23,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import onnxruntime
+import pydicom
 import torch
 from torch import nn
 
@@ -62,6 +65,17 @@ def training_parser(
     parser.add_argument("--batch", type=int, default=batch)
     parser.add_argument("--workers", type=int, default=2, help="phantom generator processes")
     return parser
+
+
+# --- data ------------------------------------------------------------------------------------
+
+
+def round_trip(ds: pydicom.Dataset) -> pydicom.Dataset:
+    """The dataset as the node reads it: written to DICOM bytes and parsed again."""
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    buffer.seek(0)
+    return pydicom.dcmread(buffer)
 
 
 # --- training --------------------------------------------------------------------------------

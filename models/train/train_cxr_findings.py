@@ -65,7 +65,7 @@ def main() -> None:
     train, validation, heldout = common.load_splits(
         args.n_train, args.n_validation, args.n_heldout, SHAPE, args.workers, frontal=True
     )
-    spec = common.zscore_spec(train, SHAPE)
+    spec = common.zscore_spec(train.images, SHAPE)
     targets = label_matrix(train)
     validation_targets = label_matrix(validation)
     positives = targets.sum(axis=0)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import io
 import json
 import math
 import multiprocessing
@@ -110,10 +109,7 @@ def render(job: DenseJob) -> tuple[pydicom.Dataset, synth_cxr.CxrTruth]:
         columns=job.columns,
         photometric=job.photometric,
     )
-    buffer = io.BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
-    buffer.seek(0)
-    return pydicom.dcmread(buffer), truth
+    return shared.round_trip(ds), truth
 
 
 def soft_tissue_dataset(ds: pydicom.Dataset, soft_tissue: np.ndarray) -> pydicom.Dataset:

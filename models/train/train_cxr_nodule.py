@@ -27,7 +27,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import inspect
-import io
 import json
 import math
 import multiprocessing
@@ -43,7 +42,9 @@ import pydicom
 import shared
 import torch
 import torch.nn.functional as F
-from cxr_common import input_table, select_table
+from cxr_common import input_table, normalised, select_table
+from cxr_common import zscore_spec as cxr_zscore_spec
+from shared import round_trip
 from torch import nn
 
 from dicomnode.evaluation import metrics as evaluation
@@ -114,14 +115,6 @@ def localisation_job(seed: int) -> LocalisationJob:
         columns=round(size * rng.uniform(0.85, 1.15)),
         photometric="MONOCHROME1" if rng.random() < 0.3 else "MONOCHROME2",
     )
-
-
-def round_trip(ds: pydicom.Dataset) -> pydicom.Dataset:
-    """The dataset as the node reads it: written to DICOM bytes and parsed again."""
-    buffer = io.BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
-    buffer.seek(0)
-    return pydicom.dcmread(buffer)
 
 
 def box_to_input(box: tuple[int, int, int, int], geometry: Letterbox) -> tuple[float, ...]:
@@ -264,18 +257,9 @@ def localisation_split(
     )
 
 
-def normalised(images: np.ndarray, spec: InputSpec) -> np.ndarray:
-    """Float32 model inputs from 'unit' canvases, exactly as ``prepare_input`` normalises."""
-    images = images.astype(np.float32)
-    return (images - np.float32(spec.mean)) / np.float32(spec.std)
-
-
 def zscore_spec(train: LocalisationSplit) -> InputSpec:
-    """A z-score InputSpec with the mean/std of (up to 256) training inputs."""
-    sample = train.images[:256].astype(np.float64)
-    mean, std = round(float(sample.mean()), 4), round(float(sample.std()), 4)
-    shape = tuple(int(v) for v in train.images.shape[1:])
-    return InputSpec(shape=shape, normalisation="zscore", mean=mean, std=std)
+    """A z-score InputSpec with the mean/std of (up to 256) training inputs, at their shape."""
+    return cxr_zscore_spec(train.images, tuple(int(v) for v in train.images.shape[1:]))
 
 
 # --- network -------------------------------------------------------------------------------

@@ -12,7 +12,6 @@ disjoint seed ranges. The card (TOML) is written with the metrics measured in th
 
 from __future__ import annotations
 
-import io
 import math
 import multiprocessing
 import multiprocessing.pool
@@ -22,12 +21,12 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime
-import pydicom
 import shared
 import torch
-from cxr_common import input_table, select_table
+from cxr_common import input_table, select_table, zscore_spec
 from torch import nn
 
+from dicomnode.evaluation import metrics as evaluation
 from dicomnode.models.registry import InputSpec
 from dicomnode.pipeline.preprocess import prepare_input
 from dicomnode.synth.cxr import make_cxr
@@ -56,10 +55,7 @@ def phantom_input(job: tuple[int, bool, dict]) -> tuple[np.ndarray, str | None]:
     """Make one phantom, round-trip it through DICOM bytes and prepare it as the node would."""
     seed, pneumothorax, spec_fields = job
     ds, truth = make_cxr(seed, pneumothorax=pneumothorax, size=PHANTOM_SIZE)
-    buffer = io.BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
-    buffer.seek(0)
-    sample, _ = prepare_input(pydicom.dcmread(buffer), InputSpec(**spec_fields))
+    sample, _ = prepare_input(shared.round_trip(ds), InputSpec(**spec_fields))
     return sample.astype(np.float16), truth.side
 
 
@@ -128,56 +124,6 @@ class ExportWrapper(nn.Module):
         return probability, cam
 
 
-def auc(scores: np.ndarray, labels: np.ndarray) -> float:
-    """Area under the ROC curve by the Mann-Whitney rank statistic (ties get mid-ranks)."""
-    order = np.argsort(scores, kind="mergesort")
-    ranks = np.empty(len(scores), dtype=np.float64)
-    sorted_scores = scores[order]
-    # Mid-ranks for ties.
-    _, first, counts = np.unique(sorted_scores, return_index=True, return_counts=True)
-    mid = first + (counts - 1) / 2.0 + 1.0
-    ranks[order] = np.repeat(mid, counts)
-    positives = labels == 1
-    n_pos, n_neg = int(positives.sum()), int((~positives).sum())
-    return float((ranks[positives].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-
-
-def delong_ci(scores: np.ndarray, labels: np.ndarray, level: float = 0.95) -> tuple[float, float]:
-    """DeLong confidence interval of the AUC (normal approximation, clipped to 0..1)."""
-    pos = scores[labels == 1]
-    neg = scores[labels == 0]
-    # Structural components: per-case fraction of the other class it beats (ties count 1/2).
-    greater = (pos[:, None] > neg[None, :]).astype(np.float64)
-    ties = (pos[:, None] == neg[None, :]).astype(np.float64)
-    kernel = greater + 0.5 * ties
-    v10 = kernel.mean(axis=1)
-    v01 = kernel.mean(axis=0)
-    area = kernel.mean()
-    variance = v10.var(ddof=1) / len(pos) + v01.var(ddof=1) / len(neg)
-    z = {0.95: 1.959963984540054}[level]
-    half = z * math.sqrt(max(variance, 0.0))
-    return max(0.0, float(area - half)), min(1.0, float(area + half))
-
-
-def youden_threshold(probabilities: np.ndarray, labels: np.ndarray) -> float:
-    """Threshold maximising sensitivity + specificity - 1.
-
-    Candidates lie halfway (in logit space) between consecutive distinct scores, so a cleanly
-    separated validation set gives a threshold in the middle of the gap, not at its edge.
-    """
-    eps = 1e-7
-    scores = np.unique(np.clip(probabilities.astype(np.float64), eps, 1 - eps))
-    logits = np.log(scores / (1 - scores))
-    midpoints = np.concatenate(
-        [[logits[0] - 1.0], (logits[:-1] + logits[1:]) / 2, [logits[-1] + 1.0]]
-    )
-    candidates = 1 / (1 + np.exp(-midpoints))
-    predicted = probabilities[None, :] >= candidates[:, None]
-    sensitivity = predicted[:, labels == 1].mean(axis=1)
-    specificity = (~predicted[:, labels == 0]).mean(axis=1)
-    return float(candidates[np.argmax(sensitivity + specificity - 1)])
-
-
 def bce(probabilities: np.ndarray, labels: np.ndarray) -> float:
     """Mean binary cross-entropy of probabilities."""
     p = np.clip(probabilities.astype(np.float64), 1e-7, 1 - 1e-7)
@@ -220,7 +166,7 @@ def train(
             shared.optimise(optimiser, schedule, loss)
             total += loss.item() * len(index)
         validation_probabilities = predict(net, validation.images)
-        validation_auc = auc(validation_probabilities, validation.labels)
+        validation_auc = evaluation.roc_auc(validation.labels, validation_probabilities)
         validation_loss = bce(validation_probabilities, validation.labels)
         print(
             f"epoch {epoch}/{epochs} loss {total / len(order):.4f} "
@@ -300,11 +246,11 @@ def write_card(
     )
 
 
-def input_statistics(pool: multiprocessing.pool.Pool, n: int) -> tuple[float, float]:
-    """Mean and standard deviation of unit-normalised inputs over ``n`` training phantoms."""
+def input_spec(pool: multiprocessing.pool.Pool, n: int) -> InputSpec:
+    """The z-score InputSpec: mean and standard deviation of unit-normalised inputs over ``n``
+    (at most 256) training phantoms."""
     unit = InputSpec(shape=INPUT_SHAPE, normalisation="unit")
-    sample = make_split(pool, TRAIN_SEED_START, n, unit).images.astype(np.float64)
-    return round(float(sample.mean()), 4), round(float(sample.std()), 4)
+    return zscore_spec(make_split(pool, TRAIN_SEED_START, n, unit).images, INPUT_SHAPE)
 
 
 def main() -> None:
@@ -316,9 +262,8 @@ def main() -> None:
     started = shared.start_run(args.out)
 
     with multiprocessing.get_context("fork").Pool(args.workers) as pool:
-        mean, std = input_statistics(pool, 64)
-        spec = InputSpec(shape=INPUT_SHAPE, normalisation="zscore", mean=mean, std=std)
-        print(f"input z-score mean {mean} std {std}", flush=True)
+        spec = input_spec(pool, 64)
+        print(f"input z-score mean {spec.mean} std {spec.std}", flush=True)
         splits = {}
         for name, seed_start, n in (
             ("train", TRAIN_SEED_START, args.n_train),
@@ -335,7 +280,7 @@ def main() -> None:
     validation_probabilities = predict(net, splits["validation"].images)
     # Rounded as the card stores it, so the reported operating point is the card's.
     threshold = float(
-        f"{youden_threshold(validation_probabilities, splits['validation'].labels):.6g}"
+        f"{evaluation.youden_threshold(splits['validation'].labels, validation_probabilities):.6g}"
     )
 
     onnx_path = args.out / f"{STEM}.onnx"
@@ -346,8 +291,8 @@ def main() -> None:
     max_difference = float(np.abs(probabilities - torch_probabilities).max())
     shared.require_agreement(max_difference, "ONNX and torch disagree on held-out phantoms")
 
-    heldout_auc = auc(probabilities, heldout.labels)
-    ci_low, ci_high = delong_ci(probabilities, heldout.labels)
+    heldout_auc = evaluation.roc_auc(heldout.labels, probabilities)
+    ci_low, ci_high = evaluation.auc_confidence_interval(heldout.labels, probabilities)
     predicted = probabilities >= threshold
     sensitivity = float(predicted[heldout.labels == 1].mean())
     specificity = float((~predicted[heldout.labels == 0]).mean())

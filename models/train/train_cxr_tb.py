@@ -112,7 +112,7 @@ def train_member(
         args.n_train, args.n_validation, args.n_heldout, shape, args.workers, frontal=True
     )
     if normalisation == "zscore":
-        spec = common.zscore_spec(train, shape)
+        spec = common.zscore_spec(train.images, shape)
     else:
         spec = InputSpec(shape=shape, normalisation="unit")
     targets = train.label("tuberculosis")[:, None]

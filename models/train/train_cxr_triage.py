@@ -38,7 +38,7 @@ def main() -> None:
     train, validation, heldout = common.load_splits(
         args.n_train, args.n_validation, args.n_heldout, SHAPE, args.workers, frontal=True
     )
-    spec = common.zscore_spec(train, SHAPE)
+    spec = common.zscore_spec(train.images, SHAPE)
     targets = train.abnormal()[:, None]
     print(f"train {len(targets)} frontal phantoms, {int(targets.sum())} abnormal", flush=True)
 

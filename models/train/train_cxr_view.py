@@ -47,7 +47,7 @@ def main() -> None:
     train, validation, heldout = common.load_splits(
         args.n_train, args.n_validation, args.n_heldout, SHAPE, args.workers
     )
-    spec = common.zscore_spec(train, SHAPE)
+    spec = common.zscore_spec(train.images, SHAPE)
     targets = view_index(train)
     validation_targets = view_index(validation)
     print(
