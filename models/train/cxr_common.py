@@ -28,7 +28,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import onnxruntime
 import pydicom
 import shared
 import torch
@@ -432,17 +431,10 @@ def predict(
     net: nn.Module, images: np.ndarray, spec: InputSpec, activation: str, batch: int = 64
 ) -> np.ndarray:
     """Probabilities (N x L) of the network in eval mode ('sigmoid' or 'softmax')."""
-    net.eval()
-    out = []
-    with torch.no_grad():
-        for start in range(0, len(images), batch):
-            chunk = torch.from_numpy(normalised(images[start : start + batch], spec))
-            logits = net(chunk)
-            if activation == "softmax":
-                out.append(torch.softmax(logits, dim=1).numpy())
-            else:
-                out.append(torch.sigmoid(logits).numpy())
-    return np.concatenate(out)
+    head = nn.Softmax(dim=1) if activation == "softmax" else nn.Sigmoid()
+    return shared.predict(
+        nn.Sequential(net, head), images, batch, lambda chunk: normalised(chunk, spec)
+    )
 
 
 def train(
@@ -531,13 +523,9 @@ def onnx_outputs(
     path: Path, images: np.ndarray, spec: InputSpec, names: Sequence[str], batch: int = 64
 ) -> list[np.ndarray]:
     """The named outputs of the ONNX file over cached images, from onnxruntime on the CPU."""
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    parts: list[list[np.ndarray]] = [[] for _ in names]
-    for start in range(0, len(images), batch):
-        chunk = normalised(images[start : start + batch], spec)
-        for part, value in zip(parts, session.run(list(names), {spec.name: chunk}), strict=True):
-            part.append(value)
-    return [np.concatenate(part) for part in parts]
+    return shared.onnx_outputs(
+        path, images, batch, names, lambda chunk: normalised(chunk, spec), spec.name
+    )
 
 
 def export_checked(

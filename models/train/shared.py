@@ -4,7 +4,8 @@ The scripts' own choices (data, networks, losses, metrics, card text) stay in th
 ``cxr_common`` / ``ct_common``; this module holds what is the same for all of them: the common
 command-line options (``training_parser``), the start of a run (``start_run``: deterministic
 torch, the output folder), the AdamW one-cycle optimiser and its step (``adamw_one_cycle``,
-``optimise``), the DICOM write/read round trip of a phantom (``round_trip``), keeping the best
+``optimise``), batched torch and onnxruntime inference (``predict``, ``onnx_outputs``), the
+DICOM write/read round trip of a phantom (``round_trip``), keeping the best
 epoch's weights (``BestEpoch``), ONNX export with a dynamic
 batch (``export_onnx``), the ONNX/torch agreement check (``require_agreement``), the
 single-thread latency (``onnx_latency_ms``) and card writing (``write_card``, ``label_table``,
@@ -19,7 +20,7 @@ import json
 import math
 import time
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -145,7 +146,52 @@ class BestEpoch:
         net.load_state_dict(self.state)
 
 
-# --- export and inference ----------------------------------------------------------------------
+# --- inference and export ----------------------------------------------------------------------
+
+
+def as_float32(images: np.ndarray) -> np.ndarray:
+    """Stored (e.g. float16) model inputs as float32."""
+    return images.astype(np.float32)
+
+
+def predict(
+    module: nn.Module,
+    images: np.ndarray,
+    batch: int,
+    prepare: Callable[[np.ndarray], np.ndarray] = as_float32,
+) -> np.ndarray:
+    """The module's output over ``images`` in eval mode without gradients, ``batch`` images
+    at a time; ``prepare`` turns stored images into the float32 model input."""
+    module.eval()
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(images), batch):
+            out.append(module(torch.from_numpy(prepare(images[start : start + batch]))).numpy())
+    return np.concatenate(out)
+
+
+def onnx_outputs(
+    model: Path | onnxruntime.InferenceSession,
+    images: np.ndarray,
+    batch: int,
+    names: Sequence[str] | None = None,
+    prepare: Callable[[np.ndarray], np.ndarray] = as_float32,
+    input_name: str = "image",
+) -> list[np.ndarray]:
+    """The named outputs (all when ``names`` is None) of an ONNX file (run by onnxruntime on
+    the CPU) or session over ``images``, ``batch`` images at a time; ``prepare`` turns stored
+    images into the float32 model input."""
+    session = model
+    if not isinstance(session, onnxruntime.InferenceSession):
+        session = onnxruntime.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    parts: list[list[np.ndarray]] = []
+    for start in range(0, len(images), batch):
+        chunk = prepare(images[start : start + batch])
+        values = session.run(None if names is None else list(names), {input_name: chunk})
+        parts = parts or [[] for _ in values]
+        for part, value in zip(parts, values, strict=True):
+            part.append(value)
+    return [np.concatenate(part) for part in parts]
 
 
 def export_onnx(

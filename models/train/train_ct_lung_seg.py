@@ -98,23 +98,11 @@ def loss_fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def predict(model: nn.Module, series: ct_common.Series, batch: int = 32) -> np.ndarray:
-    model.eval()
-    images = series.images.astype(np.float32)[:, None]
-    with torch.no_grad():
-        chunks = [
-            model(torch.from_numpy(images[i : i + batch])).numpy()
-            for i in range(0, len(images), batch)
-        ]
-    return np.concatenate(chunks)[:, 0]
+    return shared.predict(model, series.images[:, None], batch)[:, 0]
 
 
 def onnx_predict(session, series: ct_common.Series, batch: int = 32) -> np.ndarray:
-    images = series.images.astype(np.float32)[:, None]
-    chunks = [
-        session.run(["mask"], {"image": images[i : i + batch]})[0]
-        for i in range(0, len(images), batch)
-    ]
-    return np.concatenate(chunks)[:, 0]
+    return shared.onnx_outputs(session, series.images[:, None], batch, ["mask"])[0][:, 0]
 
 
 def to_source(probabilities: np.ndarray, rows: int) -> np.ndarray:

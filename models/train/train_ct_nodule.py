@@ -220,30 +220,17 @@ def make_batch(
 
 def predict_boxes(model: nn.Module, split: list[ct_common.Series], batch: int = 32) -> list:
     """Boxes (slices, K, 6) per series from a torch module (eval mode)."""
-    model.eval()
-    out = []
-    with torch.no_grad():
-        for series in split:
-            stacks = np.stack([series.stack(k) for k in range(len(series.images))])
-            chunks = [
-                model(torch.from_numpy(stacks[i : i + batch])).numpy()
-                for i in range(0, len(stacks), batch)
-            ]
-            out.append(np.concatenate(chunks))
-    return out
+    return [shared.predict(model, series_stacks(series), batch) for series in split]
 
 
 def onnx_boxes(path: Path, split: list[ct_common.Series], batch: int = 32) -> list:
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    out = []
-    for series in split:
-        stacks = np.stack([series.stack(k) for k in range(len(series.images))])
-        chunks = [
-            session.run(["boxes"], {"image": stacks[i : i + batch]})[0]
-            for i in range(0, len(stacks), batch)
-        ]
-        out.append(np.concatenate(chunks))
-    return out
+    return [shared.onnx_outputs(session, series_stacks(s), batch, ["boxes"])[0] for s in split]
+
+
+def series_stacks(series: ct_common.Series) -> np.ndarray:
+    """The 2.5D input (slices, 3, H, W) float32 of every slice of the series."""
+    return np.stack([series.stack(k) for k in range(len(series.images))])
 
 
 def boxes_difference(a: np.ndarray, b: np.ndarray) -> float:

@@ -50,6 +50,7 @@ from train_cxr_lung_seg import (
     onnx_output,
     phantom_entries,
     phantom_job,
+    predict,
     render,
     soft_tissue_dataset,
 )
@@ -89,16 +90,6 @@ class BoneSuppressionNet(nn.Module):
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         """Soft-tissue estimate (N x 1 x H x W) in the input's intensity space."""
         return image + self.shuffle(self.unet(self.unshuffle(image)))
-
-
-def predict(net: nn.Module, images: np.ndarray, batch: int = 32) -> np.ndarray:
-    """Network outputs in eval mode (float32)."""
-    net.eval()
-    out = []
-    with torch.no_grad():
-        for start in range(0, len(images), batch):
-            out.append(net(torch.from_numpy(images[start : start + batch].astype(np.float32))))
-    return torch.cat(out).numpy()
 
 
 def region_mae(a: np.ndarray, b: np.ndarray, regions: np.ndarray) -> np.ndarray:

@@ -29,7 +29,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import onnxruntime
 import pydicom
 import shared
 import torch
@@ -291,13 +290,7 @@ def soft_dice_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 def predict(net: nn.Module, images: np.ndarray, batch: int = 32) -> np.ndarray:
     """Network outputs in eval mode (float32)."""
-    net.eval()
-    out = []
-    with torch.no_grad():
-        for start in range(0, len(images), batch):
-            chunk = torch.from_numpy(images[start : start + batch].astype(np.float32))
-            out.append(net(chunk).numpy())
-    return np.concatenate(out)
+    return shared.predict(net, images, batch)
 
 
 def input_dice(probabilities: np.ndarray, targets: np.ndarray) -> np.ndarray:
@@ -348,13 +341,7 @@ def train(
 
 def onnx_output(path: Path, images: np.ndarray, batch: int = 32) -> np.ndarray:
     """The ONNX file's single output from onnxruntime on the CPU."""
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    out = []
-    for start in range(0, len(images), batch):
-        out.append(
-            session.run(None, {"image": images[start : start + batch].astype(np.float32)})[0]
-        )
-    return np.concatenate(out)
+    return shared.onnx_outputs(path, images, batch)[0]
 
 
 def onnx_latency_ms(path: Path, shape: tuple[int, ...], runs: int = 30) -> float:

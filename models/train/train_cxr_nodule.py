@@ -37,7 +37,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import onnxruntime
 import pydicom
 import shared
 import torch
@@ -513,13 +512,7 @@ def train_crops(
 
 def predict(module: nn.Module, images: np.ndarray, spec: InputSpec, batch: int = 32) -> np.ndarray:
     """Outputs of a torch module in eval mode on full normalised inputs."""
-    module.eval()
-    out = []
-    with torch.no_grad():
-        for start in range(0, len(images), batch):
-            chunk = torch.from_numpy(normalised(images[start : start + batch], spec))
-            out.append(module(chunk).numpy())
-    return np.concatenate(out)
+    return shared.predict(module, images, batch, lambda chunk: normalised(chunk, spec))
 
 
 # --- evaluation ----------------------------------------------------------------------------
@@ -610,13 +603,7 @@ def export_onnx(
 
 def onnx_run(path: Path, images: np.ndarray, spec: InputSpec, batch: int = 32) -> np.ndarray:
     """The model's only output from onnxruntime on the CPU, batch by batch."""
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return np.concatenate(
-        [
-            session.run(None, {"image": normalised(images[s : s + batch], spec)})[0]
-            for s in range(0, len(images), batch)
-        ]
-    )
+    return shared.onnx_outputs(path, images, batch, prepare=lambda c: normalised(c, spec))[0]
 
 
 def ranked_difference(onnx_rows: np.ndarray, torch_rows: np.ndarray, gap: float = 1e-4) -> float:

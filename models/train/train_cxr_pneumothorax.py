@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import onnxruntime
 import shared
 import torch
 from cxr_common import input_table, select_table, zscore_spec
@@ -132,13 +131,7 @@ def bce(probabilities: np.ndarray, labels: np.ndarray) -> float:
 
 def predict(net: PneumothoraxNet, images: np.ndarray, batch: int = 64) -> np.ndarray:
     """Sigmoid probabilities of the network in eval mode."""
-    net.eval()
-    out = []
-    with torch.no_grad():
-        for start in range(0, len(images), batch):
-            chunk = torch.from_numpy(images[start : start + batch].astype(np.float32))
-            out.append(torch.sigmoid(net(chunk)).squeeze(1).numpy())
-    return np.concatenate(out)
+    return shared.predict(nn.Sequential(net, nn.Sigmoid()), images, batch)[:, 0]
 
 
 def train(
@@ -188,14 +181,8 @@ def export_onnx(net: PneumothoraxNet, path: Path) -> None:
 
 def onnx_outputs(path: Path, images: np.ndarray, batch: int = 64) -> tuple[np.ndarray, np.ndarray]:
     """Probabilities and CAMs from onnxruntime on the CPU."""
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    probabilities, cams = [], []
-    for start in range(0, len(images), batch):
-        chunk = images[start : start + batch].astype(np.float32)
-        probability, cam = session.run(["probability", "cam"], {"image": chunk})
-        probabilities.append(probability[:, 0])
-        cams.append(cam[:, 0])
-    return np.concatenate(probabilities), np.concatenate(cams)
+    probabilities, cams = shared.onnx_outputs(path, images, batch, ["probability", "cam"])
+    return probabilities[:, 0], cams[:, 0]
 
 
 def cam_side_agreement(cams: np.ndarray, split: Split) -> float:
