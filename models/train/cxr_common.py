@@ -460,12 +460,11 @@ def train(
     generator = torch.Generator().manual_seed(seed)
     steps = epochs * math.ceil(len(images) / batch)
     optimiser, schedule = shared.adamw_one_cycle(net.parameters(), lr, steps)
-    best = shared.BestEpoch(initial=(-math.inf, -math.inf))
-    history = []
-    for epoch in range(1, epochs + 1):
-        net.train()
+    history: list[dict[str, float]] = []
+
+    def train_epoch() -> float:
         order = torch.randperm(len(images), generator=generator).numpy()
-        started, total = time.monotonic(), 0.0
+        total = 0.0
         for start in range(0, len(order), batch):
             index = np.sort(order[start : start + batch])
             x = torch.from_numpy(normalised(images[index], spec))
@@ -476,15 +475,16 @@ def train(
             loss = loss_fn(net(x), y)
             shared.optimise(optimiser, schedule, loss)
             total += loss.item() * len(index)
+        history.append({"epoch": len(history) + 1, "loss": total / len(order)})
+        return total / len(order)
+
+    def validate_epoch() -> tuple[tuple[float, float], str]:
         score, validation_loss = validate(net)
-        history.append({"epoch": epoch, "loss": total / len(order), "score": score})
-        print(
-            f"epoch {epoch}/{epochs} loss {total / len(order):.4f} validation score {score:.4f} "
-            f"loss {validation_loss:.4f} ({time.monotonic() - started:.0f} s)",
-            flush=True,
-        )
-        best.offer(net, epoch, (score, -validation_loss))
-    best.restore(net)
+        history[-1]["score"] = score
+        return (score, -validation_loss), f"validation score {score:.4f} loss {validation_loss:.4f}"
+
+    best = shared.BestEpoch(initial=(-math.inf, -math.inf))
+    shared.fit(net, epochs, train_epoch, validate_epoch, best)
     return best.score[0], best.epoch, history
 
 

@@ -1,15 +1,17 @@
 """Helpers shared by every demo training script, CXR and CT alike.
 
 The scripts' own choices (data, networks, losses, metrics, card text) stay in the scripts and in
-``cxr_common`` / ``ct_common``; this module holds what is the same for all of them: the common
-command-line options (``training_parser``), the start of a run (``start_run``: deterministic
-torch, the output folder), the AdamW one-cycle optimiser and its step (``adamw_one_cycle``,
-``optimise``), batched torch and onnxruntime inference (``predict``, ``onnx_outputs``), the
-DICOM write/read round trip of a phantom (``round_trip``), keeping the best
-epoch's weights (``BestEpoch``), ONNX export with a dynamic
-batch (``export_onnx``), the ONNX/torch agreement check (``require_agreement``), the
-single-thread latency (``onnx_latency_ms``) and card writing (``write_card``, ``label_table``,
-``run_entries``, ``print_summary``).
+``cxr_common`` / ``ct_common``; this module holds what is the same for all of them:
+
+- the common command-line options (``training_parser``) and the start of a run (``start_run``:
+  deterministic torch, the output folder);
+- training: the AdamW one-cycle optimiser and its step (``adamw_one_cycle``, ``optimise``), the
+  epoch loop (``fit``) and the best epoch's weights (``BestEpoch``);
+- data and inference: the DICOM write/read round trip of a phantom (``round_trip``), batched
+  torch and onnxruntime inference (``predict``, ``onnx_outputs``);
+- export: ONNX with a dynamic batch (``export_onnx``), the ONNX/torch agreement check
+  (``require_agreement``), the single-thread latency (``onnx_latency_ms``);
+- cards: ``write_card``, ``label_table``, ``run_entries`` and ``print_summary``.
 """
 
 from __future__ import annotations
@@ -144,6 +146,34 @@ class BestEpoch:
         """Load the best epoch's weights back into ``net``."""
         assert self.state is not None, "no epoch was kept"
         net.load_state_dict(self.state)
+
+
+def fit(
+    net: nn.Module,
+    epochs: int,
+    train_epoch: Callable[[], float],
+    validate: Callable[[], tuple[Any, str]],
+    best: BestEpoch,
+    loss_format: str = ".4f",
+) -> BestEpoch:
+    """The epoch loop every script shares: ``net`` in training mode, ``train_epoch()`` (one
+    pass of the script's own batches; returns the mean training loss), ``validate()`` (returns
+    the score ``best`` compares and the validation part of the epoch's line), a printed line
+    "epoch e/E loss L <validation> (s s)", ``best.offer``; the best epoch's weights are loaded
+    back at the end. Returns ``best``."""
+    for epoch in range(1, epochs + 1):
+        net.train()
+        started = time.monotonic()
+        loss = train_epoch()
+        score, report = validate()
+        print(
+            f"epoch {epoch}/{epochs} loss {loss:{loss_format}} {report} "
+            f"({time.monotonic() - started:.0f} s)",
+            flush=True,
+        )
+        best.offer(net, epoch, score)
+    best.restore(net)
+    return best
 
 
 # --- inference and export ----------------------------------------------------------------------

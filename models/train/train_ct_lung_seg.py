@@ -124,25 +124,23 @@ def train(net, split, validation, epochs, batch, steps) -> tuple[float, int]:
     items = slice_items(split)
     optimiser, schedule = shared.adamw_one_cycle(net.parameters(), 3e-3, epochs * steps)
     export = MaskExport(net)
-    best = shared.BestEpoch(initial=-1.0)
-    for epoch in range(1, epochs + 1):
-        net.train()
-        started, total = time.monotonic(), 0.0
+
+    def train_epoch() -> float:
+        total = 0.0
         for _ in range(steps):
             picks = [items[i] for i in rng.integers(0, len(items), batch)]
             images, targets = batch_of(split, picks, rng)
             loss = loss_fn(net(images), targets)
             shared.optimise(optimiser, schedule, loss)
             total += loss.item()
+        return total / steps
+
+    def validate() -> tuple[float, str]:
         dices = [series_dice(predict(export, s), s, THRESHOLD) for s in validation]
         mean = float(np.mean(dices))
-        print(
-            f"epoch {epoch}/{epochs} loss {total / steps:.4f} validation Dice {mean:.4f} "
-            f"({time.monotonic() - started:.0f} s)",
-            flush=True,
-        )
-        best.offer(net, epoch, mean)
-    best.restore(net)
+        return mean, f"validation Dice {mean:.4f}"
+
+    best = shared.fit(net, epochs, train_epoch, validate, shared.BestEpoch(initial=-1.0))
     return best.score, best.epoch
 
 

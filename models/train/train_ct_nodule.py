@@ -356,10 +356,9 @@ def train(
     steps_per_epoch = samples // batch
     optimiser, schedule = shared.adamw_one_cycle(net.parameters(), 3e-3, epochs * steps_per_epoch)
     decoder = BoxDecoder(net)
-    best = shared.BestEpoch(initial=-1.0)
-    for epoch in range(1, epochs + 1):
-        net.train()
-        started, total = time.monotonic(), 0.0
+
+    def train_epoch() -> float:
+        total = 0.0
         for _ in range(steps_per_epoch):
             n_pos = batch * 2 // 3
             items = [positive[i] for i in rng.integers(0, len(positive), n_pos)]
@@ -368,16 +367,17 @@ def train(
             loss = loss_fn(net(images), targets)
             shared.optimise(optimiser, schedule, loss)
             total += loss.item()
+        return total / steps_per_epoch
+
+    def validate() -> tuple[float, str]:
         curve = froc_of(predict_boxes(decoder, validation), validation)
         cpm = curve.cpm(FROC_POINTS)
-        print(
-            f"epoch {epoch}/{epochs} loss {total / steps_per_epoch:.4f} validation CPM {cpm:.3f} "
-            f"sens@1FP {curve.sensitivity_at(1):.3f} sens@4FP {curve.sensitivity_at(4):.3f} "
-            f"({time.monotonic() - started:.0f} s)",
-            flush=True,
+        return cpm, (
+            f"validation CPM {cpm:.3f} sens@1FP {curve.sensitivity_at(1):.3f} "
+            f"sens@4FP {curve.sensitivity_at(4):.3f}"
         )
-        best.offer(net, epoch, cpm)
-    best.restore(net)
+
+    best = shared.fit(net, epochs, train_epoch, validate, shared.BestEpoch(initial=-1.0))
     return best.score, best.epoch
 
 

@@ -136,11 +136,10 @@ def train(
     generator = torch.Generator().manual_seed(1)
     steps = epochs * math.ceil(len(train_split.images) / batch)
     optimiser, schedule = shared.adamw_one_cycle(net.parameters(), 3e-3, steps)
-    best = shared.BestEpoch()  # scores are -MAE: the lowest MAE is kept
-    for epoch in range(1, epochs + 1):
-        net.train()
+
+    def train_epoch() -> float:
         order = torch.randperm(len(train_split.images), generator=generator).numpy()
-        started, total = time.monotonic(), 0.0
+        total = 0.0
         for start in range(0, len(order), batch):
             index = np.sort(order[start : start + batch])
             images, targets, weights = _random_crops(train_split, index, generator)
@@ -148,15 +147,14 @@ def train(
             loss = error.sum() / weights.sum().clamp(min=1.0)
             shared.optimise(optimiser, schedule, loss)
             total += loss.item() * len(index)
+        return total / len(order)
+
+    def validate() -> tuple[float, str]:
         outputs = predict(net, validation.images)
         mae = float(region_mae(outputs, validation.soft, validation.regions).mean())
-        print(
-            f"epoch {epoch}/{epochs} loss {total / len(order):.5f} validation MAE {mae:.5f} "
-            f"({time.monotonic() - started:.0f} s)",
-            flush=True,
-        )
-        best.offer(net, epoch, -mae)
-    best.restore(net)
+        return -mae, f"validation MAE {mae:.5f}"  # scores are -MAE: the lowest MAE is kept
+
+    best = shared.fit(net, epochs, train_epoch, validate, shared.BestEpoch(), loss_format=".5f")
     return -best.score, best.epoch
 
 

@@ -309,11 +309,10 @@ def train(
     steps = epochs * math.ceil(len(train_split.images) / batch)
     optimiser, schedule = shared.adamw_one_cycle(net.parameters(), 3e-3, steps)
     bce = nn.BCEWithLogitsLoss()
-    best = shared.BestEpoch(initial=-1.0)
-    for epoch in range(1, epochs + 1):
-        net.train()
+
+    def train_epoch() -> float:
         order = torch.randperm(len(train_split.images), generator=generator).numpy()
-        started, total = time.monotonic(), 0.0
+        total = 0.0
         for start in range(0, len(order), batch):
             index = order[start : start + batch]
             index = np.sort(index)
@@ -327,15 +326,14 @@ def train(
             loss = bce(logits, targets) + soft_dice_loss(logits, targets)
             shared.optimise(optimiser, schedule, loss)
             total += loss.item() * len(index)
+        return total / len(order)
+
+    def validate() -> tuple[float, str]:
         probabilities = 1 / (1 + np.exp(-predict(net, validation.images)))
         validation_dice = float(input_dice(probabilities, validation.targets).mean())
-        print(
-            f"epoch {epoch}/{epochs} loss {total / len(order):.4f} "
-            f"validation Dice {validation_dice:.4f} ({time.monotonic() - started:.0f} s)",
-            flush=True,
-        )
-        best.offer(net, epoch, validation_dice)
-    best.restore(net)
+        return validation_dice, f"validation Dice {validation_dice:.4f}"
+
+    best = shared.fit(net, epochs, train_epoch, validate, shared.BestEpoch(initial=-1.0))
     return best.score, best.epoch
 
 

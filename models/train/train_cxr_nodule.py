@@ -491,22 +491,20 @@ def train_crops(
     rng = np.random.default_rng(1)
     steps = epochs * math.ceil(len(images) / batch)
     optimiser, schedule = shared.adamw_one_cycle(net.parameters(), learning_rate, steps)
-    best = shared.BestEpoch(keep_ties=True)
-    for epoch in range(1, epochs + 1):
-        net.train()
-        started, total = time.monotonic(), 0.0
+
+    def train_epoch() -> float:
+        total = 0.0
         for crops in crop_batches(images, targets, spec, batch, rng, crop, flip):
             loss = loss_of_batch(net(crops.images), crops)
             shared.optimise(optimiser, schedule, loss)
             total += loss.item() * len(crops.index)
+        return total / len(images)
+
+    def validate_epoch() -> tuple[float, str]:
         score = validate()
-        print(
-            f"epoch {epoch}/{epochs} loss {total / len(images):.4f} validation {score:.4f} "
-            f"({time.monotonic() - started:.0f} s)",
-            flush=True,
-        )
-        best.offer(net, epoch, score)
-    best.restore(net)
+        return score, f"validation {score:.4f}"
+
+    best = shared.fit(net, epochs, train_epoch, validate_epoch, shared.BestEpoch(keep_ties=True))
     return best.score, best.epoch
 
 

@@ -143,11 +143,10 @@ def train(
     steps = epochs * math.ceil(len(train_split.labels) / batch)
     optimiser, schedule = shared.adamw_one_cycle(net.parameters(), 3e-3, steps)
     loss_fn = nn.BCEWithLogitsLoss()
-    best = shared.BestEpoch(initial=(-1.0, -math.inf))
-    for epoch in range(1, epochs + 1):
-        net.train()
+
+    def train_epoch() -> float:
         order = torch.randperm(len(train_split.labels), generator=generator).numpy()
-        started, total = time.monotonic(), 0.0
+        total = 0.0
         for start in range(0, len(order), batch):
             index = order[start : start + batch]
             images = torch.from_numpy(train_split.images[index].astype(np.float32))
@@ -158,17 +157,17 @@ def train(
             loss = loss_fn(net(images), labels)
             shared.optimise(optimiser, schedule, loss)
             total += loss.item() * len(index)
+        return total / len(order)
+
+    def validate() -> tuple[tuple[float, float], str]:
         validation_probabilities = predict(net, validation.images)
         validation_auc = evaluation.roc_auc(validation.labels, validation_probabilities)
         validation_loss = bce(validation_probabilities, validation.labels)
-        print(
-            f"epoch {epoch}/{epochs} loss {total / len(order):.4f} "
-            f"validation AUC {validation_auc:.4f} loss {validation_loss:.4f} "
-            f"({time.monotonic() - started:.0f} s)",
-            flush=True,
-        )
-        best.offer(net, epoch, (validation_auc, -validation_loss))
-    best.restore(net)
+        report = f"validation AUC {validation_auc:.4f} loss {validation_loss:.4f}"
+        return (validation_auc, -validation_loss), report
+
+    best = shared.BestEpoch(initial=(-1.0, -math.inf))
+    shared.fit(net, epochs, train_epoch, validate, best)
     return best.score[0], best.epoch
 
 
