@@ -45,13 +45,14 @@ def test_worker_reload_keeps_old_settings_on_error(tmp_path: Path) -> None:
     settings = load_settings(config)
     cards = discover_cards(settings.model_folders)
     worker = Worker(settings, None, cards)
-    worker.runtime._sessions["cxr-pneumothorax-demo:1.0.0"] = object()
+    pneumothorax = next(c for c in cards if c.model.name == "cxr-pneumothorax-demo")
+    warm = worker.runtime.session(pneumothorax)
 
     config.write_text(config.read_text() + DESTINATION + "port = 104\n")
     assert worker.reload()
     assert [d.name for d in worker.settings.destinations] == ["pacs"]
     # The unchanged model keeps its warm session.
-    assert "cxr-pneumothorax-demo:1.0.0" in worker.runtime._sessions
+    assert worker.runtime.session(pneumothorax) is warm
 
     config.write_text(config.read_text().replace("[models]", "[models]\nbogus = 1"))
     assert not worker.reload()

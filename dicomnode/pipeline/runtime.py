@@ -363,7 +363,6 @@ class Runtime:
     def __init__(self, providers: list[str], settings: InferenceSettings | None = None):
         self.providers = providers
         self.settings = settings or InferenceSettings()
-        self._sessions: dict[str, ort.InferenceSession] = {}
         self._models: dict[str, _Model] = {}
         self._lock = threading.Lock()
         # Analyses in progress (registered by the worker), and how many of their threads wait
@@ -406,16 +405,12 @@ class Runtime:
     def _model(self, card: ModelCard) -> _Model:
         key = self._key(card)
         model = self._models.get(key)  # the common case, without taking the lock
-        if model is not None and self._sessions.get(key) is model.session:
+        if model is not None:
             return model
         with self._lock:
             model = self._models.get(key)
-            if model is None or self._sessions.get(key) is not model.session:
-                session = self._sessions.get(key) or load_session(
-                    card, self.providers, self.settings
-                )
-                self._sessions[key] = session
-                model = self._prepare(card, session)
+            if model is None:
+                model = self._prepare(card, load_session(card, self.providers, self.settings))
                 self._models[key] = model
             return model
 
@@ -442,10 +437,9 @@ class Runtime:
     def keep_only(self, models: set[tuple[str, str]]) -> None:
         """Drop the sessions of models not in ``models`` ((name, version) pairs)."""
         with self._lock:
-            for key in list(self._sessions):
+            for key in list(self._models):
                 if tuple(key.split(":", 1)) not in models:
-                    del self._sessions[key]
-                    self._models.pop(key, None)
+                    del self._models[key]
 
     def _execute(self, model: _Model, batch: np.ndarray) -> list[np.ndarray]:
         """One ``session.run`` (or IO-bound run) of a whole batch; outputs in card order."""
