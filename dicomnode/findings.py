@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -43,10 +44,26 @@ class Finding:
     box: tuple[float, float, float, float] | None = None
     # Landmark (e.g. tube tip): (column, row) in source pixels, array-index convention.
     point: tuple[float, float] | None = None
+    # Computes ``heatmap`` (and sets ``peak``) when :meth:`resolve_heatmap` is called: the
+    # resampling to the source (~25 ms per label at 2048 px) is left until the result objects
+    # need it, after the priority is committed.
+    deferred_heatmap: Callable[[], np.ndarray] | None = field(
+        default=None, repr=False, compare=False
+    )
 
     @property
     def present(self) -> bool:
         return self.probability >= self.threshold
+
+    def resolve_heatmap(self) -> None:
+        """Compute a deferred heat map now, and its peak (the first maximum)."""
+        if self.deferred_heatmap is None:
+            return
+        heatmap = self.deferred_heatmap()
+        self.deferred_heatmap = None
+        self.heatmap = heatmap
+        row, col = np.unravel_index(int(np.argmax(heatmap)), heatmap.shape)
+        self.peak = (float(col), float(row))
 
 
 @dataclass
@@ -98,3 +115,9 @@ class ModelRun:
     images: list[ImageFindings] = field(default_factory=list)
     segmentations: list[Segmentation] = field(default_factory=list)
     derived: list[DerivedImage] = field(default_factory=list)
+
+    def resolve_heatmaps(self) -> None:
+        """Compute every deferred heat map of the run's findings."""
+        for evaluation in self.images:
+            for finding in evaluation.findings:
+                finding.resolve_heatmap()

@@ -135,7 +135,10 @@ class _Models:
     def run(
         self, card: ModelCard, images: list[Dataset], runtime: Runtime, times: StageTimes
     ) -> ModelRun:
-        return run_model(card, images, runtime, times, self.members, self.presentations)
+        # Heat maps are resampled when the result objects are built, after the triage commit.
+        return run_model(
+            card, images, runtime, times, self.members, self.presentations, defer_heatmaps=True
+        )
 
     def route(self, runtime: Runtime, times: StageTimes) -> list[tuple[ModelCard, ModelRun]]:
         """Run the view routers; their view replaces the header's for selection."""

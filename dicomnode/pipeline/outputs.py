@@ -61,6 +61,7 @@ def result_objects(run: ModelRun, card: ModelCard) -> list[tuple[str, Dataset]]:
     """The result objects of ``run`` the card asks for, KOS last (it references the others)."""
     from dicomnode.results import derived, gsps, kos, overlay, seg, sr
 
+    run.resolve_heatmaps()
     produces = set(card.produces)
     objects: list[tuple[str, Dataset]] = []
     reported = _reported(run, card)

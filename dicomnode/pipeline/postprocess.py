@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from dicomnode.findings import Finding
@@ -20,6 +22,11 @@ def normalise_map(heatmap: np.ndarray) -> np.ndarray:
     if high - low < 1e-12:
         return np.zeros_like(heatmap)
     return (heatmap - low) / (high - low)
+
+
+def source_heatmap(model_map: np.ndarray, geometry: Letterbox) -> np.ndarray:
+    """A class-activation map over the model input as a 0..1 map over the source image."""
+    return normalise_map(geometry.map_to_source(normalise_map(model_map)))
 
 
 def classification_findings(
@@ -42,20 +49,17 @@ def classification_findings(
             raise ValueError(
                 f"{card.model.name}: label index {label.index} outside the {scores.size} outputs"
             )
-        heatmap = peak = None
+        deferred = None
         if maps is not None:
             channel = maps[label.index] if maps.shape[0] > label.index else maps[0]
-            heatmap = normalise_map(geometry.map_to_source(normalise_map(channel)))
-            row, col = np.unravel_index(int(np.argmax(heatmap)), heatmap.shape)
-            peak = (float(col), float(row))
+            deferred = functools.partial(source_heatmap, channel, geometry)
         findings.append(
             Finding(
                 concept=label.concept,
                 probability=float(scores[label.index]),
                 threshold=label.threshold,
                 critical=label.critical,
-                peak=peak,
-                heatmap=heatmap,
+                deferred_heatmap=deferred,
             )
         )
     return findings

@@ -8,6 +8,7 @@ images. Inference runs through the shared Runtime in batches.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -248,6 +249,13 @@ def _derived(
     return derived
 
 
+def _mean_heatmap(findings: list[Finding]) -> np.ndarray:
+    """The ensemble's heat map: the mean of its members' maps, normalised again."""
+    for finding in findings:
+        finding.resolve_heatmap()
+    return normalise_map(np.mean([f.heatmap for f in findings], axis=0))
+
+
 def _ensemble(
     card: ModelCard,
     images: list[Dataset],
@@ -272,20 +280,18 @@ def _ensemble(
                 next(f for f in run[index].findings if f.concept.value == label.code_value)
                 for run in runs
             ]
-            maps = [f.heatmap for f in member_findings if f.heatmap is not None]
-            heatmap = normalise_map(np.mean(maps, axis=0)) if len(maps) == len(runs) else None
-            peak = None
-            if heatmap is not None:
-                row, col = np.unravel_index(int(np.argmax(heatmap)), heatmap.shape)
-                peak = (float(col), float(row))
+            mapped = all(
+                f.heatmap is not None or f.deferred_heatmap is not None for f in member_findings
+            )
             findings.append(
                 Finding(
                     concept=label.concept,
                     probability=float(np.mean([f.probability for f in member_findings])),
                     threshold=label.threshold,
                     critical=label.critical,
-                    peak=peak,
-                    heatmap=heatmap,
+                    deferred_heatmap=(
+                        functools.partial(_mean_heatmap, member_findings) if mapped else None
+                    ),
                 )
             )
         evaluations.append(ImageFindings(ds, findings))
@@ -299,10 +305,13 @@ def run_model(
     times: StageTimes,
     members: dict[str, ModelCard] | None = None,
     presentations: Presentations | None = None,
+    defer_heatmaps: bool = False,
 ) -> ModelRun:
     """Everything ``card`` finds on ``images`` (the study's images its rules selected).
     ``members``: cards by model name (ensembles); ``presentations``: shared by the models of a
-    study so that each image is windowed once per window setting."""
+    study so that each image is windowed once per window setting; ``defer_heatmaps``: leave
+    the heat maps' resampling to the source until :meth:`ModelRun.resolve_heatmaps` (the
+    result objects call it)."""
     run = ModelRun(card.algorithm)
     task = card.model.task
     shared = presentations if presentations is not None else Presentations()
@@ -322,4 +331,8 @@ def run_model(
         run.derived = _derived(card, images, runtime, times, shared)
     else:  # pragma: no cover - the card schema admits no other task
         raise ValueError(f"{card.model.name}: unknown task {task}")
+    if not defer_heatmaps:
+        started = time.perf_counter()
+        run.resolve_heatmaps()
+        times.add("postprocess", started)
     return run

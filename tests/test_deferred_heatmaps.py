@@ -1,0 +1,43 @@
+"""Heat maps are resampled to the source image only when the result objects need them (after
+the priority is committed), and then equal the maps resampled at once: real demo models (the
+pneumothorax CNN with its CAM, the TB ensemble averaging its members' maps)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dicomnode.models.registry import discover_cards
+from dicomnode.pipeline.analyse import StageTimes
+from dicomnode.pipeline.outputs import result_objects
+from dicomnode.pipeline.runtime import Runtime
+from dicomnode.pipeline.tasks import run_model
+from dicomnode.synth.cxr import make_cxr
+
+MODELS = Path(__file__).resolve().parent.parent / "models"
+
+
+@pytest.mark.parametrize("name", ["cxr-pneumothorax-demo", "cxr-tb-ensemble-demo"])
+def test_heat_maps_wait_for_the_result_objects(name: str) -> None:
+    cards = {card.model.name: card for card in discover_cards([MODELS])}
+    card = cards[name]
+    ds, _ = make_cxr(21, pneumothorax=True, size=384, columns=320)
+    runtime = Runtime(["CPUExecutionProvider"])
+
+    eager = run_model(card, [ds], runtime, StageTimes(), cards)
+    deferred = run_model(card, [ds], runtime, StageTimes(), cards, defer_heatmaps=True)
+
+    now, later = eager.images[0].findings[0], deferred.images[0].findings[0]
+    assert now.heatmap is not None and now.heatmap.shape == (ds.Rows, ds.Columns)
+    assert later.probability == now.probability
+    assert (later.heatmap, later.peak) == (None, None)
+    assert later.deferred_heatmap is not None
+
+    kinds = {kind for kind, _ in result_objects(deferred, card)}
+
+    assert "sr" in kinds and "overlay" in kinds
+    assert later.deferred_heatmap is None
+    np.testing.assert_array_equal(later.heatmap, now.heatmap)
+    assert later.peak == now.peak
