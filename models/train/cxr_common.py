@@ -38,22 +38,8 @@ import dicomnode.synth.cxr as synth_cxr
 from dicomnode.evaluation import metrics as evaluation
 from dicomnode.models.registry import InputSpec
 from dicomnode.pipeline.preprocess import prepare_input
+from dicomnode.synth.cxr_names import FINDINGS, VIEWS
 
-FINDINGS: tuple[str, ...] = getattr(
-    synth_cxr,
-    "FINDINGS",
-    (
-        "pneumothorax",
-        "effusion",
-        "consolidation",
-        "cardiomegaly",
-        "edema",
-        "nodule",
-        "tuberculosis",
-        "tube",
-    ),
-)
-VIEWS = ("PA", "AP", "LATERAL")
 FRONTAL = ("PA", "AP")
 # Side of the coarse region grid (over the whole model input) that truth regions are kept at.
 REGION_GRID = 32
