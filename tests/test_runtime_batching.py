@@ -142,6 +142,36 @@ def concurrently(runtime: Runtime, card: ModelCard, batches: list[np.ndarray]) -
     return results
 
 
+def registered_analyses(
+    runtime: Runtime, analyses: list[tuple[ModelCard, float]]
+) -> tuple[list, float]:
+    """Each analysis in its own thread, registered with the runtime, runs its model on one
+    image (``images(index, 1)``) after its delay (its preprocessing); their outputs (or the
+    exception) and the seconds until all had returned."""
+    registered = threading.Barrier(len(analyses))
+    results: list = [None] * len(analyses)
+
+    def analysis(index: int, model: ModelCard, delay: float) -> None:
+        with runtime.caller():
+            registered.wait()
+            time.sleep(delay)
+            try:
+                results[index] = runtime.run(model, images(index, 1))
+            except Exception as exc:
+                results[index] = exc
+
+    threads = [
+        threading.Thread(target=analysis, args=(index, model, delay))
+        for index, (model, delay) in enumerate(analyses)
+    ]
+    started = time.monotonic()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    return results, time.monotonic() - started
+
+
 def test_concurrent_callers_get_exactly_their_own_rows(tmp_path: Path) -> None:
     card = make_model(tmp_path, "tiny")
     runtime = Runtime(["CPUExecutionProvider"], InferenceSettings(batch_size=8, max_wait_ms=500))
@@ -272,26 +302,9 @@ def test_registered_callers_wait_for_each_other_but_not_longer(tmp_path: Path) -
     runtime = Runtime(["CPUExecutionProvider"], InferenceSettings(batch_size=8, max_wait_ms=60_000))
     counted = CountingRuns(runtime.session(card))
     runtime.session(other)
-    registered = threading.Barrier(3)
-    results: list = [None] * 3
-
-    def analysis(index: int, model: ModelCard, delay: float) -> None:
-        with runtime.caller():
-            registered.wait()
-            time.sleep(delay)  # preprocessing: the others are registered but not yet waiting
-            results[index] = runtime.run(model, images(index, 1))
-
     # Two analyses on the same model, the second 0.3 s later; a third waits on another model.
-    threads = [
-        threading.Thread(target=analysis, args=args)
-        for args in ((0, card, 0.0), (1, card, 0.3), (2, other, 0.1))
-    ]
-    started = time.monotonic()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=30)
-    assert time.monotonic() - started < 10
+    results, seconds = registered_analyses(runtime, [(card, 0.0), (card, 0.3), (other, 0.1)])
+    assert seconds < 10
     assert all(isinstance(r, dict) for r in results), results
     # The first caller waited for the second (one run of two images), not for max_wait.
     assert counted.sizes == [2]
@@ -351,22 +364,8 @@ def test_the_last_registered_caller_of_a_model_runs_the_batch_at_once(tmp_path: 
     # same model completes the batch; nobody else can come.
     runtime = Runtime(["CPUExecutionProvider"], InferenceSettings(batch_size=8, max_wait_ms=60_000))
     counted = CountingRuns(runtime.session(card))
-    registered = threading.Barrier(2)
-    results: list = [None] * 2
-
-    def analysis(index: int, delay: float) -> None:
-        with runtime.caller():
-            registered.wait()
-            time.sleep(delay)
-            results[index] = runtime.run(card, images(index, 1))
-
-    threads = [threading.Thread(target=analysis, args=(i, 0.2 * i)) for i in range(2)]
-    started = time.monotonic()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=30)
-    assert time.monotonic() - started < 5
+    results, seconds = registered_analyses(runtime, [(card, 0.0), (card, 0.2)])
+    assert seconds < 5
     assert counted.sizes == [2]
     for index in range(2):
         np.testing.assert_allclose(results[index]["cam"], alone(card, images(index, 1))["cam"])
