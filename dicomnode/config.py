@@ -127,6 +127,8 @@ class InferenceSettings(_Section):
 
 class ModelsSettings(_Section):
     folders: list[Path] = [Path("models"), Path("conf/models")]
+    # Batches of one model run at once; 0 = 2 on GPU providers, 1 on CPU.
+    in_flight: int = Field(default=0, ge=0)
 
 
 class Destination(_Section):

@@ -378,9 +378,75 @@ def test_an_idle_dispatcher_ends_and_a_new_request_starts_another(tmp_path: Path
     batcher.IDLE_SECONDS = 0.2
     first, second = images(12, 1), images(13, 1)
     np.testing.assert_allclose(runtime.run(card, first)["cam"], alone(card, first)["cam"])
-    assert batcher._dispatcher is not None
+    assert batcher.dispatchers == 1
     deadline = time.monotonic() + 10
-    while batcher._dispatcher is not None and time.monotonic() < deadline:
+    while batcher.dispatchers and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert batcher._dispatcher is None
+    assert batcher.dispatchers == 0
     np.testing.assert_allclose(runtime.run(card, second)["cam"], alone(card, second)["cam"])
+
+
+class OverlappingRuns:
+    """Makes each session.run of a session take ``seconds`` longer and records how many
+    were running at once."""
+
+    def __init__(self, session: ort.InferenceSession, seconds: float):
+        self.running = 0
+        self.most = 0
+        lock = threading.Lock()
+        real = session.run
+
+        def run(names, feeds, *args, **kwargs):
+            with lock:
+                self.running += 1
+                self.most = max(self.most, self.running)
+            try:
+                time.sleep(seconds)
+                return real(names, feeds, *args, **kwargs)
+            finally:
+                with lock:
+                    self.running -= 1
+
+        session.run = run
+
+
+@pytest.mark.parametrize("in_flight", [1, 2])
+def test_in_flight_batches_of_one_model_run_at_once(tmp_path: Path, in_flight: int) -> None:
+    card = make_model(tmp_path, "tiny")
+    settings = InferenceSettings(batch_size=2, max_wait_ms=50, in_flight=in_flight)
+    runtime = Runtime(["CPUExecutionProvider"], settings)
+    overlapping = OverlappingRuns(runtime.session(card), 0.2)
+    batches = [images(40 + seed, 1) for seed in range(8)]  # four full batches
+
+    results = concurrently(runtime, card, batches)
+
+    for batch, outputs in zip(batches, results, strict=True):
+        assert isinstance(outputs, dict), outputs
+        np.testing.assert_allclose(outputs["cam"], alone(card, batch)["cam"], rtol=1e-5)
+    assert overlapping.most == in_flight
+    assert runtime._model(card).batcher.dispatchers == in_flight
+
+
+def test_batches_in_flight_through_io_binding_keep_their_own_buffers(tmp_path: Path) -> None:
+    card = make_model(tmp_path, "tiny")
+    settings = InferenceSettings(batch_size=4, max_wait_ms=1, io_binding="on", in_flight=3)
+    runtime = Runtime(["CPUExecutionProvider"], settings)
+    session = runtime.session(card)
+    real = session.run_with_iobinding
+
+    def slow_run(binding, *args, **kwargs):
+        time.sleep(0.02)  # between filling the bound buffer and running on it
+        return real(binding, *args, **kwargs)
+
+    session.run_with_iobinding = slow_run
+    # Rounds of 12 callers with 1-3 images each: batches of the same size run at once in
+    # three threads; a buffer shared between them would hand callers others' rows.
+    for round_ in range(5):
+        batches = [images(100 * round_ + seed, 1 + seed % 3) for seed in range(12)]
+        results = concurrently(runtime, card, batches)
+        for batch, outputs in zip(batches, results, strict=True):
+            assert isinstance(outputs, dict), outputs
+            np.testing.assert_allclose(outputs["cam"], alone(card, batch)["cam"], rtol=1e-5)
+            np.testing.assert_allclose(
+                outputs["probability"], alone(card, batch)["probability"], rtol=1e-5
+            )

@@ -192,14 +192,16 @@ class BatchStats:
 class MicroBatcher:
     """Coalesces concurrent requests into one call of ``execute`` along the first axis.
 
-    One dispatcher thread per batcher (started on demand, gone after ``IDLE_SECONDS``
-    without requests) runs the batches; callers only queue their request and wait on its
-    own lock, so a finished batch wakes exactly its callers. The oldest waiting request
-    leads: the dispatcher waits up to ``max_wait`` seconds for requests of the same image
-    shape until ``max_batch`` images are queued, or until ``nobody_else()`` says no other
-    request can come, runs them as one batch and hands each request its rows of every
+    Dispatcher threads (``in_flight`` of them, started on demand, gone after
+    ``IDLE_SECONDS`` without requests) run the batches; callers only queue their request
+    and wait on its own lock, so a finished batch wakes exactly its callers. One dispatcher
+    at a time collects: the oldest waiting request leads, and the collector waits up to
+    ``max_wait`` seconds for requests of the same image shape until ``max_batch`` images are
+    queued, or until ``nobody_else()`` says no other request can come. It then hands the
+    collecting over, joins the batch, runs it and gives each request its rows of every
     output. A failing run fails every request in it. While a batch runs (onnxruntime
-    releases the GIL) the next one queues up.
+    releases the GIL) the next one queues up; with ``in_flight`` 2 the next one is also
+    joined and started (on a GPU: copied to the device) meanwhile.
     """
 
     IDLE_SECONDS = 30.0
@@ -211,20 +213,24 @@ class MicroBatcher:
         max_wait: float,
         nobody_else: Callable[[], bool] = lambda: False,
         buckets: tuple[int, ...] = (),
+        in_flight: int = 1,
     ):
         self.execute = execute
         self.max_batch = max(1, max_batch)
         self.max_wait = max_wait
         self.nobody_else = nobody_else
         self.buckets = buckets
+        self.in_flight = max(1, in_flight)
         self.stats = BatchStats()
-        # Batches are joined in one buffer, reused: a fresh array of a batch's size each
-        # run costs page faults that take longer than a GPU's run of the batch.
-        self._buffer: np.ndarray | None = None
+        # Each dispatcher joins its batches in one buffer of its own, reused: a fresh array
+        # of a batch's size each run costs page faults that take longer than a GPU's run.
+        self._local = threading.local()
         self._cond = threading.Condition()
         self._queue: deque[_Request] = deque()
         self._queued = 0  # images in the queue
-        self._dispatcher: threading.Thread | None = None
+        self._dispatchers = 0  # threads alive
+        # Held by the one dispatcher that collects the next batch (the others run theirs).
+        self._collecting = threading.Lock()
 
     def submit(self, batch: np.ndarray) -> list[np.ndarray]:
         """Run ``batch`` (N, ...) possibly together with others; returns its N rows per output."""
@@ -232,11 +238,11 @@ class MicroBatcher:
         with self._cond:
             self._queue.append(request)
             self._queued += request.size
-            if self._dispatcher is None:
-                self._dispatcher = threading.Thread(
+            while self._dispatchers < self.in_flight:
+                self._dispatchers += 1
+                threading.Thread(
                     target=self._dispatch, name="dicomnode-batcher", daemon=True
-                )
-                self._dispatcher.start()
+                ).start()
             # The dispatcher waits for the first request, then for a full batch, for the
             # last caller that can come, or for its deadline: it is woken only for these,
             # not for every request.
@@ -244,14 +250,19 @@ class MicroBatcher:
                 self._cond.notify()
         return request.result()
 
+    @property
+    def dispatchers(self) -> int:
+        """Dispatcher threads alive now."""
+        return self._dispatchers
+
     def _dispatch(self) -> None:
         while True:
-            with self._cond:
+            with self._collecting, self._cond:
                 idle_until = time.monotonic() + self.IDLE_SECONDS
                 while not self._queue:  # woken early by wake() too
                     remaining = idle_until - time.monotonic()
                     if remaining <= 0:
-                        self._dispatcher = None
+                        self._dispatchers -= 1
                         return
                     self._cond.wait(remaining)
                 group = self._collect()
@@ -288,10 +299,10 @@ class MicroBatcher:
         size = next((b for b in self.buckets if b >= rows), rows)
         if len(group) == 1 and size == rows:
             return first
-        buffer = self._buffer
+        buffer = getattr(self._local, "buffer", None)
         if buffer is None or buffer.shape[0] < size or buffer.shape[1:] != first.shape[1:]:
             buffer = np.empty((max(size, self.max_batch), *first.shape[1:]), first.dtype)
-            self._buffer = buffer
+            self._local.buffer = buffer
         np.concatenate([r.batch for r in group], out=buffer[:rows])
         buffer[rows:size] = 0
         return buffer[:size]
@@ -350,10 +361,10 @@ class _Model:
     provider: str
     io_binding: bool
     batcher: MicroBatcher = field(init=False)
-    # IO binding: one input buffer on the device per batch shape, filled in place each run
-    # (binding a numpy array instead copies it into a fresh host tensor first, every run).
-    device_inputs: dict[tuple[int, ...], ort.OrtValue] = field(default_factory=dict)
-    device_lock: threading.Lock = field(default_factory=threading.Lock)
+    # IO binding: one input buffer on the device per batch shape and thread (batches of one
+    # model may run at once), filled in place each run (binding a numpy array instead copies
+    # it into a fresh host tensor first, every run).
+    device_inputs: threading.local = field(default_factory=threading.local)
 
 
 class Runtime:
@@ -420,6 +431,8 @@ class Runtime:
         binding = wanted == "on" or (wanted == "auto" and provider in DEVICE_PROVIDERS)
         limit = batch_limit(session, card.input.name, self.settings.batch_size)
         buckets = batch_buckets(limit) if provider in DEVICE_PROVIDERS else ()
+        on_device = provider in DEVICE_PROVIDERS
+        in_flight = self.settings.in_flight or (2 if on_device else 1)
         model = _Model(card, session, provider, binding)
         model.batcher = MicroBatcher(
             lambda batch: self._execute(model, batch),
@@ -427,6 +440,7 @@ class Runtime:
             self.settings.max_wait_ms / 1000,
             self._nobody_else,
             buckets,
+            in_flight,
         )
         return model
 
@@ -461,20 +475,20 @@ class Runtime:
         """A run through IO binding: the batch is copied into the model's device buffer of
         its shape, outputs are allocated on the device and copied back once."""
         device = DEVICE_PROVIDERS.get(model.provider, "cpu")
-        with model.device_lock:
-            value = model.device_inputs.get(batch.shape)
-            if value is None:
-                value = ort.OrtValue.ortvalue_from_shape_and_type(
-                    list(batch.shape), batch.dtype, device, 0
-                )
-                model.device_inputs[batch.shape] = value
-            value.update_inplace(np.ascontiguousarray(batch))
-            binding = model.session.io_binding()
-            binding.bind_ortvalue_input(model.card.input.name, value)
-            for name in names:
-                binding.bind_output(name, device)
-            model.session.run_with_iobinding(binding)
-            return binding.copy_outputs_to_cpu()
+        buffers = model.device_inputs.__dict__  # this thread's
+        value = buffers.get(batch.shape)
+        if value is None:
+            value = ort.OrtValue.ortvalue_from_shape_and_type(
+                list(batch.shape), batch.dtype, device, 0
+            )
+            buffers[batch.shape] = value
+        value.update_inplace(np.ascontiguousarray(batch))
+        binding = model.session.io_binding()
+        binding.bind_ortvalue_input(model.card.input.name, value)
+        for name in names:
+            binding.bind_output(name, device)
+        model.session.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()
 
     def warm_up(self, card: ModelCard) -> None:
         """Load the model and run a blank batch of every size it will run (one size on the
