@@ -1,6 +1,8 @@
 """Durable job queue in the database: leases, retries with backoff, dead letters.
 
-Workers on any host that shares the database claim jobs. PostgreSQL uses
+Workers on any host that shares the database claim jobs, the most urgent kind first
+(:data:`KIND_PRIORITY`: critical-result notifications and analyses, which set the worklist
+priority, before the result objects and their exports), then the oldest. PostgreSQL uses
 ``SELECT ... FOR UPDATE SKIP LOCKED``; SQLite serialises writers, so a plain select inside
 the (immediate) write transaction is enough. A job whose lease expired, because its
 worker died, is claimed again. Idle workers wait on a :class:`JobSignal` (PostgreSQL
@@ -17,7 +19,7 @@ from collections.abc import Sequence
 from contextlib import closing
 from datetime import datetime, timedelta
 
-from sqlalchemy import Engine, and_, or_, select, text
+from sqlalchemy import Engine, and_, case, or_, select, text
 from sqlalchemy.orm import Session
 
 from dicomnode.db.models import Job
@@ -25,6 +27,9 @@ from dicomnode.db.session import utcnow
 
 BACKOFF_BASE_SECONDS = 2.0
 BACKOFF_MAX_SECONDS = 600.0
+# Claim order by kind (lower first): a study's triage never waits behind earlier studies'
+# result objects (``results``) or their transfers (``export``). Unknown kinds come last.
+KIND_PRIORITY = {"notify": 0, "analyse": 1, "results": 2, "export": 3}
 # PostgreSQL NOTIFY channel on which enqueue wakes idle workers.
 CHANNEL = "dicomnode_jobs"
 
@@ -67,7 +72,8 @@ def claim(
     lease_seconds: float,
     now: datetime | None = None,
 ) -> Job | None:
-    """Lease the oldest runnable job of ``kinds`` to ``owner``; commits; None if none is due."""
+    """Lease the most urgent runnable job of ``kinds`` to ``owner`` (by :data:`KIND_PRIORITY`,
+    then oldest first); commits; None if none is due."""
     now = now or utcnow()
     runnable = or_(
         and_(Job.state == "queued", Job.run_after <= now),
@@ -76,7 +82,9 @@ def claim(
     query = (
         select(Job)
         .where(Job.kind.in_(kinds), runnable)
-        .order_by(Job.run_after, Job.id)
+        .order_by(
+            case(KIND_PRIORITY, value=Job.kind, else_=len(KIND_PRIORITY)), Job.run_after, Job.id
+        )
         .limit(1)
         .with_for_update(skip_locked=True)
     )

@@ -213,3 +213,58 @@ def test_worker_that_lost_its_lease_cannot_finish_or_fail_the_job(
     with sessions() as session:
         assert complete(session, session.get(Job, job_id), now=seconds(13), owner="fast-worker")
     assert stored(sessions, job_id).state == "done"
+
+
+def test_claim_takes_the_most_urgent_kind_first_then_the_oldest(
+    sessions: sessionmaker[Session],
+) -> None:
+    # Enqueued oldest first in the reverse of their urgency (and an unknown kind oldest of all).
+    order = ["other", "export", "export", "results", "results", "analyse", "notify", "analyse"]
+    with sessions() as session:
+        study_id = make_study(session)
+        jobs = [enqueue(session, kind, study_id, now=seconds(n)) for n, kind in enumerate(order)]
+        session.commit()
+        expected = [jobs[n].id for n in (6, 5, 7, 3, 4, 1, 2, 0)]
+    with sessions() as session:
+        claimed = [claim(session, "w", sorted(set(order)), 30, now=seconds(10)) for _ in order]
+        assert [job.id for job in claimed] == expected
+        assert claim(session, "w", sorted(set(order)), 30, now=seconds(10)) is None
+
+
+def test_concurrent_claims_of_mixed_kinds_each_take_the_most_urgent_left(
+    sessions: sessionmaker[Session],
+) -> None:
+    # PostgreSQL: FOR UPDATE SKIP LOCKED with the ORDER BY on the kind's priority.
+    kinds = ["export", "results", "analyse", "notify"] * 8
+    with sessions() as session:
+        study_id = make_study(session)
+        for n, kind in enumerate(kinds):
+            enqueue(session, kind, study_id, now=seconds(n))
+        session.commit()
+    priority = {"notify": 0, "analyse": 1, "results": 2, "export": 3}
+    claimed: dict[str, list[tuple[int, int]]] = {}
+    errors: list[BaseException] = []
+    start = threading.Barrier(3)
+
+    def worker(owner: str) -> None:
+        mine = claimed.setdefault(owner, [])
+        try:
+            start.wait()
+            with sessions() as session:
+                while (job := claim(session, owner, list(priority), 300)) is not None:
+                    mine.append((priority[job.kind], job.id))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(f"w{n}",)) for n in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not errors, errors
+    everything = sorted(job_id for jobs in claimed.values() for _, job_id in jobs)
+    assert len(everything) == len(kinds) == len(set(everything))
+    # Nothing more urgent was left when each job was claimed: every owner's claims are in
+    # order of urgency (jobs of one kind oldest first).
+    for jobs in claimed.values():
+        assert jobs == sorted(jobs), jobs
