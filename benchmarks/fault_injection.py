@@ -8,7 +8,8 @@ to settle. Then:
 
 - lost: instances answered 0x0000 that are not on disk or have no database row;
 - duplicated: studies with more than one SR from one model (results repeated, not replaced);
-- unsettled: studies not analysed, or with analysis still pending, after recovery.
+- unsettled: studies not analysed, or with analysis or result writing still pending (or no
+  SR), after recovery.
 
     python benchmarks/fault_injection.py [--trials 100] [--seed 0]
 """
@@ -165,7 +166,10 @@ def _check(node: Node, acked: list[str]) -> TrialResult:
                 session.scalars(
                     select(Study.study_instance_uid)
                     .join(Job, Job.study_id == Study.id)
-                    .where(Job.kind == "analyse", Job.state.in_(("queued", "leased")))
+                    .where(
+                        Job.kind.in_(("analyse", "results")),
+                        Job.state.in_(("queued", "leased")),
+                    )
                 ).all()
             )
             studies = session.execute(

@@ -112,6 +112,10 @@ class WorkerSettings(_Section):
     backoff_base_seconds: float = Field(default=2.0, gt=0)
     # Jobs one worker process runs at once (threads sharing its warm model sessions).
     threads: int = Field(default=2, ge=1)
+    # Threads that may run results and export jobs at once; 0 = all but one (all with one).
+    background_threads: int = Field(default=0, ge=0)
+    # Memory for analyses kept for their results job in the same process (0 = none kept).
+    handover_mb: int = Field(default=256, ge=0)
 
 
 class InferenceSettings(_Section):

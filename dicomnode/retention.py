@@ -18,9 +18,10 @@ log = logging.getLogger("dicomnode.retention")
 
 
 def expired_studies(session: Session, now: datetime, days: float) -> list[Study]:
-    """Studies received more than ``days`` ago, reported, with no export job still open."""
+    """Studies received more than ``days`` ago, reported, with no results or export job
+    still open (a results job queues exports)."""
     unfinished_export = exists().where(
-        Job.study_id == Study.id, Job.kind == "export", Job.state != "done"
+        Job.study_id == Study.id, Job.kind.in_(("results", "export")), Job.state != "done"
     )
     return list(
         session.scalars(

@@ -1,9 +1,14 @@
-"""The worker: claims jobs from the database and runs them (analysis, export).
+"""The worker: claims jobs from the database and runs them (analysis, results, export,
+notification).
 
 Runs as its own process (``dicomnode worker``), so inference never stalls ingest; any
 number of workers on any hosts may share one PostgreSQL database. Each process runs
 ``[worker] threads`` jobs at once; they share the warm model sessions, whose runtime batches
-their concurrent inferences. Each thread has its own database session.
+their concurrent inferences. Each thread has its own database session. Jobs are claimed by
+kind priority (:data:`dicomnode.jobs.KIND_PRIORITY`), and at most ``[worker]
+background_threads`` threads run results and export jobs at once, so that a thread is free
+for the next study's triage. An analysis hands its models' outputs to its results job in
+memory (:class:`dicomnode.pipeline.handover.Handover`) when this process claims it.
 """
 
 from __future__ import annotations
@@ -25,10 +30,15 @@ from dicomnode.export.scu import send_file
 from dicomnode.jobs import JobSignal, claim, complete, fail
 from dicomnode.models.registry import ModelCard
 from dicomnode.notify import send_notification
-from dicomnode.pipeline.analyse import analyse_study, mark_failed
+from dicomnode.pipeline.analyse import analyse_study, mark_failed, write_results
+from dicomnode.pipeline.handover import Handover
 from dicomnode.pipeline.runtime import ModelLoadError, Runtime
 
 log = logging.getLogger("dicomnode.worker")
+
+# Jobs that decide or announce a study's priority, and the work that may wait for them.
+TRIAGE_KINDS = ["notify", "analyse"]
+BACKGROUND_KINDS = ["results", "export"]
 
 
 class Worker:
@@ -40,6 +50,43 @@ class Worker:
         self.owner = f"{socket.gethostname()}:{os.getpid()}"
         # Set by SIGHUP: re-read the configuration between jobs.
         self.reload_requested = threading.Event()
+        # Analyses waiting for their results job in this process.
+        self.handover = Handover(settings.worker.handover_mb * 1024 * 1024)
+        # Threads running results or export jobs now (at most background_limit()).
+        self._background = 0
+        self._background_lock = threading.Lock()
+
+    def background_limit(self) -> int:
+        """Threads that may run results and export jobs at once: ``[worker]
+        background_threads``, by default all but one (all with one thread)."""
+        worker = self.settings.worker
+        if worker.background_threads:
+            return min(worker.background_threads, worker.threads)
+        return max(1, worker.threads - 1)
+
+    def _claim(self, session: Session) -> Job | None:
+        """Claim the most urgent due job; results and exports only while a background slot is
+        free (the slot is kept while such a job runs, released by :meth:`run_once`)."""
+        with self._background_lock:
+            background = self._background < self.background_limit()
+            if background:
+                self._background += 1
+        job = None
+        try:
+            job = claim(
+                session,
+                self.owner,
+                TRIAGE_KINDS + BACKGROUND_KINDS if background else TRIAGE_KINDS,
+                self.settings.worker.lease_seconds,
+            )
+        finally:
+            if background and (job is None or job.kind not in BACKGROUND_KINDS):
+                self._release_background()
+        return job
+
+    def _release_background(self) -> None:
+        with self._background_lock:
+            self._background -= 1
 
     def reload(self) -> bool:
         """Re-read settings and cards; keep the old ones if the new ones are invalid."""
@@ -63,6 +110,7 @@ class Worker:
         else:
             self.runtime.keep_only(unchanged)
         self.settings, self.cards = settings, cards
+        self.handover.max_bytes = settings.worker.handover_mb * 1024 * 1024
         log.info("worker %s reloaded: %d model card(s)", self.owner, len(cards))
         return True
 
@@ -85,64 +133,79 @@ class Worker:
     def run_once(self) -> bool:
         """Claim and run one due job; False when none was due."""
         with self.sessions() as session:
-            job = claim(
-                session,
-                self.owner,
-                ["analyse", "export", "notify"],
-                self.settings.worker.lease_seconds,
-            )
+            job = self._claim(session)
             if job is None:
                 return False
-            started = time.perf_counter()
-            seconds = {"queued": max(0.0, (utcnow() - as_utc(job.run_after)).total_seconds())}
+            kind = job.kind
             try:
-                detail = self._run(session, job, seconds)
-            except Exception as exc:
-                session.rollback()
-                if job.kind == "export":
-                    metrics.EXPORT_FAILURES.labels(job.payload.get("destination", "")).inc()
-                reason = f"{type(exc).__name__}: {exc}"
-                log.warning(
-                    "job %d %s study_id=%d attempt %d failed after %.0f ms: %s",
-                    job.id,
-                    job.kind,
-                    job.study_id,
-                    job.attempts,
-                    (time.perf_counter() - started) * 1000,
-                    reason,
-                )
-                job = session.get(Job, job.id)
-                # Critical-result notifications keep trying longer than other jobs.
-                attempts = (
-                    self.settings.notify.max_attempts
-                    if job.kind == "notify"
-                    else self.settings.worker.max_attempts
-                )
-                recorded = fail(
-                    session,
-                    job,
-                    reason,
-                    attempts,
-                    owner=self.owner,
-                    backoff_base=self.settings.worker.backoff_base_seconds,
-                )
-                if recorded and job.kind == "analyse" and job.state == "dead":
-                    mark_failed(session, job.study_id, reason, self.settings.worklist)
-                return True
-            seconds["total"] = time.perf_counter() - started
-            if not complete(session, session.get(Job, job.id), owner=self.owner, seconds=seconds):
-                log.warning("job %d: lease expired while running; another worker owns it", job.id)
-                return True
-            metrics.JOB_SECONDS.labels(job.kind, "total").observe(time.perf_counter() - started)
-            log.info(
-                "job %d %s study_id=%d done in %.0f ms %s",
+                return self._run_claimed(session, job)
+            finally:
+                if kind in BACKGROUND_KINDS:
+                    self._release_background()
+
+    def _run_claimed(self, session: Session, job: Job) -> bool:
+        """Run a claimed job and record its outcome (done, retry later or dead)."""
+        started = time.perf_counter()
+        seconds = {"queued": max(0.0, (utcnow() - as_utc(job.run_after)).total_seconds())}
+        try:
+            detail = self._run(session, job, seconds)
+        except Exception as exc:
+            session.rollback()
+            if job.kind == "export":
+                metrics.EXPORT_FAILURES.labels(job.payload.get("destination", "")).inc()
+            reason = f"{type(exc).__name__}: {exc}"
+            log.warning(
+                "job %d %s study_id=%d attempt %d failed after %.0f ms: %s",
                 job.id,
                 job.kind,
                 job.study_id,
+                job.attempts,
                 (time.perf_counter() - started) * 1000,
-                detail,
+                reason,
             )
+            job = session.get(Job, job.id)
+            # Critical-result notifications keep trying longer than other jobs.
+            attempts = (
+                self.settings.notify.max_attempts
+                if job.kind == "notify"
+                else self.settings.worker.max_attempts
+            )
+            recorded = fail(
+                session,
+                job,
+                reason,
+                attempts,
+                owner=self.owner,
+                backoff_base=self.settings.worker.backoff_base_seconds,
+            )
+            if recorded and job.kind == "analyse" and job.state == "dead":
+                mark_failed(session, job.study_id, reason, self.settings.worklist)
+            if recorded and job.kind == "results" and job.state == "dead":
+                # The study stays analysed: its priority stands without the objects.
+                log.error(
+                    "job %d results study_id=%d dead after %d attempts (the study keeps "
+                    "its priority; retry with POST /api/jobs/%d/retry): %s",
+                    job.id,
+                    job.study_id,
+                    job.attempts,
+                    job.id,
+                    reason,
+                )
             return True
+        seconds["total"] = time.perf_counter() - started
+        if not complete(session, session.get(Job, job.id), owner=self.owner, seconds=seconds):
+            log.warning("job %d: lease expired while running; another worker owns it", job.id)
+            return True
+        metrics.JOB_SECONDS.labels(job.kind, "total").observe(time.perf_counter() - started)
+        log.info(
+            "job %d %s study_id=%d done in %.0f ms %s",
+            job.id,
+            job.kind,
+            job.study_id,
+            (time.perf_counter() - started) * 1000,
+            detail,
+        )
+        return True
 
     def _run(self, session: Session, job: Job, seconds: dict[str, float]) -> str:
         """Run the job; stage times go into ``seconds`` (kept in the job's payload)."""
@@ -150,9 +213,27 @@ class Worker:
             # Registered, so that the runtime's batches wait only for analyses that may come.
             runtime = self.runtime
             with runtime.caller():
-                times = analyse_study(session, self.settings, self.cards, runtime, job.study_id)
+                times = analyse_study(
+                    session, self.settings, self.cards, runtime, job.study_id, self.handover
+                )
             for stage, spent in times.seconds.items():
                 metrics.JOB_SECONDS.labels("analyse", stage).observe(spent)
+            seconds.update(times.seconds)
+            return str(times)
+        if job.kind == "results":
+            # Taken before anything can fail: a retry recomputes from the stored images.
+            triaged = self.handover.take(job.id)
+            times = write_results(
+                session,
+                self.settings,
+                self.cards,
+                self.runtime,
+                job.study_id,
+                int(job.payload.get("generation", 0)),
+                triaged,
+            )
+            for stage, spent in times.seconds.items():
+                metrics.JOB_SECONDS.labels("results", stage).observe(spent)
             seconds.update(times.seconds)
             return str(times)
         if job.kind == "export":

@@ -1,4 +1,6 @@
-"""analyse_study on a real database: which result objects a study gets and where they go.
+"""analyse_study and its results job on a real database: which result objects a study gets,
+where they go, and that they are written after the priority is committed, the same whether the
+analysis is handed over in memory or recomputed from the stored images.
 
 What is produced follows the model card's [results] produce; where each object is sent follows
 each destination's ``outputs`` (a PACS that wants only SR gets only SR).
@@ -6,16 +8,19 @@ each destination's ``outputs`` (a PACS that wants only SR gets only SR).
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
+import pydicom
 import pytest
 from conftest import spool_and_index
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from dicomnode.config import Destination, Settings
 from dicomnode.db.models import FindingRow, Job, ResultObject, Study
 from dicomnode.models.registry import ModelCard, ResultsSpec, load_card
-from dicomnode.pipeline.analyse import analyse_study
+from dicomnode.pipeline.analyse import StageTimes, analyse_study, write_results
+from dicomnode.pipeline.handover import Handover
 from dicomnode.pipeline.runtime import Runtime
 from dicomnode.synth.cxr import make_cxr
 
@@ -43,11 +48,42 @@ def _ingest(session, settings: Settings, seed: int, pneumothorax: bool) -> int:
     return spool_and_index(session, settings.storage_path, ds)[0]
 
 
-def _exports(session, study_id: int) -> dict[str, list[str]]:
-    """Destination name -> result kinds queued for it."""
+def _results_job(session, study_id: int) -> Job:
+    """The study's newest results job."""
+    return session.scalars(
+        select(Job).where(Job.study_id == study_id, Job.kind == "results").order_by(Job.id.desc())
+    ).first()
+
+
+def _write(
+    session, settings: Settings, cards, runtime, study_id: int, handover: Handover | None = None
+) -> StageTimes:
+    """Run the study's queued results job as the worker does (taking what was handed over)."""
+    job = _results_job(session, study_id)
+    assert job is not None and job.state == "queued"
+    triaged = handover.take(job.id) if handover is not None else None
+    times = write_results(
+        session, settings, cards, runtime, study_id, job.payload["generation"], triaged
+    )
+    job.state = "done"
+    session.commit()
+    return times
+
+
+def _analyse(
+    session, settings: Settings, cards, runtime, study_id: int, handover: Handover | None = None
+) -> tuple[StageTimes, StageTimes]:
+    """The analyse job, then its results job."""
+    triaged = analyse_study(session, settings, cards, runtime, study_id, handover)
+    return triaged, _write(session, settings, cards, runtime, study_id, handover)
+
+
+def _exports(session, study_id: int, after: int = 0) -> dict[str, list[str]]:
+    """Destination name -> result kinds queued for it (by export jobs after job id ``after``)."""
     kinds = {r.id: r.kind for r in session.scalars(select(ResultObject))}
     sent: dict[str, list[str]] = {}
-    for job in session.scalars(select(Job).where(Job.kind == "export", Job.study_id == study_id)):
+    exports = select(Job).where(Job.kind == "export", Job.study_id == study_id, Job.id > after)
+    for job in session.scalars(exports):
         sent.setdefault(job.payload["destination"], []).append(kinds[job.payload["result_id"]])
     return {name: sorted(values) for name, values in sent.items()}
 
@@ -57,9 +93,9 @@ def test_each_destination_gets_the_kinds_it_asks_for(sessions, tmp_path: Path, r
     card = load_card(PNEUMOTHORAX)
     with sessions() as session:
         study_id = _ingest(session, settings, 930_001, pneumothorax=True)
-        times = analyse_study(session, settings, [card], runtime, study_id)
+        times, written = _analyse(session, settings, [card], runtime, study_id)
         # The priority is committed (seconds from the start) before the results are written.
-        assert times.seconds["triaged"] > 0 and times.seconds["results"] > 0
+        assert times.seconds["triaged"] > 0 and written.seconds["results"] > 0
         rows = session.scalars(select(ResultObject).where(ResultObject.study_id == study_id))
         assert sorted(r.kind for r in rows) == ["kos", "overlay", "sr"]
         assert _exports(session, study_id) == {
@@ -80,11 +116,11 @@ def test_card_results_produce_limits_what_is_written(sessions, tmp_path: Path, r
         critical = _ingest(session, settings, 930_003, pneumothorax=True)
         normal = _ingest(session, settings, 930_002, pneumothorax=False)
         for study_id in (critical, normal):
-            analyse_study(session, settings, [only_sr], runtime, study_id)
+            _analyse(session, settings, [only_sr], runtime, study_id)
         assert _exports(session, critical) == {"pacs": ["sr"], "sr-only": ["sr"]}
         assert _exports(session, normal) == {"pacs": ["sr"], "sr-only": ["sr"]}
         # A normal study has no critical image: the default produce would give it no KOS either.
-        analyse_study(session, settings, [card], runtime, normal)
+        _analyse(session, settings, [card], runtime, normal)
         rows = session.scalars(select(ResultObject).where(ResultObject.study_id == normal))
         assert sorted(r.kind for r in rows) == ["overlay", "sr"]
 
@@ -109,7 +145,7 @@ def test_an_undecodable_image_is_left_out_and_named(sessions, tmp_path: Path, ru
         study_id = _ingest(session, settings, 930_005, pneumothorax=True)
         uid = session.get(Study, study_id).study_instance_uid
         assert _undecodable(session, settings, 930_006, study_uid=uid) == study_id
-        analyse_study(session, settings, [card], runtime, study_id)
+        _analyse(session, settings, [card], runtime, study_id)
         study = session.get(Study, study_id)
         assert study.analysis_status == "analysed" and study.tier == "critical"
         assert "cannot decode" in study.analysis_error
@@ -120,3 +156,128 @@ def test_an_undecodable_image_is_left_out_and_named(sessions, tmp_path: Path, ru
         analyse_study(session, settings, [card], runtime, only_bad)
         study = session.get(Study, only_bad)
         assert study.analysis_status == "failed" and "cannot decode" in study.analysis_error
+        assert _results_job(session, only_bad) is None
+
+
+def test_priority_is_committed_with_a_queued_results_job_and_no_result_yet(
+    sessions, tmp_path: Path, runtime
+) -> None:
+    settings = _settings(tmp_path)
+    card = load_card(PNEUMOTHORAX)
+    handover = Handover(256 * 1024 * 1024)
+    with sessions() as session:
+        study_id = _ingest(session, settings, 930_011, pneumothorax=True)
+        analyse_study(session, settings, [card], runtime, study_id, handover)
+    # What another connection sees: the analysis job's one commit.
+    with sessions() as session:
+        study = session.get(Study, study_id)
+        assert (study.analysis_status, study.tier) == ("analysed", "critical")
+        job = _results_job(session, study_id)
+        assert job.state == "queued" and job.payload == {"generation": study.queued_generation}
+        assert session.scalars(select(ResultObject)).all() == []
+        assert session.scalars(select(Job).where(Job.kind == "export")).all() == []
+    assert not (settings.storage_path / "results").exists()
+    # The decoded 512 px image (and its presentation, model outputs) is kept for that job.
+    assert len(handover) == 1 and 512 * 512 * 2 < handover.nbytes < 32 * 1024 * 1024
+    with sessions() as session:
+        written = _write(session, settings, [card], runtime, study_id, handover)
+        assert "recompute" not in written.seconds
+        assert len(handover) == 0 and handover.nbytes == 0
+        assert _exports(session, study_id) == {"pacs": ["kos", "overlay", "sr"], "sr-only": ["sr"]}
+
+
+# Written by the result builders from the clock or at random on every write (a re-run of the
+# same model on the same image differs only in these).
+VOLATILE = {
+    "InstanceCreationDate",
+    "InstanceCreationTime",
+    "ContentDate",
+    "ContentTime",
+    "DateOfSecondaryCapture",
+    "TimeOfSecondaryCapture",
+    "ContributionDateTime",
+    "DimensionOrganizationUID",
+}
+
+
+def _content(path: Path) -> bytes:
+    """A result file without the elements that change on every write."""
+    ds = pydicom.dcmread(path)
+
+    def drop(dataset, element) -> None:
+        if element.keyword in VOLATILE:
+            del dataset[element.tag]
+
+    ds.walk(drop)
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def _written(session, study_id: int, after: int) -> dict:
+    """Everything the results job left: rows, files by SOP Instance UID (bytes but for the
+    creation times), exports (queued after job id ``after``)."""
+    rows = session.scalars(
+        select(ResultObject).where(ResultObject.study_id == study_id).order_by(ResultObject.id)
+    ).all()
+    return {
+        "rows": [
+            (
+                r.sop_instance_uid,
+                r.kind,
+                r.model_name,
+                r.sop_class_uid,
+                r.series_instance_uid,
+                r.path,
+            )
+            for r in rows
+        ],
+        "files": {r.sop_instance_uid: _content(Path(r.path)) for r in rows},
+        "exports": _exports(session, study_id, after),
+    }
+
+
+def test_results_are_identical_handed_over_or_recomputed(sessions, tmp_path: Path, runtime) -> None:
+    # Every CXR demo model: view router, classifiers with heat maps, the TB ensemble (a mean
+    # of deferred maps), detection, and the models left to the results job (segmentation,
+    # image-to-image, landmark).
+    cards = [load_card(path) for path in sorted((REPO / "models").glob("cxr_*.toml"))]
+    settings = _settings(tmp_path)
+    handover = Handover(256 * 1024 * 1024)
+    with sessions() as session:
+        ds, _ = make_cxr(930_021, findings=("pneumothorax", "effusion"), view="PA")
+        study_id = spool_and_index(session, settings.storage_path, ds)[0]
+        _, handed_over = _analyse(session, settings, cards, runtime, study_id, handover)
+        first = _written(session, study_id, after=0)
+        kinds = {row[1] for row in first["rows"]}
+        assert {"sr", "overlay", "seg", "derived", "kos"} <= kinds, kinds
+        assert "recompute" not in handed_over.seconds
+
+        # The same results job again without the analysis in memory (another worker, a
+        # restart, a retry): it loads the image and runs the triage models again.
+        job = _results_job(session, study_id)
+        job.state = "queued"
+        session.commit()
+        last = session.scalar(select(func.max(Job.id)))
+        recomputed = _write(session, settings, cards, runtime, study_id, handover=None)
+        assert recomputed.seconds["recompute"] > 0
+        second = _written(session, study_id, after=last)
+    assert second["rows"] == first["rows"]
+    assert second["exports"] == first["exports"]
+    for uid, data in first["files"].items():
+        assert second["files"][uid] == data, f"result {uid} differs when recomputed"
+
+
+def test_a_newer_analysis_supersedes_a_waiting_results_job(sessions, tmp_path: Path, runtime):
+    settings = _settings(tmp_path)
+    card = load_card(PNEUMOTHORAX)
+    with sessions() as session:
+        study_id = _ingest(session, settings, 930_031, pneumothorax=True)
+        analyse_study(session, settings, [card], runtime, study_id)
+        # Late instances queued the study for analysis again: that analysis writes the results.
+        study = session.get(Study, study_id)
+        study.queued_generation += 1
+        session.commit()
+        times = _write(session, settings, [card], runtime, study_id)
+        assert "superseded" in str(times)
+        assert session.scalars(select(ResultObject)).all() == []

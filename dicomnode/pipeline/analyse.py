@@ -1,7 +1,10 @@
-"""Analyse one assembled study: select models, infer, write results, re-prioritise.
+"""Analyse one assembled study: select models, infer, re-prioritise, then write results.
 
 The I/O shell around the pure steps (select, preprocess, postprocess, policy) and the
-result builders. Results replace those of an earlier run of the same model version.
+result builders, in two jobs: ``analyse`` (:func:`analyse_study`) commits the findings and
+the worklist priority and queues ``results`` (:func:`write_results`), which runs the other
+models and writes the result objects after any analysis waiting in the queue. Results
+replace those of an earlier run of the same model version.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import io
 import logging
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,7 +22,7 @@ from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from dicomnode.config import Destination, Settings, WorklistSettings
-from dicomnode.db.models import FindingRow, Instance, ResultObject, Series, Study
+from dicomnode.db.models import FindingRow, Instance, Job, ResultObject, Series, Study
 from dicomnode.db.session import utcnow
 from dicomnode.findings import ModelRun
 from dicomnode.ingest.spool import instance_path, write_durable
@@ -26,6 +30,7 @@ from dicomnode.jobs import enqueue
 from dicomnode.models.registry import ModelCard
 from dicomnode.notify import becomes_critical, enqueue_notifications
 from dicomnode.pipeline.decode import DecodeError, first_frame
+from dicomnode.pipeline.handover import Handover, array_bytes
 from dicomnode.pipeline.outputs import result_objects
 from dicomnode.pipeline.runtime import Runtime
 from dicomnode.pipeline.select import (
@@ -52,12 +57,15 @@ class StageTimes:
     """Seconds spent per stage, for the job's log line and benchmarks."""
 
     seconds: dict[str, float] = field(default_factory=dict)
+    # What the job did besides its stages, for its log line (e.g. "14 result objects").
+    note: str = ""
 
     def add(self, stage: str, started: float) -> None:
         self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - started
 
     def __str__(self) -> str:
-        return " ".join(f"{k}={v * 1000:.0f}ms" for k, v in self.seconds.items())
+        stages = " ".join(f"{k}={v * 1000:.0f}ms" for k, v in self.seconds.items())
+        return f"{stages} {self.note}".strip()
 
 
 def _load_images(session: Session, study: Study) -> tuple[list[Dataset], list[str]]:
@@ -205,11 +213,51 @@ def _wanted(destination: Destination, kind: str) -> bool:
     return not destination.outputs or kind in destination.outputs
 
 
+@dataclass
+class Triaged:
+    """What an analysis leaves for its results job: the study's decoded images (with their
+    shared presentations), the runs of the models that set the priority (heat maps not yet
+    resampled) and the models still to run on which images."""
+
+    models: _Models
+    runs: list[tuple[ModelCard, ModelRun]]
+    later: list[tuple[ModelCard, list[Dataset]]]
+
+    def nbytes(self) -> int:
+        """Estimated memory held (decoded and presentation pixels, model outputs)."""
+        seen: set[int] = set()
+        return (
+            array_bytes(self.models.images, seen)
+            + array_bytes([run for _, run in self.runs], seen)
+            + self.models.presentations.nbytes
+        )
+
+
+def _triage_models(models: _Models, runtime: Runtime, times: StageTimes) -> Triaged:
+    """Run the view routers and the models whose findings set the priority; the others are
+    left for the results job."""
+    runs = models.route(runtime, times)
+    later = []
+    for card, selected in models.selected():
+        if card.model.task in FINDING_TASKS:
+            runs.append((card, models.run(card, selected, runtime, times)))
+        else:
+            later.append((card, selected))
+    return Triaged(models, runs, later)
+
+
 def analyse_study(
-    session: Session, settings: Settings, cards: list[ModelCard], runtime: Runtime, study_id: int
+    session: Session,
+    settings: Settings,
+    cards: list[ModelCard],
+    runtime: Runtime,
+    study_id: int,
+    handover: Handover | None = None,
 ) -> StageTimes:
-    """Run every selected model on the study and record findings, priority and results.
-    ``times.seconds["triaged"]``: seconds from the start to the committed priority."""
+    """Run the models that set the study's priority, record findings and priority, and queue
+    (in the same transaction) a ``results`` job for the other models and the result objects
+    (:func:`write_results`). ``handover``: where the analysis is kept for that job (same
+    process). ``times.seconds["triaged"]``: seconds from the start to the committed priority."""
     begun = time.perf_counter()
     times = StageTimes()
     study = session.get(Study, study_id)
@@ -228,16 +276,10 @@ def analyse_study(
 
     # Triage first: the models whose findings set the priority, then the priority is committed
     # (the radiologist's worklist moves now); segmentation, image-to-image and landmark models
-    # and every result object follow.
-    models = _Models(cards, images)
-    runs = models.route(runtime, times)
-    later = []
-    for card, selected in models.selected():
-        if card.model.task in FINDING_TASKS:
-            runs.append((card, models.run(card, selected, runtime, times)))
-        else:
-            later.append((card, selected))
-    for card, run in runs:
+    # and every result object are the results job's, which the worker runs after any waiting
+    # analysis.
+    triaged = _triage_models(_Models(cards, images), runtime, times)
+    for card, run in triaged.runs:
         _record_findings(session, study, card, run)
     study.analysis_status = "analysed"
     # Images left out are named (the study is analysed on the others).
@@ -248,11 +290,70 @@ def analyse_study(
     reprioritise(session, study, utcnow(), settings.worklist)
     if becomes_critical(tier_before, study.tier):
         enqueue_notifications(session, study, settings.notify)
-    session.commit()
+    job = None
+    if triaged.runs or triaged.later:
+        # Queued with the priority: if the worker dies after this commit, the results are
+        # still written (by whichever worker claims the job). Its generation tells it whether
+        # newer instances have been queued for analysis since.
+        job = enqueue(session, "results", study.id, {"generation": study.queued_generation})
+        session.flush()
+        if handover is not None:
+            handover.put(job.id, triaged, triaged.nbytes(), _still_queued(session))
+    try:
+        session.commit()
+    except BaseException:
+        if handover is not None and job is not None:
+            handover.discard(job.id)
+        raise
     times.seconds["triaged"] = time.perf_counter() - begun
+    return times
 
-    for card, selected in later:
-        runs.append((card, models.run(card, selected, runtime, times)))
+
+def _still_queued(session: Session) -> Callable[[Iterable[int]], set[int]]:
+    """Which of some results jobs still wait in the queue (the others' analyses are stale)."""
+
+    def still_queued(job_ids: Iterable[int]) -> set[int]:
+        return set(
+            session.scalars(select(Job.id).where(Job.id.in_(list(job_ids)), Job.state == "queued"))
+        )
+
+    return still_queued
+
+
+def write_results(
+    session: Session,
+    settings: Settings,
+    cards: list[ModelCard],
+    runtime: Runtime,
+    study_id: int,
+    generation: int,
+    triaged: Triaged | None = None,
+) -> StageTimes:
+    """The results job of an analysed study: run the models left after its triage, write
+    every result object and queue its exports. ``triaged``: the analysis handed over in
+    memory; without it the images are loaded and the triage models run again (stage
+    ``recompute``). Nothing is written if the study is gone or a newer analysis is queued
+    (that one queues its own results job)."""
+    times = StageTimes()
+    study = session.get(Study, study_id)
+    if study is None:
+        times.note = "study no longer exists"
+        return times
+    if study.queued_generation > generation:
+        times.note = f"superseded by the analysis of generation {study.queued_generation}"
+        session.commit()
+        return times
+    # Registered with the runtime only while models run, so that analyses running meanwhile
+    # wait for this thread's inferences and not for its result writing.
+    with runtime.caller():
+        if triaged is None:
+            started = time.perf_counter()
+            images, _ = _load_images(session, study)
+            triaged = _triage_models(_Models(cards, images), runtime, StageTimes())
+            times.add("recompute", started)
+        runs = list(triaged.runs)
+        for card, selected in triaged.later:
+            runs.append((card, triaged.models.run(card, selected, runtime, times)))
     # Result files are built and written outside any transaction; their rows and export jobs
     # then go in one short one.
     started = time.perf_counter()
@@ -272,10 +373,11 @@ def analyse_study(
                 enqueue(
                     session,
                     "export",
-                    study.id,
+                    study_id,
                     {"result_id": result.id, "destination": destination.name},
                 )
     session.commit()
+    times.note = f"{len(results)} result objects"
     return times
 
 

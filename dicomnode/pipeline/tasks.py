@@ -62,6 +62,11 @@ class Presentations:
         self._cache: dict[tuple, np.ndarray] = {}
         self._bytes = 0
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the presentation pixels kept."""
+        return self._bytes
+
     def get(self, ds: Dataset, spec: InputSpec) -> np.ndarray:
         window = tuple(spec.window) if spec.window is not None else None
         key = (id(ds), tuple(spec.window_percentiles), window)

@@ -28,7 +28,7 @@ JobState = Literal["queued", "leased", "done", "dead"]
 
 class JobOut(BaseModel):
     id: int
-    kind: str = Field(description="analyse, export or notify")
+    kind: str = Field(description="analyse, results (result objects), export or notify")
     state: JobState
     study_instance_uid: str
     destination: str = Field(description="export jobs: the destination's name")
@@ -116,10 +116,14 @@ class StudyFailures:
 
     analysis_error: str
     export_errors: list[str]
+    # The latest results job: "" (none), queued, leased, done or dead, and its last error.
+    results_state: str = ""
+    results_error: str = ""
 
 
 def failures(session: Session, study_instance_uid: str) -> StudyFailures:
-    """The study's analysis error and its dead-lettered exports ("destination: reason")."""
+    """The study's analysis error, its dead-lettered exports ("destination: reason") and the
+    state of its latest results job (the result objects are written after the priority)."""
     study = session.scalars(
         select(Study).where(Study.study_instance_uid == study_instance_uid)
     ).one_or_none()
@@ -129,7 +133,18 @@ def failures(session: Session, study_instance_uid: str) -> StudyFailures:
         select(Job).where(Job.study_id == study.id, Job.kind == "export", Job.state == "dead")
     ).all()
     errors = [f"{(job.payload or {}).get('destination', '')}: {job.last_error}" for job in dead]
-    return StudyFailures(study.analysis_error or "", errors)
+    results = session.scalars(
+        select(Job)
+        .where(Job.study_id == study.id, Job.kind == "results")
+        .order_by(Job.id.desc())
+        .limit(1)
+    ).first()
+    return StudyFailures(
+        study.analysis_error or "",
+        errors,
+        results_state=results.state if results is not None else "",
+        results_error=results.last_error if results is not None and results.state == "dead" else "",
+    )
 
 
 def export_failures(session: Session, study_instance_uids: list[str]) -> dict[str, str]:

@@ -90,6 +90,14 @@ class StudyOut(WorklistRowOut):
     export_errors: list[str] = Field(
         [], description="dead-lettered exports: destination and reason (admin can retry)"
     )
+    results_state: str = Field(
+        "",
+        description="the result objects' job, written after the priority: queued, leased "
+        "(being written), done, dead (failed; the priority stands) or empty (none)",
+    )
+    results_error: str = Field(
+        "", description="why the result objects could not be written (results_state dead)"
+    )
 
 
 class OverrideIn(BaseModel):

@@ -196,6 +196,8 @@ def study_detail(session: Session, study_instance_uid: str) -> StudyDetailOut:
         history=[audit_out(entry) for entry in history if not entry.action.startswith("view")],
         analysis_error=problems.analysis_error,
         export_errors=problems.export_errors,
+        results_state=problems.results_state,
+        results_error=problems.results_error,
         models=model_findings(session, study_id),
         result_groups=result_groups(session, study_id),
     )

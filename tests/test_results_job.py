@@ -1,0 +1,168 @@
+"""The results job: after the triage commit, on SQLite and PostgreSQL, with a real model.
+
+A worker keeps a thread for triage while others write results and exports; the analysis is
+handed to the results job in memory (bounded) or recomputed; a worker that dies after the
+triage commit leaves its results to another once the lease expires; a results job that
+cannot be written leaves the study analysed, with the reason on the job and the study page.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+from conftest import spool_and_index
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicomnode.config import Destination, Settings
+from dicomnode.db.models import Job, ResultObject, Study
+from dicomnode.jobs import claim, enqueue
+from dicomnode.models.registry import load_card
+from dicomnode.pipeline.handover import Handover, array_bytes
+from dicomnode.synth.cxr import make_cxr
+from dicomnode.web.study_view import study_detail
+from dicomnode.worker import Worker
+
+REPO = Path(__file__).resolve().parent.parent
+PNEUMOTHORAX = REPO / "models" / "cxr_pneumothorax_demo.toml"
+
+
+def test_handover_keeps_what_fits_and_first_drops_entries_no_longer_waiting() -> None:
+    handover = Handover(max_bytes=100)
+    assert handover.put(1, "first", 60)
+    assert not handover.put(2, "second", 60)  # does not fit; nothing says job 1 is gone
+    assert not handover.put(3, "too big", 101)
+    # Job 1 was claimed by another process: its entry makes room for job 4.
+    assert handover.put(4, "fourth", 60, still_queued=lambda ids: set())
+    assert (len(handover), handover.nbytes) == (1, 60)
+    assert handover.take(1) is None and handover.take(4) == "fourth"
+    assert (len(handover), handover.nbytes) == (0, 0)
+
+
+def test_array_bytes_counts_each_buffer_once_through_views_and_partials() -> None:
+    from functools import partial
+
+    outputs = np.zeros((4, 3, 16, 16), np.float32)
+    maps = [partial(np.mean, outputs[0, label]) for label in range(3)]
+    ds, _ = make_cxr(1, size=64)
+    ds.pixel_array  # noqa: B018 - decoded and cached on the dataset, as the models leave it
+    expected = outputs.nbytes + len(ds.PixelData) + ds.pixel_array.nbytes
+    assert array_bytes([maps, {"source": ds}, ds]) == expected
+
+
+def _settings(tmp_path: Path, **worker) -> Settings:
+    return Settings(
+        storage={"path": tmp_path / "storage"},
+        worker={"threads": 1, **worker},
+        destinations=[Destination(name="pacs", ae_title="PACS", host="127.0.0.1", port=104)],
+    )
+
+
+def _study(sessions: sessionmaker[Session], settings: Settings, seed: int) -> int:
+    with sessions() as session:
+        ds, _ = make_cxr(seed, pneumothorax=True)
+        study_id, _ = spool_and_index(session, settings.storage_path, ds)
+        enqueue(session, "analyse", study_id, {"generation": 1})
+        session.commit()
+    return study_id
+
+
+def _jobs(session: Session, study_id: int, kind: str) -> list[Job]:
+    return list(
+        session.scalars(
+            select(Job).where(Job.study_id == study_id, Job.kind == kind).order_by(Job.id)
+        )
+    )
+
+
+def test_worker_keeps_a_thread_free_for_triage(sessions, tmp_path: Path) -> None:
+    worker = Worker(_settings(tmp_path, threads=2), sessions, cards=[])
+    assert worker.background_limit() == 1
+    with sessions() as session:
+        study_id = _study(sessions, worker.settings, 940_001)
+        analyse = _jobs(session, study_id, "analyse")[0]
+        analyse.state = "done"
+        export = enqueue(session, "export", study_id, {"result_id": 0, "destination": "pacs"})
+        session.flush()
+        results = enqueue(session, "results", study_id, {"generation": 1})
+        session.commit()
+        # Results before exports, though the export is older; the slot is held while it runs.
+        assert worker._claim(session).id == results.id
+        assert worker._claim(session) is None
+        notify = enqueue(session, "notify", study_id, {})
+        session.commit()
+        assert worker._claim(session).id == notify.id  # triage work still finds a thread
+        worker._release_background()  # the results job ended
+        assert worker._claim(session).id == export.id
+    assert Worker(_settings(tmp_path, threads=1), sessions, cards=[]).background_limit() == 1
+    assert Worker(_settings(tmp_path, threads=4), sessions, []).background_limit() == 3
+    configured = _settings(tmp_path, threads=4, background_threads=2)
+    assert Worker(configured, sessions, []).background_limit() == 2
+
+
+def test_results_of_a_worker_that_died_after_the_triage_commit_are_written_by_another(
+    sessions, tmp_path: Path
+) -> None:
+    settings = _settings(tmp_path, lease_seconds=1.0)
+    card = load_card(PNEUMOTHORAX)
+    study_id = _study(sessions, settings, 940_011)
+    first = Worker(settings, sessions, [card])
+    first.owner = "host-a:1"
+    assert first.run_once()  # the analysis: priority committed, results job queued
+    with sessions() as session:
+        study = session.get(Study, study_id)
+        assert (study.analysis_status, study.tier) == ("analysed", "critical")
+        (results,) = _jobs(session, study_id, "results")
+        assert results.state == "queued" and len(first.handover) == 1
+        # The first worker takes the results job and dies with its lease (and its memory).
+        assert claim(session, first.owner, ["results"], 1.0).id == results.id
+    del first
+
+    second = Worker(settings, sessions, [card])
+    second.owner = "host-b:2"
+    assert not second.run_once()  # leased to the dead worker until the lease expires
+    time.sleep(1.1)
+    assert second.run_once()
+    with sessions() as session:
+        (results,) = _jobs(session, study_id, "results")
+        assert (results.state, results.attempts, results.lease_owner) == ("done", 2, "host-b:2")
+        assert results.payload["seconds"]["recompute"] > 0  # nothing handed over
+        kinds = sorted(
+            session.scalars(select(ResultObject.kind).where(ResultObject.study_id == study_id))
+        )
+        assert kinds == ["kos", "overlay", "sr"]
+        assert len(_jobs(session, study_id, "export")) == 3
+        assert session.get(Study, study_id).tier == "critical"
+
+
+def test_a_dead_results_job_leaves_the_study_analysed_with_its_reason_shown(
+    sessions, tmp_path: Path, caplog
+) -> None:
+    settings = _settings(tmp_path, max_attempts=1)
+    study_id = _study(sessions, settings, 940_021)
+    # Result files cannot be written: where their folder should be is a file.
+    settings.storage_path.mkdir(parents=True, exist_ok=True)
+    (settings.storage_path / "results").write_text("not a folder")
+    worker = Worker(settings, sessions, [load_card(PNEUMOTHORAX)])
+    with caplog.at_level(logging.WARNING, logger="dicomnode.worker"):
+        assert worker.run_once() and worker.run_once()
+    with sessions() as session:
+        study = session.get(Study, study_id)
+        assert (study.analysis_status, study.tier, study.analysis_error) == (
+            "analysed",
+            "critical",
+            "",
+        )
+        (results,) = _jobs(session, study_id, "results")
+        assert results.state == "dead" and "Error" in results.last_error
+        detail = study_detail(session, study.study_instance_uid)
+        assert (detail.analysis_status, detail.results_state) == ("analysed", "dead")
+        assert detail.results_error == results.last_error
+        assert detail.result_groups == []
+    logged = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert any(
+        f"job {results.id} results study_id={study_id} dead" in r.getMessage() for r in logged
+    )
