@@ -11,8 +11,10 @@ per study, and measures for each study
 by polling the database every few milliseconds, and cross-checks it with the times the node
 records (analysis job created/finished, per-stage seconds in the job payload). Prints p50, p95
 and max, and the breakdown per stage: assembly wait (the quiet period after the association
-and the assembly check), queue, decode, preprocess, inference, postprocess, result writing,
-database commits, and the export of the results (after triage, not part of it).
+and the assembly check), queue, decode, preprocess, inference, postprocess, database commits;
+then what follows the triage, not part of it: the study's results job (its wait in the queue,
+the models that do not set the priority, the result objects, and how often it had to run the
+triage models again because the analysis was not handed over in memory) and the exports.
 
 By default a study is sent when the previous one is triaged and exported (the latency of one
 study on an idle node, as when studies arrive minutes apart); ``--interval S`` sends one every
@@ -71,13 +73,16 @@ DEFAULT_SETTINGS = {
     "assembly": {"quiet_seconds": "0.2"},
     "worker": {"count": "1", "poll_seconds": "0.1"},
 }
-STAGES = ("decode", "preprocess", "inference", "postprocess", "results")
+STAGES = ("decode", "preprocess", "inference", "postprocess")
 # Payload seconds that are not stages of the job body.
 NOT_STAGES = {"queued", "total", "triaged"}
 NOT_SHOWN = {
     "analyses", "assembly wait", "job other", "job total", "node finished", "node triaged",
-    "exports", "export", "exported after", "claim+complete",
+    "exports", "export", "exported after", "claim+complete", "results written after",
+    "results recomputed",
 }  # fmt: skip
+# The results job's stages (after the triage), shown with this prefix.
+RESULTS = "results job: "
 
 
 # ---------------------------------------------------------------------------------- studies
@@ -333,6 +338,7 @@ def node_records(db: Path, studies: list[Study]) -> None:
                 ).one()
                 jobs = session.scalars(select(Job).where(Job.study_id == row.id)).all()
                 analyses = [j for j in jobs if j.kind == "analyse" and j.state == "done"]
+                results = [j for j in jobs if j.kind == "results" and j.state == "done"]
                 exports = [j for j in jobs if j.kind == "export" and j.state == "done"]
                 if not analyses:
                     continue
@@ -360,6 +366,16 @@ def node_records(db: Path, studies: list[Study]) -> None:
                 if "triaged" in seconds:  # the analysis commits the priority before results
                     record["node triaged"] = created + record["queued"] + seconds["triaged"]
                     record["node triaged"] -= study.sent_at
+                if results:
+                    # The result objects: a job of their own after the triage commit.
+                    written = results[-1]
+                    after = written.payload.get("seconds", {})
+                    for key, value in after.items():
+                        record[RESULTS + key] = value
+                    record["results recomputed"] = "recompute" in after
+                    record["results written after"] = (
+                        as_utc(written.finished_at).timestamp() - study.sent_at
+                    )
                 if exports:
                     last = max(as_utc(j.finished_at).timestamp() for j in exports)
                     record["exported after"] = last - study.sent_at
@@ -401,10 +417,27 @@ def report(studies: list[Study], node: Node, settings: dict, args: argparse.Name
     line("storescu (whole association)", [s.send_seconds for s in measured])
     print("\nbreakdown per stage (node's records; 'assembly wait' = quiet period + check):")
     seen = [k for s in measured for k in s.node if k not in STAGES]
-    extra = [k for k in dict.fromkeys(seen) if k not in NOT_STAGES and k not in NOT_SHOWN]
+    extra = [
+        k
+        for k in dict.fromkeys(seen)
+        if k not in NOT_STAGES and k not in NOT_SHOWN and not k.startswith(RESULTS)
+    ]
     keys = ["assembly wait", "queued", *STAGES, *extra, "job other", "claim+complete"]
     for key in keys:
         line(f"  {key}", [s.node.get(key, 0.0) for s in measured if s.node])
+    after = [k for k in dict.fromkeys(seen) if k.startswith(RESULTS)]
+    for key in sorted(after, key=lambda k: (k != RESULTS + "queued", k == RESULTS + "total")):
+        line(f"  (after triage) {key}", [s.node[key] for s in measured if key in s.node])
+    line(
+        "  (after triage) results written, from send",
+        [s.node["results written after"] for s in measured if "results written after" in s.node],
+    )
+    recomputed = sum(bool(s.node.get("results recomputed")) for s in measured if s.node)
+    print(
+        f"  (after triage) results jobs that ran the triage models again (analysis not "
+        f"handed over in memory): {recomputed} of "
+        f"{sum('results written after' in s.node for s in measured)}"
+    )
     line(
         "  (after triage) export, job seconds (all results)",
         [s.node["export"] for s in measured if s.node],
