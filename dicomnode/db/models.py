@@ -131,12 +131,13 @@ class Instance(Base):
 
 
 class Job(Base):
-    """A durable unit of work with a lease: analyse a study, or export one result."""
+    """A durable unit of work with a lease: analyse a study (up to its priority), write its
+    results, export one result, or send a critical-result notification."""
 
     __tablename__ = "jobs"
 
     id: Mapped[int] = mapped_column(primary_key=True)
-    kind: Mapped[str] = mapped_column(String(16))  # analyse | export
+    kind: Mapped[str] = mapped_column(String(16))  # notify | analyse | results | export
     study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), index=True)
     payload: Mapped[dict] = mapped_column(JSON, default=dict)
     # queued | leased | done | dead
