@@ -339,9 +339,12 @@ def write_results(
     if study is None:
         times.note = "study no longer exists"
         return times
-    if study.queued_generation > generation:
+    superseded = study.queued_generation > generation
+    # End the read transaction before the models and the files: on SQLite every transaction
+    # holds the write lock, which ingest and the analyses need meanwhile.
+    session.commit()
+    if superseded:
         times.note = f"superseded by the analysis of generation {study.queued_generation}"
-        session.commit()
         return times
     # Registered with the runtime only while models run, so that analyses running meanwhile
     # wait for this thread's inferences and not for its result writing.
