@@ -12,8 +12,9 @@
 #   unzip the wheel; tar cf - onnxruntime onnxruntime_gpu-*.dist-info | xz -9 > ort.tar.xz
 #   split -n 5 -d ort.tar.xz part-
 # This script (last call) unpacks everything, proves the CUDA provider runs, and runs
-# benchmarks/inference.py on CUDA: where a batch's time goes, then the runtime with 1 or 2 batches
-# in flight and IO binding on or off.
+# benchmarks/inference.py on CUDA: where a batch's time goes (pageable or pinned host memory),
+# then the runtime as configured by default and A/Bs of pinned buffers, IO binding, batches in
+# flight. Everything printed is also written to $OUT.
 set -euo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT" /tmp/site
@@ -24,7 +25,7 @@ if [ ! -d /tmp/site/onnxruntime ]; then  # a rerun on the same (warm) machine sk
 fi
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 nvidia-smi -L
-python3 - <<'PY'
+python3 - <<'PY' 2>&1 | grep -v "^INFO" | tee "$OUT/check.txt"
 import logging
 import time
 
@@ -33,6 +34,7 @@ import onnxruntime as ort
 
 from dicomnode.config import InferenceSettings
 from dicomnode.models.registry import load_card
+from dicomnode.pipeline.pinned import pin
 from dicomnode.pipeline.runtime import Runtime
 
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -51,13 +53,16 @@ for name in ("cxr_pneumothorax_demo", "cxr_findings_demo", "cxr_lung_seg_demo"):
         diff = float(np.max(np.abs(on_gpu[spec.name] - on_cpu[spec.name])))
         print(f"  {spec.name}: max |CUDA - CPU| = {diff:.2e}")
 
-# Where a batch's time goes: cxr-view, 4 requests of 32 images joined into a batch of 128.
+# Where a batch's time goes: cxr-view, 4 requests of 32 images joined into a batch of 128,
+# from pageable and from pinned (page-locked) host memory.
 card = load_card("models/cxr_view_demo.toml")
 session = gpu.session(card)
 names = [spec.name for spec in card.outputs]
 parts = [rng.standard_normal((32, *card.input.shape), dtype=np.float32) for _ in range(4)]
-buffer = np.empty((128, *card.input.shape), np.float32)
-value = ort.OrtValue.ortvalue_from_shape_and_type(list(buffer.shape), np.float32, "cuda", 0)
+pageable = np.empty((128, *card.input.shape), np.float32)
+pinned = np.empty((128, *card.input.shape), np.float32)
+print("pinned:", pin(pinned))
+fresh = rng.standard_normal((128, *card.input.shape), dtype=np.float32)
 
 
 def best(fn, rounds=20):
@@ -70,9 +75,9 @@ def best(fn, rounds=20):
     return 1000 * min(times), 1000 * float(np.median(times))
 
 
-def bound_run():
+def bound_run(buffer):
     binding = session.io_binding()
-    binding.bind_ortvalue_input(card.input.name, value)
+    binding.bind_input(card.input.name, "cpu", 0, np.float32, list(buffer.shape), buffer.ctypes.data)
     for name in names:
         binding.bind_output(name, "cuda")
     session.run_with_iobinding(binding)
@@ -80,51 +85,29 @@ def bound_run():
 
 
 steps = {
-    "join 4 x 32 into the reused buffer": lambda: np.concatenate(parts, out=buffer),
-    "update_inplace (host -> device)": lambda: value.update_inplace(buffer),
-    "bound run + outputs to host": bound_run,
-    "bare session.run(numpy 128)": lambda: session.run(names, {card.input.name: buffer}),
-    "OrtValue cuda from numpy (fresh)": lambda: ort.OrtValue.ortvalue_from_numpy(buffer, "cuda", 0),
+    "join 4 x 32 into pageable": lambda: np.concatenate(parts, out=pageable),
+    "join 4 x 32 into pinned": lambda: np.concatenate(parts, out=pinned),
+    "session.run from pageable": lambda: session.run(names, {card.input.name: pageable}),
+    "session.run from pinned": lambda: session.run(names, {card.input.name: pinned}),
+    "session.run from a fresh array (bare)": lambda: session.run(names, {card.input.name: fresh}),
+    "IO-bound run from pageable": lambda: bound_run(pageable),
+    "IO-bound run from pinned": lambda: bound_run(pinned),
 }
 for label, fn in steps.items():
     low, median = best(fn)
     print(f"cxr-view batch 128: {label}: best {low:.2f} ms, median {median:.2f} ms")
-# Does update_inplace let other Python threads run (GIL released during the copy)?
-import threading
-
-counts = []
-stop = threading.Event()
-
-
-def spin():
-    n = 0
-    while not stop.is_set():
-        n += 1
-    counts.append(n)
-
-
-for label, fn in (("update_inplace", steps["update_inplace (host -> device)"]), ("join", steps["join 4 x 32 into the reused buffer"]), ("sleep", lambda: time.sleep(0.004))):
-    stop.clear()
-    thread = threading.Thread(target=spin)
-    thread.start()
-    started = time.perf_counter()
-    for _ in range(50):
-        fn()
-    stop.set()
-    thread.join()
-    spent = time.perf_counter() - started
-    print(f"GIL check, {label}: spinning thread ran {counts[-1] / spent / 1e6:.2f} M loops/s meanwhile")
 PY
-# A CT series goes to the runtime in chunks of up to 32 slices: batches in flight 1 and 2,
-# IO binding on and off.
-for in_flight in 2 1; do
-  for binding in on off; do
-    timeout 100 python3 benchmarks/inference.py --providers CUDAExecutionProvider,CPUExecutionProvider \
-      --batch-sizes 64,128 --images 1024 --rounds 2 --images-per-call 32 --io-binding $binding \
-      --in-flight $in_flight 2>&1 | grep -v "^INFO" | tee "$OUT/cuda-chunks-inflight-$in_flight-binding-$binding.txt" || true
-  done
-done
-# One radiograph per call (a CXR analysis), 2 batches in flight.
-timeout 120 python3 benchmarks/inference.py --providers CUDAExecutionProvider,CPUExecutionProvider \
-  --batch-sizes 32,64,128 --images 1024 --rounds 2 --in-flight 2 2>&1 | grep -v "^INFO" \
-  | tee "$OUT/cuda-single.txt" || true
+bench() {  # label, then benchmarks/inference.py's arguments
+  local label=$1
+  shift
+  timeout 150 python3 benchmarks/inference.py --providers CUDAExecutionProvider,CPUExecutionProvider \
+    --images 4096 --rounds 2 "$@" 2>&1 | grep -v "^INFO" | tee "$OUT/$label.txt" || true
+}
+# A CT series goes to the runtime in chunks of up to 32 slices.
+bench chunks-default --batch-sizes 64,128 --images-per-call 32
+few=cxr-view-demo,cxr-findings-demo,cxr-lung-seg-demo,cxr-tube-tip-demo
+bench chunks-pageable --batch-sizes 64,128 --images-per-call 32 --pinned off --only $few
+bench chunks-binding-on --batch-sizes 64,128 --images-per-call 32 --io-binding on --only $few
+bench chunks-one-in-flight --batch-sizes 64,128 --images-per-call 32 --in-flight 1 --only $few
+# One radiograph per call (a CXR analysis).
+bench single --batch-sizes 32,64,128

@@ -8,9 +8,10 @@ the same images go through
   (b) the node's :class:`dicomnode.pipeline.runtime.Runtime` (batch size = that best size),
       called by ``--callers`` threads with ``--images-per-call`` images each (default 1, a
       radiograph per analysis; the pipeline sends a CT series in chunks of up to 32), as
-      concurrent analyses call it. Default callers: enough for two batches, so that a batch
-      can queue up while the previous one runs (with exactly one batch of callers every
-      batch waits for all of its callers to come back first).
+      concurrent analyses call it. Default callers: enough for the batches in flight
+      (``[inference] in_flight``) and one more, so that a batch can queue up while the others
+      run (with exactly one batch of callers every batch waits for all of its callers to
+      come back first).
 
 Prints images per second of both, the ratio b/a (goal >= 0.9), how the runtime coalesced
 the calls, the execution provider that actually ran and the thread settings.
@@ -18,7 +19,7 @@ the calls, the execution provider that actually ran and the thread settings.
     python benchmarks/inference.py [--images 256] [--callers N] [--images-per-call 1]
         [--rounds 3] [--batch-sizes 1,2,4,8,16,32]
         [--providers CUDAExecutionProvider,CPUExecutionProvider] [--intra-op-threads 0]
-        [--io-binding auto|on|off] [--in-flight 0] [--only cxr-view-demo,...]
+        [--io-binding auto|on|off] [--in-flight 0] [--pinned auto|off] [--only cxr-view-demo,...]
 
 On a GPU machine install the ``gpu`` extra (onnxruntime-gpu) and pass
 ``--providers CUDAExecutionProvider,CPUExecutionProvider`` (or TensorrtExecutionProvider
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         "--callers",
         type=int,
         default=0,
-        help="threads calling the runtime (0: enough for two batches)",
+        help="threads calling the runtime (0: enough for the batches in flight and one more)",
     )
     parser.add_argument(
         "--images-per-call",
@@ -127,6 +128,12 @@ def main(argv: list[str] | None = None) -> int:
         default=0,
         help="the node's [inference] in_flight: batches of a model run at once (0: 2 on GPU "
         "providers, 1 on CPU)",
+    )
+    parser.add_argument(
+        "--pinned",
+        choices=["auto", "off"],
+        default="auto",
+        help="the node's [inference] pinned_buffers (auto: GPU batches in page-locked memory)",
     )
     parser.add_argument(
         "--only", default="", help="comma-separated model names (default: every card)"
@@ -155,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
             max_wait_ms=args.max_wait_ms,
             io_binding=args.io_binding,
             in_flight=args.in_flight,
+            pinned_buffers=args.pinned,
         )
         session = load_session(card, providers, settings)
         images = inputs(card, args.images)
@@ -173,7 +181,9 @@ def main(argv: list[str] | None = None) -> int:
         settings = settings.model_copy(update={"batch_size": best_size})
         runtime = Runtime(providers, settings)
         per_call = args.images_per_call
-        callers = args.callers or max(1, -(-2 * best_size // per_call))
+        # Enough callers for the batches in flight and one more queueing up behind them.
+        batches = stats_in_flight(runtime, card) + 1
+        callers = args.callers or max(1, -(-batches * best_size // per_call))
         node = max(
             runtime_throughput(runtime, card, images, callers, per_call) for _ in range(args.rounds)
         )
@@ -181,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
         ratio = node / bare[best_size]
         print(
             f"  (b) node Runtime, {callers} callers x {per_call} image(s), batch_size {best_size}, "
-            f"max_wait {args.max_wait_ms:g} ms, {stats_in_flight(runtime, card)} in flight: "
+            f"max_wait {args.max_wait_ms:g} ms, {stats_in_flight(runtime, card)} in flight, "
+            f"io_binding {args.io_binding}, pinned {args.pinned}: "
             f"{node:8.1f} images/s "
             f"(mean batch {stats.images / stats.runs:.1f}, largest {stats.largest})"
         )

@@ -127,12 +127,14 @@ class InferenceSettings(_Section):
     batch_size: int = Field(default=8, ge=1)
     max_wait_ms: float = Field(default=5.0, ge=0)
     io_binding: Literal["auto", "on", "off"] = "auto"
+    # Batches of one model run at once; 0 = 2 on GPU providers, 1 on CPU.
+    in_flight: int = Field(default=0, ge=0)
+    # GPU batches joined in page-locked host memory; "off" = pageable.
+    pinned_buffers: Literal["auto", "off"] = "auto"
 
 
 class ModelsSettings(_Section):
     folders: list[Path] = [Path("models"), Path("conf/models")]
-    # Batches of one model run at once; 0 = 2 on GPU providers, 1 on CPU.
-    in_flight: int = Field(default=0, ge=0)
 
 
 class Destination(_Section):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ from onnx import TensorProto, helper
 
 from dicomnode.config import InferenceSettings
 from dicomnode.models.registry import ModelCard, load_card
-from dicomnode.pipeline.runtime import Runtime, batch_buckets
+from dicomnode.pipeline.runtime import MicroBatcher, Runtime, batch_buckets
 
 CARD = """\
 [model]
@@ -450,3 +451,35 @@ def test_batches_in_flight_through_io_binding_keep_their_own_buffers(tmp_path: P
             np.testing.assert_allclose(
                 outputs["probability"], alone(card, batch)["probability"], rtol=1e-5
             )
+
+
+def test_gpu_join_buffers_are_pinned_once_and_unpinned_when_the_dispatcher_ends(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import dicomnode.pipeline.runtime as runtime_module
+
+    pinned: list[int] = []
+    unpinned: list[int] = []
+    monkeypatch.setattr(runtime_module, "pin", lambda a: pinned.append(a.ctypes.data) or True)
+    monkeypatch.setattr(runtime_module, "unpin", lambda a: unpinned.append(a.ctypes.data))
+    doubled = MicroBatcher(lambda batch: [batch * 2], 4, 0.001, buckets=(4,), pinned=True)
+    doubled.IDLE_SECONDS = 0.2
+    for _ in range(3):  # every batch is padded to 4: joined, always in the same buffer
+        batches = [images(seed, 1) for seed in range(3)]
+        with ThreadPoolExecutor(3) as pool:
+            results = list(pool.map(doubled.submit, batches))
+        for batch, outputs in zip(batches, results, strict=True):
+            np.testing.assert_array_equal(outputs[0], batch * 2)
+    assert len(pinned) == 1
+    deadline = time.monotonic() + 10
+    while doubled.dispatchers and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert unpinned == pinned
+
+
+def test_without_a_cuda_runtime_nothing_is_pinned(monkeypatch: pytest.MonkeyPatch) -> None:
+    from dicomnode.pipeline import pinned
+
+    monkeypatch.setattr(pinned, "cuda_runtime", lambda: None)
+    assert pinned.pin(np.zeros((4, 4), np.float32)) is False
+    pinned.unpin(np.zeros((4, 4), np.float32))  # nothing to undo, no error
