@@ -2,7 +2,8 @@
 
 Workers on any host that shares the database claim jobs, the most urgent kind first
 (:data:`KIND_PRIORITY`: critical-result notifications and analyses, which set the worklist
-priority, before the result objects and their exports), then the oldest. PostgreSQL uses
+priority, then the transfers of result objects already written, then the writing of result
+objects), then the oldest. PostgreSQL uses
 ``SELECT ... FOR UPDATE SKIP LOCKED``; SQLite serialises writers, so a plain select inside
 the (immediate) write transaction is enough. A job whose lease expired, because its
 worker died, is claimed again. Idle workers wait on a :class:`JobSignal` (PostgreSQL
@@ -28,8 +29,10 @@ from dicomnode.db.session import utcnow
 BACKOFF_BASE_SECONDS = 2.0
 BACKOFF_MAX_SECONDS = 600.0
 # Claim order by kind (lower first): a study's triage never waits behind earlier studies'
-# result objects (``results``) or their transfers (``export``). Unknown kinds come last.
-KIND_PRIORITY = {"notify": 0, "analyse": 1, "results": 2, "export": 3}
+# result objects (``results``) or their transfers (``export``). Exports, short, go before
+# results, long: a study's objects reach the PACS as soon as they are written, not after
+# every queued study's objects are. Unknown kinds come last.
+KIND_PRIORITY = {"notify": 0, "analyse": 1, "export": 2, "results": 3}
 # PostgreSQL NOTIFY channel on which enqueue wakes idle workers.
 CHANNEL = "dicomnode_jobs"
 

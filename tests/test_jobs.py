@@ -219,7 +219,7 @@ def test_claim_takes_the_most_urgent_kind_first_then_the_oldest(
     sessions: sessionmaker[Session],
 ) -> None:
     # Enqueued oldest first in the reverse of their urgency (and an unknown kind oldest of all).
-    order = ["other", "export", "export", "results", "results", "analyse", "notify", "analyse"]
+    order = ["other", "results", "results", "export", "export", "analyse", "notify", "analyse"]
     with sessions() as session:
         study_id = make_study(session)
         jobs = [enqueue(session, kind, study_id, now=seconds(n)) for n, kind in enumerate(order)]
@@ -235,13 +235,13 @@ def test_concurrent_claims_of_mixed_kinds_each_take_the_most_urgent_left(
     sessions: sessionmaker[Session],
 ) -> None:
     # PostgreSQL: FOR UPDATE SKIP LOCKED with the ORDER BY on the kind's priority.
-    kinds = ["export", "results", "analyse", "notify"] * 8
+    kinds = ["results", "export", "analyse", "notify"] * 8
     with sessions() as session:
         study_id = make_study(session)
         for n, kind in enumerate(kinds):
             enqueue(session, kind, study_id, now=seconds(n))
         session.commit()
-    priority = {"notify": 0, "analyse": 1, "results": 2, "export": 3}
+    priority = {"notify": 0, "analyse": 1, "export": 2, "results": 3}
     claimed: dict[str, list[tuple[int, int]]] = {}
     errors: list[BaseException] = []
     start = threading.Barrier(3)

@@ -85,18 +85,19 @@ def test_worker_keeps_a_thread_free_for_triage(sessions, tmp_path: Path) -> None
         study_id = _study(sessions, worker.settings, 940_001)
         analyse = _jobs(session, study_id, "analyse")[0]
         analyse.state = "done"
-        export = enqueue(session, "export", study_id, {"result_id": 0, "destination": "pacs"})
-        session.flush()
         results = enqueue(session, "results", study_id, {"generation": 1})
+        session.flush()
+        export = enqueue(session, "export", study_id, {"result_id": 0, "destination": "pacs"})
         session.commit()
-        # Results before exports, though the export is older; the slot is held while it runs.
-        assert worker._claim(session).id == results.id
+        # Exports before results, though the results job is older; the slot is held while
+        # the export runs.
+        assert worker._claim(session).id == export.id
         assert worker._claim(session) is None
         notify = enqueue(session, "notify", study_id, {})
         session.commit()
         assert worker._claim(session).id == notify.id  # triage work still finds a thread
-        worker._release_background()  # the results job ended
-        assert worker._claim(session).id == export.id
+        worker._release_background()  # the export ended
+        assert worker._claim(session).id == results.id
     assert Worker(_settings(tmp_path, threads=1), sessions, cards=[]).background_limit() == 1
     assert Worker(_settings(tmp_path, threads=4), sessions, []).background_limit() == 3
     configured = _settings(tmp_path, threads=4, background_threads=2)
