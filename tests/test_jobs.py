@@ -157,6 +157,34 @@ def test_complete_marks_done(sessions: sessionmaker[Session]) -> None:
         assert claim(session, "w", ["analyse"], 5, now=seconds(3600)) is None
 
 
+def claim_in_threads(
+    sessions: sessionmaker[Session], kinds: list[str], workers: int = 3
+) -> dict[str, list[tuple[str, int]]]:
+    """``workers`` threads, each with its own session, claim jobs of ``kinds`` at the same
+    time until none is left; the (kind, id) of what each owner claimed, in order."""
+    claimed: dict[str, list[tuple[str, int]]] = {}
+    errors: list[BaseException] = []
+    start = threading.Barrier(workers)
+
+    def worker(owner: str) -> None:
+        mine = claimed.setdefault(owner, [])
+        try:
+            start.wait()
+            with sessions() as session:
+                while (job := claim(session, owner, kinds, 300)) is not None:
+                    mine.append((job.kind, job.id))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(f"w{n}",)) for n in range(workers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not errors, errors
+    return claimed
+
+
 def test_concurrent_claims_take_each_job_exactly_once(sessions: sessionmaker[Session]) -> None:
     with sessions() as session:
         study_id = make_study(session)
@@ -166,26 +194,10 @@ def test_concurrent_claims_take_each_job_exactly_once(sessions: sessionmaker[Ses
         ids = sorted(job.id for job in session.scalars(select(Job)))
     assert len(ids) == 30
 
-    claimed: dict[str, list[int]] = {}
-    errors: list[BaseException] = []
-    start = threading.Barrier(3)
-
-    def worker(owner: str) -> None:
-        mine = claimed.setdefault(owner, [])
-        try:
-            start.wait()
-            with sessions() as session:
-                while (job := claim(session, owner, ["analyse"], 300)) is not None:
-                    mine.append(job.id)
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=worker, args=(f"w{n}",)) for n in range(3)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
-    assert not errors, errors
+    claimed = {
+        owner: [job_id for _, job_id in jobs]
+        for owner, jobs in claim_in_threads(sessions, ["analyse"]).items()
+    }
     everything = [job_id for jobs in claimed.values() for job_id in jobs]
     assert sorted(everything) == ids, claimed
     with sessions() as session:
@@ -242,26 +254,10 @@ def test_concurrent_claims_of_mixed_kinds_each_take_the_most_urgent_left(
             enqueue(session, kind, study_id, now=seconds(n))
         session.commit()
     priority = {"notify": 0, "analyse": 1, "export": 2, "results": 3}
-    claimed: dict[str, list[tuple[int, int]]] = {}
-    errors: list[BaseException] = []
-    start = threading.Barrier(3)
-
-    def worker(owner: str) -> None:
-        mine = claimed.setdefault(owner, [])
-        try:
-            start.wait()
-            with sessions() as session:
-                while (job := claim(session, owner, list(priority), 300)) is not None:
-                    mine.append((priority[job.kind], job.id))
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=worker, args=(f"w{n}",)) for n in range(3)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
-    assert not errors, errors
+    claimed = {
+        owner: [(priority[kind], job_id) for kind, job_id in jobs]
+        for owner, jobs in claim_in_threads(sessions, list(priority)).items()
+    }
     everything = sorted(job_id for jobs in claimed.values() for _, job_id in jobs)
     assert len(everything) == len(kinds) == len(set(everything))
     # Nothing more urgent was left when each job was claimed: every owner's claims are in
