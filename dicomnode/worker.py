@@ -223,17 +223,15 @@ class Worker:
         if job.kind == "results":
             # Taken before anything can fail: a retry recomputes from the stored images.
             triaged = self.handover.take(job.id)
-            runtime = self.runtime
-            with runtime.caller():  # its models' batches need not wait for it either
-                times = write_results(
-                    session,
-                    self.settings,
-                    self.cards,
-                    runtime,
-                    job.study_id,
-                    int(job.payload.get("generation", 0)),
-                    triaged,
-                )
+            times = write_results(
+                session,
+                self.settings,
+                self.cards,
+                self.runtime,
+                job.study_id,
+                int(job.payload.get("generation", 0)),
+                triaged,
+            )
             for stage, spent in times.seconds.items():
                 metrics.JOB_SECONDS.labels("results", stage).observe(spent)
             seconds.update(times.seconds)
