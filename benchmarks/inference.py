@@ -89,11 +89,6 @@ def runtime_throughput(
     return len(images) / (time.perf_counter() - started)
 
 
-def stats_in_flight(runtime: Runtime, card: ModelCard) -> int:
-    """Batches of the model the runtime runs at once."""
-    return runtime._model(card).batcher.in_flight
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", type=Path, default=REPO / "models")
@@ -182,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         runtime = Runtime(providers, settings)
         per_call = args.images_per_call
         # Enough callers for the batches in flight and one more queueing up behind them.
-        batches = stats_in_flight(runtime, card) + 1
+        batches = runtime.in_flight(card) + 1
         callers = args.callers or max(1, -(-batches * best_size // per_call))
         node = max(
             runtime_throughput(runtime, card, images, callers, per_call) for _ in range(args.rounds)
@@ -191,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         ratio = node / bare[best_size]
         print(
             f"  (b) node Runtime, {callers} callers x {per_call} image(s), batch_size {best_size}, "
-            f"max_wait {args.max_wait_ms:g} ms, {stats_in_flight(runtime, card)} in flight, "
+            f"max_wait {args.max_wait_ms:g} ms, {runtime.in_flight(card)} in flight, "
             f"io_binding {args.io_binding}, pinned {args.pinned}: "
             f"{node:8.1f} images/s "
             f"(mean batch {stats.images / stats.runs:.1f}, largest {stats.largest})"

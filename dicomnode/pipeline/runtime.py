@@ -437,11 +437,11 @@ class Runtime:
 
     def _prepare(self, card: ModelCard, session: ort.InferenceSession) -> _Model:
         provider = session.get_providers()[0]
-        wanted = self.settings.io_binding
-        binding = wanted == "on" or (wanted == "auto" and provider in DEVICE_PROVIDERS)
-        limit = batch_limit(session, card.input.name, self.settings.batch_size)
-        buckets = batch_buckets(limit) if provider in DEVICE_PROVIDERS else ()
         on_device = provider in DEVICE_PROVIDERS
+        wanted = self.settings.io_binding
+        binding = wanted == "on" or (wanted == "auto" and on_device)
+        limit = batch_limit(session, card.input.name, self.settings.batch_size)
+        buckets = batch_buckets(limit) if on_device else ()
         in_flight = self.settings.in_flight or (2 if on_device else 1)
         model = _Model(card, session, provider, binding)
         model.batcher = MicroBatcher(
@@ -458,6 +458,10 @@ class Runtime:
     def stats(self, card: ModelCard) -> BatchStats:
         """How the model's batcher has run so far."""
         return self._model(card).batcher.stats
+
+    def in_flight(self, card: ModelCard) -> int:
+        """Batches of the model run at once (``[inference] in_flight`` resolved)."""
+        return self._model(card).batcher.in_flight
 
     def keep_only(self, models: set[tuple[str, str]]) -> None:
         """Drop the sessions of models not in ``models`` ((name, version) pairs)."""
