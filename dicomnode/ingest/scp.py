@@ -25,8 +25,10 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicomnode import metrics
 from dicomnode.config import Peer, Settings
 from dicomnode.db.session import utcnow
+from dicomnode.db.writer_lock import WriterLock
 from dicomnode.ingest import assembly
 from dicomnode.ingest.incoming import (
+    SPARES,
     IncomingFile,
     Limits,
     incoming_folder,
@@ -34,6 +36,7 @@ from dicomnode.ingest.incoming import (
     write_incoming,
 )
 from dicomnode.ingest.index import index_instance, instance_facts
+from dicomnode.ingest.reactor import EventDrivenRequestHandler
 from dicomnode.ingest.slots import AssociationSlots
 from dicomnode.ingest.spool import (
     SpoolError,
@@ -120,6 +123,7 @@ class StorageSCP:
         (None: this process's own limit only); ``reuse_port``: share the port with them."""
         self.settings = settings
         self.sessions = sessions
+        self.writer_lock = WriterLock.for_engine(sessions.kw.get("bind"))
         self.storage = settings.storage_path
         self.slots = slots
         self.reuse_port = reuse_port
@@ -351,7 +355,7 @@ class StorageSCP:
             size = received.size
             record.bytes += size
         try:
-            with self.sessions() as session:
+            with self.writer_lock.held(), self.sessions() as session:
                 added = index_instance(
                     session,
                     facts,
@@ -400,6 +404,7 @@ class StorageSCP:
             evt_handlers=self.handlers(),
             ssl_context=tls,
             server_class=server_class,
+            request_handler=EventDrivenRequestHandler,
         )
         # AE.start_server keeps its servers in this list and shutdown() removes them from it.
         self.ae._servers.append(self._server)
@@ -418,6 +423,7 @@ class StorageSCP:
         if self._server is not None:
             self._server.shutdown()
             self._server = None
+        SPARES.remove()
 
 
 def _folder_error(folder_synced: Future[None] | None) -> SpoolError | None:
