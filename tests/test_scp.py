@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicomnode.config import Settings
 from dicomnode.db.models import Instance, Study
 from dicomnode.db.session import as_utc
+from dicomnode.ingest.incoming import SPARES, incoming_folder
 from dicomnode.ingest.scp import StorageSCP
 
 PREFIX = "1.2.826.0.1.3680043.8.498."
@@ -79,6 +80,12 @@ class Node:
         finally:
             assoc.release()
         return status.Status
+
+    def files(self) -> list[Path]:
+        """Files under the storage folder, except the spare made ahead for the next receive."""
+        SPARES.wait()
+        spare = SPARES.ready(incoming_folder(self.storage))
+        return [p for p in self.storage.rglob("*") if p.is_file() and str(p) != spare]
 
     def instances(self, sop_uid: str) -> int:
         with self.sessions() as session:
@@ -147,7 +154,7 @@ def test_store_writes_file_and_row_once(node: Node) -> None:
     assert node.store(ds) == 0x0000
     assert node.instances(ds.SOPInstanceUID) == 1
     assert path.read_bytes() == first
-    assert [p for p in node.storage.rglob("*") if p.is_file()] == [path]
+    assert node.files() == [path]
 
 
 @pytest.mark.parametrize("field", ["SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID"])
@@ -167,7 +174,7 @@ def test_path_traversal_uid_is_refused(
         status = node.store(ds)
     assert 0xC000 <= status <= 0xCFFF, hex(status)
     assert not [p for p in tmp_path.rglob("*") if "evil" in p.name]
-    assert not [p for p in node.storage.rglob("*") if p.is_file()]
+    assert not node.files()
     with node.sessions() as session:
         assert session.scalar(select(func.count()).select_from(Instance)) == 0
 

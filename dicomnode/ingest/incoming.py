@@ -7,15 +7,22 @@ system, so the handler moves it into place by rename instead of copying it) that
 ``[node] max_instance_bytes`` and the ``[storage] min_free_bytes`` watermark while the data
 arrive: past either limit it stops writing, frees what it wrote, and the handler answers
 0xA700 once the sender has finished.
+
+Creating a file waits for the file system's journal (up to ~1 ms on ext4 while another
+instance's fsync commits), so each process keeps one empty file per folder ready
+(:data:`SPARES`), made in the background while the current data set is received.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,13 +44,76 @@ class Limits:
     min_free_bytes: int
 
 
+def _create(folder: Path) -> tuple[int, str]:
+    folder.mkdir(parents=True, exist_ok=True)
+    return tempfile.mkstemp(prefix="rx-", suffix=".part", dir=folder)
+
+
+class SpareFiles:
+    """One empty incoming file per folder, created ahead of the data set that needs it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._ready: dict[Path, tuple[int, str]] = {}
+        self._pending: set[Path] = set()
+        self._maker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="incoming-spare")
+
+    def take(self, folder: Path) -> tuple[int, str]:
+        """An open file descriptor and the name of an empty file in ``folder``; the spare if
+        one is ready, else a new file. Either way the next spare is made in the background."""
+        with self._lock:
+            spare = self._ready.pop(folder, None)
+            if folder not in self._pending:
+                self._pending.add(folder)
+                self._maker.submit(self._make, folder)
+        return spare if spare is not None else _create(folder)
+
+    def ready(self, folder: Path) -> str | None:
+        """The name of the spare ready in ``folder``, if any."""
+        with self._lock:
+            spare = self._ready.get(folder)
+        return spare[1] if spare is not None else None
+
+    def wait(self) -> None:
+        """Until the spares asked for so far are made (tests)."""
+        self._maker.submit(lambda: None).result()
+
+    def remove(self) -> None:
+        """Close and remove the spares (a process that stops)."""
+        with self._lock:
+            spares, self._ready = list(self._ready.values()), {}
+        for fd, name in spares:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(name)
+
+    def _make(self, folder: Path) -> None:
+        try:
+            spare: tuple[int, str] | None = _create(folder)
+        except OSError:
+            # Disk full, folder gone: the next data set creates its own file and says why.
+            spare = None
+        with self._lock:
+            self._pending.discard(folder)
+            if spare is not None and folder not in self._ready:
+                self._ready[folder] = spare
+                spare = None
+        if spare is not None:
+            os.close(spare[0])
+            os.unlink(spare[1])
+
+
+SPARES = SpareFiles()
+atexit.register(SPARES.remove)
+
+
 class IncomingFile:
     """A file-like object pynetdicom writes one received data set into (``write``,
     ``file.flush``, ``close``, ``name``); it stops writing past the limits."""
 
     def __init__(self, folder: Path, limits: Limits):
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(prefix="rx-", suffix=".dcm", dir=folder)
+        fd, name = SPARES.take(folder)
         self.name = name
         self.file = self  # pynetdicom flushes through ``.file``
         self.size = 0
@@ -115,15 +185,17 @@ def incoming_folder(storage: Path) -> Path:
 
 
 def clear_incoming(storage: Path) -> int:
-    """Remove partial receives a stopped process left behind; returns how many."""
+    """Remove partial receives a stopped process left behind; returns how many (empty
+    files, spares that a killed process could not remove, are removed and not counted)."""
     folder = incoming_folder(storage)
     if not folder.is_dir():
         return 0
     removed = 0
     for path in folder.iterdir():
         if path.is_file():
+            partial = path.stat().st_size > 0
             path.unlink(missing_ok=True)
-            removed += 1
+            removed += partial
     return removed
 
 

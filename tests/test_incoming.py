@@ -1,0 +1,66 @@
+"""Receiving into incoming files: spares made ahead, limits, clean-up at start."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from dicomnode.ingest.incoming import (
+    SPARES,
+    IncomingFile,
+    Limits,
+    clear_incoming,
+    incoming_folder,
+)
+
+LIMITS = Limits(max_instance_bytes=1 << 20, min_free_bytes=0)
+
+
+def test_a_receive_takes_the_spare_made_while_the_previous_one_arrived(tmp_path: Path) -> None:
+    folder = tmp_path / ".incoming"
+    try:
+        first = IncomingFile(folder, LIMITS)
+        SPARES.wait()
+        spare = SPARES.ready(folder)
+        assert spare is not None and spare != first.name
+        assert Path(spare).stat().st_size == 0
+        second = IncomingFile(folder, LIMITS)
+        assert second.name == spare
+        second.write(b"data")
+        second.close()
+        assert Path(spare).read_bytes() == b"data"
+        SPARES.wait()
+        assert SPARES.ready(folder) not in (None, first.name, second.name)
+    finally:
+        SPARES.remove()
+    first.discard()
+    second.discard()
+    assert not list(folder.iterdir())
+
+
+def test_a_folder_that_cannot_hold_a_spare_still_receives(tmp_path: Path) -> None:
+    folder = tmp_path / ".incoming"
+    try:
+        received = IncomingFile(folder, LIMITS)
+        SPARES.wait()
+        spare = SPARES.ready(folder)
+        assert spare is not None
+        # The spare went missing (an admin cleaned the folder): the receive still works.
+        Path(spare).unlink()
+        SPARES.remove()
+        again = IncomingFile(folder, LIMITS)
+        again.write(b"x")
+        again.close()
+        assert again.path.read_bytes() == b"x"
+    finally:
+        SPARES.remove()
+    received.discard()
+    again.discard()
+
+
+def test_clear_incoming_counts_partial_receives_not_spares(tmp_path: Path) -> None:
+    folder = incoming_folder(tmp_path)
+    folder.mkdir()
+    (folder / "rx-partial.part").write_bytes(b"half a data set")
+    (folder / "rx-spare.part").write_bytes(b"")
+    assert clear_incoming(tmp_path) == 1
+    assert not list(folder.iterdir())
