@@ -10,11 +10,13 @@ sent by dcmtk ``storescu`` (one association, TCP_NODELAY=1) to
   (c) ``dicomnode serve`` (durable spool: fsync + rename + folder fsync; study, series and
       instance rows; ``--listeners`` listener processes; no workers),
 
-and the script prints MB/s, instances/s and the ratios c/a and c/b. Then the CT workload
-goes again in ``--senders`` concurrent storescu processes (equal shares) to each target,
-and the script prints the speed-up of many senders over one. With ``--big-mb`` (default
-1000) one multi-frame instance of that size is sent to the node in one association while
-the resident memory of all the node's processes is sampled; the peak is printed.
+and the script prints MB/s, instances/s, the CPU time per instance of the target's processes
+and of the senders (on a machine with few cores, what bounds many senders), and the ratios
+c/a and c/b. Then the CT workload goes again in ``--senders`` concurrent storescu processes
+(equal shares) to each target, and the script prints the speed-up of many senders over one.
+With ``--big-mb`` (default 1000) one multi-frame instance of that size is sent to the node
+in one association while the resident memory of all the node's processes is sampled; the
+peak is printed.
 Every store is checked: storescu must exit 0, every instance must be in the target's
 folder, and for (c) every instance must have its database row.
 
@@ -32,6 +34,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import resource
 import shutil
 import subprocess
 import sys
@@ -309,6 +312,25 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time the processes have used so far (from /proc)."""
+    ticks = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu_seconds() -> float:
+    """CPU time of this process's waited-for children (the storescu senders)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def rss_bytes(pid: int) -> int:
     try:
         with open(f"/proc/{pid}/status") as handle:
@@ -356,6 +378,8 @@ class Measurement:
     instances: int
     megabytes: float
     seconds: float
+    target_cpu: float = 0.0
+    senders_cpu: float = 0.0
 
     @property
     def mb_per_s(self) -> float:
@@ -369,7 +393,9 @@ class Measurement:
         return (
             f"  {self.target:<24} {self.workload:<10} senders={self.senders}  "
             f"{self.seconds:7.2f} s  {self.mb_per_s:8.1f} MB/s  "
-            f"{self.instances_per_s:8.1f} instances/s"
+            f"{self.instances_per_s:8.1f} instances/s  CPU ms/instance: target "
+            f"{1000 * self.target_cpu / self.instances:.2f}, senders "
+            f"{1000 * self.senders_cpu / self.instances:.2f}"
         )
 
 
@@ -387,7 +413,14 @@ def storescu(target: Target, files: list[Path]) -> subprocess.Popen:
 def send(target: Target, files: list[Path], senders: int) -> float:
     """Send ``files`` in ``senders`` concurrent storescu processes; seconds until all
     instances are stored (and indexed). Raises if a store failed."""
+    return send_counted(target, files, senders)[0]
+
+
+def send_counted(target: Target, files: list[Path], senders: int) -> tuple[float, float, float]:
+    """:func:`send`, also returning the CPU seconds the target and the senders used."""
     shares = [files[index::senders] for index in range(senders)]
+    pids = target.pids()
+    target_cpu, senders_cpu = cpu_seconds(pids), children_cpu_seconds()
     started = time.perf_counter()
     processes = [storescu(target, share) for share in shares if share]
     for process in processes:
@@ -395,17 +428,21 @@ def send(target: Target, files: list[Path], senders: int) -> float:
         if process.returncode != 0:
             raise RuntimeError(f"storescu to {target.label} failed: {errors[-2000:]}")
     seconds = time.perf_counter() - started
+    target_cpu = cpu_seconds(pids) - target_cpu
+    senders_cpu = children_cpu_seconds() - senders_cpu
     stored = target.stored()
     if stored != len(files):
         raise AssertionError(f"{target.label}: {stored} of {len(files)} instances stored")
-    return seconds
+    return seconds, target_cpu, senders_cpu
 
 
 def measure(target: Target, name: str, files: list[Path], senders: int) -> Measurement:
     megabytes = sum(path.stat().st_size for path in files) / 1e6
     with target.running():
-        seconds = send(target, files, senders)
-    result = Measurement(target.label, name, senders, len(files), megabytes, seconds)
+        seconds, target_cpu, senders_cpu = send_counted(target, files, senders)
+    result = Measurement(
+        target.label, name, senders, len(files), megabytes, seconds, target_cpu, senders_cpu
+    )
     print(result.line(), flush=True)
     return result
 
