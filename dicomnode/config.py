@@ -41,7 +41,7 @@ class NodeSettings(_Section):
         default=2,
         ge=1,
         le=64,
-        description="listener processes sharing the port (SO_REUSEPORT)",
+        description="listener processes sharing the port; the least busy one accepts",
     )
 
 

@@ -288,7 +288,18 @@ def run_serve(config: Path, workers: int | None = None) -> int:
     recover(settings, sessions)
     run_dir = Path(tempfile.mkdtemp(prefix="dicomnode-run-"))
     stop = threading.Event()
-    listeners = ListenerPool(config, settings.node.listeners, run_dir)
+    try:
+        listeners = ListenerPool(config, settings.node.listeners, run_dir, settings.node)
+    except OSError as exc:
+        log.error(
+            "cannot listen for DICOM on %s:%d: %s",
+            settings.node.host,
+            settings.node.port,
+            exc.strerror or exc,
+        )
+        shutil.rmtree(run_dir, ignore_errors=True)
+        remove_metrics_dir(metrics_folder)
+        return 1
     pool: WorkerPool | None = None
     try:
         listeners.wait_ready()

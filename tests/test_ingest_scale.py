@@ -6,8 +6,11 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
+import sys
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +19,8 @@ import pytest
 from conftest import dcmtk, start_node, stop_node, wait_for, write_config
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification
 from sqlalchemy import create_engine, text
 
 from dicomnode.synth.multiframe import write_multiframe_word_sc
@@ -166,6 +171,46 @@ def test_32_concurrent_associations_over_two_listeners(tmp_path: Path, db_url: s
         assert set(served_by) == {"0", "1"}, "one listener served every association"
     finally:
         stop_node(node)
+
+
+def test_held_associations_are_spread_over_the_listeners(tmp_path: Path, sqlite_url: str) -> None:
+    """Four associations opened one after another and held open: each new one is taken by
+    the listener serving fewer, 2 + 2 (with a socket per listener, SO_REUSEPORT, the
+    kernel's hash of the peer's port made that 2 + 2 in only 3 cases out of 8)."""
+    node = _node(tmp_path, sqlite_url, listeners=2, workers=0)
+    held = []
+    try:
+        for _ in range(4):
+            ae = AE(ae_title="HOLDER")
+            ae.add_requested_context(Verification)
+            assoc = ae.associate("127.0.0.1", node.port, ae_title="DICOMNODE")
+            assert assoc.is_established
+            held.append(assoc)
+        for assoc in held:
+            assoc.release()
+
+        def released() -> list[str]:
+            found = re.findall(r"association released: listener=(\d+)", node.log.read_text())
+            return found if len(found) == 4 else []
+
+        served_by = wait_for(released, timeout=20, what="4 association log lines")
+        assert sorted(Counter(served_by).values()) == [2, 2], served_by
+    finally:
+        stop_node(node)
+
+
+def test_a_taken_port_is_a_clear_error(tmp_path: Path, sqlite_url: str) -> None:
+    config, port, _ = write_config(tmp_path, sqlite_url)
+    with socket.create_server(("127.0.0.1", port)):
+        done = subprocess.run(
+            [sys.executable, "-m", "dicomnode", "serve", "--config", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=tmp_path,
+        )
+    assert done.returncode == 1
+    assert f"cannot listen for DICOM on 127.0.0.1:{port}" in done.stdout + done.stderr
 
 
 def sop_instance_uid(path: Path) -> str:

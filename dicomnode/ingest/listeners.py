@@ -1,16 +1,17 @@
 """Several DICOM listener processes on one port: the supervisor side and the child side.
 
-``dicomnode serve`` starts ``[node] listeners`` processes (``dicomnode listener``), each
-running a :class:`~dicomnode.ingest.scp.StorageSCP` bound to the same port with
-SO_REUSEPORT, so the kernel spreads associations over them and they are served on all
-cores. A child talks to its supervisor over its standard streams, one line each:
+``dicomnode serve`` binds the DICOM port once and starts ``[node] listeners`` processes
+(``dicomnode listener``) that inherit the socket, each running a
+:class:`~dicomnode.ingest.scp.StorageSCP`; the least busy one accepts each connection
+(:mod:`dicomnode.ingest.balance`), so concurrent senders are served on all cores. A child
+talks to its supervisor over its standard streams, one line each:
 
 - child to supervisor: ``ready`` once it listens, ``reloaded`` after each reload;
 - supervisor to child: ``reload <settings as JSON>`` (what the supervisor validated);
   end of input (the supervisor is gone) stops the child.
 
-The node-wide association limit is kept in a shared counters file
-(:mod:`dicomnode.ingest.slots`).
+The node-wide association limit and the connections each listener serves are kept in
+shared counters files (:mod:`dicomnode.ingest.slots`).
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from pathlib import Path
 from sqlalchemy import Engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicomnode.config import Settings, load_settings
+from dicomnode.config import NodeSettings, Settings, load_settings
+from dicomnode.ingest.balance import listening_socket
 from dicomnode.ingest.slots import AssociationSlots, create_slots
 
 log = logging.getLogger("dicomnode.ingest")
@@ -46,9 +48,14 @@ RELOAD_TIMEOUT = 10.0
 class _Child:
     """One listener process and the lines it sent."""
 
-    def __init__(self, command: list[str]):
+    def __init__(self, command: list[str], pass_fds: tuple[int, ...] = ()):
         self.process = subprocess.Popen(
-            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1
+            command,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            bufsize=1,
+            pass_fds=pass_fds,
         )
         self.lines: queue.Queue[str] = queue.Queue()
         threading.Thread(target=self._read, name="listener-out", daemon=True).start()
@@ -85,16 +92,34 @@ class _Child:
 class ListenerPool:
     """The listener processes of one node; one that dies is restarted with backoff."""
 
-    def __init__(self, config: Path, count: int, run_dir: Path):
+    def __init__(self, config: Path, count: int, run_dir: Path, node: NodeSettings):
+        """Bind ``node``'s host and port (OSError if taken) and start ``count`` listeners."""
+        self.socket = listening_socket(node.host, node.port)
         self.slots_path = run_dir / "associations.slots"
+        self.connections_path = run_dir / "connections.slots"
         create_slots(self.slots_path, count)
+        create_slots(self.connections_path, count)
         self.command = [sys.executable, "-m", "dicomnode", "listener", "--config", str(config)]
         self.restarts = [0] * count
         self.children = [self._spawn(index) for index in range(count)]
         self._lock = threading.Lock()
 
     def _spawn(self, index: int) -> _Child:
-        return _Child([*self.command, "--index", str(index), "--slots", str(self.slots_path)])
+        fd = self.socket.fileno()
+        return _Child(
+            [
+                *self.command,
+                "--index",
+                str(index),
+                "--slots",
+                str(self.slots_path),
+                "--connections",
+                str(self.connections_path),
+                "--socket-fd",
+                str(fd),
+            ],
+            pass_fds=(fd,),
+        )
 
     @property
     def pids(self) -> list[int]:
@@ -138,9 +163,10 @@ class ListenerPool:
                 )
                 if stop.wait(delay):
                     return
-                slots = AssociationSlots(self.slots_path, index)
-                slots.reset()
-                slots.close()
+                for path in (self.slots_path, self.connections_path):
+                    slots = AssociationSlots(path, index)
+                    slots.reset()
+                    slots.close()
                 replacement = self._spawn(index)
                 with self._lock:
                     self.children[index] = replacement
@@ -158,6 +184,7 @@ class ListenerPool:
             except subprocess.TimeoutExpired:
                 child.process.kill()
                 child.process.wait()
+        self.socket.close()
 
 
 # Child side ------------------------------------------------------------------------
@@ -213,8 +240,15 @@ def _control(scp, config: Path, stop: threading.Event) -> None:
     stop.set()  # end of input: the supervisor is gone
 
 
-def run_listener(config: Path, index: int, slots: Path | None) -> int:
-    """The ``dicomnode listener`` process: serve DICOM until SIGTERM or end of input."""
+def run_listener(
+    config: Path,
+    index: int,
+    slots: Path | None,
+    connections: Path | None = None,
+    socket_fd: int | None = None,
+) -> int:
+    """The ``dicomnode listener`` process: serve DICOM until SIGTERM or end of input, on
+    the supervisor's socket ``socket_fd`` (else its own)."""
     from dicomnode.ingest.scp import StorageSCP
     from dicomnode.logs import setup_logging
 
@@ -230,7 +264,8 @@ def run_listener(config: Path, index: int, slots: Path | None) -> int:
         settings,
         ingest_sessions(settings.database_url),
         slots=AssociationSlots(slots, index) if slots else None,
-        reuse_port=True,
+        connections=AssociationSlots(connections, index) if connections else None,
+        listening_fd=socket_fd,
     )
     scp.start()
     print("ready", flush=True)

@@ -7,8 +7,8 @@ The handlers are thin: each C-STORE is parsed, made durable by ``spool``, indexe
 from __future__ import annotations
 
 import logging
-import socket
 import ssl
+import sys
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -27,6 +27,7 @@ from dicomnode.config import Peer, Settings
 from dicomnode.db.session import utcnow
 from dicomnode.db.writer_lock import WriterLock
 from dicomnode.ingest import assembly
+from dicomnode.ingest.balance import shared_socket_server
 from dicomnode.ingest.incoming import (
     SPARES,
     IncomingFile,
@@ -117,16 +118,21 @@ class StorageSCP:
         sessions: sessionmaker[Session],
         *,
         slots: AssociationSlots | None = None,
-        reuse_port: bool = False,
+        connections: AssociationSlots | None = None,
+        listening_fd: int | None = None,
     ):
         """``slots``: the node-wide association count shared with other listener processes
-        (None: this process's own limit only); ``reuse_port``: share the port with them."""
+        (None: this process's own limit only); ``listening_fd``: the socket shared with them
+        (None: bind ``[node] host:port`` here); ``connections``: the connections each of
+        them serves, so that the least busy one accepts the next."""
         self.settings = settings
         self.sessions = sessions
         self.writer_lock = WriterLock.for_engine(sessions.kw.get("bind"))
         self.storage = settings.storage_path
         self.slots = slots
-        self.reuse_port = reuse_port
+        self.connections = connections
+        self.listening_fd = listening_fd
+        self._open_connections: set[int] = set()
         self._associations: dict[int, _AssociationLog] = {}
         self._counted: set[int] = set()
         self._lock = threading.Lock()
@@ -185,12 +191,22 @@ class StorageSCP:
         with self._lock:
             self._associations[id(event.assoc)] = _AssociationLog(calling_ae, address)
 
+    def _on_opened(self, event: evt.Event) -> None:
+        if self.connections is not None:
+            with self._lock:
+                self._open_connections.add(id(event.assoc))
+            self.connections.acquire(sys.maxsize)
+
     def _on_closed(self, event: evt.Event) -> None:
         with self._lock:
             counted = id(event.assoc) in self._counted
             self._counted.discard(id(event.assoc))
+            opened = id(event.assoc) in self._open_connections
+            self._open_connections.discard(id(event.assoc))
         if counted and self.slots is not None:
             self.slots.release()
+        if opened and self.connections is not None:
+            self.connections.release()
 
     def _on_ended(self, event: evt.Event, outcome: str) -> None:
         # A data set cut off by an abort is still in the incoming folder.
@@ -389,6 +405,7 @@ class StorageSCP:
             (evt.EVT_C_STORE, self.handle_store),
             (evt.EVT_RELEASED, self._on_ended, ["released"]),
             (evt.EVT_ABORTED, self._on_ended, ["aborted"]),
+            (evt.EVT_CONN_OPEN, self._on_opened),
             (evt.EVT_CONN_CLOSE, self._on_closed),
         ]
 
@@ -398,7 +415,11 @@ class StorageSCP:
         self.storage.mkdir(parents=True, exist_ok=True)
         install(lambda: incoming_folder(self.storage), self._limits)
         tls = tls_context(self.settings) if self.settings.tls.enabled else None
-        server_class = _ReusePortServer if self.reuse_port else ThreadedAssociationServer
+        server_class = (
+            ThreadedAssociationServer
+            if self.listening_fd is None
+            else shared_socket_server(self.listening_fd, self.connections)
+        )
         self._server = self.ae.make_server(
             (node.host, node.port),
             evt_handlers=self.handlers(),
@@ -435,15 +456,6 @@ def _folder_error(folder_synced: Future[None] | None) -> SpoolError | None:
     except SpoolError as exc:
         return exc
     return None
-
-
-class _ReusePortServer(ThreadedAssociationServer):
-    """pynetdicom's threaded server on a port shared with other listener processes: the
-    kernel spreads new connections over them (SO_REUSEPORT)."""
-
-    def server_bind(self) -> None:
-        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        super().server_bind()
 
 
 def offline_store_event(

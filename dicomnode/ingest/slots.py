@@ -65,6 +65,10 @@ class AssociationSlots:
         finally:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
 
+    def counters(self) -> list[int]:
+        """Every listener's count, this one's at :attr:`index`."""
+        return self._counters()
+
     def total(self) -> int:
         """Associations counted over all listeners."""
         return sum(self._counters())
