@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from conftest import wait_for
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_file_meta_info
@@ -174,8 +175,23 @@ def test_abort_mid_transfer_leaves_no_partial_instance(node: Node) -> None:
     assert assoc.is_established
     sender = threading.Thread(target=assoc.send_c_store, args=(ds,), daemon=True)
     sender.start()
+    # Abort once the sender has paused its reactor to send (mid transfer, most of the time).
+    wait_for(
+        lambda: (
+            (assoc._is_paused and not assoc._reactor_checkpoint.is_set()) or not sender.is_alive()
+        ),
+        timeout=5,
+        interval=0.001,
+        what="the C-STORE to start",
+    )
     assoc.abort()
-    sender.join(timeout=3)  # the aborted sender may wait out its DIMSE timeout
+    sender.join(timeout=5)  # the aborted sender waits out its DIMSE timeout (2 s)
+    if sender.is_alive():
+        # Aborted just before it saw its reactor pause, pynetdicom's send_c_store would
+        # wait for that pause forever, in 0.1 ms sleeps: let it go.
+        assoc._is_paused = True
+        sender.join(timeout=5)
+    assert not sender.is_alive(), "the aborted sender did not return"
     _still_serving(node)
     # Either the dataset was complete before the abort (stored whole, answer lost: the
     # sender retries and gets a duplicate success) or nothing of it is kept.
