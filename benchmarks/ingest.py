@@ -21,7 +21,11 @@ Every store is checked: storescu must exit 0, every instance must be in the targ
 folder, and for (c) every instance must have its database row.
 
     python benchmarks/ingest.py [--dx 60] [--ct 1000] [--senders 4] [--big-mb 1000]
-        [--listeners 2] [--database URL] [--profile FOLDER]
+        [--listeners 2] [--database URL] [--profile FOLDER] [--rounds N]
+
+``--rounds N`` measures the targets in turn N times (a, b, c, a, b, c, ...) and prints each
+round's ratios and their median: on a shared virtual machine whose speed drifts over minutes,
+the ratio of runs made back to back is steadier than any single throughput.
 
 ``--profile FOLDER`` samples the node's processes with py-spy (in the dev extra)
 in an extra single-sender CT run (not counted) and writes one collapsed-stack file per
@@ -36,6 +40,7 @@ import os
 import platform
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -487,6 +492,28 @@ def profiling(pids: list[int], folder: Path | None) -> Iterator[None]:
             recorder.wait(timeout=60)
 
 
+def latest(
+    results: dict[tuple[str, str, int], list[Measurement]], key: tuple[str, str, int]
+) -> Measurement | None:
+    return results[key][-1] if results.get(key) else None
+
+
+def median_ratio(
+    results: dict[tuple[str, str, int], list[Measurement]],
+    numerator: str,
+    denominator: str,
+    workload: str,
+) -> str:
+    """The median over rounds of one round's throughput ratio (runs of a round are
+    back to back, so a shared machine's drift affects both sides alike)."""
+    tops = results.get((numerator, workload, 1), [])
+    bottoms = results.get((denominator, workload, 1), [])
+    if not tops or not bottoms:
+        return "n/a"
+    ratios = [top.mb_per_s / bottom.mb_per_s for top, bottom in zip(tops, bottoms, strict=True)]
+    return f"{statistics.median(ratios):.2f}"
+
+
 def ratio(numerator: Measurement | None, denominator: Measurement | None) -> str:
     if numerator is None or denominator is None:
         return "n/a"
@@ -505,6 +532,9 @@ def main() -> int:
     parser.add_argument("--cache", type=Path, default=Path("/tmp/dicomnode-bench-ingest"))
     parser.add_argument("--profile", type=Path, default=None, help="py-spy output folder")
     parser.add_argument("--skip", default="", help="targets to skip, e.g. 'a,b'")
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="measure a, b, c in turn this many times"
+    )
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="dicomnode-bench-ingest-"))
@@ -525,29 +555,51 @@ def main() -> int:
         workloads.append(("ct", files_of(workload(args.cache, "ct", args.ct))))
     if args.dx:
         workloads.append(("dx", files_of(workload(args.cache, "dx", args.dx))))
-    results: dict[tuple[str, str, int], Measurement] = {}
+    # One list per (target, workload, senders): a measurement per round.
+    results: dict[tuple[str, str, int], list[Measurement]] = {}
+    active = {key: target for key, target in targets.items() if key not in skip}
     try:
         for name, files in workloads:
             print(f"\n{name}: {len(files)} instances, one storescu", flush=True)
-            for key, target in targets.items():
-                if key in skip:
-                    continue
-                results[(key, name, 1)] = measure(target, name, files, 1)
-            a, b, c = (results.get((key, name, 1)) for key in "abc")
-            print(f"  ratios {name}: c/a = {ratio(c, a)}   c/b = {ratio(c, b)}", flush=True)
+            for _ in range(args.rounds):
+                for key, target in active.items():
+                    results.setdefault((key, name, 1), []).append(measure(target, name, files, 1))
+                a, b, c = (latest(results, (key, name, 1)) for key in "abc")
+                print(f"  ratios {name}: c/a = {ratio(c, a)}   c/b = {ratio(c, b)}", flush=True)
+            if args.rounds > 1:
+                print(
+                    f"  median of {args.rounds} rounds {name}: "
+                    f"c/a = {median_ratio(results, 'c', 'a', name)}   "
+                    f"c/b = {median_ratio(results, 'c', 'b', name)}",
+                    flush=True,
+                )
         if args.senders > 1 and workloads:
             name, files = workloads[0]
             print(f"\n{name}: {len(files)} instances, {args.senders} concurrent storescu")
-            for key, target in targets.items():
-                if key in skip:
-                    continue
-                many = measure(target, name, files, args.senders)
-                results[(key, name, args.senders)] = many
-                print(
-                    f"  {target.label}: {args.senders} senders / 1 sender = "
-                    f"{ratio(many, results.get((key, name, 1)))}",
-                    flush=True,
-                )
+            for round_ in range(args.rounds):
+                for key, target in active.items():
+                    many = measure(target, name, files, args.senders)
+                    results.setdefault((key, name, args.senders), []).append(many)
+                    print(
+                        f"  {target.label}: {args.senders} senders / 1 sender = "
+                        f"{ratio(many, results[(key, name, 1)][round_])}",
+                        flush=True,
+                    )
+            if args.rounds > 1:
+                for key, target in active.items():
+                    speedups = [
+                        many.mb_per_s / one.mb_per_s
+                        for many, one in zip(
+                            results[(key, name, args.senders)],
+                            results[(key, name, 1)],
+                            strict=True,
+                        )
+                    ]
+                    print(
+                        f"  {target.label}: median of {args.rounds} rounds "
+                        f"{args.senders} senders / 1 sender = {statistics.median(speedups):.2f}",
+                        flush=True,
+                    )
         if args.profile and workloads:
             name, files = workloads[0]
             node = targets["c"]
