@@ -243,6 +243,7 @@ class Node(Target):
     def start(self) -> None:
         models = self.work / "no-models"
         models.mkdir()
+        web_port = free_port()
         config = self.work / "dicomnode.toml"
         # log_level is a top-level key: before the first table.
         config.write_text(
@@ -251,7 +252,7 @@ class Node(Target):
             f"listeners = {self.listeners}\nmax_associations = 64\nmax_pdu = {self.max_pdu}\n"
             f'[storage]\npath = "{self.work / "storage"}"\nmin_free_bytes = 0\n'
             f'[database]\nurl = "{self._database_url()}"\n'
-            f'[web]\nhost = "127.0.0.1"\nport = {free_port()}\n'
+            f'[web]\nhost = "127.0.0.1"\nport = {web_port}\n'
             "[worker]\ncount = 0\n"
             f'[models]\nfolders = ["{models}"]\n'
         )
@@ -264,7 +265,9 @@ class Node(Target):
             stderr=subprocess.STDOUT,
             cwd=self.work,
         )
-        wait_for_port(self.port, self.process)
+        # The supervisor binds the DICOM port before its listeners have started; the web
+        # server starts once they all listen.
+        wait_for_port(web_port, self.process)
 
     def _clear_database(self) -> None:
         from sqlalchemy import create_engine, text
