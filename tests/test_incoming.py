@@ -37,24 +37,25 @@ def test_a_receive_takes_the_spare_made_while_the_previous_one_arrived(tmp_path:
     assert not list(folder.iterdir())
 
 
-def test_a_folder_that_cannot_hold_a_spare_still_receives(tmp_path: Path) -> None:
+def test_a_spare_removed_from_the_folder_is_not_used(tmp_path: Path) -> None:
+    """An admin cleaned the incoming folder: the next receive makes its own file."""
     folder = tmp_path / ".incoming"
     try:
-        received = IncomingFile(folder, LIMITS)
+        first = IncomingFile(folder, LIMITS)
         SPARES.wait()
         spare = SPARES.ready(folder)
         assert spare is not None
-        # The spare went missing (an admin cleaned the folder): the receive still works.
         Path(spare).unlink()
-        SPARES.remove()
-        again = IncomingFile(folder, LIMITS)
-        again.write(b"x")
-        again.close()
-        assert again.path.read_bytes() == b"x"
+        second = IncomingFile(folder, LIMITS)
+        assert second.name != spare
+        second.write(b"x")
+        second.close()
+        assert second.path.read_bytes() == b"x"
     finally:
         SPARES.remove()
-    received.discard()
-    again.discard()
+    first.discard()
+    second.discard()
+    assert not list(folder.iterdir())
 
 
 def test_clear_incoming_counts_partial_receives_not_spares(tmp_path: Path) -> None:

@@ -49,6 +49,19 @@ def _create(folder: Path) -> tuple[int, str]:
     return tempfile.mkstemp(prefix="rx-", suffix=".part", dir=folder)
 
 
+def _still_named(spare: tuple[int, str]) -> bool:
+    """Whether the spare's name still leads to it (an admin may have cleaned the folder)."""
+    fd, name = spare
+    try:
+        alive = os.path.samestat(os.fstat(fd), os.stat(name))
+    except OSError:
+        alive = False
+    if not alive:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    return alive
+
+
 class SpareFiles:
     """One empty incoming file per folder, created ahead of the data set that needs it."""
 
@@ -66,7 +79,9 @@ class SpareFiles:
             if folder not in self._pending:
                 self._pending.add(folder)
                 self._maker.submit(self._make, folder)
-        return spare if spare is not None else _create(folder)
+        if spare is not None and _still_named(spare):
+            return spare
+        return _create(folder)
 
     def ready(self, folder: Path) -> str | None:
         """The name of the spare ready in ``folder``, if any."""
