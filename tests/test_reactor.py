@@ -9,6 +9,7 @@ import socket
 import subprocess
 import threading
 import time
+import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -128,6 +129,24 @@ def test_whole_read_socket_reads_exactly_what_is_asked() -> None:
         sender.join()
         ours.close()
         theirs.close()
+
+
+def test_a_huge_declared_pdu_length_takes_memory_only_as_data_arrive() -> None:
+    """A hostile peer declares a 4 GiB PDU and sends 3 MB: the read costs megabytes."""
+    ours, theirs = socket.socketpair()
+    payload = os.urandom(3_000_000)
+    sender = threading.Thread(target=lambda: (theirs.sendall(payload), theirs.close()))
+    tracemalloc.start()
+    try:
+        sender.start()
+        received = _reader(ours).recv(0xFFFFFFFF)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+        sender.join()
+        ours.close()
+    assert received == payload
+    assert peak < 4 * len(payload), f"peak {peak / 1e6:.0f} MB"
 
 
 def test_whole_read_socket_returns_what_came_before_the_connection_broke() -> None:

@@ -39,6 +39,8 @@ LOGGER = logging.getLogger("pynetdicom.dul")
 # Longest wait of either loop with nothing to do: the granularity of pynetdicom's timers
 # (ARTIM, network idle) and of a kill that no nudge announces.
 TICK = 0.05
+# What a PDU read allocates before any of its data has arrived.
+FIRST_READ = 1 << 20
 
 
 class WakingDUL(DULServiceProvider):
@@ -217,14 +219,18 @@ class WholeReadSocket(AssociationSocket):
     """pynetdicom's socket, reading a PDU into one buffer instead of 4 KiB at a time."""
 
     def recv(self, nr_bytes: int) -> bytearray:
-        """Block until ``nr_bytes`` are read; fewer if the connection breaks (as pynetdicom)."""
-        buffer = bytearray(nr_bytes)
-        view = memoryview(buffer)
+        """Block until ``nr_bytes`` are read; fewer if the connection breaks (as pynetdicom).
+
+        The length comes from the peer's PDU header (up to 4 GiB): memory is taken as the
+        data arrive (at most twice what has arrived), never for the length alone."""
+        buffer = bytearray(min(nr_bytes, FIRST_READ))
         read = 0
         while read < nr_bytes:
-            count = self.socket.recv_into(view[read:], nr_bytes - read)  # type: ignore[union-attr]
+            if read == len(buffer):
+                buffer.extend(bytes(min(len(buffer), nr_bytes - len(buffer))))
+            with memoryview(buffer) as whole, whole[read:] as free:
+                count = self.socket.recv_into(free)  # type: ignore[union-attr]
             if not count:
-                del view
                 del buffer[read:]
                 return buffer
             read += count
