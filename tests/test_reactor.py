@@ -110,6 +110,26 @@ def test_release_ends_the_association_promptly(node: Node) -> None:
     assert time.monotonic() - started < 20 * TICK * 4
 
 
+def test_an_idle_association_is_aborted_after_the_network_timeout(node: Node) -> None:
+    """The idle timer is still watched: a sender that goes quiet is cut off."""
+    node.scp.ae.network_timeout = 1
+    assoc = node.associate()  # this side's own network timeout is 10 s
+    assert assoc.is_established
+    deadline = time.monotonic() + 5
+    while assoc.is_established and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert assoc.is_aborted, "the node kept an idle association past its network timeout"
+
+
+def test_a_connection_that_never_asks_is_closed_after_the_acse_timeout(node: Node) -> None:
+    """The ARTIM timer is still watched: a TCP connection without an A-ASSOCIATE-RQ."""
+    node.scp.ae.acse_timeout = 1
+    with socket.create_connection(("127.0.0.1", node.port), timeout=10) as silent:
+        started = time.monotonic()
+        assert silent.recv(1) == b""  # closed by the node
+        assert time.monotonic() - started < 5
+
+
 def _reader(connection: socket.socket) -> WholeReadSocket:
     transport = WholeReadSocket.__new__(WholeReadSocket)
     transport.socket = connection
