@@ -178,22 +178,75 @@ def test_held_associations_are_spread_over_the_listeners(tmp_path: Path, sqlite_
     the listener serving fewer, 2 + 2 (with a socket per listener, SO_REUSEPORT, the
     kernel's hash of the peer's port made that 2 + 2 in only 3 cases out of 8)."""
     node = _node(tmp_path, sqlite_url, listeners=2, workers=0)
-    held = []
     try:
-        for _ in range(4):
-            ae = AE(ae_title="HOLDER")
-            ae.add_requested_context(Verification)
-            assoc = ae.associate("127.0.0.1", node.port, ae_title="DICOMNODE")
-            assert assoc.is_established
-            held.append(assoc)
+        held = [_hold(node.port) for _ in range(4)]
         for assoc in held:
             assoc.release()
+        served_by = wait_for(
+            lambda: found if len(found := _released_by(node)) == 4 else [],
+            timeout=20,
+            what="4 association log lines",
+        )
+        assert sorted(Counter(served_by).values()) == [2, 2], served_by
+    finally:
+        stop_node(node)
 
-        def released() -> list[str]:
-            found = re.findall(r"association released: listener=(\d+)", node.log.read_text())
-            return found if len(found) == 4 else []
 
-        served_by = wait_for(released, timeout=20, what="4 association log lines")
+def _hold(port: int):
+    ae = AE(ae_title="HOLDER")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", port, ae_title="DICOMNODE")
+    assert assoc.is_established
+    return assoc
+
+
+def _listener_pid(node, index: int) -> int | None:
+    for pid, cmd in children(node.process.pid).items():
+        if " listener " in cmd and f"--index {index} " in cmd + " ":
+            return pid
+    return None
+
+
+def _released_by(node) -> list[str]:
+    return re.findall(r"association released: listener=(\d+)", node.log.read_text())
+
+
+def test_a_killed_listener_is_replaced_and_its_connections_forgotten(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    """SIGKILL a listener while it serves an association: the other one serves meanwhile,
+    the supervisor starts a new one on the same socket, and the dead one's connection count
+    is reset (kept, it would make the next four associations split 1 + 3)."""
+    (study,) = write_studies(tmp_path / "send", 1, 2)
+    node = _node(tmp_path, sqlite_url, listeners=2, workers=0)
+    try:
+        held = [_hold(node.port), _hold(node.port)]  # one on each listener
+        killed = _listener_pid(node, 0)
+        assert killed is not None
+        os.kill(killed, signal.SIGKILL)
+        sender = storescu(node.port, study)
+        _, errors = sender.communicate(timeout=60)
+        assert sender.returncode == 0, errors[-2000:]
+        wait_for(
+            lambda: (
+                _listener_pid(node, 0) not in (None, killed)
+                and node.log.read_text().count("listening for DICOM") == 3
+            ),
+            timeout=60,
+            what="listener 0 started again",
+        )
+        for assoc in held:
+            if assoc.is_established:
+                assoc.release()
+        before = len(wait_for(lambda: _released_by(node), timeout=20, what="released lines"))
+        again = [_hold(node.port) for _ in range(4)]
+        for assoc in again:
+            assoc.release()
+        served_by = wait_for(
+            lambda: _released_by(node)[before:] if len(_released_by(node)) == before + 4 else [],
+            timeout=20,
+            what="4 more association log lines",
+        )
         assert sorted(Counter(served_by).values()) == [2, 2], served_by
     finally:
         stop_node(node)
