@@ -16,6 +16,7 @@ import os
 import select
 import socket
 import time
+from typing import Any
 
 from pynetdicom.transport import ThreadedAssociationServer
 
@@ -39,10 +40,16 @@ def listening_socket(host: str, port: int) -> socket.socket:
 
 class SharedSocketServer(ThreadedAssociationServer):
     """pynetdicom's threaded server on an inherited listening socket (``listening_fd``),
-    accepting a connection only if no other listener serves fewer (``connections``)."""
+    accepting a connection only if no other listener serves fewer (``connections``).
+    ``AE.make_server(server_class=SharedSocketServer, listening_fd=..., connections=...)``."""
 
-    listening_fd: int
-    connections: AssociationSlots | None = None
+    def __init__(
+        self, *args: Any, listening_fd: int, connections: AssociationSlots | None, **kwargs: Any
+    ):
+        # Before pynetdicom's constructor, which binds.
+        self.listening_fd = listening_fd
+        self.connections = connections
+        super().__init__(*args, **kwargs)
 
     def server_bind(self) -> None:
         self.socket.close()
@@ -76,14 +83,3 @@ class SharedSocketServer(ThreadedAssociationServer):
             if not waiting:
                 # socketserver ignores an OSError from get_request: nothing to serve here.
                 raise BlockingIOError("a less busy listener accepted the connection")
-
-
-def shared_socket_server(
-    listening_fd: int, connections: AssociationSlots | None
-) -> type[SharedSocketServer]:
-    """A :class:`SharedSocketServer` class for ``AE.make_server(server_class=...)``."""
-    return type(
-        "BoundSharedSocketServer",
-        (SharedSocketServer,),
-        {"listening_fd": listening_fd, "connections": connections},
-    )

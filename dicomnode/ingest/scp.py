@@ -27,7 +27,7 @@ from dicomnode.config import Peer, Settings
 from dicomnode.db.session import utcnow
 from dicomnode.db.writer_lock import WriterLock
 from dicomnode.ingest import assembly
-from dicomnode.ingest.balance import shared_socket_server
+from dicomnode.ingest.balance import SharedSocketServer
 from dicomnode.ingest.incoming import (
     SPARES,
     IncomingFile,
@@ -415,17 +415,20 @@ class StorageSCP:
         self.storage.mkdir(parents=True, exist_ok=True)
         install(lambda: incoming_folder(self.storage), self._limits)
         tls = tls_context(self.settings) if self.settings.tls.enabled else None
-        server_class = (
-            ThreadedAssociationServer
-            if self.listening_fd is None
-            else shared_socket_server(self.listening_fd, self.connections)
-        )
+        server: dict = {"server_class": ThreadedAssociationServer}
+        if self.listening_fd is not None:
+            # The supervisor's socket, shared with the other listeners (balance.py).
+            server = {
+                "server_class": SharedSocketServer,
+                "listening_fd": self.listening_fd,
+                "connections": self.connections,
+            }
         self._server = self.ae.make_server(
             (node.host, node.port),
             evt_handlers=self.handlers(),
             ssl_context=tls,
-            server_class=server_class,
             request_handler=EventDrivenRequestHandler,
+            **server,
         )
         # AE.start_server keeps its servers in this list and shutdown() removes them from it.
         self.ae._servers.append(self._server)
