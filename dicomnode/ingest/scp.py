@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import ssl
-import sys
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -195,7 +194,7 @@ class StorageSCP:
         if self.connections is not None:
             with self._lock:
                 self._open_connections.add(id(event.assoc))
-            self.connections.acquire(sys.maxsize)
+            self.connections.add()
 
     def _on_closed(self, event: evt.Event) -> None:
         with self._lock:

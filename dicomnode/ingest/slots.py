@@ -12,6 +12,7 @@ from __future__ import annotations
 import fcntl
 import os
 import struct
+import sys
 from pathlib import Path
 
 _COUNTER = struct.Struct("<I")
@@ -48,6 +49,10 @@ class AssociationSlots:
             return True
         finally:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def add(self) -> None:
+        """Count one more here, whatever the others count (a connection, not a slot)."""
+        self.acquire(sys.maxsize)
 
     def release(self) -> None:
         """Count one association less here."""
