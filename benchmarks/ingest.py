@@ -300,16 +300,21 @@ class Node(Target):
 # Measuring -------------------------------------------------------------------------
 
 
+def proc_stat(pid: int | str) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name (state first); None if gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+
+
 def descendants(pid: int) -> list[int]:
     """Every process below ``pid`` (from /proc)."""
     children: dict[int, list[int]] = {}
     for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/stat") as handle:
-                fields = handle.read().rsplit(")", 1)[1].split()
-        except OSError:
+        fields = proc_stat(entry.name) if entry.name.isdigit() else None
+        if fields is None:
             continue
         children.setdefault(int(fields[1]), []).append(int(entry.name))
     found, stack = [], [pid]
@@ -324,12 +329,9 @@ def cpu_seconds(pids: list[int]) -> float:
     """User + system CPU time the processes have used so far (from /proc)."""
     ticks = 0
     for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat") as handle:
-                fields = handle.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        ticks += int(fields[11]) + int(fields[12])
+        fields = proc_stat(pid)
+        if fields is not None:
+            ticks += int(fields[11]) + int(fields[12])
     return ticks / os.sysconf("SC_CLK_TCK")
 
 

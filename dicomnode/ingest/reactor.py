@@ -35,7 +35,9 @@ from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.transport import AssociationSocket, RequestHandler
 
-LOGGER = logging.getLogger("pynetdicom.dul")
+# The loggers of the pynetdicom modules whose code runs here, so its lines keep their names.
+DUL_LOGGER = logging.getLogger("pynetdicom.dul")
+ASSOCIATION_LOGGER = logging.getLogger("pynetdicom.association")
 # Longest wait of either loop with nothing to do: the granularity of pynetdicom's timers
 # (ARTIM, network idle) and of a kill that no nudge announces.
 TICK = 0.05
@@ -133,8 +135,8 @@ class WakingDUL(DULServiceProvider):
 
     def _abort_after(self, exc: Exception) -> None:
         """As pynetdicom does: A-ABORT outside the state machine, stop both reactors."""
-        LOGGER.error("Exception in DUL.run(), aborting association")
-        LOGGER.exception(exc)
+        DUL_LOGGER.error("Exception in DUL.run(), aborting association")
+        DUL_LOGGER.exception(exc)
         abort_pdu = A_ABORT_RQ()
         abort_pdu.source = 0x02
         abort_pdu.reason_diagnostic = 0x00
@@ -180,7 +182,7 @@ class EventDrivenAssociation(Association):
                 continue
             if self.is_established and self.acse.is_release_requested():
                 self.acse.send_release(is_response=True)
-                LOGGER.info("Association Released")
+                ASSOCIATION_LOGGER.info("Association Released")
                 self.is_released = True
                 self.is_established = False
                 evt.trigger(self, evt.EVT_RELEASED, {})
@@ -190,7 +192,7 @@ class EventDrivenAssociation(Association):
                 log_msg = "Association Aborted"
                 if self.acse.is_aborted("a-p-abort"):
                     log_msg += " (A-P-ABORT)"
-                LOGGER.info(log_msg)
+                ASSOCIATION_LOGGER.info(log_msg)
                 # Ensure that EVT_ACSE_RECV fires for subscribers.
                 self.dul.receive_pdu(wait=False)
                 self.is_aborted = True
@@ -202,7 +204,7 @@ class EventDrivenAssociation(Association):
                 self.kill()
                 return
             if self.dul.idle_timer_expired():
-                LOGGER.error("Network timeout reached")
+                ASSOCIATION_LOGGER.error("Network timeout reached")
                 if self.network_timeout_response == "A-RELEASE":
                     self._is_paused = True
                     self._reactor_checkpoint.wait()
