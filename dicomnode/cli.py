@@ -60,7 +60,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_listener(args: argparse.Namespace) -> int:
     from dicomnode.ingest.listeners import run_listener
 
-    return run_listener(Path(args.config), args.index, args.slots, args.connections, args.socket_fd)
+    return run_listener(
+        Path(args.config),
+        args.index,
+        args.slots,
+        args.connections,
+        args.socket_fd,
+        args.index_fd,
+    )
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -264,6 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     listener.add_argument("--slots", type=Path, default=None)
     listener.add_argument("--connections", type=Path, default=None)
     listener.add_argument("--socket-fd", type=int, default=None)
+    listener.add_argument("--index-fd", type=int, default=None)
     listener.set_defaults(func=cmd_listener)
 
     worker = with_config(commands.add_parser("worker", help="run one job worker"))

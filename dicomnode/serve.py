@@ -267,7 +267,8 @@ class WorkerPool:
 def run_serve(config: Path, workers: int | None = None) -> int:
     """Run the node until SIGTERM/SIGINT: listeners, assembly, workers, web; 0 when stopped."""
     from dicomnode.db.session import make_engine, make_sessionmaker, upgrade
-    from dicomnode.ingest.listeners import ListenerPool
+    from dicomnode.ingest.indexer import IndexService
+    from dicomnode.ingest.listeners import ListenerPool, ingest_sessions
     from dicomnode.logs import setup_logging
 
     # Children inherit "ignore SIGHUP" until they install their own reload handling.
@@ -288,8 +289,15 @@ def run_serve(config: Path, workers: int | None = None) -> int:
     recover(settings, sessions)
     run_dir = Path(tempfile.mkdtemp(prefix="dicomnode-run-"))
     stop = threading.Event()
+    # The listeners' index rows; it reads the settings of ``node`` once that exists.
+    running: dict[str, Node] = {}
+    index_sessions = ingest_sessions(settings.database_url)
+    index = IndexService(
+        lambda: index_sessions,
+        lambda: running["node"].settings if "node" in running else settings,
+    )
     try:
-        listeners = ListenerPool(config, settings.node.listeners, run_dir, settings.node)
+        listeners = ListenerPool(config, settings.node.listeners, run_dir, settings.node, index)
     except OSError as exc:
         log.error(
             "cannot listen for DICOM on %s:%d: %s",
@@ -299,6 +307,7 @@ def run_serve(config: Path, workers: int | None = None) -> int:
         )
         shutil.rmtree(run_dir, ignore_errors=True)
         remove_metrics_dir(metrics_folder)
+        index.close()
         return 1
     pool: WorkerPool | None = None
     try:
@@ -313,10 +322,12 @@ def run_serve(config: Path, workers: int | None = None) -> int:
         threading.Thread(target=pool.supervise, args=(stop,), name="workers", daemon=True).start()
         log.info("worklist page on http://%s:%d/worklist", settings.web.host, settings.web.port)
         node = Node(config, settings, cards, None, pool.processes, listeners)
+        running["node"] = node
         run_web(node, sessions, stop)
     finally:
         stop.set()
         listeners.stop()
+        index.close()
         if pool is not None:
             pool.stop()
         remove_metrics_dir(metrics_folder)

@@ -153,7 +153,7 @@ def test_32_concurrent_associations_over_two_listeners(tmp_path: Path, db_url: s
         for sender in senders:
             _, errors = sender.communicate(timeout=120)
             assert sender.returncode == 0, errors[-2000:]
-        # Rows are committed before each acknowledgement: nothing to wait for.
+        # Rows are committed before each release is answered: nothing to wait for.
         rows = instance_rows(db_url)
         sent = {str(sop_instance_uid(path)) for files in studies for path in files}
         assert len(rows) == len(sent) == 96

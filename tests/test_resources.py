@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,6 +11,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from test_scp import Node, secondary_capture, start_node
 
 from dicomnode.db.session import make_engine, make_sessionmaker
+from dicomnode.ingest import indexer
 
 
 @pytest.fixture
@@ -29,21 +31,34 @@ def test_low_disk_answers_out_of_resources_and_recovers(node: Node) -> None:
     assert node.instances(str(ds.SOPInstanceUID)) == 1
 
 
-def test_database_down_refuses_without_ack_then_retry_succeeds(node: Node) -> None:
+def test_database_down_acknowledged_rows_wait_new_instances_refused(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(indexer, "RELEASE_WAIT_SECONDS", 0.5)
     # Nothing listens on port 1: every connection is refused at once.
     down = make_engine("postgresql+psycopg://postgres@127.0.0.1:1/test?connect_timeout=2")
     working = node.scp.sessions
     node.scp.sessions = make_sessionmaker(down)
-    ds = secondary_capture()
+    first, second = secondary_capture(), secondary_capture()
     try:
-        assert node.store(ds) == 0xA700
+        # The first instance is durable before the writer finds the database down: it is
+        # acknowledged, its row waits (the file is in the spool).
+        assert node.store(first) == 0x0000
+        deadline = time.monotonic() + 10
+        while node.scp.index.healthy and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not node.scp.index.healthy
+        # From then on new instances are refused, not acknowledged, not stored.
+        assert node.store(second) == 0xA700
+        assert not list(node.storage.rglob(f"{second.SOPInstanceUID}.dcm"))
     finally:
         node.scp.sessions = working
-        down.dispose()
-    assert node.instances(str(ds.SOPInstanceUID)) == 0
-    # The sender retries once the database is back; the spooled file is reused.
-    assert node.store(ds) == 0x0000
-    assert node.instances(str(ds.SOPInstanceUID)) == 1
+    # The database is back: the waiting row is written and the sender's retry succeeds.
+    assert node.instances(str(first.SOPInstanceUID)) == 1
+    assert node.scp.index.healthy
+    assert node.store(second) == 0x0000
+    assert node.instances(str(second.SOPInstanceUID)) == 1
+    down.dispose()
 
 
 def test_association_limit_and_max_pdu(node: Node) -> None:

@@ -88,10 +88,12 @@ class Node:
         return [p for p in self.storage.rglob("*") if p.is_file() and str(p) != spare]
 
     def instances(self, sop_uid: str) -> int:
+        self.scp.index.flush(10)
         with self.sessions() as session:
             return session.scalar(select(func.count()).where(Instance.sop_instance_uid == sop_uid))
 
     def ready_at(self, study_uid: str) -> datetime:
+        self.scp.index.flush(10)
         with self.sessions() as session:
             return as_utc(
                 session.scalars(

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 
 from pydicom import Dataset
@@ -66,6 +67,46 @@ def instance_facts(ds: Dataset) -> InstanceFacts:
     )
 
 
+@dataclass(frozen=True)
+class Arrival:
+    """A stored instance: its header facts and its file, as its rows record them."""
+
+    facts: InstanceFacts
+    path: str
+    size_bytes: int
+    transfer_syntax_uid: str
+    calling_ae: str
+    received_at: datetime
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "received_at": self.received_at.isoformat()}
+
+    @classmethod
+    def from_json(cls, data: dict) -> Arrival:
+        return cls(
+            facts=InstanceFacts(**data["facts"]),
+            path=data["path"],
+            size_bytes=data["size_bytes"],
+            transfer_syntax_uid=data["transfer_syntax_uid"],
+            calling_ae=data["calling_ae"],
+            received_at=datetime.fromisoformat(data["received_at"]),
+        )
+
+    def row(self, series_id: int) -> dict:
+        """The instance row's values."""
+        return {
+            "series_id": series_id,
+            "sop_instance_uid": self.facts.sop_instance_uid,
+            "sop_class_uid": self.facts.sop_class_uid,
+            "transfer_syntax_uid": self.transfer_syntax_uid,
+            "instance_number": self.facts.instance_number,
+            "path": self.path,
+            "size_bytes": self.size_bytes,
+            "calling_ae": self.calling_ae,
+            "received_at": self.received_at,
+        }
+
+
 def _new_study(
     session: Session, facts: InstanceFacts, now: datetime, worklist: WorklistSettings
 ) -> int:
@@ -122,7 +163,7 @@ _TOUCH_STUDY = (
     .values(
         last_instance_at=bindparam("now"),
         ready_at=bindparam("ready_at"),
-        received_generation=_STUDIES.c.received_generation + 1,
+        received_generation=_STUDIES.c.received_generation + bindparam("arrived"),
         analysis_status=case(
             (_STUDIES.c.analysis_status.in_(("analysed", "failed")), "receiving"),
             else_=_STUDIES.c.analysis_status,
@@ -141,6 +182,52 @@ def _known_ids(session: Session, facts: InstanceFacts) -> tuple[int | None, int 
     return None, connection.execute(_SERIES_ID, uids).scalar()
 
 
+def add_rows(
+    session: Session,
+    arrivals: Sequence[Arrival],
+    quiet_seconds: float,
+    worklist: WorklistSettings | None = None,
+) -> None:
+    """Add the rows of ``arrivals`` (and their studies' and series' where new) and push
+    each study's assembly deadline past its last arrival, without committing.
+
+    Per series one lookup and one multi-row insert, per study one update. IntegrityError
+    if an instance is known, or a concurrent transaction created the same study or series.
+    """
+    by_series: dict[tuple[str, str], list[Arrival]] = {}
+    for arrival in arrivals:
+        key = (arrival.facts.study_instance_uid, arrival.facts.series_instance_uid)
+        by_series.setdefault(key, []).append(arrival)
+    touched: dict[int, tuple[datetime, int]] = {}
+    connection = session.connection()
+    for group in by_series.values():
+        first = group[0]
+        study_id, series_id = _known_ids(session, first.facts)
+        if study_id is None:
+            study_id = _new_study(
+                session, first.facts, first.received_at, worklist or WorklistSettings()
+            )
+        if series_id is None:
+            series_id = _new_series(session, study_id, first.facts)
+        connection.execute(_ADD_INSTANCE, [arrival.row(series_id) for arrival in group])
+        last = max(arrival.received_at for arrival in group)
+        if study_id in touched:
+            earlier, count = touched[study_id]
+            touched[study_id] = (max(earlier, last), count + len(group))
+        else:
+            touched[study_id] = (last, len(group))
+    for study_id, (last, count) in touched.items():
+        connection.execute(
+            _TOUCH_STUDY,
+            {
+                "study_id": study_id,
+                "now": last,
+                "ready_at": last + timedelta(seconds=quiet_seconds),
+                "arrived": count,
+            },
+        )
+
+
 def index_instance(
     session: Session,
     facts: InstanceFacts,
@@ -153,38 +240,24 @@ def index_instance(
     quiet_seconds: float,
     worklist: WorklistSettings | None = None,
 ) -> bool:
-    """Add the instance's rows and push the study's assembly deadline; False if it was known.
+    """Add one instance's rows (:func:`add_rows`) and commit; False if it was known.
 
-    Commits. Safe to call again for the same instance (a retried C-STORE after a failure
-    between the file write and the commit). An instance of a known series costs one query,
-    one insert, one update and the commit (this runs before every acknowledgement).
+    Safe to call again for the same instance (a resent C-STORE, the spool re-index).
     """
+    arrival = Arrival(facts, path, size_bytes, transfer_syntax_uid, calling_ae, now)
+    return index_arrival(session, arrival, quiet_seconds, worklist)
+
+
+def index_arrival(
+    session: Session,
+    arrival: Arrival,
+    quiet_seconds: float,
+    worklist: WorklistSettings | None = None,
+) -> bool:
+    """:func:`index_instance` for an :class:`Arrival`."""
     for attempt in range(3):
         try:
-            study_id, series_id = _known_ids(session, facts)
-            if study_id is None:
-                study_id = _new_study(session, facts, now, worklist or WorklistSettings())
-            if series_id is None:
-                series_id = _new_series(session, study_id, facts)
-            connection = session.connection()
-            connection.execute(
-                _ADD_INSTANCE,
-                {
-                    "series_id": series_id,
-                    "sop_instance_uid": facts.sop_instance_uid,
-                    "sop_class_uid": facts.sop_class_uid,
-                    "transfer_syntax_uid": transfer_syntax_uid,
-                    "instance_number": facts.instance_number,
-                    "path": path,
-                    "size_bytes": size_bytes,
-                    "calling_ae": calling_ae,
-                    "received_at": now,
-                },
-            )
-            ready_at = now + timedelta(seconds=quiet_seconds)
-            connection.execute(
-                _TOUCH_STUDY, {"study_id": study_id, "now": now, "ready_at": ready_at}
-            )
+            add_rows(session, [arrival], quiet_seconds, worklist)
             session.commit()
             return True
         except IntegrityError:
@@ -193,7 +266,7 @@ def index_instance(
             session.rollback()
             known = (
                 session.connection()
-                .execute(_INSTANCE_ID, {"sop_uid": facts.sop_instance_uid})
+                .execute(_INSTANCE_ID, {"sop_uid": arrival.facts.sop_instance_uid})
                 .scalar()
             )
             session.rollback()

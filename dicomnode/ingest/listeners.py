@@ -11,7 +11,8 @@ talks to its supervisor over its standard streams, one line each:
   end of input (the supervisor is gone) stops the child.
 
 The node-wide association limit and the connections each listener serves are kept in
-shared counters files (:mod:`dicomnode.ingest.slots`).
+shared counters files (:mod:`dicomnode.ingest.slots`). The index rows of what a listener
+stores go to the supervisor's writer over a socket pair (:mod:`dicomnode.ingest.indexer`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import logging
 import os
 import queue
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -33,6 +35,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.config import NodeSettings, Settings, load_settings
 from dicomnode.ingest.balance import listening_socket
+from dicomnode.ingest.indexer import IndexService, RemoteIndex
 from dicomnode.ingest.slots import AssociationSlots, create_slots
 
 log = logging.getLogger("dicomnode.ingest")
@@ -92,9 +95,13 @@ class _Child:
 class ListenerPool:
     """The listener processes of one node; one that dies is restarted with backoff."""
 
-    def __init__(self, config: Path, count: int, run_dir: Path, node: NodeSettings):
-        """Bind ``node``'s host and port (OSError if taken) and start ``count`` listeners."""
+    def __init__(
+        self, config: Path, count: int, run_dir: Path, node: NodeSettings, index: IndexService
+    ):
+        """Bind ``node``'s host and port (OSError if taken) and start ``count`` listeners,
+        whose index rows ``index`` writes."""
         self.socket = listening_socket(node.host, node.port)
+        self.index = index
         self.slots_path = run_dir / "associations.slots"
         self.connections_path = run_dir / "connections.slots"
         create_slots(self.slots_path, count)
@@ -106,6 +113,13 @@ class ListenerPool:
 
     def _spawn(self, index: int) -> _Child:
         fd = self.socket.fileno()
+        channel = self.index.channel()
+        try:
+            return self._start(index, fd, channel.fileno())
+        finally:
+            channel.close()  # the child has its own copy
+
+    def _start(self, index: int, fd: int, index_fd: int) -> _Child:
         return _Child(
             [
                 *self.command,
@@ -117,8 +131,10 @@ class ListenerPool:
                 str(self.connections_path),
                 "--socket-fd",
                 str(fd),
+                "--index-fd",
+                str(index_fd),
             ],
-            pass_fds=(fd,),
+            pass_fds=(fd, index_fd),
         )
 
     @property
@@ -201,7 +217,7 @@ def _die_with_parent() -> None:
 
 
 def relaxed_commits(engine: Engine) -> Engine:
-    """Ingest commits that return before the database's log is flushed.
+    """Ingest commits (the index writer's) that return before the database's log is flushed.
 
     An acknowledged instance's file is already durable (fsync + rename + folder fsync);
     a row lost to a power cut is rebuilt from that file by the spool re-index at start
@@ -223,7 +239,8 @@ def relaxed_commits(engine: Engine) -> Engine:
 
 
 def ingest_sessions(url: str) -> sessionmaker[Session]:
-    """Sessions for a listener process (schema already upgraded by the supervisor)."""
+    """Sessions for the index writer, the supervisor's or a stand-alone listener's (schema
+    already upgraded by the supervisor)."""
     from dicomnode.db.session import make_engine, make_sessionmaker
 
     return make_sessionmaker(relaxed_commits(make_engine(url)))
@@ -246,9 +263,11 @@ def run_listener(
     slots: Path | None,
     connections: Path | None = None,
     socket_fd: int | None = None,
+    index_fd: int | None = None,
 ) -> int:
     """The ``dicomnode listener`` process: serve DICOM until SIGTERM or end of input, on
-    the supervisor's socket ``socket_fd`` (else its own)."""
+    the supervisor's socket ``socket_fd`` (else its own), handing index rows to the
+    supervisor over ``index_fd`` (else writing them itself)."""
     from dicomnode.ingest.scp import StorageSCP
     from dicomnode.logs import setup_logging
 
@@ -266,6 +285,7 @@ def run_listener(
         slots=AssociationSlots(slots, index) if slots else None,
         connections=AssociationSlots(connections, index) if connections else None,
         listening_fd=socket_fd,
+        index=RemoteIndex(socket.socket(fileno=index_fd)) if index_fd is not None else None,
     )
     scp.start()
     print("ready", flush=True)

@@ -181,6 +181,10 @@ class EventDrivenAssociation(Association):
                 self._serve_request(msg, int(context_id))  # type: ignore[arg-type]
                 continue
             if self.is_established and self.acse.is_release_requested():
+                # The server's hook (scp.py): the association's index rows are committed.
+                before_release = getattr(self._server, "before_release", None)
+                if before_release is not None:
+                    before_release(self)
                 self.acse.send_release(is_response=True)
                 ASSOCIATION_LOGGER.info("Association Released")
                 self.is_released = True

@@ -1,9 +1,13 @@
 """Start-up recovery of the spool after a crash.
 
-An instance is written (tmp + fsync + rename) before its database row is committed, and
-success is answered only after both. A crash between the two leaves a file the sender was
-never told about; it is indexed here so the study is complete when the sender retries (the
-retry is then a duplicate). Temporary files of interrupted writes are removed.
+An instance is answered with success once its file is durable (fsync, rename, folder
+fsync); its rows are written a few milliseconds later by the index writer
+(:mod:`dicomnode.ingest.indexer`), in the supervisor. A crash between the two leaves an
+acknowledged file without rows; it is indexed here, before the node listens again, so
+nothing acknowledged is missing from the worklist or the analyses. (A crash between the
+file and the answer leaves a file the sender was not told about; it is indexed too, and
+the sender's retry is then a duplicate.) Temporary files of interrupted writes are
+removed.
 """
 
 from __future__ import annotations

@@ -1,7 +1,9 @@
 """The DICOM listener: Storage SCP and Verification SCP on pynetdicom.
 
-The handlers are thin: each C-STORE is parsed, made durable by ``spool``, indexed by
-``index``, and only then answered with 0x0000. Nothing here waits on inference.
+The handlers are thin: each C-STORE is parsed and checked, made durable by ``spool``, and
+only then answered with 0x0000; its index rows are queued for the writer (``indexer``),
+which commits them before the association's release is answered. Nothing here waits on
+inference.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import logging
 import ssl
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import pydicom
@@ -24,8 +26,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicomnode import metrics
 from dicomnode.config import Peer, Settings
 from dicomnode.db.session import utcnow
-from dicomnode.db.writer_lock import WriterLock
-from dicomnode.ingest import assembly
+from dicomnode.ingest import indexer
 from dicomnode.ingest.balance import SharedSocketServer
 from dicomnode.ingest.incoming import (
     SPARES,
@@ -35,7 +36,8 @@ from dicomnode.ingest.incoming import (
     install,
     write_incoming,
 )
-from dicomnode.ingest.index import index_instance, instance_facts
+from dicomnode.ingest.index import Arrival, instance_facts
+from dicomnode.ingest.indexer import AssociationEnded, IndexSink, LocalIndex
 from dicomnode.ingest.reactor import EventDrivenRequestHandler
 from dicomnode.ingest.slots import AssociationSlots
 from dicomnode.ingest.spool import (
@@ -62,7 +64,7 @@ STATUS_CANNOT_UNDERSTAND = 0xC000
 STATUS_SOP_CLASS_MISMATCH = 0xA900
 # Element values larger than this are not read into memory when a received file is parsed.
 DEFER_BYTES = 64 * 1024
-# fsync runs here, overlapped with parsing and indexing (it waits on the disk, not the GIL).
+# The data set's fsync runs here, overlapped with parsing (it waits on the disk, not the GIL).
 _SYNC = ThreadPoolExecutor(max_workers=16, thread_name_prefix="spool-sync")
 
 
@@ -76,6 +78,8 @@ class _AssociationLog:
     bytes: int = 0
     study_uids: set[str] = field(default_factory=set)
     started: float = field(default_factory=time.monotonic)
+    # The index ticket of the last instance stored (0: none), waited for at release.
+    ticket: int = 0
 
 
 def tls_context(settings: Settings) -> ssl.SSLContext:
@@ -119,14 +123,16 @@ class StorageSCP:
         slots: AssociationSlots | None = None,
         connections: AssociationSlots | None = None,
         listening_fd: int | None = None,
+        index: IndexSink | None = None,
     ):
         """``slots``: the node-wide association count shared with other listener processes
         (None: this process's own limit only); ``listening_fd``: the socket shared with them
         (None: bind ``[node] host:port`` here); ``connections``: the connections each of
-        them serves, so that the least busy one accepts the next."""
+        them serves, so that the least busy one accepts the next; ``index``: where the
+        index rows go (None: a writer thread here, on ``sessions``)."""
         self.settings = settings
         self.sessions = sessions
-        self.writer_lock = WriterLock.for_engine(sessions.kw.get("bind"))
+        self.index: IndexSink = index or LocalIndex(lambda: self.sessions, lambda: self.settings)
         self.storage = settings.storage_path
         self.slots = slots
         self.connections = connections
@@ -232,16 +238,22 @@ class StorageSCP:
         )
         if record.study_uids:
             try:
-                with self.sessions() as session:
-                    assembly.association_ended(
-                        session,
-                        record.study_uids,
-                        utcnow(),
-                        self.settings.assembly.quiet_seconds,
-                    )
-            except Exception:
+                self.index.add(AssociationEnded(tuple(sorted(record.study_uids)), utcnow()))
+            except OSError:
                 # The studies still become ready from their last instance's deadline.
                 log.exception("could not restart the quiet period after %s", outcome)
+
+    def _before_release(self, assoc) -> None:
+        """Answer a release only once the association's index rows are committed."""
+        record = self._associations.get(id(assoc))
+        if record is None or not record.ticket:
+            return
+        if not self.index.wait(record.ticket, indexer.RELEASE_WAIT_SECONDS):
+            log.warning(
+                "association from %s released before its index rows were written (database "
+                "unavailable); they stay queued",
+                record.calling_ae,
+            )
 
     def handle_store(self, event: evt.Event) -> int:
         """The C-STORE handler: a DIMSE status; never raises (pynetdicom would answer 0xC211)."""
@@ -306,6 +318,9 @@ class StorageSCP:
                 received.size,
             )
             return STATUS_OUT_OF_RESOURCES
+        if not self.index.healthy:
+            log.error("refused %s from %s: database unavailable", affected, calling_ae)
+            return STATUS_OUT_OF_RESOURCES
         if free_bytes(self.storage) < self.settings.storage.min_free_bytes:
             log.error(
                 "refused %s from %s: storage %s is below the free-space watermark",
@@ -352,7 +367,6 @@ class StorageSCP:
         except SpoolError as exc:
             log.warning("refused %s from %s: %s", affected, calling_ae, exc)
             return STATUS_CANNOT_UNDERSTAND
-        folder_synced: Future[None] | None = None
         if path.exists():
             # Duplicate SOP Instance UID: keep the first copy, answer success (as PACS do).
             record.duplicates += 1
@@ -362,37 +376,21 @@ class StorageSCP:
             try:
                 data_synced.result()
                 received.move_to(path, synced=True)
+                sync_folder(path.parent)
             except (OSError, SpoolError) as exc:
                 log.error("refused %s from %s: cannot store: %s", affected, calling_ae, exc)
                 return STATUS_OUT_OF_RESOURCES
-            # The rename becomes durable while the rows are written; acknowledged after both.
-            folder_synced = _SYNC.submit(sync_folder, path.parent)
             size = received.size
             record.bytes += size
-        try:
-            with self.writer_lock.held(), self.sessions() as session:
-                added = index_instance(
-                    session,
-                    facts,
-                    path=str(path),
-                    size_bytes=size,
-                    transfer_syntax_uid=transfer_syntax,
-                    calling_ae=calling_ae,
-                    now=utcnow(),
-                    quiet_seconds=self.settings.assembly.quiet_seconds,
-                    worklist=self.settings.worklist,
-                )
-        except Exception as exc:
-            # Not acknowledged: the sender retries; the file already on disk is reused.
-            log.error("refused %s from %s: database unavailable: %s", affected, calling_ae, exc)
-            return STATUS_OUT_OF_RESOURCES
-        finally:
-            folder_error = _folder_error(folder_synced)
-        if folder_error is not None:
-            log.error("refused %s from %s: %s", affected, calling_ae, folder_error)
-            return STATUS_OUT_OF_RESOURCES
-        if added:
             record.stored += 1
+        arrival = Arrival(facts, str(path), size, transfer_syntax, calling_ae, utcnow())
+        try:
+            # Also for a duplicate: its row may be what a crash left unwritten.
+            record.ticket = self.index.add(arrival)
+        except OSError as exc:
+            # The supervisor's writer is gone (the node is stopping): not acknowledged.
+            log.error("refused %s from %s: index unavailable: %s", affected, calling_ae, exc)
+            return STATUS_OUT_OF_RESOURCES
         record.study_uids.add(facts.study_instance_uid)
         return STATUS_SUCCESS
 
@@ -429,6 +427,8 @@ class StorageSCP:
             request_handler=EventDrivenRequestHandler,
             **server,
         )
+        # The association reactor (reactor.py) calls this before it answers a release.
+        self._server.before_release = self._before_release
         # AE.start_server keeps its servers in this list and shutdown() removes them from it.
         self.ae._servers.append(self._server)
         threading.Thread(
@@ -447,17 +447,7 @@ class StorageSCP:
             self._server.shutdown()
             self._server = None
         SPARES.remove()
-
-
-def _folder_error(folder_synced: Future[None] | None) -> SpoolError | None:
-    """Wait for a folder fsync; the error if it failed."""
-    if folder_synced is None:
-        return None
-    try:
-        folder_synced.result()
-    except SpoolError as exc:
-        return exc
-    return None
+        self.index.close()
 
 
 def offline_store_event(

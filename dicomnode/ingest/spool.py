@@ -100,7 +100,7 @@ def move_into_place(source: Path, path: Path, *, synced: bool = False) -> None:
     """Rename an already written file to ``path`` after fsync (skipped when ``synced``).
 
     Durable only once :func:`sync_folder` of ``path.parent`` has returned as well; the
-    caller may overlap that with other work (the index rows) but not acknowledge before.
+    caller may overlap that with other work but not acknowledge before.
     """
     try:
         _make_dirs_durable(path.parent)

@@ -1,0 +1,436 @@
+"""Index rows written behind the acknowledgement, in batches, by one writer thread.
+
+A C-STORE is answered once its file is durable in the spool (fsync, rename, folder fsync);
+the instance's study, series and instance rows follow a few milliseconds later from an
+:class:`IndexWriter`, which writes whatever has queued up in one transaction. Nothing
+acknowledged depends on those rows: a row that was queued but not written when the node
+stopped is rebuilt from its file by the spool re-index at start-up
+(:func:`dicomnode.ingest.recover.recover_spool`).
+
+Under ``dicomnode serve`` the writer runs in the supervisor (:class:`IndexService`), so
+the listener processes, which serve every association in one interpreter, spend no time
+on the database; each listener reaches it through a socket pair (:class:`RemoteIndex`),
+one JSON object per line:
+
+- listener to supervisor: ``{"seq": n, "arrival": {...}}`` or
+  ``{"seq": n, "ended": [study UIDs], "at": ISO time}`` (an association ended);
+- supervisor to listener: ``{"written": n}`` (everything up to ``n`` is committed) and
+  ``{"healthy": false}`` / ``{"healthy": true}`` when the database stops or resumes
+  taking rows.
+
+A listener refuses new instances with 0xA700 while the database is not taking rows, and
+answers an A-RELEASE-RQ only once the association's rows are committed (or after
+:data:`RELEASE_WAIT_SECONDS`), so a sender that has released sees its instances indexed.
+An in-process :class:`~dicomnode.ingest.scp.StorageSCP` (tests, tools) has its own writer
+thread (:class:`LocalIndex`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Protocol
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicomnode.config import Settings
+from dicomnode.db.models import Instance
+from dicomnode.db.writer_lock import WriterLock
+from dicomnode.ingest import assembly
+from dicomnode.ingest.index import Arrival, add_rows, index_arrival
+
+log = logging.getLogger("dicomnode.ingest")
+
+# Rows written in one transaction at most.
+BATCH = 256
+# A release waits at most this long for the association's rows (database down: the rows
+# stay queued and the files are in the spool either way); well below the peers' timeouts
+# for the A-RELEASE-RP (dcmtk and pynetdicom: 30 s).
+RELEASE_WAIT_SECONDS = 5.0
+# Between tries while the database refuses the rows.
+RETRY_SECONDS = 1.0
+
+
+@dataclass(frozen=True)
+class AssociationEnded:
+    """An association that sent these studies was released or aborted."""
+
+    study_uids: tuple[str, ...]
+    at: datetime
+
+
+Item = Arrival | AssociationEnded
+
+
+def write_items(session: Session, items: list[Item], settings: Settings) -> None:
+    """Write the rows of ``items`` in their order: each run of arrivals in one transaction
+    (one by one if that fails on a constraint), each association end after what came
+    before it."""
+    quiet_seconds = settings.assembly.quiet_seconds
+    run: list[Arrival] = []
+    for item in [*items, None]:
+        if isinstance(item, Arrival):
+            run.append(item)
+            continue
+        if run:
+            _write_arrivals(session, run, quiet_seconds, settings)
+            run = []
+        if isinstance(item, AssociationEnded):
+            assembly.association_ended(session, item.study_uids, item.at, quiet_seconds)
+
+
+def _write_arrivals(
+    session: Session, arrivals: list[Arrival], quiet_seconds: float, settings: Settings
+) -> None:
+    uids = [arrival.facts.sop_instance_uid for arrival in arrivals]
+    known = set(
+        session.scalars(
+            select(Instance.sop_instance_uid).where(Instance.sop_instance_uid.in_(uids))
+        )
+    )
+    fresh: list[Arrival] = []
+    for arrival in arrivals:
+        # Duplicates (a resent study) and repeats within the batch write nothing.
+        if arrival.facts.sop_instance_uid not in known:
+            known.add(arrival.facts.sop_instance_uid)
+            fresh.append(arrival)
+    try:
+        add_rows(session, fresh, quiet_seconds, settings.worklist)
+        session.commit()
+    except IntegrityError:
+        # Another process created the same study or series meanwhile: one at a time, each
+        # with index_arrival's own retries.
+        session.rollback()
+        for arrival in fresh:
+            index_arrival(session, arrival, quiet_seconds, settings.worklist)
+
+
+class IndexWriter:
+    """A thread writing queued items in batches; after each commit it calls the items'
+    ``done`` callbacks, then ``on_batch``.
+
+    ``sessions`` and ``settings`` are read for every batch (a reload or a test may swap
+    them). While the database refuses the rows the writer retries every
+    :data:`RETRY_SECONDS` and reports ``healthy`` False to ``on_health``.
+    """
+
+    def __init__(
+        self,
+        sessions: Callable[[], sessionmaker[Session]],
+        settings: Callable[[], Settings],
+        on_health: Callable[[bool], None] = lambda healthy: None,
+        on_batch: Callable[[], None] = lambda: None,
+    ):
+        self._sessions = sessions
+        self._settings = settings
+        self._on_health = on_health
+        self._on_batch = on_batch
+        self._lock = threading.Condition()
+        self._queue: list[tuple[Item, Callable[[], None] | None]] = []
+        self._in_flight = 0
+        self._stopping = False
+        self.healthy = True
+        self._writer_lock: WriterLock | None = None
+        self._thread = threading.Thread(target=self._run, name="index-writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, item: Item, done: Callable[[], None] | None = None) -> None:
+        with self._lock:
+            self._queue.append((item, done))
+            self._lock.notify_all()
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Write what is queued, waiting up to ``timeout`` (the database may be down), and
+        stop; what is left is written from the spool at the next start."""
+        with self._lock:
+            self._stopping = True
+            self._lock.notify_all()
+            self._lock.wait_for(lambda: not self._queue and not self._in_flight, timeout)
+            left = len(self._queue) + self._in_flight
+        if left:
+            log.warning(
+                "%d index row(s) not written at stop; the spool re-index at the next start "
+                "writes them from their files",
+                left,
+            )
+
+    def _take(self) -> list[tuple[Item, Callable[[], None] | None]]:
+        with self._lock:
+            self._in_flight = 0
+            self._lock.notify_all()
+            while not self._queue and not self._stopping:
+                self._lock.wait()
+            batch, self._queue = self._queue[:BATCH], self._queue[BATCH:]
+            self._in_flight = len(batch)
+            return batch
+
+    def _run(self) -> None:
+        while batch := self._take():
+            items = [item for item, _done in batch]
+            while not self._write(items):
+                time.sleep(RETRY_SECONDS)
+            for _item, done in batch:
+                if done is not None:
+                    done()
+            self._on_batch()
+
+    def _write(self, items: list[Item]) -> bool:
+        sessions = self._sessions()
+        settings = self._settings()
+        if self._writer_lock is None:
+            self._writer_lock = WriterLock.for_engine(sessions.kw.get("bind"))
+        try:
+            with self._writer_lock.held(), sessions() as session:
+                write_items(session, items, settings)
+        except Exception as exc:
+            if self.healthy:
+                # The driver's message, not SQLAlchemy's: that one quotes the statement's
+                # parameters (patient names, IDs).
+                log.error(
+                    "database unavailable: %d index row(s) wait, new instances are refused "
+                    "until it is back: %s: %s",
+                    len(items),
+                    type(exc).__name__,
+                    getattr(exc, "orig", None) or exc,
+                )
+                self._set_health(False)
+            return False
+        if not self.healthy:
+            log.warning("database available again: index rows written")
+            self._set_health(True)
+        return True
+
+    def _set_health(self, healthy: bool) -> None:
+        self.healthy = healthy
+        self._on_health(healthy)
+
+
+class IndexSink(Protocol):
+    """Where a listener hands the rows of what it stored."""
+
+    @property
+    def healthy(self) -> bool: ...
+
+    def add(self, item: Item) -> int:
+        """Queue ``item``; a ticket for :meth:`wait`."""
+        ...
+
+    def wait(self, ticket: int, timeout: float) -> bool:
+        """Until the rows of ``ticket`` (and everything before it) are committed."""
+        ...
+
+    def flush(self, timeout: float) -> bool:
+        """Until everything added so far is committed."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class _Tickets:
+    """Sequence numbers handed out and the highest one written, with a wait."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Condition()
+        self._next = 0
+        self._written = 0
+
+    def next(self) -> int:
+        with self._lock:
+            self._next += 1
+            return self._next
+
+    def written(self, ticket: int) -> None:
+        with self._lock:
+            if ticket > self._written:
+                self._written = ticket
+                self._lock.notify_all()
+
+    def wait(self, ticket: int, timeout: float) -> bool:
+        with self._lock:
+            return self._lock.wait_for(lambda: self._written >= ticket, timeout)
+
+    def wait_all(self, timeout: float) -> bool:
+        with self._lock:
+            last = self._next
+            return self._lock.wait_for(lambda: self._written >= last, timeout)
+
+
+class LocalIndex:
+    """An :class:`IndexSink` with its writer thread in this process."""
+
+    def __init__(
+        self,
+        sessions: Callable[[], sessionmaker[Session]],
+        settings: Callable[[], Settings],
+    ):
+        self._tickets = _Tickets()
+        self._writer = IndexWriter(sessions, settings)
+        self._add_lock = threading.Lock()
+
+    @property
+    def healthy(self) -> bool:
+        return self._writer.healthy
+
+    def add(self, item: Item) -> int:
+        # Tickets are handed out in queue order, so "written up to n" is exact.
+        with self._add_lock:
+            ticket = self._tickets.next()
+            self._writer.submit(item, lambda: self._tickets.written(ticket))
+        return ticket
+
+    def wait(self, ticket: int, timeout: float) -> bool:
+        return self._tickets.wait(ticket, timeout)
+
+    def flush(self, timeout: float) -> bool:
+        return self._tickets.wait_all(timeout)
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+def _encode(item: Item, seq: int) -> bytes:
+    if isinstance(item, Arrival):
+        message = {"seq": seq, "arrival": item.to_json()}
+    else:
+        message = {"seq": seq, "ended": list(item.study_uids), "at": item.at.isoformat()}
+    return json.dumps(message, separators=(",", ":")).encode() + b"\n"
+
+
+def _decode(message: dict) -> Item:
+    if "arrival" in message:
+        return Arrival.from_json(message["arrival"])
+    return AssociationEnded(tuple(message["ended"]), datetime.fromisoformat(message["at"]))
+
+
+class RemoteIndex:
+    """An :class:`IndexSink` whose writer is the supervisor's, over a socket pair."""
+
+    def __init__(self, channel: socket.socket):
+        self._channel = channel
+        self._tickets = _Tickets()
+        self._send_lock = threading.Lock()
+        self._healthy = True
+        threading.Thread(target=self._read, name="index-replies", daemon=True).start()
+
+    @property
+    def healthy(self) -> bool:
+        return self._healthy
+
+    def add(self, item: Item) -> int:
+        with self._send_lock:
+            ticket = self._tickets.next()
+            # Raises OSError if the supervisor is gone: the C-STORE is then not acknowledged.
+            self._channel.sendall(_encode(item, ticket))
+        return ticket
+
+    def wait(self, ticket: int, timeout: float) -> bool:
+        return self._tickets.wait(ticket, timeout)
+
+    def flush(self, timeout: float) -> bool:
+        return self._tickets.wait_all(timeout)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._channel.shutdown(socket.SHUT_WR)
+
+    def _read(self) -> None:
+        with self._channel.makefile("rb") as replies:
+            for line in replies:
+                message = json.loads(line)
+                if "written" in message:
+                    self._tickets.written(message["written"])
+                elif "healthy" in message:
+                    self._healthy = bool(message["healthy"])
+        self._healthy = False  # the supervisor is gone: nothing can be indexed
+
+
+class _Channel:
+    """The supervisor's end of one listener's socket pair."""
+
+    def __init__(self, sock: socket.socket):
+        self.socket = sock
+        self.lock = threading.Lock()  # one line at a time
+        self.owed = 0  # the highest sequence number committed
+        self.told = 0  # the highest one sent back
+
+    def send(self, message: dict) -> None:
+        with self.lock, contextlib.suppress(OSError):
+            self.socket.sendall(json.dumps(message).encode() + b"\n")
+
+    def committed(self, seq: int) -> None:
+        self.owed = max(self.owed, seq)
+
+    def tell(self) -> None:
+        """Send back the highest sequence number committed, if not yet sent."""
+        owed = self.owed
+        if owed > self.told:
+            self.told = owed
+            self.send({"written": owed})
+
+
+class IndexService:
+    """The supervisor's writer, fed by each listener's socket pair."""
+
+    def __init__(
+        self,
+        sessions: Callable[[], sessionmaker[Session]],
+        settings: Callable[[], Settings],
+    ):
+        self._channels: set[_Channel] = set()
+        self._lock = threading.Lock()
+        self._writer = IndexWriter(sessions, settings, self._broadcast_health, self._tell)
+
+    def channel(self) -> socket.socket:
+        """A new socket pair: this side is served here, the returned side goes to a
+        listener (inheritable, for ``pass_fds``; close it here once the child has it)."""
+        mine, theirs = socket.socketpair()
+        theirs.set_inheritable(True)
+        channel = _Channel(mine)
+        with self._lock:
+            self._channels.add(channel)
+        threading.Thread(
+            target=self._serve, args=(channel,), name="index-channel", daemon=True
+        ).start()
+        return theirs
+
+    def close(self) -> None:
+        self._writer.close()
+
+    def _serve(self, channel: _Channel) -> None:
+        if not self._writer.healthy:
+            channel.send({"healthy": False})
+        try:
+            with channel.socket.makefile("rb") as requests:
+                for line in requests:
+                    message = json.loads(line)
+                    seq = message["seq"]
+                    self._writer.submit(_decode(message), lambda seq=seq: channel.committed(seq))
+        except (OSError, ValueError, KeyError) as exc:
+            log.error("index channel of a listener broke: %s", exc)
+        finally:
+            # The listener is gone; its rows stay queued, nothing more is sent back.
+            with self._lock:
+                self._channels.discard(channel)
+            with channel.lock:
+                channel.socket.close()
+
+    def _channels_now(self) -> list[_Channel]:
+        with self._lock:
+            return list(self._channels)
+
+    def _tell(self) -> None:
+        for channel in self._channels_now():
+            channel.tell()
+
+    def _broadcast_health(self, healthy: bool) -> None:
+        for channel in self._channels_now():
+            channel.send({"healthy": healthy})

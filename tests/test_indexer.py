@@ -1,0 +1,188 @@
+"""Index rows written behind the acknowledgement (dicomnode/ingest/indexer.py): batches,
+order with association ends, the supervisor's writer over a socket pair, the database
+going away and coming back, and a node killed with rows still queued."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import signal
+import subprocess
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from conftest import dcmtk, launch_node, wait_for, write_config
+from pydicom.uid import generate_uid
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+from test_ingest_scale import DCMTK_ENV, instance_rows, sop_instance_uid, write_studies
+
+from dicomnode.config import Settings
+from dicomnode.db.models import Instance, Series, Study
+from dicomnode.db.session import as_utc, make_engine, make_sessionmaker
+from dicomnode.ingest import indexer
+from dicomnode.ingest.index import Arrival, InstanceFacts
+from dicomnode.ingest.indexer import AssociationEnded, IndexService, RemoteIndex, write_items
+
+QUIET = 2.0
+T0 = datetime(2026, 12, 4, 12, 0, tzinfo=UTC)
+
+
+def _settings() -> Settings:
+    return Settings.model_validate({"assembly": {"quiet_seconds": QUIET}})
+
+
+def _arrival(study: str, series: str, at: datetime, sop: str | None = None) -> Arrival:
+    facts = InstanceFacts(
+        study_instance_uid=study,
+        series_instance_uid=series,
+        sop_instance_uid=sop or generate_uid(),
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+        patient_id="IDX",
+        modality="CT",
+    )
+    return Arrival(
+        facts, f"/spool/{facts.sop_instance_uid}.dcm", 10, "1.2.840.10008.1.2.1", "CT1", at
+    )
+
+
+def _study(session: Session, uid: str) -> Study:
+    return session.scalars(select(Study).where(Study.study_instance_uid == uid)).one()
+
+
+def test_a_batch_writes_each_series_and_study_once_and_skips_known_instances(
+    sessions: sessionmaker[Session],
+) -> None:
+    study, first_series, second_series = generate_uid(), generate_uid(), generate_uid()
+    known = _arrival(study, first_series, T0)
+    with sessions() as session:
+        write_items(session, [known], _settings())
+    batch = [
+        _arrival(study, first_series, T0 + timedelta(seconds=1)),
+        _arrival(study, second_series, T0 + timedelta(seconds=3)),
+        _arrival(study, first_series, T0 + timedelta(seconds=2)),
+        known,  # a resent instance: already indexed, must not fail the batch
+    ]
+    with sessions() as session:
+        write_items(session, batch, _settings())
+        row = _study(session, study)
+        assert row.received_generation == 4  # one per stored instance, the resent one not
+        assert as_utc(row.last_instance_at) == T0 + timedelta(seconds=3)
+        assert as_utc(row.ready_at) == T0 + timedelta(seconds=3 + QUIET)
+        assert session.scalar(select(func.count()).select_from(Instance)) == 4
+        assert session.scalar(select(func.count()).select_from(Series)) == 2
+
+
+def test_an_association_end_applies_after_the_arrivals_before_it_not_after_later_ones(
+    sessions: sessionmaker[Session],
+) -> None:
+    study, series = generate_uid(), generate_uid()
+    ended_late = T0 + timedelta(seconds=10)
+    with sessions() as session:
+        write_items(
+            session,
+            [_arrival(study, series, T0), AssociationEnded((study,), ended_late)],
+            _settings(),
+        )
+        assert as_utc(_study(session, study).ready_at) == ended_late + timedelta(seconds=QUIET)
+    # An end queued before a newer arrival (another association) does not pull the
+    # deadline back before that arrival's.
+    newer = T0 + timedelta(seconds=30)
+    with sessions() as session:
+        write_items(
+            session,
+            [
+                AssociationEnded((study,), T0 + timedelta(seconds=20)),
+                _arrival(study, series, newer),
+            ],
+            _settings(),
+        )
+        assert as_utc(_study(session, study).ready_at) == newer + timedelta(seconds=QUIET)
+
+
+def test_supervisor_writer_over_a_socket_pair_reports_rows_and_database_health(
+    sessions: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(indexer, "RETRY_SECONDS", 0.1)
+    current = {"sessions": sessions}
+    service = IndexService(lambda: current["sessions"], _settings)
+    remote = RemoteIndex(service.channel())
+    study, series = generate_uid(), generate_uid()
+    try:
+        tickets = [remote.add(_arrival(study, series, T0)) for _ in range(3)]
+        assert remote.wait(tickets[-1], 10)
+        with sessions() as session:
+            assert _study(session, study).received_generation == 3
+        # The database goes away: the listener side learns it, the row waits.
+        down = make_engine("postgresql+psycopg://postgres@127.0.0.1:1/test?connect_timeout=2")
+        current["sessions"] = make_sessionmaker(down)
+        waiting = remote.add(_arrival(study, series, T0))
+        wait_for(lambda: not remote.healthy, timeout=10, what="the listener to learn of it")
+        assert not remote.wait(waiting, 0.2)
+        # It is back: the waiting row is written and the listener told.
+        current["sessions"] = sessions
+        assert remote.wait(waiting, 10)
+        wait_for(lambda: remote.healthy, timeout=10, what="healthy again")
+        with sessions() as session:
+            assert _study(session, study).received_generation == 4
+        down.dispose()
+    finally:
+        remote.close()
+        service.close()
+
+
+def test_release_waits_for_the_rows_and_a_killed_node_loses_no_acknowledged_instance(
+    tmp_path: Path,
+) -> None:
+    """With the SQLite writers' lock held by this test, the node acknowledges each C-STORE
+    (the file is durable) but cannot write its rows, so the release is not answered;
+    the node is then killed. At its next start the spool re-index writes the rows."""
+    db_url = f"sqlite:///{tmp_path / 'dicomnode.db'}"
+    config, port, web_port = write_config(tmp_path, db_url)
+    config.write_text(config.read_text().replace("[worker]\ncount = 1\n", "[worker]\ncount = 0\n"))
+    (files,) = write_studies(tmp_path / "send", 1, 3)
+    process, log = launch_node(tmp_path, config, port, web_port)
+    lock = os.open(f"{tmp_path / 'dicomnode.db'}.writers", os.O_RDWR | os.O_CREAT, 0o640)
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+        sender = subprocess.Popen(
+            [dcmtk("storescu"), "-v", "-aec", "DICOMNODE", "127.0.0.1", str(port)]
+            + [str(path) for path in files],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=DCMTK_ENV,
+        )
+        storage = tmp_path / "storage"
+        wait_for(lambda: len(list(storage.rglob("*.dcm"))) == 3, timeout=20, what="3 stored files")
+        time.sleep(1.0)
+        assert sender.poll() is None, "the release was answered before the rows were written"
+        assert instance_rows(db_url) == []
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=10)
+        output, _ = sender.communicate(timeout=30)
+        assert output.count("Received Store Response (Success)") == 3, output
+    finally:
+        fcntl.flock(lock, fcntl.LOCK_UN)
+        os.close(lock)
+        if process.poll() is None:
+            process.kill()
+    # The listeners died with their supervisor; a new node takes the port.
+    process, log = launch_node(tmp_path, config, port, web_port)
+    try:
+        rows = instance_rows(db_url)
+        assert {uid for uid, _, _ in rows} == {str(sop_instance_uid(path)) for path in files}
+        assert "3 orphan instance(s) indexed" in log.read_text()
+    finally:
+        stop_node_process(process)
+
+
+def stop_node_process(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
