@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -70,6 +70,12 @@ class AssociationEnded:
 
 Item = Arrival | AssociationEnded
 
+# Built once (building and caching a statement per batch costs more than running it).
+_INSTANCES = Instance.__table__
+_KNOWN_INSTANCES = select(_INSTANCES.c.sop_instance_uid).where(
+    _INSTANCES.c.sop_instance_uid.in_(bindparam("uids", expanding=True))
+)
+
 
 def write_items(session: Session, items: list[Item], settings: Settings) -> None:
     """Write the rows of ``items`` in their order: each run of arrivals in one transaction
@@ -92,11 +98,7 @@ def _write_arrivals(
     session: Session, arrivals: list[Arrival], quiet_seconds: float, settings: Settings
 ) -> None:
     uids = [arrival.facts.sop_instance_uid for arrival in arrivals]
-    known = set(
-        session.scalars(
-            select(Instance.sop_instance_uid).where(Instance.sop_instance_uid.in_(uids))
-        )
-    )
+    known = set(session.connection().execute(_KNOWN_INSTANCES, {"uids": uids}).scalars())
     fresh: list[Arrival] = []
     for arrival in arrivals:
         # Duplicates (a resent study) and repeats within the batch write nothing.
