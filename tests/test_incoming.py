@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from dicomnode.ingest import incoming, spool
 from dicomnode.ingest.incoming import (
     SPARES,
     IncomingFile,
@@ -78,3 +82,48 @@ def test_clear_incoming_counts_partial_receives_not_spares(tmp_path: Path) -> No
     (folder / "rx-spare.part").write_bytes(b"")
     assert clear_incoming(tmp_path) == 1
     assert not list(folder.iterdir())
+
+
+def test_write_back_is_started_every_2_mib_received_and_not_for_a_ct_slice(
+    tmp_path: Path, monkeypatch
+) -> None:
+    started: list[tuple[int, int]] = []
+    monkeypatch.setattr(
+        incoming, "start_write_back", lambda fd, offset, length: started.append((offset, length))
+    )
+    folder = tmp_path / ".incoming"
+    limits = Limits(max_instance_bytes=64 << 20, min_free_bytes=0)
+    chunk = bytes(range(256)) * 512  # 128 KiB, as a PDU of dcmtk's brings
+    with receives(folder) as made:
+        made.append(IncomingFile(folder, limits))
+        for _ in range(4):  # 0.5 MB
+            made[-1].write(chunk)
+        assert started == []
+        made.append(IncomingFile(folder, limits))
+        radiograph = made[-1]
+        for _ in range(80):  # 10 MiB
+            radiograph.write(chunk)
+        radiograph.close()
+        # Contiguous ranges from the start, each at least WRITE_BACK_BYTES, none past the end.
+        assert len(started) == 5
+        assert [offset for offset, _ in started] == [
+            sum(length for _, length in started[:i]) for i in range(5)
+        ]
+        assert all(length >= incoming.WRITE_BACK_BYTES for _, length in started)
+        assert sum(length for _, length in started) == 80 * len(chunk)
+        assert radiograph.path.read_bytes() == chunk * 80
+
+
+def test_start_write_back_is_the_kernel_call_on_linux(tmp_path: Path) -> None:
+    assert spool._SYNC_FILE_RANGE is not None, "sync_file_range not found in libc"
+    path = tmp_path / "data"
+    path.write_bytes(b"x" * (4 << 20))
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        assert spool._SYNC_FILE_RANGE(fd, 0, 4 << 20, 2) == 0
+        spool.start_write_back(fd, 0, 4 << 20)
+    finally:
+        os.close(fd)
+    # No such descriptor: the kernel answers EBADF (a stand-in that returns 0 would not).
+    assert spool._SYNC_FILE_RANGE(-1, 0, 1, 2) == -1
+    assert ctypes.get_errno() == errno.EBADF
