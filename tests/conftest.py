@@ -233,12 +233,17 @@ def add_user(config: Path, name: str, role: str, password: str = TEST_PASSWORD) 
 
 
 def stop_node(node: RunningNode) -> None:
-    node.process.terminate()
+    stop_process(node.process)
+
+
+def stop_process(process: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL after 20 s."""
+    process.terminate()
     try:
-        node.process.wait(timeout=20)
+        process.wait(timeout=20)
     except subprocess.TimeoutExpired:
-        node.process.kill()
-        node.process.wait()
+        process.kill()
+        process.wait()
 
 
 @pytest.fixture

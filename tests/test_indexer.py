@@ -13,7 +13,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from conftest import dcmtk, launch_node, wait_for, write_config
+from conftest import dcmtk, launch_node, stop_process, wait_for, write_config
 from pydicom.uid import generate_uid
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
@@ -176,13 +176,4 @@ def test_release_waits_for_the_rows_and_a_killed_node_loses_no_acknowledged_inst
         assert {uid for uid, _, _ in rows} == {str(sop_instance_uid(path)) for path in files}
         assert "3 orphan instance(s) indexed" in log.read_text()
     finally:
-        stop_node_process(process)
-
-
-def stop_node_process(process: subprocess.Popen) -> None:
-    process.terminate()
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+        stop_process(process)

@@ -266,7 +266,20 @@ class _Tickets:
             return self._lock.wait_for(lambda: self._written >= last, timeout)
 
 
-class LocalIndex:
+class _TicketedSink:
+    """What both sinks share: tickets handed out by ``add``, waited for."""
+
+    def __init__(self) -> None:
+        self._tickets = _Tickets()
+
+    def wait(self, ticket: int, timeout: float) -> bool:
+        return self._tickets.wait(ticket, timeout)
+
+    def flush(self, timeout: float) -> bool:
+        return self._tickets.wait_all(timeout)
+
+
+class LocalIndex(_TicketedSink):
     """An :class:`IndexSink` with its writer thread in this process."""
 
     def __init__(
@@ -274,7 +287,7 @@ class LocalIndex:
         sessions: Callable[[], sessionmaker[Session]],
         settings: Callable[[], Settings],
     ):
-        self._tickets = _Tickets()
+        super().__init__()
         self._writer = IndexWriter(sessions, settings)
         self._add_lock = threading.Lock()
 
@@ -288,12 +301,6 @@ class LocalIndex:
             ticket = self._tickets.next()
             self._writer.submit(item, lambda: self._tickets.written(ticket))
         return ticket
-
-    def wait(self, ticket: int, timeout: float) -> bool:
-        return self._tickets.wait(ticket, timeout)
-
-    def flush(self, timeout: float) -> bool:
-        return self._tickets.wait_all(timeout)
 
     def close(self) -> None:
         self._writer.close()
@@ -313,12 +320,12 @@ def _decode(message: dict) -> Item:
     return AssociationEnded(tuple(message["ended"]), datetime.fromisoformat(message["at"]))
 
 
-class RemoteIndex:
+class RemoteIndex(_TicketedSink):
     """An :class:`IndexSink` whose writer is the supervisor's, over a socket pair."""
 
     def __init__(self, channel: socket.socket):
+        super().__init__()
         self._channel = channel
-        self._tickets = _Tickets()
         self._send_lock = threading.Lock()
         self._healthy = True
         threading.Thread(target=self._read, name="index-replies", daemon=True).start()
@@ -333,12 +340,6 @@ class RemoteIndex:
             # Raises OSError if the supervisor is gone: the C-STORE is then not acknowledged.
             self._channel.sendall(_encode(item, ticket))
         return ticket
-
-    def wait(self, ticket: int, timeout: float) -> bool:
-        return self._tickets.wait(ticket, timeout)
-
-    def flush(self, timeout: float) -> bool:
-        return self._tickets.wait_all(timeout)
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
