@@ -4,6 +4,7 @@ going away and coming back, and a node killed with rows still queued."""
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import os
 import signal
@@ -24,7 +25,13 @@ from dicomnode.db.models import Instance, Series, Study
 from dicomnode.db.session import as_utc, make_engine, make_sessionmaker
 from dicomnode.ingest import indexer
 from dicomnode.ingest.index import Arrival, InstanceFacts
-from dicomnode.ingest.indexer import AssociationEnded, IndexService, RemoteIndex, write_items
+from dicomnode.ingest.indexer import (
+    AssociationEnded,
+    IndexService,
+    LocalIndex,
+    RemoteIndex,
+    write_items,
+)
 
 QUIET = 2.0
 T0 = datetime(2026, 12, 4, 12, 0, tzinfo=UTC)
@@ -100,6 +107,26 @@ def test_an_association_end_applies_after_the_arrivals_before_it_not_after_later
             _settings(),
         )
         assert as_utc(_study(session, study).ready_at) == newer + timedelta(seconds=QUIET)
+
+
+def test_a_row_the_database_refuses_does_not_hold_up_the_others(
+    sessions: sessionmaker[Session], caplog: pytest.LogCaptureFixture
+) -> None:
+    study, series = generate_uid(), generate_uid()
+    refused = dataclasses.replace(_arrival(study, series, T0), path=None)  # NOT NULL column
+    good = _arrival(study, series, T0)
+    index = LocalIndex(lambda: sessions, _settings)
+    try:
+        index.add(refused)
+        assert index.wait(index.add(good), 10)
+        assert index.healthy
+    finally:
+        index.close()
+    with sessions() as session:
+        uids = set(session.scalars(select(Instance.sop_instance_uid)))
+    assert uids == {good.facts.sop_instance_uid}
+    assert f"cannot index instance {refused.facts.sop_instance_uid}" in caplog.text
+    assert "database unavailable" not in caplog.text
 
 
 def test_supervisor_writer_over_a_socket_pair_reports_rows_and_database_health(

@@ -39,7 +39,7 @@ from datetime import datetime
 from typing import Protocol
 
 from sqlalchemy import bindparam, select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.config import Settings
@@ -186,34 +186,73 @@ class IndexWriter:
             self._on_batch()
 
     def _write(self, items: list[Item]) -> bool:
-        sessions = self._sessions()
-        settings = self._settings()
-        if self._writer_lock is None:
-            self._writer_lock = WriterLock.for_engine(sessions.kw.get("bind"))
+        """Write a batch; False while the database is unavailable (the batch is retried).
+
+        A row the database refuses for itself (a constraint, a value it cannot store) must
+        not hold up the others: the batch is then written one item at a time, and an item
+        that still fails is logged and left out (its file stays in the spool)."""
         try:
-            with self._writer_lock.held(), sessions() as session:
-                write_items(session, items, settings)
+            self._write_batch(items)
+        except (OperationalError, InterfaceError) as exc:
+            return self._unavailable(exc, len(items))
         except Exception as exc:
-            if self.healthy:
-                # The driver's message, not SQLAlchemy's: that one quotes the statement's
-                # parameters (patient names, IDs).
-                log.error(
-                    "database unavailable: %d index row(s) wait, new instances are refused "
-                    "until it is back: %s: %s",
-                    len(items),
-                    type(exc).__name__,
-                    getattr(exc, "orig", None) or exc,
-                )
-                self._set_health(False)
-            return False
+            log.error(
+                "index batch of %d failed (%s: %s); writing its items one at a time",
+                len(items),
+                type(exc).__name__,
+                _reason(exc),
+            )
+            for item in items:
+                try:
+                    self._write_batch([item])
+                except (OperationalError, InterfaceError) as exc:
+                    return self._unavailable(exc, len(items))
+                except Exception as exc:
+                    log.error(
+                        "cannot index %s (%s: %s); its file stays in the spool",
+                        _describe(item),
+                        type(exc).__name__,
+                        _reason(exc),
+                    )
         if not self.healthy:
             log.warning("database available again: index rows written")
             self._set_health(True)
         return True
 
+    def _write_batch(self, items: list[Item]) -> None:
+        sessions = self._sessions()
+        if self._writer_lock is None:
+            self._writer_lock = WriterLock.for_engine(sessions.kw.get("bind"))
+        with self._writer_lock.held(), sessions() as session:
+            write_items(session, items, self._settings())
+
+    def _unavailable(self, exc: Exception, count: int) -> bool:
+        if self.healthy:
+            log.error(
+                "database unavailable: %d index row(s) wait, new instances are refused "
+                "until it is back: %s: %s",
+                count,
+                type(exc).__name__,
+                _reason(exc),
+            )
+            self._set_health(False)
+        return False
+
     def _set_health(self, healthy: bool) -> None:
         self.healthy = healthy
         self._on_health(healthy)
+
+
+def _reason(exc: Exception) -> object:
+    """The driver's message, not SQLAlchemy's: that one quotes the statement's parameters
+    (patient names, IDs)."""
+    return getattr(exc, "orig", None) or exc
+
+
+def _describe(item: Item) -> str:
+    if isinstance(item, Arrival):
+        return f"instance {item.facts.sop_instance_uid}"
+    return "the end of an association"
 
 
 class IndexSink(Protocol):
