@@ -192,32 +192,39 @@ class IndexWriter:
         not hold up the others: the batch is then written one item at a time, and an item
         that still fails is logged and left out (its file stays in the spool)."""
         try:
-            self._write_batch(items)
+            refused = self._try_write(items)
+            if refused is not None:
+                log.error(
+                    "index batch of %d failed (%s: %s); writing its items one at a time",
+                    len(items),
+                    type(refused).__name__,
+                    _reason(refused),
+                )
+                for item in items:
+                    if (refused := self._try_write([item])) is not None:
+                        log.error(
+                            "cannot index %s (%s: %s); its file stays in the spool",
+                            _describe(item),
+                            type(refused).__name__,
+                            _reason(refused),
+                        )
         except (OperationalError, InterfaceError) as exc:
             return self._unavailable(exc, len(items))
-        except Exception as exc:
-            log.error(
-                "index batch of %d failed (%s: %s); writing its items one at a time",
-                len(items),
-                type(exc).__name__,
-                _reason(exc),
-            )
-            for item in items:
-                try:
-                    self._write_batch([item])
-                except (OperationalError, InterfaceError) as exc:
-                    return self._unavailable(exc, len(items))
-                except Exception as exc:
-                    log.error(
-                        "cannot index %s (%s: %s); its file stays in the spool",
-                        _describe(item),
-                        type(exc).__name__,
-                        _reason(exc),
-                    )
         if not self.healthy:
             log.warning("database available again: index rows written")
             self._set_health(True)
         return True
+
+    def _try_write(self, items: list[Item]) -> Exception | None:
+        """Write ``items``; the exception if the database refused the rows themselves
+        (connection-level errors, OperationalError and InterfaceError, propagate)."""
+        try:
+            self._write_batch(items)
+        except (OperationalError, InterfaceError):
+            raise
+        except Exception as exc:
+            return exc
+        return None
 
     def _write_batch(self, items: list[Item]) -> None:
         sessions = self._sessions()
