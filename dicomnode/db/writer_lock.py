@@ -1,13 +1,14 @@
-"""One SQLite writer at a time among the listener processes, woken without polling.
+"""One SQLite index writer at a time, woken without polling.
 
 SQLite allows one write transaction at a time; a second writer waits in SQLite's busy
-handler, which sleeps 1, 2, 5, 10 ... ms between tries. The listeners' index transactions
-last about 0.3 ms, so with several associations those sleeps, not the work, would set the
-pace. The listeners queue on an ``flock`` of a file beside the database instead (and on a
-thread lock, since ``flock`` does not exclude threads that share one open file): the kernel
-hands the lock to the next writer as soon as it is released. Workers and the web do not
-take it; they meet the listeners in SQLite's busy handler as before. PostgreSQL waits on
-row locks without polling, so there this lock is a no-op.
+handler, which sleeps 1, 2, 5, 10 ... ms between tries. Index transactions last about
+0.3 ms, so with several writers those sleeps, not the work, would set the pace. The index
+writers (:mod:`dicomnode.ingest.indexer`: the supervisor's under ``dicomnode serve``, or
+one per process that runs a listener on its own) queue on an ``flock`` of a file beside the
+database instead (and on a thread lock, since ``flock`` does not exclude threads that share
+one open file): the kernel hands the lock to the next writer as soon as it is released.
+Workers and the web do not take it; they meet the index writers in SQLite's busy handler
+as before. PostgreSQL waits on row locks without polling, so there this lock is a no-op.
 """
 
 from __future__ import annotations
