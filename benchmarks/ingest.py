@@ -325,6 +325,21 @@ class Node(Target):
 # Measuring -------------------------------------------------------------------------
 
 
+def idle_note() -> str:
+    """How an idle CPU waits here, where the kernel says: on a VM whose idle vCPUs halt at
+    once (haltpoll with no polling), waking one costs the host's scheduler, and work that
+    keeps the other vCPU busy can make a lone sender faster (benchmarks/README.md)."""
+    driver = Path("/sys/devices/system/cpu/cpuidle/current_driver")
+    poll = Path("/sys/module/haltpoll/parameters/guest_halt_poll_ns")
+    try:
+        note = f"; cpuidle {driver.read_text().strip()}"
+        if poll.exists():
+            note += f", guest_halt_poll_ns={poll.read_text().strip()}"
+    except OSError:
+        return ""
+    return note
+
+
 def proc_stat(pid: int | str) -> list[str] | None:
     """The fields of /proc/PID/stat after the command name (state first); None if gone."""
     try:
@@ -580,7 +595,8 @@ def main() -> int:
     print(
         f"machine: {os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}, "
         f"Python {platform.python_version()}, loopback; node listeners={args.listeners}, "
-        f"database={'SQLite' if args.database is None else args.database.split(':')[0]}",
+        f"database={'SQLite' if args.database is None else args.database.split(':')[0]}"
+        f"{idle_note()}",
         flush=True,
     )
     workloads = []
