@@ -35,6 +35,8 @@ from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.transport import AssociationSocket, RequestHandler
 
+from dicomnode.ingest.responses import QuickStoreResponses
+
 # The loggers of the pynetdicom modules whose code runs here, so its lines keep their names.
 DUL_LOGGER = logging.getLogger("pynetdicom.dul")
 ASSOCIATION_LOGGER = logging.getLogger("pynetdicom.association")
@@ -154,8 +156,10 @@ class EventDrivenAssociation(Association):
 
     def __init__(self, ae: Any, mode: str):
         super().__init__(ae, mode)
-        # The DUL that Association made has not started and nothing refers to it.
+        # The DUL and DIMSE providers that Association made have not started and nothing
+        # refers to them.
         self.dul = WakingDUL(self)
+        self.dimse = QuickStoreResponses(self)
         # The timeout setters apply the timeouts to the DUL's timers.
         self.acse_timeout = self.acse_timeout
         self.network_timeout = self.network_timeout
