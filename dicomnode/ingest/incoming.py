@@ -13,13 +13,16 @@ instance's fsync commits), so each process keeps one empty file per folder ready
 (:data:`SPARES`), made in the background while the current data set is received. Every
 :data:`WRITE_BACK_BYTES` received, the disk is asked to start writing them
 (:func:`~dicomnode.ingest.spool.start_write_back`): the fsync before a large instance's
-acknowledgement then has only the tail left to write.
+acknowledgement then has only the tail left to write. The File Meta Information that
+pynetdicom writes ahead of the data set is encoded directly
+(:func:`~dicomnode.ingest.encoding.encode_file_meta`), not built as a pydicom data set.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -28,10 +31,15 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pynetdicom.dimse_messages
+from pydicom.dataset import FileMetaDataset
+from pydicom.filewriter import write_file_meta_info
 from pynetdicom import _config
+from pynetdicom.dsutils import create_file_meta
 
+from dicomnode.ingest.encoding import FileMeta, encode_file_meta
 from dicomnode.ingest.spool import move_into_place, start_write_back
 
 INCOMING_FOLDER = ".incoming"
@@ -238,8 +246,23 @@ def install(folder: Callable[[], Path], limits: Callable[[], Limits]) -> None:
         return IncomingFile(folder(), limits())
 
     _config.STORE_RECV_CHUNKED_DATASET = True
-    # pynetdicom opens the file through this module-level name (dimse_messages.py).
+    # pynetdicom opens the file and writes its File Meta Information through these
+    # module-level names (dimse_messages.py, DIMSEMessage.decode_msg).
     pynetdicom.dimse_messages.NamedTemporaryFile = factory  # type: ignore[assignment]
+    pynetdicom.dimse_messages.create_file_meta = FileMeta  # type: ignore[assignment]
+    pynetdicom.dimse_messages.write_file_meta_info = write_file_meta  # type: ignore[assignment]
+
+
+def write_file_meta(fp: Any, meta: FileMeta | FileMetaDataset) -> None:
+    """Write the File Meta Information that pynetdicom puts ahead of a received data set:
+    encoded directly (:mod:`~dicomnode.ingest.encoding`); by pydicom, which refuses a
+    missing value, where one is missing."""
+    if isinstance(meta, FileMeta):
+        if meta.sop_class_uid and meta.sop_instance_uid and meta.transfer_syntax:
+            fp.write(encode_file_meta(meta))
+            return
+        meta = create_file_meta(**dataclasses.asdict(meta))
+    write_file_meta_info(fp, meta)
 
 
 def write_incoming(folder: Path, limits: Limits, encoded: bytes) -> IncomingFile:

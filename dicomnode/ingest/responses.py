@@ -1,18 +1,15 @@
-"""C-STORE responses encoded straight to bytes, not through a pydicom data set.
+"""C-STORE responses sent without pynetdicom's message objects.
 
 pynetdicom turns every response primitive into a ``C_STORE_RSP`` message whose command set
-is a pydicom ``Dataset``, encodes it once to learn the Command Group Length and again to
-send it: about 0.28 ms of the association thread per instance, a twentieth of a CT slice's
-time here. A plain C-STORE-RSP (a status, no Error Comment or Offending Element) has seven
-fixed elements in Implicit VR Little Endian (PS3.7 9.3.1.2, E.1), so the listener encodes
-it directly; anything else, and any association with its own ``EVT_DIMSE_SENT`` handler
-(which expects pynetdicom's message object), goes through pynetdicom as before.
-tests/test_responses.py holds the bytes to pynetdicom's own encoding.
+is a pydicom ``Dataset``, encoded twice (about 0.28 ms of the association thread per
+instance). A plain C-STORE-RSP (a status, no Error Comment or Offending Element) goes out
+as :func:`~dicomnode.ingest.encoding.encode_store_response` writes it; anything else, and
+any association with its own ``EVT_DIMSE_SENT`` handler (which expects pynetdicom's
+message object), goes through pynetdicom as before.
 """
 
 from __future__ import annotations
 
-import struct
 from typing import Any
 
 from pynetdicom import evt
@@ -21,53 +18,12 @@ from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu_primitives import P_DATA
 
-C_STORE_RSP_COMMAND = 0x8001
-NO_DATA_SET = 0x0101
+from dicomnode.ingest.encoding import encode_store_response
+
 # The Message Control Header of a PDV holding a whole command set: command, last fragment.
 _LAST_COMMAND_FRAGMENT = b"\x03"
 # A PDV item's header (length, context ID) and the control header take this much of a PDU.
 _PDV_OVERHEAD = 6
-
-
-def _element(element: int, value: bytes) -> bytes:
-    """One group-0000 element in Implicit VR Little Endian."""
-    return struct.pack("<HHI", 0x0000, element, len(value)) + value
-
-
-def _uid(value: str) -> bytes:
-    encoded = str(value).encode("ascii")
-    return encoded + b"\x00" if len(encoded) % 2 else encoded
-
-
-def _us(value: int) -> bytes:
-    return struct.pack("<H", value)
-
-
-def encode_store_response(primitive: C_STORE) -> bytes | None:
-    """The command set of a C-STORE-RSP as pynetdicom would send it; None if ``primitive``
-    carries more than these elements can say (pynetdicom encodes it then)."""
-    if (
-        primitive.MessageIDBeingRespondedTo is None
-        or primitive.Status is None
-        or primitive.ErrorComment is not None
-        or primitive.OffendingElement is not None
-    ):
-        return None
-    elements = b"".join(
-        (
-            _element(0x0002, _uid(primitive.AffectedSOPClassUID))
-            if primitive.AffectedSOPClassUID
-            else b"",
-            _element(0x0100, _us(C_STORE_RSP_COMMAND)),
-            _element(0x0120, _us(primitive.MessageIDBeingRespondedTo)),
-            _element(0x0800, _us(NO_DATA_SET)),
-            _element(0x0900, _us(primitive.Status)),
-            _element(0x1000, _uid(primitive.AffectedSOPInstanceUID))
-            if primitive.AffectedSOPInstanceUID
-            else b"",
-        )
-    )
-    return _element(0x0000, struct.pack("<I", len(elements))) + elements
 
 
 class QuickStoreResponses(DIMSEServiceProvider):

@@ -1,5 +1,6 @@
-"""C-STORE responses encoded without pydicom (dicomnode.ingest.responses): the same bytes as
-pynetdicom's own encoding, pynetdicom's path for whatever they cannot say, and real peers."""
+"""What the listener encodes itself (dicomnode.ingest.encoding): C-STORE responses and the
+File Meta Information of received files, byte for byte as pynetdicom and pydicom encode
+them, pynetdicom's path for what they cannot say, and real peers reading them."""
 
 from __future__ import annotations
 
@@ -10,20 +11,36 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from pydicom.uid import generate_uid
+from pydicom import dcmread
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_file_meta_info
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    generate_uid,
+)
 from pynetdicom import evt
 from pynetdicom.dimse import DIMSEServiceProvider
-from pynetdicom.dimse_messages import C_STORE_RSP
+from pynetdicom.dimse_messages import C_STORE_RSP, DIMSEMessage
 from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dsutils import create_file_meta
 from sqlalchemy.orm import Session, sessionmaker
 from test_scp import Node, secondary_capture, start_node
 
+from dicomnode.ingest.encoding import FileMeta, encode_file_meta, encode_store_response
+from dicomnode.ingest.incoming import write_file_meta
 from dicomnode.ingest.reactor import EventDrivenAssociation
-from dicomnode.ingest.responses import QuickStoreResponses, encode_store_response
+from dicomnode.ingest.responses import QuickStoreResponses
 
-# pynetdicom's send_msg, as reviewed when responses.py was written: a new pynetdicom that
-# changes it fails here (compare, carry the change over, update the digest).
-SEND_MSG_DIGEST = "a839cf2fb46976d9"
+# The pynetdicom code whose work encoding.py takes over, as reviewed when it was written: a
+# new pynetdicom that changes it fails here (compare, carry the change over, update).
+REVIEWED = {
+    DIMSEServiceProvider.send_msg: "a839cf2fb46976d9",
+    # calls create_file_meta(...) and write_file_meta_info(...) by their module-level names
+    DIMSEMessage.decode_msg: "f51c777e841a76be",
+}
 
 
 def _response(**values) -> C_STORE:
@@ -109,11 +126,44 @@ def test_what_it_cannot_say_is_left_to_pynetdicom(extra: dict) -> None:
     assert encode_store_response(primitive) is None
 
 
-def test_pynetdicoms_send_msg_is_the_reviewed_version() -> None:
-    source = inspect.getsource(DIMSEServiceProvider.send_msg)
-    assert hashlib.sha256(source.encode()).hexdigest()[:16] == SEND_MSG_DIGEST, (
-        "pynetdicom's DIMSEServiceProvider.send_msg changed: review dicomnode/ingest/responses.py"
+@pytest.mark.parametrize("reviewed", list(REVIEWED), ids=lambda f: f.__qualname__)
+def test_pynetdicom_code_is_the_reviewed_version(reviewed) -> None:
+    source = inspect.getsource(reviewed)
+    assert hashlib.sha256(source.encode()).hexdigest()[:16] == REVIEWED[reviewed], (
+        f"pynetdicom's {reviewed.__qualname__} changed: review dicomnode/ingest/encoding.py"
     )
+
+
+def _pydicom_file_meta(**values) -> bytes:
+    out = DicomBytesIO()
+    write_file_meta_info(out, create_file_meta(**values))
+    return out.getvalue()
+
+
+@pytest.mark.parametrize(
+    "transfer_syntax",
+    [
+        ImplicitVRLittleEndian,
+        ExplicitVRLittleEndian,
+        JPEG2000Lossless,
+        DeflatedExplicitVRLittleEndian,
+    ],
+)
+def test_file_meta_is_pydicoms_byte_for_byte(transfer_syntax: str) -> None:
+    for length in range(8, 65):
+        values = {
+            "sop_class_uid": "1.2.840.10008.5.1.4.1.1.2",
+            "sop_instance_uid": str(generate_uid())[:length].rstrip("."),
+            "transfer_syntax": transfer_syntax,
+        }
+        assert encode_file_meta(FileMeta(**values)) == _pydicom_file_meta(**values)
+
+
+def test_file_meta_with_a_missing_value_is_refused_as_pydicom_refuses_it() -> None:
+    meta = FileMeta(sop_class_uid="", sop_instance_uid="1.2.3", transfer_syntax="1.2.840.10008.1.2")
+    # pydicom 3 says so with an AttributeError; pynetdicom then aborts the association.
+    with pytest.raises(AttributeError, match="Media Storage SOP Class UID"):
+        write_file_meta(DicomBytesIO(), meta)
 
 
 @pytest.fixture
@@ -176,3 +226,31 @@ def test_an_association_with_its_own_sent_handler_gets_pynetdicoms_messages(
     finally:
         assoc.release()
     assert seen == ["C_STORE_RSP"]
+
+
+def test_a_received_file_starts_with_the_file_meta_pydicom_would_write(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The listener wrote it with encode_file_meta, and it is pydicom's to the byte."""
+    encoded: list[str] = []
+
+    def counted(meta: FileMeta) -> bytes:
+        encoded.append(meta.sop_instance_uid)
+        return encode_file_meta(meta)
+
+    monkeypatch.setattr("dicomnode.ingest.incoming.encode_file_meta", counted)
+    ds = secondary_capture()
+    assert node.store(ds) == 0x0000
+    assert encoded == [ds.SOPInstanceUID]
+    (stored,) = (node.storage).rglob(f"{ds.SOPInstanceUID}*")
+    expected = _pydicom_file_meta(
+        sop_class_uid=ds.SOPClassUID,
+        sop_instance_uid=ds.SOPInstanceUID,
+        transfer_syntax=ExplicitVRLittleEndian,
+    )
+    content = stored.read_bytes()
+    assert content[128:132] == b"DICM"
+    assert content[132 : 132 + len(expected)] == expected
+    read = dcmread(stored)
+    assert read.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
+    assert read.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
