@@ -2,16 +2,26 @@
 
 pydicom decodes lazily, so a dataset with a bad element only fails when that element is
 read. ``check_dataset`` reads every element (sequences included, pixel data excepted) so a
-malformed instance is refused at the door instead of failing later in analysis.
+malformed instance is refused at the door instead of failing later in analysis. Every
+declared length is checked against what was sent; text values are not decoded while
+pydicom's reading validation is off (as in the listener): pydicom then replaces what it
+cannot decode instead of raising, so decoding them could refuse nothing and cost most of
+the check.
 """
 
 from __future__ import annotations
 
+import pydicom.config
 from pydicom import Dataset
+from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import RawDataElement
 from pydicom.uid import UID
 
 UNDEFINED_LENGTH = 0xFFFFFFFF
+# Value representations pydicom decodes as text (DS included: an invalid one stays a string).
+TEXT_VRS = frozenset(
+    ("AE", "AS", "CS", "DA", "DS", "DT", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UI", "UR", "UT")
+)
 # Pixel Data must hold at least Rows x Columns x Samples x Frames x BitsAllocated/8 bytes.
 _PIXEL_KEYWORDS = ("Rows", "Columns", "BitsAllocated")
 
@@ -28,16 +38,32 @@ def _present_bytes(raw: RawDataElement, stream_bytes: int | None) -> int:
     return len(raw.value or b"")
 
 
-def _read_all(ds: Dataset, stream_bytes: int | None, depth: int = 0) -> None:
+def _text(raw: RawDataElement) -> bool:
+    """Whether ``raw`` holds text (its VR as sent, or the dictionary's for implicit VR)."""
+    vr = raw.VR
+    if vr is None:
+        try:
+            vr = dictionary_VR(raw.tag)
+        except KeyError:
+            return False  # private or unknown: decoding finds out what it is
+    return vr in TEXT_VRS
+
+
+def _read_all(ds: Dataset, stream_bytes: int | None, skip_text: bool, depth: int = 0) -> None:
     if depth > 16:
         raise InvalidDataset("sequences nested more than 16 deep")
     for tag in list(ds.keys()):
         raw = ds.get_item(tag, keep_deferred=True)
-        if isinstance(raw, RawDataElement) and raw.length != UNDEFINED_LENGTH:
-            present = _present_bytes(raw, stream_bytes)
-            if present < raw.length:
-                # A truncated stream, or a gigantic declared length: never trust it.
-                raise InvalidDataset(f"element {tag} declares {raw.length} bytes, {present} sent")
+        if isinstance(raw, RawDataElement):
+            if raw.length != UNDEFINED_LENGTH:
+                present = _present_bytes(raw, stream_bytes)
+                if present < raw.length:
+                    # A truncated stream, or a gigantic declared length: never trust it.
+                    raise InvalidDataset(
+                        f"element {tag} declares {raw.length} bytes, {present} sent"
+                    )
+            if skip_text and _text(raw):
+                continue
         if tag == 0x7FE00010:  # Pixel Data: length is checked below, value stays raw
             continue
         try:
@@ -47,7 +73,7 @@ def _read_all(ds: Dataset, stream_bytes: int | None, depth: int = 0) -> None:
             raise InvalidDataset(f"element {tag} does not decode ({type(exc).__name__})") from exc
         if element.VR == "SQ":
             for item in element.value:
-                _read_all(item, stream_bytes, depth + 1)
+                _read_all(item, stream_bytes, skip_text, depth + 1)
 
 
 def expected_pixel_bytes(ds: Dataset) -> int | None:
@@ -66,8 +92,9 @@ def check_dataset(ds: Dataset, transfer_syntax: str, stream_bytes: int | None = 
 
     ``stream_bytes`` is the size of the file ``ds`` was read from with deferred values.
     """
+    skip_text = pydicom.config.settings.reading_validation_mode == pydicom.config.IGNORE
     try:
-        _read_all(ds, stream_bytes)
+        _read_all(ds, stream_bytes, skip_text)
     except InvalidDataset:
         raise
     except Exception as exc:
