@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
+import json
 import os
 import signal
 import subprocess
@@ -204,3 +205,19 @@ def test_release_waits_for_the_rows_and_a_killed_node_loses_no_acknowledged_inst
         assert "3 orphan instance(s) indexed" in log.read_text()
     finally:
         stop_process(process)
+
+
+def test_an_arrival_crosses_the_socket_pair_unchanged() -> None:
+    """What a listener sends the supervisor (indexer._encode) decodes to the same arrival,
+    every fact included (a field added to InstanceFacts and not carried fails here)."""
+    facts = InstanceFacts(
+        **{
+            field.name: (7 if field.name == "instance_number" else f"{field.name}-value")
+            for field in dataclasses.fields(InstanceFacts)
+        }
+    )
+    arrival = Arrival(facts, "/spool/a.dcm", 524_000, "1.2.840.10008.1.2.1", "CT1", T0)
+    line = indexer._encode(arrival, 12)
+    message = json.loads(line)
+    assert message["seq"] == 12
+    assert indexer._decode(message) == arrival
