@@ -211,3 +211,10 @@ def test_release_pushes_ready_at(node: Node) -> None:
         what="ready_at to move after the association released",
     )
     assert pushed
+
+
+def test_a_listener_without_sessions_needs_an_index_to_hand_rows_to() -> None:
+    """Under serve a listener opens no database (its rows go to the supervisor); without an
+    index it would have nowhere to write them, and says so at once."""
+    with pytest.raises(ValueError, match="database sessions or an index"):
+        StorageSCP(Settings(), None)

@@ -279,13 +279,15 @@ def run_listener(
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     settings = load_settings(config)
     setup_logging(settings.log_level, settings.logging.json_lines)
+    remote = RemoteIndex(socket.socket(fileno=index_fd)) if index_fd is not None else None
     scp = StorageSCP(
         settings,
-        ingest_sessions(settings.database_url),
+        # Under serve the supervisor writes the rows: this process opens no database.
+        ingest_sessions(settings.database_url) if remote is None else None,
         slots=AssociationSlots(slots, index) if slots else None,
         connections=AssociationSlots(connections, index) if connections else None,
         listening_fd=socket_fd,
-        index=RemoteIndex(socket.socket(fileno=index_fd)) if index_fd is not None else None,
+        index=remote,
     )
     scp.start()
     print("ready", flush=True)

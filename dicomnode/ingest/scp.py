@@ -118,7 +118,7 @@ class StorageSCP:
     def __init__(
         self,
         settings: Settings,
-        sessions: sessionmaker[Session],
+        sessions: sessionmaker[Session] | None,
         *,
         slots: AssociationSlots | None = None,
         connections: AssociationSlots | None = None,
@@ -129,10 +129,12 @@ class StorageSCP:
         (None: this process's own limit only); ``listening_fd``: the socket shared with them
         (None: bind ``[node] host:port`` here); ``connections``: the connections each of
         them serves, so that the least busy one accepts the next; ``index``: where the
-        index rows go (None: a writer thread here, on ``sessions``)."""
+        index rows go (None: a writer thread here, on ``sessions``, which only it uses)."""
+        if index is None and sessions is None:
+            raise ValueError("a listener needs database sessions or an index to hand rows to")
         self.settings = settings
         self.sessions = sessions
-        self.index: IndexSink = index or LocalIndex(lambda: self.sessions, lambda: self.settings)
+        self.index: IndexSink = index or LocalIndex(self._sessions, lambda: self.settings)
         self.storage = settings.storage_path
         self.slots = slots
         self.connections = connections
@@ -143,6 +145,11 @@ class StorageSCP:
         self._lock = threading.Lock()
         self._server = None
         self.ae = self._make_ae()
+
+    def _sessions(self) -> sessionmaker[Session]:
+        if self.sessions is None:
+            raise RuntimeError("this listener hands its rows to an index and has no sessions")
+        return self.sessions
 
     def _make_ae(self) -> AE:
         node = self.settings.node
