@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import inspect
 import os
 import subprocess
 import sys
@@ -23,6 +25,12 @@ POSTGRES_URL = os.environ.get(
 # dcmtk as Debian installs it: pynetdicom's console scripts of the same names live in the
 # virtual environment and take other options, so never resolve these through PATH.
 DCMTK_DIR = Path(os.environ.get("DCMTK_BIN", "/usr/bin"))
+
+
+def source_digest(function) -> str:
+    """A short digest of a library function's source: tests pin the pynetdicom code that
+    dicomnode replaces or takes work over from, so that an upgrade that changes it fails."""
+    return hashlib.sha256(inspect.getsource(function).encode()).hexdigest()[:16]
 
 
 def dcmtk(tool: str) -> str:

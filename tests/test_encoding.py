@@ -4,13 +4,12 @@ them, pynetdicom's path for what they cannot say, and real peers reading them.""
 
 from __future__ import annotations
 
-import hashlib
-import inspect
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import source_digest
 from pydicom import dcmread
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_file_meta_info
@@ -128,8 +127,7 @@ def test_what_it_cannot_say_is_left_to_pynetdicom(extra: dict) -> None:
 
 @pytest.mark.parametrize("reviewed", list(REVIEWED), ids=lambda f: f.__qualname__)
 def test_pynetdicom_code_is_the_reviewed_version(reviewed) -> None:
-    source = inspect.getsource(reviewed)
-    assert hashlib.sha256(source.encode()).hexdigest()[:16] == REVIEWED[reviewed], (
+    assert source_digest(reviewed) == REVIEWED[reviewed], (
         f"pynetdicom's {reviewed.__qualname__} changed: review dicomnode/ingest/encoding.py"
     )
 

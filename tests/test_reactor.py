@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import inspect
 import os
 import socket
 import subprocess
@@ -14,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import dcmtk
+from conftest import dcmtk, source_digest
 from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dul import DULServiceProvider
@@ -44,8 +42,7 @@ def node(tmp_path: Path, sessions: sessionmaker[Session]) -> Iterator[Node]:
 
 @pytest.mark.parametrize("replaced", list(REPLACED), ids=lambda f: f.__qualname__)
 def test_replaced_pynetdicom_code_is_the_reviewed_version(replaced) -> None:
-    digest = hashlib.sha256(inspect.getsource(replaced).encode()).hexdigest()[:16]
-    assert digest == REPLACED[replaced], (
+    assert source_digest(replaced) == REPLACED[replaced], (
         f"pynetdicom's {replaced.__qualname__} changed: review dicomnode/ingest/reactor.py"
     )
 
