@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -127,3 +128,25 @@ def test_start_write_back_is_the_kernel_call_on_linux(tmp_path: Path) -> None:
     # No such descriptor: the kernel answers EBADF (a stand-in that returns 0 would not).
     assert spool._SYNC_FILE_RANGE(-1, 0, 1, 2) == -1
     assert ctypes.get_errno() == errno.EBADF
+
+
+def test_removing_the_spares_waits_for_the_one_being_made(tmp_path: Path, monkeypatch) -> None:
+    """A process that stops while its next spare is still being created leaves no file."""
+    folder = tmp_path / ".incoming"
+    first = IncomingFile(folder, LIMITS)
+    SPARES.wait()  # a spare is ready
+    create = incoming._create
+
+    def slow_create(where: Path) -> tuple[int, str]:
+        time.sleep(0.3)
+        return create(where)
+
+    monkeypatch.setattr(incoming, "_create", slow_create)
+    second = IncomingFile(folder, LIMITS)  # takes the spare; the next one is being made
+    for received in (first, second):
+        received.discard()
+    SPARES.remove()
+    SPARES.wait()  # had remove not waited, the spare would be made by now, and left
+    left = list(folder.iterdir())
+    SPARES.remove()
+    assert not left

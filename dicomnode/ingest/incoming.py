@@ -45,6 +45,8 @@ from dicomnode.ingest.spool import move_into_place, start_write_back
 INCOMING_FOLDER = ".incoming"
 # Free space is looked at when a data set starts and after every this many bytes.
 _FREE_CHECK_BYTES = 16 * 1024**2
+# How long removing the spares waits for one still being made (a disk that hangs).
+REMOVE_WAIT_SECONDS = 5.0
 # Write-back of what has arrived is started every this many bytes (a CT slice of 0.5 MB
 # never reaches it; a 10 MB radiograph starts it four times).
 WRITE_BACK_BYTES = 2 * 1024**2
@@ -108,7 +110,11 @@ class SpareFiles:
         self._maker.submit(lambda: None).result()
 
     def remove(self) -> None:
-        """Close and remove the spares (a process that stops)."""
+        """Close and remove the spares (a process that stops), the one being made included."""
+        # A spare still being made would otherwise be left behind in the folder. (At exit
+        # the maker is already shut down, its work done: RuntimeError.)
+        with contextlib.suppress(TimeoutError, RuntimeError):
+            self._maker.submit(lambda: None).result(timeout=REMOVE_WAIT_SECONDS)
         with self._lock:
             spares, self._ready = list(self._ready.values()), {}
         for fd, name in spares:
