@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from conftest import dcmtk, launch_node, stop_process, wait_for, write_config
 from pydicom.uid import generate_uid
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session, sessionmaker
 from test_ingest_scale import DCMTK_ENV, instance_rows, sop_instance_uid, write_studies
 
@@ -221,3 +221,27 @@ def test_an_arrival_crosses_the_socket_pair_unchanged() -> None:
     message = json.loads(line)
     assert message["seq"] == 12
     assert indexer._decode(message) == arrival
+
+
+def test_only_sqlite_index_commits_skip_the_log_flush(db_url: str) -> None:
+    """SQLite loses an unflushed index commit only with the machine, and the spool re-index
+    at the next start rebuilds it; a PostgreSQL server can crash while the node runs on, so
+    there the index writer's commits stay synchronous."""
+    from dicomnode.db.session import upgrade
+    from dicomnode.ingest.listeners import ingest_sessions
+
+    upgrade(db_url)
+    index_sessions = ingest_sessions(db_url)
+    others = make_sessionmaker(make_engine(db_url))
+    sqlite = db_url.startswith("sqlite")
+    # SQLite: 1 = NORMAL (in WAL mode no fsync at commit), 2 = FULL.
+    setting = text("PRAGMA synchronous" if sqlite else "SHOW synchronous_commit")
+    try:
+        # One at a time: each SQLite transaction here takes the write lock.
+        with index_sessions() as ingest:
+            assert ingest.execute(setting).scalar() == (1 if sqlite else "on")
+        with others() as other:
+            assert other.execute(setting).scalar() == (2 if sqlite else "on")
+    finally:
+        index_sessions.kw["bind"].dispose()
+        others.kw["bind"].dispose()

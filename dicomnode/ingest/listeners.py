@@ -217,22 +217,27 @@ def _die_with_parent() -> None:
 
 
 def relaxed_commits(engine: Engine) -> Engine:
-    """Ingest commits (the index writer's) that return before the database's log is flushed.
+    """On SQLite, ingest commits (the index writer's) that return before the log is flushed.
 
     An acknowledged instance's file is already durable (fsync + rename + folder fsync);
-    a row lost to a power cut is rebuilt from that file by the spool re-index at start
-    (:func:`dicomnode.ingest.recover.recover_spool`). Later synchronous commits (workers)
-    flush everything before them, so nothing a worker did can outlive the row it read.
+    SQLite loses such a commit only with the machine (power cut, kernel crash), so also
+    with this process, and the spool re-index at the next start rebuilds the row from its
+    file (:func:`dicomnode.ingest.recover.recover_spool`). Later synchronous commits
+    (workers) flush everything before them, so nothing a worker did can outlive the row it
+    read.
+
+    PostgreSQL keeps synchronous commits: there an unflushed commit is lost when the
+    database server crashes or restarts on its own, while this node goes on running, so no
+    re-index would follow and the instances would be missing from their studies until the
+    node restarted.
     """
+    if engine.dialect.name != "sqlite":
+        return engine
 
     @event.listens_for(engine, "connect")
     def _no_log_flush(dbapi_connection, _record) -> None:
         cursor = dbapi_connection.cursor()
-        if engine.dialect.name == "sqlite":
-            cursor.execute("PRAGMA synchronous=NORMAL")
-        else:
-            cursor.execute("SET synchronous_commit TO OFF")
-            dbapi_connection.commit()
+        cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.close()
 
     return engine
