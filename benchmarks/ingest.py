@@ -292,7 +292,13 @@ class Node(Target):
         )
         # The supervisor binds the DICOM port before its listeners have started; the web
         # server starts once they all listen.
-        wait_for_port(web_port, self.process)
+        try:
+            wait_for_port(web_port, self.process)
+        except RuntimeError:
+            self.log.flush()
+            tail = (self.work / "node.log").read_text(errors="replace").splitlines()[-20:]
+            print("\n".join(["node.log, last lines:", *tail]), file=sys.stderr)
+            raise
 
     def _clear_database(self) -> None:
         from sqlalchemy import create_engine, text
