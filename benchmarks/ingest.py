@@ -580,7 +580,12 @@ def main() -> int:
     parser.add_argument("--ct", type=int, default=1000, help="CT slices of ~0.5 MB")
     parser.add_argument("--senders", type=int, default=4, help="concurrent storescu (0: skip)")
     parser.add_argument("--big-mb", type=int, default=1000, help="one instance (0: skip)")
-    parser.add_argument("--listeners", type=int, default=2, help="node listener processes")
+    parser.add_argument(
+        "--listeners",
+        type=int,
+        default=4,
+        help="node listener processes (the default of [node] listeners)",
+    )
     parser.add_argument("--max-pdu", type=int, default=0, help="node and reference max PDU")
     parser.add_argument("--database", default=None, help="node database URL (default SQLite)")
     parser.add_argument("--cache", type=Path, default=Path("/tmp/dicomnode-bench-ingest"))

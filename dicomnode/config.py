@@ -37,8 +37,10 @@ class NodeSettings(_Section):
     require_known_peers: bool = False
     # Larger C-STORE datasets are refused with 0xA700 (checked while the data arrive).
     max_instance_bytes: int = Field(default=1024**3, ge=1)
+    # Four by default, also on two cores: one association per process keeps concurrent
+    # senders from taking turns on one interpreter's lock (benchmarks/README.md).
     listeners: int = Field(
-        default=2,
+        default=4,
         ge=1,
         le=64,
         description="listener processes sharing the port; the least busy one accepts",
