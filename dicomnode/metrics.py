@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -20,8 +21,10 @@ from prometheus_client import (
 )
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
-from sqlalchemy import func, select
-from sqlalchemy.orm import Session, sessionmaker
+
+if TYPE_CHECKING:
+    # Listener processes count stores here and load no database code.
+    from sqlalchemy.orm import Session, sessionmaker
 
 __all__ = ["CONTENT_TYPE_LATEST", "exposition"]
 
@@ -78,6 +81,8 @@ class DatabaseCollector:
         self.sessions = sessions
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
+        from sqlalchemy import func, select
+
         from dicomnode.db.models import Job, Study
 
         queue = GaugeMetricFamily(

@@ -267,8 +267,8 @@ class WorkerPool:
 def run_serve(config: Path, workers: int | None = None) -> int:
     """Run the node until SIGTERM/SIGINT: listeners, assembly, workers, web; 0 when stopped."""
     from dicomnode.db.session import make_engine, make_sessionmaker, upgrade
-    from dicomnode.ingest.indexer import IndexService
-    from dicomnode.ingest.listeners import ListenerPool, ingest_sessions
+    from dicomnode.ingest.indexer import IndexService, ingest_sessions
+    from dicomnode.ingest.listeners import ListenerPool
     from dicomnode.logs import setup_logging
 
     # Children inherit "ignore SIGHUP" until they install their own reload handling.

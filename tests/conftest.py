@@ -281,7 +281,8 @@ def spool_and_index(session, storage: Path, ds) -> tuple[int, Path]:
 
     from dicomnode.db.models import Study
     from dicomnode.db.session import utcnow
-    from dicomnode.ingest.index import index_instance, instance_facts
+    from dicomnode.ingest.arrival import instance_facts
+    from dicomnode.ingest.index import index_instance
     from dicomnode.ingest.spool import instance_path
 
     facts = instance_facts(ds)

@@ -10,8 +10,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.db.models import Instance, Job, Series, Study
 from dicomnode.db.session import as_utc
+from dicomnode.ingest.arrival import InstanceFacts
 from dicomnode.ingest.assembly import association_ended, next_ready_at, queue_ready_studies
-from dicomnode.ingest.index import InstanceFacts, index_instance
+from dicomnode.ingest.index import index_instance
 from dicomnode.worklist.policy import MAX_WAIT
 
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)

@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from test_scp import Node, secondary_capture, start_node
 
 from dicomnode.db.session import make_engine, make_sessionmaker
-from dicomnode.ingest import indexer
+from dicomnode.ingest import sink
 
 
 @pytest.fixture
@@ -34,7 +34,7 @@ def test_low_disk_answers_out_of_resources_and_recovers(node: Node) -> None:
 def test_database_down_acknowledged_rows_wait_new_instances_refused(
     node: Node, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(indexer, "RELEASE_WAIT_SECONDS", 0.5)
+    monkeypatch.setattr(sink, "RELEASE_WAIT_SECONDS", 0.5)
     # Nothing listens on port 1: every connection is refused at once.
     down = make_engine("postgresql+psycopg://postgres@127.0.0.1:1/test?connect_timeout=2")
     working = node.scp.sessions

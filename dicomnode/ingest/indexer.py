@@ -9,20 +9,14 @@ stopped is rebuilt from its file by the spool re-index at start-up
 
 Under ``dicomnode serve`` the writer runs in the supervisor (:class:`IndexService`), so
 the listener processes, which serve every association in one interpreter, spend no time
-on the database; each listener reaches it through a socket pair (:class:`RemoteIndex`),
-one JSON object per line:
-
-- listener to supervisor: ``{"seq": n, "arrival": {...}}`` or
-  ``{"seq": n, "ended": [study UIDs], "at": ISO time}`` (an association ended);
-- supervisor to listener: ``{"written": n}`` (everything up to ``n`` is committed) and
-  ``{"healthy": false}`` / ``{"healthy": true}`` when the database stops or resumes
-  taking rows.
+on the database and load none of its code; each listener reaches it through a socket pair
+(:class:`~dicomnode.ingest.sink.RemoteIndex`, which describes the lines).
 
 A listener refuses new instances with 0xA700 while the database is not taking rows, and
 answers an A-RELEASE-RQ only once the association's rows are committed (or after
-:data:`RELEASE_WAIT_SECONDS`), so a sender that has released sees its instances indexed.
-An in-process :class:`~dicomnode.ingest.scp.StorageSCP` (tests, tools) has its own writer
-thread (:class:`LocalIndex`).
+:data:`~dicomnode.ingest.sink.RELEASE_WAIT_SECONDS`), so a sender that has released sees
+its instances indexed. An in-process :class:`~dicomnode.ingest.scp.StorageSCP` (tests,
+tools) has its own writer thread (:class:`LocalIndex`).
 """
 
 from __future__ import annotations
@@ -34,41 +28,27 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from datetime import datetime
-from typing import Protocol
 
-from sqlalchemy import bindparam, select
+from sqlalchemy import Engine, bindparam, event, select
 from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.config import Settings
 from dicomnode.db.models import Instance
+from dicomnode.db.session import make_engine, make_sessionmaker
 from dicomnode.db.writer_lock import WriterLock
 from dicomnode.ingest import assembly
-from dicomnode.ingest.index import Arrival, add_rows, index_arrival
+from dicomnode.ingest.arrival import Arrival
+from dicomnode.ingest.index import add_rows, index_arrival
+from dicomnode.ingest.sink import AssociationEnded, Item, TicketedSink, decode_item
 
 log = logging.getLogger("dicomnode.ingest")
 
 # Rows written in one transaction at most.
 BATCH = 256
-# A release waits at most this long for the association's rows (database down: the rows
-# stay queued and the files are in the spool either way); well below the peers' timeouts
-# for the A-RELEASE-RP (dcmtk and pynetdicom: 30 s).
-RELEASE_WAIT_SECONDS = 5.0
 # Between tries while the database refuses the rows.
 RETRY_SECONDS = 1.0
 
-
-@dataclass(frozen=True)
-class AssociationEnded:
-    """An association that sent these studies was released or aborted."""
-
-    study_uids: tuple[str, ...]
-    at: datetime
-
-
-Item = Arrival | AssociationEnded
 
 # Built once (building and caching a statement per batch costs more than running it).
 _INSTANCES = Instance.__table__
@@ -262,70 +242,7 @@ def _describe(item: Item) -> str:
     return "the end of an association"
 
 
-class IndexSink(Protocol):
-    """Where a listener hands the rows of what it stored."""
-
-    @property
-    def healthy(self) -> bool: ...
-
-    def add(self, item: Item) -> int:
-        """Queue ``item``; a ticket for :meth:`wait`."""
-        ...
-
-    def wait(self, ticket: int, timeout: float) -> bool:
-        """Until the rows of ``ticket`` (and everything before it) are committed."""
-        ...
-
-    def flush(self, timeout: float) -> bool:
-        """Until everything added so far is committed."""
-        ...
-
-    def close(self) -> None: ...
-
-
-class _Tickets:
-    """Sequence numbers handed out and the highest one written, with a wait."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Condition()
-        self._next = 0
-        self._written = 0
-
-    def next(self) -> int:
-        with self._lock:
-            self._next += 1
-            return self._next
-
-    def written(self, ticket: int) -> None:
-        with self._lock:
-            if ticket > self._written:
-                self._written = ticket
-                self._lock.notify_all()
-
-    def wait(self, ticket: int, timeout: float) -> bool:
-        with self._lock:
-            return self._lock.wait_for(lambda: self._written >= ticket, timeout)
-
-    def wait_all(self, timeout: float) -> bool:
-        with self._lock:
-            last = self._next
-            return self._lock.wait_for(lambda: self._written >= last, timeout)
-
-
-class _TicketedSink:
-    """What both sinks share: tickets handed out by ``add``, waited for."""
-
-    def __init__(self) -> None:
-        self._tickets = _Tickets()
-
-    def wait(self, ticket: int, timeout: float) -> bool:
-        return self._tickets.wait(ticket, timeout)
-
-    def flush(self, timeout: float) -> bool:
-        return self._tickets.wait_all(timeout)
-
-
-class LocalIndex(_TicketedSink):
+class LocalIndex(TicketedSink):
     """An :class:`IndexSink` with its writer thread in this process."""
 
     def __init__(
@@ -350,56 +267,6 @@ class LocalIndex(_TicketedSink):
 
     def close(self) -> None:
         self._writer.close()
-
-
-def _encode(item: Item, seq: int) -> bytes:
-    if isinstance(item, Arrival):
-        message = {"seq": seq, "arrival": item.to_json()}
-    else:
-        message = {"seq": seq, "ended": list(item.study_uids), "at": item.at.isoformat()}
-    return json.dumps(message, separators=(",", ":")).encode() + b"\n"
-
-
-def _decode(message: dict) -> Item:
-    if "arrival" in message:
-        return Arrival.from_json(message["arrival"])
-    return AssociationEnded(tuple(message["ended"]), datetime.fromisoformat(message["at"]))
-
-
-class RemoteIndex(_TicketedSink):
-    """An :class:`IndexSink` whose writer is the supervisor's, over a socket pair."""
-
-    def __init__(self, channel: socket.socket):
-        super().__init__()
-        self._channel = channel
-        self._send_lock = threading.Lock()
-        self._healthy = True
-        threading.Thread(target=self._read, name="index-replies", daemon=True).start()
-
-    @property
-    def healthy(self) -> bool:
-        return self._healthy
-
-    def add(self, item: Item) -> int:
-        with self._send_lock:
-            ticket = self._tickets.next()
-            # Raises OSError if the supervisor is gone: the C-STORE is then not acknowledged.
-            self._channel.sendall(_encode(item, ticket))
-        return ticket
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self._channel.shutdown(socket.SHUT_WR)
-
-    def _read(self) -> None:
-        with self._channel.makefile("rb") as replies:
-            for line in replies:
-                message = json.loads(line)
-                if "written" in message:
-                    self._tickets.written(message["written"])
-                elif "healthy" in message:
-                    self._healthy = bool(message["healthy"])
-        self._healthy = False  # the supervisor is gone: nothing can be indexed
 
 
 class _Channel:
@@ -462,7 +329,9 @@ class IndexService:
                 for line in requests:
                     message = json.loads(line)
                     seq = message["seq"]
-                    self._writer.submit(_decode(message), lambda seq=seq: channel.committed(seq))
+                    self._writer.submit(
+                        decode_item(message), lambda seq=seq: channel.committed(seq)
+                    )
         except (OSError, ValueError, KeyError) as exc:
             log.error("index channel of a listener broke: %s", exc)
         finally:
@@ -483,3 +352,36 @@ class IndexService:
     def _broadcast_health(self, healthy: bool) -> None:
         for channel in self._channels_now():
             channel.send({"healthy": healthy})
+
+
+def relaxed_commits(engine: Engine) -> Engine:
+    """On SQLite, ingest commits (the index writer's) that return before the log is flushed.
+
+    An acknowledged instance's file is already durable (fsync + rename + folder fsync);
+    SQLite loses such a commit only with the machine (power cut, kernel crash), so also
+    with this process, and the spool re-index at the next start rebuilds the row from its
+    file (:func:`dicomnode.ingest.recover.recover_spool`). Later synchronous commits
+    (workers) flush everything before them, so nothing a worker did can outlive the row it
+    read.
+
+    PostgreSQL keeps synchronous commits: there an unflushed commit is lost when the
+    database server crashes or restarts on its own, while this node goes on running, so no
+    re-index would follow and the instances would be missing from their studies until the
+    node restarted.
+    """
+    if engine.dialect.name != "sqlite":
+        return engine
+
+    @event.listens_for(engine, "connect")
+    def _no_log_flush(dbapi_connection, _record) -> None:
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.close()
+
+    return engine
+
+
+def ingest_sessions(url: str) -> sessionmaker[Session]:
+    """Sessions for the index writer, the supervisor's or a stand-alone listener's (schema
+    already upgraded by the supervisor)."""
+    return make_sessionmaker(relaxed_commits(make_engine(url)))

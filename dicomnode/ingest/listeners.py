@@ -29,14 +29,16 @@ import sys
 import threading
 import time
 from pathlib import Path
-
-from sqlalchemy import Engine, event
-from sqlalchemy.orm import Session, sessionmaker
+from typing import TYPE_CHECKING
 
 from dicomnode.config import NodeSettings, Settings, load_settings
 from dicomnode.ingest.balance import listening_socket
-from dicomnode.ingest.indexer import IndexService, RemoteIndex
+from dicomnode.ingest.sink import RemoteIndex
 from dicomnode.ingest.slots import AssociationSlots, create_slots
+
+if TYPE_CHECKING:
+    # The supervisor's side only: a listener process loads no database code under serve.
+    from dicomnode.ingest.indexer import IndexService
 
 log = logging.getLogger("dicomnode.ingest")
 
@@ -216,41 +218,6 @@ def _die_with_parent() -> None:
         os._exit(1)
 
 
-def relaxed_commits(engine: Engine) -> Engine:
-    """On SQLite, ingest commits (the index writer's) that return before the log is flushed.
-
-    An acknowledged instance's file is already durable (fsync + rename + folder fsync);
-    SQLite loses such a commit only with the machine (power cut, kernel crash), so also
-    with this process, and the spool re-index at the next start rebuilds the row from its
-    file (:func:`dicomnode.ingest.recover.recover_spool`). Later synchronous commits
-    (workers) flush everything before them, so nothing a worker did can outlive the row it
-    read.
-
-    PostgreSQL keeps synchronous commits: there an unflushed commit is lost when the
-    database server crashes or restarts on its own, while this node goes on running, so no
-    re-index would follow and the instances would be missing from their studies until the
-    node restarted.
-    """
-    if engine.dialect.name != "sqlite":
-        return engine
-
-    @event.listens_for(engine, "connect")
-    def _no_log_flush(dbapi_connection, _record) -> None:
-        cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA synchronous=NORMAL")
-        cursor.close()
-
-    return engine
-
-
-def ingest_sessions(url: str) -> sessionmaker[Session]:
-    """Sessions for the index writer, the supervisor's or a stand-alone listener's (schema
-    already upgraded by the supervisor)."""
-    from dicomnode.db.session import make_engine, make_sessionmaker
-
-    return make_sessionmaker(relaxed_commits(make_engine(url)))
-
-
 def _control(scp, config: Path, stop: threading.Event) -> None:
     for line in sys.stdin:
         command, _, argument = line.strip().partition(" ")
@@ -285,10 +252,16 @@ def run_listener(
     settings = load_settings(config)
     setup_logging(settings.log_level, settings.logging.json_lines)
     remote = RemoteIndex(socket.socket(fileno=index_fd)) if index_fd is not None else None
+    sessions = None
+    if remote is None:
+        # Stand-alone: this process writes its rows. Under serve the supervisor does, and
+        # this process neither opens nor imports the database layer.
+        from dicomnode.ingest.indexer import ingest_sessions
+
+        sessions = ingest_sessions(settings.database_url)
     scp = StorageSCP(
         settings,
-        # Under serve the supervisor writes the rows: this process opens no database.
-        ingest_sessions(settings.database_url) if remote is None else None,
+        sessions,
         slots=AssociationSlots(slots, index) if slots else None,
         connections=AssociationSlots(connections, index) if connections else None,
         listening_fd=socket_fd,

@@ -22,7 +22,8 @@ from sqlalchemy.orm import Session
 
 from dicomnode.db.models import Instance
 from dicomnode.db.session import utcnow
-from dicomnode.ingest.index import index_instance, instance_facts
+from dicomnode.ingest.arrival import instance_facts
+from dicomnode.ingest.index import index_instance
 
 log = logging.getLogger("dicomnode.ingest")
 

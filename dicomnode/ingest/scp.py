@@ -14,6 +14,8 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 import pydicom
 import pydicom.config
@@ -21,12 +23,11 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
-from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode import metrics
 from dicomnode.config import Peer, Settings
-from dicomnode.db.session import utcnow
-from dicomnode.ingest import indexer
+from dicomnode.ingest import sink
+from dicomnode.ingest.arrival import Arrival, instance_facts
 from dicomnode.ingest.balance import SharedSocketServer
 from dicomnode.ingest.incoming import (
     SPARES,
@@ -36,9 +37,8 @@ from dicomnode.ingest.incoming import (
     install,
     write_incoming,
 )
-from dicomnode.ingest.index import Arrival, instance_facts
-from dicomnode.ingest.indexer import AssociationEnded, IndexSink, LocalIndex
 from dicomnode.ingest.reactor import EventDrivenRequestHandler
+from dicomnode.ingest.sink import AssociationEnded, IndexSink
 from dicomnode.ingest.slots import AssociationSlots
 from dicomnode.ingest.spool import (
     SpoolError,
@@ -48,6 +48,9 @@ from dicomnode.ingest.spool import (
     sync_folder,
 )
 from dicomnode.ingest.validate import InvalidDataset, check_dataset
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session, sessionmaker
 
 log = logging.getLogger("dicomnode.ingest")
 
@@ -134,7 +137,13 @@ class StorageSCP:
             raise ValueError("a listener needs database sessions or an index to hand rows to")
         self.settings = settings
         self.sessions = sessions
-        self.index: IndexSink = index or LocalIndex(self._sessions, lambda: self.settings)
+        if index is None:
+            # Rows written here (tests, tools, a stand-alone listener): the database layer
+            # is loaded only then.
+            from dicomnode.ingest.indexer import LocalIndex
+
+            index = LocalIndex(self._sessions, lambda: self.settings)
+        self.index: IndexSink = index
         self.storage = settings.storage_path
         self.slots = slots
         self.connections = connections
@@ -245,7 +254,9 @@ class StorageSCP:
         )
         if record.study_uids:
             try:
-                self.index.add(AssociationEnded(tuple(sorted(record.study_uids)), utcnow()))
+                self.index.add(
+                    AssociationEnded(tuple(sorted(record.study_uids)), datetime.now(UTC))
+                )
             except OSError:
                 # The studies still become ready from their last instance's deadline.
                 log.exception("could not restart the quiet period after %s", outcome)
@@ -255,7 +266,7 @@ class StorageSCP:
         record = self._associations.get(id(assoc))
         if record is None or not record.ticket:
             return
-        if not self.index.wait(record.ticket, indexer.RELEASE_WAIT_SECONDS):
+        if not self.index.wait(record.ticket, sink.RELEASE_WAIT_SECONDS):
             log.warning(
                 "association from %s released before its index rows were written (database "
                 "unavailable); they stay queued",
@@ -390,7 +401,7 @@ class StorageSCP:
             size = received.size
             record.bytes += size
             record.stored += 1
-        arrival = Arrival(facts, str(path), size, transfer_syntax, calling_ae, utcnow())
+        arrival = Arrival(facts, str(path), size, transfer_syntax, calling_ae, datetime.now(UTC))
         try:
             # Also for a duplicate: its row may be what a crash left unwritten.
             record.ticket = self.index.add(arrival)
