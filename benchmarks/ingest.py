@@ -50,6 +50,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -482,11 +483,25 @@ def send_counted(target: Target, files: list[Path], senders: int) -> tuple[float
     target_cpu, senders_cpu = cpu_seconds(pids), children_cpu_seconds()
     started = time.perf_counter()
     processes = [storescu(target, share) for share in shares if share]
-    for process in processes:
+
+    def finished(process: subprocess.Popen) -> tuple[float, int, str]:
         _, errors = process.communicate()
-        if process.returncode != 0:
+        return time.perf_counter() - started, process.returncode, errors
+
+    # Each sender's own end: a tail where the last senders run alone is not parallel.
+    with ThreadPoolExecutor(max_workers=len(processes)) as pool:
+        ends = list(pool.map(finished, processes))
+    for _, returncode, errors in ends:
+        if returncode != 0:
             raise RuntimeError(f"storescu to {target.label} failed: {errors[-2000:]}")
     seconds = time.perf_counter() - started
+    if len(ends) > 1:
+        print(
+            f"    {target.label}: senders ended at "
+            + ", ".join(f"{end:.2f}" for end, _, _ in sorted(ends))
+            + " s",
+            flush=True,
+        )
     target_cpu = cpu_seconds(pids) - target_cpu
     senders_cpu = children_cpu_seconds() - senders_cpu
     stored = target.stored()

@@ -9,9 +9,11 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -340,3 +342,31 @@ def status_state(pid: int) -> str:
         if line.startswith("State:"):
             return line.split()[1]
     return ""
+
+
+def test_a_burst_of_associations_is_spread_over_the_listeners(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    """Four senders connecting at the same moment, four listeners: each listener serves one.
+    A listener counts a connection when it accepts it; counted only once its association
+    had started, two of the four often went to the listener that woke first."""
+    node = _node(tmp_path, sqlite_url, listeners=4, workers=0)
+    try:
+        start = threading.Barrier(4)
+
+        def hold():
+            start.wait()
+            return _hold(node.port)
+
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            held = list(pool.map(lambda _: hold(), range(4)))
+        for assoc in held:
+            assoc.release()
+        served_by = wait_for(
+            lambda: found if len(found := _released_by(node)) == 4 else [],
+            timeout=20,
+            what="4 association log lines",
+        )
+        assert sorted(Counter(served_by).values()) == [1, 1, 1, 1], served_by
+    finally:
+        stop_node(node)

@@ -66,6 +66,22 @@ class SharedSocketServer(ThreadedAssociationServer):
         the socket listening for every listener."""
         self.socket.close()
 
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """Count the connection here, in the accepting thread, before its association is
+        made: counted only when the association starts (in another thread, after copying
+        the presentation contexts: milliseconds on a slow machine), a burst of senders went
+        to whichever listener woke first, which still counted none. The listener releases
+        the count when the connection closes (``StorageSCP``)."""
+        if self.connections is not None:
+            self.connections.add()
+        super().process_request(request, client_address)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """The connection failed before an association took it over: not counted any more."""
+        if self.connections is not None:
+            self.connections.release()
+        super().handle_error(request, client_address)
+
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         self._leave_to_less_busy()
         return super().get_request()

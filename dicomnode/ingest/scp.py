@@ -213,10 +213,11 @@ class StorageSCP:
             self._associations[id(event.assoc)] = _AssociationLog(calling_ae, address)
 
     def _on_opened(self, event: evt.Event) -> None:
+        # SharedSocketServer counted the connection when it accepted it; it is released
+        # when it closes.
         if self.connections is not None:
             with self._lock:
                 self._open_connections.add(id(event.assoc))
-            self.connections.add()
 
     def _on_closed(self, event: evt.Event) -> None:
         with self._lock:
