@@ -181,14 +181,7 @@ def test_held_associations_are_spread_over_the_listeners(tmp_path: Path, sqlite_
     kernel's hash of the peer's port made that 2 + 2 in only 3 cases out of 8)."""
     node = _node(tmp_path, sqlite_url, listeners=2, workers=0)
     try:
-        held = [_hold(node.port) for _ in range(4)]
-        for assoc in held:
-            assoc.release()
-        served_by = wait_for(
-            lambda: found if len(found := _released_by(node)) == 4 else [],
-            timeout=20,
-            what="4 association log lines",
-        )
+        served_by = _release_all(node, [_hold(node.port) for _ in range(4)])
         assert sorted(Counter(served_by).values()) == [2, 2], served_by
     finally:
         stop_node(node)
@@ -211,6 +204,17 @@ def _listener_pid(node, index: int) -> int | None:
 
 def _released_by(node) -> list[str]:
     return re.findall(r"association released: listener=(\d+)", node.log.read_text())
+
+
+def _release_all(node, held: list) -> list[str]:
+    """Release the held associations (the node's first); which listener served each."""
+    for assoc in held:
+        assoc.release()
+    return wait_for(
+        lambda: found if len(found := _released_by(node)) == len(held) else [],
+        timeout=20,
+        what=f"{len(held)} association log lines",
+    )
 
 
 def test_a_killed_listener_is_replaced_and_its_connections_forgotten(
@@ -360,13 +364,7 @@ def test_a_burst_of_associations_is_spread_over_the_listeners(
 
         with ThreadPoolExecutor(max_workers=4) as pool:
             held = list(pool.map(lambda _: hold(), range(4)))
-        for assoc in held:
-            assoc.release()
-        served_by = wait_for(
-            lambda: found if len(found := _released_by(node)) == 4 else [],
-            timeout=20,
-            what="4 association log lines",
-        )
+        served_by = _release_all(node, held)
         assert sorted(Counter(served_by).values()) == [1, 1, 1, 1], served_by
     finally:
         stop_node(node)
