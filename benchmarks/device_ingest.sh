@@ -10,6 +10,11 @@ set -euo pipefail
 OUT=${OUT:-/tmp/out}
 PY=${PYTHON:-python3}
 mkdir -p "$OUT"
+if [ ! -f .devkit/dcmtk.tar.xz ] || ! ls .devkit/whl/*.whl >/dev/null 2>&1; then
+  echo "no .devkit here: run 'bash benchmarks/device_kit.sh' on the build machine and pass" \
+    "carry=[\".devkit\"] to the device call" >&2
+  exit 2
+fi
 if [ ! -d /tmp/devkit/site/pynetdicom ]; then  # a rerun on the same (warm) machine skips this
   mkdir -p /tmp/devkit/site /tmp/devkit/dcmtk
   "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/devkit/site .devkit/whl/*.whl
@@ -19,7 +24,7 @@ export PYTHONPATH=/tmp/devkit/site:$PWD PYTHONUNBUFFERED=1
 export STORESCU=/tmp/devkit/dcmtk/bin/storescu STORESCP=/tmp/devkit/dcmtk/bin/storescp
 {
   echo "cores: $(nproc); $(uname -r); $("$PY" --version)"
-  "$STORESCU" --version | head -1
+  "$STORESCU" --version | sed -n 1p  # reads it all: head would end it with SIGPIPE
   "$PY" -c "import pynetdicom, pydicom, sqlalchemy; print('pynetdicom', pynetdicom.__version__, 'pydicom', pydicom.__version__, 'sqlalchemy', sqlalchemy.__version__)"
 } 2>&1 | tee "$OUT/machine.txt"
 if [ $# -eq 0 ]; then

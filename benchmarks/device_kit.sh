@@ -50,7 +50,8 @@ exec "\$kit/lib/ld-linux-x86-64.so.2" --library-path "\$kit/lib" "\$kit/bin/$too
 WRAPPER
   chmod +x "$STAGE/bin/$tool"
 done
-cp "$(dpkg -L libdcmtk17 2>/dev/null | grep '/dicom.dic$' | head -1 || echo /usr/share/libdcmtk17/dicom.dic)" \
-  "$STAGE/share/dicom.dic"
+# The package's own dictionary; the usual path where dpkg does not know the package.
+dictionary=$(dpkg -L libdcmtk17 2>/dev/null | grep '/dicom.dic$' | head -1 || true)
+cp "${dictionary:-/usr/share/libdcmtk17/dicom.dic}" "$STAGE/share/dicom.dic"
 tar -C "$STAGE" -cf - . | xz -6 -T0 > "$KIT/dcmtk.tar.xz"
 du -sh "$KIT/whl" "$KIT/dcmtk.tar.xz"
