@@ -13,9 +13,16 @@ from pathlib import Path
 
 import pytest
 from conftest import dcmtk, source_digest
+from pydicom.uid import (
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    SecondaryCaptureImageStorage,
+)
+from pynetdicom import AE, build_role
 from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dul import DULServiceProvider
+from pynetdicom.sop_class import Verification
 from pynetdicom.transport import AssociationSocket, RequestHandler
 from sqlalchemy.orm import Session, sessionmaker
 from test_scp import Node, secondary_capture, start_node
@@ -105,6 +112,45 @@ def test_release_ends_the_association_promptly(node: Node) -> None:
         assoc.release()
         assert assoc.is_released
     assert time.monotonic() - started < 20 * TICK * 4
+
+
+def _contexts_as_values(contexts) -> list[tuple]:
+    return [
+        (cx.context_id, cx.abstract_syntax, tuple(cx.transfer_syntax), cx.scu_role, cx.scp_role)
+        for cx in contexts
+    ]
+
+
+def test_associations_share_the_servers_contexts_and_leave_them_unchanged(node: Node) -> None:
+    """No deep copy of the 171 supported contexts per association (40 ms of CPU each): every
+    association negotiates against the server's own objects, so negotiation, roles included,
+    must leave them as they were for the next one."""
+    server = node.scp._server
+    assert server is not None
+    before = _contexts_as_values(server.contexts)
+    for _ in range(2):
+        ae = AE(ae_title="MODALITY")
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
+        ae.add_requested_context(SecondaryCaptureImageStorage, ExplicitVRLittleEndian)
+        ae.add_requested_context(SecondaryCaptureImageStorage, ImplicitVRLittleEndian)
+        ae.add_requested_context(Verification)
+        assoc = ae.associate(
+            "127.0.0.1",
+            node.port,
+            ae_title="DICOMNODE",
+            ext_neg=[build_role(SecondaryCaptureImageStorage, scu_role=True, scp_role=True)],
+        )
+        assert assoc.is_established
+        try:
+            (served,) = node.scp.ae.active_associations
+            shared = served.acceptor.supported_contexts
+            assert shared is not server.contexts  # its own list ...
+            assert all(a is b for a, b in zip(shared, server.contexts, strict=True))  # ... of them
+            assert len(assoc.accepted_contexts) == 3
+            assert assoc.send_c_store(secondary_capture()).Status == 0x0000
+        finally:
+            assoc.release()
+    assert _contexts_as_values(server.contexts) == before
 
 
 def test_an_idle_association_is_aborted_after_the_network_timeout(node: Node) -> None:
