@@ -28,6 +28,6 @@ export STORESCU=/tmp/devkit/dcmtk/bin/storescu STORESCP=/tmp/devkit/dcmtk/bin/st
   "$PY" -c "import pynetdicom, pydicom, sqlalchemy; print('pynetdicom', pynetdicom.__version__, 'pydicom', pydicom.__version__, 'sqlalchemy', sqlalchemy.__version__)"
 } 2>&1 | tee "$OUT/machine.txt"
 if [ $# -eq 0 ]; then
-  set -- --dx 0 --big-mb 0 --senders 4 --rounds 3 --listeners 4
+  set -- --dx 0 --big-mb 0 --associations 0 --senders 4 --rounds 3 --listeners 4
 fi
 "$PY" benchmarks/ingest.py "$@" 2>&1 | tee "$OUT/ingest.txt"

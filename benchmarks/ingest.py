@@ -14,14 +14,17 @@ and the script prints MB/s, instances/s, the CPU time per instance of the target
 and of the senders (on a machine with few cores, what bounds many senders), and the ratios
 c/a and c/b. Then the CT workload goes again in ``--senders`` concurrent storescu processes
 (equal shares) to each target, and the script prints the speed-up of many senders over one.
+Then ``--associations`` (default 100) CT slices go one association each, one ``storescu``
+after another (a modality sending each image as it is made; what an association costs to
+set up and release), and the script prints the time and target CPU per association.
 With ``--big-mb`` (default 1000) one multi-frame instance of that size is sent to the node
 in one association while the resident memory of all the node's processes is sampled; the
 peak is printed.
 Every store is checked: storescu must exit 0, every instance must be in the target's
 folder, and for (c) every instance must have its database row.
 
-    python benchmarks/ingest.py [--dx 60] [--ct 1000] [--senders 4] [--big-mb 1000]
-        [--listeners 2] [--database URL] [--profile FOLDER] [--rounds N]
+    python benchmarks/ingest.py [--dx 60] [--ct 1000] [--senders 4] [--associations 100]
+        [--big-mb 1000] [--listeners 4] [--database URL] [--profile FOLDER] [--rounds N]
 
 ``--rounds N`` measures the targets in turn N times (a, b, c, a, b, c, ...) and prints each
 round's ratios and their median: on a shared virtual machine whose speed drifts over minutes,
@@ -473,8 +476,12 @@ def send(target: Target, files: list[Path], senders: int) -> float:
     return send_counted(target, files, senders)[0]
 
 
-def send_counted(target: Target, files: list[Path], senders: int) -> tuple[float, float, float]:
-    """:func:`send`, also returning the CPU seconds the target and the senders used."""
+def send_counted(
+    target: Target, files: list[Path], senders: int, *, per_association: bool = False
+) -> tuple[float, float, float]:
+    """:func:`send`, also returning the CPU seconds the target and the senders used.
+    ``per_association``: each sender sends its instances one association (one ``storescu``)
+    after another, as a modality that sends each image as it is made."""
     shares = [files[index::senders] for index in range(senders)]
     # What an earlier run left for the kernel to write (the references write without fsync:
     # 600 MB of DX) is written now, not during this run and charged to it.
@@ -482,15 +489,18 @@ def send_counted(target: Target, files: list[Path], senders: int) -> tuple[float
     pids = target.pids()
     target_cpu, senders_cpu = cpu_seconds(pids), children_cpu_seconds()
     started = time.perf_counter()
-    processes = [storescu(target, share) for share in shares if share]
 
-    def finished(process: subprocess.Popen) -> tuple[float, int, str]:
-        _, errors = process.communicate()
+    def sender(share: list[Path]) -> tuple[float, int, str]:
+        for batch in [[path] for path in share] if per_association else [share]:
+            process = storescu(target, batch)
+            _, errors = process.communicate()
+            if process.returncode != 0:
+                break
         return time.perf_counter() - started, process.returncode, errors
 
     # Each sender's own end: a tail where the last senders run alone is not parallel.
-    with ThreadPoolExecutor(max_workers=len(processes)) as pool:
-        ends = list(pool.map(finished, processes))
+    with ThreadPoolExecutor(max_workers=senders) as pool:
+        ends = list(pool.map(sender, [share for share in shares if share]))
     for _, returncode, errors in ends:
         if returncode != 0:
             raise RuntimeError(f"storescu to {target.label} failed: {errors[-2000:]}")
@@ -510,10 +520,14 @@ def send_counted(target: Target, files: list[Path], senders: int) -> tuple[float
     return seconds, target_cpu, senders_cpu
 
 
-def measure(target: Target, name: str, files: list[Path], senders: int) -> Measurement:
+def measure(
+    target: Target, name: str, files: list[Path], senders: int, *, per_association: bool = False
+) -> Measurement:
     megabytes = sum(path.stat().st_size for path in files) / 1e6
     with target.running():
-        seconds, target_cpu, senders_cpu = send_counted(target, files, senders)
+        seconds, target_cpu, senders_cpu = send_counted(
+            target, files, senders, per_association=per_association
+        )
     result = Measurement(
         target.label, name, senders, len(files), megabytes, seconds, target_cpu, senders_cpu
     )
@@ -594,6 +608,12 @@ def main() -> int:
     parser.add_argument("--dx", type=int, default=60, help="DX instances of ~10 MB")
     parser.add_argument("--ct", type=int, default=1000, help="CT slices of ~0.5 MB")
     parser.add_argument("--senders", type=int, default=4, help="concurrent storescu (0: skip)")
+    parser.add_argument(
+        "--associations",
+        type=int,
+        default=100,
+        help="CT slices sent one association each, in turn (0: skip)",
+    )
     parser.add_argument("--big-mb", type=int, default=1000, help="one instance (0: skip)")
     parser.add_argument(
         "--listeners",
@@ -675,6 +695,29 @@ def main() -> int:
                         f"{args.senders} senders / 1 sender = {statistics.median(speedups):.2f}",
                         flush=True,
                     )
+        if args.associations:
+            name = "associations"
+            files = files_of(workload(args.cache, "ct", args.associations))
+            print(f"\n{name}: {len(files)} CT slices, one association (one storescu) each")
+            for _ in range(args.rounds):
+                for key, target in active.items():
+                    one_each = measure(target, name, files, 1, per_association=True)
+                    results.setdefault((key, name, 1), []).append(one_each)
+                    print(
+                        f"    {target.label}: {1000 * one_each.seconds / len(files):.1f} ms and "
+                        f"{1000 * one_each.target_cpu / len(files):.1f} ms of its CPU "
+                        "per association",
+                        flush=True,
+                    )
+                a, b, c = (latest(results, (key, name, 1)) for key in "abc")
+                print(f"  ratios {name}: c/a = {ratio(c, a)}   c/b = {ratio(c, b)}", flush=True)
+            if args.rounds > 1:
+                print(
+                    f"  median of {args.rounds} rounds {name}: "
+                    f"c/a = {median_ratio(results, 'c', 'a', name)}   "
+                    f"c/b = {median_ratio(results, 'c', 'b', name)}",
+                    flush=True,
+                )
         if args.profile and workloads:
             name, files = workloads[0]
             node = targets["c"]
