@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import wait_for
 from sqlalchemy.orm import Session, sessionmaker
 from test_scp import Node, secondary_capture, start_node
 
@@ -72,5 +73,13 @@ def test_association_limit_and_max_pdu(node: Node) -> None:
     finally:
         first.release()
         second.release()
+    # An association counts until its connection closes, which the requestor does after the
+    # release (up to ~10 ms after release() returns here).
+    wait_for(
+        lambda: not any(a.is_acceptor for a in node.scp.ae.active_associations),
+        timeout=10,
+        interval=0.01,
+        what="the released associations' connections to close",
+    )
     ds = secondary_capture()
     assert node.store(ds) == 0x0000  # slots free again
