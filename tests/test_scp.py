@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import warnings
 from collections.abc import Iterator
 from datetime import datetime
@@ -13,7 +15,8 @@ import pytest
 from conftest import free_port, wait_for
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
-from pynetdicom import AE
+from pynetdicom import AE, evt
+from pynetdicom._handlers import standard_dimse_recv_handler, standard_pdu_recv_handler
 from pynetdicom.sop_class import Verification
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
@@ -218,3 +221,32 @@ def test_a_listener_without_sessions_needs_an_index_to_hand_rows_to() -> None:
     index it would have nowhere to write them, and says so at once."""
     with pytest.raises(ValueError, match="database sessions or an index"):
         StorageSCP(Settings(), None)
+
+
+@pytest.mark.parametrize("debug", [False, True], ids=["info", "debug"])
+def test_pynetdicom_describes_pdus_only_when_its_debug_lines_are_wanted(
+    tmp_path: Path, sessions: sessionmaker[Session], debug: bool
+) -> None:
+    """pynetdicom's standard handlers build a description of every PDU and DIMSE message for
+    its logger, which keeps them only at DEBUG: a listener binds them only then."""
+    logger = logging.getLogger("pynetdicom")
+    level = logger.level
+    logger.setLevel(logging.DEBUG if debug else logging.WARNING)
+    try:
+        with contextlib.contextmanager(start_node)(tmp_path, sessions) as node:
+            assoc = node.associate()
+            assert assoc.is_established
+            try:
+                (served,) = node.scp.ae.active_associations
+                bound = {
+                    handler
+                    for event in (evt.EVT_PDU_RECV, evt.EVT_DIMSE_RECV, evt.EVT_DIMSE_SENT)
+                    for handler, _args in served.get_handlers(event)
+                }
+                standard = {standard_pdu_recv_handler, standard_dimse_recv_handler}
+                assert (standard <= bound) is debug, bound
+                assert assoc.send_c_store(secondary_capture()).Status == 0x0000
+            finally:
+                assoc.release()
+    finally:
+        logger.setLevel(level)

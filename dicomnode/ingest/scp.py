@@ -107,6 +107,10 @@ def tls_context(settings: Settings) -> ssl.SSLContext:
     return context
 
 
+def _pynetdicom_debug() -> bool:
+    return logging.getLogger("pynetdicom").isEnabledFor(logging.DEBUG)
+
+
 def peer_allowed(peers: list[Peer], calling_ae: str, address: str) -> bool:
     """Allow-list check: empty list accepts everyone; a peer without host matches any host."""
     if not peers:
@@ -428,6 +432,11 @@ class StorageSCP:
     def start(self) -> None:
         """Listen in background threads."""
         node = self.settings.node
+        # pynetdicom's standard handlers describe every PDU and DIMSE message for its logger
+        # (~8 % of a listener's receiving thread per CT slice), also while that logger
+        # discards them (logs.py keeps it at WARNING unless debugging): bound only for debug.
+        # The associations and servers made from now on bind them, or not, when created.
+        _config.LOG_HANDLER_LEVEL = "standard" if _pynetdicom_debug() else "none"
         self.storage.mkdir(parents=True, exist_ok=True)
         install(lambda: incoming_folder(self.storage), self._limits)
         tls = tls_context(self.settings) if self.settings.tls.enabled else None
