@@ -603,6 +603,25 @@ def ratio(numerator: Measurement | None, denominator: Measurement | None) -> str
     return f"{numerator.mb_per_s / denominator.mb_per_s:.2f}"
 
 
+def print_round_ratios(results: dict[tuple[str, str, int], list[Measurement]], name: str) -> None:
+    """The last round's c/a and c/b of one workload (one sender)."""
+    a, b, c = (latest(results, (key, name, 1)) for key in "abc")
+    print(f"  ratios {name}: c/a = {ratio(c, a)}   c/b = {ratio(c, b)}", flush=True)
+
+
+def print_median_ratios(
+    results: dict[tuple[str, str, int], list[Measurement]], name: str, rounds: int
+) -> None:
+    """The median over the rounds of c/a and c/b (nothing for a single round)."""
+    if rounds > 1:
+        print(
+            f"  median of {rounds} rounds {name}: "
+            f"c/a = {median_ratio(results, 'c', 'a', name)}   "
+            f"c/b = {median_ratio(results, 'c', 'b', name)}",
+            flush=True,
+        )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dx", type=int, default=60, help="DX instances of ~10 MB")
@@ -659,15 +678,8 @@ def main() -> int:
             for _ in range(args.rounds):
                 for key, target in active.items():
                     results.setdefault((key, name, 1), []).append(measure(target, name, files, 1))
-                a, b, c = (latest(results, (key, name, 1)) for key in "abc")
-                print(f"  ratios {name}: c/a = {ratio(c, a)}   c/b = {ratio(c, b)}", flush=True)
-            if args.rounds > 1:
-                print(
-                    f"  median of {args.rounds} rounds {name}: "
-                    f"c/a = {median_ratio(results, 'c', 'a', name)}   "
-                    f"c/b = {median_ratio(results, 'c', 'b', name)}",
-                    flush=True,
-                )
+                print_round_ratios(results, name)
+            print_median_ratios(results, name, args.rounds)
         if args.senders > 1 and workloads:
             name, files = workloads[0]
             print(f"\n{name}: {len(files)} instances, {args.senders} concurrent storescu")
@@ -709,15 +721,8 @@ def main() -> int:
                         "per association",
                         flush=True,
                     )
-                a, b, c = (latest(results, (key, name, 1)) for key in "abc")
-                print(f"  ratios {name}: c/a = {ratio(c, a)}   c/b = {ratio(c, b)}", flush=True)
-            if args.rounds > 1:
-                print(
-                    f"  median of {args.rounds} rounds {name}: "
-                    f"c/a = {median_ratio(results, 'c', 'a', name)}   "
-                    f"c/b = {median_ratio(results, 'c', 'b', name)}",
-                    flush=True,
-                )
+                print_round_ratios(results, name)
+            print_median_ratios(results, name, args.rounds)
         if args.profile and workloads:
             name, files = workloads[0]
             node = targets["c"]
