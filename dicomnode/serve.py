@@ -24,7 +24,16 @@ from dicomnode.tomlfile import ConfigError
 log = logging.getLogger("dicomnode")
 
 # Changed only by a restart: the listener, the web server, the database and storage.
-RESTART_ONLY = ("node", "web", "database", "storage.path", "worker.count")
+# What a reload cannot change in the running processes (it logs which of them changed).
+RESTART_ONLY = (
+    "node",
+    "web",
+    "database",
+    "storage.path",
+    "worker.count",
+    "log_level",
+    "logging",
+)
 
 
 def metrics_dir() -> str | None:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
 from conftest import write_config
 
 from dicomnode.config import load_settings
@@ -38,6 +40,21 @@ def test_node_reload_swaps_settings_and_refuses_a_bad_file(tmp_path: Path) -> No
     config.write_text(config.read_text().replace("port = 104", "port = 0"))
     assert not node.reload()
     assert scp.settings is kept and node.settings is kept
+
+
+def test_node_reload_says_which_changes_wait_for_a_restart(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The processes set their logging up once, at start: a reload that changes it says so
+    instead of appearing to take it."""
+    config = _config(tmp_path)
+    settings = load_settings(config)
+    node = Node(config, settings, discover_cards(settings.model_folders), None)
+    config.write_text('log_level = "DEBUG"\n' + config.read_text())
+    with caplog.at_level(logging.WARNING, logger="dicomnode"):
+        assert node.reload()
+    assert node.settings.log_level == "DEBUG"
+    assert "reload: [log_level] changed; it takes effect at the next restart" in caplog.text
 
 
 def test_worker_reload_keeps_old_settings_on_error(tmp_path: Path) -> None:
