@@ -23,8 +23,8 @@ from dicomnode.tomlfile import ConfigError
 
 log = logging.getLogger("dicomnode")
 
-# Changed only by a restart: the listener, the web server, the database and storage.
-# What a reload cannot change in the running processes (it logs which of them changed).
+# Changed only by a restart: the listener, the web server, the database, storage and the
+# processes' logging, which each sets up once (a reload logs which of them changed).
 RESTART_ONLY = (
     "node",
     "web",
