@@ -269,6 +269,19 @@ class Settings(_Section):
         return [self.resolve(folder) for folder in self.models.folders]
 
 
+def changed_settings(old: Settings, new: Settings, names: tuple[str, ...]) -> list[str]:
+    """Which of ``names`` (a section, or ``section.key``) differ between ``old`` and ``new``."""
+    changed = []
+    for name in names:
+        section, _, key = name.partition(".")
+        before, after = getattr(old, section), getattr(new, section)
+        if key:
+            before, after = getattr(before, key), getattr(after, key)
+        if before != after:
+            changed.append(name)
+    return changed
+
+
 def load_settings(path: Path | str) -> Settings:
     """Load and validate the node's TOML configuration file."""
     settings = load_toml(path, Settings)

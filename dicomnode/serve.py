@@ -16,7 +16,7 @@ from pathlib import Path
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode import RESEARCH_DEMO_NOTICE
-from dicomnode.config import Settings, load_settings
+from dicomnode.config import Settings, changed_settings, load_settings
 from dicomnode.models.registry import ModelCard, discover_cards
 from dicomnode.systemd import Notifier, run_watchdog
 from dicomnode.tomlfile import ConfigError
@@ -31,6 +31,7 @@ RESTART_ONLY = (
     "database",
     "storage.path",
     "worker.count",
+    "worker.threads",
     "log_level",
     "logging",
 )
@@ -44,18 +45,6 @@ def metrics_dir() -> str | None:
     folder = tempfile.mkdtemp(prefix="dicomnode-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = folder
     return folder
-
-
-def _restart_only_changes(old: Settings, new: Settings) -> list[str]:
-    changed = []
-    for name in RESTART_ONLY:
-        section, _, key = name.partition(".")
-        before, after = getattr(old, section), getattr(new, section)
-        if key:
-            before, after = getattr(before, key), getattr(after, key)
-        if before != after:
-            changed.append(name)
-    return changed
 
 
 class Node:
@@ -103,7 +92,7 @@ class Node:
                 if notifier:
                     notifier.notify("READY=1\nSTATUS=reload refused; see the log")
                 return False
-            for name in _restart_only_changes(self.settings, settings):
+            for name in changed_settings(self.settings, settings, RESTART_ONLY):
                 log.warning("reload: [%s] changed; it takes effect at the next restart", name)
             # One assignment each: an association reads either the old or the new settings.
             self.cards = cards

@@ -23,7 +23,7 @@ from pathlib import Path
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode import metrics
-from dicomnode.config import Settings
+from dicomnode.config import Settings, changed_settings
 from dicomnode.db.models import Job, ResultObject
 from dicomnode.db.session import as_utc, utcnow
 from dicomnode.export.scu import send_file
@@ -39,6 +39,9 @@ log = logging.getLogger("dicomnode.worker")
 # Jobs that decide or announce a study's priority, and the work that may wait for them.
 TRIAGE_KINDS = ["notify", "analyse"]
 BACKGROUND_KINDS = ["results", "export"]
+
+# What a worker sets up once, at start: its database engine, its job threads and its logging.
+RESTART_ONLY = ("database", "worker.threads", "log_level", "logging")
 
 
 class Worker:
@@ -88,8 +91,10 @@ class Worker:
         with self._background_lock:
             self._background -= 1
 
-    def reload(self) -> bool:
-        """Re-read settings and cards; keep the old ones if the new ones are invalid."""
+    def reload(self, name_restart_only: bool = True) -> bool:
+        """Re-read settings and cards; keep the old ones if the new ones are invalid.
+        ``name_restart_only``: log which changes wait for a restart (``dicomnode serve``
+        names them itself for the workers it starts)."""
         from dicomnode.checkconfig import load_checked
         from dicomnode.tomlfile import ConfigError
 
@@ -100,6 +105,13 @@ class Worker:
         except ConfigError as exc:
             log.error("reload refused, the running configuration is kept: %s", exc)
             return False
+        if name_restart_only:
+            for name in changed_settings(self.settings, settings, RESTART_ONLY):
+                log.warning(
+                    "worker %s reload: [%s] changed; it takes effect at the next restart",
+                    self.owner,
+                    name,
+                )
         # Keep the warm sessions only of models whose card is unchanged.
         unchanged = {(c.model.name, c.model.version) for c in cards if c in self.cards}
         if (settings.worker.providers, settings.inference) != (
@@ -270,7 +282,7 @@ class Worker:
             while not stop.wait(0.2):
                 if self.reload_requested.is_set():
                     self.reload_requested.clear()
-                    self.reload()
+                    self.reload(name_restart_only=parent_pid is None)
                 if parent_pid is not None and os.getppid() != parent_pid:
                     log.warning("parent process gone; worker exits")
                     break

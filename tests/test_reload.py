@@ -76,6 +76,29 @@ def test_worker_reload_keeps_old_settings_on_error(tmp_path: Path) -> None:
     assert [d.name for d in worker.settings.destinations] == ["pacs"]
 
 
+def test_stand_alone_worker_reload_says_which_changes_wait_for_a_restart(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A worker on another host has no ``dicomnode serve`` to name what its reload did not
+    take; one started by serve leaves that to serve (one line, not one per worker)."""
+    config = _config(tmp_path)
+    settings = load_settings(config)
+    worker = Worker(settings, None, discover_cards(settings.model_folders))
+    text = config.read_text().replace("[worker]\n", "[worker]\nthreads = 3\n")
+    config.write_text('log_level = "DEBUG"\n' + text)
+    with caplog.at_level(logging.WARNING, logger="dicomnode"):
+        assert worker.reload(name_restart_only=False)
+    assert "takes effect at the next restart" not in caplog.text
+
+    worker.settings = settings
+    with caplog.at_level(logging.WARNING, logger="dicomnode"):
+        assert worker.reload()
+    assert worker.settings.worker.threads == 3
+    for name in ("log_level", "worker.threads"):
+        assert f"reload: [{name}] changed; it takes effect at the next restart" in caplog.text
+    assert "[database] changed" not in caplog.text
+
+
 def test_notifier_speaks_to_abstract_and_path_sockets(tmp_path: Path) -> None:
     name = f"dicomnode-test-{os.getpid()}"
     for address, bind in [(f"@{name}", "\0" + name), (str(tmp_path / "n.sock"),) * 2]:
