@@ -19,7 +19,8 @@ the calls, the execution provider that actually ran and the thread settings.
     python benchmarks/inference.py [--images 256] [--callers N] [--images-per-call 1]
         [--rounds 3] [--batch-sizes 1,2,4,8,16,32]
         [--providers CUDAExecutionProvider,CPUExecutionProvider] [--intra-op-threads 0]
-        [--io-binding auto|on|off] [--in-flight 0] [--pinned auto|off] [--only cxr-view-demo,...]
+        [--io-binding auto|on|off] [--in-flight 0] [--pinned auto|off] [--bound-outputs auto|off]
+        [--only cxr-view-demo,...]
 
 On a GPU machine install the ``gpu`` extra (onnxruntime-gpu) and pass
 ``--providers CUDAExecutionProvider,CPUExecutionProvider`` (or TensorrtExecutionProvider
@@ -131,6 +132,13 @@ def main(argv: list[str] | None = None) -> int:
         help="the node's [inference] pinned_buffers (auto: GPU batches in page-locked memory)",
     )
     parser.add_argument(
+        "--bound-outputs",
+        choices=["auto", "off"],
+        default="auto",
+        help="the node's [inference] bound_outputs (auto: IO-bound runs write outputs of "
+        "known shape into reused host buffers, pinned on GPU providers)",
+    )
+    parser.add_argument(
         "--only", default="", help="comma-separated model names (default: every card)"
     )
     args = parser.parse_args(argv)
@@ -158,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
             io_binding=args.io_binding,
             in_flight=args.in_flight,
             pinned_buffers=args.pinned,
+            bound_outputs=args.bound_outputs,
         )
         session = load_session(card, providers, settings)
         images = inputs(card, args.images)
@@ -187,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"  (b) node Runtime, {callers} callers x {per_call} image(s), batch_size {best_size}, "
             f"max_wait {args.max_wait_ms:g} ms, {runtime.in_flight(card)} in flight, "
-            f"io_binding {args.io_binding}, pinned {args.pinned}: "
+            f"io_binding {args.io_binding}, pinned {args.pinned}, "
+            f"bound outputs {args.bound_outputs}: "
             f"{node:8.1f} images/s "
             f"(mean batch {stats.images / stats.runs:.1f}, largest {stats.largest})"
         )

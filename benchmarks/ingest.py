@@ -726,7 +726,7 @@ def main() -> int:
         if args.profile and workloads:
             name, files = workloads[0]
             node = targets["c"]
-            with node.running(), profiling(node.pids()[1:], args.profile):
+            with node.running(), profiling(node.pids(), args.profile):
                 seconds = send(node, files, 1)
             megabytes = sum(path.stat().st_size for path in files) / 1e6
             profiled = Measurement(node.label, name, 1, len(files), megabytes, seconds)

@@ -133,6 +133,9 @@ class InferenceSettings(_Section):
     in_flight: int = Field(default=0, ge=0)
     # GPU batches joined in page-locked host memory; "off" = pageable.
     pinned_buffers: Literal["auto", "off"] = "auto"
+    # IO-bound runs write outputs of a known shape into reused host buffers; "off" = onnxruntime
+    # allocates them on the device and they are copied back after the run.
+    bound_outputs: Literal["auto", "off"] = "auto"
 
 
 class ModelsSettings(_Section):

@@ -18,7 +18,7 @@ from onnx import TensorProto, helper
 
 from dicomnode.config import InferenceSettings
 from dicomnode.models.registry import ModelCard, load_card
-from dicomnode.pipeline.runtime import MicroBatcher, Runtime, batch_buckets
+from dicomnode.pipeline.runtime import MicroBatcher, Runtime, batch_buckets, output_specs
 
 CARD = """\
 [model]
@@ -254,21 +254,52 @@ def test_model_with_fixed_batch_axis_is_never_batched(tmp_path: Path) -> None:
         np.testing.assert_allclose(outputs["probability"], alone(card, batch)["probability"])
 
 
-def test_io_binding_gives_the_plain_run_outputs(tmp_path: Path) -> None:
+@pytest.mark.parametrize("bound_outputs", ["auto", "off"])
+def test_io_binding_gives_the_plain_run_outputs(tmp_path: Path, bound_outputs: str) -> None:
     card = make_model(tmp_path, "tiny")
-    bound = Runtime(["CPUExecutionProvider"], InferenceSettings(io_binding="on"))
+    settings = InferenceSettings(io_binding="on", bound_outputs=bound_outputs)
+    bound = Runtime(["CPUExecutionProvider"], settings)
     plain = Runtime(["CPUExecutionProvider"], InferenceSettings(io_binding="off"))
     batch = images(5, 3)
     # IO binding bypasses session.run: a run through it is not counted here.
     counted = CountingRuns(bound.session(card))
     with_binding, without = bound.run(card, batch), plain.run(card, batch)
     assert counted.sizes == []
+    # Outputs of known shape are written into the dispatcher's reused buffers ("auto").
+    reused = bound._model(card).batcher.outputs is not None
+    assert reused == (bound_outputs == "auto")
     for name in ("probability", "cam"):
         np.testing.assert_allclose(with_binding[name], without[name], rtol=1e-6)
-    # The bound input buffer of this shape is reused: the next batch gets its own outputs.
+    # The buffers of this shape are reused: the next batch gets its own outputs, and the
+    # first caller's outputs stay its own.
     second = images(6, 3)
     np.testing.assert_allclose(bound.run(card, second)["cam"], alone(card, second)["cam"])
     np.testing.assert_allclose(with_binding["cam"], alone(card, batch)["cam"], rtol=1e-6)
+    np.testing.assert_allclose(with_binding["probability"], without["probability"], rtol=1e-6)
+
+
+def test_output_buffers_are_made_only_for_outputs_of_known_shape(tmp_path: Path) -> None:
+    card = make_model(tmp_path, "tiny")
+    session = ort.InferenceSession(str(card.onnx_path), providers=["CPUExecutionProvider"])
+    assert output_specs(session, ["cam", "probability"]) == [
+        ((1, 8, 8), np.dtype(np.float32)),
+        ((1,), np.dtype(np.float32)),
+    ]
+    # A fixed batch axis, or another axis of free size: onnxruntime allocates them.
+    (tmp_path / "fixed").mkdir()
+    fixed = make_model(tmp_path / "fixed", "fixed", batch=1)
+    assert output_specs(ort.InferenceSession(str(fixed.onnx_path)), ["cam"]) is None
+    free = helper.make_graph(
+        [helper.make_node("Identity", ["image"], ["cam"])],
+        "free",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 1, "H", "W"])],
+        [helper.make_tensor_value_info("cam", TensorProto.FLOAT, ["N", 1, "H", "W"])],
+    )
+    model = helper.make_model(free, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    path = tmp_path / "free.onnx"
+    onnx.save(model, str(path))
+    assert output_specs(ort.InferenceSession(str(path)), ["cam"]) is None
 
 
 def test_thread_settings_and_providers_are_logged_and_applied(
@@ -462,19 +493,28 @@ def test_gpu_join_buffers_are_pinned_once_and_unpinned_when_the_dispatcher_ends(
     unpinned: list[int] = []
     monkeypatch.setattr(runtime_module, "pin", lambda a: pinned.append(a.ctypes.data) or True)
     monkeypatch.setattr(runtime_module, "unpin", lambda a: unpinned.append(a.ctypes.data))
-    doubled = MicroBatcher(lambda batch: [batch * 2], 4, 0.001, buckets=(4,), pinned=True)
+
+    def doubled_into(batch: np.ndarray, out: list[np.ndarray] | None) -> list[np.ndarray]:
+        assert out is not None and out[0].shape == batch.shape
+        np.multiply(batch, 2, out=out[0])
+        return out
+
+    spec = [((1, 8, 8), np.dtype(np.float32))]
+    doubled = MicroBatcher(doubled_into, 4, 0.001, buckets=(4,), pinned=True, outputs=spec)
     doubled.IDLE_SECONDS = 0.2
-    for _ in range(3):  # every batch is padded to 4: joined, always in the same buffer
+    for _ in range(3):  # every batch is padded to 4: joined, always in the same buffers
         batches = [images(seed, 1) for seed in range(3)]
         with ThreadPoolExecutor(3) as pool:
             results = list(pool.map(doubled.submit, batches))
         for batch, outputs in zip(batches, results, strict=True):
             np.testing.assert_array_equal(outputs[0], batch * 2)
-    assert len(pinned) == 1
+    # The join buffer and the output buffer, each pinned once; the callers' rows are copies.
+    assert len(pinned) == 2
+    assert all(outputs[0].base is None for outputs in results)
     deadline = time.monotonic() + 10
     while doubled.dispatchers and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert unpinned == pinned
+    assert sorted(unpinned) == sorted(pinned)
 
 
 def test_without_a_cuda_runtime_nothing_is_pinned(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -190,6 +190,42 @@ class BatchStats:
     largest: int = 0
 
 
+# An output's per-image shape and element type, for a buffer it can be written into.
+OutputSpec = tuple[tuple[int, ...], np.dtype]
+# onnxruntime's element type names (``tensor(float)``) as numpy types.
+_ELEMENT_TYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(uint8)": np.uint8,
+    "tensor(int8)": np.int8,
+    "tensor(bool)": np.bool_,
+}
+
+
+def output_specs(session: ort.InferenceSession, names: list[str]) -> list[OutputSpec] | None:
+    """Per-image shape and element type of the named outputs, in that order; None unless
+    every one has a batch axis of free size and fixed other axes (buffers can then be made
+    for it ahead of the run)."""
+    outputs = {o.name: o for o in session.get_outputs()}
+    specs: list[OutputSpec] = []
+    for name in names:
+        output = outputs[name]
+        shape = list(output.shape)
+        element = _ELEMENT_TYPES.get(output.type)
+        if (
+            element is None
+            or not shape
+            or isinstance(shape[0], int)
+            or not all(isinstance(d, int) and d > 0 for d in shape[1:])
+        ):
+            return None
+        specs.append((tuple(shape[1:]), np.dtype(element)))
+    return specs
+
+
 class MicroBatcher:
     """Coalesces concurrent requests into one call of ``execute`` along the first axis.
 
@@ -203,19 +239,24 @@ class MicroBatcher:
     output. A failing run fails every request in it. While a batch runs (onnxruntime
     releases the GIL) the next one queues up; with ``in_flight`` 2 the next one is also
     joined and started (on a GPU: copied to the device) meanwhile.
+
+    With ``outputs`` (each output's per-image shape and type), each dispatcher also keeps a
+    reused buffer per output and ``execute`` writes a batch's outputs into them (its second
+    argument); each request then gets a copy of its rows.
     """
 
     IDLE_SECONDS = 30.0
 
     def __init__(
         self,
-        execute: Callable[[np.ndarray], list[np.ndarray]],
+        execute: Callable[[np.ndarray, list[np.ndarray] | None], list[np.ndarray]],
         max_batch: int,
         max_wait: float,
         nobody_else: Callable[[], bool] = lambda: False,
         buckets: tuple[int, ...] = (),
         in_flight: int = 1,
         pinned: bool = False,
+        outputs: list[OutputSpec] | None = None,
     ):
         self.execute = execute
         self.max_batch = max(1, max_batch)
@@ -228,6 +269,7 @@ class MicroBatcher:
         # of a batch's size each run costs page faults that take longer than a GPU's run.
         # For a GPU the buffer is pinned (page-locked), so that uploads from it are DMA.
         self.pinned = pinned
+        self.outputs = outputs
         self._local = threading.local()
         self._cond = threading.Condition()
         self._queue: deque[_Request] = deque()
@@ -314,28 +356,52 @@ class MicroBatcher:
         buffer[rows:size] = 0
         return buffer[:size]
 
+    def _output_buffers(self, size: int) -> list[np.ndarray] | None:
+        """Where ``execute`` writes the outputs of a batch of ``size`` images: this
+        dispatcher's buffers (made, and pinned like the join buffer, on first use)."""
+        if self.outputs is None:
+            return None
+        held = getattr(self._local, "outputs", None)
+        if held is None or held[0][0].shape[0] < size:
+            self._drop_output_buffers()
+            rows = max(size, self.max_batch)
+            buffers = [np.empty((rows, *shape), dtype) for shape, dtype in self.outputs]
+            held = [(buffer, self.pinned and pin(buffer)) for buffer in buffers]
+            self._local.outputs = held
+        return [buffer[:size] for buffer, _ in held]
+
     def _drop_buffer(self) -> None:
-        """Let go of this dispatcher's join buffer (unpinned first)."""
+        """Let go of this dispatcher's join buffer (unpinned first), and its output buffers."""
         buffer = getattr(self._local, "buffer", None)
         if buffer is not None and self._local.pinned:
             unpin(buffer)
         self._local.buffer = None
+        self._drop_output_buffers()
+
+    def _drop_output_buffers(self) -> None:
+        for buffer, pinned in getattr(self._local, "outputs", None) or []:
+            if pinned:
+                unpin(buffer)
+        self._local.outputs = None
 
     def _run(self, group: list[_Request]) -> None:
         outputs: list[list[np.ndarray]] = []
         error: BaseException | None = None
         try:
             joined = self._join(group)
-            values = self.execute(joined)
-            if joined is group[0].batch:
+            buffers = self._output_buffers(joined.shape[0])
+            values = self.execute(joined, buffers)
+            if joined is group[0].batch and buffers is None:
                 outputs.append(values)
             elif any(v.shape[:1] != joined.shape[:1] for v in values):
                 raise ValueError("an output has no batch axis; the model cannot be batched")
             else:
+                # Rows of reused buffers are copied: the next batch overwrites them.
                 start = 0
                 for request in group:
                     stop = start + request.size
-                    outputs.append([v[start:stop] for v in values])
+                    rows = [v[start:stop] for v in values]
+                    outputs.append(rows if buffers is None else [r.copy() for r in rows])
                     start = stop
         except BaseException as exc:  # handed to every caller of this batch
             error = exc
@@ -444,14 +510,17 @@ class Runtime:
         buckets = batch_buckets(limit) if on_device else ()
         in_flight = self.settings.in_flight or (2 if on_device else 1)
         model = _Model(card, session, provider, binding)
+        bound_outputs = binding and self.settings.bound_outputs == "auto"
+        names = [spec.name for spec in card.outputs]
         model.batcher = MicroBatcher(
-            lambda batch: self._execute(model, batch),
+            lambda batch, out: self._execute(model, batch, out),
             limit,
             self.settings.max_wait_ms / 1000,
             self._nobody_else,
             buckets,
             in_flight,
             pinned=on_device and self.settings.pinned_buffers == "auto",
+            outputs=output_specs(session, names) if bound_outputs else None,
         )
         return model
 
@@ -470,14 +539,17 @@ class Runtime:
                 if tuple(key.split(":", 1)) not in models:
                     del self._models[key]
 
-    def _execute(self, model: _Model, batch: np.ndarray) -> list[np.ndarray]:
-        """One ``session.run`` (or IO-bound run) of a whole batch; outputs in card order."""
+    def _execute(
+        self, model: _Model, batch: np.ndarray, out: list[np.ndarray] | None = None
+    ) -> list[np.ndarray]:
+        """One ``session.run`` (or IO-bound run) of a whole batch; outputs in card order,
+        written into ``out`` where given (IO binding only)."""
         from dicomnode.metrics import INFERENCE_SECONDS
 
         names = [spec.name for spec in model.card.outputs]
         started = time.perf_counter()
         if model.io_binding:
-            values = self._execute_bound(model, batch, names)
+            values = self._execute_bound(model, batch, names, out)
         else:
             values = model.session.run(names, {model.card.input.name: batch})
         INFERENCE_SECONDS.labels(model.card.model.name, model.provider).observe(
@@ -486,16 +558,26 @@ class Runtime:
         return values
 
     @staticmethod
-    def _execute_bound(model: _Model, batch: np.ndarray, names: list[str]) -> list[np.ndarray]:
+    def _execute_bound(
+        model: _Model, batch: np.ndarray, names: list[str], out: list[np.ndarray] | None
+    ) -> list[np.ndarray]:
         """A run through IO binding: the input is bound where it lies (the batch's host
-        memory, pinned for a GPU; onnxruntime uploads it inside the run, without the GIL),
-        outputs are allocated on the device and copied back once."""
+        memory, pinned for a GPU; onnxruntime uploads it inside the run, without the GIL).
+        Outputs are written into ``out`` (host buffers, pinned for a GPU: onnxruntime copies
+        them back inside the run), or else allocated on the device and copied back after."""
         device = DEVICE_PROVIDERS.get(model.provider, "cpu")
         batch = np.ascontiguousarray(batch)
         binding = model.session.io_binding()
         binding.bind_input(
             model.card.input.name, "cpu", 0, batch.dtype, list(batch.shape), batch.ctypes.data
         )
+        if out is not None:
+            for name, buffer in zip(names, out, strict=True):
+                binding.bind_output(
+                    name, "cpu", 0, buffer.dtype, list(buffer.shape), buffer.ctypes.data
+                )
+            model.session.run_with_iobinding(binding)
+            return out
         for name in names:
             binding.bind_output(name, device)
         model.session.run_with_iobinding(binding)
