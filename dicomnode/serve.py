@@ -12,6 +12,7 @@ import sys
 import tempfile
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -21,7 +22,14 @@ from dicomnode.models.registry import ModelCard, discover_cards
 from dicomnode.systemd import Notifier, run_watchdog
 from dicomnode.tomlfile import ConfigError
 
+if TYPE_CHECKING:
+    from dicomnode.ingest.assembly import ReadyTimes
+
 log = logging.getLogger("dicomnode")
+
+# The assembly check runs when a study's quiet period ends (the supervisor's index writer
+# says when), and at least this often for rows written by other processes.
+ASSEMBLY_PERIOD_SECONDS = 1.0
 
 # Changed only by a restart: the listener, the web server, the database, storage and the
 # processes' logging, which each sets up once (a reload logs which of them changed).
@@ -199,15 +207,21 @@ def recover(settings: Settings, sessions: sessionmaker[Session]) -> None:
         )
 
 
-def assembly_loop(sessions: sessionmaker[Session], stop: threading.Event, period: float) -> None:
-    """Queue an analysis for every study whose quiet period is over: every ``period`` s, or
-    sooner when a waiting study's quiet period ends before that."""
+def assembly_loop(
+    sessions: sessionmaker[Session], stop: threading.Event, ready: ReadyTimes, period: float
+) -> None:
+    """Queue an analysis for every study whose quiet period is over: when the earliest
+    waiting study's quiet period ends, or one that this process's index writer reports
+    (``ready``) ends sooner, and at least every ``period`` s (rows written elsewhere)."""
+    from datetime import timedelta
+
     from dicomnode.db.session import utcnow
     from dicomnode.ingest.assembly import next_ready_at, queue_ready_studies
 
-    wait = period
-    while not stop.wait(wait):
-        wait = period
+    while not stop.is_set():
+        # What the writer reports from now on may not be in the check's reads below.
+        ready.clear()
+        until = utcnow() + timedelta(seconds=period)
         try:
             with sessions() as session:
                 for study_id in queue_ready_studies(session, utcnow()):
@@ -215,9 +229,10 @@ def assembly_loop(sessions: sessionmaker[Session], stop: threading.Event, period
                 due = next_ready_at(session)
                 session.commit()
             if due is not None:
-                wait = min(period, max(0.005, (due - utcnow()).total_seconds()))
+                until = min(until, max(due, utcnow() + timedelta(seconds=0.005)))
         except Exception:
             log.exception("assembly check failed; retrying")
+        ready.wait(until)
 
 
 class WorkerPool:
@@ -265,6 +280,7 @@ class WorkerPool:
 def run_serve(config: Path, workers: int | None = None) -> int:
     """Run the node until SIGTERM/SIGINT: listeners, assembly, workers, web; 0 when stopped."""
     from dicomnode.db.session import make_engine, make_sessionmaker, upgrade
+    from dicomnode.ingest.assembly import ReadyTimes
     from dicomnode.ingest.indexer import IndexService, ingest_sessions
     from dicomnode.ingest.listeners import ListenerPool
     from dicomnode.logs import setup_logging
@@ -290,9 +306,12 @@ def run_serve(config: Path, workers: int | None = None) -> int:
     # The listeners' index rows; it reads the settings of ``node`` once that exists.
     running: dict[str, Node] = {}
     index_sessions = ingest_sessions(settings.database_url)
+    # When a study's quiet period ends, from the rows as the index writer writes them.
+    ready = ReadyTimes()
     index = IndexService(
         lambda: index_sessions,
         lambda: running["node"].settings if "node" in running else settings,
+        on_ready=ready.written,
     )
     try:
         listeners = ListenerPool(config, settings.node.listeners, run_dir, settings.node, index)
@@ -314,7 +333,10 @@ def run_serve(config: Path, workers: int | None = None) -> int:
             target=listeners.supervise, args=(stop,), name="listeners", daemon=True
         ).start()
         threading.Thread(
-            target=assembly_loop, args=(sessions, stop, 0.1), name="assembly", daemon=True
+            target=assembly_loop,
+            args=(sessions, stop, ready, ASSEMBLY_PERIOD_SECONDS),
+            name="assembly",
+            daemon=True,
         ).start()
         pool = WorkerPool(config, settings.worker.count if workers is None else workers)
         threading.Thread(target=pool.supervise, args=(stop,), name="workers", daemon=True).start()

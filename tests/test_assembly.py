@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
+from conftest import wait_for
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.db.models import Instance, Job, Series, Study
-from dicomnode.db.session import as_utc
+from dicomnode.db.session import as_utc, utcnow
 from dicomnode.ingest.arrival import InstanceFacts
-from dicomnode.ingest.assembly import association_ended, next_ready_at, queue_ready_studies
+from dicomnode.ingest.assembly import (
+    ReadyTimes,
+    association_ended,
+    next_ready_at,
+    queue_ready_studies,
+)
 from dicomnode.ingest.index import index_instance
+from dicomnode.serve import assembly_loop
 from dicomnode.worklist.policy import MAX_WAIT
 
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
@@ -201,3 +210,52 @@ def test_next_ready_at_is_the_earliest_waiting_study(sessions: sessionmaker[Sess
         assert next_ready_at(session) == seconds(1 + QUIET)
         assert len(queue_ready_studies(session, seconds(1 + QUIET))) == 1
         assert next_ready_at(session) is None
+
+
+def test_the_assembly_check_runs_when_a_quiet_period_the_writer_reports_ends(
+    sessions: sessionmaker[Session],
+) -> None:
+    """The supervisor's assembly check waits for the earliest quiet period's end (told by the
+    index writer as it writes), not for a polling period: an idle node checks once per
+    period, and a study is queued as soon as its quiet period is over."""
+    checks = []
+
+    def counted() -> Session:
+        checks.append(time.monotonic())
+        return sessions()
+
+    ready, stop = ReadyTimes(), threading.Event()
+    loop = threading.Thread(
+        target=assembly_loop, args=(counted, stop, ready, 1.0), daemon=True, name="assembly"
+    )
+    loop.start()
+    try:
+        # Idle: once at start, then every 1.0 s; the next periodic check is ~0.7 s away.
+        time.sleep(2.3)
+        assert 2 <= len(checks) <= 4, checks
+        with sessions() as session:
+            now = utcnow()
+            index_instance(
+                session,
+                FACTS,
+                path="/spool/x.dcm",
+                size_bytes=1,
+                transfer_syntax_uid="1.2.840.10008.1.2.1",
+                calling_ae="MODALITY",
+                now=now,
+                quiet_seconds=0.2,
+            )
+        ready.written(now + timedelta(seconds=0.2))
+        wait_for(
+            lambda: the_study(sessions).analysis_status == "queued",
+            timeout=5,
+            interval=0.01,
+            what="the study queued",
+        )
+        queued_after = (utcnow() - now).total_seconds()
+        assert 0.2 <= queued_after < 0.4, queued_after
+    finally:
+        stop.set()
+        ready.written(utcnow())
+        loop.join(timeout=5)
+    assert not loop.is_alive()

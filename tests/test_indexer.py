@@ -131,14 +131,18 @@ def test_supervisor_writer_over_a_socket_pair_reports_rows_and_database_health(
 ) -> None:
     monkeypatch.setattr(indexer, "RETRY_SECONDS", 0.1)
     current = {"sessions": sessions}
-    service = IndexService(lambda: current["sessions"], _settings)
+    ready_at: list[datetime] = []
+    service = IndexService(lambda: current["sessions"], _settings, on_ready=ready_at.append)
     remote = RemoteIndex(service.channel())
     study, series = generate_uid(), generate_uid()
     try:
-        tickets = [remote.add(_arrival(study, series, T0)) for _ in range(3)]
+        tickets = [remote.add(_arrival(study, series, T0 + timedelta(seconds=n))) for n in range(3)]
         assert remote.wait(tickets[-1], 10)
         with sessions() as session:
             assert _study(session, study).received_generation == 3
+        # The assembly check is told when the quiet periods it wrote end (at the earliest).
+        wait_for(lambda: ready_at, timeout=5, what="a ready time")
+        assert min(ready_at) == T0 + timedelta(seconds=QUIET)
         # The database goes away: the listener side learns it, the row waits.
         down = make_engine("postgresql+psycopg://postgres@127.0.0.1:1/test?connect_timeout=2")
         current["sessions"] = make_sessionmaker(down)

@@ -7,6 +7,7 @@ last queued gets an analysis job, so instances arriving late re-run the analysis
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable
 from datetime import datetime, timedelta
 
@@ -14,7 +15,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from dicomnode.db.models import Study
-from dicomnode.db.session import as_utc
+from dicomnode.db.session import as_utc, utcnow
 from dicomnode.jobs import enqueue
 
 
@@ -63,3 +64,34 @@ def next_ready_at(session: Session) -> datetime | None:
         select(func.min(Study.ready_at)).where(Study.received_generation > Study.queued_generation)
     )
     return None if due is None else as_utc(due)
+
+
+class ReadyTimes:
+    """The ends of quiet periods that this process's index writer has just written, so that
+    the assembly check runs when one ends instead of polling for them."""
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._earliest: datetime | None = None
+
+    def written(self, ready_at: datetime) -> None:
+        """A study's quiet period now ends at ``ready_at`` (or later)."""
+        with self._changed:
+            if self._earliest is None or ready_at < self._earliest:
+                self._earliest = ready_at
+                self._changed.notify_all()
+
+    def clear(self) -> None:
+        """Forget what was written so far (an assembly check is about to read it)."""
+        with self._changed:
+            self._earliest = None
+
+    def wait(self, until: datetime) -> None:
+        """Until ``until``, or sooner, when a quiet period written meanwhile ends first."""
+        with self._changed:
+            while True:
+                target = until if self._earliest is None else min(until, self._earliest)
+                left = (target - utcnow()).total_seconds()
+                if left <= 0:
+                    return
+                self._changed.wait(left)

@@ -28,6 +28,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from datetime import datetime, timedelta
 
 from sqlalchemy import Engine, bindparam, event, select
 from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
@@ -98,7 +99,8 @@ def _write_arrivals(
 
 class IndexWriter:
     """A thread writing queued items in batches; after each commit it calls the items'
-    ``done`` callbacks, then ``on_batch``.
+    ``done`` callbacks, then ``on_batch``, then ``on_ready`` with the earliest end of a
+    quiet period the batch may have set (for the assembly check).
 
     ``sessions`` and ``settings`` are read for every batch (a reload or a test may swap
     them). While the database refuses the rows the writer retries every
@@ -111,11 +113,13 @@ class IndexWriter:
         settings: Callable[[], Settings],
         on_health: Callable[[bool], None] = lambda healthy: None,
         on_batch: Callable[[], None] = lambda: None,
+        on_ready: Callable[[datetime], None] = lambda ready_at: None,
     ):
         self._sessions = sessions
         self._settings = settings
         self._on_health = on_health
         self._on_batch = on_batch
+        self._on_ready = on_ready
         self._lock = threading.Condition()
         self._queue: list[tuple[Item, Callable[[], None] | None]] = []
         self._in_flight = 0
@@ -164,6 +168,7 @@ class IndexWriter:
                 if done is not None:
                     done()
             self._on_batch()
+            self._on_ready(_earliest_ready_at(items, self._settings().assembly.quiet_seconds))
 
     def _write(self, items: list[Item]) -> bool:
         """Write a batch; False while the database is unavailable (the batch is retried).
@@ -236,6 +241,12 @@ def _reason(exc: Exception) -> object:
     return getattr(exc, "orig", None) or exc
 
 
+def _earliest_ready_at(items: list[Item], quiet_seconds: float) -> datetime:
+    """The earliest end of a quiet period that writing ``items`` may have set."""
+    moments = [item.received_at if isinstance(item, Arrival) else item.at for item in items]
+    return min(moments) + timedelta(seconds=quiet_seconds)
+
+
 def _describe(item: Item) -> str:
     if isinstance(item, Arrival):
         return f"instance {item.facts.sop_instance_uid}"
@@ -300,10 +311,12 @@ class IndexService:
         self,
         sessions: Callable[[], sessionmaker[Session]],
         settings: Callable[[], Settings],
+        on_ready: Callable[[datetime], None] = lambda ready_at: None,
     ):
+        """``on_ready``: told after each batch when a quiet period it wrote may end."""
         self._channels: set[_Channel] = set()
         self._lock = threading.Lock()
-        self._writer = IndexWriter(sessions, settings, self._broadcast_health, self._tell)
+        self._writer = IndexWriter(sessions, settings, self._broadcast_health, self._tell, on_ready)
 
     def channel(self) -> socket.socket:
         """A new socket pair: this side is served here, the returned side goes to a
