@@ -5,12 +5,8 @@
 # network. onnxruntime-gpu travels as an xz-compressed tar of the unpacked wheel, split into
 # parts of ~40 MB (one per device call: .ort/1 ... .ort/5, each copied to /tmp/ort by
 # `mkdir -p /tmp/ort && cp .ort/N/part-* /tmp/ort/`), and pure-Python needs as wheels in
-# .ort/whl. Prepared here with
-#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#     --platform manylinux_2_28_x86_64 onnxruntime-gpu==1.31.1   (and pydantic, pydantic-core,
-#     annotated-types, typing-inspection, typing-extensions, sqlalchemy for cp312)
-#   unzip the wheel; tar cf - onnxruntime onnxruntime_gpu-*.dist-info | xz -9 > ort.tar.xz
-#   split -n 5 -d ort.tar.xz part-
+# .ort/whl. Prepared here by `bash benchmarks/gpu_kit.sh` (downloads onnxruntime-gpu 1.31.1 and
+# the cp312 wheels, packs and splits them; its header gives the device calls).
 # This script (last call) unpacks everything, proves the CUDA provider runs, and runs
 # benchmarks/inference.py on CUDA: where a batch's time goes (pageable or pinned host memory),
 # then the runtime as configured by default and A/Bs of pinned buffers, outputs bound to host
