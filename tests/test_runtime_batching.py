@@ -278,6 +278,29 @@ def test_io_binding_gives_the_plain_run_outputs(tmp_path: Path, bound_outputs: s
     np.testing.assert_allclose(with_binding["probability"], without["probability"], rtol=1e-6)
 
 
+def test_warm_up_falls_back_when_outputs_cannot_be_bound_to_host_buffers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Should a provider refuse to write outputs into host buffers, warm-up finds it out and
+    the model's outputs are copied back after each run instead: studies are not failed."""
+    card = make_model(tmp_path, "tiny")
+    runtime = Runtime(["CPUExecutionProvider"], InferenceSettings(io_binding="on"))
+    real = Runtime._execute_bound
+
+    def refusing(model, batch, names, out):
+        if out is not None:
+            raise RuntimeError("output bound to an unsupported location")
+        return real(model, batch, names, out)
+
+    monkeypatch.setattr(Runtime, "_execute_bound", staticmethod(refusing))
+    assert runtime._model(card).batcher.outputs is not None
+    runtime.warm_up(card)
+    assert runtime._model(card).batcher.outputs is None
+    assert "does not write outputs into host buffers" in caplog.text
+    batch = images(7, 2)
+    np.testing.assert_allclose(runtime.run(card, batch)["cam"], alone(card, batch)["cam"])
+
+
 def test_output_buffers_are_made_only_for_outputs_of_known_shape(tmp_path: Path) -> None:
     card = make_model(tmp_path, "tiny")
     session = ort.InferenceSession(str(card.onnx_path), providers=["CPUExecutionProvider"])

@@ -588,7 +588,25 @@ class Runtime:
         CPU), so that no study pays for a first run."""
         model = self._model(card)
         for size in model.batcher.buckets or (1,):
-            self._execute(model, np.zeros((size, *card.input.shape), np.float32))
+            blank = np.zeros((size, *card.input.shape), np.float32)
+            specs = model.batcher.outputs
+            if specs is None:
+                self._execute(model, blank)
+                continue
+            # The way studies will run: outputs written into host buffers. Should the provider
+            # refuse that, its outputs are copied back after each run instead.
+            try:
+                self._execute(model, blank, [np.empty((size, *s), t) for s, t in specs])
+            except Exception as exc:  # onnxruntime raises its own exception types
+                self._execute(model, blank)
+                model.batcher.outputs = None
+                log.warning(
+                    "model %s: %s does not write outputs into host buffers (%s); they are "
+                    "copied back after each run",
+                    card.model.name,
+                    model.provider,
+                    exc,
+                )
 
     def run(self, card: ModelCard, batch: np.ndarray) -> dict[str, np.ndarray]:
         """Run a (N, C, H, W) batch; returns the card's outputs by name, N rows each."""
