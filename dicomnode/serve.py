@@ -232,7 +232,7 @@ def assembly_loop(
                 until = min(until, max(due, utcnow() + timedelta(seconds=0.005)))
         except Exception:
             log.exception("assembly check failed; retrying")
-        ready.wait(until)
+        ready.wait(until, period)
 
 
 class WorkerPool:

@@ -8,6 +8,7 @@ last queued gets an analysis job, so instances arriving late re-run the analysis
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterable
 from datetime import datetime, timedelta
 
@@ -86,12 +87,14 @@ class ReadyTimes:
         with self._changed:
             self._earliest = None
 
-    def wait(self, until: datetime) -> None:
-        """Until ``until``, or sooner, when a quiet period written meanwhile ends first."""
+    def wait(self, until: datetime, longest: float) -> None:
+        """Until ``until``, or sooner, when a quiet period written meanwhile ends first; never
+        longer than ``longest`` seconds (should the wall clock be set back meanwhile)."""
+        give_up = time.monotonic() + longest
         with self._changed:
             while True:
                 target = until if self._earliest is None else min(until, self._earliest)
-                left = (target - utcnow()).total_seconds()
+                left = min((target - utcnow()).total_seconds(), give_up - time.monotonic())
                 if left <= 0:
                     return
                 self._changed.wait(left)
