@@ -44,6 +44,8 @@ for name in ("cxr_pneumothorax_demo", "cxr_findings_demo", "cxr_lung_seg_demo"):
     card = load_card(f"models/{name}.toml")
     batch = rng.standard_normal((8, *card.input.shape), dtype=np.float32)
     print(name, "configured", wanted, "-> session providers", gpu.session(card).get_providers())
+    gpu.warm_up(card)  # as a worker does; says if outputs cannot be bound to host buffers
+    print("  outputs bound to host buffers:", gpu._model(card).batcher.outputs is not None)
     on_gpu, on_cpu = gpu.run(card, batch), cpu.run(card, batch)
     for spec in card.outputs:
         diff = float(np.max(np.abs(on_gpu[spec.name] - on_cpu[spec.name])))
