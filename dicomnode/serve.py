@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -213,8 +214,6 @@ def assembly_loop(
     """Queue an analysis for every study whose quiet period is over: when the earliest
     waiting study's quiet period ends, or one that this process's index writer reports
     (``ready``) ends sooner, and at least every ``period`` s (rows written elsewhere)."""
-    from datetime import timedelta
-
     from dicomnode.db.session import utcnow
     from dicomnode.ingest.assembly import next_ready_at, queue_ready_studies
 
