@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -159,6 +160,39 @@ def test_supervisor_writer_over_a_socket_pair_reports_rows_and_database_health(
     finally:
         remote.close()
         service.close()
+
+
+def _thread_nice(native_id: int) -> int:
+    """A thread's nice value as Linux reports it (field 19 of /proc/self/task/<tid>/stat)."""
+    stat = Path(f"/proc/self/task/{native_id}/stat").read_text()
+    return int(stat[stat.rindex(")") + 2 :].split()[16])
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="Linux thread niceness")
+def test_the_writer_thread_runs_niced_and_the_receiving_threads_do_not(
+    sessions: sessionmaker[Session],
+) -> None:
+    """Niced, the writer leaves busy cores to the receiving threads and its rows gather
+    into fewer transactions meanwhile; the threads that receive and acknowledge are not."""
+    writer = indexer.IndexWriter(lambda: sessions, _settings)
+    try:
+        thread = writer._thread
+        assert thread.native_id is not None
+        wait_for(
+            lambda: _thread_nice(thread.native_id) == indexer.WRITER_NICE,
+            timeout=5,
+            what="the writer to nice itself",
+        )
+        # Only the writer: the thread that made it (as a listener's would be) is not niced.
+        assert _thread_nice(threading.get_native_id()) < _thread_nice(thread.native_id)
+        study = generate_uid()
+        done = threading.Event()
+        writer.submit(_arrival(study, generate_uid(), T0), done.set)
+        assert done.wait(10)
+        with sessions() as session:
+            assert _study(session, study).received_generation == 1
+    finally:
+        writer.close()
 
 
 def test_release_waits_for_the_rows_and_a_killed_node_loses_no_acknowledged_instance(
