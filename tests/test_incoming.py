@@ -6,20 +6,39 @@ import ctypes
 import errno
 import os
 import time
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import pydicom
+import pytest
+from pydicom import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
+
 from dicomnode.ingest import incoming, spool
+from dicomnode.ingest.encoding import FileMeta
 from dicomnode.ingest.incoming import (
     SPARES,
     IncomingFile,
     Limits,
     clear_incoming,
     incoming_folder,
+    read_received,
+    write_file_meta,
+    write_incoming,
 )
 
 LIMITS = Limits(max_instance_bytes=1 << 20, min_free_bytes=0)
+DEFER = 64 * 1024
 
 
 @contextmanager
@@ -150,3 +169,86 @@ def test_removing_the_spares_waits_for_the_one_being_made(tmp_path: Path, monkey
     left = list(folder.iterdir())
     SPARES.remove()
     assert not left
+
+
+def _received_as_pynetdicom_writes_it(
+    folder: Path, made: list[IncomingFile], ds: Dataset, syntax: str
+) -> IncomingFile:
+    """Preamble, the File Meta Information (write_file_meta), then the data set as sent."""
+    received = receive(folder, made)
+    received.write(b"\0" * 128 + b"DICM")
+    write_file_meta(received, FileMeta(ds.SOPClassUID, ds.SOPInstanceUID, syntax))
+    uid = UID(syntax)
+    encoded = DicomBytesIO()
+    encoded.is_little_endian, encoded.is_implicit_VR = uid.is_little_endian, uid.is_implicit_VR
+    write_dataset(encoded, ds)
+    body = encoded.getvalue()
+    if uid.is_deflated:
+        deflater = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+        body = deflater.compress(body) + deflater.flush()
+    received.write(body)
+    received.close()
+    return received
+
+
+def _header() -> Dataset:
+    ds = Dataset()
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+    ds.SOPInstanceUID = "1.2.826.0.1.3680043.8.498.1"
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.PatientName = "Müller^Jörg"
+    ds.Rows, ds.Columns, ds.BitsAllocated, ds.PixelRepresentation = 4, 4, 16, 0
+    ds.ReferencedSOPSequence = [Dataset()]
+    ds.ReferencedSOPSequence[0].ReferencedSOPInstanceUID = "1.2.3.4"
+    # Over the defer size: left on disk, read from the file when asked.
+    ds.add_new(0x00091010, "OB", bytes(range(256)) * 512)
+    ds.PixelData = bytes(32)
+    return ds
+
+
+@pytest.mark.parametrize(
+    "syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian]
+)
+def test_a_received_data_set_is_read_from_where_it_starts_as_dcmread_reads_it(
+    tmp_path: Path, syntax: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with receives(tmp_path) as made:
+        received = _received_as_pynetdicom_writes_it(tmp_path, made, _header(), syntax)
+        assert received.dataset_offset is not None and received.dataset_offset > 132
+        expected = pydicom.dcmread(received.path, defer_size=DEFER)
+        # The file meta is not parsed again: dcmread is not called.
+        monkeypatch.setattr(pydicom, "dcmread", _not_called)
+        read = read_received(received, syntax, DEFER)
+        assert read.get_item(0x00091010, keep_deferred=True).value is None  # deferred
+        assert read[0x00091010].value == bytes(range(256)) * 512
+        assert read == expected
+        assert read.PatientName == "Müller^Jörg"
+        assert read.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == "1.2.3.4"
+
+
+def test_a_data_set_read_otherwise_goes_to_dcmread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with receives(tmp_path) as made:
+        deflated = _received_as_pynetdicom_writes_it(
+            tmp_path, made, _header(), DeflatedExplicitVRLittleEndian
+        )
+        plain = _received_as_pynetdicom_writes_it(tmp_path, made, _header(), ExplicitVRLittleEndian)
+        # A data set that the read from its start fails on is read by dcmread (and fails
+        # as dcmread fails, if it does).
+        monkeypatch.setattr(incoming, "read_dataset", _not_called)
+        read = read_received(plain, ExplicitVRLittleEndian, DEFER)
+        assert read == pydicom.dcmread(plain.path, defer_size=DEFER)
+        assert read.PatientName == "Müller^Jörg"
+        assert read_received(deflated, DeflatedExplicitVRLittleEndian, None).PatientName == (
+            "Müller^Jörg"
+        )
+        # Received into memory and spilled: where its data set starts is not known.
+        spilled = write_incoming(tmp_path, LIMITS, b"\0" * 128 + plain.path.read_bytes()[128:])
+        made.append(spilled)
+        assert spilled.dataset_offset is None
+        assert read_received(spilled, ExplicitVRLittleEndian, DEFER).Rows == 4
+
+
+def _not_called(*_args, **_kwargs):
+    raise AssertionError("dcmread was called")

@@ -33,9 +33,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pydicom
 import pynetdicom.dimse_messages
-from pydicom.dataset import FileMetaDataset
+from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
+from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_file_meta_info
+from pydicom.uid import UID
 from pynetdicom import _config
 from pynetdicom.dsutils import create_file_meta
 
@@ -154,6 +157,8 @@ class IncomingFile:
         self.size = 0
         self.refusal: str | None = None
         self.moved = False
+        # Where the data set starts, after the File Meta Information (write_file_meta).
+        self.dataset_offset: int | None = None
         self._limits = limits
         self._handle = os.fdopen(fd, "wb")
         self._next_free_check = 0
@@ -266,9 +271,48 @@ def write_file_meta(fp: Any, meta: FileMeta | FileMetaDataset) -> None:
     if isinstance(meta, FileMeta):
         if meta.sop_class_uid and meta.sop_instance_uid and meta.transfer_syntax:
             fp.write(encode_file_meta(meta))
+            _data_set_follows(fp)
             return
         meta = create_file_meta(**dataclasses.asdict(meta))
     write_file_meta_info(fp, meta)
+    _data_set_follows(fp)
+
+
+def _data_set_follows(fp: Any) -> None:
+    if isinstance(fp, IncomingFile) and fp.refusal is None:
+        fp.dataset_offset = fp.size
+
+
+def read_received(received: IncomingFile, transfer_syntax: str, defer_size: int | None) -> Dataset:
+    """The data set of a received file, values over ``defer_size`` bytes left on disk.
+
+    The File Meta Information ahead of it is the one this process wrote (the negotiated
+    transfer syntax, the request's UIDs), so it is not parsed again: reading starts where
+    the data set does (a CT slice's header in half the time of ``dcmread``). A file whose
+    data set start is not known (received into memory), a deflated data set and a
+    transfer syntax pydicom does not know are read by ``dcmread``, as is a data set this
+    read fails on (so a malformed one fails as ``dcmread`` fails).
+    """
+    syntax = UID(transfer_syntax)
+    offset = received.dataset_offset
+    if offset is None or not syntax.is_transfer_syntax or syntax.is_deflated:
+        return pydicom.dcmread(received.path, defer_size=defer_size)
+    try:
+        with open(received.path, "rb") as fp:
+            fp.seek(offset)
+            dataset = read_dataset(
+                fp, syntax.is_implicit_VR, syntax.is_little_endian, defer_size=defer_size
+            )
+    except Exception:
+        return pydicom.dcmread(received.path, defer_size=defer_size)
+    # A FileDataset named by its path: deferred values are read from the file when asked.
+    read = FileDataset(
+        str(received.path), dataset, None, None, syntax.is_implicit_VR, syntax.is_little_endian
+    )
+    read.set_original_encoding(
+        syntax.is_implicit_VR, syntax.is_little_endian, dataset._character_set
+    )
+    return read
 
 
 def write_incoming(folder: Path, limits: Limits, encoded: bytes) -> IncomingFile:

@@ -35,6 +35,7 @@ from dicomnode.ingest.incoming import (
     Limits,
     incoming_folder,
     install,
+    read_received,
     write_incoming,
 )
 from dicomnode.ingest.reactor import EventDrivenRequestHandler
@@ -359,7 +360,7 @@ class StorageSCP:
             # Large values (pixel data) stay on disk; check_dataset bounds them by the file.
             # A deflated data set is inflated in memory: offsets are not file offsets there.
             deflated = transfer_syntax == DeflatedExplicitVRLittleEndian
-            dataset = pydicom.dcmread(received.path, defer_size=None if deflated else DEFER_BYTES)
+            dataset = read_received(received, transfer_syntax, None if deflated else DEFER_BYTES)
             # Every element first, so instance_facts below reads decoded values only.
             check_dataset(dataset, transfer_syntax, None if deflated else received.size)
             facts = instance_facts(dataset)

@@ -52,8 +52,8 @@ def _text(raw: RawDataElement) -> bool:
 def _read_all(ds: Dataset, stream_bytes: int | None, skip_text: bool, depth: int = 0) -> None:
     if depth > 16:
         raise InvalidDataset("sequences nested more than 16 deep")
-    for tag in list(ds.keys()):
-        raw = ds.get_item(tag, keep_deferred=True)
+    # items(): the elements as read, deferred ones included, none converted yet.
+    for tag, raw in list(ds.items()):
         if isinstance(raw, RawDataElement):
             if raw.length != UNDEFINED_LENGTH:
                 present = _present_bytes(raw, stream_bytes)
