@@ -35,7 +35,7 @@ from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.transport import AssociationSocket, RequestHandler
 
-from dicomnode.ingest.responses import QuickStoreResponses
+from dicomnode.ingest.dimse import QuickStoreDIMSE
 
 # The loggers of the pynetdicom modules whose code runs here, so its lines keep their names.
 DUL_LOGGER = logging.getLogger("pynetdicom.dul")
@@ -159,7 +159,7 @@ class EventDrivenAssociation(Association):
         # The DUL and DIMSE providers that Association made have not started and nothing
         # refers to them.
         self.dul = WakingDUL(self)
-        self.dimse = QuickStoreResponses(self)
+        self.dimse = QuickStoreDIMSE(self)
         # The timeout setters apply the timeouts to the DUL's timers.
         self.acse_timeout = self.acse_timeout
         self.network_timeout = self.network_timeout
