@@ -20,6 +20,12 @@ from dicomnode.db.session import as_utc, utcnow
 from dicomnode.jobs import enqueue
 
 
+def quiet_period_end(last: datetime, quiet_seconds: float) -> datetime:
+    """When a study whose last instance or association ended at ``last`` becomes ready:
+    the ``ready_at`` that index rows and association ends write."""
+    return last + timedelta(seconds=quiet_seconds)
+
+
 def association_ended(
     session: Session, study_uids: Iterable[str], now: datetime, quiet_seconds: float
 ) -> None:
@@ -30,7 +36,7 @@ def association_ended(
     session.execute(
         update(Study)
         .where(Study.study_instance_uid.in_(uids))
-        .values(ready_at=now + timedelta(seconds=quiet_seconds))
+        .values(ready_at=quiet_period_end(now, quiet_seconds))
     )
     session.commit()
 

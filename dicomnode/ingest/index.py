@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime, timedelta
+from datetime import datetime
 
 from sqlalchemy import bindparam, case, insert, select, update
 from sqlalchemy.exc import IntegrityError
@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 from dicomnode.config import WorklistSettings
 from dicomnode.db.models import Instance, Series, Study
 from dicomnode.ingest.arrival import Arrival, InstanceFacts
+from dicomnode.ingest.assembly import quiet_period_end
 from dicomnode.worklist.service import reprioritise
 
 
@@ -130,7 +131,7 @@ def add_rows(
             {
                 "study_id": study_id,
                 "now": last,
-                "ready_at": last + timedelta(seconds=quiet_seconds),
+                "ready_at": quiet_period_end(last, quiet_seconds),
                 "arrived": count,
             },
         )

@@ -29,7 +29,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from datetime import datetime, timedelta
+from datetime import datetime
 
 from sqlalchemy import Engine, bindparam, event, select
 from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
@@ -257,7 +257,7 @@ def _reason(exc: Exception) -> object:
 def _earliest_ready_at(items: list[Item], quiet_seconds: float) -> datetime:
     """The earliest end of a quiet period that writing ``items`` may have set."""
     moments = [item.received_at if isinstance(item, Arrival) else item.at for item in items]
-    return min(moments) + timedelta(seconds=quiet_seconds)
+    return assembly.quiet_period_end(min(moments), quiet_seconds)
 
 
 def _describe(item: Item) -> str:
