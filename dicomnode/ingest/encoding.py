@@ -28,6 +28,8 @@ from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_
 from pynetdicom.dimse_primitives import C_STORE
 
 C_STORE_RSP_COMMAND = 0x8001
+NO_DATA_SET = 0x0101
+FILE_META_VERSION = b"\x00\x01"
 # A C-STORE-RQ's command set (PS3.7 9.3.1.1), element numbers of group 0000: those that are
 # primitive parameters, by how they are encoded (Implicit VR Little Endian), and those that
 # are not (Command Group Length, Command Field, Command Data Set Type).
@@ -40,8 +42,6 @@ _REQUEST_NUMBERS = {
 _REQUEST_AE_TITLES = {0x1030: "MoveOriginatorApplicationEntityTitle"}
 _REQUEST_STRUCTURE = frozenset((0x0000, 0x0100, 0x0800))
 _REQUEST_PARAMETERS = {**_REQUEST_UIDS, **_REQUEST_NUMBERS, **_REQUEST_AE_TITLES}
-NO_DATA_SET = 0x0101
-FILE_META_VERSION = b"\x00\x01"
 
 
 def _even(value: str, pad: bytes) -> bytes:
