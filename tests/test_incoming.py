@@ -229,26 +229,34 @@ def test_a_received_data_set_is_read_from_where_it_starts_as_dcmread_reads_it(
 def test_a_data_set_read_otherwise_goes_to_dcmread(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    reads: list[int] = []
+    read_dataset = incoming.read_dataset
+
+    def counted(*args, **kwargs):
+        reads.append(1)
+        return read_dataset(*args, **kwargs)
+
+    monkeypatch.setattr(incoming, "read_dataset", counted)
     with receives(tmp_path) as made:
         deflated = _received_as_pynetdicom_writes_it(
             tmp_path, made, _header(), DeflatedExplicitVRLittleEndian
         )
         plain = _received_as_pynetdicom_writes_it(tmp_path, made, _header(), ExplicitVRLittleEndian)
+        # Deflated: inflated in memory by dcmread, not read from the file's offsets.
+        read = read_received(deflated, DeflatedExplicitVRLittleEndian, None)
+        assert read.PatientName == "Müller^Jörg" and not reads
+        # Received into memory and spilled: where its data set starts is not known.
+        spilled = write_incoming(tmp_path, LIMITS, b"\0" * 128 + plain.path.read_bytes()[128:])
+        made.append(spilled)
+        assert spilled.dataset_offset is None
+        assert read_received(spilled, ExplicitVRLittleEndian, DEFER).Rows == 4 and not reads
         # A data set that the read from its start fails on is read by dcmread (and fails
         # as dcmread fails, if it does).
         monkeypatch.setattr(incoming, "read_dataset", _not_called)
         read = read_received(plain, ExplicitVRLittleEndian, DEFER)
         assert read == pydicom.dcmread(plain.path, defer_size=DEFER)
         assert read.PatientName == "Müller^Jörg"
-        assert read_received(deflated, DeflatedExplicitVRLittleEndian, None).PatientName == (
-            "Müller^Jörg"
-        )
-        # Received into memory and spilled: where its data set starts is not known.
-        spilled = write_incoming(tmp_path, LIMITS, b"\0" * 128 + plain.path.read_bytes()[128:])
-        made.append(spilled)
-        assert spilled.dataset_offset is None
-        assert read_received(spilled, ExplicitVRLittleEndian, DEFER).Rows == 4
 
 
 def _not_called(*_args, **_kwargs):
-    raise AssertionError("dcmread was called")
+    raise AssertionError("must not be called here")
