@@ -13,7 +13,8 @@ sent by dcmtk ``storescu`` (one association, TCP_NODELAY=1) to
 and the script prints MB/s, instances/s, the CPU time per instance of the target's processes
 and of the senders (on a machine with few cores, what bounds many senders), and the ratios
 c/a and c/b. Then the CT workload goes again in ``--senders`` concurrent storescu processes
-(equal shares) to each target, and the script prints the speed-up of many senders over one.
+(equal shares) to each target, right after one more single-sender run of it to the same
+target, and the script prints the speed-up of many senders over that single sender.
 Then ``--associations`` (default 100) CT slices go one association each, one ``storescu``
 after another (a modality sending each image as it is made; what an association costs to
 set up and release), and the script prints the time and target CPU per association.
@@ -683,13 +684,19 @@ def main() -> int:
         if args.senders > 1 and workloads:
             name, files = workloads[0]
             print(f"\n{name}: {len(files)} instances, {args.senders} concurrent storescu")
-            for round_ in range(args.rounds):
+            # Each target's one-sender run again right before its many-sender run: on a VM
+            # whose speed drifts within minutes, a speed-up means something only between
+            # runs made back to back (not against the first phase's, minutes earlier).
+            alone: dict[str, list[Measurement]] = {}
+            for _ in range(args.rounds):
                 for key, target in active.items():
+                    one = measure(target, name, files, 1)
                     many = measure(target, name, files, args.senders)
+                    alone.setdefault(key, []).append(one)
                     results.setdefault((key, name, args.senders), []).append(many)
                     print(
-                        f"  {target.label}: {args.senders} senders / 1 sender = "
-                        f"{ratio(many, results[(key, name, 1)][round_])}",
+                        f"  {target.label}: {args.senders} senders / 1 sender just before = "
+                        f"{ratio(many, one)}",
                         flush=True,
                     )
             if args.rounds > 1:
@@ -697,9 +704,7 @@ def main() -> int:
                     speedups = [
                         many.mb_per_s / one.mb_per_s
                         for many, one in zip(
-                            results[(key, name, args.senders)],
-                            results[(key, name, 1)],
-                            strict=True,
+                            results[(key, name, args.senders)], alone[key], strict=True
                         )
                     ]
                     print(
