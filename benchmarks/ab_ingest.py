@@ -64,12 +64,9 @@ def main() -> int:
             chunk = files[index * args.slices : (index + 1) * args.slices]
             order = ("base", "new") if index % 2 == 0 else ("new", "base")
             for name in order:
-                node = nodes[name]
-                before = sent[name]
-                # send_counted waits until the node holds as many instances as were sent
-                # in this round: count only what this round adds.
-                node.stored = lambda node=node, before=before: ingest.Node.stored(node) - before
-                seconds, node_cpu, _ = ingest.send_counted(node, chunk, args.senders)
+                seconds, node_cpu, _ = ingest.send_counted(
+                    nodes[name], chunk, args.senders, held_before=sent[name]
+                )
                 sent[name] += len(chunk)
                 rounds[name].append((seconds, node_cpu / len(chunk) * 1e3))
     for name, measured in rounds.items():

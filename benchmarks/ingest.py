@@ -478,11 +478,17 @@ def send(target: Target, files: list[Path], senders: int) -> float:
 
 
 def send_counted(
-    target: Target, files: list[Path], senders: int, *, per_association: bool = False
+    target: Target,
+    files: list[Path],
+    senders: int,
+    *,
+    per_association: bool = False,
+    held_before: int = 0,
 ) -> tuple[float, float, float]:
     """:func:`send`, also returning the CPU seconds the target and the senders used.
     ``per_association``: each sender sends its instances one association (one ``storescu``)
-    after another, as a modality that sends each image as it is made."""
+    after another, as a modality that sends each image as it is made. ``held_before``: the
+    instances the target already held (a target that stays up between runs)."""
     shares = [files[index::senders] for index in range(senders)]
     # What an earlier run left for the kernel to write (the references write without fsync:
     # 600 MB of DX) is written now, not during this run and charged to it.
@@ -515,7 +521,7 @@ def send_counted(
         )
     target_cpu = cpu_seconds(pids) - target_cpu
     senders_cpu = children_cpu_seconds() - senders_cpu
-    stored = target.stored()
+    stored = target.stored() - held_before
     if stored != len(files):
         raise AssertionError(f"{target.label}: {stored} of {len(files)} instances stored")
     return seconds, target_cpu, senders_cpu
