@@ -28,6 +28,8 @@ from dicomnode.db.session import utcnow
 
 BACKOFF_BASE_SECONDS = 2.0
 BACKOFF_MAX_SECONDS = 600.0
+# How long a job that waits on another (see :class:`Postponed`) stays out of the queue.
+POSTPONE_SECONDS = 1.0
 # Claim order by kind (lower first): a study's triage never waits behind earlier studies'
 # result objects (``results``) or their transfers (``export``). Exports, short, go before
 # results, long: a study's objects reach the PACS as soon as they are written, not after
@@ -167,6 +169,36 @@ def fail(
     else:
         job.state = "queued"
         job.run_after = now + timedelta(seconds=backoff_seconds(job.attempts, backoff_base))
+    session.commit()
+    return True
+
+
+class Postponed(Exception):
+    """Raised by a job that must wait for another (e.g. a study's newer analysis) before it
+    can decide what to do; the worker puts it back with :func:`postpone`."""
+
+    def __init__(self, reason: str, seconds: float = POSTPONE_SECONDS):
+        super().__init__(reason)
+        self.seconds = seconds
+
+
+def postpone(
+    session: Session,
+    job: Job,
+    seconds: float,
+    now: datetime | None = None,
+    owner: str | None = None,
+) -> bool:
+    """Queue a leased job again ``seconds`` from now without using one of its attempts.
+
+    Commits; False if ``owner`` lost the lease meanwhile.
+    """
+    if _lease_lost(session, job, owner):
+        return False
+    job.state = "queued"
+    job.attempts = max(0, job.attempts - 1)
+    job.run_after = (now or utcnow()) + timedelta(seconds=seconds)
+    job.lease_expires_at = None
     session.commit()
     return True
 

@@ -27,7 +27,7 @@ from dicomnode.config import Settings, changed_settings
 from dicomnode.db.models import Job, ResultObject
 from dicomnode.db.session import as_utc, utcnow
 from dicomnode.export.scu import send_file
-from dicomnode.jobs import JobSignal, claim, complete, fail
+from dicomnode.jobs import JobSignal, Postponed, claim, complete, fail, postpone
 from dicomnode.models.registry import ModelCard
 from dicomnode.notify import send_notification
 from dicomnode.pipeline.analyse import analyse_study, mark_failed, write_results
@@ -161,6 +161,18 @@ class Worker:
         seconds = {"queued": max(0.0, (utcnow() - as_utc(job.run_after)).total_seconds())}
         try:
             detail = self._run(session, job, seconds)
+        except Postponed as wait:
+            session.rollback()
+            if postpone(session, session.get(Job, job.id), wait.seconds, owner=self.owner):
+                log.info(
+                    "job %d %s study_id=%d postponed %.1f s: %s",
+                    job.id,
+                    job.kind,
+                    job.study_id,
+                    wait.seconds,
+                    wait,
+                )
+            return True
         except Exception as exc:
             session.rollback()
             if job.kind == "export":
@@ -233,17 +245,25 @@ class Worker:
             seconds.update(times.seconds)
             return str(times)
         if job.kind == "results":
-            # Taken before anything can fail: a retry recomputes from the stored images.
+            # Taken before anything can fail: a retry recomputes from the stored images. A job
+            # postponed (a newer analysis is pending) keeps it for its next run.
             triaged = self.handover.take(job.id)
-            times = write_results(
-                session,
-                self.settings,
-                self.cards,
-                self.runtime,
-                job.study_id,
-                int(job.payload.get("generation", 0)),
-                triaged,
-            )
+            up_to = job.payload.get("instances_up_to")
+            try:
+                times = write_results(
+                    session,
+                    self.settings,
+                    self.cards,
+                    self.runtime,
+                    job.study_id,
+                    job.id,
+                    triaged,
+                    None if up_to is None else int(up_to),
+                )
+            except Postponed:
+                if triaged is not None:
+                    self.handover.put(job.id, triaged, triaged.nbytes())
+                raise
             for stage, spent in times.seconds.items():
                 metrics.JOB_SECONDS.labels("results", stage).observe(spent)
             seconds.update(times.seconds)

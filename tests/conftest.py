@@ -306,3 +306,36 @@ def spool_and_index(session, storage: Path, ds) -> tuple[int, Path]:
         select(Study.id).where(Study.study_instance_uid == facts.study_instance_uid)
     )
     return study_id, path
+
+
+def spool_late_instance(session, storage: Path, study_id: int, seed: int) -> str:
+    """Spool and index another (normal) radiograph in study ``study_id``, in a new series, as
+    if it arrived after the study's analysis; returns its SOP Instance UID."""
+    import pydicom
+    from sqlalchemy import select
+
+    from dicomnode.db.models import Instance, Series
+    from dicomnode.synth.cxr import make_cxr
+
+    first = session.scalars(select(Instance).join(Series).where(Series.study_id == study_id))
+    source = pydicom.dcmread(first.first().path, stop_before_pixels=True)
+    ds, _ = make_cxr(seed, pneumothorax=False)
+    for keyword in ("StudyInstanceUID", "PatientID", "PatientName", "AccessionNumber"):
+        setattr(ds, keyword, source.get(keyword, ""))
+    spool_and_index(session, storage, ds)
+    return str(ds.SOPInstanceUID)
+
+
+def referenced_uids(session, study_id: int) -> set[str]:
+    """Every SOP Instance UID that the study's result files reference."""
+    import pydicom
+    from sqlalchemy import select
+
+    from dicomnode.db.models import ResultObject
+
+    uids: set[str] = set()
+    for path in session.scalars(select(ResultObject.path).where(ResultObject.study_id == study_id)):
+        for element in pydicom.dcmread(path).iterall():
+            if element.keyword == "ReferencedSOPInstanceUID":
+                uids.add(str(element.value))
+    return uids

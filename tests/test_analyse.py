@@ -13,13 +13,14 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from conftest import spool_and_index
+from conftest import referenced_uids, spool_and_index, spool_late_instance
 from sqlalchemy import func, select
 
 from dicomnode.config import Destination, Settings
-from dicomnode.db.models import FindingRow, Job, ResultObject, Study
+from dicomnode.db.models import FindingRow, Instance, Job, ResultObject, Study
+from dicomnode.jobs import Postponed
 from dicomnode.models.registry import ModelCard, ResultsSpec, load_card
-from dicomnode.pipeline.analyse import StageTimes, analyse_study, write_results
+from dicomnode.pipeline.analyse import StageTimes, analyse_study, mark_failed, write_results
 from dicomnode.pipeline.handover import Handover
 from dicomnode.pipeline.runtime import Runtime
 from dicomnode.synth.cxr import make_cxr
@@ -63,7 +64,14 @@ def _write(
     assert job is not None and job.state == "queued"
     triaged = handover.take(job.id) if handover is not None else None
     times = write_results(
-        session, settings, cards, runtime, study_id, job.payload["generation"], triaged
+        session,
+        settings,
+        cards,
+        runtime,
+        study_id,
+        job.id,
+        triaged,
+        job.payload["instances_up_to"],
     )
     job.state = "done"
     session.commit()
@@ -173,7 +181,11 @@ def test_priority_is_committed_with_a_queued_results_job_and_no_result_yet(
         study = session.get(Study, study_id)
         assert (study.analysis_status, study.tier) == ("analysed", "critical")
         job = _results_job(session, study_id)
-        assert job.state == "queued" and job.payload == {"generation": study.queued_generation}
+        (instance,) = session.scalars(select(Instance.id))
+        assert job.state == "queued" and job.payload == {
+            "generation": study.queued_generation,
+            "instances_up_to": instance,  # what a recomputation reads
+        }
         assert session.scalars(select(ResultObject)).all() == []
         assert session.scalars(select(Job).where(Job.kind == "export")).all() == []
     assert not (settings.storage_path / "results").exists()
@@ -274,10 +286,48 @@ def test_a_newer_analysis_supersedes_a_waiting_results_job(sessions, tmp_path: P
     with sessions() as session:
         study_id = _ingest(session, settings, 930_031, pneumothorax=True)
         analyse_study(session, settings, [card], runtime, study_id)
-        # Late instances queued the study for analysis again: that analysis writes the results.
-        study = session.get(Study, study_id)
-        study.queued_generation += 1
-        session.commit()
-        times = _write(session, settings, [card], runtime, study_id)
-        assert "superseded" in str(times)
+        older = _results_job(session, study_id)
+        # A late instance: until its analysis has run (or failed), the results job waits.
+        late = spool_late_instance(session, settings.storage_path, study_id, 930_032)
+        with pytest.raises(Postponed, match="pending"):
+            _write(session, settings, [card], runtime, study_id)
         assert session.scalars(select(ResultObject)).all() == []
+
+        # The newer analysis queues its own results job: the older one writes nothing.
+        analyse_study(session, settings, [card], runtime, study_id)
+        newer = _results_job(session, study_id)
+        assert newer.id > older.id
+        times = write_results(session, settings, [card], runtime, study_id, older.id)
+        assert f"superseded by results job {newer.id}" in str(times)
+        assert session.scalars(select(ResultObject)).all() == []
+        _write(session, settings, [card], runtime, study_id)
+        assert late in referenced_uids(session, study_id)
+
+
+def test_a_failed_newer_analysis_leaves_the_results_of_the_findings_shown(
+    sessions, tmp_path: Path, runtime
+):
+    # The study keeps the findings and priority of its last analysis when a newer one fails:
+    # the result objects of that analysis are written, from the images it read.
+    settings = _settings(tmp_path)
+    card = load_card(PNEUMOTHORAX)
+    with sessions() as session:
+        study_id = _ingest(session, settings, 930_041, pneumothorax=True)
+        analyse_study(session, settings, [card], runtime, study_id)
+        (first,) = session.scalars(select(Instance.sop_instance_uid))
+        late = spool_late_instance(session, settings.storage_path, study_id, 930_042)
+        study = session.get(Study, study_id)
+        study.analysis_status = "queued"
+        session.commit()
+        with pytest.raises(Postponed):
+            _write(session, settings, [card], runtime, study_id)
+        mark_failed(session, study_id, "RuntimeError: out of memory")
+        # Nothing was handed over: the triage models run again, on the first image only.
+        times = _write(session, settings, [card], runtime, study_id)
+        assert times.seconds["recompute"] > 0
+        kinds = session.scalars(select(ResultObject.kind).where(ResultObject.study_id == study_id))
+        assert sorted(kinds) == ["kos", "overlay", "sr"]
+        assert first in referenced_uids(session, study_id)
+        assert late not in referenced_uids(session, study_id)
+        study = session.get(Study, study_id)
+        assert (study.analysis_status, study.tier) == ("failed", "critical")

@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.db.models import Job, Study
 from dicomnode.db.session import as_utc
-from dicomnode.jobs import claim, complete, enqueue, fail
+from dicomnode.jobs import claim, complete, enqueue, fail, postpone
 
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 
@@ -137,6 +137,24 @@ def test_fail_backs_off_exponentially_then_dead_letters(sessions: sessionmaker[S
     assert as_utc(row.finished_at) == now
     with sessions() as session:
         assert claim(session, "w", ["export"], 30, now=now + timedelta(days=1)) is None
+
+
+def test_postpone_requeues_without_using_an_attempt(sessions: sessionmaker[Session]) -> None:
+    with sessions() as session:
+        study_id = make_study(session)
+        job = enqueue(session, "results", study_id, now=T0)
+        session.commit()
+        job_id = job.id
+    with sessions() as session, sessions() as other:
+        job = claim(session, "w", ["results"], 30, now=T0)
+        assert postpone(session, job, 1.5, now=seconds(1), owner="w")
+        # Not due until 1.5 s later; then claimed with its first attempt still to use.
+        assert claim(other, "w", ["results"], 30, now=seconds(2)) is None
+        again = claim(other, "w", ["results"], 30, now=seconds(2.5))
+        assert (again.id, again.attempts) == (job_id, 1)
+        # A worker that lost the lease cannot put the job back.
+        assert not postpone(session, job, 1.5, now=seconds(40), owner="late")
+    assert stored(sessions, job_id).state == "leased"
 
 
 def test_complete_marks_done(sessions: sessionmaker[Session]) -> None:

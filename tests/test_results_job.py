@@ -13,13 +13,15 @@ import time
 from pathlib import Path
 
 import numpy as np
-from conftest import spool_and_index
+from conftest import referenced_uids, spool_and_index, spool_late_instance
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.config import Destination, Settings
 from dicomnode.db.models import Job, ResultObject, Study
-from dicomnode.jobs import claim, enqueue
+from dicomnode.db.session import as_utc, utcnow
+from dicomnode.ingest.assembly import queue_ready_studies
+from dicomnode.jobs import POSTPONE_SECONDS, claim, enqueue
 from dicomnode.models.registry import load_card
 from dicomnode.pipeline.handover import Handover, array_bytes
 from dicomnode.synth.cxr import make_cxr
@@ -167,3 +169,50 @@ def test_a_dead_results_job_leaves_the_study_analysed_with_its_reason_shown(
     assert any(
         f"job {results.id} results study_id={study_id} dead" in r.getMessage() for r in logged
     )
+
+
+def test_a_results_job_waits_for_a_newer_analysis_and_writes_when_it_fails(
+    sessions, tmp_path: Path, monkeypatch
+) -> None:
+    settings = _settings(tmp_path, max_attempts=1)
+    card = load_card(PNEUMOTHORAX)
+    worker = Worker(settings, sessions, [card])
+    with sessions() as session:
+        ds, _ = make_cxr(940_031, pneumothorax=True)
+        study_id, _ = spool_and_index(session, settings.storage_path, ds)
+        assert queue_ready_studies(session, utcnow()) == [study_id]
+    assert worker.run_once()  # the analysis: critical, its results job queued and handed over
+    with sessions() as session:
+        late = spool_late_instance(session, settings.storage_path, study_id, 940_032)
+    # Instances arrived since the analysis: the results job waits (no attempt used, the
+    # analysis kept in memory), and nothing is written yet.
+    assert worker.run_once()
+    with sessions() as session:
+        (results,) = _jobs(session, study_id, "results")
+        assert (results.state, results.attempts) == ("queued", 0)
+        assert as_utc(results.run_after) > utcnow()
+        assert session.scalars(select(ResultObject)).all() == []
+    assert len(worker.handover) == 1
+
+    # The newer analysis is queued and dies (e.g. out of memory): the study keeps the
+    # findings and priority of the first, and gets that analysis's result objects.
+    def dies(*args, **kwargs):
+        raise MemoryError("cannot allocate")
+
+    monkeypatch.setattr("dicomnode.worker.analyse_study", dies)
+    with sessions() as session:
+        assert queue_ready_studies(session, utcnow()) == [study_id]
+    assert worker.run_once()
+    time.sleep(POSTPONE_SECONDS)
+    assert worker.run_once()
+    with sessions() as session:
+        study = session.get(Study, study_id)
+        assert (study.analysis_status, study.tier) == ("failed", "critical")
+        (results,) = _jobs(session, study_id, "results")
+        assert (results.state, results.attempts) == ("done", 1)
+        assert "recompute" not in results.payload["seconds"]  # handed over, kept while it waited
+        kinds = session.scalars(select(ResultObject.kind).where(ResultObject.study_id == study_id))
+        assert sorted(kinds) == ["kos", "overlay", "sr"]
+        referenced = referenced_uids(session, study_id)
+        assert str(ds.SOPInstanceUID) in referenced and late not in referenced
+        assert len(_jobs(session, study_id, "export")) == 3

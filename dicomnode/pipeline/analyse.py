@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pydicom
 from pydicom import Dataset
-from sqlalchemy import delete, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
 from dicomnode.config import Destination, Settings, WorklistSettings
@@ -26,7 +26,7 @@ from dicomnode.db.models import FindingRow, Instance, Job, ResultObject, Series,
 from dicomnode.db.session import utcnow
 from dicomnode.findings import ModelRun
 from dicomnode.ingest.spool import instance_path, write_durable
-from dicomnode.jobs import enqueue
+from dicomnode.jobs import Postponed, enqueue
 from dicomnode.models.registry import ModelCard
 from dicomnode.notify import becomes_critical, enqueue_notifications
 from dicomnode.pipeline.decode import DecodeError, first_frame
@@ -68,15 +68,21 @@ class StageTimes:
         return f"{stages} {self.note}".strip()
 
 
-def _load_images(session: Session, study: Study) -> tuple[list[Dataset], list[str]]:
-    """The study's images, decoded (pydicom keeps the pixels for every model and writer), and
-    the reasons for the images that cannot be decoded; those are left out."""
-    paths = session.scalars(
-        select(Instance.path)
-        .join(Series)
-        .where(Series.study_id == study.id)
-        .order_by(Instance.series_id, Instance.instance_number, Instance.id)
+def _load_images(
+    session: Session, study: Study, up_to: int | None = None
+) -> tuple[list[Dataset], list[str], int]:
+    """The study's images, decoded (pydicom keeps the pixels for every model and writer), the
+    reasons for the images that cannot be decoded (those are left out), and the highest
+    instance id read. ``up_to``: only the instances with ids up to it (those an earlier
+    analysis read; instances indexed since have higher ids)."""
+    query = select(Instance.id, Instance.path).join(Series).where(Series.study_id == study.id)
+    if up_to is not None:
+        query = query.where(Instance.id <= up_to)
+    rows = session.execute(
+        query.order_by(Instance.series_id, Instance.instance_number, Instance.id)
     ).all()
+    highest = max((row.id for row in rows), default=0)
+    paths = [row.path for row in rows]
     # End the read transaction before decoding and the models: on SQLite every transaction
     # holds the write lock, which ingest needs for its rows meanwhile.
     session.commit()
@@ -92,7 +98,7 @@ def _load_images(session: Session, study: Study) -> tuple[list[Dataset], list[st
             undecodable.append(str(error))
             continue
         images.append(ds)
-    return images, undecodable
+    return images, undecodable, highest
 
 
 def _write_result(settings: Settings, ds: Dataset) -> Path:
@@ -267,7 +273,7 @@ def analyse_study(
     session.commit()
 
     started = time.perf_counter()
-    images, undecodable = _load_images(session, study)
+    images, undecodable, read_up_to = _load_images(session, study)
     times.add("decode", started)
     if undecodable and not images:
         # A file that cannot be decoded stays so: fail the study now instead of retrying.
@@ -293,9 +299,10 @@ def analyse_study(
     job = None
     if triaged.runs or triaged.later:
         # Queued with the priority: if the worker dies after this commit, the results are
-        # still written (by whichever worker claims the job). Its generation tells it whether
-        # newer instances have been queued for analysis since.
-        job = enqueue(session, "results", study.id, {"generation": study.queued_generation})
+        # still written (by whichever worker claims the job), from the instances read here
+        # (a recomputation leaves out any indexed since).
+        payload = {"generation": study.queued_generation, "instances_up_to": read_up_to}
+        job = enqueue(session, "results", study.id, payload)
         session.flush()
         if handover is not None:
             handover.put(job.id, triaged, triaged.nbytes(), _still_queued(session))
@@ -326,32 +333,50 @@ def write_results(
     cards: list[ModelCard],
     runtime: Runtime,
     study_id: int,
-    generation: int,
+    job_id: int,
     triaged: Triaged | None = None,
+    instances_up_to: int | None = None,
 ) -> StageTimes:
-    """The results job of an analysed study: run the models left after its triage, write
-    every result object and queue its exports. ``triaged``: the analysis handed over in
-    memory; without it the images are loaded and the triage models run again (stage
-    ``recompute``). Nothing is written if the study is gone or a newer analysis is queued
-    (that one queues its own results job)."""
+    """The results job ``job_id`` of an analysed study: run the models left after its triage,
+    write every result object and queue its exports. ``triaged``: the analysis handed over in
+    memory; without it the images it read (ids up to ``instances_up_to``) are loaded and the
+    triage models run again (stage ``recompute``).
+
+    A study analysed again writes only the newest analysis's objects, and a study whose newer
+    analysis failed keeps the objects of the findings it shows: nothing is written if the
+    study is gone or a newer analysis has queued its own results job, and the job is
+    :class:`~dicomnode.jobs.Postponed` while a newer analysis is pending (queued, running,
+    waiting to retry, or instances arrived since)."""
     times = StageTimes()
     study = session.get(Study, study_id)
     if study is None:
         times.note = "study no longer exists"
         return times
-    superseded = study.queued_generation > generation
+    newer = session.scalar(
+        select(func.min(Job.id)).where(
+            Job.study_id == study_id, Job.kind == "results", Job.id > job_id
+        )
+    )
+    # Any state but these two means instances arrived since, or a newer analysis is queued,
+    # running or waiting to retry.
+    pending = study.analysis_status not in ("analysed", "failed")
+    queued_generation = study.queued_generation
     # End the read transaction before the models and the files: on SQLite every transaction
     # holds the write lock, which ingest and the analyses need meanwhile.
     session.commit()
-    if superseded:
-        times.note = f"superseded by the analysis of generation {study.queued_generation}"
+    if newer is not None:
+        times.note = f"superseded by results job {newer} of a newer analysis"
         return times
+    if pending:
+        raise Postponed(
+            f"a newer analysis of the study (generation {queued_generation}) is pending"
+        )
     # Registered with the runtime only while models run, so that analyses running meanwhile
     # wait for this thread's inferences and not for its result writing.
     with runtime.caller():
         if triaged is None:
             started = time.perf_counter()
-            images, _ = _load_images(session, study)
+            images, _, _ = _load_images(session, study, instances_up_to)
             triaged = _triage_models(_Models(cards, images), runtime, StageTimes())
             times.add("recompute", started)
         runs = list(triaged.runs)
