@@ -164,7 +164,7 @@ class Worker:
         except Postponed as wait:
             session.rollback()
             if postpone(session, session.get(Job, job.id), wait.seconds, owner=self.owner):
-                log.info(
+                log.debug(
                     "job %d %s study_id=%d postponed %.1f s: %s",
                     job.id,
                     job.kind,

@@ -182,10 +182,8 @@ def test_priority_is_committed_with_a_queued_results_job_and_no_result_yet(
         assert (study.analysis_status, study.tier) == ("analysed", "critical")
         job = _results_job(session, study_id)
         (instance,) = session.scalars(select(Instance.id))
-        assert job.state == "queued" and job.payload == {
-            "generation": study.queued_generation,
-            "instances_up_to": instance,  # what a recomputation reads
-        }
+        # What a recomputation reads: the instances this analysis read.
+        assert job.state == "queued" and job.payload == {"instances_up_to": instance}
         assert session.scalars(select(ResultObject)).all() == []
         assert session.scalars(select(Job).where(Job.kind == "export")).all() == []
     assert not (settings.storage_path / "results").exists()

@@ -87,7 +87,7 @@ def test_worker_keeps_a_thread_free_for_triage(sessions, tmp_path: Path) -> None
         study_id = _study(sessions, worker.settings, 940_001)
         analyse = _jobs(session, study_id, "analyse")[0]
         analyse.state = "done"
-        results = enqueue(session, "results", study_id, {"generation": 1})
+        results = enqueue(session, "results", study_id, {"instances_up_to": 1})
         session.flush()
         export = enqueue(session, "export", study_id, {"result_id": 0, "destination": "pacs"})
         session.commit()

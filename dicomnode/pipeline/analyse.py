@@ -301,8 +301,7 @@ def analyse_study(
         # Queued with the priority: if the worker dies after this commit, the results are
         # still written (by whichever worker claims the job), from the instances read here
         # (a recomputation leaves out any indexed since).
-        payload = {"generation": study.queued_generation, "instances_up_to": read_up_to}
-        job = enqueue(session, "results", study.id, payload)
+        job = enqueue(session, "results", study.id, {"instances_up_to": read_up_to})
         session.flush()
         if handover is not None:
             handover.put(job.id, triaged, triaged.nbytes(), _still_queued(session))
