@@ -29,6 +29,14 @@ def make_study(session: Session, uid: str = "1.2.3.4") -> int:
     return study.id
 
 
+def queued_job(sessions: sessionmaker[Session], kind: str) -> int:
+    """The id of a ``kind`` job queued at T0 for a new study."""
+    with sessions() as session:
+        job = enqueue(session, kind, make_study(session), now=T0)
+        session.commit()
+        return job.id
+
+
 def stored(sessions: sessionmaker[Session], job_id: int) -> Job:
     """The job as the database has it (a fresh session, nothing cached)."""
     with sessions() as session:
@@ -88,11 +96,7 @@ def test_claim_takes_oldest_due_job_first(sessions: sessionmaker[Session]) -> No
 
 
 def test_expired_lease_is_claimed_by_another_owner(sessions: sessionmaker[Session]) -> None:
-    with sessions() as session:
-        study_id = make_study(session)
-        job = enqueue(session, "analyse", study_id, now=T0)
-        session.commit()
-        job_id = job.id
+    job_id = queued_job(sessions, "analyse")
     with sessions() as session:
         assert claim(session, "dead-worker", ["analyse"], 10, now=T0).id == job_id
         # Still leased at the deadline itself.
@@ -106,11 +110,7 @@ def test_expired_lease_is_claimed_by_another_owner(sessions: sessionmaker[Sessio
 
 
 def test_fail_backs_off_exponentially_then_dead_letters(sessions: sessionmaker[Session]) -> None:
-    with sessions() as session:
-        study_id = make_study(session)
-        job = enqueue(session, "export", study_id, now=T0)
-        session.commit()
-        job_id = job.id
+    job_id = queued_job(sessions, "export")
 
     now = T0
     for attempt, backoff in ((1, 2), (2, 4), (3, 8)):
@@ -140,11 +140,7 @@ def test_fail_backs_off_exponentially_then_dead_letters(sessions: sessionmaker[S
 
 
 def test_postpone_requeues_without_using_an_attempt(sessions: sessionmaker[Session]) -> None:
-    with sessions() as session:
-        study_id = make_study(session)
-        job = enqueue(session, "results", study_id, now=T0)
-        session.commit()
-        job_id = job.id
+    job_id = queued_job(sessions, "results")
     with sessions() as session, sessions() as other:
         job = claim(session, "w", ["results"], 30, now=T0)
         assert postpone(session, job, 1.5, now=seconds(1), owner="w")
@@ -158,11 +154,7 @@ def test_postpone_requeues_without_using_an_attempt(sessions: sessionmaker[Sessi
 
 
 def test_complete_marks_done(sessions: sessionmaker[Session]) -> None:
-    with sessions() as session:
-        study_id = make_study(session)
-        job = enqueue(session, "analyse", study_id, now=T0)
-        session.commit()
-        job_id = job.id
+    job_id = queued_job(sessions, "analyse")
     with sessions() as session:
         job = claim(session, "w", ["analyse"], 5, now=T0)
         complete(session, job, now=seconds(3))
@@ -228,11 +220,7 @@ def test_concurrent_claims_take_each_job_exactly_once(sessions: sessionmaker[Ses
 def test_worker_that_lost_its_lease_cannot_finish_or_fail_the_job(
     sessions: sessionmaker[Session],
 ) -> None:
-    with sessions() as session:
-        study_id = make_study(session)
-        job = enqueue(session, "analyse", study_id, now=T0)
-        session.commit()
-        job_id = job.id
+    job_id = queued_job(sessions, "analyse")
     with sessions() as slow, sessions() as fast:
         stale = claim(slow, "slow-worker", ["analyse"], 10, now=T0)
         assert claim(fast, "fast-worker", ["analyse"], 10, now=seconds(11)).id == job_id
