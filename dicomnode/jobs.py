@@ -20,11 +20,11 @@ from collections.abc import Sequence
 from contextlib import closing
 from datetime import datetime, timedelta
 
-from sqlalchemy import Engine, and_, case, or_, select, text
+from sqlalchemy import ColumnElement, Engine, and_, case, or_, select, text
 from sqlalchemy.orm import Session
 
 from dicomnode.db.models import Job
-from dicomnode.db.session import utcnow
+from dicomnode.db.session import READ_ONLY, utcnow
 
 BACKOFF_BASE_SECONDS = 2.0
 BACKOFF_MAX_SECONDS = 600.0
@@ -70,6 +70,26 @@ def enqueue(
     return job
 
 
+def _runnable(now: datetime) -> ColumnElement[bool]:
+    """Queued and due, or leased to a worker whose lease has expired."""
+    return or_(
+        and_(Job.state == "queued", Job.run_after <= now),
+        and_(Job.state == "leased", Job.lease_expires_at < now),
+    )
+
+
+def due(session: Session, kinds: Sequence[str], now: datetime | None = None) -> bool:
+    """Whether a job of ``kinds`` could be claimed now; read without SQLite's write lock (an
+    idle worker's poll, several a second, does not hold up the index writer or freeze it
+    with a process frozen between two statements). Ends its read transaction."""
+    connection = session.connection(execution_options=READ_ONLY)
+    found = connection.execute(
+        select(Job.id).where(Job.kind.in_(kinds), _runnable(now or utcnow())).limit(1)
+    ).first()
+    session.rollback()
+    return found is not None
+
+
 def claim(
     session: Session,
     owner: str,
@@ -80,13 +100,9 @@ def claim(
     """Lease the most urgent runnable job of ``kinds`` to ``owner`` (by :data:`KIND_PRIORITY`,
     then oldest first); commits; None if none is due."""
     now = now or utcnow()
-    runnable = or_(
-        and_(Job.state == "queued", Job.run_after <= now),
-        and_(Job.state == "leased", Job.lease_expires_at < now),
-    )
     query = (
         select(Job)
-        .where(Job.kind.in_(kinds), runnable)
+        .where(Job.kind.in_(kinds), _runnable(now))
         .order_by(
             case(KIND_PRIORITY, value=Job.kind, else_=len(KIND_PRIORITY)), Job.run_after, Job.id
         )

@@ -27,7 +27,7 @@ from dicomnode.config import Settings, changed_settings
 from dicomnode.db.models import Job, ResultObject
 from dicomnode.db.session import as_utc, utcnow
 from dicomnode.export.scu import send_file
-from dicomnode.jobs import JobSignal, Postponed, claim, complete, fail, postpone
+from dicomnode.jobs import JobSignal, Postponed, claim, complete, due, fail, postpone
 from dicomnode.models.registry import ModelCard
 from dicomnode.notify import send_notification
 from dicomnode.pipeline.analyse import analyse_study, mark_failed, write_results
@@ -74,14 +74,12 @@ class Worker:
             background = self._background < self.background_limit()
             if background:
                 self._background += 1
+        kinds = TRIAGE_KINDS + BACKGROUND_KINDS if background else TRIAGE_KINDS
         job = None
         try:
-            job = claim(
-                session,
-                self.owner,
-                TRIAGE_KINDS + BACKGROUND_KINDS if background else TRIAGE_KINDS,
-                self.settings.worker.lease_seconds,
-            )
+            # The claim is a write transaction: taken only when a job is due.
+            if due(session, kinds):
+                job = claim(session, self.owner, kinds, self.settings.worker.lease_seconds)
         finally:
             if background and (job is None or job.kind not in BACKGROUND_KINDS):
                 self._release_background()

@@ -3,6 +3,7 @@ concurrent claims."""
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 from datetime import UTC, datetime, timedelta
 
@@ -11,7 +12,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.db.models import Job, Study
 from dicomnode.db.session import as_utc
-from dicomnode.jobs import claim, complete, enqueue, fail, postpone
+from dicomnode.jobs import claim, complete, due, enqueue, fail, postpone
 
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 
@@ -270,3 +271,48 @@ def test_concurrent_claims_of_mixed_kinds_each_take_the_most_urgent_left(
     # order of urgency (jobs of one kind oldest first).
     for jobs in claimed.values():
         assert jobs == sorted(jobs), jobs
+
+
+def test_due_says_whether_claim_would_find_a_job(sessions: sessionmaker[Session]) -> None:
+    job_id = queued_job(sessions, "analyse")
+    with sessions() as session:
+        assert not due(session, ["export", "results"], now=seconds(1))  # other kinds only
+        assert due(session, ["analyse"], now=T0)
+        assert claim(session, "w", ["analyse"], 10, now=T0).id == job_id
+        assert not due(session, ["analyse"], now=seconds(5))  # leased
+        assert due(session, ["analyse"], now=seconds(11))  # the lease expired
+        session.get(Job, job_id).state = "done"
+        session.commit()
+        assert not due(session, ["analyse"], now=seconds(11))
+
+
+def test_an_idle_worker_polls_without_taking_the_sqlite_write_lock(tmp_path) -> None:
+    # Idle workers poll several times a second; a poll that took the write lock would hold
+    # up the index writer, and a worker frozen in it (SIGSTOP, swapped out) would stop ingest
+    # from indexing until its busy timeout.
+    from dicomnode.config import Settings
+    from dicomnode.db.session import make_engine, make_sessionmaker, upgrade
+    from dicomnode.worker import Worker
+
+    path = tmp_path / "dicomnode.db"
+    upgrade(f"sqlite:///{path}")
+    engine = make_engine(f"sqlite:///{path}")
+    sessions = make_sessionmaker(engine)
+    queued_job(sessions, "analyse")
+    with sessions() as session:
+        session.get(Job, 1).run_after = datetime(2999, 1, 1, tzinfo=UTC)  # not due
+        session.commit()
+    worker = Worker(Settings(), sessions, cards=[])
+    writer = sqlite3.connect(path, isolation_level=None)
+    writer.execute("BEGIN IMMEDIATE")  # another process's write transaction, held
+    polls: list[bool] = []
+    poll = threading.Thread(target=lambda: polls.append(worker.run_once()), daemon=True)
+    try:
+        poll.start()
+        poll.join(5)
+        assert polls == [False], "the idle poll waited for the write lock"
+    finally:
+        writer.rollback()
+        poll.join(35)
+        writer.close()
+        engine.dispose()

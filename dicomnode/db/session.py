@@ -13,6 +13,10 @@ if TYPE_CHECKING:
     from alembic.config import Config as AlembicConfig
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+# Execution options of a transaction that only reads: on SQLite it begins deferred and so
+# takes no write lock (every other transaction takes it at BEGIN). For a session:
+# ``session.connection(execution_options=READ_ONLY)`` before its first statement.
+READ_ONLY = {"dicomnode_read_only": True}
 
 
 def utcnow() -> datetime:
@@ -50,7 +54,8 @@ def make_engine(url: str) -> Engine:
 
         @event.listens_for(engine, "begin")
         def _begin_immediate(connection) -> None:
-            connection.exec_driver_sql("BEGIN IMMEDIATE")
+            read_only = connection.get_execution_options().get("dicomnode_read_only", False)
+            connection.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
         return engine
     return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
