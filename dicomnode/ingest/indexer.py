@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import socket
 import threading
 import time
@@ -48,15 +47,6 @@ log = logging.getLogger("dicomnode.ingest")
 
 # Rows written in one transaction at most.
 BATCH = 256
-# The writer thread's nice value (Linux schedules threads one by one; 19 is the lowest
-# priority). A one-row transaction costs about as much as a four-row one (0.5-0.9 against
-# 0.13-0.28 ms a row here), and a writer that takes each row as it comes writes one row per
-# transaction even while four senders keep both cores busy. Niced, it leaves busy cores to
-# the threads that receive and acknowledge, and the rows that queue meanwhile go in one
-# transaction; with a core to spare it runs as soon as a row comes. Nothing waits on it but
-# an association's release (its rows) and the assembly check, and acknowledged instances
-# are durable without it (the spool re-index).
-WRITER_NICE = 19
 # Between tries while the database refuses the rows.
 RETRY_SECONDS = 1.0
 
@@ -170,9 +160,10 @@ class IndexWriter:
             return batch
 
     def _run(self) -> None:
-        # Best effort: where threads cannot be niced the writer runs as before.
-        with contextlib.suppress(AttributeError, OSError):
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WRITER_NICE)
+        # Not niced: a niced writer left busy cores to the receiving threads, but while other
+        # processes (a worker's inference) kept the cores busy it got almost no CPU, holding
+        # the interpreter lock as it waited, and releases waited seconds for their rows
+        # (benchmarks/README.md, 2026-12-06).
         while batch := self._take():
             items = [item for item, _done in batch]
             while not self._write(items):
