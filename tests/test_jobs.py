@@ -298,9 +298,9 @@ def test_an_idle_worker_polls_without_taking_the_sqlite_write_lock(tmp_path) -> 
     upgrade(f"sqlite:///{path}")
     engine = make_engine(f"sqlite:///{path}")
     sessions = make_sessionmaker(engine)
-    queued_job(sessions, "analyse")
+    job_id = queued_job(sessions, "analyse")
     with sessions() as session:
-        session.get(Job, 1).run_after = datetime(2999, 1, 1, tzinfo=UTC)  # not due
+        session.get(Job, job_id).run_after = datetime(2999, 1, 1, tzinfo=UTC)  # not due
         session.commit()
     worker = Worker(Settings(), sessions, cards=[])
     writer = sqlite3.connect(path, isolation_level=None)

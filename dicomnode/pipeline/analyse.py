@@ -368,7 +368,8 @@ def write_results(
         return times
     if pending:
         raise Postponed(
-            f"a newer analysis of the study (generation {queued_generation}) is pending"
+            "a newer analysis of the study is pending (instances arrived since, or it is queued "
+            f"or running; generation {queued_generation})"
         )
     # Registered with the runtime only while models run, so that analyses running meanwhile
     # wait for this thread's inferences and not for its result writing.
