@@ -162,6 +162,49 @@ def test_supervisor_writer_over_a_socket_pair_reports_rows_and_database_health(
         service.close()
 
 
+def test_rows_gather_into_one_transaction_unless_a_release_waits_for_them(
+    sessions: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rows that come one by one share a transaction for up to GATHER_SECONDS; a release
+    waiting for them (over the supervisor's socket pair) has them written at once."""
+    monkeypatch.setattr(indexer, "GATHER_SECONDS", 0.5)
+    batches: list[int] = []
+    writer = indexer.IndexWriter(lambda: sessions, _settings, on_batch=lambda: batches.append(1))
+    study = generate_uid()
+    try:
+        done = [threading.Event() for _ in range(5)]
+        for event in done:
+            writer.submit(_arrival(study, generate_uid(), T0), event.set)
+            time.sleep(0.02)
+        assert all(event.wait(10) for event in done)
+    finally:
+        writer.close()
+    assert len(batches) == 1
+
+    monkeypatch.setattr(indexer, "GATHER_SECONDS", 30.0)
+    service = IndexService(lambda: sessions, _settings)
+    remote = RemoteIndex(service.channel())
+    study = generate_uid()
+    try:
+        tickets = [remote.add(_arrival(study, generate_uid(), T0)) for _ in range(3)]
+        time.sleep(0.5)
+        with sessions() as session:
+            assert (
+                session.scalar(
+                    select(func.count()).select_from(Study).where(Study.study_instance_uid == study)
+                )
+                == 0
+            ), "rows written before their gathering time"
+        started = time.monotonic()
+        assert remote.wait(tickets[-1], 10)
+        assert time.monotonic() - started < 5
+        with sessions() as session:
+            assert _study(session, study).received_generation == 3
+    finally:
+        remote.close()
+        service.close()
+
+
 def test_rows_are_written_while_other_processes_keep_every_core_busy(
     sessions: sessionmaker[Session],
 ) -> None:

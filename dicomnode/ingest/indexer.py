@@ -49,6 +49,10 @@ log = logging.getLogger("dicomnode.ingest")
 BATCH = 256
 # Between tries while the database refuses the rows.
 RETRY_SECONDS = 1.0
+# How long the first queued row waits for others to share its transaction, unless someone
+# waits for it (a release, a flush): a transaction of one row costs 0.5-0.9 ms of CPU here,
+# one of several 0.13-0.28 ms a row (benchmarks/README.md, 2026-12-06).
+GATHER_SECONDS = 0.02
 
 
 # Built once (building and caching a statement per batch costs more than running it).
@@ -102,6 +106,9 @@ class IndexWriter:
     ``done`` callbacks, then ``on_batch``, then ``on_ready`` with the earliest end of a
     quiet period the batch may have set (for the assembly check).
 
+    A batch is written :data:`GATHER_SECONDS` after its first item was queued, when
+    :data:`BATCH` items wait, or at once after :meth:`hurry` (someone waits for the rows).
+
     ``sessions`` and ``settings`` are read for every batch (a reload or a test may swap
     them). While the database refuses the rows the writer retries every
     :data:`RETRY_SECONDS` and reports ``healthy`` False to ``on_health``.
@@ -122,6 +129,8 @@ class IndexWriter:
         self._on_ready = on_ready
         self._lock = threading.Condition()
         self._queue: list[tuple[Item, Callable[[], None] | None]] = []
+        self._since = 0.0  # when the first item now queued was queued (monotonic)
+        self._hurried = False
         self._in_flight = 0
         self._stopping = False
         self.healthy = True
@@ -132,6 +141,16 @@ class IndexWriter:
     def submit(self, item: Item, done: Callable[[], None] | None = None) -> None:
         with self._lock:
             self._queue.append((item, done))
+            if len(self._queue) == 1:
+                self._since = time.monotonic()
+                self._lock.notify_all()
+            elif len(self._queue) == BATCH:
+                self._lock.notify_all()
+
+    def hurry(self) -> None:
+        """Write what is queued now, without waiting for more (someone waits for it)."""
+        with self._lock:
+            self._hurried = True
             self._lock.notify_all()
 
     def close(self, timeout: float = 10.0) -> None:
@@ -155,7 +174,14 @@ class IndexWriter:
             self._lock.notify_all()
             while not self._queue and not self._stopping:
                 self._lock.wait()
+            deadline = self._since + GATHER_SECONDS
+            while not (self._hurried or self._stopping or len(self._queue) >= BATCH):
+                if (left := deadline - time.monotonic()) <= 0:
+                    break
+                self._lock.wait(left)
             batch, self._queue = self._queue[:BATCH], self._queue[BATCH:]
+            # A hurry for items left for the next batch still holds.
+            self._hurried = self._hurried and bool(self._queue)
             self._in_flight = len(batch)
             return batch
 
@@ -283,6 +309,9 @@ class LocalIndex(TicketedSink):
     def close(self) -> None:
         self._writer.close()
 
+    def _hurry(self, ticket: int) -> None:
+        self._writer.hurry()
+
 
 class _Channel:
     """The supervisor's end of one listener's socket pair."""
@@ -345,6 +374,9 @@ class IndexService:
             with channel.socket.makefile("rb") as requests:
                 for line in requests:
                     message = json.loads(line)
+                    if "hurry" in message:
+                        self._writer.hurry()
+                        continue
                     seq = message["seq"]
                     self._writer.submit(
                         decode_item(message), lambda seq=seq: channel.committed(seq)

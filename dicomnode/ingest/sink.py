@@ -7,7 +7,9 @@ supervisor, and each listener reaches it through a socket pair (:class:`RemoteIn
 JSON object per line:
 
 - listener to supervisor: ``{"seq": n, "arrival": {...}}`` or
-  ``{"seq": n, "ended": [study UIDs], "at": ISO time}`` (an association ended);
+  ``{"seq": n, "ended": [study UIDs], "at": ISO time}`` (an association ended), and
+  ``{"hurry": n}`` (a release waits for the rows up to ``n``: write them without waiting
+  for more to share their transaction);
 - supervisor to listener: ``{"written": n}`` (everything up to ``n`` is committed) and
   ``{"healthy": false}`` / ``{"healthy": true}`` when the database stops or resumes
   taking rows.
@@ -79,6 +81,14 @@ class _Tickets:
             self._next += 1
             return self._next
 
+    def last(self) -> int:
+        with self._lock:
+            return self._next
+
+    def is_written(self, ticket: int) -> bool:
+        with self._lock:
+            return self._written >= ticket
+
     def written(self, ticket: int) -> None:
         with self._lock:
             if ticket > self._written:
@@ -89,23 +99,26 @@ class _Tickets:
         with self._lock:
             return self._lock.wait_for(lambda: self._written >= ticket, timeout)
 
-    def wait_all(self, timeout: float) -> bool:
-        with self._lock:
-            last = self._next
-            return self._lock.wait_for(lambda: self._written >= last, timeout)
-
 
 class TicketedSink:
-    """What both sinks share: tickets handed out by ``add``, waited for."""
+    """What both sinks share: tickets handed out by ``add``, waited for (the writer is
+    hurried first: it lets rows gather for a moment unless someone waits)."""
 
     def __init__(self) -> None:
         self._tickets = _Tickets()
 
     def wait(self, ticket: int, timeout: float) -> bool:
+        if self._tickets.is_written(ticket):
+            return True
+        self._hurry(ticket)
         return self._tickets.wait(ticket, timeout)
 
     def flush(self, timeout: float) -> bool:
-        return self._tickets.wait_all(timeout)
+        return self.wait(self._tickets.last(), timeout)
+
+    def _hurry(self, ticket: int) -> None:
+        """Ask the writer to write up to ``ticket`` now."""
+        raise NotImplementedError
 
 
 def encode_item(item: Item, seq: int) -> bytes:
@@ -148,6 +161,11 @@ class RemoteIndex(TicketedSink):
     def close(self) -> None:
         with contextlib.suppress(OSError):
             self._channel.shutdown(socket.SHUT_WR)
+
+    def _hurry(self, ticket: int) -> None:
+        # The supervisor gone: the wait times out, as it would have without the hurry.
+        with self._send_lock, contextlib.suppress(OSError):
+            self._channel.sendall(b'{"hurry":%d}\n' % ticket)
 
     def _read(self) -> None:
         with self._channel.makefile("rb") as replies:
