@@ -2,14 +2,16 @@
 
     git worktree add /tmp/wt-base <base commit>
     flock /tmp/dicomnode-cpu.lock python benchmarks/ab_ingest.py --base /tmp/wt-base \
-        [--senders 4] [--rounds 10] [--slices 100]
+        [--senders 4] [--rounds 10] [--slices 100] [--per-association]
 
 Two nodes run side by side (``dicomnode serve`` as ``ingest.py`` starts it: SQLite, no
 workers): one from the base tree (put first on ``PYTHONPATH``), one from this tree. Each
 round sends the next ``--slices`` CT slices of ``ingest.py``'s workload to one node, then
 the same slices to the other (which goes first alternates), in ``--senders`` concurrent
-``storescu``. The script prints each round's seconds and the nodes' CPU per slice, and the
-median of the rounds' new/base ratios.
+``storescu`` (with ``--per-association``, each slice in its own association, one
+``storescu`` after another, as a modality that sends each image as it is made). The script
+prints each round's seconds and the nodes' CPU per slice, and the median of the rounds'
+new/base ratios.
 
 Why not two ``ingest.py`` runs: this VM's speed drifts by 30-50 % within minutes, which
 swamps a change of a few per cent between runs made minutes apart; rounds of a second or two,
@@ -40,6 +42,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--slices", type=int, default=100, help="CT slices per round")
     parser.add_argument("--listeners", type=int, default=4)
+    parser.add_argument("--per-association", action="store_true", help="one association per slice")
     parser.add_argument("--cache", type=Path, default=Path("/tmp/dicomnode-bench-ingest"))
     parser.add_argument("--work", type=Path, default=Path("/tmp/dicomnode-bench-ab"))
     args = parser.parse_args()
@@ -65,7 +68,11 @@ def main() -> int:
             order = ("base", "new") if index % 2 == 0 else ("new", "base")
             for name in order:
                 seconds, node_cpu, _ = ingest.send_counted(
-                    nodes[name], chunk, args.senders, held_before=sent[name]
+                    nodes[name],
+                    chunk,
+                    args.senders,
+                    per_association=args.per_association,
+                    held_before=sent[name],
                 )
                 sent[name] += len(chunk)
                 rounds[name].append((seconds, node_cpu / len(chunk) * 1e3))
@@ -77,7 +84,8 @@ def main() -> int:
     cpu = statistics.median(new[1] / base[1] for base, new in pairs)
     print(
         f"new/base, median of {args.rounds} rounds of {args.slices} slices, "
-        f"{args.senders} sender(s): seconds {wall:.3f}, node CPU {cpu:.3f}"
+        f"{args.senders} sender(s){', one association a slice' if args.per_association else ''}: "
+        f"seconds {wall:.3f}, node CPU {cpu:.3f}"
     )
     return 0
 

@@ -250,3 +250,18 @@ def test_pynetdicom_describes_pdus_only_when_its_debug_lines_are_wanted(
                 assoc.release()
     finally:
         logger.setLevel(level)
+
+
+def test_pynetdicom_uid_checks_are_remembered_with_the_same_answers() -> None:
+    """The node remembers pynetdicom's UID checks (each association proposes the same few
+    hundred UIDs); the answers stay pynetdicom's, a wrong UID is still refused."""
+    from pydicom.uid import UID
+    from pynetdicom import _config
+    from pynetdicom._validators import validate_ui
+
+    remembered = _config.VALIDATORS["UI"]
+    for value in [SecondaryCaptureImageStorage, UID("1." + "2" * 70), UID("")]:
+        assert remembered(value) == validate_ui(value)
+    hits = remembered.cache_info().hits
+    assert remembered(UID(str(SecondaryCaptureImageStorage))) == (True, "")
+    assert remembered.cache_info().hits == hits + 1

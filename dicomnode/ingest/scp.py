@@ -8,6 +8,7 @@ inference.
 
 from __future__ import annotations
 
+import functools
 import logging
 import ssl
 import threading
@@ -58,6 +59,11 @@ log = logging.getLogger("dicomnode.ingest")
 # Keep identifiers (patient data) out of pynetdicom's own logs.
 _config.LOG_REQUEST_IDENTIFIERS = False
 _config.LOG_RESPONSE_IDENTIFIERS = False
+# pynetdicom validates every UID of every A-ASSOCIATE-RQ (each proposed context's abstract
+# and transfer syntaxes: ~400 from dcmtk's storescu), the same few hundred association after
+# association; its documented hook lets the answers be remembered (they depend on nothing but
+# the UID: ENFORCE_UID_CONFORMANCE is never changed here).
+_config.VALIDATORS["UI"] = functools.lru_cache(maxsize=4096)(_config.VALIDATORS["UI"])
 # pydicom's value-validation warnings quote the values (patient names, IDs) into the log;
 # received bytes are stored as sent, so ingest has no use for them.
 pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
