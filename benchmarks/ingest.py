@@ -450,6 +450,16 @@ class Measurement:
     def instances_per_s(self) -> float:
         return self.instances / self.seconds
 
+    @property
+    def cpu_per_instance(self) -> float:
+        """Seconds of CPU per instance, target and senders together."""
+        return (self.target_cpu + self.senders_cpu) / self.instances
+
+    @property
+    def cores_busy(self) -> float:
+        """Cores the target and senders kept busy on average."""
+        return (self.target_cpu + self.senders_cpu) / self.seconds
+
     def line(self) -> str:
         return (
             f"  {self.target:<24} {self.workload:<10} senders={self.senders}  "
@@ -610,6 +620,19 @@ def ratio(numerator: Measurement | None, denominator: Measurement | None) -> str
     return f"{numerator.mb_per_s / denominator.mb_per_s:.2f}"
 
 
+def speedup_ceiling(one: Measurement, many: Measurement) -> str:
+    """What this machine's cores allow many senders over one, at the CPU per instance both
+    runs took: one sender's time is its CPU over the cores it kept busy, the many senders'
+    time at least their CPU over all cores."""
+    cores = os.cpu_count() or 1
+    ceiling = cores / one.cores_busy * one.cpu_per_instance / many.cpu_per_instance
+    return (
+        f"cores busy {one.cores_busy:.2f} -> {many.cores_busy:.2f}, CPU ms/instance of target "
+        f"and senders {1000 * one.cpu_per_instance:.2f} -> {1000 * many.cpu_per_instance:.2f}: "
+        f"{cores} cores allow at most {ceiling:.2f}"
+    )
+
+
 def print_round_ratios(results: dict[tuple[str, str, int], list[Measurement]], name: str) -> None:
     """The last round's c/a and c/b of one workload (one sender)."""
     a, b, c = (latest(results, (key, name, 1)) for key in "abc")
@@ -702,7 +725,7 @@ def main() -> int:
                     results.setdefault((key, name, args.senders), []).append(many)
                     print(
                         f"  {target.label}: {args.senders} senders / 1 sender just before = "
-                        f"{ratio(many, one)}",
+                        f"{ratio(many, one)} ({speedup_ceiling(one, many)})",
                         flush=True,
                     )
             if args.rounds > 1:
