@@ -3,10 +3,9 @@
 A C-STORE is answered once its file is durable in the spool (fsync, rename, folder fsync);
 the instance's study, series and instance rows follow within :data:`GATHER_SECONDS` from an
 :class:`IndexWriter`, which writes whatever has queued up meanwhile in one transaction (at
-once when a release waits for them). Nothing
-acknowledged depends on those rows: a row that was queued but not written when the node
-stopped is rebuilt from its file by the spool re-index at start-up
-(:func:`dicomnode.ingest.recover.recover_spool`).
+once when a release waits for them). Nothing acknowledged depends on those rows: a row that
+was queued but not written when the node stopped is rebuilt from its file by the spool
+re-index at start-up (:func:`dicomnode.ingest.recover.recover_spool`).
 
 Under ``dicomnode serve`` the writer runs in the supervisor (:class:`IndexService`), so
 the listener processes, which serve every association in one interpreter, spend no time

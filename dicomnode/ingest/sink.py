@@ -24,6 +24,7 @@ import contextlib
 import json
 import socket
 import threading
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
@@ -100,7 +101,7 @@ class _Tickets:
             return self._lock.wait_for(lambda: self._written >= ticket, timeout)
 
 
-class TicketedSink:
+class TicketedSink(ABC):
     """What both sinks share: tickets handed out by ``add``, waited for (the writer is
     hurried first: it lets rows gather for a moment unless someone waits)."""
 
@@ -116,9 +117,9 @@ class TicketedSink:
     def flush(self, timeout: float) -> bool:
         return self.wait(self._tickets.last(), timeout)
 
+    @abstractmethod
     def _hurry(self, ticket: int) -> None:
         """Ask the writer to write up to ``ticket`` now."""
-        raise NotImplementedError
 
 
 def encode_item(item: Item, seq: int) -> bytes:
