@@ -220,9 +220,10 @@ def test_rows_are_written_while_other_processes_keep_every_core_busy(
         time.sleep(0.5)  # the hogs have started
         study = generate_uid()
         started = time.monotonic()
-        for _ in range(20):  # one sender: each row waited for before the next
+        for _ in range(20):  # each row waited for before the next, as a release waits
             done = threading.Event()
             writer.submit(_arrival(study, generate_uid(), T0), done.set)
+            writer.hurry()  # as a release does: no gathering time, only the writer's own
             assert done.wait(10)
         elapsed = time.monotonic() - started
     finally:
