@@ -14,7 +14,9 @@ and the script prints MB/s, instances/s, the CPU time per instance of the target
 and of the senders (on a machine with few cores, what bounds many senders), and the ratios
 c/a and c/b. Then the CT workload goes again in ``--senders`` concurrent storescu processes
 (equal shares) to each target, right after one more single-sender run of it to the same
-target, and the script prints the speed-up of many senders over that single sender.
+target, and the script prints the speed-up of many senders over that single sender, with
+what the machine's cores allow at the CPU per instance the two runs took (the CPU of a
+``--database`` server is not counted).
 Then ``--associations`` (default 100) CT slices go one association each, one ``storescu``
 after another (a modality sending each image as it is made; what an association costs to
 set up and release), and the script prints the time and target CPU per association.
