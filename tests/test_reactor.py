@@ -103,6 +103,52 @@ def test_responses_are_not_held_back_by_the_idle_wait(node: Node) -> None:
     assert elapsed < 40 * TICK / 2, f"40 echoes took {elapsed:.2f} s"
 
 
+def test_pdus_that_complete_no_message_do_not_wake_the_association_reactor(
+    tmp_path: Path, sessions: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An instance in many PDUs wakes the association thread once it is whole, not per PDU."""
+    looks = {"association": 0, "pdus": 0}
+    get_msg = DIMSEServiceProvider.get_msg
+    receive = reactor.QuickStoreDIMSE.receive_primitive
+
+    def counted_get_msg(self, block=False):
+        if isinstance(self.assoc, reactor.EventDrivenAssociation):
+            looks["association"] += 1
+        return get_msg(self, block)
+
+    def counted_receive(self, primitive):
+        looks["pdus"] += 1
+        receive(self, primitive)
+
+    monkeypatch.setattr(DIMSEServiceProvider, "get_msg", counted_get_msg)
+    monkeypatch.setattr(reactor.QuickStoreDIMSE, "receive_primitive", counted_receive)
+    # Pixel data of 128 KiB in PDUs of at most 16 KiB: at least 8 PDUs an instance.
+    started = start_node(tmp_path, sessions, node_settings={"max_pdu": 16384})
+    node = next(started)
+    try:
+        assoc = node.associate()
+        assert assoc.is_established
+        instances = 5
+        try:
+            before = dict(looks)
+            for _ in range(instances):
+                image = secondary_capture()
+                image.Rows = image.Columns = 256
+                image.BitsAllocated = image.BitsStored = 16
+                image.HighBit = 15
+                image.PixelData = bytes(256 * 256 * 2)
+                assert assoc.send_c_store(image).Status == 0x0000
+            pdus = looks["pdus"] - before["pdus"]
+            woken = looks["association"] - before["association"]
+        finally:
+            assoc.release()
+    finally:
+        started.close()
+    assert pdus >= 8 * instances, looks
+    # A look for the message, one after serving it, and a TICK's now and then.
+    assert woken <= 3 * instances, (woken, pdus)
+
+
 def test_release_ends_the_association_promptly(node: Node) -> None:
     """The DUL's stop is announced, not found by its next TICK: 20 associations in turn."""
     started = time.monotonic()

@@ -105,11 +105,21 @@ class Node:
             )
 
 
-def start_node(tmp_path: Path, sessions: sessionmaker[Session], **extra) -> Iterator[Node]:
+def start_node(
+    tmp_path: Path,
+    sessions: sessionmaker[Session],
+    node_settings: dict | None = None,
+    **extra,
+) -> Iterator[Node]:
     storage = tmp_path / "node" / "storage"
     settings = Settings.model_validate(
         {
-            "node": {"ae_title": "DICOMNODE", "host": "127.0.0.1", "port": free_port()},
+            "node": {
+                "ae_title": "DICOMNODE",
+                "host": "127.0.0.1",
+                "port": free_port(),
+                **(node_settings or {}),
+            },
             "storage": {"path": str(storage)},
             "assembly": {"quiet_seconds": 60.0},
             **extra,

@@ -8,7 +8,8 @@ for nothing about 1.5 ms on average, and every idle association wakes 2,000 time
 
 Here the DUL thread blocks in ``select`` on the association's socket and a wake-up socket
 (nudged when a PDU is queued for sending or the thread is told to stop), and the
-association thread blocks on an event that the DUL sets after every state-machine action.
+association thread blocks on an event that the DUL sets after every state-machine action
+but P-DATA that completes no DIMSE message (an instance of 0.5 MB comes in several PDUs).
 Both still wake every ``TICK`` seconds for the ARTIM, idle and kill checks that pynetdicom's
 loops make. And a PDU is read from the socket into one buffer, not 4 KiB per ``recv`` call
 (32 system calls and copies per 128 KiB PDU). And an association starts without a deep copy
@@ -45,6 +46,8 @@ ASSOCIATION_LOGGER = logging.getLogger("pynetdicom.association")
 TICK = 0.05
 # What a PDU read allocates before any of its data has arrived.
 FIRST_READ = 1 << 20
+# P-DATA sent by this node (Evt9) or received from the peer (Evt10).
+_DATA_EVENTS = frozenset({"Evt9", "Evt10"})
 
 
 class WakingDUL(DULServiceProvider):
@@ -110,12 +113,24 @@ class WakingDUL(DULServiceProvider):
                     self._wait(reader)
                     continue
                 self.state_machine.do_action(event)
-                self.activity.set()
+                if self._worth_a_look(event):
+                    self.activity.set()
         finally:
             self._wake = None
             reader.close()
             writer.close()
             self.activity.set()
+
+    def _worth_a_look(self, event: str) -> bool:
+        """Whether the association reactor may find something new after ``event``.
+
+        P-DATA sent (Evt9) or received (Evt10) while established changes nothing it looks
+        at unless a received PDU completed a DIMSE message: a 0.5 MB instance comes in
+        several PDUs, and waking the reactor for each costs two thread switches for nothing.
+        """
+        if event not in _DATA_EVENTS or self.state_machine.current_state != "Sta6":
+            return True
+        return not self.assoc.dimse.msg_queue.empty()
 
     def _wait(self, reader: socket.socket) -> None:
         """Block until the peer sends, a PDU is queued or a nudge comes (at most TICK)."""
