@@ -18,7 +18,7 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
     SecondaryCaptureImageStorage,
 )
-from pynetdicom import AE, build_role
+from pynetdicom import AE, build_role, fsm
 from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dul import DULServiceProvider
@@ -39,6 +39,8 @@ REPLACED = {
     Association._run_reactor: "f28838c5559e462a",
     RequestHandler._create_association: "05c8d12b79863cdb",
     AssociationSocket.recv: "6bc20a33b1b7cfe7",
+    # What WakingDUL.send_data_now does in the association thread instead.
+    fsm.DT_1: "82e5c5d4114534fa",
 }
 
 
@@ -149,6 +151,45 @@ def test_pdus_that_complete_no_message_do_not_wake_the_association_reactor(
     assert pdus >= 8 * instances, looks
     # A look for the message, one after serving it, and a TICK's now and then.
     assert woken <= 3 * instances, (woken, pdus)
+
+
+def test_store_responses_leave_from_the_association_thread(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A C-STORE response is sent by the thread that made it, not handed to the DUL thread
+    (which a nudge would wake); an echo's response still goes through the DUL."""
+    senders: list[str] = []
+    nudges = {"count": 0}
+    send = WakingDUL._send
+    nudge = WakingDUL.nudge
+
+    def recorded_send(self, pdu):
+        senders.append(threading.current_thread().name)
+        send(self, pdu)
+
+    def counted_nudge(self):
+        nudges["count"] += 1
+        nudge(self)
+
+    monkeypatch.setattr(WakingDUL, "_send", recorded_send)
+    monkeypatch.setattr(WakingDUL, "nudge", counted_nudge)
+    assoc = node.associate()
+    assert assoc.is_established
+    try:
+        senders.clear()
+        before = nudges["count"]
+        for _ in range(5):
+            assert assoc.send_c_store(secondary_capture()).Status == 0x0000
+        stores = list(senders)
+        store_nudges = nudges["count"] - before
+        senders.clear()
+        assert assoc.send_c_echo().Status == 0x0000
+        echo = list(senders)
+    finally:
+        assoc.release()
+    assert len(stores) == 5 and all(name.startswith("AcceptorThread@") for name in stores), stores
+    assert store_nudges == 0
+    assert len(echo) == 1 and not echo[0].startswith("AcceptorThread@"), echo
 
 
 def test_release_ends_the_association_promptly(node: Node) -> None:

@@ -4,6 +4,7 @@ client certificate from the same CA succeed; plain TCP and clients without a cer
 from __future__ import annotations
 
 import subprocess
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from test_scp import Node, secondary_capture, start_node
 
 from dicomnode.config import Settings
+from dicomnode.ingest.reactor import WakingDUL
 from dicomnode.ingest.scp import tls_context
 
 
@@ -64,8 +66,20 @@ def _dcmtk(tool: str, node: Node, *args: str) -> subprocess.CompletedProcess:
     )
 
 
-def test_dcmtk_echo_and_store_over_tls(tls_node: tuple[Node, Path], tmp_path: Path) -> None:
+def test_dcmtk_echo_and_store_over_tls(
+    tls_node: tuple[Node, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     node, certs = tls_node
+    # Over TLS every PDU leaves from the DUL thread, the one that reads the connection too
+    # (elsewhere a C-STORE response leaves from the association thread).
+    senders: list[str] = []
+    send = WakingDUL._send
+
+    def recorded_send(self, pdu):
+        senders.append(threading.current_thread().name)
+        send(self, pdu)
+
+    monkeypatch.setattr(WakingDUL, "_send", recorded_send)
     client = ["+tls", str(certs / "client.key"), str(certs / "client.pem"), "+cf"]
     echo = _dcmtk("echoscu", node, *client, str(certs / "ca.pem"))
     assert echo.returncode == 0, echo.stderr
@@ -81,6 +95,7 @@ def test_dcmtk_echo_and_store_over_tls(tls_node: tuple[Node, Path], tmp_path: Pa
     )  # fmt: skip
     assert store.returncode == 0, store.stderr
     assert node.instances(str(ds.SOPInstanceUID)) == 1
+    assert senders and not any(name.startswith("AcceptorThread@") for name in senders), senders
 
 
 def test_plain_tcp_and_anonymous_tls_are_refused(tls_node: tuple[Node, Path]) -> None:

@@ -4,7 +4,8 @@ message objects where they are plain.
 pynetdicom turns every response primitive into a ``C_STORE_RSP`` message whose command set
 is a pydicom ``Dataset``, encoded twice (about 0.28 ms of the association thread per
 instance). A plain C-STORE-RSP (a status, no Error Comment or Offending Element) goes out
-as :func:`~dicomnode.ingest.encoding.encode_store_response` writes it; anything else, and
+as :func:`~dicomnode.ingest.encoding.encode_store_response` writes it, sent by this
+(the association's) thread through the listener DUL's ``send_data_now``; anything else, and
 any association with its own ``EVT_DIMSE_SENT`` handler (which expects pynetdicom's
 message object), goes through pynetdicom as before.
 
@@ -58,7 +59,11 @@ class QuickStoreDIMSE(DIMSEServiceProvider):
             return
         pdata = P_DATA()
         pdata.presentation_data_value_list.append((context_id, _LAST_COMMAND_FRAGMENT + encoded))
-        self.dul.send_pdu(pdata)
+        send_now = getattr(self.dul, "send_data_now", None)  # the listener's WakingDUL
+        if send_now is None:
+            self.dul.send_pdu(pdata)
+        else:
+            send_now(pdata)
 
     def _only_standard_sent_handler(self) -> bool:
         """pynetdicom's own EVT_DIMSE_SENT handler logs nothing for a C-STORE-RSP."""

@@ -13,7 +13,9 @@ but P-DATA that completes no DIMSE message (an instance of 0.5 MB comes in sever
 Both still wake every ``TICK`` seconds for the ARTIM, idle and kill checks that pynetdicom's
 loops make. And a PDU is read from the socket into one buffer, not 4 KiB per ``recv`` call
 (32 system calls and copies per 128 KiB PDU). And an association starts without a deep copy
-of the node's presentation contexts (40 ms of CPU each). The code is pynetdicom's own (3.0.4),
+of the node's presentation contexts (40 ms of CPU each). And a plain C-STORE response is sent
+by the association thread that made it (``send_data_now``), not queued for the DUL thread
+and woken for. The code is pynetdicom's own (3.0.4),
 with the sleeps, the read loop and the copy replaced; tests/test_reactor.py fails when
 pynetdicom's originals change, so that they are reviewed again.
 """
@@ -25,6 +27,7 @@ import logging
 import queue
 import select
 import socket
+import ssl
 import threading
 from datetime import datetime
 from typing import Any
@@ -33,7 +36,8 @@ from pynetdicom import evt
 from pynetdicom._globals import MODE_ACCEPTOR
 from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
-from pynetdicom.pdu import A_ABORT_RQ
+from pynetdicom.pdu import A_ABORT_RQ, P_DATA_TF
+from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import AssociationSocket, RequestHandler
 
 from dicomnode.ingest.dimse import QuickStoreDIMSE
@@ -58,6 +62,8 @@ class WakingDUL(DULServiceProvider):
         # Set after every state-machine action: the association reactor's wake-up.
         self.activity = threading.Event()
         self._wake: tuple[socket.socket, socket.socket] | None = None
+        # One PDU on the wire at a time: the association thread sends its responses itself.
+        self._sending = threading.Lock()
 
     def nudge(self) -> None:
         """Wake the reactor if it waits (a PDU to send, a kill)."""
@@ -71,6 +77,27 @@ class WakingDUL(DULServiceProvider):
     def send_pdu(self, primitive: Any) -> None:
         super().send_pdu(primitive)
         self.nudge()
+
+    def _send(self, pdu: Any) -> None:
+        with self._sending:
+            super()._send(pdu)
+
+    def send_data_now(self, primitive: P_DATA) -> None:
+        """Send P-DATA from the calling thread (the association's), as the DUL thread's
+        DT-1 would (Sta6 + Evt9: send the P-DATA-TF, stay in Sta6), without handing it over
+        and waking that thread: one thread switch less per response. Through the DUL as
+        before outside Sta6, behind primitives still queued for it, and over TLS (an
+        OpenSSL connection is not to be written by one thread while another reads it)."""
+        transport = self.socket
+        if (
+            self.state_machine.current_state == "Sta6"
+            and self.to_provider_queue.empty()
+            and transport is not None
+            and not isinstance(transport.socket, ssl.SSLSocket)
+        ):
+            self._send(P_DATA_TF(primitive))
+        else:
+            self.send_pdu(primitive)
 
     def kill_dul(self) -> None:
         super().kill_dul()
