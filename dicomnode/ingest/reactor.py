@@ -184,7 +184,8 @@ class WakingDUL(DULServiceProvider):
         abort_pdu = A_ABORT_RQ()
         abort_pdu.source = 0x02
         abort_pdu.reason_diagnostic = 0x00
-        self.socket.send(abort_pdu.encode())  # type: ignore[union-attr]
+        with self._sending:  # not into the middle of a response the association sends
+            self.socket.send(abort_pdu.encode())  # type: ignore[union-attr]
         self.assoc.is_aborted = True
         self.assoc.is_established = False
         self.assoc._kill = True
