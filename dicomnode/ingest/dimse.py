@@ -59,11 +59,8 @@ class QuickStoreDIMSE(DIMSEServiceProvider):
             return
         pdata = P_DATA()
         pdata.presentation_data_value_list.append((context_id, _LAST_COMMAND_FRAGMENT + encoded))
-        send_now = getattr(self.dul, "send_data_now", None)  # the listener's WakingDUL
-        if send_now is None:
-            self.dul.send_pdu(pdata)
-        else:
-            send_now(pdata)
+        # The listener's associations (reactor.py) have a WakingDUL, which can send it now.
+        self.dul.send_data_now(pdata)  # type: ignore[attr-defined]
 
     def _only_standard_sent_handler(self) -> bool:
         """pynetdicom's own EVT_DIMSE_SENT handler logs nothing for a C-STORE-RSP."""
