@@ -4,8 +4,9 @@ message objects where they are plain.
 pynetdicom turns every response primitive into a ``C_STORE_RSP`` message whose command set
 is a pydicom ``Dataset``, encoded twice (about 0.28 ms of the association thread per
 instance). A plain C-STORE-RSP (a status, no Error Comment or Offending Element) goes out
-as :func:`~dicomnode.ingest.encoding.encode_store_response` writes it, sent by this
-(the association's) thread through the listener DUL's ``send_data_now``; anything else, and
+as :func:`~dicomnode.ingest.encoding.encode_store_response` writes it, handed to the
+listener DUL's ``send_data_now`` (which sends it from this, the association's, thread
+except over TLS and outside Sta6); anything else, and
 any association with its own ``EVT_DIMSE_SENT`` handler (which expects pynetdicom's
 message object), goes through pynetdicom as before.
 
