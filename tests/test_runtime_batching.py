@@ -1,6 +1,7 @@
 """The inference runtime batches concurrent callers of the same model into one session.run,
 with real ONNX models built here: each caller gets exactly its own rows, a failing batch fails
-every caller, NaN checks stay per caller, IO binding and thread settings take effect."""
+every caller, a NaN fails only the caller whose rows it is in, IO binding and thread settings
+take effect."""
 
 from __future__ import annotations
 
@@ -239,6 +240,36 @@ def test_nan_check_fails_only_the_caller_whose_output_is_nan(tmp_path: Path) -> 
     assert isinstance(results[1], ValueError)
     assert "'cam' contains NaN" in str(results[1])
     np.testing.assert_allclose(results[0]["cam"], alone(card, finite)["cam"], rtol=1e-5)
+
+
+def test_nan_rows_fail_their_request_and_outputs_are_checked_once_a_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    card = make_model(tmp_path, "tiny")
+    runtime = Runtime(["CPUExecutionProvider"], InferenceSettings(batch_size=5, max_wait_ms=5_000))
+    counted = CountingRuns(runtime.session(card))
+    checks: list[int] = []
+    real_isfinite = np.isfinite
+
+    def isfinite(value: np.ndarray) -> np.ndarray:
+        if np.ndim(value) >= 2:  # the model's outputs (not a scalar checked elsewhere)
+            checks.append(len(value))
+        return real_isfinite(value)
+
+    monkeypatch.setattr(np, "isfinite", isfinite)
+    # Requests of 2, 1 and 2 images; the third's second image gives NaN in cam.
+    clean, single = images(5, 2), images(6, 1)
+    mixed = np.concatenate([images(7, 1), images(8, 1, low=-2.0, high=-1.0)])
+
+    results = concurrently(runtime, card, [clean, single, mixed])
+
+    assert counted.sizes == [5]
+    assert isinstance(results[2], ValueError) and "'cam' contains NaN" in str(results[2])
+    for batch, outputs in zip([clean, single], results, strict=False):
+        np.testing.assert_allclose(outputs["cam"], alone(card, batch)["cam"], rtol=1e-5)
+    # One look at each output of the batch of 5 (and the rows of the one with NaN), not one
+    # per caller.
+    assert checks == [5, 5]
 
 
 def test_model_with_fixed_batch_axis_is_never_batched(tmp_path: Path) -> None:

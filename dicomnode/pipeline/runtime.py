@@ -167,10 +167,10 @@ class _Request:
     # Held until the outputs are in: the caller blocks acquiring it, the dispatcher releases
     # it (a bare lock wakes one waiter more cheaply than an Event's condition).
     done: threading.Lock = field(default_factory=_held_lock)
+    size: int = field(init=False)
 
-    @property
-    def size(self) -> int:
-        return int(self.batch.shape[0])
+    def __post_init__(self) -> None:
+        self.size = int(self.batch.shape[0])
 
     def result(self) -> list[np.ndarray]:
         self.done.acquire()
@@ -243,6 +243,12 @@ class MicroBatcher:
     With ``outputs`` (each output's per-image shape and type), each dispatcher also keeps a
     reused buffer per output and ``execute`` writes a batch's outputs into them (its second
     argument); each request then gets a copy of its rows.
+
+    ``faults`` looks at a batch's outputs once, in the dispatcher: None when every row is
+    usable, else per row why not (None for a usable row). A request with such a row fails with
+    a ValueError saying why; the others in the batch get their outputs. (Checked by each
+    caller on its own rows instead, the checks cost several times more: the callers woken by
+    a batch contend for the GIL while the next batch runs.)
     """
 
     IDLE_SECONDS = 30.0
@@ -257,8 +263,10 @@ class MicroBatcher:
         in_flight: int = 1,
         pinned: bool = False,
         outputs: list[OutputSpec] | None = None,
+        faults: Callable[[list[np.ndarray], int], list[str | None] | None] | None = None,
     ):
         self.execute = execute
+        self.faults = faults
         self.max_batch = max(1, max_batch)
         self.max_wait = max_wait
         self.nobody_else = nobody_else
@@ -391,6 +399,7 @@ class MicroBatcher:
             joined = self._join(group)
             buffers = self._output_buffers(joined.shape[0])
             values = self.execute(joined, buffers)
+            faults = self.faults(values, joined.shape[0]) if self.faults is not None else None
             if joined is group[0].batch and buffers is None:
                 outputs.append(values)
             elif any(v.shape[:1] != joined.shape[:1] for v in values):
@@ -411,9 +420,16 @@ class MicroBatcher:
             images = sum(r.size for r in group)
             self.stats.images += images
             self.stats.largest = max(self.stats.largest, images)
+        start = 0
         for index, request in enumerate(group):
+            fault = None
+            if error is None and faults is not None:
+                fault = next(filter(None, faults[start : start + request.size]), None)
+            start += request.size
             if error is not None:
                 request.error = error if index == 0 else _copied(error)
+            elif fault is not None:
+                request.error = ValueError(fault)
             else:
                 request.outputs = outputs[index]
             request.done.release()
@@ -422,6 +438,29 @@ class MicroBatcher:
         """Let a waiting dispatcher look again whether anybody else may still come."""
         with self._cond:
             self._cond.notify_all()
+
+
+def non_finite_rows(
+    card: ModelCard, values: list[np.ndarray], rows: int
+) -> list[str | None] | None:
+    """Per row of a batch of ``rows`` images, why its outputs (in card order) are unusable:
+    NaN or infinity in one; None when every row is usable (one pass over each output)."""
+    faults: list[str | None] | None = None
+    for spec, value in zip(card.outputs, values, strict=True):
+        finite = np.isfinite(value)
+        if finite.all():
+            continue
+        bad = (
+            ~finite.reshape(rows, -1).all(axis=1)
+            if value.ndim and value.shape[0] == rows
+            else np.ones(rows, bool)  # no batch axis: every row is suspect
+        )
+        faults = faults or [None] * rows
+        for row in np.flatnonzero(bad):
+            faults[row] = faults[row] or (
+                f"{card.model.name}: output {spec.name!r} contains NaN or infinity"
+            )
+    return faults
 
 
 def _copied(error: BaseException) -> BaseException:
@@ -441,6 +480,10 @@ class _Model:
     provider: str
     io_binding: bool
     batcher: MicroBatcher = field(init=False)
+    names: list[str] = field(init=False)  # the card's outputs, in order
+
+    def __post_init__(self) -> None:
+        self.names = [spec.name for spec in self.card.outputs]
 
 
 class Runtime:
@@ -521,6 +564,7 @@ class Runtime:
             in_flight,
             pinned=on_device and self.settings.pinned_buffers == "auto",
             outputs=output_specs(session, names) if bound_outputs else None,
+            faults=functools.partial(non_finite_rows, card),
         )
         return model
 
@@ -546,12 +590,11 @@ class Runtime:
         written into ``out`` where given (IO binding only)."""
         from dicomnode.metrics import INFERENCE_SECONDS
 
-        names = [spec.name for spec in model.card.outputs]
         started = time.perf_counter()
         if model.io_binding:
-            values = self._execute_bound(model, batch, names, out)
+            values = self._execute_bound(model, batch, model.names, out)
         else:
-            values = model.session.run(names, {model.card.input.name: batch})
+            values = model.session.run(model.names, {model.card.input.name: batch})
         INFERENCE_SECONDS.labels(model.card.model.name, model.provider).observe(
             time.perf_counter() - started
         )
@@ -627,9 +670,4 @@ class Runtime:
             if counted:
                 with self._count_lock:
                     self._waiting -= 1
-        names = [spec.name for spec in card.outputs]
-        outputs = dict(zip(names, values, strict=True))
-        for name, value in outputs.items():
-            if not np.all(np.isfinite(value)):
-                raise ValueError(f"{card.model.name}: output {name!r} contains NaN or infinity")
-        return outputs
+        return dict(zip(model.names, values, strict=True))
