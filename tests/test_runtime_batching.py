@@ -457,6 +457,34 @@ def test_the_last_registered_caller_of_a_model_runs_the_batch_at_once(tmp_path: 
         np.testing.assert_allclose(results[index]["cam"], alone(card, images(index, 1))["cam"])
 
 
+def test_waking_a_batcher_with_nothing_queued_takes_no_lock() -> None:
+    """Every analysis wakes every other model's batcher each time it waits on one: those
+    with nothing queued have no dispatcher collecting, and are not locked for nothing."""
+    batcher = MicroBatcher(lambda batch, out: [batch], max_batch=4, max_wait=60.0)
+    notified: list[int] = []
+
+    class Counting(threading.Condition):
+        def notify_all(self) -> None:
+            notified.append(len(batcher._queue))
+            super().notify_all()
+
+    batcher._cond = Counting()
+    batcher.wake()
+    assert notified == []
+    # A request waits for a full batch (a minute): a wake reaches its dispatcher.
+    caller = threading.Thread(target=batcher.submit, args=(np.zeros((1, 2), np.float32),))
+    caller.start()
+    deadline = time.monotonic() + 10
+    while not batcher._queue and time.monotonic() < deadline:
+        time.sleep(0.01)
+    batcher.wake()
+    assert notified == [1]
+    batcher.max_batch = 1  # its batch is full now: let it go
+    batcher.wake()
+    caller.join(timeout=10)
+    assert not caller.is_alive()
+
+
 def test_an_idle_dispatcher_ends_and_a_new_request_starts_another(tmp_path: Path) -> None:
     card = make_model(tmp_path, "tiny")
     runtime = Runtime(["CPUExecutionProvider"], InferenceSettings(batch_size=2, max_wait_ms=0))

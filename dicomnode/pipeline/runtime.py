@@ -313,7 +313,7 @@ class MicroBatcher:
         while True:
             with self._collecting, self._cond:
                 idle_until = time.monotonic() + self.IDLE_SECONDS
-                while not self._queue:  # woken early by wake() too
+                while not self._queue:
                     remaining = idle_until - time.monotonic()
                     if remaining <= 0:
                         self._dispatchers -= 1
@@ -435,7 +435,15 @@ class MicroBatcher:
             request.done.release()
 
     def wake(self) -> None:
-        """Let a waiting dispatcher look again whether anybody else may still come."""
+        """Let a collecting dispatcher look again whether anybody else may still come.
+
+        With nothing queued no dispatcher is collecting, and nothing is done: the queue is
+        read without the lock, and a request queued after this look is looked at by its own
+        submission, which sees the waiting counted before this call. (Every analysis calls
+        this for every other model's batcher each time it waits on one.)
+        """
+        if not self._queue:
+            return
         with self._cond:
             self._cond.notify_all()
 
