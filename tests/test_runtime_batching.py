@@ -457,6 +457,61 @@ def test_the_last_registered_caller_of_a_model_runs_the_batch_at_once(tmp_path: 
         np.testing.assert_allclose(results[index]["cam"], alone(card, images(index, 1))["cam"])
 
 
+def test_a_batch_wakes_its_callers_once_the_full_batch_behind_it_is_joined() -> None:
+    """Woken at once, a finished batch's callers took the GIL and a core from the next
+    batch's join; they are woken after it, each with its own rows."""
+    runs: list[list[float]] = []
+    second_queued = threading.Event()
+
+    def execute(batch: np.ndarray, out: list[np.ndarray] | None) -> list[np.ndarray]:
+        runs.append(sorted(batch[:, 0].tolist()))
+        if len(runs) == 1:
+            second_queued.wait(10)  # the first batch runs until the second is queued
+        return [batch * 2]
+
+    batcher = MicroBatcher(execute, max_batch=2, max_wait=60.0)
+    joined_at: list[float] = []
+    real_join = batcher._join
+
+    def slow_join(group: list) -> np.ndarray:
+        if runs:
+            time.sleep(0.3)  # the second batch's join, while the first's callers wait
+        joined = real_join(group)
+        joined_at.append(time.monotonic())
+        return joined
+
+    batcher._join = slow_join
+    returned: dict[float, tuple[float, float]] = {}
+
+    def call(value: float) -> None:
+        rows = batcher.submit(np.full((1, 1), value, np.float32))[0]
+        returned[value] = (time.monotonic(), float(rows[0, 0]))
+
+    first = [threading.Thread(target=call, args=(v,)) for v in (1.0, 2.0)]
+    for thread in first:
+        thread.start()
+    deadline = time.monotonic() + 10
+    while not runs and time.monotonic() < deadline:
+        time.sleep(0.01)
+    second = [threading.Thread(target=call, args=(v,)) for v in (3.0, 4.0)]
+    for thread in second:
+        thread.start()
+    while batcher._queued < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    second_queued.set()
+    for thread in first + second:
+        thread.join(timeout=10)
+
+    assert runs == [[1.0, 2.0], [3.0, 4.0]]
+    assert {value: doubled for value, (_, doubled) in returned.items()} == {
+        1.0: 2.0,
+        2.0: 4.0,
+        3.0: 6.0,
+        4.0: 8.0,
+    }
+    assert min(returned[1.0][0], returned[2.0][0]) >= joined_at[1]
+
+
 def test_waking_a_batcher_with_nothing_queued_takes_no_lock() -> None:
     """Every analysis wakes every other model's batcher each time it waits on one: those
     with nothing queued have no dispatcher collecting, and are not locked for nothing."""

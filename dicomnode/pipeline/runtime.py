@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import itertools
 import logging
 import threading
 import time
@@ -168,16 +169,28 @@ class _Request:
     # it (a bare lock wakes one waiter more cheaply than an Event's condition).
     done: threading.Lock = field(default_factory=_held_lock)
     size: int = field(init=False)
+    # The next request of the same batch, woken by this one's caller once it is awake.
+    then: _Request | None = None
 
     def __post_init__(self) -> None:
         self.size = int(self.batch.shape[0])
 
     def result(self) -> list[np.ndarray]:
         self.done.acquire()
+        if self.then is not None:
+            self.then.done.release()
         if self.error is not None:
             raise self.error
         assert self.outputs is not None
         return self.outputs
+
+
+@dataclass
+class _Batch:
+    """Requests collected into one run, and their images joined (or why they could not be)."""
+
+    requests: list[_Request]
+    joined: np.ndarray | BaseException
 
 
 @dataclass
@@ -239,6 +252,12 @@ class MicroBatcher:
     output. A failing run fails every request in it. While a batch runs (onnxruntime
     releases the GIL) the next one queues up; with ``in_flight`` 2 the next one is also
     joined and started (on a GPU: copied to the device) meanwhile.
+
+    A finished batch's callers are woken after a full batch queued behind it has been taken
+    and joined (else at once), and in a chain: the dispatcher wakes the first, each caller
+    the next. Woken together before the join, they took the GIL and a core from it (on two
+    cores the join took 2-3 times as long, and the eight wakes ~100 us more, while
+    onnxruntime waited); now they wake while the next batch runs.
 
     With ``outputs`` (each output's per-image shape and type), each dispatcher also keeps a
     reused buffer per output and ``execute`` writes a batch's outputs into them (its second
@@ -310,18 +329,47 @@ class MicroBatcher:
         return self._dispatchers
 
     def _dispatch(self) -> None:
+        batch: _Batch | None = None  # collected and joined, to run next
         while True:
-            with self._collecting, self._cond:
-                idle_until = time.monotonic() + self.IDLE_SECONDS
-                while not self._queue:
-                    remaining = idle_until - time.monotonic()
-                    if remaining <= 0:
-                        self._dispatchers -= 1
-                        self._drop_buffer()
-                        return
-                    self._cond.wait(remaining)
+            if batch is None:
+                with self._collecting, self._cond:
+                    idle_until = time.monotonic() + self.IDLE_SECONDS
+                    while not self._queue:
+                        remaining = idle_until - time.monotonic()
+                        if remaining <= 0:
+                            self._dispatchers -= 1
+                            self._drop_buffer()
+                            return
+                        self._cond.wait(remaining)
+                    group = self._collect()
+                batch = self._joined(group)
+            self._run(batch)
+            # A full batch already queued is taken and joined before this one's callers are
+            # woken, and they are woken in a chain (see the class's docstring).
+            finished, batch = batch.requests, self._full_batch()
+            for request, following in itertools.pairwise(finished):
+                request.then = following
+            finished[0].done.release()
+
+    def _full_batch(self) -> _Batch | None:
+        """The next batch, joined, if a full one is queued and no other dispatcher is
+        collecting; else None (and the requests stay queued)."""
+        if not self._collecting.acquire(blocking=False):
+            return None
+        try:
+            with self._cond:
+                if self._queued < self.max_batch:
+                    return None
                 group = self._collect()
-            self._run(group)
+        finally:
+            self._collecting.release()
+        return self._joined(group)
+
+    def _joined(self, group: list[_Request]) -> _Batch:
+        try:
+            return _Batch(group, self._join(group))
+        except BaseException as exc:  # handed to every caller of this batch
+            return _Batch(group, exc)
 
     def _collect(self) -> list[_Request]:
         """The oldest request and those queued behind it of the same shape, up to
@@ -392,11 +440,15 @@ class MicroBatcher:
                 unpin(buffer)
         self._local.outputs = None
 
-    def _run(self, group: list[_Request]) -> None:
+    def _run(self, batch: _Batch) -> None:
+        """Run a joined batch and give each request its outputs or its error (its caller is
+        not woken here)."""
+        group, joined = batch.requests, batch.joined
         outputs: list[list[np.ndarray]] = []
         error: BaseException | None = None
         try:
-            joined = self._join(group)
+            if isinstance(joined, BaseException):
+                raise joined
             buffers = self._output_buffers(joined.shape[0])
             values = self.execute(joined, buffers)
             faults = self.faults(values, joined.shape[0]) if self.faults is not None else None
@@ -432,7 +484,6 @@ class MicroBatcher:
                 request.error = ValueError(fault)
             else:
                 request.outputs = outputs[index]
-            request.done.release()
 
     def wake(self) -> None:
         """Let a collecting dispatcher look again whether anybody else may still come.
