@@ -37,38 +37,38 @@ def test_inference_benchmark_prints_paired_rounds_and_a_verdict() -> None:
     assert (verdict.group(2) == "PASS") == (done.returncode == 0)
 
 
+def run_ab(arguments: list[str], line: str) -> tuple[str, ...]:
+    """Run ``benchmarks/ab_inference.py``; the groups of its output line matching ``line``."""
+    done = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "ab_inference.py"), *arguments],
+        capture_output=True, text=True, timeout=300, cwd=REPO,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    found = re.search(line, done.stdout, re.MULTILINE)
+    assert found, done.stdout
+    return found.groups()
+
+
 def test_runtime_ab_runs_both_builds_beside_bare_and_without_the_model(tmp_path: Path) -> None:
     base = tmp_path / "base"
     (base / "dicomnode" / "pipeline").mkdir(parents=True)
     runtime = (REPO / "dicomnode" / "pipeline" / "runtime.py").read_text()
     (base / "dicomnode" / "pipeline" / "runtime.py").write_text(runtime)
-    script = [sys.executable, str(REPO / "benchmarks" / "ab_inference.py"), "--base", str(base)]
-    small = ["--rounds", "2", "--passes", "1", "--images", "8", "cxr-view-demo:2"]
+    small = ["--base", str(base), "--rounds", "2", "--passes", "1", "--images", "8"]
 
-    done = subprocess.run(script + small, capture_output=True, text=True, timeout=300, cwd=REPO)
-
-    assert done.returncode == 0, done.stderr
-    assert f"base runtime: {base / 'dicomnode' / 'pipeline' / 'runtime.py'}" in done.stdout
-    line = re.search(
+    loaded = run_ab([*small, "cxr-view-demo:2"], r"^base runtime: (.+)$")
+    assert loaded == (str(base / "dicomnode" / "pipeline" / "runtime.py"),)
+    rates = run_ab(
+        [*small, "cxr-view-demo:2"],
         r"^cxr-view-demo batch 2, 4 callers: new/base ([\d.]+), new/bare ([\d.]+), "
         r"base/bare ([\d.]+) \(images/s, medians: bare (\d+), new (\d+), base (\d+)\)$",
-        done.stdout,
-        re.MULTILINE,
     )
-    assert line, done.stdout
-    assert all(float(value) > 0 for value in line.groups())
+    assert all(float(value) > 0 for value in rates)
 
-    done = subprocess.run(
-        [*script, "--sleep-ms", "1", *small], capture_output=True, text=True, timeout=300, cwd=REPO
-    )
-
-    assert done.returncode == 0, done.stderr
-    line = re.search(
+    calls = run_ab(
+        [*small, "--sleep-ms", "1", "cxr-view-demo:2"],
         r"^cxr-view-demo batch 2, 4 callers: new/base [\d.]+ \(calls/s with the model a sleep, "
         r"medians: new (\d+), base (\d+)\)$",
-        done.stdout,
-        re.MULTILINE,
     )
-    assert line, done.stdout
     # Runs of 2 images that sleep 1 ms: at most 2,000 calls a second.
-    assert all(0 < int(rate) <= 2000 for rate in line.groups()), done.stdout
+    assert all(0 < int(rate) <= 2000 for rate in calls), calls
