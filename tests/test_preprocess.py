@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pydicom
 import pytest
@@ -84,6 +86,66 @@ def test_voi_lut_sequence_is_applied() -> None:
     ds.VOILUTSequence = Sequence([item])
     expected = 1.0 - ds.pixel_array.astype(np.float64) / 4095
     assert np.allclose(presentation_pixels(ds), expected, atol=1e-5)
+
+
+def _every_transform() -> list[tuple[str, pydicom.Dataset]]:
+    """Radiographs whose presentation is a function of the stored value alone, one per
+    transform: window, MONOCHROME1, VOI LUT, sigmoid VOI, Modality LUT, rescale with signed
+    pixels and padding, the same big endian."""
+    ds, _ = make_cxr(6, pneumothorax=False, size=128)
+    cases = [("window", ds)]
+    mono1, _ = make_cxr(6, pneumothorax=False, size=128, photometric="MONOCHROME1")
+    cases.append(("MONOCHROME1", mono1))
+    voi = copy.deepcopy(ds)
+    item = Dataset()
+    item.LUTDescriptor = [2048, 1000, 12]
+    item.LUTData = [int(4095 * (v / 2047) ** 0.5) for v in range(2048)]
+    voi.VOILUTSequence = Sequence([item])
+    cases.append(("VOI LUT", voi))
+    sigmoid = copy.deepcopy(ds)
+    sigmoid.VOILUTFunction = "SIGMOID"
+    cases.append(("sigmoid", sigmoid))
+    modality = copy.deepcopy(ds)
+    lut = Dataset()
+    lut.LUTDescriptor = [4096, 0, 16]
+    lut.ModalityLUTType = "US"
+    lut.LUTData = [v // 2 + 7 for v in range(4096)]
+    modality.ModalityLUTSequence = Sequence([lut])
+    modality.WindowCenter, modality.WindowWidth = 1000, 1500
+    cases.append(("Modality LUT", modality))
+    signed = copy.deepcopy(ds)
+    stored = ds.pixel_array.astype(np.int16) - 2048
+    stored[:8] = -2000
+    signed.PixelRepresentation = 1
+    signed.PixelData = stored.astype("<i2").tobytes()
+    signed.RescaleSlope, signed.RescaleIntercept = 0.5, -3
+    signed.WindowCenter, signed.WindowWidth = -200, 700
+    signed.PixelPaddingValue = -2000
+    cases.append(("signed, rescale, padding", signed))
+    big = copy.deepcopy(signed)
+    big.PixelData = stored.astype(">i2").tobytes()
+    big.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRBigEndian
+    cases.append(("signed, big endian", big))
+    return cases
+
+
+@pytest.mark.parametrize(("label", "ds"), _every_transform())
+def test_looked_up_presentation_equals_the_transforms_applied_to_every_pixel(
+    label: str, ds: pydicom.Dataset
+) -> None:
+    from dicomnode.pipeline import preprocess
+
+    stored = ds.pixel_array
+    padding = preprocess._padding(ds, stored)
+    for window in (None, (300.0, 2500.0)):
+        with np.errstate(over="ignore"):  # the sigmoid's exp for the darkest pixels
+            direct = preprocess._unit_interval(ds, stored, window, (0.5, 99.5), padding)
+        if padding is not None:
+            direct[padding] = 0.0
+        looked_up = presentation_pixels(ds, window=window)
+        assert looked_up.dtype == np.float32 and looked_up.shape == stored.shape
+        assert np.array_equal(looked_up, direct), (label, window)
+        assert looked_up.std() > 0.01, (label, window)  # a picture, not a constant
 
 
 def test_percentile_window_without_voi() -> None:
