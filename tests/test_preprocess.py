@@ -12,7 +12,12 @@ from pydicom.encaps import encapsulate
 from pydicom.sequence import Sequence
 
 from dicomnode.models.registry import InputSpec
-from dicomnode.pipeline.preprocess import Letterbox, prepare_input, presentation_pixels
+from dicomnode.pipeline.preprocess import (
+    Letterbox,
+    Presentation,
+    prepare_input,
+    presentation_pixels,
+)
 from dicomnode.synth.cxr import make_cxr
 
 
@@ -146,6 +151,39 @@ def test_looked_up_presentation_equals_the_transforms_applied_to_every_pixel(
         assert looked_up.dtype == np.float32 and looked_up.shape == stored.shape
         assert np.array_equal(looked_up, direct), (label, window)
         assert looked_up.std() > 0.01, (label, window)  # a picture, not a constant
+
+
+def test_models_of_one_input_size_share_one_resampling(monkeypatch: pytest.MonkeyPatch) -> None:
+    from PIL import Image
+
+    ds, _ = make_cxr(6, pneumothorax=False, size=512)
+    presentation = Presentation(presentation_pixels(ds))
+    specs = [
+        InputSpec(shape=(1, 128, 128), mean=0.4, std=0.2),
+        InputSpec(shape=(3, 128, 128), normalisation="unit"),
+        InputSpec(shape=(1, 64, 96), normalisation="unit", resize="stretch"),
+        InputSpec(shape=(1, 128, 128), mean=0.5, std=0.25),
+    ]
+    alone = [prepare_input(ds, spec) for spec in specs]
+    pictures: list[tuple[int, int]] = []
+    real = Image.fromarray
+
+    def fromarray(array: np.ndarray, mode: str | None = None) -> Image.Image:
+        pictures.append(array.shape)
+        return real(array, mode)
+
+    monkeypatch.setattr(Image, "fromarray", fromarray)
+
+    shared = [prepare_input(ds, spec, pixels=presentation) for spec in specs]
+
+    for (sample, geometry), (expected, expected_geometry) in zip(shared, alone, strict=True):
+        assert geometry == expected_geometry
+        assert np.array_equal(sample, expected)
+    assert pictures == [(512, 512)]  # one Pillow image for the four inputs
+    assert presentation.nbytes > presentation.pixels.nbytes
+    # What the models share cannot be written by one of them.
+    with pytest.raises(ValueError, match="read-only"):
+        presentation.resized(128, 128)[0, 0] = 1.0
 
 
 def test_percentile_window_without_voi() -> None:

@@ -35,6 +35,7 @@ from dicomnode.pipeline.postprocess import (
 )
 from dicomnode.pipeline.preprocess import (
     Letterbox,
+    Presentation,
     apply_correction,
     prepare_input,
     prepare_stack,
@@ -55,28 +56,32 @@ PRESENTATION_CACHE_BYTES = 512 * 1024 * 1024
 
 class Presentations:
     """Presentation pixels (decoded, LUTs and window applied, 0..1) per image and window,
-    computed once for all the models that analyse a study's images."""
+    computed once for all the models that analyse a study's images, with their resamplings
+    to each model input size."""
 
     def __init__(self, max_bytes: int = PRESENTATION_CACHE_BYTES):
         self.max_bytes = max_bytes
-        self._cache: dict[tuple, np.ndarray] = {}
-        self._bytes = 0
+        self._cache: dict[tuple, Presentation] = {}
+        self._kept = 0  # bytes of the pixels kept, twice: with their Pillow image
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the presentation pixels kept."""
-        return self._bytes
+        """Bytes of the presentations kept (pixels and resamplings)."""
+        return sum(presentation.nbytes for presentation in self._cache.values())
 
-    def get(self, ds: Dataset, spec: InputSpec) -> np.ndarray:
+    def get(self, ds: Dataset, spec: InputSpec) -> Presentation:
         window = tuple(spec.window) if spec.window is not None else None
         key = (id(ds), tuple(spec.window_percentiles), window)
-        pixels = self._cache.get(key)
-        if pixels is None:
-            pixels = presentation_pixels(ds, spec.window_percentiles, spec.window)
-            if self._bytes + pixels.nbytes <= self.max_bytes:
-                self._cache[key] = pixels
-                self._bytes += pixels.nbytes
-        return pixels
+        presentation = self._cache.get(key)
+        if presentation is None:
+            presentation = Presentation(
+                presentation_pixels(ds, spec.window_percentiles, spec.window)
+            )
+            # Kept while the pixels and their Pillow image fit (resamplings are small).
+            if self._kept + 2 * presentation.pixels.nbytes <= self.max_bytes:
+                self._cache[key] = presentation
+                self._kept += 2 * presentation.pixels.nbytes
+        return presentation
 
 
 Postprocess = Callable[[ModelCard, dict[str, np.ndarray], int, Letterbox], list[Finding]]
