@@ -90,7 +90,7 @@ def presentation_pixels(
     lookup = _every_stored_value(frame)
     if lookup is not None and (window is not None or _has_voi(ds)):
         # Every step is a function of the stored value alone: computed once per value the
-        # pixels can hold, then looked up (a 2048 px radiograph: ~10 ms instead of ~100).
+        # pixels can hold, then looked up (a 2048 px radiograph: ~15 ms instead of 100-130).
         domain, indices = lookup
         with np.errstate(over="ignore"):  # a sigmoid VOI's exp far outside the image's values
             table = _unit_interval(ds, domain, window, window_percentiles, None)
