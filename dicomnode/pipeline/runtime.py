@@ -446,6 +446,7 @@ class MicroBatcher:
         group, joined = batch.requests, batch.joined
         outputs: list[list[np.ndarray]] = []
         error: BaseException | None = None
+        faults: list[str | None] | None = None
         try:
             if isinstance(joined, BaseException):
                 raise joined
