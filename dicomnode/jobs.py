@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import closing
 from datetime import datetime, timedelta
 
@@ -113,12 +113,45 @@ def claim(
     if job is None:
         session.commit()
         return None
+    _lease(job, owner, lease_seconds, now)
+    session.commit()
+    return job
+
+
+def _lease(job: Job, owner: str, lease_seconds: float, now: datetime) -> None:
     job.state = "leased"
     job.lease_owner = owner
     job.lease_expires_at = now + timedelta(seconds=lease_seconds)
     job.attempts += 1
+
+
+def claim_alike(
+    session: Session,
+    job: Job,
+    owner: str,
+    lease_seconds: float,
+    alike: Callable[[Job], bool],
+    limit: int,
+    now: datetime | None = None,
+) -> list[Job]:
+    """Lease to ``owner``, besides its claimed ``job``, up to ``limit`` other runnable jobs of
+    the same kind and study that ``alike`` admits (oldest first), to be run with it (e.g. a
+    study's exports to one destination over one association); commits. Each counts an attempt
+    and is completed or failed on its own."""
+    now = now or utcnow()
+    query = (
+        select(Job)
+        .where(
+            Job.kind == job.kind, Job.study_id == job.study_id, Job.id != job.id, _runnable(now)
+        )
+        .order_by(Job.id)
+        .with_for_update(skip_locked=True)
+    )
+    taken = [other for other in session.scalars(query) if alike(other)][:limit]
+    for other in taken:
+        _lease(other, owner, lease_seconds, now)
     session.commit()
-    return job
+    return taken
 
 
 def _lease_lost(session: Session, job: Job, owner: str | None) -> bool:

@@ -26,8 +26,17 @@ from dicomnode import metrics
 from dicomnode.config import Settings, changed_settings
 from dicomnode.db.models import Job, ResultObject
 from dicomnode.db.session import as_utc, utcnow
-from dicomnode.export.scu import send_file
-from dicomnode.jobs import JobSignal, Postponed, claim, complete, due, fail, postpone
+from dicomnode.export.scu import send_files
+from dicomnode.jobs import (
+    JobSignal,
+    Postponed,
+    claim,
+    claim_alike,
+    complete,
+    due,
+    fail,
+    postpone,
+)
 from dicomnode.models.registry import ModelCard
 from dicomnode.notify import send_notification
 from dicomnode.pipeline.analyse import analyse_study, mark_failed, write_results
@@ -39,6 +48,9 @@ log = logging.getLogger("dicomnode.worker")
 # Jobs that decide or announce a study's priority, and the work that may wait for them.
 TRIAGE_KINDS = ["notify", "analyse"]
 BACKGROUND_KINDS = ["results", "export"]
+
+# Result objects of one study sent to a destination over one association, at most.
+EXPORTS_PER_ASSOCIATION = 32
 
 # What a worker sets up once, at start: its database engine, its job threads and its logging.
 RESTART_ONLY = ("database", "worker.threads", "log_level", "logging")
@@ -156,7 +168,7 @@ class Worker:
     def _run_claimed(self, session: Session, job: Job) -> bool:
         """Run a claimed job and record its outcome (done, retry later or dead)."""
         started = time.perf_counter()
-        seconds = {"queued": max(0.0, (utcnow() - as_utc(job.run_after)).total_seconds())}
+        seconds = {"queued": _queued_seconds(job)}
         try:
             detail = self._run(session, job, seconds)
         except Postponed as wait:
@@ -173,51 +185,62 @@ class Worker:
             return True
         except Exception as exc:
             session.rollback()
-            if job.kind == "export":
-                metrics.EXPORT_FAILURES.labels(job.payload.get("destination", "")).inc()
-            reason = f"{type(exc).__name__}: {exc}"
-            log.warning(
-                "job %d %s study_id=%d attempt %d failed after %.0f ms: %s",
+            self._record_failure(session, job, exc, started)
+            return True
+        self._record_done(session, job, seconds, detail, started)
+        return True
+
+    def _record_failure(self, session: Session, job: Job, exc: Exception, started: float) -> None:
+        """Record why a job failed: it is retried later with backoff, or dead-lettered."""
+        if job.kind == "export":
+            metrics.EXPORT_FAILURES.labels(job.payload.get("destination", "")).inc()
+        reason = f"{type(exc).__name__}: {exc}"
+        log.warning(
+            "job %d %s study_id=%d attempt %d failed after %.0f ms: %s",
+            job.id,
+            job.kind,
+            job.study_id,
+            job.attempts,
+            (time.perf_counter() - started) * 1000,
+            reason,
+        )
+        job = session.get(Job, job.id)
+        # Critical-result notifications keep trying longer than other jobs.
+        attempts = (
+            self.settings.notify.max_attempts
+            if job.kind == "notify"
+            else self.settings.worker.max_attempts
+        )
+        recorded = fail(
+            session,
+            job,
+            reason,
+            attempts,
+            owner=self.owner,
+            backoff_base=self.settings.worker.backoff_base_seconds,
+        )
+        if recorded and job.kind == "analyse" and job.state == "dead":
+            mark_failed(session, job.study_id, reason, self.settings.worklist)
+        if recorded and job.kind == "results" and job.state == "dead":
+            # The study stays analysed: its priority stands without the objects.
+            log.error(
+                "job %d results study_id=%d dead after %d attempts (the study keeps "
+                "its priority; retry with POST /api/jobs/%d/retry): %s",
                 job.id,
-                job.kind,
                 job.study_id,
                 job.attempts,
-                (time.perf_counter() - started) * 1000,
+                job.id,
                 reason,
             )
-            job = session.get(Job, job.id)
-            # Critical-result notifications keep trying longer than other jobs.
-            attempts = (
-                self.settings.notify.max_attempts
-                if job.kind == "notify"
-                else self.settings.worker.max_attempts
-            )
-            recorded = fail(
-                session,
-                job,
-                reason,
-                attempts,
-                owner=self.owner,
-                backoff_base=self.settings.worker.backoff_base_seconds,
-            )
-            if recorded and job.kind == "analyse" and job.state == "dead":
-                mark_failed(session, job.study_id, reason, self.settings.worklist)
-            if recorded and job.kind == "results" and job.state == "dead":
-                # The study stays analysed: its priority stands without the objects.
-                log.error(
-                    "job %d results study_id=%d dead after %d attempts (the study keeps "
-                    "its priority; retry with POST /api/jobs/%d/retry): %s",
-                    job.id,
-                    job.study_id,
-                    job.attempts,
-                    job.id,
-                    reason,
-                )
-            return True
+
+    def _record_done(
+        self, session: Session, job: Job, seconds: dict[str, float], detail: str, started: float
+    ) -> None:
+        """Mark a job done, with its stage times, unless another worker took it over."""
         seconds["total"] = time.perf_counter() - started
         if not complete(session, session.get(Job, job.id), owner=self.owner, seconds=seconds):
             log.warning("job %d: lease expired while running; another worker owns it", job.id)
-            return True
+            return
         metrics.JOB_SECONDS.labels(job.kind, "total").observe(time.perf_counter() - started)
         log.info(
             "job %d %s study_id=%d done in %.0f ms %s",
@@ -227,7 +250,6 @@ class Worker:
             (time.perf_counter() - started) * 1000,
             detail,
         )
-        return True
 
     def _run(self, session: Session, job: Job, seconds: dict[str, float]) -> str:
         """Run the job; stage times go into ``seconds`` (kept in the job's payload)."""
@@ -267,24 +289,69 @@ class Worker:
             seconds.update(times.seconds)
             return str(times)
         if job.kind == "export":
-            result = session.get(ResultObject, job.payload["result_id"])
-            if result is None:
-                return "result no longer exists"
-            destination = next(
-                (d for d in self.settings.destinations if d.name == job.payload["destination"]),
-                None,
-            )
-            if destination is None:
-                return f"destination {job.payload['destination']!r} no longer configured"
-            path, kind = Path(result.path), result.kind
-            # End the read transaction: on SQLite it holds the write lock, which ingest needs
-            # while the transfer runs.
-            session.commit()
-            send_file(path, destination, self.settings.node.ae_title)
-            return f"{kind} -> {destination.name}"
+            return self._export(session, job)
         if job.kind == "notify":
             return send_notification(session, self.settings.notify, job)
         raise ValueError(f"unknown job kind {job.kind!r}")
+
+    def _export(self, session: Session, job: Job) -> str:
+        """Send the job's result object to its destination, together with the study's other
+        exports to that destination that are due, over one association (up to
+        :data:`EXPORTS_PER_ASSOCIATION`); each of those jobs is completed or failed on its own.
+        Raises why the job's own object was not taken."""
+        name = job.payload["destination"]
+        destination = next((d for d in self.settings.destinations if d.name == name), None)
+        if destination is None:
+            return f"destination {name!r} no longer configured"
+        started = time.perf_counter()
+        companions = claim_alike(
+            session,
+            job,
+            self.owner,
+            self.settings.worker.lease_seconds,
+            lambda other: other.payload.get("destination") == name,
+            EXPORTS_PER_ASSOCIATION - 1,
+        )
+        queued = {other.id: _queued_seconds(other) for other in companions}
+        results = {
+            other.id: session.get(ResultObject, other.payload["result_id"])
+            for other in [job, *companions]
+        }
+        sent = [other for other in [job, *companions] if results[other.id] is not None]
+        paths = [Path(results[other.id].path) for other in sent]
+        kinds = {other.id: results[other.id].kind for other in sent}
+        # End the read transaction: on SQLite it holds the write lock, which ingest needs
+        # while the transfer runs.
+        session.commit()
+        try:
+            outcomes = dict(
+                zip(
+                    (other.id for other in sent),
+                    send_files(paths, destination, self.settings.node.ae_title),
+                    strict=True,
+                )
+            )
+        except Exception as exc:  # no association: every job of it fails alike
+            for other in companions:
+                self._record_failure(session, other, exc, started)
+            raise
+        for other in companions:
+            outcome = outcomes.get(other.id)
+            if outcome is not None:
+                self._record_failure(session, other, outcome, started)
+                continue
+            detail = (
+                f"{kinds[other.id]} -> {name} (with job {job.id})"
+                if other.id in kinds
+                else "result no longer exists"
+            )
+            self._record_done(session, other, {"queued": queued[other.id]}, detail, started)
+        if job.id not in kinds:
+            return "result no longer exists"
+        if outcomes[job.id] is not None:
+            raise outcomes[job.id]
+        more = f", {len(companions)} more in the same association" if companions else ""
+        return f"{kinds[job.id]} -> {name}{more}"
 
     def run_forever(self, stop: threading.Event, parent_pid: int | None = None) -> None:
         """Run jobs in ``[worker] threads`` threads until ``stop`` is set (or the parent
@@ -322,3 +389,8 @@ class Worker:
                 busy = False
             if not busy and not stop.is_set():
                 signal.wait(seen, self.settings.worker.poll_seconds)
+
+
+def _queued_seconds(job: Job) -> float:
+    """Seconds the job has been due (to its claim, when called as it is claimed)."""
+    return max(0.0, (utcnow() - as_utc(job.run_after)).total_seconds())

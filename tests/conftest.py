@@ -96,9 +96,16 @@ class StoreSCP:
     ae_title: str
     port: int
     folder: Path
+    log: Path | None = None  # storescp's verbose log
 
     def received(self) -> list[Path]:
         return sorted(p for p in self.folder.rglob("*") if p.is_file())
+
+    def associations(self) -> int:
+        """Associations storescp has accepted so far (from its log; a connection that only
+        probes the port is received, not acknowledged)."""
+        assert self.log is not None, "this storescp keeps no log"
+        return self.log.read_text(errors="replace").count("Association Acknowledged")
 
 
 @pytest.fixture
@@ -108,14 +115,19 @@ def pacs(tmp_path: Path) -> Iterator[StoreSCP]:
     folder = tmp_path / "pacs"
     folder.mkdir()
     port = free_port()
-    process = subprocess.Popen(
-        [binary, "--aetitle", "PACS", "--output-directory", str(folder), "--accept-all", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        env={**os.environ, "TCP_NODELAY": "1"},
-    )
-    wait_for_port(port, process)
-    yield StoreSCP("PACS", port, folder)
+    log = tmp_path / "storescp.log"
+    with log.open("wb") as output:
+        process = subprocess.Popen(
+            [
+                *(binary, "--verbose", "--aetitle", "PACS"),
+                *("--output-directory", str(folder), "--accept-all", str(port)),
+            ],
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "TCP_NODELAY": "1"},
+        )
+    wait_for_port(port, process, log=log)
+    yield StoreSCP("PACS", port, folder, log)
     process.terminate()
     process.wait(timeout=10)
 

@@ -1,4 +1,6 @@
-"""Export by C-STORE to a real dcmtk storescp, and to a destination that is down."""
+"""Export by C-STORE to a real dcmtk storescp, and to a destination that is down; a study's
+exports to one destination leave over one association, each job done or failed on its own
+(SQLite and PostgreSQL)."""
 
 from __future__ import annotations
 
@@ -8,11 +10,17 @@ from pathlib import Path
 import pydicom
 import pytest
 from conftest import StoreSCP, free_port, wait_for
+from pydicom.uid import generate_uid
 from pynetdicom.association import Association
+from sqlalchemy.orm import Session, sessionmaker
 from test_scp import secondary_capture
 
-from dicomnode.config import Destination
-from dicomnode.export.scu import ExportError, send_file
+from dicomnode.config import Destination, Settings
+from dicomnode.db.models import Job, ResultObject, Study
+from dicomnode.db.session import as_utc, utcnow
+from dicomnode.export.scu import ExportError, send_file, send_files
+from dicomnode.jobs import enqueue
+from dicomnode.worker import Worker
 
 
 def saved(tmp_path: Path) -> tuple[Path, pydicom.Dataset]:
@@ -61,3 +69,140 @@ def test_send_file_to_closed_port_names_destination(tmp_path: Path) -> None:
     )
     with pytest.raises(ExportError, match=r"archive-b \(ARCHIVE@127\.0\.0\.1:\d+\)"):
         send_file(path, destination, calling_ae="DICOMNODE", timeout=5)
+
+
+def test_send_files_sends_over_one_association_and_answers_for_each_file(
+    tmp_path: Path, pacs: StoreSCP
+) -> None:
+    """Readable files go over one association; one that is missing or not DICOM fails alone."""
+    paths = []
+    for index in range(3):
+        path = tmp_path / f"result-{index}.dcm"
+        secondary_capture().save_as(path, enforce_file_format=True)
+        paths.append(path)
+    not_dicom = tmp_path / "notes.txt"
+    not_dicom.write_text("not a DICOM file")
+    paths[1:1] = [tmp_path / "gone.dcm", not_dicom]
+    destination = Destination(name="pacs", ae_title=pacs.ae_title, host="127.0.0.1", port=pacs.port)
+
+    outcomes = send_files(paths, destination, calling_ae="DICOMNODE", timeout=10)
+
+    assert [type(outcome).__name__ for outcome in outcomes] == [
+        "NoneType",
+        "FileNotFoundError",
+        "InvalidDicomError",
+        "NoneType",
+        "NoneType",
+    ]
+    received = wait_for(lambda: len(pacs.received()) == 3 and pacs.received(), timeout=10)
+    sent = {pydicom.dcmread(p).SOPInstanceUID for p in (paths[0], paths[3], paths[4])}
+    assert {pydicom.dcmread(p).SOPInstanceUID for p in received} == sent
+    assert pacs.associations() == 1
+
+
+def test_send_files_to_a_destination_that_is_down_raises(tmp_path: Path) -> None:
+    path, _ = saved(tmp_path)
+    destination = Destination(name="pacs", ae_title="PACS", host="127.0.0.1", port=free_port())
+    with pytest.raises(ExportError, match="association not accepted"):
+        send_files([path, path], destination, calling_ae="DICOMNODE", timeout=5)
+
+
+def _export_jobs(
+    sessions: sessionmaker[Session], tmp_path: Path, destinations: dict[str, int]
+) -> dict[str, int]:
+    """A study with one result object per name in ``destinations`` (name -> how many go to
+    "pacs", the rest to "archive"), each with its export job; "gone" has no file. Returns
+    the job ids by result name."""
+    jobs = {}
+    with sessions() as session:
+        study = Study(
+            study_instance_uid=generate_uid(),
+            received_at=utcnow(),
+            last_instance_at=utcnow(),
+            ready_at=utcnow(),
+            due_at=utcnow(),
+        )
+        session.add(study)
+        session.flush()
+        for name, destination in destinations.items():
+            ds = secondary_capture(study_uid=study.study_instance_uid)
+            path = tmp_path / f"{name}.dcm"
+            if name != "gone":
+                ds.save_as(path, enforce_file_format=True)
+            result = ResultObject(
+                sop_instance_uid=str(ds.SOPInstanceUID),
+                study_id=study.id,
+                kind="overlay",
+                model_name="m",
+                model_version="1",
+                sop_class_uid=str(ds.SOPClassUID),
+                series_instance_uid=str(ds.SeriesInstanceUID),
+                path=str(path),
+                created_at=utcnow(),
+            )
+            session.add(result)
+            session.flush()
+            payload = {"result_id": result.id, "destination": destination}
+            job = enqueue(session, "export", study.id, payload)
+            session.flush()
+            jobs[name] = job.id
+        session.commit()
+    return jobs
+
+
+def _worker(tmp_path: Path, sessions: sessionmaker[Session], pacs_port: int) -> Worker:
+    settings = Settings(
+        storage={"path": tmp_path / "storage"},
+        worker={"threads": 1, "backoff_base_seconds": 60},
+        destinations=[
+            Destination(name="pacs", ae_title="PACS", host="127.0.0.1", port=pacs_port),
+            Destination(name="archive", ae_title="ARCHIVE", host="127.0.0.1", port=free_port()),
+        ],
+    )
+    return Worker(settings, sessions, cards=[])
+
+
+def test_a_studys_exports_to_a_destination_leave_over_one_association(
+    sessions: sessionmaker[Session], tmp_path: Path, pacs: StoreSCP
+) -> None:
+    """One export job takes the study's other due exports to its destination along: one
+    association; each job is done or failed on its own; other destinations' jobs wait."""
+    jobs = _export_jobs(
+        sessions,
+        tmp_path,
+        {"sr": "pacs", "overlay": "pacs", "gone": "pacs", "kos": "pacs", "copy": "archive"},
+    )
+    worker = _worker(tmp_path, sessions, pacs.port)
+
+    assert worker.run_once()
+
+    with sessions() as session:
+        state = {name: session.get(Job, job_id) for name, job_id in jobs.items()}
+        assert {name: job.state for name, job in state.items()} == {
+            "sr": "done",
+            "overlay": "done",
+            "kos": "done",
+            "gone": "queued",  # retried later
+            "copy": "queued",  # another destination: not taken along
+        }
+        assert state["gone"].attempts == 1 and "FileNotFoundError" in state["gone"].last_error
+        assert as_utc(state["gone"].run_after) > utcnow()  # with backoff
+        assert state["copy"].attempts == 0
+    assert len(wait_for(lambda: len(pacs.received()) == 3 and pacs.received(), timeout=10)) == 3
+    assert pacs.associations() == 1
+
+
+def test_a_destination_down_fails_every_export_taken_along(
+    sessions: sessionmaker[Session], tmp_path: Path
+) -> None:
+    jobs = _export_jobs(sessions, tmp_path, {"sr": "pacs", "overlay": "pacs", "kos": "pacs"})
+    worker = _worker(tmp_path, sessions, free_port())
+
+    assert worker.run_once()
+
+    with sessions() as session:
+        for job_id in jobs.values():
+            job = session.get(Job, job_id)
+            assert (job.state, job.attempts) == ("queued", 1)
+            assert "association not accepted" in job.last_error
+            assert as_utc(job.run_after) > utcnow()

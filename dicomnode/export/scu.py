@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import logging
 import socket
+from collections.abc import Sequence
 from pathlib import Path
 
 import pydicom
 from pynetdicom import AE, evt
+from pynetdicom.association import Association
 
 from dicomnode.config import Destination
 
 log = logging.getLogger("dicomnode.export")
+
+# C-STORE statuses of an object the destination keeps: success, and the warnings coercion of
+# data elements, elements discarded, data set does not match the SOP class.
+STORED = (0x0000, 0xB000, 0xB006, 0xB007)
 
 
 class ExportError(Exception):
@@ -30,14 +36,40 @@ def _send_at_once(event: evt.Event) -> None:
 
 
 def send_file(path: Path, destination: Destination, calling_ae: str, timeout: float = 30.0) -> None:
-    """C-STORE one DICOM file to ``destination``; raises ExportError unless it answers 0x0000."""
-    ds = pydicom.dcmread(path)
-    sop_class = ds.SOPClassUID
-    transfer_syntax = ds.file_meta.TransferSyntaxUID
+    """C-STORE one DICOM file to ``destination``; raises ExportError unless it answers 0x0000
+    (or a warning status)."""
+    outcome = send_files([path], destination, calling_ae, timeout)[0]
+    if outcome is not None:
+        raise outcome
+
+
+def send_files(
+    paths: Sequence[Path], destination: Destination, calling_ae: str, timeout: float = 30.0
+) -> list[Exception | None]:
+    """C-STORE DICOM files to ``destination`` over one association, in order.
+
+    Returns per file None when the destination took it, else why not: the file cannot be
+    read, the destination accepts neither its SOP class nor its transfer syntax, it answered
+    a failure status, or the association ended before the file was sent. Raises ExportError
+    when no association is made (the destination is down or refuses). Files are read one at a
+    time as they are sent (their headers first, for the presentation contexts).
+    """
+    where = f"{destination.name} ({destination.ae_title}@{destination.host}:{destination.port})"
+    outcomes: list[Exception | None] = [None] * len(paths)
+    # Per readable file: its SOP class and transfer syntax, a presentation context to propose.
+    contexts: dict[int, tuple[str, str]] = {}
+    for index, path in enumerate(paths):
+        try:
+            header = pydicom.dcmread(path, stop_before_pixels=True)
+            contexts[index] = (header.SOPClassUID, header.file_meta.TransferSyntaxUID)
+        except Exception as exc:  # missing, unreadable or incomplete: only this file fails
+            outcomes[index] = exc
+    if not contexts:
+        return outcomes
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
-    ae.add_requested_context(sop_class, [transfer_syntax])
-    where = f"{destination.name} ({destination.ae_title}@{destination.host}:{destination.port})"
+    for sop_class, syntax in sorted(set(contexts.values())):
+        ae.add_requested_context(sop_class, [syntax])
     assoc = ae.associate(
         destination.host,
         destination.port,
@@ -47,13 +79,30 @@ def send_file(path: Path, destination: Destination, calling_ae: str, timeout: fl
     if not assoc.is_established:
         raise ExportError(f"{where}: association not accepted (peer down or refused)")
     try:
-        if not assoc.accepted_contexts:
-            raise ExportError(f"{where}: SOP class {sop_class.name} not accepted")
-        status = assoc.send_c_store(ds)
-        code = getattr(status, "Status", None)
-        if code is None:
-            raise ExportError(f"{where}: no C-STORE response for {ds.SOPInstanceUID}")
-        if code not in (0x0000, 0xB000, 0xB006, 0xB007):
-            raise ExportError(f"{where}: C-STORE status 0x{code:04X} for {ds.SOPInstanceUID}")
+        for index in contexts:
+            outcomes[index] = _store(assoc, paths[index], where)
     finally:
-        assoc.release()
+        if assoc.is_established:
+            assoc.release()
+    return outcomes
+
+
+def _store(assoc: Association, path: Path, where: str) -> Exception | None:
+    """C-STORE one file on an established association; None when the peer took it."""
+    if not assoc.is_established:
+        return ExportError(f"{where}: association ended before {path.name} was sent")
+    try:
+        ds = pydicom.dcmread(path)
+    except Exception as exc:  # the file changed since its header was read
+        return exc
+    what = f"{ds.SOPClassUID.name} in {ds.file_meta.TransferSyntaxUID.name}"
+    try:
+        status = assoc.send_c_store(ds)
+    except ValueError:  # no accepted presentation context for it
+        return ExportError(f"{where}: {what} not accepted")
+    code = getattr(status, "Status", None)
+    if code is None:
+        return ExportError(f"{where}: no C-STORE response for {ds.SOPInstanceUID}")
+    if code not in STORED:
+        return ExportError(f"{where}: C-STORE status 0x{code:04X} for {ds.SOPInstanceUID}")
+    return None
