@@ -10,6 +10,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,28 +109,40 @@ class StoreSCP:
         return self.log.read_text(errors="replace").count("Association Acknowledged")
 
 
-@pytest.fixture
-def pacs(tmp_path: Path) -> Iterator[StoreSCP]:
-    """A dcmtk storescp on a free port, writing what it receives to a folder."""
+@contextmanager
+def storescp(where: Path, *options: str) -> Iterator[StoreSCP]:
+    """A dcmtk storescp on a free port (AE title PACS, ``options`` added: by default every
+    transfer syntax accepted), writing what it receives to ``where``/pacs, logging verbosely
+    to ``where``/storescp.log."""
     binary = dcmtk("storescp")
-    folder = tmp_path / "pacs"
+    folder = where / "pacs"
     folder.mkdir()
     port = free_port()
-    log = tmp_path / "storescp.log"
+    log = where / "storescp.log"
     with log.open("wb") as output:
         process = subprocess.Popen(
             [
-                *(binary, "--verbose", "--aetitle", "PACS"),
-                *("--output-directory", str(folder), "--accept-all", str(port)),
+                *(binary, "--verbose", "--aetitle", "PACS", "--output-directory", str(folder)),
+                *(options or ("--accept-all",)),
+                str(port),
             ],
             stdout=output,
             stderr=subprocess.STDOUT,
             env={**os.environ, "TCP_NODELAY": "1"},
         )
-    wait_for_port(port, process, log=log)
-    yield StoreSCP("PACS", port, folder, log)
-    process.terminate()
-    process.wait(timeout=10)
+    try:
+        wait_for_port(port, process, log=log)
+        yield StoreSCP("PACS", port, folder, log)
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+@pytest.fixture
+def pacs(tmp_path: Path) -> Iterator[StoreSCP]:
+    """A dcmtk storescp on a free port, writing what it receives to a folder."""
+    with storescp(tmp_path) as running:
+        yield running
 
 
 @dataclass

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from conftest import StoreSCP, free_port, wait_for
-from pydicom.uid import generate_uid
+from conftest import StoreSCP, free_port, storescp, wait_for
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 from pynetdicom.association import Association
 from sqlalchemy.orm import Session, sessionmaker
 from test_scp import secondary_capture
@@ -37,6 +37,7 @@ def test_send_file_delivers_to_pacs(tmp_path: Path, pacs: StoreSCP) -> None:
     received = wait_for(pacs.received, timeout=10, interval=0.05, what="storescp to write")
     assert len(received) == 1
     copy = pydicom.dcmread(received[0])
+    assert copy.file_meta.TransferSyntaxUID == ImplicitVRLittleEndian  # as it was sent
     assert copy.SOPInstanceUID == ds.SOPInstanceUID
     assert copy.PixelData == ds.PixelData
 
@@ -206,3 +207,22 @@ def test_a_destination_down_fails_every_export_taken_along(
             assert (job.state, job.attempts) == ("queued", 1)
             assert "association not accepted" in job.last_error
             assert as_utc(job.run_after) > utcnow()
+
+
+def test_a_pacs_that_takes_only_implicit_vr_gets_explicit_vr_results_converted(
+    tmp_path: Path,
+) -> None:
+    """Results are written in explicit VR little endian; a destination that accepts only
+    implicit VR little endian (storescp +xi) still gets them, converted on the way."""
+    path, ds = saved(tmp_path)
+    assert ds.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+    with storescp(tmp_path, "--implicit") as implicit_only:
+        destination = Destination(
+            name="old-pacs", ae_title="PACS", host="127.0.0.1", port=implicit_only.port
+        )
+        send_file(path, destination, calling_ae="DICOMNODE", timeout=10)
+        received = wait_for(implicit_only.received, timeout=10, what="storescp to write")
+    copy = pydicom.dcmread(received[0])
+    assert copy.file_meta.TransferSyntaxUID == ImplicitVRLittleEndian  # as it was sent
+    assert copy.SOPInstanceUID == ds.SOPInstanceUID
+    assert copy.PixelData == ds.PixelData

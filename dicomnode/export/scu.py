@@ -8,12 +8,17 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pydicom
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
 
 from dicomnode.config import Destination
 
 log = logging.getLogger("dicomnode.export")
+
+# Transfer syntaxes that pynetdicom converts a decoded data set between (explicit and implicit
+# VR of one byte order; compressed and big endian data are sent as they are).
+CONVERTIBLE = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 
 # C-STORE statuses of an object the destination keeps: success, and the warnings coercion of
 # data elements, elements discarded, data set does not match the SOP class.
@@ -22,6 +27,15 @@ STORED = (0x0000, 0xB000, 0xB006, 0xB007)
 
 class ExportError(Exception):
     """The destination did not take the object; the export job retries later."""
+
+
+def offered_syntaxes(syntax: str) -> list[str]:
+    """Transfer syntaxes to propose for a file in ``syntax``: its own first, and for explicit
+    or implicit VR little endian the other one too, which pynetdicom converts the file to
+    where the destination accepts only that."""
+    if syntax not in CONVERTIBLE:
+        return [syntax]
+    return [syntax, *(other for other in CONVERTIBLE if other != syntax)]
 
 
 def _send_at_once(event: evt.Event) -> None:
@@ -69,7 +83,7 @@ def send_files(
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     for sop_class, syntax in sorted(set(contexts.values())):
-        ae.add_requested_context(sop_class, [syntax])
+        ae.add_requested_context(sop_class, offered_syntaxes(syntax))
     assoc = ae.associate(
         destination.host,
         destination.port,
