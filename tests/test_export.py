@@ -5,6 +5,7 @@ exports to one destination leave over one association, each job done or failed o
 from __future__ import annotations
 
 import socket
+import threading
 from pathlib import Path
 
 import pydicom
@@ -226,3 +227,32 @@ def test_a_pacs_that_takes_only_implicit_vr_gets_explicit_vr_results_converted(
     assert copy.file_meta.TransferSyntaxUID == ImplicitVRLittleEndian  # as it was sent
     assert copy.SOPInstanceUID == ds.SOPInstanceUID
     assert copy.PixelData == ds.PixelData
+
+
+def test_two_workers_send_each_export_exactly_once(
+    sessions: sessionmaker[Session], tmp_path: Path, pacs: StoreSCP
+) -> None:
+    """Two workers claiming a study's exports at once: each object reaches the PACS once."""
+    jobs = _export_jobs(sessions, tmp_path, {f"result-{index}": "pacs" for index in range(12)})
+    workers = [_worker(tmp_path, sessions, pacs.port) for _ in range(2)]
+    for index, worker in enumerate(workers):
+        worker.owner = f"worker-{index}"
+    start = threading.Barrier(len(workers))
+
+    def drain(worker: Worker) -> None:
+        start.wait()
+        while worker.run_once():
+            pass
+
+    threads = [threading.Thread(target=drain, args=(worker,)) for worker in workers]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+
+    with sessions() as session:
+        done = [session.get(Job, job_id) for job_id in jobs.values()]
+        assert [(job.state, job.attempts) for job in done] == [("done", 1)] * len(jobs)
+    log = pacs.log.read_text(errors="replace")
+    assert log.count("Received Store Request") == len(jobs)
+    assert 1 <= pacs.associations() <= 2
