@@ -141,9 +141,7 @@ def claim_alike(
     now = now or utcnow()
     query = (
         select(Job)
-        .where(
-            Job.kind == job.kind, Job.study_id == job.study_id, Job.id != job.id, _runnable(now)
-        )
+        .where(Job.kind == job.kind, Job.study_id == job.study_id, Job.id != job.id, _runnable(now))
         .order_by(Job.id)
         .with_for_update(skip_locked=True)
     )

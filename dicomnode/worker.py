@@ -313,24 +313,19 @@ class Worker:
             EXPORTS_PER_ASSOCIATION - 1,
         )
         queued = {other.id: _queued_seconds(other) for other in companions}
-        results = {
+        rows = {
             other.id: session.get(ResultObject, other.payload["result_id"])
             for other in [job, *companions]
         }
-        sent = [other for other in [job, *companions] if results[other.id] is not None]
-        paths = [Path(results[other.id].path) for other in sent]
-        kinds = {other.id: results[other.id].kind for other in sent}
+        # The jobs whose result objects still exist (by id), and their files in that order.
+        kinds = {job_id: row.kind for job_id, row in rows.items() if row is not None}
+        paths = [Path(row.path) for row in rows.values() if row is not None]
         # End the read transaction: on SQLite it holds the write lock, which ingest needs
         # while the transfer runs.
         session.commit()
         try:
-            outcomes = dict(
-                zip(
-                    (other.id for other in sent),
-                    send_files(paths, destination, self.settings.node.ae_title),
-                    strict=True,
-                )
-            )
+            sent = send_files(paths, destination, self.settings.node.ae_title)
+            outcomes = dict(zip(kinds, sent, strict=True))
         except Exception as exc:  # no association: every job of it fails alike
             for other in companions:
                 self._record_failure(session, other, exc, started)
