@@ -109,11 +109,11 @@ def test_send_files_to_a_destination_that_is_down_raises(tmp_path: Path) -> None
 
 
 def _export_jobs(
-    sessions: sessionmaker[Session], tmp_path: Path, destinations: dict[str, int]
+    sessions: sessionmaker[Session], tmp_path: Path, destinations: dict[str, str]
 ) -> dict[str, int]:
-    """A study with one result object per name in ``destinations`` (name -> how many go to
-    "pacs", the rest to "archive"), each with its export job; "gone" has no file. Returns
-    the job ids by result name."""
+    """A study with one result object per name in ``destinations`` (result name ->
+    destination name), each with its export job; the result named "gone" has no file.
+    Returns the job ids by result name."""
     jobs = {}
     with sessions() as session:
         study = Study(
