@@ -10,7 +10,14 @@ import pytest
 from dciodvfy import chest_xray, dciodvfy_errors, plain_dx
 
 from dicomnode.findings import Algorithm, CodedConcept, Finding, ImageFindings
-from dicomnode.results.overlay import MAX_SIDE, build_overlay, legend_line
+from dicomnode.results.overlay import (
+    COLOUR_LUT,
+    HEATMAP_FLOOR,
+    MAX_SIDE,
+    build_overlay,
+    legend_line,
+    render_overlay,
+)
 from dicomnode.results.sr import build_sr
 
 ALGORITHM = Algorithm(name="cxr-pneumothorax-demo", version="1.0.0")
@@ -121,6 +128,29 @@ def test_overlay_colours_heat_map_around_peak_only(
     assert spread > 40
     # Far from the blob the image is untouched grey.
     assert is_grey(pixels[-40:, -40:]).all()
+
+
+def test_heat_map_is_blended_over_grey_as_in_floating_point() -> None:
+    """Every (heat, grey) pair: the colour map blended over the grey with an opacity rising
+    from 0.3 at the floor to 0.6 at full heat, within one level of doing it in floating point;
+    under the floor the grey as it is."""
+    rng = np.random.default_rng(5)
+    grey = rng.random((256, 512), dtype=np.float32)
+    heat = np.tile(np.linspace(0.0, 1.0, 512, dtype=np.float32), (256, 1))
+    finding = Finding(PNEUMOTHORAX, probability=0.9, threshold=0.5, critical=True, heatmap=heat)
+    rendered = render_overlay(grey, [finding], ALGORITHM)
+    pixels = rendered[rendered.shape[0] - 256 :].astype(int)
+
+    alpha = np.where(heat >= HEATMAP_FLOOR, 0.3 + 0.3 * (heat - HEATMAP_FLOOR) / 0.7, 0.0)
+    colour = COLOUR_LUT[np.round(heat * 255).astype(int)]
+    blended = (1 - alpha[..., None]) * grey[..., None].astype(float) + alpha[..., None] * colour
+    expected = np.round(blended * 255).astype(int)
+
+    assert np.abs(pixels - expected).max() <= 1
+    under = heat < HEATMAP_FLOOR - 1 / 255
+    assert (pixels[under] == np.round(grey[under] * 255).astype(int)[:, None]).all()
+    # Full heat is mostly the colour map's dark red.
+    assert (pixels[:, -1, 0] > pixels[:, -1, 1] + 40).all()
 
 
 def test_overlay_without_heat_map_or_peak_leaves_image_grey(source: pydicom.Dataset) -> None:
