@@ -140,6 +140,8 @@ class Worker:
         """Open every model's session and run it once now, so the first study does not pay
         for loading or onnxruntime's first-run allocations."""
         for card in self.cards:
+            if card.ensemble is not None:
+                continue  # no ONNX file of its own: its members are warmed as cards of their own
             try:
                 self.runtime.session(card)
             except ModelLoadError as exc:

@@ -8,13 +8,33 @@ verify`` and ``check-config`` fail fast for operators who want a hard stop.
 
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 
 import httpx
+import pytest
 from conftest import REPO, start_node, stop_node, wait_for, write_config
 
+from dicomnode.config import Settings
+from dicomnode.models.registry import discover_cards
 from dicomnode.synth.cxr import make_cxr
+from dicomnode.worker import Worker
+
+
+def test_worker_warms_every_demo_model_without_an_error(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The ensemble card has no ONNX file of its own: start-up must not call it unusable."""
+    cards = discover_cards([REPO / "models"])
+    assert any(card.ensemble is not None for card in cards)
+    worker = Worker(Settings(storage={"path": tmp_path}), None, cards)  # type: ignore[arg-type]
+    with caplog.at_level(logging.INFO, logger="dicomnode"):
+        worker.warm_up()
+    problems = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert problems == []
+    loaded = {r.args[0] for r in caplog.records if r.msg.startswith("model %s %s loaded")}
+    assert loaded == {card.model.name for card in cards if card.ensemble is None}
 
 
 def test_corrupt_onnx_fails_the_study_with_reason_and_ingest_continues(tmp_path: Path) -> None:
