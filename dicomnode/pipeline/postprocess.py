@@ -16,12 +16,15 @@ def _sigmoid(values: np.ndarray) -> np.ndarray:
 
 
 def normalise_map(heatmap: np.ndarray) -> np.ndarray:
-    """Min-max scale a class-activation map to 0..1 (a flat map becomes all zeros)."""
-    heatmap = heatmap.astype(np.float32)
-    low, high = float(heatmap.min()), float(heatmap.max())
+    """Min-max scale a class-activation map to 0..1 (a flat map becomes all zeros), as a new
+    float32 array."""
+    scaled = np.array(heatmap, dtype=np.float32)
+    low, high = float(scaled.min()), float(scaled.max())
     if high - low < 1e-12:
-        return np.zeros_like(heatmap)
-    return (heatmap - low) / (high - low)
+        return np.zeros_like(scaled)
+    scaled -= low
+    scaled /= np.float32(high - low)
+    return scaled
 
 
 def source_heatmap(model_map: np.ndarray, geometry: Letterbox) -> np.ndarray:

@@ -385,8 +385,9 @@ def apply_correction(ds: pydicom.Dataset, correction: np.ndarray, spec: InputSpe
     padding = _padding(ds, stored)
     if padding is not None:
         change[padding] = 0.0
-    out = stored + change
+    out = np.add(stored, change, out=change)
     bits = int(ds.get("BitsStored", 16))
     signed = int(ds.get("PixelRepresentation", 0)) == 1
     lowest, highest = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
-    return np.clip(np.round(out), lowest, highest).astype(np.int32)
+    np.rint(out, out=out)
+    return np.clip(out, lowest, highest, out=out).astype(np.int32)

@@ -263,7 +263,11 @@ def _mean_heatmap(findings: list[Finding]) -> np.ndarray:
     """The ensemble's heat map: the mean of its members' maps, normalised again."""
     for finding in findings:
         finding.resolve_heatmap()
-    return normalise_map(np.mean([f.heatmap for f in findings], axis=0))
+    # Summed in place: the mean of a list stacks the (source-sized) maps into a new array.
+    total = np.array(findings[0].heatmap, dtype=np.float32)
+    for finding in findings[1:]:
+        total += finding.heatmap
+    return normalise_map(total)
 
 
 def _ensemble(
