@@ -149,6 +149,10 @@ class Destination(_Section):
     port: Port
     # Result kinds sent to this destination (sr, overlay, seg, gsps, derived, kos); empty = all.
     outputs: list[Literal["sr", "overlay", "seg", "gsps", "derived", "kos"]] = []
+    # Longest wait for the destination's answer to the association request, to each C-STORE
+    # and for any network data; a destination that stays silent longer fails the export,
+    # which is retried with backoff.
+    timeout_seconds: float = Field(default=30.0, gt=0)
 
 
 class Peer(_Section):

@@ -326,7 +326,9 @@ class Worker:
         # while the transfer runs.
         session.commit()
         try:
-            sent = send_files(paths, destination, self.settings.node.ae_title)
+            sent = send_files(
+                paths, destination, self.settings.node.ae_title, destination.timeout_seconds
+            )
             outcomes = dict(zip(kinds, sent, strict=True))
         except Exception as exc:  # no association: every job of it fails alike
             for other in companions:

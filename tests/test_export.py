@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 from pathlib import Path
 
 import pydicom
@@ -151,12 +152,20 @@ def _export_jobs(
     return jobs
 
 
-def _worker(tmp_path: Path, sessions: sessionmaker[Session], pacs_port: int) -> Worker:
+def _worker(
+    tmp_path: Path, sessions: sessionmaker[Session], pacs_port: int, timeout_seconds: float = 30
+) -> Worker:
     settings = Settings(
         storage={"path": tmp_path / "storage"},
         worker={"threads": 1, "backoff_base_seconds": 60},
         destinations=[
-            Destination(name="pacs", ae_title="PACS", host="127.0.0.1", port=pacs_port),
+            Destination(
+                name="pacs",
+                ae_title="PACS",
+                host="127.0.0.1",
+                port=pacs_port,
+                timeout_seconds=timeout_seconds,
+            ),
             Destination(name="archive", ae_title="ARCHIVE", host="127.0.0.1", port=free_port()),
         ],
     )
@@ -207,6 +216,31 @@ def test_a_destination_down_fails_every_export_taken_along(
             assert (job.state, job.attempts) == ("queued", 1)
             assert "association not accepted" in job.last_error
             assert as_utc(job.run_after) > utcnow()
+
+
+def test_a_destination_that_never_answers_fails_within_its_timeout(
+    sessions: sessionmaker[Session], tmp_path: Path
+) -> None:
+    """A peer that takes the connection but never answers (a hung PACS) fails the exports
+    after the destination's ``timeout_seconds``, not pynetdicom's default, and they are
+    retried with backoff."""
+    silent = socket.create_server(("127.0.0.1", 0))  # connections wait in its backlog
+    try:
+        jobs = _export_jobs(sessions, tmp_path, {"sr": "pacs", "kos": "pacs"})
+        worker = _worker(tmp_path, sessions, silent.getsockname()[1], timeout_seconds=1.0)
+
+        started = time.monotonic()
+        assert worker.run_once()
+        assert time.monotonic() - started < 8
+
+        with sessions() as session:
+            for job_id in jobs.values():
+                job = session.get(Job, job_id)
+                assert (job.state, job.attempts) == ("queued", 1)
+                assert "association not accepted" in job.last_error
+                assert as_utc(job.run_after) > utcnow()
+    finally:
+        silent.close()
 
 
 def test_a_pacs_that_takes_only_implicit_vr_gets_explicit_vr_results_converted(
