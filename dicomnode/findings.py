@@ -116,8 +116,10 @@ class ModelRun:
     segmentations: list[Segmentation] = field(default_factory=list)
     derived: list[DerivedImage] = field(default_factory=list)
 
-    def resolve_heatmaps(self) -> None:
-        """Compute every deferred heat map of the run's findings."""
+    def resolve_heatmaps(self, present_only: bool = False) -> None:
+        """Compute the deferred heat maps of the run's findings (``present_only``: of its
+        present findings, the only ones the result objects localise)."""
         for evaluation in self.images:
             for finding in evaluation.findings:
-                finding.resolve_heatmap()
+                if finding.present or not present_only:
+                    finding.resolve_heatmap()

@@ -128,6 +128,26 @@ def test_sr_holds_finding_probability_and_point_on_source(
     assert reference.ReferencedSOPClassUID == source.SOPClassUID
 
 
+def test_sr_absent_finding_is_not_localised_by_its_cam_peak(source: pydicom.Dataset) -> None:
+    """A class-activation peak says where the model saw a finding: an absent finding's
+    group references the image without coordinates (as the overlay draws no heat for it)."""
+    evaluation = ImageFindings(
+        source=source,
+        findings=[
+            Finding(PNEUMOTHORAX, probability=0.83, threshold=0.5, critical=True, peak=PEAK),
+            Finding(CARDIOMEGALY, probability=0.12, threshold=0.4, critical=False, peak=PEAK),
+        ],
+    )
+    sr = build_sr([evaluation], ALGORITHM)
+    assert dciodvfy_errors(sr) == []
+    present = list(walk(group_of(sr, PNEUMOTHORAX).ContentSequence))
+    assert [item.GraphicType for item in present if item.ValueType == "SCOORD"] == ["POINT"]
+    absent = list(walk(group_of(sr, CARDIOMEGALY).ContentSequence))
+    assert not [item for item in absent if item.ValueType == "SCOORD"]
+    image = next(item for item in absent if item.ValueType == "IMAGE")
+    assert image.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+
+
 def test_sr_finding_without_peak_references_image_without_coordinates(
     sr: pydicom.Dataset, source: pydicom.Dataset
 ) -> None:

@@ -61,7 +61,9 @@ def result_objects(run: ModelRun, card: ModelCard) -> list[tuple[str, Dataset]]:
     """The result objects of ``run`` the card asks for, KOS last (it references the others)."""
     from dicomnode.results import derived, gsps, kos, overlay, seg, sr
 
-    run.resolve_heatmaps()
+    # Only present findings are localised (heat map on the overlay, CAM peak in the SR): an
+    # absent finding's map would mislead, and is not resampled at all.
+    run.resolve_heatmaps(present_only=True)
     produces = set(card.produces)
     objects: list[tuple[str, Dataset]] = []
     reported = _reported(run, card)

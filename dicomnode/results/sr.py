@@ -279,7 +279,8 @@ def _region(source: pydicom.Dataset, finding: Finding) -> hd.sr.ImageRegion | No
         graphic_type, data = hd.sr.GraphicTypeValues.POLYLINE, box_outline(finding.box)
     elif finding.point is not None:
         graphic_type, data = hd.sr.GraphicTypeValues.POINT, pixel_centre(finding.point)
-    elif finding.peak is not None:
+    elif finding.peak is not None and finding.present:
+        # A CAM peak says where the model saw a finding; an absent one's would mislead.
         graphic_type, data = hd.sr.GraphicTypeValues.POINT, pixel_centre(finding.peak)
     else:
         return None
