@@ -211,11 +211,14 @@ def _stored_pixels(source: pydicom.Dataset, values: np.ndarray) -> np.ndarray:
     shape = (int(source.Rows), int(source.Columns))
     if values.shape != shape:
         raise ValueError(f"{where}: pixels shape {values.shape} differs from the source's {shape}")
-    if not np.all(np.isfinite(values)):
+    if np.issubdtype(values.dtype, np.integer):
+        rounded = values  # already whole: no float copy of a source-sized image
+    elif not np.all(np.isfinite(values)):
         raise ValueError(f"{where}: pixels must be finite")
+    else:
+        rounded = np.rint(values)
     bits, signed = int(source.BitsStored), int(source.PixelRepresentation) == 1
     low, high = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
-    rounded = np.rint(values)
     if rounded.min() < low or rounded.max() > high:
         raise ValueError(
             f"{where}: pixels span {rounded.min():g}..{rounded.max():g}, outside the source's "
