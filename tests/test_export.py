@@ -13,6 +13,7 @@ import pydicom
 import pytest
 from conftest import StoreSCP, free_port, storescp, wait_for
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
+from pynetdicom import evt
 from pynetdicom.association import Association
 from sqlalchemy.orm import Session, sessionmaker
 from test_scp import secondary_capture
@@ -20,6 +21,7 @@ from test_scp import secondary_capture
 from dicomnode.config import Destination, Settings
 from dicomnode.db.models import Job, ResultObject, Study
 from dicomnode.db.session import as_utc, utcnow
+from dicomnode.export import scu
 from dicomnode.export.scu import ExportError, send_file, send_files
 from dicomnode.jobs import enqueue
 from dicomnode.worker import Worker
@@ -99,6 +101,62 @@ def test_send_files_sends_over_one_association_and_answers_for_each_file(
     received = wait_for(lambda: len(pacs.received()) == 3 and pacs.received(), timeout=10)
     sent = {pydicom.dcmread(p).SOPInstanceUID for p in (paths[0], paths[3], paths[4])}
     assert {pydicom.dcmread(p).SOPInstanceUID for p in received} == sent
+    assert pacs.associations() == 1
+
+
+class _WakesLate(threading.Event):
+    """A reactor checkpoint whose waiter, once woken, is held for 20 ms before it goes on, as
+    a thread descheduled just after waking would be: pynetdicom's reactor has then marked
+    itself paused and is not, the race that made a C-STORE response go astray."""
+
+    def wait(self, timeout: float | None = None) -> bool:
+        woken = super().wait(timeout)
+        if woken:
+            time.sleep(0.02)
+        return woken
+
+
+def test_a_response_the_association_reactor_takes_reaches_its_c_store(
+    tmp_path: Path, pacs: StoreSCP, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """pynetdicom's reactor can take a C-STORE response off the DIMSE queue before the send
+    waits for it (its pause is a flag set before it blocks). Forced here: the reactor wakes
+    late and the send looks for its response 50 ms late. Each store still gets its response
+    (before: 'Received unexpected C-STORE service message', the DIMSE timeout, an abort)."""
+    connected = scu._send_at_once
+    taken: list[str] = []
+
+    def racing(event: evt.Event) -> None:
+        connected(event)
+        assoc = event.assoc
+        assoc._reactor_checkpoint = _WakesLate()
+        assoc._reactor_checkpoint.set()
+        get_msg = assoc.dimse.get_msg
+
+        def late(block: bool = False) -> object:
+            if block:  # the send, waiting for its response
+                time.sleep(0.05)
+                return get_msg(block)
+            context_id, msg = get_msg(block)  # the reactor, looking for requests
+            if msg is not None:
+                taken.append(type(msg).__name__)
+            return context_id, msg
+
+        assoc.dimse.get_msg = late
+
+    monkeypatch.setattr(scu, "_send_at_once", racing)
+    paths = []
+    for index in range(4):
+        path = tmp_path / f"result-{index}.dcm"
+        secondary_capture().save_as(path, enforce_file_format=True)
+        paths.append(path)
+    destination = Destination(name="pacs", ae_title=pacs.ae_title, host="127.0.0.1", port=pacs.port)
+
+    outcomes = send_files(paths, destination, calling_ae="DICOMNODE", timeout=3)
+
+    assert outcomes == [None] * 4
+    assert "C_STORE" in taken  # the reactor did take responses (given back to the sends)
+    assert len(wait_for(lambda: len(pacs.received()) == 4 and pacs.received(), timeout=10)) == 4
     assert pacs.associations() == 1
 
 

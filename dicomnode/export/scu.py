@@ -6,6 +6,7 @@ import logging
 import socket
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pydicom
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
@@ -92,6 +93,7 @@ def send_files(
     )
     if not assoc.is_established:
         raise ExportError(f"{where}: association not accepted (peer down or refused)")
+    _keep_responses(assoc)
     try:
         for index in contexts:
             outcomes[index] = _store(assoc, paths[index], where)
@@ -99,6 +101,30 @@ def send_files(
         if assoc.is_established:
             assoc.release()
     return outcomes
+
+
+def _keep_responses(assoc: Association) -> None:
+    """Make the association's reactor give back any response it takes off the DIMSE queue.
+
+    pynetdicom's ``send_c_store`` pauses the association's reactor before sending and waits
+    for the response on the DIMSE queue, but the pause is a flag that the reactor sets before
+    it blocks and clears after it wakes: a send that starts in that instant sees it paused
+    while it is not, and when the peer answers quickly the reactor takes the response, logs
+    "Received unexpected C-STORE service message" and drops it. The send then waits out the
+    DIMSE timeout and aborts the association, failing its remaining objects (seen here about
+    once in a few hundred associations of 14 objects to a dcmtk storescp, with two workers).
+    An export association serves no requests, so a response the reactor takes is put back for
+    the send waiting on it; anything else goes to pynetdicom as before.
+    """
+    serve = assoc._serve_request
+
+    def keep(msg: Any, context_id: int) -> None:
+        if msg.is_valid_response:
+            assoc.dimse.msg_queue.put((context_id, msg))
+        else:
+            serve(msg, context_id)
+
+    assoc._serve_request = keep  # type: ignore[method-assign]
 
 
 def _store(assoc: Association, path: Path, where: str) -> Exception | None:
