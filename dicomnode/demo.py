@@ -85,6 +85,7 @@ def send_study(study: DemoStudy, port: int) -> int:
     from pynetdicom import AE
     from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation
 
+    from dicomnode.export.scu import keep_responses
     from dicomnode.synth.cxr import make_cxr
 
     ds, _ = make_cxr(study.seed, pneumothorax=study.pneumothorax, accession_number=study.accession)
@@ -93,6 +94,7 @@ def send_study(study: DemoStudy, port: int) -> int:
     assoc = ae.associate("127.0.0.1", port, ae_title="DICOMNODE")
     if not assoc.is_established:
         raise RuntimeError(f"the demo node at port {port} refused the association")
+    keep_responses(assoc)
     try:
         status = assoc.send_c_store(ds)
     finally:

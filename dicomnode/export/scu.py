@@ -93,7 +93,7 @@ def send_files(
     )
     if not assoc.is_established:
         raise ExportError(f"{where}: association not accepted (peer down or refused)")
-    _keep_responses(assoc)
+    keep_responses(assoc)
     try:
         for index in contexts:
             outcomes[index] = _store(assoc, paths[index], where)
@@ -103,7 +103,7 @@ def send_files(
     return outcomes
 
 
-def _keep_responses(assoc: Association) -> None:
+def keep_responses(assoc: Association) -> None:
     """Make the association's reactor give back any response it takes off the DIMSE queue.
 
     pynetdicom's ``send_c_store`` pauses the association's reactor before sending and waits
@@ -113,8 +113,9 @@ def _keep_responses(assoc: Association) -> None:
     "Received unexpected C-STORE service message" and drops it. The send then waits out the
     DIMSE timeout and aborts the association, failing its remaining objects (seen here about
     once in a few hundred associations of 14 objects to a dcmtk storescp, with two workers).
-    An export association serves no requests, so a response the reactor takes is put back for
-    the send waiting on it; anything else goes to pynetdicom as before.
+    An association that only sends (an export, the demo's modality) serves no requests, so a
+    response the reactor takes is put back for the send waiting on it; anything else goes to
+    pynetdicom as before. Call it once the association is established, before the first send.
     """
     serve = assoc._serve_request
 
