@@ -35,6 +35,7 @@ from sqlalchemy import func, select
 
 from dicomnode.db.models import Instance, Job, ResultObject, Series, Study
 from dicomnode.db.session import make_engine, make_sessionmaker
+from dicomnode.export.scu import keep_responses
 from dicomnode.ports import free_port, wait_for_port
 from dicomnode.synth.cxr import make_cxr
 
@@ -126,6 +127,7 @@ def send(port: int, images: list[Dataset], acked: list[str]) -> None:
     assoc = ae.associate("127.0.0.1", port, ae_title="DICOMNODE")
     if not assoc.is_established:
         return
+    keep_responses(assoc)  # pynetdicom's reactor can take a response meant for the send
     try:
         for ds in images:
             if not assoc.is_established:
