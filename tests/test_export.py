@@ -7,6 +7,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import pydicom
@@ -268,11 +269,18 @@ def test_a_destination_down_fails_every_export_taken_along(
 
     assert worker.run_once()
 
+    _assert_retried_later(sessions, jobs.values(), "association not accepted")
+
+
+def _assert_retried_later(
+    sessions: sessionmaker[Session], job_ids: Iterable[int], error: str
+) -> None:
+    """Each job failed its first attempt with ``error`` and waits to be retried, with backoff."""
     with sessions() as session:
-        for job_id in jobs.values():
+        for job_id in job_ids:
             job = session.get(Job, job_id)
             assert (job.state, job.attempts) == ("queued", 1)
-            assert "association not accepted" in job.last_error
+            assert error in job.last_error
             assert as_utc(job.run_after) > utcnow()
 
 
@@ -291,12 +299,7 @@ def test_a_destination_that_never_answers_fails_within_its_timeout(
         assert worker.run_once()
         assert time.monotonic() - started < 8
 
-        with sessions() as session:
-            for job_id in jobs.values():
-                job = session.get(Job, job_id)
-                assert (job.state, job.attempts) == ("queued", 1)
-                assert "association not accepted" in job.last_error
-                assert as_utc(job.run_after) > utcnow()
+        _assert_retried_later(sessions, jobs.values(), "association not accepted")
     finally:
         silent.close()
 
