@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicomnode.config import Settings
 from dicomnode.db.models import Instance, Study
 from dicomnode.db.session import as_utc
+from dicomnode.export.scu import keep_responses
 from dicomnode.ingest.incoming import SPARES, incoming_folder
 from dicomnode.ingest.scp import StorageSCP
 
@@ -73,7 +74,10 @@ class Node:
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
         ae.add_requested_context(Verification)
         ae.add_requested_context(SecondaryCaptureImageStorage, ExplicitVRLittleEndian)
-        return ae.associate("127.0.0.1", self.port, ae_title="DICOMNODE")
+        assoc = ae.associate("127.0.0.1", self.port, ae_title="DICOMNODE")
+        if assoc.is_established:
+            keep_responses(assoc)  # as a modality that pynetdicom's reactor race does not hit
+        return assoc
 
     def store(self, ds: Dataset, calling_ae: str = "MODALITY") -> int:
         assoc = self.associate(calling_ae)
