@@ -21,15 +21,16 @@ MODELS = Path(__file__).resolve().parent.parent / "models"
 
 
 @pytest.mark.parametrize(
-    ("name", "finding"), [("cxr-pneumothorax-demo", "pneumothorax"), ("cxr-tb-ensemble-demo", "tb")]
+    ("name", "phantom"),
+    [
+        ("cxr-pneumothorax-demo", {"pneumothorax": True}),
+        ("cxr-tb-ensemble-demo", {"findings": ("tuberculosis",)}),
+    ],
 )
-def test_heat_maps_wait_for_the_result_objects(name: str, finding: str) -> None:
+def test_heat_maps_wait_for_the_result_objects(name: str, phantom: dict) -> None:
     cards = {card.model.name: card for card in discover_cards([MODELS])}
     card = cards[name]
-    if finding == "pneumothorax":
-        ds, _ = make_cxr(21, pneumothorax=True, size=384, columns=320)
-    else:
-        ds, _ = make_cxr(21, findings=("tuberculosis",), size=384, columns=320)
+    ds, _ = make_cxr(21, size=384, columns=320, **phantom)
     runtime = Runtime(["CPUExecutionProvider"])
 
     eager = run_model(card, [ds], runtime, StageTimes(), cards)
