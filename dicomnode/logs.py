@@ -6,6 +6,8 @@ import json
 import logging
 import sys
 
+CHATTY_LIBRARIES = ("pynetdicom", "highdicom", "alembic")
+
 
 class _JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
@@ -31,6 +33,10 @@ def setup_logging(level: str = "INFO", json_lines: bool = False) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    # pynetdicom logs every PDU at INFO; keep its own chatter at WARNING unless debugging.
-    logging.getLogger("pynetdicom").setLevel(logging.DEBUG if level == "DEBUG" else logging.WARNING)
+    # Libraries that narrate their work at INFO (pynetdicom every PDU, highdicom every module
+    # it copies into a result object, alembic its plug-ins at every start) say only what goes
+    # wrong unless debugging; the node logs what they did in its own lines.
+    chatter = logging.DEBUG if level == "DEBUG" else logging.WARNING
+    for name in CHATTY_LIBRARIES:
+        logging.getLogger(name).setLevel(chatter)
     logging.getLogger("uvicorn.access").setLevel(logging.WARNING)

@@ -4,6 +4,8 @@ and birth date are known, then the node's whole log output is scanned for them."
 
 from __future__ import annotations
 
+import re
+
 import httpx
 from conftest import StoreSCP, start_node, stop_node, wait_for, write_config
 from pydicom.dataset import Dataset
@@ -51,3 +53,8 @@ def test_node_logs_carry_no_patient_name_id_or_birth_date(tmp_path, pacs: StoreS
     assert "cannot understand: Pixel Data has" in log and "refused=1" in log
     for secret in (NAME, "Privacyprobe", "Zelda", PATIENT_ID, BIRTH_DATE, "1931-05-17"):
         assert secret not in log, f"{secret!r} found in the node log"
+    # Libraries' narration stays out of the default log (highdicom logged ~60 INFO lines per
+    # study, one per module it copied into a result object): every INFO line is the node's.
+    speakers = set(re.findall(r"^\S+ \S+ INFO ([\w.]+): ", log, re.MULTILINE))
+    assert "dicomnode.worker" in speakers
+    assert {s for s in speakers if not s.startswith(("dicomnode", "uvicorn"))} == set()

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import NullPool
 
 if TYPE_CHECKING:
     from alembic.config import Config as AlembicConfig
 
+log = logging.getLogger("dicomnode.db")
 MIGRATIONS = Path(__file__).parent / "migrations"
 # Execution options of a transaction that only reads: on SQLite it begins deferred and so
 # takes no write lock (every other transaction takes it at BEGIN). For a session:
@@ -84,4 +87,20 @@ def upgrade(url: str) -> None:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
     from alembic import command
 
+    before = schema_revision(url)
     command.upgrade(alembic_config(url), "head")
+    after = schema_revision(url)
+    if after != before:
+        log.info("database schema upgraded from %s to %s", before or "empty", after)
+
+
+def schema_revision(url: str) -> str | None:
+    """The migration the database is at (None for a database without the schema)."""
+    from alembic.runtime.migration import MigrationContext
+
+    engine = create_engine(url, poolclass=NullPool)
+    try:
+        with engine.connect() as connection:
+            return MigrationContext.configure(connection).get_current_revision()
+    finally:
+        engine.dispose()

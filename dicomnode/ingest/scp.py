@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import ssl
 import threading
 import time
@@ -470,11 +471,12 @@ class StorageSCP:
             target=self._server.serve_forever, name="dicom-acceptor", daemon=True
         ).start()
         log.info(
-            "listening for DICOM%s as %s on %s:%d",
+            "listening for DICOM%s as %s on %s:%d (process %d)",
             " over TLS" if tls else "",
             node.ae_title,
             node.host,
             node.port,
+            os.getpid(),
         )
 
     def stop(self) -> None:
