@@ -152,6 +152,23 @@ def claim_alike(
     return taken
 
 
+def hasten(
+    session: Session, kind: str, alike: Callable[[Job], bool], now: datetime | None = None
+) -> int:
+    """Make the queued jobs of ``kind`` that have failed before and that ``alike`` admits due
+    now instead of at the end of their backoff (e.g. the exports to a destination that
+    answers again); commits; returns how many."""
+    now = now or utcnow()
+    query = select(Job).where(
+        Job.kind == kind, Job.state == "queued", Job.attempts > 0, Job.run_after > now
+    )
+    waiting = [job for job in session.scalars(query) if alike(job)]
+    for job in waiting:
+        job.run_after = now
+    session.commit()
+    return len(waiting)
+
+
 def _lease_lost(session: Session, job: Job, owner: str | None) -> bool:
     """True when ``owner`` no longer holds the job (its lease expired and another took it)."""
     if owner is None:
@@ -196,12 +213,13 @@ def fail(
     session: Session,
     job: Job,
     reason: str,
-    max_attempts: int,
+    max_attempts: int | None,
     now: datetime | None = None,
     owner: str | None = None,
     backoff_base: float = BACKOFF_BASE_SECONDS,
 ) -> bool:
-    """Record a failure: retry later with backoff, or dead-letter after ``max_attempts``.
+    """Record a failure: retry later with backoff, or dead-letter after ``max_attempts``
+    (None: never; the backoff stops growing at :data:`BACKOFF_MAX_SECONDS`).
 
     Commits; False if ``owner`` lost the lease meanwhile (the new holder decides).
     """
@@ -210,7 +228,7 @@ def fail(
     now = now or utcnow()
     job.last_error = reason[:2000]
     job.lease_expires_at = None
-    if job.attempts >= max_attempts:
+    if max_attempts is not None and job.attempts >= max_attempts:
         job.state = "dead"
         job.finished_at = now
     else:

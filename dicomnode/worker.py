@@ -26,8 +26,9 @@ from dicomnode import metrics
 from dicomnode.config import Settings, changed_settings
 from dicomnode.db.models import Job, ResultObject
 from dicomnode.db.session import as_utc, utcnow
-from dicomnode.export.scu import send_files
+from dicomnode.export.scu import DestinationUnavailable, send_files
 from dicomnode.jobs import (
+    BACKOFF_MAX_SECONDS,
     JobSignal,
     Postponed,
     claim,
@@ -35,6 +36,7 @@ from dicomnode.jobs import (
     complete,
     due,
     fail,
+    hasten,
     postpone,
 )
 from dicomnode.models.registry import ModelCard
@@ -207,9 +209,14 @@ class Worker:
             reason,
         )
         job = session.get(Job, job.id)
-        # Critical-result notifications keep trying longer than other jobs.
+        # An export whose destination is down or vanished mid-association is kept until the
+        # destination answers: nothing that was refused, nothing to give up on. Critical-result
+        # notifications keep trying longer than other jobs.
+        unreachable = job.kind == "export" and isinstance(exc, DestinationUnavailable)
         attempts = (
-            self.settings.notify.max_attempts
+            None
+            if unreachable
+            else self.settings.notify.max_attempts
             if job.kind == "notify"
             else self.settings.worker.max_attempts
         )
@@ -221,19 +228,37 @@ class Worker:
             owner=self.owner,
             backoff_base=self.settings.worker.backoff_base_seconds,
         )
-        if recorded and job.kind == "analyse" and job.state == "dead":
-            mark_failed(session, job.study_id, reason, self.settings.worklist)
-        if recorded and job.kind == "results" and job.state == "dead":
-            # The study stays analysed: its priority stands without the objects.
+        if not recorded:
+            return
+        if unreachable and job.attempts == self.settings.worker.max_attempts:
             log.error(
-                "job %d results study_id=%d dead after %d attempts (the study keeps "
-                "its priority; retry with POST /api/jobs/%d/retry): %s",
+                "job %d export study_id=%d: destination %s unreachable in %d attempts; the "
+                "export stays queued and is tried again at least every %.0f s until it "
+                "answers: %s",
                 job.id,
                 job.study_id,
+                job.payload.get("destination", ""),
                 job.attempts,
-                job.id,
+                BACKOFF_MAX_SECONDS,
                 reason,
             )
+        if job.state != "dead":
+            return
+        if job.kind == "analyse":
+            mark_failed(session, job.study_id, reason, self.settings.worklist)
+            return
+        log.error(
+            "job %d %s study_id=%d dead after %d attempts (%sretry with POST "
+            "/api/jobs/%d/retry): %s",
+            job.id,
+            job.kind,
+            job.study_id,
+            job.attempts,
+            # The study stays analysed: its priority stands without the objects.
+            "the study keeps its priority; " if job.kind == "results" else "",
+            job.id,
+            reason,
+        )
 
     def _record_done(
         self, session: Session, job: Job, seconds: dict[str, float], detail: str, started: float
@@ -330,6 +355,17 @@ class Worker:
                 paths, destination, self.settings.node.ae_title, destination.timeout_seconds
             )
             outcomes = dict(zip(kinds, sent, strict=True))
+            if job.attempts > 1:
+                # The destination answers again: what waits out its backoff for it goes now.
+                hastened = hasten(
+                    session, "export", lambda other: other.payload.get("destination") == name
+                )
+                if hastened:
+                    log.info(
+                        "destination %s answers again: %d waiting export(s) due now",
+                        name,
+                        hastened,
+                    )
         except Exception as exc:  # no association: every job of it fails alike
             for other in companions:
                 self._record_failure(session, other, exc, started)

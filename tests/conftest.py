@@ -110,14 +110,14 @@ class StoreSCP:
 
 
 @contextmanager
-def storescp(where: Path, *options: str) -> Iterator[StoreSCP]:
-    """A dcmtk storescp on a free port (AE title PACS, ``options`` added: by default every
-    transfer syntax accepted), writing what it receives to ``where``/pacs, logging verbosely
-    to ``where``/storescp.log."""
+def storescp(where: Path, *options: str, port: int = 0) -> Iterator[StoreSCP]:
+    """A dcmtk storescp on ``port`` (0: a free one; AE title PACS, ``options`` added: by
+    default every transfer syntax accepted), writing what it receives to ``where``/pacs,
+    logging verbosely to ``where``/storescp.log."""
     binary = dcmtk("storescp")
     folder = where / "pacs"
     folder.mkdir()
-    port = free_port()
+    port = port or free_port()
     log = where / "storescp.log"
     with log.open("wb") as output:
         process = subprocess.Popen(

@@ -4,6 +4,7 @@ exports to one destination leave over one association, each job done or failed o
 
 from __future__ import annotations
 
+import logging
 import socket
 import threading
 import time
@@ -212,11 +213,15 @@ def _export_jobs(
 
 
 def _worker(
-    tmp_path: Path, sessions: sessionmaker[Session], pacs_port: int, timeout_seconds: float = 30
+    tmp_path: Path,
+    sessions: sessionmaker[Session],
+    pacs_port: int,
+    timeout_seconds: float = 30,
+    max_attempts: int = 5,
 ) -> Worker:
     settings = Settings(
         storage={"path": tmp_path / "storage"},
-        worker={"threads": 1, "backoff_base_seconds": 60},
+        worker={"threads": 1, "backoff_base_seconds": 60, "max_attempts": max_attempts},
         destinations=[
             Destination(
                 name="pacs",
@@ -270,6 +275,69 @@ def test_a_destination_down_fails_every_export_taken_along(
     assert worker.run_once()
 
     _assert_retried_later(sessions, jobs.values(), "association not accepted")
+
+
+def _jobs(sessions: sessionmaker[Session], job_ids: Iterable[int]) -> list[Job]:
+    with sessions() as session:
+        jobs = [session.get(Job, job_id) for job_id in job_ids]
+        session.expunge_all()
+        return jobs
+
+
+def _due_now(sessions: sessionmaker[Session], job_ids: Iterable[int]) -> None:
+    """End the jobs' backoff, as the passing of time would."""
+    with sessions() as session:
+        for job_id in job_ids:
+            session.get(Job, job_id).run_after = utcnow()
+        session.commit()
+
+
+def test_exports_wait_out_an_outage_longer_than_their_attempts_and_leave_when_it_ends(
+    sessions: sessionmaker[Session], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A destination that is down refuses nothing: its exports stay queued past
+    ``max_attempts`` (an ERROR says so once per job), and once it answers again the exports
+    still waiting out their backoff for it (this study's and others') go at once."""
+    port = free_port()
+    first = _export_jobs(sessions, tmp_path, {"sr": "pacs", "kos": "pacs"})
+    other = _export_jobs(sessions, tmp_path, {"overlay": "pacs"})
+    ids = [*first.values(), *other.values()]
+    worker = _worker(tmp_path, sessions, port, max_attempts=2)
+
+    with caplog.at_level(logging.INFO, logger="dicomnode.worker"):
+        for _ in range(4):  # twice the attempts a refused object gets
+            _due_now(sessions, ids)
+            assert worker.run_once() and worker.run_once()  # each study's exports
+        assert [(job.state, job.attempts) for job in _jobs(sessions, ids)] == [("queued", 4)] * 3
+        unreachable = [r for r in caplog.records if "unreachable in 2 attempts" in r.getMessage()]
+        assert [r.levelname for r in unreachable] == ["ERROR"] * 3
+
+        with storescp(tmp_path, port=port) as pacs:
+            _due_now(sessions, [first["sr"]])  # the others wait out up to 8 minutes yet
+            assert worker.run_once()
+            assert [job.state for job in _jobs(sessions, ids)] == ["done", "queued", "queued"]
+            assert worker.run_once() and worker.run_once()
+            assert [job.state for job in _jobs(sessions, ids)] == ["done"] * 3
+            assert wait_for(lambda: len(pacs.received()) == 3, timeout=10)
+    assert "destination pacs answers again: 2 waiting export(s) due now" in caplog.text
+
+
+def test_an_object_the_destination_refuses_is_dead_lettered_after_its_attempts(
+    sessions: sessionmaker[Session], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Unlike an outage, a refusal (here: the result's file is gone) uses up the attempts and
+    the dead letter is logged as an ERROR that says how to retry it."""
+    with storescp(tmp_path) as pacs:
+        jobs = _export_jobs(sessions, tmp_path, {"gone": "pacs"})
+        worker = _worker(tmp_path, sessions, pacs.port, max_attempts=2)
+        with caplog.at_level(logging.INFO, logger="dicomnode.worker"):
+            for _ in range(2):
+                _due_now(sessions, jobs.values())
+                assert worker.run_once()
+    [job] = _jobs(sessions, jobs.values())
+    assert (job.state, job.attempts) == ("dead", 2)
+    [dead] = [r for r in caplog.records if "dead after 2 attempts" in r.getMessage()]
+    assert dead.levelname == "ERROR" and f"POST /api/jobs/{job.id}/retry" in dead.getMessage()
 
 
 def _assert_retried_later(

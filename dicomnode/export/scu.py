@@ -30,6 +30,11 @@ class ExportError(Exception):
     """The destination did not take the object; the export job retries later."""
 
 
+class DestinationUnavailable(ExportError):
+    """The destination could not be reached, or the association ended before it answered:
+    it refused nothing, and the export is retried for as long as that takes."""
+
+
 def offered_syntaxes(syntax: str) -> list[str]:
     """Transfer syntaxes to propose for a file in ``syntax``: its own first, and for explicit
     or implicit VR little endian the other one too, which pynetdicom converts the file to
@@ -65,8 +70,9 @@ def send_files(
 
     Returns per file None when the destination took it, else why not: the file cannot be
     read, the destination accepts neither its SOP class nor its transfer syntax, it answered
-    a failure status, or the association ended before the file was sent. Raises ExportError
-    when no association is made (the destination is down or refuses). Files are read one at a
+    a failure status, or (:class:`DestinationUnavailable`) the association ended before the
+    file was sent or its response came. Raises DestinationUnavailable when no association is
+    made (the destination is down or refuses it). Files are read one at a
     time as they are sent (their headers first, for the presentation contexts).
     """
     where = f"{destination.name} ({destination.ae_title}@{destination.host}:{destination.port})"
@@ -92,7 +98,7 @@ def send_files(
         evt_handlers=[(evt.EVT_CONN_OPEN, _send_at_once)],
     )
     if not assoc.is_established:
-        raise ExportError(f"{where}: association not accepted (peer down or refused)")
+        raise DestinationUnavailable(f"{where}: association not accepted (peer down or refused)")
     keep_responses(assoc)
     try:
         for index in contexts:
@@ -132,7 +138,7 @@ def keep_responses(assoc: Association) -> None:
 def _store(assoc: Association, path: Path, where: str) -> Exception | None:
     """C-STORE one file on an established association; None when the peer took it."""
     if not assoc.is_established:
-        return ExportError(f"{where}: association ended before {path.name} was sent")
+        return DestinationUnavailable(f"{where}: association ended before {path.name} was sent")
     try:
         ds = pydicom.dcmread(path)
     except Exception as exc:  # the file changed since its header was read
@@ -144,7 +150,7 @@ def _store(assoc: Association, path: Path, where: str) -> Exception | None:
         return ExportError(f"{where}: {what} not accepted")
     code = getattr(status, "Status", None)
     if code is None:
-        return ExportError(f"{where}: no C-STORE response for {ds.SOPInstanceUID}")
+        return DestinationUnavailable(f"{where}: no C-STORE response for {ds.SOPInstanceUID}")
     if code not in STORED:
         return ExportError(f"{where}: C-STORE status 0x{code:04X} for {ds.SOPInstanceUID}")
     return None
