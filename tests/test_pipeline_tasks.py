@@ -323,6 +323,23 @@ def test_segmentation_mask_maps_back_to_the_source_grid(cards, runtime) -> None:
     assert kinds == {"seg": 1, "overlay": 1}
 
 
+def test_two_radiographs_of_one_series_get_a_segmentation_each(cards, runtime) -> None:
+    """A PA and its retake in one series: without a patient coordinate system a SEG cannot
+    cover both (highdicom refuses it, which failed the study's whole results job)."""
+    first, retake = _spotted_cxr(100, 300), _spotted_cxr(300, 100)
+    retake.SOPInstanceUID = retake.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    retake.InstanceNumber = 2
+    assert retake.SeriesInstanceUID == first.SeriesInstanceUID
+    card = cards["t-seg"]
+    run = _run(card, [first, retake], runtime)
+    assert [[ds.SOPInstanceUID for ds in s.sources] for s in run.segmentations] == [
+        [first.SOPInstanceUID],
+        [retake.SOPInstanceUID],
+    ]
+    assert [s.segments[0].mask[0][100, 300] for s in run.segmentations] == [True, False]
+    assert _valid(result_objects(run, card)) == {"seg": 2, "overlay": 2}
+
+
 def test_image_to_image_gives_a_derived_image_in_the_source_range(cards, runtime) -> None:
     ds, _ = make_cxr(12, size=256, bits=12)
     card = cards["t-smooth"]

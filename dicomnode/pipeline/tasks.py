@@ -220,9 +220,9 @@ def _segmentations(
     ]
     result = []
     offset = 0
-    for series in series_in_order(ordered):
-        frames = maps[offset : offset + len(series)]
-        offset += len(series)
+    for group in (group for series in series_in_order(ordered) for group in _seg_groups(series)):
+        frames = maps[offset : offset + len(group)]
+        offset += len(group)
         segments = [
             Segment(
                 concept=label.concept,
@@ -231,9 +231,18 @@ def _segmentations(
             )
             for label in card.labels
         ]
-        result.append(Segmentation(sources=list(series), segments=segments))
+        result.append(Segmentation(sources=group, segments=segments))
     times.add("postprocess", started)
     return result
+
+
+def _seg_groups(series: list[Dataset]) -> list[list[Dataset]]:
+    """The images of a series that one SEG covers: the whole series where its images lie in
+    a patient coordinate system (a CT volume), else each image on its own (projection
+    radiographs, e.g. a PA and its retake: a SEG of several images needs their geometry)."""
+    if all("FrameOfReferenceUID" in ds and "ImagePositionPatient" in ds for ds in series):
+        return [list(series)]
+    return [[ds] for ds in series]
 
 
 def _derived(
