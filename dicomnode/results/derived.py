@@ -23,6 +23,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 from dicomnode import RESEARCH_DEMO_NOTICE, __version__
 from dicomnode.findings import Algorithm, CodedConcept, DerivedImage
 from dicomnode.results.source import (
+    character_set,
     check_source,
     copy_laterality,
     copy_patient_study,
@@ -170,6 +171,7 @@ def _secondary_capture(
     photometric = str(source.get("PhotometricInterpretation", "MONOCHROME2"))
     orientation = [str(value) for value in source.get("PatientOrientation") or []]
     image = hd.sc.SCImage.from_ref_dataset(
+        **character_set(source),
         ref_dataset=source,
         pixel_array=pixels,
         photometric_interpretation=photometric,

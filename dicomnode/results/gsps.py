@@ -10,7 +10,7 @@ from dicomnode import RESEARCH_DEMO_NOTICE, __version__
 from dicomnode.findings import Algorithm, Finding, ImageFindings
 from dicomnode.results.geometry import box_outline, pixel_centre
 from dicomnode.results.overlay import BANNER, legend_line
-from dicomnode.results.source import copy_laterality, copy_patient_study
+from dicomnode.results.source import character_set, copy_laterality, copy_patient_study
 from dicomnode.results.sr import (
     EQUIPMENT_MANUFACTURER,
     ordinals,
@@ -130,6 +130,7 @@ def build_gsps(evaluation: ImageFindings, algorithm: Algorithm) -> pydicom.Datas
     study_uid = str(source.StudyInstanceUID)
     description = with_notice(f"AI {algorithm.name} {algorithm.version}", algorithm)
     gsps = hd.pr.GrayscaleSoftcopyPresentationState(
+        **character_set(source),
         referenced_images=[source],
         series_instance_uid=result_series_uid(study_uid, algorithm, "gsps"),
         series_number=GSPS_SERIES_NUMBER,

@@ -10,7 +10,7 @@ from pydicom.sr.codedict import codes
 
 from dicomnode import RESEARCH_DEMO_NOTICE
 from dicomnode.findings import Algorithm
-from dicomnode.results.source import check_source, copy_patient_study, one_study
+from dicomnode.results.source import character_set, check_source, copy_patient_study, one_study
 from dicomnode.results.sr import EQUIPMENT_MANUFACTURER, series_description
 from dicomnode.results.uids import result_instance_uid, result_series_uid, result_uid
 
@@ -60,6 +60,7 @@ def build_kos(
         description=note[:_DESCRIPTION_MAX],
     )
     kos = hd.ko.KeyObjectSelectionDocument(
+        **character_set(critical[0]),
         evidence=selected,
         content=content,
         series_instance_uid=result_series_uid(study_uid, algorithm, "kos"),

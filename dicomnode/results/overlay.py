@@ -16,7 +16,12 @@ from pydicom.uid import ExplicitVRLittleEndian
 from dicomnode import RESEARCH_DEMO_NOTICE, __version__
 from dicomnode.findings import Algorithm, Finding, ImageFindings
 from dicomnode.pipeline.preprocess import presentation_pixels
-from dicomnode.results.source import copy_laterality, copy_patient_study, source_reference
+from dicomnode.results.source import (
+    character_set,
+    copy_laterality,
+    copy_patient_study,
+    source_reference,
+)
 from dicomnode.results.sr import (
     EQUIPMENT_MANUFACTURER,
     series_description,
@@ -101,6 +106,7 @@ def build_overlay(
 
     orientation = [str(value) for value in source.get("PatientOrientation") or []]
     overlay = hd.sc.SCImage.from_ref_dataset(
+        **character_set(source),
         ref_dataset=source,
         pixel_array=rgb,
         photometric_interpretation=hd.PhotometricInterpretationValues.RGB,

@@ -11,7 +11,13 @@ from pydicom.sr.codedict import codes
 
 from dicomnode import __version__
 from dicomnode.findings import Algorithm, CodedConcept, Segmentation
-from dicomnode.results.source import check_source, copy_laterality, copy_patient_study, one_study
+from dicomnode.results.source import (
+    character_set,
+    check_source,
+    copy_laterality,
+    copy_patient_study,
+    one_study,
+)
 from dicomnode.results.sr import EQUIPMENT_MANUFACTURER, series_description, with_notice
 from dicomnode.results.uids import result_instance_uid, result_series_uid, result_uid
 
@@ -104,6 +110,7 @@ def build_seg(
         else hd.seg.SegmentationTypeValues.BINARY
     )
     seg = hd.seg.Segmentation(
+        **character_set(source),
         source_images=sources,
         pixel_array=pixels if fractional else pixels >= _thresholds(segmentation),
         segmentation_type=segmentation_type,

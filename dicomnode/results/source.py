@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
+from typing import Any
 
 import pydicom
 from pydicom.dataset import Dataset
@@ -24,11 +25,27 @@ PATIENT_STUDY_KEYWORDS = (
 SOURCE_FOR_PROCESSING = ("121322", "DCM", "Source image for image processing operation")
 
 
+def character_set(source: pydicom.Dataset) -> dict[str, Any]:
+    """highdicom's ``specific_character_set`` argument for a result of ``source``.
+
+    highdicom checks the source's value against a list that lacks valid ones (an empty first
+    value, i.e. the default repertoire with code extensions, as Japanese and Korean images
+    have it; Korean's ISO 2022 IR 149, which it misspells), and refuses the result. A source
+    with a character set gets UTF-8 here, which highdicom takes, and
+    :func:`copy_patient_study` then gives the result the source's own value, in which its
+    names are encoded.
+    """
+    return {"specific_character_set": "ISO_IR 192"} if "SpecificCharacterSet" in source else {}
+
+
 def copy_patient_study(source: pydicom.Dataset, result: pydicom.Dataset) -> None:
-    """Copy the optional patient and study attributes of ``source`` that ``result`` lacks."""
+    """Copy the optional patient and study attributes of ``source`` that ``result`` lacks, and
+    the source's Specific Character Set (see :func:`character_set`)."""
     for keyword in PATIENT_STUDY_KEYWORDS:
         if keyword in source and keyword not in result:
             result[keyword] = copy.deepcopy(source[keyword])
+    if "SpecificCharacterSet" in source:
+        result.SpecificCharacterSet = copy.deepcopy(source.SpecificCharacterSet)
 
 
 def copy_laterality(source: Dataset, result: Dataset) -> None:

@@ -13,7 +13,7 @@ from pydicom.sr.codedict import codes
 from dicomnode import RESEARCH_DEMO_NOTICE, __version__
 from dicomnode.findings import Algorithm, Finding, ImageFindings
 from dicomnode.results.geometry import box_outline, pixel_centre
-from dicomnode.results.source import copy_patient_study
+from dicomnode.results.source import character_set, copy_patient_study
 from dicomnode.results.uids import result_instance_uid, result_series_uid, result_uid
 
 SR_SERIES_NUMBER = 9901
@@ -74,6 +74,7 @@ def build_sr(evaluations: Sequence[ImageFindings], algorithm: Algorithm) -> pydi
 
     study_uid = study_uids.pop()
     sr = hd.sr.Comprehensive3DSR(
+        **character_set(sources[0]),
         evidence=sources,
         content=report[0],
         series_instance_uid=result_series_uid(study_uid, algorithm, "sr"),
