@@ -148,7 +148,7 @@ def run_web(
 
     notifier = Notifier()
     settings = node.settings
-    app = create_app(sessions)
+    app = create_app(sessions, lambda: node.settings.worklist)
     app.include_router(health_router(sessions, node.current))
     server = uvicorn.Server(
         uvicorn.Config(app, host=settings.web.host, port=settings.web.port, log_level="warning")

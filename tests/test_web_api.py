@@ -10,7 +10,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import closing
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -20,6 +20,7 @@ from conftest import write_config
 from web_server import PASSWORD, add_users, serve
 from worklist_seed import add_study
 
+from dicomnode.config import WorklistSettings
 from dicomnode.db.session import utcnow
 from dicomnode.users import issue_token
 from dicomnode.web.app import create_app
@@ -45,6 +46,29 @@ def site(sessions) -> Iterator[Site]:
     tokens = add_users(sessions)
     with serve(create_app(sessions)) as url:
         yield Site(url, sessions, tokens)
+
+
+def test_an_override_through_the_api_is_due_by_the_sites_max_wait(sessions) -> None:
+    """The app gets the site's [worklist] settings as they are at each request (a reload
+    may change them), not the built-in defaults."""
+    tokens = add_users(sessions)
+    current = {"settings": WorklistSettings()}
+    with serve(create_app(sessions, lambda: current["settings"])) as url:
+        with sessions() as session:
+            uid = add_study(session, "ACC", now=utcnow(), probability=0.1)
+        headers = {"Authorization": f"Bearer {tokens['dr_house']}"}
+        with httpx.Client(base_url=url, headers=headers, timeout=10) as client:
+            waits = {}
+            for urgent_minutes in (240, 480):  # the default, then a site's after a reload
+                current["settings"] = WorklistSettings(
+                    max_wait_minutes={"urgent": urgent_minutes, "routine": 2880}
+                )
+                row = client.post(
+                    f"/api/studies/{uid}/override", json={"tier": "urgent", "reason": "ED called"}
+                ).json()
+                received, due = (datetime.fromisoformat(row[k]) for k in ("received_at", "due_at"))
+                waits[urgent_minutes] = due - received
+    assert waits == {m: timedelta(minutes=m) for m in (240, 480)}
 
 
 def _browser_login(site: Site, user: str = "dr_house") -> tuple[httpx.Client, str]:

@@ -9,7 +9,9 @@ import pytest
 from sqlalchemy import select
 from worklist_seed import NOW, add_study
 
+from dicomnode.config import WorklistSettings
 from dicomnode.db.models import AuditEntry, Study
+from dicomnode.db.session import as_utc
 from dicomnode.worklist import audit
 from dicomnode.worklist.service import (
     ClaimConflict,
@@ -22,10 +24,12 @@ from dicomnode.worklist.service import (
     override,
     reading_order,
     release,
+    reprioritise,
     study_row,
 )
 
 LATER = NOW + timedelta(minutes=1)
+SITE = WorklistSettings()
 
 
 def _order(session, **filters) -> list[str]:
@@ -116,7 +120,8 @@ def test_override_moves_the_study_and_is_audited_with_reason(sessions) -> None:
         add_study(session, "CRITICAL", minutes_ago=5, probability=0.95)
         routine = add_study(session, "ROUTINE", minutes_ago=20, probability=0.1)
         assert _order(session) == ["CRITICAL", "ROUTINE"]
-        study = override(session, routine, "dr_house", "stat", "clinician called: trauma", NOW)
+        reason = "clinician called: trauma"
+        study = override(session, routine, "dr_house", "stat", reason, NOW, SITE)
         assert (study.tier, study.ups_priority) == ("stat", "HIGH")
         assert "override by dr_house: clinician called: trauma" in study.reason
         assert _order(session) == ["ROUTINE", "CRITICAL"]
@@ -125,33 +130,53 @@ def test_override_moves_the_study_and_is_audited_with_reason(sessions) -> None:
         assert entry.detail == "tier routine -> stat"
         assert entry.reason == "clinician called: trauma"
 
-        override(session, routine, "dr_house", None, "resolved by phone", LATER)
+        override(session, routine, "dr_house", None, "resolved by phone", LATER, SITE)
         assert _order(session) == ["CRITICAL", "ROUTINE"]
         assert study_row(session, routine).override_tier == ""
         assert _audit(session, routine)[-1].action == "clear_override"
 
 
 def test_override_survives_reanalysis(sessions) -> None:
-    from dicomnode.worklist.service import reprioritise
-
     with sessions() as session:
         uid = add_study(session, "ACC", probability=0.9)
-        override(session, uid, "dr_house", "routine", "known chronic finding", NOW)
+        override(session, uid, "dr_house", "routine", "known chronic finding", NOW, SITE)
         study = session.scalars(select(Study).where(Study.study_instance_uid == uid)).one()
-        reprioritise(session, study, LATER)
+        reprioritise(session, study, LATER, SITE)
         assert study.tier == "routine"
         assert "known chronic finding" in study.reason
+
+
+def test_an_override_set_and_cleared_keeps_the_sites_worklist_settings(sessions) -> None:
+    """The override is due by the site's max wait for its tier, and cleared, the study gets
+    the site's policy back (both used the built-in defaults: a day ahead of other routine
+    studies, and a finding the site calls non-critical critical again)."""
+    site = WorklistSettings(
+        max_wait_minutes={"stat": 15, "critical": 60, "urgent": 480, "routine": 2880},
+        non_critical_findings=["Pneumothorax"],
+    )
+    with sessions() as session:
+        uid = add_study(session, "PTX", minutes_ago=0, probability=0.95)
+        study = session.scalars(select(Study).where(Study.study_instance_uid == uid)).one()
+        reprioritise(session, study, NOW, site)
+        assert study.tier == "urgent"
+        received = as_utc(study.received_at)
+
+        override(session, uid, "dr_house", "urgent", "clinician called", NOW, site)
+        assert as_utc(study.due_at) - received == timedelta(minutes=480)
+        override(session, uid, "dr_house", None, "mistake", LATER, site)
+        assert (study.tier, study.ups_priority) == ("urgent", "MEDIUM")
+        assert as_utc(study.due_at) - received == timedelta(minutes=480)
 
 
 def test_override_needs_a_known_tier_and_a_reason(sessions) -> None:
     with sessions() as session:
         uid = add_study(session, "ACC", probability=0.9)
         with pytest.raises(InvalidRequest, match="needs a reason"):
-            override(session, uid, "dr_house", "stat", "  ", NOW)
+            override(session, uid, "dr_house", "stat", "  ", NOW, SITE)
         with pytest.raises(InvalidRequest, match="not one of"):
-            override(session, uid, "dr_house", "asap", "why not", NOW)
+            override(session, uid, "dr_house", "asap", "why not", NOW, SITE)
         with pytest.raises(StudyNotFound):
-            override(session, "1.2.3.4", "dr_house", "stat", "why not", NOW)
+            override(session, "1.2.3.4", "dr_house", "stat", "why not", NOW, SITE)
 
 
 def test_filters_and_paging(sessions) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 from pydicom.uid import generate_uid
 from sqlalchemy.orm import Session
 
+from dicomnode.config import WorklistSettings
 from dicomnode.db.models import FindingRow, Job, ResultObject, Study
 from dicomnode.worklist.service import reprioritise
 
@@ -74,7 +75,7 @@ def add_study(
         )
     session.flush()
     session.refresh(study, ["findings"])
-    reprioritise(session, study, now)
+    reprioritise(session, study, now, WorklistSettings())
     session.commit()
     return study.study_instance_uid
 
@@ -156,7 +157,7 @@ def add_zoo_study(
         objects[(kind, model)] = sop_uid
     session.flush()
     session.refresh(study, ["findings"])
-    reprioritise(session, study, now)
+    reprioritise(session, study, now, WorklistSettings())
     session.commit()
     return uid, objects
 

@@ -18,6 +18,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode import RESEARCH_DEMO_NOTICE
+from dicomnode.config import WorklistSettings
 from dicomnode.db.models import ResultObject, Study
 from dicomnode.db.session import utcnow
 from dicomnode.users import authenticate, issue_token, revoke_token
@@ -62,6 +63,7 @@ def api_router(
     sessions: sessionmaker[Session],
     caller_of: Callable[..., Caller],
     views: audit.ViewThrottle,
+    site_worklist: Callable[[], WorklistSettings],
 ) -> APIRouter:
     """The /api routes over the node's database."""
     router = APIRouter(prefix="/api")
@@ -226,7 +228,7 @@ def api_router(
         username = caller.principal.username
         return _act(
             lambda s: service.override(
-                s, study_instance_uid, username, body.tier, body.reason, utcnow()
+                s, study_instance_uid, username, body.tier, body.reason, utcnow(), site_worklist()
             ),
             study_instance_uid,
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import quote
 
@@ -13,6 +14,7 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode import RESEARCH_DEMO_NOTICE, __version__
+from dicomnode.config import WorklistSettings
 from dicomnode.web.api import api_router
 from dicomnode.web.auth import NotLoggedIn, authenticator
 from dicomnode.web.jobs_api import jobs_router
@@ -32,8 +34,12 @@ SECURITY_HEADERS = {
 }
 
 
-def create_app(sessions: sessionmaker[Session]) -> FastAPI:
-    """The FastAPI application over the node's database."""
+def create_app(
+    sessions: sessionmaker[Session],
+    worklist: Callable[[], WorklistSettings] = WorklistSettings,
+) -> FastAPI:
+    """The FastAPI application over the node's database; ``worklist`` gives the site's
+    ``[worklist]`` settings as they are now (a reload may change them)."""
     app = FastAPI(
         title="dicomnode",
         version=__version__,
@@ -47,7 +53,7 @@ def create_app(sessions: sessionmaker[Session]) -> FastAPI:
     )
     caller_of = authenticator(sessions)
     views = ViewThrottle()
-    app.include_router(api_router(sessions, caller_of, views))
+    app.include_router(api_router(sessions, caller_of, views, worklist))
     app.include_router(page_router(sessions, caller_of, views))
     app.include_router(jobs_router(sessions, caller_of))
     app.mount("/static", StaticFiles(directory=STATIC), name="static")

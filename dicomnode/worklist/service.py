@@ -16,7 +16,6 @@ from dicomnode.db.models import FindingRow, ResultObject, Study
 from dicomnode.db.session import as_utc
 from dicomnode.worklist import audit
 from dicomnode.worklist.policy import (
-    DEFAULT_SETTINGS,
     TIERS,
     FindingFact,
     Priority,
@@ -51,9 +50,9 @@ def reprioritise(
     session: Session,
     study: Study,
     now: datetime,
-    settings: WorklistSettings = DEFAULT_SETTINGS,
+    settings: WorklistSettings,
 ) -> None:
-    """Apply the policy and any manual override to a study (the caller commits)."""
+    """Apply the site's policy and any manual override to a study (the caller commits)."""
     facts = StudyFacts(
         received_at=as_utc(study.received_at),
         modality=study.modality,
@@ -185,8 +184,11 @@ def override(
     tier: str | None,
     reason: str,
     now: datetime,
+    settings: WorklistSettings,
 ) -> Study:
-    """Set (or with ``tier`` None clear) a manual priority tier, with the reason; commits."""
+    """Set (or with ``tier`` None clear) a manual priority tier, with the reason; commits.
+    The study is due by the site's max wait for the tier, and cleared, it gets the site's
+    policy again."""
     if tier is not None and tier not in TIERS:
         raise InvalidRequest(f"tier {tier!r} is not one of {', '.join(TIERS)}")
     reason = reason.strip()
@@ -199,7 +201,7 @@ def override(
     study.override_reason = reason if tier else ""
     study.override_by = username if tier else ""
     study.override_at = now if tier else None
-    reprioritise(session, study, now)
+    reprioritise(session, study, now, settings)
     audit.record(
         session,
         username,
