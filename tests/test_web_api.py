@@ -359,3 +359,42 @@ def test_cli_adds_users_and_prints_tokens(db_url: str, sessions, tmp_path: Path)
         check=True,
     )
     assert listing.stdout.split() == ["dr_cli", "admin"]
+
+
+def _dead_export(site: Site, uid: str, destination: str, reason: str) -> int:
+    """A dead-lettered export job of the study, as a worker leaves it; returns its id."""
+    from sqlalchemy import select
+
+    from dicomnode.db.models import Job, Study
+
+    with site.sessions() as session:
+        study_id = session.scalar(select(Study.id).where(Study.study_instance_uid == uid))
+        now = utcnow()
+        job = Job(
+            kind="export",
+            study_id=study_id,
+            payload={"destination": destination, "result_id": 1},
+            state="dead",
+            attempts=5,
+            run_after=now,
+            last_error=reason,
+            created_at=now,
+            finished_at=now,
+        )
+        session.add(job)
+        session.commit()
+        return job.id
+
+
+def test_jobs_give_their_times_in_utc(site: Site) -> None:
+    """Every time the API returns carries its zone, the job list's too (SQLite hands back
+    naive datetimes)."""
+    uid = site.seed("ACC", probability=0.9)
+    job_id = _dead_export(site, uid, "pacs", "ExportError: refused")
+    with site.client("boss") as admin:
+        jobs = admin.get("/api/jobs").json()
+        assert [job["id"] for job in jobs] == [job_id]
+        for moment in (jobs[0]["run_after"], jobs[0]["finished_at"]):
+            assert datetime.fromisoformat(moment).utcoffset() == timedelta(0), moment
+        retried = admin.post(f"/api/jobs/{job_id}/retry").json()
+        assert datetime.fromisoformat(retried["run_after"]).utcoffset() == timedelta(0)

@@ -18,7 +18,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.db.models import Job, Study
-from dicomnode.db.session import utcnow
+from dicomnode.db.session import as_utc, utcnow
 from dicomnode.jobs import retry
 from dicomnode.web.auth import Caller, admin_only
 from dicomnode.worklist import audit
@@ -47,8 +47,8 @@ def _job_out(job: Job, study_uid: str) -> JobOut:
         destination=str((job.payload or {}).get("destination", "")),
         attempts=job.attempts,
         last_error=job.last_error,
-        run_after=job.run_after,
-        finished_at=job.finished_at,
+        run_after=as_utc(job.run_after),
+        finished_at=as_utc(job.finished_at) if job.finished_at else None,
     )
 
 
