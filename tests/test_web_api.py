@@ -398,3 +398,18 @@ def test_jobs_give_their_times_in_utc(site: Site) -> None:
             assert datetime.fromisoformat(moment).utcoffset() == timedelta(0), moment
         retried = admin.post(f"/api/jobs/{job_id}/retry").json()
         assert datetime.fromisoformat(retried["run_after"]).utcoffset() == timedelta(0)
+
+
+def test_numbers_beyond_the_database_are_refused_not_a_server_error(site: Site) -> None:
+    """An offset or job id too large for the database answers 422 or 404, never 500."""
+    huge = 10**20
+    with site.client("boss") as admin:
+        for path in ("/api/worklist", "/api/audit"):
+            refused = admin.get(path, params={"offset": huge})
+            assert refused.status_code == 422, (path, refused.text)
+            assert admin.get(path, params={"offset": 2**31 - 1}).status_code == 200
+        for job_id in (huge, 2**31, 0, -1):
+            missing = admin.post(f"/api/jobs/{job_id}/retry")
+            assert missing.status_code == 404, (job_id, missing.text)
+            assert missing.json()["detail"] == f"no job {job_id}"
+        assert admin.post(f"/api/jobs/{'9' * 5000}/retry").status_code == 422

@@ -25,6 +25,7 @@ from dicomnode.users import authenticate, issue_token, revoke_token
 from dicomnode.web.auth import SESSION_LIFETIME, Caller, admin_only
 from dicomnode.web.jobs_api import export_failures
 from dicomnode.web.schemas import (
+    MAX_DB_INT,
     AuditOut,
     LoginIn,
     MeOut,
@@ -118,7 +119,7 @@ def api_router(
             Query(alias="status", description="any of these; default: all but reported"),
         ] = [],  # noqa: B006
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-        offset: Annotated[int, Query(ge=0)] = 0,
+        offset: Annotated[int, Query(ge=0, le=MAX_DB_INT)] = 0,
     ) -> WorklistOut:
         """Studies in reading order (earliest due first), filtered and paged."""
         now = utcnow()
@@ -272,7 +273,7 @@ def api_router(
         action: str | None = None,
         study_instance_uid: str | None = None,
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-        offset: Annotated[int, Query(ge=0)] = 0,
+        offset: Annotated[int, Query(ge=0, le=MAX_DB_INT)] = 0,
     ) -> list[AuditOut]:
         """Who saw or changed what, newest first (admins only)."""
         with sessions() as session:

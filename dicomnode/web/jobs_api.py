@@ -21,6 +21,7 @@ from dicomnode.db.models import Job, Study
 from dicomnode.db.session import as_utc, utcnow
 from dicomnode.jobs import retry
 from dicomnode.web.auth import Caller, admin_only
+from dicomnode.web.schemas import MAX_DB_INT
 from dicomnode.worklist import audit
 
 JobState = Literal["queued", "leased", "done", "dead"]
@@ -85,7 +86,7 @@ def jobs_router(sessions: sessionmaker[Session], caller_of: Callable[..., Caller
         """Queue a dead-lettered job again with a fresh attempt budget."""
         now = utcnow()
         with sessions() as session:
-            job = session.get(Job, job_id)
+            job = session.get(Job, job_id) if 0 < job_id <= MAX_DB_INT else None
             if job is None:
                 raise HTTPException(status.HTTP_404_NOT_FOUND, f"no job {job_id}")
             if job.state != "dead":

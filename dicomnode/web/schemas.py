@@ -14,6 +14,9 @@ from dicomnode.worklist.service import WorklistRow
 
 TierName = Literal["stat", "critical", "urgent", "routine"]
 ReadingStatus = Literal["waiting", "ready", "in_progress", "reported"]
+# The largest offset or row id a request may give: PostgreSQL's integer (row ids), well
+# within SQLite's 64 bits; a larger number would fail in the database driver instead.
+MAX_DB_INT = 2**31 - 1
 
 
 class FindingOut(BaseModel):
