@@ -38,6 +38,7 @@ from dicomnode.jobs import (
     fail,
     hasten,
     postpone,
+    release_orphaned,
 )
 from dicomnode.models.registry import ModelCard
 from dicomnode.notify import send_notification
@@ -388,9 +389,21 @@ class Worker:
         more = f", {len(companions)} more in the same association" if companions else ""
         return f"{kinds[job.id]} -> {name}{more}"
 
+    def free_orphaned_jobs(self) -> None:
+        """Free the jobs that worker processes of this host held when they died, for a
+        prompt takeover after a crash or a kill (their leases would run for minutes)."""
+        with self.sessions() as session:
+            released = release_orphaned(session, socket.gethostname())
+        if released:
+            log.warning(
+                "jobs %s were held by worker processes of this host that are gone; taken over now",
+                ", ".join(map(str, released)),
+            )
+
     def run_forever(self, stop: threading.Event, parent_pid: int | None = None) -> None:
         """Run jobs in ``[worker] threads`` threads until ``stop`` is set (or the parent
         process is gone); this thread handles reloads. Running jobs are finished first."""
+        self.free_orphaned_jobs()
         signal = JobSignal(self.sessions.kw["bind"]).start()
         threads = [
             threading.Thread(target=self._job_loop, args=(stop, signal), name=f"job-{n}")

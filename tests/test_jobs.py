@@ -3,10 +3,15 @@ concurrent claims."""
 
 from __future__ import annotations
 
+import logging
+import os
+import socket
 import sqlite3
+import subprocess
 import threading
 from datetime import UTC, datetime, timedelta
 
+import pytest
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -316,3 +321,38 @@ def test_an_idle_worker_polls_without_taking_the_sqlite_write_lock(tmp_path) -> 
         poll.join(35)
         writer.close()
         engine.dispose()
+
+
+def test_a_starting_worker_takes_over_at_once_what_its_hosts_dead_workers_held(
+    sessions: sessionmaker[Session], caplog: pytest.LogCaptureFixture
+) -> None:
+    """After a crash or a kill the restarted node's worker frees the leases of this host's
+    worker processes that are gone (they ran for lease_seconds, 5 minutes); a live process's
+    lease and another host's stay."""
+    from dicomnode.config import Settings
+    from dicomnode.db.session import utcnow
+    from dicomnode.worker import Worker
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    host = socket.gethostname()
+    owners = [f"{host}:{gone.pid}", f"{host}:{os.getpid()}", "another-host:1"]
+    held = []
+    for index, owner in enumerate(owners):
+        with sessions() as session:
+            enqueue(session, "analyse", make_study(session, f"1.2.3.{index}"), now=T0)
+            session.commit()
+        with sessions() as session:
+            held.append(claim(session, owner, ["analyse"], lease_seconds=300, now=utcnow()).id)
+
+    with caplog.at_level(logging.WARNING, logger="dicomnode.worker"):
+        Worker(Settings(), sessions, cards=[]).free_orphaned_jobs()
+
+    with sessions() as session:
+        taken = claim(session, "restarted", ["analyse"], lease_seconds=300, now=utcnow())
+        assert taken is not None and taken.id == held[0]
+        assert taken.attempts == 2  # the interrupted attempt counts
+        assert claim(session, "restarted", ["analyse"], lease_seconds=300, now=utcnow()) is None
+    assert f"jobs {held[0]} were held by worker processes of this host that are gone" in (
+        caplog.text
+    )
