@@ -249,6 +249,15 @@ class Settings(_Section):
     # when the file lives in conf/, else against its own folder.
     source: Path | None = Field(default=None, exclude=True)
 
+    @model_validator(mode="after")
+    def _peers_to_know(self) -> Settings:
+        if self.node.require_known_peers and not self.peers:
+            raise ValueError(
+                "[node] require_known_peers is true but no [[peers]] are listed: every "
+                "association would be rejected"
+            )
+        return self
+
     @property
     def base_dir(self) -> Path:
         if self.source is None:

@@ -169,3 +169,21 @@ def test_load_settings_raises_config_error_with_key_and_line(tmp_path: Path) -> 
     assert caught.value.key == "worker.max_attempts"
     assert caught.value.line == 3
     assert caught.value.path == path
+
+
+def test_require_known_peers_admits_only_peers_and_refuses_a_file_without_any(
+    tmp_path: Path,
+) -> None:
+    """The flag keeps the node closed: with it, a file (or a reload) that lists no peers is
+    refused instead of admitting every caller, and the listener admits no unknown caller."""
+    from dicomnode.ingest.scp import peer_allowed
+
+    closed = "[node]\nrequire_known_peers = true\n"
+    with pytest.raises(ConfigError, match="no \\[\\[peers\\]\\] are listed"):
+        load_settings(write(tmp_path, closed))
+    settings = load_settings(write(tmp_path, closed + '\n[[peers]]\nae_title = "CT01"\n'))
+    assert settings.node.require_known_peers
+    assert peer_allowed(settings.peers, "CT01", "192.0.2.1", require_known=True)
+    assert not peer_allowed(settings.peers, "STRANGER", "192.0.2.1", require_known=True)
+    assert not peer_allowed([], "STRANGER", "192.0.2.1", require_known=True)
+    assert peer_allowed([], "STRANGER", "192.0.2.1", require_known=False)

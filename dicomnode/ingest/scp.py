@@ -119,10 +119,13 @@ def _pynetdicom_debug() -> bool:
     return logging.getLogger("pynetdicom").isEnabledFor(logging.DEBUG)
 
 
-def peer_allowed(peers: list[Peer], calling_ae: str, address: str) -> bool:
-    """Allow-list check: empty list accepts everyone; a peer without host matches any host."""
+def peer_allowed(
+    peers: list[Peer], calling_ae: str, address: str, require_known: bool = False
+) -> bool:
+    """Allow-list check: an empty list accepts everyone unless ``require_known``; a peer
+    without host matches any host."""
     if not peers:
-        return True
+        return not require_known
     calling_ae = calling_ae.strip()
     return any(p.ae_title == calling_ae and p.host in ("", address) for p in peers)
 
@@ -193,7 +196,9 @@ class StorageSCP:
         # At EVT_REQUESTED only the A-ASSOCIATE-RQ primitive carries the calling AE title.
         calling_ae = str(requestor.primitive.calling_ae_title).strip()
         address = requestor.address
-        if not peer_allowed(self.settings.peers, calling_ae, address):
+        if not peer_allowed(
+            self.settings.peers, calling_ae, address, self.settings.node.require_known_peers
+        ):
             log.warning(
                 "association rejected: calling AE %r from %s is not an allowed peer",
                 calling_ae,
