@@ -3,6 +3,7 @@ roles, CSRF, worklist filters and paging, study actions, result download, audit,
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import subprocess
@@ -413,3 +414,33 @@ def test_numbers_beyond_the_database_are_refused_not_a_server_error(site: Site) 
             assert missing.status_code == 404, (job_id, missing.text)
             assert missing.json()["detail"] == f"no job {job_id}"
         assert admin.post(f"/api/jobs/{'9' * 5000}/retry").status_code == 422
+
+
+def test_every_response_with_a_study_row_gives_its_failed_export(site: Site) -> None:
+    """The worklist, the study's detail, the page's first render and the actions' answers
+    all say which export was dead-lettered (the first one, by job)."""
+    uid = site.seed("ACC", probability=0.9)
+    _dead_export(site, uid, "pacs-down", "ExportError: association rejected")
+    _dead_export(site, uid, "archive", "ExportError: refused")
+    expected = "pacs-down: ExportError: association rejected"
+    browser, _ = _browser_login(site)
+    with closing(browser):
+        page = browser.get("/worklist").text
+    initial = re.search(r'id="initial-worklist">(.*?)</script>', page, re.S).group(1)
+    assert [row["export_error"] for row in json.loads(initial)["rows"]] == [expected]
+    with site.client("dr_house") as house:
+        assert house.get("/api/worklist").json()["rows"][0]["export_error"] == expected
+        detail = house.get(f"/api/studies/{uid}").json()
+        assert detail["export_error"] == expected
+        assert detail["export_errors"] == [expected, "archive: ExportError: refused"]
+        override = {"json": {"tier": "stat", "reason": "ED called"}}
+        for action, request in [
+            ("claim", {}),
+            ("release", {}),
+            ("override", override),
+            ("claim", {}),
+            ("complete", {}),
+        ]:
+            answer = house.post(f"/api/studies/{uid}/{action}", **request)
+            assert answer.status_code == 200, (action, answer.text)
+            assert answer.json()["export_error"] == expected, action

@@ -23,7 +23,7 @@ from dicomnode.db.models import ResultObject, Study
 from dicomnode.db.session import utcnow
 from dicomnode.users import authenticate, issue_token, revoke_token
 from dicomnode.web.auth import SESSION_LIFETIME, Caller, admin_only
-from dicomnode.web.jobs_api import export_failures
+from dicomnode.web.jobs_api import rows_out
 from dicomnode.web.schemas import (
     MAX_DB_INT,
     AuditOut,
@@ -36,7 +36,6 @@ from dicomnode.web.schemas import (
     WorklistOut,
     WorklistRowOut,
     audit_out,
-    row_out,
 )
 from dicomnode.web.study_view import StudyDetailOut, study_detail
 from dicomnode.worklist import audit, service
@@ -127,7 +126,7 @@ def api_router(
         with sessions() as session:
             rows = service.reading_order(session, limit, offset, **filters)
             total = service.count(session, **filters)
-            dead = export_failures(session, [row.study_instance_uid for row in rows])
+            shown = rows_out(session, rows)
             if views.due(caller.principal.username, "worklist", now):
                 audit.record(session, caller.principal.username, "view_worklist", now)
                 session.commit()
@@ -137,7 +136,7 @@ def api_router(
             total=total,
             limit=limit,
             offset=offset,
-            rows=[row_out(row, dead.get(row.study_instance_uid, "")) for row in rows],
+            rows=shown,
         )
 
     @router.get(
@@ -169,7 +168,7 @@ def api_router(
         with sessions() as session:
             try:
                 action(session)
-                return row_out(service.study_row(session, study_instance_uid))
+                return rows_out(session, [service.study_row(session, study_instance_uid)])[0]
             except WorklistError as error:
                 raise _http_error(error) from None
 

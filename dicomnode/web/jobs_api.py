@@ -21,8 +21,9 @@ from dicomnode.db.models import Job, Study
 from dicomnode.db.session import as_utc, utcnow
 from dicomnode.jobs import retry
 from dicomnode.web.auth import Caller, admin_only
-from dicomnode.web.schemas import MAX_DB_INT
+from dicomnode.web.schemas import MAX_DB_INT, WorklistRowOut, row_out
 from dicomnode.worklist import audit
+from dicomnode.worklist.service import WorklistRow
 
 JobState = Literal["queued", "leased", "done", "dead"]
 
@@ -131,7 +132,9 @@ def failures(session: Session, study_instance_uid: str) -> StudyFailures:
     if study is None:
         return StudyFailures("", [])
     dead = session.scalars(
-        select(Job).where(Job.study_id == study.id, Job.kind == "export", Job.state == "dead")
+        select(Job)
+        .where(Job.study_id == study.id, Job.kind == "export", Job.state == "dead")
+        .order_by(Job.id)
     ).all()
     errors = [f"{(job.payload or {}).get('destination', '')}: {job.last_error}" for job in dead]
     results = session.scalars(
@@ -166,3 +169,9 @@ def export_failures(session: Session, study_instance_uids: list[str]) -> dict[st
     for uid, payload, reason in dead:
         failed.setdefault(uid, f"{(payload or {}).get('destination', '')}: {reason}")
     return failed
+
+
+def rows_out(session: Session, rows: list[WorklistRow]) -> list[WorklistRowOut]:
+    """Worklist rows as every response shows them, each with its first dead-lettered export."""
+    failed = export_failures(session, [row.study_instance_uid for row in rows])
+    return [row_out(row, failed.get(row.study_instance_uid, "")) for row in rows]

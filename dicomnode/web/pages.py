@@ -26,7 +26,8 @@ from dicomnode.web.auth import (
     same_secret,
     session_csrf,
 )
-from dicomnode.web.schemas import WorklistOut, row_out
+from dicomnode.web.jobs_api import rows_out
+from dicomnode.web.schemas import WorklistOut
 from dicomnode.web.study_view import study_detail
 from dicomnode.worklist import audit, service
 from dicomnode.worklist.policy import TIERS
@@ -142,6 +143,7 @@ def page_router(
         with sessions() as session:
             rows = service.reading_order(session, PAGE_SIZE, 0)
             total = service.count(session)
+            shown = rows_out(session, rows)
             modalities = sorted(m for m in session.scalars(select(Study.modality).distinct()) if m)
             if views.due(caller.principal.username, "worklist", now):
                 audit.record(session, caller.principal.username, "view_worklist", now)
@@ -152,7 +154,7 @@ def page_router(
             total=total,
             limit=PAGE_SIZE,
             offset=0,
-            rows=[row_out(row) for row in rows],
+            rows=shown,
         )
         return TEMPLATES.TemplateResponse(
             request,

@@ -14,8 +14,8 @@ from sqlalchemy.orm import Session
 
 from dicomnode.db.models import FindingRow, Job, ResultObject, Study
 from dicomnode.db.session import as_utc
-from dicomnode.web.jobs_api import failures
-from dicomnode.web.schemas import StudyOut, audit_out, row_out
+from dicomnode.web.jobs_api import failures, rows_out
+from dicomnode.web.schemas import StudyOut, audit_out
 from dicomnode.worklist import audit, service
 
 # The order a PACS engineer reads them in: the report first, then images, then the rest.
@@ -192,7 +192,7 @@ def study_detail(session: Session, study_instance_uid: str) -> StudyDetailOut:
     history = audit.entries(session, study_instance_uid=study_instance_uid, limit=50)
     problems = failures(session, study_instance_uid)
     return StudyDetailOut(
-        **row_out(row).model_dump(),
+        **rows_out(session, [row])[0].model_dump(),
         history=[audit_out(entry) for entry in history if not entry.action.startswith("view")],
         analysis_error=problems.analysis_error,
         export_errors=problems.export_errors,
