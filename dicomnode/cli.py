@@ -176,13 +176,32 @@ def cmd_db(args: argparse.Namespace) -> int:
     return 0
 
 
+def _has_terminal() -> bool:
+    """Whether getpass can ask without echo: a controlling terminal, or stdin is one."""
+    try:
+        os.close(os.open("/dev/tty", os.O_RDWR | os.O_NOCTTY))
+    except OSError:
+        return sys.stdin.isatty()
+    return True
+
+
 def _read_password(args: argparse.Namespace) -> str:
+    """The password from standard input (--password-stdin), else asked twice on the terminal."""
     import getpass
 
     if args.password_stdin:
         return sys.stdin.readline().rstrip("\r\n")
-    password = getpass.getpass(f"password for {args.name}: ")
-    if getpass.getpass("again: ") != password:
+    if not _has_terminal():
+        raise SystemExit(
+            "error: no terminal to ask for the password on; "
+            "give it on standard input with --password-stdin"
+        )
+    try:
+        password = getpass.getpass(f"password for {args.name}: ")
+        again = getpass.getpass("again: ")
+    except EOFError:
+        raise SystemExit("error: no password given; nothing changed") from None
+    if again != password:
         raise SystemExit("passwords differ; nothing changed")
     return password
 

@@ -1,0 +1,43 @@
+"""The command line as an operator runs it: ``python -m dicomnode`` in a subprocess."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import write_config
+
+DICOMNODE = [sys.executable, "-m", "dicomnode"]
+
+
+def run_cli(*arguments: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    """``dicomnode ARGUMENTS`` without a controlling terminal; ``stdin`` piped, else empty."""
+    return subprocess.run(
+        [*DICOMNODE, *arguments],
+        input=stdin,
+        stdin=subprocess.DEVNULL if stdin is None else None,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        start_new_session=True,  # no /dev/tty, as under cron, systemd or ssh without -t
+    )
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Path:
+    """A node configuration on a fresh SQLite database."""
+    path, _, _ = write_config(tmp_path, f"sqlite:///{tmp_path / 'dicomnode.db'}")
+    return path
+
+
+def test_users_add_without_a_terminal_says_how_to_give_the_password(config: Path) -> None:
+    added = run_cli("users", "add", "carol", "--role", "radiologist", "--config", str(config))
+    assert added.returncode != 0
+    assert "Traceback" not in added.stderr
+    assert added.stderr.strip().splitlines() == [
+        "error: no terminal to ask for the password on; "
+        "give it on standard input with --password-stdin"
+    ]
+    assert "carol" not in run_cli("users", "list", "--config", str(config)).stdout
