@@ -19,6 +19,7 @@ log = logging.getLogger("dicomnode")
 
 DEFAULT_CONFIG = Path(os.environ.get("DICOMNODE_CONFIG", "conf/dicomnode.toml"))
 SCENARIOS = Path("conf/scenarios")
+HIDDEN_COMMAND = "listener"
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -285,7 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--workers", type=int, default=None, help="override [worker] count")
     serve.set_defaults(func=cmd_serve)
 
-    listener = with_config(commands.add_parser("listener", help=argparse.SUPPRESS))
+    # One of the listener processes `serve` starts, not for people: a parser without help gets
+    # no line in the command list, and the metavar set below leaves it out of the usage.
+    listener = with_config(commands.add_parser(HIDDEN_COMMAND))
     listener.add_argument("--index", type=int, default=0)
     listener.add_argument("--slots", type=Path, default=None)
     listener.add_argument("--connections", type=Path, default=None)
@@ -406,6 +409,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="set every finding's specificity to 1 - this (e.g. 0.1)",
     )
     simulate.set_defaults(func=cmd_simulate)
+    public = [name for name in commands.choices if name != HIDDEN_COMMAND]
+    commands.metavar = "{" + ",".join(public) + "}"
     return parser
 
 

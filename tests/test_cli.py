@@ -41,3 +41,17 @@ def test_users_add_without_a_terminal_says_how_to_give_the_password(config: Path
         "give it on standard input with --password-stdin"
     ]
     assert "carol" not in run_cli("users", "list", "--config", str(config)).stdout
+
+
+def test_help_lists_only_the_commands_for_people() -> None:
+    """The listener processes' own subcommand runs but is not offered in the help."""
+    shown = run_cli("--help")
+    assert shown.returncode == 0
+    assert "==SUPPRESS==" not in shown.stdout
+    assert "listener " not in shown.stdout and ",listener," not in shown.stdout
+    for command in ("serve", "worker", "users", "simulate"):
+        assert f"\n    {command} " in shown.stdout, command
+    assert "{serve,worker," in shown.stdout
+    hidden = run_cli("listener", "--help")
+    assert hidden.returncode == 0
+    assert "--socket-fd" in hidden.stdout
