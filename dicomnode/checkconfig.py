@@ -1,4 +1,5 @@
-"""Full configuration check: the main file, every model card, every path and ONNX file."""
+"""Full configuration check: the main file, every model card, every path and ONNX file (each
+loaded: a truncated or corrupt one is refused as a missing one is)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 
 from dicomnode.config import Settings, load_settings
 from dicomnode.models.registry import ModelCard, load_card
+from dicomnode.pipeline.runtime import onnx_problem
 from dicomnode.tomlfile import ConfigError, key_line
 
 
@@ -76,11 +78,12 @@ def check_cards(settings: Settings) -> tuple[list[ModelCard], list[ConfigError]]
             except ConfigError as exc:
                 problems.append(exc)
                 continue
-            if card.model.onnx and not card.onnx_path.is_file():
+            problem = onnx_problem(card) if card.model.onnx else ""
+            if problem:
                 problems.append(
                     ConfigError(
                         path,
-                        f"ONNX file {card.onnx_path} does not exist",
+                        problem,
                         key="model.onnx",
                         line=key_line(path.read_text(encoding="utf-8"), ("model", "onnx")),
                     )

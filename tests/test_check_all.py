@@ -26,6 +26,10 @@ def test_every_problem_is_reported_with_file_line_and_key(tmp_path: Path) -> Non
     # A card whose ONNX file is missing, and a card that is not valid TOML.
     shutil.copy(REPO / "models" / "cxr_pneumothorax_demo.toml", cards / "orphan.toml")
     (cards / "broken.toml").write_text("[model\nname = 1\n")
+    # A card whose ONNX file was cut short (a copy interrupted, a full disk).
+    shutil.copy(REPO / "models" / "cxr_view_demo.toml", cards / "truncated.toml")
+    onnx = (REPO / "models" / "cxr_view_demo.onnx").read_bytes()
+    (cards / "cxr_view_demo.onnx").write_bytes(onnx[: len(onnx) // 3])
     # An ensemble card (no ONNX of its own) whose member cards are not there.
     shutil.copy(REPO / "models" / "cxr_tb_ensemble_demo.toml", cards / "ensemble.toml")
     (tmp_path / "blocker").write_text("a file, not a folder")
@@ -38,7 +42,7 @@ def test_every_problem_is_reported_with_file_line_and_key(tmp_path: Path) -> Non
     result = _check(config)
     assert result.returncode == 2
     errors = [line for line in result.stderr.splitlines() if line.startswith("configuration")]
-    assert len(errors) == 4, result.stderr
+    assert len(errors) == 5, result.stderr
     assert re.search(
         rf"{re.escape(str(config))}:2: \[storage\.path\] .*not a folder", result.stderr
     )
@@ -46,6 +50,10 @@ def test_every_problem_is_reported_with_file_line_and_key(tmp_path: Path) -> Non
         r"orphan\.toml:\d+: \[model\.onnx\] ONNX file .* does not exist", result.stderr
     )
     assert re.search(r"broken\.toml:\d+: .*not valid TOML", result.stderr)
+    assert re.search(
+        r"truncated\.toml:\d+: \[model\.onnx\] cxr-view-demo: cannot load .*cxr_view_demo\.onnx",
+        result.stderr,
+    )
     assert re.search(
         r"ensemble\.toml:\d+: \[ensemble\.members\] ensemble members without a loadable card",
         result.stderr,
@@ -57,3 +65,26 @@ def test_shipped_configuration_passes() -> None:
     assert result.returncode == 0, result.stderr
     shipped = len(list((REPO / "models").glob("*.toml")))
     assert f"OK ({shipped} model card(s)" in result.stdout
+
+
+def test_readiness_names_a_model_whose_onnx_file_cannot_be_loaded(tmp_path: Path) -> None:
+    """/readyz's models check loads each ONNX file (once per state of the file): a truncated
+    one makes the node not ready, naming the model; put right, it is ready again."""
+    from dicomnode.config import Settings
+    from dicomnode.models.registry import load_card
+    from dicomnode.web.health import readiness
+
+    shutil.copy(REPO / "models" / "cxr_view_demo.toml", tmp_path / "view.toml")
+    onnx = (REPO / "models" / "cxr_view_demo.onnx").read_bytes()
+    (tmp_path / "cxr_view_demo.onnx").write_bytes(onnx[:20_000])
+    card = load_card(tmp_path / "view.toml")
+    settings = Settings(storage={"path": tmp_path / "storage"})
+    (tmp_path / "storage").mkdir()
+
+    def no_database():
+        raise RuntimeError("not used")
+
+    models = readiness(no_database, settings, [card])["models"]
+    assert models.startswith("ONNX file unusable: cxr-view-demo: cannot load"), models
+    (tmp_path / "cxr_view_demo.onnx").write_bytes(onnx)
+    assert readiness(no_database, settings, [card])["models"].startswith("ok: cxr-view-demo")

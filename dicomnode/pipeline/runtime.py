@@ -132,6 +132,28 @@ def load_session(
     return session
 
 
+# Verdicts of onnx_problem by the state of the files they judged (path, mtime, size).
+_VERDICTS: dict[tuple[object, ...], str] = {}
+
+
+def onnx_problem(card: ModelCard) -> str:
+    """Why the card's ONNX file cannot run ('' when it loads on the CPU and matches the
+    card): missing, truncated, corrupt, or another model's. Judged once per state of the
+    card and ONNX files, so that a readiness probe can ask every time."""
+    files = [card.onnx_path, *([card.card_path] if card.card_path else [])]
+    try:
+        key = tuple((str(f), f.stat().st_mtime_ns, f.stat().st_size) for f in files)
+    except OSError:
+        return f"ONNX file {card.onnx_path} does not exist"
+    if key not in _VERDICTS:
+        try:
+            load_session(card, ["CPUExecutionProvider"])
+            _VERDICTS[key] = ""
+        except ModelLoadError as exc:
+            _VERDICTS[key] = str(exc)
+    return _VERDICTS[key]
+
+
 def batch_limit(session: ort.InferenceSession, input_name: str, configured: int) -> int:
     """Most images per run: the configured batch size, or the model's fixed batch dimension."""
     shape = next(i.shape for i in session.get_inputs() if i.name == input_name)

@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.config import Settings
 from dicomnode.models.registry import ModelCard
+from dicomnode.pipeline.runtime import onnx_problem
 
 
 def readiness(
@@ -33,11 +34,12 @@ def readiness(
     else:
         checks["storage"] = "ok"
     # An ensemble card has no ONNX file of its own (its members do).
-    missing = [c.model.name for c in cards if c.model.onnx and not c.onnx_path.is_file()]
+    unusable = {c.model.name: onnx_problem(c) for c in cards if c.model.onnx}
+    unusable = {name: problem for name, problem in unusable.items() if problem}
     if not cards:
         checks["models"] = "no model cards found"
-    elif missing:
-        checks["models"] = "ONNX file missing: " + ", ".join(missing)
+    elif unusable:
+        checks["models"] = "ONNX file unusable: " + "; ".join(unusable.values())
     else:
         checks["models"] = "ok: " + ", ".join(f"{c.model.name} {c.model.version}" for c in cards)
     return checks
