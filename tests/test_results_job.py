@@ -13,7 +13,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pydicom
 from conftest import referenced_uids, spool_and_index, spool_late_instance
+from dciodvfy import dciodvfy_errors
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -216,3 +218,61 @@ def test_a_results_job_waits_for_a_newer_analysis_and_writes_when_it_fails(
         referenced = referenced_uids(session, study_id)
         assert str(ds.SOPInstanceUID) in referenced and late not in referenced
         assert len(_jobs(session, study_id, "export")) == 3
+
+
+def test_late_images_give_a_new_report_that_names_the_earlier_one_its_predecessor(
+    sessions, tmp_path: Path
+) -> None:
+    """A report's SOP Instance UID names one content: analysed again with a late image, the
+    study gets a new SR (and KOS) instance, not new content under the old UID (a PACS that
+    holds the old one keeps it: Orthanc ignores a UID it has). The new SR names the old one
+    in its Predecessor Documents Sequence; the node keeps only the new rows and files."""
+    settings = Settings(storage={"path": tmp_path / "storage"}, worker={"threads": 1})
+    card = load_card(PNEUMOTHORAX)
+    worker = Worker(settings, sessions, [card])
+
+    def analysed_results() -> dict[str, ResultObject]:
+        with sessions() as session:
+            assert queue_ready_studies(session, utcnow()) == [study_id]
+        while worker.run_once():
+            pass
+        with sessions() as session:
+            rows = session.scalars(select(ResultObject).where(ResultObject.study_id == study_id))
+            return {row.kind: row for row in rows if row.kind in ("sr", "kos")}
+
+    with sessions() as session:
+        ds, _ = make_cxr(940_041, pneumothorax=True)
+        study_id, _ = spool_and_index(session, settings.storage_path, ds)
+    first = analysed_results()
+    with sessions() as session:
+        late = spool_late_instance(session, settings.storage_path, study_id, 940_042)
+    second = analysed_results()
+
+    assert set(first) == set(second) == {"sr", "kos"}
+    for kind in ("sr", "kos"):
+        assert second[kind].sop_instance_uid != first[kind].sop_instance_uid
+        assert not Path(first[kind].path).exists()
+    report = pydicom.dcmread(second["sr"].path)
+    [predecessors] = report.PredecessorDocumentsSequence
+    assert predecessors.StudyInstanceUID == ds.StudyInstanceUID
+    [series] = predecessors.ReferencedSeriesSequence
+    assert series.SeriesInstanceUID == first["sr"].series_instance_uid
+    assert [r.ReferencedSOPInstanceUID for r in series.ReferencedSOPSequence] == [
+        first["sr"].sop_instance_uid
+    ]
+    evidence = {
+        r.ReferencedSOPInstanceUID
+        for item in report.CurrentRequestedProcedureEvidenceSequence
+        for s in item.ReferencedSeriesSequence
+        for r in s.ReferencedSOPSequence
+    }
+    assert evidence == {str(ds.SOPInstanceUID), late}
+    assert dciodvfy_errors(report) == []
+    # Analysed again with nothing new: the same instances (a re-run never duplicates).
+    with sessions() as session:
+        session.get(Study, study_id).received_generation += 1
+        session.commit()
+    third = analysed_results()
+    assert {k: r.sop_instance_uid for k, r in third.items()} == {
+        k: r.sop_instance_uid for k, r in second.items()
+    }

@@ -120,12 +120,12 @@ def test_kos_keeps_patient_study_and_uids_are_deterministic(
         assert str(kos[keyword].value) == str(sources[0][keyword].value)
     assert kos.AccessionNumber == sources[0].AccessionNumber
     assert "research demo" in kos.SeriesDescription
-    # One document per study and model: a re-run with fewer images replaces it.
+    # One series per study and model; one instance per selection (a UID names one content):
+    # the same selection again gives the same instance, another selection a new one.
+    assert build_kos(sources, ALGORITHM, results).SOPInstanceUID == kos.SOPInstanceUID
     fewer = build_kos(sources[:1], ALGORITHM)
-    assert (fewer.SeriesInstanceUID, fewer.SOPInstanceUID) == (
-        kos.SeriesInstanceUID,
-        kos.SOPInstanceUID,
-    )
+    assert fewer.SeriesInstanceUID == kos.SeriesInstanceUID
+    assert fewer.SOPInstanceUID != kos.SOPInstanceUID
     assert dciodvfy_errors(fewer) == []
     newer = build_kos(sources, Algorithm(ALGORITHM.name, "1.1.0"), results)
     assert newer.SeriesInstanceUID != kos.SeriesInstanceUID

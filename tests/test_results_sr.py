@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 
 import highdicom as hd
@@ -95,8 +96,13 @@ def test_sr_uids_repeat_on_rerun_and_change_with_model_version(
     again = build_sr([findings(source)], ALGORITHM)
     assert again.SeriesInstanceUID == sr.SeriesInstanceUID
     assert again.SOPInstanceUID == sr.SOPInstanceUID
-    # One report per study and model version, whichever images it covers.
-    assert again.SOPInstanceUID == result_instance_uid([source.StudyInstanceUID], ALGORITHM, "sr")
+    # One instance per model version and set of images reported on (a UID names one content).
+    assert again.SOPInstanceUID == result_instance_uid([source.SOPInstanceUID], ALGORITHM, "sr")
+    other = copy.deepcopy(source)
+    other.SOPInstanceUID = "1.2.826.0.1.3680043.8.498.1"
+    both = build_sr([findings(source), findings(other)], ALGORITHM)
+    assert both.SeriesInstanceUID == sr.SeriesInstanceUID
+    assert both.SOPInstanceUID != sr.SOPInstanceUID
     newer = build_sr([findings(source)], Algorithm(name=ALGORITHM.name, version="1.1.0"))
     assert newer.SeriesInstanceUID != sr.SeriesInstanceUID
     assert newer.SOPInstanceUID != sr.SOPInstanceUID

@@ -41,6 +41,7 @@ from dicomnode.pipeline.select import (
     with_view,
 )
 from dicomnode.pipeline.tasks import Presentations, run_model
+from dicomnode.results.sr import name_predecessors
 from dicomnode.worklist.policy import DEFAULT_SETTINGS
 from dicomnode.worklist.service import reprioritise
 
@@ -385,15 +386,15 @@ def write_results(
     # Result files are built and written outside any transaction; their rows and export jobs
     # then go in one short one.
     started = time.perf_counter()
-    written = [
-        (card, kind, ds, _write_result(settings, ds))
-        for card, run in runs
-        for kind, ds in result_objects(run, card)
-    ]
+    built = [(card, kind, ds) for card, run in runs for kind, ds in result_objects(run, card)]
+    superseded = _superseded(session, study_id, built)
+    written = [(card, kind, ds, _write_result(settings, ds)) for card, kind, ds in built]
     results = [
         (kind, _store_result(session, study_id, card, kind, ds, path))
         for card, kind, ds, path in written
     ]
+    for row in superseded:
+        session.delete(row)
     times.add("results", started)
     for kind, result in results:
         for destination in settings.destinations:
@@ -405,8 +406,55 @@ def write_results(
                     {"result_id": result.id, "destination": destination.name},
                 )
     session.commit()
+    for row in superseded:
+        Path(row.path).unlink(missing_ok=True)
     times.note = f"{len(results)} result objects"
+    if superseded:
+        times.note += f", {len(superseded)} earlier version(s) superseded"
     return times
+
+
+# Study-level results whose instance names one content (the images reported on or selected):
+# a re-run with late images makes a new instance, which supersedes the earlier one.
+VERSIONED_KINDS = ("sr", "kos")
+
+
+def _superseded(
+    session: Session, study_id: int, built: list[tuple[ModelCard, str, Dataset]]
+) -> list[ResultObject]:
+    """The rows of the study's earlier SRs and KOS that ``built`` replaces under new UIDs
+    (same model version and kind); each new SR names those it replaces as its predecessors.
+    Ends the read transaction."""
+    rows = []
+    for card, kind, ds in built:
+        if kind not in VERSIONED_KINDS:
+            continue
+        earlier = list(
+            session.scalars(
+                select(ResultObject).where(
+                    ResultObject.study_id == study_id,
+                    ResultObject.kind == kind,
+                    ResultObject.model_name == card.model.name,
+                    ResultObject.model_version == card.model.version,
+                    ResultObject.sop_instance_uid != str(ds.SOPInstanceUID),
+                )
+            )
+        )
+        if kind == "sr":
+            name_predecessors(ds, [_reference(ds, row) for row in earlier])
+        rows.extend(earlier)
+    session.commit()
+    return rows
+
+
+def _reference(ds: Dataset, row: ResultObject) -> Dataset:
+    """The identity of the earlier result ``row`` of the study of ``ds``."""
+    reference = Dataset()
+    reference.StudyInstanceUID = ds.StudyInstanceUID
+    reference.SeriesInstanceUID = row.series_instance_uid
+    reference.SOPClassUID = row.sop_class_uid
+    reference.SOPInstanceUID = row.sop_instance_uid
+    return reference
 
 
 def mark_failed(

@@ -27,8 +27,8 @@ def build_kos(
 ) -> pydicom.Dataset:
     """Return a KOS "Of Interest" selecting ``critical`` source images and the ``results``.
 
-    One document per study and model version (its UIDs depend on nothing else), so a re-run
-    after late instances replaces it.
+    One document per model version and selection: the same selection on a re-run gives the
+    same instance, another one (late instances) a new one, since a UID names one content.
     """
     if not critical:
         raise ValueError("build_kos needs at least one source image with a critical finding")
@@ -65,7 +65,7 @@ def build_kos(
         content=content,
         series_instance_uid=result_series_uid(study_uid, algorithm, "kos"),
         series_number=KOS_SERIES_NUMBER,
-        sop_instance_uid=result_instance_uid([study_uid], algorithm, "kos"),
+        sop_instance_uid=result_instance_uid(uids, algorithm, "kos"),
         instance_number=1,
         manufacturer=EQUIPMENT_MANUFACTURER,
         series_description=series_description(algorithm, "KOS"),

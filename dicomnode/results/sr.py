@@ -35,6 +35,7 @@ _LO_MAX = 64  # Series Description is LO: at most 64 characters
 __all__ = [
     "build_sr",
     "copy_patient_study",
+    "name_predecessors",
     "series_description",
     "validate_evaluation",
     "with_notice",
@@ -79,8 +80,10 @@ def build_sr(evaluations: Sequence[ImageFindings], algorithm: Algorithm) -> pydi
         content=report[0],
         series_instance_uid=result_series_uid(study_uid, algorithm, "sr"),
         series_number=SR_SERIES_NUMBER,
-        # One report per study and model version: a re-run after late instances replaces it.
-        sop_instance_uid=result_instance_uid([study_uid], algorithm, "sr"),
+        # One report per model version and set of images reported on: a re-run on the same
+        # images gives the same instance, one with late images a new one (a UID names one
+        # content), which names this one its predecessor (supersede_results).
+        sop_instance_uid=result_instance_uid(sop_uids, algorithm, "sr"),
         instance_number=1,
         manufacturer=EQUIPMENT_MANUFACTURER,
         is_complete=True,
@@ -92,6 +95,35 @@ def build_sr(evaluations: Sequence[ImageFindings], algorithm: Algorithm) -> pydi
     )
     copy_patient_study(sources[0], sr)
     return sr
+
+
+def name_predecessors(sr: pydicom.Dataset, previous: Sequence[pydicom.Dataset]) -> None:
+    """Name earlier versions of the report ``sr`` (its model's reports on fewer of the
+    study's images) in its Predecessor Documents Sequence (SR Document General Module,
+    PS3.3 C.17.2); ``previous``: datasets with their SOP Class and Instance, Series and
+    Study Instance UIDs."""
+    if not previous:
+        return
+    by_series: dict[tuple[str, str], list[pydicom.Dataset]] = {}
+    for version in previous:
+        reference = pydicom.Dataset()
+        reference.ReferencedSOPClassUID = version.SOPClassUID
+        reference.ReferencedSOPInstanceUID = version.SOPInstanceUID
+        key = (str(version.StudyInstanceUID), str(version.SeriesInstanceUID))
+        by_series.setdefault(key, []).append(reference)
+    items = []
+    for study_uid in sorted({study for study, _ in by_series}):
+        item = pydicom.Dataset()
+        item.StudyInstanceUID = study_uid
+        item.ReferencedSeriesSequence = []
+        for (study, series_uid), references in sorted(by_series.items()):
+            if study == study_uid:
+                series = pydicom.Dataset()
+                series.SeriesInstanceUID = series_uid
+                series.ReferencedSOPSequence = references
+                item.ReferencedSeriesSequence.append(series)
+        items.append(item)
+    sr.PredecessorDocumentsSequence = items
 
 
 def validate_evaluation(evaluation: ImageFindings, allow_empty: bool = False) -> pydicom.Dataset:

@@ -1,7 +1,10 @@
 """Deterministic UIDs for result objects: the same model on the same input gives the same UIDs.
 
-A PACS that receives a result with a UID it already holds replaces the instance, so re-running a
-model never duplicates results; a new model version changes the UIDs and so opens a new series.
+An instance's UID comes from the source instances it was made from, so re-running a model on
+the same images gives the same instances (never duplicates), and a study's report or key
+object selection made again with late images is a new instance (a UID names one content: a
+PACS that already holds a UID may keep what it has), whose SR names the earlier report its
+predecessor. A new model version changes the UIDs and so opens a new series.
 """
 
 from __future__ import annotations
