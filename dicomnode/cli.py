@@ -9,17 +9,22 @@ import signal
 import sys
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dicomnode import RESEARCH_DEMO_NOTICE
 from dicomnode.config import Settings, load_settings
 from dicomnode.models.registry import ModelCard, discover_cards
 from dicomnode.tomlfile import ConfigError
 
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
 log = logging.getLogger("dicomnode")
 
 DEFAULT_CONFIG = Path(os.environ.get("DICOMNODE_CONFIG", "conf/dicomnode.toml"))
 SCENARIOS = Path("conf/scenarios")
 HIDDEN_COMMAND = "listener"
+MAX_TOKEN_DAYS = 36500
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -207,33 +212,101 @@ def _read_password(args: argparse.Namespace) -> str:
     return password
 
 
-def cmd_users(args: argparse.Namespace) -> int:
+def _users_add(session: Session, args: argparse.Namespace) -> str:
+    from dicomnode.db.session import utcnow
+    from dicomnode.users import add_user
+
+    add_user(session, args.name, args.role, _read_password(args), utcnow())
+    return f"added {args.role} {args.name}"
+
+
+def _users_token(session: Session, args: argparse.Namespace) -> str:
     from datetime import timedelta
 
     from dicomnode.db.session import utcnow
-    from dicomnode.users import UserError, add_user, issue_token, list_users
+    from dicomnode.users import issue_token
+
+    lifetime = timedelta(days=args.days) if args.days else None
+    # The token goes to stdout only, never to the log; it is not stored in clear.
+    return issue_token(session, args.name, utcnow(), lifetime=lifetime)
+
+
+def _users_disable(session: Session, args: argparse.Namespace) -> str:
+    from dicomnode.users import set_disabled
+
+    set_disabled(session, args.name, True)
+    return f"disabled {args.name}: log-in, sessions and tokens refused until 'users enable'"
+
+
+def _users_enable(session: Session, args: argparse.Namespace) -> str:
+    from dicomnode.users import set_disabled
+
+    set_disabled(session, args.name, False)
+    return f"enabled {args.name}"
+
+
+def _users_password(session: Session, args: argparse.Namespace) -> str:
+    from dicomnode.users import set_password
+
+    set_password(session, args.name, _read_password(args))
+    return f"changed the password of {args.name}"
+
+
+def _users_revoke(session: Session, args: argparse.Namespace) -> str:
+    from dicomnode.users import revoke_tokens
+
+    count = revoke_tokens(session, args.name)
+    return f"revoked {count} token(s) and session(s) of {args.name}"
+
+
+def _users_list(session: Session, args: argparse.Namespace) -> str:
+    from dicomnode.users import list_users
+
+    lines = []
+    for user in list_users(session):
+        state = " (disabled)" if user.disabled else ""
+        lines.append(f"{user.username:<24} {user.role}{state}")
+    return "\n".join(lines)
+
+
+USERS_COMMANDS = {
+    "add": _users_add,
+    "token": _users_token,
+    "disable": _users_disable,
+    "enable": _users_enable,
+    "password": _users_password,
+    "revoke": _users_revoke,
+    "list": _users_list,
+}
+
+
+def cmd_users(args: argparse.Namespace) -> int:
+    from dicomnode.users import UserError
 
     settings = _settings(args)
     with _database(settings)() as session:
         try:
-            if args.users_command == "add":
-                add_user(session, args.name, args.role, _read_password(args), utcnow())
-                session.commit()
-                print(f"added {args.role} {args.name}")
-            elif args.users_command == "token":
-                lifetime = timedelta(days=args.days) if args.days else None
-                token = issue_token(session, args.name, utcnow(), lifetime=lifetime)
-                session.commit()
-                # The token goes to stdout only, never to the log; it is not stored in clear.
-                print(token)
-            else:
-                for user in list_users(session):
-                    state = " (disabled)" if user.disabled else ""
-                    print(f"{user.username:<24} {user.role}{state}")
+            output = USERS_COMMANDS[args.users_command](session, args)
         except UserError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
+        session.commit()
+    if output:
+        print(output)
     return 0
+
+
+def _token_days(text: str) -> float:
+    """--days: 0 (no expiry) or a positive number of days, at most MAX_TOKEN_DAYS."""
+    try:
+        days = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of days") from None
+    if not 0 <= days <= MAX_TOKEN_DAYS:  # also refuses nan
+        raise argparse.ArgumentTypeError(
+            f"{text} days: give 0 (no expiry) or a number of days up to {MAX_TOKEN_DAYS}"
+        )
+    return days
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
@@ -388,7 +461,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     users_token.add_argument("name")
     users_token.add_argument(
-        "--days", type=float, default=30, help="valid for this many days; 0 = no expiry"
+        "--days", type=_token_days, default=30, help="valid for this many days; 0 = no expiry"
+    )
+    for name, help_text in (
+        ("disable", "refuse a user's log-in, sessions and tokens (until enabled)"),
+        ("enable", "let a disabled user in again"),
+        ("revoke", "end every API token and log-in session of a user"),
+    ):
+        with_config(users_commands.add_parser(name, help=help_text)).add_argument("name")
+    users_password = with_config(
+        users_commands.add_parser("password", help="set a user's new password")
+    )
+    users_password.add_argument("name")
+    users_password.add_argument(
+        "--password-stdin", action="store_true", help="read the password from standard input"
     )
     with_config(users_commands.add_parser("list", help="list users and roles"))
     users.set_defaults(func=cmd_users)

@@ -60,14 +60,51 @@ def add_user(session: Session, username: str, role: str, password: str, now: dat
         )
     if role not in ROLES:
         raise UserError(f"role {role!r} is not one of {', '.join(ROLES)}")
-    if len(password) < MIN_PASSWORD_LENGTH:
-        raise UserError(f"password must have at least {MIN_PASSWORD_LENGTH} characters")
+    _check_password(password)
     if session.scalars(select(User.id).where(User.username == username)).first() is not None:
         raise UserError(f"user {username!r} already exists")
     user = User(username=username, role=role, password_hash=_hasher.hash(password), created_at=now)
     session.add(user)
     session.flush()
     return user
+
+
+def _user(session: Session, username: str) -> User:
+    """The user by name; raises UserError if there is none."""
+    user = session.scalars(select(User).where(User.username == username)).one_or_none()
+    if user is None:
+        raise UserError(f"no user {username!r}; add one with `dicomnode users add`")
+    return user
+
+
+def _check_password(password: str) -> None:
+    if len(password) < MIN_PASSWORD_LENGTH:
+        raise UserError(f"password must have at least {MIN_PASSWORD_LENGTH} characters")
+
+
+def set_disabled(session: Session, username: str, disabled: bool) -> User:
+    """Disable a user (log-in, sessions and tokens refused) or enable them again (the caller
+    commits); their tokens are kept, so that enabling restores them."""
+    user = _user(session, username)
+    user.disabled = disabled
+    session.flush()
+    return user
+
+
+def set_password(session: Session, username: str, password: str) -> User:
+    """Give a user a new password (the caller commits); their tokens and sessions are kept."""
+    user = _user(session, username)
+    _check_password(password)
+    user.password_hash = _hasher.hash(password)
+    session.flush()
+    return user
+
+
+def revoke_tokens(session: Session, username: str) -> int:
+    """Forget every API token and log-in session of a user; how many (the caller commits)."""
+    user = _user(session, username)
+    revoked = session.execute(delete(ApiToken).where(ApiToken.user_id == user.id))
+    return revoked.rowcount
 
 
 def list_users(session: Session) -> list[User]:
@@ -103,9 +140,7 @@ def issue_token(
     lifetime: timedelta | None = None,
 ) -> str:
     """A new token for the user (shown once; only its hash is stored; the caller commits)."""
-    user = session.scalars(select(User).where(User.username == username)).one_or_none()
-    if user is None:
-        raise UserError(f"no user {username!r}; add one with `dicomnode users add`")
+    user = _user(session, username)
     token = TOKEN_PREFIX + secrets.token_urlsafe(32)
     session.add(
         ApiToken(
