@@ -65,6 +65,43 @@ def check_paths(settings: Settings) -> list[ConfigError]:
     return problems
 
 
+def check_network(settings: Settings) -> list[ConfigError]:
+    """Problems that would stop the listeners or the web page from starting: a TLS
+    certificate, key or CA that cannot be loaded, the web page on the DICOM port."""
+    source = settings.source or Path("<settings>")
+    problems = []
+    if settings.tls.enabled:
+        from dicomnode.ingest.scp import tls_context
+
+        try:
+            tls_context(settings)
+        except ValueError as exc:
+            problems.append(
+                ConfigError(
+                    source,
+                    str(exc).removeprefix("[tls] "),
+                    key="tls",
+                    line=_line(settings, ("tls", "enabled")),
+                )
+            )
+    if settings.web.port == settings.node.port:
+        problems.append(
+            ConfigError(
+                source,
+                f"the web page and the DICOM listener cannot share port {settings.web.port}",
+                key="web.port",
+                line=_line(settings, ("web", "port")),
+            )
+        )
+    return problems
+
+
+def check_settings(settings: Settings) -> list[ConfigError]:
+    """Every problem of the main file's settings that keeps the node from running (paths,
+    TLS, ports); model cards are checked apart (:func:`check_cards`)."""
+    return check_paths(settings) + check_network(settings)
+
+
 def check_cards(settings: Settings) -> tuple[list[ModelCard], list[ConfigError]]:
     """Every card in the model folders (later folders replace earlier by name), and problems."""
     by_name: dict[str, ModelCard] = {}
@@ -105,6 +142,19 @@ def check_cards(settings: Settings) -> tuple[list[ModelCard], list[ConfigError]]
                 )
             )
             del by_name[card.model.name]
+    if not by_name and not problems:
+        searched = ", ".join(
+            f"{folder}{'' if folder.is_dir() else ' (does not exist)'}"
+            for folder in settings.model_folders
+        )
+        problems.append(
+            ConfigError(
+                settings.source or Path("<settings>"),
+                f"no model cards found in {searched}",
+                key="models.folders",
+                line=_line(settings, ("models", "folders")),
+            )
+        )
     return list(by_name.values()), problems
 
 
@@ -115,7 +165,7 @@ def check_all(path: Path | str) -> tuple[Settings | None, list[ModelCard], list[
     except ConfigError as exc:
         return None, [], [exc]
     cards, problems = check_cards(settings)
-    return settings, cards, check_paths(settings) + problems
+    return settings, cards, check_settings(settings) + problems
 
 
 def load_checked(path: Path | str) -> tuple[Settings, list[ModelCard]]:

@@ -145,7 +145,7 @@ class ModelsSettings(_Section):
 class Destination(_Section):
     name: str
     ae_title: AETitle
-    host: str
+    host: str = Field(min_length=1)
     port: Port
     # Result kinds sent to this destination (sr, overlay, seg, gsps, derived, kos); empty = all.
     outputs: list[Literal["sr", "overlay", "seg", "gsps", "derived", "kos"]] = []

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode import RESEARCH_DEMO_NOTICE
+from dicomnode.checkconfig import check_settings
 from dicomnode.config import Settings, changed_settings, load_settings
 from dicomnode.models.registry import ModelCard, discover_cards
 from dicomnode.systemd import Notifier, run_watchdog
@@ -289,6 +290,13 @@ def run_serve(config: Path, workers: int | None = None) -> int:
     # Before anything makes a Prometheus metric: listeners and workers inherit the folder.
     metrics_folder = metrics_dir()
     settings = load_settings(config)
+    # What check-config refuses in the settings stops the node here with the same message,
+    # not with a listener's traceback later (model cards: the worker logs what it cannot use).
+    problems = check_settings(settings)
+    for problem in problems:
+        print(f"configuration error: {problem}", file=sys.stderr)
+    if problems:
+        return 2
     setup_logging(settings.log_level, settings.logging.json_lines)
     cards = discover_cards(settings.model_folders)
     upgrade(settings.database_url)

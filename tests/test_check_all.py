@@ -88,3 +88,45 @@ def test_readiness_names_a_model_whose_onnx_file_cannot_be_loaded(tmp_path: Path
     assert models.startswith("ONNX file unusable: cxr-view-demo: cannot load"), models
     (tmp_path / "cxr_view_demo.onnx").write_bytes(onnx)
     assert readiness(no_database, settings, [card])["models"].startswith("ok: cxr-view-demo")
+
+
+def test_what_keeps_the_node_from_running_is_refused_by_check_config_and_serve(
+    tmp_path: Path,
+) -> None:
+    """TLS files that cannot be loaded, the web page on the DICOM port, and no model card at
+    all pass no more (the TLS ones ended serve in five tracebacks); serve refuses the file
+    with check-config's messages before it starts anything."""
+    config = tmp_path / "dicomnode.toml"
+    config.write_text(
+        f"[node]\nport = 11999\n\n[web]\nport = 11999\n\n"
+        f'[storage]\npath = "{tmp_path / "storage"}"\n\n'
+        f'[database]\nurl = "sqlite:///{tmp_path / "db.sqlite"}"\n\n'
+        f'[models]\nfolders = ["{tmp_path / "no-such-folder"}"]\n\n'
+        f'[tls]\nenabled = true\nca = "{tmp_path / "no-ca.pem"}"\n'
+    )
+    result = _check(config)
+    assert result.returncode == 2
+    assert re.search(r":\d+: \[tls\] cannot load cert .*node\.pem", result.stderr)
+    assert re.search(r":5: \[web\.port\] .*cannot share port 11999", result.stderr)
+    assert re.search(
+        r"\[models\.folders\] no model cards found in .*\(does not exist\)", result.stderr
+    )
+
+    serve = subprocess.run(
+        [sys.executable, "-m", "dicomnode", "serve", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert serve.returncode == 2
+    assert "Traceback" not in serve.stderr
+    assert "configuration error:" in serve.stderr and "cannot share port 11999" in serve.stderr
+    assert not (tmp_path / "db.sqlite").exists()  # refused before it touched anything
+
+
+def test_a_destination_needs_a_host(tmp_path: Path) -> None:
+    config = tmp_path / "dicomnode.toml"
+    config.write_text('[[destinations]]\nname = "pacs"\nae_title = "PACS"\nhost = ""\nport = 104\n')
+    result = _check(config)
+    assert result.returncode == 2
+    assert re.search(r":4: \[destinations\.0\.host\] .*at least 1 character", result.stderr)
