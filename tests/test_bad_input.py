@@ -21,7 +21,12 @@ from conftest import wait_for
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_file_meta_info
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, SecondaryCaptureImageStorage
+from pydicom.uid import (
+    CTImageStorage,
+    ExplicitVRLittleEndian,
+    SecondaryCaptureImageStorage,
+    generate_uid,
+)
 from pynetdicom import AE, _config
 from pynetdicom.dsutils import encode
 from sqlalchemy.orm import Session, sessionmaker
@@ -110,6 +115,13 @@ def _sop_class_differs(ds: Dataset) -> bytes:
     return _body(ds)
 
 
+def _sop_instance_differs(ds: Dataset) -> bytes:
+    # The request (from the file meta) names the original instance, the data set another:
+    # stored, the file's meta and data set would disagree (PS3.10 7.1).
+    ds.SOPInstanceUID = generate_uid()
+    return _body(ds)
+
+
 @pytest.mark.parametrize(
     ("mangle", "expected"),
     [
@@ -120,6 +132,7 @@ def _sop_class_differs(ds: Dataset) -> bytes:
         (_no_sop_instance, 0xC000),
         (_pixels_short, 0xC000),
         (_sop_class_differs, 0xA900),
+        (_sop_instance_differs, 0xC000),
     ],
 )
 def test_malformed_instance_refused_and_listener_keeps_serving(
@@ -201,3 +214,30 @@ def test_abort_mid_transfer_leaves_no_partial_instance(node: Node) -> None:
     assert len(files) == node.instances(uid)
     for path in files:
         assert len(pydicom.dcmread(path).PixelData) == 240 * 240
+
+
+def test_a_request_is_refused_where_data_set_request_and_context_disagree() -> None:
+    """The three ways a C-STORE can name another thing than it carries, each refused."""
+    from types import SimpleNamespace
+
+    from dicomnode.ingest.scp import _request_mismatch
+
+    ds = secondary_capture()
+    facts = SimpleNamespace(sop_class_uid=SC, sop_instance_uid=str(ds.SOPInstanceUID))
+
+    def event(request_class: str, context_class: str, instance: str) -> SimpleNamespace:
+        return SimpleNamespace(
+            request=SimpleNamespace(
+                AffectedSOPClassUID=request_class, AffectedSOPInstanceUID=instance
+            ),
+            context=SimpleNamespace(abstract_syntax=context_class),
+        )
+
+    uid = str(ds.SOPInstanceUID)
+    assert _request_mismatch(event(SC, SC, uid), facts) is None
+    assert _request_mismatch(event(CTImageStorage, CTImageStorage, uid), facts)[0] == 0xA900
+    assert _request_mismatch(event(SC, CTImageStorage, uid), facts) == (
+        0xA900,
+        "SOP Class differs from the presentation context's",
+    )
+    assert _request_mismatch(event(SC, SC, generate_uid()), facts)[0] == 0xC000

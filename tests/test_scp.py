@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import warnings
 from collections.abc import Iterator
@@ -174,6 +175,26 @@ def test_store_writes_file_and_row_once(node: Node) -> None:
     assert node.instances(ds.SOPInstanceUID) == 1
     assert path.read_bytes() == first
     assert node.files() == [path]
+
+
+def test_an_instance_sent_again_under_another_study_keeps_its_first_copy(
+    node: Node, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A study merged or corrected at the PACS comes again with the same SOP Instance UIDs
+    under new Study and Series UIDs: answered success as any duplicate, the first copy kept,
+    and the second removed with a warning (it lay in the spool unindexed, never analysed)."""
+    ds = secondary_capture()
+    assert node.store(ds) == 0x0000
+    moved = copy.deepcopy(ds)
+    moved.StudyInstanceUID, moved.SeriesInstanceUID = generate_uid(), generate_uid()
+    with caplog.at_level(logging.WARNING, logger="dicomnode.ingest"):
+        assert node.store(moved) == 0x0000
+        assert node.instances(ds.SOPInstanceUID) == 1
+    first = node.storage / ds.StudyInstanceUID / ds.SeriesInstanceUID / f"{ds.SOPInstanceUID}.dcm"
+    assert node.files() == [first]
+    assert "received again under another study or series; the first copy is kept" in caplog.text
+    with node.sessions() as session:
+        assert session.scalars(select(Study.study_instance_uid)).all() == [ds.StudyInstanceUID]
 
 
 @pytest.mark.parametrize("field", ["SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID"])

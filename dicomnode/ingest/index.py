@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from datetime import datetime
+from pathlib import Path
 
 from sqlalchemy import bindparam, case, insert, select, update
 from sqlalchemy.exc import IntegrityError
@@ -14,6 +16,8 @@ from dicomnode.db.models import Instance, Series, Study
 from dicomnode.ingest.arrival import Arrival, InstanceFacts
 from dicomnode.ingest.assembly import quiet_period_end
 from dicomnode.worklist.service import reprioritise
+
+log = logging.getLogger("dicomnode.ingest")
 
 
 def _new_study(
@@ -184,3 +188,16 @@ def index_arrival(
             if attempt == 2:
                 raise
     return False
+
+
+def drop_second_copy(sop_instance_uid: str, path: str) -> None:
+    """Remove the copy of a known instance that came again under another study or series
+    (a study merged or corrected at the PACS and sent again): the first copy is kept, as for
+    any duplicate (the sender was answered success), and this one would lie unindexed."""
+    Path(path).unlink(missing_ok=True)
+    log.warning(
+        "instance %s received again under another study or series; the first copy is kept "
+        "and this one removed (%s)",
+        sop_instance_uid,
+        path,
+    )

@@ -40,7 +40,7 @@ from dicomnode.db.session import make_engine, make_sessionmaker
 from dicomnode.db.writer_lock import WriterLock
 from dicomnode.ingest import assembly
 from dicomnode.ingest.arrival import Arrival
-from dicomnode.ingest.index import add_rows, index_arrival
+from dicomnode.ingest.index import add_rows, drop_second_copy, index_arrival
 from dicomnode.ingest.sink import AssociationEnded, Item, TicketedSink, decode_item
 
 log = logging.getLogger("dicomnode.ingest")
@@ -57,7 +57,7 @@ GATHER_SECONDS = 0.02
 
 # Built once (building and caching a statement per batch costs more than running it).
 _INSTANCES = Instance.__table__
-_KNOWN_INSTANCES = select(_INSTANCES.c.sop_instance_uid).where(
+_KNOWN_INSTANCES = select(_INSTANCES.c.sop_instance_uid, _INSTANCES.c.path).where(
     _INSTANCES.c.sop_instance_uid.in_(bindparam("uids", expanding=True))
 )
 
@@ -83,13 +83,16 @@ def _write_arrivals(
     session: Session, arrivals: list[Arrival], quiet_seconds: float, settings: Settings
 ) -> None:
     uids = [arrival.facts.sop_instance_uid for arrival in arrivals]
-    known = set(session.connection().execute(_KNOWN_INSTANCES, {"uids": uids}).scalars())
+    known = dict(session.connection().execute(_KNOWN_INSTANCES, {"uids": uids}).all())
     fresh: list[Arrival] = []
     for arrival in arrivals:
         # Duplicates (a resent study) and repeats within the batch write nothing.
-        if arrival.facts.sop_instance_uid not in known:
-            known.add(arrival.facts.sop_instance_uid)
+        first = known.get(arrival.facts.sop_instance_uid)
+        if first is None:
+            known[arrival.facts.sop_instance_uid] = arrival.path
             fresh.append(arrival)
+        elif first != arrival.path:
+            drop_second_copy(arrival.facts.sop_instance_uid, arrival.path)
     try:
         add_rows(session, fresh, quiet_seconds, settings.worklist)
         session.commit()

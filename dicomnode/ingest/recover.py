@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 from dicomnode.db.models import Instance
 from dicomnode.db.session import utcnow
 from dicomnode.ingest.arrival import instance_facts
-from dicomnode.ingest.index import index_instance
+from dicomnode.ingest.index import drop_second_copy, index_instance
 
 log = logging.getLogger("dicomnode.ingest")
 
@@ -82,4 +82,6 @@ def recover_spool(session: Session, storage: Path, quiet_seconds: float) -> Reco
             quiet_seconds=quiet_seconds,
         ):
             recovery.indexed += 1
+        else:  # its SOP Instance UID is indexed at another path: a second copy
+            drop_second_copy(facts.sop_instance_uid, str(path))
     return recovery

@@ -29,7 +29,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from dicomnode import metrics
 from dicomnode.config import Peer, Settings
 from dicomnode.ingest import sink
-from dicomnode.ingest.arrival import Arrival, instance_facts
+from dicomnode.ingest.arrival import Arrival, InstanceFacts, instance_facts
 from dicomnode.ingest.balance import SharedSocketServer
 from dicomnode.ingest.incoming import (
     SPARES,
@@ -388,11 +388,11 @@ class StorageSCP:
                 type(exc).__name__,
             )
             return STATUS_CANNOT_UNDERSTAND
-        if facts.sop_class_uid != str(event.request.AffectedSOPClassUID):
-            log.warning(
-                "refused %s from %s: SOP Class UID differs from the request", affected, calling_ae
-            )
-            return STATUS_SOP_CLASS_MISMATCH
+        mismatch = _request_mismatch(event, facts)
+        if mismatch is not None:
+            status, reason = mismatch
+            log.warning("refused %s from %s: %s", affected, calling_ae, reason)
+            return status
         try:
             path = instance_path(
                 self.storage,
@@ -490,6 +490,21 @@ class StorageSCP:
             self._server = None
         SPARES.remove()
         self.index.close()
+
+
+def _request_mismatch(event: evt.Event, facts: InstanceFacts) -> tuple[int, str] | None:
+    """The refusal status and reason where the data set, the C-STORE request and its
+    presentation context disagree on what is stored (None when they agree). A stored file's
+    meta (from the request) and its data set must name the same instance (PS3.10 7.1), and a
+    context is negotiated for one SOP Class (PS3.7 9.3.1.1)."""
+    requested_class = str(event.request.AffectedSOPClassUID)
+    if facts.sop_class_uid != requested_class:
+        return STATUS_SOP_CLASS_MISMATCH, "SOP Class UID differs from the request"
+    if requested_class != str(event.context.abstract_syntax):
+        return STATUS_SOP_CLASS_MISMATCH, "SOP Class differs from the presentation context's"
+    if facts.sop_instance_uid != str(event.request.AffectedSOPInstanceUID):
+        return STATUS_CANNOT_UNDERSTAND, f"the data set is SOP Instance {facts.sop_instance_uid}"
+    return None
 
 
 def offline_store_event(

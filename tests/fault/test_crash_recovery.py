@@ -52,6 +52,11 @@ def test_recovery_indexes_orphans_and_removes_temporary_files(tmp_path: Path) ->
     result = storage / "results" / "1.2" / "1.3" / "1.4.dcm"
     result.parent.mkdir(parents=True)
     result.write_bytes(b"not scanned")
+    # The same instance sent again under another study, both copies unindexed at the kill:
+    # the first found (folders in order) is indexed, the other removed.
+    second = storage / "1.2.9" / "1.2.9.1" / f"{ds.SOPInstanceUID}.dcm"
+    second.parent.mkdir(parents=True)
+    ds.save_as(second, enforce_file_format=True)
     try:
         with sessions() as session:
             first = recover_spool(session, storage, quiet_seconds=0.5)
@@ -64,5 +69,5 @@ def test_recovery_indexes_orphans_and_removes_temporary_files(tmp_path: Path) ->
     assert (first.indexed, first.temporary_removed, first.unreadable) == (1, 1, 0)
     assert (again.indexed, again.temporary_removed) == (0, 0)
     assert rows == 1 and path == str(orphan)
-    assert not stale.exists()
+    assert not stale.exists() and not second.exists()
     assert pydicom.dcmread(orphan).SOPInstanceUID == ds.SOPInstanceUID
