@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import date
+
 import numpy as np
 import pydicom
 import pytest
@@ -60,6 +62,18 @@ def test_derived_radiograph_keeps_sop_class_and_is_marked_derived(
     assert derived.SeriesDescription.startswith("AI bone suppression cxr-bone-suppression-demo")
     assert derived.SeriesDescription.endswith("(research demo)")
     assert len(derived.SeriesDescription) <= 64
+
+
+def test_derived_radiograph_is_dated_when_it_was_made(
+    derived: pydicom.Dataset, source: pydicom.Dataset
+) -> None:
+    """Instance creation and content (pixel data creation) are the derivation's, today; the
+    acquisition's date stays the source's."""
+    today = date.today().strftime("%Y%m%d")
+    assert derived.InstanceCreationDate == derived.ContentDate == today
+    assert derived.InstanceCreationTime == derived.ContentTime
+    assert source.ContentDate != today
+    assert derived.get("AcquisitionDate") == source.get("AcquisitionDate")
 
 
 def test_derived_pixels_are_the_models_in_the_sources_stored_range(

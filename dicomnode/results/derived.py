@@ -13,6 +13,7 @@ declared in the Coding Scheme Identification Sequence. Callers may pass a better
 from __future__ import annotations
 
 import copy
+from datetime import datetime
 
 import highdicom as hd
 import numpy as np
@@ -152,6 +153,11 @@ def _same_class(
     image.Manufacturer = EQUIPMENT_MANUFACTURER
     image.ManufacturerModelName = algorithm.name[:64]
     image.SoftwareVersions = f"dicomnode {__version__}"
+    # Made now (PS3.3 C.12.1, C.7.6.1: when this instance and its pixel data were created);
+    # the acquisition's date and time stay the source's.
+    now = datetime.now()
+    image.InstanceCreationDate = image.ContentDate = now.strftime("%Y%m%d")
+    image.InstanceCreationTime = image.ContentTime = now.strftime("%H%M%S.%f")
     if "DeviceSerialNumber" in image:
         del image.DeviceSerialNumber
     image.PixelData = pixels.tobytes()
