@@ -87,18 +87,32 @@ class DatabaseCollector:
 
         queue = GaugeMetricFamily(
             "dicomnode_queue_depth",
-            "Jobs waiting or running by kind and state",
+            "Jobs waiting, running or dead-lettered by kind and state",
             labels=["kind", "state"],
         )
         worklist = GaugeMetricFamily(
             "dicomnode_worklist_size", "Studies not yet reported by tier", labels=["tier"]
         )
+        failed = GaugeMetricFamily(
+            "dicomnode_analyses_failed",
+            "Studies not yet reported whose AI analysis failed (read without AI triage)",
+        )
         with self.sessions() as session:
+            # Dead-lettered jobs stay until an admin retries them (state "dead").
             jobs = session.execute(
                 select(Job.kind, Job.state, func.count())
-                .where(Job.state.in_(("queued", "leased")))
+                .where(Job.state.in_(("queued", "leased", "dead")))
                 .group_by(Job.kind, Job.state)
             ).all()
+            failed.add_metric(
+                [],
+                session.scalar(
+                    select(func.count()).where(
+                        Study.analysis_status == "failed", Study.reading_status != "reported"
+                    )
+                )
+                or 0,
+            )
             tiers = dict(
                 session.execute(
                     select(Study.tier, func.count())
@@ -112,6 +126,7 @@ class DatabaseCollector:
             worklist.add_metric([tier], tiers.get(tier, 0))
         yield queue
         yield worklist
+        yield failed
 
 
 def exposition(sessions: sessionmaker[Session]) -> bytes:

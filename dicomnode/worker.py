@@ -59,6 +59,14 @@ EXPORTS_PER_ASSOCIATION = 32
 RESTART_ONLY = ("database", "worker.threads", "log_level", "logging")
 
 
+# What a dead job of a kind leaves the study with, for its ERROR line.
+DEAD_LETTER_NOTES = {
+    "analyse": "the study shows its analysis failed and keeps its place in the worklist; ",
+    # The study stays analysed: its priority stands without the objects.
+    "results": "the study keeps its priority; ",
+}
+
+
 class Worker:
     def __init__(self, settings: Settings, sessions: sessionmaker[Session], cards: list[ModelCard]):
         self.settings = settings
@@ -247,7 +255,6 @@ class Worker:
             return
         if job.kind == "analyse":
             mark_failed(session, job.study_id, reason, self.settings.worklist)
-            return
         log.error(
             "job %d %s study_id=%d dead after %d attempts (%sretry with POST "
             "/api/jobs/%d/retry): %s",
@@ -255,8 +262,7 @@ class Worker:
             job.kind,
             job.study_id,
             job.attempts,
-            # The study stays analysed: its priority stands without the objects.
-            "the study keeps its priority; " if job.kind == "results" else "",
+            DEAD_LETTER_NOTES.get(job.kind, ""),
             job.id,
             reason,
         )

@@ -11,6 +11,7 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.config import Settings
+from dicomnode.ingest.spool import free_bytes
 from dicomnode.models.registry import ModelCard
 from dicomnode.pipeline.runtime import onnx_problem
 
@@ -31,6 +32,12 @@ def readiness(
         checks["storage"] = "storage folder missing"
     elif not os.access(storage, os.W_OK):
         checks["storage"] = "storage folder not writable"
+    elif (free := free_bytes(storage)) < settings.storage.min_free_bytes:
+        # Every instance is refused (0xA700) until space is freed.
+        checks["storage"] = (
+            f"below the free-space watermark: {free // 2**20} MiB free, [storage] "
+            f"min_free_bytes {settings.storage.min_free_bytes // 2**20} MiB"
+        )
     else:
         checks["storage"] = "ok"
     # An ensemble card has no ONNX file of its own (its members do).

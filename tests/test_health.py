@@ -1,0 +1,82 @@
+"""What an admin sees of trouble: /readyz's checks (a model that cannot load, storage below
+its watermark), the ERROR line of a dead-lettered analysis, and the database gauges of dead
+jobs and failed analyses."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import REPO, spool_and_index
+from sqlalchemy import select
+
+from dicomnode.config import Settings
+from dicomnode.db.models import Job, Study
+from dicomnode.jobs import enqueue
+from dicomnode.metrics import exposition
+from dicomnode.models.registry import load_card
+from dicomnode.synth.cxr import make_cxr
+from dicomnode.web.health import readiness
+from dicomnode.worker import Worker
+
+
+def _no_database():
+    raise RuntimeError("not used")
+
+
+def test_readiness_names_a_model_whose_onnx_file_cannot_be_loaded(tmp_path: Path) -> None:
+    """/readyz's models check loads each ONNX file (once per state of the file): a truncated
+    one makes the node not ready, naming the model; put right, it is ready again."""
+    shutil.copy(REPO / "models" / "cxr_view_demo.toml", tmp_path / "view.toml")
+    onnx = (REPO / "models" / "cxr_view_demo.onnx").read_bytes()
+    (tmp_path / "cxr_view_demo.onnx").write_bytes(onnx[:20_000])
+    card = load_card(tmp_path / "view.toml")
+    settings = Settings(storage={"path": tmp_path / "storage"})
+    (tmp_path / "storage").mkdir()
+
+    models = readiness(_no_database, settings, [card])["models"]
+    assert models.startswith("ONNX file unusable: cxr-view-demo: cannot load"), models
+    (tmp_path / "cxr_view_demo.onnx").write_bytes(onnx)
+    assert readiness(_no_database, settings, [card])["models"].startswith("ok: cxr-view-demo")
+
+
+def test_readiness_says_when_storage_is_below_its_watermark(tmp_path: Path) -> None:
+    """Below [storage] min_free_bytes every instance is refused (0xA700): not ready."""
+    (tmp_path / "storage").mkdir()
+    full = Settings(storage={"path": tmp_path / "storage", "min_free_bytes": 2**62})
+    storage = readiness(_no_database, full, [])["storage"]
+    assert storage.startswith("below the free-space watermark:"), storage
+    roomy = Settings(storage={"path": tmp_path / "storage", "min_free_bytes": 1})
+    assert readiness(_no_database, roomy, [])["storage"] == "ok"
+
+
+def test_a_dead_analysis_is_an_error_line_and_a_gauge(
+    sessions, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = Settings(storage={"path": tmp_path / "storage"}, worker={"max_attempts": 1})
+    with sessions() as session:
+        ds, _ = make_cxr(940_051, pneumothorax=True)
+        study_id, _ = spool_and_index(session, settings.storage_path, ds)
+        enqueue(session, "analyse", study_id, {"generation": 1})
+        session.commit()
+
+    def dies(*args, **kwargs):
+        raise MemoryError("cannot allocate")
+
+    monkeypatch.setattr("dicomnode.worker.analyse_study", dies)
+    worker = Worker(settings, sessions, [])
+    with caplog.at_level(logging.WARNING, logger="dicomnode.worker"):
+        assert worker.run_once()
+    with sessions() as session:
+        job = session.scalars(select(Job).where(Job.study_id == study_id)).one()
+        assert job.state == "dead"
+        assert session.get(Study, study_id).analysis_status == "failed"
+    [line] = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert line.getMessage().startswith(f"job {job.id} analyse study_id={study_id} dead after 1")
+    assert f"POST /api/jobs/{job.id}/retry" in line.getMessage()
+
+    text = exposition(sessions).decode()
+    assert 'dicomnode_queue_depth{kind="analyse",state="dead"} 1.0' in text
+    assert "dicomnode_analyses_failed 1.0" in text
