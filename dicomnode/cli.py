@@ -100,7 +100,7 @@ def cmd_worklist(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     with _database(settings)() as session:
-        rows = reading_order(session, limit=args.limit)
+        rows = reading_order(session, limit=args.limit, site=settings.worklist)
     now = utcnow()
     print(f"AI triage: {RESEARCH_DEMO_NOTICE}")
     header = f"{'#':>3}  {'PRIORITY':<9} {'WAIT':>7}  {'MOD':<4} {'ACCESSION':<16} REASON"

@@ -19,7 +19,7 @@ from dciodvfy import dciodvfy_errors
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicomnode.config import Destination, Settings
+from dicomnode.config import Destination, Settings, WorklistSettings
 from dicomnode.db.models import Job, ResultObject, Study
 from dicomnode.db.session import as_utc, utcnow
 from dicomnode.ingest.assembly import queue_ready_studies
@@ -163,7 +163,7 @@ def test_a_dead_results_job_leaves_the_study_analysed_with_its_reason_shown(
         )
         (results,) = _jobs(session, study_id, "results")
         assert results.state == "dead" and "Error" in results.last_error
-        detail = study_detail(session, study.study_instance_uid)
+        detail = study_detail(session, study.study_instance_uid, WorklistSettings())
         assert (detail.analysis_status, detail.results_state) == ("analysed", "dead")
         assert detail.results_error == results.last_error
         assert detail.result_groups == []

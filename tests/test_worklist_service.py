@@ -33,7 +33,7 @@ SITE = WorklistSettings()
 
 
 def _order(session, **filters) -> list[str]:
-    return [row.accession_number for row in reading_order(session, **filters)]
+    return [row.accession_number for row in reading_order(session, site=SITE, **filters)]
 
 
 def _audit(session, uid: str) -> list[AuditEntry]:
@@ -50,13 +50,31 @@ def test_critical_first_then_by_due_time_with_statuses(sessions) -> None:
         add_study(session, "PENDING", minutes_ago=30)
         critical = add_study(session, "CRITICAL", minutes_ago=5, probability=0.9)
         assert _order(session) == ["CRITICAL", "ROUTINE-OLD", "PENDING"]
-        rows = {row.accession_number: row for row in reading_order(session)}
+        rows = {row.accession_number: row for row in reading_order(session, site=SITE)}
         assert rows["CRITICAL"].priority == "critical"
         assert "Pneumothorax 90%" in rows["CRITICAL"].reason
         assert rows["CRITICAL"].status == "ready"
         assert rows["PENDING"].status == "waiting"
         assert rows["CRITICAL"].findings[0].present
-        assert study_row(session, critical).study_instance_uid == critical
+        assert study_row(session, critical, SITE).study_instance_uid == critical
+
+
+def test_findings_are_flagged_as_the_site_sets_them(sessions) -> None:
+    """A row's findings are present and critical by the site's thresholds and critical
+    lists, as its priority was set, not by the model card's (a routine study showed a red
+    critical finding at a probability under the site's threshold)."""
+    site = WorklistSettings(thresholds={"Pneumothorax": 0.95}, non_critical_findings=[])
+    calm = WorklistSettings(non_critical_findings=["pneumothorax"])
+    with sessions() as session:
+        uid = add_study(session, "PTX", probability=0.9)
+        assert [(f.present, f.critical) for f in study_row(session, uid, SITE).findings] == [
+            (True, True)
+        ]
+        assert [(f.present, f.critical) for f in study_row(session, uid, site).findings] == [
+            (False, True)
+        ]
+        [row] = reading_order(session, site=calm)
+        assert [(f.present, f.critical) for f in row.findings] == [(True, False)]
 
 
 def test_claim_release_complete_change_state_and_write_audit_rows(sessions) -> None:
@@ -67,11 +85,11 @@ def test_claim_release_complete_change_state_and_write_audit_rows(sessions) -> N
         # Claiming again as the same reader is harmless and writes nothing new.
         claim(session, uid, "dr_house", NOW)
         release(session, uid, "dr_house", LATER)
-        row = study_row(session, uid)
+        row = study_row(session, uid, SITE)
         assert (row.status, row.claimed_by) == ("ready", "")
         claim(session, uid, "dr_grey", LATER)
         complete(session, uid, "dr_grey", LATER + timedelta(minutes=5))
-        row = study_row(session, uid)
+        row = study_row(session, uid, SITE)
         assert (row.status, row.reported_by) == ("reported", "dr_grey")
         entries = _audit(session, uid)
         assert [(e.actor, e.action) for e in entries] == [
@@ -97,7 +115,7 @@ def test_claim_by_someone_else_fails_with_a_clear_error(sessions) -> None:
     with sessions() as session:
         # An admin may release a forgotten claim; the audit row names whose claim it was.
         release(session, uid, "admin", LATER, force=True)
-        assert study_row(session, uid).status == "ready"
+        assert study_row(session, uid, SITE).status == "ready"
         assert _audit(session, uid)[-1].detail == "released claim of dr_house"
         assert [e.action for e in _audit(session, uid)] == ["claim", "release"]
 
@@ -132,7 +150,7 @@ def test_override_moves_the_study_and_is_audited_with_reason(sessions) -> None:
 
         override(session, routine, "dr_house", None, "resolved by phone", LATER, SITE)
         assert _order(session) == ["CRITICAL", "ROUTINE"]
-        assert study_row(session, routine).override_tier == ""
+        assert study_row(session, routine, SITE).override_tier == ""
         assert _audit(session, routine)[-1].action == "clear_override"
 
 

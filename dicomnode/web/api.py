@@ -124,7 +124,7 @@ def api_router(
         now = utcnow()
         filters = {"modality": modality, "tier": tier, "status": status_}
         with sessions() as session:
-            rows = service.reading_order(session, limit, offset, **filters)
+            rows = service.reading_order(session, limit, offset, site=site_worklist(), **filters)
             total = service.count(session, **filters)
             shown = rows_out(session, rows)
             if views.due(caller.principal.username, "worklist", now):
@@ -151,7 +151,7 @@ def api_router(
         now = utcnow()
         with sessions() as session:
             try:
-                detail = study_detail(session, study_instance_uid)
+                detail = study_detail(session, study_instance_uid, site_worklist())
             except WorklistError as error:
                 raise _http_error(error) from None
             audit.record(
@@ -168,7 +168,8 @@ def api_router(
         with sessions() as session:
             try:
                 action(session)
-                return rows_out(session, [service.study_row(session, study_instance_uid)])[0]
+                row = service.study_row(session, study_instance_uid, site_worklist())
+                return rows_out(session, [row])[0]
             except WorklistError as error:
                 raise _http_error(error) from None
 

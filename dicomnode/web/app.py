@@ -54,7 +54,7 @@ def create_app(
     caller_of = authenticator(sessions)
     views = ViewThrottle()
     app.include_router(api_router(sessions, caller_of, views, worklist))
-    app.include_router(page_router(sessions, caller_of, views))
+    app.include_router(page_router(sessions, caller_of, views, worklist))
     app.include_router(jobs_router(sessions, caller_of))
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 

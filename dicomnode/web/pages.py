@@ -14,6 +14,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode import RESEARCH_DEMO_NOTICE, __version__
+from dicomnode.config import WorklistSettings
 from dicomnode.db.models import Study
 from dicomnode.db.session import utcnow
 from dicomnode.users import authenticate, issue_token, principal_for_token, revoke_token
@@ -74,6 +75,7 @@ def page_router(
     sessions: sessionmaker[Session],
     caller_of: Callable[..., Caller],
     views: audit.ViewThrottle,
+    site_worklist: Callable[[], WorklistSettings],
 ) -> APIRouter:
     """The HTML routes; they stay out of the OpenAPI schema."""
     router = APIRouter(include_in_schema=False)
@@ -141,7 +143,7 @@ def page_router(
     def worklist(request: Request, caller: Caller = authenticated) -> Response:
         now = utcnow()
         with sessions() as session:
-            rows = service.reading_order(session, PAGE_SIZE, 0)
+            rows = service.reading_order(session, PAGE_SIZE, 0, site=site_worklist())
             total = service.count(session)
             shown = rows_out(session, rows)
             modalities = sorted(m for m in session.scalars(select(Study.modality).distinct()) if m)
@@ -181,7 +183,7 @@ def page_router(
         now = utcnow()
         with sessions() as session:
             try:
-                detail = study_detail(session, study_instance_uid)
+                detail = study_detail(session, study_instance_uid, site_worklist())
             except StudyNotFound as error:
                 detail, missing = None, str(error)
             else:

@@ -12,6 +12,7 @@ from pydantic import BaseModel, Field
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from dicomnode.config import WorklistSettings
 from dicomnode.db.models import FindingRow, Job, ResultObject, Study
 from dicomnode.db.session import as_utc
 from dicomnode.web.jobs_api import failures, rows_out
@@ -183,9 +184,12 @@ def result_groups(session: Session, study_id: int) -> list[ResultGroupOut]:
     ]
 
 
-def study_detail(session: Session, study_instance_uid: str) -> StudyDetailOut:
-    """Everything the detail view shows; raises StudyNotFound."""
-    row = service.study_row(session, study_instance_uid)
+def study_detail(
+    session: Session, study_instance_uid: str, site: WorklistSettings
+) -> StudyDetailOut:
+    """Everything the detail view shows, findings flagged as the ``site`` says; raises
+    StudyNotFound."""
+    row = service.study_row(session, study_instance_uid, site)
     study_id = session.scalar(
         select(Study.id).where(Study.study_instance_uid == study_instance_uid)
     )

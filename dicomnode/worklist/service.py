@@ -20,6 +20,7 @@ from dicomnode.worklist.policy import (
     FindingFact,
     Priority,
     StudyFacts,
+    apply_overrides,
     max_waits,
     prioritise,
 )
@@ -281,11 +282,13 @@ def reading_order(
     limit: int = 200,
     offset: int = 0,
     *,
+    site: WorklistSettings,
     modality: Sequence[str] = (),
     tier: Sequence[str] = (),
     status: Sequence[str] = (),
 ) -> list[WorklistRow]:
-    """Studies in the order radiologists should read them (earliest due first).
+    """Studies in the order radiologists should read them (earliest due first), their
+    findings flagged by the ``site``'s thresholds and critical findings.
 
     Without ``status``, the open worklist: every study not yet reported.
     """
@@ -296,7 +299,7 @@ def reading_order(
         .limit(limit)
         .offset(offset)
     ).all()
-    return _worklist_rows(session, studies)
+    return _worklist_rows(session, studies, site)
 
 
 def count(
@@ -312,14 +315,14 @@ def count(
     )
 
 
-def study_row(session: Session, study_instance_uid: str) -> WorklistRow:
-    """One study as a worklist row, reported or not."""
+def study_row(session: Session, study_instance_uid: str, site: WorklistSettings) -> WorklistRow:
+    """One study as a worklist row, reported or not (findings flagged as the ``site`` says)."""
     studies = session.execute(
         select(*ROW_COLUMNS).where(Study.study_instance_uid == study_instance_uid)
     ).all()
     if not studies:
         raise StudyNotFound(f"no study with Study Instance UID {study_instance_uid}")
-    return _worklist_rows(session, studies)[0]
+    return _worklist_rows(session, studies, site)[0]
 
 
 # What a worklist row shows, read as plain columns: building ORM objects for a page of
@@ -370,7 +373,9 @@ RESULT_COLUMNS = (
 )
 
 
-def _worklist_rows(session: Session, studies: Sequence[Row]) -> list[WorklistRow]:
+def _worklist_rows(
+    session: Session, studies: Sequence[Row], site: WorklistSettings
+) -> list[WorklistRow]:
     ids = [study.id for study in studies]
     findings: dict[int, list[Row]] = defaultdict(list)
     results: dict[int, list[Row]] = defaultdict(list)
@@ -383,11 +388,20 @@ def _worklist_rows(session: Session, studies: Sequence[Row]) -> list[WorklistRow
             select(*RESULT_COLUMNS).where(ResultObject.study_id.in_(ids))
         ):
             results[result.study_id].append(result)
-    return [worklist_row(study, findings[study.id], results[study.id]) for study in studies]
+    return [worklist_row(study, findings[study.id], results[study.id], site) for study in studies]
 
 
-def worklist_row(study: Row, findings: Sequence[Row], results: Sequence[Row]) -> WorklistRow:
-    """A study's columns with its findings and results, as the worklist shows it."""
+def worklist_row(
+    study: Row, findings: Sequence[Row], results: Sequence[Row], site: WorklistSettings
+) -> WorklistRow:
+    """A study's columns with its findings and results, as the worklist shows it: a finding
+    is present and critical by the ``site``'s thresholds and lists where they name it (as
+    the priority was set), else by its model card's."""
+    ordered = sorted(findings, key=lambda f: -f.probability)
+    flagged = apply_overrides(
+        [FindingFact(f.code_meaning, f.probability, f.threshold, f.critical) for f in ordered],
+        site,
+    )
     return WorklistRow(
         study_instance_uid=study.study_instance_uid,
         accession_number=study.accession_number,
@@ -416,11 +430,11 @@ def worklist_row(study: Row, findings: Sequence[Row], results: Sequence[Row]) ->
                 scheme=f.code_scheme,
                 meaning=f.code_meaning,
                 probability=f.probability,
-                present=f.probability >= f.threshold,
-                critical=f.critical,
+                present=fact.present,
+                critical=fact.critical,
                 model=f"{f.model_name} {f.model_version}",
             )
-            for f in sorted(findings, key=lambda f: -f.probability)
+            for f, fact in zip(ordered, flagged, strict=True)
         ],
         results=[
             WorklistResult(
