@@ -141,6 +141,16 @@ def test_three_workers_do_every_job_once_and_take_over_a_killed_workers_job(
         workers[process.pid] = process
     try:
         assert webhook.stalled.wait(60), "no worker took the first job"
+        # Every worker started before the kill: one starting after it would free the dead
+        # worker's lease at once (Worker.free_orphaned_jobs), not when the lease runs out.
+        wait_for(
+            lambda: all(
+                " ready" in (tmp_path / f"worker{index}.log").read_text()
+                for index in range(WORKERS)
+            ),
+            timeout=60,
+            what="every worker ready",
+        )
         holder = next(job for job in _jobs(sessions) if job.id == ids[0])
         assert holder.state == "leased"
         killed = int(holder.lease_owner.rsplit(":", 1)[1])
