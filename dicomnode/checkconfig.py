@@ -32,43 +32,34 @@ def _writable_dir(path: Path) -> str:
     return ""
 
 
+def _problem(settings: Settings, reason: str, *key: str) -> ConfigError:
+    """A problem with the main file's setting ``key`` (its table and name), at its line."""
+    return ConfigError(
+        settings.source or Path("<settings>"), reason, key=".".join(key), line=_line(settings, key)
+    )
+
+
 def check_paths(settings: Settings) -> list[ConfigError]:
     """Problems with the storage folder, the SQLite file's folder and the model folders."""
-    source = settings.source or Path("<settings>")
     problems = []
     reason = _writable_dir(settings.storage_path)
     if reason:
-        problems.append(
-            ConfigError(
-                source, reason, key="storage.path", line=_line(settings, ("storage", "path"))
-            )
-        )
+        problems.append(_problem(settings, reason, "storage", "path"))
     url = settings.database_url
     if url.startswith("sqlite:///") and ":memory:" not in url:
         reason = _writable_dir(Path(url.removeprefix("sqlite:///")).parent)
         if reason:
-            problems.append(
-                ConfigError(
-                    source, reason, key="database.url", line=_line(settings, ("database", "url"))
-                )
-            )
+            problems.append(_problem(settings, reason, "database", "url"))
     for folder in settings.model_folders:
         if folder.exists() and not folder.is_dir():
-            problems.append(
-                ConfigError(
-                    source,
-                    f"model folder {folder} is not a folder",
-                    key="models.folders",
-                    line=_line(settings, ("models", "folders")),
-                )
-            )
+            reason = f"model folder {folder} is not a folder"
+            problems.append(_problem(settings, reason, "models", "folders"))
     return problems
 
 
 def check_network(settings: Settings) -> list[ConfigError]:
     """Problems that would stop the listeners or the web page from starting: a TLS
     certificate, key or CA that cannot be loaded, the web page on the DICOM port."""
-    source = settings.source or Path("<settings>")
     problems = []
     if settings.tls.enabled:
         from dicomnode.ingest.scp import tls_context
@@ -76,23 +67,10 @@ def check_network(settings: Settings) -> list[ConfigError]:
         try:
             tls_context(settings)
         except ValueError as exc:
-            problems.append(
-                ConfigError(
-                    source,
-                    str(exc).removeprefix("[tls] "),
-                    key="tls",
-                    line=_line(settings, ("tls", "enabled")),
-                )
-            )
+            problems.append(_problem(settings, str(exc).removeprefix("[tls] "), "tls", "enabled"))
     if settings.web.port == settings.node.port:
-        problems.append(
-            ConfigError(
-                source,
-                f"the web page and the DICOM listener cannot share port {settings.web.port}",
-                key="web.port",
-                line=_line(settings, ("web", "port")),
-            )
-        )
+        reason = f"the web page and the DICOM listener cannot share port {settings.web.port}"
+        problems.append(_problem(settings, reason, "web", "port"))
     return problems
 
 
@@ -148,12 +126,7 @@ def check_cards(settings: Settings) -> tuple[list[ModelCard], list[ConfigError]]
             for folder in settings.model_folders
         )
         problems.append(
-            ConfigError(
-                settings.source or Path("<settings>"),
-                f"no model cards found in {searched}",
-                key="models.folders",
-                line=_line(settings, ("models", "folders")),
-            )
+            _problem(settings, f"no model cards found in {searched}", "models", "folders")
         )
     return list(by_name.values()), problems
 

@@ -83,7 +83,7 @@ def test_what_keeps_the_node_from_running_is_refused_by_check_config_and_serve(
     )
     result = _check(config)
     assert result.returncode == 2
-    assert re.search(r":\d+: \[tls\] cannot load cert .*node\.pem", result.stderr)
+    assert re.search(r":\d+: \[tls\.enabled\] cannot load cert .*node\.pem", result.stderr)
     assert re.search(r":5: \[web\.port\] .*cannot share port 11999", result.stderr)
     assert re.search(
         r"\[models\.folders\] no model cards found in .*\(does not exist\)", result.stderr
