@@ -362,21 +362,19 @@ class Worker:
                 paths, destination, self.settings.node.ae_title, destination.timeout_seconds
             )
             outcomes = dict(zip(kinds, sent, strict=True))
-            if job.attempts > 1:
-                # The destination answers again: what waits out its backoff for it goes now.
-                hastened = hasten(
-                    session, "export", lambda other: other.payload.get("destination") == name
-                )
-                if hastened:
-                    log.info(
-                        "destination %s answers again: %d waiting export(s) due now",
-                        name,
-                        hastened,
-                    )
         except Exception as exc:  # no association: every job of it fails alike
             for other in companions:
                 self._record_failure(session, other, exc, started)
             raise
+        if job.attempts > 1:
+            # The destination answers again: what waits out its backoff for it goes now.
+            hastened = hasten(
+                session, "export", lambda other: other.payload.get("destination") == name
+            )
+            if hastened:
+                log.info(
+                    "destination %s answers again: %d waiting export(s) due now", name, hastened
+                )
         for other in companions:
             outcome = outcomes.get(other.id)
             if outcome is not None:

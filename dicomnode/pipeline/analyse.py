@@ -441,20 +441,13 @@ def _superseded(
             )
         )
         if kind == "sr":
-            name_predecessors(ds, [_reference(ds, row) for row in earlier])
+            name_predecessors(
+                ds,
+                [(r.series_instance_uid, r.sop_class_uid, r.sop_instance_uid) for r in earlier],
+            )
         rows.extend(earlier)
     session.commit()
     return rows
-
-
-def _reference(ds: Dataset, row: ResultObject) -> Dataset:
-    """The identity of the earlier result ``row`` of the study of ``ds``."""
-    reference = Dataset()
-    reference.StudyInstanceUID = ds.StudyInstanceUID
-    reference.SeriesInstanceUID = row.series_instance_uid
-    reference.SOPClassUID = row.sop_class_uid
-    reference.SOPInstanceUID = row.sop_instance_uid
-    return reference
 
 
 def mark_failed(

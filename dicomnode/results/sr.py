@@ -82,7 +82,7 @@ def build_sr(evaluations: Sequence[ImageFindings], algorithm: Algorithm) -> pydi
         series_number=SR_SERIES_NUMBER,
         # One report per model version and set of images reported on: a re-run on the same
         # images gives the same instance, one with late images a new one (a UID names one
-        # content), which names this one its predecessor (supersede_results).
+        # content), which names this one its predecessor (name_predecessors).
         sop_instance_uid=result_instance_uid(sop_uids, algorithm, "sr"),
         instance_number=1,
         manufacturer=EQUIPMENT_MANUFACTURER,
@@ -97,33 +97,28 @@ def build_sr(evaluations: Sequence[ImageFindings], algorithm: Algorithm) -> pydi
     return sr
 
 
-def name_predecessors(sr: pydicom.Dataset, previous: Sequence[pydicom.Dataset]) -> None:
+def name_predecessors(sr: pydicom.Dataset, previous: Sequence[tuple[str, str, str]]) -> None:
     """Name earlier versions of the report ``sr`` (its model's reports on fewer of the
     study's images) in its Predecessor Documents Sequence (SR Document General Module,
-    PS3.3 C.17.2); ``previous``: datasets with their SOP Class and Instance, Series and
-    Study Instance UIDs."""
+    PS3.3 C.17.2); ``previous``: their (Series Instance, SOP Class, SOP Instance) UIDs, in
+    the report's study."""
     if not previous:
         return
-    by_series: dict[tuple[str, str], list[pydicom.Dataset]] = {}
-    for version in previous:
+    by_series: dict[str, list[pydicom.Dataset]] = {}
+    for series_uid, sop_class_uid, sop_instance_uid in previous:
         reference = pydicom.Dataset()
-        reference.ReferencedSOPClassUID = version.SOPClassUID
-        reference.ReferencedSOPInstanceUID = version.SOPInstanceUID
-        key = (str(version.StudyInstanceUID), str(version.SeriesInstanceUID))
-        by_series.setdefault(key, []).append(reference)
-    items = []
-    for study_uid in sorted({study for study, _ in by_series}):
-        item = pydicom.Dataset()
-        item.StudyInstanceUID = study_uid
-        item.ReferencedSeriesSequence = []
-        for (study, series_uid), references in sorted(by_series.items()):
-            if study == study_uid:
-                series = pydicom.Dataset()
-                series.SeriesInstanceUID = series_uid
-                series.ReferencedSOPSequence = references
-                item.ReferencedSeriesSequence.append(series)
-        items.append(item)
-    sr.PredecessorDocumentsSequence = items
+        reference.ReferencedSOPClassUID = sop_class_uid
+        reference.ReferencedSOPInstanceUID = sop_instance_uid
+        by_series.setdefault(series_uid, []).append(reference)
+    study = pydicom.Dataset()
+    study.StudyInstanceUID = sr.StudyInstanceUID
+    study.ReferencedSeriesSequence = []
+    for series_uid, references in sorted(by_series.items()):
+        series = pydicom.Dataset()
+        series.SeriesInstanceUID = series_uid
+        series.ReferencedSOPSequence = references
+        study.ReferencedSeriesSequence.append(series)
+    sr.PredecessorDocumentsSequence = [study]
 
 
 def validate_evaluation(evaluation: ImageFindings, allow_empty: bool = False) -> pydicom.Dataset:
