@@ -303,6 +303,23 @@ def test_openapi_schema_lists_the_endpoints_and_bearer_auth(site: Site) -> None:
     assert "post" in paths["/api/login"]
     assert "HTTPBearer" in schema["components"]["securitySchemes"]
     assert "/worklist" not in paths
+    # Every /api operation documents the refusals it may give, with their body.
+    error = {"$ref": "#/components/schemas/ErrorOut"}
+    for path, operations in paths.items():
+        for method, operation in operations.items():
+            answers = operation["responses"]
+            for code in ("401", "403"):
+                assert answers[code]["content"]["application/json"]["schema"] == error, (
+                    path,
+                    method,
+                    code,
+                )
+    assert (
+        "ErrorOut"
+        in paths["/api/studies/{study_instance_uid}/claim"]["post"]["responses"]["409"]["content"][
+            "application/json"
+        ]["schema"]["$ref"]
+    )
 
 
 def test_pages_send_security_headers(site: Site) -> None:

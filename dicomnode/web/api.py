@@ -25,8 +25,10 @@ from dicomnode.users import authenticate, issue_token, revoke_token
 from dicomnode.web.auth import SESSION_LIFETIME, Caller, admin_only
 from dicomnode.web.jobs_api import rows_out
 from dicomnode.web.schemas import (
+    AUTH_ERRORS,
     MAX_DB_INT,
     AuditOut,
+    ErrorOut,
     LoginIn,
     MeOut,
     OverrideIn,
@@ -43,9 +45,12 @@ from dicomnode.worklist.service import ClaimConflict, InvalidRequest, StudyNotFo
 
 log = logging.getLogger(__name__)
 
-ERRORS = {
-    404: {"description": "no such study or result object"},
-    409: {"description": "not possible in the study's state (e.g. claimed by someone else)"},
+ERRORS: dict[int | str, dict] = {
+    404: {"model": ErrorOut, "description": "no such study or result object"},
+    409: {
+        "model": ErrorOut,
+        "description": "not possible in the study's state (e.g. claimed by someone else)",
+    },
 }
 
 
@@ -66,7 +71,7 @@ def api_router(
     site_worklist: Callable[[], WorklistSettings],
 ) -> APIRouter:
     """The /api routes over the node's database."""
-    router = APIRouter(prefix="/api")
+    router = APIRouter(prefix="/api", responses=AUTH_ERRORS)
     authenticated = Depends(caller_of)
 
     def admin(caller: Caller = authenticated) -> Caller:

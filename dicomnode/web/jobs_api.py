@@ -21,7 +21,7 @@ from dicomnode.db.models import Job, Study
 from dicomnode.db.session import as_utc, utcnow
 from dicomnode.jobs import retry
 from dicomnode.web.auth import Caller, admin_only
-from dicomnode.web.schemas import MAX_DB_INT, WorklistRowOut, row_out
+from dicomnode.web.schemas import AUTH_ERRORS, MAX_DB_INT, WorklistRowOut, row_out
 from dicomnode.worklist import audit
 from dicomnode.worklist.service import WorklistRow
 
@@ -56,7 +56,7 @@ def _job_out(job: Job, study_uid: str) -> JobOut:
 
 def jobs_router(sessions: sessionmaker[Session], caller_of: Callable[..., Caller]) -> APIRouter:
     """The /api/jobs routes (admin only)."""
-    router = APIRouter(prefix="/api/jobs", tags=["jobs"])
+    router = APIRouter(prefix="/api/jobs", tags=["jobs"], responses=AUTH_ERRORS)
 
     authenticated = Depends(caller_of)
 

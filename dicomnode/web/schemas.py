@@ -78,6 +78,27 @@ class WorklistOut(BaseModel):
     rows: list[WorklistRowOut]
 
 
+class ErrorOut(BaseModel):
+    """What an error answers (FastAPI's request validation aside)."""
+
+    detail: str = Field(description="why the request was refused")
+
+
+# Answers every /api route may give besides its own (documented in the OpenAPI schema).
+AUTH_ERRORS: dict[int | str, dict] = {
+    401: {"model": ErrorOut, "description": "not logged in: no, a bad or an expired token"},
+    403: {
+        "model": ErrorOut,
+        "description": "admins only (audit, jobs), or a cookie session's change without its "
+        "CSRF token",
+    },
+    422: {
+        "description": "invalid request: FastAPI's list of validation errors, or ErrorOut "
+        "(e.g. an override without a reason)"
+    },
+}
+
+
 class AuditOut(BaseModel):
     at: datetime
     actor: str
