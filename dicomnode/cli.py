@@ -1,4 +1,4 @@
-"""Command line: ``dicomnode serve|worker|check-config|worklist|models|synth|db``."""
+"""Command line: ``dicomnode <command>``, one function per command (``cmd_*``)."""
 
 from __future__ import annotations
 
@@ -341,7 +341,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dicomnode", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="dicomnode",
+        description=f"DICOM AI triage node ({RESEARCH_DEMO_NOTICE}). Each command has --help.",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     def with_config(sub: argparse.ArgumentParser) -> argparse.ArgumentParser:
