@@ -290,10 +290,30 @@ def cmd_users(args: argparse.Namespace) -> int:
         except UserError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
+        if args.users_command != "list":
+            _audit_users_command(session, args)
         session.commit()
     if output:
         print(output)
     return 0
+
+
+def _audit_users_command(session: Session, args: argparse.Namespace) -> None:
+    """Record a change to the web users in the audit log, in its transaction: action
+    ``user_<command>``, actor the operating-system account that ran it (no secret)."""
+    import getpass
+
+    from dicomnode.db.session import utcnow
+    from dicomnode.worklist import audit
+
+    detail = f"user {args.name}"
+    if args.users_command == "add":
+        detail += f", role {args.role}"
+    elif args.users_command == "token":
+        detail += f", {f'{args.days:g} days' if args.days else 'no expiry'}"
+    audit.record(
+        session, f"cli:{getpass.getuser()}", f"user_{args.users_command}", utcnow(), detail=detail
+    )
 
 
 def _token_days(text: str) -> float:

@@ -126,3 +126,31 @@ def test_a_token_that_would_be_born_expired_is_refused(node: Node) -> None:
         assert made.stdout == "", days
         assert "--days" in made.stderr and "Traceback" not in made.stderr, made.stderr
     assert node.users("token", "alice", "--days=0").stdout.startswith("dn_")
+
+
+def test_every_change_to_the_users_is_in_the_audit_log(node: Node, sessions) -> None:
+    """Who changed which web user, and how, from the CLI (no password or token in it)."""
+    import getpass
+
+    from sqlalchemy import select
+
+    from dicomnode.db.models import AuditEntry
+
+    token = add_cli_user(node.config, "carol", "radiologist")
+    assert node.users("disable", "carol").returncode == 0
+    assert node.users("enable", "carol").returncode == 0
+    assert node.users("password", "carol", "--password-stdin", stdin=NEW_PASSWORD).returncode == 0
+    assert node.users("revoke", "carol").returncode == 0
+    assert node.users("list").returncode == 0  # reads only: not audited
+    with sessions() as session:
+        entries = session.scalars(select(AuditEntry).order_by(AuditEntry.id)).all()
+    actor = f"cli:{getpass.getuser()}"
+    assert [(e.actor, e.action, e.detail) for e in entries] == [
+        (actor, "user_add", "user carol, role radiologist"),
+        (actor, "user_token", "user carol, 30 days"),
+        (actor, "user_disable", "user carol"),
+        (actor, "user_enable", "user carol"),
+        (actor, "user_password", "user carol"),
+        (actor, "user_revoke", "user carol"),
+    ]
+    assert not any(secret in repr(entries) for secret in (token, NEW_PASSWORD, TEST_PASSWORD))
