@@ -310,7 +310,7 @@ def _audit_users_command(session: Session, args: argparse.Namespace) -> None:
     if args.users_command == "add":
         detail += f", role {args.role}"
     elif args.users_command == "token":
-        detail += f", {f'{args.days:g} days' if args.days else 'no expiry'}"
+        detail += f", {args.days:g} days" if args.days else ", no expiry"
     audit.record(
         session, f"cli:{getpass.getuser()}", f"user_{args.users_command}", utcnow(), detail=detail
     )
