@@ -123,6 +123,11 @@ class StudyFailures:
     results_error: str = ""
 
 
+def _export_error(payload: dict | None, reason: str) -> str:
+    """A dead-lettered export as the worklist and the study view say it: "destination: reason"."""
+    return f"{(payload or {}).get('destination', '')}: {reason}"
+
+
 def failures(session: Session, study_instance_uid: str) -> StudyFailures:
     """The study's analysis error, its dead-lettered exports ("destination: reason") and the
     state of its latest results job (the result objects are written after the priority)."""
@@ -136,7 +141,7 @@ def failures(session: Session, study_instance_uid: str) -> StudyFailures:
         .where(Job.study_id == study.id, Job.kind == "export", Job.state == "dead")
         .order_by(Job.id)
     ).all()
-    errors = [f"{(job.payload or {}).get('destination', '')}: {job.last_error}" for job in dead]
+    errors = [_export_error(job.payload, job.last_error) for job in dead]
     results = session.scalars(
         select(Job)
         .where(Job.study_id == study.id, Job.kind == "results")
@@ -167,7 +172,7 @@ def export_failures(session: Session, study_instance_uids: list[str]) -> dict[st
     ).all()
     failed: dict[str, str] = {}
     for uid, payload, reason in dead:
-        failed.setdefault(uid, f"{(payload or {}).get('destination', '')}: {reason}")
+        failed.setdefault(uid, _export_error(payload, reason))
     return failed
 
 
