@@ -35,6 +35,12 @@ class NodeSettings(_Section):
     max_associations: int = Field(default=16, ge=1)
     max_pdu: int = Field(default=0, ge=0, description="0 = unlimited")
     require_known_peers: bool = False
+    # Off by default, as dcmtk's storescp and Orthanc: senders configured with another
+    # called AE title are still served.
+    require_called_ae: bool = Field(
+        default=False,
+        description="reject associations whose called AE title is not ae_title",
+    )
     # Larger C-STORE datasets are refused with 0xA700 (checked while the data arrive).
     max_instance_bytes: int = Field(default=1024**3, ge=1)
     # Four by default, also on two cores: one association per process keeps concurrent

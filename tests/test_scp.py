@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import subprocess
 import warnings
 from collections.abc import Iterator
 from datetime import datetime
@@ -13,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from conftest import free_port, wait_for
+from conftest import dcmtk, free_port, wait_for
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 from pynetdicom import AE, evt
@@ -70,12 +71,12 @@ class Node:
         self.storage = storage
         self.port = scp.settings.node.port
 
-    def associate(self, calling_ae: str = "MODALITY"):
+    def associate(self, calling_ae: str = "MODALITY", called_ae: str = "DICOMNODE"):
         ae = AE(ae_title=calling_ae)
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
         ae.add_requested_context(Verification)
         ae.add_requested_context(SecondaryCaptureImageStorage, ExplicitVRLittleEndian)
-        assoc = ae.associate("127.0.0.1", self.port, ae_title="DICOMNODE")
+        assoc = ae.associate("127.0.0.1", self.port, ae_title=called_ae)
         if assoc.is_established:
             keep_responses(assoc)  # as a modality that pynetdicom's reactor race does not hit
         return assoc
@@ -233,6 +234,41 @@ def test_unknown_calling_ae_is_rejected(tmp_path: Path, sessions: sessionmaker[S
         ds = secondary_capture()
         assert node.store(ds, calling_ae="CT01") == 0x0000
         assert node.instances(ds.SOPInstanceUID) == 1
+
+
+def echoscu(port: int, called_ae: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [dcmtk("echoscu"), "-aet", "MODALITY", "-aec", called_ae, "127.0.0.1", str(port)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+def test_wrong_called_ae_is_rejected_only_when_required(
+    tmp_path: Path, sessions: sessionmaker[Session], caplog: pytest.LogCaptureFixture
+) -> None:
+    for node in start_node(tmp_path, sessions, {"require_called_ae": True}):
+        with caplog.at_level(logging.WARNING, logger="dicomnode"):
+            wrong = echoscu(node.port, "OTHERNODE")
+        assert wrong.returncode != 0
+        assert "Called AE Title Not Recognized" in wrong.stdout + wrong.stderr
+        assert "called 'OTHERNODE', not this node's 'DICOMNODE'" in caplog.text
+        assert echoscu(node.port, "DICOMNODE").returncode == 0
+        ds = secondary_capture()
+        assert node.store(ds) == 0x0000
+        # A reload that lifts the requirement applies to the next association.
+        relaxed = node.scp.settings.model_copy(deep=True)
+        relaxed.node.require_called_ae = False
+        node.scp.settings = relaxed
+        assert echoscu(node.port, "OTHERNODE").returncode == 0
+
+
+def test_any_called_ae_is_served_by_default(node: Node) -> None:
+    assert echoscu(node.port, "ANYTHING").returncode == 0
+    assoc = node.associate(called_ae="ANYTHING")
+    assert assoc.is_established
+    assoc.release()
 
 
 def test_release_pushes_ready_at(node: Node) -> None:

@@ -130,6 +130,22 @@ def peer_allowed(
     return any(p.ae_title == calling_ae and p.host in ("", address) for p in peers)
 
 
+def called_ae_accepted(ae_title: str, called_ae: str, required: bool) -> bool:
+    """Whether an association calling ``called_ae`` is for this node: any title unless
+    ``required`` (``[node] require_called_ae``); spaces around titles are not significant."""
+    return not required or called_ae.strip() == ae_title.strip()
+
+
+def _reject(event: evt.Event, reason: int) -> None:
+    """Reject an association permanently, by the service user, for ``reason`` (PS3.8
+    9.3.4: 0x03 calling AE title, 0x07 called AE title not recognised)."""
+    metrics.count_association("rejected")
+    event.assoc.acse.send_reject(0x01, 0x01, reason)
+    # As pynetdicom's own rejections do: let the DUL send the A-ASSOCIATE-RJ before the
+    # socket closes, or the peer sees an abort instead of the reason.
+    event.assoc.kill()
+
+
 class StorageSCP:
     """Owns the pynetdicom AE and the per-association bookkeeping."""
 
@@ -193,23 +209,30 @@ class StorageSCP:
 
     def _on_requested(self, event: evt.Event) -> None:
         requestor = event.assoc.requestor
-        # At EVT_REQUESTED only the A-ASSOCIATE-RQ primitive carries the calling AE title.
+        # At EVT_REQUESTED only the A-ASSOCIATE-RQ primitive carries the AE titles.
         calling_ae = str(requestor.primitive.calling_ae_title).strip()
         address = requestor.address
-        if not peer_allowed(
-            self.settings.peers, calling_ae, address, self.settings.node.require_known_peers
-        ):
+        node = self.settings.node
+        if not peer_allowed(self.settings.peers, calling_ae, address, node.require_known_peers):
             log.warning(
                 "association rejected: calling AE %r from %s is not an allowed peer",
                 calling_ae,
                 address,
             )
             # Rejected permanent, service user, calling AE title not recognised.
-            metrics.count_association("rejected")
-            event.assoc.acse.send_reject(0x01, 0x01, 0x03)
-            # As pynetdicom's own rejections do: let the DUL send the A-ASSOCIATE-RJ before
-            # the socket closes, or the peer sees an abort instead of the reason.
-            event.assoc.kill()
+            _reject(event, 0x03)
+            return
+        called_ae = str(requestor.primitive.called_ae_title).strip()
+        if not called_ae_accepted(node.ae_title, called_ae, node.require_called_ae):
+            log.warning(
+                "association rejected: calling AE %r from %s called %r, not this node's %r",
+                calling_ae,
+                address,
+                called_ae,
+                node.ae_title,
+            )
+            # Rejected permanent, service user, called AE title not recognised.
+            _reject(event, 0x07)
             return
         if self.slots is not None:
             if not self.slots.acquire(self.settings.node.max_associations):
