@@ -382,16 +382,6 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--workers", type=int, default=None, help="override [worker] count")
     serve.set_defaults(func=cmd_serve)
 
-    # One of the listener processes `serve` starts, not for people: a parser without help gets
-    # no line in the command list, and the metavar set below leaves it out of the usage.
-    listener = with_config(commands.add_parser(HIDDEN_COMMAND))
-    listener.add_argument("--index", type=int, default=0)
-    listener.add_argument("--slots", type=Path, default=None)
-    listener.add_argument("--connections", type=Path, default=None)
-    listener.add_argument("--socket-fd", type=int, default=None)
-    listener.add_argument("--index-fd", type=int, default=None)
-    listener.set_defaults(func=cmd_listener)
-
     worker = with_config(commands.add_parser("worker", help="run one job worker"))
     worker.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
     worker.set_defaults(func=cmd_worker)
@@ -518,13 +508,32 @@ def build_parser() -> argparse.ArgumentParser:
         help="set every finding's specificity to 1 - this (e.g. 0.1)",
     )
     simulate.set_defaults(func=cmd_simulate)
-    public = [name for name in commands.choices if name != HIDDEN_COMMAND]
-    commands.metavar = "{" + ",".join(public) + "}"
     return parser
 
 
+def listener_parser() -> argparse.ArgumentParser:
+    """``dicomnode listener``: one of the listener processes ``serve`` starts, not for
+    people, so kept out of the public parser (its usage, help and invalid-choice list)."""
+    listener = argparse.ArgumentParser(prog=f"dicomnode {HIDDEN_COMMAND}")
+    listener.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    listener.add_argument("--index", type=int, default=0)
+    listener.add_argument("--slots", type=Path, default=None)
+    listener.add_argument("--connections", type=Path, default=None)
+    listener.add_argument("--socket-fd", type=int, default=None)
+    listener.add_argument("--index-fd", type=int, default=None)
+    listener.set_defaults(func=cmd_listener)
+    return listener
+
+
+def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == [HIDDEN_COMMAND]:
+        return listener_parser().parse_args(argv[1:])
+    return build_parser().parse_args(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_arguments(argv)
     try:
         return args.func(args)
     except ConfigError as exc:

@@ -55,3 +55,7 @@ def test_help_lists_only_the_commands_for_people() -> None:
     hidden = run_cli("listener", "--help")
     assert hidden.returncode == 0
     assert "--socket-fd" in hidden.stdout
+    wrong = run_cli("lisener")
+    assert wrong.returncode == 2
+    assert "invalid choice: 'lisener'" in wrong.stderr
+    assert "listener" not in wrong.stderr
