@@ -23,7 +23,7 @@ from dicomnode.db.models import ResultObject, Study
 from dicomnode.db.session import utcnow
 from dicomnode.users import authenticate, issue_token, revoke_token
 from dicomnode.web.auth import SESSION_LIFETIME, Caller, admin_only
-from dicomnode.web.jobs_api import rows_out
+from dicomnode.web.job_failures import rows_out
 from dicomnode.web.schemas import (
     AUTH_ERRORS,
     MAX_DB_INT,

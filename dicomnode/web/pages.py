@@ -27,7 +27,7 @@ from dicomnode.web.auth import (
     same_secret,
     session_csrf,
 )
-from dicomnode.web.jobs_api import rows_out
+from dicomnode.web.job_failures import rows_out
 from dicomnode.web.schemas import WorklistOut
 from dicomnode.web.study_view import study_detail
 from dicomnode.worklist import audit, service

@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 from dicomnode.config import WorklistSettings
 from dicomnode.db.models import FindingRow, Job, ResultObject, Study
 from dicomnode.db.session import as_utc
-from dicomnode.web.jobs_api import failures, rows_out
+from dicomnode.web.job_failures import failures, rows_out
 from dicomnode.web.schemas import StudyOut, audit_out
 from dicomnode.worklist import audit, service
 
