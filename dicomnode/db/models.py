@@ -24,6 +24,11 @@ class Base(DeclarativeBase):
 
 
 UID = String(64)
+# Every table's __table_args__ ends with this: on SQLite, INTEGER PRIMARY KEY AUTOINCREMENT,
+# so that the id of a deleted row (retention, a superseded result, a revoked token) is never
+# given to a new one; a job or audit entry id once shown or logged names that row for good.
+# PostgreSQL sequences never hand an id out twice anyway.
+AUTOINCREMENT = {"sqlite_autoincrement": True}
 
 
 class Study(Base):
@@ -95,11 +100,13 @@ class Study(Base):
             )
             for columns in (("tier",), ("modality",), ("tier", "modality"))
         ),
+        AUTOINCREMENT,
     )
 
 
 class Series(Base):
     __tablename__ = "series"
+    __table_args__ = (AUTOINCREMENT,)
 
     id: Mapped[int] = mapped_column(primary_key=True)
     study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), index=True)
@@ -115,6 +122,7 @@ class Series(Base):
 
 class Instance(Base):
     __tablename__ = "instances"
+    __table_args__ = (AUTOINCREMENT,)
 
     id: Mapped[int] = mapped_column(primary_key=True)
     series_id: Mapped[int] = mapped_column(ForeignKey("series.id", ondelete="CASCADE"), index=True)
@@ -152,13 +160,14 @@ class Job(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
-    __table_args__ = (Index("ix_jobs_claim", "state", "run_after"),)
+    __table_args__ = (Index("ix_jobs_claim", "state", "run_after"), AUTOINCREMENT)
 
 
 class FindingRow(Base):
     """One label's outcome of one model on one study (the highest probability over images)."""
 
     __tablename__ = "findings"
+    __table_args__ = (AUTOINCREMENT,)
 
     id: Mapped[int] = mapped_column(primary_key=True)
     study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), index=True)
@@ -178,6 +187,7 @@ class ResultObject(Base):
     """A DICOM object the node wrote (SR, SC overlay, ...), kept on disk for export."""
 
     __tablename__ = "results"
+    __table_args__ = (AUTOINCREMENT,)
 
     id: Mapped[int] = mapped_column(primary_key=True)
     study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), index=True)
@@ -195,6 +205,7 @@ class ResultObject(Base):
 
 class AuditEntry(Base):
     __tablename__ = "audit_log"
+    __table_args__ = (AUTOINCREMENT,)
 
     id: Mapped[int] = mapped_column(primary_key=True)
     at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
@@ -210,6 +221,7 @@ class User(Base):
     """A local web user: radiologist or admin, with an Argon2id password hash."""
 
     __tablename__ = "users"
+    __table_args__ = (AUTOINCREMENT,)
 
     id: Mapped[int] = mapped_column(primary_key=True)
     username: Mapped[str] = mapped_column(String(64), unique=True)
@@ -223,6 +235,7 @@ class ApiToken(Base):
     """An opaque bearer or session token; only its SHA-256 is stored."""
 
     __tablename__ = "api_tokens"
+    __table_args__ = (AUTOINCREMENT,)
 
     id: Mapped[int] = mapped_column(primary_key=True)
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
