@@ -43,6 +43,7 @@ import statistics
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -50,7 +51,7 @@ import onnxruntime as ort
 
 from dicomnode.config import InferenceSettings
 from dicomnode.models.registry import ModelCard, discover_cards
-from dicomnode.pipeline.runtime import Runtime, load_session
+from dicomnode.pipeline.runtime import Runtime, cpu_cores, intra_op_threads, load_session
 
 REPO = Path(__file__).resolve().parent.parent
 GOAL = 0.9
@@ -63,17 +64,75 @@ def inputs(card: ModelCard, count: int) -> np.ndarray:
 
 
 def bare_throughput(
-    session: ort.InferenceSession, card: ModelCard, images: np.ndarray, size: int, passes: int = 1
+    session: ort.InferenceSession,
+    card: ModelCard,
+    images: np.ndarray,
+    size: int,
+    passes: int = 1,
+    callers: int = 1,
 ) -> float:
     """Images per second of plain session.run over ``images`` in batches of ``size``,
-    ``passes`` times."""
+    ``passes`` times, called by ``callers`` threads at once (1: this thread alone)."""
     names = [spec.name for spec in card.outputs]
     session.run(names, {card.input.name: images[:size]})  # warm-up for this shape
-    started = time.perf_counter()
-    for _ in range(passes):
-        for start in range(0, len(images), size):
+    starts = range(0, len(images), size)
+    if callers == 1:
+        started = time.perf_counter()
+        for _ in range(passes):
+            for start in starts:
+                session.run(names, {card.input.name: images[start : start + size]})
+        return passes * len(images) / (time.perf_counter() - started)
+    next_call = itertools.count()  # next() on it is atomic
+    calls = passes * len(starts)
+    barrier = threading.Barrier(callers + 1)
+
+    def caller() -> None:
+        barrier.wait()
+        while (call := next(next_call)) < calls:
+            start = starts[call % len(starts)]
             session.run(names, {card.input.name: images[start : start + size]})
+
+    threads = [threading.Thread(target=caller) for _ in range(callers)]
+    for thread in threads:
+        thread.start()
+    barrier.wait()
+    started = time.perf_counter()
+    for thread in threads:
+        thread.join()
     return passes * len(images) / (time.perf_counter() - started)
+
+
+@dataclass(frozen=True)
+class BareWay:
+    """One way to run the model bare: a session and how many threads call it at once."""
+
+    name: str
+    session: ort.InferenceSession
+    callers: int
+
+
+def bare_ways(
+    card: ModelCard, providers: list[str], settings: InferenceSettings, in_flight: int
+) -> list[BareWay]:
+    """The bare references: a session with the node's settings called by as many threads as
+    the node runs batches at once, and one called by a single thread; on the CPU also a
+    session on onnxruntime's own thread pool (a thread per core) called by one thread, the
+    way onnxruntime runs when nothing is set."""
+    session = load_session(card, providers, settings)
+    ways = [BareWay(f"{in_flight} caller(s), node's session", session, in_flight)]
+    if in_flight > 1:
+        ways.append(BareWay("1 caller, node's session", session, 1))
+    if session.get_providers()[0] == "CPUExecutionProvider":
+        pooled = settings.model_copy(update={"intra_op_threads": cpu_cores()})
+        if intra_op_threads(settings, on_cpu=True) != cpu_cores():
+            ways.append(
+                BareWay(
+                    f"1 caller, {cpu_cores()} intra-op threads",
+                    load_session(card, providers, pooled),
+                    1,
+                )
+            )
+    return ways
 
 
 def runtime_throughput(
@@ -194,23 +253,29 @@ def main(argv: list[str] | None = None) -> int:
             pinned_buffers=args.pinned,
             bound_outputs=args.bound_outputs,
         )
-        session = load_session(card, providers, settings)
+        in_flight = Runtime(providers, settings).in_flight(card)
+        ways = bare_ways(card, providers, settings, in_flight)
         images = inputs(card, args.images)
         print(
             f"\n{card.model.name} {card.model.version}: input {list(card.input.shape)}, "
-            f"{len(images)} images; running on {session.get_providers()[0]}, intra-op threads "
-            f"{args.intra_op_threads or 'auto'}"
+            f"{len(images)} images; running on {ways[0].session.get_providers()[0]}, intra-op "
+            f"threads {intra_op_threads(settings, on_cpu=True) or 'auto'}, {in_flight} in flight"
         )
-        bare = {
-            size: max(bare_throughput(session, card, images, size) for _ in range(args.rounds))
+        sweep = {
+            (way.name, size): max(
+                bare_throughput(way.session, card, images, size, callers=way.callers)
+                for _ in range(args.rounds)
+            )
+            for way in ways
             for size in sizes
         }
-        for size, rate in bare.items():
-            print(f"  (a) bare session.run, batch {size:3d}: {rate:8.1f} images/s")
-        best_size = max(bare, key=bare.__getitem__)
+        for (name, size), rate in sweep.items():
+            print(f"  (a) bare session.run, {name}, batch {size:3d}: {rate:8.1f} images/s")
+        best_name, best_size = max(sweep, key=sweep.__getitem__)
+        best_way = next(way for way in ways if way.name == best_name)
         # Each paired measurement lasts at least --seconds (this VM's speed changes within
         # a second): as many passes over the images as that takes at the sweep's best rate.
-        passes = max(1, math.ceil(args.seconds * bare[best_size] / len(images)))
+        passes = max(1, math.ceil(args.seconds * sweep[best_name, best_size] / len(images)))
         settings = settings.model_copy(update={"batch_size": best_size})
         runtime = Runtime(providers, settings)
         per_call = args.images_per_call
@@ -225,7 +290,9 @@ def main(argv: list[str] | None = None) -> int:
             measured = {}
             for path in ("bare", "node") if index % 2 == 0 else ("node", "bare"):
                 measured[path] = (
-                    bare_throughput(session, card, images, best_size, passes)
+                    bare_throughput(
+                        best_way.session, card, images, best_size, passes, best_way.callers
+                    )
                     if path == "bare"
                     else runtime_throughput(runtime, card, images, callers, per_call, passes)
                 )
@@ -234,7 +301,8 @@ def main(argv: list[str] | None = None) -> int:
         ratios = [node / bare_rate for bare_rate, node in pairs]
         ratio = statistics.median(ratios)
         print(
-            f"  (a) bare session.run, batch {best_size}, paired rounds of {passes} pass(es): "
+            f"  (a) bare session.run, {best_name}, batch {best_size}, paired rounds of "
+            f"{passes} pass(es): "
             f"{statistics.median(a for a, _ in pairs):8.1f} images/s (median)"
         )
         print(

@@ -129,13 +129,15 @@ class WorkerSettings(_Section):
 class InferenceSettings(_Section):
     """onnxruntime sessions: thread pools, batching across studies, IO binding."""
 
-    intra_op_threads: int = Field(default=0, ge=0, description="0 = onnxruntime's default")
+    intra_op_threads: int = Field(
+        default=0, ge=0, description="0 = one on the CPU, onnxruntime's default on a device"
+    )
     inter_op_threads: int = Field(default=0, ge=0, description="0 = onnxruntime's default")
     execution_mode: Literal["sequential", "parallel"] = "sequential"
     batch_size: int = Field(default=8, ge=1)
     max_wait_ms: float = Field(default=5.0, ge=0)
     io_binding: Literal["auto", "on", "off"] = "auto"
-    # Batches of one model run at once; 0 = 2 on GPU providers, 1 on CPU.
+    # Batches of one model run at once; 0 = 2 on GPU providers, cores / intra-op threads on CPU.
     in_flight: int = Field(default=0, ge=0)
     # GPU batches joined in page-locked host memory; "off" = pageable.
     pinned_buffers: Literal["auto", "off"] = "auto"

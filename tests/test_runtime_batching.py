@@ -19,6 +19,7 @@ from onnx import TensorProto, helper
 
 from dicomnode.config import InferenceSettings
 from dicomnode.models.registry import ModelCard, load_card
+from dicomnode.pipeline import runtime as runtime_module
 from dicomnode.pipeline.runtime import MicroBatcher, Runtime, batch_buckets, output_specs
 
 CARD = """\
@@ -371,6 +372,36 @@ def test_thread_settings_and_providers_are_logged_and_applied(
     assert "CUDAExecutionProvider is not used; it runs on CPUExecutionProvider" in caplog.text
 
 
+def test_cpu_runs_one_thread_each_and_a_batch_per_core_by_default(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On the CPU a run takes one thread and as many batches run at once as there are cores
+    (for the small demo models more images per second than one run on every core); set
+    thread counts are kept, and in_flight follows them."""
+    card = make_model(tmp_path, "tiny")
+    monkeypatch.setattr(runtime_module.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    caplog.set_level(logging.INFO, logger="dicomnode.runtime")
+    runtime = Runtime(["CPUExecutionProvider"], InferenceSettings())
+    assert runtime.session(card).get_session_options().intra_op_num_threads == 1
+    assert runtime.in_flight(card) == 4
+    assert "intra-op threads 1," in caplog.text
+    runtime = Runtime(["CPUExecutionProvider"], InferenceSettings(intra_op_threads=2))
+    assert runtime.session(card).get_session_options().intra_op_num_threads == 2
+    assert runtime.in_flight(card) == 2
+    runtime = Runtime(["CPUExecutionProvider"], InferenceSettings(in_flight=1))
+    assert runtime.in_flight(card) == 1
+    # Several batches at once still give every caller exactly its own rows.
+    runtime = Runtime(["CPUExecutionProvider"], InferenceSettings(batch_size=2))
+    batches = [images(seed, 1) for seed in range(32)]
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(lambda batch: runtime.run(card, batch), batches))
+    for result, batch in zip(got, batches, strict=True):
+        want = alone(card, batch)
+        np.testing.assert_allclose(result["probability"], want["probability"], rtol=1e-6)
+        np.testing.assert_allclose(result["cam"], want["cam"], rtol=1e-6)
+    assert runtime.stats(card).largest == 2
+
+
 def test_a_lone_registered_caller_does_not_wait(tmp_path: Path) -> None:
     card = make_model(tmp_path, "tiny")
     # A minute's wait would time the test out: with every registered analysis already waiting
@@ -547,7 +578,7 @@ def test_an_idle_dispatcher_ends_and_a_new_request_starts_another(tmp_path: Path
     batcher.IDLE_SECONDS = 0.2
     first, second = images(12, 1), images(13, 1)
     np.testing.assert_allclose(runtime.run(card, first)["cam"], alone(card, first)["cam"])
-    assert batcher.dispatchers == 1
+    assert batcher.dispatchers == batcher.in_flight >= 1
     deadline = time.monotonic() + 10
     while batcher.dispatchers and time.monotonic() < deadline:
         time.sleep(0.05)

@@ -15,6 +15,7 @@ import copy
 import functools
 import itertools
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -70,11 +71,33 @@ def usable_providers(wanted: list[str]) -> list[str]:
     return chosen
 
 
-def session_options(settings: InferenceSettings) -> ort.SessionOptions:
+def cpu_cores() -> int:
+    """Cores this process may run on."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
+
+
+def intra_op_threads(settings: InferenceSettings, on_cpu: bool) -> int:
+    """Threads of one run: ``[inference] intra_op_threads``, or when 0 one on the CPU (a run
+    per core at once, see ``cpu_in_flight``) and onnxruntime's default on a device."""
+    return settings.intra_op_threads or (1 if on_cpu else 0)
+
+
+def cpu_in_flight(settings: InferenceSettings) -> int:
+    """Batches of a model run at once on the CPU when ``in_flight`` is 0: as many as the cores
+    hold runs of ``intra_op_threads`` threads. One thread per run, a run per core, gives the
+    small demo models 5-45 % more images per second than one run on every core (whose
+    parallel sections wait for the slowest thread), and far more when other work takes a core
+    (benchmarks/README.md, Inference)."""
+    return max(1, cpu_cores() // intra_op_threads(settings, on_cpu=True))
+
+
+def session_options(settings: InferenceSettings, on_cpu: bool = True) -> ort.SessionOptions:
     """Session options from ``[inference]``: thread pools and execution mode."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    options.intra_op_num_threads = settings.intra_op_threads
+    options.intra_op_num_threads = intra_op_threads(settings, on_cpu)
     options.inter_op_num_threads = settings.inter_op_threads
     options.execution_mode = EXECUTION_MODES[settings.execution_mode]
     return options
@@ -88,9 +111,11 @@ def load_session(
     path = card.onnx_path
     if not path.is_file():
         raise ModelLoadError(f"{card.model.name}: ONNX file {path} does not exist")
+    usable = usable_providers(providers)
+    on_cpu = usable[0] == "CPUExecutionProvider"
     try:
         session = ort.InferenceSession(
-            str(path), sess_options=session_options(settings), providers=usable_providers(providers)
+            str(path), sess_options=session_options(settings, on_cpu), providers=usable
         )
     except Exception as exc:  # onnxruntime raises its own exception types
         raise ModelLoadError(f"{card.model.name}: cannot load {path}: {exc}") from exc
@@ -121,7 +146,7 @@ def load_session(
         card.model.version,
         running[0],
         ", ".join(providers),
-        settings.intra_op_threads or "auto",
+        intra_op_threads(settings, on_cpu) or "auto",
         settings.inter_op_threads or "auto",
         settings.execution_mode,
     )
@@ -633,7 +658,7 @@ class Runtime:
         binding = wanted == "on" or (wanted == "auto" and on_device)
         limit = batch_limit(session, card.input.name, self.settings.batch_size)
         buckets = batch_buckets(limit) if on_device else ()
-        in_flight = self.settings.in_flight or (2 if on_device else 1)
+        in_flight = self.settings.in_flight or (2 if on_device else cpu_in_flight(self.settings))
         model = _Model(card, session, provider, binding)
         bound_outputs = binding and self.settings.bound_outputs == "auto"
         names = [spec.name for spec in card.outputs]
