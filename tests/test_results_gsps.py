@@ -1,13 +1,18 @@
-"""GSPS builder: dciodvfy, graphics on the source, labels, VOI kept, identity and UIDs."""
+"""GSPS builder: dciodvfy, graphics on the source, labels, VOI kept (as the node presents the
+image, whatever VOI the source has), identity and UIDs."""
 
 from __future__ import annotations
 
+import numpy as np
 import pydicom
 import pytest
 from dciodvfy import chest_xray, ct_series, dciodvfy_errors
+from pydicom.dataset import Dataset
+from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
 from dicomnode import RESEARCH_DEMO_NOTICE
 from dicomnode.findings import Algorithm, CodedConcept, Finding, ImageFindings
+from dicomnode.pipeline.preprocess import presentation_pixels
 from dicomnode.results.gsps import build_gsps
 
 ALGORITHM = Algorithm(name="cxr-nodule-demo", version="1.0.0")
@@ -151,3 +156,141 @@ def test_gsps_rejects_box_outside_image(source: pydicom.Dataset) -> None:
     bad.findings[0].box = (0.0, 0.0, 129.0, 10.0)
     with pytest.raises(ValueError, match="outside"):
         build_gsps(bad, ALGORITHM)
+
+
+# The source's VOI as the field sends it: the GSPS carries the one the node presents the image
+# with (first VOI LUT, else the first window when usable, else a percentile window).
+
+
+def _with_voi(**attributes: object) -> pydicom.Dataset:
+    source = chest_xray(5, size=128)
+    for keyword in ("WindowCenter", "WindowWidth", "WindowCenterWidthExplanation"):
+        if keyword in source and keyword not in attributes:
+            del source[keyword]
+    for keyword, value in attributes.items():
+        if value is None:
+            if keyword in source:
+                del source[keyword]
+        else:
+            setattr(source, keyword, value)
+    return source
+
+
+def _voi_lut_item(entries: int = 4096, first_mapped: int = 0, bits: int = 12) -> Dataset:
+    item = Dataset()
+    item.LUTDescriptor = [entries, first_mapped, bits]
+    item.LUTExplanation = "NORMAL"
+    table = np.round(np.linspace(0, 2**bits - 1, entries) ** 1.0).astype(np.uint16)
+    item.LUTData = table.tolist()
+    return item
+
+
+def _voi(gsps: pydicom.Dataset) -> pydicom.Dataset:
+    (voi,) = gsps.SoftcopyVOILUTSequence
+    return voi
+
+
+def _shown(source: pydicom.Dataset, gsps: pydicom.Dataset) -> np.ndarray:
+    """The source through the GSPS's window (pydicom's VOI), 0..1, MONOCHROME2."""
+    voi = _voi(gsps)
+    shown = Dataset()
+    shown.PhotometricInterpretation = "MONOCHROME2"
+    shown.BitsStored, shown.PixelRepresentation = source.BitsStored, source.PixelRepresentation
+    for keyword in ("WindowCenter", "WindowWidth", "VOILUTFunction"):
+        if keyword in voi:
+            setattr(shown, keyword, voi[keyword].value)
+    values = apply_modality_lut(source.pixel_array, source).astype(np.float64)
+    out = apply_voi_lut(values, shown, prefer_lut=False)
+    low, high = apply_voi_lut(np.array([-1e15, 1e15]), shown, prefer_lut=False)
+    return (out - low) / (high - low)
+
+
+VOI_CASES = {
+    "window and VOI LUT": dict(
+        WindowCenter=2000.0, WindowWidth=3000.0, VOILUTSequence=[_voi_lut_item()]
+    ),
+    "two windows, one explanation": dict(
+        WindowCenter=[1500.0, 2500.0],
+        WindowWidth=[1000.0, 3000.0],
+        WindowCenterWidthExplanation="NORMAL",
+    ),
+    "two windows, two explanations": dict(
+        WindowCenter=[1500.0, 2500.0],
+        WindowWidth=[1000.0, 3000.0],
+        WindowCenterWidthExplanation=["SOFT", "HARD"],
+    ),
+    "window width 0": dict(WindowCenter=2000.0, WindowWidth=0.0),
+    "window width 0.5": dict(WindowCenter=2000.0, WindowWidth=0.5),
+    "first of two windows width 0": dict(WindowCenter=[2000.0, 1500.0], WindowWidth=[0.0, 900.0]),
+    "no window": dict(VOILUTFunction=None),
+    "one window and its explanation": dict(
+        WindowCenter=1800.0, WindowWidth=2400.0, WindowCenterWidthExplanation="SYNTHETIC"
+    ),
+}
+
+
+@pytest.mark.parametrize("case", VOI_CASES)
+def test_gsps_of_sources_with_real_world_voi_passes_dciodvfy(case: str) -> None:
+    source = _with_voi(**VOI_CASES[case])
+    gsps = build_gsps(evaluation(source), ALGORITHM)
+    assert dciodvfy_errors(gsps) == []
+    voi = _voi(gsps)
+    # One VOI only, never a window next to a LUT.
+    assert ("VOILUTSequence" in voi) != ("WindowCenter" in voi)
+
+
+def test_gsps_keeps_the_first_voi_lut_and_drops_the_window_beside_it() -> None:
+    source = _with_voi(**VOI_CASES["window and VOI LUT"])
+    voi = _voi(build_gsps(evaluation(source), ALGORITHM))
+    assert "WindowCenter" not in voi and "WindowWidth" not in voi
+    (lut,) = voi.VOILUTSequence
+    # A softcopy VOI LUT has 8 or 16 bits per entry: 12-bit entries are scaled to 16 bits.
+    assert [int(v) for v in lut.LUTDescriptor] == [4096, 0, 16]
+    assert lut.LUTExplanation == "NORMAL"
+    table = np.frombuffer(lut.LUTData, dtype="<u2").astype(np.float64)
+    source_table = np.array(source.VOILUTSequence[0].LUTData, dtype=np.float64)
+    np.testing.assert_allclose(table / 65535, source_table / 4095, atol=1e-5)
+
+
+def test_gsps_keeps_a_voi_lut_of_signed_modality_values() -> None:
+    slice_ = ct_series(3, rows=128, columns=128)[1]
+    slice_.VOILUTSequence = [_voi_lut_item(entries=3000, first_mapped=-1500, bits=16)]
+    gsps = build_gsps(evaluation(slice_), ALGORITHM)
+    assert dciodvfy_errors(gsps) == []
+    (lut,) = _voi(gsps).VOILUTSequence
+    assert [int(v) for v in lut.LUTDescriptor] == [3000, -1500, 16]
+
+
+@pytest.mark.parametrize(
+    ("case", "centre", "width", "explanation"),
+    [
+        ("two windows, one explanation", 1500.0, 1000.0, None),
+        ("two windows, two explanations", 1500.0, 1000.0, "SOFT"),
+        ("one window and its explanation", 1800.0, 2400.0, "SYNTHETIC"),
+    ],
+)
+def test_gsps_keeps_the_first_window_and_only_its_own_explanation(
+    case: str, centre: float, width: float, explanation: str | None
+) -> None:
+    voi = _voi(build_gsps(evaluation(_with_voi(**VOI_CASES[case])), ALGORITHM))
+    assert (float(voi.WindowCenter), float(voi.WindowWidth)) == (centre, width)
+    # A single value, not one per letter (S\Y\N\T\H\E\T\I\C).
+    assert voi.get("WindowCenterWidthExplanation") == explanation
+    assert voi.VOILUTFunction == "LINEAR"
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "two windows, one explanation",
+        "window width 0",
+        "window width 0.5",
+        "first of two windows width 0",
+        "no window",
+    ],
+)
+def test_gsps_window_shows_the_image_as_the_node_presents_it(case: str) -> None:
+    """An unusable first window (width < 1) or none: the node's percentile window instead."""
+    source = _with_voi(**VOI_CASES[case])
+    gsps = build_gsps(evaluation(source), ALGORITHM)
+    np.testing.assert_allclose(_shown(source, gsps), presentation_pixels(source), atol=2e-3)

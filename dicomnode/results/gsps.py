@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import math
+
 import highdicom as hd
 import numpy as np
 import pydicom
+from pydicom.dataelem import DataElement
+from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
 from dicomnode import RESEARCH_DEMO_NOTICE, __version__
 from dicomnode.findings import Algorithm, Finding, ImageFindings
+from dicomnode.pipeline.decode import first_frame
+from dicomnode.pipeline.preprocess import DEFAULT_WINDOW_PERCENTILES
 from dicomnode.results.geometry import box_outline, pixel_centre
 from dicomnode.results.overlay import BANNER, legend_line
 from dicomnode.results.source import character_set, copy_laterality, copy_patient_study
@@ -28,6 +34,7 @@ NOTICE_LAYER = "AI_NOTICE"
 _FINDINGS_COLOUR = hd.color.CIELabColor(70.0, 40.0, 70.0)
 _NOTICE_COLOUR = hd.color.CIELabColor(95.0, -10.0, 90.0)
 _LINE_HEIGHT = 0.035  # DISPLAY units: fraction of the displayed area's height per text line
+_VOI_FUNCTIONS = ("LINEAR", "LINEAR_EXACT", "SIGMOID")
 
 
 def build_gsps(evaluation: ImageFindings, algorithm: Algorithm) -> pydicom.Dataset:
@@ -35,7 +42,8 @@ def build_gsps(evaluation: ImageFindings, algorithm: Algorithm) -> pydicom.Datas
 
     Boxes become closed POLYLINE rectangles and landmarks a POINT in a CIRCLE, each labelled
     with the finding and its probability; a notice and a legend of every finding sit in the
-    top left corner. The source's modality LUT and VOI window are kept.
+    top left corner. The source's modality LUT is kept, and its VOI as the node presents the
+    image (see :func:`voi_transformation`).
     """
     source = validate_evaluation(evaluation)
     if int(source.get("SamplesPerPixel", 1)) != 1:
@@ -145,6 +153,7 @@ def build_gsps(evaluation: ImageFindings, algorithm: Algorithm) -> pydicom.Datas
         graphic_annotations=annotations,
         graphic_layers=[findings_layer, notice_layer],
         presentation_lut_transformation=presentation_lut,
+        voi_lut_transformations=[voi_transformation(source)],
         series_description=series_description(algorithm, "GSPS"),
     )
     copy_patient_study(source, gsps)
@@ -193,3 +202,124 @@ def _legend(findings: list[Finding], algorithm: Algorithm) -> list[hd.pr.TextObj
         )
         for index, text in enumerate(lines[:25])
     ]
+
+
+def voi_transformation(source: pydicom.Dataset) -> hd.pr.SoftcopyVOILUTTransformation:
+    """The source's VOI as the node presents it (``preprocess.presentation_pixels``): its first
+    VOI LUT, else its first Window Center / Width when usable (width >= 1, with the explanation
+    of that window when the source gives one per window), else the percentile window of its
+    modality values outside Pixel Padding.
+
+    Built here rather than copied by highdicom, which refuses sources that the standard allows
+    (a window together with a VOI LUT Sequence, fewer explanations than windows) or that are
+    common in the field (Window Width 0).
+    """
+    luts = source.get("VOILUTSequence")
+    if luts:
+        return hd.pr.SoftcopyVOILUTTransformation(voi_luts=[_voi_lut(source, luts[0])])
+    window = _first_window(source)
+    if window is not None:
+        centre, width, explanation = window
+        function = str(source.get("VOILUTFunction", "") or "").strip().upper()
+        return hd.pr.SoftcopyVOILUTTransformation(
+            # One-element lists: highdicom writes a lone string explanation letter by letter.
+            window_center=[centre],
+            window_width=[width],
+            window_explanation=None if explanation is None else [explanation],
+            voi_lut_function=function if function in _VOI_FUNCTIONS else None,
+        )
+    centre, width = _percentile_window(source)
+    return hd.pr.SoftcopyVOILUTTransformation(
+        window_center=[centre],
+        window_width=[width],
+        window_explanation=["AI PERCENTILE WINDOW"],
+    )
+
+
+def _values(value: object) -> list[object]:
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple, pydicom.multival.MultiValue)):
+        return list(value)
+    return [value]
+
+
+def _first_window(source: pydicom.Dataset) -> tuple[float, float, str | None] | None:
+    """The first Window Center / Width pair when usable, as ``preprocess._window`` takes it,
+    and its explanation when there is one per window and it is a valid LO."""
+    centres, widths = _values(source.get("WindowCenter")), _values(source.get("WindowWidth"))
+    if not centres or not widths:
+        return None
+    try:
+        centre, width = float(centres[0]), float(widths[0])
+    except (TypeError, ValueError):
+        return None
+    if not (math.isfinite(centre) and math.isfinite(width)) or width < 1:
+        return None
+    explanations = _values(source.get("WindowCenterWidthExplanation"))
+    explanation = str(explanations[0]).strip() if len(explanations) == len(centres) else None
+    return centre, width, explanation if explanation and _long_string(explanation) else None
+
+
+def _long_string(text: str) -> bool:
+    """Whether ``text`` is a valid LO value (highdicom raises on others)."""
+    return len(text) <= 64 and "\\" not in text and text.isprintable()
+
+
+def _voi_lut(source: pydicom.Dataset, item: pydicom.Dataset) -> hd.VOILUT:
+    """The source's VOI LUT item as highdicom's, with its own first mapped value (US, or SS
+    when negative). A softcopy VOI LUT has 8 or 16 bits per entry; an image's may have 10 to
+    16: other depths are widened to 16 bits, their entries scaled so the display is the same
+    (the output range is 0 to 2^bits - 1)."""
+    descriptor = [int(v) for v in item.LUTDescriptor]
+    entries, first_mapped, bits = descriptor[0] or 2**16, descriptor[1], descriptor[2]
+    # pydicom decodes the table (US or OW, 8-bit entries packed or not) as preprocess does.
+    table = apply_voi_lut(
+        np.arange(first_mapped, first_mapped + entries), source, index=0, prefer_lut=True
+    )
+    if bits == 8:
+        data = table.astype(np.uint8)
+    elif bits == 16:
+        data = table.astype(np.uint16)
+    else:
+        scale = (2**16 - 1) / (2**bits - 1)
+        data = np.clip(np.rint(table * scale), 0, 2**16 - 1).astype(np.uint16)
+    explanation = str(item.get("LUTExplanation", "") or "").strip()
+    lut = hd.VOILUT(
+        first_mapped_value=max(0, first_mapped),
+        lut_data=data,
+        lut_explanation=explanation if explanation and _long_string(explanation) else None,
+    )
+    if first_mapped < 0:
+        # highdicom takes unsigned values only; LUT Descriptor is US or SS (the first and
+        # third values are written unsigned either way).
+        written = [int(v) for v in lut.LUTDescriptor]
+        lut["LUTDescriptor"] = DataElement(0x00283002, "SS", [written[0], first_mapped, written[2]])
+    return lut
+
+
+def _percentile_window(source: pydicom.Dataset) -> tuple[float, float]:
+    """Window Center / Width (LINEAR) giving the percentile window ``presentation_pixels``
+    uses on an image without a usable VOI of its own: low percentile black, high white."""
+    stored = first_frame(source)
+    values = np.asarray(apply_modality_lut(stored, source), dtype=np.float64)
+    padding = _padding(source, stored)
+    image = values if padding is None or padding.all() else values[~padding]
+    low, high = (float(v) for v in np.percentile(image, DEFAULT_WINDOW_PERCENTILES))
+    if high <= low:
+        # A flat image is black in the node's presentation: a 1-wide window above it.
+        return low + 1.0, 1.0
+    # LINEAR: values up to c - 0.5 - (w - 1) / 2 are black, from c - 0.5 + (w - 1) / 2 white.
+    return (low + high) / 2 + 0.5, high - low + 1.0
+
+
+def _padding(source: pydicom.Dataset, stored: np.ndarray) -> np.ndarray | None:
+    """Pixels marked as Pixel Padding (value, up to the range limit), as preprocess finds them."""
+    value = source.get("PixelPaddingValue")
+    if not isinstance(value, int) or isinstance(value, bool):
+        return None
+    limit = source.get("PixelPaddingRangeLimit")
+    if not isinstance(limit, int):
+        limit = value
+    padding = (stored >= min(value, limit)) & (stored <= max(value, limit))
+    return padding if padding.any() else None
