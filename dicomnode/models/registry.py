@@ -109,13 +109,47 @@ class Label(_Strict):
         return CodedConcept(self.code_value, self.code_scheme, self.code_meaning)
 
 
+Orientation = Literal["AXIAL", "CORONAL", "SAGITTAL", "OBLIQUE"]
+
+
 class SelectionRules(_Strict):
-    """Empty lists mean "any"."""
+    """Which images a model runs on (``[select]``; docs/model-cards.md). An image must pass
+    every rule. Empty allow-lists (modalities, body_parts, views, sop_classes, orientations) mean
+    "any"; the exclusions and max_frames have safe defaults that a card may widen. The node's
+    own result objects are never selected, whatever the rules (pipeline/select.py)."""
 
     modalities: list[str] = []
     body_parts: list[str] = []
     views: list[str] = []
     sop_classes: list[str] = []
+    # An image with any of these values anywhere in its Image Type is refused (e.g. DERIVED,
+    # LOCALIZER). A scout is no slice and no radiograph of the patient, whatever the model.
+    excluded_image_types: list[str] = ["LOCALIZER"]
+    # Presentation Intent Type values refused; images of a For Processing SOP class count as
+    # FOR PROCESSING. Raw detector data is not what a radiologist (or a model trained on
+    # displayed images) sees.
+    excluded_presentation_intents: list[str] = ["FOR PROCESSING"]
+    # Image planes admitted, from Image Orientation Patient (the patient axis nearest the slice
+    # normal, OBLIQUE when it is further than orientation_tolerance_deg from every axis).
+    # Images without Image Orientation Patient (radiographs) have no plane: a non-empty list
+    # refuses them.
+    orientations: list[Orientation] = []
+    orientation_tolerance_deg: float = Field(default=20.0, ge=0.0, le=45.0)
+    # Samples per Pixel 1 and MONOCHROME1/2 only. Classifiers read colour images as grey; an
+    # image-to-image model must not, since its output is written as an image of the source's
+    # class.
+    monochrome_only: bool = False
+    # Images with more frames are refused: the pipeline analyses the first frame only and the
+    # overlay needs a single-frame source, so raise it only for a model whose result on the
+    # first frame stands for the whole image.
+    max_frames: int = Field(default=1, ge=1)
+
+    @field_validator("orientations", mode="before")
+    @classmethod
+    def _upper_orientations(cls, value: object) -> object:
+        if isinstance(value, list):
+            return [item.upper() if isinstance(item, str) else item for item in value]
+        return value
 
 
 ResultKind = Literal["sr", "overlay", "seg", "gsps", "derived", "kos"]

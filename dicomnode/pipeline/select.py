@@ -2,12 +2,28 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 from pydicom import Dataset
 
 from dicomnode.findings import Finding
 from dicomnode.models.registry import ModelCard, SelectionRules
+
+# Manufacturer of every object the node writes (results/sr.py EQUIPMENT_MANUFACTURER; a test
+# keeps the two equal). Its own results come back when a PACS routes a study to it again.
+NODE_MANUFACTURER = "DICOMNODE"
+
+# Image SOP classes whose instances are raw detector data, Presentation Intent Type or not.
+FOR_PROCESSING_CLASSES = frozenset(
+    {
+        "1.2.840.10008.5.1.4.1.1.1.1.1",  # Digital X-Ray Image Storage - For Processing
+        "1.2.840.10008.5.1.4.1.1.1.2.1",  # Digital Mammography X-Ray - For Processing
+        "1.2.840.10008.5.1.4.1.1.1.3.1",  # Digital Intra-Oral X-Ray - For Processing
+        "1.2.840.10008.5.1.4.1.1.13.1.5",  # Breast Projection X-Ray - For Processing
+    }
+)
+MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
 
 
 @dataclass(frozen=True)
@@ -16,6 +32,17 @@ class ImageFacts:
     body_part: str
     view: str
     sop_class_uid: str
+    # Image Type values, upper case ("ORIGINAL", "PRIMARY", "AXIAL"...).
+    image_types: tuple[str, ...] = ()
+    # Unit normal of the image plane (row x column direction of Image Orientation Patient), in
+    # patient x, y, z; None without a usable Image Orientation Patient.
+    slice_normal: tuple[float, float, float] | None = None
+    samples_per_pixel: int = 1
+    photometric: str = ""
+    number_of_frames: int = 1
+    # Presentation Intent Type ("FOR PRESENTATION", "FOR PROCESSING"), "" when absent.
+    presentation_intent: str = ""
+    manufacturer: str = ""
 
 
 # Words in Body Part Examined or in the descriptions that mean the chest. Sites spell it many
@@ -42,27 +69,116 @@ def body_part(ds: Dataset) -> str:
     return ""
 
 
+def _text(ds: Dataset, keyword: str) -> str:
+    return str(ds.get(keyword, "") or "").strip().upper()
+
+
+def _integer(ds: Dataset, keyword: str, default: int) -> int:
+    # A malformed value is the decoder's to report, with the file named; selection goes on.
+    try:
+        return int(ds.get(keyword, default) or default)
+    except (TypeError, ValueError):
+        return default
+
+
+def _image_types(ds: Dataset) -> tuple[str, ...]:
+    value = ds.get("ImageType", None)
+    if value is None or value == "":
+        return ()
+    values = [value] if isinstance(value, str) else list(value)
+    return tuple(str(item).strip().upper() for item in values)
+
+
+def slice_normal(ds: Dataset) -> tuple[float, float, float] | None:
+    """Unit normal of the image plane from Image Orientation Patient, None when it is absent or
+    not two non-parallel direction vectors."""
+    try:
+        values = [float(v) for v in ds.get("ImageOrientationPatient", None) or ()]
+    except (TypeError, ValueError):
+        return None
+    if len(values) != 6 or not all(math.isfinite(v) for v in values):
+        return None
+    (rx, ry, rz), (cx, cy, cz) = values[:3], values[3:]
+    normal = (ry * cz - rz * cy, rz * cx - rx * cz, rx * cy - ry * cx)
+    length = math.sqrt(sum(c * c for c in normal))
+    if length < 1e-6:
+        return None
+    return (normal[0] / length, normal[1] / length, normal[2] / length)
+
+
+def image_plane(normal: tuple[float, float, float] | None, tolerance_deg: float) -> str:
+    """AXIAL, CORONAL or SAGITTAL: the patient axis (z, y, x) nearest the slice normal, when
+    within ``tolerance_deg`` of it; OBLIQUE when further from every axis; "" without a normal."""
+    if normal is None:
+        return ""
+    planes = (("SAGITTAL", abs(normal[0])), ("CORONAL", abs(normal[1])), ("AXIAL", abs(normal[2])))
+    plane, cosine = max(planes, key=lambda item: item[1])
+    if cosine < math.cos(math.radians(tolerance_deg)) - 1e-9:
+        return "OBLIQUE"
+    return plane
+
+
+def _presentation_intent(ds: Dataset, sop_class_uid: str) -> str:
+    value = _text(ds, "PresentationIntentType")
+    if not value and sop_class_uid in FOR_PROCESSING_CLASSES:
+        return "FOR PROCESSING"
+    return value
+
+
 def image_facts(ds: Dataset) -> ImageFacts:
     """The attributes that selection rules look at."""
+    sop_class_uid = str(ds.get("SOPClassUID", ""))
     return ImageFacts(
         modality=str(ds.get("Modality", "")).upper(),
         body_part=body_part(ds),
         view=str(ds.get("ViewPosition", "")).upper(),
-        sop_class_uid=str(ds.get("SOPClassUID", "")),
+        sop_class_uid=sop_class_uid,
+        image_types=_image_types(ds),
+        slice_normal=slice_normal(ds),
+        samples_per_pixel=_integer(ds, "SamplesPerPixel", 1),
+        photometric=_text(ds, "PhotometricInterpretation"),
+        number_of_frames=_integer(ds, "NumberOfFrames", 1),
+        presentation_intent=_presentation_intent(ds, sop_class_uid),
+        manufacturer=_text(ds, "Manufacturer"),
     )
+
+
+def made_by_the_node(facts: ImageFacts) -> bool:
+    """True for the node's own result objects (Manufacturer "dicomnode"): never analysed again,
+    whatever a card says, or a PACS routing results back would feed them round and round."""
+    return facts.manufacturer == NODE_MANUFACTURER
 
 
 def _admits(allowed: list[str], value: str) -> bool:
     return not allowed or value.upper() in {item.upper() for item in allowed}
 
 
+def _upper(values: list[str]) -> set[str]:
+    return {value.strip().upper() for value in values}
+
+
+def _monochrome(facts: ImageFacts) -> bool:
+    return facts.samples_per_pixel == 1 and facts.photometric in MONOCHROME
+
+
 def rules_match(rules: SelectionRules, facts: ImageFacts) -> bool:
-    """True when every non-empty rule admits the image (empty rule = any value)."""
+    """True when every rule admits the image (an empty allow-list admits any value) and the
+    image is not one of the node's own results."""
     return (
-        _admits(rules.modalities, facts.modality)
+        not made_by_the_node(facts)
+        and _admits(rules.modalities, facts.modality)
         and _admits(rules.body_parts, facts.body_part)
         and _admits(rules.views, facts.view)
         and (not rules.sop_classes or facts.sop_class_uid in rules.sop_classes)
+        and not _upper(rules.excluded_image_types) & set(facts.image_types)
+        and facts.presentation_intent not in _upper(rules.excluded_presentation_intents)
+        and (
+            not rules.orientations
+            or image_plane(facts.slice_normal, rules.orientation_tolerance_deg)
+            in rules.orientations
+        )
+        and (not rules.monochrome_only or _monochrome(facts))
+        and facts.number_of_frames <= rules.max_frames
     )
 
 
