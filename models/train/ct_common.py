@@ -232,6 +232,9 @@ def select_table() -> dict[str, object]:
         "modalities": ["CT"],
         "body_parts": ["CHEST"],
         "sop_classes": ["1.2.840.10008.5.1.4.1.1.2"],
+        # Axial slices only: no localisers, no coronal or sagittal reformats.
+        "excluded_image_types": ["LOCALIZER"],
+        "orientations": ["AXIAL"],
     }
 
 

@@ -620,6 +620,9 @@ def select_table(views: Sequence[str] = FRONTAL) -> dict[str, object]:
     table: dict[str, object] = {"modalities": ["DX", "CR"], "body_parts": ["CHEST"]}
     if views:
         table["views"] = list(views)
+    # Not another system's processed copy, not raw detector data (docs/model-cards.md).
+    table["excluded_image_types"] = ["DERIVED", "LOCALIZER"]
+    table["excluded_presentation_intents"] = ["FOR PROCESSING"]
     return table
 
 

@@ -354,7 +354,7 @@ def main() -> None:
             "input": input_table(SPEC),
             "outputs": [{"name": "soft_tissue", "kind": "image"}],
             "labels": [shared.label_table(SOFT_TISSUE_CODE, "soft_tissue")],
-            "select": select_table(VIEWS),
+            "select": {**select_table(VIEWS), "monochrome_only": True},
             "results": {"produce": ["derived"]},
             "metrics": metrics,
             "training": training,
