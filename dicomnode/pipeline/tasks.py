@@ -9,6 +9,7 @@ images. Inference runs through the shared Runtime in batches.
 from __future__ import annotations
 
 import functools
+import logging
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -41,11 +42,13 @@ from dicomnode.pipeline.preprocess import (
     prepare_stack,
     presentation_pixels,
 )
-from dicomnode.pipeline.series import neighbours, series_in_order
+from dicomnode.pipeline.series import Stack, stacks_in_order
 
 if TYPE_CHECKING:
     from dicomnode.pipeline.analyse import StageTimes
     from dicomnode.pipeline.runtime import Runtime
+
+log = logging.getLogger("dicomnode.pipeline")
 
 # Largest batch handed to the runtime at once (bounds memory on large CT series).
 MAX_BATCH = 32
@@ -104,22 +107,31 @@ def infer(
     return {name: np.concatenate(values) for name, values in chunks.items()}
 
 
+def _stacks(card: ModelCard, images: list[Dataset]) -> list[Stack]:
+    """The images as stacks of one geometry in slice order, with a log line for each series
+    that splits (a localiser beside the axial slices), each duplicate position and gap."""
+    stacks, notes = stacks_in_order(images)
+    for note in notes:
+        log.info("%s: %s", card.model.name, note)
+    return stacks
+
+
 def _prepare_images(
-    card: ModelCard, images: list[Dataset], times: StageTimes, presentations: Presentations
+    card: ModelCard,
+    images: list[Dataset],
+    stacks: list[Stack] | None,
+    presentations: Presentations,
 ) -> list:
-    started = time.perf_counter()
     spec = card.input
     if spec.slices == 1:
-        samples = [prepare_input(ds, spec, pixels=presentations.get(ds, spec)) for ds in images]
-    else:
-        samples = []
-        for series in series_in_order(images):
-            for index in range(len(series)):
-                stack = neighbours(series, index, spec.slices)
-                pixels = [presentations.get(ds, spec) for ds in stack]
-                samples.append(prepare_stack(stack, spec, pixels=pixels))
-        images[:] = [ds for series in series_in_order(images) for ds in series]
-    times.add("preprocess", started)
+        return [prepare_input(ds, spec, pixels=presentations.get(ds, spec)) for ds in images]
+    assert stacks is not None
+    samples = []
+    for stack in stacks:
+        for index in range(len(stack)):
+            slices = stack.neighbours(index, spec.slices)
+            pixels = [presentations.get(ds, spec) for ds in slices]
+            samples.append(prepare_stack(slices, spec, pixels=pixels))
     return samples
 
 
@@ -129,11 +141,18 @@ def _inferred(
     runtime: Runtime,
     times: StageTimes,
     presentations: Presentations,
+    stacks: list[Stack] | None = None,
 ) -> tuple[list[Dataset], list, dict[str, np.ndarray]]:
-    """The images in the order the model saw them (series and slice order for 2.5D), their
-    samples (input, letterbox geometry) and the model's outputs."""
-    images = list(images)
-    samples = _prepare_images(card, images, times, presentations)
+    """The images in the order the model saw them (those of ``stacks`` in stack and slice
+    order where given or where the input is 2.5D: images left out of every stack are not
+    analysed), their samples (input, letterbox geometry) and the model's outputs."""
+    started = time.perf_counter()
+    if stacks is None and card.input.slices > 1:
+        stacks = _stacks(card, images)
+    if stacks is not None:
+        images = [ds for stack in stacks for ds in stack.images]
+    samples = _prepare_images(card, images, stacks, presentations)
+    times.add("preprocess", started)
     return images, samples, infer(card, samples, runtime, times)
 
 
@@ -144,8 +163,9 @@ def _per_image(
     times: StageTimes,
     postprocess: Postprocess,
     presentations: Presentations,
+    stacks: list[Stack] | None = None,
 ) -> list[ImageFindings]:
-    images, samples, outputs = _inferred(card, images, runtime, times, presentations)
+    images, samples, outputs = _inferred(card, images, runtime, times, presentations, stacks)
     started = time.perf_counter()
     evaluations = [
         ImageFindings(ds, postprocess(card, outputs, index, geometry))
@@ -155,9 +175,22 @@ def _per_image(
     return evaluations
 
 
-def merge_across_slices(evaluations: list[ImageFindings], max_gap: int = 1) -> list[ImageFindings]:
+def merge_across_slices(
+    evaluations: list[ImageFindings],
+    max_gap: int = 1,
+    places: list[tuple[int, int]] | None = None,
+) -> list[ImageFindings]:
     """Keep one box per lesion seen on adjacent slices of a series: a box whose centre lies
-    inside a higher-scoring box of the same concept within ``max_gap`` slices is dropped."""
+    inside a higher-scoring box of the same concept within ``max_gap`` slices is dropped.
+    ``places``: each evaluation's (stack, slot) where slots count nominal slice spacings (see
+    Stack.slots: slices across a gap are not adjacent); else slices are adjacent by index
+    within a series."""
+    if places is None:
+        series: dict[object, int] = {}
+        places = [
+            (series.setdefault(e.source.get("SeriesInstanceUID"), len(series)), index)
+            for index, e in enumerate(evaluations)
+        ]
     order = sorted(
         (
             (finding.probability, index, position)
@@ -179,10 +212,10 @@ def merge_across_slices(evaluations: list[ImageFindings], max_gap: int = 1) -> l
             assert box is not None
             if (
                 other.concept == finding.concept
-                and 0 < abs(other_index - index) <= max_gap
+                and places[other_index][0] == places[index][0]
+                and 0 < abs(places[other_index][1] - places[index][1]) <= max_gap
                 and box[0] <= col <= box[2]
                 and box[1] <= row <= box[3]
-                and _same_series(evaluations[index], evaluations[other_index])
             ):
                 dropped.add((index, position))
                 break
@@ -201,8 +234,9 @@ def merge_across_slices(evaluations: list[ImageFindings], max_gap: int = 1) -> l
     ]
 
 
-def _same_series(a: ImageFindings, b: ImageFindings) -> bool:
-    return a.source.get("SeriesInstanceUID") == b.source.get("SeriesInstanceUID")
+def _places(stacks: list[Stack]) -> list[tuple[int, int]]:
+    """(stack, slot) of every image of ``stacks`` in order, for merge_across_slices."""
+    return [(number, slot) for number, stack in enumerate(stacks) for slot in stack.slots()]
 
 
 def _segmentations(
@@ -212,17 +246,16 @@ def _segmentations(
     times: StageTimes,
     presentations: Presentations,
 ) -> list[Segmentation]:
-    ordered = [ds for series in series_in_order(images) for ds in series]
-    ordered, samples, outputs = _inferred(card, ordered, runtime, times, presentations)
+    stacks = _stacks(card, images)
+    ordered, samples, outputs = _inferred(card, images, runtime, times, presentations, stacks)
     started = time.perf_counter()
-    maps = [
-        mask_maps(card, outputs, index, geometry) for index, (_, geometry) in enumerate(samples)
-    ]
+    maps = {
+        id(ds): mask_maps(card, outputs, index, geometry)
+        for index, (ds, (_, geometry)) in enumerate(zip(ordered, samples, strict=True))
+    }
     result = []
-    offset = 0
-    for group in (group for series in series_in_order(ordered) for group in _seg_groups(series)):
-        frames = maps[offset : offset + len(group)]
-        offset += len(group)
+    for group in (group for stack in stacks for group in _seg_groups(stack)):
+        frames = [maps[id(ds)] for ds in group]
         segments = [
             Segment(
                 concept=label.concept,
@@ -236,13 +269,19 @@ def _segmentations(
     return result
 
 
-def _seg_groups(series: list[Dataset]) -> list[list[Dataset]]:
-    """The images of a series that one SEG covers: the whole series where its images lie in
-    a patient coordinate system (a CT volume), else each image on its own (projection
-    radiographs, e.g. a PA and its retake: a SEG of several images needs their geometry)."""
-    if all("FrameOfReferenceUID" in ds and "ImagePositionPatient" in ds for ds in series):
-        return [list(series)]
-    return [[ds] for ds in series]
+def _seg_groups(stack: Stack) -> list[list[Dataset]]:
+    """The images of a stack that one SEG covers: the whole stack where its images lie in a
+    patient coordinate system (a CT volume), else each image on its own (projection
+    radiographs, e.g. a PA and its retake: a SEG of several images needs their geometry).
+    highdicom wants one Image Orientation (Patient) value for all of a SEG's sources, so a
+    stack whose slices differ in it within the stacking tolerance gets a SEG per value."""
+    if not (stack.volume and all("FrameOfReferenceUID" in ds for ds in stack.images)):
+        return [[ds] for ds in stack.images]
+    by_orientation: dict[tuple[float, ...], list[Dataset]] = {}
+    for ds in stack.images:
+        key = tuple(float(value) for value in ds.ImageOrientationPatient)
+        by_orientation.setdefault(key, []).append(ds)
+    return list(by_orientation.values())
 
 
 def _derived(
@@ -291,16 +330,25 @@ def _ensemble(
     missing = [name for name in card.ensemble.members if name not in members]
     if missing:
         raise ValueError(f"{card.model.name}: ensemble members without a card: {missing}")
+    # By source: a member with 2.5D input sees the images in slice order, without any left
+    # out of its stacks.
     runs = [
-        _per_image(members[name], images, runtime, times, classification_findings, presentations)
+        {
+            id(evaluation.source): evaluation
+            for evaluation in _per_image(
+                members[name], images, runtime, times, classification_findings, presentations
+            )
+        }
         for name in card.ensemble.members
     ]
     evaluations = []
-    for index, ds in enumerate(images):
+    for ds in images:
+        if not all(id(ds) in run for run in runs):
+            continue
         findings = []
         for label in card.labels:
             member_findings = [
-                next(f for f in run[index].findings if f.concept.value == label.code_value)
+                next(f for f in run[id(ds)].findings if f.concept.value == label.code_value)
                 for run in runs
             ]
             mapped = all(
@@ -342,10 +390,12 @@ def run_model(
         run.images = _per_image(card, images, runtime, times, classification_findings, shared)
     elif task == "ensemble":
         run.images = _ensemble(card, images, runtime, times, members or {}, shared)
+    elif task == "detection" and card.input.slices > 1:
+        stacks = _stacks(card, images)
+        run.images = _per_image(card, images, runtime, times, detection_findings, shared, stacks)
+        run.images = merge_across_slices(run.images, places=_places(stacks))
     elif task == "detection":
         run.images = _per_image(card, images, runtime, times, detection_findings, shared)
-        if card.input.slices > 1:
-            run.images = merge_across_slices(run.images)
     elif task == "landmark":
         run.images = _per_image(card, images, runtime, times, landmark_findings, shared)
     elif task == "segmentation":
