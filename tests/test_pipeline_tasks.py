@@ -409,3 +409,34 @@ def test_colour_secondary_capture_radiograph_gets_an_overlay_but_no_gsps(cards, 
     assert col0 < 200 < col1 and row0 < 250 < row1
     kinds = _valid(result_objects(run, card))
     assert kinds == {"sr": 1, "overlay": 1, "kos": 1}
+
+
+def test_a_series_chunks_run_at_once_and_come_back_in_order(tmp_path: Path) -> None:
+    """infer runs a long series' chunks as many at once as the model runs batches (on the CPU
+    a chunk per core) and returns every output row in the samples' order."""
+    import threading
+
+    from test_runtime_batching import alone, make_model
+
+    from dicomnode.config import InferenceSettings
+    from dicomnode.pipeline.tasks import MAX_BATCH, infer
+
+    card = make_model(tmp_path, "tiny")
+    runtime = Runtime(["CPUExecutionProvider"], InferenceSettings(in_flight=2, batch_size=4))
+    threads: set[str] = set()
+    real_run = runtime.run
+
+    def run(card: ModelCard, batch: np.ndarray) -> dict[str, np.ndarray]:
+        threads.add(threading.current_thread().name)
+        return real_run(card, batch)
+
+    runtime.run = run  # type: ignore[method-assign]
+    rng = np.random.default_rng(7)
+    samples = [(rng.uniform(0, 2, (1, 8, 8)).astype(np.float32), None) for _ in range(70)]
+    outputs = infer(card, samples, runtime, StageTimes())  # type: ignore[arg-type]
+    expected = alone(card, np.stack([array for array, _ in samples]))
+    np.testing.assert_allclose(outputs["cam"], expected["cam"], rtol=1e-6)
+    np.testing.assert_allclose(outputs["probability"], expected["probability"], rtol=1e-6)
+    assert len(samples) > 2 * MAX_BATCH
+    assert len(threads) == 2 and all(name.startswith("dicomnode-chunks") for name in threads)
+    assert infer(card, [], runtime, StageTimes()) == {}

@@ -12,6 +12,7 @@ import functools
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -96,15 +97,26 @@ def infer(
     runtime: Runtime,
     times: StageTimes,
 ) -> dict[str, np.ndarray]:
-    """Run prepared samples through the model in batches; outputs concatenated along N."""
+    """Run prepared samples through the model in chunks of ``MAX_BATCH``, as many at once as
+    the model runs batches (on the CPU a CT series' chunks then take every core, one thread
+    each); outputs concatenated along N in the samples' order."""
     started = time.perf_counter()
-    chunks: dict[str, list[np.ndarray]] = {}
-    for start in range(0, len(samples), MAX_BATCH):
+
+    def run_chunk(start: int) -> dict[str, np.ndarray]:
         batch = np.stack([array for array, _ in samples[start : start + MAX_BATCH]])
-        for name, value in runtime.run(card, batch).items():
-            chunks.setdefault(name, []).append(value)
+        return runtime.run(card, batch)
+
+    starts = range(0, len(samples), MAX_BATCH)
+    workers = min(len(starts), runtime.in_flight(card))
+    if workers > 1:
+        with ThreadPoolExecutor(workers, thread_name_prefix="dicomnode-chunks") as pool:
+            outputs = list(pool.map(run_chunk, starts))
+    else:
+        outputs = [run_chunk(start) for start in starts]
     times.add("inference", started)
-    return {name: np.concatenate(values) for name, values in chunks.items()}
+    if not outputs:
+        return {}
+    return {name: np.concatenate([out[name] for out in outputs]) for name in outputs[0]}
 
 
 def _stacks(card: ModelCard, images: list[Dataset]) -> list[Stack]:
