@@ -49,6 +49,13 @@ INFERENCE_SECONDS = Histogram(
 EXPORT_FAILURES = Counter(
     "dicomnode_export_failures", "Failed export attempts by destination", ["destination"]
 )
+RESULT_OBJECTS_FAILED = Counter(
+    "dicomnode_result_objects_failed",
+    "Result objects not written because their builder raised, by model and kind (sr, seg, "
+    "overlay, gsps, derived, kos); kind 'run' counts a model whose run raised and 'all' one "
+    "whose objects could not be prepared (none of their objects is written)",
+    ["model", "kind"],
+)
 
 _STATUS_REASONS = {
     0xA700: "out_of_resources",

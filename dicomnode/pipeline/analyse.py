@@ -14,13 +14,16 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import pydicom
 from pydicom import Dataset
 from sqlalchemy import delete, func, select
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
+from dicomnode import metrics
 from dicomnode.config import Destination, Settings, WorklistSettings
 from dicomnode.db.models import FindingRow, Instance, Job, ResultObject, Series, Study
 from dicomnode.db.session import utcnow
@@ -372,6 +375,7 @@ def write_results(
             "a newer analysis of the study is pending (instances arrived since, or it is queued "
             f"or running; generation {queued_generation})"
         )
+    failures = _ResultFailures(job_id, study_id)
     # Registered with the runtime only while models run, so that analyses running meanwhile
     # wait for this thread's inferences and not for its result writing.
     with runtime.caller():
@@ -380,13 +384,26 @@ def write_results(
             images, _, _ = _load_images(session, study, instances_up_to)
             triaged = _triage_models(_Models(cards, images), runtime, StageTimes())
             times.add("recompute", started)
+        failures.sources = triaged.models.images
         runs = list(triaged.runs)
         for card, selected in triaged.later:
-            runs.append((card, triaged.models.run(card, selected, runtime, times)))
+            # One model failing on these images (e.g. one it cannot take) leaves the others'.
+            try:
+                runs.append((card, triaged.models.run(card, selected, runtime, times)))
+            except Exception as error:
+                failures.add(card, "run", error)
     # Result files are built and written outside any transaction; their rows and export jobs
-    # then go in one short one.
+    # then go in one short one. Each object is built on its own: one builder raising leaves
+    # out that object only.
     started = time.perf_counter()
-    built = [(card, kind, ds) for card, run in runs for kind, ds in result_objects(run, card)]
+    built = []
+    for card, run in runs:
+        try:
+            objects = result_objects(run, card, partial(failures.add, card))
+        except Exception as error:
+            failures.add(card, "all", error)
+            continue
+        built.extend((card, kind, ds) for kind, ds in objects)
     superseded = _superseded(session, study_id, built)
     written = [(card, kind, ds, _write_result(settings, ds)) for card, kind, ds in built]
     results = [
@@ -395,6 +412,7 @@ def write_results(
     ]
     for row in superseded:
         session.delete(row)
+    failures.record(session)
     times.add("results", started)
     for kind, result in results:
         for destination in settings.destinations:
@@ -411,7 +429,92 @@ def write_results(
     times.note = f"{len(results)} result objects"
     if superseded:
         times.note += f", {len(superseded)} earlier version(s) superseded"
+    if failures.not_written:
+        times.note += f", not written (see the ERROR lines): {failures.summary()}"
     return times
+
+
+# Errors that mean the job cannot run now (database, disk or memory), not that one model or
+# builder cannot handle the study: they fail the whole results job, which is retried.
+JOB_ERRORS = (OSError, MemoryError, SQLAlchemyError)
+
+_FAILED = {
+    "run": "its run failed, none of its result objects is written",
+    "all": "its result objects could not be prepared, none is written",
+}
+
+
+class _ResultFailures:
+    """The models and result objects of a results job that raised: each is logged at ERROR
+    (no patient data), counted, and named on the job (``last_error``, and ``not_written`` in
+    its payload) while the job ends done with the others' objects. Errors of
+    :data:`JOB_ERRORS` are raised again."""
+
+    def __init__(self, job_id: int, study_id: int):
+        self.job_id = job_id
+        self.study_id = study_id
+        self.sources: list[Dataset] = []
+        self.not_written: list[dict[str, str]] = []
+
+    def add(self, card: ModelCard, kind: str, error: Exception) -> None:
+        if isinstance(error, JOB_ERRORS):
+            raise error
+        reason = _without_patient_data(f"{type(error).__name__}: {error}", self.sources)
+        metrics.RESULT_OBJECTS_FAILED.labels(card.model.name, kind).inc()
+        log.error(
+            "results job %d study_id=%d: model %s %s: %s; the study's other result objects are "
+            "written: %s",
+            self.job_id,
+            self.study_id,
+            card.model.name,
+            card.model.version,
+            _FAILED.get(kind, f"a {kind} result object could not be built and is not written"),
+            reason,
+        )
+        # The traceback only when debugging (the error's own text may quote patient data).
+        log.debug("results job %d: traceback of the error above", self.job_id, exc_info=error)
+        self.not_written.append(
+            {"model": card.model.name, "version": card.model.version, "kind": kind, "error": reason}
+        )
+
+    def summary(self) -> str:
+        """'model kind, ...' of what was not written."""
+        return ", ".join(f"{entry['model']} {entry['kind']}" for entry in self.not_written)
+
+    def record(self, session: Session) -> None:
+        """Name what was not written on the results job (in the caller's transaction)."""
+        job = session.get(Job, self.job_id)
+        if job is None:
+            return
+        payload = {k: v for k, v in (job.payload or {}).items() if k != "not_written"}
+        if self.not_written:
+            payload["not_written"] = self.not_written
+            listed = "; ".join(
+                f"{entry['model']} {entry['kind']}: {entry['error']}" for entry in self.not_written
+            )
+            job.last_error = f"not written: {listed}"[:2000]
+        job.payload = payload
+
+
+def _without_patient_data(text: str, sources: list[Dataset]) -> str:
+    """``text`` with the patient's name (and its parts), IDs, birth date and accession number
+    as the study's images give them replaced: an error may quote a value it refused."""
+    secrets: set[str] = set()
+    for ds in sources:
+        name = str(ds.get("PatientName", "") or "")
+        secrets.add(name)
+        secrets.update(part for part in name.replace("=", "^").split("^") if len(part) >= 3)
+        for keyword in ("PatientID", "OtherPatientIDs", "AccessionNumber", "PatientBirthDate"):
+            value = ds.get(keyword)
+            values = value if isinstance(value, (list, pydicom.multival.MultiValue)) else [value]
+            secrets.update(str(v) for v in values if v)
+        birth = str(ds.get("PatientBirthDate", "") or "")
+        if len(birth) == 8 and birth.isdigit():
+            secrets.add(f"{birth[:4]}-{birth[4:6]}-{birth[6:]}")
+    for secret in sorted((s.strip() for s in secrets), key=len, reverse=True):
+        if len(secret) >= 3:
+            text = text.replace(secret, "<patient data>")
+    return text
 
 
 # Study-level results whose instance names one content (the images reported on or selected):

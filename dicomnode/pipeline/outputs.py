@@ -1,9 +1,13 @@
 """Which DICOM result objects a model run becomes (per the card's [results] produce).
 
-Pure apart from the result builders: ModelRun in, (kind, Dataset) pairs out.
+Pure apart from the result builders: ModelRun in, (kind, Dataset) pairs out; a builder that
+raises leaves out its object only, when the caller says what to do with the error.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
 
 from pydicom import Dataset
 
@@ -57,9 +61,25 @@ def critical_sources(run: ModelRun) -> list[Dataset]:
     return [e.source for e in run.images if any(f.present and f.critical for f in e.findings)]
 
 
-def result_objects(run: ModelRun, card: ModelCard) -> list[tuple[str, Dataset]]:
-    """The result objects of ``run`` the card asks for, KOS last (it references the others)."""
+def result_objects(
+    run: ModelRun, card: ModelCard, failed: Callable[[str, Exception], None] | None = None
+) -> list[tuple[str, Dataset]]:
+    """The result objects of ``run`` the card asks for, KOS last (it references the others).
+
+    ``failed``: called with the kind and the error of each object whose builder raises, and
+    that object is left out (the KOS then references the others); it may raise itself to end
+    the building. Without it the first builder that raises ends the building.
+    """
     from dicomnode.results import derived, gsps, kos, overlay, seg, sr
+
+    def build(kind: str, builder: Callable[[], Dataset]) -> None:
+        if failed is None:
+            objects.append((kind, builder()))
+            return
+        try:
+            objects.append((kind, builder()))
+        except Exception as error:
+            failed(kind, error)
 
     # Only present findings are localised (heat map on the overlay, CAM peak in the SR): an
     # absent finding's map would mislead, and is not resampled at all.
@@ -68,15 +88,15 @@ def result_objects(run: ModelRun, card: ModelCard) -> list[tuple[str, Dataset]]:
     objects: list[tuple[str, Dataset]] = []
     reported = _reported(run, card)
     if "sr" in produces and reported and any(e.findings for e in reported):
-        objects.append(("sr", sr.build_sr(reported, run.algorithm)))
+        build("sr", lambda: sr.build_sr(reported, run.algorithm))
     if "overlay" in produces:
         for evaluation in _drawn(run, card):
-            objects.append(("overlay", overlay.build_overlay(evaluation, run.algorithm)))
+            build("overlay", partial(overlay.build_overlay, evaluation, run.algorithm))
         for segmentation in run.segmentations:
             if len(segmentation.sources) == 1:  # a radiograph: outlines on a copy of it
                 masks = {s.concept.meaning: s.mask[0] for s in segmentation.segments}
                 empty = ImageFindings(segmentation.sources[0], [])
-                objects.append(("overlay", overlay.build_overlay(empty, run.algorithm, masks)))
+                build("overlay", partial(overlay.build_overlay, empty, run.algorithm, masks))
     if "gsps" in produces:
         for evaluation in _drawn(run, card):
             # A presentation state applies to a greyscale image only.
@@ -84,20 +104,20 @@ def result_objects(run: ModelRun, card: ModelCard) -> list[tuple[str, Dataset]]:
             if greyscale and any(
                 f.box is not None or f.point is not None for f in evaluation.findings
             ):
-                objects.append(("gsps", gsps.build_gsps(evaluation, run.algorithm)))
+                build("gsps", partial(gsps.build_gsps, evaluation, run.algorithm))
     if "seg" in produces:
         for segmentation in run.segmentations:
-            objects.append(
-                (
-                    "seg",
-                    seg.build_seg(segmentation, run.algorithm, fractional=card.results.fractional),
-                )
+            build(
+                "seg",
+                partial(
+                    seg.build_seg, segmentation, run.algorithm, fractional=card.results.fractional
+                ),
             )
     if "derived" in produces:
         for image in run.derived:
-            objects.append(("derived", derived.build_derived(image, run.algorithm)))
+            build("derived", partial(derived.build_derived, image, run.algorithm))
     critical = critical_sources(run)
     if "kos" in produces and critical:
         others = [ds for _, ds in objects]
-        objects.append(("kos", kos.build_kos(critical, run.algorithm, others)))
+        build("kos", lambda: kos.build_kos(critical, run.algorithm, others))
     return objects
