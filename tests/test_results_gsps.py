@@ -151,6 +151,23 @@ def test_gsps_inverts_monochrome1_sources() -> None:
     assert dciodvfy_errors(gsps) == []
 
 
+@pytest.mark.parametrize(
+    ("photometric", "shape", "inverse"),
+    [
+        ("MONOCHROME2", "INVERSE", True),  # not allowed in DX, but sent: displayed inverted
+        ("MONOCHROME1", "INVERSE", True),  # one inversion, as DX requires it declared
+        ("MONOCHROME2", "IDENTITY", False),
+    ],
+)
+def test_gsps_displays_the_source_with_its_own_polarity(
+    photometric: str, shape: str, inverse: bool
+) -> None:
+    source = chest_xray(5, size=128)
+    source.PhotometricInterpretation, source.PresentationLUTShape = photometric, shape
+    gsps = build_gsps(evaluation(source), ALGORITHM)
+    assert gsps.PresentationLUTShape == ("INVERSE" if inverse else "IDENTITY")
+
+
 def test_gsps_rejects_box_outside_image(source: pydicom.Dataset) -> None:
     bad = evaluation(source)
     bad.findings[0].box = (0.0, 0.0, 129.0, 10.0)

@@ -130,8 +130,8 @@ def build_gsps(evaluation: ImageFindings, algorithm: Algorithm) -> pydicom.Datas
             ),
         )
     presentation_lut = None
-    if source.get("PhotometricInterpretation") == "MONOCHROME1":
-        # Keep MONOCHROME1's "low values are white" look after the VOI window.
+    if _inverted(source):
+        # Keep the source's "low values are white" look after the VOI window.
         presentation_lut = hd.PresentationLUTTransformation(
             presentation_lut_shape=hd.PresentationLUTShapeValues.INVERSE
         )
@@ -159,6 +159,16 @@ def build_gsps(evaluation: ImageFindings, algorithm: Algorithm) -> pydicom.Datas
     copy_patient_study(source, gsps)
     copy_laterality(source, gsps)
     return gsps
+
+
+def _inverted(source: pydicom.Dataset) -> bool:
+    """Whether the source is displayed inverted: MONOCHROME1 (inverted once, whatever its
+    Presentation LUT Shape restates), or MONOCHROME2 with Presentation LUT Shape INVERSE (which
+    the DX and CR modules do not allow but images carry). A GSPS replaces the image's
+    Presentation LUT, so it must say INVERSE itself."""
+    photometric = str(source.get("PhotometricInterpretation", "MONOCHROME2")).strip()
+    shape = str(source.get("PresentationLUTShape", "") or "").strip().upper()
+    return photometric == "MONOCHROME1" or (photometric == "MONOCHROME2" and shape == "INVERSE")
 
 
 def _tracking(source: pydicom.Dataset, finding: Finding, ordinal: int, algorithm: Algorithm) -> str:
