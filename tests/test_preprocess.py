@@ -264,3 +264,156 @@ def test_unsupported_transfer_syntax_names_the_instance() -> None:
     with pytest.raises(ValueError, match=ds.SOPInstanceUID) as error:
         presentation_pixels(ds)
     assert "1.2.840.10008.1.2.4.100" in str(error.value)
+
+
+# --- inversion, padding, VOI LUT output range (imaging review items 9, 10, 13) ------------------
+
+
+def test_presentation_lut_shape_inverse_inverts_monochrome2_once_and_monochrome1_once() -> None:
+    mono2, _ = make_cxr(4, pneumothorax=False, size=128)
+    assert mono2.PresentationLUTShape == "IDENTITY"
+    reference = presentation_pixels(mono2)
+    inverse = copy.deepcopy(mono2)
+    inverse.PresentationLUTShape = "INVERSE"  # P-Value = max - VOI output (PS3.3 C.11.6.1.2)
+    assert np.allclose(presentation_pixels(inverse), 1.0 - reference, atol=1e-6)
+    # MONOCHROME1 with INVERSE (as the DX module requires) is one inversion, not two; without a
+    # Presentation LUT Shape, or with IDENTITY, MONOCHROME1 alone says the same.
+    mono1, _ = make_cxr(4, pneumothorax=False, size=128, photometric="MONOCHROME1")
+    assert mono1.PresentationLUTShape == "INVERSE"
+    looks = presentation_pixels(mono1)
+    assert np.abs(looks - reference).max() < 2e-3
+    for shape in (None, "IDENTITY"):
+        other = copy.deepcopy(mono1)
+        if shape is None:
+            del other.PresentationLUTShape
+        else:
+            other.PresentationLUTShape = shape
+        assert np.array_equal(presentation_pixels(other), looks)
+
+
+def test_padding_value_written_as_us_on_a_signed_image_is_its_twos_complement() -> None:
+    from dicomnode.pipeline import preprocess
+
+    ds, _ = make_cxr(6, pneumothorax=False, size=64)
+    hounsfield = np.full((64, 64), -2000, dtype=np.int16)
+    hounsfield[8:56, 8:56] = np.tile(np.linspace(-1000, 400, 48).astype(np.int16), (48, 1))
+    ds.PixelRepresentation = 1
+    ds.PixelData = hounsfield.astype("<i2").tobytes()
+    del ds.WindowCenter, ds.WindowWidth
+    ds.add_new(0x00280120, "US", 63536)  # -2000 as a 16-bit US
+    padding = preprocess._padding(ds, ds.pixel_array)
+    assert padding is not None and padding.sum() == 64 * 64 - 48 * 48
+    # Left out of the percentile window: the image inside spans the whole 0..1.
+    pixels = presentation_pixels(ds)
+    assert pixels[8:56, 8:56].min() == 0.0 and pixels[8:56, 8:56].max() == 1.0
+    assert np.all(pixels[padding] == 0.0)
+    # A range limit written the same way; unsigned images keep large values as they are.
+    ds.add_new(0x00280121, "US", 64536)  # -1000
+    assert preprocess._padding(ds, ds.pixel_array).sum() == 64 * 64 - 48 * 47
+    unsigned, _ = make_cxr(6, pneumothorax=False, size=64)
+    unsigned.PixelPaddingValue = 4000
+    assert preprocess._as_stored(unsigned, 63536) == 63536
+
+
+def _lut_item(descriptor: list[int], entries: list[int] | np.ndarray) -> Dataset:
+    item = Dataset()
+    item.LUTDescriptor = descriptor
+    item.LUTData = [int(v) for v in entries]
+    return item
+
+
+def test_voi_lut_output_range_is_the_lut_bit_depth_not_its_entries() -> None:
+    """PS3.3 C.11.2.1.1: a VOI LUT's output range is 0 to 2^n - 1 for n bits per entry; a LUT
+    that uses part of it shows part of the grey scale (the table's own min..max stretched it)."""
+    ds, _ = make_cxr(6, pneumothorax=False, size=128)
+    stored = ds.pixel_array.astype(np.float64)
+    half = [1000 + v // 4 for v in range(4096)]  # 1000..2023 of a 12-bit range
+    ds.VOILUTSequence = Sequence([_lut_item([4096, 0, 12], half)])
+    expected = (1000 + np.floor(stored / 4)) / 4095
+    assert np.allclose(presentation_pixels(ds), expected, atol=1e-6)
+    # 16 bits per entry: the same entries are a sixteenth as bright.
+    ds.VOILUTSequence = Sequence([_lut_item([4096, 0, 16], half)])
+    assert np.allclose(presentation_pixels(ds), (1000 + np.floor(stored / 4)) / 65535, atol=1e-6)
+    # Entries that do not fit the declared bits widen them to the bits the entries need.
+    ds.VOILUTSequence = Sequence([_lut_item([4096, 0, 8], range(4096))])
+    assert np.allclose(presentation_pixels(ds), stored / 4095, atol=1e-6)
+
+
+def test_eight_bit_voi_lut_of_more_than_256_entries_is_looked_up_whole() -> None:
+    """pydicom 3.0 indexes 8-bit LUTs through uint8: input 4095 read entry 4095 - 16 * 256."""
+    ds, _ = make_cxr(6, pneumothorax=False, size=128)
+    stored = ds.pixel_array.astype(np.float64)
+    ds.VOILUTSequence = Sequence([_lut_item([4096, 0, 8], [v // 16 for v in range(4096)])])
+    assert np.allclose(presentation_pixels(ds), np.floor(stored / 16) / 255, atol=1e-6)
+    # The same LUT as OW data, one 8-bit entry per 16-bit word and two to a word.
+    for packing in ("<u2", "<u1"):
+        ow = copy.deepcopy(ds)
+        ow.VOILUTSequence[0].LUTData = (np.arange(4096) // 16).astype(packing).tobytes()
+        ow.VOILUTSequence[0]["LUTData"].VR = "OW"
+        assert np.array_equal(presentation_pixels(ow), presentation_pixels(ds)), packing
+
+
+# --- non-square pixels (imaging review item 12) ---------------------------------------------------
+
+
+def _disc_on_anisotropic_pixels(row_spacing: float, col_spacing: float) -> pydicom.Dataset:
+    """300 columns x 200 rows with a disc of radius 8 mm centred on pixel (row 110, col 180)."""
+    ds, _ = make_cxr(8, pneumothorax=False, size=64)
+    rows, cols = np.indices((200, 300))
+    disc = ((rows - 110) * row_spacing) ** 2 + ((cols - 180) * col_spacing) ** 2 <= 8.0**2
+    out = _replace_pixels(ds, np.where(disc, 4000, 100).astype(np.uint16))
+    out.WindowCenter, out.WindowWidth = 2050, 3900
+    out.ImagerPixelSpacing = [row_spacing, col_spacing]
+    return out
+
+
+def test_pixel_aspect_from_spacings_or_aspect_ratio() -> None:
+    from dicomnode.pipeline.preprocess import pixel_aspect
+
+    ds, _ = make_cxr(8, pneumothorax=False, size=64)
+    assert pixel_aspect(ds) == 1.0  # the phantom's square Imager Pixel Spacing
+    ds.ImagerPixelSpacing = [0.2, 0.1]
+    assert pixel_aspect(ds) == 2.0
+    ds.PixelSpacing = [0.15, 0.3]  # at the patient: preferred to the detector's
+    assert pixel_aspect(ds) == 0.5
+    del ds.PixelSpacing, ds.ImagerPixelSpacing
+    ds.PixelAspectRatio = [5, 4]  # vertical : horizontal
+    assert pixel_aspect(ds) == 1.25
+    del ds.PixelAspectRatio
+    for unusable in ([0.0, 0.1], [0.139, 0.1391], [0.139, 139.0]):  # zero, rounding, typo
+        ds.PixelSpacing = unusable
+        assert pixel_aspect(ds) == 1.0, unusable
+
+
+@pytest.mark.parametrize(("row_spacing", "col_spacing"), [(0.2, 0.1), (0.1, 0.25)])
+def test_non_square_pixels_are_resampled_square_and_map_back(
+    row_spacing: float, col_spacing: float
+) -> None:
+    ds = _disc_on_anisotropic_pixels(row_spacing, col_spacing)
+    sample, geometry = prepare_input(ds, InputSpec(shape=(1, 128, 128), normalisation="unit"))
+    # The field of view keeps its shape in millimetres: 40 x 30 mm or 20 x 75 mm.
+    rows, cols = geometry.resized_shape
+    assert abs(rows / cols - (200 * row_spacing) / (300 * col_spacing)) < 0.02
+    assert geometry.scale / geometry.col_scale == pytest.approx(row_spacing / col_spacing, 0.02)
+    # The disc is round in the input (an ellipse of 2.5:1 in pixels when stretched by pixels).
+    disc = sample[0] > 0.5
+    inside_rows, inside_cols = np.nonzero(disc)
+    height = inside_rows.max() - inside_rows.min() + 1
+    width = inside_cols.max() - inside_cols.min() + 1
+    assert abs(height - width) <= 1.5, (height, width)
+    # Source -> input -> source within a pixel, and the disc's centre onto the disc's centre.
+    for point in ((60.0, 200.0), (0.0, 0.0), (199.0, 299.0), (123.4, 56.7)):
+        back = geometry.to_source(*geometry.to_input(*point))
+        assert np.allclose(back, point, atol=1e-9)
+    centre = geometry.to_input(110.0, 180.0)
+    assert np.allclose(centre, (inside_rows.mean(), inside_cols.mean()), atol=1.0)
+    source_centre = geometry.to_source(inside_rows.mean(), inside_cols.mean())
+    assert np.allclose(source_centre, (110.0, 180.0), atol=1.0)
+    # A map over the input (the disc itself, at a quarter of its resolution) comes back as the
+    # disc over the source pixels.
+    coarse = sample[0].reshape(32, 4, 32, 4).mean(axis=(1, 3))
+    heatmap = geometry.map_to_source(coarse)
+    truth = ds.pixel_array > 2000
+    assert heatmap.shape == truth.shape
+    overlap = ((heatmap > 0.5) & truth).sum() / ((heatmap > 0.5) | truth).sum()
+    assert overlap > 0.8, overlap

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import pydicom
 from PIL import Image
+from pydicom.multival import MultiValue
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
 from dicomnode.models.registry import InputSpec
@@ -42,16 +43,62 @@ def _window(ds: pydicom.Dataset) -> tuple[float, float] | None:
     return centre, width
 
 
+def voi_lut_table(ds: pydicom.Dataset) -> tuple[int, np.ndarray, int]:
+    """The first VOI LUT of ``ds``: its first mapped input value, its entries (int64) and its
+    bits per entry (LUT Descriptor values 2, LUT Data, descriptor value 3).
+
+    Read here rather than looked up by pydicom 3.0's ``apply_voi_lut``, which indexes an 8-bit
+    LUT through 8-bit integers: past 256 entries the indexes wrap (input 4095 of a 4096-entry
+    8-bit LUT reads entry 255 - 256 * 15)."""
+    item = ds.VOILUTSequence[0]
+    entries, first_mapped, bits = (int(value) for value in item.LUTDescriptor)
+    entries = entries or 2**16
+    data = item["LUTData"].value
+    if isinstance(data, bytes):  # OW: 16-bit words, or 8-bit entries packed two to a word
+        little = _little_endian(ds)
+        if bits <= 8 and len(data) < 2 * entries:
+            words = np.frombuffer(data[: len(data) // 2 * 2], dtype="<u2" if little else ">u2")
+            table = words.astype("<u2").view(np.uint8).astype(np.int64)
+        else:
+            table = np.frombuffer(data[: 2 * entries], dtype="<u2" if little else ">u2")
+            table = table.astype(np.int64)
+    else:
+        table = np.asarray(data if isinstance(data, (list, tuple, MultiValue)) else [data])
+        table = table.astype(np.int64)
+    if table.size < entries:
+        raise ValueError(
+            f"{describe(ds)}: its VOI LUT has {table.size} entries, its LUT Descriptor says "
+            f"{entries}"
+        )
+    return first_mapped, table[:entries], bits
+
+
+def _little_endian(ds: pydicom.Dataset) -> bool:
+    """Whether the dataset's OW values are little endian (as read, else as its transfer syntax
+    says; little endian when neither is known, as nearly every DICOM file is)."""
+    meta = getattr(ds, "file_meta", None)
+    syntax = meta.get("TransferSyntaxUID") if meta is not None else None
+    if syntax is not None and syntax.is_transfer_syntax:
+        return bool(syntax.is_little_endian)
+    read = ds.original_encoding[1]
+    return True if read is None else bool(read)
+
+
 def _apply_voi(ds: pydicom.Dataset, values: np.ndarray) -> tuple[np.ndarray, float, float] | None:
     """The dataset's own VOI transform (first VOI LUT, else first usable window, pydicom's
     implementation) and its output range; None when it has none."""
     if ds.get("VOILUTSequence"):
-        descriptor = ds.VOILUTSequence[0].LUTDescriptor
-        entries, first_mapped = int(descriptor[0]) or 2**16, int(descriptor[1])
-        table = apply_voi_lut(np.arange(first_mapped, first_mapped + entries), ds, index=0)
-        # A LUT is indexed by integers (pydicom truncates floats): round rescaled values.
-        out = apply_voi_lut(np.rint(values).astype(np.int64), ds, index=0, prefer_lut=True)
-        return out.astype(np.float64), float(table.min()), float(table.max())
+        first_mapped, table, bits = voi_lut_table(ds)
+        # A LUT is indexed by integers: rescaled values are rounded (pydicom truncates floats).
+        # Inputs below the first mapped value take the first entry, above the last the last.
+        index = np.rint(values).astype(np.int64) - first_mapped
+        np.clip(index, 0, table.size - 1, out=index)
+        # PS3.3 C.11.2.1.1 / C.8.11.3.1.5: the output range is 0 to 2^n - 1, n the third
+        # LUT Descriptor value, whatever part of it the entries use. Entries that do not fit n
+        # bits (a descriptor that understates them) widen it to the bits they need.
+        highest = int(table.max(initial=0))
+        top = 2**bits - 1 if highest <= 2**bits - 1 else 2 ** highest.bit_length() - 1
+        return table[index].astype(np.float64), 0.0, float(top)
     window = _window(ds)
     if window is None:
         return None
@@ -69,7 +116,8 @@ def presentation_pixels(
     """Float32 rows x columns in 0..1 as a radiologist would see it: Modality LUT (rescale), then
     the fixed ``window`` (centre, width in modality units, e.g. a CT lung window) when given,
     else the image's VOI LUT or window (first of multiple values), else a percentile window;
-    MONOCHROME1 inverted so bright = dense. Colour images (RGB / YBR secondary captures,
+    inverted where the image says so (MONOCHROME1, Presentation LUT Shape INVERSE: see
+    ``is_inverted``) so bright = dense. Colour images (RGB / YBR secondary captures,
     palette) become their luma with a percentile window. Pixel Padding (stored values) is black
     and left out of the percentile window. DecodeError when undecodable."""
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
@@ -131,7 +179,21 @@ def _unit_interval(
 ) -> np.ndarray:
     """Float32 0..1 of each stored value (greyscale; colour images' luma as they come):
     Modality LUT, then ``window``, the dataset's VOI, or a percentile window over the values
-    outside ``padding``; MONOCHROME1 inverted."""
+    outside ``padding``; inverted where the image says so (``is_inverted``)."""
+    out = _voi_unit(ds, stored, window, window_percentiles, padding).astype(np.float32)
+    if is_inverted(ds):
+        out = 1.0 - out
+    return out
+
+
+def _voi_unit(
+    ds: pydicom.Dataset,
+    stored: np.ndarray,
+    window: tuple[float, float] | None,
+    window_percentiles: tuple[float, float],
+    padding: np.ndarray | None,
+) -> np.ndarray:
+    """``_unit_interval`` before its inversion, unrounded (float64 for greyscale images)."""
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
     if photometric in COLOUR:
         values, voi = stored, None
@@ -144,16 +206,37 @@ def _unit_interval(
     elif voi is not None:
         values, low, high = voi
     else:
-        image = values if padding is None or padding.all() else values[~padding]
-        low, high = (float(v) for v in np.percentile(image, window_percentiles))
+        low, high = _percentiles(values, padding, window_percentiles)
     span = high - low
     if span <= 0:
-        out = np.zeros(values.shape, dtype=np.float32)
-    else:
-        out = np.clip((values - low) / span, 0.0, 1.0).astype(np.float32)
+        return np.zeros(values.shape, dtype=np.float64)
+    return np.clip((values - low) / span, 0.0, 1.0)
+
+
+def _percentiles(
+    values: np.ndarray, padding: np.ndarray | None, window_percentiles: tuple[float, float]
+) -> tuple[float, float]:
+    """The percentile window of ``values`` outside ``padding`` (all of them when all are)."""
+    image = values if padding is None or padding.all() else values[~padding]
+    low, high = (float(v) for v in np.percentile(image, window_percentiles))
+    return low, high
+
+
+def is_inverted(ds: pydicom.Dataset) -> bool:
+    """Whether a greyscale image is displayed inverted (low values white).
+
+    MONOCHROME1 is (PS3.3 C.7.6.3.1.2: the minimum value is white after the VOI stage), and so
+    is an image whose Presentation LUT Shape is INVERSE (C.11.6.1.2: P-Value = maximum - VOI
+    output). The DX, CR, MG and IO image modules require INVERSE with MONOCHROME1 and IDENTITY
+    with MONOCHROME2: there INVERSE restates MONOCHROME1's one inversion (MONOCHROME1 + INVERSE
+    is inverted once, as every viewer shows it), and MONOCHROME2 + INVERSE, which those
+    modules do not allow but images carry, is inverted by its Presentation LUT. MONOCHROME1
+    with IDENTITY is taken as MONOCHROME1 says. Colour images are never inverted."""
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
     if photometric == "MONOCHROME1":
-        out = 1.0 - out
-    return out
+        return True
+    shape = str(ds.get("PresentationLUTShape", "") or "").strip().upper()
+    return photometric == "MONOCHROME2" and shape == "INVERSE"
 
 
 def _padding(ds: pydicom.Dataset, stored: np.ndarray) -> np.ndarray | None:
@@ -163,11 +246,25 @@ def _padding(ds: pydicom.Dataset, stored: np.ndarray) -> np.ndarray | None:
     if not isinstance(value, int) or isinstance(value, bool):
         return None  # absent, or bytes of an undetermined VR
     limit = ds.get("PixelPaddingRangeLimit")
-    if not isinstance(limit, int):
+    if not isinstance(limit, int) or isinstance(limit, bool):
         limit = value
+    value, limit = _as_stored(ds, value), _as_stored(ds, limit)
     low, high = min(value, limit), max(value, limit)
     padding = (stored >= low) & (stored <= high)
     return padding if padding.any() else None
+
+
+def _as_stored(ds: pydicom.Dataset, value: int) -> int:
+    """A padding value as the stored pixel value it names. Pixel Padding Value and Range Limit
+    are US or SS as Pixel Representation is (PS3.3 C.7.5.1.1.2); written as US on a signed
+    image (an encoder's slip, or an implicit VR reader's default) a negative value reads as its
+    two's complement over Bits Allocated, e.g. 63536 for -2000."""
+    if int(ds.get("PixelRepresentation", 0) or 0) != 1:
+        return value
+    bits = int(ds.get("BitsAllocated", 16) or 16)
+    if 2 ** (bits - 1) <= value < 2**bits:
+        return value - 2**bits
+    return value
 
 
 @dataclass(frozen=True)
@@ -175,7 +272,8 @@ class Letterbox:
     """Geometry between a model input and its source image (pixel-centre convention).
 
     ``scale`` maps source rows to input rows; ``col_scale`` source columns to input columns
-    (equal to ``scale`` up to rounding for letterbox, different for stretch).
+    (equal to ``scale`` up to rounding for letterbox of square pixels; different for stretch,
+    and for letterbox of non-square pixels, which it resamples to square ones).
     """
 
     source_shape: tuple[int, int]
@@ -202,6 +300,13 @@ class Letterbox:
         return (
             (row - self.pad_rows + 0.5) / self.scale - 0.5,
             (col - self.pad_cols + 0.5) / self._col_scale - 0.5,
+        )
+
+    def to_input(self, row: float, col: float) -> tuple[float, float]:
+        """Model-input (row, col) of a source pixel position (the inverse of ``to_source``)."""
+        return (
+            (row + 0.5) * self.scale + self.pad_rows - 0.5,
+            (col + 0.5) * self._col_scale + self.pad_cols - 0.5,
         )
 
     def map_to_source(self, model_map: np.ndarray) -> np.ndarray:
@@ -275,13 +380,14 @@ def prepare_input(
     pixels: np.ndarray | Presentation | None = None,
 ) -> tuple[np.ndarray, Letterbox]:
     """(C,H,W) float32 model input per the card: presentation pixels, resize (letterbox keeps
-    aspect, pads with 0; or stretch), normalisation ('zscore' -> (x-mean)/std, 'unit' -> as
-    is), channels repeated if C>1. ``pixels``: the presentation pixels of ``ds`` for this spec
-    when the caller already has them (several models on one image: as a Presentation, which
-    keeps their resamplings for the others)."""
+    the aspect of the anatomy, resampling non-square pixels to square ones, and pads with 0;
+    or stretch), normalisation ('zscore' -> (x-mean)/std, 'unit' -> as is), channels repeated
+    if C>1. ``pixels``: the presentation pixels of ``ds`` for this spec when the caller already
+    has them (several models on one image: as a Presentation, which keeps their resamplings
+    for the others)."""
     if pixels is None:
         pixels = presentation_pixels(ds, window_percentiles or spec.window_percentiles, spec.window)
-    return _fit(pixels, spec, repeat=True)
+    return _fit(pixels, spec, repeat=True, aspect=pixel_aspect(ds))
 
 
 def prepare_stack(
@@ -302,7 +408,10 @@ def prepare_stack(
         pixels = [
             presentation_pixels(ds, spec.window_percentiles, spec.window) for ds in neighbours
         ]
-    fitted = [_fit(presented, spec, repeat=False) for presented in pixels]
+    fitted = [
+        _fit(presented, spec, repeat=False, aspect=pixel_aspect(ds))
+        for ds, presented in zip(neighbours, pixels, strict=True)
+    ]
     shapes = {sample.shape for sample, _ in fitted}
     if len(shapes) != 1:
         raise ValueError(f"adjacent slices differ in size: {sorted(shapes)}")
@@ -310,23 +419,58 @@ def prepare_stack(
     return stacked, fitted[len(fitted) // 2][1]
 
 
+def pixel_aspect(ds: pydicom.Dataset) -> float:
+    """Height / width of the image's pixels: row spacing / column spacing of Pixel Spacing,
+    else Imager Pixel Spacing, else Nominal Scanned Pixel Spacing, else the vertical /
+    horizontal Pixel Aspect Ratio (PS3.3 C.7.6.3.1.7). 1 (square) when none is usable, when
+    the ratio is within 0.1 % of 1 (rounding in the spacings: under half a pixel at 512) or
+    implausible (beyond 10:1, a mistyped spacing)."""
+    for keyword in ("PixelSpacing", "ImagerPixelSpacing", "NominalScannedPixelSpacing"):
+        aspect = _ratio(ds.get(keyword))
+        if aspect is not None:
+            break
+    else:
+        aspect = _ratio(ds.get("PixelAspectRatio"))
+    if aspect is None or abs(aspect - 1.0) <= 1e-3 or not 0.1 <= aspect <= 10.0:
+        return 1.0
+    return aspect
+
+
+def _ratio(pair: object) -> float | None:
+    """The first of two positive finite numbers over the second, else None."""
+    if not isinstance(pair, (list, tuple, MultiValue)) or len(pair) != 2:
+        return None
+    try:
+        first, second = float(pair[0]), float(pair[1])
+    except (TypeError, ValueError):
+        return None
+    if not (np.isfinite(first) and np.isfinite(second)) or first <= 0 or second <= 0:
+        return None
+    return first / second
+
+
 def _fit(
-    pixels: np.ndarray | Presentation, spec: InputSpec, *, repeat: bool
+    pixels: np.ndarray | Presentation, spec: InputSpec, *, repeat: bool, aspect: float = 1.0
 ) -> tuple[np.ndarray, Letterbox]:
     """Resize, pad and normalise presentation pixels per the card: (C,H,W) when ``repeat``
-    (greyscale repeated over the card's channels), else (1,H,W)."""
+    (greyscale repeated over the card's channels), else (1,H,W). ``aspect``: the pixels'
+    height / width (``pixel_aspect``); letterbox resamples them to square pixels in the same
+    resize, and its Letterbox's row and column scales differ accordingly."""
     source = pixels if isinstance(pixels, Presentation) else Presentation(pixels)
     channels, rows, cols = spec.shape
     source_rows, source_cols = source.shape
     if spec.resize == "stretch":
+        # The whole field of view fills the input, whatever the pixels' shape.
         geometry = Letterbox(
             (source_rows, source_cols), rows / source_rows, 0, 0, (rows, cols), cols / source_cols
         )
         canvas = source.resized(rows, cols)
     else:
-        scale = min(rows / source_rows, cols / source_cols)
-        resized_rows = min(rows, max(1, round(source_rows * scale)))
-        resized_cols = min(cols, max(1, round(source_cols * scale)))
+        # The image's extent in column spacings (exactly its rows and columns for square pixels).
+        height, width = source_rows * aspect, source_cols * 1.0
+        scale = min(rows / height, cols / width)
+        resized_rows = min(rows, max(1, round(height * scale)))
+        resized_cols = min(cols, max(1, round(width * scale)))
         pad_rows = (rows - resized_rows) // 2
         pad_cols = (cols - resized_cols) // 2
         geometry = Letterbox(
@@ -356,33 +500,30 @@ def _first(value: object) -> float:
     return float(value)
 
 
-def _stored_per_presentation(ds: pydicom.Dataset, stored: np.ndarray, spec: InputSpec) -> float:
-    """Stored values per 0..1 presentation unit of the window ``presentation_pixels`` used
-    (the card's fixed window, else the image's window, else its percentiles; for a VOI LUT the
-    percentile span stands in for its slope)."""
-    slope = float(ds.get("RescaleSlope", 1) or 1)
-    window = spec.window if spec.window is not None else None
-    if window is None and not ds.get("VOILUTSequence"):
-        window = _window(ds)
-    if window is not None:
-        return float(window[1]) / abs(slope)
-    padding = _padding(ds, stored)
-    image = stored if padding is None or padding.all() else stored[~padding]
-    low, high = (float(v) for v in np.percentile(image, spec.window_percentiles))
-    return high - low
-
-
 def apply_correction(ds: pydicom.Dataset, correction: np.ndarray, spec: InputSpec) -> np.ndarray:
     """The source's stored values plus an image-to-image model's ``correction`` (presentation
     units over the source grid, see ``postprocess.image_correction``), converted to stored
-    units through the window the model saw: values outside that window keep their full range
-    (nothing is clipped to the window), Pixel Padding is left as it is, MONOCHROME1 is handled,
-    and the result is rounded and clipped to Bits Stored."""
-    stored = _stored_pixels(ds).astype(np.float64)
-    change = np.asarray(correction, dtype=np.float64) * _stored_per_presentation(ds, stored, spec)
-    if str(ds.get("PhotometricInterpretation", "")) == "MONOCHROME1":
-        change = -change  # presentation is inverted: brighter = lower stored values
+    units through the transform the model saw (Modality LUT, then the card's window, else the
+    image's VOI LUT or window, else its percentile window; the inversion): new stored =
+    transform^-1(transform(stored) + correction). Values outside the window keep their full
+    range (nothing is clipped to the window), Pixel Padding is left as it is, and the result is
+    rounded and clipped to Bits Stored."""
+    stored = _stored_pixels(ds)
     padding = _padding(ds, stored)
+    window = spec.window
+    if window is None and not _has_voi(ds):
+        # The percentile window presentation_pixels took, as a fixed window.
+        values = np.asarray(apply_modality_lut(stored, ds), dtype=np.float64)
+        low, high = _percentiles(values, padding, spec.window_percentiles)
+        window = ((low + high) / 2.0, high - low)
+    change = np.asarray(correction, dtype=np.float64)
+    if is_inverted(ds):
+        change = -change  # presentation is inverted: brighter = lower VOI output
+    per_unit = _stored_per_presentation(ds, window)
+    if per_unit is not None:
+        change = change * per_unit
+    else:
+        change = _change_through_table(ds, stored, window, change)
     if padding is not None:
         change[padding] = 0.0
     out = np.add(stored, change, out=change)
@@ -391,3 +532,84 @@ def apply_correction(ds: pydicom.Dataset, correction: np.ndarray, spec: InputSpe
     lowest, highest = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
     np.rint(out, out=out)
     return np.clip(out, lowest, highest, out=out).astype(np.int32)
+
+
+def _stored_per_presentation(
+    ds: pydicom.Dataset, window: tuple[float, float] | None
+) -> float | None:
+    """Stored values per 0..1 presentation unit where stored value -> presentation is linear
+    (Rescale Slope, then ``window`` or the image's LINEAR / LINEAR_EXACT window), else None
+    (a Modality LUT, a VOI LUT or a SIGMOID window: see ``_change_through_table``)."""
+    if ds.get("ModalityLUTSequence"):
+        return None
+    slope = float(ds.get("RescaleSlope", 1) or 1)
+    if window is not None:
+        return float(window[1]) / slope
+    if ds.get("VOILUTSequence"):
+        return None
+    own = _window(ds)
+    if own is None:
+        return None
+    function = str(ds.get("VOILUTFunction", "") or "LINEAR").strip().upper()
+    if function == "LINEAR":  # PS3.3 C.11.2.1.2.1: output = ((x - (c - 0.5)) / (w - 1) + 0.5)
+        return (own[1] - 1.0) / slope
+    if function == "LINEAR_EXACT":  # C.11.2.1.3.2: output = (x - c) / w + 0.5
+        return own[1] / slope
+    return None
+
+
+def _change_through_table(
+    ds: pydicom.Dataset,
+    stored: np.ndarray,
+    window: tuple[float, float] | None,
+    change: np.ndarray,
+) -> np.ndarray:
+    """The change of stored values that moves each pixel's presentation (before inversion) by
+    ``change``, through the monotone table of the presentation of every stored value:
+    VOI^-1(VOI(stored) + change), interpolated between whole stored values (for a SIGMOID
+    window within a small fraction of a stored value of its exact inverse logit).
+
+    Where the table is flat (inputs below or above a VOI LUT's ramp, a sigmoid's saturated
+    tails) a pixel is moved from the end of the ramp, and targets beyond the table's ends
+    continue at its mean slope: as for a window, nothing is clipped to the displayed range."""
+    domain, index = _stored_domain(ds, stored)
+    with np.errstate(over="ignore"):  # a sigmoid's exp far outside the window
+        table = _voi_unit(ds, domain, window, DEFAULT_WINDOW_PERCENTILES, None)
+    if table[-1] < table[0]:  # a falling VOI LUT: inverted on its mirror image
+        table, change = -table, -change
+    # A LUT that is not monotone is inverted on its rising envelope.
+    table = np.maximum.accumulate(table)
+    levels, first, counts = np.unique(table, return_index=True, return_counts=True)
+    if levels.size < 2:
+        return np.zeros(stored.shape, dtype=np.float64)  # one grey for every value
+    last = first + counts - 1
+    # Each level's stored value: the middle of its run of equal values (the steps of a LUT with
+    # fewer output than input values), the inner end of the runs at either end (the ramp).
+    anchors = (domain[first] + domain[last]) / 2.0
+    anchors[0], anchors[-1] = domain[last[0]], domain[first[-1]]
+    slope = (anchors[-1] - anchors[0]) / (levels[-1] - levels[0])
+    presented = table[index]
+    target = presented + change
+
+    def inverse(values: np.ndarray) -> np.ndarray:
+        inside = np.interp(values, levels, anchors)
+        below = np.minimum(values - levels[0], 0.0)
+        above = np.maximum(values - levels[-1], 0.0)
+        return inside + (below + above) * slope
+
+    return inverse(target) - inverse(presented)
+
+
+def _stored_domain(ds: pydicom.Dataset, stored: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every stored value the image's Bits Stored allows, ascending (the values present where
+    that is over 16 bits or the pixels are not integers), and each pixel's index into them."""
+    if stored.dtype.kind in "iu":
+        bits = int(ds.get("BitsStored", 16) or 16)
+        signed = int(ds.get("PixelRepresentation", 0) or 0) == 1
+        low, high = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+        low, high = min(low, int(stored.min())), max(high, int(stored.max()))
+        if high - low < 2**16:
+            domain = np.arange(low, high + 1, dtype=np.int64)
+            return domain, stored.astype(np.int64) - low
+    domain, index = np.unique(stored, return_inverse=True)
+    return domain.astype(np.float64), index.reshape(stored.shape)
