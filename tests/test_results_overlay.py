@@ -332,3 +332,33 @@ def test_overlay_scales_boxes_and_outlines_with_large_sources() -> None:
 def test_overlay_rejects_masks_of_wrong_shape(source: pydicom.Dataset) -> None:
     with pytest.raises(ValueError, match="segmentation mask 'Lung' has shape"):
         build_overlay(findings(source), ALGORITHM, {"Lung": np.ones((10, 10), dtype=bool)})
+
+
+def test_ct_overlay_is_drawn_in_the_models_window_not_the_images_own() -> None:
+    """A nodule detector sees a lung window; a CT slice stored with a soft-tissue window shows
+    the lung black. Its overlay is the picture the model saw, with the box on it."""
+    from dciodvfy import ct_series
+
+    from dicomnode.pipeline.preprocess import presentation_pixels
+
+    source = ct_series(3, rows=64, columns=64)[1]
+    source.WindowCenter, source.WindowWidth = 40, 400  # soft tissue: lung (-850 HU) is black
+    lung_window = (-600.0, 1500.0)
+    box = (12.0, 20.0, 24.0, 40.0)
+    evaluation = ImageFindings(source, [Finding(NODULE, 0.9, 0.5, critical=False, box=box)])
+    overlay = build_overlay(evaluation, ALGORITHM, window=lung_window)
+    assert dciodvfy_errors(overlay) == []
+    assert "model's window (centre -600, width 1500)" in overlay.DerivationDescription
+    pixels = body(overlay, source)
+    grey = np.rint(presentation_pixels(source, window=lung_window) * 255)
+    # Away from the box and its number (drawn over a black rim), the picture is the window's.
+    untouched = np.ones(grey.shape, dtype=bool)
+    untouched[8:44, 8:28] = False
+    assert np.array_equal(pixels[..., 0][untouched], grey[untouched])
+    assert is_grey(pixels[untouched]).all()
+    # The left lung (inside the box, below the nodule) is a dark grey, not black.
+    lung = pixels[34:38, 15:21, 0]
+    assert is_grey(pixels[34:38, 15:21]).all() and 10 < lung.mean() < 100
+    # Without the card's window the image's own soft-tissue window shows it black.
+    own = body(build_overlay(evaluation, ALGORITHM), source)
+    assert own[34:38, 15:21, 0].max() == 0

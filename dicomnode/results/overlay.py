@@ -15,6 +15,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 from dicomnode import RESEARCH_DEMO_NOTICE, __version__
 from dicomnode.findings import Algorithm, Finding, ImageFindings
+from dicomnode.pipeline.decode import GREY
 from dicomnode.pipeline.preprocess import presentation_pixels
 from dicomnode.results.source import (
     character_set,
@@ -84,12 +85,17 @@ def build_overlay(
     evaluation: ImageFindings,
     algorithm: Algorithm,
     segmentation_masks: dict[str, np.ndarray] | None = None,
+    *,
+    window: tuple[float, float] | None = None,
 ) -> pydicom.Dataset:
     """Return an RGB Secondary Capture of the source image with ``evaluation`` burned in.
 
     Heat maps, CAM peaks, detection boxes and landmarks of present findings are drawn, and
     ``segmentation_masks`` (name -> rows x columns boolean mask, e.g. {"Lung": mask}) as
-    outlines named in the legend.
+    outlines named in the legend. ``window``: the model card's fixed window (centre, width in
+    modality units, ``InputSpec.window``, e.g. a CT lung window) when it has one, so that the
+    findings are drawn on the picture the model saw rather than in the image's own window
+    (e.g. a soft-tissue window, where the lung is black); greyscale sources only.
     """
     source = validate_evaluation(evaluation, allow_empty=bool(segmentation_masks))
     masks = _checked_masks(segmentation_masks or {}, int(source.Rows), int(source.Columns))
@@ -100,7 +106,10 @@ def build_overlay(
             f"build_overlay needs a single-frame source; SOP Instance UID "
             f"{source.SOPInstanceUID} has NumberOfFrames={source.get('NumberOfFrames')}"
         )
-    grey = _presentation(source)
+    if window is not None and str(source.get("PhotometricInterpretation", "")) not in GREY:
+        window = None  # a colour image has no modality units (the model could not have run)
+    window = None if window is None else (float(window[0]), float(window[1]))
+    grey = _presentation(source, window)
     scale = min(1.0, MAX_SIDE / max(grey.shape))
     rgb = render_overlay(grey, evaluation.findings, algorithm, scale=scale, masks=masks)
 
@@ -129,8 +138,13 @@ def build_overlay(
     copy_laterality(source, overlay)
     overlay.BurnedInAnnotation = "YES"
     resized = f", downsampled x{scale:.3g}" if scale < 1 else ""
+    shown = (
+        "Source image as displayed (modality and VOI LUT)"
+        if window is None
+        else f"Source image in the model's window (centre {window[0]:g}, width {window[1]:g})"
+    )
     overlay.DerivationDescription = with_notice(
-        f"Source image as displayed (modality and VOI LUT){resized}, with a header band above "
+        f"{shown}{resized}, with a header band above "
         f"it; heat maps, markers, boxes, outlines and findings of {algorithm.name} "
         f"{algorithm.version} burned in",
         algorithm,
@@ -146,24 +160,31 @@ def build_overlay(
 
 
 # Every model's overlay of one image starts from the same presentation of it (decoding, LUTs,
-# percentile window: ~0.15 s at 2048 px), so it is kept while that Dataset object lives and
-# its Pixel Data is the same object (result builders never change their source).
-_presented: dict[int, tuple[weakref.ref, object, np.ndarray]] = {}
+# percentile window: ~0.15 s at 2048 px), so it is kept, per window, while that Dataset object
+# lives and its Pixel Data is the same object (result builders never change their source).
+_Window = tuple[float, float] | None
+_presented: dict[int, tuple[weakref.ref, object, dict[_Window, np.ndarray]]] = {}
 _presented_lock = threading.Lock()
 
 
-def _presentation(source: pydicom.Dataset) -> np.ndarray:
+def _presentation(source: pydicom.Dataset, window: _Window = None) -> np.ndarray:
     key, pixel_data = id(source), source.get("PixelData")
     with _presented_lock:
         kept = _presented.get(key)
-    if kept is not None and kept[0]() is source and kept[1] is pixel_data:
-        return kept[2]
-    grey = np.asarray(presentation_pixels(source), dtype=np.float32)
+        if kept is not None and kept[0]() is source and kept[1] is pixel_data:
+            grey = kept[2].get(window)
+            if grey is not None:
+                return grey
+    grey = np.asarray(presentation_pixels(source, window=window), dtype=np.float32)
     grey.setflags(write=False)
-    # Gone with the Dataset: the callback runs before its id can be reused.
-    gone = weakref.ref(source, lambda _, key=key: _presented.pop(key, None))
     with _presented_lock:
-        _presented[key] = (gone, pixel_data, grey)
+        kept = _presented.get(key)
+        if kept is None or kept[0]() is not source or kept[1] is not pixel_data:
+            # Gone with the Dataset: the callback runs before its id can be reused.
+            gone = weakref.ref(source, lambda _, key=key: _presented.pop(key, None))
+            kept = (gone, pixel_data, {})
+            _presented[key] = kept
+        kept[2][window] = grey
     return grey
 
 
