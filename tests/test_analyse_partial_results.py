@@ -249,3 +249,11 @@ def test_the_worker_ends_a_partly_written_results_job_done_and_says_what_is_miss
             ("cxr-nodule-demo", "overlay"),
             ("cxr-nodule-demo", "sr"),
         ]
+        # The study view says which objects are missing, and that the others were written.
+        from dicomnode.config import WorklistSettings
+        from dicomnode.db.models import Study
+        from dicomnode.web.study_view import study_detail
+
+        uid = session.get(Study, study_id).study_instance_uid
+        detail = study_detail(session, uid, WorklistSettings())
+        assert (detail.results_state, detail.results_error) == ("done", job.last_error)

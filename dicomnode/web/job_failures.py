@@ -29,6 +29,16 @@ def _export_error(payload: dict | None, reason: str) -> str:
     return f"{(payload or {}).get('destination', '')}: {reason}"
 
 
+def _results_failed(job: Job | None) -> bool:
+    """A results job that wrote nothing (dead) or left some objects out (done with models or
+    objects not written: a retry would fail the same way)."""
+    if job is None:
+        return False
+    return job.state == "dead" or (
+        job.state == "done" and bool((job.payload or {}).get("not_written"))
+    )
+
+
 def failures(session: Session, study_instance_uid: str) -> StudyFailures:
     """The study's analysis error, its dead-lettered exports ("destination: reason") and the
     state of its latest results job (the result objects are written after the priority)."""
@@ -53,7 +63,7 @@ def failures(session: Session, study_instance_uid: str) -> StudyFailures:
         study.analysis_error or "",
         errors,
         results_state=results.state if results is not None else "",
-        results_error=results.last_error if results is not None and results.state == "dead" else "",
+        results_error=results.last_error if _results_failed(results) else "",
     )
 
 

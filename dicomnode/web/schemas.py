@@ -120,7 +120,9 @@ class StudyOut(WorklistRowOut):
         "(being written), done, dead (failed; the priority stands) or empty (none)",
     )
     results_error: str = Field(
-        "", description="why the result objects could not be written (results_state dead)"
+        "",
+        description="why result objects could not be written: all of them (results_state dead) "
+        "or some (done: the others were written and sent)",
     )
 
 
