@@ -197,3 +197,23 @@ def test_lung_segmentation_dice_on_fresh_series(
     assert dice >= 0.85, f"lung Dice {dice:.3f} on seed {seed}"
     # Outside the body the model must not claim lung.
     assert not segment.mask[:, :2, :].any() and not segment.mask[:, -2:, :].any()
+
+
+def test_ct_overlays_show_the_slice_in_the_cards_window(
+    nodule_card: ModelCard, runtime: Runtime
+) -> None:
+    """A slice stored with a soft-tissue window gets its nodule overlay drawn in the card's
+    lung window, the picture the model saw, not in its own (where the lung is black)."""
+    from dicomnode.pipeline.outputs import result_objects
+
+    datasets, truth = make_ct_series(FRESH_SEEDS[0], rows=160, slices=24, nodules=(3, 3))
+    for ds in datasets:
+        ds.WindowCenter, ds.WindowWidth = 40, 400
+    run = run_model(nodule_card, datasets, runtime, StageTimes())
+    overlays = [ds for kind, ds in result_objects(run, nodule_card) if kind == "overlay"]
+    assert overlays, "no nodule drawn on this series"
+    centre, width = nodule_card.input.window
+    for overlay in overlays:
+        assert f"model's window (centre {centre:g}, width {width:g})" in str(
+            overlay.DerivationDescription
+        )

@@ -141,7 +141,7 @@ def test_looked_up_presentation_equals_the_transforms_applied_to_every_pixel(
     from dicomnode.pipeline import preprocess
 
     stored = ds.pixel_array
-    padding = preprocess._padding(ds, stored)
+    padding = preprocess.padding_mask(ds, stored)
     for window in (None, (300.0, 2500.0)):
         with np.errstate(over="ignore"):  # the sigmoid's exp for the darkest pixels
             direct = preprocess._unit_interval(ds, stored, window, (0.5, 99.5), padding)
@@ -301,7 +301,7 @@ def test_padding_value_written_as_us_on_a_signed_image_is_its_twos_complement() 
     ds.PixelData = hounsfield.astype("<i2").tobytes()
     del ds.WindowCenter, ds.WindowWidth
     ds.add_new(0x00280120, "US", 63536)  # -2000 as a 16-bit US
-    padding = preprocess._padding(ds, ds.pixel_array)
+    padding = preprocess.padding_mask(ds, ds.pixel_array)
     assert padding is not None and padding.sum() == 64 * 64 - 48 * 48
     # Left out of the percentile window: the image inside spans the whole 0..1.
     pixels = presentation_pixels(ds)
@@ -309,7 +309,7 @@ def test_padding_value_written_as_us_on_a_signed_image_is_its_twos_complement() 
     assert np.all(pixels[padding] == 0.0)
     # A range limit written the same way; unsigned images keep large values as they are.
     ds.add_new(0x00280121, "US", 64536)  # -1000
-    assert preprocess._padding(ds, ds.pixel_array).sum() == 64 * 64 - 48 * 47
+    assert preprocess.padding_mask(ds, ds.pixel_array).sum() == 64 * 64 - 48 * 47
     unsigned, _ = make_cxr(6, pneumothorax=False, size=64)
     unsigned.PixelPaddingValue = 4000
     assert preprocess._as_stored(unsigned, 63536) == 63536

@@ -91,12 +91,24 @@ def result_objects(
         build("sr", lambda: sr.build_sr(reported, run.algorithm))
     if "overlay" in produces:
         for evaluation in _drawn(run, card):
-            build("overlay", partial(overlay.build_overlay, evaluation, run.algorithm))
+            build(
+                "overlay",
+                partial(overlay.build_overlay, evaluation, run.algorithm, window=card.input.window),
+            )
         for segmentation in run.segmentations:
             if len(segmentation.sources) == 1:  # a radiograph: outlines on a copy of it
                 masks = {s.concept.meaning: s.mask[0] for s in segmentation.segments}
                 empty = ImageFindings(segmentation.sources[0], [])
-                build("overlay", partial(overlay.build_overlay, empty, run.algorithm, masks))
+                build(
+                    "overlay",
+                    partial(
+                        overlay.build_overlay,
+                        empty,
+                        run.algorithm,
+                        masks,
+                        window=card.input.window,
+                    ),
+                )
     if "gsps" in produces:
         for evaluation in _drawn(run, card):
             # A presentation state applies to a greyscale image only.

@@ -134,7 +134,7 @@ def presentation_pixels(
                 f"{tuple(window)} is in modality units (e.g. HU), which a colour image lacks"
             )
         return _unit_interval(ds, grey_from_colour(ds, frame), None, window_percentiles, None)
-    padding = _padding(ds, frame)
+    padding = padding_mask(ds, frame)
     lookup = _every_stored_value(frame)
     if lookup is not None and (window is not None or _has_voi(ds)):
         # Every step is a function of the stored value alone: computed once per value the
@@ -239,7 +239,7 @@ def is_inverted(ds: pydicom.Dataset) -> bool:
     return photometric == "MONOCHROME2" and shape == "INVERSE"
 
 
-def _padding(ds: pydicom.Dataset, stored: np.ndarray) -> np.ndarray | None:
+def padding_mask(ds: pydicom.Dataset, stored: np.ndarray) -> np.ndarray | None:
     """Pixels marked as padding (Pixel Padding Value, up to Pixel Padding Range Limit, in stored
     values), or None when the image declares none."""
     value = ds.get("PixelPaddingValue")
@@ -509,7 +509,7 @@ def apply_correction(ds: pydicom.Dataset, correction: np.ndarray, spec: InputSpe
     range (nothing is clipped to the window), Pixel Padding is left as it is, and the result is
     rounded and clipped to Bits Stored."""
     stored = _stored_pixels(ds)
-    padding = _padding(ds, stored)
+    padding = padding_mask(ds, stored)
     window = spec.window
     if window is None and not _has_voi(ds):
         # The percentile window presentation_pixels took, as a fixed window.

@@ -8,12 +8,17 @@ import highdicom as hd
 import numpy as np
 import pydicom
 from pydicom.dataelem import DataElement
-from pydicom.pixels import apply_modality_lut, apply_voi_lut
+from pydicom.pixels import apply_modality_lut
 
 from dicomnode import RESEARCH_DEMO_NOTICE, __version__
 from dicomnode.findings import Algorithm, Finding, ImageFindings
 from dicomnode.pipeline.decode import first_frame
-from dicomnode.pipeline.preprocess import DEFAULT_WINDOW_PERCENTILES
+from dicomnode.pipeline.preprocess import (
+    DEFAULT_WINDOW_PERCENTILES,
+    is_inverted,
+    padding_mask,
+    voi_lut_table,
+)
 from dicomnode.results.geometry import box_outline, pixel_centre
 from dicomnode.results.overlay import BANNER, legend_line
 from dicomnode.results.source import character_set, copy_laterality, copy_patient_study
@@ -130,7 +135,7 @@ def build_gsps(evaluation: ImageFindings, algorithm: Algorithm) -> pydicom.Datas
             ),
         )
     presentation_lut = None
-    if _inverted(source):
+    if is_inverted(source):
         # Keep the source's "low values are white" look after the VOI window.
         presentation_lut = hd.PresentationLUTTransformation(
             presentation_lut_shape=hd.PresentationLUTShapeValues.INVERSE
@@ -159,16 +164,6 @@ def build_gsps(evaluation: ImageFindings, algorithm: Algorithm) -> pydicom.Datas
     copy_patient_study(source, gsps)
     copy_laterality(source, gsps)
     return gsps
-
-
-def _inverted(source: pydicom.Dataset) -> bool:
-    """Whether the source is displayed inverted: MONOCHROME1 (inverted once, whatever its
-    Presentation LUT Shape restates), or MONOCHROME2 with Presentation LUT Shape INVERSE (which
-    the DX and CR modules do not allow but images carry). A GSPS replaces the image's
-    Presentation LUT, so it must say INVERSE itself."""
-    photometric = str(source.get("PhotometricInterpretation", "MONOCHROME2")).strip()
-    shape = str(source.get("PresentationLUTShape", "") or "").strip().upper()
-    return photometric == "MONOCHROME1" or (photometric == "MONOCHROME2" and shape == "INVERSE")
 
 
 def _tracking(source: pydicom.Dataset, finding: Finding, ordinal: int, algorithm: Algorithm) -> str:
@@ -281,12 +276,7 @@ def _voi_lut(source: pydicom.Dataset, item: pydicom.Dataset) -> hd.VOILUT:
     when negative). A softcopy VOI LUT has 8 or 16 bits per entry; an image's may have 10 to
     16: other depths are widened to 16 bits, their entries scaled so the display is the same
     (the output range is 0 to 2^bits - 1)."""
-    descriptor = [int(v) for v in item.LUTDescriptor]
-    entries, first_mapped, bits = descriptor[0] or 2**16, descriptor[1], descriptor[2]
-    # pydicom decodes the table (US or OW, 8-bit entries packed or not) as preprocess does.
-    table = apply_voi_lut(
-        np.arange(first_mapped, first_mapped + entries), source, index=0, prefer_lut=True
-    )
+    first_mapped, table, bits = voi_lut_table(source)
     if bits == 8:
         data = table.astype(np.uint8)
     elif bits == 16:
@@ -313,7 +303,7 @@ def _percentile_window(source: pydicom.Dataset) -> tuple[float, float]:
     uses on an image without a usable VOI of its own: low percentile black, high white."""
     stored = first_frame(source)
     values = np.asarray(apply_modality_lut(stored, source), dtype=np.float64)
-    padding = _padding(source, stored)
+    padding = padding_mask(source, stored)
     image = values if padding is None or padding.all() else values[~padding]
     low, high = (float(v) for v in np.percentile(image, DEFAULT_WINDOW_PERCENTILES))
     if high <= low:
@@ -321,15 +311,3 @@ def _percentile_window(source: pydicom.Dataset) -> tuple[float, float]:
         return low + 1.0, 1.0
     # LINEAR: values up to c - 0.5 - (w - 1) / 2 are black, from c - 0.5 + (w - 1) / 2 white.
     return (low + high) / 2 + 0.5, high - low + 1.0
-
-
-def _padding(source: pydicom.Dataset, stored: np.ndarray) -> np.ndarray | None:
-    """Pixels marked as Pixel Padding (value, up to the range limit), as preprocess finds them."""
-    value = source.get("PixelPaddingValue")
-    if not isinstance(value, int) or isinstance(value, bool):
-        return None
-    limit = source.get("PixelPaddingRangeLimit")
-    if not isinstance(limit, int):
-        limit = value
-    padding = (stored >= min(value, limit)) & (stored <= max(value, limit))
-    return padding if padding.any() else None
