@@ -43,6 +43,7 @@ import statistics
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,15 +83,24 @@ def bare_throughput(
             for start in starts:
                 session.run(names, {card.input.name: images[start : start + size]})
         return passes * len(images) / (time.perf_counter() - started)
-    next_call = itertools.count()  # next() on it is atomic
-    calls = passes * len(starts)
+
+    def call(index: int) -> None:
+        start = starts[index % len(starts)]
+        session.run(names, {card.input.name: images[start : start + size]})
+
+    return passes * len(images) / timed_calls(callers, passes * len(starts), call)
+
+
+def timed_calls(callers: int, calls: int, call: Callable[[int], object]) -> float:
+    """Seconds ``callers`` threads, started together, take to make ``calls`` calls of
+    ``call(index)`` between them, each taking the next index."""
+    next_call = itertools.count()  # next() on it is atomic: no lock of the harness's own
     barrier = threading.Barrier(callers + 1)
 
     def caller() -> None:
         barrier.wait()
-        while (call := next(next_call)) < calls:
-            start = starts[call % len(starts)]
-            session.run(names, {card.input.name: images[start : start + size]})
+        while (index := next(next_call)) < calls:
+            call(index)
 
     threads = [threading.Thread(target=caller) for _ in range(callers)]
     for thread in threads:
@@ -99,7 +109,7 @@ def bare_throughput(
     started = time.perf_counter()
     for thread in threads:
         thread.join()
-    return passes * len(images) / (time.perf_counter() - started)
+    return time.perf_counter() - started
 
 
 @dataclass(frozen=True)
@@ -148,23 +158,12 @@ def runtime_throughput(
     runtime.warm_up(card)  # as the worker does at start: every batch size it will run
     runtime.run(card, images[:per_call])
     calls_per_pass = -(-len(images) // per_call)
-    next_call = itertools.count()  # next() on it is atomic: no lock of the harness's own
-    start = threading.Barrier(callers + 1)
 
-    def caller() -> None:
-        start.wait()
-        while (call := next(next_call)) < passes * calls_per_pass:
-            index = call % calls_per_pass * per_call
-            runtime.run(card, images[index : index + per_call])
+    def call(index: int) -> None:
+        start = index % calls_per_pass * per_call
+        runtime.run(card, images[start : start + per_call])
 
-    threads = [threading.Thread(target=caller) for _ in range(callers)]
-    for thread in threads:
-        thread.start()
-    start.wait()
-    started = time.perf_counter()
-    for thread in threads:
-        thread.join()
-    return passes * len(images) / (time.perf_counter() - started)
+    return passes * len(images) / timed_calls(callers, passes * calls_per_pass, call)
 
 
 def main(argv: list[str] | None = None) -> int:
