@@ -347,3 +347,83 @@ def test_sr_rejects_unlocalised_repeat(source: pydicom.Dataset) -> None:
     evaluation.findings.append(Finding(NODULE, 0.3, 0.5, critical=False))
     with pytest.raises(ValueError, match="more than once"):
         build_sr([evaluation], ALGORITHM)
+
+
+def _library_entry(sr: pydicom.Dataset, sop_uid: str) -> dict[str, object]:
+    """The Image Library entry of ``sop_uid``: its descriptors by concept code value."""
+    for item in walk(sr.ContentSequence):
+        references = item.get("ReferencedSOPSequence", [])
+        if (
+            item.ValueType == "IMAGE"
+            and references
+            and "ContentSequence" in item
+            and references[0].ReferencedSOPInstanceUID == sop_uid
+        ):
+            entry: dict[str, object] = {}
+            for descriptor in item.ContentSequence:
+                code = descriptor.ConceptNameCodeSequence[0].CodeValue
+                if descriptor.ValueType == "NUM":
+                    entry[code] = float(descriptor.MeasuredValueSequence[0].NumericValue)
+                elif descriptor.ValueType == "TEXT":
+                    entry[code] = descriptor.TextValue
+                else:
+                    entry[code] = descriptor.ValueType
+            return entry
+    raise AssertionError(f"no Image Library entry for {sop_uid}")
+
+
+HORIZONTAL_SPACING, ORIENTATION_ROW, SLICE_THICKNESS = "111026", "111044", "112225"
+
+
+def _cr_without_imager_spacing() -> pydicom.Dataset:
+    ds = copy.deepcopy(chest_xray(11, size=256))
+    ds.Modality = "CR"
+    ds.PixelSpacing = ds.ImagerPixelSpacing
+    del ds.ImagerPixelSpacing
+    return ds
+
+
+def _empty_orientation() -> pydicom.Dataset:
+    ds = copy.deepcopy(chest_xray(12, size=256))
+    ds.PatientOrientation = ""
+    return ds
+
+
+def _colour_capture() -> pydicom.Dataset:
+    ds = copy.deepcopy(chest_xray(13, size=256))
+    del ds.ImagerPixelSpacing
+    del ds.PatientOrientation
+    return ds
+
+
+@pytest.mark.parametrize(
+    "make, described",
+    [(_cr_without_imager_spacing, True), (_empty_orientation, False), (_colour_capture, False)],
+    ids=["cr-pixel-spacing-only", "empty-patient-orientation", "no-spacing-no-orientation"],
+)
+def test_sr_of_a_radiograph_without_every_library_descriptor(make, described: bool) -> None:
+    """Imager Pixel Spacing is Type 3 for CR and Patient Orientation may be empty (Type 2C):
+    the report is still written; the image's library entry has the spacing and orientation
+    only when the image has both (a CR's Pixel Spacing standing in for the imager's)."""
+    source = make()
+    sr = build_sr([findings(source)], ALGORITHM)
+    assert dciodvfy_errors(sr) == []
+    entry = _library_entry(sr, source.SOPInstanceUID)
+    assert (HORIZONTAL_SPACING in entry, ORIENTATION_ROW in entry) == (described, described)
+    if described:
+        assert entry[HORIZONTAL_SPACING] == pytest.approx(float(source.PixelSpacing[1]))
+
+
+def test_sr_of_ct_slices_without_slice_thickness() -> None:
+    slices = ct_series(4)
+    slices[2].SliceThickness = None  # Type 2: present, empty
+    evaluation = ImageFindings(
+        source=slices[2],
+        findings=[Finding(NODULE, 0.7, 0.5, critical=False, box=(5.0, 6.0, 12.0, 14.0))],
+    )
+    sr = build_sr([evaluation], ALGORITHM)
+    assert dciodvfy_errors(sr) == []
+    assert SLICE_THICKNESS not in _library_entry(sr, slices[2].SOPInstanceUID)
+    # A slice with every descriptor keeps them.
+    whole = build_sr([ImageFindings(slices[1], evaluation.findings)], ALGORITHM)
+    assert SLICE_THICKNESS in _library_entry(whole, slices[1].SOPInstanceUID)

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import highdicom as hd
 import numpy as np
 import pydicom
+from pydicom.multival import MultiValue
 from pydicom.sr.codedict import codes
 
 from dicomnode import RESEARCH_DEMO_NOTICE, __version__
@@ -42,6 +43,63 @@ __all__ = [
 ]
 
 
+# Modalities whose Image Library entries highdicom describes further (TID 1603 projection
+# radiography, TID 1604 cross-sectional), and the attributes it reads for them unchecked.
+_PROJECTION = {"CR", "DX", "IO", "MG", "PX", "RF", "RG", "XA"}
+_CROSS_SECTIONAL = {"CT", "MR", "PT"}
+_LIBRARY_COMMON = ("SOPClassUID", "SOPInstanceUID", "Rows", "Columns", "FrameOfReferenceUID")
+
+
+def _values(ds: pydicom.Dataset, keyword: str, count: int) -> list | None:
+    """The attribute's ``count`` values when it has them all, each non-empty; else None."""
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return None
+    values = list(value) if isinstance(value, (list, tuple, MultiValue)) else [value]
+    if len(values) != count or any(v is None or str(v).strip() == "" for v in values):
+        return None
+    return values
+
+
+def library_view(source: pydicom.Dataset) -> pydicom.Dataset:
+    """What the SR's Image Library (TID 1601) describes of ``source``: SOP class and instance,
+    matrix, frame of reference, and the descriptors of its modality (TID 1603: patient
+    orientation and pixel spacing; TID 1604: spacing, slice thickness, orientation and
+    position) when the image has every one of them. highdicom reads those without checking,
+    so an ordinary image lacking one (a CR without Imager Pixel Spacing, an empty Patient
+    Orientation, a CT slice with empty Slice Thickness) cost the study its whole report; such
+    an image's entry keeps the common descriptors only (its view has no Modality). A CR's
+    Pixel Spacing stands in for the Imager Pixel Spacing it may lack."""
+    view = pydicom.Dataset()
+    for keyword in _LIBRARY_COMMON:
+        if keyword in source:
+            setattr(view, keyword, source[keyword].value)
+    modality = str(source.get("Modality", "") or "")
+    view.Modality = ""
+    if modality in _PROJECTION:
+        orientation = _values(source, "PatientOrientation", 2)
+        spacing = _values(source, "ImagerPixelSpacing", 2) or _values(source, "PixelSpacing", 2)
+        if orientation and spacing:
+            view.Modality = modality
+            view.PatientOrientation = orientation
+            view.ImagerPixelSpacing = spacing
+    elif modality in _CROSS_SECTIONAL:
+        wanted = {
+            "PixelSpacing": _values(source, "PixelSpacing", 2),
+            "SliceThickness": _values(source, "SliceThickness", 1),
+            "ImageOrientationPatient": _values(source, "ImageOrientationPatient", 6),
+            "ImagePositionPatient": _values(source, "ImagePositionPatient", 3),
+        }
+        if all(wanted.values()):
+            view.Modality = modality
+            for keyword, values in wanted.items():
+                setattr(view, keyword, values[0] if keyword == "SliceThickness" else values)
+            between = _values(source, "SpacingBetweenSlices", 1)
+            if between:
+                view.SpacingBetweenSlices = between[0]
+    return view
+
+
 def build_sr(evaluations: Sequence[ImageFindings], algorithm: Algorithm) -> pydicom.Dataset:
     """Return a TID 1500 Comprehensive 3D SR of ``algorithm``'s findings on one study's images."""
     if not evaluations:
@@ -69,7 +127,7 @@ def build_sr(evaluations: Sequence[ImageFindings], algorithm: Algorithm) -> pydi
             CHEST_CT if all(source.get("Modality") == "CT" for source in sources) else CHEST_XRAY
         ),
         imaging_measurements=groups,
-        referenced_images=sources,
+        referenced_images=[library_view(source) for source in sources],
     )
     report[0].ContentSequence.append(_notice(algorithm))
 
