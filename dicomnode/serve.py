@@ -33,10 +33,17 @@ log = logging.getLogger("dicomnode")
 # says when), and at least this often for rows written by other processes.
 ASSEMBLY_PERIOD_SECONDS = 1.0
 
-# Changed only by a restart: the listener, the web server, the database, storage and the
-# processes' logging, which each sets up once (a reload logs which of them changed).
+# Changed only by a restart: the listener's socket, AE and processes, the web server, the
+# database, storage and the processes' logging, which each sets up once (a reload logs which
+# of them changed). The listeners read [node] require_known_peers, require_called_ae and
+# max_instance_bytes per association or instance, so those take effect with the reload.
 RESTART_ONLY = (
-    "node",
+    "node.ae_title",
+    "node.host",
+    "node.port",
+    "node.max_associations",
+    "node.max_pdu",
+    "node.listeners",
     "web",
     "database",
     "storage.path",

@@ -57,6 +57,28 @@ def test_node_reload_says_which_changes_wait_for_a_restart(
     assert "reload: [log_level] changed; it takes effect at the next restart" in caplog.text
 
 
+def test_node_reload_names_only_the_node_settings_that_wait_for_a_restart(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The listeners read the peer and called-AE checks and the instance size limit per
+    association; the port and the AE title are set up once."""
+    config = _config(tmp_path)
+    settings = load_settings(config)
+    node = Node(config, settings, discover_cards(settings.model_folders), None)
+    text = config.read_text().replace(
+        "[node]\n", "[node]\nrequire_called_ae = true\nmax_instance_bytes = 1000000\n", 1
+    )
+    config.write_text(text)
+    with caplog.at_level(logging.WARNING, logger="dicomnode"):
+        assert node.reload()
+    assert node.settings.node.require_called_ae
+    assert "takes effect at the next restart" not in caplog.text
+    config.write_text(text.replace('ae_title = "DICOMNODE"', 'ae_title = "OTHERNODE"', 1))
+    with caplog.at_level(logging.WARNING, logger="dicomnode"):
+        assert node.reload()
+    assert "reload: [node.ae_title] changed; it takes effect at the next restart" in caplog.text
+
+
 def test_worker_reload_keeps_old_settings_on_error(tmp_path: Path) -> None:
     config = _config(tmp_path)
     settings = load_settings(config)
