@@ -41,6 +41,15 @@ def test_critical_finding_below_threshold_is_routine() -> None:
     assert "no finding" in priority.reason
 
 
+def test_an_analysed_study_no_finding_model_looked_at_does_not_read_as_cleared() -> None:
+    """A study whose images no finding model selects (a localiser series, For Processing
+    images) is analysed without any finding: its reason must not say the AI found nothing."""
+    priority = prioritise(ANALYSED, [], NOW)
+    assert priority.tier == "routine"
+    assert "no AI finding model applies" in priority.reason
+    assert "no finding above threshold" not in priority.reason
+
+
 def test_probability_at_threshold_counts_as_present() -> None:
     assert prioritise(ANALYSED, [pneumothorax(0.5)], NOW).tier == "critical"
 

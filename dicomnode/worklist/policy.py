@@ -166,8 +166,13 @@ def _order_tier(study: StudyFacts, settings: WorklistSettings) -> tuple[str, str
     return None
 
 
-def _routine_reason(analysis_status: str) -> str:
+def _routine_reason(analysis_status: str, assessed: bool) -> str:
+    """Why a study without a present finding is routine. ``assessed``: a model gave findings
+    (present or not); an analysed study without any was looked at by no finding model
+    (no card selects its images), which must not read as the AI clearing it."""
     if analysis_status == "analysed":
+        if not assessed:
+            return "no AI finding model applies to these images; read in arrival order"
         return "AI: no finding above threshold"
     if analysis_status == "failed":
         return "AI analysis failed; read in arrival order"
@@ -220,7 +225,7 @@ def prioritise(
         if ordered:
             reason += f"; {ordered[1]}"
     else:
-        tier, reason = "routine", _routine_reason(study.analysis_status)
+        tier, reason = "routine", _routine_reason(study.analysis_status, bool(findings))
     rank, ups = TIERS[tier]
     score = max((f.probability for f in deciding), default=0.0)
     return Priority(
