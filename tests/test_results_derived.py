@@ -161,3 +161,30 @@ def test_derived_rejects_pixels_that_do_not_fit(
 ) -> None:
     with pytest.raises(ValueError, match=message):
         build_derived(DerivedImage(source, pixels, "bone suppression"), ALGORITHM)
+
+
+def _zero_width_window(ds: pydicom.Dataset) -> None:
+    ds.WindowCenter, ds.WindowWidth = 2048, 0
+
+
+def _inverse_monochrome2(ds: pydicom.Dataset) -> None:
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.PresentationLUTShape = "INVERSE"
+
+
+@pytest.mark.parametrize("slip", [_zero_width_window, _inverse_monochrome2])
+def test_derived_radiograph_of_a_source_with_a_slip_passes_dciodvfy(slip) -> None:
+    """What the source's IOD forbids is mended in the node's own object, displayed the same
+    way (MONOCHROME2 + INVERSE becomes MONOCHROME1 + INVERSE: minimum white either way)."""
+    import copy
+
+    from dicomnode.pipeline.preprocess import is_inverted
+
+    source = copy.deepcopy(chest_xray(9, size=128))
+    slip(source)
+    image = build_derived(DerivedImage(source, suppressed(source), "bone suppression"), ALGORITHM)
+    assert image.SOPClassUID == DX_FOR_PRESENTATION
+    assert dciodvfy_errors(image) == []
+    assert is_inverted(image) == is_inverted(source)
+    if slip is _zero_width_window:
+        assert float(image.WindowWidth) >= 1

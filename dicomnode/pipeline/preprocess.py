@@ -613,3 +613,18 @@ def _stored_domain(ds: pydicom.Dataset, stored: np.ndarray) -> tuple[np.ndarray,
             return domain, stored.astype(np.int64) - low
     domain, index = np.unique(stored, return_inverse=True)
     return domain.astype(np.float64), index.reshape(stored.shape)
+
+
+def percentile_window(source: pydicom.Dataset) -> tuple[float, float]:
+    """Window Center / Width (LINEAR) giving the percentile window ``presentation_pixels``
+    uses on an image without a usable VOI of its own: low percentile black, high white."""
+    stored = first_frame(source)
+    values = np.asarray(apply_modality_lut(stored, source), dtype=np.float64)
+    padding = padding_mask(source, stored)
+    image = values if padding is None or padding.all() else values[~padding]
+    low, high = (float(v) for v in np.percentile(image, DEFAULT_WINDOW_PERCENTILES))
+    if high <= low:
+        # A flat image is black in the node's presentation: a 1-wide window above it.
+        return low + 1.0, 1.0
+    # LINEAR: values up to c - 0.5 - (w - 1) / 2 are black, from c - 0.5 + (w - 1) / 2 white.
+    return (low + high) / 2 + 0.5, high - low + 1.0

@@ -19,10 +19,12 @@ import highdicom as hd
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.multival import MultiValue
 from pydicom.uid import ExplicitVRLittleEndian
 
 from dicomnode import RESEARCH_DEMO_NOTICE, __version__
 from dicomnode.findings import Algorithm, CodedConcept, DerivedImage
+from dicomnode.pipeline.preprocess import percentile_window
 from dicomnode.results.source import (
     character_set,
     check_source,
@@ -164,7 +166,40 @@ def _same_class(
     image["PixelData"].VR = "OW" if int(source.BitsAllocated) > 8 else "OB"
     if "LossyImageCompression" not in source:
         image.LossyImageCompression = "00"
+    _conform_presentation(image)
     return image
+
+
+def _conform_presentation(image: pydicom.Dataset) -> None:
+    """Mend, in the node's own copy of a source's header, what sources carry but the image's
+    IOD forbids (dciodvfy would fail the node's object for the source's slip), keeping how
+    the image is displayed:
+
+    - a window narrower than 1 (PS3.3 C.11.2.1.2.1; only LINEAR_EXACT and SIGMOID allow it)
+      is replaced by the percentile window the node's own presentation uses in its stead
+      (unless a VOI LUT remains: a DX For Presentation needs one or the other);
+    - MONOCHROME2 with Presentation LUT Shape INVERSE (the DX, CR, MG and IO modules require
+      IDENTITY with MONOCHROME2) is written as MONOCHROME1 with INVERSE: the same stored values
+      displayed the same way, minimum white.
+
+    A missing Patient Orientation stays missing: the node does not guess the patient's."""
+    widths = image.get("WindowWidth")
+    if widths is not None:
+        values = list(widths) if isinstance(widths, MultiValue) else [widths]
+        function = str(image.get("VOILUTFunction", "") or "").upper()
+        narrow = any(v is None or float(v) < 1 for v in values)
+        if narrow and function not in ("LINEAR_EXACT", "SIGMOID"):
+            for keyword in ("WindowCenterWidthExplanation", "VOILUTFunction"):
+                if keyword in image:
+                    delattr(image, keyword)
+            if "VOILUTSequence" in image:
+                del image.WindowCenter, image.WindowWidth
+            else:
+                centre, width = percentile_window(image)
+                image.WindowCenter, image.WindowWidth = round(centre, 3), round(width, 3)
+    shape = str(image.get("PresentationLUTShape", "") or "").strip().upper()
+    if image.get("PhotometricInterpretation") == "MONOCHROME2" and shape == "INVERSE":
+        image.PhotometricInterpretation = "MONOCHROME1"
 
 
 def _secondary_capture(

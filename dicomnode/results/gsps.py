@@ -8,15 +8,12 @@ import highdicom as hd
 import numpy as np
 import pydicom
 from pydicom.dataelem import DataElement
-from pydicom.pixels import apply_modality_lut
 
 from dicomnode import RESEARCH_DEMO_NOTICE, __version__
 from dicomnode.findings import Algorithm, Finding, ImageFindings
-from dicomnode.pipeline.decode import first_frame
 from dicomnode.pipeline.preprocess import (
-    DEFAULT_WINDOW_PERCENTILES,
     is_inverted,
-    padding_mask,
+    percentile_window,
     voi_lut_table,
 )
 from dicomnode.results.geometry import box_outline, pixel_centre
@@ -233,7 +230,7 @@ def voi_transformation(source: pydicom.Dataset) -> hd.pr.SoftcopyVOILUTTransform
             window_explanation=None if explanation is None else [explanation],
             voi_lut_function=function if function in _VOI_FUNCTIONS else None,
         )
-    centre, width = _percentile_window(source)
+    centre, width = percentile_window(source)
     return hd.pr.SoftcopyVOILUTTransformation(
         window_center=[centre],
         window_width=[width],
@@ -298,16 +295,3 @@ def _voi_lut(source: pydicom.Dataset, item: pydicom.Dataset) -> hd.VOILUT:
     return lut
 
 
-def _percentile_window(source: pydicom.Dataset) -> tuple[float, float]:
-    """Window Center / Width (LINEAR) giving the percentile window ``presentation_pixels``
-    uses on an image without a usable VOI of its own: low percentile black, high white."""
-    stored = first_frame(source)
-    values = np.asarray(apply_modality_lut(stored, source), dtype=np.float64)
-    padding = padding_mask(source, stored)
-    image = values if padding is None or padding.all() else values[~padding]
-    low, high = (float(v) for v in np.percentile(image, DEFAULT_WINDOW_PERCENTILES))
-    if high <= low:
-        # A flat image is black in the node's presentation: a 1-wide window above it.
-        return low + 1.0, 1.0
-    # LINEAR: values up to c - 0.5 - (w - 1) / 2 are black, from c - 0.5 + (w - 1) / 2 white.
-    return (low + high) / 2 + 0.5, high - low + 1.0
