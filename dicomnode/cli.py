@@ -177,8 +177,11 @@ def cmd_db(args: argparse.Namespace) -> int:
     from dicomnode.db.session import upgrade
 
     settings = _settings(args)
-    upgrade(settings.database_url)
-    print("database schema is up to date")
+    before, after = upgrade(settings.database_url)
+    if before == after:
+        print(f"database schema is up to date (revision {after})")
+    else:
+        print(f"database schema upgraded from {before or 'empty'} to revision {after}")
     return 0
 
 

@@ -59,3 +59,15 @@ def test_help_lists_only_the_commands_for_people() -> None:
     assert wrong.returncode == 2
     assert "invalid choice: 'lisener'" in wrong.stderr
     assert "listener" not in wrong.stderr
+
+
+def test_db_upgrade_names_the_revision_it_left_the_database_at(config: Path) -> None:
+    from dicomnode.db.session import schema_revision
+
+    first = run_cli("db", "upgrade", "--config", str(config))
+    assert first.returncode == 0, first.stderr
+    head = schema_revision(f"sqlite:///{config.parent / 'dicomnode.db'}")
+    assert head
+    assert first.stdout.strip() == f"database schema upgraded from empty to revision {head}"
+    again = run_cli("db", "upgrade", "--config", str(config))
+    assert again.stdout.strip() == f"database schema is up to date (revision {head})"

@@ -79,8 +79,8 @@ def alembic_config(url: str) -> AlembicConfig:
     return config
 
 
-def upgrade(url: str) -> None:
-    """Bring the database schema to the newest migration."""
+def upgrade(url: str) -> tuple[str | None, str | None]:
+    """Bring the database schema to the newest migration; the revisions before and after."""
     if url.startswith("sqlite:///"):
         path = url.removeprefix("sqlite:///")
         if path and path != ":memory:":
@@ -92,6 +92,7 @@ def upgrade(url: str) -> None:
     after = schema_revision(url)
     if after != before:
         log.info("database schema upgraded from %s to %s", before or "empty", after)
+    return before, after
 
 
 def schema_revision(url: str) -> str | None:
