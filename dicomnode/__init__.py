@@ -3,3 +3,7 @@
 __version__ = "0.1.0"
 
 RESEARCH_DEMO_NOTICE = "Research demo, not for clinical use"
+
+# Manufacturer of every object the node writes (SR, SEG, overlays, GSPS, KOS, derived images):
+# how the node knows its own results when a PACS routes them back.
+EQUIPMENT_MANUFACTURER = "dicomnode"

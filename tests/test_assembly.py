@@ -177,6 +177,44 @@ def test_analysed_study_goes_back_to_receiving_on_late_instance(
     assert the_study(sessions).analysis_status == "receiving"
 
 
+def test_the_nodes_own_results_routed_back_start_no_new_analysis(
+    sessions: sessionmaker[Session],
+) -> None:
+    """A PACS that routes a study back sends the node's results with it: they are stored and
+    indexed, but the analysed study is not analysed (and its results sent) again. A new
+    instance of the study still is."""
+    with sessions() as session:
+        index(session, FACTS, T0)
+        assert queue_ready_studies(session, seconds(10)) == [the_study(sessions).id]
+        study = session.scalars(select(Study)).one()
+        study.analysis_status = "analysed"
+        session.commit()
+        own = replace(FACTS, sop_instance_uid="1.2.826.0.1.3680043.8.498.15", own_result=True)
+        assert index(session, own, seconds(20))
+        assert count(session, Instance) == 2
+        assert queue_ready_studies(session, seconds(40)) == []
+    assert the_study(sessions).analysis_status == "analysed"
+    with sessions() as session:
+        late = replace(FACTS, sop_instance_uid="1.2.826.0.1.3680043.8.498.16")
+        assert index(session, late, seconds(50))
+        assert queue_ready_studies(session, seconds(60)) == [the_study(sessions).id]
+
+
+def test_own_results_are_known_by_their_manufacturer() -> None:
+    from pydicom import Dataset
+
+    from dicomnode.ingest.arrival import instance_facts
+
+    ds = Dataset()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = "1.2.3", "1.2.3.4"
+    ds.SOPInstanceUID, ds.SOPClassUID = "1.2.3.4.5", "1.2.840.10008.5.1.4.1.1.88.34"
+    assert not instance_facts(ds).own_result
+    ds.Manufacturer = "dicomnode"
+    assert instance_facts(ds).own_result
+    ds.Manufacturer = "dicomnode synth"  # the phantoms are analysed
+    assert not instance_facts(ds).own_result
+
+
 def test_association_end_pushes_ready_at(sessions: sessionmaker[Session]) -> None:
     with sessions() as session:
         index(session, FACTS, T0)

@@ -12,6 +12,8 @@ from datetime import datetime
 
 from pydicom import Dataset
 
+from dicomnode import EQUIPMENT_MANUFACTURER
+
 
 @dataclass(frozen=True)
 class InstanceFacts:
@@ -30,6 +32,9 @@ class InstanceFacts:
     view_position: str = ""
     series_description: str = ""
     instance_number: int | None = None
+    # Made by this node (Manufacturer "dicomnode"): a result object a PACS routed back. It is
+    # stored and indexed like any instance but starts no new analysis of its study.
+    own_result: bool = False
 
 
 def _text(ds: Dataset, keyword: str, limit: int = 64) -> str:
@@ -61,6 +66,7 @@ def instance_facts(ds: Dataset) -> InstanceFacts:
         view_position=_text(ds, "ViewPosition", 16).upper(),
         series_description=_text(ds, "SeriesDescription"),
         instance_number=instance_number,
+        own_result=_text(ds, "Manufacturer").strip().lower() == EQUIPMENT_MANUFACTURER,
     )
 
 

@@ -112,6 +112,7 @@ def add_rows(
         key = (arrival.facts.study_instance_uid, arrival.facts.series_instance_uid)
         by_series.setdefault(key, []).append(arrival)
     touched: dict[int, tuple[datetime, int]] = {}
+    new_studies: set[int] = set()
     connection = session.connection()
     for group in by_series.values():
         first = group[0]
@@ -120,15 +121,22 @@ def add_rows(
             study_id = _new_study(
                 session, first.facts, first.received_at, worklist or WorklistSettings()
             )
+            new_studies.add(study_id)
         if series_id is None:
             series_id = _new_series(session, study_id, first.facts)
         connection.execute(_ADD_INSTANCE, [arrival.row(series_id) for arrival in group])
-        last = max(arrival.received_at for arrival in group)
+        # The node's own results routed back by a PACS start no new analysis of a study it
+        # knows (which would write and send every result again); a study made of nothing else
+        # is analysed once, like any new study (no model selects them).
+        arrived = [a for a in group if study_id in new_studies or not a.facts.own_result]
+        if not arrived:
+            continue
+        last = max(arrival.received_at for arrival in arrived)
         if study_id in touched:
             earlier, count = touched[study_id]
-            touched[study_id] = (max(earlier, last), count + len(group))
+            touched[study_id] = (max(earlier, last), count + len(arrived))
         else:
-            touched[study_id] = (last, len(group))
+            touched[study_id] = (last, len(arrived))
     for study_id, (last, count) in touched.items():
         connection.execute(
             _TOUCH_STUDY,

@@ -7,12 +7,13 @@ from dataclasses import dataclass, replace
 
 from pydicom import Dataset
 
+from dicomnode import EQUIPMENT_MANUFACTURER
 from dicomnode.findings import Finding
 from dicomnode.models.registry import ModelCard, SelectionRules
 
-# Manufacturer of every object the node writes (results/sr.py EQUIPMENT_MANUFACTURER; a test
-# keeps the two equal). Its own results come back when a PACS routes a study to it again.
-NODE_MANUFACTURER = "DICOMNODE"
+# Manufacturer of every object the node writes, as image_facts reads it (upper case). Its own
+# results come back when a PACS routes a study to it again.
+NODE_MANUFACTURER = EQUIPMENT_MANUFACTURER.upper()
 
 # Image SOP classes whose instances are raw detector data, Presentation Intent Type or not.
 FOR_PROCESSING_CLASSES = frozenset(

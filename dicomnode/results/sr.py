@@ -11,14 +11,13 @@ import pydicom
 from pydicom.multival import MultiValue
 from pydicom.sr.codedict import codes
 
-from dicomnode import RESEARCH_DEMO_NOTICE, __version__
+from dicomnode import EQUIPMENT_MANUFACTURER, RESEARCH_DEMO_NOTICE, __version__
 from dicomnode.findings import Algorithm, Finding, ImageFindings
 from dicomnode.results.geometry import box_outline, pixel_centre
 from dicomnode.results.source import character_set, copy_patient_study
 from dicomnode.results.uids import result_instance_uid, result_series_uid, result_uid
 
 SR_SERIES_NUMBER = 9901
-EQUIPMENT_MANUFACTURER = "dicomnode"
 
 # Procedure reported (TID 1500 row 4): plain radiography of the chest, whatever the view count.
 CHEST_XRAY = hd.sr.CodedConcept("399208008", "SCT", "Plain chest X-ray")
