@@ -67,6 +67,8 @@ def input_summary(card: ModelCard) -> str:
     where = "/".join(card.select.modalities) or "any modality"
     if card.select.views:
         where += " " + "/".join(card.select.views)
+    if card.select.orientations:
+        where += " " + "/".join(plane.lower() for plane in card.select.orientations)
     return f"{where}, {text}"
 
 

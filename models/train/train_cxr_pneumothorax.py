@@ -1,6 +1,6 @@
 """Train the demo pneumothorax classifier on synthetic chest phantoms and export it to ONNX.
 
-Run from the repository root (about 7-9 minutes on 2 CPU cores):
+Run from the repository root (about 15-20 minutes on 2 CPU cores):
 
     python models/train/train_cxr_pneumothorax.py --out models
 
@@ -31,10 +31,17 @@ from dicomnode.pipeline.preprocess import prepare_input
 from dicomnode.synth.cxr import make_cxr
 
 MODEL_NAME = "cxr-pneumothorax-demo"
-MODEL_VERSION = "1.0.0"
+MODEL_VERSION = "1.1.0"
 STEM = "cxr_pneumothorax_demo"
 INPUT_SHAPE = (1, 256, 256)
-PHANTOM_SIZE = 512
+# Rows of the phantoms, drawn per seed (columns 0.85-1.15 x rows): the model sees radiographs
+# of many sizes, downsampled more or less to its input, whose noise and sharpness differ.
+# Version 1.0.0 saw 512 x 512 only, and its specificity fell to 0.6 at 256 rows and to 0
+# at 320 (every image positive), its sensitivity to 0.8 at 1024.
+PHANTOM_ROWS = (320, 384, 448, 512, 640, 768, 1024)
+# Held out as well: radiographs at a detector's full size, larger than any trained on.
+LARGE_ROWS = 2048
+LARGE_SEED_START = 1_500_000
 TRAIN_SEED_START = 0
 VALIDATION_SEED_START = 500_000
 HELDOUT_SEED_START = 1_000_000
@@ -48,25 +55,52 @@ class Split:
     images: np.ndarray  # N x C x H x W float16
     labels: np.ndarray  # N, 0/1
     sides: list[str | None]
+    rows: np.ndarray  # N, the phantoms' rows
 
 
-def phantom_input(job: tuple[int, bool, dict]) -> tuple[np.ndarray, str | None]:
-    """Make one phantom, round-trip it through DICOM bytes and prepare it as the node would."""
-    seed, pneumothorax, spec_fields = job
-    ds, truth = make_cxr(seed, pneumothorax=pneumothorax, size=PHANTOM_SIZE)
+def phantom_shape(seed: int) -> tuple[int, int, str, str]:
+    """Rows, columns, view and photometric interpretation of the seed's phantom."""
+    rng = np.random.default_rng([seed, 36118008])
+    rows = int(rng.choice(PHANTOM_ROWS))
+    columns = round(rows * rng.uniform(0.85, 1.15))
+    view = "AP" if rng.random() < 0.35 else "PA"
+    photometric = "MONOCHROME1" if rng.random() < 0.3 else "MONOCHROME2"
+    return rows, columns, view, photometric
+
+
+def phantom_input(job: tuple[int, bool, dict, int]) -> tuple[np.ndarray, str | None, int]:
+    """Make one phantom, round-trip it through DICOM bytes and prepare it as the node would.
+    ``rows`` 0: the seed's own size (``phantom_shape``); else square phantoms of that size."""
+    seed, pneumothorax, spec_fields, rows = job
+    if rows:
+        columns, view, photometric = rows, "PA", "MONOCHROME2"
+    else:
+        rows, columns, view, photometric = phantom_shape(seed)
+    ds, truth = make_cxr(
+        seed,
+        pneumothorax=pneumothorax,
+        size=rows,
+        columns=columns,
+        view=view,
+        photometric=photometric,
+    )
     sample, _ = prepare_input(shared.round_trip(ds), InputSpec(**spec_fields))
-    return sample.astype(np.float16), truth.side
+    return sample.astype(np.float16), truth.side, rows
 
 
-def make_split(pool: multiprocessing.pool.Pool, seed_start: int, n: int, spec: InputSpec) -> Split:
-    """Phantoms with seeds seed_start.. ; odd seeds carry a pneumothorax (50 % prevalence)."""
+def make_split(
+    pool: multiprocessing.pool.Pool, seed_start: int, n: int, spec: InputSpec, rows: int = 0
+) -> Split:
+    """Phantoms with seeds seed_start.. ; odd seeds carry a pneumothorax (50 % prevalence).
+    ``rows`` 0: each seed's own size; else all square phantoms of that many rows."""
     seeds = range(seed_start, seed_start + n)
-    jobs = [(seed, seed % 2 == 1, spec.model_dump()) for seed in seeds]
-    results = pool.map(phantom_input, jobs, chunksize=16)
+    jobs = [(seed, seed % 2 == 1, spec.model_dump(), rows) for seed in seeds]
+    results = pool.map(phantom_input, jobs, chunksize=4 if rows > 1024 else 16)
     return Split(
-        images=np.stack([image for image, _ in results]),
+        images=np.stack([image for image, _, _ in results]),
         labels=np.array([seed % 2 for seed in seeds], dtype=np.float32),
-        sides=[side for _, side in results],
+        sides=[side for _, side, _ in results],
+        rows=np.array([size for _, _, size in results]),
     )
 
 
@@ -232,6 +266,30 @@ def write_card(
     )
 
 
+def operating_point(labels: np.ndarray, probabilities: np.ndarray, threshold: float) -> dict:
+    """AUC, sensitivity and specificity at ``threshold``."""
+    predicted = probabilities >= threshold
+    return {
+        "auc": evaluation.roc_auc(labels, probabilities),
+        "sensitivity": float(predicted[labels == 1].mean()),
+        "specificity": float((~predicted[labels == 0]).mean()),
+        "n": len(labels),
+    }
+
+
+def by_size(split: Split, probabilities: np.ndarray, threshold: float, sizes: list[int]) -> dict:
+    """Held-out metrics of each group of phantom rows (``sizes``: the groups' upper bounds)."""
+    groups = {}
+    lower = 0
+    for upper in sizes:
+        chosen = (split.rows > lower) & (split.rows <= upper)
+        point = operating_point(split.labels[chosen], probabilities[chosen], threshold)
+        for key, value in point.items():
+            groups[f"heldout_rows_{lower + 1}_{upper}_{key}"] = value
+        lower = upper
+    return groups
+
+
 def input_spec(pool: multiprocessing.pool.Pool, n: int) -> InputSpec:
     """The z-score InputSpec: mean and standard deviation of unit-normalised inputs over ``n``
     (at most 256) training phantoms."""
@@ -241,7 +299,10 @@ def input_spec(pool: multiprocessing.pool.Pool, n: int) -> InputSpec:
 
 def main() -> None:
     parser = shared.training_parser(
-        __doc__, n_train=3000, n_validation=500, n_heldout=600, epochs=10, batch=32
+        __doc__, n_train=3000, n_validation=500, n_heldout=600, epochs=20, batch=32
+    )
+    parser.add_argument(
+        "--n-large", type=int, default=100, help=f"held-out phantoms of {LARGE_ROWS} rows"
     )
     args = parser.parse_args()
 
@@ -258,6 +319,8 @@ def main() -> None:
         ):
             splits[name] = make_split(pool, seed_start, n, spec)
             print(f"{name}: {n} phantoms ({time.monotonic() - started:.0f} s)", flush=True)
+        large = make_split(pool, LARGE_SEED_START, args.n_large, spec, rows=LARGE_ROWS)
+        print(f"large: {args.n_large} phantoms ({time.monotonic() - started:.0f} s)", flush=True)
 
     net = PneumothoraxNet()
     best_validation_auc, best_epoch = train(
@@ -282,6 +345,8 @@ def main() -> None:
     predicted = probabilities >= threshold
     sensitivity = float(predicted[heldout.labels == 1].mean())
     specificity = float((~predicted[heldout.labels == 0]).mean())
+    large_probabilities, _ = onnx_outputs(onnx_path, large.images)
+    large_point = operating_point(large.labels, large_probabilities, threshold)
     seconds = round(time.monotonic() - started)
     metrics = {
         "heldout_auc": heldout_auc,
@@ -298,6 +363,9 @@ def main() -> None:
         "validation_auc": best_validation_auc,
         "validation_n": len(splits["validation"].labels),
         "validation_seed_start": VALIDATION_SEED_START,
+        **by_size(heldout, probabilities, threshold, [448, 640, 1024]),
+        **{f"heldout_rows_{LARGE_ROWS}_{key}": value for key, value in large_point.items()},
+        "heldout_rows_2048_seed_start": LARGE_SEED_START,
         "cam_peak_on_pneumothorax_side": cam_side_agreement(cams, heldout),
         "onnx_torch_max_abs_difference": max_difference,
     }
@@ -309,8 +377,10 @@ def main() -> None:
         "batch": args.batch,
         "seconds": seconds,
         "torch": torch.__version__,
-        "phantom_size": PHANTOM_SIZE,
-        "data": "dicomnode.synth.cxr.make_cxr, odd seeds with pneumothorax",
+        "phantom_rows": ", ".join(map(str, PHANTOM_ROWS)),
+        "phantom_columns": "0.85-1.15 x rows",
+        "data": "dicomnode.synth.cxr.make_cxr, odd seeds with pneumothorax, PA 65 % / AP 35 %, "
+        "MONOCHROME1 30 %",
     }
     card_path = args.out / f"{STEM}.toml"
     write_card(card_path, spec, metrics, training, threshold)  # loaded back as the node does
