@@ -63,7 +63,11 @@ def failures(session: Session, study_instance_uid: str) -> StudyFailures:
         study.analysis_error or "",
         errors,
         results_state=results.state if results is not None else "",
-        results_error=results.last_error if _results_failed(results) else "",
+        # A done job's error lists what is missing ("not written: model kind: error; ...");
+        # the view says the rest.
+        results_error=(results.last_error or "").removeprefix("not written: ")
+        if _results_failed(results)
+        else "",
     )
 
 
