@@ -101,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         settings = InferenceSettings(batch_size=size, in_flight=args.in_flight)
         images = inputs(card, args.images)
         runtimes = {label: module.Runtime(PROVIDERS, settings) for label, module in builds.items()}
-        callers = (runtimes["new"].in_flight(card) + 1) * size
+        in_flight = runtimes["new"].in_flight(card)
+        callers = (in_flight + 1) * size
         paths = ["new", "base"]
         if args.sleep_ms is None:
             session = this_runtime.load_session(card, PROVIDERS, settings)
@@ -113,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         for index in range(args.rounds):
             for path in paths if index % 2 == 0 else paths[::-1]:
                 rates[path].append(
-                    bare_throughput(session, card, images, size, args.passes)
+                    # As many threads as the node runs batches at once (one per core on the CPU).
+                    bare_throughput(session, card, images, size, args.passes, in_flight)
                     if path == "bare"
                     else runtime_throughput(runtimes[path], card, images, callers, 1, args.passes)
                 )
