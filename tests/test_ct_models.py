@@ -206,7 +206,7 @@ def test_ct_overlays_show_the_slice_in_the_cards_window(
     lung window, the picture the model saw, not in its own (where the lung is black)."""
     from dicomnode.pipeline.outputs import result_objects
 
-    datasets, truth = make_ct_series(FRESH_SEEDS[0], rows=160, slices=24, nodules=(3, 3))
+    datasets, _ = make_ct_series(FRESH_SEEDS[0], rows=160, slices=24, nodules=(3, 3))
     for ds in datasets:
         ds.WindowCenter, ds.WindowWidth = 40, 400
     run = run_model(nodule_card, datasets, runtime, StageTimes())

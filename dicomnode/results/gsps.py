@@ -293,5 +293,3 @@ def _voi_lut(source: pydicom.Dataset, item: pydicom.Dataset) -> hd.VOILUT:
         written = [int(v) for v in lut.LUTDescriptor]
         lut["LUTDescriptor"] = DataElement(0x00283002, "SS", [written[0], first_mapped, written[2]])
     return lut
-
-
