@@ -92,7 +92,7 @@ def test_a_builder_that_raises_leaves_out_its_object_only(
         load_card(MODELS / "cxr_findings_demo.toml"),
     ]
 
-    def refuses(evaluation, algorithm):
+    def refuses(evaluation, algorithm, **options):
         # As a library may quote a value it refuses: the log must not repeat it.
         source = evaluation.source
         raise ValueError(
@@ -199,7 +199,7 @@ def test_an_error_of_the_disk_still_fails_the_whole_job(
     settings = _settings(tmp_path)
     cards = [load_card(MODELS / "cxr_nodule_demo.toml")]
 
-    def disk_full(evaluation, algorithm):
+    def disk_full(evaluation, algorithm, **options):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(gsps, "build_gsps", disk_full)
@@ -225,7 +225,7 @@ def test_the_worker_ends_a_partly_written_results_job_done_and_says_what_is_miss
         destinations=[Destination(name="pacs", ae_title="PACS", host="127.0.0.1", port=104)],
     )
 
-    def refuses(evaluation, algorithm):
+    def refuses(evaluation, algorithm, **options):
         raise ValueError("unsupported window")
 
     monkeypatch.setattr(gsps, "build_gsps", refuses)

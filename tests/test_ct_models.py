@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime
 import pytest
+from dciodvfy import dciodvfy_errors
 
 from dicomnode.config import InferenceSettings
 from dicomnode.evaluation import metrics as evaluation
@@ -199,7 +200,7 @@ def test_lung_segmentation_dice_on_fresh_series(
     assert not segment.mask[:, :2, :].any() and not segment.mask[:, -2:, :].any()
 
 
-def test_ct_overlays_show_the_slice_in_the_cards_window(
+def test_ct_overlays_and_presentation_states_show_the_slice_in_the_cards_window(
     nodule_card: ModelCard, runtime: Runtime
 ) -> None:
     """A slice stored with a soft-tissue window gets its nodule overlay drawn in the card's
@@ -210,10 +211,18 @@ def test_ct_overlays_show_the_slice_in_the_cards_window(
     for ds in datasets:
         ds.WindowCenter, ds.WindowWidth = 40, 400
     run = run_model(nodule_card, datasets, runtime, StageTimes())
-    overlays = [ds for kind, ds in result_objects(run, nodule_card) if kind == "overlay"]
+    objects = result_objects(run, nodule_card)
+    overlays = [ds for kind, ds in objects if kind == "overlay"]
     assert overlays, "no nodule drawn on this series"
     centre, width = nodule_card.input.window
     for overlay in overlays:
         assert f"model's window (centre {centre:g}, width {width:g})" in str(
             overlay.DerivationDescription
         )
+    # The presentation states show the boxes in the same window.
+    states = [ds for kind, ds in objects if kind == "gsps"]
+    assert len(states) == len(overlays)
+    for state in states:
+        (voi,) = state.SoftcopyVOILUTSequence
+        assert (float(voi.WindowCenter), float(voi.WindowWidth)) == (centre, width)
+        assert dciodvfy_errors(state) == []

@@ -116,7 +116,10 @@ def result_objects(
             if greyscale and any(
                 f.box is not None or f.point is not None for f in evaluation.findings
             ):
-                build("gsps", partial(gsps.build_gsps, evaluation, run.algorithm))
+                build(
+                    "gsps",
+                    partial(gsps.build_gsps, evaluation, run.algorithm, window=card.input.window),
+                )
     if "seg" in produces:
         for segmentation in run.segmentations:
             build(

@@ -32,7 +32,7 @@ def _stored_pixels(ds: pydicom.Dataset) -> np.ndarray:
     return pixels
 
 
-def _window(ds: pydicom.Dataset) -> tuple[float, float] | None:
+def first_window(ds: pydicom.Dataset) -> tuple[float, float] | None:
     """The first Window Center / Width pair when both are usable (width >= 1), else None."""
     try:
         centre, width = _first(ds.get("WindowCenter")), _first(ds.get("WindowWidth"))
@@ -99,7 +99,7 @@ def _apply_voi(ds: pydicom.Dataset, values: np.ndarray) -> tuple[np.ndarray, flo
         highest = int(table.max(initial=0))
         top = 2**bits - 1 if highest <= 2**bits - 1 else 2 ** highest.bit_length() - 1
         return table[index].astype(np.float64), 0.0, float(top)
-    window = _window(ds)
+    window = first_window(ds)
     if window is None:
         return None
     # Far outside any window: pydicom maps them to the ends of its output range.
@@ -152,7 +152,7 @@ def presentation_pixels(
 
 def _has_voi(ds: pydicom.Dataset) -> bool:
     """Whether the dataset has a VOI transform of its own (what ``_apply_voi`` applies)."""
-    return bool(ds.get("VOILUTSequence")) or _window(ds) is not None
+    return bool(ds.get("VOILUTSequence")) or first_window(ds) is not None
 
 
 def _every_stored_value(frame: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
@@ -547,7 +547,7 @@ def _stored_per_presentation(
         return float(window[1]) / slope
     if ds.get("VOILUTSequence"):
         return None
-    own = _window(ds)
+    own = first_window(ds)
     if own is None:
         return None
     function = str(ds.get("VOILUTFunction", "") or "LINEAR").strip().upper()

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import math
-
 import highdicom as hd
 import numpy as np
 import pydicom
 from pydicom.dataelem import DataElement
+from pydicom.multival import MultiValue
 
 from dicomnode import RESEARCH_DEMO_NOTICE, __version__
 from dicomnode.findings import Algorithm, Finding, ImageFindings
 from dicomnode.pipeline.preprocess import (
+    first_window,
     is_inverted,
     percentile_window,
     voi_lut_table,
@@ -39,13 +39,20 @@ _LINE_HEIGHT = 0.035  # DISPLAY units: fraction of the displayed area's height p
 _VOI_FUNCTIONS = ("LINEAR", "LINEAR_EXACT", "SIGMOID")
 
 
-def build_gsps(evaluation: ImageFindings, algorithm: Algorithm) -> pydicom.Dataset:
+def build_gsps(
+    evaluation: ImageFindings,
+    algorithm: Algorithm,
+    *,
+    window: tuple[float, float] | None = None,
+) -> pydicom.Dataset:
     """Return a GSPS that draws ``evaluation``'s present boxes and landmarks on its source.
 
     Boxes become closed POLYLINE rectangles and landmarks a POINT in a CIRCLE, each labelled
     with the finding and its probability; a notice and a legend of every finding sit in the
     top left corner. The source's modality LUT is kept, and its VOI as the node presents the
-    image (see :func:`voi_transformation`).
+    image (see :func:`voi_transformation`), or ``window``: the model card's fixed window
+    (centre, width in modality units, e.g. a CT lung window), the picture the model saw, as
+    the overlay shows it.
     """
     source = validate_evaluation(evaluation)
     if int(source.get("SamplesPerPixel", 1)) != 1:
@@ -155,7 +162,7 @@ def build_gsps(evaluation: ImageFindings, algorithm: Algorithm) -> pydicom.Datas
         graphic_annotations=annotations,
         graphic_layers=[findings_layer, notice_layer],
         presentation_lut_transformation=presentation_lut,
-        voi_lut_transformations=[voi_transformation(source)],
+        voi_lut_transformations=[voi_transformation(source, window)],
         series_description=series_description(algorithm, "GSPS"),
     )
     copy_patient_study(source, gsps)
@@ -206,16 +213,25 @@ def _legend(findings: list[Finding], algorithm: Algorithm) -> list[hd.pr.TextObj
     ]
 
 
-def voi_transformation(source: pydicom.Dataset) -> hd.pr.SoftcopyVOILUTTransformation:
-    """The source's VOI as the node presents it (``preprocess.presentation_pixels``): its first
-    VOI LUT, else its first Window Center / Width when usable (width >= 1, with the explanation
-    of that window when the source gives one per window), else the percentile window of its
-    modality values outside Pixel Padding.
+def voi_transformation(
+    source: pydicom.Dataset, window: tuple[float, float] | None = None
+) -> hd.pr.SoftcopyVOILUTTransformation:
+    """``window`` (a model card's fixed window) when given, else the source's VOI as the node
+    presents it (``preprocess.presentation_pixels``): its first VOI LUT, else its first Window
+    Center / Width when usable (width >= 1, with the explanation of that window when the source
+    gives one per window), else the percentile window of its modality values outside Pixel
+    Padding.
 
     Built here rather than copied by highdicom, which refuses sources that the standard allows
     (a window together with a VOI LUT Sequence, fewer explanations than windows) or that are
     common in the field (Window Width 0).
     """
+    if window is not None:
+        return hd.pr.SoftcopyVOILUTTransformation(
+            window_center=[float(window[0])],
+            window_width=[float(window[1])],
+            window_explanation=["AI MODEL WINDOW"],
+        )
     luts = source.get("VOILUTSequence")
     if luts:
         return hd.pr.SoftcopyVOILUTTransformation(voi_luts=[_voi_lut(source, luts[0])])
@@ -238,29 +254,20 @@ def voi_transformation(source: pydicom.Dataset) -> hd.pr.SoftcopyVOILUTTransform
     )
 
 
-def _values(value: object) -> list[object]:
-    if value is None:
-        return []
-    if isinstance(value, (list, tuple, pydicom.multival.MultiValue)):
-        return list(value)
-    return [value]
-
-
 def _first_window(source: pydicom.Dataset) -> tuple[float, float, str | None] | None:
-    """The first Window Center / Width pair when usable, as ``preprocess._window`` takes it,
-    and its explanation when there is one per window and it is a valid LO."""
-    centres, widths = _values(source.get("WindowCenter")), _values(source.get("WindowWidth"))
-    if not centres or not widths:
+    """``preprocess.first_window``, with the explanation of that window when the source gives
+    one per window and it is a valid LO."""
+    window = first_window(source)
+    if window is None:
         return None
-    try:
-        centre, width = float(centres[0]), float(widths[0])
-    except (TypeError, ValueError):
-        return None
-    if not (math.isfinite(centre) and math.isfinite(width)) or width < 1:
-        return None
-    explanations = _values(source.get("WindowCenterWidthExplanation"))
-    explanation = str(explanations[0]).strip() if len(explanations) == len(centres) else None
-    return centre, width, explanation if explanation and _long_string(explanation) else None
+    centres = source.get("WindowCenter")
+    count = len(centres) if isinstance(centres, MultiValue) else 1
+    explanations = source.get("WindowCenterWidthExplanation")
+    if isinstance(explanations, MultiValue):
+        explanation = str(explanations[0]).strip() if len(explanations) == count else None
+    else:
+        explanation = str(explanations).strip() if explanations and count == 1 else None
+    return *window, explanation if explanation and _long_string(explanation) else None
 
 
 def _long_string(text: str) -> bool:
