@@ -257,6 +257,12 @@ def test_wrong_called_ae_is_rejected_only_when_required(
         assert echoscu(node.port, "DICOMNODE").returncode == 0
         ds = secondary_capture()
         assert node.store(ds) == 0x0000
+        # A reload that renames the node takes effect at the restart: until then the listener
+        # still answers as, and admits calls to, the title it started with.
+        renamed = node.scp.settings.model_copy(deep=True)
+        renamed.node.ae_title = "RENAMED"
+        node.scp.settings = renamed
+        assert echoscu(node.port, "DICOMNODE").returncode == 0
         # A reload that lifts the requirement applies to the next association.
         relaxed = node.scp.settings.model_copy(deep=True)
         relaxed.node.require_called_ae = False

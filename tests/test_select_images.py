@@ -13,10 +13,11 @@ import pydicom
 import pytest
 from pydantic import ValidationError
 
+from dicomnode import EQUIPMENT_MANUFACTURER
 from dicomnode.findings import Algorithm, CodedConcept, DerivedImage, Finding, ImageFindings
+from dicomnode.ingest.arrival import instance_facts
 from dicomnode.models.registry import ModelCard, SelectionRules, discover_cards, load_card
 from dicomnode.pipeline.select import (
-    NODE_MANUFACTURER,
     image_facts,
     image_plane,
     rules_match,
@@ -24,7 +25,6 @@ from dicomnode.pipeline.select import (
 )
 from dicomnode.results.derived import build_derived
 from dicomnode.results.overlay import build_overlay
-from dicomnode.results.sr import EQUIPMENT_MANUFACTURER
 from dicomnode.synth.ct import make_ct_series
 from dicomnode.synth.cxr import make_cxr
 from dicomnode.tomlfile import ConfigError
@@ -199,10 +199,6 @@ def test_for_processing_radiographs_are_not_selected(cards, chest_pa) -> None:
 # The node's own results -----------------------------------------------------------------------
 
 
-def test_the_node_manufacturer_is_the_one_its_results_carry() -> None:
-    assert EQUIPMENT_MANUFACTURER.upper() == NODE_MANUFACTURER
-
-
 def test_the_nodes_own_results_are_never_selected_even_by_a_card_without_rules(
     cards, chest_pa
 ) -> None:
@@ -218,6 +214,8 @@ def test_the_nodes_own_results_are_never_selected_even_by_a_card_without_rules(
     # for any card, and whatever else the node writes.
     everything = SelectionRules(excluded_image_types=[], excluded_presentation_intents=[])
     for result in (derived, overlay):
+        # Ingest knows them too, and starts no new analysis for them (ingest/index.py).
+        assert instance_facts(result).own_result
         assert selected(cards, result) == []
         assert not rules_match(everything, image_facts(result))
         original = _copy(result, ImageType=["ORIGINAL", "PRIMARY"])
@@ -225,6 +223,7 @@ def test_the_nodes_own_results_are_never_selected_even_by_a_card_without_rules(
     # Synthetic phantoms ("dicomnode synth") are not the node's results.
     assert chest_pa.Manufacturer != EQUIPMENT_MANUFACTURER
     assert rules_match(everything, image_facts(chest_pa))
+    assert not instance_facts(chest_pa).own_result
 
 
 # Facts and card schema ------------------------------------------------------------------------

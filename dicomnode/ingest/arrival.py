@@ -12,7 +12,7 @@ from datetime import datetime
 
 from pydicom import Dataset
 
-from dicomnode import EQUIPMENT_MANUFACTURER
+from dicomnode import made_by_this_node
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,7 @@ def instance_facts(ds: Dataset) -> InstanceFacts:
         view_position=_text(ds, "ViewPosition", 16).upper(),
         series_description=_text(ds, "SeriesDescription"),
         instance_number=instance_number,
-        own_result=_text(ds, "Manufacturer").strip().lower() == EQUIPMENT_MANUFACTURER,
+        own_result=made_by_this_node(ds.get("Manufacturer")),
     )
 
 

@@ -223,13 +223,16 @@ class StorageSCP:
             _reject(event, 0x03)
             return
         called_ae = str(requestor.primitive.called_ae_title).strip()
-        if not called_ae_accepted(node.ae_title, called_ae, node.require_called_ae):
+        # The title this listener answers as: [node] ae_title as it was at start (a reload
+        # that changes it takes effect at the restart).
+        own_ae = str(self.ae.ae_title).strip()
+        if not called_ae_accepted(own_ae, called_ae, node.require_called_ae):
             log.warning(
                 "association rejected: calling AE %r from %s called %r, not this node's %r",
                 calling_ae,
                 address,
                 called_ae,
-                node.ae_title,
+                own_ae,
             )
             # Rejected permanent, service user, called AE title not recognised.
             _reject(event, 0x07)

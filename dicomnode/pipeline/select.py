@@ -7,13 +7,9 @@ from dataclasses import dataclass, replace
 
 from pydicom import Dataset
 
-from dicomnode import EQUIPMENT_MANUFACTURER
+from dicomnode import made_by_this_node
 from dicomnode.findings import Finding
 from dicomnode.models.registry import ModelCard, SelectionRules
-
-# Manufacturer of every object the node writes, as image_facts reads it (upper case). Its own
-# results come back when a PACS routes a study to it again.
-NODE_MANUFACTURER = EQUIPMENT_MANUFACTURER.upper()
 
 # Image SOP classes whose instances are raw detector data, Presentation Intent Type or not.
 FOR_PROCESSING_CLASSES = frozenset(
@@ -147,7 +143,7 @@ def image_facts(ds: Dataset) -> ImageFacts:
 def made_by_the_node(facts: ImageFacts) -> bool:
     """True for the node's own result objects (Manufacturer "dicomnode"): never analysed again,
     whatever a card says, or a PACS routing results back would feed them round and round."""
-    return facts.manufacturer == NODE_MANUFACTURER
+    return made_by_this_node(facts.manufacturer)
 
 
 def _admits(allowed: list[str], value: str) -> bool:

@@ -22,7 +22,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.multival import MultiValue
 from pydicom.uid import ExplicitVRLittleEndian
 
-from dicomnode import RESEARCH_DEMO_NOTICE, __version__
+from dicomnode import EQUIPMENT_MANUFACTURER, RESEARCH_DEMO_NOTICE, __version__
 from dicomnode.findings import Algorithm, CodedConcept, DerivedImage
 from dicomnode.pipeline.preprocess import percentile_window
 from dicomnode.results.source import (
@@ -32,7 +32,7 @@ from dicomnode.results.source import (
     copy_patient_study,
     source_reference,
 )
-from dicomnode.results.sr import EQUIPMENT_MANUFACTURER, series_description, with_notice
+from dicomnode.results.sr import series_description, with_notice
 from dicomnode.results.uids import result_instance_uid, result_series_uid
 
 DERIVED_SERIES_NUMBER = 9905

@@ -8,7 +8,7 @@ import pydicom
 from pydicom.dataelem import DataElement
 from pydicom.multival import MultiValue
 
-from dicomnode import RESEARCH_DEMO_NOTICE, __version__
+from dicomnode import EQUIPMENT_MANUFACTURER, RESEARCH_DEMO_NOTICE, __version__
 from dicomnode.findings import Algorithm, Finding, ImageFindings
 from dicomnode.pipeline.preprocess import (
     first_window,
@@ -20,7 +20,6 @@ from dicomnode.results.geometry import box_outline, pixel_centre
 from dicomnode.results.overlay import BANNER, legend_line
 from dicomnode.results.source import character_set, copy_laterality, copy_patient_study
 from dicomnode.results.sr import (
-    EQUIPMENT_MANUFACTURER,
     ordinals,
     series_description,
     validate_evaluation,

@@ -8,10 +8,10 @@ import highdicom as hd
 import pydicom
 from pydicom.sr.codedict import codes
 
-from dicomnode import RESEARCH_DEMO_NOTICE
+from dicomnode import EQUIPMENT_MANUFACTURER, RESEARCH_DEMO_NOTICE
 from dicomnode.findings import Algorithm
 from dicomnode.results.source import character_set, check_source, copy_patient_study, one_study
-from dicomnode.results.sr import EQUIPMENT_MANUFACTURER, series_description
+from dicomnode.results.sr import series_description
 from dicomnode.results.uids import result_instance_uid, result_series_uid, result_uid
 
 KOS_SERIES_NUMBER = 9906

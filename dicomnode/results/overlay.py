@@ -13,7 +13,7 @@ import pydicom
 from PIL import Image, ImageDraw, ImageFont
 from pydicom.uid import ExplicitVRLittleEndian
 
-from dicomnode import RESEARCH_DEMO_NOTICE, __version__
+from dicomnode import EQUIPMENT_MANUFACTURER, RESEARCH_DEMO_NOTICE, __version__
 from dicomnode.findings import Algorithm, Finding, ImageFindings
 from dicomnode.pipeline.decode import GREY
 from dicomnode.pipeline.preprocess import presentation_pixels
@@ -24,7 +24,6 @@ from dicomnode.results.source import (
     source_reference,
 )
 from dicomnode.results.sr import (
-    EQUIPMENT_MANUFACTURER,
     series_description,
     validate_evaluation,
     with_notice,

@@ -9,7 +9,7 @@ import numpy as np
 import pydicom
 from pydicom.sr.codedict import codes
 
-from dicomnode import __version__
+from dicomnode import EQUIPMENT_MANUFACTURER, __version__
 from dicomnode.findings import Algorithm, CodedConcept, Segmentation
 from dicomnode.results.source import (
     character_set,
@@ -18,7 +18,7 @@ from dicomnode.results.source import (
     copy_patient_study,
     one_study,
 )
-from dicomnode.results.sr import EQUIPMENT_MANUFACTURER, series_description, with_notice
+from dicomnode.results.sr import series_description, with_notice
 from dicomnode.results.uids import result_instance_uid, result_series_uid, result_uid
 
 SEG_SERIES_NUMBER = 9903
