@@ -620,9 +620,7 @@ def percentile_window(source: pydicom.Dataset) -> tuple[float, float]:
     uses on an image without a usable VOI of its own: low percentile black, high white."""
     stored = first_frame(source)
     values = np.asarray(apply_modality_lut(stored, source), dtype=np.float64)
-    padding = padding_mask(source, stored)
-    image = values if padding is None or padding.all() else values[~padding]
-    low, high = (float(v) for v in np.percentile(image, DEFAULT_WINDOW_PERCENTILES))
+    low, high = _percentiles(values, padding_mask(source, stored), DEFAULT_WINDOW_PERCENTILES)
     if high <= low:
         # A flat image is black in the node's presentation: a 1-wide window above it.
         return low + 1.0, 1.0

@@ -30,17 +30,6 @@ MIN_STACK_SLICES = 3
 PROJECTION_MODALITIES = frozenset({"CR", "DX", "MG", "IO", "PX", "RF", "RG", "XA"})
 
 
-def slice_position(ds: Dataset) -> float:
-    """Position along the slice normal (mm) from the Image Plane module, else Instance Number."""
-    orientation = ds.get("ImageOrientationPatient")
-    position = ds.get("ImagePositionPatient")
-    if orientation is not None and position is not None and len(orientation) == 6:
-        row = np.asarray(orientation[:3], dtype=np.float64)
-        col = np.asarray(orientation[3:], dtype=np.float64)
-        return float(np.dot(np.cross(row, col), np.asarray(position, dtype=np.float64)))
-    return float(ds.get("InstanceNumber", 0) or 0)
-
-
 @dataclass(frozen=True)
 class _Plane:
     """The geometry that the slices of one volume share."""
