@@ -23,7 +23,7 @@ from sqlalchemy import delete, func, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from dicomnode import metrics
+from dicomnode import made_by_this_node, metrics
 from dicomnode.config import Destination, Settings, WorklistSettings
 from dicomnode.db.models import FindingRow, Instance, Job, ResultObject, Series, Study
 from dicomnode.db.session import utcnow
@@ -93,7 +93,9 @@ def _load_images(
     images, undecodable = [], []
     for path in paths:
         ds = pydicom.dcmread(path)
-        if "PixelData" not in ds:
+        # No pixels to analyse, or the node's own result routed back by a PACS (never
+        # selected: not decoded either).
+        if "PixelData" not in ds or made_by_this_node(ds.get("Manufacturer")):
             continue
         try:
             first_frame(ds)
