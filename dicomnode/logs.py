@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections.abc import Iterable
 
 CHATTY_LIBRARIES = ("pynetdicom", "highdicom", "alembic")
 
@@ -40,3 +41,27 @@ def setup_logging(level: str = "INFO", json_lines: bool = False) -> None:
     for name in CHATTY_LIBRARIES:
         logging.getLogger(name).setLevel(chatter)
     logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
+
+
+def patient_values(
+    name: str = "", identifiers: Iterable[object] = (), birth_date: str = ""
+) -> set[str]:
+    """What identifies a patient in a text: the name and each of its parts of three letters
+    or more, the identifiers given (IDs, accession numbers), the birth date as DICOM writes it
+    (YYYYMMDD) and as ISO 8601."""
+    values = {name, *(part for part in name.replace("=", "^").split("^") if len(part) >= 3)}
+    values.update(str(value) for value in identifiers if value)
+    if birth_date:
+        values.add(birth_date)
+        if len(birth_date) == 8 and birth_date.isdigit():
+            values.add(f"{birth_date[:4]}-{birth_date[4:6]}-{birth_date[6:]}")
+    return values
+
+
+def without_patient_data(text: str, values: Iterable[str]) -> str:
+    """``text`` with every value of three characters or more (``patient_values``) replaced by
+    "<patient data>": an error may quote a value it refused, and logs carry no patient data."""
+    for value in sorted((v.strip() for v in values), key=len, reverse=True):
+        if len(value) >= 3:
+            text = text.replace(value, "<patient data>")
+    return text

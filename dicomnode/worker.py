@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode import metrics
 from dicomnode.config import Settings, changed_settings
-from dicomnode.db.models import Job, ResultObject
+from dicomnode.db.models import Job, ResultObject, Study
 from dicomnode.db.session import as_utc, utcnow
 from dicomnode.export.scu import DestinationUnavailable, send_files
 from dicomnode.jobs import (
@@ -40,6 +40,7 @@ from dicomnode.jobs import (
     postpone,
     release_orphaned,
 )
+from dicomnode.logs import patient_values, without_patient_data
 from dicomnode.models.registry import ModelCard
 from dicomnode.notify import send_notification
 from dicomnode.pipeline.analyse import analyse_study, mark_failed, write_results
@@ -207,7 +208,14 @@ class Worker:
         """Record why a job failed: it is retried later with backoff, or dead-lettered."""
         if job.kind == "export":
             metrics.EXPORT_FAILURES.labels(job.payload.get("destination", "")).inc()
-        reason = f"{type(exc).__name__}: {exc}"
+        # Logged and shown to admins: an error may quote a patient's name or ID it refused.
+        study = session.get(Study, job.study_id) if job.study_id is not None else None
+        known = (
+            patient_values(study.patient_name, (study.patient_id, study.accession_number))
+            if study is not None
+            else set()
+        )
+        reason = without_patient_data(f"{type(exc).__name__}: {exc}", known)
         log.warning(
             "job %d %s study_id=%d attempt %d failed after %.0f ms: %s",
             job.id,

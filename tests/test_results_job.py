@@ -276,3 +276,36 @@ def test_late_images_give_a_new_report_that_names_the_earlier_one_its_predecesso
     assert {k: r.sop_instance_uid for k, r in third.items()} == {
         k: r.sop_instance_uid for k, r in second.items()
     }
+
+
+def test_a_failed_job_quoting_the_patient_is_logged_and_recorded_without_them(
+    sessions, tmp_path: Path, caplog, monkeypatch
+) -> None:
+    """An error may quote a value it refused: the worker's log line, the job's last error and
+    the study's analysis error name no patient, ID or accession number."""
+    import dicomnode.worker as worker_module
+
+    settings = _settings(tmp_path, max_attempts=1)
+    study_id = _study(sessions, settings, 940_031)
+    with sessions() as session:
+        study = session.get(Study, study_id)
+        name, patient_id, accession = study.patient_name, study.patient_id, study.accession_number
+    assert name and patient_id and accession
+
+    def refuses(*args, **kwargs):
+        raise ValueError(f"cannot read {name} ({patient_id}, accession {accession})")
+
+    monkeypatch.setattr(worker_module, "analyse_study", refuses)
+    worker = Worker(settings, sessions, [load_card(PNEUMOTHORAX)])
+    with caplog.at_level(logging.INFO, logger="dicomnode"):
+        assert worker.run_once()
+    with sessions() as session:
+        (job,) = _jobs(session, study_id, "analyse")
+        study = session.get(Study, study_id)
+        recorded = [job.last_error, study.analysis_error]
+    assert job.state == "dead" and "<patient data>" in recorded[0]
+    for text in [*recorded, caplog.text]:
+        assert "cannot read" in text
+        for secret in (patient_id, accession, *name.split("^")):
+            if len(secret) >= 3:
+                assert secret not in text, secret

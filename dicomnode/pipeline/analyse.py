@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pydicom
 from pydicom import Dataset
+from pydicom.multival import MultiValue
 from sqlalchemy import delete, func, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
@@ -30,6 +31,7 @@ from dicomnode.db.session import utcnow
 from dicomnode.findings import ModelRun
 from dicomnode.ingest.spool import instance_path, write_durable
 from dicomnode.jobs import Postponed, enqueue
+from dicomnode.logs import patient_values, without_patient_data
 from dicomnode.models.registry import ModelCard
 from dicomnode.notify import becomes_critical, enqueue_notifications
 from dicomnode.pipeline.decode import DecodeError, first_frame
@@ -499,24 +501,20 @@ class _ResultFailures:
 
 
 def _without_patient_data(text: str, sources: list[Dataset]) -> str:
-    """``text`` with the patient's name (and its parts), IDs, birth date and accession number
-    as the study's images give them replaced: an error may quote a value it refused."""
-    secrets: set[str] = set()
+    """``text`` without the patient's name, IDs, accession number and birth date as the
+    study's images give them (``logs.without_patient_data``)."""
+    values: set[str] = set()
     for ds in sources:
-        name = str(ds.get("PatientName", "") or "")
-        secrets.add(name)
-        secrets.update(part for part in name.replace("=", "^").split("^") if len(part) >= 3)
-        for keyword in ("PatientID", "OtherPatientIDs", "AccessionNumber", "PatientBirthDate"):
+        identifiers = []
+        for keyword in ("PatientID", "OtherPatientIDs", "AccessionNumber"):
             value = ds.get(keyword)
-            values = value if isinstance(value, (list, pydicom.multival.MultiValue)) else [value]
-            secrets.update(str(v) for v in values if v)
-        birth = str(ds.get("PatientBirthDate", "") or "")
-        if len(birth) == 8 and birth.isdigit():
-            secrets.add(f"{birth[:4]}-{birth[4:6]}-{birth[6:]}")
-    for secret in sorted((s.strip() for s in secrets), key=len, reverse=True):
-        if len(secret) >= 3:
-            text = text.replace(secret, "<patient data>")
-    return text
+            identifiers += value if isinstance(value, (list, MultiValue)) else [value]
+        values |= patient_values(
+            str(ds.get("PatientName", "") or ""),
+            identifiers,
+            str(ds.get("PatientBirthDate", "") or ""),
+        )
+    return without_patient_data(text, values)
 
 
 # Study-level results whose instance names one content (the images reported on or selected):
