@@ -167,12 +167,19 @@ def _zero_width_window(ds: pydicom.Dataset) -> None:
     ds.WindowCenter, ds.WindowWidth = 2048, 0
 
 
+def _second_window_zero_wide(ds: pydicom.Dataset) -> None:
+    ds.WindowCenter, ds.WindowWidth = [2048, 1000], [3000, 0]
+    ds.WindowCenterWidthExplanation = ["SOFT", "NONE"]
+
+
 def _inverse_monochrome2(ds: pydicom.Dataset) -> None:
     ds.PhotometricInterpretation = "MONOCHROME2"
     ds.PresentationLUTShape = "INVERSE"
 
 
-@pytest.mark.parametrize("slip", [_zero_width_window, _inverse_monochrome2])
+@pytest.mark.parametrize(
+    "slip", [_zero_width_window, _second_window_zero_wide, _inverse_monochrome2]
+)
 def test_derived_radiograph_of_a_source_with_a_slip_passes_dciodvfy(slip) -> None:
     """What the source's IOD forbids is mended in the node's own object, displayed the same
     way (MONOCHROME2 + INVERSE becomes MONOCHROME1 + INVERSE: minimum white either way)."""
@@ -188,3 +195,6 @@ def test_derived_radiograph_of_a_source_with_a_slip_passes_dciodvfy(slip) -> Non
     assert is_inverted(image) == is_inverted(source)
     if slip is _zero_width_window:
         assert float(image.WindowWidth) >= 1
+    if slip is _second_window_zero_wide:  # the usable first window, the one shown, is kept
+        assert (float(image.WindowCenter), float(image.WindowWidth)) == (2048, 3000)
+        assert image.WindowCenterWidthExplanation == "SOFT"

@@ -175,31 +175,53 @@ def _conform_presentation(image: pydicom.Dataset) -> None:
     IOD forbids (dciodvfy would fail the node's object for the source's slip), keeping how
     the image is displayed:
 
-    - a window narrower than 1 (PS3.3 C.11.2.1.2.1; only LINEAR_EXACT and SIGMOID allow it)
-      is replaced by the percentile window the node's own presentation uses in its stead
-      (unless a VOI LUT remains: a DX For Presentation needs one or the other);
+    - windows narrower than 1 (PS3.3 C.11.2.1.2.1; only LINEAR_EXACT and SIGMOID allow them)
+      are dropped with their explanations; when none is left, the percentile window the
+      node's own presentation uses in their stead is written (unless a VOI LUT remains: a DX
+      For Presentation needs one or the other);
     - MONOCHROME2 with Presentation LUT Shape INVERSE (the DX, CR, MG and IO modules require
       IDENTITY with MONOCHROME2) is written as MONOCHROME1 with INVERSE: the same stored values
       displayed the same way, minimum white.
 
     A missing Patient Orientation stays missing: the node does not guess the patient's."""
-    widths = image.get("WindowWidth")
-    if widths is not None:
-        values = list(widths) if isinstance(widths, MultiValue) else [widths]
-        function = str(image.get("VOILUTFunction", "") or "").upper()
-        narrow = any(v is None or float(v) < 1 for v in values)
-        if narrow and function not in ("LINEAR_EXACT", "SIGMOID"):
-            for keyword in ("WindowCenterWidthExplanation", "VOILUTFunction"):
-                if keyword in image:
-                    delattr(image, keyword)
-            if "VOILUTSequence" in image:
-                del image.WindowCenter, image.WindowWidth
-            else:
-                centre, width = percentile_window(image)
-                image.WindowCenter, image.WindowWidth = round(centre, 3), round(width, 3)
+    function = str(image.get("VOILUTFunction", "") or "").upper()
+    if "WindowWidth" in image and function not in ("LINEAR_EXACT", "SIGMOID"):
+        _drop_narrow_windows(image)
     shape = str(image.get("PresentationLUTShape", "") or "").strip().upper()
     if image.get("PhotometricInterpretation") == "MONOCHROME2" and shape == "INVERSE":
         image.PhotometricInterpretation = "MONOCHROME1"
+
+
+def _drop_narrow_windows(image: pydicom.Dataset) -> None:
+    """Keep the Window Center / Width pairs at least 1 wide (``_conform_presentation``)."""
+
+    def values(keyword: str) -> list:
+        value = image.get(keyword)
+        return list(value) if isinstance(value, MultiValue) else [] if value is None else [value]
+
+    centres, widths = values("WindowCenter"), values("WindowWidth")
+    explanations = values("WindowCenterWidthExplanation")
+    keep = [
+        index
+        for index, width in enumerate(widths)
+        if index < len(centres) and width is not None and float(width) >= 1
+    ]
+    if len(keep) == len(widths) == len(centres):
+        return
+    for keyword in ("WindowCenter", "WindowWidth", "WindowCenterWidthExplanation"):
+        if keyword in image:
+            delattr(image, keyword)
+    if keep:
+        image.WindowCenter = [centres[i] for i in keep]
+        image.WindowWidth = [widths[i] for i in keep]
+        if len(explanations) == len(widths):
+            image.WindowCenterWidthExplanation = [explanations[i] for i in keep]
+        return
+    if "VOILUTFunction" in image:
+        del image.VOILUTFunction
+    if "VOILUTSequence" not in image:
+        centre, width = percentile_window(image)
+        image.WindowCenter, image.WindowWidth = round(centre, 3), round(width, 3)
 
 
 def _secondary_capture(
