@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode import RESEARCH_DEMO_NOTICE
 from dicomnode.checkconfig import check_settings
-from dicomnode.config import Settings, changed_settings, load_settings
+from dicomnode.config import NodeSettings, Settings, changed_settings, load_settings
 from dicomnode.models.registry import ModelCard, discover_cards
 from dicomnode.systemd import Notifier, run_watchdog
 from dicomnode.tomlfile import ConfigError
@@ -33,17 +33,13 @@ log = logging.getLogger("dicomnode")
 # says when), and at least this often for rows written by other processes.
 ASSEMBLY_PERIOD_SECONDS = 1.0
 
-# Changed only by a restart: the listener's socket, AE and processes, the web server, the
-# database, storage and the processes' logging, which each sets up once (a reload logs which
-# of them changed). The listeners read [node] require_known_peers, require_called_ae and
-# max_instance_bytes per association or instance, so those take effect with the reload.
+# [node] settings the listeners read per association or instance: a reload applies them.
+LIVE_NODE_KEYS = frozenset({"require_known_peers", "require_called_ae", "max_instance_bytes"})
+# Changed only by a restart: the listener's socket, AE and processes (every other [node] key,
+# a new one included), the web server, the database, storage and the processes' logging,
+# which each sets up once (a reload logs which of them changed).
 RESTART_ONLY = (
-    "node.ae_title",
-    "node.host",
-    "node.port",
-    "node.max_associations",
-    "node.max_pdu",
-    "node.listeners",
+    *(f"node.{key}" for key in NodeSettings.model_fields if key not in LIVE_NODE_KEYS),
     "web",
     "database",
     "storage.path",
