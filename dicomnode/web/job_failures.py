@@ -39,6 +39,17 @@ def _results_failed(job: Job | None) -> bool:
     )
 
 
+def _results_error(job: Job | None) -> str:
+    """Why result objects are missing: a dead job's last error, or what a done job left out
+    ("model kind: error; ...", from its payload; the view says the others were written)."""
+    if job is None or not _results_failed(job):
+        return ""
+    if job.state == "dead":
+        return job.last_error or ""
+    missing = (job.payload or {}).get("not_written") or []
+    return "; ".join(f"{entry['model']} {entry['kind']}: {entry['error']}" for entry in missing)
+
+
 def failures(session: Session, study_instance_uid: str) -> StudyFailures:
     """The study's analysis error, its dead-lettered exports ("destination: reason") and the
     state of its latest results job (the result objects are written after the priority)."""
@@ -63,11 +74,7 @@ def failures(session: Session, study_instance_uid: str) -> StudyFailures:
         study.analysis_error or "",
         errors,
         results_state=results.state if results is not None else "",
-        # A done job's error lists what is missing ("not written: model kind: error; ...");
-        # the view says the rest.
-        results_error=(results.last_error or "").removeprefix("not written: ")
-        if _results_failed(results)
-        else "",
+        results_error=_results_error(results),
     )
 
 
