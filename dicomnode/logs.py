@@ -7,7 +7,25 @@ import logging
 import sys
 from collections.abc import Iterable
 
-CHATTY_LIBRARIES = ("pynetdicom", "highdicom", "alembic")
+CHATTY_LIBRARIES = ("pynetdicom", "highdicom", "alembic", "httpx", "httpcore")
+# Loggers whose warnings quote the data values they doubt (a patient's name, ID or birth
+# date): Python's warnings once routed into logging (pydicom's and highdicom's
+# ``warnings.warn`` of a name without "^", of a date that is not one) and pydicom's own
+# logger, which logs each such warning as well. Shown only with debug on.
+QUOTING_LOGGERS = ("py.warnings", "pydicom")
+
+
+class _QuietQuotingLoggers(logging.Filter):
+    """Drops what ``QUOTING_LOGGERS`` (and their children) log below ERROR. A filter on the
+    handler, not a logger level: pydicom sets its logger's level when it is imported, which
+    may be after ``setup_logging``."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR:
+            return True
+        return not any(
+            record.name == name or record.name.startswith(name + ".") for name in QUOTING_LOGGERS
+        )
 
 
 class _JsonFormatter(logging.Formatter):
@@ -26,6 +44,8 @@ class _JsonFormatter(logging.Formatter):
 def setup_logging(level: str = "INFO", json_lines: bool = False) -> None:
     """Configure the root logger once for the process."""
     handler = logging.StreamHandler(sys.stderr)
+    if level != "DEBUG":
+        handler.addFilter(_QuietQuotingLoggers())
     handler.setFormatter(
         _JsonFormatter()
         if json_lines
@@ -35,12 +55,16 @@ def setup_logging(level: str = "INFO", json_lines: bool = False) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     # Libraries that narrate their work at INFO (pynetdicom every PDU, highdicom every module
-    # it copies into a result object, alembic its plug-ins at every start) say only what goes
-    # wrong unless debugging; the node logs what they did in its own lines.
+    # it copies into a result object, alembic its plug-ins at every start, httpx every request
+    # with its URL, a webhook's token in the query included) say only what goes wrong unless
+    # debugging; the node logs what they did in its own lines.
     chatter = logging.DEBUG if level == "DEBUG" else logging.WARNING
     for name in CHATTY_LIBRARIES:
         logging.getLogger(name).setLevel(chatter)
     logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
+    # Python's warnings go to the log (py.warnings, level WARNING), not straight to stderr
+    # (the journal), where the handler's filter keeps them out unless debugging.
+    logging.captureWarnings(True)
 
 
 def patient_values(
