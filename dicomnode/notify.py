@@ -146,17 +146,49 @@ def webhook_body(result: CriticalResult, notification_id: str) -> dict:
     }
 
 
+class WebhookError(RuntimeError):
+    """A webhook that failed, told by its host and what went wrong only: the URL's path and
+    query and the headers may hold the receiver's token, and this text is logged and kept in
+    the job's last error, which admins see."""
+
+
+def _webhook_host(url: str) -> str:
+    """``host:port`` of the webhook URL (no user info, path or query)."""
+    try:
+        parsed = httpx.URL(url)
+    except Exception:
+        return "(unparsable URL)"
+    host = f"[{parsed.host}]" if ":" in parsed.host else parsed.host
+    return f"{host}:{parsed.port}" if parsed.port else host
+
+
 def send_webhook(body: dict, settings: NotifySettings) -> str:
-    """POST ``body`` as JSON; raises on a network error or a non-2xx answer."""
+    """POST ``body`` as JSON; raises ``WebhookError`` on a network error or a non-2xx answer."""
     headers = {"Idempotency-Key": body["notification_id"], **settings.webhook_headers}
-    response = httpx.post(
-        settings.webhook_url,
-        json=body,
-        headers=headers,
-        timeout=settings.webhook_timeout_seconds,
-    )
-    response.raise_for_status()
-    return f"webhook HTTP {response.status_code}"
+    host = _webhook_host(settings.webhook_url)
+    # httpx's errors quote the URL (and may quote a header value): what is raised names the
+    # failure and the host only, and not from the original, so no traceback prints it either.
+    try:
+        response = httpx.post(
+            settings.webhook_url,
+            json=body,
+            headers=headers,
+            timeout=settings.webhook_timeout_seconds,
+        )
+    except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+        failure = f"webhook {host} unreachable: {type(exc).__name__}"
+    except httpx.TimeoutException as exc:
+        failure = (
+            f"webhook {host} did not answer within {settings.webhook_timeout_seconds:g} s: "
+            f"{type(exc).__name__}"
+        )
+    except Exception as exc:
+        failure = f"webhook {host} request failed: {type(exc).__name__}"
+    else:
+        if response.is_success:
+            return f"webhook HTTP {response.status_code}"
+        failure = f"webhook {host} answered HTTP {response.status_code} {response.reason_phrase}"
+    raise WebhookError(failure)
 
 
 # HL7 v2 over MLLP --------------------------------------------------------------------------

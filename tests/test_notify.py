@@ -6,6 +6,9 @@ from __future__ import annotations
 import json
 import logging
 import socketserver
+import subprocess
+import sys
+import textwrap
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -23,9 +26,11 @@ from dicomnode.db.models import FindingRow, Job, Study
 from dicomnode.notify import (
     CriticalResult,
     FindingNote,
+    WebhookError,
     becomes_critical,
     enqueue_notifications,
     hl7_message,
+    send_webhook,
     webhook_body,
 )
 from dicomnode.worker import Worker
@@ -127,10 +132,12 @@ def test_hl7_message_is_an_oru_r01_with_escaped_values() -> None:
 
 
 class WebhookReceiver:
-    """An HTTP server on 127.0.0.1 that answers the first ``failures`` POSTs with 500."""
+    """An HTTP server on 127.0.0.1 that answers the first ``failures`` POSTs with ``status``
+    (500 unless told)."""
 
-    def __init__(self, port: int, failures: int = 0):
+    def __init__(self, port: int, failures: int = 0, status: int = 500):
         self.failures = failures
+        self.status = status
         self.requests: list[tuple[dict, dict]] = []
         receiver = self
 
@@ -139,7 +146,8 @@ class WebhookReceiver:
                 length = int(self.headers["Content-Length"])
                 body = json.loads(self.rfile.read(length))
                 receiver.requests.append((dict(self.headers), body))
-                status = 500 if len(receiver.requests) <= receiver.failures else 204
+                failing = len(receiver.requests) <= receiver.failures
+                status = receiver.status if failing else 204
                 self.send_response(status)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
@@ -399,3 +407,105 @@ def test_enabled_channel_needs_its_endpoint() -> None:
         NotifySettings(hl7_enabled=True)
     with pytest.raises(ValueError, match="http"):
         NotifySettings(webhook_url="ftp://example.org/")
+
+
+# The webhook's secrets -------------------------------------------------------------------
+
+TOKEN = "s3cr3t-hook-token"
+HEADER_TOKEN = "Bearer header-s3cr3t"
+
+
+def _secret_notify(port: int) -> NotifySettings:
+    return NotifySettings(
+        webhook_enabled=True,
+        webhook_url=f"http://127.0.0.1:{port}/hooks/critical-path?token={TOKEN}",
+        webhook_headers={"Authorization": HEADER_TOKEN},
+        webhook_timeout_seconds=5,
+    )
+
+
+def _assert_no_secret(text: str) -> None:
+    for secret in (TOKEN, "header-s3cr3t", "/hooks", "critical-path", "token="):
+        assert secret not in text, f"{secret!r} in {text!r}"
+
+
+def test_a_refused_webhook_is_told_by_status_and_host_without_its_token() -> None:
+    receiver = WebhookReceiver(free_port(), failures=1, status=401)
+    port = receiver.server.server_address[1]
+    try:
+        with pytest.raises(WebhookError) as raised:
+            send_webhook(webhook_body(RESULT, "dicomnode-notify-1"), _secret_notify(port))
+    finally:
+        receiver.close()
+    assert str(raised.value) == f"webhook 127.0.0.1:{port} answered HTTP 401 Unauthorized"
+    assert raised.value.__cause__ is None and raised.value.__context__ is None
+    _assert_no_secret(str(raised.value))
+    [(headers, _)] = receiver.requests  # it did reach the receiver, token and all
+    assert headers["Authorization"] == HEADER_TOKEN
+
+
+def test_an_unreachable_webhook_is_told_by_host_and_failure_kind_without_its_token() -> None:
+    port = free_port()
+    with pytest.raises(WebhookError) as raised:
+        send_webhook(webhook_body(RESULT, "dicomnode-notify-1"), _secret_notify(port))
+    assert str(raised.value) == f"webhook 127.0.0.1:{port} unreachable: ConnectError"
+    assert raised.value.__cause__ is None and raised.value.__context__ is None
+    _assert_no_secret(str(raised.value))
+
+
+def test_a_failed_webhook_keeps_its_token_out_of_the_log_and_the_job(
+    sessions: sessionmaker[Session], caplog: pytest.LogCaptureFixture
+) -> None:
+    receiver = WebhookReceiver(free_port(), failures=5, status=401)
+    try:
+        notify = _secret_notify(receiver.server.server_address[1])
+        [job_id] = queue_notifications(sessions, notify)
+        with caplog.at_level(logging.INFO):
+            assert make_worker(sessions, notify).run_once() is True
+    finally:
+        receiver.close()
+    failed = job_row(sessions, job_id)
+    assert failed.state == "queued"
+    assert "HTTP 401" in failed.last_error
+    _assert_no_secret(failed.last_error)
+    assert "HTTP 401" in caplog.text
+    # httpx's own INFO line ("HTTP Request: POST <url>") is caught here too: caplog takes
+    # every level, so this checks only the node's lines for the token.
+    _assert_no_secret("\n".join(r.getMessage() for r in caplog.records if r.name != "httpx"))
+
+
+def test_with_the_default_log_set_up_httpx_does_not_log_the_webhook_url() -> None:
+    """A process as the worker sets it up (setup_logging at INFO) sends to a refusing and to
+    an unreachable webhook: nothing it writes holds the URL's path, token or headers."""
+    receiver = WebhookReceiver(free_port(), failures=1, status=401)
+    refusing = receiver.server.server_address[1]
+    probe = textwrap.dedent(
+        f"""
+        from dicomnode.config import NotifySettings
+        from dicomnode.logs import setup_logging
+        from dicomnode.notify import send_webhook
+        setup_logging("INFO")
+        for port in ({refusing}, {free_port()}):
+            settings = NotifySettings(
+                webhook_enabled=True,
+                webhook_url=f"http://127.0.0.1:{{port}}/hooks/critical-path?token={TOKEN}",
+                webhook_headers={{"Authorization": {HEADER_TOKEN!r}}},
+                webhook_timeout_seconds=5,
+            )
+            try:
+                send_webhook({{"notification_id": "n-1"}}, settings)
+            except Exception as exc:
+                print(f"{{type(exc).__name__}}: {{exc}}")
+        """
+    )
+    try:
+        result = subprocess.run(
+            [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120
+        )
+    finally:
+        receiver.close()
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "WebhookError: webhook 127.0.0.1:" in result.stdout
+    assert "answered HTTP 401" in result.stdout and "unreachable: ConnectError" in result.stdout
+    _assert_no_secret(result.stdout + result.stderr)
+    assert "HTTP Request" not in result.stderr
