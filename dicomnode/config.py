@@ -33,7 +33,9 @@ class NodeSettings(_Section):
     host: str = "0.0.0.0"
     port: Port = 11112
     max_associations: int = Field(default=16, ge=1)
-    max_pdu: int = Field(default=0, ge=0, description="0 = unlimited")
+    # Advertised to senders; a longer PDU closes the connection. 0 = no limit, which lets a
+    # peer make the listener hold whatever PDU it announces (up to 4 GiB).
+    max_pdu: int = Field(default=4 * 1024 * 1024, ge=0, description="0 = unlimited")
     require_known_peers: bool = False
     # Off by default, as dcmtk's storescp and Orthanc: senders configured with another
     # called AE title are still served.

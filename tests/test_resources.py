@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+import struct
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -83,3 +85,52 @@ def test_association_limit_and_max_pdu(node: Node) -> None:
     )
     ds = secondary_capture()
     assert node.store(ds) == 0x0000  # slots free again
+
+
+def _stalled_connection(node: Node, header_length: int, sent: bytes) -> socket.socket:
+    """A connection that sends a PDU header announcing ``header_length`` bytes, then ``sent``."""
+    peer = socket.create_connection(("127.0.0.1", node.port), timeout=30)
+    peer.sendall(struct.pack(">BBI", 1, 0, header_length) + sent)
+    return peer
+
+
+def _closed_by_the_node(peer, within: float) -> bool:
+    """Whether the node closes ``peer``'s connection within ``within`` seconds."""
+    peer.settimeout(within)
+    try:
+        while peer.recv(65536):
+            pass
+        return True
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+    finally:
+        peer.close()
+
+
+def test_connections_stalled_inside_a_pdu_are_closed_and_free_their_slots(node: Node) -> None:
+    """A peer that stops in the middle of a PDU (a hostile one, or a modality that lost power)
+    left the listener's read blocked for good, its association slot taken: two such
+    connections refused every sender after them, whatever [[peers]] said."""
+    # The read's timeout is the network timeout; a connection whose association request never
+    # came whole then ends at the ACSE timeout (30 s and 60 s by default).
+    node.scp.ae.network_timeout = node.scp.ae.acse_timeout = 1.0
+    stalled = [_stalled_connection(node, 1000, b"\0" * 10) for _ in range(2)]
+    assert all(_closed_by_the_node(peer, within=15) for peer in stalled)
+    wait_for(
+        lambda: not any(a.is_acceptor for a in node.scp.ae.active_associations),
+        timeout=10,
+        interval=0.05,
+        what="the stalled connections' associations to end",
+    )
+    assert node.store(secondary_capture()) == 0x0000
+
+
+def test_a_pdu_longer_than_the_node_receives_closes_the_connection(node: Node) -> None:
+    """The listener read a PDU of whatever length the peer announced (up to 4 GiB) into
+    memory; now one longer than the node advertises (or than an association request can be)
+    closes the connection at once."""
+    peer = _stalled_connection(node, 0xFFFFFFF0, b"\0" * 65536)
+    assert _closed_by_the_node(peer, within=5)
+    assert node.store(secondary_capture()) == 0x0000

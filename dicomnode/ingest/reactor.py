@@ -44,12 +44,17 @@ from dicomnode.ingest.dimse import QuickStoreDIMSE
 
 # The loggers of the pynetdicom modules whose code runs here, so its lines keep their names.
 DUL_LOGGER = logging.getLogger("pynetdicom.dul")
+log = logging.getLogger("dicomnode.ingest")
 ASSOCIATION_LOGGER = logging.getLogger("pynetdicom.association")
 # Longest wait of either loop with nothing to do: the granularity of pynetdicom's timers
 # (ARTIM, network idle) and of a kill that no nudge announces.
 TICK = 0.05
 # What a PDU read allocates before any of its data has arrived.
 FIRST_READ = 1 << 20
+# Largest PDU read when [node] max_pdu sets none for P-DATA, and for the association PDUs,
+# which no negotiated maximum bounds (a request proposing every storage class with every
+# transfer syntax is ~100 KiB).
+ASSOCIATION_PDU_LIMIT = 1 << 20
 # P-DATA sent by this node (Evt9) or received from the peer (Evt10).
 _DATA_EVENTS = frozenset({"Evt9", "Evt10"})
 
@@ -269,13 +274,32 @@ class EventDrivenAssociation(Association):
 
 
 class WholeReadSocket(AssociationSocket):
-    """pynetdicom's socket, reading a PDU into one buffer instead of 4 KiB at a time."""
+    """pynetdicom's socket, reading a PDU into one buffer instead of 4 KiB at a time.
+
+    ``largest``: the longest read taken (the PDU length this node advertised, at least
+    ``ASSOCIATION_PDU_LIMIT``; None: any). A longer one closes the connection, as a peer that
+    breaks the negotiated maximum would otherwise make the listener hold what it announces."""
+
+    largest: int | None = None
 
     def recv(self, nr_bytes: int) -> bytearray:
         """Block until ``nr_bytes`` are read; fewer if the connection breaks (as pynetdicom).
 
         The length comes from the peer's PDU header (up to 4 GiB): memory is taken as the
-        data arrive (at most twice what has arrived), never for the length alone."""
+        data arrive (at most twice what has arrived), never for the length alone. OSError
+        (which pynetdicom's DUL takes as the connection closing) when the length is more than
+        ``largest``, or when no data come for the socket's timeout (a peer that stalls in
+        the middle of a PDU, where pynetdicom's own timers cannot see it)."""
+        if self.largest is not None and nr_bytes > self.largest:
+            requestor = self.assoc.requestor
+            log.warning(
+                "connection from %s closed: it announced a PDU of %d bytes, more than the "
+                "%d this node receives ([node] max_pdu)",
+                requestor.address,
+                nr_bytes,
+                self.largest,
+            )
+            raise OSError(f"PDU of {nr_bytes} bytes, more than {self.largest}")
         buffer = bytearray(min(nr_bytes, FIRST_READ))
         read = 0
         while read < nr_bytes:
@@ -299,7 +323,13 @@ class EventDrivenRequestHandler(RequestHandler):
         assoc._server = self.server
         timestamp = datetime.strftime(datetime.now(), "%Y%m%d%H%M%S")
         assoc.name = f"AcceptorThread@{timestamp}"
+        # A peer that stops in the middle of a PDU leaves the DUL blocked in a read that no
+        # timer of pynetdicom's interrupts: the socket's own timeout ends it, and the
+        # association's slot is freed.
+        self.request.settimeout(self.ae.network_timeout)
         sock = WholeReadSocket(assoc, client_socket=self.request)
+        limit = self.ae.maximum_pdu_size
+        sock.largest = max(limit, ASSOCIATION_PDU_LIMIT) if limit else None
         assoc.set_socket(sock)
         assoc.acceptor.maximum_length = self.ae.maximum_pdu_size
         assoc.acceptor.ae_title = self.server.ae_title
