@@ -66,6 +66,8 @@ def test_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
         units.append(path)
         assert "Restart=on-failure" in text and "NoNewPrivileges=yes" in text
         assert "ProtectSystem=strict" in text and "CapabilityBoundingSet=" in text
+        # What the node writes holds patient data: not readable by other users.
+        assert re.search(r"^UMask=0027$", text, re.M), path.name
     service = (REPO / "systemd" / "dicomnode.service").read_text()
     assert "Type=notify" in service and re.search(r"^WatchdogSec=\d+", service, re.M)
     result = subprocess.run(
