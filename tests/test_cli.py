@@ -71,3 +71,6 @@ def test_db_upgrade_names_the_revision_it_left_the_database_at(config: Path) -> 
     assert first.stdout.strip() == f"database schema upgraded from empty to revision {head}"
     again = run_cli("db", "upgrade", "--config", str(config))
     assert again.stdout.strip() == f"database schema is up to date (revision {head})"
+    # Patient data: the database and its WAL files are the node account's alone.
+    for path in config.parent.glob("dicomnode.db*"):
+        assert path.stat().st_mode & 0o077 == 0, (path.name, oct(path.stat().st_mode))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -85,6 +86,9 @@ def upgrade(url: str) -> tuple[str | None, str | None]:
         path = url.removeprefix("sqlite:///")
         if path and path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
+            # Patient names and IDs: a new database is readable by the node's account only
+            # (SQLite gives its -wal and -shm files the database file's mode).
+            os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
     from alembic import command
 
     before = schema_revision(url)
