@@ -74,6 +74,26 @@ def check_network(settings: Settings) -> list[ConfigError]:
     return problems
 
 
+def exposure_warnings(settings: Settings) -> list[str]:
+    """What leaves the DICOM listener open wider than a site would want: no peer list (any
+    caller stores), peers known by AE title alone (a title anyone can send). Warnings, not
+    errors: the defaults run a demo out of the box."""
+    if not settings.peers:
+        return [
+            f"[[peers]] lists no one: any calling AE title from any host that reaches "
+            f"{settings.node.host}:{settings.node.port} may store; list the modalities and "
+            "PACS (with their host) and set [node] require_known_peers = true"
+        ]
+    anywhere = [peer.ae_title for peer in settings.peers if not peer.host]
+    if anywhere:
+        return [
+            f"[[peers]] {', '.join(anywhere)} {'has' if len(anywhere) == 1 else 'have'} no "
+            "host: any host calling with that AE title may store; give each its host (or use "
+            "TLS client certificates)"
+        ]
+    return []
+
+
 def check_settings(settings: Settings) -> list[ConfigError]:
     """Every problem of the main file's settings that keeps the node from running (paths,
     TLS, ports); model cards are checked apart (:func:`check_cards`)."""

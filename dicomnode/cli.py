@@ -43,13 +43,15 @@ def _database(settings: Settings):
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    from dicomnode.checkconfig import check_all
+    from dicomnode.checkconfig import check_all, exposure_warnings
 
     settings, cards, problems = check_all(args.config)
     for problem in problems:
         print(f"configuration error: {problem}", file=sys.stderr)
     if settings is None or problems:
         return 2
+    for warning in exposure_warnings(settings):
+        print(f"warning: {warning}", file=sys.stderr)
     print(
         f"{args.config}: OK ({len(cards)} model card(s), "
         f"{len(settings.destinations)} destination(s), {len(settings.peers)} peer(s))"

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode import RESEARCH_DEMO_NOTICE
-from dicomnode.checkconfig import check_settings
+from dicomnode.checkconfig import check_settings, exposure_warnings
 from dicomnode.config import NodeSettings, Settings, changed_settings, load_settings
 from dicomnode.models.registry import ModelCard, discover_cards
 from dicomnode.systemd import Notifier, run_watchdog
@@ -301,6 +301,8 @@ def run_serve(config: Path, workers: int | None = None) -> int:
     if problems:
         return 2
     setup_logging(settings.log_level, settings.logging.json_lines)
+    for warning in exposure_warnings(settings):
+        log.warning("%s", warning)
     cards = discover_cards(settings.model_folders)
     upgrade(settings.database_url)
     sessions = make_sessionmaker(make_engine(settings.database_url))

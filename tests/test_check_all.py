@@ -65,6 +65,26 @@ def test_shipped_configuration_passes() -> None:
     assert result.returncode == 0, result.stderr
     shipped = len(list((REPO / "models").glob("*.toml")))
     assert f"OK ({shipped} model card(s)" in result.stdout
+    # The demo's defaults run out of the box, but say who may store.
+    assert "warning: [[peers]] lists no one: any calling AE title" in result.stderr
+
+
+def test_peers_known_by_title_alone_are_warned_of_and_listed_hosts_are_not(
+    tmp_path: Path,
+) -> None:
+    config = tmp_path / "dicomnode.toml"
+    base = (
+        f'[storage]\npath = "{tmp_path / "storage"}"\n\n'
+        f'[database]\nurl = "sqlite:///{tmp_path / "db.sqlite"}"\n\n'
+        f'[models]\nfolders = ["{REPO / "models"}"]\n\n'
+    )
+    config.write_text(base + '[[peers]]\nae_title = "CT01"\n')
+    result = _check(config)
+    assert result.returncode == 0, result.stderr
+    assert "warning: [[peers]] CT01 has no host" in result.stderr
+    config.write_text(base + '[[peers]]\nae_title = "CT01"\nhost = "192.0.2.7"\n')
+    result = _check(config)
+    assert result.returncode == 0 and "warning" not in result.stderr, result.stderr
 
 
 def test_what_keeps_the_node_from_running_is_refused_by_check_config_and_serve(
