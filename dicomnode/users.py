@@ -91,13 +91,29 @@ def set_disabled(session: Session, username: str, disabled: bool) -> User:
     return user
 
 
-def set_password(session: Session, username: str, password: str) -> User:
-    """Give a user a new password (the caller commits); their tokens and sessions are kept."""
+@dataclass(frozen=True)
+class PasswordChange:
+    """What a new password ended: the user's log-in sessions, and API tokens unless kept."""
+
+    user: User
+    sessions_revoked: int
+    tokens_revoked: int
+
+
+def set_password(
+    session: Session, username: str, password: str, *, keep_tokens: bool = False
+) -> PasswordChange:
+    """Give a user a new password (the caller commits). Their log-in sessions end, and so do
+    their API tokens unless ``keep_tokens``: whoever knew the old password may have one."""
     user = _user(session, username)
     _check_password(password)
     user.password_hash = _hasher.hash(password)
+    revoked = {"session": 0, "api": 0}
+    for kind in ("session",) if keep_tokens else ("session", "api"):
+        query = delete(ApiToken).where(ApiToken.user_id == user.id, ApiToken.kind == kind)
+        revoked[kind] = session.execute(query).rowcount
     session.flush()
-    return user
+    return PasswordChange(user, revoked["session"], revoked["api"])
 
 
 def revoke_tokens(session: Session, username: str) -> int:
@@ -175,6 +191,9 @@ def principal_for_token(
     return Principal(row.username, row.role)
 
 
-def revoke_token(session: Session, token: str) -> None:
-    """Forget a token (log-out); the caller commits."""
-    session.execute(delete(ApiToken).where(ApiToken.token_hash == _digest(token)))
+def revoke_token(session: Session, token: str, kind: str | None = None) -> None:
+    """Forget a token (log-out), if given only one of that kind; the caller commits."""
+    query = delete(ApiToken).where(ApiToken.token_hash == _digest(token))
+    if kind is not None:
+        query = query.where(ApiToken.kind == kind)
+    session.execute(query)

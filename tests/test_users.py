@@ -92,9 +92,15 @@ def test_a_disabled_user_is_refused_until_enabled(node: Node) -> None:
 
 
 def test_an_admin_sets_a_new_password(node: Node) -> None:
-    add_cli_user(node.config, "alice", "radiologist")
+    token = add_cli_user(node.config, "alice", "radiologist")
+    cookies = node.page_session("alice")
+    other = add_cli_user(node.config, "bob", "radiologist")
+    assert node.me(token) == 200 and node.me(cookies=cookies) == 200
     changed = node.users("password", "alice", "--password-stdin", stdin=NEW_PASSWORD + "\n")
     assert changed.returncode == 0, changed.stderr
+    # Whoever knew the old password may hold a session or token: they end with it.
+    assert node.me(token) == 401 and node.me(cookies=cookies) == 401
+    assert node.me(other) == 200
     assert node.api_login("alice", TEST_PASSWORD) == 401
     assert node.api_login("alice", NEW_PASSWORD) == 200
     weak = node.users("password", "alice", "--password-stdin", stdin="short\n")
@@ -103,6 +109,25 @@ def test_an_admin_sets_a_new_password(node: Node) -> None:
     no_terminal = node.users("password", "alice")
     assert no_terminal.returncode != 0 and "--password-stdin" in no_terminal.stderr
     assert "Traceback" not in no_terminal.stderr
+
+
+def test_a_password_change_may_keep_the_api_tokens(node: Node, sessions) -> None:
+    """``set_password(keep_tokens=True)`` (the CLI's ``--keep-tokens``) ends the log-in
+    sessions only; the user's API tokens, e.g. a script's, keep working."""
+    from dicomnode.users import set_password
+
+    token = add_cli_user(node.config, "alice", "radiologist")
+    cookies = node.page_session("alice")
+    with sessions() as session:
+        change = set_password(session, "alice", NEW_PASSWORD, keep_tokens=True)
+        session.commit()
+    assert (change.sessions_revoked, change.tokens_revoked) == (1, 0)
+    assert node.me(token) == 200 and node.me(cookies=cookies) == 401
+    with sessions() as session:
+        change = set_password(session, "alice", TEST_PASSWORD)
+        session.commit()
+    assert (change.sessions_revoked, change.tokens_revoked) == (0, 1)
+    assert node.me(token) == 401
 
 
 def test_revoke_ends_every_token_and_session_of_the_user(node: Node) -> None:
