@@ -172,9 +172,6 @@ def test_cookie_session_needs_the_csrf_token_for_changes(site: Site) -> None:
         claimed = browser.post(f"/api/studies/{uid}/claim", headers={"X-CSRF-Token": csrf})
         assert claimed.status_code == 200
         assert claimed.json()["claimed_by"] == "dr_house"
-        # A log-out form without the token does nothing; with it, the session ends.
-        browser.post("/logout", data={})
-        assert browser.get("/api/me").status_code == 200
         browser.post("/logout", data={"csrf_token": csrf})
         assert browser.get("/api/me").status_code == 401
     # A bearer token is not sent by browsers on their own, so it needs no CSRF token.
@@ -461,3 +458,42 @@ def test_every_response_with_a_study_row_gives_its_failed_export(site: Site) -> 
             answer = house.post(f"/api/studies/{uid}/{action}", **request)
             assert answer.status_code == 200, (action, answer.text)
             assert answer.json()["export_error"] == expected, action
+
+
+def test_logout_without_the_csrf_token_still_ends_the_session(site: Site) -> None:
+    """A log-out form that lost its token must not leave the session alive behind the log-in
+    page: the presented session is revoked and its cookie deleted either way."""
+    browser, _ = _browser_login(site)
+    with closing(browser):
+        session_token = browser.cookies["dicomnode_session"]
+        out = browser.post("/logout", data={}, follow_redirects=False)
+        assert out.status_code == 303 and out.headers["location"] == "/login"
+        assert "dicomnode_session" not in browser.cookies
+    cookies = {"dicomnode_session": session_token}
+    with httpx.Client(base_url=site.url, cookies=cookies, timeout=10) as replay:
+        assert replay.get("/api/me").status_code == 401
+    with site.client("boss") as admin:
+        actions = [(e["actor"], e["action"]) for e in admin.get("/api/audit").json()]
+    assert ("dr_house", "logout") in actions
+
+
+def test_logging_in_again_ends_the_browsers_previous_session(site: Site) -> None:
+    browser, _ = _browser_login(site)
+    with closing(browser):
+        first = browser.cookies["dicomnode_session"]
+        form = browser.get("/login")
+        csrf = re.search(r'name="csrf_token" value="([^"]+)"', form.text).group(1)
+        again = browser.post(
+            "/login", data={"username": "dr_grey", "password": PASSWORD, "csrf_token": csrf}
+        )
+        assert again.status_code == 200 and again.url.path == "/worklist"
+        second = browser.cookies["dicomnode_session"]
+        assert second != first
+        assert browser.get("/api/me").json()["username"] == "dr_grey"
+
+    def me(token: str) -> int:
+        cookies = {"dicomnode_session": token}
+        with httpx.Client(base_url=site.url, cookies=cookies, timeout=10) as other:
+            return other.get("/api/me").status_code
+
+    assert (me(first), me(second)) == (401, 200)

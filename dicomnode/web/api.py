@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, HTTPException, Query, status
+from fastapi import APIRouter, Depends, HTTPException, Query, Request, status
 from fastapi.responses import FileResponse
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
@@ -21,7 +21,7 @@ from dicomnode import RESEARCH_DEMO_NOTICE
 from dicomnode.config import WorklistSettings
 from dicomnode.db.models import ResultObject, Study
 from dicomnode.db.session import utcnow
-from dicomnode.users import authenticate, issue_token, revoke_token
+from dicomnode.users import issue_token, revoke_token
 from dicomnode.web.auth import SESSION_LIFETIME, Caller, admin_only
 from dicomnode.web.job_failures import rows_out
 from dicomnode.web.schemas import (
@@ -40,6 +40,7 @@ from dicomnode.web.schemas import (
     audit_out,
 )
 from dicomnode.web.study_view import StudyDetailOut, study_detail
+from dicomnode.web.throttle import attempt_login, login_throttle, wait_text
 from dicomnode.worklist import audit, service
 from dicomnode.worklist.service import ClaimConflict, InvalidRequest, StudyNotFound, WorklistError
 
@@ -79,16 +80,45 @@ def api_router(
 
     admin_required = Depends(admin)
 
-    @router.post("/login", response_model=TokenOut, tags=["auth"])
-    def login(credentials: LoginIn) -> TokenOut:
-        """Exchange a user name and password for a bearer token (valid 12 hours)."""
+    @router.post(
+        "/login",
+        response_model=TokenOut,
+        tags=["auth"],
+        responses={
+            429: {"model": ErrorOut, "description": "too many failed log-ins; see Retry-After"},
+            503: {"model": ErrorOut, "description": "too many log-ins at once; see Retry-After"},
+        },
+    )
+    def login(credentials: LoginIn, request: Request) -> TokenOut:
+        """Exchange a user name and password for a bearer token (valid 12 hours).
+
+        After 5 failed log-ins for a user name (or 20 from one address) within 15 minutes,
+        log-in is refused with 429 and Retry-After; the wait grows with further failures."""
+        attempt = attempt_login(
+            sessions,
+            login_throttle(request.app),
+            request.client.host if request.client else None,
+            credentials.username,
+            credentials.password,
+            "api",
+        )
+        if attempt.busy:
+            raise HTTPException(
+                status.HTTP_503_SERVICE_UNAVAILABLE,
+                "too many log-ins at once; try again shortly",
+                headers={"Retry-After": str(attempt.retry_after)},
+            )
+        if attempt.retry_after:
+            raise HTTPException(
+                status.HTTP_429_TOO_MANY_REQUESTS,
+                f"too many failed log-ins; try again in {wait_text(attempt.retry_after)}",
+                headers={"Retry-After": str(attempt.retry_after)},
+            )
+        principal = attempt.principal
+        if principal is None:
+            raise HTTPException(status.HTTP_401_UNAUTHORIZED, "wrong user name or password")
         now = utcnow()
         with sessions() as session:
-            principal = authenticate(session, credentials.username, credentials.password)
-            if principal is None:
-                audit.record(session, credentials.username[:64], "login_failed", now, detail="api")
-                session.commit()
-                raise HTTPException(status.HTTP_401_UNAUTHORIZED, "wrong user name or password")
             token = issue_token(session, principal.username, now, lifetime=SESSION_LIFETIME)
             audit.record(session, principal.username, "login", now, detail="api token")
             session.commit()

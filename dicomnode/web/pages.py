@@ -17,7 +17,7 @@ from dicomnode import RESEARCH_DEMO_NOTICE, __version__
 from dicomnode.config import WorklistSettings
 from dicomnode.db.models import Study
 from dicomnode.db.session import utcnow
-from dicomnode.users import authenticate, issue_token, principal_for_token, revoke_token
+from dicomnode.users import issue_token, principal_for_token, revoke_token
 from dicomnode.web.auth import (
     LOGIN_CSRF_COOKIE,
     SESSION_COOKIE,
@@ -30,6 +30,7 @@ from dicomnode.web.auth import (
 from dicomnode.web.job_failures import rows_out
 from dicomnode.web.schemas import WorklistOut
 from dicomnode.web.study_view import study_detail
+from dicomnode.web.throttle import attempt_login, login_throttle, wait_text
 from dicomnode.worklist import audit, service
 from dicomnode.worklist.policy import TIERS
 from dicomnode.worklist.service import StudyNotFound
@@ -46,7 +47,9 @@ def _safe_next(target: str) -> str:
     return target if target.startswith("/") and not target.startswith("//") else "/worklist"
 
 
-def _login_page(request: Request, next_path: str, error: str = "", code: int = 200) -> Response:
+def _login_page(
+    request: Request, next_path: str, error: str = "", code: int = 200, retry_after: int = 0
+) -> Response:
     token = new_login_csrf()
     response = TEMPLATES.TemplateResponse(
         request,
@@ -68,6 +71,8 @@ def _login_page(request: Request, next_path: str, error: str = "", code: int = 2
         secure=request.url.scheme == "https",
         max_age=3600,
     )
+    if retry_after:
+        response.headers["Retry-After"] = str(retry_after)
     return response
 
 
@@ -100,13 +105,32 @@ def page_router(
         next_path = _safe_next(next)
         if not same_secret(csrf_token, request.cookies.get(LOGIN_CSRF_COOKIE, "")):
             return _login_page(request, next_path, "The form expired; please log in again.", 403)
+        attempt = attempt_login(
+            sessions,
+            login_throttle(request.app),
+            request.client.host if request.client else None,
+            username,
+            password,
+            "page",
+        )
+        if attempt.busy:
+            message = "Too many log-ins at once; please try again in a few seconds."
+            return _login_page(request, next_path, message, 503, attempt.retry_after)
+        if attempt.retry_after:
+            message = (
+                "Too many failed log-ins for this user name or from this computer; "
+                f"please try again in {wait_text(attempt.retry_after)}."
+            )
+            return _login_page(request, next_path, message, 429, attempt.retry_after)
+        principal = attempt.principal
+        if principal is None:
+            return _login_page(request, next_path, "Wrong user name or password.", 401)
         now = utcnow()
         with sessions() as session:
-            principal = authenticate(session, username, password)
-            if principal is None:
-                audit.record(session, username[:64], "login_failed", now, detail="page")
-                session.commit()
-                return _login_page(request, next_path, "Wrong user name or password.", 401)
+            # A session this browser still had ends: one cookie, one live session.
+            previous = request.cookies.get(SESSION_COOKIE, "")
+            if previous:
+                revoke_token(session, previous, kind="session")
             token = issue_token(
                 session, principal.username, now, kind="session", lifetime=SESSION_LIFETIME
             )
@@ -127,16 +151,20 @@ def page_router(
 
     @router.post("/logout")
     def logout(request: Request, csrf_token: Annotated[str, Form()] = "") -> Response:
+        # The presented session always ends, CSRF token or not: a forged log-out can do no
+        # harm, while keeping the session after showing the log-in page would mislead.
         token = request.cookies.get(SESSION_COOKIE, "")
         response = RedirectResponse("/login", status.HTTP_303_SEE_OTHER)
-        if token and same_secret(csrf_token, session_csrf(token)):
+        if token:
+            now = utcnow()
             with sessions() as session:
-                principal = principal_for_token(session, token, utcnow(), kind="session")
-                revoke_token(session, token)
+                principal = principal_for_token(session, token, now, kind="session")
+                revoke_token(session, token, kind="session")
                 if principal is not None:
-                    audit.record(session, principal.username, "logout", utcnow())
+                    detail = "" if same_secret(csrf_token, session_csrf(token)) else "no CSRF token"
+                    audit.record(session, principal.username, "logout", now, detail=detail)
                 session.commit()
-            response.delete_cookie(SESSION_COOKIE)
+        response.delete_cookie(SESSION_COOKIE)
         return response
 
     @router.get("/worklist", response_class=HTMLResponse)
