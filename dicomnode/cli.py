@@ -253,8 +253,14 @@ def _users_enable(session: Session, args: argparse.Namespace) -> str:
 def _users_password(session: Session, args: argparse.Namespace) -> str:
     from dicomnode.users import set_password
 
-    set_password(session, args.name, _read_password(args))
-    return f"changed the password of {args.name}"
+    change = set_password(session, args.name, _read_password(args), keep_tokens=args.keep_tokens)
+    tokens = (
+        "API tokens kept" if args.keep_tokens else f"{change.tokens_revoked} API token(s) ended"
+    )
+    return (
+        f"changed the password of {args.name}; "
+        f"{change.sessions_revoked} log-in session(s) and {tokens}"
+    )
 
 
 def _users_revoke(session: Session, args: argparse.Namespace) -> str:
@@ -488,11 +494,18 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         with_config(users_commands.add_parser(name, help=help_text)).add_argument("name")
     users_password = with_config(
-        users_commands.add_parser("password", help="set a user's new password")
+        users_commands.add_parser(
+            "password", help="set a user's new password; ends their log-in sessions and API tokens"
+        )
     )
     users_password.add_argument("name")
     users_password.add_argument(
         "--password-stdin", action="store_true", help="read the password from standard input"
+    )
+    users_password.add_argument(
+        "--keep-tokens",
+        action="store_true",
+        help="keep the user's API tokens (log-in sessions end anyway)",
     )
     with_config(users_commands.add_parser("list", help="list users and roles"))
     users.set_defaults(func=cmd_users)

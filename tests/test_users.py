@@ -111,22 +111,23 @@ def test_an_admin_sets_a_new_password(node: Node) -> None:
     assert "Traceback" not in no_terminal.stderr
 
 
-def test_a_password_change_may_keep_the_api_tokens(node: Node, sessions) -> None:
-    """``set_password(keep_tokens=True)`` (the CLI's ``--keep-tokens``) ends the log-in
-    sessions only; the user's API tokens, e.g. a script's, keep working."""
-    from dicomnode.users import set_password
-
+def test_a_password_change_may_keep_the_api_tokens(node: Node) -> None:
+    """``users password --keep-tokens`` ends the log-in sessions only; the user's API tokens,
+    e.g. a script's, keep working."""
     token = add_cli_user(node.config, "alice", "radiologist")
     cookies = node.page_session("alice")
-    with sessions() as session:
-        change = set_password(session, "alice", NEW_PASSWORD, keep_tokens=True)
-        session.commit()
-    assert (change.sessions_revoked, change.tokens_revoked) == (1, 0)
+    kept = node.users(
+        "password", "alice", "--password-stdin", "--keep-tokens", stdin=f"{NEW_PASSWORD}\n"
+    )
+    assert kept.returncode == 0, kept.stderr
+    assert kept.stdout.strip() == (
+        "changed the password of alice; 1 log-in session(s) and API tokens kept"
+    )
     assert node.me(token) == 200 and node.me(cookies=cookies) == 401
-    with sessions() as session:
-        change = set_password(session, "alice", TEST_PASSWORD)
-        session.commit()
-    assert (change.sessions_revoked, change.tokens_revoked) == (0, 1)
+    ended = node.users("password", "alice", "--password-stdin", stdin=f"{TEST_PASSWORD}\n")
+    assert ended.stdout.strip() == (
+        "changed the password of alice; 0 log-in session(s) and 1 API token(s) ended"
+    )
     assert node.me(token) == 401
 
 
