@@ -101,6 +101,11 @@ class DatabaseSettings(_Section):
 class WebSettings(_Section):
     host: str = "127.0.0.1"
     port: Port = 8080
+    # Reverse proxies whose X-Forwarded-For / X-Forwarded-Proto are believed (the client's
+    # address for the log-in throttle, https for Secure cookies and HSTS).
+    trusted_proxies: list[str] = Field(
+        default=["127.0.0.1"], description='addresses or networks, or ["*"] for any'
+    )
 
 
 class LoggingSettings(_Section):

@@ -25,6 +25,8 @@ from dicomnode.systemd import Notifier, run_watchdog
 from dicomnode.tomlfile import ConfigError
 
 if TYPE_CHECKING:
+    import uvicorn
+
     from dicomnode.ingest.assembly import ReadyTimes
 
 log = logging.getLogger("dicomnode")
@@ -48,6 +50,21 @@ RESTART_ONLY = (
     "log_level",
     "logging",
 )
+
+
+def web_server_config(app: object, settings: Settings) -> uvicorn.Config:
+    """uvicorn's settings for the web page and API: ``[web]`` host and port, and the proxies
+    whose forwarded client address and scheme are believed."""
+    import uvicorn
+
+    return uvicorn.Config(
+        app,
+        host=settings.web.host,
+        port=settings.web.port,
+        log_level="warning",
+        proxy_headers=True,
+        forwarded_allow_ips=settings.web.trusted_proxies,
+    )
 
 
 def metrics_dir() -> str | None:
@@ -154,9 +171,7 @@ def run_web(
     settings = node.settings
     app = create_app(sessions, lambda: node.settings.worklist)
     app.include_router(health_router(sessions, node.current))
-    server = uvicorn.Server(
-        uvicorn.Config(app, host=settings.web.host, port=settings.web.port, log_level="warning")
-    )
+    server = uvicorn.Server(web_server_config(app, settings))
     # uvicorn captures only SIGINT and SIGTERM; the reload runs off the signal handler.
     signal.signal(
         signal.SIGHUP,

@@ -68,6 +68,8 @@ def create_app(
     async def security_headers(request: Request, call_next) -> Response:
         response = await call_next(request)
         response.headers.update(SECURITY_HEADERS)
+        if request.url.scheme == "https":  # directly, or from a trusted proxy
+            response.headers["Strict-Transport-Security"] = "max-age=31536000"
         if request.url.path.startswith("/api/"):
             response.headers.setdefault("Cache-Control", "no-store")
         return response
