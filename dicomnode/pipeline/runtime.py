@@ -588,6 +588,9 @@ class _Model:
     io_binding: bool
     batcher: MicroBatcher = field(init=False)
     names: list[str] = field(init=False)  # the card's outputs, in order
+    # Records a run's seconds in dicomnode_inference_seconds{model,provider} (the labelled
+    # child looked up once, not per run).
+    observe: Callable[[float], None] = field(init=False)
 
     def __post_init__(self) -> None:
         self.names = [spec.name for spec in self.card.outputs]
@@ -660,6 +663,10 @@ class Runtime:
         buckets = batch_buckets(limit) if on_device else ()
         in_flight = self.settings.in_flight or (2 if on_device else cpu_in_flight(self.settings))
         model = _Model(card, session, provider, binding)
+        # Imported here, not at the top: serve sets the metrics' multiprocess folder first.
+        from dicomnode.metrics import INFERENCE_SECONDS
+
+        model.observe = INFERENCE_SECONDS.labels(card.model.name, provider).observe
         bound_outputs = binding and self.settings.bound_outputs == "auto"
         names = [spec.name for spec in card.outputs]
         model.batcher = MicroBatcher(
@@ -695,16 +702,12 @@ class Runtime:
     ) -> list[np.ndarray]:
         """One ``session.run`` (or IO-bound run) of a whole batch; outputs in card order,
         written into ``out`` where given (IO binding only)."""
-        from dicomnode.metrics import INFERENCE_SECONDS
-
         started = time.perf_counter()
         if model.io_binding:
             values = self._execute_bound(model, batch, model.names, out)
         else:
             values = model.session.run(model.names, {model.card.input.name: batch})
-        INFERENCE_SECONDS.labels(model.card.model.name, model.provider).observe(
-            time.perf_counter() - started
-        )
+        model.observe(time.perf_counter() - started)
         return values
 
     @staticmethod
