@@ -6,6 +6,7 @@ take effect."""
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -372,6 +373,19 @@ def test_thread_settings_and_providers_are_logged_and_applied(
     assert "CUDAExecutionProvider is not used; it runs on CPUExecutionProvider" in caplog.text
 
 
+def _host(monkeypatch: pytest.MonkeyPatch, cores: int, quota: int | None = None) -> None:
+    """A host of 8 CPUs of which this process may run on ``cores`` (its affinity), with a
+    container's CPU quota of ``quota`` CPUs (None: no quota)."""
+    import loky.backend.context as loky_context
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
+    monkeypatch.setattr(
+        loky_context, "_cpu_count_cgroup", lambda count: count if quota is None else quota
+    )
+    monkeypatch.delenv(runtime_module.WORKERS_ON_HOST, raising=False)
+
+
 def test_cpu_runs_one_thread_each_and_a_batch_per_core_by_default(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -379,7 +393,7 @@ def test_cpu_runs_one_thread_each_and_a_batch_per_core_by_default(
     (for the small demo models more images per second than one run on every core); set
     thread counts are kept, and in_flight follows them."""
     card = make_model(tmp_path, "tiny")
-    monkeypatch.setattr(runtime_module.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    _host(monkeypatch, cores=4)
     caplog.set_level(logging.INFO, logger="dicomnode.runtime")
     runtime = Runtime(["CPUExecutionProvider"], InferenceSettings())
     assert runtime.session(card).get_session_options().intra_op_num_threads == 1
@@ -400,6 +414,22 @@ def test_cpu_runs_one_thread_each_and_a_batch_per_core_by_default(
         np.testing.assert_allclose(result["probability"], want["probability"], rtol=1e-6)
         np.testing.assert_allclose(result["cam"], want["cam"], rtol=1e-6)
     assert runtime.stats(card).largest == 2
+
+
+def test_runs_at_once_follow_a_container_quota_and_the_workers_sharing_the_host(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A container limited to 1.5 CPUs of a host whose 8 cores it may run on gets 2 runs at
+    once, not 8; workers started together by serve share the cores between them."""
+    card = make_model(tmp_path, "tiny")
+    _host(monkeypatch, cores=8, quota=2)  # loky rounds a quota of 1.5 CPUs up to 2
+    assert Runtime(["CPUExecutionProvider"], InferenceSettings()).in_flight(card) == 2
+    _host(monkeypatch, cores=8)
+    assert Runtime(["CPUExecutionProvider"], InferenceSettings()).in_flight(card) == 8
+    monkeypatch.setenv(runtime_module.WORKERS_ON_HOST, "3")
+    assert Runtime(["CPUExecutionProvider"], InferenceSettings()).in_flight(card) == 2
+    monkeypatch.setenv(runtime_module.WORKERS_ON_HOST, "16")
+    assert Runtime(["CPUExecutionProvider"], InferenceSettings()).in_flight(card) == 1
 
 
 def test_a_lone_registered_caller_does_not_wait(tmp_path: Path) -> None:

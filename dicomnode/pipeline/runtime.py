@@ -32,6 +32,9 @@ from dicomnode.pipeline.pinned import pin, unpin
 
 log = logging.getLogger("dicomnode.runtime")
 
+# Set by ``dicomnode serve`` for the worker processes it starts: how many share the host's cores.
+WORKERS_ON_HOST = "DICOMNODE_WORKERS_ON_HOST"
+
 # Providers whose memory is not the host's: IO binding saves copies there.
 DEVICE_PROVIDERS = {"CUDAExecutionProvider": "cuda", "TensorrtExecutionProvider": "cuda"}
 EXECUTION_MODES = {
@@ -72,10 +75,13 @@ def usable_providers(wanted: list[str]) -> list[str]:
 
 
 def cpu_cores() -> int:
-    """Cores this process may run on."""
-    if hasattr(os, "sched_getaffinity"):
-        return max(1, len(os.sched_getaffinity(0)))
-    return os.cpu_count() or 1
+    """Cores this process may use: its CPU affinity and, in a container, the container's CPU
+    quota rounded up (loky reads both; a systemd unit's ``CPUQuota=`` is not seen), shared
+    with the other worker processes ``dicomnode serve`` started on this host."""
+    from loky.backend.context import cpu_count  # 70 ms to import: only where runs are sized
+
+    siblings = int(os.environ.get(WORKERS_ON_HOST, "1") or 1)
+    return max(1, cpu_count() // max(1, siblings))
 
 
 def intra_op_threads(settings: InferenceSettings, on_cpu: bool) -> int:
