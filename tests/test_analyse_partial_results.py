@@ -260,3 +260,6 @@ def test_the_worker_ends_a_partly_written_results_job_done_and_says_what_is_miss
             "done",
             "cxr-nodule-demo gsps: ValueError: unsupported window",
         )
+        # So does its worklist row (the study's detail is its row and more).
+        assert detail.results_incomplete
+        assert [(m.model, m.kind) for m in detail.results_missing] == [("cxr-nodule-demo", "gsps")]

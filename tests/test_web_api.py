@@ -19,7 +19,7 @@ import pytest
 from conftest import add_user as add_cli_user
 from conftest import write_config
 from web_server import PASSWORD, add_users, serve
-from worklist_seed import add_study
+from worklist_seed import add_results_job, add_study
 
 from dicomnode.config import WorklistSettings
 from dicomnode.db.session import utcnow
@@ -458,6 +458,110 @@ def test_every_response_with_a_study_row_gives_its_failed_export(site: Site) -> 
             answer = house.post(f"/api/studies/{uid}/{action}", **request)
             assert answer.status_code == 200, (action, answer.text)
             assert answer.json()["export_error"] == expected, action
+
+
+def _results_job(site: Site, uid: str, state: str, **kwargs) -> None:
+    with site.sessions() as session:
+        add_results_job(session, uid, state, now=utcnow(), **kwargs)
+
+
+GSPS_REFUSED = {
+    "model": "cxr-nodule-demo",
+    "version": "1.0.0",
+    "kind": "gsps",
+    "error": "ValueError: unsupported window",
+}
+SEG_RUN_FAILED = {
+    "model": "cxr-lung-seg-demo",
+    "version": "1.0.0",
+    "kind": "run",
+    "error": "RuntimeError: input too small",
+}
+
+
+def test_every_response_with_a_study_row_says_which_ai_results_are_missing(site: Site) -> None:
+    """A reader sees from the worklist that the latest results job left objects out (done,
+    naming them) or wrote none (dead); an earlier job superseded by a newer analysis does not
+    count. The study, the page's first render and the actions' answers say the same."""
+    partly = site.seed("ACC-PARTLY", probability=0.9, minutes_ago=50)
+    _results_job(site, partly, "dead", last_error="OSError: disk full")  # retried by a newer one
+    _results_job(site, partly, "done", not_written=[GSPS_REFUSED, SEG_RUN_FAILED])
+    dead = site.seed("ACC-DEAD", probability=0.9, minutes_ago=40)
+    _results_job(site, dead, "dead", last_error="RuntimeError: decoder crashed")
+    redone = site.seed("ACC-REDONE", probability=0.9, minutes_ago=30)
+    _results_job(site, redone, "done", not_written=[GSPS_REFUSED])
+    _results_job(site, redone, "done")  # a newer analysis's job wrote them all
+    writing = site.seed("ACC-WRITING", probability=0.9, minutes_ago=20)
+    _results_job(site, writing, "queued")
+    none = site.seed("ACC-NONE", probability=0.9, minutes_ago=10)
+    partly_error = (
+        "cxr-nodule-demo gsps: ValueError: unsupported window; "
+        "cxr-lung-seg-demo run: RuntimeError: input too small"
+    )
+    expected = {
+        partly: ("done", True, partly_error, [GSPS_REFUSED, SEG_RUN_FAILED]),
+        dead: ("dead", True, "RuntimeError: decoder crashed", []),
+        redone: ("done", False, "", []),
+        writing: ("queued", False, "", []),
+        none: ("", False, "", []),
+    }
+
+    def results(row: dict) -> tuple:
+        fields = ("results_state", "results_incomplete", "results_error", "results_missing")
+        return tuple(row[name] for name in fields)
+
+    with site.client("dr_house") as house:
+        rows = house.get("/api/worklist").json()["rows"]
+        assert {row["study_instance_uid"]: results(row) for row in rows} == expected
+        for uid in (partly, dead):
+            assert results(house.get(f"/api/studies/{uid}").json()) == expected[uid]
+        claimed = house.post(f"/api/studies/{partly}/claim")
+        assert claimed.status_code == 200, claimed.text
+        assert results(claimed.json()) == expected[partly]
+    browser, _ = _browser_login(site)
+    with closing(browser):
+        page = browser.get("/worklist").text
+    initial = re.search(r'id="initial-worklist">(.*?)</script>', page, re.S).group(1)
+    shown = {row["study_instance_uid"]: results(row) for row in json.loads(initial)["rows"]}
+    assert shown == expected
+    schema = httpx.get(f"{site.url}/openapi.json", timeout=10).json()
+    row_schema = schema["components"]["schemas"]["WorklistRowOut"]["properties"]
+    for name in ("results_state", "results_incomplete", "results_error", "results_missing"):
+        assert row_schema[name]["description"], name
+
+
+def test_a_worklist_page_reads_its_jobs_in_two_queries_whatever_its_size(sessions) -> None:
+    """The failed exports and the results jobs of a page's rows are read in one query each,
+    not one per row: a page of 1 and one of 6 studies take the same statements."""
+    from sqlalchemy import event
+
+    from dicomnode.web.job_failures import rows_out
+    from dicomnode.worklist import service
+
+    site = Site("", sessions, {})
+    for number in range(6):
+        uid = site.seed(f"ACC-{number}", probability=0.9, minutes_ago=10 + number)
+        _results_job(site, uid, "done", not_written=[GSPS_REFUSED])
+        _dead_export(site, uid, "pacs", "ExportError: refused")
+    counts = {}
+    with sessions() as session:
+        statements: list[str] = []
+
+        def count(conn, cursor, statement, *args) -> None:
+            statements.append(statement)
+
+        engine = session.get_bind()
+        event.listen(engine, "before_cursor_execute", count)
+        try:
+            for size in (1, 6):
+                rows = service.reading_order(session, size, 0, site=WorklistSettings())
+                statements.clear()
+                shown = rows_out(session, rows)
+                counts[size] = len(statements)
+                assert all(row.results_incomplete and row.export_error for row in shown)
+        finally:
+            event.remove(engine, "before_cursor_execute", count)
+    assert counts == {1: 2, 6: 2}
 
 
 def test_logout_without_the_csrf_token_still_ends_the_session(site: Site) -> None:

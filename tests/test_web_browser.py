@@ -1,6 +1,6 @@
 """The worklist page in headless Chromium (Debian's, driven by Playwright): log-in, the
 critical study on top (checked on a screenshot's pixels), live update, filters, claim and
-complete."""
+complete, and the marker of AI result objects that were not written."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 from web_server import CHROMIUM, add_users, chromium_page, log_in, serve
-from worklist_seed import add_study
+from worklist_seed import add_results_job, add_study
 
+from dicomnode.db.models import Study
 from dicomnode.db.session import make_engine, make_sessionmaker, upgrade, utcnow
 from dicomnode.web.app import create_app
 
@@ -117,3 +118,62 @@ def test_override_dialog_moves_a_study_to_the_top(site, page) -> None:
     _expect(page.locator(ROWS).first).to_have_attribute("data-tier", "stat")
     assert _accessions(page) == ["ACC-ROUTINE", "ACC-PTX"]
     assert page.locator("#rows tr").first.locator(".override-tag").count() == 1
+
+
+def test_rows_say_which_ai_result_objects_were_not_written(site, page) -> None:
+    """A study whose results job left objects out names them on its row (the reasons in the
+    tooltip); one whose results job is dead says none were written; a complete one says
+    nothing. The live refresh keeps the markers and shows a new one."""
+    base, sessions = site
+    with sessions() as session:
+        uids = dict(session.query(Study.accession_number, Study.study_instance_uid).all())
+        add_results_job(
+            session,
+            uids["ACC-PTX"],
+            "done",
+            not_written=[
+                {
+                    "model": "cxr-nodule-demo",
+                    "version": "1.0.0",
+                    "kind": "gsps",
+                    "error": "ValueError: unsupported window",
+                },
+                {
+                    "model": "cxr-lung-seg-demo",
+                    "version": "1.0.0",
+                    "kind": "run",
+                    "error": "RuntimeError: input too small",
+                },
+            ],
+            now=utcnow(),
+        )
+        add_results_job(session, uids["ACC-ROUTINE"], "done", now=utcnow())
+    log_in(page, base)
+    ptx = page.locator("#rows tr", has_text="ACC-PTX")
+    marker = ptx.locator("td.status .results-failed")
+    _expect(marker).to_be_visible()
+    assert marker.inner_text() == (
+        "AI results incomplete: cxr-nodule-demo GSPS, cxr-lung-seg-demo (run failed)"
+    )
+    assert marker.get_attribute("title") == (
+        "Not written (the others were written and sent): cxr-nodule-demo gsps: ValueError: "
+        "unsupported window; cxr-lung-seg-demo run: RuntimeError: input too small"
+    )
+    # It wraps in the status column like a failed export's reason, instead of widening it.
+    assert marker.bounding_box()["width"] <= ptx.locator("td.status").bounding_box()["width"]
+    routine = page.locator("#rows tr", has_text="ACC-ROUTINE")
+    _expect(routine.locator(".results-failed")).to_have_count(0)
+
+    # A results job that dies later is marked on the next refresh, without a reload.
+    with sessions() as session:
+        add_results_job(
+            session,
+            uids["ACC-ROUTINE"],
+            "dead",
+            last_error="RuntimeError: decoder crashed",
+            now=utcnow(),
+        )
+    dead = routine.locator("td.status .results-failed")
+    _expect(dead).to_have_text("AI results not written", timeout=10_000)
+    assert dead.get_attribute("title").endswith(": RuntimeError: decoder crashed")
+    _expect(marker).to_be_visible()

@@ -188,3 +188,37 @@ def add_export_job(
         )
     )
     session.commit()
+
+
+def add_results_job(
+    session: Session,
+    study_instance_uid: str,
+    state: str,
+    *,
+    not_written: list[dict] | None = None,
+    last_error: str = "",
+    now: datetime = NOW,
+) -> None:
+    """A results job of the study in ``state``; a done one naming the objects it left out
+    (``not_written``: model, version, kind, error) as ``write_results`` records them."""
+    payload: dict = {"generation": 1}
+    if not_written:
+        payload["not_written"] = not_written
+        last_error = "not written: " + "; ".join(
+            f"{entry['model']} {entry['kind']}: {entry['error']}" for entry in not_written
+        )
+    study = session.query(Study).filter_by(study_instance_uid=study_instance_uid).one()
+    session.add(
+        Job(
+            kind="results",
+            study_id=study.id,
+            payload=payload,
+            state=state,
+            attempts=5 if state == "dead" else 1,
+            run_after=now,
+            last_error=last_error,
+            created_at=now,
+            finished_at=now if state in ("done", "dead") else None,
+        )
+    )
+    session.commit()

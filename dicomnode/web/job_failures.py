@@ -1,15 +1,16 @@
 """What went wrong with a study's jobs, as the worklist rows and the study view show it: a
-dead-lettered analysis, export ("destination: reason") or results job."""
+failed analysis, a dead-lettered export ("destination: reason"), and result objects that its
+latest results job did not write (all of them: dead; some: done naming what it left out)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from dicomnode.db.models import Job, Study
-from dicomnode.web.schemas import WorklistRowOut, row_out
+from dicomnode.web.schemas import MissingResultOut, WorklistRowOut, row_out
 from dicomnode.worklist.service import WorklistRow
 
 
@@ -19,9 +20,6 @@ class StudyFailures:
 
     analysis_error: str
     export_errors: list[str]
-    # The latest results job: "" (none), queued, leased, done or dead, and its last error.
-    results_state: str = ""
-    results_error: str = ""
 
 
 def _export_error(payload: dict | None, reason: str) -> str:
@@ -51,8 +49,8 @@ def _results_error(job: Job | None) -> str:
 
 
 def failures(session: Session, study_instance_uid: str) -> StudyFailures:
-    """The study's analysis error, its dead-lettered exports ("destination: reason") and the
-    state of its latest results job (the result objects are written after the priority)."""
+    """The study's analysis error and its dead-lettered exports ("destination: reason"); its
+    results job's state is on its worklist row (:func:`rows_out`)."""
     study = session.scalars(
         select(Study).where(Study.study_instance_uid == study_instance_uid)
     ).one_or_none()
@@ -64,18 +62,7 @@ def failures(session: Session, study_instance_uid: str) -> StudyFailures:
         .order_by(Job.id)
     ).all()
     errors = [_export_error(job.payload, job.last_error) for job in dead]
-    results = session.scalars(
-        select(Job)
-        .where(Job.study_id == study.id, Job.kind == "results")
-        .order_by(Job.id.desc())
-        .limit(1)
-    ).first()
-    return StudyFailures(
-        study.analysis_error or "",
-        errors,
-        results_state=results.state if results is not None else "",
-        results_error=_results_error(results),
-    )
+    return StudyFailures(study.analysis_error or "", errors)
 
 
 def export_failures(session: Session, study_instance_uids: list[str]) -> dict[str, str]:
@@ -98,7 +85,61 @@ def export_failures(session: Session, study_instance_uids: list[str]) -> dict[st
     return failed
 
 
+def results_jobs(session: Session, study_instance_uids: list[str]) -> dict[str, Job]:
+    """Per study of a worklist page: its latest results job (the one whose objects it shows;
+    an earlier one was superseded by a newer analysis), in one query."""
+    if not study_instance_uids:
+        return {}
+    latest = (
+        select(func.max(Job.id))
+        .join(Study, Job.study_id == Study.id)
+        .where(Study.study_instance_uid.in_(study_instance_uids), Job.kind == "results")
+        .group_by(Job.study_id)
+    )
+    found = session.execute(
+        select(Study.study_instance_uid, Job)
+        .join(Job, Job.study_id == Study.id)
+        .where(Job.id.in_(latest.scalar_subquery()))
+    ).all()
+    return {uid: job for uid, job in found}
+
+
+def _results_fields(job: Job | None) -> dict[str, object]:
+    """The worklist row's results fields for its latest results job: a radiologist reading
+    from the list sees that AI result objects are missing, and which."""
+    if job is None:
+        return {}
+    # A dead job wrote none of its objects: its reason says why, there is no list.
+    missing = ((job.payload or {}).get("not_written") or []) if job.state == "done" else []
+    return {
+        "results_state": job.state,
+        "results_incomplete": _results_failed(job),
+        "results_error": _results_error(job),
+        "results_missing": [
+            MissingResultOut(
+                model=entry["model"],
+                version=entry.get("version", ""),
+                kind=entry["kind"],
+                error=entry["error"],
+            )
+            for entry in missing
+        ],
+    }
+
+
 def rows_out(session: Session, rows: list[WorklistRow]) -> list[WorklistRowOut]:
-    """Worklist rows as every response shows them, each with its first dead-lettered export."""
-    failed = export_failures(session, [row.study_instance_uid for row in rows])
-    return [row_out(row, failed.get(row.study_instance_uid, "")) for row in rows]
+    """Worklist rows as every response shows them, each with its first dead-lettered export
+    and its latest results job (two queries for the page, none per row)."""
+    uids = [row.study_instance_uid for row in rows]
+    failed = export_failures(session, uids)
+    results = results_jobs(session, uids)
+    return [
+        row_out(
+            row,
+            {
+                "export_error": failed.get(row.study_instance_uid, ""),
+                **_results_fields(results.get(row.study_instance_uid)),
+            },
+        )
+        for row in rows
+    ]

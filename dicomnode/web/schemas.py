@@ -37,6 +37,18 @@ class ResultOut(BaseModel):
     url: str = Field(description="download the DICOM object")
 
 
+class MissingResultOut(BaseModel):
+    """A model's result object that its results job could not write."""
+
+    model: str
+    version: str
+    kind: str = Field(
+        description="the object: sr, overlay, seg, gsps, derived or kos; 'run' when the "
+        "model's run failed or 'all' when none of its objects could be prepared"
+    )
+    error: str = Field(description="why, without patient data")
+
+
 class WorklistRowOut(BaseModel):
     study_instance_uid: str
     accession_number: str
@@ -64,6 +76,27 @@ class WorklistRowOut(BaseModel):
     url: str = Field(description="this study's details")
     export_error: str = Field(
         "", description="a dead-lettered export: destination and reason (admin can retry)"
+    )
+    # The latest results job, so that a reader sees from the list that AI result objects are
+    # missing (the priority stands either way: it was committed before they were written).
+    results_state: str = Field(
+        "",
+        description="the result objects' job, written after the priority: queued, leased "
+        "(being written), done, dead (failed; the priority stands) or empty (none)",
+    )
+    results_incomplete: bool = Field(
+        False,
+        description="AI result objects are missing: none were written (results_state dead, "
+        "admin can retry) or some (done: the others were written and sent); results_error "
+        "says why and results_missing names them",
+    )
+    results_error: str = Field(
+        "",
+        description="why result objects could not be written: all of them (results_state dead) "
+        "or some (done: 'model kind: reason; ...'); no patient data",
+    )
+    results_missing: list[MissingResultOut] = Field(
+        [], description="the models' result objects a done results job left out"
     )
     # On every row, so that a study fetched on its own still says where its AI findings are from.
     notice: str = Field(RESEARCH_DEMO_NOTICE, description="the AI findings' research-demo notice")
@@ -114,16 +147,6 @@ class StudyOut(WorklistRowOut):
     export_errors: list[str] = Field(
         [], description="dead-lettered exports: destination and reason (admin can retry)"
     )
-    results_state: str = Field(
-        "",
-        description="the result objects' job, written after the priority: queued, leased "
-        "(being written), done, dead (failed; the priority stands) or empty (none)",
-    )
-    results_error: str = Field(
-        "",
-        description="why result objects could not be written: all of them (results_state dead) "
-        "or some (done: the others were written and sent)",
-    )
 
 
 class OverrideIn(BaseModel):
@@ -149,14 +172,25 @@ class MeOut(BaseModel):
     role: str
 
 
-def row_out(row: WorklistRow, export_error: str = "") -> WorklistRowOut:
-    """A worklist row with links to itself and its result objects."""
+# The row's fields that say what went wrong with the study's jobs (web.job_failures).
+JOB_FIELDS = (
+    "export_error",
+    "results_state",
+    "results_incomplete",
+    "results_error",
+    "results_missing",
+)
+
+
+def row_out(row: WorklistRow, job_fields: dict[str, object] | None = None) -> WorklistRowOut:
+    """A worklist row with links to itself and its result objects; ``job_fields``: those of
+    :data:`JOB_FIELDS` its jobs give (the others keep their defaults: nothing wrong)."""
     data = {
         name: getattr(row, name)
         for name in WorklistRowOut.model_fields
-        if name not in ("url", "export_error", "notice")
+        if name not in ("url", "notice", *JOB_FIELDS)
     }
-    data["export_error"] = export_error
+    data.update(job_fields or {})
     data["findings"] = [FindingOut.model_validate(f, from_attributes=True) for f in row.findings]
     data["results"] = [
         ResultOut(

@@ -200,8 +200,6 @@ def study_detail(
         history=[audit_out(entry) for entry in history if not entry.action.startswith("view")],
         analysis_error=problems.analysis_error,
         export_errors=problems.export_errors,
-        results_state=problems.results_state,
-        results_error=problems.results_error,
         models=model_findings(session, study_id),
         result_groups=result_groups(session, study_id),
     )

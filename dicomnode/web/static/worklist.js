@@ -181,7 +181,31 @@
     if (row.status === "reported") td.appendChild(el("span", "by", "by " + row.reported_by));
     if (row.analysis_status === "failed") td.appendChild(el("span", "by", "AI analysis failed"));
     if (row.export_error) td.appendChild(el("span", "by export-failed", "export failed: " + row.export_error));
+    if (row.results_incomplete) td.appendChild(resultsMarker(row));
     return td;
+  }
+
+  // "model SEG", "model (run failed)": what a done results job left out.
+  function missingText(entry) {
+    if (entry.kind === "run") return entry.model + " (run failed)";
+    if (entry.kind === "all") return entry.model + " (all objects)";
+    return entry.model + " " + (KIND_TEXT[entry.kind] || entry.kind);
+  }
+
+  // AI result objects that are missing: some (the others were written and sent) or all of
+  // them (the results job is dead; the priority stands). The reasons are in the tooltip.
+  function resultsMarker(row) {
+    const marker = el("span", "by results-failed");
+    marker.dataset.resultsState = row.results_state;
+    if (row.results_state === "dead") {
+      marker.textContent = "AI results not written";
+      marker.title = "The results job failed, no result objects were written (an admin can retry it): " + row.results_error;
+    } else {
+      const names = row.results_missing.map(missingText).join(", ");
+      marker.textContent = "AI results incomplete" + (names ? ": " + names : "");
+      marker.title = "Not written (the others were written and sent): " + row.results_error;
+    }
+    return marker;
   }
 
   function studyPage(uid) {
