@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import logging
 from datetime import date
 
 import numpy as np
 import pydicom
 import pytest
 from dciodvfy import CT_IMAGE, DX_FOR_PRESENTATION, chest_xray, ct_series, dciodvfy_errors
+from defective_sources import DEFECT_IDS, DEFECTS, SECONDARY_CAPTURE, Defect
 
 from dicomnode import RESEARCH_DEMO_NOTICE
 from dicomnode.findings import Algorithm, CodedConcept, DerivedImage
 from dicomnode.results.derived import build_derived
+from dicomnode.synth.cxr import make_cxr
 
 ALGORITHM = Algorithm(name="cxr-bone-suppression-demo", version="1.0.0")
-SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 
 
 @pytest.fixture(scope="module")
@@ -198,3 +200,87 @@ def test_derived_radiograph_of_a_source_with_a_slip_passes_dciodvfy(slip) -> Non
     if slip is _second_window_zero_wide:  # the usable first window, the one shown, is kept
         assert (float(image.WindowCenter), float(image.WindowWidth)) == (2048, 3000)
         assert image.WindowCenterWidthExplanation == "SOFT"
+
+
+@pytest.mark.parametrize("defect", DEFECTS, ids=DEFECT_IDS)
+def test_derived_image_of_a_defective_source_passes_dciodvfy(defect: Defect) -> None:
+    """A source lacking what its IOD requires does not pass its slip on: the node supplies
+    what it can without guessing (a Type 2 empty, a value the IOD fixes) and keeps the
+    source's class; when only the modality could know (orientation, geometry, pixel spacing),
+    it writes a Secondary Capture, which does not require it."""
+    source = defect.source()
+    image = build_derived(DerivedImage(source, suppressed(source), "bone suppression"), ALGORITHM)
+    assert dciodvfy_errors(image) == []
+    assert image.SOPClassUID == (source.SOPClassUID if defect.same_class else SECONDARY_CAPTURE)
+    assert list(image.ImageType)[:2] == ["DERIVED", "SECONDARY"]
+    assert image.SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+    assert image.StudyInstanceUID == source.StudyInstanceUID
+    assert image.get("PatientID") == source.get("PatientID")
+    assert np.array_equal(image.pixel_array, np.rint(suppressed(source)))
+
+
+def test_derived_radiograph_without_patient_orientation_is_secondary_capture_and_says_why(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Patient Orientation is Type 1 in a DX image and only the modality knows it: the node
+    writes a Secondary Capture (Type 2C there: empty) and logs, without patient data, why."""
+    source = make_cxr(4, size=64)[0]
+    del source.PatientOrientation
+    with caplog.at_level(logging.INFO, logger="dicomnode.results.derived"):
+        image = build_derived(
+            DerivedImage(source, suppressed(source), "bone suppression"), ALGORITHM
+        )
+    assert image.SOPClassUID == SECONDARY_CAPTURE
+    assert dciodvfy_errors(image) == []
+    assert "PatientOrientation" in image and not image.PatientOrientation
+    assert image.Manufacturer == "dicomnode"
+    assert image.SeriesDescription.startswith("AI bone suppression")
+    assert image.DerivationCodeSequence[0].CodeValue == "AI-I2I"
+    (record,) = [r for r in caplog.records if r.name == "dicomnode.results.derived"]
+    assert record.levelno == logging.INFO
+    message = record.getMessage()
+    assert "Secondary Capture" in message and "PatientOrientation" in message
+    assert str(source.SOPInstanceUID) in message
+    for secret in (str(source.PatientName), source.PatientID, source.PatientBirthDate):
+        assert secret not in message
+
+
+def test_derived_radiograph_supplies_what_the_dx_iod_fixes() -> None:
+    """A DX lacking what its IOD fixes keeps its class: Presentation Intent Type from its SOP
+    class, Rescale 0 / 1 / US, Presentation LUT Shape from its photometric interpretation, a
+    window of its own pixels, Type 2 attributes empty; nothing is guessed."""
+    source = make_cxr(4, size=64)[0]
+    for keyword in (
+        "PresentationIntentType",
+        "RescaleIntercept",
+        "RescaleSlope",
+        "RescaleType",
+        "PresentationLUTShape",
+        "WindowCenter",
+        "WindowWidth",
+        "WindowCenterWidthExplanation",
+        "DetectorType",
+        "PatientName",
+    ):
+        delattr(source, keyword)
+    image = build_derived(DerivedImage(source, suppressed(source), "bone suppression"), ALGORITHM)
+    assert image.SOPClassUID == DX_FOR_PRESENTATION
+    assert dciodvfy_errors(image) == []
+    assert image.PresentationIntentType == "FOR PRESENTATION"
+    assert (image.RescaleIntercept, image.RescaleSlope, image.RescaleType) == (0, 1, "US")
+    assert image.PresentationLUTShape == "IDENTITY"
+    assert float(image.WindowWidth) >= 1
+    assert "DetectorType" in image and not image.DetectorType
+    assert "PatientName" in image and not image.PatientName
+
+
+def test_derived_image_keeps_burned_in_annotation_of_its_source() -> None:
+    """Text burned into the source is in the model's output too: YES stays YES."""
+    source = make_cxr(4, size=64)[0]
+    source.BurnedInAnnotation = "YES"
+    image = build_derived(DerivedImage(source, suppressed(source), "bone suppression"), ALGORITHM)
+    assert image.BurnedInAnnotation == "YES"
+    assert dciodvfy_errors(image) == []
+    del source.PatientOrientation  # the Secondary Capture says it too
+    image = build_derived(DerivedImage(source, suppressed(source), "bone suppression"), ALGORITHM)
+    assert (image.SOPClassUID, image.BurnedInAnnotation) == (SECONDARY_CAPTURE, "YES")

@@ -8,6 +8,7 @@ import numpy as np
 import pydicom
 import pytest
 from dciodvfy import chest_xray, dciodvfy_errors, plain_dx
+from defective_sources import DEFECT_IDS, DEFECTS, Defect
 
 from dicomnode.findings import Algorithm, CodedConcept, Finding, ImageFindings
 from dicomnode.results.overlay import (
@@ -262,6 +263,21 @@ def test_overlay_stays_valid_for_source_variants(vary: Callable[[pydicom.Dataset
     vary(source)
     overlay = build_overlay(findings(source, heatmap=False), ALGORITHM)
     assert dciodvfy_errors(overlay) == []
+
+
+@pytest.mark.parametrize("defect", DEFECTS, ids=DEFECT_IDS)
+def test_overlay_of_a_defective_source_passes_dciodvfy(defect: Defect) -> None:
+    """The overlay takes only identity, study and series facts from its source: a source
+    lacking what its own IOD requires (e.g. an empty Body Part Examined, which says no more
+    than an absent one about laterality) still gives a valid Secondary Capture."""
+    source = defect.source()
+    rows, columns = int(source.Rows), int(source.Columns)
+    centre = (columns / 2, rows / 2)
+    heatmap = blob(rows, columns, centre, sigma=rows / 6)
+    finding = Finding(PNEUMOTHORAX, 0.83, 0.5, critical=True, peak=centre, heatmap=heatmap)
+    overlay = build_overlay(ImageFindings(source, [finding]), ALGORITHM)
+    assert dciodvfy_errors(overlay) == []
+    assert overlay.SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
 
 
 NODULE = CodedConcept("27925004", "SCT", "Nodule")

@@ -2,7 +2,10 @@
 
 DX, CR and CT sources give an image of the same SOP class: a copy of the source's attributes
 with new pixels, marked DERIVED\\SECONDARY and referencing the source. Other sources give a
-greyscale Secondary Capture.
+greyscale Secondary Capture, and so does a DX, CR or CT source that lacks an attribute its IOD
+requires and the node cannot supply (``iod_requirements``: e.g. a DX without Patient
+Orientation): the copy would carry the slip into the node's own object, and the node does not
+guess what only the modality knows. Secondary Capture does not require those attributes.
 
 Derivation Code (CID 7203, extensible) has no code for a learned image-to-image transform.
 Noise reduction maps to DCM 113087 "Smoothing"; anything else (bone suppression) gets the
@@ -13,6 +16,7 @@ declared in the Coding Scheme Identification Sequence. Callers may pass a better
 from __future__ import annotations
 
 import copy
+import logging
 from datetime import datetime
 
 import highdicom as hd
@@ -25,6 +29,12 @@ from pydicom.uid import ExplicitVRLittleEndian
 from dicomnode import EQUIPMENT_MANUFACTURER, RESEARCH_DEMO_NOTICE, __version__
 from dicomnode.findings import Algorithm, CodedConcept, DerivedImage
 from dicomnode.pipeline.preprocess import percentile_window
+from dicomnode.results.iod_requirements import (
+    CT_IMAGE,
+    REQUIREMENTS,
+    has_value,
+    supply_required,
+)
 from dicomnode.results.source import (
     character_set,
     check_source,
@@ -35,12 +45,10 @@ from dicomnode.results.source import (
 from dicomnode.results.sr import series_description, with_notice
 from dicomnode.results.uids import result_instance_uid, result_series_uid
 
+log = logging.getLogger(__name__)
+
 DERIVED_SERIES_NUMBER = 9905
-CR_IMAGE = "1.2.840.10008.5.1.4.1.1.1"
-DX_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
-DX_FOR_PROCESSING = "1.2.840.10008.5.1.4.1.1.1.1.1"
-CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
-SAME_CLASS_SOURCES = frozenset({CR_IMAGE, DX_FOR_PRESENTATION, DX_FOR_PROCESSING, CT_IMAGE})
+SAME_CLASS_SOURCES = frozenset(REQUIREMENTS)
 
 SMOOTHING = CodedConcept("113087", "DCM", "Smoothing")
 LOCAL_SCHEME = "99DICOMNODE"
@@ -84,9 +92,21 @@ def build_derived(
     series_uid = result_series_uid(study_uid, algorithm, "derived")
     instance_uid = result_instance_uid([str(source.SOPInstanceUID)], algorithm, "derived")
     description = series_description(algorithm, what)
+    image = None
     if str(source.SOPClassUID) in SAME_CLASS_SOURCES:
         image = _same_class(source, pixels, series_uid, instance_uid, algorithm)
-    else:
+        lacking = supply_required(image)
+        if lacking:
+            # UIDs and attribute names only: no patient data in the log.
+            log.info(
+                "derived image of SOP Instance %s (%s) written as Secondary Capture: the "
+                "source lacks %s, which that IOD requires and the node cannot supply",
+                source.SOPInstanceUID,
+                source.SOPClassUID.name,
+                ", ".join(lacking),
+            )
+            image = None
+    if image is None:
         image = _secondary_capture(source, pixels, series_uid, instance_uid, algorithm)
     image.SeriesDescription = description
     notice = f" {RESEARCH_DEMO_NOTICE}." if algorithm.research_demo else ""
@@ -107,7 +127,6 @@ def build_derived(
         scheme.CodingSchemeResponsibleOrganization = "dicomnode"
         image.CodingSchemeIdentificationSequence = [scheme]
     image.SourceImageSequence = [source_reference(source)]
-    image.BurnedInAnnotation = "NO"
     return image
 
 
@@ -164,8 +183,9 @@ def _same_class(
         del image.DeviceSerialNumber
     image.PixelData = pixels.tobytes()
     image["PixelData"].VR = "OW" if int(source.BitsAllocated) > 8 else "OB"
-    if "LossyImageCompression" not in source:
-        image.LossyImageCompression = "00"
+    # Burned In Annotation and Lossy Image Compression stay the source's: text burned into it
+    # is in the model's output too, and so is any loss it once had. A source that does not
+    # say leaves them unsaid (iod_requirements decides whether its class can do without).
     _conform_presentation(image)
     return image
 
@@ -175,38 +195,45 @@ def _conform_presentation(image: pydicom.Dataset) -> None:
     IOD forbids (dciodvfy would fail the node's object for the source's slip), keeping how
     the image is displayed:
 
-    - windows narrower than 1 (PS3.3 C.11.2.1.2.1; only LINEAR_EXACT and SIGMOID allow them)
-      are dropped with their explanations; when none is left, the percentile window the
-      node's own presentation uses in their stead is written (unless a VOI LUT remains: a DX
-      For Presentation needs one or the other);
+    - windows that cannot be applied (``_keep_usable_windows``) are dropped;
     - MONOCHROME2 with Presentation LUT Shape INVERSE (the DX, CR, MG and IO modules require
       IDENTITY with MONOCHROME2) is written as MONOCHROME1 with INVERSE: the same stored values
       displayed the same way, minimum white.
 
-    A missing Patient Orientation stays missing: the node does not guess the patient's."""
-    function = str(image.get("VOILUTFunction", "") or "").upper()
-    if "WindowWidth" in image and function not in ("LINEAR_EXACT", "SIGMOID"):
-        _drop_narrow_windows(image)
+    What the source lacks is ``iod_requirements``' business."""
+    _keep_usable_windows(image)
     shape = str(image.get("PresentationLUTShape", "") or "").strip().upper()
     if image.get("PhotometricInterpretation") == "MONOCHROME2" and shape == "INVERSE":
         image.PhotometricInterpretation = "MONOCHROME1"
 
 
-def _drop_narrow_windows(image: pydicom.Dataset) -> None:
-    """Keep the Window Center / Width pairs at least 1 wide (``_conform_presentation``)."""
+def _keep_usable_windows(image: pydicom.Dataset) -> None:
+    """Keep the Window Center / Width pairs that can be applied: both values there, and at
+    least 1 wide (PS3.3 C.11.2.1.2.1; LINEAR_EXACT and SIGMOID allow narrower ones, above 0).
+    The others go with their explanations (a centre without a width, an empty pair, a zero
+    width); when none is left, the percentile window the node's own presentation uses in
+    their stead is written, unless a VOI LUT remains (a DX For Presentation needs one or the
+    other)."""
+    if "WindowCenter" not in image and "WindowWidth" not in image:
+        return
 
     def values(keyword: str) -> list:
         value = image.get(keyword)
         return list(value) if isinstance(value, MultiValue) else [] if value is None else [value]
 
+    function = str(image.get("VOILUTFunction", "") or "").upper()
+    narrow = function in ("LINEAR_EXACT", "SIGMOID")
     centres, widths = values("WindowCenter"), values("WindowWidth")
     explanations = values("WindowCenterWidthExplanation")
     keep = [
         index
         for index, width in enumerate(widths)
-        if index < len(centres) and width is not None and float(width) >= 1
+        if index < len(centres)
+        and centres[index] is not None
+        and width is not None
+        and (float(width) > 0 if narrow else float(width) >= 1)
     ]
-    if len(keep) == len(widths) == len(centres):
+    if keep and len(keep) == len(widths) == len(centres):
         return
     for keyword in ("WindowCenter", "WindowWidth", "WindowCenterWidthExplanation"):
         if keyword in image:
@@ -254,11 +281,21 @@ def _secondary_capture(
     image.ImageType = ["DERIVED", "SECONDARY"]
     image.BitsStored = int(source.BitsStored)
     image.HighBit = int(source.BitsStored) - 1
-    for keyword in ("WindowCenter", "WindowWidth", "RescaleIntercept", "RescaleSlope"):
+    # The source's modality LUT when whole, and its usable windows: the derived pixels are in
+    # the source's stored values and read the same way.
+    if has_value(source, "RescaleIntercept") and has_value(source, "RescaleSlope"):
+        image.RescaleIntercept, image.RescaleSlope = source.RescaleIntercept, source.RescaleSlope
+        # Absent from a CT image, Rescale Type means Hounsfield units (CT Image module).
+        ct = str(source.SOPClassUID) == CT_IMAGE
+        image.RescaleType = source.get("RescaleType") or ("HU" if ct else "US")
+    for keyword in ("WindowCenter", "WindowWidth", "WindowCenterWidthExplanation"):
         if keyword in source:
             image[keyword] = copy.deepcopy(source[keyword])
-    if "RescaleIntercept" in image and "RescaleType" not in image:
-        image.RescaleType = "US"
+    _keep_usable_windows(image)
+    # Text burned into the source is in the model's output too; a source that does not say
+    # leaves it unsaid (Type 3 here).
+    if source.get("BurnedInAnnotation") in ("YES", "NO"):
+        image.BurnedInAnnotation = source.BurnedInAnnotation
     copy_patient_study(source, image)
     copy_laterality(source, image)
     return image
@@ -269,8 +306,15 @@ def _stored_pixels(source: pydicom.Dataset, values: np.ndarray) -> np.ndarray:
     where = f"derived image of SOP Instance UID {source.SOPInstanceUID}"
     if int(source.get("SamplesPerPixel", 1)) != 1 or int(source.get("NumberOfFrames", 1)) != 1:
         raise ValueError(f"{where}: the source must be a single-frame greyscale image")
-    for keyword in ("Rows", "Columns", "BitsAllocated", "BitsStored", "PixelRepresentation"):
-        if keyword not in source:
+    for keyword in (
+        "Rows",
+        "Columns",
+        "BitsAllocated",
+        "BitsStored",
+        "PixelRepresentation",
+        "PhotometricInterpretation",
+    ):
+        if not has_value(source, keyword):
             raise ValueError(f"{where}: the source lacks {keyword}")
     values = np.asarray(values)
     shape = (int(source.Rows), int(source.Columns))

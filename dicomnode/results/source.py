@@ -56,19 +56,21 @@ def copy_laterality(source: Dataset, result: Dataset) -> None:
     for keyword in ("Laterality", "BodyPartExamined"):
         if keyword in result:
             delattr(result, keyword)
+    # An empty Body Part Examined says no more than an absent one.
+    body_part = source.get("BodyPartExamined") or None
     laterality = source.get("Laterality") or None
     image_laterality = source.get("ImageLaterality")
     if laterality is None and image_laterality in ("L", "R"):
         laterality = image_laterality
     if laterality is not None:
         result.Laterality = laterality
-    elif "BodyPartExamined" in source and (image_laterality == "U" or "Laterality" not in source):
+    elif body_part is not None and (image_laterality == "U" or "Laterality" not in source):
         pass  # an unpaired body part: Laterality stays absent
     else:
         result.Laterality = None
         return
-    if "BodyPartExamined" in source:
-        result.BodyPartExamined = source.BodyPartExamined
+    if body_part is not None:
+        result.BodyPartExamined = body_part
 
 
 def source_reference(source: Dataset, purpose: tuple[str, str, str] | None = None) -> Dataset:
