@@ -1,6 +1,9 @@
-"""SEG builder: dciodvfy, BINARY and FRACTIONAL, 2-D and CT multi-frame, references, identity."""
+"""SEG builder: dciodvfy, BINARY and FRACTIONAL, 2-D and CT multi-frame, references, identity,
+one SEG over slices whose orientation differs by rounding."""
 
 from __future__ import annotations
+
+import copy
 
 import highdicom as hd
 import numpy as np
@@ -111,6 +114,39 @@ def test_ct_seg_is_multiframe_with_one_frame_per_slice_and_segment(
             assert per_source[(segment, slice_.SOPInstanceUID)] == [
                 float(v) for v in slice_.ImagePositionPatient
             ]
+
+
+def _rounded_differently(ct: list[pydicom.Dataset], offset: float) -> list[pydicom.Dataset]:
+    """Copies of the slices, every other one with its Image Orientation (Patient) ``offset``
+    off (as another writer's rounding gives)."""
+    noisy = [copy.deepcopy(slice_) for slice_ in ct]
+    for slice_ in noisy[1::2]:
+        slice_.ImageOrientationPatient = [1.0, offset, 0.0, -offset, 1.0, 0.0]
+    return noisy
+
+
+def test_ct_seg_of_orientations_that_differ_by_rounding_is_one_seg(
+    ct: list[pydicom.Dataset],
+) -> None:
+    noisy = _rounded_differently(ct, 1e-6)
+    seg = build_seg(ct_segmentation(noisy), ALGORITHM)
+    assert dciodvfy_errors(seg) == []
+    assert seg.NumberOfFrames == len(ct) * 2
+    orientation = seg.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence[0]
+    assert [float(v) for v in orientation.ImageOrientationPatient] == [1, 0, 0, 0, 1, 0]
+    referenced = {
+        item.ReferencedSOPInstanceUID
+        for item in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence
+    }
+    assert referenced == {slice_.SOPInstanceUID for slice_ in ct}
+    # The sources themselves are left as they were.
+    assert list(noisy[1].ImageOrientationPatient) == [1.0, 1e-6, 0.0, -1e-6, 1.0, 0.0]
+
+
+def test_ct_seg_refuses_sources_of_another_orientation(ct: list[pydicom.Dataset]) -> None:
+    # 0.05 (about 3 degrees): another reformat, never one SEG (the stacks split it too).
+    with pytest.raises(ValueError, match=r"sources\[1\] .* a SEG has one orientation"):
+        build_seg(ct_segmentation(_rounded_differently(ct, 0.05)), ALGORITHM)
 
 
 def test_ct_seg_frames_hold_each_slices_mask(ct: list[pydicom.Dataset]) -> None:

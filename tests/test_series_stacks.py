@@ -1,7 +1,8 @@
-"""A series split into stacks of one geometry before 2.5D stacking and SEG (a localiser or an
-image of another orientation or size never joins the axial volume), 2.5D neighbours chosen by
-distance at the stack's nominal spacing (gaps of missing slices, duplicate positions), with the
-real CT demo models and dciodvfy on what they produce."""
+"""A series split into stacks of one geometry and one scan before 2.5D stacking and SEG (a
+localiser or an image of another orientation or size never joins the axial volume; contrast
+phases of the same positions are stacks of their own), 2.5D neighbours chosen by distance at
+the stack's nominal spacing (gaps of missing slices, duplicate positions), with the real CT
+demo models and dciodvfy on what they produce."""
 
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ from dicomnode.models.registry import ModelCard, load_card
 from dicomnode.pipeline.analyse import StageTimes
 from dicomnode.pipeline.outputs import result_objects
 from dicomnode.pipeline.runtime import Runtime
+from dicomnode.pipeline.scans import acquired
+from dicomnode.pipeline.select import image_plane, slice_normal
 from dicomnode.pipeline.series import stacks_in_order
 from dicomnode.pipeline.tasks import merge_across_slices, run_model
 from dicomnode.synth.ct import make_ct_series
@@ -217,6 +220,140 @@ def test_slices_across_a_gap_are_not_merged_as_adjacent() -> None:
     assert [len(e.findings) for e in merge_across_slices(evaluations)] == [0, 1, 0, 0]
 
 
+# --- scans of the same positions (contrast phases, repeated acquisitions) ----------------------
+
+
+def _second_scan(
+    first: list[pydicom.Dataset], enhancement: int = 300, **labels: object
+) -> list[pydicom.Dataset]:
+    """The positions of ``first`` scanned again (another contrast: stored values raised by
+    ``enhancement``), as new instances of the same series with Instance Numbers that interleave
+    with the first scan's, and ``labels`` (e.g. AcquisitionNumber=2) set on every image."""
+    second = []
+    for index, ds in enumerate(first):
+        image = _copy(ds, 2 * index + 2)
+        image.PixelData = (ds.pixel_array.astype(np.uint16) + enhancement).tobytes()
+        for keyword, value in labels.items():
+            setattr(image, keyword, value)
+        second.append(image)
+    for index, ds in enumerate(first):
+        ds.InstanceNumber = 2 * index + 1
+    return second
+
+
+def _uids(images: list[pydicom.Dataset]) -> set[str]:
+    return {str(ds.SOPInstanceUID) for ds in images}
+
+
+SCAN_LABELS = {
+    "acquisition number": ({}, {"AcquisitionNumber": 2}),
+    "temporal position identifier": (
+        {"TemporalPositionIdentifier": 1},
+        {"TemporalPositionIdentifier": 2},
+    ),
+    "temporal position index": ({"TemporalPositionIndex": 1}, {"TemporalPositionIndex": 2}),
+    # One Acquisition Number for both phases: the later Acquisition Time tells them apart.
+    "acquisition time": ({"AcquisitionTime": "120000"}, {"AcquisitionTime": "120145.5"}),
+}
+
+
+@pytest.mark.parametrize("labels", SCAN_LABELS.values(), ids=SCAN_LABELS.keys())
+def test_each_scan_of_the_same_positions_is_a_stack_of_its_own(labels) -> None:
+    first = _axial(slices=8)
+    for ds in first:
+        for keyword, value in labels[0].items():
+            setattr(ds, keyword, value)
+    second = _second_scan(first, **labels[1])
+    arrival = [ds for pair in zip(second[::-1], first, strict=True) for ds in pair]
+    stacks, notes = stacks_in_order(arrival)
+    assert [len(stack) for stack in stacks] == [8, 8]
+    assert [_uids(stack.images) for stack in stacks] == [_uids(first), _uids(second)]
+    for stack in stacks:
+        assert _z(stack.images) == _z(first) and stack.spacing == pytest.approx(SPACING)
+        # No slice of the other scan among any slice's 2.5D neighbours.
+        for index in range(len(stack)):
+            assert _uids(stack.neighbours(index, 5)) <= _uids(stack.images)
+    assert any("the same positions scanned 2 times" in note for note in notes)
+    (split,) = [note for note in notes if "split by" in note]
+    assert "and scan into 2 stacks" in split and "scan 2 of 2" in split
+    assert all("left out" not in note for note in notes)
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR TM")  # the old form, on purpose
+def test_acquisition_times_of_either_form_are_on_one_scale() -> None:
+    first, later, untimed = pydicom.Dataset(), pydicom.Dataset(), pydicom.Dataset()
+    first.AcquisitionDateTime = "20240131235950.5+0100"
+    later.AcquisitionDate, later.AcquisitionTime = "20240201", "00:00:10"  # the old TM form
+    assert acquired(later) - acquired(first) == pytest.approx(19.5)
+    untimed.AcquisitionDate = "20240201"
+    assert acquired(untimed) is None
+
+
+def test_scans_at_shifted_positions_are_told_apart_by_acquisition_number() -> None:
+    """A second phase reconstructed half a slice off the first's positions: no position comes
+    round again, but the two acquisitions cover the same range."""
+    first = _axial(slices=8)
+    second = _second_scan(first, AcquisitionNumber=2)
+    for ds in second:
+        x, y, z = (float(value) for value in ds.ImagePositionPatient)
+        ds.ImagePositionPatient = [x, y, z + SPACING / 2]
+    stacks, _ = stacks_in_order([*first, *second])
+    assert [_uids(stack.images) for stack in stacks] == [_uids(first), _uids(second)]
+    assert all(stack.spacing == pytest.approx(SPACING) for stack in stacks)
+
+
+def test_acquisitions_that_tile_the_volume_are_one_stack() -> None:
+    """Step-and-shoot: each rotation's slices are an acquisition of their own (the last slice
+    of one may repeat the first of the next); together they are one volume."""
+    axial = _axial(slices=12)
+    for index, ds in enumerate(axial):
+        ds.AcquisitionNumber = index // 4 + 1
+        ds.AcquisitionTime = f"1200{10 * (index // 4):02d}"
+    overlap = _copy(axial[4], 99)
+    overlap.AcquisitionNumber, overlap.AcquisitionTime = 1, "120000"
+    ((stack,), notes) = stacks_in_order([*axial[::-1], overlap])
+    assert [ds.SOPInstanceUID for ds in stack.images] == [ds.SOPInstanceUID for ds in axial]
+    (note,) = notes
+    assert "1 image at a position already in the stack left out" in note
+
+
+def test_a_slice_scanned_again_later_is_left_out_not_mixed_in() -> None:
+    """One position repeated at a later time (a retake of one slice) is a scan of one image:
+    left out beside the full scan."""
+    axial = _axial(slices=6)
+    retake = _copy(axial[3], 1)
+    retake.AcquisitionTime = "121500"
+    stacks, notes = stacks_in_order([retake, *axial])
+    (stack,) = stacks
+    assert [ds.SOPInstanceUID for ds in stack.images] == [ds.SOPInstanceUID for ds in axial]
+    assert any("(left out: fewer than 3)" in note for note in notes)
+
+
+def _tilted(degrees: float) -> list[pydicom.Dataset]:
+    """Slices tilted about the patient's left-right axis (a gantry tilt), with one duplicate
+    position (so that the notes name the stack)."""
+    axial = _axial(slices=5)
+    angle = np.radians(degrees)
+    column = [0.0, float(np.cos(angle)), -float(np.sin(angle))]
+    normal = np.array([0.0, np.sin(angle), np.cos(angle)])
+    for index, ds in enumerate(axial):
+        ds.ImageOrientationPatient = [1.0, 0.0, 0.0, *column]
+        ds.ImagePositionPatient = [float(v) for v in (-100, -100, 0) + index * SPACING * normal]
+    return [*axial, _copy(axial[2], 50)]
+
+
+@pytest.mark.parametrize(("degrees", "plane"), [(15, "AXIAL"), (23, "OBLIQUE")])
+def test_notes_name_the_plane_as_selection_does(degrees: float, plane: str) -> None:
+    images = _tilted(degrees)
+    assert image_plane(slice_normal(images[0]), 20.0) == plane
+    ((stack,), notes) = stacks_in_order(images, 20.0)
+    assert len(stack) == 5 and stack.spacing == pytest.approx(SPACING)
+    assert notes[0].startswith(f"series 2: {plane.lower()} 64x64:")
+    # A card that admits more tilt names the 23 degree stack axial, as its selection does.
+    ((_,), wider) = stacks_in_order(images, 25.0)
+    assert wider[0].startswith("series 2: axial 64x64:")
+
+
 # --- the CT demo models on a series with a localiser --------------------------------------------
 
 
@@ -257,3 +394,64 @@ def test_nodule_detection_of_a_series_with_localisers(nodule_card, runtime) -> N
     localiser_uids = {images[0].SOPInstanceUID, images[-1].SOPInstanceUID}
     for kind, ds in result_objects(run, nodule_card):
         assert not any(uid in str(ds) for uid in localiser_uids), kind
+
+
+# --- the CT demo models on a series of two contrast phases --------------------------------------
+
+
+def _two_phases() -> tuple[list[pydicom.Dataset], list[pydicom.Dataset]]:
+    first = _axial(slices=10, rows=160)
+    return first, _second_scan(first, enhancement=250, AcquisitionNumber=2)
+
+
+def _probabilities(run) -> dict[str, list[float]]:
+    return {
+        str(e.source.SOPInstanceUID): [round(f.probability, 6) for f in e.findings]
+        for e in run.images
+    }
+
+
+def test_nodule_detection_analyses_each_phase_on_its_own(nodule_card, runtime) -> None:
+    """Every slice of both phases is analysed, each with its own phase's neighbours: the same
+    findings as on each phase sent alone."""
+    first, second = _two_phases()
+    run = run_model(nodule_card, [*second, *first], runtime, StageTimes())
+    assert _uids([e.source for e in run.images]) == _uids(first) | _uids(second)
+    alone = {
+        **_probabilities(run_model(nodule_card, list(first), runtime, StageTimes())),
+        **_probabilities(run_model(nodule_card, list(second), runtime, StageTimes())),
+    }
+    assert _probabilities(run) == alone
+
+
+def test_lung_segmentation_of_two_phases_is_a_seg_per_phase(lung_card, runtime) -> None:
+    first, second = _two_phases()
+    run = run_model(lung_card, [*first, *second], runtime, StageTimes())
+    assert [_uids(s.sources) for s in run.segmentations] == [_uids(first), _uids(second)]
+    segs = [ds for kind, ds in result_objects(run, lung_card) if kind == "seg"]
+    assert len({ds.SOPInstanceUID for ds in segs}) == 2
+    for seg, phase in zip(segs, (first, second), strict=True):
+        referenced = {
+            item.ReferencedSOPInstanceUID
+            for item in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence
+        }
+        assert referenced == _uids(phase)
+        assert dciodvfy_errors(seg) == []
+
+
+def test_lung_segmentation_of_orientations_that_differ_by_rounding_is_one_seg(
+    lung_card, runtime
+) -> None:
+    axial = _axial(slices=8, rows=160)
+    for index, ds in enumerate(axial):
+        if index % 2:  # written with other rounding: 1e-6 off
+            ds.ImageOrientationPatient = [1.0, 1e-6, 0.0, -1e-6, 1.0, 0.0]
+    run = run_model(lung_card, axial, runtime, StageTimes())
+    (segmentation,) = run.segmentations
+    assert _uids(segmentation.sources) == _uids(axial)
+    (seg,) = [ds for kind, ds in result_objects(run, lung_card) if kind == "seg"]
+    assert int(seg.NumberOfFrames) == len(axial) * len(lung_card.labels)
+    orientation = seg.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence[0]
+    assert [float(v) for v in orientation.ImageOrientationPatient] == [1, 0, 0, 0, 1, 0]
+    assert dciodvfy_errors(seg) == []
+    assert [float(v) for v in axial[1].ImageOrientationPatient] == [1, 1e-6, 0, -1e-6, 1, 0]

@@ -1,25 +1,42 @@
 """Images of a study grouped into series, each series split into stacks of slices of one
-geometry, ordered by slice position, and the 2.5D neighbours of a slice by distance (pure).
+geometry and one scan, ordered by slice position, and the 2.5D neighbours of a slice by
+distance (pure).
 
 A series can hold more than one volume: a CT series often carries its localiser (a coronal
 projection, of another size), or axial slices beside reformats. Only images of one Frame of
-Reference, orientation, matrix and pixel spacing are stacked as one volume."""
+Reference, orientation (:func:`same_orientation`), matrix and pixel spacing are stacked as one
+volume. It can also hold the same positions scanned more than once (contrast phases, a dynamic
+series: Temporal Position, Acquisition Number, Acquisition Time); each scan is a stack of its
+own (``scans.separate_scans``), analysed like a series of its own, so that a slice's 2.5D
+neighbours, a finding's slices and a SEG all belong to one scan.
+
+Two tolerances, for two questions: whether two images are slices of one volume
+(ORIENTATION_TOLERANCE, about 0.6 degrees: a reformat a few degrees off is another volume; the
+SEG writer groups its frames by the same predicate), and which anatomical plane a volume lies
+in (the model card's ``orientation_tolerance_deg``, 20 degrees by default: a gantry tilt still
+gives axial slices), which the notes name as selection (``select.image_plane``) does.
+"""
 
 from __future__ import annotations
 
 import bisect
 import statistics
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from pydicom import Dataset
+
+from dicomnode.models.registry import SelectionRules
+from dicomnode.pipeline.scans import SAME_POSITION_MM, Scan, instance_order, separate_scans
+from dicomnode.pipeline.select import image_plane
 
 # Direction cosines that differ by no more than this are one orientation (about 0.6 degrees).
 ORIENTATION_TOLERANCE = 0.01
 # Pixel spacings that differ by no more than this fraction are one matrix.
 PIXEL_SPACING_TOLERANCE = 0.01
 # Slices whose positions along the normal differ by no more than this (mm) are one position.
-DUPLICATE_TOLERANCE_MM = 0.01
+DUPLICATE_TOLERANCE_MM = SAME_POSITION_MM
 # A neighbour is the slice nearest the nominal distance if it lies within this fraction of the
 # nominal spacing of it; else there is a gap and the stack ends there for that slice.
 NEIGHBOUR_TOLERANCE = 0.25
@@ -28,6 +45,18 @@ NEIGHBOUR_TOLERANCE = 0.25
 MIN_STACK_SLICES = 3
 # Projection radiographs may carry an Image Plane module; they are never slices of a volume.
 PROJECTION_MODALITIES = frozenset({"CR", "DX", "MG", "IO", "PX", "RF", "RG", "XA"})
+# The plane named in notes when no model card says otherwise: the cards' default tolerance.
+PLANE_TOLERANCE_DEG = SelectionRules().orientation_tolerance_deg
+
+
+def same_orientation(first: Sequence[float], second: Sequence[float]) -> bool:
+    """True when two Image Orientation (Patient) values (six direction cosines) are one
+    orientation: no cosine differs by more than ORIENTATION_TOLERANCE. Values written with
+    other rounding (1e-6 apart) are one orientation; a reformat a degree off is not."""
+    return len(first) == len(second) == 6 and all(
+        abs(float(a) - float(b)) <= ORIENTATION_TOLERANCE
+        for a, b in zip(first, second, strict=True)
+    )
 
 
 @dataclass(frozen=True)
@@ -47,10 +76,7 @@ class _Plane:
     def matches(self, other: _Plane) -> bool:
         if self.frame_of_reference != other.frame_of_reference or self.size != other.size:
             return False
-        if (
-            np.max(np.abs(self.row - other.row)) > ORIENTATION_TOLERANCE
-            or np.max(np.abs(self.column - other.column)) > ORIENTATION_TOLERANCE
-        ):
+        if not same_orientation([*self.row, *self.column], [*other.row, *other.column]):
             return False
         if self.pixel_spacing is None or other.pixel_spacing is None:
             return self.pixel_spacing == other.pixel_spacing
@@ -59,12 +85,12 @@ class _Plane:
             for a, b in zip(self.pixel_spacing, other.pixel_spacing, strict=True)
         )
 
-    def describe(self) -> str:
-        """E.g. 'axial 512x512' (orientation from the normal's main axis)."""
-        normal = np.abs(self.normal)
-        axis = int(np.argmax(normal))
-        name = ("sagittal", "coronal", "axial")[axis] if normal[axis] >= 0.9 else "oblique"
-        return f"{name} {self.size[0]}x{self.size[1]}"
+    def describe(self, tolerance_deg: float = PLANE_TOLERANCE_DEG) -> str:
+        """E.g. 'axial 512x512': the plane as selection names it (the patient axis nearest the
+        normal, oblique beyond ``tolerance_deg``)."""
+        normal = self.normal / np.linalg.norm(self.normal)
+        name = image_plane((float(normal[0]), float(normal[1]), float(normal[2])), tolerance_deg)
+        return f"{name.lower()} {self.size[0]}x{self.size[1]}"
 
 
 def _plane(ds: Dataset) -> _Plane | None:
@@ -149,25 +175,13 @@ class Stack:
         return [round((p - self.positions[0]) / self.spacing) for p in self.positions]
 
 
-def _instance_key(ds: Dataset) -> tuple[int, str]:
-    try:
-        number = int(ds.get("InstanceNumber", 0) or 0)
-    except (TypeError, ValueError):
-        number = 0
-    return number, str(ds.get("SOPInstanceUID", ""))
-
-
-def _volume(plane: _Plane, images: list[Dataset]) -> tuple[Stack, int]:
-    """The images in slice order with one image per position (the lowest Instance Number,
-    then SOP Instance UID: the same choice whatever the arrival order), and how many images
-    were left out as duplicates of a position."""
-    normal = plane.normal
+def _volume(scan: Scan) -> tuple[Stack, int]:
+    """The images of one scan in slice order with one image per position (the lowest Instance
+    Number, then SOP Instance UID: the same choice whatever the arrival order), and how many
+    images were left out as duplicates of a position."""
     placed = sorted(
-        (
-            (float(np.dot(normal, np.asarray(ds.ImagePositionPatient, dtype=np.float64))), ds)
-            for ds in images
-        ),
-        key=lambda item: (item[0], _instance_key(item[1])),
+        zip(scan.positions, scan.images, strict=True),
+        key=lambda item: (item[0], instance_order(item[1])),
     )
     kept: list[tuple[float, Dataset]] = []
     for position, ds in placed:
@@ -180,11 +194,22 @@ def _volume(plane: _Plane, images: list[Dataset]) -> tuple[Stack, int]:
     return stack, len(placed) - len(kept)
 
 
+def _scans(plane: _Plane, images: list[Dataset]) -> list[Scan]:
+    """The images of one plane geometry in scans of its positions (one unless the positions
+    were scanned more than once)."""
+    normal = plane.normal
+    positions = [
+        float(np.dot(normal, np.asarray(ds.ImagePositionPatient, dtype=np.float64)))
+        for ds in images
+    ]
+    return separate_scans(images, positions)
+
+
 def _images(count: int) -> str:
     return f"{count} image" if count == 1 else f"{count} images"
 
 
-def _series_stacks(series: list[Dataset]) -> tuple[list[Stack], list[str]]:
+def _series_stacks(series: list[Dataset], tolerance_deg: float) -> tuple[list[Stack], list[str]]:
     """One series split into stacks, and notes on how (no patient data)."""
     name = (
         f"series {series[0].get('SeriesNumber')}" if series[0].get("SeriesNumber") else "a series"
@@ -203,65 +228,89 @@ def _series_stacks(series: list[Dataset]) -> tuple[list[Stack], list[str]]:
         else:
             planes.append((plane, [ds]))
     notes = []
-    volumes = []
+    # (label, stack, scan order) of every volume.
+    volumes: list[tuple[str, Stack, int]] = []
+    rescanned = False
     for plane, members in planes:
-        stack, duplicates = _volume(plane, members)
-        label = plane.describe()
-        if duplicates:
+        scans = _scans(plane, members)
+        if len(scans) > 1:
+            rescanned = True
             notes.append(
-                f"{name}: {label}: {_images(duplicates)} at a position already in the stack "
-                "left out (one image per slice position)"
+                f"{name}: {plane.describe(tolerance_deg)}: the same positions scanned "
+                f"{len(scans)} times (temporal position, acquisition number or acquisition "
+                "time): each scan is a stack of its own"
             )
-        if stack.spacing is not None:
-            missing = sum(
-                max(round(gap / stack.spacing) - 1, 0)
-                for gap in np.diff(stack.positions)
-                if gap > 1.5 * stack.spacing
-            )
-            if missing:
+        for order, scan in enumerate(scans):
+            stack, duplicates = _volume(scan)
+            label = " ".join(filter(None, (plane.describe(tolerance_deg), scan.label)))
+            if duplicates:
                 notes.append(
-                    f"{name}: {label}: about {missing} missing slice(s) at a nominal spacing "
-                    f"of {stack.spacing:.2f} mm; 2.5D neighbours across a gap repeat the slice"
+                    f"{name}: {label}: {_images(duplicates)} at a position already in the stack "
+                    "left out (one image per slice position)"
                 )
-        volumes.append((label, stack))
-    volumes.sort(key=lambda item: (-len(item[1]), str(item[1].images[0].get("SOPInstanceUID", ""))))
+            if stack.spacing is not None:
+                missing = sum(
+                    max(round(gap / stack.spacing) - 1, 0)
+                    for gap in np.diff(stack.positions)
+                    if gap > 1.5 * stack.spacing
+                )
+                if missing:
+                    notes.append(
+                        f"{name}: {label}: about {missing} missing slice(s) at a nominal spacing "
+                        f"of {stack.spacing:.2f} mm; 2.5D neighbours across a gap repeat the slice"
+                    )
+            volumes.append((label, stack, order))
+    volumes.sort(
+        key=lambda item: (
+            -len(item[1]),
+            item[2],
+            str(item[1].images[0].get("SOPInstanceUID", "")),
+        )
+    )
     if len(volumes) > 1:
         enough = len(volumes[0][1]) >= MIN_STACK_SLICES
         parts = []
         kept = []
-        for label, stack in volumes:
+        for label, stack, order in volumes:
             if enough and len(stack) < MIN_STACK_SLICES:
                 parts.append(
                     f"{label} {_images(len(stack))} (left out: fewer than {MIN_STACK_SLICES})"
                 )
             else:
                 parts.append(f"{label} {_images(len(stack))}")
-                kept.append((label, stack))
+                kept.append((label, stack, order))
+        basis = "geometry (frame of reference, orientation, matrix, pixel spacing)"
+        if rescanned:
+            basis += " and scan"
         notes.append(
-            f"{name}: {_images(len(series))} split by geometry (frame of reference, "
-            f"orientation, matrix, pixel spacing) into {len(volumes)} stacks: " + "; ".join(parts)
+            f"{name}: {_images(len(series))} split by {basis} into {len(volumes)} stacks: "
+            + "; ".join(parts)
         )
         volumes = kept
-    stacks = [stack for _, stack in volumes]
+    stacks = [stack for _, stack, _ in volumes]
     for group in flat.values():
-        ordered = sorted(group, key=_instance_key)
+        ordered = sorted(group, key=instance_order)
         stacks.append(Stack(ordered, [float(i) for i in range(len(ordered))], None, volume=False))
     return stacks, notes
 
 
-def stacks_in_order(images: list[Dataset]) -> tuple[list[Stack], list[str]]:
+def stacks_in_order(
+    images: list[Dataset], plane_tolerance_deg: float = PLANE_TOLERANCE_DEG
+) -> tuple[list[Stack], list[str]]:
     """The images grouped by Series Instance UID (first-seen order), each series split into
-    stacks (largest first) and each stack in slice order, with notes (no patient data) on
-    series that split, stacks left out, duplicate positions and gaps. Within a series that
-    holds a stack of at least MIN_STACK_SLICES, smaller stacks (a localiser) are left out;
-    images without a plane geometry are never left out."""
+    stacks (largest first; scans of the same positions first scanned first) and each stack in
+    slice order, with notes (no patient data) on series that split, stacks left out, duplicate
+    positions and gaps. Within a series that holds a stack of at least MIN_STACK_SLICES,
+    smaller stacks (a localiser) are left out; images without a plane geometry are never left
+    out. ``plane_tolerance_deg``: how far from an axis a stack's normal may lie for the notes
+    to name its plane (the model card's ``orientation_tolerance_deg``)."""
     groups: dict[str, list[Dataset]] = {}
     for ds in images:
         groups.setdefault(str(ds.get("SeriesInstanceUID", "")), []).append(ds)
     stacks: list[Stack] = []
     notes: list[str] = []
     for series in groups.values():
-        series_stacks, series_notes = _series_stacks(series)
+        series_stacks, series_notes = _series_stacks(series, plane_tolerance_deg)
         stacks.extend(series_stacks)
         notes.extend(series_notes)
     return stacks, notes

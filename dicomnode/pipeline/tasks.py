@@ -43,7 +43,7 @@ from dicomnode.pipeline.preprocess import (
     prepare_stack,
     presentation_pixels,
 )
-from dicomnode.pipeline.series import Stack, stacks_in_order
+from dicomnode.pipeline.series import Stack, same_orientation, stacks_in_order
 
 if TYPE_CHECKING:
     from dicomnode.pipeline.analyse import StageTimes
@@ -122,7 +122,7 @@ def infer(
 def _stacks(card: ModelCard, images: list[Dataset]) -> list[Stack]:
     """The images as stacks of one geometry in slice order, with a log line for each series
     that splits (a localiser beside the axial slices), each duplicate position and gap."""
-    stacks, notes = stacks_in_order(images)
+    stacks, notes = stacks_in_order(images, card.select.orientation_tolerance_deg)
     for note in notes:
         log.info("%s: %s", card.model.name, note)
     return stacks
@@ -285,15 +285,20 @@ def _seg_groups(stack: Stack) -> list[list[Dataset]]:
     """The images of a stack that one SEG covers: the whole stack where its images lie in a
     patient coordinate system (a CT volume), else each image on its own (projection
     radiographs, e.g. a PA and its retake: a SEG of several images needs their geometry).
-    highdicom wants one Image Orientation (Patient) value for all of a SEG's sources, so a
-    stack whose slices differ in it within the stacking tolerance gets a SEG per value."""
+    A SEG has one orientation: slices whose Image Orientation (Patient) is not the first's by
+    ``same_orientation`` (the stacking predicate; values that differ by rounding are one) get
+    a SEG of their own."""
     if not (stack.volume and all("FrameOfReferenceUID" in ds for ds in stack.images)):
         return [[ds] for ds in stack.images]
-    by_orientation: dict[tuple[float, ...], list[Dataset]] = {}
+    groups: list[list[Dataset]] = []
     for ds in stack.images:
-        key = tuple(float(value) for value in ds.ImageOrientationPatient)
-        by_orientation.setdefault(key, []).append(ds)
-    return list(by_orientation.values())
+        for group in groups:
+            if same_orientation(group[0].ImageOrientationPatient, ds.ImageOrientationPatient):
+                group.append(ds)
+                break
+        else:
+            groups.append([ds])
+    return groups
 
 
 def _derived(

@@ -1,8 +1,15 @@
-"""DICOM Segmentation (highdicom SEG) of a model's segments over one image or a CT series."""
+"""DICOM Segmentation (highdicom SEG) of a model's segments over one image or a CT series.
+
+A SEG of a CT volume has one orientation (Plane Orientation in its shared functional groups):
+its sources must be one orientation by ``series.same_orientation``, the predicate that stacks
+them as one volume, so that Image Orientation (Patient) values written with other rounding
+(1e-6 apart) give one SEG, not one per value. The SEG carries the first source's value.
+"""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import highdicom as hd
 import numpy as np
@@ -11,6 +18,7 @@ from pydicom.sr.codedict import codes
 
 from dicomnode import EQUIPMENT_MANUFACTURER, __version__
 from dicomnode.findings import Algorithm, CodedConcept, Segmentation
+from dicomnode.pipeline.series import ORIENTATION_TOLERANCE, same_orientation
 from dicomnode.results.source import (
     character_set,
     check_source,
@@ -111,7 +119,7 @@ def build_seg(
     )
     seg = hd.seg.Segmentation(
         **character_set(source),
-        source_images=sources,
+        source_images=_one_orientation(sources),
         pixel_array=pixels if fractional else pixels >= _thresholds(segmentation),
         segmentation_type=segmentation_type,
         segment_descriptions=descriptions,
@@ -141,6 +149,47 @@ def build_seg(
         orientation = [str(value) for value in source.get("PatientOrientation") or []]
         seg.PatientOrientation = orientation if len(orientation) == 2 else None
     return seg
+
+
+def _one_orientation(sources: list[pydicom.Dataset]) -> list[pydicom.Dataset]:
+    """The sources as highdicom takes them: every Image Orientation (Patient) the first's
+    value exactly (highdicom compares the values as they are written). Sources that differ
+    from it within ORIENTATION_TOLERANCE are replaced by copies (the pixels shared) with the
+    first's value; a source beyond it is refused."""
+    reference = sources[0].get("ImageOrientationPatient")
+    if reference is None:
+        return sources
+    first = [float(value) for value in reference]
+    harmonised = []
+    for index, source in enumerate(sources):
+        orientation = _cosines(source.get("ImageOrientationPatient"))
+        if orientation == first:
+            harmonised.append(source)
+            continue
+        if orientation is None or not same_orientation(first, orientation):
+            raise ValueError(
+                f"Segmentation.sources[{index}] (SOP Instance UID {source.SOPInstanceUID}) has "
+                f"Image Orientation (Patient) {orientation}, not that of sources[0] {first} "
+                f"within {ORIENTATION_TOLERANCE} per direction cosine: a SEG has one "
+                "orientation; give each orientation a Segmentation of its own"
+            )
+        # A new dataset over the same data elements (no pixels copied); the orientation's
+        # element is replaced, not changed in place, so that the source keeps its own.
+        clone = pydicom.Dataset()
+        clone.update(source)
+        if hasattr(source, "file_meta"):
+            clone.file_meta = source.file_meta
+        del clone.ImageOrientationPatient
+        clone.ImageOrientationPatient = list(reference)
+        harmonised.append(clone)
+    return harmonised
+
+
+def _cosines(value: Sequence[float] | None) -> list[float] | None:
+    try:
+        return [float(item) for item in value] if value is not None else None
+    except (TypeError, ValueError):
+        return None
 
 
 def segment_category(concept: CodedConcept) -> hd.sr.CodedConcept:
