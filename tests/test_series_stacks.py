@@ -430,6 +430,9 @@ def test_lung_segmentation_of_two_phases_is_a_seg_per_phase(lung_card, runtime) 
     assert [_uids(s.sources) for s in run.segmentations] == [_uids(first), _uids(second)]
     segs = [ds for kind, ds in result_objects(run, lung_card) if kind == "seg"]
     assert len({ds.SOPInstanceUID for ds in segs}) == 2
+    # Two instances of one SEG series: numbered apart, in the order of the stacks.
+    assert {ds.SeriesInstanceUID for ds in segs} == {segs[0].SeriesInstanceUID}
+    assert [int(ds.InstanceNumber) for ds in segs] == [1, 2]
     for seg, phase in zip(segs, (first, second), strict=True):
         referenced = {
             item.ReferencedSOPInstanceUID

@@ -121,11 +121,15 @@ def result_objects(
                     partial(gsps.build_gsps, evaluation, run.algorithm, window=card.input.window),
                 )
     if "seg" in produces:
-        for segmentation in run.segmentations:
+        for number, segmentation in enumerate(run.segmentations, start=1):
             build(
                 "seg",
                 partial(
-                    seg.build_seg, segmentation, run.algorithm, fractional=card.results.fractional
+                    seg.build_seg,
+                    segmentation,
+                    run.algorithm,
+                    fractional=card.results.fractional,
+                    instance_number=number,
                 ),
             )
     if "derived" in produces:

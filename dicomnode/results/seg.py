@@ -66,6 +66,7 @@ def build_seg(
     *,
     fractional: bool = False,
     category: CodedConcept | None = None,
+    instance_number: int = 1,
 ) -> pydicom.Dataset:
     """Return a SEG of ``segmentation`` referencing its source image(s).
 
@@ -73,7 +74,8 @@ def build_seg(
     probabilities in 8 bits. Every source frame gets a frame per segment, empty or not, for
     viewers that mishandle sparse SEG. The segmented property category is Anatomical
     Structure for the codes in ANATOMY_CODES, else Morphologically Abnormal Structure, unless
-    ``category`` names one for all segments.
+    ``category`` names one for all segments. A model's SEGs of one study share a series:
+    ``instance_number`` tells them apart (1, 2, ... in the order of its segmentations).
     """
     sources, pixels = _validated(segmentation)
     study_uid = one_study(sources, "the SEG's source images")
@@ -128,7 +130,7 @@ def build_seg(
         sop_instance_uid=result_instance_uid(
             [str(ds.SOPInstanceUID) for ds in sources], algorithm, "seg"
         ),
-        instance_number=1,
+        instance_number=instance_number,
         manufacturer=EQUIPMENT_MANUFACTURER,
         manufacturer_model_name=algorithm.name[:64],
         software_versions=f"dicomnode {__version__}",
