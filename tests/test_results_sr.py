@@ -12,7 +12,7 @@ from dciodvfy import chest_xray, ct_series, dciodvfy_errors
 
 from dicomnode import RESEARCH_DEMO_NOTICE
 from dicomnode.findings import Algorithm, CodedConcept, Finding, ImageFindings
-from dicomnode.results.sr import build_sr
+from dicomnode.results.sr import build_sr, series_description
 from dicomnode.results.uids import KINDS, result_instance_uid, result_series_uid, result_uid
 
 ALGORITHM = Algorithm(name="cxr-pneumothorax-demo", version="1.0.0")
@@ -427,3 +427,26 @@ def test_sr_of_ct_slices_without_slice_thickness() -> None:
     # A slice with every descriptor keeps them.
     whole = build_sr([ImageFindings(slices[1], evaluation.findings)], ALGORITHM)
     assert SLICE_THICKNESS in _library_entry(whole, slices[1].SOPInstanceUID)
+
+
+@pytest.mark.parametrize(
+    "kind",
+    ["SR", "Bone suppression (soft-tissue image, ribs and clavicles removed)"],
+)
+def test_series_description_keeps_the_model_name_and_version_whole(kind: str) -> None:
+    """A viewer's series list is where a reader sees which model and version made a series:
+    a long kind is cut, not the model (the bone suppression output lost its version)."""
+    algorithm = Algorithm(name="cxr-bone-suppression-demo", version="1.0.0")
+    description = series_description(algorithm, kind)
+    assert len(description) <= 64
+    assert description.startswith("AI ")
+    assert description.endswith(" cxr-bone-suppression-demo 1.0.0 (research demo)")
+    assert description.startswith(f"AI {kind[:8]}")
+
+
+def test_series_description_cuts_only_a_name_too_long_for_any_kind() -> None:
+    algorithm = Algorithm(name="a-very-long-model-name-from-another-vendor-x" * 2, version="2.0")
+    description = series_description(algorithm, "overlay")
+    assert len(description) == 64
+    assert description.startswith("AI overlay a-very-long")
+    assert description.endswith("~ (research demo)")

@@ -211,12 +211,17 @@ def validate_evaluation(evaluation: ImageFindings, allow_empty: bool = False) ->
 
 
 def series_description(algorithm: Algorithm, kind: str) -> str:
-    """Return a Series Description naming the model, e.g. "AI SR cxr-demo 1.0.0 (research demo)"."""
+    """Return a Series Description naming the model, e.g. "AI SR cxr-demo 1.0.0 (research demo)".
+
+    Within LO's 64 characters the model's name and version are kept whole (a viewer's series
+    list is where a reader tells which model and version made a series) and ``kind`` is cut
+    (ending in "~"); only a name too long for any kind is cut itself."""
     suffix = " (research demo)" if algorithm.research_demo else ""
-    if len(kind) > 24:  # e.g. a long derivation: keep room for the model's name
-        kind = kind[:23] + "~"
-    head = f"AI {kind} "
     model = f"{algorithm.name} {algorithm.version}"
+    room = _LO_MAX - len("AI  ") - len(model) - len(suffix)
+    if len(kind) > max(room, 8):
+        kind = kind[: max(room, 8) - 1] + "~"
+    head = f"AI {kind} "
     room = _LO_MAX - len(head) - len(suffix)
     if len(model) > room:
         model = model[: room - 1] + "~"
