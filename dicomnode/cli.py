@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from dicomnode import RESEARCH_DEMO_NOTICE
 from dicomnode.config import Settings, load_settings
+from dicomnode.db.errors import DatabaseUnusable
 from dicomnode.models.registry import ModelCard, discover_cards
 from dicomnode.tomlfile import ConfigError
 
@@ -557,6 +558,23 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
+    except DatabaseUnusable as exc:
+        # Every command that opens the database (serve, worker, db, users, worklist) meets
+        # it here at start: one line, not a traceback each time systemd restarts the unit.
+        _report_error(str(exc))
+        return 1
+
+
+def _report_error(message: str) -> None:
+    """``message`` in the log where the command set logging up (serve, worker), else as
+    one ``error:`` line on stderr, at error priority when stderr is the journal."""
+    from dicomnode.logs import journal_priority, stderr_is_journal
+
+    if logging.getLogger().handlers:
+        log.error("%s", message)
+        return
+    prefix = journal_priority(logging.ERROR) if stderr_is_journal() else ""
+    print(f"{prefix}error: {message}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from collections.abc import Iterable
 
@@ -13,6 +14,43 @@ CHATTY_LIBRARIES = ("pynetdicom", "highdicom", "alembic", "httpx", "httpcore")
 # ``warnings.warn`` of a name without "^", of a date that is not one) and pydicom's own
 # logger, which logs each such warning as well. Shown only with debug on.
 QUOTING_LOGGERS = ("py.warnings", "pydicom")
+# pynetdicom's own lines for an outgoing association that could not connect: ERRORs that
+# name no destination, two per failed try, while the export code logs a WARNING naming
+# the destination and the retry. Shown (as DEBUG) only with debug on; pynetdicom's other
+# ERRORs, a TLS failure's among them, stay as they are.
+CONNECT_FAILURE_LOGGER = "pynetdicom.transport"
+CONNECT_FAILURE_MESSAGES = (
+    "Association request failed: unable to connect to remote",
+    "TCP Initialisation Error: ",
+)
+PLAIN_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# The journal stamps each line with its own time.
+JOURNAL_FORMAT = "%(levelname)s %(name)s: %(message)s"
+# sd-daemon(3): a line written to the journal's stream may begin with its syslog priority.
+JOURNAL_PRIORITIES = ((logging.ERROR, 3), (logging.WARNING, 4), (logging.INFO, 6))
+JOURNAL_DEBUG_PRIORITY = 7
+
+
+def stderr_is_journal() -> bool:
+    """Whether standard error is systemd's journal stream: ``JOURNAL_STREAM`` names its
+    device and inode (systemd.exec(5)). Compared with stderr's own, as systemd advises: a
+    child of the service whose stderr was sent elsewhere inherits the variable."""
+    stream = os.environ.get("JOURNAL_STREAM", "")
+    device, _, inode = stream.partition(":")
+    try:
+        status = os.fstat(sys.stderr.fileno())
+        return (status.st_dev, status.st_ino) == (int(device), int(inode))
+    except (ValueError, OSError, AttributeError):
+        return False
+
+
+def journal_priority(level: int) -> str:
+    """The sd-daemon prefix of a line at ``level``: ``<3>`` error and critical, ``<4>``
+    warning, ``<6>`` info, ``<7>`` debug."""
+    for threshold, priority in JOURNAL_PRIORITIES:
+        if level >= threshold:
+            return f"<{priority}>"
+    return f"<{JOURNAL_DEBUG_PRIORITY}>"
 
 
 class _QuietQuotingLoggers(logging.Filter):
@@ -26,6 +64,35 @@ class _QuietQuotingLoggers(logging.Filter):
         return not any(
             record.name == name or record.name.startswith(name + ".") for name in QUOTING_LOGGERS
         )
+
+
+class _DemoteConnectFailures(logging.Filter):
+    """On ``CONNECT_FAILURE_LOGGER``: makes its connect-failure lines DEBUG records and drops
+    them unless that logger shows DEBUG (a logger filter runs after the level check)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno <= logging.DEBUG or not isinstance(record.msg, str):
+            return True
+        if not record.msg.startswith(CONNECT_FAILURE_MESSAGES):
+            return True
+        record.levelno, record.levelname = logging.DEBUG, logging.getLevelName(logging.DEBUG)
+        return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+
+
+_CONNECT_FAILURES = _DemoteConnectFailures()
+
+
+class _JournalPriority(logging.Formatter):
+    """Prefixes each line of ``inner``'s text (a traceback's too) with the record's
+    priority, so that ``journalctl -p err`` finds errors."""
+
+    def __init__(self, inner: logging.Formatter) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def format(self, record: logging.LogRecord) -> str:
+        prefix = journal_priority(record.levelno)
+        return "\n".join(prefix + line for line in self.inner.format(record).splitlines())
 
 
 class _JsonFormatter(logging.Formatter):
@@ -42,15 +109,18 @@ class _JsonFormatter(logging.Formatter):
 
 
 def setup_logging(level: str = "INFO", json_lines: bool = False) -> None:
-    """Configure the root logger once for the process."""
+    """Configure the root logger once for the process: to stderr, each line with its
+    sd-daemon priority and without a time of its own when stderr is the journal."""
     handler = logging.StreamHandler(sys.stderr)
     if level != "DEBUG":
         handler.addFilter(_QuietQuotingLoggers())
-    handler.setFormatter(
+    journal = stderr_is_journal()
+    formatter: logging.Formatter = (
         _JsonFormatter()
         if json_lines
-        else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+        else logging.Formatter(JOURNAL_FORMAT if journal else PLAIN_FORMAT)
     )
+    handler.setFormatter(_JournalPriority(formatter) if journal else formatter)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
@@ -62,6 +132,9 @@ def setup_logging(level: str = "INFO", json_lines: bool = False) -> None:
     for name in CHATTY_LIBRARIES:
         logging.getLogger(name).setLevel(chatter)
     logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
+    connect_failures = logging.getLogger(CONNECT_FAILURE_LOGGER)
+    if _CONNECT_FAILURES not in connect_failures.filters:
+        connect_failures.addFilter(_CONNECT_FAILURES)
     # Python's warnings go to the log (py.warnings, level WARNING), not straight to stderr
     # (the journal), where the handler's filter keeps them out unless debugging.
     logging.captureWarnings(True)

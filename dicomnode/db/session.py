@@ -9,8 +9,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import NullPool
+
+from dicomnode.db.errors import unknown_revision, unreachable
 
 if TYPE_CHECKING:
     from alembic.config import Config as AlembicConfig
@@ -81,31 +84,57 @@ def alembic_config(url: str) -> AlembicConfig:
 
 
 def upgrade(url: str) -> tuple[str | None, str | None]:
-    """Bring the database schema to the newest migration; the revisions before and after."""
+    """Bring the database schema to the newest migration; the revisions before and after.
+
+    Raises :class:`~dicomnode.db.errors.DatabaseUnusable` (one line, no password) when the
+    database cannot be opened or is at a revision this code does not have."""
     if url.startswith("sqlite:///"):
         path = url.removeprefix("sqlite:///")
         if path and path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            # Patient names and IDs: a new database is readable by the node's account only
-            # (SQLite gives its -wal and -shm files the database file's mode).
-            os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+            try:
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+                # Patient names and IDs: a new database is readable by the node's account
+                # only (SQLite gives its -wal and -shm files the database file's mode).
+                os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+            except OSError as exc:
+                raise unreachable(url, exc) from exc
     from alembic import command
 
     before = schema_revision(url)
-    command.upgrade(alembic_config(url), "head")
+    config = alembic_config(url)
+    _refuse_unknown_revision(config, before)
+    command.upgrade(config, "head")
     after = schema_revision(url)
     if after != before:
         log.info("database schema upgraded from %s to %s", before or "empty", after)
     return before, after
 
 
+def _refuse_unknown_revision(config: AlembicConfig, revision: str | None) -> None:
+    """A revision this code's migrations lack means a newer dicomnode upgraded the database
+    (then was rolled back): no migration path exists, and guessing would corrupt it."""
+    from alembic.script import ScriptDirectory
+
+    if revision is None:
+        return
+    script = ScriptDirectory.from_config(config)
+    if revision not in {migration.revision for migration in script.walk_revisions()}:
+        raise unknown_revision(revision, script.get_current_head())
+
+
 def schema_revision(url: str) -> str | None:
-    """The migration the database is at (None for a database without the schema)."""
+    """The migration the database is at (None for a database without the schema).
+
+    Raises :class:`~dicomnode.db.errors.DatabaseUnusable` when it cannot connect."""
     from alembic.runtime.migration import MigrationContext
 
     engine = create_engine(url, poolclass=NullPool)
     try:
-        with engine.connect() as connection:
+        try:
+            connection = engine.connect()
+        except DBAPIError as exc:
+            raise unreachable(url, exc) from exc
+        with connection:
             return MigrationContext.configure(connection).get_current_revision()
     finally:
         engine.dispose()
