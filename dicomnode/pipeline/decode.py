@@ -19,6 +19,8 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 
+from dicomnode.pipeline.attributes import value_or_none
+
 GREY = ("MONOCHROME1", "MONOCHROME2")
 COLOUR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_RCT", "YBR_ICT", "PALETTE COLOR")
 # Without these pydicom cannot know how to read Pixel Data (PS3.3 C.7.6.3, Type 1).
@@ -46,7 +48,7 @@ def describe(ds: pydicom.Dataset) -> str:
     filename = getattr(ds, "filename", None)
     if isinstance(filename, (str, os.PathLike)) and str(filename):
         parts.append(f"file {os.fspath(filename)}")
-    parts.append(f"SOP Instance {ds.get('SOPInstanceUID', '<no SOP Instance UID>')}")
+    parts.append(f"SOP Instance {value_or_none(ds, 'SOPInstanceUID') or '<no SOP Instance UID>'}")
     return ", ".join(parts)
 
 
@@ -99,8 +101,8 @@ def _why(uid: UID, error: Exception) -> str:
 
 
 def number_of_frames(ds: pydicom.Dataset) -> int:
-    """Number of Frames (1 when absent); DecodeError when it is not a positive number."""
-    value = ds.get("NumberOfFrames", 1)
+    """Number of Frames (1 when absent or empty); DecodeError when it is not a positive number."""
+    value = value_or_none(ds, "NumberOfFrames")
     try:
         frames = int(value or 1)
     except (TypeError, ValueError) as error:
@@ -118,7 +120,7 @@ def first_frame(ds: pydicom.Dataset) -> np.ndarray:
     where = describe(ds)
     if "PixelData" not in ds:
         raise DecodeError(f"{where} has no Pixel Data to analyse")
-    missing = [keyword for keyword in IMAGE_PIXEL if ds.get(keyword) in (None, "")]
+    missing = [keyword for keyword in IMAGE_PIXEL if value_or_none(ds, keyword) is None]
     if missing:
         raise DecodeError(
             f"cannot decode the pixel data of {where}: it lacks {', '.join(missing)} "
@@ -151,7 +153,7 @@ def first_frame(ds: pydicom.Dataset) -> np.ndarray:
 def grey_from_colour(ds: pydicom.Dataset, pixels: np.ndarray) -> np.ndarray:
     """Float64 luma of a colour frame (RGB, YBR already made RGB by pydicom, or PALETTE COLOR
     indices), in the frame's own value range."""
-    photometric = str(ds.get("PhotometricInterpretation", ""))
+    photometric = str(value_or_none(ds, "PhotometricInterpretation") or "")
     if photometric == "PALETTE COLOR":
         pixels = apply_color_lut(pixels, ds)
     if pixels.ndim != 3 or pixels.shape[-1] != 3:

@@ -12,31 +12,102 @@ import pydicom
 from PIL import Image
 from pydicom.multival import MultiValue
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
+from pydicom.sequence import Sequence
 
 from dicomnode.models.registry import InputSpec
+from dicomnode.pipeline.attributes import value_or_none
 from dicomnode.pipeline.decode import COLOUR, GREY, describe, first_frame, grey_from_colour
 
 DEFAULT_WINDOW_PERCENTILES = (0.5, 99.5)
+# What pydicom's apply_modality_lut and apply_voi_lut read of a dataset, besides its encoding.
+_LUT_KEYWORDS = (
+    "PhotometricInterpretation",
+    "BitsStored",
+    "PixelRepresentation",
+    "ModalityLUTSequence",
+    "RescaleSlope",
+    "RescaleIntercept",
+    "VOILUTSequence",
+    "WindowCenter",
+    "WindowWidth",
+    "VOILUTFunction",
+)
+
+
+def _photometric(ds: pydicom.Dataset) -> str:
+    """Photometric Interpretation; MONOCHROME2 when absent or empty (decoding then says that
+    it lacks one)."""
+    return str(value_or_none(ds, "PhotometricInterpretation") or "MONOCHROME2")
+
+
+def _lut_item(ds: pydicom.Dataset, keyword: str) -> pydicom.Dataset | None:
+    """The first item of a Modality or VOI LUT Sequence when it has a LUT Descriptor of three
+    values and LUT Data; None when the sequence is absent or empty or its item lacks them."""
+    items = value_or_none(ds, keyword)
+    if not isinstance(items, Sequence):
+        return None
+    item = items[0]
+    descriptor = value_or_none(item, "LUTDescriptor")
+    if not isinstance(descriptor, (list, tuple, MultiValue)) or len(descriptor) != 3:
+        return None
+    return item if value_or_none(item, "LUTData") is not None else None
+
+
+def lut_attributes(ds: pydicom.Dataset) -> pydicom.Dataset:
+    """The attributes pydicom's Modality and VOI LUT functions read, as the node reads them:
+    empty ones left out (pydicom applies any attribute present, and an empty Rescale Intercept
+    or VOI LUT Function makes it raise), a LUT Sequence only with a usable first item, and a
+    Rescale Slope or Intercept without the other completed with the identity's (1 or 0:
+    output = slope * stored + intercept, PS3.3 C.11.1.1.2; pydicom would drop the lone one).
+    A new dataset holding the same elements: ``ds`` is not changed."""
+    luts = pydicom.Dataset()
+    for keyword in _LUT_KEYWORDS:
+        if value_or_none(ds, keyword) is not None:
+            luts[keyword] = ds[keyword]
+    for keyword in ("ModalityLUTSequence", "VOILUTSequence"):
+        if keyword in luts and _lut_item(ds, keyword) is None:
+            del luts[keyword]
+    if "ModalityLUTSequence" not in luts:
+        if "RescaleIntercept" in luts and "RescaleSlope" not in luts:
+            luts.RescaleSlope = 1
+        elif "RescaleSlope" in luts and "RescaleIntercept" not in luts:
+            luts.RescaleIntercept = 0
+    # Where OW LUT Data's byte order comes from (pydicom reads the File Meta's first).
+    luts.set_original_encoding(*ds.original_encoding, ds.original_character_set)
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None:
+        luts.file_meta = meta
+    return luts
+
+
+def _modality_values(ds: pydicom.Dataset, stored: np.ndarray) -> np.ndarray:
+    """Float64 of the stored values through the Modality LUT (rescale), as ``lut_attributes``
+    reads it."""
+    return np.asarray(apply_modality_lut(stored, lut_attributes(ds)), dtype=np.float64)
 
 
 def _stored_pixels(ds: pydicom.Dataset) -> np.ndarray:
     """Decoded stored values of the first frame of a greyscale image; DecodeError naming the
     file, instance and transfer syntax if they cannot be decoded."""
-    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
+    photometric = _photometric(ds)
     pixels = first_frame(ds)
     if photometric not in GREY or pixels.ndim != 2:
+        samples = value_or_none(ds, "SamplesPerPixel") or 1
         raise ValueError(
-            f"{describe(ds)} is {photometric} with {ds.get('SamplesPerPixel', 1)} samples per "
-            "pixel; only greyscale (MONOCHROME1/2) stored values can be used here"
+            f"{describe(ds)} is {photometric} with {samples} samples per pixel; only greyscale "
+            "(MONOCHROME1/2) stored values can be used here"
         )
     return pixels
 
 
 def first_window(ds: pydicom.Dataset) -> tuple[float, float] | None:
     """The first Window Center / Width pair when both are usable (width >= 1), else None."""
+    centres, widths = value_or_none(ds, "WindowCenter"), value_or_none(ds, "WindowWidth")
+    if centres is None or widths is None:
+        return None
     try:
-        centre, width = _first(ds.get("WindowCenter")), _first(ds.get("WindowWidth"))
-    except (TypeError, ValueError, IndexError):  # absent, empty or not a number
+        centre, width = _first(centres), _first(widths)
+    except (TypeError, ValueError, IndexError):  # the first value empty, or not a number
         return None
     if not (np.isfinite(centre) and np.isfinite(width)) or width < 1:
         return None
@@ -49,8 +120,12 @@ def voi_lut_table(ds: pydicom.Dataset) -> tuple[int, np.ndarray, int]:
 
     Read here rather than looked up by pydicom 3.0's ``apply_voi_lut``, which indexes an 8-bit
     LUT through 8-bit integers: past 256 entries the indexes wrap (input 4095 of a 4096-entry
-    8-bit LUT reads entry 255 - 256 * 15)."""
-    item = ds.VOILUTSequence[0]
+    8-bit LUT reads entry 255 - 256 * 15). ValueError when it has no usable VOI LUT."""
+    item = _lut_item(ds, "VOILUTSequence")
+    if item is None:
+        raise ValueError(
+            f"{describe(ds)} has no usable VOI LUT (an item with LUT Descriptor and LUT Data)"
+        )
     entries, first_mapped, bits = (int(value) for value in item.LUTDescriptor)
     entries = entries or 2**16
     data = item["LUTData"].value
@@ -84,10 +159,13 @@ def _little_endian(ds: pydicom.Dataset) -> bool:
     return True if read is None else bool(read)
 
 
-def _apply_voi(ds: pydicom.Dataset, values: np.ndarray) -> tuple[np.ndarray, float, float] | None:
+def _apply_voi(
+    ds: pydicom.Dataset, luts: pydicom.Dataset, values: np.ndarray
+) -> tuple[np.ndarray, float, float] | None:
     """The dataset's own VOI transform (first VOI LUT, else first usable window, pydicom's
-    implementation) and its output range; None when it has none."""
-    if ds.get("VOILUTSequence"):
+    implementation over ``luts``, its ``lut_attributes``) and its output range; None when it
+    has none."""
+    if _lut_item(ds, "VOILUTSequence") is not None:
         first_mapped, table, bits = voi_lut_table(ds)
         # A LUT is indexed by integers: rescaled values are rounded (pydicom truncates floats).
         # Inputs below the first mapped value take the first entry, above the last the last.
@@ -103,8 +181,8 @@ def _apply_voi(ds: pydicom.Dataset, values: np.ndarray) -> tuple[np.ndarray, flo
     if window is None:
         return None
     # Far outside any window: pydicom maps them to the ends of its output range.
-    probe = apply_voi_lut(np.array([-1e15, 1e15]), ds, index=0, prefer_lut=False)
-    out = apply_voi_lut(values, ds, index=0, prefer_lut=False)
+    probe = apply_voi_lut(np.array([-1e15, 1e15]), luts, index=0, prefer_lut=False)
+    out = apply_voi_lut(values, luts, index=0, prefer_lut=False)
     return out, float(probe.min()), float(probe.max())
 
 
@@ -119,8 +197,9 @@ def presentation_pixels(
     inverted where the image says so (MONOCHROME1, Presentation LUT Shape INVERSE: see
     ``is_inverted``) so bright = dense. Colour images (RGB / YBR secondary captures,
     palette) become their luma with a percentile window. Pixel Padding (stored values) is black
-    and left out of the percentile window. DecodeError when undecodable."""
-    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
+    and left out of the percentile window. Empty attributes are read as absent. DecodeError
+    when undecodable."""
+    photometric = _photometric(ds)
     if photometric not in GREY + COLOUR:
         raise ValueError(
             f"{describe(ds)} is {photometric}; only MONOCHROME1/2, RGB, YBR and PALETTE COLOR "
@@ -152,7 +231,7 @@ def presentation_pixels(
 
 def _has_voi(ds: pydicom.Dataset) -> bool:
     """Whether the dataset has a VOI transform of its own (what ``_apply_voi`` applies)."""
-    return bool(ds.get("VOILUTSequence")) or first_window(ds) is not None
+    return _lut_item(ds, "VOILUTSequence") is not None or first_window(ds) is not None
 
 
 def _every_stored_value(frame: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
@@ -194,12 +273,12 @@ def _voi_unit(
     padding: np.ndarray | None,
 ) -> np.ndarray:
     """``_unit_interval`` before its inversion, unrounded (float64 for greyscale images)."""
-    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
-    if photometric in COLOUR:
+    if _photometric(ds) in COLOUR:
         values, voi = stored, None
     else:
-        values = np.asarray(apply_modality_lut(stored, ds), dtype=np.float64)
-        voi = None if window is not None else _apply_voi(ds, values)
+        luts = lut_attributes(ds)
+        values = np.asarray(apply_modality_lut(stored, luts), dtype=np.float64)
+        voi = None if window is not None else _apply_voi(ds, luts, values)
     if window is not None:
         centre, width = window
         low, high = centre - width / 2.0, centre + width / 2.0
@@ -232,20 +311,20 @@ def is_inverted(ds: pydicom.Dataset) -> bool:
     is inverted once, as every viewer shows it), and MONOCHROME2 + INVERSE, which those
     modules do not allow but images carry, is inverted by its Presentation LUT. MONOCHROME1
     with IDENTITY is taken as MONOCHROME1 says. Colour images are never inverted."""
-    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
+    photometric = _photometric(ds)
     if photometric == "MONOCHROME1":
         return True
-    shape = str(ds.get("PresentationLUTShape", "") or "").strip().upper()
+    shape = str(value_or_none(ds, "PresentationLUTShape") or "").strip().upper()
     return photometric == "MONOCHROME2" and shape == "INVERSE"
 
 
 def padding_mask(ds: pydicom.Dataset, stored: np.ndarray) -> np.ndarray | None:
     """Pixels marked as padding (Pixel Padding Value, up to Pixel Padding Range Limit, in stored
     values), or None when the image declares none."""
-    value = ds.get("PixelPaddingValue")
+    value = value_or_none(ds, "PixelPaddingValue")
     if not isinstance(value, int) or isinstance(value, bool):
-        return None  # absent, or bytes of an undetermined VR
-    limit = ds.get("PixelPaddingRangeLimit")
+        return None  # absent, empty, or bytes of an undetermined VR
+    limit = value_or_none(ds, "PixelPaddingRangeLimit")
     if not isinstance(limit, int) or isinstance(limit, bool):
         limit = value
     value, limit = _as_stored(ds, value), _as_stored(ds, limit)
@@ -259,9 +338,9 @@ def _as_stored(ds: pydicom.Dataset, value: int) -> int:
     are US or SS as Pixel Representation is (PS3.3 C.7.5.1.1.2); written as US on a signed
     image (an encoder's slip, or an implicit VR reader's default) a negative value reads as its
     two's complement over Bits Allocated, e.g. 63536 for -2000."""
-    if int(ds.get("PixelRepresentation", 0) or 0) != 1:
+    if int(value_or_none(ds, "PixelRepresentation") or 0) != 1:
         return value
-    bits = int(ds.get("BitsAllocated", 16) or 16)
+    bits = int(value_or_none(ds, "BitsAllocated") or 16)
     if 2 ** (bits - 1) <= value < 2**bits:
         return value - 2**bits
     return value
@@ -426,11 +505,11 @@ def pixel_aspect(ds: pydicom.Dataset) -> float:
     the ratio is within 0.1 % of 1 (rounding in the spacings: under half a pixel at 512) or
     implausible (beyond 10:1, a mistyped spacing)."""
     for keyword in ("PixelSpacing", "ImagerPixelSpacing", "NominalScannedPixelSpacing"):
-        aspect = _ratio(ds.get(keyword))
+        aspect = _ratio(value_or_none(ds, keyword))
         if aspect is not None:
             break
     else:
-        aspect = _ratio(ds.get("PixelAspectRatio"))
+        aspect = _ratio(value_or_none(ds, "PixelAspectRatio"))
     if aspect is None or abs(aspect - 1.0) <= 1e-3 or not 0.1 <= aspect <= 10.0:
         return 1.0
     return aspect
@@ -513,7 +592,7 @@ def apply_correction(ds: pydicom.Dataset, correction: np.ndarray, spec: InputSpe
     window = spec.window
     if window is None and not _has_voi(ds):
         # The percentile window presentation_pixels took, as a fixed window.
-        values = np.asarray(apply_modality_lut(stored, ds), dtype=np.float64)
+        values = _modality_values(ds, stored)
         low, high = _percentiles(values, padding, spec.window_percentiles)
         window = ((low + high) / 2.0, high - low)
     change = np.asarray(correction, dtype=np.float64)
@@ -527,8 +606,8 @@ def apply_correction(ds: pydicom.Dataset, correction: np.ndarray, spec: InputSpe
     if padding is not None:
         change[padding] = 0.0
     out = np.add(stored, change, out=change)
-    bits = int(ds.get("BitsStored", 16))
-    signed = int(ds.get("PixelRepresentation", 0)) == 1
+    bits = int(value_or_none(ds, "BitsStored") or 16)
+    signed = int(value_or_none(ds, "PixelRepresentation") or 0) == 1
     lowest, highest = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
     np.rint(out, out=out)
     return np.clip(out, lowest, highest, out=out).astype(np.int32)
@@ -540,17 +619,17 @@ def _stored_per_presentation(
     """Stored values per 0..1 presentation unit where stored value -> presentation is linear
     (Rescale Slope, then ``window`` or the image's LINEAR / LINEAR_EXACT window), else None
     (a Modality LUT, a VOI LUT or a SIGMOID window: see ``_change_through_table``)."""
-    if ds.get("ModalityLUTSequence"):
+    if _lut_item(ds, "ModalityLUTSequence") is not None:
         return None
-    slope = float(ds.get("RescaleSlope", 1) or 1)
+    slope = float(value_or_none(ds, "RescaleSlope") or 1)
     if window is not None:
         return float(window[1]) / slope
-    if ds.get("VOILUTSequence"):
+    if _lut_item(ds, "VOILUTSequence") is not None:
         return None
     own = first_window(ds)
     if own is None:
         return None
-    function = str(ds.get("VOILUTFunction", "") or "LINEAR").strip().upper()
+    function = str(value_or_none(ds, "VOILUTFunction") or "LINEAR").strip().upper()
     if function == "LINEAR":  # PS3.3 C.11.2.1.2.1: output = ((x - (c - 0.5)) / (w - 1) + 0.5)
         return (own[1] - 1.0) / slope
     if function == "LINEAR_EXACT":  # C.11.2.1.3.2: output = (x - c) / w + 0.5
@@ -604,8 +683,8 @@ def _stored_domain(ds: pydicom.Dataset, stored: np.ndarray) -> tuple[np.ndarray,
     """Every stored value the image's Bits Stored allows, ascending (the values present where
     that is over 16 bits or the pixels are not integers), and each pixel's index into them."""
     if stored.dtype.kind in "iu":
-        bits = int(ds.get("BitsStored", 16) or 16)
-        signed = int(ds.get("PixelRepresentation", 0) or 0) == 1
+        bits = int(value_or_none(ds, "BitsStored") or 16)
+        signed = int(value_or_none(ds, "PixelRepresentation") or 0) == 1
         low, high = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
         low, high = min(low, int(stored.min())), max(high, int(stored.max()))
         if high - low < 2**16:
@@ -619,7 +698,7 @@ def percentile_window(source: pydicom.Dataset) -> tuple[float, float]:
     """Window Center / Width (LINEAR) giving the percentile window ``presentation_pixels``
     uses on an image without a usable VOI of its own: low percentile black, high white."""
     stored = first_frame(source)
-    values = np.asarray(apply_modality_lut(stored, source), dtype=np.float64)
+    values = _modality_values(source, stored)
     low, high = _percentiles(values, padding_mask(source, stored), DEFAULT_WINDOW_PERCENTILES)
     if high <= low:
         # A flat image is black in the node's presentation: a 1-wide window above it.

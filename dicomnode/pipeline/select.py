@@ -10,6 +10,7 @@ from pydicom import Dataset
 from dicomnode import made_by_this_node
 from dicomnode.findings import Finding
 from dicomnode.models.registry import ModelCard, SelectionRules
+from dicomnode.pipeline.attributes import value_or_none
 
 # Image SOP classes whose instances are raw detector data, Presentation Intent Type or not.
 FOR_PROCESSING_CLASSES = frozenset(
@@ -56,31 +57,32 @@ DESCRIPTIONS = (
 def body_part(ds: Dataset) -> str:
     """Body Part Examined, with the chest's other spellings (THORAX, LUNG, CHEST_PA, ...) read
     as CHEST; when absent, CHEST if a protocol or description names the chest."""
-    value = str(ds.get("BodyPartExamined", "") or "").strip().upper()
+    value = _text(ds, "BodyPartExamined")
     if value:
         return "CHEST" if any(word in value for word in CHEST_WORDS) else value
     for keyword in DESCRIPTIONS:
-        text = str(ds.get(keyword, "") or "").upper()
+        text = _text(ds, keyword)
         if any(word in text for word in CHEST_WORDS):
             return "CHEST"
     return ""
 
 
 def _text(ds: Dataset, keyword: str) -> str:
-    return str(ds.get(keyword, "") or "").strip().upper()
+    """The attribute's text in upper case; "" when it is absent or empty."""
+    return str(value_or_none(ds, keyword) or "").strip().upper()
 
 
 def _integer(ds: Dataset, keyword: str, default: int) -> int:
     # A malformed value is the decoder's to report, with the file named; selection goes on.
     try:
-        return int(ds.get(keyword, default) or default)
+        return int(value_or_none(ds, keyword) or default)
     except (TypeError, ValueError):
         return default
 
 
 def _image_types(ds: Dataset) -> tuple[str, ...]:
-    value = ds.get("ImageType", None)
-    if value is None or value == "":
+    value = value_or_none(ds, "ImageType")
+    if value is None:
         return ()
     values = [value] if isinstance(value, str) else list(value)
     return tuple(str(item).strip().upper() for item in values)
@@ -90,7 +92,7 @@ def slice_normal(ds: Dataset) -> tuple[float, float, float] | None:
     """Unit normal of the image plane from Image Orientation Patient, None when it is absent or
     not two non-parallel direction vectors."""
     try:
-        values = [float(v) for v in ds.get("ImageOrientationPatient", None) or ()]
+        values = [float(v) for v in value_or_none(ds, "ImageOrientationPatient") or ()]
     except (TypeError, ValueError):
         return None
     if len(values) != 6 or not all(math.isfinite(v) for v in values):
@@ -123,12 +125,12 @@ def _presentation_intent(ds: Dataset, sop_class_uid: str) -> str:
 
 
 def image_facts(ds: Dataset) -> ImageFacts:
-    """The attributes that selection rules look at."""
-    sop_class_uid = str(ds.get("SOPClassUID", ""))
+    """The attributes that selection rules look at (an empty one as if absent)."""
+    sop_class_uid = str(value_or_none(ds, "SOPClassUID") or "").strip()
     return ImageFacts(
-        modality=str(ds.get("Modality", "")).upper(),
+        modality=_text(ds, "Modality"),
         body_part=body_part(ds),
-        view=str(ds.get("ViewPosition", "")).upper(),
+        view=_text(ds, "ViewPosition"),
         sop_class_uid=sop_class_uid,
         image_types=_image_types(ds),
         slice_normal=slice_normal(ds),
