@@ -183,11 +183,14 @@ def _selected(cards: list[ModelCard], ds: Dataset) -> list[str]:
 def test_empty_rescale_and_voi_lut_function_still_select_and_prepare(
     cards: list[ModelCard],
 ) -> None:
-    """The defect the node met: pydicom's LUT functions raise on these three."""
+    """The defect the node met: pydicom's LUT functions raise on these three. (A CT slice
+    without rescale has no Hounsfield units: no card takes it, and its VOI LUT Function alone
+    is spoiled here.)"""
     for kind in ("DX", "CR", "CT"):
         source = conforming(kind)
         spoiled = copy.deepcopy(source)
-        for keyword in ("RescaleIntercept", "RescaleSlope", "VOILUTFunction"):
+        keywords = ("RescaleIntercept", "RescaleSlope", "VOILUTFunction")
+        for keyword in keywords if kind != "CT" else keywords[2:]:
             spoiled.add_new(keyword, dictionary_VR(keyword), None)
         spoiled = _as_received(spoiled)
         assert _selected(cards, spoiled) == _selected(cards, source) != []
@@ -313,11 +316,12 @@ STUDIES = {
         ("RescaleIntercept", "RescaleSlope", "VOILUTFunction"),
         {"derived", "overlay", "sr"},
     ),
-    # A CT series: lung segmentation (SEG) and 2.5D nodule detection (SR).
+    # A CT series: lung segmentation (SEG) and 2.5D nodule detection (SR). (Its rescale is
+    # kept: a CT slice without it is given to no model, test_select_images.py.)
     "CT": (
         lambda: ct_series(5),
         ("ct_lung_seg_demo.toml", "ct_nodule_demo.toml"),
-        ("RescaleIntercept", "RescaleSlope", "WindowCenter", "VOILUTFunction"),
+        ("WindowCenter", "VOILUTFunction"),
         {"seg", "sr"},
     ),
 }

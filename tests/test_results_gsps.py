@@ -269,6 +269,19 @@ def test_gsps_keeps_the_first_voi_lut_and_drops_the_window_beside_it() -> None:
     np.testing.assert_allclose(table / 65535, source_table / 4095, atol=1e-5)
 
 
+def test_gsps_of_a_voi_lut_item_without_data_uses_the_window_as_the_model_saw_it() -> None:
+    """A VOI LUT item without LUT Data is no LUT (as preprocess reads it): the GSPS shows the
+    source's window instead of failing (the GSPS was not written)."""
+    item = _voi_lut_item()
+    del item.LUTData
+    source = _with_voi(WindowCenter=2000.0, WindowWidth=3000.0, VOILUTSequence=[item])
+    gsps = build_gsps(evaluation(source), ALGORITHM)
+    assert dciodvfy_errors(gsps) == []
+    voi = _voi(gsps)
+    assert "VOILUTSequence" not in voi
+    assert (float(voi.WindowCenter), float(voi.WindowWidth)) == (2000.0, 3000.0)
+
+
 def test_gsps_keeps_a_voi_lut_of_signed_modality_values() -> None:
     slice_ = ct_series(3, rows=128, columns=128)[1]
     slice_.VOILUTSequence = [_voi_lut_item(entries=3000, first_mapped=-1500, bits=16)]

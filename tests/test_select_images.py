@@ -84,6 +84,27 @@ def test_a_ct_localiser_is_selected_by_no_card(cards, ct_slice) -> None:
     assert image_plane(image_facts(localiser).slice_normal, 20) == "AXIAL"
 
 
+@pytest.mark.parametrize("emptied", ["RescaleIntercept", "RescaleSlope"])
+@pytest.mark.parametrize("how", ["missing", "empty"])
+def test_a_ct_slice_without_hounsfield_units_is_selected_by_no_card(
+    cards, ct_slice, emptied: str, how: str
+) -> None:
+    """Without Rescale Intercept and Slope a CT's stored values are no Hounsfield units (the
+    phantoms store HU + 1024): a CT model's fixed window would see a shifted picture."""
+    slice_ = copy.deepcopy(ct_slice)
+    if how == "missing":
+        del slice_[emptied]
+    else:
+        slice_[emptied].value = None
+    assert selected(cards, slice_) == []
+    # A radiograph needs no rescale: its chest cards still take it.
+    radiograph = make_cxr(8, size=128)[0]
+    for keyword in ("RescaleIntercept", "RescaleSlope"):
+        if keyword in radiograph:
+            del radiograph[keyword]
+    assert selected(cards, radiograph)
+
+
 @pytest.mark.parametrize(
     ("orientation", "plane"),
     [

@@ -40,9 +40,10 @@ def _photometric(ds: pydicom.Dataset) -> str:
     return str(value_or_none(ds, "PhotometricInterpretation") or "MONOCHROME2")
 
 
-def _lut_item(ds: pydicom.Dataset, keyword: str) -> pydicom.Dataset | None:
+def lut_item(ds: pydicom.Dataset, keyword: str) -> pydicom.Dataset | None:
     """The first item of a Modality or VOI LUT Sequence when it has a LUT Descriptor of three
-    values and LUT Data; None when the sequence is absent or empty or its item lacks them."""
+    values and LUT Data; None when the sequence is absent or empty or its item lacks them
+    (the node then uses the window, as everywhere it presents the image)."""
     items = value_or_none(ds, keyword)
     if not isinstance(items, Sequence):
         return None
@@ -65,7 +66,7 @@ def lut_attributes(ds: pydicom.Dataset) -> pydicom.Dataset:
         if value_or_none(ds, keyword) is not None:
             luts[keyword] = ds[keyword]
     for keyword in ("ModalityLUTSequence", "VOILUTSequence"):
-        if keyword in luts and _lut_item(ds, keyword) is None:
+        if keyword in luts and lut_item(ds, keyword) is None:
             del luts[keyword]
     if "ModalityLUTSequence" not in luts:
         if "RescaleIntercept" in luts and "RescaleSlope" not in luts:
@@ -121,7 +122,7 @@ def voi_lut_table(ds: pydicom.Dataset) -> tuple[int, np.ndarray, int]:
     Read here rather than looked up by pydicom 3.0's ``apply_voi_lut``, which indexes an 8-bit
     LUT through 8-bit integers: past 256 entries the indexes wrap (input 4095 of a 4096-entry
     8-bit LUT reads entry 255 - 256 * 15). ValueError when it has no usable VOI LUT."""
-    item = _lut_item(ds, "VOILUTSequence")
+    item = lut_item(ds, "VOILUTSequence")
     if item is None:
         raise ValueError(
             f"{describe(ds)} has no usable VOI LUT (an item with LUT Descriptor and LUT Data)"
@@ -165,7 +166,7 @@ def _apply_voi(
     """The dataset's own VOI transform (first VOI LUT, else first usable window, pydicom's
     implementation over ``luts``, its ``lut_attributes``) and its output range; None when it
     has none."""
-    if _lut_item(ds, "VOILUTSequence") is not None:
+    if lut_item(ds, "VOILUTSequence") is not None:
         first_mapped, table, bits = voi_lut_table(ds)
         # A LUT is indexed by integers: rescaled values are rounded (pydicom truncates floats).
         # Inputs below the first mapped value take the first entry, above the last the last.
@@ -231,7 +232,7 @@ def presentation_pixels(
 
 def _has_voi(ds: pydicom.Dataset) -> bool:
     """Whether the dataset has a VOI transform of its own (what ``_apply_voi`` applies)."""
-    return _lut_item(ds, "VOILUTSequence") is not None or first_window(ds) is not None
+    return lut_item(ds, "VOILUTSequence") is not None or first_window(ds) is not None
 
 
 def _every_stored_value(frame: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
@@ -619,12 +620,12 @@ def _stored_per_presentation(
     """Stored values per 0..1 presentation unit where stored value -> presentation is linear
     (Rescale Slope, then ``window`` or the image's LINEAR / LINEAR_EXACT window), else None
     (a Modality LUT, a VOI LUT or a SIGMOID window: see ``_change_through_table``)."""
-    if _lut_item(ds, "ModalityLUTSequence") is not None:
+    if lut_item(ds, "ModalityLUTSequence") is not None:
         return None
     slope = float(value_or_none(ds, "RescaleSlope") or 1)
     if window is not None:
         return float(window[1]) / slope
-    if _lut_item(ds, "VOILUTSequence") is not None:
+    if lut_item(ds, "VOILUTSequence") is not None:
         return None
     own = first_window(ds)
     if own is None:

@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass, replace
 
 from pydicom import Dataset
+from pydicom.uid import CTImageStorage
 
 from dicomnode import made_by_this_node
 from dicomnode.findings import Finding
@@ -41,6 +42,8 @@ class ImageFacts:
     # Presentation Intent Type ("FOR PRESENTATION", "FOR PROCESSING"), "" when absent.
     presentation_intent: str = ""
     manufacturer: str = ""
+    # Rescale Intercept and Rescale Slope both present and not empty.
+    rescaled: bool = True
 
 
 # Words in Body Part Examined or in the descriptions that mean the chest. Sites spell it many
@@ -139,7 +142,18 @@ def image_facts(ds: Dataset) -> ImageFacts:
         number_of_frames=_integer(ds, "NumberOfFrames", 1),
         presentation_intent=_presentation_intent(ds, sop_class_uid),
         manufacturer=_text(ds, "Manufacturer"),
+        rescaled=all(
+            value_or_none(ds, keyword) is not None
+            for keyword in ("RescaleIntercept", "RescaleSlope")
+        ),
     )
+
+
+def without_hounsfield_units(facts: ImageFacts) -> bool:
+    """True for a CT image without Rescale Intercept and Slope (Type 1 in the CT Image
+    module): its stored values are not Hounsfield units, and a CT model's fixed window would
+    see a shifted picture (stored HU + 1024 read as HU), so no model is given it."""
+    return (facts.modality == "CT" or facts.sop_class_uid == CTImageStorage) and not facts.rescaled
 
 
 def made_by_the_node(facts: ImageFacts) -> bool:
@@ -165,6 +179,7 @@ def rules_match(rules: SelectionRules, facts: ImageFacts) -> bool:
     image is not one of the node's own results."""
     return (
         not made_by_the_node(facts)
+        and not without_hounsfield_units(facts)
         and _admits(rules.modalities, facts.modality)
         and _admits(rules.body_parts, facts.body_part)
         and _admits(rules.views, facts.view)

@@ -13,6 +13,7 @@ from dicomnode.findings import Algorithm, Finding, ImageFindings
 from dicomnode.pipeline.preprocess import (
     first_window,
     is_inverted,
+    lut_item,
     percentile_window,
     voi_lut_table,
 )
@@ -231,9 +232,9 @@ def voi_transformation(
             window_width=[float(window[1])],
             window_explanation=["AI MODEL WINDOW"],
         )
-    luts = source.get("VOILUTSequence")
-    if luts:
-        return hd.pr.SoftcopyVOILUTTransformation(voi_luts=[_voi_lut(source, luts[0])])
+    item = lut_item(source, "VOILUTSequence")
+    if item is not None:
+        return hd.pr.SoftcopyVOILUTTransformation(voi_luts=[_voi_lut(source, item)])
     window = _first_window(source)
     if window is not None:
         centre, width, explanation = window
