@@ -33,6 +33,9 @@ class NodeSettings(_Section):
     host: str = "0.0.0.0"
     port: Port = 11112
     max_associations: int = Field(default=16, ge=1)
+    # So that one host cannot take every slot; over all listener processes, read per
+    # association request (a reload applies it to new associations).
+    max_associations_per_address: int = Field(default=16, ge=0, description="0 = unlimited")
     # Advertised to senders; a longer PDU closes the connection. 0 = no limit, which lets a
     # peer make the listener hold whatever PDU it announces (up to 4 GiB).
     max_pdu: int = Field(default=4 * 1024 * 1024, ge=0, description="0 = unlimited")

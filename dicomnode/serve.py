@@ -36,7 +36,14 @@ log = logging.getLogger("dicomnode")
 ASSEMBLY_PERIOD_SECONDS = 1.0
 
 # [node] settings the listeners read per association or instance: a reload applies them.
-LIVE_NODE_KEYS = frozenset({"require_known_peers", "require_called_ae", "max_instance_bytes"})
+LIVE_NODE_KEYS = frozenset(
+    {
+        "require_known_peers",
+        "require_called_ae",
+        "max_instance_bytes",
+        "max_associations_per_address",
+    }
+)
 # Changed only by a restart: the listener's socket, AE and processes (every other [node] key,
 # a new one included), the web server, the database, storage and the processes' logging,
 # which each sets up once (a reload logs which of them changed).

@@ -130,7 +130,9 @@ def _node(tmp_path: Path, db_url: str, *, listeners: int, workers: int, extra: s
     body = config.read_text()
     body = body.replace(
         f"port = {port}\n",
-        f"port = {port}\nlisteners = {listeners}\nmax_associations = 40\n",
+        # 32 senders at once from this one address: none may be refused.
+        f"port = {port}\nlisteners = {listeners}\nmax_associations = 40\n"
+        "max_associations_per_address = 40\n",
         1,
     )
     body = body.replace("[worker]\ncount = 1\n", f"[worker]\ncount = {workers}\n")

@@ -11,7 +11,9 @@ talks to its supervisor over its standard streams, one line each:
   end of input (the supervisor is gone) stops the child.
 
 The node-wide association limit and the connections each listener serves are kept in
-shared counters files (:mod:`dicomnode.ingest.slots`). The index rows of what a listener
+shared counters files (:mod:`dicomnode.ingest.slots`), the associations per peer address in
+another (:mod:`dicomnode.ingest.addresses`, ``ADDRESSES_FILE`` beside the slots file), so
+that every limit holds over all listeners together. The index rows of what a listener
 stores go to the supervisor's writer over a socket pair (:mod:`dicomnode.ingest.indexer`).
 """
 
@@ -32,6 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dicomnode.config import NodeSettings, Settings, load_settings
+from dicomnode.ingest.addresses import AddressSlots, create_address_slots, table_size
 from dicomnode.ingest.balance import listening_socket
 from dicomnode.ingest.sink import RemoteIndex
 from dicomnode.ingest.slots import AssociationSlots, create_slots
@@ -45,6 +48,8 @@ log = logging.getLogger("dicomnode.ingest")
 _PR_SET_PDEATHSIG = 1
 START_TIMEOUT = 60.0
 RELOAD_TIMEOUT = 10.0
+# The per-address counts, in the folder of the slots file a listener is given.
+ADDRESSES_FILE = "addresses.slots"
 
 
 # Supervisor side ---------------------------------------------------------------------
@@ -106,8 +111,10 @@ class ListenerPool:
         self.index = index
         self.slots_path = run_dir / "associations.slots"
         self.connections_path = run_dir / "connections.slots"
+        self.addresses_path = run_dir / ADDRESSES_FILE
         create_slots(self.slots_path, count)
         create_slots(self.connections_path, count)
+        create_address_slots(self.addresses_path, count, table_size(node.max_associations))
         self.command = [sys.executable, "-m", "dicomnode", "listener", "--config", str(config)]
         self.restarts = [0] * count
         self.children = [self._spawn(index) for index in range(count)]
@@ -185,6 +192,9 @@ class ListenerPool:
                     slots = AssociationSlots(path, index)
                     slots.reset()
                     slots.close()
+                addresses = AddressSlots(self.addresses_path, index)
+                addresses.reset()
+                addresses.close()
                 replacement = self._spawn(index)
                 with self._lock:
                     self.children[index] = replacement
@@ -264,6 +274,7 @@ def run_listener(
         sessions,
         slots=AssociationSlots(slots, index) if slots else None,
         connections=AssociationSlots(connections, index) if connections else None,
+        addresses=AddressSlots(slots.parent / ADDRESSES_FILE, index) if slots else None,
         listening_fd=socket_fd,
         index=remote,
     )

@@ -15,7 +15,8 @@ loops make. And a PDU is read from the socket into one buffer, not 4 KiB per ``r
 (32 system calls and copies per 128 KiB PDU). And an association starts without a deep copy
 of the node's presentation contexts (40 ms of CPU each). And a plain C-STORE response is sent
 by the association thread that made it (``send_data_now``), not queued for the DUL thread
-and woken for. The code is pynetdicom's own (3.0.4),
+and woken for. And a TLS connection's handshake runs in its association's thread, not in the
+thread that accepts every connection (``DeferredHandshake``). The code is pynetdicom's own (3.0.4),
 with the sleeps, the read loop and the copy replaced; tests/test_reactor.py fails when
 pynetdicom's originals change, so that they are reviewed again.
 """
@@ -38,9 +39,10 @@ from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ, P_DATA_TF
 from pynetdicom.pdu_primitives import P_DATA
-from pynetdicom.transport import AssociationSocket, RequestHandler
+from pynetdicom.transport import AssociationServer, AssociationSocket, RequestHandler
 
 from dicomnode.ingest.dimse import QuickStoreDIMSE
+from dicomnode.ingest.keepalive import enable_keepalive
 
 # The loggers of the pynetdicom modules whose code runs here, so its lines keep their names.
 DUL_LOGGER = logging.getLogger("pynetdicom.dul")
@@ -217,6 +219,35 @@ class EventDrivenAssociation(Association):
         self.dul.activity.set()
         super().kill()
 
+    def run_reactor(self) -> None:
+        """pynetdicom's, after a TLS connection's handshake, then the server's
+        ``association_ended`` hook however it ended: the counts the connection holds are
+        freed also where pynetdicom closes the connection without EVT_CONN_CLOSE (an
+        exception in its DUL thread) or this thread raises."""
+        try:
+            if self._tls_handshake():
+                super().run_reactor()
+        finally:
+            ended = getattr(self._server, "association_ended", None)
+            if ended is not None:
+                ended(self)
+
+    def _tls_handshake(self) -> bool:
+        """Complete a TLS connection's handshake (``DeferredHandshake`` left it), within the
+        socket's timeout; False, the connection closed, when it fails."""
+        transport = self.dul.socket
+        connection = transport.socket if transport is not None else None
+        if not isinstance(connection, ssl.SSLSocket):
+            return True
+        try:
+            connection.do_handshake()
+            return True
+        except (OSError, ValueError) as exc:  # ssl.SSLError and timeouts are OSErrors
+            log.warning("TLS handshake with %s failed: %s", self.requestor.address, exc)
+            transport.close()  # type: ignore[union-attr]
+            connection.close()  # pynetdicom's close skips it when shutdown fails
+            return False
+
     def _run_reactor(self) -> None:
         """pynetdicom's ``Association._run_reactor`` without the 1 ms sleep per loop."""
         activity = self.dul.activity
@@ -314,6 +345,25 @@ class WholeReadSocket(AssociationSocket):
         return buffer
 
 
+class DeferredHandshake(AssociationServer):
+    """An association server that wraps an accepted TLS connection without its handshake,
+    which the connection's association does in its own thread (``EventDrivenAssociation``).
+
+    pynetdicom handshakes in ``get_request``, in the one thread that accepts every
+    connection, on a socket without a timeout: a peer that connected and sent nothing, or
+    vanished before its ClientHello, stopped the listener accepting anyone, for good. Mixed
+    in after the server class: ``class Server(ThreadedAssociationServer, DeferredHandshake)``.
+    """
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        client_socket, address = self.socket.accept()  # type: ignore[union-attr]
+        if self.ssl_context:
+            client_socket = self.ssl_context.wrap_socket(
+                client_socket, server_side=True, do_handshake_on_connect=False
+            )
+        return client_socket, address
+
+
 class EventDrivenRequestHandler(RequestHandler):
     """pynetdicom's request handler, building an ``EventDrivenAssociation``."""
 
@@ -327,6 +377,8 @@ class EventDrivenRequestHandler(RequestHandler):
         # timer of pynetdicom's interrupts: the socket's own timeout ends it, and the
         # association's slot is freed.
         self.request.settimeout(self.ae.network_timeout)
+        # And a peer that vanished (power lost, NAT state dropped) is found by the kernel.
+        enable_keepalive(self.request)
         sock = WholeReadSocket(assoc, client_socket=self.request)
         limit = self.ae.maximum_pdu_size
         sock.largest = max(limit, ASSOCIATION_PDU_LIMIT) if limit else None

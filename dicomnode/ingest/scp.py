@@ -29,6 +29,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from dicomnode import metrics
 from dicomnode.config import Peer, Settings
 from dicomnode.ingest import sink
+from dicomnode.ingest.addresses import AddressSlots, AddressTableFull, address_key, table_size
 from dicomnode.ingest.arrival import Arrival, InstanceFacts, instance_facts
 from dicomnode.ingest.balance import SharedSocketServer
 from dicomnode.ingest.incoming import (
@@ -40,7 +41,7 @@ from dicomnode.ingest.incoming import (
     read_received,
     write_incoming,
 )
-from dicomnode.ingest.reactor import EventDrivenRequestHandler
+from dicomnode.ingest.reactor import DeferredHandshake, EventDrivenRequestHandler
 from dicomnode.ingest.sink import AssociationEnded, IndexSink
 from dicomnode.ingest.slots import AssociationSlots
 from dicomnode.ingest.spool import (
@@ -146,6 +147,25 @@ def _reject(event: evt.Event, reason: int) -> None:
     event.assoc.kill()
 
 
+def _reject_over_limit(event: evt.Event, limit: str) -> None:
+    """Reject an association for a local limit (``limit``, the refusals metric's reason):
+    rejected transient, service provider (presentation related function), local limit
+    exceeded (PS3.8 9.3.4), as pynetdicom's own maximum_associations check answers; the
+    sender may try again later."""
+    metrics.REFUSALS.labels(limit).inc()
+    event.assoc.acse.send_reject(0x02, 0x03, 0x02)
+    event.assoc.kill()
+
+
+class _OwnSocketServer(ThreadedAssociationServer, DeferredHandshake):
+    """pynetdicom's threaded server, each TLS handshake in its connection's thread."""
+
+
+class _SharedSocketServer(SharedSocketServer, DeferredHandshake):
+    """The server on the socket shared by the listeners (balance.py), each TLS handshake in
+    its connection's thread."""
+
+
 class StorageSCP:
     """Owns the pynetdicom AE and the per-association bookkeeping."""
 
@@ -156,14 +176,17 @@ class StorageSCP:
         *,
         slots: AssociationSlots | None = None,
         connections: AssociationSlots | None = None,
+        addresses: AddressSlots | None = None,
         listening_fd: int | None = None,
         index: IndexSink | None = None,
     ):
         """``slots``: the node-wide association count shared with other listener processes
-        (None: this process's own limit only); ``listening_fd``: the socket shared with them
-        (None: bind ``[node] host:port`` here); ``connections``: the connections each of
-        them serves, so that the least busy one accepts the next; ``index``: where the
-        index rows go (None: a writer thread here, on ``sessions``, which only it uses)."""
+        (None: this process's own limit only); ``addresses``: the associations per peer
+        address, shared with them likewise (None: counted in this process only);
+        ``listening_fd``: the socket shared with them (None: bind ``[node] host:port``
+        here); ``connections``: the connections each of them serves, so that the least busy
+        one accepts the next; ``index``: where the index rows go (None: a writer thread
+        here, on ``sessions``, which only it uses)."""
         if index is None and sessions is None:
             raise ValueError("a listener needs database sessions or an index to hand rows to")
         self.settings = settings
@@ -178,10 +201,15 @@ class StorageSCP:
         self.storage = settings.storage_path
         self.slots = slots
         self.connections = connections
+        if addresses is None:
+            addresses = AddressSlots.in_process(table_size(settings.node.max_associations))
+        self.addresses = addresses
         self.listening_fd = listening_fd
         self._open_connections: set[int] = set()
         self._associations: dict[int, _AssociationLog] = {}
         self._counted: set[int] = set()
+        # The peer address each association counts against (address_key), until it ends.
+        self._address_counted: dict[int, bytes] = {}
         self._lock = threading.Lock()
         self._server = None
         self.ae = self._make_ae()
@@ -237,6 +265,10 @@ class StorageSCP:
             # Rejected permanent, service user, called AE title not recognised.
             _reject(event, 0x07)
             return
+        # Before the node-wide count: a peer over its own limit never takes a node slot,
+        # not even for the moment of the check.
+        if not self._count_address(event, calling_ae, address):
+            return
         if self.slots is not None:
             if not self.slots.acquire(self.settings.node.max_associations):
                 log.warning(
@@ -245,15 +277,65 @@ class StorageSCP:
                     calling_ae,
                     address,
                 )
-                metrics.REFUSALS.labels("association_limit").inc()
-                # Rejected transient, service provider (presentation), local limit exceeded.
-                event.assoc.acse.send_reject(0x02, 0x03, 0x02)
-                event.assoc.kill()
+                self._release_address(id(event.assoc))
+                _reject_over_limit(event, "association_limit")
                 return
             with self._lock:
                 self._counted.add(id(event.assoc))
         with self._lock:
             self._associations[id(event.assoc)] = _AssociationLog(calling_ae, address)
+
+    def _count_address(self, event: evt.Event, calling_ae: str, address: str) -> bool:
+        """Count the association against its peer's IP address; False when it is rejected
+        because that address holds ``[node] max_associations_per_address`` already."""
+        limit = self.settings.node.max_associations_per_address
+        try:
+            key = address_key(address)
+            admitted = self.addresses.acquire(key, limit)
+        except AddressTableFull:
+            if not limit:
+                return True  # no limit to keep: served uncounted
+            log.warning(
+                "association rejected: calling AE %r from %s, this listener counts "
+                "associations from %d different addresses already, its most (a raised "
+                "[node] max_associations makes room at the next restart)",
+                calling_ae,
+                address,
+                self.addresses.entries,
+            )
+            _reject_over_limit(event, "address_limit")
+            return False
+        except (OSError, ValueError) as exc:
+            # Served rather than refused: the count is a protection, not the service.
+            log.error(
+                "association from %s not counted for [node] max_associations_per_address: %s",
+                address,
+                exc,
+            )
+            return True
+        if not admitted:
+            log.warning(
+                "association rejected: calling AE %r from %s, that address holds "
+                "[node] max_associations_per_address (%d) already",
+                calling_ae,
+                address,
+                limit,
+            )
+            _reject_over_limit(event, "address_limit")
+            return False
+        with self._lock:
+            self._address_counted[id(event.assoc)] = key
+        return True
+
+    def _release_address(self, assoc_id: int) -> None:
+        with self._lock:
+            key = self._address_counted.pop(assoc_id, None)
+        if key is None:
+            return
+        try:
+            self.addresses.release(key)
+        except OSError:
+            log.exception("could not release a peer address's association count")
 
     def _on_opened(self, event: evt.Event) -> None:
         # SharedSocketServer counted the connection when it accepted it; it is released
@@ -263,11 +345,20 @@ class StorageSCP:
                 self._open_connections.add(id(event.assoc))
 
     def _on_closed(self, event: evt.Event) -> None:
+        self._release_counts(event.assoc)
+
+    def _release_counts(self, assoc) -> None:
+        """Free what ``assoc``'s connection counts (its peer address, its node slot, the
+        connection its listener serves), once: at its connection's close, or when its
+        thread ends, whichever comes first (the reactor calls this through the server's
+        ``association_ended``, also where pynetdicom closes a connection without an event
+        or an exception ends the thread)."""
+        self._release_address(id(assoc))
         with self._lock:
-            counted = id(event.assoc) in self._counted
-            self._counted.discard(id(event.assoc))
-            opened = id(event.assoc) in self._open_connections
-            self._open_connections.discard(id(event.assoc))
+            counted = id(assoc) in self._counted
+            self._counted.discard(id(assoc))
+            opened = id(assoc) in self._open_connections
+            self._open_connections.discard(id(assoc))
         if counted and self.slots is not None:
             self.slots.release()
         if opened and self.connections is not None:
@@ -479,11 +570,11 @@ class StorageSCP:
         self.storage.mkdir(parents=True, exist_ok=True)
         install(lambda: incoming_folder(self.storage), self._limits)
         tls = tls_context(self.settings) if self.settings.tls.enabled else None
-        server: dict = {"server_class": ThreadedAssociationServer}
+        server: dict = {"server_class": _OwnSocketServer}
         if self.listening_fd is not None:
             # The supervisor's socket, shared with the other listeners (balance.py).
             server = {
-                "server_class": SharedSocketServer,
+                "server_class": _SharedSocketServer,
                 "listening_fd": self.listening_fd,
                 "connections": self.connections,
             }
@@ -494,8 +585,10 @@ class StorageSCP:
             request_handler=EventDrivenRequestHandler,
             **server,
         )
-        # The association reactor (reactor.py) calls this before it answers a release.
+        # The association reactor (reactor.py) calls this before it answers a release,
         self._server.before_release = self._before_release
+        # and this when the association's thread ends, however it ended.
+        self._server.association_ended = self._release_counts
         # AE.start_server keeps its servers in this list and shutdown() removes them from it.
         self.ae._servers.append(self._server)
         threading.Thread(

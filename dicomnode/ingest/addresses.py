@@ -1,0 +1,147 @@
+"""Associations per peer address, counted over all listener processes.
+
+``[node] max_associations`` bounds the node; without a bound per address one host (a
+misconfigured PACS that opens a connection per instance, a scanner that retries in a loop,
+a hostile caller) could hold every slot and lock every other modality out. The counts live
+in a small file that every listener process shares, as the node-wide counters do
+(:mod:`dicomnode.ingest.slots`): each listener owns a table of ``(address, count)`` entries,
+and an address's count is the sum over all tables, read and changed under an exclusive
+``flock``, and a lock of each process's own (flock does not exclude the threads that share
+one descriptor from each other). A lock held by a process that dies is released by the
+kernel; the supervisor empties a dead listener's table before restarting it. Counting costs
+one lock and one small read per association request and one per connection end, nothing
+per PDU.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import ipaddress
+import os
+import struct
+import tempfile
+import threading
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+# The file's header: how many entries each listener's table has.
+_HEADER = struct.Struct("<I")
+# One entry: the peer's address as 16 bytes (IPv4 as IPv4-mapped IPv6) and its count; an
+# entry whose count is 0 is free.
+_ENTRY = struct.Struct("<16sI")
+# Entries beyond max_associations in each table: the requests being checked against the
+# node-wide limit at the same moment, and room for a reload that raises that limit.
+SPARE_ENTRIES = 64
+_IPV4_MAPPED = b"\0" * 10 + b"\xff\xff"
+
+
+class AddressTableFull(RuntimeError):
+    """Every entry of this listener's table is taken (more distinct peers at once than
+    ``max_associations`` as it was when the node started, plus spares)."""
+
+
+def table_size(max_associations: int) -> int:
+    """Entries per listener for a node started with ``max_associations``."""
+    return max_associations + SPARE_ENTRIES
+
+
+def address_key(address: str) -> bytes:
+    """The 16 bytes that identify a peer's IP address; an IPv4 peer seen on a dual-stack
+    socket (``::ffff:10.0.0.5``) is the same peer as ``10.0.0.5``. ValueError if
+    ``address`` is not an IP address."""
+    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is None:
+        return ip.packed
+    v4 = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else ip
+    return _IPV4_MAPPED + v4.packed  # type: ignore[union-attr]
+
+
+def create_address_slots(path: Path, listeners: int, entries: int) -> None:
+    """Write an address-slots file with an empty table of ``entries`` per listener."""
+    path.write_bytes(_HEADER.pack(entries) + bytes(_ENTRY.size * entries * listeners))
+
+
+class AddressSlots:
+    """One listener's view of the shared per-address association counts."""
+
+    def __init__(self, path: Path, index: int):
+        self.path = path
+        self.index = index
+        self._fd = os.open(path, os.O_RDWR)
+        # Closed once nothing can use it any more: association threads may still release
+        # counts after their listener has stopped.
+        self._closer = weakref.finalize(self, os.close, self._fd)
+        self._threads = threading.Lock()
+        (self.entries,) = _HEADER.unpack(os.pread(self._fd, _HEADER.size, 0))
+
+    @classmethod
+    def in_process(cls, entries: int) -> AddressSlots:
+        """Counts for this process alone (a listener that shares its port with no other)."""
+        with tempfile.NamedTemporaryFile(prefix="dicomnode-addresses-") as file:
+            create_address_slots(Path(file.name), 1, entries)
+            # The open descriptor keeps the file after its name is removed.
+            return cls(Path(file.name), 0)
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """This process's threads one at a time, then the listener processes."""
+        with self._threads:
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def _own_offset(self, slot: int) -> int:
+        return _HEADER.size + (self.index * self.entries + slot) * _ENTRY.size
+
+    def _tables(self) -> list[tuple[bytes, int]]:
+        data = os.pread(self._fd, os.fstat(self._fd).st_size, 0)
+        return list(_ENTRY.iter_unpack(data[_HEADER.size :]))
+
+    def _own(self, tables: list[tuple[bytes, int]]) -> list[tuple[bytes, int]]:
+        start = self.index * self.entries
+        return tables[start : start + self.entries]
+
+    def acquire(self, key: bytes, limit: int) -> bool:
+        """Count one more association from ``key`` here unless the node already serves
+        ``limit`` from it (0: no limit); AddressTableFull if this listener has no free entry."""
+        with self._locked():
+            tables = self._tables()
+            if limit and sum(count for address, count in tables if address == key) >= limit:
+                return False
+            own = self._own(tables)
+            slot = next((i for i, (a, count) in enumerate(own) if count and a == key), None)
+            if slot is None:
+                slot = next((i for i, (_, count) in enumerate(own) if not count), None)
+                if slot is None:
+                    raise AddressTableFull(f"all {self.entries} entries are taken")
+                count = 0
+            else:
+                count = own[slot][1]
+            os.pwrite(self._fd, _ENTRY.pack(key, count + 1), self._own_offset(slot))
+            return True
+
+    def release(self, key: bytes) -> None:
+        """Count one association from ``key`` less here."""
+        with self._locked():
+            own = self._own(self._tables())
+            for slot, (address, count) in enumerate(own):
+                if count and address == key:
+                    entry = _ENTRY.pack(key, count - 1) if count > 1 else bytes(_ENTRY.size)
+                    os.pwrite(self._fd, entry, self._own_offset(slot))
+                    return
+
+    def count(self, key: bytes) -> int:
+        """Associations from ``key`` over all listeners."""
+        return sum(count for address, count in self._tables() if address == key)
+
+    def reset(self) -> None:
+        """Empty this listener's table (its process is gone)."""
+        with self._locked():
+            os.pwrite(self._fd, bytes(_ENTRY.size * self.entries), self._own_offset(0))
+
+    def close(self) -> None:
+        self._closer()

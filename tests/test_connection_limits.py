@@ -1,0 +1,422 @@
+"""One peer address cannot hold every association, and a vanished peer is noticed.
+
+``[node] max_associations_per_address`` over real associations (pynetdicom and dcmtk
+peers, the node's real listener in-process and under ``dicomnode serve`` with two listener
+processes), the counts freed however an association ends, and TCP keepalive on the
+connections the listener accepts.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import subprocess
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import dcmtk, start_node, stop_node, wait_for, write_config
+from pynetdicom import AE, evt
+from pynetdicom.association import Association
+from pynetdicom.sop_class import Verification
+from sqlalchemy.orm import Session, sessionmaker
+from test_ingest_scale import children
+from test_reload import _config
+from test_scp import Node
+from test_scp import start_node as start_scp
+from test_tls import _certificates
+
+from dicomnode.config import load_settings
+from dicomnode.ingest import keepalive
+from dicomnode.ingest.addresses import (
+    AddressSlots,
+    AddressTableFull,
+    address_key,
+    create_address_slots,
+)
+from dicomnode.ingest.reactor import WakingDUL
+from dicomnode.models.registry import discover_cards
+from dicomnode.serve import LIVE_NODE_KEYS
+from dicomnode.serve import Node as RunningConfig
+
+# Rejected transient, service provider (presentation related function), local limit exceeded.
+LOCAL_LIMIT_EXCEEDED = (0x02, 0x03, 0x02)
+OTHER_HOST = "127.0.0.2"
+
+
+def _loopback_alias_usable() -> bool:
+    try:
+        with socket.socket() as probe:
+            probe.bind((OTHER_HOST, 0))
+        return True
+    except OSError:
+        return False
+
+
+needs_other_host = pytest.mark.skipif(
+    not _loopback_alias_usable(), reason=f"cannot send from {OTHER_HOST} on this host"
+)
+
+
+class Attempt:
+    """One association request from ``source`` and the A-ASSOCIATE-RJ it got, if any."""
+
+    def __init__(self, port: int, source: str = "127.0.0.1", calling_ae: str = "MODALITY"):
+        self.rejection: tuple[int, int, int] | None = None
+        ae = AE(ae_title=calling_ae)
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
+        ae.add_requested_context(Verification)
+        self.assoc: Association = ae.associate(
+            "127.0.0.1",
+            port,
+            ae_title="DICOMNODE",
+            bind_address=(source, 0),
+            evt_handlers=[(evt.EVT_ACSE_RECV, self._received)],
+        )
+
+    def _received(self, event: evt.Event) -> None:
+        primitive = event.primitive
+        if getattr(primitive, "result", None) in (0x01, 0x02):
+            self.rejection = (primitive.result, primitive.result_source, primitive.diagnostic)
+
+    @property
+    def established(self) -> bool:
+        return self.assoc.is_established
+
+    def echo(self) -> int:
+        return self.assoc.send_c_echo().Status
+
+
+def _established(port: int, count: int, source: str = "127.0.0.1") -> list[Attempt]:
+    held = [Attempt(port, source) for _ in range(count)]
+    assert all(attempt.established for attempt in held)
+    return held
+
+
+def _released(node: Node, address: str = "127.0.0.1") -> None:
+    """Wait until the node counts no association from ``address`` (the requestor closes the
+    connection up to ~10 ms after release() returns)."""
+    key = address_key(address)
+    wait_for(lambda: node.scp.addresses.count(key) == 0, timeout=10, interval=0.01)
+
+
+@pytest.fixture
+def node(tmp_path: Path, sessions: sessionmaker[Session]) -> Iterator[Node]:
+    yield from start_scp(tmp_path, sessions, {"max_associations_per_address": 2})
+
+
+# The limit over real associations -----------------------------------------------------
+
+
+@needs_other_host
+def test_one_address_over_its_limit_is_rejected_while_another_is_served(node: Node) -> None:
+    held = _established(node.port, 2)
+    try:
+        over = Attempt(node.port)
+        assert over.assoc.is_rejected
+        assert over.rejection == LOCAL_LIMIT_EXCEEDED
+        other = Attempt(node.port, OTHER_HOST)
+        assert other.established, "another host was refused with the first one's limit"
+        assert other.echo() == 0x0000
+        other.assoc.release()
+        assert held[0].echo() == 0x0000  # those served go on
+    finally:
+        for attempt in held:
+            attempt.assoc.release()
+    _released(node)
+    again = _established(node.port, 2)
+    for attempt in again:
+        attempt.assoc.release()
+
+
+def test_dcmtk_sees_the_rejection_as_transient_local_limit_exceeded(node: Node) -> None:
+    held = _established(node.port, 2)
+    port = str(node.port)
+    try:
+        result = subprocess.run(
+            [dcmtk("echoscu"), "-aet", "MODALITY", "-aec", "DICOMNODE", "127.0.0.1", port],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    finally:
+        for attempt in held:
+            attempt.assoc.release()
+    said = (result.stdout + result.stderr).lower()
+    assert result.returncode != 0
+    assert "association rejected" in said
+    assert "rejected transient" in said
+    assert "service provider (presentation related" in said
+    assert "local limit exceeded" in said
+
+
+def test_rejected_requests_take_no_count_and_ended_ones_give_theirs_back(node: Node) -> None:
+    """Abort, the node's network timeout and release each free their association's count;
+    the requests refused in between never took one."""
+    key = address_key("127.0.0.1")
+    held = _established(node.port, 2)
+    for _ in range(3):
+        assert Attempt(node.port).rejection == LOCAL_LIMIT_EXCEEDED
+    held[0].assoc.abort()
+    wait_for(lambda: node.scp.addresses.count(key) == 1, timeout=10, interval=0.01)
+    # The node cuts its associations off once they idle for its network timeout.
+    node.scp.ae.network_timeout = 1
+    idle = Attempt(node.port)
+    assert idle.established
+    wait_for(lambda: idle.assoc.is_aborted and held[1].assoc.is_aborted, timeout=10)
+    _released(node)
+    again = _established(node.port, 2)
+    for attempt in again:
+        attempt.assoc.release()
+
+
+def test_an_association_whose_connection_fails_inside_the_node_gives_its_count_back(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An exception in the node's DUL thread: pynetdicom sends an A-ABORT and closes the
+    socket without EVT_CONN_CLOSE, which alone freed the counts."""
+    original = WakingDUL._is_transport_event
+    failing = {"now": False}
+
+    def breaks(self: WakingDUL) -> bool:
+        if failing["now"] and self.assoc.is_established:
+            raise RuntimeError("a fault in the DUL thread")
+        return original(self)
+
+    monkeypatch.setattr(WakingDUL, "_is_transport_event", breaks)
+    # Its traceback is expected here.
+    monkeypatch.setattr(logging.getLogger("pynetdicom.dul"), "disabled", True)
+    held = _established(node.port, 2)
+    failing["now"] = True
+    wait_for(lambda: all(a.assoc.is_aborted for a in held), timeout=10, interval=0.05)
+    failing["now"] = False
+    _released(node)
+    again = _established(node.port, 2)
+    for attempt in again:
+        attempt.assoc.release()
+
+
+def test_a_reload_applies_the_limit_to_new_associations(node: Node) -> None:
+    held = _established(node.port, 2)
+    try:
+        settings = node.scp.settings.model_copy(deep=True)
+        settings.node.max_associations_per_address = 0  # no limit
+        node.scp.settings = settings  # what a reload does
+        extra = Attempt(node.port)
+        assert extra.established
+        extra.assoc.release()
+        settings = settings.model_copy(deep=True)
+        settings.node.max_associations_per_address = 1
+        node.scp.settings = settings
+        assert Attempt(node.port).rejection == LOCAL_LIMIT_EXCEEDED
+    finally:
+        for attempt in held:
+            attempt.assoc.release()
+
+
+def test_the_limit_is_a_live_key_of_a_reload(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert "max_associations_per_address" in LIVE_NODE_KEYS
+    config = _config(tmp_path)
+    settings = load_settings(config)
+    assert settings.node.max_associations_per_address == 16
+    running = RunningConfig(config, settings, discover_cards(settings.model_folders), None)
+    config.write_text(
+        config.read_text().replace("[node]\n", "[node]\nmax_associations_per_address = 3\n", 1)
+    )
+    with caplog.at_level(logging.WARNING, logger="dicomnode"):
+        assert running.reload()
+    assert running.settings.node.max_associations_per_address == 3
+    assert "takes effect at the next restart" not in caplog.text
+
+
+@needs_other_host
+def test_a_listener_with_no_entry_left_rejects_rather_than_serves_uncounted(
+    node: Node,
+) -> None:
+    node.scp.addresses = AddressSlots.in_process(1)
+    first = Attempt(node.port)
+    try:
+        assert first.established
+        assert Attempt(node.port, OTHER_HOST).rejection == LOCAL_LIMIT_EXCEEDED
+    finally:
+        first.assoc.release()
+
+
+# Over several listener processes -------------------------------------------------------
+
+
+def _listener_of(port: int, listeners: list[int], client_port: int) -> int:
+    """The listener process holding the node's end of the connection from ``client_port``."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            local_port = int(fields[1].rsplit(":", 1)[1], 16)
+            remote_port = int(fields[2].rsplit(":", 1)[1], 16)
+            if local_port == port and remote_port == client_port:
+                inodes.add(fields[9])
+    for pid in listeners:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("socket:[") and target[8:-1] in inodes:
+                return pid
+    raise LookupError(f"no listener holds the connection from port {client_port}")
+
+
+@needs_other_host
+def test_the_limit_holds_over_all_listener_processes(tmp_path: Path) -> None:
+    config, port, web_port = write_config(tmp_path, f"sqlite:///{tmp_path / 'node.db'}")
+    body = config.read_text()
+    body = body.replace(
+        f"port = {port}\n", f"port = {port}\nlisteners = 2\nmax_associations_per_address = 2\n"
+    )
+    config.write_text(body.replace("[worker]\ncount = 1\n", "[worker]\ncount = 0\n"))
+    running = start_node(tmp_path, config, port, web_port)
+    try:
+        listeners = [p for p, cmd in children(running.process.pid).items() if " listener " in cmd]
+        assert len(listeners) == 2
+        held = _established(port, 2)
+        try:
+            serving = {_listener_of(port, listeners, a.assoc.requestor.port) for a in held}
+            assert serving == set(listeners), "both associations went to one listener"
+            over = Attempt(port)
+            assert over.rejection == LOCAL_LIMIT_EXCEEDED
+            other = Attempt(port, OTHER_HOST)
+            assert other.established
+            other.assoc.release()
+        finally:
+            for attempt in held:
+                attempt.assoc.release()
+        # Counted until each connection closes, shortly after release() returns.
+        wait_for(lambda: _accepted_and_released(port), timeout=10, interval=0.05)
+        assert "that address holds [node] max_associations_per_address (2)" in (
+            running.log.read_text()
+        )
+    finally:
+        stop_node(running)
+
+
+def _accepted_and_released(port: int) -> bool:
+    attempts = [Attempt(port) for _ in range(2)]
+    accepted = [attempt.established for attempt in attempts]
+    for attempt in attempts:
+        if attempt.established:
+            attempt.assoc.release()
+    return all(accepted)
+
+
+# TCP keepalive ----------------------------------------------------------------------------
+
+
+def test_accepted_connections_have_tcp_keepalive(node: Node) -> None:
+    held = Attempt(node.port)
+    try:
+        assert held.established
+        (acceptor,) = [a for a in node.scp.ae.active_associations if a.is_acceptor]
+        connection = acceptor.dul.socket.socket
+        assert connection.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+        if hasattr(socket, "TCP_KEEPIDLE"):
+            assert connection.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 60
+            assert connection.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL) == 10
+            assert connection.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == 6
+    finally:
+        held.assoc.release()
+
+
+@pytest.fixture
+def tls_node(tmp_path: Path, sessions: sessionmaker[Session]) -> Iterator[tuple[Node, Path]]:
+    certs = _certificates(tmp_path / "tls")
+    tls = {
+        "enabled": True,
+        "cert": str(certs / "server.pem"),
+        "key": str(certs / "server.key"),
+        "ca": str(certs / "ca.pem"),
+    }
+    for node in start_scp(tmp_path, sessions, tls=tls):
+        yield node, certs
+
+
+def test_a_silent_peer_does_not_hold_up_the_tls_handshakes_of_others(
+    tls_node: tuple[Node, Path],
+) -> None:
+    """The TLS handshake ran in the listener's accepting thread, on a socket without a
+    timeout: a peer that connected and sent nothing (or vanished before its ClientHello)
+    stopped the listener accepting anyone, for good. It runs in the connection's own
+    thread now, bounded by the network timeout."""
+    node, certs = tls_node
+    with socket.create_connection(("127.0.0.1", node.port)) as silent:
+        tls = ["+tls", str(certs / "client.key"), str(certs / "client.pem")]
+        command = [dcmtk("echoscu"), "-aec", "DICOMNODE", *tls, "+cf", str(certs / "ca.pem")]
+        try:
+            result = subprocess.run(
+                [*command, "127.0.0.1", str(node.port)], capture_output=True, text=True, timeout=20
+            )
+        except subprocess.TimeoutExpired:
+            pytest.fail("a connection that sent nothing held up the next TLS peer")
+        assert result.returncode == 0, result.stdout + result.stderr
+        # The silent one's handshake ends at the network timeout, with a line for the admin.
+        node.scp.ae.network_timeout = 1
+    with socket.create_connection(("127.0.0.1", node.port)) as silent:
+        silent.settimeout(10)
+        assert silent.recv(1) == b""
+
+
+def test_keepalive_on_a_closed_socket_does_not_raise() -> None:
+    closed = socket.socket()
+    closed.close()
+    keepalive.enable_keepalive(closed)
+
+
+# The shared counts ----------------------------------------------------------------------
+
+
+def test_address_counts_add_up_over_listeners_and_free_a_dead_ones(tmp_path: Path) -> None:
+    path = tmp_path / "addresses.slots"
+    create_address_slots(path, 2, 3)
+    first, second = AddressSlots(path, 0), AddressSlots(path, 1)
+    modality, pacs = address_key("10.0.0.5"), address_key("10.0.0.6")
+    assert address_key("::ffff:10.0.0.5") == modality  # a dual-stack socket's view of it
+    assert first.acquire(modality, 2) and second.acquire(modality, 2)
+    assert not first.acquire(modality, 2) and not second.acquire(modality, 2)
+    assert second.acquire(pacs, 2)
+    assert first.acquire(modality, 0)  # no limit: counted all the same
+    assert first.count(modality) == 3
+    first.release(modality)
+    first.release(modality)
+    assert first.count(modality) == 1
+    second.reset()  # its process died
+    assert first.count(modality) == 0 and first.count(pacs) == 0
+    assert first.acquire(modality, 1)
+    for number in range(2):
+        assert first.acquire(address_key(f"10.0.1.{number}"), 1)
+    with pytest.raises(AddressTableFull):
+        first.acquire(address_key("10.0.2.1"), 1)
+    assert first.acquire(modality, 2)  # an address it counts already needs no new entry
+
+
+def test_threads_of_one_listener_do_not_lose_counts(tmp_path: Path) -> None:
+    """A listener's association threads share its descriptor, and flock does not exclude
+    one holder of a descriptor from another: without a lock of their own, two threads'
+    read-and-write of the same entry interleave and a count is lost."""
+    path = tmp_path / "addresses.slots"
+    create_address_slots(path, 1, 4)
+    slots = AddressSlots(path, 0)
+    modality = address_key("10.0.0.5")
+
+    def take(times: int) -> None:
+        for _ in range(times):
+            slots.acquire(modality, 0)
+
+    workers = [threading.Thread(target=take, args=(300,)) for _ in range(8)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    assert slots.count(modality) == 8 * 300
