@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -50,6 +51,30 @@ def test_readiness_says_when_storage_is_below_its_watermark(tmp_path: Path) -> N
     assert storage.startswith("below the free-space watermark:"), storage
     roomy = Settings(storage={"path": tmp_path / "storage", "min_free_bytes": 1})
     assert readiness(_no_database, roomy, [])["storage"] == "ok"
+
+
+def test_readiness_says_when_the_storage_has_no_free_inodes(tmp_path: Path) -> None:
+    """Free bytes but no free inode: no instance can be spooled, so not ready (a tmpfs of 40
+    inodes, filled with empty files)."""
+    storage = tmp_path / "storage"
+    storage.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=8m,nr_inodes=40", "tmpfs", str(storage)],
+        capture_output=True,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        settings = Settings(storage={"path": storage, "min_free_bytes": 1})
+        assert readiness(_no_database, settings, [])["storage"] == "ok"
+        with pytest.raises(OSError):
+            for index in range(100):
+                (storage / f"f{index}").touch()
+        assert readiness(_no_database, settings, [])["storage"] == (
+            "no free inodes on the storage file system"
+        )
+    finally:
+        subprocess.run(["umount", str(storage)], check=True)
 
 
 def test_a_dead_analysis_is_an_error_line_and_a_gauge(

@@ -16,6 +16,13 @@ from dicomnode.models.registry import ModelCard
 from dicomnode.pipeline.runtime import onnx_problem
 
 
+def no_free_inodes(path: os.PathLike[str] | str) -> bool:
+    """True when the file system holding ``path`` has inodes and none is free for the node (a
+    file system that reports no inode count at all, e.g. btrfs, has no such limit)."""
+    stats = os.statvfs(path)
+    return stats.f_files > 0 and stats.f_favail == 0
+
+
 def readiness(
     sessions: sessionmaker[Session], settings: Settings, cards: list[ModelCard]
 ) -> dict[str, str]:
@@ -38,6 +45,9 @@ def readiness(
             f"below the free-space watermark: {free // 2**20} MiB free, [storage] "
             f"min_free_bytes {settings.storage.min_free_bytes // 2**20} MiB"
         )
+    elif no_free_inodes(storage):
+        # No new file can be made: every instance fails to spool.
+        checks["storage"] = "no free inodes on the storage file system"
     else:
         checks["storage"] = "ok"
     # An ensemble card has no ONNX file of its own (its members do).
