@@ -21,6 +21,7 @@ from dicomnode import RESEARCH_DEMO_NOTICE
 from dicomnode.checkconfig import check_settings, exposure_warnings
 from dicomnode.config import NodeSettings, Settings, changed_settings, load_settings
 from dicomnode.models.registry import ModelCard, discover_cards
+from dicomnode.pipeline.runtime import WORKERS_ON_HOST
 from dicomnode.systemd import Notifier, run_watchdog
 from dicomnode.tomlfile import ConfigError
 
@@ -274,8 +275,13 @@ class WorkerPool:
             "--parent-pid",
             str(os.getpid()),
         ]
-        self.processes = [subprocess.Popen(self.command) for _ in range(count)]
+        # Each worker sizes its CPU runs by its share of the host's cores.
+        self.environment = {**os.environ, WORKERS_ON_HOST: str(max(1, count))}
+        self.processes = [self._start() for _ in range(count)]
         self.restarts = [0] * count
+
+    def _start(self) -> subprocess.Popen:
+        return subprocess.Popen(self.command, env=self.environment)
 
     def supervise(self, stop: threading.Event) -> None:
         while not stop.wait(1.0):
@@ -290,7 +296,7 @@ class WorkerPool:
                 )
                 if stop.wait(delay):
                     return
-                self.processes[index] = subprocess.Popen(self.command)
+                self.processes[index] = self._start()
 
     def stop(self) -> None:
         for process in self.processes:

@@ -721,3 +721,31 @@ def test_without_a_cuda_runtime_nothing_is_pinned(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(pinned, "cuda_runtime", lambda: None)
     assert pinned.pin(np.zeros((4, 4), np.float32)) is False
     pinned.unpin(np.zeros((4, 4), np.float32))  # nothing to undo, no error
+
+
+def test_the_workers_serve_starts_know_how_many_share_the_host(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """serve's workers each size their CPU runs by their share of the cores: every worker it
+    starts, and one it restarts, is told how many there are."""
+    import subprocess
+
+    from dicomnode.serve import WorkerPool
+
+    started: list[dict[str, str]] = []
+
+    class Recorded:
+        def __init__(self, command: list[str], env: dict[str, str]) -> None:
+            started.append(env)
+
+        def poll(self) -> int:
+            return 1
+
+    monkeypatch.setattr(subprocess, "Popen", Recorded)
+    pool = WorkerPool(tmp_path / "dicomnode.toml", 3)
+    assert [env[runtime_module.WORKERS_ON_HOST] for env in started] == ["3", "3", "3"]
+    stop = threading.Event()
+    monkeypatch.setattr(stop, "wait", lambda seconds: len(started) > 3)
+    pool.supervise(stop)
+    assert started[3][runtime_module.WORKERS_ON_HOST] == "3"
+    assert started[3]["PATH"] == os.environ["PATH"]
