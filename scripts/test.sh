@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # Install what the test suite needs and run all of it.
 #  - Debian packages (dcmtk, dicom3tools, chromium for the browser tests, orthanc as a real PACS
-#    for the export test) through apt-get when running as root;
+#    for the export test, systemd for systemd-analyze and libseccomp, with which the unit
+#    tests verify the units and run the node under their system-call filter; nothing is
+#    booted) through apt-get when running as root;
 #  - a virtual environment in .venv with dicomnode and its [dev] extra;
 #  - PostgreSQL at 127.0.0.1:5432 (database "test", trust auth) is used when reachable;
 #    on CI it must be (set DICOMNODE_TEST_POSTGRES to point elsewhere).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(dcmtk dicom3tools chromium orthanc)
+APT_PACKAGES=(dcmtk dicom3tools chromium orthanc systemd)
 missing=()
 for package in "${APT_PACKAGES[@]}"; do
   dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")
