@@ -276,6 +276,54 @@ def fail(
     return True
 
 
+def dead_letter(
+    session: Session,
+    job: Job,
+    reason: str,
+    now: datetime | None = None,
+    owner: str | None = None,
+) -> bool:
+    """Dead-letter a leased job now, whatever attempts it has left: no retry can succeed until
+    an admin fixes the cause (e.g. its export's destination is no longer configured) and
+    retries it. Commits; False if ``owner`` lost the lease meanwhile."""
+    if _lease_lost(session, job, owner):
+        return False
+    _bury(job, reason, now or utcnow())
+    session.commit()
+    return True
+
+
+def dead_letter_queued(
+    session: Session,
+    kind: str,
+    alike: Callable[[Job], bool],
+    reason_of: Callable[[Job], str],
+    now: datetime | None = None,
+) -> list[Job]:
+    """Dead-letter now the queued jobs of ``kind`` that ``alike`` admits, each with its
+    ``reason_of``, due or waiting out a backoff (jobs leased to a worker are left to it);
+    commits; returns them, oldest first."""
+    now = now or utcnow()
+    query = (
+        select(Job)
+        .where(Job.kind == kind, Job.state == "queued")
+        .order_by(Job.id)
+        .with_for_update(skip_locked=True)
+    )
+    buried = [job for job in session.scalars(query) if alike(job)]
+    for job in buried:
+        _bury(job, reason_of(job), now)
+    session.commit()
+    return buried
+
+
+def _bury(job: Job, reason: str, now: datetime) -> None:
+    job.state = "dead"
+    job.last_error = reason[:2000]
+    job.finished_at = now
+    job.lease_expires_at = None
+
+
 class Postponed(Exception):
     """Raised by a job that must wait for another (e.g. a study's newer analysis) before it
     can decide what to do; the worker puts it back with :func:`postpone`."""

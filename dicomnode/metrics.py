@@ -47,7 +47,17 @@ INFERENCE_SECONDS = Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
 EXPORT_FAILURES = Counter(
-    "dicomnode_export_failures", "Failed export attempts by destination", ["destination"]
+    "dicomnode_export_failures",
+    "Result objects not sent by an export attempt, by destination: one per export job and "
+    "attempt (a study's ~15 objects add ~15 per retry while the destination is down)",
+    ["destination"],
+)
+EXPORT_ATTEMPTS_FAILED = Counter(
+    "dicomnode_export_attempts_failed",
+    "Export attempts (one association taking a study's result objects to a destination) "
+    "that left objects unsent, by destination: one per retry while a destination is down, "
+    "whatever the number of objects; the one to alert on",
+    ["destination"],
 )
 RESULT_OBJECTS_FAILED = Counter(
     "dicomnode_result_objects_failed",

@@ -20,13 +20,14 @@ import threading
 import time
 from pathlib import Path
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode import metrics
-from dicomnode.config import Settings, changed_settings
+from dicomnode.config import Destination, Settings, changed_settings
 from dicomnode.db.models import Job, ResultObject, Study
-from dicomnode.db.session import as_utc, utcnow
-from dicomnode.export.scu import DestinationUnavailable, send_files
+from dicomnode.db.session import READ_ONLY, as_utc, utcnow
+from dicomnode.export.scu import DestinationUnavailable, describe, send_files
 from dicomnode.jobs import (
     BACKOFF_MAX_SECONDS,
     JobSignal,
@@ -34,6 +35,8 @@ from dicomnode.jobs import (
     claim,
     claim_alike,
     complete,
+    dead_letter,
+    dead_letter_queued,
     due,
     fail,
     hasten,
@@ -184,6 +187,10 @@ class Worker:
         started = time.perf_counter()
         seconds = {"queued": _queued_seconds(job)}
         try:
+            if job.kind == "export":
+                # Records each job of its association itself, to log a failure once for all.
+                self._export(session, job, started)
+                return True
             detail = self._run(session, job, seconds)
         except Postponed as wait:
             session.rollback()
@@ -208,14 +215,9 @@ class Worker:
         """Record why a job failed: it is retried later with backoff, or dead-lettered."""
         if job.kind == "export":
             metrics.EXPORT_FAILURES.labels(job.payload.get("destination", "")).inc()
-        # Logged and shown to admins: an error may quote a patient's name or ID it refused.
-        study = session.get(Study, job.study_id) if job.study_id is not None else None
-        known = (
-            patient_values(study.patient_name, (study.patient_id, study.accession_number))
-            if study is not None
-            else set()
+        reason = without_patient_data(
+            f"{type(exc).__name__}: {exc}", self._patient_values(session, job.study_id)
         )
-        reason = without_patient_data(f"{type(exc).__name__}: {exc}", known)
         log.warning(
             "job %d %s study_id=%d attempt %d failed after %.0f ms: %s",
             job.id,
@@ -225,11 +227,24 @@ class Worker:
             (time.perf_counter() - started) * 1000,
             reason,
         )
+        self._fail(session, job, reason, unreachable=False)
+
+    def _patient_values(self, session: Session, study_id: int | None) -> set[str]:
+        """What identifies the study's patient, to keep out of a failure's logged and recorded
+        reason: an error may quote a patient's name or ID it refused."""
+        study = session.get(Study, study_id) if study_id is not None else None
+        if study is None:
+            return set()
+        return patient_values(study.patient_name, (study.patient_id, study.accession_number))
+
+    def _fail(self, session: Session, job: Job, reason: str, unreachable: bool) -> bool:
+        """Record a failed attempt: retried later with backoff, or dead-lettered (logged, with
+        how to retry it) when its attempts are spent. ``unreachable``: an export whose
+        destination is down or vanished mid-association, kept until the destination answers
+        (nothing was refused, nothing to give up on). False when another worker took the job
+        over meanwhile."""
         job = session.get(Job, job.id)
-        # An export whose destination is down or vanished mid-association is kept until the
-        # destination answers: nothing that was refused, nothing to give up on. Critical-result
-        # notifications keep trying longer than other jobs.
-        unreachable = job.kind == "export" and isinstance(exc, DestinationUnavailable)
+        # Critical-result notifications keep trying longer than other jobs.
         attempts = (
             None
             if unreachable
@@ -245,22 +260,8 @@ class Worker:
             owner=self.owner,
             backoff_base=self.settings.worker.backoff_base_seconds,
         )
-        if not recorded:
-            return
-        if unreachable and job.attempts == self.settings.worker.max_attempts:
-            log.error(
-                "job %d export study_id=%d: destination %s unreachable in %d attempts; the "
-                "export stays queued and is tried again at least every %.0f s until it "
-                "answers: %s",
-                job.id,
-                job.study_id,
-                job.payload.get("destination", ""),
-                job.attempts,
-                BACKOFF_MAX_SECONDS,
-                reason,
-            )
-        if job.state != "dead":
-            return
+        if not recorded or job.state != "dead":
+            return recorded
         if job.kind == "analyse":
             mark_failed(session, job.study_id, reason, self.settings.worklist)
         log.error(
@@ -274,6 +275,7 @@ class Worker:
             job.id,
             reason,
         )
+        return True
 
     def _record_done(
         self, session: Session, job: Job, seconds: dict[str, float], detail: str, started: float
@@ -330,22 +332,21 @@ class Worker:
                 metrics.JOB_SECONDS.labels("results", stage).observe(spent)
             seconds.update(times.seconds)
             return str(times)
-        if job.kind == "export":
-            return self._export(session, job)
         if job.kind == "notify":
             return send_notification(session, self.settings.notify, job)
         raise ValueError(f"unknown job kind {job.kind!r}")
 
-    def _export(self, session: Session, job: Job) -> str:
+    def _export(self, session: Session, job: Job, started: float) -> None:
         """Send the job's result object to its destination, together with the study's other
         exports to that destination that are due, over one association (up to
-        :data:`EXPORTS_PER_ASSOCIATION`); each of those jobs is completed or failed on its own.
-        Raises why the job's own object was not taken."""
+        :data:`EXPORTS_PER_ASSOCIATION`); each of those jobs is completed or failed on its own,
+        and a failed attempt is logged in one line for all of them. A job whose destination is
+        no longer configured is dead-lettered (:meth:`dead_letter_unrouted_exports`)."""
         name = job.payload["destination"]
         destination = next((d for d in self.settings.destinations if d.name == name), None)
         if destination is None:
-            return f"destination {name!r} no longer configured"
-        started = time.perf_counter()
+            self.dead_letter_unrouted_exports(session, claimed=job)
+            return
         companions = claim_alike(
             session,
             job,
@@ -354,11 +355,9 @@ class Worker:
             lambda other: other.payload.get("destination") == name,
             EXPORTS_PER_ASSOCIATION - 1,
         )
-        queued = {other.id: _queued_seconds(other) for other in companions}
-        rows = {
-            other.id: session.get(ResultObject, other.payload["result_id"])
-            for other in [job, *companions]
-        }
+        batch = [job, *companions]
+        queued = {other.id: _queued_seconds(other) for other in batch}
+        rows = {other.id: session.get(ResultObject, other.payload["result_id"]) for other in batch}
         # The jobs whose result objects still exist (by id), and their files in that order.
         kinds = {job_id: row.kind for job_id, row in rows.items() if row is not None}
         paths = [Path(row.path) for row in rows.values() if row is not None]
@@ -369,37 +368,180 @@ class Worker:
             sent = send_files(
                 paths, destination, self.settings.node.ae_title, destination.timeout_seconds
             )
-            outcomes = dict(zip(kinds, sent, strict=True))
         except Exception as exc:  # no association: every job of it fails alike
-            for other in companions:
-                self._record_failure(session, other, exc, started)
-            raise
-        if job.attempts > 1:
-            # The destination answers again: what waits out its backoff for it goes now.
-            hastened = hasten(
-                session, "export", lambda other: other.payload.get("destination") == name
-            )
-            if hastened:
-                log.info(
-                    "destination %s answers again: %d waiting export(s) due now", name, hastened
+            outcomes: dict[int, Exception | None] = dict.fromkeys(kinds, exc)
+        else:
+            outcomes = dict(zip(kinds, sent, strict=True))
+            if job.attempts > 1:
+                # The destination answers again: what waits out its backoff for it goes now.
+                hastened = hasten(
+                    session, "export", lambda other: other.payload.get("destination") == name
                 )
-        for other in companions:
-            outcome = outcomes.get(other.id)
-            if outcome is not None:
-                self._record_failure(session, other, outcome, started)
-                continue
-            detail = (
-                f"{kinds[other.id]} -> {name} (with job {job.id})"
-                if other.id in kinds
-                else "result no longer exists"
-            )
-            self._record_done(session, other, {"queued": queued[other.id]}, detail, started)
-        if job.id not in kinds:
-            return "result no longer exists"
-        if outcomes[job.id] is not None:
-            raise outcomes[job.id]
+                if hastened:
+                    log.info(
+                        "destination %s answers again: %d waiting export(s) due now",
+                        name,
+                        hastened,
+                    )
+        failed = {job_id: exc for job_id, exc in outcomes.items() if exc is not None}
         more = f", {len(companions)} more in the same association" if companions else ""
-        return f"{kinds[job.id]} -> {name}{more}"
+        for other in batch:
+            if other.id in failed:
+                continue
+            if other.id not in kinds:
+                detail = "result no longer exists"
+            elif other is job:
+                detail = f"{kinds[job.id]} -> {name}{more}"
+            else:
+                detail = f"{kinds[other.id]} -> {name} (with job {job.id})"
+            self._record_done(session, other, {"queued": queued[other.id]}, detail, started)
+        if failed:
+            self._record_export_failures(session, destination, batch, failed, started)
+
+    def _record_export_failures(
+        self,
+        session: Session,
+        destination: Destination,
+        batch: list[Job],
+        failed: dict[int, Exception],
+        started: float,
+    ) -> None:
+        """Record the failed jobs of one association's batch (each retried later with backoff,
+        or dead-lettered) and log the attempt in one line: the destination, why, how many
+        exports wait for it and when it is tried next. A destination that is down logged a
+        WARNING per object and attempt (~15 a study); each job's reason is at DEBUG."""
+        where = describe(destination)
+        study_id = batch[0].study_id
+        known = self._patient_values(session, study_id)
+        reasons: dict[int, str] = {}
+        recorded = []
+        for job in batch:
+            if job.id not in failed:
+                continue
+            exc = failed[job.id]
+            metrics.EXPORT_FAILURES.labels(destination.name).inc()
+            reason = without_patient_data(f"{type(exc).__name__}: {exc}", known)
+            log.debug(
+                "job %d export study_id=%d attempt %d failed: %s",
+                job.id,
+                study_id,
+                job.attempts,
+                reason,
+            )
+            if self._fail(session, job, reason, isinstance(exc, DestinationUnavailable)):
+                recorded.append(job)
+                reasons[job.id] = reason.replace(f"{where}: ", "")
+        metrics.EXPORT_ATTEMPTS_FAILED.labels(destination.name).inc()
+        if not recorded:
+            return  # taken over by another worker, which logs its own attempt
+        # One read transaction, without SQLite's write lock, for the jobs as recorded and the
+        # exports waiting for the destination.
+        session.connection(execution_options=READ_ONLY)
+        retried = [job for job in recorded if job.state == "queued"]
+        attempt = max(job.attempts for job in recorded)
+        waiting = sum(
+            1
+            for payload in session.scalars(
+                select(Job.payload).where(Job.kind == "export", Job.state.in_(("queued", "leased")))
+            )
+            if (payload or {}).get("destination") == destination.name
+        )
+        next_try = min((as_utc(job.run_after) for job in retried), default=None)
+        # A destination down for max_attempts tries: an ERROR says the exports are kept.
+        given_up = [
+            job
+            for job in retried
+            if isinstance(failed[job.id], DestinationUnavailable)
+            and job.attempts == self.settings.worker.max_attempts
+        ]
+        session.rollback()
+        said = list(dict.fromkeys(reasons.values()))
+        if len(said) > 1:
+            said = [said[0], f"and {len(said) - 1} other reason(s) (each job's at DEBUG)"]
+        when = (
+            f"; next try at {next_try.isoformat(timespec='seconds')} "
+            f"(in {max(0.0, (next_try - utcnow()).total_seconds()):.0f} s)"
+            if next_try is not None
+            else ""
+        )
+        kept = (
+            f"; unreachable in {attempt} attempts: the exports stay queued and are tried "
+            f"again at least every {BACKOFF_MAX_SECONDS:.0f} s until it answers"
+            if given_up
+            else ""
+        )
+        log.log(
+            logging.ERROR if given_up else logging.WARNING,
+            "export to %s failed (attempt %d, %.0f ms): %d of %d object(s) of study_id=%d "
+            "not sent: %s; %d export job(s) wait for %s%s%s",
+            where,
+            attempt,
+            (time.perf_counter() - started) * 1000,
+            len(failed),
+            len(batch),
+            study_id,
+            "; ".join(said),
+            waiting,
+            destination.name,
+            when,
+            kept,
+        )
+
+    def dead_letter_unrouted_exports(self, session: Session, claimed: Job | None = None) -> int:
+        """Dead-letter now the queued export jobs whose destination is no longer configured
+        (removed or renamed before a reload or a restart), and ``claimed``, such a job this
+        worker holds; returns how many. No retry can send them, and marking them done (as
+        before) lost the results silently: retention then deleted their study. As dead letters
+        they show in ``/api/jobs?state=dead`` and on the worklist, keep their study, and an
+        admin retries them once the destination is configured again. One ERROR per
+        destination."""
+        configured = {d.name for d in self.settings.destinations}
+
+        def reason_of(job: Job) -> str:
+            return unconfigured_reason(str(job.payload.get("destination", "")))
+
+        buried = []
+        if claimed is not None and dead_letter(
+            session, claimed, reason_of(claimed), owner=self.owner
+        ):
+            buried.append(claimed)
+        buried += dead_letter_queued(
+            session,
+            "export",
+            lambda job: job.payload.get("destination") not in configured,
+            reason_of,
+        )
+        if not buried:
+            return 0
+        session.connection(execution_options=READ_ONLY)
+        by_destination: dict[str, list[Job]] = {}
+        for job in buried:
+            by_destination.setdefault(str(job.payload.get("destination", "")), []).append(job)
+        for name, jobs in by_destination.items():
+            log.error(
+                "%s: %d export job(s) of %d study(ies) dead-lettered, their result objects "
+                "not sent (jobs %s; configured destinations: %s); once it is configured again, "
+                "retry each with POST /api/jobs/<id>/retry",
+                unconfigured_reason(name),
+                len(jobs),
+                len({job.study_id for job in jobs}),
+                _id_list([job.id for job in jobs]),
+                ", ".join(sorted(configured)) or "none",
+            )
+        session.rollback()
+        return len(buried)
+
+    def bury_unrouted_exports(self) -> None:
+        """:meth:`dead_letter_unrouted_exports` in a session of its own, as the worker starts
+        and after each reload; a failure leaves the jobs to be dead-lettered when tried."""
+        try:
+            with self.sessions() as session:
+                self.dead_letter_unrouted_exports(session)
+        except Exception:
+            log.exception(
+                "exports to destinations no longer configured not dead-lettered now; each "
+                "will be when it is next tried"
+            )
 
     def free_orphaned_jobs(self) -> None:
         """Free the jobs that worker processes of this host held when they died, for a
@@ -416,6 +558,7 @@ class Worker:
         """Run jobs in ``[worker] threads`` threads until ``stop`` is set (or the parent
         process is gone); this thread handles reloads. Running jobs are finished first."""
         self.free_orphaned_jobs()
+        self.bury_unrouted_exports()
         signal = JobSignal(self.sessions.kw["bind"]).start()
         threads = [
             threading.Thread(target=self._job_loop, args=(stop, signal), name=f"job-{n}")
@@ -427,7 +570,8 @@ class Worker:
             while not stop.wait(0.2):
                 if self.reload_requested.is_set():
                     self.reload_requested.clear()
-                    self.reload(name_restart_only=parent_pid is None)
+                    if self.reload(name_restart_only=parent_pid is None):
+                        self.bury_unrouted_exports()
                 if parent_pid is not None and os.getppid() != parent_pid:
                     log.warning("parent process gone; worker exits")
                     break
@@ -449,6 +593,18 @@ class Worker:
                 busy = False
             if not busy and not stop.is_set():
                 signal.wait(seen, self.settings.worker.poll_seconds)
+
+
+def unconfigured_reason(destination: str) -> str:
+    """Why an export job was dead-lettered without being tried: its destination's name is in
+    no ``[[destinations]]`` table (removed, or renamed: the job names the old name)."""
+    return f"destination {destination!r} is no longer configured"
+
+
+def _id_list(ids: list[int], shown: int = 10) -> str:
+    """Job ids for a log line: the first ``shown`` and how many more."""
+    listed = ", ".join(map(str, ids[:shown]))
+    return listed if len(ids) <= shown else f"{listed} and {len(ids) - shown} more"
 
 
 def _queued_seconds(job: Job) -> float:

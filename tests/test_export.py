@@ -14,6 +14,7 @@ from pathlib import Path
 import pydicom
 import pytest
 from conftest import StoreSCP, free_port, storescp, wait_for
+from prometheus_client import REGISTRY
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 from pynetdicom import evt
 from pynetdicom.association import Association
@@ -25,7 +26,7 @@ from dicomnode.db.models import Job, ResultObject, Study
 from dicomnode.db.session import as_utc, utcnow
 from dicomnode.export import scu
 from dicomnode.export.scu import ExportError, send_file, send_files
-from dicomnode.jobs import enqueue
+from dicomnode.jobs import enqueue, retry
 from dicomnode.worker import Worker
 
 
@@ -169,7 +170,7 @@ def test_send_files_to_a_destination_that_is_down_raises(tmp_path: Path) -> None
         send_files([path, path], destination, calling_ae="DICOMNODE", timeout=5)
 
 
-def _export_jobs(
+def study_with_exports(
     sessions: sessionmaker[Session], tmp_path: Path, destinations: dict[str, str]
 ) -> dict[str, int]:
     """A study with one result object per name in ``destinations`` (result name ->
@@ -241,7 +242,7 @@ def test_a_studys_exports_to_a_destination_leave_over_one_association(
 ) -> None:
     """One export job takes the study's other due exports to its destination along: one
     association; each job is done or failed on its own; other destinations' jobs wait."""
-    jobs = _export_jobs(
+    jobs = study_with_exports(
         sessions,
         tmp_path,
         {"sr": "pacs", "overlay": "pacs", "gone": "pacs", "kos": "pacs", "copy": "archive"},
@@ -269,7 +270,7 @@ def test_a_studys_exports_to_a_destination_leave_over_one_association(
 def test_a_destination_down_fails_every_export_taken_along(
     sessions: sessionmaker[Session], tmp_path: Path
 ) -> None:
-    jobs = _export_jobs(sessions, tmp_path, {"sr": "pacs", "overlay": "pacs", "kos": "pacs"})
+    jobs = study_with_exports(sessions, tmp_path, {"sr": "pacs", "overlay": "pacs", "kos": "pacs"})
     worker = _worker(tmp_path, sessions, free_port())
 
     assert worker.run_once()
@@ -296,11 +297,12 @@ def test_exports_wait_out_an_outage_longer_than_their_attempts_and_leave_when_it
     sessions: sessionmaker[Session], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A destination that is down refuses nothing: its exports stay queued past
-    ``max_attempts`` (an ERROR says so once per job), and once it answers again the exports
-    still waiting out their backoff for it (this study's and others') go at once."""
+    ``max_attempts`` (an ERROR says so once per study's association), and once it answers
+    again the exports still waiting out their backoff for it (this study's and others') go at
+    once."""
     port = free_port()
-    first = _export_jobs(sessions, tmp_path, {"sr": "pacs", "kos": "pacs"})
-    other = _export_jobs(sessions, tmp_path, {"overlay": "pacs"})
+    first = study_with_exports(sessions, tmp_path, {"sr": "pacs", "kos": "pacs"})
+    other = study_with_exports(sessions, tmp_path, {"overlay": "pacs"})
     ids = [*first.values(), *other.values()]
     worker = _worker(tmp_path, sessions, port, max_attempts=2)
 
@@ -310,7 +312,7 @@ def test_exports_wait_out_an_outage_longer_than_their_attempts_and_leave_when_it
             assert worker.run_once() and worker.run_once()  # each study's exports
         assert [(job.state, job.attempts) for job in _jobs(sessions, ids)] == [("queued", 4)] * 3
         unreachable = [r for r in caplog.records if "unreachable in 2 attempts" in r.getMessage()]
-        assert [r.levelname for r in unreachable] == ["ERROR"] * 3
+        assert [r.levelname for r in unreachable] == ["ERROR"] * 2  # one per study
 
         with storescp(tmp_path, port=port) as pacs:
             _due_now(sessions, [first["sr"]])  # the others wait out up to 8 minutes yet
@@ -328,7 +330,7 @@ def test_an_object_the_destination_refuses_is_dead_lettered_after_its_attempts(
     """Unlike an outage, a refusal (here: the result's file is gone) uses up the attempts and
     the dead letter is logged as an ERROR that says how to retry it."""
     with storescp(tmp_path) as pacs:
-        jobs = _export_jobs(sessions, tmp_path, {"gone": "pacs"})
+        jobs = study_with_exports(sessions, tmp_path, {"gone": "pacs"})
         worker = _worker(tmp_path, sessions, pacs.port, max_attempts=2)
         with caplog.at_level(logging.INFO, logger="dicomnode.worker"):
             for _ in range(2):
@@ -360,7 +362,7 @@ def test_a_destination_that_never_answers_fails_within_its_timeout(
     retried with backoff."""
     silent = socket.create_server(("127.0.0.1", 0))  # connections wait in its backlog
     try:
-        jobs = _export_jobs(sessions, tmp_path, {"sr": "pacs", "kos": "pacs"})
+        jobs = study_with_exports(sessions, tmp_path, {"sr": "pacs", "kos": "pacs"})
         worker = _worker(tmp_path, sessions, silent.getsockname()[1], timeout_seconds=1.0)
 
         started = time.monotonic()
@@ -395,7 +397,7 @@ def test_two_workers_send_each_export_exactly_once(
     sessions: sessionmaker[Session], tmp_path: Path, pacs: StoreSCP
 ) -> None:
     """Two workers claiming a study's exports at once: each object reaches the PACS once."""
-    jobs = _export_jobs(sessions, tmp_path, {f"result-{index}": "pacs" for index in range(12)})
+    jobs = study_with_exports(sessions, tmp_path, {f"result-{n}": "pacs" for n in range(12)})
     workers = [_worker(tmp_path, sessions, pacs.port) for _ in range(2)]
     for index, worker in enumerate(workers):
         worker.owner = f"worker-{index}"
@@ -418,3 +420,83 @@ def test_two_workers_send_each_export_exactly_once(
     log = pacs.log.read_text(errors="replace")
     assert log.count("Received Store Request") == len(jobs)
     assert 1 <= pacs.associations() <= 2
+
+
+def _sample(name: str, destination: str) -> float:
+    return REGISTRY.get_sample_value(name, {"destination": destination}) or 0.0
+
+
+def test_a_failed_attempt_is_one_warning_naming_the_destination(
+    sessions: sessionmaker[Session], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A study's exports to a destination that is down fail together, in one association
+    attempt, and say so in one WARNING: the destination and its address, why (the connect
+    error), how many exports wait for it and when they are tried next. Each job's reason is
+    at DEBUG; pynetdicom's two connect errors, which name no destination, are not logged.
+    Before: a WARNING per job (15 here) and two pynetdicom ERRORs per attempt."""
+    port = free_port()
+    jobs = study_with_exports(sessions, tmp_path, {f"result-{n}": "pacs" for n in range(15)})
+    study_with_exports(sessions, tmp_path, {"sr": "pacs"})  # another study's, waiting its turn
+    worker = _worker(tmp_path, sessions, port)
+    objects = _sample("dicomnode_export_failures_total", "pacs")
+    attempts = _sample("dicomnode_export_attempts_failed_total", "pacs")
+
+    with caplog.at_level(logging.DEBUG):
+        assert worker.run_once()
+
+    loud = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert [(r.levelname, r.name) for r in loud] == [("WARNING", "dicomnode.worker")], [
+        r.getMessage() for r in loud
+    ]
+    message = loud[0].getMessage()
+    assert message.startswith(f"export to pacs (PACS@127.0.0.1:{port}) failed (attempt 1,")
+    assert "15 of 15 object(s)" in message and "Connection refused" in message
+    assert "16 export job(s) wait for pacs; next try at " in message
+    per_job = [r for r in caplog.records if "export study_id" in r.getMessage()]
+    assert len(per_job) == 15 and {r.levelname for r in per_job} == {"DEBUG"}
+    _assert_retried_later(sessions, jobs.values(), "Connection refused")
+    assert _sample("dicomnode_export_failures_total", "pacs") == objects + 15
+    assert _sample("dicomnode_export_attempts_failed_total", "pacs") == attempts + 1
+
+
+def test_exports_to_a_destination_no_longer_configured_are_dead_lettered_then_sent_on_retry(
+    sessions: sessionmaker[Session], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An export whose destination was removed or renamed (here "old-pacs", in no
+    ``[[destinations]]`` table) is dead-lettered at its first try, with the others queued for
+    that name, naming it, in one ERROR; before, each was marked done and its result never
+    left. Retried by an admin once the destination is configured again, it is sent."""
+    jobs = study_with_exports(
+        sessions, tmp_path, {"sr": "old-pacs", "kos": "old-pacs", "copy": "archive"}
+    )
+    later = study_with_exports(sessions, tmp_path, {"overlay": "old-pacs"})
+    worker = _worker(tmp_path, sessions, free_port())
+
+    with caplog.at_level(logging.INFO, logger="dicomnode.worker"):
+        assert worker.run_once()
+
+    gone = [jobs["sr"], jobs["kos"], later["overlay"]]
+    assert [(j.state, j.last_error) for j in _jobs(sessions, gone)] == [
+        ("dead", "destination 'old-pacs' is no longer configured")
+    ] * 3
+    assert [j.attempts for j in _jobs(sessions, gone)] == [1, 0, 0]  # only the one tried
+    assert [(j.state, j.attempts) for j in _jobs(sessions, [jobs["copy"]])] == [("queued", 0)]
+    [error] = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert error.levelname == "ERROR"
+    assert error.getMessage().startswith(
+        "destination 'old-pacs' is no longer configured: 3 export job(s) of 2 study(ies) "
+        "dead-lettered"
+    )
+    assert "configured destinations: archive, pacs" in error.getMessage()
+
+    with storescp(tmp_path) as pacs:
+        worker.settings.destinations.append(
+            Destination(name="old-pacs", ae_title="PACS", host="127.0.0.1", port=pacs.port)
+        )
+        with sessions() as session:
+            retry(session, session.get(Job, jobs["sr"]))
+            session.commit()
+        assert worker.run_once() and worker.run_once()  # the archive's, still down, then it
+        [sent] = _jobs(sessions, [jobs["sr"]])
+        assert (sent.state, sent.attempts) == ("done", 1)
+        assert len(wait_for(pacs.received, timeout=10, what="storescp to write")) == 1

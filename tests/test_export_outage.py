@@ -3,9 +3,11 @@ dead letters are listed (with the reason) and retried by an admin through the AP
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -20,19 +22,24 @@ from conftest import (
     free_port,
     start_node,
     stop_node,
+    storescp,
     wait_for,
     write_config,
 )
 from sqlalchemy import func, select
+from test_export import study_with_exports
 from web_server import add_users, serve
 from worklist_seed import add_study
 
+from dicomnode.checkconfig import load_checked
 from dicomnode.db.models import AuditEntry, Job, Study
 from dicomnode.db.session import as_utc, make_engine, make_sessionmaker, utcnow
 from dicomnode.jobs import claim, enqueue, fail
 from dicomnode.ports import wait_for_port
+from dicomnode.retention import purge_expired
 from dicomnode.synth.cxr import make_cxr
 from dicomnode.web.app import create_app
+from dicomnode.worker import Worker
 
 
 def _export_jobs(db: Path) -> list[Job]:
@@ -171,3 +178,100 @@ def test_dead_letters_listed_with_reason_and_retried_by_admin(sessions, dead_let
             .where(AuditEntry.action == "retry_job", AuditEntry.actor == "boss")
         )
     assert audited == 1
+
+
+def _states(sessions, job_ids: list[int]) -> list[tuple[str, str]]:
+    with sessions() as session:
+        return [(j.state, j.last_error) for j in map(lambda i: session.get(Job, i), job_ids)]
+
+
+def test_exports_to_a_removed_destination_are_dead_lettered_on_reload_and_sent_on_retry(
+    sessions, db_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The admin review's repro on a real worker: its destination is down (a closed port),
+    a study's exports back off, logging one WARNING per attempt that names the destination.
+    The ``[[destinations]]`` table is removed and the worker reloads (what SIGHUP does): the
+    exports are dead-lettered at once, not after their backoff, and not marked done as before,
+    which lost them and let retention delete the study. Retention keeps the study; the dead
+    letters are listed with their reason. Configured again and retried by an admin through the
+    API, they reach the PACS, a dcmtk storescp that came up meanwhile."""
+    pacs = StoreSCP("PACS", free_port(), tmp_path / "pacs")
+    config, _, _ = write_config(tmp_path, db_url, destinations=[pacs])
+    configured = config.read_text().replace(
+        "poll_seconds = 0.1\n", "poll_seconds = 0.1\nbackoff_base_seconds = 120\n"
+    )
+    config.write_text(configured)
+    settings, _ = load_checked(config)
+    objects = {f"kos-{n}": "pacs0" for n in range(3)}
+    jobs = list(study_with_exports(sessions, tmp_path, objects).values())
+    worker = Worker(settings, sessions, cards=[])
+    stop = threading.Event()
+    running = threading.Thread(target=worker.run_forever, args=(stop,), name="worker")
+    tokens = add_users(sessions)
+    try:
+        with caplog.at_level(logging.INFO):
+            running.start()
+            wait_for(
+                lambda: all(
+                    state == "queued" and "Connection refused" in error
+                    for state, error in _states(sessions, jobs)
+                ),
+                timeout=30,
+                what="the exports' first attempt to fail",
+            )
+            loud = [r for r in caplog.records if r.levelno >= logging.WARNING]
+            assert len(loud) == 1, [r.getMessage() for r in loud]
+            assert (
+                loud[0]
+                .getMessage()
+                .startswith(f"export to pacs0 (PACS@127.0.0.1:{pacs.port}) failed (attempt 1")
+            )
+            assert "3 of 3 object(s)" in loud[0].getMessage()
+            with sessions() as session:
+                study = session.get(Study, session.get(Job, jobs[0]).study_id)
+                study.reading_status = "reported"
+                study.received_at = utcnow() - timedelta(days=40)
+                uid = study.study_instance_uid
+                session.commit()
+
+            config.write_text(configured.split("[[destinations]]")[0])
+            worker.reload_requested.set()  # SIGHUP
+            wait_for(
+                lambda: all(state == "dead" for state, _ in _states(sessions, jobs)),
+                timeout=20,  # their backoff: 2 minutes
+                what="the exports to be dead-lettered",
+            )
+        reason = "destination 'pacs0' is no longer configured"
+        assert _states(sessions, jobs) == [("dead", reason)] * 3
+        with sessions() as session:
+            assert purge_expired(session, tmp_path / "storage", utcnow(), days=30) == 0
+            assert session.scalar(select(Study.id).where(Study.study_instance_uid == uid))
+
+        with (
+            storescp(tmp_path, port=pacs.port) as running_pacs,
+            serve(create_app(sessions)) as url,
+            httpx.Client(
+                base_url=url, headers={"Authorization": f"Bearer {tokens['boss']}"}, timeout=10
+            ) as admin,
+        ):
+            dead = admin.get("/api/jobs", params={"state": "dead"}).json()
+            assert sorted((j["id"], j["destination"], j["last_error"]) for j in dead) == [
+                (job_id, "pacs0", reason) for job_id in jobs
+            ]
+            export_errors = admin.get(f"/api/studies/{uid}").json()["export_errors"]
+            assert export_errors == [f"pacs0: {reason}"] * 3
+            config.write_text(configured)
+            worker.reload_requested.set()
+            wait_for(lambda: worker.settings.destinations, timeout=10, what="the reload")
+            for job_id in jobs:
+                assert admin.post(f"/api/jobs/{job_id}/retry").status_code == 200
+            wait_for(
+                lambda: all(state == "done" for state, _ in _states(sessions, jobs)),
+                timeout=30,
+                what="the retried exports to be sent",
+            )
+            wait_for(lambda: len(running_pacs.received()) == 3, timeout=10, what="3 objects")
+    finally:
+        stop.set()
+        if running.is_alive():
+            running.join(timeout=30)

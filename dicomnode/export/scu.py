@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import socket
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,11 @@ CONVERTIBLE = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 # data elements, elements discarded, data set does not match the SOP class.
 STORED = (0x0000, 0xB000, 0xB006, 0xB007)
 
+# pynetdicom's loggers that report why an association request failed (connect, negotiation).
+ASSOCIATION_LOGGERS = ("pynetdicom.transport", "pynetdicom.acse", "pynetdicom.dul")
+# The line pynetdicom logs before the one that says why it could not connect.
+_UNABLE_TO_CONNECT = "Association request failed: unable to connect to remote"
+
 
 class ExportError(Exception):
     """The destination did not take the object; the export job retries later."""
@@ -33,6 +40,79 @@ class ExportError(Exception):
 class DestinationUnavailable(ExportError):
     """The destination could not be reached, or the association ended before it answered:
     it refused nothing, and the export is retried for as long as that takes."""
+
+
+def describe(destination: Destination) -> str:
+    """How logs and errors name a destination: ``name (AE@host:port)``."""
+    return f"{destination.name} ({destination.ae_title}@{destination.host}:{destination.port})"
+
+
+class _AssociationRequestLines(logging.Filter):
+    """Takes the warnings and errors pynetdicom logs while an export requests an association
+    (from the requesting thread and the association's own threads), for the export's error.
+
+    A destination that is down made pynetdicom log two ERROR lines per attempt ("Association
+    request failed: unable to connect to remote", "TCP Initialisation Error: ...") that name
+    no destination, besides the node's own line that does. Installed once on
+    :data:`ASSOCIATION_LOGGERS` (a filter on a logger sees only what that logger logs, not its
+    children's records); it touches nothing logged outside :meth:`requesting`, so the same
+    process's Storage SCP and other associations log as before.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._lock = threading.Lock()
+        # Lines taken so far per AE (by id) requesting an association now, and the threads
+        # that request them.
+        self._lines: dict[int, list[str]] = {}
+        self._requesters: dict[int, int] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True  # pynetdicom's narration, shown when the node debugs
+        thread = threading.current_thread()
+        with self._lock:
+            if not self._lines:
+                return True
+            key = self._requesters.get(thread.ident or 0)
+            if key is None:
+                # pynetdicom's DUL thread (it connects) has an ``assoc``, the association's
+                # reactor thread is the Association, which has an ``ae``.
+                assoc = getattr(thread, "assoc", thread)
+                key = id(getattr(assoc, "ae", None))
+            lines = self._lines.get(key)
+            if lines is None:
+                return True
+            lines.append(record.getMessage())
+            return False
+
+    @contextmanager
+    def requesting(self, ae: AE) -> Iterator[list[str]]:
+        """Take what is logged at WARNING or above for ``ae``'s association request from
+        this thread; yields the list the lines go to."""
+        lines: list[str] = []
+        thread = threading.get_ident()
+        with self._lock:
+            self._lines[id(ae)] = lines
+            self._requesters[thread] = id(ae)
+        try:
+            yield lines
+        finally:
+            with self._lock:
+                del self._lines[id(ae)]
+                del self._requesters[thread]
+
+
+_REQUEST_LINES = _AssociationRequestLines()
+for _name in ASSOCIATION_LOGGERS:
+    logging.getLogger(_name).addFilter(_REQUEST_LINES)
+
+
+def why_not_associated(lines: Sequence[str]) -> str:
+    """Why an association request failed, from what pynetdicom logged for it (the connect
+    error, the rejection's result, source and reason), or what the caller can say without."""
+    said = [line for line in lines if line != _UNABLE_TO_CONNECT]
+    return "; ".join(said) or "peer down or refused"
 
 
 def offered_syntaxes(syntax: str) -> list[str]:
@@ -72,10 +152,11 @@ def send_files(
     read, the destination accepts neither its SOP class nor its transfer syntax, it answered
     a failure status, or (:class:`DestinationUnavailable`) the association ended before the
     file was sent or its response came. Raises DestinationUnavailable when no association is
-    made (the destination is down or refuses it). Files are read one at a
+    made (the destination is down or refuses it), saying why (what pynetdicom would have
+    logged as errors that name no destination; logged here at DEBUG). Files are read one at a
     time as they are sent (their headers first, for the presentation contexts).
     """
-    where = f"{destination.name} ({destination.ae_title}@{destination.host}:{destination.port})"
+    where = describe(destination)
     outcomes: list[Exception | None] = [None] * len(paths)
     # Per readable file: its SOP class and transfer syntax, a presentation context to propose.
     contexts: dict[int, tuple[str, str]] = {}
@@ -91,14 +172,19 @@ def send_files(
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     for sop_class, syntax in sorted(set(contexts.values())):
         ae.add_requested_context(sop_class, offered_syntaxes(syntax))
-    assoc = ae.associate(
-        destination.host,
-        destination.port,
-        ae_title=destination.ae_title,
-        evt_handlers=[(evt.EVT_CONN_OPEN, _send_at_once)],
-    )
+    with _REQUEST_LINES.requesting(ae) as lines:
+        assoc = ae.associate(
+            destination.host,
+            destination.port,
+            ae_title=destination.ae_title,
+            evt_handlers=[(evt.EVT_CONN_OPEN, _send_at_once)],
+        )
+    for line in lines:
+        log.debug("association request to %s: pynetdicom: %s", where, line)
     if not assoc.is_established:
-        raise DestinationUnavailable(f"{where}: association not accepted (peer down or refused)")
+        raise DestinationUnavailable(
+            f"{where}: association not accepted ({why_not_associated(lines)})"
+        )
     keep_responses(assoc)
     try:
         for index in contexts:
