@@ -44,17 +44,17 @@ def _database(settings: Settings):
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    from dicomnode.checkconfig import check_all, exposure_warnings
+    from dicomnode.checkconfig import check_all, config_warnings
 
-    settings, cards, problems = check_all(args.config)
+    settings, cards, problems = check_all(args.config_option or args.config)
     for problem in problems:
         print(f"configuration error: {problem}", file=sys.stderr)
     if settings is None or problems:
         return 2
-    for warning in exposure_warnings(settings):
+    for warning in config_warnings(settings):
         print(f"warning: {warning}", file=sys.stderr)
     print(
-        f"{args.config}: OK ({len(cards)} model card(s), "
+        f"{args.config_option or args.config}: OK ({len(cards)} model card(s), "
         f"{len(settings.destinations)} destination(s), {len(settings.peers)} peer(s))"
     )
     return 0
@@ -185,6 +185,53 @@ def cmd_db(args: argparse.Namespace) -> int:
         print(f"database schema is up to date (revision {after})")
     else:
         print(f"database schema upgraded from {before or 'empty'} to revision {after}")
+    return 0
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    """List jobs in a state, or retry dead-lettered ones (by id, or all that match)."""
+    import getpass
+
+    from dicomnode.db.models import Job
+    from dicomnode.db.session import as_utc, utcnow
+    from dicomnode.dead_letters import job_destination, jobs_in_state, retry_dead
+
+    settings = _settings(args)
+    with _database(settings)() as session:
+        if args.jobs_command == "list":
+            rows = jobs_in_state(session, args.state, args.kind, args.destination, args.limit)
+            for job, uid in rows:
+                where = f" -> {job_destination(job)}" if job.kind == "export" else ""
+                print(
+                    f"{job.id}\t{job.kind}{where}\t{job.state}\tattempts {job.attempts}\t"
+                    f"{as_utc(job.run_after):%Y-%m-%d %H:%M:%S}Z\tstudy {uid}\t"
+                    f"{job.last_error}"
+                )
+            print(f"{len(rows)} job(s) {args.state}", file=sys.stderr)
+            return 0
+        if args.ids and (args.all or args.kind or args.destination):
+            print("error: give job ids, or --all with --kind/--destination", file=sys.stderr)
+            return 2
+        if args.ids:
+            jobs = [session.get(Job, job_id) for job_id in args.ids]
+            missing = [i for i, job in zip(args.ids, jobs, strict=True) if job is None]
+            not_dead = [job for job in jobs if job is not None and job.state != "dead"]
+            if missing or not_dead:
+                for job_id in missing:
+                    print(f"error: no job {job_id}", file=sys.stderr)
+                for job in not_dead:
+                    print(f"error: job {job.id} is {job.state}, not dead", file=sys.stderr)
+                return 1
+        elif args.all:
+            jobs = [job for job, _ in jobs_in_state(session, "dead", args.kind, args.destination)]
+        else:
+            print("error: give job ids, or --all (with --kind/--destination)", file=sys.stderr)
+            return 2
+        now = utcnow()
+        for job in jobs:
+            retry_dead(session, job, f"cli:{getpass.getuser()}", now)
+        session.commit()
+    print(f"{len(jobs)} dead job(s) queued again")
     return 0
 
 
@@ -400,6 +447,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = commands.add_parser("check-config", help="validate the configuration and model cards")
     check.add_argument("config", type=Path, nargs="?", default=DEFAULT_CONFIG)
+    # As every other command takes it.
+    check.add_argument("--config", dest="config_option", type=Path, help="the same as CONFIG")
     check.set_defaults(func=cmd_check_config)
 
     worklist = with_config(commands.add_parser("worklist", help="print the reading worklist"))
@@ -472,6 +521,27 @@ def build_parser() -> argparse.ArgumentParser:
     db = with_config(commands.add_parser("db", help="database maintenance"))
     db.add_argument("db_command", choices=["upgrade"])
     db.set_defaults(func=cmd_db)
+
+    jobs = commands.add_parser("jobs", help="list jobs, retry dead-lettered ones")
+    jobs_commands = jobs.add_subparsers(dest="jobs_command", required=True)
+    jobs_list = with_config(
+        jobs_commands.add_parser("list", help="jobs in one state, newest first (default dead)")
+    )
+    jobs_list.add_argument("--state", choices=["queued", "leased", "done", "dead"], default="dead")
+    jobs_list.add_argument("--limit", type=int, default=100)
+    jobs_retry = with_config(
+        jobs_commands.add_parser(
+            "retry", help="queue dead jobs again with a fresh attempt budget (audited)"
+        )
+    )
+    jobs_retry.add_argument("ids", nargs="*", type=int, help="job ids (see 'jobs list')")
+    jobs_retry.add_argument(
+        "--all", action="store_true", help="every dead job (narrowed by --kind/--destination)"
+    )
+    for sub in (jobs_list, jobs_retry):
+        sub.add_argument("--kind", choices=["analyse", "results", "export", "notify"])
+        sub.add_argument("--destination", help="export jobs to this destination only")
+    jobs.set_defaults(func=cmd_jobs)
 
     users = commands.add_parser("users", help="local web users and API tokens")
     users_commands = users.add_subparsers(dest="users_command", required=True)

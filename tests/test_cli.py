@@ -74,3 +74,96 @@ def test_db_upgrade_names_the_revision_it_left_the_database_at(config: Path) -> 
     # Patient data: the database and its WAL files are the node account's alone.
     for path in config.parent.glob("dicomnode.db*"):
         assert path.stat().st_mode & 0o077 == 0, (path.name, oct(path.stat().st_mode))
+
+
+def _dead_jobs(url: str) -> dict[str, int]:
+    """A study with dead export jobs to 'pacs' (two) and 'archive', and a dead analysis."""
+    from dicomnode.db.models import Job, Study
+    from dicomnode.db.session import make_engine, make_sessionmaker, utcnow
+
+    now = utcnow()
+    with make_sessionmaker(make_engine(url))() as session:
+        study = Study(
+            study_instance_uid="1.2.826.0.1.3680043.8.498.1",
+            received_at=now,
+            last_instance_at=now,
+            ready_at=now,
+            due_at=now,
+            analysis_status="failed",
+        )
+        session.add(study)
+        session.flush()
+        jobs = {}
+        for name, kind, destination in [
+            ("pacs-1", "export", "pacs"),
+            ("pacs-2", "export", "pacs"),
+            ("archive", "export", "archive"),
+            ("analysis", "analyse", None),
+        ]:
+            payload = {"destination": destination, "result_id": 1} if destination else {}
+            job = Job(
+                kind=kind,
+                study_id=study.id,
+                payload=payload,
+                state="dead",
+                attempts=5,
+                run_after=now,
+                last_error=f"{name} failed",
+                created_at=now,
+                finished_at=now,
+            )
+            session.add(job)
+            session.flush()
+            jobs[name] = job.id
+        session.commit()
+    return jobs
+
+
+def _states(url: str) -> dict[int, str]:
+    from sqlalchemy import select
+
+    from dicomnode.db.models import Job
+    from dicomnode.db.session import make_engine, make_sessionmaker
+
+    with make_sessionmaker(make_engine(url))() as session:
+        return dict(session.execute(select(Job.id, Job.state)).all())
+
+
+def test_jobs_list_and_retry_dead_letters_by_destination_or_id(config: Path) -> None:
+    """An admin whose PACS is back queues its dead exports again in one command, audited;
+    other dead jobs stay dead until named."""
+    url = f"sqlite:///{config.parent / 'dicomnode.db'}"
+    assert run_cli("db", "upgrade", "--config", str(config)).returncode == 0
+    jobs = _dead_jobs(url)
+    listed = run_cli("jobs", "list", "--destination", "pacs", "--config", str(config))
+    assert listed.returncode == 0, listed.stderr
+    lines = listed.stdout.strip().splitlines()
+    assert [int(line.split("\t")[0]) for line in lines] == [jobs["pacs-2"], jobs["pacs-1"]]
+    assert "export -> pacs\tdead\tattempts 5" in lines[0] and lines[0].endswith("pacs-2 failed")
+    retried = run_cli("jobs", "retry", "--all", "--destination", "pacs", "--config", str(config))
+    assert retried.returncode == 0, retried.stderr
+    assert retried.stdout.strip() == "2 dead job(s) queued again"
+    states = _states(url)
+    assert [states[jobs[name]] for name in ("pacs-1", "pacs-2")] == ["queued", "queued"]
+    assert [states[jobs[name]] for name in ("archive", "analysis")] == ["dead", "dead"]
+    # By id; a job that is not dead is refused and nothing is retried.
+    refused = run_cli(
+        "jobs", "retry", str(jobs["analysis"]), str(jobs["pacs-1"]), "--config", str(config)
+    )
+    assert refused.returncode == 1
+    assert f"job {jobs['pacs-1']} is queued, not dead" in refused.stderr
+    assert _states(url)[jobs["analysis"]] == "dead"
+    assert run_cli("jobs", "retry", str(jobs["analysis"]), "--config", str(config)).returncode == 0
+    assert _states(url)[jobs["analysis"]] == "queued"
+    assert run_cli("jobs", "retry", "--config", str(config)).returncode == 2
+    from sqlalchemy import select
+
+    from dicomnode.db.models import AuditEntry, Study
+    from dicomnode.db.session import make_engine, make_sessionmaker
+
+    with make_sessionmaker(make_engine(url))() as session:
+        audited = session.scalars(
+            select(AuditEntry.detail).where(AuditEntry.action == "retry_job")
+        ).all()
+        assert len(audited) == 3
+        assert session.scalars(select(Study.analysis_status)).one() == "queued"

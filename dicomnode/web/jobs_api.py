@@ -13,15 +13,13 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Query, status
 from pydantic import BaseModel, Field
-from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.db.models import Job, Study
 from dicomnode.db.session import as_utc, utcnow
-from dicomnode.jobs import retry
+from dicomnode.dead_letters import job_destination, jobs_in_state, retry_dead
 from dicomnode.web.auth import Caller, admin_only
 from dicomnode.web.schemas import AUTH_ERRORS, MAX_DB_INT
-from dicomnode.worklist import audit
 
 JobState = Literal["queued", "leased", "done", "dead"]
 
@@ -44,7 +42,7 @@ def _job_out(job: Job, study_uid: str) -> JobOut:
         kind=job.kind,
         state=job.state,
         study_instance_uid=study_uid,
-        destination=str((job.payload or {}).get("destination", "")),
+        destination=job_destination(job),
         attempts=job.attempts,
         last_error=job.last_error,
         run_after=as_utc(job.run_after),
@@ -71,13 +69,7 @@ def jobs_router(sessions: sessionmaker[Session], caller_of: Callable[..., Caller
     ) -> list[JobOut]:
         """Jobs in one state, newest first (default: dead letters, with their reason)."""
         with sessions() as session:
-            rows = session.execute(
-                select(Job, Study.study_instance_uid)
-                .join(Study, Study.id == Job.study_id)
-                .where(Job.state == state)
-                .order_by(Job.id.desc())
-                .limit(limit)
-            ).all()
+            rows = jobs_in_state(session, state, limit=limit)
             return [_job_out(job, uid) for job, uid in rows]
 
     @router.post("/{job_id}/retry", response_model=JobOut)
@@ -93,17 +85,7 @@ def jobs_router(sessions: sessionmaker[Session], caller_of: Callable[..., Caller
                     status.HTTP_409_CONFLICT, f"job {job_id} is {job.state}, not dead"
                 )
             study = session.get(Study, job.study_id)
-            retry(session, job, now)
-            if job.kind == "analyse" and study is not None:
-                study.analysis_status = "queued"
-            audit.record(
-                session,
-                caller.principal.username,
-                "retry_job",
-                now,
-                study_instance_uid=study.study_instance_uid if study else "",
-                detail=f"job {job.id} {job.kind}",
-            )
+            retry_dead(session, job, caller.principal.username, now)
             session.commit()
             return _job_out(job, study.study_instance_uid if study else "")
 
