@@ -85,6 +85,11 @@ class Worker:
         # Threads running results or export jobs now (at most background_limit()).
         self._background = 0
         self._background_lock = threading.Lock()
+        # Models whose ONNX file cannot be loaded (missing, truncated, corrupt, not matching
+        # the card), by name, with the reason: left out of every study until a reload or a
+        # restart finds them loadable. A node's configuration fault must not fail studies.
+        self.unusable: dict[str, str] = {}
+        self._unusable_lock = threading.Lock()
 
     def background_limit(self) -> int:
         """Threads that may run results and export jobs at once: ``[worker]
@@ -147,6 +152,10 @@ class Worker:
         else:
             self.runtime.keep_only(unchanged)
         self.settings, self.cards = settings, cards
+        # Every card of a reload was loaded by load_checked (a reload with an unloadable one
+        # is refused): those left out before are fixed.
+        with self._unusable_lock:
+            self.unusable.clear()
         self.handover.max_bytes = settings.worker.handover_mb * 1024 * 1024
         log.info("worker %s reloaded: %d model card(s)", self.owner, len(cards))
         return True
@@ -160,14 +169,47 @@ class Worker:
             try:
                 self.runtime.session(card)
             except ModelLoadError as exc:
-                # Keep working: ingest and other models go on; the studies this model is
-                # selected for fail with this reason (visible on the study) until it is fixed.
-                log.error("model card %s cannot be used: %s", card.card_path, exc)
+                # Keep working: ingest and the other models go on without this one.
+                self.leave_out(card, str(exc))
                 continue
             try:
                 self.runtime.warm_up(card)
             except Exception as exc:  # a model may reject a blank image; studies will tell
                 log.warning("model %s: warm-up run failed: %s", card.model.name, exc)
+
+    def leave_out(self, card: ModelCard, reason: str) -> bool:
+        """Leave the model out of every study from now on, as a card whose ONNX file cannot
+        be loaded (the check of ``check-config`` and ``/readyz``: ``load_session``), with the
+        ensembles it is a member of; one ERROR names the card and why. False when it was left
+        out already."""
+        with self._unusable_lock:
+            if card.model.name in self.unusable:
+                return False
+            self.unusable[card.model.name] = reason
+        ensembles = [
+            c.model.name
+            for c in self.cards
+            if c.ensemble is not None and card.model.name in c.ensemble.members
+        ]
+        log.error(
+            "model card %s cannot be used: the model%s left out of every study until it is "
+            "fixed and the node reloaded (SIGHUP) or restarted; the other models run: %s",
+            card.card_path,
+            f" and its ensemble(s) {', '.join(ensembles)} are" if ensembles else " is",
+            reason,
+        )
+        return True
+
+    def usable_cards(self) -> list[ModelCard]:
+        """The cards that studies are analysed with: all but those left out
+        (:meth:`leave_out`) and the ensembles with a member left out."""
+        unusable = set(self.unusable)
+        return [
+            card
+            for card in self.cards
+            if card.model.name not in unusable
+            and not (card.ensemble and unusable.intersection(card.ensemble.members))
+        ]
 
     def run_once(self) -> bool:
         """Claim and run one due job; False when none was due."""
@@ -192,6 +234,25 @@ class Worker:
                 self._export(session, job, started)
                 return True
             detail = self._run(session, job, seconds)
+        except ModelLoadError as exc:
+            # A model that did not load at its first use (its file replaced or removed since
+            # the worker started): left out, the job runs again at once with the others,
+            # without using an attempt.
+            session.rollback()
+            card = next((c for c in self.cards if c.model.name == exc.model), None)
+            if card is None:
+                self._record_failure(session, job, exc, started)
+                return True
+            self.leave_out(card, str(exc))  # or another thread has just done so
+            if postpone(session, session.get(Job, job.id), 0.0, owner=self.owner):
+                log.info(
+                    "job %d %s study_id=%d runs again without model %s",
+                    job.id,
+                    job.kind,
+                    job.study_id,
+                    exc.model,
+                )
+            return True
         except Postponed as wait:
             session.rollback()
             if postpone(session, session.get(Job, job.id), wait.seconds, owner=self.owner):
@@ -302,7 +363,12 @@ class Worker:
             runtime = self.runtime
             with runtime.caller():
                 times = analyse_study(
-                    session, self.settings, self.cards, runtime, job.study_id, self.handover
+                    session,
+                    self.settings,
+                    self.usable_cards(),
+                    runtime,
+                    job.study_id,
+                    self.handover,
                 )
             for stage, spent in times.seconds.items():
                 metrics.JOB_SECONDS.labels("analyse", stage).observe(spent)
@@ -317,7 +383,7 @@ class Worker:
                 times = write_results(
                     session,
                     self.settings,
-                    self.cards,
+                    self.usable_cards(),
                     self.runtime,
                     job.study_id,
                     job.id,

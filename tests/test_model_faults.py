@@ -1,24 +1,33 @@
 """A broken model does not stop the node: a corrupt ONNX is reported at worker start-up
-(naming the card), ingest goes on, and the study's analysis fails with the reason in the API.
+(naming the card and the file), ingest goes on, and studies are analysed by the other
+models, the broken one left out until it is fixed and the node reloaded.
 
 Choice: the node runs without the broken model rather than refusing to start, because a
 triage node that stops listening loses more than one model's results; ``dicomnode models
-verify`` and ``check-config`` fail fast for operators who want a hard stop.
+verify``, ``check-config`` and ``/readyz`` fail for operators who want a hard stop. A node
+configuration fault never dead-letters studies.
 """
 
 from __future__ import annotations
 
 import logging
 import shutil
+import sqlite3
+from contextlib import closing
 from pathlib import Path
 
 import httpx
 import pytest
-from conftest import REPO, start_node, stop_node, wait_for, write_config
+from conftest import REPO, spool_and_index, start_node, stop_node, wait_for, write_config
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
 
-from dicomnode.config import Settings
+from dicomnode.config import Settings, load_settings
+from dicomnode.db.models import Job, ResultObject, Study
+from dicomnode.jobs import enqueue
 from dicomnode.models.registry import discover_cards
 from dicomnode.synth.cxr import make_cxr
+from dicomnode.web.health import readiness
 from dicomnode.worker import Worker
 
 
@@ -37,12 +46,20 @@ def test_worker_warms_every_demo_model_without_an_error(
     assert loaded == {card.model.name for card in cards if card.ensemble is None}
 
 
-def test_corrupt_onnx_fails_the_study_with_reason_and_ingest_continues(tmp_path: Path) -> None:
+def test_corrupt_onnx_is_left_out_and_the_other_models_analyse(tmp_path: Path) -> None:
+    """A truncated ONNX file (the admin review's repro: ``head -c 20000 good.onnx``) is a
+    node configuration fault, not a study's: its model is left out (one ERROR naming the
+    file), the other models analyse every study and no job is dead-lettered, even with one
+    attempt per job; ``/readyz`` says the models are not ready."""
     models = tmp_path / "models"
     models.mkdir()
-    shutil.copy(REPO / "models" / "cxr_pneumothorax_demo.toml", models)
-    (models / "cxr_pneumothorax_demo.onnx").write_bytes(b"this is not an ONNX protobuf" * 10)
-    config, port, web_port = write_config(tmp_path, f"sqlite:///{tmp_path / 'dicomnode.db'}")
+    for name in ("cxr_pneumothorax_demo", "cxr_lung_seg_demo"):
+        shutil.copy(REPO / "models" / f"{name}.toml", models)
+    shutil.copy(REPO / "models" / "cxr_lung_seg_demo.onnx", models)
+    corrupt = models / "cxr_pneumothorax_demo.onnx"
+    corrupt.write_bytes((REPO / "models" / "cxr_pneumothorax_demo.onnx").read_bytes()[:20000])
+    database = tmp_path / "dicomnode.db"
+    config, port, web_port = write_config(tmp_path, f"sqlite:///{database}")
     text = config.read_text().replace(str(REPO / "models"), str(models))
     one_attempt = text.replace("poll_seconds = 0.1\n", "poll_seconds = 0.1\nmax_attempts = 1\n")
     config.write_text(one_attempt)
@@ -57,18 +74,76 @@ def test_corrupt_onnx_fails_the_study_with_reason_and_ingest_continues(tmp_path:
             assert sent.returncode == 0, sent.stderr  # ingest is not affected
             uids.append(str(ds.StudyInstanceUID))
 
-        def failed(uid: str) -> dict | None:
-            study = httpx.get(f"{node.web}/api/studies/{uid}", headers=node.headers, timeout=10)
-            body = study.json()
-            return body if body["analysis_status"] == "failed" else None
+        def jobs() -> list[tuple[str, str, str]]:
+            with closing(sqlite3.connect(database)) as db:
+                return db.execute("SELECT kind, state, last_error FROM jobs").fetchall()
 
+        def settled() -> bool:
+            states = [state for _, state, _ in jobs()]
+            return "dead" in states or (len(states) >= 4 and set(states) == {"done"})
+
+        wait_for(settled, timeout=120, what="analyses and results jobs settled")
+        assert [job for job in jobs() if job[1] == "dead"] == []
         for uid in uids:
-            study = wait_for(lambda uid=uid: failed(uid), timeout=60, what="analysis failed")
-            assert "cannot load" in study["analysis_error"]
-            assert "cxr-pneumothorax-demo" in study["analysis_error"]
-        # Both studies stay on the worklist, in arrival order.
-        assert {row["study_instance_uid"] for row in node.worklist()} >= set(uids)
+            study = httpx.get(f"{node.web}/api/studies/{uid}", headers=node.headers, timeout=10)
+            assert study.json()["analysis_status"] == "analysed"
+        with closing(sqlite3.connect(database)) as db:
+            written = db.execute("SELECT DISTINCT model_name FROM results").fetchall()
+        assert written == [("cxr-lung-seg-demo",)]
+        settings = load_settings(config)
+        checks = readiness(_no_database, settings, discover_cards(settings.model_folders))
+        assert "cxr-pneumothorax-demo" in checks["models"]
+        assert not checks["models"].startswith("ok")
     finally:
         stop_node(node)
     log = node.log.read_text()
-    assert "cxr_pneumothorax_demo.toml cannot be used" in log
+    errors = [line for line in log.splitlines() if " ERROR " in line]
+    assert len(errors) == 1, errors
+    assert str(corrupt) in errors[0]
+    assert "cxr_pneumothorax_demo.toml cannot be used" in errors[0]
+
+
+def _no_database():
+    raise RuntimeError("not needed")
+
+
+def test_model_failing_to_load_at_first_use_is_left_out_without_using_an_attempt(
+    tmp_path: Path, sessions: sessionmaker[Session], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The file replaced on disk after the worker's start-up check: the analysis that first
+    loads it runs again at once without that model (no attempt used), the others' work is
+    done, and the model stays out of later studies with one ERROR in all."""
+    models = tmp_path / "models"
+    models.mkdir()
+    for name in ("cxr_pneumothorax_demo", "cxr_lung_seg_demo"):
+        shutil.copy(REPO / "models" / f"{name}.toml", models)
+        shutil.copy(REPO / "models" / f"{name}.onnx", models)
+    cards = discover_cards([models])
+    settings = Settings(storage={"path": tmp_path / "storage"}, worker={"max_attempts": 1})
+    worker = Worker(settings, sessions, cards)
+    worker.warm_up()  # both load; only the lung segmentation's session is kept warm
+    worker.runtime.keep_only({("cxr-lung-seg-demo", "1.0.0")})
+    onnx = models / "cxr_pneumothorax_demo.onnx"
+    onnx.write_bytes(onnx.read_bytes()[:20000])
+    study_ids = []
+    with sessions() as session:
+        for seed in (930_011, 930_012):
+            ds, _ = make_cxr(seed, pneumothorax=True, size=128)
+            study_id, _ = spool_and_index(session, settings.storage_path, ds)
+            enqueue(session, "analyse", study_id, {"generation": 1})
+            study_ids.append(study_id)
+        session.commit()
+    with caplog.at_level(logging.INFO, logger="dicomnode"):
+        while worker.run_once():
+            pass
+    with sessions() as session:
+        jobs = session.scalars(select(Job).order_by(Job.id)).all()
+        assert {(job.kind, job.state) for job in jobs} == {("analyse", "done"), ("results", "done")}
+        assert [job.attempts for job in jobs if job.kind == "analyse"] == [1, 1]
+        for study_id in study_ids:
+            assert session.get(Study, study_id).analysis_status == "analysed"
+        written = session.scalars(select(ResultObject.model_name).distinct()).all()
+        assert written == ["cxr-lung-seg-demo"]
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and str(onnx) in errors[0], errors
+    assert worker.unusable.keys() == {"cxr-pneumothorax-demo"}

@@ -44,7 +44,12 @@ EXECUTION_MODES = {
 
 
 class ModelLoadError(Exception):
-    """The ONNX file is missing, corrupt, or does not match its card."""
+    """The ONNX file is missing, corrupt, or does not match its card. ``model``: the card's
+    model name, so that a worker can leave that model out and run the others."""
+
+    def __init__(self, message: str, model: str = ""):
+        super().__init__(message)
+        self.model = model
 
 
 @functools.cache
@@ -116,7 +121,7 @@ def load_session(
     settings = settings or InferenceSettings()
     path = card.onnx_path
     if not path.is_file():
-        raise ModelLoadError(f"{card.model.name}: ONNX file {path} does not exist")
+        raise ModelLoadError(f"{card.model.name}: ONNX file {path} does not exist", card.model.name)
     usable = usable_providers(providers)
     on_cpu = usable[0] == "CPUExecutionProvider"
     try:
@@ -124,11 +129,14 @@ def load_session(
             str(path), sess_options=session_options(settings, on_cpu), providers=usable
         )
     except Exception as exc:  # onnxruntime raises its own exception types
-        raise ModelLoadError(f"{card.model.name}: cannot load {path}: {exc}") from exc
+        raise ModelLoadError(
+            f"{card.model.name}: cannot load {path}: {exc}", card.model.name
+        ) from exc
     inputs = {i.name: i for i in session.get_inputs()}
     if card.input.name not in inputs:
         raise ModelLoadError(
-            f"{card.model.name}: {path} has no input {card.input.name!r} (has {sorted(inputs)})"
+            f"{card.model.name}: {path} has no input {card.input.name!r} (has {sorted(inputs)})",
+            card.model.name,
         )
     declared = list(inputs[card.input.name].shape[1:])
     expected = list(card.input.shape)
@@ -137,13 +145,15 @@ def load_session(
     ) != len(expected):
         raise ModelLoadError(
             f"{card.model.name}: input {card.input.name!r} of {path} has shape {declared}, "
-            f"the card says {expected}"
+            f"the card says {expected}",
+            card.model.name,
         )
     outputs = {o.name for o in session.get_outputs()}
     for spec in card.outputs:
         if spec.name not in outputs:
             raise ModelLoadError(
-                f"{card.model.name}: {path} has no output {spec.name!r} (has {sorted(outputs)})"
+                f"{card.model.name}: {path} has no output {spec.name!r} (has {sorted(outputs)})",
+                card.model.name,
             )
     running = session.get_providers()
     log.info(
