@@ -4,12 +4,13 @@ loaded: a truncated or corrupt one is refused as a missing one is)."""
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 from dicomnode.config import Settings, load_settings
 from dicomnode.models.registry import ModelCard, load_card
 from dicomnode.pipeline.runtime import onnx_problem
-from dicomnode.tomlfile import ConfigError, key_line
+from dicomnode.tomlfile import ConfigError, ConfigErrors, key_line
 
 
 def _line(settings: Settings, loc: tuple[str | int, ...]) -> int | None:
@@ -100,6 +101,31 @@ def check_settings(settings: Settings) -> list[ConfigError]:
     return check_paths(settings) + check_network(settings)
 
 
+def storage_warnings(settings: Settings) -> list[str]:
+    """A free-space watermark the storage file system can never meet: every C-STORE would
+    be refused (0xA700). A warning, as the folder may not be mounted yet where this runs."""
+    probe = settings.storage_path
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    try:
+        total = shutil.disk_usage(probe).total
+    except OSError:
+        return []
+    watermark = settings.storage.min_free_bytes
+    if watermark <= total:
+        return []
+    return [
+        f"[storage] min_free_bytes = {watermark} is more than the whole file system of "
+        f"{settings.storage_path} ({total} bytes, {total / 2**30:.1f} GiB): every instance "
+        "would be refused as out of resources; lower it"
+    ]
+
+
+def config_warnings(settings: Settings) -> list[str]:
+    """Everything check-config and serve warn of: the listener's exposure, the storage."""
+    return exposure_warnings(settings) + storage_warnings(settings)
+
+
 def check_cards(settings: Settings) -> tuple[list[ModelCard], list[ConfigError]]:
     """Every card in the model folders (later folders replace earlier by name), and problems."""
     by_name: dict[str, ModelCard] = {}
@@ -111,7 +137,7 @@ def check_cards(settings: Settings) -> tuple[list[ModelCard], list[ConfigError]]
             try:
                 card = load_card(path)
             except ConfigError as exc:
-                problems.append(exc)
+                problems.extend(exc.problems)
                 continue
             problem = onnx_problem(card) if card.model.onnx else ""
             if problem:
@@ -156,15 +182,17 @@ def check_all(path: Path | str) -> tuple[Settings | None, list[ModelCard], list[
     try:
         settings = load_settings(path)
     except ConfigError as exc:
-        return None, [], [exc]
+        return None, [], exc.problems
     cards, problems = check_cards(settings)
     return settings, cards, check_settings(settings) + problems
 
 
 def load_checked(path: Path | str) -> tuple[Settings, list[ModelCard]]:
-    """Settings and cards, or the first problem raised as :class:`ConfigError`."""
+    """Settings and cards, or every problem raised as one :class:`ConfigError`."""
     settings, cards, problems = check_all(path)
-    if problems:
+    if len(problems) == 1:
         raise problems[0]
+    if problems:
+        raise ConfigErrors(problems)
     assert settings is not None
     return settings, cards

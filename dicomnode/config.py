@@ -7,25 +7,47 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
-    StringConstraints,
+    Strict,
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from dicomnode.tomlfile import ConfigError, key_line, load_toml
 
-# DICOM AE titles: 1-16 characters of the default repertoire, no backslash, not all spaces.
-AETitle = Annotated[
-    str, StringConstraints(min_length=1, max_length=16, pattern=r"^ *[!-\[\]-~][ -\[\]-~]*$")
-]
+AE_TITLE_RULE = "an AE title is 1-16 characters of printable ASCII without backslash"
+
+
+def _ae_title(value: str) -> str:
+    """DICOM AE titles: 1-16 characters of the default repertoire, no backslash, not all
+    spaces (leading spaces are allowed, as the standard's padding)."""
+    if not value.strip(" "):
+        found = "it is empty" if not value else "it is all spaces"
+    elif len(value) > 16:
+        found = f"{value!r} has {len(value)} characters"
+    elif bad := sorted({c for c in value if not " " <= c <= "~" or c == "\\"}):
+        found = f"{value!r} contains {', '.join(repr(c) for c in bad)}"
+    else:
+        return value
+    raise PydanticCustomError(
+        "ae_title", "{rule} ({found})", {"rule": AE_TITLE_RULE, "found": found}
+    )
+
+
+AETitle = Annotated[str, AfterValidator(_ae_title)]
 Port = Annotated[int, Field(ge=1, le=65535)]
+# Paths are TOML strings: the one type the strict settings convert.
+ConfigPath = Annotated[Path, Strict(False)]
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Strict: a quoted number or boolean ("11999", "true") is an error, not converted;
+    # an integer is still a valid float.
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class NodeSettings(_Section):
@@ -59,7 +81,7 @@ class NodeSettings(_Section):
 
 
 class StorageSettings(_Section):
-    path: Path = Path("var/storage")
+    path: ConfigPath = Path("var/storage")
     # Below this much free space new instances are refused with 0xA700.
     min_free_bytes: int = Field(default=256 * 1024**2, ge=0)
     retention_days: float = Field(
@@ -73,9 +95,9 @@ class TLSSettings(_Section):
     """DICOM TLS for the listener (certificate, key, CA for client certificates)."""
 
     enabled: bool = False
-    cert: Path = Path("conf/tls/node.pem")
-    key: Path = Path("conf/tls/node.key")
-    ca: Path | None = None
+    cert: ConfigPath = Path("conf/tls/node.pem")
+    key: ConfigPath = Path("conf/tls/node.key")
+    ca: ConfigPath | None = None
     require_client_cert: bool = True
 
     @field_validator("ca", mode="before")
@@ -98,7 +120,26 @@ class DatabaseSettings(_Section):
     def _known_backend(cls, value: str) -> str:
         if not value.startswith(("sqlite:///", "postgresql+psycopg://")):
             raise ValueError("url must start with sqlite:/// or postgresql+psycopg://")
-        return value
+        return valid_database_url(value)
+
+
+def valid_database_url(url: str) -> str:
+    """``url`` once SQLAlchemy can parse it and its port is one; else a ValueError that
+    says what is wrong without the URL (it may hold a password)."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        port = make_url(url).port
+    except ValueError as exc:
+        port_text = "invalid literal for int()" in str(exc)
+        what = "its port is not a number" if port_text else "SQLAlchemy cannot parse it"
+        raise ValueError(
+            f"url is not a valid database URL: {what} "
+            "(dialect+driver://user:password@host:port/database)"
+        ) from None
+    if port is not None and not 1 <= port <= 65535:
+        raise ValueError(f"url is not a valid database URL: port {port} is not 1-65535")
+    return url
 
 
 class WebSettings(_Section):
@@ -157,7 +198,7 @@ class InferenceSettings(_Section):
 
 
 class ModelsSettings(_Section):
-    folders: list[Path] = [Path("models"), Path("conf/models")]
+    folders: list[ConfigPath] = [Path("models"), Path("conf/models")]
 
 
 class Destination(_Section):
@@ -265,7 +306,7 @@ class Settings(_Section):
 
     # The file these settings came from; relative paths resolve against its folder's parent
     # when the file lives in conf/, else against its own folder.
-    source: Path | None = Field(default=None, exclude=True)
+    source: ConfigPath | None = Field(default=None, exclude=True)
 
     @model_validator(mode="after")
     def _peers_to_know(self) -> Settings:
@@ -314,6 +355,17 @@ def changed_settings(old: Settings, new: Settings, names: tuple[str, ...]) -> li
         if before != after:
             changed.append(name)
     return changed
+
+
+def restart_changes(
+    running: Settings, previous: Settings, new: Settings, names: tuple[str, ...]
+) -> tuple[list[str], list[str]]:
+    """For a reload, of the restart-only ``names``: those ``new`` sets apart from what the
+    process ``running`` runs (they wait for a restart), and those ``previous`` set apart but
+    ``new`` sets back to the running value (no restart is pending for them any more)."""
+    pending = changed_settings(running, new, names)
+    undone = [name for name in changed_settings(running, previous, names) if name not in pending]
+    return pending, undone
 
 
 def load_settings(path: Path | str) -> Settings:

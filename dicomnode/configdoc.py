@@ -6,10 +6,13 @@ each key is the comment above it in ``conf/dicomnode.toml`` (or the field's desc
 
 from __future__ import annotations
 
+import functools
 import json
+import operator
 import re
 from pathlib import Path
-from typing import Any, get_args, get_origin
+from types import UnionType
+from typing import Annotated, Any, Union, get_args, get_origin
 
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
@@ -36,8 +39,20 @@ def _model_of(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
+def _without_metadata(annotation: Any) -> Any:
+    """``annotation`` with each ``Annotated[T, ...]`` in it (constraints, strictness) as ``T``."""
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin is Annotated:
+        return _without_metadata(args[0])
+    if origin in (list, dict):
+        return origin[tuple(_without_metadata(arg) for arg in args)]
+    if origin in (Union, UnionType):
+        return functools.reduce(operator.or_, [_without_metadata(arg) for arg in args])
+    return annotation
+
+
 def _type_name(annotation: Any) -> str:
-    text = str(annotation).replace("typing.", "").replace("pathlib.", "")
+    text = str(_without_metadata(annotation)).replace("typing.", "").replace("pathlib.", "")
     text = re.sub(r"<class '([^']+)'>", r"\1", text)
     text = re.sub(r"Annotated\[(\w+), [^\]]*\]+", r"\1", text)
     return text.replace("PosixPath", "path").replace("Path", "path")

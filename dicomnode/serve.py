@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode import RESEARCH_DEMO_NOTICE
-from dicomnode.checkconfig import check_settings, exposure_warnings
-from dicomnode.config import NodeSettings, Settings, changed_settings, load_settings
+from dicomnode.checkconfig import check_settings, config_warnings
+from dicomnode.config import NodeSettings, Settings, load_settings, restart_changes
 from dicomnode.models.registry import ModelCard, discover_cards
 from dicomnode.pipeline.runtime import WORKERS_ON_HOST
 from dicomnode.systemd import Notifier, run_watchdog
@@ -101,6 +101,9 @@ class Node:
         :class:`~dicomnode.ingest.listeners.ListenerPool` (or None)."""
         self.config = config
         self.settings = settings
+        # What the listeners, the web server and the database run: a reload does not change
+        # the restart-only keys (RESTART_ONLY) of it, so reloads compare against these.
+        self.running = settings
         self.cards = cards
         self.scp = scp
         self.workers = workers if workers is not None else []
@@ -130,8 +133,11 @@ class Node:
                 if notifier:
                     notifier.notify("READY=1\nSTATUS=reload refused; see the log")
                 return False
-            for name in changed_settings(self.settings, settings, RESTART_ONLY):
+            pending, undone = restart_changes(self.running, self.settings, settings, RESTART_ONLY)
+            for name in pending:
                 log.warning("reload: [%s] changed; it takes effect at the next restart", name)
+            for name in undone:
+                log.info("reload: [%s] is back to the running value; no restart pending", name)
             # One assignment each: an association reads either the old or the new settings.
             self.cards = cards
             self.settings = settings
@@ -310,26 +316,43 @@ class WorkerPool:
 
 def run_serve(config: Path, workers: int | None = None) -> int:
     """Run the node until SIGTERM/SIGINT: listeners, assembly, workers, web; 0 when stopped."""
+    # Children inherit "ignore SIGHUP" until they install their own reload handling.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    # Before anything makes a Prometheus metric: listeners and workers inherit the folder.
+    # Removed on every way out (a refused configuration or database included): under
+    # systemd's Restart=on-failure a failing start would leave one each time.
+    metrics_folder = metrics_dir()
+    try:
+        return _serve(config, workers)
+    finally:
+        remove_metrics_dir(metrics_folder)
+
+
+def _refuse(problems: list[ConfigError]) -> int:
+    """Each problem of the configuration, as check-config prints it; serve's exit status."""
+    for problem in problems:
+        print(f"configuration error: {problem}", file=sys.stderr)
+    return 2
+
+
+def _serve(config: Path, workers: int | None) -> int:
     from dicomnode.db.session import make_engine, make_sessionmaker, upgrade
     from dicomnode.ingest.assembly import ReadyTimes
     from dicomnode.ingest.indexer import IndexService, ingest_sessions
     from dicomnode.ingest.listeners import ListenerPool
     from dicomnode.logs import setup_logging
 
-    # Children inherit "ignore SIGHUP" until they install their own reload handling.
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    # Before anything makes a Prometheus metric: listeners and workers inherit the folder.
-    metrics_folder = metrics_dir()
-    settings = load_settings(config)
+    try:
+        settings = load_settings(config)
+    except ConfigError as exc:
+        return _refuse(exc.problems)
     # What check-config refuses in the settings stops the node here with the same message,
     # not with a listener's traceback later (model cards: the worker logs what it cannot use).
     problems = check_settings(settings)
-    for problem in problems:
-        print(f"configuration error: {problem}", file=sys.stderr)
     if problems:
-        return 2
+        return _refuse(problems)
     setup_logging(settings.log_level, settings.logging.json_lines)
-    for warning in exposure_warnings(settings):
+    for warning in config_warnings(settings):
         log.warning("%s", warning)
     cards = discover_cards(settings.model_folders)
     upgrade(settings.database_url)
@@ -363,7 +386,6 @@ def run_serve(config: Path, workers: int | None = None) -> int:
             exc.strerror or exc,
         )
         shutil.rmtree(run_dir, ignore_errors=True)
-        remove_metrics_dir(metrics_folder)
         index.close()
         return 1
     pool: WorkerPool | None = None
@@ -390,7 +412,6 @@ def run_serve(config: Path, workers: int | None = None) -> int:
         index.close()
         if pool is not None:
             pool.stop()
-        remove_metrics_dir(metrics_folder)
         shutil.rmtree(run_dir, ignore_errors=True)
         log.info("stopped")
     return 0

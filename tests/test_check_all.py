@@ -127,3 +127,81 @@ def test_a_destination_needs_a_host(tmp_path: Path) -> None:
     result = _check(config)
     assert result.returncode == 2
     assert re.search(r":4: \[destinations\.0\.host\] .*at least 1 character", result.stderr)
+
+
+def _check_option(path: Path) -> subprocess.CompletedProcess:
+    """``check-config --config FILE``, as every other command takes the file."""
+    return subprocess.run(
+        [sys.executable, "-m", "dicomnode", "check-config", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_every_problem_of_the_main_file_is_listed_with_its_line(tmp_path: Path) -> None:
+    """Not only the first: an admin fixes the file in one pass. A misspelt table is named at
+    its header, a quoted number is a type error (not converted), an AE title error says the
+    rule in words, a database URL that SQLAlchemy cannot parse is refused here (not by a
+    ValueError at start) without echoing its password."""
+    config = tmp_path / "dicomnode.toml"
+    config.write_text(
+        "[node]\n"  # 1
+        'ae_title = "ABCDEFGHIJKLMNOPQRSTUVW"\n'  # 2
+        "port = 70000\n"  # 3
+        "\n"  # 4
+        "[worker]\n"  # 5
+        "threads = 0\n"  # 6
+        "\n"  # 7
+        "[workers]\n"  # 8
+        "count = 2\n"  # 9
+        "\n"  # 10
+        "[web]\n"  # 11
+        'port = "11999"\n'  # 12
+        "\n"  # 13
+        "[database]\n"  # 14
+        'url = "postgresql+psycopg://u:s3cret-Pw@h:abc/x"\n'  # 15
+    )
+    result = _check_option(config)
+    assert result.returncode == 2, result.stdout + result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("configuration")]
+    where = f"configuration error: {config}"
+    assert errors == [
+        f"{where}:2: [node.ae_title] an AE title is 1-16 characters of printable ASCII "
+        "without backslash ('ABCDEFGHIJKLMNOPQRSTUVW' has 23 characters)",
+        f"{where}:3: [node.port] Input should be less than or equal to 65535",
+        f"{where}:6: [worker.threads] Input should be greater than or equal to 1",
+        f"{where}:8: [workers] Extra inputs are not permitted",
+        f"{where}:12: [web.port] expected an integer, got the string '11999' "
+        "(write it without quotes)",
+        f"{where}:15: [database.url] Value error, url is not a valid database URL: its port "
+        "is not a number (dialect+driver://user:password@host:port/database)",
+    ], result.stderr
+    assert "s3cret-Pw" not in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_watermark_above_the_storage_file_system_is_warned_of(tmp_path: Path) -> None:
+    """min_free_bytes above the whole file system refuses every C-STORE: check-config says
+    so (a warning: the storage may be mounted later), and not for a watermark that fits."""
+    import shutil as disk
+
+    total = disk.disk_usage(tmp_path).total
+    config = tmp_path / "dicomnode.toml"
+    base = (
+        f'[database]\nurl = "sqlite:///{tmp_path / "db.sqlite"}"\n\n'
+        f'[models]\nfolders = ["{REPO / "models"}"]\n\n'
+        f'[storage]\npath = "{tmp_path / "storage"}"\n'
+    )
+    config.write_text(base + f"min_free_bytes = {total + 1}\n")
+    result = _check(config)
+    assert result.returncode == 0, result.stderr
+    assert re.search(
+        rf"warning: \[storage\] min_free_bytes = {total + 1} is more than the whole file "
+        rf"system of {re.escape(str(tmp_path / 'storage'))} \({total} bytes",
+        result.stderr,
+    ), result.stderr
+    config.write_text(base + f"min_free_bytes = {total // 2}\n")
+    result = _check(config)
+    assert result.returncode == 0, result.stderr
+    assert "min_free_bytes" not in result.stderr, result.stderr

@@ -65,7 +65,8 @@ def test_shipped_configuration_validates() -> None:
             '[node]\nae_title = "ABCDEFGHIJKLMNOPQ"\n',
             2,
             "node.ae_title",
-            "at most 16 characters",
+            "an AE title is 1-16 characters of printable ASCII without backslash "
+            "('ABCDEFGHIJKLMNOPQ' has 17 characters)",
             id="ae-title-17-chars",
         ),
         pytest.param(
@@ -187,3 +188,118 @@ def test_require_known_peers_admits_only_peers_and_refuses_a_file_without_any(
     assert not peer_allowed(settings.peers, "STRANGER", "192.0.2.1", require_known=True)
     assert not peer_allowed([], "STRANGER", "192.0.2.1", require_known=True)
     assert peer_allowed([], "STRANGER", "192.0.2.1", require_known=False)
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "reason"),
+    [
+        pytest.param(
+            '[node]\nport = "11999"\n',
+            "node.port",
+            "expected an integer, got the string '11999' (write it without quotes)",
+            id="quoted-int",
+        ),
+        pytest.param(
+            '[node]\nport = "eleven"\n',
+            "node.port",
+            "expected an integer, got the string 'eleven'",
+            id="word-for-int",
+        ),
+        pytest.param(
+            '[tls]\nenabled = "true"\n',
+            "tls.enabled",
+            "expected true or false, got the string 'true' (write it without quotes)",
+            id="quoted-bool",
+        ),
+        pytest.param(
+            '[assembly]\nquiet_seconds = "0.5"\n',
+            "assembly.quiet_seconds",
+            "expected a number, got the string '0.5' (write it without quotes)",
+            id="quoted-float",
+        ),
+        pytest.param(
+            "[worker]\ncount = 1.0\n",
+            "worker.count",
+            "Input should be a valid integer",
+            id="float-for-int",
+        ),
+    ],
+)
+def test_values_of_the_wrong_toml_type_are_refused_not_converted(
+    tmp_path: Path, text: str, key: str, reason: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(write(tmp_path, text))
+    assert caught.value.key == key
+    assert caught.value.line == 2
+    assert caught.value.reason == reason
+
+
+def test_numbers_and_paths_keep_their_toml_forms(tmp_path: Path) -> None:
+    """Strict, not stricter: an integer is a valid number of seconds, paths are strings."""
+    settings = load_settings(
+        write(
+            tmp_path,
+            '[assembly]\nquiet_seconds = 2\n[storage]\npath = "spool"\n'
+            '[models]\nfolders = ["cards"]\n[tls]\nca = "ca.pem"\n',
+        )
+    )
+    assert settings.assembly.quiet_seconds == 2.0
+    assert settings.storage.path == Path("spool")
+    assert settings.models.folders == [Path("cards")]
+    assert settings.tls.ca == Path("ca.pem")
+
+
+@pytest.mark.parametrize(
+    ("title", "found"),
+    [
+        ("ABCDEFGHIJKLMNOPQ", "'ABCDEFGHIJKLMNOPQ' has 17 characters"),
+        ("", "it is empty"),
+        ("   ", "it is all spaces"),
+        ("CT\\\\01", "'CT\\\\01' contains '\\\\'"),
+        ("NODÉ", "'NODÉ' contains 'É'"),
+    ],
+)
+def test_an_ae_title_error_says_the_rule_in_words(tmp_path: Path, title: str, found: str) -> None:
+    text = f'[[destinations]]\nname = "pacs"\nhost = "h"\nport = 104\nae_title = "{title}"\n'
+    with pytest.raises(ConfigError) as caught:
+        load_settings(write(tmp_path, text))
+    assert caught.value.key == "destinations.0.ae_title"
+    assert caught.value.line == 5
+    assert caught.value.reason == (
+        f"an AE title is 1-16 characters of printable ASCII without backslash ({found})"
+    )
+
+
+def test_valid_ae_titles_are_kept(tmp_path: Path) -> None:
+    for title in ("A", "  PADDED", "ABCDEFGHIJKLMNOP", "CT_01-~!"):
+        settings = load_settings(write(tmp_path, f'[node]\nae_title = "{title}"\n'))
+        assert settings.node.ae_title == title
+
+
+@pytest.mark.parametrize(
+    ("url", "what"),
+    [
+        ("postgresql+psycopg://u:s3cret-Pw@h:abc/x", "its port is not a number"),
+        ("postgresql+psycopg://u@h:abc/x", "its port is not a number"),
+        ("postgresql+psycopg://u:s3cret-Pw@h:70000/x", "port 70000 is not 1-65535"),
+    ],
+)
+def test_a_database_url_sqlalchemy_cannot_use_is_refused_without_its_password(
+    tmp_path: Path, url: str, what: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(write(tmp_path, f'[storage]\npath = "var"\n[database]\nurl = "{url}"\n'))
+    assert caught.value.key == "database.url"
+    assert caught.value.line == 4
+    assert f"url is not a valid database URL: {what}" in caught.value.reason
+    assert "s3cret-Pw" not in str(caught.value)
+
+
+def test_a_misspelt_table_is_named_at_its_header(tmp_path: Path) -> None:
+    path = write(
+        tmp_path, "[worker]\ncount = 1\n\n[workers]\ncount = 2\n\n[[peer]]\nae_title = 1\n"
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path)
+    assert [(p.key, p.line) for p in caught.value.problems] == [("workers", 4), ("peer", 7)]

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
+import subprocess
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from conftest import write_config
+from conftest import launch_node, wait_for, write_config
 
 from dicomnode.config import load_settings
 from dicomnode.models.registry import discover_cards
@@ -77,6 +79,41 @@ def test_node_reload_names_only_the_node_settings_that_wait_for_a_restart(
     with caplog.at_level(logging.WARNING, logger="dicomnode"):
         assert node.reload()
     assert "reload: [node.ae_title] changed; it takes effect at the next restart" in caplog.text
+
+
+def test_serve_reload_compares_restart_only_keys_with_what_it_runs(tmp_path: Path) -> None:
+    """A restart-only change set back before any restart is no longer pending: the second
+    reload does not warn again about an ae_title the node already runs."""
+    config, port, web_port = write_config(tmp_path, f"sqlite:///{tmp_path / 'db.sqlite'}")
+    # One listener, no worker: the reload is what is tested.
+    text = config.read_text().replace("[worker]\ncount = 1", "[worker]\ncount = 0")
+    config.write_text(text.replace("[node]\n", "[node]\nlisteners = 1\n", 1))
+    process, log = launch_node(tmp_path, config, port, web_port)
+    warning = "reload: [node.ae_title] changed; it takes effect at the next restart"
+
+    def reload(text: str, reloads: int) -> str:
+        config.write_text(text)
+        process.send_signal(signal.SIGHUP)
+        wait_for(
+            lambda: log.read_text().count("configuration reloaded") == reloads, 30, what="reload"
+        )
+        return log.read_text()
+
+    try:
+        running = config.read_text()
+        assert warning in reload(running.replace('"DICOMNODE"', '"NEWNODE"', 1), 1)
+        undone = reload(running, 2)
+        assert undone.count(warning) == 1, undone
+        assert "reload: [node.ae_title] is back to the running value" in undone
+        # Changed again: pending again.
+        assert reload(running.replace('"DICOMNODE"', '"THIRDNODE"', 1), 3).count(warning) == 2
+    finally:
+        process.terminate()
+        try:
+            assert process.wait(timeout=30) == 0, log.read_text()
+        except subprocess.TimeoutExpired:
+            process.kill()
+            raise
 
 
 def test_worker_reload_keeps_old_settings_on_error(tmp_path: Path) -> None:
