@@ -282,6 +282,8 @@ class Node(Target):
             'log_level = "WARNING"\n'
             f'[node]\nae_title = "{self.ae_title}"\nhost = "127.0.0.1"\nport = {self.port}\n'
             f"listeners = {self.listeners}\nmax_associations = 64\nmax_pdu = {self.max_pdu}\n"
+            # Every sender connects from 127.0.0.1: no per-address limit (default 16).
+            "max_associations_per_address = 0\n"
             f'[storage]\npath = "{self.work / "storage"}"\nmin_free_bytes = 0\n'
             f'[database]\nurl = "{self._database_url()}"\n'
             f'[web]\nhost = "127.0.0.1"\nport = {web_port}\n'

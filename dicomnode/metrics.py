@@ -85,10 +85,15 @@ def count_store(status: int, new_bytes: int) -> None:
 
 
 def count_association(outcome: str) -> None:
-    """Count an ended or rejected association."""
+    """Count an ended association (released, aborted)."""
     ASSOCIATIONS.labels(outcome).inc()
-    if outcome == "rejected":
-        REFUSALS.labels("unknown_peer").inc()
+
+
+def count_rejection(reason: str) -> None:
+    """Count a rejected association once as such and once by its reason (unknown_peer,
+    called_ae, association_limit, address_limit, ...)."""
+    ASSOCIATIONS.labels("rejected").inc()
+    REFUSALS.labels(reason).inc()
 
 
 class DatabaseCollector:

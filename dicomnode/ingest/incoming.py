@@ -16,6 +16,12 @@ instance's fsync commits), so each process keeps one empty file per folder ready
 acknowledgement then has only the tail left to write. The File Meta Information that
 pynetdicom writes ahead of the data set is encoded directly
 (:func:`~dicomnode.ingest.encoding.encode_file_meta`), not built as a pydicom data set.
+
+Nothing here raises into pynetdicom's decoding (the DUL thread): a file that cannot be
+created (storage read-only, no free inode) or removed is a refused data set, answered 0xA700,
+not an exception that ends the association without an answer. A listener under ``serve``
+names its files after its index (``rx-<index>-*.part``), so that the one restarted in a dead
+listener's place removes what that one was receiving (:func:`clear_listener_files`).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import dataclasses
+import logging
 import os
 import shutil
 import tempfile
@@ -45,7 +52,12 @@ from pynetdicom.dsutils import create_file_meta
 from dicomnode.ingest.encoding import FileMeta, encode_file_meta
 from dicomnode.ingest.spool import move_into_place, start_write_back
 
+log = logging.getLogger("dicomnode.ingest")
+
 INCOMING_FOLDER = ".incoming"
+# The name of every file received into (a listener's index follows under serve).
+PART_PREFIX = "rx-"
+PART_SUFFIX = ".part"
 # Free space is looked at when a data set starts and after every this many bytes.
 _FREE_CHECK_BYTES = 16 * 1024**2
 # How long removing the spares waits for one still being made (a disk that hangs).
@@ -63,9 +75,16 @@ class Limits:
     min_free_bytes: int
 
 
-def _create(folder: Path) -> tuple[int, str]:
+def _create(folder: Path, prefix: str) -> tuple[int, str]:
     folder.mkdir(parents=True, exist_ok=True)
-    return tempfile.mkstemp(prefix="rx-", suffix=".part", dir=folder)
+    return tempfile.mkstemp(prefix=prefix, suffix=PART_SUFFIX, dir=folder)
+
+
+def listener_prefix(listener: int | None) -> str:
+    """The name prefix of the files listener ``listener`` receives into (None: a listener
+    that is not one of serve's); mkstemp's random part has no '-', so no prefix is the start
+    of another's names."""
+    return PART_PREFIX if listener is None else f"{PART_PREFIX}{listener}-"
 
 
 def _still_named(spare: tuple[int, str]) -> bool:
@@ -88,6 +107,10 @@ class SpareFiles:
         self._lock = threading.Lock()
         self._ready: dict[Path, tuple[int, str]] = {}
         self._pending: set[Path] = set()
+        # Files whose removal failed (storage read-only): tried again before each spare.
+        self._unremoved: set[str] = set()
+        # Set once by install(): this process's file names (listener_prefix).
+        self.prefix = PART_PREFIX
         self._maker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="incoming-spare")
 
     def take(self, folder: Path) -> tuple[int, str]:
@@ -100,7 +123,12 @@ class SpareFiles:
                 self._maker.submit(self._make, folder)
         if spare is not None and _still_named(spare):
             return spare
-        return _create(folder)
+        return _create(folder, self.prefix)
+
+    def remove_later(self, name: str) -> None:
+        """Remove ``name`` before the next spare is made (its removal failed now)."""
+        with self._lock:
+            self._unremoved.add(name)
 
     def ready(self, folder: Path) -> str | None:
         """The name of the spare ready in ``folder``, if any."""
@@ -127,8 +155,17 @@ class SpareFiles:
                 os.unlink(name)
 
     def _make(self, folder: Path) -> None:
+        with self._lock:
+            unremoved, self._unremoved = self._unremoved, set()
+        for name in unremoved:
+            try:
+                os.unlink(name)
+            except FileNotFoundError:
+                pass
+            except OSError:
+                self.remove_later(name)
         try:
-            spare: tuple[int, str] | None = _create(folder)
+            spare: tuple[int, str] | None = _create(folder, self.prefix)
         except OSError:
             # Disk full, folder gone: the next data set creates its own file and says why.
             spare = None
@@ -148,11 +185,13 @@ atexit.register(SPARES.remove)
 
 class IncomingFile:
     """A file-like object pynetdicom writes one received data set into (``write``,
-    ``file.flush``, ``close``, ``name``); it stops writing past the limits."""
+    ``file.flush``, ``close``, ``name``); it stops writing past the limits.
+
+    Made by pynetdicom's decoding in the association's DUL thread, where an exception ends
+    the association unanswered and uncleaned: a file that cannot be created makes a refused
+    one (the data set only counted, answered 0xA700), so the sender may try again later."""
 
     def __init__(self, folder: Path, limits: Limits):
-        fd, name = SPARES.take(folder)
-        self.name = name
         self.file = self  # pynetdicom flushes through ``.file``
         self.size = 0
         self.refusal: str | None = None
@@ -160,9 +199,19 @@ class IncomingFile:
         # Where the data set starts, after the File Meta Information (write_file_meta).
         self.dataset_offset: int | None = None
         self._limits = limits
-        self._handle = os.fdopen(fd, "wb")
+        self._handle: Any = None
         self._next_free_check = 0
         self._written_back = 0
+        try:
+            fd, name = SPARES.take(folder)
+        except OSError as exc:
+            # A name no file has (mkstemp's are longer): pynetdicom unlinks it after the
+            # handler, and finds nothing.
+            self.name = str(folder / f"{SPARES.prefix}none{PART_SUFFIX}")
+            self.refusal = f"cannot create a file in {folder}: {exc.strerror or exc}"
+            return
+        self.name = name
+        self._handle = os.fdopen(fd, "wb")
 
     @property
     def path(self) -> Path:
@@ -177,12 +226,12 @@ class IncomingFile:
         if self.size > self._limits.max_instance_bytes:
             self._refuse(f"more than [node] max_instance_bytes ({self._limits.max_instance_bytes})")
             return count
-        if self.size >= self._next_free_check:
-            self._next_free_check = self.size + _FREE_CHECK_BYTES
-            if shutil.disk_usage(self.path.parent).free < self._limits.min_free_bytes:
-                self._refuse("storage is below the [storage] min_free_bytes watermark")
-                return count
         try:
+            if self.size >= self._next_free_check:
+                self._next_free_check = self.size + _FREE_CHECK_BYTES
+                if shutil.disk_usage(self.path.parent).free < self._limits.min_free_bytes:
+                    self._refuse("storage is below the [storage] min_free_bytes watermark")
+                    return count
             self._handle.write(data)
             if self.size - self._written_back >= WRITE_BACK_BYTES:
                 self._handle.flush()
@@ -200,8 +249,9 @@ class IncomingFile:
                 self._handle.flush()
 
     def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self._handle.close()
+        if self._handle is not None:
+            with contextlib.suppress(OSError):
+                self._handle.close()
 
     def move_to(self, path: Path, *, synced: bool = False) -> None:
         """Rename the received file to ``path`` after fsync (done already when ``synced``);
@@ -213,13 +263,26 @@ class IncomingFile:
         self.name = f"{self.name}.moved"
 
     def discard(self) -> None:
-        """Close and remove the file unless it was moved (refused, duplicate, aborted)."""
+        """Close and remove the file unless it was moved (refused, duplicate, aborted);
+        never raises: a file that cannot be removed now (storage read-only) is removed
+        before the next spare is made, and the C-STORE keeps its own answer."""
         self.close()
-        if not self.moved:
+        if self.moved or self._handle is None:
+            return
+        try:
             self.path.unlink(missing_ok=True)
+        except OSError as exc:
+            log.warning(
+                "could not remove the incoming file %s (%s); removed later",
+                self.path.name,
+                exc.strerror or exc,
+            )
+            SPARES.remove_later(self.name)
 
     def _refuse(self, reason: str) -> None:
         self.refusal = reason
+        if self._handle is None:
+            return
         # Give the space back now; the rest of the data set is only counted.
         with contextlib.suppress(OSError):
             self._handle.seek(0)
@@ -246,12 +309,29 @@ def clear_incoming(storage: Path) -> int:
     return removed
 
 
-def install(folder: Callable[[], Path], limits: Callable[[], Limits]) -> None:
+def clear_listener_files(storage: Path, listener: int) -> int:
+    """Remove the incoming files of listener ``listener`` (a dead process's partial receive
+    and spare), before another takes its place; the other listeners' files are left alone
+    (they are receiving into them). Returns how many files were removed."""
+    folder = incoming_folder(storage)
+    removed = 0
+    for path in folder.glob(f"{listener_prefix(listener)}*{PART_SUFFIX}"):
+        with contextlib.suppress(OSError):
+            path.unlink()
+            removed += 1
+    return removed
+
+
+def install(
+    folder: Callable[[], Path], limits: Callable[[], Limits], listener: int | None = None
+) -> None:
     """Receive C-STORE data sets of this process into :class:`IncomingFile` objects.
 
     ``folder`` and ``limits`` are read when each data set starts, so a reloaded
-    configuration applies to the next instance.
+    configuration applies to the next instance; ``listener``: this process's index under
+    serve, which its files are named after (:func:`listener_prefix`).
     """
+    SPARES.prefix = listener_prefix(listener)
 
     def factory(*_args, **_kwargs) -> IncomingFile:
         return IncomingFile(folder(), limits())

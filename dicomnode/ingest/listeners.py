@@ -15,6 +15,12 @@ shared counters files (:mod:`dicomnode.ingest.slots`), the associations per peer
 another (:mod:`dicomnode.ingest.addresses`, ``ADDRESSES_FILE`` beside the slots file), so
 that every limit holds over all listeners together. The index rows of what a listener
 stores go to the supervisor's writer over a socket pair (:mod:`dicomnode.ingest.indexer`).
+
+A listener receives into incoming files named after its index
+(:func:`~dicomnode.ingest.incoming.listener_prefix`), and removes that index's files when
+it starts: those a killed predecessor was receiving into (up to ``[node]
+max_instance_bytes`` each), which no other listener touches and nothing else would remove
+before the node's next start.
 """
 
 from __future__ import annotations
@@ -250,6 +256,7 @@ def run_listener(
     """The ``dicomnode listener`` process: serve DICOM until SIGTERM or end of input, on
     the supervisor's socket ``socket_fd`` (else its own), handing index rows to the
     supervisor over ``index_fd`` (else writing them itself)."""
+    from dicomnode.ingest.incoming import clear_listener_files
     from dicomnode.ingest.scp import StorageSCP
     from dicomnode.logs import setup_logging
 
@@ -261,6 +268,16 @@ def run_listener(
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     settings = load_settings(config)
     setup_logging(settings.log_level, settings.logging.json_lines)
+    if slots is not None:
+        # Under serve: what a dead listener of this index was receiving (the node's start
+        # removed any before the first).
+        removed = clear_listener_files(settings.storage_path, index)
+        if removed:
+            log.warning(
+                "DICOM listener %d removed %d incoming file(s) a stopped listener left",
+                index,
+                removed,
+            )
     remote = RemoteIndex(socket.socket(fileno=index_fd)) if index_fd is not None else None
     sessions = None
     if remote is None:

@@ -137,10 +137,11 @@ def called_ae_accepted(ae_title: str, called_ae: str, required: bool) -> bool:
     return not required or called_ae.strip() == ae_title.strip()
 
 
-def _reject(event: evt.Event, reason: int) -> None:
+def _reject(event: evt.Event, reason: int, refusal: str) -> None:
     """Reject an association permanently, by the service user, for ``reason`` (PS3.8
-    9.3.4: 0x03 calling AE title, 0x07 called AE title not recognised)."""
-    metrics.count_association("rejected")
+    9.3.4: 0x03 calling AE title, 0x07 called AE title not recognised), counted under the
+    refusals metric's ``refusal``."""
+    metrics.count_rejection(refusal)
     event.assoc.acse.send_reject(0x01, 0x01, reason)
     # As pynetdicom's own rejections do: let the DUL send the A-ASSOCIATE-RJ before the
     # socket closes, or the peer sees an abort instead of the reason.
@@ -152,7 +153,7 @@ def _reject_over_limit(event: evt.Event, limit: str) -> None:
     rejected transient, service provider (presentation related function), local limit
     exceeded (PS3.8 9.3.4), as pynetdicom's own maximum_associations check answers; the
     sender may try again later."""
-    metrics.REFUSALS.labels(limit).inc()
+    metrics.count_rejection(limit)
     event.assoc.acse.send_reject(0x02, 0x03, 0x02)
     event.assoc.kill()
 
@@ -248,7 +249,7 @@ class StorageSCP:
                 address,
             )
             # Rejected permanent, service user, calling AE title not recognised.
-            _reject(event, 0x03)
+            _reject(event, 0x03, "unknown_peer")
             return
         called_ae = str(requestor.primitive.called_ae_title).strip()
         # The title this listener answers as: [node] ae_title as it was at start (a reload
@@ -263,7 +264,7 @@ class StorageSCP:
                 own_ae,
             )
             # Rejected permanent, service user, called AE title not recognised.
-            _reject(event, 0x07)
+            _reject(event, 0x07, "called_ae")
             return
         # Before the node-wide count: a peer over its own limit never takes a node slot,
         # not even for the moment of the check.
@@ -364,11 +365,58 @@ class StorageSCP:
         if opened and self.connections is not None:
             self.connections.release()
 
-    def _on_ended(self, event: evt.Event, outcome: str) -> None:
+    def _association_ended(self, assoc) -> None:
+        """The association's thread ends (the reactor's ``association_ended`` hook): its
+        counts are freed, and one that ended neither released, aborted nor rejected (an
+        exception in pynetdicom's threads) is logged, counted aborted and its partial data
+        set removed, not kept for the life of the process."""
+        self._release_counts(assoc)
+        with self._lock:
+            record = self._associations.pop(id(assoc), None)
+        if record is None:
+            return
+        self._discard_partial(assoc)
+        metrics.count_association("aborted")
+        log.warning(
+            "association ended without release or abort: listener=%s calling_ae=%s "
+            "address=%s stored=%d refused=%d",
+            self.slots.index if self.slots is not None else "-",
+            record.calling_ae,
+            record.address,
+            record.stored,
+            record.refused,
+        )
+
+    def _on_rejected(self, event: evt.Event) -> None:
+        """pynetdicom rejected the association after ``_on_requested`` admitted it (its own
+        count of this process's associations, ``max_associations``, is full)."""
+        with self._lock:
+            record = self._associations.pop(id(event.assoc), None)
+        answer = event.assoc.acceptor.primitive
+        source, diagnostic = (
+            getattr(answer, "result_source", None),
+            getattr(answer, "diagnostic", None),
+        )
+        limit = (source, diagnostic) == (0x03, 0x02)  # local limit exceeded
+        metrics.count_rejection("association_limit" if limit else "protocol")
+        log.warning(
+            "association rejected: calling AE %r from %s, %s",
+            record.calling_ae if record is not None else "-",
+            event.assoc.requestor.address,
+            "this listener serves [node] max_associations already"
+            if limit
+            else f"result source {source}, diagnostic {diagnostic}",
+        )
+
+    @staticmethod
+    def _discard_partial(assoc) -> None:
         # A data set cut off by an abort is still in the incoming folder.
-        partial = getattr(getattr(event.assoc.dimse, "message", None), "_data_set_file", None)
+        partial = getattr(getattr(assoc.dimse, "message", None), "_data_set_file", None)
         if isinstance(partial, IncomingFile):
             partial.discard()
+
+    def _on_ended(self, event: evt.Event, outcome: str) -> None:
+        self._discard_partial(event.assoc)
         with self._lock:
             record = self._associations.pop(id(event.assoc), None)
         if record is None:
@@ -555,6 +603,7 @@ class StorageSCP:
             (evt.EVT_C_STORE, self.handle_store),
             (evt.EVT_RELEASED, self._on_ended, ["released"]),
             (evt.EVT_ABORTED, self._on_ended, ["aborted"]),
+            (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_CONN_OPEN, self._on_opened),
             (evt.EVT_CONN_CLOSE, self._on_closed),
         ]
@@ -568,7 +617,11 @@ class StorageSCP:
         # The associations and servers made from now on bind them, or not, when created.
         _config.LOG_HANDLER_LEVEL = "standard" if _pynetdicom_debug() else "none"
         self.storage.mkdir(parents=True, exist_ok=True)
-        install(lambda: incoming_folder(self.storage), self._limits)
+        install(
+            lambda: incoming_folder(self.storage),
+            self._limits,
+            self.slots.index if self.slots is not None else None,
+        )
         tls = tls_context(self.settings) if self.settings.tls.enabled else None
         server: dict = {"server_class": _OwnSocketServer}
         if self.listening_fd is not None:
@@ -588,7 +641,7 @@ class StorageSCP:
         # The association reactor (reactor.py) calls this before it answers a release,
         self._server.before_release = self._before_release
         # and this when the association's thread ends, however it ended.
-        self._server.association_ended = self._release_counts
+        self._server.association_ended = self._association_ended
         # AE.start_server keeps its servers in this list and shutdown() removes them from it.
         self.ae._servers.append(self._server)
         threading.Thread(

@@ -5,6 +5,11 @@ listener admits an association only if the sum of all counters is below
 ``[node] max_associations``, checking and counting under an exclusive ``flock`` so two
 processes cannot both take the last slot. A lock held by a process that dies is released
 by the kernel; the supervisor zeroes a dead listener's counter before restarting it.
+
+``flock`` excludes other processes only: the association threads of one listener share its
+descriptor, and one holder of a lock is not kept out by another of the same descriptor. A
+lock of the instance's own keeps them apart (else two threads read the same count and one
+increment or release is lost: a slot over the limit, or one taken until the restart).
 """
 
 from __future__ import annotations
@@ -13,6 +18,9 @@ import fcntl
 import os
 import struct
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 _COUNTER = struct.Struct("<I")
@@ -30,6 +38,17 @@ class AssociationSlots:
         self.path = path
         self.index = index
         self._fd = os.open(path, os.O_RDWR)
+        self._threads = threading.Lock()
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """This process's threads one at a time, then the other processes (flock)."""
+        with self._threads:
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
 
     def _counters(self) -> list[int]:
         data = os.pread(self._fd, os.fstat(self._fd).st_size, 0)
@@ -40,15 +59,12 @@ class AssociationSlots:
 
     def acquire(self, limit: int) -> bool:
         """Count one more association here unless the node already serves ``limit``."""
-        fcntl.flock(self._fd, fcntl.LOCK_EX)
-        try:
+        with self._locked():
             counters = self._counters()
             if sum(counters) >= limit:
                 return False
             self._write(counters[self.index] + 1)
             return True
-        finally:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
 
     def add(self) -> None:
         """Count one more here, whatever the others count (a connection, not a slot)."""
@@ -56,19 +72,13 @@ class AssociationSlots:
 
     def release(self) -> None:
         """Count one association less here."""
-        fcntl.flock(self._fd, fcntl.LOCK_EX)
-        try:
+        with self._locked():
             self._write(max(0, self._counters()[self.index] - 1))
-        finally:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
 
     def reset(self) -> None:
         """Zero this listener's counter (its process is gone)."""
-        fcntl.flock(self._fd, fcntl.LOCK_EX)
-        try:
+        with self._locked():
             self._write(0)
-        finally:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
 
     def counters(self) -> list[int]:
         """Every listener's count, this one's at :attr:`index`."""
