@@ -214,7 +214,9 @@ def test_an_upgrade_from_0002_keeps_every_row_and_key_and_then_never_reuses_an_i
     upgrade(url)
 
     assert _contents(path) == rows
-    assert _structure(url) == structure
+    # Migration 0004 makes a Series Instance UID unique per study (tests/test_index_integrity.py).
+    per_study = {**structure["series"], "unique": [("series_instance_uid", "study_id")]}
+    assert _structure(url) == {**structure, "series": per_study}
     with sqlite3.connect(path) as connection:
         assert connection.execute("PRAGMA foreign_key_check").fetchall() == []
         schema = dict(connection.execute("SELECT name, sql FROM sqlite_master WHERE type='table'"))

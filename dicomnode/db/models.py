@@ -13,6 +13,7 @@ from sqlalchemy import (
     Integer,
     String,
     Text,
+    UniqueConstraint,
     false,
     text,
 )
@@ -106,11 +107,18 @@ class Study(Base):
 
 class Series(Base):
     __tablename__ = "series"
-    __table_args__ = (AUTOINCREMENT,)
+    __table_args__ = (
+        # A Series Instance UID is unique per study here, not over the whole database: a
+        # sender that reuses one in another study (against PS3.3) gets a series of that
+        # study, not its images filed under the first one (migration 0004). The UID leads,
+        # so that the index also serves a lookup by the UID alone.
+        UniqueConstraint("series_instance_uid", "study_id", name="uq_series_uid_study"),
+        AUTOINCREMENT,
+    )
 
     id: Mapped[int] = mapped_column(primary_key=True)
     study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), index=True)
-    series_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
+    series_instance_uid: Mapped[str] = mapped_column(UID)
     modality: Mapped[str] = mapped_column(String(16), default="")
     body_part: Mapped[str] = mapped_column(String(64), default="")
     view_position: Mapped[str] = mapped_column(String(16), default="")

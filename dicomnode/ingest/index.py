@@ -1,4 +1,11 @@
-"""Index a stored instance: study, series and instance rows in the database."""
+"""Index a stored instance: study, series and instance rows in the database.
+
+A series row belongs to one study: an instance is filed under the series of its own Study
+Instance UID, where its file lies (``<storage>/<StudyUID>/<SeriesUID>/``). A sender that
+reuses a Series Instance UID in another study (against PS3.3) gets a second series row of
+that study, logged; the instance was acknowledged before its rows are written, so it can no
+longer be refused, and analysing it with another patient's study would be worse.
+"""
 
 from __future__ import annotations
 
@@ -43,6 +50,9 @@ def _new_study(
 
 
 def _new_series(session: Session, study_id: int, facts: InstanceFacts) -> int:
+    """A series row of the instance's own study; a sender's reuse of its Series Instance UID
+    in another study is logged (UIDs only) and kept apart."""
+    _warn_if_reused(session, study_id, facts)
     series = Series(
         study_id=study_id,
         series_instance_uid=facts.series_instance_uid,
@@ -60,14 +70,27 @@ def _new_series(session: Session, study_id: int, facts: InstanceFacts) -> int:
 # on the session's connection (Core, no ORM unit of work); building and caching statements
 # per call cost more than the database work.
 _STUDIES, _SERIES, _INSTANCES = Study.__table__, Series.__table__, Instance.__table__
+# A series is one study's: the same Series Instance UID in another study (a sender that
+# reused it, against PS3.3 C.7.3.1) is another series, never this one.
 _KNOWN_IDS = (
     select(_STUDIES.c.id, _SERIES.c.id)
     .select_from(
-        _STUDIES.outerjoin(_SERIES, _SERIES.c.series_instance_uid == bindparam("series_uid"))
+        _STUDIES.outerjoin(
+            _SERIES,
+            (_SERIES.c.series_instance_uid == bindparam("series_uid"))
+            & (_SERIES.c.study_id == _STUDIES.c.id),
+        )
     )
     .where(_STUDIES.c.study_instance_uid == bindparam("study_uid"))
 )
-_SERIES_ID = select(_SERIES.c.id).where(_SERIES.c.series_instance_uid == bindparam("series_uid"))
+_OTHER_STUDIES = (
+    select(_STUDIES.c.study_instance_uid)
+    .join(_SERIES, _SERIES.c.study_id == _STUDIES.c.id)
+    .where(
+        _SERIES.c.series_instance_uid == bindparam("series_uid"),
+        _SERIES.c.study_id != bindparam("study_id"),
+    )
+)
 _INSTANCE_ID = select(_INSTANCES.c.id).where(_INSTANCES.c.sop_instance_uid == bindparam("sop_uid"))
 _ADD_INSTANCE = insert(_INSTANCES)
 _TOUCH_STUDY = (
@@ -86,13 +109,39 @@ _TOUCH_STUDY = (
 
 
 def _known_ids(session: Session, facts: InstanceFacts) -> tuple[int | None, int | None]:
-    """The ids of the instance's study and series rows, where they exist: one query."""
+    """The ids of the instance's study and of its series in that study, where they exist:
+    one query (a study not yet known has no series)."""
     uids = {"study_uid": facts.study_instance_uid, "series_uid": facts.series_instance_uid}
-    connection = session.connection()
-    row = connection.execute(_KNOWN_IDS, uids).first()
-    if row is not None:
-        return row[0], row[1]
-    return None, connection.execute(_SERIES_ID, uids).scalar()
+    row = session.connection().execute(_KNOWN_IDS, uids).first()
+    if row is None:
+        return None, None
+    return row[0], row[1]
+
+
+def _warn_if_reused(session: Session, study_id: int, facts: InstanceFacts) -> None:
+    """Log a Series Instance UID that another study already has.
+
+    The instance was acknowledged before its rows are written (the file is durable), so it
+    can no longer be refused: it is indexed under its own study, where its file lies
+    (``<storage>/<StudyUID>/<SeriesUID>/``), and analysed with that study only. One query
+    per new series, none per instance."""
+    others = (
+        session.connection()
+        .execute(_OTHER_STUDIES, {"series_uid": facts.series_instance_uid, "study_id": study_id})
+        .scalars()
+        .all()
+    )
+    if others:
+        log.warning(
+            "series %s of study %s (instance %s) reuses the Series Instance UID of a series "
+            "of study %s: the sender broke UID uniqueness; indexed apart as a series of "
+            "study %s",
+            facts.series_instance_uid,
+            facts.study_instance_uid,
+            facts.sop_instance_uid,
+            ", ".join(sorted(others)),
+            facts.study_instance_uid,
+        )
 
 
 def add_rows(

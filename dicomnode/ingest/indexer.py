@@ -31,7 +31,7 @@ from collections.abc import Callable
 from datetime import datetime
 
 from sqlalchemy import Engine, bindparam, event, select
-from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
+from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.config import Settings
@@ -114,7 +114,9 @@ class IndexWriter:
 
     ``sessions`` and ``settings`` are read for every batch (a reload or a test may swap
     them). While the database refuses the rows the writer retries every
-    :data:`RETRY_SECONDS` and reports ``healthy`` False to ``on_health``.
+    :data:`RETRY_SECONDS` and reports ``healthy`` False to ``on_health``; a connection lost
+    in the middle of a batch is first replaced at once (:meth:`_write_batch`), so that one
+    dropped server process refuses no instance.
     """
 
     def __init__(
@@ -245,11 +247,29 @@ class IndexWriter:
         return None
 
     def _write_batch(self, items: list[Item]) -> None:
+        """Write ``items``, once more on a new connection if the database dropped this one
+        (a restarted or terminated server process, a failover): only a second failure says
+        the database is unavailable. Writing a batch again is safe: instances already
+        committed are known and skipped."""
         sessions = self._sessions()
         if self._writer_lock is None:
             self._writer_lock = WriterLock.for_engine(sessions.kw.get("bind"))
-        with self._writer_lock.held(), sessions() as session:
-            write_items(session, items, self._settings())
+        try:
+            with self._writer_lock.held(), sessions() as session:
+                write_items(session, items, self._settings())
+        except DBAPIError as exc:
+            # The pool's pre-ping finds a connection that died while idle in the pool; this
+            # is one that died while it was in use, between that check and the commit.
+            if not exc.connection_invalidated:
+                raise
+            log.warning(
+                "database connection lost while writing %d index row(s) (%s); writing them "
+                "again on a new connection",
+                len(items),
+                _reason(exc),
+            )
+            with self._writer_lock.held(), sessions() as session:
+                write_items(session, items, self._settings())
 
     def _unavailable(self, exc: Exception, count: int) -> bool:
         if self.healthy:
