@@ -35,6 +35,7 @@ from dicomnode.results.iod_requirements import (
     has_value,
     supply_required,
 )
+from dicomnode.results.reference import sanitised_reference
 from dicomnode.results.source import (
     character_set,
     check_source,
@@ -92,9 +93,12 @@ def build_derived(
     series_uid = result_series_uid(study_uid, algorithm, "derived")
     instance_uid = result_instance_uid([str(source.SOPInstanceUID)], algorithm, "derived")
     description = series_description(algorithm, what)
+    # The source's header as the derived image takes it over: invalid values emptied or left
+    # out (what its IOD then lacks is supplied or makes it a Secondary Capture, as below).
+    reference = sanitised_reference(source)
     image = None
     if str(source.SOPClassUID) in SAME_CLASS_SOURCES:
-        image = _same_class(source, pixels, series_uid, instance_uid, algorithm)
+        image = _same_class(reference, pixels, series_uid, instance_uid, algorithm)
         lacking = supply_required(image)
         if lacking:
             # UIDs and attribute names only: no patient data in the log.
@@ -107,7 +111,7 @@ def build_derived(
             )
             image = None
     if image is None:
-        image = _secondary_capture(source, pixels, series_uid, instance_uid, algorithm)
+        image = _secondary_capture(reference, pixels, series_uid, instance_uid, algorithm)
     image.SeriesDescription = description
     notice = f" {RESEARCH_DEMO_NOTICE}." if algorithm.research_demo else ""
     image.DerivationDescription = (

@@ -19,6 +19,7 @@ from dicomnode.pipeline.preprocess import (
 )
 from dicomnode.results.geometry import box_outline, pixel_centre
 from dicomnode.results.overlay import BANNER, legend_line
+from dicomnode.results.reference import sanitised_reference
 from dicomnode.results.source import character_set, copy_laterality, copy_patient_study
 from dicomnode.results.sr import (
     ordinals,
@@ -60,6 +61,9 @@ def build_gsps(
             f"build_gsps needs a greyscale source; SOP Instance UID {source.SOPInstanceUID} "
             f"has SamplesPerPixel={source.SamplesPerPixel}"
         )
+    # The source's header as the presentation state takes it over (invalid values emptied or
+    # left out); its pixels and LUTs are read from the source itself.
+    reference = sanitised_reference(source)
     findings_layer = hd.pr.GraphicLayer(
         layer_name=FINDINGS_LAYER,
         order=1,
@@ -123,7 +127,7 @@ def build_gsps(
         )
     annotations = [
         hd.pr.GraphicAnnotation(
-            referenced_images=[source],
+            referenced_images=[reference],
             graphic_layer=notice_layer,
             text_objects=_legend(evaluation.findings, algorithm),
         )
@@ -132,7 +136,7 @@ def build_gsps(
         annotations.insert(
             0,
             hd.pr.GraphicAnnotation(
-                referenced_images=[source],
+                referenced_images=[reference],
                 graphic_layer=findings_layer,
                 graphic_objects=graphics,
                 text_objects=labels,
@@ -147,12 +151,12 @@ def build_gsps(
     study_uid = str(source.StudyInstanceUID)
     description = with_notice(f"AI {algorithm.name} {algorithm.version}", algorithm)
     gsps = hd.pr.GrayscaleSoftcopyPresentationState(
-        **character_set(source),
-        referenced_images=[source],
+        **character_set(reference),
+        referenced_images=[reference],
         series_instance_uid=result_series_uid(study_uid, algorithm, "gsps"),
         series_number=GSPS_SERIES_NUMBER,
         sop_instance_uid=result_instance_uid([str(source.SOPInstanceUID)], algorithm, "gsps"),
-        instance_number=int(source.get("InstanceNumber") or 1),
+        instance_number=int(reference.get("InstanceNumber") or 1),
         manufacturer=EQUIPMENT_MANUFACTURER,
         manufacturer_model_name=algorithm.name[:64],
         software_versions=f"dicomnode {__version__}",
@@ -165,8 +169,8 @@ def build_gsps(
         voi_lut_transformations=[voi_transformation(source, window)],
         series_description=series_description(algorithm, "GSPS"),
     )
-    copy_patient_study(source, gsps)
-    copy_laterality(source, gsps)
+    copy_patient_study(reference, gsps)
+    copy_laterality(reference, gsps)
     return gsps
 
 

@@ -10,6 +10,7 @@ from pydicom.sr.codedict import codes
 
 from dicomnode import EQUIPMENT_MANUFACTURER, RESEARCH_DEMO_NOTICE
 from dicomnode.findings import Algorithm
+from dicomnode.results.reference import sanitised_reference
 from dicomnode.results.source import character_set, check_source, copy_patient_study, one_study
 from dicomnode.results.sr import series_description
 from dicomnode.results.uids import result_instance_uid, result_series_uid, result_uid
@@ -32,9 +33,12 @@ def build_kos(
     """
     if not critical:
         raise ValueError("build_kos needs at least one source image with a critical finding")
-    selected = [check_source(ds, f"critical[{index}]") for index, ds in enumerate(critical)] + [
-        check_source(ds, f"results[{index}]") for index, ds in enumerate(results)
-    ]
+    # The source images' headers as the document takes them over (invalid values emptied or
+    # left out); the results are the node's own.
+    selected = [
+        sanitised_reference(check_source(ds, f"critical[{index}]"))
+        for index, ds in enumerate(critical)
+    ] + [check_source(ds, f"results[{index}]") for index, ds in enumerate(results)]
     uids = [str(ds.SOPInstanceUID) for ds in selected]
     if len(set(uids)) != len(uids):
         raise ValueError("build_kos got the same instance more than once")
@@ -60,7 +64,7 @@ def build_kos(
         description=note[:_DESCRIPTION_MAX],
     )
     kos = hd.ko.KeyObjectSelectionDocument(
-        **character_set(critical[0]),
+        **character_set(selected[0]),
         evidence=selected,
         content=content,
         series_instance_uid=result_series_uid(study_uid, algorithm, "kos"),
@@ -70,5 +74,5 @@ def build_kos(
         manufacturer=EQUIPMENT_MANUFACTURER,
         series_description=series_description(algorithm, "KOS"),
     )
-    copy_patient_study(critical[0], kos)
+    copy_patient_study(selected[0], kos)
     return kos

@@ -17,6 +17,7 @@ from dicomnode import EQUIPMENT_MANUFACTURER, RESEARCH_DEMO_NOTICE, __version__
 from dicomnode.findings import Algorithm, Finding, ImageFindings
 from dicomnode.pipeline.decode import GREY
 from dicomnode.pipeline.preprocess import presentation_pixels
+from dicomnode.results.reference import sanitised_reference
 from dicomnode.results.source import (
     character_set,
     copy_laterality,
@@ -112,10 +113,12 @@ def build_overlay(
     scale = min(1.0, MAX_SIDE / max(grey.shape))
     rgb = render_overlay(grey, evaluation.findings, algorithm, scale=scale, masks=masks)
 
-    orientation = [str(value) for value in source.get("PatientOrientation") or []]
+    # The source's header as the overlay takes it over: invalid values emptied or left out.
+    reference = sanitised_reference(source)
+    orientation = [str(value) for value in reference.get("PatientOrientation") or []]
     overlay = hd.sc.SCImage.from_ref_dataset(
-        **character_set(source),
-        ref_dataset=source,
+        **character_set(reference),
+        ref_dataset=reference,
         pixel_array=rgb,
         photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
         bits_allocated=8,
@@ -123,7 +126,7 @@ def build_overlay(
         series_instance_uid=result_series_uid(str(source.StudyInstanceUID), algorithm, "sc"),
         series_number=OVERLAY_SERIES_NUMBER,
         sop_instance_uid=result_instance_uid([str(source.SOPInstanceUID)], algorithm, "sc"),
-        instance_number=int(source.get("InstanceNumber") or 1),
+        instance_number=int(reference.get("InstanceNumber") or 1),
         manufacturer=EQUIPMENT_MANUFACTURER,
         # Placeholder when the source has none; replaced by an empty value below.
         patient_orientation=tuple(orientation) if len(orientation) == 2 else ("L", "F"),
@@ -133,8 +136,8 @@ def build_overlay(
     )
     if len(orientation) != 2:
         overlay.PatientOrientation = None
-    copy_patient_study(source, overlay)
-    copy_laterality(source, overlay)
+    copy_patient_study(reference, overlay)
+    copy_laterality(reference, overlay)
     overlay.BurnedInAnnotation = "YES"
     resized = f", downsampled x{scale:.3g}" if scale < 1 else ""
     shown = (

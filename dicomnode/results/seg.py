@@ -19,6 +19,7 @@ from pydicom.sr.codedict import codes
 from dicomnode import EQUIPMENT_MANUFACTURER, __version__
 from dicomnode.findings import Algorithm, CodedConcept, Segmentation
 from dicomnode.pipeline.series import ORIENTATION_TOLERANCE, same_orientation
+from dicomnode.results.reference import sanitised_reference
 from dicomnode.results.source import (
     character_set,
     check_source,
@@ -79,7 +80,9 @@ def build_seg(
     """
     sources, pixels = _validated(segmentation)
     study_uid = one_study(sources, "the SEG's source images")
-    source = sources[0]
+    # The sources' headers as the SEG takes them over: invalid values emptied or left out.
+    references = [sanitised_reference(source) for source in sources]
+    source = references[0]
     family = f"{algorithm.name} {algorithm.version}"
     algorithm_id = hd.AlgorithmIdentificationSequence(
         name=algorithm.name, family=ARTIFICIAL_INTELLIGENCE, version=algorithm.version
@@ -121,7 +124,7 @@ def build_seg(
     )
     seg = hd.seg.Segmentation(
         **character_set(source),
-        source_images=_one_orientation(sources),
+        source_images=_one_orientation(references),
         pixel_array=pixels if fractional else pixels >= _thresholds(segmentation),
         segmentation_type=segmentation_type,
         segment_descriptions=descriptions,
@@ -145,6 +148,11 @@ def build_seg(
     )
     copy_patient_study(source, seg)
     copy_laterality(source, seg)
+    if "Laterality" in seg and not seg.Laterality:
+        # Unknown because the source names no (valid) body part: whether the part is paired is
+        # unknown too, and dciodvfy takes a SEG's empty Laterality for one present when its
+        # condition (a paired body part) is unsatisfied.
+        del seg.Laterality
     if "ImageOrientationPatient" not in source:
         # Projection radiographs have no plane geometry: Patient Orientation (Type 2C) says
         # how the image lies instead.

@@ -1,4 +1,7 @@
-"""What every result copies from, or says about, its source images: identity and references."""
+"""What every result copies from, or says about, its source images: identity and references.
+
+The writers pass these their source as ``reference.sanitised_reference`` returns it: invalid
+values emptied or left out, so that what is copied is valid."""
 
 from __future__ import annotations
 

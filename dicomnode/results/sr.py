@@ -14,6 +14,7 @@ from pydicom.sr.codedict import codes
 from dicomnode import EQUIPMENT_MANUFACTURER, RESEARCH_DEMO_NOTICE, __version__
 from dicomnode.findings import Algorithm, Finding, ImageFindings
 from dicomnode.results.geometry import box_outline, pixel_centre
+from dicomnode.results.reference import sanitised_reference
 from dicomnode.results.source import character_set, copy_patient_study
 from dicomnode.results.uids import result_instance_uid, result_series_uid, result_uid
 
@@ -115,9 +116,11 @@ def build_sr(evaluations: Sequence[ImageFindings], algorithm: Algorithm) -> pydi
     if duplicates:
         raise ValueError(f"build_sr got the same source image more than once: {duplicates}")
 
+    # The sources' headers as the report takes them over: invalid values emptied or left out.
+    references = [sanitised_reference(source) for source in sources]
     groups = [
-        _measurement_group(evaluation.source, finding, ordinal, algorithm)
-        for evaluation in evaluations
+        _measurement_group(reference, finding, ordinal, algorithm)
+        for evaluation, reference in zip(evaluations, references, strict=True)
         for finding, ordinal in zip(evaluation.findings, ordinals(evaluation.findings), strict=True)
     ]
     report = hd.sr.MeasurementReport(
@@ -126,14 +129,14 @@ def build_sr(evaluations: Sequence[ImageFindings], algorithm: Algorithm) -> pydi
             CHEST_CT if all(source.get("Modality") == "CT" for source in sources) else CHEST_XRAY
         ),
         imaging_measurements=groups,
-        referenced_images=[library_view(source) for source in sources],
+        referenced_images=[library_view(reference) for reference in references],
     )
     report[0].ContentSequence.append(_notice(algorithm))
 
     study_uid = study_uids.pop()
     sr = hd.sr.Comprehensive3DSR(
-        **character_set(sources[0]),
-        evidence=sources,
+        **character_set(references[0]),
+        evidence=references,
         content=report[0],
         series_instance_uid=result_series_uid(study_uid, algorithm, "sr"),
         series_number=SR_SERIES_NUMBER,
@@ -150,7 +153,7 @@ def build_sr(evaluations: Sequence[ImageFindings], algorithm: Algorithm) -> pydi
         series_description=series_description(algorithm, "SR"),
         software_versions=f"dicomnode {__version__}",
     )
-    copy_patient_study(sources[0], sr)
+    copy_patient_study(references[0], sr)
     return sr
 
 
