@@ -413,26 +413,29 @@ class JobSignal:
         import psycopg
 
         conninfo = self.url.set(drivername="postgresql").render_as_string(hide_password=False)
+        outage = _Outage("job notifications lost (%s); listening again, idle workers poll")
         while not self._stop.is_set():
             try:
                 with psycopg.connect(conninfo, autocommit=True, connect_timeout=10) as conn:
                     conn.execute(f"LISTEN {CHANNEL}")
+                    outage.ended("job notifications listened to again")
                     self._bump()  # notifications may have been missed while not listening
                     while not self._stop.is_set():
                         for _ in conn.notifies(timeout=0.5):
                             self._bump()
             except Exception as exc:  # the database restarts: listen again
-                log.warning("job notifications lost (%s); listening again", type(exc).__name__)
-                self._stop.wait(1.0)
+                self._stop.wait(outage.failed(type(exc).__name__))
 
     def _watch(self) -> None:
         newest = None
+        outage = _Outage("job watch failed (%s); watching again")
         while not self._stop.is_set():
             try:
                 with closing(sqlite3.connect(self.url.database, timeout=5)) as conn:
                     version = None
                     while not self._stop.wait(self.check_seconds):
                         changed = conn.execute("PRAGMA data_version").fetchone()[0]
+                        outage.ended("job watch works again")
                         if changed == version:
                             continue
                         version = changed
@@ -441,5 +444,28 @@ class JobSignal:
                             newest = latest
                             self._bump()
             except sqlite3.Error as exc:
-                log.warning("job watch failed (%s); watching again", exc)
-                self._stop.wait(1.0)
+                self._stop.wait(outage.failed(str(exc)))
+
+
+class _Outage:
+    """A :class:`JobSignal` thread's trouble reaching the database: one WARNING when it
+    starts (``message`` with the reason), each retry at DEBUG, one INFO when it ends; retries
+    back off from 1 s to 5 s (a database down for seconds logged a line a second)."""
+
+    FIRST_SECONDS = 1.0
+    LAST_SECONDS = 5.0
+
+    def __init__(self, message: str):
+        self.message = message
+        self.delay = 0.0
+
+    def failed(self, reason: str) -> float:
+        """Log the failure; returns how long to wait before trying again."""
+        log.log(logging.DEBUG if self.delay else logging.WARNING, self.message, reason)
+        self.delay = min(self.LAST_SECONDS, self.delay * 2 or self.FIRST_SECONDS)
+        return self.delay
+
+    def ended(self, message: str) -> None:
+        if self.delay:
+            log.info(message)
+            self.delay = 0.0

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from sqlalchemy import select
+from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode import metrics
@@ -63,6 +64,11 @@ EXPORTS_PER_ASSOCIATION = 32
 RESTART_ONLY = ("database", "worker.threads", "log_level", "logging")
 
 
+# A job thread's retries while the database is unavailable (or its loop fails): the first
+# after this many seconds, doubling up to the last.
+LOOP_RETRY_FIRST_SECONDS = 0.5
+LOOP_RETRY_LAST_SECONDS = 30.0
+
 # What a dead job of a kind leaves the study with, for its ERROR line.
 DEAD_LETTER_NOTES = {
     "analyse": "the study shows its analysis failed and keeps its place in the worklist; ",
@@ -90,6 +96,8 @@ class Worker:
         # restart finds them loadable. A node's configuration fault must not fail studies.
         self.unusable: dict[str, str] = {}
         self._unusable_lock = threading.Lock()
+        # Whether the job threads find the database unavailable (one log line per change).
+        self.outage = DatabaseOutage()
 
     def background_limit(self) -> int:
         """Threads that may run results and export jobs at once: ``[worker]
@@ -603,17 +611,26 @@ class Worker:
         try:
             with self.sessions() as session:
                 self.dead_letter_unrouted_exports(session)
-        except Exception:
-            log.exception(
-                "exports to destinations no longer configured not dead-lettered now; each "
-                "will be when it is next tried"
+        except Exception as exc:
+            log.warning(
+                "exports to destinations no longer configured not dead-lettered now (%s); "
+                "each will be when it is next tried",
+                database_reason(exc),
+                exc_info=not database_unavailable(exc),
             )
 
     def free_orphaned_jobs(self) -> None:
         """Free the jobs that worker processes of this host held when they died, for a
         prompt takeover after a crash or a kill (their leases would run for minutes)."""
-        with self.sessions() as session:
-            released = release_orphaned(session, socket.gethostname())
+        try:
+            with self.sessions() as session:
+                released = release_orphaned(session, socket.gethostname())
+        except Exception as exc:
+            if not database_unavailable(exc):
+                raise
+            # The job threads wait for the database; those jobs' leases run out meanwhile.
+            log.warning("jobs of dead workers not taken over now: %s", database_reason(exc))
+            return
         if released:
             log.warning(
                 "jobs %s were held by worker processes of this host that are gone; taken over now",
@@ -650,15 +667,74 @@ class Worker:
     def _job_loop(self, stop: threading.Event, signal: JobSignal) -> None:
         """One job thread: claim and run jobs; when none is due, wait for a new one or the
         poll interval (jobs that become due later: backoff, expired leases)."""
+        retry = 0.0
         while not stop.is_set():
             seen = signal.generation
             try:
                 busy = self.run_once()
-            except Exception:
-                log.exception("worker loop error; retrying")
-                busy = False
+            except Exception as exc:
+                # Backed off, doubling: a database refusing connections made every thread
+                # log a traceback each poll (~10 a second).
+                retry = min(LOOP_RETRY_LAST_SECONDS, retry * 2 or LOOP_RETRY_FIRST_SECONDS)
+                if database_unavailable(exc):
+                    self.outage.failed(exc, retry)
+                else:
+                    log.exception("worker loop error; retrying in %.1f s", retry)
+                # Woken early when job notifications resume (the database is back).
+                signal.wait(seen, retry)
+                continue
+            retry = 0.0
+            self.outage.recovered()
             if not busy and not stop.is_set():
                 signal.wait(seen, self.settings.worker.poll_seconds)
+
+
+def database_unavailable(exc: BaseException) -> bool:
+    """Whether ``exc`` says the database cannot be reached or used now (refused, restarting,
+    connection lost), not that a statement is wrong."""
+    if isinstance(exc, (OperationalError, InterfaceError, DisconnectionError)):
+        return True
+    return isinstance(exc, DBAPIError) and exc.connection_invalidated
+
+
+def database_reason(exc: BaseException) -> str:
+    """The driver's first line of why (SQLAlchemy's own text quotes the statement and its
+    parameters, which may hold patient data)."""
+    cause = getattr(exc, "orig", None) or exc
+    lines = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+
+
+class DatabaseOutage:
+    """The database as the job threads see it, shared by them: one WARNING when it becomes
+    unavailable and one when it is available again, instead of a traceback per thread and
+    retry (1 MB of log in 12 s of outage); each retry's error is at DEBUG."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.since: float | None = None
+
+    def failed(self, exc: BaseException, retry: float) -> None:
+        with self._lock:
+            first = self.since is None
+            if first:
+                self.since = time.monotonic()
+        if first:
+            log.warning(
+                "database unavailable: %s; retrying in %.1f s, then at least every %.0f s",
+                database_reason(exc),
+                retry,
+                LOOP_RETRY_LAST_SECONDS,
+            )
+        log.debug("job thread: database unavailable; retrying in %.1f s", retry, exc_info=exc)
+
+    def recovered(self) -> None:
+        if self.since is None:
+            return  # the common case, without the lock
+        with self._lock:
+            since, self.since = self.since, None
+        if since is not None:
+            log.info("database available again after %.0f s", time.monotonic() - since)
 
 
 def unconfigured_reason(destination: str) -> str:
