@@ -13,6 +13,7 @@ memory (:class:`dicomnode.pipeline.handover.Handover`) when this process claims 
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import socket
@@ -29,6 +30,7 @@ from dicomnode.config import Destination, Settings, changed_settings
 from dicomnode.db.models import Job, ResultObject, Study
 from dicomnode.db.session import READ_ONLY, as_utc, utcnow
 from dicomnode.export.scu import DestinationUnavailable, describe, send_files
+from dicomnode.ingest.spool import free_bytes
 from dicomnode.jobs import (
     BACKOFF_MAX_SECONDS,
     JobSignal,
@@ -69,6 +71,10 @@ RESTART_ONLY = ("database", "worker.threads", "log_level", "logging")
 LOOP_RETRY_FIRST_SECONDS = 0.5
 LOOP_RETRY_LAST_SECONDS = 30.0
 
+# How long a results job waits while storage is below its free-space watermark (or full)
+# before it is tried again; it uses none of its attempts meanwhile.
+STORAGE_WAIT_SECONDS = 30.0
+
 # What a dead job of a kind leaves the study with, for its ERROR line.
 DEAD_LETTER_NOTES = {
     "analyse": "the study shows its analysis failed and keeps its place in the worklist; ",
@@ -98,6 +104,8 @@ class Worker:
         self._unusable_lock = threading.Lock()
         # Whether the job threads find the database unavailable (one log line per change).
         self.outage = DatabaseOutage()
+        # Whether results jobs wait for room in storage now (one log line per change).
+        self._storage_full = False
 
     def background_limit(self) -> int:
         """Threads that may run results and export jobs at once: ``[worker]
@@ -383,6 +391,7 @@ class Worker:
             seconds.update(times.seconds)
             return str(times)
         if job.kind == "results":
+            self._wait_for_room(job)
             # Taken before anything can fail: a retry recomputes from the stored images. A job
             # postponed (a newer analysis is pending) keeps it for its next run.
             triaged = self.handover.take(job.id)
@@ -402,6 +411,15 @@ class Worker:
                 if triaged is not None:
                     self.handover.put(job.id, triaged, triaged.nbytes())
                 raise
+            except Exception as exc:
+                if not disk_full(exc):
+                    raise
+                # Full before the watermark says so (objects bigger than what was left); the
+                # files it wrote were removed.
+                if triaged is not None:
+                    self.handover.put(job.id, triaged, triaged.nbytes())
+                self._storage_wait(job, f"storage full: {exc}")
+            self._storage_room()
             for stage, spent in times.seconds.items():
                 metrics.JOB_SECONDS.labels("results", stage).observe(spent)
             seconds.update(times.seconds)
@@ -409,6 +427,43 @@ class Worker:
         if job.kind == "notify":
             return send_notification(session, self.settings.notify, job)
         raise ValueError(f"unknown job kind {job.kind!r}")
+
+    def _wait_for_room(self, job: Job) -> None:
+        """Postpone the results job while storage is below ``[storage] min_free_bytes`` (ingest
+        refuses instances with 0xA700 then): its objects would fill the disk or fail to be
+        written, and it died after its attempts in seconds with the study's objects lost."""
+        watermark = self.settings.storage.min_free_bytes
+        free = free_bytes(self.settings.storage_path)
+        if free < watermark:
+            self._storage_wait(
+                job,
+                f"storage below the free-space watermark: {free // 2**20} MiB free, "
+                f"[storage] min_free_bytes {watermark // 2**20} MiB",
+            )
+
+    def _storage_wait(self, job: Job, reason: str) -> None:
+        """Raise :class:`Postponed` for ``STORAGE_WAIT_SECONDS``; the first results job to
+        wait logs a WARNING, the others at DEBUG."""
+        with self._background_lock:
+            first, self._storage_full = not self._storage_full, True
+        log.log(
+            logging.WARNING if first else logging.DEBUG,
+            "results job %d study_id=%d waits: %s; results jobs are tried again every %.0f s "
+            "without using their attempts until there is room",
+            job.id,
+            job.study_id,
+            reason,
+            STORAGE_WAIT_SECONDS,
+        )
+        raise Postponed(reason, STORAGE_WAIT_SECONDS)
+
+    def _storage_room(self) -> None:
+        """A results job wrote its objects: say once that storage has room again."""
+        if self._storage_full:
+            with self._background_lock:
+                was, self._storage_full = self._storage_full, False
+            if was:
+                log.info("storage has room again: results jobs run")
 
     def _export(self, session: Session, job: Job, started: float) -> None:
         """Send the job's result object to its destination, together with the study's other
@@ -687,6 +742,17 @@ class Worker:
             self.outage.recovered()
             if not busy and not stop.is_set():
                 signal.wait(seen, self.settings.worker.poll_seconds)
+
+
+def disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what caused it, e.g. a ``SpoolError``) is a file system out of
+    space or quota."""
+    current: BaseException | None = exc
+    while current is not None:
+        if isinstance(current, OSError) and current.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        current = current.__cause__
+    return False
 
 
 def database_unavailable(exc: BaseException) -> bool:

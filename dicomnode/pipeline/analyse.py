@@ -109,14 +109,19 @@ def _load_images(
     return images, undecodable, highest
 
 
-def _write_result(settings: Settings, ds: Dataset) -> Path:
-    """Write a result object durably under <storage>/results (no database work)."""
-    path = instance_path(
+def _result_path(settings: Settings, ds: Dataset) -> Path:
+    """Where a result object's file lives: <storage>/results/<study>/<series>/<sop>.dcm."""
+    return instance_path(
         settings.storage_path / "results",
         str(ds.StudyInstanceUID),
         str(ds.SeriesInstanceUID),
         str(ds.SOPInstanceUID),
     )
+
+
+def _write_result(settings: Settings, ds: Dataset) -> Path:
+    """Write a result object durably under <storage>/results (no database work)."""
+    path = _result_path(settings, ds)
     buffer = io.BytesIO()
     ds.save_as(buffer, enforce_file_format=True)
     write_durable(path, buffer.getvalue())
@@ -409,25 +414,41 @@ def write_results(
             continue
         built.extend((card, kind, ds) for kind, ds in objects)
     superseded = _superseded(session, study_id, built)
-    written = [(card, kind, ds, _write_result(settings, ds)) for card, kind, ds in built]
-    results = [
-        (kind, _store_result(session, study_id, card, kind, ds, path))
-        for card, kind, ds, path in written
-    ]
-    for row in superseded:
-        session.delete(row)
-    failures.record(session)
-    times.add("results", started)
-    for kind, result in results:
-        for destination in settings.destinations:
-            if _wanted(destination, kind):
-                enqueue(
-                    session,
-                    "export",
-                    study_id,
-                    {"result_id": result.id, "destination": destination.name},
-                )
-    session.commit()
+    # Files this job makes (not those it replaces: a re-run's objects keep their UIDs, and
+    # the earlier run's rows name them): removed if the job fails before its rows commit
+    # (a full disk), else they stayed in storage/results with no row.
+    made: list[Path] = []
+    try:
+        written = []
+        for card, kind, ds in built:
+            existed = _result_path(settings, ds).exists()
+            path = _write_result(settings, ds)
+            if not existed:
+                made.append(path)
+            written.append((card, kind, ds, path))
+        results = [
+            (kind, _store_result(session, study_id, card, kind, ds, path))
+            for card, kind, ds, path in written
+        ]
+        for row in superseded:
+            session.delete(row)
+        failures.record(session)
+        times.add("results", started)
+        for kind, result in results:
+            for destination in settings.destinations:
+                if _wanted(destination, kind):
+                    enqueue(
+                        session,
+                        "export",
+                        study_id,
+                        {"result_id": result.id, "destination": destination.name},
+                    )
+        session.commit()
+    except BaseException:
+        session.rollback()
+        for path in made:
+            path.unlink(missing_ok=True)
+        raise
     for row in superseded:
         Path(row.path).unlink(missing_ok=True)
     times.note = f"{len(results)} result objects"
