@@ -29,7 +29,12 @@ from dicomnode import metrics
 from dicomnode.config import Destination, Settings, changed_settings
 from dicomnode.db.models import Job, ResultObject, Study
 from dicomnode.db.session import READ_ONLY, as_utc, utcnow
-from dicomnode.export.scu import DestinationUnavailable, describe, send_files
+from dicomnode.export.scu import (
+    DestinationOutOfResources,
+    DestinationUnavailable,
+    describe,
+    send_files,
+)
 from dicomnode.ingest.spool import free_bytes
 from dicomnode.jobs import (
     BACKOFF_MAX_SECONDS,
@@ -501,7 +506,8 @@ class Worker:
             outcomes: dict[int, Exception | None] = dict.fromkeys(kinds, exc)
         else:
             outcomes = dict(zip(kinds, sent, strict=True))
-            if job.attempts > 1:
+            # Not when it answers but stores nothing (out of resources: its disk is full).
+            if job.attempts > 1 and any(outcome is None for outcome in sent):
                 # The destination answers again: what waits out its backoff for it goes now.
                 hastened = hasten(
                     session, "export", lambda other: other.payload.get("destination") == name
@@ -593,9 +599,11 @@ class Worker:
             if next_try is not None
             else ""
         )
+        full = all(isinstance(failed[job.id], DestinationOutOfResources) for job in given_up)
         kept = (
-            f"; unreachable in {attempt} attempts: the exports stay queued and are tried "
-            f"again at least every {BACKOFF_MAX_SECONDS:.0f} s until it answers"
+            f"; {'out of resources' if full else 'unreachable'} in {attempt} attempts: the "
+            f"exports stay queued and are tried again at least every "
+            f"{BACKOFF_MAX_SECONDS:.0f} s until it {'takes them' if full else 'answers'}"
             if given_up
             else ""
         )

@@ -500,3 +500,81 @@ def test_exports_to_a_destination_no_longer_configured_are_dead_lettered_then_se
         [sent] = _jobs(sessions, [jobs["sr"]])
         assert (sent.state, sent.attempts) == ("done", 1)
         assert len(wait_for(pacs.received, timeout=10, what="storescp to write")) == 1
+
+
+class StatusSCP:
+    """A pynetdicom Storage SCP that answers every C-STORE with ``status`` (settable), and
+    keeps the SOP Instance UIDs of those it answered 0x0000."""
+
+    def __init__(self, status: int):
+        from pynetdicom import AE, AllStoragePresentationContexts
+
+        self.status = status
+        self.stored: list[str] = []
+        self.port = free_port()
+        ae = AE(ae_title="PACS")
+        ae.supported_contexts = AllStoragePresentationContexts
+        self.server = ae.start_server(
+            ("127.0.0.1", self.port),
+            block=False,
+            evt_handlers=[(evt.EVT_C_STORE, self._store)],
+        )
+
+    def _store(self, event: evt.Event) -> int:
+        status = self.status
+        if status == 0x0000:
+            self.stored.append(str(event.request.AffectedSOPInstanceUID))
+        return status
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+
+@pytest.mark.parametrize("status", [0xA700, 0xA7FF])
+def test_a_destination_out_of_resources_is_waited_for_like_one_that_is_down(
+    sessions: sessionmaker[Session],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    status: int,
+) -> None:
+    """0xA7xx (Refused: Out of Resources, the PACS's disk full) is transient (PS3.4): the
+    exports stay queued past ``max_attempts`` instead of being dead-lettered, and are sent
+    once the destination takes objects again."""
+    pacs = StatusSCP(status)
+    try:
+        jobs = study_with_exports(sessions, tmp_path, {"sr": "pacs", "kos": "pacs"})
+        worker = _worker(tmp_path, sessions, pacs.port, max_attempts=2)
+        with caplog.at_level(logging.INFO, logger="dicomnode.worker"):
+            for _ in range(4):  # twice the attempts a refused object gets
+                _due_now(sessions, jobs.values())
+                assert worker.run_once()
+            states = [(job.state, job.attempts) for job in _jobs(sessions, jobs.values())]
+            assert states == [("queued", 4)] * 2
+            assert f"out of resources (C-STORE status 0x{status:04X})" in caplog.text
+            assert "out of resources in 2 attempts" in caplog.text
+            assert "dead after" not in caplog.text
+
+            pacs.status = 0x0000
+            _due_now(sessions, jobs.values())
+            assert worker.run_once()
+        assert [job.state for job in _jobs(sessions, jobs.values())] == ["done"] * 2
+        assert len(pacs.stored) == 2
+    finally:
+        pacs.close()
+
+
+def test_a_failure_status_other_than_out_of_resources_is_a_refusal(
+    sessions: sessionmaker[Session], tmp_path: Path
+) -> None:
+    pacs = StatusSCP(0xC000)  # Error: Cannot understand
+    try:
+        jobs = study_with_exports(sessions, tmp_path, {"sr": "pacs"})
+        worker = _worker(tmp_path, sessions, pacs.port, max_attempts=2)
+        for _ in range(2):
+            _due_now(sessions, jobs.values())
+            assert worker.run_once()
+        [job] = _jobs(sessions, jobs.values())
+        assert (job.state, job.attempts) == ("dead", 2)
+        assert "C-STORE status 0xC000" in job.last_error
+    finally:
+        pacs.close()

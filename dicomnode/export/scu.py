@@ -42,6 +42,18 @@ class DestinationUnavailable(ExportError):
     it refused nothing, and the export is retried for as long as that takes."""
 
 
+class DestinationOutOfResources(DestinationUnavailable):
+    """The destination answered a C-STORE with 0xA7xx, Refused: Out of Resources (its disk
+    is full): a transient status (PS3.4), so the export waits and is retried as for a
+    destination that is down, using none of its attempts; other failure statuses refuse the
+    object."""
+
+
+def out_of_resources(status: int) -> bool:
+    """Whether a C-STORE status is one of PS3.4's 0xA7xx, Refused: Out of Resources."""
+    return status & 0xFF00 == 0xA700
+
+
 def describe(destination: Destination) -> str:
     """How logs and errors name a destination: ``name (AE@host:port)``."""
     return f"{destination.name} ({destination.ae_title}@{destination.host}:{destination.port})"
@@ -151,10 +163,12 @@ def send_files(
     Returns per file None when the destination took it, else why not: the file cannot be
     read, the destination accepts neither its SOP class nor its transfer syntax, it answered
     a failure status, or (:class:`DestinationUnavailable`) the association ended before the
-    file was sent or its response came. Raises DestinationUnavailable when no association is
-    made (the destination is down or refuses it), saying why (what pynetdicom would have
-    logged as errors that name no destination; logged here at DEBUG). Files are read one at a
-    time as they are sent (their headers first, for the presentation contexts).
+    file was sent or its response came, or the destination is out of resources
+    (:class:`DestinationOutOfResources`: it and the files after it are not sent). Raises
+    DestinationUnavailable when no association is made (the destination is down or refuses
+    it), saying why (what pynetdicom would have logged as errors that name no destination;
+    logged here at DEBUG). Files are read one at a time as they are sent (their headers
+    first, for the presentation contexts).
     """
     where = describe(destination)
     outcomes: list[Exception | None] = [None] * len(paths)
@@ -187,8 +201,15 @@ def send_files(
         )
     keep_responses(assoc)
     try:
+        full: DestinationOutOfResources | None = None
         for index in contexts:
+            if full is not None:
+                # The destination has no room: the rest wait with the refused one.
+                outcomes[index] = DestinationOutOfResources(f"{full}; {paths[index].name} not sent")
+                continue
             outcomes[index] = _store(assoc, paths[index], where)
+            if isinstance(outcomes[index], DestinationOutOfResources):
+                full = outcomes[index]
     finally:
         if assoc.is_established:
             assoc.release()
@@ -237,6 +258,10 @@ def _store(assoc: Association, path: Path, where: str) -> Exception | None:
     code = getattr(status, "Status", None)
     if code is None:
         return DestinationUnavailable(f"{where}: no C-STORE response for {ds.SOPInstanceUID}")
+    if out_of_resources(code):
+        return DestinationOutOfResources(
+            f"{where}: out of resources (C-STORE status 0x{code:04X}) for {ds.SOPInstanceUID}"
+        )
     if code not in STORED:
         return ExportError(f"{where}: C-STORE status 0x{code:04X} for {ds.SOPInstanceUID}")
     return None
