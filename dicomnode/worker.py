@@ -232,6 +232,19 @@ class Worker:
             and not (card.ensemble and unusable.intersection(card.ensemble.members))
         ]
 
+    def left_out_cards(self) -> list[tuple[ModelCard, str]]:
+        """The cards :meth:`usable_cards` leaves out, each with why (an ensemble: its
+        member's reason)."""
+        unusable = dict(self.unusable)
+        left_out = []
+        for card in self.cards:
+            if card.model.name in unusable:
+                left_out.append((card, unusable[card.model.name]))
+            elif card.ensemble and (members := unusable.keys() & set(card.ensemble.members)):
+                member = sorted(members)[0]
+                left_out.append((card, f"member {member}: {unusable[member]}"))
+        return left_out
+
     def run_once(self) -> bool:
         """Claim and run one due job; False when none was due."""
         with self.sessions() as session:
@@ -411,6 +424,7 @@ class Worker:
                     job.id,
                     triaged,
                     None if up_to is None else int(up_to),
+                    self.left_out_cards(),
                 )
             except Postponed:
                 if triaged is not None:

@@ -90,6 +90,14 @@ def test_corrupt_onnx_is_left_out_and_the_other_models_analyse(tmp_path: Path) -
         with closing(sqlite3.connect(database)) as db:
             written = db.execute("SELECT DISTINCT model_name FROM results").fetchall()
         assert written == [("cxr-lung-seg-demo",)]
+        # The pneumothorax model would have read these radiographs: each row says the AI
+        # results are incomplete, not that the AI found nothing.
+        for uid in uids:
+            row = httpx.get(f"{node.web}/api/studies/{uid}", headers=node.headers, timeout=10)
+            assert row.json()["results_incomplete"] is True
+            (missing,) = row.json()["results_missing"]
+            assert (missing["model"], missing["kind"]) == ("cxr-pneumothorax-demo", "run")
+            assert missing["error"].startswith("not run: the model cannot be loaded")
         settings = load_settings(config)
         checks = readiness(_no_database, settings, discover_cards(settings.model_folders))
         assert "cxr-pneumothorax-demo" in checks["models"]

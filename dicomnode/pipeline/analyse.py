@@ -12,7 +12,7 @@ from __future__ import annotations
 import io
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -348,11 +348,15 @@ def write_results(
     job_id: int,
     triaged: Triaged | None = None,
     instances_up_to: int | None = None,
+    left_out: Sequence[tuple[ModelCard, str]] = (),
 ) -> StageTimes:
     """The results job ``job_id`` of an analysed study: run the models left after its triage,
     write every result object and queue its exports. ``triaged``: the analysis handed over in
     memory; without it the images it read (ids up to ``instances_up_to``) are loaded and the
-    triage models run again (stage ``recompute``).
+    triage models run again (stage ``recompute``). ``left_out``: the worker's cards that cannot
+    be loaded, with why; one whose rules admit an image of the study is named on the job as
+    not run (``not_written``), so that the worklist row says the AI results are incomplete
+    instead of the study reading as if that model had looked and found nothing.
 
     A study analysed again writes only the newest analysis's objects, and a study whose newer
     analysis failed keeps the objects of the findings it shows: nothing is written if the
@@ -394,6 +398,12 @@ def write_results(
             triaged = _triage_models(_Models(cards, images), runtime, StageTimes())
             times.add("recompute", started)
         failures.sources = triaged.models.images
+        for card, reason in left_out:
+            if card.model.standalone and any(
+                rules_match(card.select, triaged.models.facts[id(ds)])
+                for ds in triaged.models.images
+            ):
+                failures.left_out(card, reason)
         runs = list(triaged.runs)
         for card, selected in triaged.later:
             # One model failing on these images (e.g. one it cannot take) leaves the others'.
@@ -455,7 +465,7 @@ def write_results(
     if superseded:
         times.note += f", {len(superseded)} earlier version(s) superseded"
     if failures.not_written:
-        times.note += f", not written (see the ERROR lines): {failures.summary()}"
+        times.note += f", not written: {failures.summary()}"
     return times
 
 
@@ -500,6 +510,18 @@ class _ResultFailures:
         log.debug("results job %d: traceback of the error above", self.job_id, exc_info=error)
         self.not_written.append(
             {"model": card.model.name, "version": card.model.version, "kind": kind, "error": reason}
+        )
+
+    def left_out(self, card: ModelCard, reason: str) -> None:
+        """Name a model the worker left out (its file cannot be loaded; one ERROR said so when
+        it was left out) that would have run on the study: not run, none of its objects."""
+        self.not_written.append(
+            {
+                "model": card.model.name,
+                "version": card.model.version,
+                "kind": "run",
+                "error": f"not run: the model cannot be loaded ({reason})"[:1000],
+            }
         )
 
     def summary(self) -> str:
