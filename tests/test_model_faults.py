@@ -155,3 +155,45 @@ def test_model_failing_to_load_at_first_use_is_left_out_without_using_an_attempt
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1 and str(onnx) in errors[0], errors
     assert worker.unusable.keys() == {"cxr-pneumothorax-demo"}
+
+
+def test_a_results_model_failing_to_load_is_left_out_and_named_on_the_job(
+    tmp_path: Path, sessions: sessionmaker[Session], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The lung segmentation (a results-job model) replaced on disk after start-up: its first
+    results job leaves it out and runs again at once without it, naming it as not run; later
+    studies name it too, with one ERROR in all (not one per study)."""
+    models = tmp_path / "models"
+    models.mkdir()
+    for name in ("cxr_pneumothorax_demo", "cxr_lung_seg_demo"):
+        shutil.copy(REPO / "models" / f"{name}.toml", models)
+        shutil.copy(REPO / "models" / f"{name}.onnx", models)
+    cards = discover_cards([models])
+    settings = Settings(storage={"path": tmp_path / "storage"}, worker={"max_attempts": 1})
+    worker = Worker(settings, sessions, cards)
+    worker.warm_up()
+    worker.runtime.keep_only({("cxr-pneumothorax-demo", "1.1.0")})
+    onnx = models / "cxr_lung_seg_demo.onnx"
+    onnx.write_bytes(onnx.read_bytes()[:20000])
+    with sessions() as session:
+        for seed in (930_021, 930_022):
+            ds, _ = make_cxr(seed, pneumothorax=True, size=128)
+            study_id, _ = spool_and_index(session, settings.storage_path, ds)
+            enqueue(session, "analyse", study_id, {"generation": 1})
+        session.commit()
+    with caplog.at_level(logging.INFO, logger="dicomnode"):
+        while worker.run_once():
+            pass
+    with sessions() as session:
+        jobs = session.scalars(select(Job).where(Job.kind == "results")).all()
+        assert [job.state for job in jobs] == ["done", "done"]
+        assert [job.attempts for job in jobs] == [1, 1]
+        for job in jobs:
+            (missing,) = job.payload["not_written"]
+            assert (missing["model"], missing["kind"]) == ("cxr-lung-seg-demo", "run")
+            assert missing["error"].startswith("not run: the model cannot be loaded")
+        written = session.scalars(select(ResultObject.model_name).distinct()).all()
+        assert written == ["cxr-pneumothorax-demo"]
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and str(onnx) in errors[0], errors
+    assert worker.unusable.keys() == {"cxr-lung-seg-demo"}

@@ -37,7 +37,7 @@ from dicomnode.notify import becomes_critical, enqueue_notifications
 from dicomnode.pipeline.decode import DecodeError, first_frame
 from dicomnode.pipeline.handover import Handover, array_bytes
 from dicomnode.pipeline.outputs import result_objects
-from dicomnode.pipeline.runtime import Runtime
+from dicomnode.pipeline.runtime import ModelLoadError, Runtime
 from dicomnode.pipeline.select import (
     image_facts,
     routed_view,
@@ -470,8 +470,10 @@ def write_results(
 
 
 # Errors that mean the job cannot run now (database, disk or memory), not that one model or
-# builder cannot handle the study: they fail the whole results job, which is retried.
-JOB_ERRORS = (OSError, MemoryError, SQLAlchemyError)
+# builder cannot handle the study: they fail the whole results job, which is retried. A
+# model whose file cannot be loaded is the worker's to leave out of every study (it runs the
+# job again at once without it, and names it on the job), not one study's failure.
+JOB_ERRORS = (OSError, MemoryError, SQLAlchemyError, ModelLoadError)
 
 _FAILED = {
     "run": "its run failed, none of its result objects is written",
