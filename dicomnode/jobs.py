@@ -25,7 +25,7 @@ from sqlalchemy import ColumnElement, Engine, and_, case, or_, select, text
 from sqlalchemy.orm import Session
 
 from dicomnode.db.models import Job
-from dicomnode.db.session import READ_ONLY, utcnow
+from dicomnode.db.session import READ_ONLY, as_utc, utcnow
 
 BACKOFF_BASE_SECONDS = 2.0
 BACKOFF_MAX_SECONDS = 600.0
@@ -151,6 +151,11 @@ def claim_alike(
         _lease(other, owner, lease_seconds, now)
     session.commit()
     return taken
+
+
+def queued_seconds(job: Job) -> float:
+    """Seconds the job has been due (to its claim, when called as it is claimed)."""
+    return max(0.0, (utcnow() - as_utc(job.run_after)).total_seconds())
 
 
 def process_alive(pid: int) -> bool:

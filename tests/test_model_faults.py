@@ -154,7 +154,7 @@ def test_model_failing_to_load_at_first_use_is_left_out_without_using_an_attempt
         assert written == ["cxr-lung-seg-demo"]
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1 and str(onnx) in errors[0], errors
-    assert worker.unusable.keys() == {"cxr-pneumothorax-demo"}
+    assert worker.models.unusable.keys() == {"cxr-pneumothorax-demo"}
 
 
 def test_a_results_model_failing_to_load_is_left_out_and_named_on_the_job(
@@ -196,4 +196,4 @@ def test_a_results_model_failing_to_load_is_left_out_and_named_on_the_job(
         assert written == ["cxr-pneumothorax-demo"]
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1 and str(onnx) in errors[0], errors
-    assert worker.unusable.keys() == {"cxr-lung-seg-demo"}
+    assert worker.models.unusable.keys() == {"cxr-lung-seg-demo"}

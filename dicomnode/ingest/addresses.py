@@ -15,16 +15,15 @@ per PDU.
 
 from __future__ import annotations
 
-import fcntl
 import ipaddress
 import os
 import struct
 import tempfile
 import threading
 import weakref
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
+
+from dicomnode.ingest.slots import locked
 
 # The file's header: how many entries each listener's table has.
 _HEADER = struct.Struct("<I")
@@ -84,16 +83,6 @@ class AddressSlots:
             # The open descriptor keeps the file after its name is removed.
             return cls(Path(file.name), 0)
 
-    @contextmanager
-    def _locked(self) -> Iterator[None]:
-        """This process's threads one at a time, then the listener processes."""
-        with self._threads:
-            fcntl.flock(self._fd, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(self._fd, fcntl.LOCK_UN)
-
     def _own_offset(self, slot: int) -> int:
         return _HEADER.size + (self.index * self.entries + slot) * _ENTRY.size
 
@@ -108,7 +97,7 @@ class AddressSlots:
     def acquire(self, key: bytes, limit: int) -> bool:
         """Count one more association from ``key`` here unless the node already serves
         ``limit`` from it (0: no limit); AddressTableFull if this listener has no free entry."""
-        with self._locked():
+        with locked(self._fd, self._threads):
             tables = self._tables()
             if limit and sum(count for address, count in tables if address == key) >= limit:
                 return False
@@ -126,7 +115,7 @@ class AddressSlots:
 
     def release(self, key: bytes) -> None:
         """Count one association from ``key`` less here."""
-        with self._locked():
+        with locked(self._fd, self._threads):
             own = self._own(self._tables())
             for slot, (address, count) in enumerate(own):
                 if count and address == key:
@@ -140,7 +129,7 @@ class AddressSlots:
 
     def reset(self) -> None:
         """Empty this listener's table (its process is gone)."""
-        with self._locked():
+        with locked(self._fd, self._threads):
             os.pwrite(self._fd, bytes(_ENTRY.size * self.entries), self._own_offset(0))
 
     def close(self) -> None:

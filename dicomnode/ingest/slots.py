@@ -31,6 +31,20 @@ def create_slots(path: Path, listeners: int) -> None:
     path.write_bytes(b"\0" * (_COUNTER.size * listeners))
 
 
+@contextmanager
+def locked(fd: int, threads: threading.Lock) -> Iterator[None]:
+    """Hold a file shared by listener processes: this process's threads one at a time
+    (``threads``), then the other processes (``flock`` on ``fd``). Both are needed: ``flock``
+    does not keep apart the threads that share one descriptor. Used by the association
+    counters here and the per-address counts (:mod:`dicomnode.ingest.addresses`)."""
+    with threads:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+
+
 class AssociationSlots:
     """One listener's view of the shared association counters."""
 
@@ -39,16 +53,6 @@ class AssociationSlots:
         self.index = index
         self._fd = os.open(path, os.O_RDWR)
         self._threads = threading.Lock()
-
-    @contextmanager
-    def _locked(self) -> Iterator[None]:
-        """This process's threads one at a time, then the other processes (flock)."""
-        with self._threads:
-            fcntl.flock(self._fd, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(self._fd, fcntl.LOCK_UN)
 
     def _counters(self) -> list[int]:
         data = os.pread(self._fd, os.fstat(self._fd).st_size, 0)
@@ -59,7 +63,7 @@ class AssociationSlots:
 
     def acquire(self, limit: int) -> bool:
         """Count one more association here unless the node already serves ``limit``."""
-        with self._locked():
+        with locked(self._fd, self._threads):
             counters = self._counters()
             if sum(counters) >= limit:
                 return False
@@ -72,12 +76,12 @@ class AssociationSlots:
 
     def release(self) -> None:
         """Count one association less here."""
-        with self._locked():
+        with locked(self._fd, self._threads):
             self._write(max(0, self._counters()[self.index] - 1))
 
     def reset(self) -> None:
         """Zero this listener's counter (its process is gone)."""
-        with self._locked():
+        with locked(self._fd, self._threads):
             self._write(0)
 
     def counters(self) -> list[int]:

@@ -1,0 +1,300 @@
+"""Export jobs: each sends one result object to a configured destination (``[[destinations]]``).
+
+The worker claims an export job and hands it here: the study's other exports to the same
+destination that are due go along, over one association (up to
+:data:`EXPORTS_PER_ASSOCIATION`), each job completed or failed on its own, and a failed
+attempt is logged in one line for all of them. A destination that is down or out of
+resources is waited for (its exports back off and stay queued); one no longer configured
+has its exports dead-lettered at once, as the worker starts, after each reload and when one
+is tried.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Protocol
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicomnode import metrics
+from dicomnode.config import Destination, Settings
+from dicomnode.db.models import Job, ResultObject
+from dicomnode.db.session import READ_ONLY, as_utc, utcnow
+from dicomnode.export.scu import (
+    DestinationOutOfResources,
+    DestinationUnavailable,
+    describe,
+    send_files,
+)
+from dicomnode.jobs import (
+    BACKOFF_MAX_SECONDS,
+    claim_alike,
+    dead_letter,
+    dead_letter_queued,
+    hasten,
+    queued_seconds,
+)
+from dicomnode.logs import without_patient_data
+from dicomnode.outage import database_reason, database_unavailable
+
+# The worker's lines: operators and their log filters know them by this name.
+log = logging.getLogger("dicomnode.worker")
+
+# Result objects of one study sent to a destination over one association, at most.
+EXPORTS_PER_ASSOCIATION = 32
+
+
+class JobRecorder(Protocol):
+    """What export jobs need of the worker that runs them: its settings as of now (a reload
+    replaces them), its name as the jobs' owner, its database sessions, and how it records a
+    job done or a failed attempt."""
+
+    settings: Settings
+    owner: str
+    sessions: sessionmaker[Session]
+
+    def record_done(
+        self, session: Session, job: Job, seconds: dict[str, float], detail: str, started: float
+    ) -> None: ...
+
+    def record_failed_attempt(
+        self, session: Session, job: Job, reason: str, unreachable: bool
+    ) -> bool: ...
+
+    def study_patient_values(self, session: Session, study_id: int | None) -> set[str]: ...
+
+
+class ExportJobs:
+    """Runs the export jobs a worker claims, and dead-letters those no destination takes."""
+
+    def __init__(self, worker: JobRecorder) -> None:
+        self.worker = worker
+
+    def run(self, session: Session, job: Job, started: float) -> None:
+        """Send the job's result object to its destination, together with the study's other
+        exports to that destination that are due, over one association (up to
+        :data:`EXPORTS_PER_ASSOCIATION`); each of those jobs is completed or failed on its own,
+        and a failed attempt is logged in one line for all of them. A job whose destination is
+        no longer configured is dead-lettered (:meth:`dead_letter_unrouted_exports`)."""
+        worker = self.worker
+        name = job.payload["destination"]
+        destination = next((d for d in worker.settings.destinations if d.name == name), None)
+        if destination is None:
+            self.dead_letter_unrouted_exports(session, claimed=job)
+            return
+        companions = claim_alike(
+            session,
+            job,
+            worker.owner,
+            worker.settings.worker.lease_seconds,
+            lambda other: other.payload.get("destination") == name,
+            EXPORTS_PER_ASSOCIATION - 1,
+        )
+        batch = [job, *companions]
+        queued = {other.id: queued_seconds(other) for other in batch}
+        rows = {other.id: session.get(ResultObject, other.payload["result_id"]) for other in batch}
+        # The jobs whose result objects still exist (by id), and their files in that order.
+        kinds = {job_id: row.kind for job_id, row in rows.items() if row is not None}
+        paths = [Path(row.path) for row in rows.values() if row is not None]
+        # End the read transaction: on SQLite it holds the write lock, which ingest needs
+        # while the transfer runs.
+        session.commit()
+        try:
+            sent = send_files(
+                paths, destination, worker.settings.node.ae_title, destination.timeout_seconds
+            )
+        except Exception as exc:  # no association: every job of it fails alike
+            outcomes: dict[int, Exception | None] = dict.fromkeys(kinds, exc)
+        else:
+            outcomes = dict(zip(kinds, sent, strict=True))
+            # Not when it answers but stores nothing (out of resources: its disk is full).
+            if job.attempts > 1 and any(outcome is None for outcome in sent):
+                # The destination answers again: what waits out its backoff for it goes now.
+                hastened = hasten(
+                    session, "export", lambda other: other.payload.get("destination") == name
+                )
+                if hastened:
+                    log.info(
+                        "destination %s answers again: %d waiting export(s) due now",
+                        name,
+                        hastened,
+                    )
+        failed = {job_id: exc for job_id, exc in outcomes.items() if exc is not None}
+        more = f", {len(companions)} more in the same association" if companions else ""
+        for other in batch:
+            if other.id in failed:
+                continue
+            if other.id not in kinds:
+                detail = "result no longer exists"
+            elif other is job:
+                detail = f"{kinds[job.id]} -> {name}{more}"
+            else:
+                detail = f"{kinds[other.id]} -> {name} (with job {job.id})"
+            worker.record_done(session, other, {"queued": queued[other.id]}, detail, started)
+        if failed:
+            self._record_failures(session, destination, batch, failed, started)
+
+    def _record_failures(
+        self,
+        session: Session,
+        destination: Destination,
+        batch: list[Job],
+        failed: dict[int, Exception],
+        started: float,
+    ) -> None:
+        """Record the failed jobs of one association's batch (each retried later with backoff,
+        or dead-lettered) and log the attempt in one line: the destination, why, how many
+        exports wait for it and when it is tried next. A destination that is down logged a
+        WARNING per object and attempt (~15 a study); each job's reason is at DEBUG."""
+        where = describe(destination)
+        study_id = batch[0].study_id
+        known = self.worker.study_patient_values(session, study_id)
+        reasons: dict[int, str] = {}
+        recorded = []
+        for job in batch:
+            if job.id not in failed:
+                continue
+            exc = failed[job.id]
+            metrics.EXPORT_FAILURES.labels(destination.name).inc()
+            reason = without_patient_data(f"{type(exc).__name__}: {exc}", known)
+            log.debug(
+                "job %d export study_id=%d attempt %d failed: %s",
+                job.id,
+                study_id,
+                job.attempts,
+                reason,
+            )
+            unreachable = isinstance(exc, DestinationUnavailable)
+            if self.worker.record_failed_attempt(session, job, reason, unreachable):
+                recorded.append(job)
+                reasons[job.id] = reason.replace(f"{where}: ", "")
+        metrics.EXPORT_ATTEMPTS_FAILED.labels(destination.name).inc()
+        if not recorded:
+            return  # taken over by another worker, which logs its own attempt
+        # One read transaction, without SQLite's write lock, for the jobs as recorded and the
+        # exports waiting for the destination.
+        session.connection(execution_options=READ_ONLY)
+        retried = [job for job in recorded if job.state == "queued"]
+        attempt = max(job.attempts for job in recorded)
+        waiting = sum(
+            1
+            for payload in session.scalars(
+                select(Job.payload).where(Job.kind == "export", Job.state.in_(("queued", "leased")))
+            )
+            if (payload or {}).get("destination") == destination.name
+        )
+        next_try = min((as_utc(job.run_after) for job in retried), default=None)
+        # A destination down for max_attempts tries: an ERROR says the exports are kept.
+        given_up = [
+            job
+            for job in retried
+            if isinstance(failed[job.id], DestinationUnavailable)
+            and job.attempts == self.worker.settings.worker.max_attempts
+        ]
+        session.rollback()
+        said = list(dict.fromkeys(reasons.values()))
+        if len(said) > 1:
+            said = [said[0], f"and {len(said) - 1} other reason(s) (each job's at DEBUG)"]
+        when = (
+            f"; next try at {next_try.isoformat(timespec='seconds')} "
+            f"(in {max(0.0, (next_try - utcnow()).total_seconds()):.0f} s)"
+            if next_try is not None
+            else ""
+        )
+        full = all(isinstance(failed[job.id], DestinationOutOfResources) for job in given_up)
+        kept = (
+            f"; {'out of resources' if full else 'unreachable'} in {attempt} attempts: the "
+            f"exports stay queued and are tried again at least every "
+            f"{BACKOFF_MAX_SECONDS:.0f} s until it {'takes them' if full else 'answers'}"
+            if given_up
+            else ""
+        )
+        log.log(
+            logging.ERROR if given_up else logging.WARNING,
+            "export to %s failed (attempt %d, %.0f ms): %d of %d object(s) of study_id=%d "
+            "not sent: %s; %d export job(s) wait for %s%s%s",
+            where,
+            attempt,
+            (time.perf_counter() - started) * 1000,
+            len(failed),
+            len(batch),
+            study_id,
+            "; ".join(said),
+            waiting,
+            destination.name,
+            when,
+            kept,
+        )
+
+    def dead_letter_unrouted_exports(self, session: Session, claimed: Job | None = None) -> int:
+        """Dead-letter now the queued export jobs whose destination is no longer configured
+        (removed or renamed before a reload or a restart), and ``claimed``, such a job this
+        worker holds; returns how many. No retry can send them, and marking them done (as
+        before) lost the results silently: retention then deleted their study. As dead letters
+        they show in ``/api/jobs?state=dead`` and on the worklist, keep their study, and an
+        admin retries them once the destination is configured again. One ERROR per
+        destination."""
+        configured = {d.name for d in self.worker.settings.destinations}
+
+        def reason_of(job: Job) -> str:
+            return unconfigured_reason(str(job.payload.get("destination", "")))
+
+        buried = []
+        if claimed is not None and dead_letter(
+            session, claimed, reason_of(claimed), owner=self.worker.owner
+        ):
+            buried.append(claimed)
+        buried += dead_letter_queued(
+            session,
+            "export",
+            lambda job: job.payload.get("destination") not in configured,
+            reason_of,
+        )
+        if not buried:
+            return 0
+        session.connection(execution_options=READ_ONLY)
+        by_destination: dict[str, list[Job]] = {}
+        for job in buried:
+            by_destination.setdefault(str(job.payload.get("destination", "")), []).append(job)
+        for name, jobs in by_destination.items():
+            log.error(
+                "%s: %d export job(s) of %d study(ies) dead-lettered, their result objects "
+                "not sent (jobs %s; configured destinations: %s); once it is configured again, "
+                "retry each with POST /api/jobs/<id>/retry",
+                unconfigured_reason(name),
+                len(jobs),
+                len({job.study_id for job in jobs}),
+                _id_list([job.id for job in jobs]),
+                ", ".join(sorted(configured)) or "none",
+            )
+        session.rollback()
+        return len(buried)
+
+    def bury_unrouted_exports(self) -> None:
+        """:meth:`dead_letter_unrouted_exports` in a session of its own, as the worker starts
+        and after each reload; a failure leaves the jobs to be dead-lettered when tried."""
+        try:
+            with self.worker.sessions() as session:
+                self.dead_letter_unrouted_exports(session)
+        except Exception as exc:
+            log.warning(
+                "exports to destinations no longer configured not dead-lettered now (%s); "
+                "each will be when it is next tried",
+                database_reason(exc),
+                exc_info=not database_unavailable(exc),
+            )
+
+
+def unconfigured_reason(destination: str) -> str:
+    """Why an export job was dead-lettered without being tried: its destination's name is in
+    no ``[[destinations]]`` table (removed, or renamed: the job names the old name)."""
+    return f"destination {destination!r} is no longer configured"
+
+
+def _id_list(ids: list[int], shown: int = 10) -> str:
+    """Job ids for a log line: the first ``shown`` and how many more."""
+    listed = ", ".join(map(str, ids[:shown]))
+    return listed if len(ids) <= shown else f"{listed} and {len(ids) - shown} more"
