@@ -114,9 +114,10 @@ def test_worker_waits_out_a_refusing_database_with_one_line_each_way(
             runner.start()
             before = _analysis(db_url, settings, 940_001)
             wait_for(lambda: _done(db_url, before), timeout=30, what="the first analysis done")
-            # PostgreSQL goes away: connections dropped, new ones refused.
-            forwarder.close()
+            # PostgreSQL goes away: connections dropped, new ones refused. (Counted from before
+            # the close: the first line may come at once.)
             seen = len(caplog.records)
+            forwarder.close()
             time.sleep(OUTAGE_SECONDS / 2)
             during_outage = _analysis(db_url, settings, 940_002)
             time.sleep(OUTAGE_SECONDS / 2)
@@ -133,8 +134,9 @@ def test_worker_waits_out_a_refusing_database_with_one_line_each_way(
         runner.join(timeout=30)
         forwarder.close()
         engine.dispose()
-    lines = [r.getMessage() for r in during]
-    # The outage and the job notifications lost; no traceback, nothing per retry.
+    lines = [r.getMessage() for r in during if r.levelno >= logging.WARNING]
+    # The outage and the job notifications lost; no traceback, nothing per retry (a line of
+    # the first analysis's jobs ending may still come at INFO).
     assert len(lines) <= 3, lines
     assert sum(line.startswith("database unavailable: ") for line in lines) == 1, lines
     assert not any(r.exc_info for r in during), lines
