@@ -92,8 +92,11 @@ def cmd_worker(args: argparse.Namespace) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGHUP, lambda *_: worker.reload_requested.set())
-    log.info("worker %s ready (%s)", worker.owner, RESEARCH_DEMO_NOTICE)
-    worker.run_forever(stop, parent_pid=args.parent_pid)
+    worker.run_forever(
+        stop,
+        parent_pid=args.parent_pid,
+        ready=lambda: log.info("worker %s ready (%s)", worker.owner, RESEARCH_DEMO_NOTICE),
+    )
     return 0
 
 

@@ -23,6 +23,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -451,9 +452,17 @@ class Worker:
                 ", ".join(map(str, released)),
             )
 
-    def run_forever(self, stop: threading.Event, parent_pid: int | None = None) -> None:
+    def run_forever(
+        self,
+        stop: threading.Event,
+        parent_pid: int | None = None,
+        ready: Callable[[], None] | None = None,
+    ) -> None:
         """Run jobs in ``[worker] threads`` threads until ``stop`` is set (or the parent
-        process is gone); this thread handles reloads. Running jobs are finished first."""
+        process is gone); this thread handles reloads. Running jobs are finished first.
+        ``ready`` is called once the jobs of dead workers are freed and the job threads run
+        (what a "ready" line may claim: a worker started later frees no lease of one killed
+        before it was ready)."""
         self.free_orphaned_jobs()
         self.exports.bury_unrouted_exports()
         signal = JobSignal(self.sessions.kw["bind"]).start()
@@ -463,6 +472,8 @@ class Worker:
         ]
         for thread in threads:
             thread.start()
+        if ready is not None:
+            ready()
         try:
             while not stop.wait(0.2):
                 if self.reload_requested.is_set():

@@ -346,6 +346,13 @@ def test_each_rejection_is_counted_once_under_its_own_reason(strict_node: Node) 
     assert _echo(port, calling_ae="STRANGER") != 0
     assert _added(before) == {"unknown_peer": 1, "rejected": 1}
 
+    # A rejected association's thread may still be ending (its count given back as it ends):
+    # with max_associations 1 the holder waits for that, as a sender retrying would.
+    wait_for(
+        lambda: not strict_node.scp._associations and not strict_node.scp.ae.active_associations,
+        timeout=10,
+        what="the rejected associations ended",
+    )
     held = strict_node.associate("HOLDER")
     try:
         assert held.is_established
