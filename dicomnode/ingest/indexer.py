@@ -42,6 +42,7 @@ from dicomnode.ingest import assembly
 from dicomnode.ingest.arrival import Arrival
 from dicomnode.ingest.index import add_rows, drop_second_copy, index_arrival
 from dicomnode.ingest.sink import AssociationEnded, Item, TicketedSink, decode_item
+from dicomnode.outage import database_reason
 
 log = logging.getLogger("dicomnode.ingest")
 
@@ -215,18 +216,16 @@ class IndexWriter:
             refused = self._try_write(items)
             if refused is not None:
                 log.error(
-                    "index batch of %d failed (%s: %s); writing its items one at a time",
+                    "index batch of %d failed (%s); writing its items one at a time",
                     len(items),
-                    type(refused).__name__,
-                    _reason(refused),
+                    database_reason(refused),
                 )
                 for item in items:
                     if (refused := self._try_write([item])) is not None:
                         log.error(
-                            "cannot index %s (%s: %s); its file stays in the spool",
+                            "cannot index %s (%s); its file stays in the spool",
                             _describe(item),
-                            type(refused).__name__,
-                            _reason(refused),
+                            database_reason(refused),
                         )
         except (OperationalError, InterfaceError) as exc:
             return self._unavailable(exc, len(items))
@@ -266,7 +265,7 @@ class IndexWriter:
                 "database connection lost while writing %d index row(s) (%s); writing them "
                 "again on a new connection",
                 len(items),
-                _reason(exc),
+                database_reason(exc),
             )
             with self._writer_lock.held(), sessions() as session:
                 write_items(session, items, self._settings())
@@ -275,10 +274,9 @@ class IndexWriter:
         if self.healthy:
             log.error(
                 "database unavailable: %d index row(s) wait, new instances are refused "
-                "until it is back: %s: %s",
+                "until it is back: %s",
                 count,
-                type(exc).__name__,
-                _reason(exc),
+                database_reason(exc),
             )
             self._set_health(False)
         return False
@@ -286,12 +284,6 @@ class IndexWriter:
     def _set_health(self, healthy: bool) -> None:
         self.healthy = healthy
         self._on_health(healthy)
-
-
-def _reason(exc: Exception) -> object:
-    """The driver's message, not SQLAlchemy's: that one quotes the statement's parameters
-    (patient names, IDs)."""
-    return getattr(exc, "orig", None) or exc
 
 
 def _earliest_ready_at(items: list[Item], quiet_seconds: float) -> datetime:

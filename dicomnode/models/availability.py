@@ -31,11 +31,6 @@ class ModelAvailability:
             self.cards = cards
             self.unusable.clear()
 
-    def clear(self) -> None:
-        """Leave no model out any more."""
-        with self._lock:
-            self.unusable.clear()
-
     def leave_out(self, card: ModelCard, reason: str) -> bool:
         """Leave the model out of every study from now on, as a card whose ONNX file cannot
         be loaded (the check of ``check-config`` and ``/readyz``: ``load_session``), with the

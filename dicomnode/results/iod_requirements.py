@@ -23,23 +23,26 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from pydicom import uid
 from pydicom.datadict import dictionary_VR
 from pydicom.dataset import Dataset
 
+from dicomnode.pipeline.attributes import value_or_none
 from dicomnode.pipeline.preprocess import percentile_window
 
-CR_IMAGE = "1.2.840.10008.5.1.4.1.1.1"
-DX_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
-DX_FOR_PROCESSING = "1.2.840.10008.5.1.4.1.1.1.1.1"
-CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
+CR_IMAGE = uid.ComputedRadiographyImageStorage
+DX_FOR_PRESENTATION = uid.DigitalXRayImageStorageForPresentation
+DX_FOR_PROCESSING = uid.DigitalXRayImageStorageForProcessing
+CT_IMAGE = uid.CTImageStorage
 
 # Sets the attribute on the image from what the image itself says; False when it cannot.
 Supply = Callable[[Dataset, str], bool]
 
 
 def has_value(image: Dataset, keyword: str) -> bool:
-    """Whether ``keyword`` is in ``image`` with a value (not absent, not empty)."""
-    return keyword in image and not image[keyword].is_empty
+    """Whether ``keyword`` is in ``image`` with a value (not absent, not empty), as the
+    model-input path reads it (``value_or_none``: blank text counts as empty)."""
+    return value_or_none(image, keyword) is not None
 
 
 def empty(image: Dataset, keyword: str) -> bool:

@@ -22,6 +22,7 @@ and the other Type 1 attributes, which the node cannot supply.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 
@@ -203,8 +204,9 @@ def sanitised_reference(source: Dataset) -> Dataset:
     or left out (optional), Type 2 attributes highdicom needs added empty when absent, and a
     Specific Character Set pydicom does not know replaced by UTF-8 (its names, as decoded, are
     written in UTF-8). ``source`` is not changed; its pixel data is shared."""
-    # Each value is read (and so decoded) in the source itself, as any reader of it would,
-    # once for all the writers; the copy then holds the decoded data elements.
+    # Each value is read (and so decoded) in the source itself, as any reader of it would; the
+    # copy then holds the decoded data elements. (Each writer asks again: cheap, and logged
+    # once per instance, see _report.)
     invalid = [
         (tag, keyword) for tag, keyword in _CHECKED if tag in source and not _valid(source, tag)
     ]
@@ -232,16 +234,24 @@ def sanitised_reference(source: Dataset) -> Dataset:
         # A new element: the copy shares the source's (setting its value would change both).
         reference.add_new("SpecificCharacterSet", "CS", UTF8)
     if emptied or left_out or replaced:
-        # Attribute names only: the values are patient data.
-        log.info(
-            "SOP Instance %s has invalid values; its result objects write empty: %s; leave "
-            "out: %s; Specific Character Set: %s (the source is unchanged)",
-            source.get("SOPInstanceUID", "(no UID)"),
-            ", ".join(emptied) or "none",
-            ", ".join(left_out) or "none",
-            f"unknown, written as {UTF8}" if replaced else "kept",
+        _report(
+            str(source.get("SOPInstanceUID", "(no UID)")), tuple(emptied), tuple(left_out), replaced
         )
     return reference
+
+
+@functools.lru_cache(maxsize=4096)
+def _report(uid: str, emptied: tuple[str, ...], left_out: tuple[str, ...], replaced: bool) -> None:
+    """One INFO line per instance and set of problems, however many writers and models take
+    it over (attribute names only: the values are patient data)."""
+    log.info(
+        "SOP Instance %s has invalid values; its result objects write empty: %s; leave "
+        "out: %s; Specific Character Set: %s (the source is unchanged)",
+        uid,
+        ", ".join(emptied) or "none",
+        ", ".join(left_out) or "none",
+        f"unknown, written as {UTF8}" if replaced else "kept",
+    )
 
 
 def is_valid_value(element: DataElement) -> bool:
