@@ -115,21 +115,28 @@ def _no_database():
     raise RuntimeError("not needed")
 
 
+def _warm_worker(tmp_path: Path, sessions: sessionmaker[Session]) -> tuple[Path, Settings, Worker]:
+    """A worker of the pneumothorax and lung segmentation models (copied to a folder of the
+    test's: their files may be spoiled), both loaded and warmed up, one attempt per job."""
+    models = tmp_path / "models"
+    models.mkdir()
+    for name in ("cxr_pneumothorax_demo", "cxr_lung_seg_demo"):
+        shutil.copy(REPO / "models" / f"{name}.toml", models)
+        shutil.copy(REPO / "models" / f"{name}.onnx", models)
+    settings = Settings(storage={"path": tmp_path / "storage"}, worker={"max_attempts": 1})
+    worker = Worker(settings, sessions, discover_cards([models]))
+    worker.warm_up()
+    return models, settings, worker
+
+
 def test_model_failing_to_load_at_first_use_is_left_out_without_using_an_attempt(
     tmp_path: Path, sessions: sessionmaker[Session], caplog: pytest.LogCaptureFixture
 ) -> None:
     """The file replaced on disk after the worker's start-up check: the analysis that first
     loads it runs again at once without that model (no attempt used), the others' work is
     done, and the model stays out of later studies with one ERROR in all."""
-    models = tmp_path / "models"
-    models.mkdir()
-    for name in ("cxr_pneumothorax_demo", "cxr_lung_seg_demo"):
-        shutil.copy(REPO / "models" / f"{name}.toml", models)
-        shutil.copy(REPO / "models" / f"{name}.onnx", models)
-    cards = discover_cards([models])
-    settings = Settings(storage={"path": tmp_path / "storage"}, worker={"max_attempts": 1})
-    worker = Worker(settings, sessions, cards)
-    worker.warm_up()  # both load; only the lung segmentation's session is kept warm
+    models, settings, worker = _warm_worker(tmp_path, sessions)
+    # Both loaded; only the lung segmentation's session is kept warm.
     worker.runtime.keep_only({("cxr-lung-seg-demo", "1.0.0")})
     onnx = models / "cxr_pneumothorax_demo.onnx"
     onnx.write_bytes(onnx.read_bytes()[:20000])
@@ -163,15 +170,7 @@ def test_a_results_model_failing_to_load_is_left_out_and_named_on_the_job(
     """The lung segmentation (a results-job model) replaced on disk after start-up: its first
     results job leaves it out and runs again at once without it, naming it as not run; later
     studies name it too, with one ERROR in all (not one per study)."""
-    models = tmp_path / "models"
-    models.mkdir()
-    for name in ("cxr_pneumothorax_demo", "cxr_lung_seg_demo"):
-        shutil.copy(REPO / "models" / f"{name}.toml", models)
-        shutil.copy(REPO / "models" / f"{name}.onnx", models)
-    cards = discover_cards([models])
-    settings = Settings(storage={"path": tmp_path / "storage"}, worker={"max_attempts": 1})
-    worker = Worker(settings, sessions, cards)
-    worker.warm_up()
+    models, settings, worker = _warm_worker(tmp_path, sessions)
     worker.runtime.keep_only({("cxr-pneumothorax-demo", "1.1.0")})
     onnx = models / "cxr_lung_seg_demo.onnx"
     onnx.write_bytes(onnx.read_bytes()[:20000])
