@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 from dicomnode.config import Settings, load_settings
+from dicomnode.ingest.spool import existing_parent
 from dicomnode.models.registry import ModelCard, load_card
 from dicomnode.pipeline.runtime import onnx_problem
 from dicomnode.tomlfile import ConfigError, ConfigErrors, key_line
@@ -104,11 +105,8 @@ def check_settings(settings: Settings) -> list[ConfigError]:
 def storage_warnings(settings: Settings) -> list[str]:
     """A free-space watermark the storage file system can never meet: every C-STORE would
     be refused (0xA700). A warning, as the folder may not be mounted yet where this runs."""
-    probe = settings.storage_path
-    while not probe.exists() and probe.parent != probe:
-        probe = probe.parent
     try:
-        total = shutil.disk_usage(probe).total
+        total = shutil.disk_usage(existing_parent(settings.storage_path)).total
     except OSError:
         return []
     watermark = settings.storage.min_free_bytes

@@ -146,9 +146,14 @@ def move_durable(source: Path, path: Path) -> None:
     sync_folder(path.parent)
 
 
+def existing_parent(path: Path) -> Path:
+    """``path``, or its nearest ancestor that exists (on the file system it will be on)."""
+    probe = path
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    return probe
+
+
 def free_bytes(root: Path) -> int:
     """Free space on the file system that holds ``root``."""
-    probe = root
-    while not probe.exists():
-        probe = probe.parent
-    return shutil.disk_usage(probe).free
+    return shutil.disk_usage(existing_parent(root)).free

@@ -119,9 +119,8 @@ def _result_path(settings: Settings, ds: Dataset) -> Path:
     )
 
 
-def _write_result(settings: Settings, ds: Dataset) -> Path:
-    """Write a result object durably under <storage>/results (no database work)."""
-    path = _result_path(settings, ds)
+def _write_result(path: Path, ds: Dataset) -> Path:
+    """Write a result object durably at ``path`` (``_result_path``; no database work)."""
     buffer = io.BytesIO()
     ds.save_as(buffer, enforce_file_format=True)
     write_durable(path, buffer.getvalue())
@@ -431,8 +430,9 @@ def write_results(
     try:
         written = []
         for card, kind, ds in built:
-            existed = _result_path(settings, ds).exists()
-            path = _write_result(settings, ds)
+            path = _result_path(settings, ds)
+            existed = path.exists()
+            _write_result(path, ds)
             if not existed:
                 made.append(path)
             written.append((card, kind, ds, path))
