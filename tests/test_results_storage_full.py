@@ -26,6 +26,7 @@ from dicomnode.db.session import as_utc, utcnow
 from dicomnode.ingest.spool import free_bytes
 from dicomnode.jobs import enqueue
 from dicomnode.models.registry import load_card
+from dicomnode.pipeline.analyse import _new_folders, _remove_empty
 from dicomnode.synth.cxr import make_cxr
 from dicomnode.worker import Worker
 
@@ -121,7 +122,8 @@ def test_results_job_on_a_full_disk_waits_and_leaves_no_partial_files(
     tmp_path: Path, tmpfs: Path, sessions: sessionmaker[Session]
 ) -> None:
     """The first object (the SR, ~8 KB) fits, the second (~66 KB) does not: before, the SR
-    stayed in storage/results with no row and the job was dead after its attempts."""
+    stayed in storage/results with no row and the job was dead after its attempts; then its
+    files were removed but the empty study and series folders stayed."""
     storage = tmpfs / "storage"
     # The watermark is not reached: the disk is full for these objects all the same.
     worker = _worker(sessions, storage, min_free_bytes=0)
@@ -133,8 +135,8 @@ def test_results_job_on_a_full_disk_waits_and_leaves_no_partial_files(
         _tried_again_now(sessions, worker)
         job = _results_job(sessions, study_id)
         assert (job.state, job.attempts) == ("queued", 0), job.last_error
-        assert _result_files(storage) == []
-        assert not [p for p in (storage / "results").rglob("*") if p.is_file()]
+        # Nor the folders the failed write made (the SR's series folder, the study's).
+        assert list((storage / "results").rglob("*")) == []
 
     filler.unlink()
     _tried_again_now(sessions, worker)
@@ -143,3 +145,17 @@ def test_results_job_on_a_full_disk_waits_and_leaves_no_partial_files(
         rows = session.scalars(select(ResultObject.path)).all()
     assert len(rows) == 2 and sorted(map(Path, rows)) == _result_files(storage)
     shutil.rmtree(storage)
+
+
+def test_a_failed_write_removes_only_the_empty_folders_it_made(tmp_path: Path) -> None:
+    """A study folder another results job wrote into meanwhile stays, with its file."""
+    root = tmp_path / "results"
+    root.mkdir()
+    study, other_series = root / "1.2", root / "1.2" / "1.2.9"
+    made = _new_folders(study / "1.2.3" / "1.2.3.4.dcm", root)
+    assert sorted(made) == [study, study / "1.2.3"]
+    (study / "1.2.3").mkdir(parents=True)
+    other_series.mkdir()
+    (other_series / "1.2.9.1.dcm").write_bytes(b"result")
+    _remove_empty(made)
+    assert sorted(root.rglob("*")) == [study, other_series, other_series / "1.2.9.1.dcm"]

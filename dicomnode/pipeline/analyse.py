@@ -9,6 +9,7 @@ replace those of an earlier run of the same model version.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import time
@@ -117,6 +118,24 @@ def _result_path(settings: Settings, ds: Dataset) -> Path:
         str(ds.SeriesInstanceUID),
         str(ds.SOPInstanceUID),
     )
+
+
+def _new_folders(path: Path, root: Path) -> list[Path]:
+    """The folders under ``root`` that writing ``path`` creates (none exists yet)."""
+    missing = []
+    folder = path.parent
+    while folder != root and folder.is_relative_to(root) and not folder.exists():
+        missing.append(folder)
+        folder = folder.parent
+    return missing
+
+
+def _remove_empty(folders: Iterable[Path]) -> None:
+    """Remove those of ``folders`` that are empty, deepest first (a series folder before its
+    study's); a folder another job has written into meanwhile stays as it is."""
+    for folder in sorted(folders, key=lambda folder: len(folder.parts), reverse=True):
+        with contextlib.suppress(OSError):
+            folder.rmdir()
 
 
 def _write_result(path: Path, ds: Dataset) -> Path:
@@ -425,13 +444,16 @@ def write_results(
     superseded = _superseded(session, study_id, built)
     # Files this job makes (not those it replaces: a re-run's objects keep their UIDs, and
     # the earlier run's rows name them): removed if the job fails before its rows commit
-    # (a full disk), else they stayed in storage/results with no row.
+    # (a full disk), else they stayed in storage/results with no row; and the folders it
+    # made, once empty, else a failed write left empty study and series folders.
     made: list[Path] = []
+    made_folders: list[Path] = []
     try:
         written = []
         for card, kind, ds in built:
             path = _result_path(settings, ds)
             existed = path.exists()
+            made_folders.extend(_new_folders(path, settings.storage_path / "results"))
             _write_result(path, ds)
             if not existed:
                 made.append(path)
@@ -458,6 +480,7 @@ def write_results(
         session.rollback()
         for path in made:
             path.unlink(missing_ok=True)
+        _remove_empty(made_folders)
         raise
     for row in superseded:
         Path(row.path).unlink(missing_ok=True)
