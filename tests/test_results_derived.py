@@ -16,6 +16,8 @@ from dicomnode.findings import Algorithm, CodedConcept, DerivedImage
 from dicomnode.results.derived import build_derived
 from dicomnode.synth.cxr import make_cxr
 
+DX_FOR_PROCESSING = pydicom.uid.DigitalXRayImageStorageForProcessing
+
 ALGORITHM = Algorithm(name="cxr-bone-suppression-demo", version="1.0.0")
 
 
@@ -285,3 +287,67 @@ def test_derived_image_keeps_burned_in_annotation_of_its_source() -> None:
     del source.PatientOrientation  # the Secondary Capture says it too
     image = build_derived(DerivedImage(source, suppressed(source), "bone suppression"), ALGORITHM)
     assert (image.SOPClassUID, image.BurnedInAnnotation) == (SECONDARY_CAPTURE, "YES")
+
+
+def _for_processing(source: pydicom.Dataset) -> pydicom.Dataset:
+    """``source`` as a DX For Processing image that carries windows all the same."""
+    import copy
+
+    source = copy.deepcopy(source)
+    source.SOPClassUID = source.file_meta.MediaStorageSOPClassUID = DX_FOR_PROCESSING
+    source.PresentationIntentType = "FOR PROCESSING"
+    source.WindowCenter, source.WindowWidth = [1723, 1500], [1768, 3000]
+    source.WindowCenterWidthExplanation = ["NORMAL", "WIDE"]
+    source.VOILUTFunction = "LINEAR"
+    return source
+
+
+VOI_LUT = (
+    "VOILUTSequence",
+    "WindowCenter",
+    "WindowWidth",
+    "WindowCenterWidthExplanation",
+    "VOILUTFunction",
+)
+
+
+def test_derived_radiograph_for_processing_stays_for_processing_without_windows() -> None:
+    """The derived pixels are in the source's values, still for processing: the image keeps
+    the class and Presentation Intent Type FOR PROCESSING, and has no VOI LUT, which only a
+    FOR PRESENTATION image may have (PS3.3 A.26.3). Before, the source's windows came along
+    and dciodvfy failed the node's object."""
+    source = _for_processing(make_cxr(4, size=64)[0])
+    image = build_derived(DerivedImage(source, suppressed(source), "bone suppression"), ALGORITHM)
+    assert (image.SOPClassUID, image.PresentationIntentType) == (
+        DX_FOR_PROCESSING,
+        "FOR PROCESSING",
+    )
+    assert [keyword for keyword in VOI_LUT if keyword in image] == []
+    assert dciodvfy_errors(image) == []
+
+
+def test_derived_secondary_capture_of_a_for_processing_radiograph_has_no_windows() -> None:
+    """The same source written as Secondary Capture (no Patient Orientation) does not take
+    its windows either: they do not belong to a For Processing image."""
+    source = _for_processing(make_cxr(4, size=64)[0])
+    del source.PatientOrientation
+    image = build_derived(DerivedImage(source, suppressed(source), "bone suppression"), ALGORITHM)
+    assert image.SOPClassUID == SECONDARY_CAPTURE
+    assert [keyword for keyword in VOI_LUT if keyword in image] == []
+    assert dciodvfy_errors(image) == []
+
+
+def test_derived_radiograph_takes_the_presentation_intent_of_its_class() -> None:
+    """A DX For Presentation source that says FOR PROCESSING: the derived image keeps the
+    class, so its intent is the class's (each DX class allows its own value only)."""
+    import copy
+
+    source = copy.deepcopy(make_cxr(4, size=64)[0])
+    source.PresentationIntentType = "FOR PROCESSING"
+    image = build_derived(DerivedImage(source, suppressed(source), "bone suppression"), ALGORITHM)
+    assert (image.SOPClassUID, image.PresentationIntentType) == (
+        DX_FOR_PRESENTATION,
+        "FOR PRESENTATION",
+    )
+    assert float(image.WindowWidth) >= 1
+    assert dciodvfy_errors(image) == []

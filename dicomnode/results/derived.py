@@ -31,6 +31,7 @@ from dicomnode.findings import Algorithm, CodedConcept, DerivedImage
 from dicomnode.pipeline.preprocess import percentile_window
 from dicomnode.results.iod_requirements import (
     CT_IMAGE,
+    DX_FOR_PROCESSING,
     REQUIREMENTS,
     has_value,
     supply_required,
@@ -73,6 +74,14 @@ _DROPPED = (
     "DerivationDescription",
     "ContributingEquipmentSequence",
     "IrradiationEventUID",
+)
+# The VOI LUT module (PS3.3 C.11.2).
+_VOI_LUT = (
+    "VOILUTSequence",
+    "WindowCenter",
+    "WindowWidth",
+    "WindowCenterWidthExplanation",
+    "VOILUTFunction",
 )
 
 
@@ -204,11 +213,24 @@ def _conform_presentation(image: pydicom.Dataset) -> None:
       IDENTITY with MONOCHROME2) is written as MONOCHROME1 with INVERSE: the same stored values
       displayed the same way, minimum white.
 
+    - a DX For Processing image has no VOI LUT (PS3.3 A.26.3: the VOI LUT module only in
+      FOR PRESENTATION images): a source's windows are for pixels that are not yet for
+      display, and the derived pixels are in the source's values, still for processing.
+
     What the source lacks is ``iod_requirements``' business."""
-    _keep_usable_windows(image)
+    if str(image.SOPClassUID) == DX_FOR_PROCESSING:
+        _drop_voi_lut(image)
+    else:
+        _keep_usable_windows(image)
     shape = str(image.get("PresentationLUTShape", "") or "").strip().upper()
     if image.get("PhotometricInterpretation") == "MONOCHROME2" and shape == "INVERSE":
         image.PhotometricInterpretation = "MONOCHROME1"
+
+
+def _drop_voi_lut(image: pydicom.Dataset) -> None:
+    for keyword in _VOI_LUT:
+        if keyword in image:
+            delattr(image, keyword)
 
 
 def _keep_usable_windows(image: pydicom.Dataset) -> None:
@@ -286,16 +308,18 @@ def _secondary_capture(
     image.BitsStored = int(source.BitsStored)
     image.HighBit = int(source.BitsStored) - 1
     # The source's modality LUT when whole, and its usable windows: the derived pixels are in
-    # the source's stored values and read the same way.
+    # the source's stored values and read the same way. A DX For Processing source has no
+    # windows to pass on (``_conform_presentation``): any it carries are a slip.
     if has_value(source, "RescaleIntercept") and has_value(source, "RescaleSlope"):
         image.RescaleIntercept, image.RescaleSlope = source.RescaleIntercept, source.RescaleSlope
         # Absent from a CT image, Rescale Type means Hounsfield units (CT Image module).
         ct = str(source.SOPClassUID) == CT_IMAGE
         image.RescaleType = source.get("RescaleType") or ("HU" if ct else "US")
-    for keyword in ("WindowCenter", "WindowWidth", "WindowCenterWidthExplanation"):
-        if keyword in source:
-            image[keyword] = copy.deepcopy(source[keyword])
-    _keep_usable_windows(image)
+    if str(source.SOPClassUID) != DX_FOR_PROCESSING:
+        for keyword in ("WindowCenter", "WindowWidth", "WindowCenterWidthExplanation"):
+            if keyword in source:
+                image[keyword] = copy.deepcopy(source[keyword])
+        _keep_usable_windows(image)
     # Text burned into the source is in the model's output too; a source that does not say
     # leaves it unsaid (Type 3 here).
     if source.get("BurnedInAnnotation") in ("YES", "NO"):

@@ -96,10 +96,21 @@ class Requirement:
         return self.label or self.keyword
 
 
+def presentation_intent(image: Dataset) -> str | None:
+    """The Presentation Intent Type a DX image's SOP class names (DX Series module: each
+    class allows its own value only); None for other classes."""
+    intents = {DX_FOR_PRESENTATION: "FOR PRESENTATION", DX_FOR_PROCESSING: "FOR PROCESSING"}
+    return intents.get(str(image.SOPClassUID))
+
+
+def _intent_of_its_class(image: Dataset) -> bool:
+    """A source may say the other intent than its class: the derived image keeps the class."""
+    return str(image.get("PresentationIntentType", "") or "") == presentation_intent(image)
+
+
 def _presentation_intent(image: Dataset, keyword: str) -> bool:
     """A DX image's Presentation Intent Type is named by its SOP class (DX Series module)."""
-    intents = {DX_FOR_PRESENTATION: "FOR PRESENTATION", DX_FOR_PROCESSING: "FOR PROCESSING"}
-    intent = intents.get(str(image.SOPClassUID))
+    intent = presentation_intent(image)
     if intent is not None:
         setattr(image, keyword, intent)
     return intent is not None
@@ -172,7 +183,9 @@ _COMMON = (
 
 _DX = (
     *_COMMON,
-    Requirement("PresentationIntentType", "1", supply=_presentation_intent),
+    Requirement(
+        "PresentationIntentType", "1", met=_intent_of_its_class, supply=_presentation_intent
+    ),
     Requirement("FrameOfReferenceUID", "1", when=_any_of("PositionReferenceIndicator")),
     Requirement("PositionReferenceIndicator", "2", when=_any_of("FrameOfReferenceUID")),
     Requirement("PatientOrientation", "1"),
