@@ -28,6 +28,17 @@ HIDDEN_COMMAND = "listener"
 MAX_TOKEN_DAYS = 36500
 
 
+def _port_or_zero(text: str) -> int:
+    """A TCP port number, or 0 for none (an argparse type)."""
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number 0-65535")
+    return port
+
+
 def _settings(args: argparse.Namespace) -> Settings:
     return load_settings(args.config)
 
@@ -88,6 +99,16 @@ def cmd_worker(args: argparse.Namespace) -> int:
     settings = _settings(args)
     setup_logging(settings.log_level, settings.logging.json_lines)
     worker = Worker(settings, _database(settings), _cards(settings))
+    # Serve's workers report through the node's /metrics; one run by itself serves its own.
+    if args.parent_pid is None:
+        metrics_port = settings.worker.metrics_port
+        if args.metrics_port is not None:
+            metrics_port = args.metrics_port
+            worker.restart_only = tuple(
+                name for name in worker.restart_only if name != "worker.metrics_port"
+            )
+        if metrics_port:
+            worker.serve_metrics(metrics_port)
     worker.warm_up()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -445,6 +466,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=cmd_serve)
 
     worker = with_config(commands.add_parser("worker", help="run one job worker"))
+    worker.add_argument(
+        "--metrics-port",
+        type=_port_or_zero,
+        default=None,
+        help="serve this worker's /metrics on this port, 0 = none (default: [worker] metrics_port)",
+    )
     worker.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
     worker.set_defaults(func=cmd_worker)
 

@@ -175,6 +175,9 @@ class WorkerSettings(_Section):
     background_threads: int = Field(default=0, ge=0)
     # Memory for analyses kept for their results job in the same process (0 = none kept).
     handover_mb: int = Field(default=256, ge=0)
+    # A stand-alone "dicomnode worker" serves its own /metrics here; serve's workers do not.
+    metrics_port: int = Field(default=0, ge=0, le=65535, description="0 = none")
+    metrics_host: str = "127.0.0.1"
 
 
 class InferenceSettings(_Section):

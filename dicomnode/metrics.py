@@ -2,7 +2,8 @@
 
 ``dicomnode serve`` sets ``PROMETHEUS_MULTIPROC_DIR`` before anything imports
 ``prometheus_client``, so its worker processes write their samples where ``/metrics``
-(served by the main process) aggregates them.
+(served by the main process) aggregates them. A ``dicomnode worker`` run by itself serves
+its own samples (:func:`serve_process_metrics`, ``[worker] metrics_port``).
 """
 
 from __future__ import annotations
@@ -18,11 +19,14 @@ from prometheus_client import (
     Counter,
     Histogram,
     generate_latest,
+    start_http_server,
 )
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 
 if TYPE_CHECKING:
+    from wsgiref.simple_server import WSGIServer
+
     # Listener processes count stores here and load no database code.
     from sqlalchemy.orm import Session, sessionmaker
 
@@ -161,3 +165,11 @@ def exposition(sessions: sessionmaker[Session]) -> bytes:
         MultiProcessCollector(processes, path=folder)
         return generate_latest(processes) + generate_latest(database)
     return generate_latest(REGISTRY) + generate_latest(database)
+
+
+def serve_process_metrics(host: str, port: int) -> WSGIServer:
+    """Serve this process's metrics (not the database gauges: the node's ``/metrics`` has
+    those) in Prometheus text format at ``http://host:port/metrics``, from a daemon thread.
+    Raises OSError when the address cannot be bound (in use, not this host's)."""
+    server, _ = start_http_server(port, addr=host)
+    return server

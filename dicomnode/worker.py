@@ -28,7 +28,7 @@ from collections.abc import Callable
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode import metrics
-from dicomnode.config import Settings, changed_settings
+from dicomnode.config import Settings, restart_changes
 from dicomnode.db.models import Job, Study
 from dicomnode.export.jobs import ExportJobs
 from dicomnode.ingest.spool import free_bytes
@@ -58,8 +58,16 @@ log = logging.getLogger("dicomnode.worker")
 TRIAGE_KINDS = ["notify", "analyse"]
 BACKGROUND_KINDS = ["results", "export"]
 
-# What a worker sets up once, at start: its database engine, its job threads and its logging.
-RESTART_ONLY = ("database", "worker.threads", "log_level", "logging")
+# What a worker sets up once, at start: its database engine, its job threads, its logging and
+# (run by itself) its metrics server.
+RESTART_ONLY = (
+    "database",
+    "worker.threads",
+    "log_level",
+    "logging",
+    "worker.metrics_port",
+    "worker.metrics_host",
+)
 
 
 # A job thread's retries while the database is unavailable (or its loop fails): the first
@@ -82,6 +90,13 @@ DEAD_LETTER_NOTES = {
 class Worker:
     def __init__(self, settings: Settings, sessions: sessionmaker[Session], cards: list[ModelCard]):
         self.settings = settings
+        # What the database engine, the job threads and the logging were set up with: a
+        # reload does not change the restart-only keys (RESTART_ONLY) of it, so reloads
+        # compare against these, not against the file's previous contents.
+        self.running = settings
+        # The restart-only keys this worker names on a reload (a key set on the command line
+        # instead is left out: the file's value is not what it runs).
+        self.restart_only = RESTART_ONLY
         self.sessions = sessions
         # The model cards, less those whose ONNX file cannot be loaded: left out of every
         # study until a reload or a restart finds them loadable (a node's configuration
@@ -153,9 +168,18 @@ class Worker:
             log.error("reload refused, the running configuration is kept: %s", exc)
             return False
         if name_restart_only:
-            for name in changed_settings(self.settings, settings, RESTART_ONLY):
+            pending, undone = restart_changes(
+                self.running, self.settings, settings, self.restart_only
+            )
+            for name in pending:
                 log.warning(
                     "worker %s reload: [%s] changed; it takes effect at the next restart",
+                    self.owner,
+                    name,
+                )
+            for name in undone:
+                log.info(
+                    "worker %s reload: [%s] is back to the running value; no restart pending",
                     self.owner,
                     name,
                 )
@@ -174,6 +198,27 @@ class Worker:
         self.models.replace(cards)
         self.handover.max_bytes = settings.worker.handover_mb * 1024 * 1024
         log.info("worker %s reloaded: %d model card(s)", self.owner, len(cards))
+        return True
+
+    def serve_metrics(self, port: int) -> bool:
+        """Serve this process's metrics over HTTP on ``[worker] metrics_host`` and ``port``
+        (a worker run by itself; serve's workers report through the node's ``/metrics``).
+        An address that cannot be bound is logged and the worker runs on without metrics:
+        its jobs matter more than their metrics."""
+        host = self.running.worker.metrics_host
+        try:
+            metrics.serve_process_metrics(host, port)
+        except OSError as exc:
+            log.error(
+                "worker %s serves no metrics: cannot listen on %s port %d (%s); set [worker] "
+                "metrics_port or --metrics-port to a free port and restart the worker",
+                self.owner,
+                host,
+                port,
+                exc.strerror or exc,
+            )
+            return False
+        log.info("worker %s serves its metrics at %s port %d (/metrics)", self.owner, host, port)
         return True
 
     def warm_up(self) -> None:

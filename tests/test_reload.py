@@ -158,6 +158,38 @@ def test_stand_alone_worker_reload_says_which_changes_wait_for_a_restart(
     assert "[database] changed" not in caplog.text
 
 
+def test_stand_alone_worker_reload_compares_restart_only_keys_with_what_it_runs(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A restart-only change stays pending over further reloads until the worker restarts
+    (the second reload compared it with the file's previous contents and said nothing),
+    and is no longer pending once set back to the value the worker runs."""
+    config = _config(tmp_path)
+    settings = load_settings(config)
+    worker = Worker(settings, None, discover_cards(settings.model_folders))
+    running = config.read_text()
+    changed = running.replace("[worker]\n", "[worker]\nthreads = 3\nmetrics_port = 9464\n")
+    warnings = [
+        f"reload: [{name}] changed; it takes effect at the next restart"
+        for name in ("worker.threads", "worker.metrics_port")
+    ]
+    for reloads in range(2):
+        config.write_text(changed)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="dicomnode"):
+            assert worker.reload()
+        for warning in warnings:
+            assert warning in caplog.text, f"reload {reloads + 1}: {caplog.text}"
+
+    config.write_text(running)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="dicomnode"):
+        assert worker.reload()
+    assert "takes effect at the next restart" not in caplog.text
+    for name in ("worker.threads", "worker.metrics_port"):
+        assert f"reload: [{name}] is back to the running value; no restart pending" in caplog.text
+
+
 def test_notifier_speaks_to_abstract_and_path_sockets(tmp_path: Path) -> None:
     name = f"dicomnode-test-{os.getpid()}"
     for address, bind in [(f"@{name}", "\0" + name), (str(tmp_path / "n.sock"),) * 2]:
