@@ -82,6 +82,23 @@ def _bare_bones(source: Dataset) -> None:
             del source[element.tag]
 
 
+def _lateral(
+    laterality: str, spoil: Callable[..., Callable[[Dataset], None]]
+) -> Callable[[Dataset], None]:
+    """A radiograph of a paired part whose series says ``laterality`` and whose Image
+    Laterality is spoilt: DX requires that (Type 1) and the node takes it from Laterality,
+    which it shall match."""
+
+    def slip(source: Dataset) -> None:
+        source.BodyPartExamined = "HAND"
+        source.AnatomicRegionSequence[0].CodeValue = "85562004"
+        source.AnatomicRegionSequence[0].CodeMeaning = "Hand"
+        source.Laterality = laterality
+        spoil("ImageLaterality")(source)
+
+    return slip
+
+
 def _centre_without_width(source: Dataset) -> None:
     del source.WindowWidth
 
@@ -93,6 +110,8 @@ def _defects() -> list[Defect]:
         Defect("empty PatientOrientation", "DX", _empty("PatientOrientation"), sc),
         Defect("no ImagerPixelSpacing", "DX", _missing("ImagerPixelSpacing"), sc),
         Defect("empty ImageLaterality", "DX", _empty("ImageLaterality"), sc),
+        Defect("no ImageLaterality, Laterality L", "DX", _lateral("L", _missing), same),
+        Defect("empty ImageLaterality, Laterality R", "DX", _lateral("R", _empty), same),
         Defect("no PixelIntensityRelationship", "DX", _missing("PixelIntensityRelationship"), sc),
         Defect(
             "empty PixelIntensityRelationshipSign",

@@ -351,3 +351,33 @@ def test_derived_radiograph_takes_the_presentation_intent_of_its_class() -> None
     )
     assert float(image.WindowWidth) >= 1
     assert dciodvfy_errors(image) == []
+
+
+def test_derived_radiograph_takes_image_laterality_from_laterality() -> None:
+    """A DX whose series says Laterality L but that has no Image Laterality (Type 1 in DX,
+    consistent with Laterality) stays DX with Image Laterality L; before, it was written as
+    Secondary Capture."""
+    import copy
+
+    source = copy.deepcopy(make_cxr(4, size=64)[0])
+    source.Laterality = "L"
+    del source.ImageLaterality
+    image = build_derived(DerivedImage(source, suppressed(source), "bone suppression"), ALGORITHM)
+    assert (image.SOPClassUID, image.ImageLaterality) == (DX_FOR_PRESENTATION, "L")
+    # General Series Laterality is not allowed beside Image Laterality (2C).
+    assert "Laterality" not in image
+    assert dciodvfy_errors(image) == []
+
+
+def test_derived_radiograph_of_a_source_with_both_lateralities_keeps_the_image_one() -> None:
+    """A DX source with Laterality and Image Laterality: the derived image keeps Image
+    Laterality only (General Series Laterality, 2C, is required only without it and not
+    allowed otherwise); before, dciodvfy failed the node's object."""
+    import copy
+
+    source = copy.deepcopy(make_cxr(4, size=64)[0])
+    source.Laterality, source.ImageLaterality = "R", "R"
+    image = build_derived(DerivedImage(source, suppressed(source), "bone suppression"), ALGORITHM)
+    assert (image.SOPClassUID, image.ImageLaterality) == (DX_FOR_PRESENTATION, "R")
+    assert "Laterality" not in image
+    assert dciodvfy_errors(image) == []

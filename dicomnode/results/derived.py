@@ -200,6 +200,10 @@ def _same_class(
     # is in the model's output too, and so is any loss it once had. A source that does not
     # say leaves them unsaid (iod_requirements decides whether its class can do without).
     _conform_presentation(image)
+    # General Series Laterality (2C) is required only of an image without Image Laterality,
+    # and not allowed otherwise: a source with both would pass on its slip.
+    if "Laterality" in image and has_value(image, "ImageLaterality"):
+        del image.Laterality
     return image
 
 

@@ -10,9 +10,12 @@ modules they share) with how the node may supply one that is missing or empty:
   Type is its SOP class's, its Rescale Intercept 0, Slope 1 and Type US, its Presentation LUT
   Shape follows its photometric interpretation), or that is the node's own presentation choice
   (a window of its own pixels);
-- any other Type 1 (Patient Orientation, Image Laterality, Imager Pixel Spacing, image plane
-  geometry, ...) cannot be supplied: these describe the acquisition, which only the modality
-  knows, and the caller writes a Secondary Capture instead, whose IOD does not require them.
+- a Type 1 that the standard says is consistent with another attribute that has a value (a
+  DX image's Image Laterality with the series' Laterality);
+- any other Type 1 (Patient Orientation, Image Laterality without Laterality, Imager Pixel
+  Spacing, image plane geometry, ...) cannot be supplied: these describe the acquisition,
+  which only the modality knows, and the caller writes a Secondary Capture instead, whose IOD
+  does not require them.
 
 Conditions (1C, 2C) are the parts of the standard's conditions that the node's derived images
 can meet; a row applies only when its condition holds.
@@ -156,6 +159,19 @@ def _laterality_unknown(image: Dataset) -> bool:
     return not has_value(image, "ImageLaterality") and not has_value(image, "BodyPartExamined")
 
 
+def _from_laterality(image: Dataset, keyword: str) -> bool:
+    """A DX image's Image Laterality shall be consistent with Laterality (DX Anatomy Imaged
+    module): the series' Laterality, when it has a value (R or L), is the image's. Laterality
+    then goes: General Series requires it (2C) only without Image Laterality, and does not
+    allow it otherwise."""
+    laterality = str(value_or_none(image, "Laterality") or "").strip().upper()
+    if laterality not in ("R", "L"):
+        return False
+    setattr(image, keyword, laterality)
+    del image.Laterality
+    return True
+
+
 def _any_of(*keywords: str) -> Callable[[Dataset], bool]:
     return lambda image: any(keyword in image for keyword in keywords)
 
@@ -198,7 +214,7 @@ _DX = (
     Requirement("RescaleType", "1", supply=fixed("US")),
     Requirement("PresentationLUTShape", "1", supply=_presentation_lut_shape),
     Requirement("WindowCenter", "1", when=_for_presentation_without_voi_lut, supply=_own_window),
-    Requirement("ImageLaterality", "1"),
+    Requirement("ImageLaterality", "1", supply=_from_laterality),
     Requirement(
         "AnatomicRegionSequence", "2", met=_anatomy_stated, supply=_empty_unless_body_part_known
     ),
