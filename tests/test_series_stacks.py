@@ -289,6 +289,45 @@ def test_acquisition_times_of_either_form_are_on_one_scale() -> None:
     assert acquired(untimed) is None
 
 
+@pytest.mark.parametrize(
+    ("values", "seconds"),
+    [
+        ({"AcquisitionTime": "12"}, 43_200),
+        ({"AcquisitionTime": "1230"}, 45_000),
+        ({"AcquisitionTime": "123015.25 "}, 45_015.25),
+        ({"AcquisitionDate": "00010102", "AcquisitionTime": "000001"}, 2 * 86_400 + 1),
+        ({"AcquisitionDate": "", "AcquisitionTime": "000001"}, 1),
+        ({"AcquisitionDateTime": "00010101000010.5-0500"}, 86_410.5),
+        ({"AcquisitionDateTime": "0001010112"}, 86_400 + 43_200),
+    ],
+)
+def test_acquisition_times_read_as_pydicom_reads_them(values: dict, seconds: float) -> None:
+    """Partial times, a fraction, no date (day 0) and a DT's offset (left aside)."""
+    ds = pydicom.Dataset()
+    for keyword, value in values.items():
+        setattr(ds, keyword, value)
+    assert acquired(ds) == pytest.approx(seconds)
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR")  # invalid on purpose
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"AcquisitionTime": "256000"},
+        {"AcquisitionTime": "1260"},
+        {"AcquisitionDateTime": "20241301120000"},
+        {"AcquisitionDateTime": "20240132120000"},
+    ],
+)
+def test_an_invalid_acquisition_time_is_no_time(values: dict) -> None:
+    """Hour 25, minute 60, month 13, day 32 are no time (the image is ordered as untimed);
+    before, the node's own patterns read 25:00, 13:00, and 12:00 of an unknown day."""
+    ds = pydicom.Dataset()
+    for keyword, value in values.items():
+        setattr(ds, keyword, value)
+    assert acquired(ds) is None
+
+
 def test_scans_at_shifted_positions_are_told_apart_by_acquisition_number() -> None:
     """A second phase reconstructed half a slice off the first's positions: no position comes
     round again, but the two acquisitions cover the same range."""

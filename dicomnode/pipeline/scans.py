@@ -25,16 +25,13 @@ from __future__ import annotations
 
 import bisect
 import datetime
-import re
 from dataclasses import dataclass
 
 from pydicom import Dataset
+from pydicom.valuerep import DA, DT, TM
 
 # Slice positions (mm along the normal) that differ by no more than this are one position.
 SAME_POSITION_MM = 0.01
-
-_DATE = re.compile(r"^\s*(\d{4})(\d{2})(\d{2})")
-_TIME = re.compile(r"^\s*(\d{2})(\d{2})?(\d{2}(?:\.\d*)?)?")
 
 
 @dataclass(frozen=True)
@@ -66,38 +63,57 @@ def _labels(ds: Dataset) -> tuple[tuple[int, int | str] | None, tuple[int, int |
     return temporal, _number(ds.get("AcquisitionNumber"))
 
 
-def _seconds_of_day(text: str) -> float | None:
-    """TM (HHMMSS.FFFFFF, or the old HH:MM:SS) as seconds since midnight."""
-    match = _TIME.match(text.replace(":", ""))
-    if match is None:
-        return None
-    hours, minutes, seconds = match.groups()
-    return int(hours) * 3600 + int(minutes or 0) * 60 + float(seconds or 0)
+# pydicom's DA, TM and DT read the values (None when empty); one they cannot read is no
+# value here: an invalid time would order images wrongly.
+_INVALID = (ValueError, OverflowError)
 
 
-def _day(text: str) -> int | None:
-    """DA (YYYYMMDD) as a day number."""
-    match = _DATE.match(text)
-    if match is None:
-        return None
+def _date(text: str) -> datetime.date | None:
     try:
-        return datetime.date(*(int(part) for part in match.groups())).toordinal()
-    except ValueError:
+        return DA(text)
+    except _INVALID:
         return None
+
+
+def _time(text: str) -> datetime.time | None:
+    """TM, or its old HH:MM:SS form."""
+    try:
+        return TM(text.replace(":", ""))
+    except _INVALID:
+        return None
+
+
+def _date_time(text: str) -> datetime.datetime | None:
+    try:
+        return DT(text)
+    except _INVALID:
+        return None
+
+
+def _seconds(day: datetime.date | None, time: datetime.time) -> float:
+    """Seconds since the start of day 1 (day 0 when the date is not known)."""
+    days = day.toordinal() if day is not None else 0
+    return (
+        days * 86400.0 + time.hour * 3600 + time.minute * 60 + time.second + time.microsecond / 1e6
+    )
 
 
 def acquired(ds: Dataset) -> float | None:
     """When the image was acquired, in seconds on an arbitrary monotonic scale, from Acquisition
-    DateTime or Acquisition Date and Time; None without an acquisition time."""
-    stamp = str(ds.get("AcquisitionDateTime", "") or "")
-    if len(stamp.strip()) > 8:
-        day, time = _day(stamp), _seconds_of_day(stamp.strip()[8:])
-    else:
-        day = _day(str(ds.get("AcquisitionDate", "") or ""))
-        time = _seconds_of_day(str(ds.get("AcquisitionTime", "") or ""))
+    DateTime or Acquisition Date and Time; None without an acquisition time. The modality's
+    local time: a DT's UTC offset is left aside, as Acquisition Date and Time have none."""
+    stamp = _text(ds, "AcquisitionDateTime")
+    if len(stamp) > 8:  # more than a date
+        moment = _date_time(stamp)
+        return None if moment is None else _seconds(moment.date(), moment.time())
+    time = _time(_text(ds, "AcquisitionTime"))
     if time is None:
         return None
-    return (day or 0) * 86400.0 + time
+    return _seconds(_date(_text(ds, "AcquisitionDate")), time)
+
+
+def _text(ds: Dataset, keyword: str) -> str:
+    return str(ds.get(keyword, "") or "").strip()
 
 
 def instance_order(ds: Dataset) -> tuple[int, str]:
