@@ -220,3 +220,21 @@ def test_seg_rejects_mismatched_shapes_and_values(radiograph: pydicom.Dataset) -
             Segmentation([radiograph, other], [Segment(LUNG, np.zeros((2, 128, 128), np.float32))]),
             ALGORITHM,
         )
+
+
+def test_ct_seg_harmonises_the_references_without_copying_them_again(
+    ct: list[pydicom.Dataset],
+) -> None:
+    """The references are the writer's own copies (sanitised_reference): the orientation is
+    replaced in them, not in a further copy, and the sources keep their own."""
+    from dicomnode.results.reference import sanitised_reference
+    from dicomnode.results.seg import _one_orientation
+
+    noisy = _rounded_differently(ct, 1e-6)
+    references = [sanitised_reference(slice_) for slice_ in noisy]
+    harmonised = _one_orientation(references)
+    assert all(got is given for got, given in zip(harmonised, references, strict=True))
+    assert {tuple(float(v) for v in ds.ImageOrientationPatient) for ds in harmonised} == {
+        (1, 0, 0, 0, 1, 0)
+    }
+    assert list(noisy[1].ImageOrientationPatient) == [1.0, 1e-6, 0.0, -1e-6, 1.0, 0.0]

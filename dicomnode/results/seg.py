@@ -161,38 +161,31 @@ def build_seg(
     return seg
 
 
-def _one_orientation(sources: list[pydicom.Dataset]) -> list[pydicom.Dataset]:
-    """The sources as highdicom takes them: every Image Orientation (Patient) the first's
-    value exactly (highdicom compares the values as they are written). Sources that differ
-    from it within ORIENTATION_TOLERANCE are replaced by copies (the pixels shared) with the
-    first's value; a source beyond it is refused."""
-    reference = sources[0].get("ImageOrientationPatient")
-    if reference is None:
-        return sources
-    first = [float(value) for value in reference]
-    harmonised = []
-    for index, source in enumerate(sources):
-        orientation = _cosines(source.get("ImageOrientationPatient"))
+def _one_orientation(references: list[pydicom.Dataset]) -> list[pydicom.Dataset]:
+    """The sources' references (``sanitised_reference``: the writer's own copies) as highdicom
+    takes them: every Image Orientation (Patient) the first's value exactly (highdicom
+    compares the values as they are written). A reference that differs from it within
+    ORIENTATION_TOLERANCE is given the first's value; one beyond it is refused."""
+    written = references[0].get("ImageOrientationPatient")
+    if written is None:
+        return references
+    first = [float(value) for value in written]
+    for index, reference in enumerate(references):
+        orientation = _cosines(reference.get("ImageOrientationPatient"))
         if orientation == first:
-            harmonised.append(source)
             continue
         if orientation is None or not same_orientation(first, orientation):
             raise ValueError(
-                f"Segmentation.sources[{index}] (SOP Instance UID {source.SOPInstanceUID}) has "
-                f"Image Orientation (Patient) {orientation}, not that of sources[0] {first} "
+                f"Segmentation.sources[{index}] (SOP Instance UID {reference.SOPInstanceUID}) "
+                f"has Image Orientation (Patient) {orientation}, not that of sources[0] {first} "
                 f"within {ORIENTATION_TOLERANCE} per direction cosine: a SEG has one "
                 "orientation; give each orientation a Segmentation of its own"
             )
-        # A new dataset over the same data elements (no pixels copied); the orientation's
-        # element is replaced, not changed in place, so that the source keeps its own.
-        clone = pydicom.Dataset()
-        clone.update(source)
-        if hasattr(source, "file_meta"):
-            clone.file_meta = source.file_meta
-        del clone.ImageOrientationPatient
-        clone.ImageOrientationPatient = list(reference)
-        harmonised.append(clone)
-    return harmonised
+        # The reference shares the source's data elements: the orientation's element is
+        # replaced, not changed in place, so that the source keeps its own.
+        del reference.ImageOrientationPatient
+        reference.ImageOrientationPatient = list(written)
+    return references
 
 
 def _cosines(value: Sequence[float] | None) -> list[float] | None:
