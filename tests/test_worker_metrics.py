@@ -5,6 +5,7 @@ through the node's ``/metrics``)."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -24,6 +25,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicomnode.db.models import Job, Study
 from dicomnode.jobs import enqueue
 from dicomnode.ports import free_port
+
+REPO = Path(__file__).resolve().parent.parent
+MODEL_CARD = "ct_lung_seg_demo"
 
 pytestmark = pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 
@@ -169,13 +173,21 @@ def test_worker_started_by_serve_serves_no_metrics_of_its_own(
 def test_metrics_port_on_the_command_line_replaces_the_configured_one(
     tmp_path: Path, sessions: sessionmaker[Session], db_url: str, webhook: str
 ) -> None:
-    """Several workers on one host share the configuration file: each needs a port."""
+    """Several workers on one host share the configuration file: each needs a port. A
+    reload that changes the file's port does not claim that a restart would take it."""
     configured, given = free_port(), free_port()
     config = _config(tmp_path, db_url, webhook, configured)
+    # A reload is refused without a model card: one small one.
+    for name in (f"{MODEL_CARD}.toml", f"{MODEL_CARD}.onnx"):
+        shutil.copy(REPO / "models" / name, tmp_path / "no-models" / name)
     process, log = _start_worker(tmp_path, config, "--metrics-port", str(given))
     try:
         assert "dicomnode_job_duration_seconds" in _scrape(given)
         assert not _listens(configured)
+        config.write_text(config.read_text().replace(str(configured), str(free_port())))
+        process.send_signal(signal.SIGHUP)
+        wait_for(lambda: " reloaded" in log.read_text(), what="reload")
+        assert "takes effect at the next restart" not in log.read_text()
     finally:
         _stop(process, log)
 
