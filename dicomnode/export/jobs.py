@@ -4,9 +4,10 @@ The worker claims an export job and hands it here: the study's other exports to 
 destination that are due go along, over one association (up to
 :data:`EXPORTS_PER_ASSOCIATION`), each job completed or failed on its own, and a failed
 attempt is logged in one line for all of them. A destination that is down or out of
-resources is waited for (its exports back off and stay queued); one no longer configured
-has its exports dead-lettered at once, as the worker starts, after each reload and when one
-is tried.
+resources is waited for (its exports back off and stay queued) and warned of at most once a
+minute, however many studies wait for it (:mod:`dicomnode.export.outages`); one no longer
+configured has its exports dead-lettered at once, as the worker starts, after each reload
+and when one is tried.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from dicomnode import metrics
 from dicomnode.config import Destination, Settings
 from dicomnode.db.models import Job, ResultObject
 from dicomnode.db.session import READ_ONLY, as_utc, utcnow
+from dicomnode.export.outages import Outages
 from dicomnode.export.scu import (
     DestinationOutOfResources,
     DestinationUnavailable,
@@ -72,19 +74,33 @@ class ExportJobs:
 
     def __init__(self, worker: JobRecorder) -> None:
         self.worker = worker
+        # Destinations this worker found unreachable, for how often it warns of them.
+        self.outages = Outages()
 
     def run(self, session: Session, job: Job, started: float) -> None:
         """Send the job's result object to its destination, together with the study's other
         exports to that destination that are due, over one association (up to
         :data:`EXPORTS_PER_ASSOCIATION`); each of those jobs is completed or failed on its own,
         and a failed attempt is logged in one line for all of them. A job whose destination is
-        no longer configured is dead-lettered (:meth:`dead_letter_unrouted_exports`)."""
+        no longer configured is dead-lettered (:meth:`dead_letter_unrouted_exports`).
+
+        An attempt that fails counts once in ``dicomnode_export_attempts_failed_total``, also
+        when it raises (a database error, a bug: the worker then records the job's failure)."""
+        failed = True  # until the attempt ends with nothing left unsent
+        try:
+            failed = self._attempt(session, job, started)
+        finally:
+            if failed:
+                metrics.EXPORT_ATTEMPTS_FAILED.labels(job.payload.get("destination", "")).inc()
+
+    def _attempt(self, session: Session, job: Job, started: float) -> bool:
+        """:meth:`run`'s attempt; whether it left objects unsent."""
         worker = self.worker
         name = job.payload["destination"]
         destination = next((d for d in worker.settings.destinations if d.name == name), None)
         if destination is None:
             self.dead_letter_unrouted_exports(session, claimed=job)
-            return
+            return False
         companions = claim_alike(
             session,
             job,
@@ -111,17 +127,8 @@ class ExportJobs:
         else:
             outcomes = dict(zip(kinds, sent, strict=True))
             # Not when it answers but stores nothing (out of resources: its disk is full).
-            if job.attempts > 1 and any(outcome is None for outcome in sent):
-                # The destination answers again: what waits out its backoff for it goes now.
-                hastened = hasten(
-                    session, "export", lambda other: other.payload.get("destination") == name
-                )
-                if hastened:
-                    log.info(
-                        "destination %s answers again: %d waiting export(s) due now",
-                        name,
-                        hastened,
-                    )
+            if any(outcome is None for outcome in sent):
+                self._answered(session, job, name)
         failed = {job_id: exc for job_id, exc in outcomes.items() if exc is not None}
         more = f", {len(companions)} more in the same association" if companions else ""
         for other in batch:
@@ -136,6 +143,26 @@ class ExportJobs:
             worker.record_done(session, other, {"queued": queued[other.id]}, detail, started)
         if failed:
             self._record_failures(session, destination, batch, failed, started)
+        return bool(failed)
+
+    def _answered(self, session: Session, job: Job, name: str) -> None:
+        """The destination took an object: its outage ends, and what waits out its backoff
+        for it goes now (looked for when this job or this worker saw it fail)."""
+        outage = self.outages.answered(name)
+        if job.attempts <= 1 and outage is None:
+            return
+        hastened = hasten(session, "export", lambda other: other.payload.get("destination") == name)
+        if not hastened and outage is None:
+            return
+        log.info(
+            "destination %s answers again%s%s",
+            name,
+            f": {hastened} waiting export(s) due now" if hastened else "",
+            f"; failing since {outage.since.isoformat(timespec='seconds')}, "
+            f"{outage.attempts} failed attempt(s)"
+            if outage is not None
+            else "",
+        )
 
     def _record_failures(
         self,
@@ -171,9 +198,12 @@ class ExportJobs:
             if self.worker.record_failed_attempt(session, job, reason, unreachable):
                 recorded.append(job)
                 reasons[job.id] = reason.replace(f"{where}: ", "")
-        metrics.EXPORT_ATTEMPTS_FAILED.labels(destination.name).inc()
         if not recorded:
             return  # taken over by another worker, which logs its own attempt
+        # A destination down (or out of resources) for every object is warned of once a
+        # minute at most, however many studies wait for it (the attempts between at INFO).
+        down = all(isinstance(exc, DestinationUnavailable) for exc in failed.values())
+        outage = self.outages.failed(destination.name) if down else None
         # One read transaction, without SQLite's write lock, for the jobs as recorded and the
         # exports waiting for the destination.
         session.connection(execution_options=READ_ONLY)
@@ -212,10 +242,11 @@ class ExportJobs:
             if given_up
             else ""
         )
+        quiet = down and outage is None  # a destination down warned of less than a minute ago
         log.log(
-            logging.ERROR if given_up else logging.WARNING,
+            logging.ERROR if given_up else logging.INFO if quiet else logging.WARNING,
             "export to %s failed (attempt %d, %.0f ms): %d of %d object(s) of study_id=%d "
-            "not sent: %s; %d export job(s) wait for %s%s%s",
+            "not sent: %s; %d export job(s) wait for %s%s%s%s",
             where,
             attempt,
             (time.perf_counter() - started) * 1000,
@@ -227,6 +258,7 @@ class ExportJobs:
             destination.name,
             when,
             kept,
+            outage.summary() if outage is not None else "",
         )
 
     def dead_letter_unrouted_exports(self, session: Session, claimed: Job | None = None) -> int:
@@ -238,6 +270,7 @@ class ExportJobs:
         admin retries them once the destination is configured again. One ERROR per
         destination."""
         configured = {d.name for d in self.worker.settings.destinations}
+        self.outages.keep_only(configured)
 
         def reason_of(job: Job) -> str:
             return unconfigured_reason(str(job.payload.get("destination", "")))

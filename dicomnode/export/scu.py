@@ -27,8 +27,21 @@ CONVERTIBLE = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 # data elements, elements discarded, data set does not match the SOP class.
 STORED = (0x0000, 0xB000, 0xB006, 0xB007)
 
-# pynetdicom's loggers that report why an association request failed (connect, negotiation).
-ASSOCIATION_LOGGERS = ("pynetdicom.transport", "pynetdicom.acse", "pynetdicom.dul")
+# pynetdicom's loggers that report why an association failed: its request (connect,
+# negotiation) or, once established, its messages (DIMSE timeout, connection closed, abort).
+ASSOCIATION_LOGGERS = (
+    "pynetdicom.transport",
+    "pynetdicom.acse",
+    "pynetdicom.dul",
+    "pynetdicom.fsm",
+    "pynetdicom.association",
+    "pynetdicom.dimse",
+    "pynetdicom.dimse_messages",
+    "pynetdicom.dsutils",
+    "pynetdicom.events",
+    "pynetdicom.pdu",
+    "pynetdicom.presentation",
+)
 # The line pynetdicom logs before the one that says why it could not connect.
 _UNABLE_TO_CONNECT = "Association request failed: unable to connect to remote"
 
@@ -59,16 +72,18 @@ def describe(destination: Destination) -> str:
     return f"{destination.name} ({destination.ae_title}@{destination.host}:{destination.port})"
 
 
-class _AssociationRequestLines(logging.Filter):
-    """Takes the warnings and errors pynetdicom logs while an export requests an association
-    (from the requesting thread and the association's own threads), for the export's error.
+class _AssociationLines(logging.Filter):
+    """Takes the warnings and errors pynetdicom logs for an export's association (from the
+    requesting thread and the association's own threads), for the export's error.
 
     A destination that is down made pynetdicom log two ERROR lines per attempt ("Association
     request failed: unable to connect to remote", "TCP Initialisation Error: ...") that name
-    no destination, besides the node's own line that does. Installed once on
-    :data:`ASSOCIATION_LOGGERS` (a filter on a logger sees only what that logger logs, not its
-    children's records); it touches nothing logged outside :meth:`requesting`, so the same
-    process's Storage SCP and other associations log as before.
+    no destination, and one that stops answering or goes away after accepting the association
+    one more ("DIMSE timeout reached while waiting for message response", "Connection closed
+    while waiting for DIMSE message"), besides the node's own line that names it. Installed
+    once on :data:`ASSOCIATION_LOGGERS` (a filter on a logger sees only what that logger logs,
+    not its children's records); it touches nothing logged outside :meth:`taking`, so the
+    same process's Storage SCP and other associations log as before.
     """
 
     def __init__(self) -> None:
@@ -99,9 +114,9 @@ class _AssociationRequestLines(logging.Filter):
             return False
 
     @contextmanager
-    def requesting(self, ae: AE) -> Iterator[list[str]]:
-        """Take what is logged at WARNING or above for ``ae``'s association request from
-        this thread; yields the list the lines go to."""
+    def taking(self, ae: AE) -> Iterator[list[str]]:
+        """Take what is logged at WARNING or above for ``ae``'s association, requested and
+        used from this thread; yields the list the lines go to."""
         lines: list[str] = []
         thread = threading.get_ident()
         with self._lock:
@@ -115,9 +130,9 @@ class _AssociationRequestLines(logging.Filter):
                 del self._requesters[thread]
 
 
-_REQUEST_LINES = _AssociationRequestLines()
+_ASSOCIATION_LINES = _AssociationLines()
 for _name in ASSOCIATION_LOGGERS:
-    logging.getLogger(_name).addFilter(_REQUEST_LINES)
+    logging.getLogger(_name).addFilter(_ASSOCIATION_LINES)
 
 
 def why_not_associated(lines: Sequence[str]) -> str:
@@ -166,8 +181,9 @@ def send_files(
     file was sent or its response came, or the destination is out of resources
     (:class:`DestinationOutOfResources`: it and the files after it are not sent). Raises
     DestinationUnavailable when no association is made (the destination is down or refuses
-    it), saying why (what pynetdicom would have logged as errors that name no destination;
-    logged here at DEBUG). Files are read one at a time as they are sent (their headers
+    it), saying why. What pynetdicom logs as warnings or errors for the association, which
+    name no destination (a connect error, a DIMSE timeout), is logged here at DEBUG instead,
+    and said in the reason. Files are read one at a time as they are sent (their headers
     first, for the presentation contexts).
     """
     where = describe(destination)
@@ -186,34 +202,54 @@ def send_files(
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     for sop_class, syntax in sorted(set(contexts.values())):
         ae.add_requested_context(sop_class, offered_syntaxes(syntax))
-    with _REQUEST_LINES.requesting(ae) as lines:
+    with _ASSOCIATION_LINES.taking(ae) as lines:
         assoc = ae.associate(
             destination.host,
             destination.port,
             ae_title=destination.ae_title,
             evt_handlers=[(evt.EVT_CONN_OPEN, _send_at_once)],
         )
+        accepted = assoc.is_established
+        try:
+            if accepted:
+                _send_all(assoc, paths, contexts, outcomes, where, lines)
+        finally:
+            if assoc.is_established:
+                assoc.release()
+            # What its reactor thread logs as an association that was not released ends (a
+            # network timeout, an abort) is taken too.
+            if not assoc.is_released and assoc.is_alive():
+                assoc.join(timeout)
     for line in lines:
-        log.debug("association request to %s: pynetdicom: %s", where, line)
-    if not assoc.is_established:
+        log.debug("association to %s: pynetdicom: %s", where, line)
+    if not accepted:
         raise DestinationUnavailable(
             f"{where}: association not accepted ({why_not_associated(lines)})"
         )
-    keep_responses(assoc)
-    try:
-        full: DestinationOutOfResources | None = None
-        for index in contexts:
-            if full is not None:
-                # The destination has no room: the rest wait with the refused one.
-                outcomes[index] = DestinationOutOfResources(f"{full}; {paths[index].name} not sent")
-                continue
-            outcomes[index] = _store(assoc, paths[index], where)
-            if isinstance(outcomes[index], DestinationOutOfResources):
-                full = outcomes[index]
-    finally:
-        if assoc.is_established:
-            assoc.release()
     return outcomes
+
+
+def _send_all(
+    assoc: Association,
+    paths: Sequence[Path],
+    contexts: dict[int, tuple[str, str]],
+    outcomes: list[Exception | None],
+    where: str,
+    lines: list[str],
+) -> None:
+    """C-STORE the readable files (``contexts``) on an established association, each one's
+    outcome into ``outcomes``; after one the destination is out of resources for, the rest
+    are not sent."""
+    keep_responses(assoc)
+    full: DestinationOutOfResources | None = None
+    for index in contexts:
+        if full is not None:
+            # The destination has no room: the rest wait with the refused one.
+            outcomes[index] = DestinationOutOfResources(f"{full}; {paths[index].name} not sent")
+            continue
+        outcomes[index] = _store(assoc, paths[index], where, lines)
+        if isinstance(outcomes[index], DestinationOutOfResources):
+            full = outcomes[index]
 
 
 def keep_responses(assoc: Association) -> None:
@@ -242,8 +278,9 @@ def keep_responses(assoc: Association) -> None:
     assoc._serve_request = keep  # type: ignore[method-assign]
 
 
-def _store(assoc: Association, path: Path, where: str) -> Exception | None:
-    """C-STORE one file on an established association; None when the peer took it."""
+def _store(assoc: Association, path: Path, where: str, lines: list[str]) -> Exception | None:
+    """C-STORE one file on an established association; None when the peer took it. Without
+    a response, says why from what pynetdicom logged meanwhile (``lines``)."""
     if not assoc.is_established:
         return DestinationUnavailable(f"{where}: association ended before {path.name} was sent")
     try:
@@ -251,13 +288,20 @@ def _store(assoc: Association, path: Path, where: str) -> Exception | None:
     except Exception as exc:  # the file changed since its header was read
         return exc
     what = f"{ds.SOPClassUID.name} in {ds.file_meta.TransferSyntaxUID.name}"
+    said = len(lines)
     try:
         status = assoc.send_c_store(ds)
     except ValueError:  # no accepted presentation context for it
         return ExportError(f"{where}: {what} not accepted")
+    except RuntimeError:
+        if assoc.is_established:
+            raise
+        # The peer closed or aborted the association since the check above.
+        return DestinationUnavailable(f"{where}: association ended before {path.name} was sent")
     code = getattr(status, "Status", None)
     if code is None:
-        return DestinationUnavailable(f"{where}: no C-STORE response for {ds.SOPInstanceUID}")
+        why = f" ({'; '.join(lines[said:])})" if lines[said:] else ""
+        return DestinationUnavailable(f"{where}: no C-STORE response for {ds.SOPInstanceUID}{why}")
     if out_of_resources(code):
         return DestinationOutOfResources(
             f"{where}: out of resources (C-STORE status 0x{code:04X}) for {ds.SOPInstanceUID}"
