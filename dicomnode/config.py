@@ -56,7 +56,8 @@ class NodeSettings(_Section):
     port: Port = 11112
     max_associations: int = Field(default=16, ge=1)
     # So that one host cannot take every slot; over all listener processes, read per
-    # association request (a reload applies it to new associations).
+    # association request and per accepted connection (twice as many may be open), so a
+    # reload applies it to new associations and connections.
     max_associations_per_address: int = Field(default=16, ge=0, description="0 = unlimited")
     # Advertised to senders; a longer PDU closes the connection. 0 = no limit, which lets a
     # peer make the listener hold whatever PDU it announces (up to 4 GiB).

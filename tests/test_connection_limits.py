@@ -2,8 +2,9 @@
 
 ``[node] max_associations_per_address`` over real associations (pynetdicom and dcmtk
 peers, the node's real listener in-process and under ``dicomnode serve`` with two listener
-processes), the counts freed however an association ends, and TCP keepalive on the
-connections the listener accepts.
+processes), the counts freed however an association ends, the open connections of one
+address capped from their accept (silent ones, that never send an association request,
+included), and TCP keepalive on the connections the listener accepts.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import os
 import socket
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,7 +26,7 @@ from pynetdicom.sop_class import Verification
 from sqlalchemy.orm import Session, sessionmaker
 from test_ingest_scale import children
 from test_reload import _config
-from test_scp import Node
+from test_scp import Node, secondary_capture
 from test_scp import start_node as start_scp
 from test_tls import _certificates
 
@@ -34,9 +36,10 @@ from dicomnode.ingest.addresses import (
     AddressSlots,
     AddressTableFull,
     address_key,
+    connection_limit,
     create_address_slots,
 )
-from dicomnode.ingest.reactor import WakingDUL
+from dicomnode.ingest.reactor import EventDrivenRequestHandler, WakingDUL
 from dicomnode.models.registry import discover_cards
 from dicomnode.serve import LIVE_NODE_KEYS
 from dicomnode.serve import Node as RunningConfig
@@ -207,10 +210,19 @@ def test_a_reload_applies_the_limit_to_new_associations(node: Node) -> None:
         extra = Attempt(node.port)
         assert extra.established
         extra.assoc.release()
+        # The extra one's connection may still be closing.
+        key = address_key("127.0.0.1")
+        wait_for(lambda: node.scp.addresses.connections(key) == 2, timeout=10, interval=0.01)
+        settings = settings.model_copy(deep=True)
+        settings.node.max_associations_per_address = 2
+        node.scp.settings = settings
+        assert Attempt(node.port).rejection == LOCAL_LIMIT_EXCEEDED
+        # And to new connections: at 1, the two open are all the address may have.
         settings = settings.model_copy(deep=True)
         settings.node.max_associations_per_address = 1
         node.scp.settings = settings
-        assert Attempt(node.port).rejection == LOCAL_LIMIT_EXCEEDED
+        closed = Attempt(node.port)
+        assert not closed.established and closed.rejection is None
     finally:
         for attempt in held:
             attempt.assoc.release()
@@ -244,6 +256,179 @@ def test_a_listener_with_no_entry_left_rejects_rather_than_serves_uncounted(
         assert Attempt(node.port, OTHER_HOST).rejection == LOCAL_LIMIT_EXCEEDED
     finally:
         first.assoc.release()
+
+
+# Connections that never associate -------------------------------------------------------
+
+
+def _silent(port: int, count: int, source: str = "127.0.0.1") -> list[socket.socket]:
+    """``count`` TCP connections to the node that send nothing."""
+    return [
+        socket.create_connection(("127.0.0.1", port), source_address=(source, 0))
+        for _ in range(count)
+    ]
+
+
+def _closed_by_node(connection: socket.socket) -> bool:
+    """Whether the node closed ``connection`` (it never sends on one that sent nothing)."""
+    connection.setblocking(False)
+    try:
+        return connection.recv(1) == b""
+    except BlockingIOError:
+        return False
+    except ConnectionResetError:
+        return True
+
+
+def _echoscu(port: int) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [dcmtk("echoscu"), "-aet", "MODALITY", "-aec", "DICOMNODE", "127.0.0.1", str(port)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+@needs_other_host
+def test_silent_connections_beyond_the_cap_are_closed_and_given_back_when_they_go(
+    node: Node, tmp_path: Path
+) -> None:
+    """A host that opens connections and sends nothing held a thread (two, with the DUL)
+    for each until the ACSE timeout, uncounted: hundreds from one address. Its open
+    connections are capped from their accept, at twice its association limit (2 here)."""
+    key = address_key("127.0.0.1")
+    cap = connection_limit(2)
+    silent = _silent(node.port, 3 * cap)
+    try:
+        wait_for(
+            lambda: sum(_closed_by_node(c) for c in silent) == 2 * cap,
+            timeout=10,
+            interval=0.05,
+            what="the connections over the cap closed",
+        )
+        assert node.scp.addresses.connections(key) == cap
+        assert node.scp.addresses.count(key) == 0  # none of them is an association
+        # A real sender from that address is refused while they stay open,
+        assert not Attempt(node.port).established
+        assert _echoscu(node.port).returncode != 0
+        # another host is served as before,
+        other = Attempt(node.port, OTHER_HOST)
+        assert other.established
+        assert other.echo() == 0x0000
+        other.assoc.release()
+    finally:
+        for connection in silent:
+            connection.close()
+    # and once they are gone, the address's counts are given back and it is served again.
+    wait_for(lambda: node.scp.addresses.connections(key) == 0, timeout=10, interval=0.01)
+    echo = _echoscu(node.port)
+    assert echo.returncode == 0, echo.stdout + echo.stderr
+    path = tmp_path / "instance.dcm"
+    secondary_capture().save_as(path, enforce_file_format=True)
+    store = subprocess.run(
+        [
+            dcmtk("storescu"),
+            "-aet",
+            "MODALITY",
+            "-aec",
+            "DICOMNODE",
+            "127.0.0.1",
+            str(node.port),
+            str(path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert store.returncode == 0, store.stdout + store.stderr
+    assert len(node.files()) == 1
+
+
+@needs_other_host
+def test_silent_connections_take_no_association_slot_of_the_listener(
+    tmp_path: Path, sessions: sessionmaker[Session]
+) -> None:
+    """pynetdicom's own limit (max_associations, per listener) counted every connection's
+    thread: one host's silent connections had every other sender rejected."""
+    limits = {"max_associations": 2, "max_associations_per_address": 2}
+    for small in start_scp(tmp_path, sessions, limits):
+        silent = _silent(small.port, connection_limit(2) - 1)
+        try:
+            same = Attempt(small.port)
+            other = Attempt(small.port, OTHER_HOST)
+            assert same.established and other.established
+            assert same.echo() == other.echo() == 0x0000
+            same.assoc.release()
+            other.assoc.release()
+        finally:
+            for connection in silent:
+                connection.close()
+
+
+def test_a_peer_at_its_association_limit_is_still_told_why(node: Node) -> None:
+    """The connection cap leaves room beyond the association limit: a peer that holds its
+    associations, and even has silent connections open, gets its A-ASSOCIATE-RJ."""
+    held = _established(node.port, 2)
+    silent = _silent(node.port, connection_limit(2) - 3)
+    try:
+        assert Attempt(node.port).rejection == LOCAL_LIMIT_EXCEEDED
+        assert not any(_closed_by_node(c) for c in silent)
+    finally:
+        for connection in silent:
+            connection.close()
+        for attempt in held:
+            attempt.assoc.release()
+    _released(node)
+
+
+def test_silent_connections_are_closed_at_the_acse_timeout_and_give_their_counts_back(
+    node: Node,
+) -> None:
+    key = address_key("127.0.0.1")
+    node.scp.ae.acse_timeout = 1  # read by each association as its connection is accepted
+    cap = connection_limit(2)
+    started = time.monotonic()
+    silent = _silent(node.port, cap)
+    try:
+        wait_for(
+            lambda: all(_closed_by_node(c) for c in silent),
+            timeout=10,
+            interval=0.05,
+            what="the silent connections closed by the node",
+        )
+        assert time.monotonic() - started < 5
+        wait_for(lambda: node.scp.addresses.connections(key) == 0, timeout=10, interval=0.01)
+    finally:
+        for connection in silent:
+            connection.close()
+    again = _established(node.port, 2)
+    for attempt in again:
+        attempt.assoc.release()
+
+
+def test_a_connection_that_fails_before_its_association_gives_its_count_back(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A connection whose serving thread fails before its association exists (no thread
+    left to start one, a fault in the handler) is closed and uncounted, not kept."""
+    key = address_key("127.0.0.1")
+
+    def fails(self: EventDrivenRequestHandler) -> None:
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(EventDrivenRequestHandler, "_create_association", fails)
+    # socketserver prints the traceback to stderr: expected here.
+    silent = _silent(node.port, 2)
+    try:
+        wait_for(lambda: all(_closed_by_node(c) for c in silent), timeout=10, interval=0.05)
+        wait_for(lambda: node.scp.addresses.connections(key) == 0, timeout=10, interval=0.01)
+    finally:
+        for connection in silent:
+            connection.close()
+    monkeypatch.undo()
+    again = _established(node.port, 2)
+    for attempt in again:
+        attempt.assoc.release()
 
 
 # Over several listener processes -------------------------------------------------------
@@ -299,6 +484,45 @@ def test_the_limit_holds_over_all_listener_processes(tmp_path: Path) -> None:
         assert "that address holds [node] max_associations_per_address (2)" in (
             running.log.read_text()
         )
+    finally:
+        stop_node(running)
+
+
+@needs_other_host
+def test_silent_connections_are_capped_over_all_listener_processes(tmp_path: Path) -> None:
+    config, port, web_port = write_config(tmp_path, f"sqlite:///{tmp_path / 'node.db'}")
+    body = config.read_text()
+    body = body.replace(
+        f"port = {port}\n", f"port = {port}\nlisteners = 2\nmax_associations_per_address = 2\n"
+    )
+    config.write_text(body.replace("[worker]\ncount = 1\n", "[worker]\ncount = 0\n"))
+    running = start_node(tmp_path, config, port, web_port)
+    try:
+        listeners = [p for p, cmd in children(running.process.pid).items() if " listener " in cmd]
+        assert len(listeners) == 2
+        cap = connection_limit(2)
+        silent = _silent(port, cap + 2)
+        try:
+            wait_for(
+                lambda: sum(_closed_by_node(c) for c in silent) == 2,
+                timeout=10,
+                interval=0.05,
+                what="the connections over the cap closed",
+            )
+            kept = [c for c in silent if not _closed_by_node(c)]
+            serving = {_listener_of(port, listeners, c.getsockname()[1]) for c in kept}
+            assert serving == set(listeners), "all silent connections went to one listener"
+            assert not Attempt(port).established
+            other = Attempt(port, OTHER_HOST)
+            assert other.established
+            assert other.echo() == 0x0000
+            other.assoc.release()
+        finally:
+            for connection in silent:
+                connection.close()
+        wait_for(lambda: _accepted_and_released(port), timeout=10, interval=0.05)
+        assert "closed unserved: that address has 4 connections open" in running.log.read_text()
+        assert running.process.poll() is None
     finally:
         stop_node(running)
 
@@ -399,6 +623,29 @@ def test_address_counts_add_up_over_listeners_and_free_a_dead_ones(tmp_path: Pat
     with pytest.raises(AddressTableFull):
         first.acquire(address_key("10.0.2.1"), 1)
     assert first.acquire(modality, 2)  # an address it counts already needs no new entry
+
+
+def test_connections_and_associations_of_an_address_are_counted_apart(tmp_path: Path) -> None:
+    path = tmp_path / "addresses.slots"
+    create_address_slots(path, 2, 2)
+    first, second = AddressSlots(path, 0), AddressSlots(path, 1)
+    modality = address_key("10.0.0.5")
+    assert first.connect(modality, 2) and second.connect(modality, 2)
+    assert not first.connect(modality, 2)  # two open over both listeners
+    assert first.acquire(modality, 1)  # its association: the same entry, another count
+    assert not second.acquire(modality, 1)
+    assert (first.connections(modality), first.count(modality)) == (2, 1)
+    first.disconnect(modality)
+    assert (first.connections(modality), first.count(modality)) == (1, 1)
+    first.disconnect(modality)  # none left here: nothing happens
+    assert first.connections(modality) == 1
+    # The entry stays taken while its association counts, and is free once both are 0.
+    assert first.connect(address_key("10.0.0.6"), 2)
+    with pytest.raises(AddressTableFull):
+        first.connect(address_key("10.0.0.7"), 2)
+    first.release(modality)
+    assert first.connect(address_key("10.0.0.7"), 2)
+    assert connection_limit(0) == 0  # no association limit: no connection limit either
 
 
 def test_threads_of_one_listener_do_not_lose_counts(tmp_path: Path) -> None:

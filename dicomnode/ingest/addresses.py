@@ -1,16 +1,24 @@
-"""Associations per peer address, counted over all listener processes.
+"""Associations and connections per peer address, counted over all listener processes.
 
 ``[node] max_associations`` bounds the node; without a bound per address one host (a
 misconfigured PACS that opens a connection per instance, a scanner that retries in a loop,
-a hostile caller) could hold every slot and lock every other modality out. The counts live
-in a small file that every listener process shares, as the node-wide counters do
-(:mod:`dicomnode.ingest.slots`): each listener owns a table of ``(address, count)`` entries,
-and an address's count is the sum over all tables, read and changed under an exclusive
-``flock``, and a lock of each process's own (flock does not exclude the threads that share
-one descriptor from each other). A lock held by a process that dies is released by the
-kernel; the supervisor empties a dead listener's table before restarting it. Counting costs
-one lock and one small read per association request and one per connection end, nothing
-per PDU.
+a hostile caller) could hold every slot and lock every other modality out. And a connection
+is served by threads of its own from the moment it is accepted, long before its association
+request (if one ever comes): a host that opens connections and sends nothing would hold
+threads and descriptors by the hundred until each timed out. So each address has two
+counts: its associations, taken at the association request against
+``max_associations_per_address`` (over it: A-ASSOCIATE-RJ), and its open connections, taken
+as the connection is accepted, in the accepting thread, against :func:`connection_limit`
+(over it: closed before any thread serves it).
+
+The counts live in a small file that every listener process shares, as the node-wide
+counters do (:mod:`dicomnode.ingest.slots`): each listener owns a table of ``(address,
+associations, connections)`` entries, and an address's counts are the sums over all tables,
+read and changed under an exclusive ``flock``, and a lock of each process's own (flock does
+not exclude the threads that share one descriptor from each other). A lock held by a
+process that dies is released by the kernel; the supervisor empties a dead listener's table
+before restarting it. Counting costs one lock and one small read per accepted connection,
+one per association request and one per connection end, nothing per PDU.
 """
 
 from __future__ import annotations
@@ -27,9 +35,14 @@ from dicomnode.ingest.slots import locked
 
 # The file's header: how many entries each listener's table has.
 _HEADER = struct.Struct("<I")
-# One entry: the peer's address as 16 bytes (IPv4 as IPv4-mapped IPv6) and its count; an
-# entry whose count is 0 is free.
-_ENTRY = struct.Struct("<16sI")
+# One entry: the peer's address as 16 bytes (IPv4 as IPv4-mapped IPv6), its associations
+# and its open connections; an entry whose counts are both 0 is free.
+_ENTRY = struct.Struct("<16sII")
+_ASSOCIATIONS, _CONNECTIONS = 0, 1
+# Open connections allowed per address, per association allowed: a peer at its association
+# limit can still connect and be told why it is refused (an A-ASSOCIATE-RJ, which senders log
+# and retry on) rather than see its connection closed.
+CONNECTIONS_PER_ASSOCIATION = 2
 # Entries beyond max_associations in each table: the requests being checked against the
 # node-wide limit at the same moment, and room for a reload that raises that limit.
 SPARE_ENTRIES = 64
@@ -39,6 +52,11 @@ _IPV4_MAPPED = b"\0" * 10 + b"\xff\xff"
 class AddressTableFull(RuntimeError):
     """Every entry of this listener's table is taken (more distinct peers at once than
     ``max_associations`` as it was when the node started, plus spares)."""
+
+
+def connection_limit(max_associations_per_address: int) -> int:
+    """Most connections open at once from one address (0: no limit, as for associations)."""
+    return CONNECTIONS_PER_ASSOCIATION * max_associations_per_address
 
 
 def table_size(max_associations: int) -> int:
@@ -86,46 +104,68 @@ class AddressSlots:
     def _own_offset(self, slot: int) -> int:
         return _HEADER.size + (self.index * self.entries + slot) * _ENTRY.size
 
-    def _tables(self) -> list[tuple[bytes, int]]:
+    def _tables(self) -> list[tuple[bytes, int, int]]:
         data = os.pread(self._fd, os.fstat(self._fd).st_size, 0)
         return list(_ENTRY.iter_unpack(data[_HEADER.size :]))
 
-    def _own(self, tables: list[tuple[bytes, int]]) -> list[tuple[bytes, int]]:
+    def _own(self, tables: list[tuple[bytes, int, int]]) -> list[tuple[bytes, int, int]]:
         start = self.index * self.entries
         return tables[start : start + self.entries]
+
+    def _take(self, key: bytes, kind: int, limit: int) -> bool:
+        with locked(self._fd, self._threads):
+            tables = self._tables()
+            if limit and sum(entry[1 + kind] for entry in tables if entry[0] == key) >= limit:
+                return False
+            own = self._own(tables)
+            slot = next((i for i, (a, *counts) in enumerate(own) if any(counts) and a == key), None)
+            if slot is None:
+                slot = next((i for i, (_, *counts) in enumerate(own) if not any(counts)), None)
+                if slot is None:
+                    raise AddressTableFull(f"all {self.entries} entries are taken")
+                counts = [0, 0]
+            else:
+                counts = list(own[slot][1:])
+            counts[kind] += 1
+            os.pwrite(self._fd, _ENTRY.pack(key, *counts), self._own_offset(slot))
+            return True
+
+    def _give(self, key: bytes, kind: int) -> None:
+        with locked(self._fd, self._threads):
+            own = self._own(self._tables())
+            for slot, (address, *counts) in enumerate(own):
+                if address == key and counts[kind]:
+                    counts[kind] -= 1
+                    entry = _ENTRY.pack(key, *counts) if any(counts) else bytes(_ENTRY.size)
+                    os.pwrite(self._fd, entry, self._own_offset(slot))
+                    return
 
     def acquire(self, key: bytes, limit: int) -> bool:
         """Count one more association from ``key`` here unless the node already serves
         ``limit`` from it (0: no limit); AddressTableFull if this listener has no free entry."""
-        with locked(self._fd, self._threads):
-            tables = self._tables()
-            if limit and sum(count for address, count in tables if address == key) >= limit:
-                return False
-            own = self._own(tables)
-            slot = next((i for i, (a, count) in enumerate(own) if count and a == key), None)
-            if slot is None:
-                slot = next((i for i, (_, count) in enumerate(own) if not count), None)
-                if slot is None:
-                    raise AddressTableFull(f"all {self.entries} entries are taken")
-                count = 0
-            else:
-                count = own[slot][1]
-            os.pwrite(self._fd, _ENTRY.pack(key, count + 1), self._own_offset(slot))
-            return True
+        return self._take(key, _ASSOCIATIONS, limit)
 
     def release(self, key: bytes) -> None:
         """Count one association from ``key`` less here."""
-        with locked(self._fd, self._threads):
-            own = self._own(self._tables())
-            for slot, (address, count) in enumerate(own):
-                if count and address == key:
-                    entry = _ENTRY.pack(key, count - 1) if count > 1 else bytes(_ENTRY.size)
-                    os.pwrite(self._fd, entry, self._own_offset(slot))
-                    return
+        self._give(key, _ASSOCIATIONS)
+
+    def connect(self, key: bytes, limit: int) -> bool:
+        """Count one more open connection from ``key`` here unless the node already has
+        ``limit`` open from it (0: no limit); AddressTableFull if this listener has no free
+        entry."""
+        return self._take(key, _CONNECTIONS, limit)
+
+    def disconnect(self, key: bytes) -> None:
+        """Count one open connection from ``key`` less here."""
+        self._give(key, _CONNECTIONS)
 
     def count(self, key: bytes) -> int:
         """Associations from ``key`` over all listeners."""
-        return sum(count for address, count in self._tables() if address == key)
+        return sum(entry[1] for entry in self._tables() if entry[0] == key)
+
+    def connections(self, key: bytes) -> int:
+        """Open connections from ``key`` over all listeners."""
+        return sum(entry[2] for entry in self._tables() if entry[0] == key)
 
     def reset(self) -> None:
         """Empty this listener's table (its process is gone)."""

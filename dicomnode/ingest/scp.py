@@ -23,13 +23,20 @@ import pydicom
 import pydicom.config
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
+from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification
-from pynetdicom.transport import ThreadedAssociationServer
+from pynetdicom.transport import AssociationServer, ThreadedAssociationServer
 
 from dicomnode import metrics
 from dicomnode.config import Peer, Settings
 from dicomnode.ingest import sink
-from dicomnode.ingest.addresses import AddressSlots, AddressTableFull, address_key, table_size
+from dicomnode.ingest.addresses import (
+    AddressSlots,
+    AddressTableFull,
+    address_key,
+    connection_limit,
+    table_size,
+)
 from dicomnode.ingest.arrival import Arrival, InstanceFacts, instance_facts
 from dicomnode.ingest.balance import SharedSocketServer
 from dicomnode.ingest.incoming import (
@@ -158,11 +165,52 @@ def _reject_over_limit(event: evt.Event, limit: str) -> None:
     event.assoc.kill()
 
 
-class _OwnSocketServer(ThreadedAssociationServer, DeferredHandshake):
+class ListenerAE(AE):
+    """pynetdicom's AE, whose own association limit (``maximum_associations``, checked as
+    each association request is answered) counts associations, not connections: pynetdicom
+    counts every acceptor thread, also those of connections that have sent no association
+    request yet, so that one host's silent connections had every other sender rejected
+    ("local limit exceeded") until they timed out."""
+
+    @property
+    def active_associations(self) -> list[Association]:
+        """Association threads, less the acceptors still waiting for their request (which
+        also keep the timeouts they had when accepted if the AE's are changed)."""
+        return [
+            assoc
+            for assoc in super().active_associations
+            if not (assoc.is_acceptor and assoc.requestor.primitive is None)
+        ]
+
+
+# How often at most a listener logs the connections it closed at accept (a host that opens
+# them in a loop would otherwise write a line per connection).
+CONNECTION_REFUSALS_LOG_SECONDS = 10.0
+
+
+class AdmittingServer(AssociationServer):
+    """An association server that offers each accepted connection to its
+    ``admit_connection(client_address) -> bool`` hook (``StorageSCP``) in the accepting
+    thread, before any thread serves it, and closes it unserved on False; and that tells
+    ``connection_failed(client_address)`` when a connection it admitted fails before an
+    association takes it over. Mixed in first: ``class Server(AdmittingServer, ...)``."""
+
+    def verify_request(self, request: object, client_address: tuple) -> bool:
+        admit = getattr(self, "admit_connection", None)
+        return admit is None or admit(client_address)
+
+    def handle_error(self, request: object, client_address: tuple) -> None:
+        failed = getattr(self, "connection_failed", None)
+        if failed is not None:
+            failed(client_address)
+        super().handle_error(request, client_address)  # type: ignore[arg-type]
+
+
+class _OwnSocketServer(AdmittingServer, ThreadedAssociationServer, DeferredHandshake):
     """pynetdicom's threaded server, each TLS handshake in its connection's thread."""
 
 
-class _SharedSocketServer(SharedSocketServer, DeferredHandshake):
+class _SharedSocketServer(AdmittingServer, SharedSocketServer, DeferredHandshake):
     """The server on the socket shared by the listeners (balance.py), each TLS handshake in
     its connection's thread."""
 
@@ -211,6 +259,12 @@ class StorageSCP:
         self._counted: set[int] = set()
         # The peer address each association counts against (address_key), until it ends.
         self._address_counted: dict[int, bytes] = {}
+        # The same for each open connection, by the peer's (address, port): a connection is
+        # counted in the accepting thread, before its association exists.
+        self._connection_counted: dict[tuple[str, int], bytes] = {}
+        # Connections closed at accept since the last line logged about them, and when.
+        self._refused_connections = 0
+        self._refusals_logged = 0.0
         self._lock = threading.Lock()
         self._server = None
         self.ae = self._make_ae()
@@ -222,7 +276,7 @@ class StorageSCP:
 
     def _make_ae(self) -> AE:
         node = self.settings.node
-        ae = AE(ae_title=node.ae_title)
+        ae = ListenerAE(ae_title=node.ae_title)
         for context in AllStoragePresentationContexts:
             ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
         ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
@@ -338,6 +392,66 @@ class StorageSCP:
         except OSError:
             log.exception("could not release a peer address's association count")
 
+    def _admit_connection(self, client_address: tuple) -> bool:
+        """Count a connection just accepted against its peer's IP address; False (it is
+        closed unserved) when that address has ``connection_limit`` of ``[node]
+        max_associations_per_address`` open already. Runs in the accepting thread."""
+        limit = connection_limit(self.settings.node.max_associations_per_address)
+        address, port = client_address[0], client_address[1]
+        try:
+            key = address_key(address)
+            admitted = self.addresses.connect(key, limit)
+        except AddressTableFull:
+            # Served uncounted: its association request is counted all the same, and
+            # rejected if this listener still has no entry for its address then.
+            return True
+        except (OSError, ValueError) as exc:
+            # Served rather than refused: the count is a protection, not the service.
+            log.error(
+                "connection from %s not counted for [node] max_associations_per_address: %s",
+                address,
+                exc,
+            )
+            return True
+        if not admitted:
+            self._log_refused_connection(address, limit)
+            return False
+        with self._lock:
+            self._connection_counted[(address, port)] = key
+        return True
+
+    def _log_refused_connection(self, address: str, limit: int) -> None:
+        metrics.REFUSALS.labels("connection_limit").inc()
+        now = time.monotonic()
+        with self._lock:
+            self._refused_connections += 1
+            if self._refusals_logged and now - self._refusals_logged < (
+                CONNECTION_REFUSALS_LOG_SECONDS
+            ):
+                return
+            refused, self._refused_connections = self._refused_connections, 0
+            self._refusals_logged = now
+        log.warning(
+            "connection from %s closed unserved: that address has %d connections open "
+            "already (twice [node] max_associations_per_address); %d closed so since the "
+            "last such line",
+            address,
+            limit,
+            refused,
+        )
+
+    def _release_connection(self, client_address: tuple) -> None:
+        """Count the connection from ``client_address`` (admitted by ``_admit_connection``)
+        less, once: at its association's end, or when it fails before one took it over."""
+        with self._lock:
+            key = self._connection_counted.pop((client_address[0], client_address[1]), None)
+        if key is None:
+            return
+        try:
+            self.addresses.disconnect(key)
+        except OSError:
+            log.exception("could not release a peer address's connection count")
+
     def _on_opened(self, event: evt.Event) -> None:
         # SharedSocketServer counted the connection when it accepted it; it is released
         # when it closes.
@@ -355,6 +469,8 @@ class StorageSCP:
         ``association_ended``, also where pynetdicom closes a connection without an event
         or an exception ends the thread)."""
         self._release_address(id(assoc))
+        requestor = assoc.requestor
+        self._release_connection((requestor.address, requestor.port))
         with self._lock:
             counted = id(assoc) in self._counted
             self._counted.discard(id(assoc))
@@ -638,7 +754,11 @@ class StorageSCP:
             request_handler=EventDrivenRequestHandler,
             **server,
         )
-        # The association reactor (reactor.py) calls this before it answers a release,
+        # The server offers it each connection it accepts, and tells it of those that fail
+        # before an association takes them over;
+        self._server.admit_connection = self._admit_connection
+        self._server.connection_failed = self._release_connection
+        # the association reactor (reactor.py) calls this before it answers a release,
         self._server.before_release = self._before_release
         # and this when the association's thread ends, however it ended.
         self._server.association_ended = self._association_ended
