@@ -406,6 +406,37 @@ def test_silent_connections_are_closed_at_the_acse_timeout_and_give_their_counts
         attempt.assoc.release()
 
 
+def test_a_request_sent_a_byte_at_a_time_is_cut_off_at_the_acse_timeout(
+    node: Node, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each byte restarted the socket's timeout (the network timeout, 60 s): a peer that
+    sent its association request a byte now and then held the connection and its threads
+    for as long as it liked."""
+    key = address_key("127.0.0.1")
+    node.scp.ae.acse_timeout = 1
+    # An A-ASSOCIATE-RQ header announcing 1000 bytes, then the bytes, one every 0.2 s.
+    trickle = b"\x01\x00" + (1000).to_bytes(4, "big") + bytes(1000)
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", node.port)) as slow:
+        with caplog.at_level(logging.WARNING, logger="dicomnode.ingest"):
+            for byte in trickle:
+                try:
+                    slow.send(bytes([byte]))
+                except OSError:
+                    break  # reset by the node
+                if _closed_by_node(slow):
+                    break
+                slow.setblocking(True)
+                assert time.monotonic() - started < 10, "the slow request was never cut off"
+                time.sleep(0.2)
+        assert time.monotonic() - started < 4
+    assert "its association request did not arrive in full" in caplog.text
+    wait_for(lambda: node.scp.addresses.connections(key) == 0, timeout=10, interval=0.01)
+    again = _established(node.port, 2)
+    for attempt in again:
+        attempt.assoc.release()
+
+
 def test_a_connection_that_fails_before_its_association_gives_its_count_back(
     node: Node, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -16,9 +16,11 @@ loops make. And a PDU is read from the socket into one buffer, not 4 KiB per ``r
 of the node's presentation contexts (40 ms of CPU each). And a plain C-STORE response is sent
 by the association thread that made it (``send_data_now``), not queued for the DUL thread
 and woken for. And a TLS connection's handshake runs in its association's thread, not in the
-thread that accepts every connection (``DeferredHandshake``). The code is pynetdicom's own (3.0.4),
-with the sleeps, the read loop and the copy replaced; tests/test_reactor.py fails when
-pynetdicom's originals change, so that they are reviewed again.
+thread that accepts every connection (``DeferredHandshake``). And a connection's association
+request must arrive in full within the ACSE timeout, not only start to (``WholeReadSocket``).
+The code is pynetdicom's own (3.0.4), with the sleeps, the read loop and the copy replaced;
+tests/test_reactor.py fails when pynetdicom's originals change, so that they are reviewed
+again.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import select
 import socket
 import ssl
 import threading
+import time
 from datetime import datetime
 from typing import Any
 
@@ -57,6 +60,8 @@ FIRST_READ = 1 << 20
 # which no negotiated maximum bounds (a request proposing every storage class with every
 # transfer syntax is ~100 KiB).
 ASSOCIATION_PDU_LIMIT = 1 << 20
+# The states of an acceptor's DUL before its association request is in.
+_BEFORE_REQUEST = frozenset({"Sta1", "Sta2"})
 # P-DATA sent by this node (Evt9) or received from the peer (Evt10).
 _DATA_EVENTS = frozenset({"Evt9", "Evt10"})
 
@@ -309,9 +314,53 @@ class WholeReadSocket(AssociationSocket):
 
     ``largest``: the longest read taken (the PDU length this node advertised, at least
     ``ASSOCIATION_PDU_LIMIT``; None: any). A longer one closes the connection, as a peer that
-    breaks the negotiated maximum would otherwise make the listener hold what it announces."""
+    breaks the negotiated maximum would otherwise make the listener hold what it announces.
+
+    ``request_deadline``: when (``time.monotonic``) the association request must have been
+    read in full (None: no bound). pynetdicom's ACSE timeout closes a connection that sends
+    nothing, but not one that sends its request a byte at a time: each byte restarts the
+    socket's timeout, and the connection held its threads for as long as the peer liked."""
 
     largest: int | None = None
+    request_deadline: float | None = None
+
+    def _bound_request_read(self) -> None:
+        """While the association request is read, let no read outlast the request's
+        deadline; TimeoutError once it has passed."""
+        deadline = self.request_deadline
+        if deadline is None:
+            return
+        connection = self.socket
+        assert connection is not None
+        # Sta2: awaiting the request; Sta1 too, where the peer's first bytes came before the
+        # DUL took the connection's open event from its queue (it reads before it looks).
+        if self.assoc.dul.state_machine.current_state not in _BEFORE_REQUEST:
+            self.request_deadline = None  # the request is in: the network timeout again
+            connection.settimeout(self.assoc.network_timeout)
+            return
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("association request not received within the ACSE timeout")
+        network_timeout = self.assoc.network_timeout
+        if network_timeout is None or left < network_timeout:
+            connection.settimeout(left)
+        else:
+            connection.settimeout(network_timeout)
+
+    def _timed_out(self) -> None:
+        """A read timed out: say so where it was the association request's deadline (the
+        network timeout's are pynetdicom's to log)."""
+        deadline = self.request_deadline
+        network_timeout = self.assoc.network_timeout
+        if deadline is not None and (
+            network_timeout is None or deadline - time.monotonic() < network_timeout
+        ):
+            log.warning(
+                "connection from %s closed: its association request did not arrive in full "
+                "within the ACSE timeout (%s s)",
+                self.assoc.requestor.address,
+                self.assoc.acse_timeout,
+            )
 
     def recv(self, nr_bytes: int) -> bytearray:
         """Block until ``nr_bytes`` are read; fewer if the connection breaks (as pynetdicom).
@@ -337,11 +386,19 @@ class WholeReadSocket(AssociationSocket):
             if read == len(buffer):
                 buffer.extend(bytes(min(len(buffer), nr_bytes - len(buffer))))
             with memoryview(buffer) as whole, whole[read:] as free:
-                count = self.socket.recv_into(free)  # type: ignore[union-attr]
+                try:
+                    self._bound_request_read()
+                    count = self.socket.recv_into(free)  # type: ignore[union-attr]
+                except TimeoutError:
+                    self._timed_out()
+                    raise
             if not count:
                 del buffer[read:]
                 return buffer
             read += count
+        if self.request_deadline is not None:
+            # What this node sends in answer is bound by the network timeout, as before.
+            self.socket.settimeout(self.assoc.network_timeout)  # type: ignore[union-attr]
         return buffer
 
 
@@ -380,6 +437,8 @@ class EventDrivenRequestHandler(RequestHandler):
         # And a peer that vanished (power lost, NAT state dropped) is found by the kernel.
         enable_keepalive(self.request)
         sock = WholeReadSocket(assoc, client_socket=self.request)
+        if assoc.acse_timeout is not None:
+            sock.request_deadline = time.monotonic() + assoc.acse_timeout
         limit = self.ae.maximum_pdu_size
         sock.largest = max(limit, ASSOCIATION_PDU_LIMIT) if limit else None
         assoc.set_socket(sock)
