@@ -99,6 +99,25 @@ def _lateral(
     return slip
 
 
+def _chest_with_laterality(
+    laterality: str, image_laterality: str | None
+) -> Callable[[Dataset], None]:
+    """A chest radiograph whose series says ``laterality``: General Series Laterality (2C) is
+    not allowed for an unpaired body part, so the node's objects leave it out. Image
+    Laterality ``None``: it is missing too (Type 1 in DX); a derived DX image takes it from
+    Laterality, with which it shall be consistent, as for a paired part."""
+
+    def slip(source: Dataset) -> None:
+        assert source.BodyPartExamined == "CHEST"
+        source.Laterality = laterality
+        if image_laterality is not None:
+            source.ImageLaterality = image_laterality
+        elif "ImageLaterality" in source:
+            del source.ImageLaterality
+
+    return slip
+
+
 def _centre_without_width(source: Dataset) -> None:
     del source.WindowWidth
 
@@ -148,6 +167,24 @@ def _defects() -> list[Defect]:
         ),
         Defect("empty BodyPartExamined", "DX", _empty("BodyPartExamined"), same),
         Defect(
+            "CHEST with Laterality R, Image Laterality U",
+            "DX",
+            _chest_with_laterality("R", "U"),
+            same,
+        ),
+        Defect(
+            "CHEST with Laterality L, Image Laterality L",
+            "DX",
+            _chest_with_laterality("L", "L"),
+            same,
+        ),
+        Defect(
+            "CHEST with Laterality L, no ImageLaterality",
+            "DX",
+            _chest_with_laterality("L", None),
+            same,
+        ),
+        Defect(
             "no patient and study Type 2",
             "DX",
             _missing("PatientName", "PatientBirthDate", "AccessionNumber", "StudyID"),
@@ -166,6 +203,7 @@ def _defects() -> list[Defect]:
         ),
         Defect("no RescaleType", "CR", _missing("RescaleType"), same),
         Defect("empty BodyPartExamined", "CR", _empty("BodyPartExamined"), same),
+        Defect("CHEST with Laterality R", "CR", _chest_with_laterality("R", None), same),
     ]
     ct = [
         Defect("no ImagePositionPatient", "CT", _missing("ImagePositionPatient"), sc),

@@ -198,6 +198,30 @@ def test_an_unknown_character_set_is_written_as_utf8_with_the_names_as_read() ->
     assert source.SpecificCharacterSet == "ISO_IR100"
 
 
+@pytest.mark.parametrize("kind", ["DX", "CR"])
+def test_no_result_of_a_chest_radiograph_keeps_its_laterality(kind: str) -> None:
+    """General Series Laterality (2C) is required only of a paired body part without Image
+    Laterality, and not allowed otherwise (dciodvfy: "present when condition unsatisfied"): a
+    chest source's Laterality is its slip, and every result leaves it out."""
+    source = conforming(kind)
+    assert source.BodyPartExamined == "CHEST"
+    source.Laterality = "R"
+    for result_kind, result in every_result(source).items():
+        assert dciodvfy_errors(result) == [], result_kind
+        assert "Laterality" not in result, result_kind
+    assert source.Laterality == "R"
+
+
+def test_a_paired_body_parts_laterality_is_kept() -> None:
+    """A hand's Laterality is required (no Image Laterality in these objects) and kept."""
+    source = conforming("CR")
+    source.BodyPartExamined, source.Laterality = "HAND", "L"
+    results = every_result(source)
+    for result_kind in ("overlay", "gsps", "derived"):
+        assert results[result_kind].Laterality == "L", result_kind
+        assert dciodvfy_errors(results[result_kind]) == [], result_kind
+
+
 def test_a_ct_series_with_bad_values_gets_its_seg_and_sr() -> None:
     series = [
         with_raw_values(

@@ -19,6 +19,8 @@ modules they share) with how the node may supply one that is missing or empty:
 
 Conditions (1C, 2C) are the parts of the standard's conditions that the node's derived images
 can meet; a row applies only when its condition holds.
+A 2C attribute the source has although its condition is unsatisfied is not allowed either:
+General Series Laterality of an unpaired body part (a chest) goes.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from pydicom.dataset import Dataset
 
 from dicomnode.pipeline.attributes import value_or_none
 from dicomnode.pipeline.preprocess import percentile_window
+from dicomnode.results.source import unpaired_body_part
 
 CR_IMAGE = uid.ComputedRadiographyImageStorage
 DX_FOR_PRESENTATION = uid.DigitalXRayImageStorageForPresentation
@@ -280,4 +283,8 @@ def supply_required(image: Dataset) -> list[str]:
         supply = requirement.supply or (empty if requirement.type == "2" else cannot)
         if not supply(image, requirement.keyword) or not requirement.is_met(image):
             unmet.append(requirement.name())
+    # General Series Laterality (2C) is not allowed of an unpaired body part (a chest): the
+    # source's value is its slip, read above only for a DX image's Image Laterality.
+    if "Laterality" in image and unpaired_body_part(image):
+        del image.Laterality
     return unmet

@@ -28,6 +28,80 @@ PATIENT_STUDY_KEYWORDS = (
 SOURCE_FOR_PROCESSING = ("121322", "DCM", "Source image for image processing operation")
 
 
+# Body Part Examined terms (PS3.16 Annex L) of unpaired structures, as dciodvfy (dicom3tools), the
+# validator the node's objects are checked with, reads the General Series Laterality condition:
+# a series of one of these has no Laterality. Terms not listed may be paired.
+UNPAIRED_BODY_PARTS = frozenset(
+    {
+        "ABDOMEN",
+        "ABDOMENPELVIS",
+        "AORTA",
+        "BACK",
+        "BLADDER",
+        "BRAIN",
+        "CEREBELLUM",
+        "CERVIX",
+        "CHEST",
+        "CHESTABDOMEN",
+        "CHESTABDPELVIS",
+        "CIRCLEOFWILLIS",
+        "COCCYX",
+        "COLON",
+        "CORONARYARTERY",
+        "CSPINE",
+        "CTSPINE",
+        "DUODENUM",
+        "ESOPHAGUS",
+        "FACE",
+        "GALLBLADDER",
+        "HEAD",
+        "HEADNECK",
+        "HEART",
+        "ILEUM",
+        "ILIUM",
+        "JAW",
+        "JEJUNUM",
+        "LARYNX",
+        "LIVER",
+        "LSPINE",
+        "LSSPINE",
+        "MAXILLA",
+        "MEDIASTINUM",
+        "MOUTH",
+        "NECK",
+        "NECKCHEST",
+        "NECKCHESTABDOMEN",
+        "NECKCHESTABDPELV",
+        "NOSE",
+        "PANCREAS",
+        "PELVIS",
+        "PENIS",
+        "PHARYNX",
+        "PROSTATE",
+        "RECTUM",
+        "SCALP",
+        "SKULL",
+        "SPINE",
+        "SPLEEN",
+        "SSPINE",
+        "STERNUM",
+        "STOMACH",
+        "THYMUS",
+        "THYROID",
+        "TLSPINE",
+        "TONGUE",
+        "TRACHEA",
+        "TSPINE",
+        "URETER",
+        "URETHRA",
+        "UTERUS",
+        "VAGINA",
+        "VULVA",
+        "WHOLEBODY",
+    }
+)
+
+
 def character_set(source: pydicom.Dataset) -> dict[str, Any]:
     """highdicom's ``specific_character_set`` argument for a result of ``source``.
 
@@ -51,6 +125,12 @@ def copy_patient_study(source: pydicom.Dataset, result: pydicom.Dataset) -> None
         result.SpecificCharacterSet = copy.deepcopy(source.SpecificCharacterSet)
 
 
+def unpaired_body_part(dataset: Dataset) -> bool:
+    """Whether the Body Part Examined of ``dataset`` is an unpaired structure (a chest): its
+    series then has no Laterality (General Series, Type 2C)."""
+    return str(dataset.get("BodyPartExamined") or "").strip() in UNPAIRED_BODY_PARTS
+
+
 def copy_laterality(source: Dataset, result: Dataset) -> None:
     """Set General Series Laterality and Body Part Examined of ``result`` from ``source``."""
     # Laterality is Type 2C: a value for paired body parts, absent for unpaired ones, empty only
@@ -61,6 +141,11 @@ def copy_laterality(source: Dataset, result: Dataset) -> None:
             delattr(result, keyword)
     # An empty Body Part Examined says no more than an absent one.
     body_part = source.get("BodyPartExamined") or None
+    if unpaired_body_part(source):
+        # A 2C attribute shall be absent when its condition is unsatisfied: a chest source's
+        # Laterality is its own slip, which would make the result invalid.
+        result.BodyPartExamined = body_part
+        return
     laterality = source.get("Laterality") or None
     image_laterality = source.get("ImageLaterality")
     if laterality is None and image_laterality in ("L", "R"):
