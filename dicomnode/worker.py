@@ -300,9 +300,8 @@ class Worker:
         return True
 
     def _record_failure(self, session: Session, job: Job, exc: Exception, started: float) -> None:
-        """Record why a job failed: it is retried later with backoff, or dead-lettered."""
-        if job.kind == "export":
-            metrics.EXPORT_FAILURES.labels(job.payload.get("destination", "")).inc()
+        """Record why a job failed: it is retried later with backoff, or dead-lettered. (An
+        export job's object is counted as not sent by ``ExportJobs.run``, once.)"""
         reason = without_patient_data(
             f"{type(exc).__name__}: {exc}", self.study_patient_values(session, job.study_id)
         )

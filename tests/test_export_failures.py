@@ -20,6 +20,7 @@ from pynetdicom.association import Association
 from sqlalchemy.orm import Session, sessionmaker
 from test_export import _due_now, _jobs, _sample, _worker, study_with_exports
 
+from dicomnode.db.models import Job
 from dicomnode.export import jobs as export_jobs
 from dicomnode.export import scu
 
@@ -100,7 +101,9 @@ def test_an_association_that_fails_once_established_is_one_warning_without_pynet
     ] * 2
 
 
-@pytest.mark.parametrize("where", ["before the send", "while recording the failure"])
+@pytest.mark.parametrize(
+    "where", ["before the send", "while recording the job", "while recording the failure"]
+)
 def test_an_export_attempt_that_raises_counts_once_as_a_failed_attempt(
     sessions: sessionmaker[Session],
     tmp_path: Path,
@@ -108,18 +111,33 @@ def test_an_export_attempt_that_raises_counts_once_as_a_failed_attempt(
     where: str,
 ) -> None:
     """An export attempt that raises something unexpected (here: claiming the study's other
-    exports, or reading when its jobs are tried next, after the failures were recorded) is a
-    failed attempt in ``dicomnode_export_attempts_failed_total``, once; before, one that
-    raised before the send counted only in ``dicomnode_export_failures_total``."""
+    exports; recording the claimed job's failed attempt; reading when its jobs are tried next,
+    after the failures were recorded) is a failed attempt in
+    ``dicomnode_export_attempts_failed_total`` once, and its object not sent in
+    ``dicomnode_export_failures_total`` once; before, one that raised before the send counted
+    only in the latter, and one that raised after the failures were counted counted its object
+    twice (the worker's record of the failure counted it again)."""
 
     def broken(*args: object, **kwargs: object) -> object:
         raise RuntimeError("unexpected")
 
-    monkeypatch.setattr(
-        export_jobs, "claim_alike" if where == "before the send" else "as_utc", broken
-    )
     jobs = study_with_exports(sessions, tmp_path, {"sr": "pacs"})
     worker = _worker(tmp_path, sessions, free_port())
+    if where == "while recording the job":
+        record = worker.record_failed_attempt
+        raised: list[int] = []
+
+        def broken_once(session: Session, job: Job, reason: str, unreachable: bool) -> bool:
+            if not raised:
+                raised.append(job.id)
+                raise RuntimeError("unexpected")
+            return record(session, job, reason, unreachable)
+
+        monkeypatch.setattr(worker, "record_failed_attempt", broken_once)
+    else:
+        monkeypatch.setattr(
+            export_jobs, "claim_alike" if where == "before the send" else "as_utc", broken
+        )
     objects = _sample("dicomnode_export_failures_total", "pacs")
     attempts = _sample("dicomnode_export_attempts_failed_total", "pacs")
 
@@ -128,7 +146,7 @@ def test_an_export_attempt_that_raises_counts_once_as_a_failed_attempt(
     [job] = _jobs(sessions, jobs.values())
     assert (job.state, job.attempts) == ("queued", 1)
     assert _sample("dicomnode_export_attempts_failed_total", "pacs") == attempts + 1
-    assert _sample("dicomnode_export_failures_total", "pacs") >= objects + 1
+    assert _sample("dicomnode_export_failures_total", "pacs") == objects + 1
 
 
 def test_a_destination_down_for_many_studies_is_warned_of_once_a_minute(

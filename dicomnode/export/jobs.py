@@ -85,16 +85,26 @@ class ExportJobs:
         no longer configured is dead-lettered (:meth:`dead_letter_unrouted_exports`).
 
         An attempt that fails counts once in ``dicomnode_export_attempts_failed_total``, also
-        when it raises (a database error, a bug: the worker then records the job's failure)."""
+        when it raises (a database error, a bug: the worker then records the job's failure),
+        and each job it leaves unsent once in ``dicomnode_export_failures_total``: the claimed
+        one too when the attempt raised, unless it was counted before."""
         failed = True  # until the attempt ends with nothing left unsent
+        counted: set[int] = set()  # the jobs counted in dicomnode_export_failures_total
         try:
-            failed = self._attempt(session, job, started)
+            failed = self._attempt(session, job, started, counted)
+        except Exception:
+            # The worker records the claimed job's failure, and it counts here: once, also
+            # when the attempt raised after its failures were counted.
+            if job.id not in counted:
+                metrics.EXPORT_FAILURES.labels(job.payload.get("destination", "")).inc()
+            raise
         finally:
             if failed:
                 metrics.EXPORT_ATTEMPTS_FAILED.labels(job.payload.get("destination", "")).inc()
 
-    def _attempt(self, session: Session, job: Job, started: float) -> bool:
-        """:meth:`run`'s attempt; whether it left objects unsent."""
+    def _attempt(self, session: Session, job: Job, started: float, counted: set[int]) -> bool:
+        """:meth:`run`'s attempt; whether it left objects unsent. ``counted`` gets the ids of
+        the jobs counted as not sent."""
         worker = self.worker
         name = job.payload["destination"]
         destination = next((d for d in worker.settings.destinations if d.name == name), None)
@@ -142,7 +152,7 @@ class ExportJobs:
                 detail = f"{kinds[other.id]} -> {name} (with job {job.id})"
             worker.record_done(session, other, {"queued": queued[other.id]}, detail, started)
         if failed:
-            self._record_failures(session, destination, batch, failed, started)
+            self._record_failures(session, destination, batch, failed, started, counted)
         return bool(failed)
 
     def _answered(self, session: Session, job: Job, name: str) -> None:
@@ -171,6 +181,7 @@ class ExportJobs:
         batch: list[Job],
         failed: dict[int, Exception],
         started: float,
+        counted: set[int],
     ) -> None:
         """Record the failed jobs of one association's batch (each retried later with backoff,
         or dead-lettered) and log the attempt in one line: the destination, why, how many
@@ -186,6 +197,7 @@ class ExportJobs:
                 continue
             exc = failed[job.id]
             metrics.EXPORT_FAILURES.labels(destination.name).inc()
+            counted.add(job.id)
             reason = without_patient_data(f"{type(exc).__name__}: {exc}", known)
             log.debug(
                 "job %d export study_id=%d attempt %d failed: %s",
