@@ -9,7 +9,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from dicomnode import RESEARCH_DEMO_NOTICE
 from dicomnode.config import Settings, load_settings
@@ -71,22 +71,37 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _leave(code: int) -> NoReturn:
+    """End a long-running command's process once its work is stopped and flushed, without
+    the interpreter's teardown of its modules: 0.3-0.5 s of CPU for each of a node's
+    processes (serve, listeners, workers) at every stop and restart, which on two cores
+    made a stop take 1.3-1.9 s. Log handlers and the standard streams are flushed first;
+    the commands register no exit handlers of their own that this skips (a listener's
+    spare files are removed by its stop)."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from dicomnode.serve import run_serve
 
-    return run_serve(Path(args.config), args.workers)
+    _leave(run_serve(Path(args.config), args.workers))
 
 
 def cmd_listener(args: argparse.Namespace) -> int:
     from dicomnode.ingest.listeners import run_listener
 
-    return run_listener(
-        Path(args.config),
-        args.index,
-        args.slots,
-        args.connections,
-        args.socket_fd,
-        args.index_fd,
+    _leave(
+        run_listener(
+            Path(args.config),
+            args.index,
+            args.slots,
+            args.connections,
+            args.socket_fd,
+            args.index_fd,
+        )
     )
 
 
@@ -118,7 +133,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         parent_pid=args.parent_pid,
         ready=lambda: log.info("worker %s ready (%s)", worker.owner, RESEARCH_DEMO_NOTICE),
     )
-    return 0
+    _leave(0)
 
 
 def cmd_worklist(args: argparse.Namespace) -> int:

@@ -3,6 +3,7 @@ notify, SIGHUP reload, shutdown."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -108,21 +110,30 @@ class Node:
         self.scp = scp
         self.workers = workers if workers is not None else []
         self.listeners = listeners
+        # Set once every DICOM listener listens (at once for an in-process listener):
+        # serve starts the web server and the workers while its listeners start.
+        self.started = threading.Event()
+        self.failed = False  # a listener did not start
+        if listeners is None:
+            self.started.set()
         self._lock = threading.Lock()
 
     def current(self) -> tuple[Settings, list[ModelCard]]:
         return self.settings, self.cards
 
     def listening(self) -> bool:
-        """True while every DICOM listener runs."""
+        """True once every DICOM listener has started, while each runs."""
         if self.listeners is not None:
-            return self.listeners.healthy()
+            return self.started.is_set() and self.listeners.healthy()
         return getattr(self.scp, "_server", True) is not None
 
     def reload(self, notifier: Notifier | None = None) -> bool:
         """Re-read the configuration and model cards; keep the old ones if anything is wrong."""
         from dicomnode.checkconfig import load_checked
 
+        # A SIGHUP during start-up is applied once the listeners listen (they read their
+        # reload lines from the pipe their "ready" comes on).
+        self.started.wait()
         with self._lock:
             if notifier:
                 notifier.reloading()
@@ -159,22 +170,36 @@ class Node:
             return True
 
 
-def _announce(server, scp_ready, notifier: Notifier, stop: threading.Event) -> None:
-    """READY=1 once the web server has started, then watchdog pings until ``stop``."""
+def _announce(
+    server, node: Node, start: Callable[[], None], notifier: Notifier, stop: threading.Event
+) -> None:
+    """``start`` the listening (while the web server starts), then READY=1 once both have,
+    then watchdog pings until ``stop``. A listener that does not start is logged and stops
+    the web server (serve then exits with status 1)."""
+    try:
+        start()
+    except RuntimeError as exc:
+        log.error("%s", exc)
+        node.failed = True
+        server.should_exit = True
+        return
+    node.started.set()
     while not server.started:
         if stop.wait(0.05) or server.should_exit:
             return
     notifier.notify("READY=1\nSTATUS=listening")
     log.info("node ready")
-    run_watchdog(notifier, stop, healthy=lambda: scp_ready() and not server.should_exit)
+    run_watchdog(notifier, stop, healthy=lambda: node.listening() and not server.should_exit)
 
 
 def run_web(
     node: Node,
     sessions: sessionmaker[Session],
     stop: threading.Event,
+    start: Callable[[], None] = lambda: None,
 ) -> None:
-    """Serve the web app in this (main) thread until SIGINT/SIGTERM; SIGHUP reloads."""
+    """Serve the web app in this (main) thread until SIGINT/SIGTERM; SIGHUP reloads.
+    ``start`` (the listeners' start-up) runs in a thread meanwhile; READY=1 follows it."""
     import uvicorn
 
     from dicomnode.retention import cleaner_loop
@@ -184,7 +209,7 @@ def run_web(
     notifier = Notifier()
     settings = node.settings
     app = create_app(sessions, lambda: node.settings.worklist)
-    app.include_router(health_router(sessions, node.current))
+    app.include_router(health_router(sessions, node.current, node.listening))
     server = uvicorn.Server(web_server_config(app, settings))
     # uvicorn captures only SIGINT and SIGTERM; the reload runs off the signal handler.
     signal.signal(
@@ -195,7 +220,7 @@ def run_web(
     )
     threading.Thread(
         target=_announce,
-        args=(server, node.listening, notifier, stop),
+        args=(server, node, start, notifier, stop),
         name="notify",
         daemon=True,
     ).start()
@@ -304,9 +329,15 @@ class WorkerPool:
                     return
                 self.processes[index] = self._start()
 
-    def stop(self) -> None:
+    def terminate(self) -> None:
+        """SIGTERM every worker (they finish their jobs' current step and exit)."""
         for process in self.processes:
-            process.terminate()
+            with contextlib.suppress(OSError):
+                process.terminate()
+
+    def stop(self) -> None:
+        """SIGTERM every worker and wait for it, SIGKILL after 10 s."""
+        self.terminate()
         for process in self.processes:
             try:
                 process.wait(timeout=10)
@@ -389,7 +420,11 @@ def _serve(config: Path, workers: int | None) -> int:
         index.close()
         return 1
     pool: WorkerPool | None = None
-    try:
+    node: Node | None = None
+
+    def start_listening() -> None:
+        # The listener processes import and start while the workers and the web server do
+        # (on two cores that was 1-2 s of a start-up spent waiting for them first).
         listeners.wait_ready()
         threading.Thread(
             target=listeners.supervise, args=(stop,), name="listeners", daemon=True
@@ -400,18 +435,22 @@ def _serve(config: Path, workers: int | None) -> int:
             name="assembly",
             daemon=True,
         ).start()
+
+    try:
         pool = WorkerPool(config, settings.worker.count if workers is None else workers)
         threading.Thread(target=pool.supervise, args=(stop,), name="workers", daemon=True).start()
         log.info("worklist page on http://%s:%d/worklist", settings.web.host, settings.web.port)
         node = Node(config, settings, cards, None, pool.processes, listeners)
         running["node"] = node
-        run_web(node, sessions, stop)
+        run_web(node, sessions, stop, start_listening)
     finally:
         stop.set()
+        if pool is not None:
+            pool.terminate()  # the workers stop while the listeners do
         listeners.stop()
         index.close()
         if pool is not None:
             pool.stop()
         shutil.rmtree(run_dir, ignore_errors=True)
         log.info("stopped")
-    return 0
+    return 1 if node is not None and node.failed else 0

@@ -16,9 +16,10 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
-from conftest import dcmtk, start_node, stop_node, wait_for, write_config
+from conftest import RunningNode, dcmtk, start_node, stop_node, wait_for, write_config
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
@@ -235,6 +236,8 @@ def test_a_killed_listener_is_replaced_and_its_connections_forgotten(
         sender = storescu(node.port, study)
         _, errors = sender.communicate(timeout=60)
         assert sender.returncode == 0, errors[-2000:]
+        # /readyz says so until the replacement listens (a restart waits 2 s at least).
+        wait_for(lambda: _readyz_dicom(node) != "ok", timeout=10, what="/readyz not ready")
         wait_for(
             lambda: (
                 _listener_pid(node, 0) not in (None, killed)
@@ -243,6 +246,7 @@ def test_a_killed_listener_is_replaced_and_its_connections_forgotten(
             timeout=60,
             what="listener 0 started again",
         )
+        wait_for(lambda: _readyz_dicom(node) == "ok", timeout=10, what="/readyz ready again")
         for assoc in held:
             if assoc.is_established:
                 assoc.release()
@@ -258,6 +262,12 @@ def test_a_killed_listener_is_replaced_and_its_connections_forgotten(
         assert sorted(Counter(served_by).values()) == [2, 2], served_by
     finally:
         stop_node(node)
+
+
+def _readyz_dicom(node: RunningNode) -> str:
+    """/readyz's check of the DICOM listeners."""
+    answer = httpx.get(f"http://127.0.0.1:{node.web_port}/readyz", timeout=10)
+    return answer.json()["checks"]["dicom"]
 
 
 def test_a_taken_port_is_a_clear_error(tmp_path: Path, sqlite_url: str) -> None:

@@ -135,7 +135,7 @@ def test_readyz_metrics_and_json_logs_without_patient_data(tmp_path: Path) -> No
     try:
         ready = httpx.get(f"{web}/readyz", timeout=10)
         assert ready.status_code == 200, ready.text
-        assert set(ready.json()["checks"]) == {"database", "storage", "models"}
+        assert set(ready.json()["checks"]) == {"dicom", "database", "storage", "models"}
         assert httpx.get(f"{web}/healthz", timeout=10).status_code == 200
 
         ds, _ = make_cxr(424_242, pneumothorax=True, patient_id=PATIENT_ID)

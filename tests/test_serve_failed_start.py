@@ -69,3 +69,37 @@ def test_a_failed_start_leaves_no_metrics_folder(tmp_path: Path, change, status,
     assert message in result.stderr, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     assert list(temporary.glob("dicomnode-*")) == []
+
+
+def test_a_listener_that_does_not_start_stops_serve_with_one_line(tmp_path: Path) -> None:
+    """serve starts its web server and workers while its listener processes start: one that
+    exits instead of listening is one ERROR line, and serve stops everything and exits with
+    status 1 (under systemd: a failed start, restarted), leaving no process or folder."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    # Every listener process exits at once (sitecustomize runs at each interpreter's start).
+    (hook / "sitecustomize.py").write_text(
+        "import os, sys\nif 'listener' in sys.argv:\n    os._exit(3)\n"
+    )
+    config, _, _ = write_config(tmp_path, f"sqlite:///{tmp_path / 'db.sqlite'}")
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    environment = {**os.environ, "PYTHONPATH": str(hook), "TMPDIR": str(temporary)}
+    environment.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    result = subprocess.run(
+        [sys.executable, "-m", "dicomnode", "serve", "--config", str(config)],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        env=environment,
+    )
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "ERROR dicomnode: DICOM listener 0 did not start (exit status 3)" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert "node ready" not in result.stderr
+    assert "stopped" in result.stderr
+    assert list(temporary.glob("dicomnode-*")) == []
+    left = subprocess.run(["pgrep", "-f", str(config)], capture_output=True, text=True)
+    assert left.stdout == "", left.stdout

@@ -74,6 +74,7 @@ class _Child:
             pass_fds=pass_fds,
         )
         self.lines: queue.Queue[str] = queue.Queue()
+        self.ready = False  # it said "ready": it listens
         threading.Thread(target=self._read, name="listener-out", daemon=True).start()
 
     def _read(self) -> None:
@@ -164,9 +165,12 @@ class ListenerPool:
                     f"DICOM listener {index} did not start (exit status "
                     f"{child.process.poll()}); see its log lines above"
                 )
+            child.ready = True
 
     def healthy(self) -> bool:
-        return all(child.process.poll() is None for child in self.children)
+        """True while every listener has said it listens and runs (a replacement that is
+        still starting does not count)."""
+        return all(child.ready and child.process.poll() is None for child in self.children)
 
     def reload(self, settings: Settings) -> bool:
         """Hand the new settings to every listener and wait until each has them."""
@@ -204,7 +208,9 @@ class ListenerPool:
                 replacement = self._spawn(index)
                 with self._lock:
                     self.children[index] = replacement
-                if not replacement.expect("ready", START_TIMEOUT):
+                if replacement.expect("ready", START_TIMEOUT):
+                    replacement.ready = True
+                else:
                     log.error("DICOM listener %d did not start again", index)
 
     def stop(self) -> None:

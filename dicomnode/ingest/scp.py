@@ -83,6 +83,8 @@ STATUS_CANNOT_UNDERSTAND = 0xC000
 STATUS_SOP_CLASS_MISMATCH = 0xA900
 # Element values larger than this are not read into memory when a received file is parsed.
 DEFER_BYTES = 64 * 1024
+# How often the acceptor thread looks for a stop (its select's timeout).
+ACCEPTOR_POLL_SECONDS = 0.1
 # The data set's fsync runs here, overlapped with parsing (it waits on the disk, not the GIL).
 _SYNC = ThreadPoolExecutor(max_workers=16, thread_name_prefix="spool-sync")
 
@@ -764,8 +766,13 @@ class StorageSCP:
         self._server.association_ended = self._association_ended
         # AE.start_server keeps its servers in this list and shutdown() removes them from it.
         self.ae._servers.append(self._server)
+        # socketserver's acceptor looks for a shutdown request this often (default 0.5 s: a
+        # listener's stop waited that long).
         threading.Thread(
-            target=self._server.serve_forever, name="dicom-acceptor", daemon=True
+            target=self._server.serve_forever,
+            kwargs={"poll_interval": ACCEPTOR_POLL_SECONDS},
+            name="dicom-acceptor",
+            daemon=True,
         ).start()
         log.info(
             "listening for DICOM%s as %s on %s:%d (process %d)",

@@ -24,10 +24,16 @@ def no_free_inodes(path: os.PathLike[str] | str) -> bool:
 
 
 def readiness(
-    sessions: sessionmaker[Session], settings: Settings, cards: list[ModelCard]
+    sessions: sessionmaker[Session],
+    settings: Settings,
+    cards: list[ModelCard],
+    listening: Callable[[], bool] | None = None,
 ) -> dict[str, str]:
-    """Each check's outcome: 'ok' or the reason it failed."""
+    """Each check's outcome: 'ok' or the reason it failed (``listening``: whether every DICOM
+    listener has started and runs, where the web server knows)."""
     checks: dict[str, str] = {}
+    if listening is not None:
+        checks["dicom"] = "ok" if listening() else "DICOM listeners not (all) listening"
     try:
         with sessions() as session:
             session.execute(text("SELECT 1"))
@@ -65,13 +71,15 @@ def readiness(
 def health_router(
     sessions: sessionmaker[Session],
     current: Callable[[], tuple[Settings, list[ModelCard]]],
+    listening: Callable[[], bool] | None = None,
 ) -> APIRouter:
-    """``/readyz`` and ``/metrics`` over the node's current settings and model cards."""
+    """``/readyz`` and ``/metrics`` over the node's current settings and model cards (and
+    its DICOM listeners, with ``listening``)."""
     router = APIRouter(include_in_schema=False)
 
     @router.get("/readyz")
     def readyz() -> JSONResponse:
-        checks = readiness(sessions, *current())
+        checks = readiness(sessions, *current(), listening)
         ready = all(value.startswith("ok") for value in checks.values())
         return JSONResponse(
             {"status": "ready" if ready else "not ready", "checks": checks},
