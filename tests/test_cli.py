@@ -34,12 +34,15 @@ def config(tmp_path: Path) -> Path:
 
 def test_users_add_without_a_terminal_says_how_to_give_the_password(config: Path) -> None:
     added = run_cli("users", "add", "carol", "--role", "radiologist", "--config", str(config))
-    assert added.returncode != 0
-    assert "Traceback" not in added.stderr
-    assert added.stderr.strip().splitlines() == [
-        "error: no terminal to ask for the password on; "
-        "give it on standard input with --password-stdin"
-    ]
+    # users password asks the same way (the password is read before the user is looked up).
+    changed = run_cli("users", "password", "carol", "--config", str(config))
+    for refused in (added, changed):
+        assert refused.returncode != 0
+        assert "Traceback" not in refused.stderr
+        assert refused.stderr.strip().splitlines() == [
+            "error: no terminal to ask for the password on; "
+            "give it on standard input with --password-stdin"
+        ]
     assert "carol" not in run_cli("users", "list", "--config", str(config)).stdout
 
 
