@@ -269,19 +269,10 @@ def test_card_metric_is_reproduced_on_fresh_phantoms(
     assert plot.name == "metrics.json" or plot.read_bytes().startswith(PNG_MAGIC)
 
 
-def test_cli_writes_metrics_and_roc_png(tmp_path: Path) -> None:
-    data = tmp_path / "data"
-    synth = subprocess.run(
-        [
-            *(sys.executable, "-m", "dicomnode", "synth", "cxr", "--n", "12"),
-            *("--seed", str(FRESH_SEED), "--out", str(data), "--no-progress", "--no-masks"),
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert synth.returncode == 0, synth.stderr
+def test_cli_writes_metrics_and_roc_png(data_sets, tmp_path: Path) -> None:
+    # The pneumothorax card's fresh phantoms, as the test above evaluates them in-process
+    # (written once per module; 'dicomnode synth cxr' has its own test in test_synth_cxr).
+    data = data_sets("pneumothorax").folder
     out = tmp_path / "eval"
     config = tmp_path / "node.toml"
     config.write_text(f'[models]\nfolders = ["{REPO / "models"}"]\n')
@@ -298,32 +289,36 @@ def test_cli_writes_metrics_and_roc_png(tmp_path: Path) -> None:
     assert "Research demo, not for clinical use" in result.stdout
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["model"] == "cxr-pneumothorax-demo"
-    assert metrics["n_cases"] == 12
+    n = PROFILES["pneumothorax"].n
+    assert metrics["n_cases"] == n
     item = metrics["labels"]["pneumothorax"]
-    assert item["positives"] == 6 and item["n"] == 12
+    assert item["positives"] == n // 2 and item["n"] == n
     assert item["auc_ci_low"] <= item["auc"] <= item["auc_ci_high"]
     assert 0.0 <= item["sensitivity"] <= 1.0 and 0.0 <= item["specificity"] <= 1.0
     assert item["roc"]["fpr"][0] == 0.0 and item["roc"]["tpr"][-1] == 1.0
     png = (out / "roc.png").read_bytes()
     assert png.startswith(PNG_MAGIC) and len(png) > 5000
 
-    # A model name that no card has, and a folder without ground truth: clear errors.
-    wrong = subprocess.run(
-        [*command[:-1], "no-such-model", "--data", str(data), "--config", str(config)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
+    # A model name that no card has, and a folder without ground truth: clear errors, said
+    # before the pipeline, onnxruntime and matplotlib are imported (~2 s).
+    heavy = ("dicomnode.pipeline.runtime", "onnxruntime", "matplotlib")
+    script = (
+        "import sys\nfrom dicomnode.cli import main\ncode = main(sys.argv[1:])\n"
+        f"print(*sorted(set({heavy!r}) & set(sys.modules)))\nsys.exit(code)"
     )
-    assert wrong.returncode == 2 and "no model card named 'no-such-model'" in wrong.stderr
-    empty = subprocess.run(
-        [*command, "--data", str(out), "--config", str(config)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert empty.returncode == 2 and "ground_truth.jsonl" in empty.stderr
+    for arguments, message in (
+        ((*command[3:-1], "no-such-model", "--data", str(data)), "no model card named 'no-such"),
+        ((*command[3:], "--data", str(out)), "ground_truth.jsonl"),
+    ):
+        refused = subprocess.run(
+            [sys.executable, "-c", script, *arguments, "--config", str(config)],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert refused.returncode == 2 and message in refused.stderr, refused.stderr
+        assert refused.stdout.strip() == "", f"imported {refused.stdout.strip()}"
 
 
 # Pure pieces ----------------------------------------------------------------------------

@@ -32,7 +32,7 @@ def resolve_card(model: str, cards: list[ModelCard]) -> tuple[ModelCard, dict[st
 
 def run(model: str, data_folder: Path, out: Path | None, cards: list[ModelCard]) -> int:
     """Evaluate, write metrics.json and plots, print the table; 2 on a usage error."""
-    from dicomnode.evaluation import dataset, evaluate
+    from dicomnode.evaluation import dataset
 
     try:
         card, members = resolve_card(model, cards)
@@ -40,6 +40,10 @@ def run(model: str, data_folder: Path, out: Path | None, cards: list[ModelCard])
     except (LookupError, FileNotFoundError, ValueError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    # Imported once the arguments are known good: the pipeline, onnxruntime and matplotlib
+    # take ~2 s to import, which a mistyped model name or folder need not wait for.
+    from dicomnode.evaluation import evaluate
+
     out = out or data_folder / "eval" / card.model.name
 
     def progress(done: int, total: int) -> None:
