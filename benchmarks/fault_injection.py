@@ -28,9 +28,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx
 from pydicom import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
+from pynetdicom.association import Association
 from sqlalchemy import func, select
 
 from dicomnode.db.models import Instance, Job, ResultObject, Series, Study
@@ -66,6 +68,21 @@ class Node:
         )
         wait_for_port(self.port, self.process)
         wait_for_port(self.web_port, self.process)
+        self.wait_until_listening()
+
+    def wait_until_listening(self, timeout: float = 60.0) -> None:
+        """Return once /readyz says the DICOM listeners run: serve binds the DICOM port
+        while they start, and a kill timed from a send that waits on them hits no transfer."""
+        assert self.process is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the node exited with status {self.process.returncode}")
+            readyz = httpx.get(f"http://127.0.0.1:{self.web_port}/readyz", timeout=10)
+            if readyz.json()["checks"].get("dicom") == "ok":
+                return
+            time.sleep(0.05)
+        raise TimeoutError(f"DICOM listeners not listening after {timeout} s")
 
     def kill(self) -> None:
         """SIGKILL the listener and its workers at once: nothing gets to clean up."""
@@ -84,8 +101,9 @@ class Node:
             self.process.wait()
 
 
-def make_node(folder: Path, lease_seconds: float = 3.0) -> Node:
-    """Write a node configuration on free ports (SQLite, one worker, repository models)."""
+def make_node(folder: Path, lease_seconds: float = 3.0, models: Path = REPO / "models") -> Node:
+    """Write a node configuration on free ports (SQLite, one worker, the model cards in
+    ``models``: by default the repository's)."""
     port, web_port = free_port(), free_port()
     config = folder / "dicomnode.toml"
     config.write_text(
@@ -95,7 +113,7 @@ def make_node(folder: Path, lease_seconds: float = 3.0) -> Node:
         f'[web]\nhost = "127.0.0.1"\nport = {web_port}\n\n'
         "[assembly]\nquiet_seconds = 0.3\n\n"
         f"[worker]\ncount = 1\npoll_seconds = 0.1\nlease_seconds = {lease_seconds}\n\n"
-        f'[models]\nfolders = ["{REPO / "models"}"]\n'
+        f'[models]\nfolders = ["{models}"]\n'
     )
     return Node(folder, port, web_port, config)
 
@@ -118,13 +136,18 @@ def phantoms(seed: int, studies: int, per_study: int, size: int = 96) -> list[Da
     return images
 
 
-def send(port: int, images: list[Dataset], acked: list[str]) -> None:
-    """C-STORE the images over one association; append each SOP UID answered 0x0000."""
+def send(
+    port: int, images: list[Dataset], acked: list[str], opened: list[Association] | None = None
+) -> None:
+    """C-STORE the images over one association (appended to ``opened``); append each SOP
+    UID answered 0x0000 to ``acked``."""
     ae = AE(ae_title="MODALITY")
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
     for syntax in {str(ds.file_meta.TransferSyntaxUID) for ds in images} | {ExplicitVRLittleEndian}:
         ae.add_requested_context(DX_STORAGE, syntax)
     assoc = ae.associate("127.0.0.1", port, ae_title="DICOMNODE")
+    if opened is not None:
+        opened.append(assoc)
     if not assoc.is_established:
         return
     keep_responses(assoc)  # pynetdicom's reactor can take a response meant for the send
@@ -138,6 +161,19 @@ def send(port: int, images: list[Dataset], acked: list[str]) -> None:
     finally:
         if assoc.is_established:
             assoc.release()
+
+
+def end_sends(sender: threading.Thread, opened: list[Association], timeout: float = 30) -> None:
+    """Wait for the modality's ``sender`` thread once the node is killed. A C-STORE whose
+    connection is gone still waits the whole DIMSE timeout for its response (pynetdicom's
+    get_msg looks only at its queue): once an association has seen its connection end (the
+    responses the node sent before are read by then), its waiting send is woken."""
+    deadline = time.monotonic() + timeout
+    while sender.is_alive() and time.monotonic() < deadline:
+        for assoc in opened:
+            if assoc.is_aborted or not assoc.dul.is_alive() or assoc.acse.is_aborted():
+                assoc.dimse.msg_queue.put((None, None))
+        sender.join(0.05)
 
 
 @dataclass
@@ -204,24 +240,28 @@ def run_trial(
     studies: int = 5,
     per_study: int = 4,
     settle: float = 60.0,
+    models: Path = REPO / "models",
 ) -> TrialResult:
     """One kill-restart-check trial in ``folder``; see the module docstring.
 
     ``kill_after`` (seconds after sending starts) defaults to a random time from ``seed``.
+    ``models`` is the folder of model cards the node runs (each writes its result objects
+    for every study before the study settles).
     """
     rng = random.Random(seed)
     images = phantoms(seed, studies, per_study)
-    node = make_node(folder)
+    node = make_node(folder, models=models)
     node.start()
     acked: list[str] = []
+    opened: list[Association] = []
     try:
-        sender = threading.Thread(target=send, args=(node.port, images, acked), daemon=True)
+        sender = threading.Thread(target=send, args=(node.port, images, acked, opened), daemon=True)
         sender.start()
         if kill_after is None:
             kill_after = rng.uniform(0.0, 2.5)
         time.sleep(kill_after)
         node.kill()
-        sender.join(timeout=30)
+        end_sends(sender, opened)
         node.start()
         deadline = time.monotonic() + settle
         while True:
