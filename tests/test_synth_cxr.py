@@ -371,7 +371,7 @@ def test_ground_truth_files_are_written_and_read_back(tmp_path: Path) -> None:
         assert record.labels["nodule"] == bool(record.boxes_of("nodule"))
         assert ("tube_tip" in record.landmarks) == record.labels["tube"]
         # make_cxr gives the same image in-process.
-        again, _ = make_cxr(
+        again, truth = make_cxr(
             int(record.file[4:12]),
             findings=record.findings,
             view=record.view,
@@ -379,6 +379,10 @@ def test_ground_truth_files_are_written_and_read_back(tmp_path: Path) -> None:
             photometric=ds.PhotometricInterpretation,
         )
         assert again.PixelData == ds.PixelData
+        # ... and the masks file holds its truth exactly.
+        assert set(masks) == {*truth.masks, "soft_tissue"}
+        assert np.array_equal(masks["soft_tissue"], truth.soft_tissue)
+        assert all(np.array_equal(masks[name], truth.masks[name]) for name in truth.masks)
 
 
 def test_non_square_and_3000_pixel_phantoms() -> None:

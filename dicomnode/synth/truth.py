@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import csv
 import json
+import zipfile
 from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -130,7 +131,13 @@ def save_masks(path: Path, truth: CxrTruth) -> None:
     if truth.soft_tissue is not None:
         arrays["soft_tissue"] = truth.soft_tissue
     path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(path, **arrays)
+    # What np.savez_compressed writes, at deflate level 1 rather than 6: the noisy soft-tissue
+    # image compresses ~1 % worse but 2.5 times faster (its level 6 took a quarter of a
+    # 512-pixel phantom's time); np.load reads either.
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as archive:
+        for name, array in arrays.items():
+            with archive.open(f"{name}.npy", "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, np.asanyarray(array), allow_pickle=False)
 
 
 def read_truth(folder: Path | str) -> list[CxrRecord]:
