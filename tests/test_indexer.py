@@ -30,6 +30,7 @@ from dicomnode.ingest import indexer, sink
 from dicomnode.ingest.arrival import Arrival, InstanceFacts
 from dicomnode.ingest.indexer import IndexService, LocalIndex, write_items
 from dicomnode.ingest.sink import AssociationEnded, RemoteIndex
+from dicomnode.ports import wait_for_port
 
 QUIET = 2.0
 T0 = datetime(2026, 12, 4, 12, 0, tzinfo=UTC)
@@ -249,32 +250,49 @@ def test_release_waits_for_the_rows_and_a_killed_node_loses_no_acknowledged_inst
     process, log = launch_node(tmp_path, config, port, web_port)
     lock = os.open(f"{tmp_path / 'dicomnode.db'}.writers", os.O_RDWR | os.O_CREAT, 0o640)
     fcntl.flock(lock, fcntl.LOCK_EX)
+    said = tmp_path / "storescu.log"
+    sender: subprocess.Popen | None = None
     try:
-        sender = subprocess.Popen(
-            [dcmtk("storescu"), "-v", "-aec", "DICOMNODE", "127.0.0.1", str(port)]
-            + [str(path) for path in files],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=DCMTK_ENV,
+        with said.open("w") as output:
+            sender = subprocess.Popen(
+                [dcmtk("storescu"), "-v", "-aec", "DICOMNODE", "127.0.0.1", str(port)]
+                + [str(path) for path in files],
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                env=DCMTK_ENV,
+            )
+        wait_for(
+            lambda: "Releasing Association" in said.read_text(),
+            timeout=20,
+            interval=0.05,
+            what="storescu's release request after its 3 C-STOREs",
         )
-        storage = tmp_path / "storage"
-        wait_for(lambda: len(list(storage.rglob("*.dcm"))) == 3, timeout=20, what="3 stored files")
-        time.sleep(1.0)
+        # A release that did not wait for the rows is answered within milliseconds.
+        time.sleep(0.5)
         assert sender.poll() is None, "the release was answered before the rows were written"
         assert instance_rows(db_url) == []
         process.send_signal(signal.SIGKILL)
         process.wait(timeout=10)
-        output, _ = sender.communicate(timeout=30)
-        assert output.count("Received Store Response (Success)") == 3, output
+        sender.wait(timeout=30)
+        assert said.read_text().count("Received Store Response (Success)") == 3, said.read_text()
     finally:
         fcntl.flock(lock, fcntl.LOCK_UN)
         os.close(lock)
         if process.poll() is None:
             process.kill()
-    # The listeners died with their supervisor; a new node takes the port.
-    process, log = launch_node(tmp_path, config, port, web_port)
+        if sender is not None and sender.poll() is None:
+            sender.kill()
+    # The listeners died with their supervisor: a new node binds the port (else it exits
+    # before its web server starts) after its spool re-index; its listeners need not start.
+    log = tmp_path / "node-2.log"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "dicomnode", "serve", "--config", str(config)],
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        cwd=tmp_path,
+    )
     try:
+        wait_for_port(web_port, process, log=log)
         rows = instance_rows(db_url)
         assert {uid for uid, _, _ in rows} == {str(sop_instance_uid(path)) for path in files}
         assert "3 orphan instance(s) indexed" in log.read_text()
