@@ -14,7 +14,7 @@ import httpx
 import numpy as np
 import pydicom
 import pytest
-from conftest import start_node, stop_node, write_config
+from conftest import stop_process, wait_for, write_config
 from dciodvfy import chest_xray
 from PIL import ImageDraw
 from web_server import PASSWORD, add_users, serve
@@ -34,6 +34,7 @@ from dicomnode.findings import (
 )
 from dicomnode.models.registry import discover_cards
 from dicomnode.notify import CriticalResult, FindingNote, hl7_message, webhook_body
+from dicomnode.ports import wait_for_port
 from dicomnode.results.derived import build_derived
 from dicomnode.results.gsps import build_gsps
 from dicomnode.results.kos import build_kos
@@ -237,9 +238,24 @@ def test_api_and_page_show_the_notice(sessions) -> None:
 
 
 def test_worklist_cli_and_start_up_log_say_it(tmp_path: Path) -> None:
-    config, port, web_port = write_config(tmp_path, f"sqlite:///{tmp_path / 'node.db'}")
-    node = start_node(tmp_path, config, port, web_port)
+    config, _, web_port = write_config(tmp_path, f"sqlite:///{tmp_path / 'node.db'}")
+    # One listener: no DICOM is sent here, and three more only slow the worker's start.
+    config.write_text(config.read_text().replace("[node]\n", "[node]\nlisteners = 1\n"))
+    log = tmp_path / "node.log"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "dicomnode", "serve", "--config", str(config)],
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        cwd=tmp_path,
+    )
+
+    def lines(word: str) -> list[str]:
+        return [line for line in log.read_text().splitlines() if word in line]
+
     try:
+        # The node has made its database (the worklist command would too, at the same time)
+        # and the worklist command runs while its worker starts.
+        wait_for(lambda: process.poll() is not None or lines("model(s)"), what="serve's models")
         table = subprocess.run(
             [sys.executable, "-m", "dicomnode", "worklist", "--config", str(config)],
             capture_output=True,
@@ -248,11 +264,14 @@ def test_worklist_cli_and_start_up_log_say_it(tmp_path: Path) -> None:
             check=True,
         ).stdout
         assert says_notice(table.splitlines()[0])
+        wait_for(
+            lambda: process.poll() is not None or lines("ready ("), what="the worker's ready line"
+        )
+        # Stopped once its web server runs: SIGTERM is then a clean stop.
+        wait_for_port(web_port, process, log=log)
     finally:
-        stop_node(node)
-    started = [line for line in node.log.read_text().splitlines() if "model(s)" in line]
+        stop_process(process)
+    started = lines("model(s)")
     assert started and says_notice(started[0])
-    ready = [
-        line for line in node.log.read_text().splitlines() if "worker" in line and "ready" in line
-    ]
+    ready = [line for line in lines("worker") if "ready" in line]
     assert ready and all(says_notice(line) for line in ready), ready
