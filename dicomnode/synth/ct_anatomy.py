@@ -10,6 +10,7 @@ bounding boxes with sub-samples across the slice thickness, so thick slices show
 from __future__ import annotations
 
 import math
+from bisect import bisect_left, bisect_right
 from dataclasses import dataclass
 
 import numpy as np
@@ -276,16 +277,20 @@ def rasterise_tubes(grid: Grid, tubes: Tube, wall: float = 0.0) -> tuple[np.ndar
     shell = np.zeros(grid.shape, np.float32) if wall > 0 else lumen
     ps = grid.pixel_spacing
     offsets = grid.sub_offsets
+    # The grid's coordinates ascend: a tube's box is a slice along each axis, found by
+    # bisection (a vessel tree has thousands of small tubes; per tube, masks and fancy
+    # indexing cost more than the arithmetic).
+    slab_top = (grid.z + grid.thickness / 2).tolist()
+    slab_bottom = (grid.z - grid.thickness / 2).tolist()
+    ys, xs = grid.y.tolist(), grid.x.tolist()
     for p0, p1, r0, r1 in zip(tubes.start, tubes.end, tubes.r0, tubes.r1, strict=True):
         reach = max(r0, r1) + wall + ps
-        low = np.minimum(p0, p1) - reach
-        high = np.maximum(p0, p1) + reach
-        k = np.flatnonzero(
-            (grid.z + grid.thickness / 2 >= low[2]) & (grid.z - grid.thickness / 2 <= high[2])
-        )
-        i = np.flatnonzero((grid.y >= low[1]) & (grid.y <= high[1]))
-        j = np.flatnonzero((grid.x >= low[0]) & (grid.x <= high[0]))
-        if k.size == 0 or i.size == 0 or j.size == 0:
+        low = (np.minimum(p0, p1) - reach).tolist()
+        high = (np.maximum(p0, p1) + reach).tolist()
+        k = slice(bisect_left(slab_top, low[2]), bisect_right(slab_bottom, high[2]))
+        i = slice(bisect_left(ys, low[1]), bisect_right(ys, high[1]))
+        j = slice(bisect_left(xs, low[0]), bisect_right(xs, high[0]))
+        if k.start >= k.stop or i.start >= i.stop or j.start >= j.stop:
             continue
         z = grid.z[k][:, None, None, None] + offsets[None, :, None, None]
         y = grid.y[i][None, None, :, None]
@@ -305,12 +310,18 @@ def rasterise_tubes(grid: Grid, tubes: Tube, wall: float = 0.0) -> tuple[np.ndar
         radius = r0 + (r1 - r0) * t
         # Vessels thinner than a pixel are dimmer rather than thinner.
         gain = min(1.0, 2.0 * max(r0, r1) / ps)
-        inner = (np.clip((radius - d) / ps + 0.5, 0.0, 1.0) * gain).mean(axis=1)
-        block = np.ix_(k, i, j)
-        lumen[block] = np.maximum(lumen[block], inner)
+        inner = radius - d
+        inner /= ps
+        inner += 0.5
+        np.clip(inner, 0.0, 1.0, out=inner)
+        inner *= gain
+        inner = inner.mean(axis=1)
+        block = lumen[k, i, j]
+        np.maximum(block, inner, out=block)
         if wall > 0:
             outer = np.clip((radius + wall - d) / ps + 0.5, 0.0, 1.0).mean(axis=1)
-            shell[block] = np.maximum(shell[block], outer)
+            block = shell[k, i, j]
+            np.maximum(block, outer, out=block)
     return lumen, shell
 
 
@@ -380,6 +391,14 @@ def _ribs(a: Anatomy, x, y, z) -> np.ndarray:
     return np.maximum(ribs, sternum)
 
 
+def _blend(hu: np.ndarray, value, *weights) -> None:
+    """``hu = hu + (value - hu) * w1 * w2 ...`` in place: the same values, fewer temporaries."""
+    step = value - hu
+    for weight in weights:
+        step *= weight
+    hu += step
+
+
 def render(
     rng: np.random.Generator,
     a: Anatomy,
@@ -400,7 +419,9 @@ def render(
     fat_depth = (1.0 - body_r) * scale
     fat_field = smooth_field(rng, grid, 30.0)
     muscle = np.clip((fat_depth - a.fat * (1 + 0.3 * fat_field)) / 2.0, 0.0, 1.0)
-    hu = np.full(shape, AIR_HU, np.float32)
+    # float64: the soft tissue below is (np.where gives float64), and so was every sum with
+    # it; built in place (a volume is ~25 MB, each temporary a page-faulted allocation).
+    hu = np.full(shape, AIR_HU, np.float64)
     soft = FAT_HU + (MUSCLE_HU - FAT_HU) * muscle
     # Mediastinal and abdominal fat planes between organs.
     ca, cb = a.cavity
@@ -417,27 +438,27 @@ def render(
     # Abdomen under the domes: liver on the right, spleen/stomach on the left.
     below = np.clip(((a.dome[0] + a.dome[1]) / 2 - z) / 10.0, 0.0, 1.0) * inside_cavity
     soft = soft + ((np.where(x < 10.0, LIVER_HU, 35.0)) - soft) * below
-    hu = hu + (soft - hu) * body
+    _blend(hu, soft, body)
     # Spine: cortical shell, marrow, spinal canal.
     spine_d = np.sqrt(x**2 + (y - a.spine_y) ** 2)
     cortex = np.clip((a.spine_r - spine_d) / 1.5 + 0.5, 0.0, 1.0)
     marrow = np.clip((a.spine_r - 3.0 - spine_d) / 1.5 + 0.5, 0.0, 1.0)
-    hu = hu + (BONE_HU - hu) * cortex
-    hu = hu + (MARROW_HU - hu) * marrow
+    _blend(hu, BONE_HU, cortex)
+    _blend(hu, MARROW_HU, marrow)
     arch = (
         np.clip((6.0 - np.abs(x)) / 1.5, 0, 1)
         * np.clip((y - a.spine_y - a.spine_r) / 2.0, 0, 1)
         * np.clip((a.spine_y + a.spine_r + 35.0 - y) / 2.0, 0, 1)
     )
-    hu = hu + (BONE_HU * 0.7 - hu) * arch
-    hu = hu + (BONE_HU - hu) * _ribs(a, x, y, z) * body
+    _blend(hu, BONE_HU * 0.7, arch)
+    _blend(hu, BONE_HU, _ribs(a, x, y, z), body)
     # Lungs: textured parenchyma, denser towards the back (dependent lung).
     margin = lung_margin_both(a, x, y, z)
     lung = np.clip(margin / 1.5 + 0.5, 0.0, 1.0)
     texture = 28.0 * smooth_field(rng, grid, 22.0) + 14.0 * smooth_field(rng, grid, 7.0)
     dependent = 45.0 * np.clip((y + 0.2 * cb) / cb, 0.0, 1.0)
     parenchyma = LUNG_HU + texture + dependent
-    hu = hu + (parenchyma - hu) * lung
+    _blend(hu, parenchyma, lung)
     if a.gas_bubble:
         gas = np.sqrt(
             ((x - 0.45 * ca) / 40.0) ** 2
@@ -445,23 +466,23 @@ def render(
             + ((z - a.dome[1] + 45.0) / 22.0) ** 2
         )
         gas = np.clip((1.0 - gas) * 22.0 / 1.5 + 0.5, 0, 1) * (z < a.dome[1] - 15.0)
-        hu = hu + (AIR_HU - hu) * gas
+        _blend(hu, AIR_HU, gas)
     lumen_v, _ = rasterise_tubes(grid, vessels)
     lumen_v *= lung > 0.0
-    hu = hu + (BLOOD_HU + 10.0 - hu) * lumen_v
+    _blend(hu, BLOOD_HU + 10.0, lumen_v)
     central, bronchi = airways
     for tube, wall in ((central, 2.0), (bronchi, 1.2)):
         lumen_a, shell_a = rasterise_tubes(grid, tube, wall)
         if tube is bronchi:
             lumen_a *= lung > 0.0
             shell_a *= lung > 0.0
-        hu = hu + (MUSCLE_HU - hu) * shell_a
-        hu = hu + (AIR_HU - hu) * lumen_a
+        _blend(hu, MUSCLE_HU, shell_a)
+        _blend(hu, AIR_HU, lumen_a)
         if tube is central:
             central_lumen = lumen_a
     table_y = a.body_b + 8.0
     table = np.clip((4.0 - np.abs(y - table_y)) / 1.0, 0, 1) * (np.abs(x) < 210.0)
-    hu = hu + (-150.0 - hu) * table * (1 - body)
+    _blend(hu, -150.0, table, 1 - body)
     lung_mask = (margin > 0.0) & (central_lumen < 0.5)
     return hu.astype(np.float32), np.broadcast_to(lung_mask, shape).copy()
 
