@@ -391,12 +391,13 @@ def _ribs(a: Anatomy, x, y, z) -> np.ndarray:
     return np.maximum(ribs, sternum)
 
 
-def _blend(hu: np.ndarray, value, *weights) -> None:
-    """``hu = hu + (value - hu) * w1 * w2 ...`` in place: the same values, fewer temporaries."""
-    step = value - hu
+def _blend(volume: np.ndarray, value, *weights) -> None:
+    """``volume = volume + (value - volume) * w1 * w2 ...`` in place (``volume`` of the
+    result's shape and type): the same values, fewer temporaries."""
+    step = value - volume
     for weight in weights:
         step *= weight
-    hu += step
+    volume += step
 
 
 def render(
@@ -432,12 +433,13 @@ def render(
     hx, hy, hz, rx, ry, rz = a.heart
     heart_r = np.sqrt(((x - hx) / rx) ** 2 + ((y - hy) / ry) ** 2 + ((z - hz) / rz) ** 2)
     heart = np.clip((1.0 - heart_r) * min(rx, ry) / 2.0 + 0.5, 0.0, 1.0)
-    soft = soft + (BLOOD_HU - soft) * heart
+    _blend(soft, BLOOD_HU, heart)
     aorta = np.clip((11.0 - np.sqrt((x - 22.0) ** 2 + (y - a.spine_y + 22.0) ** 2)) / 1.5, 0, 1)
-    soft = soft + (BLOOD_HU - soft) * aorta * (z < 10.0)
+    _blend(soft, BLOOD_HU, aorta, z < 10.0)
     # Abdomen under the domes: liver on the right, spleen/stomach on the left.
     below = np.clip(((a.dome[0] + a.dome[1]) / 2 - z) / 10.0, 0.0, 1.0) * inside_cavity
-    soft = soft + ((np.where(x < 10.0, LIVER_HU, 35.0)) - soft) * below
+    soft = soft.astype(np.float64)  # as the sum with np.where's float64 made it
+    _blend(soft, np.where(x < 10.0, LIVER_HU, 35.0), below)
     _blend(hu, soft, body)
     # Spine: cortical shell, marrow, spinal canal.
     spine_d = np.sqrt(x**2 + (y - a.spine_y) ** 2)
