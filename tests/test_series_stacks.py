@@ -220,6 +220,56 @@ def test_slices_across_a_gap_are_not_merged_as_adjacent() -> None:
     assert [len(e.findings) for e in merge_across_slices(evaluations)] == [0, 1, 0, 0]
 
 
+def test_merging_compares_a_box_with_every_higher_scoring_box_of_its_neighbours() -> None:
+    """Many boxes, two concepts, two stacks: the same boxes are dropped as by comparing each
+    with every higher-scoring box kept (the rule as the docstring states it)."""
+    rng = np.random.default_rng(5)
+    concepts = [CodedConcept("786838002", "SCT", "Pulmonary nodule"), CodedConcept("1", "X", "y")]
+    places = [(stack, slot) for stack in (0, 1) for slot in (0, 1, 2, 4, 5, 6, 7)]
+    evaluations = []
+    for _ in places:
+        findings = []
+        for _ in range(int(rng.integers(0, 12))):
+            col, row = rng.uniform(0, 40, 2)
+            size = rng.uniform(2, 12)
+            box = (col, row, col + size, row + size)
+            concept = concepts[int(rng.integers(0, 2))]
+            findings.append(Finding(concept, float(rng.uniform()), 0.5, False, box=box))
+        evaluations.append(ImageFindings(None, findings))
+    for max_gap in (1, 2):
+        kept: list[tuple[int, Finding]] = []
+        expected = [[] for _ in evaluations]
+        ranked = sorted(
+            (
+                (f.probability, i, p)
+                for i, e in enumerate(evaluations)
+                for p, f in enumerate(e.findings)
+            ),
+            reverse=True,
+        )
+        for _, i, p in ranked:
+            finding = evaluations[i].findings[p]
+            col = (finding.box[0] + finding.box[2]) / 2
+            row = (finding.box[1] + finding.box[3]) / 2
+            if not any(
+                o.concept == finding.concept
+                and places[j][0] == places[i][0]
+                and 0 < abs(places[j][1] - places[i][1]) <= max_gap
+                and o.box[0] <= col <= o.box[2]
+                and o.box[1] <= row <= o.box[3]
+                for j, o in kept
+            ):
+                kept.append((i, finding))
+                expected[i].append(p)
+        merged = merge_across_slices(evaluations, max_gap, places)
+        got = [
+            [e.findings.index(f) for f in m.findings]
+            for e, m in zip(evaluations, merged, strict=True)
+        ]
+        assert got == [sorted(positions) for positions in expected]
+        assert 0 < sum(map(len, got)) < sum(len(e.findings) for e in evaluations)
+
+
 # --- scans of the same positions (contrast phases, repeated acquisitions) ----------------------
 
 

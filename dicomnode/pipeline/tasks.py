@@ -212,27 +212,27 @@ def merge_across_slices(
         ),
         reverse=True,
     )
-    kept: list[tuple[int, Finding]] = []
+    # Kept boxes by (stack, slot): a box is compared with those of the slots within max_gap
+    # only (a series' detector may give thousands of low-scoring boxes).
+    kept: dict[tuple[int, int], list[Finding]] = {}
+    gaps = [gap for gap in range(-max_gap, max_gap + 1) if gap != 0]
     dropped: set[tuple[int, int]] = set()
     for _, index, position in order:
         finding = evaluations[index].findings[position]
         assert finding.box is not None
         col = (finding.box[0] + finding.box[2]) / 2
         row = (finding.box[1] + finding.box[3]) / 2
-        for other_index, other in kept:
-            box = other.box
-            assert box is not None
-            if (
-                other.concept == finding.concept
-                and places[other_index][0] == places[index][0]
-                and 0 < abs(places[other_index][1] - places[index][1]) <= max_gap
-                and box[0] <= col <= box[2]
-                and box[1] <= row <= box[3]
-            ):
-                dropped.add((index, position))
-                break
+        stack, slot = places[index]
+        inside = any(
+            box[0] <= col <= box[2] and box[1] <= row <= box[3] and other.concept == finding.concept
+            for gap in gaps
+            for other in kept.get((stack, slot + gap), ())
+            if (box := other.box) is not None
+        )
+        if inside:
+            dropped.add((index, position))
         else:
-            kept.append((index, finding))
+            kept.setdefault((stack, slot), []).append(finding)
     return [
         ImageFindings(
             evaluation.source,
