@@ -106,6 +106,9 @@ def write_profile(name: str, out: Path) -> Path:
             findings=FINDINGS,
             prevalence=rates,
             views=views,
+            # Masks only where a card reads them (segmentation, bone suppression): the
+            # localisation cards' boxes and landmarks are in ground_truth.jsonl.
+            masks=name == "mix",
             **part,
         )
     return out
