@@ -14,11 +14,12 @@ from typing import TYPE_CHECKING, NoReturn
 from dicomnode import RESEARCH_DEMO_NOTICE
 from dicomnode.config import Settings, load_settings
 from dicomnode.db.errors import DatabaseUnusable
-from dicomnode.models.registry import ModelCard, discover_cards
 from dicomnode.tomlfile import ConfigError
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
+
+    from dicomnode.models.registry import ModelCard
 
 log = logging.getLogger("dicomnode")
 
@@ -44,6 +45,10 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def _cards(settings: Settings) -> list[ModelCard]:
+    # Imported here: the cards' models and numpy are for the commands that load cards, not
+    # for users, db or jobs (~0.1 s a process).
+    from dicomnode.models.registry import discover_cards
+
     return discover_cards(settings.model_folders)
 
 
