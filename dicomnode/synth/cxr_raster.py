@@ -16,9 +16,13 @@ def ramp(value: np.ndarray, width: float) -> np.ndarray:
     if not isinstance(step, np.ndarray) or step.ndim == 0:
         return np.clip(step + 0.5, 0.0, 1.0)
     # In place: the same values as np.clip(value / width + 0.5, 0, 1) without two temporaries
-    # (a 3000-pixel image's float64 margins are 72 MB each).
+    # (a 3000-pixel image's margins are 36 MB each).
     step += 0.5
     return np.clip(step, 0.0, 1.0, out=step)
+
+
+# Pixels of the rows gaussian_blur sums at a time (their float32 sum and product: 1 MB).
+BLOCK_PIXELS = 1 << 17
 
 
 def gaussian_blur(image: np.ndarray, sigma: float) -> np.ndarray:
@@ -29,16 +33,26 @@ def gaussian_blur(image: np.ndarray, sigma: float) -> np.ndarray:
     taps = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
     taps = (taps / taps.sum()).astype(np.float32)
     out = image
+    # A block of rows at a time, each tap added in the same order: the same sums, with the
+    # block's sum and product in cache (a 3000-pixel image's taps each streamed 36 MB arrays
+    # through memory; this is twice as fast there and the same at 512 pixels).
+    block_rows = max(1, BLOCK_PIXELS // image.shape[1])
     for axis in (0, 1):
         pad = [(0, 0), (0, 0)]
         pad[axis] = (radius, radius)
         padded = np.pad(out, pad, mode="edge")
         length = out.shape[axis]
         acc = np.zeros_like(out)
-        term = np.empty_like(out)  # one buffer for every tap's product, not one each
-        for k, weight in enumerate(taps):
-            shifted = padded[k : k + length] if axis == 0 else padded[:, k : k + length]
-            acc += np.multiply(weight, shifted, out=term)
+        term = np.empty_like(out[:block_rows])  # one buffer for every tap's product
+        for top in range(0, out.shape[0], block_rows):
+            bottom = min(top + block_rows, out.shape[0])
+            block, product = acc[top:bottom], term[: bottom - top]
+            for k, weight in enumerate(taps):
+                if axis == 0:
+                    shifted = padded[top + k : bottom + k]
+                else:
+                    shifted = padded[top:bottom, k : k + length]
+                block += np.multiply(weight, shifted, out=product)
         out = acc
     return out
 
