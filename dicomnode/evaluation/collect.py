@@ -160,14 +160,17 @@ def group_candidates(
     within one slice of it in z; a candidate's centre is the score-weighted mean of its
     detections and its score the highest. Returns (centres (n, 3), scores (n,))."""
     order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
+    margin_z = slice_mm * 1.01
     candidates: list[dict[str, float]] = []
     for i in order:
         z, y, x = (float(v) for v in points[i])
         score, radius = float(scores[i]), float(radii[i])
+        # In z first: most candidates are on other slices (a scan's detector gives thousands
+        # of low-scoring boxes), and the comparison costs less than the distance.
         for c in candidates:
-            reach = max(c["radius"], MIN_HIT_RADIUS_MM)
-            near_z = c["z0"] - slice_mm * 1.01 <= z <= c["z1"] + slice_mm * 1.01
-            if math.hypot(y - c["y"], x - c["x"]) <= reach and near_z:
+            if not c["z0"] - margin_z <= z <= c["z1"] + margin_z:
+                continue
+            if math.hypot(y - c["y"], x - c["x"]) <= max(c["radius"], MIN_HIT_RADIUS_MM):
                 weight = c["weight"] + score
                 for key, value in (("z", z), ("y", y), ("x", x)):
                     c[key] = (c[key] * c["weight"] + value * score) / weight
