@@ -101,13 +101,19 @@ class Node:
             self.process.wait()
 
 
-def make_node(folder: Path, lease_seconds: float = 3.0, models: Path = REPO / "models") -> Node:
-    """Write a node configuration on free ports (SQLite, one worker, the model cards in
-    ``models``: by default the repository's)."""
+def make_node(
+    folder: Path,
+    lease_seconds: float = 3.0,
+    models: Path = REPO / "models",
+    listeners: int = 4,
+) -> Node:
+    """Write a node configuration on free ports (SQLite, one worker, ``listeners`` listener
+    processes, the model cards in ``models``: by default the repository's)."""
     port, web_port = free_port(), free_port()
     config = folder / "dicomnode.toml"
     config.write_text(
-        f'[node]\nae_title = "DICOMNODE"\nhost = "127.0.0.1"\nport = {port}\n\n'
+        f'[node]\nae_title = "DICOMNODE"\nhost = "127.0.0.1"\nport = {port}\n'
+        f"listeners = {listeners}\n\n"
         f'[storage]\npath = "{folder / "storage"}"\n\n'
         f'[database]\nurl = "sqlite:///{folder / "dicomnode.db"}"\n\n'
         f'[web]\nhost = "127.0.0.1"\nport = {web_port}\n\n'
@@ -241,16 +247,17 @@ def run_trial(
     per_study: int = 4,
     settle: float = 60.0,
     models: Path = REPO / "models",
+    listeners: int = 4,
 ) -> TrialResult:
     """One kill-restart-check trial in ``folder``; see the module docstring.
 
     ``kill_after`` (seconds after sending starts) defaults to a random time from ``seed``.
     ``models`` is the folder of model cards the node runs (each writes its result objects
-    for every study before the study settles).
+    for every study before the study settles), ``listeners`` its listener processes.
     """
     rng = random.Random(seed)
     images = phantoms(seed, studies, per_study)
-    node = make_node(folder, models=models)
+    node = make_node(folder, models=models, listeners=listeners)
     node.start()
     acked: list[str] = []
     opened: list[Association] = []
