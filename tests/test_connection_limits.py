@@ -490,9 +490,7 @@ def _listener_of(port: int, listeners: list[int], client_port: int) -> int:
 def test_the_limit_holds_over_all_listener_processes(tmp_path: Path) -> None:
     config, port, web_port = write_config(tmp_path, f"sqlite:///{tmp_path / 'node.db'}")
     body = config.read_text()
-    body = body.replace(
-        f"port = {port}\n", f"port = {port}\nlisteners = 2\nmax_associations_per_address = 2\n"
-    )
+    body = body.replace(f"port = {port}\n", f"port = {port}\nmax_associations_per_address = 2\n")
     config.write_text(body.replace("[worker]\ncount = 1\n", "[worker]\ncount = 0\n"))
     running = start_node(tmp_path, config, port, web_port)
     try:
@@ -523,9 +521,7 @@ def test_the_limit_holds_over_all_listener_processes(tmp_path: Path) -> None:
 def test_silent_connections_are_capped_over_all_listener_processes(tmp_path: Path) -> None:
     config, port, web_port = write_config(tmp_path, f"sqlite:///{tmp_path / 'node.db'}")
     body = config.read_text()
-    body = body.replace(
-        f"port = {port}\n", f"port = {port}\nlisteners = 2\nmax_associations_per_address = 2\n"
-    )
+    body = body.replace(f"port = {port}\n", f"port = {port}\nmax_associations_per_address = 2\n")
     config.write_text(body.replace("[worker]\ncount = 1\n", "[worker]\ncount = 0\n"))
     running = start_node(tmp_path, config, port, web_port)
     try:

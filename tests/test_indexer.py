@@ -247,11 +247,7 @@ def test_release_waits_for_the_rows_and_a_killed_node_loses_no_acknowledged_inst
     config, port, web_port = write_config(tmp_path, db_url)
     # No worker; two listener processes (one serves the association; the other must die
     # with the supervisor too; the default 4 cost each start ~2 s more on two cores).
-    config.write_text(
-        config.read_text()
-        .replace("[worker]\ncount = 1\n", "[worker]\ncount = 0\n")
-        .replace("[node]\n", "[node]\nlisteners = 2\n")
-    )
+    config.write_text(config.read_text().replace("[worker]\ncount = 1\n", "[worker]\ncount = 0\n"))
     (files,) = write_studies(tmp_path / "send", 1, 3)
     process, log = launch_node(tmp_path, config, port, web_port)
     lock = os.open(f"{tmp_path / 'dicomnode.db'}.writers", os.O_RDWR | os.O_CREAT, 0o640)

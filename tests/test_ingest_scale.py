@@ -127,13 +127,12 @@ def instance_rows(db_url: str) -> list[tuple[str, str, int]]:
 
 
 def _node(tmp_path: Path, db_url: str, *, listeners: int, workers: int, extra: str = ""):
-    config, port, web_port = write_config(tmp_path, db_url)
+    config, port, web_port = write_config(tmp_path, db_url, listeners=listeners)
     body = config.read_text()
     body = body.replace(
         f"port = {port}\n",
         # 32 senders at once from this one address: none may be refused.
-        f"port = {port}\nlisteners = {listeners}\nmax_associations = 40\n"
-        "max_associations_per_address = 40\n",
+        f"port = {port}\nmax_associations = 40\nmax_associations_per_address = 40\n",
         1,
     )
     body = body.replace("[worker]\ncount = 1\n", f"[worker]\ncount = {workers}\n")

@@ -42,15 +42,11 @@ def exported_studies(pacs: StoreSCP) -> set[str]:
 
 def test_node_logs_carry_no_patient_name_id_or_birth_date(tmp_path, pacs: StoreSCP) -> None:
     config, port, web_port = write_config(
-        tmp_path, f"sqlite:///{tmp_path / 'dicomnode.db'}", destinations=[pacs]
+        tmp_path, f"sqlite:///{tmp_path / 'dicomnode.db'}", destinations=[pacs], listeners=1
     )
     # One listener (the three sends come one after another; each listener more costs the
     # node's start ~1 s of CPU) and the studies analysed 0.1 s after their association.
-    config.write_text(
-        config.read_text()
-        .replace("[node]\n", "[node]\nlisteners = 1\n")
-        .replace("quiet_seconds = 0.5", "quiet_seconds = 0.1")
-    )
+    config.write_text(config.read_text().replace("quiet_seconds = 0.5", "quiet_seconds = 0.1"))
     node = start_node(tmp_path, config, port, web_port)
     try:
         ds = _probe()

@@ -84,10 +84,11 @@ def test_node_reload_names_only_the_node_settings_that_wait_for_a_restart(
 def test_serve_reload_compares_restart_only_keys_with_what_it_runs(tmp_path: Path) -> None:
     """A restart-only change set back before any restart is no longer pending: the second
     reload does not warn again about an ae_title the node already runs."""
-    config, port, web_port = write_config(tmp_path, f"sqlite:///{tmp_path / 'db.sqlite'}")
+    config, port, web_port = write_config(
+        tmp_path, f"sqlite:///{tmp_path / 'db.sqlite'}", listeners=1
+    )
     # One listener, no worker: the reload is what is tested.
-    text = config.read_text().replace("[worker]\ncount = 1", "[worker]\ncount = 0")
-    config.write_text(text.replace("[node]\n", "[node]\nlisteners = 1\n", 1))
+    config.write_text(config.read_text().replace("[worker]\ncount = 1", "[worker]\ncount = 0"))
     process, log = launch_node(tmp_path, config, port, web_port)
     warning = "reload: [node.ae_title] changed; it takes effect at the next restart"
 

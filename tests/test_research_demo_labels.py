@@ -238,9 +238,8 @@ def test_api_and_page_show_the_notice(sessions) -> None:
 
 
 def test_worklist_cli_and_start_up_log_say_it(tmp_path: Path) -> None:
-    config, _, web_port = write_config(tmp_path, f"sqlite:///{tmp_path / 'node.db'}")
-    # One listener: no DICOM is sent here, and three more only slow the worker's start.
-    config.write_text(config.read_text().replace("[node]\n", "[node]\nlisteners = 1\n"))
+    # One listener: no DICOM is sent here, and more only slow the worker's start.
+    config, _, web_port = write_config(tmp_path, f"sqlite:///{tmp_path / 'node.db'}", listeners=1)
     log = tmp_path / "node.log"
     process = subprocess.Popen(
         [sys.executable, "-m", "dicomnode", "serve", "--config", str(config)],
