@@ -77,23 +77,32 @@ def check_network(settings: Settings) -> list[ConfigError]:
 
 
 def exposure_warnings(settings: Settings) -> list[str]:
-    """What leaves the DICOM listener open wider than a site would want: no peer list (any
-    caller stores), peers known by AE title alone (a title anyone can send). Warnings, not
-    errors: the defaults run a demo out of the box."""
+    """What leaves the node open wider than a site would want: no peer list (any caller
+    stores), peers known by AE title alone (a title anyone can send), a stand-alone worker's
+    metrics on every address (no log-in in front of them). Warnings, not errors: the
+    defaults run a demo out of the box."""
+    warnings: list[str] = []
     if not settings.peers:
-        return [
+        warnings.append(
             f"[[peers]] lists no one: any calling AE title from any host that reaches "
             f"{settings.node.host}:{settings.node.port} may store; list the modalities and "
             "PACS (with their host) and set [node] require_known_peers = true"
-        ]
+        )
     anywhere = [peer.ae_title for peer in settings.peers if not peer.host]
     if anywhere:
-        return [
+        warnings.append(
             f"[[peers]] {', '.join(anywhere)} {'has' if len(anywhere) == 1 else 'have'} no "
             "host: any host calling with that AE title may store; give each its host (or use "
             "TLS client certificates)"
-        ]
-    return []
+        )
+    worker = settings.worker
+    if worker.metrics_port and worker.metrics_host in ("0.0.0.0", "::", ""):
+        warnings.append(
+            f"[worker] metrics_host = {worker.metrics_host!r}: a stand-alone worker's /metrics "
+            f"answers anyone who reaches port {worker.metrics_port} (no log-in); bind it to "
+            "the monitoring network's address or a firewalled one"
+        )
+    return warnings
 
 
 def check_settings(settings: Settings) -> list[ConfigError]:

@@ -87,6 +87,29 @@ def test_peers_known_by_title_alone_are_warned_of_and_listed_hosts_are_not(
     assert result.returncode == 0 and "warning" not in result.stderr, result.stderr
 
 
+def test_worker_metrics_on_every_address_are_warned_of(tmp_path: Path) -> None:
+    """A stand-alone worker's /metrics has no log-in: on 0.0.0.0 check-config says so; on
+    an address of its own, or with no metrics port, it does not."""
+    config = tmp_path / "dicomnode.toml"
+    base = (
+        f'[storage]\npath = "{tmp_path / "storage"}"\n\n'
+        f'[database]\nurl = "sqlite:///{tmp_path / "db.sqlite"}"\n\n'
+        f'[models]\nfolders = ["{REPO / "models"}"]\n\n'
+        '[[peers]]\nae_title = "CT01"\nhost = "192.0.2.7"\n\n'
+    )
+    config.write_text(base + '[worker]\nmetrics_port = 9101\nmetrics_host = "0.0.0.0"\n')
+    result = _check(config)
+    assert result.returncode == 0, result.stderr
+    assert "warning: [worker] metrics_host = '0.0.0.0': a stand-alone worker's /metrics" in (
+        result.stderr
+    )
+    quiet = ('metrics_port = 9101\nmetrics_host = "10.0.0.5"\n', 'metrics_host = "0.0.0.0"\n')
+    for worker in quiet:
+        config.write_text(base + "[worker]\n" + worker)
+        result = _check(config)
+        assert result.returncode == 0 and "warning" not in result.stderr, result.stderr
+
+
 def test_what_keeps_the_node_from_running_is_refused_by_check_config_and_serve(
     tmp_path: Path,
 ) -> None:
