@@ -407,3 +407,27 @@ def referenced_uids(session, study_id: int) -> set[str]:
             if element.keyword == "ReferencedSOPInstanceUID":
                 uids.add(str(element.value))
     return uids
+
+
+def queue_notifications(sessions, study_uid: str, count: int) -> list[int]:
+    """A critical study and ``count`` queued webhook notification jobs for it; their ids."""
+    from datetime import UTC, datetime
+
+    from dicomnode.db.models import Study
+    from dicomnode.jobs import enqueue
+
+    now = datetime.now(UTC)
+    with sessions() as session:
+        study = Study(
+            study_instance_uid=study_uid,
+            received_at=now,
+            last_instance_at=now,
+            ready_at=now,
+            due_at=now,
+            tier="critical",
+        )
+        session.add(study)
+        session.flush()
+        jobs = [enqueue(session, "notify", study.id, {"channel": "webhook"}) for _ in range(count)]
+        session.commit()
+        return [job.id for job in jobs]

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import dcmtk, start_node, stop_node, wait_for, write_config
+from conftest import RunningNode, dcmtk, start_node, stop_node, wait_for, write_config
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification
@@ -486,16 +486,26 @@ def _listener_of(port: int, listeners: list[int], client_port: int) -> int:
     raise LookupError(f"no listener holds the connection from port {client_port}")
 
 
-@needs_other_host
-def test_the_limit_holds_over_all_listener_processes(tmp_path: Path) -> None:
+def _two_listener_node(tmp_path: Path) -> tuple[RunningNode, list[int]]:
+    """A node of two listener processes, no worker, and max_associations_per_address 2; and
+    its listeners' process ids."""
     config, port, web_port = write_config(tmp_path, f"sqlite:///{tmp_path / 'node.db'}")
     body = config.read_text()
     body = body.replace(f"port = {port}\n", f"port = {port}\nmax_associations_per_address = 2\n")
     config.write_text(body.replace("[worker]\ncount = 1\n", "[worker]\ncount = 0\n"))
     running = start_node(tmp_path, config, port, web_port)
+    listeners = [p for p, cmd in children(running.process.pid).items() if " listener " in cmd]
+    if len(listeners) != 2:
+        stop_node(running)
+        raise AssertionError(f"{len(listeners)} listener processes, not 2")
+    return running, listeners
+
+
+@needs_other_host
+def test_the_limit_holds_over_all_listener_processes(tmp_path: Path) -> None:
+    running, listeners = _two_listener_node(tmp_path)
+    port = running.port
     try:
-        listeners = [p for p, cmd in children(running.process.pid).items() if " listener " in cmd]
-        assert len(listeners) == 2
         held = _established(port, 2)
         try:
             serving = {_listener_of(port, listeners, a.assoc.requestor.port) for a in held}
@@ -519,14 +529,9 @@ def test_the_limit_holds_over_all_listener_processes(tmp_path: Path) -> None:
 
 @needs_other_host
 def test_silent_connections_are_capped_over_all_listener_processes(tmp_path: Path) -> None:
-    config, port, web_port = write_config(tmp_path, f"sqlite:///{tmp_path / 'node.db'}")
-    body = config.read_text()
-    body = body.replace(f"port = {port}\n", f"port = {port}\nmax_associations_per_address = 2\n")
-    config.write_text(body.replace("[worker]\ncount = 1\n", "[worker]\ncount = 0\n"))
-    running = start_node(tmp_path, config, port, web_port)
+    running, listeners = _two_listener_node(tmp_path)
+    port = running.port
     try:
-        listeners = [p for p, cmd in children(running.process.pid).items() if " listener " in cmd]
-        assert len(listeners) == 2
         cap = connection_limit(2)
         silent = _silent(port, cap + 2)
         try:

@@ -16,18 +16,17 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from conftest import wait_for
+from conftest import queue_notifications, wait_for
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicomnode.db.models import Job, Study
+from dicomnode.db.models import Job
 from dicomnode.db.session import as_utc
-from dicomnode.jobs import enqueue
 
 JOBS = 60
 WORKERS = 3
@@ -101,21 +100,7 @@ def _config(folder: Path, db_url: str, webhook_url: str) -> Path:
 
 
 def _queue_notifications(sessions: sessionmaker[Session]) -> list[int]:
-    now = datetime.now(UTC)
-    with sessions() as session:
-        study = Study(
-            study_instance_uid="1.2.826.0.1.3680043.10.1.8",
-            received_at=now,
-            last_instance_at=now,
-            ready_at=now,
-            due_at=now,
-            tier="critical",
-        )
-        session.add(study)
-        session.flush()
-        jobs = [enqueue(session, "notify", study.id, {"channel": "webhook"}) for _ in range(JOBS)]
-        session.commit()
-        return [job.id for job in jobs]
+    return queue_notifications(sessions, "1.2.826.0.1.3680043.10.1.8", JOBS)
 
 
 def _jobs(sessions: sessionmaker[Session]) -> list[Job]:

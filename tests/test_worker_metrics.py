@@ -13,17 +13,15 @@ import sys
 import threading
 import urllib.request
 from collections.abc import Iterator
-from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from conftest import wait_for
+from conftest import queue_notifications, wait_for
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicomnode.db.models import Job, Study
-from dicomnode.jobs import enqueue
+from dicomnode.db.models import Job
 from dicomnode.ports import free_port
 
 REPO = Path(__file__).resolve().parent.parent
@@ -68,21 +66,8 @@ def _config(folder: Path, db_url: str, webhook_url: str, metrics_port: int) -> P
 
 
 def _queue_notification(sessions: sessionmaker[Session]) -> int:
-    now = datetime.now(UTC)
-    with sessions() as session:
-        study = Study(
-            study_instance_uid="1.2.826.0.1.3680043.10.1.9",
-            received_at=now,
-            last_instance_at=now,
-            ready_at=now,
-            due_at=now,
-            tier="critical",
-        )
-        session.add(study)
-        session.flush()
-        job = enqueue(session, "notify", study.id, {"channel": "webhook"})
-        session.commit()
-        return job.id
+    (job_id,) = queue_notifications(sessions, "1.2.826.0.1.3680043.10.1.9", 1)
+    return job_id
 
 
 def _wait_done(sessions: sessionmaker[Session], job_id: int) -> None:
