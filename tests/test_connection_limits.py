@@ -105,6 +105,12 @@ def _released(node: Node, address: str = "127.0.0.1") -> None:
     wait_for(lambda: node.scp.addresses.count(key) == 0, timeout=10, interval=0.01)
 
 
+def _limit_served_again(node: Node) -> None:
+    """Two associations from this address are accepted (the limit, 2, is free again)."""
+    for attempt in _established(node.port, 2):
+        attempt.assoc.release()
+
+
 @pytest.fixture
 def node(tmp_path: Path, sessions: sessionmaker[Session]) -> Iterator[Node]:
     yield from start_scp(tmp_path, sessions, {"max_associations_per_address": 2})
@@ -129,9 +135,7 @@ def test_one_address_over_its_limit_is_rejected_while_another_is_served(node: No
         for attempt in held:
             attempt.assoc.release()
     _released(node)
-    again = _established(node.port, 2)
-    for attempt in again:
-        attempt.assoc.release()
+    _limit_served_again(node)
 
 
 def test_dcmtk_sees_the_rejection_as_transient_local_limit_exceeded(node: Node) -> None:
@@ -170,9 +174,7 @@ def test_rejected_requests_take_no_count_and_ended_ones_give_theirs_back(node: N
     assert idle.established
     wait_for(lambda: idle.assoc.is_aborted and held[1].assoc.is_aborted, timeout=10)
     _released(node)
-    again = _established(node.port, 2)
-    for attempt in again:
-        attempt.assoc.release()
+    _limit_served_again(node)
 
 
 def test_an_association_whose_connection_fails_inside_the_node_gives_its_count_back(
@@ -196,9 +198,7 @@ def test_an_association_whose_connection_fails_inside_the_node_gives_its_count_b
     wait_for(lambda: all(a.assoc.is_aborted for a in held), timeout=10, interval=0.05)
     failing["now"] = False
     _released(node)
-    again = _established(node.port, 2)
-    for attempt in again:
-        attempt.assoc.release()
+    _limit_served_again(node)
 
 
 def test_a_reload_applies_the_limit_to_new_associations(node: Node) -> None:
@@ -401,9 +401,7 @@ def test_silent_connections_are_closed_at_the_acse_timeout_and_give_their_counts
     finally:
         for connection in silent:
             connection.close()
-    again = _established(node.port, 2)
-    for attempt in again:
-        attempt.assoc.release()
+    _limit_served_again(node)
 
 
 def test_a_request_sent_a_byte_at_a_time_is_cut_off_at_the_acse_timeout(
@@ -432,9 +430,7 @@ def test_a_request_sent_a_byte_at_a_time_is_cut_off_at_the_acse_timeout(
         assert time.monotonic() - started < 4
     assert "its association request did not arrive in full" in caplog.text
     wait_for(lambda: node.scp.addresses.connections(key) == 0, timeout=10, interval=0.01)
-    again = _established(node.port, 2)
-    for attempt in again:
-        attempt.assoc.release()
+    _limit_served_again(node)
 
 
 def test_a_connection_that_fails_before_its_association_gives_its_count_back(
@@ -457,9 +453,7 @@ def test_a_connection_that_fails_before_its_association_gives_its_count_back(
         for connection in silent:
             connection.close()
     monkeypatch.undo()
-    again = _established(node.port, 2)
-    for attempt in again:
-        attempt.assoc.release()
+    _limit_served_again(node)
 
 
 # Over several listener processes -------------------------------------------------------
