@@ -105,6 +105,14 @@ def _released(node: Node, address: str = "127.0.0.1") -> None:
     wait_for(lambda: node.scp.addresses.count(key) == 0, timeout=10, interval=0.01)
 
 
+def _other_host_served(port: int) -> None:
+    """An association from OTHER_HOST is accepted and answers a C-ECHO."""
+    other = Attempt(port, OTHER_HOST)
+    assert other.established
+    assert other.echo() == 0x0000
+    other.assoc.release()
+
+
 def _limit_served_again(node: Node) -> None:
     """Two associations from this address are accepted (the limit, 2, is free again)."""
     for attempt in _established(node.port, 2):
@@ -312,10 +320,7 @@ def test_silent_connections_beyond_the_cap_are_closed_and_given_back_when_they_g
         assert not Attempt(node.port).established
         assert _echoscu(node.port).returncode != 0
         # another host is served as before,
-        other = Attempt(node.port, OTHER_HOST)
-        assert other.established
-        assert other.echo() == 0x0000
-        other.assoc.release()
+        _other_host_served(node.port)
     finally:
         for connection in silent:
             connection.close()
@@ -539,10 +544,7 @@ def test_silent_connections_are_capped_over_all_listener_processes(tmp_path: Pat
             serving = {_listener_of(port, listeners, c.getsockname()[1]) for c in kept}
             assert serving == set(listeners), "all silent connections went to one listener"
             assert not Attempt(port).established
-            other = Attempt(port, OTHER_HOST)
-            assert other.established
-            assert other.echo() == 0x0000
-            other.assoc.release()
+            _other_host_served(port)
         finally:
             for connection in silent:
                 connection.close()
