@@ -26,6 +26,7 @@ from sqlalchemy.orm import Session
 
 from dicomnode.db.models import Job
 from dicomnode.db.session import READ_ONLY, as_utc, utcnow
+from dicomnode.outage import OutageLog
 
 BACKOFF_BASE_SECONDS = 2.0
 BACKOFF_MAX_SECONDS = 600.0
@@ -429,7 +430,7 @@ class JobSignal:
                         for _ in conn.notifies(timeout=0.5):
                             self._bump()
             except Exception as exc:  # the database restarts: listen again
-                self._stop.wait(outage.failed(type(exc).__name__))
+                self._stop.wait(outage.retry_in(type(exc).__name__))
 
     def _watch(self) -> None:
         newest = None
@@ -449,10 +450,10 @@ class JobSignal:
                             newest = latest
                             self._bump()
             except sqlite3.Error as exc:
-                self._stop.wait(outage.failed(str(exc)))
+                self._stop.wait(outage.retry_in(str(exc)))
 
 
-class _Outage:
+class _Outage(OutageLog):
     """A :class:`JobSignal` thread's trouble reaching the database: one WARNING when it
     starts (``message`` with the reason), each retry at DEBUG, one INFO when it ends; retries
     back off from 1 s to 5 s (a database down for seconds logged a line a second)."""
@@ -461,16 +462,12 @@ class _Outage:
     LAST_SECONDS = 5.0
 
     def __init__(self, message: str):
+        super().__init__(log)
         self.message = message
         self.delay = 0.0
 
-    def failed(self, reason: str) -> float:
+    def retry_in(self, reason: str) -> float:
         """Log the failure; returns how long to wait before trying again."""
-        log.log(logging.DEBUG if self.delay else logging.WARNING, self.message, reason)
-        self.delay = min(self.LAST_SECONDS, self.delay * 2 or self.FIRST_SECONDS)
+        first = self.failed(self.message, reason)
+        self.delay = self.FIRST_SECONDS if first else min(self.LAST_SECONDS, self.delay * 2)
         return self.delay
-
-    def ended(self, message: str) -> None:
-        if self.delay:
-            log.info(message)
-            self.delay = 0.0

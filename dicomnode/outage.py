@@ -12,9 +12,6 @@ import time
 
 from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, OperationalError
 
-# The worker's lines: operators and their log filters know them by this name.
-log = logging.getLogger("dicomnode.worker")
-
 
 def disk_full(exc: BaseException) -> bool:
     """Whether ``exc`` (or what caused it, e.g. a ``SpoolError``) is a file system out of
@@ -43,35 +40,33 @@ def database_reason(exc: BaseException) -> str:
     return f"{type(cause).__name__}: {lines[0] if lines else ''}".rstrip(": ")
 
 
-class DatabaseOutage:
-    """The database as the job threads see it, shared by them: one WARNING when it becomes
-    unavailable and one when it is available again, instead of a traceback per thread and
-    retry (1 MB of log in 12 s of outage); each retry's error is at DEBUG.
-    ``retry_last_seconds``: the longest wait between the threads' retries, for the WARNING."""
+class OutageLog:
+    """An outage in the log, for the threads that share it: a WARNING when it starts, its
+    further failures at DEBUG, one INFO when it ends (a line per thread and retry made 1 MB
+    of log in 12 s of a database outage)."""
 
-    def __init__(self, retry_last_seconds: float) -> None:
+    def __init__(self, logger: logging.Logger) -> None:
+        self.logger = logger
         self._lock = threading.Lock()
-        self.since: float | None = None
-        self.retry_last_seconds = retry_last_seconds
+        self._since: float | None = None
 
-    def failed(self, exc: BaseException, retry: float) -> None:
+    def failed(self, message: str | None = None, *args: object) -> bool:
+        """A failure: ``message % args`` at WARNING if it starts the outage, else at DEBUG
+        (nothing without a message); returns whether it started it."""
         with self._lock:
-            first = self.since is None
+            first = self._since is None
             if first:
-                self.since = time.monotonic()
-        if first:
-            log.warning(
-                "database unavailable: %s; retrying in %.1f s, then at least every %.0f s",
-                database_reason(exc),
-                retry,
-                self.retry_last_seconds,
-            )
-        log.debug("job thread: database unavailable; retrying in %.1f s", retry, exc_info=exc)
+                self._since = time.monotonic()
+        if message is not None:
+            self.logger.log(logging.WARNING if first else logging.DEBUG, message, *args)
+        return first
 
-    def recovered(self) -> None:
-        if self.since is None:
+    def ended(self, message: str) -> None:
+        """The outage, if there is one, is over: ``message`` at INFO, once; a
+        ``%(seconds).0f`` in it says how long the outage lasted."""
+        if self._since is None:
             return  # the common case, without the lock
         with self._lock:
-            since, self.since = self.since, None
+            since, self._since = self._since, None
         if since is not None:
-            log.info("database available again after %.0f s", time.monotonic() - since)
+            self.logger.info(message, {"seconds": time.monotonic() - since})

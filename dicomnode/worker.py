@@ -47,7 +47,7 @@ from dicomnode.logs import patient_values, without_patient_data
 from dicomnode.models.availability import ModelAvailability
 from dicomnode.models.registry import ModelCard
 from dicomnode.notify import send_notification
-from dicomnode.outage import DatabaseOutage, database_reason, database_unavailable, disk_full
+from dicomnode.outage import OutageLog, database_reason, database_unavailable, disk_full
 from dicomnode.pipeline.analyse import analyse_study, mark_failed, write_results
 from dicomnode.pipeline.handover import Handover
 from dicomnode.pipeline.runtime import ModelLoadError, Runtime
@@ -112,11 +112,11 @@ class Worker:
         self._background = 0
         self._background_lock = threading.Lock()
         # Whether the job threads find the database unavailable (one log line per change).
-        self.outage = DatabaseOutage(LOOP_RETRY_LAST_SECONDS)
+        self.outage = OutageLog(log)
         # Runs the export jobs this worker claims.
         self.exports = ExportJobs(self)
         # Whether results jobs wait for room in storage now (one log line per change).
-        self._storage_full = False
+        self._storage_full = OutageLog(log)
 
     @property
     def cards(self) -> list[ModelCard]:
@@ -432,7 +432,7 @@ class Worker:
                 if triaged is not None:
                     self.handover.put(job.id, triaged, triaged.nbytes())
                 self._storage_wait(job, f"storage full: {exc}")
-            self._storage_room()
+            self._storage_full.ended("storage has room again: results jobs run")
             for stage, spent in times.seconds.items():
                 metrics.JOB_SECONDS.labels("results", stage).observe(spent)
             seconds.update(times.seconds)
@@ -457,10 +457,7 @@ class Worker:
     def _storage_wait(self, job: Job, reason: str) -> None:
         """Raise :class:`Postponed` for ``STORAGE_WAIT_SECONDS``; the first results job to
         wait logs a WARNING, the others at DEBUG."""
-        with self._background_lock:
-            first, self._storage_full = not self._storage_full, True
-        log.log(
-            logging.WARNING if first else logging.DEBUG,
+        self._storage_full.failed(
             "results job %d study_id=%d waits: %s; results jobs are tried again every %.0f s "
             "without using their attempts until there is room",
             job.id,
@@ -469,14 +466,6 @@ class Worker:
             STORAGE_WAIT_SECONDS,
         )
         raise Postponed(reason, STORAGE_WAIT_SECONDS)
-
-    def _storage_room(self) -> None:
-        """A results job wrote its objects: say once that storage has room again."""
-        if self._storage_full:
-            with self._background_lock:
-                was, self._storage_full = self._storage_full, False
-            if was:
-                log.info("storage has room again: results jobs run")
 
     def free_orphaned_jobs(self) -> None:
         """Free the jobs that worker processes of this host held when they died, for a
@@ -546,13 +535,23 @@ class Worker:
                 # log a traceback each poll (~10 a second).
                 retry = min(LOOP_RETRY_LAST_SECONDS, retry * 2 or LOOP_RETRY_FIRST_SECONDS)
                 if database_unavailable(exc):
-                    self.outage.failed(exc, retry)
+                    if self.outage.failed():
+                        log.warning(
+                            "database unavailable: %s; retrying in %.1f s, then at least every "
+                            "%.0f s",
+                            database_reason(exc),
+                            retry,
+                            LOOP_RETRY_LAST_SECONDS,
+                        )
+                    log.debug(
+                        "job thread: database unavailable; retrying in %.1f s", retry, exc_info=exc
+                    )
                 else:
                     log.exception("worker loop error; retrying in %.1f s", retry)
                 # Woken early when job notifications resume (the database is back).
                 signal.wait(seen, retry)
                 continue
             retry = 0.0
-            self.outage.recovered()
+            self.outage.ended("database available again after %(seconds).0f s")
             if not busy and not stop.is_set():
                 signal.wait(seen, self.settings.worker.poll_seconds)
