@@ -8,12 +8,14 @@ them as one volume, so that Image Orientation (Patient) values written with othe
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
 import highdicom as hd
 import numpy as np
 import pydicom
+from highdicom._standard_utils import get_anatomic_region_map
 from pydicom.sr.codedict import codes
 
 from dicomnode import EQUIPMENT_MANUFACTURER, __version__
@@ -26,6 +28,7 @@ from dicomnode.results.source import (
     copy_laterality,
     copy_patient_study,
     one_study,
+    paired_side,
 )
 from dicomnode.results.sr import series_description, with_notice
 from dicomnode.results.uids import result_instance_uid, result_series_uid, result_uid
@@ -34,6 +37,8 @@ SEG_SERIES_NUMBER = 9903
 ANATOMICAL_STRUCTURE = hd.sr.CodedConcept("91723000", "SCT", "Anatomical Structure")
 ABNORMAL_STRUCTURE = hd.sr.CodedConcept("49755003", "SCT", "Morphologically Abnormal Structure")
 ARTIFICIAL_INTELLIGENCE = codes.cid7162.ArtificialIntelligence
+# CID 244 Laterality: the side of a paired body part as an anatomic region modifier.
+SIDE_MODIFIERS = {"R": ("24028007", "SCT", "Right"), "L": ("7771000", "SCT", "Left")}
 
 # Normal anatomy a model may outline; every other concept is taken for a lesion. Codes of
 # CID 7140-ish chest structures in SNOMED CT and their RadLex equivalents.
@@ -111,6 +116,7 @@ def build_seg(
                     algorithm.version,
                 ),
                 tracking_id=f"{segment.concept.meaning} ({family})"[:64],
+                anatomic_regions=_anatomic_regions(source),
             )
         )
         # Segment Description (ST): what viewers show beside the segment's label.
@@ -148,10 +154,9 @@ def build_seg(
     )
     copy_patient_study(source, seg)
     copy_laterality(source, seg)
-    if "Laterality" in seg and not seg.Laterality:
-        # Unknown because the source names no (valid) body part: whether the part is paired is
-        # unknown too, and dciodvfy takes a SEG's empty Laterality for one present when its
-        # condition (a paired body part) is unsatisfied.
+    if "Laterality" in seg:
+        # A SEG says the side in its segments (see _anatomic_regions): dciodvfy holds General
+        # Series Laterality's condition unsatisfied in a Segmentation, with a value or empty.
         del seg.Laterality
     if "ImageOrientationPatient" not in source:
         # Projection radiographs have no plane geometry: Patient Orientation (Type 2C) says
@@ -159,6 +164,47 @@ def build_seg(
         orientation = [str(value) for value in source.get("PatientOrientation") or []]
         seg.PatientOrientation = orientation if len(orientation) == 2 else None
     return seg
+
+
+def _anatomic_regions(source: pydicom.Dataset) -> list[hd.sr.CodedConcept] | None:
+    """The region a segment of a paired body part lies in, its side as the region's modifier
+    (Segment Description: Anatomic Region Sequence > Anatomic Region Modifier Sequence, CID 244).
+
+    A Segmentation says laterality so: not in General Series (see ``build_seg``), nor in Frame
+    Anatomy, which is not one of the Segmentation IOD's functional groups (dciodvfy: "not present
+    in standard DICOM IOD"). The region is the source's Anatomic Region Sequence code, else its
+    Body Part Examined's (PS3.16 Annex L). None for an unpaired part, an unknown side or a part
+    no code names: the segments then say no region.
+    """
+    side = paired_side(source)
+    region = _region_code(source) if side is not None else None
+    if side is None or region is None:
+        return None
+    region.AnatomicRegionModifierSequence = [hd.sr.CodedConcept(*SIDE_MODIFIERS[side])]
+    return [region]
+
+
+def _region_code(source: pydicom.Dataset) -> hd.sr.CodedConcept | None:
+    regions = source.get("AnatomicRegionSequence") or []
+    if regions:
+        item = regions[0]
+        try:
+            return hd.sr.CodedConcept(
+                str(item.CodeValue), str(item.CodingSchemeDesignator), str(item.CodeMeaning)
+            )
+        except (AttributeError, TypeError, ValueError):
+            pass  # not a whole code: Body Part Examined may still name the region
+    mapped = _annex_l_regions().get(str(source.get("BodyPartExamined") or "").strip())
+    if mapped is None:
+        return None
+    code = mapped[0]
+    return hd.sr.CodedConcept(code.value, code.scheme_designator, code.meaning)
+
+
+@functools.cache
+def _annex_l_regions() -> dict[str, tuple[hd.sr.CodedConcept, bool]]:
+    """Body Part Examined -> its Anatomic Region code (PS3.16 Annex L), as highdicom has it."""
+    return get_anatomic_region_map()
 
 
 def _one_orientation(references: list[pydicom.Dataset]) -> list[pydicom.Dataset]:

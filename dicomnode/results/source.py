@@ -131,6 +131,18 @@ def unpaired_body_part(dataset: Dataset) -> bool:
     return str(dataset.get("BodyPartExamined") or "").strip() in UNPAIRED_BODY_PARTS
 
 
+def paired_side(source: Dataset) -> str | None:
+    """The side, R or L, of the paired body part ``source`` shows: its General Series Laterality,
+    else its Image Laterality; None for an unpaired body part (a chest) or an unknown side."""
+    if unpaired_body_part(source):
+        return None
+    for keyword in ("Laterality", "ImageLaterality"):
+        side = source.get(keyword)
+        if side in ("R", "L"):
+            return str(side)
+    return None
+
+
 def copy_laterality(source: Dataset, result: Dataset) -> None:
     """Set General Series Laterality and Body Part Examined of ``result`` from ``source``."""
     # Laterality is Type 2C: a value for paired body parts, absent for unpaired ones, empty only
