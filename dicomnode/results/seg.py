@@ -15,7 +15,6 @@ from collections.abc import Sequence
 import highdicom as hd
 import numpy as np
 import pydicom
-from highdicom._standard_utils import get_anatomic_region_map
 from pydicom.sr.codedict import codes
 
 from dicomnode import EQUIPMENT_MANUFACTURER, __version__
@@ -203,7 +202,13 @@ def _region_code(source: pydicom.Dataset) -> hd.sr.CodedConcept | None:
 
 @functools.cache
 def _annex_l_regions() -> dict[str, tuple[hd.sr.CodedConcept, bool]]:
-    """Body Part Examined -> its Anatomic Region code (PS3.16 Annex L), as highdicom has it."""
+    """Body Part Examined -> its Anatomic Region code (PS3.16 Annex L), as highdicom has it.
+    The table is not part of highdicom's public API: should it move, segments name no region
+    (the SEG stays valid, without its side) rather than the writer failing to import."""
+    try:
+        from highdicom._standard_utils import get_anatomic_region_map
+    except ImportError:
+        return {}
     return get_anatomic_region_map()
 
 
