@@ -37,7 +37,11 @@ BYTES = Counter("dicomnode_received_bytes", "Bytes of new instances written to s
 ASSOCIATIONS = Counter(
     "dicomnode_associations", "Associations by outcome (released, aborted, rejected)", ["outcome"]
 )
-REFUSALS = Counter("dicomnode_refusals", "C-STORE and association refusals by reason", ["reason"])
+REFUSALS = Counter(
+    "dicomnode_refusals",
+    "C-STORE refusals, association rejections and connections closed at accept, by reason",
+    ["reason"],
+)
 JOB_SECONDS = Histogram(
     "dicomnode_job_duration_seconds",
     "Job durations by kind and stage (stage 'total' is the whole job)",

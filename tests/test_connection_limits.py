@@ -3,8 +3,9 @@
 ``[node] max_associations_per_address`` over real associations (pynetdicom and dcmtk
 peers, the node's real listener in-process and under ``dicomnode serve`` with two listener
 processes), the counts freed however an association ends, the open connections of one
-address capped from their accept (silent ones, that never send an association request,
-included), and TCP keepalive on the connections the listener accepts.
+address, and of the whole node over many addresses, capped from their accept (silent ones,
+that never send an association request, included), and TCP keepalive on the connections
+the listener accepts.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import pytest
 from conftest import RunningNode, dcmtk, start_node, stop_node, wait_for, write_config
+from prometheus_client import REGISTRY
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification
@@ -33,11 +35,15 @@ from test_tls import _certificates
 from dicomnode.config import load_settings
 from dicomnode.ingest import keepalive
 from dicomnode.ingest.addresses import (
+    SPARE_ENTRIES,
     AddressSlots,
     AddressTableFull,
+    Admission,
     address_key,
     connection_limit,
     create_address_slots,
+    node_connection_limit,
+    table_size,
 )
 from dicomnode.ingest.reactor import EventDrivenRequestHandler, WakingDUL
 from dicomnode.models.registry import discover_cards
@@ -253,17 +259,36 @@ def test_the_limit_is_a_live_key_of_a_reload(
     assert "takes effect at the next restart" not in caplog.text
 
 
+def _closed_at_accept(reason: str) -> float:
+    """Connections closed at accept so far for ``reason`` (dicomnode_refusals_total)."""
+    return REGISTRY.get_sample_value("dicomnode_refusals_total", {"reason": reason}) or 0.0
+
+
 @needs_other_host
-def test_a_listener_with_no_entry_left_rejects_rather_than_serves_uncounted(
-    node: Node,
+def test_a_listener_with_no_entry_left_closes_a_new_address_rather_than_serve_it_uncounted(
+    node: Node, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """A new address's connection was served uncounted when the listener's table was full
+    (max_associations raised by a reload past what the table was sized for), escaping the
+    caps on connections. It is closed unserved, with a line that says a restart makes room."""
     node.scp.addresses = AddressSlots.in_process(1)
+    before = _closed_at_accept("node_connection_limit")
     first = Attempt(node.port)
     try:
         assert first.established
-        assert Attempt(node.port, OTHER_HOST).rejection == LOCAL_LIMIT_EXCEEDED
+        with caplog.at_level(logging.WARNING, logger="dicomnode.ingest"):
+            refused = Attempt(node.port, OTHER_HOST)
+        assert not refused.established
+        assert refused.rejection is None, "its connection was served"
+        assert _closed_at_accept("node_connection_limit") == before + 1
+        assert "table of peer addresses is full" in caplog.text
+        assert "a restart makes room" in caplog.text
+        assert first.echo() == 0x0000  # the address counted goes on
     finally:
         first.assoc.release()
+    _released(node)
+    wait_for(lambda: node.scp.addresses.all_connections() == 0, timeout=10, interval=0.01)
+    _other_host_served(node.port)
 
 
 # Connections that never associate -------------------------------------------------------
@@ -288,9 +313,32 @@ def _closed_by_node(connection: socket.socket) -> bool:
         return True
 
 
+def _loopback_hosts(count: int) -> list[str]:
+    """``count`` loopback addresses besides 127.0.0.1 (Linux routes all of 127/8 to lo)."""
+    return [f"127.0.0.{number}" for number in range(2, 2 + count)]
+
+
+def _silent_from_each(port: int, hosts: list[str]) -> list[socket.socket]:
+    """One silent connection to the node from each of ``hosts``."""
+    return [connection for host in hosts for connection in _silent(port, 1, host)]
+
+
 def _echoscu(port: int) -> subprocess.CompletedProcess:
     return subprocess.run(
         [dcmtk("echoscu"), "-aet", "MODALITY", "-aec", "DICOMNODE", "127.0.0.1", str(port)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+def _storescu(port: int, folder: Path) -> subprocess.CompletedProcess:
+    """dcmtk's storescu sends one Secondary Capture instance (written to ``folder``)."""
+    path = folder / "instance.dcm"
+    secondary_capture().save_as(path, enforce_file_format=True)
+    arguments = ["-aet", "MODALITY", "-aec", "DICOMNODE", "127.0.0.1", str(port), str(path)]
+    return subprocess.run(
+        [dcmtk("storescu"), *arguments],
         capture_output=True,
         text=True,
         timeout=30,
@@ -328,25 +376,60 @@ def test_silent_connections_beyond_the_cap_are_closed_and_given_back_when_they_g
     wait_for(lambda: node.scp.addresses.connections(key) == 0, timeout=10, interval=0.01)
     echo = _echoscu(node.port)
     assert echo.returncode == 0, echo.stdout + echo.stderr
-    path = tmp_path / "instance.dcm"
-    secondary_capture().save_as(path, enforce_file_format=True)
-    store = subprocess.run(
-        [
-            dcmtk("storescu"),
-            "-aet",
-            "MODALITY",
-            "-aec",
-            "DICOMNODE",
-            "127.0.0.1",
-            str(node.port),
-            str(path),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    store = _storescu(node.port, tmp_path)
     assert store.returncode == 0, store.stdout + store.stderr
     assert len(node.files()) == 1
+
+
+@pytest.fixture
+def small_node(tmp_path: Path, sessions: sessionmaker[Session]) -> Iterator[Node]:
+    """A node of max_associations 2: its connection cap is 4."""
+    yield from start_scp(tmp_path, sessions, {"max_associations": 2})
+
+
+@needs_other_host
+def test_silent_connections_from_many_addresses_are_capped_for_the_node(
+    small_node: Node, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each address within its own cap, many addresses (hundreds of hosts, or one host with
+    many IP addresses) held a thread or two for each silent connection until the ACSE
+    timeout. The node's open connections are capped at twice max_associations (2 here),
+    whatever their address; those beyond are closed as they are accepted."""
+    cap = node_connection_limit(2)
+    before = _closed_at_accept("node_connection_limit")
+    with caplog.at_level(logging.WARNING, logger="dicomnode.ingest"):
+        silent = _silent_from_each(small_node.port, _loopback_hosts(cap + 2))
+        try:
+            wait_for(
+                lambda: sum(_closed_by_node(c) for c in silent) == 2,
+                timeout=10,
+                interval=0.05,
+                what="the connections over the node's cap closed",
+            )
+            assert small_node.scp.addresses.all_connections() == cap
+            assert _closed_at_accept("node_connection_limit") == before + 2
+            # A real sender from yet another address is closed too while they stay open.
+            closed = Attempt(small_node.port)
+            assert not closed.established and closed.rejection is None
+            assert _echoscu(small_node.port).returncode != 0
+        finally:
+            for connection in silent:
+                connection.close()
+    assert "closed unserved: the node has 4 connections open already" in caplog.text
+    # Once they are gone, their counts are given back and senders are served again,
+    wait_for(lambda: small_node.scp.addresses.all_connections() == 0, timeout=10, interval=0.01)
+    echo = _echoscu(small_node.port)
+    assert echo.returncode == 0, echo.stdout + echo.stderr
+    store = _storescu(small_node.port, tmp_path)
+    assert store.returncode == 0, store.stdout + store.stderr
+    assert len(small_node.files()) == 1
+    # and a sender at the node's association limit is still told why.
+    held = _established(small_node.port, 2)
+    try:
+        assert Attempt(small_node.port, OTHER_HOST).rejection == LOCAL_LIMIT_EXCEEDED
+    finally:
+        for attempt in held:
+            attempt.assoc.release()
 
 
 @needs_other_host
@@ -357,7 +440,9 @@ def test_silent_connections_take_no_association_slot_of_the_listener(
     thread: one host's silent connections had every other sender rejected."""
     limits = {"max_associations": 2, "max_associations_per_address": 2}
     for small in start_scp(tmp_path, sessions, limits):
-        silent = _silent(small.port, connection_limit(2) - 1)
+        # As many as pynetdicom's limit: they filled it. With the two associations, the
+        # node's connection cap (twice max_associations) is reached, not passed.
+        silent = _silent(small.port, 2)
         try:
             same = Attempt(small.port)
             other = Attempt(small.port, OTHER_HOST)
@@ -485,12 +570,14 @@ def _listener_of(port: int, listeners: list[int], client_port: int) -> int:
     raise LookupError(f"no listener holds the connection from port {client_port}")
 
 
-def _two_listener_node(tmp_path: Path) -> tuple[RunningNode, list[int]]:
-    """A node of two listener processes, no worker, and max_associations_per_address 2; and
-    its listeners' process ids."""
+def _two_listener_node(tmp_path: Path, node_keys: str = "") -> tuple[RunningNode, list[int]]:
+    """A node of two listener processes, no worker, and max_associations_per_address 2 (and
+    ``node_keys``, lines of [node]); and its listeners' process ids."""
     config, port, web_port = write_config(tmp_path, f"sqlite:///{tmp_path / 'node.db'}")
     body = config.read_text()
-    body = body.replace(f"port = {port}\n", f"port = {port}\nmax_associations_per_address = 2\n")
+    body = body.replace(
+        f"port = {port}\n", f"port = {port}\nmax_associations_per_address = 2\n{node_keys}"
+    )
     config.write_text(body.replace("[worker]\ncount = 1\n", "[worker]\ncount = 0\n"))
     running = start_node(tmp_path, config, port, web_port)
     listeners = [p for p, cmd in children(running.process.pid).items() if " listener " in cmd]
@@ -550,6 +637,35 @@ def test_silent_connections_are_capped_over_all_listener_processes(tmp_path: Pat
                 connection.close()
         wait_for(lambda: _accepted_and_released(port), timeout=10, interval=0.05)
         assert "closed unserved: that address has 4 connections open" in running.log.read_text()
+        assert running.process.poll() is None
+    finally:
+        stop_node(running)
+
+
+@needs_other_host
+def test_the_node_connection_cap_holds_over_all_listener_processes(tmp_path: Path) -> None:
+    running, listeners = _two_listener_node(tmp_path, "max_associations = 2\n")
+    port = running.port
+    try:
+        cap = node_connection_limit(2)
+        silent = _silent_from_each(port, _loopback_hosts(cap + 2))
+        try:
+            wait_for(
+                lambda: sum(_closed_by_node(c) for c in silent) == 2,
+                timeout=10,
+                interval=0.05,
+                what="the connections over the node's cap closed",
+            )
+            kept = [c for c in silent if not _closed_by_node(c)]
+            serving = {_listener_of(port, listeners, c.getsockname()[1]) for c in kept}
+            assert serving == set(listeners), "all silent connections went to one listener"
+            closed = Attempt(port)  # from yet another address
+            assert not closed.established and closed.rejection is None
+        finally:
+            for connection in silent:
+                connection.close()
+        wait_for(lambda: _accepted_and_released(port), timeout=10, interval=0.05)
+        assert "closed unserved: the node has 4 connections open" in running.log.read_text()
         assert running.process.poll() is None
     finally:
         stop_node(running)
@@ -674,6 +790,52 @@ def test_connections_and_associations_of_an_address_are_counted_apart(tmp_path: 
     first.release(modality)
     assert first.connect(address_key("10.0.0.7"), 2)
     assert connection_limit(0) == 0  # no association limit: no connection limit either
+
+
+def test_the_node_connection_cap_counts_every_address_over_all_listeners(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "addresses.slots"
+    create_address_slots(path, 2, table_size(2))
+    first, second = AddressSlots(path, 0), AddressSlots(path, 1)
+    cap = node_connection_limit(2)
+    assert cap == 4
+    modality, pacs, scanner, laptop, printer = (address_key(f"10.0.0.{n}") for n in range(5))
+    assert first.connect(modality, 4, cap) and first.connect(pacs, 4, cap)
+    assert second.connect(scanner, 4, cap) and second.connect(modality, 4, cap)
+    assert first.all_connections() == cap
+    # The node is full: a new address is refused on either listener, a counted one too,
+    assert first.connect(laptop, 4, cap) is Admission.NODE_LIMIT
+    assert second.connect(laptop, 4, cap) is Admission.NODE_LIMIT
+    assert second.connect(pacs, 4, cap) is Admission.NODE_LIMIT
+    # and an address at its own cap is told that first.
+    assert first.connect(modality, 2, cap) is Admission.ADDRESS_LIMIT
+    assert first.all_connections() == cap and first.connections(laptop) == 0
+    assert first.acquire(modality, 2)  # associations have their own node-wide limit
+    second.disconnect(modality)
+    assert second.connect(laptop, 4, cap) is Admission.ADMITTED
+    assert first.connect(printer, 4, cap) is Admission.NODE_LIMIT
+    first.disconnect(pacs)
+    assert first.connect(printer, 4, cap)
+    second.reset()  # its process died: its connections are given back too
+    assert first.all_connections() == 2
+    assert first.connect(laptop, 0, 0)  # 0: neither cap
+
+
+def test_a_listeners_table_cannot_fill_under_the_node_connection_cap(tmp_path: Path) -> None:
+    """Every connection the node's cap lets in may be one listener's, each from another
+    address and with its association: the table without its spare entries holds them all,
+    and the one after is refused by the cap, not by a full table."""
+    max_associations = 3
+    cap = node_connection_limit(max_associations)
+    path = tmp_path / "addresses.slots"
+    create_address_slots(path, 2, table_size(max_associations) - SPARE_ENTRIES)
+    first = AddressSlots(path, 0)
+    for number in range(cap):
+        host = address_key(f"10.0.1.{number}")
+        assert first.connect(host, 0, cap)
+        assert first.acquire(host, 0)
+    assert first.connect(address_key("10.0.2.1"), 0, cap) is Admission.NODE_LIMIT
 
 
 def test_threads_of_one_listener_do_not_lose_counts(tmp_path: Path) -> None:

@@ -9,20 +9,25 @@ threads and descriptors by the hundred until each timed out. So each address has
 counts: its associations, taken at the association request against
 ``max_associations_per_address`` (over it: A-ASSOCIATE-RJ), and its open connections, taken
 as the connection is accepted, in the accepting thread, against :func:`connection_limit`
-(over it: closed before any thread serves it).
+(over it: closed before any thread serves it). Many addresses (500 hosts, or one host with
+many IP addresses) could still each hold their share, so the open connections of the whole
+node are capped too, at :func:`node_connection_limit` (checked in the same locked read):
+a connection accepted beyond it is closed unserved whatever its address.
 
 The counts live in a small file that every listener process shares, as the node-wide
 counters do (:mod:`dicomnode.ingest.slots`): each listener owns a table of ``(address,
-associations, connections)`` entries, and an address's counts are the sums over all tables,
-read and changed under an exclusive ``flock``, and a lock of each process's own (flock does
-not exclude the threads that share one descriptor from each other). A lock held by a
-process that dies is released by the kernel; the supervisor empties a dead listener's table
-before restarting it. Counting costs one lock and one small read per accepted connection,
-one per association request and one per connection end, nothing per PDU.
+associations, connections)`` entries, and an address's counts are the sums over all tables
+(the node's open connections: the sum of every entry's), read and changed under an
+exclusive ``flock``, and a lock of each process's own (flock does not exclude the threads
+that share one descriptor from each other). A lock held by a process that dies is released
+by the kernel; the supervisor empties a dead listener's table before restarting it.
+Counting costs one lock and one small read per accepted connection, one per association
+request and one per connection end, nothing per PDU.
 """
 
 from __future__ import annotations
 
+import enum
 import ipaddress
 import os
 import struct
@@ -43,15 +48,29 @@ _ASSOCIATIONS, _CONNECTIONS = 0, 1
 # limit can still connect and be told why it is refused (an A-ASSOCIATE-RJ, which senders log
 # and retry on) rather than see its connection closed.
 CONNECTIONS_PER_ASSOCIATION = 2
-# Entries beyond max_associations in each table: the requests being checked against the
-# node-wide limit at the same moment, and room for a reload that raises that limit.
+# Entries beyond those the node-wide connection cap can fill (table_size): room for an
+# address whose association is counted while its connection's count failed (an OSError:
+# served uncounted), and for a reload that raises max_associations without a restart.
 SPARE_ENTRIES = 64
 _IPV4_MAPPED = b"\0" * 10 + b"\xff\xff"
 
 
 class AddressTableFull(RuntimeError):
-    """Every entry of this listener's table is taken (more distinct peers at once than
-    ``max_associations`` as it was when the node started, plus spares)."""
+    """Every entry of this listener's table is taken: more distinct peers at once than the
+    node-wide connection cap lets in for ``max_associations`` as it was when the table was
+    made (plus spares), so it has been raised since."""
+
+
+class Admission(enum.Enum):
+    """What :meth:`AddressSlots.connect` made of a connection; true only when admitted. The
+    values of the refusals are their ``dicomnode_refusals_total`` reasons."""
+
+    ADMITTED = "admitted"
+    ADDRESS_LIMIT = "connection_limit"  # its address has connection_limit open already
+    NODE_LIMIT = "node_connection_limit"  # the node has node_connection_limit open already
+
+    def __bool__(self) -> bool:
+        return self is Admission.ADMITTED
 
 
 def connection_limit(max_associations_per_address: int) -> int:
@@ -59,9 +78,22 @@ def connection_limit(max_associations_per_address: int) -> int:
     return CONNECTIONS_PER_ASSOCIATION * max_associations_per_address
 
 
+def node_connection_limit(max_associations: int) -> int:
+    """Most connections open at once on the whole node (all listener processes together):
+    as per address, room for a sender at the node's association limit to be told so."""
+    return CONNECTIONS_PER_ASSOCIATION * max_associations
+
+
 def table_size(max_associations: int) -> int:
-    """Entries per listener for a node started with ``max_associations``."""
-    return max_associations + SPARE_ENTRIES
+    """Entries per listener for a node started with ``max_associations``: enough that its
+    table cannot fill under the node-wide connection cap. An entry is taken by an address's
+    first connection counted here and freed when its last count here is given back; an
+    association is counted on its connection's entry, after it and until before its end, so
+    every taken entry holds at least one open connection, and the node has at most
+    :func:`node_connection_limit` open (checked and taken under one lock), all of them on one
+    listener at worst. ``SPARE_ENTRIES`` more cover what that reasoning leaves out (see
+    there); past them, :class:`AddressTableFull`."""
+    return node_connection_limit(max_associations) + SPARE_ENTRIES
 
 
 def address_key(address: str) -> bytes:
@@ -112,11 +144,13 @@ class AddressSlots:
         start = self.index * self.entries
         return tables[start : start + self.entries]
 
-    def _take(self, key: bytes, kind: int, limit: int) -> bool:
+    def _take(self, key: bytes, kind: int, limit: int, node_limit: int = 0) -> Admission:
         with locked(self._fd, self._threads):
             tables = self._tables()
             if limit and sum(entry[1 + kind] for entry in tables if entry[0] == key) >= limit:
-                return False
+                return Admission.ADDRESS_LIMIT
+            if node_limit and sum(entry[1 + kind] for entry in tables) >= node_limit:
+                return Admission.NODE_LIMIT
             own = self._own(tables)
             slot = next((i for i, (a, *counts) in enumerate(own) if any(counts) and a == key), None)
             if slot is None:
@@ -128,7 +162,7 @@ class AddressSlots:
                 counts = list(own[slot][1:])
             counts[kind] += 1
             os.pwrite(self._fd, _ENTRY.pack(key, *counts), self._own_offset(slot))
-            return True
+            return Admission.ADMITTED
 
     def _give(self, key: bytes, kind: int) -> None:
         with locked(self._fd, self._threads):
@@ -143,17 +177,17 @@ class AddressSlots:
     def acquire(self, key: bytes, limit: int) -> bool:
         """Count one more association from ``key`` here unless the node already serves
         ``limit`` from it (0: no limit); AddressTableFull if this listener has no free entry."""
-        return self._take(key, _ASSOCIATIONS, limit)
+        return bool(self._take(key, _ASSOCIATIONS, limit))
 
     def release(self, key: bytes) -> None:
         """Count one association from ``key`` less here."""
         self._give(key, _ASSOCIATIONS)
 
-    def connect(self, key: bytes, limit: int) -> bool:
+    def connect(self, key: bytes, limit: int, node_limit: int = 0) -> Admission:
         """Count one more open connection from ``key`` here unless the node already has
-        ``limit`` open from it (0: no limit); AddressTableFull if this listener has no free
-        entry."""
-        return self._take(key, _CONNECTIONS, limit)
+        ``limit`` open from it, or ``node_limit`` open in all (0: no limit); which of them
+        refused it, if one did. AddressTableFull if this listener has no free entry."""
+        return self._take(key, _CONNECTIONS, limit, node_limit)
 
     def disconnect(self, key: bytes) -> None:
         """Count one open connection from ``key`` less here."""
@@ -166,6 +200,10 @@ class AddressSlots:
     def connections(self, key: bytes) -> int:
         """Open connections from ``key`` over all listeners."""
         return sum(entry[2] for entry in self._tables() if entry[0] == key)
+
+    def all_connections(self) -> int:
+        """Open connections over all addresses and listeners: the node's."""
+        return sum(entry[2] for entry in self._tables())
 
     def reset(self) -> None:
         """Empty this listener's table (its process is gone)."""

@@ -33,8 +33,10 @@ from dicomnode.ingest import sink
 from dicomnode.ingest.addresses import (
     AddressSlots,
     AddressTableFull,
+    Admission,
     address_key,
     connection_limit,
+    node_connection_limit,
     table_size,
 )
 from dicomnode.ingest.arrival import Arrival, InstanceFacts, instance_facts
@@ -185,8 +187,8 @@ class ListenerAE(AE):
         ]
 
 
-# How often at most a listener logs the connections it closed at accept (a host that opens
-# them in a loop would otherwise write a line per connection).
+# How often at most a listener logs the connections it closed at accept, for each reason (a
+# host that opens them in a loop would otherwise write a line per connection).
 CONNECTION_REFUSALS_LOG_SECONDS = 10.0
 
 
@@ -264,9 +266,10 @@ class StorageSCP:
         # The same for each open connection, by the peer's (address, port): a connection is
         # counted in the accepting thread, before its association exists.
         self._connection_counted: dict[tuple[str, int], bytes] = {}
-        # Connections closed at accept since the last line logged about them, and when.
-        self._refused_connections = 0
-        self._refusals_logged = 0.0
+        # Connections closed at accept since the last line logged about them, and when, by
+        # the line's message: one reason's lines do not hide the first of another's.
+        self._refused_connections: dict[str, int] = {}
+        self._refusals_logged: dict[str, float] = {}
         self._lock = threading.Lock()
         self._server = None
         self.ae = self._make_ae()
@@ -395,18 +398,32 @@ class StorageSCP:
             log.exception("could not release a peer address's association count")
 
     def _admit_connection(self, client_address: tuple) -> bool:
-        """Count a connection just accepted against its peer's IP address; False (it is
-        closed unserved) when that address has ``connection_limit`` of ``[node]
-        max_associations_per_address`` open already. Runs in the accepting thread."""
-        limit = connection_limit(self.settings.node.max_associations_per_address)
+        """Count a connection just accepted against its peer's IP address and the node;
+        False (it is closed unserved) when that address has ``connection_limit`` of ``[node]
+        max_associations_per_address`` open already, when the node has
+        ``node_connection_limit`` of ``[node] max_associations`` open already (all listener
+        processes together), or when this listener's table has no entry left for a new
+        address. Runs in the accepting thread."""
+        node = self.settings.node
+        limit = connection_limit(node.max_associations_per_address)
+        node_limit = node_connection_limit(node.max_associations)
         address, port = client_address[0], client_address[1]
         try:
             key = address_key(address)
-            admitted = self.addresses.connect(key, limit)
+            admitted = self.addresses.connect(key, limit, node_limit)
         except AddressTableFull:
-            # Served uncounted: its association request is counted all the same, and
-            # rejected if this listener still has no entry for its address then.
-            return True
+            # Closed, not served uncounted: an address not counted escapes both caps. Under
+            # the node's cap the table cannot fill (table_size) unless max_associations was
+            # raised (a reload applies it here) since the table was made.
+            self._log_refused_connection(
+                Admission.NODE_LIMIT.value,
+                "connection from %s closed unserved: this listener's table of peer addresses "
+                "is full (%d addresses), sized for [node] max_associations as the node "
+                "started; if it was raised since, a restart makes room",
+                address,
+                self.addresses.entries,
+            )
+            return False
         except (OSError, ValueError) as exc:
             # Served rather than refused: the count is a protection, not the service.
             log.error(
@@ -415,32 +432,43 @@ class StorageSCP:
                 exc,
             )
             return True
-        if not admitted:
-            self._log_refused_connection(address, limit)
+        if admitted is Admission.ADDRESS_LIMIT:
+            self._log_refused_connection(
+                admitted.value,
+                "connection from %s closed unserved: that address has %d connections open "
+                "already (twice [node] max_associations_per_address)",
+                address,
+                limit,
+            )
+            return False
+        if admitted is Admission.NODE_LIMIT:
+            self._log_refused_connection(
+                admitted.value,
+                "connection from %s closed unserved: the node has %d connections open "
+                "already (twice [node] max_associations, all listeners together)",
+                address,
+                node_limit,
+            )
             return False
         with self._lock:
             self._connection_counted[(address, port)] = key
         return True
 
-    def _log_refused_connection(self, address: str, limit: int) -> None:
-        metrics.REFUSALS.labels("connection_limit").inc()
+    def _log_refused_connection(self, reason: str, message: str, *args: object) -> None:
+        """Count a connection closed at accept under the refusals metric's ``reason``, and
+        log ``message`` (a format) unless that message went out less than
+        CONNECTION_REFUSALS_LOG_SECONDS ago, with how many were closed so since."""
+        metrics.REFUSALS.labels(reason).inc()
         now = time.monotonic()
         with self._lock:
-            self._refused_connections += 1
-            if self._refusals_logged and now - self._refusals_logged < (
-                CONNECTION_REFUSALS_LOG_SECONDS
-            ):
+            refused = self._refused_connections.get(message, 0) + 1
+            logged = self._refusals_logged.get(message, 0.0)
+            if logged and now - logged < CONNECTION_REFUSALS_LOG_SECONDS:
+                self._refused_connections[message] = refused
                 return
-            refused, self._refused_connections = self._refused_connections, 0
-            self._refusals_logged = now
-        log.warning(
-            "connection from %s closed unserved: that address has %d connections open "
-            "already (twice [node] max_associations_per_address); %d closed so since the "
-            "last such line",
-            address,
-            limit,
-            refused,
-        )
+            self._refused_connections[message] = 0
+            self._refusals_logged[message] = now
+        log.warning(message + "; %d closed so since the last such line", *args, refused)
 
     def _release_connection(self, client_address: tuple) -> None:
         """Count the connection from ``client_address`` (admitted by ``_admit_connection``)
