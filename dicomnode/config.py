@@ -54,9 +54,8 @@ class NodeSettings(_Section):
     ae_title: AETitle = "DICOMNODE"
     host: str = "0.0.0.0"
     port: Port = 11112
-    # Also caps the node's open connections, at twice this (ingest/addresses.py); read per
-    # association request and accepted connection, but each listener's table of peer
-    # addresses is sized for it at the start.
+    # Also caps the node's open connections, at twice this (ingest/addresses.py). Restart-only:
+    # the listeners' tables of peer addresses and pynetdicom's own limit are sized by it.
     max_associations: int = Field(default=16, ge=1)
     # So that one host cannot take every slot; over all listener processes, read per
     # association request and per accepted connection (twice as many may be open), so a

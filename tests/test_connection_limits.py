@@ -259,6 +259,27 @@ def test_the_limit_is_a_live_key_of_a_reload(
     assert "takes effect at the next restart" not in caplog.text
 
 
+def test_a_reload_of_max_associations_waits_for_the_restart(small_node: Node) -> None:
+    """max_associations is restart-only: the tables were sized by it, and a reload that
+    lowered it took effect for the connection cap alone (a raised one filled the tables)."""
+    assert "max_associations" not in LIVE_NODE_KEYS
+    settings = small_node.scp.settings.model_copy(deep=True)
+    settings.node.max_associations = 1  # a cap of 2 connections, were it applied
+    small_node.scp.settings = settings  # what a reload does
+    silent = _silent(small_node.port, node_connection_limit(2))
+    try:
+        wait_for(
+            lambda: small_node.scp.addresses.all_connections() == len(silent),
+            timeout=10,
+            interval=0.01,
+            what="every connection within the cap of the node as it started counted",
+        )
+        assert not any(_closed_by_node(c) for c in silent)
+    finally:
+        for connection in silent:
+            connection.close()
+
+
 def _closed_at_accept(reason: str) -> float:
     """Connections closed at accept so far for ``reason`` (dicomnode_refusals_total)."""
     return REGISTRY.get_sample_value("dicomnode_refusals_total", {"reason": reason}) or 0.0
@@ -269,7 +290,7 @@ def test_a_listener_with_no_entry_left_closes_a_new_address_rather_than_serve_it
     node: Node, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A new address's connection was served uncounted when the listener's table was full
-    (max_associations raised by a reload past what the table was sized for), escaping the
+    (more distinct addresses than it was sized for: counts lost to errors), escaping the
     caps on connections. It is closed unserved, with a line that says a restart makes room."""
     node.scp.addresses = AddressSlots.in_process(1)
     before = _closed_at_accept("node_connection_limit")

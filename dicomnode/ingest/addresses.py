@@ -50,15 +50,15 @@ _ASSOCIATIONS, _CONNECTIONS = 0, 1
 CONNECTIONS_PER_ASSOCIATION = 2
 # Entries beyond those the node-wide connection cap can fill (table_size): room for an
 # address whose association is counted while its connection's count failed (an OSError:
-# served uncounted), and for a reload that raises max_associations without a restart.
+# served uncounted). (max_associations is restart-only: listeners keep the value they
+# started with, which sized the tables.)
 SPARE_ENTRIES = 64
 _IPV4_MAPPED = b"\0" * 10 + b"\xff\xff"
 
 
 class AddressTableFull(RuntimeError):
     """Every entry of this listener's table is taken: more distinct peers at once than the
-    node-wide connection cap lets in for ``max_associations`` as it was when the table was
-    made (plus spares), so it has been raised since."""
+    node-wide connection cap lets in (plus spares), so counts were lost to errors."""
 
 
 class Admission(enum.Enum):

@@ -243,6 +243,9 @@ class StorageSCP:
         if index is None and sessions is None:
             raise ValueError("a listener needs database sessions or an index to hand rows to")
         self.settings = settings
+        # [node] max_associations as the node started (restart-only, serve.RESTART_ONLY): the
+        # shared tables and pynetdicom's own limit are sized by it once.
+        self.max_associations = settings.node.max_associations
         self.sessions = sessions
         if index is None:
             # Rows written here (tests, tools, a stand-alone listener): the database layer
@@ -330,7 +333,7 @@ class StorageSCP:
         if not self._count_address(event, calling_ae, address):
             return
         if self.slots is not None:
-            if not self.slots.acquire(self.settings.node.max_associations):
+            if not self.slots.acquire(self.max_associations):
                 log.warning(
                     "association rejected: calling AE %r from %s, node serves "
                     "[node] max_associations already",
@@ -357,8 +360,8 @@ class StorageSCP:
                 return True  # no limit to keep: served uncounted
             log.warning(
                 "association rejected: calling AE %r from %s, this listener counts "
-                "associations from %d different addresses already, its most (a raised "
-                "[node] max_associations makes room at the next restart)",
+                "associations from %d different addresses already, its most (a restart "
+                "makes room)",
                 calling_ae,
                 address,
                 self.addresses.entries,
@@ -406,20 +409,19 @@ class StorageSCP:
         address. Runs in the accepting thread."""
         node = self.settings.node
         limit = connection_limit(node.max_associations_per_address)
-        node_limit = node_connection_limit(node.max_associations)
+        node_limit = node_connection_limit(self.max_associations)
         address, port = client_address[0], client_address[1]
         try:
             key = address_key(address)
             admitted = self.addresses.connect(key, limit, node_limit)
         except AddressTableFull:
             # Closed, not served uncounted: an address not counted escapes both caps. Under
-            # the node's cap the table cannot fill (table_size) unless max_associations was
-            # raised (a reload applies it here) since the table was made.
+            # the node's cap the table cannot fill (table_size); should it all the same (counts
+            # lost to an error), a restart empties it.
             self._log_refused_connection(
                 Admission.NODE_LIMIT.value,
                 "connection from %s closed unserved: this listener's table of peer addresses "
-                "is full (%d addresses), sized for [node] max_associations as the node "
-                "started; if it was raised since, a restart makes room",
+                "is full (%d addresses); a restart makes room",
                 address,
                 self.addresses.entries,
             )
