@@ -19,7 +19,7 @@ from itertools import pairwise
 from pathlib import Path
 
 import pytest
-from conftest import POSTGRES_URL, _postgres_available, wait_for
+from conftest import POSTGRES_URL, require_postgres, wait_for
 from sqlalchemy import create_engine
 from test_jobs import make_study
 
@@ -146,8 +146,7 @@ def test_sqlite_watch_logs_one_warning_then_debug_then_info(
 def test_postgresql_listen_logs_one_warning_then_debug_then_info(
     job_signal_log: pytest.LogCaptureFixture,
 ) -> None:
-    if not _postgres_available():
-        pytest.skip(f"PostgreSQL not reachable at {POSTGRES_URL}")
+    require_postgres()
     import psycopg
 
     caplog = job_signal_log

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import POSTGRES_URL, _postgres_available, write_config
+from conftest import require_postgres, write_config
 
 from dicomnode.ports import free_port
 
@@ -79,8 +79,7 @@ def test_a_password_in_the_query_is_hidden_too(tmp_path: Path) -> None:
 
 
 def test_a_login_the_server_refuses_names_the_reason(tmp_path: Path) -> None:
-    if not _postgres_available():
-        pytest.skip(f"PostgreSQL not reachable at {POSTGRES_URL}")
+    require_postgres()
     url = f"postgresql+psycopg://no_such_role:{PASSWORD}@127.0.0.1:5432/test"
     config, _, _ = write_config(tmp_path, url)
     lines = problem_lines(run_command(("db", "upgrade"), config))
