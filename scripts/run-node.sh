@@ -6,7 +6,9 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e .
+# setuptools warns of every editable install (folders named like the package): not
+# for an admin to read.
+PYTHONWARNINGS=ignore::UserWarning .venv/bin/python -m pip install -q -e .
 .venv/bin/dicomnode check-config conf/dicomnode.toml
 if [ -z "$(.venv/bin/dicomnode users list --config conf/dicomnode.toml)" ]; then
   # First start: an admin account for the worklist page, with a password shown once.

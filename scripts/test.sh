@@ -38,7 +38,9 @@ fi
 PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e ".[dev]"
+# setuptools warns of every editable install (folders named like the package): not
+# for an admin to read.
+PYTHONWARNINGS=ignore::UserWarning .venv/bin/python -m pip install -q -e ".[dev]"
 
 .venv/bin/ruff check .
 exec .venv/bin/python -m pytest -q -ra "$@"
