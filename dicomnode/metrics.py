@@ -104,6 +104,10 @@ def count_rejection(reason: str) -> None:
     REFUSALS.labels(reason).inc()
 
 
+# The job states dicomnode_queue_depth reports (done jobs are not queue depth).
+QUEUE_STATES = ("queued", "leased", "dead")
+
+
 class DatabaseCollector:
     """Gauges read from the database at scrape time: job queue depth, worklist by tier."""
 
@@ -114,6 +118,7 @@ class DatabaseCollector:
         from sqlalchemy import func, select
 
         from dicomnode.db.models import Job, Study
+        from dicomnode.jobs import KIND_PRIORITY
 
         queue = GaugeMetricFamily(
             "dicomnode_queue_depth",
@@ -131,7 +136,7 @@ class DatabaseCollector:
             # Dead-lettered jobs stay until an admin retries them (state "dead").
             jobs = session.execute(
                 select(Job.kind, Job.state, func.count())
-                .where(Job.state.in_(("queued", "leased", "dead")))
+                .where(Job.state.in_(QUEUE_STATES))
                 .group_by(Job.kind, Job.state)
             ).all()
             failed.add_metric(
@@ -150,7 +155,13 @@ class DatabaseCollector:
                     .group_by(Study.tier)
                 ).all()
             )
-        for kind, state, count in jobs:
+        # Every known kind and state has a sample, 0 when it has no jobs: an idle node's
+        # dashboards and alerts (state="dead" > 0) see 0, not "no data", and a series that
+        # had jobs goes back to 0 when they are gone. Kinds the node does not know (from a
+        # newer version sharing the database) are reported as found.
+        depth = {(kind, state): 0 for kind in KIND_PRIORITY for state in QUEUE_STATES}
+        depth.update({(kind, state): count for kind, state, count in jobs})
+        for (kind, state), count in depth.items():
             queue.add_metric([kind, state], count)
         for tier in ("stat", "critical", "urgent", "routine"):
             worklist.add_metric([tier], tiers.get(tier, 0))

@@ -9,9 +9,11 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import httpx
 import pytest
 from conftest import REPO, spool_and_index
 from sqlalchemy import select
+from web_server import serve
 
 from dicomnode.config import Settings
 from dicomnode.db.models import Job, Study
@@ -19,7 +21,8 @@ from dicomnode.jobs import enqueue
 from dicomnode.metrics import exposition
 from dicomnode.models.registry import load_card
 from dicomnode.synth.cxr import make_cxr
-from dicomnode.web.health import readiness
+from dicomnode.web.app import create_app
+from dicomnode.web.health import health_router, readiness
 from dicomnode.worker import Worker
 
 
@@ -105,3 +108,46 @@ def test_a_dead_analysis_is_an_error_line_and_a_gauge(
     text = exposition(sessions).decode()
     assert 'dicomnode_queue_depth{kind="analyse",state="dead"} 1.0' in text
     assert "dicomnode_analyses_failed 1.0" in text
+
+
+def _queue_depth(url: str) -> dict[tuple[str, str], float]:
+    """dicomnode_queue_depth's samples as /metrics serves them, by (kind, state)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    [family] = [
+        f for f in text_string_to_metric_families(text) if f.name == "dicomnode_queue_depth"
+    ]
+    return {(s.labels["kind"], s.labels["state"]): s.value for s in family.samples}
+
+
+def test_queue_depth_is_zero_for_every_kind_and_state_without_jobs(
+    sessions, tmp_path: Path
+) -> None:
+    """An idle node's /metrics has dicomnode_queue_depth 0 for every job kind and state (a
+    dashboard or a state="dead" > 0 alert sees 0, not "no data"); a series that had a job
+    goes back to 0 once the job is done."""
+    settings = Settings(storage={"path": tmp_path / "storage"})
+    app = create_app(sessions)
+    app.include_router(health_router(sessions, lambda: (settings, [])))
+    every = {
+        (kind, state)
+        for kind in ("notify", "analyse", "export", "results")
+        for state in ("queued", "leased", "dead")
+    }
+    with serve(app) as url:
+        assert _queue_depth(url) == dict.fromkeys(every, 0.0)
+
+        with sessions() as session:
+            ds, _ = make_cxr(940_052, pneumothorax=False)
+            study_id, _ = spool_and_index(session, settings.storage_path, ds)
+            job = enqueue(session, "export", study_id, {"generation": 1})
+            job.state = "dead"
+            session.commit()
+            job_id = job.id
+        assert _queue_depth(url) == {**dict.fromkeys(every, 0.0), ("export", "dead"): 1.0}
+
+        with sessions() as session:
+            session.get(Job, job_id).state = "done"
+            session.commit()
+        assert _queue_depth(url) == dict.fromkeys(every, 0.0)
