@@ -20,6 +20,7 @@ from dicomnode.db.models import Job, Study
 from dicomnode.jobs import enqueue
 from dicomnode.metrics import exposition
 from dicomnode.models.registry import load_card
+from dicomnode.pipeline.runtime import Runtime, onnx_problem
 from dicomnode.synth.cxr import make_cxr
 from dicomnode.web.app import create_app
 from dicomnode.web.health import health_router, readiness
@@ -44,6 +45,29 @@ def test_readiness_names_a_model_whose_onnx_file_cannot_be_loaded(tmp_path: Path
     assert models.startswith("ONNX file unusable: cxr-view-demo: cannot load"), models
     (tmp_path / "cxr_view_demo.onnx").write_bytes(onnx)
     assert readiness(_no_database, settings, [card])["models"].startswith("ok: cxr-view-demo")
+
+
+def test_checking_a_model_file_does_not_log_it_as_loaded(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """/readyz, check-config and a reload's validation judge each ONNX file on a CPU
+    session of their own: no INFO "loaded, running on CPUExecutionProvider" line, which read
+    as if every model were reloaded on the CPU; the worker's own load keeps that line (it
+    says which provider runs)."""
+    shutil.copy(REPO / "models" / "cxr_view_demo.toml", tmp_path / "view.toml")
+    shutil.copy(REPO / "models" / "cxr_view_demo.onnx", tmp_path / "cxr_view_demo.onnx")
+    card = load_card(tmp_path / "view.toml")  # files of its own: not a verdict kept from before
+    caplog.set_level(logging.DEBUG, logger="dicomnode.runtime")
+
+    assert onnx_problem(card) == ""
+    loaded = [r for r in caplog.records if "loaded, running on" in r.getMessage()]
+    assert [r.levelno for r in loaded] == [logging.DEBUG]
+
+    caplog.clear()
+    Runtime(["CPUExecutionProvider"]).session(card)
+    loaded = [r for r in caplog.records if "loaded, running on" in r.getMessage()]
+    assert [r.levelno for r in loaded] == [logging.INFO]
+    assert loaded[0].getMessage().startswith("model cxr-view-demo ")
 
 
 def test_readiness_says_when_storage_is_below_its_watermark(tmp_path: Path) -> None:

@@ -136,6 +136,31 @@ def test_worker_reload_keeps_old_settings_on_error(tmp_path: Path) -> None:
     assert [d.name for d in worker.settings.destinations] == ["pacs"]
 
 
+def test_worker_reload_logs_no_model_as_loaded_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A reload checks every card's ONNX file on a CPU session of its own and keeps the warm
+    sessions of unchanged models: no "loaded, running on" line at INFO, which read as if
+    every model were reloaded on the CPU."""
+    from dicomnode.pipeline import runtime
+
+    # No verdict kept from another test: the reload judges every file, as a worker's first does.
+    monkeypatch.setattr(runtime, "_VERDICTS", {})
+    config = _config(tmp_path)
+    settings = load_settings(config)
+    cards = discover_cards(settings.model_folders)
+    worker = Worker(settings, None, cards)
+    pneumothorax = next(c for c in cards if c.model.name == "cxr-pneumothorax-demo")
+    warm = worker.runtime.session(pneumothorax)
+
+    with caplog.at_level(logging.DEBUG, logger="dicomnode.runtime"):
+        assert worker.reload()
+    loaded = [r for r in caplog.records if "loaded, running on" in r.getMessage()]
+    assert loaded, "the reload checked no ONNX file"
+    assert {r.levelno for r in loaded} == {logging.DEBUG}
+    assert worker.runtime.session(pneumothorax) is warm
+
+
 def test_stand_alone_worker_reload_says_which_changes_wait_for_a_restart(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

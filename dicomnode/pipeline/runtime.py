@@ -115,9 +115,14 @@ def session_options(settings: InferenceSettings, on_cpu: bool = True) -> ort.Ses
 
 
 def load_session(
-    card: ModelCard, providers: list[str], settings: InferenceSettings | None = None
+    card: ModelCard,
+    providers: list[str],
+    settings: InferenceSettings | None = None,
+    *,
+    log_level: int = logging.INFO,
 ) -> ort.InferenceSession:
-    """Open the card's ONNX file and check its input against the card."""
+    """Open the card's ONNX file and check its input against the card; ``log_level`` of the
+    "loaded, running on" line (DEBUG for a load that only checks the file)."""
     settings = settings or InferenceSettings()
     path = card.onnx_path
     if not path.is_file():
@@ -156,7 +161,8 @@ def load_session(
                 card.model.name,
             )
     running = session.get_providers()
-    log.info(
+    log.log(
+        log_level,
         "model %s %s loaded, running on %s (configured %s; intra-op threads %s, inter-op %s, %s)",
         card.model.name,
         card.model.version,
@@ -188,7 +194,10 @@ def onnx_problem(card: ModelCard) -> str:
         return f"ONNX file {card.onnx_path} does not exist"
     if key not in _VERDICTS:
         try:
-            load_session(card, ["CPUExecutionProvider"])
+            # Only a check (readiness, check-config, a reload's validation): the line that
+            # says a model was loaded and where it runs is the worker's own load's, at INFO;
+            # this one at INFO read as if every model were reloaded on the CPU.
+            load_session(card, ["CPUExecutionProvider"], log_level=logging.DEBUG)
             _VERDICTS[key] = ""
         except ModelLoadError as exc:
             _VERDICTS[key] = str(exc)
