@@ -330,6 +330,22 @@ def test_pages_send_security_headers(site: Site) -> None:
     assert cookie.has_nonstandard_attr("HttpOnly")
 
 
+def test_pages_have_an_icon_and_favicon_ico_is_served(site: Site) -> None:
+    """Every page links its icon, and /favicon.ico (what a browser asks for on a page without
+    the link) is an image, without log-in: no 404 in the browser's console."""
+    browser, _ = _browser_login(site)
+    with closing(browser):
+        pages = [browser.get(path).text for path in ("/login", "/worklist")]
+    link = '<link rel="icon" href="/static/favicon.svg" type="image/svg+xml">'
+    assert all(link in page for page in pages)
+    with site.client() as anonymous:
+        for path in ("/static/favicon.svg", "/favicon.ico"):
+            icon = anonymous.get(path)
+            assert icon.status_code == 200, path
+            assert icon.headers["content-type"] == "image/svg+xml", path
+            assert icon.text.startswith("<svg "), path
+
+
 def test_secrets_never_reach_the_logs(site: Site, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
     with site.client() as anonymous:

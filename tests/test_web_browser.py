@@ -1,6 +1,7 @@
 """The worklist page in headless Chromium (Debian's, driven by Playwright): log-in, the
 critical study on top (checked on a screenshot's pixels), live update, filters, claim and
-complete, and the marker of AI result objects that were not written."""
+complete, the marker of AI result objects that were not written, and pages that load without
+a console error."""
 
 from __future__ import annotations
 
@@ -177,3 +178,18 @@ def test_rows_say_which_ai_result_objects_were_not_written(site, page) -> None:
     _expect(dead).to_have_text("AI results not written", timeout=10_000)
     assert dead.get_attribute("title").endswith(": RuntimeError: decoder crashed")
     _expect(marker).to_be_visible()
+
+
+def test_pages_load_without_console_errors(site, page) -> None:
+    """The log-in form, the worklist and a study page load with no console error and no
+    failed request: the icon the browser asks for (favicon) is served, not a 404."""
+    base, sessions = site
+    errors: list[str] = []
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.on("response", lambda r: errors.append(f"{r.status} {r.url}") if r.status >= 400 else None)
+    log_in(page, base)
+    with sessions() as session:
+        uid = session.query(Study.study_instance_uid).filter_by(accession_number="ACC-PTX").scalar()
+    page.goto(f"{base}/worklist/study/{uid}")
+    page.wait_for_load_state("networkidle")
+    assert errors == []
