@@ -90,9 +90,18 @@ def _leave(code: int) -> NoReturn:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from dicomnode.serve import run_serve
+    from dicomnode.sigint import interrupt_start_up
 
-    _leave(run_serve(Path(args.config), args.workers))
+    interrupt_start_up()
+    try:
+        from dicomnode.serve import run_serve
+
+        code = run_serve(Path(args.config), args.workers)
+    except KeyboardInterrupt:
+        # A Ctrl-C while serve started, before its web server took SIGINT as a stop: what
+        # had started is stopped by now (run_serve's clean-up); no traceback.
+        code = 130
+    _leave(code)
 
 
 def cmd_listener(args: argparse.Namespace) -> int:
@@ -116,6 +125,18 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     # A SIGHUP before the handler below is installed must not kill the worker.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    # Run by itself, a Ctrl-C does what SIGTERM does: it ends the worker at once while it
+    # starts (no KeyboardInterrupt traceback), then stops it; unless SIGINT came ignored
+    # (a shell script's background job), as it stays.
+    stop_on_sigint = (
+        args.parent_pid is None and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN
+    )
+    if stop_on_sigint:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+    elif args.parent_pid is not None:
+        from dicomnode.sigint import leave_sigint_to_supervisor
+
+        leave_sigint_to_supervisor()
     settings = _settings(args)
     setup_logging(settings.log_level, settings.logging.json_lines)
     worker = Worker(settings, _database(settings), _cards(settings))
@@ -132,6 +153,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     worker.warm_up()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    if stop_on_sigint:
+        signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGHUP, lambda *_: worker.reload_requested.set())
     worker.run_forever(
         stop,

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicomnode import RESEARCH_DEMO_NOTICE
+from dicomnode import RESEARCH_DEMO_NOTICE, sigint
 from dicomnode.checkconfig import check_settings, config_warnings
 from dicomnode.config import NodeSettings, Settings, load_settings, restart_changes
 from dicomnode.models.registry import ModelCard, discover_cards
@@ -179,6 +179,8 @@ def _announce(
     try:
         start()
     except RuntimeError as exc:
+        if stop.is_set():
+            return  # stopped (SIGTERM, Ctrl-C) while the listeners started: no failure
         log.error("%s", exc)
         node.failed = True
         server.should_exit = True
@@ -230,10 +232,14 @@ def run_web(
         name="retention",
         daemon=True,
     ).start()
-    # uvicorn re-raises the SIGTERM/SIGINT it caught once it has shut down, with the handler
-    # found before it started: make that a no-op so that the caller's clean-up runs.
+    # uvicorn takes SIGTERM and SIGINT once its event loop runs, and re-raises the one it
+    # caught after it has shut down, with the handler found before it started: this one,
+    # so that the caller's clean-up runs, and so that one that comes before uvicorn takes
+    # them (a Ctrl-C while it starts; a no-op handler lost it) stops the server too.
     for number in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(number, lambda *_: None)
+        signal.signal(number, lambda *_: setattr(server, "should_exit", True))
+    if sigint.requested.is_set():  # a Ctrl-C whose KeyboardInterrupt Python dropped
+        server.should_exit = True
     try:
         server.run()
     finally:
@@ -312,7 +318,7 @@ class WorkerPool:
         self.restarts = [0] * count
 
     def _start(self) -> subprocess.Popen:
-        return subprocess.Popen(self.command, env=self.environment)
+        return sigint.start_child(self.command, env=self.environment)
 
     def supervise(self, stop: threading.Event) -> None:
         while not stop.wait(1.0):

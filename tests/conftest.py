@@ -227,10 +227,18 @@ def write_config(
 
 
 def launch_node(
-    folder: Path, config: Path, port: int, web_port: int, env: dict[str, str] | None = None
+    folder: Path,
+    config: Path,
+    port: int,
+    web_port: int,
+    env: dict[str, str] | None = None,
+    *,
+    new_session: bool = False,
 ) -> tuple[subprocess.Popen, Path]:
     """``dicomnode serve`` in ``folder`` (with ``env`` over this environment), logging to
-    node.log; returns the process and its log once its DICOM and web ports listen."""
+    node.log; returns the process and its log once its DICOM and web ports listen.
+    ``new_session``: in a process group of its own with its children, as a terminal runs a
+    command (a test's Ctrl-C then reaches that group only)."""
     log = folder / "node.log"
     process = subprocess.Popen(
         [sys.executable, "-m", "dicomnode", "serve", "--config", str(config)],
@@ -238,6 +246,7 @@ def launch_node(
         stderr=subprocess.STDOUT,
         cwd=folder,
         env={**os.environ, **(env or {})},
+        start_new_session=new_session,
     )
     try:
         wait_for_port(port, process)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
 import signal
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import httpx
@@ -75,6 +78,111 @@ def test_ready_watchdog_reload_and_stopping_reach_notify_socket(tmp_path: Path) 
     receiver.close()
     assert code == 0, log.read_text()
     assert "stopped" in log.read_text()
+
+
+# Stop (Ctrl-C in a terminal) -----------------------------------------------------------
+
+
+def _ctrl_c(process: subprocess.Popen) -> tuple[int, bool]:
+    """What a terminal's Ctrl-C does: SIGINT to every process of ``process``'s group. Its
+    exit status, and whether any process of the group outlived it."""
+    group = os.getpgid(process.pid)
+    os.killpg(group, signal.SIGINT)
+    try:
+        code = process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        code = None
+    try:
+        os.killpg(group, 0)
+        left = True
+    except ProcessLookupError:
+        left = False
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(group, signal.SIGKILL)
+    process.wait()
+    return code, left
+
+
+def test_ctrl_c_stops_serve_its_listeners_and_worker_once_without_a_traceback(
+    tmp_path: Path,
+) -> None:
+    # Two listener processes and a worker: each used to get the terminal's SIGINT too, the
+    # worker printed a KeyboardInterrupt traceback, and a listener that stopped on it before
+    # serve knew it was stopping was reported as a crash (and restarted).
+    config, port, web_port = write_config(tmp_path, _sqlite(tmp_path), listeners=2)
+    process, log = launch_node(tmp_path, config, port, web_port, new_session=True)
+    try:
+        wait_for(lambda: re.search(r"worker \S+ ready", log.read_text()), 60, what="worker")
+    finally:
+        code, left = _ctrl_c(process)
+    output = log.read_text()
+    assert code == 0, output
+    assert not left, output
+    assert "Traceback" not in output, output
+    assert "KeyboardInterrupt" not in output, output
+    assert " ERROR " not in output, output
+    assert output.count("INFO dicomnode: stopped") == 1, output
+
+
+def test_ctrl_c_while_serve_starts_stops_it_and_what_it_started(tmp_path: Path) -> None:
+    # Once serve has started its listener and worker processes, while they and its web
+    # server start: serve raised KeyboardInterrupt with a traceback (or, in uvicorn's start,
+    # lost the Ctrl-C and ran on), and its children each printed theirs.
+    config, _, _ = write_config(tmp_path, _sqlite(tmp_path), listeners=2)
+    log = tmp_path / "node.log"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "dicomnode", "serve", "--config", str(config)],
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        cwd=tmp_path,
+        start_new_session=True,
+    )
+    try:
+        wait_for(
+            lambda: "worklist page on" in log.read_text() or process.poll() is not None,
+            60,
+            interval=0.02,
+            what="serve starting its processes",
+        )
+    finally:
+        code, left = _ctrl_c(process)
+    output = log.read_text()
+    assert code in (0, 130), output  # 130: stopped before its web server ran
+    assert not left, output
+    assert "Traceback" not in output, output
+    assert "KeyboardInterrupt" not in output, output
+    assert " ERROR " not in output, output
+    assert output.count("INFO dicomnode: stopped") == 1, output
+
+
+def test_ctrl_c_stops_a_stand_alone_worker_without_a_traceback(tmp_path: Path) -> None:
+    (tmp_path / "no-models").mkdir()
+    config = tmp_path / "dicomnode.toml"
+    config.write_text(
+        f'[database]\nurl = "{_sqlite(tmp_path)}"\n'
+        f'[storage]\npath = "{tmp_path / "storage"}"\n'
+        f'[models]\nfolders = ["{tmp_path / "no-models"}"]\n'
+        "[worker]\nthreads = 1\npoll_seconds = 0.1\n"
+    )
+    log = tmp_path / "worker.log"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "dicomnode", "worker", "--config", str(config)],
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        wait_for(
+            lambda: " ready" in log.read_text() or process.poll() is not None, 60, what="ready"
+        )
+        assert process.poll() is None, log.read_text()
+    finally:
+        code, left = _ctrl_c(process)
+    output = log.read_text()
+    assert code == 0, output
+    assert not left, output
+    assert "Traceback" not in output, output
+    assert "KeyboardInterrupt" not in output, output
 
 
 # Reload ---------------------------------------------------------------------------

@@ -44,6 +44,7 @@ from dicomnode.ingest.addresses import AddressSlots, create_address_slots, table
 from dicomnode.ingest.balance import listening_socket
 from dicomnode.ingest.sink import RemoteIndex
 from dicomnode.ingest.slots import AssociationSlots, create_slots
+from dicomnode.sigint import leave_sigint_to_supervisor, start_child
 
 if TYPE_CHECKING:
     # The supervisor's side only: a listener process loads no database code under serve.
@@ -65,7 +66,7 @@ class _Child:
     """One listener process and the lines it sent."""
 
     def __init__(self, command: list[str], pass_fds: tuple[int, ...] = ()):
-        self.process = subprocess.Popen(
+        self.process = start_child(
             command,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -261,7 +262,9 @@ def run_listener(
 ) -> int:
     """The ``dicomnode listener`` process: serve DICOM until SIGTERM or end of input, on
     the supervisor's socket ``socket_fd`` (else its own), handing index rows to the
-    supervisor over ``index_fd`` (else writing them itself)."""
+    supervisor over ``index_fd`` (else writing them itself). Under serve (``slots``) a
+    SIGINT is ignored: serve stops its listeners; else it stops the listener as SIGTERM
+    does."""
     from dicomnode.ingest.incoming import clear_listener_files
     from dicomnode.ingest.scp import StorageSCP
     from dicomnode.logs import setup_logging
@@ -271,7 +274,10 @@ def run_listener(
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    if slots is None:
+        signal.signal(signal.SIGINT, lambda *_: stop.set())
+    else:
+        leave_sigint_to_supervisor()
     settings = load_settings(config)
     setup_logging(settings.log_level, settings.logging.json_lines)
     if slots is not None:

@@ -1,0 +1,62 @@
+"""SIGINT (a terminal's Ctrl-C) in ``dicomnode serve`` and in the processes it starts.
+
+A terminal's Ctrl-C sends SIGINT to every process of its foreground process group: to serve
+and to each of its children (DICOM listeners, workers). Serve stops its children itself,
+with SIGTERM, once it knows that it is stopping; a child that stopped on its own SIGINT
+first was a crash to serve's supervision (logged as an error, restarted), and a worker
+printed a KeyboardInterrupt traceback. So a child of serve ignores SIGINT from its start: it
+is started with SIGINT blocked (a blocked signal stays blocked across exec, a handler does
+not) and ignores it before unblocking it, which also drops one that came meanwhile.
+
+Serve itself, while it starts, ends its start-up on a Ctrl-C (a KeyboardInterrupt: what
+has started is stopped); its web server then takes SIGINT as a stop, as SIGTERM. Python
+drops a KeyboardInterrupt raised in a finalizer (printing "Exception ignored in" and a
+traceback), which lost the Ctrl-C: the handler also records it in :data:`requested`, which
+stops the web server as it starts, and such a dropped one is not printed.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import threading
+from typing import Any
+
+# A Ctrl-C came while serve started (read once its web server takes SIGINT itself).
+requested = threading.Event()
+
+
+def start_child(command: list[str], **options: Any) -> subprocess.Popen:
+    """``subprocess.Popen(command, **options)`` with SIGINT blocked in the new process;
+    the process calls :func:`leave_sigint_to_supervisor` at its start."""
+    # Blocked in this thread only (the one that forks): serve's other threads, the main
+    # one included, still take a SIGINT meanwhile.
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        return subprocess.Popen(command, **options)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+
+
+def leave_sigint_to_supervisor() -> None:
+    """In a process serve started: ignore SIGINT (serve stops it with SIGTERM)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
+def _interrupt(number: int, frame: object) -> None:
+    requested.set()
+    raise KeyboardInterrupt
+
+
+def _unraisable(unraisable: Any) -> None:
+    if isinstance(unraisable.exc_value, KeyboardInterrupt) and requested.is_set():
+        return  # a Ctrl-C that came in a finalizer: ``requested`` has it
+    sys.__unraisablehook__(unraisable)
+
+
+def interrupt_start_up() -> None:
+    """In serve, at its start: a Ctrl-C raises KeyboardInterrupt and sets :data:`requested`."""
+    sys.unraisablehook = _unraisable
+    signal.signal(signal.SIGINT, _interrupt)
