@@ -11,7 +11,7 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
-from dicomnode import RESEARCH_DEMO_NOTICE
+from dicomnode import RESEARCH_DEMO_NOTICE, __version__
 from dicomnode.config import Settings, load_settings
 from dicomnode.db.errors import DatabaseUnusable
 from dicomnode.tomlfile import ConfigError
@@ -491,6 +491,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="dicomnode",
         description=f"DICOM AI triage node ({RESEARCH_DEMO_NOTICE}). Each command has --help.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     def with_config(sub: argparse.ArgumentParser) -> argparse.ArgumentParser:

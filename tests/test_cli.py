@@ -79,6 +79,15 @@ def test_help_lists_only_the_commands_for_people() -> None:
     assert "listener" not in wrong.stderr
 
 
+def test_version_names_the_package_version() -> None:
+    from dicomnode import __version__
+
+    shown = run_cli("--version")
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout == f"dicomnode {__version__}\n"
+    assert "--version" in run_cli("--help").stdout
+
+
 def test_db_upgrade_names_the_revision_it_left_the_database_at(config: Path) -> None:
     from dicomnode.db.session import schema_revision
 
