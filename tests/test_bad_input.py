@@ -76,7 +76,7 @@ def _still_serving(node: Node) -> None:
 
 @pytest.fixture
 def node(tmp_path: Path, sessions: sessionmaker[Session]) -> Iterator[Node]:
-    yield from start_node(tmp_path, sessions, node={"max_instance_bytes": 64 * 1024})
+    yield from start_node(tmp_path, sessions, {"max_instance_bytes": 64 * 1024})
 
 
 def _truncated(ds: Dataset) -> bytes:

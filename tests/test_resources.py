@@ -19,7 +19,7 @@ from dicomnode.ingest import sink
 
 @pytest.fixture
 def node(tmp_path: Path, sessions: sessionmaker[Session]) -> Iterator[Node]:
-    yield from start_node(tmp_path, sessions, node={"max_associations": 2, "max_pdu": 16384})
+    yield from start_node(tmp_path, sessions, {"max_associations": 2, "max_pdu": 16384})
 
 
 def test_low_disk_answers_out_of_resources_and_recovers(node: Node) -> None:

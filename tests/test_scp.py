@@ -117,6 +117,9 @@ def start_node(
     node_settings: dict | None = None,
     **extra,
 ) -> Iterator[Node]:
+    if "node" in extra:
+        # It would replace the [node] table, the free port with it (11112: another node's).
+        raise TypeError("start_node takes [node] settings as node_settings")
     storage = tmp_path / "node" / "storage"
     settings = Settings.model_validate(
         {
