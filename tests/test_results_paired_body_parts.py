@@ -6,10 +6,14 @@ Each IOD says the side its own way: a Secondary Capture overlay and a GSPS in Ge
 Laterality; a derived DX image in Image Laterality (DX Anatomy Imaged); a Segmentation in each
 segment's Anatomic Region Sequence with a laterality modifier (Segment Description, CID 244),
 since dciodvfy allows no General Series Laterality in a SEG and Frame Anatomy is not one of the
-Segmentation IOD's functional groups. SR and KOS have no laterality attribute to keep it in."""
+Segmentation IOD's functional groups; a TID 1500 SR in each finding's measurement group, as its
+Finding Site (the region) with a Laterality modifier (CID 244). A KOS has no place to keep it."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
+import highdicom as hd
 import pytest
 from dciodvfy import dciodvfy_errors
 from defective_sources import conforming
@@ -28,6 +32,10 @@ CASES = {
 REGIONS = {"HAND": "85562004", "KNEE": "72696002"}
 # CID 244 Laterality.
 SIDE_MODIFIERS = {"R": "24028007", "L": "7771000"}
+# TID 1500 concept names: Measurement Group, Finding Site, Laterality.
+MEASUREMENT_GROUP = ("125007", "DCM")
+FINDING_SITE = ("363698007", "SCT")
+LATERALITY = ("272741003", "SCT")
 
 
 def paired_source(
@@ -72,6 +80,48 @@ def test_every_result_of_a_paired_body_part_is_valid_and_keeps_its_side(case: st
             "SCT",
         )
     assert source.get(keyword) == side
+    groups = measurement_groups(results["sr"])
+    assert len(groups) == 3  # every finding of every_result's evaluation
+    for group in groups:
+        (site,) = [item for item in group.ContentSequence if concept_name(item) == FINDING_SITE]
+        assert site.RelationshipType == "HAS CONCEPT MOD"
+        assert code_of(site) == (REGIONS[body_part], "SCT")
+        (laterality,) = site.ContentSequence
+        assert concept_name(laterality) == LATERALITY
+        assert laterality.RelationshipType == "HAS CONCEPT MOD"
+        assert code_of(laterality) == (SIDE_MODIFIERS[side], "SCT")
+    # highdicom reads the site and its side back.
+    report = hd.sr.Comprehensive3DSR.from_dataset(results["sr"])
+    for group in report.content.get_planar_roi_measurement_groups():
+        (site,) = group.finding_sites
+        assert (site.value.value, site.laterality.value) == (
+            REGIONS[body_part],
+            SIDE_MODIFIERS[side],
+        )
+
+
+def walk(items) -> Iterator[Dataset]:
+    for item in items:
+        yield item
+        yield from walk(item.get("ContentSequence", []))
+
+
+def concept_name(item: Dataset) -> tuple[str, str]:
+    code = item.ConceptNameCodeSequence[0]
+    return (code.CodeValue, code.CodingSchemeDesignator)
+
+
+def code_of(item: Dataset) -> tuple[str, str]:
+    code = item.ConceptCodeSequence[0]
+    return (code.CodeValue, code.CodingSchemeDesignator)
+
+
+def measurement_groups(sr: Dataset) -> list[Dataset]:
+    return [
+        item
+        for item in walk(sr.ContentSequence)
+        if item.ValueType == "CONTAINER" and concept_name(item) == MEASUREMENT_GROUP
+    ]
 
 
 @pytest.mark.parametrize("kind", ["DX", "CR"])
@@ -82,3 +132,18 @@ def test_a_chest_seg_names_no_anatomic_region(kind: str) -> None:
     assert all(
         "AnatomicRegionSequence" not in segment for segment in results["seg"].SegmentSequence
     )
+
+
+@pytest.mark.parametrize("kind", ["DX", "CR"])
+def test_a_chest_sr_names_no_finding_site(kind: str) -> None:
+    """A chest is unpaired: its SR's measurement groups get no Finding Site, even where the
+    source names its region (Anatomic Region Sequence) or carries a stray Laterality."""
+    source = conforming(kind)
+    code = Dataset()
+    code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = "43799004", "SCT", "Chest"
+    source.AnatomicRegionSequence = [code]
+    source.Laterality = "R"
+    sr = every_result(source)["sr"]
+    assert dciodvfy_errors(sr) == []
+    assert len(measurement_groups(sr)) == 3
+    assert not [item for item in walk(sr.ContentSequence) if concept_name(item) == FINDING_SITE]

@@ -8,7 +8,6 @@ them as one volume, so that Image Orientation (Patient) values written with othe
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Sequence
 
@@ -20,6 +19,7 @@ from pydicom.sr.codedict import codes
 from dicomnode import EQUIPMENT_MANUFACTURER, __version__
 from dicomnode.findings import Algorithm, CodedConcept, Segmentation
 from dicomnode.pipeline.series import ORIENTATION_TOLERANCE, same_orientation
+from dicomnode.results.anatomy import paired_region
 from dicomnode.results.reference import sanitised_reference
 from dicomnode.results.source import (
     character_set,
@@ -27,7 +27,6 @@ from dicomnode.results.source import (
     copy_laterality,
     copy_patient_study,
     one_study,
-    paired_side,
 )
 from dicomnode.results.sr import series_description, with_notice
 from dicomnode.results.uids import result_instance_uid, result_series_uid, result_uid
@@ -36,8 +35,6 @@ SEG_SERIES_NUMBER = 9903
 ANATOMICAL_STRUCTURE = hd.sr.CodedConcept("91723000", "SCT", "Anatomical Structure")
 ABNORMAL_STRUCTURE = hd.sr.CodedConcept("49755003", "SCT", "Morphologically Abnormal Structure")
 ARTIFICIAL_INTELLIGENCE = codes.cid7162.ArtificialIntelligence
-# CID 244 Laterality: the side of a paired body part as an anatomic region modifier.
-SIDE_MODIFIERS = {"R": ("24028007", "SCT", "Right"), "L": ("7771000", "SCT", "Left")}
 
 # Normal anatomy a model may outline; every other concept is taken for a lesion. Codes of
 # CID 7140-ish chest structures in SNOMED CT and their RadLex equivalents.
@@ -171,45 +168,15 @@ def _anatomic_regions(source: pydicom.Dataset) -> list[hd.sr.CodedConcept] | Non
 
     A Segmentation says laterality so: not in General Series (see ``build_seg``), nor in Frame
     Anatomy, which is not one of the Segmentation IOD's functional groups (dciodvfy: "not present
-    in standard DICOM IOD"). The region is the source's Anatomic Region Sequence code, else its
-    Body Part Examined's (PS3.16 Annex L). None for an unpaired part, an unknown side or a part
-    no code names: the segments then say no region.
+    in standard DICOM IOD"). The region and side are ``anatomy.paired_region``'s. None for an
+    unpaired part, an unknown side or a part no code names: the segments then say no region.
     """
-    side = paired_side(source)
-    region = _region_code(source) if side is not None else None
-    if side is None or region is None:
+    paired = paired_region(source)
+    if paired is None:
         return None
-    region.AnatomicRegionModifierSequence = [hd.sr.CodedConcept(*SIDE_MODIFIERS[side])]
+    region, side = paired
+    region.AnatomicRegionModifierSequence = [side]
     return [region]
-
-
-def _region_code(source: pydicom.Dataset) -> hd.sr.CodedConcept | None:
-    regions = source.get("AnatomicRegionSequence") or []
-    if regions:
-        item = regions[0]
-        try:
-            return hd.sr.CodedConcept(
-                str(item.CodeValue), str(item.CodingSchemeDesignator), str(item.CodeMeaning)
-            )
-        except (AttributeError, TypeError, ValueError):
-            pass  # not a whole code: Body Part Examined may still name the region
-    mapped = _annex_l_regions().get(str(source.get("BodyPartExamined") or "").strip())
-    if mapped is None:
-        return None
-    code = mapped[0]
-    return hd.sr.CodedConcept(code.value, code.scheme_designator, code.meaning)
-
-
-@functools.cache
-def _annex_l_regions() -> dict[str, tuple[hd.sr.CodedConcept, bool]]:
-    """Body Part Examined -> its Anatomic Region code (PS3.16 Annex L), as highdicom has it.
-    The table is not part of highdicom's public API: should it move, segments name no region
-    (the SEG stays valid, without its side) rather than the writer failing to import."""
-    try:
-        from highdicom._standard_utils import get_anatomic_region_map
-    except ImportError:
-        return {}
-    return get_anatomic_region_map()
 
 
 def _one_orientation(references: list[pydicom.Dataset]) -> list[pydicom.Dataset]:

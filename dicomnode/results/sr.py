@@ -13,6 +13,7 @@ from pydicom.sr.codedict import codes
 
 from dicomnode import EQUIPMENT_MANUFACTURER, RESEARCH_DEMO_NOTICE, __version__
 from dicomnode.findings import Algorithm, Finding, ImageFindings
+from dicomnode.results.anatomy import paired_region
 from dicomnode.results.geometry import box_outline, pixel_centre
 from dicomnode.results.reference import sanitised_reference
 from dicomnode.results.source import character_set, copy_patient_study
@@ -356,6 +357,7 @@ def _measurement_group(
         "algorithm_id": algorithm_id,
         "measurements": [probability],
         "qualitative_evaluations": [evaluation],
+        "finding_sites": _finding_sites(source),
     }
     region = _region(source, finding)
     if region is None:
@@ -364,6 +366,19 @@ def _measurement_group(
             **common,
         )
     return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(referenced_region=region, **common)
+
+
+def _finding_sites(source: pydicom.Dataset) -> list[hd.sr.FindingSite] | None:
+    """The side of a finding on a paired body part (a hand, a knee): the region the source
+    shows as the group's Finding Site, its Laterality (CID 244) as the site's modifier (TID
+    1410/1501). An SR has no General Series Laterality, so its groups are where a reader
+    learns which hand. None for an unpaired part (a chest), an unknown side or a region no
+    code names: the group then names no site."""
+    paired = paired_region(source)
+    if paired is None:
+        return None
+    region, side = paired
+    return [hd.sr.FindingSite(anatomic_location=region, laterality=side)]
 
 
 def _region(source: pydicom.Dataset, finding: Finding) -> hd.sr.ImageRegion | None:
