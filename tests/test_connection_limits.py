@@ -642,15 +642,7 @@ def test_silent_connections_are_capped_over_all_listener_processes(tmp_path: Pat
         cap = connection_limit(2)
         silent = _silent(port, cap + 2)
         try:
-            wait_for(
-                lambda: sum(_closed_by_node(c) for c in silent) == 2,
-                timeout=10,
-                interval=0.05,
-                what="the connections over the cap closed",
-            )
-            kept = [c for c in silent if not _closed_by_node(c)]
-            serving = {_listener_of(port, listeners, c.getsockname()[1]) for c in kept}
-            assert serving == set(listeners), "all silent connections went to one listener"
+            _two_closed_the_rest_spread(port, listeners, silent)
             assert not Attempt(port).established
             _other_host_served(port)
         finally:
@@ -671,15 +663,7 @@ def test_the_node_connection_cap_holds_over_all_listener_processes(tmp_path: Pat
         cap = node_connection_limit(2)
         silent = _silent_from_each(port, _loopback_hosts(cap + 2))
         try:
-            wait_for(
-                lambda: sum(_closed_by_node(c) for c in silent) == 2,
-                timeout=10,
-                interval=0.05,
-                what="the connections over the node's cap closed",
-            )
-            kept = [c for c in silent if not _closed_by_node(c)]
-            serving = {_listener_of(port, listeners, c.getsockname()[1]) for c in kept}
-            assert serving == set(listeners), "all silent connections went to one listener"
+            _two_closed_the_rest_spread(port, listeners, silent)
             closed = Attempt(port)  # from yet another address
             assert not closed.established and closed.rejection is None
         finally:
@@ -690,6 +674,22 @@ def test_the_node_connection_cap_holds_over_all_listener_processes(tmp_path: Pat
         assert running.process.poll() is None
     finally:
         stop_node(running)
+
+
+def _two_closed_the_rest_spread(
+    port: int, listeners: list[int], silent: list[socket.socket]
+) -> None:
+    """Two connections of ``silent`` (two over a cap) are closed by the node, and those it
+    keeps are served by every listener process, not one."""
+    wait_for(
+        lambda: sum(_closed_by_node(c) for c in silent) == 2,
+        timeout=10,
+        interval=0.05,
+        what="the connections over the cap closed",
+    )
+    kept = [c for c in silent if not _closed_by_node(c)]
+    serving = {_listener_of(port, listeners, c.getsockname()[1]) for c in kept}
+    assert serving == set(listeners), "all silent connections went to one listener"
 
 
 def _accepted_and_released(port: int) -> bool:
