@@ -117,11 +117,7 @@ def test_ctrl_c_stops_serve_its_listeners_and_worker_once_without_a_traceback(
         code, left = _ctrl_c(process)
     output = log.read_text()
     assert code == 0, output
-    assert not left, output
-    assert "Traceback" not in output, output
-    assert "KeyboardInterrupt" not in output, output
-    assert " ERROR " not in output, output
-    assert output.count("INFO dicomnode: stopped") == 1, output
+    _serve_stopped_cleanly(output, left)
 
 
 def test_ctrl_c_while_serve_starts_stops_it_and_what_it_started(tmp_path: Path) -> None:
@@ -148,11 +144,7 @@ def test_ctrl_c_while_serve_starts_stops_it_and_what_it_started(tmp_path: Path) 
         code, left = _ctrl_c(process)
     output = log.read_text()
     assert code in (0, 130), output  # 130: stopped before its web server ran
-    assert not left, output
-    assert "Traceback" not in output, output
-    assert "KeyboardInterrupt" not in output, output
-    assert " ERROR " not in output, output
-    assert output.count("INFO dicomnode: stopped") == 1, output
+    _serve_stopped_cleanly(output, left)
 
 
 def test_ctrl_c_stops_a_stand_alone_worker_without_a_traceback(tmp_path: Path) -> None:
@@ -180,9 +172,21 @@ def test_ctrl_c_stops_a_stand_alone_worker_without_a_traceback(tmp_path: Path) -
         code, left = _ctrl_c(process)
     output = log.read_text()
     assert code == 0, output
+    _stopped_without_traceback(output, left)
+
+
+def _stopped_without_traceback(output: str, left: bool) -> None:
+    """Nothing of the process group is left, and its output has no traceback."""
     assert not left, output
     assert "Traceback" not in output, output
     assert "KeyboardInterrupt" not in output, output
+
+
+def _serve_stopped_cleanly(output: str, left: bool) -> None:
+    """And serve logged no error, and that it stopped once."""
+    _stopped_without_traceback(output, left)
+    assert " ERROR " not in output, output
+    assert output.count("INFO dicomnode: stopped") == 1, output
 
 
 # Reload ---------------------------------------------------------------------------
