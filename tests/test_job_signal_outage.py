@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 from conftest import POSTGRES_URL, require_postgres, wait_for
 from sqlalchemy import create_engine
+from sqlalchemy.orm import Session, sessionmaker
 from test_jobs import make_study
 
 from dicomnode.db.session import make_engine, make_sessionmaker, upgrade
@@ -95,6 +96,17 @@ def job_signal_log(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptu
         yield caplog
 
 
+def _queue_analysis(sessions: sessionmaker[Session], study_id: int) -> Callable[[], None]:
+    """What queues an analysis job of ``study_id`` (its commit is what wakes the signal)."""
+
+    def queue() -> None:
+        with sessions() as session:
+            enqueue(session, "analyse", study_id, {"generation": 1})
+            session.commit()
+
+    return queue
+
+
 def test_sqlite_watch_logs_one_warning_then_debug_then_info(
     tmp_path: Path, job_signal_log: pytest.LogCaptureFixture
 ) -> None:
@@ -124,13 +136,7 @@ def test_sqlite_watch_logs_one_warning_then_debug_then_info(
         )
 
         node = make_engine(f"sqlite:///{database}")
-
-        def queue_job() -> None:
-            with make_sessionmaker(node)() as session:
-                enqueue(session, "analyse", study_id, {"generation": 1})
-                session.commit()
-
-        wakes_waiter(signal, queue_job)
+        wakes_waiter(signal, _queue_analysis(make_sessionmaker(node), study_id))
     finally:
         signal.stop()
         if node is not None:
@@ -174,13 +180,7 @@ def test_postgresql_listen_logs_one_warning_then_debug_then_info(
         sessions = make_sessionmaker(engine)
         with sessions() as session:
             study_id = make_study(session)
-
-        def queue_job() -> None:
-            with sessions() as session:
-                enqueue(session, "analyse", study_id, {"generation": 1})
-                session.commit()
-
-        wakes_waiter(signal, queue_job)
+        wakes_waiter(signal, _queue_analysis(sessions, study_id))
     finally:
         signal.stop()
         if engine is not None:
