@@ -50,6 +50,7 @@ from dicomnode.ingest.incoming import (
     read_received,
     write_incoming,
 )
+from dicomnode.ingest.negotiation import sender_order
 from dicomnode.ingest.reactor import DeferredHandshake, EventDrivenRequestHandler
 from dicomnode.ingest.sink import AssociationEnded, IndexSink
 from dicomnode.ingest.slots import AssociationSlots
@@ -347,6 +348,12 @@ class StorageSCP:
                 self._counted.add(id(event.assoc))
         with self._lock:
             self._associations[id(event.assoc)] = _AssociationLog(calling_ae, address)
+        # Each context in the transfer syntax the sender prefers (see negotiation.py).
+        acceptor = event.assoc.acceptor
+        acceptor.supported_contexts = sender_order(
+            requestor.primitive.presentation_context_definition_list,
+            acceptor.supported_contexts,
+        )
 
     def _count_address(self, event: evt.Event, calling_ae: str, address: str) -> bool:
         """Count the association against its peer's IP address; False when it is rejected
