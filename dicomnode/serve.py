@@ -45,6 +45,10 @@ LIVE_NODE_KEYS = frozenset(
         "require_called_ae",
         "max_instance_bytes",
         "max_associations_per_address",
+        # Onto the listener's AE, read as each connection is accepted (scp.apply_timeouts).
+        "acse_timeout_seconds",
+        "dimse_timeout_seconds",
+        "network_timeout_seconds",
     }
 )
 # Changed only by a restart: the listener's socket, AE and processes (every other [node] key,

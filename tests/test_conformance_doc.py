@@ -295,6 +295,15 @@ def test_network_parameters_are_the_code_defaults(listener_ae: AE) -> None:
     for parameter, value in expected.items():
         assert _value(rows, parameter) == value, parameter
     assert listener_ae.maximum_pdu_size == node.max_pdu
+    # The listener's timeouts are [node]'s, and each row names its setting.
+    for parameter, key in {
+        "ACSE timeout (SCP)": "acse_timeout_seconds",
+        "DIMSE timeout (SCP)": "dimse_timeout_seconds",
+        "Network (idle) timeout (SCP)": "network_timeout_seconds",
+    }.items():
+        assert _value(rows, parameter) == getattr(node, key), parameter
+        row = next(row for row in rows if row["Parameter"].startswith(parameter))
+        assert row["Setting"] == f"`[node] {key}`", parameter
     assert listener_ae.maximum_associations == node.max_associations
     identity = section("2.1 ")
     assert f"`{listener_ae.implementation_class_uid}`" in identity

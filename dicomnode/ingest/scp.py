@@ -28,7 +28,7 @@ from pynetdicom.sop_class import Verification
 from pynetdicom.transport import AssociationServer, ThreadedAssociationServer
 
 from dicomnode import metrics
-from dicomnode.config import Peer, Settings
+from dicomnode.config import NodeSettings, Peer, Settings
 from dicomnode.ingest import sink
 from dicomnode.ingest.addresses import (
     AddressSlots,
@@ -188,6 +188,13 @@ class ListenerAE(AE):
         ]
 
 
+def apply_timeouts(ae: AE, node: NodeSettings) -> None:
+    """``[node]``'s ACSE, DIMSE and network timeouts onto the listener's AE."""
+    ae.acse_timeout = node.acse_timeout_seconds
+    ae.dimse_timeout = node.dimse_timeout_seconds
+    ae.network_timeout = node.network_timeout_seconds
+
+
 # How often at most a listener logs the connections it closed at accept, for each reason (a
 # host that opens them in a loop would otherwise write a line per connection).
 CONNECTION_REFUSALS_LOG_SECONDS = 10.0
@@ -278,6 +285,20 @@ class StorageSCP:
         self._server = None
         self.ae = self._make_ae()
 
+    @property
+    def settings(self) -> Settings:
+        return self._settings
+
+    @settings.setter
+    def settings(self, settings: Settings) -> None:
+        """Take new settings (a reload): one assignment, so an association reads either the
+        old or the new; and the ``[node]`` timeouts onto the AE, which each connection reads
+        as it is accepted (pynetdicom also hands them to the established associations)."""
+        self._settings = settings
+        ae = getattr(self, "ae", None)
+        if ae is not None:
+            apply_timeouts(ae, settings.node)
+
     def _sessions(self) -> sessionmaker[Session]:
         if self.sessions is None:
             raise RuntimeError("this listener hands its rows to an index and has no sessions")
@@ -292,6 +313,7 @@ class StorageSCP:
         ae.maximum_associations = node.max_associations
         ae.maximum_pdu_size = node.max_pdu
         ae.require_called_aet = False
+        apply_timeouts(ae, node)
         return ae
 
     def _limits(self) -> Limits:
