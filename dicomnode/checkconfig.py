@@ -11,6 +11,7 @@ from dicomnode.config import Settings, load_settings
 from dicomnode.ingest.spool import existing_parent
 from dicomnode.models.registry import ModelCard, load_card
 from dicomnode.pipeline.runtime import onnx_problem
+from dicomnode.tls import destination_context
 from dicomnode.tomlfile import ConfigError, ConfigErrors, key_line
 
 
@@ -34,10 +35,14 @@ def _writable_dir(path: Path) -> str:
     return ""
 
 
-def _problem(settings: Settings, reason: str, *key: str) -> ConfigError:
-    """A problem with the main file's setting ``key`` (its table and name), at its line."""
+def _problem(settings: Settings, reason: str, *key: str | int) -> ConfigError:
+    """A problem with the main file's setting ``key`` (its table, the item of a list of
+    tables, and name), at its line."""
     return ConfigError(
-        settings.source or Path("<settings>"), reason, key=".".join(key), line=_line(settings, key)
+        settings.source or Path("<settings>"),
+        reason,
+        key=".".join(str(part) for part in key),
+        line=_line(settings, key),
     )
 
 
@@ -60,8 +65,9 @@ def check_paths(settings: Settings) -> list[ConfigError]:
 
 
 def check_network(settings: Settings) -> list[ConfigError]:
-    """Problems that would stop the listeners or the web page from starting: a TLS
-    certificate, key or CA that cannot be loaded, the web page on the DICOM port."""
+    """Problems that would stop the listeners, the web page or exports from starting: a TLS
+    certificate, key or CA that cannot be loaded (the listener's, a destination's), the web
+    page on the DICOM port."""
     problems = []
     if settings.tls.enabled:
         from dicomnode.ingest.scp import tls_context
@@ -70,6 +76,16 @@ def check_network(settings: Settings) -> list[ConfigError]:
             tls_context(settings)
         except ValueError as exc:
             problems.append(_problem(settings, str(exc).removeprefix("[tls] "), "tls", "enabled"))
+    for index, destination in enumerate(settings.destinations):
+        if not destination.tls:
+            continue
+        try:
+            destination_context(destination, settings.base_dir)
+        except ValueError as exc:
+            # The message names the key ("cannot load tls_ca ..."): point at that key's line.
+            key = "tls_ca" if "cannot load tls_ca" in str(exc) else "tls_cert"
+            reason = str(exc).removeprefix("[[destinations]] ")
+            problems.append(_problem(settings, reason, "destinations", index, key))
     if settings.web.port == settings.node.port:
         reason = f"the web page and the DICOM listener cannot share port {settings.web.port}"
         problems.append(_problem(settings, reason, "web", "port"))

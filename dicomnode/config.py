@@ -9,6 +9,7 @@ from typing import Annotated, Literal
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     Strict,
@@ -42,6 +43,14 @@ AETitle = Annotated[str, AfterValidator(_ae_title)]
 Port = Annotated[int, Field(ge=1, le=65535)]
 # Paths are TOML strings: the one type the strict settings convert.
 ConfigPath = Annotated[Path, Strict(False)]
+
+
+def _empty_is_none(value: object) -> object:
+    return None if value == "" else value
+
+
+# A path that may be left out: empty ("") or absent is None.
+OptionalConfigPath = Annotated[ConfigPath | None, BeforeValidator(_empty_is_none)]
 
 
 class _Section(BaseModel):
@@ -125,13 +134,8 @@ class TLSSettings(_Section):
     enabled: bool = False
     cert: ConfigPath = Path("conf/tls/node.pem")
     key: ConfigPath = Path("conf/tls/node.key")
-    ca: ConfigPath | None = None
+    ca: OptionalConfigPath = None
     require_client_cert: bool = True
-
-    @field_validator("ca", mode="before")
-    @classmethod
-    def _empty_is_none(cls, value: object) -> object:
-        return None if value == "" else value
 
     @model_validator(mode="after")
     def _ca_for_client_certs(self) -> TLSSettings:
@@ -243,6 +247,30 @@ class Destination(_Section):
     # and for any network data; a destination that stays silent longer fails the export,
     # which is retried with backoff.
     timeout_seconds: float = Field(default=30.0, gt=0)
+    # DICOM TLS to this destination (TLS 1.2 or later); the files are checked by
+    # check-config, as [tls]'s are.
+    tls: bool = False
+    tls_ca: OptionalConfigPath = None  # none: the system's trust store
+    tls_cert: OptionalConfigPath = None
+    tls_key: OptionalConfigPath = None
+    tls_verify_hostname: bool = True
+
+    @model_validator(mode="after")
+    def _tls_keys(self) -> Destination:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            given, missing = (
+                ("tls_cert", "tls_key") if self.tls_key is None else ("tls_key", "tls_cert")
+            )
+            raise ValueError(
+                f"{given} needs {missing}: the node's client certificate and its private key "
+                "go together (set both, or neither)"
+            )
+        if not self.tls and (self.tls_ca or self.tls_cert):
+            raise ValueError(
+                "tls_ca, tls_cert and tls_key apply only with tls = true: set tls = true "
+                "(or remove them; exports would otherwise go without TLS)"
+            )
+        return self
 
 
 class Peer(_Section):

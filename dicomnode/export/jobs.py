@@ -130,7 +130,11 @@ class ExportJobs:
         session.commit()
         try:
             sent = send_files(
-                paths, destination, worker.settings.node.ae_title, destination.timeout_seconds
+                paths,
+                destination,
+                worker.settings.node.ae_title,
+                destination.timeout_seconds,
+                worker.settings.base_dir,
             )
         except Exception as exc:  # no association: every job of it fails alike
             outcomes: dict[int, Exception | None] = dict.fromkeys(kinds, exc)

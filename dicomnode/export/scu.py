@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -16,6 +17,7 @@ from pynetdicom import AE, evt
 from pynetdicom.association import Association
 
 from dicomnode.config import Destination
+from dicomnode.tls import destination_tls_args, handshake_failure
 
 log = logging.getLogger("dicomnode.export")
 
@@ -44,6 +46,8 @@ ASSOCIATION_LOGGERS = (
 )
 # The line pynetdicom logs before the one that says why it could not connect.
 _UNABLE_TO_CONNECT = "Association request failed: unable to connect to remote"
+# How a TLS error (a failed handshake) is taken from the traceback pynetdicom logs for it.
+_TLS_FAILED = "TLS error: "
 
 
 class ExportError(Exception):
@@ -110,7 +114,13 @@ class _AssociationLines(logging.Filter):
             lines = self._lines.get(key)
             if lines is None:
                 return True
-            lines.append(record.getMessage())
+            # pynetdicom logs a failed TLS handshake's traceback: its reason is kept, in one
+            # line, and the traceback goes nowhere.
+            exc = record.exc_info[1] if record.exc_info else None
+            if isinstance(exc, ssl.SSLError):
+                lines.append(_TLS_FAILED + handshake_failure(exc))
+            else:
+                lines.append(record.getMessage())
             return False
 
     @contextmanager
@@ -138,7 +148,9 @@ for _name in ASSOCIATION_LOGGERS:
 def why_not_associated(lines: Sequence[str]) -> str:
     """Why an association request failed, from what pynetdicom logged for it (the connect
     error, the rejection's result, source and reason), or what the caller can say without."""
-    said = [line for line in lines if line != _UNABLE_TO_CONNECT]
+    said = [
+        line for line in lines if line != _UNABLE_TO_CONNECT and not line.startswith(_TLS_FAILED)
+    ]
     return "; ".join(said) or "peer down or refused"
 
 
@@ -158,20 +170,31 @@ def _send_at_once(event: evt.Event) -> None:
     algorithm the kernel holds a small dataset PDU until the peer acknowledges the command
     PDU, and a peer waiting for the whole message delays that acknowledgement (Linux: up to
     40 ms). Every small object (an SR, a KOS) then took ~40 ms longer to send.
+    Over DICOM TLS the socket is an ``ssl.SSLSocket``, whose option is its TCP socket's.
     """
     event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-def send_file(path: Path, destination: Destination, calling_ae: str, timeout: float = 30.0) -> None:
+def send_file(
+    path: Path,
+    destination: Destination,
+    calling_ae: str,
+    timeout: float = 30.0,
+    base_dir: Path | None = None,
+) -> None:
     """C-STORE one DICOM file to ``destination``; raises ExportError unless it answers 0x0000
     (or a warning status)."""
-    outcome = send_files([path], destination, calling_ae, timeout)[0]
+    outcome = send_files([path], destination, calling_ae, timeout, base_dir)[0]
     if outcome is not None:
         raise outcome
 
 
 def send_files(
-    paths: Sequence[Path], destination: Destination, calling_ae: str, timeout: float = 30.0
+    paths: Sequence[Path],
+    destination: Destination,
+    calling_ae: str,
+    timeout: float = 30.0,
+    base_dir: Path | None = None,
 ) -> list[Exception | None]:
     """C-STORE DICOM files to ``destination`` over one association, in order.
 
@@ -185,6 +208,12 @@ def send_files(
     name no destination (a connect error, a DIMSE timeout), is logged here at DEBUG instead,
     and said in the reason. Files are read one at a time as they are sent (their headers
     first, for the presentation contexts).
+
+    With ``tls = true`` the association is DICOM TLS (:func:`dicomnode.tls.destination_context`;
+    its relative paths against ``base_dir``, the installation's folder, by default the current
+    one); a handshake that fails (a certificate the destination's CA did not sign, one that
+    does not name its host) raises DestinationUnavailable that says so in one line, as does a
+    certificate or CA file that cannot be loaded.
     """
     where = describe(destination)
     outcomes: list[Exception | None] = [None] * len(paths)
@@ -198,8 +227,18 @@ def send_files(
             outcomes[index] = exc
     if not contexts:
         return outcomes
+    tls_args = None
+    if destination.tls:
+        try:
+            tls_args = destination_tls_args(destination, base_dir or Path.cwd())
+        except ValueError as exc:
+            raise DestinationUnavailable(f"TLS to {where} cannot be set up: {exc}") from None
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    if tls_args is not None:
+        # The handshake runs inside pynetdicom's connect, which waits as long as this allows
+        # (by default for ever, for a destination that accepts the connection but says nothing).
+        ae.connection_timeout = timeout
     for sop_class, syntax in sorted(set(contexts.values())):
         ae.add_requested_context(sop_class, offered_syntaxes(syntax))
     with _ASSOCIATION_LINES.taking(ae) as lines:
@@ -208,6 +247,7 @@ def send_files(
             destination.port,
             ae_title=destination.ae_title,
             evt_handlers=[(evt.EVT_CONN_OPEN, _send_at_once)],
+            tls_args=tls_args,
         )
         accepted = assoc.is_established
         try:
@@ -223,6 +263,11 @@ def send_files(
     for line in lines:
         log.debug("association to %s: pynetdicom: %s", where, line)
     if not accepted:
+        handshake = next((line for line in lines if line.startswith(_TLS_FAILED)), None)
+        if handshake is not None:
+            raise DestinationUnavailable(
+                f"TLS handshake with {where} failed: {handshake.removeprefix(_TLS_FAILED)}"
+            )
         raise DestinationUnavailable(
             f"{where}: association not accepted ({why_not_associated(lines)})"
         )

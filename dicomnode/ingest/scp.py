@@ -62,6 +62,7 @@ from dicomnode.ingest.spool import (
     sync_folder,
 )
 from dicomnode.ingest.validate import InvalidDataset, check_dataset
+from dicomnode.tls import load_ca, load_cert_chain
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session, sessionmaker
@@ -111,17 +112,11 @@ def tls_context(settings: Settings) -> ssl.SSLContext:
     tls = settings.tls
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    cert, key = settings.resolve(tls.cert), settings.resolve(tls.key)
-    try:
-        context.load_cert_chain(cert, key)
-    except (OSError, ssl.SSLError) as exc:
-        raise ValueError(f"[tls] cannot load cert {cert} / key {key}: {exc}") from exc
+    load_cert_chain(
+        context, settings.resolve(tls.cert), settings.resolve(tls.key), "[tls] cannot load cert"
+    )
     if tls.ca is not None:
-        ca = settings.resolve(tls.ca)
-        try:
-            context.load_verify_locations(cafile=ca)
-        except (OSError, ssl.SSLError) as exc:
-            raise ValueError(f"[tls] cannot load ca {ca}: {exc}") from exc
+        load_ca(context, settings.resolve(tls.ca), "[tls] cannot load ca")
         context.verify_mode = ssl.CERT_REQUIRED if tls.require_client_cert else ssl.CERT_OPTIONAL
     else:
         context.verify_mode = ssl.CERT_NONE
