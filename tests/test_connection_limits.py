@@ -104,6 +104,14 @@ def _established(port: int, count: int, source: str = "127.0.0.1") -> list[Attem
     return held
 
 
+def _reloaded(node: Node, **node_keys: object) -> None:
+    """Give the running listener its settings with ``node_keys`` of [node] changed, as a
+    reload does."""
+    settings = node.scp.settings.model_copy(deep=True)
+    settings.node = settings.node.model_copy(update=node_keys)
+    node.scp.settings = settings
+
+
 def _released(node: Node, address: str = "127.0.0.1") -> None:
     """Wait until the node counts no association from ``address`` (the requestor closes the
     connection up to ~10 ms after release() returns)."""
@@ -183,7 +191,7 @@ def test_rejected_requests_take_no_count_and_ended_ones_give_theirs_back(node: N
     held[0].assoc.abort()
     wait_for(lambda: node.scp.addresses.count(key) == 1, timeout=10, interval=0.01)
     # The node cuts its associations off once they idle for its network timeout.
-    node.scp.ae.network_timeout = 1
+    _reloaded(node, network_timeout_seconds=1.0)
     idle = Attempt(node.port)
     assert idle.established
     wait_for(lambda: idle.assoc.is_aborted and held[1].assoc.is_aborted, timeout=10)
@@ -496,7 +504,7 @@ def test_silent_connections_are_closed_at_the_acse_timeout_and_give_their_counts
     node: Node,
 ) -> None:
     key = address_key("127.0.0.1")
-    node.scp.ae.acse_timeout = 1  # read by each association as its connection is accepted
+    _reloaded(node, acse_timeout_seconds=1.0)  # read as each connection is accepted
     cap = connection_limit(2)
     started = time.monotonic()
     silent = _silent(node.port, cap)
@@ -522,7 +530,7 @@ def test_a_request_sent_a_byte_at_a_time_is_cut_off_at_the_acse_timeout(
     sent its association request a byte now and then held the connection and its threads
     for as long as it liked."""
     key = address_key("127.0.0.1")
-    node.scp.ae.acse_timeout = 1
+    _reloaded(node, acse_timeout_seconds=1.0)
     # An A-ASSOCIATE-RQ header announcing 1000 bytes, then the bytes, one every 0.2 s.
     trickle = b"\x01\x00" + (1000).to_bytes(4, "big") + bytes(1000)
     started = time.monotonic()
@@ -751,7 +759,7 @@ def test_a_silent_peer_does_not_hold_up_the_tls_handshakes_of_others(
             pytest.fail("a connection that sent nothing held up the next TLS peer")
         assert result.returncode == 0, result.stdout + result.stderr
         # The silent one's handshake ends at the network timeout, with a line for the admin.
-        node.scp.ae.network_timeout = 1
+        _reloaded(node, network_timeout_seconds=1.0)
     with socket.create_connection(("127.0.0.1", node.port)) as silent:
         silent.settimeout(10)
         assert silent.recv(1) == b""
