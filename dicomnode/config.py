@@ -92,21 +92,13 @@ class NodeSettings(_Section):
     )
     # The listener's pynetdicom timeouts, read as each connection is accepted (a reload
     # applies them to new connections; pynetdicom also hands them to established ones).
-    # Longer for slow WAN links and modalities that pause between images.
+    # Longer for slow WAN links and modalities that pause between images. (No DIMSE timeout:
+    # a wait for a DIMSE reply, which the node as Storage and Verification SCP never makes.)
     acse_timeout_seconds: float = Field(
         default=30.0,
         gt=0,
         allow_inf_nan=False,
         description="a connection's whole association request must arrive within this",
-    )
-    # pynetdicom's DIMSE timeout bounds waits for a DIMSE reply; the node as Storage and
-    # Verification SCP never waits for one (between the PDUs of a request it is the network
-    # timeout that counts), so today it changes nothing observable.
-    dimse_timeout_seconds: float = Field(
-        default=30.0,
-        gt=0,
-        allow_inf_nan=False,
-        description="pynetdicom's wait for a DIMSE reply; no effect for this Storage SCP",
     )
     # Also bounds a PDU that stalls halfway (the socket's timeout).
     network_timeout_seconds: float = Field(

@@ -47,7 +47,6 @@ LIVE_NODE_KEYS = frozenset(
         "max_associations_per_address",
         # Onto the listener's AE, read as each connection is accepted (scp.apply_timeouts).
         "acse_timeout_seconds",
-        "dimse_timeout_seconds",
         "network_timeout_seconds",
     }
 )

@@ -252,7 +252,6 @@ def test_network_parameters_are_the_code_defaults(listener_ae: AE) -> None:
         "Largest instance accepted": node.max_instance_bytes,
         "Free disk space kept": storage.min_free_bytes,
         "ACSE timeout (SCP)": listener_ae.acse_timeout,
-        "DIMSE timeout (SCP)": listener_ae.dimse_timeout,
         "Network (idle) timeout (SCP)": listener_ae.network_timeout,
         "TCP keepalive (SCP)": keepalive.IDLE_SECONDS,
         "ACSE, DIMSE and network timeouts (SCU)": destination.timeout_seconds,
@@ -265,7 +264,6 @@ def test_network_parameters_are_the_code_defaults(listener_ae: AE) -> None:
     # The listener's timeouts are [node]'s, and each row names its setting.
     for parameter, key in {
         "ACSE timeout (SCP)": "acse_timeout_seconds",
-        "DIMSE timeout (SCP)": "dimse_timeout_seconds",
         "Network (idle) timeout (SCP)": "network_timeout_seconds",
     }.items():
         assert _value(rows, parameter) == getattr(node, key), parameter

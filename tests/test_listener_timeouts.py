@@ -2,9 +2,9 @@
 
 With the defaults (30 s, 60 s) a silent connection or an idle association stays open far
 past these tests' checks: each one fails unless the setting reaches the listener, from the
-configuration (in-process and under ``dicomnode serve``) and from a reload. The DIMSE
-timeout has no test: the node, as Storage and Verification SCP, never waits for a DIMSE
-reply, so ``dimse_timeout_seconds`` changes nothing a peer can see (its description says so).
+configuration (in-process and under ``dicomnode serve``) and from a reload. There is no
+DIMSE timeout setting: the node, as Storage and Verification SCP, never waits for a DIMSE
+reply.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from dicomnode.models.registry import discover_cards
 from dicomnode.serve import LIVE_NODE_KEYS
 from dicomnode.serve import Node as RunningConfig
 
-TIMEOUT_KEYS = ("acse_timeout_seconds", "dimse_timeout_seconds", "network_timeout_seconds")
+TIMEOUT_KEYS = ("acse_timeout_seconds", "network_timeout_seconds")
 # How long after a 1 s timeout the node has closed the connection: the timeout, the
 # reactor's tick and a loaded machine's scheduling; far below the 30 s and 60 s defaults.
 CLOSED_WITHIN = 4.0
@@ -86,7 +86,7 @@ def quick_node(tmp_path: Path, sessions: sessionmaker[Session]) -> Iterator[Node
 
 def test_the_listener_ae_has_the_configured_timeouts(quick_node: Node) -> None:
     ae = quick_node.scp.ae
-    assert (ae.acse_timeout, ae.dimse_timeout, ae.network_timeout) == (1, 30, 1)
+    assert (ae.acse_timeout, ae.network_timeout) == (1, 1)
 
 
 def test_a_silent_connection_is_closed_at_the_configured_acse_timeout(quick_node: Node) -> None:
@@ -171,4 +171,4 @@ def test_a_timeout_must_be_a_positive_number_of_seconds(key: str, value: float) 
 def test_the_defaults_are_pynetdicoms() -> None:
     """Unchanged by default: 30 s, 30 s and 60 s, as the listener had before."""
     node = NodeSettings()
-    assert [getattr(node, key) for key in TIMEOUT_KEYS] == [30, 30, 60]
+    assert [getattr(node, key) for key in TIMEOUT_KEYS] == [30, 60]

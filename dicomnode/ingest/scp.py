@@ -184,9 +184,8 @@ class ListenerAE(AE):
 
 
 def apply_timeouts(ae: AE, node: NodeSettings) -> None:
-    """``[node]``'s ACSE, DIMSE and network timeouts onto the listener's AE."""
+    """``[node]``'s ACSE and network timeouts onto the listener's AE."""
     ae.acse_timeout = node.acse_timeout_seconds
-    ae.dimse_timeout = node.dimse_timeout_seconds
     ae.network_timeout = node.network_timeout_seconds
 
 
