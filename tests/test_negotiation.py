@@ -10,6 +10,7 @@ from pathlib import Path
 import pydicom
 import pytest
 from pydicom.uid import (
+    ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     JPEG2000Lossless,
@@ -106,3 +107,30 @@ def test_a_compressed_image_is_stored_as_its_sender_has_it(node: Node) -> None:
     received = pydicom.dcmread(stored)
     assert received.file_meta.TransferSyntaxUID == RLELossless
     assert received.PixelData == ds.PixelData
+
+
+def test_explicit_big_endian_is_taken_only_where_nothing_else_is_proposed(node: Node) -> None:
+    """Retired from the standard; dcmtk's storescu proposes it first in its fallback
+    contexts ([Explicit VR Big Endian, Implicit VR Little Endian])."""
+    assert _accepted(node, [ExplicitVRBigEndian, ImplicitVRLittleEndian]) == [
+        ImplicitVRLittleEndian
+    ]
+    assert _accepted(node, [ExplicitVRBigEndian, ExplicitVRLittleEndian]) == [
+        ExplicitVRLittleEndian
+    ]
+    assert _accepted(node, [ExplicitVRBigEndian]) == [ExplicitVRBigEndian]
+
+
+def test_a_proposal_accepted_alike_either_way_changes_nothing_and_a_change_is_kept() -> None:
+    """dcmtk's storescu proposes some 60 SOP classes with two contexts each, one of them of
+    two syntaxes: its associations must not pay for copies that change no outcome, and a
+    sender's repeated proposal reuses the copy made for its first association."""
+    shared = [build_context(CTImageStorage, ALL_TRANSFER_SYNTAXES)]
+    storescu = [
+        build_context(CTImageStorage, [ExplicitVRLittleEndian]),
+        build_context(CTImageStorage, [ExplicitVRBigEndian, ImplicitVRLittleEndian]),
+    ]
+    assert sender_order(storescu, shared) is shared
+    proposal = [build_context(CTImageStorage, [JPEG2000Lossless, ImplicitVRLittleEndian])]
+    first, again = sender_order(proposal, shared), sender_order(proposal, shared)
+    assert first[0] is not shared[0] and again[0] is first[0]
