@@ -302,6 +302,56 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_destinations(args: argparse.Namespace) -> int:
+    """List the configured destinations, or C-ECHO them (all, or the named ones)."""
+    # Imported here, as every command's own modules are (echo imports pynetdicom only as
+    # it echoes).
+    from dicomnode.export.echo import columns, echo, line, list_columns, widths
+
+    settings = _settings(args)
+    destinations = settings.destinations
+    if not destinations:
+        print(f"error: no [[destinations]] in {args.config}", file=sys.stderr)
+        return 2
+    if args.destinations_command == "list":
+        rows = [list_columns(destination) for destination in destinations]
+        column_widths = widths(rows)
+        for row in rows:
+            print(line(row, column_widths))
+        return 0
+    by_name = {destination.name: destination for destination in destinations}
+    unknown = [name for name in args.names if name not in by_name]
+    if unknown:
+        for name in unknown:
+            print(
+                f"error: no destination {name!r} in {args.config} "
+                f"(configured: {', '.join(by_name)})",
+                file=sys.stderr,
+            )
+        return 2
+    chosen = [by_name[name] for name in dict.fromkeys(args.names)] or destinations
+    column_widths = widths([columns(destination) for destination in chosen])
+    answered = True
+    for destination in chosen:
+        timeout = args.timeout if args.timeout is not None else destination.timeout_seconds
+        outcome = echo(destination, settings.node.ae_title, timeout, settings.base_dir)
+        answered = answered and outcome.answered
+        # Each as it comes: a destination that does not answer takes up to its timeout.
+        print(line((*columns(destination), outcome.outcome), column_widths), flush=True)
+    return 0 if answered else 1
+
+
+def _positive_seconds(text: str) -> float:
+    """--timeout: a finite number of seconds above 0."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = 0.0
+    if not 0 < seconds < float("inf"):  # also refuses nan
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds above 0")
+    return seconds
+
+
 def _has_terminal() -> bool:
     """Whether getpass can ask without echo: a controlling terminal, or stdin is one."""
     try:
@@ -616,6 +666,33 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--kind", choices=["analyse", "results", "export", "notify"])
         sub.add_argument("--destination", help="export jobs to this destination only")
     jobs.set_defaults(func=cmd_jobs)
+
+    destinations = commands.add_parser(
+        "destinations", help="list the [[destinations]], or check them by C-ECHO"
+    )
+    destinations_commands = destinations.add_subparsers(dest="destinations_command", required=True)
+    with_config(
+        destinations_commands.add_parser(
+            "list", help="name, AE@host:port, TLS, outputs and timeout of each destination"
+        )
+    )
+    destinations_echo = with_config(
+        destinations_commands.add_parser(
+            "echo",
+            help="C-ECHO each destination (or the named ones) from [node] ae_title; "
+            "exit 1 unless all answer",
+        )
+    )
+    destinations_echo.add_argument(
+        "names", nargs="*", metavar="NAME", help="destinations to check (default: all)"
+    )
+    destinations_echo.add_argument(
+        "--timeout",
+        type=_positive_seconds,
+        default=None,
+        help="seconds to wait for each step (default: each destination's timeout_seconds)",
+    )
+    destinations.set_defaults(func=cmd_destinations)
 
     users = commands.add_parser("users", help="local web users and API tokens")
     users_commands = users.add_subparsers(dest="users_command", required=True)

@@ -56,7 +56,14 @@ class ExportError(Exception):
 
 class DestinationUnavailable(ExportError):
     """The destination could not be reached, or the association ended before it answered:
-    it refused nothing, and the export is retried for as long as that takes."""
+    it refused nothing, and the export is retried for as long as that takes.
+
+    ``reason`` is the message without the destination's name, for a caller that names it
+    itself (``dicomnode destinations echo``); by default the whole message."""
+
+    def __init__(self, message: str, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason or message
 
 
 class DestinationOutOfResources(DestinationUnavailable):
@@ -175,6 +182,83 @@ def _send_at_once(event: evt.Event) -> None:
     event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
+@contextmanager
+def associate(
+    destination: Destination,
+    calling_ae: str,
+    contexts: Sequence[tuple[str, Sequence[str]]],
+    timeout: float = 30.0,
+    base_dir: Path | None = None,
+    connection_timeout: float | None = None,
+) -> Iterator[tuple[Association, list[str]]]:
+    """An association from ``calling_ae`` to ``destination``, proposing ``contexts`` (abstract
+    syntax, transfer syntaxes), released (or waited for, if it ended otherwise) at the end.
+
+    Yields the established association and the list that what pynetdicom logs for it at
+    WARNING or above (which names no destination: a DIMSE timeout, the connection closed) is
+    taken into meanwhile, instead of its log; those lines are logged here at DEBUG at the end.
+    ``timeout`` is the ACSE, DIMSE and network timeout; ``connection_timeout`` the longest wait
+    for the TCP connection and TLS handshake (default: ``timeout`` with TLS, else the
+    system's). Raises DestinationUnavailable, saying why, when no association is made: the
+    connect error, the rejection's result, source and reason, a failed TLS handshake (or TLS
+    files that cannot be loaded).
+
+    With ``tls = true`` the association is DICOM TLS (:func:`dicomnode.tls.destination_context`;
+    its relative paths against ``base_dir``, the installation's folder, by default the current
+    one).
+    """
+    where = describe(destination)
+    tls_args = None
+    if destination.tls:
+        try:
+            tls_args = destination_tls_args(destination, base_dir or Path.cwd())
+        except ValueError as exc:
+            reason = f"TLS cannot be set up: {exc}"
+            raise DestinationUnavailable(
+                f"TLS to {where} cannot be set up: {exc}", reason
+            ) from None
+    ae = AE(ae_title=calling_ae)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    if connection_timeout is not None:
+        ae.connection_timeout = connection_timeout
+    elif tls_args is not None:
+        # The handshake runs inside pynetdicom's connect, which waits as long as this allows
+        # (by default for ever, for a destination that accepts the connection but says nothing).
+        ae.connection_timeout = timeout
+    for abstract_syntax, syntaxes in contexts:
+        ae.add_requested_context(abstract_syntax, list(syntaxes))
+    with _ASSOCIATION_LINES.taking(ae) as lines:
+        assoc = ae.associate(
+            destination.host,
+            destination.port,
+            ae_title=destination.ae_title,
+            evt_handlers=[(evt.EVT_CONN_OPEN, _send_at_once)],
+            tls_args=tls_args,
+        )
+        accepted = assoc.is_established
+        try:
+            if accepted:
+                yield assoc, lines
+        finally:
+            if assoc.is_established:
+                assoc.release()
+            # What its reactor thread logs as an association that was not released ends (a
+            # network timeout, an abort) is taken too.
+            if not assoc.is_released and assoc.is_alive():
+                assoc.join(timeout)
+            for line in lines:
+                log.debug("association to %s: pynetdicom: %s", where, line)
+    if not accepted:
+        handshake = next((line for line in lines if line.startswith(_TLS_FAILED)), None)
+        if handshake is not None:
+            why = handshake.removeprefix(_TLS_FAILED)
+            raise DestinationUnavailable(
+                f"TLS handshake with {where} failed: {why}", f"TLS handshake failed: {why}"
+            )
+        reason = f"association not accepted ({why_not_associated(lines)})"
+        raise DestinationUnavailable(f"{where}: {reason}", reason)
+
+
 def send_file(
     path: Path,
     destination: Destination,
@@ -227,50 +311,12 @@ def send_files(
             outcomes[index] = exc
     if not contexts:
         return outcomes
-    tls_args = None
-    if destination.tls:
-        try:
-            tls_args = destination_tls_args(destination, base_dir or Path.cwd())
-        except ValueError as exc:
-            raise DestinationUnavailable(f"TLS to {where} cannot be set up: {exc}") from None
-    ae = AE(ae_title=calling_ae)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
-    if tls_args is not None:
-        # The handshake runs inside pynetdicom's connect, which waits as long as this allows
-        # (by default for ever, for a destination that accepts the connection but says nothing).
-        ae.connection_timeout = timeout
-    for sop_class, syntax in sorted(set(contexts.values())):
-        ae.add_requested_context(sop_class, offered_syntaxes(syntax))
-    with _ASSOCIATION_LINES.taking(ae) as lines:
-        assoc = ae.associate(
-            destination.host,
-            destination.port,
-            ae_title=destination.ae_title,
-            evt_handlers=[(evt.EVT_CONN_OPEN, _send_at_once)],
-            tls_args=tls_args,
-        )
-        accepted = assoc.is_established
-        try:
-            if accepted:
-                _send_all(assoc, paths, contexts, outcomes, where, lines)
-        finally:
-            if assoc.is_established:
-                assoc.release()
-            # What its reactor thread logs as an association that was not released ends (a
-            # network timeout, an abort) is taken too.
-            if not assoc.is_released and assoc.is_alive():
-                assoc.join(timeout)
-    for line in lines:
-        log.debug("association to %s: pynetdicom: %s", where, line)
-    if not accepted:
-        handshake = next((line for line in lines if line.startswith(_TLS_FAILED)), None)
-        if handshake is not None:
-            raise DestinationUnavailable(
-                f"TLS handshake with {where} failed: {handshake.removeprefix(_TLS_FAILED)}"
-            )
-        raise DestinationUnavailable(
-            f"{where}: association not accepted ({why_not_associated(lines)})"
-        )
+    requested = [
+        (sop_class, offered_syntaxes(syntax))
+        for sop_class, syntax in sorted(set(contexts.values()))
+    ]
+    with associate(destination, calling_ae, requested, timeout, base_dir) as (assoc, lines):
+        _send_all(assoc, paths, contexts, outcomes, where, lines)
     return outcomes
 
 
