@@ -25,7 +25,7 @@ from dicomnode.config import Destination, Settings
 from dicomnode.db.models import Job, ResultObject, Study
 from dicomnode.db.session import as_utc, utcnow
 from dicomnode.export import scu
-from dicomnode.export.scu import ExportError, send_file, send_files
+from dicomnode.export.scu import DestinationUnavailable, ExportError, send_file, send_files
 from dicomnode.jobs import enqueue, retry
 from dicomnode.worker import Worker
 
@@ -161,6 +161,36 @@ def test_a_response_the_association_reactor_takes_reaches_its_c_store(
     assert "C_STORE" in taken  # the reactor did take responses (given back to the sends)
     assert len(wait_for(lambda: len(pacs.received()) == 4 and pacs.received(), timeout=10)) == 4
     assert pacs.associations() == 1
+
+
+def test_a_destination_that_never_completes_the_connection_fails_within_its_timeout(
+    tmp_path: Path,
+) -> None:
+    """A firewalled PACS drops the SYN: the connect waited as long as the system retries
+    (~2 min), and an export thread with it. Here a listening socket whose accept queue is full
+    drops the SYNs as such a firewall does."""
+    path, _ = saved(tmp_path)
+    with socket.socket() as full:
+        full.bind(("127.0.0.1", 0))
+        full.listen(0)
+        port = full.getsockname()[1]
+        # Connections that fill the queue (never accepted); the next SYN is dropped.
+        waiting = []
+        for _ in range(3):
+            client = socket.socket()
+            client.setblocking(False)
+            client.connect_ex(("127.0.0.1", port))
+            waiting.append(client)
+        time.sleep(0.2)
+        destination = Destination(name="pacs", ae_title="PACS", host="127.0.0.1", port=port)
+        started = time.monotonic()
+        try:
+            with pytest.raises(DestinationUnavailable, match="association not accepted"):
+                send_files([path], destination, calling_ae="DICOMNODE", timeout=1)
+        finally:
+            for client in waiting:
+                client.close()
+        assert time.monotonic() - started < 5
 
 
 def test_send_files_to_a_destination_that_is_down_raises(tmp_path: Path) -> None:

@@ -55,9 +55,7 @@ def echo(
     started = time.perf_counter()
     contexts = [(Verification, [ImplicitVRLittleEndian, ExplicitVRLittleEndian])]
     try:
-        with associate(
-            destination, calling_ae, contexts, timeout, base_dir, connection_timeout=timeout
-        ) as (assoc, lines):
+        with associate(destination, calling_ae, contexts, timeout, base_dir) as (assoc, lines):
             said = len(lines)
             try:
                 status = assoc.send_c_echo()

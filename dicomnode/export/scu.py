@@ -189,7 +189,6 @@ def associate(
     contexts: Sequence[tuple[str, Sequence[str]]],
     timeout: float = 30.0,
     base_dir: Path | None = None,
-    connection_timeout: float | None = None,
 ) -> Iterator[tuple[Association, list[str]]]:
     """An association from ``calling_ae`` to ``destination``, proposing ``contexts`` (abstract
     syntax, transfer syntaxes), released (or waited for, if it ended otherwise) at the end.
@@ -197,11 +196,10 @@ def associate(
     Yields the established association and the list that what pynetdicom logs for it at
     WARNING or above (which names no destination: a DIMSE timeout, the connection closed) is
     taken into meanwhile, instead of its log; those lines are logged here at DEBUG at the end.
-    ``timeout`` is the ACSE, DIMSE and network timeout; ``connection_timeout`` the longest wait
-    for the TCP connection and TLS handshake (default: ``timeout`` with TLS, else the
-    system's). Raises DestinationUnavailable, saying why, when no association is made: the
-    connect error, the rejection's result, source and reason, a failed TLS handshake (or TLS
-    files that cannot be loaded).
+    ``timeout`` is the ACSE, DIMSE and network timeout and the longest wait for the TCP
+    connection and TLS handshake. Raises DestinationUnavailable, saying why, when no
+    association is made: the connect error, the rejection's result, source and reason, a
+    failed TLS handshake (or TLS files that cannot be loaded).
 
     With ``tls = true`` the association is DICOM TLS (:func:`dicomnode.tls.destination_context`;
     its relative paths against ``base_dir``, the installation's folder, by default the current
@@ -219,12 +217,10 @@ def associate(
             ) from None
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
-    if connection_timeout is not None:
-        ae.connection_timeout = connection_timeout
-    elif tls_args is not None:
-        # The handshake runs inside pynetdicom's connect, which waits as long as this allows
-        # (by default for ever, for a destination that accepts the connection but says nothing).
-        ae.connection_timeout = timeout
+    # pynetdicom's connect (the TLS handshake in it) otherwise waits as long as the system
+    # lets it: ~2 min for a firewalled PACS that drops the SYN, for ever for one that accepts
+    # the connection and says nothing in the handshake; an export thread waited with it.
+    ae.connection_timeout = timeout
     for abstract_syntax, syntaxes in contexts:
         ae.add_requested_context(abstract_syntax, list(syntaxes))
     with _ASSOCIATION_LINES.taking(ae) as lines:
