@@ -226,19 +226,13 @@ def write_config(
     return config, port, web_port
 
 
-def launch_node(
-    folder: Path,
-    config: Path,
-    port: int,
-    web_port: int,
-    env: dict[str, str] | None = None,
-    *,
-    new_session: bool = False,
+def start_serve(
+    folder: Path, config: Path, env: dict[str, str] | None = None, *, new_session: bool = False
 ) -> tuple[subprocess.Popen, Path]:
     """``dicomnode serve`` in ``folder`` (with ``env`` over this environment), logging to
-    node.log; returns the process and its log once its DICOM and web ports listen.
-    ``new_session``: in a process group of its own with its children, as a terminal runs a
-    command (a test's Ctrl-C then reaches that group only)."""
+    node.log; returns the process and its log at once. ``new_session``: in a process group of
+    its own with its children, as a terminal runs a command (a test's Ctrl-C then reaches
+    that group only)."""
     log = folder / "node.log"
     process = subprocess.Popen(
         [sys.executable, "-m", "dicomnode", "serve", "--config", str(config)],
@@ -248,6 +242,20 @@ def launch_node(
         env={**os.environ, **(env or {})},
         start_new_session=new_session,
     )
+    return process, log
+
+
+def launch_node(
+    folder: Path,
+    config: Path,
+    port: int,
+    web_port: int,
+    env: dict[str, str] | None = None,
+    *,
+    new_session: bool = False,
+) -> tuple[subprocess.Popen, Path]:
+    """:func:`start_serve`, returned once its DICOM and web ports listen."""
+    process, log = start_serve(folder, config, env, new_session=new_session)
     try:
         wait_for_port(port, process)
         wait_for_port(web_port, process)

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import httpx
-from conftest import dcmtk, launch_node, wait_for, write_config
+from conftest import dcmtk, launch_node, start_serve, wait_for, write_config
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
@@ -125,14 +125,7 @@ def test_ctrl_c_while_serve_starts_stops_it_and_what_it_started(tmp_path: Path) 
     # server start: serve raised KeyboardInterrupt with a traceback (or, in uvicorn's start,
     # lost the Ctrl-C and ran on), and its children each printed theirs.
     config, _, _ = write_config(tmp_path, _sqlite(tmp_path), listeners=2)
-    log = tmp_path / "node.log"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "dicomnode", "serve", "--config", str(config)],
-        stdout=log.open("w"),
-        stderr=subprocess.STDOUT,
-        cwd=tmp_path,
-        start_new_session=True,
-    )
+    process, log = start_serve(tmp_path, config, new_session=True)
     try:
         wait_for(
             lambda: "worklist page on" in log.read_text() or process.poll() is not None,

@@ -14,7 +14,7 @@ import httpx
 import numpy as np
 import pydicom
 import pytest
-from conftest import stop_process, wait_for, write_config
+from conftest import start_serve, stop_process, wait_for, write_config
 from dciodvfy import chest_xray
 from PIL import ImageDraw
 from web_server import PASSWORD, add_users, serve
@@ -240,13 +240,7 @@ def test_api_and_page_show_the_notice(sessions) -> None:
 def test_worklist_cli_and_start_up_log_say_it(tmp_path: Path) -> None:
     # One listener: no DICOM is sent here, and more only slow the worker's start.
     config, _, web_port = write_config(tmp_path, f"sqlite:///{tmp_path / 'node.db'}", listeners=1)
-    log = tmp_path / "node.log"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "dicomnode", "serve", "--config", str(config)],
-        stdout=log.open("w"),
-        stderr=subprocess.STDOUT,
-        cwd=tmp_path,
-    )
+    process, log = start_serve(tmp_path, config)
 
     def lines(word: str) -> list[str]:
         return [line for line in log.read_text().splitlines() if word in line]
