@@ -14,7 +14,7 @@ import pytest
 from conftest import launch_node, wait_for, write_config
 
 from dicomnode.config import load_settings
-from dicomnode.models.registry import discover_cards
+from dicomnode.models.registry import ModelCard, discover_cards
 from dicomnode.serve import Node
 from dicomnode.systemd import Notifier, watchdog_interval
 from dicomnode.worker import Worker
@@ -117,13 +117,19 @@ def test_serve_reload_compares_restart_only_keys_with_what_it_runs(tmp_path: Pat
             raise
 
 
-def test_worker_reload_keeps_old_settings_on_error(tmp_path: Path) -> None:
+def _worker_with_a_warm_model(tmp_path: Path) -> tuple[Path, Worker, ModelCard, object]:
+    """A worker on a fresh config, its config file, the pneumothorax card and that model's
+    warm session."""
     config = _config(tmp_path)
     settings = load_settings(config)
     cards = discover_cards(settings.model_folders)
     worker = Worker(settings, None, cards)
     pneumothorax = next(c for c in cards if c.model.name == "cxr-pneumothorax-demo")
-    warm = worker.runtime.session(pneumothorax)
+    return config, worker, pneumothorax, worker.runtime.session(pneumothorax)
+
+
+def test_worker_reload_keeps_old_settings_on_error(tmp_path: Path) -> None:
+    config, worker, pneumothorax, warm = _worker_with_a_warm_model(tmp_path)
 
     config.write_text(config.read_text() + DESTINATION + "port = 104\n")
     assert worker.reload()
@@ -146,12 +152,7 @@ def test_worker_reload_logs_no_model_as_loaded_again(
 
     # No verdict kept from another test: the reload judges every file, as a worker's first does.
     monkeypatch.setattr(runtime, "_VERDICTS", {})
-    config = _config(tmp_path)
-    settings = load_settings(config)
-    cards = discover_cards(settings.model_folders)
-    worker = Worker(settings, None, cards)
-    pneumothorax = next(c for c in cards if c.model.name == "cxr-pneumothorax-demo")
-    warm = worker.runtime.session(pneumothorax)
+    _, worker, pneumothorax, warm = _worker_with_a_warm_model(tmp_path)
 
     with caplog.at_level(logging.DEBUG, logger="dicomnode.runtime"):
         assert worker.reload()
