@@ -6,6 +6,11 @@ fails an attempt per retry round: N studies made N WARNINGs a round. An outage i
 at its first failed attempt, then at most once per :data:`OUTAGE_WARNING_SECONDS` (that
 WARNING says how many attempts failed since the last one); the attempts between are logged
 at INFO, each study's as before. An attempt that sends an object ends the outage.
+
+The limit is per worker process: with ``[worker] count = N`` (or N stand-alone workers) an
+outage is warned of up to N times a minute, each line with its process's counts. Sharing it
+would take a table or a file that every worker on every host writes for a log line; N is
+small, and the counter ``dicomnode_export_attempts_failed_total`` counts every attempt.
 """
 
 from __future__ import annotations
