@@ -90,13 +90,17 @@ def _leave(code: int) -> NoReturn:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from dicomnode.sigint import interrupt_start_up
+    from dicomnode.sigint import Terminated, interrupt_start_up
 
     interrupt_start_up()
     try:
         from dicomnode.serve import run_serve
 
         code = run_serve(Path(args.config), args.workers)
+    except Terminated:
+        # A SIGTERM while serve started, before its web server took it as a stop: what had
+        # started is stopped by now (run_serve's clean-up); 0, as after a stop.
+        code = 0
     except KeyboardInterrupt:
         # A Ctrl-C while serve started, before its web server took SIGINT as a stop: what
         # had started is stopped by now (run_serve's clean-up); no traceback.

@@ -31,6 +31,8 @@ if TYPE_CHECKING:
     import uvicorn
 
     from dicomnode.ingest.assembly import ReadyTimes
+    from dicomnode.ingest.indexer import IndexService
+    from dicomnode.ingest.listeners import ListenerPool
 
 log = logging.getLogger("dicomnode")
 
@@ -241,7 +243,7 @@ def run_web(
     # them (a Ctrl-C while it starts; a no-op handler lost it) stops the server too.
     for number in (signal.SIGTERM, signal.SIGINT):
         signal.signal(number, lambda *_: setattr(server, "should_exit", True))
-    if sigint.requested.is_set():  # a Ctrl-C whose KeyboardInterrupt Python dropped
+    if sigint.requested.is_set():  # a Ctrl-C or SIGTERM whose exception Python dropped
         server.should_exit = True
     try:
         server.run()
@@ -392,74 +394,86 @@ def _serve(config: Path, workers: int | None) -> int:
     if problems:
         return _refuse(problems)
     setup_logging(settings.log_level, settings.logging.json_lines)
-    for warning in config_warnings(settings):
-        log.warning("%s", warning)
-    cards = discover_cards(settings.model_folders)
-    upgrade(settings.database_url)
-    sessions = make_sessionmaker(make_engine(settings.database_url))
-    log.info(
-        "%d model(s): %s (%s)",
-        len(cards),
-        ", ".join(f"{c.model.name} {c.model.version}" for c in cards),
-        RESEARCH_DEMO_NOTICE,
-    )
-    recover(settings, sessions)
-    run_dir = Path(tempfile.mkdtemp(prefix="dicomnode-run-"))
+    # What has started, stopped in this order on every way out from here: a SIGTERM or
+    # Ctrl-C at any point of the start-up (sigint) included; "stopped" unless a failure is
+    # on its way to the caller, which reports it (a database refused at start: one line).
     stop = threading.Event()
-    # The listeners' index rows; it reads the settings of ``node`` once that exists.
-    running: dict[str, Node] = {}
-    index_sessions = ingest_sessions(settings.database_url)
-    # When a study's quiet period ends, from the rows as the index writer writes them.
-    ready = ReadyTimes()
-    index = IndexService(
-        lambda: index_sessions,
-        lambda: running["node"].settings if "node" in running else settings,
-        on_ready=ready.written,
-    )
-    try:
-        listeners = ListenerPool(config, settings.node.listeners, run_dir, settings.node, index)
-    except OSError as exc:
-        log.error(
-            "cannot listen for DICOM on %s:%d: %s",
-            settings.node.host,
-            settings.node.port,
-            exc.strerror or exc,
-        )
-        shutil.rmtree(run_dir, ignore_errors=True)
-        index.close()
-        return 1
+    failed = False
+    run_dir: Path | None = None
+    index: IndexService | None = None
+    listeners: ListenerPool | None = None
     pool: WorkerPool | None = None
     node: Node | None = None
-
-    def start_listening() -> None:
-        # The listener processes import and start while the workers and the web server do
-        # (on two cores that was 1-2 s of a start-up spent waiting for them first).
-        listeners.wait_ready()
-        threading.Thread(
-            target=listeners.supervise, args=(stop,), name="listeners", daemon=True
-        ).start()
-        threading.Thread(
-            target=assembly_loop,
-            args=(sessions, stop, ready, ASSEMBLY_PERIOD_SECONDS),
-            name="assembly",
-            daemon=True,
-        ).start()
-
     try:
+        for warning in config_warnings(settings):
+            log.warning("%s", warning)
+        cards = discover_cards(settings.model_folders)
+        upgrade(settings.database_url)
+        sessions = make_sessionmaker(make_engine(settings.database_url))
+        log.info(
+            "%d model(s): %s (%s)",
+            len(cards),
+            ", ".join(f"{c.model.name} {c.model.version}" for c in cards),
+            RESEARCH_DEMO_NOTICE,
+        )
+        recover(settings, sessions)
+        run_dir = Path(tempfile.mkdtemp(prefix="dicomnode-run-"))
+        # The listeners' index rows; it reads the settings of ``node`` once that exists.
+        running: dict[str, Node] = {}
+        index_sessions = ingest_sessions(settings.database_url)
+        # When a study's quiet period ends, from the rows as the index writer writes them.
+        ready = ReadyTimes()
+        index = IndexService(
+            lambda: index_sessions,
+            lambda: running["node"].settings if "node" in running else settings,
+            on_ready=ready.written,
+        )
+        try:
+            listeners = ListenerPool(config, settings.node.listeners, run_dir, settings.node, index)
+        except OSError as exc:
+            log.error(
+                "cannot listen for DICOM on %s:%d: %s",
+                settings.node.host,
+                settings.node.port,
+                exc.strerror or exc,
+            )
+            return 1
+
+        def start_listening() -> None:
+            # The listener processes import and start while the workers and the web server
+            # do (on two cores that was 1-2 s of a start-up spent waiting for them first).
+            listeners.wait_ready()
+            threading.Thread(
+                target=listeners.supervise, args=(stop,), name="listeners", daemon=True
+            ).start()
+            threading.Thread(
+                target=assembly_loop,
+                args=(sessions, stop, ready, ASSEMBLY_PERIOD_SECONDS),
+                name="assembly",
+                daemon=True,
+            ).start()
+
         pool = WorkerPool(config, settings.worker.count if workers is None else workers)
         threading.Thread(target=pool.supervise, args=(stop,), name="workers", daemon=True).start()
         log.info("worklist page on http://%s:%d/worklist", settings.web.host, settings.web.port)
         node = Node(config, settings, cards, None, pool.processes, listeners)
         running["node"] = node
         run_web(node, sessions, stop, start_listening)
+    except Exception:
+        failed = True
+        raise
     finally:
         stop.set()
         if pool is not None:
             pool.terminate()  # the workers stop while the listeners do
-        listeners.stop()
-        index.close()
+        if listeners is not None:
+            listeners.stop()
+        if index is not None:
+            index.close()
         if pool is not None:
             pool.stop()
-        shutil.rmtree(run_dir, ignore_errors=True)
-        log.info("stopped")
+        if run_dir is not None:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        if not failed:
+            log.info("stopped")
     return 1 if node is not None and node.failed else 0

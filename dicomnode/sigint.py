@@ -1,4 +1,5 @@
-"""SIGINT (a terminal's Ctrl-C) in ``dicomnode serve`` and in the processes it starts.
+"""SIGINT (a terminal's Ctrl-C) in ``dicomnode serve`` and in the processes it starts, and
+SIGTERM while serve starts.
 
 A terminal's Ctrl-C sends SIGINT to every process of its foreground process group: to serve
 and to each of its children (DICOM listeners, workers). Serve stops its children itself,
@@ -9,10 +10,14 @@ is started with SIGINT blocked (a blocked signal stays blocked across exec, a ha
 not) and ignores it before unblocking it, which also drops one that came meanwhile.
 
 Serve itself, while it starts, ends its start-up on a Ctrl-C (a KeyboardInterrupt: what
-has started is stopped); its web server then takes SIGINT as a stop, as SIGTERM. Python
-drops a KeyboardInterrupt raised in a finalizer (printing "Exception ignored in" and a
-traceback), which lost the Ctrl-C: the handler also records it in :data:`requested`, which
-stops the web server as it starts, and such a dropped one is not printed.
+has started is stopped); its web server then takes SIGINT as a stop, as SIGTERM. A SIGTERM
+before then (``systemctl restart`` right after a start) ends the start-up the same way, with
+:class:`Terminated` (serve exits 0, as after a stop); Python's default action ended serve at
+once (status -15, nothing logged) and left its listeners to their parent-death signal and
+its workers to their check of their parent. Python drops an exception raised in a
+finalizer (printing "Exception ignored in" and a traceback), which lost the signal: the
+handler also records it in :data:`requested`, which stops the web server as it starts, and
+such a dropped one is not printed.
 """
 
 from __future__ import annotations
@@ -23,8 +28,12 @@ import sys
 import threading
 from typing import Any
 
-# A Ctrl-C came while serve started (read once its web server takes SIGINT itself).
+# A Ctrl-C or SIGTERM came while serve started (read once its web server takes them itself).
 requested = threading.Event()
+
+
+class Terminated(BaseException):
+    """A SIGTERM while serve starts: like KeyboardInterrupt, not caught as an Exception."""
 
 
 def start_child(command: list[str], **options: Any) -> subprocess.Popen:
@@ -47,16 +56,18 @@ def leave_sigint_to_supervisor() -> None:
 
 def _interrupt(number: int, frame: object) -> None:
     requested.set()
-    raise KeyboardInterrupt
+    raise Terminated if number == signal.SIGTERM else KeyboardInterrupt
 
 
 def _unraisable(unraisable: Any) -> None:
-    if isinstance(unraisable.exc_value, KeyboardInterrupt) and requested.is_set():
-        return  # a Ctrl-C that came in a finalizer: ``requested`` has it
+    if isinstance(unraisable.exc_value, (KeyboardInterrupt, Terminated)) and requested.is_set():
+        return  # a signal that came in a finalizer: ``requested`` has it
     sys.__unraisablehook__(unraisable)
 
 
 def interrupt_start_up() -> None:
-    """In serve, at its start: a Ctrl-C raises KeyboardInterrupt and sets :data:`requested`."""
+    """In serve, at its start: a Ctrl-C raises KeyboardInterrupt, a SIGTERM
+    :class:`Terminated`; each sets :data:`requested`."""
     sys.unraisablehook = _unraisable
-    signal.signal(signal.SIGINT, _interrupt)
+    for number in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(number, _interrupt)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import re
@@ -10,9 +11,11 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+import pytest
 from conftest import dcmtk, launch_node, start_serve, wait_for, write_config
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
@@ -87,7 +90,14 @@ def _ctrl_c(process: subprocess.Popen) -> tuple[int, bool]:
     """What a terminal's Ctrl-C does: SIGINT to every process of ``process``'s group. Its
     exit status, and whether any process of the group outlived it."""
     group = os.getpgid(process.pid)
-    os.killpg(group, signal.SIGINT)
+    return _signalled(process, lambda: os.killpg(group, signal.SIGINT))
+
+
+def _signalled(process: subprocess.Popen, send: Callable[[], None]) -> tuple[int, bool]:
+    """``send`` a signal; ``process``'s exit status, and whether any process of its group
+    (it leads one) outlived it. Kills what is left."""
+    group = os.getpgid(process.pid)
+    send()
     try:
         code = process.wait(timeout=30)
     except subprocess.TimeoutExpired:
@@ -138,6 +148,93 @@ def test_ctrl_c_while_serve_starts_stops_it_and_what_it_started(tmp_path: Path) 
     output = log.read_text()
     assert code in (0, 130), output  # 130: stopped before its web server ran
     _serve_stopped_cleanly(output, left)
+
+
+def _takes_sigterm(process: subprocess.Popen) -> bool:
+    """Whether ``process`` has a handler for SIGTERM (Linux: /proc's SigCgt), or has ended."""
+    try:
+        status = Path(f"/proc/{process.pid}/status").read_text()
+    except OSError:
+        return True
+    caught = next(line for line in status.splitlines() if line.startswith("SigCgt:"))
+    return (
+        bool(int(caught.split()[1], 16) >> (signal.SIGTERM - 1) & 1) or process.poll() is not None
+    )
+
+
+@pytest.mark.parametrize(
+    "moment",
+    [
+        # As soon as serve can take SIGTERM at all (before, the interpreter's default ends it
+        # and nothing of it has started): while it imports and reads its configuration.
+        pytest.param(_takes_sigterm, id="first-handler"),
+        pytest.param(lambda log: log.read_text().strip(), id="first-log-line"),
+        pytest.param(lambda log: "worklist page on" in log.read_text(), id="processes-started"),
+        pytest.param(lambda log: "listening for DICOM" in log.read_text(), id="listener-up"),
+    ],
+)
+def test_sigterm_while_serve_starts_stops_it_and_what_it_started(
+    tmp_path: Path, moment: Callable
+) -> None:
+    # Before its web server took SIGTERM (~1-2 s into a start), a SIGTERM (systemctl
+    # restart right after a start) ended serve with the default action: status -15, nothing
+    # logged, and its listeners and worker left to the parent-death signal or their own
+    # check of their parent.
+    config, _, _ = write_config(tmp_path, _sqlite(tmp_path), listeners=2)
+    process, log = start_serve(tmp_path, config, new_session=True)
+    argument = process if moment is _takes_sigterm else log
+    try:
+        wait_for(
+            lambda: moment(argument) or process.poll() is not None,
+            60,
+            interval=0.02,
+            what="the moment to send SIGTERM",
+        )
+    finally:
+        code, left = _signalled(process, process.terminate)
+    output = log.read_text()
+    assert code == 0, output
+    _stopped_without_traceback(output, left)
+    assert " ERROR " not in output, output
+    if moment is not _takes_sigterm:  # logging is set up
+        assert output.count("INFO dicomnode: stopped") == 1, output
+
+
+@pytest.mark.parametrize("ignored", [True, False], ids=["sigint-ignored", "sigint-default"])
+def test_a_stand_alone_listener_keeps_sigint_ignored_when_it_came_ignored(
+    tmp_path: Path, ignored: bool
+) -> None:
+    # A shell script's background job (``dicomnode listener ... &``) starts with SIGINT
+    # ignored, which the listener replaced with a stop, as the stand-alone worker does not.
+    config, port, _ = write_config(tmp_path, _sqlite(tmp_path), listeners=1)
+    command = f"exec {sys.executable} -m dicomnode listener --config {config}"
+    process = subprocess.Popen(
+        ["sh", "-c", ("trap '' INT; " if ignored else "") + command],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=(tmp_path / "listener.log").open("w"),
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert process.stdout is not None
+        assert process.stdout.readline().strip() == "ready", (tmp_path / "listener.log").read_text()
+        stop = process.terminate
+        if ignored:
+            process.send_signal(signal.SIGINT)
+            with pytest.raises(subprocess.TimeoutExpired):
+                process.wait(timeout=1)
+            assert _echo(port, "MODALITY").returncode == 0
+        else:
+            stop = functools.partial(process.send_signal, signal.SIGINT)
+        code, left = _signalled(process, stop)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    output = (tmp_path / "listener.log").read_text()
+    assert code == 0, output
+    _stopped_without_traceback(output, left)
 
 
 def test_ctrl_c_stops_a_stand_alone_worker_without_a_traceback(tmp_path: Path) -> None:

@@ -264,7 +264,7 @@ def run_listener(
     the supervisor's socket ``socket_fd`` (else its own), handing index rows to the
     supervisor over ``index_fd`` (else writing them itself). Under serve (``slots``) a
     SIGINT is ignored: serve stops its listeners; else it stops the listener as SIGTERM
-    does."""
+    does, unless SIGINT came ignored (a shell script's background job), as it stays."""
     from dicomnode.ingest.incoming import clear_listener_files
     from dicomnode.ingest.scp import StorageSCP
     from dicomnode.logs import setup_logging
@@ -274,10 +274,10 @@ def run_listener(
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    if slots is None:
-        signal.signal(signal.SIGINT, lambda *_: stop.set())
-    else:
+    if slots is not None:
         leave_sigint_to_supervisor()
+    elif signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        signal.signal(signal.SIGINT, lambda *_: stop.set())
     settings = load_settings(config)
     setup_logging(settings.log_level, settings.logging.json_lines)
     if slots is not None:
