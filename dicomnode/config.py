@@ -190,7 +190,7 @@ class WorkerSettings(_Section):
     count: int = Field(default=1, ge=0)
     providers: list[str] = ["CPUExecutionProvider"]
     lease_seconds: float = Field(default=300.0, gt=0)
-    poll_seconds: float = Field(default=0.2, gt=0)
+    poll_seconds: float = Field(default=5.0, gt=0)
     max_attempts: int = Field(default=5, ge=1)
     backoff_base_seconds: float = Field(default=2.0, gt=0)
     # Jobs one worker process runs at once (threads sharing its warm model sessions).

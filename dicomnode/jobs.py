@@ -7,8 +7,9 @@ objects), then the oldest. PostgreSQL uses
 ``SELECT ... FOR UPDATE SKIP LOCKED``; SQLite serialises writers, so a plain select inside
 the (immediate) write transaction is enough. A job whose lease expired, because its
 worker died, is claimed again. Idle workers wait on a :class:`JobSignal` (PostgreSQL
-``LISTEN``/``NOTIFY``; on SQLite a cheap read of the newest job id) instead of polling
-the queue.
+``LISTEN``/``NOTIFY``; on SQLite a datagram to each worker's socket,
+:mod:`dicomnode.wakeups`) and otherwise sleep until the next job is due (:func:`next_due`)
+instead of polling the queue.
 """
 
 from __future__ import annotations
@@ -21,12 +22,13 @@ from collections.abc import Callable, Sequence
 from contextlib import closing
 from datetime import datetime, timedelta
 
-from sqlalchemy import ColumnElement, Engine, and_, case, or_, select, text
+from sqlalchemy import ColumnElement, Engine, and_, case, event, func, or_, select, text
 from sqlalchemy.orm import Session
 
 from dicomnode.db.models import Job
 from dicomnode.db.session import READ_ONLY, as_utc, utcnow
 from dicomnode.outage import OutageLog
+from dicomnode.wakeups import Doorbell, wake_all, wake_folder
 
 BACKOFF_BASE_SECONDS = 2.0
 BACKOFF_MAX_SECONDS = 600.0
@@ -39,14 +41,37 @@ POSTPONE_SECONDS = 1.0
 KIND_PRIORITY = {"notify": 0, "analyse": 1, "export": 2, "results": 3}
 # PostgreSQL NOTIFY channel on which enqueue wakes idle workers.
 CHANNEL = "dicomnode_jobs"
+# On SQLite, how often a worker woken by no datagram looks whether a job was queued anyway
+# (by a process that could not reach the workers' sockets).
+FALLBACK_CHECK_SECONDS = 2.0
+# Where an SQLite session's commit is to wake the idle workers (Session.info key).
+_WAKE_FOLDER = "dicomnode.wake_folder"
 
 log = logging.getLogger("dicomnode.jobs")
 
 
 def _wake_workers(session: Session) -> None:
-    """On PostgreSQL, NOTIFY listening workers when the transaction commits."""
-    if session.get_bind().dialect.name == "postgresql":
+    """Wake the idle workers when the transaction commits: on PostgreSQL a NOTIFY, on SQLite
+    a datagram to each worker's socket (sent after the commit, see :func:`_wake_on_commit`)."""
+    bind = session.get_bind()
+    if bind.dialect.name == "postgresql":
         session.execute(text("SELECT pg_notify(:channel, '')"), {"channel": CHANNEL})
+        return
+    folder = wake_folder(bind.url.database)
+    if folder is not None:
+        session.info[_WAKE_FOLDER] = folder
+
+
+@event.listens_for(Session, "after_commit")
+def _wake_on_commit(session: Session) -> None:
+    folder = session.info.pop(_WAKE_FOLDER, None)
+    if folder is not None:
+        wake_all(folder)
+
+
+@event.listens_for(Session, "after_rollback")
+def _no_wake_on_rollback(session: Session) -> None:
+    session.info.pop(_WAKE_FOLDER, None)
 
 
 def enqueue(
@@ -80,16 +105,24 @@ def _runnable(now: datetime) -> ColumnElement[bool]:
     )
 
 
-def due(session: Session, kinds: Sequence[str], now: datetime | None = None) -> bool:
-    """Whether a job of ``kinds`` could be claimed now; read without SQLite's write lock (an
-    idle worker's poll, several a second, does not hold up the index writer or freeze it
-    with a process frozen between two statements). Ends its read transaction."""
+def next_due(session: Session, kinds: Sequence[str]) -> datetime | None:
+    """When the first job of ``kinds`` can be claimed (queued: its ``run_after``; leased: its
+    lease's end), in the past when one can now; None when none is queued or leased. Read
+    without SQLite's write lock (an idle worker's look does not hold up the index writer or
+    freeze it with a process frozen between two statements). Ends its read transaction."""
     connection = session.connection(execution_options=READ_ONLY)
-    found = connection.execute(
-        select(Job.id).where(Job.kind.in_(kinds), _runnable(now or utcnow())).limit(1)
-    ).first()
+    when = case((Job.state == "queued", Job.run_after), else_=Job.lease_expires_at)
+    soonest = connection.execute(
+        select(func.min(when)).where(Job.kind.in_(kinds), Job.state.in_(("queued", "leased")))
+    ).scalar()
     session.rollback()
-    return found is not None
+    return None if soonest is None else as_utc(soonest)
+
+
+def due(session: Session, kinds: Sequence[str], now: datetime | None = None) -> bool:
+    """Whether a job of ``kinds`` could be claimed now (see :func:`next_due`)."""
+    soonest = next_due(session, kinds)
+    return soonest is not None and soonest <= (now or utcnow())
 
 
 def claim(
@@ -209,6 +242,8 @@ def hasten(
     waiting = [job for job in session.scalars(query) if alike(job)]
     for job in waiting:
         job.run_after = now
+    if waiting:
+        _wake_workers(session)  # idle ones sleep until these jobs' old times
     session.commit()
     return len(waiting)
 
@@ -375,19 +410,27 @@ class JobSignal:
     """Wakes idle workers when a job may have been queued.
 
     PostgreSQL: a connection that ``LISTEN``s to :data:`CHANNEL` (enqueue notifies at
-    commit). SQLite: every ``check_seconds`` the file's ``data_version`` (it changes when
-    another connection commits) and then the newest job id are read, without taking the
-    write lock. Jobs that become due later (backoff, expired leases) are found by the
-    worker's own poll.
+    commit). SQLite: a :class:`~dicomnode.wakeups.Doorbell`, the socket to which enqueue
+    sends a datagram at commit; every ``fallback_seconds`` (and, where no doorbell could be
+    made, every ``check_seconds``) the file's ``data_version`` (it changes when another
+    connection commits) and then the newest job id are read, without taking the write lock.
+    Jobs that become due later (backoff, expired leases) the worker waits for itself.
     """
 
-    def __init__(self, engine: Engine, check_seconds: float = 0.02):
+    def __init__(
+        self,
+        engine: Engine,
+        check_seconds: float = 0.02,
+        fallback_seconds: float = FALLBACK_CHECK_SECONDS,
+    ):
         self.url = engine.url
         self.check_seconds = check_seconds
+        self.fallback_seconds = fallback_seconds
         self.generation = 0
         self._cond = threading.Condition()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._doorbell: Doorbell | None = None
 
     def start(self) -> JobSignal:
         target = self._listen if self.url.get_backend_name() == "postgresql" else self._watch
@@ -399,6 +442,9 @@ class JobSignal:
 
     def stop(self) -> None:
         self._stop.set()
+        doorbell = self._doorbell
+        if doorbell is not None:
+            doorbell.ring()
         self._bump()
         if self._thread is not None:
             self._thread.join(timeout=5)
@@ -433,24 +479,66 @@ class JobSignal:
                 self._stop.wait(outage.retry_in(type(exc).__name__))
 
     def _watch(self) -> None:
-        newest = None
         outage = _Outage("job watch failed (%s); watching again")
         while not self._stop.is_set():
             try:
                 with closing(sqlite3.connect(self.url.database, timeout=5)) as conn:
-                    version = None
-                    while not self._stop.wait(self.check_seconds):
-                        changed = conn.execute("PRAGMA data_version").fetchone()[0]
-                        outage.ended("job watch works again")
-                        if changed == version:
-                            continue
-                        version = changed
-                        latest = conn.execute("SELECT max(id) FROM jobs").fetchone()[0]
-                        if latest != newest:
-                            newest = latest
-                            self._bump()
+                    self._watch_file(conn, outage)
             except sqlite3.Error as exc:
                 self._stop.wait(outage.retry_in(str(exc)))
+
+    def _watch_file(self, conn: sqlite3.Connection, outage: _Outage) -> None:
+        """Bump on each wake-up, and when a look at the file finds a new job, until stopped."""
+        version, newest = _newest_job(conn)
+        outage.ended("job watch works again")
+        self._bump()  # jobs may have been queued while not watching
+        doorbell = self._ring_here()
+        try:
+            every = self.check_seconds if doorbell is None else self.fallback_seconds
+            while not self._stop.is_set():
+                if doorbell is not None and doorbell.wait(every):
+                    self._bump()
+                    continue
+                if doorbell is None and self._stop.wait(every):
+                    return
+                changed = conn.execute("PRAGMA data_version").fetchone()[0]
+                if changed == version:
+                    continue
+                version, latest = _newest_job(conn)
+                if latest != newest:
+                    newest = latest
+                    self._bump()
+        finally:
+            self._doorbell = None
+            if doorbell is not None:
+                doorbell.close()
+
+    def _ring_here(self) -> Doorbell | None:
+        """This signal's socket in the database's wake folder; None (logged) if it cannot be
+        made: the file is then looked at every ``check_seconds``, as before sockets."""
+        folder = wake_folder(self.url.database)
+        if folder is None:
+            return None
+        try:
+            self._doorbell = Doorbell(folder)
+        except OSError as exc:
+            log.warning(
+                "idle workers cannot be woken through %s (%s); this worker looks for new jobs "
+                "every %.0f ms instead",
+                folder,
+                exc,
+                self.check_seconds * 1000,
+            )
+            return None
+        if self._stop.is_set():  # stopped while it was made: stop() rang no doorbell
+            self._doorbell.ring()
+        return self._doorbell
+
+
+def _newest_job(conn: sqlite3.Connection) -> tuple[int, int | None]:
+    """The file's ``data_version`` and its newest job id."""
+    version = conn.execute("PRAGMA data_version").fetchone()[0]
+    return version, conn.execute("SELECT max(id) FROM jobs").fetchone()[0]
 
 
 class _Outage(OutageLog):

@@ -19,6 +19,7 @@ outage from a job's failure is :mod:`dicomnode.outage`.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 import threading
@@ -30,6 +31,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicomnode import metrics
 from dicomnode.config import Settings, restart_changes
 from dicomnode.db.models import Job, Study
+from dicomnode.db.session import utcnow
 from dicomnode.export.jobs import ExportJobs
 from dicomnode.ingest.spool import free_bytes
 from dicomnode.jobs import (
@@ -37,8 +39,8 @@ from dicomnode.jobs import (
     Postponed,
     claim,
     complete,
-    due,
     fail,
+    next_due,
     postpone,
     queued_seconds,
     release_orphaned,
@@ -74,6 +76,9 @@ RESTART_ONLY = (
 # after this many seconds, doubling up to the last.
 LOOP_RETRY_FIRST_SECONDS = 0.5
 LOOP_RETRY_LAST_SECONDS = 30.0
+
+# How often a worker started by serve looks whether serve is still there.
+PARENT_CHECK_SECONDS = 1.0
 
 # How long a results job waits while storage is below its free-space watermark (or full)
 # before it is tried again; it uses none of its attempts meanwhile.
@@ -131,23 +136,29 @@ class Worker:
             return min(worker.background_threads, worker.threads)
         return max(1, worker.threads - 1)
 
-    def _claim(self, session: Session) -> Job | None:
+    def _claim(self, session: Session) -> Job | float:
         """Claim the most urgent due job; results and exports only while a background slot is
-        free (the slot is kept while such a job runs, released by :meth:`run_once`)."""
+        free (the slot is kept while such a job runs, released by :meth:`run_once`). When none
+        is due: the seconds until one of those kinds is (``inf``: none queued or leased)."""
         with self._background_lock:
             background = self._background < self.background_limit()
             if background:
                 self._background += 1
         kinds = TRIAGE_KINDS + BACKGROUND_KINDS if background else TRIAGE_KINDS
         job = None
+        wait = math.inf
         try:
-            # The claim is a write transaction: taken only when a job is due.
-            if due(session, kinds):
+            soonest = next_due(session, kinds)
+            if soonest is not None:
+                wait = max(0.0, (soonest - utcnow()).total_seconds())
+            if wait == 0.0:
+                # The claim is a write transaction: taken only when a job is due. None: another
+                # worker took it, and the next one may be due already (0 s to wait).
                 job = claim(session, self.owner, kinds, self.settings.worker.lease_seconds)
         finally:
             if background and (job is None or job.kind not in BACKGROUND_KINDS):
                 self._release_background()
-        return job
+        return wait if job is None else job
 
     def _release_background(self) -> None:
         with self._background_lock:
@@ -240,13 +251,19 @@ class Worker:
 
     def run_once(self) -> bool:
         """Claim and run one due job; False when none was due."""
+        return self._run_next() is None
+
+    def _run_next(self) -> float | None:
+        """Claim and run one due job (None); when none is due, the seconds until one is
+        (``inf`` when none is queued or leased)."""
         with self.sessions() as session:
             job = self._claim(session)
-            if job is None:
-                return False
+            if not isinstance(job, Job):
+                return job
             kind = job.kind
             try:
-                return self._run_claimed(session, job)
+                self._run_claimed(session, job)
+                return None
             finally:
                 if kind in BACKGROUND_KINDS:
                     self._release_background()
@@ -503,33 +520,44 @@ class Worker:
             threading.Thread(target=self._job_loop, args=(stop, signal), name=f"job-{n}")
             for n in range(self.settings.worker.threads)
         ]
-        for thread in threads:
+        reloads = threading.Thread(
+            target=self._reload_on_request, args=(stop, parent_pid is None), name="reload"
+        )
+        for thread in [*threads, reloads]:
             thread.start()
         if ready is not None:
             ready()
         try:
-            while not stop.wait(0.2):
-                if self.reload_requested.is_set():
-                    self.reload_requested.clear()
-                    if self.reload(name_restart_only=parent_pid is None):
-                        self.exports.bury_unrouted_exports()
+            # Blocks until stopped (a signal handler sets ``stop`` in this thread at once),
+            # looking now and then whether serve, which started it, is gone.
+            while not stop.wait(None if parent_pid is None else PARENT_CHECK_SECONDS):
                 if parent_pid is not None and os.getppid() != parent_pid:
                     log.warning("parent process gone; worker exits")
                     break
         finally:
             stop.set()
             signal.stop()
-            for thread in threads:
+            self.reload_requested.set()  # wakes the reload thread, which sees the stop
+            for thread in [*threads, reloads]:
                 thread.join()
+            self.reload_requested.clear()
+
+    def _reload_on_request(self, stop: threading.Event, name_restart_only: bool) -> None:
+        """Reload when :attr:`reload_requested` is set (SIGHUP), until ``stop``."""
+        while self.reload_requested.wait() and not stop.is_set():
+            self.reload_requested.clear()
+            if self.reload(name_restart_only=name_restart_only):
+                self.exports.bury_unrouted_exports()
 
     def _job_loop(self, stop: threading.Event, signal: JobSignal) -> None:
-        """One job thread: claim and run jobs; when none is due, wait for a new one or the
-        poll interval (jobs that become due later: backoff, expired leases)."""
+        """One job thread: claim and run jobs; when none is due, wait for a new one, for the
+        next one to become due (backoff, expired leases) or at most ``[worker]
+        poll_seconds``."""
         retry = 0.0
         while not stop.is_set():
             seen = signal.generation
             try:
-                busy = self.run_once()
+                idle = self._run_next()
             except Exception as exc:
                 # Backed off, doubling: a database refusing connections made every thread
                 # log a traceback each poll (~10 a second).
@@ -553,5 +581,5 @@ class Worker:
                 continue
             retry = 0.0
             self.outage.ended("database available again after %(seconds).0f s")
-            if not busy and not stop.is_set():
-                signal.wait(seen, self.settings.worker.poll_seconds)
+            if idle is not None and not stop.is_set():
+                signal.wait(seen, min(idle, self.settings.worker.poll_seconds))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import socketserver
 import subprocess
 import threading
 import time
@@ -23,7 +24,7 @@ from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.sop_class import Verification
-from pynetdicom.transport import AssociationSocket, RequestHandler
+from pynetdicom.transport import AssociationServer, AssociationSocket, RequestHandler
 from sqlalchemy.orm import Session, sessionmaker
 from test_scp import Node, secondary_capture, start_node
 
@@ -41,6 +42,9 @@ REPLACED = {
     AssociationSocket.recv: "6bc20a33b1b7cfe7",
     # What WakingDUL.send_data_now does in the association thread instead.
     fsm.DT_1: "82e5c5d4114534fa",
+    # What BlockingAcceptor's serve_forever and shutdown do without polling.
+    AssociationServer.shutdown: "e8e2c3a41009886d",
+    socketserver.BaseServer.serve_forever: "02a47d7c62be32dd",
 }
 
 

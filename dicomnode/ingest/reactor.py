@@ -18,9 +18,10 @@ by the association thread that made it (``send_data_now``), not queued for the D
 and woken for. And a TLS connection's handshake runs in its association's thread, not in the
 thread that accepts every connection (``DeferredHandshake``). And a connection's association
 request must arrive in full within the ACSE timeout, not only start to (``WholeReadSocket``).
-The code is pynetdicom's own (3.0.4), with the sleeps, the read loop and the copy replaced;
-tests/test_reactor.py fails when pynetdicom's originals change, so that they are reviewed
-again.
+And the thread that accepts connections blocks until one comes or the listener stops, not
+waking every 0.1 s to look for a stop (``BlockingAcceptor``). The code is pynetdicom's own
+(3.0.4), with the sleeps, the read loop and the copy replaced; tests/test_reactor.py fails
+when pynetdicom's originals change, so that they are reviewed again.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import contextlib
 import logging
 import queue
 import select
+import selectors
 import socket
 import ssl
 import threading
@@ -419,6 +421,55 @@ class DeferredHandshake(AssociationServer):
                 client_socket, server_side=True, do_handshake_on_connect=False
             )
         return client_socket, address
+
+
+class BlockingAcceptor(AssociationServer):
+    """An association server whose accepting loop blocks until a connection waits or
+    :meth:`shutdown` wakes it through a socket pair.
+
+    socketserver's ``serve_forever`` looks for a shutdown every ``poll_interval``: an idle
+    listener woke 10 times a second, and pynetdicom's ``service_actions``, called each time,
+    ran a full garbage collection every 60th (every 6 s; here every 60th connection, as its
+    comment means). Mixed in first: ``class Server(BlockingAcceptor, ..., AssociationServer)``.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        self._wake_reader, self._wake_writer = socket.socketpair()
+        self._stopping = threading.Event()
+        self._serving = threading.Event()
+        self._stopped = threading.Event()
+        super().__init__(*args, **kwargs)
+
+    def serve_forever(self, poll_interval: float = 0.5) -> None:
+        """Accept connections until :meth:`shutdown` (``poll_interval`` is not used)."""
+        self._serving.set()
+        try:
+            with selectors.DefaultSelector() as selector:
+                selector.register(self.socket, selectors.EVENT_READ)  # type: ignore[arg-type]
+                selector.register(self._wake_reader, selectors.EVENT_READ)
+                while not self._stopping.is_set():
+                    ready = selector.select()
+                    if self._stopping.is_set():
+                        break
+                    if any(key.fileobj is self.socket for key, _ in ready):
+                        # socketserver's accept, verify_request and process_request.
+                        self._handle_request_noblock()
+                        self.service_actions()
+        finally:
+            self._stopped.set()
+
+    def shutdown(self) -> None:
+        """Stop accepting, close the socket and leave the AE's servers: pynetdicom's
+        ``shutdown``, without socketserver's, which waits for socketserver's own loop."""
+        self._stopping.set()
+        self._wake_writer.send(b"\0")
+        if self._serving.is_set():
+            self._stopped.wait()
+        self._wake_reader.close()
+        self._wake_writer.close()
+        self.server_close()
+        with contextlib.suppress(ValueError):
+            self.ae._servers.remove(self)  # type: ignore[arg-type]
 
 
 class EventDrivenRequestHandler(RequestHandler):

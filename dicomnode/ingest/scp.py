@@ -51,7 +51,11 @@ from dicomnode.ingest.incoming import (
     write_incoming,
 )
 from dicomnode.ingest.negotiation import sender_order
-from dicomnode.ingest.reactor import DeferredHandshake, EventDrivenRequestHandler
+from dicomnode.ingest.reactor import (
+    BlockingAcceptor,
+    DeferredHandshake,
+    EventDrivenRequestHandler,
+)
 from dicomnode.ingest.sink import AssociationEnded, IndexSink
 from dicomnode.ingest.slots import AssociationSlots
 from dicomnode.ingest.spool import (
@@ -87,8 +91,6 @@ STATUS_CANNOT_UNDERSTAND = 0xC000
 STATUS_SOP_CLASS_MISMATCH = 0xA900
 # Element values larger than this are not read into memory when a received file is parsed.
 DEFER_BYTES = 64 * 1024
-# How often the acceptor thread looks for a stop (its select's timeout).
-ACCEPTOR_POLL_SECONDS = 0.1
 # The data set's fsync runs here, overlapped with parsing (it waits on the disk, not the GIL).
 _SYNC = ThreadPoolExecutor(max_workers=16, thread_name_prefix="spool-sync")
 
@@ -212,11 +214,13 @@ class AdmittingServer(AssociationServer):
         super().handle_error(request, client_address)  # type: ignore[arg-type]
 
 
-class _OwnSocketServer(AdmittingServer, ThreadedAssociationServer, DeferredHandshake):
+class _OwnSocketServer(
+    BlockingAcceptor, AdmittingServer, ThreadedAssociationServer, DeferredHandshake
+):
     """pynetdicom's threaded server, each TLS handshake in its connection's thread."""
 
 
-class _SharedSocketServer(AdmittingServer, SharedSocketServer, DeferredHandshake):
+class _SharedSocketServer(BlockingAcceptor, AdmittingServer, SharedSocketServer, DeferredHandshake):
     """The server on the socket shared by the listeners (balance.py), each TLS handshake in
     its connection's thread."""
 
@@ -819,11 +823,9 @@ class StorageSCP:
         self._server.association_ended = self._association_ended
         # AE.start_server keeps its servers in this list and shutdown() removes them from it.
         self.ae._servers.append(self._server)
-        # socketserver's acceptor looks for a shutdown request this often (default 0.5 s: a
-        # listener's stop waited that long).
+        # Blocks until a connection comes or stop() wakes it (BlockingAcceptor).
         threading.Thread(
             target=self._server.serve_forever,
-            kwargs={"poll_interval": ACCEPTOR_POLL_SECONDS},
             name="dicom-acceptor",
             daemon=True,
         ).start()

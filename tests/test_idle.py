@@ -1,0 +1,243 @@
+"""An idle node does (almost) nothing: its listener and worker processes block until a
+connection, a job or a stop comes, and a job still reaches an idle worker at once.
+
+An idle ``dicomnode serve`` used ~6 % of a core: each listener's acceptor looked for a stop
+10 times a second (and pynetdicom garbage-collected every 6 s), the worker read SQLite's
+``data_version`` 50 times a second and looked for due jobs 5 times a second per thread.
+Now a listener's acceptor blocks (``BlockingAcceptor``), whoever queues a job on SQLite
+sends each idle worker a datagram (:mod:`dicomnode.wakeups`), and an idle worker sleeps
+until the next job is due or ``[worker] poll_seconds`` (5 s by default).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from conftest import launch_node, queue_notifications, wait_for, write_config
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+from test_jobs import make_study
+
+from dicomnode.db.models import Job, Study
+from dicomnode.db.session import make_engine, make_sessionmaker
+from dicomnode.jobs import JobSignal, enqueue
+from dicomnode.wakeups import wake_folder
+
+# How long the processes are watched idle.
+IDLE_SECONDS = 10.0
+# Before: ~10 a second per listener, ~75 for the worker (and 0.6 % + 2.3 % of a core).
+LISTENER_WAKES_PER_SECOND = 2.0
+WORKER_WAKES_PER_SECOND = 8.0
+# Listeners and worker together, % of one core (before: ~3.5 %).
+IDLE_CPU_PERCENT = 1.2
+# How soon a queued job is claimed by an idle worker (the triage's "queued" stage is
+# 15-20 ms at p50 on SQLite; a worker looking every 5 s would take seconds).
+CLAIM_SECONDS = 0.1
+
+
+@dataclass
+class Usage:
+    """What a process used: CPU seconds, and the times its threads went to sleep."""
+
+    cpu_seconds: float
+    wakes: int
+
+    @classmethod
+    def of(cls, pid: int) -> Usage:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        fields = stat[stat.rindex(")") + 2 :].split()
+        ticks = int(fields[11]) + int(fields[12])  # utime + stime
+        wakes = 0
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            try:
+                status = (task / "status").read_text()
+            except FileNotFoundError:  # a thread that has just ended
+                continue
+            for line in status.splitlines():
+                if line.startswith("voluntary_ctxt_switches"):
+                    wakes += int(line.split()[1])
+        return cls(ticks / os.sysconf("SC_CLK_TCK"), wakes)
+
+
+def children(pid: int) -> dict[str, list[int]]:
+    """``serve``'s child processes by command (``listener``, ``worker``)."""
+    found: dict[str, list[int]] = {}
+    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+        command = Path(f"/proc/{child}/cmdline").read_text().split("\0")
+        found.setdefault(command[3], []).append(int(child))
+    return found
+
+
+def watch_idle(pids: list[int], seconds: float) -> dict[int, tuple[float, float]]:
+    """Per process: (% of a core, voluntary wake-ups a second) over ``seconds`` of idling."""
+    before = {pid: Usage.of(pid) for pid in pids}
+    started = time.monotonic()
+    time.sleep(seconds)
+    after = {pid: Usage.of(pid) for pid in pids}
+    spent = time.monotonic() - started
+    return {
+        pid: (
+            100 * (after[pid].cpu_seconds - before[pid].cpu_seconds) / spent,
+            (after[pid].wakes - before[pid].wakes) / spent,
+        )
+        for pid in pids
+    }
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_an_idle_nodes_listeners_and_worker_sleep(tmp_path: Path, db_url: str) -> None:
+    config, port, web_port = write_config(tmp_path, db_url)
+    # The default poll (the tests' nodes look every 0.1 s).
+    config.write_text(config.read_text().replace("poll_seconds = 0.1\n", ""))
+    process, log = launch_node(tmp_path, config, port, web_port)
+    try:
+        wait_for(lambda: " ready (" in log.read_text(), 60, what="the worker ready")
+        time.sleep(1.0)  # the start's last steps
+        started = children(process.pid)
+        listeners, workers = started["listener"], started["worker"]
+        used = watch_idle(listeners + workers, IDLE_SECONDS)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=30)
+    report = {pid: f"{cpu:.2f} % CPU, {wakes:.1f} wake-ups/s" for pid, (cpu, wakes) in used.items()}
+    for pid in listeners:
+        assert used[pid][1] < LISTENER_WAKES_PER_SECOND, f"listener {pid}: {report[pid]}"
+    for pid in workers:
+        assert used[pid][1] < WORKER_WAKES_PER_SECOND, f"worker {pid}: {report[pid]}"
+    total = sum(cpu for cpu, _ in used.values())
+    assert total < IDLE_CPU_PERCENT, report
+
+
+def _worker_config(folder: Path, db_url: str) -> Path:
+    (folder / "no-models").mkdir()
+    config = folder / "dicomnode.toml"
+    config.write_text(
+        f'[database]\nurl = "{db_url}"\n'
+        f'[storage]\npath = "{folder / "storage"}"\n'
+        f'[models]\nfolders = ["{folder / "no-models"}"]\n'
+        # A poll far longer than the test: only a wake-up or the job's time finds the jobs.
+        "[worker]\nthreads = 2\npoll_seconds = 60\n"
+    )
+    return config
+
+
+def _claimed_after(sessions: sessionmaker[Session], job_id: int) -> float:
+    """Seconds from when the job was due to its claim (its "queued" stage), once done."""
+
+    def done() -> Job | None:
+        with sessions() as session:
+            job = session.get(Job, job_id)
+            return job if job.state == "done" else None
+
+    job = wait_for(done, 30, interval=0.05, what=f"job {job_id} done")
+    return job.payload["seconds"]["queued"]
+
+
+def _queue_later(sessions: sessionmaker[Session], seconds: float) -> int:
+    """A notification job due ``seconds`` from now (as a retry's backoff is); its channel
+    is not enabled, so that it is done as soon as it is claimed."""
+    with sessions() as session:
+        study_id = session.scalar(select(Study.id))
+        job = enqueue(
+            session,
+            "notify",
+            study_id,
+            {"channel": "webhook"},
+            now=datetime.now(UTC) + timedelta(seconds=seconds),
+        )
+        session.commit()
+        return job.id
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_an_idle_worker_takes_a_job_at_once_and_a_later_one_when_due(
+    tmp_path: Path, sessions: sessionmaker[Session], db_url: str
+) -> None:
+    """A ``dicomnode worker`` that looks for jobs only every 60 s claims a job that another
+    process queues within 0.1 s, and one due 1.5 s later within 0.1 s of that."""
+    config = _worker_config(tmp_path, db_url)
+    log = tmp_path / "worker.log"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "dicomnode", "worker", "--config", str(config)],
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_for(lambda: " ready (" in log.read_text(), 60, what="the worker ready")
+        time.sleep(0.5)  # idle: its threads have looked and sleep
+        (now,) = queue_notifications(sessions, "1.2.826.0.1.3680043.10.1.77", 1)
+        assert _claimed_after(sessions, now) < CLAIM_SECONDS, log.read_text()
+        time.sleep(0.5)
+        later = _queue_later(sessions, 1.5)
+        assert _claimed_after(sessions, later) < CLAIM_SECONDS, log.read_text()
+        started = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=10) == 0, log.read_text()
+        assert time.monotonic() - started < 1.0, "the idle worker was slow to stop"
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    # Its socket is gone with it.
+    folder = wake_folder(db_url.removeprefix("sqlite:///"))
+    assert folder is not None and not list(folder.iterdir())
+
+
+def test_a_job_queued_on_another_connection_wakes_a_waiting_signal_and_a_dead_workers_socket_goes(
+    tmp_path: Path,
+) -> None:
+    """The SQLite signal wakes on the datagram of another connection's commit, not on its
+    fallback look at the file; a socket left by a worker that was killed is removed by the
+    first wake-up that finds nobody reading it."""
+    from dicomnode.db.session import upgrade
+
+    url = f"sqlite:///{tmp_path / 'dicomnode.db'}"
+    upgrade(url)
+    engine = make_engine(url)
+    queuer = make_engine(url)
+    signal_ = JobSignal(engine, fallback_seconds=60).start()
+    folder = wake_folder(str(tmp_path / "dicomnode.db"))
+    assert folder is not None
+    try:
+        wait_for(lambda: folder.is_dir() and any(folder.iterdir()), 5, what="the socket")
+        dead = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        dead.bind(str(folder / "999999999.0"))
+        dead.close()  # as a killed worker leaves it
+        sessions = make_sessionmaker(queuer)
+        with sessions() as session:
+            study_id = make_study(session)
+        seen = signal_.generation
+        woken: list[float] = []
+
+        def waiter() -> None:
+            started = time.monotonic()
+            signal_.wait(seen, timeout=10)
+            woken.append(time.monotonic())
+            woken.append(time.monotonic() - started)
+
+        thread = threading.Thread(target=waiter)
+        thread.start()
+        time.sleep(0.3)
+        assert not woken, "woken with no job queued"
+        with sessions() as session:
+            enqueue(session, "analyse", study_id)
+            session.commit()
+            committed = time.monotonic()
+        thread.join(5)
+        assert woken and woken[0] - committed < CLAIM_SECONDS, woken
+        assert not (folder / "999999999.0").exists()
+    finally:
+        signal_.stop()
+        engine.dispose()
+        queuer.dispose()
+    assert not list(folder.iterdir()), "the signal's socket stayed after its stop"
