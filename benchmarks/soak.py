@@ -13,8 +13,9 @@ Every ``--sample-seconds`` it records, for ``serve`` and each of its child proce
 SQLite file sizes (and -wal), the jobs by state, the files under storage, and each study's time
 to triage (from the end of ``storescu`` to the first poll that sees the study analysed with
 its tier, as ``triage.py`` measures it). At the end it prints the samples over time, per
-process the growth of RSS, fds and threads from the first to the last quarter of the sending
-window per 100 studies, and time to triage p50/p95 in the first and last quarter.
+process the growth of RSS, fds and threads from the first quarter of the sending window
+(after ``--settle`` seconds) to the last, per 100 studies, and time to triage p50/p95 in
+the first and last quarter.
 
 Exit status 1 if any study was not triaged and exported (``--drain`` seconds after the last
 send), any job is dead, a node process exited, or a process's fds or threads grew without
@@ -22,7 +23,7 @@ bound: the fewest of the last quarter's samples above the most of the first quar
 more than ``FD_SLACK`` / ``THREAD_SLACK``), a count that only rises.
 
     python benchmarks/soak.py [--minutes 10] [--interval 2] [--size 1024] [--ct-every 10]
-        [--ct-slices 24] [--sample-seconds 10] [--models models/] [--keep]
+        [--ct-slices 24] [--sample-seconds 10] [--settle 60] [--models models/] [--keep]
 """
 
 from __future__ import annotations
@@ -238,11 +239,15 @@ class Soak:
 # ---------------------------------------------------------------------------------- report
 
 
-def quarters(soak: Soak) -> tuple[list[Sample], list[Sample]]:
-    """The samples of the first and last quarter of the sending window."""
+def quarters(soak: Soak, settle: float) -> tuple[list[Sample], list[Sample]]:
+    """The samples of the first and last quarter of the sending window, the first quarter's
+    taken after ``settle`` seconds (a node's first studies fill its caches and pools: the
+    whole node grew ~250 MB over its first ten studies, once, which read as growth per
+    study when the first quarter began at the start)."""
     window = soak.stopped_sending - soak.started
     during = [s for s in soak.samples if s.seconds <= window]
-    first = [s for s in during if s.seconds <= window / 4]
+    settle = min(settle, window / 2)
+    first = [s for s in during if settle <= s.seconds <= settle + (window - settle) / 4]
     last = [s for s in during if s.seconds >= window * 3 / 4]
     return first, last
 
@@ -335,9 +340,9 @@ def triage_quarters(soak: Soak) -> None:
         )
 
 
-def report(soak: Soak) -> bool:
+def report(soak: Soak, settle: float) -> bool:
     print_samples(soak.samples)
-    first, last = quarters(soak)
+    first, last = quarters(soak, settle)
     unbounded = growth(first, last) if first and last else ["too few samples"]
     triage_quarters(soak)
     missing = [s.study_instance_uid for s in soak.studies if not s.exported]
@@ -445,7 +450,7 @@ def run(args: argparse.Namespace) -> int:
         watcher.stopped.set()
         watcher.join()
         node_records(node.db, soak.studies)
-        ok = report(soak)
+        ok = report(soak, args.settle)
     finally:
         stop_sampling.set()
         node.stop()
@@ -465,6 +470,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ct-every", type=int, default=10, help="every N-th study a CT (0: no)")
     parser.add_argument("--ct-slices", type=int, default=24)
     parser.add_argument("--sample-seconds", type=float, default=10.0)
+    parser.add_argument(
+        "--settle", type=float, default=60.0, help="seconds left out of the first quarter"
+    )
     parser.add_argument("--warm-up", type=int, default=2, help="studies sent first, not counted")
     parser.add_argument("--drain", type=float, default=300.0, help="seconds to wait at the end")
     parser.add_argument("--models", type=Path, default=REPO / "models")
