@@ -31,6 +31,9 @@ _SHORT_PATH = 100
 # A datagram's content does not matter: one or many queued, the worker looks once.
 _RING = b"!"
 _numbers = itertools.count()
+# The sockets whose wake-up failed for a reason other than a worker gone or busy, logged
+# once each per process (every commit of a job tries them again).
+_warned: set[str] = set()
 
 
 def wake_folder(database: str | None) -> Path | None:
@@ -49,8 +52,9 @@ def _address(folder: Path, folder_fd: int, name: str) -> str:
 
 def wake_all(folder: Path) -> int:
     """Send a wake-up to every worker socket in ``folder``, never blocking; remove the
-    sockets of workers that are gone. Returns how many were sent (0 when the folder is not
-    there: no worker waits on one)."""
+    sockets of workers that are gone. A socket that cannot be reached otherwise (another
+    user's: a root worker's left by a kill) is skipped, not the ones after it. Returns how
+    many were sent (0 when the folder is not there: no worker waits on one)."""
     try:
         folder_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
     except OSError:
@@ -76,6 +80,17 @@ def _send(sender: socket.socket, folder: Path, folder_fd: int, name: str) -> int
         return 0
     except (BlockingIOError, FileNotFoundError):
         # Its queue is full (it has wake-ups to read already), or it has just stopped.
+        return 0
+    except OSError as exc:
+        path = str(folder / name)
+        if path not in _warned:
+            _warned.add(path)
+            log.warning(
+                "idle worker socket %s cannot be woken (%s); a worker waiting on it finds new "
+                "jobs only by its slower look at the database",
+                path,
+                exc,
+            )
         return 0
     return 1
 

@@ -31,7 +31,7 @@ from test_jobs import make_study
 from dicomnode.db.models import Job, Study
 from dicomnode.db.session import make_engine, make_sessionmaker
 from dicomnode.jobs import JobSignal, enqueue
-from dicomnode.wakeups import wake_folder
+from dicomnode.wakeups import Doorbell, wake_all, wake_folder
 
 # How long the processes are watched idle.
 IDLE_SECONDS = 10.0
@@ -241,3 +241,33 @@ def test_a_job_queued_on_another_connection_wakes_a_waiting_signal_and_a_dead_wo
         engine.dispose()
         queuer.dispose()
     assert not list(folder.iterdir()), "the signal's socket stayed after its stop"
+
+
+def test_a_socket_that_fails_otherwise_does_not_keep_the_wake_up_from_the_sockets_after_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A bad entry in the wake folder (here stream sockets, which refuse a datagram with
+    EPROTOTYPE as they would a root-owned worker's socket with EACCES to another user) costs
+    only its own wake-up: the live workers' sockets listed after it are still woken, and the
+    trouble is logged once per socket at WARNING, with its path."""
+    folder = tmp_path / "dicomnode.db-workers"
+    live = Doorbell(folder)
+    bad = []
+    try:
+        for n in range(8):  # some are listed before the live one, whatever the file system
+            stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            stale.bind(str(folder / f"99999999{n}.0"))
+            bad.append(stale)
+        names = os.listdir(folder)
+        assert names.index(live.name) > 0, names
+        with caplog.at_level("DEBUG", logger="dicomnode.jobs"):
+            assert wake_all(folder) == 1
+            assert live.wait(0)
+            assert wake_all(folder) == 1
+        warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        assert len(warnings) == len(bad), warnings
+        assert all(str(folder / "99999999") in line for line in warnings), warnings
+    finally:
+        live.close()
+        for stale in bad:
+            stale.close()
