@@ -44,6 +44,8 @@ CHANNEL = "dicomnode_jobs"
 # On SQLite, how often a worker woken by no datagram looks whether a job was queued anyway
 # (by a process that could not reach the workers' sockets).
 FALLBACK_CHECK_SECONDS = 2.0
+# The longest JobSignal.start() waits for its thread to listen (or to have its socket).
+START_SECONDS = 5.0
 # Where an SQLite session's commit is to wake the idle workers (Session.info key).
 _WAKE_FOLDER = "dicomnode.wake_folder"
 
@@ -431,13 +433,20 @@ class JobSignal:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._doorbell: Doorbell | None = None
+        # Set once the thread listens or has its socket (or has failed to, for now).
+        self._started = threading.Event()
 
     def start(self) -> JobSignal:
+        """Start the thread; returns once it listens (PostgreSQL) or has its socket (SQLite),
+        so that every job queued after it wakes the workers, or after a failed try
+        (logged; the workers look at the queue themselves), or after
+        :data:`START_SECONDS`."""
         target = self._listen if self.url.get_backend_name() == "postgresql" else self._watch
         if self.url.get_backend_name() == "sqlite" and not self.url.database:
             return self  # in-memory database: nothing to watch; the poll finds jobs
         self._thread = threading.Thread(target=target, name="job-signal", daemon=True)
         self._thread.start()
+        self._started.wait(START_SECONDS)
         return self
 
     def stop(self) -> None:
@@ -472,10 +481,12 @@ class JobSignal:
                     conn.execute(f"LISTEN {CHANNEL}")
                     outage.ended("job notifications listened to again")
                     self._bump()  # notifications may have been missed while not listening
+                    self._started.set()
                     while not self._stop.is_set():
                         for _ in conn.notifies(timeout=0.5):
                             self._bump()
             except Exception as exc:  # the database restarts: listen again
+                self._started.set()
                 self._stop.wait(outage.retry_in(type(exc).__name__))
 
     def _watch(self) -> None:
@@ -485,15 +496,18 @@ class JobSignal:
                 with closing(sqlite3.connect(self.url.database, timeout=5)) as conn:
                     self._watch_file(conn, outage)
             except sqlite3.Error as exc:
+                self._started.set()
                 self._stop.wait(outage.retry_in(str(exc)))
 
     def _watch_file(self, conn: sqlite3.Connection, outage: _Outage) -> None:
         """Bump on each wake-up, and when a look at the file finds a new job, until stopped."""
-        version, newest = _newest_job(conn)
-        outage.ended("job watch works again")
-        self._bump()  # jobs may have been queued while not watching
+        # The socket first: a job queued after the look below rings it.
         doorbell = self._ring_here()
         try:
+            version, newest = _newest_job(conn)
+            outage.ended("job watch works again")
+            self._bump()  # jobs may have been queued while not watching
+            self._started.set()
             every = self.check_seconds if doorbell is None else self.fallback_seconds
             while not self._stop.is_set():
                 if doorbell is not None and doorbell.wait(every):

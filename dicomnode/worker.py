@@ -510,9 +510,10 @@ class Worker:
     ) -> None:
         """Run jobs in ``[worker] threads`` threads until ``stop`` is set (or the parent
         process is gone); this thread handles reloads. Running jobs are finished first.
-        ``ready`` is called once the jobs of dead workers are freed and the job threads run
-        (what a "ready" line may claim: a worker started later frees no lease of one killed
-        before it was ready)."""
+        ``ready`` is called once the jobs of dead workers are freed, the job signal listens
+        (a job queued after it wakes this worker at once) and the job threads run (what a
+        "ready" line may claim: a worker started later frees no lease of one killed before
+        it was ready)."""
         self.free_orphaned_jobs()
         self.exports.bury_unrouted_exports()
         signal = JobSignal(self.sessions.kw["bind"]).start()

@@ -271,3 +271,44 @@ def test_a_socket_that_fails_otherwise_does_not_keep_the_wake_up_from_the_socket
         live.close()
         for stale in bad:
             stale.close()
+
+
+def test_a_job_queued_as_soon_as_the_signal_has_started_wakes_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The signal's socket is there before it first looks at the queue (and before start()
+    returns): a job queued after that look is rung for, not found by the fallback look.
+    The socket is made slowly here, which widened the window in which such a job waited."""
+    from dicomnode.db.session import upgrade
+
+    made = Doorbell.__init__
+
+    def slowly(self: Doorbell, folder: Path) -> None:
+        time.sleep(0.3)
+        made(self, folder)
+
+    monkeypatch.setattr(Doorbell, "__init__", slowly)
+    url = f"sqlite:///{tmp_path / 'dicomnode.db'}"
+    upgrade(url)
+    engine = make_engine(url)
+    queuer = make_engine(url)
+    sessions = make_sessionmaker(queuer)
+    with sessions() as session:
+        study_id = make_study(session)
+    signal_ = JobSignal(engine, fallback_seconds=60).start()
+    folder = wake_folder(str(tmp_path / "dicomnode.db"))
+    try:
+        # A worker says "ready" once start() returns: its socket is there by then.
+        assert folder is not None and folder.is_dir() and list(folder.iterdir())
+        # Its first look (a job thread's next look at the queue follows it).
+        seen = wait_for(lambda: signal_.generation, 5, interval=0.01, what="the first look")
+        with sessions() as session:
+            enqueue(session, "analyse", study_id)
+            session.commit()
+        started = time.monotonic()
+        assert signal_.wait(seen, timeout=5) > seen
+        assert time.monotonic() - started < CLAIM_SECONDS
+    finally:
+        signal_.stop()
+        engine.dispose()
+        queuer.dispose()
