@@ -227,6 +227,8 @@ def release_orphaned(
         if pid.isdigit() and not alive(int(pid)):
             job.lease_expires_at = now
             released.append(job.id)
+    if released:
+        _wake_workers(session)  # idle ones sleep until these leases' old ends
     session.commit()
     return released
 
@@ -315,6 +317,7 @@ def fail(
     else:
         job.state = "queued"
         job.run_after = now + timedelta(seconds=backoff_seconds(job.attempts, backoff_base))
+        _wake_workers(session)  # idle ones sleep until its lease's end, or their poll
     session.commit()
     return True
 
@@ -393,6 +396,7 @@ def postpone(
     job.attempts = max(0, job.attempts - 1)
     job.run_after = (now or utcnow()) + timedelta(seconds=seconds)
     job.lease_expires_at = None
+    _wake_workers(session)  # idle ones sleep until its lease's end, or their poll
     session.commit()
     return True
 
@@ -416,7 +420,9 @@ class JobSignal:
     sends a datagram at commit; every ``fallback_seconds`` (and, where no doorbell could be
     made, every ``check_seconds``) the file's ``data_version`` (it changes when another
     connection commits) and then the newest job id are read, without taking the write lock.
-    Jobs that become due later (backoff, expired leases) the worker waits for itself.
+    Jobs that become due later (backoff, expired leases) the worker waits for itself; a job
+    put back in the queue (failed, postponed, its dead worker's lease ended) wakes it to look
+    at the job's new time.
     """
 
     def __init__(

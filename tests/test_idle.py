@@ -30,7 +30,7 @@ from test_jobs import make_study
 
 from dicomnode.db.models import Job, Study
 from dicomnode.db.session import make_engine, make_sessionmaker
-from dicomnode.jobs import JobSignal, enqueue
+from dicomnode.jobs import JobSignal, enqueue, fail, postpone, release_orphaned
 from dicomnode.wakeups import Doorbell, wake_all, wake_folder
 
 # How long the processes are watched idle.
@@ -312,3 +312,78 @@ def test_a_job_queued_as_soon_as_the_signal_has_started_wakes_it(
         signal_.stop()
         engine.dispose()
         queuer.dispose()
+
+
+def _lease_elsewhere(sessions: sessionmaker[Session], owner: str) -> int:
+    """A notification job leased to ``owner`` for 5 minutes (an idle worker sleeps until
+    its lease ends, or its poll); its id. Its channel is not enabled: it is done as soon as
+    it is claimed."""
+    now = datetime.now(UTC)
+    with sessions() as session:
+        study = Study(
+            study_instance_uid="1.2.826.0.1.3680043.10.1.78",
+            received_at=now,
+            last_instance_at=now,
+            ready_at=now,
+            due_at=now,
+        )
+        session.add(study)
+        session.flush()
+        job = enqueue(session, "notify", study.id, {"channel": "webhook"})
+        job.state, job.lease_owner, job.attempts = "leased", owner, 1
+        job.lease_expires_at = now + timedelta(minutes=5)
+        session.commit()
+        return job.id
+
+
+def _fail(session: Session, job: Job, owner: str) -> float:
+    assert fail(session, job, "refused", None, owner=owner, backoff_base=1.0)
+    return 1.0
+
+
+def _postpone(session: Session, job: Job, owner: str) -> float:
+    assert postpone(session, job, 1.0, owner=owner)
+    return 1.0
+
+
+def _release(session: Session, job: Job, owner: str) -> float:
+    assert release_orphaned(session, socket.gethostname()) == [job.id]
+    return 0.0
+
+
+@pytest.mark.parametrize("change", [_fail, _postpone, _release], ids=lambda f: f.__name__[1:])
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_job_put_back_in_the_queue_wakes_an_idle_worker(
+    tmp_path: Path, sessions: sessionmaker[Session], db_url: str, change
+) -> None:
+    """A worker idle until a leased job's lease ends (or its 60 s poll) claims the job when
+    its holder fails it (1 s backoff), postpones it (1 s) or is found dead, when it is due,
+    not when the worker's old deadline comes."""
+    owner = f"{socket.gethostname()}:999999999"  # a worker of this host, gone
+    config = _worker_config(tmp_path, db_url)
+    log = tmp_path / "worker.log"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "dicomnode", "worker", "--config", str(config)],
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_for(lambda: " ready (" in log.read_text(), 60, what="the worker ready")
+        # Leased after the worker's start, which frees the jobs of dead workers.
+        job_id = _lease_elsewhere(sessions, owner)
+        # Idle: its threads have looked and sleep until the lease ends. Past its signal's
+        # first fallback look (2 s), which finds the job new to it and wakes them once more.
+        time.sleep(2.5)
+        with sessions() as session:
+            due_in = change(session, session.get(Job, job_id), owner)
+        changed = time.monotonic()
+
+        def done() -> bool:
+            with sessions() as session:
+                return session.get(Job, job_id).state == "done"
+
+        wait_for(done, due_in + 5, interval=0.02, what=f"job {job_id} done")
+        assert time.monotonic() - changed < due_in + 0.3, log.read_text()
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=10)
