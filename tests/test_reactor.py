@@ -24,7 +24,12 @@ from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.sop_class import Verification
-from pynetdicom.transport import AssociationServer, AssociationSocket, RequestHandler
+from pynetdicom.transport import (
+    AssociationServer,
+    AssociationSocket,
+    RequestHandler,
+    ThreadedAssociationServer,
+)
 from sqlalchemy.orm import Session, sessionmaker
 from test_scp import Node, secondary_capture, start_node
 
@@ -316,3 +321,21 @@ def test_whole_read_socket_returns_what_came_before_the_connection_broke() -> No
         assert isinstance(received, bytearray)
     finally:
         ours.close()
+
+
+def test_an_acceptor_shut_down_before_it_serves_returns_quietly() -> None:
+    """A listener stopped as it starts: shutdown() comes before the acceptor thread's
+    serve_forever(), which then returns at once instead of selecting on closed sockets."""
+
+    class Acceptor(reactor.BlockingAcceptor, ThreadedAssociationServer):
+        pass
+
+    ae = AE()
+    ae.add_supported_context(Verification)
+    server = Acceptor(ae, ("127.0.0.1", 0), "ACCEPTOR", ae.supported_contexts)
+    ae._servers.append(server)
+    started = time.monotonic()
+    server.shutdown()
+    server.serve_forever()
+    assert time.monotonic() - started < 1.0
+    assert server.socket.fileno() == -1 and not ae._servers

@@ -438,11 +438,17 @@ class BlockingAcceptor(AssociationServer):
         self._stopping = threading.Event()
         self._serving = threading.Event()
         self._stopped = threading.Event()
+        # Serving begins, or shutdown comes first, under it: not both.
+        self._state = threading.Lock()
         super().__init__(*args, **kwargs)
 
     def serve_forever(self, poll_interval: float = 0.5) -> None:
-        """Accept connections until :meth:`shutdown` (``poll_interval`` is not used)."""
-        self._serving.set()
+        """Accept connections until :meth:`shutdown` (``poll_interval`` is not used);
+        returns at once after one (its sockets are closed)."""
+        with self._state:
+            if self._stopping.is_set():
+                return
+            self._serving.set()
         try:
             with selectors.DefaultSelector() as selector:
                 selector.register(self.socket, selectors.EVENT_READ)  # type: ignore[arg-type]
@@ -461,9 +467,11 @@ class BlockingAcceptor(AssociationServer):
     def shutdown(self) -> None:
         """Stop accepting, close the socket and leave the AE's servers: pynetdicom's
         ``shutdown``, without socketserver's, which waits for socketserver's own loop."""
-        self._stopping.set()
+        with self._state:
+            self._stopping.set()
+            serving = self._serving.is_set()
         self._wake_writer.send(b"\0")
-        if self._serving.is_set():
+        if serving:
             self._stopped.wait()
         self._wake_reader.close()
         self._wake_writer.close()
