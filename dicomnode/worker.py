@@ -544,10 +544,17 @@ class Worker:
             self.reload_requested.clear()
 
     def _reload_on_request(self, stop: threading.Event, name_restart_only: bool) -> None:
-        """Reload when :attr:`reload_requested` is set (SIGHUP), until ``stop``."""
+        """Reload when :attr:`reload_requested` is set (SIGHUP), until ``stop``. A reload
+        that fails unexpectedly is logged and the thread kept: it died, and every later
+        SIGHUP was ignored."""
         while self.reload_requested.wait() and not stop.is_set():
             self.reload_requested.clear()
-            if self.reload(name_restart_only=name_restart_only):
+            try:
+                reloaded = self.reload(name_restart_only=name_restart_only)
+            except Exception:
+                log.exception("reload failed; the running settings are kept")
+                continue
+            if reloaded:
                 self.exports.bury_unrouted_exports()
 
     def _job_loop(self, stop: threading.Event, signal: JobSignal) -> None:

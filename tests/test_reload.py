@@ -236,3 +236,46 @@ def test_watchdog_interval_is_half_of_watchdog_usec(monkeypatch) -> None:
     assert watchdog_interval() is None
     monkeypatch.delenv("WATCHDOG_USEC")
     assert watchdog_interval() is None
+
+
+def test_worker_reload_thread_outlives_a_reload_that_raises(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An unexpected error in a reload (SIGHUP) is logged with its traceback and the
+    running settings kept; the next SIGHUP still reloads (the thread died, and with it
+    every later reload)."""
+    import threading
+
+    config = _config(tmp_path)
+    settings = load_settings(config)
+    worker = Worker(settings, None, discover_cards(settings.model_folders))
+    reload, calls, buried = worker.reload, [], []
+
+    def failing_once(name_restart_only: bool = True) -> bool:
+        calls.append(name_restart_only)
+        if len(calls) == 1:
+            raise RuntimeError("a bug in reload")
+        return reload(name_restart_only)
+
+    worker.reload = failing_once  # type: ignore[method-assign]
+    worker.exports.bury_unrouted_exports = lambda: buried.append(1)  # type: ignore[method-assign]
+    stop = threading.Event()
+    thread = threading.Thread(target=worker._reload_on_request, args=(stop, True))
+    thread.start()
+    try:
+        with caplog.at_level(logging.INFO, logger="dicomnode"):
+            worker.reload_requested.set()
+            wait_for(lambda: calls and not worker.reload_requested.is_set(), 5, interval=0.02)
+            config.write_text(config.read_text() + DESTINATION + "port = 104\n")
+            worker.reload_requested.set()
+            wait_for(lambda: buried, 10, interval=0.02, what="the second reload")
+        assert [d.name for d in worker.settings.destinations] == ["pacs"]
+        failed = [r for r in caplog.records if "reload failed" in r.getMessage()]
+        assert len(failed) == 1 and failed[0].levelno == logging.ERROR, caplog.text
+        assert "the running settings are kept" in failed[0].getMessage()
+        assert failed[0].exc_info and "a bug in reload" in caplog.text
+    finally:
+        stop.set()
+        worker.reload_requested.set()
+        thread.join(5)
+    assert not thread.is_alive()
