@@ -118,7 +118,7 @@ def make_node(
         f'[database]\nurl = "sqlite:///{folder / "dicomnode.db"}"\n\n'
         f'[web]\nhost = "127.0.0.1"\nport = {web_port}\n\n'
         "[assembly]\nquiet_seconds = 0.3\n\n"
-        f"[worker]\ncount = 1\npoll_seconds = 0.1\nlease_seconds = {lease_seconds}\n\n"
+        f"[worker]\ncount = 1\nlease_seconds = {lease_seconds}\n\n"
         f'[models]\nfolders = ["{models}"]\n'
     )
     return Node(folder, port, web_port, config)

@@ -68,10 +68,11 @@ FINDING_MIX: list[tuple[str, ...]] = [
     (),
 ]
 # Site settings for a CXR node: a radiograph study comes in one association, so a short quiet
-# period after its release is enough to catch a second one; analysis checks at 20 Hz.
+# period after its release is enough to catch a second one. The worker's poll is left at its
+# default: each queued job wakes it, and a short poll would hide a wake-up lost.
 DEFAULT_SETTINGS = {
     "assembly": {"quiet_seconds": "0.2"},
-    "worker": {"count": "1", "poll_seconds": "0.1"},
+    "worker": {"count": "1"},
 }
 STAGES = ("decode", "preprocess", "inference", "postprocess")
 # Payload seconds that are not stages of the job body.

@@ -56,7 +56,7 @@ def write_demo_config(folder: Path, port: int, web_port: int) -> Path:
         f'[database]\nurl = "sqlite:///{folder / "dicomnode.db"}"\n\n'
         f'[web]\nhost = "127.0.0.1"\nport = {web_port}\n\n'
         "[assembly]\nquiet_seconds = 0.5\n\n"
-        "[worker]\ncount = 1\npoll_seconds = 0.1\n\n"
+        "[worker]\ncount = 1\n\n"
         f'[models]\nfolders = ["{models}"]\n',
         encoding="utf-8",
     )
