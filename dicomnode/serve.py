@@ -395,8 +395,9 @@ def _serve(config: Path, workers: int | None) -> int:
         return _refuse(problems)
     setup_logging(settings.log_level, settings.logging.json_lines)
     # What has started, stopped in this order on every way out from here: a SIGTERM or
-    # Ctrl-C at any point of the start-up (sigint) included; "stopped" unless a failure is
-    # on its way to the caller, which reports it (a database refused at start: one line).
+    # Ctrl-C at any point of the start-up (sigint) included, and to its end (a further one
+    # meanwhile is only recorded); "stopped" unless the start failed: the failure reports
+    # itself (a database refused, a DICOM port taken: one line).
     stop = threading.Event()
     failed = False
     run_dir: Path | None = None
@@ -437,6 +438,7 @@ def _serve(config: Path, workers: int | None) -> int:
                 settings.node.port,
                 exc.strerror or exc,
             )
+            failed = True
             return 1
 
         def start_listening() -> None:
@@ -463,6 +465,7 @@ def _serve(config: Path, workers: int | None) -> int:
         failed = True
         raise
     finally:
+        sigint.stopping()
         stop.set()
         if pool is not None:
             pool.terminate()  # the workers stop while the listeners do

@@ -18,6 +18,13 @@ its workers to their check of their parent. Python drops an exception raised in 
 finalizer (printing "Exception ignored in" and a traceback), which lost the signal: the
 handler also records it in :data:`requested`, which stops the web server as it starts, and
 such a dropped one is not printed.
+
+A second SIGTERM or Ctrl-C while serve stops (Ctrl-C pressed twice, ``systemctl stop``
+right after a Ctrl-C) raised again inside that stop, which ended there: its listeners and
+workers left to their own checks of their parent, its run folder left, no "stopped". Once
+serve stops (:func:`stopping`; the start-up's handler calls it first thing), each is only
+recorded in :data:`while_stopping`: the stop runs to its end, and serve's exit status is the
+first signal's.
 """
 
 from __future__ import annotations
@@ -30,6 +37,9 @@ from typing import Any
 
 # A Ctrl-C or SIGTERM came while serve started (read once its web server takes them itself).
 requested = threading.Event()
+# The SIGTERMs and SIGINTs that came once serve was stopping (appending takes no lock: a
+# handler runs in the main thread, between any two of its steps).
+while_stopping: list[int] = []
 
 
 class Terminated(BaseException):
@@ -54,7 +64,22 @@ def leave_sigint_to_supervisor() -> None:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
+def _record(number: int, frame: object) -> None:
+    while_stopping.append(number)
+
+
+def stopping() -> None:
+    """Serve stops: from now on a SIGTERM or Ctrl-C is only recorded in
+    :data:`while_stopping` (a handler, not SIG_IGN, which a process started meanwhile would
+    inherit)."""
+    for number in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(number, _record)
+
+
 def _interrupt(number: int, frame: object) -> None:
+    # Before anything else: a second signal that came with this one runs its handler right
+    # after this one raises, in the unwinding (or in serve's clean-up).
+    stopping()
     requested.set()
     raise Terminated if number == signal.SIGTERM else KeyboardInterrupt
 

@@ -5,6 +5,7 @@ folder (under systemd's Restart=on-failure, one failed start every 5 s)."""
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -103,3 +104,20 @@ def test_a_listener_that_does_not_start_stops_serve_with_one_line(tmp_path: Path
     assert list(temporary.glob("dicomnode-*")) == []
     left = subprocess.run(["pgrep", "-f", str(config)], capture_output=True, text=True)
     assert left.stdout == "", left.stdout
+
+
+def test_a_taken_dicom_port_is_one_error_line(tmp_path: Path) -> None:
+    """Another program on the DICOM port: one ERROR line, status 1, nothing left behind;
+    no "stopped" after the ERROR line (a failed start is not a stop)."""
+    config, port, _ = write_config(tmp_path, f"sqlite:///{tmp_path / 'db.sqlite'}")
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    with socket.create_server(("127.0.0.1", port)):
+        result = _serve(config, temporary)
+    assert result.returncode == 1, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if " ERROR " in line]
+    assert len(errors) == 1, result.stderr[-3000:]
+    assert f"ERROR dicomnode: cannot listen for DICOM on 127.0.0.1:{port}: " in errors[0]
+    assert "stopped" not in result.stderr, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert list(temporary.glob("dicomnode-*")) == []
