@@ -214,7 +214,7 @@ def write_config(
         f'[database]\nurl = "{db_url}"\n',
         f'[web]\nhost = "127.0.0.1"\nport = {web_port}\n',
         "[assembly]\nquiet_seconds = 0.5\n",
-        "[worker]\ncount = 1\npoll_seconds = 0.1\n",
+        "[worker]\ncount = 1\n",
         f'[models]\nfolders = ["{REPO / "models"}"]\n',
     ]
     for index, destination in enumerate(destinations):

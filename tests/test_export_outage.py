@@ -72,8 +72,7 @@ def test_results_wait_out_a_destination_outage_and_arrive_once(tmp_path: Path) -
         tmp_path, f"sqlite:///{tmp_path / 'dicomnode.db'}", destinations=[pacs]
     )
     text = config.read_text().replace(
-        "poll_seconds = 0.1\n",
-        "poll_seconds = 0.1\nmax_attempts = 50\nbackoff_base_seconds = 0.2\n",
+        "[worker]\n", "[worker]\nmax_attempts = 50\nbackoff_base_seconds = 0.2\n"
     )
     config.write_text(text)
     node = start_node(tmp_path, config, port, web_port)
@@ -197,9 +196,7 @@ def test_exports_to_a_removed_destination_are_dead_lettered_on_reload_and_sent_o
     API, they reach the PACS, a dcmtk storescp that came up meanwhile."""
     pacs = StoreSCP("PACS", free_port(), tmp_path / "pacs")
     config, _, _ = write_config(tmp_path, db_url, destinations=[pacs])
-    configured = config.read_text().replace(
-        "poll_seconds = 0.1\n", "poll_seconds = 0.1\nbackoff_base_seconds = 120\n"
-    )
+    configured = config.read_text().replace("[worker]\n", "[worker]\nbackoff_base_seconds = 120\n")
     config.write_text(configured)
     settings, _ = load_checked(config)
     objects = {f"kos-{n}": "pacs0" for n in range(3)}

@@ -61,7 +61,7 @@ def test_corrupt_onnx_is_left_out_and_the_other_models_analyse(tmp_path: Path) -
     database = tmp_path / "dicomnode.db"
     config, port, web_port = write_config(tmp_path, f"sqlite:///{database}")
     text = config.read_text().replace(str(REPO / "models"), str(models))
-    one_attempt = text.replace("poll_seconds = 0.1\n", "poll_seconds = 0.1\nmax_attempts = 1\n")
+    one_attempt = text.replace("[worker]\n", "[worker]\nmax_attempts = 1\n")
     config.write_text(one_attempt)
     node = start_node(tmp_path, config, port, web_port)
     try:
