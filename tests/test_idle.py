@@ -11,6 +11,7 @@ until the next job is due or ``[worker] poll_seconds`` (5 s by default).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -18,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -130,6 +132,30 @@ def _worker_config(folder: Path, db_url: str) -> Path:
     return config
 
 
+@contextlib.contextmanager
+def _idle_worker(folder: Path, db_url: str) -> Iterator[tuple[subprocess.Popen, Path]]:
+    """A stand-alone ``dicomnode worker`` (poll 60 s) started and ready; its process and
+    log. Stopped (SIGTERM, else killed) on the way out unless the test stopped it."""
+    config = _worker_config(folder, db_url)
+    log = folder / "worker.log"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "dicomnode", "worker", "--config", str(config)],
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_for(lambda: " ready (" in log.read_text(), 60, what="the worker ready")
+        yield process, log
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
 def _claimed_after(sessions: sessionmaker[Session], job_id: int) -> float:
     """Seconds from when the job was due to its claim (its "queued" stage), once done."""
 
@@ -164,15 +190,7 @@ def test_an_idle_worker_takes_a_job_at_once_and_a_later_one_when_due(
 ) -> None:
     """A ``dicomnode worker`` that looks for jobs only every 60 s claims a job that another
     process queues within 0.1 s, and one due 1.5 s later within 0.1 s of that."""
-    config = _worker_config(tmp_path, db_url)
-    log = tmp_path / "worker.log"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "dicomnode", "worker", "--config", str(config)],
-        stdout=log.open("w"),
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        wait_for(lambda: " ready (" in log.read_text(), 60, what="the worker ready")
+    with _idle_worker(tmp_path, db_url) as (process, log):
         time.sleep(0.5)  # idle: its threads have looked and sleep
         (now,) = queue_notifications(sessions, "1.2.826.0.1.3680043.10.1.77", 1)
         assert _claimed_after(sessions, now) < CLAIM_SECONDS, log.read_text()
@@ -183,10 +201,6 @@ def test_an_idle_worker_takes_a_job_at_once_and_a_later_one_when_due(
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=10) == 0, log.read_text()
         assert time.monotonic() - started < 1.0, "the idle worker was slow to stop"
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
     # Its socket is gone with it.
     folder = wake_folder(db_url.removeprefix("sqlite:///"))
     assert folder is not None and not list(folder.iterdir())
@@ -359,15 +373,7 @@ def test_a_job_put_back_in_the_queue_wakes_an_idle_worker(
     its holder fails it (1 s backoff), postpones it (1 s) or is found dead, when it is due,
     not when the worker's old deadline comes."""
     owner = f"{socket.gethostname()}:999999999"  # a worker of this host, gone
-    config = _worker_config(tmp_path, db_url)
-    log = tmp_path / "worker.log"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "dicomnode", "worker", "--config", str(config)],
-        stdout=log.open("w"),
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        wait_for(lambda: " ready (" in log.read_text(), 60, what="the worker ready")
+    with _idle_worker(tmp_path, db_url) as (_, log):
         # Leased after the worker's start, which frees the jobs of dead workers.
         job_id = _lease_elsewhere(sessions, owner)
         # Idle: its threads have looked and sleep until the lease ends. Past its signal's
@@ -383,6 +389,3 @@ def test_a_job_put_back_in_the_queue_wakes_an_idle_worker(
 
         wait_for(done, due_in + 5, interval=0.02, what=f"job {job_id} done")
         assert time.monotonic() - changed < due_in + 0.3, log.read_text()
-    finally:
-        process.send_signal(signal.SIGTERM)
-        process.wait(timeout=10)
