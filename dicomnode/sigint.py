@@ -22,9 +22,8 @@ such a dropped one is not printed.
 A second SIGTERM or Ctrl-C while serve stops (Ctrl-C pressed twice, ``systemctl stop``
 right after a Ctrl-C) raised again inside that stop, which ended there: its listeners and
 workers left to their own checks of their parent, its run folder left, no "stopped". Once
-serve stops (:func:`stopping`; the start-up's handler calls it first thing), each is only
-recorded in :data:`while_stopping`: the stop runs to its end, and serve's exit status is the
-first signal's.
+serve stops (:func:`stopping`; the start-up's handler calls it first thing), each is
+caught and dropped: the stop runs to its end, and serve's exit status is the first signal's.
 """
 
 from __future__ import annotations
@@ -37,9 +36,6 @@ from typing import Any
 
 # A Ctrl-C or SIGTERM came while serve started (read once its web server takes them itself).
 requested = threading.Event()
-# The SIGTERMs and SIGINTs that came once serve was stopping (appending takes no lock: a
-# handler runs in the main thread, between any two of its steps).
-while_stopping: list[int] = []
 
 
 class Terminated(BaseException):
@@ -64,16 +60,15 @@ def leave_sigint_to_supervisor() -> None:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
-def _record(number: int, frame: object) -> None:
-    while_stopping.append(number)
+def _drop(number: int, frame: object) -> None:
+    """A SIGTERM or Ctrl-C while serve stops: the stop is under way already."""
 
 
 def stopping() -> None:
-    """Serve stops: from now on a SIGTERM or Ctrl-C is only recorded in
-    :data:`while_stopping` (a handler, not SIG_IGN, which a process started meanwhile would
-    inherit)."""
+    """Serve stops: from now on a SIGTERM or Ctrl-C is caught and dropped (by a handler,
+    not SIG_IGN, which a process started meanwhile would inherit)."""
     for number in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(number, _record)
+        signal.signal(number, _drop)
 
 
 def _interrupt(number: int, frame: object) -> None:
