@@ -194,6 +194,20 @@ class RunningNode:
         )
 
 
+def worker_config(folder: Path, db_url: str, worker: str, extra: str = "") -> Path:
+    """A stand-alone ``dicomnode worker``'s configuration: no models (an empty folder),
+    ``worker`` as the lines of its ``[worker]`` table, then ``extra`` (other tables)."""
+    (folder / "no-models").mkdir()
+    config = folder / "dicomnode.toml"
+    config.write_text(
+        f'[database]\nurl = "{db_url}"\n'
+        f'[storage]\npath = "{folder / "storage"}"\n'
+        f'[models]\nfolders = ["{folder / "no-models"}"]\n'
+        f"[worker]\n{worker}{extra}"
+    )
+    return config
+
+
 def write_config(
     folder: Path,
     db_url: str,

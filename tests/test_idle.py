@@ -25,7 +25,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from conftest import launch_node, queue_notifications, wait_for, write_config
+from conftest import launch_node, queue_notifications, wait_for, worker_config, write_config
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 from test_jobs import make_study
@@ -119,24 +119,12 @@ def test_an_idle_nodes_listeners_and_worker_sleep(tmp_path: Path, db_url: str) -
     assert total < IDLE_CPU_PERCENT, report
 
 
-def _worker_config(folder: Path, db_url: str) -> Path:
-    (folder / "no-models").mkdir()
-    config = folder / "dicomnode.toml"
-    config.write_text(
-        f'[database]\nurl = "{db_url}"\n'
-        f'[storage]\npath = "{folder / "storage"}"\n'
-        f'[models]\nfolders = ["{folder / "no-models"}"]\n'
-        # A poll far longer than the test: only a wake-up or the job's time finds the jobs.
-        "[worker]\nthreads = 2\npoll_seconds = 60\n"
-    )
-    return config
-
-
 @contextlib.contextmanager
 def _idle_worker(folder: Path, db_url: str) -> Iterator[tuple[subprocess.Popen, Path]]:
     """A stand-alone ``dicomnode worker`` (poll 60 s) started and ready; its process and
     log. Stopped (SIGTERM, else killed) on the way out unless the test stopped it."""
-    config = _worker_config(folder, db_url)
+    # A poll far longer than the test: only a wake-up or the job's time finds the jobs.
+    config = worker_config(folder, db_url, "threads = 2\npoll_seconds = 60\n")
     log = folder / "worker.log"
     process = subprocess.Popen(
         [sys.executable, "-m", "dicomnode", "worker", "--config", str(config)],

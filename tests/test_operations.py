@@ -17,7 +17,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import dcmtk, launch_node, start_serve, wait_for, write_config
+from conftest import dcmtk, launch_node, start_serve, wait_for, worker_config, write_config
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
@@ -358,14 +358,7 @@ def test_a_stand_alone_listener_keeps_sigint_ignored_when_it_came_ignored(
 
 
 def test_ctrl_c_stops_a_stand_alone_worker_without_a_traceback(tmp_path: Path) -> None:
-    (tmp_path / "no-models").mkdir()
-    config = tmp_path / "dicomnode.toml"
-    config.write_text(
-        f'[database]\nurl = "{_sqlite(tmp_path)}"\n'
-        f'[storage]\npath = "{tmp_path / "storage"}"\n'
-        f'[models]\nfolders = ["{tmp_path / "no-models"}"]\n'
-        "[worker]\nthreads = 1\npoll_seconds = 0.1\n"
-    )
+    config = worker_config(tmp_path, _sqlite(tmp_path), "threads = 1\npoll_seconds = 0.1\n")
     log = tmp_path / "worker.log"
     process = subprocess.Popen(
         [sys.executable, "-m", "dicomnode", "worker", "--config", str(config)],

@@ -21,7 +21,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from conftest import queue_notifications, wait_for
+from conftest import queue_notifications, wait_for, worker_config
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -86,17 +86,13 @@ def webhook() -> Iterator[Webhook]:
 
 
 def _config(folder: Path, db_url: str, webhook_url: str) -> Path:
-    (folder / "no-models").mkdir()
-    config = folder / "dicomnode.toml"
-    config.write_text(
-        f'[database]\nurl = "{db_url}"\n'
-        f'[storage]\npath = "{folder / "storage"}"\n'
-        f'[models]\nfolders = ["{folder / "no-models"}"]\n'
-        f"[worker]\nthreads = 1\nlease_seconds = {LEASE_SECONDS}\npoll_seconds = 0.2\n"
+    return worker_config(
+        folder,
+        db_url,
+        f"threads = 1\nlease_seconds = {LEASE_SECONDS}\npoll_seconds = 0.2\n",
         f'[notify]\nwebhook_enabled = true\nwebhook_url = "{webhook_url}"\n'
-        "webhook_timeout_seconds = 60\n"
+        "webhook_timeout_seconds = 60\n",
     )
-    return config
 
 
 def _queue_notifications(sessions: sessionmaker[Session]) -> list[int]:

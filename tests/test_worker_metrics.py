@@ -17,7 +17,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from conftest import queue_notifications, wait_for
+from conftest import queue_notifications, wait_for, worker_config
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -53,16 +53,12 @@ def webhook() -> Iterator[str]:
 
 
 def _config(folder: Path, db_url: str, webhook_url: str, metrics_port: int) -> Path:
-    (folder / "no-models").mkdir()
-    config = folder / "dicomnode.toml"
-    config.write_text(
-        f'[database]\nurl = "{db_url}"\n'
-        f'[storage]\npath = "{folder / "storage"}"\n'
-        f'[models]\nfolders = ["{folder / "no-models"}"]\n'
-        f"[worker]\nthreads = 1\npoll_seconds = 0.1\nmetrics_port = {metrics_port}\n"
-        f'[notify]\nwebhook_enabled = true\nwebhook_url = "{webhook_url}"\n'
+    return worker_config(
+        folder,
+        db_url,
+        f"threads = 1\npoll_seconds = 0.1\nmetrics_port = {metrics_port}\n",
+        f'[notify]\nwebhook_enabled = true\nwebhook_url = "{webhook_url}"\n',
     )
-    return config
 
 
 def _queue_notification(sessions: sessionmaker[Session]) -> int:
