@@ -138,7 +138,7 @@ class Worker:
 
     def _claim(self, session: Session) -> Job | float:
         """Claim the most urgent due job; results and exports only while a background slot is
-        free (the slot is kept while such a job runs, released by :meth:`run_once`). When none
+        free (the slot is kept while such a job runs, released by :meth:`_run_next`). When none
         is due: the seconds until one of those kinds is (``inf``: none queued or leased)."""
         with self._background_lock:
             background = self._background < self.background_limit()
