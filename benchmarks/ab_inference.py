@@ -5,13 +5,15 @@
         [--rounds 8] [--passes 4] [--in-flight 0] cxr-view-demo:8 cxr-findings-demo:16 ...
 
 Each model is named with the batch size to run it at (``inference.py``'s sweep gives the
-best bare one). The base tree's ``dicomnode/pipeline/runtime.py`` is loaded as a module of
-its own beside this tree's (the rest of ``dicomnode`` is this tree's: an A/B of the runtime
-only). Each round runs, back to back and in an order that reverses every round, bare
-``session.run`` over the images in batches of that size, this tree's ``Runtime`` and the base
-tree's, each over ``--passes`` passes of the images, called by enough threads for the batches
-in flight and one more, one image per call (as ``inference.py`` does). Printed per model: the
-medians of the rounds' new/base, new/bare and base/bare ratios.
+best bare one). The base tree's ``dicomnode/pipeline/runtime.py``, with its ``batching.py``
+and ``sessions.py`` where it has them (a tree from before 2026-12-07 holds all three in
+``runtime.py``), is loaded as modules of their own beside this tree's (the rest of
+``dicomnode`` is this tree's: an A/B of the runtime only). Each round runs, back to back and
+in an order that reverses every round, bare ``session.run`` over the images in batches of
+that size, this tree's ``Runtime`` and the base tree's, each over ``--passes`` passes of the
+images, called by enough threads for the batches in flight and one more, one image per call
+(as ``inference.py`` does). Printed per model: the medians of the rounds' new/base, new/bare
+and base/bare ratios.
 
 ``--sleep-ms`` takes the model out: each batch's run becomes a sleep of that long (the GIL
 released, as a device's run) that returns outputs computed once beforehand, and the script
@@ -42,21 +44,48 @@ from inference import bare_throughput, inputs, runtime_throughput  # beside this
 from dicomnode.config import InferenceSettings
 from dicomnode.models.registry import ModelCard, discover_cards
 from dicomnode.pipeline import runtime as this_runtime
+from dicomnode.pipeline.sessions import load_session
 
 REPO = Path(__file__).resolve().parent.parent
 PROVIDERS = ["CPUExecutionProvider"]
 
 
-def load_runtime(tree: Path) -> ModuleType:
-    """The tree's ``dicomnode/pipeline/runtime.py`` as a module of its own."""
-    path = tree / "dicomnode" / "pipeline" / "runtime.py"
-    spec = importlib.util.spec_from_file_location("dicomnode_base_runtime", path)
+# The runtime's own modules: a base tree's are loaded in this order, each (where the tree has
+# it) seen by the next ones' imports in place of this tree's.
+RUNTIME_MODULES = ("sessions", "batching", "runtime")
+
+
+def load_module(path: Path, name: str) -> ModuleType:
+    """The file at ``path`` as a module named ``name``."""
+    spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:
-        raise SystemExit(f"no runtime at {path}")
+        raise SystemExit(f"no module at {path}")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up
     spec.loader.exec_module(module)
     return module
+
+
+def load_runtime(tree: Path) -> dict[str, ModuleType]:
+    """The tree's ``dicomnode/pipeline/`` runtime modules (``runtime`` always, ``sessions``
+    and ``batching`` where the tree has them), each as a module of its own."""
+    loaded: dict[str, ModuleType] = {}
+    saved = {name: sys.modules.get(f"dicomnode.pipeline.{name}") for name in RUNTIME_MODULES}
+    try:
+        for name in RUNTIME_MODULES:
+            path = tree / "dicomnode" / "pipeline" / f"{name}.py"
+            if name != "runtime" and not path.is_file():
+                continue
+            loaded[name] = load_module(path, f"dicomnode_base_{name}")
+            # The base's runtime imports dicomnode.pipeline.sessions and .batching: its own.
+            sys.modules[f"dicomnode.pipeline.{name}"] = loaded[name]
+    finally:
+        for name, module in saved.items():
+            if module is None:
+                sys.modules.pop(f"dicomnode.pipeline.{name}", None)
+            else:
+                sys.modules[f"dicomnode.pipeline.{name}"] = module
+    return loaded
 
 
 def without_model(runtime: object, card: ModelCard, images: np.ndarray, seconds: float) -> None:
@@ -90,8 +119,11 @@ def main(argv: list[str] | None = None) -> int:
         "--sleep-ms", type=float, default=None, help="replace each run by a sleep this long"
     )
     args = parser.parse_args(argv)
-    builds = {"new": this_runtime, "base": load_runtime(args.base.resolve())}
-    print(f"new runtime: {this_runtime.__file__}\nbase runtime: {builds['base'].__file__}")
+    base = load_runtime(args.base.resolve())
+    builds = {"new": this_runtime, "base": base["runtime"]}
+    print(f"new runtime: {this_runtime.__file__}")
+    for name, module in base.items():
+        print(f"base {name}: {module.__file__}")
     cards = {card.model.name: card for card in discover_cards([args.models_dir])}
     for spec in args.models:
         name, _, size_text = spec.partition(":")
@@ -105,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         callers = (in_flight + 1) * size
         paths = ["new", "base"]
         if args.sleep_ms is None:
-            session = this_runtime.load_session(card, PROVIDERS, settings)
+            session = load_session(card, PROVIDERS, settings)
             paths.insert(0, "bare")
         else:
             for runtime in runtimes.values():

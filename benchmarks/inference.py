@@ -52,7 +52,8 @@ import onnxruntime as ort
 
 from dicomnode.config import InferenceSettings
 from dicomnode.models.registry import ModelCard, discover_cards
-from dicomnode.pipeline.runtime import Runtime, cpu_cores, intra_op_threads, load_session
+from dicomnode.pipeline.runtime import Runtime
+from dicomnode.pipeline.sessions import cpu_cores, intra_op_threads, load_session
 
 REPO = Path(__file__).resolve().parent.parent
 GOAL = 0.9

@@ -10,7 +10,7 @@ from pathlib import Path
 from dicomnode.config import Settings, load_settings
 from dicomnode.ingest.spool import existing_parent
 from dicomnode.models.registry import ModelCard, load_card
-from dicomnode.pipeline.runtime import onnx_problem
+from dicomnode.pipeline.sessions import onnx_problem
 from dicomnode.tls import destination_context
 from dicomnode.tomlfile import ConfigError, ConfigErrors, key_line
 

@@ -52,7 +52,8 @@ from dicomnode.notify import send_notification
 from dicomnode.outage import OutageLog, database_reason, database_unavailable, disk_full
 from dicomnode.pipeline.analyse import analyse_study, mark_failed, write_results
 from dicomnode.pipeline.handover import Handover
-from dicomnode.pipeline.runtime import ModelLoadError, Runtime
+from dicomnode.pipeline.runtime import Runtime
+from dicomnode.pipeline.sessions import ModelLoadError
 
 log = logging.getLogger("dicomnode.worker")
 

@@ -17,7 +17,7 @@ from dicomnode import RESEARCH_DEMO_NOTICE
 from dicomnode.evaluation.metrics import roc_auc
 from dicomnode.models.registry import ModelCard, load_card
 from dicomnode.pipeline.preprocess import prepare_input
-from dicomnode.pipeline.runtime import load_session
+from dicomnode.pipeline.sessions import load_session
 from dicomnode.synth.cxr import FINDINGS as PHANTOM_FINDINGS
 from dicomnode.synth.cxr import make_cxr
 

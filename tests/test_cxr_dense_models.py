@@ -29,7 +29,8 @@ from dicomnode.pipeline.preprocess import (
     prepare_input,
     presentation_pixels,
 )
-from dicomnode.pipeline.runtime import Runtime, load_session
+from dicomnode.pipeline.runtime import Runtime
+from dicomnode.pipeline.sessions import load_session
 from dicomnode.pipeline.tasks import Presentations, run_model
 from dicomnode.synth.cxr import make_cxr
 

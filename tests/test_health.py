@@ -20,7 +20,8 @@ from dicomnode.db.models import Job, Study
 from dicomnode.jobs import enqueue
 from dicomnode.metrics import exposition
 from dicomnode.models.registry import load_card
-from dicomnode.pipeline.runtime import Runtime, onnx_problem
+from dicomnode.pipeline.runtime import Runtime
+from dicomnode.pipeline.sessions import onnx_problem
 from dicomnode.synth.cxr import make_cxr
 from dicomnode.web.app import create_app
 from dicomnode.web.health import health_router, readiness

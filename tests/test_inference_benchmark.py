@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+# What ab_inference.py loads of a base tree: its runtime with the modules that runtime uses.
+RUNTIME_MODULES = ("runtime.py", "batching.py", "sessions.py")
 
 
 def test_inference_benchmark_prints_paired_rounds_and_a_verdict() -> None:
@@ -57,13 +59,20 @@ def run_ab(arguments: list[str], line: str) -> tuple[str, ...]:
 def test_runtime_ab_runs_both_builds_beside_bare_and_without_the_model(tmp_path: Path) -> None:
     base = tmp_path / "base"
     (base / "dicomnode" / "pipeline").mkdir(parents=True)
-    runtime = (REPO / "dicomnode" / "pipeline" / "runtime.py").read_text()
-    (base / "dicomnode" / "pipeline" / "runtime.py").write_text(runtime)
+    for name in RUNTIME_MODULES:
+        module = (REPO / "dicomnode" / "pipeline" / name).read_text()
+        (base / "dicomnode" / "pipeline" / name).write_text(module)
     small = ["--base", str(base), "--rounds", "2", "--passes", "1", "--images", "8"]
     small += ["--in-flight", "1"]  # one batch at a time: 4 callers, at most one sleep at once
 
-    loaded = run_ab([*small, "cxr-view-demo:2"], r"^base runtime: (.+)$")
-    assert loaded == (str(base / "dicomnode" / "pipeline" / "runtime.py"),)
+    loaded = run_ab(
+        [*small, "cxr-view-demo:2"],
+        r"^base sessions: (.+)\nbase batching: (.+)\nbase runtime: (.+)$",
+    )
+    assert loaded == tuple(
+        str(base / "dicomnode" / "pipeline" / name)
+        for name in ("sessions.py", "batching.py", "runtime.py")
+    )
     rates = run_ab(
         [*small, "cxr-view-demo:2"],
         r"^cxr-view-demo batch 2, 4 callers: new/base ([\d.]+), new/bare ([\d.]+), "
@@ -78,3 +87,51 @@ def test_runtime_ab_runs_both_builds_beside_bare_and_without_the_model(tmp_path:
     )
     # Runs of 2 images that sleep 1 ms: at most 2,000 calls a second.
     assert all(0 < int(rate) <= 2000 for rate in calls), calls
+
+
+LOADS_THE_BASE = """
+import sys
+from pathlib import Path
+
+sys.path.insert(0, "benchmarks")
+import ab_inference
+
+from dicomnode.pipeline import batching, runtime, sessions
+
+base = ab_inference.load_runtime(Path(sys.argv[1]))
+print(*sorted(base))
+print(base["runtime"].MicroBatcher is base.get("batching", batching).MicroBatcher)
+print(base["runtime"].MicroBatcher is batching.MicroBatcher)
+print(base["runtime"].load_session is sessions.load_session)
+print(
+    sys.modules["dicomnode.pipeline.batching"] is batching,
+    sys.modules["dicomnode.pipeline.sessions"] is sessions,
+    sys.modules["dicomnode.pipeline.runtime"] is runtime,
+)
+"""
+
+
+def test_runtime_ab_runs_the_base_runtime_on_the_base_trees_batching_and_sessions(
+    tmp_path: Path,
+) -> None:
+    """The base's runtime imports the base's batching.py and sessions.py where the base has
+    them (an A/B of a batching change measures that change), this tree's where it has not
+    (a tree from before they were split out of runtime.py); this tree's modules stay put."""
+    base = tmp_path / "base"
+    (base / "dicomnode" / "pipeline").mkdir(parents=True)
+    for name in RUNTIME_MODULES:
+        module = (REPO / "dicomnode" / "pipeline" / name).read_text()
+        (base / "dicomnode" / "pipeline" / name).write_text(module)
+
+    def loaded() -> list[str]:
+        done = subprocess.run(
+            [sys.executable, "-c", LOADS_THE_BASE, str(base)],
+            capture_output=True, text=True, timeout=120, cwd=REPO,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        return done.stdout.splitlines()
+
+    assert loaded() == ["batching runtime sessions", "True", "False", "False", "True True True"]
+    (base / "dicomnode" / "pipeline" / "batching.py").unlink()
+    (base / "dicomnode" / "pipeline" / "sessions.py").unlink()
+    assert loaded() == ["runtime", "True", "True", "True", "True True True"]

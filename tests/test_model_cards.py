@@ -14,7 +14,8 @@ from conftest import REPO
 from onnx import TensorProto, helper
 
 from dicomnode.models.registry import discover_cards, load_card
-from dicomnode.pipeline.runtime import ModelLoadError, Runtime, load_session
+from dicomnode.pipeline.runtime import Runtime
+from dicomnode.pipeline.sessions import ModelLoadError, load_session
 from dicomnode.tomlfile import ConfigError
 
 CARD = """\

@@ -304,7 +304,13 @@ def test_cli_writes_metrics_and_roc_png(data_sets, tmp_path: Path) -> None:
 
     # A model name that no card has, and a folder without ground truth: clear errors, said
     # before the pipeline, onnxruntime and matplotlib are imported (~2 s).
-    heavy = ("dicomnode.pipeline.runtime", "onnxruntime", "matplotlib")
+    heavy = (
+        "dicomnode.pipeline.runtime",
+        "dicomnode.pipeline.sessions",
+        "dicomnode.pipeline.batching",
+        "onnxruntime",
+        "matplotlib",
+    )
     script = (
         "import sys\nfrom dicomnode.cli import main\ncode = main(sys.argv[1:])\n"
         f"print(*sorted(set({heavy!r}) & set(sys.modules)))\nsys.exit(code)"

@@ -148,10 +148,10 @@ def test_worker_reload_logs_no_model_as_loaded_again(
     """A reload checks every card's ONNX file on a CPU session of its own and keeps the warm
     sessions of unchanged models: no "loaded, running on" line at INFO, which read as if
     every model were reloaded on the CPU."""
-    from dicomnode.pipeline import runtime
+    from dicomnode.pipeline import sessions
 
     # No verdict kept from another test: the reload judges every file, as a worker's first does.
-    monkeypatch.setattr(runtime, "_VERDICTS", {})
+    monkeypatch.setattr(sessions, "_VERDICTS", {})
     _, worker, pneumothorax, warm = _worker_with_a_warm_model(tmp_path)
 
     with caplog.at_level(logging.DEBUG, logger="dicomnode.runtime"):

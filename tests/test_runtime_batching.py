@@ -20,8 +20,9 @@ from onnx import TensorProto, helper
 
 from dicomnode.config import InferenceSettings
 from dicomnode.models.registry import ModelCard, load_card
-from dicomnode.pipeline import runtime as runtime_module
-from dicomnode.pipeline.runtime import MicroBatcher, Runtime, batch_buckets, output_specs
+from dicomnode.pipeline import sessions
+from dicomnode.pipeline.batching import MicroBatcher, batch_buckets, output_specs
+from dicomnode.pipeline.runtime import Runtime
 
 CARD = """\
 [model]
@@ -383,7 +384,7 @@ def _host(monkeypatch: pytest.MonkeyPatch, cores: int, quota: int | None = None)
     monkeypatch.setattr(
         loky_context, "_cpu_count_cgroup", lambda count: count if quota is None else quota
     )
-    monkeypatch.delenv(runtime_module.WORKERS_ON_HOST, raising=False)
+    monkeypatch.delenv(sessions.WORKERS_ON_HOST, raising=False)
 
 
 def test_cpu_runs_one_thread_each_and_a_batch_per_core_by_default(
@@ -426,9 +427,9 @@ def test_runs_at_once_follow_a_container_quota_and_the_workers_sharing_the_host(
     assert Runtime(["CPUExecutionProvider"], InferenceSettings()).in_flight(card) == 2
     _host(monkeypatch, cores=8)
     assert Runtime(["CPUExecutionProvider"], InferenceSettings()).in_flight(card) == 8
-    monkeypatch.setenv(runtime_module.WORKERS_ON_HOST, "3")
+    monkeypatch.setenv(sessions.WORKERS_ON_HOST, "3")
     assert Runtime(["CPUExecutionProvider"], InferenceSettings()).in_flight(card) == 2
-    monkeypatch.setenv(runtime_module.WORKERS_ON_HOST, "16")
+    monkeypatch.setenv(sessions.WORKERS_ON_HOST, "16")
     assert Runtime(["CPUExecutionProvider"], InferenceSettings()).in_flight(card) == 1
 
 
@@ -685,12 +686,12 @@ def test_batches_in_flight_through_io_binding_keep_their_own_buffers(tmp_path: P
 def test_gpu_join_buffers_are_pinned_once_and_unpinned_when_the_dispatcher_ends(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import dicomnode.pipeline.runtime as runtime_module
+    import dicomnode.pipeline.batching as batching
 
     pinned: list[int] = []
     unpinned: list[int] = []
-    monkeypatch.setattr(runtime_module, "pin", lambda a: pinned.append(a.ctypes.data) or True)
-    monkeypatch.setattr(runtime_module, "unpin", lambda a: unpinned.append(a.ctypes.data))
+    monkeypatch.setattr(batching, "pin", lambda a: pinned.append(a.ctypes.data) or True)
+    monkeypatch.setattr(batching, "unpin", lambda a: unpinned.append(a.ctypes.data))
 
     def doubled_into(batch: np.ndarray, out: list[np.ndarray] | None) -> list[np.ndarray]:
         assert out is not None and out[0].shape == batch.shape
@@ -743,9 +744,9 @@ def test_the_workers_serve_starts_know_how_many_share_the_host(
 
     monkeypatch.setattr(subprocess, "Popen", Recorded)
     pool = WorkerPool(tmp_path / "dicomnode.toml", 3)
-    assert [env[runtime_module.WORKERS_ON_HOST] for env in started] == ["3", "3", "3"]
+    assert [env[sessions.WORKERS_ON_HOST] for env in started] == ["3", "3", "3"]
     stop = threading.Event()
     monkeypatch.setattr(stop, "wait", lambda seconds: len(started) > 3)
     pool.supervise(stop)
-    assert started[3][runtime_module.WORKERS_ON_HOST] == "3"
+    assert started[3][sessions.WORKERS_ON_HOST] == "3"
     assert started[3]["PATH"] == os.environ["PATH"]

@@ -112,7 +112,7 @@ def output_problems(card: ModelCard, outputs: dict[str, np.ndarray], batch: int)
 
 
 def _onnx_verdict(card: ModelCard, providers: list[str]) -> Verdict:
-    from dicomnode.pipeline.runtime import ModelLoadError, load_session
+    from dicomnode.pipeline.sessions import ModelLoadError, load_session
 
     problems = card_problems(card)
     try:

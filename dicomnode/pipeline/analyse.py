@@ -38,7 +38,7 @@ from dicomnode.notify import becomes_critical, enqueue_notifications
 from dicomnode.pipeline.decode import DecodeError, first_frame
 from dicomnode.pipeline.handover import Handover, array_bytes
 from dicomnode.pipeline.outputs import result_objects
-from dicomnode.pipeline.runtime import ModelLoadError, Runtime
+from dicomnode.pipeline.runtime import Runtime
 from dicomnode.pipeline.select import (
     image_facts,
     routed_view,
@@ -46,6 +46,7 @@ from dicomnode.pipeline.select import (
     select_models,
     with_view,
 )
+from dicomnode.pipeline.sessions import ModelLoadError
 from dicomnode.pipeline.tasks import Presentations, run_model
 from dicomnode.results.sr import name_predecessors
 from dicomnode.worklist.policy import DEFAULT_SETTINGS

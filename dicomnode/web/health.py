@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicomnode.config import Settings
 from dicomnode.ingest.spool import free_bytes
 from dicomnode.models.registry import ModelCard
-from dicomnode.pipeline.runtime import onnx_problem
+from dicomnode.pipeline.sessions import onnx_problem
 
 
 def no_free_inodes(path: os.PathLike[str] | str) -> bool:
