@@ -177,7 +177,7 @@ def test_require_known_peers_admits_only_peers_and_refuses_a_file_without_any(
 ) -> None:
     """The flag keeps the node closed: with it, a file (or a reload) that lists no peers is
     refused instead of admitting every caller, and the listener admits no unknown caller."""
-    from dicomnode.ingest.scp import peer_allowed
+    from dicomnode.ingest.admission import peer_allowed
 
     closed = "[node]\nrequire_known_peers = true\n"
     with pytest.raises(ConfigError, match="no \\[\\[peers\\]\\] are listed"):

@@ -116,7 +116,7 @@ def _released(node: Node, address: str = "127.0.0.1") -> None:
     """Wait until the node counts no association from ``address`` (the requestor closes the
     connection up to ~10 ms after release() returns)."""
     key = address_key(address)
-    wait_for(lambda: node.scp.addresses.count(key) == 0, timeout=10, interval=0.01)
+    wait_for(lambda: node.scp.admission.addresses.count(key) == 0, timeout=10, interval=0.01)
 
 
 def _other_host_served(port: int) -> None:
@@ -189,7 +189,7 @@ def test_rejected_requests_take_no_count_and_ended_ones_give_theirs_back(node: N
     for _ in range(3):
         assert Attempt(node.port).rejection == LOCAL_LIMIT_EXCEEDED
     held[0].assoc.abort()
-    wait_for(lambda: node.scp.addresses.count(key) == 1, timeout=10, interval=0.01)
+    wait_for(lambda: node.scp.admission.addresses.count(key) == 1, timeout=10, interval=0.01)
     # The node cuts its associations off once they idle for its network timeout.
     _reloaded(node, network_timeout_seconds=1.0)
     idle = Attempt(node.port)
@@ -234,7 +234,9 @@ def test_a_reload_applies_the_limit_to_new_associations(node: Node) -> None:
         extra.assoc.release()
         # The extra one's connection may still be closing.
         key = address_key("127.0.0.1")
-        wait_for(lambda: node.scp.addresses.connections(key) == 2, timeout=10, interval=0.01)
+        wait_for(
+            lambda: node.scp.admission.addresses.connections(key) == 2, timeout=10, interval=0.01
+        )
         settings = settings.model_copy(deep=True)
         settings.node.max_associations_per_address = 2
         node.scp.settings = settings
@@ -277,7 +279,7 @@ def test_a_reload_of_max_associations_waits_for_the_restart(small_node: Node) ->
     silent = _silent(small_node.port, node_connection_limit(2))
     try:
         wait_for(
-            lambda: small_node.scp.addresses.all_connections() == len(silent),
+            lambda: small_node.scp.admission.addresses.all_connections() == len(silent),
             timeout=10,
             interval=0.01,
             what="every connection within the cap of the node as it started counted",
@@ -300,7 +302,7 @@ def test_a_listener_with_no_entry_left_closes_a_new_address_rather_than_serve_it
     """A new address's connection was served uncounted when the listener's table was full
     (more distinct addresses than it was sized for: counts lost to errors), escaping the
     caps on connections. It is closed unserved, with a line that says a restart makes room."""
-    node.scp.addresses = AddressSlots.in_process(1)
+    node.scp.admission.addresses = AddressSlots.in_process(1)
     before = _closed_at_accept("node_connection_limit")
     first = Attempt(node.port)
     try:
@@ -316,7 +318,7 @@ def test_a_listener_with_no_entry_left_closes_a_new_address_rather_than_serve_it
     finally:
         first.assoc.release()
     _released(node)
-    wait_for(lambda: node.scp.addresses.all_connections() == 0, timeout=10, interval=0.01)
+    wait_for(lambda: node.scp.admission.addresses.all_connections() == 0, timeout=10, interval=0.01)
     _other_host_served(node.port)
 
 
@@ -391,8 +393,8 @@ def test_silent_connections_beyond_the_cap_are_closed_and_given_back_when_they_g
             interval=0.05,
             what="the connections over the cap closed",
         )
-        assert node.scp.addresses.connections(key) == cap
-        assert node.scp.addresses.count(key) == 0  # none of them is an association
+        assert node.scp.admission.addresses.connections(key) == cap
+        assert node.scp.admission.addresses.count(key) == 0  # none of them is an association
         # A real sender from that address is refused while they stay open,
         assert not Attempt(node.port).established
         assert _echoscu(node.port).returncode != 0
@@ -402,7 +404,7 @@ def test_silent_connections_beyond_the_cap_are_closed_and_given_back_when_they_g
         for connection in silent:
             connection.close()
     # and once they are gone, the address's counts are given back and it is served again.
-    wait_for(lambda: node.scp.addresses.connections(key) == 0, timeout=10, interval=0.01)
+    wait_for(lambda: node.scp.admission.addresses.connections(key) == 0, timeout=10, interval=0.01)
     echo = _echoscu(node.port)
     assert echo.returncode == 0, echo.stdout + echo.stderr
     store = _storescu(node.port, tmp_path)
@@ -435,7 +437,7 @@ def test_silent_connections_from_many_addresses_are_capped_for_the_node(
                 interval=0.05,
                 what="the connections over the node's cap closed",
             )
-            assert small_node.scp.addresses.all_connections() == cap
+            assert small_node.scp.admission.addresses.all_connections() == cap
             assert _closed_at_accept("node_connection_limit") == before + 2
             # A real sender from yet another address is closed too while they stay open.
             closed = Attempt(small_node.port)
@@ -446,7 +448,9 @@ def test_silent_connections_from_many_addresses_are_capped_for_the_node(
                 connection.close()
     assert "closed unserved: the node has 4 connections open already" in caplog.text
     # Once they are gone, their counts are given back and senders are served again,
-    wait_for(lambda: small_node.scp.addresses.all_connections() == 0, timeout=10, interval=0.01)
+    wait_for(
+        lambda: small_node.scp.admission.addresses.all_connections() == 0, timeout=10, interval=0.01
+    )
     echo = _echoscu(small_node.port)
     assert echo.returncode == 0, echo.stdout + echo.stderr
     store = _storescu(small_node.port, tmp_path)
@@ -516,7 +520,9 @@ def test_silent_connections_are_closed_at_the_acse_timeout_and_give_their_counts
             what="the silent connections closed by the node",
         )
         assert time.monotonic() - started < 5
-        wait_for(lambda: node.scp.addresses.connections(key) == 0, timeout=10, interval=0.01)
+        wait_for(
+            lambda: node.scp.admission.addresses.connections(key) == 0, timeout=10, interval=0.01
+        )
     finally:
         for connection in silent:
             connection.close()
@@ -548,7 +554,7 @@ def test_a_request_sent_a_byte_at_a_time_is_cut_off_at_the_acse_timeout(
                 time.sleep(0.2)
         assert time.monotonic() - started < 4
     assert "its association request did not arrive in full" in caplog.text
-    wait_for(lambda: node.scp.addresses.connections(key) == 0, timeout=10, interval=0.01)
+    wait_for(lambda: node.scp.admission.addresses.connections(key) == 0, timeout=10, interval=0.01)
     _limit_served_again(node)
 
 
@@ -567,7 +573,9 @@ def test_a_connection_that_fails_before_its_association_gives_its_count_back(
     silent = _silent(node.port, 2)
     try:
         wait_for(lambda: all(_closed_by_node(c) for c in silent), timeout=10, interval=0.05)
-        wait_for(lambda: node.scp.addresses.connections(key) == 0, timeout=10, interval=0.01)
+        wait_for(
+            lambda: node.scp.admission.addresses.connections(key) == 0, timeout=10, interval=0.01
+        )
     finally:
         for connection in silent:
             connection.close()

@@ -3,7 +3,7 @@
 The handlers are thin: each C-STORE is parsed and checked, made durable by ``spool``, and
 only then answered with 0x0000; its index rows are queued for the writer (``indexer``),
 which commits them before the association's release is answered. Nothing here waits on
-inference.
+inference. Who may associate, and how many at once, is decided in ``admission``.
 """
 
 from __future__ import annotations
@@ -28,17 +28,10 @@ from pynetdicom.sop_class import Verification
 from pynetdicom.transport import AssociationServer, ThreadedAssociationServer
 
 from dicomnode import metrics
-from dicomnode.config import NodeSettings, Peer, Settings
+from dicomnode.config import NodeSettings, Settings
 from dicomnode.ingest import sink
-from dicomnode.ingest.addresses import (
-    AddressSlots,
-    AddressTableFull,
-    Admission,
-    address_key,
-    connection_limit,
-    node_connection_limit,
-    table_size,
-)
+from dicomnode.ingest.addresses import AddressSlots
+from dicomnode.ingest.admission import AdmissionControl
 from dicomnode.ingest.arrival import Arrival, InstanceFacts, instance_facts
 from dicomnode.ingest.balance import SharedSocketServer
 from dicomnode.ingest.incoming import (
@@ -129,44 +122,6 @@ def _pynetdicom_debug() -> bool:
     return logging.getLogger("pynetdicom").isEnabledFor(logging.DEBUG)
 
 
-def peer_allowed(
-    peers: list[Peer], calling_ae: str, address: str, require_known: bool = False
-) -> bool:
-    """Allow-list check: an empty list accepts everyone unless ``require_known``; a peer
-    without host matches any host."""
-    if not peers:
-        return not require_known
-    calling_ae = calling_ae.strip()
-    return any(p.ae_title == calling_ae and p.host in ("", address) for p in peers)
-
-
-def called_ae_accepted(ae_title: str, called_ae: str, required: bool) -> bool:
-    """Whether an association calling ``called_ae`` is for this node: any title unless
-    ``required`` (``[node] require_called_ae``); spaces around titles are not significant."""
-    return not required or called_ae.strip() == ae_title.strip()
-
-
-def _reject(event: evt.Event, reason: int, refusal: str) -> None:
-    """Reject an association permanently, by the service user, for ``reason`` (PS3.8
-    9.3.4: 0x03 calling AE title, 0x07 called AE title not recognised), counted under the
-    refusals metric's ``refusal``."""
-    metrics.count_rejection(refusal)
-    event.assoc.acse.send_reject(0x01, 0x01, reason)
-    # As pynetdicom's own rejections do: let the DUL send the A-ASSOCIATE-RJ before the
-    # socket closes, or the peer sees an abort instead of the reason.
-    event.assoc.kill()
-
-
-def _reject_over_limit(event: evt.Event, limit: str) -> None:
-    """Reject an association for a local limit (``limit``, the refusals metric's reason):
-    rejected transient, service provider (presentation related function), local limit
-    exceeded (PS3.8 9.3.4), as pynetdicom's own maximum_associations check answers; the
-    sender may try again later."""
-    metrics.count_rejection(limit)
-    event.assoc.acse.send_reject(0x02, 0x03, 0x02)
-    event.assoc.kill()
-
-
 class ListenerAE(AE):
     """pynetdicom's AE, whose own association limit (``maximum_associations``, checked as
     each association request is answered) counts associations, not connections: pynetdicom
@@ -191,17 +146,12 @@ def apply_timeouts(ae: AE, node: NodeSettings) -> None:
     ae.network_timeout = node.network_timeout_seconds
 
 
-# How often at most a listener logs the connections it closed at accept, for each reason (a
-# host that opens them in a loop would otherwise write a line per connection).
-CONNECTION_REFUSALS_LOG_SECONDS = 10.0
-
-
 class AdmittingServer(AssociationServer):
     """An association server that offers each accepted connection to its
-    ``admit_connection(client_address) -> bool`` hook (``StorageSCP``) in the accepting
-    thread, before any thread serves it, and closes it unserved on False; and that tells
-    ``connection_failed(client_address)`` when a connection it admitted fails before an
-    association takes it over. Mixed in first: ``class Server(AdmittingServer, ...)``."""
+    ``admit_connection(client_address) -> bool`` hook (``AdmissionControl``, admission.py)
+    in the accepting thread, before any thread serves it, and closes it unserved on False;
+    and that tells ``connection_failed(client_address)`` when a connection it admitted fails
+    before an association takes it over. Mixed in first: ``class Server(AdmittingServer, ...)``."""
 
     def verify_request(self, request: object, client_address: tuple) -> bool:
         admit = getattr(self, "admit_connection", None)
@@ -249,9 +199,6 @@ class StorageSCP:
         if index is None and sessions is None:
             raise ValueError("a listener needs database sessions or an index to hand rows to")
         self.settings = settings
-        # [node] max_associations as the node started (restart-only, serve.RESTART_ONLY): the
-        # shared tables and pynetdicom's own limit are sized by it once.
-        self.max_associations = settings.node.max_associations
         self.sessions = sessions
         if index is None:
             # Rows written here (tests, tools, a stand-alone listener): the database layer
@@ -263,22 +210,12 @@ class StorageSCP:
         self.storage = settings.storage_path
         self.slots = slots
         self.connections = connections
-        if addresses is None:
-            addresses = AddressSlots.in_process(table_size(settings.node.max_associations))
-        self.addresses = addresses
         self.listening_fd = listening_fd
-        self._open_connections: set[int] = set()
+        # Who may associate, and how many at once (admission.py).
+        self.admission = AdmissionControl(
+            lambda: self.settings, slots=slots, connections=connections, addresses=addresses
+        )
         self._associations: dict[int, _AssociationLog] = {}
-        self._counted: set[int] = set()
-        # The peer address each association counts against (address_key), until it ends.
-        self._address_counted: dict[int, bytes] = {}
-        # The same for each open connection, by the peer's (address, port): a connection is
-        # counted in the accepting thread, before its association exists.
-        self._connection_counted: dict[tuple[str, int], bytes] = {}
-        # Connections closed at accept since the last line logged about them, and when, by
-        # the line's message: one reason's lines do not hide the first of another's.
-        self._refused_connections: dict[str, int] = {}
-        self._refusals_logged: dict[str, float] = {}
         self._lock = threading.Lock()
         self._server = None
         self.ae = self._make_ae()
@@ -323,51 +260,13 @@ class StorageSCP:
         requestor = event.assoc.requestor
         # At EVT_REQUESTED only the A-ASSOCIATE-RQ primitive carries the AE titles.
         calling_ae = str(requestor.primitive.calling_ae_title).strip()
-        address = requestor.address
-        node = self.settings.node
-        if not peer_allowed(self.settings.peers, calling_ae, address, node.require_known_peers):
-            log.warning(
-                "association rejected: calling AE %r from %s is not an allowed peer",
-                calling_ae,
-                address,
-            )
-            # Rejected permanent, service user, calling AE title not recognised.
-            _reject(event, 0x03, "unknown_peer")
-            return
-        called_ae = str(requestor.primitive.called_ae_title).strip()
         # The title this listener answers as: [node] ae_title as it was at start (a reload
         # that changes it takes effect at the restart).
         own_ae = str(self.ae.ae_title).strip()
-        if not called_ae_accepted(own_ae, called_ae, node.require_called_ae):
-            log.warning(
-                "association rejected: calling AE %r from %s called %r, not this node's %r",
-                calling_ae,
-                address,
-                called_ae,
-                own_ae,
-            )
-            # Rejected permanent, service user, called AE title not recognised.
-            _reject(event, 0x07, "called_ae")
+        if not self.admission.admit_association(event, calling_ae, own_ae):
             return
-        # Before the node-wide count: a peer over its own limit never takes a node slot,
-        # not even for the moment of the check.
-        if not self._count_address(event, calling_ae, address):
-            return
-        if self.slots is not None:
-            if not self.slots.acquire(self.max_associations):
-                log.warning(
-                    "association rejected: calling AE %r from %s, node serves "
-                    "[node] max_associations already",
-                    calling_ae,
-                    address,
-                )
-                self._release_address(id(event.assoc))
-                _reject_over_limit(event, "association_limit")
-                return
-            with self._lock:
-                self._counted.add(id(event.assoc))
         with self._lock:
-            self._associations[id(event.assoc)] = _AssociationLog(calling_ae, address)
+            self._associations[id(event.assoc)] = _AssociationLog(calling_ae, requestor.address)
         # Each context in the transfer syntax the sender prefers (see negotiation.py).
         acceptor = event.assoc.acceptor
         acceptor.supported_contexts = sender_order(
@@ -375,177 +274,12 @@ class StorageSCP:
             acceptor.supported_contexts,
         )
 
-    def _count_address(self, event: evt.Event, calling_ae: str, address: str) -> bool:
-        """Count the association against its peer's IP address; False when it is rejected
-        because that address holds ``[node] max_associations_per_address`` already."""
-        limit = self.settings.node.max_associations_per_address
-        try:
-            key = address_key(address)
-            admitted = self.addresses.acquire(key, limit)
-        except AddressTableFull:
-            if not limit:
-                return True  # no limit to keep: served uncounted
-            log.warning(
-                "association rejected: calling AE %r from %s, this listener counts "
-                "associations from %d different addresses already, its most (a restart "
-                "makes room)",
-                calling_ae,
-                address,
-                self.addresses.entries,
-            )
-            _reject_over_limit(event, "address_limit")
-            return False
-        except (OSError, ValueError) as exc:
-            # Served rather than refused: the count is a protection, not the service.
-            log.error(
-                "association from %s not counted for [node] max_associations_per_address: %s",
-                address,
-                exc,
-            )
-            return True
-        if not admitted:
-            log.warning(
-                "association rejected: calling AE %r from %s, that address holds "
-                "[node] max_associations_per_address (%d) already",
-                calling_ae,
-                address,
-                limit,
-            )
-            _reject_over_limit(event, "address_limit")
-            return False
-        with self._lock:
-            self._address_counted[id(event.assoc)] = key
-        return True
-
-    def _release_address(self, assoc_id: int) -> None:
-        with self._lock:
-            key = self._address_counted.pop(assoc_id, None)
-        if key is None:
-            return
-        try:
-            self.addresses.release(key)
-        except OSError:
-            log.exception("could not release a peer address's association count")
-
-    def _admit_connection(self, client_address: tuple) -> bool:
-        """Count a connection just accepted against its peer's IP address and the node;
-        False (it is closed unserved) when that address has ``connection_limit`` of ``[node]
-        max_associations_per_address`` open already, when the node has
-        ``node_connection_limit`` of ``[node] max_associations`` open already (all listener
-        processes together), or when this listener's table has no entry left for a new
-        address. Runs in the accepting thread."""
-        node = self.settings.node
-        limit = connection_limit(node.max_associations_per_address)
-        node_limit = node_connection_limit(self.max_associations)
-        address, port = client_address[0], client_address[1]
-        try:
-            key = address_key(address)
-            admitted = self.addresses.connect(key, limit, node_limit)
-        except AddressTableFull:
-            # Closed, not served uncounted: an address not counted escapes both caps. Under
-            # the node's cap the table cannot fill (table_size); should it all the same (counts
-            # lost to an error), a restart empties it.
-            self._log_refused_connection(
-                Admission.NODE_LIMIT.value,
-                "connection from %s closed unserved: this listener's table of peer addresses "
-                "is full (%d addresses); a restart makes room",
-                address,
-                self.addresses.entries,
-            )
-            return False
-        except (OSError, ValueError) as exc:
-            # Served rather than refused: the count is a protection, not the service.
-            log.error(
-                "connection from %s not counted for [node] max_associations_per_address: %s",
-                address,
-                exc,
-            )
-            return True
-        if admitted is Admission.ADDRESS_LIMIT:
-            self._log_refused_connection(
-                admitted.value,
-                "connection from %s closed unserved: that address has %d connections open "
-                "already (twice [node] max_associations_per_address)",
-                address,
-                limit,
-            )
-            return False
-        if admitted is Admission.NODE_LIMIT:
-            self._log_refused_connection(
-                admitted.value,
-                "connection from %s closed unserved: the node has %d connections open "
-                "already (twice [node] max_associations, all listeners together)",
-                address,
-                node_limit,
-            )
-            return False
-        with self._lock:
-            self._connection_counted[(address, port)] = key
-        return True
-
-    def _log_refused_connection(self, reason: str, message: str, *args: object) -> None:
-        """Count a connection closed at accept under the refusals metric's ``reason``, and
-        log ``message`` (a format) unless that message went out less than
-        CONNECTION_REFUSALS_LOG_SECONDS ago, with how many were closed so since."""
-        metrics.REFUSALS.labels(reason).inc()
-        now = time.monotonic()
-        with self._lock:
-            refused = self._refused_connections.get(message, 0) + 1
-            logged = self._refusals_logged.get(message, 0.0)
-            if logged and now - logged < CONNECTION_REFUSALS_LOG_SECONDS:
-                self._refused_connections[message] = refused
-                return
-            self._refused_connections[message] = 0
-            self._refusals_logged[message] = now
-        log.warning(message + "; %d closed so since the last such line", *args, refused)
-
-    def _release_connection(self, client_address: tuple) -> None:
-        """Count the connection from ``client_address`` (admitted by ``_admit_connection``)
-        less, once: at its association's end, or when it fails before one took it over."""
-        with self._lock:
-            key = self._connection_counted.pop((client_address[0], client_address[1]), None)
-        if key is None:
-            return
-        try:
-            self.addresses.disconnect(key)
-        except OSError:
-            log.exception("could not release a peer address's connection count")
-
-    def _on_opened(self, event: evt.Event) -> None:
-        # SharedSocketServer counted the connection when it accepted it; it is released
-        # when it closes.
-        if self.connections is not None:
-            with self._lock:
-                self._open_connections.add(id(event.assoc))
-
-    def _on_closed(self, event: evt.Event) -> None:
-        self._release_counts(event.assoc)
-
-    def _release_counts(self, assoc) -> None:
-        """Free what ``assoc``'s connection counts (its peer address, its node slot, the
-        connection its listener serves), once: at its connection's close, or when its
-        thread ends, whichever comes first (the reactor calls this through the server's
-        ``association_ended``, also where pynetdicom closes a connection without an event
-        or an exception ends the thread)."""
-        self._release_address(id(assoc))
-        requestor = assoc.requestor
-        self._release_connection((requestor.address, requestor.port))
-        with self._lock:
-            counted = id(assoc) in self._counted
-            self._counted.discard(id(assoc))
-            opened = id(assoc) in self._open_connections
-            self._open_connections.discard(id(assoc))
-        if counted and self.slots is not None:
-            self.slots.release()
-        if opened and self.connections is not None:
-            self.connections.release()
-
     def _association_ended(self, assoc) -> None:
         """The association's thread ends (the reactor's ``association_ended`` hook): its
         counts are freed, and one that ended neither released, aborted nor rejected (an
         exception in pynetdicom's threads) is logged, counted aborted and its partial data
         set removed, not kept for the life of the process."""
-        self._release_counts(assoc)
+        self.admission.release(assoc)
         with self._lock:
             record = self._associations.pop(id(assoc), None)
         if record is None:
@@ -779,8 +513,8 @@ class StorageSCP:
             (evt.EVT_RELEASED, self._on_ended, ["released"]),
             (evt.EVT_ABORTED, self._on_ended, ["aborted"]),
             (evt.EVT_REJECTED, self._on_rejected),
-            (evt.EVT_CONN_OPEN, self._on_opened),
-            (evt.EVT_CONN_CLOSE, self._on_closed),
+            (evt.EVT_CONN_OPEN, self.admission.on_opened),
+            (evt.EVT_CONN_CLOSE, self.admission.on_closed),
         ]
 
     def start(self) -> None:
@@ -815,8 +549,8 @@ class StorageSCP:
         )
         # The server offers it each connection it accepts, and tells it of those that fail
         # before an association takes them over;
-        self._server.admit_connection = self._admit_connection
-        self._server.connection_failed = self._release_connection
+        self._server.admit_connection = self.admission.admit_connection
+        self._server.connection_failed = self.admission.release_connection
         # the association reactor (reactor.py) calls this before it answers a release,
         self._server.before_release = self._before_release
         # and this when the association's thread ends, however it ended.
