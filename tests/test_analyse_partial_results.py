@@ -19,7 +19,7 @@ from dicomnode.config import Destination, Settings
 from dicomnode.db.models import Job, ResultObject
 from dicomnode.models.registry import load_card
 from dicomnode.pipeline.analyse import analyse_study, write_results
-from dicomnode.pipeline.preprocess import presentation_pixels
+from dicomnode.pipeline.presentation_values import presentation_pixels
 from dicomnode.pipeline.runtime import Runtime
 from dicomnode.results import gsps
 from dicomnode.synth.cxr import make_cxr

@@ -22,13 +22,11 @@ from dicomnode import RESEARCH_DEMO_NOTICE
 from dicomnode.evaluation.metrics import dice
 from dicomnode.models.registry import ModelCard, load_card
 from dicomnode.pipeline.analyse import StageTimes
+from dicomnode.pipeline.letterbox import Letterbox
 from dicomnode.pipeline.outputs import result_objects
 from dicomnode.pipeline.postprocess import image_presentation, mask_maps
-from dicomnode.pipeline.preprocess import (
-    Letterbox,
-    prepare_input,
-    presentation_pixels,
-)
+from dicomnode.pipeline.preprocess import prepare_input
+from dicomnode.pipeline.presentation_values import presentation_pixels
 from dicomnode.pipeline.runtime import Runtime
 from dicomnode.pipeline.sessions import load_session
 from dicomnode.pipeline.tasks import Presentations, run_model

@@ -15,8 +15,9 @@ import pytest
 
 from dicomnode.evaluation.metrics import CaseDetections, froc, match_points, roc_auc
 from dicomnode.models.registry import ModelCard, load_card
+from dicomnode.pipeline.letterbox import Letterbox
 from dicomnode.pipeline.postprocess import detection_findings, landmark_findings
-from dicomnode.pipeline.preprocess import Letterbox, prepare_input
+from dicomnode.pipeline.preprocess import prepare_input
 from dicomnode.synth.cxr import CxrTruth, make_cxr
 
 MODELS = Path(__file__).resolve().parents[1] / "models"

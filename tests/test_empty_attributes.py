@@ -33,14 +33,10 @@ from dicomnode.db.models import FindingRow, Job, ResultObject, Study
 from dicomnode.findings import Algorithm, CodedConcept, Finding, ImageFindings
 from dicomnode.models.registry import InputSpec, ModelCard, discover_cards
 from dicomnode.pipeline.analyse import analyse_study, write_results
+from dicomnode.pipeline.correction import apply_correction
 from dicomnode.pipeline.decode import DecodeError, first_frame
-from dicomnode.pipeline.preprocess import (
-    apply_correction,
-    percentile_window,
-    prepare_input,
-    prepare_stack,
-    presentation_pixels,
-)
+from dicomnode.pipeline.preprocess import prepare_input, prepare_stack
+from dicomnode.pipeline.presentation_values import percentile_window, presentation_pixels
 from dicomnode.pipeline.runtime import Runtime
 from dicomnode.pipeline.select import image_facts, select_models
 from dicomnode.results.overlay import build_overlay

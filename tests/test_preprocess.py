@@ -12,12 +12,9 @@ from pydicom.encaps import encapsulate
 from pydicom.sequence import Sequence
 
 from dicomnode.models.registry import InputSpec
-from dicomnode.pipeline.preprocess import (
-    Letterbox,
-    Presentation,
-    prepare_input,
-    presentation_pixels,
-)
+from dicomnode.pipeline.letterbox import Letterbox
+from dicomnode.pipeline.preprocess import Presentation, prepare_input
+from dicomnode.pipeline.presentation_values import presentation_pixels
 from dicomnode.synth.cxr import make_cxr
 
 
@@ -138,13 +135,13 @@ def _every_transform() -> list[tuple[str, pydicom.Dataset]]:
 def test_looked_up_presentation_equals_the_transforms_applied_to_every_pixel(
     label: str, ds: pydicom.Dataset
 ) -> None:
-    from dicomnode.pipeline import preprocess
+    from dicomnode.pipeline import presentation_values
 
     stored = ds.pixel_array
-    padding = preprocess.padding_mask(ds, stored)
+    padding = presentation_values.padding_mask(ds, stored)
     for window in (None, (300.0, 2500.0)):
         with np.errstate(over="ignore"):  # the sigmoid's exp for the darkest pixels
-            direct = preprocess._unit_interval(ds, stored, window, (0.5, 99.5), padding)
+            direct = presentation_values._unit_interval(ds, stored, window, (0.5, 99.5), padding)
         if padding is not None:
             direct[padding] = 0.0
         looked_up = presentation_pixels(ds, window=window)
@@ -292,7 +289,7 @@ def test_presentation_lut_shape_inverse_inverts_monochrome2_once_and_monochrome1
 
 
 def test_padding_value_written_as_us_on_a_signed_image_is_its_twos_complement() -> None:
-    from dicomnode.pipeline import preprocess
+    from dicomnode.pipeline import presentation_values
 
     ds, _ = make_cxr(6, pneumothorax=False, size=64)
     hounsfield = np.full((64, 64), -2000, dtype=np.int16)
@@ -301,7 +298,7 @@ def test_padding_value_written_as_us_on_a_signed_image_is_its_twos_complement() 
     ds.PixelData = hounsfield.astype("<i2").tobytes()
     del ds.WindowCenter, ds.WindowWidth
     ds.add_new(0x00280120, "US", 63536)  # -2000 as a 16-bit US
-    padding = preprocess.padding_mask(ds, ds.pixel_array)
+    padding = presentation_values.padding_mask(ds, ds.pixel_array)
     assert padding is not None and padding.sum() == 64 * 64 - 48 * 48
     # Left out of the percentile window: the image inside spans the whole 0..1.
     pixels = presentation_pixels(ds)
@@ -309,10 +306,10 @@ def test_padding_value_written_as_us_on_a_signed_image_is_its_twos_complement() 
     assert np.all(pixels[padding] == 0.0)
     # A range limit written the same way; unsigned images keep large values as they are.
     ds.add_new(0x00280121, "US", 64536)  # -1000
-    assert preprocess.padding_mask(ds, ds.pixel_array).sum() == 64 * 64 - 48 * 47
+    assert presentation_values.padding_mask(ds, ds.pixel_array).sum() == 64 * 64 - 48 * 47
     unsigned, _ = make_cxr(6, pneumothorax=False, size=64)
     unsigned.PixelPaddingValue = 4000
-    assert preprocess._as_stored(unsigned, 63536) == 63536
+    assert presentation_values._as_stored(unsigned, 63536) == 63536
 
 
 def _lut_item(descriptor: list[int], entries: list[int] | np.ndarray) -> Dataset:
@@ -368,7 +365,7 @@ def _disc_on_anisotropic_pixels(row_spacing: float, col_spacing: float) -> pydic
 
 
 def test_pixel_aspect_from_spacings_or_aspect_ratio() -> None:
-    from dicomnode.pipeline.preprocess import pixel_aspect
+    from dicomnode.pipeline.letterbox import pixel_aspect
 
     ds, _ = make_cxr(8, pneumothorax=False, size=64)
     assert pixel_aspect(ds) == 1.0  # the phantom's square Imager Pixel Spacing

@@ -13,7 +13,8 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
 from dicomnode.models.registry import InputSpec
-from dicomnode.pipeline.preprocess import apply_correction, presentation_pixels
+from dicomnode.pipeline.correction import apply_correction
+from dicomnode.pipeline.presentation_values import presentation_pixels
 from dicomnode.synth.cxr import make_cxr
 
 SPEC = InputSpec(shape=(1, 64, 64), normalisation="unit")

@@ -27,7 +27,8 @@ from dicomnode.jobs import enqueue
 from dicomnode.models.registry import InputSpec, load_card
 from dicomnode.pipeline.analyse import StageTimes
 from dicomnode.pipeline.decode import DecodeError, first_frame
-from dicomnode.pipeline.preprocess import prepare_input, presentation_pixels
+from dicomnode.pipeline.preprocess import prepare_input
+from dicomnode.pipeline.presentation_values import presentation_pixels
 from dicomnode.pipeline.runtime import Runtime
 from dicomnode.pipeline.tasks import run_model
 from dicomnode.worker import Worker

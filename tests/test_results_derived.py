@@ -190,7 +190,7 @@ def test_derived_radiograph_of_a_source_with_a_slip_passes_dciodvfy(slip) -> Non
     way (MONOCHROME2 + INVERSE becomes MONOCHROME1 + INVERSE: minimum white either way)."""
     import copy
 
-    from dicomnode.pipeline.preprocess import is_inverted
+    from dicomnode.pipeline.presentation_values import is_inverted
 
     source = copy.deepcopy(chest_xray(9, size=128))
     slip(source)

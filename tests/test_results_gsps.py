@@ -12,7 +12,7 @@ from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
 from dicomnode import RESEARCH_DEMO_NOTICE
 from dicomnode.findings import Algorithm, CodedConcept, Finding, ImageFindings
-from dicomnode.pipeline.preprocess import presentation_pixels
+from dicomnode.pipeline.presentation_values import presentation_pixels
 from dicomnode.results.gsps import build_gsps
 
 ALGORITHM = Algorithm(name="cxr-nodule-demo", version="1.0.0")

@@ -355,7 +355,7 @@ def test_ct_overlay_is_drawn_in_the_models_window_not_the_images_own() -> None:
     the lung black. Its overlay is the picture the model saw, with the box on it."""
     from dciodvfy import ct_series
 
-    from dicomnode.pipeline.preprocess import presentation_pixels
+    from dicomnode.pipeline.presentation_values import presentation_pixels
 
     source = ct_series(3, rows=64, columns=64)[1]
     source.WindowCenter, source.WindowWidth = 40, 400  # soft tissue: lung (-850 HU) is black

@@ -10,7 +10,7 @@ import numpy as np
 from dciodvfy import chest_xray
 
 from dicomnode.findings import Algorithm, CodedConcept, Finding, ImageFindings
-from dicomnode.pipeline.preprocess import presentation_pixels
+from dicomnode.pipeline.presentation_values import presentation_pixels
 from dicomnode.results import overlay as overlay_module
 from dicomnode.results.overlay import build_overlay, render_overlay
 

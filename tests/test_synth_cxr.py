@@ -11,7 +11,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from dicomnode.pipeline.preprocess import presentation_pixels
+from dicomnode.pipeline.presentation_values import presentation_pixels
 from dicomnode.synth.cxr import DX_FOR_PRESENTATION, CxrTruth, make_cxr, write_dataset
 
 DCIODVFY = Path("/usr/bin/dciodvfy")

@@ -18,7 +18,7 @@ from dicomnode.evaluation import dataset, metrics, summary
 from dicomnode.evaluation.dataset import Case
 from dicomnode.findings import Finding, ModelRun
 from dicomnode.models.registry import Label, ModelCard
-from dicomnode.pipeline.preprocess import presentation_pixels
+from dicomnode.pipeline.presentation_values import presentation_pixels
 
 # A detection hits a lesion when its centre is within the lesion's radius, at least this many mm
 # (so that 3-5 mm nodules are not held to sub-pixel aim).

@@ -8,7 +8,7 @@ import numpy as np
 
 from dicomnode.findings import Finding
 from dicomnode.models.registry import Label, ModelCard
-from dicomnode.pipeline.preprocess import Letterbox
+from dicomnode.pipeline.letterbox import Letterbox
 
 
 def _sigmoid(values: np.ndarray) -> np.ndarray:

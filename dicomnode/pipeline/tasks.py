@@ -27,6 +27,8 @@ from dicomnode.findings import (
     Segmentation,
 )
 from dicomnode.models.registry import InputSpec, ModelCard
+from dicomnode.pipeline.correction import apply_correction
+from dicomnode.pipeline.letterbox import Letterbox
 from dicomnode.pipeline.postprocess import (
     classification_findings,
     detection_findings,
@@ -35,14 +37,8 @@ from dicomnode.pipeline.postprocess import (
     mask_maps,
     normalise_map,
 )
-from dicomnode.pipeline.preprocess import (
-    Letterbox,
-    Presentation,
-    apply_correction,
-    prepare_input,
-    prepare_stack,
-    presentation_pixels,
-)
+from dicomnode.pipeline.preprocess import Presentation, prepare_input, prepare_stack
+from dicomnode.pipeline.presentation_values import presentation_pixels
 from dicomnode.pipeline.series import Stack, same_orientation, stacks_in_order
 
 if TYPE_CHECKING:

@@ -28,7 +28,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 from dicomnode import EQUIPMENT_MANUFACTURER, RESEARCH_DEMO_NOTICE, __version__
 from dicomnode.findings import Algorithm, CodedConcept, DerivedImage
-from dicomnode.pipeline.preprocess import percentile_window
+from dicomnode.pipeline.presentation_values import percentile_window
 from dicomnode.results.iod_requirements import (
     CT_IMAGE,
     DX_FOR_PROCESSING,

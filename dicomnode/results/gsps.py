@@ -10,7 +10,7 @@ from pydicom.multival import MultiValue
 
 from dicomnode import EQUIPMENT_MANUFACTURER, RESEARCH_DEMO_NOTICE, __version__
 from dicomnode.findings import Algorithm, Finding, ImageFindings
-from dicomnode.pipeline.preprocess import (
+from dicomnode.pipeline.presentation_values import (
     first_window,
     is_inverted,
     lut_item,
@@ -221,9 +221,9 @@ def voi_transformation(
     source: pydicom.Dataset, window: tuple[float, float] | None = None
 ) -> hd.pr.SoftcopyVOILUTTransformation:
     """``window`` (a model card's fixed window) when given, else the source's VOI as the node
-    presents it (``preprocess.presentation_pixels``): its first VOI LUT, else its first Window
-    Center / Width when usable (width >= 1, with the explanation of that window when the source
-    gives one per window), else the percentile window of its modality values outside Pixel
+    presents it (``presentation_values.presentation_pixels``): its first VOI LUT, else its first
+    Window Center / Width when usable (width >= 1, with the explanation of that window when the
+    source gives one per window), else the percentile window of its modality values outside Pixel
     Padding.
 
     Built here rather than copied by highdicom, which refuses sources that the standard allows
@@ -259,8 +259,8 @@ def voi_transformation(
 
 
 def _first_window(source: pydicom.Dataset) -> tuple[float, float, str | None] | None:
-    """``preprocess.first_window``, with the explanation of that window when the source gives
-    one per window and it is a valid LO."""
+    """``presentation_values.first_window``, with the explanation of that window when the source
+    gives one per window and it is a valid LO."""
     window = first_window(source)
     if window is None:
         return None

@@ -33,7 +33,7 @@ from pydicom.datadict import dictionary_VR
 from pydicom.dataset import Dataset
 
 from dicomnode.pipeline.attributes import value_or_none
-from dicomnode.pipeline.preprocess import percentile_window
+from dicomnode.pipeline.presentation_values import percentile_window
 from dicomnode.results.source import unpaired_body_part
 
 CR_IMAGE = uid.ComputedRadiographyImageStorage

@@ -16,7 +16,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 from dicomnode import EQUIPMENT_MANUFACTURER, RESEARCH_DEMO_NOTICE, __version__
 from dicomnode.findings import Algorithm, Finding, ImageFindings
 from dicomnode.pipeline.decode import GREY
-from dicomnode.pipeline.preprocess import presentation_pixels
+from dicomnode.pipeline.presentation_values import presentation_pixels
 from dicomnode.results.reference import sanitised_reference
 from dicomnode.results.source import (
     character_set,

@@ -56,7 +56,8 @@ from train_cxr_lung_seg import (
 )
 
 from dicomnode.evaluation.metrics import mean_confidence_interval
-from dicomnode.pipeline.preprocess import prepare_input, presentation_pixels
+from dicomnode.pipeline.preprocess import prepare_input
+from dicomnode.pipeline.presentation_values import presentation_pixels
 
 MODEL_NAME = "cxr-bone-suppression-demo"
 MODEL_VERSION = "1.0.0"

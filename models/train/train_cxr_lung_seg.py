@@ -40,7 +40,8 @@ from torch.nn import functional
 import dicomnode.synth.cxr as synth_cxr
 from dicomnode.evaluation.metrics import dice, mean_confidence_interval
 from dicomnode.models.registry import InputSpec
-from dicomnode.pipeline.preprocess import Letterbox, prepare_input
+from dicomnode.pipeline.letterbox import Letterbox
+from dicomnode.pipeline.preprocess import prepare_input
 
 MODEL_NAME = "cxr-lung-seg-demo"
 MODEL_VERSION = "1.0.0"

@@ -48,7 +48,8 @@ from torch import nn
 
 from dicomnode.evaluation import metrics as evaluation
 from dicomnode.models.registry import InputSpec
-from dicomnode.pipeline.preprocess import Letterbox, prepare_input
+from dicomnode.pipeline.letterbox import Letterbox
+from dicomnode.pipeline.preprocess import prepare_input
 from dicomnode.synth import cxr
 
 MODEL_NAME = "cxr-nodule-demo"
