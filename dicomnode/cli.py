@@ -265,7 +265,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
     from dicomnode.db.models import Job
     from dicomnode.db.session import as_utc, utcnow
-    from dicomnode.dead_letters import job_destination, jobs_in_state, retry_dead
+    from dicomnode.jobs.dead_letters import job_destination, jobs_in_state, retry_dead
 
     settings = _settings(args)
     with _database(settings)() as session:

@@ -118,7 +118,7 @@ class DatabaseCollector:
         from sqlalchemy import func, select
 
         from dicomnode.db.models import Job, Study
-        from dicomnode.jobs import KIND_PRIORITY
+        from dicomnode.jobs.queue import KIND_PRIORITY
 
         queue = GaugeMetricFamily(
             "dicomnode_queue_depth",

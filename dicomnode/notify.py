@@ -24,7 +24,7 @@ from dicomnode import RESEARCH_DEMO_NOTICE
 from dicomnode.config import NotifySettings
 from dicomnode.db.models import Job, Study
 from dicomnode.db.session import as_utc, utcnow
-from dicomnode.jobs import enqueue
+from dicomnode.jobs.queue import enqueue
 
 log = logging.getLogger("dicomnode.notify")
 

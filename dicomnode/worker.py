@@ -5,7 +5,7 @@ Runs as its own process (``dicomnode worker``), so inference never stalls ingest
 number of workers on any hosts may share one PostgreSQL database. Each process runs
 ``[worker] threads`` jobs at once; they share the warm model sessions, whose runtime batches
 their concurrent inferences. Each thread has its own database session. Jobs are claimed by
-kind priority (:data:`dicomnode.jobs.KIND_PRIORITY`), and at most ``[worker]
+kind priority (:data:`dicomnode.jobs.queue.KIND_PRIORITY`), and at most ``[worker]
 background_threads`` threads run results and export jobs at once, so that a thread is free
 for the next study's triage. An analysis hands its models' outputs to its results job in
 memory (:class:`dicomnode.pipeline.handover.Handover`) when this process claims it.
@@ -34,8 +34,7 @@ from dicomnode.db.models import Job, Study
 from dicomnode.db.session import utcnow
 from dicomnode.export.jobs import ExportJobs
 from dicomnode.ingest.spool import free_bytes
-from dicomnode.jobs import (
-    JobSignal,
+from dicomnode.jobs.queue import (
     Postponed,
     claim,
     complete,
@@ -45,6 +44,7 @@ from dicomnode.jobs import (
     queued_seconds,
     release_orphaned,
 )
+from dicomnode.jobs.waiting import JobSignal
 from dicomnode.logs import patient_values, without_patient_data
 from dicomnode.models.availability import ModelAvailability
 from dicomnode.models.registry import ModelCard

@@ -450,7 +450,7 @@ def queue_notifications(sessions, study_uid: str, count: int) -> list[int]:
     from datetime import UTC, datetime
 
     from dicomnode.db.models import Study
-    from dicomnode.jobs import enqueue
+    from dicomnode.jobs.queue import enqueue
 
     now = datetime.now(UTC)
     with sessions() as session:

@@ -18,7 +18,7 @@ from sqlalchemy import func, select
 
 from dicomnode.config import Destination, Settings
 from dicomnode.db.models import FindingRow, Instance, Job, ResultObject, Study
-from dicomnode.jobs import Postponed
+from dicomnode.jobs.queue import Postponed
 from dicomnode.models.registry import ModelCard, ResultsSpec, load_card
 from dicomnode.pipeline.analyse import StageTimes, analyse_study, mark_failed, write_results
 from dicomnode.pipeline.handover import Handover

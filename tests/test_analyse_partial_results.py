@@ -216,7 +216,7 @@ def test_the_worker_ends_a_partly_written_results_job_done_and_says_what_is_miss
     sessions, tmp_path: Path, monkeypatch
 ) -> None:
     """Not retried (the same builder would raise again on the same study), not hidden."""
-    from dicomnode.jobs import enqueue
+    from dicomnode.jobs.queue import enqueue
     from dicomnode.worker import Worker
 
     settings = Settings(

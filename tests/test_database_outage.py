@@ -24,7 +24,7 @@ from sqlalchemy import select
 from dicomnode.config import Settings
 from dicomnode.db.models import Job
 from dicomnode.db.session import make_engine, make_sessionmaker, upgrade
-from dicomnode.jobs import enqueue
+from dicomnode.jobs.queue import enqueue
 from dicomnode.ports import free_port
 from dicomnode.synth.cxr import make_cxr
 from dicomnode.worker import Worker

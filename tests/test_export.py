@@ -26,7 +26,7 @@ from dicomnode.db.models import Job, ResultObject, Study
 from dicomnode.db.session import as_utc, utcnow
 from dicomnode.export import scu
 from dicomnode.export.scu import DestinationUnavailable, ExportError, send_file, send_files
-from dicomnode.jobs import enqueue, retry
+from dicomnode.jobs.queue import enqueue, retry
 from dicomnode.worker import Worker
 
 

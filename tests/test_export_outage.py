@@ -34,7 +34,7 @@ from worklist_seed import add_study
 from dicomnode.checkconfig import load_checked
 from dicomnode.db.models import AuditEntry, Job, Study
 from dicomnode.db.session import as_utc, make_engine, make_sessionmaker, utcnow
-from dicomnode.jobs import claim, enqueue, fail
+from dicomnode.jobs.queue import claim, enqueue, fail
 from dicomnode.ports import wait_for_port
 from dicomnode.retention import purge_expired
 from dicomnode.synth.cxr import make_cxr

@@ -17,7 +17,7 @@ from web_server import serve
 
 from dicomnode.config import Settings
 from dicomnode.db.models import Job, Study
-from dicomnode.jobs import enqueue
+from dicomnode.jobs.queue import enqueue
 from dicomnode.metrics import exposition
 from dicomnode.models.registry import load_card
 from dicomnode.pipeline.runtime import Runtime

@@ -5,7 +5,7 @@ An idle ``dicomnode serve`` used ~6 % of a core: each listener's acceptor looked
 10 times a second (and pynetdicom garbage-collected every 6 s), the worker read SQLite's
 ``data_version`` 50 times a second and looked for due jobs 5 times a second per thread.
 Now a listener's acceptor blocks (``BlockingAcceptor``), whoever queues a job on SQLite
-sends each idle worker a datagram (:mod:`dicomnode.wakeups`), and an idle worker sleeps
+sends each idle worker a datagram (:mod:`dicomnode.jobs.wakeups`), and an idle worker sleeps
 until the next job is due or ``[worker] poll_seconds`` (5 s by default).
 """
 
@@ -32,8 +32,9 @@ from test_jobs import make_study
 
 from dicomnode.db.models import Job, Study
 from dicomnode.db.session import make_engine, make_sessionmaker
-from dicomnode.jobs import JobSignal, enqueue, fail, postpone, release_orphaned
-from dicomnode.wakeups import Doorbell, wake_all, wake_folder
+from dicomnode.jobs.queue import enqueue, fail, postpone, release_orphaned
+from dicomnode.jobs.waiting import JobSignal
+from dicomnode.jobs.wakeups import Doorbell, wake_all, wake_folder
 
 # How long the processes are watched idle.
 IDLE_SECONDS = 10.0

@@ -1,7 +1,7 @@
-"""The log lines of :class:`~dicomnode.jobs.JobSignal`'s threads while the database cannot
-be reached: one WARNING when the outage starts, its retries at DEBUG (backing off 1 s, 2 s,
-...), one INFO when the thread watches or listens again; and then a queued job wakes an idle
-worker again, which is what the thread is for.
+"""The log lines of :class:`~dicomnode.jobs.waiting.JobSignal`'s threads while the database
+cannot be reached: one WARNING when the outage starts, its retries at DEBUG (backing off 1 s,
+2 s, ...), one INFO when the thread watches or listens again; and then a queued job wakes an
+idle worker again, which is what the thread is for.
 
 The outages are real: an SQLite file in a folder that does not exist yet, moved into place
 already migrated; a PostgreSQL database that does not exist yet, then created.
@@ -25,7 +25,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from test_jobs import make_study
 
 from dicomnode.db.session import make_engine, make_sessionmaker, upgrade
-from dicomnode.jobs import JobSignal, enqueue
+from dicomnode.jobs.queue import enqueue
+from dicomnode.jobs.waiting import JobSignal
 
 LOGGER = "dicomnode.jobs"
 

@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.db.models import Job, Study
 from dicomnode.db.session import as_utc
-from dicomnode.jobs import claim, complete, due, enqueue, fail, postpone
+from dicomnode.jobs.queue import claim, complete, due, enqueue, fail, postpone
 
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 

@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.config import Settings, load_settings
 from dicomnode.db.models import Job, ResultObject, Study
-from dicomnode.jobs import enqueue
+from dicomnode.jobs.queue import enqueue
 from dicomnode.models.registry import discover_cards
 from dicomnode.synth.cxr import make_cxr
 from dicomnode.web.health import readiness

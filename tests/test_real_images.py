@@ -23,7 +23,7 @@ from pydicom.uid import JPEGLSLossless
 
 from dicomnode.config import Settings
 from dicomnode.db.models import Study
-from dicomnode.jobs import enqueue
+from dicomnode.jobs.queue import enqueue
 from dicomnode.models.registry import InputSpec, load_card
 from dicomnode.pipeline.analyse import StageTimes
 from dicomnode.pipeline.decode import DecodeError, first_frame

@@ -24,7 +24,7 @@ from dicomnode.config import Destination, Settings, WorklistSettings
 from dicomnode.db.models import Job, ResultObject, Study
 from dicomnode.db.session import as_utc, utcnow
 from dicomnode.ingest.assembly import queue_ready_studies
-from dicomnode.jobs import POSTPONE_SECONDS, claim, enqueue
+from dicomnode.jobs.queue import POSTPONE_SECONDS, claim, enqueue
 from dicomnode.models.registry import load_card
 from dicomnode.pipeline.handover import Handover, array_bytes
 from dicomnode.synth.cxr import make_cxr

@@ -24,7 +24,7 @@ from dicomnode.db.session import (
     schema_revision,
     upgrade,
 )
-from dicomnode.jobs import enqueue
+from dicomnode.jobs.queue import enqueue
 
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 STAMP = "2024-05-01 12:00:00.000000"

@@ -31,7 +31,7 @@ from dicomnode.export.scu import (
     describe,
     send_files,
 )
-from dicomnode.jobs import (
+from dicomnode.jobs.queue import (
     BACKOFF_MAX_SECONDS,
     claim_alike,
     dead_letter,

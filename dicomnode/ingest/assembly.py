@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 
 from dicomnode.db.models import Study
 from dicomnode.db.session import as_utc, utcnow
-from dicomnode.jobs import enqueue
+from dicomnode.jobs.queue import enqueue
 
 
 def quiet_period_end(last: datetime, quiet_seconds: float) -> datetime:

@@ -31,7 +31,7 @@ from dicomnode.db.models import FindingRow, Instance, Job, ResultObject, Series,
 from dicomnode.db.session import utcnow
 from dicomnode.findings import ModelRun
 from dicomnode.ingest.spool import instance_path, write_durable
-from dicomnode.jobs import Postponed, enqueue
+from dicomnode.jobs.queue import Postponed, enqueue
 from dicomnode.logs import patient_values, without_patient_data
 from dicomnode.models.registry import ModelCard
 from dicomnode.notify import becomes_critical, enqueue_notifications
@@ -380,7 +380,7 @@ def write_results(
     A study analysed again writes only the newest analysis's objects, and a study whose newer
     analysis failed keeps the objects of the findings it shows: nothing is written if the
     study is gone or a newer analysis has queued its own results job, and the job is
-    :class:`~dicomnode.jobs.Postponed` while a newer analysis is pending (queued, running,
+    :class:`~dicomnode.jobs.queue.Postponed` while a newer analysis is pending (queued, running,
     waiting to retry, or instances arrived since)."""
     times = StageTimes()
     study = session.get(Study, study_id)

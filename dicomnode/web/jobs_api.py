@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.db.models import Job, Study
 from dicomnode.db.session import as_utc, utcnow
-from dicomnode.dead_letters import job_destination, jobs_in_state, retry_dead
+from dicomnode.jobs.dead_letters import job_destination, jobs_in_state, retry_dead
 from dicomnode.web.auth import Caller, admin_only
 from dicomnode.web.schemas import AUTH_ERRORS, MAX_DB_INT
 

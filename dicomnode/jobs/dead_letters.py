@@ -15,7 +15,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from dicomnode.db.models import Job, Study
-from dicomnode.jobs import retry
+from dicomnode.jobs.queue import retry
 from dicomnode.worklist import audit
 
 
