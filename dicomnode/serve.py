@@ -24,6 +24,7 @@ from dicomnode.checkconfig import check_settings, config_warnings
 from dicomnode.config import NodeSettings, Settings, load_settings, restart_changes
 from dicomnode.models.registry import ModelCard, discover_cards
 from dicomnode.pipeline.runtime import WORKERS_ON_HOST
+from dicomnode.supervision import StopEvent, wait_for_exit
 from dicomnode.systemd import Notifier, run_watchdog
 from dicomnode.tomlfile import ConfigError
 
@@ -207,17 +208,16 @@ def run_web(
 ) -> None:
     """Serve the web app in this (main) thread until SIGINT/SIGTERM; SIGHUP reloads.
     ``start`` (the listeners' start-up) runs in a thread meanwhile; READY=1 follows it."""
-    import uvicorn
-
     from dicomnode.retention import cleaner_loop
     from dicomnode.web.app import create_app
     from dicomnode.web.health import health_router
+    from dicomnode.web.server import WebServer
 
     notifier = Notifier()
     settings = node.settings
     app = create_app(sessions, lambda: node.settings.worklist)
     app.include_router(health_router(sessions, node.current, node.listening))
-    server = uvicorn.Server(web_server_config(app, settings))
+    server = WebServer(web_server_config(app, settings))
     # uvicorn captures only SIGINT and SIGTERM; the reload runs off the signal handler.
     signal.signal(
         signal.SIGHUP,
@@ -326,7 +326,9 @@ class WorkerPool:
         return sigint.start_child(self.command, env=self.environment)
 
     def supervise(self, stop: threading.Event) -> None:
-        while not stop.wait(1.0):
+        """Restart workers that exit until ``stop`` (a
+        :class:`~dicomnode.supervision.StopEvent`: woken by it, not looking every second)."""
+        while not wait_for_exit(self.processes, stop):
             for index, process in enumerate(self.processes):
                 code = process.poll()
                 if code is None or stop.is_set():
@@ -398,7 +400,7 @@ def _serve(config: Path, workers: int | None) -> int:
     # Ctrl-C at any point of the start-up (sigint) included, and to its end (a further one
     # meanwhile is only recorded); "stopped" unless the start failed: the failure reports
     # itself (a database refused, a DICOM port taken: one line).
-    stop = threading.Event()
+    stop = StopEvent()
     failed = False
     run_dir: Path | None = None
     index: IndexService | None = None

@@ -45,6 +45,7 @@ from dicomnode.ingest.balance import listening_socket
 from dicomnode.ingest.sink import RemoteIndex
 from dicomnode.ingest.slots import AssociationSlots, create_slots
 from dicomnode.sigint import leave_sigint_to_supervisor, start_child
+from dicomnode.supervision import wait_for_exit
 
 if TYPE_CHECKING:
     # The supervisor's side only: a listener process loads no database code under serve.
@@ -183,8 +184,9 @@ class ListenerPool:
         return len(sent) == len(children) and all(done)
 
     def supervise(self, stop: threading.Event) -> None:
-        """Restart listeners that exit until ``stop`` is set."""
-        while not stop.wait(1.0):
+        """Restart listeners that exit until ``stop`` (a
+        :class:`~dicomnode.supervision.StopEvent`: woken by it, not looking every second)."""
+        while not wait_for_exit([child.process for child in self.children], stop):
             for index, child in enumerate(self.children):
                 code = child.process.poll()
                 if code is None or stop.is_set():

@@ -1,0 +1,74 @@
+"""Child processes watched without polling: serve's listener and worker pools sleep until one
+of their children exits or the node stops.
+
+Each pool looked at its children once a second (``stop.wait(1.0)`` then ``poll()``), one
+wake-up a second each for a node doing nothing. Now a pool's thread blocks in ``poll(2)`` on a
+pidfd per child (Linux 5.3+: readable once the child has exited) and on its :class:`StopEvent`,
+which ``set()`` makes readable. Where there are no pidfds it looks once a second, as before.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import subprocess
+import threading
+from collections.abc import Sequence
+
+# Where pidfds are missing (not Linux, or a kernel before 5.3): how often to look.
+POLL_SECONDS = 1.0
+
+
+class StopEvent(threading.Event):
+    """A :class:`threading.Event` that ``poll(2)`` can wait on too: ``set()`` makes
+    :meth:`fileno` readable."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._read, self._write = os.pipe()
+        os.set_blocking(self._write, False)
+
+    def set(self) -> None:
+        super().set()
+        # One byte is enough: it stays unread, as the event stays set (a full pipe is too).
+        with contextlib.suppress(BlockingIOError):
+            os.write(self._write, b"\0")
+
+    def fileno(self) -> int:
+        return self._read
+
+
+def _pidfd(process: subprocess.Popen) -> int | None:
+    try:
+        return os.pidfd_open(process.pid)
+    except (AttributeError, OSError):  # no pidfds here, or the process is reaped already
+        return None
+
+
+def wait_for_exit(processes: Sequence[subprocess.Popen], stop: threading.Event) -> bool:
+    """Block until one of ``processes`` has exited or ``stop`` is set; True when ``stop`` is
+    set. The exited process is left for the caller's ``poll()`` to reap."""
+    if stop.is_set():
+        return True
+    # Reaped already (another thread's poll()): its pid may be another process's by now.
+    if any(process.poll() is not None for process in processes):
+        return False
+    stop_fd = getattr(stop, "fileno", None)
+    pidfds = [_pidfd(process) for process in processes]
+    try:
+        if stop_fd is None or None in pidfds:
+            return stop.wait(POLL_SECONDS)
+        # Opened before this look: a process still running here is the one each pidfd names.
+        if any(process.poll() is not None for process in processes):
+            return False
+        waiting = select.poll()
+        waiting.register(stop_fd(), select.POLLIN)
+        for pidfd in pidfds:
+            waiting.register(pidfd, select.POLLIN)
+        waiting.poll()
+        return stop.is_set()
+    finally:
+        for pidfd in pidfds:
+            if pidfd is not None:
+                os.close(pidfd)
