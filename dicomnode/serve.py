@@ -319,8 +319,17 @@ class WorkerPool:
         ]
         # Each worker sizes its CPU runs by its share of the host's cores.
         self.environment = {**os.environ, WORKERS_ON_HOST: str(max(1, count))}
-        self.processes = [self._start() for _ in range(count)]
         self.restarts = [0] * count
+        # An exception meanwhile (a SIGTERM or Ctrl-C included: sigint) stops those started
+        # so far: the caller never gets the pool to stop them with.
+        self.processes: list[subprocess.Popen] = []
+        try:
+            for _ in range(count):
+                with sigint.held():
+                    self.processes.append(self._start())
+        except BaseException:
+            self.stop()
+            raise
 
     def _start(self) -> subprocess.Popen:
         return sigint.start_child(self.command, env=self.environment)

@@ -24,18 +24,28 @@ right after a Ctrl-C) raised again inside that stop, which ended there: its list
 workers left to their own checks of their parent, its run folder left, no "stopped". Once
 serve stops (:func:`stopping`; the start-up's handler calls it first thing), each is
 caught and dropped: the stop runs to its end, and serve's exit status is the first signal's.
+
+A signal that came while a pool started a child raised inside ``subprocess.Popen``, after the
+fork: that child was nobody's to stop (and a pool whose constructor it left was never
+assigned, which lost the children started before it). A pool starts each child in a
+:func:`held` block, which raises the signal's exception once the child is in the pool's list,
+and stops what it started when an exception leaves its constructor.
 """
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 # A Ctrl-C or SIGTERM came while serve started (read once its web server takes them itself).
 requested = threading.Event()
+# The one that came in a :func:`held` block (the main thread's), raised at the block's end.
+_held: list[int] | None = None
 
 
 class Terminated(BaseException):
@@ -71,12 +81,37 @@ def stopping() -> None:
         signal.signal(number, _drop)
 
 
+def _exception(number: int) -> BaseException:
+    return Terminated() if number == signal.SIGTERM else KeyboardInterrupt()
+
+
 def _interrupt(number: int, frame: object) -> None:
     # Before anything else: a second signal that came with this one runs its handler right
     # after this one raises, in the unwinding (or in serve's clean-up).
     stopping()
     requested.set()
-    raise Terminated if number == signal.SIGTERM else KeyboardInterrupt
+    if _held is not None:
+        _held.append(number)
+        return
+    raise _exception(number)
+
+
+@contextlib.contextmanager
+def held() -> Iterator[None]:
+    """In serve's main thread, where the start-up's handler raises: a Ctrl-C or SIGTERM that
+    comes in the block is raised at its end, not inside it (a child being started and put in
+    its pool's list). Elsewhere it does nothing (signal handlers run in the main thread)."""
+    global _held
+    if threading.current_thread() is not threading.main_thread() or _held is not None:
+        yield
+        return
+    _held = []
+    try:
+        yield
+    finally:
+        numbers, _held = _held, None
+    if numbers:
+        raise _exception(numbers[0])
 
 
 def _unraisable(unraisable: Any) -> None:

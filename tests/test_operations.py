@@ -11,8 +11,9 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -21,6 +22,7 @@ from conftest import dcmtk, launch_node, start_serve, wait_for, worker_config, w
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
+from dicomnode import sigint
 from dicomnode.synth.cxr import make_cxr
 
 PATIENT_NAME = "Zyxwvuts^Quirinella"
@@ -318,6 +320,85 @@ def test_sigterm_and_ctrl_c_together_while_serve_starts_stop_it_once(tmp_path: P
         assert not left, (left, output)
         _serve_stopped_cleanly(output, False)
         assert leftovers == [], output
+
+
+@contextlib.contextmanager
+def _start_up_handlers() -> Iterator[None]:
+    """Serve's start-up handling of SIGTERM and Ctrl-C in this (the main) thread; this
+    process's own put back after."""
+    saved = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
+    hook = sys.unraisablehook
+    sigint.interrupt_start_up()
+    try:
+        yield
+    finally:
+        for number, handler in saved.items():
+            signal.signal(number, handler)
+        sys.unraisablehook = hook
+        sigint.requested.clear()
+
+
+def _sigterm_after_second(start_child: Callable, started: list) -> Callable:
+    """``start_child`` that SIGTERMs this process once its second child has started, before
+    handing it back: as a SIGTERM that comes inside ``subprocess.Popen`` after the fork."""
+
+    def start(command: list[str], **options) -> subprocess.Popen:
+        process = start_child(command, **options)
+        started.append(process)
+        if len(started) == 2:
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)
+        return process
+
+    return start
+
+
+def _worker_pool(folder: Path, monkeypatch: pytest.MonkeyPatch, started: list) -> None:
+    from dicomnode.serve import WorkerPool
+
+    config = worker_config(folder, _sqlite(folder), "threads = 1\n")
+    monkeypatch.setattr(sigint, "start_child", _sigterm_after_second(sigint.start_child, started))
+    WorkerPool(config, 3)
+
+
+def _listener_pool(folder: Path, monkeypatch: pytest.MonkeyPatch, started: list) -> None:
+    from dicomnode.config import load_settings
+    from dicomnode.db.session import upgrade
+    from dicomnode.ingest import listeners
+    from dicomnode.ingest.indexer import IndexService, ingest_sessions
+
+    config, _, _ = write_config(folder, _sqlite(folder), listeners=3)
+    settings = load_settings(config)
+    upgrade(settings.database_url)
+    sessions = ingest_sessions(settings.database_url)
+    index = IndexService(lambda: sessions, lambda: settings)
+    monkeypatch.setattr(
+        listeners, "start_child", _sigterm_after_second(listeners.start_child, started)
+    )
+    try:
+        listeners.ListenerPool(config, 3, folder, settings.node, index)
+    finally:
+        index.close()
+
+
+@pytest.mark.parametrize("pool", [_worker_pool, _listener_pool], ids=["workers", "listeners"])
+def test_sigterm_while_a_pool_starts_its_processes_stops_those_it_started(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pool: Callable
+) -> None:
+    # A SIGTERM while serve's worker or listener pool started its processes left the pool
+    # unassigned, so serve's stop did not know those started so far: they were left to
+    # their own checks of their parent (here, this process: alive, so they ran on). One
+    # that came inside subprocess.Popen, after the fork, lost that child even to the pool.
+    started: list[subprocess.Popen] = []
+    try:
+        with _start_up_handlers(), pytest.raises(sigint.Terminated):
+            pool(tmp_path, monkeypatch, started)
+        assert len(started) == 2  # the third was not started
+        assert None not in [process.returncode for process in started], "not stopped"
+    finally:
+        for process in started:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
 
 
 @pytest.mark.parametrize("ignored", [True, False], ids=["sigint-ignored", "sigint-default"])

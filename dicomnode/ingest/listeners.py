@@ -44,7 +44,7 @@ from dicomnode.ingest.addresses import AddressSlots, create_address_slots, table
 from dicomnode.ingest.balance import listening_socket
 from dicomnode.ingest.sink import RemoteIndex
 from dicomnode.ingest.slots import AssociationSlots, create_slots
-from dicomnode.sigint import leave_sigint_to_supervisor, start_child
+from dicomnode.sigint import held, leave_sigint_to_supervisor, start_child
 from dicomnode.supervision import wait_for_exit
 
 if TYPE_CHECKING:
@@ -115,19 +115,28 @@ class ListenerPool:
         self, config: Path, count: int, run_dir: Path, node: NodeSettings, index: IndexService
     ):
         """Bind ``node``'s host and port (OSError if taken) and start ``count`` listeners,
-        whose index rows ``index`` writes."""
+        whose index rows ``index`` writes. When an exception leaves (a SIGTERM or Ctrl-C
+        meanwhile included: :mod:`dicomnode.sigint`), the listeners started so far are
+        stopped and the socket closed: the caller never gets the pool to stop."""
         self.socket = listening_socket(node.host, node.port)
         self.index = index
         self.slots_path = run_dir / "associations.slots"
         self.connections_path = run_dir / "connections.slots"
         self.addresses_path = run_dir / ADDRESSES_FILE
-        create_slots(self.slots_path, count)
-        create_slots(self.connections_path, count)
-        create_address_slots(self.addresses_path, count, table_size(node.max_associations))
         self.command = [sys.executable, "-m", "dicomnode", "listener", "--config", str(config)]
         self.restarts = [0] * count
-        self.children = [self._spawn(index) for index in range(count)]
+        self.children: list[_Child] = []
         self._lock = threading.Lock()
+        try:
+            create_slots(self.slots_path, count)
+            create_slots(self.connections_path, count)
+            create_address_slots(self.addresses_path, count, table_size(node.max_associations))
+            for index in range(count):
+                with held():
+                    self.children.append(self._spawn(index))
+        except BaseException:
+            self.stop()
+            raise
 
     def _spawn(self, index: int) -> _Child:
         fd = self.socket.fileno()
