@@ -23,7 +23,7 @@ from dicomnode import RESEARCH_DEMO_NOTICE, sigint
 from dicomnode.checkconfig import check_settings, config_warnings
 from dicomnode.config import NodeSettings, Settings, load_settings, restart_changes
 from dicomnode.models.registry import ModelCard, discover_cards
-from dicomnode.pipeline.runtime import WORKERS_ON_HOST
+from dicomnode.pipeline.sessions import WORKERS_ON_HOST
 from dicomnode.supervision import StopEvent, wait_for_exit
 from dicomnode.systemd import Notifier, run_watchdog
 from dicomnode.tomlfile import ConfigError

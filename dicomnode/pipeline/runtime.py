@@ -36,10 +36,6 @@ from dicomnode.pipeline.batching import (
 )
 from dicomnode.pipeline.sessions import DEVICE_PROVIDERS, cpu_in_flight, load_session
 
-# dicomnode/serve.py still imports it from here (another engineer's file): drop this once it
-# imports it from dicomnode.pipeline.sessions.
-from dicomnode.pipeline.sessions import WORKERS_ON_HOST as WORKERS_ON_HOST
-
 log = logging.getLogger("dicomnode.runtime")
 
 
