@@ -108,8 +108,12 @@ def held() -> Iterator[None]:
     _held = []
     try:
         yield
-    finally:
+    except BaseException as failure:
         numbers, _held = _held, None
+        if numbers:  # the signal is what serve stops for; the block's error is its cause
+            raise _exception(numbers[0]) from failure
+        raise
+    numbers, _held = _held, None
     if numbers:
         raise _exception(numbers[0])
 

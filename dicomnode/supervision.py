@@ -10,30 +10,47 @@ which ``set()`` makes readable. Where there are no pidfds it looks once a second
 from __future__ import annotations
 
 import contextlib
+import errno
+import logging
 import os
 import select
 import subprocess
 import threading
 from collections.abc import Sequence
 
+log = logging.getLogger("dicomnode.supervision")
+
 # Where pidfds are missing (not Linux, or a kernel before 5.3): how often to look.
 POLL_SECONDS = 1.0
+_said_polling = False
 
 
 class StopEvent(threading.Event):
     """A :class:`threading.Event` that ``poll(2)`` can wait on too: ``set()`` makes
-    :meth:`fileno` readable."""
+    :meth:`fileno` readable, ``clear()`` empties it again."""
 
     def __init__(self) -> None:
         super().__init__()
         self._read, self._write = os.pipe()
+        os.set_blocking(self._read, False)
         os.set_blocking(self._write, False)
+        # The event and the pipe change together: a set() between clear()'s two steps would
+        # leave a set event with an empty pipe, or a clear one whose pipe ends every wait.
+        self._pipe_lock = threading.Lock()
 
     def set(self) -> None:
-        super().set()
-        # One byte is enough: it stays unread, as the event stays set (a full pipe is too).
-        with contextlib.suppress(BlockingIOError):
-            os.write(self._write, b"\0")
+        with self._pipe_lock:
+            super().set()
+            # One byte is enough: it stays unread while the event stays set (a full pipe too).
+            with contextlib.suppress(BlockingIOError):
+                os.write(self._write, b"\0")
+
+    def clear(self) -> None:
+        with self._pipe_lock:
+            super().clear()
+            with contextlib.suppress(BlockingIOError):
+                while os.read(self._read, 4096):
+                    pass
 
     def fileno(self) -> int:
         return self._read
@@ -42,8 +59,21 @@ class StopEvent(threading.Event):
 def _pidfd(process: subprocess.Popen) -> int | None:
     try:
         return os.pidfd_open(process.pid)
-    except (AttributeError, OSError):  # no pidfds here, or the process is reaped already
-        return None
+    except AttributeError:  # not Linux
+        _say_polling()
+    except OSError as error:  # reaped already (ESRCH), or no pidfds here
+        if error.errno != errno.ESRCH:
+            _say_polling()
+    return None
+
+
+def _say_polling() -> None:
+    """Once per process: the pools look at their children every second (no pidfds here, or
+    a system-call filter refuses them), which costs an idle node a wake-up a second each."""
+    global _said_polling
+    if not _said_polling:
+        _said_polling = True
+        log.info("no pidfds here: child processes are looked at every %g s", POLL_SECONDS)
 
 
 def wait_for_exit(processes: Sequence[subprocess.Popen], stop: threading.Event) -> bool:

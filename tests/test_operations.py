@@ -401,6 +401,15 @@ def test_sigterm_while_a_pool_starts_its_processes_stops_those_it_started(
                 process.wait()
 
 
+def test_a_sigterm_held_in_a_block_that_then_fails_is_what_is_raised() -> None:
+    # A SIGTERM held while a pool started a child, whose start then failed (an OSError), was
+    # lost to the error: serve reported a failed start and exit 1 for an admin's stop.
+    with _start_up_handlers(), pytest.raises(sigint.Terminated) as raised, sigint.held():
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)
+        raise OSError("the child could not be started")
+    assert isinstance(raised.value.__cause__, OSError)
+
+
 @pytest.mark.parametrize("ignored", [True, False], ids=["sigint-ignored", "sigint-default"])
 def test_a_stand_alone_listener_keeps_sigint_ignored_when_it_came_ignored(
     tmp_path: Path, ignored: bool

@@ -71,7 +71,7 @@ class SharedSocketServer(ThreadedAssociationServer):
         made: counted only when the association starts (in another thread, after copying
         the presentation contexts: milliseconds on a slow machine), a burst of senders went
         to whichever listener woke first, which still counted none. The listener releases
-        the count when the connection closes (``StorageSCP``)."""
+        the count when the connection closes (``AdmissionControl``, admission.py)."""
         if self.connections is not None:
             self.connections.add()
         super().process_request(request, client_address)

@@ -54,5 +54,7 @@ class WebServer(uvicorn.Server):
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(TICK_SECONDS):
                         await self._exit_requested.wait()
+                # Set back to False meanwhile (nothing does today): wait again, not spin.
+                self._exit_requested.clear()
         finally:
             self._loop = None
