@@ -50,10 +50,11 @@ from dicomnode.models.availability import ModelAvailability
 from dicomnode.models.registry import ModelCard
 from dicomnode.notify import send_notification
 from dicomnode.outage import OutageLog, database_reason, database_unavailable, disk_full
-from dicomnode.pipeline.analyse import analyse_study, mark_failed, write_results
+from dicomnode.pipeline.analyse import analyse_study, mark_failed
 from dicomnode.pipeline.handover import Handover
 from dicomnode.pipeline.runtime import Runtime
 from dicomnode.pipeline.sessions import ModelLoadError
+from dicomnode.results.job import write_results
 
 log = logging.getLogger("dicomnode.worker")
 

@@ -20,9 +20,10 @@ from dicomnode.config import Destination, Settings
 from dicomnode.db.models import FindingRow, Instance, Job, ResultObject, Study
 from dicomnode.jobs.queue import Postponed
 from dicomnode.models.registry import ModelCard, ResultsSpec, load_card
-from dicomnode.pipeline.analyse import StageTimes, analyse_study, mark_failed, write_results
+from dicomnode.pipeline.analyse import StageTimes, analyse_study, mark_failed
 from dicomnode.pipeline.handover import Handover
 from dicomnode.pipeline.runtime import Runtime
+from dicomnode.results.job import write_results
 from dicomnode.synth.cxr import make_cxr
 
 REPO = Path(__file__).resolve().parent.parent

@@ -18,10 +18,11 @@ from sqlalchemy import select
 from dicomnode.config import Destination, Settings
 from dicomnode.db.models import Job, ResultObject
 from dicomnode.models.registry import load_card
-from dicomnode.pipeline.analyse import analyse_study, write_results
+from dicomnode.pipeline.analyse import analyse_study
 from dicomnode.pipeline.presentation_values import presentation_pixels
 from dicomnode.pipeline.runtime import Runtime
 from dicomnode.results import gsps
+from dicomnode.results.job import write_results
 from dicomnode.synth.cxr import make_cxr
 
 MODELS = Path(__file__).resolve().parent.parent / "models"

@@ -32,13 +32,14 @@ from dicomnode.config import Settings
 from dicomnode.db.models import FindingRow, Job, ResultObject, Study
 from dicomnode.findings import Algorithm, CodedConcept, Finding, ImageFindings
 from dicomnode.models.registry import InputSpec, ModelCard, discover_cards
-from dicomnode.pipeline.analyse import analyse_study, write_results
+from dicomnode.pipeline.analyse import analyse_study
 from dicomnode.pipeline.correction import apply_correction
 from dicomnode.pipeline.decode import DecodeError, first_frame
 from dicomnode.pipeline.preprocess import prepare_input, prepare_stack
 from dicomnode.pipeline.presentation_values import percentile_window, presentation_pixels
 from dicomnode.pipeline.runtime import Runtime
 from dicomnode.pipeline.select import image_facts, select_models
+from dicomnode.results.job import write_results
 from dicomnode.results.overlay import build_overlay
 
 REPO = Path(__file__).resolve().parents[1]

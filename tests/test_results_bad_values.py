@@ -38,11 +38,12 @@ from dicomnode.findings import (
     Segmentation,
 )
 from dicomnode.models.registry import discover_cards
-from dicomnode.pipeline.analyse import analyse_study, write_results
+from dicomnode.pipeline.analyse import analyse_study
 from dicomnode.pipeline.runtime import Runtime
 from dicomnode.results import reference as reference_module
 from dicomnode.results.derived import build_derived
 from dicomnode.results.gsps import build_gsps
+from dicomnode.results.job import write_results
 from dicomnode.results.kos import build_kos
 from dicomnode.results.overlay import build_overlay
 from dicomnode.results.reference import sanitised_reference

@@ -26,7 +26,7 @@ from dicomnode.db.session import as_utc, utcnow
 from dicomnode.ingest.spool import free_bytes
 from dicomnode.jobs.queue import enqueue
 from dicomnode.models.registry import load_card
-from dicomnode.pipeline.analyse import _new_folders, _remove_empty
+from dicomnode.results.job import _new_folders, _remove_empty
 from dicomnode.synth.cxr import make_cxr
 from dicomnode.worker import Worker
 
