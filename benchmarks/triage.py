@@ -565,14 +565,14 @@ def profile_worker(config: Path, out: Path) -> int:
     """A worker running its jobs on the main thread under pyinstrument, until SIGTERM."""
     from pyinstrument import Profiler
 
-    from dicomnode.cli import _cards, _database
+    from dicomnode.cli.resources import database_sessions, model_cards
     from dicomnode.config import load_settings
     from dicomnode.logs import setup_logging
     from dicomnode.worker import Worker
 
     settings = load_settings(config)
     setup_logging(settings.log_level, settings.logging.json_lines)
-    worker = Worker(settings, _database(settings), _cards(settings))
+    worker = Worker(settings, database_sessions(settings), model_cards(settings))
     worker.warm_up()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

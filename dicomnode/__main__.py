@@ -1,5 +1,5 @@
 import sys
 
-from dicomnode.cli import main
+from dicomnode.cli.main import main
 
 sys.exit(main())

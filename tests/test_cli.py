@@ -46,7 +46,7 @@ def test_users_add_without_a_terminal_says_how_to_give_the_password(config: Path
     # The listing, in a process that then says which of the model cards' imports it paid for:
     # none (users, db and jobs commands load no cards; numpy alone is ~0.1 s a process).
     script = (
-        "import sys\nfrom dicomnode.cli import main\ncode = main(sys.argv[1:])\n"
+        "import sys\nfrom dicomnode.cli.main import main\ncode = main(sys.argv[1:])\n"
         "print(*sorted({'numpy', 'dicomnode.models.registry'} & set(sys.modules)))\n"
         "sys.exit(code)"
     )

@@ -349,7 +349,7 @@ def test_a_listener_under_serve_loads_no_database_code() -> None:
     probe = (
         "import sys\n"
         "sys.modules['sqlalchemy'] = None  # any import of it raises\n"
-        "import dicomnode.cli\n"
+        "import dicomnode.cli.main\n"
         "from dicomnode.ingest import listeners\n"
         "from dicomnode.ingest.scp import StorageSCP\n"
         "from dicomnode.ingest.sink import RemoteIndex\n"

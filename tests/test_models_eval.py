@@ -312,7 +312,7 @@ def test_cli_writes_metrics_and_roc_png(data_sets, tmp_path: Path) -> None:
         "matplotlib",
     )
     script = (
-        "import sys\nfrom dicomnode.cli import main\ncode = main(sys.argv[1:])\n"
+        "import sys\nfrom dicomnode.cli.main import main\ncode = main(sys.argv[1:])\n"
         f"print(*sorted(set({heavy!r}) & set(sys.modules)))\nsys.exit(code)"
     )
     for arguments, message in (

@@ -13,7 +13,7 @@ from conftest import REPO
 from PIL import Image
 
 import dicomnode.simulate.engine as engine
-from dicomnode.cli import main
+from dicomnode.cli.main import main
 from dicomnode.simulate.engine import Unstable, generate_studies, run, simulate
 from dicomnode.simulate.report import evaluate
 from dicomnode.simulate.scenario import Scenario, load_scenario

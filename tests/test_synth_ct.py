@@ -10,7 +10,7 @@ import pytest
 from dciodvfy import dciodvfy_errors
 from pydicom.pixels import apply_modality_lut
 
-from dicomnode.cli import main
+from dicomnode.cli.main import main
 from dicomnode.synth.ct import (
     CT_IMAGE_STORAGE,
     make_ct_series,

@@ -191,7 +191,7 @@ def test_a_token_that_would_be_born_expired_is_refused(
 ) -> None:
     """--days is refused as the command line is parsed, before any database is opened: one
     real process for how it ends, each bad value through the same parser in this process."""
-    from dicomnode.cli import main
+    from dicomnode.cli.main import main
 
     config = tmp_path / "dicomnode.toml"  # not there: never read
     for days in BAD_DAYS:
