@@ -8,6 +8,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -81,6 +82,17 @@ def web_server_config(app: object, settings: Settings) -> uvicorn.Config:
         proxy_headers=True,
         forwarded_allow_ips=settings.web.trusted_proxies,
     )
+
+
+def web_socket(host: str, port: int) -> socket.socket:
+    """The ``[web]`` host and port bound and listening (OSError when taken or not this
+    host's), for :func:`run_web` to hand to uvicorn: serve binds it before it starts any
+    process, so that a port that is taken is one line and status 1, as a taken DICOM port is
+    (uvicorn binding it logged its own error line once the listeners and workers had started,
+    and exited with its status 3)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    # uvicorn's default backlog for the sockets it binds.
+    return socket.create_server((host, port), family=family, backlog=2048)
 
 
 def metrics_dir() -> str | None:
@@ -205,9 +217,12 @@ def run_web(
     sessions: sessionmaker[Session],
     stop: threading.Event,
     start: Callable[[], None] = lambda: None,
+    listening: socket.socket | None = None,
 ) -> None:
     """Serve the web app in this (main) thread until SIGINT/SIGTERM; SIGHUP reloads.
-    ``start`` (the listeners' start-up) runs in a thread meanwhile; READY=1 follows it."""
+    ``start`` (the listeners' start-up) runs in a thread meanwhile; READY=1 follows it.
+    ``listening``: the ``[web]`` port already bound (:func:`web_socket`; closed when the
+    server stops), else uvicorn binds it."""
     from dicomnode.retention import cleaner_loop
     from dicomnode.web.app import create_app
     from dicomnode.web.health import health_router
@@ -246,7 +261,7 @@ def run_web(
     if sigint.requested.is_set():  # a Ctrl-C or SIGTERM whose exception Python dropped
         server.should_exit = True
     try:
-        server.run()
+        server.run(sockets=None if listening is None else [listening])
     finally:
         notifier.notify("STOPPING=1")
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
@@ -416,6 +431,7 @@ def _serve(config: Path, workers: int | None) -> int:
     listeners: ListenerPool | None = None
     pool: WorkerPool | None = None
     node: Node | None = None
+    web: socket.socket | None = None
     try:
         for warning in config_warnings(settings):
             log.warning("%s", warning)
@@ -440,6 +456,18 @@ def _serve(config: Path, workers: int | None) -> int:
             lambda: running["node"].settings if "node" in running else settings,
             on_ready=ready.written,
         )
+        # Before any process starts: a taken port stops nothing (web_socket).
+        try:
+            web = web_socket(settings.web.host, settings.web.port)
+        except OSError as exc:
+            log.error(
+                "cannot serve the web page on %s:%d: %s",
+                settings.web.host,
+                settings.web.port,
+                exc.strerror or exc,
+            )
+            failed = True
+            return 1
         try:
             listeners = ListenerPool(config, settings.node.listeners, run_dir, settings.node, index)
         except OSError as exc:
@@ -471,7 +499,7 @@ def _serve(config: Path, workers: int | None) -> int:
         log.info("worklist page on http://%s:%d/worklist", settings.web.host, settings.web.port)
         node = Node(config, settings, cards, None, pool.processes, listeners)
         running["node"] = node
-        run_web(node, sessions, stop, start_listening)
+        run_web(node, sessions, stop, start_listening, web)
     except Exception:
         failed = True
         raise
@@ -488,6 +516,8 @@ def _serve(config: Path, workers: int | None) -> int:
             pool.stop()
         if run_dir is not None:
             shutil.rmtree(run_dir, ignore_errors=True)
+        if web is not None:
+            web.close()  # uvicorn closes it when it ran; not when the start stopped first
         if not failed:
             log.info("stopped")
     return 1 if node is not None and node.failed else 0

@@ -121,3 +121,25 @@ def test_a_taken_dicom_port_is_one_error_line(tmp_path: Path) -> None:
     assert "stopped" not in result.stderr, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     assert list(temporary.glob("dicomnode-*")) == []
+
+
+def test_a_taken_web_port_is_one_error_line(tmp_path: Path) -> None:
+    """Another program on the web port: as for the DICOM port, one ERROR line of serve's
+    before any listener or worker starts, status 1, nothing left behind. uvicorn bound it
+    itself once the listeners and workers ran: "worklist page on" first, then uvicorn's own
+    "[Errno 98] error while attempting to bind", "stopped" and status 3."""
+    config, _, web_port = write_config(tmp_path, f"sqlite:///{tmp_path / 'db.sqlite'}")
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    with socket.create_server(("127.0.0.1", web_port)):
+        result = _serve(config, temporary)
+    assert result.returncode == 1, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if "ERROR" in line]
+    assert len(errors) == 1, result.stderr[-3000:]
+    assert f"ERROR dicomnode: cannot serve the web page on 127.0.0.1:{web_port}: " in errors[0]
+    assert "worklist page on" not in result.stderr, result.stderr[-3000:]
+    assert "stopped" not in result.stderr, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert list(temporary.glob("dicomnode-*")) == []
+    left = subprocess.run(["pgrep", "-f", str(config)], capture_output=True, text=True)
+    assert left.stdout == "", left.stdout
