@@ -421,7 +421,15 @@ def restart_changes(
 
 def load_settings(path: Path | str) -> Settings:
     """Load and validate the node's TOML configuration file."""
-    settings = load_toml(path, Settings)
+    try:
+        settings = load_toml(path, Settings)
+    except ConfigError as exc:
+        if not isinstance(exc.__cause__, FileNotFoundError):
+            raise
+        # Most often a command run from another folder than the one conf/ is in.
+        raise ConfigError(
+            path, f"{exc.reason} (give --config PATH or set DICOMNODE_CONFIG)"
+        ) from exc.__cause__
     settings.source = Path(path).resolve()
     names = [d.name for d in settings.destinations]
     for index, name in enumerate(names):

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import difflib
 import re
 import tomllib
+import types
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar, Union, get_args, get_origin
 
 from pydantic import BaseModel, ValidationError
 
@@ -119,8 +121,81 @@ def key_line(text: str, loc: tuple[str | int, ...]) -> int | None:
     return start + 1 if start >= 0 else None
 
 
-def _reason(error: Any) -> str:
-    """pydantic's message, or for a quoted number or boolean what was wanted instead."""
+def _bare(annotation: Any) -> Any:
+    """``annotation`` without ``Annotated[...]`` and ``| None``."""
+    while True:
+        origin = get_origin(annotation)
+        if origin is Annotated:
+            annotation = get_args(annotation)[0]
+        elif origin in (Union, types.UnionType):
+            kinds = [kind for kind in get_args(annotation) if kind is not type(None)]
+            if len(kinds) != 1:
+                return annotation
+            annotation = kinds[0]
+        else:
+            return annotation
+
+
+def _is_model(annotation: Any) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
+
+
+def _keys(model: type[BaseModel]) -> dict[str, Any]:
+    """The keys a file may set in ``model``'s table (a field's alias where it has one), and
+    the field's type."""
+    return {field.alias or name: field.annotation for name, field in model.model_fields.items()}
+
+
+def _table_model(model: type[BaseModel], loc: tuple[str | int, ...]) -> type[BaseModel] | None:
+    """The model of the table ``loc`` names under ``model`` (``("destinations", 0)`` is
+    :class:`Destination`), or None where ``loc`` leads to no model."""
+    annotation: Any = model
+    for part in loc:
+        annotation = _bare(annotation)
+        if isinstance(part, int):
+            if get_origin(annotation) is not list:
+                return None
+            annotation = get_args(annotation)[0]
+        elif _is_model(annotation):
+            if part not in _keys(annotation):
+                return None
+            annotation = _keys(annotation)[part]
+        elif get_origin(annotation) is dict:
+            annotation = get_args(annotation)[1]
+        else:
+            return None
+    annotation = _bare(annotation)
+    return annotation if _is_model(annotation) else None
+
+
+def _unknown_key(error: Any, model: type[BaseModel] | None) -> str:
+    """For a key the table does not have: an unknown setting or table, and the known key
+    it was probably meant to be."""
+    loc = tuple(error["loc"])
+    value = error.get("input")
+    tables = isinstance(value, list) and bool(value) and all(isinstance(v, dict) for v in value)
+    if tables:
+        what, shown = "unknown table", "[[{}]]"
+    elif isinstance(value, dict):
+        what, shown = "unknown table", "[{}]"
+    else:
+        what, shown = "unknown setting", "{}"
+    table = _table_model(model, loc[:-1]) if model is not None and loc else None
+    if table is None or not isinstance(loc[-1], str):
+        return what
+    # Case aside: "AE_Title" is ae_title misspelt too.
+    known = {key.lower(): key for key in _keys(table)}
+    close = difflib.get_close_matches(loc[-1].lower(), known, n=1)
+    if not close:
+        return what
+    return f"{what} (did you mean {shown.format(known[close[0]])}?)"
+
+
+def _reason(error: Any, model: type[BaseModel] | None = None) -> str:
+    """pydantic's message; for a key the model does not have, that it is unknown and what
+    it may have been meant to be; for a quoted number or boolean what was wanted instead."""
+    if error["type"] == "extra_forbidden":
+        return _unknown_key(error, model)
     wanted = _TYPE_ERRORS.get(error["type"])
     value = error.get("input")
     if wanted is None or not isinstance(value, str):
@@ -134,13 +209,16 @@ def _reason(error: Any) -> str:
     return reason + " (write it without quotes)"
 
 
-def validation_problems(path: Path, text: str, exc: ValidationError) -> list[ConfigError]:
-    """One :class:`ConfigError` for each of pydantic's errors, in the order of the file."""
+def validation_problems(
+    path: Path, text: str, exc: ValidationError, model: type[BaseModel] | None = None
+) -> list[ConfigError]:
+    """One :class:`ConfigError` for each of pydantic's errors, in the order of the file
+    (``model``, the one validated, names the keys a misspelt one may have been meant as)."""
     problems = []
     for error in exc.errors():
         loc = tuple(error["loc"])
         key = ".".join(str(part) for part in loc)
-        problems.append(ConfigError(path, _reason(error), key=key, line=key_line(text, loc)))
+        problems.append(ConfigError(path, _reason(error, model), key=key, line=key_line(text, loc)))
     problems.sort(key=lambda problem: problem.line or 0)
     return problems
 
@@ -163,4 +241,4 @@ def load_toml(path: Path | str, model: type[M]) -> M:
     try:
         return model.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigErrors(validation_problems(path, text, exc)) from exc
+        raise ConfigErrors(validation_problems(path, text, exc, model)) from exc

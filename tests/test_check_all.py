@@ -194,7 +194,7 @@ def test_every_problem_of_the_main_file_is_listed_with_its_line(tmp_path: Path) 
         "without backslash ('ABCDEFGHIJKLMNOPQRSTUVW' has 23 characters)",
         f"{where}:3: [node.port] Input should be less than or equal to 65535",
         f"{where}:6: [worker.threads] Input should be greater than or equal to 1",
-        f"{where}:8: [workers] Extra inputs are not permitted",
+        f"{where}:8: [workers] unknown table (did you mean [worker]?)",
         f"{where}:12: [web.port] expected an integer, got the string '11999' "
         "(write it without quotes)",
         f"{where}:15: [database.url] Value error, url is not a valid database URL: its port "

@@ -194,3 +194,76 @@ def test_jobs_list_and_retry_dead_letters_by_destination_or_id(config: Path) -> 
         ).all()
         assert len(audited) == 3
         assert session.scalars(select(Study.analysis_status)).one() == "queued"
+
+
+def _commands(parser, words: tuple[str, ...] = ()):
+    """Each command and subcommand of ``parser``: its words and its own parser."""
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield (*words, name), sub
+                yield from _commands(sub, (*words, name))
+
+
+def test_every_command_option_and_argument_says_what_it_is() -> None:
+    """Each command's own --help opens with what it does, as the command list says it, and
+    every argument it takes has a description (argparse shows neither unless given)."""
+    import argparse
+
+    from dicomnode.cli.parser import build_parser
+
+    undescribed = []
+    for words, sub in _commands(build_parser()):
+        if not sub.description:
+            undescribed.append(" ".join(words))
+        for action in sub._actions:
+            if not isinstance(action, argparse._SubParsersAction) and not action.help:
+                undescribed.append(f"{' '.join(words)} {action.option_strings or action.dest}")
+    assert undescribed == []
+    # As an operator sees it.
+    worker = run_cli("worker", "--help")
+    assert worker.returncode == 0, worker.stderr
+    assert worker.stdout.split("\n\n")[1] == "Run one job worker."
+    token = run_cli("users", "token", "--help")
+    assert "0 = no expiry (default 30)" in " ".join(token.stdout.split())
+
+
+def test_config_help_names_the_environment_variable_and_the_default() -> None:
+    import os
+
+    environment = {k: v for k, v in os.environ.items() if k != "DICOMNODE_CONFIG"}
+    for words in (("check-config",), ("users", "list"), ("worklist",)):
+        shown = subprocess.run(
+            [*DICOMNODE, *words, "--help"], capture_output=True, text=True, env=environment
+        )
+        text = " ".join(shown.stdout.split())
+        assert (
+            "configuration file (default conf/dicomnode.toml; the environment variable "
+            "DICOMNODE_CONFIG names another)" in text
+        ), (words, text)
+    set_by_environment = subprocess.run(
+        [*DICOMNODE, "check-config", "--help"],
+        capture_output=True,
+        text=True,
+        env={**environment, "DICOMNODE_CONFIG": "/etc/dicomnode/node.toml"},
+    )
+    text = " ".join(set_by_environment.stdout.split())
+    assert (
+        "config configuration file (default /etc/dicomnode/node.toml, from the environment "
+        "variable DICOMNODE_CONFIG)" in text
+    ), text
+    assert "the same as CONFIG" not in text
+
+
+def test_synth_ct_no_progress_prints_no_bar(tmp_path: Path) -> None:
+    options = ("--n", "1", "--rows", "64", "--slices", "8")
+    with_bar = run_cli("synth", "ct", *options, "--out", str(tmp_path / "bar"))
+    assert with_bar.returncode == 0, with_bar.stderr
+    assert "CT series: 100%" in with_bar.stderr
+    quiet = run_cli("synth", "ct", *options, "--out", str(tmp_path / "quiet"), "--no-progress")
+    assert quiet.returncode == 0, quiet.stderr
+    assert quiet.stderr == ""
+    assert quiet.stdout.startswith("wrote 1 chest CT series to ")
+    assert (tmp_path / "quiet" / "ground_truth.jsonl").is_file()

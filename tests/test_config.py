@@ -58,7 +58,7 @@ def test_shipped_configuration_validates() -> None:
             "[node]\nport = 104\ncolour = 1\n",
             3,
             "node.colour",
-            "Extra inputs are not permitted",
+            "[node.colour] unknown setting\n",
             id="unknown-key",
         ),
         pytest.param(
@@ -113,7 +113,15 @@ def test_missing_file_is_named(tmp_path: Path) -> None:
     result = check_config(missing)
     assert result.returncode == 2
     assert str(missing) in result.stderr
-    assert "cannot read file" in result.stderr
+    assert result.stderr == (
+        f"configuration error: {missing}: cannot read file: No such file or directory "
+        "(give --config PATH or set DICOMNODE_CONFIG)\n"
+    )
+    # A file that is there but cannot be read: the hint would not help.
+    unreadable = check_config(tmp_path)
+    assert (
+        unreadable.stderr == f"configuration error: {tmp_path}: cannot read file: Is a directory\n"
+    )
 
 
 def test_card_without_its_onnx_file_fails_check(tmp_path: Path) -> None:
@@ -303,3 +311,41 @@ def test_a_misspelt_table_is_named_at_its_header(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as caught:
         load_settings(path)
     assert [(p.key, p.line) for p in caught.value.problems] == [("workers", 4), ("peer", 7)]
+
+
+def test_a_misspelt_key_or_table_is_named_with_the_one_meant(tmp_path: Path) -> None:
+    """A typo is reported as an unknown setting or table with the closest known key of its
+    table (case aside, a key's alias where it has one), not as pydantic's "extra inputs"."""
+    path = write(
+        tmp_path,
+        'lgo_level = "INFO"\n'  # 1
+        "[node]\n"  # 2
+        "max_asociations = 16\n"  # 3
+        "colour = 1\n"  # 4
+        'AE_Title = "NODE"\n'  # 5
+        "[nod]\n"  # 6
+        "port = 104\n"  # 7
+        "[logging]\n"  # 8
+        "jsn = true\n"  # 9
+        "[worklist.max_wait_minutes]\n"  # 10
+        "stta = 10\n"  # 11
+        "[[peer]]\n"  # 12
+        'ae_title = "A"\n'  # 13
+        + DESTINATION.format(name="pacs", ae="PACS", port=104)  # 14-18
+        + "timout_seconds = 5\n",  # 19
+    )
+    result = check_config(path)
+    assert result.returncode == 2
+    where = f"configuration error: {path}"
+    assert result.stderr.splitlines() == [
+        f"{where}:1: [lgo_level] unknown setting (did you mean log_level?)",
+        f"{where}:3: [node.max_asociations] unknown setting (did you mean max_associations?)",
+        f"{where}:4: [node.colour] unknown setting",
+        f"{where}:5: [node.AE_Title] unknown setting (did you mean ae_title?)",
+        f"{where}:6: [nod] unknown table (did you mean [node]?)",
+        f"{where}:9: [logging.jsn] unknown setting (did you mean json?)",
+        f"{where}:11: [worklist.max_wait_minutes.stta] unknown setting (did you mean stat?)",
+        f"{where}:12: [peer] unknown table (did you mean [[peers]]?)",
+        f"{where}:19: [destinations.0.timout_seconds] unknown setting "
+        "(did you mean timeout_seconds?)",
+    ]

@@ -37,7 +37,7 @@ def _serve(config: Path, temporary: Path) -> subprocess.CompletedProcess[str]:
         pytest.param(
             lambda text, folder: text.replace("[web]\n", "[web]\nbogus = 1\n"),
             2,
-            "[web.bogus] Extra inputs are not permitted",
+            "[web.bogus] unknown setting",
             id="invalid-file",
         ),
         pytest.param(

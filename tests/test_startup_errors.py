@@ -135,3 +135,28 @@ def test_a_schema_newer_than_the_code_says_how_to_roll_back(tmp_path: Path, db_u
             assert connection.execute("SELECT version_num FROM alembic_version").fetchall() == [
                 (UNKNOWN,)
             ]
+
+
+@pytest.mark.parametrize("arguments", (*COMMANDS, ("check-config",)), ids=" ".join)
+def test_a_configuration_file_not_found_says_how_to_name_one(tmp_path: Path, arguments) -> None:
+    """Run from a folder without conf/ (and without DICOMNODE_CONFIG), each command says
+    where it looked and how to point it at the file; DICOMNODE_CONFIG's file likewise."""
+    environment = {key: value for key, value in os.environ.items() if key != "DICOMNODE_CONFIG"}
+    for extra, looked_at in (
+        ({}, "conf/dicomnode.toml"),
+        ({"DICOMNODE_CONFIG": str(tmp_path / "gone.toml")}, str(tmp_path / "gone.toml")),
+    ):
+        result = subprocess.run(
+            [*DICOMNODE, *arguments],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=tmp_path,
+            env={**environment, **extra},
+        )
+        assert result.returncode == 2, result.stderr[-3000:]
+        assert result.stderr == (
+            f"configuration error: {looked_at}: cannot read file: No such file or directory "
+            "(give --config PATH or set DICOMNODE_CONFIG)\n"
+        )

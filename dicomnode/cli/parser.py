@@ -25,6 +25,13 @@ from dicomnode.cli.node import cmd_listener, cmd_serve, cmd_worker
 from dicomnode.cli.users import cmd_users
 
 DEFAULT_CONFIG = Path(os.environ.get("DICOMNODE_CONFIG", "conf/dicomnode.toml"))
+# Where the default comes from, for --help (argparse fills in %(default)s).
+CONFIG_HELP = (
+    "configuration file (default %(default)s, from the environment variable DICOMNODE_CONFIG)"
+    if "DICOMNODE_CONFIG" in os.environ
+    else "configuration file (default %(default)s; the environment variable DICOMNODE_CONFIG "
+    "names another)"
+)
 HIDDEN_COMMAND = "listener"
 MAX_TOKEN_DAYS = 36500
 
@@ -64,6 +71,16 @@ def _token_days(text: str) -> float:
     return days
 
 
+def _add_command(
+    commands: argparse._SubParsersAction, name: str, help_text: str
+) -> argparse.ArgumentParser:
+    """A subcommand whose own --help starts with the line the command list shows for it
+    (argparse shows a subparser's ``description`` only when given one)."""
+    return commands.add_parser(
+        name, help=help_text, description=help_text[:1].upper() + help_text[1:] + "."
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dicomnode",
@@ -77,17 +94,15 @@ def build_parser() -> argparse.ArgumentParser:
             "--config",
             type=Path,
             default=DEFAULT_CONFIG,
-            help=f"configuration file (default {DEFAULT_CONFIG})",
+            help=CONFIG_HELP,
         )
         return sub
 
-    serve = with_config(
-        commands.add_parser("serve", help="run the DICOM listener, web and workers")
-    )
+    serve = with_config(_add_command(commands, "serve", "run the DICOM listener, web and workers"))
     serve.add_argument("--workers", type=int, default=None, help="override [worker] count")
     serve.set_defaults(func=cmd_serve)
 
-    worker = with_config(commands.add_parser("worker", help="run one job worker"))
+    worker = with_config(_add_command(commands, "worker", "run one job worker"))
     worker.add_argument(
         "--metrics-port",
         type=_port_or_zero,
@@ -97,18 +112,35 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
     worker.set_defaults(func=cmd_worker)
 
-    check = commands.add_parser("check-config", help="validate the configuration and model cards")
-    check.add_argument("config", type=Path, nargs="?", default=DEFAULT_CONFIG)
+    check = _add_command(commands, "check-config", "validate the configuration and model cards")
+    check.add_argument("config", type=Path, nargs="?", default=DEFAULT_CONFIG, help=CONFIG_HELP)
     # As every other command takes it.
-    check.add_argument("--config", dest="config_option", type=Path, help="the same as CONFIG")
+    check.add_argument(
+        "--config",
+        dest="config_option",
+        type=Path,
+        metavar="CONFIG",
+        help="configuration file, as the other commands take it (instead of the positional "
+        "config; this one wins when both are given)",
+    )
     check.set_defaults(func=cmd_check_config)
 
-    worklist = with_config(commands.add_parser("worklist", help="print the reading worklist"))
-    worklist.add_argument("--limit", type=int, default=50)
+    worklist = with_config(_add_command(commands, "worklist", "print the reading worklist"))
+    worklist.add_argument(
+        "--limit",
+        type=int,
+        default=50,
+        help="show the first this many studies (default %(default)s)",
+    )
     worklist.set_defaults(func=cmd_worklist)
 
-    models = with_config(commands.add_parser("models", help="list, verify or evaluate model cards"))
-    models.add_argument("models_command", choices=["list", "verify", "eval"])
+    models = with_config(_add_command(commands, "models", "list, verify or evaluate model cards"))
+    models.add_argument(
+        "models_command",
+        choices=["list", "verify", "eval"],
+        help="list: one line per model card; verify: load each card's ONNX file and check it "
+        "against the card; eval: score MODEL on a synthetic data set (--data)",
+    )
     models.add_argument(
         "model", nargs="?", default=None, help="eval: a card's model name or a card file"
     )
@@ -126,36 +158,49 @@ def build_parser() -> argparse.ArgumentParser:
     )
     models.set_defaults(func=cmd_models)
 
-    synth = commands.add_parser("synth", help="write synthetic phantoms")
+    synth = _add_command(commands, "synth", "write synthetic phantoms")
     synth_kinds = synth.add_subparsers(dest="kind", required=True)
-    cxr = synth_kinds.add_parser(
-        "cxr", help="chest X-ray phantoms (DX/CR, PA/AP/lateral) with ground truth"
+    cxr = _add_command(
+        synth_kinds, "cxr", "chest X-ray phantoms (DX/CR, PA/AP/lateral) with ground truth"
     )
     from dicomnode.synth.cxr_cli import add_arguments as add_cxr_arguments
 
     add_cxr_arguments(cxr)
     cxr.set_defaults(func=cmd_synth)
-    ct = synth_kinds.add_parser(
-        "ct", help="chest CT series (one folder of slices each) with ground_truth.jsonl + masks"
+    ct = _add_command(
+        synth_kinds,
+        "ct",
+        "chest CT series (one folder of slices each) with ground_truth.jsonl + masks",
     )
     ct.add_argument("--n", type=int, required=True, help="number of series")
-    ct.add_argument("--out", type=Path, required=True)
+    ct.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="output folder (a folder of slices per series, truth/ masks, ground_truth.jsonl)",
+    )
     ct.add_argument("--seed", type=int, default=0, help="seed of the first series")
     ct.add_argument("--rows", type=int, default=256, help="rows = columns (default 256; 512)")
     ct.add_argument("--slices", type=int, default=64, help="slices per series (default 64)")
     ct.add_argument(
         "--slice-thickness", type=float, default=2.5, help="mm, e.g. 1, 1.25, 2.5, 5 (default 2.5)"
     )
-    ct.add_argument("--dose", choices=["standard", "low"], default="standard")
+    ct.add_argument(
+        "--dose",
+        choices=["standard", "low"],
+        default="standard",
+        help="noise level of the acquisition (default %(default)s)",
+    )
     ct.add_argument("--noise-hu", type=float, default=None, help="noise sigma in HU (over --dose)")
     ct.add_argument("--nodules", default="1..4", help="nodules per series, MIN..MAX (default 1..4)")
     ct.add_argument(
         "--nodule-size", default="3..30", help="nodule diameter in mm, MIN..MAX (default 3..30)"
     )
+    ct.add_argument("--no-progress", action="store_true", help="no progress bar")
     ct.set_defaults(func=cmd_synth)
 
-    demo = commands.add_parser(
-        "demo", help="start a demo node, send synthetic studies, show the worklist live"
+    demo = _add_command(
+        commands, "demo", "start a demo node, send synthetic studies, show the worklist live"
     )
     demo.add_argument("--studies", type=int, default=9, help="phantoms to send (default 9)")
     demo.add_argument("--port", type=int, default=11112, help="DICOM port (default 11112)")
@@ -164,26 +209,38 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--keep", action="store_true", help="keep the node running at the end")
     demo.set_defaults(func=cmd_demo)
 
-    reference = commands.add_parser(
-        "config-reference", help="print the configuration reference (Markdown) from the schema"
+    reference = _add_command(
+        commands, "config-reference", "print the configuration reference (Markdown) from the schema"
     )
     reference.add_argument("--out", type=Path, default=None, help="write to this file")
     reference.set_defaults(func=cmd_config_reference)
 
-    db = with_config(commands.add_parser("db", help="database maintenance"))
-    db.add_argument("db_command", choices=["upgrade"])
+    db = with_config(_add_command(commands, "db", "database maintenance"))
+    db.add_argument(
+        "db_command",
+        choices=["upgrade"],
+        help="upgrade: bring the database schema to this version's newest migration "
+        "(the node's commands also do it as they start)",
+    )
     db.set_defaults(func=cmd_db)
 
-    jobs = commands.add_parser("jobs", help="list jobs, retry dead-lettered ones")
+    jobs = _add_command(commands, "jobs", "list jobs, retry dead-lettered ones")
     jobs_commands = jobs.add_subparsers(dest="jobs_command", required=True)
     jobs_list = with_config(
-        jobs_commands.add_parser("list", help="jobs in one state, newest first (default dead)")
+        _add_command(jobs_commands, "list", "jobs in one state, newest first (default dead)")
     )
-    jobs_list.add_argument("--state", choices=["queued", "leased", "done", "dead"], default="dead")
-    jobs_list.add_argument("--limit", type=int, default=100)
+    jobs_list.add_argument(
+        "--state",
+        choices=["queued", "leased", "done", "dead"],
+        default="dead",
+        help="list the jobs in this state (default %(default)s)",
+    )
+    jobs_list.add_argument(
+        "--limit", type=int, default=100, help="list at most this many (default %(default)s)"
+    )
     jobs_retry = with_config(
-        jobs_commands.add_parser(
-            "retry", help="queue dead jobs again with a fresh attempt budget (audited)"
+        _add_command(
+            jobs_commands, "retry", "queue dead jobs again with a fresh attempt budget (audited)"
         )
     )
     jobs_retry.add_argument("ids", nargs="*", type=int, help="job ids (see 'jobs list')")
@@ -191,23 +248,30 @@ def build_parser() -> argparse.ArgumentParser:
         "--all", action="store_true", help="every dead job (narrowed by --kind/--destination)"
     )
     for sub in (jobs_list, jobs_retry):
-        sub.add_argument("--kind", choices=["analyse", "results", "export", "notify"])
+        sub.add_argument(
+            "--kind",
+            choices=["analyse", "results", "export", "notify"],
+            help="jobs of this kind only",
+        )
         sub.add_argument("--destination", help="export jobs to this destination only")
     jobs.set_defaults(func=cmd_jobs)
 
-    destinations = commands.add_parser(
-        "destinations", help="list the [[destinations]], or check them by C-ECHO"
+    destinations = _add_command(
+        commands, "destinations", "list the [[destinations]], or check them by C-ECHO"
     )
     destinations_commands = destinations.add_subparsers(dest="destinations_command", required=True)
     with_config(
-        destinations_commands.add_parser(
-            "list", help="name, AE@host:port, TLS, outputs and timeout of each destination"
+        _add_command(
+            destinations_commands,
+            "list",
+            "name, AE@host:port, TLS, outputs and timeout of each destination",
         )
     )
     destinations_echo = with_config(
-        destinations_commands.add_parser(
+        _add_command(
+            destinations_commands,
             "echo",
-            help="C-ECHO each destination (or the named ones) from [node] ae_title; "
+            "C-ECHO each destination (or the named ones) from [node] ae_title; "
             "exit 1 unless all answer",
         )
     )
@@ -222,33 +286,45 @@ def build_parser() -> argparse.ArgumentParser:
     )
     destinations.set_defaults(func=cmd_destinations)
 
-    users = commands.add_parser("users", help="local web users and API tokens")
+    users = _add_command(commands, "users", "local web users and API tokens")
     users_commands = users.add_subparsers(dest="users_command", required=True)
-    users_add = with_config(users_commands.add_parser("add", help="add a user"))
-    users_add.add_argument("name")
-    users_add.add_argument("--role", choices=["radiologist", "admin"], required=True)
+    users_add = with_config(_add_command(users_commands, "add", "add a user"))
+    users_add.add_argument("name", help="the user's log-in name")
+    users_add.add_argument(
+        "--role",
+        choices=["radiologist", "admin"],
+        required=True,
+        help="admins may also read the audit log and retry jobs over the API",
+    )
     users_add.add_argument(
         "--password-stdin", action="store_true", help="read the password from standard input"
     )
     users_token = with_config(
-        users_commands.add_parser("token", help="print a new API bearer token for a user")
+        _add_command(users_commands, "token", "print a new API bearer token for a user")
     )
-    users_token.add_argument("name")
+    users_token.add_argument("name", help="the user's log-in name")
     users_token.add_argument(
-        "--days", type=_token_days, default=30, help="valid for this many days; 0 = no expiry"
+        "--days",
+        type=_token_days,
+        default=30,
+        help="valid for this many days; 0 = no expiry (default %(default)s)",
     )
     for name, help_text in (
         ("disable", "refuse a user's log-in, sessions and tokens (until enabled)"),
         ("enable", "let a disabled user in again"),
         ("revoke", "end every API token and log-in session of a user"),
     ):
-        with_config(users_commands.add_parser(name, help=help_text)).add_argument("name")
+        with_config(_add_command(users_commands, name, help_text)).add_argument(
+            "name", help="the user's log-in name"
+        )
     users_password = with_config(
-        users_commands.add_parser(
-            "password", help="set a user's new password; ends their log-in sessions and API tokens"
+        _add_command(
+            users_commands,
+            "password",
+            "set a user's new password; ends their log-in sessions and API tokens",
         )
     )
-    users_password.add_argument("name")
+    users_password.add_argument("name", help="the user's log-in name")
     users_password.add_argument(
         "--password-stdin", action="store_true", help="read the password from standard input"
     )
@@ -257,11 +333,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="keep the user's API tokens (log-in sessions end anyway)",
     )
-    with_config(users_commands.add_parser("list", help="list users and roles"))
+    with_config(_add_command(users_commands, "list", "list users and roles"))
     users.set_defaults(func=cmd_users)
 
-    simulate = commands.add_parser(
-        "simulate", help="reading-room simulation: FIFO against the worklist policy"
+    simulate = _add_command(
+        commands, "simulate", "reading-room simulation: FIFO against the worklist policy"
     )
     simulate.add_argument(
         "--scenario", type=Path, default=None, help=f"scenario TOML (default: all in {SCENARIOS})"

@@ -572,7 +572,7 @@ def synth_command(args) -> int:
         Path(args.out),
         n=args.n,
         seed=args.seed,
-        progress=True,
+        progress=not args.no_progress,
         rows=args.rows,
         slices=args.slices,
         slice_thickness=args.slice_thickness,

@@ -85,16 +85,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="fraction of images with each finding: one number or name=fraction,... "
         "(default 0.5; pneumothorax: --pneumothorax-fraction)",
     )
-    parser.add_argument("--pneumothorax-fraction", type=float, default=0.5)
+    parser.add_argument(
+        "--pneumothorax-fraction",
+        type=float,
+        default=0.5,
+        help="fraction of images with a pneumothorax, 0..1 (default %(default)s; "
+        "--prevalence, when it gives one, wins)",
+    )
     parser.add_argument(
         "--views", type=_views, default=("PA",), help="comma-separated PA,AP,LATERAL (default PA)"
     )
-    parser.add_argument("--modality", choices=list(MODALITIES), default="DX")
+    parser.add_argument(
+        "--modality", choices=list(MODALITIES), default="DX", help="(default %(default)s)"
+    )
     parser.add_argument(
         "--bits", type=_bounded(8, 16, "--bits"), default=12, help="Bits Stored 8..16 (default 12)"
     )
     parser.add_argument(
-        "--photometric", choices=[*sorted(PHOTOMETRICS), "mixed"], default="MONOCHROME2"
+        "--photometric",
+        choices=[*sorted(PHOTOMETRICS), "mixed"],
+        default="MONOCHROME2",
+        help="Photometric Interpretation; mixed: some of each (default %(default)s)",
     )
     parser.add_argument(
         "--size",
@@ -113,7 +124,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=["explicit", "jpeg-baseline", "jpeg2000"],
         default="explicit",
         help="explicit VR little endian, JPEG baseline (lossy, needs --bits 8) or JPEG 2000 "
-        "lossless",
+        "lossless (default %(default)s)",
     )
     parser.add_argument("--no-masks", action="store_true", help="skip the truth/*.npz masks")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
