@@ -95,6 +95,12 @@ def web_socket(host: str, port: int) -> socket.socket:
     return socket.create_server((host, port), family=family, backlog=2048)
 
 
+def _bind_reason(exc: OSError) -> str:
+    """Why an address could not be bound, without the "(while attempting to bind on address
+    ...)" of socket.create_server: the line that says it names the address already."""
+    return (exc.strerror or str(exc)).split(" (while attempting to bind", 1)[0]
+
+
 def metrics_dir() -> str | None:
     """Set ``PROMETHEUS_MULTIPROC_DIR`` for this process and its workers (before any metric
     is made); returns the temporary folder to remove at exit, or None when one was given."""
@@ -464,7 +470,7 @@ def _serve(config: Path, workers: int | None) -> int:
                 "cannot serve the web page on %s:%d: %s",
                 settings.web.host,
                 settings.web.port,
-                exc.strerror or exc,
+                _bind_reason(exc),
             )
             failed = True
             return 1
@@ -475,7 +481,7 @@ def _serve(config: Path, workers: int | None) -> int:
                 "cannot listen for DICOM on %s:%d: %s",
                 settings.node.host,
                 settings.node.port,
-                exc.strerror or exc,
+                _bind_reason(exc),
             )
             failed = True
             return 1

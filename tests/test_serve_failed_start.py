@@ -117,7 +117,9 @@ def test_a_taken_dicom_port_is_one_error_line(tmp_path: Path) -> None:
     assert result.returncode == 1, result.stderr[-3000:]
     errors = [line for line in result.stderr.splitlines() if " ERROR " in line]
     assert len(errors) == 1, result.stderr[-3000:]
-    assert f"ERROR dicomnode: cannot listen for DICOM on 127.0.0.1:{port}: " in errors[0]
+    assert errors[0].endswith(
+        f"ERROR dicomnode: cannot listen for DICOM on 127.0.0.1:{port}: Address already in use"
+    ), errors[0]
     assert "stopped" not in result.stderr, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     assert list(temporary.glob("dicomnode-*")) == []
@@ -136,7 +138,10 @@ def test_a_taken_web_port_is_one_error_line(tmp_path: Path) -> None:
     assert result.returncode == 1, result.stderr[-3000:]
     errors = [line for line in result.stderr.splitlines() if "ERROR" in line]
     assert len(errors) == 1, result.stderr[-3000:]
-    assert f"ERROR dicomnode: cannot serve the web page on 127.0.0.1:{web_port}: " in errors[0]
+    assert errors[0].endswith(
+        f"ERROR dicomnode: cannot serve the web page on 127.0.0.1:{web_port}: "
+        "Address already in use"
+    ), errors[0]
     assert "worklist page on" not in result.stderr, result.stderr[-3000:]
     assert "stopped" not in result.stderr, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
