@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import highdicom as hd
 import numpy as np
@@ -102,14 +103,21 @@ def test_kos_selects_critical_images_and_results(
     )
 
 
-def test_kos_observer_is_the_model_and_notes_research_demo(kos: pydicom.Dataset) -> None:
+def test_kos_observer_is_the_model_and_notes_research_demo(
+    kos: pydicom.Dataset, tmp_path: Path
+) -> None:
+    """Read back as written: TID 1004's Model Name is the model's name (it held the version,
+    "1.0.0"), the Name its name and version (a KOS has no Algorithm Identification)."""
+    kos.save_as(tmp_path / "kos.dcm", enforce_file_format=True)
+    written = pydicom.dcmread(tmp_path / "kos.dcm")
     texts = {
         item.ConceptNameCodeSequence[0].CodeValue: item.TextValue
-        for item in walk(kos.ContentSequence)
+        for item in walk(written.ContentSequence)
         if item.ValueType == "TEXT"
     }
-    assert texts["121013"] == ALGORITHM.name  # Device Observer Name
-    assert texts["121015"] == ALGORITHM.version  # Device Observer Model Name
+    assert texts["121015"] == "cxr-pneumothorax-demo"  # Device Observer Model Name
+    assert texts["121013"] == "cxr-pneumothorax-demo 1.0.0"  # Device Observer Name
+    assert texts["121014"] == "dicomnode"  # Device Observer Manufacturer
     assert RESEARCH_DEMO_NOTICE in texts["113012"]  # Key Object Description
 
 

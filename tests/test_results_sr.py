@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterator
+from pathlib import Path
 
 import highdicom as hd
 import pydicom
 import pytest
 from dciodvfy import chest_xray, ct_series, dciodvfy_errors
+from pydicom.sr.codedict import codes
 
 from dicomnode import RESEARCH_DEMO_NOTICE
 from dicomnode.findings import Algorithm, CodedConcept, Finding, ImageFindings
@@ -165,16 +167,30 @@ def test_sr_finding_without_peak_references_image_without_coordinates(
     assert image.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
 
 
-def test_sr_observer_is_the_model_and_notice_is_present(sr: pydicom.Dataset) -> None:
+def test_sr_observer_is_the_model_and_notice_is_present(
+    sr: pydicom.Dataset, tmp_path: Path
+) -> None:
+    """Read back as written: TID 1004's Model Name is the model's name (it held the version,
+    "1.0.0"), the Name its name and version; TID 4019 in each group names both too."""
+    sr.save_as(tmp_path / "sr.dcm", enforce_file_format=True)
+    written = pydicom.dcmread(tmp_path / "sr.dcm")
     texts = {
         concept_name(item): item.TextValue
-        for item in walk(sr.ContentSequence)
+        for item in walk(written.ContentSequence)
         if item.ValueType == "TEXT"
     }
-    assert texts[("121013", "DCM")] == ALGORITHM.name  # Device Observer Name
-    assert texts[("121015", "DCM")] == ALGORITHM.version  # Device Observer Model Name
+    assert texts[("121015", "DCM")] == "cxr-pneumothorax-demo"  # Device Observer Model Name
+    assert texts[("121013", "DCM")] == "cxr-pneumothorax-demo 1.0.0"  # Device Observer Name
     assert texts[("121014", "DCM")] == "dicomnode"  # Device Observer Manufacturer
+    assert texts[("111001", "DCM")] == "cxr-pneumothorax-demo"  # Algorithm Name (TID 4019)
+    assert texts[("111003", "DCM")] == "1.0.0"  # Algorithm Version (TID 4019)
     assert RESEARCH_DEMO_NOTICE in texts[("121106", "DCM")]
+    observer = hd.sr.Comprehensive3DSR.from_dataset(written).content.get_observer_contexts(
+        observer_type=codes.DCM.Device
+    )
+    attributes = observer[0].observer_identifying_attributes
+    assert attributes.model_name == "cxr-pneumothorax-demo"
+    assert attributes.name == "cxr-pneumothorax-demo 1.0.0"
 
 
 def test_sr_tracking_uids_are_deterministic(sr: pydicom.Dataset, source: pydicom.Dataset) -> None:
@@ -430,18 +446,46 @@ def test_sr_of_ct_slices_without_slice_thickness() -> None:
 
 
 @pytest.mark.parametrize(
-    "kind",
-    ["SR", "Bone suppression (soft-tissue image, ribs and clavicles removed)"],
+    ("kind", "short", "shown"),
+    [
+        ("SR", "", "SR"),
+        # The bone suppression output read "AI Bone suppres~ cxr-bone-...": its writer's short
+        # label instead, the model's name saying which derivation.
+        ("Bone suppression (soft-tissue image)", "derived", "derived"),
+        ("Bone suppression (soft-tissue image, ribs and clavicles removed)", "derived", "derived"),
+        # With no short label, a cut after the last whole word that fits, never within one.
+        ("Bone suppression (soft-tissue image)", "", "Bone~"),
+    ],
 )
-def test_series_description_keeps_the_model_name_and_version_whole(kind: str) -> None:
+def test_series_description_keeps_the_model_name_and_version_whole(
+    kind: str, short: str, shown: str
+) -> None:
     """A viewer's series list is where a reader sees which model and version made a series:
-    a long kind is cut, not the model (the bone suppression output lost its version)."""
+    a long kind gives way or is cut, not the model (the bone suppression output lost its
+    version)."""
     algorithm = Algorithm(name="cxr-bone-suppression-demo", version="1.0.0")
+    description = series_description(algorithm, kind, short)
+    assert len(description) <= 64
+    assert description == f"AI {shown} cxr-bone-suppression-demo 1.0.0 (research demo)"
+
+
+@pytest.mark.parametrize(
+    ("kind", "shown"),
+    [
+        ("Noise reduction", "Noise reduction"),
+        ("Bone suppression (soft-tissue image)", "Bone suppression~"),
+        ("Noise reduction, low-dose CT", "Noise reduction~"),
+        ("Supersampling-of-the-image-by-four", "Supersampling-of-the-ima~"),
+    ],
+)
+def test_series_description_cuts_a_kind_at_a_word_boundary(kind: str, shown: str) -> None:
+    """A kind too long for the room (25 characters beside this model) and with no short label
+    ends after its last whole word that fits (punctuation before the cut dropped); one word
+    longer than the room is cut within it."""
+    algorithm = Algorithm(name="cxr-bone-supp", version="1.0.0")
     description = series_description(algorithm, kind)
     assert len(description) <= 64
-    assert description.startswith("AI ")
-    assert description.endswith(" cxr-bone-suppression-demo 1.0.0 (research demo)")
-    assert description.startswith(f"AI {kind[:8]}")
+    assert description == f"AI {shown} cxr-bone-supp 1.0.0 (research demo)"
 
 
 def test_series_description_cuts_only_a_name_too_long_for_any_kind() -> None:

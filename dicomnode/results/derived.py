@@ -101,7 +101,9 @@ def build_derived(
     study_uid = str(source.StudyInstanceUID)
     series_uid = result_series_uid(study_uid, algorithm, "derived")
     instance_uid = result_instance_uid([str(source.SOPInstanceUID)], algorithm, "derived")
-    description = series_description(algorithm, what)
+    # "derived" where the derivation does not fit whole beside the model's name and version
+    # (which say what it is: "cxr-bone-suppression-demo"), as the other writers name theirs.
+    description = series_description(algorithm, what, short="derived")
     # The source's header as the derived image takes it over: invalid values emptied or left
     # out (what its IOD then lacks is supplied or makes it a Secondary Capture, as below).
     reference = sanitised_reference(source)

@@ -6,14 +6,13 @@ from collections.abc import Sequence
 
 import highdicom as hd
 import pydicom
-from pydicom.sr.codedict import codes
 
 from dicomnode import EQUIPMENT_MANUFACTURER, RESEARCH_DEMO_NOTICE
 from dicomnode.findings import Algorithm
 from dicomnode.results.reference import sanitised_reference
 from dicomnode.results.source import character_set, check_source, copy_patient_study, one_study
-from dicomnode.results.sr import series_description
-from dicomnode.results.uids import result_instance_uid, result_series_uid, result_uid
+from dicomnode.results.sr import device_observer, series_description
+from dicomnode.results.uids import result_instance_uid, result_series_uid
 
 KOS_SERIES_NUMBER = 9906
 # CID 7010 Key Object Selection Document Title: the flagged images deserve a look.
@@ -43,12 +42,6 @@ def build_kos(
     if len(set(uids)) != len(uids):
         raise ValueError("build_kos got the same instance more than once")
     study_uid = one_study(selected, "the KOS's images and results")
-    device = hd.sr.DeviceObserverIdentifyingAttributes(
-        uid=result_uid("device", algorithm.manufacturer, algorithm.name, algorithm.version),
-        name=algorithm.name,
-        manufacturer_name=algorithm.manufacturer,
-        model_name=algorithm.version,
-    )
     note = (
         f"Images with critical findings of {algorithm.name} {algorithm.version} "
         f"({algorithm.manufacturer}), not verified by a physician"
@@ -58,9 +51,7 @@ def build_kos(
     content = hd.ko.KeyObjectSelection(
         document_title=OF_INTEREST,
         referenced_objects=selected,
-        observer_device_context=hd.sr.ObserverContext(
-            observer_type=codes.DCM.Device, observer_identifying_attributes=device
-        ),
+        observer_device_context=device_observer(algorithm),
         description=note[:_DESCRIPTION_MAX],
     )
     kos = hd.ko.KeyObjectSelectionDocument(

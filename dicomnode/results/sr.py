@@ -37,6 +37,7 @@ _LO_MAX = 64  # Series Description is LO: at most 64 characters
 __all__ = [
     "build_sr",
     "copy_patient_study",
+    "device_observer",
     "name_predecessors",
     "series_description",
     "validate_evaluation",
@@ -214,22 +215,37 @@ def validate_evaluation(evaluation: ImageFindings, allow_empty: bool = False) ->
     return source
 
 
-def series_description(algorithm: Algorithm, kind: str) -> str:
+def series_description(algorithm: Algorithm, kind: str, short: str = "") -> str:
     """Return a Series Description naming the model, e.g. "AI SR cxr-demo 1.0.0 (research demo)".
 
     Within LO's 64 characters the model's name and version are kept whole (a viewer's series
-    list is where a reader tells which model and version made a series) and ``kind`` is cut
-    (ending in "~"); only a name too long for any kind is cut itself."""
+    list is where a reader tells which model and version made a series). A ``kind`` too long
+    for the room left gives way to the writer's ``short`` label of it (a derived image's
+    "derived" for "Bone suppression (soft-tissue image)": the model's name tells which
+    derivation, and "Bone suppres~" or "Bone~" read worse), else is cut after its last whole
+    word that fits, else within a word; a cut ends in "~". Only a name too long for any kind
+    is cut itself."""
     suffix = " (research demo)" if algorithm.research_demo else ""
     model = f"{algorithm.name} {algorithm.version}"
-    room = _LO_MAX - len("AI  ") - len(model) - len(suffix)
-    if len(kind) > max(room, 8):
-        kind = kind[: max(room, 8) - 1] + "~"
+    room = max(_LO_MAX - len("AI  ") - len(model) - len(suffix), 8)
+    if len(kind) > room:
+        kind = short if short and len(short) <= room else _cut(kind, room)
     head = f"AI {kind} "
     room = _LO_MAX - len(head) - len(suffix)
     if len(model) > room:
         model = model[: room - 1] + "~"
     return f"{head}{model}{suffix}"
+
+
+def _cut(text: str, room: int) -> str:
+    """``text`` cut to ``room`` characters ending in "~": after its last whole word that fits
+    (punctuation before the cut dropped), or within its first word when none does."""
+    head = text[:room]  # one more than is kept: is the cut at a space?
+    if " " in head:
+        words = head[: head.rindex(" ")].rstrip(" ,;:-(")
+        if words:
+            return words + "~"
+    return text[: room - 1] + "~"
 
 
 def with_notice(text: str, algorithm: Algorithm, limit: int = _LO_MAX) -> str:
@@ -289,19 +305,25 @@ def _check_finding(finding: Finding, rows: int, columns: int, where: str) -> Non
             raise ValueError(f"{label}: heat map values must be finite and within 0..1")
 
 
-def _observation_context(algorithm: Algorithm) -> hd.sr.ObservationContext:
+def device_observer(algorithm: Algorithm) -> hd.sr.ObserverContext:
+    """The model as the device observer of an SR or KOS (TID 1002/1004): Device Observer
+    Model Name its name, Manufacturer its manufacturer, and Name its name and version (TID
+    1004 has no version row; the UID, one per model version, is no reader's text). The SR's
+    measurement groups also give the version in their Algorithm Identification (TID 4019); a
+    KOS has no such item (its Key Object Description text names it)."""
     device = hd.sr.DeviceObserverIdentifyingAttributes(
         uid=result_uid("device", algorithm.manufacturer, algorithm.name, algorithm.version),
-        name=algorithm.name,
+        name=f"{algorithm.name} {algorithm.version}",
         manufacturer_name=algorithm.manufacturer,
-        model_name=algorithm.version,
+        model_name=algorithm.name,
     )
-    return hd.sr.ObservationContext(
-        observer_device_context=hd.sr.ObserverContext(
-            observer_type=codes.DCM.Device,
-            observer_identifying_attributes=device,
-        )
+    return hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device, observer_identifying_attributes=device
     )
+
+
+def _observation_context(algorithm: Algorithm) -> hd.sr.ObservationContext:
+    return hd.sr.ObservationContext(observer_device_context=device_observer(algorithm))
 
 
 def ordinals(findings: Sequence[Finding]) -> list[int]:
