@@ -124,20 +124,23 @@ def render_table(rows: list[dict], truth: dict[str, DemoStudy]) -> str:
 
 
 class Screen:
-    """Redraws in place on a terminal; prints only changes elsewhere (logs, pipes)."""
+    """Redraws status and table in place on a terminal. Elsewhere (logs, pipes) prints a
+    status line when it changes and no table (a table per change was some ten tables for four
+    studies): the final worklist is printed once at the end."""
 
     def __init__(self) -> None:
         self.live = sys.stdout.isatty()
         self.last = ""
 
-    def show(self, text: str) -> None:
+    def show(self, note: str, progress: str, table: str) -> None:
+        text = f"{note}\n{progress}\n\n{table}" if self.live else f"{note}  {progress}"
         if text == self.last:
             return
         self.last = text
         if self.live:
             sys.stdout.write("\x1b[H\x1b[J" + text + "\n")
         else:
-            sys.stdout.write(text + "\n\n")
+            sys.stdout.write(text + "\n")
         sys.stdout.flush()
 
 
@@ -184,7 +187,10 @@ def run_demo(studies: int, port: int, web_port: int, keep: bool, folder: Path | 
         print(f"dicomnode demo ({RESEARCH_DEMO_NOTICE})")
         print(f"  DICOM:    DICOMNODE@127.0.0.1:{port}")
         print(f"  worklist: {url}/worklist  (user {DEMO_USER}, password {password})")
-        print(f"  files:    {folder}  (node log: {log})\n")
+        print(f"  files:    {folder}  (node log: {log})")
+        if temporary and not keep:
+            print("            removed when the demo ends; --keep or --folder keeps them")
+        print()
         plan = plan_studies(studies)
         truth = {s.accession: s for s in plan}
         screen = Screen()
@@ -195,7 +201,7 @@ def run_demo(studies: int, port: int, web_port: int, keep: bool, folder: Path | 
             response.raise_for_status()
             rows = [r for r in response.json()["rows"] if r["accession_number"] in truth]
             done = sum(r["analysis_status"] == "analysed" for r in rows)
-            screen.show(f"{note}\n{progress_bar(done, len(plan))}\n\n{render_table(rows, truth)}")
+            screen.show(note, progress_bar(done, len(plan)), render_table(rows, truth))
             return rows
 
         for index, study in enumerate(plan, 1):
