@@ -9,6 +9,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterable
+from datetime import timedelta
 from pathlib import Path
 
 import pydicom
@@ -297,6 +298,47 @@ def test_a_studys_exports_to_a_destination_leave_over_one_association(
     assert pacs.associations() == 1
 
 
+def test_an_export_takes_along_its_studys_exports_still_waiting_out_their_backoff(
+    sessions: sessionmaker[Session], tmp_path: Path, pacs: StoreSCP
+) -> None:
+    """The study's exports to the destination go together even when their backoffs end
+    apart (each reckoned from its own failure): one that is due takes along those still
+    waiting, not one leased to another worker, nor other destinations' or studies'."""
+    jobs = study_with_exports(
+        sessions,
+        tmp_path,
+        {"sr": "pacs", "overlay": "pacs", "kos": "pacs", "held": "pacs", "copy": "archive"},
+    )
+    other = study_with_exports(sessions, tmp_path, {"later": "pacs"})
+    with sessions() as session:
+        for name in ("overlay", "kos", "copy"):
+            waiting = session.get(Job, jobs[name])
+            waiting.attempts, waiting.run_after = 2, utcnow() + timedelta(minutes=5)
+        session.get(Job, other["later"]).run_after = utcnow() + timedelta(minutes=5)
+        held = session.get(Job, jobs["held"])
+        held.state, held.lease_owner = "leased", "another-worker"
+        held.lease_expires_at = utcnow() + timedelta(minutes=5)
+        session.commit()
+    worker = _worker(tmp_path, sessions, pacs.port)
+
+    assert worker.run_once()
+
+    state = {
+        name: (job.state, job.attempts)
+        for name, job in zip(jobs, _jobs(sessions, jobs.values()), strict=True)
+    }
+    assert state == {
+        "sr": ("done", 1),
+        "overlay": ("done", 3),
+        "kos": ("done", 3),
+        "held": ("leased", 0),
+        "copy": ("queued", 2),
+    }
+    assert [job.state for job in _jobs(sessions, other.values())] == ["queued"]
+    assert len(wait_for(lambda: len(pacs.received()) == 3 and pacs.received(), timeout=10)) == 3
+    assert pacs.associations() == 1
+
+
 def test_a_destination_down_fails_every_export_taken_along(
     sessions: sessionmaker[Session], tmp_path: Path
 ) -> None:
@@ -328,8 +370,8 @@ def test_exports_wait_out_an_outage_longer_than_their_attempts_and_leave_when_it
 ) -> None:
     """A destination that is down refuses nothing: its exports stay queued past
     ``max_attempts`` (an ERROR says so once per study's association), and once it answers
-    again the exports still waiting out their backoff for it (this study's and others') go at
-    once."""
+    again the study's exports leave together, those still waiting out their backoff too, and
+    the other studies' exports waiting for it go at once."""
     port = free_port()
     first = study_with_exports(sessions, tmp_path, {"sr": "pacs", "kos": "pacs"})
     other = study_with_exports(sessions, tmp_path, {"overlay": "pacs"})
@@ -347,11 +389,13 @@ def test_exports_wait_out_an_outage_longer_than_their_attempts_and_leave_when_it
         with storescp(tmp_path, port=port) as pacs:
             _due_now(sessions, [first["sr"]])  # the others wait out up to 8 minutes yet
             assert worker.run_once()
-            assert [job.state for job in _jobs(sessions, ids)] == ["done", "queued", "queued"]
-            assert worker.run_once() and worker.run_once()
+            # The study's kos, still waiting out its backoff, went along: one association.
+            assert [job.state for job in _jobs(sessions, ids)] == ["done", "done", "queued"]
+            assert worker.run_once()
             assert [job.state for job in _jobs(sessions, ids)] == ["done"] * 3
             assert wait_for(lambda: len(pacs.received()) == 3, timeout=10)
-    assert "destination pacs answers again: 2 waiting export(s) due now" in caplog.text
+            assert pacs.associations() == 2  # one per study
+    assert "destination pacs answers again: 1 waiting export(s) due now" in caplog.text
 
 
 def test_an_object_the_destination_refuses_is_dead_lettered_after_its_attempts(

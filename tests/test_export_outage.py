@@ -32,6 +32,7 @@ from web_server import add_users, serve
 from worklist_seed import add_study
 
 from dicomnode.checkconfig import load_checked
+from dicomnode.config import Destination, Settings
 from dicomnode.db.models import AuditEntry, Job, Study
 from dicomnode.db.session import as_utc, make_engine, make_sessionmaker, utcnow
 from dicomnode.jobs.queue import claim, enqueue, fail
@@ -272,3 +273,50 @@ def test_exports_to_a_removed_destination_are_dead_lettered_on_reload_and_sent_o
         stop.set()
         if running.is_alive():
             running.join(timeout=30)
+
+
+def test_a_studys_exports_stay_together_through_an_outage_and_leave_in_one_association(
+    sessions, tmp_path: Path
+) -> None:
+    """The acceptance tester's repro: a study's 14 result objects to a destination that is
+    down (no storescp on its port) for a few backoff rounds. Each failed job used to back off
+    from its own failure time, a few milliseconds apart, and an attempt took along only the
+    siblings already due: the batch split round after round (14, 7+7, 3+4+7) and left in
+    two associations (3+11) when the PACS came back. Now every round is one attempt for all
+    14, and they arrive in exactly one association, each once."""
+    port = free_port()
+    objects = {f"result-{n}": "pacs" for n in range(14)}
+    jobs = list(study_with_exports(sessions, tmp_path, objects).values())
+    settings = Settings(
+        storage={"path": tmp_path / "storage"},
+        worker={"backoff_base_seconds": 0.2, "max_attempts": 3},
+        destinations=[Destination(name="pacs", ae_title="PACS", host="127.0.0.1", port=port)],
+    )
+    worker = Worker(settings, sessions, cards=[])
+    stop = threading.Event()
+    running = threading.Thread(target=worker.run_forever, args=(stop,), name="worker")
+    try:
+        running.start()
+
+        def attempts() -> list[int]:
+            with sessions() as session:
+                return [session.get(Job, job_id).attempts for job_id in jobs]
+
+        # Past max_attempts: a destination that is down dead-letters nothing.
+        wait_for(lambda: min(attempts()) >= 4, timeout=30, what="four failed rounds")
+        assert "dead" not in [state for state, _ in _states(sessions, jobs)]
+        with storescp(tmp_path, port=port) as pacs:
+            wait_for(
+                lambda: all(state == "done" for state, _ in _states(sessions, jobs)),
+                timeout=30,
+                what="the exports to leave once the PACS answers",
+            )
+            received = [pydicom.dcmread(p) for p in pacs.received()]
+            uids = [str(ds.SOPInstanceUID) for ds in received]
+            assert len(uids) == len(set(uids)) == len(jobs)
+            assert pacs.associations() == 1
+        # Every round took them all: each job was tried as often as the others.
+        assert len(set(attempts())) == 1, attempts()
+    finally:
+        stop.set()
+        running.join(timeout=30)

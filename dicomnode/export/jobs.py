@@ -1,7 +1,8 @@
 """Export jobs: each sends one result object to a configured destination (``[[destinations]]``).
 
-The worker claims an export job and hands it here: the study's other exports to the same
-destination that are due go along, over one association (up to
+The worker claims an export job and hands it here: the study's other queued exports to the
+same destination go along (also those still waiting out a backoff, so that a study's exports
+stay together through an outage), over one association (up to
 :data:`EXPORTS_PER_ASSOCIATION`), each job completed or failed on its own, and a failed
 attempt is logged in one line for all of them. A destination that is down or out of
 resources is waited for (its exports back off and stay queued) and warned of at most once a
@@ -79,7 +80,7 @@ class ExportJobs:
 
     def run(self, session: Session, job: Job, started: float) -> None:
         """Send the job's result object to its destination, together with the study's other
-        exports to that destination that are due, over one association (up to
+        queued exports to that destination (due or still backing off), over one association (up to
         :data:`EXPORTS_PER_ASSOCIATION`); each of those jobs is completed or failed on its own,
         and a failed attempt is logged in one line for all of them. A job whose destination is
         no longer configured is dead-lettered (:meth:`dead_letter_unrouted_exports`).
@@ -118,6 +119,10 @@ class ExportJobs:
             worker.settings.worker.lease_seconds,
             lambda other: other.payload.get("destination") == name,
             EXPORTS_PER_ASSOCIATION - 1,
+            # Those still waiting out their backoff too: each failed job's backoff is
+            # reckoned from its own failure, a few milliseconds apart, and taking only those
+            # due split a study's association further at each retry of an outage.
+            waiting=True,
         )
         batch = [job, *companions]
         queued = {other.id: queued_seconds(other) for other in batch}

@@ -158,15 +158,23 @@ def claim_alike(
     alike: Callable[[Job], bool],
     limit: int,
     now: datetime | None = None,
+    waiting: bool = False,
 ) -> list[Job]:
     """Lease to ``owner``, besides its claimed ``job``, up to ``limit`` other runnable jobs of
     the same kind and study that ``alike`` admits (oldest first), to be run with it (e.g. a
     study's exports to one destination over one association); commits. Each counts an attempt
-    and is completed or failed on its own."""
+    and is completed or failed on its own. ``waiting``: queued ones still waiting out their
+    backoff are taken too, so that jobs run together stay together (each one's backoff,
+    reckoned from its own failure, ends a little apart from the others')."""
     now = now or utcnow()
+    runnable = (
+        or_(Job.state == "queued", and_(Job.state == "leased", Job.lease_expires_at < now))
+        if waiting
+        else _runnable(now)
+    )
     query = (
         select(Job)
-        .where(Job.kind == job.kind, Job.study_id == job.study_id, Job.id != job.id, _runnable(now))
+        .where(Job.kind == job.kind, Job.study_id == job.study_id, Job.id != job.id, runnable)
         .order_by(Job.id)
         .with_for_update(skip_locked=True)
     )
