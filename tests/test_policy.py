@@ -9,7 +9,14 @@ from pydicom import Dataset
 
 from dicomnode.models.registry import ModelCard, SelectionRules
 from dicomnode.pipeline.select import ImageFacts, image_facts, rules_match, select_models
-from dicomnode.worklist.policy import MAX_WAIT, TIERS, FindingFact, StudyFacts, prioritise
+from dicomnode.worklist.policy import (
+    MAX_WAIT,
+    TIERS,
+    FindingFact,
+    StudyFacts,
+    prioritise,
+    probability_text,
+)
 
 NOW = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 ANALYSED = StudyFacts(received_at=NOW - timedelta(minutes=5), analysis_status="analysed")
@@ -31,6 +38,31 @@ def test_present_critical_finding_is_critical_high() -> None:
     assert "Pneumothorax 87%" in priority.reason
     assert "effusion" not in priority.reason
     assert priority.score == pytest.approx(0.87)
+
+
+@pytest.mark.parametrize(
+    "probability,text",
+    [
+        (0.0, "0%"),
+        (0.0001, "<1%"),
+        (0.004, "<1%"),
+        (0.0099, "<1%"),
+        (0.01, "1%"),
+        (0.546, "55%"),
+        (0.99, "99%"),
+        (0.9951, ">99%"),
+        (0.99915, ">99%"),
+        (1.0, "100%"),
+    ],
+)
+def test_probability_text_never_reads_as_certain_unless_it_is(probability, text) -> None:
+    assert probability_text(probability) == text
+
+
+def test_near_certain_finding_reads_above_99_percent_not_100() -> None:
+    priority = prioritise(ANALYSED, [pneumothorax(0.99915)], NOW)
+    assert priority.reason == "AI critical: Pneumothorax >99%"
+    assert priority.score == pytest.approx(0.99915)
 
 
 def test_critical_finding_below_threshold_is_routine() -> None:

@@ -32,12 +32,13 @@ from dicomnode.web.schemas import WorklistOut
 from dicomnode.web.study_view import study_detail
 from dicomnode.web.throttle import attempt_login, login_throttle, wait_text
 from dicomnode.worklist import audit, service
-from dicomnode.worklist.policy import TIERS
+from dicomnode.worklist.policy import TIERS, probability_text
 from dicomnode.worklist.service import StudyNotFound
 
 log = logging.getLogger(__name__)
 
 TEMPLATES = Jinja2Templates(directory=str(Path(__file__).parent / "templates"))
+TEMPLATES.env.filters["probability"] = probability_text
 PAGE_SIZE = 100
 POLL_SECONDS = 3
 

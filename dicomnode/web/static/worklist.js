@@ -91,8 +91,15 @@
     return td;
   }
 
+  // The same text as probability_text in dicomnode/worklist/policy.py (the rows' reasons and
+  // the study page): "<1%" and ">99%" near the ends, so that no output reads as certain.
   function percent(probability) {
-    return (probability * 100).toFixed(0) + "%";
+    if (probability > 0 && probability < 0.01) return "<1%";
+    if (probability > 0.99 && probability < 1) return ">99%";
+    const hundredths = probability * 100;
+    let whole = Math.round(hundredths);
+    if (whole - hundredths === 0.5 && whole % 2) whole -= 1; // a tie goes to even, as Python's
+    return whole + "%";
   }
 
   // One finding (a label, highest probability first); others: the same label from other models.
@@ -100,16 +107,21 @@
     const classes = ["finding", finding.present ? "present" : "absent"];
     classes.push(finding.critical ? "critical" : "noncritical");
     const span = el("span", classes.join(" "));
+    // The finding and its probability stay together; the model's name may go to the next line.
+    const head = el("span", "finding-head");
     if (finding.present && finding.critical) {
-      span.appendChild(el("span", "crit-tag", "critical"));
-      span.appendChild(document.createTextNode(" "));
+      head.appendChild(el("span", "crit-tag", "critical"));
+      head.appendChild(document.createTextNode(" "));
     }
-    span.appendChild(document.createTextNode(finding.meaning + " "));
-    span.appendChild(el("span", "prob", percent(finding.probability)));
-    span.appendChild(el("span", "model", " · " + finding.model));
+    head.appendChild(document.createTextNode(finding.meaning + " "));
+    head.appendChild(el("span", "prob", percent(finding.probability)));
+    span.appendChild(head);
+    span.appendChild(document.createTextNode(" "));
+    span.appendChild(el("span", "model", "· " + finding.model));
     let title = finding.scheme + " " + finding.code + (finding.present ? " (above threshold)" : " (below threshold)");
     if (others && others.length) {
-      span.appendChild(el("span", "model also", " +" + others.length + (others.length === 1 ? " model" : " models")));
+      span.appendChild(document.createTextNode(" "));
+      span.appendChild(el("span", "model also", "+" + others.length + (others.length === 1 ? " model" : " models")));
       title += "; also " + others.map(function (f) { return f.model + " " + percent(f.probability); }).join(", ");
     }
     span.title = title;
@@ -121,7 +133,9 @@
   // dozen findings, most of them below threshold.
   function reasonCell(row) {
     const td = el("td", "reason");
-    td.appendChild(el("div", null, row.reason));
+    const reason = el("div", "reason-text", row.reason);
+    reason.title = row.reason;
+    td.appendChild(reason);
     if (!row.findings.length) return td;
     const line = el("div", "findings");
     const tag = el("span", "ai-tag", "AI");
@@ -169,8 +183,12 @@
 
   function patientCell(row) {
     const td = el("td", "patient");
-    td.appendChild(document.createTextNode(row.patient_name.replaceAll("^", " ").trim() || "—"));
-    td.appendChild(el("span", "patient-id", row.patient_id));
+    const name = el("span", "patient-name", row.patient_name.replaceAll("^", " ").trim() || "—");
+    name.title = name.textContent;
+    td.appendChild(name);
+    const id = el("span", "patient-id", row.patient_id);
+    id.title = row.patient_id;
+    td.appendChild(id);
     return td;
   }
 
@@ -180,7 +198,11 @@
     if (row.status === "in_progress") td.appendChild(el("span", "by", row.claimed_by));
     if (row.status === "reported") td.appendChild(el("span", "by", "by " + row.reported_by));
     if (row.analysis_status === "failed") td.appendChild(el("span", "by", "AI analysis failed"));
-    if (row.export_error) td.appendChild(el("span", "by export-failed", "export failed: " + row.export_error));
+    if (row.export_error) {
+      const failed = el("span", "by export-failed", "export failed: " + row.export_error);
+      failed.title = failed.textContent;
+      td.appendChild(failed);
+    }
     if (row.results_incomplete) td.appendChild(resultsMarker(row));
     return td;
   }
@@ -203,6 +225,7 @@
     } else {
       const names = row.results_missing.map(missingText).join(", ");
       marker.textContent = "AI results incomplete" + (names ? ": " + names : "");
+      // The names may be cut after a few lines; each is in the reasons too.
       marker.title = "Not written (the others were written and sent): " + row.results_error;
     }
     return marker;
@@ -212,9 +235,11 @@
     return "/worklist/study/" + encodeURIComponent(uid);
   }
 
-  // One link per kind: a lone object downloads, several go to the study page's list.
+  // One link per kind, compact chips that wrap: a lone object downloads, several go to the
+  // study page's list.
   function resultsCell(row) {
     const td = el("td", "results");
+    const chips = el("div", "result-chips");
     const byKind = new Map();
     for (const result of row.results) {
       if (!byKind.has(result.kind)) byKind.set(result.kind, []);
@@ -229,23 +254,23 @@
       const label = KIND_TEXT[kind] || kind;
       let link;
       if (results.length === 1) {
-        link = el("a", null, label);
+        link = el("a", "result-chip", label);
         link.href = results[0].url;
         link.title = results[0].model + " · download DICOM " + results[0].sop_instance_uid;
       } else {
-        link = el("a", null, label + " ");
+        link = el("a", "result-chip", label + " ");
         link.appendChild(el("span", "count-tag", "×" + results.length));
         link.href = studyPage(row.study_instance_uid) + "#results-" + kind;
         link.title = results.length + " " + label + " objects: " + results.map(function (r) { return r.model; }).join(", ");
       }
       link.dataset.kind = kind;
-      td.appendChild(link);
-      td.appendChild(document.createTextNode(" ")); // lets the links wrap
+      chips.appendChild(link);
     }
-    const details = el("a", "details", "Details");
+    const details = el("a", "result-chip details", "Details");
     details.href = studyPage(row.study_instance_uid);
     details.title = "All findings per model and the result objects with their export state";
-    td.appendChild(details);
+    chips.appendChild(details);
+    td.appendChild(chips);
     return td;
   }
 
@@ -260,15 +285,17 @@
   function actionsCell(row) {
     const td = el("td", "actions");
     if (row.status === "reported") return td;
+    const buttons = el("div", "action-buttons"); // wrap within the column, never past it
     if (row.status === "in_progress" && row.claimed_by === me) {
-      td.appendChild(actionButton("Complete", "complete", row, true));
-      td.appendChild(actionButton("Release", "release", row, false));
+      buttons.appendChild(actionButton("Complete", "complete", row, true));
+      buttons.appendChild(actionButton("Release", "release", row, false));
     } else if (row.status === "in_progress") {
-      if (isAdmin) td.appendChild(actionButton("Release", "release", row, false));
+      if (isAdmin) buttons.appendChild(actionButton("Release", "release", row, false));
     } else {
-      td.appendChild(actionButton("Claim", "claim", row, true));
+      buttons.appendChild(actionButton("Claim", "claim", row, true));
     }
-    td.appendChild(actionButton("Priority…", "override", row, false));
+    buttons.appendChild(actionButton("Priority…", "override", row, false));
+    td.appendChild(buttons);
     return td;
   }
 
@@ -287,7 +314,9 @@
       tr.appendChild(reasonCell(row));
       tr.appendChild(waitCell(row, now));
       tr.appendChild(el("td", "modality", row.modality));
-      tr.appendChild(el("td", "accession", row.accession_number));
+      const accession = el("td", "accession", row.accession_number);
+      accession.title = row.accession_number;
+      tr.appendChild(accession);
       tr.appendChild(patientCell(row));
       tr.appendChild(statusCell(row));
       tr.appendChild(resultsCell(row));
