@@ -123,3 +123,15 @@ class ModelRun:
             for finding in evaluation.findings:
                 if finding.present or not present_only:
                     finding.resolve_heatmap()
+
+
+def probability_text(probability: float) -> str:
+    """A model's probability as people read it: a whole percentage, but "<1%" and ">99%" near
+    the ends, so that no model output reads as certain (0% or 100%) unless it is exactly that.
+    The worklist's reasons, the study page, the worklist page (its script mirrors this) and the
+    text in overlays and presentation states use it; the API keeps the raw number."""
+    if 0.0 < probability < 0.01:
+        return "<1%"
+    if 0.99 < probability < 1.0:
+        return ">99%"
+    return f"{probability:.0%}"

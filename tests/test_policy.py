@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from pydicom import Dataset
 
+from dicomnode.findings import probability_text
 from dicomnode.models.registry import ModelCard, SelectionRules
 from dicomnode.pipeline.select import ImageFacts, image_facts, rules_match, select_models
 from dicomnode.worklist.policy import (
@@ -15,7 +16,6 @@ from dicomnode.worklist.policy import (
     FindingFact,
     StudyFacts,
     prioritise,
-    probability_text,
 )
 
 NOW = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)

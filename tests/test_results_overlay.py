@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 import numpy as np
 import pydicom
@@ -190,6 +191,10 @@ def test_legend_line_states_probability_and_decision() -> None:
         "[1] Pneumothorax: 83% (POSITIVE at threshold 50%) CRITICAL"
     )
     assert legend_line(2, negative) == "[2] Cardiomegaly: 12% (negative at threshold 40%)"
+    # Near the ends no output reads as certain (it read "100%" and "0%").
+    sure, faint = replace(positive, probability=0.99915), replace(negative, probability=0.004)
+    assert legend_line(1, sure).startswith("[1] Pneumothorax: >99% (POSITIVE")
+    assert legend_line(2, faint).startswith("[2] Cardiomegaly: <1% (negative")
 
 
 def test_overlay_downsamples_large_sources_keeping_aspect() -> None:

@@ -9,7 +9,7 @@ from pydicom.dataelem import DataElement
 from pydicom.multival import MultiValue
 
 from dicomnode import EQUIPMENT_MANUFACTURER, RESEARCH_DEMO_NOTICE, __version__
-from dicomnode.findings import Algorithm, Finding, ImageFindings
+from dicomnode.findings import Algorithm, Finding, ImageFindings, probability_text
 from dicomnode.pipeline.presentation_values import (
     first_window,
     is_inverted,
@@ -85,7 +85,7 @@ def build_gsps(
         if not finding.present or (finding.box is None and finding.point is None):
             continue
         tracking = _tracking(source, finding, ordinal, algorithm)
-        text = f"[{number}] {finding.concept.meaning} {finding.probability:.0%}"
+        text = f"[{number}] {finding.concept.meaning} {probability_text(finding.probability)}"
         if finding.box is not None:
             graphics.append(
                 hd.pr.GraphicObject(

@@ -14,7 +14,7 @@ from PIL import Image, ImageDraw, ImageFont
 from pydicom.uid import ExplicitVRLittleEndian
 
 from dicomnode import EQUIPMENT_MANUFACTURER, RESEARCH_DEMO_NOTICE, __version__
-from dicomnode.findings import Algorithm, Finding, ImageFindings
+from dicomnode.findings import Algorithm, Finding, ImageFindings, probability_text
 from dicomnode.pipeline.decode import GREY
 from dicomnode.pipeline.presentation_values import presentation_pixels
 from dicomnode.results.reference import sanitised_reference
@@ -263,7 +263,7 @@ def legend_line(number: int, finding: Finding) -> str:
     decision = "POSITIVE" if finding.present else "negative"
     critical = " CRITICAL" if finding.present and finding.critical else ""
     return (
-        f"[{number}] {finding.concept.meaning}: {finding.probability:.0%} "
+        f"[{number}] {finding.concept.meaning}: {probability_text(finding.probability)} "
         f"({decision} at threshold {finding.threshold:.0%}){critical}"
     )
 

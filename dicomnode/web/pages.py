@@ -17,6 +17,7 @@ from dicomnode import RESEARCH_DEMO_NOTICE, __version__
 from dicomnode.config import WorklistSettings
 from dicomnode.db.models import Study
 from dicomnode.db.session import utcnow
+from dicomnode.findings import probability_text
 from dicomnode.users import issue_token, principal_for_token, revoke_token
 from dicomnode.web.auth import (
     LOGIN_CSRF_COOKIE,
@@ -32,7 +33,7 @@ from dicomnode.web.schemas import WorklistOut
 from dicomnode.web.study_view import study_detail
 from dicomnode.web.throttle import attempt_login, login_throttle, wait_text
 from dicomnode.worklist import audit, service
-from dicomnode.worklist.policy import TIERS, probability_text
+from dicomnode.worklist.policy import TIERS
 from dicomnode.worklist.service import StudyNotFound
 
 log = logging.getLogger(__name__)

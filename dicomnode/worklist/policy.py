@@ -27,6 +27,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
 from dicomnode.config import WorklistSettings
+from dicomnode.findings import probability_text
 
 DEFAULT_SETTINGS = WorklistSettings()
 
@@ -83,18 +84,6 @@ class Priority:
     # Reading order key: the worklist lists studies by due_at, earliest first. It does not
     # change as time passes, so the order needs no periodic re-computation.
     due_at: datetime
-
-
-def probability_text(probability: float) -> str:
-    """A model's probability as people read it: a whole percentage, but "<1%" and ">99%" near
-    the ends, so that no model output reads as certain (0% or 100%) unless it is exactly that.
-    The worklist's reasons, the study page and the worklist page (its script mirrors this) use
-    it; the API keeps the raw number."""
-    if 0.0 < probability < 0.01:
-        return "<1%"
-    if 0.99 < probability < 1.0:
-        return ">99%"
-    return f"{probability:.0%}"
 
 
 def _describe(finding: FindingFact) -> str:

@@ -91,7 +91,7 @@
     return td;
   }
 
-  // The same text as probability_text in dicomnode/worklist/policy.py (the rows' reasons and
+  // The same text as probability_text in dicomnode/findings.py (the rows' reasons and
   // the study page): "<1%" and ">99%" near the ends, so that no output reads as certain.
   function percent(probability) {
     if (probability > 0 && probability < 0.01) return "<1%";
