@@ -84,15 +84,34 @@ def web_server_config(app: object, settings: Settings) -> uvicorn.Config:
     )
 
 
-def web_socket(host: str, port: int) -> socket.socket:
+def web_sockets(host: str, port: int) -> list[socket.socket]:
     """The ``[web]`` host and port bound and listening (OSError when taken or not this
-    host's), for :func:`run_web` to hand to uvicorn: serve binds it before it starts any
+    host's), for :func:`run_web` to hand to uvicorn: serve binds them before it starts any
     process, so that a port that is taken is one line and status 1, as a taken DICOM port is
     (uvicorn binding it logged its own error line once the listeners and workers had started,
-    and exited with its status 3)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    # uvicorn's default backlog for the sockets it binds.
-    return socket.create_server((host, port), family=family, backlog=2048)
+    and exited with its status 3).
+
+    One socket per address the host resolves to, as uvicorn's own binding (asyncio's
+    ``create_server``) made them: "localhost" is 127.0.0.1 and ::1, an empty host every
+    address of both families; IPv6 sockets are IPv6 only."""
+    addresses = socket.getaddrinfo(
+        host or None, port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0, socket.AI_PASSIVE
+    )
+    bound: list[socket.socket] = []
+    try:
+        for family, address in dict.fromkeys((a[0], a[4]) for a in addresses):
+            server = socket.socket(family, socket.SOCK_STREAM)
+            bound.append(server)
+            server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                server.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            server.bind(address)
+            server.listen(2048)  # uvicorn's default backlog
+    except OSError:
+        for server in bound:
+            server.close()
+        raise
+    return bound
 
 
 def _bind_reason(exc: OSError) -> str:
@@ -223,11 +242,11 @@ def run_web(
     sessions: sessionmaker[Session],
     stop: threading.Event,
     start: Callable[[], None] = lambda: None,
-    listening: socket.socket | None = None,
+    listening: list[socket.socket] | None = None,
 ) -> None:
     """Serve the web app in this (main) thread until SIGINT/SIGTERM; SIGHUP reloads.
     ``start`` (the listeners' start-up) runs in a thread meanwhile; READY=1 follows it.
-    ``listening``: the ``[web]`` port already bound (:func:`web_socket`; closed when the
+    ``listening``: the ``[web]`` port already bound (:func:`web_sockets`; closed when the
     server stops), else uvicorn binds it."""
     from dicomnode.retention import cleaner_loop
     from dicomnode.web.app import create_app
@@ -267,7 +286,7 @@ def run_web(
     if sigint.requested.is_set():  # a Ctrl-C or SIGTERM whose exception Python dropped
         server.should_exit = True
     try:
-        server.run(sockets=None if listening is None else [listening])
+        server.run(sockets=listening)
     finally:
         notifier.notify("STOPPING=1")
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
@@ -437,7 +456,7 @@ def _serve(config: Path, workers: int | None) -> int:
     listeners: ListenerPool | None = None
     pool: WorkerPool | None = None
     node: Node | None = None
-    web: socket.socket | None = None
+    web: list[socket.socket] = []
     try:
         for warning in config_warnings(settings):
             log.warning("%s", warning)
@@ -462,9 +481,9 @@ def _serve(config: Path, workers: int | None) -> int:
             lambda: running["node"].settings if "node" in running else settings,
             on_ready=ready.written,
         )
-        # Before any process starts: a taken port stops nothing (web_socket).
+        # Before any process starts: a taken port stops nothing (web_sockets).
         try:
-            web = web_socket(settings.web.host, settings.web.port)
+            web = web_sockets(settings.web.host, settings.web.port)
         except OSError as exc:
             log.error(
                 "cannot serve the web page on %s:%d: %s",
@@ -522,8 +541,8 @@ def _serve(config: Path, workers: int | None) -> int:
             pool.stop()
         if run_dir is not None:
             shutil.rmtree(run_dir, ignore_errors=True)
-        if web is not None:
-            web.close()  # uvicorn closes it when it ran; not when the start stopped first
+        for listening in web:
+            listening.close()  # uvicorn closes them when it ran; not when the start stopped first
         if not failed:
             log.info("stopped")
     return 1 if node is not None and node.failed else 0

@@ -49,6 +49,6 @@ if [ -z "$(.venv/bin/dicomnode users list --config "$config")" ]; then
   printf '%s\n' "$password" |
     .venv/bin/dicomnode users add admin --role admin --password-stdin --config "$config"
   echo "worklist log-in: user 'admin', password '$password' (shown once; add radiologists with"
-  echo "  .venv/bin/dicomnode users add NAME --role radiologist --config $config)"
+  echo "  .venv/bin/dicomnode users add NAME --role radiologist --config '$config')"
 fi
 exec .venv/bin/dicomnode serve --config "$config" ${serve_args[@]+"${serve_args[@]}"}
