@@ -159,7 +159,7 @@ def _wait_for_node(
         except httpx.HTTPError:
             pass
         time.sleep(0.2)
-    raise RuntimeError(f"the demo node was not ready after {timeout:.0f} s; see {log}")
+    raise RuntimeError(f"the demo node was not ready after {timeout:.0f} s")
 
 
 def run_demo(studies: int, port: int, web_port: int, keep: bool, folder: Path | None = None) -> int:
@@ -174,6 +174,7 @@ def run_demo(studies: int, port: int, web_port: int, keep: bool, folder: Path | 
     config = write_demo_config(folder, port, web_port)
     log = folder / "node.log"
     url = f"http://127.0.0.1:{web_port}"
+    keep_files = keep or not temporary
     process = subprocess.Popen(
         [sys.executable, "-m", "dicomnode", "serve", "--config", str(config)],
         stdout=log.open("w"),
@@ -216,11 +217,11 @@ def run_demo(studies: int, port: int, web_port: int, keep: bool, folder: Path | 
             rows = refresh("all studies sent; waiting for analysis")
             failed = [r for r in rows if r["analysis_status"] == "failed"]
             if failed:
-                raise RuntimeError(f"analysis failed for {len(failed)} study(ies); see {log}")
+                raise RuntimeError(f"analysis failed for {len(failed)} study(ies)")
             if len(rows) == len(plan) and all(r["analysis_status"] == "analysed" for r in rows):
                 break
             if time.monotonic() > deadline:
-                raise RuntimeError(f"analysis did not finish in time; see {log}")
+                raise RuntimeError("analysis did not finish in time")
             time.sleep(0.2)
         print("\nfinal worklist (reading order):")
         print(render_table(rows, truth))
@@ -229,8 +230,10 @@ def run_demo(studies: int, port: int, web_port: int, keep: bool, folder: Path | 
             with contextlib.suppress(KeyboardInterrupt):
                 process.wait()
         return 0
-    except RuntimeError as exc:
-        print(f"demo failed: {exc}", file=sys.stderr)
+    except (RuntimeError, httpx.HTTPError) as exc:
+        # The folder stays for the log the message names, temporary or not.
+        keep_files = True
+        print(f"demo failed: {exc}\n  see {log} (kept)", file=sys.stderr)
         return 1
     finally:
         process.terminate()
@@ -238,5 +241,5 @@ def run_demo(studies: int, port: int, web_port: int, keep: bool, folder: Path | 
             process.wait(timeout=30)
         except subprocess.TimeoutExpired:
             process.kill()
-        if temporary and not keep:
+        if not keep_files:
             shutil.rmtree(folder, ignore_errors=True)

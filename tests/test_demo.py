@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -62,3 +63,28 @@ def test_demo_says_its_temporary_folder_goes_at_exit(tmp_path: Path) -> None:
     assert "removed when the demo ends; --keep or --folder keeps them" in note
     assert not Path(folder).exists()
     assert out.count("PRIORITY") == 1, out
+
+
+def test_demo_keeps_its_temporary_folder_when_it_fails(tmp_path: Path) -> None:
+    """A failed demo names its node log and keeps it: the temporary folder was removed at
+    exit, so the log the failure message pointed at was gone."""
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    # The DICOM port bound but not listening: the demo's check finds nothing answering
+    # there, the node cannot bind it and exits at start.
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        ports = ["--port", str(port), "--web-port", str(free_port())]
+        result = subprocess.run(
+            [sys.executable, "-m", "dicomnode", "demo", "--studies", "1", *ports],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=tmp_path,
+            env=env,
+        )
+    assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "demo failed: the demo node exited" in result.stderr, result.stderr
+    (log,) = re.findall(r"see (\S+) \(kept\)", result.stderr)
+    assert Path(log).name == "node.log" and Path(log).parent.parent == tmp_path
+    assert f"cannot listen for DICOM on 127.0.0.1:{port}" in Path(log).read_text()
