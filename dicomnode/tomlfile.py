@@ -174,12 +174,7 @@ def _unknown_key(error: Any, model: type[BaseModel] | None) -> str:
     loc = tuple(error["loc"])
     value = error.get("input")
     tables = isinstance(value, list) and bool(value) and all(isinstance(v, dict) for v in value)
-    if tables:
-        what, shown = "unknown table", "[[{}]]"
-    elif isinstance(value, dict):
-        what, shown = "unknown table", "[{}]"
-    else:
-        what, shown = "unknown setting", "{}"
+    what = "unknown table" if tables or isinstance(value, dict) else "unknown setting"
     table = _table_model(model, loc[:-1]) if model is not None and loc else None
     if table is None or not isinstance(loc[-1], str):
         return what
@@ -188,7 +183,20 @@ def _unknown_key(error: Any, model: type[BaseModel] | None) -> str:
     close = difflib.get_close_matches(loc[-1].lower(), known, n=1)
     if not close:
         return what
-    return f"{what} (did you mean {shown.format(known[close[0]])}?)"
+    meant = known[close[0]]
+    return f"{what} (did you mean {_written(meant, _keys(table)[meant], loc[:-1])}?)"
+
+
+def _written(key: str, annotation: Any, table: tuple[str | int, ...]) -> str:
+    """``key`` as a file writes it, by its field's type (not the typo's value): a table
+    ``[worklist.max_wait_minutes]``, an array of tables ``[[peers]]``, a setting ``log_level``."""
+    annotation = _bare(annotation)
+    header = ".".join([*(part for part in table if isinstance(part, str)), key])
+    if _is_model(annotation):
+        return f"[{header}]"
+    if get_origin(annotation) is list and _is_model(_bare(get_args(annotation)[0])):
+        return f"[[{header}]]"
+    return key
 
 
 def _reason(error: Any, model: type[BaseModel] | None = None) -> str:

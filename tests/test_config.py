@@ -349,3 +349,27 @@ def test_a_misspelt_key_or_table_is_named_with_the_one_meant(tmp_path: Path) -> 
         f"{where}:19: [destinations.0.timout_seconds] unknown setting "
         "(did you mean timeout_seconds?)",
     ]
+
+
+def test_the_key_meant_is_written_as_its_own_kind(tmp_path: Path) -> None:
+    """The suggestion is written as the key meant is (a table ``[k]``, an array of tables
+    ``[[k]]``, a setting ``k``), not as the typo was: ``[log_leve]`` suggested [log_level]."""
+    path = write(
+        tmp_path,
+        "nod = 1\n"  # 1
+        "[log_leve]\n"  # 2
+        "[peer]\n"  # 3
+        'ae_title = "A"\n'  # 4
+        "[worklist.max_wait_minute]\n"  # 5
+        "stat = 10\n",  # 6
+    )
+    result = check_config(path)
+    assert result.returncode == 2
+    where = f"configuration error: {path}"
+    assert result.stderr.splitlines() == [
+        f"{where}:1: [nod] unknown setting (did you mean [node]?)",
+        f"{where}:2: [log_leve] unknown table (did you mean log_level?)",
+        f"{where}:3: [peer] unknown table (did you mean [[peers]]?)",
+        f"{where}:5: [worklist.max_wait_minute] unknown table "
+        "(did you mean [worklist.max_wait_minutes]?)",
+    ]
