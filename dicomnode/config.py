@@ -426,9 +426,11 @@ def load_settings(path: Path | str) -> Settings:
     except ConfigError as exc:
         if not isinstance(exc.__cause__, FileNotFoundError):
             raise
-        # Most often a command run from another folder than the one conf/ is in.
+        # Most often a command run from another folder than the one conf/ is in; but the
+        # path may be one given (--config, DICOMNODE_CONFIG) and misspelt: the loader cannot
+        # tell, so the hint fits both.
         raise ConfigError(
-            path, f"{exc.reason} (give --config PATH or set DICOMNODE_CONFIG)"
+            path, f"{exc.reason} (check the path, or give --config PATH or set DICOMNODE_CONFIG)"
         ) from exc.__cause__
     settings.source = Path(path).resolve()
     names = [d.name for d in settings.destinations]

@@ -109,13 +109,14 @@ def test_broken_file_names_file_line_key_and_reason(
 
 
 def test_missing_file_is_named(tmp_path: Path) -> None:
+    # A path given and missing: the hint fits it too (it said only "give --config PATH").
     missing = tmp_path / "absent.toml"
     result = check_config(missing)
     assert result.returncode == 2
     assert str(missing) in result.stderr
     assert result.stderr == (
         f"configuration error: {missing}: cannot read file: No such file or directory "
-        "(give --config PATH or set DICOMNODE_CONFIG)\n"
+        "(check the path, or give --config PATH or set DICOMNODE_CONFIG)\n"
     )
     # A file that is there but cannot be read: the hint would not help.
     unreadable = check_config(tmp_path)

@@ -158,5 +158,5 @@ def test_a_configuration_file_not_found_says_how_to_name_one(tmp_path: Path, arg
         assert result.returncode == 2, result.stderr[-3000:]
         assert result.stderr == (
             f"configuration error: {looked_at}: cannot read file: No such file or directory "
-            "(give --config PATH or set DICOMNODE_CONFIG)\n"
+            "(check the path, or give --config PATH or set DICOMNODE_CONFIG)\n"
         )
