@@ -202,22 +202,28 @@ def test_send_files_to_a_destination_that_is_down_raises(tmp_path: Path) -> None
 
 
 def study_with_exports(
-    sessions: sessionmaker[Session], tmp_path: Path, destinations: dict[str, str]
+    sessions: sessionmaker[Session],
+    tmp_path: Path,
+    destinations: dict[str, str],
+    study_id: int | None = None,
 ) -> dict[str, int]:
-    """A study with one result object per name in ``destinations`` (result name ->
-    destination name), each with its export job; the result named "gone" has no file.
-    Returns the job ids by result name."""
+    """A study (new, or the one of ``study_id``) with one result object per name in
+    ``destinations`` (result name -> destination name), each with its export job; the result
+    named "gone" has no file. Returns the job ids by result name."""
     jobs = {}
     with sessions() as session:
-        study = Study(
-            study_instance_uid=generate_uid(),
-            received_at=utcnow(),
-            last_instance_at=utcnow(),
-            ready_at=utcnow(),
-            due_at=utcnow(),
-        )
-        session.add(study)
-        session.flush()
+        if study_id is None:
+            study = Study(
+                study_instance_uid=generate_uid(),
+                received_at=utcnow(),
+                last_instance_at=utcnow(),
+                ready_at=utcnow(),
+                due_at=utcnow(),
+            )
+            session.add(study)
+            session.flush()
+        else:
+            study = session.get(Study, study_id)
         for name, destination in destinations.items():
             ds = secondary_capture(study_uid=study.study_instance_uid)
             path = tmp_path / f"{name}.dcm"
@@ -303,17 +309,20 @@ def test_an_export_takes_along_its_studys_exports_still_waiting_out_their_backof
 ) -> None:
     """The study's exports to the destination go together even when their backoffs end
     apart (each reckoned from its own failure): one that is due takes along those still
-    waiting, not one leased to another worker, nor other destinations' or studies'."""
+    waiting after the destination was unreachable, not one leased to another worker, nor
+    other destinations' or studies'."""
     jobs = study_with_exports(
         sessions,
         tmp_path,
         {"sr": "pacs", "overlay": "pacs", "kos": "pacs", "held": "pacs", "copy": "archive"},
     )
     other = study_with_exports(sessions, tmp_path, {"later": "pacs"})
+    # The destination down: the study's exports to it fail together, the archive's too.
+    down = _worker(tmp_path, sessions, free_port())
+    assert down.run_once() and down.run_once()
+    assert [job.attempts for job in _jobs(sessions, jobs.values())] == [1] * 5
     with sessions() as session:
-        for name in ("overlay", "kos", "copy"):
-            waiting = session.get(Job, jobs[name])
-            waiting.attempts, waiting.run_after = 2, utcnow() + timedelta(minutes=5)
+        session.get(Job, jobs["sr"]).run_after = utcnow()  # its backoff ended first
         session.get(Job, other["later"]).run_after = utcnow() + timedelta(minutes=5)
         held = session.get(Job, jobs["held"])
         held.state, held.lease_owner = "leased", "another-worker"
@@ -328,15 +337,44 @@ def test_an_export_takes_along_its_studys_exports_still_waiting_out_their_backof
         for name, job in zip(jobs, _jobs(sessions, jobs.values()), strict=True)
     }
     assert state == {
-        "sr": ("done", 1),
-        "overlay": ("done", 3),
-        "kos": ("done", 3),
-        "held": ("leased", 0),
-        "copy": ("queued", 2),
+        "sr": ("done", 2),
+        "overlay": ("done", 2),
+        "kos": ("done", 2),
+        "held": ("leased", 1),
+        "copy": ("queued", 1),
     }
     assert [job.state for job in _jobs(sessions, other.values())] == ["queued"]
     assert len(wait_for(lambda: len(pacs.received()) == 3 and pacs.received(), timeout=10)) == 3
     assert pacs.associations() == 1
+
+
+def test_an_object_the_destination_refused_waits_out_its_own_backoff(
+    sessions: sessionmaker[Session], tmp_path: Path, pacs: StoreSCP
+) -> None:
+    """An object the destination refused on its own (a failure status) is not taken along
+    by a later export of its study to that destination (another model's results, due
+    first): taking it retried it with each of them and spent its attempts long before its
+    backoff meant to. It goes when its own backoff ends."""
+    refusing = StatusSCP(0xC000)  # Error: Cannot understand
+    try:
+        refused = study_with_exports(sessions, tmp_path, {"refused": "pacs"})
+        assert _worker(tmp_path, sessions, refusing.port).run_once()
+    finally:
+        refusing.close()
+    [job] = _jobs(sessions, refused.values())
+    assert (job.state, job.attempts) == ("queued", 1) and "0xC000" in job.last_error
+    later = study_with_exports(sessions, tmp_path, {"later": "pacs"}, study_id=job.study_id)
+    worker = _worker(tmp_path, sessions, pacs.port)
+
+    assert worker.run_once()
+
+    states = [(job.state, job.attempts) for job in _jobs(sessions, [job.id, *later.values()])]
+    assert states == [("queued", 1), ("done", 1)]
+    assert len(wait_for(lambda: len(pacs.received()) == 1 and pacs.received(), timeout=10)) == 1
+    _due_now(sessions, [job.id])
+    assert worker.run_once()
+    assert [(job.state, job.attempts) for job in _jobs(sessions, [job.id])] == [("done", 2)]
+    assert pacs.associations() == 2
 
 
 def test_a_destination_down_fails_every_export_taken_along(

@@ -1,8 +1,8 @@
 """Export jobs: each sends one result object to a configured destination (``[[destinations]]``).
 
 The worker claims an export job and hands it here: the study's other queued exports to the
-same destination go along (also those still waiting out a backoff, so that a study's exports
-stay together through an outage), over one association (up to
+same destination go along (also those still waiting out a backoff after it was unreachable,
+so that a study's exports stay together through an outage), over one association (up to
 :data:`EXPORTS_PER_ASSOCIATION`), each job completed or failed on its own, and a failed
 attempt is logged in one line for all of them. A destination that is down or out of
 resources is waited for (its exports back off and stay queued) and warned of at most once a
@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Protocol
 
-from sqlalchemy import select
+from sqlalchemy import ColumnElement, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode import metrics
@@ -117,12 +117,15 @@ class ExportJobs:
             job,
             worker.owner,
             worker.settings.worker.lease_seconds,
-            lambda other: other.payload.get("destination") == name,
+            _to_destination(name),
             EXPORTS_PER_ASSOCIATION - 1,
-            # Those still waiting out their backoff too: each failed job's backoff is
-            # reckoned from its own failure, a few milliseconds apart, and taking only those
-            # due split a study's association further at each retry of an outage.
-            waiting=True,
+            # Those still waiting out their backoff after the destination was unreachable
+            # too: each failed job's backoff is reckoned from its own failure, a few
+            # milliseconds apart, and taking only those due split a study's association
+            # further at each retry of an outage. Not one that failed on its own (an object
+            # the destination refused): it waits out its own backoff, not retried with each
+            # of the study's later exports, which spent its attempts long before it ended.
+            waiting=_unreachable_last_time(),
         )
         batch = [job, *companions]
         queued = {other.id: queued_seconds(other) for other in batch}
@@ -207,7 +210,7 @@ class ExportJobs:
             exc = failed[job.id]
             metrics.EXPORT_FAILURES.labels(destination.name).inc()
             counted.add(job.id)
-            reason = without_patient_data(f"{type(exc).__name__}: {exc}", known)
+            reason = without_patient_data(_reason(exc), known)
             log.debug(
                 "job %d export study_id=%d attempt %d failed: %s",
                 job.id,
@@ -340,6 +343,29 @@ class ExportJobs:
                 database_reason(exc),
                 exc_info=not database_unavailable(exc),
             )
+
+
+def _reason(exc: Exception) -> str:
+    """A failed export's reason as its job keeps it: the exception's class, then what it
+    says (what :func:`_unreachable_last_time` looks for)."""
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _unreachable_last_time() -> ColumnElement[bool]:
+    """Export jobs whose last attempt failed because the destination was down or out of
+    resources (their ``last_error``, as :func:`_reason` wrote it)."""
+    return or_(
+        *(
+            Job.last_error.startswith(f"{unreachable.__name__}: ")
+            for unreachable in (DestinationUnavailable, DestinationOutOfResources)
+        )
+    )
+
+
+def _to_destination(name: str) -> ColumnElement[bool]:
+    """Export jobs to the destination ``name`` (in SQL: SQLite's json_extract, PostgreSQL's
+    ``->>``)."""
+    return Job.payload["destination"].as_string() == name
 
 
 def unconfigured_reason(destination: str) -> str:

@@ -155,30 +155,33 @@ def claim_alike(
     job: Job,
     owner: str,
     lease_seconds: float,
-    alike: Callable[[Job], bool],
+    alike: ColumnElement[bool],
     limit: int,
     now: datetime | None = None,
-    waiting: bool = False,
+    waiting: ColumnElement[bool] | None = None,
 ) -> list[Job]:
     """Lease to ``owner``, besides its claimed ``job``, up to ``limit`` other runnable jobs of
     the same kind and study that ``alike`` admits (oldest first), to be run with it (e.g. a
     study's exports to one destination over one association); commits. Each counts an attempt
-    and is completed or failed on its own. ``waiting``: queued ones still waiting out their
-    backoff are taken too, so that jobs run together stay together (each one's backoff,
-    reckoned from its own failure, ends a little apart from the others')."""
+    and is completed or failed on its own. ``alike`` is a condition in SQL, so that on
+    PostgreSQL only the jobs taken are locked. ``waiting``: the queued ones still waiting out
+    their backoff that are taken too (e.g. those that failed with ``job``, so that jobs run
+    together stay together: each one's backoff, reckoned from its own failure, ends a little
+    apart from the others')."""
     now = now or utcnow()
-    runnable = (
-        or_(Job.state == "queued", and_(Job.state == "leased", Job.lease_expires_at < now))
-        if waiting
-        else _runnable(now)
-    )
+    runnable = _runnable(now)
+    if waiting is not None:
+        runnable = or_(runnable, and_(Job.state == "queued", waiting))
     query = (
         select(Job)
-        .where(Job.kind == job.kind, Job.study_id == job.study_id, Job.id != job.id, runnable)
+        .where(
+            Job.kind == job.kind, Job.study_id == job.study_id, Job.id != job.id, alike, runnable
+        )
         .order_by(Job.id)
+        .limit(limit)
         .with_for_update(skip_locked=True)
     )
-    taken = [other for other in session.scalars(query) if alike(other)][:limit]
+    taken = list(session.scalars(query))
     for other in taken:
         _lease(other, owner, lease_seconds, now)
     session.commit()
