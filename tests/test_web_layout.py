@@ -16,6 +16,7 @@ from worklist_seed import add_export_job, add_results_job, add_study, add_zoo_st
 
 from dicomnode.db.models import Study
 from dicomnode.db.session import make_engine, make_sessionmaker, upgrade, utcnow
+from dicomnode.findings import probability_text
 from dicomnode.web.app import create_app
 from dicomnode.worklist.service import claim
 
@@ -202,3 +203,37 @@ def test_probabilities_near_certainty_are_not_shown_as_certain(page, day_site) -
     assert cells == [">99%", "50%"]  # probability, threshold
     assert page.inner_text("#study-reason") == "AI critical: Pneumothorax >99%"
     _screenshot(page, "study-near-certain.png")
+
+
+# Near and at the ends, a tie at each end of "<1%" and ">99%", and a tie between whole
+# percentages (12.5%: to even, as Python's format).
+PROBABILITIES = (0, 0.004, 0.005, 0.01, 0.125, 0.5, 0.99, 0.995, 0.99915, 1)
+
+
+@pytest.fixture
+def probabilities_site(tmp_path: Path) -> Iterator[str]:
+    """One analysed study per probability in :data:`PROBABILITIES`, its one finding scored so."""
+    url = f"sqlite:///{tmp_path / 'dicomnode.db'}"
+    upgrade(url)
+    engine = make_engine(url)
+    sessions = make_sessionmaker(engine)
+    add_users(sessions)
+    with sessions() as session:
+        for n, probability in enumerate(PROBABILITIES):
+            add_study(session, f"ACC-P{n}", minutes_ago=10 + n, probability=probability)
+    with serve(create_app(sessions)) as base:
+        yield base
+    engine.dispose()
+
+
+def test_the_worklist_page_reads_each_probability_as_python_does(probabilities_site) -> None:
+    """The page's script mirrors ``findings.probability_text`` (the rows' reasons and the
+    study page use it): each probability reads the same on the worklist page as in Python."""
+    with chromium_page() as page:
+        log_in(page, probabilities_site)
+        shown = {}
+        for n, probability in enumerate(PROBABILITIES):
+            row = page.locator("#rows tr", has_text=f"ACC-P{n}")
+            # Findings below threshold are in a closed <details>: their text, not their look.
+            shown[probability] = row.locator(".finding .prob").text_content()
+    assert shown == {probability: probability_text(probability) for probability in PROBABILITIES}
