@@ -80,17 +80,21 @@ def test_run_node_on_a_configuration_of_ones_own(tmp_path: Path, given: str) -> 
     config = _own_config(clone, port, web_port)
     environment = _environment(tmp_path)
     command = [str(clone / "scripts" / "run-node.sh")]
+    # A relative file is relative to the folder the script is run in (it then moves to the
+    # clone): run from the clone's parent for --config, so that only that reading finds it.
     if given == "--config":
-        command += ["--config", "conf/mine.toml"]  # relative to the folder it is run in
+        command += ["--config", "clone/conf/mine.toml"]
+        folder = tmp_path
     else:
         environment["DICOMNODE_CONFIG"] = "conf/mine.toml"
+        folder = clone
     log = tmp_path / "run-node.log"
     process = subprocess.Popen(
         command,
         stdin=subprocess.DEVNULL,
         stdout=log.open("w"),
         stderr=subprocess.STDOUT,
-        cwd=clone,
+        cwd=folder,
         env=environment,
         start_new_session=True,  # its own process group, as a terminal starts it
     )
@@ -117,7 +121,7 @@ def test_run_node_on_a_configuration_of_ones_own(tmp_path: Path, given: str) -> 
     assert f"0.0.0.0:{port} may store" in output, output
     # The admin account is in the database of the file given, and nothing used the other.
     assert "worklist log-in: user 'admin'" in output, output
-    assert f"--config {config}" in output, output
+    assert f"--config '{config}'" in output, output
     assert (clone / "var" / "mine.db").exists()
     assert not (clone / "var" / "dicomnode.db").exists()
     assert "INFO dicomnode: stopped" in output, output
@@ -138,12 +142,15 @@ def test_check_config_by_itself_still_warns(tmp_path: Path) -> None:
 
 def test_run_node_stops_on_a_refused_configuration(tmp_path: Path) -> None:
     """check-config's errors are shown (only its warnings are left out) and end the script
-    with its status, before any user is added or serve starts."""
+    with its status, before any user is added or serve starts. The file is given relative
+    to the folder the script is run in, not the clone: the error names it there."""
     clone = _clone(tmp_path)
-    config = clone / "conf" / "broken.toml"
-    config.write_text((clone / "conf" / "dicomnode.toml").read_text() + "\n[web]\nport = 1\n")
+    shipped = (clone / "conf" / "dicomnode.toml").read_text()
+    assert shipped.splitlines()[16] == 'ae_title = "DICOMNODE"'
+    config = clone / "conf" / "refused.toml"
+    config.write_text(shipped.replace('ae_title = "DICOMNODE"', 'ae_title = "DICOMNODE-TOO-LONG"'))
     result = subprocess.run(
-        [str(clone / "scripts" / "run-node.sh"), "--config", str(config)],
+        [str(clone / "scripts" / "run-node.sh"), "--config", "clone/conf/refused.toml"],
         stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,
@@ -152,7 +159,8 @@ def test_run_node_stops_on_a_refused_configuration(tmp_path: Path) -> None:
         env=_environment(tmp_path),
     )
     assert result.returncode == 2, result.stdout + result.stderr
-    assert "configuration error:" in result.stderr, result.stderr
-    assert OPEN_PEERS not in result.stderr, result.stderr
+    assert f"configuration error: {config}:17: [node.ae_title] an AE title is 1-16" in (
+        result.stderr
+    ), result.stderr
     assert "worklist log-in" not in result.stdout
     assert not (clone / "var").exists()
