@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import NullPool
 
 from dicomnode.db.errors import unknown_revision, unreachable
+from dicomnode.ingest.spool import make_folders
 
 if TYPE_CHECKING:
     from alembic.config import Config as AlembicConfig
@@ -49,7 +50,7 @@ def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         path = url.removeprefix("sqlite:///")
         if path and path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            make_folders(Path(path).parent)
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
         event.listen(engine, "connect", _sqlite_pragmas)
 
@@ -92,7 +93,7 @@ def upgrade(url: str) -> tuple[str | None, str | None]:
         path = url.removeprefix("sqlite:///")
         if path and path != ":memory:":
             try:
-                Path(path).parent.mkdir(parents=True, exist_ok=True)
+                make_folders(Path(path).parent)
                 # Patient names and IDs: a new database is readable by the node's account
                 # only (SQLite gives its -wal and -shm files the database file's mode).
                 os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))

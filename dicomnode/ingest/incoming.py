@@ -50,7 +50,7 @@ from pynetdicom import _config
 from pynetdicom.dsutils import create_file_meta
 
 from dicomnode.ingest.encoding import FileMeta, encode_file_meta
-from dicomnode.ingest.spool import move_into_place, start_write_back
+from dicomnode.ingest.spool import make_folders, move_into_place, start_write_back
 
 log = logging.getLogger("dicomnode.ingest")
 
@@ -76,7 +76,7 @@ class Limits:
 
 
 def _create(folder: Path, prefix: str) -> tuple[int, str]:
-    folder.mkdir(parents=True, exist_ok=True)
+    make_folders(folder)
     return tempfile.mkstemp(prefix=prefix, suffix=PART_SUFFIX, dir=folder)
 
 

@@ -55,6 +55,7 @@ from dicomnode.ingest.spool import (
     SpoolError,
     free_bytes,
     instance_path,
+    make_folders,
     sync_file,
     sync_folder,
 )
@@ -525,7 +526,7 @@ class StorageSCP:
         # discards them (logs.py keeps it at WARNING unless debugging): bound only for debug.
         # The associations and servers made from now on bind them, or not, when created.
         _config.LOG_HANDLER_LEVEL = "standard" if _pynetdicom_debug() else "none"
-        self.storage.mkdir(parents=True, exist_ok=True)
+        make_folders(self.storage)
         install(
             lambda: incoming_folder(self.storage),
             self._limits,

@@ -22,6 +22,8 @@ import os
 import socket
 from pathlib import Path
 
+from dicomnode.ingest.spool import make_folders
+
 log = logging.getLogger("dicomnode.jobs")
 
 # The folder's name: the database file's, with this after it.
@@ -100,7 +102,7 @@ class Doorbell:
     :meth:`close`."""
 
     def __init__(self, folder: Path):
-        folder.mkdir(exist_ok=True)
+        make_folders(folder)
         self.folder = folder
         self.name = f"{os.getpid()}.{next(_numbers)}"
         self.socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
