@@ -1,7 +1,7 @@
 """The worklist page in headless Chromium (Debian's, driven by Playwright): log-in, the
 critical study on top (checked on a screenshot's pixels), live update, filters, claim and
-complete, the marker of AI result objects that were not written, and pages that load without
-a console error."""
+complete (which asks for a confirmation), the marker of AI result objects that were not
+written, the study page's actions, and pages that load without a console error."""
 
 from __future__ import annotations
 
@@ -17,9 +17,11 @@ from worklist_seed import add_results_job, add_study
 from dicomnode.db.models import Study
 from dicomnode.db.session import make_engine, make_sessionmaker, upgrade, utcnow
 from dicomnode.web.app import create_app
+from dicomnode.worklist.service import claim
 
 ROWS = "#rows tr[data-study-uid]"
 CRITICAL_RED = (0xD3, 0x2F, 0x2F)  # --tier-critical in worklist.css
+CONFIRM_AFTER_MS = 600  # a second click sooner is a double click, not the confirmation (actions.js)
 
 pytestmark = pytest.mark.skipif(
     not CHROMIUM.exists(), reason=f"{CHROMIUM} not found (apt-get install chromium)"
@@ -97,12 +99,16 @@ def test_critical_study_on_top_live_update_filters_claim_complete(
     page.select_option("#filter-tier", "")
     _expect(page.locator(ROWS)).to_have_count(3)
 
-    # Claim, then complete: the study leaves the worklist.
+    # Claim, then complete (confirmed): the study leaves the worklist.
     top = page.locator("#rows tr").first
     top.locator("button[data-action=claim]").click()
     page.wait_for_selector("#rows tr:first-child td.status:has-text('In progress')")
     assert "dr_house" in page.locator("#rows tr").first.locator("td.status").inner_text()
-    page.locator("#rows tr").first.locator("button[data-action=complete]").click()
+    complete = page.locator("#rows tr").first.locator("button[data-action=complete]")
+    complete.click()
+    _expect(complete).to_have_text("Confirm complete")
+    page.wait_for_timeout(CONFIRM_AFTER_MS)
+    complete.click()
     _expect(page.locator(ROWS)).to_have_count(2)
     assert _accessions(page) == ["ACC-NEW-PTX", "ACC-ROUTINE"]
     assert page.inner_text("#message") == ""
@@ -193,3 +199,107 @@ def test_pages_load_without_console_errors(site, page) -> None:
     page.goto(f"{base}/worklist/study/{uid}")
     page.wait_for_load_state("networkidle")
     assert errors == []
+
+
+def _uid(sessions, accession: str) -> str:
+    with sessions() as session:
+        return (
+            session.query(Study.study_instance_uid).filter_by(accession_number=accession).scalar()
+        )
+
+
+def _api_study(page, base: str, uid: str) -> dict:
+    """The study as GET /api/studies/{uid} gives it to the page's session."""
+    response = page.request.get(f"{base}/api/studies/{uid}")
+    assert response.ok, response.status
+    return response.json()
+
+
+def test_complete_on_the_worklist_needs_a_confirmation(site, page) -> None:
+    """One click on Complete (or a double click) asks "Confirm complete" and sends nothing; the
+    question survives the page's poll, goes away after a few seconds, and a second click
+    while it is asked completes the study."""
+    base, sessions = site
+    uid = _uid(sessions, "ACC-PTX")
+    log_in(page, base)
+    row = page.locator(f"#rows tr[data-study-uid='{uid}']")
+    row.locator("button[data-action=claim]").click()
+    complete = row.locator("button[data-action=complete]")
+    _expect(complete).to_have_text("Complete")
+
+    complete.click()
+    _expect(complete).to_have_text("Confirm complete")
+    page.wait_for_timeout(3500)  # past a poll, which renders the rows again
+    _expect(complete).to_have_text("Confirm complete")
+    assert _api_study(page, base, uid)["status"] == "in_progress"
+    _expect(complete).to_have_text("Complete", timeout=5000)  # not confirmed: asked no more
+    assert _api_study(page, base, uid)["status"] == "in_progress"
+
+    complete.dblclick()
+    _expect(complete).to_have_text("Confirm complete")
+    page.wait_for_timeout(CONFIRM_AFTER_MS)
+    assert _api_study(page, base, uid)["status"] == "in_progress"
+    complete.click()
+    _expect(row).to_have_count(0)
+    study = _api_study(page, base, uid)
+    assert (study["status"], study["reported_by"]) == ("reported", "dr_house")
+    assert page.inner_text("#message") == ""
+
+
+def test_study_page_claims_then_completes_with_a_confirmation(site, page) -> None:
+    """The study page offers its worklist row's actions: Claim, then Complete and Release once
+    claimed, Priority… throughout; Complete asks once more; each call shows the study as it is
+    after it."""
+    base, sessions = site
+    uid = _uid(sessions, "ACC-PTX")
+    log_in(page, base)
+    page.goto(f"{base}/worklist/study/{uid}")
+    actions = page.locator("#study-actions button")
+    _expect(actions).to_have_text(["Claim", "Priority…"])
+
+    page.click("#study-actions button[data-action=claim]")
+    _expect(actions).to_have_text(["Complete", "Release", "Priority…"])
+    assert "in progress · dr_house" in page.inner_text(".facts")
+    study = _api_study(page, base, uid)
+    assert (study["status"], study["claimed_by"]) == ("in_progress", "dr_house")
+
+    complete = page.locator("#study-actions button[data-action=complete]")
+    complete.click()
+    _expect(complete).to_have_text("Confirm complete")
+    page.wait_for_timeout(CONFIRM_AFTER_MS)
+    assert _api_study(page, base, uid)["status"] == "in_progress"
+    complete.click()
+    _expect(actions).to_have_count(0)
+    assert "reported · reported by dr_house" in page.inner_text(".facts")
+    assert page.locator("#message").is_hidden()
+    study = _api_study(page, base, uid)
+    assert (study["status"], study["reported_by"]) == ("reported", "dr_house")
+
+
+def test_study_page_of_a_study_another_radiologist_claims(site, page) -> None:
+    """A claim the page did not know of yet answers 409: the page shows why and the study as it
+    is now, with no Complete (nor Claim) button; the override dialog works from the page."""
+    base, sessions = site
+    uid = _uid(sessions, "ACC-ROUTINE")
+    log_in(page, base)
+    page.goto(f"{base}/worklist/study/{uid}")
+    _expect(page.locator("#study-actions button")).to_have_text(["Claim", "Priority…"])
+    with sessions() as session:
+        claim(session, uid, "dr_grey", utcnow())
+
+    page.click("#study-actions button[data-action=claim]")
+    message = page.locator("#message")
+    _expect(message).to_be_visible()
+    assert f"study {uid} is being read by dr_grey" in message.inner_text()
+    _expect(page.locator("#study-actions button")).to_have_text(["Priority…"])
+    assert "in progress · dr_grey" in page.inner_text(".facts")
+    study = _api_study(page, base, uid)
+    assert (study["status"], study["claimed_by"]) == ("in_progress", "dr_grey")
+
+    page.click("#study-actions button[data-action=override]")
+    page.select_option("#override-tier", "stat")
+    page.fill("#override-reason", "ED called: trauma")
+    page.click("#override-form button[type=submit]")
+    _expect(page.locator(".study-head h1 .chip")).to_have_text("stat")
+    assert _api_study(page, base, uid)["override_tier"] == "stat"
+    assert message.is_hidden()

@@ -176,6 +176,14 @@ def test_worklist_fits_the_screen_with_every_action_button_visible(
     log_in(page, day_site)
     _assert_fits(page, width, height)
     _screenshot(page, f"worklist-{width}x{height}.png")
+    # Complete waiting for its confirmation is a longer button; it wraps within the column.
+    complete = page.locator("#rows tr", has_text="ACC-ZOO-0").locator(
+        "button[data-action=complete]"
+    )
+    complete.click()
+    assert complete.inner_text() == "Confirm complete"
+    _assert_fits(page, width, height)
+    _screenshot(page, f"worklist-{width}x{height}-confirm.png")
 
 
 def test_probabilities_near_certainty_are_not_shown_as_certain(page, day_site) -> None:

@@ -235,6 +235,7 @@ def page_router(
                 "missing": missing,
                 "user": caller.principal,
                 "csrf_token": caller.csrf_token,
+                "tiers": list(TIERS),
                 "notice": RESEARCH_DEMO_NOTICE,
                 "version": __version__,
             },

@@ -1,14 +1,15 @@
 // dicomnode reading worklist: renders /api/worklist, polls it for live updates, and sends
-// claim / release / complete / override with the page's CSRF token. No dependencies.
+// the study actions through actions.js (loaded before it). No other dependencies.
 "use strict";
 
 (function () {
+  const actions = window.dicomnodeActions;
+  const el = actions.el;
   const body = document.body;
   const pollMs = Number(body.dataset.pollMs) || 3000;
   const pageSize = Number(body.dataset.pageSize) || 100;
   const me = body.dataset.user;
   const isAdmin = body.dataset.role === "admin";
-  const csrf = document.querySelector('meta[name="csrf-token"]').content;
 
   const rowsEl = document.getElementById("rows");
   const countEl = document.getElementById("count");
@@ -23,7 +24,6 @@
     tier: document.getElementById("filter-tier"),
     status: document.getElementById("filter-status"),
   };
-  const dialog = document.getElementById("override-dialog");
 
   const STATUS_TEXT = {
     waiting: "Waiting for AI",
@@ -39,13 +39,6 @@
   let latest = null;
   let inFlight = false;
   const expandedBelow = new Set(); // rows whose below-threshold findings are open (survives polls)
-
-  function el(tag, className, text) {
-    const node = document.createElement(tag);
-    if (className) node.className = className;
-    if (text !== undefined && text !== null) node.textContent = String(text);
-    return node;
-  }
 
   function duration(ms) {
     const minutes = Math.max(0, Math.floor(ms / 60000));
@@ -274,28 +267,9 @@
     return td;
   }
 
-  function actionButton(label, action, row, primary) {
-    const button = el("button", primary ? "button primary" : "button", label);
-    button.type = "button";
-    button.dataset.action = action;
-    button.dataset.uid = row.study_instance_uid;
-    return button;
-  }
-
   function actionsCell(row) {
     const td = el("td", "actions");
-    if (row.status === "reported") return td;
-    const buttons = el("div", "action-buttons"); // wrap within the column, never past it
-    if (row.status === "in_progress" && row.claimed_by === me) {
-      buttons.appendChild(actionButton("Complete", "complete", row, true));
-      buttons.appendChild(actionButton("Release", "release", row, false));
-    } else if (row.status === "in_progress") {
-      if (isAdmin) buttons.appendChild(actionButton("Release", "release", row, false));
-    } else {
-      buttons.appendChild(actionButton("Claim", "claim", row, true));
-    }
-    buttons.appendChild(actionButton("Priority…", "override", row, false));
-    td.appendChild(buttons);
+    td.appendChild(actions.actionButtons(row, me, isAdmin));
     return td;
   }
 
@@ -362,67 +336,11 @@
     }
   }
 
-  async function post(path, payload) {
-    const response = await fetch(path, {
-      method: "POST",
-      credentials: "same-origin",
-      headers: { "Content-Type": "application/json", "X-CSRF-Token": csrf, Accept: "application/json" },
-      body: JSON.stringify(payload || {}),
-    });
-    if (!response.ok) {
-      let detail = "HTTP " + response.status;
-      try {
-        const body = await response.json();
-        detail = typeof body.detail === "string" ? body.detail : JSON.stringify(body.detail);
-      } catch (ignored) {
-        // keep the status line
-      }
-      throw new Error(detail);
-    }
-    return response.json();
-  }
-
-  function studyPath(uid, action) {
-    return "/api/studies/" + encodeURIComponent(uid) + "/" + action;
-  }
-
-  async function act(action, uid) {
-    showMessage("");
-    try {
-      await post(studyPath(uid, action));
-    } catch (error) {
-      showMessage(error.message);
-    }
+  // After a call: its error in the message area, the list as it is now.
+  async function acted(error) {
+    showMessage(error);
     await refresh();
   }
-
-  function openOverride(uid) {
-    const row = latest && latest.rows.find(function (r) { return r.study_instance_uid === uid; });
-    dialog.dataset.uid = uid;
-    document.getElementById("override-study").textContent = row
-      ? "Accession " + row.accession_number + " · now " + row.priority
-      : uid;
-    document.getElementById("override-tier").value = row && row.override_tier ? "" : "stat";
-    document.getElementById("override-reason").value = "";
-    dialog.showModal();
-  }
-
-  document.getElementById("override-form").addEventListener("submit", async function (event) {
-    event.preventDefault();
-    const reason = document.getElementById("override-reason").value.trim();
-    const tier = document.getElementById("override-tier").value || null;
-    dialog.close();
-    showMessage("");
-    try {
-      await post(studyPath(dialog.dataset.uid, "override"), { tier: tier, reason: reason });
-    } catch (error) {
-      showMessage(error.message);
-    }
-    await refresh();
-  });
-  document.getElementById("override-cancel").addEventListener("click", function () {
-    dialog.close();
-  });
 
   // "toggle" does not bubble: listen in the capture phase for every row's details.
   rowsEl.addEventListener("toggle", function (event) {
@@ -435,8 +353,10 @@
   rowsEl.addEventListener("click", function (event) {
     const button = event.target.closest("button[data-action]");
     if (!button) return;
-    if (button.dataset.action === "override") openOverride(button.dataset.uid);
-    else act(button.dataset.action, button.dataset.uid);
+    const uid = button.dataset.uid;
+    const row = latest.rows.find(function (r) { return r.study_instance_uid === uid; });
+    showMessage("");
+    actions.handle(button, row, acted);
   });
 
   for (const select of Object.values(filters)) {
