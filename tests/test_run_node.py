@@ -62,7 +62,8 @@ def _own_config(clone: Path, port: int, web_port: int) -> Path:
 
 def _environment(folder: Path) -> dict[str, str]:
     environment = {**os.environ, "PIP_NO_INDEX": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
-    # The test environment's setuptools builds the editable install (no index to fetch one).
+    # The test environment's setuptools builds the editable install (no index to fetch one);
+    # the [dev] extra brings one that reads pyproject's license string (77 or later).
     environment["PIP_NO_BUILD_ISOLATION"] = "0"
     environment["TMPDIR"] = str(folder)
     for name in ("DICOMNODE_CONFIG", "PROMETHEUS_MULTIPROC_DIR", "VIRTUAL_ENV"):
