@@ -894,3 +894,34 @@ def test_threads_of_one_listener_do_not_lose_counts(tmp_path: Path) -> None:
     for worker in workers:
         worker.join()
     assert slots.count(modality) == 8 * 300
+
+
+@pytest.fixture
+def one_association_node(tmp_path: Path, sessions: sessionmaker[Session]) -> Iterator[Node]:
+    yield from start_scp(tmp_path, sessions, {"max_associations": 1})
+
+
+def test_a_released_association_no_longer_counts_while_its_thread_winds_down(
+    one_association_node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sender at the association limit that releases and at once associates again (a
+    modality sending studies back to back) was rejected, "local limit exceeded", while the
+    released association's thread was still stopping its DUL (a few ms; seen in a full run).
+    Its stop is slowed here, so that the next request surely comes during it."""
+    from dicomnode.ingest.reactor import EventDrivenAssociation
+
+    kill = EventDrivenAssociation.kill
+
+    def slowly(self: EventDrivenAssociation) -> None:
+        if self.is_released:
+            time.sleep(1.0)
+        kill(self)
+
+    monkeypatch.setattr(EventDrivenAssociation, "kill", slowly)
+    for _ in range(3):
+        (first,) = _established(one_association_node.port, 1)
+        assert first.echo() == 0x0000
+        first.assoc.release()
+        (again,) = _established(one_association_node.port, 1)
+        assert again.echo() == 0x0000
+        again.assoc.release()

@@ -128,16 +128,20 @@ class ListenerAE(AE):
     each association request is answered) counts associations, not connections: pynetdicom
     counts every acceptor thread, also those of connections that have sent no association
     request yet, so that one host's silent connections had every other sender rejected
-    ("local limit exceeded") until they timed out."""
+    ("local limit exceeded") until they timed out; and the threads of associations already
+    released or aborted, still stopping, so that a sender at the limit that released and at
+    once associated again was rejected."""
 
     @property
     def active_associations(self) -> list[Association]:
         """Association threads, less the acceptors still waiting for their request (which
-        also keep the timeouts they had when accepted if the AE's are changed)."""
+        also keep the timeouts they had when accepted if the AE's are changed) and those
+        whose association has ended (released or aborted: the thread is stopping)."""
         return [
             assoc
             for assoc in super().active_associations
             if not (assoc.is_acceptor and assoc.requestor.primitive is None)
+            and not (assoc.is_released or assoc.is_aborted)
         ]
 
 
@@ -326,6 +330,9 @@ class StorageSCP:
             partial.discard()
 
     def _on_ended(self, event: evt.Event, outcome: str) -> None:
+        # Its counts are free once it has ended, not when its thread has stopped its DUL
+        # (a sender that associates again at once is not refused meanwhile).
+        self.admission.release(event.assoc)
         self._discard_partial(event.assoc)
         with self._lock:
             record = self._associations.pop(id(event.assoc), None)
