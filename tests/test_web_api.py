@@ -92,6 +92,7 @@ PROTECTED = [
     ("POST", "/api/studies/1.2.3/claim"),
     ("POST", "/api/studies/1.2.3/release"),
     ("POST", "/api/studies/1.2.3/complete"),
+    ("POST", "/api/studies/1.2.3/reopen"),
     ("POST", "/api/studies/1.2.3/override"),
     ("GET", "/api/results/1.2.3.4"),
     ("GET", "/api/audit"),
@@ -268,6 +269,67 @@ def test_admin_releases_anyones_claim(site: Site) -> None:
         assert released.json()["status"] == "ready"
 
 
+def test_reopen_puts_a_reported_study_back_for_its_reporter_or_an_admin(site: Site) -> None:
+    """Reopen: only a reported study (409), only by its reporter or an admin (403); it comes
+    back in progress claimed by the caller, the report cleared, priority and due time as before
+    it was completed; audited; a cookie session needs the CSRF token as for every change."""
+    uid = site.seed("ACC", probability=0.92)
+    with site.client("dr_house") as house, site.client("dr_grey") as grey:
+        not_reported = house.post(f"/api/studies/{uid}/reopen")
+        assert not_reported.status_code == 409
+        assert not_reported.json()["detail"] == (
+            f"study {uid} is not reported; there is nothing to reopen"
+        )
+        before = house.post(f"/api/studies/{uid}/claim").json()
+        assert house.post(f"/api/studies/{uid}/complete").json()["status"] == "reported"
+
+        forbidden = grey.post(f"/api/studies/{uid}/reopen")
+        assert forbidden.status_code == 403
+        assert forbidden.json()["detail"] == (
+            f"study {uid} was reported by dr_house, not by you; only they or an admin can reopen it"
+        )
+        assert grey.get(f"/api/studies/{uid}").json()["status"] == "reported"
+
+        reopened = house.post(f"/api/studies/{uid}/reopen")
+        assert reopened.status_code == 200, reopened.text
+        row = reopened.json()
+        assert (row["status"], row["claimed_by"]) == ("in_progress", "dr_house")
+        assert (row["reported_by"], row["reported_at"]) == ("", None)
+        fields = ("priority", "ups_priority", "due_at", "reason")
+        assert {k: row[k] for k in fields} == {k: before[k] for k in fields}
+        listing = house.get("/api/worklist").json()["rows"]
+        assert [(r["study_instance_uid"], r["status"]) for r in listing] == [(uid, "in_progress")]
+        assert house.post(f"/api/studies/{uid}/reopen").status_code == 409
+        assert house.post(f"/api/studies/{uid}/complete").json()["reported_by"] == "dr_house"
+
+    # An admin may reopen anyone's report; it is then the admin's claim (they may release it).
+    with site.client("boss") as admin:
+        by_admin = admin.post(f"/api/studies/{uid}/reopen").json()
+        assert (by_admin["status"], by_admin["claimed_by"]) == ("in_progress", "boss")
+        assert admin.post(f"/api/studies/{uid}/release").json()["status"] == "ready"
+        entries = admin.get("/api/audit", params={"action": "reopen"}).json()
+    assert [(e["actor"], e["study_instance_uid"]) for e in entries] == [
+        ("boss", uid),
+        ("dr_house", uid),
+    ]
+    assert all(e["detail"].startswith("reopened report of dr_house from ") for e in entries)
+
+    # From the page's cookie session, only with the page's CSRF token.
+    with site.client("dr_house") as house:
+        house.post(f"/api/studies/{uid}/claim")
+        house.post(f"/api/studies/{uid}/complete")
+    browser, csrf = _browser_login(site)
+    with closing(browser):
+        refused = browser.post(f"/api/studies/{uid}/reopen")
+        assert refused.status_code == 403
+        assert "CSRF" in refused.json()["detail"]
+        with site.client("dr_house") as house:
+            assert house.get(f"/api/studies/{uid}").json()["status"] == "reported"
+        done = browser.post(f"/api/studies/{uid}/reopen", headers={"X-CSRF-Token": csrf})
+        assert done.status_code == 200, done.text
+        assert done.json()["claimed_by"] == "dr_house"
+
+
 def test_result_objects_download_as_dicom_and_are_audited(site: Site, tmp_path: Path) -> None:
     result = tmp_path / "sr.dcm"
     result.write_bytes(b"\0" * 128 + b"DICM" + b"payload")
@@ -293,7 +355,7 @@ def test_openapi_schema_lists_the_endpoints_and_bearer_auth(site: Site) -> None:
         p["name"] for p in paths["/api/worklist"]["get"]["parameters"]
     }
     assert "get" in paths["/api/studies/{study_instance_uid}"]
-    for action in ("claim", "release", "complete", "override"):
+    for action in ("claim", "release", "complete", "reopen", "override"):
         assert "post" in paths[f"/api/studies/{{study_instance_uid}}/{action}"]
     assert "get" in paths["/api/audit"]
     assert "get" in paths["/api/results/{sop_instance_uid}"]

@@ -269,11 +269,47 @@ def test_study_page_claims_then_completes_with_a_confirmation(site, page) -> Non
     page.wait_for_timeout(CONFIRM_AFTER_MS)
     assert _api_study(page, base, uid)["status"] == "in_progress"
     complete.click()
-    _expect(actions).to_have_count(0)
+    _expect(actions).to_have_text(["Reopen"])  # all a reported study offers its reporter
     assert "reported · reported by dr_house" in page.inner_text(".facts")
     assert page.locator("#message").is_hidden()
     study = _api_study(page, base, uid)
     assert (study["status"], study["reported_by"]) == ("reported", "dr_house")
+
+
+def test_study_page_reopens_a_study_completed_by_mistake(site, page) -> None:
+    """A reported study's page offers its reporter Reopen (and nothing else); after it, the
+    study is in progress with the reporter's claim and back on the worklist."""
+    base, sessions = site
+    uid = _uid(sessions, "ACC-PTX")
+    log_in(page, base)
+    page.goto(f"{base}/worklist/study/{uid}")
+    actions = page.locator("#study-actions button")
+    page.click("#study-actions button[data-action=claim]")
+    complete = page.locator("#study-actions button[data-action=complete]")
+    complete.click()
+    _expect(complete).to_have_text("Confirm complete")
+    page.wait_for_timeout(CONFIRM_AFTER_MS)
+    complete.click()
+    _expect(actions).to_have_text(["Reopen"])
+    assert "reported · reported by dr_house" in page.inner_text(".facts")
+
+    page.click("#study-actions button[data-action=reopen]")
+    _expect(actions).to_have_text(["Complete", "Release", "Priority…"])
+    assert "in progress · dr_house" in page.inner_text(".facts")
+    assert "reported by" not in page.inner_text(".facts")
+    assert page.locator("#message").is_hidden()
+    study = _api_study(page, base, uid)
+    assert (study["status"], study["claimed_by"], study["reported_by"]) == (
+        "in_progress",
+        "dr_house",
+        "",
+    )
+
+    page.click("#back")
+    page.wait_for_url(f"{base}/worklist")
+    row = page.locator(f"#rows tr[data-study-uid='{uid}']")
+    _expect(row).to_have_count(1)
+    _expect(row.locator("button[data-action=complete]")).to_have_text("Complete")
 
 
 def test_study_page_of_a_study_another_radiologist_claims(site, page) -> None:

@@ -1,8 +1,10 @@
-"""REST API: worklist, studies (claim, release, complete, override), results, audit, log-in.
+"""REST API: worklist, studies (claim, release, complete, reopen, override), results, audit,
+log-in.
 
 Roles: a radiologist may read the worklist, studies and results, claim, release their own
-claims, complete and override. An admin may do all that, release anyone's claim and read
-the audit log (who saw or changed what), which radiologists may not.
+claims, complete, reopen their own reports and override. An admin may do all that, release
+anyone's claim, reopen anyone's report and read the audit log (who saw or changed what),
+which radiologists may not.
 """
 
 from __future__ import annotations
@@ -42,7 +44,13 @@ from dicomnode.web.schemas import (
 from dicomnode.web.study_view import StudyDetailOut, study_detail
 from dicomnode.web.throttle import attempt_login, login_throttle, wait_text
 from dicomnode.worklist import audit, service
-from dicomnode.worklist.service import ClaimConflict, InvalidRequest, StudyNotFound, WorklistError
+from dicomnode.worklist.service import (
+    ClaimConflict,
+    InvalidRequest,
+    NotAllowed,
+    StudyNotFound,
+    WorklistError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +66,8 @@ ERRORS: dict[int | str, dict] = {
 def _http_error(error: WorklistError) -> HTTPException:
     if isinstance(error, StudyNotFound):
         return HTTPException(status.HTTP_404_NOT_FOUND, str(error))
+    if isinstance(error, NotAllowed):
+        return HTTPException(status.HTTP_403_FORBIDDEN, str(error))
     if isinstance(error, InvalidRequest):
         return HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(error))
     if isinstance(error, ClaimConflict):
@@ -248,6 +258,23 @@ def api_router(
         username = caller.principal.username
         return _act(
             lambda s: service.complete(s, study_instance_uid, username, utcnow()),
+            study_instance_uid,
+        )
+
+    @router.post(
+        "/studies/{study_instance_uid}/reopen",
+        response_model=WorklistRowOut,
+        responses=ERRORS,
+        tags=["studies"],
+    )
+    def reopen(study_instance_uid: str, caller: Caller = authenticated) -> WorklistRowOut:
+        """Put a reported study back on the worklist, in progress with your name, its report
+        cleared (403 unless you reported it or are an admin; 409 if it is not reported)."""
+        principal = caller.principal
+        return _act(
+            lambda s: service.reopen(
+                s, study_instance_uid, principal.username, utcnow(), force=principal.is_admin
+            ),
             study_instance_uid,
         )
 

@@ -1,5 +1,6 @@
-"""The reading worklist in the database: priorities, reading order, claim/release/complete,
-manual overrides; every change is written to the audit log in the same transaction."""
+"""The reading worklist in the database: priorities, reading order,
+claim/release/complete/reopen, manual overrides; every change is written to the audit log in
+the same transaction."""
 
 from __future__ import annotations
 
@@ -41,6 +42,10 @@ class StudyNotFound(WorklistError):
 
 class ClaimConflict(WorklistError):
     """Someone else is reading the study."""
+
+
+class NotAllowed(WorklistError):
+    """The caller may not do this to the study (e.g. reopen someone else's report)."""
 
 
 class InvalidRequest(WorklistError):
@@ -173,6 +178,41 @@ def complete(session: Session, study_instance_uid: str, username: str, now: date
     study.reported_at = now
     audit.record(
         session, username, "complete", now, study_instance_uid=study_instance_uid, detail=detail
+    )
+    session.commit()
+    return study
+
+
+def reopen(
+    session: Session, study_instance_uid: str, username: str, now: datetime, *, force: bool = False
+) -> Study:
+    """Put a reported study back on the worklist; only its reporter may, or anyone with
+    ``force`` (an admin); commits.
+
+    It comes back in progress, claimed by whoever reopened it (one rule for everyone: the
+    reporter goes on reading it, an admin who does not can release it like any claim).
+    Priority and due time are kept as they were: completing does not change them."""
+    study = _study(session, study_instance_uid, lock=True)
+    if study.reading_status != "reported":
+        raise WorklistError(
+            f"study {study_instance_uid} is not reported; there is nothing to reopen"
+        )
+    if study.reported_by != username and not force:
+        raise NotAllowed(
+            f"study {study_instance_uid} was reported by {study.reported_by}, not by you; "
+            "only they or an admin can reopen it"
+        )
+    detail = (
+        f"reopened report of {study.reported_by} "
+        f"from {as_utc(study.reported_at):%Y-%m-%d %H:%M:%S} UTC"
+    )
+    study.reading_status = "in_progress"
+    study.claimed_by = username
+    study.claimed_at = now
+    study.reported_by = ""
+    study.reported_at = None
+    audit.record(
+        session, username, "reopen", now, study_instance_uid=study_instance_uid, detail=detail
     )
     session.commit()
     return study

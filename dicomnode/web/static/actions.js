@@ -1,5 +1,5 @@
 // dicomnode study actions, shared by the worklist and the study page: which buttons a study
-// offers this user (Claim, Complete, Release, Priority…), the calls to the REST API with the
+// offers this user (Claim, Complete, Release, Priority…, Reopen once reported), the calls to the REST API with the
 // page's CSRF token, Complete's confirm step and the priority dialog. No dependencies; loaded
 // before the page's own script, it leaves one global: dicomnodeActions.
 "use strict";
@@ -83,12 +83,18 @@ window.dicomnodeActions = (function () {
     return button;
   }
 
-  // The buttons a study offers ``me`` (an admin may release anyone's claim); none once reported.
-  // A re-render (the worklist's poll) keeps a Complete that waits for its confirmation.
+  // The buttons a study offers ``me`` (an admin may release anyone's claim); once reported, only
+  // Reopen, to its reporter and admins. A re-render (the worklist's poll) keeps a Complete
+  // that waits for its confirmation.
   function actionButtons(row, me, isAdmin) {
     const buttons = el("div", "action-buttons"); // wrap within the column, never past it
-    if (row.status === "reported") return buttons;
     const uid = row.study_instance_uid;
+    if (row.status === "reported") {
+      if (row.reported_by === me || isAdmin) {
+        buttons.appendChild(actionButton("Reopen", "reopen", uid, false));
+      }
+      return buttons;
+    }
     if (row.status === "in_progress" && row.claimed_by === me) {
       const complete = actionButton("Complete", "complete", uid, true);
       if (isArmed(uid)) showArmed(complete, true);

@@ -1,6 +1,6 @@
-// dicomnode study page: the study's actions (actions.js, as on its worklist row). After a call
-// the page reloads to show the study as it is now; an error (e.g. claimed by someone else in
-// the meantime) is shown in the message area after the reload.
+// dicomnode study page: the study's actions (actions.js, as on its worklist row; Reopen once
+// reported). After a call the page reloads to show the study as it is now; an error (e.g.
+// claimed by someone else in the meantime) is shown in the message area after the reload.
 "use strict";
 
 (function () {
