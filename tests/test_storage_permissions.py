@@ -19,7 +19,7 @@ from conftest import (
     write_config,
 )
 
-from dicomnode.ingest.spool import make_folders
+from dicomnode.folders import make_folders
 from dicomnode.synth.cxr import make_cxr
 
 

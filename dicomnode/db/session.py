@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import NullPool
 
 from dicomnode.db.errors import unknown_revision, unreachable
-from dicomnode.ingest.spool import make_folders
+from dicomnode.folders import make_folders
 
 if TYPE_CHECKING:
     from alembic.config import Config as AlembicConfig

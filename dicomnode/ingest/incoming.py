@@ -49,8 +49,9 @@ from pydicom.uid import UID
 from pynetdicom import _config
 from pynetdicom.dsutils import create_file_meta
 
+from dicomnode.folders import make_folders
 from dicomnode.ingest.encoding import FileMeta, encode_file_meta
-from dicomnode.ingest.spool import make_folders, move_into_place, start_write_back
+from dicomnode.ingest.spool import move_into_place, start_write_back
 
 log = logging.getLogger("dicomnode.ingest")
 

@@ -29,6 +29,7 @@ from pynetdicom.transport import AssociationServer, ThreadedAssociationServer
 
 from dicomnode import metrics
 from dicomnode.config import NodeSettings, Settings
+from dicomnode.folders import make_folders
 from dicomnode.ingest import sink
 from dicomnode.ingest.addresses import AddressSlots
 from dicomnode.ingest.admission import AdmissionControl
@@ -55,7 +56,6 @@ from dicomnode.ingest.spool import (
     SpoolError,
     free_bytes,
     instance_path,
-    make_folders,
     sync_file,
     sync_folder,
 )

@@ -22,7 +22,7 @@ import os
 import socket
 from pathlib import Path
 
-from dicomnode.ingest.spool import make_folders
+from dicomnode.folders import make_folders
 
 log = logging.getLogger("dicomnode.jobs")
 
