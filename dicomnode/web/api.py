@@ -264,7 +264,10 @@ def api_router(
     @router.post(
         "/studies/{study_instance_uid}/reopen",
         response_model=WorklistRowOut,
-        responses=ERRORS,
+        responses={
+            **ERRORS,
+            403: {"model": ErrorOut, "description": "reported by someone else (admins may)"},
+        },
         tags=["studies"],
     )
     def reopen(study_instance_uid: str, caller: Caller = authenticated) -> WorklistRowOut:
