@@ -425,9 +425,15 @@ def test_a_series_chunks_run_at_once_and_come_back_in_order(tmp_path: Path) -> N
     runtime = Runtime(["CPUExecutionProvider"], InferenceSettings(in_flight=2, batch_size=4))
     threads: set[str] = set()
     real_run = runtime.run
+    # The first two chunks wait for each other: run one at a time, infer breaks the barrier
+    # (10 s) and fails; however slow the machine, two at once always meet.
+    both_running = threading.Barrier(2, timeout=10)
+    calls = iter(range(1_000))
 
     def run(card: ModelCard, batch: np.ndarray) -> dict[str, np.ndarray]:
         threads.add(threading.current_thread().name)
+        if next(calls) < 2:
+            both_running.wait()
         return real_run(card, batch)
 
     runtime.run = run  # type: ignore[method-assign]
