@@ -269,6 +269,40 @@ def test_admin_releases_anyones_claim(site: Site) -> None:
         assert released.json()["status"] == "ready"
 
 
+def test_complete_needs_the_callers_claim_as_on_the_page(site: Site) -> None:
+    """The API completes only a study the caller has claimed, as the page offers Complete
+    only then: an unclaimed study is refused with 409, also for an admin, and stays on the
+    worklist unreported; someone else's claim is refused as before."""
+    uid = site.seed("ACC", probability=0.92)
+    with (
+        site.client("dr_house") as house,
+        site.client("dr_grey") as grey,
+        site.client("boss") as admin,
+    ):
+        for client in (house, admin):
+            refused = client.post(f"/api/studies/{uid}/complete")
+            assert refused.status_code == 409, refused.text
+            assert refused.json()["detail"] == (
+                f"study {uid} is not claimed by anyone; claim it before completing it"
+            )
+        row = house.get(f"/api/studies/{uid}").json()
+        assert (row["status"], row["claimed_by"], row["reported_by"]) == ("ready", "", "")
+        assert [r["study_instance_uid"] for r in house.get("/api/worklist").json()["rows"]] == [uid]
+
+        house.post(f"/api/studies/{uid}/claim")
+        taken = grey.post(f"/api/studies/{uid}/complete")
+        assert taken.status_code == 409
+        assert "being read by dr_house" in taken.json()["detail"]
+        done = house.post(f"/api/studies/{uid}/complete")
+        assert done.status_code == 200, done.text
+        assert (done.json()["status"], done.json()["reported_by"]) == ("reported", "dr_house")
+        entries = admin.get("/api/audit", params={"study_instance_uid": uid}).json()
+    assert [(e["actor"], e["action"]) for e in entries if not e["action"].startswith("view_")] == [
+        ("dr_house", "complete"),
+        ("dr_house", "claim"),
+    ]
+
+
 def test_reopen_puts_a_reported_study_back_for_its_reporter_or_an_admin(site: Site) -> None:
     """Reopen: only a reported study (409), only by its reporter or an admin (403); it comes
     back in progress claimed by the caller, the report cleared, priority and due time as before
@@ -379,6 +413,10 @@ def test_openapi_schema_lists_the_endpoints_and_bearer_auth(site: Site) -> None:
             "application/json"
         ]["schema"]["$ref"]
     )
+    # Complete says when it refuses: a study not claimed by the caller.
+    refusal = paths["/api/studies/{study_instance_uid}/complete"]["post"]["responses"]["409"]
+    assert refusal["content"]["application/json"]["schema"] == error
+    assert "not claimed by you" in refusal["description"]
 
 
 def test_pages_send_security_headers(site: Site) -> None:

@@ -124,13 +124,40 @@ def test_reported_studies_leave_the_list_and_cannot_be_claimed(sessions) -> None
     with sessions() as session:
         uid = add_study(session, "DONE", probability=0.9)
         add_study(session, "OPEN", probability=0.2)
+        claim(session, uid, "dr_house", NOW)
         complete(session, uid, "dr_house", NOW)
         assert _order(session) == ["OPEN"]
         assert count(session) == 1
         assert _order(session, status=["reported"]) == ["DONE"]
-        assert _audit(session, uid)[-1].detail == "completed without a claim"
     with sessions() as session, pytest.raises(WorklistError, match="already reported"):
         claim(session, uid, "dr_grey", LATER)
+
+
+@pytest.mark.parametrize("analysed", [True, False], ids=["ready", "waiting"])
+def test_complete_needs_the_callers_claim(sessions, analysed: bool) -> None:
+    """Completing an unclaimed study is refused, as the page never offers it: a report is
+    recorded only by whoever claimed the study; nothing changes and nothing is audited."""
+    with sessions() as session:
+        uid = add_study(session, "ACC", probability=0.9 if analysed else None)
+        status = "ready" if analysed else "waiting"
+        assert study_row(session, uid, SITE).status == status
+    with sessions() as session, pytest.raises(WorklistError) as refused:
+        complete(session, uid, "dr_house", NOW)
+    assert str(refused.value) == (
+        f"study {uid} is not claimed by anyone; claim it before completing it"
+    )
+    with sessions() as session:
+        row = study_row(session, uid, SITE)
+        assert (row.status, row.claimed_by, row.reported_by) == (status, "", "")
+        assert _audit(session, uid) == []
+        claim(session, uid, "dr_house", NOW)
+        complete(session, uid, "dr_house", LATER)
+        row = study_row(session, uid, SITE)
+        assert (row.status, row.reported_by, row.reported_at) == ("reported", "dr_house", LATER)
+        assert [(e.action, e.detail) for e in _audit(session, uid)] == [
+            ("claim", ""),
+            ("complete", ""),
+        ]
 
 
 def test_override_moves_the_study_and_is_audited_with_reason(sessions) -> None:

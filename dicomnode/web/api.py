@@ -2,9 +2,10 @@
 log-in.
 
 Roles: a radiologist may read the worklist, studies and results, claim, release their own
-claims, complete, reopen their own reports and override. An admin may do all that, release
-anyone's claim, reopen anyone's report and read the audit log (who saw or changed what),
-which radiologists may not.
+claims, complete the studies they claimed, reopen their own reports and override. An admin
+may do all that, release anyone's claim, reopen anyone's report and read the audit log (who
+saw or changed what), which radiologists may not. Completing needs the caller's claim for
+admins too (as on the page): an admin releases a forgotten claim, then claims and completes.
 """
 
 from __future__ import annotations
@@ -250,11 +251,19 @@ def api_router(
     @router.post(
         "/studies/{study_instance_uid}/complete",
         response_model=WorklistRowOut,
-        responses=ERRORS,
+        responses={
+            **ERRORS,
+            409: {
+                "model": ErrorOut,
+                "description": "not claimed by you (claim it first; admins too) or already "
+                "reported",
+            },
+        },
         tags=["studies"],
     )
     def complete(study_instance_uid: str, caller: Caller = authenticated) -> WorklistRowOut:
-        """Mark the study reported; it leaves the worklist."""
+        """Mark the study reported by you; it leaves the worklist (409 unless you have
+        claimed it, as on the page: an unclaimed study is claimed first)."""
         username = caller.principal.username
         return _act(
             lambda s: service.complete(s, study_instance_uid, username, utcnow()),

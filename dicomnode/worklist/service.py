@@ -162,23 +162,23 @@ def release(
 
 
 def complete(session: Session, study_instance_uid: str, username: str, now: datetime) -> Study:
-    """Mark the study reported by ``username``; it leaves the worklist; commits."""
+    """Mark the study reported by ``username``, who must have claimed it (admins too, as on
+    the page: a report is recorded only by its reader); it leaves the worklist; commits."""
     study = _study(session, study_instance_uid, lock=True)
     _not_reported(study)
-    if study.reading_status == "in_progress" and study.claimed_by != username:
+    if study.reading_status != "in_progress":
+        raise WorklistError(
+            f"study {study_instance_uid} is not claimed by anyone; claim it before completing it"
+        )
+    if study.claimed_by != username:
         raise ClaimConflict(
             f"study {study_instance_uid} is being read by {study.claimed_by}; "
             "only they can complete it"
         )
-    detail = "" if study.claimed_by == username else "completed without a claim"
     study.reading_status = "reported"
-    study.claimed_by = username
-    study.claimed_at = study.claimed_at or now
     study.reported_by = username
     study.reported_at = now
-    audit.record(
-        session, username, "complete", now, study_instance_uid=study_instance_uid, detail=detail
-    )
+    audit.record(session, username, "complete", now, study_instance_uid=study_instance_uid)
     session.commit()
     return study
 
