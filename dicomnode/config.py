@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -419,6 +420,22 @@ def restart_changes(
     return pending, undone
 
 
+def _missing_file_hint(path: Path | str) -> str:
+    """How to name the configuration file, when ``path`` is not there."""
+    named = os.environ.get("DICOMNODE_CONFIG")
+    if named and Path(named) == Path(path):
+        # The commands' default when no --config is given: "set DICOMNODE_CONFIG" would send
+        # the admin to a variable that is set already, to the wrong path.
+        return (
+            "(the environment variable DICOMNODE_CONFIG names this path: correct or unset it, "
+            "or give --config PATH)"
+        )
+    # Most often a command run from another folder than the one conf/ is in; but the path
+    # may be one given with --config and misspelt: the loader cannot tell, so the hint fits
+    # both.
+    return "(check the path, or give --config PATH or set DICOMNODE_CONFIG)"
+
+
 def load_settings(path: Path | str) -> Settings:
     """Load and validate the node's TOML configuration file."""
     try:
@@ -426,12 +443,7 @@ def load_settings(path: Path | str) -> Settings:
     except ConfigError as exc:
         if not isinstance(exc.__cause__, FileNotFoundError):
             raise
-        # Most often a command run from another folder than the one conf/ is in; but the
-        # path may be one given (--config, DICOMNODE_CONFIG) and misspelt: the loader cannot
-        # tell, so the hint fits both.
-        raise ConfigError(
-            path, f"{exc.reason} (check the path, or give --config PATH or set DICOMNODE_CONFIG)"
-        ) from exc.__cause__
+        raise ConfigError(path, f"{exc.reason} {_missing_file_hint(path)}") from exc.__cause__
     settings.source = Path(path).resolve()
     names = [d.name for d in settings.destinations]
     for index, name in enumerate(names):

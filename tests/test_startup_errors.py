@@ -140,14 +140,23 @@ def test_a_schema_newer_than_the_code_says_how_to_roll_back(tmp_path: Path, db_u
 @pytest.mark.parametrize("arguments", (*COMMANDS, ("check-config",)), ids=" ".join)
 def test_a_configuration_file_not_found_says_how_to_name_one(tmp_path: Path, arguments) -> None:
     """Run from a folder without conf/ (and without DICOMNODE_CONFIG), each command says
-    where it looked and how to point it at the file; DICOMNODE_CONFIG's file likewise."""
+    where it looked and how to point it at the file. When DICOMNODE_CONFIG names the missing
+    file, it says the path came from there (not "set DICOMNODE_CONFIG", which is set); a
+    --config given instead wins, and its missing file gets the plain hint."""
     environment = {key: value for key, value in os.environ.items() if key != "DICOMNODE_CONFIG"}
-    for extra, looked_at in (
-        ({}, "conf/dicomnode.toml"),
-        ({"DICOMNODE_CONFIG": str(tmp_path / "gone.toml")}, str(tmp_path / "gone.toml")),
+    gone = str(tmp_path / "gone.toml")
+    plain = "(check the path, or give --config PATH or set DICOMNODE_CONFIG)"
+    from_environment = (
+        "(the environment variable DICOMNODE_CONFIG names this path: correct or unset it, "
+        "or give --config PATH)"
+    )
+    for extra, options, looked_at, hint in (
+        ({}, (), "conf/dicomnode.toml", plain),
+        ({"DICOMNODE_CONFIG": gone}, (), gone, from_environment),
+        ({"DICOMNODE_CONFIG": gone}, ("--config", "other.toml"), "other.toml", plain),
     ):
         result = subprocess.run(
-            [*DICOMNODE, *arguments],
+            [*DICOMNODE, *arguments, *options],
             stdin=subprocess.DEVNULL,
             capture_output=True,
             text=True,
@@ -158,5 +167,5 @@ def test_a_configuration_file_not_found_says_how_to_name_one(tmp_path: Path, arg
         assert result.returncode == 2, result.stderr[-3000:]
         assert result.stderr == (
             f"configuration error: {looked_at}: cannot read file: No such file or directory "
-            "(check the path, or give --config PATH or set DICOMNODE_CONFIG)\n"
+            f"{hint}\n"
         )
