@@ -606,11 +606,13 @@ def test_an_idle_dispatcher_ends_and_a_new_request_starts_another(tmp_path: Path
     card = make_model(tmp_path, "tiny")
     runtime = Runtime(["CPUExecutionProvider"], InferenceSettings(batch_size=2, max_wait_ms=0))
     batcher = runtime._model(card).batcher
-    batcher.IDLE_SECONDS = 0.2
+    # Long enough that none has ended by the check after the first run, however slowly a
+    # loaded machine gets there (0.2 s need not be).
+    batcher.IDLE_SECONDS = 2.0
     first, second = images(12, 1), images(13, 1)
     np.testing.assert_allclose(runtime.run(card, first)["cam"], alone(card, first)["cam"])
     assert batcher.dispatchers == batcher.in_flight >= 1
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 30
     while batcher.dispatchers and time.monotonic() < deadline:
         time.sleep(0.05)
     assert batcher.dispatchers == 0
@@ -619,19 +621,28 @@ def test_an_idle_dispatcher_ends_and_a_new_request_starts_another(tmp_path: Path
 
 class OverlappingRuns:
     """Makes each session.run of a session take ``seconds`` longer and records how many
-    were running at once."""
+    were running at once. The first ``meet`` runs wait for each other (at most 10 s), so
+    that that many at once is seen however slowly a loaded machine starts them; fewer at
+    once break the barrier and the runs fail."""
 
-    def __init__(self, session: ort.InferenceSession, seconds: float):
+    def __init__(self, session: ort.InferenceSession, seconds: float, meet: int = 1):
         self.running = 0
         self.most = 0
+        started = 0
         lock = threading.Lock()
+        first = threading.Barrier(meet, timeout=10)
         real = session.run
 
         def run(names, feeds, *args, **kwargs):
+            nonlocal started
             with lock:
                 self.running += 1
                 self.most = max(self.most, self.running)
+                started += 1
+                meets = started <= meet
             try:
+                if meets:
+                    first.wait()
                 time.sleep(seconds)
                 return real(names, feeds, *args, **kwargs)
             finally:
@@ -646,7 +657,7 @@ def test_in_flight_batches_of_one_model_run_at_once(tmp_path: Path, in_flight: i
     card = make_model(tmp_path, "tiny")
     settings = InferenceSettings(batch_size=2, max_wait_ms=50, in_flight=in_flight)
     runtime = Runtime(["CPUExecutionProvider"], settings)
-    overlapping = OverlappingRuns(runtime.session(card), 0.2)
+    overlapping = OverlappingRuns(runtime.session(card), 0.2, meet=in_flight)
     batches = [images(40 + seed, 1) for seed in range(8)]  # four full batches
 
     results = concurrently(runtime, card, batches)
@@ -700,7 +711,9 @@ def test_gpu_join_buffers_are_pinned_once_and_unpinned_when_the_dispatcher_ends(
 
     spec = [((1, 8, 8), np.dtype(np.float32))]
     doubled = MicroBatcher(doubled_into, 4, 0.001, buckets=(4,), pinned=True, outputs=spec)
-    doubled.IDLE_SECONDS = 0.2
+    # The dispatcher lives through the three rounds (0.2 s could end it between two on a
+    # loaded machine: pinned again, 4 pins), then ends.
+    doubled.IDLE_SECONDS = 2.0
     for _ in range(3):  # every batch is padded to 4: joined, always in the same buffers
         batches = [images(seed, 1) for seed in range(3)]
         with ThreadPoolExecutor(3) as pool:
@@ -710,7 +723,7 @@ def test_gpu_join_buffers_are_pinned_once_and_unpinned_when_the_dispatcher_ends(
     # The join buffer and the output buffer, each pinned once; the callers' rows are copies.
     assert len(pinned) == 2
     assert all(outputs[0].base is None for outputs in results)
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 30
     while doubled.dispatchers and time.monotonic() < deadline:
         time.sleep(0.05)
     assert sorted(unpinned) == sorted(pinned)
