@@ -7,15 +7,17 @@
 # [web] port changed. Every other argument goes to "dicomnode serve" (--workers N).
 set -euo pipefail
 config=${DICOMNODE_CONFIG:-}
+named_by=${DICOMNODE_CONFIG:+DICOMNODE_CONFIG}
 serve_args=()
 while [ $# -gt 0 ]; do
   case $1 in
     --config)
       [ $# -ge 2 ] || { echo "run-node.sh: --config needs a file" >&2; exit 2; }
       config=$2
+      named_by=--config
       shift 2
       ;;
-    --config=*) config=${1#--config=}; shift ;;
+    --config=*) config=${1#--config=}; named_by=--config; shift ;;
     *) serve_args+=("$1"); shift ;;
   esac
 done
@@ -25,6 +27,10 @@ case $config in
   /*) ;;
   *) config=$PWD/$config ;;
 esac
+if [ -n "${named_by:-}" ] && [ ! -f "$config" ]; then
+  echo "run-node.sh: configuration file $config (from $named_by) not found" >&2
+  exit 2
+fi
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv

@@ -165,3 +165,31 @@ def test_run_node_stops_on_a_refused_configuration(tmp_path: Path) -> None:
     ), result.stderr
     assert "worklist log-in" not in result.stdout
     assert not (clone / "var").exists()
+
+
+@pytest.mark.parametrize("given", ["--config", "DICOMNODE_CONFIG"])
+def test_run_node_names_a_configuration_file_it_cannot_find(tmp_path: Path, given: str) -> None:
+    """A file given that is not there is named, with where it was given, before anything is
+    installed or started (check-config's hint would send the admin to DICOMNODE_CONFIG)."""
+    clone = _clone(tmp_path)
+    environment = _environment(tmp_path)
+    arguments = [str(clone / "scripts" / "run-node.sh")]
+    if given == "--config":
+        arguments += ["--config", "conf/mistyped.toml"]
+    else:
+        environment["DICOMNODE_CONFIG"] = "conf/mistyped.toml"
+    result = subprocess.run(
+        arguments,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+        env=environment,
+    )
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr == (
+        f"run-node.sh: configuration file {tmp_path / 'conf' / 'mistyped.toml'} (from {given})"
+        " not found\n"
+    ), result.stderr
+    assert not list((clone / ".venv" / "bin").glob("dicomnode"))
