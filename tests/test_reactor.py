@@ -34,7 +34,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from test_scp import Node, secondary_capture, start_node
 
 from dicomnode.ingest import reactor
-from dicomnode.ingest.reactor import TICK, WakingDUL, WholeReadSocket
+from dicomnode.ingest.reactor import WakingDUL, WholeReadSocket
 
 # The pynetdicom code that reactor.py replaces, as of the version it was written against.
 # A new pynetdicom that changes any of it fails here: compare the new code with reactor.py,
@@ -99,8 +99,14 @@ def test_idle_association_does_not_poll(node: Node, monkeypatch: pytest.MonkeyPa
         assoc.release()
 
 
-def test_responses_are_not_held_back_by_the_idle_wait(node: Node) -> None:
+def test_responses_are_not_held_back_by_the_idle_wait(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A queued response wakes the DUL at once: 40 C-ECHOs take far less than 40 TICKs."""
+    # A long TICK, so that responses held back until the next one (~20 s in all) and a
+    # loaded machine's slow but prompt ones (~1 s) are far apart.
+    tick = 1.0
+    monkeypatch.setattr(reactor, "TICK", tick)
     started = time.monotonic()
     done = subprocess.run(
         [dcmtk("echoscu"), "--repeat", "40", "-aec", "DICOMNODE", "127.0.0.1", str(node.port)],
@@ -111,7 +117,7 @@ def test_responses_are_not_held_back_by_the_idle_wait(node: Node) -> None:
     )
     elapsed = time.monotonic() - started
     assert done.returncode == 0, done.stderr
-    assert elapsed < 40 * TICK / 2, f"40 echoes took {elapsed:.2f} s"
+    assert elapsed < 40 * tick / 4, f"40 echoes took {elapsed:.2f} s"
 
 
 def test_pdus_that_complete_no_message_do_not_wake_the_association_reactor(
@@ -201,15 +207,19 @@ def test_store_responses_leave_from_the_association_thread(
     assert len(echo) == 1 and not echo[0].startswith("AcceptorThread@"), echo
 
 
-def test_release_ends_the_association_promptly(node: Node) -> None:
+def test_release_ends_the_association_promptly(node: Node, monkeypatch: pytest.MonkeyPatch) -> None:
     """The DUL's stop is announced, not found by its next TICK: 20 associations in turn."""
+    # A long TICK, as above: a release response held back until the next one makes 20
+    # releases take ~40 s.
+    tick = 2.0
+    monkeypatch.setattr(reactor, "TICK", tick)
     started = time.monotonic()
     for _ in range(20):
         assoc = node.associate()
         assert assoc.is_established
         assoc.release()
         assert assoc.is_released
-    assert time.monotonic() - started < 20 * TICK * 4
+    assert time.monotonic() - started < 20 * tick / 4
 
 
 def _contexts_as_values(contexts) -> list[tuple]:
@@ -257,7 +267,7 @@ def test_an_idle_association_is_aborted_after_the_network_timeout(node: Node) ->
     node.scp.ae.network_timeout = 1
     assoc = node.associate()  # this side's own network timeout is 10 s
     assert assoc.is_established
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 8  # 1 s and a TICK, with room for a loaded machine
     while assoc.is_established and time.monotonic() < deadline:
         time.sleep(0.05)
     assert assoc.is_aborted, "the node kept an idle association past its network timeout"
