@@ -19,6 +19,7 @@ from dicomnode.web.api import api_router
 from dicomnode.web.auth import NotLoggedIn, authenticator
 from dicomnode.web.jobs_api import jobs_router
 from dicomnode.web.pages import page_router
+from dicomnode.web.preview import preview_router
 from dicomnode.worklist.audit import ViewThrottle
 
 STATIC = Path(__file__).parent / "static"
@@ -56,6 +57,7 @@ def create_app(
     app.include_router(api_router(sessions, caller_of, views, worklist))
     app.include_router(page_router(sessions, caller_of, views, worklist))
     app.include_router(jobs_router(sessions, caller_of))
+    app.include_router(preview_router(sessions, caller_of))
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     @app.exception_handler(NotLoggedIn)

@@ -1,0 +1,330 @@
+"""Image previews for the study page: which of a study's images to show, each as a PNG as
+presented, and the node's overlay secondary captures of it (the AI view) as PNGs.
+
+Which images: every image of a series of up to ``MAX_SERIES_IMAGES`` images (a radiograph
+series: PA and lateral); one of a larger series (a CT or MR stack): the middle one of its
+images that have an overlay (for CT detection, the slices with a present finding; the middle
+of a nodule's run of slices is its centre), else its middle image, by Instance Number. At most
+``MAX_PREVIEWS`` per study. An overlay belongs to the image its Source Image Sequence names.
+
+Same authentication as the study page and API (any logged-in user); every answer is
+``Cache-Control: no-store`` (patient images); URLs hold UIDs only. Decoding runs in FastAPI's
+thread pool (sync endpoints), at most one render per CPU at a time; the last PNGs are kept in
+memory while their file is unchanged (the page reloads after each action).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import stat
+import threading
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated
+
+import pydicom
+from fastapi import APIRouter, Depends, HTTPException, Query, status
+from fastapi.responses import Response
+from pydantic import BaseModel, Field
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicomnode import RESEARCH_DEMO_NOTICE
+from dicomnode.db.models import Instance, ResultObject, Series, Study
+from dicomnode.pipeline.attributes import value_or_none
+from dicomnode.web.auth import Caller
+from dicomnode.web.preview_image import MAX_SIDE, overlay_png, source_png
+from dicomnode.web.schemas import AUTH_ERRORS, ErrorOut
+
+log = logging.getLogger(__name__)
+
+MAX_SERIES_IMAGES = 4
+MAX_PREVIEWS = 12
+NO_STORE = {"Cache-Control": "no-store"}
+# PNGs kept in memory (~100 KB each at 512 px): a study page's previews, reloaded.
+PNG_CACHE_SIZE = 64
+# SOP classes without a picture to preview: SR, presentation states, SEG, RT, encapsulated
+# documents, waveforms, raw data, spectroscopy (the study's own, not the node's results).
+NOT_IMAGES = (
+    "1.2.840.10008.5.1.4.1.1.88.",
+    "1.2.840.10008.5.1.4.1.1.11.",
+    "1.2.840.10008.5.1.4.1.1.66",
+    "1.2.840.10008.5.1.4.1.1.481.",
+    "1.2.840.10008.5.1.4.1.1.104.",
+    "1.2.840.10008.5.1.4.1.1.9.",
+    "1.2.840.10008.5.1.4.1.1.4.2",
+)
+PreviewSide = Annotated[int, Query(ge=64, le=1024, description="longest side at most, pixels")]
+_renders = threading.BoundedSemaphore(os.cpu_count() or 1)
+
+
+class AiViewOut(BaseModel):
+    model: str
+    version: str
+    sop_instance_uid: str = Field(description="the overlay secondary capture")
+    url: str = Field(description="the overlay as a PNG")
+    research_demo: bool = Field(description="made by a research demo model")
+    label: str = Field(description="what to show with it, e.g. the research demo notice")
+
+
+class PreviewOut(BaseModel):
+    series_instance_uid: str
+    sop_instance_uid: str
+    modality: str
+    series_description: str
+    instance_number: int | None
+    chosen: str = Field(description="why this image, e.g. 'middle of 64 images'")
+    url: str = Field(description="the image as presented (its window, LUTs) as a PNG")
+    ai_views: list[AiViewOut] = Field(description="the node's overlays of this image")
+
+
+class PreviewsOut(BaseModel):
+    notice: str
+    max_side: int = Field(description="the PNGs' longest side at most, in pixels")
+    images: list[PreviewOut]
+
+
+@dataclass(frozen=True)
+class _Overlay:
+    model: str
+    version: str
+    sop_instance_uid: str
+    research_demo: bool
+
+
+def _is_image(sop_class_uid: str) -> bool:
+    return not sop_class_uid.startswith(NOT_IMAGES)
+
+
+def _overlay_header(path: str) -> pydicom.Dataset | None:
+    try:
+        return pydicom.dcmread(
+            path,
+            stop_before_pixels=True,
+            specific_tags=["SourceImageSequence", "SeriesDescription", "ImageComments"],
+        )
+    except Exception as error:  # a damaged result file leaves out its AI view, not the page
+        log.warning("overlay %s cannot be read for the preview: %s", Path(path).name, error)
+        return None
+
+
+def _overlays_by_source(session: Session, study_id: int) -> dict[str, list[_Overlay]]:
+    """The study's overlay secondary captures per source SOP Instance UID."""
+    by_source: dict[str, list[_Overlay]] = defaultdict(list)
+    rows = session.execute(
+        select(
+            ResultObject.path,
+            ResultObject.model_name,
+            ResultObject.model_version,
+            ResultObject.sop_instance_uid,
+        )
+        .where(ResultObject.study_id == study_id, ResultObject.kind == "overlay")
+        .order_by(ResultObject.model_name, ResultObject.id)
+    )
+    for path, model, version, sop_uid in rows:
+        header = _overlay_header(path)
+        if header is None:
+            continue
+        text = f"{header.get('SeriesDescription', '')} {header.get('ImageComments', '')}"
+        overlay = _Overlay(model, version, sop_uid, "research demo" in text.lower())
+        for item in value_or_none(header, "SourceImageSequence") or []:
+            source = value_or_none(item, "ReferencedSOPInstanceUID")
+            if source:
+                by_source[str(source)].append(overlay)
+    return by_source
+
+
+def _reading_order(row) -> tuple[bool, int, str]:
+    """By Instance Number (those without one last), then SOP Instance UID."""
+    return (row.instance_number is None, row.instance_number or 0, row.sop_instance_uid)
+
+
+def _chosen(images: list, overlays: dict[str, list[_Overlay]]) -> list[tuple[object, str]]:
+    """The images of one series to preview (sorted by Instance Number), with why."""
+    if len(images) <= MAX_SERIES_IMAGES:
+        return [(image, "") for image in images]
+    with_ai = [image for image in images if image.sop_instance_uid in overlays]
+    if with_ai:
+        middle = with_ai[(len(with_ai) - 1) // 2]
+        return [(middle, f"middle of the {len(with_ai)} of {len(images)} images with an AI view")]
+    return [(images[(len(images) - 1) // 2], f"middle of {len(images)} images")]
+
+
+def study_previews(session: Session, study_instance_uid: str) -> PreviewsOut | None:
+    """The images the study page previews, with their AI views; None for an unknown study."""
+    study_id = session.scalar(
+        select(Study.id).where(Study.study_instance_uid == study_instance_uid)
+    )
+    if study_id is None:
+        return None
+    overlays = _overlays_by_source(session, study_id)
+    rows = session.execute(
+        select(
+            Series.id,
+            Series.series_instance_uid,
+            Series.modality,
+            Series.series_description,
+            Instance.sop_instance_uid,
+            Instance.sop_class_uid,
+            Instance.instance_number,
+        )
+        .join(Instance, Instance.series_id == Series.id)
+        .where(Series.study_id == study_id)
+    ).all()
+    by_series = defaultdict(list)
+    for row in rows:
+        if _is_image(row.sop_class_uid):
+            by_series[row.id].append(row)
+    previews: list[PreviewOut] = []
+    base = f"/api/studies/{study_instance_uid}"
+    for series_id in sorted(by_series):
+        images = sorted(
+            by_series[series_id],
+            key=lambda row: (
+                row.instance_number is None,
+                row.instance_number or 0,
+                row.sop_instance_uid,
+            ),
+        )
+        for image, chosen in _chosen(images, overlays):
+            previews.append(
+                PreviewOut(
+                    series_instance_uid=image.series_instance_uid,
+                    sop_instance_uid=image.sop_instance_uid,
+                    modality=image.modality,
+                    series_description=image.series_description,
+                    instance_number=image.instance_number,
+                    chosen=chosen or ("the only image" if len(images) == 1 else ""),
+                    url=f"{base}/images/{image.sop_instance_uid}/preview.png",
+                    ai_views=[
+                        AiViewOut(
+                            model=overlay.model,
+                            version=overlay.version,
+                            sop_instance_uid=overlay.sop_instance_uid,
+                            url=f"{base}/overlays/{overlay.sop_instance_uid}/preview.png",
+                            research_demo=overlay.research_demo,
+                            label=RESEARCH_DEMO_NOTICE if overlay.research_demo else "",
+                        )
+                        for overlay in overlays.get(image.sop_instance_uid, [])
+                    ],
+                )
+            )
+    return PreviewsOut(
+        notice=RESEARCH_DEMO_NOTICE, max_side=MAX_SIDE, images=previews[:MAX_PREVIEWS]
+    )
+
+
+def _not_found(what: str) -> HTTPException:
+    return HTTPException(status.HTTP_404_NOT_FOUND, what, headers=NO_STORE)
+
+
+@functools.lru_cache(maxsize=PNG_CACHE_SIZE)
+def _cached_png(render: Callable[[str, int], bytes], path: str, size: int, stamp: tuple) -> bytes:
+    """``render(path, size)``, kept while ``stamp`` (the file's mtime and size) is the same:
+    the study page reloads after each action, and JPEG-LS or JPEG Lossless radiographs decode
+    whole (~0.5 s or more at 2-3k px)."""
+    with _renders:
+        return render(path, size)
+
+
+def _png_response(render: Callable[[str, int], bytes], path: str, sop_uid: str, size: int):
+    try:
+        found = os.stat(path)
+    except OSError:
+        found = None
+    if found is None or not stat.S_ISREG(found.st_mode):
+        raise _not_found(f"the file of {sop_uid} is no longer in storage")
+    try:
+        png = _cached_png(render, path, size, (found.st_mtime_ns, found.st_size))
+    except (ValueError, OSError) as error:  # DecodeError is a ValueError
+        # The reason names files and UIDs, never patient data (decode.describe).
+        log.warning("no preview of %s: %s", sop_uid, error)
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_ENTITY,
+            f"{sop_uid} cannot be shown as an image: {error}",
+            headers=NO_STORE,
+        ) from None
+    return Response(png, media_type="image/png", headers=NO_STORE)
+
+
+PNG_RESPONSES: dict[int | str, dict] = {
+    **AUTH_ERRORS,
+    200: {"content": {"image/png": {}}, "description": "the PNG"},
+    404: {"model": ErrorOut, "description": "no such study, or not an image of it"},
+    422: {"model": ErrorOut, "description": "the image cannot be decoded or presented"},
+}
+
+
+def preview_router(sessions: sessionmaker[Session], caller_of: Callable[..., Caller]) -> APIRouter:
+    """The /api/studies/{uid}/previews routes (any logged-in user, as the study page)."""
+    router = APIRouter(prefix="/api/studies/{study_instance_uid}", tags=["studies"])
+    authenticated = Depends(caller_of)
+
+    @router.get(
+        "/previews",
+        response_model=PreviewsOut,
+        responses={**AUTH_ERRORS, 404: {"model": ErrorOut, "description": "no such study"}},
+    )
+    def previews(
+        study_instance_uid: str, response: Response, caller: Caller = authenticated
+    ) -> PreviewsOut:
+        """The study's images to preview (one per CT/MR stack, every radiograph), each with
+        its PNG URL and the node's overlays of it (AI views, research demo labelled)."""
+        with sessions() as session:
+            found = study_previews(session, study_instance_uid)
+        if found is None:
+            raise _not_found(f"no study {study_instance_uid}")
+        response.headers.update(NO_STORE)
+        return found
+
+    @router.get("/images/{sop_instance_uid}/preview.png", responses=PNG_RESPONSES)
+    def image_preview(
+        study_instance_uid: str,
+        sop_instance_uid: str,
+        caller: Caller = authenticated,
+        max_side: PreviewSide = MAX_SIDE,
+    ) -> Response:
+        """One of the study's images as presented (its Modality LUT, VOI LUT or window,
+        MONOCHROME1 inverted), downscaled to ``max_side``, as a PNG."""
+        with sessions() as session:
+            path = session.scalar(
+                select(Instance.path)
+                .join(Series, Series.id == Instance.series_id)
+                .join(Study, Study.id == Series.study_id)
+                .where(
+                    Study.study_instance_uid == study_instance_uid,
+                    Instance.sop_instance_uid == sop_instance_uid,
+                )
+            )
+        if path is None:
+            raise _not_found(f"no image {sop_instance_uid} in study {study_instance_uid}")
+        return _png_response(source_png, path, sop_instance_uid, max_side)
+
+    @router.get("/overlays/{sop_instance_uid}/preview.png", responses=PNG_RESPONSES)
+    def overlay_preview(
+        study_instance_uid: str,
+        sop_instance_uid: str,
+        caller: Caller = authenticated,
+        max_side: PreviewSide = MAX_SIDE,
+    ) -> Response:
+        """One of the node's overlay secondary captures of the study (the AI view: heat map,
+        boxes, findings burned in), downscaled to ``max_side``, as a PNG."""
+        with sessions() as session:
+            path = session.scalar(
+                select(ResultObject.path)
+                .join(Study, Study.id == ResultObject.study_id)
+                .where(
+                    Study.study_instance_uid == study_instance_uid,
+                    ResultObject.sop_instance_uid == sop_instance_uid,
+                    ResultObject.kind == "overlay",
+                )
+            )
+        if path is None:
+            raise _not_found(f"no overlay {sop_instance_uid} in study {study_instance_uid}")
+        return _png_response(overlay_png, path, sop_instance_uid, max_side)
+
+    return router
