@@ -54,11 +54,21 @@ async def _hello(scope, receive, send) -> None:
     await send({"type": "http.response.body", "body": b"hello"})
 
 
-def test_the_web_server_answers_with_a_date_and_stops_as_soon_as_it_is_told() -> None:
+def test_the_web_server_answers_with_a_date_and_stops_as_soon_as_it_is_told(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """Its main loop sleeps a second at a time; setting ``should_exit`` (as serve's threads
     and uvicorn's signal handler do) ends it at once, and the Date header keeps up."""
     port = free_port()
     server = WebServer(uvicorn.Config(_hello, host="127.0.0.1", port=port, log_level="warning"))
+    ticks: list[float] = []
+    on_tick = server.on_tick
+
+    async def counted(counter: int) -> bool:
+        ticks.append(time.monotonic())
+        return await on_tick(counter)
+
+    server.on_tick = counted  # type: ignore[method-assign]
     thread = threading.Thread(target=server.run)
     thread.start()
     try:
@@ -68,13 +78,17 @@ def test_the_web_server_answers_with_a_date_and_stops_as_soon_as_it_is_told() ->
         time.sleep(2.2)
         later = httpx.get(f"http://127.0.0.1:{port}/", timeout=10)
         assert later.headers["date"] != first.headers["date"]
-        time.sleep(0.3)  # asleep in its second-long wait: 0.7 s of it left
+        # Its next wait a minute long, so that a stop found only at the tick after it and a
+        # prompt one on a loaded machine (uvicorn's shutdown itself sleeps 0.1 s) are far
+        # apart; the wait has begun once a tick has come after the change.
+        monkeypatch.setattr("dicomnode.web.server.TICK_SECONDS", 60.0)
+        seen = len(ticks)
+        wait_for(lambda: len(ticks) > seen, 10, interval=0.01, what="a tick")
         told = time.monotonic()
         server.should_exit = True
-        thread.join(5)
-        assert not thread.is_alive()
-        # uvicorn's shutdown itself sleeps 0.1 s.
-        assert time.monotonic() - told < 0.5, "the web server waited for its tick to stop"
+        thread.join(30)
+        assert not thread.is_alive(), "the web server waited for its tick to stop"
+        assert time.monotonic() - told < 10, "the web server waited for its tick to stop"
     finally:
         server.should_exit = True
         thread.join(10)
