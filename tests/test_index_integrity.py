@@ -18,7 +18,7 @@ from pathlib import Path
 import psycopg
 import pytest
 from alembic import command
-from conftest import POSTGRES_URL
+from conftest import POSTGRES_URL, wait_for
 from pydicom.uid import generate_uid
 from sqlalchemy import event, func, inspect, select, text
 from sqlalchemy.orm import Session, sessionmaker
@@ -204,7 +204,20 @@ def test_a_connection_terminated_under_the_index_writer_refuses_nothing(
                     armed.set()
                     statuses.append(assoc.send_c_store(images[1]).Status)
                     assert terminated.wait(10), "the writer's connection was not terminated"
-                    time.sleep(0.3)  # the failed batch has been handled
+
+                    # The failed batch has been handled: written again on a new connection,
+                    # or (were the lost connection taken for an outage) the database called
+                    # unavailable, which would refuse the instances below.
+                    def handled(index=running.scp.index) -> bool:
+                        written = _index(sessions).get(study, {}).get(series, set())
+                        return not index.healthy or images[1].SOPInstanceUID in written
+
+                    wait_for(
+                        handled,
+                        timeout=30,
+                        interval=0.01,
+                        what="the failed batch handled",
+                    )
                     statuses += [assoc.send_c_store(image).Status for image in images[2:]]
                 finally:
                     assoc.release()
