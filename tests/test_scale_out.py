@@ -1,9 +1,9 @@
 """Scale-out on PostgreSQL: three real ``dicomnode worker`` processes share one database.
 
 Sixty critical-result notification jobs (a real handler: an HTTP POST to a webhook that
-counts what it receives and answers) are each done exactly once, and the job of a worker
-killed with SIGKILL while holding its lease is taken over by another worker once the lease
-expires, and done once.
+counts what it receives and answers) are each done exactly once, each worker doing some of
+them, and the job of a worker killed with SIGKILL while holding its lease is taken over by
+another worker once the lease expires, and done once.
 """
 
 from __future__ import annotations
@@ -30,12 +30,17 @@ from dicomnode.db.session import as_utc
 
 JOBS = 60
 WORKERS = 3
-LEASE_SECONDS = 2.0
+# Jobs the workers hold, unrenewed, while the webhook keeps them waiting: longer than
+# the wait for all three to have asked, however slowly a loaded machine wakes them.
+LEASE_SECONDS = 5.0
 
 
 class Webhook:
-    """An HTTP receiver that counts requests and answers per Idempotency-Key; the first
-    request for ``stall_key`` is held without an answer until the test ends."""
+    """An HTTP receiver that counts requests and answers per Idempotency-Key. The very first
+    request (its key becomes ``stall_key``) is held without an answer until the test ends;
+    the others are answered once ``WORKERS`` requests have been in at once: with one thread
+    per worker, one from each worker, so that each does some of the jobs however unevenly a
+    loaded machine wakes them."""
 
     def __init__(self) -> None:
         self.received: Counter[str] = Counter()
@@ -43,6 +48,8 @@ class Webhook:
         self.stall_key = ""
         self.stalled = threading.Event()
         self.release = threading.Event()
+        self.in_flight = 0
+        self.all_asked = threading.Event()
         self.lock = threading.Lock()
         hook = self
 
@@ -52,17 +59,24 @@ class Webhook:
                 key = self.headers["Idempotency-Key"]
                 with hook.lock:
                     hook.received[key] += 1
-                    first = hook.received[key] == 1
-                if key == hook.stall_key and first:
+                    stall = not hook.stall_key
+                    if stall:
+                        hook.stall_key = key
+                    hook.in_flight += 1
+                    if hook.in_flight >= WORKERS:
+                        hook.all_asked.set()
+                if stall:
                     hook.stalled.set()
                     hook.release.wait(60)
                     return  # no answer: the worker was killed waiting for it
+                hook.all_asked.wait(60)
                 time.sleep(0.01)  # a receiver takes a little time; jobs spread over workers
                 self.send_response(200)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
                 with hook.lock:
                     hook.answered[key] += 1
+                    hook.in_flight -= 1
 
             def log_message(self, *args) -> None:
                 pass
@@ -108,9 +122,6 @@ def _jobs(sessions: sessionmaker[Session]) -> list[Job]:
 def test_three_workers_do_every_job_once_and_take_over_a_killed_workers_job(
     tmp_path: Path, sessions: sessionmaker[Session], db_url: str, webhook: Webhook
 ) -> None:
-    ids = _queue_notifications(sessions)
-    # The oldest job is claimed first; its webhook call hangs until its worker is killed.
-    webhook.stall_key = f"dicomnode-notify-{ids[0]}"
     config = _config(tmp_path, db_url, webhook.url)
     workers = {}
     for index in range(WORKERS):
@@ -121,9 +132,10 @@ def test_three_workers_do_every_job_once_and_take_over_a_killed_workers_job(
         )
         workers[process.pid] = process
     try:
-        assert webhook.stalled.wait(60), "no worker took the first job"
-        # Every worker started before the kill: one starting after it would free the dead
-        # worker's lease at once (Worker.free_orphaned_jobs), not when the lease runs out.
+        # Every worker started before the jobs are queued, so that they all take part and
+        # the first job's lease is still held when it is read below, and before the kill:
+        # one starting after it would free the dead worker's lease at once
+        # (Worker.free_orphaned_jobs), not when the lease runs out.
         wait_for(
             lambda: all(
                 " ready" in (tmp_path / f"worker{index}.log").read_text()
@@ -132,7 +144,11 @@ def test_three_workers_do_every_job_once_and_take_over_a_killed_workers_job(
             timeout=60,
             what="every worker ready",
         )
-        holder = next(job for job in _jobs(sessions) if job.id == ids[0])
+        ids = _queue_notifications(sessions)
+        # The first job a worker takes: its webhook call hangs until its worker is killed.
+        assert webhook.stalled.wait(60), "no worker took a job"
+        stalled_id = int(webhook.stall_key.rsplit("-", 1)[1])
+        holder = next(job for job in _jobs(sessions) if job.id == stalled_id)
         assert holder.state == "leased"
         killed = int(holder.lease_owner.rsplit(":", 1)[1])
         assert killed in workers
@@ -162,10 +178,10 @@ def test_three_workers_do_every_job_once_and_take_over_a_killed_workers_job(
     assert webhook.answered == Counter(keys), logs
     assert webhook.received == Counter(keys) + Counter({webhook.stall_key: 1}), logs
     by_id = {job.id: job for job in jobs}
-    taken = by_id[ids[0]]
+    taken = by_id[stalled_id]
     assert taken.attempts == 2
     assert int(taken.lease_owner.rsplit(":", 1)[1]) not in (killed, 0)
-    assert all(by_id[job_id].attempts == 1 for job_id in ids[1:])
+    assert all(by_id[job_id].attempts == 1 for job_id in ids if job_id != stalled_id)
     # The work was shared: both surviving workers did jobs.
     owners = Counter(int(job.lease_owner.rsplit(":", 1)[1]) for job in jobs)
     assert set(owners) == set(workers) - {killed}, owners
