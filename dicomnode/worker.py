@@ -32,11 +32,12 @@ from dicomnode import metrics
 from dicomnode.config import Settings, restart_changes
 from dicomnode.db.models import Job, Study
 from dicomnode.db.session import utcnow
+from dicomnode.export.jobs import TOGETHER as EXPORTS_TOGETHER
 from dicomnode.export.jobs import ExportJobs
 from dicomnode.ingest.spool import free_bytes
 from dicomnode.jobs.queue import (
     Postponed,
-    claim,
+    claim_together,
     complete,
     fail,
     next_due,
@@ -61,6 +62,9 @@ log = logging.getLogger("dicomnode.worker")
 # Jobs that decide or announce a study's priority, and the work that may wait for them.
 TRIAGE_KINDS = ["notify", "analyse"]
 BACKGROUND_KINDS = ["results", "export"]
+
+# Jobs claimed together (one transaction): a study's exports to one destination.
+TOGETHER = {"export": EXPORTS_TOGETHER}
 
 # What a worker sets up once, at start: its database engine, its job threads, its logging and
 # (run by itself) its metrics server.
@@ -139,15 +143,21 @@ class Worker:
         return max(1, worker.threads - 1)
 
     def _claim(self, session: Session) -> Job | float:
-        """Claim the most urgent due job; results and exports only while a background slot is
-        free (the slot is kept while such a job runs, released by :meth:`_run_next`). When none
-        is due: the seconds until one of those kinds is (``inf``: none queued or leased)."""
+        """:meth:`_claim_together`'s job (those claimed with it stay leased to this worker)."""
+        claimed = self._claim_together(session)
+        return claimed if isinstance(claimed, float) else claimed[0]
+
+    def _claim_together(self, session: Session) -> list[Job] | float:
+        """Claim the most urgent due job, with the jobs that go with it (:data:`TOGETHER`);
+        results and exports only while a background slot is free (the slot is kept while such
+        a job runs, released by :meth:`_run_next`). When none is due: the seconds until one of
+        those kinds is (``inf``: none queued or leased)."""
         with self._background_lock:
             background = self._background < self.background_limit()
             if background:
                 self._background += 1
         kinds = TRIAGE_KINDS + BACKGROUND_KINDS if background else TRIAGE_KINDS
-        job = None
+        claimed: list[Job] = []
         wait = math.inf
         try:
             soonest = next_due(session, kinds)
@@ -156,11 +166,13 @@ class Worker:
             if wait == 0.0:
                 # The claim is a write transaction: taken only when a job is due. None: another
                 # worker took it, and the next one may be due already (0 s to wait).
-                job = claim(session, self.owner, kinds, self.settings.worker.lease_seconds)
+                claimed = claim_together(
+                    session, self.owner, kinds, self.settings.worker.lease_seconds, TOGETHER
+                )
         finally:
-            if background and (job is None or job.kind not in BACKGROUND_KINDS):
+            if background and (not claimed or claimed[0].kind not in BACKGROUND_KINDS):
                 self._release_background()
-        return wait if job is None else job
+        return claimed or wait
 
     def _release_background(self) -> None:
         with self._background_lock:
@@ -259,25 +271,27 @@ class Worker:
         """Claim and run one due job (None); when none is due, the seconds until one is
         (``inf`` when none is queued or leased)."""
         with self.sessions() as session:
-            job = self._claim(session)
-            if not isinstance(job, Job):
-                return job
+            claimed = self._claim_together(session)
+            if isinstance(claimed, float):
+                return claimed
+            job, *companions = claimed
             kind = job.kind
             try:
-                self._run_claimed(session, job)
+                self._run_claimed(session, job, companions)
                 return None
             finally:
                 if kind in BACKGROUND_KINDS:
                     self._release_background()
 
-    def _run_claimed(self, session: Session, job: Job) -> bool:
-        """Run a claimed job and record its outcome (done, retry later or dead)."""
+    def _run_claimed(self, session: Session, job: Job, companions: list[Job]) -> bool:
+        """Run a claimed job (with its ``companions``, claimed with it) and record its outcome
+        (done, retry later or dead)."""
         started = time.perf_counter()
         seconds = {"queued": queued_seconds(job)}
         try:
             if job.kind == "export":
                 # Records each job of its association itself, to log a failure once for all.
-                self.exports.run(session, job, started)
+                self.exports.run(session, job, companions, started)
                 return True
             detail = self._run(session, job, seconds)
         except ModelLoadError as exc:

@@ -110,8 +110,8 @@ def test_an_export_attempt_that_raises_counts_once_as_a_failed_attempt(
     monkeypatch: pytest.MonkeyPatch,
     where: str,
 ) -> None:
-    """An export attempt that raises something unexpected (here: claiming the study's other
-    exports; recording the claimed job's failed attempt; reading when its jobs are tried next,
+    """An export attempt that raises something unexpected (here: reading how long its jobs
+    were queued; recording the claimed job's failed attempt; reading when its jobs are tried next,
     after the failures were recorded) is a failed attempt in
     ``dicomnode_export_attempts_failed_total`` once, and its object not sent in
     ``dicomnode_export_failures_total`` once; before, one that raised before the send counted
@@ -136,7 +136,7 @@ def test_an_export_attempt_that_raises_counts_once_as_a_failed_attempt(
         monkeypatch.setattr(worker, "record_failed_attempt", broken_once)
     else:
         monkeypatch.setattr(
-            export_jobs, "claim_alike" if where == "before the send" else "as_utc", broken
+            export_jobs, "queued_seconds" if where == "before the send" else "as_utc", broken
         )
     objects = _sample("dicomnode_export_failures_total", "pacs")
     attempts = _sample("dicomnode_export_attempts_failed_total", "pacs")

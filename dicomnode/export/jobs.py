@@ -1,10 +1,12 @@
 """Export jobs: each sends one result object to a configured destination (``[[destinations]]``).
 
-The worker claims an export job and hands it here: the study's other queued exports to the
-same destination go along (also those still waiting out a backoff after it was unreachable,
-so that a study's exports stay together through an outage), over one association (up to
-:data:`EXPORTS_PER_ASSOCIATION`), each job completed or failed on its own, and a failed
-attempt is logged in one line for all of them. A destination that is down or out of
+The worker claims an export job and, in the same transaction (:data:`TOGETHER`), the study's
+other queued exports to the same destination (also those still waiting out a backoff after it
+was unreachable, so that a study's exports stay together through an outage), and hands them
+here: they go over one association (up to :data:`EXPORTS_PER_ASSOCIATION`), each job
+completed or failed on its own, and a failed attempt is logged in one line for all of them.
+Another worker or thread claiming at the same time never takes some of them for an
+association of its own. A destination that is down or out of
 resources is waited for (its exports back off and stay queued) and warned of at most once a
 minute, however many studies wait for it (:mod:`dicomnode.export.outages`); one no longer
 configured has its exports dead-lettered at once, as the worker starts, after each reload
@@ -15,8 +17,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from sqlalchemy import ColumnElement, or_, select
 from sqlalchemy.orm import Session, sessionmaker
@@ -34,7 +37,7 @@ from dicomnode.export.scu import (
 )
 from dicomnode.jobs.queue import (
     BACKOFF_MAX_SECONDS,
-    claim_alike,
+    Together,
     dead_letter,
     dead_letter_queued,
     hasten,
@@ -78,12 +81,13 @@ class ExportJobs:
         # Destinations this worker found unreachable, for how often it warns of them.
         self.outages = Outages()
 
-    def run(self, session: Session, job: Job, started: float) -> None:
-        """Send the job's result object to its destination, together with the study's other
-        queued exports to that destination (due or still backing off), over one association (up to
+    def run(self, session: Session, job: Job, companions: Sequence[Job], started: float) -> None:
+        """Send the job's result object to its destination, together with its ``companions``,
+        the study's other queued exports to that destination (due or still backing off) claimed
+        with it (:data:`TOGETHER`), over one association (up to
         :data:`EXPORTS_PER_ASSOCIATION`); each of those jobs is completed or failed on its own,
-        and a failed attempt is logged in one line for all of them. A job whose destination is
-        no longer configured is dead-lettered (:meth:`dead_letter_unrouted_exports`).
+        and a failed attempt is logged in one line for all of them. Jobs whose destination is
+        no longer configured are dead-lettered (:meth:`dead_letter_unrouted_exports`).
 
         An attempt that fails counts once in ``dicomnode_export_attempts_failed_total``, also
         when it raises (a database error, a bug: the worker then records the job's failure),
@@ -91,42 +95,75 @@ class ExportJobs:
         one too when the attempt raised, unless it was counted before."""
         failed = True  # until the attempt ends with nothing left unsent
         counted: set[int] = set()  # the jobs counted in dicomnode_export_failures_total
+        # Read now: after a rollback, reading them again may fail as the attempt did.
+        companion_ids = [other.id for other in companions]
         try:
-            failed = self._attempt(session, job, started, counted)
-        except Exception:
+            failed = self._attempt(session, job, companions, started, counted)
+        except Exception as exc:
             # The worker records the claimed job's failure, and it counts here: once, also
             # when the attempt raised after its failures were counted.
             if job.id not in counted:
                 metrics.EXPORT_FAILURES.labels(job.payload.get("destination", "")).inc()
+            self._companions_failed(session, job, companion_ids, exc, counted)
             raise
         finally:
             if failed:
                 metrics.EXPORT_ATTEMPTS_FAILED.labels(job.payload.get("destination", "")).inc()
 
-    def _attempt(self, session: Session, job: Job, started: float, counted: set[int]) -> bool:
+    def _companions_failed(
+        self,
+        session: Session,
+        job: Job,
+        companion_ids: list[int],
+        exc: Exception,
+        counted: set[int],
+    ) -> None:
+        """After an attempt that raised, record the failed attempt of the companions (by id)
+        still leased to this worker (the worker records the claimed job's), each not sent
+        counted once, so that they are retried with it rather than when their leases end.
+        Best effort: what raised may be the database, and then their leases end."""
+        left = [job_id for job_id in companion_ids if job_id not in counted]
+        if not left:
+            return
+        try:
+            session.rollback()
+            known = self.worker.study_patient_values(session, job.study_id)
+            reason = without_patient_data(_reason(exc), known)
+            for job_id in left:
+                other = session.get(Job, job_id)
+                if other is not None and self.worker.record_failed_attempt(
+                    session, other, reason, unreachable=False
+                ):
+                    metrics.EXPORT_FAILURES.labels(other.payload.get("destination", "")).inc()
+                    counted.add(job_id)
+        except Exception as failure:
+            session.rollback()
+            log.warning(
+                "export jobs %s, claimed with another that failed, are tried again when their "
+                "leases end: %s",
+                _id_list(left),
+                database_reason(failure),
+                exc_info=not database_unavailable(failure),
+            )
+
+    def _attempt(
+        self,
+        session: Session,
+        job: Job,
+        companions: Sequence[Job],
+        started: float,
+        counted: set[int],
+    ) -> bool:
         """:meth:`run`'s attempt; whether it left objects unsent. ``counted`` gets the ids of
         the jobs counted as not sent."""
         worker = self.worker
         name = job.payload["destination"]
         destination = next((d for d in worker.settings.destinations if d.name == name), None)
         if destination is None:
-            self.dead_letter_unrouted_exports(session, claimed=job)
+            for other in companions:
+                other.attempts -= 1  # taken along, never tried: as a queued one is buried
+            self.dead_letter_unrouted_exports(session, claimed=[job, *companions])
             return False
-        companions = claim_alike(
-            session,
-            job,
-            worker.owner,
-            worker.settings.worker.lease_seconds,
-            _to_destination(name),
-            EXPORTS_PER_ASSOCIATION - 1,
-            # Those still waiting out their backoff after the destination was unreachable
-            # too: each failed job's backoff is reckoned from its own failure, a few
-            # milliseconds apart, and taking only those due split a study's association
-            # further at each retry of an outage. Not one that failed on its own (an object
-            # the destination refused): it waits out its own backoff, not retried with each
-            # of the study's later exports, which spent its attempts long before it ended.
-            waiting=_unreachable_last_time(),
-        )
         batch = [job, *companions]
         queued = {other.id: queued_seconds(other) for other in batch}
         rows = {other.id: session.get(ResultObject, other.payload["result_id"]) for other in batch}
@@ -285,9 +322,9 @@ class ExportJobs:
             outage.summary() if outage is not None else "",
         )
 
-    def dead_letter_unrouted_exports(self, session: Session, claimed: Job | None = None) -> int:
+    def dead_letter_unrouted_exports(self, session: Session, claimed: Sequence[Job] = ()) -> int:
         """Dead-letter now the queued export jobs whose destination is no longer configured
-        (removed or renamed before a reload or a restart), and ``claimed``, such a job this
+        (removed or renamed before a reload or a restart), and ``claimed``, such jobs this
         worker holds; returns how many. No retry can send them, and marking them done (as
         before) lost the results silently: retention then deleted their study. As dead letters
         they show in ``/api/jobs?state=dead`` and on the worklist, keep their study, and an
@@ -299,11 +336,11 @@ class ExportJobs:
         def reason_of(job: Job) -> str:
             return unconfigured_reason(str(job.payload.get("destination", "")))
 
-        buried = []
-        if claimed is not None and dead_letter(
-            session, claimed, reason_of(claimed), owner=self.worker.owner
-        ):
-            buried.append(claimed)
+        buried = [
+            job
+            for job in claimed
+            if dead_letter(session, job, reason_of(job), owner=self.worker.owner)
+        ]
         buried += dead_letter_queued(
             session,
             "export",
@@ -362,10 +399,24 @@ def _unreachable_last_time() -> ColumnElement[bool]:
     )
 
 
-def _to_destination(name: str) -> ColumnElement[bool]:
-    """Export jobs to the destination ``name`` (in SQL: SQLite's json_extract, PostgreSQL's
-    ``->>``)."""
-    return Job.payload["destination"].as_string() == name
+def _destination(jobs: Any) -> ColumnElement[str]:
+    """An export job's destination, of the jobs table or an alias of it (in SQL: SQLite's
+    json_extract, PostgreSQL's ``->>``)."""
+    return jobs.payload["destination"].as_string()
+
+
+# How export jobs are claimed: a study's exports to one destination together.
+TOGETHER = Together(
+    key=_destination,
+    limit=EXPORTS_PER_ASSOCIATION - 1,
+    # Those still waiting out their backoff after the destination was unreachable too: each
+    # failed job's backoff is reckoned from its own failure, a few milliseconds apart, and
+    # taking only those due split a study's association further at each retry of an outage.
+    # Not one that failed on its own (an object the destination refused): it waits out its
+    # own backoff, not retried with each of the study's later exports, which spent its
+    # attempts long before it ended.
+    waiting=_unreachable_last_time(),
+)
 
 
 def unconfigured_reason(destination: str) -> str:

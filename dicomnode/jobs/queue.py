@@ -15,11 +15,13 @@ the next job is due (:func:`next_due`) instead of polling the queue.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
-from sqlalchemy import ColumnElement, and_, case, event, func, or_, select, text
-from sqlalchemy.orm import Session
+from sqlalchemy import ColumnElement, and_, case, event, exists, func, or_, select, text
+from sqlalchemy.orm import Session, aliased
 
 from dicomnode.db.models import Job
 from dicomnode.db.session import READ_ONLY, as_utc, utcnow
@@ -87,12 +89,32 @@ def enqueue(
     return job
 
 
-def _runnable(now: datetime) -> ColumnElement[bool]:
-    """Queued and due, or leased to a worker whose lease has expired."""
+def _runnable(now: datetime, jobs: Any = Job) -> ColumnElement[bool]:
+    """Queued and due, or leased to a worker whose lease has expired (``jobs``: the table or
+    an alias of it)."""
     return or_(
-        and_(Job.state == "queued", Job.run_after <= now),
-        and_(Job.state == "leased", Job.lease_expires_at < now),
+        and_(jobs.state == "queued", jobs.run_after <= now),
+        and_(jobs.state == "leased", jobs.lease_expires_at < now),
     )
+
+
+@dataclass(frozen=True)
+class Together:
+    """How a kind's jobs are claimed together (e.g. a study's exports to one destination, sent
+    over one association): with the job claimed, in the same transaction, its study's other
+    runnable jobs of the kind whose ``key`` is the same, up to ``limit`` (oldest first), and
+    the queued ones still waiting out a backoff that ``waiting`` admits (e.g. those that
+    failed with it, so that jobs run together stay together: each one's backoff, reckoned
+    from its own failure, ends a little apart from the others'). Each counts an attempt and
+    is completed or failed on its own.
+
+    ``key`` gives the key's SQL expression for the jobs table or an alias of it (e.g. the
+    payload's destination), so that only the jobs taken are locked on PostgreSQL; ``waiting``
+    is a condition on the jobs table."""
+
+    key: Callable[[Any], ColumnElement[Any]]
+    limit: int
+    waiting: ColumnElement[bool] | None = None
 
 
 def next_due(session: Session, kinds: Sequence[str]) -> datetime | None:
@@ -124,10 +146,34 @@ def claim(
 ) -> Job | None:
     """Lease the most urgent runnable job of ``kinds`` to ``owner`` (by :data:`KIND_PRIORITY`,
     then oldest first); commits; None if none is due."""
+    claimed = claim_together(session, owner, kinds, lease_seconds, {}, now)
+    return claimed[0] if claimed else None
+
+
+def claim_together(
+    session: Session,
+    owner: str,
+    kinds: Sequence[str],
+    lease_seconds: float,
+    together: Mapping[str, Together],
+    now: datetime | None = None,
+) -> list[Job]:
+    """Lease the most urgent runnable job of ``kinds`` to ``owner`` (by :data:`KIND_PRIORITY`,
+    then oldest first) and, if its kind is claimed :class:`Together`, the jobs that go with
+    it, in one transaction; commits; the job first, then those (none when none is due).
+
+    Another worker never takes one of a group of jobs while it is being claimed: on SQLite the
+    transaction holds the write lock from its start; on PostgreSQL a job of such a kind is
+    claimed only when no runnable job of its group is older, so that a worker that skips the
+    group's oldest job (locked by the claim under way) skips its whole group."""
     now = now or utcnow()
     query = (
         select(Job)
-        .where(Job.kind.in_(kinds), _runnable(now))
+        .where(
+            Job.kind.in_(kinds),
+            _runnable(now),
+            *(_oldest_of_group(kind, rule, now) for kind, rule in together.items()),
+        )
         .order_by(
             case(KIND_PRIORITY, value=Job.kind, else_=len(KIND_PRIORITY)), Job.run_after, Job.id
         )
@@ -137,10 +183,57 @@ def claim(
     job = session.scalars(query).first()
     if job is None:
         session.commit()
-        return None
+        return []
     _lease(job, owner, lease_seconds, now)
+    claimed = [job]
+    rule = together.get(job.kind)
+    if rule is not None:
+        claimed += _lease_alike(session, job, owner, lease_seconds, rule, now)
     session.commit()
-    return job
+    return claimed
+
+
+def _oldest_of_group(kind: str, rule: Together, now: datetime) -> ColumnElement[bool]:
+    """Not of ``kind``, or no runnable job of its group (study and key) is older."""
+    older = aliased(Job)
+    return or_(
+        Job.kind != kind,
+        ~exists().where(
+            older.kind == kind,
+            older.study_id == Job.study_id,
+            older.id < Job.id,
+            rule.key(older) == rule.key(Job),
+            _runnable(now, older),
+        ),
+    )
+
+
+def _lease_alike(
+    session: Session, job: Job, owner: str, lease_seconds: float, rule: Together, now: datetime
+) -> list[Job]:
+    """Lease to ``owner`` the jobs that go with its claimed ``job`` (see :class:`Together`)."""
+    runnable = _runnable(now)
+    if rule.waiting is not None:
+        runnable = or_(runnable, and_(Job.state == "queued", rule.waiting))
+    claimed = aliased(Job)
+    key = select(rule.key(claimed)).where(claimed.id == job.id).scalar_subquery()
+    query = (
+        select(Job)
+        .where(
+            Job.kind == job.kind,
+            Job.study_id == job.study_id,
+            Job.id != job.id,
+            rule.key(Job) == key,
+            runnable,
+        )
+        .order_by(Job.id)
+        .limit(rule.limit)
+        .with_for_update(skip_locked=True)
+    )
+    taken = list(session.scalars(query))
+    for other in taken:
+        _lease(other, owner, lease_seconds, now)
+    return taken
 
 
 def _lease(job: Job, owner: str, lease_seconds: float, now: datetime) -> None:
@@ -148,44 +241,6 @@ def _lease(job: Job, owner: str, lease_seconds: float, now: datetime) -> None:
     job.lease_owner = owner
     job.lease_expires_at = now + timedelta(seconds=lease_seconds)
     job.attempts += 1
-
-
-def claim_alike(
-    session: Session,
-    job: Job,
-    owner: str,
-    lease_seconds: float,
-    alike: ColumnElement[bool],
-    limit: int,
-    now: datetime | None = None,
-    waiting: ColumnElement[bool] | None = None,
-) -> list[Job]:
-    """Lease to ``owner``, besides its claimed ``job``, up to ``limit`` other runnable jobs of
-    the same kind and study that ``alike`` admits (oldest first), to be run with it (e.g. a
-    study's exports to one destination over one association); commits. Each counts an attempt
-    and is completed or failed on its own. ``alike`` is a condition in SQL, so that on
-    PostgreSQL only the jobs taken are locked. ``waiting``: the queued ones still waiting out
-    their backoff that are taken too (e.g. those that failed with ``job``, so that jobs run
-    together stay together: each one's backoff, reckoned from its own failure, ends a little
-    apart from the others')."""
-    now = now or utcnow()
-    runnable = _runnable(now)
-    if waiting is not None:
-        runnable = or_(runnable, and_(Job.state == "queued", waiting))
-    query = (
-        select(Job)
-        .where(
-            Job.kind == job.kind, Job.study_id == job.study_id, Job.id != job.id, alike, runnable
-        )
-        .order_by(Job.id)
-        .limit(limit)
-        .with_for_update(skip_locked=True)
-    )
-    taken = list(session.scalars(query))
-    for other in taken:
-        _lease(other, owner, lease_seconds, now)
-    session.commit()
-    return taken
 
 
 def queued_seconds(job: Job) -> float:
