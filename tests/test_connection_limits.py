@@ -519,7 +519,7 @@ def test_silent_connections_are_closed_at_the_acse_timeout_and_give_their_counts
             interval=0.05,
             what="the silent connections closed by the node",
         )
-        assert time.monotonic() - started < 5
+        assert time.monotonic() - started < 8  # 1 s, and room for a loaded machine; not 30
         wait_for(
             lambda: node.scp.admission.addresses.connections(key) == 0, timeout=10, interval=0.01
         )
@@ -550,9 +550,9 @@ def test_a_request_sent_a_byte_at_a_time_is_cut_off_at_the_acse_timeout(
                 if _closed_by_node(slow):
                     break
                 slow.setblocking(True)
-                assert time.monotonic() - started < 10, "the slow request was never cut off"
+                assert time.monotonic() - started < 20, "the slow request was never cut off"
                 time.sleep(0.2)
-        assert time.monotonic() - started < 4
+        assert time.monotonic() - started < 8  # 1 s, and room for a loaded machine; not 30
     assert "its association request did not arrive in full" in caplog.text
     wait_for(lambda: node.scp.admission.addresses.connections(key) == 0, timeout=10, interval=0.01)
     _limit_served_again(node)
