@@ -27,13 +27,23 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
-from conftest import launch_node, queue_notifications, wait_for, worker_config, write_config
+from conftest import (
+    POSTGRES_URL,
+    launch_node,
+    queue_notifications,
+    require_postgres,
+    wait_for,
+    worker_config,
+    write_config,
+)
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 from test_jobs import make_study
@@ -69,9 +79,24 @@ TMPFS = Path("/dev/shm")
 
 @pytest.fixture
 def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """An SQLite file for these tests, in :data:`TMPFS` when it is there (else in
-    ``tmp_path``): what they time is how soon a worker is woken, not the disk."""
-    assert request.param == "sqlite", "these tests time SQLite's wake-ups"
+    """A database for these tests, whose commits do not wait for the disk: what they time is
+    how soon a worker is woken. SQLite: a file in :data:`TMPFS` when it is there (else in
+    ``tmp_path``). PostgreSQL: a new schema, its sessions' commits not waiting for the WAL's
+    flush (``synchronous_commit=off``)."""
+    if request.param == "postgresql":
+        require_postgres()
+        import psycopg
+
+        schema = f"t_{uuid.uuid4().hex[:12]}"
+        plain = POSTGRES_URL.replace("postgresql+psycopg", "postgresql")
+        with psycopg.connect(plain, autocommit=True) as connection:
+            connection.execute(f'CREATE SCHEMA "{schema}"')
+        separator = "&" if "?" in POSTGRES_URL else "?"
+        options = f"-csearch_path={schema} -csynchronous_commit=off"
+        yield f"{POSTGRES_URL}{separator}options={quote(options)}"
+        with psycopg.connect(plain, autocommit=True) as connection:
+            connection.execute(f'DROP SCHEMA "{schema}" CASCADE')
+        return
     if not (TMPFS.is_dir() and os.access(TMPFS, os.W_OK)):
         yield f"sqlite:///{tmp_path / 'dicomnode.db'}"
         return
@@ -214,16 +239,16 @@ def _queue_later(sessions: sessionmaker[Session], seconds: float) -> int:
         return job.id
 
 
-@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+@pytest.mark.parametrize("db_url", ["sqlite", "postgresql"], indirect=True)
 def test_an_idle_worker_takes_a_job_at_once_and_a_later_one_when_due(
     tmp_path: Path, sessions: sessionmaker[Session], db_url: str
 ) -> None:
     """A ``dicomnode worker`` that looks for jobs only every 60 s claims a job that another
     process queues within 0.5 s, and one due 0.5 s later within 0.5 s of that: woken by the
-    queuer, not by its signal's fallback look at the database, ~1.7 s after either was
-    queued here, nor by its poll."""
-    folder = wake_folder(db_url.removeprefix("sqlite:///"))
-    assert folder is not None
+    queuer (SQLite: a datagram; PostgreSQL: a NOTIFY), not by its signal's fallback look at
+    an SQLite file, ~1.7 s after either was queued here, nor by its poll."""
+    sqlite = db_url.startswith("sqlite")
+    folder = wake_folder(db_url.removeprefix("sqlite:///")) if sqlite else None
     with _idle_worker(tmp_path, db_url) as (process, log):
         time.sleep(0.5)  # idle: its threads have looked and sleep
         _put_off_fallback_look(folder)
@@ -237,13 +262,16 @@ def test_an_idle_worker_takes_a_job_at_once_and_a_later_one_when_due(
         assert process.wait(timeout=10) == 0, log.read_text()
         assert time.monotonic() - started < 1.0, "the idle worker was slow to stop"
     # Its socket is gone with it.
-    assert not list(folder.iterdir())
+    assert folder is None or not list(folder.iterdir())
 
 
-def _put_off_fallback_look(folder: Path) -> None:
+def _put_off_fallback_look(folder: Path | None) -> None:
     """Wake the idle worker (it finds nothing new) so that its signal's fallback look at the
-    database, 2 s after its last wake-up, comes ~1.7 s after this returns: a job queued now
-    is found sooner only by the queuer's wake-up (a job due later, only through it in time)."""
+    SQLite file, 2 s after its last wake-up, comes ~1.7 s after this returns: a job queued now
+    is found sooner only by the queuer's wake-up (a job due later, only through it in time).
+    None: PostgreSQL, where it has no such look."""
+    if folder is None:
+        return
     assert wake_all(folder) == 1
     time.sleep(0.3)
 
