@@ -250,13 +250,15 @@ def test_associations_share_the_servers_contexts_and_leave_them_unchanged(node: 
         )
         assert assoc.is_established
         try:
+            assert len(assoc.accepted_contexts) == 3
+            # Answered: the node's side is established too (the requestor is told so by the
+            # A-ASSOCIATE-AC, which a loaded machine's node may send before it marks itself).
+            assert assoc.send_c_store(secondary_capture()).Status == 0x0000
             # (The last round's association counts until its connection has closed.)
             (served,) = [a for a in node.scp.ae.active_associations if a.is_established]
             shared = served.acceptor.supported_contexts
             assert shared is not server.contexts  # its own list ...
             assert all(a is b for a, b in zip(shared, server.contexts, strict=True))  # ... of them
-            assert len(assoc.accepted_contexts) == 3
-            assert assoc.send_c_store(secondary_capture()).Status == 0x0000
         finally:
             assoc.release()
     assert _contexts_as_values(server.contexts) == before
