@@ -41,24 +41,53 @@ def database_reason(exc: BaseException) -> str:
 
 
 class OutageLog:
-    """An outage in the log, for the threads that share it: a WARNING when it starts, its
-    further failures at DEBUG, one INFO when it ends (a line per thread and retry made 1 MB
-    of log in 12 s of a database outage)."""
+    """An outage in the log, for the threads that share it: a line at ``level`` when it
+    starts, its further failures at DEBUG, one INFO when it ends (a line per thread and retry
+    made 1 MB of log in 12 s of a database outage). ``remind_seconds``: while it lasts, a
+    failure that long after the last line at ``level`` is logged at ``level`` again, with how
+    long the outage has lasted (an admin who comes to the log later still sees it)."""
 
-    def __init__(self, logger: logging.Logger) -> None:
+    def __init__(
+        self,
+        logger: logging.Logger,
+        level: int = logging.WARNING,
+        remind_seconds: float | None = None,
+    ) -> None:
         self.logger = logger
+        self.level = level
+        self.remind_seconds = remind_seconds
         self._lock = threading.Lock()
         self._since: float | None = None
+        self._said: float = 0.0
 
-    def failed(self, message: str | None = None, *args: object) -> bool:
-        """A failure: ``message % args`` at WARNING if it starts the outage, else at DEBUG
-        (nothing without a message); returns whether it started it."""
+    def failed(
+        self, message: str | None = None, *args: object, exc_info: BaseException | None = None
+    ) -> bool:
+        """A failure: ``message % args`` (and the traceback of ``exc_info``) at ``level`` if
+        it starts the outage or is due as a reminder, else at DEBUG (nothing without a
+        message); returns whether it started the outage."""
         with self._lock:
+            now = time.monotonic()
             first = self._since is None
             if first:
-                self._since = time.monotonic()
-        if message is not None:
-            self.logger.log(logging.WARNING if first else logging.DEBUG, message, *args)
+                self._since = now
+            since = self._since if self._since is not None else now
+            remind = (
+                not first
+                and self.remind_seconds is not None
+                and now - self._said >= self.remind_seconds
+            )
+            if first or remind:
+                self._said = now
+        if message is None:
+            return first
+        if remind:
+            self.logger.log(
+                self.level, f"{message} (for %.0f s now)", *args, now - since, exc_info=exc_info
+            )
+        else:
+            level = self.level if first else logging.DEBUG
+            self.logger.log(level, message, *args, exc_info=exc_info)
         return first
 
     def ended(self, message: str) -> None:

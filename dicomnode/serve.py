@@ -41,6 +41,12 @@ log = logging.getLogger("dicomnode")
 # The assembly check runs when a study's quiet period ends (the supervisor's index writer
 # says when), and at least this often for rows written by other processes.
 ASSEMBLY_PERIOD_SECONDS = 1.0
+# While the check fails (the database down, its disk full): retried after a period, doubling
+# up to this (sooner when the index writer reports a quiet period, i.e. the database is
+# back); one line when the failures start, a reminder at most this often, one when they end
+# (a traceback a second made 3,000 lines of log in 30 s of a database outage).
+ASSEMBLY_RETRY_LAST_SECONDS = 5.0
+ASSEMBLY_REMINDER_SECONDS = 60.0
 
 # [node] settings the listeners read per association or instance: a reload applies them.
 LIVE_NODE_KEYS = frozenset(
@@ -325,7 +331,11 @@ def assembly_loop(
     (``ready``) ends sooner, and at least every ``period`` s (rows written elsewhere)."""
     from dicomnode.db.session import utcnow
     from dicomnode.ingest.assembly import next_ready_at, queue_ready_studies
+    from dicomnode.outage import OutageLog, database_reason, database_unavailable, disk_full
 
+    unavailable = OutageLog(log, remind_seconds=ASSEMBLY_REMINDER_SECONDS)
+    failing = OutageLog(log, logging.ERROR, remind_seconds=ASSEMBLY_REMINDER_SECONDS)
+    retry = 0.0
     while not stop.is_set():
         # What the writer reports from now on may not be in the check's reads below.
         ready.clear()
@@ -336,10 +346,23 @@ def assembly_loop(
                     log.info("study_id=%d assembled; analysis queued", study_id)
                 due = next_ready_at(session)
                 session.commit()
-            if due is not None:
-                until = min(until, max(due, utcnow() + timedelta(seconds=0.005)))
-        except Exception:
-            log.exception("assembly check failed; retrying")
+        except Exception as exc:
+            retry = min(ASSEMBLY_RETRY_LAST_SECONDS, retry * 2 or period)
+            if database_unavailable(exc) or disk_full(exc):
+                unavailable.failed(
+                    "assembly check: database unavailable: %s; studies are queued for analysis "
+                    "once it is back",
+                    database_reason(exc),
+                )
+            else:
+                failing.failed("assembly check failed; retrying", exc_info=exc)
+            ready.wait(utcnow() + timedelta(seconds=retry), retry)
+            continue
+        retry = 0.0
+        unavailable.ended("assembly check: database available again after %(seconds).0f s")
+        failing.ended("assembly check works again after %(seconds).0f s")
+        if due is not None:
+            until = min(until, max(due, utcnow() + timedelta(seconds=0.005)))
         ready.wait(until, period)
 
 
