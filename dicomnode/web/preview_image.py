@@ -68,8 +68,12 @@ def _reduced_jpeg2000(ds: pydicom.Dataset, max_side: int) -> pydicom.Dataset | N
         frame = next(generate_frames(ds.PixelData, number_of_frames=1))
         codestream = get_j2k_parameters(frame)
         precision = int(codestream.get("precision", 0))
-        # Pillow returns unsigned samples only, shifted up to 16 bits.
+        # Pillow returns unsigned samples only, shifted up to 16 bits. A precision other than
+        # Bits Stored: decoded whole, so that values outside Bits Stored are found as in the
+        # analysis (decode.fit_bits_stored) instead of masked away by the reduced copy.
         if codestream.get("is_signed") or not 1 <= precision <= 16:
+            return None
+        if precision != int(value_or_none(ds, "BitsStored") or 0):
             return None
         with Image.open(io.BytesIO(frame)) as image:
             if image.mode not in ("L", "I;16"):
