@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 from dicomnode.config import Settings, load_settings
@@ -32,6 +33,14 @@ def _writable_dir(path: Path) -> str:
         return f"{probe} is not a folder"
     if not os.access(probe, os.W_OK | os.X_OK):
         return f"{probe} is not writable by this user"
+    if probe != path:
+        # Writable by its mode is not enough: /proc or /sys say so to root, then refuse every
+        # folder (the listeners died on the first C-STORE). Made and removed at once: the
+        # only way to know short of making the folders, which check-config leaves to serve.
+        try:
+            os.rmdir(tempfile.mkdtemp(prefix=".dicomnode-check-", dir=probe))
+        except OSError as exc:
+            return f"cannot create {path}: {exc.strerror or exc}"
     return ""
 
 
