@@ -430,6 +430,7 @@ class Worker:
                     runtime,
                     job.study_id,
                     self.handover,
+                    self.models.left_out(),
                 )
             for stage, spent in times.seconds.items():
                 metrics.JOB_SECONDS.labels("analyse", stage).observe(spent)

@@ -111,6 +111,51 @@ def test_corrupt_onnx_is_left_out_and_the_other_models_analyse(tmp_path: Path) -
     assert "cxr_pneumothorax_demo.toml cannot be used" in errors[0]
 
 
+def test_a_study_a_corrupt_model_would_have_read_does_not_read_as_cleared(
+    tmp_path: Path, db_url: str
+) -> None:
+    """The acceptance test's repro: the pneumothorax model's ONNX file truncated, a
+    pneumothorax phantom sent (one the nodule model scores 0.22, below its 0.33 threshold:
+    the demo model flags some phantoms). The nodule model ran and found nothing, the pneumothorax model
+    did not run: the worklist must not say "no finding above threshold" of the study as if
+    every model had looked, and the row names the model as not run, in the same words."""
+    models = tmp_path / "models"
+    models.mkdir()
+    for name in ("cxr_pneumothorax_demo", "cxr_nodule_demo"):
+        shutil.copy(REPO / "models" / f"{name}.toml", models)
+    shutil.copy(REPO / "models" / "cxr_nodule_demo.onnx", models)
+    corrupt = models / "cxr_pneumothorax_demo.onnx"
+    corrupt.write_bytes((REPO / "models" / "cxr_pneumothorax_demo.onnx").read_bytes()[:20000])
+    config, port, web_port = write_config(tmp_path, db_url)
+    config.write_text(config.read_text().replace(str(REPO / "models"), str(models)))
+    node = start_node(tmp_path, config, port, web_port)
+    try:
+        ds, _ = make_cxr(930_033, pneumothorax=True, size=512)
+        path = tmp_path / "pneumothorax.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        sent = node.storescu(path)
+        assert sent.returncode == 0, sent.stderr
+        url = f"{node.web}/api/studies/{ds.StudyInstanceUID}"
+
+        def settled() -> dict | None:
+            row = httpx.get(url, headers=node.headers, timeout=10).json()
+            return row if row.get("results_state") in ("done", "dead") else None
+
+        row = wait_for(settled, timeout=120, what="the study's results job settled")
+        assert row["analysis_status"] == "analysed"
+        assert row["priority"] == "routine"
+        assert row["reason"] == (
+            "AI: no finding above threshold from the models that ran; "
+            "not run: cxr-pneumothorax-demo"
+        )
+        assert row["results_incomplete"] is True
+        (missing,) = row["results_missing"]
+        assert (missing["model"], missing["kind"]) == ("cxr-pneumothorax-demo", "run")
+        assert missing["error"].startswith("not run: ")
+    finally:
+        stop_node(node)
+
+
 def _no_database():
     raise RuntimeError("not needed")
 
@@ -156,7 +201,14 @@ def test_model_failing_to_load_at_first_use_is_left_out_without_using_an_attempt
         assert {(job.kind, job.state) for job in jobs} == {("analyse", "done"), ("results", "done")}
         assert [job.attempts for job in jobs if job.kind == "analyse"] == [1, 1]
         for study_id in study_ids:
-            assert session.get(Study, study_id).analysis_status == "analysed"
+            study = session.get(Study, study_id)
+            assert study.analysis_status == "analysed"
+            # Pneumothorax phantoms: the model that would flag them did not run, which must
+            # not read as the AI finding nothing; they keep their no-AI place (routine).
+            assert study.tier == "routine"
+            assert study.reason == (
+                "no AI finding model ran (not run: cxr-pneumothorax-demo); read in arrival order"
+            )
         written = session.scalars(select(ResultObject.model_name).distinct()).all()
         assert written == ["cxr-lung-seg-demo"]
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -80,6 +81,34 @@ def test_an_analysed_study_no_finding_model_looked_at_does_not_read_as_cleared()
     assert priority.tier == "routine"
     assert "no AI finding model applies" in priority.reason
     assert "no finding above threshold" not in priority.reason
+
+
+def test_a_model_that_did_not_run_is_not_reported_as_finding_nothing() -> None:
+    """The pneumothorax model left out (its ONNX file cannot be loaded): the effusion model's
+    negative result must not read as the AI clearing the study; the study keeps the place it
+    would have with no AI at all (routine, due at arrival + the routine max wait)."""
+    incomplete = replace(ANALYSED, not_run=("cxr-pneumothorax-demo",))
+    priority = prioritise(incomplete, [effusion(0.1)], NOW)
+    assert priority.reason == (
+        "AI: no finding above threshold from the models that ran; not run: cxr-pneumothorax-demo"
+    )
+    without_ai = prioritise(replace(incomplete, analysis_status="failed"), [], NOW)
+    assert (priority.tier, priority.due_at) == ("routine", without_ai.due_at)
+    # No finding model ran at all.
+    nothing_ran = prioritise(incomplete, [], NOW)
+    assert nothing_ran.tier == "routine"
+    assert nothing_ran.reason == (
+        "no AI finding model ran (not run: cxr-pneumothorax-demo); read in arrival order"
+    )
+    # A finding of the models that ran still raises it; the reason names what did not run.
+    urgent = prioritise(incomplete, [effusion(0.8)], NOW)
+    assert urgent.tier == "urgent"
+    assert urgent.reason == "AI finding: Pleural effusion 80%; not run: cxr-pneumothorax-demo"
+    ordered = prioritise(replace(incomplete, requested_priority="STAT"), [effusion(0.1)], NOW)
+    assert ordered.reason == "ordered STAT; not run: cxr-pneumothorax-demo"
+    # Not yet analysed again (new instances): awaiting, whatever the last analysis missed.
+    waiting = prioritise(replace(incomplete, analysis_status="queued"), [effusion(0.1)], NOW)
+    assert waiting.reason == "awaiting AI analysis"
 
 
 def test_probability_at_threshold_counts_as_present() -> None:

@@ -151,6 +151,12 @@ def test_rows_say_which_ai_result_objects_were_not_written(site, page) -> None:
                     "kind": "run",
                     "error": "RuntimeError: input too small",
                 },
+                {  # left out by the worker: its file cannot be loaded
+                    "model": "cxr-pneumothorax-demo",
+                    "version": "1.1.0",
+                    "kind": "run",
+                    "error": "not run: the model cannot be loaded (truncated)",
+                },
             ],
             now=utcnow(),
         )
@@ -160,11 +166,13 @@ def test_rows_say_which_ai_result_objects_were_not_written(site, page) -> None:
     marker = ptx.locator("td.status .results-failed")
     _expect(marker).to_be_visible()
     assert marker.inner_text() == (
-        "AI results incomplete: cxr-nodule-demo GSPS, cxr-lung-seg-demo (run failed)"
+        "AI results incomplete: cxr-nodule-demo GSPS, cxr-lung-seg-demo (run failed), "
+        "cxr-pneumothorax-demo (not run)"
     )
     assert marker.get_attribute("title") == (
         "Not written (the others were written and sent): cxr-nodule-demo gsps: ValueError: "
-        "unsupported window; cxr-lung-seg-demo run: RuntimeError: input too small"
+        "unsupported window; cxr-lung-seg-demo run: RuntimeError: input too small; "
+        "cxr-pneumothorax-demo run: not run: the model cannot be loaded (truncated)"
     )
     # It wraps in the status column like a failed export's reason, instead of widening it.
     assert marker.bounding_box()["width"] <= ptx.locator("td.status").bounding_box()["width"]

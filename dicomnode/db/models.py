@@ -52,6 +52,9 @@ class Study(Base):
     # receiving | queued | analysing | analysed | failed
     analysis_status: Mapped[str] = mapped_column(String(16), default="receiving")
     analysis_error: Mapped[str] = mapped_column(Text, default="")
+    # Finding models that would have read the study's images in its latest analysis but did
+    # not run (their ONNX file cannot be loaded), names separated by ", " (worklist.policy).
+    models_not_run: Mapped[str] = mapped_column(Text, default="", server_default="")
     # Worklist: tier rank (0 = read first), score within the tier, reason, UPS priority.
     tier: Mapped[str] = mapped_column(String(16), default="routine")
     tier_rank: Mapped[int] = mapped_column(Integer, default=3)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import pydicom
@@ -212,6 +212,20 @@ def triage_models(models: Models, runtime: Runtime, times: StageTimes) -> Triage
     return Triaged(models, runs, later)
 
 
+def not_run(models: Models, left_out: Sequence[tuple[ModelCard, str]]) -> list[str]:
+    """The names of the finding models among ``left_out`` (cannot be loaded) that would have
+    read one of the study's images (after view routing): their silence is no negative
+    result."""
+    return [
+        card.model.name
+        for card, _ in left_out
+        if card.model.standalone
+        and not card.model.sets
+        and card.model.task in FINDING_TASKS
+        and any(rules_match(card.select, models.facts[id(ds)]) for ds in models.images)
+    ]
+
+
 def analyse_study(
     session: Session,
     settings: Settings,
@@ -219,11 +233,14 @@ def analyse_study(
     runtime: Runtime,
     study_id: int,
     handover: Handover | None = None,
+    left_out: Sequence[tuple[ModelCard, str]] = (),
 ) -> StageTimes:
     """Run the models that set the study's priority, record findings and priority, and queue
     (in the same transaction) a ``results`` job for the other models and the result objects
     (:func:`dicomnode.results.job.write_results`). ``handover``: where the analysis is kept
-    for that job (same process). ``times.seconds["triaged"]``: seconds from the start to the
+    for that job (same process). ``left_out``: the worker's cards that cannot be loaded; a
+    finding model among them whose rules admit an image of the study is named in the
+    priority's reason as not run. ``times.seconds["triaged"]``: seconds from the start to the
     committed priority."""
     begun = time.perf_counter()
     times = StageTimes()
@@ -251,6 +268,7 @@ def analyse_study(
     study.analysis_status = "analysed"
     # Images left out are named (the study is analysed on the others).
     study.analysis_error = "; ".join(undecodable)[:2000]
+    study.models_not_run = ", ".join(not_run(triaged.models, left_out))
     session.flush()
     session.refresh(study, ["findings"])
     tier_before = study.tier

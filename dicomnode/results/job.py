@@ -39,6 +39,7 @@ from dicomnode.pipeline.runtime import Runtime
 from dicomnode.pipeline.select import rules_match
 from dicomnode.pipeline.sessions import ModelLoadError
 from dicomnode.results.sr import name_predecessors
+from dicomnode.worklist.policy import NOT_RUN
 
 # The pipeline's logger, as before this job had its own module: its log lines are unchanged.
 log = logging.getLogger("dicomnode.pipeline")
@@ -293,7 +294,7 @@ class _ResultFailures:
                 "model": card.model.name,
                 "version": card.model.version,
                 "kind": "run",
-                "error": f"not run: the model cannot be loaded ({reason})"[:1000],
+                "error": f"{NOT_RUN}: the model cannot be loaded ({reason})"[:1000],
             }
         )
 

@@ -44,7 +44,8 @@ class MissingResultOut(BaseModel):
     version: str
     kind: str = Field(
         description="the object: sr, overlay, seg, gsps, derived or kos; 'run' when the "
-        "model's run failed or 'all' when none of its objects could be prepared"
+        "model's run failed or it did not run (error 'not run: ...': its file cannot be "
+        "loaded) or 'all' when none of its objects could be prepared"
     )
     error: str = Field(description="why, without patient data")
 

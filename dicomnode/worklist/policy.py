@@ -18,6 +18,13 @@ False positives pay the same head start as true findings, and with a model that 
 tiers' head start shrinks with the finding's probability (full at
 ``full_head_start_probability``, ``min_head_start_share`` of it at the threshold, where
 false positives crowd); the study keeps its tier either way.
+
+A finding model that would have read the study's images but did not run (its ONNX file
+cannot be loaded: the worker leaves it out) is no negative result: the reason names it as
+not run (:func:`not_run_text`, the wording the worklist row's "AI results incomplete" uses
+too) and never says "no finding" for it. Such a study keeps the place it would have with
+no AI at all, routine (or what its order asks for), due at arrival plus the routine max
+wait; only the findings of the models that ran can raise it.
 """
 
 from __future__ import annotations
@@ -60,6 +67,9 @@ class StudyFacts:
     patient_location: str = ""
     # receiving | queued | analysing | analysed | failed
     analysis_status: str = "queued"
+    # Finding models that would have read the study's images but did not run (their ONNX
+    # file cannot be loaded), by name: the analysis is incomplete without them.
+    not_run: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -167,11 +177,28 @@ def _order_tier(study: StudyFacts, settings: WorklistSettings) -> tuple[str, str
     return None
 
 
-def _routine_reason(analysis_status: str, assessed: bool) -> str:
+# How a reason and the worklist row's "AI results incomplete" name a model that did not run.
+NOT_RUN = "not run"
+
+
+def not_run_text(models: tuple[str, ...] | list[str]) -> str:
+    """'not run: a, b': the models that would have read a study but did not run."""
+    return f"{NOT_RUN}: {', '.join(models)}"
+
+
+def _routine_reason(analysis_status: str, assessed: bool, not_run: tuple[str, ...]) -> str:
     """Why a study without a present finding is routine. ``assessed``: a model gave findings
     (present or not); an analysed study without any was looked at by no finding model
-    (no card selects its images), which must not read as the AI clearing it."""
+    (no card selects its images), which must not read as the AI clearing it. ``not_run``:
+    finding models that would have looked but did not run; "no finding" is never said of
+    them."""
     if analysis_status == "analysed":
+        if not_run:
+            if not assessed:
+                return f"no AI finding model ran ({not_run_text(not_run)}); read in arrival order"
+            return (
+                f"AI: no finding above threshold from the models that ran; {not_run_text(not_run)}"
+            )
         if not assessed:
             return "no AI finding model applies to these images; read in arrival order"
         return "AI: no finding above threshold"
@@ -190,7 +217,8 @@ def prioritise(
 
     A pending or failed analysis only ever lacks findings, and a study without findings is
     routine (or what its order asks for), so it is never placed below a routine study of the
-    same arrival. ``now`` is accepted for a shared signature: the result does not depend on
+    same arrival; neither is a study whose finding models did not all run (``study.not_run``,
+    named in the reason). ``now`` is accepted for a shared signature: the result does not depend on
     it, which is what lets the worklist keep one stored, time-invariant ordering key.
     """
     del now
@@ -226,7 +254,13 @@ def prioritise(
         if ordered:
             reason += f"; {ordered[1]}"
     else:
-        tier, reason = "routine", _routine_reason(study.analysis_status, bool(findings))
+        tier, reason = (
+            "routine",
+            _routine_reason(study.analysis_status, bool(findings), study.not_run),
+        )
+    if study.not_run and study.analysis_status == "analysed" and tier != "routine":
+        # Found or ordered: the models that did not run are named after the reason.
+        reason += f"; {not_run_text(study.not_run)}"
     rank, ups = TIERS[tier]
     score = max((f.probability for f in deciding), default=0.0)
     return Priority(

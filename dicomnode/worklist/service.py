@@ -63,6 +63,7 @@ def reprioritise(
         received_at=as_utc(study.received_at),
         modality=study.modality,
         analysis_status=study.analysis_status,
+        not_run=tuple(name for name in (study.models_not_run or "").split(", ") if name),
     )
     findings = [
         FindingFact(f.code_meaning, f.probability, f.threshold, f.critical) for f in study.findings

@@ -200,8 +200,11 @@
     return td;
   }
 
-  // "model SEG", "model (run failed)": what a done results job left out.
+  // "model SEG", "model (run failed)", "model (not run)": what a done results job left out.
+  // A model the worker left out (its file cannot be loaded) did not run: its error starts
+  // with the words the priority's reason names it with (worklist.policy.NOT_RUN).
   function missingText(entry) {
+    if (entry.kind === "run" && entry.error.startsWith("not run:")) return entry.model + " (not run)";
     if (entry.kind === "run") return entry.model + " (run failed)";
     if (entry.kind === "all") return entry.model + " (all objects)";
     return entry.model + " " + (KIND_TEXT[entry.kind] || entry.kind);
