@@ -486,8 +486,10 @@ def _serve(config: Path, workers: int | None) -> int:
         cards = discover_cards(settings.model_folders)
         upgrade(settings.database_url)
         sessions = make_sessionmaker(make_engine(settings.database_url))
+        # Only the cards are read here: the workers load each model file and name any that
+        # cannot be loaded in an ERROR, so this line must not read as if every model loaded.
         log.info(
-            "%d model(s): %s (%s)",
+            "%d model card(s), each model loaded by the workers: %s (%s)",
             len(cards),
             ", ".join(f"{c.model.name} {c.model.version}" for c in cards),
             RESEARCH_DEMO_NOTICE,

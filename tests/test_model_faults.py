@@ -109,6 +109,9 @@ def test_corrupt_onnx_is_left_out_and_the_other_models_analyse(tmp_path: Path) -
     assert len(errors) == 1, errors
     assert str(corrupt) in errors[0]
     assert "cxr_pneumothorax_demo.toml cannot be used" in errors[0]
+    # serve's start-up line lists the cards it read, not models it loaded (it loads none).
+    (cards,) = [line for line in log.splitlines() if "cxr-pneumothorax-demo 1.1.0" in line]
+    assert "2 model card(s), each model loaded by the workers: " in cards
 
 
 def test_a_study_a_corrupt_model_would_have_read_does_not_read_as_cleared(
@@ -116,9 +119,10 @@ def test_a_study_a_corrupt_model_would_have_read_does_not_read_as_cleared(
 ) -> None:
     """The acceptance test's repro: the pneumothorax model's ONNX file truncated, a
     pneumothorax phantom sent (one the nodule model scores 0.22, below its 0.33 threshold:
-    the demo model flags some phantoms). The nodule model ran and found nothing, the pneumothorax model
-    did not run: the worklist must not say "no finding above threshold" of the study as if
-    every model had looked, and the row names the model as not run, in the same words."""
+    the demo model flags some phantoms). The nodule model ran and found nothing, the
+    pneumothorax model did not run: the worklist must not say "no finding above threshold"
+    of the study as if every model had looked, and the row names the model as not run, in
+    the same words."""
     models = tmp_path / "models"
     models.mkdir()
     for name in ("cxr_pneumothorax_demo", "cxr_nodule_demo"):

@@ -248,7 +248,9 @@ def test_worklist_cli_and_start_up_log_say_it(tmp_path: Path) -> None:
     try:
         # The node has made its database (the worklist command would too, at the same time)
         # and the worklist command runs while its worker starts.
-        wait_for(lambda: process.poll() is not None or lines("model(s)"), what="serve's models")
+        wait_for(
+            lambda: process.poll() is not None or lines("model card(s)"), what="serve's models"
+        )
         table = subprocess.run(
             [sys.executable, "-m", "dicomnode", "worklist", "--config", str(config)],
             capture_output=True,
@@ -264,7 +266,7 @@ def test_worklist_cli_and_start_up_log_say_it(tmp_path: Path) -> None:
         wait_for_port(web_port, process, log=log)
     finally:
         stop_process(process)
-    started = lines("model(s)")
+    started = lines("model card(s)")
     assert started and says_notice(started[0])
     ready = [line for line in lines("worker") if "ready" in line]
     assert ready and all(says_notice(line) for line in ready), ready
