@@ -11,7 +11,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 from collections.abc import Callable
 from datetime import timedelta
@@ -25,6 +24,7 @@ from dicomnode.checkconfig import check_settings, config_warnings
 from dicomnode.config import NodeSettings, Settings, load_settings, restart_changes
 from dicomnode.models.registry import ModelCard, discover_cards
 from dicomnode.pipeline.sessions import WORKERS_ON_HOST
+from dicomnode.runfolders import METRICS_PREFIX, RUN_PREFIX, make_run_folder, remove_stale_folders
 from dicomnode.supervision import StopEvent, wait_for_exit
 from dicomnode.systemd import Notifier, run_watchdog
 from dicomnode.tomlfile import ConfigError
@@ -131,7 +131,7 @@ def metrics_dir() -> str | None:
     is made); returns the temporary folder to remove at exit, or None when one was given."""
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         return None
-    folder = tempfile.mkdtemp(prefix="dicomnode-metrics-")
+    folder = str(make_run_folder(METRICS_PREFIX))
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = folder
     return folder
 
@@ -495,7 +495,14 @@ def _serve(config: Path, workers: int | None) -> int:
             RESEARCH_DEMO_NOTICE,
         )
         recover(settings, sessions)
-        run_dir = Path(tempfile.mkdtemp(prefix="dicomnode-run-"))
+        stale = remove_stale_folders()
+        if stale:
+            log.info(
+                "removed %d temporary folder(s) of serve processes that are gone: %s",
+                len(stale),
+                ", ".join(map(str, stale)),
+            )
+        run_dir = make_run_folder(RUN_PREFIX)
         # The listeners' index rows; it reads the settings of ``node`` once that exists.
         running: dict[str, Node] = {}
         index_sessions = ingest_sessions(settings.database_url)
