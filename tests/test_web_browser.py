@@ -16,6 +16,7 @@ from worklist_seed import add_results_job, add_study
 
 from dicomnode.db.models import Study
 from dicomnode.db.session import make_engine, make_sessionmaker, upgrade, utcnow
+from dicomnode.web import pages
 from dicomnode.web.app import create_app
 from dicomnode.worklist.service import claim
 
@@ -223,10 +224,13 @@ def _api_study(page, base: str, uid: str) -> dict:
     return response.json()
 
 
-def test_complete_on_the_worklist_needs_a_confirmation(site, page) -> None:
+def test_complete_on_the_worklist_needs_a_confirmation(site, page, monkeypatch) -> None:
     """One click on Complete (or a double click) asks "Confirm complete" and sends nothing; the
     question survives the page's poll, goes away after a few seconds, and a second click
     while it is asked completes the study."""
+    # A poll a second, so that the check after one comes well inside the question's 5 s
+    # (after 3 s polls, 3.5 s left a loaded machine's browser 1.5 s).
+    monkeypatch.setattr(pages, "POLL_SECONDS", 1)
     base, sessions = site
     uid = _uid(sessions, "ACC-PTX")
     log_in(page, base)
@@ -237,7 +241,7 @@ def test_complete_on_the_worklist_needs_a_confirmation(site, page) -> None:
 
     complete.click()
     _expect(complete).to_have_text("Confirm complete")
-    page.wait_for_timeout(3500)  # past a poll, which renders the rows again
+    page.wait_for_timeout(1500)  # past a poll, which renders the rows again
     _expect(complete).to_have_text("Confirm complete")
     assert _api_study(page, base, uid)["status"] == "in_progress"
     _expect(complete).to_have_text("Complete", timeout=5000)  # not confirmed: asked no more
