@@ -50,6 +50,13 @@ REPLACED = {
     # What BlockingAcceptor's serve_forever and shutdown do without polling.
     AssociationServer.shutdown: "e8e2c3a41009886d",
     socketserver.BaseServer.serve_forever: "02a47d7c62be32dd",
+    # What WakingDUL wraps (no read while events wait), the ERROR lines of an invalid PDU
+    # that its log filter matches, and the abort actions it follows with AA-2 at once.
+    DULServiceProvider._is_transport_event: "8725ed03bb8fbdef",
+    DULServiceProvider._read_pdu_data: "19f2d4e38c13c835",
+    fsm.AA_1: "8495a4665f7ad3c9",
+    fsm.AA_2: "a58069d8299198e0",
+    fsm.AA_8: "06c83317f08831fd",
 }
 
 

@@ -66,6 +66,12 @@ ASSOCIATION_PDU_LIMIT = 1 << 20
 _BEFORE_REQUEST = frozenset({"Sta1", "Sta2"})
 # P-DATA sent by this node (Evt9) or received from the peer (Evt10).
 _DATA_EVENTS = frozenset({"Evt9", "Evt10"})
+# An unrecognised or invalid PDU received (PS3.8 9.2: the state machine sends an A-ABORT).
+_INVALID_PDU = "Evt19"
+# pynetdicom's ERROR lines for a PDU its DUL cannot take (dul.py READ_PDU_EXC_C and _F; the
+# second followed by the decoding error's traceback). A port scanner or a load balancer's
+# HTTP probe gave one per 6 bytes it sent; the node logs one WARNING instead (WakingDUL).
+INVALID_PDU_MESSAGES = ("Unknown PDU type received", "Unable to decode the received PDU data")
 
 
 class WakingDUL(DULServiceProvider):
@@ -78,6 +84,10 @@ class WakingDUL(DULServiceProvider):
         self._wake: tuple[socket.socket, socket.socket] | None = None
         # One PDU on the wire at a time: the association thread sends its responses itself.
         self._sending = threading.Lock()
+        # What pynetdicom said of the last PDU it could not take (_InvalidPduLines), for the
+        # node's one line; whether the decoding error's traceback is still to come.
+        self.invalid_pdu = ""
+        self.traceback_follows = False
 
     def nudge(self) -> None:
         """Wake the reactor if it waits (a PDU to send, a kill)."""
@@ -153,7 +163,10 @@ class WakingDUL(DULServiceProvider):
                 except queue.Empty:
                     self._wait(reader)
                     continue
+                state = self.state_machine.current_state
                 self.state_machine.do_action(event)
+                if event == _INVALID_PDU:
+                    self._close_after_invalid_pdu(state)
                 if self._worth_a_look(event):
                     self.activity.set()
         finally:
@@ -161,6 +174,40 @@ class WakingDUL(DULServiceProvider):
             reader.close()
             writer.close()
             self.activity.set()
+
+    def _is_transport_event(self) -> bool:
+        """pynetdicom's, but no PDU is read while events wait for the state machine: the
+        first bytes can come before the connection's open event is taken (Sta1), and a read
+        made then, before the state machine had acted on an invalid PDU, waited for the rest
+        of a PDU that would never come (the ACSE timeout) instead of closing."""
+        if not self.event_queue.empty():
+            return False
+        return super()._is_transport_event()
+
+    def _close_after_invalid_pdu(self, state: str) -> None:
+        """The peer sent a PDU that is not DICOM or cannot be decoded, in ``state``, and the
+        state machine has answered with an A-ABORT (AA-1, AA-7 or AA-8) to wait in Sta13 for
+        the peer to close, or for the ARTIM timer (the ACSE timeout). Meanwhile whatever else
+        the peer sent was read as more PDUs, one ERROR each (an HTTP request gave six), and a
+        part of one held the connection for the network timeout. Closed now, as the ARTIM
+        timer's expiry would (Sta13 + Evt18: AA-2), with one WARNING naming the peer."""
+        requestor = self.assoc.requestor
+        log.warning(
+            "connection from %s:%s closed: it sent what is not a valid DICOM PDU%s (%s); "
+            "A-ABORT sent",
+            requestor.address,
+            requestor.port,
+            " before any association request" if state in _BEFORE_REQUEST else "",
+            self.invalid_pdu or "an invalid PDU",
+        )
+        self.invalid_pdu = ""
+        self.traceback_follows = False
+        if self.state_machine.current_state == "Sta13":
+            self.state_machine.do_action("Evt18")
+        if state in _BEFORE_REQUEST:
+            # The association thread waits for the association request (up to the ACSE
+            # timeout), which will not come: it ends as if that timeout had run out.
+            self.to_user_queue.put(None)
 
     def _worth_a_look(self, event: str) -> bool:
         """Whether the association reactor may find something new after ``event``.
@@ -204,6 +251,34 @@ class WakingDUL(DULServiceProvider):
         self.assoc.is_established = False
         self.assoc._kill = True
         self._kill_thread = True
+
+
+class _InvalidPduLines(logging.Filter):
+    """On pynetdicom's DUL logger: in a WakingDUL's thread, its lines for a PDU it cannot
+    take (``INVALID_PDU_MESSAGES`` and the traceback after the second) become DEBUG records,
+    shown only when that logger shows DEBUG, and are noted for the node's one WARNING
+    (:meth:`WakingDUL._close_after_invalid_pdu`). Other DULs (the export's) keep theirs."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        dul = threading.current_thread()
+        if not isinstance(dul, WakingDUL) or record.levelno <= logging.DEBUG:
+            return True
+        if isinstance(record.msg, str) and record.msg.startswith(INVALID_PDU_MESSAGES):
+            dul.invalid_pdu = record.getMessage()
+            dul.traceback_follows = record.msg.startswith(INVALID_PDU_MESSAGES[1])
+        elif dul.traceback_follows and record.exc_info:
+            dul.traceback_follows = False
+            error = record.exc_info[1]
+            dul.invalid_pdu += f": {type(error).__name__}{f': {error}' if str(error) else ''}"[:300]
+        else:
+            return True
+        record.levelno, record.levelname = logging.DEBUG, logging.getLevelName(logging.DEBUG)
+        return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+
+
+_INVALID_PDU_LINES = _InvalidPduLines()
+if _INVALID_PDU_LINES not in DUL_LOGGER.filters:
+    DUL_LOGGER.addFilter(_INVALID_PDU_LINES)
 
 
 class EventDrivenAssociation(Association):
