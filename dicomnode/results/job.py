@@ -7,11 +7,23 @@ after any analysis waiting in the queue. Objects are built by :mod:`dicomnode.re
 writers (which ones: :func:`dicomnode.pipeline.outputs.result_objects`), written under
 ``<storage>/results`` and recorded as :class:`~dicomnode.db.models.ResultObject` rows.
 Results replace those of an earlier run of the same model version.
+
+A SOP Instance UID names one content (a PACS that holds a UID may keep what it has). An
+object built again with the same UID (:mod:`dicomnode.results.uids`) and the same content,
+apart from when it was made (:func:`content_digest`), keeps its earlier file and row and is
+exported only to destinations that have no export of it queued, running or done: a study
+analysed again after late images does not send its unchanged objects twice, and a
+destination whose export was dead-lettered gets it again. One whose content changed (a 2.5D
+model's slice whose neighbours arrived late) becomes a new instance, its UID derived from the
+first one's and its content (:func:`revision_uid`), which supersedes the earlier version; the
+objects of the job that reference it (a KOS) name the new UID.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
+import hashlib
 import io
 import logging
 import time
@@ -20,6 +32,8 @@ from functools import partial
 from pathlib import Path
 
 from pydicom import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset
 from pydicom.multival import MultiValue
 from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
@@ -39,6 +53,7 @@ from dicomnode.pipeline.runtime import Runtime
 from dicomnode.pipeline.select import rules_match
 from dicomnode.pipeline.sessions import ModelLoadError
 from dicomnode.results.sr import name_predecessors
+from dicomnode.results.uids import result_uid
 from dicomnode.worklist.policy import NOT_RUN
 
 # The pipeline's logger, as before this job had its own module: its log lines are unchanged.
@@ -84,13 +99,9 @@ def _write_result(path: Path, ds: Dataset) -> Path:
 def _store_result(
     session: Session, study_id: int, card: ModelCard, kind: str, ds: Dataset, path: Path
 ) -> ResultObject:
-    """Add (or replace: same UIDs on a re-run) the row of a written result object."""
-    row = session.scalars(
-        select(ResultObject).where(ResultObject.sop_instance_uid == str(ds.SOPInstanceUID))
-    ).one_or_none()
-    if row is None:
-        row = ResultObject(sop_instance_uid=str(ds.SOPInstanceUID), study_id=study_id)
-        session.add(row)
+    """Add the row of a written result object (new, or a new version of an earlier one)."""
+    row = ResultObject(sop_instance_uid=str(ds.SOPInstanceUID), study_id=study_id)
+    session.add(row)
     row.kind = kind
     row.model_name = card.model.name
     row.model_version = card.model.version
@@ -190,34 +201,73 @@ def write_results(
             failures.add(card, "all", error)
             continue
         built.extend((card, kind, ds) for kind, ds in objects)
-    superseded = _superseded(session, study_id, built)
-    # Files this job makes (not those it replaces: a re-run's objects keep their UIDs, and
-    # the earlier run's rows name them): removed if the job fails before its rows commit
-    # (a full disk), else they stayed in storage/results with no row; and the folders it
-    # made, once empty, else a failed write left empty study and series folders.
+    earlier = _earlier_versions(session, study_id)
+    superseded = _superseded(earlier, built)
+    exported = _exported(session, study_id)
+    # End the read transaction before the files (on SQLite it holds the write lock).
+    session.commit()
+    # Files this job makes (each version of an object has a file of its own): removed if the
+    # job fails before its rows commit (a full disk), else they stayed in storage/results
+    # with no row; and the folders it made, once empty, else a failed write left empty study
+    # and series folders.
     made: list[Path] = []
     made_folders: list[Path] = []
     try:
-        written = []
+        results: list[tuple[str, ResultObject]] = []
+        kept: list[tuple[str, ResultObject]] = []
+        # First UID of an object -> the UID it has now (a new version's, or that of the
+        # unchanged earlier one), for the references of the objects built after it (a KOS).
+        current: dict[str, str] = {}
         for card, kind, ds in built:
+            _rename_references(ds, current)
+            first_uid = str(ds.SOPInstanceUID)
+            digest = content_digest(ds)
+            previous = earlier.get(first_uid)
+            earlier_digest = _file_digest(previous.path) if previous is not None else None
+            if previous is not None and earlier_digest in (digest, None):
+                current[first_uid] = previous.sop_instance_uid
+                kept.append((kind, previous))
+                if earlier_digest is None:
+                    # Its file is gone or unreadable: written again under the UID it has
+                    # (what it said is unknown; the destinations that have it keep theirs).
+                    _new_version(ds, previous.sop_instance_uid)
+                    _write_result(Path(previous.path), ds)
+                continue
+            predecessors = [
+                row
+                for row in superseded
+                if row.kind == kind == "sr"
+                and (row.model_name, row.model_version) == (card.model.name, card.model.version)
+            ]
             path = _result_path(settings, ds)
+            if previous is not None:
+                # Same UID, other content: a new instance, which supersedes the earlier one.
+                _new_version(ds, revision_uid(first_uid, digest))
+                current[first_uid] = str(ds.SOPInstanceUID)
+                path = path.with_name(f"{first_uid}-{digest[:16]}.dcm")
+                superseded.append(previous)
+                predecessors.append(previous)
+            if kind == "sr":
+                name_predecessors(
+                    ds,
+                    [
+                        (r.series_instance_uid, r.sop_class_uid, r.sop_instance_uid)
+                        for r in predecessors
+                    ],
+                )
             existed = path.exists()
             made_folders.extend(_new_folders(path, settings.storage_path / "results"))
             _write_result(path, ds)
             if not existed:
                 made.append(path)
-            written.append((card, kind, ds, path))
-        results = [
-            (kind, _store_result(session, study_id, card, kind, ds, path))
-            for card, kind, ds, path in written
-        ]
+            results.append((kind, _store_result(session, study_id, card, kind, ds, path)))
         for row in superseded:
             session.delete(row)
         failures.record(session)
         times.add("results", started)
-        for kind, result in results:
+        for kind, result in [*results, *kept]:
             for destination in settings.destinations:
-                if _wanted(destination, kind):
+                if _wanted(destination, kind) and (result.id, destination.name) not in exported:
                     enqueue(
                         session,
                         "export",
@@ -233,7 +283,9 @@ def write_results(
         raise
     for row in superseded:
         Path(row.path).unlink(missing_ok=True)
-    times.note = f"{len(results)} result objects"
+    times.note = f"{len(results) + len(kept)} result objects"
+    if kept:
+        times.note += f" ({len(kept)} unchanged)"
     if superseded:
         times.note += f", {len(superseded)} earlier version(s) superseded"
     if failures.not_written:
@@ -338,33 +390,127 @@ def _without_patient_data(text: str, sources: list[Dataset]) -> str:
 # a re-run with late images makes a new instance, which supersedes the earlier one.
 VERSIONED_KINDS = ("sr", "kos")
 
+# What differs each time an object is built, not what it says: left out of the comparison
+# of an object built again with its earlier version. When it was made (ContributionDateTime is
+# nested, in Contributing Equipment); the Dimension Organization UID, which highdicom draws at
+# random for each SEG and which only ties the SEG's dimension index to its organisation; the
+# Predecessor Documents, which name the versions before, not the report's content.
+_VOLATILE = frozenset(
+    {
+        "InstanceCreationDate",
+        "InstanceCreationTime",
+        "ContentDate",
+        "ContentTime",
+        "PresentationCreationDate",
+        "PresentationCreationTime",
+        "DateOfSecondaryCapture",
+        "TimeOfSecondaryCapture",
+        "ContributionDateTime",
+        "DimensionOrganizationUID",
+        "PredecessorDocumentsSequence",
+    }
+)
+
+
+def content_digest(ds: Dataset) -> str:
+    """SHA-256 (hex) of what a result object says: its dataset without its own SOP Instance
+    UID and without what differs each time it is built (:data:`_VOLATILE`, also in
+    sequences). Two versions of an object with the same digest carry the same content."""
+    content = copy.deepcopy(ds)
+    content.file_meta = Dataset()
+    if "SOPInstanceUID" in content:
+        del content.SOPInstanceUID
+
+    def without_volatile(dataset: Dataset) -> None:
+        for element in list(dataset):
+            if element.keyword in _VOLATILE:
+                del dataset[element.tag]
+            elif element.VR == "SQ":
+                for item in element.value:
+                    without_volatile(item)
+
+    without_volatile(content)
+    buffer = DicomBytesIO()
+    buffer.is_little_endian, buffer.is_implicit_VR = True, False
+    write_dataset(buffer, content)
+    return hashlib.sha256(buffer.getvalue()).hexdigest()
+
+
+def _file_digest(path: str) -> str | None:
+    """:func:`content_digest` of a result file; None if it is gone or cannot be read."""
+    import pydicom
+
+    try:
+        return content_digest(pydicom.dcmread(path))
+    except (OSError, ValueError, pydicom.errors.InvalidDicomError):
+        return None
+
+
+def revision_uid(first_uid: str, digest: str) -> str:
+    """The SOP Instance UID of an object first made as ``first_uid`` whose content (of
+    :func:`content_digest` ``digest``) changed: the same content gives the same UID again."""
+    return result_uid("revision", first_uid, digest)
+
+
+def _new_version(ds: Dataset, sop_instance_uid: str) -> None:
+    ds.SOPInstanceUID = sop_instance_uid
+    if "MediaStorageSOPInstanceUID" in getattr(ds, "file_meta", Dataset()):
+        ds.file_meta.MediaStorageSOPInstanceUID = sop_instance_uid
+
+
+def _rename_references(ds: Dataset, current: dict[str, str]) -> None:
+    """Point ``ds``'s references to objects of the job that got a new UID at that UID."""
+    if not any(first != now for first, now in current.items()):
+        return
+    for element in ds.iterall():
+        if element.keyword == "ReferencedSOPInstanceUID" and str(element.value) in current:
+            element.value = current[str(element.value)]
+
+
+def _first_uid(row: ResultObject) -> str:
+    """The UID an object was first made with: its file is named by it (a later version's
+    ``<first UID>-<digest>.dcm``; UIDs have no '-')."""
+    return Path(row.path).stem.split("-", 1)[0]
+
+
+def _earlier_versions(session: Session, study_id: int) -> dict[str, ResultObject]:
+    """The study's result rows by the UID each object was first made with."""
+    rows = session.scalars(select(ResultObject).where(ResultObject.study_id == study_id))
+    return {_first_uid(row): row for row in rows}
+
+
+def _exported(session: Session, study_id: int) -> set[tuple[int, str]]:
+    """(result id, destination) of the study's exports queued, running or done: those need no
+    new export job. A dead-lettered one does (an object not delivered is sent again)."""
+    payloads = session.scalars(
+        select(Job.payload).where(
+            Job.kind == "export",
+            Job.study_id == study_id,
+            Job.state.in_(("queued", "leased", "done")),
+        )
+    )
+    return {
+        (int(payload["result_id"]), str(payload["destination"]))
+        for payload in payloads
+        if payload and "result_id" in payload and "destination" in payload
+    }
+
 
 def _superseded(
-    session: Session, study_id: int, built: list[tuple[ModelCard, str, Dataset]]
+    earlier: dict[str, ResultObject], built: list[tuple[ModelCard, str, Dataset]]
 ) -> list[ResultObject]:
     """The rows of the study's earlier SRs and KOS that ``built`` replaces under new UIDs
-    (same model version and kind); each new SR names those it replaces as its predecessors.
-    Ends the read transaction."""
+    (same model version and kind, first made with another UID)."""
     rows = []
     for card, kind, ds in built:
         if kind not in VERSIONED_KINDS:
             continue
-        earlier = list(
-            session.scalars(
-                select(ResultObject).where(
-                    ResultObject.study_id == study_id,
-                    ResultObject.kind == kind,
-                    ResultObject.model_name == card.model.name,
-                    ResultObject.model_version == card.model.version,
-                    ResultObject.sop_instance_uid != str(ds.SOPInstanceUID),
-                )
-            )
+        rows.extend(
+            row
+            for first_uid, row in earlier.items()
+            if row.kind == kind
+            and row.model_name == card.model.name
+            and row.model_version == card.model.version
+            and first_uid != str(ds.SOPInstanceUID)
         )
-        if kind == "sr":
-            name_predecessors(
-                ds,
-                [(r.series_instance_uid, r.sop_class_uid, r.sop_instance_uid) for r in earlier],
-            )
-        rows.extend(earlier)
-    session.commit()
     return rows
