@@ -64,9 +64,11 @@ SERVE_WAKES_PER_SECOND = 4.0
 # Serve, listeners and worker together, % of one core (listeners and worker were ~3.5 %;
 # serve was ~0.45 % before it stopped polling, ~0.2 % after).
 IDLE_CPU_PERCENT = 1.2
-# How soon a queued job is claimed by an idle worker (the triage's "queued" stage is
-# 15-20 ms at p50 on SQLite; a worker looking every 5 s would take seconds).
-CLAIM_SECONDS = 0.1
+# How soon a signal in this process wakes on a job queued (the triage's "queued" stage is
+# 15-20 ms at p50 on SQLite). Where these tests use it the signal's own fallback look is 60 s
+# away, so a bound of a second tells a wake-up from a look, and a loaded CI (a thread waiting
+# a few hundred ms for a core) does not fail a prompt wake-up.
+CLAIM_SECONDS = 1.0
 # The same for a ``dicomnode worker`` process, whose lead on the test's own process is not
 # assured: 4 busy processes on 2 cores delayed a claim by up to 0.22 s. Still well short of
 # the signal's fallback look at the database (FALLBACK_CHECK_SECONDS, 2 s) and of the poll.
@@ -260,7 +262,8 @@ def test_an_idle_worker_takes_a_job_at_once_and_a_later_one_when_due(
         started = time.monotonic()
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=10) == 0, log.read_text()
-        assert time.monotonic() - started < 1.0, "the idle worker was slow to stop"
+        # Its threads sleep up to the 60 s poll: only a stop that wakes them ends it sooner.
+        assert time.monotonic() - started < 5.0, "the idle worker was slow to stop"
     # Its socket is gone with it.
     assert folder is None or not list(folder.iterdir())
 
@@ -468,4 +471,4 @@ def test_a_job_put_back_in_the_queue_wakes_an_idle_worker(
 
         wait_for(done, due_in + 5, interval=0.02, what=f"job {job_id} done")
         # Not found by the signal's fallback look (no job is new): else only at the 60 s poll.
-        assert time.monotonic() - changed < due_in + 1.0, log.read_text()
+        assert time.monotonic() - changed < due_in + 5.0, log.read_text()
