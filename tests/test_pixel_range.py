@@ -24,7 +24,7 @@ from web_server import add_users, serve
 from dicomnode.config import Destination, Settings
 from dicomnode.db.models import FindingRow, Job, ResultObject, Study
 from dicomnode.models.registry import load_card
-from dicomnode.pipeline.analyse import analyse_study
+from dicomnode.pipeline.analyse import analyse_study, mark_failed
 from dicomnode.pipeline.decode import DecodeError, first_frame, fit_bits_stored
 from dicomnode.pipeline.runtime import Runtime
 from dicomnode.results.job import write_results
@@ -120,7 +120,7 @@ def test_a_scrambled_jpeg_ls_image_is_not_analysed_and_its_study_says_why(
         assert "does not decode to values within Bits Stored (12" in study.analysis_error
         assert "cannot be read" in study.analysis_error
         assert str(bad.SOPInstanceUID) in study.analysis_error
-        assert "failed" in study.reason and study.tier == "routine"
+        assert study.reason.startswith("AI could not read the image(s)") and study.tier == "routine"
         # No finding, no results job, nothing to send to the PACS.
         assert not session.scalars(select(FindingRow).where(FindingRow.study_id == bad_id)).all()
         kinds = select(Job).where(Job.study_id == bad_id, Job.kind.in_(["results", "export"]))
@@ -128,6 +128,59 @@ def test_a_scrambled_jpeg_ls_image_is_not_analysed_and_its_study_says_why(
         assert not session.scalars(
             select(ResultObject).where(ResultObject.study_id == bad_id)
         ).all()
+
+
+def test_the_worklist_row_says_the_ai_could_not_read_the_image_not_that_it_failed(
+    sessions, tmp_path: Path, runtime, jpeg_ls
+) -> None:
+    """The scrambled image alone, through the real analyse job: the row's reason and its
+    failure fields (API) say the AI could not read it, also after an override; a study
+    failed otherwise (a dead analyse job) still reads "AI analysis failed"."""
+    _, scrambled = jpeg_ls
+    settings = _settings(tmp_path)
+    tokens = add_users(sessions)
+    with sessions() as session:
+        bad = _renamed(scrambled)
+        bad_id, _ = spool_and_index(session, settings.storage_path, bad)
+        analyse_study(session, settings, [load_card(PNEUMOTHORAX)], runtime, bad_id)
+        other = _renamed(scrambled)
+        other_id, _ = spool_and_index(session, settings.storage_path, other)
+        mark_failed(session, other_id, "RuntimeError: out of memory", settings.worklist)
+    unreadable = "AI could not read the image(s) (corrupt or unsupported pixel data)"
+    headers = {"Authorization": f"Bearer {tokens['dr_house']}"}
+    with (
+        serve(create_app(sessions)) as url,
+        httpx.Client(base_url=url, headers=headers, timeout=30) as client,
+    ):
+
+        def rows() -> dict[str, dict]:
+            response = client.get("/api/worklist")
+            assert response.status_code == 200, response.text
+            return {row["study_instance_uid"]: row for row in response.json()["rows"]}
+
+        row, failed = rows()[bad.StudyInstanceUID], rows()[other.StudyInstanceUID]
+        assert row["analysis_status"] == failed["analysis_status"] == "failed"
+        assert row["reason"] == f"{unreadable}; read in arrival order"
+        assert (row["analysis_failure"], row["analysis_failure_text"]) == ("unreadable", unreadable)
+        assert failed["reason"] == "AI analysis failed; read in arrival order"
+        assert failed["analysis_failure"] == "error"
+        assert failed["analysis_failure_text"] == "AI analysis failed"
+        # The study page keeps every image's reason.
+        study = client.get(f"/api/studies/{bad.StudyInstanceUID}").json()
+        assert "cannot be read" in study["analysis_error"]
+        assert str(bad.SOPInstanceUID) in study["analysis_error"]
+        # An override recomputes the priority from the stored study: the words stay.
+        response = client.post(
+            f"/api/studies/{bad.StudyInstanceUID}/override",
+            json={"tier": "urgent", "reason": "ED called"},
+        )
+        assert response.status_code == 200, response.text
+        row = rows()[bad.StudyInstanceUID]
+        assert (
+            row["priority"] == "urgent"
+            and f"({unreadable}; read in arrival order)" in (row["reason"])
+        )
+        assert row["analysis_failure"] == "unreadable"
 
 
 def test_beside_a_valid_image_the_scrambled_one_is_left_out_of_results(

@@ -12,10 +12,14 @@ from dicomnode.findings import probability_text
 from dicomnode.models.registry import ModelCard, SelectionRules
 from dicomnode.pipeline.select import ImageFacts, image_facts, rules_match, select_models
 from dicomnode.worklist.policy import (
+    FAILED_OTHER,
     MAX_WAIT,
     TIERS,
+    UNREADABLE,
+    UNREADABLE_ERROR,
     FindingFact,
     StudyFacts,
+    failure_kind,
     prioritise,
 )
 
@@ -153,6 +157,30 @@ def test_pending_or_failed_analysis_is_routine_with_reason(status: str, words: s
     assert priority.ups_priority == "LOW"
     assert words in priority.reason
     assert priority.score == 0.0
+
+
+def test_a_study_whose_images_cannot_be_read_says_so_not_that_the_ai_failed() -> None:
+    unreadable = StudyFacts(NOW, analysis_status="failed", failure=UNREADABLE)
+    priority = prioritise(unreadable, [], NOW)
+    assert priority.reason == (
+        "AI could not read the image(s) (corrupt or unsupported pixel data); read in arrival order"
+    )
+    assert "failed" not in priority.reason
+    # Its place is that of any failed analysis: routine, due at arrival + the routine wait.
+    failed = prioritise(StudyFacts(NOW, analysis_status="failed", failure=FAILED_OTHER), [], NOW)
+    assert failed.reason == "AI analysis failed; read in arrival order"
+    assert (
+        (priority.tier, priority.due_at)
+        == (failed.tier, failed.due_at)
+        == (
+            "routine",
+            NOW + MAX_WAIT["routine"],
+        )
+    )
+    # The kind lasts with the study as the first words of its analysis error.
+    assert failure_kind(UNREADABLE_ERROR + "x.dcm: cannot be read") == UNREADABLE
+    assert failure_kind("RuntimeError: out of memory") == FAILED_OTHER
+    assert failure_kind("") == FAILED_OTHER
 
 
 def test_score_orders_studies_within_a_tier() -> None:

@@ -38,7 +38,7 @@ from dicomnode.pipeline.select import (
     with_view,
 )
 from dicomnode.pipeline.tasks import Presentations, run_model
-from dicomnode.worklist.policy import DEFAULT_SETTINGS
+from dicomnode.worklist.policy import DEFAULT_SETTINGS, UNREADABLE_ERROR
 from dicomnode.worklist.service import reprioritise
 
 log = logging.getLogger("dicomnode.pipeline")
@@ -255,7 +255,7 @@ def analyse_study(
     times.add("decode", started)
     if undecodable and not images:
         # A file that cannot be decoded stays so: fail the study now instead of retrying.
-        mark_failed(session, study.id, "; ".join(undecodable), settings.worklist)
+        mark_failed(session, study.id, "; ".join(undecodable), settings.worklist, unreadable=True)
         return times
 
     # Triage first: the models whose findings set the priority, then the priority is committed
@@ -310,12 +310,16 @@ def mark_failed(
     study_id: int,
     reason: str,
     worklist: WorklistSettings = DEFAULT_SETTINGS,
+    *,
+    unreadable: bool = False,
 ) -> None:
-    """Record a failed analysis; the study keeps (never loses) its place in the worklist."""
+    """Record a failed analysis; the study keeps (never loses) its place in the worklist.
+    ``unreadable``: none of its images can be read (the AI never looked), which the worklist
+    row says instead of "failed" (policy.UNREADABLE, kept as the error's first words)."""
     study = session.get(Study, study_id)
     if study is None:
         return
     study.analysis_status = "failed"
-    study.analysis_error = reason[:2000]
+    study.analysis_error = ((UNREADABLE_ERROR if unreadable else "") + reason)[:2000]
     reprioritise(session, study, utcnow(), worklist)
     session.commit()

@@ -65,6 +65,14 @@ class WorklistRowOut(BaseModel):
     due_at: datetime = Field(description="read by then (arrival + the tier's max wait)")
     status: ReadingStatus
     analysis_status: str
+    analysis_failure: str = Field(
+        "",
+        description="why a failed analysis failed (analysis_status failed): unreadable (none "
+        "of the images can be read: corrupt or unsupported pixel data) or error; else empty",
+    )
+    analysis_failure_text: str = Field(
+        "", description="the same in the worklist's words (empty unless failed)"
+    )
     claimed_by: str
     claimed_at: datetime | None
     reported_by: str

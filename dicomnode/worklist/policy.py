@@ -70,6 +70,8 @@ class StudyFacts:
     # Finding models that would have read the study's images but did not run (their ONNX
     # file cannot be loaded), by name: the analysis is incomplete without them.
     not_run: tuple[str, ...] = ()
+    # Why a failed analysis failed (analysis_status "failed"): UNREADABLE or FAILED_OTHER.
+    failure: str = ""
 
 
 @dataclass(frozen=True)
@@ -186,12 +188,38 @@ def not_run_text(models: tuple[str, ...] | list[str]) -> str:
     return f"{NOT_RUN}: {', '.join(models)}"
 
 
-def _routine_reason(analysis_status: str, assessed: bool, not_run: tuple[str, ...]) -> str:
+# Why a failed analysis failed: none of the study's images can be read (corrupt or unsupported
+# pixel data: the AI never looked), or anything else (the analysis itself went wrong).
+UNREADABLE = "unreadable"
+FAILED_OTHER = "error"
+# How the worklist row (its reason and its status marker) says so: the one wording.
+FAILURE_TEXT = {
+    UNREADABLE: "AI could not read the image(s) (corrupt or unsupported pixel data)",
+    FAILED_OTHER: "AI analysis failed",
+}
+# A study failed as UNREADABLE has an analysis error that begins with this (the analyse job
+# writes it, ahead of each image's reason), so that the kind lasts with the study.
+UNREADABLE_ERROR = "no image of the study can be read: "
+
+
+def failure_kind(analysis_error: str) -> str:
+    """The failure kind of a failed analysis from its recorded error (see UNREADABLE_ERROR)."""
+    return UNREADABLE if (analysis_error or "").startswith(UNREADABLE_ERROR) else FAILED_OTHER
+
+
+def failure_text(failure: str) -> str:
+    """The worklist's words for a failed analysis of kind ``failure``."""
+    return FAILURE_TEXT.get(failure, FAILURE_TEXT[FAILED_OTHER])
+
+
+def _routine_reason(
+    analysis_status: str, assessed: bool, not_run: tuple[str, ...], failure: str = ""
+) -> str:
     """Why a study without a present finding is routine. ``assessed``: a model gave findings
     (present or not); an analysed study without any was looked at by no finding model
     (no card selects its images), which must not read as the AI clearing it. ``not_run``:
     finding models that would have looked but did not run; "no finding" is never said of
-    them."""
+    them. ``failure``: why a failed analysis failed (:data:`FAILURE_TEXT`)."""
     if analysis_status == "analysed":
         if not_run:
             if not assessed:
@@ -203,7 +231,7 @@ def _routine_reason(analysis_status: str, assessed: bool, not_run: tuple[str, ..
             return "no AI finding model applies to these images; read in arrival order"
         return "AI: no finding above threshold"
     if analysis_status == "failed":
-        return "AI analysis failed; read in arrival order"
+        return f"{failure_text(failure)}; read in arrival order"
     return "awaiting AI analysis"
 
 
@@ -256,7 +284,7 @@ def prioritise(
     else:
         tier, reason = (
             "routine",
-            _routine_reason(study.analysis_status, bool(findings), study.not_run),
+            _routine_reason(study.analysis_status, bool(findings), study.not_run, study.failure),
         )
     if study.not_run and study.analysis_status == "analysed" and tier != "routine":
         # Found or ordered: the models that did not run are named after the reason.

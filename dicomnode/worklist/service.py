@@ -18,10 +18,13 @@ from dicomnode.db.session import as_utc
 from dicomnode.worklist import audit
 from dicomnode.worklist.policy import (
     TIERS,
+    UNREADABLE_ERROR,
     FindingFact,
     Priority,
     StudyFacts,
     apply_overrides,
+    failure_kind,
+    failure_text,
     max_waits,
     prioritise,
 )
@@ -64,6 +67,7 @@ def reprioritise(
         modality=study.modality,
         analysis_status=study.analysis_status,
         not_run=tuple(name for name in (study.models_not_run or "").split(", ") if name),
+        failure=failure_kind(study.analysis_error) if study.analysis_status == "failed" else "",
     )
     findings = [
         FindingFact(f.code_meaning, f.probability, f.threshold, f.critical) for f in study.findings
@@ -301,6 +305,9 @@ class WorklistRow:
     override_by: str
     findings: list[WorklistFinding] = field(default_factory=list)
     results: list[WorklistResult] = field(default_factory=list)
+    # A failed analysis: why (policy.UNREADABLE or policy.FAILED_OTHER) and the row's words.
+    analysis_failure: str = ""
+    analysis_failure_text: str = ""
 
 
 def _where(
@@ -384,6 +391,8 @@ ROW_COLUMNS = (
     Study.due_at,
     Study.reading_status,
     Study.analysis_status,
+    # Enough of the analysis error to tell its failure kind (policy.failure_kind).
+    func.substr(Study.analysis_error, 1, len(UNREADABLE_ERROR)).label("analysis_error_head"),
     Study.claimed_by,
     Study.claimed_at,
     Study.reported_by,
@@ -443,6 +452,7 @@ def worklist_row(
         [FindingFact(f.code_meaning, f.probability, f.threshold, f.critical) for f in ordered],
         site,
     )
+    failure = failure_kind(study.analysis_error_head) if study.analysis_status == "failed" else ""
     return WorklistRow(
         study_instance_uid=study.study_instance_uid,
         accession_number=study.accession_number,
@@ -458,6 +468,8 @@ def worklist_row(
         due_at=as_utc(study.due_at),
         status=study.reading_status,
         analysis_status=study.analysis_status,
+        analysis_failure=failure,
+        analysis_failure_text=failure_text(failure) if failure else "",
         claimed_by=study.claimed_by,
         claimed_at=as_utc(study.claimed_at) if study.claimed_at else None,
         reported_by=study.reported_by,

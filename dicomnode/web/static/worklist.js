@@ -190,7 +190,11 @@
     td.appendChild(el("span", "status-badge " + row.status, STATUS_TEXT[row.status] || row.status));
     if (row.status === "in_progress") td.appendChild(el("span", "by", row.claimed_by));
     if (row.status === "reported") td.appendChild(el("span", "by", "by " + row.reported_by));
-    if (row.analysis_status === "failed") td.appendChild(el("span", "by", "AI analysis failed"));
+    // Why, in the worklist policy's words (worklist.policy.FAILURE_TEXT): could not read the
+    // images, or failed.
+    if (row.analysis_status === "failed") {
+      td.appendChild(el("span", "by", row.analysis_failure_text || "AI analysis failed"));
+    }
     if (row.export_error) {
       const failed = el("span", "by export-failed", "export failed: " + row.export_error);
       failed.title = failed.textContent;
