@@ -82,6 +82,9 @@ RESTART_ONLY = (
 # after this many seconds, doubling up to the last.
 LOOP_RETRY_FIRST_SECONDS = 0.5
 LOOP_RETRY_LAST_SECONDS = 30.0
+# While the database stays unavailable, its line again at most this often (with how long it has
+# been), so that an admin who looks at the log later still sees it; as serve's assembly check.
+DATABASE_REMINDER_SECONDS = 60.0
 
 # How often a worker started by serve looks whether serve is still there.
 PARENT_CHECK_SECONDS = 1.0
@@ -122,8 +125,9 @@ class Worker:
         # Threads running results or export jobs now (at most background_limit()).
         self._background = 0
         self._background_lock = threading.Lock()
-        # Whether the job threads find the database unavailable (one log line per change).
-        self.outage = OutageLog(log)
+        # Whether the job threads find the database unavailable (one log line per change, and
+        # a reminder while it lasts).
+        self.outage = OutageLog(log, remind_seconds=DATABASE_REMINDER_SECONDS)
         # Runs the export jobs this worker claims.
         self.exports = ExportJobs(self)
         # Whether results jobs wait for room in storage now (one log line per change).
@@ -588,17 +592,14 @@ class Worker:
                 # log a traceback each poll (~10 a second).
                 retry = min(LOOP_RETRY_LAST_SECONDS, retry * 2 or LOOP_RETRY_FIRST_SECONDS)
                 if database_unavailable(exc):
-                    if self.outage.failed():
-                        log.warning(
-                            "database unavailable: %s; retrying in %.1f s, then at least every "
-                            "%.0f s",
-                            database_reason(exc),
-                            retry,
-                            LOOP_RETRY_LAST_SECONDS,
-                        )
-                    log.debug(
-                        "job thread: database unavailable; retrying in %.1f s", retry, exc_info=exc
+                    # WARNING when it starts and as a reminder, else DEBUG.
+                    self.outage.failed(
+                        "database unavailable: %s; retrying in %.1f s, then at least every %.0f s",
+                        database_reason(exc),
+                        retry,
+                        LOOP_RETRY_LAST_SECONDS,
                     )
+                    log.debug("job thread: database unavailable", exc_info=exc)
                 else:
                     log.exception("worker loop error; retrying in %.1f s", retry)
                 # Woken early when job notifications resume (the database is back).

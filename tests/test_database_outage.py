@@ -10,6 +10,7 @@ forwarder to the test PostgreSQL starts listening there.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import socket
 import threading
@@ -20,7 +21,9 @@ from urllib.parse import urlsplit
 import pytest
 from conftest import spool_and_index, wait_for
 from sqlalchemy import select
+from test_assembly_outage import _refuse_connections, private_database  # noqa: F401
 
+from dicomnode import worker as worker_module
 from dicomnode.config import Settings
 from dicomnode.db.models import Job
 from dicomnode.db.session import make_engine, make_sessionmaker, upgrade
@@ -141,3 +144,81 @@ def test_worker_waits_out_a_refusing_database_with_one_line_each_way(
     assert sum(line.startswith("database unavailable: ") for line in lines) == 1, lines
     assert not any(r.exc_info for r in during), lines
     assert sum(line.startswith("database available again") for line in after) == 1, after
+
+
+def test_a_lasting_outage_is_recalled_at_most_every_reminder_period(
+    tmp_path: Path,
+    private_database: tuple[str, str],  # noqa: F811 (the fixture imported above)
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """PostgreSQL refusing the worker's database (ALLOW_CONNECTIONS false, its connections
+    ended): one WARNING when the job threads' failures start, a reminder with how long it has
+    lasted while they go on (at most every DATABASE_REMINDER_SECONDS, patched to 2 s; before,
+    none however long the outage), one line when the database answers again."""
+    monkeypatch.setattr(worker_module, "DATABASE_REMINDER_SECONDS", 2.0)
+    url, name = private_database
+    settings = Settings(
+        storage={"path": tmp_path / "storage"}, worker={"threads": 2, "poll_seconds": 0.05}
+    )
+    engine = make_engine(url)
+    worker = Worker(settings, make_sessionmaker(engine), cards=[])
+    stop = threading.Event()
+    runner = threading.Thread(target=worker.run_forever, args=(stop,))
+
+    def unavailable(since: int) -> list[logging.LogRecord]:
+        return [
+            r
+            for r in caplog.records[since:]
+            if r.name == "dicomnode.worker"
+            and r.levelno >= logging.WARNING
+            and r.getMessage().startswith("database unavailable: ")
+        ]
+
+    try:
+        with caplog.at_level(logging.INFO, logger="dicomnode"):
+            runner.start()
+            first = _analysis(url, settings, 940_003)
+            wait_for(lambda: _done(url, first), timeout=60, what="the first analysis done")
+            seen = len(caplog.records)
+            _refuse_connections(name, refused=True)
+            # The job threads retry after 0.5, 1, 2, 4, 8 s: a reminder is due from the
+            # failure 2 s or more after the first line; two of them come within ~16 s.
+            wait_for(
+                lambda: len(unavailable(seen)) >= 3,
+                timeout=60,
+                interval=0.1,
+                what="the outage's line and two reminders",
+            )
+            during = len(caplog.records)
+            _refuse_connections(name, refused=False)
+            wait_for(
+                lambda: any(
+                    r.getMessage().startswith("database available again")
+                    for r in caplog.records[during:]
+                ),
+                timeout=90,
+                interval=0.1,
+                what="the line saying the database is available again",
+            )
+            later = _analysis(url, settings, 940_004)
+            wait_for(lambda: _done(url, later), timeout=60, what="an analysis done after it")
+            records = caplog.records[seen:]
+    finally:
+        stop.set()
+        runner.join(timeout=30)
+        engine.dispose()
+    lines = unavailable(0)
+    said = [(r.levelname, r.getMessage()) for r in lines]
+    assert all(level == "WARNING" for level, _ in said), said
+    start, *reminders = said
+    assert "(for " not in start[1], start
+    # Why, in the driver's words: the connection ended, or refused.
+    assert "not currently accepting connections" in start[1] or "terminating" in start[1], start
+    assert len(reminders) >= 2 and all(" s now)" in line for _, line in reminders), said
+    # At most one per period, whichever thread failed (stamps of the same clock as the log's).
+    stamps = [r.created for r in lines]
+    assert all(b - a >= 1.9 for a, b in itertools.pairwise(stamps)), stamps
+    assert not any(r.exc_info for r in records if r.levelno >= logging.WARNING), said
+    back = [r.getMessage() for r in records if r.getMessage().startswith("database available")]
+    assert len(back) == 1, back
