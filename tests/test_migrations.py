@@ -1,18 +1,23 @@
 """Database migrations, on SQLite and PostgreSQL: the schema they build is the one the ORM
-models describe, and an upgrade says in the node's own log line what it changed."""
+models describe, an upgrade says in the node's own log line what it changed, and migration
+0006 moves a result object's first UID from its file name to its row."""
 
 from __future__ import annotations
 
 import logging
+from datetime import UTC, datetime
 
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import create_engine
+from sqlalchemy import create_engine, inspect, text
+from sqlalchemy.orm import sessionmaker
 from sqlalchemy.pool import NullPool
 
-from dicomnode.db.models import Base
-from dicomnode.db.session import alembic_config, schema_revision, upgrade
+from dicomnode.db.models import Base, Study
+from dicomnode.db.session import alembic_config, make_engine, schema_revision, upgrade
+from dicomnode.results.job import _earlier_versions
 
 
 def _head(url: str) -> str:
@@ -45,3 +50,96 @@ def test_an_upgrade_logs_the_revisions_it_moved_between_once(db_url: str, caplog
     with caplog.at_level(logging.INFO, logger="dicomnode.db"):
         upgrade(db_url)  # already at the head: nothing to say
     assert [r for r in caplog.records if r.name == "dicomnode.db"] == []
+
+
+# Migration 0006 ----------------------------------------------------------------------------
+
+T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
+# Result rows at 0005: (SOP Instance UID, path, the first UID 0006 gives it). Before 0006 a
+# later version's file was named '<first UID>-<16 hex digits of its digest>.dcm'.
+ROWS_AT_0005 = [
+    ("1.2.9.1.1", "/srv/dicom-node/results/1.2.9/1.2.9.1/1.2.9.1.1.dcm", "1.2.9.1.1"),
+    (
+        "2.25.1234567890",
+        "/srv/dicom-node/results/1.2.9/1.2.9.1/1.2.9.1.2-0123456789abcdef.dcm",
+        "1.2.9.1.2",
+    ),
+    # A folder's '-' 16 characters before '.dcm': like a later version's path, but the file's
+    # name is its own UID.
+    ("1.2.9.1.3", "/srv/store-abcdef/1.2.9.1.3.dcm", "1.2.9.1.3"),
+]
+
+
+def _result_rows(url: str) -> list[tuple]:
+    engine = create_engine(url, poolclass=NullPool)
+    try:
+        with engine.connect() as connection:
+            return connection.execute(text("SELECT * FROM results ORDER BY id")).all()
+    finally:
+        engine.dispose()
+
+
+def _result_columns(url: str) -> list[str]:
+    engine = create_engine(url, poolclass=NullPool)
+    try:
+        return [column["name"] for column in inspect(engine).get_columns("results")]
+    finally:
+        engine.dispose()
+
+
+def test_migration_0006_keeps_the_first_uid_of_each_result_on_its_row_and_back(
+    db_url: str,
+) -> None:
+    """From 0005 (a later version's first UID only in its file name) to 0006 with result rows
+    in place: each row has the UID its object was first made with, from the file name of a
+    later version and its own UID otherwise, and the results job finds the rows by it; back to
+    0005 drops the column and keeps the rows."""
+    config = alembic_config(db_url)
+    command.upgrade(config, "0005")
+    engine = make_engine(db_url)
+    try:
+        with sessionmaker(engine)() as session:
+            # At 0005 the studies table is the one the ORM describes.
+            study = Study(
+                study_instance_uid="1.2.9",
+                received_at=T0,
+                last_instance_at=T0,
+                ready_at=T0,
+                due_at=T0,
+            )
+            session.add(study)
+            session.flush()
+            study_id = study.id
+            for sop_instance_uid, path, _ in ROWS_AT_0005:
+                session.execute(
+                    text(
+                        "INSERT INTO results (study_id, kind, model_name, model_version,"
+                        " sop_class_uid, sop_instance_uid, series_instance_uid, path, created_at)"
+                        " VALUES (:study_id, 'overlay', 'm', '1', '1.2.840.10008.5.1.4.1.1.7',"
+                        " :sop_instance_uid, '1.2.9.1', :path, :created_at)"
+                    ),
+                    {
+                        "study_id": study_id,
+                        "sop_instance_uid": sop_instance_uid,
+                        "path": path,
+                        "created_at": T0,
+                    },
+                )
+            session.commit()
+        rows, columns = _result_rows(db_url), _result_columns(db_url)
+        assert "first_sop_instance_uid" not in columns
+
+        command.upgrade(config, "0006")
+        assert _result_columns(db_url) == [*columns, "first_sop_instance_uid"]
+        with sessionmaker(engine)() as session:
+            earlier = _earlier_versions(session, study_id)
+            assert {
+                first_uid: (row.sop_instance_uid, row.path) for first_uid, row in earlier.items()
+            } == {first: (uid, path) for uid, path, first in ROWS_AT_0005}
+
+        command.downgrade(config, "0005")
+        assert schema_revision(db_url) == "0005"
+        assert _result_columns(db_url) == columns
+        assert _result_rows(db_url) == rows
+    finally:
+        engine.dispose()

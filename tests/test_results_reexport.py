@@ -19,15 +19,16 @@ from pathlib import Path
 import pydicom
 import pytest
 from conftest import StoreSCP, spool_and_index, spool_late_instance, storescp, wait_for
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.config import Destination, Settings
 from dicomnode.db.models import Job, ResultObject
 from dicomnode.db.session import utcnow
 from dicomnode.ingest.assembly import queue_ready_studies
+from dicomnode.jobs.queue import enqueue
 from dicomnode.models.registry import load_card
-from dicomnode.results.job import content_digest
+from dicomnode.results.job import content_digest, revision_uid
 from dicomnode.synth.ct import make_ct_series
 from dicomnode.synth.cxr import make_cxr
 from dicomnode.worker import Worker
@@ -185,14 +186,12 @@ def test_late_images_send_only_new_objects_and_the_superseding_report(
     assert "6 result objects (3 unchanged), 2 earlier version(s) superseded" in caplog.text
 
 
-def test_an_object_whose_content_changed_with_late_slices_is_a_new_instance(
-    sessions: sessionmaker[Session], tmp_path: Path, keeping_pacs: StoreSCP
-) -> None:
-    """A CT's nodule detector reads 3 adjacent slices: four slices arriving late in the
-    middle change what it draws on their neighbours. Those overlays and presentation states
-    are new instances (same UID, other content, was sent under the old UID, which a PACS may
-    ignore); the others are not sent again."""
-    worker = _worker(tmp_path, sessions, keeping_pacs, CT_NODULE)
+def _ct_with_late_slices(
+    worker: Worker, sessions: sessionmaker[Session]
+) -> tuple[int, dict[str, ResultObject], dict[str, str], dict[str, ResultObject]]:
+    """A CT analysed and exported, then again after four slices in its middle arrived late:
+    its study id, its result rows and their content digests after the first analysis, and
+    its result rows after the second."""
     series, _ = make_ct_series(11, rows=160, slices=40, nodules=(4, 6))
     late = set(range(18, 22))
     with sessions() as session:
@@ -206,7 +205,27 @@ def test_an_object_whose_content_changed_with_late_slices_is_a_new_instance(
         for index in sorted(late):
             spool_and_index(session, worker.settings.storage_path, series[index])
     _analyse_and_export(worker, sessions, study_id)
-    second = _rows(sessions, study_id)
+    return study_id, first, first_digests, _rows(sessions, study_id)
+
+
+def _changed(first: dict[str, ResultObject], second: dict[str, ResultObject]) -> set[str]:
+    """The UIDs of ``second``'s objects that are later versions of one of ``first``."""
+    return {
+        uid
+        for uid, row in second.items()
+        if uid not in first and row.first_sop_instance_uid != row.sop_instance_uid
+    }
+
+
+def test_an_object_whose_content_changed_with_late_slices_is_a_new_instance(
+    sessions: sessionmaker[Session], tmp_path: Path, keeping_pacs: StoreSCP
+) -> None:
+    """A CT's nodule detector reads 3 adjacent slices: four slices arriving late in the
+    middle change what it draws on their neighbours. Those overlays and presentation states
+    are new instances (same UID, other content, was sent under the old UID, which a PACS may
+    ignore); the others are not sent again."""
+    worker = _worker(tmp_path, sessions, keeping_pacs, CT_NODULE)
+    _, first, first_digests, second = _ct_with_late_slices(worker, sessions)
 
     received = _received(keeping_pacs, sessions)
     duplicates = {uid: n for uid, n in received.items() if n > 1}
@@ -218,13 +237,52 @@ def test_an_object_whose_content_changed_with_late_slices_is_a_new_instance(
     # Each UID names one content: a version with a new content has a new UID.
     for uid in kept:
         assert content_digest(pydicom.dcmread(second[uid].path)) == first_digests[uid]
-    changed = {
-        uid
-        for uid, row in second.items()
-        if uid not in first and "-" in Path(row.path).stem  # a later version of an object
-    }
+    changed = _changed(first, second)
     assert changed, "no object changed: the case this test is for did not occur"
     for uid in changed:
-        first_uid = Path(second[uid].path).stem.split("-")[0]
+        first_uid = second[uid].first_sop_instance_uid
         assert first_uid in first and first_uid not in second
         assert not Path(first[first_uid].path).exists()
+        assert second[uid].sop_instance_uid == revision_uid(
+            first_uid, content_digest(pydicom.dcmread(second[uid].path))
+        )
+
+
+def test_a_new_version_whose_file_moved_is_still_known_as_its_first_uids(
+    sessions: sessionmaker[Session], tmp_path: Path, keeping_pacs: StoreSCP
+) -> None:
+    """The objects of the CT above, revised with its late slices, moved to other storage
+    and each file named by its own SOP Instance UID (as a copy or restore may name them),
+    their rows following; the study's results made again: each later version is still the
+    current version of the UID it was first made with (its row says so, not its file's
+    name), so the job keeps every row and sends nothing. Before migration 0006 the first UID
+    was read from the file name: a moved version was taken for a new object, whose first UID
+    was written and sent again with the new content."""
+    worker = _worker(tmp_path, sessions, keeping_pacs, CT_NODULE)
+    study_id, first, _, second = _ct_with_late_slices(worker, sessions)
+    assert _changed(first, second), "no object changed: the case this test is for did not occur"
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    with sessions() as session:
+        for row in session.scalars(select(ResultObject).where(ResultObject.study_id == study_id)):
+            path = moved / f"{row.sop_instance_uid}.dcm"
+            Path(row.path).rename(path)
+            row.path = str(path)
+        exports = session.scalar(select(func.count()).where(Job.kind == "export"))
+        enqueue(session, "results", study_id, {})
+        session.commit()
+    while worker.run_once():
+        pass
+
+    third = _rows(sessions, study_id)
+    assert {uid: (row.id, row.path) for uid, row in third.items()} == {
+        uid: (row.id, str(moved / f"{uid}.dcm")) for uid, row in second.items()
+    }
+    with sessions() as session:
+        assert session.scalar(select(func.count()).where(Job.kind == "export")) == exports
+        last = session.scalars(select(Job).where(Job.kind == "results").order_by(Job.id.desc()))
+        assert last.first().state == "done"
+    assert sorted(moved.iterdir()) == sorted(moved / f"{uid}.dcm" for uid in second)
+    received = _received(keeping_pacs, sessions)
+    assert {uid: n for uid, n in received.items() if n > 1} == {}
+    assert set(received) == set(first) | set(second)

@@ -179,7 +179,10 @@ def _names(structure: dict) -> str:
 
 
 # Columns that migrations after 0003 add to the tables of 0002, as reflected.
-LATER_COLUMNS = {"studies": [("models_not_run", "TEXT", False, "''")]}
+LATER_COLUMNS = {
+    "studies": [("models_not_run", "TEXT", False, "''")],
+    "results": [("first_sop_instance_uid", "VARCHAR(64)", False, "''")],
+}
 
 
 def _with_later_columns(structure: dict[str, dict]) -> dict[str, dict]:

@@ -17,6 +17,7 @@ from sqlalchemy import (
     false,
     text,
 )
+from sqlalchemy.engine.default import DefaultExecutionContext
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
@@ -194,6 +195,10 @@ class FindingRow(Base):
     study: Mapped[Study] = relationship(back_populates="findings")
 
 
+def _own_sop_instance_uid(context: DefaultExecutionContext) -> str:
+    return context.get_current_parameters()["sop_instance_uid"]
+
+
 class ResultObject(Base):
     """A DICOM object the node wrote (SR, SC overlay, ...), kept on disk for export."""
 
@@ -207,6 +212,13 @@ class ResultObject(Base):
     model_version: Mapped[str] = mapped_column(String(32))
     sop_class_uid: Mapped[str] = mapped_column(UID)
     sop_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
+    # The UID the object was first made with: its own (the default), or for a later version
+    # whose content changed (dicomnode.results.job.revision_uid) the first version's, by which
+    # a results job made again finds it (migration 0006). The server default only lets SQLite
+    # add the column.
+    first_sop_instance_uid: Mapped[str] = mapped_column(
+        UID, default=_own_sop_instance_uid, server_default=""
+    )
     series_instance_uid: Mapped[str] = mapped_column(UID)
     path: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

@@ -97,10 +97,21 @@ def _write_result(path: Path, ds: Dataset) -> Path:
 
 
 def _store_result(
-    session: Session, study_id: int, card: ModelCard, kind: str, ds: Dataset, path: Path
+    session: Session,
+    study_id: int,
+    card: ModelCard,
+    kind: str,
+    ds: Dataset,
+    path: Path,
+    first_uid: str,
 ) -> ResultObject:
-    """Add the row of a written result object (new, or a new version of an earlier one)."""
-    row = ResultObject(sop_instance_uid=str(ds.SOPInstanceUID), study_id=study_id)
+    """Add the row of a written result object (new, or a new version of an earlier one);
+    ``first_uid``: the UID the object was first made with (``ds``'s own if it is new)."""
+    row = ResultObject(
+        sop_instance_uid=str(ds.SOPInstanceUID),
+        first_sop_instance_uid=first_uid,
+        study_id=study_id,
+    )
     session.add(row)
     row.kind = kind
     row.model_name = card.model.name
@@ -246,6 +257,9 @@ def write_results(
                 # Same UID, other content: a new instance, which supersedes the earlier one.
                 _new_version(ds, revision_uid(first_uid, digest))
                 current[first_uid] = str(ds.SOPInstanceUID)
+                # A file of its own, named as before migration 0006 (which moved the first UID
+                # from this name to the row) so that a downgraded node still finds it; nothing
+                # reads the name now.
                 path = path.with_name(f"{first_uid}-{digest[:16]}.dcm")
                 superseded.append(previous)
                 predecessors.append(previous)
@@ -262,7 +276,9 @@ def write_results(
             _write_result(path, ds)
             if not existed:
                 made.append(path)
-            results.append((kind, _store_result(session, study_id, card, kind, ds, path)))
+            results.append(
+                (kind, _store_result(session, study_id, card, kind, ds, path, first_uid))
+            )
         for row in superseded:
             session.delete(row)
         failures.record(session)
@@ -469,16 +485,11 @@ def _rename_references(ds: Dataset, current: dict[str, str]) -> None:
             element.value = current[str(element.value)]
 
 
-def _first_uid(row: ResultObject) -> str:
-    """The UID an object was first made with: its file is named by it (a later version's
-    ``<first UID>-<digest>.dcm``; UIDs have no '-')."""
-    return Path(row.path).stem.split("-", 1)[0]
-
-
 def _earlier_versions(session: Session, study_id: int) -> dict[str, ResultObject]:
-    """The study's result rows by the UID each object was first made with."""
+    """The study's result rows by the UID each object was first made with (its row's
+    ``first_sop_instance_uid``; nothing is read from a file's name or place)."""
     rows = session.scalars(select(ResultObject).where(ResultObject.study_id == study_id))
-    return {_first_uid(row): row for row in rows}
+    return {row.first_sop_instance_uid: row for row in rows}
 
 
 def _exported(session: Session, study_id: int) -> set[tuple[int, str]]:
