@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+import pytest
 from conftest import referenced_uids, spool_and_index, spool_late_instance, wait_for
 from dciodvfy import dciodvfy_errors
 from sqlalchemy import select
@@ -315,3 +316,40 @@ def test_a_failed_job_quoting_the_patient_is_logged_and_recorded_without_them(
         for secret in (patient_id, accession, *name.split("^")):
             if len(secret) >= 3:
                 assert secret not in text, secret
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_result_files_are_written_before_the_rows_take_the_write_lock(
+    sessions, db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On SQLite a write transaction holds the writers' lock (the index writer's, the other
+    workers'): the results job writes every file before it adds the first row, so another
+    writer can take the lock while the files are written."""
+    import sqlite3
+
+    from dicomnode.results import job as results_job
+
+    settings = _settings(tmp_path)
+    worker = Worker(settings, sessions, [load_card(PNEUMOTHORAX)])
+    _study(sessions, settings, 940_021)
+    assert worker.run_once()  # the analysis; the results job (SR, overlay, KOS) is queued
+    database = db_url.removeprefix("sqlite:///")
+    taken: list[bool] = []
+    real_write = results_job._write_result
+
+    def write_and_try_the_lock(path: Path, ds: pydicom.Dataset) -> Path:
+        written = real_write(path, ds)
+        other = sqlite3.connect(database, timeout=0, isolation_level=None)
+        try:
+            other.execute("BEGIN IMMEDIATE")
+            other.execute("ROLLBACK")
+            taken.append(True)
+        except sqlite3.OperationalError:  # database is locked
+            taken.append(False)
+        finally:
+            other.close()
+        return written
+
+    monkeypatch.setattr(results_job, "_write_result", write_and_try_the_lock)
+    assert worker.run_once()
+    assert len(taken) == 3 and all(taken), taken

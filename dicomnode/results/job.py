@@ -224,7 +224,7 @@ def write_results(
     made: list[Path] = []
     made_folders: list[Path] = []
     try:
-        results: list[tuple[str, ResultObject]] = []
+        written: list[tuple[ModelCard, str, Dataset, Path, str]] = []
         kept: list[tuple[str, ResultObject]] = []
         # First UID of an object -> the UID it has now (a new version's, or that of the
         # unchanged earlier one), for the references of the objects built after it (a KOS).
@@ -276,9 +276,13 @@ def write_results(
             _write_result(path, ds)
             if not existed:
                 made.append(path)
-            results.append(
-                (kind, _store_result(session, study_id, card, kind, ds, path, first_uid))
-            )
+            written.append((card, kind, ds, path, first_uid))
+        # The rows go in after every file is written: adding one starts the transaction, which
+        # on SQLite holds the write lock (the index writer, other workers) until the commit.
+        results = [
+            (kind, _store_result(session, study_id, card, kind, ds, path, first_uid))
+            for card, kind, ds, path, first_uid in written
+        ]
         for row in superseded:
             session.delete(row)
         failures.record(session)
