@@ -7,6 +7,8 @@ downscaled), the AI view, authentication, 404s; and the page in headless Chromiu
 from __future__ import annotations
 
 import io
+import os
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,16 +19,18 @@ import pydicom
 import pytest
 from conftest import spool_and_index
 from PIL import Image
+from sqlalchemy import select
 from web_server import CHROMIUM, add_users, chromium_page, log_in, serve
 
 from dicomnode import RESEARCH_DEMO_NOTICE
-from dicomnode.db.models import ResultObject
+from dicomnode.db.models import AuditEntry, ResultObject
 from dicomnode.db.session import make_engine, make_sessionmaker, upgrade, utcnow
 from dicomnode.findings import Algorithm, CodedConcept, Finding, ImageFindings
 from dicomnode.results.overlay import build_overlay
 from dicomnode.synth.ct import make_ct_series
 from dicomnode.synth.cxr import make_cxr
 from dicomnode.web.app import create_app
+from dicomnode.web.preview_image import source_png
 
 PNEUMOTHORAX = CodedConcept("36118008", "SCT", "Pneumothorax")
 NODULE = CodedConcept("786838002", "SCT", "Pulmonary nodule")
@@ -331,7 +335,7 @@ def test_a_large_jpeg2000_radiograph_is_decoded_at_a_lower_resolution_alike(tmp_
 
 
 @pytest.fixture
-def browser_site(tmp_path: Path) -> Iterator[tuple[str, Stored]]:
+def browser_site(tmp_path: Path) -> Iterator[tuple[str, Stored, object]]:
     if not CHROMIUM.exists():
         pytest.skip(f"{CHROMIUM} not found (apt-get install chromium)")
     url = f"sqlite:///{tmp_path / 'dicomnode.db'}"
@@ -341,12 +345,12 @@ def browser_site(tmp_path: Path) -> Iterator[tuple[str, Stored]]:
     add_users(sessions)
     stored = _store_studies(sessions, tmp_path / "storage")
     with serve(create_app(sessions)) as base:
-        yield base, stored
+        yield base, stored, sessions
     engine.dispose()
 
 
 def test_the_study_page_shows_the_image_and_toggles_to_the_ai_view(browser_site) -> None:
-    base, stored = browser_site
+    base, stored, sessions = browser_site
     with chromium_page() as page:
         errors: list[str] = []
         page.on("console", lambda message: message.type == "error" and errors.append(message.text))
@@ -381,3 +385,187 @@ def test_the_study_page_shows_the_image_and_toggles_to_the_ai_view(browser_site)
         assert lateral.locator("button").count() == 0
         page.wait_for_function(shown, arg=[stored.lateral, "/images/"])
         assert errors == []
+    # The page's list and PNGs (two images, an AI view) are one audited view of the images.
+    with sessions() as session:
+        seen = session.scalars(
+            select(AuditEntry.action).where(
+                AuditEntry.actor == "dr_house", AuditEntry.study_instance_uid == stored.cxr_study
+            )
+        ).all()
+    assert sorted(seen) == ["view_images", "view_study"]
+
+
+def _audit(site: Site, action: str) -> list[tuple[str, str, str]]:
+    with site.client("boss") as admin:
+        entries = admin.get("/api/audit", params={"action": action, "limit": 1000})
+    assert entries.status_code == 200, entries.text
+    return sorted((e["actor"], e["study_instance_uid"], e["detail"]) for e in entries.json())
+
+
+def test_seeing_a_studys_images_is_audited_once_per_user_and_study(site: Site) -> None:
+    stored = site.stored
+    base = f"/api/studies/{stored.cxr_study}"
+    with site.client() as house:
+        for _ in range(2):  # the page reloaded: its list and PNGs again
+            listed = house.get(f"{base}/previews").json()
+            for image in listed["images"]:
+                _png(house.get(image["url"]))
+                for view in image["ai_views"]:
+                    _png(house.get(view["url"]))
+        _png(house.get(f"{base}/images/{stored.pa}/preview.png", params={"max_side": 128}))
+        assert house.get(f"{base}/images/1.2.3.999/preview.png").status_code == 404
+        assert house.get("/api/studies/1.2.3.999/previews").status_code == 404
+    with site.client("dr_grey") as grey:
+        # A PNG fetched by its URL alone, with no list: seen all the same.
+        _png(grey.get(f"{base}/overlays/{stored.overlays[DEMO.name]}/preview.png"))
+        ct_slice = stored.ct_slices[CT_AI_SLICES[1]]
+        _png(grey.get(f"/api/studies/{stored.ct_study}/images/{ct_slice}/preview.png"))
+        _png(grey.get(f"/api/studies/{stored.ct_study}/images/{ct_slice}/preview.png"))
+    # One row per user and study (the throttle's 5 minutes), none for what was not found.
+    assert _audit(site, "view_images") == [
+        ("dr_grey", stored.ct_study, "image previews"),
+        ("dr_grey", stored.cxr_study, "image previews"),
+        ("dr_house", stored.cxr_study, "image previews"),
+    ]
+    with site.client() as house:  # not in the study's change history
+        history = house.get(f"/api/studies/{stored.cxr_study}").json()["history"]
+    assert [entry["action"] for entry in history] == []
+
+
+def test_a_preview_that_cannot_be_shown_says_why_without_a_server_path(
+    site: Site, sessions, tmp_path: Path
+) -> None:
+    storage = site.stored.storage
+    # An image without its Pixel Data, and one whose file is no longer DICOM at all.
+    unfit = _radiograph(44, None, "MONOCHROME2")
+    del unfit.PixelData
+    not_dicom = _radiograph(45, str(unfit.StudyInstanceUID), "MONOCHROME2")
+    with sessions() as session:
+        study_id, _ = spool_and_index(session, storage, unfit)
+        _, not_dicom_path = spool_and_index(session, storage, not_dicom)
+        # A grey image registered as an overlay (the node's are RGB).
+        grey_overlay = _radiograph(46, None, "MONOCHROME2")
+        _store_overlay(session, storage, study_id, grey_overlay, DEMO.name)
+    not_dicom_path.write_bytes(b"not a DICOM file" * 100)
+    base = f"/api/studies/{unfit.StudyInstanceUID}"
+    cases = {
+        f"{base}/images/{unfit.SOPInstanceUID}/preview.png": "no Pixel Data",
+        f"{base}/images/{not_dicom.SOPInstanceUID}/preview.png": "DICM",
+        f"{base}/overlays/{grey_overlay.SOPInstanceUID}/preview.png": "not an RGB overlay",
+    }
+    with site.client() as client:
+        for url, why in cases.items():
+            response = client.get(url)
+            assert response.status_code == 422, (url, response.text)
+            assert response.headers["cache-control"] == "no-store"
+            detail = response.json()["detail"]
+            assert "cannot be shown as an image" in detail and why in detail, detail
+            assert str(tmp_path) not in response.text and "/" not in detail, detail
+
+
+def test_a_preview_size_is_rounded_up_to_one_of_a_few(site: Site, monkeypatch) -> None:
+    from dicomnode.web import preview
+
+    renders: list[int] = []
+
+    def counted(path, max_side):
+        renders.append(max_side)
+        return source_png(path, max_side)
+
+    monkeypatch.setattr(preview, "source_png", counted)
+    url = f"/api/studies/{site.stored.cxr_study}/images/{site.stored.lateral}/preview.png"
+    with site.client() as client:
+        shapes = [_png(client.get(url, params={"max_side": side})).shape for side in (300, 400)]
+        shapes.append(_png(client.get(url)).shape)  # 512, the page's
+        shapes.append(_png(client.get(url, params={"max_side": 65})).shape)
+    assert shapes == [(512, 400)] * 3 + [(128, 100)]
+    assert renders == [512, 128]
+    assert preview.preview_side(64) == 64 and preview.preview_side(1024) == 1024
+    assert preview.preview_side(513) == 1024
+
+
+def test_concurrent_requests_for_one_preview_render_it_once(site: Site, monkeypatch) -> None:
+    from dicomnode.web import preview
+
+    renders: list[int] = []
+    first_began, second_began = threading.Event(), threading.Event()
+
+    def held(path, max_side):
+        renders.append(max_side)
+        if len(renders) == 1:
+            first_began.set()
+            # Held until a second render begins (as it did before the PNGs were made once)
+            # or the second request has had ample time to get to it.
+            second_began.wait(timeout=3)
+        else:
+            second_began.set()
+        return source_png(path, max_side)
+
+    monkeypatch.setattr(preview, "source_png", held)
+    url = f"/api/studies/{site.stored.cxr_study}/images/{site.stored.pa}/preview.png"
+    answers: dict[str, bytes] = {}
+
+    def fetch(name: str) -> None:
+        with site.client() as client:
+            response = client.get(url)
+            assert response.status_code == 200, response.text
+            answers[name] = response.content
+
+    first = threading.Thread(target=fetch, args=("first",))
+    first.start()
+    assert first_began.wait(timeout=30)
+    second = threading.Thread(target=fetch, args=("second",))
+    second.start()
+    first.join(timeout=60)
+    second.join(timeout=60)
+    assert set(answers) == {"first", "second"}
+    assert answers["first"] == answers["second"]
+    assert renders == [512]
+
+
+def test_overlay_headers_are_read_again_only_when_their_file_changes(
+    site: Site, monkeypatch
+) -> None:
+    from dicomnode.web import preview
+
+    stored = site.stored
+    reads: list[str] = []
+    dcmread = pydicom.dcmread
+
+    def counted(path, *args, **kwargs):
+        reads.append(Path(path).name)
+        return dcmread(path, *args, **kwargs)
+
+    monkeypatch.setattr(preview.pydicom, "dcmread", counted)
+    previews = f"/api/studies/{stored.cxr_study}/previews"
+
+    def ai_views() -> dict[str, list[str]]:
+        with site.client() as client:
+            listed = client.get(previews).json()["images"]
+        return {i["sop_instance_uid"]: [v["model"] for v in i["ai_views"]] for i in listed}
+
+    assert ai_views() == {stored.pa: [CLEARED.name, DEMO.name], stored.lateral: []}
+    assert len(reads) == 2  # the two overlays' headers
+    assert ai_views() == {stored.pa: [CLEARED.name, DEMO.name], stored.lateral: []}
+    assert len(reads) == 2  # kept: not read again
+    # The demo overlay's file replaced: now of the lateral (the row is the same).
+    path = stored.storage / "results" / f"{stored.overlays[DEMO.name]}.dcm"
+    overlay = dcmread(path)
+    overlay.SourceImageSequence[0].ReferencedSOPInstanceUID = stored.lateral
+    overlay.save_as(path, enforce_file_format=True)
+    later = path.stat().st_mtime_ns + 2_000_000_000
+    os.utime(path, ns=(later, later))
+    assert ai_views() == {stored.pa: [CLEARED.name], stored.lateral: [DEMO.name]}
+    assert reads[2:] == [path.name]
+
+
+def test_video_is_not_an_image_to_preview() -> None:
+    from dicomnode.web.preview import _is_image
+
+    for video in ("1.2.840.10008.5.1.4.1.1.77.1.1.1", "1.2.840.10008.5.1.4.1.1.77.1.4.1"):
+        assert not _is_image(video), video  # Video Endoscopic / Photographic Image Storage
+    assert not _is_image("1.2.840.10008.5.1.4.1.1.77.1.2.1")  # Video Microscopic
+    # Their still image neighbours are images: VL Endoscopic, Ophthalmic Photography 8 Bit.
+    assert _is_image("1.2.840.10008.5.1.4.1.1.77.1.1")
+    assert _is_image("1.2.840.10008.5.1.4.1.1.77.1.5.1")
+    assert _is_image("1.2.840.10008.5.1.4.1.1.1.1")  # Digital X-Ray

@@ -254,3 +254,20 @@ def test_audit_entries_newest_first_and_filtered(sessions) -> None:
         assert [e.action for e in audit.entries(session)] == ["view_study", "claim"]
         assert [e.action for e in audit.entries(session, actor="dr_house")] == ["claim"]
         assert len(audit.entries(session, study_instance_uid=uid, limit=1)) == 1
+
+
+def test_the_view_throttle_forgets_views_older_than_its_interval() -> None:
+    views = audit.ViewThrottle(timedelta(minutes=5))
+    views.PRUNE_AT = 3
+    for study in ("1.1", "1.2", "1.3"):
+        assert views.due("dr_house", f"images of {study}", NOW)
+    assert not views.due("dr_house", "images of 1.1", NOW + timedelta(minutes=4))
+    # Views past the bound: those older than the interval are forgotten, not kept for ever
+    # (one per user and study whose images were seen); recent ones are kept.
+    later = NOW + timedelta(minutes=6)
+    assert views.due("dr_grey", "images of 1.1", later)
+    assert views.due("dr_grey", "images of 1.2", later)
+    assert views.due("dr_grey", "images of 1.3", later)
+    assert views.due("dr_grey", "images of 1.4", later)
+    assert len(views._last) == 4  # dr_house's three forgotten at dr_grey's first
+    assert not views.due("dr_grey", "images of 1.1", later + timedelta(minutes=1))

@@ -57,7 +57,7 @@ def create_app(
     app.include_router(api_router(sessions, caller_of, views, worklist))
     app.include_router(page_router(sessions, caller_of, views, worklist))
     app.include_router(jobs_router(sessions, caller_of))
-    app.include_router(preview_router(sessions, caller_of))
+    app.include_router(preview_router(sessions, caller_of, views))
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     @app.exception_handler(NotLoggedIn)

@@ -8,9 +8,12 @@ of a nodule's run of slices is its centre), else its middle image, by Instance N
 ``MAX_PREVIEWS`` per study. An overlay belongs to the image its Source Image Sequence names.
 
 Same authentication as the study page and API (any logged-in user); every answer is
-``Cache-Control: no-store`` (patient images); URLs hold UIDs only. Decoding runs in FastAPI's
-thread pool (sync endpoints), at most one render per CPU at a time; the last PNGs are kept in
-memory while their file is unchanged (the page reloads after each action).
+``Cache-Control: no-store`` (patient images); URLs hold UIDs only. Showing a study's images is
+audited as ``view_images``, once per user and study within the audit throttle's interval (the
+page fetches a list and a dozen PNGs at each reload: one row says who saw them). Decoding runs
+in FastAPI's thread pool (sync endpoints), at most one render per CPU at a time; the last PNGs
+are kept in memory while their file is unchanged (the page reloads after each action), in a
+few sizes only, and concurrent requests for one PNG render it once.
 """
 
 from __future__ import annotations
@@ -20,8 +23,9 @@ import logging
 import os
 import stat
 import threading
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
@@ -30,15 +34,18 @@ import pydicom
 from fastapi import APIRouter, Depends, HTTPException, Query, status
 from fastapi.responses import Response
 from pydantic import BaseModel, Field
+from pydicom.errors import InvalidDicomError
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode import RESEARCH_DEMO_NOTICE
 from dicomnode.db.models import Instance, ResultObject, Series, Study
+from dicomnode.db.session import utcnow
 from dicomnode.pipeline.attributes import value_or_none
 from dicomnode.web.auth import Caller
 from dicomnode.web.preview_image import MAX_SIDE, overlay_png, source_png
 from dicomnode.web.schemas import AUTH_ERRORS, ErrorOut
+from dicomnode.worklist import audit
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +54,12 @@ MAX_PREVIEWS = 12
 NO_STORE = {"Cache-Control": "no-store"}
 # PNGs kept in memory (~100 KB each at 512 px): a study page's previews, reloaded.
 PNG_CACHE_SIZE = 64
+# The sizes a PNG is rendered in: an asked ``max_side`` is rounded up to the next, so that a
+# client asking for any of 961 sizes neither renders each nor fills the cache with them.
+PREVIEW_SIDES = (64, 128, 256, 512, 1024)
+# Overlay headers kept (their source images and research demo mark, a few hundred bytes):
+# a CT study's ~600 overlays, a few studies over.
+OVERLAY_CACHE_SIZE = 4096
 # SOP classes without a picture to preview: SR, presentation states, SEG, RT, encapsulated
 # documents, waveforms, raw data, spectroscopy (the study's own, not the node's results).
 NOT_IMAGES = (
@@ -58,7 +71,26 @@ NOT_IMAGES = (
     "1.2.840.10008.5.1.4.1.1.9.",
     "1.2.840.10008.5.1.4.1.1.4.2",
 )
-PreviewSide = Annotated[int, Query(ge=64, le=1024, description="longest side at most, pixels")]
+# And these, by their whole UID (the still images beside them, e.g. VL Endoscopic 77.1.1 or
+# Ophthalmic Photography 77.1.5.1, are images): video (MPEG-2, H.264, HEVC) that the node
+# does not decode, and the pixel-less Stereometric Relationship.
+NOT_IMAGE_CLASSES = frozenset(
+    {
+        "1.2.840.10008.5.1.4.1.1.77.1.1.1",  # Video Endoscopic Image Storage
+        "1.2.840.10008.5.1.4.1.1.77.1.2.1",  # Video Microscopic Image Storage
+        "1.2.840.10008.5.1.4.1.1.77.1.4.1",  # Video Photographic Image Storage
+        "1.2.840.10008.5.1.4.1.1.77.1.5.3",  # Stereometric Relationship Storage
+    }
+)
+PreviewSide = Annotated[
+    int,
+    Query(
+        ge=64,
+        le=1024,
+        description="longest side at most, pixels, rounded up to the next of "
+        + ", ".join(map(str, PREVIEW_SIDES)),
+    ),
+]
 _renders = threading.BoundedSemaphore(os.cpu_count() or 1)
 
 
@@ -97,19 +129,42 @@ class _Overlay:
 
 
 def _is_image(sop_class_uid: str) -> bool:
-    return not sop_class_uid.startswith(NOT_IMAGES)
+    return not sop_class_uid.startswith(NOT_IMAGES) and sop_class_uid not in NOT_IMAGE_CLASSES
 
 
-def _overlay_header(path: str) -> pydicom.Dataset | None:
+def preview_side(asked: int) -> int:
+    """The size a PNG asked for at ``asked`` pixels is rendered in: the smallest of
+    ``PREVIEW_SIDES`` at least as large."""
+    return next((side for side in PREVIEW_SIDES if side >= asked), PREVIEW_SIDES[-1])
+
+
+@functools.lru_cache(maxsize=OVERLAY_CACHE_SIZE)
+def _overlay_sources(path: str, stamp: tuple) -> tuple[tuple[str, ...], bool]:
+    """The SOP Instance UIDs an overlay shows and whether a research demo made it; kept while
+    ``stamp`` (the file's mtime and size) is the same, as the page reloads after each action
+    (a CT study has hundreds of overlays, a header read each). A read error is not kept."""
+    header = pydicom.dcmread(
+        path,
+        stop_before_pixels=True,
+        specific_tags=["SourceImageSequence", "SeriesDescription", "ImageComments"],
+    )
+    text = f"{header.get('SeriesDescription', '')} {header.get('ImageComments', '')}"
+    sources = (
+        str(value_or_none(item, "ReferencedSOPInstanceUID") or "")
+        for item in value_or_none(header, "SourceImageSequence") or []
+    )
+    return tuple(source for source in sources if source), "research demo" in text.lower()
+
+
+def _file_stamp(path: str) -> tuple[int, int] | None:
+    """(mtime, size) of a regular file; None when there is none at ``path``."""
     try:
-        return pydicom.dcmread(
-            path,
-            stop_before_pixels=True,
-            specific_tags=["SourceImageSequence", "SeriesDescription", "ImageComments"],
-        )
-    except Exception as error:  # a damaged result file leaves out its AI view, not the page
-        log.warning("overlay %s cannot be read for the preview: %s", Path(path).name, error)
+        found = os.stat(path)
+    except OSError:
         return None
+    if not stat.S_ISREG(found.st_mode):
+        return None
+    return found.st_mtime_ns, found.st_size
 
 
 def _overlays_by_source(session: Session, study_id: int) -> dict[str, list[_Overlay]]:
@@ -126,15 +181,17 @@ def _overlays_by_source(session: Session, study_id: int) -> dict[str, list[_Over
         .order_by(ResultObject.model_name, ResultObject.id)
     )
     for path, model, version, sop_uid in rows:
-        header = _overlay_header(path)
-        if header is None:
+        try:
+            stamp = _file_stamp(path)
+            if stamp is None:
+                raise FileNotFoundError("no longer in storage")
+            sources, research_demo = _overlay_sources(path, stamp)
+        except Exception as error:  # a damaged result file leaves out its AI view, not the page
+            log.warning("overlay %s cannot be read for the preview: %s", Path(path).name, error)
             continue
-        text = f"{header.get('SeriesDescription', '')} {header.get('ImageComments', '')}"
-        overlay = _Overlay(model, version, sop_uid, "research demo" in text.lower())
-        for item in value_or_none(header, "SourceImageSequence") or []:
-            source = value_or_none(item, "ReferencedSOPInstanceUID")
-            if source:
-                by_source[str(source)].append(overlay)
+        overlay = _Overlay(model, version, sop_uid, research_demo)
+        for source in sources:
+            by_source[source].append(overlay)
     return by_source
 
 
@@ -182,14 +239,7 @@ def study_previews(session: Session, study_instance_uid: str) -> PreviewsOut | N
     previews: list[PreviewOut] = []
     base = f"/api/studies/{study_instance_uid}"
     for series_id in sorted(by_series):
-        images = sorted(
-            by_series[series_id],
-            key=lambda row: (
-                row.instance_number is None,
-                row.instance_number or 0,
-                row.sop_instance_uid,
-            ),
-        )
+        images = sorted(by_series[series_id], key=_reading_order)
         for image, chosen in _chosen(images, overlays):
             previews.append(
                 PreviewOut(
@@ -222,30 +272,69 @@ def _not_found(what: str) -> HTTPException:
     return HTTPException(status.HTTP_404_NOT_FOUND, what, headers=NO_STORE)
 
 
-@functools.lru_cache(maxsize=PNG_CACHE_SIZE)
-def _cached_png(render: Callable[[str, int], bytes], path: str, size: int, stamp: tuple) -> bytes:
-    """``render(path, size)``, kept while ``stamp`` (the file's mtime and size) is the same:
-    the study page reloads after each action, and JPEG-LS or JPEG Lossless radiographs decode
-    whole (~0.5 s or more at 2-3k px)."""
+class PngCache:
+    """The last ``size`` PNGs made, least recently used dropped; a PNG asked for while it is
+    being made is waited for, not made again (a page's reload asks for it again at once)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._made: OrderedDict[tuple, Future[bytes]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple, make: Callable[[], bytes]) -> bytes:
+        """The PNG kept for ``key``, else ``make()``'s (an error is not kept)."""
+        with self._lock:
+            made = self._made.get(key)
+            mine = made is None
+            if mine:
+                made = self._made[key] = Future()
+                while len(self._made) > self.size:
+                    self._made.popitem(last=False)
+            else:
+                self._made.move_to_end(key)
+        if not mine:
+            return made.result()
+        try:
+            png = make()
+        except BaseException as error:
+            with self._lock:
+                if self._made.get(key) is made:
+                    del self._made[key]
+            made.set_exception(error)
+            raise
+        made.set_result(png)
+        return png
+
+
+_pngs = PngCache(PNG_CACHE_SIZE)
+
+
+def _render(render: Callable[[str, int], bytes], path: str, size: int) -> bytes:
     with _renders:
         return render(path, size)
 
 
+def _public_reason(error: Exception, path: str) -> str:
+    """Why an image cannot be shown, for the HTTP answer: without the file's path on the
+    server (decode.describe names it; the log keeps it)."""
+    return str(error).replace(f"file {path}, ", "").replace(path, "its stored file")
+
+
 def _png_response(render: Callable[[str, int], bytes], path: str, sop_uid: str, size: int):
-    try:
-        found = os.stat(path)
-    except OSError:
-        found = None
-    if found is None or not stat.S_ISREG(found.st_mode):
+    """The PNG of the file at ``path`` (or its 404 or 422): kept, as JPEG-LS or JPEG Lossless
+    radiographs decode whole (~0.5 s or more at 2-3k px)."""
+    stamp = _file_stamp(path)
+    if stamp is None:
         raise _not_found(f"the file of {sop_uid} is no longer in storage")
+    side = preview_side(size)
     try:
-        png = _cached_png(render, path, size, (found.st_mtime_ns, found.st_size))
-    except (ValueError, OSError) as error:  # DecodeError is a ValueError
+        png = _pngs.get((render, path, side, stamp), lambda: _render(render, path, side))
+    except (ValueError, OSError, InvalidDicomError) as error:  # DecodeError is a ValueError
         # The reason names files and UIDs, never patient data (decode.describe).
         log.warning("no preview of %s: %s", sop_uid, error)
         raise HTTPException(
             status.HTTP_422_UNPROCESSABLE_ENTITY,
-            f"{sop_uid} cannot be shown as an image: {error}",
+            f"{sop_uid} cannot be shown as an image: {_public_reason(error, path)}",
             headers=NO_STORE,
         ) from None
     return Response(png, media_type="image/png", headers=NO_STORE)
@@ -259,10 +348,30 @@ PNG_RESPONSES: dict[int | str, dict] = {
 }
 
 
-def preview_router(sessions: sessionmaker[Session], caller_of: Callable[..., Caller]) -> APIRouter:
+def preview_router(
+    sessions: sessionmaker[Session],
+    caller_of: Callable[..., Caller],
+    views: audit.ViewThrottle,
+) -> APIRouter:
     """The /api/studies/{uid}/previews routes (any logged-in user, as the study page)."""
     router = APIRouter(prefix="/api/studies/{study_instance_uid}", tags=["studies"])
     authenticated = Depends(caller_of)
+
+    def audited(session: Session, caller: Caller, study_instance_uid: str) -> None:
+        """Record that the caller saw the study's images: once per ``views`` interval, as
+        the list and each PNG are separate requests (a dozen per page load)."""
+        now = utcnow()
+        actor = caller.principal.username
+        if views.due(actor, f"images of {study_instance_uid}", now):
+            audit.record(
+                session,
+                actor,
+                "view_images",
+                now,
+                study_instance_uid=study_instance_uid,
+                detail="image previews",
+            )
+            session.commit()
 
     @router.get(
         "/previews",
@@ -276,8 +385,9 @@ def preview_router(sessions: sessionmaker[Session], caller_of: Callable[..., Cal
         its PNG URL and the node's overlays of it (AI views, research demo labelled)."""
         with sessions() as session:
             found = study_previews(session, study_instance_uid)
-        if found is None:
-            raise _not_found(f"no study {study_instance_uid}")
+            if found is None:
+                raise _not_found(f"no study {study_instance_uid}")
+            audited(session, caller, study_instance_uid)
         response.headers.update(NO_STORE)
         return found
 
@@ -300,8 +410,9 @@ def preview_router(sessions: sessionmaker[Session], caller_of: Callable[..., Cal
                     Instance.sop_instance_uid == sop_instance_uid,
                 )
             )
-        if path is None:
-            raise _not_found(f"no image {sop_instance_uid} in study {study_instance_uid}")
+            if path is None:
+                raise _not_found(f"no image {sop_instance_uid} in study {study_instance_uid}")
+            audited(session, caller, study_instance_uid)
         return _png_response(source_png, path, sop_instance_uid, max_side)
 
     @router.get("/overlays/{sop_instance_uid}/preview.png", responses=PNG_RESPONSES)
@@ -323,8 +434,9 @@ def preview_router(sessions: sessionmaker[Session], caller_of: Callable[..., Cal
                     ResultObject.kind == "overlay",
                 )
             )
-        if path is None:
-            raise _not_found(f"no overlay {sop_instance_uid} in study {study_instance_uid}")
+            if path is None:
+                raise _not_found(f"no overlay {sop_instance_uid} in study {study_instance_uid}")
+            audited(session, caller, study_instance_uid)
         return _png_response(overlay_png, path, sop_instance_uid, max_side)
 
     return router

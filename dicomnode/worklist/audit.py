@@ -59,9 +59,14 @@ class ViewThrottle:
     """Decides when a repeated view is worth a new audit row.
 
     The page polls the worklist every few seconds; one "viewed the worklist" row per user and
-    interval says who saw it without writing a row per poll. Views of one study or result
-    object are always recorded.
+    interval says who saw it without writing a row per poll. The same for a study's image
+    previews (a list and a dozen PNGs per page load: one row per user, study and interval).
+    Views of a study's page or details and of a result object are always recorded.
     """
+
+    # Remembered views beyond which those older than the interval are forgotten (one per
+    # user, and per user and study whose images were seen).
+    PRUNE_AT = 4096
 
     def __init__(self, interval: timedelta = timedelta(minutes=5)) -> None:
         self.interval = interval
@@ -75,5 +80,9 @@ class ViewThrottle:
             last = self._last.get(key)
             if last is not None and now - last < self.interval:
                 return False
+            if len(self._last) >= self.PRUNE_AT:
+                self._last = {
+                    seen: at for seen, at in self._last.items() if now - at < self.interval
+                }
             self._last[key] = now
             return True
