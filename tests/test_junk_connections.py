@@ -19,6 +19,10 @@ from pathlib import Path
 
 import pytest
 from conftest import wait_for
+from pynetdicom.pdu import A_ASSOCIATE_RQ
+from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
+from pynetdicom.presentation import build_context
+from pynetdicom.sop_class import Verification
 from sqlalchemy.orm import Session, sessionmaker
 from test_scp import echoscu, start_node
 
@@ -98,4 +102,84 @@ def test_a_junk_connection_is_closed_at_once_with_one_warning(
         assert warning.exc_info is None
         assert "Traceback" not in caplog.text
         # The listener still serves a real peer.
+        assert echoscu(node.port, "DICOMNODE").returncode == 0
+
+
+def _associate_rq() -> bytes:
+    """A valid A-ASSOCIATE-RQ from SCANNER to DICOMNODE proposing Verification."""
+    request = A_ASSOCIATE()
+    request.application_context_name = "1.2.840.10008.3.1.1.1"
+    request.calling_ae_title = "SCANNER"
+    request.called_ae_title = "DICOMNODE"
+    context = build_context(Verification)
+    context.context_id = 1
+    request.presentation_context_definition_list = [context]
+    maximum = MaximumLengthNotification()
+    maximum.maximum_length_received = 16384
+    request.user_information = [maximum]
+    pdu = A_ASSOCIATE_RQ()
+    pdu.from_primitive(request)
+    return pdu.encode()
+
+
+def _read_pdu(connection: socket.socket) -> tuple[int, bytes]:
+    """The next PDU from the node: its type and body."""
+    connection.settimeout(CLOSED_WITHIN)
+    header = b""
+    while len(header) < 6:
+        header += connection.recv(6 - len(header)) or pytest.fail("closed by the node")
+    pdu_type, _, length = struct.unpack(">BBL", header)
+    body = b""
+    while len(body) < length:
+        body += connection.recv(length - len(body)) or pytest.fail("closed by the node")
+    return pdu_type, body
+
+
+@pytest.mark.parametrize("reset", [False, True], ids=["closed", "reset"])
+@pytest.mark.parametrize("when", ["before-request", "associated"])
+def test_a_peer_that_goes_away_in_the_middle_of_a_pdu_gets_one_warning(
+    tmp_path: Path,
+    sessions: sessionmaker[Session],
+    caplog: pytest.LogCaptureFixture,
+    when: str,
+    reset: bool,
+) -> None:
+    """A PDU header announcing 1,000 bytes, 10 of them, and the peer closes the connection
+    (or resets it): before, pynetdicom's 'Connection closed before the entire PDU was
+    received' (with a traceback when reset) or 'The received PDU is shorter than expected'
+    ERROR. The peer going away is no error of the node: one WARNING naming it."""
+    for node in start_node(
+        tmp_path, sessions, {"acse_timeout_seconds": 30, "network_timeout_seconds": 60}
+    ):
+        with caplog.at_level(logging.INFO):
+            connection = socket.create_connection(("127.0.0.1", node.port))
+            peer = "{}:{}".format(*connection.getsockname())
+            try:
+                pdu_type = 0x01  # an A-ASSOCIATE-RQ
+                if when == "associated":
+                    connection.sendall(_associate_rq())
+                    assert _read_pdu(connection)[0] == 0x02  # A-ASSOCIATE-AC
+                    pdu_type = 0x04  # a P-DATA-TF
+                connection.sendall(struct.pack(">BBL", pdu_type, 0, 1000) + b"0123456789")
+                # Mostly read by the node by then; a reset that comes first (the read of the
+                # header fails instead) is the peer going away all the same.
+                time.sleep(0.2)
+                if reset:
+                    linger = struct.pack("ii", 1, 0)
+                    connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+            finally:
+                connection.close()
+            wait_for(
+                lambda: (
+                    not any(isinstance(t, EventDrivenAssociation) for t in threading.enumerate())
+                ),
+                timeout=CLOSED_WITHIN,
+                what="the connection's association thread ended",
+            )
+        loud = [r for r in caplog.records if r.levelno >= logging.WARNING]
+        assert [r.levelname for r in loud] == ["WARNING"], [r.getMessage() for r in loud]
+        (warning,) = loud
+        assert f"connection from {peer} closed by the peer" in warning.getMessage()
+        assert warning.exc_info is None
+        assert "Traceback" not in caplog.text
         assert echoscu(node.port, "DICOMNODE").returncode == 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import socket
 import struct
 import time
@@ -109,28 +110,46 @@ def _closed_by_the_node(peer, within: float) -> bool:
         peer.close()
 
 
-def test_connections_stalled_inside_a_pdu_are_closed_and_free_their_slots(node: Node) -> None:
+def _one_warning_each(caplog: pytest.LogCaptureFixture, count: int, words: str) -> None:
+    """``count`` WARNING lines with ``words``, and no ERROR or traceback (before, pynetdicom's
+    'Connection closed before the entire PDU was received' ERROR with a traceback followed
+    the node's line)."""
+    loud = [(r.levelname, r.getMessage()) for r in caplog.records if r.levelno >= logging.WARNING]
+    assert [level for level, _ in loud] == ["WARNING"] * count, loud
+    assert all(words in line for _, line in loud), loud
+    assert "Traceback" not in caplog.text
+
+
+def test_connections_stalled_inside_a_pdu_are_closed_and_free_their_slots(
+    node: Node, caplog: pytest.LogCaptureFixture
+) -> None:
     """A peer that stops in the middle of a PDU (a hostile one, or a modality that lost power)
     left the listener's read blocked for good, its association slot taken: two such
     connections refused every sender after them, whatever [[peers]] said."""
     # The read's timeout is the network timeout; a connection whose association request never
     # came whole then ends at the ACSE timeout (30 s and 60 s by default).
     node.scp.ae.network_timeout = node.scp.ae.acse_timeout = 1.0
-    stalled = [_stalled_connection(node, 1000, b"\0" * 10) for _ in range(2)]
-    assert all(_closed_by_the_node(peer, within=15) for peer in stalled)
-    wait_for(
-        lambda: not any(a.is_acceptor for a in node.scp.ae.active_associations),
-        timeout=10,
-        interval=0.05,
-        what="the stalled connections' associations to end",
-    )
-    assert node.store(secondary_capture()) == 0x0000
+    with caplog.at_level(logging.INFO):
+        stalled = [_stalled_connection(node, 1000, b"\0" * 10) for _ in range(2)]
+        assert all(_closed_by_the_node(peer, within=15) for peer in stalled)
+        wait_for(
+            lambda: not any(a.is_acceptor for a in node.scp.ae.active_associations),
+            timeout=10,
+            interval=0.05,
+            what="the stalled connections' associations to end",
+        )
+        assert node.store(secondary_capture()) == 0x0000
+    _one_warning_each(caplog, 2, "did not arrive in full within the ACSE timeout")
 
 
-def test_a_pdu_longer_than_the_node_receives_closes_the_connection(node: Node) -> None:
+def test_a_pdu_longer_than_the_node_receives_closes_the_connection(
+    node: Node, caplog: pytest.LogCaptureFixture
+) -> None:
     """The listener read a PDU of whatever length the peer announced (up to 4 GiB) into
     memory; now one longer than the node advertises (or than an association request can be)
     closes the connection at once."""
-    peer = _stalled_connection(node, 0xFFFFFFF0, b"\0" * 65536)
-    assert _closed_by_the_node(peer, within=5)
-    assert node.store(secondary_capture()) == 0x0000
+    with caplog.at_level(logging.INFO):
+        peer = _stalled_connection(node, 0xFFFFFFF0, b"\0" * 65536)
+        assert _closed_by_the_node(peer, within=5)
+        assert node.store(secondary_capture()) == 0x0000
+    _one_warning_each(caplog, 1, "it announced a PDU of 4294967280 bytes")

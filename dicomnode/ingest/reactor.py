@@ -72,6 +72,19 @@ _INVALID_PDU = "Evt19"
 # second followed by the decoding error's traceback). A port scanner or a load balancer's
 # HTTP probe gave one per 6 bytes it sent; the node logs one WARNING instead (WakingDUL).
 INVALID_PDU_MESSAGES = ("Unknown PDU type received", "Unable to decode the received PDU data")
+# pynetdicom's ERROR lines for a connection that ends before a PDU is in (dul.py READ_PDU_EXC_A
+# and _D, each followed by the read's exception with a traceback, and _E): the peer closed or
+# reset it in the middle of a PDU, or a read timed out. No error of the node: one WARNING.
+CUT_PDU_MESSAGES = (
+    "Connection closed before the entire PDU was received",
+    "The received PDU is shorter than expected",
+)
+# The transport connection closed (PS3.8 9.2).
+_CONNECTION_CLOSED = "Evt17"
+
+
+class NodeClosed(OSError):
+    """A read the node ends (WholeReadSocket) after its own WARNING has said why."""
 
 
 class WakingDUL(DULServiceProvider):
@@ -88,6 +101,11 @@ class WakingDUL(DULServiceProvider):
         # node's one line; whether the decoding error's traceback is still to come.
         self.invalid_pdu = ""
         self.traceback_follows = False
+        # The same for a connection that ended in the middle of a PDU: pynetdicom's line and
+        # the read's exception (when one follows).
+        self.cut_pdu = ""
+        self.cut_pdu_error: BaseException | None = None
+        self.cut_pdu_error_follows = False
 
     def nudge(self) -> None:
         """Wake the reactor if it waits (a PDU to send, a kill)."""
@@ -167,6 +185,8 @@ class WakingDUL(DULServiceProvider):
                 self.state_machine.do_action(event)
                 if event == _INVALID_PDU:
                     self._close_after_invalid_pdu(state)
+                elif event == _CONNECTION_CLOSED and self.cut_pdu:
+                    self._closed_in_a_pdu(state)
                 if self._worth_a_look(event):
                     self.activity.set()
         finally:
@@ -204,6 +224,42 @@ class WakingDUL(DULServiceProvider):
         self.traceback_follows = False
         if self.state_machine.current_state == "Sta13":
             self.state_machine.do_action("Evt18")
+        if state in _BEFORE_REQUEST:
+            # The association thread waits for the association request (up to the ACSE
+            # timeout), which will not come: it ends as if that timeout had run out.
+            self.to_user_queue.put(None)
+
+    def _closed_in_a_pdu(self, state: str) -> None:
+        """The connection ended before a PDU was in, in ``state``: pynetdicom logged an ERROR
+        (with a traceback when the read raised) and the state machine has taken the closed
+        connection (Evt17). One WARNING naming the peer instead, none where the node ended
+        the read itself (:class:`NodeClosed`: its WARNING said why)."""
+        said, error = self.cut_pdu, self.cut_pdu_error
+        self.cut_pdu, self.cut_pdu_error, self.cut_pdu_error_follows = "", None, False
+        requestor = self.assoc.requestor
+        before = " before any association request" if state in _BEFORE_REQUEST else ""
+        if isinstance(error, TimeoutError):
+            log.warning(
+                "connection from %s:%s closed: it sent part of a PDU%s, then nothing for the "
+                "network timeout (%s s)",
+                requestor.address,
+                requestor.port,
+                before,
+                self.assoc.network_timeout,
+            )
+        elif not isinstance(error, NodeClosed):
+            # "ConnectionResetError: [Errno 104] Connection reset by peer", or what the short
+            # read's line says in brackets: "16 of 1006 bytes received".
+            why = f"{type(error).__name__}: {error}" if error else said
+            if error is None and "(" in said:
+                why = said.partition("(")[2].removesuffix(")")
+            log.warning(
+                "connection from %s:%s closed by the peer in the middle of a PDU%s (%s)",
+                requestor.address,
+                requestor.port,
+                before,
+                why,
+            )
         if state in _BEFORE_REQUEST:
             # The association thread waits for the association request (up to the ACSE
             # timeout), which will not come: it ends as if that timeout had run out.
@@ -266,10 +322,17 @@ class _InvalidPduLines(logging.Filter):
         if isinstance(record.msg, str) and record.msg.startswith(INVALID_PDU_MESSAGES):
             dul.invalid_pdu = record.getMessage()
             dul.traceback_follows = record.msg.startswith(INVALID_PDU_MESSAGES[1])
+        elif isinstance(record.msg, str) and record.msg.startswith(CUT_PDU_MESSAGES):
+            dul.cut_pdu = record.getMessage()
+            dul.cut_pdu_error = None
+            dul.cut_pdu_error_follows = record.msg.startswith(CUT_PDU_MESSAGES[0])
         elif dul.traceback_follows and record.exc_info:
             dul.traceback_follows = False
             error = record.exc_info[1]
             dul.invalid_pdu += f": {type(error).__name__}{f': {error}' if str(error) else ''}"[:300]
+        elif dul.cut_pdu_error_follows and record.exc_info:
+            dul.cut_pdu_error_follows = False
+            dul.cut_pdu_error = record.exc_info[1]
         else:
             return True
         record.levelno, record.levelname = logging.DEBUG, logging.getLevelName(logging.DEBUG)
@@ -424,9 +487,9 @@ class WholeReadSocket(AssociationSocket):
         else:
             connection.settimeout(network_timeout)
 
-    def _timed_out(self) -> None:
+    def _timed_out(self) -> bool:
         """A read timed out: say so where it was the association request's deadline (the
-        network timeout's are pynetdicom's to log)."""
+        network timeout's are WakingDUL's to log); whether it did."""
         deadline = self.request_deadline
         network_timeout = self.assoc.network_timeout
         if deadline is not None and (
@@ -438,6 +501,8 @@ class WholeReadSocket(AssociationSocket):
                 self.assoc.requestor.address,
                 self.assoc.acse_timeout,
             )
+            return True
+        return False
 
     def recv(self, nr_bytes: int) -> bytearray:
         """Block until ``nr_bytes`` are read; fewer if the connection breaks (as pynetdicom).
@@ -456,7 +521,7 @@ class WholeReadSocket(AssociationSocket):
                 nr_bytes,
                 self.largest,
             )
-            raise OSError(f"PDU of {nr_bytes} bytes, more than {self.largest}")
+            raise NodeClosed(f"PDU of {nr_bytes} bytes, more than {self.largest}")
         buffer = bytearray(min(nr_bytes, FIRST_READ))
         read = 0
         while read < nr_bytes:
@@ -466,8 +531,9 @@ class WholeReadSocket(AssociationSocket):
                 try:
                     self._bound_request_read()
                     count = self.socket.recv_into(free)  # type: ignore[union-attr]
-                except TimeoutError:
-                    self._timed_out()
+                except TimeoutError as exc:
+                    if self._timed_out():
+                        raise NodeClosed(str(exc)) from exc
                     raise
             if not count:
                 del buffer[read:]
