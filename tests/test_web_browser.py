@@ -16,6 +16,7 @@ from worklist_seed import add_results_job, add_study
 
 from dicomnode.db.models import Study
 from dicomnode.db.session import make_engine, make_sessionmaker, upgrade, utcnow
+from dicomnode.pipeline.analyse import mark_failed
 from dicomnode.web import pages
 from dicomnode.web.app import create_app
 from dicomnode.worklist.service import claim
@@ -193,6 +194,24 @@ def test_rows_say_which_ai_result_objects_were_not_written(site, page) -> None:
     _expect(dead).to_have_text("AI results not written", timeout=10_000)
     assert dead.get_attribute("title").endswith(": RuntimeError: decoder crashed")
     _expect(marker).to_be_visible()
+
+
+def test_a_row_says_when_the_ai_could_not_read_the_images(site, page) -> None:
+    """A study failed because none of its images can be read says so in its status column,
+    not "AI analysis failed", which another failure keeps (both in the policy's words)."""
+    base, sessions = site
+    with sessions() as session:
+        uids = dict(session.query(Study.accession_number, Study.study_instance_uid).all())
+        ids = dict(session.query(Study.accession_number, Study.id).all())
+        mark_failed(session, ids["ACC-ROUTINE"], "x.dcm: cannot be read", unreadable=True)
+        mark_failed(session, ids["ACC-PTX"], "RuntimeError: out of memory")
+    log_in(page, base)
+    unreadable = page.locator(f"#rows tr[data-study-uid='{uids['ACC-ROUTINE']}'] td.status")
+    _expect(unreadable.locator(".by")).to_have_text(
+        "AI could not read the image(s) (corrupt or unsupported pixel data)"
+    )
+    failed = page.locator(f"#rows tr[data-study-uid='{uids['ACC-PTX']}'] td.status")
+    _expect(failed.locator(".by")).to_have_text("AI analysis failed")
 
 
 def test_pages_load_without_console_errors(site, page) -> None:
