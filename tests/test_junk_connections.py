@@ -183,3 +183,45 @@ def test_a_peer_that_goes_away_in_the_middle_of_a_pdu_gets_one_warning(
         assert warning.exc_info is None
         assert "Traceback" not in caplog.text
         assert echoscu(node.port, "DICOMNODE").returncode == 0
+
+
+def test_an_invalid_pdu_within_an_association_gets_its_a_abort_and_no_reset(
+    tmp_path: Path, sessions: sessionmaker[Session], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A DICOM peer that sends a PDU of an unknown type within an association, and then more
+    it had in flight, is owed the A-ABORT (AA-8): the node does not close the moment it has
+    sent it (what the peer sends next then meets a closed socket, Linux resets the
+    connection, and the A-ABORT still unread at the peer is lost), but goes on as PS3.8 and
+    pynetdicom do (Sta13; the association ends on the abort): the peer reads its A-ABORT,
+    and one WARNING."""
+    for node in start_node(
+        tmp_path, sessions, {"acse_timeout_seconds": 30, "network_timeout_seconds": 60}
+    ):
+        with caplog.at_level(logging.INFO):
+            connection = socket.create_connection(("127.0.0.1", node.port))
+            peer = "{}:{}".format(*connection.getsockname())
+            try:
+                connection.sendall(_associate_rq())
+                assert _read_pdu(connection)[0] == 0x02  # A-ASSOCIATE-AC
+                connection.sendall(JUNK["unknown-pdu-type"])
+                connection.sendall(b"more of what the peer had in flight" * 10)
+                time.sleep(0.5)  # the node has answered, and closed if it closes at once
+                connection.sendall(b"and more")
+                time.sleep(0.5)
+                assert _read_pdu(connection)[0] == 0x07  # the A-ABORT, not a reset
+            finally:
+                connection.close()
+            wait_for(
+                lambda: (
+                    not any(isinstance(t, EventDrivenAssociation) for t in threading.enumerate())
+                ),
+                timeout=CLOSED_WITHIN,
+                what="the connection's association thread ended",
+            )
+        loud = [r for r in caplog.records if r.levelno >= logging.WARNING]
+        assert [r.levelname for r in loud] == ["WARNING"], [r.getMessage() for r in loud]
+        assert f"connection from {peer} aborted: it sent what is not a valid DICOM PDU" in (
+            loud[0].getMessage()
+        )
+        assert "Traceback" not in caplog.text
+        assert echoscu(node.port, "DICOMNODE").returncode == 0

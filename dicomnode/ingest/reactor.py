@@ -209,22 +209,33 @@ class WakingDUL(DULServiceProvider):
         state machine has answered with an A-ABORT (AA-1, AA-7 or AA-8) to wait in Sta13 for
         the peer to close, or for the ARTIM timer (the ACSE timeout). Meanwhile whatever else
         the peer sent was read as more PDUs, one ERROR each (an HTTP request gave six), and a
-        part of one held the connection for the network timeout. Closed now, as the ARTIM
-        timer's expiry would (Sta13 + Evt18: AA-2), with one WARNING naming the peer."""
+        part of one held the connection for the network timeout. One WARNING naming the peer;
+        before any association request (a port scanner, an HTTP probe) the connection is
+        closed now, as the ARTIM timer's expiry would (Sta13 + Evt18: AA-2). Within an
+        association the peer is a DICOM application: closing at once, with what it sent
+        still unread, would reset the connection (RST) and could lose the A-ABORT it is owed,
+        so there Sta13 waits for the peer to close, or for the ARTIM timer, as PS3.8 has it."""
+        if state == "Sta13":
+            # More of what the peer had in flight after the first invalid PDU, each read as a
+            # PDU and answered with an A-ABORT (AA-7): said once, for the first.
+            self.invalid_pdu = ""
+            self.traceback_follows = False
+            return
         requestor = self.assoc.requestor
+        before = state in _BEFORE_REQUEST
         log.warning(
-            "connection from %s:%s closed: it sent what is not a valid DICOM PDU%s (%s); "
-            "A-ABORT sent",
+            "connection from %s:%s %s: it sent what is not a valid DICOM PDU%s (%s); A-ABORT sent",
             requestor.address,
             requestor.port,
-            " before any association request" if state in _BEFORE_REQUEST else "",
+            "closed" if before else "aborted",
+            " before any association request" if before else "",
             self.invalid_pdu or "an invalid PDU",
         )
         self.invalid_pdu = ""
         self.traceback_follows = False
-        if self.state_machine.current_state == "Sta13":
+        if before and self.state_machine.current_state == "Sta13":
             self.state_machine.do_action("Evt18")
-        if state in _BEFORE_REQUEST:
+        if before:
             # The association thread waits for the association request (up to the ACSE
             # timeout), which will not come: it ends as if that timeout had run out.
             self.to_user_queue.put(None)
