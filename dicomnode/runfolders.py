@@ -18,6 +18,8 @@ import stat
 import tempfile
 from pathlib import Path
 
+from dicomnode.jobs.queue import process_alive
+
 RUN_PREFIX = "dicomnode-run-"
 METRICS_PREFIX = "dicomnode-metrics-"
 # In each folder: "<process id> <host name>" of the serve that made it.
@@ -43,7 +45,7 @@ def remove_stale_folders(temporary: Path | None = None) -> list[Path]:
         if match is None:
             continue
         pid = int(match.group(1))
-        if _made_by_serve(folder, pid) and not _alive(pid):
+        if _made_by_serve(folder, pid) and not process_alive(pid):
             shutil.rmtree(folder, ignore_errors=True)
             if not folder.exists():
                 removed.append(folder)
@@ -67,14 +69,3 @@ def _made_by_serve(folder: Path, pid: int) -> bool:
         return owner.read_text(encoding="ascii") == _owner(pid)
     except (OSError, UnicodeDecodeError):
         return False
-
-
-def _alive(pid: int) -> bool:
-    """Whether a process of id ``pid`` exists (another user's included)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -68,6 +68,16 @@ def _closed_within(connection: socket.socket, seconds: float) -> float:
             pytest.fail(f"the connection is still open after {seconds} s")
 
 
+def _wait_for_the_association_thread_to_end() -> None:
+    """The connection's association thread ends (not at the 30 s ACSE timeout): whatever it
+    logs is in by then."""
+    wait_for(
+        lambda: not any(isinstance(t, EventDrivenAssociation) for t in threading.enumerate()),
+        timeout=CLOSED_WITHIN,
+        what="the connection's association thread ended",
+    )
+
+
 @pytest.mark.parametrize("kind", JUNK)
 def test_a_junk_connection_is_closed_at_once_with_one_warning(
     tmp_path: Path,
@@ -86,15 +96,8 @@ def test_a_junk_connection_is_closed_at_once_with_one_warning(
                 _closed_within(connection, CLOSED_WITHIN)
             finally:
                 connection.close()
-            # The association's thread, which waited for an association request, ends too
-            # (not at the 30 s ACSE timeout): whatever it logs is in by then.
-            wait_for(
-                lambda: (
-                    not any(isinstance(t, EventDrivenAssociation) for t in threading.enumerate())
-                ),
-                timeout=CLOSED_WITHIN,
-                what="the connection's association thread ended",
-            )
+            # The association's thread, which waited for an association request, ends too.
+            _wait_for_the_association_thread_to_end()
         loud = [r for r in caplog.records if r.levelno >= logging.WARNING]
         assert [r.levelname for r in loud] == ["WARNING"], [r.getMessage() for r in loud]
         (warning,) = loud
@@ -169,13 +172,7 @@ def test_a_peer_that_goes_away_in_the_middle_of_a_pdu_gets_one_warning(
                     connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
             finally:
                 connection.close()
-            wait_for(
-                lambda: (
-                    not any(isinstance(t, EventDrivenAssociation) for t in threading.enumerate())
-                ),
-                timeout=CLOSED_WITHIN,
-                what="the connection's association thread ended",
-            )
+            _wait_for_the_association_thread_to_end()
         loud = [r for r in caplog.records if r.levelno >= logging.WARNING]
         assert [r.levelname for r in loud] == ["WARNING"], [r.getMessage() for r in loud]
         (warning,) = loud
@@ -211,13 +208,7 @@ def test_an_invalid_pdu_within_an_association_gets_its_a_abort_and_no_reset(
                 assert _read_pdu(connection)[0] == 0x07  # the A-ABORT, not a reset
             finally:
                 connection.close()
-            wait_for(
-                lambda: (
-                    not any(isinstance(t, EventDrivenAssociation) for t in threading.enumerate())
-                ),
-                timeout=CLOSED_WITHIN,
-                what="the connection's association thread ended",
-            )
+            _wait_for_the_association_thread_to_end()
         loud = [r for r in caplog.records if r.levelno >= logging.WARNING]
         assert [r.levelname for r in loud] == ["WARNING"], [r.getMessage() for r in loud]
         assert f"connection from {peer} aborted: it sent what is not a valid DICOM PDU" in (
