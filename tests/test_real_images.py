@@ -32,6 +32,7 @@ from dicomnode.pipeline.presentation_values import presentation_pixels
 from dicomnode.pipeline.runtime import Runtime
 from dicomnode.pipeline.tasks import run_model
 from dicomnode.worker import Worker
+from dicomnode.worklist.policy import UNREADABLE_ERROR
 
 # Only the files in the wheel: pydicom's get_testdata_file would try to download the others.
 TEST_FILES = Path(DATA_ROOT) / "test_files"
@@ -356,7 +357,8 @@ def test_worker_marks_a_study_with_an_undecodable_image_failed_with_the_reason(
     with sessions() as session:
         study = session.get(Study, study_id)
         assert study.analysis_status == "failed"
-        assert study.analysis_error.startswith("cannot decode the pixel data")
+        # Marked as a study none of whose images can be read (its row says so), then why.
+        assert study.analysis_error.startswith(UNREADABLE_ERROR + "cannot decode the pixel data")
         assert str(path) in study.analysis_error
         assert "1.2.840.10008.1.2.4.51 (JPEG Extended (Process 2 and 4))" in study.analysis_error
 
