@@ -423,7 +423,7 @@ def restart_changes(
 def _missing_file_hint(path: Path | str) -> str:
     """How to name the configuration file, when ``path`` is not there."""
     named = os.environ.get("DICOMNODE_CONFIG")
-    if named and Path(named) == Path(path):
+    if named and Path(named).absolute() == Path(path).absolute():
         # The commands' default when no --config is given: "set DICOMNODE_CONFIG" would send
         # the admin to a variable that is set already, to the wrong path.
         return (
