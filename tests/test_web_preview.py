@@ -440,18 +440,25 @@ def test_a_preview_that_cannot_be_shown_says_why_without_a_server_path(
     unfit = _radiograph(44, None, "MONOCHROME2")
     del unfit.PixelData
     not_dicom = _radiograph(45, str(unfit.StudyInstanceUID), "MONOCHROME2")
+    # One whose header lacks what presenting it needs.
+    no_rows = _radiograph(47, str(unfit.StudyInstanceUID), "MONOCHROME2")
     with sessions() as session:
         study_id, _ = spool_and_index(session, storage, unfit)
         _, not_dicom_path = spool_and_index(session, storage, not_dicom)
         # A grey image registered as an overlay (the node's are RGB).
         grey_overlay = _radiograph(46, None, "MONOCHROME2")
         _store_overlay(session, storage, study_id, grey_overlay, DEMO.name)
+        _, no_rows_path = spool_and_index(session, storage, no_rows)
     not_dicom_path.write_bytes(b"not a DICOM file" * 100)
+    headless = pydicom.dcmread(no_rows_path)
+    del headless.Rows
+    headless.save_as(no_rows_path)
     base = f"/api/studies/{unfit.StudyInstanceUID}"
     cases = {
         f"{base}/images/{unfit.SOPInstanceUID}/preview.png": "no Pixel Data",
         f"{base}/images/{not_dicom.SOPInstanceUID}/preview.png": "DICM",
         f"{base}/overlays/{grey_overlay.SOPInstanceUID}/preview.png": "not an RGB overlay",
+        f"{base}/images/{no_rows.SOPInstanceUID}/preview.png": "Rows",
     }
     with site.client() as client:
         for url, why in cases.items():

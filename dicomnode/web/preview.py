@@ -329,7 +329,9 @@ def _png_response(render: Callable[[str, int], bytes], path: str, sop_uid: str, 
     side = preview_side(size)
     try:
         png = _pngs.get((render, path, side, stamp), lambda: _render(render, path, side))
-    except (ValueError, OSError, InvalidDicomError) as error:  # DecodeError is a ValueError
+    # DecodeError is a ValueError; a header lacking what presenting needs (Rows, a LUT's
+    # parts) raises AttributeError, KeyError or TypeError in pydicom or the presentation.
+    except (ValueError, OSError, InvalidDicomError, AttributeError, KeyError, TypeError) as error:
         # The reason names files and UIDs, never patient data (decode.describe).
         log.warning("no preview of %s: %s", sop_uid, error)
         raise HTTPException(
