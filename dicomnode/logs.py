@@ -23,6 +23,10 @@ CONNECT_FAILURE_MESSAGES = (
     "Association request failed: unable to connect to remote",
     "TCP Initialisation Error: ",
 )
+# pydicom logs each decoding plugin that fails on a frame as an ERROR with a traceback, then
+# tries the next and raises one error naming every plugin's failure, which the node reports
+# as the image's reason (pipeline/decode.py).
+DECODER_LOGGER = "pydicom.pixels.decoders.base"
 PLAIN_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # The journal stamps each line with its own time.
 JOURNAL_FORMAT = "%(levelname)s %(name)s: %(message)s"
@@ -82,6 +86,23 @@ class _DemoteConnectFailures(logging.Filter):
 _CONNECT_FAILURES = _DemoteConnectFailures()
 
 
+class _DemotePluginFailures(logging.Filter):
+    """On ``DECODER_LOGGER``: a decoding plugin's failure (an ERROR with a traceback, one per
+    plugin and per decode: a corrupt image's preview asked for again logged them again)
+    becomes a DEBUG record, dropped unless debugging; the node's own line says
+    why the image cannot be read, with every plugin's reason."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno <= logging.DEBUG or record.exc_info is None:
+            return True
+        record.levelno, record.levelname = logging.DEBUG, logging.getLevelName(logging.DEBUG)
+        # pydicom sets its loggers' level as it is imported: debug on is the root's level.
+        return logging.getLogger().isEnabledFor(logging.DEBUG)
+
+
+_PLUGIN_FAILURES = _DemotePluginFailures()
+
+
 class _JournalPriority(logging.Formatter):
     """Prefixes each line of ``inner``'s text (a traceback's too) with the record's
     priority, so that ``journalctl -p err`` finds errors."""
@@ -135,6 +156,9 @@ def setup_logging(level: str = "INFO", json_lines: bool = False) -> None:
     connect_failures = logging.getLogger(CONNECT_FAILURE_LOGGER)
     if _CONNECT_FAILURES not in connect_failures.filters:
         connect_failures.addFilter(_CONNECT_FAILURES)
+    plugin_failures = logging.getLogger(DECODER_LOGGER)
+    if _PLUGIN_FAILURES not in plugin_failures.filters:
+        plugin_failures.addFilter(_PLUGIN_FAILURES)
     # Python's warnings go to the log (py.warnings, level WARNING), not straight to stderr
     # (the journal), where the handler's filter keeps them out unless debugging.
     logging.captureWarnings(True)

@@ -233,3 +233,30 @@ def test_pynetdicoms_connect_errors_show_only_with_debug_on() -> None:
     assert debug.returncode == 0, debug.stderr[-2000:]
     for message in CONNECT_ERRORS:
         assert f"DEBUG pynetdicom.transport: {message}" in debug.stderr, debug.stderr[-3000:]
+
+
+# pydicom's non-conformant 12-bit JPEG: libjpeg and Pillow each fail on it.
+UNDECODABLE_JPEG = """
+import pydicom
+from pydicom.data import get_testdata_file
+from dicomnode.pipeline.decode import DecodeError, first_frame
+
+ds = pydicom.dcmread(get_testdata_file("JPEG-lossy.dcm"))
+for _ in range(2):
+    try:
+        first_frame(ds)
+    except DecodeError as error:
+        print("reason:", error)
+"""
+
+
+def test_a_decoding_plugins_failure_is_not_an_error_line_unless_debugging() -> None:
+    """pydicom logs each plugin that fails to decode a frame as an ERROR with a traceback (a
+    corrupt image's preview, asked for again, logged two each time); the node's DecodeError
+    names every plugin's reason, so those lines show only with debug on."""
+    quiet = _run("INFO", UNDECODABLE_JPEG)
+    assert quiet.returncode == 0, quiet.stderr
+    assert quiet.stdout.count("reason:") == 2 and "libjpeg" in quiet.stdout, quiet.stdout
+    assert quiet.stderr == "", quiet.stderr
+    debug = _run("DEBUG", UNDECODABLE_JPEG)
+    assert "Traceback" in debug.stderr and "DEBUG pydicom.pixels.decoders.base" in debug.stderr
