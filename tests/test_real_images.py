@@ -21,7 +21,7 @@ from pydicom.pixels import apply_modality_lut, apply_voi_lut, get_decoder
 from pydicom.sequence import Sequence
 from pydicom.uid import JPEGLSLossless
 
-from dicomnode.config import Settings
+from dicomnode.config import Settings, WorklistSettings
 from dicomnode.db.models import Study
 from dicomnode.jobs.queue import enqueue
 from dicomnode.models.registry import InputSpec, load_card
@@ -31,6 +31,7 @@ from dicomnode.pipeline.preprocess import prepare_input
 from dicomnode.pipeline.presentation_values import presentation_pixels
 from dicomnode.pipeline.runtime import Runtime
 from dicomnode.pipeline.tasks import run_model
+from dicomnode.web.study_view import study_detail
 from dicomnode.worker import Worker
 from dicomnode.worklist.policy import UNREADABLE_ERROR
 
@@ -361,6 +362,10 @@ def test_worker_marks_a_study_with_an_undecodable_image_failed_with_the_reason(
         assert study.analysis_error.startswith(UNREADABLE_ERROR + "cannot decode the pixel data")
         assert str(path) in study.analysis_error
         assert "1.2.840.10008.1.2.4.51 (JPEG Extended (Process 2 and 4))" in study.analysis_error
+        # The page and the API show why without the file's path on the server.
+        shown = study_detail(session, str(ds.StudyInstanceUID), WorklistSettings()).analysis_error
+        assert shown.startswith(UNREADABLE_ERROR + "cannot decode the pixel data")
+        assert str(path) not in shown and f"SOP Instance {ds.SOPInstanceUID}" in shown, shown
 
 
 @pytest.mark.parametrize("photometric", ["MONOCHROME2", "MONOCHROME1"])

@@ -4,6 +4,7 @@ latest results job did not write (all of them: dead; some: done naming what it l
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from sqlalchemy import func, select
@@ -62,7 +63,18 @@ def failures(session: Session, study_instance_uid: str) -> StudyFailures:
         .order_by(Job.id)
     ).all()
     errors = [_export_error(job.payload, job.last_error) for job in dead]
-    return StudyFailures(study.analysis_error or "", errors)
+    return StudyFailures(without_server_paths(study.analysis_error or ""), errors)
+
+
+# decode.describe's "file F, SOP Instance U": the stored file's path on the server.
+_STORED_FILE = re.compile(r"file [^,]*?, (SOP Instance )")
+
+
+def without_server_paths(reason: str) -> str:
+    """A recorded reason as the page and API show it: the stored files' paths on the server
+    (which the log keeps) left out, the SOP Instance UIDs kept. A path runs on without a
+    break (it widened the study page to 2,800 px) and is nothing a reader acts on."""
+    return _STORED_FILE.sub(r"\1", reason)
 
 
 def export_failures(session: Session, study_instance_uids: list[str]) -> dict[str, str]:
