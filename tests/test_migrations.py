@@ -11,7 +11,7 @@ from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import create_engine, inspect, text
+from sqlalchemy import column, create_engine, insert, inspect, select, table, text
 from sqlalchemy.orm import sessionmaker
 from sqlalchemy.pool import NullPool
 
@@ -87,6 +87,25 @@ def _result_columns(url: str) -> list[str]:
         engine.dispose()
 
 
+def _study_at_revision(session, **values) -> int:
+    """A study row as the ORM would add it (its defaults, then ``values``), in only the columns
+    the studies table has at the database's revision (later migrations add some); its id."""
+    present = {column["name"] for column in inspect(session.connection()).get_columns("studies")}
+    row = {
+        column.name: column.default.arg
+        for column in Study.__table__.columns
+        if column.name in present and column.default is not None and column.default.is_scalar
+    }
+    row.update(values)
+    studies = table("studies", *(column(name) for name in row))
+    session.execute(insert(studies).values(row))
+    return session.scalar(
+        select(Study.__table__.c.id).where(
+            Study.__table__.c.study_instance_uid == values["study_instance_uid"]
+        )
+    )
+
+
 def test_migration_0006_keeps_the_first_uid_of_each_result_on_its_row_and_back(
     db_url: str,
 ) -> None:
@@ -99,17 +118,14 @@ def test_migration_0006_keeps_the_first_uid_of_each_result_on_its_row_and_back(
     engine = make_engine(db_url)
     try:
         with sessionmaker(engine)() as session:
-            # At 0005 the studies table is the one the ORM describes.
-            study = Study(
+            study_id = _study_at_revision(
+                session,
                 study_instance_uid="1.2.9",
                 received_at=T0,
                 last_instance_at=T0,
                 ready_at=T0,
                 due_at=T0,
             )
-            session.add(study)
-            session.flush()
-            study_id = study.id
             for sop_instance_uid, path, _ in ROWS_AT_0005:
                 session.execute(
                     text(

@@ -23,6 +23,7 @@ from web_server import add_users, serve
 
 from dicomnode.config import Destination, Settings
 from dicomnode.db.models import FindingRow, Job, ResultObject, Study
+from dicomnode.db.session import utcnow
 from dicomnode.models.registry import load_card
 from dicomnode.pipeline.analyse import analyse_study, mark_failed
 from dicomnode.pipeline.decode import DecodeError, first_frame, fit_bits_stored
@@ -30,6 +31,7 @@ from dicomnode.pipeline.runtime import Runtime
 from dicomnode.results.job import write_results
 from dicomnode.synth.cxr import make_cxr
 from dicomnode.web.app import create_app
+from dicomnode.worklist.service import override, study_row
 
 REPO = Path(__file__).resolve().parent.parent
 PNEUMOTHORAX = REPO / "models" / "cxr_pneumothorax_demo.toml"
@@ -213,6 +215,41 @@ def test_beside_a_valid_image_the_scrambled_one_is_left_out_of_results(
         )
         uids = referenced_uids(session, study_id)
         assert str(good.SOPInstanceUID) in uids and str(bad.SOPInstanceUID) not in uids
+
+
+def test_beside_a_valid_image_the_row_says_the_ai_could_not_read_one_of_them(
+    sessions, tmp_path: Path, runtime, jpeg_ls
+) -> None:
+    """The acceptance test's study (a scrambled image next to a valid one), through the real
+    analyse job: the row's reason does not say "no finding above threshold" as if the AI had
+    read both, also after an override and once it is cleared."""
+    valid, scrambled = jpeg_ls
+    settings = _settings(tmp_path)
+    storage = settings.storage_path
+    with sessions() as session:
+        good = _renamed(valid)
+        study_id, _ = spool_and_index(session, storage, good)
+        bad = _renamed(scrambled, study_uid=str(good.StudyInstanceUID))
+        assert spool_and_index(session, storage, bad)[0] == study_id
+        analyse_study(session, settings, [load_card(PNEUMOTHORAX)], runtime, study_id)
+        study = session.get(Study, study_id)
+        assert study.analysis_status == "analysed" and study.tier == "routine"
+        assert (study.image_count, study.unreadable_image_count) == (2, 1)
+        analysed = (
+            "AI: no finding above threshold in the images it could read; "
+            "1 of 2 images could not be read"
+        )
+        assert study.reason == analysed
+        uid = str(good.StudyInstanceUID)
+        row = study_row(session, uid, settings.worklist)
+        assert row.reason == analysed and row.analysis_failure == ""
+        # An override recomputes the priority from the stored study: the words stay.
+        override(session, uid, "dr_house", "urgent", "ED called", utcnow(), settings.worklist)
+        assert study_row(session, uid, settings.worklist).reason == (
+            f"override by dr_house: ED called ({analysed})"
+        )
+        override(session, uid, "dr_house", None, "done", utcnow(), settings.worklist)
+        assert study_row(session, uid, settings.worklist).reason == analysed
 
 
 def _with_high_bits(ds: pydicom.Dataset) -> pydicom.Dataset:

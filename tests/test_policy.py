@@ -115,6 +115,43 @@ def test_a_model_that_did_not_run_is_not_reported_as_finding_nothing() -> None:
     assert waiting.reason == "awaiting AI analysis"
 
 
+def test_images_the_ai_could_not_read_are_not_reported_as_finding_nothing() -> None:
+    """One of two images cannot be read (left out, the study analysed on the other): the reason
+    says so whatever the tier, and "no finding" only of the images the AI could read; the
+    study's place is unchanged."""
+    partial = replace(ANALYSED, images=2, unreadable_images=1)
+    priority = prioritise(partial, [effusion(0.1)], NOW)
+    assert priority.reason == (
+        "AI: no finding above threshold in the images it could read; "
+        "1 of 2 images could not be read"
+    )
+    assert (priority.tier, priority.due_at) == (
+        "routine",
+        prioritise(ANALYSED, [effusion(0.1)], NOW).due_at,
+    )
+    critical = prioritise(partial, [pneumothorax(0.9)], NOW)
+    assert critical.tier == "critical"
+    assert critical.reason == "AI critical: Pneumothorax 90%; 1 of 2 images could not be read"
+    no_model = prioritise(partial, [], NOW)
+    assert no_model.reason == (
+        "no AI finding model applies to the images it could read; read in arrival order; "
+        "1 of 2 images could not be read"
+    )
+    # With a model that did not run too: both are named, the models first.
+    both = replace(partial, not_run=("cxr-pneumothorax-demo",))
+    assert prioritise(both, [effusion(0.1)], NOW).reason == (
+        "AI: no finding above threshold from the models that ran, in the images they could "
+        "read; not run: cxr-pneumothorax-demo; 1 of 2 images could not be read"
+    )
+    # Not yet analysed again, or failed: what the last analysis could not read is not said.
+    assert prioritise(replace(partial, analysis_status="queued"), [], NOW).reason == (
+        "awaiting AI analysis"
+    )
+    assert prioritise(replace(ANALYSED, images=2), [effusion(0.1)], NOW).reason == (
+        "AI: no finding above threshold"
+    )
+
+
 def test_probability_at_threshold_counts_as_present() -> None:
     assert prioritise(ANALYSED, [pneumothorax(0.5)], NOW).tier == "critical"
 

@@ -56,6 +56,10 @@ class Study(Base):
     # Finding models that would have read the study's images in its latest analysis but did
     # not run (their ONNX file cannot be loaded), names separated by ", " (worklist.policy).
     models_not_run: Mapped[str] = mapped_column(Text, default="", server_default="")
+    # The images its latest analysis was to read (pixel data, not this node's own) and how
+    # many of them could not be read (left out; the reason says so, worklist.policy).
+    image_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    unreadable_image_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     # Worklist: tier rank (0 = read first), score within the tier, reason, UPS priority.
     tier: Mapped[str] = mapped_column(String(16), default="routine")
     tier_rank: Mapped[int] = mapped_column(Integer, default=3)

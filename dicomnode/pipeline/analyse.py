@@ -253,6 +253,10 @@ def analyse_study(
     started = time.perf_counter()
     images, undecodable, read_up_to = load_images(session, study)
     times.add("decode", started)
+    # Kept on the study so that every re-prioritisation (an override) says how many images the
+    # AI could not read.
+    study.image_count = len(images) + len(undecodable)
+    study.unreadable_image_count = len(undecodable)
     if undecodable and not images:
         # A file that cannot be decoded stays so: fail the study now instead of retrying.
         mark_failed(session, study.id, "; ".join(undecodable), settings.worklist, unreadable=True)

@@ -25,6 +25,11 @@ not run (:func:`not_run_text`, the wording the worklist row's "AI results incomp
 too) and never says "no finding" for it. Such a study keeps the place it would have with
 no AI at all, routine (or what its order asks for), due at arrival plus the routine max
 wait; only the findings of the models that ran can raise it.
+
+Likewise an analysed study some of whose images cannot be read (corrupt or unsupported pixel
+data: the analysis leaves them out and reads the others) is no negative result for those: the
+reason says how many the AI could not read (:func:`unreadable_text`), and "no finding" is said
+only of the images it could read.
 """
 
 from __future__ import annotations
@@ -72,6 +77,10 @@ class StudyFacts:
     not_run: tuple[str, ...] = ()
     # Why a failed analysis failed (analysis_status "failed"): UNREADABLE or FAILED_OTHER.
     failure: str = ""
+    # The images the analysis was to read (pixel data, not this node's own) and how many of
+    # them it could not (left out): the study was analysed on the others.
+    images: int = 0
+    unreadable_images: int = 0
 
 
 @dataclass(frozen=True)
@@ -207,28 +216,44 @@ def failure_kind(analysis_error: str) -> str:
     return UNREADABLE if (analysis_error or "").startswith(UNREADABLE_ERROR) else FAILED_OTHER
 
 
+def unreadable_text(unreadable: int, images: int) -> str:
+    """'1 of 2 images could not be read': images an analysed study's AI left out."""
+    return f"{unreadable} of {images} images could not be read"
+
+
 def failure_text(failure: str) -> str:
     """The worklist's words for a failed analysis of kind ``failure``."""
     return FAILURE_TEXT.get(failure, FAILURE_TEXT[FAILED_OTHER])
 
 
 def _routine_reason(
-    analysis_status: str, assessed: bool, not_run: tuple[str, ...], failure: str = ""
+    analysis_status: str,
+    assessed: bool,
+    not_run: tuple[str, ...],
+    failure: str = "",
+    some_unreadable: bool = False,
 ) -> str:
     """Why a study without a present finding is routine. ``assessed``: a model gave findings
     (present or not); an analysed study without any was looked at by no finding model
     (no card selects its images), which must not read as the AI clearing it. ``not_run``:
     finding models that would have looked but did not run; "no finding" is never said of
-    them. ``failure``: why a failed analysis failed (:data:`FAILURE_TEXT`)."""
+    them. ``failure``: why a failed analysis failed (:data:`FAILURE_TEXT`).
+    ``some_unreadable``: images were left out; "no finding" is said only of the others (the
+    caller adds how many)."""
     if analysis_status == "analysed":
         if not_run:
             if not assessed:
                 return f"no AI finding model ran ({not_run_text(not_run)}); read in arrival order"
+            read = ", in the images they could read" if some_unreadable else ""
             return (
-                f"AI: no finding above threshold from the models that ran; {not_run_text(not_run)}"
+                "AI: no finding above threshold from the models that ran"
+                f"{read}; {not_run_text(not_run)}"
             )
         if not assessed:
-            return "no AI finding model applies to these images; read in arrival order"
+            these = "the images it could read" if some_unreadable else "these images"
+            return f"no AI finding model applies to {these}; read in arrival order"
+        if some_unreadable:
+            return "AI: no finding above threshold in the images it could read"
         return "AI: no finding above threshold"
     if analysis_status == "failed":
         return f"{failure_text(failure)}; read in arrival order"
@@ -284,11 +309,20 @@ def prioritise(
     else:
         tier, reason = (
             "routine",
-            _routine_reason(study.analysis_status, bool(findings), study.not_run, study.failure),
+            _routine_reason(
+                study.analysis_status,
+                bool(findings),
+                study.not_run,
+                study.failure,
+                study.unreadable_images > 0,
+            ),
         )
     if study.not_run and study.analysis_status == "analysed" and tier != "routine":
         # Found or ordered: the models that did not run are named after the reason.
         reason += f"; {not_run_text(study.not_run)}"
+    if study.unreadable_images and study.analysis_status == "analysed":
+        # Whatever the tier: the AI did not see every image.
+        reason += f"; {unreadable_text(study.unreadable_images, study.images)}"
     rank, ups = TIERS[tier]
     score = max((f.probability for f in deciding), default=0.0)
     return Priority(

@@ -68,6 +68,8 @@ def reprioritise(
         analysis_status=study.analysis_status,
         not_run=tuple(name for name in (study.models_not_run or "").split(", ") if name),
         failure=failure_kind(study.analysis_error) if study.analysis_status == "failed" else "",
+        images=study.image_count or 0,
+        unreadable_images=study.unreadable_image_count or 0,
     )
     findings = [
         FindingFact(f.code_meaning, f.probability, f.threshold, f.critical) for f in study.findings
