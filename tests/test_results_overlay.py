@@ -383,3 +383,23 @@ def test_ct_overlay_is_drawn_in_the_models_window_not_the_images_own() -> None:
     # Without the card's window the image's own soft-tissue window shows it black.
     own = body(build_overlay(evaluation, ALGORITHM), source)
     assert own[34:38, 15:21, 0].max() == 0
+
+
+@pytest.mark.parametrize("width", [256, 512, 2048])
+def test_the_research_demo_notice_is_written_whole_in_a_small_overlay(width: int) -> None:
+    """Every line naming the model fits the header's width, and the research demo notice is
+    among them whole: in a 256 px CT overlay the one line was cut to 'Research demo, not
+    for' even at the smallest font."""
+    from dicomnode import RESEARCH_DEMO_NOTICE
+    from dicomnode.findings import Algorithm
+    from dicomnode.results.overlay import model_lines
+
+    room = width - 2 * max(4, width // 100)
+    demo = Algorithm("ct-nodule-demo", "1.0.0")
+    lines, font = model_lines(demo, room, round(width / 40))
+    assert all(font.getlength(line) <= room for line in lines), (lines, font.size)
+    assert any(line.endswith(RESEARCH_DEMO_NOTICE) for line in lines), lines
+    assert len(lines) == (2 if width == 256 else 1), lines
+    clinical = Algorithm("ct-nodule", "2.0.0", research_demo=False)
+    (line,), font = model_lines(clinical, room, round(width / 40))
+    assert RESEARCH_DEMO_NOTICE not in line and font.getlength(line) <= room

@@ -358,6 +358,24 @@ def _draw_marker(
     )
 
 
+def model_lines(
+    algorithm: Algorithm, room: float, size: int
+) -> tuple[list[str], ImageFont.FreeTypeFont]:
+    """The header's lines naming the model (and, for a research demo, saying so) and their
+    font, fitted to ``room`` pixels from ``size`` down: one line where it fits, else the
+    research demo notice on a line of its own (in a 256 px CT overlay even the smallest font
+    cut it to "Research demo, not for")."""
+    identity = f"{algorithm.name} {algorithm.version} ({algorithm.manufacturer})"
+    if not algorithm.research_demo:
+        return [identity], _fitting_font([identity], size, room)
+    lines = [f"{identity} - {RESEARCH_DEMO_NOTICE}"]
+    font = _fitting_font(lines, size, room)
+    if font.getlength(lines[0]) > room:
+        lines = [identity, RESEARCH_DEMO_NOTICE]
+        font = _fitting_font(lines, size, room)
+    return lines, font
+
+
 def _header(
     findings: list[Finding],
     algorithm: Algorithm,
@@ -365,8 +383,6 @@ def _header(
     width: int,
     outlines: Sequence[tuple[str, tuple[int, int, int]]] = (),
 ) -> Image.Image:
-    model = f"{algorithm.name} {algorithm.version} ({algorithm.manufacturer})"
-    model += f" - {RESEARCH_DEMO_NOTICE}" if algorithm.research_demo else ""
     legend = [
         (legend_line(number, finding), _POSITIVE_COLOUR if finding.present else _NEGATIVE_COLOUR)
         for number, finding in enumerate(findings, start=1)
@@ -379,12 +395,12 @@ def _header(
     column_width = (width - 2 * margin) / columns
     # Fonts sized to the image, then shrunk until every line fits its place.
     banner_font = _fitting_font([BANNER], round(width / 32), width - 2 * margin)
-    font = _fitting_font([model], round(width / 40), width - 2 * margin)
+    model, font = model_lines(algorithm, width - 2 * margin, round(width / 40))
     font = _fitting_font([text for text, _ in legend], font.size, column_width - margin)
     size = font.size
     spacing = round(size * 1.3)
     banner_height = round(banner_font.size * 1.3) + 2 * margin
-    height = banner_height + margin + spacing * (1 + per_column)
+    height = banner_height + margin + spacing * (len(model) + per_column)
     header = Image.new("RGB", (width, height), (0, 0, 0))
     draw = ImageDraw.Draw(header)
     draw.rectangle((0, 0, width - 1, banner_height - 1), fill=_BANNER_BACKGROUND)
@@ -396,9 +412,10 @@ def _header(
         stroke_width=1 if banner_font.size >= 16 else 0,
         stroke_fill=_BANNER_COLOUR,
     )
-    draw.text((margin, banner_height), model, fill=_MODEL_COLOUR, font=font)
+    for line, text in enumerate(model):
+        draw.text((margin, banner_height + line * spacing), text, fill=_MODEL_COLOUR, font=font)
     for index, (text, colour) in enumerate(legend):
         column, row = divmod(index, per_column)
-        position = (margin + column * column_width, banner_height + (1 + row) * spacing)
+        position = (margin + column * column_width, banner_height + (len(model) + row) * spacing)
         draw.text(position, text, fill=colour, font=font)
     return header
