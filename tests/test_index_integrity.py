@@ -244,11 +244,17 @@ def test_migration_0004_keeps_the_series_and_a_downgrade_refuses_a_reused_uid(
     0003 cannot hold that."""
     config = alembic_config(db_url)
     command.upgrade(config, "0003")
-    # The ORM describes the head schema: the studies column of a later migration (0005) is
-    # added by hand, so that it can write rows at 0003 and 0004; 0004 leaves studies alone.
+    # The ORM describes the head schema: the studies columns of later migrations (0005,
+    # 0007) are added by hand, so that it can write rows at 0003 and 0004; 0004 leaves
+    # studies alone.
     by_hand = make_engine(db_url)
     with by_hand.begin() as connection:
-        connection.execute(text("ALTER TABLE studies ADD COLUMN models_not_run TEXT DEFAULT ''"))
+        for column in (
+            "models_not_run TEXT DEFAULT ''",
+            "image_count INTEGER DEFAULT 0",
+            "unreadable_image_count INTEGER DEFAULT 0",
+        ):
+            connection.execute(text(f"ALTER TABLE studies ADD COLUMN {column}"))
     by_hand.dispose()
     now = datetime.now(UTC)
     first, second = (

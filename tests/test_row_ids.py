@@ -180,7 +180,11 @@ def _names(structure: dict) -> str:
 
 # Columns that migrations after 0003 add to the tables of 0002, as reflected.
 LATER_COLUMNS = {
-    "studies": [("models_not_run", "TEXT", False, "''")],
+    "studies": [
+        ("models_not_run", "TEXT", False, "''"),
+        ("image_count", "INTEGER", False, "'0'"),
+        ("unreadable_image_count", "INTEGER", False, "'0'"),
+    ],
     "results": [("first_sop_instance_uid", "VARCHAR(64)", False, "''")],
 }
 
