@@ -146,11 +146,6 @@ class Worker:
             return min(worker.background_threads, worker.threads)
         return max(1, worker.threads - 1)
 
-    def _claim(self, session: Session) -> Job | float:
-        """:meth:`_claim_together`'s job (those claimed with it stay leased to this worker)."""
-        claimed = self._claim_together(session)
-        return claimed if isinstance(claimed, float) else claimed[0]
-
     def _claim_together(self, session: Session) -> list[Job] | float:
         """Claim the most urgent due job, with the jobs that go with it (:data:`TOGETHER`);
         results and exports only while a background slot is free (the slot is kept while such

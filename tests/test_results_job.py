@@ -85,6 +85,13 @@ def _jobs(session: Session, study_id: int, kind: str) -> list[Job]:
     )
 
 
+def _claimed(worker: Worker, session: Session) -> Job | float:
+    """The job the worker claims first (those claimed with it stay leased to it), or the
+    seconds until one is due."""
+    claimed = worker._claim_together(session)
+    return claimed if isinstance(claimed, float) else claimed[0]
+
+
 def test_worker_keeps_a_thread_free_for_triage(sessions, tmp_path: Path) -> None:
     worker = Worker(_settings(tmp_path, threads=2), sessions, cards=[])
     assert worker.background_limit() == 1
@@ -98,14 +105,14 @@ def test_worker_keeps_a_thread_free_for_triage(sessions, tmp_path: Path) -> None
         session.commit()
         # Exports before results, though the results job is older; the slot is held while
         # the export runs.
-        assert worker._claim(session).id == export.id
+        assert _claimed(worker, session).id == export.id
         # Nothing it may take (the results job waits for the slot): no triage job is queued.
-        assert worker._claim(session) == math.inf
+        assert _claimed(worker, session) == math.inf
         notify = enqueue(session, "notify", study_id, {})
         session.commit()
-        assert worker._claim(session).id == notify.id  # triage work still finds a thread
+        assert _claimed(worker, session).id == notify.id  # triage work still finds a thread
         worker._release_background()  # the export ended
-        assert worker._claim(session).id == results.id
+        assert _claimed(worker, session).id == results.id
     assert Worker(_settings(tmp_path, threads=1), sessions, cards=[]).background_limit() == 1
     assert Worker(_settings(tmp_path, threads=4), sessions, []).background_limit() == 3
     configured = _settings(tmp_path, threads=4, background_threads=2)
