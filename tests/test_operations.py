@@ -568,7 +568,10 @@ def test_readyz_metrics_and_json_logs_without_patient_data(tmp_path: Path) -> No
 
         def analysed() -> str | None:
             text = httpx.get(f"{web}/metrics", timeout=10).text
-            done = _metric(text, "dicomnode_job_duration_seconds_count", kind="analyse")
+            # The job's total is observed after its stages: with it, every stage is in.
+            done = _metric(
+                text, "dicomnode_job_duration_seconds_count", kind="analyse", stage="total"
+            )
             return text if done and "dicomnode_inference_seconds_count" in text else None
 
         text = wait_for(analysed, 120, what="analysis in /metrics")
