@@ -104,7 +104,8 @@ def test_db_upgrade_names_the_revision_it_left_the_database_at(config: Path) -> 
 
 
 def _dead_jobs(url: str) -> dict[str, int]:
-    """A study with dead export jobs to 'pacs' (two) and 'archive', and a dead analysis."""
+    """A study with dead export jobs to 'pacs' (two objects) and 'archive', and a dead
+    analysis."""
     from dicomnode.db.models import Job, Study
     from dicomnode.db.session import make_engine, make_sessionmaker, utcnow
 
@@ -121,13 +122,13 @@ def _dead_jobs(url: str) -> dict[str, int]:
         session.add(study)
         session.flush()
         jobs = {}
-        for name, kind, destination in [
-            ("pacs-1", "export", "pacs"),
-            ("pacs-2", "export", "pacs"),
-            ("archive", "export", "archive"),
-            ("analysis", "analyse", None),
+        for name, kind, destination, result_id in [
+            ("pacs-1", "export", "pacs", 1),
+            ("pacs-2", "export", "pacs", 2),
+            ("archive", "export", "archive", 1),
+            ("analysis", "analyse", None, None),
         ]:
-            payload = {"destination": destination, "result_id": 1} if destination else {}
+            payload = {"destination": destination, "result_id": result_id} if destination else {}
             job = Job(
                 kind=kind,
                 study_id=study.id,

@@ -127,7 +127,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
     from dicomnode.db.models import Job
     from dicomnode.db.session import as_utc, utcnow
-    from dicomnode.jobs.dead_letters import job_destination, jobs_in_state, retry_dead
+    from dicomnode.jobs.dead_letters import Covered, job_destination, jobs_in_state, retry_dead
 
     settings = settings_of(args)
     with database_sessions(settings)() as session:
@@ -161,10 +161,20 @@ def cmd_jobs(args: argparse.Namespace) -> int:
             print("error: give job ids, or --all (with --kind/--destination)", file=sys.stderr)
             return 2
         now = utcnow()
-        for job in jobs:
-            retry_dead(session, job, f"cli:{getpass.getuser()}", now)
+        retried = 0
+        # Newest first (as listed): of two dead exports of one object to one destination, the
+        # newer is queued again and then covers the older, which is not.
+        for job in sorted(jobs, key=lambda job: job.id, reverse=True):
+            try:
+                retry_dead(session, job, f"cli:{getpass.getuser()}", now)
+                retried += 1
+            except Covered as covered:
+                # Not an error: what the retry was for is done or under way.
+                print(covered)
         session.commit()
-    print(f"{len(jobs)} dead job(s) queued again")
+    covered_count = len(jobs) - retried
+    tail = f", {covered_count} already covered by other jobs" if covered_count else ""
+    print(f"{retried} dead job(s) queued again{tail}")
     return 0
 
 

@@ -240,7 +240,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     jobs_retry = with_config(
         _add_command(
-            jobs_commands, "retry", "queue dead jobs again with a fresh attempt budget (audited)"
+            jobs_commands,
+            "retry",
+            "queue dead jobs again with a fresh attempt budget (audited); one whose work another "
+            "job covers (its object already re-sent, its study analysed again) is left, and said",
         )
     )
     jobs_retry.add_argument("ids", nargs="*", type=int, help="job ids (see 'jobs list')")

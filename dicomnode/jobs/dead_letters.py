@@ -5,6 +5,12 @@ succeed (e.g. its destination is no longer configured); ``last_error`` says why.
 cause is fixed (destination back, model replaced) an admin retries it: it is queued again
 with a fresh attempt budget, an analysis's study goes back to queued, and the retry is
 audited with who asked.
+
+A dead job whose work another job already covers is not queued again (:class:`Covered`): an
+export whose result object a later results job queued again for the same destination
+(queued, being sent or sent), or an analysis after which the study was queued for analysis
+again (each analysis reads the whole study). Retrying it would send the object to the
+destination twice, or analyse the study twice.
 """
 
 from __future__ import annotations
@@ -49,10 +55,74 @@ def job_destination(job: Job) -> str:
     return str((job.payload or {}).get("destination", ""))
 
 
+# Jobs that cover a dead job's work: it is, or will be, done by them.
+_COVERING_STATES = ("queued", "leased", "done")
+
+
+class Covered(Exception):
+    """A dead job not queued again because another job does or did its work (``covering``);
+    the message names that job."""
+
+    def __init__(self, job: Job, covering: Job):
+        self.job = job
+        self.covering = covering
+        super().__init__(f"job {job.id} is not queued again: {_covered_by(job, covering)}")
+
+
+def _covered_by(job: Job, covering: Job) -> str:
+    """What ``covering`` does of dead ``job``'s work, as the admin is told."""
+    tense = {"done": "was {} by", "leased": "is being {} by"}.get(
+        covering.state, "is queued to be {} by"
+    )
+    if job.kind == "export":
+        result_id = (job.payload or {}).get("result_id")
+        sent = tense.format(f"sent to '{job_destination(job)}'")
+        return f"result object {result_id} {sent} export job {covering.id}"
+    return f"the study {tense.format('analysed again')} analyse job {covering.id}"
+
+
+def covering_job(session: Session, job: Job) -> Job | None:
+    """The job that does or did the dead ``job``'s work, if any (the newest): for an export,
+    another export of the same result object to the same destination, queued, leased or done
+    (a later results job queues one for an object whose export was dead-lettered); for an
+    analysis, an analysis of the study queued after it (each analysis reads the whole study).
+    Other kinds: None (a newer results job supersedes an older one when it runs)."""
+    if job.kind not in ("export", "analyse"):
+        return None
+    query = (
+        select(Job)
+        .where(
+            Job.study_id == job.study_id,
+            Job.kind == job.kind,
+            Job.id != job.id,
+            Job.state.in_(_COVERING_STATES),
+        )
+        .order_by(Job.id.desc())
+    )
+    if job.kind == "analyse":
+        return session.scalars(query.where(Job.id > job.id).limit(1)).first()
+    # The result object and destination lie in the JSON payload: matched here.
+    target = _export_target(job)
+    return next(
+        (other for other in session.scalars(query) if _export_target(other) == target), None
+    )
+
+
+def _export_target(job: Job) -> tuple[str, str]:
+    """An export job's (result object id, destination), as text."""
+    return str((job.payload or {}).get("result_id", "")), job_destination(job)
+
+
 def retry_dead(session: Session, job: Job, actor: str, now: datetime) -> None:
-    """Queue the dead job ``job`` again, audited as ``actor``'s (the caller commits)."""
+    """Queue the dead job ``job`` again, audited as ``actor``'s (the caller commits).
+
+    Raises :class:`Covered` (nothing changed, nothing audited) when another job does or did
+    its work (:func:`covering_job`), ValueError when it is not dead."""
     if job.state != "dead":
         raise ValueError(f"job {job.id} is {job.state}, not dead")
+    covering = covering_job(session, job)
+    if covering is not None:
+        raise Covered(job, covering)
     study = session.get(Study, job.study_id)
     retry(session, job, now)
     if job.kind == "analyse" and study is not None:

@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.db.models import Job, Study
 from dicomnode.db.session import as_utc, utcnow
-from dicomnode.jobs.dead_letters import job_destination, jobs_in_state, retry_dead
+from dicomnode.jobs.dead_letters import Covered, job_destination, jobs_in_state, retry_dead
 from dicomnode.web.auth import Caller, admin_only
 from dicomnode.web.schemas import AUTH_ERRORS, MAX_DB_INT
 
@@ -74,7 +74,10 @@ def jobs_router(sessions: sessionmaker[Session], caller_of: Callable[..., Caller
 
     @router.post("/{job_id}/retry", response_model=JobOut)
     def retry_job(job_id: int, caller: Caller = admin_required) -> JobOut:
-        """Queue a dead-lettered job again with a fresh attempt budget."""
+        """Queue a dead-lettered job again with a fresh attempt budget. 409 when it is not
+        dead, or when another job already does or did its work (an export of the same result
+        object to the same destination queued, being sent or sent; an analysis of the study
+        queued after it): the reason names that job, and the job stays dead."""
         now = utcnow()
         with sessions() as session:
             job = session.get(Job, job_id) if 0 < job_id <= MAX_DB_INT else None
@@ -85,7 +88,11 @@ def jobs_router(sessions: sessionmaker[Session], caller_of: Callable[..., Caller
                     status.HTTP_409_CONFLICT, f"job {job_id} is {job.state}, not dead"
                 )
             study = session.get(Study, job.study_id)
-            retry_dead(session, job, caller.principal.username, now)
+            try:
+                retry_dead(session, job, caller.principal.username, now)
+            except Covered as covered:
+                # Queuing it would send the object (or analyse the study) a second time.
+                raise HTTPException(status.HTTP_409_CONFLICT, str(covered)) from None
             session.commit()
             return _job_out(job, study.study_instance_uid if study else "")
 
