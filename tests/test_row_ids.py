@@ -185,7 +185,10 @@ LATER_COLUMNS = {
         ("image_count", "INTEGER", False, "'0'"),
         ("unreadable_image_count", "INTEGER", False, "'0'"),
     ],
-    "results": [("first_sop_instance_uid", "VARCHAR(64)", False, "''")],
+    "results": [
+        ("first_sop_instance_uid", "VARCHAR(64)", False, "''"),
+        ("inputs_digest", "VARCHAR(64)", False, "''"),
+    ],
 }
 
 

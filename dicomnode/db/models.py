@@ -226,6 +226,10 @@ class ResultObject(Base):
     series_instance_uid: Mapped[str] = mapped_column(UID)
     path: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    # SHA-256 of what the object was made from (dicomnode.results.inputs; migration 0008): a
+    # results job that builds it again from the same inputs keeps it. '' where unknown (rows
+    # from before 0008): the contents are compared.
+    inputs_digest: Mapped[str] = mapped_column(String(64), default="", server_default="")
 
     study: Mapped[Study] = relationship(back_populates="results")
 

@@ -9,14 +9,16 @@ writers (which ones: :func:`dicomnode.pipeline.outputs.result_objects`), written
 Results replace those of an earlier run of the same model version.
 
 A SOP Instance UID names one content (a PACS that holds a UID may keep what it has). An
-object built again with the same UID (:mod:`dicomnode.results.uids`) and the same content,
-apart from when it was made (:func:`content_digest`), keeps its earlier file and row and is
-exported only to destinations that have no export of it queued, running or done: a study
-analysed again after late images does not send its unchanged objects twice, and a
-destination whose export was dead-lettered gets it again. One whose content changed (a 2.5D
-model's slice whose neighbours arrived late) becomes a new instance, its UID derived from the
-first one's and its content (:func:`revision_uid`), which supersedes the earlier version; the
-objects of the job that reference it (a KOS) name the new UID.
+object built again with the same UID (:mod:`dicomnode.results.uids`) from the same inputs
+(:mod:`dicomnode.results.inputs`: the same instances, settings, models and release), or from
+other inputs but with the same content apart from when it was made (:func:`content_digest`),
+keeps its earlier file and row and is exported only to destinations that have no export of
+it queued, running or done: a study analysed again after late images does not send its
+unchanged objects twice, even where inference is not bitwise repeatable, and a destination
+whose export was dead-lettered gets it again. One whose content changed (a 2.5D model's slice
+whose neighbours arrived late) becomes a new instance, its UID derived from the first one's
+and its content (:func:`revision_uid`), which supersedes the earlier version; the objects of
+the job that reference it (a KOS) name the new UID.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from sqlalchemy.orm import Session
 
 from dicomnode import metrics
 from dicomnode.config import Destination, Settings
-from dicomnode.db.models import Job, ResultObject, Study
+from dicomnode.db.models import Instance, Job, ResultObject, Series, Study
 from dicomnode.db.session import utcnow
 from dicomnode.ingest.spool import instance_path, write_durable
 from dicomnode.jobs.queue import Postponed, enqueue
@@ -52,6 +54,13 @@ from dicomnode.pipeline.outputs import result_objects
 from dicomnode.pipeline.runtime import Runtime
 from dicomnode.pipeline.select import rules_match
 from dicomnode.pipeline.sessions import ModelLoadError
+from dicomnode.results.inputs import (
+    StudyInstance,
+    inputs_digest,
+    node_context,
+    object_inputs,
+    reads_across_slices,
+)
 from dicomnode.results.sr import name_predecessors
 from dicomnode.results.uids import result_uid
 from dicomnode.worklist.policy import NOT_RUN
@@ -104,13 +113,16 @@ def _store_result(
     ds: Dataset,
     path: Path,
     first_uid: str,
+    inputs: str,
 ) -> ResultObject:
     """Add the row of a written result object (new, or a new version of an earlier one);
-    ``first_uid``: the UID the object was first made with (``ds``'s own if it is new)."""
+    ``first_uid``: the UID the object was first made with (``ds``'s own if it is new);
+    ``inputs``: the digest of what it was made from (:mod:`dicomnode.results.inputs`)."""
     row = ResultObject(
         sop_instance_uid=str(ds.SOPInstanceUID),
         first_sop_instance_uid=first_uid,
         study_id=study_id,
+        inputs_digest=inputs,
     )
     session.add(row)
     row.kind = kind
@@ -215,6 +227,8 @@ def write_results(
     earlier = _earlier_versions(session, study_id)
     superseded = _superseded(earlier, built)
     exported = _exported(session, study_id)
+    instances = _study_instances(session, study_id)
+    context = node_context(settings, cards)
     # End the read transaction before the files (on SQLite it holds the write lock).
     session.commit()
     # Files this job makes (each version of an object has a file of its own): removed if the
@@ -224,8 +238,8 @@ def write_results(
     made: list[Path] = []
     made_folders: list[Path] = []
     try:
-        written: list[tuple[ModelCard, str, Dataset, Path, str]] = []
-        kept: list[tuple[str, ResultObject]] = []
+        written: list[tuple[ModelCard, str, Dataset, Path, str, str]] = []
+        kept: list[tuple[str, ResultObject, str]] = []
         # First UID of an object -> the UID it has now (a new version's, or that of the
         # unchanged earlier one), for the references of the objects built after it (a KOS).
         current: dict[str, str] = {}
@@ -233,18 +247,32 @@ def write_results(
             _rename_references(ds, current)
             first_uid = str(ds.SOPInstanceUID)
             previous = earlier.get(first_uid)
-            # Only an object made before is compared (a copy and a write of its data set, ~11 ms
-            # for 8 MB): the first results job of a study pays nothing for it.
-            digest = content_digest(ds) if previous is not None else ""
-            earlier_digest = _file_digest(previous.path) if previous is not None else None
-            if previous is not None and earlier_digest in (digest, None):
+            inputs = inputs_digest(
+                context,
+                card,
+                kind,
+                object_inputs(ds, instances, reads_across_slices(card)),
+                instances,
+            )
+            if previous is not None and inputs and previous.inputs_digest == inputs:
+                # Made from the same inputs as before: the earlier object stands (a re-run's
+                # inference need not be bitwise the same; its bytes are not compared).
                 current[first_uid] = previous.sop_instance_uid
-                kept.append((kind, previous))
-                if earlier_digest is None:
-                    # Its file is gone or unreadable: written again under the UID it has
-                    # (what it said is unknown; the destinations that have it keep theirs).
+                kept.append((kind, previous, inputs))
+                if not Path(previous.path).is_file():
+                    # Its file is gone: written again under the UID it has, from the same
+                    # inputs (the destinations that have it keep theirs).
                     _new_version(ds, previous.sop_instance_uid)
                     _write_result(Path(previous.path), ds)
+                continue
+            # Other inputs (or none known: a row from before migration 0008): only an object
+            # made before is compared (a copy and a write of its data set, ~11 ms for 8 MB),
+            # so the first results job of a study pays nothing for it. An earlier version whose
+            # file is gone or unreadable cannot be compared and is superseded.
+            digest = content_digest(ds) if previous is not None else ""
+            if previous is not None and _file_digest(previous.path) == digest:
+                current[first_uid] = previous.sop_instance_uid
+                kept.append((kind, previous, inputs))
                 continue
             predecessors = [
                 row
@@ -276,18 +304,20 @@ def write_results(
             _write_result(path, ds)
             if not existed:
                 made.append(path)
-            written.append((card, kind, ds, path, first_uid))
+            written.append((card, kind, ds, path, first_uid, inputs))
         # The rows go in after every file is written: adding one starts the transaction, which
         # on SQLite holds the write lock (the index writer, other workers) until the commit.
         results = [
-            (kind, _store_result(session, study_id, card, kind, ds, path, first_uid))
-            for card, kind, ds, path, first_uid in written
+            (kind, _store_result(session, study_id, card, kind, ds, path, first_uid, inputs))
+            for card, kind, ds, path, first_uid, inputs in written
         ]
+        for _, row, made_from in kept:
+            row.inputs_digest = made_from
         for row in superseded:
             session.delete(row)
         failures.record(session)
         times.add("results", started)
-        for kind, result in [*results, *kept]:
+        for kind, result in [*results, *((kind, row) for kind, row, _ in kept)]:
             for destination in settings.destinations:
                 if _wanted(destination, kind) and (result.id, destination.name) not in exported:
                     enqueue(
@@ -494,6 +524,23 @@ def _earlier_versions(session: Session, study_id: int) -> dict[str, ResultObject
     ``first_sop_instance_uid``; nothing is read from a file's name or place)."""
     rows = session.scalars(select(ResultObject).where(ResultObject.study_id == study_id))
     return {row.first_sop_instance_uid: row for row in rows}
+
+
+def _study_instances(session: Session, study_id: int) -> dict[str, StudyInstance]:
+    """The study's stored instances by SOP Instance UID, as result objects' inputs."""
+    rows = session.execute(
+        select(
+            Instance.sop_instance_uid,
+            Series.series_instance_uid,
+            Instance.size_bytes,
+            Instance.path,
+        )
+        .join(Series, Series.id == Instance.series_id)
+        .where(Series.study_id == study_id)
+    )
+    return {
+        uid: StudyInstance(series_uid, f"{size}:{path}") for uid, series_uid, size, path in rows
+    }
 
 
 def _exported(session: Session, study_id: int) -> set[tuple[int, str]]:
