@@ -17,7 +17,7 @@ from sqlalchemy.pool import NullPool
 
 from dicomnode.db.models import Base, Study
 from dicomnode.db.session import alembic_config, make_engine, schema_revision, upgrade
-from dicomnode.results.job import _earlier_versions
+from dicomnode.results.versions import earlier_versions
 
 
 def _head(url: str) -> str:
@@ -150,7 +150,7 @@ def test_migration_0006_keeps_the_first_uid_of_each_result_on_its_row_and_back(
         # The results job's query reads the columns of later revisions too.
         command.upgrade(config, "head")
         with sessionmaker(engine)() as session:
-            earlier = _earlier_versions(session, study_id)
+            earlier = earlier_versions(session, study_id)
             assert {
                 first_uid: (row.sop_instance_uid, row.path) for first_uid, row in earlier.items()
             } == {first: (uid, path) for uid, path, first in ROWS_AT_0005}

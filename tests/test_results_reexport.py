@@ -32,7 +32,7 @@ from dicomnode.db.session import utcnow
 from dicomnode.ingest.assembly import queue_ready_studies
 from dicomnode.jobs.queue import enqueue
 from dicomnode.models.registry import ModelCard, load_card
-from dicomnode.results.job import content_digest, revision_uid
+from dicomnode.results.versions import content_digest, revision_uid
 from dicomnode.synth.ct import make_ct_series
 from dicomnode.synth.cxr import make_cxr
 from dicomnode.worker import Worker

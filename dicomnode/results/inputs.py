@@ -4,7 +4,7 @@ the study's instances the object was computed from.
 A study analysed again after late images builds its earlier objects again. Whether such an
 object is "the same" is decided first by what it was made from: when nothing it was made
 from changed, the earlier object stands, whatever the new build's bytes. Comparing bytes
-alone (:func:`dicomnode.results.job.content_digest`) takes a re-run whose inference is not
+alone (:func:`dicomnode.results.versions.content_digest`) takes a re-run whose inference is not
 bitwise repeatable (a GPU's convolution algorithm picked per batch size, TF32) for a change
 and sends a new version of an overlay nobody could tell apart from the first. Only where the
 inputs differ (a 2.5D slice whose neighbours arrived, a setting, a model file or the node's

@@ -11,21 +11,20 @@ Results replace those of an earlier run of the same model version.
 A SOP Instance UID names one content (a PACS that holds a UID may keep what it has). An
 object built again with the same UID (:mod:`dicomnode.results.uids`) from the same inputs
 (:mod:`dicomnode.results.inputs`: the same instances, settings, models and release), or from
-other inputs but with the same content apart from when it was made (:func:`content_digest`),
-keeps its earlier file and row and is exported only to destinations that have no export of
-it queued, running or done: a study analysed again after late images does not send its
-unchanged objects twice, even where inference is not bitwise repeatable, and a destination
-whose export was dead-lettered gets it again. One whose content changed (a 2.5D model's slice
-whose neighbours arrived late) becomes a new instance, its UID derived from the first one's
-and its content (:func:`revision_uid`), which supersedes the earlier version; the objects of
-the job that reference it (a KOS) name the new UID.
+other inputs but with the same content apart from when it was made
+(:func:`~dicomnode.results.versions.content_digest`), keeps its earlier file and row and is
+exported only to destinations that have no export of it queued, running or done: a study
+analysed again after late images does not send its unchanged objects twice, even where
+inference is not bitwise repeatable, and a destination whose export was dead-lettered gets it
+again. One whose content changed (a 2.5D model's slice whose neighbours arrived late) becomes
+a new instance, its UID derived from the first one's and its content
+(:func:`~dicomnode.results.versions.revision_uid`), which supersedes the earlier version; the
+objects of the job that reference it (a KOS) name the new UID.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
-import hashlib
 import io
 import logging
 import time
@@ -34,8 +33,6 @@ from functools import partial
 from pathlib import Path
 
 from pydicom import Dataset
-from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import write_dataset
 from pydicom.multival import MultiValue
 from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
@@ -62,7 +59,15 @@ from dicomnode.results.inputs import (
     reads_across_slices,
 )
 from dicomnode.results.sr import name_predecessors
-from dicomnode.results.uids import result_uid
+from dicomnode.results.versions import (
+    content_digest,
+    earlier_versions,
+    file_digest,
+    new_version,
+    rename_references,
+    revision_uid,
+    superseded_rows,
+)
 from dicomnode.worklist.policy import NOT_RUN
 
 # The pipeline's logger, as before this job had its own module: its log lines are unchanged.
@@ -224,8 +229,8 @@ def write_results(
             failures.add(card, "all", error)
             continue
         built.extend((card, kind, ds) for kind, ds in objects)
-    earlier = _earlier_versions(session, study_id)
-    superseded = _superseded(earlier, built)
+    earlier = earlier_versions(session, study_id)
+    superseded = superseded_rows(earlier, built)
     exported = _exported(session, study_id)
     instances = _study_instances(session, study_id)
     context = node_context(settings, cards)
@@ -244,7 +249,7 @@ def write_results(
         # unchanged earlier one), for the references of the objects built after it (a KOS).
         current: dict[str, str] = {}
         for card, kind, ds in built:
-            _rename_references(ds, current)
+            rename_references(ds, current)
             first_uid = str(ds.SOPInstanceUID)
             previous = earlier.get(first_uid)
             inputs = inputs_digest(
@@ -262,7 +267,7 @@ def write_results(
                 if not Path(previous.path).is_file():
                     # Its file is gone: written again under the UID it has, from the same
                     # inputs (the destinations that have it keep theirs).
-                    _new_version(ds, previous.sop_instance_uid)
+                    new_version(ds, previous.sop_instance_uid)
                     _write_result(Path(previous.path), ds)
                 continue
             # Other inputs (or none known: a row from before migration 0008): only an object
@@ -270,7 +275,7 @@ def write_results(
             # so the first results job of a study pays nothing for it. An earlier version whose
             # file is gone or unreadable cannot be compared and is superseded.
             digest = content_digest(ds) if previous is not None else ""
-            if previous is not None and _file_digest(previous.path) == digest:
+            if previous is not None and file_digest(previous.path) == digest:
                 current[first_uid] = previous.sop_instance_uid
                 kept.append((kind, previous, inputs))
                 continue
@@ -283,7 +288,7 @@ def write_results(
             path = _result_path(settings, ds)
             if previous is not None:
                 # Same UID, other content: a new instance, which supersedes the earlier one.
-                _new_version(ds, revision_uid(first_uid, digest))
+                new_version(ds, revision_uid(first_uid, digest))
                 current[first_uid] = str(ds.SOPInstanceUID)
                 # A file of its own, named as before migration 0006 (which moved the first UID
                 # from this name to the row) so that a downgraded node still finds it; nothing
@@ -438,94 +443,6 @@ def _without_patient_data(text: str, sources: list[Dataset]) -> str:
     return without_patient_data(text, values)
 
 
-# Study-level results whose instance names one content (the images reported on or selected):
-# a re-run with late images makes a new instance, which supersedes the earlier one.
-VERSIONED_KINDS = ("sr", "kos")
-
-# What differs each time an object is built, not what it says: left out of the comparison
-# of an object built again with its earlier version. When it was made (ContributionDateTime is
-# nested, in Contributing Equipment); the Dimension Organization UID, which highdicom draws at
-# random for each SEG and which only ties the SEG's dimension index to its organisation; the
-# Predecessor Documents, which name the versions before, not the report's content.
-_VOLATILE = frozenset(
-    {
-        "InstanceCreationDate",
-        "InstanceCreationTime",
-        "ContentDate",
-        "ContentTime",
-        "PresentationCreationDate",
-        "PresentationCreationTime",
-        "DateOfSecondaryCapture",
-        "TimeOfSecondaryCapture",
-        "ContributionDateTime",
-        "DimensionOrganizationUID",
-        "PredecessorDocumentsSequence",
-    }
-)
-
-
-def content_digest(ds: Dataset) -> str:
-    """SHA-256 (hex) of what a result object says: its dataset without its own SOP Instance
-    UID and without what differs each time it is built (:data:`_VOLATILE`, also in
-    sequences). Two versions of an object with the same digest carry the same content."""
-    content = copy.deepcopy(ds)
-    content.file_meta = Dataset()
-    if "SOPInstanceUID" in content:
-        del content.SOPInstanceUID
-
-    def without_volatile(dataset: Dataset) -> None:
-        for element in list(dataset):
-            if element.keyword in _VOLATILE:
-                del dataset[element.tag]
-            elif element.VR == "SQ":
-                for item in element.value:
-                    without_volatile(item)
-
-    without_volatile(content)
-    buffer = DicomBytesIO()
-    buffer.is_little_endian, buffer.is_implicit_VR = True, False
-    write_dataset(buffer, content)
-    return hashlib.sha256(buffer.getvalue()).hexdigest()
-
-
-def _file_digest(path: str) -> str | None:
-    """:func:`content_digest` of a result file; None if it is gone or cannot be read."""
-    import pydicom
-
-    try:
-        return content_digest(pydicom.dcmread(path))
-    except (OSError, ValueError, pydicom.errors.InvalidDicomError):
-        return None
-
-
-def revision_uid(first_uid: str, digest: str) -> str:
-    """The SOP Instance UID of an object first made as ``first_uid`` whose content (of
-    :func:`content_digest` ``digest``) changed: the same content gives the same UID again."""
-    return result_uid("revision", first_uid, digest)
-
-
-def _new_version(ds: Dataset, sop_instance_uid: str) -> None:
-    ds.SOPInstanceUID = sop_instance_uid
-    if "MediaStorageSOPInstanceUID" in getattr(ds, "file_meta", Dataset()):
-        ds.file_meta.MediaStorageSOPInstanceUID = sop_instance_uid
-
-
-def _rename_references(ds: Dataset, current: dict[str, str]) -> None:
-    """Point ``ds``'s references to objects of the job that got a new UID at that UID."""
-    if not any(first != now for first, now in current.items()):
-        return
-    for element in ds.iterall():
-        if element.keyword == "ReferencedSOPInstanceUID" and str(element.value) in current:
-            element.value = current[str(element.value)]
-
-
-def _earlier_versions(session: Session, study_id: int) -> dict[str, ResultObject]:
-    """The study's result rows by the UID each object was first made with (its row's
-    ``first_sop_instance_uid``; nothing is read from a file's name or place)."""
-    rows = session.scalars(select(ResultObject).where(ResultObject.study_id == study_id))
-    return {row.first_sop_instance_uid: row for row in rows}
-
-
 def _study_instances(session: Session, study_id: int) -> dict[str, StudyInstance]:
     """The study's stored instances by SOP Instance UID, as result objects' inputs."""
     rows = session.execute(
@@ -558,23 +475,3 @@ def _exported(session: Session, study_id: int) -> set[tuple[int, str]]:
         for payload in payloads
         if payload and "result_id" in payload and "destination" in payload
     }
-
-
-def _superseded(
-    earlier: dict[str, ResultObject], built: list[tuple[ModelCard, str, Dataset]]
-) -> list[ResultObject]:
-    """The rows of the study's earlier SRs and KOS that ``built`` replaces under new UIDs
-    (same model version and kind, first made with another UID)."""
-    rows = []
-    for card, kind, ds in built:
-        if kind not in VERSIONED_KINDS:
-            continue
-        rows.extend(
-            row
-            for first_uid, row in earlier.items()
-            if row.kind == kind
-            and row.model_name == card.model.name
-            and row.model_version == card.model.version
-            and first_uid != str(ds.SOPInstanceUID)
-        )
-    return rows
