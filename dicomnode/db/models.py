@@ -217,7 +217,7 @@ class ResultObject(Base):
     sop_class_uid: Mapped[str] = mapped_column(UID)
     sop_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
     # The UID the object was first made with: its own (the default), or for a later version
-    # whose content changed (dicomnode.results.job.revision_uid) the first version's, by which
+    # whose content changed (dicomnode.results.versions.revision_uid) the first version's, by which
     # a results job made again finds it (migration 0006). The server default only lets SQLite
     # add the column.
     first_sop_instance_uid: Mapped[str] = mapped_column(
