@@ -379,3 +379,18 @@ def test_derived_radiograph_of_a_source_with_both_lateralities_keeps_the_image_o
     assert (image.SOPClassUID, image.ImageLaterality) == (DX_FOR_PRESENTATION, "R")
     assert "Laterality" not in image
     assert dciodvfy_errors(image) == []
+
+
+def test_derived_secondary_capture_of_non_square_pixels_states_their_aspect() -> None:
+    """A Secondary Capture carries no Pixel Spacing: the derived image of pixels 0.2 x 0.1 mm
+    (an MR here) states their aspect in Pixel Aspect Ratio (Image Pixel module, Type 1C), or
+    viewers show it at half its height; it had none."""
+    source = ct_series(3)[0]
+    source.SOPClassUID = source.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.4"
+    source.Modality = "MR"
+    source.PixelSpacing = [0.2, 0.1]
+    image = build_derived(DerivedImage(source, source.pixel_array, "denoising"), ALGORITHM)
+    assert image.SOPClassUID == SECONDARY_CAPTURE
+    assert dciodvfy_errors(image) == []
+    assert [int(value) for value in image.PixelAspectRatio] == [2, 1]
+    assert np.array_equal(image.pixel_array, source.pixel_array)

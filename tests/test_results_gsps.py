@@ -324,3 +324,29 @@ def test_gsps_window_shows_the_image_as_the_node_presents_it(case: str) -> None:
     source = _with_voi(**VOI_CASES[case])
     gsps = build_gsps(evaluation(source), ALGORITHM)
     np.testing.assert_allclose(_shown(source, gsps), presentation_pixels(source), atol=2e-3)
+
+
+@pytest.mark.parametrize(
+    ("keyword", "value", "expected"),
+    [
+        ("PixelSpacing", [0.2, 0.1], [2, 1]),
+        ("ImagerPixelSpacing", [0.139, 0.143], [139, 143]),
+        ("PixelAspectRatio", [5, 4], [5, 4]),
+        ("ImagerPixelSpacing", [0.14, 0.14], [1, 1]),
+    ],
+)
+def test_gsps_displays_non_square_pixels_in_their_aspect(
+    keyword: str, value: list[float], expected: list[int]
+) -> None:
+    """The GSPS draws on the source, but its Displayed Area says how the source's pixels are
+    shown: highdicom wrote Presentation Pixel Aspect Ratio 1\\1 for every image, which tells a
+    viewer applying it to show 0.2 x 0.1 mm pixels square (the anatomy at half its height)."""
+    source = chest_xray(6, size=128)
+    del source.ImagerPixelSpacing
+    setattr(source, keyword, value)
+    gsps = build_gsps(evaluation(source), ALGORITHM)
+    assert dciodvfy_errors(gsps) == []
+    (area,) = gsps.DisplayedAreaSelectionSequence
+    assert area.PresentationSizeMode == "SCALE TO FIT"
+    assert [int(v) for v in area.PresentationPixelAspectRatio] == expected
+    assert "PresentationPixelSpacing" not in area

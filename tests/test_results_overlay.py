@@ -403,3 +403,70 @@ def test_the_research_demo_notice_is_written_whole_in_a_small_overlay(width: int
     clinical = Algorithm("ct-nodule", "2.0.0", research_demo=False)
     (line,), font = model_lines(clinical, room, round(width / 40))
     assert RESEARCH_DEMO_NOTICE not in line and font.getlength(line) <= room
+
+
+def _spacing(keyword: str, value: list[float]) -> Callable[[pydicom.Dataset], None]:
+    def state(ds: pydicom.Dataset) -> None:
+        del ds.ImagerPixelSpacing
+        setattr(ds, keyword, value)
+
+    return state
+
+
+# (how the source states its pixels' aspect, pixels' height / width)
+NON_SQUARE = [
+    pytest.param(_spacing("PixelSpacing", [0.2, 0.1]), 2.0, id="PixelSpacing 0.2 x 0.1"),
+    pytest.param(_spacing("ImagerPixelSpacing", [0.1, 0.25]), 0.4, id="ImagerPixelSpacing wide"),
+    pytest.param(_spacing("PixelAspectRatio", [2, 1]), 2.0, id="PixelAspectRatio 2:1"),
+]
+
+
+@pytest.mark.parametrize(("state", "aspect"), NON_SQUARE)
+def test_overlay_of_non_square_pixels_is_resampled_to_square_ones(
+    state: Callable[[pydicom.Dataset], None], aspect: float
+) -> None:
+    """A Secondary Capture has no Pixel Spacing: the overlay of pixels twice as high as wide
+    (160 rows x 256 columns, 32 x 25.6 mm at 0.2 x 0.1 mm) is written in square pixels of the
+    finer spacing (320 x 256), so that viewers and the study page show the anatomy in its shape,
+    as they show the source; it was written 160 x 256, squashed to half its height."""
+    source = plain_dx(7, rows=160, columns=256)
+    state(source)
+    peak = (100.0, 60.0)  # (column, row) in the source's pixels
+    heatmap = blob(160, 256, peak, sigma=12)
+    finding = Finding(PNEUMOTHORAX, 0.83, 0.5, critical=True, peak=peak, heatmap=heatmap)
+    overlay = build_overlay(ImageFindings(source, [finding]), ALGORITHM)
+    assert dciodvfy_errors(overlay) == []
+
+    rows, columns = (round(160 * aspect), 256) if aspect > 1 else (160, round(256 / aspect))
+    assert int(overlay.Columns) == columns
+    header = int(overlay.Rows) - rows
+    assert 0 < header < max(rows, columns) // 4  # a band above the whole image
+    # Square pixels: no Pixel Aspect Ratio, and none needed (Image Pixel module, Type 1C).
+    assert "PixelAspectRatio" not in overlay and "PixelSpacing" not in overlay
+    assert "square pixels" in overlay.DerivationDescription
+    assert "research demo" in overlay.DerivationDescription
+    # The heat map and the marker lie where the peak lies on the resampled image.
+    pixels = overlay.pixel_array[header:].astype(int)
+    column = round((peak[0] + 0.5) * columns / 256 - 0.5)
+    row = round((peak[1] + 0.5) * rows / 160 - 0.5)
+    red = pixels[..., 0] - pixels[..., 2]
+    hot_rows, hot_columns = np.nonzero(red > 60)
+    assert abs(np.median(hot_rows) - row) <= 3 and abs(np.median(hot_columns) - column) <= 3
+    green = (pixels[..., 1] > 200) & (pixels[..., 0] < 80) & (pixels[..., 2] < 80)
+    green_rows, green_columns = np.nonzero(green)
+    # The marker's ring (its number is drawn to its right) is round, centred on the peak.
+    radius = (green_rows.max() - green_rows.min()) / 2
+    assert abs(green_rows.min() + radius - row) <= 2
+    assert abs(green_columns.min() + radius - column) <= 2
+    assert is_grey(pixels[-20:, -20:]).all()
+
+
+def test_overlay_of_non_square_pixels_stays_within_the_largest_side() -> None:
+    source = plain_dx(8, rows=1500, columns=1200)
+    source.ImagerPixelSpacing = [0.2, 0.1]  # 300 x 120 mm
+    evaluation = findings(source, heatmap=False)
+    overlay = build_overlay(evaluation, ALGORITHM)
+    body_rows, columns = MAX_SIDE, round(1200 * MAX_SIDE / 3000)
+    assert int(overlay.Columns) == columns
+    assert int(overlay.Rows) > body_rows and int(overlay.Rows) - body_rows < body_rows // 4
+    assert "from 1500 x 1200 to 2048 x 819 square pixels" in overlay.DerivationDescription

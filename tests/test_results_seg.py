@@ -238,3 +238,24 @@ def test_ct_seg_harmonises_the_references_without_copying_them_again(
         (1, 0, 0, 0, 1, 0)
     }
     assert list(noisy[1].ImageOrientationPatient) == [1.0, 1e-6, 0.0, -1e-6, 1.0, 0.0]
+
+
+def test_seg_of_a_radiograph_of_non_square_pixels_states_their_aspect(
+    ct: list[pydicom.Dataset],
+) -> None:
+    """A radiograph's SEG has no Pixel Measures: its frames, laid on the source pixel for
+    pixel, follow the source's aspect, but shown alone they need Pixel Aspect Ratio (Image
+    Pixel module, Type 1C where not 1:1 and no spacing is given); the SEG had none."""
+    radiograph = chest_xray(7, size=128)
+    radiograph.ImagerPixelSpacing = [0.2, 0.1]
+    seg = build_seg(radiograph_segmentation(radiograph), ALGORITHM)
+    assert dciodvfy_errors(seg) == []
+    assert [int(value) for value in seg.PixelAspectRatio] == [2, 1]
+    # A CT's SEG gives its spacing in Pixel Measures: no aspect ratio beside it.
+    anisotropic = copy.deepcopy(ct)
+    for ds in anisotropic:
+        ds.PixelSpacing = [0.8, 0.4]
+    ct_seg = build_seg(ct_segmentation(anisotropic), ALGORITHM)
+    measures = ct_seg.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
+    assert [float(value) for value in measures.PixelSpacing] == [0.8, 0.4]
+    assert "PixelAspectRatio" not in ct_seg

@@ -268,6 +268,44 @@ def test_the_ai_view_is_the_nodes_overlay_with_its_heat_map(site: Site) -> None:
     assert (colour > 60).sum() > 500
 
 
+@pytest.mark.parametrize("spacing", [[0.2, 0.1], [0.1, 0.2]], ids=["tall", "wide"])
+def test_the_ai_view_of_non_square_pixels_has_the_aspect_of_the_image(
+    site: Site, sessions, spacing: list[float]
+) -> None:
+    """Pixels 0.2 x 0.1 mm: the image's preview is corrected to their aspect, and so is the
+    overlay (written in square pixels), so that the study page's AI view toggles between two
+    pictures of one shape. The overlay's image was written 320 x 256 as stored and shown at
+    half (tall pixels) or twice (wide pixels) the height of the image's preview."""
+    source, _ = make_cxr(45, size=320, columns=256)
+    del source.ImagerPixelSpacing
+    source.PixelSpacing = spacing
+    with sessions() as session:
+        study_id, _ = spool_and_index(session, site.stored.storage, source)
+        finding = Finding(PNEUMOTHORAX, 0.9, 0.5, True, peak=(128.0, 160.0))
+        overlay = build_overlay(ImageFindings(source, [finding]), DEMO)
+        _store_overlay(session, site.stored.storage, study_id, overlay, DEMO.name)
+    with site.client() as client:
+        listed = client.get(f"/api/studies/{source.StudyInstanceUID}/previews").json()
+        [image] = listed["images"]
+        [view] = image["ai_views"]
+        assert view["label"] == RESEARCH_DEMO_NOTICE
+        grey = _png(client.get(image["url"]))
+        rgb = _png(client.get(view["url"]))
+    # The image: 64 x 25.6 mm (tall) or 32 x 51.2 mm (wide), as high as wide as in millimetres.
+    height, width = 320 * spacing[0], 256 * spacing[1]
+    assert max(grey.shape) <= 512
+    assert abs(grey.shape[0] / grey.shape[1] - height / width) < 0.01
+    # The overlay: its header band above the image, the image in square pixels, shown as is.
+    rows, columns = int(overlay.Rows), int(overlay.Columns)
+    body = round(columns * height / width)
+    header = rows - body
+    assert 0 < header < body // 2
+    assert max(rgb.shape[:2]) <= 512
+    assert abs(rgb.shape[0] / rgb.shape[1] - rows / columns) < 0.01
+    shown_body = rgb.shape[0] * body / rows  # the image's rows in the overlay's preview
+    assert abs(rgb.shape[1] / shown_body - grey.shape[1] / grey.shape[0]) < 0.02
+
+
 def test_previews_need_a_log_in(site: Site) -> None:
     stored = site.stored
     paths = (

@@ -1,11 +1,12 @@
 """Geometry between a model input and its source image: the letterbox (or stretch) that puts
 the image into the input, mapped back to the source, and the pixels' aspect that letterbox
-resamples to square pixels.
+resamples to square pixels (and that result objects state or resample to square too).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from fractions import Fraction
 
 import numpy as np
 import pydicom
@@ -107,3 +108,14 @@ def _ratio(pair: object) -> float | None:
     if not (np.isfinite(first) and np.isfinite(second)) or first <= 0 or second <= 0:
         return None
     return first / second
+
+
+def pixel_aspect_ratio(ds: pydicom.Dataset) -> tuple[int, int] | None:
+    """``pixel_aspect`` as a Pixel Aspect Ratio (0028,0034) or Presentation Pixel Aspect Ratio
+    (0070,0102) value: (vertical, horizontal) integers in lowest terms (0.2 \\ 0.1 mm spacing:
+    (2, 1); 0.139 \\ 0.143: (139, 143)); None for square pixels."""
+    aspect = pixel_aspect(ds)
+    if aspect == 1.0:
+        return None
+    ratio = Fraction(aspect).limit_denominator(1000)
+    return ratio.numerator, ratio.denominator

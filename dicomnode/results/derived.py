@@ -28,6 +28,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 from dicomnode import EQUIPMENT_MANUFACTURER, RESEARCH_DEMO_NOTICE, __version__
 from dicomnode.findings import Algorithm, CodedConcept, DerivedImage
+from dicomnode.pipeline.letterbox import pixel_aspect_ratio
 from dicomnode.pipeline.presentation_values import percentile_window
 from dicomnode.results.iod_requirements import (
     CT_IMAGE,
@@ -311,6 +312,11 @@ def _secondary_capture(
     if len(orientation) != 2:
         image.PatientOrientation = None
     image.ImageType = ["DERIVED", "SECONDARY"]
+    # The source's pixels, without the spacing a Secondary Capture does not carry: their
+    # aspect (Image Pixel module, Type 1C where not 1:1), or viewers show them square.
+    aspect = pixel_aspect_ratio(source)
+    if aspect is not None:
+        image.PixelAspectRatio = list(aspect)
     image.BitsStored = int(source.BitsStored)
     image.HighBit = int(source.BitsStored) - 1
     # The source's modality LUT when whole, and its usable windows: the derived pixels are in

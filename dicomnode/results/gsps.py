@@ -10,6 +10,7 @@ from pydicom.multival import MultiValue
 
 from dicomnode import EQUIPMENT_MANUFACTURER, RESEARCH_DEMO_NOTICE, __version__
 from dicomnode.findings import Algorithm, Finding, ImageFindings, probability_text
+from dicomnode.pipeline.letterbox import pixel_aspect_ratio
 from dicomnode.pipeline.presentation_values import (
     first_window,
     is_inverted,
@@ -171,6 +172,14 @@ def build_gsps(
     )
     copy_patient_study(reference, gsps)
     copy_laterality(reference, gsps)
+    # highdicom writes Presentation Pixel Aspect Ratio 1\1 whatever the image: a viewer
+    # applying the GSPS would show pixels of 0.2 x 0.1 mm as square (the anatomy squashed to
+    # half its height). The source's own aspect (Displayed Area module, PS3.3 C.10.4: required
+    # where Presentation Pixel Spacing is absent) shows it as without the GSPS.
+    aspect = pixel_aspect_ratio(source)
+    if aspect is not None:
+        for area in gsps.DisplayedAreaSelectionSequence:
+            area.PresentationPixelAspectRatio = list(aspect)
     return gsps
 
 

@@ -1,4 +1,5 @@
-"""Secondary Capture overlay: the source image as read, with heat maps and findings burned in."""
+"""Secondary Capture overlay: the source image as read, with heat maps and findings burned in,
+in square pixels (a source of non-square ones resampled: see ``square_pixel_scale``)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 from dicomnode import EQUIPMENT_MANUFACTURER, RESEARCH_DEMO_NOTICE, __version__
 from dicomnode.findings import Algorithm, Finding, ImageFindings, probability_text
 from dicomnode.pipeline.decode import GREY
+from dicomnode.pipeline.letterbox import pixel_aspect
 from dicomnode.pipeline.presentation_values import presentation_pixels
 from dicomnode.results.reference import sanitised_reference
 from dicomnode.results.source import (
@@ -110,7 +112,7 @@ def build_overlay(
         window = None  # a colour image has no modality units (the model could not have run)
     window = None if window is None else (float(window[0]), float(window[1]))
     grey = _presentation(source, window)
-    scale = min(1.0, MAX_SIDE / max(grey.shape))
+    scale = square_pixel_scale(grey.shape, pixel_aspect(source))
     rgb = render_overlay(grey, evaluation.findings, algorithm, scale=scale, masks=masks)
 
     # The source's header as the overlay takes it over: invalid values emptied or left out.
@@ -139,7 +141,7 @@ def build_overlay(
     copy_patient_study(reference, overlay)
     copy_laterality(reference, overlay)
     overlay.BurnedInAnnotation = "YES"
-    resized = f", downsampled x{scale:.3g}" if scale < 1 else ""
+    resized = _resized_text(grey.shape, scale, pixel_aspect(source))
     shown = (
         "Source image as displayed (modality and VOI LUT)"
         if window is None
@@ -159,6 +161,38 @@ def build_overlay(
     )
     overlay.SourceImageSequence = [source_reference(source)]
     return overlay
+
+
+def square_pixel_scale(shape: tuple[int, int], aspect: float) -> tuple[float, float]:
+    """(row scale, column scale) that draws a rows x columns image whose pixels are ``aspect``
+    times as high as wide (``pixel_aspect``) in square pixels, at most MAX_SIDE on its long
+    side: the axis of the coarser spacing is resampled to the finer one (no detail lost), then
+    both are scaled down together if the result is too large.
+
+    The overlay is a Secondary Capture without Pixel Spacing: resampled to square pixels it
+    shows the anatomy in its shape in every viewer and in the study page's preview, as the
+    source is shown. Pixel Aspect Ratio (0028,0034) would instead rely on each viewer honouring
+    it (many show an SC's pixels square) and would stretch the burned-in text and markers
+    along with the image in those that do."""
+    rows, columns = shape
+    height, width = rows * max(aspect, 1.0), columns * max(1.0 / aspect, 1.0)
+    fit = min(1.0, MAX_SIDE / max(height, width))
+    return (
+        max(1, round(height * fit)) / rows,
+        max(1, round(width * fit)) / columns,
+    )
+
+
+def _resized_text(shape: tuple[int, int], scale: tuple[float, float], aspect: float) -> str:
+    """What the Derivation Description says of the overlay's size: '' when it is the source's."""
+    rows, columns = shape
+    if aspect != 1.0:
+        return (
+            f", resampled from {rows} x {columns} to {round(rows * scale[0])} x "
+            f"{round(columns * scale[1])} square pixels (the source's are {aspect:.4g} times "
+            "as high as wide)"
+        )
+    return f", downsampled x{scale[0]:.3g}" if scale[0] < 1 else ""
 
 
 # Every model's overlay of one image starts from the same presentation of it (decoding, LUTs,
@@ -195,18 +229,35 @@ def render_overlay(
     findings: list[Finding],
     algorithm: Algorithm,
     *,
-    scale: float = 1.0,
+    scale: float | tuple[float, float] = 1.0,
     masks: dict[str, np.ndarray] | None = None,
 ) -> np.ndarray:
-    """Return RGB uint8 pixels: a header band above ``grey`` (0..1) with the findings drawn."""
+    """Return RGB uint8 pixels: a header band above ``grey`` (0..1) with the findings drawn.
+
+    ``scale``: the image's size in the overlay, one factor (at most 1) or (rows, columns)
+    factors (``square_pixel_scale``: either may enlarge, up to 10, to make pixels square);
+    findings given in the source's pixels are drawn where they lie on the resampled image."""
     if grey.ndim != 2 or not np.all(np.isfinite(grey)):
         raise ValueError(f"grey must be a finite 2-D image, got shape {grey.shape}")
-    if not 0 < scale <= 1:
+    if isinstance(scale, tuple):
+        row_scale, column_scale = (float(value) for value in scale)
+        if not (0 < row_scale <= 10 and 0 < column_scale <= 10):
+            raise ValueError(f"scale factors must be in (0, 10], got {scale}")
+    elif not 0 < scale <= 1:
         raise ValueError(f"scale must be in (0, 1], got {scale}")
+    else:
+        row_scale = column_scale = float(scale)
     rows, columns = grey.shape
-    size = (max(1, round(columns * scale)), max(1, round(rows * scale)))
-    if scale < 1:
-        grey = _resize(grey, size)
+    size = (max(1, round(columns * column_scale)), max(1, round(rows * row_scale)))
+    resized = size != (columns, rows)
+    # BOX (each pixel the mean of those it covers) to shrink; bilinear where an axis grows.
+    resample = (
+        Image.Resampling.BOX
+        if size[0] <= columns and size[1] <= rows
+        else Image.Resampling.BILINEAR
+    )
+    if resized:
+        grey = _resize(grey, size, resample)
 
     # Only positive findings are localised: a heat map on a negative finding would mislead.
     heatmaps = [f.heatmap for f in findings if f.heatmap is not None and f.present]
@@ -215,14 +266,14 @@ def render_overlay(
         heat = np.asarray(heatmaps[0], dtype=np.float32)
         for other in heatmaps[1:]:
             heat = np.maximum(heat, np.asarray(other, dtype=np.float32))
-        if scale < 1:
-            heat = _resize(heat, size)
+        if resized:
+            heat = _resize(heat, size, resample)
         index |= _levels(heat) << 8
     pixels = HEAT_ON_GREY[index]
     outlines = []
     for (name, mask), colour in zip((masks or {}).items(), _OUTLINE_COLOURS * 4, strict=False):
-        if scale < 1:
-            mask = _resize(np.asarray(mask, dtype=np.float32), size) >= 0.5
+        if resized:
+            mask = _resize(np.asarray(mask, dtype=np.float32), size, resample) >= 0.5
         edge = _outline(np.asarray(mask, dtype=bool), max(1, round(max(size) / 400)))
         pixels[edge] = np.array([*colour, 255], dtype=np.uint8).view(np.uint32)[0]
         outlines.append((name, colour))
@@ -235,11 +286,20 @@ def render_overlay(
         if not finding.present:
             continue
         if finding.box is not None:
-            _draw_box(draw, tuple(value * scale for value in finding.box), number, long_side)
+            column0, row0, column1, row1 = finding.box
+            box = (
+                column0 * column_scale,
+                row0 * row_scale,
+                column1 * column_scale,
+                row1 * row_scale,
+            )
+            _draw_box(draw, box, number, long_side)
         for place in (finding.point, finding.peak):
             if place is not None:
+                # Pixel centres: the centre of source pixel c lies at (c + 0.5) * scale - 0.5.
                 column, row = place
-                _draw_marker(draw, (column * scale, row * scale), number, long_side)
+                centre = ((column + 0.5) * column_scale - 0.5, (row + 0.5) * row_scale - 0.5)
+                _draw_marker(draw, centre, number, long_side)
 
     header = np.asarray(_header(findings, algorithm, width=body.size[0], outlines=outlines))
     canvas = np.empty((header.shape[0] + body.size[1], body.size[0], 3), dtype=np.uint8)
@@ -268,9 +328,13 @@ def legend_line(number: int, finding: Finding) -> str:
     )
 
 
-def _resize(values: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+def _resize(
+    values: np.ndarray,
+    size: tuple[int, int],
+    resample: Image.Resampling = Image.Resampling.BOX,
+) -> np.ndarray:
     image = Image.fromarray(np.asarray(values, dtype=np.float32), mode="F")
-    return np.asarray(image.resize(size, Image.Resampling.BOX), dtype=np.float32)
+    return np.asarray(image.resize(size, resample), dtype=np.float32)
 
 
 def _font(size: int) -> ImageFont.FreeTypeFont:

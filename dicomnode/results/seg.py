@@ -18,6 +18,7 @@ from pydicom.sr.codedict import codes
 
 from dicomnode import EQUIPMENT_MANUFACTURER, __version__
 from dicomnode.findings import Algorithm, CodedConcept, Segmentation
+from dicomnode.pipeline.letterbox import pixel_aspect_ratio
 from dicomnode.pipeline.series import ORIENTATION_TOLERANCE, same_orientation
 from dicomnode.results.anatomy import paired_region
 from dicomnode.results.reference import sanitised_reference
@@ -159,7 +160,21 @@ def build_seg(
         # how the image lies instead.
         orientation = [str(value) for value in source.get("PatientOrientation") or []]
         seg.PatientOrientation = orientation if len(orientation) == 2 else None
+    if not _has_pixel_measures(seg):
+        # Viewers lay the SEG's frames on its sources pixel for pixel, which they show in their
+        # own aspect; shown alone, a SEG of non-square pixels without Pixel Measures (a
+        # radiograph's) needs Pixel Aspect Ratio (Image Pixel module, Type 1C).
+        aspect = pixel_aspect_ratio(source)
+        if aspect is not None:
+            seg.PixelAspectRatio = list(aspect)
     return seg
+
+
+def _has_pixel_measures(seg: pydicom.Dataset) -> bool:
+    """Whether the SEG states its pixels' physical spacing (Pixel Measures functional group)."""
+    groups = list(seg.get("SharedFunctionalGroupsSequence") or [])
+    groups += list(seg.get("PerFrameFunctionalGroupsSequence") or [])
+    return any("PixelMeasuresSequence" in group for group in groups)
 
 
 def _anatomic_regions(source: pydicom.Dataset) -> list[hd.sr.CodedConcept] | None:
