@@ -8,27 +8,34 @@ import threading
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from sqlalchemy import exists, select
+from sqlalchemy import and_, exists, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.db.models import Job, Study
 from dicomnode.db.session import utcnow
+from dicomnode.jobs.dead_letters import export_covered
 
 log = logging.getLogger("dicomnode.retention")
 
 
 def expired_studies(session: Session, now: datetime, days: float) -> list[Study]:
     """Studies received more than ``days`` ago, reported, with no results or export job
-    still open (a results job queues exports)."""
-    unfinished_export = exists().where(
-        Job.study_id == Study.id, Job.kind.in_(("results", "export")), Job.state != "done"
+    still open (a results job queues exports). A dead-lettered export keeps its study until
+    it is retried and sent, unless another export of its object to its destination is done
+    (a later results job sent it; one queued or running keeps the study itself)."""
+    # export_covered() looks at the job of this subquery (correlated to it).
+    unfinished = exists().where(
+        Job.study_id == Study.id,
+        Job.kind.in_(("results", "export")),
+        Job.state != "done",
+        ~and_(Job.kind == "export", Job.state == "dead", export_covered()),
     )
     return list(
         session.scalars(
             select(Study).where(
                 Study.received_at < now - timedelta(days=days),
                 Study.reading_status == "reported",
-                ~unfinished_export,
+                ~unfinished,
             )
         )
     )

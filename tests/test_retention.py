@@ -55,3 +55,27 @@ def test_only_reported_and_exported_old_studies_are_deleted(sessions, tmp_path: 
     for uid in left:
         assert (storage / uid / "1.2" / "1.4.dcm").exists()
         assert (storage / "results" / uid / "1.3" / "1.4.dcm").exists()
+
+
+def test_a_dead_export_whose_object_a_later_export_sent_does_not_keep_its_study(
+    sessions, tmp_path: Path
+) -> None:
+    """A dead-lettered export whose object a later results job queued again for the same
+    destination (and sent) keeps its study no longer: its retry is refused, and nothing is
+    unsent. While that export waits, or with a dead results job, the study stays."""
+    storage = tmp_path / "storage"
+    with sessions() as session:
+        resent = _study(session, storage, "RESENT", 40, "reported", ["dead", "done"])
+        resending = _study(session, storage, "RESENDING", 40, "reported", ["dead", "queued"])
+        dead = _study(session, storage, "DEAD", 40, "reported", ["dead"])
+        unwritten = _study(session, storage, "UNWRITTEN", 40, "reported", ["dead", "done"])
+        study_id = session.scalar(select(Study.id).where(Study.study_instance_uid == unwritten))
+        session.add(
+            Job(kind="results", study_id=study_id, state="dead", run_after=NOW, created_at=NOW)
+        )
+        session.commit()
+
+        assert purge_expired(session, storage, NOW, days=30) == 1
+        left = set(session.scalars(select(Study.study_instance_uid)))
+        assert left == {resending, dead, unwritten}
+    assert not (storage / resent).exists() and not (storage / "results" / resent).exists()

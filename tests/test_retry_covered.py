@@ -118,8 +118,17 @@ def test_a_dead_export_a_later_results_job_sent_is_not_sent_again_on_retry(
         assert {uid: n for uid, n in received.items() if n > 1} == {}
         assert refused.status_code == 409, refused.text
         assert refused.json()["detail"] == covered
-        # Still listed as dead, as it was.
-        assert buried_id in [job["id"] for job in admin.get("/api/jobs").json()]
+        # The study's page and worklist row do not say its export failed: it was sent.
+        study_uid = str(ds.StudyInstanceUID)
+        assert admin.get(f"/api/studies/{study_uid}").json()["export_errors"] == []
+        rows = admin.get("/api/worklist").json()["rows"]
+        assert [row["export_error"] for row in rows] == [""]
+        # Still listed as dead, as it was, saying that it needs no retry and why.
+        listed = {job["id"]: job for job in admin.get("/api/jobs").json()}
+        assert (listed[buried_id]["covered_by"], listed[buried_id]["covered"]) == (
+            again,
+            covered.split(": ", 1)[1],
+        )
     (tmp_path / "cli").mkdir()
     config = worker_config(tmp_path / "cli", db_url, "")
     for arguments in ((str(buried_id),), ("--all", "--destination", "pacs")):
@@ -129,6 +138,12 @@ def test_a_dead_export_a_later_results_job_sent_is_not_sent_again_on_retry(
             covered,
             "0 dead job(s) queued again, 1 already covered by other jobs",
         ]
+    listed = _cli(config, "list")
+    assert listed.returncode == 0, listed.stderr
+    [line] = listed.stdout.splitlines()
+    assert line.startswith(f"{buried_id}\texport -> pacs\tdead\t")
+    assert line.endswith(f"\trefused\tno retry needed: {covered.split(': ', 1)[1]}")
+    assert listed.stderr.strip() == "1 job(s) dead, 1 of them covered by other jobs"
     with sessions() as session:
         assert session.get(Job, buried_id).state == "dead"
     assert _audited(sessions) == 0
@@ -235,8 +250,13 @@ def test_retry_all_queues_one_of_two_dead_exports_of_an_object(
         assert states == {older: "dead", newer: "queued", other: "queued"}
         assert session.get(Job, to_archive).state == "dead"
     assert _audited(sessions) == 2
+    listed = _cli(config, "list", "--destination", "pacs")
+    assert [line.split("\t")[0] for line in listed.stdout.splitlines()] == [str(older)]
+    assert listed.stdout.rstrip("\n").endswith(f"by export job {newer}")
     tokens = add_users(sessions)
     with serve(create_app(sessions)) as url, _admin(url, tokens) as admin:
+        dead = {job["id"]: job["covered_by"] for job in admin.get("/api/jobs").json()}
+        assert dead == {older: newer, to_archive: None}
         refused = admin.post(f"/api/jobs/{older}/retry")
         assert refused.status_code == 409, refused.text
         assert f"export job {newer}" in refused.json()["detail"]

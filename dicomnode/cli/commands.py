@@ -127,20 +127,33 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
     from dicomnode.db.models import Job
     from dicomnode.db.session import as_utc, utcnow
-    from dicomnode.jobs.dead_letters import Covered, job_destination, jobs_in_state, retry_dead
+    from dicomnode.jobs.dead_letters import (
+        Covered,
+        covered_reason,
+        covering_jobs,
+        job_destination,
+        jobs_in_state,
+        retry_dead,
+    )
 
     settings = settings_of(args)
     with database_sessions(settings)() as session:
         if args.jobs_command == "list":
             rows = jobs_in_state(session, args.state, args.kind, args.destination, args.limit)
+            dead = [job for job, _ in rows] if args.state == "dead" else []
+            covering = covering_jobs(session, dead)
             for job, uid in rows:
                 where = f" -> {job_destination(job)}" if job.kind == "export" else ""
+                # A dead letter another job covers needs no retry: said after its reason.
+                other = covering.get(job.id)
+                covered = f"\tno retry needed: {covered_reason(job, other)}" if other else ""
                 print(
                     f"{job.id}\t{job.kind}{where}\t{job.state}\tattempts {job.attempts}\t"
                     f"{as_utc(job.run_after):%Y-%m-%d %H:%M:%S}Z\tstudy {uid}\t"
-                    f"{job.last_error}"
+                    f"{job.last_error}{covered}"
                 )
-            print(f"{len(rows)} job(s) {args.state}", file=sys.stderr)
+            tail = f", {len(covering)} of them covered by other jobs" if covering else ""
+            print(f"{len(rows)} job(s) {args.state}{tail}", file=sys.stderr)
             return 0
         if args.ids and (args.all or args.kind or args.destination):
             print("error: give job ids, or --all with --kind/--destination", file=sys.stderr)

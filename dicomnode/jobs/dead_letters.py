@@ -15,10 +15,13 @@ destination twice, or analyse the study twice.
 
 from __future__ import annotations
 
+from collections import defaultdict
+from collections.abc import Sequence
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy import ColumnElement, exists, select
+from sqlalchemy.orm import Session, aliased
 
 from dicomnode.db.models import Job, Study
 from dicomnode.jobs.queue import retry
@@ -57,6 +60,10 @@ def job_destination(job: Job) -> str:
 
 # Jobs that cover a dead job's work: it is, or will be, done by them.
 _COVERING_STATES = ("queued", "leased", "done")
+# The kinds whose dead jobs another job can cover.
+_COVERED_KINDS = ("export", "analyse")
+# Studies looked up per query by covering_jobs.
+_CHUNK = 500
 
 
 class Covered(Exception):
@@ -66,11 +73,12 @@ class Covered(Exception):
     def __init__(self, job: Job, covering: Job):
         self.job = job
         self.covering = covering
-        super().__init__(f"job {job.id} is not queued again: {_covered_by(job, covering)}")
+        super().__init__(f"job {job.id} is not queued again: {covered_reason(job, covering)}")
 
 
-def _covered_by(job: Job, covering: Job) -> str:
-    """What ``covering`` does of dead ``job``'s work, as the admin is told."""
+def covered_reason(job: Job, covering: Job) -> str:
+    """What ``covering`` does of the dead ``job``'s work, as the admin is told: "result
+    object 5 was sent to 'pacs' by export job 40"."""
     tense = {"done": "was {} by", "leased": "is being {} by"}.get(
         covering.state, "is queued to be {} by"
     )
@@ -87,24 +95,68 @@ def covering_job(session: Session, job: Job) -> Job | None:
     (a later results job queues one for an object whose export was dead-lettered); for an
     analysis, an analysis of the study queued after it (each analysis reads the whole study).
     Other kinds: None (a newer results job supersedes an older one when it runs)."""
-    if job.kind not in ("export", "analyse"):
-        return None
-    query = (
-        select(Job)
-        .where(
-            Job.study_id == job.study_id,
-            Job.kind == job.kind,
-            Job.id != job.id,
-            Job.state.in_(_COVERING_STATES),
+    return covering_jobs(session, [job]).get(job.id)
+
+
+def covering_jobs(session: Session, jobs: Sequence[Job]) -> dict[int, Job]:
+    """:func:`covering_job` of each of the dead ``jobs`` that has one, by the dead job's id
+    (one query: a listing of dead letters says which need no retry)."""
+    dead = [job for job in jobs if job.kind in _COVERED_KINDS]
+    if not dead:
+        return {}
+    study_ids = sorted({job.study_id for job in dead})
+    kinds = sorted({job.kind for job in dead})
+    by_study: dict[tuple[int, str], list[Job]] = defaultdict(list)
+    # In chunks: a database takes only so many parameters in one statement.
+    for start in range(0, len(study_ids), _CHUNK):
+        candidates = session.scalars(
+            select(Job)
+            .where(
+                Job.study_id.in_(study_ids[start : start + _CHUNK]),
+                Job.kind.in_(kinds),
+                Job.state.in_(_COVERING_STATES),
+            )
+            .order_by(Job.id.desc())
         )
-        .order_by(Job.id.desc())
-    )
+        for other in candidates:
+            by_study[(other.study_id, other.kind)].append(other)
+    found = {}
+    for job in dead:
+        covering = next(
+            (
+                other
+                for other in by_study[(job.study_id, job.kind)]
+                if other.id != job.id and _covers(other, job)
+            ),
+            None,
+        )
+        if covering is not None:
+            found[job.id] = covering
+    return found
+
+
+def _covers(other: Job, job: Job) -> bool:
+    """Whether ``other`` (of the same study and kind, queued, leased or done) does ``job``'s
+    work: an analysis queued after it; an export of the same object to the same destination
+    (its result object and destination lie in the JSON payload: matched here)."""
     if job.kind == "analyse":
-        return session.scalars(query.where(Job.id > job.id).limit(1)).first()
-    # The result object and destination lie in the JSON payload: matched here.
-    target = _export_target(job)
-    return next(
-        (other for other in session.scalars(query) if _export_target(other) == target), None
+        return other.id > job.id
+    return _export_target(other) == _export_target(job)
+
+
+def export_covered(dead: Any = Job) -> ColumnElement[bool]:
+    """SQL: the export job ``dead`` (the jobs table or an alias of it) is covered, as
+    :func:`covering_job` finds for an export: another export of its study, of the same result
+    object to the same destination, is queued, leased or done. For the views that leave
+    such dead letters out (the worklist, the study page, retention) in their own query."""
+    other = aliased(Job)
+    return exists().where(
+        other.study_id == dead.study_id,
+        other.kind == "export",
+        other.id != dead.id,
+        other.state.in_(_COVERING_STATES),
+        other.payload["result_id"].as_string() == dead.payload["result_id"].as_string(),
+        other.payload["destination"].as_string() == dead.payload["destination"].as_string(),
     )
 
 

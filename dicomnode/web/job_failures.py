@@ -1,6 +1,7 @@
 """What went wrong with a study's jobs, as the worklist rows and the study view show it: a
-failed analysis, a dead-lettered export ("destination: reason"), and result objects that its
-latest results job did not write (all of them: dead; some: done naming what it left out)."""
+failed analysis, a dead-lettered export ("destination: reason"; not one whose object a later
+export sends or sent), and result objects that its latest results job did not write (all of
+them: dead; some: done naming what it left out)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from dicomnode.db.models import Job, Study
+from dicomnode.jobs.dead_letters import export_covered
 from dicomnode.web.schemas import MissingResultOut, WorklistRowOut, row_out
 from dicomnode.worklist.service import WorklistRow
 
@@ -50,7 +52,9 @@ def _results_error(job: Job | None) -> str:
 
 
 def failures(session: Session, study_instance_uid: str) -> StudyFailures:
-    """The study's analysis error and its dead-lettered exports ("destination: reason"); its
+    """The study's analysis error and its dead-lettered exports ("destination: reason"),
+    leaving out those whose object a later export to the same destination sends or sent (a
+    later results job queues one: :func:`~dicomnode.jobs.dead_letters.export_covered`); its
     results job's state is on its worklist row (:func:`rows_out`)."""
     study = session.scalars(
         select(Study).where(Study.study_instance_uid == study_instance_uid)
@@ -59,7 +63,9 @@ def failures(session: Session, study_instance_uid: str) -> StudyFailures:
         return StudyFailures("", [])
     dead = session.scalars(
         select(Job)
-        .where(Job.study_id == study.id, Job.kind == "export", Job.state == "dead")
+        .where(
+            Job.study_id == study.id, Job.kind == "export", Job.state == "dead", ~export_covered()
+        )
         .order_by(Job.id)
     ).all()
     errors = [_export_error(job.payload, job.last_error) for job in dead]
@@ -78,7 +84,8 @@ def without_server_paths(reason: str) -> str:
 
 
 def export_failures(session: Session, study_instance_uids: list[str]) -> dict[str, str]:
-    """Per study of a worklist page: its first dead-lettered export, "destination: reason"."""
+    """Per study of a worklist page: its first dead-lettered export, "destination: reason"
+    (as in :func:`failures`, not one whose object another export sends or sent)."""
     if not study_instance_uids:
         return {}
     dead = session.execute(
@@ -88,6 +95,7 @@ def export_failures(session: Session, study_instance_uids: list[str]) -> dict[st
             Study.study_instance_uid.in_(study_instance_uids),
             Job.kind == "export",
             Job.state == "dead",
+            ~export_covered(),
         )
         .order_by(Job.id)
     ).all()

@@ -17,7 +17,14 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.db.models import Job, Study
 from dicomnode.db.session import as_utc, utcnow
-from dicomnode.jobs.dead_letters import Covered, job_destination, jobs_in_state, retry_dead
+from dicomnode.jobs.dead_letters import (
+    Covered,
+    covered_reason,
+    covering_jobs,
+    job_destination,
+    jobs_in_state,
+    retry_dead,
+)
 from dicomnode.web.auth import Caller, admin_only
 from dicomnode.web.schemas import AUTH_ERRORS, MAX_DB_INT
 
@@ -34,10 +41,19 @@ class JobOut(BaseModel):
     last_error: str = Field(description="the reason of the last failure")
     run_after: datetime
     finished_at: datetime | None
+    covered_by: int | None = Field(
+        None,
+        description="a dead job whose work another job does or did (its object queued again "
+        "for the destination by a later results job, or the study analysed again): that job's "
+        "id; it needs no retry, and a retry is refused",
+    )
+    covered: str = Field("", description="with covered_by: what that job does of its work")
 
 
-def _job_out(job: Job, study_uid: str) -> JobOut:
+def _job_out(job: Job, study_uid: str, covering: Job | None = None) -> JobOut:
     return JobOut(
+        covered_by=covering.id if covering is not None else None,
+        covered=covered_reason(job, covering) if covering is not None else "",
         id=job.id,
         kind=job.kind,
         state=job.state,
@@ -67,10 +83,12 @@ def jobs_router(sessions: sessionmaker[Session], caller_of: Callable[..., Caller
         state: JobState = "dead",
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     ) -> list[JobOut]:
-        """Jobs in one state, newest first (default: dead letters, with their reason)."""
+        """Jobs in one state, newest first (default: dead letters, with their reason; a dead
+        letter whose work another job covers says which, in ``covered_by``)."""
         with sessions() as session:
             rows = jobs_in_state(session, state, limit=limit)
-            return [_job_out(job, uid) for job, uid in rows]
+            covering = covering_jobs(session, [job for job, _ in rows]) if state == "dead" else {}
+            return [_job_out(job, uid, covering.get(job.id)) for job, uid in rows]
 
     @router.post("/{job_id}/retry", response_model=JobOut)
     def retry_job(job_id: int, caller: Caller = admin_required) -> JobOut:

@@ -84,7 +84,9 @@ class WorklistRowOut(BaseModel):
     results: list[ResultOut]
     url: str = Field(description="this study's details")
     export_error: str = Field(
-        "", description="a dead-lettered export: destination and reason (admin can retry)"
+        "",
+        description="a dead-lettered export: destination and reason (admin can retry); not "
+        "one whose object a later export to that destination sends or sent",
     )
     # The latest results job, so that a reader sees from the list that AI result objects are
     # missing (the priority stands either way: it was committed before they were written).
@@ -154,7 +156,9 @@ class StudyOut(WorklistRowOut):
     history: list[AuditOut] = Field(description="claims, releases, overrides, newest first")
     analysis_error: str = Field("", description="why the analysis failed (status failed)")
     export_errors: list[str] = Field(
-        [], description="dead-lettered exports: destination and reason (admin can retry)"
+        [],
+        description="dead-lettered exports: destination and reason (admin can retry); not "
+        "those whose object a later export to that destination sends or sent",
     )
 
 
