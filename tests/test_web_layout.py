@@ -6,12 +6,11 @@ never read as certainty ("<1%", ">99%")."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from web_server import CHROMIUM, add_users, chromium_page, log_in, serve
+from web_server import CHROMIUM, add_users, chromium_page, log_in, screenshot, serve
 from worklist_seed import add_export_job, add_results_job, add_study, add_zoo_study
 
 from dicomnode.db.models import Study
@@ -105,13 +104,6 @@ def page(day_site):
         yield page
 
 
-def _screenshot(page, name: str) -> None:
-    """Keep a screenshot where ``WORKLIST_SCREENSHOTS`` (a folder) says, for a person to look at."""
-    folder = os.environ.get("WORKLIST_SCREENSHOTS")
-    if folder:
-        page.screenshot(path=str(Path(folder) / name))
-
-
 def _assert_fits(page, width: int, height: int) -> None:
     page.set_viewport_size({"width": width, "height": height})
     page.wait_for_function("document.querySelector('.table-wrap').clientWidth <= innerWidth")
@@ -138,7 +130,7 @@ def test_worklist_shows_eight_compact_rows_on_a_1280_x_900_screen(page, day_site
     page.set_viewport_size({"width": 1280, "height": 900})
     log_in(page, day_site)
     assert page.locator(ROWS).count() == 14
-    _screenshot(page, "worklist-1280x900.png")
+    screenshot(page, "worklist-1280x900.png")
     # Everything the page shows is still there.
     assert "NOT FOR CLINICAL USE" in page.inner_text("#demo-banner")
     zoo = page.locator("#rows tr", has_text="ACC-ZOO-1")
@@ -175,7 +167,7 @@ def test_worklist_fits_the_screen_with_every_action_button_visible(
     page.set_viewport_size({"width": width, "height": height})
     log_in(page, day_site)
     _assert_fits(page, width, height)
-    _screenshot(page, f"worklist-{width}x{height}.png")
+    screenshot(page, f"worklist-{width}x{height}.png")
     # Complete waiting for its confirmation is a longer button; it wraps within the column.
     complete = page.locator("#rows tr", has_text="ACC-ZOO-0").locator(
         "button[data-action=complete]"
@@ -183,7 +175,50 @@ def test_worklist_fits_the_screen_with_every_action_button_visible(
     complete.click()
     assert complete.inner_text() == "Confirm complete"
     _assert_fits(page, width, height)
-    _screenshot(page, f"worklist-{width}x{height}-confirm.png")
+    screenshot(page, f"worklist-{width}x{height}-confirm.png")
+
+
+# (screen width, height, the patient column's least width in px): the name is not squeezed
+# into a narrow column while the reason column takes the rest of a wide screen.
+PATIENT_WIDTHS = [(1280, 900, 120), (1920, 1080, 200)]
+
+
+@pytest.mark.parametrize("width,height,patient_width", PATIENT_WIDTHS)
+def test_patient_names_have_room_and_finding_chips_wrap_whole(
+    page, day_site, width: int, height: int, patient_width: int
+) -> None:
+    """The patient column widens with the screen; each finding chip (a finding, its
+    probability and its model) goes to the next line whole, never split across two lines,
+    and stays inside its cell."""
+    page.set_viewport_size({"width": width, "height": height})
+    log_in(page, day_site)
+    _assert_fits(page, width, height)
+    long_row = page.locator("#rows tr", has_text="ACC-2026-0000012345-XR")
+    long_row.locator("details.below summary").click()  # its eight findings below threshold
+    screenshot(page, f"worklist-chips-{width}x{height}.png")
+    cells = page.evaluate(
+        "Array.from(document.querySelectorAll('#rows td.patient'))"
+        ".map(td => td.getBoundingClientRect().width)"
+    )
+    assert len(cells) == 14 and min(cells) >= patient_width, (width, cells)
+    chips = page.evaluate(
+        "Array.from(document.querySelectorAll('#rows td.reason .finding'))"
+        ".filter(f => f.checkVisibility()).map(f => {"
+        " const r = f.getBoundingClientRect(), c = f.closest('td').getBoundingClientRect();"
+        " const parts = Array.from(f.children).map(p => p.getBoundingClientRect());"
+        " const lines = e => new Set(Array.from(e.getClientRects(), b => Math.round(b.top))).size;"
+        " return {text: f.textContent, lines: lines(f),"
+        " headLines: lines(f.querySelector('.finding-head')),"
+        " inCell: c.left <= r.left && r.right <= c.right + 0.5,"
+        " partsIn: parts.every(p => r.left - 0.5 <= p.left && p.right <= r.right + 0.5"
+        " && r.top - 0.5 <= p.top && p.bottom <= r.bottom + 0.5)}; })"
+    )
+    # Two present findings in each of six zoo rows and one in ACC-SURE, eight open below.
+    assert len(chips) == 6 * 2 + 1 + 8, chips
+    for chip in chips:
+        # One box on one line (an inline box split over two lines has a box on each).
+        assert chip["lines"] == 1 and chip["headLines"] == 1, (width, chip)
+        assert chip["inCell"] and chip["partsIn"], (width, chip)
 
 
 def test_probabilities_near_certainty_are_not_shown_as_certain(page, day_site) -> None:
@@ -210,7 +245,7 @@ def test_probabilities_near_certainty_are_not_shown_as_certain(page, day_site) -
     cells = page.locator("table.model-findings tbody td.num").all_inner_texts()
     assert cells == [">99%", "50%"]  # probability, threshold
     assert page.inner_text("#study-reason") == "AI critical: Pneumothorax >99%"
-    _screenshot(page, "study-near-certain.png")
+    screenshot(page, "study-near-certain.png")
 
 
 # Near and at the ends, a tie at each end of "<1%" and ">99%", and a tie between whole

@@ -20,7 +20,7 @@ import pytest
 from conftest import spool_and_index
 from PIL import Image
 from sqlalchemy import select
-from web_server import CHROMIUM, add_users, chromium_page, log_in, serve
+from web_server import CHROMIUM, add_users, chromium_page, log_in, screenshot, serve
 
 from dicomnode import RESEARCH_DEMO_NOTICE
 from dicomnode.db.models import AuditEntry, ResultObject
@@ -192,6 +192,8 @@ def test_the_study_lists_its_radiographs_and_one_slice_per_ct_stack(site: Site) 
     images = {image["sop_instance_uid"]: image for image in cxr.json()["images"]}
     assert set(images) == {stored.pa, stored.lateral}
     assert images[stored.lateral]["ai_views"] == []
+    # Each radiograph is its series' only image, and the caption says so in those words.
+    assert images[stored.pa]["chosen"] == "the only image of its series"
     views = {view["model"]: view for view in images[stored.pa]["ai_views"]}
     assert set(views) == {DEMO.name, CLEARED.name}
     assert views[DEMO.name]["research_demo"] is True
@@ -431,6 +433,94 @@ def test_the_study_page_shows_the_image_and_toggles_to_the_ai_view(browser_site)
             )
         ).all()
     assert sorted(seen) == ["view_images", "view_study"]
+
+
+def _store_unreadable_study(sessions, storage: Path) -> tuple[str, str, str]:
+    """A study of two radiographs the preview cannot show: one whose Pixel Data is cut short
+    (with the node's overlay of it, made while it was whole), one whose header lacks Rows;
+    returns (Study, truncated, no Rows) UIDs."""
+    truncated = _radiograph(48, None, "MONOCHROME2")
+    no_rows = _radiograph(49, str(truncated.StudyInstanceUID), "MONOCHROME2")
+    overlay = build_overlay(_heat(truncated), DEMO)
+    truncated.PixelData = truncated.PixelData[: len(truncated.PixelData) // 3]
+    with sessions() as session:
+        study_id, _ = spool_and_index(session, storage, truncated)
+        _store_overlay(session, storage, study_id, overlay, DEMO.name)
+        _, no_rows_path = spool_and_index(session, storage, no_rows)
+    headless = pydicom.dcmread(no_rows_path)
+    del headless.Rows
+    headless.save_as(no_rows_path)
+    return (
+        str(truncated.StudyInstanceUID),
+        str(truncated.SOPInstanceUID),
+        str(no_rows.SOPInstanceUID),
+    )
+
+
+def test_the_study_page_says_why_an_image_cannot_be_shown(browser_site, tmp_path: Path) -> None:
+    """An image the server answers 422 for shows the reason in its place (no broken-image
+    icon); its AI view, which can be shown, is still there to switch to, and back."""
+    base, stored, sessions = browser_site
+    study, truncated, no_rows = _store_unreadable_study(sessions, stored.storage)
+    visible_reason = (
+        "([uid, part]) => { const fig = document.querySelector("
+        '`figure.preview[data-sop-uid="${uid}"]`);'
+        " const box = fig && fig.querySelector('.preview-failure');"
+        " return !!box && fig.dataset.state === 'failed' && box.checkVisibility()"
+        " && box.textContent.includes(part); }"
+    )
+    shown = (
+        "([uid, part]) => { const img = document.querySelector("
+        '`figure.preview[data-sop-uid="${uid}"] img`);'
+        " return img.src.includes(part) && img.complete && img.naturalWidth > 0"
+        " && img.checkVisibility(); }"
+    )
+    with chromium_page() as page:
+        log_in(page, base)
+        page.goto(f"{base}/worklist/study/{study}")
+        cut = page.locator(f'figure.preview[data-sop-uid="{truncated}"]')
+        page.wait_for_function(visible_reason, arg=[truncated, "cannot decode the pixel data"])
+        screenshot(page, "study-unreadable.png")
+        failure = cut.locator(".preview-failure")
+        assert failure.locator(".preview-failure-title").inner_text() == (
+            "This image cannot be shown"
+        )
+        reason = failure.locator(".preview-failure-reason").inner_text()
+        # The server's reason, without its preamble or any path on the server.
+        assert "less than expected" in reason, reason
+        assert "cannot be shown as an image" not in reason and str(tmp_path) not in reason
+        assert "/" not in reason, reason
+        # No broken-image icon: the <img> is not rendered at all.
+        assert not cut.locator("img").is_visible()
+        assert "the only image of its series" in cut.locator("figcaption").inner_text()
+        # The AI view of it (made while it could be read) can still be shown, and left.
+        label = cut.locator(".preview-ai-label")
+        image_button = cut.locator('button[data-view="image"]')
+        assert "failed" in image_button.get_attribute("class")
+        assert "less than expected" in image_button.get_attribute("title")
+        cut.locator(f'button:has-text("AI: {DEMO.name}")').click()
+        page.wait_for_function(shown, arg=[truncated, "/overlays/"])
+        assert not failure.is_visible()
+        assert label.is_visible() and RESEARCH_DEMO_NOTICE in label.inner_text()
+        image_button.click()
+        page.wait_for_function(visible_reason, arg=[truncated, "less than expected"])
+        assert not cut.locator("img").is_visible() and not label.is_visible()
+        # The image whose header lacks Rows: its reason, and no view buttons (no AI view).
+        headless = page.locator(f'figure.preview[data-sop-uid="{no_rows}"]')
+        page.wait_for_function(visible_reason, arg=[no_rows, "Rows"])
+        assert headless.locator("button").count() == 0
+        assert headless.locator(".preview-failure-reason").inner_text() == (
+            "its header lacks Rows (0028,0010), needed to present it"
+        )
+        assert not headless.locator("img").is_visible()
+        assert "/" not in headless.locator(".preview-failure-reason").inner_text()
+        # The failure box stays inside the figure (a long reason wraps, or scrolls within).
+        inside = headless.evaluate(
+            "fig => { const f = fig.getBoundingClientRect(),"
+            " b = fig.querySelector('.preview-failure').getBoundingClientRect();"
+            " return b.left >= f.left && b.right <= f.right; }"
+        )
+        assert inside
 
 
 def _audit(site: Site, action: str) -> list[tuple[str, str, str]]:

@@ -3,6 +3,7 @@ pages in headless Chromium (Debian's, driven by Playwright)."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -91,3 +92,10 @@ def log_in(page: Page, base: str, username: str = "dr_house") -> None:
     page.click("button[type=submit]")
     page.wait_for_url(f"{base}/worklist")
     page.wait_for_selector("#rows tr[data-study-uid]")
+
+
+def screenshot(page: Page, name: str) -> None:
+    """Keep a screenshot where ``WORKLIST_SCREENSHOTS`` (a folder) says, for a person to look at."""
+    folder = os.environ.get("WORKLIST_SCREENSHOTS")
+    if folder:
+        page.screenshot(path=str(Path(folder) / name))

@@ -34,7 +34,9 @@ import pydicom
 from fastapi import APIRouter, Depends, HTTPException, Query, status
 from fastapi.responses import Response
 from pydantic import BaseModel, Field
+from pydicom.datadict import tag_for_keyword
 from pydicom.errors import InvalidDicomError
+from pydicom.tag import Tag
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -248,7 +250,7 @@ def study_previews(session: Session, study_instance_uid: str) -> PreviewsOut | N
                     modality=image.modality,
                     series_description=image.series_description,
                     instance_number=image.instance_number,
-                    chosen=chosen or ("the only image" if len(images) == 1 else ""),
+                    chosen=chosen or ("the only image of its series" if len(images) == 1 else ""),
                     url=f"{base}/images/{image.sop_instance_uid}/preview.png",
                     ai_views=[
                         AiViewOut(
@@ -315,8 +317,16 @@ def _render(render: Callable[[str, int], bytes], path: str, size: int) -> bytes:
 
 
 def _public_reason(error: Exception, path: str) -> str:
-    """Why an image cannot be shown, for the HTTP answer: without the file's path on the
-    server (decode.describe names it; the log keeps it)."""
+    """Why an image cannot be shown, for the HTTP answer (the study page shows it in the
+    image's place): without the file's path on the server (decode.describe names it; the log
+    keeps it), and a header without an attribute presenting needs in DICOM's words, not
+    Python's ("'FileDataset' object has no attribute 'Rows'")."""
+    if isinstance(error, AttributeError) and isinstance(error.obj, pydicom.Dataset):
+        number = tag_for_keyword(error.name or "")
+        if number is not None:
+            tag = Tag(number)
+            where = f"({tag.group:04X},{tag.element:04X})"
+            return f"its header lacks {error.name} {where}, needed to present it"
     return str(error).replace(f"file {path}, ", "").replace(path, "its stored file")
 
 

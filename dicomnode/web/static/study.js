@@ -39,11 +39,15 @@
 // Image previews: each image the node chose (one per CT stack, every radiograph) as presented,
 // with buttons to switch to the node's overlays of it (the AI view: heat map, boxes), labelled
 // as a research demo where the model is one. The PNGs come from /api/studies/<uid>/...
+// A view the server cannot show (422: corrupt pixel data, a header too broken to present)
+// shows the server's reason in place of the picture, not the browser's broken-image icon.
 (function () {
   const section = document.getElementById("preview");
   if (!section) return; // no such study
   const place = document.getElementById("previews");
   const messageEl = document.getElementById("preview-message");
+  // The 422's detail begins "<SOP Instance UID> cannot be shown as an image: " (preview.py).
+  const DETAIL_PREFIX = /^\S+ cannot be shown as an image: /;
 
   function element(tag, className, text) {
     const made = document.createElement(tag);
@@ -59,10 +63,36 @@
     return parts.filter(Boolean).join(" · ");
   }
 
+  // Why the PNG at url did not load: an <img> learns nothing of the answer, so ask again
+  // (the server keeps no failed render; an unreadable image is decoded once more).
+  async function whyNot(url) {
+    let response;
+    try {
+      response = await fetch(url, { credentials: "same-origin", cache: "no-store" });
+    } catch (error) {
+      return "the server could not be reached (" + error.message + ")";
+    }
+    if (response.ok) return "it did not load; reload the page to try again";
+    if (response.status === 401) return "you are no longer logged in; reload the page";
+    let detail = "";
+    try {
+      detail = String((await response.json()).detail || "");
+    } catch (error) {
+      detail = "";
+    }
+    return detail.replace(DETAIL_PREFIX, "") || "the server answered " + response.status;
+  }
+
   function figure(image) {
     const fig = element("figure", "preview");
     fig.dataset.sopUid = image.sop_instance_uid;
     const img = element("img", "preview-image");
+    // In the image's place when a view cannot be shown: what it is and why.
+    const failure = element("div", "preview-failure");
+    failure.hidden = true;
+    const failureTitle = element("strong", "preview-failure-title");
+    const failureReason = element("p", "preview-failure-reason");
+    failure.append(failureTitle, failureReason);
     const label = element("p", "preview-ai-label");
     label.hidden = true;
     const views = [{ name: "Image", url: image.url, alt: "image as presented", ai: null }];
@@ -74,8 +104,14 @@
         ai: ai,
       });
     }
+    let current = 0;
+    const buttons = [];
     function show(index) {
+      current = index;
       const view = views[index];
+      fig.dataset.state = "loading";
+      failure.hidden = true;
+      img.hidden = false;
       img.src = view.url;
       img.alt = caption(image) + ": " + view.alt;
       fig.dataset.view = view.ai ? "ai" : "image";
@@ -83,9 +119,23 @@
         ? (view.ai.label ? view.ai.label + " · " : "") + "AI result, not verified by a physician"
         : "";
       label.hidden = !view.ai;
-      fig.querySelectorAll(".preview-views button").forEach(function (button, at) {
+      buttons.forEach(function (button, at) {
         button.setAttribute("aria-pressed", String(at === index));
       });
+    }
+    function failed(index, reason) {
+      const view = views[index];
+      const what = view.ai ? "This AI view cannot be shown" : "This image cannot be shown";
+      if (buttons[index]) {
+        buttons[index].classList.add("failed");
+        buttons[index].title = what + ": " + reason;
+      }
+      if (index !== current) return; // another view was chosen meanwhile
+      fig.dataset.state = "failed";
+      img.hidden = true;
+      failureTitle.textContent = what;
+      failureReason.textContent = reason;
+      failure.hidden = false;
     }
     if (views.length > 1) {
       const bar = element("div", "preview-views");
@@ -96,17 +146,31 @@
         button.type = "button";
         button.dataset.view = view.ai ? "ai" : "image";
         button.addEventListener("click", function () { show(index); });
+        buttons.push(button);
         bar.appendChild(button);
       });
       fig.appendChild(bar);
     }
     const frame = element("div", "preview-frame");
-    frame.appendChild(img);
+    frame.append(img, failure);
     fig.appendChild(frame);
     fig.appendChild(label);
+    img.addEventListener("load", function () {
+      fig.dataset.state = "shown";
+      if (buttons[current]) { // shown after all (e.g. a reload of the server in between)
+        buttons[current].classList.remove("failed");
+        buttons[current].removeAttribute("title");
+      }
+    });
     img.addEventListener("error", function () {
-      label.hidden = false;
-      label.textContent = "This view could not be shown.";
+      const index = current;
+      const url = views[index].url;
+      if (!img.src.endsWith(url)) return; // not the view's PNG (e.g. the src was cleared)
+      failed(index, "asking the server why…"); // at once: never the broken-image icon
+      fig.dataset.state = "explaining";
+      whyNot(url).then(function (reason) {
+        failed(index, reason);
+      });
     });
     fig.appendChild(element("figcaption", "", caption(image)));
     show(0);

@@ -145,7 +145,9 @@
       return (b[0].critical - a[0].critical) || byProbability(a[0], b[0]);
     });
     const below = row.findings.filter(function (f) { return !f.present; }).sort(byProbability);
-    for (const group of present) line.appendChild(findingSpan(group[0], group.slice(1)));
+    // The chips flow beside the AI tag, each moved to the next line whole (worklist.css).
+    const chips = el("span", "finding-chips");
+    for (const group of present) chips.appendChild(findingSpan(group[0], group.slice(1)));
     if (below.length) {
       const details = el("details", "below");
       details.dataset.uid = row.study_instance_uid;
@@ -156,8 +158,9 @@
       const list = el("span", "below-list");
       for (const finding of below) list.appendChild(findingSpan(finding, []));
       details.appendChild(list);
-      line.appendChild(details);
+      chips.appendChild(details);
     }
+    line.appendChild(chips);
     td.appendChild(line);
     return td;
   }
