@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -22,6 +23,7 @@ from conftest import (
     storescp,
     worker_config,
 )
+from pydicom import Dataset
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 from test_results_reexport import PNEUMOTHORAX, _analyse_and_export, _received, _worker
@@ -31,9 +33,12 @@ from worklist_seed import add_study
 from dicomnode.db.models import AuditEntry, Job, ResultObject, Study
 from dicomnode.db.session import utcnow
 from dicomnode.ingest.assembly import queue_ready_studies
+from dicomnode.jobs.dead_letters import retry_dead
 from dicomnode.jobs.queue import claim, complete, enqueue, fail
+from dicomnode.results import job as results_job
 from dicomnode.synth.cxr import make_cxr
 from dicomnode.web.app import create_app
+from dicomnode.worker import Worker
 
 
 @pytest.fixture
@@ -66,14 +71,12 @@ def _admin(url: str, tokens: dict[str, str]) -> httpx.Client:
     )
 
 
-def test_a_dead_export_a_later_results_job_sent_is_not_sent_again_on_retry(
-    sessions: sessionmaker[Session], db_url: str, tmp_path: Path, keeping_pacs: StoreSCP
-) -> None:
-    """A radiograph analysed, one overlay's export dead-lettered before it was sent; a late
-    image: the second results job sends that overlay (a new export job). The admin then
-    retries the old dead export, by the API and by the CLI: refused, naming the job that sent
-    it; the destination has every object once."""
-    worker = _worker(tmp_path, sessions, keeping_pacs, PNEUMOTHORAX)
+def _exported_but_one_overlay(
+    worker: Worker, sessions: sessionmaker[Session]
+) -> tuple[Dataset, int, int, int]:
+    """A radiograph analysed and its result objects exported, but for an overlay whose export
+    was dead-lettered before it was sent: the image, its study's id, the dead job's id and
+    its result object's id."""
     with sessions() as session:
         ds, _ = make_cxr(951_301, pneumothorax=True)
         study_id, _ = spool_and_index(session, worker.settings.storage_path, ds)
@@ -93,6 +96,18 @@ def test_a_dead_export_a_later_results_job_sent_is_not_sent_again_on_retry(
         session.commit()
     while worker.run_once():
         pass
+    return ds, study_id, buried_id, result_id
+
+
+def test_a_dead_export_a_later_results_job_sent_is_not_sent_again_on_retry(
+    sessions: sessionmaker[Session], db_url: str, tmp_path: Path, keeping_pacs: StoreSCP
+) -> None:
+    """A radiograph analysed, one overlay's export dead-lettered before it was sent; a late
+    image: the second results job sends that overlay (a new export job). The admin then
+    retries the old dead export, by the API and by the CLI: refused, naming the job that sent
+    it; the destination has every object once."""
+    worker = _worker(tmp_path, sessions, keeping_pacs, PNEUMOTHORAX)
+    ds, study_id, buried_id, result_id = _exported_but_one_overlay(worker, sessions)
     with sessions() as session:
         spool_late_instance(session, worker.settings.storage_path, study_id, 951_302)
     _analyse_and_export(worker, sessions, study_id)
@@ -263,3 +278,51 @@ def test_retry_all_queues_one_of_two_dead_exports_of_an_object(
         # Another destination's export of the same object is not covered by it.
         assert admin.post(f"/api/jobs/{to_archive}/retry").status_code == 200
     assert _audited(sessions) == 3
+
+
+def test_a_dead_export_retried_while_a_results_job_writes_is_sent_once(
+    sessions: sessionmaker[Session],
+    tmp_path: Path,
+    keeping_pacs: StoreSCP,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The admin retries the dead overlay export while the second results job (after a late
+    image) writes its files, between its look at the study's exports and its commit: the
+    results job queues no second export of that overlay, which the destination gets once."""
+    worker = _worker(tmp_path, sessions, keeping_pacs, PNEUMOTHORAX)
+    _, study_id, buried_id, result_id = _exported_but_one_overlay(worker, sessions)
+    with sessions() as session:
+        spool_late_instance(session, worker.settings.storage_path, study_id, 951_302)
+        assert queue_ready_studies(session, utcnow()) == [study_id]
+    assert worker.run_once()  # the analysis, which queues the results job
+    writing, written = threading.Event(), threading.Event()
+    write = results_job._write_result
+
+    def paused(path: Path, ds: Dataset) -> Path:
+        writing.set()
+        assert written.wait(60)
+        return write(path, ds)
+
+    monkeypatch.setattr(results_job, "_write_result", paused)
+    results = threading.Thread(target=worker.run_once, name="results-job")
+    results.start()
+    try:
+        assert writing.wait(120), "the results job wrote no file"
+        with sessions() as session:
+            retry_dead(session, session.get(Job, buried_id), "boss", utcnow())
+            session.commit()
+    finally:
+        written.set()
+        results.join(timeout=120)
+    assert not results.is_alive()
+    while worker.run_once():
+        pass
+    received = _received(keeping_pacs, sessions)
+    assert {uid: n for uid, n in received.items() if n > 1} == {}
+    with sessions() as session:
+        assert received[session.get(ResultObject, result_id).sop_instance_uid] == 1
+        # Sent by the retried job; the results job queued none of its own.
+        jobs = session.scalars(select(Job).where(Job.kind == "export")).all()
+        assert [(job.id, job.state) for job in jobs if job.payload["result_id"] == result_id] == [
+            (buried_id, "done")
+        ]

@@ -231,7 +231,6 @@ def write_results(
         built.extend((card, kind, ds) for kind, ds in objects)
     earlier = earlier_versions(session, study_id)
     superseded = superseded_rows(earlier, built)
-    exported = _exported(session, study_id)
     instances = _study_instances(session, study_id)
     context = node_context(settings, cards)
     # End the read transaction before the files (on SQLite it holds the write lock).
@@ -322,6 +321,10 @@ def write_results(
             session.delete(row)
         failures.record(session)
         times.add("results", started)
+        # Read in the transaction that queues the exports, not before the files are written:
+        # an admin's retry of a dead export meanwhile (or another job's export) is seen, and
+        # the object is not queued a second time.
+        exported = _exported(session, study_id)
         for kind, result in [*results, *((kind, row) for kind, row, _ in kept)]:
             for destination in settings.destinations:
                 if _wanted(destination, kind) and (result.id, destination.name) not in exported:
