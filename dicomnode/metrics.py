@@ -115,14 +115,15 @@ class DatabaseCollector:
         self.sessions = sessions
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        from sqlalchemy import func, select
+        from sqlalchemy import func, or_, select
 
         from dicomnode.db.models import Job, Study
+        from dicomnode.jobs.dead_letters import needs_retry
         from dicomnode.jobs.queue import KIND_PRIORITY
 
         queue = GaugeMetricFamily(
             "dicomnode_queue_depth",
-            "Jobs waiting, running or dead-lettered by kind and state",
+            "Jobs waiting, running or dead-lettered (those no other job covers) by kind and state",
             labels=["kind", "state"],
         )
         worklist = GaugeMetricFamily(
@@ -133,10 +134,16 @@ class DatabaseCollector:
             "Studies not yet reported whose AI analysis failed (read without AI triage)",
         )
         with self.sessions() as session:
-            # Dead-lettered jobs stay until an admin retries them (state "dead").
+            # Dead-lettered jobs stay until an admin retries them (state "dead"); one whose
+            # work another job does or did (an export a later results job queued again, an
+            # analysis of the study queued after it) needs no retry and is not counted, so
+            # that an alert on state="dead" > 0 ends when the work is done.
             jobs = session.execute(
                 select(Job.kind, Job.state, func.count())
-                .where(Job.state.in_(QUEUE_STATES))
+                .where(
+                    Job.state.in_(QUEUE_STATES),
+                    or_(Job.state != "dead", needs_retry(Job)),
+                )
                 .group_by(Job.kind, Job.state)
             ).all()
             failed.add_metric(

@@ -326,3 +326,38 @@ def test_a_dead_export_retried_while_a_results_job_writes_is_sent_once(
         assert [(job.id, job.state) for job in jobs if job.payload["result_id"] == result_id] == [
             (buried_id, "done")
         ]
+
+
+def _dead_depth(sessions: sessionmaker[Session]) -> dict[str, float]:
+    """dicomnode_queue_depth{state="dead"} by kind, as /metrics gives it."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from dicomnode.metrics import exposition
+
+    [family] = [
+        f
+        for f in text_string_to_metric_families(exposition(sessions).decode())
+        if f.name == "dicomnode_queue_depth"
+    ]
+    return {s.labels["kind"]: s.value for s in family.samples if s.labels["state"] == "dead"}
+
+
+def test_dead_letters_another_job_covers_are_not_counted_as_dead(
+    sessions: sessionmaker[Session],
+) -> None:
+    """dicomnode_queue_depth{state="dead"} counts the dead letters an admin has to act on: an
+    export whose object went to its destination by a later export job, and an analysis after
+    which the study was analysed again, no longer count (an alert on dead > 0 ends when the
+    work is done); a dead export of another object, or to another destination, still does."""
+    study_id = _study(sessions)
+    to_pacs = {"result_id": 7, "destination": "pacs"}
+    with sessions() as session:
+        _job(session, "export", study_id, "dead", to_pacs)
+        _job(session, "export", study_id, "dead", {"result_id": 7, "destination": "archive"})
+        _job(session, "export", study_id, "dead", {"result_id": 8, "destination": "pacs"})
+        _job(session, "analyse", study_id, "dead")
+    assert _dead_depth(sessions) == {"export": 3, "analyse": 1, "results": 0, "notify": 0}
+    with sessions() as session:
+        _job(session, "export", study_id, "done", to_pacs)
+        _job(session, "analyse", study_id, "queued")
+    assert _dead_depth(sessions) == {"export": 2, "analyse": 0, "results": 0, "notify": 0}

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, exists, select
+from sqlalchemy import ColumnElement, and_, exists, or_, select
 from sqlalchemy.orm import Session, aliased
 
 from dicomnode.db.models import Job, Study
@@ -157,6 +157,26 @@ def export_covered(dead: Any = Job) -> ColumnElement[bool]:
         other.state.in_(_COVERING_STATES),
         other.payload["result_id"].as_string() == dead.payload["result_id"].as_string(),
         other.payload["destination"].as_string() == dead.payload["destination"].as_string(),
+    )
+
+
+def analyse_covered(dead: Any = Job) -> ColumnElement[bool]:
+    """SQL: the analyse job ``dead`` is covered, as :func:`covering_job` finds for an
+    analysis: an analysis of its study queued after it is queued, leased or done."""
+    other = aliased(Job)
+    return exists().where(
+        other.study_id == dead.study_id,
+        other.kind == "analyse",
+        other.id > dead.id,
+        other.state.in_(_COVERING_STATES),
+    )
+
+
+def needs_retry(dead: Any = Job) -> ColumnElement[bool]:
+    """SQL: the dead job ``dead`` is one that no other job covers (an admin's to act on)."""
+    return ~or_(
+        and_(dead.kind == "export", export_covered(dead)),
+        and_(dead.kind == "analyse", analyse_covered(dead)),
     )
 
 
