@@ -312,6 +312,15 @@ def recover(settings: Settings, sessions: sessionmaker[Session]) -> None:
     partial = clear_incoming(settings.storage_path)
     with sessions() as session:
         found = recover_spool(session, settings.storage_path, settings.assembly.quiet_seconds)
+    if found.relocated or found.results_relocated:
+        log.warning(
+            "storage: %d instance file(s) and %d result file(s) found under %s at other paths "
+            "than their rows named, whose files are gone (the storage folder moved or was "
+            "restored elsewhere): the rows now name the files found",
+            found.relocated,
+            found.results_relocated,
+            settings.storage_path,
+        )
     if found.indexed or found.temporary_removed or found.unreadable or partial:
         log.warning(
             "spool recovery: %d orphan instance(s) indexed, %d temporary file(s) removed, "

@@ -201,6 +201,29 @@ def test_an_instance_sent_again_under_another_study_keeps_its_first_copy(
         assert session.scalars(select(Study.study_instance_uid)).all() == [ds.StudyInstanceUID]
 
 
+def test_an_instance_whose_indexed_file_is_gone_keeps_the_copy_sent_again(
+    node: Node, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The same, but the first copy's file is gone (lost, or a storage folder restored
+    without it): the copy sent again takes its place on the instance's row, with a warning,
+    instead of being removed too (the sender was told both were stored)."""
+    ds = secondary_capture()
+    assert node.store(ds) == 0x0000
+    first = node.storage / ds.StudyInstanceUID / ds.SeriesInstanceUID / f"{ds.SOPInstanceUID}.dcm"
+    first.unlink()
+    moved = copy.deepcopy(ds)
+    moved.StudyInstanceUID, moved.SeriesInstanceUID = generate_uid(), generate_uid()
+    with caplog.at_level(logging.WARNING, logger="dicomnode.ingest"):
+        assert node.store(moved) == 0x0000
+        assert node.instances(ds.SOPInstanceUID) == 1
+    second = node.storage / moved.StudyInstanceUID / moved.SeriesInstanceUID / first.name
+    assert node.files() == [second]
+    with node.sessions() as session:
+        row = session.scalars(select(Instance)).one()
+        assert (row.path, row.size_bytes) == (str(second), second.stat().st_size)
+    assert "its indexed file is gone, so this copy takes its place" in caplog.text
+
+
 @pytest.mark.parametrize("field", ["SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID"])
 def test_path_traversal_uid_is_refused(
     node: Node, tmp_path: Path, field: str, monkeypatch: pytest.MonkeyPatch

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 
-from sqlalchemy import bindparam, case, insert, select, update
+from sqlalchemy import Connection, bindparam, case, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -245,6 +245,27 @@ def index_arrival(
             if attempt == 2:
                 raise
     return False
+
+
+_REPOINT_INSTANCE = (
+    update(_INSTANCES)
+    .where(_INSTANCES.c.sop_instance_uid == bindparam("sop_uid"))
+    .values(path=bindparam("found_path"), size_bytes=bindparam("found_size"))
+)
+
+
+def indexed_copy_gone(indexed_path: str) -> bool:
+    """Whether a known instance's indexed file is no longer there (its storage folder moved
+    or restored under another path, or the file lost): a copy found elsewhere then takes its
+    place instead of being removed as a second copy."""
+    return not Path(indexed_path).is_file()
+
+
+def repoint_instance(connection: Connection, sop_instance_uid: str, path: str, size: int) -> None:
+    """Point a known instance's row at the copy found at ``path`` (the caller commits)."""
+    connection.execute(
+        _REPOINT_INSTANCE, {"sop_uid": sop_instance_uid, "found_path": path, "found_size": size}
+    )
 
 
 def drop_second_copy(sop_instance_uid: str, path: str) -> None:

@@ -40,7 +40,13 @@ from dicomnode.db.session import make_engine, make_sessionmaker
 from dicomnode.db.writer_lock import WriterLock
 from dicomnode.ingest import assembly
 from dicomnode.ingest.arrival import Arrival
-from dicomnode.ingest.index import add_rows, drop_second_copy, index_arrival
+from dicomnode.ingest.index import (
+    add_rows,
+    drop_second_copy,
+    index_arrival,
+    indexed_copy_gone,
+    repoint_instance,
+)
 from dicomnode.ingest.sink import AssociationEnded, Item, TicketedSink, decode_item
 from dicomnode.outage import database_reason
 
@@ -86,6 +92,7 @@ def _write_arrivals(
     uids = [arrival.facts.sop_instance_uid for arrival in arrivals]
     known = dict(session.connection().execute(_KNOWN_INSTANCES, {"uids": uids}).all())
     fresh: list[Arrival] = []
+    found: list[Arrival] = []
     for arrival in arrivals:
         # Duplicates (a resent study) and repeats within the batch write nothing.
         first = known.get(arrival.facts.sop_instance_uid)
@@ -93,7 +100,30 @@ def _write_arrivals(
             known[arrival.facts.sop_instance_uid] = arrival.path
             fresh.append(arrival)
         elif first != arrival.path:
-            drop_second_copy(arrival.facts.sop_instance_uid, arrival.path)
+            if indexed_copy_gone(first):
+                # The indexed file was lost: this copy takes its place (removing it too would
+                # lose an instance the sender was told is stored).
+                known[arrival.facts.sop_instance_uid] = arrival.path
+                found.append(arrival)
+            else:
+                drop_second_copy(arrival.facts.sop_instance_uid, arrival.path)
+    if found:
+        # Committed apart: the fallback below rolls the batch's rows back.
+        for arrival in found:
+            repoint_instance(
+                session.connection(),
+                arrival.facts.sop_instance_uid,
+                arrival.path,
+                arrival.size_bytes,
+            )
+        session.commit()
+        for arrival in found:
+            log.warning(
+                "instance %s received again; its indexed file is gone, so this copy takes its "
+                "place (%s)",
+                arrival.facts.sop_instance_uid,
+                arrival.path,
+            )
     try:
         add_rows(session, fresh, quiet_seconds, settings.worklist)
         session.commit()

@@ -8,6 +8,11 @@ nothing acknowledged is missing from the worklist or the analyses. (A crash betw
 file and the answer leaves a file the sender was not told about; it is indexed too, and
 the sender's retry is then a duplicate.) Temporary files of interrupted writes are
 removed.
+
+A file of a known instance (or result object) at another path than its row names, whose
+indexed file is gone, takes the row's place: the storage folder moved to another disk, or
+a backup restored under another ``[storage] path``. Only a second copy of an instance whose
+indexed file is still there is removed.
 """
 
 from __future__ import annotations
@@ -20,10 +25,15 @@ import pydicom
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from dicomnode.db.models import Instance
+from dicomnode.db.models import Instance, ResultObject
 from dicomnode.db.session import utcnow
 from dicomnode.ingest.arrival import instance_facts
-from dicomnode.ingest.index import drop_second_copy, index_instance
+from dicomnode.ingest.index import (
+    drop_second_copy,
+    index_instance,
+    indexed_copy_gone,
+    repoint_instance,
+)
 
 log = logging.getLogger("dicomnode.ingest")
 
@@ -38,6 +48,10 @@ class Recovery:
     indexed: int = 0
     temporary_removed: int = 0
     unreadable: int = 0
+    # Files of known instances and result objects found where their rows did not say, their
+    # indexed files gone: the rows now name them.
+    relocated: int = 0
+    results_relocated: int = 0
 
 
 def _received_files(storage: Path):
@@ -71,7 +85,13 @@ def recover_spool(session: Session, storage: Path, quiet_seconds: float) -> Reco
             recovery.unreadable += 1
             log.warning("recovery: cannot read spool file %s: %s", path.name, exc)
             continue
-        if index_instance(
+        indexed_path = session.scalar(
+            select(Instance.path).where(Instance.sop_instance_uid == facts.sop_instance_uid)
+        )
+        session.rollback()
+        if indexed_path is not None:
+            _known_elsewhere(session, recovery, facts.sop_instance_uid, indexed_path, path)
+        elif index_instance(
             session,
             facts,
             path=str(path),
@@ -82,6 +102,46 @@ def recover_spool(session: Session, storage: Path, quiet_seconds: float) -> Reco
             quiet_seconds=quiet_seconds,
         ):
             recovery.indexed += 1
-        else:  # its SOP Instance UID is indexed at another path: a second copy
+        else:  # indexed meanwhile at another path (not at start-up): a second copy
             drop_second_copy(facts.sop_instance_uid, str(path))
+    _relocate_results(session, storage / RESULTS_FOLDER, recovery)
     return recovery
+
+
+def _known_elsewhere(
+    session: Session, recovery: Recovery, sop_instance_uid: str, indexed_path: str, path: Path
+) -> None:
+    """A file of an instance indexed at ``indexed_path``: it takes that path's place when the
+    indexed file is gone, else it is a second copy and removed."""
+    if not indexed_copy_gone(indexed_path):
+        drop_second_copy(sop_instance_uid, str(path))
+        return
+    repoint_instance(session.connection(), sop_instance_uid, str(path), path.stat().st_size)
+    session.commit()
+    recovery.relocated += 1
+
+
+def _relocate_results(session: Session, results: Path, recovery: Recovery) -> None:
+    """Point each result object's row whose file is gone at its file found under
+    ``results`` (read for its SOP Instance UID); other files there are left as they are."""
+    if not results.is_dir():
+        return
+    known = set(session.scalars(select(ResultObject.path)).all())
+    session.rollback()
+    for path in sorted(results.glob("*/*/*.dcm")):
+        if str(path) in known or not path.is_file():
+            continue
+        try:
+            uid = str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+        except Exception as exc:
+            log.warning("recovery: cannot read result file %s: %s", path.name, exc)
+            continue
+        row = session.scalars(
+            select(ResultObject).where(ResultObject.sop_instance_uid == uid)
+        ).first()
+        if row is not None and indexed_copy_gone(row.path):
+            row.path = str(path)
+            session.commit()
+            recovery.results_relocated += 1
+        else:
+            session.rollback()

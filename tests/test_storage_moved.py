@@ -1,0 +1,95 @@
+"""The storage folder moved to another disk, or a backup restored under another
+``[storage] path`` (SQLite and PostgreSQL, real models): at start-up the node finds every
+received instance and result object at its new path and its rows name them; nothing is
+removed. Before, each received file was taken for a second copy of an instance indexed
+elsewhere and deleted (an IT admin's acceptance test lost 33 of 33 instances so)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+from conftest import spool_and_index, spool_late_instance
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicomnode.config import Settings
+from dicomnode.db.models import Instance, ResultObject
+from dicomnode.db.session import utcnow
+from dicomnode.ingest.assembly import queue_ready_studies
+from dicomnode.models.registry import load_card
+from dicomnode.serve import recover
+from dicomnode.synth.cxr import make_cxr
+from dicomnode.worker import Worker
+
+PNEUMOTHORAX = Path(__file__).resolve().parent.parent / "models" / "cxr_pneumothorax_demo.toml"
+
+
+def _files(root: Path) -> list[Path]:
+    return sorted(path for path in root.rglob("*.dcm"))
+
+
+def _paths(sessions: sessionmaker[Session], table: type) -> list[str]:
+    with sessions() as session:
+        return sorted(session.scalars(select(table.path)).all())
+
+
+def test_a_moved_storage_folder_is_found_and_nothing_is_removed(
+    sessions: sessionmaker[Session], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    old = tmp_path / "disk1" / "storage"
+    worker = Worker(
+        Settings(storage={"path": old}, worker={"threads": 1}), sessions, [load_card(PNEUMOTHORAX)]
+    )
+    with sessions() as session:
+        ds, _ = make_cxr(940_401, pneumothorax=True)
+        study_id, _ = spool_and_index(session, old, ds)
+        spool_late_instance(session, old, study_id, 940_402)
+        assert queue_ready_studies(session, utcnow()) == [study_id]
+    while worker.run_once():
+        pass
+    received = [path.relative_to(old) for path in _files(old) if "results" not in path.parts]
+    results = [path.relative_to(old) for path in _files(old / "results")]
+    assert len(received) == 2 and len(results) >= 4  # two overlays, an SR, a KOS
+
+    new = tmp_path / "disk2" / "storage"
+    new.parent.mkdir()
+    old.rename(new)
+    settings = Settings(storage={"path": new})
+    with caplog.at_level(logging.WARNING, logger="dicomnode"):
+        recover(settings, sessions)
+
+    assert [path.relative_to(new) for path in _files(new)] == sorted(received + results)
+    assert _paths(sessions, Instance) == sorted(str(new / path) for path in received)
+    assert _paths(sessions, ResultObject) == sorted(str(new / path) for path in results)
+    [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("storage:")]
+    assert line.startswith(f"storage: 2 instance file(s) and {len(results)} result file(s)")
+    assert "removed" not in caplog.text
+
+    # The next start finds every file where its row says: nothing to do, nothing said.
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="dicomnode"):
+        recover(settings, sessions)
+    assert caplog.records == []
+    assert len(_files(new)) == len(received) + len(results)
+
+
+def test_a_second_copy_of_an_instance_whose_file_is_there_is_still_removed(
+    sessions: sessionmaker[Session], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A copy of a known instance under another study's folder (a study merged at the PACS
+    and sent again, the node killed before the copy's removal) while the indexed file is
+    where its row says: removed at start-up as before, the indexed file kept."""
+    storage = tmp_path / "storage"
+    with sessions() as session:
+        ds, _ = make_cxr(940_403, pneumothorax=False)
+        _, first = spool_and_index(session, storage, ds)
+    second = storage / "1.2.3" / "1.2.3.4" / first.name
+    second.parent.mkdir(parents=True)
+    second.write_bytes(first.read_bytes())
+    with caplog.at_level(logging.WARNING, logger="dicomnode"):
+        recover(Settings(storage={"path": storage}), sessions)
+    assert _files(storage) == [first]
+    assert _paths(sessions, Instance) == [str(first)]
+    assert "the first copy is kept and this one removed" in caplog.text
