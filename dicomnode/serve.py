@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -25,7 +26,7 @@ from dicomnode.config import NodeSettings, Settings, load_settings, restart_chan
 from dicomnode.models.registry import ModelCard, discover_cards
 from dicomnode.pipeline.sessions import WORKERS_ON_HOST
 from dicomnode.runfolders import METRICS_PREFIX, RUN_PREFIX, make_run_folder, remove_stale_folders
-from dicomnode.supervision import StopEvent, wait_for_exit
+from dicomnode.supervision import StopEvent, wait_for_exit, wait_to_restart
 from dicomnode.systemd import Notifier, run_watchdog
 from dicomnode.tomlfile import ConfigError
 
@@ -47,6 +48,10 @@ ASSEMBLY_PERIOD_SECONDS = 1.0
 # (a traceback a second made 3,000 lines of log in 30 s of a database outage).
 ASSEMBLY_RETRY_LAST_SECONDS = 5.0
 ASSEMBLY_REMINDER_SECONDS = 60.0
+# How long serve's stop waits for its workers (told to stop as its listeners are) before it
+# kills them; the listeners get as long (listeners.STOP_TIMEOUT). systemd/dicomnode.service's
+# TimeoutStopSec leaves room for both and the web server's stop.
+WORKER_STOP_SECONDS = 10.0
 
 # [node] settings the listeners read per association or instance: a reload applies them.
 LIVE_NODE_KEYS = frozenset(
@@ -416,10 +421,7 @@ class WorkerPool:
                     continue
                 self.restarts[index] += 1
                 delay = min(60.0, 2.0 ** min(self.restarts[index], 6))
-                log.error(
-                    "worker %d exited with status %s; restarting in %.0f s", index, code, delay
-                )
-                if stop.wait(delay):
+                if wait_to_restart(log, f"worker {index}", code, delay, stop):
                     return
                 self.processes[index] = self._start()
 
@@ -430,11 +432,13 @@ class WorkerPool:
                 process.terminate()
 
     def stop(self) -> None:
-        """SIGTERM every worker and wait for it, SIGKILL after 10 s."""
+        """SIGTERM every worker and wait for it, SIGKILL to those left after 10 s (all
+        together: systemd's TimeoutStopSec counts on it)."""
         self.terminate()
+        deadline = time.monotonic() + WORKER_STOP_SECONDS
         for process in self.processes:
             try:
-                process.wait(timeout=10)
+                process.wait(timeout=max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 process.kill()
 

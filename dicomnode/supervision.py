@@ -5,6 +5,13 @@ Each pool looked at its children once a second (``stop.wait(1.0)`` then ``poll()
 wake-up a second each for a node doing nothing. Now a pool's thread blocks in ``poll(2)`` on a
 pidfd per child (Linux 5.3+: readable once the child has exited) and on its :class:`StopEvent`,
 which ``set()`` makes readable. Where there are no pidfds it looks once a second, as before.
+
+A child that ends on a SIGTERM says so by its exit status (:data:`TERMINATED`; killed by the
+signal before it took it: -SIGTERM). One that serve did not send (systemd's
+KillMode=control-group signals every process of the unit at once, and a child may end before
+serve's own stop begins; an admin's ``kill``) is no crash: :func:`wait_to_restart` waits the
+restart's delay first, and the node's stop meanwhile ends the wait without a word; else the
+child is started again after one INFO line. Any other exit is logged as an ERROR.
 """
 
 from __future__ import annotations
@@ -14,11 +21,16 @@ import errno
 import logging
 import os
 import select
+import signal
 import subprocess
 import threading
 from collections.abc import Sequence
 
 log = logging.getLogger("dicomnode.supervision")
+
+# The exit status of a child of serve that ended because it took a SIGTERM (the shell's
+# 128 + signal number): under serve only; run by itself, a worker or listener exits 0.
+TERMINATED = 128 + signal.SIGTERM
 
 # Where pidfds are missing (not Linux, or a kernel before 5.3): how often to look.
 POLL_SECONDS = 1.0
@@ -102,3 +114,26 @@ def wait_for_exit(processes: Sequence[subprocess.Popen], stop: threading.Event) 
         for pidfd in pidfds:
             if pidfd is not None:
                 os.close(pidfd)
+
+
+def terminated(code: int | None) -> bool:
+    """Whether a child's exit status says that it ended on a SIGTERM: its handler's
+    :data:`TERMINATED`, or the signal's default action before it had one."""
+    return code in (TERMINATED, -signal.SIGTERM)
+
+
+def wait_to_restart(
+    logger: logging.Logger, name: str, code: int, delay: float, stop: threading.Event
+) -> bool:
+    """Before ``name`` (a child that exited with ``code``) is started again after ``delay``
+    s: its exit logged, the delay waited; True when ``stop`` is set meanwhile (the node
+    stops: no restart). An exit on a SIGTERM serve did not send is logged only if the node
+    is not stopping once the delay is over (a SIGTERM to the whole process group reaches
+    serve too, which then stops), at INFO; any other exit at once, as an ERROR."""
+    if terminated(code):
+        if stop.wait(delay):
+            return True
+        logger.info("%s stopped on a SIGTERM from outside serve; starting it again", name)
+        return False
+    logger.error("%s exited with status %s; restarting in %.0f s", name, code, delay)
+    return stop.wait(delay)

@@ -133,6 +133,24 @@ def test_ctrl_c_stops_serve_its_listeners_and_worker_once_without_a_traceback(
     _serve_stopped_cleanly(output, left)
 
 
+def test_sigterm_to_serves_process_group_stops_it_without_an_error(tmp_path: Path) -> None:
+    # What systemd's default KillMode=control-group does at a stop or restart: SIGTERM to
+    # every process of the unit at once. A listener or worker stopped on its own SIGTERM
+    # before serve's stop began, and serve logged it as a crash ("ERROR dicomnode.ingest:
+    # DICOM listener 0 exited with status 0; restarting in 2 s"), an alert on every restart.
+    config, port, web_port = write_config(tmp_path, _sqlite(tmp_path), listeners=2)
+    process, log = launch_node(tmp_path, config, port, web_port, new_session=True)
+    try:
+        wait_for(lambda: re.search(r"worker \S+ ready", log.read_text()), 60, what="worker")
+    finally:
+        group = os.getpgid(process.pid)
+        code, left = _signalled(process, lambda: os.killpg(group, signal.SIGTERM))
+    output = log.read_text()
+    assert code == 0, output
+    _serve_stopped_cleanly(output, left)
+    assert "exited with status" not in output, output
+
+
 def test_ctrl_c_while_serve_starts_stops_it_and_what_it_started(tmp_path: Path) -> None:
     # Once serve has started its listener and worker processes, while they and its web
     # server start: serve raised KeyboardInterrupt with a traceback (or, in uvicorn's start,

@@ -129,3 +129,36 @@ def test_a_killed_worker_and_listener_are_noticed_at_once_and_restarted(tmp_path
     finally:
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=30) == 0, log.read_text()
+
+
+def test_a_worker_and_listener_stopped_by_a_sigterm_from_outside_are_started_again_quietly(
+    tmp_path: Path,
+) -> None:
+    # A SIGTERM that serve did not send (kill by hand; systemd's KillMode=control-group sends
+    # one to every process of the unit) is no crash: no ERROR, the child is started again.
+    config, port, web_port = write_config(tmp_path, f"sqlite:///{tmp_path / 'dicomnode.db'}")
+    process, log = launch_node(tmp_path, config, port, web_port)
+    try:
+        wait_for(lambda: " ready (" in log.read_text(), 60, what="the worker ready")
+        started = children(process.pid)
+        (worker,), listener = started["worker"], started["listener"][0]
+        for pid in (worker, listener):
+            os.kill(pid, signal.SIGTERM)
+        wait_for(
+            lambda: (
+                log.read_text().count(" ready (") == 2
+                and log.read_text().count("listening for DICOM") == 3
+            ),
+            60,
+            what="a new worker and listener",
+        )
+        again = children(process.pid)
+        assert worker not in again["worker"] and listener not in again["listener"]
+        assert len(again["worker"]) == 1 and len(again["listener"]) == 2
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0, log.read_text()
+    output = log.read_text()
+    assert " ERROR " not in output, output
+    assert re.search(r"INFO dicomnode: worker 0 stopped on a SIGTERM from outside", output)
+    assert re.search(r"INFO dicomnode.ingest: DICOM listener \d stopped on a SIGTERM from", output)

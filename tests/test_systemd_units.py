@@ -130,6 +130,18 @@ def test_the_schema_migration_runs_before_and_without_a_start_timeout() -> None:
     assert re.fullmatch(r"\d+", node["WatchdogSec"][0])
 
 
+def test_a_stop_signals_serve_which_stops_its_own_processes() -> None:
+    """KillMode=mixed: SIGTERM to serve only (control-group, the default, signalled its
+    listeners and workers at once, each ending before serve knew it was stopping), and a
+    TimeoutStopSec longer than serve's own stop: its listeners' and workers' 10 s each."""
+    from dicomnode.ingest.listeners import STOP_TIMEOUT
+    from dicomnode.serve import WORKER_STOP_SECONDS
+
+    node = _settings(NODE)
+    assert node["KillMode"] == ["mixed"]
+    assert int(node["TimeoutStopSec"][0]) > STOP_TIMEOUT + WORKER_STOP_SECONDS
+
+
 def test_gpu_drop_in_allows_the_nvidia_devices_and_nothing_else() -> None:
     drop_in = unit_settings((SYSTEMD / GPU_DROP_IN).read_text(encoding="utf-8"))
     service_keys = ["PrivateDevices", "DevicePolicy", "DeviceAllow"]

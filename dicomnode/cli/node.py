@@ -98,7 +98,13 @@ def cmd_worker(args: argparse.Namespace) -> int:
             worker.serve_metrics(metrics_port)
     worker.warm_up()
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    terminated = threading.Event()  # stopped by a SIGTERM
+
+    def on_sigterm(*_: object) -> None:
+        terminated.set()
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_sigterm)
     if stop_on_sigint:
         signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGHUP, lambda *_: worker.reload_requested.set())
@@ -107,4 +113,11 @@ def cmd_worker(args: argparse.Namespace) -> int:
         parent_pid=args.parent_pid,
         ready=lambda: log.info("worker %s ready (%s)", worker.owner, RESEARCH_DEMO_NOTICE),
     )
+    # Under serve, a SIGTERM is said in the exit status: serve's supervision tells one it
+    # did not send (systemd's KillMode=control-group, a kill) from a crash. Run by itself
+    # (its own unit), 0: systemd counts only 0 and a death by SIGTERM as a clean stop.
+    if args.parent_pid is not None and terminated.is_set():
+        from dicomnode.supervision import TERMINATED
+
+        _leave(TERMINATED)
     _leave(0)

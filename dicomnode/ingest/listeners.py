@@ -45,7 +45,7 @@ from dicomnode.ingest.balance import listening_socket
 from dicomnode.ingest.sink import RemoteIndex
 from dicomnode.ingest.slots import AssociationSlots, create_slots
 from dicomnode.sigint import held, leave_sigint_to_supervisor, start_child
-from dicomnode.supervision import wait_for_exit
+from dicomnode.supervision import TERMINATED, wait_for_exit, wait_to_restart
 
 if TYPE_CHECKING:
     # The supervisor's side only: a listener process loads no database code under serve.
@@ -56,6 +56,7 @@ log = logging.getLogger("dicomnode.ingest")
 _PR_SET_PDEATHSIG = 1
 START_TIMEOUT = 60.0
 RELOAD_TIMEOUT = 10.0
+STOP_TIMEOUT = 10.0
 # The per-address counts, in the folder of the slots file a listener is given.
 ADDRESSES_FILE = "addresses.slots"
 
@@ -202,13 +203,7 @@ class ListenerPool:
                     continue
                 self.restarts[index] += 1
                 delay = min(60.0, 2.0 ** min(self.restarts[index], 6))
-                log.error(
-                    "DICOM listener %d exited with status %s; restarting in %.0f s",
-                    index,
-                    code,
-                    delay,
-                )
-                if stop.wait(delay):
+                if wait_to_restart(log, f"DICOM listener {index}", code, delay, stop):
                     return
                 for path in (self.slots_path, self.connections_path):
                     slots = AssociationSlots(path, index)
@@ -226,13 +221,15 @@ class ListenerPool:
                     log.error("DICOM listener %d did not start again", index)
 
     def stop(self) -> None:
-        """SIGTERM every listener (they finish and close), SIGKILL after 10 s."""
+        """SIGTERM every listener (they finish and close), SIGKILL to those left after 10 s
+        (all together: systemd's TimeoutStopSec counts on it)."""
         for child in self.children:
             with contextlib.suppress(OSError):
                 child.process.terminate()
+        deadline = time.monotonic() + STOP_TIMEOUT
         for child in self.children:
             try:
-                child.process.wait(timeout=10)
+                child.process.wait(timeout=max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 child.process.kill()
                 child.process.wait()
@@ -275,7 +272,9 @@ def run_listener(
     the supervisor's socket ``socket_fd`` (else its own), handing index rows to the
     supervisor over ``index_fd`` (else writing them itself). Under serve (``slots``) a
     SIGINT is ignored: serve stops its listeners; else it stops the listener as SIGTERM
-    does, unless SIGINT came ignored (a shell script's background job), as it stays."""
+    does, unless SIGINT came ignored (a shell script's background job), as it stays. The
+    exit status: 0, or under serve :data:`~dicomnode.supervision.TERMINATED` after a
+    SIGTERM."""
     from dicomnode.ingest.incoming import clear_listener_files
     from dicomnode.ingest.scp import StorageSCP
     from dicomnode.logs import setup_logging
@@ -284,7 +283,13 @@ def run_listener(
     # Reloads come as lines from the supervisor; a stray SIGHUP must not kill us.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    terminated = threading.Event()  # stopped by a SIGTERM, not by the end of input
+
+    def on_sigterm(*_: object) -> None:
+        terminated.set()
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_sigterm)
     if slots is not None:
         leave_sigint_to_supervisor()
     elif signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
@@ -323,4 +328,6 @@ def run_listener(
     threading.Thread(target=_control, args=(scp, config, stop), daemon=True).start()
     stop.wait()
     scp.stop()
-    return 0
+    # Under serve, a SIGTERM is said in the exit status: serve's supervision tells one it
+    # did not send (systemd's KillMode=control-group, a kill) from a crash.
+    return TERMINATED if slots is not None and terminated.is_set() else 0
