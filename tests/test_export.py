@@ -436,6 +436,28 @@ def test_exports_wait_out_an_outage_longer_than_their_attempts_and_leave_when_it
     assert "destination pacs answers again: 1 waiting export(s) due now" in caplog.text
 
 
+def test_a_group_larger_than_an_association_is_not_retried_with_each_due_job(
+    sessions: sessionmaker[Session], tmp_path: Path
+) -> None:
+    """A study's 40 exports to a destination that is down (a CT's overlays and
+    presentation states): the first association attempt takes 32 of them, the next claim the
+    other 8, and the first 32, waiting out their backoff, do not go along again (they have
+    been tried more often). Before, each due job's claim took the waiting 31 along: the
+    acceptance test saw 77 attempts in a minute for one study, log lines at ERROR among them."""
+    jobs = study_with_exports(sessions, tmp_path, {f"result-{n}": "pacs" for n in range(40)})
+    ids = list(jobs.values())
+    worker = _worker(tmp_path, sessions, free_port())
+    assert worker.run_once()
+    assert [job.attempts for job in _jobs(sessions, ids)] == [1] * 32 + [0] * 8
+    assert worker.run_once()
+    assert [job.attempts for job in _jobs(sessions, ids)] == [1] * 40
+    assert not worker.run_once()  # every one waits out its backoff (60 s here)
+    # Once all are due again, each group goes over one association as before.
+    _due_now(sessions, ids)
+    assert worker.run_once() and worker.run_once()
+    assert [job.attempts for job in _jobs(sessions, ids)] == [2] * 40
+
+
 def test_an_object_the_destination_refuses_is_dead_lettered_after_its_attempts(
     sessions: sessionmaker[Session], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
