@@ -356,3 +356,46 @@ def test_a_starting_worker_takes_over_at_once_what_its_hosts_dead_workers_held(
     assert f"jobs {held[0]} were held by worker processes of this host that are gone" in (
         caplog.text
     )
+
+
+def test_the_jobs_of_a_dead_worker_are_taken_over_and_said_once_by_the_workers_that_start(
+    db_url: str, sessions: sessionmaker[Session], caplog: pytest.LogCaptureFixture
+) -> None:
+    """After a crash each worker that starts frees the jobs of the dead ones: the second
+    found the leases the first had ended and ended them again, and both logged "jobs ...
+    were held by worker processes of this host that are gone; taken over now" for the same
+    jobs. Only the worker whose takeover changed the rows says so; each worker has its own
+    engine, as in its own process."""
+    from dicomnode.config import Settings
+    from dicomnode.db.session import make_engine, make_sessionmaker, utcnow
+    from dicomnode.jobs.queue import release_orphaned
+    from dicomnode.worker import Worker
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    owner = f"{socket.gethostname()}:{gone.pid}"
+    held = []
+    for index in range(2):
+        with sessions() as session:
+            enqueue(session, "analyse", make_study(session, f"1.2.4.{index}"), now=T0)
+            session.commit()
+        with sessions() as session:
+            held.append(claim(session, owner, ["analyse"], lease_seconds=300, now=utcnow()).id)
+
+    other = make_engine(db_url)
+    try:
+        with caplog.at_level(logging.WARNING, logger="dicomnode.worker"):
+            Worker(Settings(), sessions, cards=[]).free_orphaned_jobs()
+            Worker(Settings(), make_sessionmaker(other), cards=[]).free_orphaned_jobs()
+        with make_sessionmaker(other)() as session:
+            assert release_orphaned(session, socket.gethostname()) == []
+    finally:
+        other.dispose()
+    said = [r.getMessage() for r in caplog.records if "held by worker processes" in r.getMessage()]
+    assert said == [
+        f"jobs {', '.join(map(str, held))} were held by worker processes of this host that "
+        "are gone; taken over now"
+    ]
+    with sessions() as session:
+        taken = {claim(session, "restarted", ["analyse"], 300, now=utcnow()).id for _ in held}
+        assert taken == set(held)

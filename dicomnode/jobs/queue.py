@@ -284,16 +284,24 @@ def release_orphaned(
     crashed, the machine restarted), so that they are taken over now rather than when the
     lease runs out (``[worker] lease_seconds``, 5 minutes by default); commits; returns the
     jobs' ids. Owners are ``host:pid``; a pid that lives again as another process keeps its
-    job until the lease ends, as before."""
-    now = now or utcnow()
+    job until the lease ends, as before.
+
+    Only leases still running when read are ended, so that of the workers that start after a
+    crash only the first returns (and logs) the jobs: the others read the leases it ended
+    (SQLite: its BEGIN IMMEDIATE puts their reads after its commit; PostgreSQL: rows it
+    holds are skipped, and one it committed meanwhile is read as it left it), each ended at
+    a time before their reads, since the clock is this host's: ``now`` is taken after it."""
     prefix = f"{host}:"
     query = select(Job).where(
         Job.state == "leased", Job.lease_owner.startswith(prefix, autoescape=True)
     )
+    held = list(session.scalars(query.with_for_update(skip_locked=True)))
+    now = now or utcnow()
     released = []
-    for job in session.scalars(query.with_for_update(skip_locked=True)):
+    for job in held:
         pid = job.lease_owner.removeprefix(prefix)
-        if pid.isdigit() and not alive(int(pid)):
+        running = job.lease_expires_at is None or as_utc(job.lease_expires_at) > now
+        if running and pid.isdigit() and not alive(int(pid)):
             job.lease_expires_at = now
             released.append(job.id)
     if released:
