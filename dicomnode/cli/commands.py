@@ -135,6 +135,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         jobs_in_state,
         retry_dead,
     )
+    from dicomnode.jobs.queue import lock_studies
 
     settings = settings_of(args)
     with database_sessions(settings)() as session:
@@ -174,7 +175,10 @@ def cmd_jobs(args: argparse.Namespace) -> int:
             print("error: give job ids, or --all (with --kind/--destination)", file=sys.stderr)
             return 2
         now = utcnow()
-        retried = 0
+        retried = gone = 0
+        # Their studies locked at once, in id order (on PostgreSQL, as each retry does its own):
+        # another transaction locking several of them, in the same order, cannot deadlock it.
+        lock_studies(session, [job.study_id for job in jobs])
         # Newest first (as listed): of two dead exports of one object to one destination, the
         # newer is queued again and then covers the older, which is not.
         for job in sorted(jobs, key=lambda job: job.id, reverse=True):
@@ -184,11 +188,15 @@ def cmd_jobs(args: argparse.Namespace) -> int:
             except Covered as covered:
                 # Not an error: what the retry was for is done or under way.
                 print(covered)
+            except ValueError as error:
+                # Retried by another admin since it was listed.
+                print(f"error: {error}", file=sys.stderr)
+                gone += 1
         session.commit()
-    covered_count = len(jobs) - retried
+    covered_count = len(jobs) - retried - gone
     tail = f", {covered_count} already covered by other jobs" if covered_count else ""
     print(f"{retried} dead job(s) queued again{tail}")
-    return 0
+    return 1 if gone else 0
 
 
 def cmd_destinations(args: argparse.Namespace) -> int:

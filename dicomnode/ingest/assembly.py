@@ -43,10 +43,12 @@ def association_ended(
 
 def queue_ready_studies(session: Session, now: datetime) -> list[int]:
     """Create an analysis job for every study whose quiet period is over; returns study ids."""
+    # In id order: each update below locks its study's row until the commit, and on PostgreSQL
+    # the others locking several studies (jobs.queue.lock_studies) go in id order too.
     candidates = session.execute(
-        select(Study.id, Study.received_generation).where(
-            Study.received_generation > Study.queued_generation, Study.ready_at <= now
-        )
+        select(Study.id, Study.received_generation)
+        .where(Study.received_generation > Study.queued_generation, Study.ready_at <= now)
+        .order_by(Study.id)
     ).all()
     queued = []
     for study_id, generation in candidates:

@@ -24,7 +24,7 @@ from sqlalchemy import ColumnElement, and_, exists, or_, select
 from sqlalchemy.orm import Session, aliased
 
 from dicomnode.db.models import Job, Study
-from dicomnode.jobs.queue import retry
+from dicomnode.jobs.queue import lock_studies, retry
 from dicomnode.worklist import audit
 
 
@@ -189,7 +189,16 @@ def retry_dead(session: Session, job: Job, actor: str, now: datetime) -> None:
     """Queue the dead job ``job`` again, audited as ``actor``'s (the caller commits).
 
     Raises :class:`Covered` (nothing changed, nothing audited) when another job does or did
-    its work (:func:`covering_job`), ValueError when it is not dead."""
+    its work (:func:`covering_job`), ValueError when it is not dead.
+
+    The study is locked first (:func:`~dicomnode.jobs.queue.lock_studies`) and the job read
+    again under the lock, so that on PostgreSQL what queues the same work at the same moment
+    takes turns with the retry: a results job queuing the study's exports (it locks the study
+    too), the assembly queuing an analysis (its update of the study waits for the lock), or
+    another admin's retry of the job. The one that commits first is seen by the check that
+    comes second, as when they come seconds apart: the object is not sent twice."""
+    lock_studies(session, [job.study_id])
+    session.refresh(job)
     if job.state != "dead":
         raise ValueError(f"job {job.id} is {job.state}, not dead")
     covering = covering_job(session, job)

@@ -15,7 +15,7 @@ the next job is due (:func:`next_due`) instead of polling the queue.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -23,7 +23,7 @@ from typing import Any
 from sqlalchemy import ColumnElement, and_, case, event, func, or_, select, text
 from sqlalchemy.orm import Session, aliased
 
-from dicomnode.db.models import Job
+from dicomnode.db.models import Job, Study
 from dicomnode.db.session import READ_ONLY, as_utc, utcnow
 from dicomnode.jobs.wakeups import wake_all, wake_folder
 
@@ -40,6 +40,8 @@ KIND_PRIORITY = {"notify": 0, "analyse": 1, "export": 2, "results": 3}
 CHANNEL = "dicomnode_jobs"
 # Where an SQLite session's commit is to wake the idle workers (Session.info key).
 _WAKE_FOLDER = "dicomnode.wake_folder"
+# Studies locked per statement by lock_studies.
+_LOCK_CHUNK = 500
 
 
 def _wake_workers(session: Session) -> None:
@@ -87,6 +89,27 @@ def enqueue(
     session.add(job)
     _wake_workers(session)
     return job
+
+
+def lock_studies(session: Session, study_ids: Iterable[int]) -> None:
+    """Hold the rows of these studies until the transaction ends, for a transaction that
+    decides from the jobs it reads whether a study needs another (an admin's retry of a dead
+    export or analysis; a results job queuing its exports): two such transactions for one
+    study take turns, and the second sees what the first queued. Call it before the reads.
+
+    PostgreSQL: ``SELECT ... FOR UPDATE`` (read committed: each statement after it reads what
+    was committed meanwhile), the rows in id order, so that two transactions each locking
+    several studies do not deadlock. SQLite: nothing to do, its BEGIN IMMEDIATE serialises
+    writers already."""
+    ids = sorted(set(study_ids))
+    if session.get_bind().dialect.name == "sqlite":
+        return
+    # In chunks (a statement takes only so many parameters), each in id order.
+    for start in range(0, len(ids), _LOCK_CHUNK):
+        chunk = ids[start : start + _LOCK_CHUNK]
+        session.execute(
+            select(Study.id).where(Study.id.in_(chunk)).order_by(Study.id).with_for_update()
+        )
 
 
 def _runnable(now: datetime, jobs: Any = Job) -> ColumnElement[bool]:

@@ -43,7 +43,7 @@ from dicomnode.config import Destination, Settings
 from dicomnode.db.models import Instance, Job, ResultObject, Series, Study
 from dicomnode.db.session import utcnow
 from dicomnode.ingest.spool import instance_path, write_durable
-from dicomnode.jobs.queue import Postponed, enqueue
+from dicomnode.jobs.queue import Postponed, enqueue, lock_studies
 from dicomnode.logs import patient_values, without_patient_data
 from dicomnode.models.registry import ModelCard
 from dicomnode.pipeline.analyse import Models, StageTimes, Triaged, load_images, triage_models
@@ -311,6 +311,9 @@ def write_results(
             written.append((card, kind, ds, path, first_uid, inputs))
         # The rows go in after every file is written: adding one starts the transaction, which
         # on SQLite holds the write lock (the index writer, other workers) until the commit.
+        # On PostgreSQL the study's row is locked first, as an admin's retry of a dead export
+        # locks it before it looks for another export of its object: one waits for the other.
+        lock_studies(session, [study_id])
         results = [
             (kind, _store_result(session, study_id, card, kind, ds, path, first_uid, inputs))
             for card, kind, ds, path, first_uid, inputs in written
@@ -321,9 +324,9 @@ def write_results(
             session.delete(row)
         failures.record(session)
         times.add("results", started)
-        # Read in the transaction that queues the exports, not before the files are written:
-        # an admin's retry of a dead export meanwhile (or another job's export) is seen, and
-        # the object is not queued a second time.
+        # Read in the transaction that queues the exports, under the study's lock, not before
+        # the files are written: an admin's retry of a dead export meanwhile (or another job's
+        # export) is seen, and the object is not queued a second time.
         exported = _exported(session, study_id)
         for kind, result in [*results, *((kind, row) for kind, row, _ in kept)]:
             for destination in settings.destinations:

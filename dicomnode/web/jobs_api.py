@@ -111,6 +111,9 @@ def jobs_router(sessions: sessionmaker[Session], caller_of: Callable[..., Caller
             except Covered as covered:
                 # Queuing it would send the object (or analyse the study) a second time.
                 raise HTTPException(status.HTTP_409_CONFLICT, str(covered)) from None
+            except ValueError as error:
+                # Another admin's retry of it committed since it was read.
+                raise HTTPException(status.HTTP_409_CONFLICT, str(error)) from None
             session.commit()
             return _job_out(job, study.study_instance_uid if study else "")
 
