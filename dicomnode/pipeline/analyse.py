@@ -25,7 +25,7 @@ from dicomnode.db.models import FindingRow, Instance, Job, Series, Study
 from dicomnode.db.session import utcnow
 from dicomnode.findings import ModelRun
 from dicomnode.jobs.queue import enqueue
-from dicomnode.models.registry import ModelCard
+from dicomnode.models.registry import Label, ModelCard
 from dicomnode.notify import becomes_critical, enqueue_notifications
 from dicomnode.pipeline.decode import DecodeError, first_frame
 from dicomnode.pipeline.handover import Handover, array_bytes
@@ -150,6 +150,28 @@ class Models:
         return list(by_model.values())
 
 
+def label_probabilities(card: ModelCard, run: ModelRun) -> list[tuple[Label, float]]:
+    """What a model's run gives the worklist: each label with its highest probability on the
+    study's images; none for a router or a model whose task sets no findings."""
+    if card.model.sets or card.model.task not in FINDING_TASKS:
+        return []
+    return [
+        (
+            label,
+            max(
+                (
+                    f.probability
+                    for e in run.images
+                    for f in e.findings
+                    if f.concept == label.concept
+                ),
+                default=0.0,
+            ),
+        )
+        for label in card.labels
+    ]
+
+
 def _record_findings(session: Session, study: Study, card: ModelCard, run: ModelRun) -> None:
     """One worklist finding row per label: the label's highest probability on the study."""
     session.execute(
@@ -157,13 +179,7 @@ def _record_findings(session: Session, study: Study, card: ModelCard, run: Model
             FindingRow.study_id == study.id, FindingRow.model_name == card.model.name
         )
     )
-    if card.model.sets or card.model.task not in FINDING_TASKS:
-        return
-    for label in card.labels:
-        best = max(
-            (f.probability for e in run.images for f in e.findings if f.concept == label.concept),
-            default=0.0,
-        )
+    for label, best in label_probabilities(card, run):
         session.add(
             FindingRow(
                 study_id=study.id,

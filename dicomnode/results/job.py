@@ -51,6 +51,13 @@ from dicomnode.pipeline.outputs import result_objects
 from dicomnode.pipeline.runtime import Runtime
 from dicomnode.pipeline.select import rules_match
 from dicomnode.pipeline.sessions import ModelLoadError
+from dicomnode.results.agreement import (
+    MAX_ANALYSES_AGAIN,
+    analyse_again,
+    compare,
+    replaced_cards,
+    shown_findings,
+)
 from dicomnode.results.inputs import (
     StudyInstance,
     inputs_digest,
@@ -168,7 +175,13 @@ def write_results(
     analysis failed keeps the objects of the findings it shows: nothing is written if the
     study is gone or a newer analysis has queued its own results job, and the job is
     :class:`~dicomnode.jobs.queue.Postponed` while a newer analysis is pending (queued, running,
-    waiting to retry, or instances arrived since)."""
+    waiting to retry, or instances arrived since).
+
+    The objects say what the worklist says (:mod:`dicomnode.results.agreement`): an analysis in
+    memory made with cards a reload has replaced since is not used, and triage models run
+    again that differ from the study's findings (another version, after an upgrade or a
+    reload) write nothing: the study is analysed again, and that analysis's results job
+    writes the objects."""
     times = StageTimes()
     study = session.get(Study, study_id)
     if study is None:
@@ -183,6 +196,8 @@ def write_results(
     # running or waiting to retry.
     pending = study.analysis_status not in ("analysed", "failed")
     queued_generation = study.queued_generation
+    # What the worklist shows, for triage models run again to agree with.
+    shown = shown_findings(session, study_id)
     # End the read transaction before the models and the files: on SQLite every transaction
     # holds the write lock, which ingest and the analyses need meanwhile.
     session.commit()
@@ -195,22 +210,56 @@ def write_results(
             f"or running; generation {queued_generation})"
         )
     failures = _ResultFailures(job_id, study_id)
-    # Registered with the runtime only while models run, so that analyses running meanwhile
-    # wait for this thread's inferences and not for its result writing.
-    with runtime.caller():
-        if triaged is None:
+    if triaged is not None:
+        replaced = replaced_cards(triaged, [*cards, *(card for card, _ in left_out)])
+        if replaced:
+            log.info(
+                "results job %d study_id=%d: the analysis kept in memory was made with model "
+                "cards since replaced (%s); the triage models run again",
+                job_id,
+                study_id,
+                ", ".join(replaced),
+            )
+            triaged = None
+    disagreeing: dict[str, str] = {}
+    if triaged is None:
+        # Registered with the runtime only while models run, so that analyses running
+        # meanwhile wait for this thread's inferences and not for its result writing.
+        with runtime.caller():
             started = time.perf_counter()
             images, _, _ = load_images(session, study, instances_up_to)
             triaged = triage_models(Models(cards, images), runtime, StageTimes())
             times.add("recompute", started)
+        # The objects must say what the worklist says: models that differ from the study's
+        # findings (another version after an upgrade or a reload) write none; the study is
+        # analysed again, and that analysis's results job writes them.
+        comparison = compare(shown, triaged.runs)
+        for line in comparison.drifted:
+            log.warning(
+                "results job %d study_id=%d: the triage models run again give other "
+                "probabilities than the study's findings, with the same calls: %s",
+                job_id,
+                study_id,
+                line,
+            )
+        if comparison.disagreeing:
+            note = analyse_again(session, study_id, job_id, comparison)
+            if note is not None:
+                times.note = note
+                return times
+            disagreeing = comparison.disagreeing
+    with runtime.caller():
         failures.sources = triaged.models.images
+        for card, _ in triaged.runs:
+            if card.model.name in disagreeing:
+                failures.disagrees(card, disagreeing[card.model.name])
         for card, reason in left_out:
             if card.model.standalone and any(
                 rules_match(card.select, triaged.models.facts[id(ds)])
                 for ds in triaged.models.images
             ):
                 failures.left_out(card, reason)
-        runs = list(triaged.runs)
+        runs = [(card, run) for card, run in triaged.runs if card.model.name not in disagreeing]
         for card, selected in triaged.later:
             # One model failing on these images (e.g. one it cannot take) leaves the others'.
             try:
@@ -410,6 +459,32 @@ class _ResultFailures:
                 "version": card.model.version,
                 "kind": "run",
                 "error": f"{NOT_RUN}: the model cannot be loaded ({reason})"[:1000],
+            }
+        )
+
+    def disagrees(self, card: ModelCard, how: str) -> None:
+        """Name a triage model run again whose findings differ from the study's (``how``) after
+        :data:`~dicomnode.results.agreement.MAX_ANALYSES_AGAIN` analyses in a row: none of its
+        objects is written, as they would not say what the worklist says."""
+        error = (
+            f"its findings differ from the study's ({how}) after "
+            f"{MAX_ANALYSES_AGAIN} analyses again; none of its objects is written: check that "
+            "every worker runs the same model cards"
+        )
+        log.warning(
+            "results job %d study_id=%d: model %s %s: %s",
+            self.job_id,
+            self.study_id,
+            card.model.name,
+            card.model.version,
+            error,
+        )
+        self.not_written.append(
+            {
+                "model": card.model.name,
+                "version": card.model.version,
+                "kind": "all",
+                "error": error[:1000],
             }
         )
 
