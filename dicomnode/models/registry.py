@@ -124,6 +124,8 @@ class SelectionRules(_Strict):
     sop_classes: list[str] = []
     # An image with any of these values anywhere in its Image Type is refused (e.g. DERIVED,
     # LOCALIZER). A scout is no slice and no radiograph of the patient, whatever the model.
+    # An image DERIVED only by lossy compression on the way counts as ORIGINAL here
+    # (pipeline/select.py: lossy_compression_only).
     excluded_image_types: list[str] = ["LOCALIZER"]
     # Presentation Intent Type values refused; images of a For Processing SOP class count as
     # FOR PROCESSING. Raw detector data is not what a radiologist (or a model trained on

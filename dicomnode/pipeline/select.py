@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, replace
 
 from pydicom import Dataset
+from pydicom.sequence import Sequence
 from pydicom.uid import CTImageStorage
 
 from dicomnode import made_by_this_node
@@ -23,6 +25,27 @@ FOR_PROCESSING_CLASSES = frozenset(
     }
 )
 MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
+
+# Derivation Code (CID 7203) that lossy compression records, and the purpose of reference
+# (CID 7202) of the Source Image Sequence item naming the image compressed.
+LOSSY_COMPRESSION = ("113040", "DCM")
+UNCOMPRESSED_PREDECESSOR = ("121320", "DCM")
+# Derivation Description as compression tools write it, one compression each: dcmtk
+# (dcmcjpeg: lossy and lossless JPEG; dcmcjpls: near-lossless JPEG-LS) and gdcm (gdcmconv
+# --lossy). dcmtk puts an earlier description after its own in brackets ("... [earlier]").
+_RATIO = r"[0-9]+(?:\.[0-9]+)?(?:e[+-]?[0-9]+)?"
+COMPRESSION_DESCRIPTIONS = tuple(
+    re.compile(pattern, re.IGNORECASE)
+    for pattern in (
+        r"lossy compression with jpeg (?:baseline|extended sequential [0-9]+ bit|spectral "
+        rf"selection [0-9]+ bit|full progression [0-9]+ bit), ijg quality factor [0-9]+, "
+        rf"compression ratio {_RATIO}",
+        r"lossless jpeg compression, selection value [0-9]+, point transform [0-9]+, "
+        rf"compression ratio {_RATIO}",
+        rf"near lossless jpeg-ls compression, factor {_RATIO} \(near=[0-9]+\)",
+        r"lossy conversion",
+    )
+)
 
 
 @dataclass(frozen=True)
@@ -44,6 +67,8 @@ class ImageFacts:
     manufacturer: str = ""
     # Rescale Intercept and Rescale Slope both present and not empty.
     rescaled: bool = True
+    # DERIVED only because it was lossy-compressed on the way (lossy_compression_only).
+    derived_by_lossy_compression_only: bool = False
 
 
 # Words in Body Part Examined or in the descriptions that mean the chest. Sites spell it many
@@ -91,6 +116,58 @@ def _image_types(ds: Dataset) -> tuple[str, ...]:
     return tuple(str(item).strip().upper() for item in values)
 
 
+def _codes(ds: Dataset, keyword: str) -> list[tuple[str, str]]:
+    """(Code Value, Coding Scheme Designator) of each item of a code sequence, upper case."""
+    items = value_or_none(ds, keyword) or []
+    if not isinstance(items, (list, Sequence)):  # not a sequence: malformed
+        return [("", "")]
+    return [
+        (_text(item, "CodeValue"), _text(item, "CodingSchemeDesignator"))
+        if isinstance(item, Dataset)
+        else ("", "")
+        for item in items
+    ]
+
+
+def _describes_compression_only(description: str) -> bool:
+    """True when every part of a Derivation Description (dcmtk brackets earlier ones) is one
+    that a compression tool writes."""
+    parts = [part.strip() for part in re.split(r"[\[\]]", description)]
+    return all(
+        any(pattern.fullmatch(" ".join(part.split())) for pattern in COMPRESSION_DESCRIPTIONS)
+        for part in parts
+        if part
+    )
+
+
+def lossy_compression_only(ds: Dataset, image_types: tuple[str, ...]) -> bool:
+    """True for an image that is DERIVED only because it was lossy-compressed on the way (an
+    archive or router did it; it is still the acquired image), as dcmtk and gdcm record it:
+    Image Type DERIVED\\PRIMARY (PRIMARY: made by the examination, not after it), Lossy
+    Image Compression 01, a Derivation Code Sequence of Lossy Compression (DCM 113040) only, a
+    Derivation Description (at least one of the two present) of compressions only, and any
+    Source Image Sequence naming uncompressed predecessors (DCM 121320) only. Both tools
+    replace the code sequence of an image derived before, so an earlier derivation shows in
+    the description (dcmtk keeps it in brackets) or in Image Type SECONDARY (gdcm)."""
+    if image_types[:2] != ("DERIVED", "PRIMARY") or _text(ds, "LossyImageCompression") != "01":
+        return False
+    codes = _codes(ds, "DerivationCodeSequence")
+    description = str(value_or_none(ds, "DerivationDescription") or "")
+    if not codes and not description.strip():
+        return False  # DERIVED with nothing to say how: processed, as far as anyone can tell
+    sources = value_or_none(ds, "SourceImageSequence") or []
+    return (
+        all(code == LOSSY_COMPRESSION for code in codes)
+        and _describes_compression_only(description)
+        and isinstance(sources, (list, Sequence))
+        and all(
+            isinstance(item, Dataset)
+            and _codes(item, "PurposeOfReferenceCodeSequence") == [UNCOMPRESSED_PREDECESSOR]
+            for item in sources
+        )
+    )
+
+
 def slice_normal(ds: Dataset) -> tuple[float, float, float] | None:
     """Unit normal of the image plane from Image Orientation Patient, None when it is absent or
     not two non-parallel direction vectors."""
@@ -130,12 +207,13 @@ def _presentation_intent(ds: Dataset, sop_class_uid: str) -> str:
 def image_facts(ds: Dataset) -> ImageFacts:
     """The attributes that selection rules look at (an empty one as if absent)."""
     sop_class_uid = str(value_or_none(ds, "SOPClassUID") or "").strip()
+    image_types = _image_types(ds)
     return ImageFacts(
         modality=_text(ds, "Modality"),
         body_part=body_part(ds),
         view=_text(ds, "ViewPosition"),
         sop_class_uid=sop_class_uid,
-        image_types=_image_types(ds),
+        image_types=image_types,
         slice_normal=slice_normal(ds),
         samples_per_pixel=_integer(ds, "SamplesPerPixel", 1),
         photometric=_text(ds, "PhotometricInterpretation"),
@@ -146,6 +224,7 @@ def image_facts(ds: Dataset) -> ImageFacts:
             value_or_none(ds, keyword) is not None
             for keyword in ("RescaleIntercept", "RescaleSlope")
         ),
+        derived_by_lossy_compression_only=lossy_compression_only(ds, image_types),
     )
 
 
@@ -160,6 +239,15 @@ def made_by_the_node(facts: ImageFacts) -> bool:
     """True for the node's own result objects (Manufacturer "dicomnode"): never analysed again,
     whatever a card says, or a PACS routing results back would feed them round and round."""
     return made_by_this_node(facts.manufacturer)
+
+
+def selection_image_types(facts: ImageFacts) -> tuple[str, ...]:
+    """Image Type as ``excluded_image_types`` reads it: an image DERIVED only by lossy
+    compression on the way counts as ORIGINAL (a card excludes DERIVED to skip processed and
+    secondary images, not the acquired image an archive compressed)."""
+    if facts.derived_by_lossy_compression_only:
+        return ("ORIGINAL", *facts.image_types[1:])
+    return facts.image_types
 
 
 def _admits(allowed: list[str], value: str) -> bool:
@@ -184,7 +272,7 @@ def rules_match(rules: SelectionRules, facts: ImageFacts) -> bool:
         and _admits(rules.body_parts, facts.body_part)
         and _admits(rules.views, facts.view)
         and (not rules.sop_classes or facts.sop_class_uid in rules.sop_classes)
-        and not _upper(rules.excluded_image_types) & set(facts.image_types)
+        and not _upper(rules.excluded_image_types) & set(selection_image_types(facts))
         and facts.presentation_intent not in _upper(rules.excluded_presentation_intents)
         and (
             not rules.orientations

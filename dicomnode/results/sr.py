@@ -38,6 +38,7 @@ __all__ = [
     "build_sr",
     "copy_patient_study",
     "device_observer",
+    "lossy_note",
     "name_predecessors",
     "series_description",
     "validate_evaluation",
@@ -133,7 +134,7 @@ def build_sr(evaluations: Sequence[ImageFindings], algorithm: Algorithm) -> pydi
         imaging_measurements=groups,
         referenced_images=[library_view(reference) for reference in references],
     )
-    report[0].ContentSequence.append(_notice(algorithm))
+    report[0].ContentSequence.append(_notice(algorithm, lossy_note(sources)))
 
     study_uid = study_uids.pop()
     sr = hd.sr.Comprehensive3DSR(
@@ -421,12 +422,29 @@ def _region(source: pydicom.Dataset, finding: Finding) -> hd.sr.ImageRegion | No
     )
 
 
-def _notice(algorithm: Algorithm) -> hd.sr.ContainerContentItem:
+def lossy_note(sources: Sequence[pydicom.Dataset]) -> str:
+    """What the report says of images it was made on that were lossy-compressed (Lossy Image
+    Compression 01: by the modality, or by an archive or router on the way); "" for none."""
+    lossy = sum(
+        str(source.get("LossyImageCompression") or "").strip() == "01" for source in sources
+    )
+    if not lossy:
+        return ""
+    if len(sources) == 1:
+        return "The image analysed was lossy-compressed."
+    if lossy == len(sources):
+        return f"The {lossy} images analysed were lossy-compressed."
+    verb = "was" if lossy == 1 else "were"
+    return f"{lossy} of the {len(sources)} images analysed {verb} lossy-compressed."
+
+
+def _notice(algorithm: Algorithm, note: str = "") -> hd.sr.ContainerContentItem:
     model = f"{algorithm.name} {algorithm.version} ({algorithm.manufacturer})"
     if algorithm.research_demo:
         text = f"{RESEARCH_DEMO_NOTICE}. AI result of {model}, not verified by a physician."
     else:
         text = f"AI result of {model}, not verified by a physician."
+    text = f"{text} {note}".strip()
     container = hd.sr.ContainerContentItem(
         name=QUALITATIVE_EVALUATIONS,
         relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
