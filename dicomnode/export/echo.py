@@ -50,7 +50,7 @@ def echo(
     from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
     from pynetdicom.sop_class import Verification
 
-    from dicomnode.export.scu import DestinationUnavailable, associate
+    from dicomnode.export.scu import ContextsNotAccepted, DestinationUnavailable, associate
 
     started = time.perf_counter()
     contexts = [(Verification, [ImplicitVRLittleEndian, ExplicitVRLittleEndian])]
@@ -75,7 +75,7 @@ def echo(
                 )
             if code != 0x0000:
                 return EchoOutcome(destination, False, f"C-ECHO status 0x{code:04X}")
-    except DestinationUnavailable as exc:
+    except (DestinationUnavailable, ContextsNotAccepted) as exc:
         reason = exc.reason
         if _NO_CONTEXTS in reason:
             reason = "Verification not accepted (no accepted presentation contexts)"

@@ -18,10 +18,11 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol
 
-from sqlalchemy import ColumnElement, or_, select
+from sqlalchemy import ColumnElement, func, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode import metrics
@@ -32,12 +33,14 @@ from dicomnode.export.outages import Outages
 from dicomnode.export.scu import (
     DestinationOutOfResources,
     DestinationUnavailable,
+    ExportError,
     describe,
     send_files,
 )
 from dicomnode.jobs.queue import (
     BACKOFF_MAX_SECONDS,
     Together,
+    backoff_seconds,
     dead_letter,
     dead_letter_queued,
     hasten,
@@ -51,6 +54,10 @@ log = logging.getLogger("dicomnode.worker")
 
 # Result objects of one study sent to a destination over one association, at most.
 EXPORTS_PER_ASSOCIATION = 32
+
+# What a failed export's reason ends with where a 0xA7xx (out of resources) answer was taken
+# for a refusal of its object (:meth:`ExportJobs._refusals_of_one_object`).
+REFUSED_WHILE_STORING = "a refusal of this object while the destination stores others"
 
 
 class JobRecorder(Protocol):
@@ -166,6 +173,8 @@ class ExportJobs:
             return False
         batch = [job, *companions]
         queued = {other.id: queued_seconds(other) for other in batch}
+        base = worker.settings.worker.backoff_base_seconds
+        previous = {other.id: (_last_failed_at(other, base), other.last_error) for other in batch}
         rows = {other.id: session.get(ResultObject, other.payload["result_id"]) for other in batch}
         # The jobs whose result objects still exist (by id), and their files in that order.
         kinds = {job_id: row.kind for job_id, row in rows.items() if row is not None}
@@ -185,6 +194,8 @@ class ExportJobs:
             outcomes: dict[int, Exception | None] = dict.fromkeys(kinds, exc)
         else:
             outcomes = dict(zip(kinds, sent, strict=True))
+            # Before any other statement of this session: it may begin a read transaction.
+            self._refusals_of_one_object(session, name, outcomes, previous)
             # Not when it answers but stores nothing (out of resources: its disk is full).
             if any(outcome is None for outcome in sent):
                 self._answered(session, job, name)
@@ -203,6 +214,45 @@ class ExportJobs:
         if failed:
             self._record_failures(session, destination, batch, failed, started, counted)
         return bool(failed)
+
+    def _refusals_of_one_object(
+        self,
+        session: Session,
+        name: str,
+        outcomes: dict[int, Exception | None],
+        previous: dict[int, tuple[datetime | None, str]],
+    ) -> None:
+        """Take the 0xA7xx (out of resources) answers of this association (``outcomes`` in
+        the order sent) for refusals of their objects where the destination stores other
+        objects meanwhile: one sent after it in this association, another export to it done
+        since the object's last failed attempt, or its last attempt was such a refusal
+        already (``previous``: per job, when its last attempt failed and why). A PACS filter
+        that refuses one SOP class answers so; taken for a full disk, the object was retried
+        for ever, never dead-lettered, and held back the objects after it. Such an answer then
+        uses one of the object's attempts (an ExportError replaces it in ``outcomes``); one
+        the destination answers while it stores nothing (its disk full, also where it filled
+        in the middle of this association) still waits as for a destination that is down."""
+        order = list(outcomes)
+        full = [i for i in order if isinstance(outcomes[i], DestinationOutOfResources)]
+        if not full:
+            return
+        refused = {
+            job_id
+            for job_id in full
+            if REFUSED_WHILE_STORING in previous[job_id][1]
+            or any(outcomes[later] is None for later in order[order.index(job_id) + 1 :])
+        }
+        failed_at = {
+            job_id: when
+            for job_id in full
+            if job_id not in refused and (when := previous[job_id][0]) is not None
+        }
+        if failed_at:
+            latest = _latest_stored(session, name, min(failed_at.values()))
+            if latest is not None:
+                refused |= {job_id for job_id, when in failed_at.items() if when < latest}
+        for job_id in refused:
+            outcomes[job_id] = ExportError(f"{outcomes[job_id]}, {REFUSED_WHILE_STORING}")
 
     def _answered(self, session: Session, job: Job, name: str) -> None:
         """The destination took an object: its outage ends, and what waits out its backoff
@@ -397,6 +447,33 @@ def _unreachable_last_time() -> ColumnElement[bool]:
             for unreachable in (DestinationUnavailable, DestinationOutOfResources)
         )
     )
+
+
+def _last_failed_at(job: Job, backoff_base: float) -> datetime | None:
+    """When a claimed export's last attempt failed, None when it has none (its first, or the
+    first since an admin's retry): its ``run_after`` less the backoff that failure set (an
+    earlier time where the job was hastened, which a destination that stored an object
+    does)."""
+    if job.attempts < 2 or not job.last_error:
+        return None
+    backoff = backoff_seconds(job.attempts - 1, backoff_base)
+    return as_utc(job.run_after) - timedelta(seconds=backoff)
+
+
+def _latest_stored(session: Session, destination: str, since: datetime) -> datetime | None:
+    """When the destination last took an export (done) after ``since``; None when it took
+    none. Ends its read transaction."""
+    session.connection(execution_options=READ_ONLY)
+    latest = session.scalar(
+        select(func.max(Job.finished_at)).where(
+            Job.kind == "export",
+            Job.state == "done",
+            Job.finished_at > since,
+            _destination(Job) == destination,
+        )
+    )
+    session.rollback()
+    return as_utc(latest) if latest is not None else None
 
 
 def _destination(jobs: Any) -> ColumnElement[str]:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
 
@@ -69,8 +69,24 @@ class DestinationUnavailable(ExportError):
 class DestinationOutOfResources(DestinationUnavailable):
     """The destination answered a C-STORE with 0xA7xx, Refused: Out of Resources (its disk
     is full): a transient status (PS3.4), so the export waits and is retried as for a
-    destination that is down, using none of its attempts; other failure statuses refuse the
-    object."""
+    destination that is down, using none of its attempts, unless the destination stores other
+    objects meanwhile (:mod:`dicomnode.export.jobs` then takes it for a refusal of this
+    object, as a PACS filter that refuses one SOP class answers); other failure statuses
+    refuse the object."""
+
+
+class ContextsNotAccepted(ExportError):
+    """The destination accepted the association but none of the presentation contexts
+    proposed (pynetdicom then aborts it): it refuses those SOP classes (or transfer syntaxes),
+    it is not down. Each object of them fails as one whose context was rejected in an
+    association that carried others: retried with backoff, dead-lettered after its attempts.
+
+    ``reason`` is the message without the destination's name, as for
+    :class:`DestinationUnavailable`."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 def out_of_resources(status: int) -> bool:
@@ -232,6 +248,14 @@ def associate(
             tls_args=tls_args,
         )
         accepted = assoc.is_established
+        # An A-ASSOCIATE-AC whose presentation contexts were all rejected: pynetdicom aborts
+        # the association and logs "No accepted presentation contexts".
+        contexts_refused = (
+            not accepted
+            and not assoc.is_rejected
+            and bool(assoc.rejected_contexts)
+            and not assoc.accepted_contexts
+        )
         try:
             if accepted:
                 yield assoc, lines
@@ -244,6 +268,9 @@ def associate(
                 assoc.join(timeout)
             for line in lines:
                 log.debug("association to %s: pynetdicom: %s", where, line)
+    if contexts_refused:
+        reason = f"association not accepted ({why_not_associated(lines)})"
+        raise ContextsNotAccepted(f"{where}: {reason}", reason)
     if not accepted:
         handshake = next((line for line in lines if line.startswith(_TLS_FAILED)), None)
         if handshake is not None:
@@ -279,15 +306,16 @@ def send_files(
     """C-STORE DICOM files to ``destination`` over one association, in order.
 
     Returns per file None when the destination took it, else why not: the file cannot be
-    read, the destination accepts neither its SOP class nor its transfer syntax, it answered
-    a failure status, or (:class:`DestinationUnavailable`) the association ended before the
-    file was sent or its response came, or the destination is out of resources
-    (:class:`DestinationOutOfResources`: it and the files after it are not sent). Raises
-    DestinationUnavailable when no association is made (the destination is down or refuses
-    it), saying why. What pynetdicom logs as warnings or errors for the association, which
-    name no destination (a connect error, a DIMSE timeout), is logged here at DEBUG instead,
-    and said in the reason. Files are read one at a time as they are sent (their headers
-    first, for the presentation contexts).
+    read, the destination accepts neither its SOP class nor its transfer syntax (also where
+    it accepted the association with none of the contexts proposed: an ExportError per file,
+    not an outage), it answered a failure status, or (:class:`DestinationUnavailable`) the
+    association ended before the file was sent or its response came, or it answered 0xA7xx
+    (:class:`DestinationOutOfResources`); a failure status for one file does not stop the
+    files after it being sent. Raises DestinationUnavailable when no association is made
+    (the destination is down or rejects it), saying why. What pynetdicom logs as warnings or
+    errors for the association, which name no destination (a connect error, a DIMSE
+    timeout), is logged here at DEBUG instead, and said in the reason. Files are read one at
+    a time as they are sent (their headers first, for the presentation contexts).
 
     With ``tls = true`` the association is DICOM TLS (:func:`dicomnode.tls.destination_context`;
     its relative paths against ``base_dir``, the installation's folder, by default the current
@@ -311,9 +339,19 @@ def send_files(
         (sop_class, offered_syntaxes(syntax))
         for sop_class, syntax in sorted(set(contexts.values()))
     ]
-    with associate(destination, calling_ae, requested, timeout, base_dir) as (assoc, lines):
-        _send_all(assoc, paths, contexts, outcomes, where, lines)
+    try:
+        with associate(destination, calling_ae, requested, timeout, base_dir) as (assoc, lines):
+            _send_all(assoc, paths, contexts, outcomes, where, lines)
+    except ContextsNotAccepted:
+        # Not an outage: each object is refused as where its context alone was rejected.
+        for index, (sop_class, syntax) in contexts.items():
+            outcomes[index] = ExportError(f"{where}: {_what(sop_class, syntax)} not accepted")
     return outcomes
+
+
+def _what(sop_class: str, syntax: str) -> str:
+    """An object's SOP class and transfer syntax as errors name them."""
+    return f"{UID(sop_class).name} in {UID(syntax).name}"
 
 
 def _send_all(
@@ -325,18 +363,11 @@ def _send_all(
     lines: list[str],
 ) -> None:
     """C-STORE the readable files (``contexts``) on an established association, each one's
-    outcome into ``outcomes``; after one the destination is out of resources for, the rest
-    are not sent."""
+    outcome into ``outcomes``. A failure status for one (out of resources too: a PACS filter
+    answers 0xA700 for a SOP class it refuses) does not stop the others being sent."""
     keep_responses(assoc)
-    full: DestinationOutOfResources | None = None
     for index in contexts:
-        if full is not None:
-            # The destination has no room: the rest wait with the refused one.
-            outcomes[index] = DestinationOutOfResources(f"{full}; {paths[index].name} not sent")
-            continue
         outcomes[index] = _store(assoc, paths[index], where, lines)
-        if isinstance(outcomes[index], DestinationOutOfResources):
-            full = outcomes[index]
 
 
 def keep_responses(assoc: Association) -> None:
@@ -374,7 +405,7 @@ def _store(assoc: Association, path: Path, where: str, lines: list[str]) -> Exce
         ds = pydicom.dcmread(path)
     except Exception as exc:  # the file changed since its header was read
         return exc
-    what = f"{ds.SOPClassUID.name} in {ds.file_meta.TransferSyntaxUID.name}"
+    what = _what(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
     said = len(lines)
     try:
         status = assoc.send_c_store(ds)
