@@ -245,7 +245,7 @@ def test_migration_0004_keeps_the_series_and_a_downgrade_refuses_a_reused_uid(
     config = alembic_config(db_url)
     command.upgrade(config, "0003")
     # The ORM describes the head schema: the studies columns of later migrations (0005,
-    # 0007) are added by hand, so that it can write rows at 0003 and 0004; 0004 leaves
+    # 0007, 0009) are added by hand, so that it can write rows at 0003 and 0004; 0004 leaves
     # studies alone.
     by_hand = make_engine(db_url)
     with by_hand.begin() as connection:
@@ -253,6 +253,8 @@ def test_migration_0004_keeps_the_series_and_a_downgrade_refuses_a_reused_uid(
             "models_not_run TEXT DEFAULT ''",
             "image_count INTEGER DEFAULT 0",
             "unreadable_image_count INTEGER DEFAULT 0",
+            "new_images INTEGER DEFAULT 0",
+            "new_images_at TIMESTAMP",
         ):
             connection.execute(text(f"ALTER TABLE studies ADD COLUMN {column}"))
     by_hand.dispose()

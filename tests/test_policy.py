@@ -20,6 +20,8 @@ from dicomnode.worklist.policy import (
     FindingFact,
     StudyFacts,
     failure_kind,
+    keeps_new_images_on_release,
+    new_images_text,
     prioritise,
 )
 
@@ -330,3 +332,25 @@ def test_a_finding_two_models_agree_on_is_named_once() -> None:
     findings[0] = FindingFact("Pneumothorax", 0.97, 0.5, critical=False)
     priority = prioritise(ANALYSED, findings, NOW)
     assert priority.tier == "critical" and "Pneumothorax 97%" in priority.reason
+
+
+def test_new_images_after_a_report_are_due_from_their_arrival() -> None:
+    """A reported study with new images is new work: due from the first new image by its
+    tier's max wait, not from its first arrival long ago (which would list it overdue)."""
+    reported_long_ago = replace(ANALYSED, received_at=NOW - timedelta(days=20))
+    late = replace(reported_long_ago, new_images_after_report_at=NOW - timedelta(minutes=1))
+    priority = prioritise(late, [pneumothorax(0.999)], NOW)
+    assert priority.tier == "critical"
+    assert priority.due_at == NOW - timedelta(minutes=1) + MAX_WAIT["critical"]
+    assert prioritise(late, [], NOW).due_at == NOW - timedelta(minutes=1) + MAX_WAIT["routine"]
+    before = prioritise(reported_long_ago, [], NOW).due_at
+    assert before == NOW - timedelta(days=20) + MAX_WAIT["routine"]
+
+
+def test_new_images_text_says_after_a_report_or_while_claimed() -> None:
+    assert new_images_text(0, "dr_house") == ""
+    assert new_images_text(2, "dr_house") == "new images after report (2)"
+    assert new_images_text(1, "") == "new images while claimed (1)"
+    # A released claim keeps the flag only where a report exists.
+    assert keeps_new_images_on_release("dr_house")
+    assert not keeps_new_images_on_release("")

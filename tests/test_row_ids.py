@@ -184,6 +184,8 @@ LATER_COLUMNS = {
         ("models_not_run", "TEXT", False, "''"),
         ("image_count", "INTEGER", False, "'0'"),
         ("unreadable_image_count", "INTEGER", False, "'0'"),
+        ("new_images", "INTEGER", False, "'0'"),
+        ("new_images_at", "DATETIME", True, None),
     ],
     "results": [
         ("first_sop_instance_uid", "VARCHAR(64)", False, "''"),

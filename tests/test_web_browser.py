@@ -16,10 +16,12 @@ from worklist_seed import add_results_job, add_study
 
 from dicomnode.db.models import Study
 from dicomnode.db.session import make_engine, make_sessionmaker, upgrade, utcnow
+from dicomnode.ingest.arrival import InstanceFacts
+from dicomnode.ingest.index import index_instance
 from dicomnode.pipeline.analyse import mark_failed
 from dicomnode.web import pages
 from dicomnode.web.app import create_app
-from dicomnode.worklist.service import claim
+from dicomnode.worklist.service import claim, complete
 
 ROWS = "#rows tr[data-study-uid]"
 CRITICAL_RED = (0xD3, 0x2F, 0x2F)  # --tier-critical in worklist.css
@@ -371,3 +373,46 @@ def test_study_page_of_a_study_another_radiologist_claims(site, page) -> None:
     _expect(page.locator(".study-head h1 .chip")).to_have_text("stat")
     assert _api_study(page, base, uid)["override_tier"] == "stat"
     assert message.is_hidden()
+
+
+def test_a_reported_study_with_new_images_is_back_and_flagged(site, page) -> None:
+    """An image indexed into a reported study (real ingest) brings it back on the worklist,
+    flagged 'new images after report (1)' in its status column and on its study page, which
+    names the earlier report."""
+    base, sessions = site
+    uid = _uid(sessions, "ACC-ROUTINE")
+    with sessions() as session:
+        claim(session, uid, "dr_grey", utcnow())
+        complete(session, uid, "dr_grey", utcnow())
+    log_in(page, base)
+    _expect(page.locator(f"#rows tr[data-study-uid='{uid}']")).to_have_count(0)
+    with sessions() as session:
+        facts = InstanceFacts(
+            study_instance_uid=uid,
+            series_instance_uid=f"{uid}.9",
+            sop_instance_uid=f"{uid}.9.1",
+            sop_class_uid="1.2.840.10008.5.1.4.1.1.1.1",
+            modality="DX",
+        )
+        index_instance(
+            session,
+            facts,
+            path="/nonexistent/late.dcm",
+            size_bytes=1,
+            transfer_syntax_uid="1.2.840.10008.1.2.1",
+            calling_ae="MODALITY",
+            now=utcnow(),
+            quiet_seconds=60,
+        )
+    row = page.locator(f"#rows tr[data-study-uid='{uid}']")
+    _expect(row).to_have_count(1)  # the page polls: no reload
+    flag = row.locator("td.status .new-images")
+    _expect(flag).to_have_text("new images after report (1)")
+    _expect(flag).to_be_visible()
+    assert "dr_grey" in flag.get_attribute("title")
+    _expect(row.locator(".reason-text")).to_contain_text("new images after report (1); ")
+
+    page.goto(f"{base}/worklist/study/{uid}")
+    _expect(page.locator("#study-new-images")).to_have_text("new images after report (1)")
+    facts_text = page.inner_text(".facts")
+    assert "waiting · earlier report by dr_grey" in facts_text

@@ -70,11 +70,17 @@ class Study(Base):
     due_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     # waiting | ready | in_progress | reported
     reading_status: Mapped[str] = mapped_column(String(16), default="waiting")
-    # Who is reading the study (in_progress) and who reported it, with when.
+    # Who is reading the study (in_progress) and who reported it (its latest report, kept
+    # while new images after it are read), with when.
     claimed_by: Mapped[str] = mapped_column(String(64), default="", server_default="")
     claimed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     reported_by: Mapped[str] = mapped_column(String(64), default="", server_default="")
     reported_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    # Instances that arrived after a reader looked at the study (claimed or reported) and that
+    # no report covers yet, and when the first of them arrived (worklist.policy); 0 and None
+    # once it is reported again.
+    new_images: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    new_images_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     # Manual priority override by a radiologist ("" = none): tier, why, who, when.
     override_tier: Mapped[str] = mapped_column(String(16), default="", server_default="")
     override_reason: Mapped[str] = mapped_column(Text, default="", server_default="")

@@ -5,6 +5,11 @@ Instance UID, where its file lies (``<storage>/<StudyUID>/<SeriesUID>/``). A sen
 reuses a Series Instance UID in another study (against PS3.3) gets a second series row of
 that study, logged; the instance was acknowledged before its rows are written, so it can no
 longer be refused, and analysing it with another patient's study would be worse.
+
+An instance that arrives after a reader looked at its study (claimed or reported) is a new
+image no report covers: a reported study goes back on the worklist unread, a claimed one keeps
+its reader, and either is flagged with the count until it is reported again
+(:mod:`dicomnode.worklist.policy`), audited as the node's.
 """
 
 from __future__ import annotations
@@ -22,7 +27,8 @@ from dicomnode.config import WorklistSettings
 from dicomnode.db.models import Instance, Series, Study
 from dicomnode.ingest.arrival import Arrival, InstanceFacts
 from dicomnode.ingest.assembly import quiet_period_end
-from dicomnode.worklist.service import reprioritise
+from dicomnode.worklist.policy import NEW_IMAGE_STATUSES, UNREAD_AGAIN
+from dicomnode.worklist.service import note_new_images, reprioritise
 
 log = logging.getLogger("dicomnode.ingest")
 
@@ -93,6 +99,10 @@ _OTHER_STUDIES = (
 )
 _INSTANCE_ID = select(_INSTANCES.c.id).where(_INSTANCES.c.sop_instance_uid == bindparam("sop_uid"))
 _ADD_INSTANCE = insert(_INSTANCES)
+# New images (worklist.policy): the study was claimed or reported, or has new images already
+# (read again after a report). The CASEs read the row as it is when the update runs, so that a
+# claim or report committed meanwhile counts (a status read before would be stale).
+_NEW_IMAGES = _STUDIES.c.reading_status.in_(NEW_IMAGE_STATUSES) | (_STUDIES.c.new_images > 0)
 _TOUCH_STUDY = (
     update(_STUDIES)
     .where(_STUDIES.c.id == bindparam("study_id"))
@@ -104,7 +114,23 @@ _TOUCH_STUDY = (
             (_STUDIES.c.analysis_status.in_(("analysed", "failed")), "receiving"),
             else_=_STUDIES.c.analysis_status,
         ),
+        reading_status=case(
+            (_STUDIES.c.reading_status == "reported", UNREAD_AGAIN),
+            else_=_STUDIES.c.reading_status,
+        ),
+        new_images=case(
+            (_NEW_IMAGES, _STUDIES.c.new_images + bindparam("arrived")),
+            else_=_STUDIES.c.new_images,
+        ),
+        new_images_at=case(
+            (
+                _NEW_IMAGES & _STUDIES.c.new_images_at.is_(None),
+                bindparam("first", type_=_STUDIES.c.new_images_at.type),
+            ),
+            else_=_STUDIES.c.new_images_at,
+        ),
     )
+    .returning(_STUDIES.c.new_images)
 )
 
 
@@ -160,7 +186,8 @@ def add_rows(
     for arrival in arrivals:
         key = (arrival.facts.study_instance_uid, arrival.facts.series_instance_uid)
         by_series.setdefault(key, []).append(arrival)
-    touched: dict[int, tuple[datetime, int]] = {}
+    # Per study: its first and last arrival of the batch, how many, who sent them.
+    touched: dict[int, tuple[datetime, datetime, int, str]] = {}
     new_studies: set[int] = set()
     connection = session.connection()
     for group in by_series.values():
@@ -180,22 +207,32 @@ def add_rows(
         arrived = [a for a in group if study_id in new_studies or not a.facts.own_result]
         if not arrived:
             continue
+        first = min(arrival.received_at for arrival in arrived)
         last = max(arrival.received_at for arrival in arrived)
+        sender = arrived[0].calling_ae
         if study_id in touched:
-            earlier, count = touched[study_id]
-            touched[study_id] = (max(earlier, last), count + len(arrived))
+            earliest, latest, count, sender = touched[study_id]
+            touched[study_id] = (
+                min(earliest, first),
+                max(latest, last),
+                count + len(arrived),
+                sender,
+            )
         else:
-            touched[study_id] = (last, len(arrived))
-    for study_id, (last, count) in touched.items():
-        connection.execute(
+            touched[study_id] = (first, last, len(arrived), sender)
+    for study_id, (first, last, count, sender) in touched.items():
+        new_images = connection.execute(
             _TOUCH_STUDY,
             {
                 "study_id": study_id,
                 "now": last,
                 "ready_at": quiet_period_end(last, quiet_seconds),
                 "arrived": count,
+                "first": first,
             },
-        )
+        ).scalar_one()
+        if new_images and study_id not in new_studies:
+            note_new_images(session, study_id, count, last, worklist or WorklistSettings(), sender)
 
 
 def index_instance(

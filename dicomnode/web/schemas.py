@@ -60,7 +60,10 @@ class WorklistRowOut(BaseModel):
     priority: TierName
     ups_priority: str = Field(description="DICOM UPS priority: HIGH, MEDIUM or LOW")
     score: float
-    reason: str = Field(description="why: AI finding and probability, order, or override")
+    reason: str = Field(
+        description="why: AI finding and probability, order, or override; led by "
+        "new_images_text when images arrived after a report or during a claim"
+    )
     received_at: datetime
     due_at: datetime = Field(description="read by then (arrival + the tier's max wait)")
     status: ReadingStatus
@@ -75,11 +78,26 @@ class WorklistRowOut(BaseModel):
     )
     claimed_by: str
     claimed_at: datetime | None
-    reported_by: str
+    reported_by: str = Field(
+        description="who wrote the latest report (kept while new images after it are read)"
+    )
     reported_at: datetime | None
     override_tier: str
     override_reason: str
     override_by: str
+    new_images: int = Field(
+        0,
+        description="instances that arrived after the study was reported (it is back on the "
+        "worklist, unread) or while it was claimed, not covered by a report yet",
+    )
+    new_images_at: datetime | None = Field(
+        None, description="when the first of them arrived (after a report: due from then)"
+    )
+    new_images_text: str = Field(
+        "",
+        description="the worklist's flag: 'new images after report (n)' or 'new images while "
+        "claimed (n)'; empty for none",
+    )
     findings: list[FindingOut]
     results: list[ResultOut]
     url: str = Field(description="this study's details")

@@ -10,6 +10,10 @@ from sqlalchemy.orm import Session
 
 from dicomnode.db.models import AuditEntry
 
+# The actor of what the node itself does to a study (new images after a report): no user
+# name can be this (users.USERNAME has no parentheses).
+NODE = "(node)"
+
 
 def record(
     session: Session,

@@ -30,6 +30,14 @@ Likewise an analysed study some of whose images cannot be read (corrupt or unsup
 data: the analysis leaves them out and reads the others) is no negative result for those: the
 reason says how many the AI could not read (:func:`unreadable_text`), and "no finding" is said
 only of the images it could read.
+
+Instances that arrive after a reader has looked at a study (:data:`NEW_IMAGE_STATUSES`: it is
+claimed or reported) are new images that no report covers. A reported study goes back to the
+worklist unread (:data:`UNREAD_AGAIN`), so that they are read (an addendum); a claimed one keeps
+its reader. Either way the worklist row says so (:func:`new_images_text`) until the study is
+reported again. After a report the new images are new work: the study is due from the first of
+them (:func:`arrival`), not from its first arrival long ago, and its tier follows their
+analysis like any unread study's.
 """
 
 from __future__ import annotations
@@ -81,6 +89,44 @@ class StudyFacts:
     # them it could not (left out): the study was analysed on the others.
     images: int = 0
     unreadable_images: int = 0
+    # When the first instance arrived after the study was reported (it is unread again): the
+    # new images are due from then (:func:`arrival`). None when it has none.
+    new_images_after_report_at: datetime | None = None
+
+
+# Reading statuses in which a reader has looked at the study: an instance that arrives then is
+# a new image no report covers (the ingest counts it on the study's row).
+NEW_IMAGE_STATUSES = ("in_progress", "reported")
+# Where a reported study that receives new images goes: back on the worklist, unread, awaiting
+# their analysis (as any study that receives instances).
+UNREAD_AGAIN = "waiting"
+
+
+def after_report(new_images: int, reported_by: str) -> bool:
+    """Whether a study's new images came after a report (its latest report, by ``reported_by``,
+    is kept while it is read again), not while it was claimed before any report."""
+    return new_images > 0 and bool(reported_by)
+
+
+def new_images_text(new_images: int, reported_by: str) -> str:
+    """The worklist's flag for images no report covers: 'new images after report (2)' or, in a
+    study claimed before any report, 'new images while claimed (2)'; '' for none."""
+    if new_images <= 0:
+        return ""
+    since = "after report" if after_report(new_images, reported_by) else "while claimed"
+    return f"new images {since} ({new_images})"
+
+
+def keeps_new_images_on_release(reported_by: str) -> bool:
+    """A released claim keeps the new-images flag only after a report: without one the whole
+    study is unread anyway, and 'while claimed' no longer holds."""
+    return bool(reported_by)
+
+
+def arrival(study: StudyFacts) -> datetime:
+    """When the study's unread work arrived: its first instance, or after a report the first
+    new image (due from then, like a study that arrived then)."""
+    return study.new_images_after_report_at or study.received_at
 
 
 @dataclass(frozen=True)
@@ -331,5 +377,5 @@ def prioritise(
         score=round(score, 6),
         ups_priority=ups,
         reason=reason,
-        due_at=study.received_at + waits["routine"] - head_start,
+        due_at=arrival(study) + waits["routine"] - head_start,
     )

@@ -1,6 +1,6 @@
 """The reading worklist in the database: priorities, reading order,
-claim/release/complete/reopen, manual overrides; every change is written to the audit log in
-the same transaction."""
+claim/release/complete/reopen, manual overrides, new images after a reader looked at a study;
+every change is written to the audit log in the same transaction."""
 
 from __future__ import annotations
 
@@ -22,10 +22,14 @@ from dicomnode.worklist.policy import (
     FindingFact,
     Priority,
     StudyFacts,
+    after_report,
     apply_overrides,
+    arrival,
     failure_kind,
     failure_text,
+    keeps_new_images_on_release,
     max_waits,
+    new_images_text,
     prioritise,
 )
 
@@ -70,12 +74,17 @@ def reprioritise(
         failure=failure_kind(study.analysis_error) if study.analysis_status == "failed" else "",
         images=study.image_count or 0,
         unreadable_images=study.unreadable_image_count or 0,
+        new_images_after_report_at=(
+            as_utc(study.new_images_at)
+            if study.new_images_at and after_report(study.new_images or 0, study.reported_by)
+            else None
+        ),
     )
     findings = [
         FindingFact(f.code_meaning, f.probability, f.threshold, f.critical) for f in study.findings
     ]
     priority = prioritise(facts, findings, now, settings)
-    priority = _with_override(study, priority, max_waits(settings))
+    priority = _with_override(study, priority, arrival(facts), max_waits(settings))
     study.tier = priority.tier
     study.tier_rank = priority.tier_rank
     study.score = priority.score
@@ -86,8 +95,11 @@ def reprioritise(
         study.reading_status = _unclaimed_status(study)
 
 
-def _with_override(study: Study, priority: Priority, waits: dict[str, timedelta]) -> Priority:
-    """A radiologist's override wins over the AI until cleared; due by the tier's max wait."""
+def _with_override(
+    study: Study, priority: Priority, arrived: datetime, waits: dict[str, timedelta]
+) -> Priority:
+    """A radiologist's override wins over the AI until cleared; due by the tier's max wait
+    after the study's unread work ``arrived`` (policy.arrival)."""
     if not study.override_tier:
         return priority
     tier = study.override_tier
@@ -98,7 +110,7 @@ def _with_override(study: Study, priority: Priority, waits: dict[str, timedelta]
         tier_rank=rank,
         ups_priority=ups,
         reason=f"override by {study.override_by}: {study.override_reason} ({priority.reason})",
-        due_at=as_utc(study.received_at) + waits[tier],
+        due_at=arrived + waits[tier],
     )
 
 
@@ -161,6 +173,9 @@ def release(
     study.reading_status = _unclaimed_status(study)
     study.claimed_by = ""
     study.claimed_at = None
+    if study.new_images and not keeps_new_images_on_release(study.reported_by):
+        study.new_images = 0
+        study.new_images_at = None
     audit.record(
         session, username, "release", now, study_instance_uid=study_instance_uid, detail=detail
     )
@@ -182,12 +197,52 @@ def complete(session: Session, study_instance_uid: str, username: str, now: date
             f"study {study_instance_uid} is being read by {study.claimed_by}; "
             "only they can complete it"
         )
+    # The report covers the images that came after an earlier report or during the claim.
+    detail = new_images_text(study.new_images or 0, study.reported_by)
     study.reading_status = "reported"
     study.reported_by = username
     study.reported_at = now
-    audit.record(session, username, "complete", now, study_instance_uid=study_instance_uid)
+    study.new_images = 0
+    study.new_images_at = None
+    audit.record(
+        session, username, "complete", now, study_instance_uid=study_instance_uid, detail=detail
+    )
     session.commit()
     return study
+
+
+def note_new_images(
+    session: Session,
+    study_id: int,
+    arrived: int,
+    now: datetime,
+    settings: WorklistSettings,
+    sender: str = "",
+) -> None:
+    """Record that ``arrived`` instances came after a reader looked at the study (the ingest
+    counted them on its row, :data:`policy.NEW_IMAGE_STATUSES`): priority and due time again
+    (after a report, due from the first new image) and an audit entry by the node; the
+    caller commits, with the instances."""
+    study = session.scalars(
+        select(Study)
+        .where(Study.id == study_id)
+        .options(selectinload(Study.findings))
+        .execution_options(populate_existing=True)
+    ).one()
+    reprioritise(session, study, now, settings)
+    claimed = study.reading_status == "in_progress"
+    where = f"in progress with {study.claimed_by}" if claimed else "on the worklist"
+    audit.record(
+        session,
+        audit.NODE,
+        "new_images",
+        now,
+        study_instance_uid=study.study_instance_uid,
+        detail=(
+            f"{arrived} instance(s) received{f' from {sender}' if sender else ''}; "
+            f"{new_images_text(study.new_images, study.reported_by)}; {where}"
+        ),
+    )
 
 
 def reopen(
@@ -306,6 +361,11 @@ class WorklistRow:
     override_reason: str
     override_by: str
     findings: list[WorklistFinding] = field(default_factory=list)
+    # Instances that no report covers, arrived after the study was reported or while it was
+    # claimed (policy.new_images_text), and when the first of them arrived.
+    new_images: int = 0
+    new_images_at: datetime | None = None
+    new_images_text: str = ""
     results: list[WorklistResult] = field(default_factory=list)
     # A failed analysis: why (policy.UNREADABLE or policy.FAILED_OTHER) and the row's words.
     analysis_failure: str = ""
@@ -402,6 +462,8 @@ ROW_COLUMNS = (
     Study.override_tier,
     Study.override_reason,
     Study.override_by,
+    Study.new_images,
+    Study.new_images_at,
 )
 FINDING_COLUMNS = (
     FindingRow.study_id,
@@ -455,6 +517,7 @@ def worklist_row(
         site,
     )
     failure = failure_kind(study.analysis_error_head) if study.analysis_status == "failed" else ""
+    flag = new_images_text(study.new_images, study.reported_by)
     return WorklistRow(
         study_instance_uid=study.study_instance_uid,
         accession_number=study.accession_number,
@@ -465,7 +528,8 @@ def worklist_row(
         priority=study.tier,
         ups_priority=study.ups_priority,
         score=study.score,
-        reason=study.reason,
+        # The flag leads: it is why a reported study is back, and what to read.
+        reason=f"{flag}; {study.reason}" if flag else study.reason,
         received_at=as_utc(study.received_at),
         due_at=as_utc(study.due_at),
         status=study.reading_status,
@@ -479,6 +543,9 @@ def worklist_row(
         override_tier=study.override_tier,
         override_reason=study.override_reason,
         override_by=study.override_by,
+        new_images=study.new_images,
+        new_images_at=as_utc(study.new_images_at) if study.new_images_at else None,
+        new_images_text=flag,
         findings=[
             WorklistFinding(
                 code=f.code_value,

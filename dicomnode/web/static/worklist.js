@@ -193,6 +193,15 @@
     td.appendChild(el("span", "status-badge " + row.status, STATUS_TEXT[row.status] || row.status));
     if (row.status === "in_progress") td.appendChild(el("span", "by", row.claimed_by));
     if (row.status === "reported") td.appendChild(el("span", "by", "by " + row.reported_by));
+    // Images no report covers (worklist.policy.new_images_text): after a report the study is
+    // back, unread, for an addendum; in a claimed study its reader is told.
+    if (row.new_images > 0) {
+      const flag = el("span", "new-images", row.new_images_text);
+      flag.title = row.reported_by && row.status !== "reported"
+        ? "Arrived after the report of " + row.reported_by + "; read them and report again"
+        : "Arrived while the study was claimed";
+      td.appendChild(flag);
+    }
     // Why, in the worklist policy's words (worklist.policy.FAILURE_TEXT): could not read the
     // images, or failed.
     if (row.analysis_status === "failed") {
