@@ -1,62 +1,137 @@
-"""Retention: delete old studies, but only those reported and fully exported."""
+"""Retention: delete old studies, but only those reported and fully exported, with no job
+of theirs queued or running.
+
+A study's rows are deleted first, then the files they named, one by one, then the folders
+left empty. Never a whole folder: an instance of the study that arrives meanwhile (a file
+the rows do not name) stays, with its folder, and its rows make a new study. The decision is
+made again for each study in the transaction that deletes it, with its rows locked first
+(PostgreSQL: the index writer's rows for the study wait for it; SQLite: one writer at a
+time): what the index writer or a worker committed before then counts (a job queued for the
+study keeps it), and what the index writer writes after files its instances under a new
+study.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import shutil
+import os
 import threading
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from sqlalchemy import and_, exists, select
+from sqlalchemy import ColumnElement, and_, exists, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicomnode.db.models import Job, Study
+from dicomnode.db.models import Instance, Job, ResultObject, Series, Study
 from dicomnode.db.session import utcnow
 from dicomnode.jobs.dead_letters import export_covered
 
 log = logging.getLogger("dicomnode.retention")
 
 
-def expired_studies(session: Session, now: datetime, days: float) -> list[Study]:
-    """Studies received more than ``days`` ago, reported, with no results or export job
-    still open (a results job queues exports). A dead-lettered export keeps its study until
-    it is retried and sent, unless another export of its object to its destination is done
-    (a later results job sent it; one queued or running keeps the study itself)."""
+def _unfinished_job() -> ColumnElement[bool]:
+    """A job of the study still to do: any job queued or running (an analysis again after
+    new images, a critical-result notification), or a results or export job that is not
+    done (a results job queues exports). A dead-lettered export keeps its study until it is
+    retried and sent, unless another export of its object to its destination is done (a
+    later results job sent it; one queued or running keeps the study itself)."""
     # export_covered() looks at the job of this subquery (correlated to it).
-    unfinished = exists().where(
+    return exists().where(
         Job.study_id == Study.id,
-        Job.kind.in_(("results", "export")),
+        or_(Job.state.in_(("queued", "leased")), Job.kind.in_(("results", "export"))),
         Job.state != "done",
         ~and_(Job.kind == "export", Job.state == "dead", export_covered()),
     )
-    return list(
-        session.scalars(
-            select(Study).where(
-                Study.received_at < now - timedelta(days=days),
-                Study.reading_status == "reported",
-                ~unfinished,
-            )
-        )
-    )
+
+
+def _expired(now: datetime, days: float) -> list[ColumnElement[bool]]:
+    return [
+        Study.received_at < now - timedelta(days=days),
+        Study.reading_status == "reported",
+        ~_unfinished_job(),
+    ]
+
+
+def expired_studies(session: Session, now: datetime, days: float) -> list[Study]:
+    """Studies received more than ``days`` ago, reported, with no job still to do
+    (:func:`_unfinished_job`)."""
+    return list(session.scalars(select(Study).where(*_expired(now, days))))
 
 
 def purge_expired(session: Session, storage: Path, now: datetime, days: float) -> int:
-    """Delete the files and rows of expired studies; returns how many were deleted."""
+    """Delete the rows and files of expired studies; returns how many were deleted."""
     if days <= 0:
         return 0
-    deleted = 0
-    for study in expired_studies(session, now, days):
-        folder = storage / study.study_instance_uid
-        results = storage / "results" / study.study_instance_uid
-        session.delete(study)
-        session.commit()
-        for path in (folder, results):
-            if path.is_dir() and path.resolve().is_relative_to(storage.resolve()):
-                shutil.rmtree(path, ignore_errors=True)
-        log.info("retention: study_id=%d deleted (received %s)", study.id, study.received_at)
-        deleted += 1
-    return deleted
+    candidates = [study.id for study in expired_studies(session, now, days)]
+    session.rollback()  # each study is decided again in its own transaction
+    return sum(_purge_study(session, storage, study_id, now, days) for study_id in candidates)
+
+
+def _purge_study(
+    session: Session, storage: Path, study_id: int, now: datetime, days: float
+) -> bool:
+    """Delete one study's rows if it is still expired, then the files they named; False
+    when it is kept."""
+    # The study's series first, then the study, as the index writer takes them (an instance
+    # into a series, then its study's update): it waits for this transaction, and after it
+    # files what it writes under a new study. SQLite ignores FOR UPDATE: BEGIN IMMEDIATE.
+    session.execute(select(Series.id).where(Series.study_id == study_id).with_for_update())
+    study = session.scalars(
+        select(Study).where(Study.id == study_id, *_expired(now, days)).with_for_update()
+    ).one_or_none()
+    if study is None:  # changed since (a job queued, its reading status): kept
+        session.rollback()
+        return False
+    instances = session.scalars(
+        select(Instance.path).join(Series).where(Series.study_id == study_id)
+    ).all()
+    results = session.scalars(
+        select(ResultObject.path).where(ResultObject.study_id == study_id)
+    ).all()
+    uid, received_at = study.study_instance_uid, study.received_at
+    session.delete(study)
+    session.commit()
+    _remove_files(storage, uid, list(instances), list(results))
+    log.info("retention: study_id=%d deleted (received %s)", study_id, received_at)
+    return True
+
+
+def _in_storage(name: str, folder: Path, uid: str) -> Path | None:
+    """Where the file a row names lies now: ``folder``/<study>/<series>/<sop>.dcm (a storage
+    folder moved or restored elsewhere since the row was written included); None for a name
+    of another shape or study."""
+    parts = Path(name).parts
+    if len(parts) < 3 or parts[-3] != uid:
+        return None
+    return folder.joinpath(*parts[-3:])
+
+
+def _remove_files(storage: Path, uid: str, instances: list[str], results: list[str]) -> None:
+    """Remove the files the deleted rows named, then the study's folders left empty: a file
+    no row named (an instance that arrived meanwhile) keeps its folders."""
+    folders: set[Path] = set()
+    failed: list[str] = []
+    for names, folder in ((instances, storage), (results, storage / "results")):
+        top = folder / uid
+        folders.add(top)
+        for name in names:
+            path = _in_storage(name, folder, uid)
+            if path is None:
+                continue
+            folders.add(path.parent)
+            try:
+                path.unlink(missing_ok=True)
+            except OSError as exc:
+                failed.append(exc.strerror or str(exc))
+    if failed:
+        log.warning(
+            "retention: %d file(s) of a deleted study not removed: %s", len(failed), failed[0]
+        )
+    # Series folders, then the study's; rmdir leaves a folder that is not empty.
+    for folder in sorted(folders, key=lambda p: len(p.parts), reverse=True):
+        with contextlib.suppress(OSError):
+            os.rmdir(folder)
 
 
 def cleaner_loop(

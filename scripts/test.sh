@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install what the test suite needs and run all of it.
-#  - Debian packages (dcmtk, dicom3tools, chromium for the browser tests, orthanc as a real PACS
+#  - Debian packages (dcmtk, dicom3tools, libgdcm-tools for gdcm's lossy compression as a
+#    router writes it, chromium for the browser tests, orthanc as a real PACS
 #    for the export test, systemd for systemd-analyze and libseccomp, with which the unit
 #    tests verify the units and run the node under their system-call filter; nothing is
 #    booted) through apt-get when running as root;
@@ -10,7 +11,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(dcmtk dicom3tools chromium orthanc systemd)
+APT_PACKAGES=(dcmtk dicom3tools libgdcm-tools chromium orthanc systemd)
 missing=()
 for package in "${APT_PACKAGES[@]}"; do
   dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 
+import pytest
+from conftest import spool_and_index, wait_for
 from sqlalchemy import func, select
 from worklist_seed import NOW, add_study
 
-from dicomnode.db.models import Job, Study
+from dicomnode.db.models import Instance, Job, ResultObject, Series, Study
+from dicomnode.db.session import utcnow
+from dicomnode.ingest.arrival import instance_facts
+from dicomnode.ingest.index import index_instance
+from dicomnode.ingest.spool import instance_path
 from dicomnode.retention import purge_expired
+from dicomnode.synth.cxr import make_cxr
 
 DAY = 24 * 60
 
@@ -28,10 +36,39 @@ def _study(session, storage: Path, name: str, days_ago: float, reading: str, exp
                 created_at=NOW,
             )
         )
+    # An instance and a result object, each a row and the file it names.
+    series = Series(study_id=study.id, series_instance_uid="1.2")
+    session.add(series)
+    session.flush()
+    image, result = storage / uid / "1.2" / "1.4.dcm", storage / "results" / uid / "1.3" / "1.4.dcm"
+    session.add(
+        Instance(
+            series_id=series.id,
+            sop_instance_uid=f"1.9.{study.id}.4",
+            sop_class_uid="1.2.840.10008.5.1.4.1.1.1.1",
+            transfer_syntax_uid="1.2.840.10008.1.2.1",
+            path=str(image),
+            size_bytes=4,
+            received_at=study.received_at,
+        )
+    )
+    session.add(
+        ResultObject(
+            study_id=study.id,
+            kind="sr",
+            model_name="m",
+            model_version="1",
+            sop_class_uid="1.2.840.10008.5.1.4.1.1.88.34",
+            sop_instance_uid=f"1.9.{study.id}.5",
+            series_instance_uid="1.3",
+            path=str(result),
+            created_at=study.received_at,
+        )
+    )
     session.commit()
-    for folder in (storage / uid / "1.2", storage / "results" / uid / "1.3"):
-        folder.mkdir(parents=True)
-        (folder / "1.4.dcm").write_bytes(b"DICM")
+    for path in (image, result):
+        path.parent.mkdir(parents=True)
+        path.write_bytes(b"DICM")
     return uid
 
 
@@ -79,3 +116,169 @@ def test_a_dead_export_whose_object_a_later_export_sent_does_not_keep_its_study(
         left = set(session.scalars(select(Study.study_instance_uid)))
         assert left == {resending, dead, unwritten}
     assert not (storage / resent).exists() and not (storage / "results" / resent).exists()
+
+
+def test_a_study_with_an_analysis_or_notification_to_do_is_kept(sessions, tmp_path: Path) -> None:
+    """A reported study whose analysis (again: new images) or critical-result notification is
+    queued or running is kept with its jobs: retention looked at results and export jobs
+    only, and deleted the study with them. Done or dead, they keep it no longer."""
+    storage = tmp_path / "storage"
+    kept, gone = set(), set()
+    with sessions() as session:
+        for kind in ("analyse", "notify"):
+            for state in ("queued", "leased", "done", "dead"):
+                uid = _study(session, storage, f"{kind}-{state}", 40, "reported", ["done"])
+                study_id = session.scalar(select(Study.id).where(Study.study_instance_uid == uid))
+                session.add(
+                    Job(kind=kind, study_id=study_id, state=state, run_after=NOW, created_at=NOW)
+                )
+                session.commit()
+                (kept if state in ("queued", "leased") else gone).add(uid)
+
+        assert purge_expired(session, storage, NOW, days=30) == len(gone)
+        assert set(session.scalars(select(Study.study_instance_uid))) == kept
+    for uid in kept:
+        assert (storage / uid / "1.2" / "1.4.dcm").exists()
+    for uid in gone:
+        assert not (storage / uid).exists() and not (storage / "results" / uid).exists()
+
+
+def _spool(storage: Path, ds) -> Path:
+    """Write ``ds`` into the spool as a listener does before it acknowledges it: its index
+    rows come after (the supervisor's index writer)."""
+    facts = instance_facts(ds)
+    path = instance_path(
+        storage, facts.study_instance_uid, facts.series_instance_uid, facts.sop_instance_uid
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def _index(session, ds, path: Path) -> None:
+    index_instance(
+        session,
+        instance_facts(ds),
+        path=str(path),
+        size_bytes=path.stat().st_size,
+        transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
+        calling_ae="MODALITY",
+        now=utcnow(),
+        quiet_seconds=0,
+    )
+    session.commit()
+
+
+@pytest.mark.parametrize("series", ["same", "new"])
+def test_an_instance_that_arrives_while_its_study_is_deleted_is_kept(
+    sessions, tmp_path: Path, series: str
+) -> None:
+    """An instance of an expired study acknowledged while retention deletes the study (its
+    file in the spool, its rows not yet written): retention removed the study's whole folder,
+    the acknowledged instance with it, and its rows then named a file that was gone. Only the
+    files the deleted rows named are removed; the new one stays and makes a new study."""
+    storage = tmp_path / "storage"
+    old, _ = make_cxr(953_001, pneumothorax=False)
+    with sessions() as session:
+        study_id, old_path = spool_and_index(session, storage, old)
+        study = session.get(Study, study_id)
+        study.received_at = utcnow() - timedelta(days=40)
+        study.reading_status = "reported"
+        session.commit()
+
+    late, _ = make_cxr(953_002, pneumothorax=False)
+    late.StudyInstanceUID = old.StudyInstanceUID
+    if series == "same":
+        late.SeriesInstanceUID = old.SeriesInstanceUID
+    late_path = _spool(storage, late)
+
+    with sessions() as session:
+        assert purge_expired(session, storage, utcnow(), days=30) == 1
+    assert not old_path.exists()
+    assert late_path.exists()
+
+    with sessions() as session:  # the index writer's rows, after the deletion
+        _index(session, late, late_path)
+        [instance] = session.scalars(select(Instance)).all()
+        assert instance.sop_instance_uid == str(late.SOPInstanceUID)
+        assert Path(instance.path) == late_path and late_path.exists()
+        [study] = session.scalars(select(Study)).all()
+        assert study.id != study_id and study.study_instance_uid == str(old.StudyInstanceUID)
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_a_study_is_decided_again_once_the_index_writers_rows_for_it_are_in(
+    db_url: str, sessions, tmp_path: Path
+) -> None:
+    """PostgreSQL, the index writer and retention at once: the writer has added a new
+    instance's row to an expired study's series and not yet committed when retention picks
+    the study. Retention waits for it (the study's series locked first, as the writer takes
+    them: no deadlock), then decides again with its rows and the analysis queued for them,
+    and keeps the study; it deleted the study, the new instance and its analysis."""
+    import threading
+    import uuid
+
+    from sqlalchemy import text
+
+    from dicomnode.db.session import make_engine, make_sessionmaker
+    from dicomnode.ingest.arrival import Arrival
+    from dicomnode.ingest.index import add_rows
+    from dicomnode.jobs.queue import enqueue
+
+    storage = tmp_path / "storage"
+    old, _ = make_cxr(953_011, pneumothorax=False)
+    with sessions() as session:
+        study_id, old_path = spool_and_index(session, storage, old)
+        study = session.get(Study, study_id)
+        study.received_at = utcnow() - timedelta(days=40)
+        study.reading_status = "reported"
+        session.commit()
+    late, _ = make_cxr(953_012, pneumothorax=False)
+    late.StudyInstanceUID, late.SeriesInstanceUID = old.StudyInstanceUID, old.SeriesInstanceUID
+    late_path = _spool(storage, late)
+
+    name = f"retention-{uuid.uuid4().hex[:8]}"
+    retention_engine = make_engine(f"{db_url}&application_name={name}")
+    purged: list[int] = []
+    writer = sessions()
+    try:
+        arrival = Arrival(
+            instance_facts(late),
+            str(late_path),
+            late_path.stat().st_size,
+            str(late.file_meta.TransferSyntaxUID),
+            "MODALITY",
+            utcnow(),
+        )
+        add_rows(writer, [arrival], quiet_seconds=0)  # not committed yet
+        thread = threading.Thread(
+            target=lambda: purged.append(
+                purge_expired(make_sessionmaker(retention_engine)(), storage, utcnow(), 30)
+            )
+        )
+        thread.start()
+        waiting = text(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = :name "
+            "AND wait_event_type = 'Lock'"
+        )
+        with sessions() as watcher:
+            wait_for(
+                lambda: watcher.scalar(waiting, {"name": name}) == 1 or not thread.is_alive(),
+                60,
+                interval=0.05,
+                what="retention waiting for the index writer",
+            )
+        assert thread.is_alive(), "retention did not wait for the index writer"
+        enqueue(writer, "analyse", study_id, now=utcnow())  # the assembly's, once quiet
+        writer.commit()
+        thread.join(60)
+        assert not thread.is_alive()
+    finally:
+        writer.close()
+        retention_engine.dispose()
+    assert purged == [0]
+    with sessions() as session:
+        assert session.get(Study, study_id) is not None
+        paths = {Path(p) for p in session.scalars(select(Instance.path))}
+        assert paths == {old_path, late_path}
+    assert old_path.exists() and late_path.exists()
