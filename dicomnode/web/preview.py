@@ -345,7 +345,7 @@ def _png_response(render: Callable[[str, int], bytes], path: str, sop_uid: str, 
         # The reason names files and UIDs, never patient data (decode.describe).
         log.warning("no preview of %s: %s", sop_uid, error)
         raise HTTPException(
-            status.HTTP_422_UNPROCESSABLE_ENTITY,
+            status.HTTP_422_UNPROCESSABLE_CONTENT,
             f"{sop_uid} cannot be shown as an image: {_public_reason(error, path)}",
             headers=NO_STORE,
         ) from None
