@@ -104,9 +104,9 @@ def test_db_upgrade_names_the_revision_it_left_the_database_at(config: Path) -> 
 
 
 def _dead_jobs(url: str) -> dict[str, int]:
-    """A study with dead export jobs to 'pacs' (two objects) and 'archive', and a dead
-    analysis."""
-    from dicomnode.db.models import Job, Study
+    """A study with dead export jobs to 'pacs' (two objects, the second a SEG whose row is
+    there, the first's gone) and 'archive', and a dead analysis."""
+    from dicomnode.db.models import Job, ResultObject, Study
     from dicomnode.db.session import make_engine, make_sessionmaker, utcnow
 
     now = utcnow()
@@ -121,6 +121,20 @@ def _dead_jobs(url: str) -> dict[str, int]:
         )
         session.add(study)
         session.flush()
+        session.add(
+            ResultObject(
+                id=2,
+                study_id=study.id,
+                kind="seg",
+                model_name="m",
+                model_version="1",
+                sop_class_uid="1.2.840.10008.5.1.4.1.1.66.4",
+                sop_instance_uid="1.2.826.0.1.3680043.8.498.2",
+                series_instance_uid="1.2.826.0.1.3680043.8.498.3",
+                path="/nowhere/seg.dcm",
+                created_at=now,
+            )
+        )
         jobs = {}
         for name, kind, destination, result_id in [
             ("pacs-1", "export", "pacs", 1),
@@ -167,7 +181,10 @@ def test_jobs_list_and_retry_dead_letters_by_destination_or_id(config: Path) -> 
     assert listed.returncode == 0, listed.stderr
     lines = listed.stdout.strip().splitlines()
     assert [int(line.split("\t")[0]) for line in lines] == [jobs["pacs-2"], jobs["pacs-1"]]
-    assert "export -> pacs\tdead\tattempts 5" in lines[0] and lines[0].endswith("pacs-2 failed")
+    # What each export sends, where its result object is known.
+    assert "export -> pacs (seg: Segmentation Storage)\tdead\tattempts 5" in lines[0]
+    assert lines[0].endswith("pacs-2 failed")
+    assert "export -> pacs\tdead\tattempts 5" in lines[1]
     retried = run_cli("jobs", "retry", "--all", "--destination", "pacs", "--config", str(config))
     assert retried.returncode == 0, retried.stderr
     assert retried.stdout.strip() == "2 dead job(s) queued again"

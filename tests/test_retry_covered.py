@@ -144,6 +144,11 @@ def test_a_dead_export_a_later_results_job_sent_is_not_sent_again_on_retry(
             again,
             covered.split(": ", 1)[1],
         )
+        # What it sends, without reading its error.
+        assert (listed[buried_id]["result_kind"], listed[buried_id]["sop_class"]) == (
+            "overlay",
+            "Secondary Capture Image Storage",
+        )
     (tmp_path / "cli").mkdir()
     config = worker_config(tmp_path / "cli", db_url, "")
     for arguments in ((str(buried_id),), ("--all", "--destination", "pacs")):
@@ -156,7 +161,9 @@ def test_a_dead_export_a_later_results_job_sent_is_not_sent_again_on_retry(
     listed = _cli(config, "list")
     assert listed.returncode == 0, listed.stderr
     [line] = listed.stdout.splitlines()
-    assert line.startswith(f"{buried_id}\texport -> pacs\tdead\t")
+    assert line.startswith(
+        f"{buried_id}\texport -> pacs (overlay: Secondary Capture Image Storage)\tdead\t"
+    )
     assert line.endswith(f"\trefused\tno retry needed: {covered.split(': ', 1)[1]}")
     assert listed.stderr.strip() == "1 job(s) dead, 1 of them covered by other jobs"
     with sessions() as session:

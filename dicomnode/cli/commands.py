@@ -131,6 +131,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         Covered,
         covered_reason,
         covering_jobs,
+        exported_objects,
         job_destination,
         jobs_in_state,
         retry_dead,
@@ -143,8 +144,11 @@ def cmd_jobs(args: argparse.Namespace) -> int:
             rows = jobs_in_state(session, args.state, args.kind, args.destination, args.limit)
             dead = [job for job, _ in rows] if args.state == "dead" else []
             covering = covering_jobs(session, dead)
+            sends = exported_objects(session, [job for job, _ in rows])
             for job, uid in rows:
                 where = f" -> {job_destination(job)}" if job.kind == "export" else ""
+                if job.id in sends:
+                    where += f" ({sends[job.id]})"
                 # A dead letter another job covers needs no retry: said after its reason.
                 other = covering.get(job.id)
                 covered = f"\tno retry needed: {covered_reason(job, other)}" if other else ""

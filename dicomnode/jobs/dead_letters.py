@@ -17,13 +17,15 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from pydicom.uid import UID
 from sqlalchemy import ColumnElement, and_, exists, or_, select
 from sqlalchemy.orm import Session, aliased
 
-from dicomnode.db.models import Job, Study
+from dicomnode.db.models import Job, ResultObject, Study
 from dicomnode.jobs.queue import lock_studies, retry
 from dicomnode.worklist import audit
 
@@ -51,6 +53,45 @@ def jobs_in_state(
     rows = session.execute(query.where(Job.kind == "export")).all()
     matching = [(job, uid) for job, uid in rows if job_destination(job) == destination]
     return matching[:limit] if limit is not None else matching
+
+
+@dataclass(frozen=True)
+class ExportedObject:
+    """What an export job sends: its result object's kind and SOP Class."""
+
+    kind: str
+    sop_class_uid: str
+
+    @property
+    def sop_class(self) -> str:
+        """The SOP Class's name (its UID when pydicom does not know it)."""
+        return UID(self.sop_class_uid).name or self.sop_class_uid
+
+    def __str__(self) -> str:
+        return f"{self.kind}: {self.sop_class}"
+
+
+def exported_objects(session: Session, jobs: Sequence[Job]) -> dict[int, ExportedObject]:
+    """The result object each export job of ``jobs`` sends, by job id (one query; a job
+    whose object is gone has none)."""
+    wanted = {
+        job.id: int(result_id)
+        for job in jobs
+        if job.kind == "export"
+        and str(result_id := (job.payload or {}).get("result_id", "")).isdigit()
+    }
+    if not wanted:
+        return {}
+    found: dict[int, ExportedObject] = {}
+    ids = sorted(set(wanted.values()))
+    for start in range(0, len(ids), _CHUNK):
+        rows = session.execute(
+            select(ResultObject.id, ResultObject.kind, ResultObject.sop_class_uid).where(
+                ResultObject.id.in_(ids[start : start + _CHUNK])
+            )
+        )
+        found.update({row.id: ExportedObject(row.kind, row.sop_class_uid) for row in rows})
+    return {job_id: found[result] for job_id, result in wanted.items() if result in found}
 
 
 def job_destination(job: Job) -> str:

@@ -19,8 +19,10 @@ from dicomnode.db.models import Job, Study
 from dicomnode.db.session import as_utc, utcnow
 from dicomnode.jobs.dead_letters import (
     Covered,
+    ExportedObject,
     covered_reason,
     covering_jobs,
+    exported_objects,
     job_destination,
     jobs_in_state,
     retry_dead,
@@ -48,12 +50,23 @@ class JobOut(BaseModel):
         "id; it needs no retry, and a retry is refused",
     )
     covered: str = Field("", description="with covered_by: what that job does of its work")
+    result_kind: str = Field(
+        "", description="export jobs: the kind of result object sent (sr, overlay, seg, ...)"
+    )
+    sop_class: str = Field("", description="export jobs: the SOP Class of the object sent")
 
 
-def _job_out(job: Job, study_uid: str, covering: Job | None = None) -> JobOut:
+def _job_out(
+    job: Job,
+    study_uid: str,
+    covering: Job | None = None,
+    sends: ExportedObject | None = None,
+) -> JobOut:
     return JobOut(
         covered_by=covering.id if covering is not None else None,
         covered=covered_reason(job, covering) if covering is not None else "",
+        result_kind=sends.kind if sends is not None else "",
+        sop_class=sends.sop_class if sends is not None else "",
         id=job.id,
         kind=job.kind,
         state=job.state,
@@ -87,8 +100,12 @@ def jobs_router(sessions: sessionmaker[Session], caller_of: Callable[..., Caller
         letter whose work another job covers says which, in ``covered_by``)."""
         with sessions() as session:
             rows = jobs_in_state(session, state, limit=limit)
-            covering = covering_jobs(session, [job for job, _ in rows]) if state == "dead" else {}
-            return [_job_out(job, uid, covering.get(job.id)) for job, uid in rows]
+            jobs = [job for job, _ in rows]
+            covering = covering_jobs(session, jobs) if state == "dead" else {}
+            sends = exported_objects(session, jobs)
+            return [
+                _job_out(job, uid, covering.get(job.id), sends.get(job.id)) for job, uid in rows
+            ]
 
     @router.post("/{job_id}/retry", response_model=JobOut)
     def retry_job(job_id: int, caller: Caller = admin_required) -> JobOut:
@@ -115,6 +132,7 @@ def jobs_router(sessions: sessionmaker[Session], caller_of: Callable[..., Caller
                 # Another admin's retry of it committed since it was read.
                 raise HTTPException(status.HTTP_409_CONFLICT, str(error)) from None
             session.commit()
-            return _job_out(job, study.study_instance_uid if study else "")
+            sends = exported_objects(session, [job]).get(job.id)
+            return _job_out(job, study.study_instance_uid if study else "", sends=sends)
 
     return router
