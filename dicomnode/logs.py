@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 from collections.abc import Iterable
+from datetime import datetime
 
 CHATTY_LIBRARIES = ("pynetdicom", "highdicom", "alembic", "httpx", "httpcore")
 # Loggers whose warnings quote the data values they doubt (a patient's name, ID or birth
@@ -116,7 +117,22 @@ class _JournalPriority(logging.Formatter):
         return "\n".join(prefix + line for line in self.inner.format(record).splitlines())
 
 
-class _JsonFormatter(logging.Formatter):
+class _Iso8601(logging.Formatter):
+    """Times as ISO 8601 in local time with its UTC offset, to the millisecond
+    ("2026-12-07T19:08:39.007+01:00"): unambiguous across time zones and daylight saving,
+    and sortable (logging's default has no zone and a comma before the milliseconds)."""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        return iso8601(record.created)
+
+
+def iso8601(timestamp: float) -> str:
+    """``timestamp`` (seconds since the epoch) as ISO 8601 local time with its offset."""
+    moment = datetime.fromtimestamp(timestamp).astimezone()
+    return moment.isoformat(timespec="milliseconds")
+
+
+class _JsonFormatter(_Iso8601):
     def format(self, record: logging.LogRecord) -> str:
         entry = {
             "time": self.formatTime(record),
@@ -137,9 +153,7 @@ def setup_logging(level: str = "INFO", json_lines: bool = False) -> None:
         handler.addFilter(_QuietQuotingLoggers())
     journal = stderr_is_journal()
     formatter: logging.Formatter = (
-        _JsonFormatter()
-        if json_lines
-        else logging.Formatter(JOURNAL_FORMAT if journal else PLAIN_FORMAT)
+        _JsonFormatter() if json_lines else _Iso8601(JOURNAL_FORMAT if journal else PLAIN_FORMAT)
     )
     handler.setFormatter(_JournalPriority(formatter) if journal else formatter)
     root = logging.getLogger()
