@@ -10,21 +10,27 @@ import logging
 from collections.abc import Iterable
 from pathlib import Path
 
+import httpx
 import pydicom
 import pytest
 from conftest import free_port, wait_for
 from pydicom.uid import UID
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import SegmentationStorage, Verification
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 from test_export import _due_now, _jobs, _worker, study_with_exports
 from test_scp import secondary_capture
+from web_server import add_users, serve
+from worklist_seed import add_study
 
 from dicomnode.config import Destination, Settings
-from dicomnode.db.models import Job, ResultObject
+from dicomnode.db.models import Job, ResultObject, Study
+from dicomnode.db.session import utcnow
 from dicomnode.export.echo import echo
 from dicomnode.export.jobs import REFUSED_WHILE_STORING
 from dicomnode.export.scu import DestinationUnavailable, ExportError, send_files
+from dicomnode.web.app import create_app
 from dicomnode.worker import Worker
 
 
@@ -235,5 +241,51 @@ def test_a_destination_whose_disk_fills_during_an_association_is_waited_for(
         wait_for(worker.run_once, timeout=30, interval=0.05, what="a retry to be due")
         assert [job.state for job in _jobs(sessions, jobs.values())] == ["done"] * 3
         assert len(pacs.stored) == 3
+    finally:
+        pacs.close()
+
+
+def test_the_worklist_and_the_study_say_an_export_is_retrying_until_it_is_sent_or_dead(
+    sessions: sessionmaker[Session], tmp_path: Path
+) -> None:
+    """Acceptance (MEDIUM): objects stuck retrying showed on the worklist and in the API as
+    no export problem at all (export_error ""). An export queued again after a failed
+    attempt says so on its worklist row ("destination: retrying (N failed: reason)") until
+    it is sent or dead-lettered (then "destination: reason", as before)."""
+    tokens = add_users(sessions)
+    with sessions() as session:
+        uid = add_study(session, "ACC1", now=utcnow(), probability=0.9)
+        study_id = session.scalar(select(Study.id).where(Study.study_instance_uid == uid))
+    jobs = study_with_exports(sessions, tmp_path, {"seg": "pacs"}, study_id=study_id)
+    _as_segmentation(sessions, jobs["seg"])
+    pacs = PickySCP(unsupported=[SegmentationStorage])
+    headers = {"Authorization": f"Bearer {tokens['dr_house']}"}
+    try:
+        worker = _worker(tmp_path, sessions, pacs.port, max_attempts=2)
+        with (
+            serve(create_app(sessions)) as url,
+            httpx.Client(base_url=url, headers=headers, timeout=10) as client,
+        ):
+
+            def shown() -> tuple[str, str, list[str]]:
+                """The worklist row's export_error; the study's, and its export_errors."""
+                [row] = client.get("/api/worklist").json()["rows"]
+                detail = client.get(f"/api/studies/{uid}").json()
+                return row["export_error"], detail["export_error"], detail["export_errors"]
+
+            assert shown() == ("", "", [])
+            assert worker.run_once()
+            why = (
+                f"ExportError: pacs (PACS@127.0.0.1:{pacs.port}): Segmentation Storage in "
+                "Explicit VR Little Endian not accepted"
+            )
+            # The study's page lists dead letters ("Export failed"); its result objects'
+            # export summaries say "retrying (1 failed: ...)" already.
+            retrying = f"pacs: retrying (1 failed: {why})"
+            assert shown() == (retrying, retrying, [])
+            _due_now(sessions, jobs.values())
+            assert worker.run_once()
+            dead = f"pacs: {why}"
+            assert shown() == (dead, dead, [dead])
     finally:
         pacs.close()

@@ -1,14 +1,15 @@
 """What went wrong with a study's jobs, as the worklist rows and the study view show it: a
 failed analysis, a dead-lettered export ("destination: reason"; not one whose object a later
-export sends or sent), and result objects that its latest results job did not write (all of
-them: dead; some: done naming what it left out)."""
+export sends or sent), on a worklist row else an export queued again after a failed attempt
+("destination: retrying (N failed: reason)"), and result objects that its latest results job
+did not write (all of them: dead; some: done naming what it left out)."""
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
 
-from sqlalchemy import func, select
+from sqlalchemy import ColumnElement, and_, case, func, or_, select
 from sqlalchemy.orm import Session
 
 from dicomnode.db.models import Job, Study
@@ -25,9 +26,26 @@ class StudyFailures:
     export_errors: list[str]
 
 
-def _export_error(payload: dict | None, reason: str) -> str:
-    """A dead-lettered export as the worklist and the study view say it: "destination: reason"."""
-    return f"{(payload or {}).get('destination', '')}: {reason}"
+def _export_error(payload: dict | None, reason: str, state: str = "dead", attempts: int = 0) -> str:
+    """A dead-lettered export as the worklist and the study view say it: "destination:
+    reason"; on a worklist row, one queued again after ``attempts`` failed attempts:
+    "destination: retrying (N failed: reason)", as the study view's export summary says it."""
+    destination = (payload or {}).get("destination", "")
+    if state == "dead":
+        return f"{destination}: {reason}"
+    return f"{destination}: retrying ({attempts} failed: {reason})"
+
+
+def _dead_export() -> ColumnElement[bool]:
+    """A dead-lettered export job, not one whose object another export to the destination
+    sends or sent."""
+    return and_(Job.kind == "export", Job.state == "dead", ~export_covered())
+
+
+def _retrying_export() -> ColumnElement[bool]:
+    """An export job queued again after a failed attempt: its destination down, out of
+    resources, or refusing the object until its attempts are spent."""
+    return and_(Job.kind == "export", Job.state == "queued", Job.attempts > 0, Job.last_error != "")
 
 
 def _results_failed(job: Job | None) -> bool:
@@ -55,18 +73,15 @@ def failures(session: Session, study_instance_uid: str) -> StudyFailures:
     """The study's analysis error and its dead-lettered exports ("destination: reason"),
     leaving out those whose object a later export to the same destination sends or sent (a
     later results job queues one: :func:`~dicomnode.jobs.dead_letters.export_covered`); its
-    results job's state is on its worklist row (:func:`rows_out`)."""
+    results job's state is on its worklist row (:func:`rows_out`), an export retrying in its
+    result objects' export summaries."""
     study = session.scalars(
         select(Study).where(Study.study_instance_uid == study_instance_uid)
     ).one_or_none()
     if study is None:
         return StudyFailures("", [])
     dead = session.scalars(
-        select(Job)
-        .where(
-            Job.study_id == study.id, Job.kind == "export", Job.state == "dead", ~export_covered()
-        )
-        .order_by(Job.id)
+        select(Job).where(Job.study_id == study.id, _dead_export()).order_by(Job.id)
     ).all()
     errors = [_export_error(job.payload, job.last_error) for job in dead]
     return StudyFailures(without_server_paths(study.analysis_error or ""), errors)
@@ -85,23 +100,25 @@ def without_server_paths(reason: str) -> str:
 
 def export_failures(session: Session, study_instance_uids: list[str]) -> dict[str, str]:
     """Per study of a worklist page: its first dead-lettered export, "destination: reason"
-    (as in :func:`failures`, not one whose object another export sends or sent)."""
+    (as in :func:`failures`, not one whose object another export sends or sent), else its
+    first export queued again after a failed attempt, "destination: retrying (N failed:
+    reason)": objects stuck retrying (a destination down, or refusing them until their
+    attempts are spent) showed as no export problem at all."""
     if not study_instance_uids:
         return {}
-    dead = session.execute(
-        select(Study.study_instance_uid, Job.payload, Job.last_error)
+    found = session.execute(
+        select(Study.study_instance_uid, Job.payload, Job.last_error, Job.state, Job.attempts)
         .join(Job, Job.study_id == Study.id)
         .where(
             Study.study_instance_uid.in_(study_instance_uids),
-            Job.kind == "export",
-            Job.state == "dead",
-            ~export_covered(),
+            or_(_dead_export(), _retrying_export()),
         )
-        .order_by(Job.id)
+        # The dead-lettered ones first (an admin retries them), then by job.
+        .order_by(case((Job.state == "dead", 0), else_=1), Job.id)
     ).all()
     failed: dict[str, str] = {}
-    for uid, payload, reason in dead:
-        failed.setdefault(uid, _export_error(payload, reason))
+    for uid, payload, reason, state, attempts in found:
+        failed.setdefault(uid, _export_error(payload, reason, state, attempts))
     return failed
 
 
@@ -148,8 +165,8 @@ def _results_fields(job: Job | None) -> dict[str, object]:
 
 
 def rows_out(session: Session, rows: list[WorklistRow]) -> list[WorklistRowOut]:
-    """Worklist rows as every response shows them, each with its first dead-lettered export
-    and its latest results job (two queries for the page, none per row)."""
+    """Worklist rows as every response shows them, each with its first dead-lettered (else
+    retrying) export and its latest results job (two queries for the page, none per row)."""
     uids = [row.study_instance_uid for row in rows]
     failed = export_failures(session, uids)
     results = results_jobs(session, uids)

@@ -104,7 +104,8 @@ class WorklistRowOut(BaseModel):
     export_error: str = Field(
         "",
         description="a dead-lettered export: destination and reason (admin can retry); not "
-        "one whose object a later export to that destination sends or sent",
+        "one whose object a later export to that destination sends or sent; else an export "
+        "queued again after a failed attempt: 'destination: retrying (N failed: reason)'",
     )
     # The latest results job, so that a reader sees from the list that AI result objects are
     # missing (the priority stands either way: it was committed before they were written).
