@@ -49,6 +49,9 @@ if [ -n "$check_output" ]; then
   printf '%s\n' "$check_output" | grep -v '^warning: ' >&2 || true
 fi
 [ "$check_status" -eq 0 ] || exit "$check_status"
+# The database made, or brought to this version's schema after a pull (serve would do it
+# too), before users list: that command only reads, and refuses a database behind.
+.venv/bin/dicomnode db upgrade --config "$config"
 if [ -z "$(.venv/bin/dicomnode users list --config "$config")" ]; then
   # First start: an admin account for the worklist page, with a password shown once.
   password=$(.venv/bin/python -c "import secrets; print(secrets.token_urlsafe(12))")

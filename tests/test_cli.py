@@ -50,6 +50,8 @@ def test_users_add_without_a_terminal_says_how_to_give_the_password(config: Path
         "print(*sorted({'numpy', 'dicomnode.models.registry'} & set(sys.modules)))\n"
         "sys.exit(code)"
     )
+    # (users list only reads: the database is made first.)
+    assert run_cli("db", "upgrade", "--config", str(config)).returncode == 0
     listed = subprocess.run(
         [sys.executable, "-c", script, "users", "list", "--config", str(config)],
         stdin=subprocess.DEVNULL,
@@ -79,12 +81,17 @@ def test_help_lists_only_the_commands_for_people() -> None:
     assert "listener" not in wrong.stderr
 
 
-def test_version_names_the_package_version() -> None:
-    from dicomnode import __version__
+def test_version_names_the_package_version_and_newest_schema_revision() -> None:
+    """Two builds of one package version are told apart by the schema they migrate to."""
+    from alembic.script import ScriptDirectory
 
+    from dicomnode import __version__
+    from dicomnode.db.session import alembic_config
+
+    head = ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()
     shown = run_cli("--version")
     assert shown.returncode == 0, shown.stderr
-    assert shown.stdout == f"dicomnode {__version__}\n"
+    assert shown.stdout == f"dicomnode {__version__} (database schema {head})\n"
     assert "--version" in run_cli("--help").stdout
 
 

@@ -122,6 +122,9 @@ def test_run_node_on_a_configuration_of_ones_own(tmp_path: Path, given: str) -> 
     assert f"0.0.0.0:{port} may store" in output, output
     # The admin account is in the database of the file given, and nothing used the other.
     assert "worklist log-in: user 'admin'" in output, output
+    # Made by db upgrade before users list, which only reads: no error on a first start.
+    assert "database schema upgraded from empty to revision " in output, output
+    assert "error:" not in output, output
     assert f"--config '{config}'" in output, output
     assert (clone / "var" / "mine.db").exists()
     assert not (clone / "var" / "dicomnode.db").exists()

@@ -93,11 +93,15 @@ def test_an_sqlite_file_that_cannot_be_created_is_one_line(tmp_path: Path) -> No
     (tmp_path / "a-file").write_text("not a folder")
     database = tmp_path / "a-file" / "dicomnode.db"
     config, _, _ = write_config(tmp_path, f"sqlite:///{database}")
-    # (serve and worker refuse the folder earlier, as check-config does.)
-    for arguments in (("db", "upgrade"), ("users", "list")):
+    # (serve and worker refuse the folder earlier, as check-config does.) db upgrade fails to
+    # make the folder; users list, which only reads, to look for the file.
+    for arguments, reason in (
+        (("db", "upgrade"), "file exists"),
+        (("users", "list"), "not a directory"),
+    ):
         lines = problem_lines(run_command(arguments, config))
         assert lines[-1].endswith(
-            f"cannot open the SQLite database {database}: file exists (check [database] url "
+            f"cannot open the SQLite database {database}: {reason} (check [database] url "
             "and the owner and mode of the file and its folder)"
         ), lines
 
@@ -122,7 +126,8 @@ def test_a_schema_newer_than_the_code_says_how_to_roll_back(tmp_path: Path, db_u
 
     head = ScriptDirectory.from_config(alembic_config(db_url)).get_current_head()
     config, _, _ = write_config(tmp_path, db_url)
-    for arguments in (("db", "upgrade"), ("serve",)):
+    # (worklist and db current only read: they refuse it as the commands that migrate do.)
+    for arguments in (("db", "upgrade"), ("serve",), ("worklist",), ("db", "current")):
         lines = problem_lines(run_command(arguments, config))
         assert lines[-1].endswith(
             f"database is at revision {UNKNOWN}, which this dicomnode (revisions up to {head}) "

@@ -8,9 +8,17 @@ import sys
 from pathlib import Path
 
 from dicomnode import RESEARCH_DEMO_NOTICE
-from dicomnode.cli.resources import database_sessions, model_cards, settings_of
+from dicomnode.cli.resources import (
+    database_sessions,
+    model_cards,
+    reading_sessions,
+    settings_of,
+)
 
 SCENARIOS = Path("conf/scenarios")
+# `db current`'s exit status for a database behind this code (1: an error, 2: the
+# configuration's).
+UPGRADE_NEEDED = 3
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -35,7 +43,7 @@ def cmd_worklist(args: argparse.Namespace) -> int:
     from dicomnode.worklist.service import reading_order
 
     settings = settings_of(args)
-    with database_sessions(settings)() as session:
+    with reading_sessions(settings)() as session:
         rows = reading_order(session, limit=args.limit, site=settings.worklist)
     now = utcnow()
     print(f"AI triage: {RESEARCH_DEMO_NOTICE}")
@@ -110,15 +118,34 @@ def cmd_config_reference(args: argparse.Namespace) -> int:
 
 
 def cmd_db(args: argparse.Namespace) -> int:
+    settings = settings_of(args)
+    if args.db_command == "current":
+        return _db_current(settings.database_url)
     from dicomnode.db.session import upgrade
 
-    settings = settings_of(args)
     before, after = upgrade(settings.database_url)
     if before == after:
         print(f"database schema is up to date (revision {after})")
     else:
         print(f"database schema upgraded from {before or 'empty'} to revision {after}")
     return 0
+
+
+def _db_current(url: str) -> int:
+    """``db current``: the database's revision and this code's newest; only reads. Exit 0 when
+    they are the same, UPGRADE_NEEDED when the database is behind or not made yet (a database
+    at a revision this code lacks, or one it cannot open, is an error: 1)."""
+    from dicomnode.db.session import current_revision, newest_revision
+
+    current = current_revision(url)
+    newest = newest_revision()
+    print(f"database schema revision: {current or 'none (no dicomnode database yet)'}")
+    print(f"this dicomnode's newest revision: {newest}")
+    if current == newest:
+        print("up to date")
+        return 0
+    print("upgrade needed: run `dicomnode db upgrade` (stop older nodes first)")
+    return UPGRADE_NEEDED
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
@@ -139,7 +166,9 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     from dicomnode.jobs.queue import lock_studies
 
     settings = settings_of(args)
-    with database_sessions(settings)() as session:
+    # Listing only reads: it never migrates a database an older node may still run on.
+    opened = reading_sessions if args.jobs_command == "list" else database_sessions
+    with opened(settings)() as session:
         if args.jobs_command == "list":
             rows = jobs_in_state(session, args.state, args.kind, args.destination, args.limit)
             dead = [job for job, _ in rows] if args.state == "dead" else []

@@ -10,6 +10,7 @@ from pathlib import Path
 from dicomnode import RESEARCH_DEMO_NOTICE, __version__
 from dicomnode.cli.commands import (
     SCENARIOS,
+    UPGRADE_NEEDED,
     cmd_check_config,
     cmd_config_reference,
     cmd_db,
@@ -71,6 +72,27 @@ def _token_days(text: str) -> float:
     return days
 
 
+class _Version(argparse.Action):
+    """--version: the package version and the newest database schema revision this build
+    has, e.g. "dicomnode 0.1.0 (database schema 0009)" (the revision read as it is asked
+    for: other commands do not pay for reading the migrations)."""
+
+    def __init__(self, option_strings: list[str], dest: str, help: str | None = None) -> None:
+        super().__init__(option_strings, dest=dest, default=argparse.SUPPRESS, nargs=0, help=help)
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: object,
+        option_string: str | None = None,
+    ) -> None:
+        from dicomnode.db.session import newest_revision
+
+        print(f"{parser.prog} {__version__} (database schema {newest_revision()})")
+        parser.exit()
+
+
 def _add_command(
     commands: argparse._SubParsersAction, name: str, help_text: str
 ) -> argparse.ArgumentParser:
@@ -86,7 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="dicomnode",
         description=f"DICOM AI triage node ({RESEARCH_DEMO_NOTICE}). Each command has --help.",
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument(
+        "--version",
+        action=_Version,
+        help="print the version and the newest database schema revision it knows, and exit",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     def with_config(sub: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -218,9 +244,12 @@ def build_parser() -> argparse.ArgumentParser:
     db = with_config(_add_command(commands, "db", "database maintenance"))
     db.add_argument(
         "db_command",
-        choices=["upgrade"],
-        help="upgrade: bring the database schema to this version's newest migration "
-        "(the node's commands also do it as they start)",
+        choices=["upgrade", "current"],
+        help="upgrade: bring the database schema to this version's newest migration (serve, "
+        "worker and the commands that change users or jobs also do it as they start; those "
+        "that only read refuse a database behind); current: print the database's schema "
+        "revision and this version's newest, changing nothing: exit 0 when they are the "
+        f"same, {UPGRADE_NEEDED} when an upgrade is needed, 1 when the database cannot be used",
     )
     db.set_defaults(func=cmd_db)
 

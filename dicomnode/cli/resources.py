@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING
 from dicomnode.config import Settings, load_settings
 
 if TYPE_CHECKING:
+    from sqlalchemy.orm import Session, sessionmaker
+
     from dicomnode.models.registry import ModelCard
 
 
@@ -26,9 +28,21 @@ def model_cards(settings: Settings) -> list[ModelCard]:
     return discover_cards(settings.model_folders)
 
 
-def database_sessions(settings: Settings):
-    """A session maker for the settings' database, its schema upgraded first."""
+def database_sessions(settings: Settings) -> sessionmaker[Session]:
+    """A session maker for the settings' database, its schema upgraded first: for the
+    commands that write (worker, users add and the like, jobs retry; serve migrates itself)."""
     from dicomnode.db.session import make_engine, make_sessionmaker, upgrade
 
     upgrade(settings.database_url)
+    return make_sessionmaker(make_engine(settings.database_url))
+
+
+def reading_sessions(settings: Settings) -> sessionmaker[Session]:
+    """A session maker for the settings' database, for the commands that only read
+    (worklist, users list, jobs list): never migrated nor created by them. One behind this
+    code's newest schema revision, or not made yet, is refused with what to run
+    (:class:`~dicomnode.db.errors.DatabaseUnusable`)."""
+    from dicomnode.db.session import make_engine, make_sessionmaker, require_newest
+
+    require_newest(settings.database_url)
     return make_sessionmaker(make_engine(settings.database_url))

@@ -7,7 +7,7 @@ import os
 import sys
 from typing import TYPE_CHECKING
 
-from dicomnode.cli.resources import database_sessions, settings_of
+from dicomnode.cli.resources import database_sessions, reading_sessions, settings_of
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -121,7 +121,9 @@ def cmd_users(args: argparse.Namespace) -> int:
     from dicomnode.users import UserError
 
     settings = settings_of(args)
-    with database_sessions(settings)() as session:
+    # Listing only reads: it never migrates a database an older node may still run on.
+    opened = reading_sessions if args.users_command == "list" else database_sessions
+    with opened(settings)() as session:
         try:
             output = USERS_COMMANDS[args.users_command](session, args)
         except UserError as exc:

@@ -53,6 +53,29 @@ def unknown_revision(revision: str, head: str | None) -> DatabaseUnusable:
     )
 
 
+def behind(revision: str, head: str) -> DatabaseUnusable:
+    """The error for a command that only reads, on a database an upgrade has not reached:
+    it never migrates, as an older node may still run on the database."""
+    return DatabaseUnusable(
+        f"database is at revision {revision}, this dicomnode needs {head}: "
+        "run `dicomnode db upgrade` (stop older nodes first)"
+    )
+
+
+def no_database(url: str) -> DatabaseUnusable:
+    """The error for a command that only reads, on a database without the node's schema (an
+    SQLite file not made yet, an empty PostgreSQL database): it creates none."""
+    parsed = _parse(url)
+    if parsed is not None and parsed.get_backend_name() == "sqlite":
+        where = str(parsed.database)
+    else:
+        where = _shown(parsed)
+    return DatabaseUnusable(
+        f"there is no dicomnode database at {where} yet: `dicomnode db upgrade` or the "
+        "node's start (`dicomnode serve`) creates it"
+    )
+
+
 def _parse(url: str) -> URL | None:
     from sqlalchemy.engine import make_url
 

@@ -13,11 +13,12 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import NullPool
 
-from dicomnode.db.errors import unknown_revision, unreachable
+from dicomnode.db.errors import behind, no_database, unknown_revision, unreachable
 from dicomnode.folders import make_folders
 
 if TYPE_CHECKING:
     from alembic.config import Config as AlembicConfig
+    from alembic.script import ScriptDirectory
 
 log = logging.getLogger("dicomnode.db")
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -103,7 +104,7 @@ def upgrade(url: str) -> tuple[str | None, str | None]:
 
     before = schema_revision(url)
     config = alembic_config(url)
-    _refuse_unknown_revision(config, before)
+    _refuse_unknown(_migrations(), before)
     command.upgrade(config, "head")
     after = schema_revision(url)
     if after != before:
@@ -111,16 +112,60 @@ def upgrade(url: str) -> tuple[str | None, str | None]:
     return before, after
 
 
-def _refuse_unknown_revision(config: AlembicConfig, revision: str | None) -> None:
+def _refuse_unknown(script: ScriptDirectory, revision: str | None) -> None:
     """A revision this code's migrations lack means a newer dicomnode upgraded the database
     (then was rolled back): no migration path exists, and guessing would corrupt it."""
-    from alembic.script import ScriptDirectory
-
     if revision is None:
         return
-    script = ScriptDirectory.from_config(config)
     if revision not in {migration.revision for migration in script.walk_revisions()}:
         raise unknown_revision(revision, script.get_current_head())
+
+
+def _migrations() -> ScriptDirectory:
+    from alembic.script import ScriptDirectory
+
+    return ScriptDirectory(str(MIGRATIONS))
+
+
+def newest_revision() -> str:
+    """The newest migration this code has: the revision ``upgrade`` brings a database to."""
+    head = _migrations().get_current_head()
+    assert head is not None, f"no migrations in {MIGRATIONS}"
+    return head
+
+
+def current_revision(url: str) -> str | None:
+    """The migration the database is at, None where it has no schema (an SQLite file not
+    made yet included); it only reads: a missing SQLite file is not created.
+
+    Raises :class:`~dicomnode.db.errors.DatabaseUnusable` when the database cannot be opened
+    or is at a revision this code does not have (a newer dicomnode upgraded it)."""
+    if url.startswith("sqlite:///"):
+        path = url.removeprefix("sqlite:///")
+        if path and path != ":memory:":
+            try:
+                os.stat(path)
+            except FileNotFoundError:
+                return None
+            except OSError as exc:
+                raise unreachable(url, exc) from exc
+    revision = schema_revision(url)
+    _refuse_unknown(_migrations(), revision)
+    return revision
+
+
+def require_newest(url: str) -> None:
+    """For the commands that only read (worklist, users list, jobs list): the database must
+    be at this code's newest revision. They never migrate it: an older node may still run on
+    it, and would refuse it at its next start.
+
+    Raises :class:`~dicomnode.db.errors.DatabaseUnusable`, saying what to run, otherwise."""
+    revision = current_revision(url)
+    if revision is None:
+        raise no_database(url)
+    head = newest_revision()
+    if revision != head:
+        raise behind(revision, head)
 
 
 def schema_revision(url: str) -> str | None:
