@@ -24,7 +24,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.config import Settings
-from dicomnode.db.models import Instance, Study
+from dicomnode.db.models import Instance, Series, Study
 from dicomnode.db.session import as_utc
 from dicomnode.export.scu import keep_responses
 from dicomnode.ingest.incoming import SPARES, incoming_folder
@@ -201,12 +201,12 @@ def test_an_instance_sent_again_under_another_study_keeps_its_first_copy(
         assert session.scalars(select(Study.study_instance_uid)).all() == [ds.StudyInstanceUID]
 
 
-def test_an_instance_whose_indexed_file_is_gone_keeps_the_copy_sent_again(
+def test_an_instance_whose_indexed_file_is_gone_is_indexed_as_it_comes_again(
     node: Node, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """The same, but the first copy's file is gone (lost, or a storage folder restored
-    without it): the copy sent again takes its place on the instance's row, with a warning,
-    instead of being removed too (the sender was told both were stored)."""
+    """The same, but the first copy's file is gone (lost): the copy sent again is indexed
+    under the study and series it names, its old row gone, with a warning, instead of being
+    removed too (the sender was told both were stored)."""
     ds = secondary_capture()
     assert node.store(ds) == 0x0000
     first = node.storage / ds.StudyInstanceUID / ds.SeriesInstanceUID / f"{ds.SOPInstanceUID}.dcm"
@@ -221,7 +221,8 @@ def test_an_instance_whose_indexed_file_is_gone_keeps_the_copy_sent_again(
     with node.sessions() as session:
         row = session.scalars(select(Instance)).one()
         assert (row.path, row.size_bytes) == (str(second), second.stat().st_size)
-    assert "its indexed file is gone, so this copy takes its place" in caplog.text
+        assert session.get(Series, row.series_id).series_instance_uid == moved.SeriesInstanceUID
+    assert "its indexed file is gone, so it is indexed anew as it came" in caplog.text
 
 
 @pytest.mark.parametrize("field", ["SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID"])

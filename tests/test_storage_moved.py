@@ -7,15 +7,18 @@ elsewhere and deleted (an IT admin's acceptance test lost 33 of 33 instances so)
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 
+import pydicom
 import pytest
 from conftest import spool_and_index, spool_late_instance
+from pydicom.uid import generate_uid
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.config import Settings
-from dicomnode.db.models import Instance, ResultObject
+from dicomnode.db.models import Instance, ResultObject, Series, Study
 from dicomnode.db.session import utcnow
 from dicomnode.ingest.assembly import queue_ready_studies
 from dicomnode.models.registry import load_card
@@ -35,9 +38,13 @@ def _paths(sessions: sessionmaker[Session], table: type) -> list[str]:
         return sorted(session.scalars(select(table.path)).all())
 
 
-def test_a_moved_storage_folder_is_found_and_nothing_is_removed(
-    sessions: sessionmaker[Session], tmp_path: Path, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize("how", ["moved", "copied"])
+def test_a_moved_or_copied_storage_folder_is_found_and_nothing_is_removed(
+    sessions: sessionmaker[Session], tmp_path: Path, caplog: pytest.LogCaptureFixture, how: str
 ) -> None:
+    """Moved (``mv``) or copied (``rsync -a``, the old disk kept for now): the rows name the
+    files under the configured folder; a copy's old folder is left as it was. Before, a copy
+    was taken for second copies of instances indexed at the old path and every one removed."""
     old = tmp_path / "disk1" / "storage"
     worker = Worker(
         Settings(storage={"path": old}, worker={"threads": 1}), sessions, [load_card(PNEUMOTHORAX)]
@@ -55,7 +62,10 @@ def test_a_moved_storage_folder_is_found_and_nothing_is_removed(
 
     new = tmp_path / "disk2" / "storage"
     new.parent.mkdir()
-    old.rename(new)
+    if how == "moved":
+        old.rename(new)
+    else:
+        shutil.copytree(old, new)
     settings = Settings(storage={"path": new})
     with caplog.at_level(logging.WARNING, logger="dicomnode"):
         recover(settings, sessions)
@@ -66,6 +76,8 @@ def test_a_moved_storage_folder_is_found_and_nothing_is_removed(
     [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("storage:")]
     assert line.startswith(f"storage: 2 instance file(s) and {len(results)} result file(s)")
     assert "removed" not in caplog.text
+    if how == "copied":
+        assert [path.relative_to(old) for path in _files(old)] == sorted(received + results)
 
     # The next start finds every file where its row says: nothing to do, nothing said.
     caplog.clear()
@@ -93,3 +105,31 @@ def test_a_second_copy_of_an_instance_whose_file_is_there_is_still_removed(
     assert _files(storage) == [first]
     assert _paths(sessions, Instance) == [str(first)]
     assert "the first copy is kept and this one removed" in caplog.text
+
+
+def test_an_instance_whose_file_is_lost_is_indexed_as_its_copy_under_another_study_says(
+    sessions: sessionmaker[Session], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The indexed file lost, a copy of the instance under another study's folder (the
+    study corrected at the PACS and sent again, the node stopped before indexing it): the
+    lost file's row goes and the copy is indexed under the study it names, not removed."""
+    storage = tmp_path / "storage"
+    with sessions() as session:
+        ds, _ = make_cxr(940_404, pneumothorax=False)
+        _, first = spool_and_index(session, storage, ds)
+    corrected = pydicom.dcmread(first)
+    corrected.StudyInstanceUID, corrected.SeriesInstanceUID = generate_uid(), generate_uid()
+    second = storage / corrected.StudyInstanceUID / corrected.SeriesInstanceUID / first.name
+    second.parent.mkdir(parents=True)
+    corrected.save_as(second)
+    first.unlink()
+    with caplog.at_level(logging.WARNING, logger="dicomnode"):
+        recover(Settings(storage={"path": storage}), sessions)
+    assert _files(storage) == [second]
+    with sessions() as session:
+        [row] = session.execute(
+            select(Instance.path, Study.study_instance_uid)
+            .join(Series, Series.id == Instance.series_id)
+            .join(Study, Study.id == Series.study_id)
+        ).all()
+    assert tuple(row) == (str(second), corrected.StudyInstanceUID)

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 
-from sqlalchemy import Connection, bindparam, case, insert, select, update
+from sqlalchemy import Connection, bindparam, case, delete, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -289,20 +289,29 @@ _REPOINT_INSTANCE = (
     .where(_INSTANCES.c.sop_instance_uid == bindparam("sop_uid"))
     .values(path=bindparam("found_path"), size_bytes=bindparam("found_size"))
 )
+_FORGET_INSTANCE = delete(_INSTANCES).where(_INSTANCES.c.sop_instance_uid == bindparam("sop_uid"))
 
 
 def indexed_copy_gone(indexed_path: str) -> bool:
-    """Whether a known instance's indexed file is no longer there (its storage folder moved
-    or restored under another path, or the file lost): a copy found elsewhere then takes its
-    place instead of being removed as a second copy."""
+    """Whether a known instance's indexed file is no longer there (lost): a copy of it that
+    comes under another study or series then replaces it (:func:`forget_instance`) instead of
+    being removed as a second copy."""
     return not Path(indexed_path).is_file()
 
 
 def repoint_instance(connection: Connection, sop_instance_uid: str, path: str, size: int) -> None:
-    """Point a known instance's row at the copy found at ``path`` (the caller commits)."""
+    """Point a known instance's row at its copy at ``path``, at the same place in the
+    storage's layout under another storage root (the caller commits)."""
     connection.execute(
         _REPOINT_INSTANCE, {"sop_uid": sop_instance_uid, "found_path": path, "found_size": size}
     )
+
+
+def forget_instance(connection: Connection, sop_instance_uid: str) -> None:
+    """Delete the row of an instance whose file is lost, so that the copy that came again
+    (under another study or series: the study corrected at the PACS) is indexed as what it
+    says it is (the caller commits). Nothing refers to instance rows."""
+    connection.execute(_FORGET_INSTANCE, {"sop_uid": sop_instance_uid})
 
 
 def drop_second_copy(sop_instance_uid: str, path: str) -> None:

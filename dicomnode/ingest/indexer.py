@@ -43,9 +43,9 @@ from dicomnode.ingest.arrival import Arrival
 from dicomnode.ingest.index import (
     add_rows,
     drop_second_copy,
+    forget_instance,
     index_arrival,
     indexed_copy_gone,
-    repoint_instance,
 )
 from dicomnode.ingest.sink import AssociationEnded, Item, TicketedSink, decode_item
 from dicomnode.outage import database_reason
@@ -92,7 +92,7 @@ def _write_arrivals(
     uids = [arrival.facts.sop_instance_uid for arrival in arrivals]
     known = dict(session.connection().execute(_KNOWN_INSTANCES, {"uids": uids}).all())
     fresh: list[Arrival] = []
-    found: list[Arrival] = []
+    lost: list[Arrival] = []
     for arrival in arrivals:
         # Duplicates (a resent study) and repeats within the batch write nothing.
         first = known.get(arrival.facts.sop_instance_uid)
@@ -100,27 +100,24 @@ def _write_arrivals(
             known[arrival.facts.sop_instance_uid] = arrival.path
             fresh.append(arrival)
         elif first != arrival.path:
+            # Under another study or series (the path is the UIDs'): a second copy, removed,
+            # unless the indexed file was lost: then this copy is indexed as what it says it
+            # is (removing it too would lose an instance the sender was told is stored).
             if indexed_copy_gone(first):
-                # The indexed file was lost: this copy takes its place (removing it too would
-                # lose an instance the sender was told is stored).
                 known[arrival.facts.sop_instance_uid] = arrival.path
-                found.append(arrival)
+                lost.append(arrival)
+                fresh.append(arrival)
             else:
                 drop_second_copy(arrival.facts.sop_instance_uid, arrival.path)
-    if found:
+    if lost:
         # Committed apart: the fallback below rolls the batch's rows back.
-        for arrival in found:
-            repoint_instance(
-                session.connection(),
-                arrival.facts.sop_instance_uid,
-                arrival.path,
-                arrival.size_bytes,
-            )
+        for arrival in lost:
+            forget_instance(session.connection(), arrival.facts.sop_instance_uid)
         session.commit()
-        for arrival in found:
+        for arrival in lost:
             log.warning(
-                "instance %s received again; its indexed file is gone, so this copy takes its "
-                "place (%s)",
+                "instance %s received again under another study or series; its indexed file "
+                "is gone, so it is indexed anew as it came (%s)",
                 arrival.facts.sop_instance_uid,
                 arrival.path,
             )

@@ -9,16 +9,20 @@ file and the answer leaves a file the sender was not told about; it is indexed t
 the sender's retry is then a duplicate.) Temporary files of interrupted writes are
 removed.
 
-A file of a known instance (or result object) at another path than its row names, whose
-indexed file is gone, takes the row's place: the storage folder moved to another disk, or
-a backup restored under another ``[storage] path``. Only a second copy of an instance whose
-indexed file is still there is removed.
+The configured storage folder is the node's: a file of a known instance (or result object)
+whose row names the same place under another folder (the storage moved or copied to another
+disk, or a backup restored under another ``[storage] path``) takes the row, and the other
+folder is left as it is. Only a second copy of an instance under another study or series is
+removed, when the indexed file is there; when that file is lost, the copy is indexed as
+what it says it is.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import pydicom
@@ -27,9 +31,10 @@ from sqlalchemy.orm import Session
 
 from dicomnode.db.models import Instance, ResultObject
 from dicomnode.db.session import utcnow
-from dicomnode.ingest.arrival import instance_facts
+from dicomnode.ingest.arrival import InstanceFacts, instance_facts
 from dicomnode.ingest.index import (
     drop_second_copy,
+    forget_instance,
     index_instance,
     indexed_copy_gone,
     repoint_instance,
@@ -89,9 +94,8 @@ def recover_spool(session: Session, storage: Path, quiet_seconds: float) -> Reco
             select(Instance.path).where(Instance.sop_instance_uid == facts.sop_instance_uid)
         )
         session.rollback()
-        if indexed_path is not None:
-            _known_elsewhere(session, recovery, facts.sop_instance_uid, indexed_path, path)
-        elif index_instance(
+        index = partial(
+            index_instance,
             session,
             facts,
             path=str(path),
@@ -100,7 +104,10 @@ def recover_spool(session: Session, storage: Path, quiet_seconds: float) -> Reco
             calling_ae="",
             now=utcnow(),
             quiet_seconds=quiet_seconds,
-        ):
+        )
+        if indexed_path is not None:
+            _known_elsewhere(session, recovery, storage, facts, indexed_path, path, index)
+        elif index():
             recovery.indexed += 1
         else:  # indexed meanwhile at another path (not at start-up): a second copy
             drop_second_copy(facts.sop_instance_uid, str(path))
@@ -109,21 +116,54 @@ def recover_spool(session: Session, storage: Path, quiet_seconds: float) -> Reco
 
 
 def _known_elsewhere(
-    session: Session, recovery: Recovery, sop_instance_uid: str, indexed_path: str, path: Path
+    session: Session,
+    recovery: Recovery,
+    storage: Path,
+    facts: InstanceFacts,
+    indexed_path: str,
+    path: Path,
+    index: Callable[[], bool],
 ) -> None:
-    """A file of an instance indexed at ``indexed_path``: it takes that path's place when the
-    indexed file is gone, else it is a second copy and removed."""
-    if not indexed_copy_gone(indexed_path):
-        drop_second_copy(sop_instance_uid, str(path))
+    """A file under ``storage`` of an instance indexed at ``indexed_path``.
+
+    The row names a file under another root (the storage folder moved, copied or restored
+    here): the row is pointed at this file when it lies at the same place in the layout (the
+    other root is left as it is), this file is a second copy when the one at that place is
+    here, else it is left alone. The row names a file under this storage: this file is a
+    second copy while that one is there; when that one is lost, the row goes and this file
+    is indexed as what it says it is (``index``)."""
+    indexed = Path(indexed_path)
+    if not indexed.is_relative_to(storage):
+        if indexed.parts[-3:] == path.relative_to(storage).parts:
+            repoint_instance(
+                session.connection(), facts.sop_instance_uid, str(path), path.stat().st_size
+            )
+            session.commit()
+            recovery.relocated += 1
+        elif storage.joinpath(*indexed.parts[-3:]).is_file():
+            drop_second_copy(facts.sop_instance_uid, str(path))
+        else:
+            log.warning(
+                "recovery: instance %s is indexed under another storage folder (%s) and lies "
+                "here under another study or series (%s): left as it is",
+                facts.sop_instance_uid,
+                indexed_path,
+                path,
+            )
         return
-    repoint_instance(session.connection(), sop_instance_uid, str(path), path.stat().st_size)
+    if not indexed_copy_gone(indexed_path):
+        drop_second_copy(facts.sop_instance_uid, str(path))
+        return
+    forget_instance(session.connection(), facts.sop_instance_uid)
     session.commit()
-    recovery.relocated += 1
+    if index():
+        recovery.indexed += 1
 
 
 def _relocate_results(session: Session, results: Path, recovery: Recovery) -> None:
-    """Point each result object's row whose file is gone at its file found under
-    ``results`` (read for its SOP Instance UID); other files there are left as they are."""
+    """Point each result object's row whose file is gone, or lies under another storage
+    folder, at its file found under ``results`` (read for its SOP Instance UID); other files
+    there are left as they are."""
     if not results.is_dir():
         return
     known = set(session.scalars(select(ResultObject.path)).all())
@@ -139,7 +179,11 @@ def _relocate_results(session: Session, results: Path, recovery: Recovery) -> No
         row = session.scalars(
             select(ResultObject).where(ResultObject.sop_instance_uid == uid)
         ).first()
-        if row is not None and indexed_copy_gone(row.path):
+        # Its row names a file that is gone, or one under another storage folder (moved or
+        # copied here: the other is left as it is).
+        if row is not None and (
+            indexed_copy_gone(row.path) or not Path(row.path).is_relative_to(results)
+        ):
             row.path = str(path)
             session.commit()
             recovery.results_relocated += 1
