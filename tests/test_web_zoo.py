@@ -273,3 +273,38 @@ def test_row_shows_present_findings_and_collapses_the_rest(browser_site, page) -
     expect(page.locator("table.result-group tbody tr")).to_have_count(len(ZOO_RESULTS))
     page.click("#back")
     page.wait_for_url(f"{url}/worklist")
+
+
+def test_an_export_being_retried_is_not_shown_as_failed(tmp_path: Path) -> None:
+    """A study whose only export problem is an object queued again after a failed attempt
+    (nothing dead-lettered): its row says "export PACS: retrying (2 failed: ...)", not
+    "export failed:" (it has not failed for good)."""
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} not found (apt-get install chromium)")
+    db_url = f"sqlite:///{tmp_path / 'dicomnode.db'}"
+    upgrade(db_url)
+    engine = make_engine(db_url)
+    sessions = make_sessionmaker(engine)
+    add_users(sessions)
+    now = utcnow()
+    with sessions() as session:
+        uid, objects = add_zoo_study(session, "ACC-RETRY", tmp_path, now=now)
+        add_export_job(
+            session,
+            objects[PTX_OVERLAY],
+            "PACS",
+            "queued",
+            attempts=2,
+            last_error="connection refused",
+            now=now,
+        )
+    try:
+        with serve(create_app(sessions)) as url, chromium_page() as page:
+            log_in(page, url)
+            status = page.locator(f"#rows tr[data-study-uid='{uid}'] td.status")
+            status.locator(".export-failed").wait_for()
+            text = status.inner_text().replace("\n", " ")
+            assert "export PACS: retrying (2 failed: connection refused)" in text, text
+            assert "export failed" not in text
+    finally:
+        engine.dispose()

@@ -207,8 +207,15 @@
     if (row.analysis_status === "failed") {
       td.appendChild(el("span", "by", row.analysis_failure_text || "AI analysis failed"));
     }
+    // A dead-lettered export ("VNA: association rejected"), or objects being retried after a
+    // failed attempt ("pacs: retrying (2 failed: ...)"), which have not failed for good.
     if (row.export_error) {
-      const failed = el("span", "by export-failed", "export failed: " + row.export_error);
+      const retrying = /^[^:]*: retrying \(/.test(row.export_error);
+      const failed = el(
+        "span",
+        "by export-failed",
+        (retrying ? "export " : "export failed: ") + row.export_error,
+      );
       failed.title = failed.textContent;
       td.appendChild(failed);
     }
