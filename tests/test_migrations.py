@@ -5,8 +5,11 @@ models describe, an upgrade says in the node's own log line what it changed, and
 from __future__ import annotations
 
 import logging
+import os
 from datetime import UTC, datetime
+from pathlib import Path
 
+import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
@@ -161,3 +164,20 @@ def test_migration_0006_keeps_the_first_uid_of_each_result_on_its_row_and_back(
         assert _result_rows(db_url) == rows
     finally:
         engine.dispose()
+
+
+def test_an_sqlite_database_other_accounts_may_read_is_warned_of(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A database an older release made 0644 (or a shell's umask 022), found at start: one
+    WARNING names each such file and how to close it (patient data); a 0600 one says nothing."""
+    database = tmp_path / "dicomnode.db"
+    url = f"sqlite:///{database}"
+    with caplog.at_level(logging.WARNING, logger="dicomnode"):
+        upgrade(url)
+    assert "readable by other accounts" not in caplog.text
+    os.chmod(database, 0o644)
+    with caplog.at_level(logging.WARNING, logger="dicomnode"):
+        upgrade(url)
+    [line] = [r.getMessage() for r in caplog.records if "readable by other" in r.getMessage()]
+    assert "dicomnode.db (0644)" in line and f"chmod o-rwx {database}*" in line

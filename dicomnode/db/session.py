@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from datetime import UTC, datetime
@@ -100,6 +101,7 @@ def upgrade(url: str) -> tuple[str | None, str | None]:
                 os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
             except OSError as exc:
                 raise unreachable(url, exc) from exc
+            _warn_if_others_may_read(Path(path))
     from alembic import command
 
     before = schema_revision(url)
@@ -110,6 +112,23 @@ def upgrade(url: str) -> tuple[str | None, str | None]:
     if after != before:
         log.info("database schema upgraded from %s to %s", before or "empty", after)
     return before, after
+
+
+def _warn_if_others_may_read(database: Path) -> None:
+    """One WARNING when other accounts may read the SQLite database or its -wal/-shm files
+    (made by an older release or under a shell's umask 022): it holds patient data."""
+    exposed = []
+    for path in (database, *database.parent.glob(database.name + "-*")):
+        with contextlib.suppress(OSError):
+            if path.stat().st_mode & 0o007:
+                exposed.append(f"{path.name} ({path.stat().st_mode & 0o777:04o})")
+    if exposed:
+        log.warning(
+            "database files readable by other accounts: %s; they hold patient data: "
+            "chmod o-rwx %s*",
+            ", ".join(exposed),
+            database,
+        )
 
 
 def _refuse_unknown(script: ScriptDirectory, revision: str | None) -> None:
@@ -171,9 +190,15 @@ def require_newest(url: str) -> None:
 def schema_revision(url: str) -> str | None:
     """The migration the database is at (None for a database without the schema).
 
-    Raises :class:`~dicomnode.db.errors.DatabaseUnusable` when it cannot connect."""
+    Raises :class:`~dicomnode.db.errors.DatabaseUnusable` when it cannot connect. An SQLite
+    file that does not exist is not created (it would be, readable by every account under a
+    shell's umask 022, before :func:`upgrade` makes it the node's alone)."""
     from alembic.runtime.migration import MigrationContext
 
+    if url.startswith("sqlite:///"):
+        path = url.removeprefix("sqlite:///")
+        if path and path != ":memory:" and not Path(path).exists():
+            return None
     engine = create_engine(url, poolclass=NullPool)
     try:
         try:
