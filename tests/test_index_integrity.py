@@ -1,6 +1,8 @@
 """The ingest index stays true to what the senders sent and to the files on disk: a Series
 Instance UID that a sender reused in another study never files an instance under that other
-study, and a database connection that dies under the index writer costs no refusal.
+study, and a database connection that dies under the index writer costs no refusal. A batch
+updates its studies in id order, the order in which the assembly and the worklist lock them
+(no deadlock on PostgreSQL).
 
 Real pynetdicom associations into the node's listener (in-process StorageSCP) and its index
 writer, on SQLite and PostgreSQL."""
@@ -22,14 +24,16 @@ from conftest import POSTGRES_URL, wait_for
 from pydicom.uid import generate_uid
 from sqlalchemy import event, func, inspect, select, text
 from sqlalchemy.orm import Session, sessionmaker
-from test_indexer import _arrival, _settings
+from test_indexer import T0, _arrival, _settings
 from test_scp import PREFIX, Node, secondary_capture, start_node
 
 from dicomnode.db.models import Instance, Series, Study
 from dicomnode.db.session import alembic_config, make_engine, schema_revision, upgrade
 from dicomnode.ingest import indexer
+from dicomnode.ingest.index import add_rows
 from dicomnode.ingest.indexer import ingest_sessions, write_items
 from dicomnode.ingest.spool import instance_path
+from dicomnode.jobs.queue import lock_studies
 
 PATIENTS = {"PH00000700": "Alpha^Anna", "PH00000701": "Beta^Bert"}
 
@@ -295,3 +299,75 @@ def test_migration_0004_keeps_the_series_and_a_downgrade_refuses_a_reused_uid(
         }
     finally:
         engine.dispose()
+
+
+def test_a_batch_updates_its_studies_in_id_order(
+    db_url: str, sessions: sessionmaker[Session]
+) -> None:
+    """Review (high): a batch updated its studies in arrival order, while the assembly and the
+    worklist lock studies in id order (lock_studies): a batch holding a later study and
+    waiting for an earlier one, and a transaction holding the earlier one and waiting for
+    the later one, deadlock. Now a batch waiting for study A holds no later study B."""
+    if not db_url.startswith("postgresql"):
+        pytest.skip("row locks: SQLite serialises writers (BEGIN IMMEDIATE)")
+    study_a, study_b = generate_uid(), generate_uid()
+    series_a, series_b = generate_uid(), generate_uid()
+    with sessions() as session:
+        for study, series in ((study_a, series_a), (study_b, series_b)):
+            add_rows(session, [_arrival(study, series, T0)], 2.0)
+        session.commit()
+        ids = dict(session.execute(select(Study.study_instance_uid, Study.id)).all())
+    id_a, id_b = ids[study_a], ids[study_b]
+    assert id_a < id_b
+
+    holder = sessions()  # as the assembly or the worklist: study A locked
+    lock_studies(holder, [id_a])
+    batch_pid: list[int] = []
+    failures: list[BaseException] = []
+
+    def batch() -> None:
+        # One batch: B's instance arrived first, then A's (known series: no new rows).
+        try:
+            with sessions() as session:
+                batch_pid.append(session.scalar(text("SELECT pg_backend_pid()")))
+                later = datetime(2026, 12, 4, 12, 1, tzinfo=UTC)
+                arrivals = [_arrival(study_b, series_b, later), _arrival(study_a, series_a, later)]
+                add_rows(session, arrivals, 2.0)
+                session.commit()
+        except BaseException as error:  # reported by the test below
+            failures.append(error)
+
+    writer = threading.Thread(target=batch, daemon=True)
+    probe = sessions()
+    try:
+        writer.start()
+        wait_for(lambda: batch_pid, timeout=30, what="the batch's connection")
+        with sessions() as watcher:
+
+            def batch_waits_for_a_lock() -> bool:
+                waiting = watcher.scalar(
+                    text("SELECT wait_event_type FROM pg_stat_activity WHERE pid = :pid"),
+                    {"pid": batch_pid[0]},
+                )
+                watcher.rollback()
+                return waiting == "Lock"
+
+            wait_for(batch_waits_for_a_lock, timeout=60, what="the batch to wait for study A")
+        # B is free: the batch waits for A before it touches B.
+        locked = probe.scalar(
+            text("SELECT id FROM studies WHERE id = :id FOR UPDATE NOWAIT"), {"id": id_b}
+        )
+        assert locked == id_b
+    finally:
+        probe.rollback()
+        probe.close()
+        holder.commit()
+        holder.close()
+        writer.join(timeout=60)
+    assert not writer.is_alive()
+    assert failures == []
+    with sessions() as session:
+        counts = session.execute(
+            select(Study.id, Study.received_generation).where(Study.id.in_((id_a, id_b)))
+        ).all()
+    assert {row.id: row.received_generation for row in counts} == {id_a: 2, id_b: 2}

@@ -8,6 +8,13 @@ retention deleted it as reported and exported. Now the study goes back on the wo
 flagged 'new images after report (n)', its priority follows the new analysis and is due from
 the new image's arrival, the node's audit entry says how many came from whom, and retention
 keeps it until it is reported again. A claimed study keeps its reader and is flagged.
+
+Review (high): any instance reopened a reported study, not only images: the radiologist's
+report SR sent back by the PACS, a dose SR, another vendor's KOS or SEG put it back on the
+worklist flagged 'new images after report (1)', to be read and reported again, and retention
+never deleted it. Only images (pixel data of a picture's SOP Class) count now; the others are
+stored and indexed, and leave the reading status and the flag as they are, also when a batch
+holds both and when the start-up recovery indexes them.
 """
 
 from __future__ import annotations
@@ -21,6 +28,8 @@ import httpx
 import pydicom
 import pytest
 from conftest import spool_and_index
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 from web_server import add_users, serve
@@ -28,7 +37,11 @@ from web_server import add_users, serve
 from dicomnode.config import Settings, WorklistSettings
 from dicomnode.db.models import AuditEntry, Instance, Series, Study
 from dicomnode.db.session import as_utc, utcnow
+from dicomnode.ingest.arrival import Arrival, instance_facts
 from dicomnode.ingest.assembly import queue_ready_studies
+from dicomnode.ingest.index import add_rows
+from dicomnode.ingest.recover import recover_spool
+from dicomnode.ingest.spool import instance_path
 from dicomnode.models.registry import load_card
 from dicomnode.retention import expired_studies
 from dicomnode.synth.cxr import make_cxr
@@ -237,3 +250,142 @@ def test_a_released_claim_after_a_report_keeps_the_flag(node: Node) -> None:
         assert expired_studies(session, utcnow() + timedelta(days=30), days=1) == []
     row = _api_row(node, uid)
     assert (row["status"], row["new_images_text"]) == ("waiting", "new images after report (2)")
+
+
+REPORT_SR = "1.2.840.10008.5.1.4.1.1.88.33"  # Comprehensive SR: the radiologist's report
+KOS = "1.2.840.10008.5.1.4.1.1.88.59"  # Key Object Selection Document
+SEG = "1.2.840.10008.5.1.4.1.1.66.4"  # Segmentation Storage (it has Pixel Data)
+
+
+def _not_an_image(node: Node, study_id: int, sop_class_uid: str) -> Dataset:
+    """Another vendor's object of the study (not the node's own result), in a series of its
+    own; a SEG has pixel data."""
+    with node.sessions() as session:
+        first = session.scalars(select(Instance).join(Series).where(Series.study_id == study_id))
+        source = pydicom.dcmread(first.first().path, stop_before_pixels=True)
+    ds = Dataset()
+    for keyword in ("StudyInstanceUID", "PatientID", "PatientName", "AccessionNumber"):
+        setattr(ds, keyword, source.get(keyword, ""))
+    ds.SOPClassUID = sop_class_uid
+    ds.SOPInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.Modality = "SEG" if sop_class_uid == SEG else ("KO" if sop_class_uid == KOS else "SR")
+    ds.Manufacturer = "Other Vendor"
+    ds.InstanceNumber = 1
+    if sop_class_uid == SEG:
+        ds.Rows, ds.Columns, ds.SamplesPerPixel = 8, 8, 1
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 1, 1, 0, 0
+        ds.PhotometricInterpretation = "MONOCHROME2"
+        ds.PixelData = bytes(8)
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    return ds
+
+
+def _spool(node: Node, ds: Dataset) -> Arrival:
+    """``ds`` written into the spool as the SCP writes it; its arrival (not indexed)."""
+    facts = instance_facts(pydicom.dcmread(_write(node, ds), defer_size=1024))
+    path = instance_path(
+        node.storage, facts.study_instance_uid, facts.series_instance_uid, facts.sop_instance_uid
+    )
+    return Arrival(facts, str(path), path.stat().st_size, ExplicitVRLittleEndian, "PACS", utcnow())
+
+
+def _write(node: Node, ds: Dataset) -> Path:
+    path = instance_path(node.storage, ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def _reported(node: Node) -> tuple[int, str]:
+    study_id, uid = _normal_study(node)
+    with node.sessions() as session:
+        claim(session, uid, "dr_house", utcnow())
+        complete(session, uid, "dr_house", utcnow())
+    return study_id, uid
+
+
+def _still_reported(node: Node, study_id: int, uid: str) -> None:
+    study = node.study(study_id)
+    assert (study.reading_status, study.new_images, study.new_images_at) == ("reported", 0, None)
+    assert _node_entries(node, uid) == []
+    assert _api_row(node, uid) is None
+    with node.sessions() as session:
+        # Retention deletes it once old enough, as any reported study.
+        later = utcnow() + timedelta(days=30)
+        assert [s.id for s in expired_studies(session, later, days=1)] == [study_id]
+
+
+def test_a_report_sr_kos_or_seg_leaves_a_reported_study_reported(node: Node) -> None:
+    study_id, uid = _reported(node)
+    others = [_not_an_image(node, study_id, sop_class) for sop_class in (REPORT_SR, KOS, SEG)]
+    with node.sessions() as session:
+        for ds in others:
+            spool_and_index(session, node.storage, ds)
+    _still_reported(node, study_id, uid)
+    with node.sessions() as session:
+        classes = session.scalars(
+            select(Instance.sop_class_uid).join(Series).where(Series.study_id == study_id)
+        ).all()
+    assert {REPORT_SR, KOS, SEG} <= set(classes)  # stored and indexed as before
+
+    # The analysis they re-run changes nothing of it either.
+    node.analyse(study_id)
+    _still_reported(node, study_id, uid)
+
+    # An image still reopens it, counted alone in a batch with a report SR.
+    image, _ = make_cxr(951_011, pneumothorax=False)
+    image.StudyInstanceUID = uid
+    batch = [_spool(node, _not_an_image(node, study_id, REPORT_SR)), _spool(node, image)]
+    with node.sessions() as session:
+        add_rows(session, batch, 0)
+        session.commit()
+    study = node.study(study_id)
+    assert (study.reading_status, study.new_images) == ("waiting", 1)
+    [entry] = _node_entries(node, uid)
+    assert entry.detail == (
+        "1 instance(s) received from PACS; new images after report (1); on the worklist"
+    )
+    # A later SR adds nothing to the flag nor to the audit.
+    kos = _not_an_image(node, study_id, KOS)
+    with node.sessions() as session:
+        spool_and_index(session, node.storage, kos)
+    study = node.study(study_id)
+    assert (study.reading_status, study.new_images) == ("waiting", 1)
+    assert len(_node_entries(node, uid)) == 1
+
+
+def test_a_report_sr_does_not_flag_a_claimed_study(node: Node) -> None:
+    study_id, uid = _normal_study(node)
+    sr = _not_an_image(node, study_id, REPORT_SR)
+    with node.sessions() as session:
+        claim(session, uid, "dr_house", utcnow())
+        spool_and_index(session, node.storage, sr)
+    study = node.study(study_id)
+    assert (study.reading_status, study.claimed_by, study.new_images) == (
+        "in_progress",
+        "dr_house",
+        0,
+    )
+    assert study.new_images_at is None
+    assert _node_entries(node, uid) == []
+
+
+def test_recovery_reopens_a_reported_study_for_an_image_only(node: Node) -> None:
+    """Files acknowledged but not indexed before a crash, indexed at start-up."""
+    study_id, uid = _reported(node)
+    _write(node, _not_an_image(node, study_id, REPORT_SR))
+    with node.sessions() as session:
+        assert recover_spool(session, node.storage, 0).indexed == 1
+    _still_reported(node, study_id, uid)
+
+    image, _ = make_cxr(951_012, pneumothorax=False)
+    image.StudyInstanceUID = uid
+    _write(node, image)
+    with node.sessions() as session:
+        assert recover_spool(session, node.storage, 0).indexed == 1
+    study = node.study(study_id)
+    assert (study.reading_status, study.new_images) == ("waiting", 1)

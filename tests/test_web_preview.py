@@ -695,12 +695,12 @@ def test_overlay_headers_are_read_again_only_when_their_file_changes(
 
 
 def test_video_is_not_an_image_to_preview() -> None:
-    from dicomnode.web.preview import _is_image
+    from dicomnode.imageclasses import image_class
 
     for video in ("1.2.840.10008.5.1.4.1.1.77.1.1.1", "1.2.840.10008.5.1.4.1.1.77.1.4.1"):
-        assert not _is_image(video), video  # Video Endoscopic / Photographic Image Storage
-    assert not _is_image("1.2.840.10008.5.1.4.1.1.77.1.2.1")  # Video Microscopic
+        assert not image_class(video), video  # Video Endoscopic / Photographic Image Storage
+    assert not image_class("1.2.840.10008.5.1.4.1.1.77.1.2.1")  # Video Microscopic
     # Their still image neighbours are images: VL Endoscopic, Ophthalmic Photography 8 Bit.
-    assert _is_image("1.2.840.10008.5.1.4.1.1.77.1.1")
-    assert _is_image("1.2.840.10008.5.1.4.1.1.77.1.5.1")
-    assert _is_image("1.2.840.10008.5.1.4.1.1.1.1")  # Digital X-Ray
+    assert image_class("1.2.840.10008.5.1.4.1.1.77.1.1")
+    assert image_class("1.2.840.10008.5.1.4.1.1.77.1.5.1")
+    assert image_class("1.2.840.10008.5.1.4.1.1.1.1")  # Digital X-Ray

@@ -13,6 +13,7 @@ from datetime import datetime
 from pydicom import Dataset
 
 from dicomnode import made_by_this_node
+from dicomnode.imageclasses import is_image
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,10 @@ class InstanceFacts:
     # Made by this node (Manufacturer "dicomnode"): a result object a PACS routed back. It is
     # stored and indexed like any instance but starts no new analysis of its study.
     own_result: bool = False
+    # An image (:mod:`dicomnode.imageclasses`: Pixel Data in a SOP Class that is a picture):
+    # only images are new images after a report. A report SR, dose SR, KOS, presentation state,
+    # SEG, RT object or PDF is stored and indexed like any instance, but reopens no study.
+    image: bool = True
 
 
 def _text(ds: Dataset, keyword: str, limit: int = 64) -> str:
@@ -43,7 +48,10 @@ def _text(ds: Dataset, keyword: str, limit: int = 64) -> str:
 
 
 def instance_facts(ds: Dataset) -> InstanceFacts:
-    """Read the identifying attributes; ValueError names the first one that is missing."""
+    """Read the identifying attributes; ValueError names the first one that is missing.
+
+    ``ds`` must have been read with its Pixel Data (deferred is fine, not
+    ``stop_before_pixels``): whether it is there says whether the instance is an image."""
     for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"):
         if not ds.get(keyword):
             raise ValueError(f"{keyword} is missing")
@@ -67,6 +75,7 @@ def instance_facts(ds: Dataset) -> InstanceFacts:
         series_description=_text(ds, "SeriesDescription"),
         instance_number=instance_number,
         own_result=made_by_this_node(ds.get("Manufacturer")),
+        image=is_image(str(ds.SOPClassUID), "PixelData" in ds),
     )
 
 

@@ -6,20 +6,28 @@ reuses a Series Instance UID in another study (against PS3.3) gets a second seri
 that study, logged; the instance was acknowledged before its rows are written, so it can no
 longer be refused, and analysing it with another patient's study would be worse.
 
-An instance that arrives after a reader looked at its study (claimed or reported) is a new
-image no report covers: a reported study goes back on the worklist unread, a claimed one keeps
-its reader, and either is flagged with the count until it is reported again
-(:mod:`dicomnode.worklist.policy`), audited as the node's.
+An image that arrives after a reader looked at its study (claimed or reported) is a new image
+no report covers: a reported study goes back on the worklist unread, a claimed one keeps its
+reader, and either is flagged with the count until it is reported again
+(:mod:`dicomnode.worklist.policy`), audited as the node's. Only images count
+(:attr:`InstanceFacts.image`): a report SR the PACS sends back, a dose SR, a KOS, presentation
+state, SEG or PDF is stored and indexed, and re-runs the analysis like any instance, but leaves
+the study's reading status and flag as they are.
+
+Several studies' rows are updated in one transaction (a batch): in study id order, the order
+in which the assembly and the worklist lock them, so that two transactions never wait on each
+other's studies (a deadlock on PostgreSQL).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from sqlalchemy import Connection, bindparam, case, delete, insert, select, update
+from sqlalchemy import Connection, Integer, bindparam, case, delete, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -101,7 +109,9 @@ _INSTANCE_ID = select(_INSTANCES.c.id).where(_INSTANCES.c.sop_instance_uid == bi
 _ADD_INSTANCE = insert(_INSTANCES)
 # New images (worklist.policy): the study was claimed or reported, or has new images already
 # (read again after a report). The CASEs read the row as it is when the update runs, so that a
-# claim or report committed meanwhile counts (a status read before would be stale).
+# claim or report committed meanwhile counts (a status read before would be stale). "images":
+# how many of the arrivals are images; other instances neither reopen nor flag a study.
+_IMAGES_ARRIVED = bindparam("images", type_=Integer()) > 0
 _NEW_IMAGES = _STUDIES.c.reading_status.in_(NEW_IMAGE_STATUSES) | (_STUDIES.c.new_images > 0)
 _TOUCH_STUDY = (
     update(_STUDIES)
@@ -115,16 +125,16 @@ _TOUCH_STUDY = (
             else_=_STUDIES.c.analysis_status,
         ),
         reading_status=case(
-            (_STUDIES.c.reading_status == "reported", UNREAD_AGAIN),
+            (_IMAGES_ARRIVED & (_STUDIES.c.reading_status == "reported"), UNREAD_AGAIN),
             else_=_STUDIES.c.reading_status,
         ),
         new_images=case(
-            (_NEW_IMAGES, _STUDIES.c.new_images + bindparam("arrived")),
+            (_IMAGES_ARRIVED & _NEW_IMAGES, _STUDIES.c.new_images + bindparam("images")),
             else_=_STUDIES.c.new_images,
         ),
         new_images_at=case(
             (
-                _NEW_IMAGES & _STUDIES.c.new_images_at.is_(None),
+                _IMAGES_ARRIVED & _NEW_IMAGES & _STUDIES.c.new_images_at.is_(None),
                 bindparam("first", type_=_STUDIES.c.new_images_at.type),
             ),
             else_=_STUDIES.c.new_images_at,
@@ -170,6 +180,33 @@ def _warn_if_reused(session: Session, study_id: int, facts: InstanceFacts) -> No
         )
 
 
+@dataclass
+class _Touched:
+    """A study's arrivals in a batch: who sent the first, the last arrival, how many, how many
+    of them images and the first image's arrival (None when no image came)."""
+
+    sender: str
+    last: datetime
+    count: int = 0
+    images: int = 0
+    first_image: datetime | None = None
+
+    @classmethod
+    def of(cls, arrivals: Sequence[Arrival]) -> _Touched:
+        touched = cls(arrivals[0].calling_ae, arrivals[0].received_at)
+        touched.add(arrivals)
+        return touched
+
+    def add(self, arrivals: Sequence[Arrival]) -> None:
+        self.last = max(self.last, *(arrival.received_at for arrival in arrivals))
+        self.count += len(arrivals)
+        for arrival in arrivals:
+            if arrival.facts.image:
+                self.images += 1
+                if self.first_image is None or arrival.received_at < self.first_image:
+                    self.first_image = arrival.received_at
+
+
 def add_rows(
     session: Session,
     arrivals: Sequence[Arrival],
@@ -186,8 +223,7 @@ def add_rows(
     for arrival in arrivals:
         key = (arrival.facts.study_instance_uid, arrival.facts.series_instance_uid)
         by_series.setdefault(key, []).append(arrival)
-    # Per study: its first and last arrival of the batch, how many, who sent them.
-    touched: dict[int, tuple[datetime, datetime, int, str]] = {}
+    touched: dict[int, _Touched] = {}
     new_studies: set[int] = set()
     connection = session.connection()
     for group in by_series.values():
@@ -205,34 +241,35 @@ def add_rows(
         # knows (which would write and send every result again); a study made of nothing else
         # is analysed once, like any new study (no model selects them).
         arrived = [a for a in group if study_id in new_studies or not a.facts.own_result]
-        if not arrived:
-            continue
-        first = min(arrival.received_at for arrival in arrived)
-        last = max(arrival.received_at for arrival in arrived)
-        sender = arrived[0].calling_ae
-        if study_id in touched:
-            earliest, latest, count, sender = touched[study_id]
-            touched[study_id] = (
-                min(earliest, first),
-                max(latest, last),
-                count + len(arrived),
-                sender,
-            )
-        else:
-            touched[study_id] = (first, last, len(arrived), sender)
-    for study_id, (first, last, count, sender) in touched.items():
+        if arrived:
+            if study_id in touched:
+                touched[study_id].add(arrived)
+            else:
+                touched[study_id] = _Touched.of(arrived)
+    # In study id order, as the assembly and the worklist lock studies: two batches touching
+    # the same studies then never wait on each other (PostgreSQL row locks, no deadlock).
+    for study_id in sorted(touched):
+        study = touched[study_id]
         new_images = connection.execute(
             _TOUCH_STUDY,
             {
                 "study_id": study_id,
-                "now": last,
-                "ready_at": quiet_period_end(last, quiet_seconds),
-                "arrived": count,
-                "first": first,
+                "now": study.last,
+                "ready_at": quiet_period_end(study.last, quiet_seconds),
+                "arrived": study.count,
+                "images": study.images,
+                "first": study.first_image,
             },
         ).scalar_one()
-        if new_images and study_id not in new_studies:
-            note_new_images(session, study_id, count, last, worklist or WorklistSettings(), sender)
+        if study.images and new_images and study_id not in new_studies:
+            note_new_images(
+                session,
+                study_id,
+                study.images,
+                study.last,
+                worklist or WorklistSettings(),
+                study.sender,
+            )
 
 
 def index_instance(

@@ -40,6 +40,8 @@ from dicomnode.ingest.index import (
     repoint_instance,
 )
 
+# Values over this size are left on disk when a spool file's header is read.
+DEFER_BYTES = 64 * 1024
 log = logging.getLogger("dicomnode.ingest")
 
 # Results the node writes itself live under <storage>/results/ and are not received instances.
@@ -83,7 +85,8 @@ def recover_spool(session: Session, storage: Path, quiet_seconds: float) -> Reco
         if path.suffix != ".dcm" or str(path) in known:
             continue
         try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            # With its Pixel Data element (left on disk): whether it is an image.
+            ds = pydicom.dcmread(path, defer_size=DEFER_BYTES)
             facts = instance_facts(ds)
             transfer_syntax = str(ds.file_meta.TransferSyntaxUID)
         except Exception as exc:

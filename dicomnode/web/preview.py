@@ -43,6 +43,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicomnode import RESEARCH_DEMO_NOTICE
 from dicomnode.db.models import Instance, ResultObject, Series, Study
 from dicomnode.db.session import utcnow
+from dicomnode.imageclasses import image_class
 from dicomnode.pipeline.attributes import value_or_none
 from dicomnode.web.auth import Caller
 from dicomnode.web.preview_image import MAX_SIDE, overlay_png, source_png
@@ -62,28 +63,6 @@ PREVIEW_SIDES = (64, 128, 256, 512, 1024)
 # Overlay headers kept (their source images and research demo mark, a few hundred bytes):
 # a CT study's ~600 overlays, a few studies over.
 OVERLAY_CACHE_SIZE = 4096
-# SOP classes without a picture to preview: SR, presentation states, SEG, RT, encapsulated
-# documents, waveforms, raw data, spectroscopy (the study's own, not the node's results).
-NOT_IMAGES = (
-    "1.2.840.10008.5.1.4.1.1.88.",
-    "1.2.840.10008.5.1.4.1.1.11.",
-    "1.2.840.10008.5.1.4.1.1.66",
-    "1.2.840.10008.5.1.4.1.1.481.",
-    "1.2.840.10008.5.1.4.1.1.104.",
-    "1.2.840.10008.5.1.4.1.1.9.",
-    "1.2.840.10008.5.1.4.1.1.4.2",
-)
-# And these, by their whole UID (the still images beside them, e.g. VL Endoscopic 77.1.1 or
-# Ophthalmic Photography 77.1.5.1, are images): video (MPEG-2, H.264, HEVC) that the node
-# does not decode, and the pixel-less Stereometric Relationship.
-NOT_IMAGE_CLASSES = frozenset(
-    {
-        "1.2.840.10008.5.1.4.1.1.77.1.1.1",  # Video Endoscopic Image Storage
-        "1.2.840.10008.5.1.4.1.1.77.1.2.1",  # Video Microscopic Image Storage
-        "1.2.840.10008.5.1.4.1.1.77.1.4.1",  # Video Photographic Image Storage
-        "1.2.840.10008.5.1.4.1.1.77.1.5.3",  # Stereometric Relationship Storage
-    }
-)
 PreviewSide = Annotated[
     int,
     Query(
@@ -128,10 +107,6 @@ class _Overlay:
     version: str
     sop_instance_uid: str
     research_demo: bool
-
-
-def _is_image(sop_class_uid: str) -> bool:
-    return not sop_class_uid.startswith(NOT_IMAGES) and sop_class_uid not in NOT_IMAGE_CLASSES
 
 
 def preview_side(asked: int) -> int:
@@ -236,7 +211,7 @@ def study_previews(session: Session, study_instance_uid: str) -> PreviewsOut | N
     ).all()
     by_series = defaultdict(list)
     for row in rows:
-        if _is_image(row.sop_class_uid):
+        if image_class(row.sop_class_uid):
             by_series[row.id].append(row)
     previews: list[PreviewOut] = []
     base = f"/api/studies/{study_instance_uid}"
