@@ -15,6 +15,7 @@ from dicomnode.results.inputs import (
     node_context,
     object_inputs,
     reads_across_slices,
+    referenced_results,
 )
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
@@ -79,3 +80,20 @@ def test_the_digest_changes_with_each_input_and_is_empty_without_any() -> None:
     ]
     assert digest not in others and len(set(others)) == len(others)
     assert inputs_digest(context, PNEUMOTHORAX, "overlay", set(), INSTANCES) == ""
+
+
+def test_the_result_objects_an_object_references_count_by_their_current_uids() -> None:
+    """A KOS selecting the study's image 1.1 and result objects 7.7 and 7.8: those count (by
+    the UIDs the job's renaming gave them), a new version of one changes the digest; an object
+    referencing none of them keeps the digest it had."""
+    kos = _referencing("1.1", "7.7", "7.8")
+    assert referenced_results(kos, INSTANCES) == {"7.7", "7.8"}
+    assert referenced_results(_referencing("1.1"), INSTANCES) == set()
+    context = node_context(Settings(), [PNEUMOTHORAX])
+    digest = inputs_digest(context, PNEUMOTHORAX, "kos", {"1.1"}, INSTANCES, {"7.7", "7.8"})
+    assert digest == inputs_digest(context, PNEUMOTHORAX, "kos", {"1.1"}, INSTANCES, ["7.8", "7.7"])
+    assert digest != inputs_digest(context, PNEUMOTHORAX, "kos", {"1.1"}, INSTANCES, {"7.7", "7.9"})
+    assert digest != inputs_digest(context, PNEUMOTHORAX, "kos", {"1.1"}, INSTANCES)
+    assert inputs_digest(context, PNEUMOTHORAX, "overlay", {"1.1"}, INSTANCES, ()) == (
+        inputs_digest(context, PNEUMOTHORAX, "overlay", {"1.1"}, INSTANCES)
+    )

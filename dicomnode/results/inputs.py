@@ -10,10 +10,16 @@ and sends a new version of an overlay nobody could tell apart from the first. On
 inputs differ (a 2.5D slice whose neighbours arrived, a setting, a model file or the node's
 release changed) are the contents compared.
 
-The digest errs on the side of "changed": every instance of a referenced instance's series
-counts for a model that reads across slices, and any change of the settings or of any model
-card or ONNX file counts for every object. "Changed" only means the contents are compared.
-Pure apart from one ``stat`` of each model file.
+The instances counted are exactly those the job's models read (the analysis's images, ids up
+to the job's ``instances_up_to``): an instance indexed while the job ran is not in an object
+built without it, and naming it would make the object built again with it look unchanged.
+The result objects an object references (a KOS selecting overlays) count by the UIDs they have
+now: a referenced object that became a new version makes the referencing one's inputs change.
+
+The digest errs on the side of "changed": every instance read of a referenced instance's
+series counts for a model that reads across slices, and any change of the settings or of any
+model card or ONNX file counts for every object. "Changed" only means the contents are
+compared. Pure apart from one ``stat`` of each model file.
 """
 
 from __future__ import annotations
@@ -67,23 +73,43 @@ def object_inputs(
     return {uid for uid, instance in instances.items() if instance.series_instance_uid in series}
 
 
+def referenced_results(ds: Dataset, instances: Mapping[str, StudyInstance]) -> set[str]:
+    """SOP Instance UIDs that ``ds`` references other than the study's instances read: the
+    result objects it selects (a KOS), by the UIDs they have once the job's references are
+    renamed to their current versions (:func:`dicomnode.results.versions.rename_references`)."""
+    return {
+        str(element.value)
+        for element in ds.iterall()
+        if element.keyword == "ReferencedSOPInstanceUID" and str(element.value) not in instances
+    }
+
+
 def inputs_digest(
-    context: str, card: ModelCard, kind: str, uids: set[str], instances: Mapping[str, StudyInstance]
+    context: str,
+    card: ModelCard,
+    kind: str,
+    uids: set[str],
+    instances: Mapping[str, StudyInstance],
+    results: Iterable[str] = (),
 ) -> str:
     """SHA-256 (hex) of what an object of ``kind`` by ``card`` was made from: the job's
-    :func:`node_context` and the instances ``uids`` as stored. '' when it references none of
-    the study's instances (nothing to decide by: its content is compared)."""
+    :func:`node_context`, the instances ``uids`` as stored and the result objects it references
+    (``results``: :func:`referenced_results`). '' when it references none of the study's
+    instances (nothing to decide by: its content is compared)."""
     if not uids:
         return ""
-    return _sha256(
-        [
-            context,
-            card.model.name,
-            card.model.version,
-            kind,
-            *((uid, instances[uid].identity) for uid in sorted(uids)),
-        ]
-    )
+    parts: list[object] = [
+        context,
+        card.model.name,
+        card.model.version,
+        kind,
+        *((uid, instances[uid].identity) for uid in sorted(uids)),
+    ]
+    # Only when there are any: the digests of objects that reference none stay as they were.
+    referenced = sorted(set(results))
+    if referenced:
+        parts.append(["results", *referenced])
+    return _sha256(parts)
 
 
 def reads_across_slices(card: ModelCard) -> bool:

@@ -64,6 +64,7 @@ from dicomnode.results.inputs import (
     node_context,
     object_inputs,
     reads_across_slices,
+    referenced_results,
 )
 from dicomnode.results.sr import name_predecessors
 from dicomnode.results.versions import (
@@ -175,7 +176,10 @@ def write_results(
     analysis failed keeps the objects of the findings it shows: nothing is written if the
     study is gone or a newer analysis has queued its own results job, and the job is
     :class:`~dicomnode.jobs.queue.Postponed` while a newer analysis is pending (queued, running,
-    waiting to retry, or instances arrived since).
+    waiting to retry, or instances arrived since); checked when the job starts and again under
+    the study's lock before its rows are recorded (its files removed then, those a newer job's
+    rows name excepted). An object's inputs are the instances its models read (ids up to
+    ``instances_up_to``), not those indexed since, and the result objects it references.
 
     The objects say what the worklist says (:mod:`dicomnode.results.agreement`): an analysis in
     memory made with cards a reload has replaced since is not used, and triage models run
@@ -187,28 +191,19 @@ def write_results(
     if study is None:
         times.note = "study no longer exists"
         return times
-    newer = session.scalar(
-        select(func.min(Job.id)).where(
-            Job.study_id == study_id, Job.kind == "results", Job.id > job_id
-        )
-    )
-    # Any state but these two means instances arrived since, or a newer analysis is queued,
-    # running or waiting to retry.
-    pending = study.analysis_status not in ("analysed", "failed")
-    queued_generation = study.queued_generation
+    try:
+        newer = _newer_analysis(session, study_id, job_id)
+    except Postponed:
+        session.commit()
+        raise
     # What the worklist shows, for triage models run again to agree with.
     shown = shown_findings(session, study_id)
     # End the read transaction before the models and the files: on SQLite every transaction
     # holds the write lock, which ingest and the analyses need meanwhile.
     session.commit()
     if newer is not None:
-        times.note = f"superseded by results job {newer} of a newer analysis"
+        times.note = newer
         return times
-    if pending:
-        raise Postponed(
-            "a newer analysis of the study is pending (instances arrived since, or it is queued "
-            f"or running; generation {queued_generation})"
-        )
     failures = _ResultFailures(job_id, study_id)
     if triaged is not None:
         replaced = replaced_cards(triaged, [*cards, *(card for card, _ in left_out)])
@@ -280,7 +275,14 @@ def write_results(
         built.extend((card, kind, ds) for kind, ds in objects)
     earlier = earlier_versions(session, study_id)
     superseded = superseded_rows(earlier, built)
-    instances = _study_instances(session, study_id)
+    # Exactly the instances the models read: an instance indexed since (a slice whose
+    # neighbours' objects were built without it) is not among what they were made from.
+    instances = _study_instances(
+        session,
+        study_id,
+        instances_up_to,
+        {str(ds.SOPInstanceUID) for ds in triaged.models.images},
+    )
     context = node_context(settings, cards)
     # End the read transaction before the files (on SQLite it holds the write lock).
     session.commit()
@@ -292,7 +294,8 @@ def write_results(
     made_folders: list[Path] = []
     try:
         written: list[tuple[ModelCard, str, Dataset, Path, str, str]] = []
-        kept: list[tuple[str, ResultObject, str]] = []
+        # (kind, earlier row, inputs digest, where its file was written again or None).
+        kept: list[tuple[str, ResultObject, str, Path | None]] = []
         # First UID of an object -> the UID it has now (a new version's, or that of the
         # unchanged earlier one), for the references of the objects built after it (a KOS).
         current: dict[str, str] = {}
@@ -300,23 +303,34 @@ def write_results(
             rename_references(ds, current)
             first_uid = str(ds.SOPInstanceUID)
             previous = earlier.get(first_uid)
+            # The referenced result objects by the UIDs they have now (after the renaming
+            # above): a KOS selecting an overlay that became a new version is made from
+            # other inputs, and its content (naming the new UID) is compared.
             inputs = inputs_digest(
                 context,
                 card,
                 kind,
                 object_inputs(ds, instances, reads_across_slices(card)),
                 instances,
+                referenced_results(ds, instances),
             )
             if previous is not None and inputs and previous.inputs_digest == inputs:
                 # Made from the same inputs as before: the earlier object stands (a re-run's
                 # inference need not be bitwise the same; its bytes are not compared).
                 current[first_uid] = previous.sop_instance_uid
-                kept.append((kind, previous, inputs))
+                rewritten = None
                 if not Path(previous.path).is_file():
                     # Its file is gone: written again under the UID it has, from the same
-                    # inputs (the destinations that have it keep theirs).
+                    # inputs (the destinations that have it keep theirs), in the current
+                    # storage (the row's path may be under an earlier storage root).
                     new_version(ds, previous.sop_instance_uid)
-                    _write_result(Path(previous.path), ds)
+                    rewritten = _result_path(settings, ds)
+                    existed = rewritten.exists()
+                    made_folders.extend(_new_folders(rewritten, settings.storage_path / "results"))
+                    _write_result(rewritten, ds)
+                    if not existed:
+                        made.append(rewritten)
+                kept.append((kind, previous, inputs, rewritten))
                 continue
             # Other inputs (or none known: a row from before migration 0008): only an object
             # made before is compared (a copy and a write of its data set, ~11 ms for 8 MB),
@@ -325,7 +339,7 @@ def write_results(
             digest = content_digest(ds) if previous is not None else ""
             if previous is not None and file_digest(previous.path) == digest:
                 current[first_uid] = previous.sop_instance_uid
-                kept.append((kind, previous, inputs))
+                kept.append((kind, previous, inputs, None))
                 continue
             predecessors = [
                 row
@@ -363,12 +377,23 @@ def write_results(
         # On PostgreSQL the study's row is locked first, as an admin's retry of a dead export
         # locks it before it looks for another export of its object: one waits for the other.
         lock_studies(session, [study_id])
+        # Checked again under the lock: a newer analysis may have queued (and its results job
+        # committed) its own objects while this job ran its models and wrote its files. Its
+        # rows would be replaced by older ones, or this job's fail on them.
+        newer = _newer_analysis(session, study_id, job_id)
+        if newer is not None:
+            # The newer job's rows may name files of the same paths (an object of the same
+            # UID): those stay, read under the lock, before it is released.
+            made = _unowned(session, made)
+            raise _Superseded(newer)
         results = [
             (kind, _store_result(session, study_id, card, kind, ds, path, first_uid, inputs))
             for card, kind, ds, path, first_uid, inputs in written
         ]
-        for _, row, made_from in kept:
+        for _, row, made_from, rewritten in kept:
             row.inputs_digest = made_from
+            if rewritten is not None:
+                row.path = str(rewritten)
         for row in superseded:
             session.delete(row)
         failures.record(session)
@@ -377,7 +402,7 @@ def write_results(
         # the files are written: an admin's retry of a dead export meanwhile (or another job's
         # export) is seen, and the object is not queued a second time.
         exported = _exported(session, study_id)
-        for kind, result in [*results, *((kind, row) for kind, row, _ in kept)]:
+        for kind, result in [*results, *((kind, row) for kind, row, _, _ in kept)]:
             for destination in settings.destinations:
                 if _wanted(destination, kind) and (result.id, destination.name) not in exported:
                     enqueue(
@@ -387,11 +412,16 @@ def write_results(
                         {"result_id": result.id, "destination": destination.name},
                     )
         session.commit()
-    except BaseException:
+    except BaseException as error:
         session.rollback()
+        if not isinstance(error, _Superseded):
+            made = _unowned_after_failure(session, made)
         for path in made:
             path.unlink(missing_ok=True)
         _remove_empty(made_folders)
+        if isinstance(error, _Superseded):
+            times.note = str(error)
+            return times
         raise
     for row in superseded:
         Path(row.path).unlink(missing_ok=True)
@@ -524,9 +554,13 @@ def _without_patient_data(text: str, sources: list[Dataset]) -> str:
     return without_patient_data(text, values)
 
 
-def _study_instances(session: Session, study_id: int) -> dict[str, StudyInstance]:
-    """The study's stored instances by SOP Instance UID, as result objects' inputs."""
-    rows = session.execute(
+def _study_instances(
+    session: Session, study_id: int, up_to: int | None, read: set[str]
+) -> dict[str, StudyInstance]:
+    """The study's stored instances that the job's models read, by SOP Instance UID, as result
+    objects' inputs: ids up to ``up_to`` (those the analysis read; None: any) and SOP Instance
+    UIDs in ``read`` (its images: not those without pixels, undecodable or the node's own)."""
+    query = (
         select(
             Instance.sop_instance_uid,
             Series.series_instance_uid,
@@ -536,9 +570,72 @@ def _study_instances(session: Session, study_id: int) -> dict[str, StudyInstance
         .join(Series, Series.id == Instance.series_id)
         .where(Series.study_id == study_id)
     )
+    if up_to is not None:
+        query = query.where(Instance.id <= up_to)
     return {
-        uid: StudyInstance(series_uid, f"{size}:{path}") for uid, series_uid, size, path in rows
+        uid: StudyInstance(series_uid, f"{size}:{path}")
+        for uid, series_uid, size, path in session.execute(query)
+        if uid in read
     }
+
+
+def _unowned(session: Session, paths: list[Path]) -> list[Path]:
+    """Those of ``paths`` (files this job made) that no committed result row names: another
+    results job of the study may have written and recorded an object of the same UID, at the
+    same path, since this one wrote it."""
+    named: set[str] = set()
+    names = [str(path) for path in paths]
+    for start in range(0, len(names), 500):
+        chunk = names[start : start + 500]
+        named.update(session.scalars(select(ResultObject.path).where(ResultObject.path.in_(chunk))))
+    return [path for path in paths if str(path) not in named]
+
+
+def _unowned_after_failure(session: Session, paths: list[Path]) -> list[Path]:
+    """:func:`_unowned` in a transaction of its own, after this job's was rolled back; none
+    when the database cannot say (a file without a row is left, not another job's object)."""
+    if not paths:
+        return paths
+    try:
+        unowned = _unowned(session, paths)
+        session.commit()
+    except SQLAlchemyError:
+        session.rollback()
+        return []
+    return unowned
+
+
+class _Superseded(Exception):
+    """A newer analysis's results job was queued while this one ran: it writes nothing."""
+
+
+def _newer_analysis(session: Session, study_id: int, job_id: int) -> str | None:
+    """Why results job ``job_id`` must not write its objects now (in the caller's
+    transaction): superseded by a newer analysis's results job (returned, the job ends with
+    it as its note), or :class:`Postponed` while a newer analysis is pending (instances arrived
+    since, or it is queued, running or waiting to retry). None: this job's analysis is the
+    newest."""
+    newer = session.scalar(
+        select(func.min(Job.id)).where(
+            Job.study_id == study_id, Job.kind == "results", Job.id > job_id
+        )
+    )
+    if newer is not None:
+        return f"superseded by results job {newer} of a newer analysis"
+    # Read afresh (not a row the session holds from before the models ran).
+    row = session.execute(
+        select(Study.analysis_status, Study.queued_generation).where(Study.id == study_id)
+    ).first()
+    if row is None:
+        return "study no longer exists"
+    # Any state but these two means instances arrived since, or a newer analysis is queued,
+    # running or waiting to retry.
+    if row.analysis_status not in ("analysed", "failed"):
+        raise Postponed(
+            "a newer analysis of the study is pending (instances arrived since, or it is queued "
+            f"or running; generation {row.queued_generation})"
+        )
+    return None
 
 
 def _exported(session: Session, study_id: int) -> set[tuple[int, str]]:
