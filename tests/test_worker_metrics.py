@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.db.models import Job
 from dicomnode.ports import free_port
+from dicomnode.supervision import TERMINATED
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL_CARD = "ct_lung_seg_demo"
@@ -94,10 +95,12 @@ def _start_worker(folder: Path, config: Path, *options: str) -> tuple[subprocess
     return process, log
 
 
-def _stop(process: subprocess.Popen, log: Path) -> None:
+def _stop(process: subprocess.Popen, log: Path, status: int = 0) -> None:
+    """SIGTERM, and the exit ``status`` expected: 0 run by itself, TERMINATED (128 + SIGTERM,
+    telling serve it was stopped from outside) when serve started it."""
     process.send_signal(signal.SIGTERM)
     try:
-        assert process.wait(timeout=30) == 0, log.read_text()
+        assert process.wait(timeout=30) == status, log.read_text()
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
@@ -148,7 +151,7 @@ def test_worker_started_by_serve_serves_no_metrics_of_its_own(
         assert not _listens(port)
         assert "serves its metrics" not in log.read_text()
     finally:
-        _stop(process, log)
+        _stop(process, log, TERMINATED)
 
 
 def test_metrics_port_on_the_command_line_replaces_the_configured_one(
