@@ -9,6 +9,12 @@ made again for each study in the transaction that deletes it, with its rows lock
 time): what the index writer or a worker committed before then counts (a job queued for the
 study keeps it), and what the index writer writes after files its instances under a new
 study.
+
+A re-sent instance of the study (the same SOP Instance UID, at the same path) must not be
+taken for a duplicate of a file that is then removed: retention holds the deletion lock of
+:mod:`dicomnode.ingest.deletion` for each study, and renames the files to tombstones before
+it commits (back if it does not), so that a listener after it finds no file and stores what
+it received; the tombstones are unlinked after the commit.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.db.models import Instance, Job, ResultObject, Series, Study
 from dicomnode.db.session import utcnow
+from dicomnode.ingest import deletion
 from dicomnode.jobs.dead_letters import export_covered
 
 log = logging.getLogger("dicomnode.retention")
@@ -72,7 +79,14 @@ def _purge_study(
     session: Session, storage: Path, study_id: int, now: datetime, days: float
 ) -> bool:
     """Delete one study's rows if it is still expired, then the files they named; False
-    when it is kept."""
+    when it is kept. Listeners wait meanwhile (:func:`dicomnode.ingest.deletion.deleting`)."""
+    with deletion.deleting(storage):
+        return _purge_locked(session, storage, study_id, now, days)
+
+
+def _purge_locked(
+    session: Session, storage: Path, study_id: int, now: datetime, days: float
+) -> bool:
     # The study's series first, then the study, as the index writer takes them (an instance
     # into a series, then its study's update): it waits for this transaction, and after it
     # files what it writes under a new study. SQLite ignores FOR UPDATE: BEGIN IMMEDIATE.
@@ -90,9 +104,20 @@ def _purge_study(
         select(ResultObject.path).where(ResultObject.study_id == study_id)
     ).all()
     uid, received_at = study.study_instance_uid, study.received_at
-    session.delete(study)
-    session.commit()
-    _remove_files(storage, uid, list(instances), list(results))
+    files = _files(storage, uid, list(instances), list(results))
+    tombs: list[Path] = []
+    try:
+        session.delete(study)
+        session.flush()
+        # Before the commit: a listener after it stores the instance again (no file there).
+        tombs = _tombstones(files)
+        session.commit()
+    except BaseException:
+        session.rollback()
+        for tomb in tombs:
+            deletion.revive(tomb)
+        raise
+    _remove_files(storage, uid, files, tombs)
     log.info("retention: study_id=%d deleted (received %s)", study_id, received_at)
     return True
 
@@ -107,23 +132,40 @@ def _in_storage(name: str, folder: Path, uid: str) -> Path | None:
     return folder.joinpath(*parts[-3:])
 
 
-def _remove_files(storage: Path, uid: str, instances: list[str], results: list[str]) -> None:
-    """Remove the files the deleted rows named, then the study's folders left empty: a file
-    no row named (an instance that arrived meanwhile) keeps its folders."""
-    folders: set[Path] = set()
+def _files(storage: Path, uid: str, instances: list[str], results: list[str]) -> list[Path]:
+    """Where the files the study's rows name lie now (instances, then result objects)."""
+    found = [_in_storage(name, storage, uid) for name in instances]
+    found += [_in_storage(name, storage / "results", uid) for name in results]
+    return [path for path in found if path is not None]
+
+
+def _tombstones(files: list[Path]) -> list[Path]:
+    """Rename ``files`` to their tombstones (those there); the tombstones. On an error the
+    ones made so far are renamed back, and it is raised."""
+    tombs: list[Path] = []
+    try:
+        for path in files:
+            tomb = deletion.tombstone(path)
+            if tomb is not None:
+                tombs.append(tomb)
+    except OSError:
+        for tomb in tombs:
+            deletion.revive(tomb)
+        raise
+    return tombs
+
+
+def _remove_files(storage: Path, uid: str, files: list[Path], tombs: list[Path]) -> None:
+    """Remove the tombstones of the files the deleted rows named, then the study's folders
+    left empty: a file no row named (an instance that arrived meanwhile) keeps its folders."""
+    folders = {storage / uid, storage / "results" / uid}
+    folders.update(path.parent for path in files)
     failed: list[str] = []
-    for names, folder in ((instances, storage), (results, storage / "results")):
-        top = folder / uid
-        folders.add(top)
-        for name in names:
-            path = _in_storage(name, folder, uid)
-            if path is None:
-                continue
-            folders.add(path.parent)
-            try:
-                path.unlink(missing_ok=True)
-            except OSError as exc:
-                failed.append(exc.strerror or str(exc))
+    for tomb in tombs:
+        try:
+            tomb.unlink(missing_ok=True)
+        except OSError as exc:
+            failed.append(exc.strerror or str(exc))
     if failed:
         log.warning(
             "retention: %d file(s) of a deleted study not removed: %s", len(failed), failed[0]

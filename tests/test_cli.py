@@ -130,6 +130,20 @@ def _dead_jobs(url: str) -> dict[str, int]:
         session.flush()
         session.add(
             ResultObject(
+                id=1,
+                study_id=study.id,
+                kind="sr",
+                model_name="m",
+                model_version="1",
+                sop_class_uid="1.2.840.10008.5.1.4.1.1.88.22",
+                sop_instance_uid="1.2.826.0.1.3680043.8.498.4",
+                series_instance_uid="1.2.826.0.1.3680043.8.498.5",
+                path="/nowhere/sr.dcm",
+                created_at=now,
+            )
+        )
+        session.add(
+            ResultObject(
                 id=2,
                 study_id=study.id,
                 kind="seg",
@@ -147,6 +161,8 @@ def _dead_jobs(url: str) -> dict[str, int]:
             ("pacs-1", "export", "pacs", 1),
             ("pacs-2", "export", "pacs", 2),
             ("archive", "export", "archive", 1),
+            # Its result object superseded by a later version (the row gone): no retry needed.
+            ("pacs-gone", "export", "pacs", 3),
             ("analysis", "analyse", None, None),
         ]:
             payload = {"destination": destination, "result_id": result_id} if destination else {}
@@ -187,17 +203,29 @@ def test_jobs_list_and_retry_dead_letters_by_destination_or_id(config: Path) -> 
     listed = run_cli("jobs", "list", "--destination", "pacs", "--config", str(config))
     assert listed.returncode == 0, listed.stderr
     lines = listed.stdout.strip().splitlines()
-    assert [int(line.split("\t")[0]) for line in lines] == [jobs["pacs-2"], jobs["pacs-1"]]
+    assert [int(line.split("\t")[0]) for line in lines] == [
+        jobs["pacs-gone"],
+        jobs["pacs-2"],
+        jobs["pacs-1"],
+    ]
     # What each export sends, where its result object is known.
-    assert "export -> pacs (seg: Segmentation Storage)\tdead\tattempts 5" in lines[0]
-    assert lines[0].endswith("pacs-2 failed")
-    assert "export -> pacs\tdead\tattempts 5" in lines[1]
+    assert "export -> pacs\tdead\tattempts 5" in lines[0]
+    assert lines[0].endswith(
+        "pacs-gone failed\tno retry needed: result object 3 was superseded by a later version"
+    )
+    assert "export -> pacs (seg: Segmentation Storage)\tdead\tattempts 5" in lines[1]
+    assert lines[1].endswith("pacs-2 failed")
+    assert "export -> pacs (sr: Enhanced SR Storage)\tdead\tattempts 5" in lines[2]
     retried = run_cli("jobs", "retry", "--all", "--destination", "pacs", "--config", str(config))
     assert retried.returncode == 0, retried.stderr
-    assert retried.stdout.strip() == "2 dead job(s) queued again"
+    assert retried.stdout.strip().splitlines() == [
+        f"job {jobs['pacs-gone']} is not queued again: result object 3 was superseded by a "
+        "later version",
+        "2 dead job(s) queued again, 1 already covered by other jobs",
+    ]
     states = _states(url)
     assert [states[jobs[name]] for name in ("pacs-1", "pacs-2")] == ["queued", "queued"]
-    assert [states[jobs[name]] for name in ("archive", "analysis")] == ["dead", "dead"]
+    assert [states[jobs[name]] for name in ("archive", "analysis", "pacs-gone")] == ["dead"] * 3
     # By id; a job that is not dead is refused and nothing is retried.
     refused = run_cli(
         "jobs", "retry", str(jobs["analysis"]), str(jobs["pacs-1"]), "--config", str(config)

@@ -29,7 +29,7 @@ from conftest import (
 from sqlalchemy import func, select
 from test_export import study_with_exports
 from web_server import add_users, serve
-from worklist_seed import add_study
+from worklist_seed import add_result_object, add_study
 
 from dicomnode.checkconfig import load_checked
 from dicomnode.config import Destination, Settings
@@ -127,7 +127,8 @@ def dead_letter(sessions) -> Iterator[tuple[str, dict[str, str], int, str]]:
     with sessions() as session:
         uid = add_study(session, "ACC-DEAD", now=utcnow())
         study_id = session.scalar(select(Study.id).where(Study.study_instance_uid == uid))
-        job = enqueue(session, "export", study_id, {"result_id": 1, "destination": "pacs"})
+        result_id = add_result_object(session, study_id)
+        job = enqueue(session, "export", study_id, {"result_id": result_id, "destination": "pacs"})
         session.commit()
         for _ in range(2):
             # Claimed past its backoff.

@@ -25,17 +25,6 @@ def _study(session, storage: Path, name: str, days_ago: float, reading: str, exp
     uid = add_study(session, name, minutes_ago=days_ago * DAY, probability=0.1)
     study = session.scalars(select(Study).where(Study.study_instance_uid == uid)).one()
     study.reading_status = reading
-    for state in exports:
-        session.add(
-            Job(
-                kind="export",
-                study_id=study.id,
-                payload={"destination": "pacs", "result_id": 0},
-                state=state,
-                run_after=NOW,
-                created_at=NOW,
-            )
-        )
     # An instance and a result object, each a row and the file it names.
     series = Series(study_id=study.id, series_instance_uid="1.2")
     session.add(series)
@@ -65,6 +54,20 @@ def _study(session, storage: Path, name: str, days_ago: float, reading: str, exp
             created_at=study.received_at,
         )
     )
+    session.flush()
+    # Exports of the study's result object (one that no longer exists needs no export).
+    result_id = session.scalar(select(ResultObject.id).where(ResultObject.study_id == study.id))
+    for state in exports:
+        session.add(
+            Job(
+                kind="export",
+                study_id=study.id,
+                payload={"destination": "pacs", "result_id": result_id},
+                state=state,
+                run_after=NOW,
+                created_at=NOW,
+            )
+        )
     session.commit()
     for path in (image, result):
         path.parent.mkdir(parents=True)
@@ -282,3 +285,164 @@ def test_a_study_is_decided_again_once_the_index_writers_rows_for_it_are_in(
         paths = {Path(p) for p in session.scalars(select(Instance.path))}
         assert paths == {old_path, late_path}
     assert old_path.exists() and late_path.exists()
+
+
+def _stored_study(node, sessions, ds) -> int:
+    """``ds`` stored through the listener and indexed; its study made old and reported."""
+    assert node.store(ds) == 0
+    assert node.scp.index.flush(10)
+    with sessions() as session:
+        study = session.scalars(select(Study)).one()
+        study.received_at = utcnow() - timedelta(days=40)
+        study.reading_status = "reported"
+        session.commit()
+        return study.id
+
+
+def _instance_stored(node, sessions, ds, storage: Path) -> None:
+    """``ds`` is indexed once, at its file, which is there; no tombstone is left."""
+    assert node.scp.index.flush(10)
+    with sessions() as session:
+        [path] = session.scalars(
+            select(Instance.path).where(Instance.sop_instance_uid == ds.SOPInstanceUID)
+        ).all()
+    assert Path(path).is_file(), "the instance's row names a file that is gone"
+    assert [p for p in storage.rglob("*.deleting")] == []
+
+
+@pytest.mark.parametrize("paused", ["before_commit", "after_commit"])
+def test_an_instance_sent_again_while_its_study_is_deleted_is_stored_again(
+    sessions, tmp_path: Path, paused: str
+) -> None:
+    """The sender sends an instance again (the same SOP Instance UID: a prior prefetched
+    again) while retention deletes its study, its rows locked (before the commit) or deleted
+    (after it) and its files not yet removed: the listener found the file there, answered
+    success without writing, retention then removed the file and the index writer indexed
+    the instance under a new study with a row naming a file that was gone (its analysis
+    failed; the instance acknowledged was lost). Now the listener waits for the deletion and
+    stores what it received: the instance is indexed, at its file."""
+    import threading
+
+    from sqlalchemy import event
+    from test_scp import secondary_capture, start_node
+
+    nodes = start_node(tmp_path, sessions)
+    node = next(nodes)
+    try:
+        storage = node.storage
+        ds = secondary_capture()
+        study_id = _stored_study(node, sessions, ds)
+
+        in_deletion, go = threading.Event(), threading.Event()
+        purged: list[int] = []
+        retention = sessions()
+
+        @event.listens_for(retention, paused)
+        def pause(_session) -> None:
+            in_deletion.set()
+            assert go.wait(60)
+
+        deleting = threading.Thread(
+            target=lambda: purged.append(purge_expired(retention, storage, utcnow(), days=30))
+        )
+        deleting.start()
+        statuses: list[int] = []
+        resend = threading.Thread(target=lambda: statuses.append(node.store(ds)))
+        try:
+            assert in_deletion.wait(60)
+            resend.start()
+            # Before the fix it answers at once; now it waits for the deletion (not asserted:
+            # a listener that has not come yet comes after it anyway).
+            resend.join(3)
+        finally:
+            go.set()
+            deleting.join(60)
+            if resend.is_alive() or resend.ident is not None:
+                resend.join(60)
+            retention.close()
+        assert purged == [1] and statuses == [0]
+        _instance_stored(node, sessions, ds, storage)
+        with sessions() as session:
+            assert session.get(Study, study_id) is None  # indexed under a new study
+    finally:
+        nodes.close()
+
+
+def test_an_instance_sent_again_just_before_its_study_is_deleted_goes_with_it(
+    sessions, tmp_path: Path
+) -> None:
+    """The listener has found the file of an instance sent again and not yet handed its rows
+    to the index writer when retention deletes the study: retention waits for it, and the
+    instance goes with the study, rows and file (before: retention removed the file, and the
+    rows the writer then wrote named a file that was gone)."""
+    import threading
+
+    from test_scp import secondary_capture, start_node
+
+    nodes = start_node(tmp_path, sessions)
+    node = next(nodes)
+    try:
+        storage = node.storage
+        ds = secondary_capture()
+        _stored_study(node, sessions, ds)
+
+        checked, go = threading.Event(), threading.Event()
+        add = node.scp.index.add
+
+        def paused_add(item):
+            if getattr(item, "facts", None) is not None:
+                checked.set()
+                assert go.wait(60)
+            return add(item)
+
+        node.scp.index.add = paused_add
+        statuses: list[int] = []
+        purged: list[int] = []
+        resend = threading.Thread(target=lambda: statuses.append(node.store(ds)))
+        resend.start()
+        deleting = threading.Thread(
+            target=lambda: purged.append(purge_expired(sessions(), storage, utcnow(), days=30))
+        )
+        try:
+            assert checked.wait(60)
+            deleting.start()
+            deleting.join(3)  # before the fix it deletes at once; now it waits
+        finally:
+            go.set()
+            resend.join(60)
+            if deleting.ident is not None:
+                deleting.join(60)
+        assert statuses == [0] and purged == [1]
+        assert node.scp.index.flush(10)
+        with sessions() as session:
+            paths = session.scalars(select(Instance.path)).all()
+        assert [p for p in paths if not Path(p).is_file()] == [], "rows name files gone"
+        assert paths == [] and [p for p in storage.rglob("*.dcm")] == []
+    finally:
+        nodes.close()
+
+
+def test_recovery_puts_back_or_removes_the_tombstones_of_an_interrupted_deletion(
+    sessions, tmp_path: Path
+) -> None:
+    """A crash while retention deleted a study leaves its files renamed to tombstones:
+    recovery puts one back whose row is still there (the deletion was not committed), and
+    removes one whose row is gone; neither is indexed as an instance."""
+    from dicomnode.ingest.deletion import tombstone
+    from dicomnode.ingest.recover import recover_spool
+
+    storage = tmp_path / "storage"
+    kept, _ = make_cxr(953_021, pneumothorax=False)
+    gone, _ = make_cxr(953_022, pneumothorax=False)
+    with sessions() as session:
+        _, kept_path = spool_and_index(session, storage, kept)
+    gone_path = _spool(storage, gone)  # its rows deleted and committed
+    kept_tomb, gone_tomb = tombstone(kept_path), tombstone(gone_path)
+    assert kept_tomb is not None and gone_tomb is not None and not kept_path.exists()
+    with sessions() as session:
+        found = recover_spool(session, storage, quiet_seconds=0)
+    assert (found.tombstones_revived, found.tombstones_removed, found.indexed) == (1, 1, 0)
+    assert kept_path.is_file() and not kept_tomb.exists()
+    assert not gone_tomb.exists() and not gone_path.exists()
+    with sessions() as session:
+        assert session.scalars(select(Instance.path)).all() == [str(kept_path)]

@@ -28,7 +28,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 from test_results_reexport import PNEUMOTHORAX, _analyse_and_export, _received, _worker
 from web_server import add_users, serve
-from worklist_seed import add_study
+from worklist_seed import add_result_object, add_study
 
 from dicomnode.db.models import AuditEntry, Job, ResultObject, Study
 from dicomnode.db.session import utcnow
@@ -203,6 +203,10 @@ def _job(
     return job.id
 
 
+def _result(session: Session, study_id: int) -> int:
+    return add_result_object(session, study_id)
+
+
 def test_a_dead_analysis_with_a_later_one_queued_or_done_is_not_retried(
     sessions: sessionmaker[Session],
 ) -> None:
@@ -253,17 +257,21 @@ def test_retry_all_queues_one_of_two_dead_exports_of_an_object(
     queues the newer of the two and the other object's, and says the older is covered; by
     the API the older is then refused while the newer is queued."""
     study_id = _study(sessions)
-    target = {"result_id": 7, "destination": "pacs"}
+    with sessions() as session:
+        seven, eight = _result(session, study_id), _result(session, study_id)
+    target = {"result_id": seven, "destination": "pacs"}
     with sessions() as session:
         older = _job(session, "export", study_id, "dead", target)
         newer = _job(session, "export", study_id, "dead", target)
-        other = _job(session, "export", study_id, "dead", {"result_id": 8, "destination": "pacs"})
+        other = _job(
+            session, "export", study_id, "dead", {"result_id": eight, "destination": "pacs"}
+        )
         to_archive = _job(session, "export", study_id, "dead", {**target, "destination": "archive"})
     config = worker_config(tmp_path, db_url, "")
     said = _cli(config, "retry", "--all", "--destination", "pacs")
     assert said.returncode == 0, said.stderr
     assert said.stdout.splitlines() == [
-        f"job {older} is not queued again: result object 7 is queued to be sent to 'pacs' by "
+        f"job {older} is not queued again: result object {seven} is queued to be sent to 'pacs' by "
         f"export job {newer}",
         "2 dead job(s) queued again, 1 already covered by other jobs",
     ]
@@ -357,14 +365,90 @@ def test_dead_letters_another_job_covers_are_not_counted_as_dead(
     which the study was analysed again, no longer count (an alert on dead > 0 ends when the
     work is done); a dead export of another object, or to another destination, still does."""
     study_id = _study(sessions)
-    to_pacs = {"result_id": 7, "destination": "pacs"}
+    with sessions() as session:
+        seven, eight = _result(session, study_id), _result(session, study_id)
+    to_pacs = {"result_id": seven, "destination": "pacs"}
     with sessions() as session:
         _job(session, "export", study_id, "dead", to_pacs)
-        _job(session, "export", study_id, "dead", {"result_id": 7, "destination": "archive"})
-        _job(session, "export", study_id, "dead", {"result_id": 8, "destination": "pacs"})
+        _job(session, "export", study_id, "dead", {"result_id": seven, "destination": "archive"})
+        _job(session, "export", study_id, "dead", {"result_id": eight, "destination": "pacs"})
         _job(session, "analyse", study_id, "dead")
     assert _dead_depth(sessions) == {"export": 3, "analyse": 1, "results": 0, "notify": 0}
     with sessions() as session:
         _job(session, "export", study_id, "done", to_pacs)
         _job(session, "analyse", study_id, "queued")
     assert _dead_depth(sessions) == {"export": 2, "analyse": 0, "results": 0, "notify": 0}
+
+
+def test_a_dead_export_of_a_superseded_result_object_needs_no_retry(
+    sessions: sessionmaker[Session], tmp_path: Path
+) -> None:
+    """An SR export dead-lettered (refused), then late images made a new SR (a new result
+    id) and its row replaced the old one: the dead export stayed a failed export on the
+    worklist, in dicomnode_queue_depth{state="dead"} and kept its study from retention until
+    an admin retried it, to fail as "result no longer exists". It needs no retry now: the
+    listing says why (no covering job), a retry is refused, and neither the metric, the
+    worklist's export error nor retention count it. A dead export of an object that still
+    exists still does."""
+    from dicomnode.retention import expired_studies
+
+    study_id = _study(sessions)
+    with sessions() as session:
+        old_sr, overlay = _result(session, study_id), _result(session, study_id)
+        dead = _job(
+            session, "export", study_id, "dead", {"result_id": old_sr, "destination": "pacs"}
+        )
+        study = session.get(Study, study_id)
+        study.reading_status = "reported"
+        study.received_at = utcnow() - timedelta(days=400)
+        session.commit()
+        # The later version: a new row, the old one deleted (as the results job replaces it).
+        _result(session, study_id)
+        session.delete(session.get(ResultObject, old_sr))
+        session.commit()
+    assert _dead_depth(sessions) == {"export": 0, "analyse": 0, "results": 0, "notify": 0}
+    with sessions() as session:
+        assert [s.id for s in expired_studies(session, utcnow(), 30)] == [study_id]
+    tokens = add_users(sessions)
+    with serve(create_app(sessions)) as url, _admin(url, tokens) as admin:
+        [row] = admin.get("/api/jobs", params={"state": "dead"}).json()
+        assert row["id"] == dead and row["covered_by"] is None
+        assert row["covered"] == f"result object {old_sr} was superseded by a later version"
+        refused = admin.post(f"/api/jobs/{dead}/retry")
+        assert refused.status_code == 409, refused.text
+        assert refused.json()["detail"] == (
+            f"job {dead} is not queued again: result object {old_sr} was superseded by a "
+            "later version"
+        )
+    assert _audited(sessions) == 0
+    with sessions() as session:
+        assert session.get(Job, dead).state == "dead"
+        # A dead export of an object that exists still needs a retry, and keeps its study.
+        _job(session, "export", study_id, "dead", {"result_id": overlay, "destination": "pacs"})
+        assert expired_studies(session, utcnow(), 30) == []
+    assert _dead_depth(sessions) == {"export": 1, "analyse": 0, "results": 0, "notify": 0}
+
+
+@pytest.mark.parametrize("dead_id,done_id", [("text", "number"), ("number", "text")])
+def test_a_result_id_written_as_text_or_number_is_the_same_object(
+    sessions: sessionmaker[Session], dead_id: str, done_id: str
+) -> None:
+    """A payload's result id as 5 or "5": the listing (Python) and the metric, worklist and
+    retention (SQL) agree that the done export of the object covers the dead one (SQLite's
+    json_extract compared 5 with '5' as different: the SQL rule counted it dead)."""
+    study_id = _study(sessions)
+    with sessions() as session:
+        result_id = _result(session, study_id)
+        as_ = {"text": str(result_id), "number": result_id}
+        dead = _job(
+            session, "export", study_id, "dead", {"result_id": as_[dead_id], "destination": "pacs"}
+        )
+        done = _job(
+            session, "export", study_id, "done", {"result_id": as_[done_id], "destination": "pacs"}
+        )
+        from dicomnode.jobs.dead_letters import covering_jobs, needs_retry
+
+        job = session.get(Job, dead)
+        assert covering_jobs(session, [job])[dead].id == done
+        assert session.scalars(select(Job.id).where(Job.id == dead, needs_retry(Job))).all() == []
+    assert _dead_depth(sessions) == {"export": 0, "analyse": 0, "results": 0, "notify": 0}

@@ -22,7 +22,15 @@ from conftest import StoreSCP, spool_late_instance, storescp, worker_config
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session, sessionmaker
 from test_results_reexport import PNEUMOTHORAX, _received, _worker
-from test_retry_covered import _admin, _audited, _cli, _exported_but_one_overlay, _job, _study
+from test_retry_covered import (
+    _admin,
+    _audited,
+    _cli,
+    _exported_but_one_overlay,
+    _job,
+    _result,
+    _study,
+)
 from web_server import add_users, serve
 
 from dicomnode.db.models import Job, ResultObject, Study
@@ -300,7 +308,10 @@ def test_two_retries_of_one_dead_export_at_once_queue_it_once(
     it (a worker that had taken it meanwhile would have lost it to a second send)."""
     study_id = _study(sessions)
     with sessions() as session:
-        dead = _job(session, "export", study_id, "dead", {"result_id": 7, "destination": "pacs"})
+        result_id = _result(session, study_id)
+        dead = _job(
+            session, "export", study_id, "dead", {"result_id": result_id, "destination": "pacs"}
+        )
     checked, go = threading.Event(), threading.Event()
     first: list[int] = []
     errors: list[BaseException] = []

@@ -495,16 +495,18 @@ def test_cli_adds_users_and_prints_tokens(db_url: str, sessions, tmp_path: Path)
 def _dead_export(site: Site, uid: str, destination: str, reason: str) -> int:
     """A dead-lettered export job of the study, as a worker leaves it; returns its id."""
     from sqlalchemy import select
+    from worklist_seed import add_result_object
 
     from dicomnode.db.models import Job, Study
 
     with site.sessions() as session:
         study_id = session.scalar(select(Study.id).where(Study.study_instance_uid == uid))
+        result_id = add_result_object(session, study_id)
         now = utcnow()
         job = Job(
             kind="export",
             study_id=study_id,
-            payload={"destination": destination, "result_id": 1},
+            payload={"destination": destination, "result_id": result_id},
             state="dead",
             attempts=5,
             run_after=now,

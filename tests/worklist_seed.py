@@ -162,6 +162,26 @@ def add_zoo_study(
     return uid, objects
 
 
+def add_result_object(session: Session, study_id: int) -> int:
+    """A result object row of the study (an SR, as a results job writes it; no file), committed:
+    its id, for export jobs of an object that exists (one whose row is gone was superseded)."""
+    uid = generate_uid()
+    row = ResultObject(
+        study_id=study_id,
+        kind="sr",
+        model_name="m",
+        model_version="1",
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.88.34",
+        sop_instance_uid=uid,
+        series_instance_uid=generate_uid(),
+        path=f"/nonexistent/{uid}.dcm",
+        created_at=datetime.now(UTC),
+    )
+    session.add(row)
+    session.commit()
+    return row.id
+
+
 def add_export_job(
     session: Session,
     sop_instance_uid: str,

@@ -7,7 +7,9 @@ acknowledged file without rows; it is indexed here, before the node listens agai
 nothing acknowledged is missing from the worklist or the analyses. (A crash between the
 file and the answer leaves a file the sender was not told about; it is indexed too, and
 the sender's retry is then a duplicate.) Temporary files of interrupted writes are
-removed.
+removed, and so are the tombstones of a deletion by retention that a crash interrupted
+(:mod:`dicomnode.ingest.deletion`): renamed back where a row still names the file (the
+deletion was not committed), removed where none does.
 
 The configured storage folder is the node's: a file of a known instance (or result object)
 whose row names the same place under another folder (the storage moved or copied to another
@@ -32,6 +34,7 @@ from sqlalchemy.orm import Session
 from dicomnode.db.models import Instance, ResultObject
 from dicomnode.db.session import utcnow
 from dicomnode.ingest.arrival import InstanceFacts, instance_facts
+from dicomnode.ingest.deletion import clear_tombstones
 from dicomnode.ingest.index import (
     drop_second_copy,
     forget_instance,
@@ -59,6 +62,9 @@ class Recovery:
     # indexed files gone: the rows now name them.
     relocated: int = 0
     results_relocated: int = 0
+    # Tombstones of an interrupted deletion: renamed back (a row names the file), removed.
+    tombstones_revived: int = 0
+    tombstones_removed: int = 0
 
 
 def _received_files(storage: Path):
@@ -74,6 +80,7 @@ def recover_spool(session: Session, storage: Path, quiet_seconds: float) -> Reco
     if not storage.is_dir():
         return recovery
     known = set(session.scalars(select(Instance.path)).all())
+    _clear_tombstones(session, storage, known, recovery)
     for path in _received_files(storage):
         if not path.is_file():
             continue
@@ -116,6 +123,23 @@ def recover_spool(session: Session, storage: Path, quiet_seconds: float) -> Reco
             drop_second_copy(facts.sop_instance_uid, str(path))
     _relocate_results(session, storage / RESULTS_FOLDER, recovery)
     return recovery
+
+
+def _clear_tombstones(session: Session, storage: Path, known: set[str], recovery: Recovery) -> None:
+    """Before the scan: a tombstone is never an instance, and a file renamed back is known."""
+    results = set(session.scalars(select(ResultObject.path)).all())
+    session.rollback()
+    for folder, indexed in ((storage, known), (storage / RESULTS_FOLDER, results)):
+        revived, removed = clear_tombstones(folder, indexed)
+        recovery.tombstones_revived += revived
+        recovery.tombstones_removed += removed
+    if recovery.tombstones_revived or recovery.tombstones_removed:
+        log.warning(
+            "recovery: a deletion by retention was interrupted: %d file(s) put back (their "
+            "rows are there), %d removed",
+            recovery.tombstones_revived,
+            recovery.tombstones_removed,
+        )
 
 
 def _known_elsewhere(

@@ -14,7 +14,7 @@ import os
 import ssl
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
@@ -30,7 +30,7 @@ from pynetdicom.transport import AssociationServer, ThreadedAssociationServer
 from dicomnode import metrics
 from dicomnode.config import NodeSettings, Settings
 from dicomnode.folders import make_folders
-from dicomnode.ingest import sink
+from dicomnode.ingest import deletion, sink
 from dicomnode.ingest.addresses import AddressSlots
 from dicomnode.ingest.admission import AdmissionControl
 from dicomnode.ingest.arrival import Arrival, InstanceFacts, instance_facts
@@ -63,6 +63,8 @@ from dicomnode.ingest.validate import InvalidDataset, check_dataset
 from dicomnode.tls import load_ca, load_cert_chain
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from sqlalchemy.orm import Session, sessionmaker
 
 log = logging.getLogger("dicomnode.ingest")
@@ -485,7 +487,27 @@ class StorageSCP:
         except SpoolError as exc:
             log.warning("refused %s from %s: %s", affected, calling_ae, exc)
             return STATUS_CANNOT_UNDERSTAND
-        if path.exists():
+        # Not while retention deletes a study: a file at the path then may be one it removes.
+        with deletion.receiving(self.storage):
+            status = self._place(record, received, data_synced, facts, path, transfer_syntax)
+        if status == STATUS_SUCCESS:
+            record.study_uids.add(facts.study_instance_uid)
+        return status
+
+    def _place(
+        self,
+        record: _AssociationLog,
+        received: IncomingFile,
+        data_synced: Future,
+        facts: InstanceFacts,
+        path: Path,
+        transfer_syntax: str,
+    ) -> int:
+        """Store the received instance at ``path`` (a duplicate: keep the file there) and
+        hand its rows to the index writer; a DIMSE status."""
+        calling_ae, affected = record.calling_ae, facts.sop_instance_uid
+        duplicate = path.exists()
+        if duplicate:
             # Duplicate SOP Instance UID: keep the first copy, answer success (as PACS do).
             record.duplicates += 1
             log.info("duplicate %s from %s kept as first received", affected, calling_ae)
@@ -509,7 +531,10 @@ class StorageSCP:
             # The supervisor's writer is gone (the node is stopping): not acknowledged.
             log.error("refused %s from %s: index unavailable: %s", affected, calling_ae, exc)
             return STATUS_OUT_OF_RESOURCES
-        record.study_uids.add(facts.study_instance_uid)
+        if duplicate:
+            # Its rows before a deletion of its study is decided (which waits for this): the
+            # deletion then takes the file with them, or, after it, finds no rows.
+            self.index.wait(record.ticket, sink.RELEASE_WAIT_SECONDS)
         return STATUS_SUCCESS
 
     # Lifecycle --------------------------------------------------------------------

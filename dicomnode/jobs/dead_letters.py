@@ -10,7 +10,14 @@ A dead job whose work another job already covers is not queued again (:class:`Co
 export whose result object a later results job queued again for the same destination
 (queued, being sent or sent), or an analysis after which the study was queued for analysis
 again (each analysis reads the whole study). Retrying it would send the object to the
-destination twice, or analyse the study twice.
+destination twice, or analyse the study twice. A dead export whose result object no longer
+exists (:class:`Superseded`: late images made a later version, with a new id, that its own
+exports send) needs no retry either: it could only fail with "result no longer exists".
+
+The rule is kept twice, in Python for a listing (:func:`covering_jobs`) and in SQL for the
+views that count or leave out such dead letters in their own query (:func:`export_covered`,
+:func:`needs_retry`); both compare a payload's result id as text, whether it was written as
+5 or "5" (SQLAlchemy casts SQLite's json_extract, which keeps the JSON type, to text).
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ from datetime import datetime
 from typing import Any
 
 from pydicom.uid import UID
-from sqlalchemy import ColumnElement, and_, exists, or_, select
+from sqlalchemy import ColumnElement, String, and_, cast, exists, or_, select
 from sqlalchemy.orm import Session, aliased
 
 from dicomnode.db.models import Job, ResultObject, Study
@@ -107,19 +114,30 @@ _COVERED_KINDS = ("export", "analyse")
 _CHUNK = 500
 
 
-class Covered(Exception):
-    """A dead job not queued again because another job does or did its work (``covering``);
-    the message names that job."""
+@dataclass(frozen=True)
+class Superseded:
+    """What covers a dead export whose result object no longer exists: a later version of
+    the object replaced it (its row is gone), and that version's exports send it."""
 
-    def __init__(self, job: Job, covering: Job):
+    result_id: str
+
+
+class Covered(Exception):
+    """A dead job not queued again because another job does or did its work, or its result
+    object was superseded (``covering``); the message says which."""
+
+    def __init__(self, job: Job, covering: Job | Superseded):
         self.job = job
         self.covering = covering
         super().__init__(f"job {job.id} is not queued again: {covered_reason(job, covering)}")
 
 
-def covered_reason(job: Job, covering: Job) -> str:
+def covered_reason(job: Job, covering: Job | Superseded) -> str:
     """What ``covering`` does of the dead ``job``'s work, as the admin is told: "result
-    object 5 was sent to 'pacs' by export job 40"."""
+    object 5 was sent to 'pacs' by export job 40", "result object 5 was superseded by a
+    later version"."""
+    if isinstance(covering, Superseded):
+        return f"result object {covering.result_id} was superseded by a later version"
     tense = {"done": "was {} by", "leased": "is being {} by"}.get(
         covering.state, "is queued to be {} by"
     )
@@ -130,16 +148,17 @@ def covered_reason(job: Job, covering: Job) -> str:
     return f"the study {tense.format('analysed again')} analyse job {covering.id}"
 
 
-def covering_job(session: Session, job: Job) -> Job | None:
+def covering_job(session: Session, job: Job) -> Job | Superseded | None:
     """The job that does or did the dead ``job``'s work, if any (the newest): for an export,
     another export of the same result object to the same destination, queued, leased or done
-    (a later results job queues one for an object whose export was dead-lettered); for an
-    analysis, an analysis of the study queued after it (each analysis reads the whole study).
-    Other kinds: None (a newer results job supersedes an older one when it runs)."""
+    (a later results job queues one for an object whose export was dead-lettered), else
+    :class:`Superseded` when its result object no longer exists; for an analysis, an
+    analysis of the study queued after it (each analysis reads the whole study). Other
+    kinds: None (a newer results job supersedes an older one when it runs)."""
     return covering_jobs(session, [job]).get(job.id)
 
 
-def covering_jobs(session: Session, jobs: Sequence[Job]) -> dict[int, Job]:
+def covering_jobs(session: Session, jobs: Sequence[Job]) -> dict[int, Job | Superseded]:
     """:func:`covering_job` of each of the dead ``jobs`` that has one, by the dead job's id
     (one query: a listing of dead letters says which need no retry)."""
     dead = [job for job in jobs if job.kind in _COVERED_KINDS]
@@ -161,9 +180,9 @@ def covering_jobs(session: Session, jobs: Sequence[Job]) -> dict[int, Job]:
         )
         for other in candidates:
             by_study[(other.study_id, other.kind)].append(other)
-    found = {}
+    found: dict[int, Job | Superseded] = {}
     for job in dead:
-        covering = next(
+        covering: Job | Superseded | None = next(
             (
                 other
                 for other in by_study[(job.study_id, job.kind)]
@@ -173,7 +192,35 @@ def covering_jobs(session: Session, jobs: Sequence[Job]) -> dict[int, Job]:
         )
         if covering is not None:
             found[job.id] = covering
+    exports = [job for job in dead if job.kind == "export" and job.id not in found]
+    existing = _existing_results(session, {_result_key(job) for job in exports})
+    for job in exports:
+        key = _result_key(job)
+        if key and (key, job.study_id) not in existing:
+            found[job.id] = Superseded(key)
     return found
+
+
+def _result_key(job: Job) -> str:
+    """An export job's result object id as text ('' when its payload has none): 5 and "5"
+    alike, as :func:`_payload_result_id` in SQL."""
+    result_id = (job.payload or {}).get("result_id")
+    return "" if result_id is None else str(result_id)
+
+
+def _existing_results(session: Session, keys: set[str]) -> set[tuple[str, int]]:
+    """(id as text, study id) of those of the result objects ``keys`` (ids as text) whose
+    rows exist."""
+    ids = sorted(int(key) for key in keys if key.isdigit())
+    existing: set[tuple[str, int]] = set()
+    for start in range(0, len(ids), _CHUNK):
+        rows = session.execute(
+            select(ResultObject.id, ResultObject.study_id).where(
+                ResultObject.id.in_(ids[start : start + _CHUNK])
+            )
+        )
+        existing.update((str(row.id), row.study_id) for row in rows)
+    return existing
 
 
 def _covers(other: Job, job: Job) -> bool:
@@ -185,20 +232,38 @@ def _covers(other: Job, job: Job) -> bool:
     return _export_target(other) == _export_target(job)
 
 
+def _payload_result_id(job: Any) -> ColumnElement[str]:
+    """SQL: an export job's result object id as text, whether its JSON payload has 5 or "5"
+    (on SQLite ``as_string()`` is CAST(JSON_EXTRACT(...) AS VARCHAR): json_extract alone
+    returns the integer for one, the text for the other, and 5 = '5' is false)."""
+    return job.payload["result_id"].as_string()
+
+
 def export_covered(dead: Any = Job) -> ColumnElement[bool]:
     """SQL: the export job ``dead`` (the jobs table or an alias of it) is covered, as
     :func:`covering_job` finds for an export: another export of its study, of the same result
-    object to the same destination, is queued, leased or done. For the views that leave
-    such dead letters out (the worklist, the study page, retention) in their own query."""
+    object to the same destination, is queued, leased or done; or its result object no
+    longer exists (superseded). For the views that leave such dead letters out (the
+    worklist, the study page, retention) in their own query."""
     other = aliased(Job)
-    return exists().where(
+    result_id = _payload_result_id(dead)
+    sent = exists().where(
         other.study_id == dead.study_id,
         other.kind == "export",
         other.id != dead.id,
         other.state.in_(_COVERING_STATES),
-        other.payload["result_id"].as_string() == dead.payload["result_id"].as_string(),
+        _payload_result_id(other) == result_id,
         other.payload["destination"].as_string() == dead.payload["destination"].as_string(),
     )
+    superseded = and_(
+        result_id.is_not(None),
+        result_id != "",
+        # Its study's result objects (indexed), the id compared as text as above.
+        ~exists().where(
+            ResultObject.study_id == dead.study_id, cast(ResultObject.id, String) == result_id
+        ),
+    )
+    return or_(sent, superseded)
 
 
 def analyse_covered(dead: Any = Job) -> ColumnElement[bool]:

@@ -20,6 +20,7 @@ from dicomnode.db.session import as_utc, utcnow
 from dicomnode.jobs.dead_letters import (
     Covered,
     ExportedObject,
+    Superseded,
     covered_reason,
     covering_jobs,
     exported_objects,
@@ -49,7 +50,12 @@ class JobOut(BaseModel):
         "for the destination by a later results job, or the study analysed again): that job's "
         "id; it needs no retry, and a retry is refused",
     )
-    covered: str = Field("", description="with covered_by: what that job does of its work")
+    covered: str = Field(
+        "",
+        description="a dead job that needs no retry: what covering job does of its work "
+        "(with covered_by), or that its result object was superseded by a later version (no "
+        "covered_by); a retry is refused",
+    )
     result_kind: str = Field(
         "", description="export jobs: the kind of result object sent (sr, overlay, seg, ...)"
     )
@@ -59,11 +65,11 @@ class JobOut(BaseModel):
 def _job_out(
     job: Job,
     study_uid: str,
-    covering: Job | None = None,
+    covering: Job | Superseded | None = None,
     sends: ExportedObject | None = None,
 ) -> JobOut:
     return JobOut(
-        covered_by=covering.id if covering is not None else None,
+        covered_by=covering.id if isinstance(covering, Job) else None,
         covered=covered_reason(job, covering) if covering is not None else "",
         result_kind=sends.kind if sends is not None else "",
         sop_class=sends.sop_class if sends is not None else "",
