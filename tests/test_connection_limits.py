@@ -84,6 +84,12 @@ class Attempt:
             bind_address=(source, 0),
             evt_handlers=[(evt.EVT_ACSE_RECV, self._received)],
         )
+        if not self.assoc.is_established and self.assoc.ident is not None:
+            # associate() also returns once the socket closes, which the node does right after
+            # its A-ASSOCIATE-RJ: the association's thread may not have read the RJ yet (seen
+            # once in a clean-clone run: rejection None, pynetdicom's "Association Rejected"
+            # logged after). It ends once it has.
+            self.assoc.join(timeout=10)
 
     def _received(self, event: evt.Event) -> None:
         primitive = event.primitive

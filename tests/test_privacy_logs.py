@@ -85,6 +85,6 @@ def test_node_logs_carry_no_patient_name_id_or_birth_date(tmp_path, pacs: StoreS
         assert secret not in log, f"{secret!r} found in the node log"
     # Libraries' narration stays out of the default log (highdicom logged ~60 INFO lines per
     # study, one per module it copied into a result object): every INFO line is the node's.
-    speakers = set(re.findall(r"^\S+ \S+ INFO ([\w.]+): ", log, re.MULTILINE))
+    speakers = set(re.findall(r"^\S+ INFO ([\w.]+): ", log, re.MULTILINE))
     assert "dicomnode.worker" in speakers
     assert {s for s in speakers if not s.startswith(("dicomnode", "uvicorn"))} == set()
