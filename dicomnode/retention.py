@@ -72,7 +72,15 @@ def purge_expired(session: Session, storage: Path, now: datetime, days: float) -
         return 0
     candidates = [study.id for study in expired_studies(session, now, days)]
     session.rollback()  # each study is decided again in its own transaction
-    return sum(_purge_study(session, storage, study_id, now, days) for study_id in candidates)
+    deleted = 0
+    for study_id in candidates:
+        try:
+            deleted += _purge_study(session, storage, study_id, now, days)
+        except deletion.StorageBusy as busy:
+            # Listeners storing without a gap: the rest waits for the next run.
+            log.warning("retention: %s; study_id=%d and later ones next time", busy, study_id)
+            break
+    return deleted
 
 
 def _purge_study(

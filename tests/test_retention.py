@@ -446,3 +446,48 @@ def test_recovery_puts_back_or_removes_the_tombstones_of_an_interrupted_deletion
     assert not gone_tomb.exists() and not gone_path.exists()
     with sessions() as session:
         assert session.scalars(select(Instance.path)).all() == [str(kept_path)]
+
+
+def test_a_deletion_that_cannot_have_the_storage_waits_for_the_next_run(
+    sessions, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Listeners holding the storage without a gap (flock queues no exclusive hold before new
+    shared ones): retention gives up within DELETE_WAIT_SECONDS with a WARNING and deletes the
+    study at its next run, instead of waiting for ever while the disk fills."""
+    import logging
+
+    from dicomnode.ingest import deletion
+
+    monkeypatch.setattr(deletion, "DELETE_WAIT_SECONDS", 0.2)
+    storage = tmp_path / "storage"
+    with sessions() as session:
+        gone = _study(session, storage, "GONE", 40, "reported", ["done"])
+        with caplog.at_level(logging.WARNING, logger="dicomnode"), deletion.receiving(storage):
+            assert purge_expired(session, storage, NOW, days=30) == 0
+        assert "stayed in use by the listeners" in caplog.text
+        assert session.scalar(select(func.count()).select_from(Study)) == 1
+        assert purge_expired(session, storage, NOW, days=30) == 1
+    assert not (storage / gone).exists()
+
+
+def test_a_tombstone_is_put_back_where_the_file_system_has_no_hard_links(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SMB/CIFS and some NAS refuse link(): the tombstone is renamed back instead of the
+    error stopping a rollback or the node's start."""
+    import os
+
+    from dicomnode.ingest import deletion
+
+    path = tmp_path / "1.2" / "1.3" / "1.4.dcm"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"instance")
+    tomb = deletion.tombstone(path)
+    assert tomb is not None and not path.exists()
+
+    def no_links(*args: object) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    deletion.revive(tomb)
+    assert path.read_bytes() == b"instance" and not tomb.exists()

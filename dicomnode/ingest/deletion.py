@@ -28,6 +28,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -36,6 +37,30 @@ log = logging.getLogger("dicomnode.ingest")
 _PREFIX = "."
 _SUFFIX = ".deleting"
 _unlockable: set[str] = set()
+
+
+# How long retention waits for the listeners' shared holds to end before it leaves a study
+# for its next run (busy listeners may hold the folder without a gap for longer: flock does
+# not queue new shared holds behind a waiting exclusive one).
+DELETE_WAIT_SECONDS = 30.0
+_DELETE_RETRY_SECONDS = 0.01
+
+
+class StorageBusy(Exception):
+    """Retention could not have the storage to itself within :data:`DELETE_WAIT_SECONDS`."""
+
+
+def _flock_exclusive(fd: int, deadline: float) -> None:
+    """Exclusive flock of ``fd``, retried until ``deadline`` (time.monotonic()); raises
+    :class:`StorageBusy` when it stays held, OSError when the file system cannot lock."""
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise StorageBusy("the storage folder stayed in use by the listeners") from None
+            time.sleep(_DELETE_RETRY_SECONDS)
 
 
 @contextlib.contextmanager
@@ -48,7 +73,12 @@ def _locked(storage: Path, mode: int) -> Iterator[None]:
         return
     try:
         try:
-            fcntl.flock(fd, mode)
+            if mode == fcntl.LOCK_EX:
+                _flock_exclusive(fd, time.monotonic() + DELETE_WAIT_SECONDS)
+            else:
+                fcntl.flock(fd, mode)
+        except StorageBusy:
+            raise
         except OSError as exc:
             # A file system without flock on folders (some network ones): as before.
             if str(storage) not in _unlockable:
@@ -110,6 +140,13 @@ def revive(tomb: Path) -> None:
         pass
     except FileNotFoundError:
         return
+    except OSError:
+        # No hard links on this file system (SMB/CIFS, some NAS): a rename, which the
+        # callers (retention under the exclusive lock, recovery before listening) may do
+        # without a race when nothing is there.
+        if not path.exists():
+            os.rename(tomb, path)
+            return
     tomb.unlink(missing_ok=True)
 
 

@@ -487,6 +487,14 @@ class StorageSCP:
         except SpoolError as exc:
             log.warning("refused %s from %s: %s", affected, calling_ae, exc)
             return STATUS_CANNOT_UNDERSTAND
+        if not path.exists():
+            # The data's fsync outside the lock below: retention's deletion waits for no
+            # sender's disk. (A duplicate's file is discarded: its data need not be synced.)
+            try:
+                data_synced.result()
+            except OSError as exc:
+                log.error("refused %s from %s: cannot store: %s", affected, calling_ae, exc)
+                return STATUS_OUT_OF_RESOURCES
         # Not while retention deletes a study: a file at the path then may be one it removes.
         with deletion.receiving(self.storage):
             status = self._place(record, received, data_synced, facts, path, transfer_syntax)
@@ -532,8 +540,9 @@ class StorageSCP:
             log.error("refused %s from %s: index unavailable: %s", affected, calling_ae, exc)
             return STATUS_OUT_OF_RESOURCES
         if duplicate:
-            # Its rows before a deletion of its study is decided (which waits for this): the
-            # deletion then takes the file with them, or, after it, finds no rows.
+            # Its (unchanged) rows before a deletion of its study is decided, which waits for
+            # this: else the writer would take it, after the deletion, for a new instance
+            # whose file is gone. One commit wait per duplicate (a study sent again).
             self.index.wait(record.ticket, sink.RELEASE_WAIT_SECONDS)
         return STATUS_SUCCESS
 
