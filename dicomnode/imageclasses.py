@@ -35,8 +35,14 @@ NOT_IMAGE_CLASSES = frozenset(
 )
 
 
+# Pictures among the classes under a prefix above: RT Image (a portal or simulator radiograph).
+IMAGES_DESPITE_PREFIX = frozenset({"1.2.840.10008.5.1.4.1.1.481.1"})
+
+
 def image_class(sop_class_uid: str) -> bool:
     """Whether instances of this SOP Class are pictures (any class not named above)."""
+    if sop_class_uid in IMAGES_DESPITE_PREFIX:
+        return True
     return not sop_class_uid.startswith(NOT_IMAGES) and sop_class_uid not in NOT_IMAGE_CLASSES
 
 

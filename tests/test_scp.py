@@ -225,6 +225,29 @@ def test_an_instance_whose_indexed_file_is_gone_is_indexed_as_it_comes_again(
     assert "its indexed file is gone, so it is indexed anew as it came" in caplog.text
 
 
+def test_an_instance_indexed_under_another_storage_folder_is_indexed_here_when_sent_again(
+    node: Node, tmp_path: Path
+) -> None:
+    """Its row still names a file under the folder the storage was copied from (a partial
+    copy): sent again, it is indexed at its file here, and neither file is removed. Before,
+    the copy here was taken for a second copy of the one indexed there and removed, and the
+    row kept naming a folder the admin was about to remove."""
+    ds = secondary_capture()
+    assert node.store(ds) == 0x0000
+    here = node.storage / ds.StudyInstanceUID / ds.SeriesInstanceUID / f"{ds.SOPInstanceUID}.dcm"
+    there = tmp_path / "old-disk" / here.relative_to(node.storage)
+    there.parent.mkdir(parents=True)
+    there.write_bytes(here.read_bytes())
+    with node.sessions() as session:
+        session.scalars(select(Instance)).one().path = str(there)
+        session.commit()
+    assert node.store(ds) == 0x0000
+    wait_for(lambda: node.instances(ds.SOPInstanceUID) == 1, timeout=10)
+    with node.sessions() as session:
+        assert session.scalars(select(Instance.path)).all() == [str(here)]
+    assert here.is_file() and there.is_file()
+
+
 @pytest.mark.parametrize("field", ["SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID"])
 def test_path_traversal_uid_is_refused(
     node: Node, tmp_path: Path, field: str, monkeypatch: pytest.MonkeyPatch

@@ -21,6 +21,7 @@ from dicomnode.config import Settings
 from dicomnode.db.models import Instance, ResultObject, Series, Study
 from dicomnode.db.session import utcnow
 from dicomnode.ingest.assembly import queue_ready_studies
+from dicomnode.jobs.queue import enqueue
 from dicomnode.models.registry import load_card
 from dicomnode.serve import recover
 from dicomnode.synth.cxr import make_cxr
@@ -133,3 +134,39 @@ def test_an_instance_whose_file_is_lost_is_indexed_as_its_copy_under_another_stu
             .join(Study, Study.id == Series.study_id)
         ).all()
     assert tuple(row) == (str(second), corrected.StudyInstanceUID)
+
+
+def test_objects_made_again_after_the_storage_moved_stand(
+    sessions: sessionmaker[Session], tmp_path: Path
+) -> None:
+    """A study's results made again after its storage folder moved, with inference that is
+    not bitwise repeatable: what each object was made from names the stored images by their
+    place in the storage, not the folder, so every object stands (before, the move changed
+    every object's inputs, the contents were compared and the noisy overlay re-sent)."""
+    from test_results_reexport import _not_bitwise_repeatable
+
+    old = tmp_path / "disk1" / "storage"
+    card = load_card(PNEUMOTHORAX)
+    worker = Worker(Settings(storage={"path": old}, worker={"threads": 1}), sessions, [card])
+    with sessions() as session:
+        ds, _ = make_cxr(940_405, pneumothorax=True)
+        study_id, _ = spool_and_index(session, old, ds)
+        assert queue_ready_studies(session, utcnow()) == [study_id]
+    while worker.run_once():
+        pass
+    with sessions() as session:
+        before = set(session.scalars(select(ResultObject.sop_instance_uid)))
+    new = tmp_path / "disk2" / "storage"
+    new.parent.mkdir()
+    old.rename(new)
+    settings = Settings(storage={"path": new}, worker={"threads": 1})
+    recover(settings, sessions)
+    moved = Worker(settings, sessions, [card])
+    _not_bitwise_repeatable(moved, 3)
+    with sessions() as session:
+        enqueue(session, "results", study_id, {})
+        session.commit()
+    while moved.run_once():
+        pass
+    with sessions() as session:
+        assert set(session.scalars(select(ResultObject.sop_instance_uid))) == before

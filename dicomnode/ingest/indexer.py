@@ -29,6 +29,7 @@ import threading
 import time
 from collections.abc import Callable
 from datetime import datetime
+from pathlib import Path
 
 from sqlalchemy import Engine, bindparam, event, select
 from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
@@ -101,9 +102,11 @@ def _write_arrivals(
             fresh.append(arrival)
         elif first != arrival.path:
             # Under another study or series (the path is the UIDs'): a second copy, removed,
-            # unless the indexed file was lost: then this copy is indexed as what it says it
-            # is (removing it too would lose an instance the sender was told is stored).
-            if indexed_copy_gone(first):
+            # unless the indexed file was lost, or lies under another storage folder (one the
+            # node was moved or copied from, which may go): then this copy is indexed as what
+            # it says it is (removing it too would lose an instance the sender was told is
+            # stored).
+            if indexed_copy_gone(first) or not Path(first).is_relative_to(settings.storage_path):
                 known[arrival.facts.sop_instance_uid] = arrival.path
                 lost.append(arrival)
                 fresh.append(arrival)

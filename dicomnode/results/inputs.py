@@ -47,9 +47,12 @@ class StudyInstance:
 
 def node_context(settings: Settings, cards: Iterable[ModelCard]) -> str:
     """SHA-256 (hex) of what every result object of a results job depends on besides its
-    images: the node's release, its settings, and every model card with its ONNX file's size
-    and modification time (a model replaced under the same card)."""
-    parts: list[object] = [dicomnode.__version__, settings.model_dump_json()]
+    images: the node's release, its settings but for where its storage lies (a folder moved
+    to another disk changes no object), and every model card with its ONNX file's size and
+    modification time (a model replaced under the same card)."""
+    configured = settings.model_dump(mode="json")
+    configured.get("storage", {}).pop("path", None)
+    parts: list[object] = [dicomnode.__version__, configured]
     for card in sorted(cards, key=lambda card: (card.model.name, card.model.version)):
         parts.append(card.model_dump_json())
         parts.append(_file_identity(card))

@@ -448,8 +448,11 @@ def _study_instances(
     )
     if up_to is not None:
         query = query.where(Instance.id <= up_to)
+    # A stored copy is known by its size and its place in the storage's layout (study,
+    # series, file), not its absolute path: a storage folder moved to another disk changes no
+    # object's inputs.
     return {
-        uid: StudyInstance(series_uid, f"{size}:{path}")
+        uid: StudyInstance(series_uid, f"{size}:{'/'.join(Path(path).parts[-3:])}")
         for uid, series_uid, size, path in session.execute(query)
         if uid in read
     }
