@@ -326,6 +326,13 @@ def recover(settings: Settings, sessions: sessionmaker[Session]) -> None:
             found.results_relocated,
             settings.storage_path,
         )
+    if found.elsewhere:
+        log.warning(
+            "storage: %d instance or result row(s) name files outside %s (not found here: "
+            "a copy of the storage left them out); keep the folder they name",
+            found.elsewhere,
+            settings.storage_path,
+        )
     if found.indexed or found.temporary_removed or found.unreadable or partial:
         log.warning(
             "spool recovery: %d orphan instance(s) indexed, %d temporary file(s) removed, "

@@ -77,6 +77,7 @@ def test_a_moved_or_copied_storage_folder_is_found_and_nothing_is_removed(
     [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("storage:")]
     assert line.startswith(f"storage: 2 instance file(s) and {len(results)} result file(s)")
     assert "removed" not in caplog.text
+    assert "name files outside" not in caplog.text  # every row found its file here
     if how == "copied":
         assert [path.relative_to(old) for path in _files(old)] == sorted(received + results)
 
@@ -170,3 +171,21 @@ def test_objects_made_again_after_the_storage_moved_stand(
         pass
     with sessions() as session:
         assert set(session.scalars(select(ResultObject.sop_instance_uid))) == before
+
+
+def test_rows_a_partial_copy_left_naming_the_old_folder_are_counted_at_start(
+    sessions: sessionmaker[Session], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A copy of the storage that left a file out: its row keeps naming the old folder, and
+    the start says how many rows do, so that the admin keeps that folder."""
+    old = tmp_path / "disk1" / "storage"
+    with sessions() as session:
+        for seed in (940_406, 940_407):
+            ds, _ = make_cxr(seed, pneumothorax=False)
+            _, left_out = spool_and_index(session, old, ds)
+    new = tmp_path / "disk2" / "storage"
+    shutil.copytree(old, new, ignore=lambda folder, names: [left_out.name])
+    with caplog.at_level(logging.WARNING, logger="dicomnode"):
+        recover(Settings(storage={"path": new}), sessions)
+    [line] = [r.getMessage() for r in caplog.records if "name files outside" in r.getMessage()]
+    assert line.startswith(f"storage: 1 instance or result row(s) name files outside {new}")

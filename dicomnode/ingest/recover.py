@@ -28,7 +28,7 @@ from functools import partial
 from pathlib import Path
 
 import pydicom
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from dicomnode.db.models import Instance, ResultObject
@@ -62,6 +62,8 @@ class Recovery:
     # indexed files gone: the rows now name them.
     relocated: int = 0
     results_relocated: int = 0
+    # Rows still naming a file under another folder after the scan.
+    elsewhere: int = 0
     # Tombstones of an interrupted deletion: renamed back (a row names the file), removed.
     tombstones_revived: int = 0
     tombstones_removed: int = 0
@@ -122,7 +124,21 @@ def recover_spool(session: Session, storage: Path, quiet_seconds: float) -> Reco
         else:  # indexed meanwhile at another path (not at start-up): a second copy
             drop_second_copy(facts.sop_instance_uid, str(path))
     _relocate_results(session, storage / RESULTS_FOLDER, recovery)
+    recovery.elsewhere = _named_elsewhere(session, storage)
     return recovery
+
+
+def _named_elsewhere(session: Session, storage: Path) -> int:
+    """How many instance and result rows still name a file outside ``storage`` (a copy that
+    left them out: the folder they name must stay until they are sent again or found)."""
+    prefix = f"{storage}/"
+    count = sum(
+        session.scalar(select(func.count()).where(~table.path.startswith(prefix, autoescape=True)))
+        or 0
+        for table in (Instance, ResultObject)
+    )
+    session.rollback()
+    return count
 
 
 def _clear_tombstones(session: Session, storage: Path, known: set[str], recovery: Recovery) -> None:
