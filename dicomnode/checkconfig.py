@@ -9,6 +9,7 @@ import tempfile
 from pathlib import Path
 
 from dicomnode.config import Settings, load_settings
+from dicomnode.db.session import sqlite_file
 from dicomnode.ingest.spool import existing_parent
 from dicomnode.models.registry import ModelCard, load_card
 from dicomnode.pipeline.sessions import onnx_problem
@@ -61,9 +62,9 @@ def check_paths(settings: Settings) -> list[ConfigError]:
     reason = _writable_dir(settings.storage_path)
     if reason:
         problems.append(_problem(settings, reason, "storage", "path"))
-    url = settings.database_url
-    if url.startswith("sqlite:///") and ":memory:" not in url:
-        reason = _writable_dir(Path(url.removeprefix("sqlite:///")).parent)
+    database = sqlite_file(settings.database_url)
+    if database is not None:
+        reason = _writable_dir(database.parent)
         if reason:
             problems.append(_problem(settings, reason, "database", "url"))
     for folder in settings.model_folders:

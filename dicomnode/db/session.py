@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, make_url
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import NullPool
@@ -47,12 +47,21 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
     cursor.close()
 
 
+def sqlite_file(url: str) -> Path | None:
+    """The database file of an SQLite ``url`` (any driver: ``sqlite+pysqlite:///``), None
+    for another database or an in-memory one."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    return Path(parsed.database)
+
+
 def make_engine(url: str) -> Engine:
     """An engine for ``url``; SQLite files get WAL, full sync and a busy timeout."""
     if url.startswith("sqlite"):
-        path = url.removeprefix("sqlite:///")
-        if path and path != ":memory:":
-            make_folders(Path(path).parent)
+        path = sqlite_file(url)
+        if path is not None:
+            make_folders(path.parent)
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
         event.listen(engine, "connect", _sqlite_pragmas)
 
@@ -91,17 +100,16 @@ def upgrade(url: str) -> tuple[str | None, str | None]:
 
     Raises :class:`~dicomnode.db.errors.DatabaseUnusable` (one line, no password) when the
     database cannot be opened or is at a revision this code does not have."""
-    if url.startswith("sqlite:///"):
-        path = url.removeprefix("sqlite:///")
-        if path and path != ":memory:":
-            try:
-                make_folders(Path(path).parent)
-                # Patient names and IDs: a new database is readable by the node's account
-                # only (SQLite gives its -wal and -shm files the database file's mode).
-                os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
-            except OSError as exc:
-                raise unreachable(url, exc) from exc
-            _warn_if_others_may_read(Path(path))
+    path = sqlite_file(url)
+    if path is not None:
+        try:
+            make_folders(path.parent)
+            # Patient names and IDs: a new database is readable by the node's account
+            # only (SQLite gives its -wal and -shm files the database file's mode).
+            os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+        except OSError as exc:
+            raise unreachable(url, exc) from exc
+        _warn_if_others_may_read(path)
     from alembic import command
 
     before = schema_revision(url)
@@ -159,15 +167,14 @@ def current_revision(url: str) -> str | None:
 
     Raises :class:`~dicomnode.db.errors.DatabaseUnusable` when the database cannot be opened
     or is at a revision this code does not have (a newer dicomnode upgraded it)."""
-    if url.startswith("sqlite:///"):
-        path = url.removeprefix("sqlite:///")
-        if path and path != ":memory:":
-            try:
-                os.stat(path)
-            except FileNotFoundError:
-                return None
-            except OSError as exc:
-                raise unreachable(url, exc) from exc
+    path = sqlite_file(url)
+    if path is not None:
+        try:
+            os.stat(path)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise unreachable(url, exc) from exc
     revision = schema_revision(url)
     _refuse_unknown(_migrations(), revision)
     return revision
@@ -195,10 +202,9 @@ def schema_revision(url: str) -> str | None:
     shell's umask 022, before :func:`upgrade` makes it the node's alone)."""
     from alembic.runtime.migration import MigrationContext
 
-    if url.startswith("sqlite:///"):
-        path = url.removeprefix("sqlite:///")
-        if path and path != ":memory:" and not Path(path).exists():
-            return None
+    path = sqlite_file(url)
+    if path is not None and not path.exists():
+        return None
     engine = create_engine(url, poolclass=NullPool)
     try:
         try:
