@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -115,20 +116,26 @@ def test_a_killed_worker_and_listener_are_noticed_at_once_and_restarted(tmp_path
                 what=line,
             )
             assert time.monotonic() - killed < NOTICED_SECONDS, log.read_text()
-        wait_for(
-            lambda: (
-                log.read_text().count(" ready (") == 2
-                and log.read_text().count("listening for DICOM") == 3
-            ),
-            60,
-            what="a new worker and listener",
-        )
-        again = children(process.pid)
-        assert worker not in again["worker"] and listener not in again["listener"]
-        assert len(again["worker"]) == 1 and len(again["listener"]) == 2
+        _replaced(process, log, worker, listener)
     finally:
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=30) == 0, log.read_text()
+
+
+def _replaced(process: subprocess.Popen, log: Path, worker: int, listener: int) -> None:
+    """Serve has started a new worker and a new listener in place of ``worker`` and
+    ``listener`` (one worker, two listeners, as configured)."""
+    wait_for(
+        lambda: (
+            log.read_text().count(" ready (") == 2
+            and log.read_text().count("listening for DICOM") == 3
+        ),
+        60,
+        what="a new worker and listener",
+    )
+    again = children(process.pid)
+    assert worker not in again["worker"] and listener not in again["listener"]
+    assert len(again["worker"]) == 1 and len(again["listener"]) == 2
 
 
 def test_a_worker_and_listener_stopped_by_a_sigterm_from_outside_are_started_again_quietly(
@@ -144,17 +151,7 @@ def test_a_worker_and_listener_stopped_by_a_sigterm_from_outside_are_started_aga
         (worker,), listener = started["worker"], started["listener"][0]
         for pid in (worker, listener):
             os.kill(pid, signal.SIGTERM)
-        wait_for(
-            lambda: (
-                log.read_text().count(" ready (") == 2
-                and log.read_text().count("listening for DICOM") == 3
-            ),
-            60,
-            what="a new worker and listener",
-        )
-        again = children(process.pid)
-        assert worker not in again["worker"] and listener not in again["listener"]
-        assert len(again["worker"]) == 1 and len(again["listener"]) == 2
+        _replaced(process, log, worker, listener)
     finally:
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=30) == 0, log.read_text()
