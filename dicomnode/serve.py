@@ -316,7 +316,9 @@ def recover(settings: Settings, sessions: sessionmaker[Session]) -> None:
 
     partial = clear_incoming(settings.storage_path)
     with sessions() as session:
-        found = recover_spool(session, settings.storage_path, settings.assembly.quiet_seconds)
+        found = recover_spool(
+            session, settings.storage_path, settings.assembly.quiet_seconds, settings.worklist
+        )
     if found.relocated or found.results_relocated:
         log.warning(
             "storage: %d instance file(s) and %d result file(s) found under %s at other paths "

@@ -379,13 +379,13 @@ def test_recovery_reopens_a_reported_study_for_an_image_only(node: Node) -> None
     study_id, uid = _reported(node)
     _write(node, _not_an_image(node, study_id, REPORT_SR))
     with node.sessions() as session:
-        assert recover_spool(session, node.storage, 0).indexed == 1
+        assert recover_spool(session, node.storage, 0, WorklistSettings()).indexed == 1
     _still_reported(node, study_id, uid)
 
     image, _ = make_cxr(951_012, pneumothorax=False)
     image.StudyInstanceUID = uid
     _write(node, image)
     with node.sessions() as session:
-        assert recover_spool(session, node.storage, 0).indexed == 1
+        assert recover_spool(session, node.storage, 0, WorklistSettings()).indexed == 1
     study = node.study(study_id)
     assert (study.reading_status, study.new_images) == ("waiting", 1)

@@ -10,6 +10,7 @@ from conftest import spool_and_index, wait_for
 from sqlalchemy import func, select
 from worklist_seed import NOW, add_study
 
+from dicomnode.config import WorklistSettings
 from dicomnode.db.models import Instance, Job, ResultObject, Series, Study
 from dicomnode.db.session import utcnow
 from dicomnode.ingest.arrival import instance_facts
@@ -440,7 +441,7 @@ def test_recovery_puts_back_or_removes_the_tombstones_of_an_interrupted_deletion
     kept_tomb, gone_tomb = tombstone(kept_path), tombstone(gone_path)
     assert kept_tomb is not None and gone_tomb is not None and not kept_path.exists()
     with sessions() as session:
-        found = recover_spool(session, storage, quiet_seconds=0)
+        found = recover_spool(session, storage, 0, WorklistSettings())
     assert (found.tombstones_revived, found.tombstones_removed, found.indexed) == (1, 1, 0)
     assert kept_path.is_file() and not kept_tomb.exists()
     assert not gone_tomb.exists() and not gone_path.exists()

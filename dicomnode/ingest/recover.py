@@ -31,6 +31,7 @@ import pydicom
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from dicomnode.config import WorklistSettings
 from dicomnode.db.models import Instance, ResultObject
 from dicomnode.db.session import utcnow
 from dicomnode.ingest.arrival import InstanceFacts, instance_facts
@@ -76,8 +77,11 @@ def _received_files(storage: Path):
         yield from sorted(study_folder.glob("*/*"))
 
 
-def recover_spool(session: Session, storage: Path, quiet_seconds: float) -> Recovery:
-    """Index orphan spool files (on disk, no instance row) and remove stale temporary files."""
+def recover_spool(
+    session: Session, storage: Path, quiet_seconds: float, worklist: WorklistSettings
+) -> Recovery:
+    """Index orphan spool files (on disk, no instance row) and remove stale temporary files;
+    a study they add or reopen is placed on the worklist by the configured ``worklist``."""
     recovery = Recovery()
     if not storage.is_dir():
         return recovery
@@ -116,6 +120,7 @@ def recover_spool(session: Session, storage: Path, quiet_seconds: float) -> Reco
             calling_ae="",
             now=utcnow(),
             quiet_seconds=quiet_seconds,
+            worklist=worklist,
         )
         if indexed_path is not None:
             _known_elsewhere(session, recovery, storage, facts, indexed_path, path, index)

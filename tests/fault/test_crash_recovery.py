@@ -13,7 +13,8 @@ import pydicom
 import pytest
 from sqlalchemy import func, select
 
-from dicomnode.db.models import Instance
+from dicomnode.config import MaxWaitMinutes, WorklistSettings
+from dicomnode.db.models import Instance, Study
 from dicomnode.db.session import make_engine, make_sessionmaker, upgrade
 from dicomnode.ingest.recover import recover_spool
 from dicomnode.synth.cxr import make_cxr
@@ -72,9 +73,9 @@ def test_recovery_indexes_orphans_and_removes_temporary_files(tmp_path: Path) ->
     ds.save_as(second, enforce_file_format=True)
     try:
         with sessions() as session:
-            first = recover_spool(session, storage, quiet_seconds=0.5)
+            first = recover_spool(session, storage, 0.5, WorklistSettings())
         with sessions() as session:
-            again = recover_spool(session, storage, quiet_seconds=0.5)
+            again = recover_spool(session, storage, 0.5, WorklistSettings())
             rows = session.scalar(select(func.count()).select_from(Instance))
             path = session.scalar(select(Instance.path))
     finally:
@@ -84,3 +85,27 @@ def test_recovery_indexes_orphans_and_removes_temporary_files(tmp_path: Path) ->
     assert rows == 1 and path == str(orphan)
     assert not stale.exists() and not second.exists()
     assert pydicom.dcmread(orphan).SOPInstanceUID == ds.SOPInstanceUID
+
+
+def test_recovery_places_a_study_by_the_configured_worklist(tmp_path: Path) -> None:
+    """A study that recovery indexes gets the configured max wait, not the default one
+    (before, recovery placed it by the default settings: a routine study due in 24 hours
+    where the site reads routine studies within 2)."""
+    url = f"sqlite:///{tmp_path / 'dicomnode.db'}"
+    upgrade(url)
+    engine = make_engine(url)
+    sessions = make_sessionmaker(engine)
+    storage = tmp_path / "storage"
+    ds, _ = make_cxr(12, pneumothorax=False, size=64)
+    folder = storage / str(ds.StudyInstanceUID) / str(ds.SeriesInstanceUID)
+    folder.mkdir(parents=True)
+    ds.save_as(folder / f"{ds.SOPInstanceUID}.dcm", enforce_file_format=True)
+    worklist = WorklistSettings(max_wait_minutes=MaxWaitMinutes(urgent=60, routine=120))
+    try:
+        with sessions() as session:
+            assert recover_spool(session, storage, 0.5, worklist).indexed == 1
+            study = session.scalars(select(Study)).one()
+            tier, waited = study.tier, study.due_at - study.received_at
+    finally:
+        engine.dispose()
+    assert (tier, waited.total_seconds()) == ("routine", 120 * 60)
