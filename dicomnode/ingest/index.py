@@ -22,7 +22,7 @@ other's studies (a deadlock on PostgreSQL).
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -336,12 +336,13 @@ def indexed_copy_gone(indexed_path: str) -> bool:
     return not Path(indexed_path).is_file()
 
 
-def repoint_instance(connection: Connection, sop_instance_uid: str, path: str, size: int) -> None:
-    """Point a known instance's row at its copy at ``path``, at the same place in the
-    storage's layout under another storage root (the caller commits)."""
-    connection.execute(
-        _REPOINT_INSTANCE, {"sop_uid": sop_instance_uid, "found_path": path, "found_size": size}
-    )
+def repoint_instances(connection: Connection, moves: Iterable[tuple[str, str, int]]) -> None:
+    """Point each known instance's row ``(sop_instance_uid, path, size)`` at its copy at
+    ``path``, at the same place in the storage's layout under another storage root (the
+    caller commits)."""
+    params = [{"sop_uid": uid, "found_path": path, "found_size": size} for uid, path, size in moves]
+    if params:
+        connection.execute(_REPOINT_INSTANCE, params)
 
 
 def forget_instance(connection: Connection, sop_instance_uid: str) -> None:
