@@ -207,7 +207,7 @@ class Worker:
                     self.owner,
                     name,
                 )
-        # Keep the warm sessions only of models whose card is unchanged.
+        # Keep the warm sessions only of models whose card and ONNX file are unchanged.
         unchanged = {(c.model.name, c.model.version) for c in cards if c in self.cards}
         if (settings.worker.providers, settings.inference) != (
             self.settings.worker.providers,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -19,6 +20,7 @@ from dicomnode.serve import Node
 from dicomnode.systemd import Notifier, watchdog_interval
 from dicomnode.worker import Worker
 
+REPO_MODELS = Path(__file__).resolve().parent.parent / "models"
 DESTINATION = '\n[[destinations]]\nname = "pacs"\nae_title = "PACS"\nhost = "127.0.0.1"\n'
 
 
@@ -279,3 +281,45 @@ def test_worker_reload_thread_outlives_a_reload_that_raises(
         worker.reload_requested.set()
         thread.join(5)
     assert not thread.is_alive()
+
+
+def test_worker_reload_loads_an_onnx_file_replaced_under_the_same_card(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An admin replaces a model's ONNX file, card unchanged, and reloads: the worker loads
+    the new file (before, its card compared equal and the old session ran on); the other
+    model keeps its warm session. Until the reload the results' context names the file the
+    running session was loaded from, not the one on disk, so objects the old session made
+    do not stand for the new model's later."""
+    from dicomnode.results.inputs import node_context
+
+    models = tmp_path / "models"
+    models.mkdir()
+    for name in ("cxr_pneumothorax_demo", "cxr_triage_demo"):
+        for suffix in (".toml", ".onnx"):
+            shutil.copy(REPO_MODELS / f"{name}{suffix}", models / f"{name}{suffix}")
+    config = _config(tmp_path)
+    config.write_text(config.read_text().replace(str(REPO_MODELS), str(models)))
+    settings = load_settings(config)
+    cards = discover_cards(settings.model_folders)
+    worker = Worker(settings, None, cards)
+    pneumothorax, triage = sorted(cards, key=lambda card: card.model.name)
+    assert pneumothorax.model.name == "cxr-pneumothorax-demo"
+    warm, other = worker.runtime.session(pneumothorax), worker.runtime.session(triage)
+    context = node_context(settings, cards, worker.runtime.onnx_identity)
+
+    replaced = pneumothorax.onnx_path
+    new = replaced.with_suffix(".new")
+    shutil.copy(replaced, new)
+    os.utime(new, ns=(replaced.stat().st_atime_ns, replaced.stat().st_mtime_ns + 10**9))
+    new.replace(replaced)  # the admin's atomic replace
+    assert node_context(settings, cards, worker.runtime.onnx_identity) == context
+    assert node_context(settings, cards) != context  # the file on disk is another
+
+    with caplog.at_level(logging.INFO, logger="dicomnode.runtime"):
+        assert worker.reload()
+    assert worker.runtime.session(pneumothorax) is not warm
+    assert worker.runtime.session(triage) is other
+    assert "model cxr-pneumothorax-demo:" in caplog.text and "ONNX file changed" in caplog.text
+    reloaded = node_context(worker.settings, worker.cards, worker.runtime.onnx_identity)
+    assert reloaded != context

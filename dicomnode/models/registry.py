@@ -209,6 +209,18 @@ class ModelCard(_Strict):
         base = self.card_path.parent if self.card_path else Path.cwd()
         return (base / self.model.onnx).resolve()
 
+    def onnx_identity(self) -> str:
+        """What identifies the ONNX file's content now, without reading it: its size and
+        modification time ("" without a file, "missing" where it cannot be found). A file
+        replaced under the same card changes it."""
+        if not self.model.onnx:
+            return ""
+        try:
+            stat = self.onnx_path.stat()
+        except OSError:
+            return "missing"
+        return f"{stat.st_size}:{stat.st_mtime_ns}"
+
     @property
     def algorithm(self) -> Algorithm:
         return Algorithm(

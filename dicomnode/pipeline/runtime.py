@@ -47,6 +47,8 @@ class _Model:
     session: ort.InferenceSession
     provider: str
     io_binding: bool
+    # The ONNX file's identity (ModelCard.onnx_identity) when the session was loaded.
+    identity: str = ""
     batcher: MicroBatcher = field(init=False)
     names: list[str] = field(init=False)  # the card's outputs, in order
     # Records a run's seconds in dicomnode_inference_seconds{model,provider} (the labelled
@@ -111,9 +113,18 @@ class Runtime:
         with self._lock:
             model = self._models.get(key)
             if model is None:
+                # Taken before the file is read: a file replaced while it loads is "changed".
+                identity = card.onnx_identity()
                 model = self._prepare(card, load_session(card, self.providers, self.settings))
+                model.identity = identity
                 self._models[key] = model
             return model
+
+    def onnx_identity(self, card: ModelCard) -> str:
+        """The identity of the ONNX file the model's warm session was loaded from (what its
+        results depend on until :meth:`keep_only` drops it), else of the file now."""
+        model = self._models.get(self._key(card))
+        return model.identity if model is not None else card.onnx_identity()
 
     def _prepare(self, card: ModelCard, session: ort.InferenceSession) -> _Model:
         provider = session.get_providers()[0]
@@ -152,11 +163,20 @@ class Runtime:
         return self._model(card).batcher.in_flight
 
     def keep_only(self, models: set[tuple[str, str]]) -> None:
-        """Drop the sessions of models not in ``models`` ((name, version) pairs)."""
+        """Drop the sessions of models not in ``models`` ((name, version) pairs), and of those
+        whose ONNX file changed since it was loaded (replaced under the same card): the next
+        use loads the file again."""
         with self._lock:
-            for key in list(self._models):
-                if tuple(key.split(":", 1)) not in models:
+            for key, model in list(self._models.items()):
+                kept = tuple(key.split(":", 1)) in models
+                if not kept or model.identity != model.card.onnx_identity():
                     del self._models[key]
+                    if kept:
+                        log.info(
+                            "model %s: its ONNX file changed since it was loaded; it is "
+                            "loaded again at its next use",
+                            key,
+                        )
 
     def _execute(
         self, model: _Model, batch: np.ndarray, out: list[np.ndarray] | None = None

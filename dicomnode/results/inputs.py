@@ -19,14 +19,14 @@ now: a referenced object that became a new version makes the referencing one's i
 The digest errs on the side of "changed": every instance read of a referenced instance's
 series counts for a model that reads across slices, and any change of the settings or of any
 model card or ONNX file counts for every object. "Changed" only means the contents are
-compared. Pure apart from one ``stat`` of each model file.
+compared. Pure apart from one ``stat`` of each model file (where no identity is given).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from pydicom import Dataset
@@ -45,17 +45,22 @@ class StudyInstance:
     identity: str
 
 
-def node_context(settings: Settings, cards: Iterable[ModelCard]) -> str:
+def node_context(
+    settings: Settings,
+    cards: Iterable[ModelCard],
+    identity: Callable[[ModelCard], str] = ModelCard.onnx_identity,
+) -> str:
     """SHA-256 (hex) of what every result object of a results job depends on besides its
     images: the node's release, its settings but for where its storage lies (a folder moved
-    to another disk changes no object), and every model card with its ONNX file's size and
-    modification time (a model replaced under the same card)."""
+    to another disk changes no object), and every model card with its ONNX file's
+    ``identity`` (a model replaced under the same card): that of the file the running session
+    loaded (:meth:`Runtime.onnx_identity`), else the file's now."""
     configured = settings.model_dump(mode="json")
     configured.get("storage", {}).pop("path", None)
     parts: list[object] = [dicomnode.__version__, configured]
     for card in sorted(cards, key=lambda card: (card.model.name, card.model.version)):
         parts.append(card.model_dump_json())
-        parts.append(_file_identity(card))
+        parts.append(identity(card))
     return _sha256(parts)
 
 
@@ -119,16 +124,6 @@ def reads_across_slices(card: ModelCard) -> bool:
     """Whether an object of ``card`` depends on more than the images it references: 2.5D
     input, a segmentation of a stack, an ensemble (whose members may do either)."""
     return card.input.slices > 1 or card.model.task in ("segmentation", "ensemble")
-
-
-def _file_identity(card: ModelCard) -> str:
-    if not card.model.onnx:
-        return ""
-    try:
-        stat = card.onnx_path.stat()
-    except OSError:
-        return "missing"
-    return f"{stat.st_size}:{stat.st_mtime_ns}"
 
 
 def _sha256(parts: list[object]) -> str:

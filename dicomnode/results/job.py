@@ -278,7 +278,7 @@ def write_results(
         instances_up_to,
         {str(ds.SOPInstanceUID) for ds in triaged.models.images},
     )
-    context = node_context(settings, cards)
+    context = node_context(settings, cards, runtime.onnx_identity)
     # End the read transaction before the files (on SQLite it holds the write lock).
     session.commit()
     # Files this job makes (each version of an object has a file of its own): removed if the
