@@ -384,3 +384,44 @@ def test_a_radiograph_compressed_on_the_way_gets_ai_findings_and_the_nodes_deriv
     )
     assert latest[1] == {str(lossy.SOPInstanceUID), late}
     assert latest[0].endswith("1 of the 2 images analysed was lossy-compressed.")
+
+
+def test_a_lossy_copy_sent_with_its_original_is_not_analysed_twice(
+    sessions: sessionmaker[Session], tmp_path: Path, cards: list[ModelCard]
+) -> None:
+    """An archive sends a radiograph and the lossy-compressed copy it made (dcmcjpeg: a new
+    SOP Instance UID, the original named as its uncompressed predecessor): the original is
+    analysed, the copy left out (before, both were: two sets of findings and result objects
+    for one picture). Where the original cannot be decoded, the copy is analysed instead."""
+    from dicomnode.pipeline.analyse import load_images
+
+    pneumothorax = [card for card in cards if card.model.name == "cxr-pneumothorax-demo"]
+    settings = Settings(storage={"path": tmp_path / "storage"}, worker={"threads": 1})
+    worker = Worker(settings, sessions, pneumothorax)
+    original, _ = make_cxr(951_011, pneumothorax=True, size=256)
+    lossy = compressed(original, ("dcmcjpeg", "+eb"), tmp_path / "sent")
+    assert str(lossy.SOPInstanceUID) != str(original.SOPInstanceUID)
+    with sessions() as session:
+        study_id, original_path = spool_and_index(session, settings.storage_path, original)
+        assert spool_and_index(session, settings.storage_path, lossy)[0] == study_id
+    _analyse(worker, sessions, study_id)
+
+    [(_, images)] = _report_notes(sessions, study_id)["cxr-pneumothorax-demo"]
+    assert images == {str(original.SOPInstanceUID)}
+    with sessions() as session:
+        overlays = session.scalars(
+            select(ResultObject.path).where(
+                ResultObject.study_id == study_id, ResultObject.kind == "overlay"
+            )
+        ).all()
+        assert len(overlays) == 1
+        study = session.get(Study, study_id)
+        assert (study.image_count, study.unreadable_image_count) == (1, 0)
+
+        # The original's pixel data cut short: the copy is what can be read.
+        broken = pydicom.dcmread(original_path)
+        broken.PixelData = broken.PixelData[:100]
+        broken.save_as(original_path)
+        images, undecodable, _ = load_images(session, study)
+    assert [str(ds.SOPInstanceUID) for ds in images] == [str(lossy.SOPInstanceUID)]
+    assert len(undecodable) == 1

@@ -35,6 +35,7 @@ from dicomnode.pipeline.select import (
     routed_view,
     rules_match,
     select_models,
+    uncompressed_predecessors,
     with_view,
 )
 from dicomnode.pipeline.tasks import Presentations, run_model
@@ -71,7 +72,9 @@ def load_images(
     """The study's images, decoded (pydicom keeps the pixels for every model and writer), the
     reasons for the images that cannot be decoded (those are left out), and the highest
     instance id read. ``up_to``: only the instances with ids up to it (those an earlier
-    analysis read; instances indexed since have higher ids)."""
+    analysis read; instances indexed since have higher ids). A lossy-compressed copy of an
+    image the study holds (its uncompressed predecessor) is left out where that image
+    decodes: the same picture analysed twice gave two sets of findings and objects."""
     query = select(Instance.id, Instance.path).join(Series).where(Series.study_id == study.id)
     if up_to is not None:
         query = query.where(Instance.id <= up_to)
@@ -83,12 +86,22 @@ def load_images(
     # End the read transaction before decoding and the models: on SQLite every transaction
     # holds the write lock, which ingest needs for its rows meanwhile.
     session.commit()
-    images, undecodable = [], []
+    candidates = []
     for path in paths:
         ds = pydicom.dcmread(path)
         # No pixels to analyse, or the node's own result routed back by a PACS (never
         # selected: not decoded either).
-        if "PixelData" not in ds or made_by_this_node(ds.get("Manufacturer")):
+        if "PixelData" in ds and not made_by_this_node(ds.get("Manufacturer")):
+            candidates.append(ds)
+    held = {str(ds.SOPInstanceUID) for ds in candidates}
+    copies = {id(ds): uncompressed_predecessors(ds) & held for ds in candidates}
+    images: list[Dataset] = []
+    undecodable: list[str] = []
+    decoded: set[str] = set()
+    # The originals first, so that a copy is decoded only where its original did not.
+    for ds in sorted(candidates, key=lambda ds: bool(copies[id(ds)])):
+        if copies[id(ds)] & decoded:
+            log.info("study_id=%d: a lossy-compressed copy of an image it holds left out", study.id)
             continue
         try:
             first_frame(ds)
@@ -96,7 +109,10 @@ def load_images(
             log.warning("study_id=%d: image left out: %s", study.id, error)
             undecodable.append(str(error))
             continue
+        decoded.add(str(ds.SOPInstanceUID))
         images.append(ds)
+    order = {id(ds): index for index, ds in enumerate(candidates)}
+    images.sort(key=lambda ds: order[id(ds)])
     return images, undecodable, highest
 
 

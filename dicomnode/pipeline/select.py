@@ -168,6 +168,22 @@ def lossy_compression_only(ds: Dataset, image_types: tuple[str, ...]) -> bool:
     )
 
 
+def uncompressed_predecessors(ds: Dataset) -> frozenset[str]:
+    """The SOP Instance UIDs that the Source Image Sequence names as uncompressed
+    predecessors (DCM 121320): ``ds`` is a lossy-compressed copy of each (an archive sent the
+    original and the copy it made)."""
+    items = value_or_none(ds, "SourceImageSequence") or []
+    if not isinstance(items, (list, Sequence)):
+        return frozenset()
+    return frozenset(
+        str(item.ReferencedSOPInstanceUID).strip()
+        for item in items
+        if isinstance(item, Dataset)
+        and _codes(item, "PurposeOfReferenceCodeSequence") == [UNCOMPRESSED_PREDECESSOR]
+        and value_or_none(item, "ReferencedSOPInstanceUID")
+    )
+
+
 def slice_normal(ds: Dataset) -> tuple[float, float, float] | None:
     """Unit normal of the image plane from Image Orientation Patient, None when it is absent or
     not two non-parallel direction vectors."""
