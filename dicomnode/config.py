@@ -240,6 +240,11 @@ class Destination(_Section):
     # and for any network data; a destination that stays silent longer fails the export,
     # which is retried with backoff.
     timeout_seconds: float = Field(default=30.0, gt=0)
+    # IHE IOCM: after late images superseded result objects this destination received, send
+    # it a rejection note (KOS titled 113001 "Rejected for Quality Reasons") naming them, once
+    # their superseding objects are there. Off by default: a PACS without IOCM support shows
+    # the note as one more key object and keeps showing the old objects.
+    reject_superseded: bool = False
     # DICOM TLS to this destination (TLS 1.2 or later); the files are checked by
     # check-config, as [tls]'s are.
     tls: bool = False

@@ -37,17 +37,21 @@ from dicomnode.export.scu import (
     describe,
     send_files,
 )
+from dicomnode.jobs.dead_letters import covering_jobs
 from dicomnode.jobs.queue import (
     BACKOFF_MAX_SECONDS,
+    POSTPONE_SECONDS,
     Together,
     backoff_seconds,
     dead_letter,
     dead_letter_queued,
     hasten,
+    postpone,
     queued_seconds,
 )
 from dicomnode.logs import without_patient_data
 from dicomnode.outage import database_reason, database_unavailable
+from dicomnode.results.rejection import AFTER
 
 # The worker's lines: operators and their log filters know them by this name.
 log = logging.getLogger("dicomnode.worker")
@@ -176,6 +180,11 @@ class ExportJobs:
         base = worker.settings.worker.backoff_base_seconds
         previous = {other.id: (_last_failed_at(other, base), other.last_error) for other in batch}
         rows = {other.id: session.get(ResultObject, other.payload["result_id"]) for other in batch}
+        # Rejection notes whose superseding objects have not all reached the destination yet:
+        # not sent now (put back until then, or failed while one of those is dead-lettered).
+        held, blocked = _notes_waiting(session, batch)
+        for job_id in [*held, *blocked]:
+            rows[job_id] = None
         # The jobs whose result objects still exist (by id), and their files in that order.
         kinds = {job_id: row.kind for job_id, row in rows.items() if row is not None}
         paths = [Path(row.path) for row in rows.values() if row is not None]
@@ -200,8 +209,20 @@ class ExportJobs:
             if any(outcome is None for outcome in sent):
                 self._answered(session, job, name)
         failed = {job_id: exc for job_id, exc in outcomes.items() if exc is not None}
+        failed.update(blocked)
         more = f", {len(companions)} more in the same association" if companions else ""
         for other in batch:
+            if other.id in held:
+                if postpone(session, other, held[other.id], owner=worker.owner):
+                    log.debug(
+                        "job %d export study_id=%d: rejection note postponed %.1f s, until the "
+                        "objects that supersede what it rejects are at %s",
+                        other.id,
+                        other.study_id,
+                        held[other.id],
+                        name,
+                    )
+                continue
             if other.id in failed:
                 continue
             if other.id not in kinds:
@@ -430,6 +451,53 @@ class ExportJobs:
                 database_reason(exc),
                 exc_info=not database_unavailable(exc),
             )
+
+
+def _notes_waiting(
+    session: Session, batch: Sequence[Job]
+) -> tuple[dict[int, float], dict[int, Exception]]:
+    """The rejection notes of ``batch`` (export jobs whose payload names the export jobs they
+    come ``after``: the objects that supersede what they reject) that must not be sent in this
+    association: by job id, those to put back, with for how many seconds (an export they wait
+    for is queued, running, or in this very batch, where its outcome is not known before the
+    note would go: the note goes at the next claim), and those whose attempt fails (one they
+    wait for is dead-lettered: an admin retries it, then the note). A dead one that another
+    export of its object to the destination covers (:func:`covering_jobs`) counts as that
+    one; one whose object was superseded since is no longer waited for. A PACS that hid the
+    old objects before it had the new ones would show no AI result at all meanwhile."""
+    held: dict[int, float] = {}
+    blocked: dict[int, Exception] = {}
+    in_batch = {job.id for job in batch}
+    now = utcnow()
+    for job in batch:
+        after = [int(job_id) for job_id in job.payload.get(AFTER) or ()]
+        if not after:
+            continue
+        pending = list(session.scalars(select(Job).where(Job.id.in_(after), Job.state != "done")))
+        dead = [other for other in pending if other.state == "dead"]
+        covering = covering_jobs(session, dead)
+        waiting = [other for other in pending if other.state != "dead"]
+        waiting += [
+            cover
+            for other in dead
+            if isinstance(cover := covering.get(other.id), Job) and cover.state != "done"
+        ]
+        uncovered = [other.id for other in dead if other.id not in covering]
+        if uncovered:
+            blocked[job.id] = ExportError(
+                f"the export job(s) {_id_list(uncovered)} of the objects that supersede what "
+                "this rejection note rejects are dead-lettered: retry them, then this one"
+            )
+        elif waiting:
+            # Until the last of them is due again (a destination that is down: its backoff),
+            # at least POSTPONE_SECONDS.
+            due = [
+                (as_utc(other.run_after) - now).total_seconds()
+                for other in waiting
+                if other.state == "queued" and other.id not in in_batch
+            ]
+            held[job.id] = max([POSTPONE_SECONDS, *due])
+    return held, blocked
 
 
 def _reason(exc: Exception) -> str:

@@ -62,6 +62,12 @@ from dicomnode.results.inputs import (
     reads_across_slices,
     referenced_results,
 )
+from dicomnode.results.rejection import (
+    AFTER,
+    build_rejection_note,
+    delivered,
+    plan_notes,
+)
 from dicomnode.results.sr import name_predecessors
 from dicomnode.results.versions import (
     content_digest,
@@ -279,6 +285,9 @@ def write_results(
         {str(ds.SOPInstanceUID) for ds in triaged.models.images},
     )
     context = node_context(settings, cards, runtime.onnx_identity)
+    # Which destinations the study's objects reached, for the rejection notes of those this
+    # job supersedes (an export of one that completes from now on is not in its note).
+    sent = delivered(session, study_id) if earlier else {}
     # End the read transaction before the files (on SQLite it holds the write lock).
     session.commit()
     # Files this job makes (each version of an object has a file of its own): removed if the
@@ -367,6 +376,15 @@ def write_results(
             if not existed:
                 made.append(path)
             written.append((card, kind, ds, path, first_uid, inputs))
+        notes = _write_rejection_notes(
+            settings, built, superseded, sent, triaged.models.images, failures
+        )
+        for _, ds, path, _ in notes:
+            existed = path.exists()
+            made_folders.extend(_new_folders(path, settings.storage_path / "results"))
+            _write_result(path, ds)
+            if not existed:
+                made.append(path)
         # The rows go in after every file is written: adding one starts the transaction, which
         # on SQLite holds the write lock (the index writer, other workers) until the commit.
         # On PostgreSQL the study's row is locked first, as an admin's retry of a dead export
@@ -397,15 +415,20 @@ def write_results(
         # the files are written: an admin's retry of a dead export meanwhile (or another job's
         # export) is seen, and the object is not queued a second time.
         exported = _exported(session, study_id)
+        queued: dict[str, list[Job]] = {}
         for kind, result in [*results, *((kind, row) for kind, row, _, _ in kept)]:
             for destination in settings.destinations:
                 if _wanted(destination, kind) and (result.id, destination.name) not in exported:
-                    enqueue(
-                        session,
-                        "export",
-                        study_id,
-                        {"result_id": result.id, "destination": destination.name},
+                    queued.setdefault(destination.name, []).append(
+                        enqueue(
+                            session,
+                            "export",
+                            study_id,
+                            {"result_id": result.id, "destination": destination.name},
+                        )
                     )
+        if notes:
+            _queue_rejection_notes(session, study_id, earlier, notes, queued, exported)
         session.commit()
     except BaseException as error:
         session.rollback()
@@ -425,9 +448,73 @@ def write_results(
         times.note += f" ({len(kept)} unchanged)"
     if superseded:
         times.note += f", {len(superseded)} earlier version(s) superseded"
+    if notes:
+        times.note += f", {len(notes)} rejection note(s)"
     if failures.not_written:
         times.note += f", not written: {failures.summary()}"
     return times
+
+
+def _write_rejection_notes(
+    settings: Settings,
+    built: list[tuple[ModelCard, str, Dataset]],
+    superseded: list[ResultObject],
+    sent: dict[int, set[str]],
+    images: Sequence[Dataset],
+    failures: ResultFailures,
+) -> list[tuple[ModelCard, Dataset, Path, list[str]]]:
+    """Build the IOCM rejection notes of the ``superseded`` rows for the destinations that
+    take them and received those objects (``sent``, :func:`~dicomnode.results.rejection.
+    delivered`): (card, note, where its file goes, destinations). A note that cannot be built
+    is named on the job, as any result object."""
+    plans = plan_notes(superseded, sent, settings.destinations)
+    if not plans or not images:
+        return []
+    # A superseded row is of a model version this job built objects of.
+    cards = {(card.model.name, card.model.version): card for card, _, _ in built}
+    notes = []
+    for plan in plans:
+        card = cards.get(plan.model)
+        if card is None:
+            continue
+        try:
+            note = build_rejection_note(plan.rejected, images[0], card.algorithm)
+        except Exception as error:
+            failures.add(card, "rejection", error)
+            continue
+        notes.append((card, note, _result_path(settings, note), plan.destinations))
+    return notes
+
+
+def _queue_rejection_notes(
+    session: Session,
+    study_id: int,
+    earlier: dict[str, ResultObject],
+    notes: list[tuple[ModelCard, Dataset, Path, list[str]]],
+    queued: dict[str, list[Job]],
+    exported: set[tuple[int, str]],
+) -> None:
+    """Record the rejection notes' rows and queue their exports, each after the export jobs
+    this job ``queued`` for its destination (the superseding objects): the export waits for
+    them (:mod:`dicomnode.export.jobs`), so that a PACS never hides the old objects before
+    it has the new ones."""
+    session.flush()  # the export jobs' ids
+    for card, note, path, destinations in notes:
+        uid = str(note.SOPInstanceUID)
+        # The same note (same rejected instances) recorded before: its row stands.
+        row = earlier.get(uid) or _store_result(
+            session, study_id, card, "rejection", note, path, uid, ""
+        )
+        for name in destinations:
+            if (row.id, name) in exported:
+                continue
+            after = [job.id for job in queued.get(name, [])]
+            enqueue(
+                session,
+                "export",
+                study_id,
+                {"result_id": row.id, "destination": name, AFTER: after},
+            )
 
 
 def _study_instances(

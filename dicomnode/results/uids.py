@@ -23,8 +23,9 @@ _NAMESPACE = "dicomnode/results/v1"
 _UID_PATTERN = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+")
 # Result kinds, one series each per study and model version: TID 1500 SR, Secondary Capture
 # overlay, Segmentation, Grayscale Softcopy Presentation State, derived images, Key Object
-# Selection. A typo in a kind would silently open a new series, so only these are accepted.
-KINDS = frozenset({"sr", "sc", "seg", "gsps", "derived", "kos"})
+# Selection, and the IOCM rejection notes of superseded ones (results/rejection.py). A typo in
+# a kind would silently open a new series, so only these are accepted.
+KINDS = frozenset({"sr", "sc", "seg", "gsps", "derived", "kos", "rejection"})
 
 
 def result_uid(*parts: str) -> str:

@@ -20,7 +20,7 @@ from dicomnode.web.schemas import StudyOut, audit_out
 from dicomnode.worklist import audit, service
 
 # The order a PACS engineer reads them in: the report first, then images, then the rest.
-KIND_ORDER = ("sr", "overlay", "seg", "gsps", "derived", "kos")
+KIND_ORDER = ("sr", "overlay", "seg", "gsps", "derived", "kos", "rejection")
 KIND_LABELS = {
     "sr": "Structured report (SR)",
     "overlay": "Overlay (secondary capture)",
@@ -28,6 +28,8 @@ KIND_LABELS = {
     "gsps": "Presentation state (GSPS)",
     "derived": "Derived image",
     "kos": "Key object selection (KOS)",
+    # IHE IOCM: what a destination is told to hide (results/rejection.py).
+    "rejection": "Rejection note of superseded results (IOCM KOS)",
 }
 ExportState = Literal["queued", "leased", "done", "dead"]
 

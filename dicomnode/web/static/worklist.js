@@ -31,8 +31,8 @@
     in_progress: "In progress",
     reported: "Reported",
   };
-  const KIND_TEXT = { sr: "SR", overlay: "Overlay", seg: "SEG", gsps: "GSPS", derived: "Derived", kos: "KOS" };
-  const KIND_ORDER = ["sr", "overlay", "seg", "gsps", "derived", "kos"];
+  const KIND_TEXT = { sr: "SR", overlay: "Overlay", seg: "SEG", gsps: "GSPS", derived: "Derived", kos: "KOS", rejection: "Rejection note" };
+  const KIND_ORDER = ["sr", "overlay", "seg", "gsps", "derived", "kos", "rejection"];
 
   let offset = 0;
   let skewMs = 0; // server clock minus this browser's clock

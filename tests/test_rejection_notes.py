@@ -1,0 +1,340 @@
+"""IHE IOCM rejection notes for superseded result objects (SQLite and PostgreSQL, the real
+pneumothorax model, a real dcmtk storescp as the PACS keeping every object it receives).
+
+Three radiographs analysed and exported (an overlay each, SR, KOS), then a late image: the
+new SR and KOS supersede the earlier ones, which the PACS already holds. A destination with
+``reject_superseded = true`` then gets a Key Object Selection Document titled (113001, DCM,
+"Rejected for Quality Reasons") referencing exactly those two, after the new ones; one
+without (the default) gets none, and neither does one that never received them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+from conftest import StoreSCP, spool_and_index, spool_late_instance, storescp, wait_for
+from dciodvfy import dciodvfy_errors
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicomnode.config import Destination, Settings
+from dicomnode.db.models import Instance, Job, ResultObject
+from dicomnode.db.session import as_utc, utcnow
+from dicomnode.ingest.assembly import queue_ready_studies
+from dicomnode.jobs.queue import retry
+from dicomnode.models.registry import load_card
+from dicomnode.synth.cxr import make_cxr
+from dicomnode.worker import Worker
+
+REPO = Path(__file__).resolve().parent.parent
+PNEUMOTHORAX = REPO / "models" / "cxr_pneumothorax_demo.toml"
+KOS_CLASS = "1.2.840.10008.5.1.4.1.1.88.59"
+
+
+@pytest.fixture
+def pacs(tmp_path: Path) -> Iterator[StoreSCP]:
+    """A storescp that keeps each object it receives in a file of its own."""
+    folder = tmp_path / "pacs-a"
+    folder.mkdir()
+    with storescp(folder, "--accept-all", "--unique-filenames") as running:
+        yield running
+
+
+@pytest.fixture
+def other_pacs(tmp_path: Path) -> Iterator[StoreSCP]:
+    folder = tmp_path / "pacs-b"
+    folder.mkdir()
+    with storescp(folder, "--accept-all", "--unique-filenames") as running:
+        yield running
+
+
+def _worker(
+    tmp_path: Path, sessions: sessionmaker[Session], destinations: list[Destination]
+) -> Worker:
+    settings = Settings(
+        storage={"path": tmp_path / "storage"},
+        worker={"threads": 1},
+        destinations=destinations,
+    )
+    return Worker(settings, sessions, [load_card(PNEUMOTHORAX)])
+
+
+def _destination(name: str, pacs: StoreSCP, **options: object) -> Destination:
+    return Destination(name=name, ae_title="PACS", host="127.0.0.1", port=pacs.port, **options)
+
+
+def _run_all(worker: Worker, sessions: sessionmaker[Session]) -> None:
+    """Run the worker's jobs until none is queued or leased (a note put back until the
+    objects it follows are sent is due again a moment later)."""
+
+    def idle() -> bool:
+        while worker.run_once():
+            pass
+        with sessions() as session:
+            left = session.scalar(
+                select(func.count()).select_from(Job).where(Job.state.in_(("queued", "leased")))
+            )
+        return left == 0
+
+    wait_for(idle, timeout=120, interval=0.1, what="the queue to empty")
+
+
+def _analyse(worker: Worker, sessions: sessionmaker[Session], study_id: int) -> None:
+    with sessions() as session:
+        assert queue_ready_studies(session, utcnow()) == [study_id]
+    _run_all(worker, sessions)
+
+
+def _first_analysis(worker: Worker, sessions: sessionmaker[Session]) -> int:
+    """Three radiographs with a pneumothorax analysed and exported; returns the study id."""
+    with sessions() as session:
+        ds, _ = make_cxr(950_301, pneumothorax=True)
+        study_id, _ = spool_and_index(session, worker.settings.storage_path, ds)
+        for seed in (950_302, 950_303):
+            spool_late_instance(session, worker.settings.storage_path, study_id, seed)
+    _analyse(worker, sessions, study_id)
+    return study_id
+
+
+def _late_image(worker: Worker, sessions: sessionmaker[Session], study_id: int) -> None:
+    with sessions() as session:
+        spool_late_instance(session, worker.settings.storage_path, study_id, 950_304)
+
+
+def _rows(sessions: sessionmaker[Session], study_id: int) -> dict[str, ResultObject]:
+    with sessions() as session:
+        rows = session.scalars(select(ResultObject).where(ResultObject.study_id == study_id))
+        return {row.sop_instance_uid: row for row in rows}
+
+
+def _received(
+    pacs: StoreSCP, sessions: sessionmaker[Session], destination: str
+) -> list[pydicom.Dataset]:
+    """What the destination received, once it has written every export to it that is done
+    (each one file: its storescp keeps a second copy of a UID in a file of its own)."""
+    count = len(_done_exports(sessions, destination))
+    files = wait_for(
+        lambda: len(pacs.received()) == count and pacs.received(),
+        timeout=30,
+        what=f"storescp to write {count} objects",
+    )
+    return [pydicom.dcmread(path) for path in files]
+
+
+def _done_exports(sessions: sessionmaker[Session], destination: str) -> list[Job]:
+    with sessions() as session:
+        jobs = session.scalars(select(Job).where(Job.kind == "export", Job.state == "done"))
+        return [job for job in jobs if job.payload["destination"] == destination]
+
+
+def _rejection_notes(received: list[pydicom.Dataset]) -> list[pydicom.Dataset]:
+    return [
+        ds
+        for ds in received
+        if ds.SOPClassUID == KOS_CLASS and ds.ConceptNameCodeSequence[0].CodeValue == "113001"
+    ]
+
+
+def _evidence(ds: pydicom.Dataset) -> set[str]:
+    return {
+        str(sop.ReferencedSOPInstanceUID)
+        for study in ds.CurrentRequestedProcedureEvidenceSequence
+        for series in study.ReferencedSeriesSequence
+        for sop in series.ReferencedSOPSequence
+    }
+
+
+def _content_references(ds: pydicom.Dataset) -> set[str]:
+    return {
+        str(reference.ReferencedSOPInstanceUID)
+        for item in ds.ContentSequence
+        for reference in item.get("ReferencedSOPSequence", [])
+    }
+
+
+def test_a_destination_that_rejects_superseded_objects_gets_a_note_naming_exactly_them(
+    sessions: sessionmaker[Session], tmp_path: Path, pacs: StoreSCP
+) -> None:
+    """The superseded SR and KOS, which the PACS received, are named in one IOCM rejection
+    note (KOS, 113001) sent after the new SR and KOS; the unchanged overlays are not named,
+    the note is in the source's patient and study and dciodvfy finds no error in it."""
+    worker = _worker(tmp_path, sessions, [_destination("pacs", pacs, reject_superseded=True)])
+    study_id = _first_analysis(worker, sessions)
+    first = _rows(sessions, study_id)
+    assert sorted(row.kind for row in first.values()) == [
+        "kos",
+        "overlay",
+        "overlay",
+        "overlay",
+        "sr",
+    ]
+    assert _rejection_notes(_received(pacs, sessions, "pacs")) == []
+    sent_before = {job.id for job in _done_exports(sessions, "pacs")}
+
+    _late_image(worker, sessions, study_id)
+    _analyse(worker, sessions, study_id)
+
+    second = _rows(sessions, study_id)
+    superseded = {uid for uid, row in first.items() if uid not in second}
+    assert {first[uid].kind for uid in superseded} == {"sr", "kos"} and len(superseded) == 2
+    unchanged = set(first) & set(second)
+    assert len(unchanged) == 3
+    [note_row] = [row for row in second.values() if row.kind == "rejection"]
+    # 5 first, then the late image's overlay, the new SR and KOS, and the note.
+    received = _received(pacs, sessions, "pacs")
+    assert len(received) == 9
+    [note] = _rejection_notes(received)
+    assert note.SOPInstanceUID == note_row.sop_instance_uid
+    assert note.ConceptNameCodeSequence[0].CodingSchemeDesignator == "DCM"
+    assert note.ConceptNameCodeSequence[0].CodeMeaning == "Rejected for Quality Reasons"
+    assert _evidence(note) == superseded
+    assert _content_references(note) == superseded
+    with sessions() as session:
+        source = pydicom.dcmread(session.scalars(select(Instance.path)).first())
+    assert (note.StudyInstanceUID, note.PatientID) == (source.StudyInstanceUID, source.PatientID)
+    descriptions = [item.TextValue for item in note.ContentSequence if item.ValueType == "TEXT"]
+    assert any("superseded by a later AI result" in text for text in descriptions)
+    assert any("Research demo, not for clinical use" in text for text in descriptions)
+    assert dciodvfy_errors(note) == []
+    # Sent after every object the second results job queued for the destination.
+    exports = [job for job in _done_exports(sessions, "pacs") if job.id not in sent_before]
+    [note_job] = [job for job in exports if job.payload["result_id"] == note_row.id]
+    others = [job for job in exports if job is not note_job]
+    assert sorted(note_job.payload["after"]) == sorted(job.id for job in others)
+    assert len(others) == 3
+    assert all(as_utc(note_job.finished_at) >= as_utc(job.finished_at) for job in others)
+
+
+def test_no_note_by_default_nor_to_a_destination_that_never_received_the_objects(
+    sessions: sessionmaker[Session], tmp_path: Path, pacs: StoreSCP, other_pacs: StoreSCP
+) -> None:
+    """``reject_superseded`` off (the default): no note. A destination added after the first
+    analysis with the option on received none of the superseded objects: no note either."""
+    worker = _worker(tmp_path, sessions, [_destination("pacs", pacs)])
+    study_id = _first_analysis(worker, sessions)
+    _received(pacs, sessions, "pacs")
+    _late_image(worker, sessions, study_id)
+    # As a reload adds it.
+    worker.settings = worker.settings.model_copy(
+        update={
+            "destinations": [
+                _destination("pacs", pacs),
+                _destination("new", other_pacs, reject_superseded=True),
+            ]
+        }
+    )
+    _analyse(worker, sessions, study_id)
+
+    assert [row for row in _rows(sessions, study_id).values() if row.kind == "rejection"] == []
+    received = _received(pacs, sessions, "pacs")
+    assert len(received) == 8
+    assert _rejection_notes(received) == []
+    # The new destination gets the study's current objects, and no note.
+    current = _received(other_pacs, sessions, "new")
+    assert len(current) == 6
+    assert _rejection_notes(current) == []
+
+
+def test_a_note_waits_for_the_superseding_objects_to_reach_the_destination(
+    sessions: sessionmaker[Session], tmp_path: Path, pacs: StoreSCP
+) -> None:
+    """The new SR's export dead-lettered before it is sent: the note is not sent (its attempt
+    names the dead export), and once the SR's export is retried and sent, the note follows."""
+    worker = _worker(tmp_path, sessions, [_destination("pacs", pacs, reject_superseded=True)])
+    study_id = _first_analysis(worker, sessions)
+    first = _rows(sessions, study_id)
+    _received(pacs, sessions, "pacs")
+    _late_image(worker, sessions, study_id)
+    with sessions() as session:
+        assert queue_ready_studies(session, utcnow()) == [study_id]
+        last = session.scalar(select(func.max(Job.id)))
+    # Until the second results job has queued its exports.
+    while worker.run_once():
+        with sessions() as session:
+            if session.scalar(
+                select(func.count()).select_from(Job).where(Job.id > last, Job.kind == "export")
+            ):
+                break
+    with sessions() as session:
+        results = {row.id: row for row in session.scalars(select(ResultObject))}
+        exports = session.scalars(select(Job).where(Job.kind == "export", Job.id > last)).all()
+        [buried] = [
+            job
+            for job in exports
+            if results[job.payload["result_id"]].kind == "sr"
+            and results[job.payload["result_id"]].sop_instance_uid not in first
+        ]
+        buried.state, buried.last_error = "dead", "refused"
+        buried_id = buried.id
+        session.commit()
+    while worker.run_once():
+        pass
+    with sessions() as session:
+        [note_job] = [
+            job
+            for job in session.scalars(select(Job).where(Job.kind == "export", Job.id > last))
+            if results.get(job.payload["result_id"]) is None
+            or results[job.payload["result_id"]].kind == "rejection"
+        ]
+        assert note_job.state != "done"
+        assert f"export job(s) {buried_id} " in note_job.last_error
+        assert "dead-lettered" in note_job.last_error
+        note_id = note_job.id
+    # The late image's overlay and the new KOS only.
+    received = _received(pacs, sessions, "pacs")
+    assert len(received) == 7
+    assert _rejection_notes(received) == []
+
+    with sessions() as session:
+        retry(session, session.get(Job, buried_id))
+        note_job = session.get(Job, note_id)
+        if note_job.state == "dead":
+            retry(session, note_job)
+        else:
+            note_job.run_after = utcnow()
+        session.commit()
+    _run_all(worker, sessions)
+    received = _received(pacs, sessions, "pacs")
+    assert len(received) == 9
+    [note] = _rejection_notes(received)
+    assert _evidence(note) == {uid for uid, row in first.items() if row.kind in ("sr", "kos")}
+
+
+def test_a_note_names_only_the_superseded_objects_that_reached_the_destination(
+    sessions: sessionmaker[Session], tmp_path: Path, pacs: StoreSCP
+) -> None:
+    """The first KOS's export dead-lettered before it was sent: the destination never had it,
+    so the note names the first SR only."""
+    worker = _worker(tmp_path, sessions, [_destination("pacs", pacs, reject_superseded=True)])
+    with sessions() as session:
+        ds, _ = make_cxr(950_301, pneumothorax=True)
+        study_id, _ = spool_and_index(session, worker.settings.storage_path, ds)
+        for seed in (950_302, 950_303):
+            spool_late_instance(session, worker.settings.storage_path, study_id, seed)
+        assert queue_ready_studies(session, utcnow()) == [study_id]
+    while worker.run_once():
+        with sessions() as session:
+            if session.scalar(select(func.count()).select_from(Job).where(Job.kind == "export")):
+                break
+    with sessions() as session:
+        kinds = {row.id: row.kind for row in session.scalars(select(ResultObject))}
+        [buried] = [
+            job
+            for job in session.scalars(select(Job).where(Job.kind == "export"))
+            if kinds[job.payload["result_id"]] == "kos"
+        ]
+        buried.state, buried.last_error = "dead", "refused"
+        session.commit()
+    _run_all(worker, sessions)
+    first = _rows(sessions, study_id)
+    assert len(_received(pacs, sessions, "pacs")) == 4
+    _late_image(worker, sessions, study_id)
+    _analyse(worker, sessions, study_id)
+
+    [note] = _rejection_notes(_received(pacs, sessions, "pacs"))
+    [old_sr] = [uid for uid, row in first.items() if row.kind == "sr"]
+    assert _evidence(note) == _content_references(note) == {old_sr}
+    assert dciodvfy_errors(note) == []
