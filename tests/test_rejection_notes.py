@@ -24,7 +24,7 @@ from dicomnode.config import Destination, Settings
 from dicomnode.db.models import Instance, Job, ResultObject
 from dicomnode.db.session import as_utc, utcnow
 from dicomnode.ingest.assembly import queue_ready_studies
-from dicomnode.jobs.queue import retry
+from dicomnode.jobs.queue import enqueue, retry
 from dicomnode.models.registry import load_card
 from dicomnode.synth.cxr import make_cxr
 from dicomnode.worker import Worker
@@ -238,12 +238,13 @@ def test_no_note_by_default_nor_to_a_destination_that_never_received_the_objects
     assert _rejection_notes(current) == []
 
 
-def test_a_note_waits_for_the_superseding_objects_to_reach_the_destination(
-    sessions: sessionmaker[Session], tmp_path: Path, pacs: StoreSCP
-) -> None:
-    """The new SR's export dead-lettered before it is sent: the note is not sent (its attempt
-    names the dead export), and once the SR's export is retried and sent, the note follows."""
-    worker = _worker(tmp_path, sessions, [_destination("pacs", pacs, reject_superseded=True)])
+def _note_held_by_a_dead_export(
+    worker: Worker, sessions: sessionmaker[Session], pacs: StoreSCP
+) -> tuple[dict[str, ResultObject], Job, int]:
+    """The radiographs analysed and exported, then the late image, the new SR's export
+    dead-lettered before it is sent: returns the first analysis's rows, the dead export job
+    and the note's export job id, once the worker has nothing due (the note not sent, its
+    attempt naming the dead export)."""
     study_id = _first_analysis(worker, sessions)
     first = _rows(sessions, study_id)
     _received(pacs, sessions, "pacs")
@@ -268,7 +269,6 @@ def test_a_note_waits_for_the_superseding_objects_to_reach_the_destination(
             and results[job.payload["result_id"]].sop_instance_uid not in first
         ]
         buried.state, buried.last_error = "dead", "refused"
-        buried_id = buried.id
         session.commit()
     while worker.run_once():
         pass
@@ -276,31 +276,63 @@ def test_a_note_waits_for_the_superseding_objects_to_reach_the_destination(
         [note_job] = [
             job
             for job in session.scalars(select(Job).where(Job.kind == "export", Job.id > last))
-            if results.get(job.payload["result_id"]) is None
-            or results[job.payload["result_id"]].kind == "rejection"
+            if results[job.payload["result_id"]].kind == "rejection"
         ]
         assert note_job.state != "done"
-        assert f"export job(s) {buried_id} " in note_job.last_error
+        assert f"export job(s) {buried.id} " in note_job.last_error
         assert "dead-lettered" in note_job.last_error
-        note_id = note_job.id
     # The late image's overlay and the new KOS only.
     received = _received(pacs, sessions, "pacs")
     assert len(received) == 7
     assert _rejection_notes(received) == []
+    return first, buried, note_job.id
 
+
+def _note_due_now(session: Session, note_id: int) -> None:
+    note_job = session.get(Job, note_id)
+    if note_job.state == "dead":
+        retry(session, note_job)
+    else:
+        note_job.run_after = utcnow()
+
+
+def test_a_note_waits_for_the_superseding_objects_to_reach_the_destination(
+    sessions: sessionmaker[Session], tmp_path: Path, pacs: StoreSCP
+) -> None:
+    """The new SR's export dead-lettered before it is sent: the note is not sent (its attempt
+    names the dead export), and once the SR's export is retried and sent, the note follows."""
+    worker = _worker(tmp_path, sessions, [_destination("pacs", pacs, reject_superseded=True)])
+    first, buried, note_id = _note_held_by_a_dead_export(worker, sessions, pacs)
     with sessions() as session:
-        retry(session, session.get(Job, buried_id))
-        note_job = session.get(Job, note_id)
-        if note_job.state == "dead":
-            retry(session, note_job)
-        else:
-            note_job.run_after = utcnow()
+        retry(session, session.get(Job, buried.id))
+        _note_due_now(session, note_id)
         session.commit()
     _run_all(worker, sessions)
     received = _received(pacs, sessions, "pacs")
     assert len(received) == 9
     [note] = _rejection_notes(received)
     assert _evidence(note) == {uid for uid, row in first.items() if row.kind in ("sr", "kos")}
+
+
+def test_a_dead_superseding_export_that_another_export_covers_holds_the_note_no_longer(
+    sessions: sessionmaker[Session], tmp_path: Path, pacs: StoreSCP
+) -> None:
+    """The new SR's dead export left dead, its object queued again to the destination by
+    another export job (as a later results job queues a dead-lettered object): once that one
+    has sent it, the note follows; the dead job stays dead."""
+    worker = _worker(tmp_path, sessions, [_destination("pacs", pacs, reject_superseded=True)])
+    first, buried, note_id = _note_held_by_a_dead_export(worker, sessions, pacs)
+    with sessions() as session:
+        enqueue(session, "export", buried.study_id, dict(buried.payload))
+        _note_due_now(session, note_id)
+        session.commit()
+    _run_all(worker, sessions)
+    received = _received(pacs, sessions, "pacs")
+    assert len(received) == 9
+    [note] = _rejection_notes(received)
+    assert _evidence(note) == {uid for uid, row in first.items() if row.kind in ("sr", "kos")}
+    with sessions() as session:
+        assert session.get(Job, buried.id).state == "dead"
 
 
 def test_a_note_names_only_the_superseded_objects_that_reached_the_destination(

@@ -233,7 +233,7 @@ def test_uids_are_deterministic_and_distinct() -> None:
     with pytest.raises(ValueError, match="non-empty sequence"):
         result_instance_uid([], ALGORITHM, "sr")
     series = {result_series_uid("1.2.3", ALGORITHM, kind) for kind in sorted(KINDS)}
-    assert len(series) == len(KINDS) == 6
+    assert len(series) == len(KINDS) == 7  # with the IOCM rejection notes
     with pytest.raises(ValueError, match="kind must be one of"):
         result_series_uid("1.2.3", ALGORITHM, "overlay")
 
