@@ -211,12 +211,14 @@ def test_exports_to_a_removed_destination_are_dead_lettered_on_reload_and_sent_o
         with caplog.at_level(logging.INFO):
             running.start()
             wait_for(
-                lambda: all(
-                    state == "queued" and "Connection refused" in error
-                    for state, error in _states(sessions, jobs)
-                )
-                # the attempt's WARNING comes after its commit
-                and any(r.levelno >= logging.WARNING for r in caplog.records),
+                lambda: (
+                    all(
+                        state == "queued" and "Connection refused" in error
+                        for state, error in _states(sessions, jobs)
+                    )
+                    # the attempt's WARNING comes after its commit
+                    and any(r.levelno >= logging.WARNING for r in caplog.records)
+                ),
                 timeout=30,
                 what="the exports' first attempt to fail",
             )

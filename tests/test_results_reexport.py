@@ -358,7 +358,8 @@ def test_a_replaced_model_file_means_the_contents_are_compared(
     sessions: sessionmaker[Session], tmp_path: Path, keeping_pacs: StoreSCP
 ) -> None:
     """The same, but the model's ONNX file replaced before the late image (same card, same
-    bytes, a new file): what the objects were made from changed, so their contents are
+    bytes, a new file) and the worker reloaded: what the objects were made from changed (the
+    session that makes them was loaded from the new file), so their contents are
     compared, and the noisy rebuild of the overlay with a heat map is a new version, sent
     once. A digest of inputs that missed the model file would keep them."""
     models = tmp_path / "models"
@@ -375,6 +376,8 @@ def test_a_replaced_model_file_means_the_contents_are_compared(
         shutil.copy(onnx, replacement)
         replacement.replace(onnx)
         os.utime(onnx, ns=(time.time_ns() + 10**9, time.time_ns() + 10**9))
+        # What the reload that follows does with the unchanged card (Worker.reload).
+        worker.runtime.keep_only({(c.model.name, c.model.version) for c in worker.cards})
 
     first, second = _radiographs_with_a_late_image(worker, sessions, replace_model)
     overlays = {uid for uid, row in first.items() if row.kind == "overlay"}
