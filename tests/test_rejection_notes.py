@@ -34,21 +34,21 @@ PNEUMOTHORAX = REPO / "models" / "cxr_pneumothorax_demo.toml"
 KOS_CLASS = "1.2.840.10008.5.1.4.1.1.88.59"
 
 
-@pytest.fixture
-def pacs(tmp_path: Path) -> Iterator[StoreSCP]:
+def _keeping_every_copy(folder: Path) -> Iterator[StoreSCP]:
     """A storescp that keeps each object it receives in a file of its own."""
-    folder = tmp_path / "pacs-a"
     folder.mkdir()
     with storescp(folder, "--accept-all", "--unique-filenames") as running:
         yield running
+
+
+@pytest.fixture
+def pacs(tmp_path: Path) -> Iterator[StoreSCP]:
+    yield from _keeping_every_copy(tmp_path / "pacs-a")
 
 
 @pytest.fixture
 def other_pacs(tmp_path: Path) -> Iterator[StoreSCP]:
-    folder = tmp_path / "pacs-b"
-    folder.mkdir()
-    with storescp(folder, "--accept-all", "--unique-filenames") as running:
-        yield running
+    yield from _keeping_every_copy(tmp_path / "pacs-b")
 
 
 def _worker(

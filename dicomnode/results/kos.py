@@ -41,29 +41,58 @@ def build_kos(
     uids = [str(ds.SOPInstanceUID) for ds in selected]
     if len(set(uids)) != len(uids):
         raise ValueError("build_kos got the same instance more than once")
-    study_uid = one_study(selected, "the KOS's images and results")
+    one_study(selected, "the KOS's images and results")  # raises for more than one study
     note = (
         f"Images with critical findings of {algorithm.name} {algorithm.version} "
         f"({algorithm.manufacturer}), not verified by a physician"
     )
+    return key_object_document(
+        OF_INTEREST,
+        selected,
+        selected[0],
+        algorithm,
+        note,
+        kind="kos",
+        series_number=KOS_SERIES_NUMBER,
+        sop_instance_uid=result_instance_uid(uids, algorithm, "kos"),
+        description="KOS",
+    )
+
+
+def key_object_document(
+    title: hd.sr.CodedConcept,
+    referenced: Sequence[pydicom.Dataset],
+    study: pydicom.Dataset,
+    algorithm: Algorithm,
+    note: str,
+    *,
+    kind: str,
+    series_number: int,
+    sop_instance_uid: str,
+    description: str,
+) -> pydicom.Dataset:
+    """A Key Object Selection Document of ``algorithm`` titled ``title``, selecting the
+    ``referenced`` objects (its evidence too), in the patient and study of ``study``, with
+    ``note`` as its Key Object Description (the research-demo notice first for a demo model),
+    in the result series of ``kind``."""
     if algorithm.research_demo:
         note = f"{RESEARCH_DEMO_NOTICE}. {note}"
     content = hd.ko.KeyObjectSelection(
-        document_title=OF_INTEREST,
-        referenced_objects=selected,
+        document_title=title,
+        referenced_objects=referenced,
         observer_device_context=device_observer(algorithm),
         description=note[:_DESCRIPTION_MAX],
     )
     kos = hd.ko.KeyObjectSelectionDocument(
-        **character_set(selected[0]),
-        evidence=selected,
+        **character_set(study),
+        evidence=referenced,
         content=content,
-        series_instance_uid=result_series_uid(study_uid, algorithm, "kos"),
-        series_number=KOS_SERIES_NUMBER,
-        sop_instance_uid=result_instance_uid(uids, algorithm, "kos"),
+        series_instance_uid=result_series_uid(str(study.StudyInstanceUID), algorithm, kind),
+        series_number=series_number,
+        sop_instance_uid=sop_instance_uid,
         instance_number=1,
         manufacturer=EQUIPMENT_MANUFACTURER,
-        series_description=series_description(algorithm, "KOS"),
+        series_description=series_description(algorithm, description),
     )
-    copy_patient_study(selected[0], kos)
+    copy_patient_study(study, kos)
     return kos

@@ -24,15 +24,14 @@ from pydicom import Dataset
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from dicomnode import EQUIPMENT_MANUFACTURER, RESEARCH_DEMO_NOTICE
 from dicomnode.config import Destination
 from dicomnode.db.models import Job, ResultObject
 from dicomnode.findings import Algorithm
 from dicomnode.imageclasses import image_class
+from dicomnode.results.kos import key_object_document
 from dicomnode.results.reference import sanitised_reference
-from dicomnode.results.source import character_set, check_source, copy_patient_study
-from dicomnode.results.sr import device_observer, series_description
-from dicomnode.results.uids import result_instance_uid, result_series_uid
+from dicomnode.results.source import check_source
+from dicomnode.results.uids import result_instance_uid
 
 REJECTION_SERIES_NUMBER = 9907
 # IHE RAD TF-3 IOCM, PS3.16 CID 7010 (its reasons CID 7011): the Image Manager hides the
@@ -140,27 +139,17 @@ def build_rejection_note(
         f"({algorithm.manufacturer}) superseded by a later AI result of the same model "
         "(images arrived after the first analysis); rejected, not to be read"
     )
-    if algorithm.research_demo:
-        note = f"{RESEARCH_DEMO_NOTICE}. {note}"
-    content = hd.ko.KeyObjectSelection(
-        document_title=REJECTED_FOR_QUALITY_REASONS,
-        referenced_objects=references,
-        observer_device_context=device_observer(algorithm),
-        description=note,
-    )
-    kos = hd.ko.KeyObjectSelectionDocument(
-        **character_set(study),
-        evidence=references,
-        content=content,
-        series_instance_uid=result_series_uid(str(study.StudyInstanceUID), algorithm, "rejection"),
+    return key_object_document(
+        REJECTED_FOR_QUALITY_REASONS,
+        references,
+        study,
+        algorithm,
+        note,
+        kind="rejection",
         series_number=REJECTION_SERIES_NUMBER,
         sop_instance_uid=rejection_note_uid(rejected, algorithm),
-        instance_number=1,
-        manufacturer=EQUIPMENT_MANUFACTURER,
-        series_description=series_description(algorithm, "rejection note"),
+        description="rejection note",
     )
-    copy_patient_study(study, kos)
-    return kos
 
 
 def _reference(item: Rejected, study: Dataset) -> Dataset:
