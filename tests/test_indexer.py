@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from conftest import dcmtk, launch_node, stop_process, wait_for, write_config
 from pydicom.uid import generate_uid
-from sqlalchemy import func, select, text
+from sqlalchemy import Engine, event, func, select, text
 from sqlalchemy.orm import Session, sessionmaker
 from test_ingest_scale import DCMTK_ENV, instance_rows, sop_instance_uid, write_studies
 
@@ -126,6 +126,61 @@ def test_a_row_the_database_refuses_does_not_hold_up_the_others(
     assert uids == {good.facts.sop_instance_uid}
     assert f"cannot index instance {refused.facts.sop_instance_uid}" in caplog.text
     assert "database unavailable" not in caplog.text
+
+
+def _refusing_every_write(db_url: str, folder: Path, refusal: str) -> Engine:
+    """An engine on a database that answers but takes no rows: read-only (a PostgreSQL
+    standby after a failover; an SQLite file opened read-only), or without the node's tables
+    (an empty database restored by mistake)."""
+    if db_url.startswith("sqlite"):
+        if refusal == "read-only":
+            engine = make_engine(db_url)
+            event.listen(
+                engine, "connect", lambda connection, _: connection.execute("PRAGMA query_only=1")
+            )
+            return engine
+        return make_engine(f"sqlite:///{folder / 'empty.db'}")
+    if refusal == "read-only":
+        return make_engine(f"{db_url}%20-cdefault_transaction_read_only%3Don")
+    return make_engine(db_url.replace("search_path%3D", "search_path%3Dno_such_"))
+
+
+@pytest.mark.parametrize("refusal", ["read-only", "no tables"])
+def test_a_database_that_takes_no_rows_holds_them_all_and_refuses_new_instances(
+    db_url: str,
+    sessions: sessionmaker[Session],
+    tmp_path: Path,
+    refusal: str,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Before, a PostgreSQL error other than a lost connection (read-only transaction, no
+    such table, permission denied) was taken for the row's own: each row was logged as
+    "cannot index" and left out, its instance acknowledged, never analysed until a restart
+    re-indexed the spool, while new instances were still accepted. Now the database is
+    unavailable: the rows wait, new instances are refused (0xA700), and they are written
+    once it takes rows again."""
+    monkeypatch.setattr(indexer, "RETRY_SECONDS", 0.1)
+    refusing = _refusing_every_write(db_url, tmp_path, refusal)
+    current = {"sessions": make_sessionmaker(refusing)}
+    index = LocalIndex(lambda: current["sessions"], _settings)
+    arrival = _arrival(generate_uid(), generate_uid(), T0)
+    try:
+        waiting = index.add(arrival)
+        wait_for(lambda: not index.healthy, timeout=10, what="the database to be unavailable")
+        assert not index.wait(waiting, 0.5)
+        current["sessions"] = sessions
+        assert index.wait(waiting, 10)
+        assert index.healthy
+    finally:
+        index.close()
+        refusing.dispose()
+    with sessions() as session:
+        assert set(session.scalars(select(Instance.sop_instance_uid))) == {
+            arrival.facts.sop_instance_uid
+        }
+    assert "cannot index" not in caplog.text
+    assert "database unavailable: 1 index row(s) wait" in caplog.text
 
 
 def test_supervisor_writer_over_a_socket_pair_reports_rows_and_database_health(

@@ -32,7 +32,7 @@ from datetime import datetime
 from pathlib import Path
 
 from sqlalchemy import Engine, bindparam, event, select
-from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.config import Settings
@@ -257,7 +257,7 @@ class IndexWriter:
                             _describe(item),
                             database_reason(refused),
                         )
-        except (OperationalError, InterfaceError) as exc:
+        except (DBAPIError, OSError) as exc:
             return self._unavailable(exc, len(items))
         if not self.healthy:
             log.warning("database available again: index rows written")
@@ -265,13 +265,15 @@ class IndexWriter:
         return True
 
     def _try_write(self, items: list[Item]) -> Exception | None:
-        """Write ``items``; the exception if the database refused the rows themselves
-        (connection-level errors, OperationalError and InterfaceError, propagate)."""
+        """Write ``items``; the exception if the database refused the rows themselves (a
+        constraint, a value it cannot store: :func:`refused_for_itself`); any other database
+        error (unreachable, read-only after a failover, tables or privileges missing)
+        propagates: no row can be written, so none is left out."""
         try:
             self._write_batch(items)
-        except (OperationalError, InterfaceError):
-            raise
         except Exception as exc:
+            if not refused_for_itself(exc):
+                raise
             return exc
         return None
 
@@ -314,6 +316,16 @@ class IndexWriter:
     def _set_health(self, healthy: bool) -> None:
         self.healthy = healthy
         self._on_health(healthy)
+
+
+def refused_for_itself(exc: Exception) -> bool:
+    """Whether a failed write was refused for its rows (an integrity constraint, a value the
+    database cannot store, or a value the node could not turn into a row), not because the
+    database takes no rows at all (every other database error, or the file system refusing
+    the writers' lock file: then every row waits)."""
+    if isinstance(exc, DBAPIError):
+        return isinstance(exc, (IntegrityError, DataError))
+    return not isinstance(exc, OSError)
 
 
 def _earliest_ready_at(items: list[Item], quiet_seconds: float) -> datetime:
