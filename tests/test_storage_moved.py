@@ -227,3 +227,37 @@ def test_a_moved_folder_is_taken_in_batches_without_reading_its_files(
     assert read == [second.name]  # only the copy was read
     assert not second.exists()  # removed: the instance's file is here at its place
     assert _paths(sessions, Instance) == sorted(str(new / path) for path in received)
+
+
+def test_a_file_a_copy_did_not_finish_leaves_its_row_on_the_whole_file(
+    sessions: sessionmaker[Session], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A copy to the new disk interrupted in one file (cut in half), the old disk still
+    there: that instance's row keeps naming the whole file on the old disk, with a WARNING,
+    and the start-up line counts it as a row naming a file outside (keep the old folder).
+    Before, the row was pointed at the half file (it read without an error), nothing named
+    the old folder, and removing the old disk lost the pixel data. Once the old file is
+    gone, the file here is taken, with a WARNING that its size differs."""
+    old, new = tmp_path / "disk1" / "storage", tmp_path / "disk2" / "storage"
+    with sessions() as session:
+        files = [
+            spool_and_index(session, old, make_cxr(940_600 + n, size=64)[0])[1] for n in range(3)
+        ]
+    shutil.copytree(old, new)
+    cut = new / files[1].relative_to(old)
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+    with caplog.at_level(logging.WARNING, logger="dicomnode"):
+        recover(Settings(storage={"path": new}), sessions)
+    expected = sorted(
+        [str(new / files[0].relative_to(old)), str(files[1]), str(new / files[2].relative_to(old))]
+    )
+    assert _paths(sessions, Instance) == expected
+    assert "a copy not finished?" in caplog.text
+    assert "storage: 1 instance or result row(s) name files outside" in caplog.text
+
+    files[1].unlink()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="dicomnode"):
+        recover(Settings(storage={"path": new}), sessions)
+    assert _paths(sessions, Instance) == sorted(str(new / f.relative_to(old)) for f in files)
+    assert "where" in caplog.text and "the row now names this one" in caplog.text

@@ -124,9 +124,11 @@ def recover_spool(
             recovery.unreadable += 1
             log.warning("recovery: cannot read spool file %s: %s", path.name, exc)
             continue
-        indexed_path = session.scalar(
-            select(Instance.path).where(Instance.sop_instance_uid == facts.sop_instance_uid)
-        )
+        indexed = session.execute(
+            select(Instance.path, Instance.size_bytes).where(
+                Instance.sop_instance_uid == facts.sop_instance_uid
+            )
+        ).first()
         session.rollback()
         index = partial(
             index_instance,
@@ -140,8 +142,8 @@ def recover_spool(
             quiet_seconds=quiet_seconds,
             worklist=worklist,
         )
-        if indexed_path is not None:
-            _known_elsewhere(session, recovery, storage, facts, indexed_path, path, index)
+        if indexed is not None:
+            _known_elsewhere(session, recovery, storage, facts, tuple(indexed), path, index)
         elif index():
             recovery.indexed += 1
         else:  # indexed meanwhile at another path (not at start-up): a second copy
@@ -210,24 +212,44 @@ def _known_elsewhere(
     recovery: Recovery,
     storage: Path,
     facts: InstanceFacts,
-    indexed_path: str,
+    indexed_file: tuple[str, int],
     path: Path,
     index: Callable[[], bool],
 ) -> None:
-    """A file under ``storage`` of an instance indexed at ``indexed_path``.
+    """A file under ``storage`` of an instance indexed at ``indexed_file`` (path, size).
 
     The row names a file under another root (the storage folder moved, copied or restored
     here): the row is pointed at this file when it lies at the same place in the layout (the
-    other root is left as it is), this file is a second copy when the one at that place is
-    here, else it is left alone. The row names a file under this storage: this file is a
-    second copy while that one is there; when that one is lost, the row goes and this file
-    is indexed as what it says it is (``index``)."""
+    other root is left as it is) unless its size differs while the indexed file is still
+    there (a copy not finished: the row keeps the whole file), this file is a second copy
+    when the one at that place is here, else it is left alone. The row names a file under
+    this storage: this file is a second copy while that one is there; when that one is lost,
+    the row goes and this file is indexed as what it says it is (``index``)."""
+    indexed_path, indexed_size = indexed_file
     indexed = Path(indexed_path)
     if not indexed.is_relative_to(storage):
         if indexed.parts[-3:] == path.relative_to(storage).parts:
-            repoint_instances(
-                session.connection(), [(facts.sop_instance_uid, str(path), path.stat().st_size)]
-            )
+            size = path.stat().st_size
+            if size != indexed_size and not indexed_copy_gone(indexed_path):
+                log.warning(
+                    "recovery: instance %s here is %d bytes, the indexed file %s is %d (a "
+                    "copy not finished?): the row keeps naming the indexed file; copy it again",
+                    facts.sop_instance_uid,
+                    size,
+                    indexed_path,
+                    indexed_size,
+                )
+                return
+            if size != indexed_size:
+                log.warning(
+                    "recovery: instance %s here is %d bytes where %d were indexed, and the "
+                    "indexed file %s is gone: the row now names this one",
+                    facts.sop_instance_uid,
+                    size,
+                    indexed_size,
+                    indexed_path,
+                )
+            repoint_instances(session.connection(), [(facts.sop_instance_uid, str(path), size)])
             session.commit()
             recovery.relocated += 1
         elif storage.joinpath(*indexed.parts[-3:]).is_file():
