@@ -32,10 +32,10 @@ from dicomnode.pipeline.handover import Handover, array_bytes
 from dicomnode.pipeline.runtime import Runtime
 from dicomnode.pipeline.select import (
     image_facts,
+    lossy_lineage,
     routed_view,
     rules_match,
     select_models,
-    uncompressed_predecessors,
     with_view,
 )
 from dicomnode.pipeline.tasks import Presentations, run_model
@@ -74,7 +74,8 @@ def load_images(
     instance id read. ``up_to``: only the instances with ids up to it (those an earlier
     analysis read; instances indexed since have higher ids). A lossy-compressed copy of an
     image the study holds (its uncompressed predecessor) is left out where that image
-    decodes: the same picture analysed twice gave two sets of findings and objects."""
+    decodes (the same picture analysed twice gave two sets of findings and objects), else
+    analysed in its place, the original then not counted among those that cannot be."""
     query = select(Instance.id, Instance.path).join(Series).where(Series.study_id == study.id)
     if up_to is not None:
         query = query.where(Instance.id <= up_to)
@@ -93,27 +94,30 @@ def load_images(
         # selected: not decoded either).
         if "PixelData" in ds and not made_by_this_node(ds.get("Manufacturer")):
             candidates.append(ds)
-    held = {str(ds.SOPInstanceUID) for ds in candidates}
-    copies = {id(ds): uncompressed_predecessors(ds) & held for ds in candidates}
+    lineage = lossy_lineage(candidates)
     images: list[Dataset] = []
-    undecodable: list[str] = []
+    failed: dict[str, str] = {}
     decoded: set[str] = set()
-    # The originals first, so that a copy is decoded only where its original did not.
-    for ds in sorted(candidates, key=lambda ds: bool(copies[id(ds)])):
-        if copies[id(ds)] & decoded:
+    # Originals first, then copies, copies of copies: a copy is decoded only where no image
+    # it was made from decoded, and then stands in for them (they count as analysed).
+    for ds in sorted(candidates, key=lambda ds: len(lineage[str(ds.SOPInstanceUID)])):
+        uid = str(ds.SOPInstanceUID)
+        if lineage[uid] & decoded:
             log.info("study_id=%d: a lossy-compressed copy of an image it holds left out", study.id)
             continue
         try:
             first_frame(ds)
         except DecodeError as error:
             log.warning("study_id=%d: image left out: %s", study.id, error)
-            undecodable.append(str(error))
+            failed[uid] = str(error)
             continue
-        decoded.add(str(ds.SOPInstanceUID))
+        decoded.add(uid)
         images.append(ds)
+        for ancestor in lineage[uid]:
+            failed.pop(ancestor, None)
     order = {id(ds): index for index, ds in enumerate(candidates)}
     images.sort(key=lambda ds: order[id(ds)])
-    return images, undecodable, highest
+    return images, list(failed.values()), highest
 
 
 class Models:

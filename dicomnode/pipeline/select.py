@@ -184,6 +184,23 @@ def uncompressed_predecessors(ds: Dataset) -> frozenset[str]:
     )
 
 
+def lossy_lineage(images: Sequence[Dataset]) -> dict[str, frozenset[str]]:
+    """Each image's SOP Instance UID -> the images among ``images`` it is a lossy-compressed
+    copy of, directly or through other copies (a copy of a copy); empty for an original."""
+    held = {str(ds.SOPInstanceUID) for ds in images}
+    direct = {str(ds.SOPInstanceUID): uncompressed_predecessors(ds) & held for ds in images}
+    lineage: dict[str, frozenset[str]] = {}
+    for uid, predecessors in direct.items():
+        found: set[str] = set()
+        todo = list(predecessors)
+        while todo:
+            if (ancestor := todo.pop()) not in found:
+                found.add(ancestor)
+                todo.extend(direct.get(ancestor, ()))
+        lineage[uid] = frozenset(found - {uid})
+    return lineage
+
+
 def slice_normal(ds: Dataset) -> tuple[float, float, float] | None:
     """Unit normal of the image plane from Image Orientation Patient, None when it is absent or
     not two non-parallel direction vectors."""
