@@ -383,6 +383,7 @@ def spool_and_index(session, storage: Path, ds) -> tuple[int, Path]:
     study quiet at once); returns the study's row id and the instance's file."""
     from sqlalchemy import select
 
+    from dicomnode.config import WorklistSettings
     from dicomnode.db.models import Study
     from dicomnode.db.session import utcnow
     from dicomnode.ingest.arrival import instance_facts
@@ -404,6 +405,7 @@ def spool_and_index(session, storage: Path, ds) -> tuple[int, Path]:
         calling_ae="MODALITY",
         now=utcnow(),
         quiet_seconds=0,
+        worklist=WorklistSettings(),
     )
     session.commit()
     study_id = session.scalar(

@@ -11,6 +11,7 @@ from conftest import wait_for
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicomnode.config import WorklistSettings
 from dicomnode.db.models import Instance, Job, Series, Study
 from dicomnode.db.session import as_utc, utcnow
 from dicomnode.ingest.arrival import InstanceFacts
@@ -56,6 +57,7 @@ def index(session: Session, facts: InstanceFacts, now: datetime) -> bool:
         calling_ae="MODALITY",
         now=now,
         quiet_seconds=QUIET,
+        worklist=WorklistSettings(),
     )
 
 
@@ -307,6 +309,7 @@ def test_the_assembly_check_runs_when_a_quiet_period_the_writer_reports_ends(
                 calling_ae="MODALITY",
                 now=now,
                 quiet_seconds=0.2,
+                worklist=WorklistSettings(),
             )
         ready.written(now + timedelta(seconds=0.2))
         wait_for(

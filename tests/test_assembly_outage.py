@@ -26,6 +26,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from test_assembly import FACTS, STUDY_UID
 
 from dicomnode import serve
+from dicomnode.config import WorklistSettings
 from dicomnode.db.models import Study
 from dicomnode.db.session import make_engine, make_sessionmaker, upgrade, utcnow
 from dicomnode.ingest.assembly import ReadyTimes
@@ -88,6 +89,7 @@ def _index_a_quiet_study(sessions: sessionmaker[Session]) -> None:
             calling_ae="MODALITY",
             now=utcnow() - timedelta(seconds=QUIET),
             quiet_seconds=QUIET,
+            worklist=WorklistSettings(),
         )
 
 

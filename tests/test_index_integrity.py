@@ -27,6 +27,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from test_indexer import T0, _arrival, _settings
 from test_scp import PREFIX, Node, secondary_capture, start_node
 
+from dicomnode.config import WorklistSettings
 from dicomnode.db.models import Instance, Series, Study
 from dicomnode.db.session import alembic_config, make_engine, schema_revision, upgrade
 from dicomnode.ingest import indexer
@@ -314,7 +315,7 @@ def test_a_batch_updates_its_studies_in_id_order(
     series_a, series_b = generate_uid(), generate_uid()
     with sessions() as session:
         for study, series in ((study_a, series_a), (study_b, series_b)):
-            add_rows(session, [_arrival(study, series, T0)], 2.0)
+            add_rows(session, [_arrival(study, series, T0)], 2.0, WorklistSettings())
         session.commit()
         ids = dict(session.execute(select(Study.study_instance_uid, Study.id)).all())
     id_a, id_b = ids[study_a], ids[study_b]
@@ -332,7 +333,7 @@ def test_a_batch_updates_its_studies_in_id_order(
                 batch_pid.append(session.scalar(text("SELECT pg_backend_pid()")))
                 later = datetime(2026, 12, 4, 12, 1, tzinfo=UTC)
                 arrivals = [_arrival(study_b, series_b, later), _arrival(study_a, series_a, later)]
-                add_rows(session, arrivals, 2.0)
+                add_rows(session, arrivals, 2.0, WorklistSettings())
                 session.commit()
         except BaseException as error:  # reported by the test below
             failures.append(error)

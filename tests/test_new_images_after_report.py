@@ -341,7 +341,7 @@ def test_a_report_sr_kos_or_seg_leaves_a_reported_study_reported(node: Node) -> 
     image.StudyInstanceUID = uid
     batch = [_spool(node, _not_an_image(node, study_id, REPORT_SR)), _spool(node, image)]
     with node.sessions() as session:
-        add_rows(session, batch, 0)
+        add_rows(session, batch, 0, WorklistSettings())
         session.commit()
     study = node.study(study_id)
     assert (study.reading_status, study.new_images) == ("waiting", 1)

@@ -169,6 +169,7 @@ def _index(session, ds, path: Path) -> None:
         calling_ae="MODALITY",
         now=utcnow(),
         quiet_seconds=0,
+        worklist=WorklistSettings(),
     )
     session.commit()
 
@@ -254,7 +255,7 @@ def test_a_study_is_decided_again_once_the_index_writers_rows_for_it_are_in(
             "MODALITY",
             utcnow(),
         )
-        add_rows(writer, [arrival], quiet_seconds=0)  # not committed yet
+        add_rows(writer, [arrival], 0, WorklistSettings())  # not committed yet
         thread = threading.Thread(
             target=lambda: purged.append(
                 purge_expired(make_sessionmaker(retention_engine)(), storage, utcnow(), 30)

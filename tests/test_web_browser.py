@@ -14,6 +14,7 @@ from PIL import Image
 from web_server import CHROMIUM, add_users, chromium_page, log_in, serve
 from worklist_seed import add_results_job, add_study
 
+from dicomnode.config import WorklistSettings
 from dicomnode.db.models import Study
 from dicomnode.db.session import make_engine, make_sessionmaker, upgrade, utcnow
 from dicomnode.ingest.arrival import InstanceFacts
@@ -403,6 +404,7 @@ def test_a_reported_study_with_new_images_is_back_and_flagged(site, page) -> Non
             calling_ae="MODALITY",
             now=utcnow(),
             quiet_seconds=60,
+            worklist=WorklistSettings(),
         )
     row = page.locator(f"#rows tr[data-study-uid='{uid}']")
     _expect(row).to_have_count(1)  # the page polls: no reload

@@ -211,7 +211,7 @@ def add_rows(
     session: Session,
     arrivals: Sequence[Arrival],
     quiet_seconds: float,
-    worklist: WorklistSettings | None = None,
+    worklist: WorklistSettings,
 ) -> None:
     """Add the rows of ``arrivals`` (and their studies' and series' where new) and push
     each study's assembly deadline past its last arrival, without committing.
@@ -231,7 +231,7 @@ def add_rows(
         study_id, series_id = _known_ids(session, first.facts)
         if study_id is None:
             study_id = _new_study(
-                session, first.facts, first.received_at, worklist or WorklistSettings()
+                session, first.facts, first.received_at, worklist
             )
             new_studies.add(study_id)
         if series_id is None:
@@ -267,7 +267,7 @@ def add_rows(
                 study_id,
                 study.images,
                 study.last,
-                worklist or WorklistSettings(),
+                worklist,
                 study.sender,
             )
 
@@ -282,7 +282,7 @@ def index_instance(
     calling_ae: str,
     now: datetime,
     quiet_seconds: float,
-    worklist: WorklistSettings | None = None,
+    worklist: WorklistSettings,
 ) -> bool:
     """Add one instance's rows (:func:`add_rows`) and commit; False if it was known.
 
@@ -296,7 +296,7 @@ def index_arrival(
     session: Session,
     arrival: Arrival,
     quiet_seconds: float,
-    worklist: WorklistSettings | None = None,
+    worklist: WorklistSettings,
 ) -> bool:
     """:func:`index_instance` for an :class:`Arrival`."""
     for attempt in range(3):
