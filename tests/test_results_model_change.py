@@ -334,3 +334,40 @@ def test_the_same_version_giving_other_probabilities_is_logged_or_analysed_again
         [(_, p)] = _findings(sessions, study_id)
         assert p > 0.9
         _assert_objects_say_the_findings(sessions, study_id, keeping_pacs, OLD)
+
+
+def test_an_onnx_file_replaced_and_reloaded_before_the_results_job_runs_the_triage_again(
+    sessions: sessionmaker[Session],
+    db_url: str,
+    tmp_path: Path,
+    keeping_pacs: StoreSCP,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Analysed, the analysis kept in memory; the ONNX file replaced under the same card
+    and the worker reloaded before the results job: the triage models run again on the file
+    the worker now runs (before, the objects were built from the old session's runs and their
+    inputs named the new file, so later versions made by the new model stood as unchanged)."""
+    import os
+
+    config = _config(tmp_path, db_url, keeping_pacs, handover_mb=256)
+    worker = _worker(config, sessions)
+    study_id = _queue_study(worker, sessions, 953_121)
+    _run_one(worker, sessions, "analyse")
+
+    onnx = tmp_path / "models" / "cxr_pneumothorax_demo.onnx"
+    replacement = onnx.with_suffix(".new")
+    shutil.copyfile(onnx, replacement)
+    later = onnx.stat().st_mtime_ns + 10**9
+    os.utime(replacement, ns=(later, later))
+    replacement.replace(onnx)
+    assert worker.reload()
+    with caplog.at_level(logging.INFO, logger="dicomnode"):
+        _run_one(worker, sessions, "results")
+    assert (
+        "the analysis kept in memory was made with model cards since replaced "
+        f"({MODEL} {OLD}); the triage models run again" in caplog.text
+    )
+    with sessions() as session:
+        assert session.scalars(
+            select(ResultObject).where(ResultObject.study_id == study_id)
+        ).all()  # the same bytes: the findings agree and the objects are written

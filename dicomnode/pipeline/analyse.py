@@ -224,6 +224,9 @@ class Triaged:
     models: Models
     runs: list[tuple[ModelCard, ModelRun]]
     later: list[tuple[ModelCard, list[Dataset]]]
+    # Model name -> the identity of its ONNX file (Runtime.onnx_identity) when the triage ran:
+    # a results job whose runtime has loaded another file since runs the models again.
+    identities: dict[str, str] = field(default_factory=dict)
 
     def nbytes(self) -> int:
         """Estimated memory held (decoded and presentation pixels, model outputs)."""
@@ -245,7 +248,8 @@ def triage_models(models: Models, runtime: Runtime, times: StageTimes) -> Triage
             runs.append((card, models.run(card, selected, runtime, times)))
         else:
             later.append((card, selected))
-    return Triaged(models, runs, later)
+    identities = {card.model.name: runtime.onnx_identity(card) for card in models.cards}
+    return Triaged(models, runs, later, identities)
 
 
 def not_run(models: Models, left_out: Sequence[tuple[ModelCard, str]]) -> list[str]:

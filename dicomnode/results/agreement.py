@@ -25,7 +25,7 @@ An analysis handed over in memory that was made with cards since replaced by a r
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from sqlalchemy import func, select
@@ -140,9 +140,15 @@ def compare(shown: Sequence[Shown], runs: Sequence[tuple[ModelCard, ModelRun]]) 
     return comparison
 
 
-def replaced_cards(triaged: Triaged, configured: Sequence[ModelCard]) -> list[str]:
+def replaced_cards(
+    triaged: Triaged,
+    configured: Sequence[ModelCard],
+    identity: Callable[[ModelCard], str] = ModelCard.onnx_identity,
+) -> list[str]:
     """The models of an analysis handed over in memory whose cards the worker no longer has as
-    they were (a reload replaced or removed them), as "name version"."""
+    they were (a reload replaced or removed them), or whose ONNX file ``identity`` (what the
+    runtime runs now, :meth:`Runtime.onnx_identity`) is not the one the analysis ran with (a
+    file replaced under the same card and reloaded), as "name version"."""
     current = {card.model.name: card for card in configured}
     used = [card for card, _ in [*triaged.runs, *triaged.later]]
     # An ensemble's members ran as part of it.
@@ -157,6 +163,7 @@ def replaced_cards(triaged: Triaged, configured: Sequence[ModelCard]) -> list[st
         f"{card.model.name} {card.model.version}"
         for card in used
         if current.get(card.model.name) != card
+        or triaged.identities.get(card.model.name, identity(card)) != identity(card)
     }
     return sorted(replaced)
 

@@ -207,7 +207,8 @@ def write_results(
         return times
     failures = ResultFailures(job_id, study_id)
     if triaged is not None:
-        replaced = replaced_cards(triaged, [*cards, *(card for card, _ in left_out)])
+        configured = [*cards, *(card for card, _ in left_out)]
+        replaced = replaced_cards(triaged, configured, runtime.onnx_identity)
         if replaced:
             log.info(
                 "results job %d study_id=%d: the analysis kept in memory was made with model "
