@@ -154,7 +154,8 @@ def valid_database_url(url: str) -> str:
     from sqlalchemy.engine import make_url
 
     try:
-        port = make_url(url).port
+        parsed = make_url(url)
+        port = parsed.port
     except ValueError as exc:
         port_text = "invalid literal for int()" in str(exc)
         what = "its port is not a number" if port_text else "SQLAlchemy cannot parse it"
@@ -164,6 +165,13 @@ def valid_database_url(url: str) -> str:
         ) from None
     if port is not None and not 1 <= port <= 65535:
         raise ValueError(f"url is not a valid database URL: port {port} is not 1-65535")
+    if "@" in (parsed.host or ""):
+        # user:p@ss@host reads as the password "p" on the host "ss@host": the rest of the
+        # password would be shown wherever the host is.
+        raise ValueError(
+            "url is not a valid database URL: more than one '@' before the host; "
+            "percent-encode an '@' in the user name or password as %40"
+        )
     return url
 
 

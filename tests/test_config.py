@@ -292,6 +292,8 @@ def test_valid_ae_titles_are_kept(tmp_path: Path) -> None:
         ("postgresql+psycopg://u:s3cret-Pw@h:abc/x", "its port is not a number"),
         ("postgresql+psycopg://u@h:abc/x", "its port is not a number"),
         ("postgresql+psycopg://u:s3cret-Pw@h:70000/x", "port 70000 is not 1-65535"),
+        # An '@' in the password not percent-encoded: the rest of it read as the host.
+        ("postgresql+psycopg://u:s3cret-Pw@rest@h:5432/x", "more than one '@' before the host"),
     ],
 )
 def test_a_database_url_sqlalchemy_cannot_use_is_refused_without_its_password(
