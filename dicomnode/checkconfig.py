@@ -154,6 +154,27 @@ def storage_warnings(settings: Settings) -> list[str]:
     ]
 
 
+def database_warnings(settings: Settings, timeout_seconds: int = 5) -> list[str]:
+    """check-config's look at a PostgreSQL server: whether it takes a connection within
+    ``timeout_seconds`` (a warning, not an error: it may be down only now, or out of this
+    host's reach on purpose). SQLite's folder is checked with the other paths."""
+    if not settings.database_url.startswith("postgresql"):
+        return []
+    from sqlalchemy import create_engine, text
+
+    from dicomnode.db.errors import unreachable
+
+    engine = create_engine(settings.database_url, connect_args={"connect_timeout": timeout_seconds})
+    try:
+        with engine.connect() as connection:
+            connection.execute(text("SELECT 1"))
+    except Exception as exc:
+        return [f"{unreachable(settings.database_url, exc)}; serve and workers wait for it"]
+    finally:
+        engine.dispose()
+    return []
+
+
 def config_warnings(settings: Settings) -> list[str]:
     """Everything check-config and serve warn of: the listener's exposure, the storage."""
     return exposure_warnings(settings) + storage_warnings(settings)

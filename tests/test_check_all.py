@@ -228,3 +228,27 @@ def test_a_watermark_above_the_storage_file_system_is_warned_of(tmp_path: Path) 
     result = _check(config)
     assert result.returncode == 0, result.stderr
     assert "min_free_bytes" not in result.stderr, result.stderr
+
+
+def test_a_postgresql_server_that_takes_no_connection_is_warned_of(tmp_path: Path) -> None:
+    """A PostgreSQL URL whose server refuses the connection: check-config says so in one
+    warning without the password (before it said OK, and the admin learnt it from serve's
+    start failing); the configuration is still valid (exit 0). A reachable one: no warning."""
+    from conftest import POSTGRES_URL, free_port, require_postgres
+
+    require_postgres()
+    config = tmp_path / "dicomnode.toml"
+    base = f'[models]\nfolders = ["{REPO / "models"}"]\n\n[storage]\npath = "{tmp_path / "s"}"\n\n'
+    down = f"postgresql+psycopg://dicomnode:s3cret-Pw@127.0.0.1:{free_port()}/dicomnode"
+    config.write_text(base + f'[database]\nurl = "{down}"\n')
+    result = _check(config)
+    assert result.returncode == 0, result.stderr
+    [line] = [line for line in result.stderr.splitlines() if "database unreachable" in line]
+    assert line.startswith("warning: database unreachable: 127.0.0.1:"), line
+    assert "serve and workers wait for it" in line
+    assert "s3cret-Pw" not in result.stderr
+
+    config.write_text(base + f'[database]\nurl = "{POSTGRES_URL}"\n')
+    result = _check(config)
+    assert result.returncode == 0, result.stderr
+    assert "database" not in result.stderr, result.stderr

@@ -22,14 +22,14 @@ UPGRADE_NEEDED = 3
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    from dicomnode.checkconfig import check_all, config_warnings
+    from dicomnode.checkconfig import check_all, config_warnings, database_warnings
 
     settings, cards, problems = check_all(args.config_option or args.config)
     for problem in problems:
         print(f"configuration error: {problem}", file=sys.stderr)
     if settings is None or problems:
         return 2
-    for warning in config_warnings(settings):
+    for warning in config_warnings(settings) + database_warnings(settings):
         print(f"warning: {warning}", file=sys.stderr)
     print(
         f"{args.config_option or args.config}: OK ({len(cards)} model card(s), "
