@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import fcntl
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -184,7 +185,9 @@ def test_a_database_that_takes_no_rows_holds_them_all_and_refuses_new_instances(
 
 
 def test_supervisor_writer_over_a_socket_pair_reports_rows_and_database_health(
-    sessions: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch
+    sessions: sessionmaker[Session],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     monkeypatch.setattr(indexer, "RETRY_SECONDS", 0.1)
     current = {"sessions": sessions}
@@ -206,10 +209,16 @@ def test_supervisor_writer_over_a_socket_pair_reports_rows_and_database_health(
         waiting = remote.add(_arrival(study, series, T0))
         wait_for(lambda: not remote.healthy, timeout=10, what="the listener to learn of it")
         assert not remote.wait(waiting, 0.2)
-        # It is back: the waiting row is written and the listener told.
+        # It is back: the waiting row is written and the listener told, in an INFO line (the
+        # outage's end is no warning).
         current["sessions"] = sessions
-        assert remote.wait(waiting, 10)
-        wait_for(lambda: remote.healthy, timeout=10, what="healthy again")
+        with caplog.at_level(logging.INFO, logger="dicomnode.ingest"):
+            assert remote.wait(waiting, 10)
+            wait_for(lambda: remote.healthy, timeout=10, what="healthy again")
+        back = [r for r in caplog.records if r.getMessage().startswith("database available")]
+        assert [(r.levelname, r.getMessage()) for r in back] == [
+            ("INFO", "database available again: index rows written")
+        ]
         with sessions() as session:
             assert _study(session, study).received_generation == 4
         down.dispose()

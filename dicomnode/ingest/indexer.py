@@ -260,7 +260,7 @@ class IndexWriter:
         except (DBAPIError, OSError) as exc:
             return self._unavailable(exc, len(items))
         if not self.healthy:
-            log.warning("database available again: index rows written")
+            log.info("database available again: index rows written")
             self._set_health(True)
         return True
 
