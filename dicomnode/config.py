@@ -195,10 +195,16 @@ class AssemblySettings(_Section):
     quiet_seconds: float = Field(default=1.0, ge=0.0)
 
 
+# The shortest ``[worker] lease_seconds``: a running job's lease is renewed every third of it
+# (dicomnode.jobs.leases), and a renewal may wait seconds for SQLite's write lock or a slow
+# database.
+MIN_LEASE_SECONDS = 10.0
+
+
 class WorkerSettings(_Section):
     count: int = Field(default=1, ge=0)
     providers: list[str] = ["CPUExecutionProvider"]
-    lease_seconds: float = Field(default=300.0, gt=0)
+    lease_seconds: float = 60.0
     poll_seconds: float = Field(default=5.0, gt=0)
     max_attempts: int = Field(default=5, ge=1)
     backoff_base_seconds: float = Field(default=2.0, gt=0)
@@ -211,6 +217,19 @@ class WorkerSettings(_Section):
     # A stand-alone "dicomnode worker" serves its own /metrics here; serve's workers do not.
     metrics_port: int = Field(default=0, ge=0, le=65535, description="0 = none")
     metrics_host: str = "127.0.0.1"
+
+    @field_validator("lease_seconds")
+    @classmethod
+    def _renewable_lease(cls, value: float) -> float:
+        if value < MIN_LEASE_SECONDS:
+            raise PydanticCustomError(
+                "lease_seconds",
+                "lease_seconds = {value} is shorter than the minimum, {minimum} seconds: a running "
+                "job's lease is renewed every third of it, and a renewal may wait seconds for "
+                "the database (default 60: a dead worker's jobs are taken over within a minute)",
+                {"value": f"{value:g}", "minimum": f"{MIN_LEASE_SECONDS:g}"},
+            )
+        return value
 
 
 class InferenceSettings(_Section):

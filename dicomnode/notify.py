@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 from dicomnode import RESEARCH_DEMO_NOTICE
 from dicomnode.config import NotifySettings
 from dicomnode.db.models import Job, Study
-from dicomnode.db.session import as_utc, utcnow
+from dicomnode.db.session import READ_ONLY, as_utc, utcnow
 from dicomnode.jobs.queue import enqueue
 
 log = logging.getLogger("dicomnode.notify")
@@ -297,17 +297,28 @@ def send_hl7(message: str, control_id: str, settings: NotifySettings) -> str:
 def send_notification(
     session: Session, settings: NotifySettings, job: Job, now: datetime | None = None
 ) -> str:
-    """Run one ``notify`` job: build the message from the study as it is now and send it."""
+    """Run one ``notify`` job: build the message from the study as it is now and send it.
+
+    The study is read in a read-only transaction, ended before the message goes out: on
+    SQLite a transaction that may write holds the write lock from its start, and every
+    writer (the index writer, lease renewals, other workers' claims) waited for the
+    receiver's answer, up to its timeout."""
     channel = job.payload.get("channel", "")
     if channel not in enabled_channels(settings):
         return f"channel {channel!r} not enabled; nothing sent"
+    job_id = job.id  # the rollback below expires the job: read again, it would begin one
+    read_only = not session.in_transaction()  # else the caller's transaction goes on
+    if read_only:
+        session.connection(execution_options=READ_ONLY)
     study = session.get(Study, job.study_id)
-    if study is None:
+    result = None if study is None else critical_result(study)
+    if read_only:
+        session.rollback()
+    if result is None:
         return "study no longer exists"
-    result = critical_result(study)
     if channel == "webhook":
-        return send_webhook(webhook_body(result, f"dicomnode-notify-{job.id}"), settings)
-    control_id = f"DN{job.id}"
+        return send_webhook(webhook_body(result, f"dicomnode-notify-{job_id}"), settings)
+    control_id = f"DN{job_id}"
     return send_hl7(
         hl7_message(result, control_id, settings, now or utcnow()), control_id, settings
     )

@@ -35,6 +35,7 @@ from dicomnode.db.session import utcnow
 from dicomnode.export.jobs import TOGETHER as EXPORTS_TOGETHER
 from dicomnode.export.jobs import ExportJobs
 from dicomnode.ingest.spool import free_bytes
+from dicomnode.jobs.leases import LeaseRenewer
 from dicomnode.jobs.queue import (
     Postponed,
     claim_together,
@@ -132,6 +133,10 @@ class Worker:
         self.exports = ExportJobs(self)
         # Whether results jobs wait for room in storage now (one log line per change).
         self._storage_full = OutageLog(log)
+        # Renews the leases of the jobs this process runs (a thread, run_forever starts it).
+        self.leases = LeaseRenewer(
+            sessions, lambda: self.owner, lambda: self.settings.worker.lease_seconds
+        )
 
     @property
     def cards(self) -> list[ModelCard]:
@@ -276,7 +281,8 @@ class Worker:
             job, *companions = claimed
             kind = job.kind
             try:
-                self._run_claimed(session, job, companions)
+                with self.leases.running(j.id for j in claimed):
+                    self._run_claimed(session, job, companions)
                 return None
             finally:
                 if kind in BACKGROUND_KINDS:
@@ -533,6 +539,7 @@ class Worker:
         self.free_orphaned_jobs()
         self.exports.bury_unrouted_exports()
         signal = JobSignal(self.sessions.kw["bind"]).start()
+        self.leases.start()
         threads = [
             threading.Thread(target=self._job_loop, args=(stop, signal), name=f"job-{n}")
             for n in range(self.settings.worker.threads)
@@ -557,6 +564,7 @@ class Worker:
             self.reload_requested.set()  # wakes the reload thread, which sees the stop
             for thread in [*threads, reloads]:
                 thread.join()
+            self.leases.stop()  # after the job threads: their jobs' leases are kept to the end
             self.reload_requested.clear()
 
     def _reload_on_request(self, stop: threading.Event, name_restart_only: bool) -> None:

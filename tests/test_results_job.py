@@ -122,7 +122,7 @@ def test_worker_keeps_a_thread_free_for_triage(sessions, tmp_path: Path) -> None
 def test_results_of_a_worker_that_died_after_the_triage_commit_are_written_by_another(
     sessions, tmp_path: Path
 ) -> None:
-    settings = _settings(tmp_path, lease_seconds=1.0)
+    settings = _settings(tmp_path)
     card = load_card(PNEUMOTHORAX)
     study_id = _study(sessions, settings, 940_011)
     first = Worker(settings, sessions, [card])

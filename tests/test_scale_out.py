@@ -3,7 +3,8 @@
 Sixty critical-result notification jobs (a real handler: an HTTP POST to a webhook that
 counts what it receives and answers) are each done exactly once, each worker doing some of
 them, and the job of a worker killed with SIGKILL while holding its lease is taken over by
-another worker once the lease expires, and done once.
+another worker once the lease expires, and done once. Until the kill its worker renews the
+lease (past the end its claim gave), and no other worker takes the job.
 """
 
 from __future__ import annotations
@@ -26,13 +27,13 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.db.models import Job
-from dicomnode.db.session import as_utc
+from dicomnode.db.session import as_utc, utcnow
 
 JOBS = 60
 WORKERS = 3
-# Jobs the workers hold, unrenewed, while the webhook keeps them waiting: longer than
-# the wait for all three to have asked, however slowly a loaded machine wakes them.
-LEASE_SECONDS = 5.0
+# The shortest lease the configuration allows: the held job's worker renews it every
+# third of it while it lives, and its takeover comes this long after the kill at most.
+LEASE_SECONDS = 10.0
 
 
 class Webhook:
@@ -152,6 +153,15 @@ def test_three_workers_do_every_job_once_and_take_over_a_killed_workers_job(
         assert holder.state == "leased"
         killed = int(holder.lease_owner.rsplit(":", 1)[1])
         assert killed in workers
+        claimed_until = as_utc(holder.lease_expires_at)
+
+        def renewed() -> bool:
+            # Past the end its claim gave, the job is still its worker's: its lease renewed.
+            job = next(job for job in _jobs(sessions) if job.id == stalled_id)
+            assert (job.state, job.lease_owner, job.attempts) == ("leased", holder.lease_owner, 1)
+            return utcnow() > claimed_until and as_utc(job.lease_expires_at) > utcnow()
+
+        wait_for(renewed, timeout=60, interval=0.2, what="the held job's lease renewed")
         os.kill(killed, signal.SIGKILL)
         workers[killed].wait(timeout=10)
         killed_at = time.monotonic()

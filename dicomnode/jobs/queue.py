@@ -5,8 +5,9 @@ Workers on any host that shares the database claim jobs, the most urgent kind fi
 priority, then the transfers of result objects already written, then the writing of result
 objects), then the oldest. PostgreSQL uses
 ``SELECT ... FOR UPDATE SKIP LOCKED``; SQLite serialises writers, so a plain select inside
-the (immediate) write transaction is enough. A job whose lease expired, because its
-worker died, is claimed again. Idle workers wait on a
+the (immediate) write transaction is enough. A running job's worker renews its lease
+(:func:`renew`, :mod:`dicomnode.jobs.leases`); a job whose lease expired, because its worker
+died or hangs, is claimed again. Idle workers wait on a
 :class:`~dicomnode.jobs.waiting.JobSignal` (PostgreSQL ``LISTEN``/``NOTIFY``; on SQLite a
 datagram to each worker's socket, :mod:`dicomnode.jobs.wakeups`) and otherwise sleep until
 the next job is due (:func:`next_due`) instead of polling the queue.
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, case, event, func, or_, select, text
+from sqlalchemy import ColumnElement, and_, case, event, func, or_, select, text, update
 from sqlalchemy.orm import Session, aliased
 
 from dicomnode.db.models import Job, Study
@@ -281,6 +282,41 @@ def _lease(job: Job, owner: str, lease_seconds: float, now: datetime) -> None:
     job.attempts += 1
 
 
+def renew(
+    session: Session,
+    owner: str,
+    job_ids: Iterable[int],
+    lease_seconds: float,
+    now: datetime | None = None,
+) -> int:
+    """Extend to ``now + lease_seconds`` the leases that ``owner`` still holds of the jobs
+    ``job_ids`` (those it runs), in one UPDATE; commits; returns how many were renewed.
+
+    A job another worker took over (its lease ran out first) is left alone: the running
+    worker finds that out when it records the job's outcome. On PostgreSQL a row locked now
+    (its own job thread recording the outcome) is skipped, not waited for: the renewal never
+    holds up a job thread nor deadlocks with one that locks several jobs; it is renewed next
+    time if it still runs. On SQLite the UPDATE is the transaction's only statement (the
+    write lock is held for it alone)."""
+    ids = sorted(set(job_ids))
+    if not ids:
+        return 0
+    now = now or utcnow()
+    mine = and_(Job.id.in_(ids), Job.lease_owner == owner, Job.state == "leased")
+    if session.get_bind().dialect.name != "sqlite":  # SQLite: BEGIN IMMEDIATE, nothing to skip
+        mine = Job.id.in_(
+            select(Job.id).where(mine).order_by(Job.id).with_for_update(skip_locked=True)
+        )
+    renewed = session.execute(
+        update(Job)
+        .where(mine)
+        .values(lease_expires_at=now + timedelta(seconds=lease_seconds))
+        .execution_options(synchronize_session=False)
+    ).rowcount
+    session.commit()
+    return renewed
+
+
 def queued_seconds(job: Job) -> float:
     """Seconds the job has been due (to its claim, when called as it is claimed)."""
     return max(0.0, (utcnow() - as_utc(job.run_after)).total_seconds())
@@ -305,7 +341,7 @@ def release_orphaned(
 ) -> list[int]:
     """End the leases of jobs held by worker processes of ``host`` that are gone (killed,
     crashed, the machine restarted), so that they are taken over now rather than when the
-    lease runs out (``[worker] lease_seconds``, 5 minutes by default); commits; returns the
+    lease runs out (``[worker] lease_seconds``, a minute by default); commits; returns the
     jobs' ids. Owners are ``host:pid``; a pid that lives again as another process keeps its
     job until the lease ends, as before.
 
