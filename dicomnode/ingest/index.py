@@ -230,9 +230,7 @@ def add_rows(
         first = group[0]
         study_id, series_id = _known_ids(session, first.facts)
         if study_id is None:
-            study_id = _new_study(
-                session, first.facts, first.received_at, worklist
-            )
+            study_id = _new_study(session, first.facts, first.received_at, worklist)
             new_studies.add(study_id)
         if series_id is None:
             series_id = _new_series(session, study_id, first.facts)
