@@ -152,9 +152,11 @@ class Node:
         scp,
         workers: list[subprocess.Popen] | None = None,
         listeners=None,
+        sessions: sessionmaker[Session] | None = None,
     ):
         """``scp``: an in-process listener (or None); ``listeners``: a
-        :class:`~dicomnode.ingest.listeners.ListenerPool` (or None)."""
+        :class:`~dicomnode.ingest.listeners.ListenerPool` (or None); ``sessions``: the
+        database where a reload publishes the cards (:mod:`dicomnode.nodestate`), or None."""
         self.config = config
         self.settings = settings
         # What the listeners, the web server and the database run: a reload does not change
@@ -164,6 +166,7 @@ class Node:
         self.scp = scp
         self.workers = workers if workers is not None else []
         self.listeners = listeners
+        self.sessions = sessions
         # Set once every DICOM listener listens (at once for an in-process listener):
         # serve starts the web server and the workers while its listeners start.
         self.started = threading.Event()
@@ -210,6 +213,8 @@ class Node:
                 self.scp.settings = settings
             if self.listeners is not None and not self.listeners.reload(settings):
                 log.error("reload: a DICOM listener did not confirm the new configuration")
+            # Before the workers reload: each compares its new cards with these.
+            self._publish_cards(cards)
             for process in self.workers:
                 if process.poll() is None:
                     process.send_signal(signal.SIGHUP)
@@ -222,6 +227,27 @@ class Node:
             if notifier:
                 notifier.notify("READY=1\nSTATUS=configuration reloaded")
             return True
+
+    def _publish_cards(self, cards: list[ModelCard]) -> None:
+        """The cards every worker must run now; a database that is down is logged (the
+        workers keep comparing with the cards published before)."""
+        from dicomnode.nodestate import publish_cards
+        from dicomnode.outage import database_reason, database_unavailable
+
+        if self.sessions is None:
+            return
+        try:
+            with self.sessions() as session:
+                publish_cards(session, cards)
+        except Exception as exc:
+            if not database_unavailable(exc):
+                raise
+            log.error(
+                "reload: the model cards were not published (database unavailable: %s); "
+                "workers on other hosts compare theirs with the previous ones until the "
+                "next reload",
+                database_reason(exc),
+            )
 
 
 def _announce(
@@ -479,6 +505,7 @@ def _serve(config: Path, workers: int | None) -> int:
     from dicomnode.ingest.indexer import IndexService, ingest_sessions
     from dicomnode.ingest.listeners import ListenerPool
     from dicomnode.logs import setup_logging
+    from dicomnode.nodestate import publish_serve_facts
 
     try:
         settings = load_settings(config)
@@ -516,6 +543,9 @@ def _serve(config: Path, workers: int | None) -> int:
             ", ".join(f"{c.model.name} {c.model.version}" for c in cards),
             RESEARCH_DEMO_NOTICE,
         )
+        # Before any worker starts: each checks its storage folder and cards against these.
+        with sessions() as session:
+            publish_serve_facts(session, settings.storage_path, cards)
         recover(settings, sessions)
         stale = remove_stale_folders()
         if stale:
@@ -576,7 +606,7 @@ def _serve(config: Path, workers: int | None) -> int:
         pool = WorkerPool(config, settings.worker.count if workers is None else workers)
         threading.Thread(target=pool.supervise, args=(stop,), name="workers", daemon=True).start()
         log.info("worklist page on http://%s:%d/worklist", settings.web.host, settings.web.port)
-        node = Node(config, settings, cards, None, pool.processes, listeners)
+        node = Node(config, settings, cards, None, pool.processes, listeners, sessions)
         running["node"] = node
         run_web(node, sessions, stop, start_listening, web)
     except Exception:

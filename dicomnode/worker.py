@@ -50,6 +50,7 @@ from dicomnode.jobs.waiting import JobSignal
 from dicomnode.logs import patient_values, without_patient_data
 from dicomnode.models.availability import ModelAvailability
 from dicomnode.models.registry import ModelCard
+from dicomnode.nodestate import NodeCheck
 from dicomnode.notify import send_notification
 from dicomnode.outage import OutageLog, database_reason, database_unavailable, disk_full
 from dicomnode.pipeline.analyse import analyse_study, mark_failed
@@ -133,6 +134,9 @@ class Worker:
         self.exports = ExportJobs(self)
         # Whether results jobs wait for room in storage now (one log line per change).
         self._storage_full = OutageLog(log)
+        # Whether its cards and storage folder are the node's (serve's): else it takes no
+        # analyses (other cards) or no jobs (another storage folder).
+        self.node_check = NodeCheck(self.owner, settings.storage_path, cards)
         # Renews the leases of the jobs this process runs (a thread, run_forever starts it).
         self.leases = LeaseRenewer(
             sessions, lambda: self.owner, lambda: self.settings.worker.lease_seconds
@@ -164,6 +168,9 @@ class Worker:
         claimed: list[Job] = []
         wait = math.inf
         try:
+            kinds = self.node_check.claimable(session, kinds)
+            if not kinds:
+                return wait
             soonest = next_due(session, kinds)
             if soonest is not None:
                 wait = max(0.0, (soonest - utcnow()).total_seconds())
@@ -225,6 +232,7 @@ class Worker:
         # Every card of a reload was loaded by load_checked (a reload with an unloadable one
         # is refused): those left out before are fixed.
         self.models.replace(cards)
+        self.node_check.cards_changed(cards)
         self.handover.max_bytes = settings.worker.handover_mb * 1024 * 1024
         log.info("worker %s reloaded: %d model card(s)", self.owner, len(cards))
         return True

@@ -181,3 +181,40 @@ def test_an_sqlite_database_other_accounts_may_read_is_warned_of(
         upgrade(url)
     [line] = [r.getMessage() for r in caplog.records if "readable by other" in r.getMessage()]
     assert "dicomnode.db (0644)" in line and f"chmod o-rwx {database}*" in line
+
+
+# Migration 0010 ----------------------------------------------------------------------------
+
+
+def _tables(url: str) -> set[str]:
+    engine = create_engine(url, poolclass=NullPool)
+    try:
+        return set(inspect(engine).get_table_names())
+    finally:
+        engine.dispose()
+
+
+def test_migration_0010_adds_the_node_facts_table_and_back(db_url: str) -> None:
+    """0010 adds the empty node_facts table (serve fills it at its next start); back to 0009
+    drops it with its rows and leaves the other tables, up again makes it anew."""
+    config = alembic_config(db_url)
+    command.upgrade(config, "0009")
+    before = _tables(db_url)
+    assert "node_facts" not in before
+    command.upgrade(config, "0010")
+    assert _tables(db_url) == before | {"node_facts"}
+    engine = make_engine(db_url)
+    try:
+        with engine.begin() as connection:
+            connection.execute(
+                insert(table("node_facts", column("name"), column("value"), column("updated_at"))),
+                {"name": "storage_id", "value": "0123", "updated_at": T0},
+            )
+        command.downgrade(config, "0009")
+        assert schema_revision(db_url) == "0009"
+        assert _tables(db_url) == before
+        command.upgrade(config, "head")
+        with engine.connect() as connection:
+            assert connection.execute(text("SELECT count(*) FROM node_facts")).scalar() == 0
+    finally:
+        engine.dispose()

@@ -28,7 +28,9 @@ from dicomnode.jobs.queue import enqueue
 
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 STAMP = "2024-05-01 12:00:00.000000"
-TABLES = sorted(Base.metadata.tables)
+# Tables that migrations after 0002 add (the others are 0002's, with rows in these tests).
+LATER_TABLES = {"node_facts"}
+TABLES = sorted(set(Base.metadata.tables) - LATER_TABLES)
 
 
 def _study(session: Session, uid: str) -> int:
@@ -86,7 +88,7 @@ def test_a_fresh_sqlite_database_has_autoincrement_on_every_table(tmp_path: Path
     upgrade(f"sqlite:///{path}")
     with sqlite3.connect(path) as connection:
         schema = dict(connection.execute("SELECT name, sql FROM sqlite_master WHERE type='table'"))
-    for table in TABLES:
+    for table in Base.metadata.tables:
         assert "AUTOINCREMENT" in schema[table], table
 
 

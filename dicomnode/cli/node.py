@@ -67,6 +67,7 @@ def cmd_listener(args: argparse.Namespace) -> int:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     from dicomnode.logs import setup_logging
+    from dicomnode.nodestate import StorageMismatch, check_storage
     from dicomnode.worker import Worker
 
     # A SIGHUP before the handler below is installed must not kill the worker.
@@ -85,7 +86,15 @@ def cmd_worker(args: argparse.Namespace) -> int:
         leave_sigint_to_supervisor()
     settings = settings_of(args)
     setup_logging(settings.log_level, settings.logging.json_lines)
-    worker = Worker(settings, database_sessions(settings), model_cards(settings))
+    sessions = database_sessions(settings)
+    # Before a job is claimed: a folder that is not the node's storage failed every job.
+    try:
+        with sessions() as session:
+            check_storage(session, settings.storage_path)
+    except StorageMismatch as exc:
+        log.error("worker does not start: %s", exc)
+        _leave(2)
+    worker = Worker(settings, sessions, model_cards(settings))
     # Serve's workers report through the node's /metrics; one run by itself serves its own.
     if args.parent_pid is None:
         metrics_port = settings.worker.metrics_port

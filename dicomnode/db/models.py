@@ -254,6 +254,19 @@ class AuditEntry(Base):
     reason: Mapped[str] = mapped_column(Text, default="", server_default="")
 
 
+class NodeFact(Base):
+    """What the node's processes on every host share besides the jobs
+    (:mod:`dicomnode.nodestate`): the storage folder's id, the model cards serve runs."""
+
+    __tablename__ = "node_facts"
+    __table_args__ = (AUTOINCREMENT,)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    value: Mapped[str] = mapped_column(Text)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
 class User(Base):
     """A local web user: radiologist or admin, with an Argon2id password hash."""
 
