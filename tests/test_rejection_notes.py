@@ -10,21 +10,26 @@ without (the default) gets none, and neither does one that never received them.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import pydicom
 import pytest
 from conftest import StoreSCP, spool_and_index, spool_late_instance, storescp, wait_for
 from dciodvfy import dciodvfy_errors
+from prometheus_client import REGISTRY
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
+from test_export_refusals import PickySCP
 
 from dicomnode.config import Destination, Settings
 from dicomnode.db.models import Instance, Job, ResultObject
 from dicomnode.db.session import as_utc, utcnow
 from dicomnode.ingest.assembly import queue_ready_studies
-from dicomnode.jobs.queue import enqueue, retry
+from dicomnode.jobs.dead_letters import retry_dead
+from dicomnode.jobs.queue import BACKOFF_MAX_SECONDS, enqueue
 from dicomnode.models.registry import load_card
 from dicomnode.synth.cxr import make_cxr
 from dicomnode.worker import Worker
@@ -178,6 +183,7 @@ def test_a_destination_that_rejects_superseded_objects_gets_a_note_naming_exactl
     _analyse(worker, sessions, study_id)
 
     second = _rows(sessions, study_id)
+    second_by_id = {row.id: row for row in second.values()}
     superseded = {uid for uid, row in first.items() if uid not in second}
     assert {first[uid].kind for uid in superseded} == {"sr", "kos"} and len(superseded) == 2
     unchanged = set(first) & set(second)
@@ -199,13 +205,15 @@ def test_a_destination_that_rejects_superseded_objects_gets_a_note_naming_exactl
     assert any("superseded by a later AI result" in text for text in descriptions)
     assert any("Research demo, not for clinical use" in text for text in descriptions)
     assert dciodvfy_errors(note) == []
-    # Sent after every object the second results job queued for the destination.
+    # Sent after the new SR and KOS, which supersede what it rejects; not waiting for the
+    # late image's overlay, a new object that replaces nothing.
     exports = [job for job in _done_exports(sessions, "pacs") if job.id not in sent_before]
     [note_job] = [job for job in exports if job.payload["result_id"] == note_row.id]
-    others = [job for job in exports if job is not note_job]
-    assert sorted(note_job.payload["after"]) == sorted(job.id for job in others)
-    assert len(others) == 3
-    assert all(as_utc(note_job.finished_at) >= as_utc(job.finished_at) for job in others)
+    kinds = {job.id: second_by_id[job.payload["result_id"]].kind for job in exports}
+    superseding = [job for job in exports if kinds[job.id] in ("sr", "kos")]
+    assert sorted(note_job.payload["after"]) == sorted(job.id for job in superseding)
+    assert len(superseding) == 2 and sorted(kinds.values()) == ["kos", "overlay", "rejection", "sr"]
+    assert all(as_utc(note_job.finished_at) >= as_utc(job.finished_at) for job in superseding)
 
 
 def test_no_note_by_default_nor_to_a_destination_that_never_received_the_objects(
@@ -238,13 +246,25 @@ def test_no_note_by_default_nor_to_a_destination_that_never_received_the_objects
     assert _rejection_notes(current) == []
 
 
+def _export_failures(destination: str) -> float:
+    return (
+        REGISTRY.get_sample_value("dicomnode_export_failures_total", {"destination": destination})
+        or 0.0
+    )
+
+
 def _note_held_by_a_dead_export(
-    worker: Worker, sessions: sessionmaker[Session], pacs: StoreSCP
+    worker: Worker,
+    sessions: sessionmaker[Session],
+    pacs: StoreSCP,
+    caplog: pytest.LogCaptureFixture,
 ) -> tuple[dict[str, ResultObject], Job, int]:
     """The radiographs analysed and exported, then the late image, the new SR's export
     dead-lettered before it is sent: returns the first analysis's rows, the dead export job
-    and the note's export job id, once the worker has nothing due (the note not sent, its
-    attempt naming the dead export)."""
+    and the note's export job id, once the worker has nothing due. The note is not sent and
+    is no failure: put back for BACKOFF_MAX_SECONDS without using an attempt (not
+    dead-lettered, no export failure counted, no WARNING), its last_error and one INFO line
+    naming the dead export."""
     study_id = _first_analysis(worker, sessions)
     first = _rows(sessions, study_id)
     _received(pacs, sessions, "pacs")
@@ -270,17 +290,34 @@ def _note_held_by_a_dead_export(
         ]
         buried.state, buried.last_error = "dead", "refused"
         session.commit()
-    while worker.run_once():
-        pass
+    failures = _export_failures("pacs")
+    caplog.clear()
+    with caplog.at_level(logging.DEBUG, logger="dicomnode"):
+        while worker.run_once():
+            pass
+        # Claimed again (as it would be by a worker that does not know why it waits): put
+        # back again, no second INFO line.
+        with sessions() as session:
+            [note_job] = [
+                job
+                for job in session.scalars(select(Job).where(Job.kind == "export", Job.id > last))
+                if results[job.payload["result_id"]].kind == "rejection"
+            ]
+            note_job.run_after = utcnow()
+            session.commit()
+        while worker.run_once():
+            pass
     with sessions() as session:
-        [note_job] = [
-            job
-            for job in session.scalars(select(Job).where(Job.kind == "export", Job.id > last))
-            if results[job.payload["result_id"]].kind == "rejection"
-        ]
-        assert note_job.state != "done"
+        note_job = session.get(Job, note_job.id)
+        assert (note_job.state, note_job.attempts) == ("queued", 0)
         assert f"export job(s) {buried.id} " in note_job.last_error
         assert "dead-lettered" in note_job.last_error
+        # Put back for long: the retry or the covering export makes it due (no polling).
+        assert as_utc(note_job.run_after) > utcnow() + timedelta(seconds=BACKOFF_MAX_SECONDS / 2)
+    assert _export_failures("pacs") == failures
+    noted = [r for r in caplog.records if f"job {note_job.id} " in r.getMessage()]
+    assert [r.levelno for r in noted if r.levelno >= logging.INFO] == [logging.INFO]
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
     # The late image's overlay and the new KOS only.
     received = _received(pacs, sessions, "pacs")
     assert len(received) == 7
@@ -288,43 +325,44 @@ def _note_held_by_a_dead_export(
     return first, buried, note_job.id
 
 
-def _note_due_now(session: Session, note_id: int) -> None:
-    note_job = session.get(Job, note_id)
-    if note_job.state == "dead":
-        retry(session, note_job)
-    else:
-        note_job.run_after = utcnow()
-
-
 def test_a_note_waits_for_the_superseding_objects_to_reach_the_destination(
-    sessions: sessionmaker[Session], tmp_path: Path, pacs: StoreSCP
+    sessions: sessionmaker[Session],
+    tmp_path: Path,
+    pacs: StoreSCP,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """The new SR's export dead-lettered before it is sent: the note is not sent (its attempt
-    names the dead export), and once the SR's export is retried and sent, the note follows."""
+    """The new SR's export dead-lettered before it is sent: the note is put back, no failure
+    (see the helper); an admin's retry of the SR's export makes the note due with it, and
+    once the SR is sent the note follows."""
     worker = _worker(tmp_path, sessions, [_destination("pacs", pacs, reject_superseded=True)])
-    first, buried, note_id = _note_held_by_a_dead_export(worker, sessions, pacs)
+    first, buried, note_id = _note_held_by_a_dead_export(worker, sessions, pacs, caplog)
     with sessions() as session:
-        retry(session, session.get(Job, buried.id))
-        _note_due_now(session, note_id)
+        retry_dead(session, session.get(Job, buried.id), "admin", utcnow())
         session.commit()
+        assert as_utc(session.get(Job, note_id).run_after) <= utcnow()
     _run_all(worker, sessions)
     received = _received(pacs, sessions, "pacs")
     assert len(received) == 9
     [note] = _rejection_notes(received)
     assert _evidence(note) == {uid for uid, row in first.items() if row.kind in ("sr", "kos")}
+    with sessions() as session:
+        assert session.get(Job, note_id).state == "done"
 
 
 def test_a_dead_superseding_export_that_another_export_covers_holds_the_note_no_longer(
-    sessions: sessionmaker[Session], tmp_path: Path, pacs: StoreSCP
+    sessions: sessionmaker[Session],
+    tmp_path: Path,
+    pacs: StoreSCP,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """The new SR's dead export left dead, its object queued again to the destination by
     another export job (as a later results job queues a dead-lettered object): once that one
-    has sent it, the note follows; the dead job stays dead."""
+    has sent it, the note follows by itself (made due by it, not at the end of its
+    postponement); the dead job stays dead."""
     worker = _worker(tmp_path, sessions, [_destination("pacs", pacs, reject_superseded=True)])
-    first, buried, note_id = _note_held_by_a_dead_export(worker, sessions, pacs)
+    first, buried, note_id = _note_held_by_a_dead_export(worker, sessions, pacs, caplog)
     with sessions() as session:
         enqueue(session, "export", buried.study_id, dict(buried.payload))
-        _note_due_now(session, note_id)
         session.commit()
     _run_all(worker, sessions)
     received = _received(pacs, sessions, "pacs")
@@ -333,6 +371,7 @@ def test_a_dead_superseding_export_that_another_export_covers_holds_the_note_no_
     assert _evidence(note) == {uid for uid, row in first.items() if row.kind in ("sr", "kos")}
     with sessions() as session:
         assert session.get(Job, buried.id).state == "dead"
+        assert session.get(Job, note_id).state == "done"
 
 
 def test_a_note_names_only_the_superseded_objects_that_reached_the_destination(
@@ -370,3 +409,118 @@ def test_a_note_names_only_the_superseded_objects_that_reached_the_destination(
     [old_sr] = [uid for uid, row in first.items() if row.kind == "sr"]
     assert _evidence(note) == _content_references(note) == {old_sr}
     assert dciodvfy_errors(note) == []
+
+
+@pytest.fixture
+def picky() -> Iterator[PickySCP]:
+    """A pynetdicom Storage SCP that keeps the SOP Instance UIDs it stores in the order they
+    arrive, and answers a failure status to the SOP class set as its ``refused``."""
+    scp = PickySCP(refuse_status=0xC000)
+    try:
+        yield scp
+    finally:
+        scp.close()
+
+
+def _picky_worker(tmp_path: Path, sessions: sessionmaker[Session], picky: PickySCP) -> Worker:
+    destination = Destination(
+        name="pacs", ae_title="PACS", host="127.0.0.1", port=picky.port, reject_superseded=True
+    )
+    return _worker(tmp_path, sessions, [destination])
+
+
+def _drain(worker: Worker) -> None:
+    """Run what is due now (a job put back or backing off is left)."""
+    while worker.run_once():
+        pass
+
+
+def _note_and_its_exports(
+    sessions: sessionmaker[Session], study_id: int, first: dict[str, ResultObject]
+) -> tuple[Job, dict[str, Job]]:
+    """The note's export job and the second analysis's new objects' export jobs by kind."""
+    with sessions() as session:
+        rows = {
+            row.id: row
+            for row in session.scalars(
+                select(ResultObject).where(ResultObject.study_id == study_id)
+            )
+        }
+        jobs = {}
+        for job in session.scalars(select(Job).where(Job.kind == "export")):
+            row = rows.get(job.payload["result_id"])
+            if row is not None and row.sop_instance_uid not in first:
+                jobs[row.kind] = job
+    return jobs.pop("rejection"), jobs
+
+
+def test_a_note_does_not_wait_for_an_object_the_destination_refuses_that_replaces_nothing(
+    sessions: sessionmaker[Session], tmp_path: Path, picky: PickySCP
+) -> None:
+    """The destination refuses the overlays' SOP class from the second analysis on (as a
+    PACS filter would, for good): the late image's new overlay is not sent, but it
+    supersedes nothing, so the note waits only for the new SR and KOS, and follows them
+    (it used to wait for every export its results job queued to the destination, and failed
+    with the overlay's until dead-lettered)."""
+    worker = _picky_worker(tmp_path, sessions, picky)
+    study_id = _first_analysis(worker, sessions)
+    first = _rows(sessions, study_id)
+    assert len(picky.stored) == 5
+    [overlay_class] = {row.sop_class_uid for row in first.values() if row.kind == "overlay"}
+    picky.refused = overlay_class
+    _late_image(worker, sessions, study_id)
+    with sessions() as session:
+        assert queue_ready_studies(session, utcnow()) == [study_id]
+    _drain(worker)
+
+    note_job, exports = _note_and_its_exports(sessions, study_id, first)
+    assert sorted(note_job.payload["after"]) == sorted((exports["sr"].id, exports["kos"].id))
+    assert exports["overlay"].state == "queued" and exports["overlay"].attempts == 1
+    assert (note_job.state, exports["sr"].state, exports["kos"].state) == ("done",) * 3
+    with sessions() as session:
+        uids = {
+            job_id: session.get(ResultObject, job.payload["result_id"]).sop_instance_uid
+            for job_id, job in [(note_job.id, note_job), *((j.id, j) for j in exports.values())]
+        }
+    stored = picky.stored[5:]
+    assert stored.index(uids[note_job.id]) > max(
+        stored.index(uids[exports["sr"].id]), stored.index(uids[exports["kos"].id])
+    )
+    assert uids[exports["overlay"].id] not in stored
+
+
+def test_a_note_is_not_sent_before_the_objects_it_follows_nor_in_their_association(
+    sessions: sessionmaker[Session], tmp_path: Path, picky: PickySCP
+) -> None:
+    """The new SR refused once in the association that takes the new overlay and KOS: the
+    note, claimed with them, is not sent in it (the SR's outcome is not known before) nor
+    after it while the SR waits out its backoff; it is put back until at least the SR is due
+    again (not claimed again every second meanwhile). Once the SR is sent the note follows
+    it at once: the destination has the new SR before it is told to hide the old one."""
+    worker = _picky_worker(tmp_path, sessions, picky)
+    study_id = _first_analysis(worker, sessions)
+    first = _rows(sessions, study_id)
+    [sr_class] = {row.sop_class_uid for row in first.values() if row.kind == "sr"}
+    picky.refused = sr_class
+    _late_image(worker, sessions, study_id)
+    with sessions() as session:
+        assert queue_ready_studies(session, utcnow()) == [study_id]
+    _drain(worker)
+
+    note_job, exports = _note_and_its_exports(sessions, study_id, first)
+    with sessions() as session:
+        note_uid = session.get(ResultObject, note_job.payload["result_id"]).sop_instance_uid
+    assert (exports["sr"].state, exports["sr"].attempts) == ("queued", 1)
+    assert (note_job.state, note_job.attempts) == ("queued", 0)
+    assert note_uid not in picky.stored
+    assert as_utc(note_job.run_after) >= as_utc(exports["sr"].run_after)
+
+    picky.refused = None
+    with sessions() as session:
+        session.get(Job, exports["sr"].id).run_after = utcnow()
+        session.commit()
+    _drain(worker)
+    with sessions() as session:
+        assert session.get(Job, note_job.id).state == "done"
+        sr_uid = session.get(ResultObject, exports["sr"].payload["result_id"]).sop_instance_uid
+    assert picky.stored.index(sr_uid) < picky.stored.index(note_uid)

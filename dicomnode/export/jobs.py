@@ -40,7 +40,6 @@ from dicomnode.export.scu import (
 from dicomnode.jobs.dead_letters import covering_jobs
 from dicomnode.jobs.queue import (
     BACKOFF_MAX_SECONDS,
-    POSTPONE_SECONDS,
     Together,
     backoff_seconds,
     dead_letter,
@@ -51,7 +50,7 @@ from dicomnode.jobs.queue import (
 )
 from dicomnode.logs import without_patient_data
 from dicomnode.outage import database_reason, database_unavailable
-from dicomnode.results.rejection import AFTER
+from dicomnode.results.rejection import AFTER, hasten_notes
 
 # The worker's lines: operators and their log filters know them by this name.
 log = logging.getLogger("dicomnode.worker")
@@ -181,9 +180,9 @@ class ExportJobs:
         previous = {other.id: (_last_failed_at(other, base), other.last_error) for other in batch}
         rows = {other.id: session.get(ResultObject, other.payload["result_id"]) for other in batch}
         # Rejection notes whose superseding objects have not all reached the destination yet:
-        # not sent now (put back until then, or failed while one of those is dead-lettered).
-        held, blocked = _notes_waiting(session, batch)
-        for job_id in [*held, *blocked]:
+        # not sent now, put back without using an attempt (not a failure of the destination).
+        held = _notes_waiting(session, batch, base)
+        for job_id in held:
             rows[job_id] = None
         # The jobs whose result objects still exist (by id), and their files in that order.
         kinds = {job_id: row.kind for job_id, row in rows.items() if row is not None}
@@ -209,19 +208,11 @@ class ExportJobs:
             if any(outcome is None for outcome in sent):
                 self._answered(session, job, name)
         failed = {job_id: exc for job_id, exc in outcomes.items() if exc is not None}
-        failed.update(blocked)
         more = f", {len(companions)} more in the same association" if companions else ""
+        sent_ok = []
         for other in batch:
             if other.id in held:
-                if postpone(session, other, held[other.id], owner=worker.owner):
-                    log.debug(
-                        "job %d export study_id=%d: rejection note postponed %.1f s, until the "
-                        "objects that supersede what it rejects are at %s",
-                        other.id,
-                        other.study_id,
-                        held[other.id],
-                        name,
-                    )
+                self._put_back_note(session, other, name, *held[other.id])
                 continue
             if other.id in failed:
                 continue
@@ -232,9 +223,37 @@ class ExportJobs:
             else:
                 detail = f"{kinds[other.id]} -> {name} (with job {job.id})"
             worker.record_done(session, other, {"queued": queued[other.id]}, detail, started)
+            sent_ok.append(other)
         if failed:
             self._record_failures(session, destination, batch, failed, started, counted)
+        if sent_ok:
+            _hasten_notes_after(session, sent_ok)
         return bool(failed)
+
+    def _put_back_note(
+        self, session: Session, job: Job, name: str, seconds: float, dead: str | None
+    ) -> None:
+        """Queue the rejection note ``job`` again ``seconds`` from now, no attempt used: an
+        export it waits for is not done (``dead``: why, where one is dead-lettered). Not a
+        failure of the destination (no failure counted, nothing at WARNING); the export it
+        waits for makes it due again once sent or retried (:func:`hasten_notes`). A note held
+        by a dead export is logged at INFO once (its ``last_error`` says why meanwhile)."""
+        first = dead is not None and job.last_error != dead
+        if dead is not None:
+            job.last_error = dead
+        if not postpone(session, job, seconds, owner=self.worker.owner):
+            return
+        log.log(
+            logging.INFO if first else logging.DEBUG,
+            "job %d export study_id=%d: rejection note to %s postponed %.0f s: %s",
+            job.id,
+            job.study_id,
+            name,
+            seconds,
+            dead
+            or "the objects that supersede what it rejects are not at the destination yet; it "
+            "goes once they are",
+        )
 
     def _refusals_of_one_object(
         self,
@@ -454,20 +473,23 @@ class ExportJobs:
 
 
 def _notes_waiting(
-    session: Session, batch: Sequence[Job]
-) -> tuple[dict[int, float], dict[int, Exception]]:
+    session: Session, batch: Sequence[Job], base: float
+) -> dict[int, tuple[float, str | None]]:
     """The rejection notes of ``batch`` (export jobs whose payload names the export jobs they
-    come ``after``: the objects that supersede what they reject) that must not be sent in this
-    association: by job id, those to put back, with for how many seconds (an export they wait
-    for is queued, running, or in this very batch, where its outcome is not known before the
-    note would go: the note goes at the next claim), and those whose attempt fails (one they
-    wait for is dead-lettered: an admin retries it, then the note). A dead one that another
-    export of its object to the destination covers (:func:`covering_jobs`) counts as that
-    one; one whose object was superseded since is no longer waited for. A PACS that hid the
-    old objects before it had the new ones would show no AI result at all meanwhile."""
-    held: dict[int, float] = {}
-    blocked: dict[int, Exception] = {}
-    in_batch = {job.id for job in batch}
+    come ``after``: those of the objects that supersede what they reject) that must not be
+    sent in this association, by job id: for how many seconds to put each back, and why where
+    one it waits for is dead-lettered (else None).
+
+    An export it waits for that is queued, running (here, in this very batch, where its
+    outcome is not known before the note would go, or by another worker) holds it until that
+    one is due again or its lease ends, at least ``base`` (``[worker] backoff_base_seconds``);
+    one dead-lettered holds it :data:`BACKOFF_MAX_SECONDS`. Either way the held-for export
+    makes the note due again once it is sent or an admin retries it (:func:`hasten_notes`),
+    so the note follows it, not polls for it. A dead one that another export of its object
+    to the destination covers (:func:`covering_jobs`) counts as that one; one whose object
+    was superseded since is no longer waited for. A PACS that hid the old objects before it
+    had the new ones would show no AI result at all meanwhile."""
+    held: dict[int, tuple[float, str | None]] = {}
     now = utcnow()
     for job in batch:
         after = [int(job_id) for job_id in job.payload.get(AFTER) or ()]
@@ -484,20 +506,36 @@ def _notes_waiting(
         ]
         uncovered = [other.id for other in dead if other.id not in covering]
         if uncovered:
-            blocked[job.id] = ExportError(
-                f"the export job(s) {_id_list(uncovered)} of the objects that supersede what "
-                "this rejection note rejects are dead-lettered: retry them, then this one"
+            held[job.id] = (
+                BACKOFF_MAX_SECONDS,
+                f"waits for the export job(s) {_id_list(uncovered)} of the objects that "
+                "supersede what this rejection note rejects, dead-lettered: it goes once "
+                "they are retried and sent",
             )
         elif waiting:
-            # Until the last of them is due again (a destination that is down: its backoff),
-            # at least POSTPONE_SECONDS.
-            due = [
-                (as_utc(other.run_after) - now).total_seconds()
-                for other in waiting
-                if other.state == "queued" and other.id not in in_batch
-            ]
-            held[job.id] = max([POSTPONE_SECONDS, *due])
-    return held, blocked
+            # Until the last of them is due again (a destination that is down: its backoff)
+            # or its lease ends (sent meanwhile, it makes the note due at once).
+            seconds = [base]
+            for other in waiting:
+                until = other.run_after if other.state == "queued" else other.lease_expires_at
+                if until is not None:
+                    seconds.append((as_utc(until) - now).total_seconds())
+            held[job.id] = (max(seconds), None)
+    return held
+
+
+def _hasten_notes_after(session: Session, sent: Sequence[Job]) -> None:
+    """Make due now the rejection notes that wait for the ``sent`` exports
+    (:func:`hasten_notes`), so that a note put back while they ran follows them. Best
+    effort: one that stays put back goes at the end of its postponement."""
+    try:
+        if hasten_notes(session, sent):
+            session.commit()
+        else:
+            session.rollback()
+    except Exception as exc:
+        session.rollback()
+        log.debug("rejection notes not hastened: %s", database_reason(exc))
 
 
 def _reason(exc: Exception) -> str:

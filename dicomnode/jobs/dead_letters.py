@@ -34,6 +34,7 @@ from sqlalchemy.orm import Session, aliased
 
 from dicomnode.db.models import Job, ResultObject, Study
 from dicomnode.jobs.queue import lock_studies, retry
+from dicomnode.results.rejection import hasten_notes
 from dicomnode.worklist import audit
 
 
@@ -312,6 +313,9 @@ def retry_dead(session: Session, job: Job, actor: str, now: datetime) -> None:
         raise Covered(job, covering)
     study = session.get(Study, job.study_id)
     retry(session, job, now)
+    # The rejection notes put back while this export was dead follow it now, not at the end
+    # of their postponement.
+    hasten_notes(session, [job], now)
     if job.kind == "analyse" and study is not None:
         study.analysis_status = "queued"
     audit.record(

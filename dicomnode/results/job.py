@@ -64,9 +64,11 @@ from dicomnode.results.inputs import (
 )
 from dicomnode.results.rejection import (
     AFTER,
+    Rejected,
     build_rejection_note,
     delivered,
     plan_notes,
+    superseding,
 )
 from dicomnode.results.sr import name_predecessors
 from dicomnode.results.versions import (
@@ -380,7 +382,7 @@ def write_results(
         notes = _write_rejection_notes(
             settings, built, superseded, sent, triaged.models.images, failures
         )
-        for _, ds, path, _ in notes:
+        for _, ds, path, _, _ in notes:
             existed = path.exists()
             made_folders.extend(_new_folders(path, settings.storage_path / "results"))
             _write_result(path, ds)
@@ -429,7 +431,8 @@ def write_results(
                         )
                     )
         if notes:
-            _queue_rejection_notes(session, study_id, earlier, notes, queued, exported)
+            new_rows = [row for _, row in results]
+            _queue_rejection_notes(session, study_id, earlier, notes, new_rows, queued, exported)
         session.commit()
     except BaseException as error:
         session.rollback()
@@ -463,11 +466,11 @@ def _write_rejection_notes(
     sent: dict[int, set[str]],
     images: Sequence[Dataset],
     failures: ResultFailures,
-) -> list[tuple[ModelCard, Dataset, Path, list[str]]]:
+) -> list[tuple[ModelCard, Dataset, Path, list[str], list[Rejected]]]:
     """Build the IOCM rejection notes of the ``superseded`` rows for the destinations that
     take them and received those objects (``sent``, :func:`~dicomnode.results.rejection.
-    delivered`): (card, note, where its file goes, destinations). A note that cannot be built
-    is named on the job, as any result object."""
+    delivered`): (card, note, where its file goes, destinations, what it rejects). A note that
+    cannot be built is named on the job, as any result object."""
     plans = plan_notes(superseded, sent, settings.destinations)
     if not plans or not images:
         return []
@@ -483,7 +486,7 @@ def _write_rejection_notes(
         except Exception as error:
             failures.add(card, "rejection", error)
             continue
-        notes.append((card, note, _result_path(settings, note), plan.destinations))
+        notes.append((card, note, _result_path(settings, note), plan.destinations, plan.rejected))
     return notes
 
 
@@ -491,16 +494,22 @@ def _queue_rejection_notes(
     session: Session,
     study_id: int,
     earlier: dict[str, ResultObject],
-    notes: list[tuple[ModelCard, Dataset, Path, list[str]]],
+    notes: list[tuple[ModelCard, Dataset, Path, list[str], list[Rejected]]],
+    new_rows: list[ResultObject],
     queued: dict[str, list[Job]],
     exported: set[tuple[int, str]],
 ) -> None:
     """Record the rejection notes' rows and queue their exports, each after the export jobs
-    this job ``queued`` for its destination (the superseding objects): the export waits for
-    them (:mod:`dicomnode.export.jobs`), so that a PACS never hides the old objects before
-    it has the new ones."""
+    this job ``queued`` for its destination of the objects that supersede what it rejects
+    (:func:`~dicomnode.results.rejection.superseding`, among the ``new_rows`` this job wrote):
+    the export waits for them (:mod:`dicomnode.export.jobs`), so that a PACS never hides the
+    old objects before it has the new ones. Not for the job's other exports: an object of
+    another kind the destination refuses for good (its SOP class) holds no note."""
     session.flush()  # the export jobs' ids
-    for card, note, path, destinations in notes:
+    for card, note, path, destinations, rejected in notes:
+        replacing = {
+            row.id for row in superseding(rejected, (card.model.name, card.model.version), new_rows)
+        }
         uid = str(note.SOPInstanceUID)
         # The same note (same rejected instances) recorded before: its row stands.
         row = earlier.get(uid) or _store_result(
@@ -509,7 +518,9 @@ def _queue_rejection_notes(
         for name in destinations:
             if (row.id, name) in exported:
                 continue
-            after = [job.id for job in queued.get(name, [])]
+            after = [
+                job.id for job in queued.get(name, []) if job.payload["result_id"] in replacing
+            ]
             enqueue(
                 session,
                 "export",

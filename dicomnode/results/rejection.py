@@ -8,15 +8,19 @@ PACS without IOCM support would show the note as one more key object), and only 
 superseded objects whose export to it is done. One note per model version, study and set of
 rejected instances: its UID derives from them (:func:`rejection_note_uid`), so a results job
 retried, or two destinations that received the same objects, give the same note. Its export
-waits for the superseding objects' exports to the same destination (the job's ``after``
-payload, :mod:`dicomnode.export.jobs`). Pure apart from the query of the exports done and the
-reading of the rejected objects' headers.
+waits for the exports to the same destination of the objects that supersede what it rejects
+(:func:`superseding`: the job's ``after`` payload, :mod:`dicomnode.export.jobs`), not for the
+study's other exports: one the destination refuses for good (another SOP class) holds no
+note. Once one of those is sent, or an admin retries it, the note is made due again
+(:func:`hasten_notes`). Pure apart from the queries of the exports and the reading of the
+rejected objects' headers.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 
 import highdicom as hd
 import pydicom
@@ -26,12 +30,14 @@ from sqlalchemy.orm import Session
 
 from dicomnode.config import Destination
 from dicomnode.db.models import Job, ResultObject
+from dicomnode.db.session import utcnow
 from dicomnode.findings import Algorithm
 from dicomnode.imageclasses import image_class
 from dicomnode.results.kos import key_object_document
 from dicomnode.results.reference import sanitised_reference
 from dicomnode.results.source import check_source
 from dicomnode.results.uids import result_instance_uid
+from dicomnode.results.versions import VERSIONED_KINDS
 
 REJECTION_SERIES_NUMBER = 9907
 # IHE RAD TF-3 IOCM, PS3.16 CID 7010 (its reasons CID 7011): the Image Manager hides the
@@ -57,16 +63,26 @@ _PATIENT_STUDY = (
 @dataclass(frozen=True)
 class Rejected:
     """A superseded result object as a note references it (its row, read before the row is
-    deleted)."""
+    deleted), with its kind and the UID it was first made with (what supersedes it:
+    :func:`superseding`)."""
 
     sop_class_uid: str
     sop_instance_uid: str
     series_instance_uid: str
     path: str
+    kind: str = ""
+    first_uid: str = ""
 
     @classmethod
     def of(cls, row: ResultObject) -> Rejected:
-        return cls(row.sop_class_uid, row.sop_instance_uid, row.series_instance_uid, row.path)
+        return cls(
+            row.sop_class_uid,
+            row.sop_instance_uid,
+            row.series_instance_uid,
+            row.path,
+            row.kind,
+            row.first_sop_instance_uid,
+        )
 
 
 @dataclass
@@ -117,6 +133,73 @@ def plan_notes(
             note = notes.setdefault(key, PlannedNote(model, [Rejected.of(r) for r in reached], []))
             note.destinations.append(destination.name)
     return list(notes.values())
+
+
+def superseding(
+    rejected: Sequence[Rejected], model: tuple[str, str], new: Iterable[ResultObject]
+) -> list[ResultObject]:
+    """Those of the ``new`` rows (the objects a results job wrote, not the unchanged ones it
+    kept) that replace the ``rejected`` objects of ``model`` (name, version): of the same
+    model version and kind, the new SR or KOS (a study has one of each per model version,
+    new UIDs as images arrive), or the new revision of an object first made with the same
+    UID (its content changed). A new object of another kind (the late image's overlay)
+    replaces nothing: a note does not wait for it."""
+    kinds = {item.kind for item in rejected}
+    first_uids = {item.first_uid for item in rejected}
+    return [
+        row
+        for row in new
+        if (row.model_name, row.model_version) == model
+        and row.kind in kinds
+        and (row.kind in VERSIONED_KINDS or row.first_sop_instance_uid in first_uids)
+    ]
+
+
+def hasten_notes(session: Session, jobs: Sequence[Job], now: datetime | None = None) -> int:
+    """Make due now the queued rejection notes (export jobs with an ``after`` payload) that
+    wait for one of the export ``jobs`` (just sent, or queued again by an admin's retry) or
+    for another export of the same object to the same destination (one that ``jobs`` cover),
+    instead of at the end of their postponement; returns how many (the caller commits). A note
+    whose other exports are still pending is put back again when it is claimed."""
+    exports = [job for job in jobs if job.kind == "export" and job.payload]
+    if not exports:
+        return 0
+    now = now or utcnow()
+    targets = {
+        (job.study_id, str(job.payload.get("result_id")), str(job.payload.get("destination")))
+        for job in exports
+    }
+    waiting = [
+        note
+        for note in session.scalars(
+            select(Job).where(
+                Job.kind == "export",
+                Job.state == "queued",
+                Job.run_after > now,
+                Job.study_id.in_(sorted({job.study_id for job in exports})),
+            )
+        )
+        if (note.payload or {}).get(AFTER)
+    ]
+    if not waiting:
+        return 0
+    after_ids = sorted({int(job_id) for note in waiting for job_id in note.payload[AFTER]})
+    awaited = {
+        job_id: (study_id, str((payload or {}).get("result_id")))
+        for job_id, study_id, payload in session.execute(
+            select(Job.id, Job.study_id, Job.payload).where(Job.id.in_(after_ids))
+        )
+    }
+    hastened = 0
+    for note in waiting:
+        destination = str(note.payload.get("destination"))
+        if any(
+            job_id in awaited and (*awaited[job_id], destination) in targets
+            for job_id in map(int, note.payload[AFTER])
+        ):
+            note.run_after = now
+            hastened += 1
+    return hastened
 
 
 def rejection_note_uid(rejected: Sequence[Rejected], algorithm: Algorithm) -> str:
