@@ -103,7 +103,7 @@ class Node:
 
 def make_node(
     folder: Path,
-    lease_seconds: float = 3.0,
+    lease_seconds: float = 10.0,  # the least a node takes ([worker] lease_seconds)
     models: Path = REPO / "models",
     listeners: int = 4,
 ) -> Node:
