@@ -436,3 +436,37 @@ def test_a_lossy_copy_sent_with_its_original_is_not_analysed_twice(
         images, undecodable, _ = load_images(session, study)
     assert [str(ds.SOPInstanceUID) for ds in images] == [str(lossy.SOPInstanceUID)]
     assert undecodable == []
+
+
+def test_the_objects_of_a_lossy_copy_are_withdrawn_when_its_original_arrives(
+    sessions: sessionmaker[Session], tmp_path: Path, cards: list[ModelCard]
+) -> None:
+    """The lossy copy arrives first and is analysed (its overlay, the SR and KOS on it); its
+    original arrives later: the study is analysed on the original, and the copy's objects,
+    which no analysis makes any more, are withdrawn (superseded) with the earlier SR and KOS.
+    Before, the copy's overlay stayed among the study's results, beside the original's."""
+    from conftest import referenced_uids
+
+    pneumothorax = [card for card in cards if card.model.name == "cxr-pneumothorax-demo"]
+    settings = Settings(storage={"path": tmp_path / "storage"}, worker={"threads": 1})
+    worker = Worker(settings, sessions, pneumothorax)
+    original, _ = make_cxr(951_021, pneumothorax=True, size=256)
+    lossy = compressed(original, ("dcmcjpeg", "+eb"), tmp_path / "sent")
+    with sessions() as session:
+        study_id, _ = spool_and_index(session, settings.storage_path, lossy)
+    _analyse(worker, sessions, study_id)
+    with sessions() as session:
+        assert str(lossy.SOPInstanceUID) in referenced_uids(session, study_id)
+        first = set(session.scalars(select(ResultObject.path)))
+
+    with sessions() as session:
+        assert spool_and_index(session, settings.storage_path, original)[0] == study_id
+    _analyse(worker, sessions, study_id)
+    with sessions() as session:
+        referenced = referenced_uids(session, study_id)
+        kinds = sorted(session.scalars(select(ResultObject.kind)))
+        now = set(session.scalars(select(ResultObject.path)))
+    assert str(original.SOPInstanceUID) in referenced
+    assert str(lossy.SOPInstanceUID) not in referenced
+    assert kinds.count("sr") == 1 and kinds.count("kos") == 1
+    assert not any(Path(path).exists() for path in first - now)  # withdrawn files removed

@@ -278,7 +278,11 @@ def write_results(
             continue
         built.extend((card, kind, ds) for kind, ds in objects)
     earlier = earlier_versions(session, study_id)
-    superseded = superseded_rows(earlier, built)
+    # The model versions that ran and built every object they make: an earlier object of
+    # theirs not built again is withdrawn.
+    incomplete = {(item["model"], item["version"]) for item in failures.not_written}
+    complete = {(c.model.name, c.model.version) for c, _ in runs} - incomplete
+    superseded = superseded_rows(earlier, built, complete)
     # Exactly the instances the models read: an instance indexed since (a slice whose
     # neighbours' objects were built without it) is not among what they were made from.
     instances = _study_instances(
@@ -380,7 +384,7 @@ def write_results(
                 made.append(path)
             written.append((card, kind, ds, path, first_uid, inputs))
         notes = _write_rejection_notes(
-            settings, built, superseded, sent, triaged.models.images, failures
+            settings, [card for card, _ in runs], superseded, sent, triaged.models.images, failures
         )
         for _, ds, path, _, _ in notes:
             existed = path.exists()
@@ -461,7 +465,7 @@ def write_results(
 
 def _write_rejection_notes(
     settings: Settings,
-    built: list[tuple[ModelCard, str, Dataset]],
+    ran: list[ModelCard],
     superseded: list[ResultObject],
     sent: dict[int, set[str]],
     images: Sequence[Dataset],
@@ -474,8 +478,8 @@ def _write_rejection_notes(
     plans = plan_notes(superseded, sent, settings.destinations)
     if not plans or not images:
         return []
-    # A superseded row is of a model version this job built objects of.
-    cards = {(card.model.name, card.model.version): card for card, _, _ in built}
+    # A superseded row is of a model version this job ran.
+    cards = {(card.model.name, card.model.version): card for card in ran}
     notes = []
     for plan in plans:
         card = cards.get(plan.model)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+from collections.abc import Collection
 
 import pydicom
 from pydicom import Dataset
@@ -27,6 +28,8 @@ from dicomnode.results.uids import result_uid
 # Study-level results whose instance names one content (the images reported on or selected):
 # a re-run with late images makes a new instance, which supersedes the earlier one.
 VERSIONED_KINDS = ("sr", "kos")
+# An IOCM rejection note (results/rejection.py): it names superseded objects, and stands.
+REJECTION_KIND = "rejection"
 
 # What differs each time an object is built, not what it says: left out of the comparison
 # of an object built again with its earlier version. When it was made (ContributionDateTime is
@@ -111,20 +114,34 @@ def earlier_versions(session: Session, study_id: int) -> dict[str, ResultObject]
 
 
 def superseded_rows(
-    earlier: dict[str, ResultObject], built: list[tuple[ModelCard, str, Dataset]]
+    earlier: dict[str, ResultObject],
+    built: list[tuple[ModelCard, str, Dataset]],
+    complete: Collection[tuple[str, str]] = (),
 ) -> list[ResultObject]:
     """The rows of the study's earlier SRs and KOS that ``built`` replaces under new UIDs
-    (same model version and kind, first made with another UID)."""
-    rows = []
+    (same model version and kind, first made with another UID); and, of the model versions
+    in ``complete`` (name, version: each ran on the study and every object it makes was
+    built), every earlier object not built again, which they withdraw: a KOS of a critical
+    finding no longer there, the objects of an image no longer analysed (a lossy copy whose
+    original came later). A rejection note is never superseded."""
+    rows: dict[int, ResultObject] = {}
     for card, kind, ds in built:
         if kind not in VERSIONED_KINDS:
             continue
-        rows.extend(
-            row
-            for first_uid, row in earlier.items()
-            if row.kind == kind
-            and row.model_name == card.model.name
-            and row.model_version == card.model.version
-            and first_uid != str(ds.SOPInstanceUID)
-        )
-    return rows
+        for first_uid, row in earlier.items():
+            if (
+                row.kind == kind
+                and row.model_name == card.model.name
+                and row.model_version == card.model.version
+                and first_uid != str(ds.SOPInstanceUID)
+            ):
+                rows[row.id] = row
+    rebuilt = {str(ds.SOPInstanceUID) for _, _, ds in built}
+    for first_uid, row in earlier.items():
+        if (
+            row.kind != REJECTION_KIND
+            and (row.model_name, row.model_version) in complete
+            and first_uid not in rebuilt
+        ):
+            rows[row.id] = row
+    return list(rows.values())
