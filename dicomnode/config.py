@@ -205,6 +205,14 @@ class WorkerSettings(_Section):
     count: int = Field(default=1, ge=0)
     providers: list[str] = ["CPUExecutionProvider"]
     lease_seconds: float = 60.0
+    max_job_seconds: float = Field(
+        default=1800.0,
+        gt=0,
+        description=(
+            "a job running longer is thought hung: its lease is no longer renewed (one ERROR) "
+            "and another worker takes it over when the lease runs out"
+        ),
+    )
     poll_seconds: float = Field(default=5.0, gt=0)
     max_attempts: int = Field(default=5, ge=1)
     backoff_base_seconds: float = Field(default=2.0, gt=0)

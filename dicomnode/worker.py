@@ -139,7 +139,10 @@ class Worker:
         self.node_check = NodeCheck(self.owner, settings.storage_path, cards)
         # Renews the leases of the jobs this process runs (a thread, run_forever starts it).
         self.leases = LeaseRenewer(
-            sessions, lambda: self.owner, lambda: self.settings.worker.lease_seconds
+            sessions,
+            lambda: self.owner,
+            lambda: self.settings.worker.lease_seconds,
+            lambda: self.settings.worker.max_job_seconds,
         )
 
     @property

@@ -171,3 +171,79 @@ def test_a_lease_too_short_to_renew_is_a_configuration_error(tmp_path: Path, val
     assert "lease_seconds" in message and f"{MIN_LEASE_SECONDS:g} seconds" in message
     assert WorkerSettings().lease_seconds == 60.0
     assert WorkerSettings(lease_seconds=MIN_LEASE_SECONDS).lease_seconds == MIN_LEASE_SECONDS
+
+
+def _claimed(sessions: sessionmaker[Session], owner: str, study_uid: str, lease: float) -> int:
+    """A notification job claimed by ``owner`` with a lease of ``lease`` seconds; its id."""
+    from dicomnode.jobs.queue import claim
+
+    (job_id,) = queue_notifications(sessions, study_uid, 1)
+    with sessions() as session:
+        job = claim(session, owner, ["notify"], lease_seconds=lease)
+        assert job is not None and job.id == job_id
+    return job_id
+
+
+def test_a_job_running_longer_than_max_job_seconds_is_no_longer_renewed(
+    sessions: sessionmaker[Session], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A job past ``[worker] max_job_seconds`` (its thread may hang: a wedged device call)
+    keeps the lease its last renewal gave and no more, with one ERROR, so that another
+    worker takes it over, as before leases were renewed; renewals would else keep a hung
+    job from every other worker for as long as its process lives."""
+    from dicomnode.jobs.leases import LeaseRenewer
+
+    owner = "this-host:1"
+    job_id = _claimed(sessions, owner, "1.2.826.0.1.3680043.10.1.91", MIN_LEASE_SECONDS)
+    claimed_until = _lease(sessions, job_id)[2]
+    renewer = LeaseRenewer(sessions, lambda: owner, lambda: MIN_LEASE_SECONDS, lambda: 0.5)
+    renewer.start()
+    try:
+        with caplog.at_level(logging.ERROR, logger="dicomnode.worker"), renewer.running([job_id]):
+            wait_for(
+                lambda: "longer than [worker] max_job_seconds" in caplog.text,
+                timeout=30,
+                what="the job given up",
+            )
+            assert _lease(sessions, job_id)[2] == claimed_until
+    finally:
+        renewer.stop()
+    assert caplog.text.count(f"job {job_id} has run for") == 1
+
+
+def test_a_job_claimed_after_a_reload_shortened_the_lease_is_renewed_in_time(
+    sessions: sessionmaker[Session],
+) -> None:
+    """A reload shortens ``lease_seconds`` from 60 to 10 while a job runs (its next renewal
+    20 s away); a job claimed then, with a 10 s lease, is renewed within a third of that.
+    Before, the renewal thread slept to the deadline of the old lease and the new job's
+    lease ran out first: another worker took it over."""
+    from dicomnode.jobs.leases import LeaseRenewer
+
+    owner = "this-host:2"
+    lease = {"seconds": 60.0}
+    asked: list[float] = []
+
+    def lease_seconds() -> float:
+        asked.append(lease["seconds"])
+        return lease["seconds"]
+
+    first = _claimed(sessions, owner, "1.2.826.0.1.3680043.10.1.92", 60.0)
+    renewer = LeaseRenewer(sessions, lambda: owner, lease_seconds)
+    renewer.start()
+    try:
+        with renewer.running([first]):
+            # The renewal thread has planned the first job's renewal by the 60 s lease.
+            wait_for(lambda: asked, timeout=30, interval=0.01, what="the first renewal planned")
+            lease["seconds"] = MIN_LEASE_SECONDS
+            second = _claimed(sessions, owner, "1.2.826.0.1.3680043.10.1.93", MIN_LEASE_SECONDS)
+            claimed_until = _lease(sessions, second)[2]
+            with renewer.running([second]):
+                wait_for(
+                    lambda: _lease(sessions, second)[2] > claimed_until,
+                    timeout=MIN_LEASE_SECONDS * 0.9,  # before its lease ends
+                    interval=0.1,
+                    what="the new job's lease renewed",
+                )
+    finally:
+        renewer.stop()

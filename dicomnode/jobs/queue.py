@@ -301,6 +301,9 @@ def renew(
     ids = sorted(set(job_ids))
     if not ids:
         return 0
+    # The transaction begun first (on SQLite BEGIN IMMEDIATE may wait for the write lock):
+    # the lease runs from when it is written, not from before that wait.
+    session.connection()
     now = now or utcnow()
     mine = and_(Job.id.in_(ids), Job.lease_owner == owner, Job.state == "leased")
     if session.get_bind().dialect.name != "sqlite":  # SQLite: BEGIN IMMEDIATE, nothing to skip
