@@ -470,3 +470,34 @@ def test_the_objects_of_a_lossy_copy_are_withdrawn_when_its_original_arrives(
     assert str(lossy.SOPInstanceUID) not in referenced
     assert kinds.count("sr") == 1 and kinds.count("kos") == 1
     assert not any(Path(path).exists() for path in first - now)  # withdrawn files removed
+
+
+def test_no_object_is_withdrawn_while_an_image_cannot_be_decoded(
+    sessions: sessionmaker[Session], tmp_path: Path, cards: list[ModelCard]
+) -> None:
+    """A study analysed whole; one of its images can no longer be decoded (a file damaged,
+    or a worker on a host without the decoder another had) when late images bring a new
+    analysis: that image's earlier objects stay; only an analysis that read every image
+    withdraws what its models no longer make."""
+    from conftest import referenced_uids
+
+    pneumothorax = [card for card in cards if card.model.name == "cxr-pneumothorax-demo"]
+    settings = Settings(storage={"path": tmp_path / "storage"}, worker={"threads": 1})
+    worker = Worker(settings, sessions, pneumothorax)
+    first, _ = make_cxr(951_031, pneumothorax=True, size=256)
+    with sessions() as session:
+        study_id, first_path = spool_and_index(session, settings.storage_path, first)
+    _analyse(worker, sessions, study_id)
+    with sessions() as session:
+        assert str(first.SOPInstanceUID) in referenced_uids(session, study_id)
+
+    broken = pydicom.dcmread(first_path)
+    broken.PixelData = broken.PixelData[:100]
+    broken.save_as(first_path)
+    with sessions() as session:
+        late = spool_late_instance(session, settings.storage_path, study_id, 951_032)
+    _analyse(worker, sessions, study_id)
+    with sessions() as session:
+        referenced = referenced_uids(session, study_id)
+    assert late in referenced
+    assert str(first.SOPInstanceUID) in referenced  # its overlay stays

@@ -221,12 +221,15 @@ def write_results(
             )
             triaged = None
     disagreeing: dict[str, str] = {}
+    # Images the analysis could not decode (this job's own count where it reads them again).
+    unreadable = study.unreadable_image_count or 0
     if triaged is None:
         # Registered with the runtime only while models run, so that analyses running
         # meanwhile wait for this thread's inferences and not for its result writing.
         with runtime.caller():
             started = time.perf_counter()
-            images, _, _ = load_images(session, study, instances_up_to)
+            images, undecodable, _ = load_images(session, study, instances_up_to)
+            unreadable = len(undecodable)
             triaged = triage_models(Models(cards, images), runtime, StageTimes())
             times.add("recompute", started)
         # The objects must say what the worklist says: models that differ from the study's
@@ -279,9 +282,12 @@ def write_results(
         built.extend((card, kind, ds) for kind, ds in objects)
     earlier = earlier_versions(session, study_id)
     # The model versions that ran and built every object they make: an earlier object of
-    # theirs not built again is withdrawn.
+    # theirs not built again is withdrawn. None while an image could not be decoded (this
+    # host may lack a decoder that made an earlier object): its objects are not withdrawn.
     incomplete = {(item["model"], item["version"]) for item in failures.not_written}
     complete = {(c.model.name, c.model.version) for c, _ in runs} - incomplete
+    if unreadable:
+        complete = set()
     superseded = superseded_rows(earlier, built, complete)
     # Exactly the instances the models read: an instance indexed since (a slice whose
     # neighbours' objects were built without it) is not among what they were made from.
