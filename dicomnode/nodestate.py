@@ -1,22 +1,35 @@
 """What the node's processes on every host share besides the jobs, kept in the database's
-``node_facts`` table: the id of the node's storage folder and the model cards serve runs.
+``node_facts`` table: the id and the path of the node's storage folder and the model cards
+serve runs.
 
 A worker on another host reads the received images and writes the result objects under its
 own ``[storage] path``, and runs its own model cards: a folder that is not the node's (not
-mounted, another path than serve's) failed every analysis or filed result files outside the
-node's storage, and a worker without one of serve's cards triaged studies without that
-model, quietly. So:
+mounted, another path than serve's, the old copy of a moved folder) failed every analysis or
+filed result files outside the node's storage, and a worker without one of serve's cards
+triaged studies without that model, quietly. So:
 
 - ``dicomnode serve`` writes a random id once into :data:`STORAGE_MARKER` at the root of its
-  storage folder and publishes it, with its model cards (name, version and a digest of each
-  card), at its start and at each reload;
-- a worker refuses to start where its storage folder does not hold the marker with the
-  published id (:class:`StorageMismatch`); with none published yet (no serve ever ran on the
-  database) the first worker publishes its folder's, making the marker where there is none;
-- a running worker looks again at most every :data:`CHECK_SECONDS` (:class:`NodeCheck`):
-  with cards other than the published ones it takes no analyse or results jobs (their
-  exports and notifications it still runs), with another storage id no jobs at all, one
-  log line when that starts and one when it ends.
+  storage folder and publishes it, with the folder's resolved path and its model cards
+  (name, version and a digest of each card), at its start and the cards at each reload;
+- a stand-alone worker (``dicomnode worker`` run by itself) refuses to start where its
+  resolved ``[storage] path`` is not the published one (every host mounts the storage at
+  the same path: a copy of a moved folder holds the same id) or its folder does not hold
+  the marker with the published id (:class:`StorageMismatch`); with no id published yet (no
+  serve ever ran on the database) the first worker publishes its folder's, making the marker
+  where there is none, and its path; with no path published (a serve of an older version),
+  paths are not compared;
+- a running stand-alone worker looks again at most every :data:`CHECK_SECONDS`
+  (:class:`NodeCheck`): with cards other than the published ones it takes no analyse or
+  results jobs (their exports and notifications it still runs), with another storage folder
+  or path only notifications (:data:`STORAGE_FREE_KINDS`: they read no file), one log line
+  when that starts and one when it ends. The marker is read without holding the check's
+  lock: a storage folder on a hung mount blocks only the job thread that looks.
+
+Serve's own workers (started by serve, with serve's configuration) compare nothing: they run
+serve's folder by construction, and serve's cards as of their last reload. During a reload
+(serve publishes its new cards, then its workers load theirs, for seconds) and in a worker
+serve restarts after a crash (it reads the card files, perhaps edited for a reload not yet
+made) a comparison said they differ, and the node took no analyses.
 """
 
 from __future__ import annotations
@@ -51,11 +64,15 @@ MARKER_NOTE = (
 )
 # The facts' names in node_facts.
 STORAGE_ID = "storage_id"
+STORAGE_PATH = "storage_path"  # serve's [storage] path, resolved (absent: an older serve)
 MODEL_CARDS = "model_cards"
 # How often a running worker reads the facts again (one small query).
 CHECK_SECONDS = 15.0
 # Job kinds that run the models.
 MODEL_KINDS = frozenset({"analyse", "results"})
+# Job kinds that read and write no file in the storage folder (a webhook or HL7 message from
+# the database's rows): a worker whose folder is not the node's still runs them.
+STORAGE_FREE_KINDS = frozenset({"notify"})
 
 
 class StorageMismatch(Exception):
@@ -180,12 +197,19 @@ def make_storage_marker(storage: Path) -> str:
     return found
 
 
+def resolved_path(storage: Path) -> str:
+    """The storage folder's path as the hosts compare it: absolute, symbolic links followed."""
+    return str(storage.resolve())
+
+
 def publish_storage(session: Session, storage: Path) -> str:
     """Serve's storage folder is the node's: its id (a marker made where there is none)
-    published, replacing another (with a WARNING: workers on that folder then stop)."""
+    published, replacing another (with a WARNING: workers on that folder then stop), and
+    its resolved path."""
     storage_id = make_storage_marker(storage)
     before = read_facts(session).get(STORAGE_ID)
     _publish(session, STORAGE_ID, storage_id)
+    _publish(session, STORAGE_PATH, resolved_path(storage))
     if before is not None and before != storage_id:
         log.warning(
             "storage: the database named another storage folder (id %s) than %s (id %s): "
@@ -209,8 +233,30 @@ def _not_the_nodes(storage: Path, why: str, node_id: str) -> StorageMismatch:
     )
 
 
-def storage_problem(storage: Path, node_id: str) -> StorageMismatch | None:
-    """Why ``storage`` is not the folder of storage id ``node_id`` (None: it is)."""
+def _not_the_nodes_path(storage: Path, own: str, node_path: str) -> StorageMismatch:
+    shown = str(storage) if own == str(storage) else f"{storage} ({own})"
+    return StorageMismatch(
+        f"storage folder {shown} is not at the node's storage path {node_path} (serve's "
+        f"[storage] path): every host must mount the node's storage at the same path, and a "
+        f"folder elsewhere (the old copy of a moved folder, which holds the same "
+        f"{STORAGE_MARKER} id) is not where the node reads its results; mount the node's "
+        f"storage at {node_path} and set [storage] path to it"
+    )
+
+
+def storage_problem(
+    storage: Path, node_id: str, node_path: str | None = None
+) -> StorageMismatch | None:
+    """Why ``storage`` is not the folder of storage id ``node_id`` at the resolved path
+    ``node_path`` (None: it is; no ``node_path``: any path)."""
+    if node_path is not None:
+        try:
+            own = resolved_path(storage)
+        except (OSError, RuntimeError) as exc:  # a loop of symbolic links: RuntimeError
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            return _not_the_nodes(storage, f"its path cannot be resolved ({reason})", node_id)
+        if own != node_path:
+            return _not_the_nodes_path(storage, own, node_path)
     try:
         found = storage_marker(storage)
     except (OSError, UnicodeDecodeError) as exc:
@@ -226,11 +272,13 @@ def storage_problem(storage: Path, node_id: str) -> StorageMismatch | None:
 
 
 def check_storage(session: Session, storage: Path) -> str:
-    """A worker's start: its storage folder must be the node's (:class:`StorageMismatch`
-    says why not). With no storage published yet (no serve has run on this database), this
-    folder's id is published, its marker made where there is none. Returns the id."""
-    node_id = read_facts(session).get(STORAGE_ID)
+    """A stand-alone worker's start: its storage folder must be the node's, at the node's
+    path where one is published (:class:`StorageMismatch` says why not). With no storage
+    published yet (no serve has run on this database), this folder's id and path are
+    published, its marker made where there is none. Returns the id."""
+    facts = read_facts(session)
     session.commit()
+    node_id, node_path = facts.get(STORAGE_ID), facts.get(STORAGE_PATH)
     if node_id is None:
         try:
             own = make_storage_marker(storage)
@@ -240,15 +288,22 @@ def check_storage(session: Session, storage: Path) -> str:
                 f"({exc.strerror or exc}); check [storage] path and the folder's owner and mode"
             ) from None
         node_id = _publish(session, STORAGE_ID, own, replace=False)
-    problem = storage_problem(storage, node_id)
+        if node_path is None:
+            node_path = _publish(session, STORAGE_PATH, resolved_path(storage), replace=False)
+    problem = storage_problem(storage, node_id, node_path)
     if problem is not None:
         raise problem
     return node_id
 
 
 class NodeCheck:
-    """Whether a worker's model cards and storage folder are the node's, read again from the
-    database at most every :data:`CHECK_SECONDS`; logs when that changes."""
+    """Whether a stand-alone worker's model cards and storage folder are the node's, read
+    again from the database at most every :data:`CHECK_SECONDS`; logs when that changes.
+
+    One job thread looks at a time, the others meanwhile go by the last look (by nothing but
+    notifications before the first look since the start or a reload); the storage folder is
+    looked at without the lock, so that a hung mount holds only the thread that looks (and
+    no other starts a look while it hangs)."""
 
     def __init__(self, owner: str, storage: Path, cards: Iterable[ModelCard]):
         self.owner = owner
@@ -256,35 +311,69 @@ class NodeCheck:
         self.own_cards = card_identities(cards)
         self._lock = threading.Lock()
         self._due = 0.0  # monotonic time of the next look
+        self._looking = False  # a job thread looks now (a hung mount: for as long as it hangs)
+        self._looks = 0  # looks begun
+        self._applied = 0  # the look whose findings stand
+        self._current = 1  # the first look made with the running storage path and cards
         # What the last look found wrong (one line each while it lasts).
         self.card_problem = ""
         self.storage_problem = ""
 
-    def cards_changed(self, cards: Iterable[ModelCard]) -> None:
-        """The worker reloaded: compare its new cards at its next claim."""
+    def reloaded(self, storage: Path, cards: Iterable[ModelCard]) -> None:
+        """The worker reloaded: compare its storage folder and new cards at its next claim
+        (only notifications until then)."""
         with self._lock:
+            self.storage = storage
             self.own_cards = card_identities(cards)
             self._due = 0.0
+            self._current = self._looks + 1
 
     def claimable(self, session: Session, kinds: list[str]) -> list[str]:
-        """The ``kinds`` this worker may claim now: none while its storage folder is not the
-        node's, no analyse or results jobs while its cards are not serve's."""
+        """The ``kinds`` this worker may claim now: only notifications while its storage
+        folder is not the node's, no analyse or results jobs while its cards are not
+        serve's."""
         with self._lock:
-            if time.monotonic() >= self._due:
-                # As the claim's look for due jobs: without SQLite's write lock, and its read
-                # transaction ended.
+            look = not self._looking and time.monotonic() >= self._due
+            if look:
+                self._looking = True
+                self._due = time.monotonic() + CHECK_SECONDS
+                self._looks += 1
+                number, storage = self._looks, self.storage
+        if look:
+            try:
+                # As the claim's look for due jobs: without SQLite's write lock, and its
+                # read transaction ended.
                 connection = session.connection(execution_options=READ_ONLY)
                 facts = dict(connection.execute(select(NodeFact.name, NodeFact.value)).all())
                 session.rollback()
-                self._look(facts)
-                self._due = time.monotonic() + CHECK_SECONDS
-            if self.storage_problem:
-                return []
+                node_id = facts.get(STORAGE_ID)
+                problem = (
+                    None
+                    if node_id is None
+                    else storage_problem(storage, node_id, facts.get(STORAGE_PATH))
+                )
+            except BaseException:
+                with self._lock:
+                    self._looking = False
+                    self._due = 0.0  # the next claim looks again
+                raise
+            with self._lock:
+                self._looking = False
+                if number < self._current:
+                    # Begun before a reload: not the running configuration's findings.
+                    self._due = 0.0
+                else:
+                    self._applied = number
+                    self._look_cards(facts)
+                    self._look_storage("" if problem is None else str(problem), storage)
+        with self._lock:
+            if self._applied < self._current or self.storage_problem:
+                return [kind for kind in kinds if kind in STORAGE_FREE_KINDS]
             if self.card_problem:
                 return [kind for kind in kinds if kind not in MODEL_KINDS]
             return kinds
 
-    def _look(self, facts: dict[str, str]) -> None:
+    def _look_cards(self, facts: dict[str, str]) -> None:
         published = published_cards(facts)
         differences = [] if published is None else card_differences(published, self.own_cards)
         card_problem = "; ".join(differences)
@@ -300,19 +389,18 @@ class NodeCheck:
             else:
                 log.info("worker %s: its model cards match serve's; it takes analyses", self.owner)
             self.card_problem = card_problem
-        node_id = facts.get(STORAGE_ID)
-        problem = None if node_id is None else storage_problem(self.storage, node_id)
-        storage_problem_text = "" if problem is None else str(problem)
-        if storage_problem_text != self.storage_problem:
-            if storage_problem_text:
-                log.error("worker %s takes no jobs: %s", self.owner, storage_problem_text)
+
+    def _look_storage(self, problem: str, storage: Path) -> None:
+        if problem != self.storage_problem:
+            if problem:
+                log.error("worker %s takes no jobs but notifications: %s", self.owner, problem)
             else:
                 log.info(
                     "worker %s: storage folder %s is the node's again; it takes jobs",
                     self.owner,
-                    self.storage,
+                    storage,
                 )
-            self.storage_problem = storage_problem_text
+            self.storage_problem = problem
 
 
 def publish_serve_facts(session: Session, storage: Path, cards: Iterable[ModelCard]) -> None:

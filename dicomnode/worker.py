@@ -104,7 +104,15 @@ DEAD_LETTER_NOTES = {
 
 
 class Worker:
-    def __init__(self, settings: Settings, sessions: sessionmaker[Session], cards: list[ModelCard]):
+    def __init__(
+        self,
+        settings: Settings,
+        sessions: sessionmaker[Session],
+        cards: list[ModelCard],
+        stand_alone: bool = True,
+    ):
+        """``stand_alone``: run by itself (``dicomnode worker``), not one of the workers
+        serve starts, which run serve's configuration (its storage folder, its cards)."""
         self.settings = settings
         # What the database engine, the job threads and the logging were set up with: a
         # reload does not change the restart-only keys (RESTART_ONLY) of it, so reloads
@@ -134,9 +142,13 @@ class Worker:
         self.exports = ExportJobs(self)
         # Whether results jobs wait for room in storage now (one log line per change).
         self._storage_full = OutageLog(log)
-        # Whether its cards and storage folder are the node's (serve's): else it takes no
-        # analyses (other cards) or no jobs (another storage folder).
-        self.node_check = NodeCheck(self.owner, settings.storage_path, cards)
+        # A stand-alone worker's: whether its cards and storage folder are the node's
+        # (serve's): else it takes no analyses (other cards) or only notifications (another
+        # storage folder). Serve's own workers are not compared: during serve's reload, and
+        # when serve restarts one, their cards differ for a while from those serve published.
+        self.node_check = (
+            NodeCheck(self.owner, settings.storage_path, cards) if stand_alone else None
+        )
         # Renews the leases of the jobs this process runs (a thread, run_forever starts it).
         self.leases = LeaseRenewer(
             sessions,
@@ -171,9 +183,10 @@ class Worker:
         claimed: list[Job] = []
         wait = math.inf
         try:
-            kinds = self.node_check.claimable(session, kinds)
-            if not kinds:
-                return wait
+            if self.node_check is not None:
+                kinds = self.node_check.claimable(session, kinds)
+                if not kinds:
+                    return wait
             soonest = next_due(session, kinds)
             if soonest is not None:
                 wait = max(0.0, (soonest - utcnow()).total_seconds())
@@ -235,7 +248,8 @@ class Worker:
         # Every card of a reload was loaded by load_checked (a reload with an unloadable one
         # is refused): those left out before are fixed.
         self.models.replace(cards)
-        self.node_check.cards_changed(cards)
+        if self.node_check is not None:
+            self.node_check.reloaded(settings.storage_path, cards)
         self.handover.max_bytes = settings.worker.handover_mb * 1024 * 1024
         log.info("worker %s reloaded: %d model card(s)", self.owner, len(cards))
         return True

@@ -10,14 +10,22 @@ its model cards in the database (:mod:`dicomnode.nodestate`):
   node's exits at start with status 2 and one line naming the folder; the node's folder
   starts it;
 - with no id published (no serve ran), the first worker publishes its folder's;
-- a running worker whose folder stops being the node's takes no jobs.
+- a running worker whose folder stops being the node's takes no jobs but notifications,
+  and a hung storage mount holds only the job thread that reads the marker;
+- serve publishes its resolved storage path: a stand-alone worker on another path (the old
+  copy of a moved folder, with the same marker) does not start, or takes no storage jobs;
+- serve's own workers (``--parent-pid``) do not compare their cards: during serve's reload,
+  or restarted by serve after a card was edited, they go on analysing.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -39,6 +47,7 @@ from dicomnode.jobs.queue import enqueue
 from dicomnode.models.registry import load_card
 from dicomnode.nodestate import (
     STORAGE_MARKER,
+    NodeCheck,
     StorageMismatch,
     check_storage,
     publish_cards,
@@ -122,30 +131,128 @@ def test_the_first_worker_publishes_its_storage_folder_and_a_worker_on_another_i
         assert storage_marker(first) == node_id
         assert read_facts(session)["storage_id"] == node_id
         assert check_storage(session, first) == node_id
-        with pytest.raises(StorageMismatch, match=f"storage folder {other} is not the node's"):
+        assert read_facts(session)["storage_path"] == str(first.resolve())
+        with pytest.raises(
+            StorageMismatch, match=f"storage folder {other} is not at the node's storage path"
+        ):
             check_storage(session, other)
         assert not (other / STORAGE_MARKER).exists()
 
 
-def test_a_running_worker_whose_storage_folder_is_not_the_nodes_takes_no_jobs(
+def _queue_analysis(sessions: sessionmaker[Session], storage: Path, number: int) -> int:
+    """A study in ``storage`` and its queued analyse job; the job's id."""
+    with sessions() as session:
+        ds, _ = make_cxr(number, pneumothorax=True)
+        study_id, _ = spool_and_index(session, storage, ds)
+        job = enqueue(session, "analyse", study_id, {"generation": 1})
+        session.commit()
+        return job.id
+
+
+def _states(sessions: sessionmaker[Session]) -> dict[str, str]:
+    with sessions() as session:
+        return {job.kind: job.state for job in session.scalars(select(Job))}
+
+
+def test_a_running_worker_whose_storage_folder_is_not_the_nodes_takes_only_notifications(
     tmp_path: Path, sessions: sessionmaker[Session], caplog: pytest.LogCaptureFixture
 ) -> None:
+    """Review 3.3: a critical-result notification reads no file, so a worker whose folder is
+    not mounted still sends it; the analysis waits for a worker on the node's folder."""
     from conftest import queue_notifications
 
+    storage = tmp_path / "storage"
     with sessions() as session:
-        publish_storage(session, tmp_path / "serve-storage")
-    worker = _worker(tmp_path / "unmounted", sessions, [])
+        publish_storage(session, storage)
+    _queue_analysis(sessions, storage, 930_005)
+    storage.rename(tmp_path / "not-mounted")
+    storage.mkdir()  # the node's storage not mounted at serve's path on this host
+    worker = _worker(storage, sessions, [])
     queue_notifications(sessions, "1.2.826.0.1.3680043.10.1.95", 1)
     with caplog.at_level(logging.INFO, logger="dicomnode"):
+        assert worker.run_once()  # the notification (its channel not enabled: nothing sent)
         assert not worker.run_once()
+    assert _states(sessions) == {"analyse": "queued", "notify": "done"}
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
-    assert len(errors) == 1 and "takes no jobs" in errors[0], errors
-    assert f"{tmp_path / 'unmounted'} is not the node's storage" in errors[0]
+    assert len(errors) == 1 and "takes no jobs but notifications" in errors[0], errors
+    assert f"{storage} is not the node's storage" in errors[0]
+    assert f"it has no {STORAGE_MARKER} file" in errors[0]
 
 
-def _start_worker(config: Path, log: Path) -> subprocess.Popen:
+def test_a_hung_storage_mount_holds_only_the_thread_that_reads_the_marker(
+    tmp_path: Path, sessions: sessionmaker[Session]
+) -> None:
+    """Review 3.3: the marker is read without the check's lock. A named pipe stands for the
+    marker on a hung hard NFS mount: reading it blocks until something is written into it.
+    Another job thread meanwhile gets its answer (notifications only: nothing looked yet)."""
+    storage = tmp_path / "storage"
+    with sessions() as session:
+        node_id = publish_storage(session, storage)
+    (storage / STORAGE_MARKER).unlink()
+    os.mkfifo(storage / STORAGE_MARKER)
+    check = NodeCheck("host:1", storage, [])
+    kinds = ["notify", "analyse", "results", "export"]
+    answers: dict[str, list[str]] = {}
+
+    def claim(name: str) -> None:
+        with sessions() as session:
+            answers[name] = check.claimable(session, kinds)
+
+    looking = threading.Thread(target=claim, args=("looking",), daemon=True)
+    looking.start()
+    # The looking thread is in the marker's open() once the pipe has a reader.
+    writer = wait_for(
+        lambda: _open_writer(storage / STORAGE_MARKER), timeout=120, what="the marker read"
+    )
+    try:
+        other = threading.Thread(target=claim, args=("other",), daemon=True)
+        other.start()
+        other.join(timeout=120)
+        assert not other.is_alive(), "the second job thread waited for the hung marker read"
+        assert answers["other"] == ["notify"]
+        assert looking.is_alive()
+    finally:
+        os.write(writer, f"{node_id}\n".encode())
+        os.close(writer)
+    looking.join(timeout=120)
+    assert answers["looking"] == kinds
+    with sessions() as session:
+        assert check.claimable(session, kinds) == kinds  # the look stands for the others
+
+
+def _open_writer(fifo: Path) -> int | None:
+    try:
+        return os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+    except OSError:  # ENXIO: no reader yet
+        return None
+
+
+def test_a_running_worker_on_a_copy_of_the_nodes_folder_at_another_path_takes_no_storage_jobs(
+    tmp_path: Path, sessions: sessionmaker[Session], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Review 3.4: the storage folder moved (rsync -a, the old folder kept, README), serve
+    started on the new path: a worker still on the old copy (the same marker id) would
+    write results into the folder to be removed."""
+    old, moved = tmp_path / "old", tmp_path / "moved"
+    with sessions() as session:
+        publish_storage(session, old)
+    _queue_analysis(sessions, old, 930_006)
+    shutil.copytree(old, moved)
+    with sessions() as session:
+        publish_storage(session, moved)  # serve started on the new path
+        assert read_facts(session)["storage_path"] == str(moved.resolve())
+    worker = _worker(old, sessions, [])
+    with caplog.at_level(logging.INFO, logger="dicomnode"):
+        assert not worker.run_once()
+    assert _states(sessions) == {"analyse": "queued"}
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "takes no jobs but notifications" in errors[0], errors
+    assert f"storage folder {old} is not at the node's storage path {moved}" in errors[0]
+
+
+def _start_worker(config: Path, log: Path, *options: str) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "dicomnode", "worker", "--config", str(config)],
+        [sys.executable, "-m", "dicomnode", "worker", "--config", str(config), *options],
         stdout=log.open("w"),
         stderr=subprocess.STDOUT,
     )
@@ -155,12 +262,15 @@ def test_a_worker_on_a_folder_that_is_not_the_nodes_storage_does_not_start(
     tmp_path: Path, sessions: sessionmaker[Session], db_url: str
 ) -> None:
     """The acceptance test's two set-ups: an empty folder where the node's storage should be
-    mounted, and a folder of another node (its own marker); the node's folder starts."""
+    mounted, and a folder of another node (its own marker); the node's folder starts. Then
+    review 3.4: the folder moved to another path (serve started there), the worker still on
+    the old copy (the same marker) does not start."""
+    storage = tmp_path / "storage"  # the worker's [storage] path, and serve's
     node_storage = tmp_path / "node-storage"
     with sessions() as session:
-        node_id = publish_storage(session, node_storage)
+        node_id = publish_storage(session, storage)
+    storage.rename(node_storage)  # the node's folder, not mounted at the path
     config = worker_config(tmp_path, db_url, "threads = 1\npoll_seconds = 0.2\n")
-    storage = tmp_path / "storage"  # the worker's [storage] path
     storage.mkdir()  # empty: the node's storage not mounted there
     log = tmp_path / "worker.log"
     process = _start_worker(config, log)
@@ -183,11 +293,56 @@ def test_a_worker_on_a_folder_that_is_not_the_nodes_storage_does_not_start(
         node_storage.rename(storage)  # the node's folder mounted at the worker's path
         process = _start_worker(config, log)
         wait_for(lambda: " ready" in log.read_text(), timeout=120, what="worker ready")
+        process.terminate()
+        process.wait(timeout=30)
+
+        moved = tmp_path / "moved"
+        shutil.copytree(storage, moved)  # rsync -a: the old folder kept, the same marker
+        with sessions() as session:
+            publish_storage(session, moved)  # serve started on the new [storage] path
+        process = _start_worker(config, log)
+        assert process.wait(timeout=120) == 2, log.read_text()
+        text = log.read_text()
+        [line] = [line for line in text.splitlines() if "does not start" in line]
+        assert f"storage folder {storage} is not at the node's storage path {moved}" in line
+        assert "every host must mount the node's storage at the same path" in line
     finally:
         if process.poll() is None:
             process.terminate()
             process.wait(timeout=30)
     assert "Traceback" not in log.read_text()
+
+
+def test_serves_own_worker_does_not_compare_its_cards_with_the_published_ones(
+    tmp_path: Path, sessions: sessionmaker[Session], db_url: str
+) -> None:
+    """Review 3.1, 3.2: a worker started by serve (--parent-pid) runs serve's configuration.
+    Serve published cards its worker does not run (a reload between the publication and the
+    worker's own reload; or an edited card file read by a worker serve restarted): it goes
+    on analysing, with no ERROR."""
+    config = worker_config(tmp_path, db_url, "threads = 1\npoll_seconds = 0.2\n")
+    config.write_text(config.read_text().replace(str(tmp_path / "no-models"), str(REPO / "models")))
+    with sessions() as session:
+        publish_storage(session, tmp_path / "storage")
+        publish_cards(session, [load_card(PNEUMOTHORAX)])  # serve's new set: one card
+    job_id = _queue_analysis(sessions, tmp_path / "storage", 930_007)
+    log = tmp_path / "worker.log"
+    process = _start_worker(config, log, "--parent-pid", str(os.getpid()))
+    refusal = "takes no analyses until its model cards match serve's"
+
+    def analysed() -> bool:
+        assert refusal not in log.read_text(), log.read_text()
+        with sessions() as session:
+            return session.get(Job, job_id).state == "done"
+
+    try:
+        wait_for(analysed, timeout=240, what="the analysis by serve's worker")
+        with sessions() as session:
+            assert session.get(Job, job_id).lease_owner.endswith(f":{process.pid}")
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    assert refusal not in log.read_text() and "Traceback" not in log.read_text()
 
 
 @pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
@@ -214,6 +369,7 @@ def test_serve_publishes_its_storage_and_cards_and_a_worker_missing_one_leaves_t
         with sessions() as session:
             facts = read_facts(session)
         assert facts["storage_id"] == storage_marker(node.storage)
+        assert facts["storage_path"] == str(node.storage.resolve())
         assert "cxr-pneumothorax-demo" in facts["model_cards"]
         short_log = tmp_path / "short.log"
         workers.append(_start_worker(short_config, short_log))
@@ -281,3 +437,33 @@ def test_a_reload_of_serve_publishes_its_new_cards(
     assert node.reload()
     with sessions() as session:
         assert set(published_cards(read_facts(session))) == {"cxr-lung-seg-demo"}
+
+
+def test_a_worker_reloaded_onto_another_storage_path_takes_no_storage_jobs(
+    tmp_path: Path, sessions: sessionmaker[Session], db_url: str
+) -> None:
+    """[storage] path is read again at a worker's reload: the check looks at the new path
+    (it kept looking at the one the worker started with)."""
+    from conftest import queue_notifications
+
+    from dicomnode.config import load_settings
+    from dicomnode.models.registry import discover_cards
+
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / LUNG_SEG.name).symlink_to(LUNG_SEG)
+    config = worker_config(tmp_path, db_url, "threads = 1\n")
+    config.write_text(config.read_text().replace(str(tmp_path / "no-models"), str(models)))
+    settings = load_settings(config)
+    with sessions() as session:
+        publish_storage(session, settings.storage_path)
+    worker = Worker(settings, sessions, discover_cards(settings.model_folders))
+    assert not worker.run_once()  # nothing queued; its folder is the node's
+    other = tmp_path / "other"
+    config.write_text(config.read_text().replace(str(tmp_path / "storage"), str(other)))
+    assert worker.reload()
+    _queue_analysis(sessions, settings.storage_path, 930_008)
+    queue_notifications(sessions, "1.2.826.0.1.3680043.10.1.96", 1)
+    assert worker.run_once()  # the notification
+    assert not worker.run_once()
+    assert _states(sessions) == {"analyse": "queued", "notify": "done"}

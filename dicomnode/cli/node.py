@@ -88,13 +88,16 @@ def cmd_worker(args: argparse.Namespace) -> int:
     setup_logging(settings.log_level, settings.logging.json_lines)
     sessions = database_sessions(settings)
     # Before a job is claimed: a folder that is not the node's storage failed every job.
-    try:
-        with sessions() as session:
-            check_storage(session, settings.storage_path)
-    except StorageMismatch as exc:
-        log.error("worker does not start: %s", exc)
-        _leave(2)
-    worker = Worker(settings, sessions, model_cards(settings))
+    # Serve's own workers run serve's configuration: its folder, by construction.
+    stand_alone = args.parent_pid is None
+    if stand_alone:
+        try:
+            with sessions() as session:
+                check_storage(session, settings.storage_path)
+        except StorageMismatch as exc:
+            log.error("worker does not start: %s", exc)
+            _leave(2)
+    worker = Worker(settings, sessions, model_cards(settings), stand_alone=stand_alone)
     # Serve's workers report through the node's /metrics; one run by itself serves its own.
     if args.parent_pid is None:
         metrics_port = settings.worker.metrics_port
