@@ -533,7 +533,8 @@ class Worker:
 
     def free_orphaned_jobs(self) -> None:
         """Free the jobs that worker processes of this host held when they died, for a
-        prompt takeover after a crash or a kill (their leases would run for minutes)."""
+        prompt takeover after a crash or a kill (their leases would run to their end, up to
+        [worker] lease_seconds)."""
         try:
             with self.sessions() as session:
                 released = release_orphaned(session, socket.gethostname())

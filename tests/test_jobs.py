@@ -327,8 +327,8 @@ def test_a_starting_worker_takes_over_at_once_what_its_hosts_dead_workers_held(
     sessions: sessionmaker[Session], caplog: pytest.LogCaptureFixture
 ) -> None:
     """After a crash or a kill the restarted node's worker frees the leases of this host's
-    worker processes that are gone (they ran for lease_seconds, 5 minutes); a live process's
-    lease and another host's stay."""
+    worker processes that are gone (they ran for lease_seconds, a minute by default); a live
+    process's lease and another host's stay."""
     from dicomnode.config import Settings
     from dicomnode.db.session import utcnow
     from dicomnode.worker import Worker
