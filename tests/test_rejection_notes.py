@@ -411,6 +411,58 @@ def test_a_note_names_only_the_superseded_objects_that_reached_the_destination(
     assert dciodvfy_errors(note) == []
 
 
+def test_a_note_names_a_superseded_object_whose_export_was_in_flight(
+    sessions: sessionmaker[Session], tmp_path: Path, pacs: StoreSCP
+) -> None:
+    """The first KOS's export is in flight (leased by another worker, its association open)
+    when the late image's results job supersedes it: it may reach the destination after that
+    job looked, so the note names it with the first SR. Before, only exports done counted,
+    and an object that arrived that way stayed at the PACS, named by no note."""
+    worker = _worker(tmp_path, sessions, [_destination("pacs", pacs, reject_superseded=True)])
+    with sessions() as session:
+        ds, _ = make_cxr(950_311, pneumothorax=True)
+        study_id, _ = spool_and_index(session, worker.settings.storage_path, ds)
+        for seed in (950_312, 950_313):
+            spool_late_instance(session, worker.settings.storage_path, study_id, seed)
+        assert queue_ready_studies(session, utcnow()) == [study_id]
+    while worker.run_once():
+        with sessions() as session:
+            if session.scalar(select(func.count()).select_from(Job).where(Job.kind == "export")):
+                break
+    with sessions() as session:
+        kinds = {row.id: row.kind for row in session.scalars(select(ResultObject))}
+        [in_flight] = [
+            job
+            for job in session.scalars(select(Job).where(Job.kind == "export"))
+            if kinds[job.payload["result_id"]] == "kos"
+        ]
+        in_flight.state, in_flight.lease_owner = "leased", "another-host:9"
+        in_flight.lease_expires_at, in_flight.attempts = utcnow() + timedelta(hours=1), 1
+        session.commit()
+        in_flight_id = in_flight.id
+    while worker.run_once():
+        pass
+    first = _rows(sessions, study_id)
+    _late_image(worker, sessions, study_id)
+    with sessions() as session:
+        assert queue_ready_studies(session, utcnow()) == [study_id]
+    wait_for(
+        lambda: not worker.run_once() and _rejection_notes(_received(pacs, sessions, "pacs")),
+        timeout=120,
+        interval=0.1,
+        what="the rejection note",
+    )
+    [note] = _rejection_notes(_received(pacs, sessions, "pacs"))
+    old = {uid for uid, row in first.items() if row.kind in ("sr", "kos")}
+    assert len(old) == 2
+    assert _evidence(note) == _content_references(note) == old
+    # The other worker is gone: its export's lease ends, and it finds its object superseded.
+    with sessions() as session:
+        session.get(Job, in_flight_id).lease_expires_at = utcnow() - timedelta(seconds=1)
+        session.commit()
+    _run_all(worker, sessions)
+
+
 @pytest.fixture
 def picky() -> Iterator[PickySCP]:
     """A pynetdicom Storage SCP that keeps the SOP Instance UIDs it stores in the order they

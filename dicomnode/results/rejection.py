@@ -96,11 +96,14 @@ class PlannedNote:
 
 
 def delivered(session: Session, study_id: int) -> dict[int, set[str]]:
-    """The study's result objects (by row id) and the destinations their export reached
-    (export job done)."""
+    """The study's result objects (by row id) and the destinations their export reached or
+    may be reaching now (export job done, or leased: an association in flight when the
+    results job reads this, which could else leave the object at the destination unnamed by
+    any note; naming one that then fails costs nothing, the destination has nothing to
+    hide)."""
     payloads = session.scalars(
         select(Job.payload).where(
-            Job.kind == "export", Job.study_id == study_id, Job.state == "done"
+            Job.kind == "export", Job.study_id == study_id, Job.state.in_(("done", "leased"))
         )
     )
     sent: dict[int, set[str]] = {}
