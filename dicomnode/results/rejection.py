@@ -5,12 +5,12 @@ and a radiologist does not read a stale AI result.
 
 A destination gets notes only where its ``[[destinations]] reject_superseded`` is true (a
 PACS without IOCM support would show the note as one more key object), and only for the
-superseded objects whose export to it is done. One note per model version, study and set of
-rejected instances: its UID derives from them (:func:`rejection_note_uid`), so a results job
-retried, or two destinations that received the same objects, give the same note. Its export
-waits for the exports to the same destination of the objects that supersede what it rejects
-(:func:`superseding`: the job's ``after`` payload, :mod:`dicomnode.export.jobs`), not for the
-study's other exports: one the destination refuses for good (another SOP class) holds no
+superseded objects whose export to it is done or in flight. One note per model version,
+study and set of rejected instances: its UID derives from them (:func:`rejection_note_uid`),
+so a results job retried, or two destinations that received the same objects, give the same
+note. Its export waits for the exports to the same destination of the objects that supersede
+what it rejects (:func:`superseding`: the job's ``after`` payload, :mod:`dicomnode.export.jobs`),
+not for the study's other exports: one the destination refuses for good (another SOP class) holds no
 note. Once one of those is sent, or an admin retries it, the note is made due again
 (:func:`hasten_notes`). Pure apart from the queries of the exports and the reading of the
 rejected objects' headers.
@@ -119,8 +119,8 @@ def plan_notes(
     destinations: Sequence[Destination],
 ) -> list[PlannedNote]:
     """The notes to send: for each destination that takes them (``reject_superseded``), the
-    ``superseded`` rows whose export to it is done (``sent``: :func:`delivered`), one note per
-    model version; destinations with the same rejected instances share a note."""
+    ``superseded`` rows whose export to it is done or in flight (``sent``: :func:`delivered`),
+    one note per model version; destinations with the same rejected instances share a note."""
     rows = list({row.id: row for row in superseded}.values())
     notes: dict[tuple[tuple[str, str], tuple[str, ...]], PlannedNote] = {}
     for destination in destinations:
