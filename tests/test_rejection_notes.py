@@ -374,29 +374,44 @@ def test_a_dead_superseding_export_that_another_export_covers_holds_the_note_no_
         assert session.get(Job, note_id).state == "done"
 
 
+def _first_analysis_until_exports_queued(
+    worker: Worker, sessions: sessionmaker[Session], seed: int
+) -> int:
+    """Three radiographs with a pneumothorax (seeds ``seed`` on) analysed, the worker run
+    until the first exports are queued, none sent yet; returns the study id."""
+    with sessions() as session:
+        ds, _ = make_cxr(seed, pneumothorax=True)
+        study_id, _ = spool_and_index(session, worker.settings.storage_path, ds)
+        for late in (seed + 1, seed + 2):
+            spool_late_instance(session, worker.settings.storage_path, study_id, late)
+        assert queue_ready_studies(session, utcnow()) == [study_id]
+    while worker.run_once():
+        with sessions() as session:
+            if session.scalar(select(func.count()).select_from(Job).where(Job.kind == "export")):
+                break
+    return study_id
+
+
+def _kos_export(session: Session) -> Job:
+    """The one export job of a KOS."""
+    kinds = {row.id: row.kind for row in session.scalars(select(ResultObject))}
+    [job] = [
+        job
+        for job in session.scalars(select(Job).where(Job.kind == "export"))
+        if kinds[job.payload["result_id"]] == "kos"
+    ]
+    return job
+
+
 def test_a_note_names_only_the_superseded_objects_that_reached_the_destination(
     sessions: sessionmaker[Session], tmp_path: Path, pacs: StoreSCP
 ) -> None:
     """The first KOS's export dead-lettered before it was sent: the destination never had it,
     so the note names the first SR only."""
     worker = _worker(tmp_path, sessions, [_destination("pacs", pacs, reject_superseded=True)])
+    study_id = _first_analysis_until_exports_queued(worker, sessions, 950_301)
     with sessions() as session:
-        ds, _ = make_cxr(950_301, pneumothorax=True)
-        study_id, _ = spool_and_index(session, worker.settings.storage_path, ds)
-        for seed in (950_302, 950_303):
-            spool_late_instance(session, worker.settings.storage_path, study_id, seed)
-        assert queue_ready_studies(session, utcnow()) == [study_id]
-    while worker.run_once():
-        with sessions() as session:
-            if session.scalar(select(func.count()).select_from(Job).where(Job.kind == "export")):
-                break
-    with sessions() as session:
-        kinds = {row.id: row.kind for row in session.scalars(select(ResultObject))}
-        [buried] = [
-            job
-            for job in session.scalars(select(Job).where(Job.kind == "export"))
-            if kinds[job.payload["result_id"]] == "kos"
-        ]
+        buried = _kos_export(session)
         buried.state, buried.last_error = "dead", "refused"
         session.commit()
     _run_all(worker, sessions)
@@ -419,23 +434,9 @@ def test_a_note_names_a_superseded_object_whose_export_was_in_flight(
     job looked, so the note names it with the first SR. Before, only exports done counted,
     and an object that arrived that way stayed at the PACS, named by no note."""
     worker = _worker(tmp_path, sessions, [_destination("pacs", pacs, reject_superseded=True)])
+    study_id = _first_analysis_until_exports_queued(worker, sessions, 950_311)
     with sessions() as session:
-        ds, _ = make_cxr(950_311, pneumothorax=True)
-        study_id, _ = spool_and_index(session, worker.settings.storage_path, ds)
-        for seed in (950_312, 950_313):
-            spool_late_instance(session, worker.settings.storage_path, study_id, seed)
-        assert queue_ready_studies(session, utcnow()) == [study_id]
-    while worker.run_once():
-        with sessions() as session:
-            if session.scalar(select(func.count()).select_from(Job).where(Job.kind == "export")):
-                break
-    with sessions() as session:
-        kinds = {row.id: row.kind for row in session.scalars(select(ResultObject))}
-        [in_flight] = [
-            job
-            for job in session.scalars(select(Job).where(Job.kind == "export"))
-            if kinds[job.payload["result_id"]] == "kos"
-        ]
+        in_flight = _kos_export(session)
         in_flight.state, in_flight.lease_owner = "leased", "another-host:9"
         in_flight.lease_expires_at, in_flight.attempts = utcnow() + timedelta(hours=1), 1
         session.commit()

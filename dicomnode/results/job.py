@@ -72,6 +72,7 @@ from dicomnode.results.rejection import (
 )
 from dicomnode.results.sr import name_predecessors
 from dicomnode.results.versions import (
+    REJECTION_KIND,
     content_digest,
     earlier_versions,
     file_digest,
@@ -494,7 +495,7 @@ def _write_rejection_notes(
         try:
             note = build_rejection_note(plan.rejected, images[0], card.algorithm)
         except Exception as error:
-            failures.add(card, "rejection", error)
+            failures.add(card, REJECTION_KIND, error)
             continue
         notes.append((card, note, _result_path(settings, note), plan.destinations, plan.rejected))
     return notes
@@ -523,7 +524,7 @@ def _queue_rejection_notes(
         uid = str(note.SOPInstanceUID)
         # The same note (same rejected instances) recorded before: its row stands.
         row = earlier.get(uid) or _store_result(
-            session, study_id, card, "rejection", note, path, uid, ""
+            session, study_id, card, REJECTION_KIND, note, path, uid, ""
         )
         for name in destinations:
             if (row.id, name) in exported:

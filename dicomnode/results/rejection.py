@@ -37,7 +37,7 @@ from dicomnode.results.kos import key_object_document
 from dicomnode.results.reference import sanitised_reference
 from dicomnode.results.source import check_source
 from dicomnode.results.uids import result_instance_uid
-from dicomnode.results.versions import VERSIONED_KINDS
+from dicomnode.results.versions import REJECTION_KIND, VERSIONED_KINDS
 
 REJECTION_SERIES_NUMBER = 9907
 # IHE RAD TF-3 IOCM, PS3.16 CID 7010 (its reasons CID 7011): the Image Manager hides the
@@ -208,7 +208,7 @@ def hasten_notes(session: Session, jobs: Sequence[Job], now: datetime | None = N
 def rejection_note_uid(rejected: Sequence[Rejected], algorithm: Algorithm) -> str:
     """The note's SOP Instance UID: the same rejected instances of the same model version
     give the same note."""
-    return result_instance_uid([r.sop_instance_uid for r in rejected], algorithm, "rejection")
+    return result_instance_uid([r.sop_instance_uid for r in rejected], algorithm, REJECTION_KIND)
 
 
 def build_rejection_note(
@@ -231,7 +231,7 @@ def build_rejection_note(
         study,
         algorithm,
         note,
-        kind="rejection",
+        kind=REJECTION_KIND,
         series_number=REJECTION_SERIES_NUMBER,
         sop_instance_uid=rejection_note_uid(rejected, algorithm),
         description="rejection note",
